@@ -1,0 +1,1 @@
+"""Placeholder: replaced by the optimizers work (issue 4)."""

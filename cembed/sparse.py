@@ -1,0 +1,78 @@
+"""SparseGrad: a row-sparse (COO, one sparse dimension) gradient that is always coalesced."""
+import numpy as np
+
+from ._validation import FLOAT_DTYPES, check_size
+
+
+class SparseGrad:
+    """Row-sparse gradient of a ``(num_rows, dim)`` table.
+
+    ``indices``: int64 ``(nnz,)``, strictly increasing (always coalesced: each row once).
+    ``values``: ``(nnz, dim)``, float32 or float64, row ``k`` is the gradient of row ``indices[k]``.
+    """
+
+    __slots__ = ("indices", "values", "num_rows")
+
+    def __init__(self, indices, values, num_rows, *, check=True):
+        num_rows = check_size(num_rows, "num_rows")
+        indices = np.asarray(indices)
+        values = np.asarray(values)
+        if check:
+            if indices.dtype.kind not in "iu" or indices.dtype == np.bool_:
+                raise TypeError(f"SparseGrad indices must be integers, got dtype {indices.dtype}")
+            if values.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"SparseGrad values must be float32 or float64, got dtype {values.dtype}")
+            if indices.ndim != 1:
+                raise ValueError(f"SparseGrad indices must be 1-D, got shape {indices.shape}")
+            if values.ndim != 2 or values.shape[0] != indices.shape[0]:
+                raise ValueError(
+                    f"SparseGrad values must have shape (nnz, dim) = ({indices.shape[0]}, dim), got {values.shape}"
+                )
+            if indices.size:
+                if indices.min() < 0 or indices.max() >= num_rows:
+                    bad = np.flatnonzero((indices < 0) | (indices >= num_rows))[0]
+                    raise IndexError(
+                        f"SparseGrad indices contains {indices[bad]} at position {bad}, outside [0, {num_rows})"
+                    )
+                if indices.size > 1 and not np.all(indices[1:] > indices[:-1]):
+                    raise ValueError("SparseGrad indices must be strictly increasing (coalesced)")
+        self.indices = np.ascontiguousarray(indices, dtype=np.int64)
+        self.values = np.ascontiguousarray(values)
+        self.num_rows = num_rows
+
+    @property
+    def shape(self):
+        return (self.num_rows, self.values.shape[1])
+
+    @property
+    def nnz(self):
+        return int(self.indices.shape[0])
+
+    @property
+    def dtype(self):
+        return self.values.dtype
+
+    def to_dense(self):
+        out = np.zeros(self.shape, dtype=self.values.dtype)
+        out[self.indices] = self.values
+        return out
+
+    def merge(self, other):
+        """``self + other`` as a new coalesced gradient (rows present in both are summed,
+        ``self``'s value first). Work is O(nnz), independent of num_rows."""
+        if not isinstance(other, SparseGrad):
+            raise TypeError(f"can only merge a SparseGrad with a SparseGrad, got {type(other).__name__}")
+        if other.shape != self.shape:
+            raise ValueError(f"cannot merge SparseGrads of shapes {self.shape} and {other.shape}")
+        if other.dtype != self.dtype:
+            raise TypeError(f"cannot merge SparseGrads of dtypes {self.dtype} and {other.dtype}")
+        rows = np.union1d(self.indices, other.indices)
+        values = np.zeros((rows.size, self.values.shape[1]), dtype=self.values.dtype)
+        values[np.searchsorted(rows, self.indices)] = self.values
+        values[np.searchsorted(rows, other.indices)] += other.values
+        return SparseGrad(rows, values, self.num_rows, check=False)
+
+    __add__ = merge
+
+    def __repr__(self):
+        return f"SparseGrad(shape={self.shape}, nnz={self.nnz}, dtype={self.dtype})"

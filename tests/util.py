@@ -1,0 +1,75 @@
+"""Helpers shared by the test modules: the torch oracle, thread control, the torch test vectors."""
+import contextlib
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+import cembed
+
+DATA = pathlib.Path(__file__).parent / "data"
+
+
+def require_torch():
+    """The torch module, for parity tests. Without torch the test is skipped, unless
+    CEMBED_REQUIRE_TORCH=1 (set by .ci/run), where a missing torch is a failure."""
+    try:
+        import torch
+    except ImportError:
+        if os.environ.get("CEMBED_REQUIRE_TORCH", "") not in ("", "0"):
+            pytest.fail("torch is required (CEMBED_REQUIRE_TORCH=1) but cannot be imported")
+        pytest.skip("torch is not installed")
+    return torch
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    """Run the block with cembed's kernels on ``n`` threads (and the OpenMP runtime limited the
+    same way through threadpoolctl, when it is installed)."""
+    old = cembed._config._user_threads
+    cembed.set_num_threads(n)
+    try:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            yield
+        else:
+            with threadpool_limits(n, user_api="openmp"):
+                yield
+    finally:
+        cembed.set_num_threads(old)
+
+
+def at_thread_counts(fn, counts=(1, 2, 3)):
+    """[fn() run with each thread count] — for the bitwise thread-independence tests."""
+    results = []
+    for n in counts:
+        with num_threads(n):
+            results.append(fn())
+    return results
+
+
+def assert_bitwise_equal(a, b):
+    a = np.asarray(a)
+    b = np.asarray(b)
+    assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, a.dtype, b.shape, b.dtype)
+    assert a.tobytes() == b.tobytes(), "arrays differ bitwise"
+
+
+_VECTORS = None
+
+
+def vector(name):
+    """One entry of torch_vectors.json (computed with torch 2.13.0 CPU; copied from ../shared)."""
+    global _VECTORS
+    if _VECTORS is None:
+        with open(DATA / "torch_vectors.json") as fh:
+            _VECTORS = {v["name"]: v for v in json.load(fh)["vectors"]}
+    return _VECTORS[name]
+
+
+def zipf_indices(rng, n, n_rows, a=1.1):
+    """Zipf-distributed row ids in [0, n_rows): the skewed access pattern of real vocabularies."""
+    return ((rng.zipf(a, n) - 1) % n_rows).astype(np.int64)
