@@ -1,7 +1,15 @@
+import os
+
 import numpy as np
 import pytest
+from hypothesis import settings
 
 import cembed
+
+# Shared 2-core machines are noisy: no per-example deadline; a bounded number of examples.
+settings.register_profile("cembed", deadline=None, max_examples=60, derandomize=True)
+settings.register_profile("thorough", deadline=None, max_examples=500)
+settings.load_profile(os.environ.get("CEMBED_HYPOTHESIS_PROFILE", "cembed"))
 
 
 @pytest.fixture
