@@ -39,6 +39,41 @@ def embedding_renorm_(weight, indices, max_norm, norm_type=2.0):
 # ---------------------------------------------------------------------------------------------
 
 
+def embedding_backward(grad_output, indices, num_embeddings, padding_idx=None, scale_grad_by_freq=False):
+    """Dense gradient of weight[indices] (SPEC_torch §5.1): for each position in input order,
+    G[r] += s * grad_output[i], skipping padding; s = fp32(1/count[r]) fused (fma) with sgbf."""
+    idx = np.asarray(indices).reshape(-1)
+    go = np.asarray(grad_output)
+    go = go.reshape(idx.size, go.shape[-1])
+    dtype = go.dtype
+    grad = np.zeros((num_embeddings, go.shape[1]), dtype=dtype)
+    counts = np.bincount(idx, minlength=num_embeddings) if idx.size else np.zeros(num_embeddings, int)
+    for i, r in enumerate(idx):
+        if r == padding_idx:
+            continue
+        if scale_grad_by_freq:
+            s = dtype.type(1.0 / counts[r])
+            # fma(g, s, acc) with one rounding: exact in float64 for float32 data, then rounded
+            if dtype == np.float32:
+                grad[r] = (go[i].astype(np.float64) * np.float64(s) + grad[r].astype(np.float64)).astype(dtype)
+            else:
+                grad[r] = go[i] * s + grad[r]  # float64: two roundings (compare with a tolerance)
+        else:
+            grad[r] = grad[r] + go[i]
+    return grad
+
+
+def coalesce(rows, values, num_rows):
+    """(unique ascending rows, per-row sums of values in input order)."""
+    rows = np.asarray(rows).reshape(-1)
+    uniq = np.unique(rows)
+    out = np.zeros((uniq.size, values.shape[1]), dtype=values.dtype)
+    pos = {int(r): k for k, r in enumerate(uniq)}
+    for i, r in enumerate(rows):
+        out[pos[int(r)]] = out[pos[int(r)]] + values[i]
+    return uniq.astype(np.int64), out
+
+
 # ---------------------------------------------------------------------------------------------
 # EmbeddingBag (issue 5)
 # ---------------------------------------------------------------------------------------------
