@@ -328,3 +328,15 @@ def test_module_backward_checks_and_frozen():
     assert frozen.grad is None
     with pytest.raises(ValueError, match="shape"):
         frozen.backward(np.ones((3, 3), np.float32))
+
+
+@given(a=st.sets(st.integers(0, 99), max_size=40), b=st.sets(st.integers(0, 99), max_size=40),
+       seed=st.integers(0, 2**31))
+def test_merge_equals_dense_sum(a, b, seed):
+    rng = np.random.default_rng(seed)
+    a, b = np.array(sorted(a), np.int64), np.array(sorted(b), np.int64)
+    ga = SparseGrad(a, rng.standard_normal((a.size, 3)), 100)
+    gb = SparseGrad(b, rng.standard_normal((b.size, 3)), 100)
+    m = ga.merge(gb)
+    np.testing.assert_array_equal(m.indices, np.union1d(a, b))
+    assert_bitwise_equal(m.to_dense(), ga.to_dense() + gb.to_dense())
