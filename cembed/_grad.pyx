@@ -7,11 +7,14 @@ to torch's dense gradient (which also adds per row in input order).
 """
 from cython.parallel cimport prange
 from cython cimport floating
-from libc.math cimport fma, fmaf
 from libc.stdint cimport int64_t
 from libc.string cimport memset
 
 from cembed._typedefs cimport cembed_prefetch, PREFETCH_DISTANCE
+
+cdef extern from "_fma_rows.h" nogil:
+    void cembed_fma_accumulate_f32(float *out, const float *v, float scale, float inv, Py_ssize_t dim)
+    void cembed_fma_accumulate_f64(double *out, const double *v, double scale, double inv, Py_ssize_t dim)
 
 cdef enum:
     SEGMENTS_PER_CHUNK = 64   # dynamic-schedule chunk: rows are skewed (Zipf), one hot row can be long
@@ -24,11 +27,13 @@ cdef inline void _prefetch_row(const void *row, Py_ssize_t n_bytes) noexcept nog
         cembed_prefetch(p + k)
 
 
-cdef inline floating _fma(floating a, floating b, floating c) noexcept nogil:
+cdef inline void _fma_accumulate(floating *out, const floating *v, floating scale, floating inv,
+                                 Py_ssize_t dim) noexcept nogil:
+    """out = fma(scale * v, inv, out) elementwise (hardware fma where the CPU has it)."""
     if floating is float:
-        return fmaf(a, b, c)
+        cembed_fma_accumulate_f32(out, v, scale, inv, dim)
     else:
-        return fma(a, b, c)
+        cembed_fma_accumulate_f64(out, v, scale, inv, dim)
 
 
 cdef void _sum_segment(const floating *values, Py_ssize_t value_stride, Py_ssize_t dim,
@@ -57,14 +62,12 @@ cdef void _sum_segment(const floating *values, Py_ssize_t value_stride, Py_ssize
         if scale != NULL:
             c = scale[p]
             if by_freq:
-                for j in range(dim):
-                    out_row[j] = _fma(c * v[j], inv_count, out_row[j])
+                _fma_accumulate(out_row, v, c, inv_count, dim)
             else:
                 for j in range(dim):
                     out_row[j] = out_row[j] + c * v[j]
         elif by_freq:
-            for j in range(dim):
-                out_row[j] = _fma(v[j], inv_count, out_row[j])
+            _fma_accumulate(out_row, v, <floating> 1, inv_count, dim)
         else:
             for j in range(dim):
                 out_row[j] = out_row[j] + v[j]

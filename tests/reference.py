@@ -82,3 +82,43 @@ def coalesce(rows, values, num_rows):
 # ---------------------------------------------------------------------------------------------
 # Optimizers (issue 4)
 # ---------------------------------------------------------------------------------------------
+
+
+def sparse_adam_step(weight, exp_avg, exp_avg_sq, step, rows, grad, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                     maximize=False):
+    """One SparseAdam step (SPEC_torch §8.2) on a coalesced gradient (rows, grad); in place.
+    ``step`` is the step number after incrementing. Rows not in ``rows`` are untouched."""
+    f = weight.dtype.type
+    beta1, beta2 = betas
+    g = -grad if maximize else grad
+    for k, r in enumerate(rows):
+        m0, v0 = exp_avg[r].copy(), exp_avg_sq[r].copy()
+        dm = (g[k] - m0) * f(1 - beta1)
+        dv = (g[k] * g[k] - v0) * f(1 - beta2)
+        exp_avg[r] = m0 + dm
+        exp_avg_sq[r] = v0 + dv
+        step_size = lr * np.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
+        weight[r] = weight[r] + f(-step_size) * ((dm + m0) / (np.sqrt(dv + v0) + f(eps)))
+
+
+def adagrad_step(weight, state_sum, step, rows, grad, lr=1e-2, lr_decay=0.0, eps=1e-10, maximize=False):
+    """One sparse Adagrad step (SPEC_torch §8.3); ``step`` after incrementing; in place."""
+    f = weight.dtype.type
+    g = -grad if maximize else grad
+    clr = lr / (1 + (step - 1) * lr_decay)
+    for k, r in enumerate(rows):
+        state_sum[r] = state_sum[r] + g[k] * g[k]
+        std = np.sqrt(state_sum[r]) + f(eps)
+        weight[r] = weight[r] + f(-clr) * (g[k] / std)   # torch fuses this (fma); compare with a tolerance
+
+
+def sgd_dense_momentum_step(weight, buf, grad_dense, lr, momentum=0.0, dampening=0.0, nesterov=False,
+                            maximize=False, first=False):
+    """Dense SGD step; sparse gradients behave as their dense form with zeros (SPEC_torch §8.1).
+    Returns the new momentum buffer (None without momentum)."""
+    g = -grad_dense if maximize else grad_dense
+    if momentum != 0:
+        buf = g.copy() if first else momentum * buf + (1 - dampening) * g
+        g = g + momentum * buf if nesterov else buf
+    weight -= lr * g
+    return buf

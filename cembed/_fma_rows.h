@@ -1,0 +1,68 @@
+/* Row updates that need a fused multiply-add (torch's Adagrad, SGD and scale_grad_by_freq use fma).
+ *
+ * Without -mfma the compiler turns fma()/fmaf() into a libm call per element. These functions are
+ * compiled twice on x86-64 GCC (target_clones): a baseline version and an FMA/AVX2 one chosen at load
+ * time by the CPU, so the portable build still runs the vector fma instruction where the CPU has it.
+ * Results are identical in both versions (fma is exactly rounded everywhere).
+ */
+#ifndef CEMBED_FMA_ROWS_H
+#define CEMBED_FMA_ROWS_H
+
+#include <math.h>
+#include <stddef.h>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define CEMBED_CLONES __attribute__((target_clones("arch=x86-64-v3", "default"), unused))
+#elif defined(__GNUC__)
+#define CEMBED_CLONES __attribute__((unused))
+#else
+#define CEMBED_CLONES
+#endif
+
+/* w[j] = fma(alpha, sign * g[j], w[j]) */
+CEMBED_CLONES static void cembed_axpy_fma_f32(float *w, const float *g, float alpha, float sign, ptrdiff_t dim)
+{
+    for (ptrdiff_t j = 0; j < dim; j++) w[j] = fmaf(alpha, sign * g[j], w[j]);
+}
+
+CEMBED_CLONES static void cembed_axpy_fma_f64(double *w, const double *g, double alpha, double sign, ptrdiff_t dim)
+{
+    for (ptrdiff_t j = 0; j < dim; j++) w[j] = fma(alpha, sign * g[j], w[j]);
+}
+
+/* Adagrad row: h += g*g; w = fma(neg_clr, g / (sqrt(h) + eps), w), with g = sign * grad. */
+CEMBED_CLONES static void cembed_adagrad_row_f32(float *w, float *h, const float *grad, float neg_clr, float eps,
+                                                 float sign, ptrdiff_t dim)
+{
+    for (ptrdiff_t j = 0; j < dim; j++) {
+        float g = sign * grad[j];
+        float hj = h[j] + g * g;
+        h[j] = hj;
+        w[j] = fmaf(neg_clr, g / (sqrtf(hj) + eps), w[j]);
+    }
+}
+
+CEMBED_CLONES static void cembed_adagrad_row_f64(double *w, double *h, const double *grad, double neg_clr,
+                                                 double eps, double sign, ptrdiff_t dim)
+{
+    for (ptrdiff_t j = 0; j < dim; j++) {
+        double g = sign * grad[j];
+        double hj = h[j] + g * g;
+        h[j] = hj;
+        w[j] = fma(neg_clr, g / (sqrt(hj) + eps), w[j]);
+    }
+}
+
+/* out[j] = fma(scale * v[j], inv, out[j]) (scale_grad_by_freq accumulation) */
+CEMBED_CLONES static void cembed_fma_accumulate_f32(float *out, const float *v, float scale, float inv, ptrdiff_t dim)
+{
+    for (ptrdiff_t j = 0; j < dim; j++) out[j] = fmaf(scale * v[j], inv, out[j]);
+}
+
+CEMBED_CLONES static void cembed_fma_accumulate_f64(double *out, const double *v, double scale, double inv,
+                                                    ptrdiff_t dim)
+{
+    for (ptrdiff_t j = 0; j < dim; j++) out[j] = fma(scale * v[j], inv, out[j]);
+}
+
+#endif

@@ -1,0 +1,179 @@
+"""Fused row-sparse optimizer steps.
+
+Each kernel makes one pass over the rows of a coalesced gradient: it reads the weight row, its state
+rows and the gradient row once and writes the weight and state once. Rows are split statically across
+threads (one writer per row, so any thread count gives the same bits); rows a gradient does not name
+are never read or written. Upcoming rows are prefetched, since they are scattered over the table.
+"""
+from cython.parallel cimport prange
+from cython cimport floating
+from libc.math cimport sqrt, sqrtf
+from libc.stdint cimport int64_t
+
+from cembed._typedefs cimport cembed_prefetch, cembed_prefetch_w, PREFETCH_DISTANCE
+
+cdef extern from "_fma_rows.h" nogil:
+    void cembed_axpy_fma_f32(float *w, const float *g, float alpha, float sign, Py_ssize_t dim)
+    void cembed_axpy_fma_f64(double *w, const double *g, double alpha, double sign, Py_ssize_t dim)
+    void cembed_adagrad_row_f32(float *w, float *h, const float *grad, float neg_clr, float eps,
+                                float sign, Py_ssize_t dim)
+    void cembed_adagrad_row_f64(double *w, double *h, const double *grad, double neg_clr, double eps,
+                                double sign, Py_ssize_t dim)
+
+cdef enum:
+    ROWS_PER_CHUNK = 64
+
+
+cdef inline void _prefetch_row(const void *row, Py_ssize_t n_bytes, bint for_write) noexcept nogil:
+    cdef const char *p = <const char *> row
+    cdef Py_ssize_t k
+    for k in range(0, n_bytes, 64):
+        if for_write:
+            cembed_prefetch_w(p + k)
+        else:
+            cembed_prefetch(p + k)
+
+
+cdef inline floating _sqrt(floating x) noexcept nogil:
+    if floating is float:
+        return sqrtf(x)
+    else:
+        return sqrt(x)
+
+
+cdef inline void _adam_row(floating *w, floating *m, floating *v, const floating *grad, Py_ssize_t dim,
+                           floating one_minus_beta1, floating one_minus_beta2, floating eps,
+                           floating neg_step_size, floating sign) noexcept nogil:
+    """torch's SparseAdam on one row (SPEC_torch §8.2), in the weight dtype."""
+    cdef Py_ssize_t j
+    cdef floating g, m0, v0, dm, dv
+    for j in range(dim):
+        g = sign * grad[j]
+        m0 = m[j]
+        v0 = v[j]
+        dm = (g - m0) * one_minus_beta1
+        dv = (g * g - v0) * one_minus_beta2
+        m[j] = m0 + dm
+        v[j] = v0 + dv
+        w[j] = w[j] + neg_step_size * ((dm + m0) / (_sqrt(dv + v0) + eps))
+
+
+def sparse_adam_rows(floating[:, ::1] weight,        # INOUT (n_rows, dim)
+                     floating[:, ::1] exp_avg,       # INOUT (n_rows, dim)
+                     floating[:, ::1] exp_avg_sq,    # INOUT (n_rows, dim)
+                     const int64_t[::1] rows,        # IN    (nnz,) distinct rows of the gradient
+                     const floating[:, ::1] grad,    # IN    (nnz, dim) their gradient
+                     double beta1, double beta2, double eps, double step_size, bint maximize,
+                     int n_threads):
+    """The lazy Adam update of the rows named by the gradient; every other row is untouched."""
+    cdef Py_ssize_t nnz = rows.shape[0]
+    cdef Py_ssize_t dim = weight.shape[1]
+    cdef Py_ssize_t k, r, ahead
+    cdef Py_ssize_t row_bytes = dim * sizeof(floating)
+    cdef floating omb1 = <floating> (1.0 - beta1)
+    cdef floating omb2 = <floating> (1.0 - beta2)
+    cdef floating eps_ = <floating> eps
+    cdef floating neg_step = <floating> (-step_size)
+    cdef floating sign = -1 if maximize else 1
+    if nnz == 0 or dim == 0:
+        return
+    with nogil:
+        for k in prange(nnz, schedule="static", chunksize=ROWS_PER_CHUNK, num_threads=n_threads):
+            if k + PREFETCH_DISTANCE < nnz:
+                ahead = rows[k + PREFETCH_DISTANCE]
+                _prefetch_row(&weight[ahead, 0], row_bytes, True)
+                _prefetch_row(&exp_avg[ahead, 0], row_bytes, True)
+                _prefetch_row(&exp_avg_sq[ahead, 0], row_bytes, True)
+            r = rows[k]
+            _adam_row(&weight[r, 0], &exp_avg[r, 0], &exp_avg_sq[r, 0], &grad[k, 0], dim,
+                      omb1, omb2, eps_, neg_step, sign)
+
+
+def adagrad_rows(floating[:, ::1] weight,            # INOUT (n_rows, dim)
+                 floating[:, ::1] state_sum,         # INOUT (n_rows, dim)
+                 const int64_t[::1] rows,            # IN    (nnz,) distinct rows of the gradient
+                 const floating[:, ::1] grad,        # IN    (nnz, dim)
+                 double clr, double eps, bint maximize, int n_threads):
+    """Adagrad on the named rows: sum += g*g; w = fma(-clr, g / (sqrt(sum) + eps), w)."""
+    cdef Py_ssize_t nnz = rows.shape[0]
+    cdef Py_ssize_t dim = weight.shape[1]
+    cdef Py_ssize_t k, r, ahead
+    cdef Py_ssize_t row_bytes = dim * sizeof(floating)
+    if nnz == 0 or dim == 0:
+        return
+    with nogil:
+        for k in prange(nnz, schedule="static", chunksize=ROWS_PER_CHUNK, num_threads=n_threads):
+            if k + PREFETCH_DISTANCE < nnz:
+                ahead = rows[k + PREFETCH_DISTANCE]
+                _prefetch_row(&weight[ahead, 0], row_bytes, True)
+                _prefetch_row(&state_sum[ahead, 0], row_bytes, True)
+            r = rows[k]
+            if floating is float:
+                cembed_adagrad_row_f32(&weight[r, 0], &state_sum[r, 0], &grad[k, 0], <float> (-clr),
+                                       <float> eps, -1.0 if maximize else 1.0, dim)
+            else:
+                cembed_adagrad_row_f64(&weight[r, 0], &state_sum[r, 0], &grad[k, 0], -clr,
+                                       eps, -1.0 if maximize else 1.0, dim)
+
+
+def sgd_rows(floating[:, ::1] weight,                # INOUT (n_rows, dim)
+             const int64_t[::1] rows,                # IN    (nnz,) distinct rows of the gradient
+             const floating[:, ::1] grad,            # IN    (nnz, dim)
+             double lr, bint maximize, int n_threads):
+    """Plain SGD on the named rows: w = fma(-lr, g, w)."""
+    cdef Py_ssize_t nnz = rows.shape[0]
+    cdef Py_ssize_t dim = weight.shape[1]
+    cdef Py_ssize_t k, r, ahead
+    cdef Py_ssize_t row_bytes = dim * sizeof(floating)
+    if nnz == 0 or dim == 0:
+        return
+    with nogil:
+        for k in prange(nnz, schedule="static", chunksize=ROWS_PER_CHUNK, num_threads=n_threads):
+            if k + PREFETCH_DISTANCE < nnz:
+                ahead = rows[k + PREFETCH_DISTANCE]
+                _prefetch_row(&weight[ahead, 0], row_bytes, True)
+            r = rows[k]
+            if floating is float:
+                cembed_axpy_fma_f32(&weight[r, 0], &grad[k, 0], <float> (-lr), -1.0 if maximize else 1.0, dim)
+            else:
+                cembed_axpy_fma_f64(&weight[r, 0], &grad[k, 0], -lr, -1.0 if maximize else 1.0, dim)
+
+
+def sgd_momentum_rows(floating[:, ::1] weight,       # INOUT (n_rows, dim)
+                      floating[:, ::1] buf,          # INOUT (n_rows, dim) momentum buffer
+                      const int64_t[::1] rows,       # IN    (n_active,) rows with a live buffer, ascending
+                      const int64_t[::1] grad_slot,  # IN    (n_active,) row of `grad` for each, or -1 (zero grad)
+                      const floating[:, ::1] grad,   # IN    (nnz, dim)
+                      double lr, double momentum, double dampening, bint nesterov, bint maximize,
+                      bint first_step, int n_threads):
+    """SGD with momentum, dense-equivalent semantics restricted to the rows whose buffer is live:
+         first step: buf = g;  later: buf = momentum * buf + (1 - dampening) * g   (g = 0 if absent)
+         d = g + momentum * buf (nesterov) or buf;  w = fma(-lr, d, w)."""
+    cdef Py_ssize_t n_active = rows.shape[0]
+    cdef Py_ssize_t dim = weight.shape[1]
+    cdef Py_ssize_t k, r, s, j, ahead
+    cdef Py_ssize_t row_bytes = dim * sizeof(floating)
+    cdef floating mu = <floating> momentum
+    cdef floating one_minus_damp = <floating> (1.0 - dampening)
+    cdef floating neg_lr = <floating> (-lr)
+    cdef floating sign = -1 if maximize else 1
+    cdef floating g, b, d
+    if n_active == 0 or dim == 0:
+        return
+    with nogil:
+        for k in prange(n_active, schedule="static", chunksize=ROWS_PER_CHUNK, num_threads=n_threads):
+            if k + PREFETCH_DISTANCE < n_active:
+                ahead = rows[k + PREFETCH_DISTANCE]
+                _prefetch_row(&weight[ahead, 0], row_bytes, True)
+                _prefetch_row(&buf[ahead, 0], row_bytes, True)
+            r = rows[k]
+            s = grad_slot[k]
+            for j in range(dim):
+                g = sign * grad[s, j] if s >= 0 else 0
+                if first_step:
+                    b = g
+                else:
+                    b = mu * buf[r, j] + one_minus_damp * g
+                buf[r, j] = b
+                d = g + mu * b if nesterov else b
+                weight[r, j] = weight[r, j] + neg_lr * d
