@@ -79,6 +79,77 @@ def coalesce(rows, values, num_rows):
 # ---------------------------------------------------------------------------------------------
 
 
+def bags_of(indices, offsets=None, include_last_offset=False):
+    """The list of bags (lists of positions into the flat input) per SPEC_torch §6.2."""
+    idx = np.asarray(indices)
+    if idx.ndim == 2:
+        n_bags, n = idx.shape
+        return [list(range(b * n, (b + 1) * n)) for b in range(n_bags)]
+    offsets = list(np.asarray(offsets))
+    ends = offsets[1:] if include_last_offset else offsets[1:] + [idx.size]
+    starts = offsets[:-1] if include_last_offset else offsets
+    return [list(range(s, e)) for s, e in zip(starts, ends)]
+
+
+def embedding_bag(indices, weight, offsets=None, mode="mean", per_sample_weights=None,
+                  include_last_offset=False, padding_idx=None):
+    """Pooled rows, one bag at a time, in bag order (SPEC_torch §6.3)."""
+    flat = np.asarray(indices).reshape(-1)
+    psw = None if per_sample_weights is None else np.asarray(per_sample_weights).reshape(-1)
+    bags = bags_of(indices, offsets, include_last_offset)
+    out = np.zeros((len(bags), weight.shape[1]), dtype=weight.dtype)
+    for b, positions in enumerate(bags):
+        kept = [k for k in positions if flat[k] != padding_idx]
+        if not kept:
+            continue
+        if mode == "max":
+            acc = weight[flat[kept[0]]].copy()
+            for k in kept[1:]:
+                row = weight[flat[k]]
+                acc = np.where(row > acc, row, acc)   # strictly greater: first occurrence wins
+        else:
+            acc = np.zeros(weight.shape[1], dtype=weight.dtype)
+            for k in kept:
+                term = weight[flat[k]] if psw is None else psw[k] * weight[flat[k]]
+                acc = acc + term
+            if mode == "mean":
+                acc = acc / weight.dtype.type(len(kept))
+        out[b] = acc
+    return out
+
+
+def embedding_bag_backward(grad_output, indices, weight, offsets=None, mode="mean", per_sample_weights=None,
+                           include_last_offset=False, padding_idx=None, scale_grad_by_freq=False):
+    """(dense weight gradient, per_sample_weights gradient) with the TRUE index counts for
+    scale_grad_by_freq (SPEC.md; torch 2.13 divides by wrong counts, SPEC_torch §7.1)."""
+    flat = np.asarray(indices).reshape(-1)
+    psw = None if per_sample_weights is None else np.asarray(per_sample_weights).reshape(-1)
+    bags = bags_of(indices, offsets, include_last_offset)
+    grad = np.zeros_like(weight, dtype=np.float64)
+    psw_grad = np.zeros(flat.size, dtype=np.float64)
+    counts = np.bincount(flat, minlength=weight.shape[0]) if flat.size else np.zeros(weight.shape[0], int)
+    for b, positions in enumerate(bags):
+        kept = [k for k in positions if flat[k] != padding_idx]
+        if not kept:
+            continue
+        if mode == "max":
+            for d in range(weight.shape[1]):
+                winner = max(kept, key=lambda k: (weight[flat[k], d], -k))  # first occurrence of the max
+                grad[flat[winner], d] += grad_output[b, d]
+            continue
+        for k in kept:
+            s = 1.0
+            if mode == "mean":
+                s /= len(kept)
+            if psw is not None:
+                s *= psw[k]
+                psw_grad[k] = float(np.dot(grad_output[b].astype(np.float64), weight[flat[k]].astype(np.float64)))
+            if scale_grad_by_freq:
+                s /= counts[flat[k]]
+            grad[flat[k]] += s * grad_output[b]
+    return grad, psw_grad.reshape(np.asarray(indices).shape)
+
+
 # ---------------------------------------------------------------------------------------------
 # Optimizers (issue 4)
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,181 @@
+"""EmbeddingBag kernels: pooled lookup (sum / mean / max, per-sample weights, padding) and the parts
+of its backward that are not a plain segment sum (max-mode routing, per-sample-weight gradient).
+
+Bags are given in CSR form: bag b holds the entries offsets[b] .. offsets[b+1]-1. The forward is
+parallel over bags with a dynamic schedule (bag sizes can be skewed); each bag accumulates in bag
+order in the weight dtype, so results do not depend on the thread count.
+"""
+from cython.parallel cimport prange
+from cython cimport floating
+from libc.string cimport memset
+from libc.stdint cimport int64_t
+
+from cembed._typedefs cimport index_t, cembed_prefetch, PREFETCH_DISTANCE
+
+cdef extern from "_fma_rows.h" nogil:
+    void cembed_axpy_fma_f32(float *w, const float *g, float alpha, float sign, Py_ssize_t dim)
+    void cembed_axpy_fma_f64(double *w, const double *g, double alpha, double sign, Py_ssize_t dim)
+
+cdef enum:
+    MODE_SUM = 0
+    MODE_MEAN = 1
+    MODE_MAX = 2
+    BAGS_PER_CHUNK = 16
+    COLUMNS_PER_BLOCK = 16
+
+
+cdef inline void _prefetch_row(const void *row, Py_ssize_t n_bytes) noexcept nogil:
+    cdef const char *p = <const char *> row
+    cdef Py_ssize_t k
+    for k in range(0, n_bytes, 64):
+        cembed_prefetch(p + k)
+
+
+cdef void _pool_bag(const floating *base, Py_ssize_t row_stride, Py_ssize_t dim,
+                    const index_t *indices, Py_ssize_t begin, Py_ssize_t end, Py_ssize_t n_indices,
+                    int mode, int64_t padding_idx, const floating *psw, bint psw_fused,
+                    floating *out_row, int64_t *argmax_row) noexcept nogil:
+    """Pool entries [begin, end) into out_row (and, for max, the winning row per coordinate)."""
+    cdef Py_ssize_t k, j, ahead
+    cdef Py_ssize_t row_bytes = dim * sizeof(floating)
+    cdef int64_t r
+    cdef Py_ssize_t count = 0
+    cdef const floating *w
+    cdef floating c
+    memset(out_row, 0, row_bytes)
+    if argmax_row != NULL:
+        for j in range(dim):
+            argmax_row[j] = -1
+    for k in range(begin, end):
+        ahead = k + PREFETCH_DISTANCE
+        if ahead < n_indices:
+            _prefetch_row(base + (<Py_ssize_t> indices[ahead]) * row_stride, row_bytes)
+        r = indices[k]
+        if r == padding_idx:
+            continue
+        w = base + r * row_stride
+        if mode == MODE_MAX:
+            if count == 0:
+                for j in range(dim):
+                    out_row[j] = w[j]
+                if argmax_row != NULL:
+                    for j in range(dim):
+                        argmax_row[j] = r
+            elif argmax_row != NULL:
+                for j in range(dim):
+                    if w[j] > out_row[j]:
+                        out_row[j] = w[j]
+                        argmax_row[j] = r
+            else:
+                for j in range(dim):
+                    if w[j] > out_row[j]:
+                        out_row[j] = w[j]
+        elif psw != NULL:
+            c = psw[k]
+            if psw_fused:  # torch's float32 fast path: acc = fma(psw, w, acc)
+                if floating is float:
+                    cembed_axpy_fma_f32(out_row, w, c, 1.0, dim)
+                else:
+                    cembed_axpy_fma_f64(out_row, w, c, 1.0, dim)
+            else:
+                for j in range(dim):
+                    out_row[j] = out_row[j] + c * w[j]
+        else:
+            for j in range(dim):
+                out_row[j] = out_row[j] + w[j]
+        count += 1
+    if mode == MODE_MEAN and count > 1:
+        c = <floating> count
+        for j in range(dim):
+            out_row[j] = out_row[j] / c
+
+
+def bag_forward(const floating[:, :] weight,       # IN  (n_rows, dim), unit column stride
+                const index_t[::1] indices,         # IN  (n_indices,) validated
+                const int64_t[::1] offsets,         # IN  (n_bags + 1,) CSR bag boundaries
+                int mode, int64_t padding_idx,      # padding_idx < 0: none
+                const floating[::1] psw,            # IN  (n_indices,) per-sample weights, or empty
+                bint psw_fused,
+                floating[:, ::1] out,               # OUT (n_bags, dim)
+                int64_t[:, ::1] argmax,             # OUT (n_bags, dim) for max mode, else (0, 0)
+                int n_threads):
+    cdef Py_ssize_t n_bags = out.shape[0]
+    cdef Py_ssize_t dim = out.shape[1]
+    cdef Py_ssize_t n_indices = indices.shape[0]
+    cdef Py_ssize_t b, row_stride
+    cdef const floating *base
+    cdef const floating *psw_ptr = &psw[0] if psw.shape[0] > 0 else NULL
+    cdef const index_t *idx_ptr = &indices[0] if n_indices > 0 else NULL
+    cdef bint want_argmax = argmax.shape[0] > 0
+    if n_bags == 0 or dim == 0:
+        return
+    if n_indices == 0 or weight.shape[0] == 0:
+        out[:, :] = 0
+        if want_argmax:
+            argmax[:, :] = -1
+        return
+    base = &weight[0, 0]
+    row_stride = weight.strides[0] // <Py_ssize_t> sizeof(floating)
+    with nogil:
+        for b in prange(n_bags, schedule="dynamic", chunksize=BAGS_PER_CHUNK, num_threads=n_threads):
+            _pool_bag(base, row_stride, dim, idx_ptr, offsets[b], offsets[b + 1], n_indices, mode,
+                      padding_idx, psw_ptr, psw_fused, &out[b, 0],
+                      &argmax[b, 0] if want_argmax else NULL)
+
+
+def max_backward(const floating[:, ::1] grad_output,  # IN  (n_bags, dim)
+                 const int64_t[:, ::1] argmax,         # IN  (n_bags, dim) winning row, -1 for none
+                 floating[:, ::1] grad_weight,         # INOUT (n_rows, dim), zero-filled by the caller
+                 int n_threads):
+    """grad_weight[argmax[b, d], d] += grad_output[b, d], bags in order. Threads own blocks of
+    COLUMNS_PER_BLOCK columns, so every element has one writer and the order is fixed."""
+    cdef Py_ssize_t n_bags = grad_output.shape[0]
+    cdef Py_ssize_t dim = grad_output.shape[1]
+    cdef Py_ssize_t n_blocks = (dim + COLUMNS_PER_BLOCK - 1) // COLUMNS_PER_BLOCK
+    cdef Py_ssize_t blk, b, d, d_end
+    cdef int64_t r
+    if n_bags == 0 or dim == 0:
+        return
+    with nogil:
+        for blk in prange(n_blocks, schedule="static", chunksize=1, num_threads=n_threads):
+            d_end = (blk + 1) * COLUMNS_PER_BLOCK
+            if d_end > dim:
+                d_end = dim
+            for b in range(n_bags):
+                for d in range(blk * COLUMNS_PER_BLOCK, d_end):
+                    r = argmax[b, d]
+                    if r >= 0:
+                        grad_weight[r, d] = grad_weight[r, d] + grad_output[b, d]
+
+
+def psw_backward(const floating[:, :] weight,        # IN  (n_rows, dim), unit column stride
+                 const index_t[::1] indices,          # IN  (n_indices,)
+                 const int64_t[::1] bag_of,           # IN  (n_indices,) bag of each entry
+                 const floating[:, ::1] grad_output,  # IN  (n_bags, dim)
+                 int64_t padding_idx,
+                 floating[::1] grad_psw,              # OUT (n_indices,)
+                 int n_threads):
+    """grad_psw[k] = dot(grad_output[bag_of[k]], weight[indices[k]]), 0 for padding entries."""
+    cdef Py_ssize_t n = indices.shape[0]
+    cdef Py_ssize_t dim = weight.shape[1]
+    cdef Py_ssize_t k, j, row_stride
+    cdef const floating *base
+    cdef const floating *w
+    cdef floating acc
+    cdef int64_t r
+    if n == 0:
+        return
+    if dim == 0 or weight.shape[0] == 0:
+        grad_psw[:] = 0
+        return
+    base = &weight[0, 0]
+    row_stride = weight.strides[0] // <Py_ssize_t> sizeof(floating)
+    with nogil:
+        for k in prange(n, schedule="static", num_threads=n_threads):
+            r = indices[k]
+            acc = 0
+            if r != padding_idx:
+                w = base + r * row_stride
+                for j in range(dim):
+                    acc = acc + grad_output[bag_of[k], j] * w[j]
+            grad_psw[k] = acc
