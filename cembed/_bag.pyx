@@ -2,25 +2,23 @@
 of its backward that are not a plain segment sum (max-mode routing, per-sample-weight gradient).
 
 Bags are given in CSR form: bag b holds the entries offsets[b] .. offsets[b+1]-1. The forward is
-parallel over bags with a dynamic schedule (bag sizes can be skewed); each bag accumulates in bag
+parallel over bags with a guided schedule (large chunks first, then small ones: bag sizes can be skewed); each bag accumulates in bag
 order in the weight dtype, so results do not depend on the thread count.
 """
 from cython.parallel cimport prange
 from cython cimport floating
 from libc.string cimport memset
-from libc.stdint cimport int64_t
+from libc.stdint cimport int32_t, int64_t
 
 from cembed._typedefs cimport index_t, cembed_prefetch, PREFETCH_DISTANCE
 
-cdef extern from "_fma_rows.h" nogil:
-    void cembed_axpy_fma_f32(float *w, const float *g, float alpha, float sign, Py_ssize_t dim)
-    void cembed_axpy_fma_f64(double *w, const double *g, double alpha, double sign, Py_ssize_t dim)
 
 cdef enum:
     MODE_SUM = 0
     MODE_MEAN = 1
     MODE_MAX = 2
     BAGS_PER_CHUNK = 16
+    GROUP_ROWS = 64
     COLUMNS_PER_BLOCK = 16
 
 
@@ -31,59 +29,105 @@ cdef inline void _prefetch_row(const void *row, Py_ssize_t n_bytes) noexcept nog
         cembed_prefetch(p + k)
 
 
+cdef extern from "_pool_rows.h" nogil:
+    void cembed_pool_sum_f32(float *acc, const float *const *rows, const float *scales, Py_ssize_t n,
+                             Py_ssize_t dim, int fused)
+    void cembed_pool_sum_f64(double *acc, const double *const *rows, const double *scales, Py_ssize_t n,
+                             Py_ssize_t dim, int fused)
+    void cembed_pool_max_f32(float *acc, int64_t *argmax, const float *const *rows, const int64_t *row_ids,
+                             Py_ssize_t n, Py_ssize_t dim)
+    void cembed_pool_max_f64(double *acc, int64_t *argmax, const double *const *rows, const int64_t *row_ids,
+                             Py_ssize_t n, Py_ssize_t dim)
+    Py_ssize_t cembed_bag_sum_f32_i32(float *out, const float *base, Py_ssize_t row_stride, Py_ssize_t dim,
+                                      const int32_t *idx, Py_ssize_t begin, Py_ssize_t end, Py_ssize_t n_indices,
+                                      int64_t padding_idx)
+    Py_ssize_t cembed_bag_sum_f32_i64(float *out, const float *base, Py_ssize_t row_stride, Py_ssize_t dim,
+                                      const int64_t *idx, Py_ssize_t begin, Py_ssize_t end, Py_ssize_t n_indices,
+                                      int64_t padding_idx)
+    Py_ssize_t cembed_bag_sum_f64_i32(double *out, const double *base, Py_ssize_t row_stride, Py_ssize_t dim,
+                                      const int32_t *idx, Py_ssize_t begin, Py_ssize_t end, Py_ssize_t n_indices,
+                                      int64_t padding_idx)
+    Py_ssize_t cembed_bag_sum_f64_i64(double *out, const double *base, Py_ssize_t row_stride, Py_ssize_t dim,
+                                      const int64_t *idx, Py_ssize_t begin, Py_ssize_t end, Py_ssize_t n_indices,
+                                      int64_t padding_idx)
+
+
 cdef void _pool_bag(const floating *base, Py_ssize_t row_stride, Py_ssize_t dim,
                     const index_t *indices, Py_ssize_t begin, Py_ssize_t end, Py_ssize_t n_indices,
                     int mode, int64_t padding_idx, const floating *psw, bint psw_fused,
                     floating *out_row, int64_t *argmax_row) noexcept nogil:
-    """Pool entries [begin, end) into out_row (and, for max, the winning row per coordinate)."""
-    cdef Py_ssize_t k, j, ahead
+    """Pool entries [begin, end) into out_row (and, for max, the winning row per coordinate).
+    Non-padding rows are handed to the pooling routine in groups of up to GROUP_ROWS pointers."""
+    cdef const floating *rows[GROUP_ROWS]
+    cdef floating scales[GROUP_ROWS]
+    cdef int64_t row_ids[GROUP_ROWS]
+    cdef Py_ssize_t k, j, ahead, n_group = 0
     cdef Py_ssize_t row_bytes = dim * sizeof(floating)
     cdef int64_t r
     cdef Py_ssize_t count = 0
-    cdef const floating *w
     cdef floating c
+    if mode != MODE_MAX and psw == NULL:  # the common case: one register-accumulating pass per bag
+        if floating is float:
+            if index_t is int32_t:
+                count = cembed_bag_sum_f32_i32(out_row, base, row_stride, dim, indices, begin, end, n_indices,
+                                               padding_idx)
+            else:
+                count = cembed_bag_sum_f32_i64(out_row, base, row_stride, dim, indices, begin, end, n_indices,
+                                               padding_idx)
+        else:
+            if index_t is int32_t:
+                count = cembed_bag_sum_f64_i32(out_row, base, row_stride, dim, indices, begin, end, n_indices,
+                                               padding_idx)
+            else:
+                count = cembed_bag_sum_f64_i64(out_row, base, row_stride, dim, indices, begin, end, n_indices,
+                                               padding_idx)
+        if mode == MODE_MEAN and count > 1:
+            c = <floating> count
+            for j in range(dim):
+                out_row[j] = out_row[j] / c
+        return
     memset(out_row, 0, row_bytes)
     if argmax_row != NULL:
         for j in range(dim):
             argmax_row[j] = -1
-    for k in range(begin, end):
-        ahead = k + PREFETCH_DISTANCE
-        if ahead < n_indices:
-            _prefetch_row(base + (<Py_ssize_t> indices[ahead]) * row_stride, row_bytes)
-        r = indices[k]
-        if r == padding_idx:
-            continue
-        w = base + r * row_stride
-        if mode == MODE_MAX:
-            if count == 0:
+    for k in range(begin, end + 1):
+        if k < end:
+            ahead = k + PREFETCH_DISTANCE
+            if ahead < n_indices:
+                _prefetch_row(base + (<Py_ssize_t> indices[ahead]) * row_stride, row_bytes)
+            r = indices[k]
+            if r == padding_idx:
+                continue
+            if mode == MODE_MAX and count == 0:
+                # the first row initialises the maximum (so a leading NaN survives)
                 for j in range(dim):
-                    out_row[j] = w[j]
+                    out_row[j] = (base + r * row_stride)[j]
                 if argmax_row != NULL:
                     for j in range(dim):
                         argmax_row[j] = r
-            elif argmax_row != NULL:
-                for j in range(dim):
-                    if w[j] > out_row[j]:
-                        out_row[j] = w[j]
-                        argmax_row[j] = r
+                count = 1
+                continue
+            rows[n_group] = base + r * row_stride
+            row_ids[n_group] = r
+            if psw != NULL:
+                scales[n_group] = psw[k]
+            n_group += 1
+            count += 1
+            if n_group < GROUP_ROWS:
+                continue
+        if n_group == 0:
+            continue
+        if mode == MODE_MAX:
+            if floating is float:
+                cembed_pool_max_f32(out_row, argmax_row, rows, row_ids, n_group, dim)
             else:
-                for j in range(dim):
-                    if w[j] > out_row[j]:
-                        out_row[j] = w[j]
-        elif psw != NULL:
-            c = psw[k]
-            if psw_fused:  # torch's float32 fast path: acc = fma(psw, w, acc)
-                if floating is float:
-                    cembed_axpy_fma_f32(out_row, w, c, 1.0, dim)
-                else:
-                    cembed_axpy_fma_f64(out_row, w, c, 1.0, dim)
-            else:
-                for j in range(dim):
-                    out_row[j] = out_row[j] + c * w[j]
+                cembed_pool_max_f64(out_row, argmax_row, rows, row_ids, n_group, dim)
         else:
-            for j in range(dim):
-                out_row[j] = out_row[j] + w[j]
-        count += 1
+            if floating is float:
+                cembed_pool_sum_f32(out_row, rows, scales if psw != NULL else NULL, n_group, dim, psw_fused)
+            else:
+                cembed_pool_sum_f64(out_row, rows, scales if psw != NULL else NULL, n_group, dim, psw_fused)
+        n_group = 0
     if mode == MODE_MEAN and count > 1:
         c = <floating> count
         for j in range(dim):
@@ -117,7 +161,7 @@ def bag_forward(const floating[:, :] weight,       # IN  (n_rows, dim), unit col
     base = &weight[0, 0]
     row_stride = weight.strides[0] // <Py_ssize_t> sizeof(floating)
     with nogil:
-        for b in prange(n_bags, schedule="dynamic", chunksize=BAGS_PER_CHUNK, num_threads=n_threads):
+        for b in prange(n_bags, schedule="guided", chunksize=BAGS_PER_CHUNK, num_threads=n_threads):
             _pool_bag(base, row_stride, dim, idx_ptr, offsets[b], offsets[b + 1], n_indices, mode,
                       padding_idx, psw_ptr, psw_fused, &out[b, 0],
                       &argmax[b, 0] if want_argmax else NULL)

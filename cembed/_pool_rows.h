@@ -1,0 +1,162 @@
+/* Bag pooling of a group of rows into an accumulator row (one call per group of rows, so the loop
+ * over the group runs inside one vectorised target clone). Every element
+ * accumulates in row order (acc + w0 + w1 + ...).
+ *
+ * Compiled as target clones on x86-64 GCC (AVX-512, AVX2+FMA, baseline), chosen at load time.
+ */
+#ifndef CEMBED_POOL_ROWS_H
+#define CEMBED_POOL_ROWS_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define CEMBED_POOL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), unused))
+#elif defined(__GNUC__)
+#define CEMBED_POOL_CLONES __attribute__((unused))
+#else
+#define CEMBED_POOL_CLONES
+#endif
+
+/* acc[j] = acc[j] + rows[p][j] (scales == NULL), or with per-row scales:
+ * fused: acc[j] = fma(scales[p], rows[p][j], acc[j]);  else acc[j] = acc[j] + scales[p] * rows[p][j].
+ * The unscaled sum keeps blocks of the accumulator in vector registers (GCC/Clang vector extensions)
+ * while the group's rows stream through: no store-to-load round trip per row. */
+#if defined(__GNUC__)
+typedef float cembed_vf __attribute__((vector_size(64), aligned(4)));   /* 16 floats, unaligned ok */
+typedef double cembed_vd __attribute__((vector_size(64), aligned(8)));  /* 8 doubles */
+#else
+#error "cembed's pooling kernels need GCC or Clang vector extensions"
+#endif
+
+#define CEMBED_DEFINE_POOL_SUM(NAME, T, V, FMA)                                                        \
+CEMBED_POOL_CLONES static void NAME(T *restrict acc, const T *const *rows, const T *scales,            \
+                                    ptrdiff_t n, ptrdiff_t dim, int fused)                            \
+{                                                                                                     \
+    ptrdiff_t j0 = 0;                                                                                 \
+    if (scales == NULL) {                                                                             \
+        const ptrdiff_t lanes = (ptrdiff_t)(sizeof(V) / sizeof(T));                                   \
+        for (; j0 + 4 * lanes <= dim; j0 += 4 * lanes) {                                              \
+            V a0 = *(const V *)(acc + j0), a1 = *(const V *)(acc + j0 + lanes);                       \
+            V a2 = *(const V *)(acc + j0 + 2 * lanes), a3 = *(const V *)(acc + j0 + 3 * lanes);       \
+            for (ptrdiff_t p = 0; p < n; p++) {                                                       \
+                const T *w = rows[p] + j0;                                                            \
+                a0 = a0 + *(const V *)w;                                                              \
+                a1 = a1 + *(const V *)(w + lanes);                                                    \
+                a2 = a2 + *(const V *)(w + 2 * lanes);                                                \
+                a3 = a3 + *(const V *)(w + 3 * lanes);                                                \
+            }                                                                                         \
+            *(V *)(acc + j0) = a0;                                                                    \
+            *(V *)(acc + j0 + lanes) = a1;                                                            \
+            *(V *)(acc + j0 + 2 * lanes) = a2;                                                        \
+            *(V *)(acc + j0 + 3 * lanes) = a3;                                                        \
+        }                                                                                             \
+        for (; j0 + lanes <= dim; j0 += lanes) {                                                      \
+            V a0 = *(const V *)(acc + j0);                                                            \
+            for (ptrdiff_t p = 0; p < n; p++) a0 = a0 + *(const V *)(rows[p] + j0);                   \
+            *(V *)(acc + j0) = a0;                                                                    \
+        }                                                                                             \
+    }                                                                                                 \
+    for (ptrdiff_t p = 0; p < n; p++) {                                                               \
+        const T *restrict w = rows[p];                                                                \
+        if (scales == NULL) {                                                                         \
+            for (ptrdiff_t j = j0; j < dim; j++) acc[j] = acc[j] + w[j];                              \
+        } else if (fused) {                                                                           \
+            const T s = scales[p];                                                                    \
+            for (ptrdiff_t j = j0; j < dim; j++) acc[j] = FMA(s, w[j], acc[j]);                       \
+        } else {                                                                                      \
+            const T s = scales[p];                                                                    \
+            for (ptrdiff_t j = j0; j < dim; j++) acc[j] = acc[j] + s * w[j];                          \
+        }                                                                                             \
+    }                                                                                                 \
+}
+
+/* Max pooling continued over a group: a later value replaces the current one only if strictly
+ * greater (first occurrence wins ties; a NaN survives only as the first value). argmax may be NULL. */
+#define CEMBED_DEFINE_POOL_MAX(NAME, T)                                                                \
+CEMBED_POOL_CLONES static void NAME(T *restrict acc, int64_t *restrict argmax, const T *const *rows,                    \
+                                    const int64_t *row_ids, ptrdiff_t n, ptrdiff_t dim)               \
+{                                                                                                     \
+    if (argmax == NULL) {                                                                             \
+        for (ptrdiff_t p = 0; p < n; p++) {                                                           \
+            const T *restrict w = rows[p];                                                            \
+            for (ptrdiff_t j = 0; j < dim; j++) acc[j] = (w[j] > acc[j]) ? w[j] : acc[j];             \
+        }                                                                                             \
+        return;                                                                                       \
+    }                                                                                                 \
+    for (ptrdiff_t p = 0; p < n; p++) {                                                               \
+        const T *w = rows[p];                                                                         \
+        const int64_t r = row_ids[p];                                                                 \
+        for (ptrdiff_t j = 0; j < dim; j++) {                                                         \
+            const int gt = w[j] > acc[j];                                                             \
+            acc[j] = gt ? w[j] : acc[j];                                                              \
+            argmax[j] = gt ? r : argmax[j];                                                           \
+        }                                                                                             \
+    }                                                                                                 \
+}
+
+CEMBED_DEFINE_POOL_SUM(cembed_pool_sum_f32, float, cembed_vf, fmaf)
+CEMBED_DEFINE_POOL_SUM(cembed_pool_sum_f64, double, cembed_vd, fma)
+CEMBED_DEFINE_POOL_MAX(cembed_pool_max_f32, float)
+CEMBED_DEFINE_POOL_MAX(cembed_pool_max_f64, double)
+
+/* A whole bag, unscaled: out = sum over k in [begin, end) with idx[k] != padding_idx of row idx[k],
+ * accumulated in bag order in vector registers, prefetching the row PREFETCH entries ahead (all of its
+ * cache lines). Returns the number of rows summed. */
+#define CEMBED_BAG_PREFETCH 16
+#define CEMBED_DEFINE_BAG_SUM(NAME, T, V, IT)                                                          \
+CEMBED_POOL_CLONES static ptrdiff_t NAME(T *restrict out, const T *base, ptrdiff_t row_stride,        \
+                                         ptrdiff_t dim, const IT *idx, ptrdiff_t begin, ptrdiff_t end,  \
+                                         ptrdiff_t n_indices, int64_t padding_idx)                    \
+{                                                                                                     \
+    const ptrdiff_t lanes = (ptrdiff_t)(sizeof(V) / sizeof(T));                                       \
+    const ptrdiff_t row_bytes = dim * (ptrdiff_t)sizeof(T);                                           \
+    ptrdiff_t count = 0, j0 = 0;                                                                      \
+    for (ptrdiff_t k = begin; k < end; k++) {                                                         \
+        if (k + CEMBED_BAG_PREFETCH < n_indices) {                                                    \
+            const char *ahead = (const char *)(base + (ptrdiff_t)idx[k + CEMBED_BAG_PREFETCH] * row_stride); \
+            for (ptrdiff_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(ahead + b, 0, 3);        \
+        }                                                                                             \
+        count += (int64_t)idx[k] != padding_idx;                                                      \
+    }                                                                                                 \
+    for (; j0 + 4 * lanes <= dim; j0 += 4 * lanes) {                                                  \
+        V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                                     \
+        for (ptrdiff_t k = begin; k < end; k++) {                                                     \
+            if ((int64_t)idx[k] == padding_idx) continue;                                             \
+            const T *w = base + (ptrdiff_t)idx[k] * row_stride + j0;                                  \
+            a0 = a0 + *(const V *)w;                                                                  \
+            a1 = a1 + *(const V *)(w + lanes);                                                        \
+            a2 = a2 + *(const V *)(w + 2 * lanes);                                                    \
+            a3 = a3 + *(const V *)(w + 3 * lanes);                                                    \
+        }                                                                                             \
+        *(V *)(out + j0) = a0;                                                                        \
+        *(V *)(out + j0 + lanes) = a1;                                                                \
+        *(V *)(out + j0 + 2 * lanes) = a2;                                                            \
+        *(V *)(out + j0 + 3 * lanes) = a3;                                                            \
+    }                                                                                                 \
+    for (; j0 + lanes <= dim; j0 += lanes) {                                                          \
+        V a0 = {0};                                                                                   \
+        for (ptrdiff_t k = begin; k < end; k++) {                                                     \
+            if ((int64_t)idx[k] == padding_idx) continue;                                             \
+            a0 = a0 + *(const V *)(base + (ptrdiff_t)idx[k] * row_stride + j0);                       \
+        }                                                                                             \
+        *(V *)(out + j0) = a0;                                                                        \
+    }                                                                                                 \
+    for (ptrdiff_t j = j0; j < dim; j++) {                                                            \
+        T a = 0;                                                                                      \
+        for (ptrdiff_t k = begin; k < end; k++) {                                                     \
+            if ((int64_t)idx[k] == padding_idx) continue;                                             \
+            a = a + (base + (ptrdiff_t)idx[k] * row_stride)[j];                                       \
+        }                                                                                             \
+        out[j] = a;                                                                                   \
+    }                                                                                                 \
+    return count;                                                                                     \
+}
+
+CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f32_i32, float, cembed_vf, int32_t)
+CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f32_i64, float, cembed_vf, int64_t)
+CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f64_i32, double, cembed_vd, int32_t)
+CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f64_i64, double, cembed_vd, int64_t)
+
+#endif
