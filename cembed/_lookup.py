@@ -17,7 +17,7 @@ from ._validation import (
 
 def validated_indices(indices, n_rows, name="indices"):
     """(index array of the caller's shape, its flat int32/int64 view), range-checked."""
-    idx = as_index_array(indices, name)
+    idx = as_index_array(indices, name, n_rows)
     flat = flat_indices(idx)
     check_index_range(flat, idx.shape, n_rows, name)
     return idx, flat

@@ -41,7 +41,7 @@ def rows_contiguous(weight):
     return weight.shape[1] <= 1 or weight.strides[1] == weight.itemsize
 
 
-def as_index_array(indices, name="indices"):
+def as_index_array(indices, name="indices", n_rows=None):
     """Indices as an int32 or int64 ndarray of any shape (int32/int64 input is not copied).
 
     Any signed or unsigned integer dtype is accepted; bool, float and object are a TypeError.
@@ -57,7 +57,7 @@ def as_index_array(indices, name="indices"):
     if kind == "u" and arr.dtype.itemsize >= 8 and arr.size:
         too_big = arr > np.iinfo(np.int64).max
         if too_big.any():
-            _raise_index_error(arr, int(np.flatnonzero(too_big.ravel())[0]), None, name)
+            _raise_index_error(arr, int(np.flatnonzero(too_big.ravel())[0]), n_rows, name)
     if arr.dtype.itemsize <= 4 and not (kind == "u" and arr.dtype.itemsize == 4):
         return arr.astype(np.int32)
     return arr.astype(np.int64)
@@ -70,7 +70,7 @@ def flat_indices(arr):
 
 def _raise_index_error(arr, pos, n_rows, name):
     value = arr.reshape(-1)[pos]
-    where = np.unravel_index(pos, arr.shape) if arr.ndim > 1 else pos
+    where = tuple(int(i) for i in np.unravel_index(pos, arr.shape)) if arr.ndim > 1 else pos
     valid = f"[0, {n_rows})" if n_rows is not None else "[0, num_embeddings)"
     raise IndexError(
         f"{name} contains {value} at position {where}, outside the valid range {valid}"

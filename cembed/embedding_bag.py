@@ -49,7 +49,7 @@ def validate_bags(input, weight, offsets=None, mode="mean", per_sample_weights=N
     """Every check of F.embedding_bag (SPEC_torch §6.1, with SPEC.md's decisions), before any work."""
     weight = check_weight(weight)
     n_rows = weight.shape[0]
-    idx = as_index_array(input, "input")
+    idx = as_index_array(input, "input", n_rows)
     if idx.ndim == 2:
         if offsets is not None:
             raise ValueError("if input is 2D, then offsets has to be None, as input is treated as a mini-batch "
