@@ -218,8 +218,8 @@ class SparseAdam(Optimizer):
         state = self.state[i]
         if "step" not in state:
             state["step"] = 0
-            state["exp_avg"] = np.zeros_like(weight)
-            state["exp_avg_sq"] = np.zeros_like(weight)
+            state["exp_avg"] = np.zeros(weight.shape, dtype=weight.dtype)  # lazily zeroed pages
+            state["exp_avg_sq"] = np.zeros(weight.shape, dtype=weight.dtype)
         state["step"] += 1
         if grad.nnz == 0:
             return
@@ -252,8 +252,11 @@ class Adagrad(Optimizer):
                 raise ValueError(f"Invalid {name} value: {values[name]}")
         super().__init__(params, dict(values, maximize=bool(maximize)))
         for i, module in enumerate(self.modules):
-            self.state[i] = {"step": np.float32(0.0),
-                             "sum": np.full_like(module.weight, values["initial_accumulator_value"])}
+            init = values["initial_accumulator_value"]
+            state_sum = np.zeros(module.weight.shape, dtype=module.weight.dtype)  # lazily zeroed pages
+            if init != 0:
+                state_sum.fill(init)
+            self.state[i] = {"step": np.float32(0.0), "sum": state_sum}
 
     def _check_grad(self, i, grad):
         if isinstance(grad, SparseGrad) and self._group["weight_decay"] != 0:
@@ -348,7 +351,7 @@ class SGD(Optimizer):
         buf = state.get("momentum_buffer")
         first = buf is None
         if first:
-            buf = np.zeros_like(weight)
+            buf = np.zeros(weight.shape, dtype=weight.dtype)
             active = np.zeros(0, dtype=np.int64)
         else:
             active = state.get("active_rows")

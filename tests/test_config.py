@@ -40,7 +40,8 @@ def test_threadpoolctl_limits_are_honoured():
 
 def test_omp_num_threads_is_honoured():
     code = "import cembed; print(cembed.get_num_threads())"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(cembed.__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=package_root)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1"
     if cembed._config.openmp_enabled():

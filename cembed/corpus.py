@@ -1,0 +1,146 @@
+"""Corpora for `python -m cembed train`: a synthetic corpus with planted topics (the default: no
+download, deterministic, generated in seconds) and plain UTF-8 text files.
+
+The synthetic corpus has ``vocab_size`` words with Zipf frequencies, each word belonging to one of
+``n_topics`` latent topics. Sentences are drawn topic by topic: pick a topic, then draw most words from
+that topic's Zipf-weighted vocabulary and a few from the whole vocabulary (noise). Because the topic
+of every word is known, the quality of the learned embeddings can be measured (same-topic precision of
+nearest neighbours), which plain text does not allow.
+"""
+import collections
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Corpus:
+    """Token ids with sentence boundaries, the vocabulary and (for synthetic data) the topics."""
+
+    tokens: np.ndarray            # (n_tokens,) int32 word ids
+    sentence_starts: np.ndarray   # (n_sentences + 1,) int64 boundaries into tokens
+    words: list                   # id -> word
+    counts: np.ndarray            # (vocab_size,) int64 occurrences in tokens
+    topics: np.ndarray = None     # (vocab_size,) int32 topic of each word, or None
+    n_topics: int = 0
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def vocab_size(self):
+        return len(self.words)
+
+    @property
+    def n_tokens(self):
+        return int(self.tokens.size)
+
+    def sentence_ids(self):
+        """(n_tokens,) int32: the sentence each token belongs to."""
+        lengths = np.diff(self.sentence_starts)
+        return np.repeat(np.arange(lengths.size, dtype=np.int32), lengths)
+
+
+class _SyntheticWords(collections.abc.Sequence):
+    """Word strings generated on demand ("w0", "w1", ...) so a 1M-word vocabulary costs nothing."""
+
+    def __init__(self, n):
+        self._n = n
+
+    def __len__(self):
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [f"w{j}" for j in range(*i.indices(self._n))]
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        return f"w{i % self._n}"
+
+
+def _zipf_cdf(n, exponent):
+    weights = 1.0 / np.arange(1, n + 1, dtype=np.float64) ** exponent
+    cdf = np.cumsum(weights)
+    return cdf / cdf[-1]
+
+
+def synthetic_corpus(vocab_size=1_000_000, n_topics=100, n_tokens=8_000_000, sentence_length=20,
+                     exponent=1.0, noise=0.1, seed=0):
+    """A deterministic corpus with planted topics (see the module docstring).
+
+    Word ids are ordered by expected frequency in blocks of ``n_topics``: block r holds the r-th most
+    frequent word of every topic, with the topics shuffled inside the block, so id 0 is among the most
+    frequent words and the topic cannot be read off the id."""
+    if vocab_size < n_topics or n_topics < 1:
+        raise ValueError(f"need vocab_size >= n_topics >= 1, got vocab_size={vocab_size}, n_topics={n_topics}")
+    rng = np.random.default_rng(seed)
+    per_topic = vocab_size // n_topics
+    vocab_size = per_topic * n_topics
+    # word_of[r, t]: the id of topic t's r-th most frequent word; topics shuffled within each block
+    shuffle = np.argsort(rng.random((per_topic, n_topics)), axis=1)
+    word_of = (np.arange(per_topic, dtype=np.int64)[:, None] * n_topics + shuffle).astype(np.int32)
+    topics = np.empty(vocab_size, dtype=np.int32)
+    topics[word_of.reshape(-1)] = np.tile(np.arange(n_topics, dtype=np.int32), per_topic)
+
+    n_sentences = max(1, n_tokens // sentence_length)
+    n_tokens = n_sentences * sentence_length
+    sentence_topic = rng.integers(0, n_topics, n_sentences)
+    token_topic = np.repeat(sentence_topic, sentence_length)
+    rank = np.searchsorted(_zipf_cdf(per_topic, exponent), rng.random(n_tokens))
+    tokens = word_of[np.minimum(rank, per_topic - 1), token_topic]
+    is_noise = rng.random(n_tokens) < noise
+    n_noise = int(is_noise.sum())
+    tokens[is_noise] = np.minimum(np.searchsorted(_zipf_cdf(vocab_size, exponent), rng.random(n_noise)),
+                                  vocab_size - 1)
+    sentence_starts = np.arange(0, n_tokens + 1, sentence_length, dtype=np.int64)
+    counts = np.bincount(tokens, minlength=vocab_size).astype(np.int64)
+    return Corpus(tokens=tokens.astype(np.int32), sentence_starts=sentence_starts, words=_SyntheticWords(vocab_size),
+                  counts=counts, topics=topics, n_topics=n_topics,
+                  description=(f"synthetic: {vocab_size:,} words, {n_topics} topics, {n_tokens:,} tokens, "
+                               f"Zipf({exponent}) frequencies, {noise:.0%} noise words, seed {seed}"))
+
+
+_TOKEN = re.compile(r"\w+(?:['’]\w+)*", re.UNICODE)
+
+
+class CorpusError(ValueError):
+    """A corpus file that cannot be used (missing, unreadable, empty, no word above min_count)."""
+
+
+def text_corpus(path, min_count=5, max_vocab=None, lowercase=True):
+    """Tokenise a UTF-8 text file (one sentence per line; words are runs of letters/digits), keep the
+    words seen at least ``min_count`` times (the ``max_vocab`` most frequent), ids by frequency."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except FileNotFoundError:
+        raise CorpusError(f"corpus file not found: {path}") from None
+    except IsADirectoryError:
+        raise CorpusError(f"corpus path is a directory, not a file: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise CorpusError(f"corpus file is not valid UTF-8: {path} ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise CorpusError(f"cannot read corpus file {path}: {exc.strerror}") from None
+    sentences = [_TOKEN.findall(line.lower() if lowercase else line) for line in lines]
+    sentences = [s for s in sentences if s]
+    if not sentences:
+        raise CorpusError(f"corpus file has no words: {path}")
+    freq = collections.Counter(word for s in sentences for word in s)
+    kept = [(w, c) for w, c in freq.most_common(max_vocab) if c >= min_count]
+    if not kept:
+        raise CorpusError(f"no word occurs at least --min-count={min_count} times in {path} "
+                          f"({len(freq)} distinct words; the most frequent occurs {freq.most_common(1)[0][1]} times)")
+    word_id = {w: i for i, (w, _) in enumerate(kept)}
+    ids, starts = [], [0]
+    for s in sentences:
+        sid = [word_id[w] for w in s if w in word_id]
+        if len(sid) >= 2:
+            ids.extend(sid)
+            starts.append(len(ids))
+    if len(ids) < 2:
+        raise CorpusError(f"corpus file {path} has no sentence with two words above --min-count={min_count}")
+    tokens = np.asarray(ids, dtype=np.int32)
+    counts = np.bincount(tokens, minlength=len(kept)).astype(np.int64)
+    return Corpus(tokens=tokens, sentence_starts=np.asarray(starts, dtype=np.int64), words=[w for w, _ in kept],
+                  counts=counts, description=(f"{path}: {len(kept):,} words (min count {min_count}), "
+                                              f"{tokens.size:,} tokens, {len(starts) - 1:,} sentences"))

@@ -1,0 +1,391 @@
+"""`python -m cembed train`: word2vec-style skip-gram with negative sampling on the CPU.
+
+Both tables are ``cembed.Embedding(sparse=True)`` trained by a cembed optimizer (SparseAdam by
+default); the small dot-product model between them is written in NumPy. ``backend="torch"`` runs the
+identical model (same data, batches, negatives, initial weights and hyper-parameters) with
+``torch.nn.Embedding(sparse=True)`` and a torch optimizer, for a side-by-side throughput figure.
+"""
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+import cembed
+
+from .corpus import Corpus
+
+
+@dataclass
+class TrainConfig:
+    dim: int = 64
+    window: int = 5
+    negatives: int = 5
+    batch_size: int = 32768
+    epochs: int = 1
+    optimizer: str = "sparseadam"
+    lr: float = None            # default per optimizer (DEFAULT_LR)
+    subsample: float = 1e-4     # word2vec's frequent-word subsampling threshold; 0 disables
+    chunk_tokens: int = 1 << 19
+    seed: int = 0
+    threads: int = None
+    backend: str = "cembed"
+
+    def learning_rate(self):
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+
+DEFAULT_LR = {"sparseadam": 0.01, "adagrad": 0.2, "sgd": 0.05}
+LOSS_EVERY = 8   # steps between two loss evaluations (shown smoothed in the progress bar)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+class BatchStream:
+    """Deterministic (center, [context, negatives...]) batches over a corpus.
+
+    Per chunk of the corpus: frequent words are subsampled (word2vec's rule), each kept token gets a
+    random window size in [1, window], every (center, context) pair inside a sentence is emitted, the
+    pairs are shuffled, and each pair gets ``negatives`` words drawn from the unigram^0.75 table."""
+
+    TABLE_SIZE = 1 << 23
+
+    def __init__(self, corpus: Corpus, config: TrainConfig):
+        self.corpus = corpus
+        self.config = config
+        freq = corpus.counts / max(1, corpus.counts.sum())
+        if config.subsample > 0:
+            with np.errstate(divide="ignore"):
+                ratio = np.where(freq > 0, config.subsample / freq, np.inf)
+            self.keep_prob = np.minimum(1.0, np.sqrt(ratio) + ratio).astype(np.float32)
+        else:
+            self.keep_prob = None
+        weights = corpus.counts.astype(np.float64) ** 0.75
+        cum = np.cumsum(weights)
+        edges = np.searchsorted(cum / cum[-1], (np.arange(self.TABLE_SIZE) + 0.5) / self.TABLE_SIZE)
+        self.neg_table = np.minimum(edges, corpus.vocab_size - 1).astype(np.int32)
+
+    def pairs(self, tokens, sentence, rng):
+        """(centers, contexts) of one chunk, shuffled."""
+        window = self.config.window
+        reach = rng.integers(1, window + 1, tokens.size)   # word2vec's dynamic window
+        centers, contexts = [], []
+        for offset in range(1, window + 1):
+            if offset >= tokens.size:
+                break
+            same = sentence[offset:] == sentence[:-offset]
+            fwd = same & (reach[:-offset] >= offset)          # center i, context i + offset
+            bwd = same & (reach[offset:] >= offset)           # center i + offset, context i
+            centers += [tokens[:-offset][fwd], tokens[offset:][bwd]]
+            contexts += [tokens[offset:][fwd], tokens[:-offset][bwd]]
+        centers = np.concatenate(centers) if centers else np.zeros(0, np.int32)
+        contexts = np.concatenate(contexts) if contexts else np.zeros(0, np.int32)
+        order = rng.permutation(centers.size)
+        return centers[order], contexts[order]
+
+    def __iter__(self):
+        """Yields (center (B,), targets (B, 1 + negatives), words consumed so far)."""
+        cfg, corpus = self.config, self.corpus
+        rng = np.random.default_rng(cfg.seed + 1)
+        sentence_of = corpus.sentence_ids()
+        n = corpus.n_tokens
+        consumed = 0
+        for _ in range(cfg.epochs):
+            for lo in range(0, n, cfg.chunk_tokens):
+                hi = min(n, lo + cfg.chunk_tokens)
+                tokens, sentence = corpus.tokens[lo:hi], sentence_of[lo:hi]
+                if self.keep_prob is not None:
+                    keep = rng.random(tokens.size, dtype=np.float32) < self.keep_prob[tokens]
+                    tokens, sentence = tokens[keep], sentence[keep]
+                centers, contexts = self.pairs(tokens, sentence, rng)
+                n_batches = max(1, math.ceil(centers.size / cfg.batch_size))
+                for b in range(n_batches):
+                    c = centers[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                    if c.size == 0:
+                        continue
+                    targets = np.empty((c.size, 1 + cfg.negatives), dtype=np.int32)
+                    targets[:, 0] = contexts[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                    targets[:, 1:] = self.neg_table[rng.integers(0, self.TABLE_SIZE, (c.size, cfg.negatives))]
+                    words = consumed + (hi - lo) * (b + 1) // n_batches
+                    yield c, targets, words
+                consumed += hi - lo
+
+
+def initial_tables(vocab_size, dim, seed):
+    """word2vec's init: input rows uniform in [-0.5/dim, 0.5/dim], output rows zero."""
+    rng = np.random.default_rng(seed)
+    w_in = ((rng.random((vocab_size, dim), dtype=np.float32) - np.float32(0.5)) / np.float32(dim))
+    return w_in, np.zeros((vocab_size, dim), dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------------ models
+
+def _softplus(x):
+    return np.logaddexp(np.float32(0), x)
+
+
+class CembedModel:
+    """Skip-gram negative sampling on two cembed tables; the model's math in NumPy."""
+
+    name = "cembed"
+
+    def __init__(self, w_in, w_out, config: TrainConfig):
+        self.n_steps = 0
+        self.emb_in = cembed.Embedding.from_pretrained(w_in, freeze=False, sparse=True)
+        self.emb_out = cembed.Embedding.from_pretrained(w_out, freeze=False, sparse=True)
+        params = [self.emb_in, self.emb_out]
+        lr = config.learning_rate()
+        if config.optimizer == "sparseadam":
+            self.opt = cembed.optim.SparseAdam(params, lr=lr)
+        elif config.optimizer == "adagrad":
+            self.opt = cembed.optim.Adagrad(params, lr=lr)
+        else:
+            self.opt = cembed.optim.SGD(params, lr=lr)
+
+    def step(self, centers, targets):
+        v = self.emb_in(centers)                              # (B, D)
+        u = self.emb_out(targets)                             # (B, 1 + K, D)
+        scores = np.einsum("bkd,bd->bk", u, v)                # (B, 1 + K)
+        scores[:, 0] *= -1                                    # positive pair: -log sigmoid(-(-s))
+        g = 1 / (1 + np.exp(-scores))                         # d loss / d (+-s) = sigmoid(+-s)
+        self.n_steps += 1
+        loss = None
+        if self.n_steps % LOSS_EVERY == 1:                    # the loss is only for the progress bar
+            loss = float(_softplus(scores).sum()) / centers.size
+        g[:, 0] *= -1                                         # back to d loss / d s
+        self.emb_in.backward(np.matmul(g[:, None, :], u)[:, 0, :], centers)
+        self.emb_out.backward(np.einsum("bk,bd->bkd", g, v), targets)
+        self.opt.step()
+        self.opt.zero_grad()
+        return loss
+
+    def input_table(self):
+        return self.emb_in.weight
+
+
+class TorchModel:
+    """The same model with torch.nn.Embedding(sparse=True), torch autograd and a torch optimizer."""
+
+    name = "torch"
+
+    def __init__(self, w_in, w_out, config: TrainConfig):
+        import torch
+
+        self.n_steps = 0
+
+        self.torch = torch
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.emb_in = torch.nn.Embedding.from_pretrained(torch.from_numpy(w_in), freeze=False, sparse=True)
+        self.emb_out = torch.nn.Embedding.from_pretrained(torch.from_numpy(w_out), freeze=False, sparse=True)
+        params = list(self.emb_in.parameters()) + list(self.emb_out.parameters())
+        lr = config.learning_rate()
+        if config.optimizer == "sparseadam":
+            self.opt = torch.optim.SparseAdam(params, lr=lr)
+        elif config.optimizer == "adagrad":
+            self.opt = torch.optim.Adagrad(params, lr=lr)
+        else:
+            self.opt = torch.optim.SGD(params, lr=lr)
+
+    def step(self, centers, targets):
+        torch = self.torch
+        c = torch.from_numpy(centers.astype(np.int64))
+        t = torch.from_numpy(targets.astype(np.int64))
+        v = self.emb_in(c)
+        u = self.emb_out(t)
+        scores = torch.bmm(u, v.unsqueeze(2)).squeeze(2)
+        loss = torch.nn.functional.softplus(-scores[:, 0]).sum() + torch.nn.functional.softplus(scores[:, 1:]).sum()
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        self.n_steps += 1
+        return float(loss) / centers.size if self.n_steps % LOSS_EVERY == 1 else None
+
+    def input_table(self):
+        return self.emb_in.weight.detach().numpy()
+
+
+# ------------------------------------------------------------------------------------------ quality
+
+def evaluation_words(corpus: Corpus, n_eval=2000):
+    """The most frequent words (by count), which the training sees often enough to place."""
+    n_eval = min(n_eval, corpus.vocab_size)
+    return np.argsort(-corpus.counts, kind="stable")[:n_eval]
+
+
+def evaluation_sets(corpus: Corpus, n_eval=2000, seed=0):
+    """{"frequent": the n_eval most frequent words, "rare": n_eval words seen 10 to 100 times}."""
+    sets = {"frequent": evaluation_words(corpus, n_eval)}
+    rare = np.flatnonzero((corpus.counts >= 10) & (corpus.counts <= 100))
+    if rare.size >= 50:
+        rng = np.random.default_rng(seed)
+        sets["rare"] = np.sort(rng.choice(rare, size=min(n_eval, rare.size), replace=False))
+    return sets
+
+
+def topic_precision(table, words, topics, k=10):
+    """(precision@k, chance): the share of each word's k nearest neighbours (cosine, among ``words``)
+    that belong to its topic, and the same share expected from random neighbours."""
+    emb = table[words].astype(np.float32)
+    norms = np.linalg.norm(emb, axis=1, keepdims=True)
+    emb = emb / np.maximum(norms, 1e-12)
+    sims = emb @ emb.T
+    np.fill_diagonal(sims, -np.inf)
+    k = min(k, len(words) - 1)
+    nearest = np.argpartition(-sims, k, axis=1)[:, :k]
+    labels = topics[words]
+    precision = float(np.mean(labels[nearest] == labels[:, None]))
+    same = np.bincount(labels, minlength=labels.max() + 1)[labels] - 1
+    chance = float(np.mean(same / (len(words) - 1)))
+    return precision, chance
+
+
+def nearest_words(table, corpus, queries, k=5):
+    emb = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)
+    out = {}
+    for q in queries:
+        sims = emb @ emb[q]
+        sims[q] = -np.inf
+        best = np.argpartition(-sims, k)[:k]
+        best = best[np.argsort(-sims[best])]
+        out[corpus.words[q]] = [corpus.words[int(i)] for i in best]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ loop
+
+class Progress:
+    """A one-line progress bar on stderr: percent, words/s, smoothed loss, elapsed / remaining."""
+
+    def __init__(self, total, label, stream=None, enabled=True, width=28):
+        self.total, self.label, self.width = total, label, width
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.start = time.perf_counter()
+        self.last = 0.0
+        self.loss = None
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.logged = 0
+
+    def update(self, done, loss, force=False):
+        if loss is not None:
+            self.loss = loss if self.loss is None else 0.7 * self.loss + 0.3 * loss
+        now = time.perf_counter()
+        if not self.enabled or (not force and now - self.last < 0.25):
+            return
+        self.last = now
+        elapsed = now - self.start
+        frac = min(1.0, done / max(1, self.total))
+        if not self.tty:  # a log file: one line per tenth instead of a redrawn bar
+            if int(frac * 10) <= self.logged and not force:
+                return
+            self.logged = int(frac * 10)
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        bar = "#" * int(frac * self.width)
+        loss = f"{self.loss:.4f}" if self.loss is not None else "-"
+        self.stream.write(f"{chr(13) if self.tty else ''}{self.label} [{bar:<{self.width}}] {frac:6.1%}  "
+                          f"{rate:>11,.0f} words/s  loss {loss}  {elapsed:5.1f}s elapsed  {eta:5.1f}s left "
+                          + ("" if self.tty else "\n"))
+        self.stream.flush()
+
+    def close(self):
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+@dataclass
+class TrainResult:
+    backend: str
+    seconds: float
+    words: int
+    words_per_second: float
+    final_loss: float
+    quality_before: dict = None   # evaluation set -> precision@10 before training
+    quality_after: dict = None    # evaluation set -> precision@10 after training
+    chance: dict = None           # evaluation set -> precision@10 of random neighbours
+    eval_sizes: dict = None
+    table: np.ndarray = None
+
+
+def train(corpus: Corpus, config: TrainConfig, *, progress=True, log=print):
+    """Train one backend on ``corpus``; returns a TrainResult (quality measured when topics exist)."""
+    if config.threads:
+        cembed.set_num_threads(config.threads)
+    w_in, w_out = initial_tables(corpus.vocab_size, config.dim, config.seed)
+    eval_sets = evaluation_sets(corpus) if corpus.topics is not None else None
+    before, chance = {}, {}
+    for name, words in (eval_sets or {}).items():
+        before[name], chance[name] = topic_precision(w_in, words, corpus.topics)
+    model = (TorchModel if config.backend == "torch" else CembedModel)(w_in, w_out, config)
+    stream = BatchStream(corpus, config)
+    total = corpus.n_tokens * config.epochs
+    bar = Progress(total, f"{model.name:>6}", enabled=progress)
+    loss = None
+    words = 0
+    start = time.perf_counter()
+    for centers, targets, words in stream:
+        loss = model.step(centers, targets)
+        bar.update(words, loss)
+    seconds = time.perf_counter() - start
+    bar.update(words, loss, force=True)
+    bar.close()
+    table = model.input_table()
+    result = TrainResult(backend=model.name, seconds=seconds, words=words,
+                         words_per_second=words / seconds if seconds > 0 else float("nan"),
+                         final_loss=bar.loss if bar.loss is not None else float("nan"), table=table)
+    if eval_sets is not None:
+        result.quality_before, result.chance = before, chance
+        result.quality_after = {name: topic_precision(table, words, corpus.topics)[0]
+                                for name, words in eval_sets.items()}
+        result.eval_sizes = {name: len(words) for name, words in eval_sets.items()}
+    return result
+
+
+def save_embeddings(out_dir, table, corpus):
+    """embeddings.npy (float32, one row per word) and vocab.txt (the words, same order)."""
+    os.makedirs(out_dir, exist_ok=True)
+    emb_path = os.path.join(out_dir, "embeddings.npy")
+    vocab_path = os.path.join(out_dir, "vocab.txt")
+    np.save(emb_path, np.ascontiguousarray(table, dtype=np.float32))
+    with open(vocab_path, "w", encoding="utf-8") as fh:
+        for i in range(corpus.vocab_size):
+            fh.write(corpus.words[i])
+            fh.write("\n")
+    return emb_path, vocab_path
+
+
+def pca_plot(out_dir, table, corpus, n_topics_shown=10, per_topic=40, seed=0):
+    """pca.png: 2-D PCA of frequent words of a few topics, coloured by topic. None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    words = evaluation_words(corpus, 20 * per_topic * max(1, corpus.n_topics // n_topics_shown))
+    labels = corpus.topics[words]
+    shown = np.random.default_rng(seed).choice(np.unique(labels), size=min(n_topics_shown, np.unique(labels).size),
+                                               replace=False)
+    picked = np.concatenate([words[labels == t][:per_topic] for t in shown])
+    x = table[picked].astype(np.float64)
+    x -= x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    xy = x @ vt[:2].T
+    fig, ax = plt.subplots(figsize=(7, 6), dpi=110)
+    cmap = plt.get_cmap("tab10")
+    for i, t in enumerate(shown):
+        sel = corpus.topics[picked] == t
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=14, color=cmap(i % 10), label=f"topic {t}")
+    ax.set_title("cembed skip-gram: PCA of frequent words, coloured by planted topic")
+    ax.legend(fontsize=7, markerscale=1.5, loc="best")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    fig.tight_layout()
+    path = os.path.join(out_dir, "pca.png")
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,138 @@
+"""The command line (issue 6): `python -m cembed train` and `python -m cembed bench`."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cembed import corpus as corpus_mod
+from cembed import train as train_mod
+from cembed.__main__ import main
+
+from util import require_torch
+
+TINY = ["--vocab-size", "20000", "--topics", "20", "--tokens", "300000", "--quiet", "--no-plot"]
+
+
+def test_help_and_bad_flags(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    assert "train" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--dim", "0"])
+    assert exc.value.code == 2
+    assert "positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--optimizer", "adam"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["frobnicate"])
+    assert exc.value.code == 2
+
+
+def test_train_synthetic_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "words/s" in text and "frequent p@10" in text and "chance level" in text
+    emb = np.load(out / "embeddings.npy")
+    vocab = (out / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    assert emb.shape == (20000, 64) and emb.dtype == np.float32
+    assert len(vocab) == emb.shape[0] and vocab[0] == "w0"
+
+
+def test_quality_rises_well_above_chance():
+    corpus = corpus_mod.synthetic_corpus(20000, 20, 300_000, seed=3)
+    result = train_mod.train(corpus, train_mod.TrainConfig(seed=3), progress=False)
+    chance = result.chance["frequent"]
+    assert abs(result.quality_before["frequent"] - chance) < 0.03    # random init: about chance
+    assert result.quality_after["frequent"] > 6 * chance              # trained: far above it
+    assert result.words == corpus.n_tokens and result.words_per_second > 0
+
+
+@pytest.mark.parametrize("optimizer", ["adagrad", "sgd"])
+def test_other_optimizers_learn(optimizer):
+    corpus = corpus_mod.synthetic_corpus(20000, 20, 300_000, seed=1)
+    result = train_mod.train(corpus, train_mod.TrainConfig(optimizer=optimizer, seed=1), progress=False)
+    assert result.quality_after["frequent"] > 3 * result.chance["frequent"]
+
+
+def test_synthetic_corpus_is_deterministic_and_structured():
+    a = corpus_mod.synthetic_corpus(1000, 10, 20_000, seed=5)
+    b = corpus_mod.synthetic_corpus(1000, 10, 20_000, seed=5)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert np.bincount(a.topics).tolist() == [100] * 10
+    # most tokens of a sentence share its topic (10% noise words)
+    first = a.tokens[:20]
+    share = np.mean(a.topics[first] == np.bincount(a.topics[first]).argmax())
+    assert share >= 0.6
+    assert a.counts.sum() == a.n_tokens and a.counts[:10].sum() > a.counts[-100:].sum()
+
+
+def test_corpus_file_end_to_end(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    animals, tools = ["cat", "dog", "cow", "pig", "hen"], ["saw", "drill", "hammer", "nail", "screw"]
+    lines = [" ".join(rng.choice(animals if i % 2 else tools, 8)) for i in range(400)]
+    path = tmp_path / "text.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["train", "--corpus", str(path), "--min-count", "2", "--dim", "16", "--batch-size", "256",
+                 "--epochs", "3", "--subsample", "0", "--quiet", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "nearest to" in text
+    vocab = (out / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    emb = np.load(out / "embeddings.npy")
+    assert sorted(vocab) == sorted(animals + tools) and emb.shape == (10, 16)
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    sims = unit @ unit.T
+    group = np.array([w in animals for w in vocab])
+    assert sims[group][:, group].mean() > sims[group][:, ~group].mean()  # animals closer to animals
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "not found"), ("", "has no words"), ("...\n!!!\n", "has no words"),
+    ("one two three\n", "min-count"), (b"\xff\xfe\x00bad", "not valid UTF-8")])
+def test_bad_corpus_files(tmp_path, capsys, content, message):
+    path = tmp_path / "corpus.txt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content, encoding="utf-8")
+    assert main(["train", "--corpus", str(path), "--quiet", "--no-save"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_console_entry_point_subprocess(tmp_path):
+    import cembed
+
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(cembed.__file__))))
+    proc = subprocess.run([sys.executable, "-m", "cembed", "train", "--corpus", str(tmp_path / "missing.txt")],
+                          capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert proc.returncode == 1 and "corpus file not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_torch_backend_matches_cembed_quality():
+    require_torch()
+    corpus = corpus_mod.synthetic_corpus(5000, 10, 100_000, seed=2)
+    results = {b: train_mod.train(corpus, train_mod.TrainConfig(seed=2, backend=b, batch_size=4096),
+                                  progress=False) for b in ("cembed", "torch")}
+    for r in results.values():
+        assert r.quality_after["frequent"] > 3 * r.chance["frequent"]
+    # the same model, data and initial weights: the learned tables agree closely
+    a, b = results["cembed"].table, results["torch"].table
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
+
+
+def test_bench_json_tiny(capsys):
+    assert main(["bench", "--rows", "5000", "--dim", "16", "--n", "4096", "--repeats", "2", "--json",
+                 "--only", "gather,sparse_backward,sparse_adam,bag_sum"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    names = {row["kernel"] for row in data["results"]}
+    assert {"gather", "sparse_backward", "sparse_adam", "bag_sum"} <= names
+    for row in data["results"]:
+        assert row["cembed_ms"] > 0 and row["cembed_gbs"] > 0
+    assert data["config"]["rows"] == 5000 and data["copy_gbs"] > 0
