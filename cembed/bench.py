@@ -1,0 +1,336 @@
+"""`python -m cembed bench`: every kernel timed against NumPy and torch (when importable).
+
+Contenders run interleaved (cembed, NumPy, torch, cembed, ...) on the same data in the same process;
+each figure is the median of the rounds. Useful GB/s follows PERF.md's byte model (bytes that must
+move), and is also given as a fraction of a streaming copy (``numpy.copyto`` of a gather-output-sized
+array) measured in the same run.
+"""
+import json
+import platform
+import sys
+import time
+import warnings
+
+import numpy as np
+
+import cembed
+from cembed import functional as F
+from cembed import optim
+
+KERNELS = ["gather", "renorm", "dense_backward", "sparse_backward", "sgd", "adagrad", "sparse_adam",
+           "train_step", "bag_sum", "bag_mean", "bag_max", "bag_mean_fwd_bwd"]
+
+
+class _Table:
+    def __init__(self, weight):
+        self.weight = weight
+        self.grad = None
+
+
+def _median_ms(times):
+    return float(np.median(times) * 1e3) if times else None
+
+
+def _time_interleaved(contenders, repeats):
+    """contenders: {name: (fn, setup or None)}; returns {name: [seconds...]}."""
+    times = {name: [] for name in contenders}
+    for name, (fn, setup) in contenders.items():  # warm-up (and first-touch of lazily allocated state)
+        if setup:
+            setup()
+        fn()
+    for _ in range(repeats):
+        for name, (fn, setup) in contenders.items():
+            if setup:
+                setup()
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+class Workload:
+    def __init__(self, rows, dim, n, bag_size, seed):
+        rng = np.random.default_rng(seed)
+        self.rows, self.dim, self.n = rows, dim, n
+        self.weight = rng.standard_normal((rows, dim), dtype=np.float32)
+        self.indices = ((rng.zipf(1.1, n) - 1) % rows).astype(np.int64)
+        self.grad_output = rng.standard_normal((n, dim), dtype=np.float32)
+        self.unique = np.unique(self.indices)
+        self.bag_size = bag_size
+        self.offsets = np.arange(0, n, bag_size, dtype=np.int64)
+        self.sparse_grad = F.embedding_backward(self.grad_output, self.indices, rows, sparse=True)
+
+
+def _numpy_optimizer_step(kind, weight, state, rows, values):
+    if kind == "sgd":
+        weight[rows] -= np.float32(0.1) * values
+    elif kind == "adagrad":
+        h = state.setdefault("sum", np.zeros(weight.shape, np.float32))
+        hr = h[rows] + values * values
+        h[rows] = hr
+        weight[rows] -= np.float32(1e-2) * values / (np.sqrt(hr) + np.float32(1e-10))
+    else:
+        m = state.setdefault("m", np.zeros(weight.shape, np.float32))
+        v = state.setdefault("v", np.zeros(weight.shape, np.float32))
+        state["step"] = state.get("step", 0) + 1
+        m0, v0 = m[rows], v[rows]
+        dm = (values - m0) * np.float32(0.1)
+        dv = (values * values - v0) * np.float32(0.001)
+        m[rows] = m0 + dm
+        v[rows] = v0 + dv
+        step_size = 1e-3 * np.sqrt(1 - 0.999 ** state["step"]) / (1 - 0.9 ** state["step"])
+        weight[rows] += np.float32(-step_size) * ((dm + m0) / (np.sqrt(dv + v0) + np.float32(1e-8)))
+
+
+def build(kernel, wl, torch, use_numpy):
+    """(contenders {name: (fn, setup)}, useful bytes per call) for one kernel."""
+    w, idx, g, dim, n, rows = wl.weight, wl.indices, wl.grad_output, wl.dim, wl.n, wl.rows
+    u = wl.unique.size
+    c = {}
+    tw = ti = tg = None
+    if torch is not None:
+        tw, ti, tg = torch.from_numpy(w), torch.from_numpy(idx), torch.from_numpy(g)
+
+    if kernel == "gather":
+        c["cembed"] = (lambda: F.embedding(idx, w), None)
+        if use_numpy:
+            c["numpy"] = (lambda: np.take(w, idx, axis=0), None)
+        if torch is not None:
+            c["torch"] = (lambda: torch.nn.functional.embedding(ti, tw), None)
+        return c, 8 * dim * n
+
+    if kernel == "renorm":
+        saved = w[wl.unique].copy()
+        tables = {}
+
+        def contender(name, fn):
+            table = w.copy()
+            tables[name] = table
+
+            def restore():
+                table[wl.unique] = saved
+            c[name] = (lambda: fn(table), restore)
+
+        contender("cembed", lambda t: F.embedding_renorm_(t, idx, 1.0))
+        if use_numpy:
+            def numpy_renorm(t):
+                r = np.unique(idx)
+                block = t[r]
+                norms = np.linalg.norm(block, axis=1)
+                big = norms > 1.0
+                t[r[big]] = block[big] * (1.0 / (norms[big].astype(np.float64) + 1e-7)).astype(np.float32)[:, None]
+            contender("numpy", numpy_renorm)
+        if torch is not None:
+            def torch_renorm(t, _cache={}):
+                tt = _cache.setdefault(id(t), torch.from_numpy(t))
+                with torch.no_grad():
+                    torch.embedding_renorm_(tt, ti, 1.0, 2.0)
+            contender("torch", torch_renorm)
+        return c, 8 * dim * u
+
+    if kernel == "dense_backward":
+        c["cembed"] = (lambda: F.embedding_backward(g, idx, rows), None)
+        if use_numpy:
+            def numpy_dense():
+                out = np.zeros((rows, dim), np.float32)
+                np.add.at(out, idx, g)
+                return out
+            c["numpy"] = (numpy_dense, None)
+        if torch is not None:
+            c["torch"] = (lambda: torch.ops.aten.embedding_dense_backward(tg, ti, rows, -1, False), None)
+        return c, 4 * dim * n + 4 * dim * rows
+
+    if kernel == "sparse_backward":
+        c["cembed"] = (lambda: F.embedding_backward(g, idx, rows, sparse=True), None)
+        if use_numpy:
+            def numpy_sparse():
+                r, inv = np.unique(idx, return_inverse=True)
+                out = np.zeros((r.size, dim), np.float32)
+                np.add.at(out, inv, g)
+                return r, out
+            c["numpy"] = (numpy_sparse, None)
+        if torch is not None:
+            c["torch"] = (lambda: torch.sparse_coo_tensor(ti[None], tg, (rows, dim),
+                                                          check_invariants=False).coalesce(), None)
+        return c, 4 * dim * n + 4 * dim * u
+
+    if kernel in ("sgd", "adagrad", "sparse_adam"):
+        make = {"sgd": lambda p: optim.SGD(p, lr=0.1), "adagrad": lambda p: optim.Adagrad(p, lr=1e-2),
+                "sparse_adam": lambda p: optim.SparseAdam(p, lr=1e-3)}[kernel]
+        table = _Table(w.copy())
+        table.grad = wl.sparse_grad
+        opt = make([table])
+        c["cembed"] = (opt.step, None)
+        if use_numpy:
+            nw, state = w.copy(), {}
+            sg = wl.sparse_grad
+            c["numpy"] = (lambda: _numpy_optimizer_step(kernel, nw, state, sg.indices, sg.values), None)
+        if torch is not None:
+            param = torch.nn.Parameter(torch.from_numpy(w.copy()))
+            param.grad = torch.sparse_coo_tensor(ti[None], tg, (rows, dim), check_invariants=False)
+            topt = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1), "adagrad": lambda p: torch.optim.Adagrad(p, lr=1e-2),
+                    "sparse_adam": lambda p: torch.optim.SparseAdam(p, lr=1e-3)}[kernel]([param])
+            c["torch"] = (topt.step, None)
+        return c, {"sgd": 12, "adagrad": 20, "sparse_adam": 28}[kernel] * dim * u
+
+    if kernel == "train_step":
+        emb = cembed.Embedding.from_pretrained(w.copy(), freeze=False, sparse=True)
+        opt = optim.SparseAdam([emb], lr=1e-3)
+
+        def cembed_step():
+            emb(idx)
+            emb.backward(g)
+            opt.step()
+            opt.zero_grad()
+        c["cembed"] = (cembed_step, None)
+        if torch is not None:
+            temb = torch.nn.Embedding.from_pretrained(torch.from_numpy(w.copy()), freeze=False, sparse=True)
+            topt = torch.optim.SparseAdam(temb.parameters(), lr=1e-3)
+
+            def torch_step():
+                temb(ti).backward(tg)
+                topt.step()
+                topt.zero_grad()
+            c["torch"] = (torch_step, None)
+        return c, 8 * dim * n + 4 * dim * n + 4 * dim * u + 28 * dim * u
+
+    off = wl.offsets
+    n_bags = off.size
+    if kernel in ("bag_sum", "bag_mean", "bag_max"):
+        mode = kernel[4:]
+        c["cembed"] = (lambda: F.embedding_bag(idx, w, off, mode=mode), None)
+        if use_numpy:
+            ufunc = np.maximum if mode == "max" else np.add
+
+            def numpy_bag():
+                out = ufunc.reduceat(np.take(w, idx, axis=0), off, axis=0)
+                return out / np.float32(wl.bag_size) if mode == "mean" else out
+            c["numpy"] = (numpy_bag, None)
+        if torch is not None:
+            to = torch.from_numpy(off)
+
+            def torch_bag():
+                with torch.no_grad():
+                    return torch.nn.functional.embedding_bag(ti, tw, to, mode=mode)
+            c["torch"] = (torch_bag, None)
+        return c, 4 * dim * n + 4 * dim * n_bags
+
+    if kernel == "bag_mean_fwd_bwd":
+        bag = cembed.EmbeddingBag.from_pretrained(w, freeze=False, mode="mean", sparse=True)
+        gb = np.ones((n_bags, dim), np.float32)
+
+        def cembed_fb():
+            bag(idx, off)
+            bag.backward(gb)
+            bag.zero_grad()
+        c["cembed"] = (cembed_fb, None)
+        if torch is not None:
+            tbag = torch.nn.EmbeddingBag.from_pretrained(torch.from_numpy(w.copy()), freeze=False, mode="mean",
+                                                         sparse=True)
+            to, tgb = torch.from_numpy(off), torch.ones(n_bags, dim)
+
+            def torch_fb():
+                tbag(ti, to).backward(tgb)
+                grad = tbag.weight.grad.coalesce()
+                tbag.weight.grad = None
+                return grad
+            c["torch"] = (torch_fb, None)
+        return c, 4 * dim * n + 4 * dim * n_bags + 4 * dim * u
+    raise ValueError(f"unknown kernel {kernel!r}")
+
+
+def run(rows=1_000_000, dim=128, n=262_144, bag_size=16, threads=None, repeats=7, only=None, use_torch=True,
+        use_numpy=True, seed=2026, log=None):
+    """Run the benchmark; returns a dict (config, copy_gbs, results)."""
+    if threads:
+        cembed.set_num_threads(threads)
+    torch = None
+    if use_torch:
+        try:
+            import torch
+            torch.set_num_threads(cembed.get_num_threads())
+        except ImportError:
+            torch = None
+    kernels = KERNELS if not only else [k.strip() for k in only.split(",") if k.strip()]
+    unknown = [k for k in kernels if k not in KERNELS]
+    if unknown:
+        raise ValueError(f"unknown kernel(s) {unknown}; choose from {', '.join(KERNELS)}")
+    wl = Workload(rows, dim, n, bag_size, seed)
+    src = np.empty((n, dim), np.float32)
+    src.fill(1.0)
+    dst = np.empty_like(src)
+    copy_times = _time_interleaved({"copy": (lambda: np.copyto(dst, src), None)}, max(repeats, 5))["copy"]
+    copy_gbs = 2 * src.nbytes / np.median(copy_times) / 1e9
+    results = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for kernel in kernels:
+            contenders, nbytes = build(kernel, wl, torch, use_numpy)
+            times = _time_interleaved(contenders, repeats)
+            row = {"kernel": kernel}
+            for name in ("cembed", "numpy", "torch"):
+                row[f"{name}_ms"] = _median_ms(times.get(name, []))
+            row["cembed_gbs"] = nbytes / (row["cembed_ms"] / 1e3) / 1e9
+            row["copy_fraction"] = row["cembed_gbs"] / copy_gbs
+            for name in ("numpy", "torch"):
+                row[f"vs_{name}"] = row[f"{name}_ms"] / row["cembed_ms"] if row[f"{name}_ms"] else None
+            results.append(row)
+            if log:
+                log(_format_row(row))
+            del contenders
+    config = dict(rows=rows, dim=dim, n=n, bag_size=bag_size, unique_rows=int(wl.unique.size),
+                  threads=cembed.get_num_threads(), repeats=repeats, dtype="float32", distribution="zipf(1.1)",
+                  openmp=bool(cembed._config.openmp_enabled()), numpy=np.__version__,
+                  torch=getattr(torch, "__version__", None), python=platform.python_version(),
+                  machine=f"{platform.machine()} {_cpu_name()}")
+    return {"config": config, "copy_gbs": copy_gbs, "results": results}
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+HEADER = (f"{'kernel':<18}{'cembed ms':>11}{'numpy ms':>11}{'torch ms':>11}{'GB/s':>8}{'of copy':>9}"
+          f"{'vs numpy':>10}{'vs torch':>10}")
+
+
+def _fmt(value, spec, suffix=""):
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _format_row(row):
+    return (f"{row['kernel']:<18}{_fmt(row['cembed_ms'], '.2f'):>11}{_fmt(row['numpy_ms'], '.2f'):>11}"
+            f"{_fmt(row['torch_ms'], '.2f'):>11}{row['cembed_gbs']:>8.1f}{row['copy_fraction']:>9.0%}"
+            f"{_fmt(row['vs_numpy'], '.1f', 'x'):>10}{_fmt(row['vs_torch'], '.1f', 'x'):>10}")
+
+
+def main(args):
+    quiet = args.json
+    if not quiet:
+        print(f"cembed {cembed.__version__} bench: V={args.rows:,} rows, D={args.dim}, N={args.n:,} Zipf(1.1) "
+              f"indices, bags of {args.bag_size}, float32, {args.threads or cembed.get_num_threads()} thread(s), "
+              f"median of {args.repeats} interleaved rounds")
+        print(HEADER)
+    try:
+        report = run(rows=args.rows, dim=args.dim, n=args.n, bag_size=args.bag_size, threads=args.threads,
+                     repeats=args.repeats, only=args.only, use_torch=not args.no_torch,
+                     use_numpy=not args.no_numpy, seed=args.seed, log=None if quiet else print)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if quiet:
+        print(json.dumps(report, indent=2))
+    else:
+        cfg = report["config"]
+        print(f"streaming copy (numpy.copyto, {args.n:,} x {args.dim} float32): {report['copy_gbs']:.1f} GB/s; "
+              f"{cfg['unique_rows']:,} unique rows; machine: {cfg['machine']}; torch {cfg['torch'] or 'not installed'}")
+        print("GB/s = bytes that must move (PERF.md byte model) / cembed time; 'of copy' = that as a share of the "
+              "streaming copy; 'vs' = speedup of cembed over the baseline (same data, same run)")
+    return 0
