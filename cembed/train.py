@@ -201,7 +201,7 @@ class TorchModel:
         loss.backward()
         self.opt.step()
         self.n_steps += 1
-        return float(loss) / centers.size if self.n_steps % LOSS_EVERY == 1 else None
+        return loss.item() / centers.size if self.n_steps % LOSS_EVERY == 1 else None
 
     def input_table(self):
         return self.emb_in.weight.detach().numpy()

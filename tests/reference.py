@@ -21,7 +21,8 @@ def row_norm(row, p):
         return a.min() if a.size else np.inf
     if p == 0:
         return float(np.count_nonzero(row))
-    return float(np.sum(a ** p) ** (1.0 / p))
+    with np.errstate(divide="ignore"):  # negative p with zero entries: inf terms, as torch
+        return float(np.sum(a ** p) ** (1.0 / p))
 
 
 def embedding_renorm_(weight, indices, max_norm, norm_type=2.0):

@@ -38,15 +38,15 @@ def test_threadpoolctl_limits_are_honoured():
         assert cembed.get_num_threads() == 2  # an explicit set_num_threads wins
 
 
-def test_omp_num_threads_is_honoured():
+def test_omp_num_threads_is_honoured(tmp_path):
     code = "import cembed; print(cembed.get_num_threads())"
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(cembed.__file__)))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=package_root)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=tmp_path)
     assert out.stdout.strip() == "1"
     if cembed._config.openmp_enabled():
         env["OMP_NUM_THREADS"] = "3"
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=tmp_path)
         assert out.stdout.strip() == "3"
 
 
