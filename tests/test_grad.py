@@ -236,7 +236,8 @@ def test_coalesce_matches_torch(rng):
     torch = require_torch()
     rows = rng.integers(0, 64, 500)
     values = (rng.integers(-50, 50, (500, 3)) / 8).astype(np.float32)
-    t = torch.sparse_coo_tensor(torch.from_numpy(rows)[None], torch.from_numpy(values), (64, 3)).coalesce()
+    t = torch.sparse_coo_tensor(torch.from_numpy(rows)[None], torch.from_numpy(values), (64, 3),
+                                check_invariants=True).coalesce()
     sp = F.coalesce(rows, values, 64)
     np.testing.assert_array_equal(sp.indices, t.indices()[0].numpy())
     np.testing.assert_array_equal(sp.values, t.values().numpy())
