@@ -5,6 +5,17 @@ Adagrad) with torch's semantics and parameter names, as Cython kernels paralleli
 """
 __version__ = "0.1.0"
 
+try:
+    from . import _threads  # noqa: F401  (a compiled module: is this a built package?)
+except ImportError as exc:  # pragma: no cover - depends on how cembed was installed
+    import os as _os
+
+    raise ImportError(
+        f"cembed's compiled kernels are missing in {_os.path.dirname(__file__)}: this looks like an "
+        "unbuilt source checkout shadowing the installed package. Run from another directory, or build "
+        "in place with `pip install -e .` (or `python setup.py build_ext --inplace`)."
+    ) from exc
+
 from ._config import get_num_threads, set_num_threads, show_config
 from .sparse import SparseGrad
 from .embedding import Embedding
