@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from cembed import Embedding, optim
+from cembed.bench import _numpy_optimizer_step
 from cembed import functional as F
 
 
@@ -44,24 +45,8 @@ OPTIMIZERS = {
 
 def _numpy_step(name, weight, state, rows, values):
     """The same row-sparse rule in NumPy fancy indexing (gather, compute, scatter)."""
-    if name == "SGD":
-        weight[rows] -= np.float32(0.1) * values
-    elif name == "Adagrad":
-        h = state.setdefault("sum", np.zeros_like(weight))
-        hr = h[rows] + values * values
-        h[rows] = hr
-        weight[rows] -= np.float32(1e-2) * values / (np.sqrt(hr) + np.float32(1e-10))
-    else:
-        m = state.setdefault("m", np.zeros_like(weight))
-        v = state.setdefault("v", np.zeros_like(weight))
-        state["step"] = state.get("step", 0) + 1
-        m0, v0 = m[rows], v[rows]
-        dm = (values - m0) * np.float32(0.1)
-        dv = (values * values - v0) * np.float32(0.001)
-        m[rows] = m0 + dm
-        v[rows] = v0 + dv
-        step_size = 1e-3 * np.sqrt(1 - 0.999 ** state["step"]) / (1 - 0.9 ** state["step"])
-        weight[rows] += np.float32(-step_size) * ((dm + m0) / (np.sqrt(dv + v0) + np.float32(1e-8)))
+    _numpy_optimizer_step({"SGD": "sgd", "Adagrad": "adagrad", "SparseAdam": "sparse_adam"}[name],
+                          weight, state, rows, values)
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))

@@ -43,7 +43,25 @@ def check_pretrained(embeddings):
     return embeddings
 
 
-class Embedding:
+class TableModule:
+    """What Embedding and EmbeddingBag share: the gradient slot, parameters() and repr."""
+
+    def zero_grad(self):
+        """Drop the accumulated gradient (torch's set_to_none=True)."""
+        self.grad = None
+
+    def parameters(self):
+        return [self.weight]
+
+    def _repr_options(self, options):
+        """", name=value" for every option that is set (torch's extra_repr style)."""
+        return "".join(f", {name}={value!r}" for name, value in options if value not in (None, False))
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+class Embedding(TableModule):
     """A lookup table of ``num_embeddings`` rows of size ``embedding_dim`` (torch.nn.Embedding).
 
     ``weight`` is a plain NumPy array; ``backward`` accumulates the gradient into ``.grad``
@@ -97,25 +115,8 @@ class Embedding:
             indices = self._last_indices
         self.grad = accumulate_embedding_grad(self, grad_output, indices)
 
-    def zero_grad(self):
-        self.grad = None
-
-    def parameters(self):
-        return [self.weight]
-
     def extra_repr(self):
-        s = f"{self.num_embeddings}, {self.embedding_dim}"
-        if self.padding_idx is not None:
-            s += f", padding_idx={self.padding_idx}"
-        if self.max_norm is not None:
-            s += f", max_norm={self.max_norm}"
-        if self.norm_type != 2.0:
-            s += f", norm_type={self.norm_type}"
-        if self.scale_grad_by_freq:
-            s += ", scale_grad_by_freq=True"
-        if self.sparse:
-            s += ", sparse=True"
-        return s
-
-    def __repr__(self):
-        return f"{type(self).__name__}({self.extra_repr()})"
+        return f"{self.num_embeddings}, {self.embedding_dim}" + self._repr_options([
+            ("padding_idx", self.padding_idx), ("max_norm", self.max_norm),
+            ("norm_type", self.norm_type if self.norm_type != 2.0 else None),
+            ("scale_grad_by_freq", self.scale_grad_by_freq), ("sparse", self.sparse)])

@@ -21,7 +21,7 @@ from ._validation import (
     normalize_padding_idx,
     rows_contiguous,
 )
-from .embedding import check_given_weight, check_pretrained, init_weight
+from .embedding import TableModule, check_given_weight, check_pretrained, init_weight
 from .sparse import SparseGrad
 
 MODES = {"sum": 0, "mean": 1, "max": 2}
@@ -187,7 +187,7 @@ def embedding_bag_backward(grad_output, weight, bags, argmax=None, scale_grad_by
     return grad, psw_grad
 
 
-class EmbeddingBag:
+class EmbeddingBag(TableModule):
     """Pooled lookups over bags of indices (torch.nn.EmbeddingBag); ``backward`` accumulates the weight
     gradient into ``.grad`` and returns the gradient of ``per_sample_weights`` (or None)."""
 
@@ -263,28 +263,8 @@ class EmbeddingBag:
             old += grad
         return psw_grad
 
-    def zero_grad(self):
-        self.grad = None
-
-    def parameters(self):
-        return [self.weight]
-
     def extra_repr(self):
-        s = f"{self.num_embeddings}, {self.embedding_dim}"
-        if self.max_norm is not None:
-            s += f", max_norm={self.max_norm}"
-        if self.norm_type != 2.0:
-            s += f", norm_type={self.norm_type}"
-        if self.scale_grad_by_freq:
-            s += ", scale_grad_by_freq=True"
-        s += f", mode={self.mode!r}"
-        if self.sparse:
-            s += ", sparse=True"
-        if self.include_last_offset:
-            s += ", include_last_offset=True"
-        if self.padding_idx is not None:
-            s += f", padding_idx={self.padding_idx}"
-        return s
-
-    def __repr__(self):
-        return f"{type(self).__name__}({self.extra_repr()})"
+        return f"{self.num_embeddings}, {self.embedding_dim}" + self._repr_options([
+            ("max_norm", self.max_norm), ("norm_type", self.norm_type if self.norm_type != 2.0 else None),
+            ("scale_grad_by_freq", self.scale_grad_by_freq), ("mode", self.mode), ("sparse", self.sparse),
+            ("include_last_offset", self.include_last_offset), ("padding_idx", self.padding_idx)])

@@ -122,6 +122,12 @@ def initial_tables(vocab_size, dim, seed):
 
 # ------------------------------------------------------------------------------------------ models
 
+def make_optimizer(optim_module, params, config: TrainConfig):
+    """The configured optimizer from ``cembed.optim`` or ``torch.optim`` (same names, same arguments)."""
+    name = {"sparseadam": "SparseAdam", "adagrad": "Adagrad", "sgd": "SGD"}[config.optimizer]
+    return getattr(optim_module, name)(params, lr=config.learning_rate())
+
+
 def _softplus(x):
     return np.logaddexp(np.float32(0), x)
 
@@ -135,14 +141,7 @@ class CembedModel:
         self.n_steps = 0
         self.emb_in = cembed.Embedding.from_pretrained(w_in, freeze=False, sparse=True)
         self.emb_out = cembed.Embedding.from_pretrained(w_out, freeze=False, sparse=True)
-        params = [self.emb_in, self.emb_out]
-        lr = config.learning_rate()
-        if config.optimizer == "sparseadam":
-            self.opt = cembed.optim.SparseAdam(params, lr=lr)
-        elif config.optimizer == "adagrad":
-            self.opt = cembed.optim.Adagrad(params, lr=lr)
-        else:
-            self.opt = cembed.optim.SGD(params, lr=lr)
+        self.opt = make_optimizer(cembed.optim, [self.emb_in, self.emb_out], config)
 
     def step(self, centers, targets):
         v = self.emb_in(centers)                              # (B, D)
@@ -181,13 +180,7 @@ class TorchModel:
         self.emb_in = torch.nn.Embedding.from_pretrained(torch.from_numpy(w_in), freeze=False, sparse=True)
         self.emb_out = torch.nn.Embedding.from_pretrained(torch.from_numpy(w_out), freeze=False, sparse=True)
         params = list(self.emb_in.parameters()) + list(self.emb_out.parameters())
-        lr = config.learning_rate()
-        if config.optimizer == "sparseadam":
-            self.opt = torch.optim.SparseAdam(params, lr=lr)
-        elif config.optimizer == "adagrad":
-            self.opt = torch.optim.Adagrad(params, lr=lr)
-        else:
-            self.opt = torch.optim.SGD(params, lr=lr)
+        self.opt = make_optimizer(torch.optim, params, config)
 
     def step(self, centers, targets):
         torch = self.torch
