@@ -113,16 +113,43 @@ CEMBED_POOL_CLONES static ptrdiff_t NAME(T *restrict out, const T *base, ptrdiff
     const ptrdiff_t lanes = (ptrdiff_t)(sizeof(V) / sizeof(T));                                       \
     const ptrdiff_t row_bytes = dim * (ptrdiff_t)sizeof(T);                                           \
     ptrdiff_t count = 0, j0 = 0;                                                                      \
-    for (ptrdiff_t k = begin; k < end; k++) {                                                         \
-        if (k + CEMBED_BAG_PREFETCH < n_indices) {                                                    \
-            const char *ahead = (const char *)(base + (ptrdiff_t)idx[k + CEMBED_BAG_PREFETCH] * row_stride); \
-            for (ptrdiff_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(ahead + b, 0, 3);        \
+    int prefetched = 0;                                                                               \
+    for (ptrdiff_t k = begin; k < end; k++) count += (int64_t)idx[k] != padding_idx;                  \
+    for (; j0 + 8 * lanes <= dim; j0 += 8 * lanes) {  /* e.g. a whole 128-float row in 8 registers */ \
+        V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};             \
+        for (ptrdiff_t k = begin; k < end; k++) {                                                     \
+            if (!prefetched && k + CEMBED_BAG_PREFETCH < n_indices) {  /* the row 16 entries ahead */ \
+                const char *ahead = (const char *)(base + (ptrdiff_t)idx[k + CEMBED_BAG_PREFETCH] * row_stride); \
+                for (ptrdiff_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(ahead + b, 0, 3);    \
+            }                                                                                         \
+            if ((int64_t)idx[k] == padding_idx) continue;                                             \
+            const T *w = base + (ptrdiff_t)idx[k] * row_stride + j0;                                  \
+            a0 = a0 + *(const V *)w;                                                                  \
+            a1 = a1 + *(const V *)(w + lanes);                                                        \
+            a2 = a2 + *(const V *)(w + 2 * lanes);                                                    \
+            a3 = a3 + *(const V *)(w + 3 * lanes);                                                    \
+            a4 = a4 + *(const V *)(w + 4 * lanes);                                                    \
+            a5 = a5 + *(const V *)(w + 5 * lanes);                                                    \
+            a6 = a6 + *(const V *)(w + 6 * lanes);                                                    \
+            a7 = a7 + *(const V *)(w + 7 * lanes);                                                    \
         }                                                                                             \
-        count += (int64_t)idx[k] != padding_idx;                                                      \
+        *(V *)(out + j0) = a0;                                                                        \
+        *(V *)(out + j0 + lanes) = a1;                                                                \
+        *(V *)(out + j0 + 2 * lanes) = a2;                                                            \
+        *(V *)(out + j0 + 3 * lanes) = a3;                                                            \
+        *(V *)(out + j0 + 4 * lanes) = a4;                                                            \
+        *(V *)(out + j0 + 5 * lanes) = a5;                                                            \
+        *(V *)(out + j0 + 6 * lanes) = a6;                                                            \
+        *(V *)(out + j0 + 7 * lanes) = a7;                                                            \
+        prefetched = 1;                                                                               \
     }                                                                                                 \
     for (; j0 + 4 * lanes <= dim; j0 += 4 * lanes) {                                                  \
         V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                                     \
         for (ptrdiff_t k = begin; k < end; k++) {                                                     \
+            if (!prefetched && k + CEMBED_BAG_PREFETCH < n_indices) {                                 \
+                const char *ahead = (const char *)(base + (ptrdiff_t)idx[k + CEMBED_BAG_PREFETCH] * row_stride); \
+                for (ptrdiff_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(ahead + b, 0, 3);    \
+            }                                                                                         \
             if ((int64_t)idx[k] == padding_idx) continue;                                             \
             const T *w = base + (ptrdiff_t)idx[k] * row_stride + j0;                                  \
             a0 = a0 + *(const V *)w;                                                                  \
@@ -134,6 +161,7 @@ CEMBED_POOL_CLONES static ptrdiff_t NAME(T *restrict out, const T *base, ptrdiff
         *(V *)(out + j0 + lanes) = a1;                                                                \
         *(V *)(out + j0 + 2 * lanes) = a2;                                                            \
         *(V *)(out + j0 + 3 * lanes) = a3;                                                            \
+        prefetched = 1;                                                                               \
     }                                                                                                 \
     for (; j0 + lanes <= dim; j0 += lanes) {                                                          \
         V a0 = {0};                                                                                   \
