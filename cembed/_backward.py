@@ -83,20 +83,47 @@ def _check_grad_output(grad_output, index_shape, dim=None, dtype=None, name="gra
         n, grad_output.shape[-1])
 
 
+def _weighted_sources(grad_output, idx, per_sample_weights, dim=None, dtype=None):
+    """For a gradient of ``(per_sample_weights[..., None] * weight[indices]).sum(-2)``: grad_output
+    has shape indices.shape[:-1] + (dim,) and entry (..., k) contributes
+    per_sample_weights[..., k] * grad_output[...]. Returns (values, src, scale)."""
+    if idx.ndim < 1:
+        raise ValueError("per_sample_weights needs indices with at least one dimension")
+    psw = per_sample_weights if isinstance(per_sample_weights, np.ndarray) else np.asarray(per_sample_weights)
+    if psw.shape != idx.shape:
+        raise ValueError(f"per_sample_weights must have the shape of indices {idx.shape}, got {psw.shape}")
+    values = _check_grad_output(grad_output, idx.shape[:-1], dim=dim, dtype=dtype)
+    if psw.dtype != values.dtype:
+        raise TypeError(f"per_sample_weights must have dtype {values.dtype}, got {psw.dtype}")
+    group = idx.shape[-1]
+    src = np.repeat(np.arange(values.shape[0], dtype=np.int64), group)
+    return values, src, np.ascontiguousarray(psw).reshape(-1)
+
+
 def embedding_backward(grad_output, indices, num_embeddings, padding_idx=None,
-                       scale_grad_by_freq=False, sparse=False):
+                       scale_grad_by_freq=False, sparse=False, per_sample_weights=None):
     """The gradient of ``embedding(indices, weight)`` w.r.t. ``weight`` given d(loss)/d(output).
 
     grad_output: (*indices.shape, dim). Returns a dense (num_embeddings, dim) array, or with
     ``sparse=True`` a coalesced :class:`cembed.SparseGrad` (unique rows ascending, duplicates summed in
     input order). The padding row's gradient is zero (absent from a sparse gradient).
     ``scale_grad_by_freq`` divides each row's contributions by its count over the whole input — for
-    sparse gradients too (torch refuses that combination)."""
+    sparse gradients too (torch refuses that combination).
+
+    With ``per_sample_weights`` (shape of indices) this is instead the gradient of the weighted sum
+    over the last index axis, ``(per_sample_weights[..., None] * embedding(indices, weight)).sum(-2)``:
+    grad_output then has shape indices.shape[:-1] + (dim,), and index (..., k) receives
+    per_sample_weights[..., k] * grad_output[...] — without materialising the per-index gradient rows
+    (e.g. the output table of skip-gram with negative sampling)."""
     num_embeddings = check_size(num_embeddings, "num_embeddings")
     padding_idx = normalize_padding_idx(padding_idx, num_embeddings)
     idx, flat = validated_indices(indices, num_embeddings)
-    values = _check_grad_output(grad_output, idx.shape)
-    return accumulate_rows(values, flat, num_embeddings, padding_idx=padding_idx,
+    src = scale = None
+    if per_sample_weights is None:
+        values = _check_grad_output(grad_output, idx.shape)
+    else:
+        values, src, scale = _weighted_sources(grad_output, idx, per_sample_weights)
+    return accumulate_rows(values, flat, num_embeddings, src=src, scale=scale, padding_idx=padding_idx,
                            scale_grad_by_freq=scale_grad_by_freq, sparse=sparse)
 
 
@@ -114,17 +141,22 @@ def coalesce(rows, values, num_rows):
     return accumulate_rows(values, flat, num_rows, sparse=True)
 
 
-def accumulate_embedding_grad(module, grad_output, indices):
+def accumulate_embedding_grad(module, grad_output, indices, per_sample_weights=None):
     """Embedding.backward: validate, then return the module's new ``.grad`` (dense add or sparse
     merge into the existing one). Frozen modules keep ``.grad = None`` (after validation)."""
     weight = module.weight
     n_rows, dim = weight.shape
     idx, flat = validated_indices(indices, n_rows)
-    values = _check_grad_output(grad_output, idx.shape, dim=dim, dtype=weight.dtype)
+    src = scale = None
+    if per_sample_weights is None:
+        values = _check_grad_output(grad_output, idx.shape, dim=dim, dtype=weight.dtype)
+    else:
+        values, src, scale = _weighted_sources(grad_output, idx, per_sample_weights, dim=dim, dtype=weight.dtype)
     old = module.grad
     if not module.requires_grad:
         return None
-    kwargs = dict(padding_idx=module.padding_idx, scale_grad_by_freq=module.scale_grad_by_freq)
+    kwargs = dict(src=src, scale=scale, padding_idx=module.padding_idx,
+                  scale_grad_by_freq=module.scale_grad_by_freq)
     if module.sparse:
         new = accumulate_rows(values, flat, n_rows, sparse=True, **kwargs)
         if isinstance(old, SparseGrad):

@@ -104,16 +104,20 @@ class Embedding(TableModule):
 
     __call__ = forward
 
-    def backward(self, grad_output, indices=None):
+    def backward(self, grad_output, indices=None, per_sample_weights=None):
         """Accumulate d(loss)/d(weight) into ``.grad`` given d(loss)/d(output) of a forward on
-        ``indices`` (default: those of the last forward)."""
+        ``indices`` (default: those of the last forward).
+
+        With ``per_sample_weights`` (shape of indices), grad_output is the gradient of the weighted
+        sum over the last index axis (shape indices.shape[:-1] + (dim,)); see
+        :func:`cembed.functional.embedding_backward`."""
         from ._backward import accumulate_embedding_grad
 
         if indices is None:
             if self._last_indices is None:
                 raise ValueError("backward: no indices given and no forward call to take them from")
             indices = self._last_indices
-        self.grad = accumulate_embedding_grad(self, grad_output, indices)
+        self.grad = accumulate_embedding_grad(self, grad_output, indices, per_sample_weights)
 
     def extra_repr(self):
         return f"{self.num_embeddings}, {self.embedding_dim}" + self._repr_options([

@@ -156,7 +156,8 @@ class CembedModel:
             loss = float(_softplus(scores).sum()) / centers.size
         g[:, 0] *= -1                                         # back to d loss / d s
         self.emb_in.backward(np.matmul(g[:, None, :], u)[:, 0, :], centers)
-        self.emb_out.backward(np.einsum("bk,bd->bkd", g, v), targets)
+        # d loss / d u[b, k] = g[b, k] * v[b]: handed over as (v, weights g), never materialised
+        self.emb_out.backward(v, targets, per_sample_weights=g)
         self.opt.step()
         self.opt.zero_grad()
         return loss

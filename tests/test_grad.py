@@ -341,3 +341,32 @@ def test_merge_equals_dense_sum(a, b, seed):
     m = ga.merge(gb)
     np.testing.assert_array_equal(m.indices, np.union1d(a, b))
     assert_bitwise_equal(m.to_dense(), ga.to_dense() + gb.to_dense())
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_per_sample_weights_backward_is_weighted_sum_gradient(rng, sparse):
+    """per_sample_weights: the gradient of (w[..., None] * emb(idx)).sum(-2), without the per-index rows."""
+    torch = require_torch()
+    n_rows, dim = 40, 6
+    idx = rng.integers(0, n_rows, (9, 5))
+    weights = rng.standard_normal((9, 5)).astype(np.float32)
+    g = rng.standard_normal((9, dim)).astype(np.float32)
+    ours = F.embedding_backward(g, idx, n_rows, padding_idx=3, sparse=sparse, per_sample_weights=weights)
+    ours = ours.to_dense() if sparse else ours
+    w = torch.zeros(n_rows, dim, requires_grad=True)
+    rows = torch.nn.functional.embedding(torch.from_numpy(idx), w, padding_idx=3)
+    (torch.from_numpy(weights)[..., None] * rows).sum(-2).backward(torch.from_numpy(g))
+    np.testing.assert_allclose(ours, w.grad.numpy(), rtol=1e-5, atol=1e-6)
+    explicit = F.embedding_backward(weights[..., None] * g[:, None, :], idx, n_rows, padding_idx=3)
+    assert_bitwise_equal(ours, explicit)  # same products, same input-order sums
+    emb = cembed.Embedding(n_rows, dim, sparse=sparse, seed=0)
+    emb.backward(g, idx, per_sample_weights=weights)
+    emb_grad = emb.grad.to_dense() if sparse else emb.grad
+    np.testing.assert_allclose(emb_grad, ref.embedding_backward(weights[..., None] * g[:, None, :], idx, n_rows),
+                               rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="shape of indices"):
+        F.embedding_backward(g, idx, n_rows, per_sample_weights=weights[:, :4])
+    with pytest.raises(ValueError, match="grad_output must have shape"):
+        F.embedding_backward(g[:8], idx, n_rows, per_sample_weights=weights)
+    with pytest.raises(TypeError, match="dtype"):
+        F.embedding_backward(g, idx, n_rows, per_sample_weights=weights.astype(np.float64))
