@@ -20,12 +20,12 @@
 #endif
 
 /* w[j] = fma(alpha, sign * g[j], w[j]) */
-CEMBED_CLONES static void cembed_axpy_fma_f32(float *w, const float *g, float alpha, float sign, ptrdiff_t dim)
+CEMBED_CLONES static void cembed_axpy_fma_f32(float *restrict w, const float *restrict g, float alpha, float sign, ptrdiff_t dim)
 {
     for (ptrdiff_t j = 0; j < dim; j++) w[j] = fmaf(alpha, sign * g[j], w[j]);
 }
 
-CEMBED_CLONES static void cembed_axpy_fma_f64(double *w, const double *g, double alpha, double sign, ptrdiff_t dim)
+CEMBED_CLONES static void cembed_axpy_fma_f64(double *restrict w, const double *restrict g, double alpha, double sign, ptrdiff_t dim)
 {
     for (ptrdiff_t j = 0; j < dim; j++) w[j] = fma(alpha, sign * g[j], w[j]);
 }
@@ -51,6 +51,48 @@ CEMBED_CLONES static void cembed_adagrad_row_f64(double *w, double *h, const dou
         h[j] = hj;
         w[j] = fma(neg_clr, g / (sqrt(hj) + eps), w[j]);
     }
+}
+
+/* SparseAdam row (SPEC_torch §8.2), g = sign * grad:
+ * dm = (g - m0)(1 - b1); dv = (g*g - v0)(1 - b2); m = m0 + dm; v = v0 + dv;
+ * w = w + neg_step * ((dm + m0) / (sqrt(dv + v0) + eps)) */
+#define CEMBED_DEFINE_ADAM_ROW(NAME, T, SQRT)                                                          \
+CEMBED_CLONES static void NAME(T *restrict w, T *restrict m, T *restrict v, const T *restrict grad,    \
+                               T one_minus_beta1, T one_minus_beta2, T eps, T neg_step, T sign,        \
+                               ptrdiff_t dim)                                                          \
+{                                                                                                      \
+    for (ptrdiff_t j = 0; j < dim; j++) {                                                              \
+        const T g = sign * grad[j], m0 = m[j], v0 = v[j];                                              \
+        const T dm = (g - m0) * one_minus_beta1;                                                       \
+        const T dv = (g * g - v0) * one_minus_beta2;                                                   \
+        m[j] = m0 + dm;                                                                                \
+        v[j] = v0 + dv;                                                                                \
+        w[j] = w[j] + neg_step * ((dm + m0) / (SQRT(dv + v0) + eps));                                  \
+    }                                                                                                  \
+}
+CEMBED_DEFINE_ADAM_ROW(cembed_adam_row_f32, float, sqrtf)
+CEMBED_DEFINE_ADAM_ROW(cembed_adam_row_f64, double, sqrt)
+
+/* out[j] = out[j] + scale * v[j] (two roundings, like torch's unfused paths) */
+CEMBED_CLONES static void cembed_axpy_f32(float *restrict out, const float *restrict v, float scale, ptrdiff_t dim)
+{
+    for (ptrdiff_t j = 0; j < dim; j++) out[j] = out[j] + scale * v[j];
+}
+
+CEMBED_CLONES static void cembed_axpy_f64(double *restrict out, const double *restrict v, double scale, ptrdiff_t dim)
+{
+    for (ptrdiff_t j = 0; j < dim; j++) out[j] = out[j] + scale * v[j];
+}
+
+/* out[j] = out[j] + v[j] */
+CEMBED_CLONES static void cembed_add_f32(float *restrict out, const float *restrict v, ptrdiff_t dim)
+{
+    for (ptrdiff_t j = 0; j < dim; j++) out[j] = out[j] + v[j];
+}
+
+CEMBED_CLONES static void cembed_add_f64(double *restrict out, const double *restrict v, ptrdiff_t dim)
+{
+    for (ptrdiff_t j = 0; j < dim; j++) out[j] = out[j] + v[j];
 }
 
 /* out[j] = fma(scale * v[j], inv, out[j]) (scale_grad_by_freq accumulation) */

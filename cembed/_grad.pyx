@@ -15,6 +15,10 @@ from cembed._typedefs cimport cembed_prefetch, PREFETCH_DISTANCE
 cdef extern from "_fma_rows.h" nogil:
     void cembed_fma_accumulate_f32(float *out, const float *v, float scale, float inv, Py_ssize_t dim)
     void cembed_fma_accumulate_f64(double *out, const double *v, double scale, double inv, Py_ssize_t dim)
+    void cembed_axpy_f32(float *out, const float *v, float scale, Py_ssize_t dim)
+    void cembed_axpy_f64(double *out, const double *v, double scale, Py_ssize_t dim)
+    void cembed_add_f32(float *out, const float *v, Py_ssize_t dim)
+    void cembed_add_f64(double *out, const double *v, Py_ssize_t dim)
 
 cdef enum:
     SEGMENTS_PER_CHUNK = 64   # dynamic-schedule chunk: rows are skewed (Zipf), one hot row can be long
@@ -63,14 +67,16 @@ cdef void _sum_segment(const floating *values, Py_ssize_t value_stride, Py_ssize
             c = scale[p]
             if by_freq:
                 _fma_accumulate(out_row, v, c, inv_count, dim)
+            elif floating is float:
+                cembed_axpy_f32(out_row, v, c, dim)
             else:
-                for j in range(dim):
-                    out_row[j] = out_row[j] + c * v[j]
+                cembed_axpy_f64(out_row, v, c, dim)
         elif by_freq:
             _fma_accumulate(out_row, v, <floating> 1, inv_count, dim)
+        elif floating is float:
+            cembed_add_f32(out_row, v, dim)
         else:
-            for j in range(dim):
-                out_row[j] = out_row[j] + v[j]
+            cembed_add_f64(out_row, v, dim)
 
 
 def segment_sum(const floating[:, ::1] values,   # IN  (n_values, dim) gradient rows

@@ -19,6 +19,10 @@ cdef extern from "_fma_rows.h" nogil:
                                 float sign, Py_ssize_t dim)
     void cembed_adagrad_row_f64(double *w, double *h, const double *grad, double neg_clr, double eps,
                                 double sign, Py_ssize_t dim)
+    void cembed_adam_row_f32(float *w, float *m, float *v, const float *grad, float one_minus_beta1,
+                             float one_minus_beta2, float eps, float neg_step, float sign, Py_ssize_t dim)
+    void cembed_adam_row_f64(double *w, double *m, double *v, const double *grad, double one_minus_beta1,
+                             double one_minus_beta2, double eps, double neg_step, double sign, Py_ssize_t dim)
 
 cdef enum:
     ROWS_PER_CHUNK = 64
@@ -44,18 +48,11 @@ cdef inline floating _sqrt(floating x) noexcept nogil:
 cdef inline void _adam_row(floating *w, floating *m, floating *v, const floating *grad, Py_ssize_t dim,
                            floating one_minus_beta1, floating one_minus_beta2, floating eps,
                            floating neg_step_size, floating sign) noexcept nogil:
-    """torch's SparseAdam on one row (SPEC_torch §8.2), in the weight dtype."""
-    cdef Py_ssize_t j
-    cdef floating g, m0, v0, dm, dv
-    for j in range(dim):
-        g = sign * grad[j]
-        m0 = m[j]
-        v0 = v[j]
-        dm = (g - m0) * one_minus_beta1
-        dv = (g * g - v0) * one_minus_beta2
-        m[j] = m0 + dm
-        v[j] = v0 + dv
-        w[j] = w[j] + neg_step_size * ((dm + m0) / (_sqrt(dv + v0) + eps))
+    """torch's SparseAdam on one row (SPEC_torch §8.2), in the weight dtype (vectorised C routine)."""
+    if floating is float:
+        cembed_adam_row_f32(w, m, v, grad, one_minus_beta1, one_minus_beta2, eps, neg_step_size, sign, dim)
+    else:
+        cembed_adam_row_f64(w, m, v, grad, one_minus_beta1, one_minus_beta2, eps, neg_step_size, sign, dim)
 
 
 def sparse_adam_rows(floating[:, ::1] weight,        # INOUT (n_rows, dim)
