@@ -7,7 +7,6 @@ are never read or written. Upcoming rows are prefetched, since they are scattere
 """
 from cython.parallel cimport prange
 from cython cimport floating
-from libc.math cimport sqrt, sqrtf
 from libc.stdint cimport int64_t
 
 from cembed._typedefs cimport cembed_prefetch, cembed_prefetch_w, PREFETCH_DISTANCE
@@ -38,11 +37,19 @@ cdef inline void _prefetch_row(const void *row, Py_ssize_t n_bytes, bint for_wri
             cembed_prefetch(p + k)
 
 
-cdef inline floating _sqrt(floating x) noexcept nogil:
-    if floating is float:
-        return sqrtf(x)
-    else:
-        return sqrt(x)
+cdef inline void _prefetch_ahead(const int64_t *rows, Py_ssize_t k, Py_ssize_t n, Py_ssize_t dim,
+                                 floating *a, floating *b, floating *c) noexcept nogil:
+    """Prefetch (for writing) the row PREFETCH_DISTANCE positions ahead in tables a, b, c (b, c may be NULL)."""
+    cdef Py_ssize_t r
+    cdef Py_ssize_t row_bytes = dim * sizeof(floating)
+    if k + PREFETCH_DISTANCE >= n:
+        return
+    r = rows[k + PREFETCH_DISTANCE]
+    _prefetch_row(a + r * dim, row_bytes, True)
+    if b != NULL:
+        _prefetch_row(b + r * dim, row_bytes, True)
+    if c != NULL:
+        _prefetch_row(c + r * dim, row_bytes, True)
 
 
 cdef inline void _adam_row(floating *w, floating *m, floating *v, const floating *grad, Py_ssize_t dim,
@@ -65,8 +72,7 @@ def sparse_adam_rows(floating[:, ::1] weight,        # INOUT (n_rows, dim)
     """The lazy Adam update of the rows named by the gradient; every other row is untouched."""
     cdef Py_ssize_t nnz = rows.shape[0]
     cdef Py_ssize_t dim = weight.shape[1]
-    cdef Py_ssize_t k, r, ahead
-    cdef Py_ssize_t row_bytes = dim * sizeof(floating)
+    cdef Py_ssize_t k, r
     cdef floating omb1 = <floating> (1.0 - beta1)
     cdef floating omb2 = <floating> (1.0 - beta2)
     cdef floating eps_ = <floating> eps
@@ -76,11 +82,7 @@ def sparse_adam_rows(floating[:, ::1] weight,        # INOUT (n_rows, dim)
         return
     with nogil:
         for k in prange(nnz, schedule="static", chunksize=ROWS_PER_CHUNK, num_threads=n_threads):
-            if k + PREFETCH_DISTANCE < nnz:
-                ahead = rows[k + PREFETCH_DISTANCE]
-                _prefetch_row(&weight[ahead, 0], row_bytes, True)
-                _prefetch_row(&exp_avg[ahead, 0], row_bytes, True)
-                _prefetch_row(&exp_avg_sq[ahead, 0], row_bytes, True)
+            _prefetch_ahead(&rows[0], k, nnz, dim, &weight[0, 0], &exp_avg[0, 0], &exp_avg_sq[0, 0])
             r = rows[k]
             _adam_row(&weight[r, 0], &exp_avg[r, 0], &exp_avg_sq[r, 0], &grad[k, 0], dim,
                       omb1, omb2, eps_, neg_step, sign)
@@ -94,16 +96,12 @@ def adagrad_rows(floating[:, ::1] weight,            # INOUT (n_rows, dim)
     """Adagrad on the named rows: sum += g*g; w = fma(-clr, g / (sqrt(sum) + eps), w)."""
     cdef Py_ssize_t nnz = rows.shape[0]
     cdef Py_ssize_t dim = weight.shape[1]
-    cdef Py_ssize_t k, r, ahead
-    cdef Py_ssize_t row_bytes = dim * sizeof(floating)
+    cdef Py_ssize_t k, r
     if nnz == 0 or dim == 0:
         return
     with nogil:
         for k in prange(nnz, schedule="static", chunksize=ROWS_PER_CHUNK, num_threads=n_threads):
-            if k + PREFETCH_DISTANCE < nnz:
-                ahead = rows[k + PREFETCH_DISTANCE]
-                _prefetch_row(&weight[ahead, 0], row_bytes, True)
-                _prefetch_row(&state_sum[ahead, 0], row_bytes, True)
+            _prefetch_ahead(&rows[0], k, nnz, dim, &weight[0, 0], &state_sum[0, 0], NULL)
             r = rows[k]
             if floating is float:
                 cembed_adagrad_row_f32(&weight[r, 0], &state_sum[r, 0], &grad[k, 0], <float> (-clr),
@@ -120,15 +118,12 @@ def sgd_rows(floating[:, ::1] weight,                # INOUT (n_rows, dim)
     """Plain SGD on the named rows: w = fma(-lr, g, w)."""
     cdef Py_ssize_t nnz = rows.shape[0]
     cdef Py_ssize_t dim = weight.shape[1]
-    cdef Py_ssize_t k, r, ahead
-    cdef Py_ssize_t row_bytes = dim * sizeof(floating)
+    cdef Py_ssize_t k, r
     if nnz == 0 or dim == 0:
         return
     with nogil:
         for k in prange(nnz, schedule="static", chunksize=ROWS_PER_CHUNK, num_threads=n_threads):
-            if k + PREFETCH_DISTANCE < nnz:
-                ahead = rows[k + PREFETCH_DISTANCE]
-                _prefetch_row(&weight[ahead, 0], row_bytes, True)
+            _prefetch_ahead(&rows[0], k, nnz, dim, &weight[0, 0], NULL, NULL)
             r = rows[k]
             if floating is float:
                 cembed_axpy_fma_f32(&weight[r, 0], &grad[k, 0], <float> (-lr), -1.0 if maximize else 1.0, dim)
@@ -148,8 +143,7 @@ def sgd_momentum_rows(floating[:, ::1] weight,       # INOUT (n_rows, dim)
          d = g + momentum * buf (nesterov) or buf;  w = fma(-lr, d, w)."""
     cdef Py_ssize_t n_active = rows.shape[0]
     cdef Py_ssize_t dim = weight.shape[1]
-    cdef Py_ssize_t k, r, s, j, ahead
-    cdef Py_ssize_t row_bytes = dim * sizeof(floating)
+    cdef Py_ssize_t k, r, s, j
     cdef floating mu = <floating> momentum
     cdef floating one_minus_damp = <floating> (1.0 - dampening)
     cdef floating neg_lr = <floating> (-lr)
@@ -159,10 +153,7 @@ def sgd_momentum_rows(floating[:, ::1] weight,       # INOUT (n_rows, dim)
         return
     with nogil:
         for k in prange(n_active, schedule="static", chunksize=ROWS_PER_CHUNK, num_threads=n_threads):
-            if k + PREFETCH_DISTANCE < n_active:
-                ahead = rows[k + PREFETCH_DISTANCE]
-                _prefetch_row(&weight[ahead, 0], row_bytes, True)
-                _prefetch_row(&buf[ahead, 0], row_bytes, True)
+            _prefetch_ahead(&rows[0], k, n_active, dim, &weight[0, 0], &buf[0, 0], NULL)
             r = rows[k]
             s = grad_slot[k]
             for j in range(dim):

@@ -105,6 +105,14 @@ CEMBED_DEFINE_POOL_MAX(cembed_pool_max_f64, double)
  * accumulated in bag order in vector registers, prefetching the row PREFETCH entries ahead (all of its
  * cache lines). Returns the number of rows summed. */
 #define CEMBED_BAG_PREFETCH 16
+/* inside CEMBED_DEFINE_BAG_SUM: prefetch every cache line of the row of entry k + CEMBED_BAG_PREFETCH */
+#define CEMBED_BAG_PREFETCH_ROW(k)                                                                     \
+    do {                                                                                              \
+        if ((k) + CEMBED_BAG_PREFETCH < n_indices) {                                                  \
+            const char *ahead_ = (const char *)(base + (ptrdiff_t)idx[(k) + CEMBED_BAG_PREFETCH] * row_stride); \
+            for (ptrdiff_t b_ = 0; b_ < row_bytes; b_ += 64) __builtin_prefetch(ahead_ + b_, 0, 3);   \
+        }                                                                                             \
+    } while (0)
 #define CEMBED_DEFINE_BAG_SUM(NAME, T, V, IT)                                                          \
 CEMBED_POOL_CLONES static ptrdiff_t NAME(T *restrict out, const T *base, ptrdiff_t row_stride,        \
                                          ptrdiff_t dim, const IT *idx, ptrdiff_t begin, ptrdiff_t end,  \
@@ -118,10 +126,7 @@ CEMBED_POOL_CLONES static ptrdiff_t NAME(T *restrict out, const T *base, ptrdiff
     for (; j0 + 8 * lanes <= dim; j0 += 8 * lanes) {  /* e.g. a whole 128-float row in 8 registers */ \
         V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};             \
         for (ptrdiff_t k = begin; k < end; k++) {                                                     \
-            if (!prefetched && k + CEMBED_BAG_PREFETCH < n_indices) {  /* the row 16 entries ahead */ \
-                const char *ahead = (const char *)(base + (ptrdiff_t)idx[k + CEMBED_BAG_PREFETCH] * row_stride); \
-                for (ptrdiff_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(ahead + b, 0, 3);    \
-            }                                                                                         \
+            if (!prefetched) CEMBED_BAG_PREFETCH_ROW(k);  /* the row CEMBED_BAG_PREFETCH entries ahead */ \
             if ((int64_t)idx[k] == padding_idx) continue;                                             \
             const T *w = base + (ptrdiff_t)idx[k] * row_stride + j0;                                  \
             a0 = a0 + *(const V *)w;                                                                  \
@@ -146,10 +151,7 @@ CEMBED_POOL_CLONES static ptrdiff_t NAME(T *restrict out, const T *base, ptrdiff
     for (; j0 + 4 * lanes <= dim; j0 += 4 * lanes) {                                                  \
         V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                                     \
         for (ptrdiff_t k = begin; k < end; k++) {                                                     \
-            if (!prefetched && k + CEMBED_BAG_PREFETCH < n_indices) {                                 \
-                const char *ahead = (const char *)(base + (ptrdiff_t)idx[k + CEMBED_BAG_PREFETCH] * row_stride); \
-                for (ptrdiff_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(ahead + b, 0, 3);    \
-            }                                                                                         \
+            if (!prefetched) CEMBED_BAG_PREFETCH_ROW(k);  /* the row CEMBED_BAG_PREFETCH entries ahead */ \
             if ((int64_t)idx[k] == padding_idx) continue;                                             \
             const T *w = base + (ptrdiff_t)idx[k] * row_stride + j0;                                  \
             a0 = a0 + *(const V *)w;                                                                  \
