@@ -16,7 +16,7 @@ except ImportError as exc:  # pragma: no cover - depends on how cembed was insta
         "in place with `pip install -e .` (or `python setup.py build_ext --inplace`)."
     ) from exc
 
-from ._config import get_num_threads, set_num_threads, show_config
+from ._config import get_num_threads, release_memory, set_num_threads, show_config
 from .sparse import SparseGrad
 from .embedding import Embedding
 from .embedding_bag import EmbeddingBag
@@ -30,6 +30,7 @@ __all__ = [
     "functional",
     "optim",
     "get_num_threads",
+    "release_memory",
     "set_num_threads",
     "show_config",
 ]

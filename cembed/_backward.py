@@ -8,6 +8,7 @@ proportional to the batch, never to the number of rows in the table.
 import numpy as np
 
 from . import _grad, _sort
+from ._pool import empty as pooled_empty
 from ._config import n_threads_for
 from ._lookup import validated_indices
 from ._validation import FLOAT_DTYPES, check_size, normalize_padding_idx
@@ -45,7 +46,7 @@ def accumulate_rows(values, rows, num_rows, *, src=None, scale=None, padding_idx
     scale = np.zeros(0, dtype=dtype) if scale is None else np.ascontiguousarray(scale, dtype=dtype)
     n_threads = n_threads_for(seg_ids.size, _SEGMENT_GRAIN)
     if sparse:
-        compact = np.empty((seg_ids.size, dim), dtype=dtype)
+        compact = pooled_empty((seg_ids.size, dim), dtype)
         _grad.segment_sum(values, order, starts, seg_rows, seg_ids, src, scale,
                           bool(scale_grad_by_freq), compact, False, n_threads)
         return SparseGrad(seg_rows[seg_ids], compact, num_rows, check=False)
@@ -57,7 +58,7 @@ def accumulate_rows(values, rows, num_rows, *, src=None, scale=None, padding_idx
         return out
     # Accumulate into an existing gradient the way torch does (old + new, new summed from zero):
     # sum the touched rows compactly, then add them in.
-    compact = np.empty((seg_ids.size, dim), dtype=dtype)
+    compact = pooled_empty((seg_ids.size, dim), dtype)
     _grad.segment_sum(values, order, starts, seg_rows, seg_ids, src, scale,
                       bool(scale_grad_by_freq), compact, False, n_threads)
     touched = seg_rows[seg_ids]

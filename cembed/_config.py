@@ -45,6 +45,15 @@ def n_threads_for(n_items, grain=1024):
     return max(1, min(get_num_threads(), int(n_items) // grain))
 
 
+def release_memory():
+    """Free the cached output buffers (see cembed._pool); returns the number of bytes freed.
+    Large kernel outputs (looked-up rows, gradient values) are recycled when the arrays holding them
+    die, so a training loop stops allocating after its first step; this gives that memory back."""
+    from . import _pool
+
+    return _pool.release()
+
+
 def openmp_enabled():
     return _threads.openmp_enabled()
 
@@ -68,4 +77,7 @@ def show_config(file=None):
             f"link flags: {' '.join(_build_config.LINK_ARGS)}",
             f"bounds checking: {'on' if _build_config.BOUNDSCHECK else 'off'}",
         ]
+    from . import _pool
+
+    lines.append(f"output buffer cache: {_pool.cached_bytes() / 2**20:.1f} MiB held (cembed.release_memory() frees it)")
     print("\n".join(lines), file=file)

@@ -2,6 +2,7 @@
 import numpy as np
 
 from . import _gather, _renorm, _sort
+from ._pool import empty as pooled_empty
 from ._config import n_threads_for
 from ._validation import (
     as_index_array,
@@ -48,7 +49,7 @@ def gather_validated(weight, idx, flat):
     dim = weight.shape[1]
     if not rows_contiguous(weight):
         return np.take(weight, flat, axis=0).reshape(idx.shape + (dim,))
-    out = np.empty((flat.size, dim), dtype=weight.dtype)
+    out = pooled_empty((flat.size, dim), weight.dtype)
     _gather.gather_rows(weight, flat, out, n_threads_for(flat.size, 2048))
     return out.reshape(idx.shape + (dim,))
 

@@ -8,6 +8,7 @@ indices an ``IndexError``.
 import numpy as np
 
 from . import _bag, _lookup
+from ._pool import empty as pooled_empty
 from ._backward import _check_grad_output, accumulate_rows
 from ._config import n_threads_for
 from ._validation import (
@@ -118,7 +119,7 @@ def validate_bags(input, weight, offsets=None, mode="mean", per_sample_weights=N
 
 def _pool(weight, bags, want_argmax):
     dim = weight.shape[1]
-    out = np.empty((bags.n_bags, dim), dtype=weight.dtype)
+    out = pooled_empty((bags.n_bags, dim), weight.dtype)
     argmax = np.empty((bags.n_bags, dim) if want_argmax else (0, 0), dtype=np.int64)
     psw = bags.psw if bags.psw is not None else np.zeros(0, dtype=weight.dtype)
     # torch's float32 fast path fuses psw into an fma; with padding_idx or float64 it rounds twice

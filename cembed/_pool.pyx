@@ -1,0 +1,123 @@
+"""A small cache of large output buffers.
+
+Kernel outputs of training-step size (tens of MB: looked-up rows, coalesced gradient values) are
+returned to the caller as NumPy arrays. Fresh memory of that size comes straight from mmap, so the
+kernel that fills it pays for the operating system zeroing every page first — often a third of the
+kernel's time. Arrays made by :func:`empty` own a ``Block``; when the last array using a block dies,
+the block goes back to a short free list instead of to the system, and the next output of a similar
+size reuses it: the steady state of a training loop allocates nothing new.
+
+At most ``MAX_FREE`` blocks and ``cache_limit`` bytes are kept; :func:`release` frees them.
+"""
+import numpy as np
+
+from cpython.buffer cimport PyBuffer_FillInfo
+from libc.stdlib cimport free
+
+cdef extern from "stdlib.h" nogil:
+    int posix_memalign(void **memptr, size_t alignment, size_t size)
+
+cdef enum:
+    MAX_FREE = 8
+    ALIGNMENT = 64
+
+MIN_BYTES = 1 << 22          # smaller outputs come from NumPy's allocator, which reuses them anyway
+
+cdef void *_free_ptr[MAX_FREE]
+cdef size_t _free_size[MAX_FREE]
+cdef int _n_free = 0
+cdef size_t _cached = 0
+cdef size_t _cache_limit = <size_t> 1 << 30
+
+
+cdef void _give_back(void *ptr, size_t size) noexcept:
+    """Keep the block for reuse if the cache has room, else free it (called with the GIL held)."""
+    global _n_free, _cached
+    if _n_free < MAX_FREE and _cached + size <= _cache_limit:
+        _free_ptr[_n_free] = ptr
+        _free_size[_n_free] = size
+        _n_free += 1
+        _cached += size
+    else:
+        free(ptr)
+
+
+cdef void *_take(size_t size, size_t *got) noexcept:
+    """The smallest cached block of at least ``size`` bytes (and at most twice that), or NULL."""
+    global _n_free, _cached
+    cdef int i, best = -1
+    for i in range(_n_free):
+        if size <= _free_size[i] <= 2 * size and (best < 0 or _free_size[i] < _free_size[best]):
+            best = i
+    if best < 0:
+        return NULL
+    cdef void *ptr = _free_ptr[best]
+    got[0] = _free_size[best]
+    _cached -= _free_size[best]
+    _n_free -= 1
+    _free_ptr[best] = _free_ptr[_n_free]
+    _free_size[best] = _free_size[_n_free]
+    return ptr
+
+
+cdef class Block:
+    """Owner of one buffer; exports it through the buffer protocol (writable)."""
+    cdef void *ptr
+    cdef size_t size
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        PyBuffer_FillInfo(view, self, self.ptr, <Py_ssize_t> self.size, 0, flags)
+
+    def __releasebuffer__(self, Py_buffer *view):
+        pass
+
+    def __dealloc__(self):
+        if self.ptr != NULL:
+            _give_back(self.ptr, self.size)
+            self.ptr = NULL
+
+
+def empty(shape, dtype):
+    """An uninitialised C-contiguous array like ``numpy.empty(shape, dtype)``, in a reusable block
+    when it is large."""
+    dtype = np.dtype(dtype)
+    n_items = 1
+    for extent in shape:
+        n_items *= int(extent)
+    cdef size_t nbytes = <size_t> (n_items * dtype.itemsize)
+    if nbytes < MIN_BYTES:
+        return np.empty(shape, dtype)
+    cdef size_t got = 0
+    cdef void *ptr = _take(nbytes, &got)
+    if ptr == NULL:
+        got = (nbytes + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+        if posix_memalign(&ptr, ALIGNMENT, got) != 0:
+            raise MemoryError(f"cannot allocate {nbytes} bytes")
+    cdef Block block = Block.__new__(Block)
+    block.ptr = ptr
+    block.size = got
+    return np.frombuffer(block, dtype=np.uint8, count=nbytes).view(dtype).reshape(shape)
+
+
+def release():
+    """Free every cached block; returns the number of bytes given back to the system."""
+    global _n_free, _cached
+    cdef size_t freed = _cached
+    cdef int i
+    for i in range(_n_free):
+        free(_free_ptr[i])
+    _n_free = 0
+    _cached = 0
+    return freed
+
+
+def cached_bytes():
+    return _cached
+
+
+def set_cache_limit(size_t n_bytes):
+    """At most this many bytes of free blocks are kept (0 disables the cache)."""
+    global _cache_limit
+    _cache_limit = n_bytes
+    if _cached > _cache_limit:
+        release()

@@ -1,0 +1,74 @@
+"""The output buffer cache: recycled blocks never alias live arrays, and results do not change."""
+import gc
+
+import numpy as np
+
+import cembed
+from cembed import _pool
+from cembed import functional as F
+
+from util import assert_bitwise_equal
+
+
+def _address(a):
+    return a.__array_interface__["data"][0]
+
+
+def test_blocks_are_reused_only_after_their_arrays_die():
+    cembed.release_memory()
+    shape = (1 << 16, 32)                                  # 8 MiB of float32: pooled
+    a = _pool.empty(shape, np.float32)
+    b = _pool.empty(shape, np.float32)
+    assert a.flags.c_contiguous and a.flags.writeable and a.shape == shape and a.dtype == np.float32
+    assert _address(a) != _address(b) and _address(a) % 64 == 0
+    a.fill(1.0)
+    b.fill(2.0)
+    address_a = _address(a)
+    view = a[10:20]                                        # a view keeps the block alive
+    del a
+    gc.collect()
+    c = _pool.empty(shape, np.float32)
+    assert _address(c) != address_a
+    c.fill(3.0)
+    assert np.all(view == 1.0) and np.all(b == 2.0)
+    del view
+    gc.collect()
+    assert _pool.cached_bytes() >= shape[0] * shape[1] * 4
+    d = _pool.empty(shape, np.float32)
+    assert _address(d) == address_a                        # recycled
+    assert np.all(b == 2.0) and np.all(c == 3.0)
+    small = _pool.empty((10, 3), np.float64)               # small outputs: plain NumPy arrays
+    assert small.shape == (10, 3) and small.dtype == np.float64
+    del b, c, d
+    gc.collect()
+    assert cembed.release_memory() > 0 and _pool.cached_bytes() == 0
+
+
+def test_results_are_identical_with_recycled_outputs(rng):
+    weight = rng.standard_normal((50_000, 64)).astype(np.float32)
+    idx = rng.integers(0, 50_000, 40_000)
+    first = F.embedding(idx, weight)
+    kept = first.copy()
+    for _ in range(3):                                     # later outputs may reuse dead blocks only
+        again = F.embedding(idx, weight)
+        assert_bitwise_equal(again, kept)
+        assert_bitwise_equal(first, kept)
+        del again
+    g = rng.standard_normal((40_000, 64)).astype(np.float32)
+    s1 = F.embedding_backward(g, idx, 50_000, sparse=True)
+    v1 = s1.values.copy()
+    s2 = F.embedding_backward(g, idx, 50_000, sparse=True)
+    assert_bitwise_equal(s1.values, v1)
+    assert_bitwise_equal(s2.values, v1)
+
+
+def test_cache_limit():
+    cembed.release_memory()
+    _pool.set_cache_limit(0)
+    try:
+        a = _pool.empty((1 << 16, 32), np.float32)
+        del a
+        gc.collect()
+        assert _pool.cached_bytes() == 0
+    finally:
+        _pool.set_cache_limit(1 << 30)
