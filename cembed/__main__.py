@@ -1,5 +1,6 @@
 """Command line: `python -m cembed train` (the main job) and `python -m cembed bench`."""
 import argparse
+import math
 import os
 import sys
 import time
@@ -22,15 +23,28 @@ def _positive_float(text):
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {value}")
     return value
 
 
 def _non_negative_float(text):
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value}")
+    return value
+
+
+def _seed(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
     if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
 
 
@@ -68,7 +82,7 @@ def build_parser():
                      help="cembed (default); torch: the identical model in torch; both: one after the other, "
                           "with the throughput ratio")
     run.add_argument("--threads", type=_positive_int, default=None, help="threads (default: all cores)")
-    run.add_argument("--seed", type=int, default=0, help="seed for data, init and sampling (default 0)")
+    run.add_argument("--seed", type=_seed, default=0, help="seed for data, init and sampling (default 0)")
     run.add_argument("--out", default="cembed_out", metavar="DIR",
                      help="where embeddings.npy, vocab.txt and pca.png go (default cembed_out/)")
     run.add_argument("--no-save", action="store_true", help="do not write the embeddings")
@@ -89,7 +103,7 @@ def build_parser():
     b.add_argument("--no-torch", action="store_true", help="skip torch even when it is installed")
     b.add_argument("--no-numpy", action="store_true", help="skip the NumPy baselines (the slowest part)")
     b.add_argument("--json", action="store_true", help="print the results as JSON")
-    b.add_argument("--seed", type=int, default=2026)
+    b.add_argument("--seed", type=_seed, default=2026, help="seed for the workload (default 2026)")
 
     sub.add_parser("config", help="print the build configuration (cembed.show_config())")
     return parser
@@ -127,6 +141,13 @@ def run_train(args):
         corpus = corpus_mod.synthetic_corpus(args.vocab_size, args.topics, args.tokens, seed=args.seed)
     import cembed
 
+    # fail before training, not after it, when the results cannot be written
+    writes = not args.no_save or (not args.no_plot and corpus.topics is not None)
+    if writes:
+        problem = _output_dir_problem(args.out)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 1
     threads = args.threads or cembed.get_num_threads()
     log(f"corpus  {corpus.description}  ({time.perf_counter() - t0:.1f}s)")
     config = train_mod.TrainConfig(dim=args.dim, window=args.window, negatives=args.negatives,
@@ -156,21 +177,37 @@ def run_train(args):
         for name, size in main.eval_sizes.items():
             what = "most frequent words" if name == "frequent" else "words seen 10-100 times"
             log(f"           {name}: among the {size} {what}; chance level {main.chance[name]:.3f}")
-    else:
+    elif corpus.vocab_size >= 2:
         ranked = train_mod.evaluation_words(corpus, 50)
         skip = min(10, len(ranked) // 2)  # past the most frequent (function) words
         queries = ranked[skip:skip + 5]
         for word, nbrs in train_mod.nearest_words(main.table, corpus, queries,
                                                   k=min(5, corpus.vocab_size - 1)).items():
             log(f"  nearest to {word!r}: {', '.join(nbrs)}")
-    if not args.no_save:
-        emb_path, vocab_path = train_mod.save_embeddings(args.out, main.table, corpus)
-        log(f"  saved   {emb_path} ({main.table.shape[0]:,} x {main.table.shape[1]} float32), {vocab_path}")
-    if not args.no_plot and corpus.topics is not None:
-        os.makedirs(args.out, exist_ok=True)
-        path = train_mod.pca_plot(args.out, main.table, corpus)
-        log(f"  plot    {path}" if path else "  plot    skipped (pip install matplotlib, or '.[demo]')")
+    try:
+        if not args.no_save:
+            emb_path, vocab_path = train_mod.save_embeddings(args.out, main.table, corpus)
+            log(f"  saved   {emb_path} ({main.table.shape[0]:,} x {main.table.shape[1]} float32), {vocab_path}")
+        if not args.no_plot and corpus.topics is not None:
+            path = train_mod.pca_plot(args.out, main.table, corpus)
+            log(f"  plot    {path}" if path else "  plot    skipped (pip install matplotlib, or '.[demo]')")
+    except OSError as exc:
+        print(f"error: cannot write to {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _output_dir_problem(path):
+    """None when ``path`` is (or can be made) a writable directory, else what is wrong with it."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except FileExistsError:
+        return f"--out {path} exists and is not a directory"
+    except OSError as exc:
+        return f"cannot create the output directory --out {path}: {exc.strerror or exc}"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"the output directory --out {path} is not writable"
+    return None
 
 
 def run_bench(args):
@@ -182,10 +219,14 @@ def run_bench(args):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "train":
-        return run_train(args)
-    if args.command == "bench":
-        return run_bench(args)
+    try:
+        if args.command == "train":
+            return run_train(args)
+        if args.command == "bench":
+            return run_bench(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     import cembed
 
     cembed.show_config()

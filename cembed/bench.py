@@ -183,6 +183,16 @@ def build(kernel, wl, torch, use_numpy):
             opt.step()
             opt.zero_grad()
         c["cembed"] = (cembed_step, None)
+        if use_numpy:
+            nw, state = w.copy(), {}
+
+            def numpy_step():
+                np.take(nw, idx, axis=0)                            # forward
+                r, inv = np.unique(idx, return_inverse=True)        # backward: coalesced gradient
+                values = np.zeros((r.size, dim), np.float32)
+                np.add.at(values, inv, g)
+                _numpy_optimizer_step("sparse_adam", nw, state, r, values)
+            c["numpy"] = (numpy_step, None)
         if torch is not None:
             temb = torch.nn.Embedding.from_pretrained(torch.from_numpy(w.copy()), freeze=False, sparse=True)
             topt = torch.optim.SparseAdam(temb.parameters(), lr=1e-3)
@@ -198,13 +208,14 @@ def build(kernel, wl, torch, use_numpy):
     n_bags = off.size
     if kernel in ("bag_sum", "bag_mean", "bag_max"):
         mode = kernel[4:]
+        sizes = np.diff(np.append(off, n)).astype(np.float32)[:, None]   # the last bag may be shorter
         c["cembed"] = (lambda: F.embedding_bag(idx, w, off, mode=mode), None)
         if use_numpy:
             ufunc = np.maximum if mode == "max" else np.add
 
             def numpy_bag():
                 out = ufunc.reduceat(np.take(w, idx, axis=0), off, axis=0)
-                return out / np.float32(wl.bag_size) if mode == "mean" else out
+                return out / sizes if mode == "mean" else out
             c["numpy"] = (numpy_bag, None)
         if torch is not None:
             to = torch.from_numpy(off)
@@ -224,6 +235,18 @@ def build(kernel, wl, torch, use_numpy):
             bag.backward(gb)
             bag.zero_grad()
         c["cembed"] = (cembed_fb, None)
+        if use_numpy:
+            counts = np.diff(np.append(off, n))
+            sizes = counts.astype(np.float32)[:, None]
+
+            def numpy_fb():
+                out = np.add.reduceat(np.take(w, idx, axis=0), off, axis=0) / sizes
+                per_index = np.repeat(gb / sizes, counts, axis=0)
+                r, inv = np.unique(idx, return_inverse=True)
+                values = np.zeros((r.size, dim), np.float32)
+                np.add.at(values, inv, per_index)
+                return out, r, values
+            c["numpy"] = (numpy_fb, None)
         if torch is not None:
             tbag = torch.nn.EmbeddingBag.from_pretrained(torch.from_numpy(w.copy()), freeze=False, mode="mean",
                                                          sparse=True)
@@ -251,10 +274,7 @@ def run(rows=1_000_000, dim=128, n=262_144, bag_size=16, threads=None, repeats=7
             torch.set_num_threads(cembed.get_num_threads())
         except ImportError:
             torch = None
-    kernels = KERNELS if not only else [k.strip() for k in only.split(",") if k.strip()]
-    unknown = [k for k in kernels if k not in KERNELS]
-    if unknown:
-        raise ValueError(f"unknown kernel(s) {unknown}; choose from {', '.join(KERNELS)}")
+    kernels = select_kernels(only)
     wl = Workload(rows, dim, n, bag_size, seed)
     src = np.empty((n, dim), np.float32)
     src.fill(1.0)
@@ -286,6 +306,15 @@ def run(rows=1_000_000, dim=128, n=262_144, bag_size=16, threads=None, repeats=7
     return {"config": config, "copy_gbs": copy_gbs, "results": results}
 
 
+def select_kernels(only):
+    """The kernels named in ``only`` ("gather,sgd", None for all); ValueError naming unknown ones."""
+    kernels = KERNELS if not only else [k.strip() for k in only.split(",") if k.strip()]
+    unknown = [k for k in kernels if k not in KERNELS]
+    if unknown or not kernels:
+        raise ValueError(f"unknown kernel(s) {', '.join(unknown) or repr(only)}; choose from {', '.join(KERNELS)}")
+    return kernels
+
+
 def _cpu_name():
     try:
         with open("/proc/cpuinfo") as fh:
@@ -313,6 +342,11 @@ def _format_row(row):
 
 def main(args):
     quiet = args.json
+    try:
+        select_kernels(args.only)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if not quiet:
         print(f"cembed {cembed.__version__} bench: V={args.rows:,} rows, D={args.dim}, N={args.n:,} Zipf(1.1) "
               f"indices, bags of {args.bag_size}, float32, {args.threads or cembed.get_num_threads()} thread(s), "
@@ -330,7 +364,8 @@ def main(args):
     else:
         cfg = report["config"]
         print(f"streaming copy (numpy.copyto, {args.n:,} x {args.dim} float32): {report['copy_gbs']:.1f} GB/s; "
-              f"{cfg['unique_rows']:,} unique rows; machine: {cfg['machine']}; torch {cfg['torch'] or 'not installed'}")
+              f"{cfg['unique_rows']:,} unique rows; machine: {cfg['machine']}; "
+              f"torch {cfg['torch'] or ('skipped (--no-torch)' if args.no_torch else 'not installed')}")
         print("GB/s = bytes that must move (PERF.md byte model) / cembed time; 'of copy' = that as a share of the "
               "streaming copy; 'vs' = speedup of cembed over the baseline (same data, same run)")
     return 0

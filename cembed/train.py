@@ -213,6 +213,8 @@ def evaluation_words(corpus: Corpus, n_eval=2000):
 def evaluation_sets(corpus: Corpus, n_eval=2000, seed=0):
     """{"frequent": the n_eval most frequent words, "rare": n_eval words seen 10 to 100 times}."""
     sets = {"frequent": evaluation_words(corpus, n_eval)}
+    if sets["frequent"].size < 2:   # a neighbour needs a second word
+        return {}
     rare = np.flatnonzero((corpus.counts >= 10) & (corpus.counts <= 100))
     if rare.size >= 50:
         rng = np.random.default_rng(seed)
@@ -329,7 +331,7 @@ def train(corpus: Corpus, config: TrainConfig, *, progress=True, log=print):
     if config.threads:
         cembed.set_num_threads(config.threads)
     w_in, w_out = initial_tables(corpus.vocab_size, config.dim, config.seed)
-    eval_sets = evaluation_sets(corpus) if corpus.topics is not None else None
+    eval_sets = (evaluation_sets(corpus) or None) if corpus.topics is not None else None
     before, chance = {}, {}
     for name, words in (eval_sets or {}).items():
         before[name], chance[name] = topic_precision(w_in, words, corpus.topics)
@@ -344,6 +346,7 @@ def train(corpus: Corpus, config: TrainConfig, *, progress=True, log=print):
         loss = model.step(centers, targets)
         bar.update(words, loss)
     seconds = time.perf_counter() - start
+    words = total   # every token was consumed, also when the last slices gave no pair
     bar.update(words, loss, force=True)
     bar.close()
     table = model.input_table()

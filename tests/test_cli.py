@@ -136,3 +136,99 @@ def test_bench_json_tiny(capsys):
     for row in data["results"]:
         assert row["cembed_ms"] > 0 and row["cembed_gbs"] > 0
     assert data["config"]["rows"] == 5000 and data["copy_gbs"] > 0
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--seed", "-1"], "integer >= 0"), (["--lr", "inf"], "finite positive"), (["--lr", "nan"], "finite positive"),
+    (["--subsample", "nan"], "finite number >= 0"), (["--subsample=-1e-4"], "finite number >= 0"),
+    (["--subsample", "often"], "number >= 0"), (["--batch-size", "many"], "positive integer")])
+def test_bad_values_exit_2_naming_the_flag(capsys, flags, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *flags])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flags[0].split('=')[0]}" in err and message in err and "Traceback" not in err
+
+
+def test_unusable_out_dir_fails_before_training(tmp_path, capsys, monkeypatch):
+    not_a_dir = tmp_path / "file.txt"
+    not_a_dir.write_text("x")
+    monkeypatch.setattr(train_mod, "train", lambda *a, **k: pytest.fail("trained before checking --out"))
+    for out, message in [(not_a_dir, "is not a directory"), (not_a_dir / "sub", "cannot create the output")]:
+        assert main(["train", *TINY, "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not_a_dir.read_text() == "x"
+    # nothing to write: --out is not looked at
+    monkeypatch.undo()
+    assert main(["train", *TINY, "--no-save", "--out", str(not_a_dir)]) == 0
+
+
+def test_unreadable_corpus_file(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "secret.txt"
+    path.write_text("a b c\n" * 10)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(corpus_mod, "open", denied, raising=False)  # root reads any file: fake the refusal
+    assert main(["train", "--corpus", str(path), "--quiet", "--no-save"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: cannot read corpus file {path}: Permission denied\n"
+
+
+def test_directory_as_corpus(tmp_path, capsys):
+    assert main(["train", "--corpus", str(tmp_path), "--quiet", "--no-save"]) == 1
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_tiny_corpus_counts_every_word(tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text("the cat sat\nthe dog sat\n" * 3, encoding="utf-8")
+    corpus = corpus_mod.text_corpus(str(path), min_count=2)
+    # subsampling drops nearly everything in so small a corpus: the words are still all consumed
+    result = train_mod.train(corpus, train_mod.TrainConfig(dim=8), progress=False)
+    assert result.words == corpus.n_tokens == 18 and result.words_per_second > 0
+
+
+def test_degenerate_synthetic_vocabulary_has_no_nan_quality(capsys):
+    assert main(["train", "--vocab-size", "1", "--topics", "1", "--tokens", "40", "--quiet", "--no-save",
+                 "--no-plot"]) == 0
+    assert "nan" not in capsys.readouterr().out
+
+
+def test_interrupt_exits_130_without_traceback(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_mod, "train", interrupted)
+    assert main(["train", *TINY, "--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+    assert not (tmp_path / "embeddings.npy").exists()
+
+
+def test_progress_bar_line(monkeypatch):
+    import io
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    stream = Tty()
+    bar = train_mod.Progress(1000, "cembed", stream=stream)
+    bar.update(500, 2.0, force=True)
+    bar.update(1000, 1.0, force=True)
+    bar.close()
+    text = stream.getvalue()
+    assert text.count("\r") == 2 and text.endswith("\n")
+    last = text.split("\r")[-1]
+    assert "100.0%" in last and "words/s" in last and "loss 1.7000" in last   # 0.7 * 2.0 + 0.3 * 1.0
+
+
+def test_bench_unknown_kernel_and_numpy_rows(capsys):
+    assert main(["bench", "--only", "gather,warp_drive"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "warp_drive" in captured.err and "choose from" in captured.err
+    assert main(["bench", "--rows", "3000", "--dim", "8", "--n", "1000", "--repeats", "1", "--json", "--no-torch",
+                 "--only", "train_step,bag_mean_fwd_bwd,bag_mean"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [row["kernel"] for row in data["results"]] == ["train_step", "bag_mean_fwd_bwd", "bag_mean"]
+    for row in data["results"]:
+        assert row["numpy_ms"] > 0 and row["vs_numpy"] > 0 and row["torch_ms"] is None
