@@ -116,6 +116,10 @@ def _fmt_quality(result):
                        for name in result.quality_after)
 
 
+def _fmt_loss(loss):
+    return "- (no training pair)" if loss is None else f"{loss:.4f}"
+
+
 def run_train(args):
     from . import corpus as corpus_mod
     from . import train as train_mod
@@ -163,7 +167,7 @@ def run_train(args):
         result = train_mod.train(corpus, config, progress=not args.quiet, log=log)
         results.append(result)
         log(f"{backend:>6}  {result.seconds:.1f}s  {result.words_per_second:,.0f} words/s  "
-            f"loss {result.final_loss:.4f}  {_fmt_quality(result)}")
+            f"loss {_fmt_loss(result.final_loss)}  {_fmt_quality(result)}")
     main = results[0]
     log("")
     log("summary")

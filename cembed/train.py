@@ -300,7 +300,7 @@ class TrainResult:
     seconds: float
     words: int
     words_per_second: float
-    final_loss: float
+    final_loss: float             # smoothed loss per pair at the end; None when no training pair was formed
     quality_before: dict = None   # evaluation set -> precision@10 before training
     quality_after: dict = None    # evaluation set -> precision@10 after training
     chance: dict = None           # evaluation set -> precision@10 of random neighbours
@@ -352,7 +352,7 @@ def train(corpus: Corpus, config: TrainConfig, *, progress=True, log=print):
     table = model.input_table()
     result = TrainResult(backend=model.name, seconds=seconds, words=words,
                          words_per_second=words / seconds if seconds > 0 else float("nan"),
-                         final_loss=bar.loss if bar.loss is not None else float("nan"), table=table)
+                         final_loss=bar.loss, table=table)
     if eval_sets is not None:
         result.quality_before, result.chance = before, chance
         result.quality_after = {name: topic_precision(table, words, corpus.topics)[0]
