@@ -384,8 +384,9 @@ def pca_plot(out_dir, table, corpus, n_topics_shown=10, per_topic=40, seed=0):
         return None
     words = evaluation_words(corpus, 20 * per_topic * max(1, corpus.n_topics // n_topics_shown))
     labels = corpus.topics[words]
-    shown = np.random.default_rng(seed).choice(np.unique(labels), size=min(n_topics_shown, np.unique(labels).size),
-                                               replace=False)
+    shown = np.sort(np.random.default_rng(seed).choice(np.unique(labels),
+                                                       size=min(n_topics_shown, np.unique(labels).size),
+                                                       replace=False))
     picked = np.concatenate([words[labels == t][:per_topic] for t in shown])
     x = table[picked].astype(np.float64)
     x -= x.mean(axis=0)
