@@ -177,8 +177,7 @@ class TorchModel:
         self.n_steps = 0
 
         self.torch = torch
-        if config.threads:
-            torch.set_num_threads(config.threads)
+        torch.set_num_threads(config.threads or cembed.get_num_threads())   # the same threads as cembed
         self.emb_in = torch.nn.Embedding.from_pretrained(torch.from_numpy(w_in), freeze=False, sparse=True)
         self.emb_out = torch.nn.Embedding.from_pretrained(torch.from_numpy(w_out), freeze=False, sparse=True)
         params = list(self.emb_in.parameters()) + list(self.emb_out.parameters())

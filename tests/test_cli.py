@@ -232,3 +232,21 @@ def test_bench_unknown_kernel_and_numpy_rows(capsys):
     assert [row["kernel"] for row in data["results"]] == ["train_step", "bag_mean_fwd_bwd", "bag_mean"]
     for row in data["results"]:
         assert row["numpy_ms"] > 0 and row["vs_numpy"] > 0 and row["torch_ms"] is None
+
+
+@pytest.mark.parametrize("backend", ["torch", "both"])
+def test_torch_backend_without_torch_is_a_clear_error(capsys, monkeypatch, backend):
+    monkeypatch.setitem(sys.modules, "torch", None)   # import torch now raises ImportError
+    monkeypatch.setattr(train_mod, "train", lambda *a, **k: pytest.fail("trained without torch"))
+    assert main(["train", *TINY, "--no-save", "--backend", backend]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --backend torch needs PyTorch (pip install torch)\n"
+
+
+def test_bench_without_torch_says_so(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    assert main(["bench", "--rows", "2000", "--dim", "8", "--n", "512", "--repeats", "1", "--only", "gather"]) == 0
+    out = capsys.readouterr().out
+    assert "torch not installed" in out
+    row = next(line for line in out.splitlines() if line.startswith("gather"))
+    assert row.split()[3] == "-"          # the torch column is empty
