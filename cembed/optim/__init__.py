@@ -12,10 +12,10 @@ import numbers
 
 import numpy as np
 
-from . import _optim
-from ._config import n_threads_for
-from ._validation import FLOAT_DTYPES
-from .sparse import SparseGrad
+from .. import _optim
+from .._config import n_threads_for
+from .._validation import FLOAT_DTYPES
+from ..sparse import SparseGrad
 
 __all__ = ["Optimizer", "SGD", "SparseAdam", "Adagrad"]
 
@@ -344,7 +344,7 @@ class SGD(Optimizer):
         weight -= weight.dtype.type(lr) * g
 
     def _sparse_momentum(self, i, weight, grad):
-        from . import _grad
+        from .. import _grad
 
         group = self._group
         state = self.state[i]
