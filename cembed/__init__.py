@@ -1,7 +1,8 @@
 """cembed: fast CPU embedding tables for NumPy.
 
-torch.nn.Embedding / EmbeddingBag / F.embedding and the sparse-gradient optimizers (SGD, SparseAdam,
-Adagrad) with torch's semantics and parameter names, as Cython kernels parallelised with OpenMP.
+``torch.nn.Embedding`` / ``EmbeddingBag`` / ``torch.nn.functional.embedding`` and the sparse-gradient
+optimizers (SGD, SparseAdam, Adagrad) with torch's semantics and parameter names, as Cython kernels
+parallelised with OpenMP. The layers, and who may import whom, are described in ``ARCHITECTURE.md``.
 """
 __version__ = "0.1.0"
 
@@ -18,8 +19,7 @@ except ImportError as exc:  # pragma: no cover - depends on how cembed was insta
 
 from ._config import get_num_threads, release_memory, set_num_threads, show_config
 from .sparse import SparseGrad
-from .embedding import Embedding
-from .embedding_bag import EmbeddingBag
+from .modules import Embedding, EmbeddingBag
 from . import functional
 from . import optim
 

@@ -1,66 +1,149 @@
-"""Thread-count control and build information."""
-import operator
+"""Threads (how many, per call, and after ``fork``), the thread grains of every kernel, build info."""
+from __future__ import annotations
+
+import os
 import sys
+from typing import Optional, TextIO
 
 import numpy as np
 
 from . import _threads
+from ._validation import check_int
 
 try:  # written by setup.py at build time
     from . import _build_config
 except ImportError:  # pragma: no cover - only in a broken checkout
     _build_config = None
 
-_user_threads = None
+#: Upper bound of :func:`set_num_threads`: more threads than this is a mistake, not a setting.
+MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))
+
+#: Work items per thread below which a kernel does not wake another thread, per kernel family.
+#: Results never depend on these numbers (every kernel is bitwise thread-count independent); they
+#: only keep small calls from paying for a parallel region.
+GRAIN = {
+    "gather": 2048,          # looked-up rows
+    "renorm": 256,           # distinct rows renormalised
+    "sort": 16384,           # indices radix-sorted
+    "segment": 256,          # distinct rows summed (gradient coalescing)
+    "zero_fill": 1 << 20,    # elements of a dense gradient zeroed
+    "optimizer": 512,        # rows updated by an optimizer step
+    "merge": 4096,           # rows of two sparse gradients merged
+    "bag": 64,               # bags pooled
+    "entry": 4096,           # per-index work of a bag backward (per-sample-weight gradient)
+    "column_block": 16,      # column blocks of the max-mode bag backward
+}
+
+_user_threads: Optional[int] = None
+_parallel_region_used = False   # has this process run a kernel on more than one thread?
+_forked_after_parallel = False  # are we a fork() child of a process whose OpenMP pool had started?
 
 
-def set_num_threads(n=None):
-    """Use ``n`` threads in every cembed kernel; ``None`` restores the default, which follows
-    ``OMP_NUM_THREADS`` and ``threadpoolctl.threadpool_limits(..., user_api="openmp")`` at each call."""
+def set_num_threads(n: Optional[int] = None) -> None:
+    """Use ``n`` threads in every cembed kernel.
+
+    Parameters
+    ----------
+    n : int or None
+        ``1 <= n <= MAX_THREADS``; ``None`` restores the default, which follows ``OMP_NUM_THREADS``
+        and ``threadpoolctl.threadpool_limits(..., user_api="openmp")`` at each call.
+
+    Raises
+    ------
+    TypeError
+        ``n`` is not an int (bools included).
+    ValueError
+        ``n`` is below 1 or above ``cembed._config.MAX_THREADS``.
+
+    Examples
+    --------
+    >>> import cembed
+    >>> cembed.set_num_threads(1)
+    >>> cembed.get_num_threads()
+    1
+    >>> cembed.set_num_threads(None)
+    """
     global _user_threads
     if n is None:
         _user_threads = None
         return
-    if isinstance(n, bool):
-        raise TypeError("set_num_threads: n must be an int >= 1 or None, got a bool")
-    try:
-        n = operator.index(n)
-    except TypeError:
-        raise TypeError(f"set_num_threads: n must be an int >= 1 or None, got {type(n).__name__}") from None
-    if n < 1:
-        raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
-    _user_threads = n
+    _user_threads = check_int(n, "set_num_threads: n", low=1, high=MAX_THREADS)
 
 
-def get_num_threads():
-    """The number of threads the next kernel call may use (resolved now)."""
+def get_num_threads() -> int:
+    """The number of threads the next kernel call may use, resolved now.
+
+    In a child process created by ``fork()`` after this process ran a parallel kernel, this is
+    always 1: GNU OpenMP's thread pool does not survive ``fork``, and entering a parallel region in
+    such a child would hang forever (see ``docs/safety.md``).
+
+    Examples
+    --------
+    >>> import cembed
+    >>> cembed.get_num_threads() >= 1
+    True
+    """
+    if _forked_after_parallel:
+        return 1
     if _user_threads is not None:
         return _user_threads
     return max(1, _threads.max_threads())
 
 
-def n_threads_for(n_items, grain=1024):
-    """Threads for a loop over ``n_items`` units of work: never more than one per ``grain`` items.
-    Results never depend on this number; it only avoids waking threads for tiny calls."""
-    return max(1, min(get_num_threads(), int(n_items) // grain))
+def n_threads_for(n_items: int, work: str) -> int:
+    """Threads for a loop over ``n_items`` units of ``work`` (a key of :data:`GRAIN`)."""
+    global _parallel_region_used
+    n = max(1, min(get_num_threads(), int(n_items) // GRAIN[work]))
+    if n > 1:
+        _parallel_region_used = True
+    return n
 
 
-def release_memory():
-    """Free the cached output buffers (see cembed._pool); returns the number of bytes freed.
-    Large kernel outputs (looked-up rows, gradient values) are recycled when the arrays holding them
-    die, so a training loop stops allocating after its first step; this gives that memory back."""
-    from . import _pool
-
-    return _pool.release()
+def _after_fork_in_child() -> None:
+    global _forked_after_parallel
+    if _parallel_region_used:
+        _forked_after_parallel = True
 
 
-def openmp_enabled():
-    return _threads.openmp_enabled()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def show_config(file=None):
-    """Print the version, whether OpenMP is enabled, the thread count and the compile flags."""
-    from . import __version__
+def release_memory() -> int:
+    """Free the cached output buffers; returns the number of bytes given back.
+
+    Large kernel outputs (looked-up rows, gradient values, bag outputs) are recycled when the arrays
+    holding them die, so a training loop stops allocating after its first step; this gives that
+    memory back to the system.
+
+    Examples
+    --------
+    >>> import cembed
+    >>> cembed.release_memory() >= 0
+    True
+    """
+    from . import _buffer_cache
+
+    return int(_buffer_cache.release())
+
+
+def openmp_enabled() -> bool:
+    """True when the kernels were compiled with OpenMP."""
+    return bool(_threads.openmp_enabled())
+
+
+def show_config(file: Optional[TextIO] = None) -> None:
+    """Print the version, whether OpenMP is enabled, the thread count and the compile flags.
+
+    Examples
+    --------
+    >>> import io, cembed
+    >>> buf = io.StringIO()
+    >>> cembed.show_config(file=buf)
+    >>> buf.getvalue().startswith("cembed ")
+    True
+    """
+    from . import __version__, _buffer_cache
 
     file = sys.stdout if file is None else file
     omp = _threads.openmp_enabled()
@@ -77,7 +160,6 @@ def show_config(file=None):
             f"link flags: {' '.join(_build_config.LINK_ARGS)}",
             f"bounds checking: {'on' if _build_config.BOUNDSCHECK else 'off'}",
         ]
-    from . import _pool
-
-    lines.append(f"output buffer cache: {_pool.cached_bytes() / 2**20:.1f} MiB held (cembed.release_memory() frees it)")
+    lines.append(f"output buffer cache: {_buffer_cache.cached_bytes() / 2**20:.1f} MiB held "
+                 "(cembed.release_memory() frees it)")
     print("\n".join(lines), file=file)

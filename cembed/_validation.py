@@ -1,47 +1,154 @@
-"""Vectorised argument checks shared by every façade. They run before any kernel, so a call that
-raises has modified nothing."""
+"""Argument policies, each written once: scalars, sizes, index arrays, weights, row-id arrays.
+
+Every façade (``functional``, the modules, the optimizers) calls these before any kernel runs, so a
+call that raises has modified nothing. The rules (see ``docs/safety.md``):
+
+* scalars: :func:`check_real` / :func:`check_int` — one constraint helper for every numeric argument
+  (``bool`` and strings are a ``TypeError``; NaN, and inf unless allowed, a ``ValueError``);
+* indices: any integer dtype, range-checked against the *current* table (``IndexError`` naming the
+  first bad value, its position and the valid range);
+* weights: :func:`check_weight` and :func:`kernel_layout` — whether the kernels may use a table in
+  place (rows of unit stride, aligned) or must go through a copy of the touched rows;
+* row-id arrays kept between calls (``SparseGrad`` rows, optimizer state): :func:`check_row_ids`,
+  re-run at every use.
+"""
+from __future__ import annotations
+
+import math
+import numbers
 import operator
+from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import _gather
+from . import _checks
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _NATIVE_INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
+_INT64_MAX = np.iinfo(np.int64).max
 
 
-def check_float_dtype(dtype, name="dtype"):
+# ----------------------------------------------------------------------------------------- scalars
+
+def check_real(value: Any, name: str, *, low: Optional[float] = None, high: Optional[float] = None,
+               low_open: bool = False, high_open: bool = False, allow_inf: bool = False) -> float:
+    """``value`` as a Python float, or an exception naming ``name``.
+
+    ``TypeError`` for anything that is not a real number (``bool``, ``numpy.bool_``, strings and
+    ``None`` included); ``ValueError`` for NaN, for an infinity unless ``allow_inf``, and for values
+    outside ``[low, high]`` (``low_open`` / ``high_open`` exclude the bound)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN, got nan")
+    if math.isinf(value) and not allow_inf:
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
+    return value
+
+
+def check_int(value: Any, name: str, *, low: Optional[int] = None, high: Optional[int] = None) -> int:
+    """``value`` as a Python int in ``[low, high]``: ``TypeError`` for non-integers and bools,
+    ``ValueError`` outside the bounds."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int, got a bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+    return value
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """A flag: ``bool`` or ``numpy.bool_`` (0/1 integers too, as Python treats them); anything else is
+    a ``TypeError``."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (numbers.Integral, np.integer)) and value in (0, 1):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def check_size(value: Any, name: str) -> int:
+    """A non-negative int (``num_embeddings``, ``embedding_dim``)."""
+    return check_int(value, name, low=0)
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def check_max_norm(max_norm: Any, norm_type: Any) -> Tuple[Optional[float], float]:
+    """``max_norm``: ``None`` or a real number (any sign, as in torch); ``norm_type``: a real number,
+    infinities allowed (the max / min "norms")."""
+    if max_norm is not None:
+        max_norm = check_real(max_norm, "max_norm", allow_inf=True)
+    return max_norm, check_real(norm_type, "norm_type", allow_inf=True)
+
+
+# ----------------------------------------------------------------------------------------- weights
+
+def check_float_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
     dtype = np.dtype(dtype)
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32 or float64, got {dtype}")
     return dtype
 
 
-def check_weight(weight, name="weight"):
-    """A 2-D float32/float64 ndarray in native byte order (used as is, never copied)."""
+def check_weight(weight: Any, name: str = "weight", *, numeric: bool = False) -> np.ndarray:
+    """A 2-D ndarray in native byte order: float32/float64, or with ``numeric=True`` any integer or
+    float dtype (lookup-only tables). It is used as is, never copied."""
     if not isinstance(weight, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(weight).__name__}")
     if weight.ndim != 2:
         raise ValueError(f"{name} must be 2-D (num_embeddings, embedding_dim), got shape {weight.shape}")
-    if weight.dtype not in FLOAT_DTYPES:
+    if numeric:
+        if weight.dtype.kind not in "iuf":
+            raise TypeError(f"{name} must have a numeric dtype (integer or float), got {weight.dtype}")
+    elif weight.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32 or float64, got dtype {weight.dtype}")
     if not weight.dtype.isnative:
         raise TypeError(f"{name} must be in native byte order, got dtype {weight.dtype.str}")
     return weight
 
 
-def check_writeable(weight, what, name="weight"):
+def check_trainable(weight: np.ndarray, name: str = "weight") -> None:
+    """Gradients and optimizer updates need a float32/float64 table."""
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {weight.dtype}: only float32 or float64 tables can be trained "
+                        "(integer tables are lookup-only; use freeze=True)")
+
+
+def check_writeable(weight: np.ndarray, what: str, name: str = "weight") -> None:
     if not weight.flags.writeable:
         raise ValueError(f"{name} is read-only but {what} writes into it")
 
 
-def rows_contiguous(weight):
-    """True when each row is contiguous (unit column stride), which is what the kernels need;
-    the row stride itself may be anything."""
-    return weight.shape[1] <= 1 or weight.strides[1] == weight.itemsize
+def kernel_layout(array: np.ndarray) -> bool:
+    """True when the kernels can use a 2-D table in place: float32/float64, each row contiguous
+    (unit column stride), a row stride that is a whole number of items, and aligned data. Tables
+    that are not (``big[:, ::2]``, Fortran order, a packed record field) are handled by copying only
+    the rows a call touches, never the whole table."""
+    itemsize = array.itemsize
+    return (array.dtype in FLOAT_DTYPES
+            and (array.shape[1] <= 1 or array.strides[1] == itemsize)
+            and array.strides[0] % itemsize == 0
+            and array.ctypes.data % itemsize == 0)
 
 
-def as_index_array(indices, name="indices", n_rows=None):
+# ----------------------------------------------------------------------------------------- indices
+
+def as_index_array(indices: Any, name: str = "indices", n_rows: Optional[int] = None) -> np.ndarray:
     """Indices as an int32 or int64 ndarray of any shape (int32/int64 input is not copied).
 
     Any signed or unsigned integer dtype is accepted; bool, float and object are a TypeError.
@@ -55,47 +162,66 @@ def as_index_array(indices, name="indices", n_rows=None):
     if arr.dtype in _NATIVE_INDEX_DTYPES and arr.dtype.isnative:
         return arr
     if kind == "u" and arr.dtype.itemsize >= 8 and arr.size:
-        too_big = arr > np.iinfo(np.int64).max
+        too_big = arr > _INT64_MAX
         if too_big.any():
-            _raise_index_error(arr, int(np.flatnonzero(too_big.ravel())[0]), n_rows, name)
+            raise_index_error(arr, int(np.flatnonzero(too_big.ravel())[0]), n_rows, name)
     if arr.dtype.itemsize <= 4 and not (kind == "u" and arr.dtype.itemsize == 4):
         return arr.astype(np.int32)
     return arr.astype(np.int64)
 
 
-def flat_indices(arr):
+def flat_indices(arr: np.ndarray) -> np.ndarray:
     """The indices as a 1-D C-contiguous array (a view when they already are)."""
     return np.ascontiguousarray(arr).reshape(-1)
 
 
-def _raise_index_error(arr, pos, n_rows, name):
+def raise_index_error(arr: np.ndarray, pos: int, n_rows: Optional[int], name: str) -> None:
     value = arr.reshape(-1)[pos]
     where = tuple(int(i) for i in np.unravel_index(pos, arr.shape)) if arr.ndim > 1 else pos
     valid = f"[0, {n_rows})" if n_rows is not None else "[0, num_embeddings)"
-    raise IndexError(
-        f"{name} contains {value} at position {where}, outside the valid range {valid}"
-    )
+    raise IndexError(f"{name} contains {value} at position {where}, outside the valid range {valid}")
 
 
-def check_index_range(flat, shape, n_rows, name="indices"):
+def check_index_range(flat: np.ndarray, shape: Tuple[int, ...], n_rows: int, name: str = "indices") -> None:
     """IndexError naming the first index outside [0, n_rows) (negative included)."""
     if flat.size == 0:
         return
-    pos = _gather.first_out_of_range(flat, n_rows)
+    pos = _checks.first_out_of_range(flat, n_rows)
     if pos >= 0:
-        _raise_index_error(flat.reshape(shape), int(pos), n_rows, name)
+        raise_index_error(flat.reshape(shape), int(pos), n_rows, name)
 
 
-def normalize_padding_idx(padding_idx, n_rows):
+def validated_indices(indices: Any, n_rows: int, name: str = "indices") -> Tuple[np.ndarray, np.ndarray]:
+    """(index array of the caller's shape, its flat int32/int64 view), range-checked against ``n_rows``."""
+    idx = as_index_array(indices, name, n_rows)
+    flat = flat_indices(idx)
+    check_index_range(flat, idx.shape, n_rows, name)
+    return idx, flat
+
+
+def check_row_ids(rows: Any, n_rows: int, name: str) -> np.ndarray:
+    """A row-id array kept between calls (a ``SparseGrad``'s rows, an optimizer's live rows): 1-D
+    int64, strictly increasing, inside ``[0, n_rows)``. Re-run at every use; one O(n) pass."""
+    if not isinstance(rows, np.ndarray) or rows.dtype != np.int64 or rows.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D int64 array, got "
+                         f"{type(rows).__name__ if not isinstance(rows, np.ndarray) else rows.dtype}")
+    if not rows.flags.c_contiguous:
+        rows = np.ascontiguousarray(rows)
+    pos = _checks.first_unsorted_or_out_of_range(rows, n_rows)
+    if pos >= 0:
+        value = int(rows[pos])
+        if not 0 <= value < n_rows:
+            raise IndexError(f"{name} contains {value} at position {pos}, outside the valid range [0, {n_rows})")
+        raise ValueError(f"{name} must be strictly increasing: position {pos} holds {value} after "
+                         f"{int(rows[pos - 1])}")
+    return rows
+
+
+def normalize_padding_idx(padding_idx: Any, n_rows: int) -> Optional[int]:
     """torch's rule: -n_rows <= p < n_rows, negatives stored as n_rows + p; None stays None."""
     if padding_idx is None:
         return None
-    if isinstance(padding_idx, (bool, np.bool_)):
-        raise TypeError("padding_idx must be an int or None, got a bool")
-    try:
-        p = operator.index(padding_idx)
-    except TypeError:
-        raise TypeError(f"padding_idx must be an int or None, got {type(padding_idx).__name__}") from None
+    p = check_int(padding_idx, "padding_idx")
     if not -n_rows <= p < n_rows:
         raise ValueError(
             f"padding_idx must be within num_embeddings: got {p}, valid range is "
@@ -104,28 +230,18 @@ def normalize_padding_idx(padding_idx, n_rows):
     return p + n_rows if p < 0 else p
 
 
-def check_size(value, name):
-    """A non-negative int (num_embeddings, embedding_dim)."""
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an int, got a bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
-
-
-def check_max_norm(max_norm, norm_type):
-    """max_norm: None or a real number (not validated further, as in torch); norm_type: a real."""
-    if max_norm is not None:
-        try:
-            max_norm = float(max_norm)
-        except (TypeError, ValueError):
-            raise TypeError(f"max_norm must be a real number or None, got {type(max_norm).__name__}") from None
-    try:
-        norm_type = float(norm_type)
-    except (TypeError, ValueError):
-        raise TypeError(f"norm_type must be a real number, got {type(norm_type).__name__}") from None
-    return max_norm, norm_type
+def check_gradient_rows(grad_output: Any, lead_shape: Tuple[int, ...], *, dim: Optional[int] = None,
+                        dtype: Optional[np.dtype] = None, name: str = "grad_output") -> np.ndarray:
+    """``grad_output`` of shape ``lead_shape + (dim,)`` as a C-contiguous ``(n, dim)`` float array in
+    native byte order (a view when it already is one)."""
+    arr = grad_output if isinstance(grad_output, np.ndarray) else np.asarray(grad_output)
+    if arr.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got dtype {arr.dtype}")
+    if dtype is not None and arr.dtype != dtype:
+        raise TypeError(f"{name} has dtype {arr.dtype} but the weight is {dtype}")
+    if arr.ndim != len(lead_shape) + 1 or arr.shape[:-1] != tuple(lead_shape) or (
+            dim is not None and arr.shape[-1] != dim):
+        want = tuple(lead_shape) + ((dim,) if dim is not None else ("dim",))
+        raise ValueError(f"{name} must have shape indices.shape + (embedding_dim,) = {want}, got {arr.shape}")
+    n = int(np.prod(lead_shape, dtype=np.int64))
+    return np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("="), copy=False)).reshape(n, arr.shape[-1])

@@ -1,6 +1,773 @@
-"""cembed.functional: the stateless operations (torch.nn.functional's embedding family)."""
-from ._lookup import embedding, embedding_renorm_
-from ._backward import coalesce, embedding_backward
-from .embedding_bag import embedding_bag
+"""cembed.functional: the embedding family of ``torch.nn.functional``, implemented here.
 
-__all__ = ["embedding", "embedding_renorm_", "embedding_backward", "coalesce", "embedding_bag"]
+This module is the middle layer: it validates every argument (``cembed._validation``), then
+dispatches to the private compiled kernels. The modules (``cembed.Embedding``,
+``cembed.EmbeddingBag``) and nothing else build on it; it imports no module and no optimizer.
+
+Public: :func:`embedding`, :func:`embedding_renorm_`, :func:`embedding_backward`, :func:`coalesce`,
+:func:`embedding_bag`, :func:`embedding_bag_backward`.
+
+For the modules it also holds the two records of a validated forward that a backward needs
+(:class:`SavedLookup`, :class:`SavedBags`: private, read-only copies of the indices and offsets)
+and :func:`add_to_grad`, the one rule for how a new gradient joins a module's existing ``.grad``.
+Behaviour follows PyTorch 2.13 except where ``docs/behaviour.md`` says otherwise.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple, Union
+
+import numpy as np
+
+from . import _bag, _buffer_cache, _grad, _gather, _renorm, _sort
+from ._config import n_threads_for
+from ._validation import (
+    FLOAT_DTYPES,
+    as_index_array,
+    check_choice,
+    check_gradient_rows,
+    check_index_range,
+    check_max_norm,
+    check_size,
+    check_trainable,
+    check_weight,
+    check_writeable,
+    flat_indices,
+    kernel_layout,
+    normalize_padding_idx,
+    validated_indices,
+)
+from .sparse import SparseGrad
+
+__all__ = ["embedding", "embedding_renorm_", "embedding_backward", "coalesce", "embedding_bag",
+           "embedding_bag_backward"]
+
+Grad = Union[np.ndarray, SparseGrad]
+BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
+_NO_POSITIONS = np.zeros(0, dtype=np.int64)
+
+
+# ============================================================================ saved forwards
+
+def _private(flat: np.ndarray, caller: Any) -> np.ndarray:
+    """``flat`` as an array nobody else can reach: copied when it may share memory with what the
+    caller passed in, then made read-only."""
+    if isinstance(caller, np.ndarray) and np.may_share_memory(flat, caller):
+        flat = flat.copy()
+    flat.flags.writeable = False
+    return flat
+
+
+class SavedLookup:
+    """The validated indices of one forward, kept for its backward.
+
+    ``flat`` is a private read-only copy (int32/int64, 1-D), ``shape`` the caller's index shape,
+    ``n_rows`` the table size they were checked against, ``groups`` the row grouping
+    ``(order, rows, starts)`` when the forward already sorted them (max_norm)."""
+
+    __slots__ = ("flat", "shape", "n_rows", "groups")
+
+    def __init__(self, flat: np.ndarray, shape: Tuple[int, ...], n_rows: int,
+                 groups: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None) -> None:
+        self.flat, self.shape, self.n_rows, self.groups = flat, shape, n_rows, groups
+
+    def check_rows(self, n_rows: int, name: str = "indices") -> None:
+        """The saved indices against the table as it is *now* (the weight may have been replaced):
+        free when the table did not shrink, one O(n) pass when it did."""
+        if n_rows < self.n_rows:
+            check_index_range(self.flat, self.shape, n_rows, f"{name} (saved at forward)")
+            self.n_rows = n_rows
+
+
+def _group_rows(flat: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(order, distinct rows ascending, segment starts) of validated row ids (parallel radix sort)."""
+    return _sort.sort_rows(flat, n_threads_for(flat.size, "sort"))
+
+
+def _distinct_rows(flat: np.ndarray) -> np.ndarray:
+    _, rows, _ = _sort.sort_rows(flat, n_threads_for(flat.size, "sort"), want_order=False)
+    return rows
+
+
+# ============================================================================ lookup and renorm
+
+def _renorm_rows(weight: np.ndarray, rows: np.ndarray, max_norm: float, norm_type: float) -> None:
+    """Renormalise the distinct, validated ``rows`` of ``weight`` in place."""
+    if rows.size == 0 or weight.shape[1] == 0:
+        return
+    n_threads = n_threads_for(rows.size, "renorm")
+    if kernel_layout(weight):
+        _renorm.renorm_rows(weight, rows, max_norm, norm_type, n_threads)
+    else:  # only the touched rows are copied, never the table
+        block = np.ascontiguousarray(weight[rows])
+        _renorm.renorm_rows(block, np.arange(rows.size, dtype=np.int64), max_norm, norm_type, n_threads)
+        weight[rows] = block
+
+
+def renorm_referenced(weight: np.ndarray, flat: np.ndarray, max_norm: float, norm_type: float,
+                      what: str = "max_norm renormalisation") -> None:
+    """Renormalise, in place, the distinct rows among validated indices ``flat`` (a float table)."""
+    if flat.size == 0:
+        return
+    check_trainable(weight)
+    check_writeable(weight, what)
+    _renorm_rows(weight, _distinct_rows(flat), max_norm, norm_type)
+
+
+def _take_rows(weight: np.ndarray, shape: Tuple[int, ...], flat: np.ndarray) -> np.ndarray:
+    """``weight[flat]`` reshaped to ``shape + (dim,)``, a fresh array."""
+    dim = weight.shape[1]
+    if not kernel_layout(weight):
+        return np.take(weight, flat, axis=0).reshape(shape + (dim,))
+    out = _buffer_cache.empty((flat.size, dim), weight.dtype)
+    _gather.gather_rows(weight, flat, out, n_threads_for(flat.size, "gather"))
+    return out.reshape(shape + (dim,))
+
+
+def lookup(weight: np.ndarray, indices: Any, max_norm: Optional[float], norm_type: float,
+           save: bool = False) -> Tuple[np.ndarray, Optional[SavedLookup]]:
+    """The forward of :func:`embedding` on a checked weight and options; with ``save`` also the
+    record its backward needs (a private copy of the indices; the row grouping when max_norm sorted
+    them anyway)."""
+    idx, flat = validated_indices(indices, weight.shape[0])
+    groups = None
+    if max_norm is not None and save and flat.size:  # the backward reuses this grouping
+        check_trainable(weight)
+        check_writeable(weight, "max_norm renormalisation")
+        groups = _group_rows(flat)
+        _renorm_rows(weight, groups[1], max_norm, norm_type)
+    elif max_norm is not None:
+        renorm_referenced(weight, flat, max_norm, norm_type)
+    out = _take_rows(weight, idx.shape, flat)
+    saved = SavedLookup(_private(flat, indices), idx.shape, weight.shape[0], groups) if save else None
+    return out, saved
+
+
+def embedding(indices: Any, weight: np.ndarray, padding_idx: Optional[int] = None,
+              max_norm: Optional[float] = None, norm_type: float = 2.0) -> np.ndarray:
+    """Look up rows of a table: ``weight[indices]``, like ``torch.nn.functional.embedding``.
+
+    Parameters
+    ----------
+    indices : array_like of int
+        Any shape, any integer dtype (int32/int64 are used without a copy), Python lists and scalars.
+    weight : numpy.ndarray, shape (num_embeddings, embedding_dim)
+        float32 or float64 (used in place, never copied); any other numeric dtype is a lookup-only
+        table (no ``max_norm``).
+    padding_idx : int, optional
+        Range-checked as in torch; it does not change the forward values (it masks the gradient).
+    max_norm : float, optional
+        Every distinct referenced row whose ``norm_type``-norm exceeds ``max_norm`` is scaled in place
+        by ``max_norm / (norm + 1e-7)`` first — after every index was validated.
+    norm_type : float, default 2.0
+        The p of the p-norm for ``max_norm`` (``inf`` allowed).
+
+    Returns
+    -------
+    numpy.ndarray, shape (*indices.shape, embedding_dim)
+        A new array of the weight's dtype.
+
+    Raises
+    ------
+    IndexError
+        An index outside ``[0, num_embeddings)``; the message names the first one and its position.
+    TypeError
+        Non-integer indices, a non-numeric weight, ``max_norm`` on an integer table.
+    ValueError
+        A weight that is not 2-D, ``padding_idx`` out of range, a read-only weight with ``max_norm``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cembed import functional as F
+    >>> weight = np.arange(8, dtype=np.float32).reshape(4, 2)
+    >>> F.embedding([[0, 3], [1, 1]], weight)
+    array([[[0., 1.],
+            [6., 7.]],
+    <BLANKLINE>
+           [[2., 3.],
+            [2., 3.]]], dtype=float32)
+    """
+    weight = check_weight(weight, numeric=True)
+    normalize_padding_idx(padding_idx, weight.shape[0])
+    max_norm, norm_type = check_max_norm(max_norm, norm_type)
+    out, _ = lookup(weight, indices, max_norm, norm_type)
+    return out
+
+
+def embedding_renorm_(weight: np.ndarray, indices: Any, max_norm: float, norm_type: float = 2.0) -> np.ndarray:
+    """Renormalise, in place, the rows ``indices`` refer to (``torch.embedding_renorm_``).
+
+    Every distinct referenced row whose ``norm_type``-norm is strictly greater than ``max_norm`` is
+    multiplied by ``max_norm / (norm + 1e-7)`` (the factor rounded to the weight's dtype).
+
+    Parameters
+    ----------
+    weight : numpy.ndarray, shape (num_embeddings, embedding_dim)
+        float32 or float64, writeable.
+    indices : array_like of int
+        Any shape; every index is validated before any row is touched.
+    max_norm : float
+    norm_type : float, default 2.0
+
+    Returns
+    -------
+    numpy.ndarray
+        ``weight`` itself.
+
+    Raises
+    ------
+    IndexError, TypeError, ValueError
+        As :func:`embedding`; ``max_norm=None`` is a ``TypeError``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cembed import functional as F
+    >>> w = np.array([[3.0, 4.0], [0.3, 0.4]])
+    >>> F.embedding_renorm_(w, [0, 1], max_norm=1.0).round(6)
+    array([[0.6, 0.8],
+           [0.3, 0.4]])
+    """
+    weight = check_weight(weight)
+    if max_norm is None:
+        raise TypeError("embedding_renorm_: max_norm must be a real number, got None")
+    max_norm, norm_type = check_max_norm(max_norm, norm_type)
+    _, flat = validated_indices(indices, weight.shape[0])
+    renorm_referenced(weight, flat, max_norm, norm_type, "embedding_renorm_")
+    return weight
+
+
+# ============================================================================ gradients
+
+class RowContributions:
+    """What one backward adds to a table's gradient, not yet summed: entry ``k`` adds
+    ``scale[k] * values[src[k]]`` to row ``rows[k]`` (``src`` defaults to ``k``, ``scale`` to 1),
+    except entries of row ``padding_idx``; with ``scale_grad_by_freq`` each term is divided by the
+    count of its row. Every array has been validated by the caller."""
+
+    __slots__ = ("values", "rows", "src", "scale", "padding_idx", "scale_grad_by_freq", "groups")
+
+    def __init__(self, values: np.ndarray, rows: np.ndarray, *, src: Optional[np.ndarray] = None,
+                 scale: Optional[np.ndarray] = None, padding_idx: Optional[int] = None,
+                 scale_grad_by_freq: bool = False,
+                 groups: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None) -> None:
+        self.values, self.rows, self.src, self.scale = values, rows, src, scale
+        self.padding_idx, self.scale_grad_by_freq, self.groups = padding_idx, bool(scale_grad_by_freq), groups
+
+    def _segments(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        order, seg_rows, starts = self.groups if self.groups is not None else _group_rows(self.rows)
+        seg_ids = np.arange(seg_rows.size, dtype=np.int64)
+        if self.padding_idx is not None and seg_rows.size:
+            hit = int(np.searchsorted(seg_rows, self.padding_idx))
+            if hit < seg_rows.size and seg_rows[hit] == self.padding_idx:
+                seg_ids = np.delete(seg_ids, hit)
+        return order, seg_rows, starts, seg_ids
+
+    def _sum(self, out: np.ndarray, scatter: bool,
+             segments: Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> None:
+        order, seg_rows, starts, seg_ids = segments
+        dtype = self.values.dtype
+        src = _NO_POSITIONS if self.src is None else self.src
+        scale = np.zeros(0, dtype=dtype) if self.scale is None else self.scale
+        _grad.segment_sum(self.values, order, starts, seg_rows, seg_ids, src, scale, self.scale_grad_by_freq,
+                          out, scatter, n_threads_for(seg_ids.size, "segment"))
+
+    def _compact(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(distinct rows, their summed values)."""
+        segments = self._segments()
+        compact = _buffer_cache.empty((segments[3].size, self.values.shape[1]), self.values.dtype)
+        self._sum(compact, False, segments)
+        return segments[1][segments[3]], compact
+
+    def sparse(self, num_rows: int) -> SparseGrad:
+        rows, values = self._compact()
+        return SparseGrad._from_private(rows, values, num_rows)
+
+    def dense(self, num_rows: int) -> np.ndarray:
+        segments = self._segments()
+        out = np.empty((num_rows, self.values.shape[1]), dtype=self.values.dtype)
+        _grad.zero_fill(out, n_threads_for(out.size, "zero_fill"))  # parallel first touch
+        self._sum(out, True, segments)
+        return out
+
+    def add_into(self, out: np.ndarray) -> np.ndarray:
+        """out + this gradient, row by row as torch adds gradients (old + (new summed from zero))."""
+        rows, values = self._compact()
+        out[rows] += values
+        return out
+
+
+class MaxRouting:
+    """The gradient of max pooling: ``grad_output[b, d]`` goes to row ``argmax[b, d]`` (none for -1)."""
+
+    __slots__ = ("grad_output", "argmax")
+
+    def __init__(self, grad_output: np.ndarray, argmax: np.ndarray) -> None:
+        self.grad_output, self.argmax = grad_output, argmax
+
+    def sparse(self, num_rows: int) -> SparseGrad:  # pragma: no cover - refused at validation
+        raise ValueError("max mode does not support sparse weights")
+
+    def dense(self, num_rows: int) -> np.ndarray:
+        return self.add_into(np.zeros((num_rows, self.grad_output.shape[1]), dtype=self.grad_output.dtype))
+
+    def add_into(self, out: np.ndarray) -> np.ndarray:
+        if not out.flags.c_contiguous:
+            out[...] = self.add_into(np.ascontiguousarray(out))
+            return out
+        _bag.max_backward(self.grad_output, self.argmax, out, n_threads_for(out.shape[1], "column_block"))
+        return out
+
+
+def add_to_grad(old: Any, new: Union[RowContributions, MaxRouting], shape: Tuple[int, int],
+                dtype: np.dtype, sparse: bool) -> Grad:
+    """The module's next ``.grad``: ``old`` (``None``, a dense array or a SparseGrad, whatever the
+    caller left there — it is checked, not trusted) plus the contributions ``new``.
+
+    ``None`` becomes the new gradient (sparse when ``sparse``); a SparseGrad is merged with a sparse
+    one, or densified when the module is dense; a dense gradient stays dense and is added to in
+    place."""
+    if old is None:
+        return new.sparse(shape[0]) if sparse else new.dense(shape[0])
+    if isinstance(old, SparseGrad):
+        if old.shape != shape or old.dtype != dtype:
+            raise ValueError(f".grad is a SparseGrad of shape {old.shape} and dtype {old.dtype}, but the weight "
+                             f"is {shape} {dtype}: call zero_grad() after replacing the weight")
+        return old.merge(new.sparse(shape[0])) if sparse else new.add_into(old.to_dense())
+    if not isinstance(old, np.ndarray) or old.shape != shape or old.dtype != dtype:
+        what = f"an array of shape {old.shape} and dtype {old.dtype}" if isinstance(old, np.ndarray) \
+            else type(old).__name__
+        raise ValueError(f".grad is {what}, but the weight is {shape} {dtype}: call zero_grad() "
+                         "after replacing the weight or the gradient")
+    check_writeable(old, "backward", ".grad")
+    return new.add_into(old)
+
+
+def weighted_contributions(grad_output: Any, idx_shape: Tuple[int, ...], flat: np.ndarray,
+                           per_sample_weights: Any, dim: Optional[int] = None,
+                           dtype: Optional[np.dtype] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For the gradient of ``(per_sample_weights[..., None] * weight[indices]).sum(-2)``: grad_output
+    has shape indices.shape[:-1] + (dim,) and entry (..., k) contributes
+    per_sample_weights[..., k] * grad_output[...]. Returns (values, src, scale)."""
+    if len(idx_shape) < 1:
+        raise ValueError("per_sample_weights needs indices with at least one dimension")
+    psw = per_sample_weights if isinstance(per_sample_weights, np.ndarray) else np.asarray(per_sample_weights)
+    if psw.shape != idx_shape:
+        raise ValueError(f"per_sample_weights must have the shape of indices {idx_shape}, got {psw.shape}")
+    values = check_gradient_rows(grad_output, idx_shape[:-1], dim=dim, dtype=dtype)
+    if psw.dtype != values.dtype:
+        raise TypeError(f"per_sample_weights must have dtype {values.dtype}, got {psw.dtype}")
+    src = np.repeat(np.arange(values.shape[0], dtype=np.int64), idx_shape[-1])
+    return values, src, np.ascontiguousarray(psw).reshape(-1)
+
+
+def lookup_contributions(grad_output: Any, shape: Tuple[int, ...], flat: np.ndarray, *,
+                         per_sample_weights: Any = None, padding_idx: Optional[int] = None,
+                         scale_grad_by_freq: bool = False, dim: Optional[int] = None,
+                         dtype: Optional[np.dtype] = None,
+                         groups: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None) -> RowContributions:
+    """Check ``grad_output`` (and ``per_sample_weights``) against a lookup of validated indices."""
+    src = scale = None
+    if per_sample_weights is None:
+        values = check_gradient_rows(grad_output, shape, dim=dim, dtype=dtype)
+    else:
+        values, src, scale = weighted_contributions(grad_output, shape, flat, per_sample_weights, dim, dtype)
+    return RowContributions(values, flat, src=src, scale=scale, padding_idx=padding_idx,
+                            scale_grad_by_freq=scale_grad_by_freq, groups=groups)
+
+
+def embedding_backward(grad_output: Any, indices: Any, num_embeddings: int, padding_idx: Optional[int] = None,
+                       scale_grad_by_freq: bool = False, sparse: bool = False,
+                       per_sample_weights: Any = None) -> Grad:
+    """The gradient of :func:`embedding` with respect to the weight.
+
+    Each row's contributions are summed in input order on one thread: bitwise equal to torch's dense
+    gradient and identical for any thread count. Work and memory of the sparse gradient follow the
+    batch, never the table size.
+
+    Parameters
+    ----------
+    grad_output : numpy.ndarray, shape (*indices.shape, embedding_dim)
+        d(loss)/d(output), float32 or float64.
+    indices : array_like of int
+        The indices of the forward.
+    num_embeddings : int
+        Rows of the table.
+    padding_idx : int, optional
+        That row's gradient is zero (absent from a sparse gradient).
+    scale_grad_by_freq : bool, default False
+        Divide each row's contributions by its count in ``indices`` — for sparse gradients too
+        (torch refuses that combination).
+    sparse : bool, default False
+        Return a coalesced :class:`cembed.SparseGrad` instead of a dense array.
+    per_sample_weights : numpy.ndarray, optional
+        Shape of ``indices``: the gradient of the weighted sum over the last index axis,
+        ``(per_sample_weights[..., None] * embedding(indices, weight)).sum(-2)``, instead;
+        ``grad_output`` then has shape ``indices.shape[:-1] + (embedding_dim,)`` and no per-index
+        gradient row is materialised.
+
+    Returns
+    -------
+    numpy.ndarray of shape (num_embeddings, embedding_dim), or SparseGrad
+
+    Raises
+    ------
+    IndexError, TypeError, ValueError
+        Bad indices, dtypes or shapes; nothing is computed.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cembed import functional as F
+    >>> g = F.embedding_backward(np.ones((3, 2), np.float32), [2, 0, 2], num_embeddings=4, sparse=True)
+    >>> g.indices, g.values
+    (array([0, 2]), array([[1., 1.],
+           [2., 2.]], dtype=float32))
+    """
+    num_embeddings = check_size(num_embeddings, "num_embeddings")
+    padding_idx = normalize_padding_idx(padding_idx, num_embeddings)
+    idx, flat = validated_indices(indices, num_embeddings)
+    new = lookup_contributions(grad_output, idx.shape, flat, per_sample_weights=per_sample_weights,
+                               padding_idx=padding_idx, scale_grad_by_freq=scale_grad_by_freq)
+    return new.sparse(num_embeddings) if sparse else new.dense(num_embeddings)
+
+
+def coalesce(rows: Any, values: Any, num_rows: int) -> SparseGrad:
+    """Sum the value rows that share a row id (what NumPy users reach ``np.add.at`` for).
+
+    Parameters
+    ----------
+    rows : array_like of int, shape (n,)
+        In ``[0, num_rows)``, any order, repeats allowed.
+    values : numpy.ndarray, shape (n, dim)
+        float32 or float64.
+    num_rows : int
+
+    Returns
+    -------
+    SparseGrad
+        Distinct rows ascending; each row's values summed in input order (deterministic for any
+        thread count).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cembed import functional as F
+    >>> g = F.coalesce([3, 1, 3], np.array([[1.0], [2.0], [4.0]]), num_rows=5)
+    >>> g.indices, g.values[:, 0]
+    (array([1, 3]), array([2., 5.]))
+    """
+    num_rows = check_size(num_rows, "num_rows")
+    idx, flat = validated_indices(rows, num_rows, name="rows")
+    if idx.ndim != 1:
+        raise ValueError(f"rows must be 1-D, got shape {idx.shape}")
+    values = check_gradient_rows(values, idx.shape, name="values")
+    return RowContributions(values, flat).sparse(num_rows)
+
+
+# ============================================================================ bags
+
+class SavedBags:
+    """A validated bag call: private read-only copies of the flat indices, the CSR offsets
+    (``n_bags + 1``) and the per-sample weights; the mode and padding row; the table size they were
+    checked against; max-mode's winners (``argmax``) once pooled."""
+
+    __slots__ = ("flat", "offsets", "n_bags", "mode", "padding_idx", "psw", "input_shape", "n_rows", "table",
+                 "argmax")
+
+    def check_table(self, weight: np.ndarray) -> None:
+        """The saved call against the table as it is *now*: same dim and dtype as at the forward
+        (max-mode winners and per-sample weights depend on them), rows checked as
+        :meth:`SavedLookup.check_rows` does."""
+        if (weight.shape[1], weight.dtype) != self.table:
+            raise ValueError(f"the weight changed from {self.table[0]} columns of {self.table[1]} at the forward to "
+                             f"{weight.shape[1]} columns of {weight.dtype}: run the forward again")
+        n_rows = weight.shape[0]
+        if n_rows < self.n_rows:
+            check_index_range(self.flat, (self.flat.size,), n_rows, "input (saved at forward)")
+            self.n_rows = n_rows
+
+    def bag_of_entry(self) -> np.ndarray:
+        """(n_indices,) int64: the bag each entry belongs to."""
+        return np.repeat(np.arange(self.n_bags, dtype=np.int64), np.diff(self.offsets))
+
+    def counts(self) -> np.ndarray:
+        """(n_bags,) number of non-padding entries per bag."""
+        sizes = np.diff(self.offsets)
+        if self.padding_idx is None:
+            return sizes
+        cum = np.concatenate(([0], np.cumsum(self.flat == self.padding_idx, dtype=np.int64)))
+        return sizes - (cum[self.offsets[1:]] - cum[self.offsets[:-1]])
+
+
+def _csr_offsets(offsets: Any, n_total: int, include_last_offset: bool) -> np.ndarray:
+    """Validated bag boundaries: ``offsets`` must start at 0, be non-decreasing and lie in
+    ``[0, n_total]`` (with ``include_last_offset`` end at ``n_total``). Returns a new int64 array of
+    n_bags + 1 boundaries."""
+    off = as_index_array(offsets, "offsets")
+    if off.ndim != 1:
+        raise ValueError(f"offsets has to be a 1D array, got shape {off.shape}")
+    off = off.astype(np.int64, copy=False)
+    if include_last_offset and off.size == 0:
+        raise ValueError("include_last_offset: number of offsets should be at least 1")
+    if off.size:
+        if off[0] != 0:
+            raise ValueError(f"offsets[0] has to be 0, i.e. the first bag starts at the first index, got {off[0]}")
+        steps = np.diff(off)
+        if steps.size and steps.min() < 0:
+            pos = int(np.flatnonzero(steps < 0)[0]) + 1
+            raise ValueError(f"offsets must be non-decreasing: offsets[{pos}] = {off[pos]} is smaller than "
+                             f"offsets[{pos - 1}] = {off[pos - 1]}")
+        if off[-1] > n_total:
+            pos = int(np.flatnonzero(off > n_total)[0])
+            raise ValueError(f"offsets[{pos}] = {off[pos]} is past the end of the input (length {n_total})")
+    if include_last_offset:
+        if off[-1] != n_total:
+            raise ValueError(f"with include_last_offset=True the last offset must equal the input length "
+                             f"{n_total}, got {off[-1]}")
+        return np.array(off, dtype=np.int64, copy=True)
+    return np.append(off, np.int64(n_total))
+
+
+def validate_bags(input: Any, weight: np.ndarray, offsets: Any = None, mode: str = "mean",
+                  per_sample_weights: Any = None, include_last_offset: bool = False,
+                  padding_idx: Optional[int] = None, sparse: bool = False,
+                  scale_grad_by_freq: bool = False) -> SavedBags:
+    """Every check of an embedding_bag call, in torch's order (docs/behaviour.md), before any work."""
+    if weight.dtype.kind == "f" and weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"embedding_bag: weight must be float32 or float64 (or an integer lookup table), "
+                        f"got {weight.dtype}")
+    n_rows = weight.shape[0]
+    idx = as_index_array(input, "input", n_rows)
+    if idx.ndim == 2:
+        if offsets is not None:
+            raise ValueError("if input is 2D, then offsets has to be None, as input is treated as a mini-batch "
+                             "of fixed length sequences")
+    elif idx.ndim == 1:
+        if offsets is None:
+            raise ValueError("offsets has to be a 1D array but got None (a 1-D input needs offsets)")
+    else:
+        raise ValueError(f"input has to be 1D or 2D, but got an array of dimension {idx.ndim}")
+    if not isinstance(mode, str) or mode not in BAG_MODES:
+        raise ValueError(f"mode has to be one of sum, mean or max, got {mode!r}")
+    if mode == "max" and scale_grad_by_freq:
+        raise ValueError("max mode does not support scaling the gradient by the frequency")
+    if mode == "max" and sparse:
+        raise ValueError("max mode does not support sparse weights")
+    psw = None
+    if per_sample_weights is not None:
+        if mode != "sum":
+            raise ValueError(f"per_sample_weights is only supported for mode='sum' (got mode={mode!r})")
+        psw = per_sample_weights if isinstance(per_sample_weights, np.ndarray) else np.asarray(per_sample_weights)
+        if psw.shape != idx.shape:
+            raise ValueError(f"per_sample_weights must have the same shape as the input {idx.shape}, got {psw.shape}")
+        if weight.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"per_sample_weights need a float32/float64 table, the weight is {weight.dtype}")
+        if psw.dtype != weight.dtype:
+            raise TypeError(f"per_sample_weights must have the weight's dtype {weight.dtype}, got {psw.dtype}")
+    padding_idx = normalize_padding_idx(padding_idx, n_rows)
+    flat = flat_indices(idx)
+    if idx.ndim == 2:
+        n_bags, bag_len = idx.shape
+        csr = np.arange(n_bags + 1, dtype=np.int64) * bag_len
+    else:
+        csr = _csr_offsets(offsets, flat.size, include_last_offset)
+    check_index_range(flat, idx.shape, n_rows, "input")
+    bags = SavedBags()
+    bags.flat, bags.offsets, bags.n_bags = _private(flat, input), csr, csr.size - 1
+    bags.offsets.flags.writeable = False
+    bags.mode, bags.padding_idx, bags.input_shape, bags.n_rows = mode, padding_idx, idx.shape, n_rows
+    bags.table = (weight.shape[1], weight.dtype)
+    bags.psw = None if psw is None else _private(np.array(psw, order="C").reshape(-1), None)
+    bags.argmax = None
+    return bags
+
+
+def _pool_numeric(weight: np.ndarray, bags: SavedBags) -> np.ndarray:
+    """Bags of an integer (lookup-only) table, which torch refuses: sums in int64, means in float64,
+    maxima in the table's dtype; padding entries skipped; empty bags give 0."""
+    keep = np.ones(bags.flat.size, dtype=bool) if bags.padding_idx is None else bags.flat != bags.padding_idx
+    rows = np.take(weight, bags.flat, axis=0)
+    starts, ends = bags.offsets[:-1], bags.offsets[1:]
+    if bags.mode == "max":
+        out = np.zeros((bags.n_bags, weight.shape[1]), dtype=weight.dtype)
+        low = np.iinfo(weight.dtype).min
+        masked = np.where(keep[:, None], rows, low)
+        filled = np.flatnonzero(ends > starts)
+        if filled.size:
+            best = np.maximum.reduceat(masked, starts[filled], axis=0)
+            has = np.add.reduceat(keep.astype(np.int64), starts[filled]) > 0
+            out[filled[has]] = best[has]
+        return out
+    cum = np.zeros((bags.flat.size + 1, weight.shape[1]), dtype=np.int64)
+    np.cumsum(np.where(keep[:, None], rows, 0), axis=0, dtype=np.int64, out=cum[1:])
+    sums = cum[ends] - cum[starts]
+    if bags.mode == "sum":
+        return sums
+    counts = bags.counts()
+    return sums / np.maximum(counts, 1)[:, None]
+
+
+def _bag_table(weight: np.ndarray, bags: SavedBags) -> Tuple[np.ndarray, np.ndarray, Optional[int]]:
+    """(table, row ids, padding row) for the bag kernels: the weight itself when its layout allows,
+    else a contiguous copy of only the rows the bags use (one per entry, then a last row standing for
+    the padding row) — never a copy of the whole table."""
+    if kernel_layout(weight):
+        return weight, bags.flat, bags.padding_idx
+    n = bags.flat.size
+    table = np.empty((n + 1, weight.shape[1]), dtype=weight.dtype)
+    np.take(weight, bags.flat, axis=0, out=table[:n])
+    table[n] = 0
+    positions = np.arange(n, dtype=np.int64)
+    if bags.padding_idx is None:
+        return table, positions, None
+    return table, np.where(bags.flat == bags.padding_idx, n, positions), n
+
+
+def pool(weight: np.ndarray, bags: SavedBags, want_argmax: bool = False) -> np.ndarray:
+    """The pooled ``(n_bags, dim)`` output of a validated call; with ``want_argmax`` (max mode) the
+    winners are kept in ``bags.argmax`` for the backward."""
+    if weight.dtype not in FLOAT_DTYPES:
+        return _pool_numeric(weight, bags)
+    dim = weight.shape[1]
+    out = _buffer_cache.empty((bags.n_bags, dim), weight.dtype)
+    argmax = np.empty((bags.n_bags, dim) if want_argmax else (0, 0), dtype=np.int64)
+    psw = bags.psw if bags.psw is not None else np.zeros(0, dtype=weight.dtype)
+    # torch's float32 fast path fuses psw into an fma; with padding_idx or float64 it rounds twice
+    fused = weight.dtype == np.float32 and bags.padding_idx is None
+    table, flat, padding = _bag_table(weight, bags)
+    _bag.bag_forward(table, flat, bags.offsets, BAG_MODES[bags.mode], -1 if padding is None else padding, psw,
+                     fused, out, argmax, n_threads_for(bags.n_bags, "bag"))
+    if want_argmax:
+        if table is not weight:  # winners are rows of the copy (entry positions): map them back
+            argmax = np.where(argmax >= 0, bags.flat[np.clip(argmax, 0, max(bags.flat.size - 1, 0))], -1)
+        bags.argmax = argmax
+    return out
+
+
+def embedding_bag(input: Any, weight: np.ndarray, offsets: Any = None, max_norm: Optional[float] = None,
+                  norm_type: float = 2.0, scale_grad_by_freq: bool = False, mode: str = "mean",
+                  sparse: bool = False, per_sample_weights: Any = None, include_last_offset: bool = False,
+                  padding_idx: Optional[int] = None) -> np.ndarray:
+    """Pooled lookups over bags of indices, like ``torch.nn.functional.embedding_bag``.
+
+    Parameters
+    ----------
+    input : array_like of int
+        1-D with ``offsets`` (bag starts), or 2-D ``(n_bags, bag_size)`` without.
+    weight : numpy.ndarray, shape (num_embeddings, embedding_dim)
+        float32 or float64; an integer table is lookup-only (sums in int64, means in float64).
+    offsets : array_like of int, optional
+        Must start at 0, be non-decreasing and lie in ``[0, len(input)]``.
+    max_norm, norm_type : float, optional
+        Renormalise the referenced rows first (see :func:`embedding`).
+    scale_grad_by_freq, sparse : bool
+        Only checked here (they matter for the backward).
+    mode : {"sum", "mean", "max"}, default "mean"
+    per_sample_weights : numpy.ndarray, optional
+        Shape of ``input``, weight's dtype; ``mode="sum"`` only.
+    include_last_offset : bool, default False
+        ``offsets`` has ``n_bags + 1`` entries, the last equal to ``len(input)`` (CSR).
+    padding_idx : int, optional
+        Entries of that row are skipped (they do not count for the mean).
+
+    Returns
+    -------
+    numpy.ndarray, shape (n_bags, embedding_dim)
+        Empty bags give zeros.
+
+    Raises
+    ------
+    IndexError, TypeError, ValueError
+        Every argument is checked before anything is computed or renormalised.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cembed import functional as F
+    >>> weight = np.arange(8, dtype=np.float32).reshape(4, 2)
+    >>> F.embedding_bag([0, 1, 3], weight, offsets=[0, 2], mode="sum")
+    array([[2., 4.],
+           [6., 7.]], dtype=float32)
+    """
+    weight = check_weight(weight, numeric=True)
+    max_norm, norm_type = check_max_norm(max_norm, norm_type)
+    bags = validate_bags(input, weight, offsets, mode, per_sample_weights, include_last_offset,
+                         padding_idx, sparse, scale_grad_by_freq)
+    if max_norm is not None:
+        renorm_referenced(weight, bags.flat, max_norm, norm_type)
+    return pool(weight, bags)
+
+
+def bag_contributions(grad_output: np.ndarray, weight: np.ndarray, bags: SavedBags,
+                      scale_grad_by_freq: bool) -> Union[RowContributions, MaxRouting]:
+    """The weight-gradient contributions of a validated bag call (grad_output already checked)."""
+    if bags.mode == "max":
+        return MaxRouting(grad_output, bags.argmax)
+    scale = None
+    if bags.mode == "mean":
+        inv = (1.0 / np.maximum(bags.counts(), 1)).astype(weight.dtype)  # double, rounded to the weight dtype
+        scale = inv[bags.bag_of_entry()]
+    elif bags.psw is not None:
+        scale = bags.psw
+    return RowContributions(grad_output, bags.flat, src=bags.bag_of_entry(), scale=scale,
+                            padding_idx=bags.padding_idx, scale_grad_by_freq=scale_grad_by_freq)
+
+
+def psw_gradient(grad_output: np.ndarray, weight: np.ndarray, bags: SavedBags) -> np.ndarray:
+    """d(loss)/d(per_sample_weights): ``dot(grad_output[bag of k], weight[input[k]])``, 0 for padding."""
+    psw_grad = np.empty(bags.flat.size, dtype=weight.dtype)
+    table, flat, padding = _bag_table(weight, bags)
+    _bag.psw_backward(table, flat, bags.bag_of_entry(), grad_output, -1 if padding is None else padding,
+                      psw_grad, n_threads_for(bags.flat.size, "entry"))
+    return psw_grad.reshape(bags.input_shape)
+
+
+def embedding_bag_backward(grad_output: Any, input: Any, weight: np.ndarray, offsets: Any = None,
+                           mode: str = "mean", per_sample_weights: Any = None, include_last_offset: bool = False,
+                           padding_idx: Optional[int] = None, scale_grad_by_freq: bool = False,
+                           sparse: bool = False) -> Tuple[Grad, Optional[np.ndarray]]:
+    """The gradients of :func:`embedding_bag` with respect to the weight and the per-sample weights.
+
+    Parameters
+    ----------
+    grad_output : numpy.ndarray, shape (n_bags, embedding_dim)
+        d(loss)/d(output), the weight's dtype.
+    input, weight, offsets, mode, per_sample_weights, include_last_offset, padding_idx
+        As given to the forward (``weight`` is read for the per-sample-weight gradient and, in max
+        mode, to find each coordinate's winning row again: pass the table as it was at the forward).
+    scale_grad_by_freq : bool, default False
+        Divide by the true count of each index (torch 2.13's CPU kernel uses wrong counts).
+    sparse : bool, default False
+        Return a coalesced :class:`cembed.SparseGrad`.
+
+    Returns
+    -------
+    grad_weight : numpy.ndarray or SparseGrad
+    grad_per_sample_weights : numpy.ndarray or None
+        Shape of ``input``, when per-sample weights were given.
+
+    Raises
+    ------
+    IndexError, TypeError, ValueError
+        As :func:`embedding_bag`, and a ``grad_output`` of the wrong shape or dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cembed import functional as F
+    >>> weight = np.ones((4, 2), np.float32)
+    >>> g, _ = F.embedding_bag_backward(np.ones((2, 2), np.float32), [0, 1, 1], weight, offsets=[0, 2],
+    ...                                 mode="mean", sparse=True)
+    >>> g.indices, g.values[:, 0]
+    (array([0, 1]), array([0.5, 1.5], dtype=float32))
+    """
+    weight = check_weight(weight)
+    bags = validate_bags(input, weight, offsets, mode, per_sample_weights, include_last_offset,
+                         padding_idx, sparse, scale_grad_by_freq)
+    values = check_gradient_rows(grad_output, (bags.n_bags,), dim=weight.shape[1], dtype=weight.dtype)
+    if bags.mode == "max":
+        pool(weight, bags, want_argmax=True)
+    psw_grad = psw_gradient(values, weight, bags) if bags.psw is not None else None
+    new = bag_contributions(values, weight, bags, scale_grad_by_freq)
+    return add_to_grad(None, new, weight.shape, weight.dtype, sparse), psw_grad

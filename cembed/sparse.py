@@ -1,84 +1,191 @@
-"""SparseGrad: a row-sparse (COO, one sparse dimension) gradient that is always coalesced."""
+"""SparseGrad, the row-sparse gradient that is always coalesced, and the sparse merge it is built on."""
+from __future__ import annotations
+
+from typing import Any, Tuple
+
 import numpy as np
 
-from ._validation import FLOAT_DTYPES, check_size
+from . import _grad as _sparse_merge  # TODO(kernels branch): the merge kernels move to _sparse_merge
+from ._config import n_threads_for
+from ._validation import FLOAT_DTYPES, check_row_ids, check_size
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    """``array`` made read-only in place (it must be a private array) and returned."""
+    array.flags.writeable = False
+    return array
+
+
+def merge_plan(a_rows: np.ndarray, b_rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Union of two strictly increasing int64 row lists.
+
+    Returns ``(rows, a_slot, b_slot)``: the union ascending, and for each row of ``a`` and of ``b``
+    its position in the union. O(len(a) + len(b)); used by :meth:`SparseGrad.merge` and by SGD's
+    sparse momentum (live rows merged with a gradient's rows)."""
+    n_a, n_b = a_rows.size, b_rows.size
+    rows = np.empty(n_a + n_b, dtype=np.int64)
+    a_slot = np.empty(n_a, dtype=np.int64)
+    b_slot = np.empty(n_b, dtype=np.int64)
+    n_out = _sparse_merge.merge_plan(a_rows, b_rows, rows, a_slot, b_slot)
+    return rows[:n_out].copy(), a_slot, b_slot
 
 
 class SparseGrad:
-    """Row-sparse gradient of a ``(num_rows, dim)`` table.
+    """Row-sparse gradient of a ``(num_rows, dim)`` table, always coalesced.
 
-    ``indices``: int64 ``(nnz,)``, strictly increasing (always coalesced: each row once).
-    ``values``: ``(nnz, dim)``, float32 or float64, row ``k`` is the gradient of row ``indices[k]``.
+    Parameters
+    ----------
+    indices : array_like of int, shape (nnz,)
+        Row ids, strictly increasing, in ``[0, num_rows)``.
+    values : array_like of float32 or float64, shape (nnz, dim)
+        Row ``k`` is the gradient of row ``indices[k]``.
+    num_rows : int
+        Rows of the table the gradient belongs to.
+
+    Attributes
+    ----------
+    indices : numpy.ndarray
+        int64 ``(nnz,)``, read-only.
+    values : numpy.ndarray
+        ``(nnz, dim)``, read-only.
+
+    Raises
+    ------
+    TypeError
+        Non-integer indices or non-float values.
+    IndexError
+        A row id outside ``[0, num_rows)`` (uint64 ids of 2**63 and more included).
+    ValueError
+        Bad shapes, or row ids that are not strictly increasing.
+
+    Notes
+    -----
+    The arrays are private, read-only copies: a ``SparseGrad`` never shares memory with the arrays
+    it was built from, and nobody can edit it afterwards, so what was checked at construction stays
+    true (the optimizers check the rows again anyway, at every step).
+
+    Examples
+    --------
+    >>> import numpy as np, cembed
+    >>> g = cembed.SparseGrad([1, 3], np.ones((2, 2), np.float32), num_rows=5)
+    >>> g.shape, g.nnz
+    ((5, 2), 2)
+    >>> g.to_dense()[:, 0]
+    array([0., 1., 0., 1., 0.], dtype=float32)
+    >>> (g + g).values[0]
+    array([2., 2.], dtype=float32)
     """
 
-    __slots__ = ("indices", "values", "num_rows")
+    __slots__ = ("_indices", "_values", "_num_rows")
 
-    def __init__(self, indices, values, num_rows, *, check=True):
+    def __init__(self, indices: Any, values: Any, num_rows: int) -> None:
         num_rows = check_size(num_rows, "num_rows")
         indices = np.asarray(indices)
         values = np.asarray(values)
-        if check:
-            if indices.dtype.kind not in "iu" or indices.dtype == np.bool_:
+        if indices.dtype.kind not in "iu" or indices.dtype == np.bool_:
+            if not (indices.size == 0 and indices.dtype.kind == "f"):
                 raise TypeError(f"SparseGrad indices must be integers, got dtype {indices.dtype}")
-            if values.dtype not in FLOAT_DTYPES:
-                raise TypeError(f"SparseGrad values must be float32 or float64, got dtype {values.dtype}")
-            if indices.ndim != 1:
-                raise ValueError(f"SparseGrad indices must be 1-D, got shape {indices.shape}")
-            if values.ndim != 2 or values.shape[0] != indices.shape[0]:
-                raise ValueError(
-                    f"SparseGrad values must have shape (nnz, dim) = ({indices.shape[0]}, dim), got {values.shape}"
-                )
-            if indices.size:
-                if indices.min() < 0 or indices.max() >= num_rows:
-                    bad = np.flatnonzero((indices < 0) | (indices >= num_rows))[0]
-                    raise IndexError(
-                        f"SparseGrad indices contains {indices[bad]} at position {bad}, outside [0, {num_rows})"
-                    )
-                if indices.size > 1 and not np.all(indices[1:] > indices[:-1]):
-                    raise ValueError("SparseGrad indices must be strictly increasing (coalesced)")
-        self.indices = np.ascontiguousarray(indices, dtype=np.int64)
-        self.values = np.ascontiguousarray(values)
-        self.num_rows = num_rows
+        if values.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"SparseGrad values must be float32 or float64, got dtype {values.dtype}")
+        if indices.ndim != 1:
+            raise ValueError(f"SparseGrad indices must be 1-D, got shape {indices.shape}")
+        if values.ndim != 2 or values.shape[0] != indices.shape[0]:
+            raise ValueError(
+                f"SparseGrad values must have shape (nnz, dim) = ({indices.shape[0]}, dim), got {values.shape}"
+            )
+        if indices.dtype.kind == "u" and indices.size and indices.max() > np.iinfo(np.int64).max:
+            bad = int(np.flatnonzero(indices > np.iinfo(np.int64).max)[0])
+            raise IndexError(f"SparseGrad indices contains {indices[bad]} at position {bad}, "
+                             f"outside the valid range [0, {num_rows})")
+        rows = np.array(indices, dtype=np.int64, copy=True)
+        check_row_ids(rows, num_rows, "SparseGrad indices")
+        self._indices = _frozen(rows)
+        self._values = _frozen(np.array(values, dtype=values.dtype.newbyteorder("="), order="C", copy=True))
+        self._num_rows = num_rows
+
+    @classmethod
+    def _from_private(cls, indices: np.ndarray, values: np.ndarray, num_rows: int) -> "SparseGrad":
+        """Wrap arrays that cembed itself just computed (coalesced, in range, owned by nobody else)."""
+        grad = cls.__new__(cls)
+        grad._indices = _frozen(indices)
+        grad._values = _frozen(values)
+        grad._num_rows = num_rows
+        return grad
 
     @property
-    def shape(self):
-        return (self.num_rows, self.values.shape[1])
+    def indices(self) -> np.ndarray:
+        """int64 ``(nnz,)`` row ids, strictly increasing (read-only)."""
+        return self._indices
 
     @property
-    def nnz(self):
-        return int(self.indices.shape[0])
+    def values(self) -> np.ndarray:
+        """``(nnz, dim)`` gradient rows (read-only)."""
+        return self._values
 
     @property
-    def dtype(self):
-        return self.values.dtype
+    def num_rows(self) -> int:
+        return self._num_rows
 
-    def to_dense(self):
-        out = np.zeros(self.shape, dtype=self.values.dtype)
-        out[self.indices] = self.values
+    @property
+    def shape(self) -> Tuple[int, int]:
+        """``(num_rows, dim)`` of the dense gradient this stands for."""
+        return (self._num_rows, int(self._values.shape[1]))
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored rows."""
+        return int(self._indices.shape[0])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._values.dtype
+
+    def to_dense(self) -> np.ndarray:
+        """The dense ``(num_rows, dim)`` gradient (a new array).
+
+        Examples
+        --------
+        >>> import numpy as np, cembed
+        >>> cembed.SparseGrad([0], [[1.0, 2.0]], 2).to_dense()
+        array([[1., 2.],
+               [0., 0.]])
+        """
+        out = np.zeros(self.shape, dtype=self._values.dtype)
+        out[self._indices] = self._values
         return out
 
-    def merge(self, other):
-        """``self + other`` as a new coalesced gradient (rows present in both are summed,
-        ``self``'s value first). Work is O(nnz), independent of num_rows."""
+    def merge(self, other: "SparseGrad") -> "SparseGrad":
+        """``self + other`` as a new coalesced gradient (rows present in both are summed, ``self``'s
+        value first). Work is O(nnz), independent of ``num_rows``.
+
+        Raises
+        ------
+        TypeError
+            ``other`` is not a SparseGrad, or has another dtype.
+        ValueError
+            The shapes differ.
+
+        Examples
+        --------
+        >>> import numpy as np, cembed
+        >>> a = cembed.SparseGrad([0, 2], np.ones((2, 1)), 4)
+        >>> b = cembed.SparseGrad([2, 3], np.ones((2, 1)), 4)
+        >>> a.merge(b).indices, a.merge(b).values[:, 0]
+        (array([0, 2, 3]), array([1., 2., 1.]))
+        """
         if not isinstance(other, SparseGrad):
             raise TypeError(f"can only merge a SparseGrad with a SparseGrad, got {type(other).__name__}")
         if other.shape != self.shape:
             raise ValueError(f"cannot merge SparseGrads of shapes {self.shape} and {other.shape}")
         if other.dtype != self.dtype:
             raise TypeError(f"cannot merge SparseGrads of dtypes {self.dtype} and {other.dtype}")
-        from . import _grad
-        from ._config import n_threads_for
-
-        n_a, n_b = self.nnz, other.nnz
-        rows = np.empty(n_a + n_b, dtype=np.int64)
-        a_slot = np.empty(n_a, dtype=np.int64)
-        b_slot = np.empty(n_b, dtype=np.int64)
-        n_out = _grad.merge_plan(self.indices, other.indices, rows, a_slot, b_slot)
-        values = np.empty((n_out, self.values.shape[1]), dtype=self.values.dtype)
-        _grad.merge_values(self.values, a_slot, other.values, b_slot, values, n_threads_for(n_out, 4096))
-        return SparseGrad(rows[:n_out].copy(), values, self.num_rows, check=False)
+        rows, a_slot, b_slot = merge_plan(self._indices, other._indices)
+        values = np.empty((rows.size, self._values.shape[1]), dtype=self._values.dtype)
+        _sparse_merge.merge_values(self._values, a_slot, other._values, b_slot, values,
+                                   n_threads_for(rows.size, "merge"))
+        return SparseGrad._from_private(rows, values, self._num_rows)
 
     __add__ = merge
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"SparseGrad(shape={self.shape}, nnz={self.nnz}, dtype={self.dtype})"

@@ -209,8 +209,12 @@ def test_weight_errors():
         F.embedding([0], np.ones(5, np.float32))
     with pytest.raises(ValueError, match="2-D"):
         F.embedding([0], np.ones((5, 2, 1), np.float32))
-    with pytest.raises(TypeError, match="float32 or float64"):
-        F.embedding([0], np.ones((5, 2), np.int64))
+    with pytest.raises(TypeError, match="numeric dtype"):
+        F.embedding([0], np.ones((5, 2), bool))
+    with pytest.raises(TypeError, match="numeric dtype"):
+        F.embedding([0], np.ones((5, 2), np.complex64))
+    with pytest.raises(TypeError, match="integer table"):
+        F.embedding([0], np.ones((5, 2), np.int64), max_norm=1.0)
     with pytest.raises(TypeError, match="numpy.ndarray"):
         F.embedding([0], [[1.0, 2.0]])
 

@@ -324,7 +324,28 @@ def test_bad_weight():
     with pytest.raises(ValueError, match="2-D"):
         F.embedding_bag([0], np.ones(3, np.float32), [0])
     with pytest.raises(TypeError, match="float32 or float64"):
-        F.embedding_bag([0], np.ones((3, 2), np.int64), [0])
+        F.embedding_bag([0], np.ones((3, 2), np.float16), [0])
+    with pytest.raises(TypeError, match="numeric dtype"):
+        F.embedding_bag([0], np.ones((3, 2), bool), [0])
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int32, np.int64, np.uint16])
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_integer_tables_pool(rng, dtype, mode, padding_idx):
+    """Lookup-only integer tables (torch refuses them in bags): sums in int64, means in float64,
+    maxima in the table dtype; padding skipped, empty bags 0."""
+    weight = rng.integers(-50, 100, (6, 3)).astype(dtype)
+    idx = np.array([0, 2, 5, 2, 2, 1, 4])
+    offsets = np.array([0, 3, 3, 5])
+    out = F.embedding_bag(idx, weight, offsets, mode=mode, padding_idx=padding_idx)
+    expect = ref.embedding_bag(idx, weight.astype(np.float64), offsets, mode, padding_idx=padding_idx)
+    assert out.dtype == {"sum": np.int64, "mean": np.float64, "max": weight.dtype}[mode]
+    np.testing.assert_array_equal(out, expect)
+    bag = cembed.EmbeddingBag.from_pretrained(weight, mode=mode, padding_idx=padding_idx)
+    np.testing.assert_array_equal(bag(idx, offsets), out)
+    with pytest.raises(TypeError, match="integer tables are lookup-only"):
+        cembed.EmbeddingBag.from_pretrained(weight, freeze=False)
 
 
 def test_max_norm_renorms_touched_rows(rng):

@@ -70,9 +70,9 @@ def test_sparse_adam_trajectory(rng, lr, betas, eps, maximize):
     table, tw, ours, theirs = run_pair(rng, lambda p: optim.SparseAdam(p, **kw),
                                        lambda p: torch.optim.SparseAdam(p, **kw), empty_at=2)
     st = theirs.state[tw]
-    assert ours.state[0]["step"] == st["step"] == 5
-    np.testing.assert_allclose(ours.state[0]["exp_avg"], st["exp_avg"].numpy(), **RTOL)
-    np.testing.assert_allclose(ours.state[0]["exp_avg_sq"], st["exp_avg_sq"].numpy(), **RTOL)
+    assert ours.state[table]["step"] == st["step"] == 5
+    np.testing.assert_allclose(ours.state[table]["exp_avg"], st["exp_avg"].numpy(), **RTOL)
+    np.testing.assert_allclose(ours.state[table]["exp_avg_sq"], st["exp_avg_sq"].numpy(), **RTOL)
 
 
 @pytest.mark.parametrize("dense,lr_decay,init_acc,eps,maximize,wd", [
@@ -86,9 +86,9 @@ def test_adagrad_trajectory(rng, dense, lr_decay, init_acc, eps, maximize, wd):
     table, tw, ours, theirs = run_pair(rng, lambda p: optim.Adagrad(p, **kw),
                                        lambda p: torch.optim.Adagrad(p, **kw), dense=dense)
     st = theirs.state[tw]
-    assert ours.state[0]["step"] == np.float32(st["step"].item())
-    assert ours.state[0]["step"].dtype == np.float32
-    np.testing.assert_allclose(ours.state[0]["sum"], st["sum"].numpy(), **RTOL)
+    assert ours.state[table]["step"] == np.float32(st["step"].item())
+    assert ours.state[table]["step"].dtype == np.float32
+    np.testing.assert_allclose(ours.state[table]["sum"], st["sum"].numpy(), **RTOL)
 
 
 SGD_OPTIONS = [dict(momentum=m, dampening=d, nesterov=n, maximize=x)
@@ -129,7 +129,7 @@ def test_sgd_momentum_rows_keep_moving(rng):
     np.testing.assert_array_equal(table.weight[1], [-1.5, -1.5])  # moved with buf = 0.5
     np.testing.assert_array_equal(table.weight[3], [-1, -1])
     assert not table.weight[[0, 2, 4]].any()
-    np.testing.assert_array_equal(opt.state[0]["active_rows"], [1, 3])
+    np.testing.assert_array_equal(opt.state[table]["active_rows"], [1, 3])
 
 
 # --------------------------------------------------------------------------- NumPy reference
@@ -143,18 +143,18 @@ def test_sparse_adam_reference_and_lazy_rows(rng):
         idx, g = make_batch(rng, n_rows, dim, n=8)
         table.grad = F.embedding_backward(g, idx, n_rows, sparse=True)
         before = table.weight.copy()
-        state_before = {k: opt.state[0][k].copy() for k in ("exp_avg", "exp_avg_sq")} if step > 1 else None
+        state_before = {k: opt.state[table][k].copy() for k in ("exp_avg", "exp_avg_sq")} if step > 1 else None
         opt.step()
         ref.sparse_adam_step(w, m, v, step, table.grad.indices, table.grad.values, lr=0.05, betas=(0.8, 0.9),
                              eps=1e-6)
         assert_bitwise_equal(table.weight, w)
-        assert_bitwise_equal(opt.state[0]["exp_avg"], m)
-        assert_bitwise_equal(opt.state[0]["exp_avg_sq"], v)
+        assert_bitwise_equal(opt.state[table]["exp_avg"], m)
+        assert_bitwise_equal(opt.state[table]["exp_avg_sq"], v)
         untouched = np.setdiff1d(np.arange(n_rows), idx)
         assert_bitwise_equal(table.weight[untouched], before[untouched])
         if state_before:
             for k in state_before:
-                assert_bitwise_equal(opt.state[0][k][untouched], state_before[k][untouched])
+                assert_bitwise_equal(opt.state[table][k][untouched], state_before[k][untouched])
 
 
 def test_adagrad_reference(rng):
@@ -167,7 +167,7 @@ def test_adagrad_reference(rng):
         table.grad = F.embedding_backward(g, idx, n_rows, sparse=True)
         opt.step()
         ref.adagrad_step(w, h, step, table.grad.indices, table.grad.values, lr=0.2, lr_decay=0.25)
-        assert_bitwise_equal(opt.state[0]["sum"], h)
+        assert_bitwise_equal(opt.state[table]["sum"], h)
         np.testing.assert_allclose(table.weight, w, rtol=1e-6, atol=1e-7)
 
 
@@ -219,9 +219,9 @@ def test_torch_vectors(name):
             np.testing.assert_allclose(table.weight, after["weight"], rtol=1e-6)
             for key in ("exp_avg", "exp_avg_sq", "sum"):
                 if key in after:
-                    np.testing.assert_allclose(opt.state[0][key], after[key], rtol=1e-6)
+                    np.testing.assert_allclose(opt.state[table][key], after[key], rtol=1e-6)
             if "step" in after:
-                assert opt.state[0]["step"] == after["step"]
+                assert opt.state[table]["step"] == after["step"]
         elif "weight_after_each_step" in exp:
             np.testing.assert_allclose(table.weight, exp["weight_after_each_step"][k], rtol=1e-6)
     if "weight_after" in exp:
@@ -328,9 +328,9 @@ def test_empty_gradient_advances_adam_step_only(rng):
     table.grad = SparseGrad(np.zeros(0, np.int64), np.zeros((0, 2), np.float32), 6)
     opt.step()
     opt.step()
-    assert opt.state[0]["step"] == 2
+    assert opt.state[table]["step"] == 2
     assert_bitwise_equal(table.weight, w)
-    assert not opt.state[0]["exp_avg"].any()
+    assert not opt.state[table]["exp_avg"].any()
 
 
 def test_zero_grad_and_skip_none():
@@ -394,8 +394,8 @@ def test_load_state_dict_checks():
     before = opt.state_dict()
     with pytest.raises(ValueError, match="shape"):
         opt.load_state_dict(sd)
-    assert_bitwise_equal(opt.state[0]["sum"], before["state"][0]["sum"])
-    with pytest.raises(ValueError, match="different set of parameters"):
+    assert_bitwise_equal(opt.state[table]["sum"], before["state"][0]["sum"])
+    with pytest.raises(ValueError, match="doesn.t match the size of optimizer.s group"):
         optim.Adagrad([table, Table(np.zeros((4, 2), np.float32))]).load_state_dict(before)
     with pytest.raises(ValueError):
         opt.load_state_dict({"nope": 1})

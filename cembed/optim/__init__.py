@@ -1,221 +1,538 @@
-"""cembed.optim: SGD, SparseAdam and Adagrad for embedding tables, with torch's names, defaults and
-update rules (SPEC_torch §8), as fused kernels that read and write only the rows a gradient names.
+"""cembed.optim: torch's sparse-gradient optimizers for embedding tables.
 
-``params`` is an iterable of modules (anything with ``.weight`` and ``.grad``); ``.grad`` is a dense
-array or a :class:`cembed.SparseGrad`. ``step()`` validates every gradient before it changes anything:
-a refused step leaves weights and optimizer state exactly as they were.
+``SGD``, ``SparseAdam`` and ``Adagrad`` with torch's names, defaults, update rules and surface —
+param groups, ``step(closure)``, ``state_dict`` — as fused kernels that read and write only the rows
+a gradient names. Parameters are modules (anything with ``.weight`` and ``.grad``: a
+:class:`cembed.Embedding`, :class:`cembed.EmbeddingBag`, or your own object).
+
+Nothing kept between steps is trusted: every ``step()`` re-checks each group's hyper-parameters,
+each gradient and each state array against the module's current weight, for every parameter, before
+it updates any (a refused step changes nothing); ``load_state_dict`` / ``load`` check a whole state
+before taking any of it; ``save`` writes a temporary sibling file, syncs it and renames it into place.
 """
+from __future__ import annotations
+
 import copy
+import io
 import json
 import math
-import numbers
+import os
+import tempfile
+import zipfile
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .. import _optim
 from .._config import n_threads_for
-from .._validation import FLOAT_DTYPES
-from ..sparse import SparseGrad
+from .._validation import (
+    check_bool,
+    check_real,
+    check_row_ids,
+    check_trainable,
+    check_weight,
+    kernel_layout,
+)
+from ..sparse import SparseGrad, merge_plan
 
 __all__ = ["Optimizer", "SGD", "SparseAdam", "Adagrad"]
 
-_ROW_GRAIN = 512  # rows per thread below which a step stays on one thread
+Group = Dict[str, Any]
+_FORMAT = "cembed.optim/2"
 
 
-def _real(value, name):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if math.isnan(value):
-        raise ValueError(f"Invalid {name} value: nan")
-    return value
+def _name(module: Any, where: str) -> str:
+    return f"{where} ({type(module).__name__})"
+
+
+def _in_place(weight: np.ndarray) -> bool:
+    """Whether the row kernels can update ``weight`` in place (else the touched rows are copied out,
+    updated and written back: never the whole table)."""
+    return kernel_layout(weight) and weight.flags.c_contiguous
+
+
+def _update_rows(weight: np.ndarray, states: Sequence[np.ndarray], rows: np.ndarray,
+                 kernel: Callable[[np.ndarray, List[np.ndarray], np.ndarray], None]) -> None:
+    """Run ``kernel(weight, states, rows)`` — an update of ``rows`` of the weight and of its
+    C-contiguous state arrays — on a weight of any layout."""
+    if _in_place(weight):
+        kernel(weight, list(states), rows)
+        return
+    block = np.ascontiguousarray(weight[rows])
+    state_blocks = [np.ascontiguousarray(s[rows]) for s in states]
+    kernel(block, state_blocks, np.arange(rows.size, dtype=np.int64))
+    weight[rows] = block
+    for s, b in zip(states, state_blocks):
+        s[rows] = b
 
 
 class Optimizer:
-    """Base class: parameter bookkeeping, zero_grad, state_dict / load_state_dict, save / load."""
+    """Base class: param groups, ``zero_grad``, ``step``, ``state_dict`` / ``load_state_dict``,
+    ``save`` / ``load``.
 
-    _state_arrays = ()      # names of the per-parameter state entries that are weight-shaped arrays
+    Subclasses declare ``_state_arrays`` (per-row state arrays shaped like the weight) and implement
+    ``_check_options`` (one group's hyper-parameters, validated and normalised), ``_check_grad``,
+    ``_check_state`` and ``_update``.
+    """
 
-    def __init__(self, params, defaults):
-        if isinstance(params, (np.ndarray, SparseGrad)) or hasattr(params, "weight"):
+    _state_arrays: Tuple[str, ...] = ()
+
+    def __init__(self, params: Any, defaults: Dict[str, Any]) -> None:
+        self.defaults: Dict[str, Any] = self._check_options(dict(defaults), "defaults")
+        self.param_groups: List[Group] = []
+        self.state: Dict[Any, Dict[str, Any]] = {}
+        if hasattr(params, "weight") or isinstance(params, dict):
             params = [params]
-        self.modules = list(params)
-        if not self.modules:
+        groups = list(params)
+        if not groups:
             raise ValueError("optimizer got an empty parameter list")
-        for i, module in enumerate(self.modules):
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        for group in groups:
+            self.add_param_group(group)
+
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Add a group ``{"params": [modules...], <option>: value, ...}``; options it does not set
+        take the constructor's values (``defaults``).
+
+        Raises
+        ------
+        TypeError
+            Not a dict, or a parameter that is not a module with a float table.
+        ValueError
+            A module already in this optimizer (torch only warns, then updates it twice), an empty
+            group, or a bad option.
+        """
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param group must be a dict, got {type(param_group).__name__}")
+        params = param_group.get("params")
+        if params is None:
+            raise ValueError("param group must have a 'params' entry")
+        modules = [params] if hasattr(params, "weight") else list(params)
+        if not modules:
+            raise ValueError("optimizer got an empty parameter list")
+        seen = {id(m): where for where, m in self._named_params()}
+        for k, module in enumerate(modules):
+            where = f"param_groups[{len(self.param_groups)}]['params'][{k}]"
             if not hasattr(module, "weight") or not hasattr(module, "grad"):
-                raise TypeError(f"params[{i}] must be a module with .weight and .grad, "
-                                f"got {type(module).__name__}")
-            w = module.weight
-            if not isinstance(w, np.ndarray) or w.ndim != 2:
-                raise ValueError(f"params[{i}].weight must be a 2-D numpy array")
-            if w.dtype not in FLOAT_DTYPES:
-                raise TypeError(f"params[{i}].weight must be float32 or float64, got {w.dtype}")
-        self.defaults = dict(defaults)
-        self.param_groups = [dict(defaults, params=list(range(len(self.modules))))]
-        self.state = {i: {} for i in range(len(self.modules))}
+                raise TypeError(f"{where} must be a module with .weight and .grad, got {type(module).__name__}")
+            weight = check_weight(module.weight, f"{where}.weight", numeric=True)
+            check_trainable(weight, f"{where}.weight")
+            if id(module) in seen:
+                raise ValueError(f"{_name(module, where)} is the same module as {seen[id(module)]}: "
+                                 "a module may appear only once in an optimizer")
+            seen[id(module)] = where
+        group = dict(self.defaults)
+        group.update({k: v for k, v in param_group.items() if k != "params"})
+        group = self._check_options(group, f"param_groups[{len(self.param_groups)}]")
+        group["params"] = modules
+        self.param_groups.append(group)
+        for module in modules:
+            self._init_state(module, group)
+
+    def _named_params(self) -> Iterable[Tuple[str, Any]]:
+        for g, group in enumerate(self.param_groups):
+            for k, module in enumerate(group["params"]):
+                yield f"param_groups[{g}]['params'][{k}]", module
+
+    def _init_state(self, module: Any, group: Group) -> None:
+        """State created when a parameter joins (Adagrad's accumulator); default: lazily at step."""
+
+    def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ housekeeping
-    def zero_grad(self):
-        """Set every parameter's gradient to None (torch's default set_to_none=True)."""
-        for module in self.modules:
-            module.grad = None
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop every parameter's gradient (torch's default ``set_to_none=True``); with
+        ``set_to_none=False`` dense gradients are zeroed in place and sparse ones dropped."""
+        for _, module in self._named_params():
+            grad = module.grad
+            if not set_to_none and isinstance(grad, np.ndarray) and grad.flags.writeable:
+                grad.fill(0)
+            else:
+                module.grad = None
 
-    def __repr__(self):
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.param_groups[0].items() if k != "params")
-        return f"{type(self).__name__}({opts})"
-
-    @property
-    def _group(self):
-        return self.param_groups[0]
-
-    def state_dict(self):
-        """{"state": {i: {...}}, "param_groups": [{hyper-parameters..., "params": [...]}]}, deep copies."""
-        return {"state": copy.deepcopy(self.state), "param_groups": copy.deepcopy(self.param_groups)}
-
-    def load_state_dict(self, state_dict):
-        """Restore a state_dict (deep copies). Checked fully first: on error nothing changes."""
-        try:
-            state = state_dict["state"]
-            groups = state_dict["param_groups"]
-        except (TypeError, KeyError):
-            raise ValueError("state_dict must have 'state' and 'param_groups' entries") from None
-        if len(groups) != 1 or sorted(groups[0].get("params", [])) != list(range(len(self.modules))):
-            raise ValueError(f"state_dict is for a different set of parameters "
-                             f"(expected {len(self.modules)} parameters in one group)")
-        missing = set(self.defaults) - set(groups[0])
-        if missing:
-            raise ValueError(f"state_dict param_groups lack {sorted(missing)}")
-        new_state = {}
-        for key, entry in state.items():
-            i = int(key)
-            if not 0 <= i < len(self.modules):
-                raise ValueError(f"state_dict has state for parameter {i}, which does not exist")
-            weight = self.modules[i].weight
-            for name in self._state_arrays:
-                if name in entry and entry[name] is not None:
-                    arr = np.asarray(entry[name])
-                    if arr.shape != weight.shape or arr.dtype != weight.dtype:
-                        raise ValueError(f"state_dict entry {name!r} of parameter {i} has shape {arr.shape} "
-                                         f"and dtype {arr.dtype}, expected {weight.shape} {weight.dtype}")
-            new_state[i] = copy.deepcopy(dict(entry))
-        for i in range(len(self.modules)):
-            new_state.setdefault(i, {})
-        self._check_loaded_state(new_state)
-        self.state = new_state
-        self.param_groups = copy.deepcopy(list(groups))
-
-    def _check_loaded_state(self, state):
-        pass
-
-    def save(self, path):
-        """Write state_dict() to ``path`` (NumPy .npz; no pickle)."""
-        arrays = {}
-        meta = {"class": type(self).__name__, "param_groups": self.param_groups, "state": {}}
-        for i, entry in self.state.items():
-            meta["state"][str(i)] = {}
-            for name, value in entry.items():
-                if isinstance(value, np.ndarray) or isinstance(value, np.generic):
-                    arrays[f"{i}/{name}"] = np.asarray(value)
-                    meta["state"][str(i)][name] = {"array": f"{i}/{name}",
-                                                   "scalar": isinstance(value, np.generic)}
-                else:
-                    meta["state"][str(i)][name] = {"value": value}
-        with open(path, "wb") as fh:
-            np.savez(fh, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
-
-    def load(self, path):
-        """Restore the state written by save(path)."""
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(bytes(data["__meta__"]).decode())
-            if meta.get("class") != type(self).__name__:
-                raise ValueError(f"{path} holds {meta.get('class')} state, not {type(self).__name__}")
-            state = {}
-            for i, entry in meta["state"].items():
-                state[int(i)] = {}
-                for name, spec in entry.items():
-                    if "array" in spec:
-                        arr = data[spec["array"]]
-                        state[int(i)][name] = arr[()] if spec["scalar"] else arr
-                    else:
-                        state[int(i)][name] = spec["value"]
-        self.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} ("]
+        for g, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {g}")
+            lines += [f"    {k}: {v!r}" for k, v in sorted(group.items()) if k != "params"]
+        return "\n".join(lines) + "\n)"
 
     # ------------------------------------------------------------------ step
-    def _grads(self):
-        """[(i, module, grad)] for params with a gradient, every one validated first."""
-        todo = []
-        for i, module in enumerate(self.modules):
-            grad = module.grad
-            if grad is None:
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """One update of every parameter that has a gradient.
+
+        Parameters
+        ----------
+        closure : callable, optional
+            Called first (typically: zero the gradients, forward, backward, return the loss); its
+            value is returned, as in torch.
+
+        Raises
+        ------
+        TypeError, ValueError, IndexError
+            A bad option, gradient or state anywhere: raised before any parameter is updated.
+        """
+        loss = closure() if closure is not None else None
+        plan = []
+        for g, group in enumerate(self.param_groups):
+            options = self._check_options(dict(group), f"param_groups[{g}]")
+            for k, module in enumerate(group["params"]):
+                where = f"param_groups[{g}]['params'][{k}]"
+                grad = module.grad
+                if grad is None:
+                    continue
+                weight = self._check_weight(module, where)
+                self._check_grad(options, grad, weight, where)
+                state = self.state.get(module)
+                if state is not None:
+                    self._check_state(state, weight, where)
+                plan.append((module, weight, grad, options))
+        for module, weight, grad, options in plan:
+            state = self.state.setdefault(module, {})
+            self._update(state, weight, grad, options)
+        return loss
+
+    def _check_weight(self, module: Any, where: str) -> np.ndarray:
+        weight = check_weight(module.weight, f"{where}.weight", numeric=True)
+        check_trainable(weight, f"{where}.weight")
+        if not weight.flags.writeable:
+            raise ValueError(f"{where}.weight is read-only")
+        return weight
+
+    def _check_grad(self, options: Group, grad: Any, weight: np.ndarray, where: str) -> None:
+        if isinstance(grad, SparseGrad):
+            if grad.shape != weight.shape:
+                raise ValueError(f"{where}: gradient shape {grad.shape} does not match the weight shape {weight.shape}")
+            if grad.dtype != weight.dtype:
+                raise TypeError(f"{where}: gradient dtype {grad.dtype} does not match the weight dtype {weight.dtype}")
+            check_row_ids(grad.indices, weight.shape[0], f"{where}.grad.indices")
+            if not grad.values.flags.c_contiguous:
+                raise ValueError(f"{where}.grad.values must be C-contiguous")
+        elif isinstance(grad, np.ndarray):
+            if grad.shape != weight.shape:
+                raise ValueError(f"{where}: gradient shape {grad.shape} does not match the weight shape {weight.shape}")
+            if grad.dtype != weight.dtype:
+                raise TypeError(f"{where}: gradient dtype {grad.dtype} does not match the weight dtype {weight.dtype}")
+        else:
+            raise TypeError(f"{where}.grad must be a numpy array or a cembed.SparseGrad, got {type(grad).__name__}")
+
+    def _check_state(self, state: Dict[str, Any], weight: np.ndarray, where: str) -> None:
+        """Every state entry against the weight as it is now (shape, dtype, layout), so a kernel
+        never meets an array it cannot index safely."""
+        for name in self._state_arrays:
+            arr = state.get(name)
+            if arr is None:
                 continue
-            weight = module.weight
-            if isinstance(grad, SparseGrad):
-                if grad.shape != weight.shape:
-                    raise ValueError(f"params[{i}]: gradient shape {grad.shape} does not match the "
-                                     f"weight shape {weight.shape}")
-                if grad.values.dtype != weight.dtype:
-                    raise TypeError(f"params[{i}]: gradient dtype {grad.values.dtype} does not match the "
-                                    f"weight dtype {weight.dtype}")
-            elif isinstance(grad, np.ndarray):
-                if grad.shape != weight.shape:
-                    raise ValueError(f"params[{i}]: gradient shape {grad.shape} does not match the "
-                                     f"weight shape {weight.shape}")
-                if grad.dtype != weight.dtype:
-                    raise TypeError(f"params[{i}]: gradient dtype {grad.dtype} does not match the "
-                                    f"weight dtype {weight.dtype}")
-            else:
-                raise TypeError(f"params[{i}].grad must be a numpy array or a cembed.SparseGrad, "
-                                f"got {type(grad).__name__}")
-            if not weight.flags.writeable:
-                raise ValueError(f"params[{i}].weight is read-only")
-            if not weight.flags.c_contiguous:
-                raise ValueError(f"params[{i}].weight must be C-contiguous for in-place updates")
-            self._check_grad(i, grad)
-            todo.append((i, module, grad))
-        return todo
+            if not isinstance(arr, np.ndarray) or arr.shape != weight.shape or arr.dtype != weight.dtype:
+                got = f"{arr.shape} {arr.dtype}" if isinstance(arr, np.ndarray) else type(arr).__name__
+                raise ValueError(f"{where}: optimizer state {name!r} is {got}, expected {weight.shape} {weight.dtype} "
+                                 "like the weight (was the weight replaced? build a new optimizer for it)")
+            if not (arr.flags.c_contiguous and arr.flags.writeable and arr.flags.aligned):
+                raise ValueError(f"{where}: optimizer state {name!r} must be a writeable C-contiguous array")
 
-    def _check_grad(self, i, grad):
+    def _update(self, state: Dict[str, Any], weight: np.ndarray, grad: Any, options: Group) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ state dicts
+    def _index_of(self) -> Dict[int, int]:
+        return {id(m): i for i, (_, m) in enumerate(self._named_params())}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """torch's layout: ``{"state": {index: {...}}, "param_groups": [{options..., "params": [indices]}]}``.
+
+        Parameters are numbered across all groups in order; parameters without state have no entry.
+        Everything is a deep copy."""
+        index = self._index_of()
+        groups = []
+        for group in self.param_groups:
+            packed = {k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
+            packed["params"] = [index[id(m)] for m in group["params"]]
+            groups.append(packed)
+        state = {index[id(m)]: copy.deepcopy(entry) for m, entry in self.state.items()
+                 if id(m) in index and entry}
+        return {"state": dict(sorted(state.items())), "param_groups": groups}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (deep copies).
+
+        The whole state is checked first with the constructor's rules — group layout, every option,
+        every state entry against its parameter's current weight — and on any error nothing changes.
+        Options missing from an older state dict take the defaults, as in torch.
+
+        Raises
+        ------
+        ValueError
+            A state dict that does not fit this optimizer, naming what is wrong.
+        """
+        try:
+            saved_state = state_dict["state"]
+            saved_groups = state_dict["param_groups"]
+        except (TypeError, KeyError):
+            raise ValueError("state_dict must have 'state' and 'param_groups' entries") from None
+        if not isinstance(saved_groups, (list, tuple)) or len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"loaded state dict has {len(saved_groups) if isinstance(saved_groups, (list, tuple)) else '?'} "
+                             f"parameter groups, the optimizer has {len(self.param_groups)}")
+        modules = [m for _, m in self._named_params()]
+        new_groups = []
+        seen: set = set()
+        for g, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if not isinstance(saved, dict):
+                raise ValueError(f"state_dict param_groups[{g}] must be a dict")
+            ids = saved.get("params")
+            if not isinstance(ids, (list, tuple)) or len(ids) != len(group["params"]):
+                raise ValueError(f"loaded state dict contains a parameter group ({g}) that doesn't match the size "
+                                 "of optimizer's group")
+            for i in ids:
+                if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < len(modules) or i in seen:
+                    raise ValueError(f"state_dict param_groups[{g}]['params'] has a bad or repeated index {i!r}")
+                seen.add(int(i))
+            options = dict(self.defaults)
+            options.update({k: copy.deepcopy(v) for k, v in saved.items() if k != "params"})
+            options = self._check_options(options, f"state_dict param_groups[{g}]")
+            options["params"] = group["params"]
+            new_groups.append((options, [int(i) for i in ids]))
+        if not isinstance(saved_state, dict):
+            raise ValueError("state_dict 'state' must be a dict")
+        by_saved_index = {}
+        for options, ids in new_groups:
+            for i, module in zip(ids, options["params"]):
+                by_saved_index[i] = (module, options)
+        new_state: Dict[Any, Dict[str, Any]] = {}
+        for key, entry in saved_state.items():
+            try:
+                i = int(key)
+            except (TypeError, ValueError):
+                raise ValueError(f"state_dict state key {key!r} is not a parameter index") from None
+            if i not in by_saved_index:
+                raise ValueError(f"state_dict has state for parameter {i}, which does not exist")
+            if not isinstance(entry, dict):
+                raise ValueError(f"state_dict state[{i}] must be a dict")
+            module, options = by_saved_index[i]
+            weight = check_weight(module.weight, f"parameter {i}.weight", numeric=True)
+            entry = self._load_state_entry(copy.deepcopy(dict(entry)), weight, options, f"state_dict state[{i}]")
+            new_state[module] = entry
+        new_state = {m: e for m, e in new_state.items() if e}
+        self._fill_missing_state(new_state, [g for g, _ in new_groups])
+        self.param_groups = [g for g, _ in new_groups]
+        self.state = new_state
+
+    def _fill_missing_state(self, state: Dict[Any, Dict[str, Any]], groups: List[Group]) -> None:
+        """Parameters without saved state start without state (created at their first step)."""
+
+    def _load_state_entry(self, entry: Dict[str, Any], weight: np.ndarray, options: Group,
+                          where: str) -> Dict[str, Any]:
+        """One parameter's saved state, checked and converted (private C-contiguous copies)."""
+        for name in self._state_arrays:
+            if name in entry and entry[name] is not None:
+                arr = entry[name]
+                if not isinstance(arr, np.ndarray) or arr.shape != weight.shape or arr.dtype != weight.dtype:
+                    got = f"shape {arr.shape} and dtype {arr.dtype}" if isinstance(arr, np.ndarray) else type(arr).__name__
+                    raise ValueError(f"{where}[{name!r}] has {got}, expected {weight.shape} {weight.dtype}")
+                entry[name] = np.array(arr, order="C", copy=True)
+        return entry
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: "os.PathLike[str] | str") -> None:
+        """Write :meth:`state_dict` to ``path`` (NumPy ``.npz``, no pickle), crash-safely.
+
+        The file is serialised completely in memory first, written to a temporary file next to
+        ``path``, synced to disk and renamed over ``path``: a failed or interrupted save leaves the
+        previous file as it was.
+
+        Examples
+        --------
+        >>> import os, tempfile, numpy as np, cembed
+        >>> emb = cembed.Embedding(5, 2, sparse=True, seed=0)
+        >>> opt = cembed.optim.SparseAdam([emb], lr=0.1)
+        >>> path = os.path.join(tempfile.mkdtemp(), "opt.npz")
+        >>> opt.save(path)
+        >>> opt.load(path)
+        """
+        sd = self.state_dict()
+        arrays: Dict[str, np.ndarray] = {}
+        meta_state: Dict[str, Dict[str, Any]] = {}
+        for i, entry in sd["state"].items():
+            meta_state[str(i)] = {}
+            for name, value in entry.items():
+                if isinstance(value, (np.ndarray, np.generic)):
+                    arrays[f"{i}/{name}"] = np.asarray(value)
+                    meta_state[str(i)][name] = {"array": f"{i}/{name}", "scalar": isinstance(value, np.generic)}
+                else:
+                    meta_state[str(i)][name] = {"value": value}
+        meta = {"format": _FORMAT, "class": type(self).__name__, "param_groups": sd["param_groups"],
+                "state": meta_state}
+        try:
+            meta_bytes = json.dumps(meta, allow_nan=True).encode()
+        except TypeError as exc:
+            raise TypeError(f"cannot save the optimizer: a param group option or state value is not a plain "
+                            f"number, bool, string or list ({exc})") from None
+        buffer = io.BytesIO()
+        np.savez(buffer, __meta__=np.frombuffer(meta_bytes, dtype=np.uint8), **arrays)
+        _write_atomically(os.fspath(path), buffer.getbuffer())
+
+    def load(self, path: "os.PathLike[str] | str") -> None:
+        """Restore the state written by :meth:`save`, checked like :meth:`load_state_dict`.
+
+        Raises
+        ------
+        ValueError
+            The file is unreadable, not a cembed optimizer file, for another optimizer class, or
+            holds a state that does not fit (the message names the file). Nothing changes.
+        """
+        path = os.fspath(path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(bytes(data["__meta__"]).decode())
+                if not isinstance(meta, dict) or meta.get("format") not in (_FORMAT, None) or "state" not in meta:
+                    raise ValueError("not a cembed optimizer file")
+                state: Dict[int, Dict[str, Any]] = {}
+                for i, entry in meta["state"].items():
+                    state[int(i)] = {}
+                    for name, spec in entry.items():
+                        if "array" in spec:
+                            arr = data[spec["array"]]
+                            state[int(i)][name] = arr[()] if spec["scalar"] else arr
+                        else:
+                            state[int(i)][name] = spec["value"]
+                groups = meta["param_groups"]
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile,
+                UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: not a readable cembed optimizer file ({type(exc).__name__}: {exc})") from None
+        if meta.get("class") != type(self).__name__:
+            raise ValueError(f"{path} holds {meta.get('class')} state, not {type(self).__name__}")
+        if isinstance(groups, list):
+            for group in groups:
+                if isinstance(group, dict) and isinstance(group.get("betas"), list):
+                    group["betas"] = tuple(group["betas"])
+        try:
+            self.load_state_dict({"state": state, "param_groups": groups})
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+
+def _write_atomically(path: str, data: memoryview) -> None:
+    """Write ``data`` to ``path`` through a synced temporary sibling and a rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory handles
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:  # pragma: no cover
         pass
+    finally:
+        os.close(dir_fd)
 
-    def step(self):
-        """One update of every parameter that has a gradient."""
-        for i, module, grad in self._grads():
-            self._update(i, module.weight, grad)
+
+def _check_maximize(group: Dict[str, Any], where: str) -> None:
+    group["maximize"] = check_bool(group.get("maximize", False), f"{where} maximize")
+
+
+#: How a refusal names each option (torch's words, with the key).
+_LABELS = {"lr": "learning rate (lr)", "eps": "epsilon (eps)"}
+
+
+def _option(group: Dict[str, Any], key: str, where: str, **bounds: Any) -> float:
+    """One numeric hyper-parameter of a group, checked with the common scalar rules."""
+    value = check_real(group.get(key), f"{where}: {_LABELS.get(key, key)}", **bounds)
+    group[key] = value
+    return value
 
 
 class SparseAdam(Optimizer):
-    """torch.optim.SparseAdam: lazy Adam on the rows present in each (sparse) gradient; one step
-    counter per parameter that advances on every step, also for an empty gradient."""
+    """``torch.optim.SparseAdam``: lazy Adam on the rows present in each sparse gradient.
+
+    Parameters
+    ----------
+    params : iterable of modules or of dicts
+        Modules (``.weight``, ``.grad``), or param groups ``{"params": [...], "lr": ..., ...}``.
+    lr : float, default 1e-3
+    betas : (float, float), default (0.9, 0.999)
+    eps : float, default 1e-8
+    maximize : bool, default False
+
+    Notes
+    -----
+    One step counter per parameter, advanced on every step that parameter has a gradient (also an
+    empty one); only the rows in the gradient have their moments and weights updated (torch's
+    semantics). Dense gradients are refused, as in torch.
+
+    Examples
+    --------
+    >>> import numpy as np, cembed
+    >>> emb = cembed.Embedding(100, 8, sparse=True, seed=0)
+    >>> opt = cembed.optim.SparseAdam(emb.parameters(), lr=0.01)
+    >>> rows = emb(np.array([3, 7, 3]))
+    >>> emb.backward(np.ones_like(rows)); opt.step(); opt.zero_grad()
+    >>> opt.state[emb]["step"]
+    1
+    """
 
     _state_arrays = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False):
-        lr = _real(lr, "lr")
-        eps = _real(eps, "eps")
-        if not 0.0 < lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 < eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        try:
-            beta1, beta2 = betas
-        except (TypeError, ValueError):
-            raise ValueError(f"betas must be a pair of numbers, got {betas!r}") from None
-        beta1, beta2 = _real(beta1, "betas[0]"), _real(beta2, "betas[1]")
-        if not 0.0 <= beta1 < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
-        if not 0.0 <= beta2 < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
-        super().__init__(params, dict(lr=lr, betas=(beta1, beta2), eps=eps, maximize=bool(maximize)))
+    def __init__(self, params: Any, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, maximize: bool = False) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, maximize=maximize))
 
-    def _check_grad(self, i, grad):
+    def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
+        _option(group, "lr", where, low=0.0, low_open=True)
+        _option(group, "eps", where, low=0.0, low_open=True)
+        betas = group.get("betas")
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"{where}: betas must be a pair of numbers, got {betas!r}")
+        group["betas"] = tuple(check_real(b, f"{where}: beta parameter at index {k}", low=0.0, high=1.0,
+                                          high_open=True) for k, b in enumerate(betas))
+        _check_maximize(group, where)
+        return group
+
+    def _check_grad(self, options: Group, grad: Any, weight: np.ndarray, where: str) -> None:
+        super()._check_grad(options, grad, weight, where)
         if not isinstance(grad, SparseGrad):
             raise TypeError("SparseAdam does not support dense gradients, please consider Adam instead "
-                            f"(params[{i}].grad is a dense array; use sparse=True)")
+                            f"({where}.grad is a dense array; use sparse=True)")
 
-    def _update(self, i, weight, grad):
-        group = self._group
-        state = self.state[i]
+    def _check_state(self, state: Dict[str, Any], weight: np.ndarray, where: str) -> None:
+        if not state:
+            return
+        if set(state) != {"step", *self._state_arrays}:
+            raise ValueError(f"{where}: SparseAdam state needs exactly 'step', 'exp_avg', 'exp_avg_sq', "
+                             f"got {sorted(state)}")
+        step = state["step"]
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"{where}: SparseAdam state 'step' must be an int >= 0, got {step!r}")
+        super()._check_state(state, weight, where)
+
+    def _load_state_entry(self, entry: Dict[str, Any], weight: np.ndarray, options: Group,
+                          where: str) -> Dict[str, Any]:
+        if entry:
+            if set(entry) != {"step", *self._state_arrays}:
+                raise ValueError(f"{where} needs exactly 'step', 'exp_avg', 'exp_avg_sq', got {sorted(entry)}")
+            step = entry["step"]
+            if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)) or step < 0:
+                raise ValueError(f"{where}['step'] must be an int >= 0, got {step!r}")
+            entry["step"] = int(step)
+        return super()._load_state_entry(entry, weight, options, where)
+
+    def _update(self, state: Dict[str, Any], weight: np.ndarray, grad: SparseGrad, options: Group) -> None:
         if "step" not in state:
             state["step"] = 0
             state["exp_avg"] = np.zeros(weight.shape, dtype=weight.dtype)  # lazily zeroed pages
@@ -223,131 +540,242 @@ class SparseAdam(Optimizer):
         state["step"] += 1
         if grad.nnz == 0:
             return
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = options["betas"]
         step = state["step"]
-        bias_correction1 = 1 - beta1 ** step
-        bias_correction2 = 1 - beta2 ** step
-        step_size = group["lr"] * math.sqrt(bias_correction2) / bias_correction1
-        _optim.sparse_adam_rows(weight, state["exp_avg"], state["exp_avg_sq"], grad.indices, grad.values,
-                                beta1, beta2, group["eps"], step_size, group["maximize"],
-                                n_threads_for(grad.nnz, _ROW_GRAIN))
+        step_size = options["lr"] * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
+
+        def kernel(w: np.ndarray, states: List[np.ndarray], rows: np.ndarray) -> None:
+            _optim.sparse_adam_rows(w, states[0], states[1], rows, grad.values, beta1, beta2, options["eps"],
+                                    step_size, options["maximize"], n_threads_for(rows.size, "optimizer"))
+
+        _update_rows(weight, [state["exp_avg"], state["exp_avg_sq"]], grad.indices, kernel)
 
 
 class Adagrad(Optimizer):
-    """torch.optim.Adagrad: ``sum += g*g``; ``w -= clr * g / (sqrt(sum) + eps)`` with
-    ``clr = lr / (1 + (step - 1) * lr_decay)``; a float32 step counter; state created here."""
+    """``torch.optim.Adagrad``: ``sum += g*g``; ``w -= clr * g / (sqrt(sum) + eps)`` with
+    ``clr = lr / (1 + (step - 1) * lr_decay)``.
+
+    Parameters
+    ----------
+    params : iterable of modules or of dicts
+    lr : float, default 1e-2
+    lr_decay, weight_decay, initial_accumulator_value : float, default 0
+        ``weight_decay`` needs dense gradients (as in torch).
+    eps : float, default 1e-10
+    maximize : bool, default False
+
+    Notes
+    -----
+    A float32 step counter per parameter; the accumulator is created when the parameter joins (its
+    pages are only touched where rows are updated).
+
+    Examples
+    --------
+    >>> import numpy as np, cembed
+    >>> emb = cembed.Embedding(100, 8, sparse=True, seed=0)
+    >>> opt = cembed.optim.Adagrad([{"params": [emb], "lr": 0.5}], lr=0.1)
+    >>> emb.backward(np.ones((2, 8), np.float32), np.array([1, 2])); opt.step()
+    >>> opt.param_groups[0]["lr"], float(opt.state[emb]["step"])
+    (0.5, 1.0)
+    """
 
     _state_arrays = ("sum",)
 
-    def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
-                 eps=1e-10, maximize=False):
-        values = dict(lr=_real(lr, "lr"), lr_decay=_real(lr_decay, "lr_decay"),
-                      weight_decay=_real(weight_decay, "weight_decay"),
-                      initial_accumulator_value=_real(initial_accumulator_value, "initial_accumulator_value"),
-                      eps=_real(eps, "eps"))
-        if values["lr"] < 0:
-            raise ValueError(f"Invalid learning rate: {values['lr']}")
-        for name in ("lr_decay", "weight_decay", "initial_accumulator_value", "eps"):
-            if values[name] < 0:
-                raise ValueError(f"Invalid {name} value: {values[name]}")
-        super().__init__(params, dict(values, maximize=bool(maximize)))
-        for i, module in enumerate(self.modules):
-            init = values["initial_accumulator_value"]
-            state_sum = np.zeros(module.weight.shape, dtype=module.weight.dtype)  # lazily zeroed pages
-            if init != 0:
-                state_sum.fill(init)
-            self.state[i] = {"step": np.float32(0.0), "sum": state_sum}
+    def __init__(self, params: Any, lr: float = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
+                 initial_accumulator_value: float = 0.0, eps: float = 1e-10, maximize: bool = False) -> None:
+        super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                                      initial_accumulator_value=initial_accumulator_value, eps=eps,
+                                      maximize=maximize))
 
-    def _check_grad(self, i, grad):
-        if isinstance(grad, SparseGrad) and self._group["weight_decay"] != 0:
-            raise ValueError("weight_decay option is not compatible with sparse gradients "
-                             f"(params[{i}].grad is a SparseGrad)")
+    def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
+        for name in ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"):
+            _option(group, name, where, low=0.0)
+        _check_maximize(group, where)
+        return group
 
-    def _check_loaded_state(self, state):
-        for i, entry in state.items():
-            if "sum" not in entry or "step" not in entry:
-                raise ValueError(f"Adagrad state for parameter {i} needs 'step' and 'sum'")
+    def _init_state(self, module: Any, group: Group) -> None:
+        weight = module.weight
+        state_sum = np.zeros(weight.shape, dtype=weight.dtype)  # lazily zeroed pages
+        if group["initial_accumulator_value"] != 0:
+            state_sum.fill(group["initial_accumulator_value"])
+        self.state[module] = {"step": np.float32(0.0), "sum": state_sum}
 
-    def _update(self, i, weight, grad):
-        group = self._group
-        state = self.state[i]
-        state["step"] = np.float32(state["step"] + np.float32(1.0))
-        clr = group["lr"] / (1 + (float(state["step"]) - 1) * group["lr_decay"])
+    def _fill_missing_state(self, state: Dict[Any, Dict[str, Any]], groups: List[Group]) -> None:
+        for group in groups:
+            for module in group["params"]:
+                if not state.get(module):
+                    raise ValueError("Adagrad state_dict lacks the state of a parameter (it needs 'step' and 'sum')")
+
+    def _check_grad(self, options: Group, grad: Any, weight: np.ndarray, where: str) -> None:
+        super()._check_grad(options, grad, weight, where)
+        if isinstance(grad, SparseGrad) and options["weight_decay"] != 0:
+            raise ValueError(f"weight_decay option is not compatible with sparse gradients ({where}.grad is a "
+                             "SparseGrad)")
+
+    @staticmethod
+    def _check_step(step: Any, where: str) -> np.float32:
+        if not isinstance(step, (float, np.floating, int, np.integer)) or isinstance(step, (bool, np.bool_)):
+            raise ValueError(f"{where}['step'] must be a number, got {type(step).__name__}")
+        value = np.float32(step)
+        if not (np.isfinite(value) and value >= 0):
+            raise ValueError(f"{where}['step'] must be finite and >= 0, got {step!r}")
+        return value
+
+    def _check_state(self, state: Dict[str, Any], weight: np.ndarray, where: str) -> None:
+        if set(state) != {"step", "sum"}:
+            raise ValueError(f"{where}: Adagrad state needs exactly 'step' and 'sum', got {sorted(state)}")
+        self._check_step(state["step"], f"{where} state")
+        super()._check_state(state, weight, where)
+
+    def _load_state_entry(self, entry: Dict[str, Any], weight: np.ndarray, options: Group,
+                          where: str) -> Dict[str, Any]:
+        if set(entry) != {"step", "sum"}:
+            raise ValueError(f"{where} needs exactly 'step' and 'sum', got {sorted(entry)}")
+        entry["step"] = self._check_step(entry["step"], where)
+        return super()._load_state_entry(entry, weight, options, where)
+
+    def _update(self, state: Dict[str, Any], weight: np.ndarray, grad: Any, options: Group) -> None:
+        state["step"] = np.float32(np.float32(state["step"]) + np.float32(1.0))
+        clr = options["lr"] / (1 + (float(state["step"]) - 1) * options["lr_decay"])
         if isinstance(grad, SparseGrad):
-            _optim.adagrad_rows(weight, state["sum"], grad.indices, grad.values, clr, group["eps"],
-                                group["maximize"], n_threads_for(grad.nnz, _ROW_GRAIN))
+            def kernel(w: np.ndarray, states: List[np.ndarray], rows: np.ndarray) -> None:
+                _optim.adagrad_rows(w, states[0], rows, grad.values, clr, options["eps"], options["maximize"],
+                                    n_threads_for(rows.size, "optimizer"))
+
+            _update_rows(weight, [state["sum"]], grad.indices, kernel)
             return
-        g = -grad if group["maximize"] else grad
-        if group["weight_decay"] != 0:
-            g = g + weight.dtype.type(group["weight_decay"]) * weight
+        dtype = weight.dtype.type
+        g = -grad if options["maximize"] else grad
+        if options["weight_decay"] != 0:
+            g = g + dtype(options["weight_decay"]) * weight
         state_sum = state["sum"]
         state_sum += g * g
         std = np.sqrt(state_sum)
-        std += weight.dtype.type(group["eps"])
-        weight -= weight.dtype.type(clr) * (g / std)
+        std += dtype(options["eps"])
+        weight -= dtype(clr) * (g / std)
 
 
 class SGD(Optimizer):
-    """torch.optim.SGD. With sparse gradients the momentum buffer has torch's dense-equivalent
-    semantics (rows keep their momentum after they stop appearing); cembed keeps it as a dense
-    buffer plus the sorted set of rows whose buffer is live, and updates only those rows."""
+    """``torch.optim.SGD``, with momentum, dampening, Nesterov, weight decay and maximize.
+
+    Parameters
+    ----------
+    params : iterable of modules or of dicts
+    lr : float, default 1e-3
+    momentum, dampening, weight_decay : float, default 0
+        ``weight_decay`` needs dense gradients.
+    nesterov : bool, default False
+        Needs ``momentum > 0`` and ``dampening == 0``.
+    maximize : bool, default False
+
+    Notes
+    -----
+    With sparse gradients the momentum buffer has torch's dense-equivalent semantics (rows keep
+    moving after they stop appearing); cembed keeps it as a dense buffer plus the ascending list of
+    rows whose buffer is live (``state["active_rows"]``, ``None`` for all rows), and updates only
+    those rows.
+
+    Examples
+    --------
+    >>> import numpy as np, cembed
+    >>> emb = cembed.Embedding(4, 2, sparse=True, _weight=np.zeros((4, 2), np.float32))
+    >>> opt = cembed.optim.SGD(emb.parameters(), lr=1.0, momentum=0.5)
+    >>> emb.backward(np.ones((1, 2), np.float32), np.array([1])); opt.step(); opt.zero_grad()
+    >>> emb.weight[1]
+    array([-1., -1.], dtype=float32)
+    >>> opt.step(); emb.weight[1]     # no gradient: nothing moves without one (torch skips the param)
+    array([-1., -1.], dtype=float32)
+    """
 
     _state_arrays = ("momentum_buffer",)
 
-    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-                 maximize=False):
-        lr = _real(lr, "lr")
-        momentum = _real(momentum, "momentum")
-        dampening = _real(dampening, "dampening")
-        weight_decay = _real(weight_decay, "weight_decay")
-        if lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if momentum < 0.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if weight_decay < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if nesterov and (momentum <= 0 or dampening != 0):
+    def __init__(self, params: Any, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, maximize: bool = False) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                      nesterov=nesterov, maximize=maximize))
+
+    def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
+        _option(group, "lr", where, low=0.0)
+        _option(group, "momentum", where, low=0.0)
+        _option(group, "dampening", where)
+        _option(group, "weight_decay", where, low=0.0)
+        group["nesterov"] = check_bool(group.get("nesterov", False), f"{where} nesterov")
+        _check_maximize(group, where)
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
-                                      weight_decay=weight_decay, nesterov=bool(nesterov),
-                                      maximize=bool(maximize)))
+        return group
 
-    def _check_grad(self, i, grad):
-        if isinstance(grad, SparseGrad) and self._group["weight_decay"] != 0:
-            raise ValueError("weight_decay is not supported with sparse gradients "
-                             f"(params[{i}].grad is a SparseGrad)")
+    def _check_grad(self, options: Group, grad: Any, weight: np.ndarray, where: str) -> None:
+        super()._check_grad(options, grad, weight, where)
+        if isinstance(grad, SparseGrad) and options["weight_decay"] != 0:
+            raise ValueError(f"weight_decay is not supported with sparse gradients ({where}.grad is a SparseGrad)")
 
-    def _update(self, i, weight, grad):
-        group = self._group
-        lr, momentum = group["lr"], group["momentum"]
-        if isinstance(grad, SparseGrad):
-            n_threads = n_threads_for(grad.nnz, _ROW_GRAIN)
-            if momentum == 0:
-                _optim.sgd_rows(weight, grad.indices, grad.values, lr, group["maximize"], n_threads)
-                return
-            self._sparse_momentum(i, weight, grad)
+    def _check_state(self, state: Dict[str, Any], weight: np.ndarray, where: str) -> None:
+        if not state:
             return
-        g = -grad if group["maximize"] else grad
-        if group["weight_decay"] != 0:
-            g = g + weight.dtype.type(group["weight_decay"]) * weight
+        if set(state) - {"momentum_buffer", "active_rows"}:
+            raise ValueError(f"{where}: SGD state has unknown entries {sorted(set(state) - {'momentum_buffer', 'active_rows'})}")
+        super()._check_state(state, weight, where)
+        if state.get("momentum_buffer") is None:
+            raise ValueError(f"{where}: SGD state has live rows but no 'momentum_buffer'")
+        if state.get("active_rows") is not None:
+            check_row_ids(state["active_rows"], weight.shape[0], f"{where}: SGD state 'active_rows'")
+
+    def _load_state_entry(self, entry: Dict[str, Any], weight: np.ndarray, options: Group,
+                          where: str) -> Dict[str, Any]:
+        entry = super()._load_state_entry(entry, weight, options, where)
+        if not entry:
+            return entry
+        if set(entry) - {"momentum_buffer", "active_rows"}:
+            raise ValueError(f"{where} has unknown entries {sorted(set(entry) - {'momentum_buffer', 'active_rows'})}")
+        if entry.get("momentum_buffer") is None:
+            raise ValueError(f"{where} needs a 'momentum_buffer'")
+        rows = entry.get("active_rows")
+        if rows is not None:
+            rows = np.asarray(rows)
+            if rows.dtype.kind not in "iu" or rows.ndim != 1:
+                raise ValueError(f"{where}['active_rows'] must be a 1-D integer array")
+            if rows.dtype.kind == "u" and rows.size and rows.max() > np.iinfo(np.int64).max:
+                raise ValueError(f"{where}['active_rows'] holds a row id >= 2**63")
+            rows = np.array(rows, dtype=np.int64, copy=True)
+            try:
+                check_row_ids(rows, weight.shape[0], f"{where}['active_rows']")
+            except IndexError as exc:
+                raise ValueError(str(exc)) from None
+            entry["active_rows"] = rows
+        else:
+            entry["active_rows"] = None
+        return entry
+
+    def _update(self, state: Dict[str, Any], weight: np.ndarray, grad: Any, options: Group) -> None:
+        lr, momentum = options["lr"], options["momentum"]
+        if isinstance(grad, SparseGrad):
+            if momentum == 0:
+                def kernel(w: np.ndarray, states: List[np.ndarray], rows: np.ndarray) -> None:
+                    _optim.sgd_rows(w, rows, grad.values, lr, options["maximize"],
+                                    n_threads_for(rows.size, "optimizer"))
+
+                _update_rows(weight, [], grad.indices, kernel)
+                return
+            self._sparse_momentum(state, weight, grad, options)
+            return
+        dtype = weight.dtype.type
+        g = -grad if options["maximize"] else grad
+        if options["weight_decay"] != 0:
+            g = g + dtype(options["weight_decay"]) * weight
         if momentum != 0:
-            state = self.state[i]
             buf = state.get("momentum_buffer")
             if buf is None:
-                buf = np.array(g, copy=True)
+                buf = np.array(g, order="C", copy=True)
                 state["momentum_buffer"] = buf
             else:
-                buf *= weight.dtype.type(momentum)
-                buf += weight.dtype.type(1 - group["dampening"]) * g
+                buf *= dtype(momentum)
+                buf += dtype(1 - options["dampening"]) * g
             state["active_rows"] = None  # every row is live
-            g = g + weight.dtype.type(momentum) * buf if group["nesterov"] else buf
-        weight -= weight.dtype.type(lr) * g
+            g = g + dtype(momentum) * buf if options["nesterov"] else buf
+        weight -= dtype(lr) * g
 
-    def _sparse_momentum(self, i, weight, grad):
-        from .. import _grad
-
-        group = self._group
-        state = self.state[i]
+    def _sparse_momentum(self, state: Dict[str, Any], weight: np.ndarray, grad: SparseGrad, options: Group) -> None:
         buf = state.get("momentum_buffer")
         first = buf is None
         if first:
@@ -357,16 +785,16 @@ class SGD(Optimizer):
             active = state.get("active_rows")
             if active is None:
                 active = np.arange(weight.shape[0], dtype=np.int64)
-        n_a, n_b = active.size, grad.nnz
-        rows = np.empty(n_a + n_b, dtype=np.int64)
-        a_slot = np.empty(n_a, dtype=np.int64)
-        b_slot = np.empty(n_b, dtype=np.int64)
-        n_out = _grad.merge_plan(active, grad.indices, rows, a_slot, b_slot)
-        rows = rows[:n_out].copy()
-        grad_slot = np.full(n_out, -1, dtype=np.int64)
-        grad_slot[b_slot] = np.arange(n_b, dtype=np.int64)
-        _optim.sgd_momentum_rows(weight, buf, rows, grad_slot, grad.values, group["lr"], group["momentum"],
-                                 group["dampening"], group["nesterov"], group["maximize"], first,
-                                 n_threads_for(n_out, _ROW_GRAIN))
+        rows, _, b_slot = merge_plan(active, grad.indices)
+        grad_slot = np.full(rows.size, -1, dtype=np.int64)
+        grad_slot[b_slot] = np.arange(grad.nnz, dtype=np.int64)
+
+        def kernel(w: np.ndarray, states: List[np.ndarray], kernel_rows: np.ndarray) -> None:
+            _optim.sgd_momentum_rows(w, states[0], kernel_rows, grad_slot, grad.values, options["lr"],
+                                     options["momentum"], options["dampening"], options["nesterov"],
+                                     options["maximize"], first, n_threads_for(kernel_rows.size, "optimizer"))
+
+        _update_rows(weight, [buf], rows, kernel)
         state["momentum_buffer"] = buf
+        rows.flags.writeable = False
         state["active_rows"] = rows

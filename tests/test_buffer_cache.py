@@ -4,7 +4,7 @@ import gc
 import numpy as np
 
 import cembed
-from cembed import _pool
+from cembed import _buffer_cache as _pool
 from cembed import functional as F
 
 from util import assert_bitwise_equal

@@ -1,0 +1,377 @@
+"""cembed.Embedding and cembed.EmbeddingBag: torch.nn's embedding modules on NumPy arrays.
+
+A module owns a table (``weight``), its options, and the gradient slot ``.grad``. It keeps nothing
+between calls that it trusts: the forward saves a private copy of the validated indices for its
+backward, options are re-read and re-checked at every call, and the backward checks the saved
+indices and the existing ``.grad`` against the table as it is then (``docs/safety.md``).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import functional as F
+from ._validation import (
+    check_bool,
+    check_float_dtype,
+    check_gradient_rows,
+    check_max_norm,
+    check_size,
+    check_trainable,
+    check_weight,
+    normalize_padding_idx,
+    validated_indices,
+)
+
+__all__ = ["Embedding", "EmbeddingBag"]
+
+
+def _init_weight(num_embeddings: int, embedding_dim: int, dtype: Any, seed: Any,
+                 padding_idx: Optional[int]) -> np.ndarray:
+    """N(0, 1) init with the padding row zeroed (torch's reset_parameters)."""
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    weight = rng.standard_normal((num_embeddings, embedding_dim), dtype=check_float_dtype(dtype))
+    if padding_idx is not None:
+        weight[padding_idx] = 0
+    return weight
+
+
+class TableModule:
+    """What both modules share: the table and its checks, the gradient slot, ``parameters()``,
+    ``zero_grad()`` and ``repr``."""
+
+    _options: Tuple[str, ...] = ()
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int],
+                 max_norm: Optional[float], norm_type: float, scale_grad_by_freq: bool, sparse: bool,
+                 _weight: Any, _freeze: bool, dtype: Any, seed: Any) -> None:
+        num_embeddings = check_size(num_embeddings, "num_embeddings")
+        embedding_dim = check_size(embedding_dim, "embedding_dim")
+        self.padding_idx = normalize_padding_idx(padding_idx, num_embeddings)
+        self.max_norm, self.norm_type = check_max_norm(max_norm, norm_type)
+        self.scale_grad_by_freq = check_bool(scale_grad_by_freq, "scale_grad_by_freq")
+        self.sparse = check_bool(sparse, "sparse")
+        self.requires_grad = not check_bool(_freeze, "_freeze")
+        if _weight is None:
+            self.weight = _init_weight(num_embeddings, embedding_dim, dtype, seed, self.padding_idx)
+        else:
+            weight = check_weight(_weight if isinstance(_weight, np.ndarray) else np.asarray(_weight), "_weight",
+                                  numeric=True)
+            if weight.shape != (num_embeddings, embedding_dim):
+                raise ValueError(f"Shape of _weight {weight.shape} does not match (num_embeddings, embedding_dim) "
+                                 f"= ({num_embeddings}, {embedding_dim})")
+            if self.requires_grad:
+                check_trainable(weight, "_weight")
+            self.weight = weight
+        self.grad: Optional[F.Grad] = None
+
+    # -------------------------------------------------------------------- the table
+    @property
+    def weight(self) -> np.ndarray:
+        """The table, a 2-D NumPy array used in place. Assigning a new one (a grown or shrunk
+        vocabulary) is allowed; everything that depends on its size is checked against it at use."""
+        return self._weight
+
+    @weight.setter
+    def weight(self, value: np.ndarray) -> None:
+        self._weight = check_weight(value, numeric=True)
+
+    @property
+    def num_embeddings(self) -> int:
+        """Rows of the current table."""
+        return int(self._weight.shape[0])
+
+    @property
+    def embedding_dim(self) -> int:
+        """Columns of the current table."""
+        return int(self._weight.shape[1])
+
+    def _checked_options(self) -> Tuple[Optional[int], Optional[float], float]:
+        """(padding_idx, max_norm, norm_type) checked against the table as it is now."""
+        padding_idx = normalize_padding_idx(self.padding_idx, self.num_embeddings)
+        max_norm, norm_type = check_max_norm(self.max_norm, self.norm_type)
+        return padding_idx, max_norm, norm_type
+
+    def _trainable(self) -> bool:
+        """Whether a backward produces a weight gradient (checked: frozen, or an integer table)."""
+        if not check_bool(self.requires_grad, "requires_grad"):
+            return False
+        check_trainable(self._weight)
+        return True
+
+    # -------------------------------------------------------------------- housekeeping
+    def zero_grad(self) -> None:
+        """Drop the accumulated gradient (torch's ``set_to_none=True``)."""
+        self.grad = None
+
+    def parameters(self) -> Iterator["TableModule"]:
+        """The trainable tables, as :mod:`cembed.optim` takes them: ``SGD(emb.parameters(), lr=0.1)``.
+
+        cembed's optimizers update modules (each holds one table and its ``.grad``), so this yields
+        the module itself."""
+        yield self
+
+    def extra_repr(self) -> str:
+        options = [(name, getattr(self, name)) for name in self._options]
+        return f"{self.num_embeddings}, {self.embedding_dim}" + "".join(
+            f", {name}={value!r}" for name, value in options
+            if value not in (None, False) and not (name == "norm_type" and value == 2.0))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+class Embedding(TableModule):
+    """A lookup table of ``num_embeddings`` rows of size ``embedding_dim`` (``torch.nn.Embedding``).
+
+    Parameters
+    ----------
+    num_embeddings, embedding_dim : int
+        Table shape.
+    padding_idx : int, optional
+        This row starts at zero and never receives a gradient (negative values count from the end).
+    max_norm : float, optional
+        Rows a forward looks up are renormalised in place to at most this norm first.
+    norm_type : float, default 2.0
+    scale_grad_by_freq : bool, default False
+        Scale each row's gradient by 1 / (its count in the batch).
+    sparse : bool, default False
+        ``backward`` produces a coalesced :class:`cembed.SparseGrad` instead of a dense array.
+    _weight : numpy.ndarray, optional
+        Use this table as is (no copy).
+    _freeze : bool, default False
+        ``requires_grad = False``: backward leaves ``.grad`` as None.
+    dtype : numpy dtype, default float32
+        float32 or float64, for a fresh table.
+    seed : int or numpy.random.Generator, optional
+        N(0, 1) initialisation.
+
+    Attributes
+    ----------
+    weight : numpy.ndarray
+        The table.
+    grad : None, numpy.ndarray or SparseGrad
+        Accumulated by :meth:`backward`.
+
+    Examples
+    --------
+    >>> import numpy as np, cembed
+    >>> emb = cembed.Embedding(10, 3, padding_idx=0, seed=0)
+    >>> out = emb(np.array([[0, 2], [4, 2]]))
+    >>> out.shape
+    (2, 2, 3)
+    >>> emb.backward(np.ones_like(out))
+    >>> emb.grad[[0, 2, 4], 0]
+    array([0., 2., 1.], dtype=float32)
+    """
+
+    _options = ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None,
+                 max_norm: Optional[float] = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
+                 sparse: bool = False, _weight: Optional[np.ndarray] = None, _freeze: bool = False,
+                 dtype: Any = np.float32, seed: Any = None) -> None:
+        super().__init__(num_embeddings, embedding_dim, padding_idx, max_norm, norm_type, scale_grad_by_freq,
+                         sparse, _weight, _freeze, dtype, seed)
+        self._saved: Optional[F.SavedLookup] = None
+
+    @classmethod
+    def from_pretrained(cls, embeddings: np.ndarray, freeze: bool = True, padding_idx: Optional[int] = None,
+                        max_norm: Optional[float] = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
+                        sparse: bool = False) -> "Embedding":
+        """Wrap an existing table (used as is, no copy); frozen by default; the padding row is kept.
+
+        Any numeric dtype can be looked up; only float32/float64 tables can be trained
+        (``freeze=False`` with an integer table is a ``TypeError``).
+
+        Examples
+        --------
+        >>> import numpy as np, cembed
+        >>> ids = cembed.Embedding.from_pretrained(np.array([[7], [3], [5]]))   # an id remapping table
+        >>> ids(np.array([2, 0]))
+        array([[5],
+               [7]])
+        """
+        weight = _pretrained(embeddings)
+        return cls(weight.shape[0], weight.shape[1], padding_idx=padding_idx, max_norm=max_norm,
+                   norm_type=norm_type, scale_grad_by_freq=scale_grad_by_freq, sparse=sparse, _weight=weight,
+                   _freeze=freeze)
+
+    def forward(self, indices: Any) -> np.ndarray:
+        """Look up ``indices`` (any shape, any integer dtype): an array ``(*indices.shape, D)``.
+
+        The validated indices are saved (a private copy) for :meth:`backward`; with ``max_norm`` the
+        referenced rows are renormalised in place first.
+
+        Raises
+        ------
+        IndexError
+            An index outside ``[0, num_embeddings)`` of the current table.
+        TypeError, ValueError
+            See :func:`cembed.functional.embedding`.
+        """
+        _, max_norm, norm_type = self._checked_options()
+        out, self._saved = F.lookup(self._weight, indices, max_norm, norm_type, save=True)
+        return out
+
+    __call__ = forward
+
+    def backward(self, grad_output: Any, indices: Any = None, per_sample_weights: Any = None) -> None:
+        """Accumulate d(loss)/d(weight) into ``.grad``.
+
+        Parameters
+        ----------
+        grad_output : numpy.ndarray
+            d(loss)/d(output) of a forward on ``indices``: shape ``(*indices.shape, D)``, or with
+            ``per_sample_weights`` ``indices.shape[:-1] + (D,)`` (see
+            :func:`cembed.functional.embedding_backward`).
+        indices : array_like of int, optional
+            Default: those of the last forward, as they were then (a private copy was kept).
+        per_sample_weights : numpy.ndarray, optional
+            Gradient of the weighted sum over the last index axis.
+
+        Raises
+        ------
+        ValueError
+            No indices and no earlier forward; a ``.grad`` that does not match the table (replace
+            both together, or call :meth:`zero_grad`).
+        IndexError, TypeError
+            Bad indices or dtypes. Nothing is changed.
+        """
+        padding_idx, _, _ = self._checked_options()
+        weight = self._weight
+        if indices is None:
+            saved = self._saved
+            if saved is None:
+                raise ValueError("backward: no indices given and no forward call to take them from")
+            saved.check_rows(weight.shape[0])
+            flat, shape, groups = saved.flat, saved.shape, saved.groups
+        else:
+            idx, flat = validated_indices(indices, weight.shape[0])
+            shape, groups = idx.shape, None
+        new = F.lookup_contributions(grad_output, shape, flat, per_sample_weights=per_sample_weights,
+                                     padding_idx=padding_idx,
+                                     scale_grad_by_freq=check_bool(self.scale_grad_by_freq, "scale_grad_by_freq"),
+                                     dim=weight.shape[1], dtype=weight.dtype,
+                                     groups=groups if per_sample_weights is None else None)
+        if not self._trainable():
+            return
+        self.grad = F.add_to_grad(self.grad, new, weight.shape, weight.dtype, check_bool(self.sparse, "sparse"))
+
+
+class EmbeddingBag(TableModule):
+    """Pooled lookups over bags of indices (``torch.nn.EmbeddingBag``).
+
+    Parameters
+    ----------
+    num_embeddings, embedding_dim, max_norm, norm_type, scale_grad_by_freq, sparse, _weight, dtype, seed
+        As :class:`Embedding`.
+    mode : {"sum", "mean", "max"}, default "mean"
+    include_last_offset : bool, default False
+        ``offsets`` are CSR-style (``n_bags + 1`` entries).
+    padding_idx : int, optional
+        Entries of this row are skipped (and do not count for the mean).
+
+    Examples
+    --------
+    >>> import numpy as np, cembed
+    >>> bag = cembed.EmbeddingBag(10, 3, mode="sum", seed=0)
+    >>> out = bag(np.array([1, 2, 4, 5, 4]), offsets=np.array([0, 2]))
+    >>> out.shape
+    (2, 3)
+    >>> bag.backward(np.ones_like(out))
+    >>> bag.grad[[1, 4, 7], 0]
+    array([1., 2., 0.], dtype=float32)
+    """
+
+    _options = ("max_norm", "norm_type", "scale_grad_by_freq", "mode", "sparse", "include_last_offset",
+                "padding_idx")
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, max_norm: Optional[float] = None,
+                 norm_type: float = 2.0, scale_grad_by_freq: bool = False, mode: str = "mean", sparse: bool = False,
+                 _weight: Optional[np.ndarray] = None, include_last_offset: bool = False,
+                 padding_idx: Optional[int] = None, dtype: Any = np.float32, seed: Any = None,
+                 _freeze: bool = False) -> None:
+        super().__init__(num_embeddings, embedding_dim, padding_idx, max_norm, norm_type, scale_grad_by_freq,
+                         sparse, _weight, _freeze, dtype, seed)
+        self.mode = mode  # validated at forward, as in torch
+        self.include_last_offset = check_bool(include_last_offset, "include_last_offset")
+        self._saved: Optional[F.SavedBags] = None
+
+    @classmethod
+    def from_pretrained(cls, embeddings: np.ndarray, freeze: bool = True, max_norm: Optional[float] = None,
+                        norm_type: float = 2.0, scale_grad_by_freq: bool = False, mode: str = "mean",
+                        sparse: bool = False, include_last_offset: bool = False,
+                        padding_idx: Optional[int] = None) -> "EmbeddingBag":
+        """Wrap an existing table (no copy); frozen by default. Integer tables pool too (sums in
+        int64, means in float64), which torch refuses; they cannot be trained.
+
+        Examples
+        --------
+        >>> import numpy as np, cembed
+        >>> counts = cembed.EmbeddingBag.from_pretrained(np.array([[1], [10], [100]]), mode="sum")
+        >>> counts(np.array([[0, 2], [1, 1]]))
+        array([[101],
+               [ 20]])
+        """
+        weight = _pretrained(embeddings)
+        return cls(weight.shape[0], weight.shape[1], max_norm=max_norm, norm_type=norm_type,
+                   scale_grad_by_freq=scale_grad_by_freq, mode=mode, sparse=sparse, _weight=weight,
+                   include_last_offset=include_last_offset, padding_idx=padding_idx, _freeze=freeze)
+
+    def forward(self, input: Any, offsets: Any = None, per_sample_weights: Any = None) -> np.ndarray:
+        """Pool the bags: an array ``(n_bags, D)``. See :func:`cembed.functional.embedding_bag`.
+
+        The validated call (private copies of the indices, offsets and per-sample weights) is saved
+        for :meth:`backward`."""
+        padding_idx, max_norm, norm_type = self._checked_options()
+        weight = self._weight
+        bags = F.validate_bags(input, weight, offsets, self.mode, per_sample_weights,
+                               check_bool(self.include_last_offset, "include_last_offset"), padding_idx,
+                               check_bool(self.sparse, "sparse"),
+                               check_bool(self.scale_grad_by_freq, "scale_grad_by_freq"))
+        if max_norm is not None:
+            F.renorm_referenced(weight, bags.flat, max_norm, norm_type)
+        out = F.pool(weight, bags, want_argmax=bags.mode == "max")
+        self._saved = bags
+        return out
+
+    __call__ = forward
+
+    def backward(self, grad_output: Any) -> Optional[np.ndarray]:
+        """Accumulate d(loss)/d(weight) of the last forward into ``.grad``.
+
+        Returns
+        -------
+        numpy.ndarray or None
+            d(loss)/d(per_sample_weights) (shape of the forward's ``input``) when per-sample weights
+            were given, else None.
+
+        Raises
+        ------
+        ValueError
+            No forward yet; a ``.grad`` or table that no longer matches.
+        TypeError
+            ``grad_output`` of the wrong dtype.
+        """
+        bags = self._saved
+        if bags is None:
+            raise ValueError("backward: call forward first")
+        weight = self._weight
+        bags.check_table(weight)
+        grad_output = check_gradient_rows(grad_output, (bags.n_bags,), dim=weight.shape[1], dtype=weight.dtype)
+        trainable = self._trainable()
+        psw_grad = F.psw_gradient(grad_output, weight, bags) if bags.psw is not None else None
+        if trainable:
+            new = F.bag_contributions(grad_output, weight, bags,
+                                      check_bool(self.scale_grad_by_freq, "scale_grad_by_freq"))
+            self.grad = F.add_to_grad(self.grad, new, weight.shape, weight.dtype, check_bool(self.sparse, "sparse"))
+        return psw_grad
+
+
+def _pretrained(embeddings: Any) -> np.ndarray:
+    embeddings = embeddings if isinstance(embeddings, np.ndarray) else np.asarray(embeddings)
+    if embeddings.ndim != 2:
+        raise ValueError(f"Embeddings parameter is expected to be 2-dimensional, got shape {embeddings.shape}")
+    return embeddings
