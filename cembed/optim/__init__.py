@@ -352,6 +352,8 @@ class Optimizer:
         >>> opt.load(path)
         """
         sd = self.state_dict()
+        sd["param_groups"] = [dict(self._check_options(dict(group), f"param_groups[{g}]"), params=group["params"])
+                              for g, group in enumerate(sd["param_groups"])]  # plain floats, or refused here
         arrays: Dict[str, np.ndarray] = {}
         meta_state: Dict[str, Dict[str, Any]] = {}
         for i, entry in sd["state"].items():
