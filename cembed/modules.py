@@ -253,7 +253,7 @@ class Embedding(TableModule):
         new = F.lookup_contributions(grad_output, shape, flat, per_sample_weights=per_sample_weights,
                                      padding_idx=padding_idx,
                                      scale_grad_by_freq=check_bool(self.scale_grad_by_freq, "scale_grad_by_freq"),
-                                     dim=weight.shape[1], dtype=weight.dtype,
+                                     dim=weight.shape[1], dtype=weight.dtype if weight.dtype.kind == "f" else None,
                                      groups=groups if per_sample_weights is None else None)
         if not self._trainable():
             return
