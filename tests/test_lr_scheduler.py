@@ -465,9 +465,6 @@ def test_get_last_lr_is_a_copy():
 
 
 # -------------------------------------------------------------------------------- arguments
-def _m(o):
-    return lr_scheduler
-
 
 BAD = [
     (lambda o: lr_scheduler.StepLR(object(), 3), TypeError, "not an Optimizer"),

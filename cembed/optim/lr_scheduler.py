@@ -25,7 +25,7 @@ import warnings
 import weakref
 from bisect import bisect_right
 from collections import Counter
-from typing import Any, Callable, Iterable, Protocol, Sequence, SupportsFloat, Union
+from typing import Any, Callable, Iterable, Protocol, Sequence, SupportsFloat
 
 __all__ = [
     "LRScheduler",
@@ -671,7 +671,8 @@ class LinearLR(LRScheduler):
             raise ValueError("Starting multiplicative factor expected to be greater than 0 and less "
                              f"or equal to 1, got start_factor={start_factor}")
         if end_factor > 1.0 or end_factor < 0:
-            raise ValueError(f"Ending multiplicative factor expected to be between 0 and 1, got end_factor={end_factor}")
+            raise ValueError("Ending multiplicative factor expected to be between 0 and 1, "
+                             f"got end_factor={end_factor}")
         self.start_factor = start_factor
         self.end_factor = end_factor
         self.total_iters = _integer(total_iters, "total_iters", minimum=0)
