@@ -1,0 +1,1285 @@
+"""cembed.optim.lr_scheduler: learning-rate schedulers with torch.optim.lr_scheduler's names,
+arguments, defaults and arithmetic (torch 2.13).
+
+A scheduler adjusts ``group["lr"]`` (and, for :class:`OneCycleLR`, the momentum or ``betas[0]``) of
+every entry of ``optimizer.param_groups``; the optimizer reads them at each ``step()``. Any object
+with a ``param_groups`` list of dicts (each with an ``"lr"``) is accepted as the optimizer, so the
+schedulers drive cembed's optimizers and simple stand-ins alike.
+
+The learning rates are the same Python floats torch computes: every scheduler evaluates torch's own
+expression in torch's order of operations -- the recursive ("chainable") form from the current
+``group["lr"]`` at each ``step()``, and the closed form from ``base_lrs`` only where torch uses it
+(``step(epoch)``, and :class:`SequentialLR` switching to the next scheduler at a milestone).
+
+Call ``optimizer.step()`` before ``scheduler.step()``; as in torch, the first ``scheduler.step()``
+warns when the optimizer has not stepped yet.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import numbers
+import types
+import warnings
+import weakref
+from bisect import bisect_right
+from collections import Counter
+from typing import Any, Callable, Iterable, Protocol, Sequence, SupportsFloat
+
+__all__ = [
+    "LRScheduler",
+    "LambdaLR",
+    "MultiplicativeLR",
+    "StepLR",
+    "MultiStepLR",
+    "ConstantLR",
+    "LinearLR",
+    "ExponentialLR",
+    "SequentialLR",
+    "CosineAnnealingLR",
+    "ReduceLROnPlateau",
+    "OneCycleLR",
+]
+
+
+class OptimizerLike(Protocol):
+    """What a scheduler needs from an optimizer: ``param_groups`` (a list of dicts with ``"lr"``);
+    ``defaults`` for :class:`OneCycleLR` with ``cycle_momentum=True``; ``step()``."""
+
+    param_groups: list[dict[str, Any]]
+
+
+LRLambda = Callable[[int], float]
+
+EPOCH_DEPRECATION_WARNING = (
+    "The epoch parameter in `scheduler.step()` was not necessary and is being deprecated where "
+    "possible. Please use `scheduler.step()` to step the scheduler. During the deprecation, if "
+    "epoch is different from None, the closed form is used instead of the new chainable form, "
+    "where available."
+)
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type where torch raises :class:`ValueError`: caught by both
+    ``except TypeError`` and ``except ValueError``."""
+
+
+# ---------------------------------------------------------------------------------- validation
+def _check_optimizer(optimizer: Any) -> None:
+    groups = getattr(optimizer, "param_groups", None)
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise TypeError(f"{type(optimizer).__name__} is not an Optimizer "
+                        "(it needs a param_groups list of dicts)")
+    for i, group in enumerate(groups):
+        if "lr" not in group:
+            raise KeyError(f"param 'lr' is not specified in param_groups[{i}]")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _real(value: Any, name: str, *, error: type = TypeError) -> Any:
+    if not _is_real(value):
+        raise error(f"{name} must be a real number, got {type(value).__name__}")
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be nan")
+    return value
+
+
+def _nonneg(value: Any, name: str) -> Any:
+    _real(value, name)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _integer(value: Any, name: str, *, minimum: int | None = None,
+             error: type = TypeError) -> int:
+    if not _is_int(value):
+        raise error(f"{name} must be an integer, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_last_epoch(last_epoch: Any) -> int:
+    return _integer(last_epoch, "last_epoch", minimum=-1)
+
+
+def _format_param(name: str, optimizer: OptimizerLike, param: Any) -> list[Any]:
+    """One value per param group: ``param`` repeated, or a list/tuple of the right length."""
+    n = len(optimizer.param_groups)
+    if isinstance(param, (list, tuple)):
+        if len(param) != n:
+            raise ValueError(f"{name} must have the same length as optimizer.param_groups. "
+                             f"{name} has {len(param)} values, param_groups has {n}.")
+        values = list(param)
+    else:
+        values = [param] * n
+    for i, v in enumerate(values):
+        _real(v, name if not isinstance(param, (list, tuple)) else f"{name}[{i}]")
+    return values
+
+
+def _lr_lambdas(optimizer: OptimizerLike, lr_lambda: Any) -> list[LRLambda]:
+    n = len(optimizer.param_groups)
+    if isinstance(lr_lambda, (list, tuple)):
+        if len(lr_lambda) != n:
+            raise ValueError(f"Expected {n} lr_lambdas, but got {len(lr_lambda)}")
+        lambdas = list(lr_lambda)
+    else:
+        lambdas = [lr_lambda] * n
+    for fn in lambdas:
+        if not callable(fn):
+            raise TypeError(f"lr_lambda should be a function, but got {type(fn).__name__}")
+    return lambdas
+
+
+def _group_values(optimizer: OptimizerLike, key: str) -> list[Any]:
+    """[group[key] for each param group]; KeyError when a group lacks ``key``."""
+    return [group[key] for group in optimizer.param_groups]
+
+
+# --------------------------------------------------------------- tracking optimizer.step() calls
+def _patch_optimizer_step(optimizer: Any) -> None:
+    """Wrap ``optimizer.step`` so that it records ``optimizer._opt_called = True`` (torch's check
+    that ``optimizer.step()`` runs before ``scheduler.step()``). Objects that cannot be patched are
+    left alone."""
+    step = getattr(optimizer, "step", None)
+    if step is None or hasattr(step, "_wrapped_by_lr_sched"):
+        return
+    try:
+        opt_ref = weakref.ref(optimizer)
+    except TypeError:
+        return
+    func = getattr(step, "__func__", None)
+    if func is not None and getattr(step, "__self__", None) is optimizer:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            opt = opt_ref()
+            opt._opt_called = True
+            return func.__get__(opt, opt.__class__)(*args, **kwargs)
+    else:
+        @functools.wraps(step)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            opt = opt_ref()
+            if opt is not None:
+                opt._opt_called = True
+            return step(*args, **kwargs)
+    wrapper._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    try:
+        optimizer.step = wrapper
+    except (AttributeError, TypeError):
+        pass
+
+
+# ------------------------------------------------------------------------------------ the base
+class LRScheduler:
+    """Base class of the learning-rate schedulers (torch.optim.lr_scheduler.LRScheduler).
+
+    On construction with ``last_epoch=-1`` every param group gets ``group["initial_lr"]`` (its
+    current ``lr``, unless already set); :attr:`base_lrs` are these initial learning rates. The
+    constructor then takes the initial step, which sets ``last_epoch`` to ``last_epoch + 1`` and the
+    learning rates of epoch 0.
+
+    Parameters
+    ----------
+    optimizer : optimizer
+        Anything with a ``param_groups`` list of dicts, each with an ``"lr"``.
+    last_epoch : int, default -1
+        Index of the last epoch. ``-1`` starts the schedule; another value resumes it, and then
+        every param group must already have an ``"initial_lr"`` (:class:`KeyError` otherwise).
+
+    Attributes
+    ----------
+    optimizer : optimizer
+    base_lrs : list of float
+        ``group["initial_lr"]`` of every param group.
+    last_epoch : int
+        Number of ``step()`` calls since epoch 0.
+
+    Notes
+    -----
+    Subclasses implement :meth:`get_lr`, and may implement ``_get_closed_form_lr``, used by
+    ``step(epoch)``. Constructing a scheduler writes the optimizer's ``lr``: when resuming from a
+    checkpoint, construct the scheduler *before* ``optimizer.load_state_dict``.
+    """
+
+    _get_lr_called_within_step: bool = False
+    _is_initial: bool = False
+
+    def __init__(self, optimizer: OptimizerLike, last_epoch: int = -1) -> None:
+        _check_optimizer(optimizer)
+        last_epoch = _check_last_epoch(last_epoch)
+        self.optimizer = optimizer
+        if last_epoch == -1:
+            for group in optimizer.param_groups:
+                group.setdefault("initial_lr", group["lr"])
+        else:
+            for i, group in enumerate(optimizer.param_groups):
+                if "initial_lr" not in group:
+                    raise KeyError(
+                        f"param 'initial_lr' is not specified in param_groups[{i}] when resuming "
+                        "scheduler with last_epoch >= 0. This typically happens when resuming from a "
+                        "checkpoint without loading the optimizer state, or when passing "
+                        "last_epoch >= 0 for a fresh run.")
+        self.base_lrs: list[float] = _group_values(optimizer, "initial_lr")
+        self.last_epoch = last_epoch
+        _patch_optimizer_step(optimizer)
+        self._initial_step()
+
+    def _initial_step(self) -> None:
+        """Reset the step count and take the constructor's step (in "initial" mode)."""
+        self._step_count = 0
+        self._is_initial = True
+        try:
+            self.step()
+        finally:
+            self._is_initial = False
+
+    def state_dict(self) -> dict[str, Any]:
+        """The scheduler's state: a deep copy of every attribute except the optimizer.
+
+        Returns
+        -------
+        dict
+            Pass it to :meth:`load_state_dict` of a scheduler of the same class.
+        """
+        return {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k != "optimizer"}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the state saved by :meth:`state_dict`.
+
+        Parameters
+        ----------
+        state_dict : dict
+            A dict returned by :meth:`state_dict` (it is not modified).
+        """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        self.__dict__.update({k: copy.deepcopy(v) for k, v in state_dict.items() if k != "optimizer"})
+
+    def get_last_lr(self) -> list[float]:
+        """The learning rates of the last step.
+
+        Returns
+        -------
+        list of float
+            One learning rate per param group (a new list).
+        """
+        return list(self._last_lr)
+
+    def get_lr(self) -> list[float]:
+        """The learning rates of the current ``last_epoch`` (called by :meth:`step`).
+
+        Returns
+        -------
+        list of float
+            One learning rate per param group. To read the current learning rates use
+            :meth:`get_last_lr`; calling this outside ``step()`` warns, as in torch.
+        """
+        raise NotImplementedError
+
+    def step(self, epoch: int | None = None) -> None:
+        """Advance the schedule by one epoch and write the new learning rates to the optimizer.
+
+        Parameters
+        ----------
+        epoch : int, optional
+            Deprecated (as in torch): set ``last_epoch`` to ``epoch`` and use the closed form
+            where the scheduler has one. Warns.
+        """
+        if self._step_count == 1:
+            if not hasattr(getattr(self.optimizer, "step", None), "_wrapped_by_lr_sched"):
+                warnings.warn(
+                    "Seems like `optimizer.step()` has been overridden after learning rate "
+                    "scheduler initialization. Please, make sure to call `optimizer.step()` before "
+                    "`lr_scheduler.step()`.", UserWarning, stacklevel=2)
+            elif not getattr(self.optimizer, "_opt_called", False):
+                warnings.warn(
+                    "Detected call of `lr_scheduler.step()` before `optimizer.step()`. You should "
+                    "call them in the opposite order: `optimizer.step()` before "
+                    "`lr_scheduler.step()`. Failure to do this will result in skipping the first "
+                    "value of the learning rate schedule.", UserWarning, stacklevel=2)
+        self._step_count += 1
+        if epoch is not None:
+            warnings.warn(EPOCH_DEPRECATION_WARNING, UserWarning, stacklevel=2)
+            epoch = _integer(epoch, "epoch")
+        self._update_lr(epoch)
+
+    def _update_lr(self, epoch: int | None = None) -> None:
+        self._get_lr_called_within_step = True
+        try:
+            if epoch is None:
+                self.last_epoch += 1
+                values = self.get_lr()
+            else:
+                self.last_epoch = epoch
+                closed_form = getattr(self, "_get_closed_form_lr", None)
+                values = closed_form() if closed_form is not None else self.get_lr()
+        finally:
+            self._get_lr_called_within_step = False
+        groups = self.optimizer.param_groups
+        if len(values) != len(groups):
+            raise ValueError(f"{type(self).__name__} computed {len(values)} learning rates for "
+                             f"{len(groups)} param groups")
+        for group, lr in zip(groups, values):
+            group["lr"] = lr
+        self._last_lr: list[float] = _group_values(self.optimizer, "lr")
+
+    def _warn_if_outside_step(self) -> None:
+        if not self._get_lr_called_within_step:
+            warnings.warn("To get the last learning rate computed by the scheduler, please use "
+                          "`get_last_lr()`.", UserWarning, stacklevel=3)
+
+    def _current_lrs(self) -> list[float]:
+        return _group_values(self.optimizer, "lr")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(last_epoch={self.last_epoch}, last_lr={getattr(self, '_last_lr', None)})"
+
+
+class _LambdaStateMixin:
+    """state_dict / load_state_dict of the lambda schedulers: functions and lambdas are not saved
+    (``None`` in their place); the ``__dict__`` of callable objects is."""
+
+    lr_lambdas: list[LRLambda]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The scheduler's state without the optimizer; lambdas and functions are stored as
+        ``None``, callable objects as a copy of their ``__dict__``.
+
+        Returns
+        -------
+        dict
+        """
+        state = {k: copy.deepcopy(v) for k, v in self.__dict__.items()
+                 if k not in ("optimizer", "lr_lambdas")}
+        state["lr_lambdas"] = [
+            None if isinstance(fn, types.FunctionType) or not hasattr(fn, "__dict__")
+            else copy.deepcopy(fn.__dict__)
+            for fn in self.lr_lambdas]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the state saved by :meth:`state_dict`; the scheduler keeps its own lambdas
+        (callable objects get their saved ``__dict__`` back).
+
+        Parameters
+        ----------
+        state_dict : dict
+        """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        saved = state_dict.get("lr_lambdas", [None] * len(self.lr_lambdas))
+        self.__dict__.update({k: copy.deepcopy(v) for k, v in state_dict.items()
+                              if k not in ("optimizer", "lr_lambdas")})
+        for fn, attrs in zip(self.lr_lambdas, saved):
+            if attrs is not None:
+                fn.__dict__.update(copy.deepcopy(attrs))
+
+
+# --------------------------------------------------------------------------- the schedulers
+class LambdaLR(_LambdaStateMixin, LRScheduler):
+    """Set each group's learning rate to its initial lr times ``lr_lambda(epoch)``.
+
+    ``lr = base_lr * lr_lambda(last_epoch)``.
+
+    Parameters
+    ----------
+    optimizer : optimizer
+    lr_lambda : callable or list of callables
+        A function of the (integer) epoch giving the multiplicative factor, or one per param group.
+    last_epoch : int, default -1
+
+    Examples
+    --------
+    >>> import cembed
+    >>> from cembed.optim.lr_scheduler import LambdaLR
+    >>> opt = cembed.optim.SGD([cembed.Embedding(10, 4)], lr=0.1)
+    >>> sched = LambdaLR(opt, lr_lambda=lambda epoch: 1 / (epoch + 1))
+    >>> for _ in range(3):
+    ...     opt.step()
+    ...     sched.step()
+    >>> sched.get_last_lr()
+    [0.025]
+    """
+
+    def __init__(self, optimizer: OptimizerLike, lr_lambda: LRLambda | Sequence[LRLambda],
+                 last_epoch: int = -1) -> None:
+        _check_optimizer(optimizer)
+        self.optimizer = optimizer
+        self.lr_lambdas = _lr_lambdas(optimizer, lr_lambda)
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        """``base_lr * lr_lambda(last_epoch)`` for each group.
+
+        Returns
+        -------
+        list of float
+        """
+        self._warn_if_outside_step()
+        return [base_lr * fn(self.last_epoch) for fn, base_lr in zip(self.lr_lambdas, self.base_lrs)]
+
+
+class MultiplicativeLR(_LambdaStateMixin, LRScheduler):
+    """Multiply each group's learning rate by ``lr_lambda(epoch)`` at every step.
+
+    Parameters
+    ----------
+    optimizer : optimizer
+    lr_lambda : callable or list of callables
+        A function of the (integer) epoch giving the factor, or one per param group.
+    last_epoch : int, default -1
+
+    Examples
+    --------
+    >>> import cembed
+    >>> from cembed.optim.lr_scheduler import MultiplicativeLR
+    >>> opt = cembed.optim.SGD([cembed.Embedding(10, 4)], lr=0.5)
+    >>> sched = MultiplicativeLR(opt, lr_lambda=lambda epoch: 0.5)
+    >>> for _ in range(2):
+    ...     opt.step()
+    ...     sched.step()
+    >>> sched.get_last_lr()
+    [0.125]
+    """
+
+    def __init__(self, optimizer: OptimizerLike, lr_lambda: LRLambda | Sequence[LRLambda],
+                 last_epoch: int = -1) -> None:
+        _check_optimizer(optimizer)
+        self.optimizer = optimizer
+        self.lr_lambdas = _lr_lambdas(optimizer, lr_lambda)
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        """``group["lr"] * lr_lambda(last_epoch)`` for each group (unchanged on the initial step).
+
+        Returns
+        -------
+        list of float
+        """
+        self._warn_if_outside_step()
+        if self._is_initial:
+            return self._current_lrs()
+        return [group["lr"] * fn(self.last_epoch)
+                for fn, group in zip(self.lr_lambdas, self.optimizer.param_groups)]
+
+
+class StepLR(LRScheduler):
+    """Decay each group's learning rate by ``gamma`` every ``step_size`` epochs.
+
+    Parameters
+    ----------
+    optimizer : optimizer
+    step_size : int
+        Period of the decay, >= 1.
+    gamma : float, default 0.1
+        Multiplicative factor of the decay.
+    last_epoch : int, default -1
+
+    Examples
+    --------
+    >>> import cembed
+    >>> from cembed.optim.lr_scheduler import StepLR
+    >>> opt = cembed.optim.SGD([cembed.Embedding(10, 4)], lr=0.1)
+    >>> sched = StepLR(opt, step_size=2, gamma=0.5)
+    >>> lrs = []
+    >>> for _ in range(5):
+    ...     lrs.append(sched.get_last_lr()[0])
+    ...     opt.step()
+    ...     sched.step()
+    >>> lrs
+    [0.1, 0.1, 0.05, 0.05, 0.025]
+    """
+
+    def __init__(self, optimizer: OptimizerLike, step_size: int, gamma: float = 0.1,
+                 last_epoch: int = -1) -> None:
+        self.step_size = _integer(step_size, "step_size", minimum=1)
+        self.gamma = _nonneg(gamma, "gamma")
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        """``group["lr"] * gamma`` when ``last_epoch`` is a non-zero multiple of ``step_size``.
+
+        Returns
+        -------
+        list of float
+        """
+        self._warn_if_outside_step()
+        if self.last_epoch == 0 or self.last_epoch % self.step_size != 0:
+            return self._current_lrs()
+        return [group["lr"] * self.gamma for group in self.optimizer.param_groups]
+
+    def _get_closed_form_lr(self) -> list[float]:
+        return [base_lr * self.gamma ** (self.last_epoch // self.step_size) for base_lr in self.base_lrs]
+
+
+class MultiStepLR(LRScheduler):
+    """Decay each group's learning rate by ``gamma`` at every milestone epoch.
+
+    A milestone listed ``n`` times decays by ``gamma ** n``.
+
+    Parameters
+    ----------
+    optimizer : optimizer
+    milestones : iterable of int
+        Epoch indices.
+    gamma : float, default 0.1
+    last_epoch : int, default -1
+
+    Examples
+    --------
+    >>> import cembed
+    >>> from cembed.optim.lr_scheduler import MultiStepLR
+    >>> opt = cembed.optim.SGD([cembed.Embedding(10, 4)], lr=1.0)
+    >>> sched = MultiStepLR(opt, milestones=[1, 3], gamma=0.5)
+    >>> lrs = []
+    >>> for _ in range(4):
+    ...     opt.step()
+    ...     sched.step()
+    ...     lrs.append(sched.get_last_lr()[0])
+    >>> lrs
+    [0.5, 0.5, 0.25, 0.25]
+    """
+
+    def __init__(self, optimizer: OptimizerLike, milestones: Iterable[int], gamma: float = 0.1,
+                 last_epoch: int = -1) -> None:
+        if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Iterable):
+            raise TypeError(f"milestones must be an iterable of integers, got {type(milestones).__name__}")
+        milestones = list(milestones)
+        for i, m in enumerate(milestones):
+            _integer(m, f"milestones[{i}]")
+        self.milestones = Counter(int(m) for m in milestones)
+        self.gamma = _nonneg(gamma, "gamma")
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        """``group["lr"] * gamma ** count`` at a milestone listed ``count`` times.
+
+        Returns
+        -------
+        list of float
+        """
+        self._warn_if_outside_step()
+        if self.last_epoch not in self.milestones:
+            return self._current_lrs()
+        return [group["lr"] * self.gamma ** self.milestones[self.last_epoch]
+                for group in self.optimizer.param_groups]
+
+    def _get_closed_form_lr(self) -> list[float]:
+        milestones = sorted(self.milestones.elements())
+        return [base_lr * self.gamma ** bisect_right(milestones, self.last_epoch) for base_lr in self.base_lrs]
+
+
+class ConstantLR(LRScheduler):
+    """Multiply each group's learning rate by ``factor`` until epoch ``total_iters``.
+
+    Parameters
+    ----------
+    optimizer : optimizer
+    factor : float, default 1/3
+        In [0, 1].
+    total_iters : int, default 5
+        Number of epochs with the reduced learning rate.
+    last_epoch : int, default -1
+
+    Examples
+    --------
+    >>> import cembed
+    >>> from cembed.optim.lr_scheduler import ConstantLR
+    >>> opt = cembed.optim.SGD([cembed.Embedding(10, 4)], lr=0.5)
+    >>> sched = ConstantLR(opt, factor=0.5, total_iters=2)
+    >>> lrs = [sched.get_last_lr()[0]]
+    >>> for _ in range(3):
+    ...     opt.step()
+    ...     sched.step()
+    ...     lrs.append(sched.get_last_lr()[0])
+    >>> lrs
+    [0.25, 0.25, 0.5, 0.5]
+    """
+
+    def __init__(self, optimizer: OptimizerLike, factor: float = 1.0 / 3, total_iters: int = 5,
+                 last_epoch: int = -1) -> None:
+        _real(factor, "factor")
+        if factor > 1.0 or factor < 0:
+            raise ValueError(f"Constant multiplicative factor expected to be between 0 and 1, got factor={factor}")
+        self.factor = factor
+        self.total_iters = _integer(total_iters, "total_iters", minimum=0)
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        """``lr * factor`` at epoch 0, ``lr * (1 / factor)`` at ``total_iters``, else unchanged.
+
+        Returns
+        -------
+        list of float
+        """
+        self._warn_if_outside_step()
+        if self.last_epoch == 0:
+            return [group["lr"] * self.factor for group in self.optimizer.param_groups]
+        if self.last_epoch != self.total_iters:
+            return self._current_lrs()
+        return [group["lr"] * (1.0 / self.factor) for group in self.optimizer.param_groups]
+
+    def _get_closed_form_lr(self) -> list[float]:
+        after = self.last_epoch >= self.total_iters
+        return [base_lr * (self.factor + after * (1 - self.factor)) for base_lr in self.base_lrs]
+
+
+class LinearLR(LRScheduler):
+    """Scale each group's learning rate by a factor going linearly from ``start_factor`` to
+    ``end_factor`` over ``total_iters`` epochs.
+
+    Parameters
+    ----------
+    optimizer : optimizer
+    start_factor : float, default 1/3
+        In (0, 1].
+    end_factor : float, default 1.0
+        In [0, 1].
+    total_iters : int, default 5
+    last_epoch : int, default -1
+
+    Examples
+    --------
+    >>> import cembed
+    >>> from cembed.optim.lr_scheduler import LinearLR
+    >>> opt = cembed.optim.SGD([cembed.Embedding(10, 4)], lr=1.0)
+    >>> sched = LinearLR(opt, start_factor=0.25, total_iters=3)
+    >>> lrs = [sched.get_last_lr()[0]]
+    >>> for _ in range(4):
+    ...     opt.step()
+    ...     sched.step()
+    ...     lrs.append(sched.get_last_lr()[0])
+    >>> lrs
+    [0.25, 0.5, 0.75, 1.0, 1.0]
+    """
+
+    def __init__(self, optimizer: OptimizerLike, start_factor: float = 1.0 / 3, end_factor: float = 1.0,
+                 total_iters: int = 5, last_epoch: int = -1) -> None:
+        _real(start_factor, "start_factor")
+        _real(end_factor, "end_factor")
+        if start_factor > 1.0 or start_factor <= 0:
+            raise ValueError("Starting multiplicative factor expected to be greater than 0 and less "
+                             f"or equal to 1, got start_factor={start_factor}")
+        if end_factor > 1.0 or end_factor < 0:
+            raise ValueError("Ending multiplicative factor expected to be between 0 and 1, "
+                             f"got end_factor={end_factor}")
+        self.start_factor = start_factor
+        self.end_factor = end_factor
+        self.total_iters = _integer(total_iters, "total_iters", minimum=0)
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        """torch's recursive form: the ratio of consecutive factors times ``group["lr"]``.
+
+        Returns
+        -------
+        list of float
+        """
+        self._warn_if_outside_step()
+        if self.last_epoch == 0:
+            return [group["lr"] * self.start_factor for group in self.optimizer.param_groups]
+        if self._is_initial or self.last_epoch > self.total_iters:
+            return self._current_lrs()
+        delta = self.end_factor - self.start_factor
+        ratio = 1.0 + delta / (self.total_iters * self.start_factor + (self.last_epoch - 1) * delta)
+        return [group["lr"] * ratio for group in self.optimizer.param_groups]
+
+    def _get_closed_form_lr(self) -> list[float]:
+        delta = self.end_factor - self.start_factor
+        return [base_lr * (self.start_factor + delta * min(self.total_iters, self.last_epoch) / self.total_iters)
+                for base_lr in self.base_lrs]
+
+
+class ExponentialLR(LRScheduler):
+    """Decay each group's learning rate by ``gamma`` every epoch.
+
+    Parameters
+    ----------
+    optimizer : optimizer
+    gamma : float
+        Multiplicative factor of the decay.
+    last_epoch : int, default -1
+
+    Examples
+    --------
+    >>> import cembed
+    >>> from cembed.optim.lr_scheduler import ExponentialLR
+    >>> opt = cembed.optim.SGD([cembed.Embedding(10, 4)], lr=1.0)
+    >>> sched = ExponentialLR(opt, gamma=0.5)
+    >>> for _ in range(3):
+    ...     opt.step()
+    ...     sched.step()
+    >>> sched.get_last_lr()
+    [0.125]
+    """
+
+    def __init__(self, optimizer: OptimizerLike, gamma: float, last_epoch: int = -1) -> None:
+        self.gamma = _nonneg(gamma, "gamma")
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        """``group["lr"] * gamma`` (unchanged on the initial step).
+
+        Returns
+        -------
+        list of float
+        """
+        self._warn_if_outside_step()
+        if self._is_initial:
+            return self._current_lrs()
+        return [group["lr"] * self.gamma for group in self.optimizer.param_groups]
+
+    def _get_closed_form_lr(self) -> list[float]:
+        return [base_lr * self.gamma ** self.last_epoch for base_lr in self.base_lrs]
+
+
+class CosineAnnealingLR(LRScheduler):
+    r"""Cosine annealing of each group's learning rate from its initial lr to ``eta_min`` over
+    ``T_max`` epochs (without restarts; past ``T_max`` the cosine continues, as in torch).
+
+    The learning rate follows torch's recursion
+    ``lr_t = eta_min + (lr_{t-1} - eta_min) * (1 + cos(pi t / T_max)) / (1 + cos(pi (t-1) / T_max))``,
+    which approximates ``eta_min + (base_lr - eta_min) * (1 + cos(pi t / T_max)) / 2``.
+
+    Parameters
+    ----------
+    optimizer : optimizer
+    T_max : int
+        Half period in epochs, >= 1.
+    eta_min : float, default 0.0
+        Minimum learning rate.
+    last_epoch : int, default -1
+
+    Examples
+    --------
+    >>> import cembed
+    >>> from cembed.optim.lr_scheduler import CosineAnnealingLR
+    >>> opt = cembed.optim.SGD([cembed.Embedding(10, 4)], lr=1.0)
+    >>> sched = CosineAnnealingLR(opt, T_max=4)
+    >>> lrs = []
+    >>> for _ in range(4):
+    ...     opt.step()
+    ...     sched.step()
+    ...     lrs.append(round(sched.get_last_lr()[0], 6))
+    >>> lrs
+    [0.853553, 0.5, 0.146447, 0.0]
+    """
+
+    def __init__(self, optimizer: OptimizerLike, T_max: int, eta_min: float = 0.0,
+                 last_epoch: int = -1) -> None:
+        self.T_max = _integer(T_max, "T_max", minimum=1)
+        self.eta_min = _real(eta_min, "eta_min")
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        """torch's recursive cosine step from the current ``group["lr"]``.
+
+        Returns
+        -------
+        list of float
+        """
+        self._warn_if_outside_step()
+        t, T, eta_min = self.last_epoch, self.T_max, self.eta_min
+        if self._is_initial:
+            return self._current_lrs()
+        if self._step_count == 1 and t > 0:
+            return [eta_min + (base_lr - eta_min) * (1 + math.cos(t * math.pi / T)) / 2
+                    for base_lr in self.base_lrs]
+        if (t - 1 - T) % (2 * T) == 0:
+            return [group["lr"] + (base_lr - eta_min) * (1 - math.cos(math.pi / T)) / 2
+                    for base_lr, group in zip(self.base_lrs, self.optimizer.param_groups)]
+        ratio = (1 + math.cos(math.pi * t / T)) / (1 + math.cos(math.pi * (t - 1) / T))
+        return [ratio * (group["lr"] - eta_min) + eta_min for group in self.optimizer.param_groups]
+
+    def _get_closed_form_lr(self) -> list[float]:
+        return [self.eta_min + (base_lr - self.eta_min) * (1 + math.cos(math.pi * self.last_epoch / self.T_max)) / 2
+                for base_lr in self.base_lrs]
+
+
+class SequentialLR(LRScheduler):
+    """Run schedulers one after another, switching at the milestone epochs.
+
+    Scheduler ``i`` drives epochs ``[milestones[i-1], milestones[i])``. At a milestone the next
+    scheduler restarts at its epoch 0 (closed form where it has one, as torch).
+
+    Parameters
+    ----------
+    optimizer : optimizer
+        The optimizer of every scheduler in ``schedulers``.
+    schedulers : list of LRScheduler
+        At least one; :class:`ReduceLROnPlateau` is not supported.
+    milestones : list of int
+        ``len(schedulers) - 1`` epochs.
+    last_epoch : int, default -1
+
+    Examples
+    --------
+    >>> import cembed
+    >>> from cembed.optim.lr_scheduler import ConstantLR, ExponentialLR, SequentialLR
+    >>> opt = cembed.optim.SGD([cembed.Embedding(10, 4)], lr=1.0)
+    >>> warmup = ConstantLR(opt, factor=0.5, total_iters=2)
+    >>> decay = ExponentialLR(opt, gamma=0.5)
+    >>> sched = SequentialLR(opt, schedulers=[warmup, decay], milestones=[2])
+    >>> lrs = [sched.get_last_lr()[0]]
+    >>> for _ in range(4):
+    ...     opt.step()
+    ...     sched.step()
+    ...     lrs.append(sched.get_last_lr()[0])
+    >>> lrs
+    [0.5, 0.5, 1.0, 0.5, 0.25]
+    """
+
+    def __init__(self, optimizer: OptimizerLike, schedulers: Sequence[LRScheduler], milestones: Sequence[int],
+                 last_epoch: int = -1) -> None:
+        _check_optimizer(optimizer)
+        last_epoch = _check_last_epoch(last_epoch)
+        if isinstance(schedulers, LRScheduler) or not isinstance(schedulers, Sequence):
+            raise TypeError(f"schedulers must be a list of schedulers, got {type(schedulers).__name__}")
+        if len(schedulers) < 1:
+            raise ValueError(f"{type(self).__name__} expects at least one scheduler, but got no scheduler.")
+        for i, scheduler in enumerate(schedulers):
+            if not hasattr(scheduler, "optimizer"):
+                raise TypeError(f"{type(self).__name__}: schedulers[{i}] should have `optimizer` as its attribute.")
+            if isinstance(scheduler, ReduceLROnPlateau):
+                raise ValueError(
+                    f"{type(self).__name__} does not support `ReduceLROnPlateau` scheduler as it requires "
+                    "additional kwargs to be specified when calling `step`, but got one at index "
+                    f"{i} in the given schedulers sequence.")
+            if scheduler.optimizer is not optimizer:
+                raise ValueError(
+                    f"{type(self).__name__} expects all schedulers to belong to the same optimizer, but "
+                    f"schedulers[{i}] ({type(scheduler).__name__}) has a different optimizer.")
+        if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Sequence):
+            raise TypeError(f"milestones must be a list of integers, got {type(milestones).__name__}")
+        for i, m in enumerate(milestones):
+            _integer(m, f"milestones[{i}]")
+        if len(milestones) != len(schedulers) - 1:
+            raise ValueError(
+                "Sequential Schedulers expects number of schedulers provided to be one more than the "
+                f"number of milestone points, but got number of schedulers {len(schedulers)} and the "
+                f"number of milestones to be equal to {len(milestones)}")
+        self._schedulers = list(schedulers)
+        self._milestones = [int(m) for m in milestones]
+        self.last_epoch = last_epoch + 1
+        self.optimizer = optimizer
+
+        # back to the initial learning rates, undo the construction step of every scheduler, and
+        # take the initial step of the one that runs at epoch 0
+        for i, group in enumerate(optimizer.param_groups):
+            if "initial_lr" not in group:
+                raise KeyError(f"param 'initial_lr' is not specified in param_groups[{i}]")
+            group["lr"] = group["initial_lr"]
+        self.recursive_undo()
+        idx = bisect_right(self._milestones, 0)
+        self._schedulers[idx]._initial_step()
+        self._last_lr = self._schedulers[idx].get_last_lr()
+
+    def recursive_undo(self, sched: Any = None) -> None:
+        """Undo the construction step of the wrapped schedulers (recursively through nested
+        :class:`SequentialLR`): decrement their ``last_epoch``."""
+        scheds = self if sched is None else sched
+        if hasattr(scheds, "_schedulers"):
+            for s in scheds._schedulers:
+                self.recursive_undo(s)
+        elif hasattr(scheds, "last_epoch"):
+            scheds.last_epoch -= 1
+
+    def step(self) -> None:  # type: ignore[override]
+        """Advance by one epoch: step the scheduler of the new epoch, or restart the next one at a
+        milestone."""
+        self.last_epoch += 1
+        idx = bisect_right(self._milestones, self.last_epoch)
+        scheduler = self._schedulers[idx]
+        if idx > 0 and self._milestones[idx - 1] == self.last_epoch:
+            scheduler._update_lr(0)
+        else:
+            scheduler.step()
+        self._last_lr = scheduler.get_last_lr()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state, with the wrapped schedulers' state dicts under ``"_schedulers"``.
+
+        Returns
+        -------
+        dict
+        """
+        state = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in ("optimizer", "_schedulers")}
+        state["_schedulers"] = [s.state_dict() for s in self._schedulers]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the state saved by :meth:`state_dict`, wrapped schedulers included.
+
+        Parameters
+        ----------
+        state_dict : dict
+        """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        saved = state_dict["_schedulers"]
+        if len(saved) != len(self._schedulers):
+            raise ValueError(f"state_dict holds {len(saved)} schedulers, this SequentialLR has "
+                             f"{len(self._schedulers)}")
+        self.__dict__.update({k: copy.deepcopy(v) for k, v in state_dict.items()
+                              if k not in ("optimizer", "_schedulers")})
+        for s, sd in zip(self._schedulers, saved):
+            s.load_state_dict(sd)
+
+
+class ReduceLROnPlateau(LRScheduler):
+    """Reduce each group's learning rate by ``factor`` when a metric stops improving.
+
+    ``step(metric)`` counts the epochs without improvement; after more than ``patience`` of them
+    the learning rates are multiplied by ``factor`` (not below ``min_lr``; changes smaller than
+    ``eps`` are skipped), then ``cooldown`` epochs pass before counting resumes.
+
+    Parameters
+    ----------
+    optimizer : optimizer
+    mode : {"min", "max"}, default "min"
+        Whether the metric should decrease or increase.
+    factor : float, default 0.1
+        ``new_lr = lr * factor``; < 1.
+    patience : int, default 10
+        Epochs without improvement tolerated.
+    threshold : float, default 1e-4
+        Minimum significant change.
+    threshold_mode : {"rel", "abs"}, default "rel"
+        ``rel``: better than ``best * (1 -/+ threshold)``; ``abs``: better than
+        ``best -/+ threshold``.
+    cooldown : int, default 0
+        Epochs to wait after a reduction.
+    min_lr : float or list of float, default 0
+        Lower bound of the learning rate, for all groups or per group.
+    eps : float, default 1e-8
+        Reductions smaller than ``eps`` are ignored.
+
+    Examples
+    --------
+    >>> import cembed
+    >>> from cembed.optim.lr_scheduler import ReduceLROnPlateau
+    >>> opt = cembed.optim.SGD([cembed.Embedding(10, 4)], lr=1.0)
+    >>> sched = ReduceLROnPlateau(opt, factor=0.5, patience=1)
+    >>> for loss in [3.0, 2.0, 2.0, 2.0, 2.0]:
+    ...     opt.step()
+    ...     sched.step(loss)
+    >>> sched.get_last_lr()
+    [0.5]
+    """
+
+    def __init__(self, optimizer: OptimizerLike, mode: str = "min", factor: float = 0.1, patience: int = 10,
+                 threshold: float = 1e-4, threshold_mode: str = "rel", cooldown: int = 0,
+                 min_lr: float | Sequence[float] = 0, eps: float = 1e-8) -> None:
+        _real(factor, "factor")
+        if factor >= 1.0:
+            raise ValueError(f"Factor should be < 1.0, got factor={factor}")
+        if factor < 0:
+            raise ValueError(f"factor must be >= 0, got factor={factor}")
+        self.factor = factor
+        _check_optimizer(optimizer)
+        self.optimizer = optimizer
+        n = len(optimizer.param_groups)
+        if isinstance(min_lr, (list, tuple)):
+            if len(min_lr) != n:
+                raise ValueError(f"expected {n} min_lrs, got {len(min_lr)}")
+            for i, m in enumerate(min_lr):
+                _nonneg(m, f"min_lr[{i}]")
+            self.default_min_lr = None
+            self.min_lrs = list(min_lr)
+        else:
+            self.default_min_lr = _nonneg(min_lr, "min_lr")
+            self.min_lrs = [min_lr] * n
+        self.patience = _integer(patience, "patience", minimum=0)
+        self.cooldown = _integer(cooldown, "cooldown", minimum=0)
+        self.eps = _nonneg(eps, "eps")
+        self.last_epoch = 0
+        self._last_lr = self._current_lrs()
+        self._init_is_better(mode=mode, threshold=threshold, threshold_mode=threshold_mode)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.best = self.mode_worse
+        self.cooldown_counter = 0
+        self.num_bad_epochs = 0
+
+    def step(self, metrics: SupportsFloat, epoch: int | None = None) -> None:  # type: ignore[override]
+        """Record one epoch's metric and reduce the learning rates if it has plateaued.
+
+        Parameters
+        ----------
+        metrics : float
+            The monitored quantity (anything ``float()`` accepts).
+        epoch : int, optional
+            Deprecated (as in torch): the epoch number to record. Warns.
+        """
+        current = float(metrics)
+        if epoch is None:
+            epoch = self.last_epoch + 1
+        else:
+            warnings.warn(EPOCH_DEPRECATION_WARNING, UserWarning, stacklevel=2)
+        self.last_epoch = epoch
+        if self._is_better(current, self.best):
+            self.best = current
+            self.num_bad_epochs = 0
+        else:
+            self.num_bad_epochs += 1
+        if self.in_cooldown:
+            self.cooldown_counter -= 1
+            self.num_bad_epochs = 0
+        if self.num_bad_epochs > self.patience:
+            self._reduce_lr(epoch)
+            self.cooldown_counter = self.cooldown
+            self.num_bad_epochs = 0
+        self._last_lr = self._current_lrs()
+
+    def _reduce_lr(self, epoch: int) -> None:
+        groups = self.optimizer.param_groups
+        if len(groups) != len(self.min_lrs):
+            if self.default_min_lr is None:
+                raise RuntimeError(
+                    f"The number of param groups in the `optimizer` ({len(groups)}) differs from when "
+                    f"`ReduceLROnPlateau` was initialized ({len(self.min_lrs)}), usually due to a new "
+                    "param group being added to the optimizer. Please modify the `min_lrs` field to "
+                    "match the length of the `optimizer` param groups.")
+            self.min_lrs = [self.default_min_lr] * len(groups)
+        for i, group in enumerate(groups):
+            old_lr = float(group["lr"])
+            new_lr = max(old_lr * self.factor, self.min_lrs[i])
+            if old_lr - new_lr > self.eps:
+                group["lr"] = new_lr
+
+    @property
+    def in_cooldown(self) -> bool:
+        """Whether the scheduler is in its cooldown period."""
+        return self.cooldown_counter > 0
+
+    def _is_better(self, a: float, best: float) -> bool:
+        if self.mode == "min" and self.threshold_mode == "rel":
+            return a < best * (1.0 - self.threshold)
+        if self.mode == "min":
+            return a < best - self.threshold
+        if self.threshold_mode == "rel":
+            return a > best * (self.threshold + 1.0)
+        return a > best + self.threshold
+
+    def _init_is_better(self, mode: str, threshold: float, threshold_mode: str) -> None:
+        if mode not in {"min", "max"}:
+            raise ValueError(f"mode {mode!r} is unknown! (expected 'min' or 'max')")
+        if threshold_mode not in {"rel", "abs"}:
+            raise ValueError(f"threshold mode {threshold_mode!r} is unknown! (expected 'rel' or 'abs')")
+        _real(threshold, "threshold")
+        self.mode_worse = math.inf if mode == "min" else -math.inf
+        self.mode = mode
+        self.threshold = threshold
+        self.threshold_mode = threshold_mode
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the state saved by :meth:`state_dict`.
+
+        Parameters
+        ----------
+        state_dict : dict
+        """
+        super().load_state_dict(state_dict)
+        self._init_is_better(mode=self.mode, threshold=self.threshold, threshold_mode=self.threshold_mode)
+
+
+class OneCycleLR(LRScheduler):
+    """The 1cycle policy: learning rate up from ``max_lr / div_factor`` to ``max_lr``, then down to
+    ``max_lr / div_factor / final_div_factor``; momentum cycled inversely. Step it after every batch.
+
+    With ``cycle_momentum=True`` the optimizer must have ``"betas"`` or ``"momentum"`` in its
+    ``defaults`` (torch's test): ``betas[0]`` is cycled when ``defaults`` has ``"betas"``, else
+    ``momentum``. The schedule has ``total_steps + 1`` points; stepping past them raises
+    :class:`ValueError`.
+
+    Parameters
+    ----------
+    optimizer : optimizer
+    max_lr : float or list of float
+        Peak learning rate, for all groups or per group.
+    total_steps : int, optional
+        Number of steps of the cycle; else ``epochs * steps_per_epoch``.
+    epochs, steps_per_epoch : int, optional
+        Used when ``total_steps`` is None.
+    pct_start : float, default 0.3
+        Fraction of the cycle spent increasing the learning rate, in [0, 1].
+    anneal_strategy : {"cos", "linear"}, default "cos"
+    cycle_momentum : bool, default True
+    base_momentum, max_momentum : float or list of float, default 0.85, 0.95
+        Momentum at the peak / at the start and end of the cycle.
+    div_factor : float, default 25.0
+        ``initial_lr = max_lr / div_factor``.
+    final_div_factor : float, default 1e4
+        ``min_lr = initial_lr / final_div_factor``.
+    three_phase : bool, default False
+        Up, symmetric down to ``initial_lr``, then down to ``min_lr`` (the paper's schedule),
+        instead of fastai's two phases.
+    last_epoch : int, default -1
+        Index of the last batch, to resume.
+
+    Examples
+    --------
+    >>> import cembed
+    >>> from cembed.optim.lr_scheduler import OneCycleLR
+    >>> opt = cembed.optim.SGD([cembed.Embedding(10, 4)], lr=0.1, momentum=0.9)
+    >>> sched = OneCycleLR(opt, max_lr=1.0, total_steps=4, pct_start=0.5, anneal_strategy="linear")
+    >>> lrs, moms = [], []
+    >>> for _ in range(4):
+    ...     lrs.append(round(opt.param_groups[0]["lr"], 6))
+    ...     moms.append(round(opt.param_groups[0]["momentum"], 6))
+    ...     opt.step()
+    ...     sched.step()
+    >>> lrs
+    [0.04, 1.0, 0.500002, 4e-06]
+    >>> moms
+    [0.95, 0.85, 0.9, 0.95]
+    """
+
+    def __init__(self, optimizer: OptimizerLike, max_lr: float | Sequence[float], total_steps: int | None = None,
+                 epochs: int | None = None, steps_per_epoch: int | None = None, pct_start: float = 0.3,
+                 anneal_strategy: str = "cos", cycle_momentum: bool = True,
+                 base_momentum: float | Sequence[float] = 0.85, max_momentum: float | Sequence[float] = 0.95,
+                 div_factor: float = 25.0, final_div_factor: float = 1e4, three_phase: bool = False,
+                 last_epoch: int = -1) -> None:
+        _check_optimizer(optimizer)
+        self.optimizer = optimizer
+        if total_steps is not None:
+            _integer(total_steps, "total_steps", error=ArgumentTypeError)
+            if total_steps <= 0:
+                raise ValueError(f"Expected positive integer total_steps, but got {total_steps}")
+            self.total_steps = int(total_steps)
+        elif epochs is not None and steps_per_epoch is not None:
+            _integer(epochs, "epochs", error=ArgumentTypeError)
+            if epochs <= 0:
+                raise ValueError(f"Expected positive integer epochs, but got {epochs}")
+            _integer(steps_per_epoch, "steps_per_epoch", error=ArgumentTypeError)
+            if steps_per_epoch <= 0:
+                raise ValueError(f"Expected positive integer steps_per_epoch, but got {steps_per_epoch}")
+            self.total_steps = int(epochs) * int(steps_per_epoch)
+        else:
+            raise ValueError("You must define either total_steps OR (epochs AND steps_per_epoch)")
+
+        _real(pct_start, "pct_start", error=ArgumentTypeError)
+        if pct_start < 0 or pct_start > 1:
+            raise ValueError(f"Expected float between 0 and 1 pct_start, but got {pct_start}")
+        if anneal_strategy not in ("cos", "linear"):
+            raise ValueError(f"anneal_strategy must be one of 'cos' or 'linear', instead got {anneal_strategy!r}")
+        self._anneal_func_type = anneal_strategy
+        for name, value in (("div_factor", div_factor), ("final_div_factor", final_div_factor)):
+            _real(value, name)
+            if value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+
+        n = self.total_steps
+        if three_phase:
+            self._schedule_phases = [
+                dict(end_step=float(pct_start * n) - 1, start_lr="initial_lr", end_lr="max_lr",
+                     start_momentum="max_momentum", end_momentum="base_momentum"),
+                dict(end_step=float(2 * pct_start * n) - 2, start_lr="max_lr", end_lr="initial_lr",
+                     start_momentum="base_momentum", end_momentum="max_momentum"),
+                dict(end_step=n - 1, start_lr="initial_lr", end_lr="min_lr",
+                     start_momentum="max_momentum", end_momentum="max_momentum"),
+            ]
+        else:
+            self._schedule_phases = [
+                dict(end_step=float(pct_start * n) - 1, start_lr="initial_lr", end_lr="max_lr",
+                     start_momentum="max_momentum", end_momentum="base_momentum"),
+                dict(end_step=n - 1, start_lr="max_lr", end_lr="min_lr",
+                     start_momentum="base_momentum", end_momentum="max_momentum"),
+            ]
+
+        last_epoch = _check_last_epoch(last_epoch)
+        max_lrs = _format_param("max_lr", optimizer, max_lr)
+        if last_epoch == -1:
+            for group, lr in zip(optimizer.param_groups, max_lrs):
+                group["initial_lr"] = lr / div_factor
+                group["max_lr"] = lr
+                group["min_lr"] = group["initial_lr"] / final_div_factor
+
+        self.cycle_momentum = bool(cycle_momentum)
+        if self.cycle_momentum:
+            defaults = getattr(optimizer, "defaults", None)
+            if not isinstance(defaults, dict):
+                defaults = optimizer.param_groups[0] if optimizer.param_groups else {}
+            if "momentum" not in defaults and "betas" not in defaults:
+                raise ValueError("optimizer must support momentum or beta1 with `cycle_momentum` option enabled")
+            self.use_beta1 = "betas" in defaults
+            max_momentums = _format_param("max_momentum", optimizer, max_momentum)
+            base_momentums = _format_param("base_momentum", optimizer, base_momentum)
+            if last_epoch == -1:
+                for m_mom, b_mom, group in zip(max_momentums, base_momentums, optimizer.param_groups):
+                    if self.use_beta1:
+                        group["betas"] = (m_mom, *group["betas"][1:])
+                    else:
+                        group["momentum"] = m_mom
+                    group["max_momentum"] = m_mom
+                    group["base_momentum"] = b_mom
+        super().__init__(optimizer, last_epoch)
+
+    def _anneal_func(self, start: float, end: float, pct: float) -> float:
+        if self._anneal_func_type == "cos":
+            return self._annealing_cos(start, end, pct)
+        return self._annealing_linear(start, end, pct)
+
+    @staticmethod
+    def _annealing_cos(start: float, end: float, pct: float) -> float:
+        """Cosine from ``start`` to ``end`` as ``pct`` goes from 0 to 1."""
+        cos_out = math.cos(math.pi * pct) + 1
+        return end + (start - end) / 2.0 * cos_out
+
+    @staticmethod
+    def _annealing_linear(start: float, end: float, pct: float) -> float:
+        """Straight line from ``start`` to ``end`` as ``pct`` goes from 0 to 1."""
+        return (end - start) * pct + start
+
+    def get_lr(self) -> list[float]:
+        """The learning rates of step ``last_epoch``; also writes the cycled momentum / beta1 into
+        the param groups when ``cycle_momentum``.
+
+        Returns
+        -------
+        list of float
+        """
+        self._warn_if_outside_step()
+        step_num = self.last_epoch
+        if step_num > self.total_steps:
+            raise ValueError(f"Tried to step {step_num} times. The specified number of total steps "
+                             f"is {self.total_steps}")
+        lrs = []
+        last = len(self._schedule_phases) - 1
+        for group in self.optimizer.param_groups:
+            start_step = 0.0
+            for i, phase in enumerate(self._schedule_phases):
+                end_step = phase["end_step"]
+                if step_num <= end_step or i == last:
+                    span = end_step - start_step
+                    if span == 0:
+                        raise ZeroDivisionError(
+                            f"OneCycleLR: phase {i} of the schedule is empty (pct_start * total_steps = "
+                            f"{self._schedule_phases[0]['end_step'] + 1}); use a larger total_steps or a "
+                            "different pct_start")
+                    pct = (step_num - start_step) / span
+                    lr = self._anneal_func(group[phase["start_lr"]], group[phase["end_lr"]], pct)
+                    if self.cycle_momentum:
+                        momentum = self._anneal_func(group[phase["start_momentum"]],
+                                                     group[phase["end_momentum"]], pct)
+                    break
+                start_step = phase["end_step"]
+            lrs.append(lr)
+            if self.cycle_momentum:
+                if self.use_beta1:
+                    group["betas"] = (momentum, *group["betas"][1:])
+                else:
+                    group["momentum"] = momentum
+        return lrs

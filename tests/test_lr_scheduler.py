@@ -1,0 +1,556 @@
+"""cembed.optim.lr_scheduler against torch.optim.lr_scheduler (torch 2.13).
+
+Every schedule runs on several param groups with different learning rates (and momentum / betas)
+for hundreds of steps; the learning rates (and the momentum or beta1 OneCycleLR writes) are compared
+with torch's bitwise: both evaluate the same float64 expressions in the same order. Most tests use a
+stand-in optimizer (param_groups, defaults, step); a few run cembed's real SGD / SparseAdam.
+"""
+import copy
+import doctest
+import math
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+
+import cembed
+import cembed.optim.lr_scheduler as lr_scheduler
+from cembed import functional as F
+
+from util import assert_bitwise_equal, require_torch
+
+MOMENTUM_GROUPS = [dict(lr=0.1, momentum=0.9), dict(lr=0.03, momentum=0.5), dict(lr=1.7e-3, momentum=0.0)]
+BETAS_GROUPS = [dict(lr=0.1, betas=(0.9, 0.999)), dict(lr=0.02, betas=(0.8, 0.99)),
+                dict(lr=3e-4, betas=(0.5, 0.9))]
+
+
+class StandIn:
+    """A minimal optimizer: param_groups, defaults, step()."""
+
+    def __init__(self, groups, **defaults):
+        self.param_groups = [dict(g) for g in groups]
+        self.defaults = defaults
+        self.n_steps = 0
+
+    def step(self, closure=None):
+        self.n_steps += 1
+        return None if closure is None else closure()
+
+
+def make_standin(kind="momentum"):
+    if kind == "momentum":
+        return StandIn(MOMENTUM_GROUPS, lr=1e-3, momentum=0.0)
+    return StandIn(BETAS_GROUPS, lr=1e-3, betas=(0.9, 0.999))
+
+
+def make_torch_opt(torch, kind="momentum"):
+    groups = MOMENTUM_GROUPS if kind == "momentum" else BETAS_GROUPS
+    params = [dict(g, params=[torch.nn.Parameter(torch.zeros(2))]) for g in groups]
+    if kind == "momentum":
+        return torch.optim.SGD(params, lr=1e-3)
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+def snapshot(opt):
+    """lr, momentum and beta1 of every group (nan where absent), as float64."""
+    row = []
+    for g in opt.param_groups:
+        row.append(float(g["lr"]))
+        row.append(float(g.get("momentum", math.nan)))
+        row.append(float(g["betas"][0]) if "betas" in g else math.nan)
+    return row
+
+
+def as_list(x):
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def run(mod, opt, factory, n_steps, metrics=None, start=0, scheds=None):
+    """Step ``factory(mod, opt)`` (one scheduler or a list, stepped in order) ``n_steps`` times
+    after optimizer steps; the trace of snapshot + get_last_lr after each step (and before the
+    first)."""
+    scheds = as_list(factory(mod, opt)) if scheds is None else scheds
+    trace = [snapshot(opt) + [float(x) for x in scheds[-1].get_last_lr()]]
+    for k in range(start, start + n_steps):
+        opt.step()
+        for s in scheds:
+            if metrics is not None:
+                s.step(metrics[k])
+            else:
+                s.step()
+        trace.append(snapshot(opt) + [float(x) for x in scheds[-1].get_last_lr()])
+    return np.array(trace, dtype=np.float64), scheds
+
+
+def torch_trace(kind, factory, n_steps, metrics=None):
+    torch = require_torch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trace, _ = run(torch.optim.lr_scheduler, make_torch_opt(torch, kind), factory, n_steps, metrics)
+    return trace
+
+
+def assert_same_trace(ours, theirs):
+    assert ours.shape == theirs.shape
+    # nan marks "no such key" in both; compare bitwise (nan payloads are the same float('nan'))
+    assert_bitwise_equal(ours, theirs)
+
+
+class Halver:
+    """A callable object: its __dict__ is saved by the lambda schedulers' state_dict."""
+
+    def __init__(self, every):
+        self.every = every
+
+    def __call__(self, epoch):
+        return 0.5 ** (epoch // self.every)
+
+
+RNG_METRICS = np.random.default_rng(7)
+NOISY_LOSS = [float(x) for x in 1.0 / (1 + 0.02 * np.arange(400)) + 0.05 * RNG_METRICS.standard_normal(400)]
+PLATEAU_LOSS = [float(x) for x in np.repeat([5.0, 4.0, 4.0, 3.9999, 3.0, 3.0, 2.0], 60)[:400]]
+
+# id -> (optimizer kind, factory(mod, opt), n_steps, metrics)
+CASES = {
+    "LambdaLR-one": ("momentum", lambda m, o: m.LambdaLR(o, lambda e: 0.97 ** e), 300, None),
+    "LambdaLR-per-group": ("momentum", lambda m, o: m.LambdaLR(
+        o, [lambda e: 1 / (1 + e), lambda e: math.cos(e / 50), Halver(40)]), 300, None),
+    "MultiplicativeLR-one": ("momentum", lambda m, o: m.MultiplicativeLR(o, lambda e: 0.99), 300, None),
+    "MultiplicativeLR-per-group": ("momentum", lambda m, o: m.MultiplicativeLR(
+        o, (lambda e: 0.99, lambda e: 1.0 if e % 7 else 0.9, lambda e: 1.001)), 300, None),
+    "StepLR": ("momentum", lambda m, o: m.StepLR(o, step_size=30, gamma=0.7), 300, None),
+    "StepLR-every-step": ("momentum", lambda m, o: m.StepLR(o, 1, gamma=0.97), 300, None),
+    "StepLR-default-gamma": ("momentum", lambda m, o: m.StepLR(o, 45), 300, None),
+    "MultiStepLR": ("momentum", lambda m, o: m.MultiStepLR(o, milestones=[250, 30, 80, 80, 150], gamma=0.3),
+                    300, None),
+    "ExponentialLR": ("momentum", lambda m, o: m.ExponentialLR(o, gamma=0.99), 400, None),
+    "CosineAnnealingLR-restarts": ("momentum", lambda m, o: m.CosineAnnealingLR(o, T_max=60, eta_min=1e-4),
+                                   400, None),
+    "CosineAnnealingLR-one-period": ("momentum", lambda m, o: m.CosineAnnealingLR(o, 300), 300, None),
+    "LinearLR-warmup": ("momentum", lambda m, o: m.LinearLR(o, start_factor=0.1, total_iters=100), 300, None),
+    "LinearLR-decay": ("momentum", lambda m, o: m.LinearLR(o, 1.0, 0.05, 250), 300, None),
+    "LinearLR-defaults": ("momentum", lambda m, o: m.LinearLR(o), 200, None),
+    "ConstantLR": ("momentum", lambda m, o: m.ConstantLR(o, factor=0.25, total_iters=40), 200, None),
+    "ConstantLR-defaults": ("momentum", lambda m, o: m.ConstantLR(o), 200, None),
+    "OneCycleLR-momentum-cos": ("momentum", lambda m, o: m.OneCycleLR(o, max_lr=[1.0, 0.3, 0.01],
+                                                                      total_steps=300), 300, None),
+    "OneCycleLR-betas-linear-3phase": ("betas", lambda m, o: m.OneCycleLR(
+        o, max_lr=0.5, epochs=6, steps_per_epoch=50, anneal_strategy="linear", three_phase=True,
+        max_momentum=[0.95, 0.9, 0.99], base_momentum=(0.8, 0.85, 0.7)), 300, None),
+    "OneCycleLR-betas-cos-3phase": ("betas", lambda m, o: m.OneCycleLR(
+        o, max_lr=[0.5, 0.1, 2.0], total_steps=257, pct_start=0.4, three_phase=True, div_factor=10.0,
+        final_div_factor=100.0), 257, None),
+    "OneCycleLR-no-momentum": ("momentum", lambda m, o: m.OneCycleLR(
+        o, max_lr=0.2, total_steps=333, pct_start=0.05, cycle_momentum=False, anneal_strategy="linear"),
+        333, None),
+    "SequentialLR-warmup-cosine": ("momentum", lambda m, o: m.SequentialLR(
+        o, [m.LinearLR(o, start_factor=0.01, total_iters=20), m.CosineAnnealingLR(o, T_max=200, eta_min=1e-5)],
+        milestones=[20]), 300, None),
+    "SequentialLR-four": ("momentum", lambda m, o: m.SequentialLR(
+        o, [m.ConstantLR(o, factor=0.5, total_iters=5), m.LambdaLR(o, lambda e: 0.9 ** e),
+            m.ExponentialLR(o, gamma=0.98), m.MultiStepLR(o, [10, 40], gamma=0.5)],
+        milestones=[10, 50, 120]), 300, None),
+    "SequentialLR-multiplicative-step": ("momentum", lambda m, o: m.SequentialLR(
+        o, [m.MultiplicativeLR(o, lambda e: 0.95), m.StepLR(o, 25, 0.5)], milestones=[60]), 300, None),
+    "ReduceLROnPlateau-min-rel": ("momentum", lambda m, o: m.ReduceLROnPlateau(o, patience=5, factor=0.5),
+                                  400, NOISY_LOSS),
+    "ReduceLROnPlateau-min-abs-cooldown": ("momentum", lambda m, o: m.ReduceLROnPlateau(
+        o, "min", factor=0.3, patience=3, threshold=1e-3, threshold_mode="abs", cooldown=7,
+        min_lr=[1e-3, 1e-4, 1e-5]), 400, PLATEAU_LOSS),
+    "ReduceLROnPlateau-max-rel": ("betas", lambda m, o: m.ReduceLROnPlateau(
+        o, mode="max", patience=2, threshold=0.01, min_lr=1e-4), 400, [-x for x in NOISY_LOSS]),
+    "ReduceLROnPlateau-max-abs-eps": ("betas", lambda m, o: m.ReduceLROnPlateau(
+        o, mode="max", factor=0.9, patience=0, threshold_mode="abs", eps=1e-3), 400,
+        [-x for x in PLATEAU_LOSS]),
+    "chain-exponential-multistep": ("momentum", lambda m, o: [m.ExponentialLR(o, 0.99),
+                                                              m.MultiStepLR(o, [50, 100], 0.5)], 300, None),
+    "chain-linear-step": ("momentum", lambda m, o: [m.LinearLR(o, 0.2, total_iters=30), m.StepLR(o, 40, 0.5)],
+                          300, None),
+    "chain-constant-cosine": ("betas", lambda m, o: [m.ConstantLR(o, 0.1, 20), m.CosineAnnealingLR(o, 100)],
+                              300, None),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_torch(case):
+    kind, factory, n_steps, metrics = CASES[case]
+    theirs = torch_trace(kind, factory, n_steps, metrics)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the right call order raises no warning
+        ours, scheds = run(lr_scheduler, make_standin(kind), factory, n_steps, metrics)
+    assert_same_trace(ours, theirs)
+    assert scheds[-1].last_epoch == n_steps
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("k", [1, 37, 150])
+def test_state_dict_round_trip(case, k):
+    """Save at step k (pickled), rebuild optimizer + schedulers, load, continue: the same trace as
+    an uninterrupted run."""
+    kind, factory, n_steps, metrics = CASES[case]
+    full, _ = run(lr_scheduler, make_standin(kind), factory, n_steps, metrics)
+
+    opt = make_standin(kind)
+    head, scheds = run(lr_scheduler, opt, factory, k, metrics)
+    saved = pickle.dumps(([s.state_dict() for s in scheds], copy.deepcopy(opt.param_groups)))
+
+    opt2 = make_standin(kind)
+    scheds2 = as_list(factory(lr_scheduler, opt2))       # schedulers first, then the optimizer state
+    sched_states, groups = pickle.loads(saved)
+    opt2.param_groups = groups
+    for s, sd in zip(scheds2, sched_states):
+        s.load_state_dict(sd)
+    tail, _ = run(lr_scheduler, opt2, None, n_steps - k, metrics, start=k, scheds=scheds2)
+    assert_bitwise_equal(np.concatenate([head, tail[1:]]), full)
+
+
+def test_state_dict_is_a_copy_and_skips_the_optimizer():
+    opt = make_standin()
+    sched = lr_scheduler.StepLR(opt, 3)
+    sd = sched.state_dict()
+    assert "optimizer" not in sd
+    assert sd["base_lrs"] == [0.1, 0.03, 1.7e-3] and sd["last_epoch"] == 0
+    sd["base_lrs"].append(1.0)
+    assert sched.base_lrs == [0.1, 0.03, 1.7e-3]
+    sched.load_state_dict(sd)
+    sd["base_lrs"].append(2.0)
+    assert len(sched.base_lrs) == 4
+
+
+def test_lambda_state_dict():
+    """Functions and lambdas are stored as None and not restored; callable objects keep state."""
+    opt = make_standin()
+    halver = Halver(10)
+    sched = lr_scheduler.LambdaLR(opt, [lambda e: 1.0, Halver(10), halver])
+    halver.every = 3
+    sd = sched.state_dict()
+    assert sd["lr_lambdas"] == [None, {"every": 10}, {"every": 3}]
+    fresh = Halver(99)
+    sched2 = lr_scheduler.LambdaLR(make_standin(), [lambda e: 2.0, Halver(1), fresh])
+    sched2.load_state_dict(sd)
+    assert fresh.every == 3 and sched2.lr_lambdas[0](0) == 2.0
+    assert sd["lr_lambdas"] == [None, {"every": 10}, {"every": 3}]  # not consumed
+
+
+def test_sequential_state_dict_nests_schedulers():
+    opt = make_standin()
+    sched = lr_scheduler.SequentialLR(opt, [lr_scheduler.ConstantLR(opt), lr_scheduler.ExponentialLR(opt, 0.9)],
+                                      milestones=[5])
+    sd = sched.state_dict()
+    assert [type(s) for s in sd["_schedulers"]] == [dict, dict]
+    assert "optimizer" not in sd["_schedulers"][0]
+
+
+# ------------------------------------------------------------------------ resuming, step(epoch)
+RESUMABLE = {
+    "StepLR": lambda m, o, e: m.StepLR(o, 7, 0.5, last_epoch=e),
+    "MultiStepLR": lambda m, o, e: m.MultiStepLR(o, [3, 20, 20], 0.5, last_epoch=e),
+    "ExponentialLR": lambda m, o, e: m.ExponentialLR(o, 0.9, last_epoch=e),
+    "CosineAnnealingLR": lambda m, o, e: m.CosineAnnealingLR(o, 15, 1e-3, last_epoch=e),
+    "LinearLR": lambda m, o, e: m.LinearLR(o, 0.3, 0.9, 12, last_epoch=e),
+    "ConstantLR": lambda m, o, e: m.ConstantLR(o, 0.5, 8, last_epoch=e),
+    "LambdaLR": lambda m, o, e: m.LambdaLR(o, lambda k: 1 / (k + 1), last_epoch=e),
+    "MultiplicativeLR": lambda m, o, e: m.MultiplicativeLR(o, lambda k: 0.9, last_epoch=e),
+}
+
+
+@pytest.mark.parametrize("name", list(RESUMABLE))
+def test_resume_with_last_epoch(name):
+    """last_epoch != -1 needs group['initial_lr'] (KeyError without) and resumes as torch does."""
+    torch = require_torch()
+    factory = RESUMABLE[name]
+    with pytest.raises(KeyError, match="initial_lr"):
+        factory(lr_scheduler, make_standin(), 4)
+
+    def prepared(opt):
+        for i, g in enumerate(opt.param_groups):
+            g["initial_lr"] = [0.5, 0.25, 2.0][i]
+        return opt
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs, _ = run(torch.optim.lr_scheduler, prepared(make_torch_opt(torch)),
+                        lambda m, o: factory(m, o, 4), 60)
+    ours, scheds = run(lr_scheduler, prepared(make_standin()), lambda m, o: factory(m, o, 4), 60)
+    assert_same_trace(ours, theirs)
+    assert scheds[0].base_lrs == [0.5, 0.25, 2.0] and scheds[0].last_epoch == 65
+
+
+def test_one_cycle_resume():
+    """OneCycleLR resumed mid-cycle from the groups an earlier run left (initial/max/min lr,
+    momenta) matches torch."""
+    torch = require_torch()
+
+    def factory(m, o, e=-1):
+        return m.OneCycleLR(o, max_lr=[1.0, 0.5, 0.1], total_steps=100, last_epoch=e)
+
+    def resumed(mod, opt):
+        first = factory(mod, opt)
+        for _ in range(30):
+            opt.step()
+            first.step()
+        return factory(mod, opt, 29)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs, _ = run(torch.optim.lr_scheduler, make_torch_opt(torch), resumed, 70)
+        ours, _ = run(lr_scheduler, make_standin(), resumed, 70)
+    assert_same_trace(ours, theirs)
+
+
+@pytest.mark.parametrize("name", ["StepLR", "MultiStepLR", "ExponentialLR", "CosineAnnealingLR",
+                                  "LinearLR", "ConstantLR", "LambdaLR"])
+def test_step_with_epoch_uses_the_closed_form(name):
+    """The deprecated step(epoch) warns and uses the closed form where torch has one."""
+    torch = require_torch()
+    epochs = [1, 2, 5, 5, 3, 9, 20, 14, 40, 0, 31]
+
+    def trace(mod, opt):
+        sched = RESUMABLE[name](mod, opt, -1)
+        out = []
+        for e in epochs:
+            opt.step()
+            with pytest.warns(UserWarning, match="epoch parameter"):
+                sched.step(e)
+            out.append(snapshot(opt) + sched.get_last_lr())
+        return np.array(out)
+
+    assert_same_trace(trace(lr_scheduler, make_standin()), trace(torch.optim.lr_scheduler, make_torch_opt(torch)))
+
+
+def test_one_cycle_past_the_end_raises():
+    opt = make_standin()
+    sched = lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    with pytest.raises(ValueError, match="Tried to step 11 times"):
+        sched.step()
+
+
+def test_one_cycle_empty_phase_message():
+    """torch divides by zero here; cembed raises the same ZeroDivisionError with a message."""
+    with pytest.raises(ZeroDivisionError, match="pct_start"):
+        lr_scheduler.OneCycleLR(make_standin(), max_lr=0.1, total_steps=10, pct_start=0.1)
+
+
+def test_one_cycle_sets_group_keys():
+    opt = make_standin("betas")
+    sched = lr_scheduler.OneCycleLR(opt, max_lr=[1.0, 2.0, 4.0], total_steps=10, div_factor=4.0,
+                                    final_div_factor=2.0)
+    g = opt.param_groups[1]
+    assert (g["initial_lr"], g["max_lr"], g["min_lr"]) == (0.5, 2.0, 0.25)
+    assert (g["max_momentum"], g["base_momentum"]) == (0.95, 0.85)
+    assert g["betas"] == (0.95, 0.99) and isinstance(g["betas"], tuple)
+    assert sched.base_lrs == [0.25, 0.5, 1.0] and sched.use_beta1
+
+
+# ----------------------------------------------------------------------- the real optimizers
+def test_one_cycle_on_cembed_sgd_and_sparse_adam():
+    torch = require_torch()
+    for make_ours, make_theirs, key in [
+        (lambda: cembed.optim.SGD([cembed.Embedding(10, 4, sparse=True)], lr=0.05, momentum=0.9),
+         lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), "momentum"),
+        (lambda: cembed.optim.SparseAdam([cembed.Embedding(10, 4, sparse=True)], lr=0.05),
+         lambda p: torch.optim.SparseAdam(p, lr=0.05), "betas"),
+    ]:
+        def factory(m, o):
+            return m.OneCycleLR(o, max_lr=0.5, total_steps=200, three_phase=True)
+
+        theirs, _ = run(torch.optim.lr_scheduler, make_theirs([torch.nn.Parameter(torch.zeros(10, 4))]), factory, 200)
+        opt = make_ours()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ours, _ = run(lr_scheduler, opt, factory, 200)
+        assert_same_trace(ours, theirs)
+        assert key in opt.param_groups[0]
+
+
+def test_training_with_step_lr_matches_torch(rng):
+    """cembed SGD on a sparse Embedding, StepLR-scheduled, updates the weights as torch does."""
+    torch = require_torch()
+    emb = cembed.Embedding(10, 4, sparse=True)
+    w0 = emb.weight.copy()
+    temb = torch.nn.Embedding(10, 4, sparse=True, _weight=torch.from_numpy(w0.copy()))
+    opt = cembed.optim.SGD([emb], lr=0.5)
+    topt = torch.optim.SGD(temb.parameters(), lr=0.5)
+    sched = lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    tsched = torch.optim.lr_scheduler.StepLR(topt, step_size=3, gamma=0.5)
+    for _ in range(12):
+        idx = rng.permutation(10)[:4]
+        g = (rng.integers(-16, 17, (4, 4)) / 8).astype(np.float32)
+        emb.grad = F.embedding_backward(g, idx, 10, sparse=True)
+        temb.weight.grad = torch.sparse_coo_tensor(torch.from_numpy(idx)[None], torch.from_numpy(g), (10, 4),
+                                                   check_invariants=True)
+        opt.step()
+        topt.step()
+        sched.step()
+        tsched.step()
+        assert sched.get_last_lr() == tsched.get_last_lr()
+        np.testing.assert_allclose(emb.weight, temb.weight.detach().numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_state_dict_round_trip_with_cembed_optimizer():
+    """Checkpoint SGD + OneCycleLR through their state dicts (scheduler built before
+    optimizer.load_state_dict, as torch documents)."""
+    def factory(o):
+        return lr_scheduler.OneCycleLR(o, max_lr=1.0, total_steps=120)
+
+    def make():
+        return cembed.optim.SGD([cembed.Embedding(10, 4, sparse=True)], lr=0.1, momentum=0.9)
+
+    opt = make()
+    sched = factory(opt)
+    ref = [snapshot(opt)]
+    for _ in range(120):
+        opt.step()
+        sched.step()
+        ref.append(snapshot(opt))
+
+    opt = make()
+    sched = factory(opt)
+    for _ in range(50):
+        opt.step()
+        sched.step()
+    opt_sd, sched_sd = pickle.loads(pickle.dumps((opt.state_dict(), sched.state_dict())))
+    opt2 = make()
+    sched2 = factory(opt2)
+    opt2.load_state_dict(opt_sd)
+    sched2.load_state_dict(sched_sd)
+    got = [snapshot(opt2)]
+    for _ in range(70):
+        opt2.step()
+        sched2.step()
+        got.append(snapshot(opt2))
+    assert_bitwise_equal(np.array(got), np.array(ref[50:]))
+
+
+# ---------------------------------------------------------------------------------- warnings
+def test_warns_when_scheduler_steps_before_optimizer():
+    opt = make_standin()
+    sched = lr_scheduler.StepLR(opt, 3)
+    with pytest.warns(UserWarning, match="before `optimizer.step\\(\\)`"):
+        sched.step()
+
+
+def test_warns_when_optimizer_step_is_replaced():
+    opt = make_standin()
+    sched = lr_scheduler.ExponentialLR(opt, 0.9)
+    opt.step = lambda closure=None: None
+    with pytest.warns(UserWarning, match="overridden"):
+        sched.step()
+
+
+def test_get_lr_outside_step_warns():
+    opt = make_standin()
+    sched = lr_scheduler.ExponentialLR(opt, 0.5)
+    with pytest.warns(UserWarning, match="get_last_lr"):
+        sched.get_lr()
+
+
+def test_optimizer_step_still_works_and_is_wrapped_once():
+    opt = make_standin()
+    lr_scheduler.StepLR(opt, 3)
+    lr_scheduler.ExponentialLR(opt, 0.9)
+    assert opt.step(lambda: 42) == 42 and opt.n_steps == 1 and opt._opt_called
+    assert opt.step._wrapped_by_lr_sched
+
+
+def test_get_last_lr_is_a_copy():
+    opt = make_standin()
+    sched = lr_scheduler.StepLR(opt, 3)
+    sched.get_last_lr().append(5.0)
+    assert sched.get_last_lr() == [0.1, 0.03, 1.7e-3]
+
+
+# -------------------------------------------------------------------------------- arguments
+
+BAD = [
+    (lambda o: lr_scheduler.StepLR(object(), 3), TypeError, "not an Optimizer"),
+    (lambda o: lr_scheduler.StepLR(StandIn([{"momentum": 0.9}]), 3), KeyError, "lr"),
+    (lambda o: lr_scheduler.StepLR(o, 0), ValueError, "step_size"),
+    (lambda o: lr_scheduler.StepLR(o, 2.5), TypeError, "step_size"),
+    (lambda o: lr_scheduler.StepLR(o, 3, gamma="0.1"), TypeError, "gamma"),
+    (lambda o: lr_scheduler.StepLR(o, 3, gamma=-0.1), ValueError, "gamma"),
+    (lambda o: lr_scheduler.StepLR(o, 3, gamma=math.nan), ValueError, "gamma"),
+    (lambda o: lr_scheduler.StepLR(o, 3, last_epoch=-2), ValueError, "last_epoch"),
+    (lambda o: lr_scheduler.StepLR(o, 3, last_epoch=1.0), TypeError, "last_epoch"),
+    (lambda o: lr_scheduler.MultiStepLR(o, 30), TypeError, "milestones"),
+    (lambda o: lr_scheduler.MultiStepLR(o, [1, 2.5]), TypeError, "milestones"),
+    (lambda o: lr_scheduler.ExponentialLR(o, gamma=True), TypeError, "gamma"),
+    (lambda o: lr_scheduler.CosineAnnealingLR(o, T_max=0), ValueError, "T_max"),
+    (lambda o: lr_scheduler.CosineAnnealingLR(o, T_max=10, eta_min=None), TypeError, "eta_min"),
+    (lambda o: lr_scheduler.ConstantLR(o, factor=1.5), ValueError, "factor"),
+    (lambda o: lr_scheduler.ConstantLR(o, total_iters=-1), ValueError, "total_iters"),
+    (lambda o: lr_scheduler.LinearLR(o, start_factor=0), ValueError, "start_factor"),
+    (lambda o: lr_scheduler.LinearLR(o, end_factor=1.1), ValueError, "end_factor"),
+    (lambda o: lr_scheduler.LambdaLR(o, [lambda e: 1.0]), ValueError, "Expected 3 lr_lambdas"),
+    (lambda o: lr_scheduler.LambdaLR(o, 0.5), TypeError, "lr_lambda"),
+    (lambda o: lr_scheduler.MultiplicativeLR(o, [None, None, None]), TypeError, "lr_lambda"),
+    (lambda o: lr_scheduler.SequentialLR(o, [], []), ValueError, "at least one"),
+    (lambda o: lr_scheduler.SequentialLR(o, [lr_scheduler.StepLR(o, 2)], [4]), ValueError, "milestone"),
+    (lambda o: lr_scheduler.SequentialLR(o, [lr_scheduler.StepLR(make_standin(), 2)], []), ValueError,
+     "same optimizer"),
+    (lambda o: lr_scheduler.SequentialLR(o, [object()], []), TypeError, "optimizer"),
+    (lambda o: lr_scheduler.SequentialLR(o, [lr_scheduler.ReduceLROnPlateau(o)], []), ValueError,
+     "ReduceLROnPlateau"),
+    (lambda o: lr_scheduler.ReduceLROnPlateau(o, mode="mean"), ValueError, "mode"),
+    (lambda o: lr_scheduler.ReduceLROnPlateau(o, threshold_mode="relative"), ValueError, "threshold mode"),
+    (lambda o: lr_scheduler.ReduceLROnPlateau(o, factor=1.0), ValueError, "Factor"),
+    (lambda o: lr_scheduler.ReduceLROnPlateau(o, min_lr=[0.0]), ValueError, "min_lrs"),
+    (lambda o: lr_scheduler.ReduceLROnPlateau(o, patience=-1), ValueError, "patience"),
+    (lambda o: lr_scheduler.ReduceLROnPlateau(o, cooldown=1.5), TypeError, "cooldown"),
+    (lambda o: lr_scheduler.OneCycleLR(o, max_lr=0.1), ValueError, "total_steps OR"),
+    (lambda o: lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=0), ValueError, "total_steps"),
+    (lambda o: lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=10.0), TypeError, "total_steps"),
+    (lambda o: lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=10.0), ValueError, "total_steps"),
+    (lambda o: lr_scheduler.OneCycleLR(o, max_lr=0.1, epochs=0, steps_per_epoch=3), ValueError, "epochs"),
+    (lambda o: lr_scheduler.OneCycleLR(o, max_lr=0.1, epochs=2, steps_per_epoch=-3), ValueError,
+     "steps_per_epoch"),
+    (lambda o: lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=10, pct_start=1.5), ValueError, "pct_start"),
+    (lambda o: lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=10, anneal_strategy="cosine"), ValueError,
+     "anneal_strategy"),
+    (lambda o: lr_scheduler.OneCycleLR(o, max_lr=[0.1, 0.2], total_steps=10), ValueError, "max_lr"),
+    (lambda o: lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=10, max_momentum=[0.9]), ValueError,
+     "max_momentum"),
+    (lambda o: lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=10, div_factor=0), ValueError, "div_factor"),
+    (lambda o: lr_scheduler.OneCycleLR(StandIn([{"lr": 0.1}], lr=0.1), max_lr=0.1, total_steps=10), ValueError,
+     "momentum or beta1"),
+]
+
+
+@pytest.mark.parametrize("i", range(len(BAD)))
+def test_bad_arguments(i):
+    make, exc, match = BAD[i]
+    with pytest.raises(exc, match=match):
+        make(make_standin())
+
+
+def test_one_cycle_refuses_adagrad():
+    opt = cembed.optim.Adagrad([cembed.Embedding(10, 4, sparse=True)], lr=0.1)
+    with pytest.raises(ValueError, match="momentum or beta1"):
+        lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+    lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10, cycle_momentum=False)
+
+
+def test_plateau_rejects_changed_group_count_with_per_group_min_lr():
+    opt = StandIn([{"lr": 1.0}, {"lr": 2.0}])
+    sched = lr_scheduler.ReduceLROnPlateau(opt, patience=0, min_lr=[0.0, 0.0])
+    opt.param_groups.append({"lr": 3.0})
+    sched.step(1.0)
+    with pytest.raises(RuntimeError, match="param groups"):
+        sched.step(2.0)
+
+
+def test_public_names():
+    for name in lr_scheduler.__all__:
+        assert issubclass(getattr(lr_scheduler, name), lr_scheduler.LRScheduler)
+    assert set(lr_scheduler.__all__) >= {
+        "LRScheduler", "LambdaLR", "MultiplicativeLR", "StepLR", "MultiStepLR", "ExponentialLR",
+        "CosineAnnealingLR", "LinearLR", "ConstantLR", "OneCycleLR", "SequentialLR", "ReduceLROnPlateau"}
+
+
+def test_doctests():
+    result = doctest.testmod(lr_scheduler, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
