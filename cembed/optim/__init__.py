@@ -35,7 +35,7 @@ from .._validation import (
 )
 from ..sparse import SparseGrad, merge_plan
 
-__all__ = ["Optimizer", "SGD", "SparseAdam", "Adagrad"]
+__all__ = ["Optimizer", "SGD", "SparseAdam", "Adagrad", "lr_scheduler"]
 
 Group = Dict[str, Any]
 _FORMAT = "cembed.optim/2"
@@ -800,3 +800,5 @@ class SGD(Optimizer):
         state["momentum_buffer"] = buf
         rows.flags.writeable = False
         state["active_rows"] = rows
+
+from . import lr_scheduler  # noqa: E402  (schedulers act on the optimizers above)
