@@ -1,5 +1,5 @@
 """Readable NumPy references for every cembed kernel: the slow, obvious version of each formula
-(SPEC_torch.md), used as the oracle beside torch. Loops are written out where that is clearer."""
+(docs/behaviour.md), used as the oracle beside torch. Loops are written out where that is clearer."""
 import numpy as np
 
 # ---------------------------------------------------------------------------------------------
@@ -13,7 +13,7 @@ def embedding(indices, weight):
 
 
 def row_norm(row, p):
-    """The norm torch's embedding_renorm_ uses for norm_type p (SPEC_torch §4)."""
+    """The norm torch's embedding_renorm_ uses for norm_type p (docs/behaviour.md §4)."""
     a = np.abs(row.astype(np.float64))
     if p == np.inf:
         return a.max() if a.size else 0.0
@@ -41,7 +41,7 @@ def embedding_renorm_(weight, indices, max_norm, norm_type=2.0):
 
 
 def embedding_backward(grad_output, indices, num_embeddings, padding_idx=None, scale_grad_by_freq=False):
-    """Dense gradient of weight[indices] (SPEC_torch §5.1): for each position in input order,
+    """Dense gradient of weight[indices] (docs/behaviour.md §5.1): for each position in input order,
     G[r] += s * grad_output[i], skipping padding; s = fp32(1/count[r]) fused (fma) with sgbf."""
     idx = np.asarray(indices).reshape(-1)
     go = np.asarray(grad_output)
@@ -81,7 +81,7 @@ def coalesce(rows, values, num_rows):
 
 
 def bags_of(indices, offsets=None, include_last_offset=False):
-    """The list of bags (lists of positions into the flat input) per SPEC_torch §6.2."""
+    """The list of bags (lists of positions into the flat input) per docs/behaviour.md §6.2."""
     idx = np.asarray(indices)
     if idx.ndim == 2:
         n_bags, n = idx.shape
@@ -94,7 +94,7 @@ def bags_of(indices, offsets=None, include_last_offset=False):
 
 def embedding_bag(indices, weight, offsets=None, mode="mean", per_sample_weights=None,
                   include_last_offset=False, padding_idx=None):
-    """Pooled rows, one bag at a time, in bag order (SPEC_torch §6.3)."""
+    """Pooled rows, one bag at a time, in bag order (docs/behaviour.md §6.3)."""
     flat = np.asarray(indices).reshape(-1)
     psw = None if per_sample_weights is None else np.asarray(per_sample_weights).reshape(-1)
     bags = bags_of(indices, offsets, include_last_offset)
@@ -122,7 +122,7 @@ def embedding_bag(indices, weight, offsets=None, mode="mean", per_sample_weights
 def embedding_bag_backward(grad_output, indices, weight, offsets=None, mode="mean", per_sample_weights=None,
                            include_last_offset=False, padding_idx=None, scale_grad_by_freq=False):
     """(dense weight gradient, per_sample_weights gradient) with the TRUE index counts for
-    scale_grad_by_freq (SPEC.md; torch 2.13 divides by wrong counts, SPEC_torch §7.1)."""
+    scale_grad_by_freq (docs/behaviour.md §0; torch 2.13 divides by wrong counts, docs/behaviour.md §7.1)."""
     flat = np.asarray(indices).reshape(-1)
     psw = None if per_sample_weights is None else np.asarray(per_sample_weights).reshape(-1)
     bags = bags_of(indices, offsets, include_last_offset)
@@ -158,7 +158,7 @@ def embedding_bag_backward(grad_output, indices, weight, offsets=None, mode="mea
 
 def sparse_adam_step(weight, exp_avg, exp_avg_sq, step, rows, grad, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                      maximize=False):
-    """One SparseAdam step (SPEC_torch §8.2) on a coalesced gradient (rows, grad); in place.
+    """One SparseAdam step (docs/behaviour.md §8.2) on a coalesced gradient (rows, grad); in place.
     ``step`` is the step number after incrementing. Rows not in ``rows`` are untouched."""
     f = weight.dtype.type
     beta1, beta2 = betas
@@ -174,7 +174,7 @@ def sparse_adam_step(weight, exp_avg, exp_avg_sq, step, rows, grad, lr=1e-3, bet
 
 
 def adagrad_step(weight, state_sum, step, rows, grad, lr=1e-2, lr_decay=0.0, eps=1e-10, maximize=False):
-    """One sparse Adagrad step (SPEC_torch §8.3); ``step`` after incrementing; in place."""
+    """One sparse Adagrad step (docs/behaviour.md §8.3); ``step`` after incrementing; in place."""
     f = weight.dtype.type
     g = -grad if maximize else grad
     clr = lr / (1 + (step - 1) * lr_decay)
@@ -186,7 +186,7 @@ def adagrad_step(weight, state_sum, step, rows, grad, lr=1e-2, lr_decay=0.0, eps
 
 def sgd_dense_momentum_step(weight, buf, grad_dense, lr, momentum=0.0, dampening=0.0, nesterov=False,
                             maximize=False, first=False):
-    """Dense SGD step; sparse gradients behave as their dense form with zeros (SPEC_torch §8.1).
+    """Dense SGD step; sparse gradients behave as their dense form with zeros (docs/behaviour.md §8.1).
     Returns the new momentum buffer (None without momentum)."""
     g = -grad_dense if maximize else grad_dense
     if momentum != 0:

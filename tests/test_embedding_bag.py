@@ -190,7 +190,7 @@ def test_psw_gradient_matches_torch(rng, sparse):
 
 
 def test_scale_grad_by_freq_true_counts():
-    """torch 2.13 divides by the wrong counts (SPEC_torch §7.1): cembed uses the true counts."""
+    """torch 2.13 divides by the wrong counts (docs/behaviour.md §7.1): cembed uses the true counts."""
     info = vector("bag_sgbf_cpu_bug_INFO")["expected"]
     emb = cembed.EmbeddingBag.from_pretrained(np.ones((4, 3), np.float32), freeze=False, mode="sum",
                                               scale_grad_by_freq=True)

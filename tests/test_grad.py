@@ -88,7 +88,7 @@ def test_sparse_scale_grad_by_freq_supported():
     g = np.arange(1, 13, dtype=np.float32).reshape(2, 3, 2)
     sp = F.embedding_backward(g, idx, 5, scale_grad_by_freq=True, sparse=True)
     np.testing.assert_array_equal(sp.indices, [0, 1, 3])
-    np.testing.assert_array_equal(sp.values, [[7, 8], [5, 6], [7, 8]])  # SPEC_torch §5.1 example
+    np.testing.assert_array_equal(sp.values, [[7, 8], [5, 6], [7, 8]])  # docs/behaviour.md §5.1 example
 
 
 def test_spec_example():

@@ -2,7 +2,7 @@
 
 Gradients are multiples of 1/8, so sums of duplicates are exact and summation order cannot matter.
 torch's float32 sqrt (AVX-512 build) is not correctly rounded while cembed's is, so SparseAdam and
-Adagrad are compared with rtol 1e-6 (SPEC_torch §9); plain SGD on distinct rows is bitwise.
+Adagrad are compared with rtol 1e-6 (docs/behaviour.md §9); plain SGD on distinct rows is bitwise.
 """
 import itertools
 
