@@ -23,7 +23,6 @@ from ._config import n_threads_for
 from ._validation import (
     FLOAT_DTYPES,
     as_index_array,
-    check_choice,
     check_gradient_rows,
     check_index_range,
     check_max_norm,

@@ -7,7 +7,7 @@ indices and the existing ``.grad`` against the table as it is then (``docs/safet
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, Optional, Tuple
 
 import numpy as np
 

@@ -1,0 +1,117 @@
+"""Adagrad, with torch's sparse and dense rules."""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import numpy as np
+
+from .. import _optim
+from .._config import n_threads_for
+from ..sparse import SparseGrad
+from .optimizer import Group, Optimizer, _check_maximize, _option, _update_rows
+
+__all__ = ["Adagrad"]
+
+
+class Adagrad(Optimizer):
+    """``torch.optim.Adagrad``: ``sum += g*g``; ``w -= clr * g / (sqrt(sum) + eps)`` with
+    ``clr = lr / (1 + (step - 1) * lr_decay)``.
+
+    Parameters
+    ----------
+    params : iterable of modules or of dicts
+    lr : float, default 1e-2
+    lr_decay, weight_decay, initial_accumulator_value : float, default 0
+        ``weight_decay`` needs dense gradients (as in torch).
+    eps : float, default 1e-10
+    maximize : bool, default False
+
+    Notes
+    -----
+    A float32 step counter per parameter; the accumulator is created when the parameter joins (its
+    pages are only touched where rows are updated).
+
+    Examples
+    --------
+    >>> import numpy as np, cembed
+    >>> emb = cembed.Embedding(100, 8, sparse=True, seed=0)
+    >>> opt = cembed.optim.Adagrad([{"params": [emb], "lr": 0.5}], lr=0.1)
+    >>> emb.backward(np.ones((2, 8), np.float32), np.array([1, 2])); opt.step()
+    >>> opt.param_groups[0]["lr"], float(opt.state[emb]["step"])
+    (0.5, 1.0)
+    """
+
+    _state_arrays = ("sum",)
+
+    def __init__(self, params: Any, lr: float = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
+                 initial_accumulator_value: float = 0.0, eps: float = 1e-10, maximize: bool = False) -> None:
+        super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                                      initial_accumulator_value=initial_accumulator_value, eps=eps,
+                                      maximize=maximize))
+
+    def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
+        for name in ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"):
+            _option(group, name, where, low=0.0)
+        _check_maximize(group, where)
+        return group
+
+    def _init_state(self, module: Any, group: Group) -> None:
+        weight = module.weight
+        state_sum = np.zeros(weight.shape, dtype=weight.dtype)  # lazily zeroed pages
+        if group["initial_accumulator_value"] != 0:
+            state_sum.fill(group["initial_accumulator_value"])
+        self.state[module] = {"step": np.float32(0.0), "sum": state_sum}
+
+    def _fill_missing_state(self, state: Dict[Any, Dict[str, Any]], groups: List[Group]) -> None:
+        for group in groups:
+            for module in group["params"]:
+                if not state.get(module):
+                    raise ValueError("Adagrad state_dict lacks the state of a parameter (it needs 'step' and 'sum')")
+
+    def _check_grad(self, options: Group, grad: Any, weight: np.ndarray, where: str) -> None:
+        super()._check_grad(options, grad, weight, where)
+        if isinstance(grad, SparseGrad) and options["weight_decay"] != 0:
+            raise ValueError(f"weight_decay option is not compatible with sparse gradients ({where}.grad is a "
+                             "SparseGrad)")
+
+    @staticmethod
+    def _check_step(step: Any, where: str) -> np.float32:
+        if not isinstance(step, (float, np.floating, int, np.integer)) or isinstance(step, (bool, np.bool_)):
+            raise ValueError(f"{where}['step'] must be a number, got {type(step).__name__}")
+        value = np.float32(step)
+        if not (np.isfinite(value) and value >= 0):
+            raise ValueError(f"{where}['step'] must be finite and >= 0, got {step!r}")
+        return value
+
+    def _check_state(self, state: Dict[str, Any], weight: np.ndarray, where: str) -> None:
+        if set(state) != {"step", "sum"}:
+            raise ValueError(f"{where}: Adagrad state needs exactly 'step' and 'sum', got {sorted(state)}")
+        self._check_step(state["step"], f"{where} state")
+        super()._check_state(state, weight, where)
+
+    def _load_state_entry(self, entry: Dict[str, Any], weight: np.ndarray, options: Group,
+                          where: str) -> Dict[str, Any]:
+        if set(entry) != {"step", "sum"}:
+            raise ValueError(f"{where} needs exactly 'step' and 'sum', got {sorted(entry)}")
+        entry["step"] = self._check_step(entry["step"], where)
+        return super()._load_state_entry(entry, weight, options, where)
+
+    def _update(self, state: Dict[str, Any], weight: np.ndarray, grad: Any, options: Group) -> None:
+        state["step"] = np.float32(np.float32(state["step"]) + np.float32(1.0))
+        clr = options["lr"] / (1 + (float(state["step"]) - 1) * options["lr_decay"])
+        if isinstance(grad, SparseGrad):
+            def kernel(w: np.ndarray, states: List[np.ndarray], rows: np.ndarray) -> None:
+                _optim.adagrad_rows(w, states[0], rows, grad.values, clr, options["eps"], options["maximize"],
+                                    n_threads_for(rows.size, "optimizer"))
+
+            _update_rows(weight, [state["sum"]], grad.indices, kernel)
+            return
+        dtype = weight.dtype.type
+        g = -grad if options["maximize"] else grad
+        if options["weight_decay"] != 0:
+            g = g + dtype(options["weight_decay"]) * weight
+        state_sum = state["sum"]
+        state_sum += g * g
+        std = np.sqrt(state_sum)
+        std += dtype(options["eps"])
+        weight -= dtype(clr) * (g / std)

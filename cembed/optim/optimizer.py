@@ -1,0 +1,446 @@
+"""The optimizer base class: param groups, step, state dicts, files; shared helpers."""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import tempfile
+import zipfile
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .._validation import (
+    check_bool,
+    check_real,
+    check_row_ids,
+    check_trainable,
+    check_weight,
+    kernel_layout,
+)
+from ..sparse import SparseGrad
+
+__all__ = ["Optimizer"]
+
+Group = Dict[str, Any]
+_FORMAT = "cembed.optim/2"
+
+
+def _name(module: Any, where: str) -> str:
+    return f"{where} ({type(module).__name__})"
+
+
+def _in_place(weight: np.ndarray) -> bool:
+    """Whether the row kernels can update ``weight`` in place (else the touched rows are copied out,
+    updated and written back: never the whole table)."""
+    return kernel_layout(weight) and weight.flags.c_contiguous
+
+
+def _update_rows(weight: np.ndarray, states: Sequence[np.ndarray], rows: np.ndarray,
+                 kernel: Callable[[np.ndarray, List[np.ndarray], np.ndarray], None]) -> None:
+    """Run ``kernel(weight, states, rows)`` — an update of ``rows`` of the weight and of its
+    C-contiguous state arrays — on a weight of any layout."""
+    if _in_place(weight):
+        kernel(weight, list(states), rows)
+        return
+    block = np.ascontiguousarray(weight[rows])
+    state_blocks = [np.ascontiguousarray(s[rows]) for s in states]
+    kernel(block, state_blocks, np.arange(rows.size, dtype=np.int64))
+    weight[rows] = block
+    for s, b in zip(states, state_blocks):
+        s[rows] = b
+
+
+class Optimizer:
+    """Base class: param groups, ``zero_grad``, ``step``, ``state_dict`` / ``load_state_dict``,
+    ``save`` / ``load``.
+
+    Subclasses declare ``_state_arrays`` (per-row state arrays shaped like the weight) and implement
+    ``_check_options`` (one group's hyper-parameters, validated and normalised), ``_check_grad``,
+    ``_check_state`` and ``_update``.
+    """
+
+    _state_arrays: Tuple[str, ...] = ()
+
+    def __init__(self, params: Any, defaults: Dict[str, Any]) -> None:
+        self.defaults: Dict[str, Any] = self._check_options(dict(defaults), "defaults")
+        self.param_groups: List[Group] = []
+        self.state: Dict[Any, Dict[str, Any]] = {}
+        if hasattr(params, "weight") or isinstance(params, dict):
+            params = [params]
+        groups = list(params)
+        if not groups:
+            raise ValueError("optimizer got an empty parameter list")
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        for group in groups:
+            self.add_param_group(group)
+
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Add a group ``{"params": [modules...], <option>: value, ...}``; options it does not set
+        take the constructor's values (``defaults``).
+
+        Raises
+        ------
+        TypeError
+            Not a dict, or a parameter that is not a module with a float table.
+        ValueError
+            A module already in this optimizer (torch only warns, then updates it twice), an empty
+            group, or a bad option.
+        """
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param group must be a dict, got {type(param_group).__name__}")
+        params = param_group.get("params")
+        if params is None:
+            raise ValueError("param group must have a 'params' entry")
+        modules = [params] if hasattr(params, "weight") else list(params)
+        if not modules:
+            raise ValueError("optimizer got an empty parameter list")
+        seen = {id(m): where for where, m in self._named_params()}
+        for k, module in enumerate(modules):
+            where = f"param_groups[{len(self.param_groups)}]['params'][{k}]"
+            if not hasattr(module, "weight") or not hasattr(module, "grad"):
+                raise TypeError(f"{where} must be a module with .weight and .grad, got {type(module).__name__}")
+            weight = check_weight(module.weight, f"{where}.weight", numeric=True)
+            check_trainable(weight, f"{where}.weight")
+            if id(module) in seen:
+                raise ValueError(f"{_name(module, where)} is the same module as {seen[id(module)]}: "
+                                 "a module may appear only once in an optimizer")
+            seen[id(module)] = where
+        group = dict(self.defaults)
+        group.update({k: v for k, v in param_group.items() if k != "params"})
+        group = self._check_options(group, f"param_groups[{len(self.param_groups)}]")
+        group["params"] = modules
+        self.param_groups.append(group)
+        for module in modules:
+            self._init_state(module, group)
+
+    def _named_params(self) -> Iterable[Tuple[str, Any]]:
+        for g, group in enumerate(self.param_groups):
+            for k, module in enumerate(group["params"]):
+                yield f"param_groups[{g}]['params'][{k}]", module
+
+    def _init_state(self, module: Any, group: Group) -> None:
+        """State created when a parameter joins (Adagrad's accumulator); default: lazily at step."""
+
+    def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ housekeeping
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop every parameter's gradient (torch's default ``set_to_none=True``); with
+        ``set_to_none=False`` dense gradients are zeroed in place and sparse ones dropped."""
+        for _, module in self._named_params():
+            grad = module.grad
+            if not set_to_none and isinstance(grad, np.ndarray) and grad.flags.writeable:
+                grad.fill(0)
+            else:
+                module.grad = None
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} ("]
+        for g, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {g}")
+            lines += [f"    {k}: {v!r}" for k, v in sorted(group.items()) if k != "params"]
+        return "\n".join(lines) + "\n)"
+
+    # ------------------------------------------------------------------ step
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """One update of every parameter that has a gradient.
+
+        Parameters
+        ----------
+        closure : callable, optional
+            Called first (typically: zero the gradients, forward, backward, return the loss); its
+            value is returned, as in torch.
+
+        Raises
+        ------
+        TypeError, ValueError, IndexError
+            A bad option, gradient or state anywhere: raised before any parameter is updated.
+        """
+        loss = closure() if closure is not None else None
+        plan = []
+        for g, group in enumerate(self.param_groups):
+            options = self._check_options(dict(group), f"param_groups[{g}]")
+            for k, module in enumerate(group["params"]):
+                where = f"param_groups[{g}]['params'][{k}]"
+                grad = module.grad
+                if grad is None:
+                    continue
+                weight = self._check_weight(module, where)
+                self._check_grad(options, grad, weight, where)
+                state = self.state.get(module)
+                if state is not None:
+                    self._check_state(state, weight, where)
+                plan.append((module, weight, grad, options))
+        for module, weight, grad, options in plan:
+            state = self.state.setdefault(module, {})
+            self._update(state, weight, grad, options)
+        return loss
+
+    def _check_weight(self, module: Any, where: str) -> np.ndarray:
+        weight = check_weight(module.weight, f"{where}.weight", numeric=True)
+        check_trainable(weight, f"{where}.weight")
+        if not weight.flags.writeable:
+            raise ValueError(f"{where}.weight is read-only")
+        return weight
+
+    def _check_grad(self, options: Group, grad: Any, weight: np.ndarray, where: str) -> None:
+        if isinstance(grad, SparseGrad):
+            if grad.shape != weight.shape:
+                raise ValueError(f"{where}: gradient shape {grad.shape} does not match the weight shape {weight.shape}")
+            if grad.dtype != weight.dtype:
+                raise TypeError(f"{where}: gradient dtype {grad.dtype} does not match the weight dtype {weight.dtype}")
+            check_row_ids(grad.indices, weight.shape[0], f"{where}.grad.indices")
+            if not grad.values.flags.c_contiguous:
+                raise ValueError(f"{where}.grad.values must be C-contiguous")
+        elif isinstance(grad, np.ndarray):
+            if grad.shape != weight.shape:
+                raise ValueError(f"{where}: gradient shape {grad.shape} does not match the weight shape {weight.shape}")
+            if grad.dtype != weight.dtype:
+                raise TypeError(f"{where}: gradient dtype {grad.dtype} does not match the weight dtype {weight.dtype}")
+        else:
+            raise TypeError(f"{where}.grad must be a numpy array or a cembed.SparseGrad, got {type(grad).__name__}")
+
+    def _check_state(self, state: Dict[str, Any], weight: np.ndarray, where: str) -> None:
+        """Every state entry against the weight as it is now (shape, dtype, layout), so a kernel
+        never meets an array it cannot index safely."""
+        for name in self._state_arrays:
+            arr = state.get(name)
+            if arr is None:
+                continue
+            if not isinstance(arr, np.ndarray) or arr.shape != weight.shape or arr.dtype != weight.dtype:
+                got = f"{arr.shape} {arr.dtype}" if isinstance(arr, np.ndarray) else type(arr).__name__
+                raise ValueError(f"{where}: optimizer state {name!r} is {got}, expected {weight.shape} {weight.dtype} "
+                                 "like the weight (was the weight replaced? build a new optimizer for it)")
+            if not (arr.flags.c_contiguous and arr.flags.writeable and arr.flags.aligned):
+                raise ValueError(f"{where}: optimizer state {name!r} must be a writeable C-contiguous array")
+
+    def _update(self, state: Dict[str, Any], weight: np.ndarray, grad: Any, options: Group) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ state dicts
+    def _index_of(self) -> Dict[int, int]:
+        return {id(m): i for i, (_, m) in enumerate(self._named_params())}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """torch's layout: ``{"state": {index: {...}}, "param_groups": [{options..., "params": [indices]}]}``.
+
+        Parameters are numbered across all groups in order; parameters without state have no entry.
+        Everything is a deep copy."""
+        index = self._index_of()
+        groups = []
+        for group in self.param_groups:
+            packed = {k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
+            packed["params"] = [index[id(m)] for m in group["params"]]
+            groups.append(packed)
+        state = {index[id(m)]: copy.deepcopy(entry) for m, entry in self.state.items()
+                 if id(m) in index and entry}
+        return {"state": dict(sorted(state.items())), "param_groups": groups}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (deep copies).
+
+        The whole state is checked first with the constructor's rules — group layout, every option,
+        every state entry against its parameter's current weight — and on any error nothing changes.
+        Options missing from an older state dict take the defaults, as in torch.
+
+        Raises
+        ------
+        ValueError
+            A state dict that does not fit this optimizer, naming what is wrong.
+        """
+        try:
+            saved_state = state_dict["state"]
+            saved_groups = state_dict["param_groups"]
+        except (TypeError, KeyError):
+            raise ValueError("state_dict must have 'state' and 'param_groups' entries") from None
+        if not isinstance(saved_groups, (list, tuple)) or len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"loaded state dict has {len(saved_groups) if isinstance(saved_groups, (list, tuple)) else '?'} "
+                             f"parameter groups, the optimizer has {len(self.param_groups)}")
+        modules = [m for _, m in self._named_params()]
+        new_groups = []
+        seen: set = set()
+        for g, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if not isinstance(saved, dict):
+                raise ValueError(f"state_dict param_groups[{g}] must be a dict")
+            ids = saved.get("params")
+            if not isinstance(ids, (list, tuple)) or len(ids) != len(group["params"]):
+                raise ValueError(f"loaded state dict contains a parameter group ({g}) that doesn't match the size "
+                                 "of optimizer's group")
+            for i in ids:
+                if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < len(modules) or i in seen:
+                    raise ValueError(f"state_dict param_groups[{g}]['params'] has a bad or repeated index {i!r}")
+                seen.add(int(i))
+            options = dict(self.defaults)
+            options.update({k: copy.deepcopy(v) for k, v in saved.items() if k != "params"})
+            options = self._check_options(options, f"state_dict param_groups[{g}]")
+            options["params"] = group["params"]
+            new_groups.append((options, [int(i) for i in ids]))
+        if not isinstance(saved_state, dict):
+            raise ValueError("state_dict 'state' must be a dict")
+        by_saved_index = {}
+        for options, ids in new_groups:
+            for i, module in zip(ids, options["params"]):
+                by_saved_index[i] = (module, options)
+        new_state: Dict[Any, Dict[str, Any]] = {}
+        for key, entry in saved_state.items():
+            try:
+                i = int(key)
+            except (TypeError, ValueError):
+                raise ValueError(f"state_dict state key {key!r} is not a parameter index") from None
+            if i not in by_saved_index:
+                raise ValueError(f"state_dict has state for parameter {i}, which does not exist")
+            if not isinstance(entry, dict):
+                raise ValueError(f"state_dict state[{i}] must be a dict")
+            module, options = by_saved_index[i]
+            weight = check_weight(module.weight, f"parameter {i}.weight", numeric=True)
+            entry = self._load_state_entry(copy.deepcopy(dict(entry)), weight, options, f"state_dict state[{i}]")
+            new_state[module] = entry
+        new_state = {m: e for m, e in new_state.items() if e}
+        self._fill_missing_state(new_state, [g for g, _ in new_groups])
+        self.param_groups = [g for g, _ in new_groups]
+        self.state = new_state
+
+    def _fill_missing_state(self, state: Dict[Any, Dict[str, Any]], groups: List[Group]) -> None:
+        """Parameters without saved state start without state (created at their first step)."""
+
+    def _load_state_entry(self, entry: Dict[str, Any], weight: np.ndarray, options: Group,
+                          where: str) -> Dict[str, Any]:
+        """One parameter's saved state, checked and converted (private C-contiguous copies)."""
+        for name in self._state_arrays:
+            if name in entry and entry[name] is not None:
+                arr = entry[name]
+                if not isinstance(arr, np.ndarray) or arr.shape != weight.shape or arr.dtype != weight.dtype:
+                    got = f"shape {arr.shape} and dtype {arr.dtype}" if isinstance(arr, np.ndarray) else type(arr).__name__
+                    raise ValueError(f"{where}[{name!r}] has {got}, expected {weight.shape} {weight.dtype}")
+                entry[name] = np.array(arr, order="C", copy=True)
+        return entry
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: "os.PathLike[str] | str") -> None:
+        """Write :meth:`state_dict` to ``path`` (NumPy ``.npz``, no pickle), crash-safely.
+
+        The file is serialised completely in memory first, written to a temporary file next to
+        ``path``, synced to disk and renamed over ``path``: a failed or interrupted save leaves the
+        previous file as it was.
+
+        Examples
+        --------
+        >>> import os, tempfile, numpy as np, cembed
+        >>> emb = cembed.Embedding(5, 2, sparse=True, seed=0)
+        >>> opt = cembed.optim.SparseAdam([emb], lr=0.1)
+        >>> path = os.path.join(tempfile.mkdtemp(), "opt.npz")
+        >>> opt.save(path)
+        >>> opt.load(path)
+        """
+        sd = self.state_dict()
+        sd["param_groups"] = [dict(self._check_options(dict(group), f"param_groups[{g}]"), params=group["params"])
+                              for g, group in enumerate(sd["param_groups"])]  # plain floats, or refused here
+        arrays: Dict[str, np.ndarray] = {}
+        meta_state: Dict[str, Dict[str, Any]] = {}
+        for i, entry in sd["state"].items():
+            meta_state[str(i)] = {}
+            for name, value in entry.items():
+                if isinstance(value, (np.ndarray, np.generic)):
+                    arrays[f"{i}/{name}"] = np.asarray(value)
+                    meta_state[str(i)][name] = {"array": f"{i}/{name}", "scalar": isinstance(value, np.generic)}
+                else:
+                    meta_state[str(i)][name] = {"value": value}
+        meta = {"format": _FORMAT, "class": type(self).__name__, "param_groups": sd["param_groups"],
+                "state": meta_state}
+        try:
+            meta_bytes = json.dumps(meta, allow_nan=True).encode()
+        except TypeError as exc:
+            raise TypeError(f"cannot save the optimizer: a param group option or state value is not a plain "
+                            f"number, bool, string or list ({exc})") from None
+        buffer = io.BytesIO()
+        np.savez(buffer, __meta__=np.frombuffer(meta_bytes, dtype=np.uint8), **arrays)
+        _write_atomically(os.fspath(path), buffer.getbuffer())
+
+    def load(self, path: "os.PathLike[str] | str") -> None:
+        """Restore the state written by :meth:`save`, checked like :meth:`load_state_dict`.
+
+        Raises
+        ------
+        ValueError
+            The file is unreadable, not a cembed optimizer file, for another optimizer class, or
+            holds a state that does not fit (the message names the file). Nothing changes.
+        """
+        path = os.fspath(path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(bytes(data["__meta__"]).decode())
+                if not isinstance(meta, dict) or meta.get("format") not in (_FORMAT, None) or "state" not in meta:
+                    raise ValueError("not a cembed optimizer file")
+                state: Dict[int, Dict[str, Any]] = {}
+                for i, entry in meta["state"].items():
+                    state[int(i)] = {}
+                    for name, spec in entry.items():
+                        if "array" in spec:
+                            arr = data[spec["array"]]
+                            state[int(i)][name] = arr[()] if spec["scalar"] else arr
+                        else:
+                            state[int(i)][name] = spec["value"]
+                groups = meta["param_groups"]
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile,
+                UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: not a readable cembed optimizer file ({type(exc).__name__}: {exc})") from None
+        if meta.get("class") != type(self).__name__:
+            raise ValueError(f"{path} holds {meta.get('class')} state, not {type(self).__name__}")
+        if isinstance(groups, list):
+            for group in groups:
+                if isinstance(group, dict) and isinstance(group.get("betas"), list):
+                    group["betas"] = tuple(group["betas"])
+        try:
+            self.load_state_dict({"state": state, "param_groups": groups})
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+
+def _write_atomically(path: str, data: memoryview) -> None:
+    """Write ``data`` to ``path`` through a synced temporary sibling and a rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory handles
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def _check_maximize(group: Dict[str, Any], where: str) -> None:
+    group["maximize"] = check_bool(group.get("maximize", False), f"{where} maximize")
+
+
+#: How a refusal names each option (torch's words, with the key).
+_LABELS = {"lr": "learning rate (lr)", "eps": "epsilon (eps)"}
+
+
+def _option(group: Dict[str, Any], key: str, where: str, **bounds: Any) -> float:
+    """One numeric hyper-parameter of a group, checked with the common scalar rules."""
+    value = check_real(group.get(key), f"{where}: {_LABELS.get(key, key)}", **bounds)
+    group[key] = value
+    return value

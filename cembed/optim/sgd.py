@@ -1,0 +1,159 @@
+"""SGD with momentum, dampening, Nesterov, weight decay; torch's dense-equivalent sparse momentum."""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import numpy as np
+
+from .. import _optim
+from .._config import n_threads_for
+from .._validation import check_bool, check_row_ids
+from ..sparse import SparseGrad, merge_plan
+from .optimizer import Group, Optimizer, _check_maximize, _option, _update_rows
+
+__all__ = ["SGD"]
+
+
+class SGD(Optimizer):
+    """``torch.optim.SGD``, with momentum, dampening, Nesterov, weight decay and maximize.
+
+    Parameters
+    ----------
+    params : iterable of modules or of dicts
+    lr : float, default 1e-3
+    momentum, dampening, weight_decay : float, default 0
+        ``weight_decay`` needs dense gradients.
+    nesterov : bool, default False
+        Needs ``momentum > 0`` and ``dampening == 0``.
+    maximize : bool, default False
+
+    Notes
+    -----
+    With sparse gradients the momentum buffer has torch's dense-equivalent semantics (rows keep
+    moving after they stop appearing); cembed keeps it as a dense buffer plus the ascending list of
+    rows whose buffer is live (``state["active_rows"]``, ``None`` for all rows), and updates only
+    those rows.
+
+    Examples
+    --------
+    >>> import numpy as np, cembed
+    >>> emb = cembed.Embedding(4, 2, sparse=True, _weight=np.zeros((4, 2), np.float32))
+    >>> opt = cembed.optim.SGD(emb.parameters(), lr=1.0, momentum=0.5)
+    >>> emb.backward(np.ones((1, 2), np.float32), np.array([1])); opt.step(); opt.zero_grad()
+    >>> emb.weight[1]
+    array([-1., -1.], dtype=float32)
+    >>> opt.step(); emb.weight[1]     # no gradient: nothing moves without one (torch skips the param)
+    array([-1., -1.], dtype=float32)
+    """
+
+    _state_arrays = ("momentum_buffer",)
+
+    def __init__(self, params: Any, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, maximize: bool = False) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                      nesterov=nesterov, maximize=maximize))
+
+    def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
+        _option(group, "lr", where, low=0.0)
+        _option(group, "momentum", where, low=0.0)
+        _option(group, "dampening", where)
+        _option(group, "weight_decay", where, low=0.0)
+        group["nesterov"] = check_bool(group.get("nesterov", False), f"{where} nesterov")
+        _check_maximize(group, where)
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        return group
+
+    def _check_grad(self, options: Group, grad: Any, weight: np.ndarray, where: str) -> None:
+        super()._check_grad(options, grad, weight, where)
+        if isinstance(grad, SparseGrad) and options["weight_decay"] != 0:
+            raise ValueError(f"weight_decay is not supported with sparse gradients ({where}.grad is a SparseGrad)")
+
+    def _check_state(self, state: Dict[str, Any], weight: np.ndarray, where: str) -> None:
+        if not state:
+            return
+        if set(state) - {"momentum_buffer", "active_rows"}:
+            raise ValueError(f"{where}: SGD state has unknown entries {sorted(set(state) - {'momentum_buffer', 'active_rows'})}")
+        super()._check_state(state, weight, where)
+        if state.get("momentum_buffer") is None:
+            raise ValueError(f"{where}: SGD state has live rows but no 'momentum_buffer'")
+        if state.get("active_rows") is not None:
+            check_row_ids(state["active_rows"], weight.shape[0], f"{where}: SGD state 'active_rows'")
+
+    def _load_state_entry(self, entry: Dict[str, Any], weight: np.ndarray, options: Group,
+                          where: str) -> Dict[str, Any]:
+        entry = super()._load_state_entry(entry, weight, options, where)
+        if not entry:
+            return entry
+        if set(entry) - {"momentum_buffer", "active_rows"}:
+            raise ValueError(f"{where} has unknown entries {sorted(set(entry) - {'momentum_buffer', 'active_rows'})}")
+        if entry.get("momentum_buffer") is None:
+            raise ValueError(f"{where} needs a 'momentum_buffer'")
+        rows = entry.get("active_rows")
+        if rows is not None:
+            rows = np.asarray(rows)
+            if rows.dtype.kind not in "iu" or rows.ndim != 1:
+                raise ValueError(f"{where}['active_rows'] must be a 1-D integer array")
+            if rows.dtype.kind == "u" and rows.size and rows.max() > np.iinfo(np.int64).max:
+                raise ValueError(f"{where}['active_rows'] holds a row id >= 2**63")
+            rows = np.array(rows, dtype=np.int64, copy=True)
+            try:
+                check_row_ids(rows, weight.shape[0], f"{where}['active_rows']")
+            except IndexError as exc:
+                raise ValueError(str(exc)) from None
+            entry["active_rows"] = rows
+        else:
+            entry["active_rows"] = None
+        return entry
+
+    def _update(self, state: Dict[str, Any], weight: np.ndarray, grad: Any, options: Group) -> None:
+        lr, momentum = options["lr"], options["momentum"]
+        if isinstance(grad, SparseGrad):
+            if momentum == 0:
+                def kernel(w: np.ndarray, states: List[np.ndarray], rows: np.ndarray) -> None:
+                    _optim.sgd_rows(w, rows, grad.values, lr, options["maximize"],
+                                    n_threads_for(rows.size, "optimizer"))
+
+                _update_rows(weight, [], grad.indices, kernel)
+                return
+            self._sparse_momentum(state, weight, grad, options)
+            return
+        dtype = weight.dtype.type
+        g = -grad if options["maximize"] else grad
+        if options["weight_decay"] != 0:
+            g = g + dtype(options["weight_decay"]) * weight
+        if momentum != 0:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = np.array(g, order="C", copy=True)
+                state["momentum_buffer"] = buf
+            else:
+                buf *= dtype(momentum)
+                buf += dtype(1 - options["dampening"]) * g
+            state["active_rows"] = None  # every row is live
+            g = g + dtype(momentum) * buf if options["nesterov"] else buf
+        weight -= dtype(lr) * g
+
+    def _sparse_momentum(self, state: Dict[str, Any], weight: np.ndarray, grad: SparseGrad, options: Group) -> None:
+        buf = state.get("momentum_buffer")
+        first = buf is None
+        if first:
+            buf = np.zeros(weight.shape, dtype=weight.dtype)
+            active = np.zeros(0, dtype=np.int64)
+        else:
+            active = state.get("active_rows")
+            if active is None:
+                active = np.arange(weight.shape[0], dtype=np.int64)
+        rows, _, b_slot = merge_plan(active, grad.indices)
+        grad_slot = np.full(rows.size, -1, dtype=np.int64)
+        grad_slot[b_slot] = np.arange(grad.nnz, dtype=np.int64)
+
+        def kernel(w: np.ndarray, states: List[np.ndarray], kernel_rows: np.ndarray) -> None:
+            _optim.sgd_momentum_rows(w, states[0], kernel_rows, grad_slot, grad.values, options["lr"],
+                                     options["momentum"], options["dampening"], options["nesterov"],
+                                     options["maximize"], first, n_threads_for(kernel_rows.size, "optimizer"))
+
+        _update_rows(weight, [buf], rows, kernel)
+        state["momentum_buffer"] = buf
+        rows.flags.writeable = False
+        state["active_rows"] = rows
