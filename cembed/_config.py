@@ -11,9 +11,9 @@ from . import _threads
 from ._validation import check_int
 
 try:  # written by setup.py at build time
-    from . import _build_config
+    from . import _build_config as _build_info
 except ImportError:  # pragma: no cover - only in a broken checkout
-    _build_config = None
+    _build_info = None  # type: ignore[assignment]
 
 #: Upper bound of :func:`set_num_threads`: more threads than this is a mistake, not a setting.
 MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))
@@ -153,12 +153,12 @@ def show_config(file: Optional[TextIO] = None) -> None:
         "OpenMP: " + (f"enabled (_OPENMP {_threads.openmp_version()})" if omp else "disabled (serial kernels)"),
         f"threads: {get_num_threads()}" + (" (set_num_threads)" if _user_threads is not None else " (default)"),
     ]
-    if _build_config is not None:
+    if _build_info is not None:
         lines += [
-            f"compiler: {_build_config.COMPILER} ({_build_config.COMPILER_TYPE})",
-            f"compile flags: {' '.join(_build_config.COMPILE_ARGS)}",
-            f"link flags: {' '.join(_build_config.LINK_ARGS)}",
-            f"bounds checking: {'on' if _build_config.BOUNDSCHECK else 'off'}",
+            f"compiler: {_build_info.COMPILER} ({_build_info.COMPILER_TYPE})",
+            f"compile flags: {' '.join(_build_info.COMPILE_ARGS)}",
+            f"link flags: {' '.join(_build_info.LINK_ARGS)}",
+            f"bounds checking: {'on' if _build_info.BOUNDSCHECK else 'off'}",
         ]
     lines.append(f"output buffer cache: {_buffer_cache.cached_bytes() / 2**20:.1f} MiB held "
                  "(cembed.release_memory() frees it)")

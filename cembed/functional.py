@@ -230,9 +230,10 @@ def embedding_renorm_(weight: np.ndarray, indices: Any, max_norm: float, norm_ty
     weight = check_weight(weight)
     if max_norm is None:
         raise TypeError("embedding_renorm_: max_norm must be a real number, got None")
-    max_norm, norm_type = check_max_norm(max_norm, norm_type)
+    bound, norm_type = check_max_norm(max_norm, norm_type)
+    assert bound is not None
     _, flat = validated_indices(indices, weight.shape[0])
-    renorm_referenced(weight, flat, max_norm, norm_type, "embedding_renorm_")
+    renorm_referenced(weight, flat, bound, norm_type, "embedding_renorm_")
     return weight
 
 
@@ -474,6 +475,14 @@ class SavedBags:
     __slots__ = ("flat", "offsets", "n_bags", "mode", "padding_idx", "psw", "input_shape", "n_rows", "table",
                  "argmax")
 
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray, mode: str, padding_idx: Optional[int],
+                 psw: Optional[np.ndarray], input_shape: Tuple[int, ...], weight: np.ndarray) -> None:
+        self.flat, self.offsets, self.n_bags = flat, offsets, int(offsets.size - 1)
+        self.mode, self.padding_idx, self.psw, self.input_shape = mode, padding_idx, psw, input_shape
+        self.n_rows: int = int(weight.shape[0])
+        self.table: Tuple[int, np.dtype] = (int(weight.shape[1]), weight.dtype)
+        self.argmax: Optional[np.ndarray] = None
+
     def check_table(self, weight: np.ndarray) -> None:
         """The saved call against the table as it is *now*: same dim and dtype as at the forward
         (max-mode winners and per-sample weights depend on them), rows checked as
@@ -495,7 +504,8 @@ class SavedBags:
         sizes = np.diff(self.offsets)
         if self.padding_idx is None:
             return sizes
-        cum = np.concatenate(([0], np.cumsum(self.flat == self.padding_idx, dtype=np.int64)))
+        cum = np.zeros(self.flat.size + 1, dtype=np.int64)
+        np.cumsum(self.flat == self.padding_idx, dtype=np.int64, out=cum[1:])
         return sizes - (cum[self.offsets[1:]] - cum[self.offsets[:-1]])
 
 
@@ -572,13 +582,9 @@ def validate_bags(input: Any, weight: np.ndarray, offsets: Any = None, mode: str
     else:
         csr = _csr_offsets(offsets, flat.size, include_last_offset)
     check_index_range(flat, idx.shape, n_rows, "input")
-    bags = SavedBags()
-    bags.flat, bags.offsets, bags.n_bags = _private(flat, input), csr, csr.size - 1
-    bags.offsets.flags.writeable = False
-    bags.mode, bags.padding_idx, bags.input_shape, bags.n_rows = mode, padding_idx, idx.shape, n_rows
-    bags.table = (weight.shape[1], weight.dtype)
-    bags.psw = None if psw is None else _private(np.array(psw, order="C").reshape(-1), None)
-    bags.argmax = None
+    csr.flags.writeable = False  # a new array in every branch above
+    psw_kept = None if psw is None else _private(np.array(psw, order="C").reshape(-1), None)
+    bags = SavedBags(_private(flat, input), csr, mode, padding_idx, psw_kept, idx.shape, weight)
     return bags
 
 
@@ -702,6 +708,7 @@ def bag_contributions(grad_output: np.ndarray, weight: np.ndarray, bags: SavedBa
                       scale_grad_by_freq: bool) -> Union[RowContributions, MaxRouting]:
     """The weight-gradient contributions of a validated bag call (grad_output already checked)."""
     if bags.mode == "max":
+        assert bags.argmax is not None, "max mode pools with want_argmax=True before its backward"
         return MaxRouting(grad_output, bags.argmax)
     scale = None
     if bags.mode == "mean":

@@ -358,7 +358,8 @@ class Optimizer:
             raise TypeError(f"cannot save the optimizer: a param group option or state value is not a plain "
                             f"number, bool, string or list ({exc})") from None
         buffer = io.BytesIO()
-        np.savez(buffer, __meta__=np.frombuffer(meta_bytes, dtype=np.uint8), **arrays)
+        arrays["__meta__"] = np.frombuffer(meta_bytes, dtype=np.uint8)
+        np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as savez's flags
         _write_atomically(os.fspath(path), buffer.getbuffer())
 
     def load(self, path: "os.PathLike[str] | str") -> None:

@@ -135,15 +135,15 @@ class SGD(Optimizer):
         weight -= dtype(lr) * g
 
     def _sparse_momentum(self, state: Dict[str, Any], weight: np.ndarray, grad: SparseGrad, options: Group) -> None:
-        buf = state.get("momentum_buffer")
-        first = buf is None
+        first = state.get("momentum_buffer") is None
+        buf: np.ndarray = np.zeros(weight.shape, dtype=weight.dtype) if first else state["momentum_buffer"]
+        active: np.ndarray
         if first:
-            buf = np.zeros(weight.shape, dtype=weight.dtype)
             active = np.zeros(0, dtype=np.int64)
+        elif state.get("active_rows") is None:
+            active = np.arange(weight.shape[0], dtype=np.int64)
         else:
-            active = state.get("active_rows")
-            if active is None:
-                active = np.arange(weight.shape[0], dtype=np.int64)
+            active = state["active_rows"]
         rows, _, b_slot = merge_plan(active, grad.indices)
         grad_slot = np.full(rows.size, -1, dtype=np.int64)
         grad_slot[b_slot] = np.arange(grad.nnz, dtype=np.int64)
