@@ -1,0 +1,272 @@
+"""Gradient clipping: streaming norm reductions and in-place scale / clamp passes.
+
+The norm of a flat array is computed in fixed blocks of BLOCK elements. Each block is reduced by one
+thread into a float64 partial with a fixed accumulation pattern (GCC vector extensions of a fixed
+width, so the pattern does not depend on the instruction set either); the partials are then combined
+serially in block order. Block boundaries depend only on the array length, so the result is bitwise
+the same for any thread count. The scale and clamp passes are elementwise and write each element once.
+"""
+from cython.parallel cimport prange
+from cython cimport floating
+from libc.stdlib cimport malloc, free
+
+cdef extern from *:
+    """
+    #include <math.h>
+    #include <stddef.h>
+    #include <stdint.h>
+
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+    #define CEMBED_CLIP_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), unused))
+    #elif defined(__GNUC__)
+    #define CEMBED_CLIP_CLONES __attribute__((unused))
+    #else
+    #define CEMBED_CLIP_CLONES
+    #endif
+
+    #if !defined(__GNUC__)
+    #error "cembed's clipping kernels need GCC or Clang vector extensions"
+    #endif
+
+    /* Fixed-width vectors (the arithmetic is elementwise IEEE, whatever registers carry it). */
+    typedef float cembed_clip_vf8 __attribute__((vector_size(32), aligned(4)));    /* 8 floats */
+    typedef float cembed_clip_vf __attribute__((vector_size(64), aligned(4)));     /* 16 floats */
+    typedef int32_t cembed_clip_vi __attribute__((vector_size(64), aligned(4)));
+    typedef double cembed_clip_vd __attribute__((vector_size(64), aligned(8)));    /* 8 doubles */
+    typedef int64_t cembed_clip_vl __attribute__((vector_size(64), aligned(8)));
+
+    #define CEMBED_CLIP_ABS_D(v) ((cembed_clip_vd)((cembed_clip_vl)(v) & (int64_t)0x7fffffffffffffffLL))
+    #define CEMBED_CLIP_ABS_F(v) ((cembed_clip_vf)((cembed_clip_vi)(v) & (int32_t)0x7fffffff))
+
+    /* Load 8 elements as 8 doubles (exact conversion); sum a vector's lanes in lane order. Macros,
+     * not functions: vector arguments and returns would change the ABI between target clones. */
+    #define cembed_clip_load8_f32(x) __builtin_convertvector(*(const cembed_clip_vf8 *)(x), cembed_clip_vd)
+    #define cembed_clip_load8_f64(x) (*(const cembed_clip_vd *)(x))
+
+    /* sum |x|^2 (SQ) or sum |x| (ABS) over x[0:n], float64 accumulation: four vector accumulators
+     * over 32 elements per step, combined lane by lane in a fixed order, then the tail in order.
+     * float32 squares are exact in float64 (24-bit mantissas): only the additions round. */
+    #define CEMBED_CLIP_DEFINE_SUM(NAME, T, LOAD, TERM, STERM)                                        \\
+    CEMBED_CLIP_CLONES static double NAME(const T *restrict x, ptrdiff_t n)                           \\
+    {                                                                                                 \\
+        cembed_clip_vd a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                        \\
+        ptrdiff_t i = 0;                                                                              \\
+        for (; i + 32 <= n; i += 32) {                                                                \\
+            cembed_clip_vd v0 = LOAD(x + i), v1 = LOAD(x + i + 8);                                    \\
+            cembed_clip_vd v2 = LOAD(x + i + 16), v3 = LOAD(x + i + 24);                              \\
+            a0 = a0 + TERM(v0);                                                                       \\
+            a1 = a1 + TERM(v1);                                                                       \\
+            a2 = a2 + TERM(v2);                                                                       \\
+            a3 = a3 + TERM(v3);                                                                       \\
+        }                                                                                             \\
+        cembed_clip_vd a = (a0 + a1) + (a2 + a3);                                                     \\
+        double s = 0.0;                                                                               \\
+        for (int k = 0; k < 8; k++) s += a[k];                                                        \\
+        for (; i < n; i++) { double v = (double)x[i]; s += STERM(v); }                                \\
+        return s;                                                                                     \\
+    }
+    #define CEMBED_CLIP_SQ(v) ((v) * (v))
+    CEMBED_CLIP_DEFINE_SUM(cembed_clip_sumsq_f32, float, cembed_clip_load8_f32, CEMBED_CLIP_SQ, CEMBED_CLIP_SQ)
+    CEMBED_CLIP_DEFINE_SUM(cembed_clip_sumsq_f64, double, cembed_clip_load8_f64, CEMBED_CLIP_SQ, CEMBED_CLIP_SQ)
+    CEMBED_CLIP_DEFINE_SUM(cembed_clip_sumabs_f32, float, cembed_clip_load8_f32, CEMBED_CLIP_ABS_D, fabs)
+    CEMBED_CLIP_DEFINE_SUM(cembed_clip_sumabs_f64, double, cembed_clip_load8_f64, CEMBED_CLIP_ABS_D, fabs)
+
+    /* sum |x|^p for any other p: pow per element (no vector pow without a vector math library). */
+    #define CEMBED_CLIP_DEFINE_SUMPOW(NAME, T)                                                        \\
+    static double NAME(const T *restrict x, ptrdiff_t n, double p)                                    \\
+    {                                                                                                 \\
+        double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;                                                \\
+        ptrdiff_t i = 0;                                                                              \\
+        for (; i + 4 <= n; i += 4) {                                                                  \\
+            s0 += pow(fabs((double)x[i]), p);                                                         \\
+            s1 += pow(fabs((double)x[i + 1]), p);                                                     \\
+            s2 += pow(fabs((double)x[i + 2]), p);                                                     \\
+            s3 += pow(fabs((double)x[i + 3]), p);                                                     \\
+        }                                                                                             \\
+        double s = (s0 + s1) + (s2 + s3);                                                             \\
+        for (; i < n; i++) s += pow(fabs((double)x[i]), p);                                          \\
+        return s;                                                                                     \\
+    }
+    CEMBED_CLIP_DEFINE_SUMPOW(cembed_clip_sumpow_f32, float)
+    CEMBED_CLIP_DEFINE_SUMPOW(cembed_clip_sumpow_f64, double)
+
+    /* max |x| with NaN propagation: a lane takes a value that is greater or is NaN; a NaN lane stays
+     * NaN (nothing compares greater than it and it is never replaced). */
+    static inline double cembed_clip_nanmax(double m, double a)
+    { return (a > m || a != a) ? a : m; }
+
+    CEMBED_CLIP_CLONES static double cembed_clip_maxabs_f32(const float *restrict x, ptrdiff_t n)
+    {
+        cembed_clip_vf m0 = {0}, m1 = {0};
+        ptrdiff_t i = 0;
+        for (; i + 32 <= n; i += 32) {
+            cembed_clip_vf v0 = CEMBED_CLIP_ABS_F(*(const cembed_clip_vf *)(x + i));
+            cembed_clip_vf v1 = CEMBED_CLIP_ABS_F(*(const cembed_clip_vf *)(x + i + 16));
+            cembed_clip_vi k0 = (v0 > m0) | (v0 != v0);
+            cembed_clip_vi k1 = (v1 > m1) | (v1 != v1);
+            m0 = (cembed_clip_vf)((k0 & (cembed_clip_vi)v0) | (~k0 & (cembed_clip_vi)m0));
+            m1 = (cembed_clip_vf)((k1 & (cembed_clip_vi)v1) | (~k1 & (cembed_clip_vi)m1));
+        }
+        double m = 0.0;
+        for (int k = 0; k < 16; k++) m = cembed_clip_nanmax(cembed_clip_nanmax(m, m0[k]), m1[k]);
+        for (; i < n; i++) m = cembed_clip_nanmax(m, fabs((double)x[i]));
+        return m;
+    }
+
+    CEMBED_CLIP_CLONES static double cembed_clip_maxabs_f64(const double *restrict x, ptrdiff_t n)
+    {
+        cembed_clip_vd m0 = {0}, m1 = {0};
+        ptrdiff_t i = 0;
+        for (; i + 16 <= n; i += 16) {
+            cembed_clip_vd v0 = CEMBED_CLIP_ABS_D(*(const cembed_clip_vd *)(x + i));
+            cembed_clip_vd v1 = CEMBED_CLIP_ABS_D(*(const cembed_clip_vd *)(x + i + 8));
+            cembed_clip_vl k0 = (v0 > m0) | (v0 != v0);
+            cembed_clip_vl k1 = (v1 > m1) | (v1 != v1);
+            m0 = (cembed_clip_vd)((k0 & (cembed_clip_vl)v0) | (~k0 & (cembed_clip_vl)m0));
+            m1 = (cembed_clip_vd)((k1 & (cembed_clip_vl)v1) | (~k1 & (cembed_clip_vl)m1));
+        }
+        double m = 0.0;
+        for (int k = 0; k < 8; k++) m = cembed_clip_nanmax(cembed_clip_nanmax(m, m0[k]), m1[k]);
+        for (; i < n; i++) m = cembed_clip_nanmax(m, fabs(x[i]));
+        return m;
+    }
+
+    /* x = x * c, and x = min(max(x, lo), hi) with NaN kept (lo <= hi). */
+    #define CEMBED_CLIP_DEFINE_SCALE(NAME, T)                                                         \\
+    CEMBED_CLIP_CLONES static void NAME(T *restrict x, ptrdiff_t n, T c)                              \\
+    {                                                                                                 \\
+        for (ptrdiff_t i = 0; i < n; i++) x[i] = x[i] * c;                                            \\
+    }
+    #define CEMBED_CLIP_DEFINE_CLAMP(NAME, T)                                                         \\
+    CEMBED_CLIP_CLONES static void NAME(T *restrict x, ptrdiff_t n, T lo, T hi)                       \\
+    {                                                                                                 \\
+        for (ptrdiff_t i = 0; i < n; i++) {                                                           \\
+            T v = x[i];                                                                               \\
+            v = v < lo ? lo : v;                                                                      \\
+            v = v > hi ? hi : v;                                                                      \\
+            x[i] = v;                                                                                 \\
+        }                                                                                             \\
+    }
+    CEMBED_CLIP_DEFINE_SCALE(cembed_clip_scale_f32, float)
+    CEMBED_CLIP_DEFINE_SCALE(cembed_clip_scale_f64, double)
+    CEMBED_CLIP_DEFINE_CLAMP(cembed_clip_clamp_f32, float)
+    CEMBED_CLIP_DEFINE_CLAMP(cembed_clip_clamp_f64, double)
+    """
+    double cembed_clip_sumsq_f32(const float *x, Py_ssize_t n) noexcept nogil
+    double cembed_clip_sumsq_f64(const double *x, Py_ssize_t n) noexcept nogil
+    double cembed_clip_sumabs_f32(const float *x, Py_ssize_t n) noexcept nogil
+    double cembed_clip_sumabs_f64(const double *x, Py_ssize_t n) noexcept nogil
+    double cembed_clip_sumpow_f32(const float *x, Py_ssize_t n, double p) noexcept nogil
+    double cembed_clip_sumpow_f64(const double *x, Py_ssize_t n, double p) noexcept nogil
+    double cembed_clip_maxabs_f32(const float *x, Py_ssize_t n) noexcept nogil
+    double cembed_clip_maxabs_f64(const double *x, Py_ssize_t n) noexcept nogil
+    double cembed_clip_nanmax(double m, double a) noexcept nogil
+    void cembed_clip_scale_f32(float *x, Py_ssize_t n, float c) noexcept nogil
+    void cembed_clip_scale_f64(double *x, Py_ssize_t n, double c) noexcept nogil
+    void cembed_clip_clamp_f32(float *x, Py_ssize_t n, float lo, float hi) noexcept nogil
+    void cembed_clip_clamp_f64(double *x, Py_ssize_t n, double lo, double hi) noexcept nogil
+
+cdef enum:
+    BLOCK = 8192          # elements per reduction block: fixes the summation order (never the thread count)
+
+# Reduction kinds (the façade picks one from norm_type).
+KIND_MAX_ABS = 0          # norm_type = inf:  max |x|
+KIND_SUM_ABS = 1          # norm_type = 1:    sum |x|
+KIND_SUM_SQ = 2           # norm_type = 2:    sum x^2
+KIND_SUM_POW = 3          # other norm_type:  sum |x|^p
+
+
+cdef inline double _block_reduce(const floating *x, Py_ssize_t n, int kind, double p) noexcept nogil:
+    if floating is float:
+        if kind == 0:
+            return cembed_clip_maxabs_f32(x, n)
+        elif kind == 1:
+            return cembed_clip_sumabs_f32(x, n)
+        elif kind == 2:
+            return cembed_clip_sumsq_f32(x, n)
+        return cembed_clip_sumpow_f32(x, n, p)
+    else:
+        if kind == 0:
+            return cembed_clip_maxabs_f64(x, n)
+        elif kind == 1:
+            return cembed_clip_sumabs_f64(x, n)
+        elif kind == 2:
+            return cembed_clip_sumsq_f64(x, n)
+        return cembed_clip_sumpow_f64(x, n, p)
+
+
+def norm_reduce(const floating[::1] x,          # IN (n,) the stored gradient values, flat
+                int kind, double p, int n_threads):
+    """The float64 reduction of ``x`` for ``kind`` (KIND_*): sum of |x|^p, or max |x| (NaN wins).
+
+    Blocks of BLOCK elements are reduced in parallel into partials, which are then combined serially
+    in block order: the result does not depend on ``n_threads``."""
+    cdef Py_ssize_t n = x.shape[0]
+    cdef Py_ssize_t n_blocks = (n + BLOCK - 1) // BLOCK
+    cdef Py_ssize_t b, k, start, stop
+    cdef double total = 0.0
+    cdef double *partials
+    if kind < 0 or kind > 3:
+        raise ValueError(f"unknown reduction kind {kind}")
+    if n == 0:
+        return 0.0
+    partials = <double *> malloc(n_blocks * sizeof(double))
+    if partials == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            for b in prange(n_blocks, schedule="static", num_threads=n_threads):
+                start = b * BLOCK
+                stop = start + BLOCK
+                if stop > n:
+                    stop = n
+                partials[b] = _block_reduce(&x[start], stop - start, kind, p)
+            if kind == 0:
+                for k in range(n_blocks):
+                    total = cembed_clip_nanmax(total, partials[k])
+            else:
+                for k in range(n_blocks):
+                    total = total + partials[k]
+    finally:
+        free(partials)
+    return total
+
+
+def scale_(floating[::1] x,                     # INOUT (n,) x *= c
+           double c, int n_threads):
+    """``x[i] = x[i] * c`` in x's dtype (``c`` must already be representable in it)."""
+    cdef Py_ssize_t n = x.shape[0]
+    cdef Py_ssize_t n_blocks = (n + BLOCK - 1) // BLOCK
+    cdef Py_ssize_t b, start, stop
+    if n == 0:
+        return
+    with nogil:
+        for b in prange(n_blocks, schedule="static", num_threads=n_threads):
+            start = b * BLOCK
+            stop = start + BLOCK
+            if stop > n:
+                stop = n
+            if floating is float:
+                cembed_clip_scale_f32(&x[start], stop - start, <float> c)
+            else:
+                cembed_clip_scale_f64(&x[start], stop - start, c)
+
+
+def clamp_(floating[::1] x,                     # INOUT (n,) x = min(max(x, lo), hi), NaN kept
+           double lo, double hi, int n_threads):
+    """Clamp every element into ``[lo, hi]`` (``lo <= hi``, both representable in x's dtype)."""
+    cdef Py_ssize_t n = x.shape[0]
+    cdef Py_ssize_t n_blocks = (n + BLOCK - 1) // BLOCK
+    cdef Py_ssize_t b, start, stop
+    if n == 0:
+        return
+    with nogil:
+        for b in prange(n_blocks, schedule="static", num_threads=n_threads):
+            start = b * BLOCK
+            stop = start + BLOCK
+            if stop > n:
+                stop = n
+            if floating is float:
+                cembed_clip_clamp_f32(&x[start], stop - start, <float> lo, <float> hi)
+            else:
+                cembed_clip_clamp_f64(&x[start], stop - start, lo, hi)
