@@ -20,7 +20,6 @@ import numpy as np
 
 from .. import _clip
 from .._config import n_threads_for
-from .._validation import FLOAT_DTYPES
 from ..sparse import SparseGrad
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_"]
@@ -89,7 +88,7 @@ def _collect(parameters: Parameters, what: str) -> List[_Grad]:
         else:
             raise TypeError(f"parameters[{i}].grad must be a numpy array or a cembed.SparseGrad, "
                             f"got {type(grad).__name__}")
-        if values.dtype not in FLOAT_DTYPES:
+        if values.dtype.kind != "f" or values.dtype.itemsize not in (4, 8):
             raise TypeError(f"{where} must be float32 or float64, got dtype {values.dtype}")
         if not values.dtype.isnative:
             raise TypeError(f"{where} must be in native byte order, got dtype {values.dtype.str}")
@@ -215,6 +214,10 @@ def clip_grad_norm_(parameters: Parameters, max_norm: float, norm_type: Union[fl
     torch does (``(total_norm + 1e-6).reciprocal() * max_norm``, clamped to 1). When the coefficient
     is exactly 1 the multiplication is skipped (``x * 1 == x``).
 
+    A non-finite norm (``error_if_nonfinite=False``) gives torch's coefficient: 0 for an infinite norm,
+    NaN for a NaN norm. With a NaN coefficient torch's dense gradient becomes NaN everywhere, while a
+    SparseGrad here only has its stored values set to NaN (its other rows stay implicitly zero).
+
     Examples
     --------
     >>> import numpy as np
@@ -237,7 +240,8 @@ def clip_grad_norm_(parameters: Parameters, max_norm: float, norm_type: Union[fl
     if not grads:
         return np.float32(0.0)
     dtype = grads[0].array.dtype.type
-    total = dtype(_total_norm(grads, p))
+    with np.errstate(over="ignore"):              # a float32 norm beyond float32's range is inf
+        total = dtype(_total_norm(grads, p))
     if error_if_nonfinite and not np.isfinite(total):
         raise RuntimeError(
             f"The total norm of order {p} for gradients from `parameters` is non-finite ({total}), so it "
@@ -296,7 +300,8 @@ def clip_grad_value_(parameters: Parameters, clip_value: float, foreach: Optiona
     grads = _collect(parameters, "clip_grad_value_")
     for g in grads:
         dtype = g.array.dtype.type
-        lo, hi = dtype(-clip_value), dtype(clip_value)
+        with np.errstate(over="ignore"):          # a bound beyond the dtype's range is inf: no clamp
+            lo, hi = dtype(-clip_value), dtype(clip_value)
         if g.flat is not None:
             _clip.clamp_(g.flat, float(lo), float(hi), n_threads_for(g.flat.shape[0], _GRAIN))
         else:
