@@ -15,6 +15,7 @@ cdef extern from *:
     #include <math.h>
     #include <stddef.h>
     #include <stdint.h>
+    #include <string.h>
 
     #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
     #define CEMBED_CLIP_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), unused))
@@ -29,19 +30,27 @@ cdef extern from *:
     #endif
 
     /* Fixed-width vectors (the arithmetic is elementwise IEEE, whatever registers carry it). */
-    typedef float cembed_clip_vf8 __attribute__((vector_size(32), aligned(4)));    /* 8 floats */
     typedef float cembed_clip_vf __attribute__((vector_size(64), aligned(4)));     /* 16 floats */
-    typedef int32_t cembed_clip_vi __attribute__((vector_size(64), aligned(4)));
+    typedef int32_t cembed_clip_vi __attribute__((vector_size(64), aligned(4), may_alias));  /* float bits */
     typedef double cembed_clip_vd __attribute__((vector_size(64), aligned(8)));    /* 8 doubles */
-    typedef int64_t cembed_clip_vl __attribute__((vector_size(64), aligned(8)));
+    typedef int64_t cembed_clip_vl __attribute__((vector_size(64), aligned(8), may_alias));  /* double bits */
 
     #define CEMBED_CLIP_ABS_D(v) ((cembed_clip_vd)((cembed_clip_vl)(v) & (int64_t)0x7fffffffffffffffLL))
-    #define CEMBED_CLIP_ABS_F(v) ((cembed_clip_vf)((cembed_clip_vi)(v) & (int32_t)0x7fffffff))
 
-    /* Load 8 elements as 8 doubles (exact conversion); sum a vector's lanes in lane order. Macros,
-     * not functions: vector arguments and returns would change the ABI between target clones. */
-    #define cembed_clip_load8_f32(x) __builtin_convertvector(*(const cembed_clip_vf8 *)(x), cembed_clip_vd)
-    #define cembed_clip_load8_f64(x) (*(const cembed_clip_vd *)(x))
+    /* Load 32 elements as four vectors of 8 doubles (exact conversion): elements 0-7, 8-15, 16-23,
+     * 24-31. Macros, not functions: vector arguments and returns would change the ABI between target
+     * clones. float32 converts 16 at a time, which GCC turns into whole-register conversions. */
+    typedef double cembed_clip_vd16 __attribute__((vector_size(128), aligned(8)));
+    #define CEMBED_CLIP_LO8(w) {w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]}
+    #define CEMBED_CLIP_HI8(w) {w[8], w[9], w[10], w[11], w[12], w[13], w[14], w[15]}
+    #define cembed_clip_load32_f32(x, v0, v1, v2, v3)                                                 \\
+        cembed_clip_vd16 w0_ = __builtin_convertvector(*(const cembed_clip_vf *)(x), cembed_clip_vd16);  \\
+        cembed_clip_vd16 w1_ = __builtin_convertvector(*(const cembed_clip_vf *)((x) + 16), cembed_clip_vd16); \\
+        cembed_clip_vd v0 = CEMBED_CLIP_LO8(w0_), v1 = CEMBED_CLIP_HI8(w0_);                           \\
+        cembed_clip_vd v2 = CEMBED_CLIP_LO8(w1_), v3 = CEMBED_CLIP_HI8(w1_);
+    #define cembed_clip_load32_f64(x, v0, v1, v2, v3)                                                 \\
+        cembed_clip_vd v0 = *(const cembed_clip_vd *)(x), v1 = *(const cembed_clip_vd *)((x) + 8);    \\
+        cembed_clip_vd v2 = *(const cembed_clip_vd *)((x) + 16), v3 = *(const cembed_clip_vd *)((x) + 24);
 
     /* sum |x|^2 (SQ) or sum |x| (ABS) over x[0:n], float64 accumulation: four vector accumulators
      * over 32 elements per step, combined lane by lane in a fixed order, then the tail in order.
@@ -52,8 +61,7 @@ cdef extern from *:
         cembed_clip_vd a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                        \\
         ptrdiff_t i = 0;                                                                              \\
         for (; i + 32 <= n; i += 32) {                                                                \\
-            cembed_clip_vd v0 = LOAD(x + i), v1 = LOAD(x + i + 8);                                    \\
-            cembed_clip_vd v2 = LOAD(x + i + 16), v3 = LOAD(x + i + 24);                              \\
+            LOAD(x + i, v0, v1, v2, v3)                                                               \\
             a0 = a0 + TERM(v0);                                                                       \\
             a1 = a1 + TERM(v1);                                                                       \\
             a2 = a2 + TERM(v2);                                                                       \\
@@ -66,10 +74,10 @@ cdef extern from *:
         return s;                                                                                     \\
     }
     #define CEMBED_CLIP_SQ(v) ((v) * (v))
-    CEMBED_CLIP_DEFINE_SUM(cembed_clip_sumsq_f32, float, cembed_clip_load8_f32, CEMBED_CLIP_SQ, CEMBED_CLIP_SQ)
-    CEMBED_CLIP_DEFINE_SUM(cembed_clip_sumsq_f64, double, cembed_clip_load8_f64, CEMBED_CLIP_SQ, CEMBED_CLIP_SQ)
-    CEMBED_CLIP_DEFINE_SUM(cembed_clip_sumabs_f32, float, cembed_clip_load8_f32, CEMBED_CLIP_ABS_D, fabs)
-    CEMBED_CLIP_DEFINE_SUM(cembed_clip_sumabs_f64, double, cembed_clip_load8_f64, CEMBED_CLIP_ABS_D, fabs)
+    CEMBED_CLIP_DEFINE_SUM(cembed_clip_sumsq_f32, float, cembed_clip_load32_f32, CEMBED_CLIP_SQ, CEMBED_CLIP_SQ)
+    CEMBED_CLIP_DEFINE_SUM(cembed_clip_sumsq_f64, double, cembed_clip_load32_f64, CEMBED_CLIP_SQ, CEMBED_CLIP_SQ)
+    CEMBED_CLIP_DEFINE_SUM(cembed_clip_sumabs_f32, float, cembed_clip_load32_f32, CEMBED_CLIP_ABS_D, fabs)
+    CEMBED_CLIP_DEFINE_SUM(cembed_clip_sumabs_f64, double, cembed_clip_load32_f64, CEMBED_CLIP_ABS_D, fabs)
 
     /* sum |x|^p for any other p: pow per element (no vector pow without a vector math library). */
     #define CEMBED_CLIP_DEFINE_SUMPOW(NAME, T)                                                        \\
@@ -90,46 +98,42 @@ cdef extern from *:
     CEMBED_CLIP_DEFINE_SUMPOW(cembed_clip_sumpow_f32, float)
     CEMBED_CLIP_DEFINE_SUMPOW(cembed_clip_sumpow_f64, double)
 
-    /* max |x| with NaN propagation: a lane takes a value that is greater or is NaN; a NaN lane stays
-     * NaN (nothing compares greater than it and it is never replaced). */
+    /* max |x| with NaN propagation, as an integer max over the sign-cleared bit patterns: for
+     * non-negative IEEE values the bit pattern orders like the value, and every NaN lies above +inf.
+     * Max is exact and order-free, so the result (NaN payload included) depends on no order at all. */
     static inline double cembed_clip_nanmax(double m, double a)
     { return (a > m || a != a) ? a : m; }
 
-    CEMBED_CLIP_CLONES static double cembed_clip_maxabs_f32(const float *restrict x, ptrdiff_t n)
-    {
-        cembed_clip_vf m0 = {0}, m1 = {0};
-        ptrdiff_t i = 0;
-        for (; i + 32 <= n; i += 32) {
-            cembed_clip_vf v0 = CEMBED_CLIP_ABS_F(*(const cembed_clip_vf *)(x + i));
-            cembed_clip_vf v1 = CEMBED_CLIP_ABS_F(*(const cembed_clip_vf *)(x + i + 16));
-            cembed_clip_vi k0 = (v0 > m0) | (v0 != v0);
-            cembed_clip_vi k1 = (v1 > m1) | (v1 != v1);
-            m0 = (cembed_clip_vf)((k0 & (cembed_clip_vi)v0) | (~k0 & (cembed_clip_vi)m0));
-            m1 = (cembed_clip_vf)((k1 & (cembed_clip_vi)v1) | (~k1 & (cembed_clip_vi)m1));
-        }
-        double m = 0.0;
-        for (int k = 0; k < 16; k++) m = cembed_clip_nanmax(cembed_clip_nanmax(m, m0[k]), m1[k]);
-        for (; i < n; i++) m = cembed_clip_nanmax(m, fabs((double)x[i]));
-        return m;
+    #define CEMBED_CLIP_DEFINE_MAXABS(NAME, T, I, VI, MASK)                                           \\
+    CEMBED_CLIP_CLONES static double NAME(const T *restrict x, ptrdiff_t n)                           \\
+    {                                                                                                 \\
+        const ptrdiff_t lanes = (ptrdiff_t)(sizeof(VI) / sizeof(I));                                  \\
+        VI m0 = {0}, m1 = {0};                                                                        \\
+        ptrdiff_t i = 0;                                                                              \\
+        for (; i + 2 * lanes <= n; i += 2 * lanes) {                                                  \\
+            VI v0 = *(const VI *)(x + i) & (I)MASK;                                                   \\
+            VI v1 = *(const VI *)(x + i + lanes) & (I)MASK;                                           \\
+            VI k0 = v0 > m0, k1 = v1 > m1;                                                            \\
+            m0 = (k0 & v0) | (~k0 & m0);                                                              \\
+            m1 = (k1 & v1) | (~k1 & m1);                                                              \\
+        }                                                                                             \\
+        I m = 0;                                                                                      \\
+        for (ptrdiff_t k = 0; k < lanes; k++) {                                                       \\
+            if (m0[k] > m) m = m0[k];                                                                 \\
+            if (m1[k] > m) m = m1[k];                                                                 \\
+        }                                                                                             \\
+        for (; i < n; i++) {                                                                          \\
+            I v;                                                                                      \\
+            memcpy(&v, x + i, sizeof v);                                                              \\
+            v &= (I)MASK;                                                                             \\
+            if (v > m) m = v;                                                                         \\
+        }                                                                                             \\
+        T r;                                                                                          \\
+        memcpy(&r, &m, sizeof r);                                                                     \\
+        return (double)r;                                                                             \\
     }
-
-    CEMBED_CLIP_CLONES static double cembed_clip_maxabs_f64(const double *restrict x, ptrdiff_t n)
-    {
-        cembed_clip_vd m0 = {0}, m1 = {0};
-        ptrdiff_t i = 0;
-        for (; i + 16 <= n; i += 16) {
-            cembed_clip_vd v0 = CEMBED_CLIP_ABS_D(*(const cembed_clip_vd *)(x + i));
-            cembed_clip_vd v1 = CEMBED_CLIP_ABS_D(*(const cembed_clip_vd *)(x + i + 8));
-            cembed_clip_vl k0 = (v0 > m0) | (v0 != v0);
-            cembed_clip_vl k1 = (v1 > m1) | (v1 != v1);
-            m0 = (cembed_clip_vd)((k0 & (cembed_clip_vl)v0) | (~k0 & (cembed_clip_vl)m0));
-            m1 = (cembed_clip_vd)((k1 & (cembed_clip_vl)v1) | (~k1 & (cembed_clip_vl)m1));
-        }
-        double m = 0.0;
-        for (int k = 0; k < 8; k++) m = cembed_clip_nanmax(cembed_clip_nanmax(m, m0[k]), m1[k]);
-        for (; i < n; i++) m = cembed_clip_nanmax(m, fabs(x[i]));
-        return m;
-    }
+    CEMBED_CLIP_DEFINE_MAXABS(cembed_clip_maxabs_f32, float, int32_t, cembed_clip_vi, 0x7fffffff)
+    CEMBED_CLIP_DEFINE_MAXABS(cembed_clip_maxabs_f64, double, int64_t, cembed_clip_vl, 0x7fffffffffffffffLL)
 
     /* x = x * c, and x = min(max(x, lo), hi) with NaN kept (lo <= hi). */
     #define CEMBED_CLIP_DEFINE_SCALE(NAME, T)                                                         \\
