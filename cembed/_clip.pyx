@@ -29,55 +29,53 @@ cdef extern from *:
     #error "cembed's clipping kernels need GCC or Clang vector extensions"
     #endif
 
-    /* Fixed-width vectors (the arithmetic is elementwise IEEE, whatever registers carry it). */
-    typedef float cembed_clip_vf __attribute__((vector_size(64), aligned(4)));     /* 16 floats */
-    typedef int32_t cembed_clip_vi __attribute__((vector_size(64), aligned(4), may_alias));  /* float bits */
-    typedef double cembed_clip_vd __attribute__((vector_size(64), aligned(8)));    /* 8 doubles */
-    typedef int64_t cembed_clip_vl __attribute__((vector_size(64), aligned(8), may_alias));  /* double bits */
+    /* Fixed-width 32-byte vectors: one register with AVX2 (and AVX-512), two with SSE2. The arithmetic
+     * is elementwise IEEE whatever registers carry it, so every clone gives the same bits. (64-byte
+     * generic vectors are lowered through the stack where AVX-512 is missing: 5-10x slower.) */
+    typedef float cembed_clip_vf4 __attribute__((vector_size(16), aligned(4)));    /* 4 floats */
+    typedef double cembed_clip_vd __attribute__((vector_size(32), aligned(8)));    /* 4 doubles */
+    typedef int32_t cembed_clip_vi __attribute__((vector_size(32), aligned(4), may_alias));  /* 8 float bits */
+    typedef int64_t cembed_clip_vl __attribute__((vector_size(32), aligned(8), may_alias));  /* 4 double bits */
 
     #define CEMBED_CLIP_ABS_D(v) ((cembed_clip_vd)((cembed_clip_vl)(v) & (int64_t)0x7fffffffffffffffLL))
+    #define CEMBED_CLIP_SQ(v) ((v) * (v))
 
-    /* Load 32 elements as four vectors of 8 doubles (exact conversion): elements 0-7, 8-15, 16-23,
-     * 24-31. Macros, not functions: vector arguments and returns would change the ABI between target
-     * clones. float32 converts 16 at a time, which GCC turns into whole-register conversions. */
-    typedef double cembed_clip_vd16 __attribute__((vector_size(128), aligned(8)));
-    #define CEMBED_CLIP_LO8(w) {w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]}
-    #define CEMBED_CLIP_HI8(w) {w[8], w[9], w[10], w[11], w[12], w[13], w[14], w[15]}
-    #define cembed_clip_load32_f32(x, v0, v1, v2, v3)                                                 \\
-        cembed_clip_vd16 w0_ = __builtin_convertvector(*(const cembed_clip_vf *)(x), cembed_clip_vd16);  \\
-        cembed_clip_vd16 w1_ = __builtin_convertvector(*(const cembed_clip_vf *)((x) + 16), cembed_clip_vd16); \\
-        cembed_clip_vd v0 = CEMBED_CLIP_LO8(w0_), v1 = CEMBED_CLIP_HI8(w0_);                           \\
-        cembed_clip_vd v2 = CEMBED_CLIP_LO8(w1_), v3 = CEMBED_CLIP_HI8(w1_);
-    #define cembed_clip_load32_f64(x, v0, v1, v2, v3)                                                 \\
-        cembed_clip_vd v0 = *(const cembed_clip_vd *)(x), v1 = *(const cembed_clip_vd *)((x) + 8);    \\
-        cembed_clip_vd v2 = *(const cembed_clip_vd *)((x) + 16), v3 = *(const cembed_clip_vd *)((x) + 24);
+    /* Element k of 32 as a double (exact): accumulator j takes elements 4j..4j+3 of every 32. Macros,
+     * not functions: vector arguments and returns would change the ABI between target clones. */
+    #define cembed_clip_load4_f32(x) __builtin_convertvector(*(const cembed_clip_vf4 *)(x), cembed_clip_vd)
+    #define cembed_clip_load4_f64(x) (*(const cembed_clip_vd *)(x))
 
-    /* sum |x|^2 (SQ) or sum |x| (ABS) over x[0:n], float64 accumulation: four vector accumulators
-     * over 32 elements per step, combined lane by lane in a fixed order, then the tail in order.
-     * float32 squares are exact in float64 (24-bit mantissas): only the additions round. */
+    /* sum |x|^2 (SQ) or sum |x| (ABS) over x[0:n], float64 accumulation: eight vector accumulators of
+     * 4 doubles over 32 elements per step, combined pairwise in a fixed tree, the lanes in lane
+     * order, then the tail in order. float32 squares are exact in float64: only the additions round. */
     #define CEMBED_CLIP_DEFINE_SUM(NAME, T, LOAD, TERM, STERM)                                        \\
     CEMBED_CLIP_CLONES static double NAME(const T *restrict x, ptrdiff_t n)                           \\
     {                                                                                                 \\
-        cembed_clip_vd a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                        \\
+        cembed_clip_vd a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0}; \\
         ptrdiff_t i = 0;                                                                              \\
         for (; i + 32 <= n; i += 32) {                                                                \\
-            LOAD(x + i, v0, v1, v2, v3)                                                               \\
+            cembed_clip_vd v0 = LOAD(x + i), v1 = LOAD(x + i + 4);                                    \\
+            cembed_clip_vd v2 = LOAD(x + i + 8), v3 = LOAD(x + i + 12);                               \\
+            cembed_clip_vd v4 = LOAD(x + i + 16), v5 = LOAD(x + i + 20);                              \\
+            cembed_clip_vd v6 = LOAD(x + i + 24), v7 = LOAD(x + i + 28);                              \\
             a0 = a0 + TERM(v0);                                                                       \\
             a1 = a1 + TERM(v1);                                                                       \\
             a2 = a2 + TERM(v2);                                                                       \\
             a3 = a3 + TERM(v3);                                                                       \\
+            a4 = a4 + TERM(v4);                                                                       \\
+            a5 = a5 + TERM(v5);                                                                       \\
+            a6 = a6 + TERM(v6);                                                                       \\
+            a7 = a7 + TERM(v7);                                                                       \\
         }                                                                                             \\
-        cembed_clip_vd a = (a0 + a1) + (a2 + a3);                                                     \\
-        double s = 0.0;                                                                               \\
-        for (int k = 0; k < 8; k++) s += a[k];                                                        \\
+        cembed_clip_vd a = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7));                         \\
+        double s = (a[0] + a[1]) + (a[2] + a[3]);                                                     \\
         for (; i < n; i++) { double v = (double)x[i]; s += STERM(v); }                                \\
         return s;                                                                                     \\
     }
-    #define CEMBED_CLIP_SQ(v) ((v) * (v))
-    CEMBED_CLIP_DEFINE_SUM(cembed_clip_sumsq_f32, float, cembed_clip_load32_f32, CEMBED_CLIP_SQ, CEMBED_CLIP_SQ)
-    CEMBED_CLIP_DEFINE_SUM(cembed_clip_sumsq_f64, double, cembed_clip_load32_f64, CEMBED_CLIP_SQ, CEMBED_CLIP_SQ)
-    CEMBED_CLIP_DEFINE_SUM(cembed_clip_sumabs_f32, float, cembed_clip_load32_f32, CEMBED_CLIP_ABS_D, fabs)
-    CEMBED_CLIP_DEFINE_SUM(cembed_clip_sumabs_f64, double, cembed_clip_load32_f64, CEMBED_CLIP_ABS_D, fabs)
+    CEMBED_CLIP_DEFINE_SUM(cembed_clip_sumsq_f32, float, cembed_clip_load4_f32, CEMBED_CLIP_SQ, CEMBED_CLIP_SQ)
+    CEMBED_CLIP_DEFINE_SUM(cembed_clip_sumsq_f64, double, cembed_clip_load4_f64, CEMBED_CLIP_SQ, CEMBED_CLIP_SQ)
+    CEMBED_CLIP_DEFINE_SUM(cembed_clip_sumabs_f32, float, cembed_clip_load4_f32, CEMBED_CLIP_ABS_D, fabs)
+    CEMBED_CLIP_DEFINE_SUM(cembed_clip_sumabs_f64, double, cembed_clip_load4_f64, CEMBED_CLIP_ABS_D, fabs)
 
     /* sum |x|^p for any other p: pow per element (no vector pow without a vector math library). */
     #define CEMBED_CLIP_DEFINE_SUMPOW(NAME, T)                                                        \\
@@ -108,19 +106,25 @@ cdef extern from *:
     CEMBED_CLIP_CLONES static double NAME(const T *restrict x, ptrdiff_t n)                           \\
     {                                                                                                 \\
         const ptrdiff_t lanes = (ptrdiff_t)(sizeof(VI) / sizeof(I));                                  \\
-        VI m0 = {0}, m1 = {0};                                                                        \\
+        VI m0 = {0}, m1 = {0}, m2 = {0}, m3 = {0};                                                    \\
         ptrdiff_t i = 0;                                                                              \\
-        for (; i + 2 * lanes <= n; i += 2 * lanes) {                                                  \\
+        for (; i + 4 * lanes <= n; i += 4 * lanes) {                                                  \\
             VI v0 = *(const VI *)(x + i) & (I)MASK;                                                   \\
             VI v1 = *(const VI *)(x + i + lanes) & (I)MASK;                                           \\
-            VI k0 = v0 > m0, k1 = v1 > m1;                                                            \\
+            VI v2 = *(const VI *)(x + i + 2 * lanes) & (I)MASK;                                       \\
+            VI v3 = *(const VI *)(x + i + 3 * lanes) & (I)MASK;                                       \\
+            VI k0 = v0 > m0, k1 = v1 > m1, k2 = v2 > m2, k3 = v3 > m3;                                \\
             m0 = (k0 & v0) | (~k0 & m0);                                                              \\
             m1 = (k1 & v1) | (~k1 & m1);                                                              \\
+            m2 = (k2 & v2) | (~k2 & m2);                                                              \\
+            m3 = (k3 & v3) | (~k3 & m3);                                                              \\
         }                                                                                             \\
         I m = 0;                                                                                      \\
         for (ptrdiff_t k = 0; k < lanes; k++) {                                                       \\
             if (m0[k] > m) m = m0[k];                                                                 \\
             if (m1[k] > m) m = m1[k];                                                                 \\
+            if (m2[k] > m) m = m2[k];                                                                 \\
+            if (m3[k] > m) m = m3[k];                                                                 \\
         }                                                                                             \\
         for (; i < n; i++) {                                                                          \\
             I v;                                                                                      \\
