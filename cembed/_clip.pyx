@@ -3,8 +3,10 @@
 The norm of a flat array is computed in fixed blocks of BLOCK elements. Each block is reduced by one
 thread into a float64 partial with a fixed accumulation pattern (GCC vector extensions of a fixed
 width, so the pattern does not depend on the instruction set either); the partials are then combined
-serially in block order. Block boundaries depend only on the array length, so the result is bitwise
-the same for any thread count. The scale and clamp passes are elementwise and write each element once.
+serially in block order. Block boundaries depend only on the array length and each partial has its own
+slot, so the result is bitwise the same for any thread count and any schedule (blocks are handed out
+dynamically: on a shared machine a descheduled thread does not hold up the others). The scale and
+clamp passes are elementwise and write each element once.
 """
 from cython.parallel cimport prange
 from cython cimport floating
@@ -176,6 +178,7 @@ cdef extern from *:
 
 cdef enum:
     BLOCK = 8192          # elements per reduction block: fixes the summation order (never the thread count)
+    BLOCKS_PER_CHUNK = 4  # dynamic schedule: a thread that the (shared) machine stalls does not hold the rest
 
 # Reduction kinds (the façade picks one from norm_type).
 KIND_MAX_ABS = 0          # norm_type = inf:  max |x|
@@ -223,7 +226,7 @@ def norm_reduce(const floating[::1] x,          # IN (n,) the stored gradient va
         raise MemoryError()
     try:
         with nogil:
-            for b in prange(n_blocks, schedule="static", num_threads=n_threads):
+            for b in prange(n_blocks, schedule="dynamic", chunksize=BLOCKS_PER_CHUNK, num_threads=n_threads):
                 start = b * BLOCK
                 stop = start + BLOCK
                 if stop > n:
@@ -249,7 +252,7 @@ def scale_(floating[::1] x,                     # INOUT (n,) x *= c
     if n == 0:
         return
     with nogil:
-        for b in prange(n_blocks, schedule="static", num_threads=n_threads):
+        for b in prange(n_blocks, schedule="dynamic", chunksize=BLOCKS_PER_CHUNK, num_threads=n_threads):
             start = b * BLOCK
             stop = start + BLOCK
             if stop > n:
@@ -269,7 +272,7 @@ def clamp_(floating[::1] x,                     # INOUT (n,) x = min(max(x, lo),
     if n == 0:
         return
     with nogil:
-        for b in prange(n_blocks, schedule="static", num_threads=n_threads):
+        for b in prange(n_blocks, schedule="dynamic", chunksize=BLOCKS_PER_CHUNK, num_threads=n_threads):
             start = b * BLOCK
             stop = start + BLOCK
             if stop > n:

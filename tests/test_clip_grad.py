@@ -438,3 +438,12 @@ def test_value_in_place_only_stored_values(rng):
     assert params[0].grad is sp and np.shares_memory(sp.values, values)
     assert_bitwise_equal(sp.indices, indices)
     assert np.abs(sp.values).max() == np.float32(0.5)
+
+
+def test_docstring_examples():
+    import doctest
+
+    import cembed.optim.clip_grad as module
+
+    failures, tried = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert tried > 0 and failures == 0
