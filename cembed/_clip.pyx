@@ -20,7 +20,8 @@ cdef extern from *:
     #include <string.h>
 
     #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-    #define CEMBED_CLIP_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), unused))
+    #define CEMBED_CLIP_CLONES \\
+        __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), unused))
     #elif defined(__GNUC__)
     #define CEMBED_CLIP_CLONES __attribute__((unused))
     #else
