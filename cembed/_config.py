@@ -32,6 +32,7 @@ GRAIN = {
     "bag": 64,               # bags pooled
     "entry": 4096,           # per-index work of a bag backward (per-sample-weight gradient)
     "column_block": 16,      # column blocks of the max-mode bag backward
+    "elementwise": 1 << 16,  # elements of a streaming pass (gradient norms, scaling, clamping)
 }
 
 _user_threads: Optional[int] = None

@@ -45,9 +45,9 @@ def check_real(value: Any, name: str, *, low: Optional[float] = None, high: Opti
     if math.isinf(value) and not allow_inf:
         raise ValueError(f"{name} must be finite, got {value}")
     if low is not None and (value < low or (low_open and value == low)):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low:g}, got {value}")
     if high is not None and (value > high or (high_open and value == high)):
-        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high:g}, got {value}")
     return value
 
 

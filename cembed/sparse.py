@@ -16,6 +16,12 @@ def _frozen(array: np.ndarray) -> np.ndarray:
     return array
 
 
+def _read_only_view(array: np.ndarray) -> np.ndarray:
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
 def merge_plan(a_rows: np.ndarray, b_rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Union of two strictly increasing int64 row lists.
 
@@ -76,7 +82,7 @@ class SparseGrad:
     array([2., 2.], dtype=float32)
     """
 
-    __slots__ = ("_indices", "_values", "_num_rows")
+    __slots__ = ("_indices", "_buffer", "_values", "_num_rows")
 
     def __init__(self, indices: Any, values: Any, num_rows: int) -> None:
         num_rows = check_size(num_rows, "num_rows")
@@ -100,7 +106,8 @@ class SparseGrad:
         rows = np.array(indices, dtype=np.int64, copy=True)
         check_row_ids(rows, num_rows, "SparseGrad indices")
         self._indices = _frozen(rows)
-        self._values = _frozen(np.array(values, dtype=values.dtype.newbyteorder("="), order="C", copy=True))
+        self._buffer = np.array(values, dtype=values.dtype.newbyteorder("="), order="C", copy=True)
+        self._values = _read_only_view(self._buffer)
         self._num_rows = num_rows
 
     @classmethod
@@ -108,9 +115,15 @@ class SparseGrad:
         """Wrap arrays that cembed itself just computed (coalesced, in range, owned by nobody else)."""
         grad = cls.__new__(cls)
         grad._indices = _frozen(indices)
-        grad._values = _frozen(values)
+        grad._buffer = values
+        grad._values = _read_only_view(values)
         grad._num_rows = num_rows
         return grad
+
+    def _writable_values(self) -> np.ndarray:
+        """The stored values for cembed's own in-place updates (gradient clipping); row ids are
+        never writable."""
+        return self._buffer
 
     @property
     def indices(self) -> np.ndarray:

@@ -11,7 +11,6 @@ so it is bitwise the same for any thread count.
 from __future__ import annotations
 
 import math
-import numbers
 import types
 import warnings
 from typing import Any, Iterable, List, Optional, Union
@@ -20,11 +19,11 @@ import numpy as np
 
 from .. import _clip
 from .._config import n_threads_for
+from .._validation import check_real
 from ..sparse import SparseGrad
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_"]
 
-_GRAIN = 1 << 16   # elements per thread below which a pass stays on one thread
 _EPS = 1e-6        # torch's: clip_coef = max_norm / (total_norm + 1e-6)
 
 Parameters = Union[Any, Iterable[Any]]
@@ -105,30 +104,17 @@ def _collect(parameters: Parameters, what: str) -> List[_Grad]:
 
 
 def _real(value: Any, name: str) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if math.isnan(value):
-        raise ValueError(f"{name} must not be NaN")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
+    return check_real(value, name, low=0.0, allow_inf=True)
 
 
 def _norm_type(norm_type: Any) -> float:
     """A positive real or infinity (``float('inf')``, ``'inf'``; any string float() reads, as torch)."""
     if isinstance(norm_type, str):
         try:
-            p = float(norm_type)
+            norm_type = float(norm_type)
         except ValueError:
             raise ValueError(f"norm_type must be a positive number or 'inf', got {norm_type!r}") from None
-    elif isinstance(norm_type, (bool, np.bool_)) or not isinstance(norm_type, numbers.Real):
-        raise TypeError(f"norm_type must be a real number or 'inf', got {type(norm_type).__name__}")
-    else:
-        p = float(norm_type)
-    if not p > 0:       # also NaN
-        raise ValueError(f"norm_type must be positive (or inf), got {p}")
-    return p
+    return check_real(norm_type, "norm_type", low=0.0, low_open=True, allow_inf=True)
 
 
 def _foreach(foreach: Any) -> None:
@@ -149,7 +135,7 @@ def _total_norm(grads: List[_Grad], p: float) -> float:
     total = 0.0
     for g in grads:
         flat = g.flat if g.flat is not None else np.ascontiguousarray(g.array).reshape(-1)
-        part = _clip.norm_reduce(flat, kind, p, n_threads_for(flat.shape[0], _GRAIN))
+        part = _clip.norm_reduce(flat, kind, p, n_threads_for(flat.shape[0], "elementwise"))
         if kind == _clip.KIND_MAX_ABS:
             if part > total or math.isnan(part):     # NaN wins and stays
                 total = part
@@ -252,7 +238,7 @@ def clip_grad_norm_(parameters: Parameters, max_norm: float, norm_type: Union[fl
     if coef != 1:                       # also NaN
         for g in grads:
             if g.flat is not None:
-                _clip.scale_(g.flat, float(coef), n_threads_for(g.flat.shape[0], _GRAIN))
+                _clip.scale_(g.flat, float(coef), n_threads_for(g.flat.shape[0], "elementwise"))
             else:
                 with np.errstate(all="ignore"):
                     np.multiply(g.array, coef, out=g.array)
@@ -303,6 +289,6 @@ def clip_grad_value_(parameters: Parameters, clip_value: float, foreach: Optiona
         with np.errstate(over="ignore"):          # a bound beyond the dtype's range is inf: no clamp
             lo, hi = dtype(-clip_value), dtype(clip_value)
         if g.flat is not None:
-            _clip.clamp_(g.flat, float(lo), float(hi), n_threads_for(g.flat.shape[0], _GRAIN))
+            _clip.clamp_(g.flat, float(lo), float(hi), n_threads_for(g.flat.shape[0], "elementwise"))
         else:
             np.clip(g.array, lo, hi, out=g.array)
