@@ -14,7 +14,7 @@ Behaviour follows PyTorch 2.13 except where ``docs/behaviour.md`` says otherwise
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Iterator, Optional, Tuple, Union
 
 import numpy as np
 
@@ -282,6 +282,20 @@ class RowContributions:
     def sparse(self, num_rows: int) -> SparseGrad:
         rows, values = self._compact()
         return SparseGrad._from_private(rows, values, num_rows)
+
+    def chunks(self, chunk_bytes: int = 1 << 20) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+        """The summed gradient a chunk of distinct rows at a time: ``(rows, values)`` pairs, rows
+        ascending, each chunk about ``chunk_bytes`` of values (cache-sized, in one reused buffer: use
+        a chunk before asking for the next). Each row's sum is exactly the one :meth:`sparse` gives."""
+        order, seg_rows, starts, seg_ids = self._segments()
+        dim = self.values.shape[1]
+        per_chunk = max(64, chunk_bytes // max(1, dim * self.values.itemsize))
+        scratch = np.empty((min(per_chunk, seg_ids.size), dim), dtype=self.values.dtype)
+        for lo in range(0, seg_ids.size, per_chunk):
+            ids = seg_ids[lo:lo + per_chunk]
+            out = scratch[:ids.size]
+            self._sum(out, False, (order, seg_rows, starts, ids))
+            yield seg_rows[ids], out
 
     def dense(self, num_rows: int) -> np.ndarray:
         segments = self._segments()

@@ -100,6 +100,26 @@ class TableModule:
         check_trainable(self._weight)
         return True
 
+    def _check_fused(self, optimizer: Any) -> None:
+        if optimizer is None:
+            return
+        if not hasattr(optimizer, "_fused_step"):
+            raise TypeError(f"optimizer must be a cembed.optim optimizer, got {type(optimizer).__name__}")
+        if self.grad is not None:
+            raise ValueError("backward(..., optimizer=...) applies the update directly and needs .grad to be None "
+                             "(call zero_grad() first, or step() the accumulated gradient)")
+
+    def _accumulate(self, new: Any, optimizer: Any) -> None:
+        """The weight gradient ``new`` joins ``.grad`` — or, with ``optimizer``, is applied at once."""
+        self._check_fused(optimizer)
+        if not self._trainable():
+            return
+        sparse = check_bool(self.sparse, "sparse")
+        if optimizer is not None:
+            optimizer._fused_step(self, new, sparse)
+        else:
+            self.grad = F.add_to_grad(self.grad, new, self._weight.shape, self._weight.dtype, sparse)
+
     # -------------------------------------------------------------------- housekeeping
     def zero_grad(self) -> None:
         """Drop the accumulated gradient (torch's ``set_to_none=True``)."""
@@ -217,7 +237,8 @@ class Embedding(TableModule):
 
     __call__ = forward
 
-    def backward(self, grad_output: Any, indices: Any = None, per_sample_weights: Any = None) -> None:
+    def backward(self, grad_output: Any, indices: Any = None, per_sample_weights: Any = None,
+                 optimizer: Any = None) -> None:
         """Accumulate d(loss)/d(weight) into ``.grad``.
 
         Parameters
@@ -230,12 +251,18 @@ class Embedding(TableModule):
             Default: those of the last forward, as they were then (a private copy was kept).
         per_sample_weights : numpy.ndarray, optional
             Gradient of the weighted sum over the last index axis.
+        optimizer : cembed.optim.Optimizer, optional
+            Fused backward + update: sort and sum each touched row's contributions and apply
+            ``optimizer``'s update to it in the same pass, without materialising the gradient.
+            Needs ``.grad is None`` and leaves it None; advances only this module's optimizer state;
+            bitwise equal to ``backward(...); optimizer.step(); optimizer.zero_grad()`` for an
+            optimizer holding just this module.
 
         Raises
         ------
         ValueError
             No indices and no earlier forward; a ``.grad`` that does not match the table (replace
-            both together, or call :meth:`zero_grad`).
+            both together, or call :meth:`zero_grad`); ``optimizer`` with a ``.grad`` present.
         IndexError, TypeError
             Bad indices or dtypes. Nothing is changed.
         """
@@ -255,9 +282,7 @@ class Embedding(TableModule):
                                      scale_grad_by_freq=check_bool(self.scale_grad_by_freq, "scale_grad_by_freq"),
                                      dim=weight.shape[1], dtype=weight.dtype if weight.dtype.kind == "f" else None,
                                      groups=groups if per_sample_weights is None else None)
-        if not self._trainable():
-            return
-        self.grad = F.add_to_grad(self.grad, new, weight.shape, weight.dtype, check_bool(self.sparse, "sparse"))
+        self._accumulate(new, optimizer)
 
 
 class EmbeddingBag(TableModule):
@@ -339,8 +364,9 @@ class EmbeddingBag(TableModule):
 
     __call__ = forward
 
-    def backward(self, grad_output: Any) -> Optional[np.ndarray]:
-        """Accumulate d(loss)/d(weight) of the last forward into ``.grad``.
+    def backward(self, grad_output: Any, optimizer: Any = None) -> Optional[np.ndarray]:
+        """Accumulate d(loss)/d(weight) of the last forward into ``.grad`` (or, with ``optimizer``,
+        apply its update directly: see :meth:`Embedding.backward`).
 
         Returns
         -------
@@ -361,12 +387,14 @@ class EmbeddingBag(TableModule):
         weight = self._weight
         bags.check_table(weight)
         grad_output = check_gradient_rows(grad_output, (bags.n_bags,), dim=weight.shape[1], dtype=weight.dtype)
-        trainable = self._trainable()
-        psw_grad = F.psw_gradient(grad_output, weight, bags) if bags.psw is not None else None
-        if trainable:
+        self._check_fused(optimizer)
+        new = None
+        if self._trainable():
             new = F.bag_contributions(grad_output, weight, bags,
                                       check_bool(self.scale_grad_by_freq, "scale_grad_by_freq"))
-            self.grad = F.add_to_grad(self.grad, new, weight.shape, weight.dtype, check_bool(self.sparse, "sparse"))
+        psw_grad = F.psw_gradient(grad_output, weight, bags) if bags.psw is not None else None
+        if new is not None:
+            self._accumulate(new, optimizer)
         return psw_grad
 
 

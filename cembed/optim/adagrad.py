@@ -96,16 +96,20 @@ class Adagrad(Optimizer):
         entry["step"] = self._check_step(entry["step"], where)
         return super()._load_state_entry(entry, weight, options, where)
 
-    def _update(self, state: Dict[str, Any], weight: np.ndarray, grad: Any, options: Group) -> None:
+    def _sparse_begin(self, state: Dict[str, Any], weight: np.ndarray, options: Group) -> float:
         state["step"] = np.float32(np.float32(state["step"]) + np.float32(1.0))
-        clr = options["lr"] / (1 + (float(state["step"]) - 1) * options["lr_decay"])
-        if isinstance(grad, SparseGrad):
-            def kernel(w: np.ndarray, states: List[np.ndarray], rows: np.ndarray) -> None:
-                _optim.adagrad_rows(w, states[0], rows, grad.values, clr, options["eps"], options["maximize"],
-                                    n_threads_for(rows.size, "optimizer"))
+        return options["lr"] / (1 + (float(state["step"]) - 1) * options["lr_decay"])
 
-            _update_rows(weight, [state["sum"]], grad.indices, kernel)
-            return
+    def _sparse_rows(self, state: Dict[str, Any], weight: np.ndarray, rows: np.ndarray, values: np.ndarray,
+                     options: Group, prepared: float) -> None:
+        def kernel(w: np.ndarray, states: List[np.ndarray], kernel_rows: np.ndarray) -> None:
+            _optim.adagrad_rows(w, states[0], kernel_rows, values, prepared, options["eps"], options["maximize"],
+                                n_threads_for(kernel_rows.size, "optimizer"))
+
+        _update_rows(weight, [state["sum"]], rows, kernel)
+
+    def _dense_update(self, state: Dict[str, Any], weight: np.ndarray, grad: np.ndarray, options: Group) -> None:
+        clr = self._sparse_begin(state, weight, options)
         dtype = weight.dtype.type
         g = -grad if options["maximize"] else grad
         if options["weight_decay"] != 0:

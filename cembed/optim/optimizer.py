@@ -219,8 +219,72 @@ class Optimizer:
             if not (arr.flags.c_contiguous and arr.flags.writeable and arr.flags.aligned):
                 raise ValueError(f"{where}: optimizer state {name!r} must be a writeable C-contiguous array")
 
+    # ------------------------------------------------------------------ updates
     def _update(self, state: Dict[str, Any], weight: np.ndarray, grad: Any, options: Group) -> None:
+        """One parameter's update, everything checked. A sparse gradient goes through the row hooks:
+        :meth:`_sparse_begin` once, then :meth:`_sparse_rows` on its rows."""
+        if not isinstance(grad, SparseGrad):
+            self._dense_update(state, weight, grad, options)
+            return
+        prepared = self._sparse_begin(state, weight, options)
+        if grad.nnz:
+            self._sparse_rows(state, weight, grad.indices, grad.values, options, prepared)
+
+    def _sparse_begin(self, state: Dict[str, Any], weight: np.ndarray, options: Group) -> Any:
+        """Per-step work of one parameter before any of its rows is updated (state creation, step
+        counters, step sizes); returns what :meth:`_sparse_rows` needs."""
+        return None
+
+    def _sparse_rows(self, state: Dict[str, Any], weight: np.ndarray, rows: np.ndarray, values: np.ndarray,
+                     options: Group, prepared: Any) -> None:
+        """Update the distinct, validated ``rows`` with their summed gradient ``values``. Every row's
+        update depends on that row alone, so the rows may come in several calls (the fused backward
+        sends them chunk by chunk) with the same result."""
         raise NotImplementedError
+
+    def _dense_update(self, state: Dict[str, Any], weight: np.ndarray, grad: np.ndarray, options: Group) -> None:
+        raise NotImplementedError
+
+    def _rows_independent(self, options: Group) -> bool:
+        """Whether a sparse step touches only the gradient's rows, each on its own (SGD's momentum
+        does not: it also moves rows the gradient does not name)."""
+        return True
+
+    # ------------------------------------------------------------------ fused backward + update
+    def _locate(self, module: Any) -> Tuple[Group, str]:
+        for where, candidate in self._named_params():
+            if candidate is module:
+                group = self.param_groups[int(where.split("[")[1].split("]")[0])]
+                return group, where
+        raise ValueError(f"the optimizer does not hold this {type(module).__name__}: pass the optimizer that "
+                         "was built with it")
+
+    def _fused_step(self, module: Any, contributions: Any, sparse: bool) -> None:
+        """The update of ``module`` alone by the gradient ``contributions`` (from the module's
+        backward), without materialising that gradient when the rows can be updated chunk by chunk.
+        Bitwise equal to ``module.grad = <gradient>; step(); zero_grad()`` for this module."""
+        group, where = self._locate(module)
+        options = self._check_options(dict(group), where.split("['params']")[0])
+        weight = self._check_weight(module, where)
+        shape, dtype = weight.shape, weight.dtype
+        chunked = sparse and self._rows_independent(options) and hasattr(contributions, "chunks")
+        if chunked:
+            probe = SparseGrad._from_private(np.zeros(0, dtype=np.int64), np.zeros((0, shape[1]), dtype=dtype),
+                                             shape[0])
+            self._check_grad(options, probe, weight, where)
+        else:
+            grad = contributions.sparse(shape[0]) if sparse else contributions.dense(shape[0])
+            self._check_grad(options, grad, weight, where)
+        existing = self.state.get(module)
+        if existing is not None:
+            self._check_state(existing, weight, where)
+        state = self.state.setdefault(module, {})
+        if not chunked:
+            self._update(state, weight, grad, options)
+            return
+        prepared = self._sparse_begin(state, weight, options)
+        for rows, values in contributions.chunks():
+            self._sparse_rows(state, weight, rows, values, options, prepared)
 
     # ------------------------------------------------------------------ state dicts
     def _index_of(self) -> Dict[int, int]:

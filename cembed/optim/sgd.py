@@ -106,18 +106,25 @@ class SGD(Optimizer):
             entry["active_rows"] = None
         return entry
 
-    def _update(self, state: Dict[str, Any], weight: np.ndarray, grad: Any, options: Group) -> None:
-        lr, momentum = options["lr"], options["momentum"]
-        if isinstance(grad, SparseGrad):
-            if momentum == 0:
-                def kernel(w: np.ndarray, states: List[np.ndarray], rows: np.ndarray) -> None:
-                    _optim.sgd_rows(w, rows, grad.values, lr, options["maximize"],
-                                    n_threads_for(rows.size, "optimizer"))
+    def _rows_independent(self, options: Group) -> bool:
+        return options["momentum"] == 0
 
-                _update_rows(weight, [], grad.indices, kernel)
-                return
+    def _update(self, state: Dict[str, Any], weight: np.ndarray, grad: Any, options: Group) -> None:
+        if isinstance(grad, SparseGrad) and options["momentum"] != 0:
             self._sparse_momentum(state, weight, grad, options)
             return
+        super()._update(state, weight, grad, options)
+
+    def _sparse_rows(self, state: Dict[str, Any], weight: np.ndarray, rows: np.ndarray, values: np.ndarray,
+                     options: Group, prepared: Any) -> None:
+        def kernel(w: np.ndarray, states: List[np.ndarray], kernel_rows: np.ndarray) -> None:
+            _optim.sgd_rows(w, kernel_rows, values, options["lr"], options["maximize"],
+                            n_threads_for(kernel_rows.size, "optimizer"))
+
+        _update_rows(weight, [], rows, kernel)
+
+    def _dense_update(self, state: Dict[str, Any], weight: np.ndarray, grad: np.ndarray, options: Group) -> None:
+        momentum = options["momentum"]
         dtype = weight.dtype.type
         g = -grad if options["maximize"] else grad
         if options["weight_decay"] != 0:
@@ -132,7 +139,7 @@ class SGD(Optimizer):
                 buf += dtype(1 - options["dampening"]) * g
             state["active_rows"] = None  # every row is live
             g = g + dtype(momentum) * buf if options["nesterov"] else buf
-        weight -= dtype(lr) * g
+        weight -= dtype(options["lr"]) * g
 
     def _sparse_momentum(self, state: Dict[str, Any], weight: np.ndarray, grad: SparseGrad, options: Group) -> None:
         first = state.get("momentum_buffer") is None

@@ -89,20 +89,22 @@ class SparseAdam(Optimizer):
             entry["step"] = int(step)
         return super()._load_state_entry(entry, weight, options, where)
 
-    def _update(self, state: Dict[str, Any], weight: np.ndarray, grad: SparseGrad, options: Group) -> None:
+    def _sparse_begin(self, state: Dict[str, Any], weight: np.ndarray, options: Group) -> float:
         if "step" not in state:
             state["step"] = 0
             state["exp_avg"] = np.zeros(weight.shape, dtype=weight.dtype)  # lazily zeroed pages
             state["exp_avg_sq"] = np.zeros(weight.shape, dtype=weight.dtype)
-        state["step"] += 1
-        if grad.nnz == 0:
-            return
+        state["step"] += 1  # also for an empty gradient, as torch
         beta1, beta2 = options["betas"]
         step = state["step"]
-        step_size = options["lr"] * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
+        return options["lr"] * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
 
-        def kernel(w: np.ndarray, states: List[np.ndarray], rows: np.ndarray) -> None:
-            _optim.sparse_adam_rows(w, states[0], states[1], rows, grad.values, beta1, beta2, options["eps"],
-                                    step_size, options["maximize"], n_threads_for(rows.size, "optimizer"))
+    def _sparse_rows(self, state: Dict[str, Any], weight: np.ndarray, rows: np.ndarray, values: np.ndarray,
+                     options: Group, prepared: float) -> None:
+        beta1, beta2 = options["betas"]
 
-        _update_rows(weight, [state["exp_avg"], state["exp_avg_sq"]], grad.indices, kernel)
+        def kernel(w: np.ndarray, states: List[np.ndarray], kernel_rows: np.ndarray) -> None:
+            _optim.sparse_adam_rows(w, states[0], states[1], kernel_rows, values, beta1, beta2, options["eps"],
+                                    prepared, options["maximize"], n_threads_for(kernel_rows.size, "optimizer"))
+
+        _update_rows(weight, [state["exp_avg"], state["exp_avg_sq"]], rows, kernel)
