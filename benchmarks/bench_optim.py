@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cembed import Embedding, optim
-from cembed.bench import _numpy_optimizer_step
+from cembed.apps.bench import _numpy_optimizer_step  # replaced by cembed.apps.baselines next
 from cembed import functional as F
 
 

@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from cembed import corpus as corpus_mod
-from cembed import train as train_mod
-from cembed.__main__ import main
+from cembed.apps import corpus as corpus_mod
+from cembed.apps import train as train_mod
+from cembed.apps.cli import main
 
 from util import require_torch
 
