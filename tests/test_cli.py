@@ -250,3 +250,47 @@ def test_bench_without_torch_says_so(capsys, monkeypatch):
     assert "torch not installed" in out
     row = next(line for line in out.splitlines() if line.startswith("gather"))
     assert row.split()[3] == "-"          # the torch column is empty
+
+
+def test_numpy_baselines_compute_what_cembed_computes():
+    """cembed.apps.baselines (timed by `bench` and benchmarks/) are the same operations as the kernels."""
+    import cembed
+    from cembed import functional as F
+    from cembed.apps import baselines
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((50, 8), dtype=np.float32)
+    idx = rng.integers(0, 50, 64)
+    g = rng.standard_normal((64, 8), dtype=np.float32)
+    np.testing.assert_array_equal(baselines.gather(w, idx), F.embedding(idx, w))
+    np.testing.assert_allclose(baselines.dense_grad(g, idx, 50), F.embedding_backward(g, idx, 50), rtol=1e-5, atol=1e-6)
+    rows, values = baselines.coalesce(idx, g)
+    sg = F.embedding_backward(g, idx, 50, sparse=True)
+    np.testing.assert_array_equal(rows, sg.indices)
+    np.testing.assert_allclose(values, sg.values, rtol=1e-5, atol=1e-6)
+    a, b = w.copy(), w.copy()
+    baselines.renorm_(a, idx, 1.0)
+    F.embedding_renorm_(b, idx, 1.0)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    offsets = np.arange(0, 64, 16)
+    for mode in ("sum", "mean", "max"):
+        np.testing.assert_allclose(baselines.bag(w, idx, offsets, mode), F.embedding_bag(idx, w, offsets, mode=mode),
+                                   rtol=1e-5, atol=1e-6)
+    gb = rng.standard_normal((4, 8), dtype=np.float32)
+    out, rows, values = baselines.bag_mean_fwd_bwd(w, idx, offsets, gb)
+    bag = cembed.EmbeddingBag.from_pretrained(w.copy(), freeze=False, mode="mean", sparse=True)
+    np.testing.assert_allclose(out, bag(idx, offsets), rtol=1e-5, atol=1e-6)
+    bag.backward(gb)
+    np.testing.assert_array_equal(rows, bag.grad.indices)
+    np.testing.assert_allclose(values, bag.grad.values, rtol=1e-5, atol=1e-6)
+
+    class Table:
+        def __init__(self, weight):
+            self.weight, self.grad = weight, sg
+    for kind, name, lr in [("sgd", "SGD", 0.1), ("adagrad", "Adagrad", 1e-2), ("sparse_adam", "SparseAdam", 1e-3)]:
+        ours, state, table = w.copy(), {}, Table(w.copy())
+        opt = getattr(cembed.optim, name)([table], lr=lr)
+        for _ in range(3):
+            baselines.optimizer_step(kind, ours, state, sg.indices, sg.values, lr=lr)
+            opt.step()
+        np.testing.assert_allclose(ours, table.weight, rtol=1e-5, atol=1e-6)

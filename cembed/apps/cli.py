@@ -5,8 +5,6 @@ import os
 import sys
 import time
 
-import numpy as np
-
 
 def _positive_int(text):
     try:
