@@ -294,3 +294,60 @@ def test_numpy_baselines_compute_what_cembed_computes():
             baselines.optimizer_step(kind, ours, state, sg.indices, sg.values, lr=lr)
             opt.step()
         np.testing.assert_allclose(ours, table.weight, rtol=1e-5, atol=1e-6)
+
+
+def _shim_run(args, tmp_path):
+    import cembed
+
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(cembed.__file__))))
+    return subprocess.run([sys.executable, "-m", "cembed", *args], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=120)
+
+
+def test_python_m_cembed_shim_config_and_help(tmp_path):
+    proc = _shim_run(["config"], tmp_path)
+    assert proc.returncode == 0 and proc.stdout.startswith("cembed ") and "OpenMP:" in proc.stdout
+    proc = _shim_run(["--help"], tmp_path)
+    assert proc.returncode == 0 and "{train,bench,config}" in proc.stdout and proc.stderr == ""
+    import cembed.__main__  # importing the shim runs nothing
+    from cembed.apps import cli
+    assert cembed.__main__.main is cli.main
+
+
+def _user_threads():
+    import cembed
+
+    return cembed._config._user_threads   # whether an override is set: not visible through the public API
+
+
+@pytest.mark.parametrize("prior", [None, 3])
+@pytest.mark.parametrize("threads", [None, 1])
+def test_train_and_bench_leave_thread_settings_as_they_were(prior, threads):
+    import cembed
+    from cembed.apps import bench
+
+    cembed.set_num_threads(prior)
+    before = cembed.get_num_threads()
+    corpus = corpus_mod.synthetic_corpus(500, 5, 2000, seed=0)
+    train_mod.train(corpus, train_mod.TrainConfig(dim=8, batch_size=512, threads=threads), progress=False)
+    assert cembed.get_num_threads() == before and _user_threads() == prior
+    bench.run(rows=500, dim=4, n=256, bag_size=4, threads=threads, repeats=1, only="gather", use_torch=False,
+              use_numpy=False)
+    assert cembed.get_num_threads() == before and _user_threads() == prior
+
+
+def test_torch_backend_restores_torch_threads():
+    torch = require_torch()
+    from cembed.apps import bench
+
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        corpus = corpus_mod.synthetic_corpus(500, 5, 2000, seed=0)
+        train_mod.train(corpus, train_mod.TrainConfig(dim=8, batch_size=512, threads=2, backend="torch"),
+                        progress=False)
+        assert torch.get_num_threads() == 1
+        bench.run(rows=500, dim=4, n=256, bag_size=4, threads=2, repeats=1, only="gather", use_numpy=False)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(old)

@@ -5,6 +5,8 @@ import os
 import sys
 import time
 
+from .runtime import reuse_large_allocations
+
 
 def _positive_int(text):
     try:
@@ -162,7 +164,7 @@ def run_train(args):
     results = []
     for backend in backends:
         config.backend = backend
-        result = train_mod.train(corpus, config, progress=not args.quiet, log=log)
+        result = train_mod.train(corpus, config, progress=not args.quiet)
         results.append(result)
         log(f"{backend:>6}  {result.seconds:.1f}s  {result.words_per_second:,.0f} words/s  "
             f"loss {_fmt_loss(result.final_loss)}  {_fmt_quality(result)}")
@@ -219,10 +221,16 @@ def run_bench(args):
 
 
 def main(argv=None):
+    """The process entry point (``python -m cembed``, the ``cembed`` script): returns the exit code.
+
+    As the owner of the process it also tunes the C allocator for training
+    (``runtime.reuse_large_allocations``, process-wide and for good), which library calls of
+    ``train()`` never do."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
+            reuse_large_allocations()   # both backends alike: ~50 MB per-step temporaries stay in the heap
             return run_train(args)
         if args.command == "bench":
             return run_bench(args)

@@ -5,7 +5,6 @@ default); the small dot-product model between them is written in NumPy. ``backen
 identical model (same data, batches, negatives, initial weights and hyper-parameters) with
 ``torch.nn.Embedding(sparse=True)`` and a torch optimizer, for a side-by-side throughput figure.
 """
-import ctypes
 import math
 import os
 import sys
@@ -17,6 +16,7 @@ import numpy as np
 import cembed
 
 from .corpus import Corpus
+from .runtime import thread_settings
 
 
 @dataclass
@@ -176,8 +176,7 @@ class TorchModel:
 
         self.n_steps = 0
 
-        self.torch = torch
-        torch.set_num_threads(config.threads or cembed.get_num_threads())   # the same threads as cembed
+        self.torch = torch   # train() runs it on the same thread count as cembed
         self.emb_in = torch.nn.Embedding.from_pretrained(torch.from_numpy(w_in), freeze=False, sparse=True)
         self.emb_out = torch.nn.Embedding.from_pretrained(torch.from_numpy(w_out), freeze=False, sparse=True)
         params = list(self.emb_in.parameters()) + list(self.emb_out.parameters())
@@ -307,28 +306,19 @@ class TrainResult:
     table: np.ndarray = None
 
 
-def reuse_large_allocations():
-    """Let freed large arrays be reused instead of page-faulted anew.
+def train(corpus: Corpus, config: TrainConfig, *, progress=True):
+    """Train one backend on ``corpus``; returns a TrainResult (quality measured when topics exist).
 
-    glibc serves allocations above its mmap threshold (which adapts up to 32 MB) with fresh mmap'ed
-    pages, so each of the ~50 MB per-step temporaries of a training step (looked-up rows, their
-    gradients) would be zero-filled by the kernel page by page, every step. Raising the threshold (and
-    the trim threshold) keeps that memory in the heap for the next step. Process-wide, so it applies
-    to every backend alike; a no-op where the C library has no mallopt."""
-    try:
-        libc = ctypes.CDLL(None)
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, 1 << 30)
-        libc.mallopt(m_trim_threshold, 1 << 30)
-    except (OSError, AttributeError, TypeError):
-        pass
+    Runs on ``config.threads`` threads (None: cembed's current setting), torch on the same number;
+    cembed's and torch's thread settings are as before when it returns."""
+    torch = None
+    if config.backend == "torch":
+        import torch
+    with thread_settings(config.threads, torch):
+        return _train(corpus, config, progress)
 
 
-def train(corpus: Corpus, config: TrainConfig, *, progress=True, log=print):
-    """Train one backend on ``corpus``; returns a TrainResult (quality measured when topics exist)."""
-    reuse_large_allocations()
-    if config.threads:
-        cembed.set_num_threads(config.threads)
+def _train(corpus, config, progress):
     w_in, w_out = initial_tables(corpus.vocab_size, config.dim, config.seed)
     eval_sets = (evaluation_sets(corpus) or None) if corpus.topics is not None else None
     before, chance = {}, {}
