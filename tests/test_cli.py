@@ -351,3 +351,71 @@ def test_torch_backend_restores_torch_threads():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("cembed", ["cembed"]), ("both", ["cembed", "torch"]), ("all", ["cembed", "torch", "gensim"]),
+    ("cembed,gensim", ["cembed", "gensim"]), ("gensim, cembed,gensim", ["gensim", "cembed"]),
+    ("both,gensim", ["cembed", "torch", "gensim"])])
+def test_backend_lists(text, expected):
+    from cembed.apps.cli import build_parser
+
+    assert build_parser().parse_args(["train", "--backend", text]).backend == expected
+
+
+def test_unknown_backend_exits_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--backend", "cembed,tensorflow"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --backend" in err and "'tensorflow'" in err and "comma list" in err
+
+
+@pytest.mark.parametrize("backend", ["gensim", "cembed,gensim", "all"])
+def test_gensim_backend_without_gensim_is_a_clear_error(capsys, monkeypatch, backend):
+    monkeypatch.setitem(sys.modules, "gensim", None)          # import gensim now raises ImportError
+    monkeypatch.setitem(sys.modules, "gensim.models", None)
+    monkeypatch.setattr(train_mod, "train", lambda *a, **k: pytest.fail("trained without gensim"))
+    if backend == "all":
+        require_torch()
+    assert main(["train", *TINY, "--no-save", "--backend", backend]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --backend gensim needs gensim (pip install gensim, or pip install \".[bench]\")\n"
+
+
+def test_gensim_backend_learns_the_topics():
+    pytest.importorskip("gensim")
+    import cembed
+
+    corpus = corpus_mod.synthetic_corpus(5000, 10, 100_000, seed=2)
+    before = cembed.get_num_threads()
+    result = train_mod.train(corpus, train_mod.TrainConfig(seed=2, backend="gensim", dim=32, threads=1, epochs=5),
+                             progress=False)
+    assert cembed.get_num_threads() == before
+    assert result.backend == "gensim" and result.table.shape == (corpus.vocab_size, 32)
+    assert abs(result.quality_before["frequent"] - result.chance["frequent"]) < 0.05
+    assert result.quality_after["frequent"] > 3 * result.chance["frequent"]
+    assert result.words == 5 * corpus.n_tokens and result.words_per_second > 0 and result.prep_seconds > 0
+    unused = corpus.counts == 0   # not in gensim's vocabulary: zero rows
+    assert not result.table[unused].any() and result.table[~unused].any(axis=1).all()
+
+
+def test_gensim_backend_from_the_command_line(tmp_path, capsys):
+    pytest.importorskip("gensim")
+    path = tmp_path / "text.txt"
+    rng = np.random.default_rng(0)
+    path.write_text("\n".join(" ".join(rng.choice(["cat", "dog", "cow", "saw", "nail", "drill"], 8))
+                              for _ in range(200)) + "\n", encoding="utf-8")
+    assert main(["train", "--corpus", str(path), "--min-count", "2", "--dim", "8", "--subsample", "0",
+                 "--quiet", "--no-save", "--backend", "cembed,gensim"]) == 0
+    out = capsys.readouterr().out
+    assert "gensim  Word2Vec(sg=1, hs=0, vector_size=8, window=5, negative=5, sample=0" in out
+    assert "loss n/a" in out and "cembed / gensim throughput" in out and "nearest to" in out
+
+
+def test_line_sentence_file(tmp_path):
+    corpus = corpus_mod.Corpus(tokens=np.array([3, 1, 2, 0, 0], np.int32), sentence_starts=np.array([0, 3, 5]),
+                               words=["a", "b", "c", "d"], counts=np.array([2, 1, 1, 1]))
+    path = tmp_path / "s.txt"
+    train_mod.write_line_sentences(corpus, path, sentences_per_write=1)
+    assert path.read_text() == "3 1 2\n0 0\n"

@@ -48,6 +48,23 @@ def _seed(text):
     return value
 
 
+BACKENDS = ("cembed", "torch", "gensim")
+BACKEND_ALIASES = {"both": ["cembed", "torch"], "all": list(BACKENDS)}
+
+
+def _backends(text):
+    """--backend: one of BACKENDS, an alias (both, all) or a comma list of them, in order, no repeats."""
+    chosen = []
+    for part in text.split(","):
+        part = part.strip()
+        names = BACKEND_ALIASES.get(part, [part])
+        if any(name not in BACKENDS for name in names):
+            raise argparse.ArgumentTypeError(
+                f"expected {', '.join(BACKENDS)}, both, all or a comma list of them, got {part!r}")
+        chosen += [name for name in names if name not in chosen]
+    return chosen
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m cembed",
                                      description="cembed: fast CPU embedding tables for NumPy.")
@@ -78,9 +95,14 @@ def build_parser():
     model.add_argument("--subsample", type=_non_negative_float, default=1e-4,
                        help="frequent-word subsampling threshold, 0 to disable (default 1e-4)")
     run = t.add_argument_group("run")
-    run.add_argument("--backend", choices=["cembed", "torch", "both"], default="cembed",
-                     help="cembed (default); torch: the identical model in torch; both: one after the other, "
-                          "with the throughput ratio")
+    run.add_argument("--backend", type=_backends, default=["cembed"], metavar="NAME[,NAME...]",
+                     help="cembed (default); torch: the identical model with torch.nn.Embedding(sparse=True) "
+                          "and a torch optimizer; gensim: gensim's Word2Vec (sg=1, hs=0) on the same sentences "
+                          "with the same dim, window, negatives, --subsample, epochs, seed and threads, its "
+                          "own SGD (alpha 0.025 decaying; --optimizer/--lr/--batch-size do not apply), fed "
+                          "through a temporary corpus_file; both = cembed,torch; all = cembed,torch,gensim; "
+                          "or a comma list, e.g. cembed,gensim. Several backends run one after the other "
+                          "and the summary gives the throughput ratios to the first")
     run.add_argument("--threads", type=_positive_int, default=None, help="threads (default: all cores)")
     run.add_argument("--seed", type=_seed, default=0, help="seed for data, init and sampling (default 0)")
     run.add_argument("--out", default="cembed_out", metavar="DIR",
@@ -116,8 +138,25 @@ def _fmt_quality(result):
                        for name in result.quality_after)
 
 
-def _fmt_loss(loss):
-    return "- (no training pair)" if loss is None else f"{loss:.4f}"
+def _fmt_loss(result):
+    if result.final_loss is not None:
+        return f"{result.final_loss:.4f}"
+    return "n/a" if result.backend == "gensim" else "- (no training pair)"
+
+
+def _missing_backend(backends):
+    """The error message for the first backend whose library cannot be imported, else None."""
+    if "torch" in backends:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            return "--backend torch needs PyTorch (pip install torch)"
+    if "gensim" in backends:
+        try:
+            import gensim.models  # noqa: F401
+        except ImportError:
+            return "--backend gensim needs gensim (pip install gensim, or pip install \".[bench]\")"
+    return None
 
 
 def run_train(args):
@@ -125,12 +164,10 @@ def run_train(args):
     from . import train as train_mod
 
     log = print
-    if args.backend in ("torch", "both"):
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            print("error: --backend torch needs PyTorch (pip install torch)", file=sys.stderr)
-            return 2
+    missing = _missing_backend(args.backend)
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     if args.corpus:
         try:
@@ -160,22 +197,30 @@ def run_train(args):
     log(f"model   skip-gram, negative sampling: dim {config.dim}, window {config.window}, "
         f"{config.negatives} negatives, batch {config.batch_size} pairs, {config.epochs} epoch(s), "
         f"{config.optimizer} lr {config.learning_rate()}, {threads} thread(s)")
-    backends = ["cembed", "torch"] if args.backend == "both" else [args.backend]
+    if "gensim" in args.backend:
+        options = train_mod.gensim_options(config, threads)
+        log(f"gensim  Word2Vec(sg=1, hs=0, vector_size={options['vector_size']}, window={options['window']}, "
+            f"negative={options['negative']}, sample={options['sample']:g}, epochs={options['epochs']}, "
+            f"min_count=1, seed={options['seed']}, workers={threads}), alpha {options['alpha']} -> "
+            f"{options['min_alpha']}, corpus_file input")
     results = []
-    for backend in backends:
+    for backend in args.backend:
         config.backend = backend
         result = train_mod.train(corpus, config, progress=not args.quiet)
         results.append(result)
+        prep = (f"  (+{result.prep_seconds:.1f}s corpus file and vocabulary, not counted)"
+                if result.prep_seconds else "")
         log(f"{backend:>6}  {result.seconds:.1f}s  {result.words_per_second:,.0f} words/s  "
-            f"loss {_fmt_loss(result.final_loss)}  {_fmt_quality(result)}")
+            f"loss {_fmt_loss(result)}  {_fmt_quality(result)}{prep}")
     main = results[0]
     log("")
     log("summary")
     for r in results:
         log(f"  {r.backend:<7} time {r.seconds:7.1f}s   throughput {r.words_per_second:>12,.0f} words/s   "
             f"{_fmt_quality(r)}")
-    if len(results) == 2:
-        log(f"  cembed / torch throughput: {results[0].words_per_second / results[1].words_per_second:.2f}x")
+    for other in results[1:]:
+        log(f"  {main.backend} / {other.backend} throughput: "
+            f"{main.words_per_second / other.words_per_second:.2f}x")
     if main.quality_after is not None:
         log("  quality: precision@10 = share of a word's 10 nearest neighbours (cosine) from its own planted topic,")
         for name, size in main.eval_sizes.items():
