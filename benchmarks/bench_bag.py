@@ -2,7 +2,8 @@
 
 Forward sum / mean / max and mean with padding_idx, cembed beside torch's F.embedding_bag and a NumPy
 route (np.take + np.add.reduceat); and mean forward + sparse backward against torch's forward +
-backward + coalesce().
+backward + coalesce() and NumPy's reduceat + np.unique + np.add.at. The NumPy routes are
+cembed.apps.baselines, the same functions `python -m cembed bench` times.
 
     python -m pytest benchmarks/bench_bag.py --benchmark-only --benchmark-group-by=group
 """
@@ -13,6 +14,7 @@ import pytest
 
 from cembed import EmbeddingBag
 from cembed import functional as F
+from cembed.apps import baselines
 
 BAG_SIZE = 16
 
@@ -48,13 +50,7 @@ def test_forward_torch(benchmark, bags, torch, case):
 def test_forward_numpy(benchmark, bags, case):
     benchmark.group = f"bag-forward-{case}"
     weight, idx, offsets = bags
-    reduce = {"sum": np.add, "mean": np.add, "max": np.maximum}[case]
-
-    def numpy_bags():
-        out = reduce.reduceat(np.take(weight, idx, axis=0), offsets, axis=0)
-        return out / BAG_SIZE if case == "mean" else out
-
-    benchmark(numpy_bags)
+    benchmark(baselines.bag, weight, idx, offsets, case)
 
 
 @pytest.mark.benchmark(group="bag-mean-fwd-bwd-sparse")
@@ -69,6 +65,13 @@ def test_fwd_bwd_sparse_cembed(benchmark, bags):
         emb.zero_grad()
 
     benchmark(step)
+
+
+@pytest.mark.benchmark(group="bag-mean-fwd-bwd-sparse")
+def test_fwd_bwd_sparse_numpy(benchmark, bags):
+    weight, idx, offsets = bags
+    g = np.ones((offsets.size, weight.shape[1]), np.float32)
+    benchmark.pedantic(baselines.bag_mean_fwd_bwd, args=(weight, idx, offsets, g), rounds=3, iterations=1)
 
 
 @pytest.mark.benchmark(group="bag-mean-fwd-bwd-sparse")

@@ -9,8 +9,8 @@ group shows that the sparse backward costs the same for a 1M- and a 50M-row tabl
 import numpy as np
 import pytest
 
-import cembed
 from cembed import functional as F
+from cembed.apps import baselines
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +27,7 @@ def test_sparse_cembed(benchmark, data):
 @pytest.mark.benchmark(group="grad-sparse")
 def test_sparse_numpy(benchmark, data):
     g, idx, n_rows = data
-
-    def numpy_coalesce():
-        rows, inverse = np.unique(idx, return_inverse=True)
-        values = np.zeros((rows.size, g.shape[1]), dtype=g.dtype)
-        np.add.at(values, inverse, g)
-        return rows, values
-
-    benchmark.pedantic(numpy_coalesce, rounds=3, iterations=1)
+    benchmark.pedantic(baselines.coalesce, args=(idx, g), rounds=3, iterations=1)
 
 
 @pytest.mark.benchmark(group="grad-sparse")
@@ -58,13 +51,7 @@ def test_dense_cembed(benchmark, data):
 @pytest.mark.benchmark(group="grad-dense")
 def test_dense_numpy(benchmark, data):
     g, idx, n_rows = data
-
-    def numpy_dense():
-        out = np.zeros((n_rows, g.shape[1]), dtype=g.dtype)
-        np.add.at(out, idx, g)
-        return out
-
-    benchmark.pedantic(numpy_dense, rounds=3, iterations=1)
+    benchmark.pedantic(baselines.dense_grad, args=(g, idx, n_rows), rounds=3, iterations=1)
 
 
 @pytest.mark.benchmark(group="grad-dense")

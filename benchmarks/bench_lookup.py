@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cembed import functional as F
+from cembed.apps import baselines
 
 MAX_NORM = 1.0
 
@@ -17,7 +18,7 @@ def test_gather_cembed(benchmark, workload):
 
 @pytest.mark.benchmark(group="gather")
 def test_gather_numpy(benchmark, workload):
-    benchmark(np.take, workload["weight"], workload["indices"], axis=0)
+    benchmark(baselines.gather, workload["weight"], workload["indices"])
 
 
 @pytest.mark.benchmark(group="gather")
@@ -52,17 +53,8 @@ def test_renorm_cembed(benchmark, workload, renorm_case):
 @pytest.mark.benchmark(group="renorm")
 def test_renorm_numpy(benchmark, workload, renorm_case):
     weight = renorm_case[0]
-    idx = workload["indices"]
-
-    def numpy_renorm():
-        rows = np.unique(idx)
-        block = weight[rows]
-        norms = np.linalg.norm(block, axis=1)
-        big = norms > MAX_NORM
-        scale = (MAX_NORM / (norms[big].astype(np.float64) + 1e-7)).astype(np.float32)
-        weight[rows[big]] = block[big] * scale[:, None]
-
-    benchmark.pedantic(numpy_renorm, setup=lambda: _restore(renorm_case), rounds=5)
+    benchmark.pedantic(baselines.renorm_, args=(weight, workload["indices"], MAX_NORM),
+                       setup=lambda: _restore(renorm_case), rounds=5)
 
 
 @pytest.mark.benchmark(group="renorm")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional, TextIO
+from typing import Any, Dict, Optional, TextIO
 
 import numpy as np
 
@@ -40,7 +40,7 @@ _parallel_region_used = False   # has this process run a kernel on more than one
 _forked_after_parallel = False  # are we a fork() child of a process whose OpenMP pool had started?
 
 
-def set_num_threads(n: Optional[int] = None) -> None:
+def set_num_threads(n: Optional[int] = None) -> Optional[int]:
     """Use ``n`` threads in every cembed kernel.
 
     Parameters
@@ -48,6 +48,12 @@ def set_num_threads(n: Optional[int] = None) -> None:
     n : int or None
         ``1 <= n <= MAX_THREADS``; ``None`` restores the default, which follows ``OMP_NUM_THREADS``
         and ``threadpoolctl.threadpool_limits(..., user_api="openmp")`` at each call.
+
+    Returns
+    -------
+    int or None
+        The previous setting (``None``: the default was in effect), so that
+        ``previous = set_num_threads(n); ...; set_num_threads(previous)`` restores it exactly.
 
     Raises
     ------
@@ -59,16 +65,16 @@ def set_num_threads(n: Optional[int] = None) -> None:
     Examples
     --------
     >>> import cembed
-    >>> cembed.set_num_threads(1)
+    >>> previous = cembed.set_num_threads(1)
     >>> cembed.get_num_threads()
     1
-    >>> cembed.set_num_threads(None)
+    >>> cembed.set_num_threads(previous)
+    1
     """
     global _user_threads
-    if n is None:
-        _user_threads = None
-        return
-    _user_threads = check_int(n, "set_num_threads: n", low=1, high=MAX_THREADS)
+    previous = _user_threads
+    _user_threads = None if n is None else check_int(n, "set_num_threads: n", low=1, high=MAX_THREADS)
+    return previous
 
 
 def get_num_threads() -> int:
@@ -133,8 +139,10 @@ def openmp_enabled() -> bool:
     return bool(_threads.openmp_enabled())
 
 
-def show_config(file: Optional[TextIO] = None) -> None:
-    """Print the version, whether OpenMP is enabled, the thread count and the compile flags.
+def show_config(file: Optional[TextIO] = None, mode: str = "stdout") -> Optional[Dict[str, Any]]:
+    """The version, whether OpenMP is enabled, the thread count, the compile flags and the output
+    cache: printed (``mode="stdout"``, to ``file`` or standard output) or returned as a dict
+    (``mode="dicts"``, as ``numpy.show_config`` does).
 
     Examples
     --------
@@ -143,24 +151,41 @@ def show_config(file: Optional[TextIO] = None) -> None:
     >>> cembed.show_config(file=buf)
     >>> buf.getvalue().startswith("cembed ")
     True
+    >>> info = cembed.show_config(mode="dicts")
+    >>> sorted(info)[:3], isinstance(info["openmp"], bool)
+    (['bounds_checking', 'cached_bytes', 'compile_args'], True)
     """
     from . import __version__, _buffer_cache
 
-    file = sys.stdout if file is None else file
-    omp = _threads.openmp_enabled()
+    if mode not in ("stdout", "dicts"):
+        raise ValueError(f"mode must be 'stdout' or 'dicts', got {mode!r}")
+    omp = bool(_threads.openmp_enabled())
+    info: Dict[str, Any] = {
+        "version": __version__, "numpy": np.__version__, "python": sys.version.split()[0],
+        "openmp": omp, "openmp_version": int(_threads.openmp_version()) if omp else None,
+        "threads": get_num_threads(), "threads_set_by_user": _user_threads is not None,
+        "compiler": None, "compiler_type": None, "compile_args": [], "link_args": [], "bounds_checking": False,
+        "cached_bytes": int(_buffer_cache.cached_bytes()),
+    }
+    if _build_info is not None:
+        info.update(compiler=str(_build_info.COMPILER), compiler_type=_build_info.COMPILER_TYPE,
+                    compile_args=list(_build_info.COMPILE_ARGS), link_args=list(_build_info.LINK_ARGS),
+                    bounds_checking=bool(_build_info.BOUNDSCHECK))
+    if mode == "dicts":
+        return info
     lines = [
-        f"cembed {__version__}",
-        f"NumPy {np.__version__}, Python {sys.version.split()[0]}",
-        "OpenMP: " + (f"enabled (_OPENMP {_threads.openmp_version()})" if omp else "disabled (serial kernels)"),
-        f"threads: {get_num_threads()}" + (" (set_num_threads)" if _user_threads is not None else " (default)"),
+        f"cembed {info['version']}",
+        f"NumPy {info['numpy']}, Python {info['python']}",
+        "OpenMP: " + (f"enabled (_OPENMP {info['openmp_version']})" if omp else "disabled (serial kernels)"),
+        f"threads: {info['threads']}" + (" (set_num_threads)" if info["threads_set_by_user"] else " (default)"),
     ]
     if _build_info is not None:
         lines += [
-            f"compiler: {_build_info.COMPILER} ({_build_info.COMPILER_TYPE})",
-            f"compile flags: {' '.join(_build_info.COMPILE_ARGS)}",
-            f"link flags: {' '.join(_build_info.LINK_ARGS)}",
-            f"bounds checking: {'on' if _build_info.BOUNDSCHECK else 'off'}",
+            f"compiler: {info['compiler']} ({info['compiler_type']})",
+            f"compile flags: {' '.join(info['compile_args'])}",
+            f"link flags: {' '.join(info['link_args'])}",
+            f"bounds checking: {'on' if info['bounds_checking'] else 'off'}",
         ]
-    lines.append(f"output buffer cache: {_buffer_cache.cached_bytes() / 2**20:.1f} MiB held "
-                 "(cembed.release_memory() frees it)")
-    print("\n".join(lines), file=file)
+    lines.append(f"output buffer cache: {info['cached_bytes'] / 2**20:.1f} MiB held (cembed.release_memory() frees it)")
+    print("\n".join(lines), file=sys.stdout if file is None else file)
+    return None

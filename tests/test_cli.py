@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from cembed import corpus as corpus_mod
-from cembed import train as train_mod
-from cembed.__main__ import main
+from cembed.apps import corpus as corpus_mod
+from cembed.apps import train as train_mod
+from cembed.apps.cli import main
 
 from util import require_torch
 
@@ -250,3 +250,172 @@ def test_bench_without_torch_says_so(capsys, monkeypatch):
     assert "torch not installed" in out
     row = next(line for line in out.splitlines() if line.startswith("gather"))
     assert row.split()[3] == "-"          # the torch column is empty
+
+
+def test_numpy_baselines_compute_what_cembed_computes():
+    """cembed.apps.baselines (timed by `bench` and benchmarks/) are the same operations as the kernels."""
+    import cembed
+    from cembed import functional as F
+    from cembed.apps import baselines
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((50, 8), dtype=np.float32)
+    idx = rng.integers(0, 50, 64)
+    g = rng.standard_normal((64, 8), dtype=np.float32)
+    np.testing.assert_array_equal(baselines.gather(w, idx), F.embedding(idx, w))
+    np.testing.assert_allclose(baselines.dense_grad(g, idx, 50), F.embedding_backward(g, idx, 50), rtol=1e-5, atol=1e-6)
+    rows, values = baselines.coalesce(idx, g)
+    sg = F.embedding_backward(g, idx, 50, sparse=True)
+    np.testing.assert_array_equal(rows, sg.indices)
+    np.testing.assert_allclose(values, sg.values, rtol=1e-5, atol=1e-6)
+    a, b = w.copy(), w.copy()
+    baselines.renorm_(a, idx, 1.0)
+    F.embedding_renorm_(b, idx, 1.0)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    offsets = np.arange(0, 64, 16)
+    for mode in ("sum", "mean", "max"):
+        np.testing.assert_allclose(baselines.bag(w, idx, offsets, mode), F.embedding_bag(idx, w, offsets, mode=mode),
+                                   rtol=1e-5, atol=1e-6)
+    gb = rng.standard_normal((4, 8), dtype=np.float32)
+    out, rows, values = baselines.bag_mean_fwd_bwd(w, idx, offsets, gb)
+    bag = cembed.EmbeddingBag.from_pretrained(w.copy(), freeze=False, mode="mean", sparse=True)
+    np.testing.assert_allclose(out, bag(idx, offsets), rtol=1e-5, atol=1e-6)
+    bag.backward(gb)
+    np.testing.assert_array_equal(rows, bag.grad.indices)
+    np.testing.assert_allclose(values, bag.grad.values, rtol=1e-5, atol=1e-6)
+
+    class Table:
+        def __init__(self, weight):
+            self.weight, self.grad = weight, sg
+    for kind, name, lr in [("sgd", "SGD", 0.1), ("adagrad", "Adagrad", 1e-2), ("sparse_adam", "SparseAdam", 1e-3)]:
+        ours, state, table = w.copy(), {}, Table(w.copy())
+        opt = getattr(cembed.optim, name)([table], lr=lr)
+        for _ in range(3):
+            baselines.optimizer_step(kind, ours, state, sg.indices, sg.values, lr=lr)
+            opt.step()
+        np.testing.assert_allclose(ours, table.weight, rtol=1e-5, atol=1e-6)
+
+
+def _shim_run(args, tmp_path):
+    import cembed
+
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(cembed.__file__))))
+    return subprocess.run([sys.executable, "-m", "cembed", *args], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=120)
+
+
+def test_python_m_cembed_shim_config_and_help(tmp_path):
+    proc = _shim_run(["config"], tmp_path)
+    assert proc.returncode == 0 and proc.stdout.startswith("cembed ") and "OpenMP:" in proc.stdout
+    proc = _shim_run(["--help"], tmp_path)
+    assert proc.returncode == 0 and "{train,bench,config}" in proc.stdout and proc.stderr == ""
+    import cembed.__main__  # importing the shim runs nothing
+    from cembed.apps import cli
+    assert cembed.__main__.main is cli.main
+
+
+def _user_threads():
+    import cembed
+
+    return cembed.show_config(mode="dicts")["threads_set_by_user"]
+
+
+@pytest.mark.parametrize("prior", [None, 3])
+@pytest.mark.parametrize("threads", [None, 1])
+def test_train_and_bench_leave_thread_settings_as_they_were(prior, threads):
+    import cembed
+    from cembed.apps import bench
+
+    cembed.set_num_threads(prior)
+    before = cembed.get_num_threads()
+    corpus = corpus_mod.synthetic_corpus(500, 5, 2000, seed=0)
+    train_mod.train(corpus, train_mod.TrainConfig(dim=8, batch_size=512, threads=threads), progress=False)
+    assert cembed.get_num_threads() == before and _user_threads() == (prior is not None)
+    bench.run(rows=500, dim=4, n=256, bag_size=4, threads=threads, repeats=1, only="gather", use_torch=False,
+              use_numpy=False)
+    assert cembed.get_num_threads() == before and _user_threads() == (prior is not None)
+
+
+def test_torch_backend_restores_torch_threads():
+    torch = require_torch()
+    from cembed.apps import bench
+
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        corpus = corpus_mod.synthetic_corpus(500, 5, 2000, seed=0)
+        train_mod.train(corpus, train_mod.TrainConfig(dim=8, batch_size=512, threads=2, backend="torch"),
+                        progress=False)
+        assert torch.get_num_threads() == 1
+        bench.run(rows=500, dim=4, n=256, bag_size=4, threads=2, repeats=1, only="gather", use_numpy=False)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("cembed", ["cembed"]), ("both", ["cembed", "torch"]), ("all", ["cembed", "torch", "gensim"]),
+    ("cembed,gensim", ["cembed", "gensim"]), ("gensim, cembed,gensim", ["gensim", "cembed"]),
+    ("both,gensim", ["cembed", "torch", "gensim"])])
+def test_backend_lists(text, expected):
+    from cembed.apps.cli import build_parser
+
+    assert build_parser().parse_args(["train", "--backend", text]).backend == expected
+
+
+def test_unknown_backend_exits_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--backend", "cembed,tensorflow"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --backend" in err and "'tensorflow'" in err and "comma list" in err
+
+
+@pytest.mark.parametrize("backend", ["gensim", "cembed,gensim", "all"])
+def test_gensim_backend_without_gensim_is_a_clear_error(capsys, monkeypatch, backend):
+    monkeypatch.setitem(sys.modules, "gensim", None)          # import gensim now raises ImportError
+    monkeypatch.setitem(sys.modules, "gensim.models", None)
+    monkeypatch.setattr(train_mod, "train", lambda *a, **k: pytest.fail("trained without gensim"))
+    if backend == "all":
+        require_torch()
+    assert main(["train", *TINY, "--no-save", "--backend", backend]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --backend gensim needs gensim (pip install gensim, or pip install \".[bench]\")\n"
+
+
+def test_gensim_backend_learns_the_topics():
+    pytest.importorskip("gensim")
+    import cembed
+
+    corpus = corpus_mod.synthetic_corpus(5000, 10, 100_000, seed=2)
+    before = cembed.get_num_threads()
+    result = train_mod.train(corpus, train_mod.TrainConfig(seed=2, backend="gensim", dim=32, threads=1, epochs=5),
+                             progress=False)
+    assert cembed.get_num_threads() == before
+    assert result.backend == "gensim" and result.table.shape == (corpus.vocab_size, 32)
+    assert abs(result.quality_before["frequent"] - result.chance["frequent"]) < 0.05
+    assert result.quality_after["frequent"] > 3 * result.chance["frequent"]
+    assert result.words == 5 * corpus.n_tokens and result.words_per_second > 0 and result.prep_seconds > 0
+    unused = corpus.counts == 0   # not in gensim's vocabulary: zero rows
+    assert not result.table[unused].any() and result.table[~unused].any(axis=1).all()
+
+
+def test_gensim_backend_from_the_command_line(tmp_path, capsys):
+    pytest.importorskip("gensim")
+    path = tmp_path / "text.txt"
+    rng = np.random.default_rng(0)
+    path.write_text("\n".join(" ".join(rng.choice(["cat", "dog", "cow", "saw", "nail", "drill"], 8))
+                              for _ in range(200)) + "\n", encoding="utf-8")
+    assert main(["train", "--corpus", str(path), "--min-count", "2", "--dim", "8", "--subsample", "0",
+                 "--quiet", "--no-save", "--backend", "cembed,gensim"]) == 0
+    out = capsys.readouterr().out
+    assert "gensim  Word2Vec(sg=1, hs=0, vector_size=8, window=5, negative=5, sample=0" in out
+    assert "loss n/a" in out and "cembed / gensim throughput" in out and "nearest to" in out
+
+
+def test_line_sentence_file(tmp_path):
+    corpus = corpus_mod.Corpus(tokens=np.array([3, 1, 2, 0, 0], np.int32), sentence_starts=np.array([0, 3, 5]),
+                               words=["a", "b", "c", "d"], counts=np.array([2, 1, 1, 1]))
+    path = tmp_path / "s.txt"
+    train_mod.write_line_sentences(corpus, path, sentences_per_write=1)
+    assert path.read_text() == "3 1 2\n0 0\n"

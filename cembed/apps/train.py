@@ -4,11 +4,14 @@ Both tables are ``cembed.Embedding(sparse=True)`` trained by a cembed optimizer 
 default); the small dot-product model between them is written in NumPy. ``backend="torch"`` runs the
 identical model (same data, batches, negatives, initial weights and hyper-parameters) with
 ``torch.nn.Embedding(sparse=True)`` and a torch optimizer, for a side-by-side throughput figure.
+``backend="gensim"`` trains gensim's ``Word2Vec`` (skip-gram, negative sampling, its own SGD schedule)
+on the same sentences with the same dim / window / negatives / subsampling / epochs / seed / threads,
+for a comparison with the reference CPU implementation most users know.
 """
-import ctypes
 import math
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -17,6 +20,7 @@ import numpy as np
 import cembed
 
 from .corpus import Corpus
+from .runtime import thread_settings
 
 
 @dataclass
@@ -176,8 +180,7 @@ class TorchModel:
 
         self.n_steps = 0
 
-        self.torch = torch
-        torch.set_num_threads(config.threads or cembed.get_num_threads())   # the same threads as cembed
+        self.torch = torch   # train() runs it on the same thread count as cembed
         self.emb_in = torch.nn.Embedding.from_pretrained(torch.from_numpy(w_in), freeze=False, sparse=True)
         self.emb_out = torch.nn.Embedding.from_pretrained(torch.from_numpy(w_out), freeze=False, sparse=True)
         params = list(self.emb_in.parameters()) + list(self.emb_out.parameters())
@@ -305,30 +308,24 @@ class TrainResult:
     chance: dict = None           # evaluation set -> precision@10 of random neighbours
     eval_sizes: dict = None
     table: np.ndarray = None
+    prep_seconds: float = 0.0     # set-up not counted in ``seconds`` (gensim: corpus file + vocabulary)
 
 
-def reuse_large_allocations():
-    """Let freed large arrays be reused instead of page-faulted anew.
+def train(corpus: Corpus, config: TrainConfig, *, progress=True):
+    """Train one backend on ``corpus``; returns a TrainResult (quality measured when topics exist).
 
-    glibc serves allocations above its mmap threshold (which adapts up to 32 MB) with fresh mmap'ed
-    pages, so each of the ~50 MB per-step temporaries of a training step (looked-up rows, their
-    gradients) would be zero-filled by the kernel page by page, every step. Raising the threshold (and
-    the trim threshold) keeps that memory in the heap for the next step. Process-wide, so it applies
-    to every backend alike; a no-op where the C library has no mallopt."""
-    try:
-        libc = ctypes.CDLL(None)
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, 1 << 30)
-        libc.mallopt(m_trim_threshold, 1 << 30)
-    except (OSError, AttributeError, TypeError):
-        pass
+    Runs on ``config.threads`` threads (None: cembed's current setting), torch on the same number;
+    cembed's and torch's thread settings are as before when it returns."""
+    torch = None
+    if config.backend == "torch":
+        import torch
+    with thread_settings(config.threads, torch) as threads:
+        if config.backend == "gensim":
+            return _train_gensim(corpus, config, threads, progress)
+        return _train(corpus, config, progress)
 
 
-def train(corpus: Corpus, config: TrainConfig, *, progress=True, log=print):
-    """Train one backend on ``corpus``; returns a TrainResult (quality measured when topics exist)."""
-    reuse_large_allocations()
-    if config.threads:
-        cembed.set_num_threads(config.threads)
+def _train(corpus, config, progress):
     w_in, w_out = initial_tables(corpus.vocab_size, config.dim, config.seed)
     eval_sets = (evaluation_sets(corpus) or None) if corpus.topics is not None else None
     before, chance = {}, {}
@@ -348,16 +345,92 @@ def train(corpus: Corpus, config: TrainConfig, *, progress=True, log=print):
     words = total   # every token was consumed, also when the last slices gave no pair
     bar.update(words, loss, force=True)
     bar.close()
-    table = model.input_table()
     result = TrainResult(backend=model.name, seconds=seconds, words=words,
                          words_per_second=words / seconds if seconds > 0 else float("nan"),
-                         final_loss=bar.loss, table=table)
+                         final_loss=bar.loss, table=model.input_table())
+    return _score(result, corpus, eval_sets, before, chance)
+
+
+def _score(result, corpus, eval_sets, before, chance):
     if eval_sets is not None:
         result.quality_before, result.chance = before, chance
-        result.quality_after = {name: topic_precision(table, words, corpus.topics)[0]
+        result.quality_after = {name: topic_precision(result.table, words, corpus.topics)[0]
                                 for name, words in eval_sets.items()}
         result.eval_sizes = {name: len(words) for name, words in eval_sets.items()}
     return result
+
+
+# ------------------------------------------------------------------------------------------ gensim
+
+GENSIM_ALPHA = 0.025        # gensim's (and word2vec's) skip-gram learning rate, decayed linearly ...
+GENSIM_MIN_ALPHA = 0.0001   # ... to this over the run
+
+
+def gensim_options(config: TrainConfig, threads):
+    """Word2Vec's arguments for the model ``config`` describes: skip-gram (sg=1) with negative sampling
+    (hs=0), every word kept (min_count=1: the corpus is already filtered), the same window, negatives,
+    subsampling threshold, epochs and seed, one worker per thread. The optimizer is gensim's own
+    (plain SGD, alpha decayed linearly); --optimizer, --lr and --batch-size do not apply."""
+    return dict(vector_size=config.dim, window=config.window, negative=config.negatives, sg=1, hs=0,
+                min_count=1, sample=config.subsample, epochs=config.epochs, seed=config.seed, workers=threads,
+                alpha=GENSIM_ALPHA, min_alpha=GENSIM_MIN_ALPHA)
+
+
+def write_line_sentences(corpus: Corpus, path, sentences_per_write=1 << 14):
+    """The corpus in gensim's LineSentence format: one sentence per line, each word written as its id
+    (whitespace-free whatever the word is, and mapped back by int())."""
+    names = [str(i) for i in range(corpus.vocab_size)]
+    starts = corpus.sentence_starts
+    with open(path, "w", encoding="ascii") as fh:
+        for s0 in range(0, starts.size - 1, sentences_per_write):
+            s1 = min(starts.size - 1, s0 + sentences_per_write)
+            base = int(starts[s0])
+            ids = corpus.tokens[base:int(starts[s1])].tolist()
+            bounds = (starts[s0:s1 + 1] - base).tolist()
+            fh.write("".join(" ".join([names[t] for t in ids[a:b]]) + "\n" for a, b in zip(bounds, bounds[1:])))
+
+
+def _table_by_id(vectors, ids, vocab_size):
+    """gensim's vectors (its own row order) as a (vocab_size, D) table in corpus ids; words the corpus
+    never uses are not in gensim's vocabulary and stay zero."""
+    table = np.zeros((vocab_size, vectors.shape[1]), dtype=np.float32)
+    table[ids] = vectors
+    return table
+
+
+def _train_gensim(corpus, config, threads, progress):
+    """gensim Word2Vec on the same sentences. Input route: ``corpus_file`` (a LineSentence file), gensim's
+    file-based mode, in which every worker reads its own part of the file in Cython without the GIL and
+    the throughput scales with the workers; the iterable route feeds all workers from one Python thread.
+    Writing the file and building the vocabulary are timed apart (``prep_seconds``), like the corpus
+    preparation of the other backends; ``seconds`` is Word2Vec.train alone."""
+    from gensim.models import Word2Vec
+
+    eval_sets = (evaluation_sets(corpus) or None) if corpus.topics is not None else None
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="cembed-gensim-") as tmp:
+        path = os.path.join(tmp, "sentences.txt")
+        write_line_sentences(corpus, path)
+        model = Word2Vec(**gensim_options(config, threads))
+        model.build_vocab(corpus_file=path)
+        ids = np.fromiter(map(int, model.wv.index_to_key), dtype=np.int64, count=len(model.wv.index_to_key))
+        initial = _table_by_id(model.wv.vectors, ids, corpus.vocab_size)
+        before, chance = {}, {}
+        for name, words in (eval_sets or {}).items():
+            before[name], chance[name] = topic_precision(initial, words, corpus.topics)
+        del initial
+        prep = time.perf_counter() - t0
+        if progress:
+            sys.stderr.write(f"gensim  training Word2Vec on {threads} worker(s) (no progress bar)...\n")
+            sys.stderr.flush()
+        start = time.perf_counter()
+        model.train(corpus_file=path, total_words=model.corpus_total_words, epochs=config.epochs)
+        seconds = time.perf_counter() - start
+    words = corpus.n_tokens * config.epochs
+    result = TrainResult(backend="gensim", seconds=seconds, words=words,
+                         words_per_second=words / seconds if seconds > 0 else float("nan"), final_loss=None,
+                         table=_table_by_id(model.wv.vectors, ids, corpus.vocab_size), prep_seconds=prep)
+    return _score(result, corpus, eval_sets, before, chance)
 
 
 def save_embeddings(out_dir, table, corpus):

@@ -9,7 +9,7 @@ nearest neighbours), which plain text does not allow.
 """
 import collections
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -25,7 +25,6 @@ class Corpus:
     topics: np.ndarray = None     # (vocab_size,) int32 topic of each word, or None
     n_topics: int = 0
     description: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def vocab_size(self):

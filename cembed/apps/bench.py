@@ -17,6 +17,9 @@ import cembed
 from cembed import functional as F
 from cembed import optim
 
+from . import baselines as B
+from .runtime import openmp_enabled, thread_settings
+
 KERNELS = ["gather", "renorm", "dense_backward", "sparse_backward", "sgd", "adagrad", "sparse_adam",
            "train_step", "bag_sum", "bag_mean", "bag_max", "bag_mean_fwd_bwd"]
 
@@ -61,27 +64,6 @@ class Workload:
         self.sparse_grad = F.embedding_backward(self.grad_output, self.indices, rows, sparse=True)
 
 
-def _numpy_optimizer_step(kind, weight, state, rows, values):
-    if kind == "sgd":
-        weight[rows] -= np.float32(0.1) * values
-    elif kind == "adagrad":
-        h = state.setdefault("sum", np.zeros(weight.shape, np.float32))
-        hr = h[rows] + values * values
-        h[rows] = hr
-        weight[rows] -= np.float32(1e-2) * values / (np.sqrt(hr) + np.float32(1e-10))
-    else:
-        m = state.setdefault("m", np.zeros(weight.shape, np.float32))
-        v = state.setdefault("v", np.zeros(weight.shape, np.float32))
-        state["step"] = state.get("step", 0) + 1
-        m0, v0 = m[rows], v[rows]
-        dm = (values - m0) * np.float32(0.1)
-        dv = (values * values - v0) * np.float32(0.001)
-        m[rows] = m0 + dm
-        v[rows] = v0 + dv
-        step_size = 1e-3 * np.sqrt(1 - 0.999 ** state["step"]) / (1 - 0.9 ** state["step"])
-        weight[rows] += np.float32(-step_size) * ((dm + m0) / (np.sqrt(dv + v0) + np.float32(1e-8)))
-
-
 def build(kernel, wl, torch, use_numpy):
     """(contenders {name: (fn, setup)}, useful bytes per call) for one kernel."""
     w, idx, g, dim, n, rows = wl.weight, wl.indices, wl.grad_output, wl.dim, wl.n, wl.rows
@@ -94,7 +76,7 @@ def build(kernel, wl, torch, use_numpy):
     if kernel == "gather":
         c["cembed"] = (lambda: F.embedding(idx, w), None)
         if use_numpy:
-            c["numpy"] = (lambda: np.take(w, idx, axis=0), None)
+            c["numpy"] = (lambda: B.gather(w, idx), None)
         if torch is not None:
             c["torch"] = (lambda: torch.nn.functional.embedding(ti, tw), None)
         return c, 8 * dim * n
@@ -113,13 +95,7 @@ def build(kernel, wl, torch, use_numpy):
 
         contender("cembed", lambda t: F.embedding_renorm_(t, idx, 1.0))
         if use_numpy:
-            def numpy_renorm(t):
-                r = np.unique(idx)
-                block = t[r]
-                norms = np.linalg.norm(block, axis=1)
-                big = norms > 1.0
-                t[r[big]] = block[big] * (1.0 / (norms[big].astype(np.float64) + 1e-7)).astype(np.float32)[:, None]
-            contender("numpy", numpy_renorm)
+            contender("numpy", lambda t: B.renorm_(t, idx, 1.0))
         if torch is not None:
             def torch_renorm(t, _cache={}):
                 tt = _cache.setdefault(id(t), torch.from_numpy(t))
@@ -131,11 +107,7 @@ def build(kernel, wl, torch, use_numpy):
     if kernel == "dense_backward":
         c["cembed"] = (lambda: F.embedding_backward(g, idx, rows), None)
         if use_numpy:
-            def numpy_dense():
-                out = np.zeros((rows, dim), np.float32)
-                np.add.at(out, idx, g)
-                return out
-            c["numpy"] = (numpy_dense, None)
+            c["numpy"] = (lambda: B.dense_grad(g, idx, rows), None)
         if torch is not None:
             c["torch"] = (lambda: torch.ops.aten.embedding_dense_backward(tg, ti, rows, -1, False), None)
         return c, 4 * dim * n + 4 * dim * rows
@@ -143,33 +115,26 @@ def build(kernel, wl, torch, use_numpy):
     if kernel == "sparse_backward":
         c["cembed"] = (lambda: F.embedding_backward(g, idx, rows, sparse=True), None)
         if use_numpy:
-            def numpy_sparse():
-                r, inv = np.unique(idx, return_inverse=True)
-                out = np.zeros((r.size, dim), np.float32)
-                np.add.at(out, inv, g)
-                return r, out
-            c["numpy"] = (numpy_sparse, None)
+            c["numpy"] = (lambda: B.coalesce(idx, g), None)
         if torch is not None:
             c["torch"] = (lambda: torch.sparse_coo_tensor(ti[None], tg, (rows, dim),
                                                           check_invariants=False).coalesce(), None)
         return c, 4 * dim * n + 4 * dim * u
 
     if kernel in ("sgd", "adagrad", "sparse_adam"):
-        make = {"sgd": lambda p: optim.SGD(p, lr=0.1), "adagrad": lambda p: optim.Adagrad(p, lr=1e-2),
-                "sparse_adam": lambda p: optim.SparseAdam(p, lr=1e-3)}[kernel]
+        lr = {"sgd": 0.1, "adagrad": 1e-2, "sparse_adam": 1e-3}[kernel]       # the same for every contender
+        name = {"sgd": "SGD", "adagrad": "Adagrad", "sparse_adam": "SparseAdam"}[kernel]
         table = _Table(w.copy())
         table.grad = wl.sparse_grad
-        opt = make([table])
+        opt = getattr(optim, name)([table], lr=lr)
         c["cembed"] = (opt.step, None)
         if use_numpy:
-            nw, state = w.copy(), {}
-            sg = wl.sparse_grad
-            c["numpy"] = (lambda: _numpy_optimizer_step(kernel, nw, state, sg.indices, sg.values), None)
+            nw, state, sg = w.copy(), {}, wl.sparse_grad
+            c["numpy"] = (lambda: B.optimizer_step(kernel, nw, state, sg.indices, sg.values, lr=lr), None)
         if torch is not None:
             param = torch.nn.Parameter(torch.from_numpy(w.copy()))
             param.grad = torch.sparse_coo_tensor(ti[None], tg, (rows, dim), check_invariants=False)
-            topt = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1), "adagrad": lambda p: torch.optim.Adagrad(p, lr=1e-2),
-                    "sparse_adam": lambda p: torch.optim.SparseAdam(p, lr=1e-3)}[kernel]([param])
+            topt = getattr(torch.optim, name)([param], lr=lr)
             c["torch"] = (topt.step, None)
         return c, {"sgd": 12, "adagrad": 20, "sparse_adam": 28}[kernel] * dim * u
 
@@ -185,14 +150,7 @@ def build(kernel, wl, torch, use_numpy):
         c["cembed"] = (cembed_step, None)
         if use_numpy:
             nw, state = w.copy(), {}
-
-            def numpy_step():
-                np.take(nw, idx, axis=0)                            # forward
-                r, inv = np.unique(idx, return_inverse=True)        # backward: coalesced gradient
-                values = np.zeros((r.size, dim), np.float32)
-                np.add.at(values, inv, g)
-                _numpy_optimizer_step("sparse_adam", nw, state, r, values)
-            c["numpy"] = (numpy_step, None)
+            c["numpy"] = (lambda: B.train_step(nw, state, idx, g, lr=1e-3), None)
         if torch is not None:
             temb = torch.nn.Embedding.from_pretrained(torch.from_numpy(w.copy()), freeze=False, sparse=True)
             topt = torch.optim.SparseAdam(temb.parameters(), lr=1e-3)
@@ -208,15 +166,9 @@ def build(kernel, wl, torch, use_numpy):
     n_bags = off.size
     if kernel in ("bag_sum", "bag_mean", "bag_max"):
         mode = kernel[4:]
-        sizes = np.diff(np.append(off, n)).astype(np.float32)[:, None]   # the last bag may be shorter
         c["cembed"] = (lambda: F.embedding_bag(idx, w, off, mode=mode), None)
         if use_numpy:
-            ufunc = np.maximum if mode == "max" else np.add
-
-            def numpy_bag():
-                out = ufunc.reduceat(np.take(w, idx, axis=0), off, axis=0)
-                return out / sizes if mode == "mean" else out
-            c["numpy"] = (numpy_bag, None)
+            c["numpy"] = (lambda: B.bag(w, idx, off, mode), None)
         if torch is not None:
             to = torch.from_numpy(off)
 
@@ -236,17 +188,7 @@ def build(kernel, wl, torch, use_numpy):
             bag.zero_grad()
         c["cembed"] = (cembed_fb, None)
         if use_numpy:
-            counts = np.diff(np.append(off, n))
-            sizes = counts.astype(np.float32)[:, None]
-
-            def numpy_fb():
-                out = np.add.reduceat(np.take(w, idx, axis=0), off, axis=0) / sizes
-                per_index = np.repeat(gb / sizes, counts, axis=0)
-                r, inv = np.unique(idx, return_inverse=True)
-                values = np.zeros((r.size, dim), np.float32)
-                np.add.at(values, inv, per_index)
-                return out, r, values
-            c["numpy"] = (numpy_fb, None)
+            c["numpy"] = (lambda: B.bag_mean_fwd_bwd(w, idx, off, gb), None)
         if torch is not None:
             tbag = torch.nn.EmbeddingBag.from_pretrained(torch.from_numpy(w.copy()), freeze=False, mode="mean",
                                                          sparse=True)
@@ -264,17 +206,20 @@ def build(kernel, wl, torch, use_numpy):
 
 def run(rows=1_000_000, dim=128, n=262_144, bag_size=16, threads=None, repeats=7, only=None, use_torch=True,
         use_numpy=True, seed=2026, log=None):
-    """Run the benchmark; returns a dict (config, copy_gbs, results)."""
-    if threads:
-        cembed.set_num_threads(threads)
+    """Run the benchmark; returns a dict (config, copy_gbs, results). cembed's and torch's thread
+    settings are restored on return."""
+    kernels = select_kernels(only)
     torch = None
     if use_torch:
         try:
             import torch
-            torch.set_num_threads(cembed.get_num_threads())
         except ImportError:
             torch = None
-    kernels = select_kernels(only)
+    with thread_settings(threads, torch):
+        return _run(kernels, rows, dim, n, bag_size, repeats, torch, use_numpy, seed, log)
+
+
+def _run(kernels, rows, dim, n, bag_size, repeats, torch, use_numpy, seed, log):
     wl = Workload(rows, dim, n, bag_size, seed)
     src = np.empty((n, dim), np.float32)
     src.fill(1.0)
@@ -300,7 +245,7 @@ def run(rows=1_000_000, dim=128, n=262_144, bag_size=16, threads=None, repeats=7
             del contenders
     config = dict(rows=rows, dim=dim, n=n, bag_size=bag_size, unique_rows=int(wl.unique.size),
                   threads=cembed.get_num_threads(), repeats=repeats, dtype="float32", distribution="zipf(1.1)",
-                  openmp=bool(cembed._config.openmp_enabled()), numpy=np.__version__,
+                  openmp=openmp_enabled(), numpy=np.__version__,
                   torch=getattr(torch, "__version__", None), python=platform.python_version(),
                   machine=f"{platform.machine()} {_cpu_name()}")
     return {"config": config, "copy_gbs": copy_gbs, "results": results}

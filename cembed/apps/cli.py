@@ -1,0 +1,292 @@
+"""Command line: `python -m cembed train` (the main job), `bench` and `config`."""
+import argparse
+import math
+import os
+import sys
+import time
+
+from .runtime import reuse_large_allocations
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {value}")
+    return value
+
+
+def _non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value}")
+    return value
+
+
+def _seed(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+BACKENDS = ("cembed", "torch", "gensim")
+BACKEND_ALIASES = {"both": ["cembed", "torch"], "all": list(BACKENDS)}
+
+
+def _backends(text):
+    """--backend: one of BACKENDS, an alias (both, all) or a comma list of them, in order, no repeats."""
+    chosen = []
+    for part in text.split(","):
+        part = part.strip()
+        names = BACKEND_ALIASES.get(part, [part])
+        if any(name not in BACKENDS for name in names):
+            raise argparse.ArgumentTypeError(
+                f"expected {', '.join(BACKENDS)}, both, all or a comma list of them, got {part!r}")
+        chosen += [name for name in names if name not in chosen]
+    return chosen
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m cembed",
+                                     description="cembed: fast CPU embedding tables for NumPy.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,bench,config}")
+
+    t = sub.add_parser("train", help="train a skip-gram (word2vec) model end to end",
+                       description="Train word2vec-style skip-gram embeddings with negative sampling on the CPU. "
+                                   "By default on a built-in synthetic corpus with planted topics (no download), "
+                                   "reporting same-topic precision@10 of nearest neighbours before and after.")
+    data = t.add_argument_group("data")
+    data.add_argument("--corpus", metavar="FILE", help="train on this UTF-8 text file (one sentence per line) "
+                                                       "instead of the synthetic corpus")
+    data.add_argument("--min-count", type=_positive_int, default=5, help="--corpus: ignore rarer words (default 5)")
+    data.add_argument("--vocab-size", type=_positive_int, default=1_000_000,
+                      help="synthetic: words in the vocabulary (default 1,000,000)")
+    data.add_argument("--topics", type=_positive_int, default=100, help="synthetic: latent topics (default 100)")
+    data.add_argument("--tokens", type=_positive_int, default=8_000_000,
+                      help="synthetic: corpus length in tokens (default 8,000,000)")
+    model = t.add_argument_group("model and optimisation")
+    model.add_argument("--dim", type=_positive_int, default=64, help="embedding size (default 64)")
+    model.add_argument("--window", type=_positive_int, default=5, help="max context distance (default 5)")
+    model.add_argument("--negatives", type=_positive_int, default=5, help="negative samples per pair (default 5)")
+    model.add_argument("--batch-size", type=_positive_int, default=32768, help="pairs per step (default 32768)")
+    model.add_argument("--epochs", type=_positive_int, default=1, help="passes over the corpus (default 1)")
+    model.add_argument("--optimizer", choices=["sparseadam", "adagrad", "sgd"], default="sparseadam")
+    model.add_argument("--lr", type=_positive_float, default=None,
+                       help="learning rate (default: 0.01 SparseAdam, 0.2 Adagrad, 0.05 SGD)")
+    model.add_argument("--subsample", type=_non_negative_float, default=1e-4,
+                       help="frequent-word subsampling threshold, 0 to disable (default 1e-4)")
+    run = t.add_argument_group("run")
+    run.add_argument("--backend", type=_backends, default=["cembed"], metavar="NAME[,NAME...]",
+                     help="cembed (default); torch: the identical model with torch.nn.Embedding(sparse=True) "
+                          "and a torch optimizer; gensim: gensim's Word2Vec (sg=1, hs=0) on the same sentences "
+                          "with the same dim, window, negatives, --subsample, epochs, seed and threads, its "
+                          "own SGD (alpha 0.025 decaying; --optimizer/--lr/--batch-size do not apply), fed "
+                          "through a temporary corpus_file; both = cembed,torch; all = cembed,torch,gensim; "
+                          "or a comma list, e.g. cembed,gensim. Several backends run one after the other "
+                          "and the summary gives the throughput ratios to the first")
+    run.add_argument("--threads", type=_positive_int, default=None, help="threads (default: all cores)")
+    run.add_argument("--seed", type=_seed, default=0, help="seed for data, init and sampling (default 0)")
+    run.add_argument("--out", default="cembed_out", metavar="DIR",
+                     help="where embeddings.npy, vocab.txt and pca.png go (default cembed_out/)")
+    run.add_argument("--no-save", action="store_true", help="do not write the embeddings")
+    run.add_argument("--no-plot", action="store_true", help="do not write the PCA plot")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    b = sub.add_parser("bench", help="time every kernel against NumPy and torch",
+                       description="One table for every kernel: cembed, NumPy and torch (when importable) "
+                                   "medians of interleaved repeats, useful GB/s and the fraction of a "
+                                   "streaming copy measured in the same run, and the speedups.")
+    b.add_argument("--rows", type=_positive_int, default=1_000_000, help="table rows V (default 1,000,000)")
+    b.add_argument("--dim", type=_positive_int, default=128, help="embedding size D (default 128)")
+    b.add_argument("--n", type=_positive_int, default=262_144, help="indices per batch N (default 262,144)")
+    b.add_argument("--bag-size", type=_positive_int, default=16, help="indices per bag (default 16)")
+    b.add_argument("--threads", type=_positive_int, default=None, help="threads (default: all cores)")
+    b.add_argument("--repeats", type=_positive_int, default=7, help="interleaved rounds (default 7)")
+    b.add_argument("--only", default=None, metavar="KERNEL,...", help="run only these kernels")
+    b.add_argument("--no-torch", action="store_true", help="skip torch even when it is installed")
+    b.add_argument("--no-numpy", action="store_true", help="skip the NumPy baselines (the slowest part)")
+    b.add_argument("--json", action="store_true", help="print the results as JSON")
+    b.add_argument("--seed", type=_seed, default=2026, help="seed for the workload (default 2026)")
+
+    sub.add_parser("config", help="print the build configuration (cembed.show_config())")
+    return parser
+
+
+def _fmt_quality(result):
+    if result.quality_after is None:
+        return ""
+    return "   ".join(f"{name} p@10 {result.quality_before[name]:.3f} -> {result.quality_after[name]:.3f}"
+                       for name in result.quality_after)
+
+
+def _fmt_loss(result):
+    if result.final_loss is not None:
+        return f"{result.final_loss:.4f}"
+    return "n/a" if result.backend == "gensim" else "- (no training pair)"
+
+
+def _missing_backend(backends):
+    """The error message for the first backend whose library cannot be imported, else None."""
+    if "torch" in backends:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            return "--backend torch needs PyTorch (pip install torch)"
+    if "gensim" in backends:
+        try:
+            import gensim.models  # noqa: F401
+        except ImportError:
+            return "--backend gensim needs gensim (pip install gensim, or pip install \".[bench]\")"
+    return None
+
+
+def run_train(args):
+    from . import corpus as corpus_mod
+    from . import train as train_mod
+
+    log = print
+    missing = _missing_backend(args.backend)
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    if args.corpus:
+        try:
+            corpus = corpus_mod.text_corpus(args.corpus, min_count=args.min_count)
+        except corpus_mod.CorpusError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    else:
+        if args.topics > args.vocab_size:
+            print(f"error: --topics ({args.topics}) cannot exceed --vocab-size ({args.vocab_size})", file=sys.stderr)
+            return 2
+        corpus = corpus_mod.synthetic_corpus(args.vocab_size, args.topics, args.tokens, seed=args.seed)
+    import cembed
+
+    # fail before training, not after it, when the results cannot be written
+    writes = not args.no_save or (not args.no_plot and corpus.topics is not None)
+    if writes:
+        problem = _output_dir_problem(args.out)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 1
+    threads = args.threads or cembed.get_num_threads()
+    log(f"corpus  {corpus.description}  ({time.perf_counter() - t0:.1f}s)")
+    config = train_mod.TrainConfig(dim=args.dim, window=args.window, negatives=args.negatives,
+                                   batch_size=args.batch_size, epochs=args.epochs, optimizer=args.optimizer,
+                                   lr=args.lr, subsample=args.subsample, seed=args.seed, threads=args.threads)
+    log(f"model   skip-gram, negative sampling: dim {config.dim}, window {config.window}, "
+        f"{config.negatives} negatives, batch {config.batch_size} pairs, {config.epochs} epoch(s), "
+        f"{config.optimizer} lr {config.learning_rate()}, {threads} thread(s)")
+    if "gensim" in args.backend:
+        options = train_mod.gensim_options(config, threads)
+        log(f"gensim  Word2Vec(sg=1, hs=0, vector_size={options['vector_size']}, window={options['window']}, "
+            f"negative={options['negative']}, sample={options['sample']:g}, epochs={options['epochs']}, "
+            f"min_count=1, seed={options['seed']}, workers={threads}), alpha {options['alpha']} -> "
+            f"{options['min_alpha']}, corpus_file input")
+    results = []
+    for backend in args.backend:
+        config.backend = backend
+        result = train_mod.train(corpus, config, progress=not args.quiet)
+        results.append(result)
+        prep = (f"  (+{result.prep_seconds:.1f}s corpus file and vocabulary, not counted)"
+                if result.prep_seconds else "")
+        log(f"{backend:>6}  {result.seconds:.1f}s  {result.words_per_second:,.0f} words/s  "
+            f"loss {_fmt_loss(result)}  {_fmt_quality(result)}{prep}")
+    main = results[0]
+    log("")
+    log("summary")
+    for r in results:
+        log(f"  {r.backend:<7} time {r.seconds:7.1f}s   throughput {r.words_per_second:>12,.0f} words/s   "
+            f"{_fmt_quality(r)}")
+    for other in results[1:]:
+        log(f"  {main.backend} / {other.backend} throughput: "
+            f"{main.words_per_second / other.words_per_second:.2f}x")
+    if main.quality_after is not None:
+        log("  quality: precision@10 = share of a word's 10 nearest neighbours (cosine) from its own planted topic,")
+        for name, size in main.eval_sizes.items():
+            what = "most frequent words" if name == "frequent" else "words seen 10-100 times"
+            log(f"           {name}: among the {size} {what}; chance level {main.chance[name]:.3f}")
+    elif corpus.vocab_size >= 2:
+        ranked = train_mod.evaluation_words(corpus, 50)
+        skip = min(10, len(ranked) // 2)  # past the most frequent (function) words
+        queries = ranked[skip:skip + 5]
+        for word, nbrs in train_mod.nearest_words(main.table, corpus, queries,
+                                                  k=min(5, corpus.vocab_size - 1)).items():
+            log(f"  nearest to {word!r}: {', '.join(nbrs)}")
+    try:
+        if not args.no_save:
+            emb_path, vocab_path = train_mod.save_embeddings(args.out, main.table, corpus)
+            log(f"  saved   {emb_path} ({main.table.shape[0]:,} x {main.table.shape[1]} float32), {vocab_path}")
+        if not args.no_plot and corpus.topics is not None:
+            path = train_mod.pca_plot(args.out, main.table, corpus)
+            log(f"  plot    {path}" if path else "  plot    skipped (pip install matplotlib, or '.[demo]')")
+    except OSError as exc:
+        print(f"error: cannot write to {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _output_dir_problem(path):
+    """None when ``path`` is (or can be made) a writable directory, else what is wrong with it."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except FileExistsError:
+        return f"--out {path} exists and is not a directory"
+    except OSError as exc:
+        return f"cannot create the output directory --out {path}: {exc.strerror or exc}"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"the output directory --out {path} is not writable"
+    return None
+
+
+def run_bench(args):
+    from . import bench
+
+    return bench.main(args)
+
+
+def main(argv=None):
+    """The process entry point (``python -m cembed``, the ``cembed`` script): returns the exit code.
+
+    As the owner of the process it also tunes the C allocator for training
+    (``runtime.reuse_large_allocations``, process-wide and for good), which library calls of
+    ``train()`` never do."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            reuse_large_allocations()   # both backends alike: ~50 MB per-step temporaries stay in the heap
+            return run_train(args)
+        if args.command == "bench":
+            return run_bench(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    import cembed
+
+    cembed.show_config()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
