@@ -8,7 +8,7 @@ proportional to the batch, never to the number of rows in the table.
 import numpy as np
 
 from . import _grad, _sort
-from ._pool import empty as pooled_empty
+from ._buffer_cache import empty as pooled_empty
 from ._config import n_threads_for
 from ._lookup import validated_indices
 from ._validation import FLOAT_DTYPES, check_size, normalize_padding_idx

@@ -29,7 +29,7 @@ cdef inline void _prefetch_row(const void *row, Py_ssize_t n_bytes) noexcept nog
         cembed_prefetch(p + k)
 
 
-cdef extern from "_pool_rows.h" nogil:
+cdef extern from "_bag_pooling.h" nogil:
     void cembed_pool_sum_f32(float *acc, const float *const *rows, const float *scales, Py_ssize_t n,
                              Py_ssize_t dim, int fused)
     void cembed_pool_sum_f64(double *acc, const double *const *rows, const double *scales, Py_ssize_t n,

@@ -46,12 +46,12 @@ def n_threads_for(n_items, grain=1024):
 
 
 def release_memory():
-    """Free the cached output buffers (see cembed._pool); returns the number of bytes freed.
+    """Free the cached output buffers (see cembed._buffer_cache); returns the number of bytes freed.
     Large kernel outputs (looked-up rows, gradient values) are recycled when the arrays holding them
     die, so a training loop stops allocating after its first step; this gives that memory back."""
-    from . import _pool
+    from . import _buffer_cache
 
-    return _pool.release()
+    return _buffer_cache.release()
 
 
 def openmp_enabled():
@@ -77,7 +77,7 @@ def show_config(file=None):
             f"link flags: {' '.join(_build_config.LINK_ARGS)}",
             f"bounds checking: {'on' if _build_config.BOUNDSCHECK else 'off'}",
         ]
-    from . import _pool
+    from . import _buffer_cache
 
-    lines.append(f"output buffer cache: {_pool.cached_bytes() / 2**20:.1f} MiB held (cembed.release_memory() frees it)")
+    lines.append(f"output buffer cache: {_buffer_cache.cached_bytes() / 2**20:.1f} MiB held (cembed.release_memory() frees it)")
     print("\n".join(lines), file=file)

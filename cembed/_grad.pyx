@@ -12,7 +12,7 @@ from libc.string cimport memset
 
 from cembed._typedefs cimport cembed_prefetch, PREFETCH_DISTANCE
 
-cdef extern from "_fma_rows.h" nogil:
+cdef extern from "_row_update.h" nogil:
     void cembed_fma_accumulate_f32(float *out, const float *v, float scale, float inv, Py_ssize_t dim)
     void cembed_fma_accumulate_f64(double *out, const double *v, double scale, double inv, Py_ssize_t dim)
     void cembed_axpy_f32(float *out, const float *v, float scale, Py_ssize_t dim)

@@ -2,7 +2,7 @@
 import numpy as np
 
 from . import _gather, _renorm, _sort
-from ._pool import empty as pooled_empty
+from ._buffer_cache import empty as pooled_empty
 from ._config import n_threads_for
 from ._validation import (
     as_index_array,

@@ -11,7 +11,7 @@ from libc.stdint cimport int64_t
 
 from cembed._typedefs cimport cembed_prefetch, cembed_prefetch_w, PREFETCH_DISTANCE
 
-cdef extern from "_fma_rows.h" nogil:
+cdef extern from "_row_update.h" nogil:
     void cembed_axpy_fma_f32(float *w, const float *g, float alpha, float sign, Py_ssize_t dim)
     void cembed_axpy_fma_f64(double *w, const double *g, double alpha, double sign, Py_ssize_t dim)
     void cembed_adagrad_row_f32(float *w, float *h, const float *grad, float neg_clr, float eps,

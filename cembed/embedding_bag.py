@@ -8,7 +8,7 @@ indices an ``IndexError``.
 import numpy as np
 
 from . import _bag, _lookup
-from ._pool import empty as pooled_empty
+from ._buffer_cache import empty as pooled_empty
 from ._backward import _check_grad_output, accumulate_rows
 from ._config import n_threads_for
 from ._validation import (
