@@ -66,16 +66,16 @@ class SparseGrad:
             raise ValueError(f"cannot merge SparseGrads of shapes {self.shape} and {other.shape}")
         if other.dtype != self.dtype:
             raise TypeError(f"cannot merge SparseGrads of dtypes {self.dtype} and {other.dtype}")
-        from . import _grad
+        from . import _sparse_merge
         from ._config import n_threads_for
 
         n_a, n_b = self.nnz, other.nnz
         rows = np.empty(n_a + n_b, dtype=np.int64)
         a_slot = np.empty(n_a, dtype=np.int64)
         b_slot = np.empty(n_b, dtype=np.int64)
-        n_out = _grad.merge_plan(self.indices, other.indices, rows, a_slot, b_slot)
+        n_out = _sparse_merge.merge_plan(self.indices, other.indices, rows, a_slot, b_slot)
         values = np.empty((n_out, self.values.shape[1]), dtype=self.values.dtype)
-        _grad.merge_values(self.values, a_slot, other.values, b_slot, values, n_threads_for(n_out, 4096))
+        _sparse_merge.merge_values(self.values, a_slot, other.values, b_slot, values, n_threads_for(n_out, 4096))
         return SparseGrad(rows[:n_out].copy(), values, self.num_rows, check=False)
 
     __add__ = merge

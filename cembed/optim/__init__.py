@@ -344,7 +344,7 @@ class SGD(Optimizer):
         weight -= weight.dtype.type(lr) * g
 
     def _sparse_momentum(self, i, weight, grad):
-        from .. import _grad
+        from .. import _sparse_merge
 
         group = self._group
         state = self.state[i]
@@ -361,7 +361,7 @@ class SGD(Optimizer):
         rows = np.empty(n_a + n_b, dtype=np.int64)
         a_slot = np.empty(n_a, dtype=np.int64)
         b_slot = np.empty(n_b, dtype=np.int64)
-        n_out = _grad.merge_plan(active, grad.indices, rows, a_slot, b_slot)
+        n_out = _sparse_merge.merge_plan(active, grad.indices, rows, a_slot, b_slot)
         rows = rows[:n_out].copy()
         grad_slot = np.full(n_out, -1, dtype=np.int64)
         grad_slot[b_slot] = np.arange(n_b, dtype=np.int64)
