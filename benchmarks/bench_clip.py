@@ -1,6 +1,6 @@
 """Gradient clipping benchmarks: clip_grad_norm_ / clip_grad_value_ on the workload's sparse gradient
 (~98k unique rows of a 1M x 128 float32 table: ~50 MB of stored values), beside a streaming copy of
-those values (np.copyto, the bandwidth yardstick of PERF.md), NumPy and torch on the same bytes (torch's
+those values (np.copyto, the bandwidth yardstick of docs/performance.md), NumPy and torch on the same bytes (torch's
 clip_grad_norm_ refuses sparse gradients, so it gets the values as a dense (nnz, D) tensor).
 
     python -m pytest benchmarks/bench_clip.py --benchmark-only --benchmark-group-by=group
@@ -129,7 +129,7 @@ def test_clip_value_torch(benchmark, sparse_grad, torch):
 
 # ---------------------------------------------------------------- interleaved run (python bench_clip.py)
 def _interleaved(repeats=31):
-    """Median time of each contender, measured in alternation on the same data (PERF.md)."""
+    """Median time of each contender, measured in alternation on the same data (docs/performance.md)."""
     sys.path.insert(0, os.path.dirname(__file__))
     from conftest import DIM, N_INDICES, N_ROWS, zipf_indices
 

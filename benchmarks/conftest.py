@@ -1,4 +1,4 @@
-"""Shared workload for the benchmark suites (PERF.md): V = 1,000,000 rows, D = 128 float32,
+"""Shared workload for the benchmark suites (docs/performance.md): V = 1,000,000 rows, D = 128 float32,
 N = 262,144 Zipf(1.1) indices (~99k unique rows). Override with CEMBED_BENCH_ROWS / _DIM / _N.
 Every group holds cembed beside its NumPy and (when importable) torch baselines on the same data."""
 import os

@@ -2,15 +2,18 @@
 of its backward that are not a plain segment sum (max-mode routing, per-sample-weight gradient).
 
 Bags are given in CSR form: bag b holds the entries offsets[b] .. offsets[b+1]-1. The forward is
-parallel over bags with a guided schedule (large chunks first, then small ones: bag sizes can be skewed); each bag accumulates in bag
-order in the weight dtype, so results do not depend on the thread count.
+parallel over bags with a guided schedule (large chunks first, then small ones: bag sizes can be
+skewed); each bag accumulates in bag order in the weight dtype, so results do not depend on the
+thread count.
 """
 from cython.parallel cimport prange
 from cython cimport floating
 from libc.string cimport memset
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int64_t
 
-from cembed._typedefs cimport index_t, cembed_prefetch, PREFETCH_DISTANCE
+from cembed._typedefs cimport index_t
+from cembed._rows cimport prefetch_row, row_stride_items, PREFETCH_DISTANCE
+from cembed._bag_pooling cimport bag_sum, pool_sum, pool_max
 
 
 cdef enum:
@@ -20,36 +23,6 @@ cdef enum:
     BAGS_PER_CHUNK = 16
     GROUP_ROWS = 64
     COLUMNS_PER_BLOCK = 16
-
-
-cdef inline void _prefetch_row(const void *row, Py_ssize_t n_bytes) noexcept nogil:
-    cdef const char *p = <const char *> row
-    cdef Py_ssize_t k
-    for k in range(0, n_bytes, 64):
-        cembed_prefetch(p + k)
-
-
-cdef extern from "_pool_rows.h" nogil:
-    void cembed_pool_sum_f32(float *acc, const float *const *rows, const float *scales, Py_ssize_t n,
-                             Py_ssize_t dim, int fused)
-    void cembed_pool_sum_f64(double *acc, const double *const *rows, const double *scales, Py_ssize_t n,
-                             Py_ssize_t dim, int fused)
-    void cembed_pool_max_f32(float *acc, int64_t *argmax, const float *const *rows, const int64_t *row_ids,
-                             Py_ssize_t n, Py_ssize_t dim)
-    void cembed_pool_max_f64(double *acc, int64_t *argmax, const double *const *rows, const int64_t *row_ids,
-                             Py_ssize_t n, Py_ssize_t dim)
-    Py_ssize_t cembed_bag_sum_f32_i32(float *out, const float *base, Py_ssize_t row_stride, Py_ssize_t dim,
-                                      const int32_t *idx, Py_ssize_t begin, Py_ssize_t end, Py_ssize_t n_indices,
-                                      int64_t padding_idx)
-    Py_ssize_t cembed_bag_sum_f32_i64(float *out, const float *base, Py_ssize_t row_stride, Py_ssize_t dim,
-                                      const int64_t *idx, Py_ssize_t begin, Py_ssize_t end, Py_ssize_t n_indices,
-                                      int64_t padding_idx)
-    Py_ssize_t cembed_bag_sum_f64_i32(double *out, const double *base, Py_ssize_t row_stride, Py_ssize_t dim,
-                                      const int32_t *idx, Py_ssize_t begin, Py_ssize_t end, Py_ssize_t n_indices,
-                                      int64_t padding_idx)
-    Py_ssize_t cembed_bag_sum_f64_i64(double *out, const double *base, Py_ssize_t row_stride, Py_ssize_t dim,
-                                      const int64_t *idx, Py_ssize_t begin, Py_ssize_t end, Py_ssize_t n_indices,
-                                      int64_t padding_idx)
 
 
 cdef void _pool_bag(const floating *base, Py_ssize_t row_stride, Py_ssize_t dim,
@@ -67,20 +40,7 @@ cdef void _pool_bag(const floating *base, Py_ssize_t row_stride, Py_ssize_t dim,
     cdef Py_ssize_t count = 0
     cdef floating c
     if mode != MODE_MAX and psw == NULL:  # the common case: one register-accumulating pass per bag
-        if floating is float:
-            if index_t is int32_t:
-                count = cembed_bag_sum_f32_i32(out_row, base, row_stride, dim, indices, begin, end, n_indices,
-                                               padding_idx)
-            else:
-                count = cembed_bag_sum_f32_i64(out_row, base, row_stride, dim, indices, begin, end, n_indices,
-                                               padding_idx)
-        else:
-            if index_t is int32_t:
-                count = cembed_bag_sum_f64_i32(out_row, base, row_stride, dim, indices, begin, end, n_indices,
-                                               padding_idx)
-            else:
-                count = cembed_bag_sum_f64_i64(out_row, base, row_stride, dim, indices, begin, end, n_indices,
-                                               padding_idx)
+        count = bag_sum(out_row, base, row_stride, dim, indices, begin, end, n_indices, padding_idx)
         if mode == MODE_MEAN and count > 1:
             c = <floating> count
             for j in range(dim):
@@ -94,7 +54,7 @@ cdef void _pool_bag(const floating *base, Py_ssize_t row_stride, Py_ssize_t dim,
         if k < end:
             ahead = k + PREFETCH_DISTANCE
             if ahead < n_indices:
-                _prefetch_row(base + (<Py_ssize_t> indices[ahead]) * row_stride, row_bytes)
+                prefetch_row(base + (<Py_ssize_t> indices[ahead]) * row_stride, row_bytes)
             r = indices[k]
             if r == padding_idx:
                 continue
@@ -118,15 +78,9 @@ cdef void _pool_bag(const floating *base, Py_ssize_t row_stride, Py_ssize_t dim,
         if n_group == 0:
             continue
         if mode == MODE_MAX:
-            if floating is float:
-                cembed_pool_max_f32(out_row, argmax_row, rows, row_ids, n_group, dim)
-            else:
-                cembed_pool_max_f64(out_row, argmax_row, rows, row_ids, n_group, dim)
+            pool_max(out_row, argmax_row, rows, row_ids, n_group, dim)
         else:
-            if floating is float:
-                cembed_pool_sum_f32(out_row, rows, scales if psw != NULL else NULL, n_group, dim, psw_fused)
-            else:
-                cembed_pool_sum_f64(out_row, rows, scales if psw != NULL else NULL, n_group, dim, psw_fused)
+            pool_sum(out_row, rows, scales if psw != NULL else NULL, n_group, dim, psw_fused)
         n_group = 0
     if mode == MODE_MEAN and count > 1:
         c = <floating> count
@@ -143,6 +97,8 @@ def bag_forward(const floating[:, :] weight,       # IN  (n_rows, dim), unit col
                 floating[:, ::1] out,               # OUT (n_bags, dim)
                 int64_t[:, ::1] argmax,             # OUT (n_bags, dim) for max mode, else (0, 0)
                 int n_threads):
+    """out[b] = the pooled (sum / mean / max) rows of bag b, padding entries skipped; an empty bag
+    gives zeros (argmax -1). Parallel over bags; each bag is pooled in bag order by one thread."""
     cdef Py_ssize_t n_bags = out.shape[0]
     cdef Py_ssize_t dim = out.shape[1]
     cdef Py_ssize_t n_indices = indices.shape[0]
@@ -158,8 +114,10 @@ def bag_forward(const floating[:, :] weight,       # IN  (n_rows, dim), unit col
         if want_argmax:
             argmax[:, :] = -1
         return
+    if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
+                            sizeof(floating)):
+        raise ValueError("bag_forward: the weight's rows must be contiguous (unit column stride)")
     base = &weight[0, 0]
-    row_stride = weight.strides[0] // <Py_ssize_t> sizeof(floating)
     with nogil:
         for b in prange(n_bags, schedule="guided", chunksize=BAGS_PER_CHUNK, num_threads=n_threads):
             _pool_bag(base, row_stride, dim, idx_ptr, offsets[b], offsets[b + 1], n_indices, mode,
@@ -200,22 +158,24 @@ def psw_backward(const floating[:, :] weight,        # IN  (n_rows, dim), unit c
                  floating[::1] grad_psw,              # OUT (n_indices,)
                  int n_threads):
     """grad_psw[k] = dot(grad_output[bag_of[k]], weight[indices[k]]), 0 for padding entries."""
-    cdef Py_ssize_t n = indices.shape[0]
+    cdef Py_ssize_t n_indices = indices.shape[0]
     cdef Py_ssize_t dim = weight.shape[1]
     cdef Py_ssize_t k, j, row_stride
     cdef const floating *base
     cdef const floating *w
     cdef floating acc
     cdef int64_t r
-    if n == 0:
+    if n_indices == 0:
         return
     if dim == 0 or weight.shape[0] == 0:
         grad_psw[:] = 0
         return
+    if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
+                            sizeof(floating)):
+        raise ValueError("psw_backward: the weight's rows must be contiguous (unit column stride)")
     base = &weight[0, 0]
-    row_stride = weight.strides[0] // <Py_ssize_t> sizeof(floating)
     with nogil:
-        for k in prange(n, schedule="static", num_threads=n_threads):
+        for k in prange(n_indices, schedule="static", num_threads=n_threads):
             r = indices[k]
             acc = 0
             if r != padding_idx:

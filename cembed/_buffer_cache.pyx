@@ -30,8 +30,9 @@ cdef size_t _cached = 0
 cdef size_t _cache_limit = <size_t> 1 << 30
 
 
-cdef void _give_back(void *ptr, size_t size) noexcept:
-    """Keep the block for reuse if the cache has room, else free it (called with the GIL held)."""
+cdef void _give_back(void *ptr, size_t size) noexcept nogil:
+    """Keep the block for reuse if the cache has room, else free it. Callers hold the GIL, which is
+    what serialises every access to the free list."""
     global _n_free, _cached
     if _n_free < MAX_FREE and _cached + size <= _cache_limit:
         _free_ptr[_n_free] = ptr
@@ -42,16 +43,19 @@ cdef void _give_back(void *ptr, size_t size) noexcept:
         free(ptr)
 
 
-cdef void *_take(size_t size, size_t *got) noexcept:
-    """The smallest cached block of at least ``size`` bytes (and at most twice that), or NULL."""
+cdef void *_take(size_t size,      # IN  bytes wanted
+                 size_t *got) noexcept nogil:   # OUT size of the block returned
+    """The smallest cached block of at least ``size`` bytes (and at most twice that), or NULL.
+    Callers hold the GIL (see _give_back)."""
     global _n_free, _cached
     cdef int i, best = -1
+    cdef void *ptr
     for i in range(_n_free):
         if size <= _free_size[i] <= 2 * size and (best < 0 or _free_size[i] < _free_size[best]):
             best = i
     if best < 0:
         return NULL
-    cdef void *ptr = _free_ptr[best]
+    ptr = _free_ptr[best]
     got[0] = _free_size[best]
     _cached -= _free_size[best]
     _n_free -= 1

@@ -10,34 +10,10 @@ from cython cimport floating
 from libc.stdint cimport int64_t
 from libc.string cimport memset
 
-from cembed._typedefs cimport cembed_prefetch, PREFETCH_DISTANCE
-
-cdef extern from "_fma_rows.h" nogil:
-    void cembed_fma_accumulate_f32(float *out, const float *v, float scale, float inv, Py_ssize_t dim)
-    void cembed_fma_accumulate_f64(double *out, const double *v, double scale, double inv, Py_ssize_t dim)
-    void cembed_axpy_f32(float *out, const float *v, float scale, Py_ssize_t dim)
-    void cembed_axpy_f64(double *out, const double *v, double scale, Py_ssize_t dim)
-    void cembed_add_f32(float *out, const float *v, Py_ssize_t dim)
-    void cembed_add_f64(double *out, const double *v, Py_ssize_t dim)
+from cembed._rows cimport prefetch_row, row_add, row_axpy, row_fma_accumulate, PREFETCH_DISTANCE
 
 cdef enum:
     SEGMENTS_PER_CHUNK = 64   # dynamic-schedule chunk: rows are skewed (Zipf), one hot row can be long
-
-
-cdef inline void _prefetch_row(const void *row, Py_ssize_t n_bytes) noexcept nogil:
-    cdef const char *p = <const char *> row
-    cdef Py_ssize_t k
-    for k in range(0, n_bytes, 64):
-        cembed_prefetch(p + k)
-
-
-cdef inline void _fma_accumulate(floating *out, const floating *v, floating scale, floating inv,
-                                 Py_ssize_t dim) noexcept nogil:
-    """out = fma(scale * v, inv, out) elementwise (hardware fma where the CPU has it)."""
-    if floating is float:
-        cembed_fma_accumulate_f32(out, v, scale, inv, dim)
-    else:
-        cembed_fma_accumulate_f64(out, v, scale, inv, dim)
 
 
 cdef void _sum_segment(const floating *values, Py_ssize_t value_stride, Py_ssize_t dim,
@@ -51,7 +27,7 @@ cdef void _sum_segment(const floating *values, Py_ssize_t value_stride, Py_ssize
     (with by_freq each term is fused as fma(term, inv_count, acc), as torch does).
     Prefetches the value rows of the entries PREFETCH_DISTANCE ahead in the sorted order, across
     segment boundaries (most segments hold a single entry)."""
-    cdef Py_ssize_t k, j, p, vrow
+    cdef Py_ssize_t k, p, vrow
     cdef const floating *v
     cdef floating c
     cdef Py_ssize_t row_bytes = dim * sizeof(floating)
@@ -59,33 +35,29 @@ cdef void _sum_segment(const floating *values, Py_ssize_t value_stride, Py_ssize
         if k + PREFETCH_DISTANCE < count + lookahead:
             p = positions[k + PREFETCH_DISTANCE]
             vrow = src[p] if src != NULL else p
-            _prefetch_row(values + vrow * value_stride, row_bytes)
+            prefetch_row(values + vrow * value_stride, row_bytes)
         p = positions[k]
         vrow = src[p] if src != NULL else p
         v = values + vrow * value_stride
         if scale != NULL:
             c = scale[p]
             if by_freq:
-                _fma_accumulate(out_row, v, c, inv_count, dim)
-            elif floating is float:
-                cembed_axpy_f32(out_row, v, c, dim)
+                row_fma_accumulate(out_row, v, c, inv_count, dim)
             else:
-                cembed_axpy_f64(out_row, v, c, dim)
+                row_axpy(out_row, v, c, dim)
         elif by_freq:
-            _fma_accumulate(out_row, v, <floating> 1, inv_count, dim)
-        elif floating is float:
-            cembed_add_f32(out_row, v, dim)
+            row_fma_accumulate(out_row, v, <floating> 1, inv_count, dim)
         else:
-            cembed_add_f64(out_row, v, dim)
+            row_add(out_row, v, dim)
 
 
 def segment_sum(const floating[:, ::1] values,   # IN  (n_values, dim) gradient rows
-                const int64_t[::1] order,         # IN  (n,) entry positions grouped by row, input order
+                const int64_t[::1] order,         # IN  (n_entries,) entry positions grouped by row, input order
                 const int64_t[::1] starts,        # IN  (n_segments + 1,) segment s = order[starts[s]:starts[s+1]]
                 const int64_t[::1] seg_rows,      # IN  (n_segments,) row id of each segment
                 const int64_t[::1] seg_ids,       # IN  (n_out,) the segments to compute, in output order
-                const int64_t[::1] src,           # IN  (n,) value row of each entry, or empty for identity
-                const floating[::1] scale,        # IN  (n,) factor of each entry, or empty for none
+                const int64_t[::1] src,           # IN  (n_entries,) value row of each entry, or empty for identity
+                const floating[::1] scale,        # IN  (n_entries,) factor of each entry, or empty for none
                 bint scale_grad_by_freq,
                 floating[:, ::1] out,             # INOUT (n_out, dim) compact, or (n_rows, dim) scattered
                 bint scatter,
@@ -96,9 +68,9 @@ def segment_sum(const floating[:, ::1] values,   # IN  (n_values, dim) gradient 
     with scale_grad_by_freq, each contribution is multiplied by 1/(segment length) rounded to the value
     dtype, fused into the addition. Parallel over segments; each output row has exactly one writer."""
     cdef Py_ssize_t n_out = seg_ids.shape[0]
-    cdef Py_ssize_t n = order.shape[0]
+    cdef Py_ssize_t n_entries = order.shape[0]
     cdef Py_ssize_t dim = values.shape[1]
-    cdef Py_ssize_t j, s, r, d, count
+    cdef Py_ssize_t j, s, d, count
     cdef const int64_t *src_ptr = &src[0] if src.shape[0] > 0 else NULL
     cdef const floating *scale_ptr = &scale[0] if scale.shape[0] > 0 else NULL
     cdef const floating *values_ptr
@@ -118,7 +90,7 @@ def segment_sum(const floating[:, ::1] values,   # IN  (n_values, dim) gradient 
                 for d in range(dim):
                     out_row[d] = 0
             inv_count = <floating> (1.0 / <double> count)
-            _sum_segment(values_ptr, dim, dim, &order[starts[s]], count, n - starts[s + 1], src_ptr, scale_ptr,
+            _sum_segment(values_ptr, dim, dim, &order[starts[s]], count, n_entries - starts[s + 1], src_ptr, scale_ptr,
                          inv_count, scale_grad_by_freq, out_row)
 
 
@@ -135,55 +107,3 @@ def zero_fill(floating[:, ::1] out, int n_threads):
             hi = (t + 1) * n_rows // n_threads
             if hi > lo:
                 memset(&out[lo, 0], 0, (hi - lo) * dim * sizeof(floating))
-
-
-def merge_plan(const int64_t[::1] a_rows,     # IN  (n_a,) strictly increasing
-               const int64_t[::1] b_rows,     # IN  (n_b,) strictly increasing
-               int64_t[::1] out_rows,         # OUT (n_a + n_b,) union, ascending (first n_out used)
-               int64_t[::1] a_slot,           # OUT (n_a,) output slot of each row of a
-               int64_t[::1] b_slot):          # OUT (n_b,) output slot of each row of b
-    """Linear merge of two sorted row lists; returns the number of distinct rows."""
-    cdef Py_ssize_t n_a = a_rows.shape[0], n_b = b_rows.shape[0]
-    cdef Py_ssize_t i = 0, k = 0, n_out = 0
-    with nogil:
-        while i < n_a or k < n_b:
-            if k >= n_b or (i < n_a and a_rows[i] < b_rows[k]):
-                out_rows[n_out] = a_rows[i]
-                a_slot[i] = n_out
-                i += 1
-            elif i >= n_a or b_rows[k] < a_rows[i]:
-                out_rows[n_out] = b_rows[k]
-                b_slot[k] = n_out
-                k += 1
-            else:
-                out_rows[n_out] = a_rows[i]
-                a_slot[i] = n_out
-                b_slot[k] = n_out
-                i += 1
-                k += 1
-            n_out += 1
-    return n_out
-
-
-def merge_values(const floating[:, ::1] a_values,   # IN  (n_a, dim)
-                 const int64_t[::1] a_slot,          # IN  (n_a,) ascending output slots
-                 const floating[:, ::1] b_values,   # IN  (n_b, dim)
-                 const int64_t[::1] b_slot,          # IN  (n_b,) ascending output slots
-                 floating[:, ::1] out,               # OUT (n_out, dim)
-                 int n_threads):
-    """out = a scattered to a_slot, plus b scattered to b_slot (a's value first, as a + b).
-    Parallel over a's rows, then over b's rows: each output row has one writer in each phase."""
-    cdef Py_ssize_t n_a = a_slot.shape[0], n_b = b_slot.shape[0], dim = out.shape[1]
-    cdef Py_ssize_t n_out = out.shape[0]
-    cdef Py_ssize_t i, d
-    if dim == 0 or n_out == 0:
-        return
-    with nogil:
-        for i in prange(n_out, schedule="static", num_threads=n_threads):
-            memset(&out[i, 0], 0, dim * sizeof(floating))
-        for i in prange(n_a, schedule="static", num_threads=n_threads):
-            for d in range(dim):
-                out[a_slot[i], d] = a_values[i, d]
-        for i in prange(n_b, schedule="static", num_threads=n_threads):
-            for d in range(dim):
-                out[b_slot[i], d] = out[b_slot[i], d] + b_values[i, d]

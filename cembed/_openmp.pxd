@@ -10,10 +10,8 @@ cdef extern from *:
     #define CEMBED_HAVE_OPENMP 0
     #define CEMBED_OPENMP_VERSION 0
     static inline int omp_get_max_threads(void) { return 1; }
-    static inline int omp_get_thread_num(void) { return 0; }
     #endif
     """
     int CEMBED_HAVE_OPENMP
     int CEMBED_OPENMP_VERSION
     int omp_get_max_threads() noexcept nogil
-    int omp_get_thread_num() noexcept nogil

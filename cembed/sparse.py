@@ -5,7 +5,7 @@ from typing import Any, Tuple
 
 import numpy as np
 
-from . import _grad as _sparse_merge  # TODO(kernels branch): the merge kernels move to _sparse_merge
+from . import _sparse_merge
 from ._config import n_threads_for
 from ._validation import FLOAT_DTYPES, check_row_ids, check_size
 

@@ -4,7 +4,7 @@ import gc
 import numpy as np
 
 import cembed
-from cembed import _buffer_cache as _pool
+from cembed import _buffer_cache
 from cembed import functional as F
 
 from util import assert_bitwise_equal
@@ -17,8 +17,8 @@ def _address(a):
 def test_blocks_are_reused_only_after_their_arrays_die():
     cembed.release_memory()
     shape = (1 << 16, 32)                                  # 8 MiB of float32: pooled
-    a = _pool.empty(shape, np.float32)
-    b = _pool.empty(shape, np.float32)
+    a = _buffer_cache.empty(shape, np.float32)
+    b = _buffer_cache.empty(shape, np.float32)
     assert a.flags.c_contiguous and a.flags.writeable and a.shape == shape and a.dtype == np.float32
     assert _address(a) != _address(b) and _address(a) % 64 == 0
     a.fill(1.0)
@@ -27,21 +27,21 @@ def test_blocks_are_reused_only_after_their_arrays_die():
     view = a[10:20]                                        # a view keeps the block alive
     del a
     gc.collect()
-    c = _pool.empty(shape, np.float32)
+    c = _buffer_cache.empty(shape, np.float32)
     assert _address(c) != address_a
     c.fill(3.0)
     assert np.all(view == 1.0) and np.all(b == 2.0)
     del view
     gc.collect()
-    assert _pool.cached_bytes() >= shape[0] * shape[1] * 4
-    d = _pool.empty(shape, np.float32)
+    assert _buffer_cache.cached_bytes() >= shape[0] * shape[1] * 4
+    d = _buffer_cache.empty(shape, np.float32)
     assert _address(d) == address_a                        # recycled
     assert np.all(b == 2.0) and np.all(c == 3.0)
-    small = _pool.empty((10, 3), np.float64)               # small outputs: plain NumPy arrays
+    small = _buffer_cache.empty((10, 3), np.float64)       # small outputs: plain NumPy arrays
     assert small.shape == (10, 3) and small.dtype == np.float64
     del b, c, d
     gc.collect()
-    assert cembed.release_memory() > 0 and _pool.cached_bytes() == 0
+    assert cembed.release_memory() > 0 and _buffer_cache.cached_bytes() == 0
 
 
 def test_results_are_identical_with_recycled_outputs(rng):
@@ -64,11 +64,11 @@ def test_results_are_identical_with_recycled_outputs(rng):
 
 def test_cache_limit():
     cembed.release_memory()
-    _pool.set_cache_limit(0)
+    _buffer_cache.set_cache_limit(0)
     try:
-        a = _pool.empty((1 << 16, 32), np.float32)
+        a = _buffer_cache.empty((1 << 16, 32), np.float32)
         del a
         gc.collect()
-        assert _pool.cached_bytes() == 0
+        assert _buffer_cache.cached_bytes() == 0
     finally:
-        _pool.set_cache_limit(1 << 30)
+        _buffer_cache.set_cache_limit(1 << 30)

@@ -1,7 +1,7 @@
 """`python -m cembed bench`: every kernel timed against NumPy and torch (when importable).
 
 Contenders run interleaved (cembed, NumPy, torch, cembed, ...) on the same data in the same process;
-each figure is the median of the rounds. Useful GB/s follows PERF.md's byte model (bytes that must
+each figure is the median of the rounds. Useful GB/s follows the byte model of docs/performance.md (bytes that must
 move), and is also given as a fraction of a streaming copy (``numpy.copyto`` of a gather-output-sized
 array) measured in the same run.
 """
@@ -311,6 +311,6 @@ def main(args):
         print(f"streaming copy (numpy.copyto, {args.n:,} x {args.dim} float32): {report['copy_gbs']:.1f} GB/s; "
               f"{cfg['unique_rows']:,} unique rows; machine: {cfg['machine']}; "
               f"torch {cfg['torch'] or ('skipped (--no-torch)' if args.no_torch else 'not installed')}")
-        print("GB/s = bytes that must move (PERF.md byte model) / cembed time; 'of copy' = that as a share of the "
+        print("GB/s = bytes that must move (byte model: docs/performance.md) / cembed time; 'of copy' = that as a share of the "
               "streaming copy; 'vs' = speedup of cembed over the baseline (same data, same run)")
     return 0

@@ -34,7 +34,7 @@ def _name(module: Any, where: str) -> str:
 def _in_place(weight: np.ndarray) -> bool:
     """Whether the row kernels can update ``weight`` in place (else the touched rows are copied out,
     updated and written back: never the whole table)."""
-    return kernel_layout(weight) and weight.flags.c_contiguous
+    return kernel_layout(weight)
 
 
 def _update_rows(weight: np.ndarray, states: Sequence[np.ndarray], rows: np.ndarray,

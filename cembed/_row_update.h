@@ -1,12 +1,14 @@
-/* Row updates that need a fused multiply-add (torch's Adagrad, SGD and scale_grad_by_freq use fma).
+/* Row update routines: one call updates one row of `dim` elements (gradient accumulation, the
+ * optimizer steps). The Cython side reaches them only through the fused wrappers in _rows.pxd.
  *
- * Without -mfma the compiler turns fma()/fmaf() into a libm call per element. These functions are
- * compiled twice on x86-64 GCC (target_clones): a baseline version and an FMA/AVX2 one chosen at load
- * time by the CPU, so the portable build still runs the vector fma instruction where the CPU has it.
+ * Several of them use a fused multiply-add (torch's Adagrad, SGD and scale_grad_by_freq do). Without
+ * -mfma the compiler turns fma()/fmaf() into a libm call per element, so these functions are compiled
+ * twice on x86-64 GCC (target_clones): a baseline version and an FMA/AVX2 one chosen at load time by
+ * the CPU, so the portable build still runs the vector fma instruction where the CPU has it.
  * Results are identical in both versions (fma is exactly rounded everywhere).
  */
-#ifndef CEMBED_FMA_ROWS_H
-#define CEMBED_FMA_ROWS_H
+#ifndef CEMBED_ROW_UPDATE_H
+#define CEMBED_ROW_UPDATE_H
 
 #include <math.h>
 #include <stddef.h>
@@ -53,7 +55,7 @@ CEMBED_CLONES static void cembed_adagrad_row_f64(double *w, double *h, const dou
     }
 }
 
-/* SparseAdam row (SPEC_torch §8.2), g = sign * grad:
+/* SparseAdam row (docs/behaviour.md §8.2), g = sign * grad:
  * dm = (g - m0)(1 - b1); dv = (g*g - v0)(1 - b2); m = m0 + dm; v = v0 + dv;
  * w = w + neg_step * ((dm + m0) / (sqrt(dv + v0) + eps)) */
 #define CEMBED_DEFINE_ADAM_ROW(NAME, T, SQRT)                                                          \

@@ -1,22 +1,23 @@
-/* Bag pooling of a group of rows into an accumulator row (one call per group of rows, so the loop
- * over the group runs inside one vectorised target clone). Every element
- * accumulates in row order (acc + w0 + w1 + ...).
+/* EmbeddingBag pooling: a whole unscaled bag summed in vector registers, and a group of rows
+ * pooled (sum, scaled sum, max) into an accumulator row (one call per group of rows, so the loop
+ * over the group runs inside one vectorised target clone). Every element accumulates in row order
+ * (acc + w0 + w1 + ...). The Cython side reaches them through the fused wrappers in _bag_pooling.pxd.
  *
  * Compiled as target clones on x86-64 GCC (AVX-512, AVX2+FMA, baseline), chosen at load time.
  */
-#ifndef CEMBED_POOL_ROWS_H
-#define CEMBED_POOL_ROWS_H
+#ifndef CEMBED_BAG_POOLING_H
+#define CEMBED_BAG_POOLING_H
 
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define CEMBED_POOL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), unused))
+#define CEMBED_BAG_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), unused))
 #elif defined(__GNUC__)
-#define CEMBED_POOL_CLONES __attribute__((unused))
+#define CEMBED_BAG_CLONES __attribute__((unused))
 #else
-#define CEMBED_POOL_CLONES
+#define CEMBED_BAG_CLONES
 #endif
 
 /* acc[j] = acc[j] + rows[p][j] (scales == NULL), or with per-row scales:
@@ -31,7 +32,7 @@ typedef double cembed_vd __attribute__((vector_size(64), aligned(8)));  /* 8 dou
 #endif
 
 #define CEMBED_DEFINE_POOL_SUM(NAME, T, V, FMA)                                                        \
-CEMBED_POOL_CLONES static void NAME(T *restrict acc, const T *const *rows, const T *scales,            \
+CEMBED_BAG_CLONES static void NAME(T *restrict acc, const T *const *rows, const T *scales,            \
                                     ptrdiff_t n, ptrdiff_t dim, int fused)                            \
 {                                                                                                     \
     ptrdiff_t j0 = 0;                                                                                 \
@@ -75,7 +76,7 @@ CEMBED_POOL_CLONES static void NAME(T *restrict acc, const T *const *rows, const
 /* Max pooling continued over a group: a later value replaces the current one only if strictly
  * greater (first occurrence wins ties; a NaN survives only as the first value). argmax may be NULL. */
 #define CEMBED_DEFINE_POOL_MAX(NAME, T)                                                                \
-CEMBED_POOL_CLONES static void NAME(T *restrict acc, int64_t *restrict argmax, const T *const *rows,                    \
+CEMBED_BAG_CLONES static void NAME(T *restrict acc, int64_t *restrict argmax, const T *const *rows,                    \
                                     const int64_t *row_ids, ptrdiff_t n, ptrdiff_t dim)               \
 {                                                                                                     \
     if (argmax == NULL) {                                                                             \
@@ -114,7 +115,7 @@ CEMBED_DEFINE_POOL_MAX(cembed_pool_max_f64, double)
         }                                                                                             \
     } while (0)
 #define CEMBED_DEFINE_BAG_SUM(NAME, T, V, IT)                                                          \
-CEMBED_POOL_CLONES static ptrdiff_t NAME(T *restrict out, const T *base, ptrdiff_t row_stride,        \
+CEMBED_BAG_CLONES static ptrdiff_t NAME(T *restrict out, const T *base, ptrdiff_t row_stride,        \
                                          ptrdiff_t dim, const IT *idx, ptrdiff_t begin, ptrdiff_t end,  \
                                          ptrdiff_t n_indices, int64_t padding_idx)                    \
 {                                                                                                     \

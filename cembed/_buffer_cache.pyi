@@ -1,0 +1,19 @@
+"""A small cache of large output buffers."""
+import sys
+from typing import Any, SupportsIndex
+
+from numpy.typing import DTypeLike, NDArray
+
+MIN_BYTES: int
+
+class Block:
+    """Owner of one buffer; exports it through the buffer protocol (writable)."""
+
+    if sys.version_info >= (3, 12):
+        def __buffer__(self, flags: int, /) -> memoryview: ...
+        def __release_buffer__(self, buffer: memoryview, /) -> None: ...
+
+def empty(shape: tuple[SupportsIndex, ...] | list[SupportsIndex], dtype: DTypeLike) -> NDArray[Any]: ...
+def release() -> int: ...
+def cached_bytes() -> int: ...
+def set_cache_limit(n_bytes: int) -> None: ...

@@ -1,0 +1,145 @@
+# Row-level building blocks shared by the kernel modules, each written once:
+#   - software prefetch of a whole row (read or write intent) and how far ahead the loops prefetch;
+#   - the row stride of a table that only needs unit column stride;
+#   - the row update routines of _row_update.h, as `cdef inline` functions over `floating`, so a
+#     kernel calls row_add(out, v, dim) and never dispatches on float/double itself.
+# Every function here is `noexcept nogil` and operates on `dim` contiguous elements per row.
+from cython cimport floating
+
+# Software prefetch of one cache line (a no-op where the builtin is missing).
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define cembed_prefetch(p) __builtin_prefetch((const void *)(p), 0, 3)
+    #define cembed_prefetch_w(p) __builtin_prefetch((const void *)(p), 1, 3)
+    #else
+    #define cembed_prefetch(p) ((void)0)
+    #define cembed_prefetch_w(p) ((void)0)
+    #endif
+    """
+    void cembed_prefetch(const void *p) noexcept nogil
+    void cembed_prefetch_w(const void *p) noexcept nogil
+
+cdef enum:
+    PREFETCH_DISTANCE = 16   # how many rows (or entries) ahead the row loops prefetch
+    CACHE_LINE_BYTES = 64
+
+
+cdef inline void prefetch_row(const void *row, Py_ssize_t n_bytes) noexcept nogil:
+    """Prefetch every cache line of a row we will read soon."""
+    cdef const char *p = <const char *> row
+    cdef Py_ssize_t k = 0
+    while k < n_bytes:
+        cembed_prefetch(p + k)
+        k += CACHE_LINE_BYTES
+
+
+cdef inline void prefetch_row_for_write(const void *row, Py_ssize_t n_bytes) noexcept nogil:
+    """Prefetch every cache line of a row we will read and then write soon."""
+    cdef const char *p = <const char *> row
+    cdef Py_ssize_t k = 0
+    while k < n_bytes:
+        cembed_prefetch_w(p + k)
+        k += CACHE_LINE_BYTES
+
+
+cdef inline bint row_stride_items(Py_ssize_t *row_stride,      # OUT distance between rows, in elements
+                                  Py_ssize_t n_rows, Py_ssize_t dim, Py_ssize_t row_stride_bytes,
+                                  Py_ssize_t column_stride_bytes, Py_ssize_t itemsize) noexcept nogil:
+    """For an (n_rows, dim) table: False when the elements of a row are not adjacent or the rows are
+    not a whole number of elements apart; else True, with the row stride in elements (any value, even
+    negative). Strides of length-1 axes are never used, so never checked."""
+    row_stride[0] = 0
+    if dim > 1 and column_stride_bytes != itemsize:
+        return False
+    if n_rows <= 1:
+        return True
+    if row_stride_bytes % itemsize != 0:
+        return False
+    row_stride[0] = row_stride_bytes // itemsize
+    return True
+
+
+cdef extern from "_row_update.h" nogil:
+    void cembed_add_f32(float *out, const float *v, Py_ssize_t dim)
+    void cembed_add_f64(double *out, const double *v, Py_ssize_t dim)
+    void cembed_axpy_f32(float *out, const float *v, float scale, Py_ssize_t dim)
+    void cembed_axpy_f64(double *out, const double *v, double scale, Py_ssize_t dim)
+    void cembed_fma_accumulate_f32(float *out, const float *v, float scale, float inv, Py_ssize_t dim)
+    void cembed_fma_accumulate_f64(double *out, const double *v, double scale, double inv, Py_ssize_t dim)
+    void cembed_axpy_fma_f32(float *w, const float *g, float alpha, float sign, Py_ssize_t dim)
+    void cembed_axpy_fma_f64(double *w, const double *g, double alpha, double sign, Py_ssize_t dim)
+    void cembed_adagrad_row_f32(float *w, float *h, const float *grad, float neg_clr, float eps,
+                                float sign, Py_ssize_t dim)
+    void cembed_adagrad_row_f64(double *w, double *h, const double *grad, double neg_clr, double eps,
+                                double sign, Py_ssize_t dim)
+    void cembed_adam_row_f32(float *w, float *m, float *v, const float *grad, float one_minus_beta1,
+                             float one_minus_beta2, float eps, float neg_step, float sign, Py_ssize_t dim)
+    void cembed_adam_row_f64(double *w, double *m, double *v, const double *grad, double one_minus_beta1,
+                             double one_minus_beta2, double eps, double neg_step, double sign, Py_ssize_t dim)
+
+
+cdef inline void row_add(floating *out,            # INOUT (dim,)
+                         const floating *v,        # IN    (dim,)
+                         Py_ssize_t dim) noexcept nogil:
+    """out = out + v."""
+    if floating is float:
+        cembed_add_f32(out, v, dim)
+    else:
+        cembed_add_f64(out, v, dim)
+
+
+cdef inline void row_axpy(floating *out,           # INOUT (dim,)
+                          const floating *v,       # IN    (dim,)
+                          floating scale, Py_ssize_t dim) noexcept nogil:
+    """out = out + scale * v (two roundings, like torch's unfused paths)."""
+    if floating is float:
+        cembed_axpy_f32(out, v, scale, dim)
+    else:
+        cembed_axpy_f64(out, v, scale, dim)
+
+
+cdef inline void row_fma_accumulate(floating *out,         # INOUT (dim,)
+                                    const floating *v,     # IN    (dim,)
+                                    floating scale, floating inv, Py_ssize_t dim) noexcept nogil:
+    """out = fma(scale * v, inv, out) (scale_grad_by_freq accumulation)."""
+    if floating is float:
+        cembed_fma_accumulate_f32(out, v, scale, inv, dim)
+    else:
+        cembed_fma_accumulate_f64(out, v, scale, inv, dim)
+
+
+cdef inline void row_axpy_fma(floating *w,         # INOUT (dim,) weight row
+                              const floating *g,   # IN    (dim,) gradient row
+                              floating alpha, floating sign, Py_ssize_t dim) noexcept nogil:
+    """w = fma(alpha, sign * g, w) (SGD)."""
+    if floating is float:
+        cembed_axpy_fma_f32(w, g, alpha, sign, dim)
+    else:
+        cembed_axpy_fma_f64(w, g, alpha, sign, dim)
+
+
+cdef inline void adagrad_row(floating *w,          # INOUT (dim,) weight row
+                             floating *state_sum,  # INOUT (dim,) sum of squared gradients
+                             const floating *grad, # IN    (dim,)
+                             floating neg_clr, floating eps, floating sign, Py_ssize_t dim) noexcept nogil:
+    """g = sign * grad; state_sum += g*g; w = fma(neg_clr, g / (sqrt(state_sum) + eps), w)."""
+    if floating is float:
+        cembed_adagrad_row_f32(w, state_sum, grad, neg_clr, eps, sign, dim)
+    else:
+        cembed_adagrad_row_f64(w, state_sum, grad, neg_clr, eps, sign, dim)
+
+
+cdef inline void adam_row(floating *w,             # INOUT (dim,) weight row
+                          floating *exp_avg,       # INOUT (dim,)
+                          floating *exp_avg_sq,    # INOUT (dim,)
+                          const floating *grad,    # IN    (dim,)
+                          floating one_minus_beta1, floating one_minus_beta2, floating eps,
+                          floating neg_step_size, floating sign, Py_ssize_t dim) noexcept nogil:
+    """torch's SparseAdam on one row (docs/behaviour.md §8.2), in the weight dtype."""
+    if floating is float:
+        cembed_adam_row_f32(w, exp_avg, exp_avg_sq, grad, one_minus_beta1, one_minus_beta2, eps,
+                            neg_step_size, sign, dim)
+    else:
+        cembed_adam_row_f64(w, exp_avg, exp_avg_sq, grad, one_minus_beta1, one_minus_beta2, eps,
+                            neg_step_size, sign, dim)

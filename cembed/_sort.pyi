@@ -1,0 +1,16 @@
+"""Grouping of row ids: a parallel, stable LSD radix sort and the segment boundaries of equal rows."""
+from typing import Literal, overload
+
+import numpy as np
+from numpy.typing import NDArray
+
+_Index = NDArray[np.int32] | NDArray[np.int64]
+_I64 = NDArray[np.int64]
+
+@overload
+def sort_rows(keys: _Index, n_threads: int, want_order: Literal[True] = ...) -> tuple[_I64, _I64, _I64]: ...
+@overload
+def sort_rows(keys: _Index, n_threads: int, want_order: Literal[False]) -> tuple[None, _I64, _I64]: ...
+@overload
+def sort_rows(keys: _Index, n_threads: int, want_order: bool) -> tuple[_I64 | None, _I64, _I64]: ...
+def _sort_rows_numpy(keys: _Index, want_order: bool) -> tuple[_I64 | None, _I64, _I64]: ...

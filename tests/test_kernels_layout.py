@@ -1,0 +1,157 @@
+"""Weight layouts the optimizer kernels accept: any row stride, unit column stride.
+
+The `_optim` kernels are called directly on column slices of a wider C array (row stride > dim), on
+a slice that starts mid-row and on a reversed view (negative row stride), and must give bitwise the
+same weight and state as the same update on a C-contiguous copy, for float32 and float64 and on 1 and
+2 threads — and must not touch the table's columns outside the slice. A weight whose columns are not
+adjacent is refused before anything is written.
+"""
+import numpy as np
+import pytest
+
+from cembed import _optim
+
+from util import assert_bitwise_equal
+
+N_ROWS, DIM, WIDTH = 57, 11, 24   # dim not a multiple of a vector width, so the tail loops run too
+NNZ = 23                          # more than PREFETCH_DISTANCE rows: the prefetch-ahead path runs
+
+DTYPES = [np.float32, np.float64]
+THREADS = [1, 2]
+
+
+def _views(rng, dtype):
+    """(name, strided weight view, its C-contiguous copy, the whole table) for each layout."""
+    out = []
+    for name, pick in [("cols[:dim]", lambda t: t[:, :DIM]),
+                       ("cols[5:5+dim]", lambda t: t[:, 5:5 + DIM]),
+                       ("reversed rows", lambda t: t[::-1, 2:2 + DIM])]:
+        table = rng.standard_normal((N_ROWS, WIDTH)).astype(dtype)
+        view = pick(table)
+        assert view.strides[0] != DIM * view.itemsize and view.strides[1] == view.itemsize
+        assert not view.flags.c_contiguous
+        out.append((name, view, np.ascontiguousarray(view), table))
+    return out
+
+
+def _grad(rng, dtype, nnz=NNZ):
+    rows = np.sort(rng.choice(N_ROWS, nnz, replace=False)).astype(np.int64)
+    values = rng.standard_normal((nnz, DIM)).astype(dtype)
+    return rows, values
+
+
+def _outside(table, view):
+    """A copy of every element of `table` that `view` does not cover."""
+    offset = (view.__array_interface__["data"][0] - table.__array_interface__["data"][0]) % table.strides[0]
+    first_col = offset // table.itemsize
+    mask = np.ones(table.shape, dtype=bool)
+    mask[:, first_col:first_col + DIM] = False
+    return table[mask].copy()
+
+
+def _run_both(rng, dtype, n_threads, step):
+    """step(weight, states, n_threads, first) applied to each strided view and to its contiguous copy."""
+    for name, view, contiguous, table in _views(rng, dtype):
+        untouched = _outside(table, view)
+        states_strided = [rng.random((N_ROWS, DIM)).astype(dtype) for _ in range(2)]
+        states_contig = [s.copy() for s in states_strided]
+        for first in (True, False):  # two steps: the state written by the first is read by the second
+            step(view, states_strided, n_threads, first)
+            step(contiguous, states_contig, n_threads, first)
+        assert_bitwise_equal(view, contiguous), name
+        for a, b in zip(states_strided, states_contig):
+            assert_bitwise_equal(a, b)
+        assert_bitwise_equal(_outside(table, view), untouched)
+
+
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse_adam_rows_any_row_stride(rng, dtype, n_threads):
+    rows, values = _grad(rng, dtype)
+
+    def step(weight, states, n, first):
+        _optim.sparse_adam_rows(weight, states[0], states[1], rows, values, 0.9, 0.999, 1e-8, 0.01, False, n)
+
+    _run_both(rng, dtype, n_threads, step)
+
+
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adagrad_rows_any_row_stride(rng, dtype, n_threads):
+    rows, values = _grad(rng, dtype)
+
+    def step(weight, states, n, first):
+        _optim.adagrad_rows(weight, states[0], rows, values, 0.05, 1e-10, True, n)
+
+    _run_both(rng, dtype, n_threads, step)
+
+
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sgd_rows_any_row_stride(rng, dtype, n_threads):
+    rows, values = _grad(rng, dtype)
+
+    def step(weight, states, n, first):
+        _optim.sgd_rows(weight, rows, values, 0.1, False, n)
+
+    _run_both(rng, dtype, n_threads, step)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sgd_momentum_rows_any_row_stride(rng, dtype, n_threads, nesterov):
+    active, values = _grad(rng, dtype, nnz=NNZ + 9)
+    grad_slot = np.where(np.arange(active.size) % 3 == 0, -1, np.arange(active.size)).astype(np.int64)
+
+    def step(weight, states, n, first):
+        _optim.sgd_momentum_rows(weight, states[0], active, grad_slot, values, 0.1, 0.9, 0.1, nesterov,
+                                 False, first, n)
+
+    _run_both(rng, dtype, n_threads, step)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_result_independent_of_thread_count(rng, dtype):
+    rows, values = _grad(rng, dtype)
+    results = []
+    for n_threads in THREADS:
+        table = np.random.default_rng(7).standard_normal((N_ROWS, WIDTH)).astype(dtype)
+        exp_avg = np.zeros((N_ROWS, DIM), dtype)
+        exp_avg_sq = np.zeros((N_ROWS, DIM), dtype)
+        _optim.sparse_adam_rows(table[:, 3:3 + DIM], exp_avg, exp_avg_sq, rows, values,
+                                0.9, 0.999, 1e-8, 0.01, False, n_threads)
+        results.append(table)
+    assert_bitwise_equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_adjacent_columns_are_refused_before_writing(rng, dtype):
+    table = rng.standard_normal((N_ROWS, 2 * DIM)).astype(dtype)
+    before = table.copy()
+    rows, values = _grad(rng, dtype)
+    state = np.zeros((N_ROWS, DIM), dtype)
+    weight = table[:, ::2]
+    with pytest.raises(ValueError, match="unit column stride"):
+        _optim.sgd_rows(weight, rows, values, 0.1, False, 1)
+    with pytest.raises(ValueError, match="unit column stride"):
+        _optim.adagrad_rows(weight, state, rows, values, 0.1, 1e-10, False, 1)
+    with pytest.raises(ValueError, match="unit column stride"):
+        _optim.sparse_adam_rows(weight, state, state.copy(), rows, values, 0.9, 0.999, 1e-8, 0.01, False, 1)
+    with pytest.raises(ValueError, match="unit column stride"):
+        _optim.sgd_momentum_rows(weight, state, rows, np.arange(NNZ, dtype=np.int64), values,
+                                 0.1, 0.9, 0.0, False, False, True, 1)
+    assert_bitwise_equal(table, before)
+    assert not state.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_state_and_gradient_must_stay_c_contiguous(rng, dtype):
+    weight = rng.standard_normal((N_ROWS, DIM)).astype(dtype)
+    rows, values = _grad(rng, dtype)
+    wide_state = np.zeros((N_ROWS, WIDTH), dtype)
+    with pytest.raises(ValueError, match="contiguous"):
+        _optim.adagrad_rows(weight, wide_state[:, :DIM], rows, values, 0.1, 1e-10, False, 1)
+    wide_grad = np.zeros((NNZ, WIDTH), dtype)
+    with pytest.raises(ValueError, match="contiguous"):
+        _optim.sgd_rows(weight, rows, wide_grad[:, :DIM], 0.1, False, 1)
