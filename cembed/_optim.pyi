@@ -46,3 +46,6 @@ def sgd_momentum_rows(
     first_step: bool,
     n_threads: int,
 ) -> None: ...
+def rowwise_adagrad_rows(weight: NDArray[_Float], state_sum: NDArray[_Float], rows: NDArray[np.int64],
+                         grad: NDArray[_Float], lr: float, eps: float, weight_decay: float, weight_decay_mode: int,
+                         maximize: bool, n_threads: int) -> None: ...

@@ -13,7 +13,7 @@ from cython cimport floating
 from libc.stdint cimport int64_t
 
 from cembed._rows cimport (prefetch_row_for_write, row_stride_items, row_axpy_fma, adagrad_row, adam_row,
-                           PREFETCH_DISTANCE)
+                           rowwise_adagrad_row, PREFETCH_DISTANCE)
 
 cdef enum:
     ROWS_PER_CHUNK = 64
@@ -91,6 +91,32 @@ def adagrad_rows(floating[:, :] weight,              # INOUT (n_rows, dim), unit
             _prefetch_ahead(&rows[0], k, nnz, dim, w, row_stride, &state_sum[0, 0], NULL)
             r = rows[k]
             adagrad_row(w + r * row_stride, &state_sum[r, 0], &grad[k, 0], neg_clr, eps_, sign, dim)
+
+
+def rowwise_adagrad_rows(floating[:, :] weight,     # INOUT (n_rows, dim), unit column stride
+                         floating[::1] state_sum,    # INOUT (n_rows,) one accumulator per row
+                         const int64_t[::1] rows,    # IN    (nnz,) distinct rows of the gradient
+                         const floating[:, ::1] grad,  # IN  (nnz, dim)
+                         double lr, double eps, double weight_decay, int weight_decay_mode, bint maximize,
+                         int n_threads):
+    """Row-wise Adagrad on the named rows (one state value per row; see rowwise_adagrad_row)."""
+    cdef Py_ssize_t nnz = rows.shape[0]
+    cdef Py_ssize_t dim = weight.shape[1]
+    cdef Py_ssize_t k, r, row_stride
+    cdef floating *w
+    cdef floating sign = -1 if maximize else 1
+    if nnz == 0 or dim == 0:
+        return
+    if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
+                            sizeof(floating)):
+        raise ValueError("rowwise_adagrad_rows: the weight's rows must be contiguous (unit column stride)")
+    w = &weight[0, 0]
+    with nogil:
+        for k in prange(nnz, schedule="static", chunksize=ROWS_PER_CHUNK, num_threads=n_threads):
+            _prefetch_ahead(&rows[0], k, nnz, dim, w, row_stride, NULL, NULL)
+            r = rows[k]
+            rowwise_adagrad_row(w + r * row_stride, &state_sum[r], &grad[k, 0], sign, <floating> lr,
+                                <floating> eps, <floating> weight_decay, weight_decay_mode, dim)
 
 
 def sgd_rows(floating[:, :] weight,                  # INOUT (n_rows, dim), unit column stride

@@ -109,4 +109,41 @@ CEMBED_CLONES static void cembed_fma_accumulate_f64(double *out, const double *v
     for (ptrdiff_t j = 0; j < dim; j++) out[j] = fma(scale * v[j], inv, out[j]);
 }
 
+/* Row-wise Adagrad row (FBGEMM's EXACT_ROWWISE_ADAGRAD rule), g = sign * grad, in the row's type:
+ *   s = sum over d of h_d^2 with h = g + wd * w ("l2", mode 1) or h = g (modes 0, 2), accumulated in
+ *       8 interleaved lanes (lane l takes d = l, l + 8, ...; the lanes are then added 0..7 in order)
+ *   state += s / dim;  multiplier = lr / (sqrt(state) + eps)
+ *   correction = 1 - multiplier * wd (l2), 1 - lr * wd (decoupled, mode 2), or 1
+ *   w = correction * w - g * multiplier                                    (two roundings each) */
+#define CEMBED_DEFINE_ROWWISE_ADAGRAD_ROW(NAME, T, SQRT)                                               \
+CEMBED_CLONES static void NAME(T *restrict w, T *restrict state, const T *restrict grad, T sign,      \
+                               T lr, T eps, T weight_decay, int mode, ptrdiff_t dim)                  \
+{                                                                                                      \
+    T lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                             \
+    ptrdiff_t d = 0;                                                                                   \
+    for (; d + 8 <= dim; d += 8) {                                                                     \
+        for (int l = 0; l < 8; l++) {                                                                  \
+            T h = sign * grad[d + l];                                                                  \
+            if (mode == 1) h = h + weight_decay * w[d + l];                                            \
+            lanes[l] = lanes[l] + h * h;                                                               \
+        }                                                                                              \
+    }                                                                                                  \
+    for (int l = 0; d < dim; d++, l++) {                                                               \
+        T h = sign * grad[d];                                                                          \
+        if (mode == 1) h = h + weight_decay * w[d];                                                    \
+        lanes[l] = lanes[l] + h * h;                                                                   \
+    }                                                                                                  \
+    T total = lanes[0];                                                                                \
+    for (int l = 1; l < 8; l++) total = total + lanes[l];                                              \
+    const T updated = state[0] + total / (T)dim;                                                       \
+    state[0] = updated;                                                                                \
+    const T multiplier = lr / (SQRT(updated) + eps);                                                   \
+    const T correction = mode == 1 ? (T)1 - multiplier * weight_decay                                  \
+                       : mode == 2 ? (T)1 - lr * weight_decay : (T)1;                                  \
+    for (ptrdiff_t j = 0; j < dim; j++)                                                                \
+        w[j] = correction * w[j] - (sign * grad[j]) * multiplier;                                      \
+}
+CEMBED_DEFINE_ROWWISE_ADAGRAD_ROW(cembed_rowwise_adagrad_row_f32, float, sqrtf)
+CEMBED_DEFINE_ROWWISE_ADAGRAD_ROW(cembed_rowwise_adagrad_row_f64, double, sqrt)
+
 #endif

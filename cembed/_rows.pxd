@@ -77,6 +77,10 @@ cdef extern from "_row_update.h" nogil:
                              float one_minus_beta2, float eps, float neg_step, float sign, Py_ssize_t dim)
     void cembed_adam_row_f64(double *w, double *m, double *v, const double *grad, double one_minus_beta1,
                              double one_minus_beta2, double eps, double neg_step, double sign, Py_ssize_t dim)
+    void cembed_rowwise_adagrad_row_f32(float *w, float *state, const float *grad, float sign, float lr, float eps,
+                                        float weight_decay, int mode, Py_ssize_t dim)
+    void cembed_rowwise_adagrad_row_f64(double *w, double *state, const double *grad, double sign, double lr,
+                                        double eps, double weight_decay, int mode, Py_ssize_t dim)
 
 
 cdef inline void row_add(floating *out,            # INOUT (dim,)
@@ -128,6 +132,19 @@ cdef inline void adagrad_row(floating *w,          # INOUT (dim,) weight row
         cembed_adagrad_row_f32(w, state_sum, grad, neg_clr, eps, sign, dim)
     else:
         cembed_adagrad_row_f64(w, state_sum, grad, neg_clr, eps, sign, dim)
+
+
+cdef inline void rowwise_adagrad_row(floating *w,           # INOUT (dim,) weight row
+                                     floating *state,       # INOUT (1,) the row's accumulator
+                                     const floating *grad,  # IN    (dim,)
+                                     floating sign, floating lr, floating eps, floating weight_decay,
+                                     int mode, Py_ssize_t dim) noexcept nogil:
+    """Row-wise Adagrad (FBGEMM's EXACT_ROWWISE_ADAGRAD, docs/behaviour.md §8.5); mode 0 no weight
+    decay, 1 L2, 2 decoupled."""
+    if floating is float:
+        cembed_rowwise_adagrad_row_f32(w, state, grad, sign, lr, eps, weight_decay, mode, dim)
+    else:
+        cembed_rowwise_adagrad_row_f64(w, state, grad, sign, lr, eps, weight_decay, mode, dim)
 
 
 cdef inline void adam_row(floating *w,             # INOUT (dim,) weight row

@@ -194,3 +194,34 @@ def sgd_dense_momentum_step(weight, buf, grad_dense, lr, momentum=0.0, dampening
         g = g + momentum * buf if nesterov else buf
     weight -= lr * g
     return buf
+
+
+def rowwise_adagrad_step(weight, state_sum, rows, grad, lr=0.01, eps=1e-8, weight_decay=0.0,
+                         weight_decay_mode="l2", maximize=False):
+    """FBGEMM's EXACT_ROWWISE_ADAGRAD CPU rule, one row at a time, in the weight's dtype; in place:
+    h = g (+ wd * w for "l2"); state += mean(h^2); multiplier = lr / (sqrt(state) + eps);
+    w = correction * w - g * multiplier with correction 1 - multiplier * wd ("l2"),
+    1 - lr * wd ("decoupled") or 1. The sum of squares is taken as cembed does: lane l of 8 sums
+    d = l, l + 8, ... in order, then the lanes are added 0..7 (FBGEMM adds d = 0..D-1 in order)."""
+    f = weight.dtype.type
+    dim = weight.shape[1]
+    mode = weight_decay_mode if weight_decay != 0 else None
+    for k, r in enumerate(rows):
+        g = f(-1) * grad[k] if maximize else grad[k]
+        h = g + f(weight_decay) * weight[r] if mode == "l2" else g
+        squares = h * h
+        lanes = np.zeros(8, dtype=weight.dtype)
+        for d in range(dim):
+            lanes[d % 8] = lanes[d % 8] + squares[d]
+        total = lanes[0]
+        for lane in lanes[1:]:
+            total = f(total + lane)
+        state_sum[r] = f(state_sum[r] + f(total / f(dim)))
+        multiplier = f(f(lr) / f(np.sqrt(state_sum[r]) + f(eps)))
+        if mode == "l2":
+            correction = f(f(1) - multiplier * f(weight_decay))
+        elif mode == "decoupled":
+            correction = f(f(1) - f(lr) * f(weight_decay))
+        else:
+            correction = f(1)
+        weight[r] = correction * weight[r] - g * multiplier

@@ -1,0 +1,130 @@
+"""RowWiseAdagrad: Adagrad with one accumulator per row (FBGEMM's EXACT_ROWWISE_ADAGRAD)."""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import numpy as np
+
+from .. import _optim
+from .._config import n_threads_for
+from .._validation import check_choice
+from .optimizer import Group, Optimizer, _check_maximize, _option, _update_rows
+
+__all__ = ["RowWiseAdagrad"]
+
+_MODES = {"l2": 1, "decoupled": 2}
+
+
+class RowWiseAdagrad(Optimizer):
+    """Adagrad whose adaptive step is shared by each row: one state value per row instead of one
+    per element — a table's optimizer state shrinks from ``D`` floats per row to 1.
+
+    Per touched row with summed gradient ``g`` (``-g`` with ``maximize``):
+
+    - ``"l2"``: ``h = g + weight_decay * w`` (else ``h = g``);
+    - ``state[r] += mean(h ** 2)``;
+    - ``multiplier = lr / (sqrt(state[r]) + eps)``;
+    - ``w = correction * w - multiplier * g`` with ``correction = 1 - multiplier * weight_decay``
+      (``"l2"``, i.e. ``w - multiplier * h``) or ``1 - lr * weight_decay`` (``"decoupled"``).
+
+    This is FBGEMM's ``EXACT_ROWWISE_ADAGRAD`` CPU rule (its order of operations, in the weight's
+    dtype); the sum of squares is accumulated in 8 interleaved lanes where FBGEMM adds sequentially,
+    so the two agree to rounding (``docs/behaviour.md`` §8.5).
+
+    Parameters
+    ----------
+    params : iterable of modules or of dicts
+    lr : float, default 0.01
+    eps : float, default 1e-8
+    weight_decay : float, default 0
+    weight_decay_mode : {"l2", "decoupled"}, default "l2"
+    initial_accumulator_value : float, default 0
+    maximize : bool, default False
+
+    Notes
+    -----
+    Sparse and dense gradients (a dense gradient updates every row); rows a sparse gradient does not
+    name are untouched. State: ``state[module]["sum"]``, an array of ``num_embeddings`` values of the
+    weight's dtype, created when the module joins.
+
+    Examples
+    --------
+    >>> import numpy as np, cembed
+    >>> emb = cembed.Embedding(1000, 64, sparse=True, seed=0)
+    >>> opt = cembed.optim.RowWiseAdagrad(emb.parameters(), lr=0.1)
+    >>> opt.state[emb]["sum"].shape            # one value per row
+    (1000,)
+    >>> rows = emb(np.array([3, 3, 7]))
+    >>> emb.backward(np.ones_like(rows), optimizer=opt)   # fused backward + update
+    >>> float(opt.state[emb]["sum"][3]), float(opt.state[emb]["sum"][7])
+    (4.0, 1.0)
+    """
+
+    def __init__(self, params: Any, lr: float = 0.01, eps: float = 1e-8, weight_decay: float = 0.0,
+                 weight_decay_mode: str = "l2", initial_accumulator_value: float = 0.0,
+                 maximize: bool = False) -> None:
+        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, weight_decay_mode=weight_decay_mode,
+                                      initial_accumulator_value=initial_accumulator_value, maximize=maximize))
+
+    def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
+        for name in ("lr", "eps", "weight_decay", "initial_accumulator_value"):
+            _option(group, name, where, low=0.0)
+        group["weight_decay_mode"] = check_choice(group.get("weight_decay_mode"), f"{where}: weight_decay_mode",
+                                                  tuple(_MODES))
+        _check_maximize(group, where)
+        return group
+
+    def _init_state(self, module: Any, group: Group) -> None:
+        weight = module.weight
+        state_sum = np.zeros(weight.shape[0], dtype=weight.dtype)
+        if group["initial_accumulator_value"] != 0:
+            state_sum.fill(group["initial_accumulator_value"])
+        self.state[module] = {"sum": state_sum}
+
+    def _fill_missing_state(self, state: Dict[Any, Dict[str, Any]], groups: List[Group]) -> None:
+        for group in groups:
+            for module in group["params"]:
+                if not state.get(module):
+                    raise ValueError("RowWiseAdagrad state_dict lacks the state of a parameter (it needs 'sum')")
+
+    def _checked_sum(self, entry: Dict[str, Any], weight: np.ndarray, where: str) -> np.ndarray:
+        if set(entry) != {"sum"}:
+            raise ValueError(f"{where}: RowWiseAdagrad state needs exactly 'sum', got {sorted(entry)}")
+        arr = entry["sum"]
+        if not isinstance(arr, np.ndarray) or arr.shape != (weight.shape[0],) or arr.dtype != weight.dtype:
+            got = f"{arr.shape} {arr.dtype}" if isinstance(arr, np.ndarray) else type(arr).__name__
+            raise ValueError(f"{where}: RowWiseAdagrad state 'sum' is {got}, expected ({weight.shape[0]},) "
+                             f"{weight.dtype}, one value per row of the weight")
+        return arr
+
+    def _check_state(self, state: Dict[str, Any], weight: np.ndarray, where: str) -> None:
+        arr = self._checked_sum(state, weight, where)
+        if not (arr.flags.c_contiguous and arr.flags.writeable and arr.flags.aligned):
+            raise ValueError(f"{where}: RowWiseAdagrad state 'sum' must be a writeable contiguous array")
+
+    def _load_state_entry(self, entry: Dict[str, Any], weight: np.ndarray, options: Group,
+                          where: str) -> Dict[str, Any]:
+        arr = self._checked_sum(entry, weight, where)
+        if arr.size and not (np.isfinite(arr).all() and arr.min() >= 0):
+            raise ValueError(f"{where}['sum'] must hold finite values >= 0")
+        return {"sum": np.array(arr, order="C", copy=True)}
+
+    def _sparse_rows(self, state: Dict[str, Any], weight: np.ndarray, rows: np.ndarray, values: np.ndarray,
+                     options: Group, prepared: Any) -> None:
+        state_sum = state["sum"]
+        mode = _MODES[options["weight_decay_mode"]] if options["weight_decay"] != 0 else 0
+
+        def kernel(w: np.ndarray, states: List[np.ndarray], kernel_rows: np.ndarray) -> None:
+            sums = state_sum if w is weight else np.ascontiguousarray(state_sum[rows])
+            _optim.rowwise_adagrad_rows(w, sums, kernel_rows, values, options["lr"], options["eps"],
+                                        options["weight_decay"], mode, options["maximize"],
+                                        n_threads_for(kernel_rows.size, "optimizer"))
+            if sums is not state_sum:
+                state_sum[rows] = sums
+
+        _update_rows(weight, [], rows, kernel)
+
+    def _dense_update(self, state: Dict[str, Any], weight: np.ndarray, grad: np.ndarray, options: Group) -> None:
+        """A dense gradient: every row is updated (with a zero gradient, rows still decay)."""
+        self._sparse_rows(state, weight, np.arange(weight.shape[0], dtype=np.int64), np.ascontiguousarray(grad),
+                          options, None)
