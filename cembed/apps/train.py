@@ -159,11 +159,11 @@ class CembedModel:
         if self.n_steps % LOSS_EVERY == 1:                    # the loss is only for the progress bar
             loss = float(_softplus(scores).sum()) / centers.size
         g[:, 0] *= -1                                         # back to d loss / d s
-        self.emb_in.backward(np.matmul(g[:, None, :], u)[:, 0, :], centers)
+        # fused backward + update: each table's touched rows are summed and updated in one pass
+        # (v and u are copies, so updating one table does not change the other's gradient)
+        self.emb_in.backward(np.matmul(g[:, None, :], u)[:, 0, :], centers, optimizer=self.opt)
         # d loss / d u[b, k] = g[b, k] * v[b]: handed over as (v, weights g), never materialised
-        self.emb_out.backward(v, targets, per_sample_weights=g)
-        self.opt.step()
-        self.opt.zero_grad()
+        self.emb_out.backward(v, targets, per_sample_weights=g, optimizer=self.opt)
         return loss
 
     def input_table(self):
