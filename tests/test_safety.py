@@ -393,20 +393,20 @@ def test_load_state_dict_refuses_unusable_state(batch, name):
 
 STATE_EDITS = {
     # name: (optimizer, statement editing ``opt.state`` directly, allowed exception types, layout_only)
-    "adam_exp_avg_replaced_short": ("adam", 'opt.state[1]["exp_avg"] = np.zeros((3, 4), np.float32)',
+    "adam_exp_avg_replaced_short": ("adam", 'opt.state[b]["exp_avg"] = np.zeros((3, 4), np.float32)',
                                     ("ValueError",), False),
-    "adam_exp_avg_sq_float64": ("adam", 'opt.state[1]["exp_avg_sq"] = opt.state[1]["exp_avg_sq"].astype(np.float64)',
+    "adam_exp_avg_sq_float64": ("adam", 'opt.state[b]["exp_avg_sq"] = opt.state[b]["exp_avg_sq"].astype(np.float64)',
                                 ("ValueError", "TypeError"), False),
-    "adam_exp_avg_fortran": ("adam", 'opt.state[1]["exp_avg"] = np.asfortranarray(opt.state[1]["exp_avg"])',
+    "adam_exp_avg_fortran": ("adam", 'opt.state[b]["exp_avg"] = np.asfortranarray(opt.state[b]["exp_avg"])',
                              ("ValueError",), True),
-    "adagrad_sum_replaced_short": ("adagrad", 'opt.state[1]["sum"] = np.zeros((3, 4), np.float32)',
+    "adagrad_sum_replaced_short": ("adagrad", 'opt.state[b]["sum"] = np.zeros((3, 4), np.float32)',
                                    ("ValueError",), False),
-    "adagrad_sum_readonly": ("adagrad", 'opt.state[1]["sum"].setflags(write=False)', ("ValueError",), True),
-    "sgd_active_rows_out_of_range": ("sgd", 'opt.state[1]["active_rows"] = np.array([3, 10**9])',
+    "adagrad_sum_readonly": ("adagrad", 'opt.state[b]["sum"].setflags(write=False)', ("ValueError",), True),
+    "sgd_active_rows_out_of_range": ("sgd", 'opt.state[b]["active_rows"] = np.array([3, 10**9])',
                                      ("ValueError", "IndexError"), False),
-    "sgd_active_rows_int32": ("sgd", 'opt.state[1]["active_rows"] = opt.state[1]["active_rows"].astype(np.int32)',
+    "sgd_active_rows_int32": ("sgd", 'opt.state[b]["active_rows"] = opt.state[b]["active_rows"].astype(np.int32)',
                               ("ValueError", "TypeError"), True),
-    "sgd_momentum_buffer_short": ("sgd", 'opt.state[1]["momentum_buffer"] = np.zeros((3, 4), np.float32)',
+    "sgd_momentum_buffer_short": ("sgd", 'opt.state[b]["momentum_buffer"] = np.zeros((3, 4), np.float32)',
                                   ("ValueError",), False),
 }
 

@@ -62,6 +62,9 @@ class Optimizer:
     """
 
     _state_arrays: Tuple[str, ...] = ()
+    #: Options a state dict may lack (added in a later version): they take the defaults, as torch
+    #: does for ``maximize``; every other option must be there.
+    _optional_options: Tuple[str, ...] = ("maximize",)
 
     def __init__(self, params: Any, defaults: Dict[str, Any]) -> None:
         self.defaults: Dict[str, Any] = self._check_options(dict(defaults), "defaults")
@@ -310,7 +313,8 @@ class Optimizer:
 
         The whole state is checked first with the constructor's rules — group layout, every option,
         every state entry against its parameter's current weight — and on any error nothing changes.
-        Options missing from an older state dict take the defaults, as in torch.
+        Options added in later versions (``maximize``, ...) that an older state dict lacks take the
+        defaults, as in torch; any other missing option is an error.
 
         Raises
         ------
@@ -339,6 +343,9 @@ class Optimizer:
                 if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < len(modules) or i in seen:
                     raise ValueError(f"state_dict param_groups[{g}]['params'] has a bad or repeated index {i!r}")
                 seen.add(int(i))
+            missing = set(self.defaults) - set(saved) - set(self._optional_options)
+            if missing:
+                raise ValueError(f"state_dict param_groups[{g}] lacks {sorted(missing)}")
             options = dict(self.defaults)
             options.update({k: copy.deepcopy(v) for k, v in saved.items() if k != "params"})
             options = self._check_options(options, f"state_dict param_groups[{g}]")

@@ -47,6 +47,7 @@ class SGD(Optimizer):
     """
 
     _state_arrays = ("momentum_buffer",)
+    _optional_options = ("maximize", "nesterov")
 
     def __init__(self, params: Any, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, maximize: bool = False) -> None:
