@@ -6,9 +6,16 @@ Environment switches:
   CEMBED_FAIL_NO_OPENMP=1  fail the build instead of falling back to a serial build
   CEMBED_DISABLE_OPENMP=1  build serial kernels on purpose
   CEMBED_BOUNDSCHECK=1     compile the kernels with bounds and wraparound checks (debugging)
+  CEMBED_OPT_LEVEL=1       optimisation level of the kernels (default 3, i.e. -O3); the sanitizer
+                           build uses 1 (an -O in $CFLAGS would be overridden by ours, which comes later)
+
+The usual CFLAGS / CPPFLAGS / LDFLAGS apply to the kernels and to the OpenMP probe alike (a
+sanitizer build is `CFLAGS="-fsanitize=address,undefined" LDFLAGS="-fsanitize=address,undefined"`;
+see .ci/sanitize).
 """
 import glob
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -16,7 +23,6 @@ import tempfile
 import textwrap
 import warnings
 
-import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -40,22 +46,35 @@ def _flag(name):
     return os.environ.get(name, "") not in ("", "0", "false", "False")
 
 
-def openmp_flags(compiler_type):
-    """Compile and link flags that enable OpenMP for this compiler type."""
-    if compiler_type == "msvc":
-        return ["/openmp"], []
+def openmp_flags():
+    """Compile and link flags that enable OpenMP (GCC or Clang)."""
     if sys.platform == "darwin":
         return ["-Xpreprocessor", "-fopenmp"], ["-lomp"]
     return ["-fopenmp"], ["-fopenmp"]
 
 
-def base_flags(compiler_type):
-    """Optimisation flags. No -march=native and no -ffast-math: results must be portable and
+def base_flags():
+    """Optimisation flags (-O3 unless CEMBED_OPT_LEVEL says otherwise). No -march=native and no -ffast-math: results must be portable and
     IEEE-exact (NaN semantics, torch-parity rounding); -ffp-contract=off keeps the compiler from
     fusing a*b+c on its own, so the kernels round exactly where they say they do."""
-    if compiler_type == "msvc":
-        return ["/O2"]
-    return ["-O3", "-fno-math-errno", "-ffp-contract=off"]
+    level = os.environ.get("CEMBED_OPT_LEVEL", "") or "3"
+    if level not in ("0", "1", "2", "3", "s", "g"):
+        raise ValueError(f"cembed: CEMBED_OPT_LEVEL must be one of 0 1 2 3 s g, got {level!r}")
+    return [f"-O{level}", "-fno-math-errno", "-ffp-contract=off"]
+
+
+def environment_compile_flags():
+    """$CFLAGS $CPPFLAGS from the environment (setuptools puts them in the compiler command)."""
+    return shlex.split(os.environ.get("CFLAGS", "")) + shlex.split(os.environ.get("CPPFLAGS", ""))
+
+
+def environment_link_flags():
+    """The flags setuptools appends from the environment when it links an extension:
+    $LDFLAGS $CFLAGS $CPPFLAGS, in that order (its `linker_exe`, used for executables, gets none)."""
+    flags = []
+    for name in ("LDFLAGS", "CFLAGS", "CPPFLAGS"):
+        flags += shlex.split(os.environ.get(name, ""))
+    return flags
 
 
 class BuildExt(build_ext):
@@ -65,6 +84,11 @@ class BuildExt(build_ext):
         super().run()
 
     def _probe_openmp(self, cflags, ldflags):
+        """Compile, link and run a small OpenMP program with the flags the extensions get:
+        `compile` uses the same compiler command as the extensions (with $CFLAGS and $CPPFLAGS),
+        and the link adds $LDFLAGS $CFLAGS $CPPFLAGS as the extensions' link does, so e.g. a
+        sanitizer build probes a sanitized program instead of failing to link one."""
+        self._probe_error = ""
         tmp = tempfile.mkdtemp(prefix="cembed-omp-")
         try:
             src = os.path.join(tmp, "probe.c")
@@ -72,9 +96,14 @@ class BuildExt(build_ext):
                 fh.write(OPENMP_PROBE)
             objs = self.compiler.compile([src], output_dir=tmp, extra_postargs=cflags)
             exe = os.path.join(tmp, "probe")
-            self.compiler.link_executable(objs, exe, extra_postargs=ldflags)
+            self.compiler.link_executable(
+                objs, exe, extra_preargs=environment_link_flags(), extra_postargs=ldflags
+            )
             out = subprocess.run([exe], capture_output=True, text=True, timeout=60)
-            return out.returncode == 0 and int(out.stdout.strip() or 0) >= 1
+            if out.returncode == 0 and int(out.stdout.strip() or 0) >= 1:
+                return True
+            self._probe_error = f"probe exited {out.returncode}: {out.stdout.strip()} {out.stderr.strip()}"
+            return False
         except Exception as exc:  # noqa: BLE001 - any failure means "no usable OpenMP"
             self._probe_error = repr(exc)
             return False
@@ -83,13 +112,18 @@ class BuildExt(build_ext):
 
     def build_extensions(self):
         ctype = self.compiler.compiler_type
-        cflags = base_flags(ctype)
+        if ctype == "msvc":
+            raise RuntimeError(
+                f"cembed: the {ctype!r} compiler cannot build cembed; its kernels need GCC or Clang "
+                "(the pooling header _pool_rows.h uses GCC/Clang vector extensions). Build with "
+                "GCC or Clang, e.g. MinGW-w64 on Windows."
+            )
+        cflags = base_flags()
         ldflags = []
         use_openmp = False
         if not _flag("CEMBED_DISABLE_OPENMP"):
-            omp_c, omp_l = openmp_flags(ctype)
-            self._probe_error = ""
-            if self._probe_openmp(omp_c, omp_l):
+            omp_c, omp_l = openmp_flags()
+            if self._probe_openmp(cflags + omp_c, omp_l):
                 cflags += omp_c
                 ldflags += omp_l
                 use_openmp = True
@@ -101,27 +135,29 @@ class BuildExt(build_ext):
             else:
                 msg = (
                     "cembed: could not compile and run an OpenMP program; building SERIAL "
-                    "kernels (set CEMBED_FAIL_NO_OPENMP=1 to make this an error)"
+                    "kernels (set CEMBED_FAIL_NO_OPENMP=1 to make this an error): "
+                    + self._probe_error
                 )
                 warnings.warn(msg)
                 print("*" * 78 + "\n" + msg + "\n" + "*" * 78, file=sys.stderr)
         for ext in self.extensions:
             ext.extra_compile_args = list(cflags)
             ext.extra_link_args = list(ldflags)
-        self._write_build_config(ctype, cflags, ldflags, use_openmp)
+        self._write_build_config(ctype, cflags, ldflags)
         super().build_extensions()
 
-    def _write_build_config(self, ctype, cflags, ldflags, use_openmp):
+    def _write_build_config(self, ctype, cflags, ldflags):
         """cembed/_build_config.py, read by show_config(): next to the built extensions, and in
-        the source tree too for an in-place build."""
+        the source tree too for an in-place build. The flags include those taken from the
+        environment ($CFLAGS, $LDFLAGS, ...), so a sanitizer build says so. (Whether OpenMP is on
+        is asked of the compiled kernels at run time, not recorded here.)"""
         compiler = getattr(self.compiler, "compiler_so", None) or [ctype]
         text = (
             "# Generated by setup.py at build time.\n"
             f"COMPILER = {str(compiler[0])!r}\n"
             f"COMPILER_TYPE = {ctype!r}\n"
-            f"COMPILE_ARGS = {cflags!r}\n"
-            f"LINK_ARGS = {ldflags!r}\n"
-            f"OPENMP_REQUESTED = {use_openmp!r}\n"
+            f"COMPILE_ARGS = {environment_compile_flags() + cflags!r}\n"
+            f"LINK_ARGS = {environment_link_flags() + ldflags!r}\n"
             f"BOUNDSCHECK = {_flag('CEMBED_BOUNDSCHECK')!r}\n"
         )
         targets = {os.path.join(self.build_lib, "cembed")}
@@ -134,14 +170,10 @@ class BuildExt(build_ext):
 
 
 def extensions():
+    # Typed memoryviews need no NumPy headers: no .pyx cimports numpy, so no np.get_include().
     sources = sorted(glob.glob(os.path.join("cembed", "_*.pyx")))
     exts = [
-        Extension(
-            "cembed." + os.path.splitext(os.path.basename(src))[0],
-            [src],
-            include_dirs=[np.get_include(), "cembed"],
-            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        )
+        Extension("cembed." + os.path.splitext(os.path.basename(src))[0], [src], include_dirs=["cembed"])
         for src in sources
     ]
     checks = _flag("CEMBED_BOUNDSCHECK")
