@@ -29,7 +29,8 @@ def _check_betas(group: Dict[str, Any], where: str) -> Tuple[float, float]:
 
 
 def _check_bias_correction(group: Dict[str, Any], where: str) -> str:
-    group["bias_correction"] = check_choice(group.get("bias_correction"), f"{where}: bias_correction",
+    """``bias_correction``: "global" (torch's rule; also for a group without the option) or "row"."""
+    group["bias_correction"] = check_choice(group.get("bias_correction", "global"), f"{where}: bias_correction",
                                             BIAS_CORRECTIONS)
     return group["bias_correction"]
 
@@ -133,7 +134,6 @@ class SparseAdam(Optimizer):
         _option(group, "eps", where, low=0.0, low_open=True)
         _check_betas(group, where)
         _check_maximize(group, where)
-        group.setdefault("bias_correction", "global")  # a state dict from before the option
         _check_bias_correction(group, where)
         return group
 
