@@ -589,3 +589,13 @@ def test_sparse_adam_row_step_state_is_checked(rng):
     table.grad = SparseGrad([1], np.ones((1, 2)), 5)
     opt.step()
     assert "row_step" not in opt.state[table]
+
+
+def test_docstring_examples():
+    import doctest
+
+    from cembed.optim import sparse_adam, sparse_adamw
+
+    for module in (sparse_adam, sparse_adamw):
+        failures, tried = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert failures == 0 and tried > 0
