@@ -599,3 +599,67 @@ def test_docstring_examples():
     for module in (sparse_adam, sparse_adamw):
         failures, tried = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
         assert failures == 0 and tried > 0
+
+
+# --------------------------------------------------------------------------- kernels on any row stride
+
+def _kernel_steps():
+    """name -> step(weight, states, rows, values, n_threads) for the new _optim kernels; states are
+    (exp_avg, exp_avg_sq, row_decay_log, row_step)."""
+    from cembed import _optim
+
+    def adamw(weight, s, rows, values, n, per_row):
+        _optim.sparse_adamw_rows(weight, s[0], s[1], s[2], s[3] if per_row else np.zeros(0, np.int64), rows, values,
+                                 0.01, 0.8, 0.95, 1e-8, -0.3, -0.2, 0.9, 0.02, 0.5, True, n)
+
+    return {
+        "sparse_adamw_rows": lambda w, s, r, v, n: adamw(w, s, r, v, n, False),
+        "sparse_adamw_rows-row": lambda w, s, r, v, n: adamw(w, s, r, v, n, True),
+        "sparse_adam_row_bias_rows": lambda w, s, r, v, n: _optim.sparse_adam_row_bias_rows(
+            w, s[0], s[1], s[3], r, v, 0.01, 0.8, 0.95, 1e-8, False, n),
+        "adamw_decay_rows": lambda w, s, r, v, n: _optim.adamw_decay_rows(w, s[2], r, -0.3, -0.2, 0.9, n),
+    }
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", list(_kernel_steps()))
+def test_kernels_any_row_stride(rng, name, dtype, n_threads):
+    """Column slices and reversed rows of a wider table: bitwise the C-contiguous result, and the
+    table's other columns untouched (dim 11: vector tail loops; 23 rows: the prefetch-ahead path)."""
+    step = _kernel_steps()[name]
+    n_rows, dim, width = 57, 11, 24
+    rows = np.sort(rng.choice(n_rows, 23, replace=False)).astype(np.int64)
+    values = rng.standard_normal((23, dim)).astype(dtype)
+    for first_col, pick in ((5, lambda t: t[:, 5:5 + dim]), (2, lambda t: t[::-1, 2:2 + dim])):
+        table = rng.standard_normal((n_rows, width)).astype(dtype)
+        view = pick(table)
+        contiguous = np.ascontiguousarray(view)
+        outside = np.ones(table.shape, bool)
+        outside[:, first_col:first_col + dim] = False
+        untouched = table[outside].copy()
+        logs = -rng.random(n_rows) * 0.3
+        logs[::3] = -0.2   # some rows one step behind: decay_last
+        logs[::5] = -0.3   # some up to date (adamw_decay_rows skips them)
+        states = [rng.random((n_rows, dim)).astype(dtype), rng.random((n_rows, dim)).astype(dtype), logs,
+                  rng.integers(0, 5, n_rows)]
+        copies = [s.copy() for s in states]
+        before = contiguous.copy()
+        step(view, states, rows, values, n_threads)
+        step(contiguous, copies, rows, values, n_threads)
+        assert not np.array_equal(before, contiguous)
+        assert_bitwise_equal(view, contiguous)
+        for a, b in zip(states, copies):
+            assert_bitwise_equal(a, b)
+        assert_bitwise_equal(table[outside], untouched)
+
+
+@pytest.mark.parametrize("name", list(_kernel_steps()))
+def test_kernels_refuse_non_adjacent_columns(rng, name):
+    step = _kernel_steps()[name]
+    weight = rng.standard_normal((10, 8))[:, ::2]
+    states = [np.zeros((10, 4)), np.zeros((10, 4)), np.zeros(10), np.zeros(10, np.int64)]
+    before = weight.copy()
+    with pytest.raises(ValueError, match="contiguous"):
+        step(weight, states, np.array([1, 2], np.int64), np.ones((2, 4)), 1)
+    assert_bitwise_equal(weight, before)
