@@ -184,3 +184,172 @@ def sgd_momentum_rows(floating[:, :] weight,         # INOUT (n_rows, dim), unit
                 buf[r, j] = b
                 d = g + mu * b if nesterov else b
                 w_row[j] = w_row[j] + neg_lr * d
+
+
+# ---------------------------------------------------------------------------------------------------
+# SparseAdamW and per-row bias correction (docs/behaviour.md §8.5)
+#
+# Per parameter the optimizer keeps the running float64 log-sum of the weight-decay factors,
+# L_t = sum_{u<=t} log1p(-lr_u * weight_decay), and per row the value L_s of the row's last update. A
+# row's pending decay is exp(L_t - L_s), or the step's own factor (1 - lr_t * weight_decay) when the
+# row was last brought up to date one step ago (L_s == L_{t-1}). Every row reads and writes only its
+# own entries, so the rows may come in any number of calls (the fused backward) with the same bits.
+# ---------------------------------------------------------------------------------------------------
+from libc.math cimport exp, pow, sqrt
+from libc.stdint cimport INT64_MAX
+
+from cembed._rows cimport adamw_row, row_scale, prefetch_row_for_write
+
+
+cdef inline double _pending_decay(double row_log,         # IN L_s of the row
+                                  double decay_log,       # IN L_t
+                                  double decay_log_prev,  # IN L_{t-1}
+                                  double decay_last) noexcept nogil:  # IN 1 - lr_t * weight_decay
+    """The factor that brings a row last updated at L_s up to L_t."""
+    if row_log == decay_log_prev:
+        return decay_last
+    return exp(decay_log - row_log)
+
+
+cdef inline int64_t _count_update(int64_t *count) noexcept nogil:  # INOUT one row's update count
+    """count += 1 (saturating, so a hostile count cannot overflow); returns the new count."""
+    cdef int64_t n = count[0]
+    if n < INT64_MAX:
+        n += 1
+    count[0] = n
+    return n
+
+
+cdef inline void _prefetch_entries_ahead(const int64_t *rows, Py_ssize_t k, Py_ssize_t n_listed,
+                                         double *row_log, int64_t *row_count) noexcept nogil:
+    """Prefetch, for writing, the per-row scalars PREFETCH_DISTANCE rows ahead (NULL for none)."""
+    cdef Py_ssize_t r
+    if k + PREFETCH_DISTANCE >= n_listed:
+        return
+    r = rows[k + PREFETCH_DISTANCE]
+    if row_log != NULL:
+        prefetch_row_for_write(row_log + r, sizeof(double))
+    if row_count != NULL:
+        prefetch_row_for_write(row_count + r, sizeof(int64_t))
+
+
+def sparse_adam_row_bias_rows(floating[:, :] weight,        # INOUT (n_rows, dim), unit column stride
+                              floating[:, ::1] exp_avg,     # INOUT (n_rows, dim)
+                              floating[:, ::1] exp_avg_sq,  # INOUT (n_rows, dim)
+                              int64_t[::1] row_step,        # INOUT (n_rows,) updates of each row so far
+                              const int64_t[::1] rows,      # IN    (nnz,) distinct rows of the gradient
+                              const floating[:, ::1] grad,  # IN    (nnz, dim) their gradient
+                              double lr, double beta1, double beta2, double eps, bint maximize,
+                              int n_threads):
+    """SparseAdam with bias_correction="row": each row's step size uses its own update count n
+    (incremented first): lr * sqrt(1 - beta2**n) / (1 - beta1**n), the same expression (and bits)
+    SparseAdam evaluates for the parameter's step counter."""
+    cdef Py_ssize_t nnz = rows.shape[0]
+    cdef Py_ssize_t dim = weight.shape[1]
+    cdef Py_ssize_t k, r, row_stride
+    cdef int64_t n
+    cdef double step_size
+    cdef floating *w
+    cdef floating omb1 = <floating> (1.0 - beta1)
+    cdef floating omb2 = <floating> (1.0 - beta2)
+    cdef floating eps_ = <floating> eps
+    cdef floating sign = -1 if maximize else 1
+    if nnz == 0 or dim == 0:
+        return
+    if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
+                            sizeof(floating)):
+        raise ValueError("sparse_adam_row_bias_rows: the weight's rows must be contiguous (unit column stride)")
+    w = &weight[0, 0]
+    with nogil:
+        for k in prange(nnz, schedule="static", chunksize=ROWS_PER_CHUNK, num_threads=n_threads):
+            _prefetch_ahead(&rows[0], k, nnz, dim, w, row_stride, &exp_avg[0, 0], &exp_avg_sq[0, 0])
+            _prefetch_entries_ahead(&rows[0], k, nnz, NULL, &row_step[0])
+            r = rows[k]
+            n = _count_update(&row_step[r])
+            step_size = lr * sqrt(1 - pow(beta2, <double> n)) / (1 - pow(beta1, <double> n))
+            adam_row(w + r * row_stride, &exp_avg[r, 0], &exp_avg_sq[r, 0], &grad[k, 0],
+                     omb1, omb2, eps_, <floating> (-step_size), sign, dim)
+
+
+def sparse_adamw_rows(floating[:, :] weight,          # INOUT (n_rows, dim), unit column stride
+                      floating[:, ::1] exp_avg,       # INOUT (n_rows, dim)
+                      floating[:, ::1] exp_avg_sq,    # INOUT (n_rows, dim)
+                      double[::1] row_decay_log,      # INOUT (n_rows,) L_s of each row's last update
+                      int64_t[::1] row_step,          # INOUT (n_rows,) updates per row; (0,) = global bias correction
+                      const int64_t[::1] rows,        # IN    (nnz,) distinct rows of the gradient
+                      const floating[:, ::1] grad,    # IN    (nnz, dim) their gradient
+                      double lr, double beta1, double beta2, double eps,
+                      double decay_log, double decay_log_prev, double decay_last,
+                      double step_size, double bc2_sqrt, bint maximize, int n_threads):
+    """One pass per named row: its pending weight decay, then torch's AdamW moments and update.
+    step_size (lr / bc1) and bc2_sqrt are the parameter's, unless row_step is given: then each row's
+    own count n (incremented first) gives lr / (1 - beta1**n) and (1 - beta2**n) ** 0.5."""
+    cdef Py_ssize_t nnz = rows.shape[0]
+    cdef Py_ssize_t dim = weight.shape[1]
+    cdef Py_ssize_t k, r, row_stride
+    cdef bint per_row = row_step.shape[0] > 0
+    cdef int64_t *counts = NULL
+    cdef int64_t n
+    cdef double decay, row_step_size, row_bc2_sqrt
+    cdef floating *w
+    cdef floating lerp_weight = <floating> (1.0 - beta1)
+    cdef floating beta2_ = <floating> beta2
+    cdef floating omb2 = <floating> (1.0 - beta2)
+    cdef floating eps_ = <floating> eps
+    cdef floating sign = -1 if maximize else 1
+    if nnz == 0 or dim == 0:
+        return
+    if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
+                            sizeof(floating)):
+        raise ValueError("sparse_adamw_rows: the weight's rows must be contiguous (unit column stride)")
+    w = &weight[0, 0]
+    if per_row:
+        counts = &row_step[0]
+    with nogil:
+        for k in prange(nnz, schedule="static", chunksize=ROWS_PER_CHUNK, num_threads=n_threads):
+            _prefetch_ahead(&rows[0], k, nnz, dim, w, row_stride, &exp_avg[0, 0], &exp_avg_sq[0, 0])
+            _prefetch_entries_ahead(&rows[0], k, nnz, &row_decay_log[0], counts)
+            r = rows[k]
+            decay = _pending_decay(row_decay_log[r], decay_log, decay_log_prev, decay_last)
+            row_decay_log[r] = decay_log
+            if per_row:
+                n = _count_update(counts + r)
+                row_step_size = lr / (1 - pow(beta1, <double> n))
+                row_bc2_sqrt = pow(1 - pow(beta2, <double> n), 0.5)
+            else:
+                row_step_size = step_size
+                row_bc2_sqrt = bc2_sqrt
+            adamw_row(w + r * row_stride, &exp_avg[r, 0], &exp_avg_sq[r, 0], &grad[k, 0],
+                      <floating> decay, lerp_weight, beta2_, omb2, <floating> row_bc2_sqrt, eps_,
+                      <floating> (-row_step_size), sign, dim)
+
+
+def adamw_decay_rows(floating[:, :] weight,           # INOUT (n_rows, dim), unit column stride
+                     double[::1] row_decay_log,       # INOUT (n_rows,) L_s of each row's last update
+                     const int64_t[::1] rows,         # IN    (n_pending,) distinct rows
+                     double decay_log, double decay_log_prev, double decay_last, int n_threads):
+    """Bring the listed rows' weight decay up to date (w *= pending factor; L_s = L_t); rows already
+    at L_t are left alone."""
+    cdef Py_ssize_t n_pending = rows.shape[0]
+    cdef Py_ssize_t dim = weight.shape[1]
+    cdef Py_ssize_t k, r, row_stride
+    cdef double decay
+    cdef floating *w
+    if n_pending == 0:
+        return
+    if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
+                            sizeof(floating)):
+        raise ValueError("adamw_decay_rows: the weight's rows must be contiguous (unit column stride)")
+    w = &weight[0, 0] if dim > 0 else NULL
+    with nogil:
+        for k in prange(n_pending, schedule="static", chunksize=ROWS_PER_CHUNK, num_threads=n_threads):
+            if dim > 0:
+                _prefetch_ahead(&rows[0], k, n_pending, dim, w, row_stride, NULL, NULL)
+            _prefetch_entries_ahead(&rows[0], k, n_pending, &row_decay_log[0], NULL)
+            r = rows[k]
+            if row_decay_log[r] == decay_log:
+                continue
+            decay = _pending_decay(row_decay_log[r], decay_log, decay_log_prev, decay_last)
+            row_decay_log[r] = decay_log
+            if dim > 0:
+                row_scale(w + r * row_stride, <floating> decay, dim)

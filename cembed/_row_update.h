@@ -147,3 +147,47 @@ CEMBED_DEFINE_ROWWISE_ADAGRAD_ROW(cembed_rowwise_adagrad_row_f32, float, sqrtf)
 CEMBED_DEFINE_ROWWISE_ADAGRAD_ROW(cembed_rowwise_adagrad_row_f64, double, sqrt)
 
 #endif
+
+/* ---- SparseAdamW and per-row bias correction (docs/behaviour.md §8.5) ------------------------- */
+#ifndef CEMBED_ROW_UPDATE_ADAMW_H
+#define CEMBED_ROW_UPDATE_ADAMW_H
+
+/* AdamW row, torch's single-tensor order (torch/optim/adam.py, decoupled_weight_decay=True), with
+ * g = sign * grad and the row's pending decay folded in first:
+ *   w = w * decay
+ *   m = lerp(m, g, lerp_weight)        torch's vectorised lerp: fma(weight, g - m, m) for weight < 0.5,
+ *                                      else fma(weight - 1, g - m, g)
+ *   v = v * beta2 + (1 - beta2) * g * g
+ *   w = w + (neg_step * m) / (sqrt(v) / bc2_sqrt + eps)                                          */
+#define CEMBED_DEFINE_ADAMW_ROW(NAME, T, SQRT, FMA)                                                    \
+CEMBED_CLONES static void NAME(T *restrict w, T *restrict m, T *restrict v, const T *restrict grad,    \
+                               T decay, T lerp_weight, T beta2, T one_minus_beta2, T bc2_sqrt, T eps,  \
+                               T neg_step, T sign, ptrdiff_t dim)                                      \
+{                                                                                                      \
+    const int small = lerp_weight < (T)0.5;                                                            \
+    const T coeff = small ? lerp_weight : lerp_weight - (T)1;                                          \
+    for (ptrdiff_t j = 0; j < dim; j++) {                                                              \
+        const T g = sign * grad[j], m0 = m[j];                                                         \
+        const T m1 = FMA(coeff, g - m0, small ? m0 : g);                                               \
+        const T v1 = v[j] * beta2 + one_minus_beta2 * g * g;                                           \
+        const T w1 = w[j] * decay;                                                                     \
+        m[j] = m1;                                                                                     \
+        v[j] = v1;                                                                                     \
+        w[j] = w1 + neg_step * m1 / (SQRT(v1) / bc2_sqrt + eps);                                       \
+    }                                                                                                  \
+}
+CEMBED_DEFINE_ADAMW_ROW(cembed_adamw_row_f32, float, sqrtf, fmaf)
+CEMBED_DEFINE_ADAMW_ROW(cembed_adamw_row_f64, double, sqrt, fma)
+
+/* w[j] = w[j] * scale (a row's pending weight decay) */
+CEMBED_CLONES static void cembed_scale_f32(float *restrict w, float scale, ptrdiff_t dim)
+{
+    for (ptrdiff_t j = 0; j < dim; j++) w[j] = w[j] * scale;
+}
+
+CEMBED_CLONES static void cembed_scale_f64(double *restrict w, double scale, ptrdiff_t dim)
+{
+    for (ptrdiff_t j = 0; j < dim; j++) w[j] = w[j] * scale;
+}
+
+#endif

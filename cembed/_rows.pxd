@@ -160,3 +160,40 @@ cdef inline void adam_row(floating *w,             # INOUT (dim,) weight row
     else:
         cembed_adam_row_f64(w, exp_avg, exp_avg_sq, grad, one_minus_beta1, one_minus_beta2, eps,
                             neg_step_size, sign, dim)
+
+
+# ---- SparseAdamW and per-row bias correction (docs/behaviour.md §8.5) ----------------------------
+cdef extern from "_row_update.h" nogil:
+    void cembed_adamw_row_f32(float *w, float *m, float *v, const float *grad, float decay, float lerp_weight,
+                              float beta2, float one_minus_beta2, float bc2_sqrt, float eps, float neg_step,
+                              float sign, Py_ssize_t dim)
+    void cembed_adamw_row_f64(double *w, double *m, double *v, const double *grad, double decay,
+                              double lerp_weight, double beta2, double one_minus_beta2, double bc2_sqrt,
+                              double eps, double neg_step, double sign, Py_ssize_t dim)
+    void cembed_scale_f32(float *w, float scale, Py_ssize_t dim)
+    void cembed_scale_f64(double *w, double scale, Py_ssize_t dim)
+
+
+cdef inline void adamw_row(floating *w,            # INOUT (dim,) weight row
+                           floating *exp_avg,      # INOUT (dim,)
+                           floating *exp_avg_sq,   # INOUT (dim,)
+                           const floating *grad,   # IN    (dim,)
+                           floating decay, floating lerp_weight, floating beta2, floating one_minus_beta2,
+                           floating bc2_sqrt, floating eps, floating neg_step_size, floating sign,
+                           Py_ssize_t dim) noexcept nogil:
+    """The row's pending weight decay, then torch's AdamW update of one row (docs/behaviour.md §8.5)."""
+    if floating is float:
+        cembed_adamw_row_f32(w, exp_avg, exp_avg_sq, grad, decay, lerp_weight, beta2, one_minus_beta2,
+                             bc2_sqrt, eps, neg_step_size, sign, dim)
+    else:
+        cembed_adamw_row_f64(w, exp_avg, exp_avg_sq, grad, decay, lerp_weight, beta2, one_minus_beta2,
+                             bc2_sqrt, eps, neg_step_size, sign, dim)
+
+
+cdef inline void row_scale(floating *w,            # INOUT (dim,)
+                           floating scale, Py_ssize_t dim) noexcept nogil:
+    """w = w * scale."""
+    if floating is float:
+        cembed_scale_f32(w, scale, dim)
+    else:
+        cembed_scale_f64(w, scale, dim)

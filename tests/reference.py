@@ -225,3 +225,64 @@ def rowwise_adagrad_step(weight, state_sum, rows, grad, lr=0.01, eps=1e-8, weigh
         else:
             correction = f(1)
         weight[r] = correction * weight[r] - g * multiplier
+# ---------------------------------------------------------------------------------------------
+# cembed extensions: per-row bias correction, SparseAdamW (docs/behaviour.md §8.5)
+# ---------------------------------------------------------------------------------------------
+
+
+def sparse_adam_row_bias_step(weight, exp_avg, exp_avg_sq, row_step, rows, grad, lr=1e-3, betas=(0.9, 0.999),
+                              eps=1e-8, maximize=False):
+    """SparseAdam with bias_correction="row": each row is corrected with its own update count
+    (``row_step[r]``, incremented first) instead of the parameter's step; in place."""
+    for k, r in enumerate(rows):
+        row_step[r] += 1
+        sparse_adam_step(weight, exp_avg, exp_avg_sq, int(row_step[r]), rows[k:k + 1], grad[k:k + 1], lr=lr,
+                         betas=betas, eps=eps, maximize=maximize)
+
+
+def new_adamw_state(weight):
+    """The reference's SparseAdamW state: moments, the lr of every step so far (``lrs[u - 1]`` is
+    lr_u), the step each row was last decayed to, each row's update count."""
+    n_rows = weight.shape[0]
+    return dict(step=0, lrs=[], exp_avg=np.zeros_like(weight), exp_avg_sq=np.zeros_like(weight),
+                last=np.zeros(n_rows, dtype=np.int64), row_step=np.zeros(n_rows, dtype=np.int64))
+
+
+def _pending_decay(state, r, weight_decay):
+    """prod_{u = last[r]+1 .. step} (1 - lr_u * weight_decay), as a plain float64 product."""
+    factor = 1.0
+    for lr_u in state["lrs"][state["last"][r]:state["step"]]:
+        factor *= 1.0 - lr_u * weight_decay
+    return factor
+
+
+def sparse_adamw_step(weight, state, rows, grad, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                      maximize=False, bias_correction="global"):
+    """One SparseAdamW step on a coalesced gradient (rows ascending, distinct); in place.
+
+    Each named row first catches up on the decay of every step since its last update (the exact
+    product of the factors), then takes torch's AdamW update (torch/optim/adam.py, single tensor):
+    m = lerp(m, g, 1 - b1); v = b2 v + (1 - b2) g g; w += -lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps).
+    Rows not named keep everything (their decay stays pending)."""
+    f = weight.dtype.type
+    beta1, beta2 = betas
+    state["step"] += 1
+    state["lrs"].append(lr)
+    g = -grad if maximize else grad
+    for k, r in enumerate(rows):
+        weight[r] = weight[r] * f(_pending_decay(state, r, weight_decay))
+        state["last"][r] = state["step"]
+        state["row_step"][r] += 1
+        n = state["step"] if bias_correction == "global" else int(state["row_step"][r])
+        bc1, bc2 = 1 - beta1 ** n, 1 - beta2 ** n
+        m = state["exp_avg"][r] + f(1 - beta1) * (g[k] - state["exp_avg"][r])
+        v = state["exp_avg_sq"][r] * f(beta2) + f(1 - beta2) * g[k] * g[k]
+        state["exp_avg"][r], state["exp_avg_sq"][r] = m, v
+        weight[r] = weight[r] + f(-lr / bc1) * m / (np.sqrt(v) / f(bc2 ** 0.5) + f(eps))
+
+
+def adamw_apply_pending_decay(weight, state, weight_decay):
+    """Every row's pending decay, applied; in place."""
+    for r in range(weight.shape[0]):
+        weight[r] = weight[r] * weight.dtype.type(_pending_decay(state, r, weight_decay))
+        state["last"][r] = state["step"]

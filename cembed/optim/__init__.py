@@ -13,9 +13,11 @@ before taking any of it; ``save`` writes a temporary sibling file, syncs it and 
 from .optimizer import Optimizer
 from .sgd import SGD
 from .sparse_adam import SparseAdam
+from .sparse_adamw import SparseAdamW
 from .adagrad import Adagrad
 from .rowwise_adagrad import RowWiseAdagrad
 from .clip_grad import clip_grad_norm_, clip_grad_value_
 from . import lr_scheduler
 
-__all__ = ["Optimizer", "SGD", "SparseAdam", "Adagrad", "RowWiseAdagrad", "clip_grad_norm_", "clip_grad_value_", "lr_scheduler"]
+__all__ = ["Optimizer", "SGD", "SparseAdam", "SparseAdamW", "Adagrad", "RowWiseAdagrad", "clip_grad_norm_",
+           "clip_grad_value_", "lr_scheduler"]

@@ -8,11 +8,63 @@ import numpy as np
 
 from .. import _optim
 from .._config import n_threads_for
-from .._validation import check_real
+from .._validation import check_choice, check_real
 from ..sparse import SparseGrad
 from .optimizer import Group, Optimizer, _check_maximize, _option, _update_rows
 
 __all__ = ["SparseAdam"]
+
+#: The values of the ``bias_correction`` option (docs/behaviour.md §8.5).
+BIAS_CORRECTIONS = ("global", "row")
+
+
+def _check_betas(group: Dict[str, Any], where: str) -> Tuple[float, float]:
+    """``betas``: a pair of reals in [0, 1) (torch's rule), normalised to a tuple of floats."""
+    betas = group.get("betas")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{where}: betas must be a pair of numbers, got {betas!r}")
+    group["betas"] = tuple(check_real(b, f"{where}: beta parameter at index {k}", low=0.0, high=1.0,
+                                      high_open=True) for k, b in enumerate(betas))
+    return group["betas"]
+
+
+def _check_bias_correction(group: Dict[str, Any], where: str) -> str:
+    """``bias_correction``: "global" (torch's rule; also for a group without the option) or "row"."""
+    group["bias_correction"] = check_choice(group.get("bias_correction", "global"), f"{where}: bias_correction",
+                                            BIAS_CORRECTIONS)
+    return group["bias_correction"]
+
+
+def _check_step(step: Any, where: str) -> int:
+    """A parameter's step counter: an int >= 0 (NumPy integers accepted, bools refused)."""
+    if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(f"{where} 'step' must be an int >= 0, got {step!r}")
+    return int(step)
+
+
+def _check_row_array(arr: Any, name: str, n_rows: int, dtype: Any, where: str) -> np.ndarray:
+    """A per-row state vector (one entry per row of the weight): shape (n_rows,), ``dtype``, writeable,
+    C-contiguous and aligned. O(1): the values are checked at load, never used as indices."""
+    if not isinstance(arr, np.ndarray) or arr.shape != (n_rows,) or arr.dtype != np.dtype(dtype):
+        got = f"{arr.shape} {arr.dtype}" if isinstance(arr, np.ndarray) else type(arr).__name__
+        raise ValueError(f"{where}: optimizer state {name!r} is {got}, expected ({n_rows},) {np.dtype(dtype)} "
+                         "(one entry per row of the weight; was the weight replaced? build a new optimizer for it)")
+    if not (arr.flags.c_contiguous and arr.flags.writeable and arr.flags.aligned):
+        raise ValueError(f"{where}: optimizer state {name!r} must be a writeable C-contiguous array")
+    return arr
+
+
+def _load_row_step(entry: Dict[str, Any], n_rows: int, step: int, where: str) -> None:
+    """A saved ``row_step`` (per-row update counts): int64 (n_rows,), every count in [0, step];
+    replaced by a private copy."""
+    arr = entry["row_step"]
+    if not isinstance(arr, np.ndarray) or arr.shape != (n_rows,) or arr.dtype != np.int64:
+        got = f"shape {arr.shape} and dtype {arr.dtype}" if isinstance(arr, np.ndarray) else type(arr).__name__
+        raise ValueError(f"{where}['row_step'] has {got}, expected ({n_rows},) int64")
+    if arr.size and (arr.min() < 0 or arr.max() > step):
+        raise ValueError(f"{where}['row_step'] must hold counts in [0, step={step}], got values in "
+                         f"[{arr.min()}, {arr.max()}]")
+    entry["row_step"] = np.array(arr, order="C", copy=True)
 
 
 class SparseAdam(Optimizer):
@@ -26,12 +78,38 @@ class SparseAdam(Optimizer):
     betas : (float, float), default (0.9, 0.999)
     eps : float, default 1e-8
     maximize : bool, default False
+    bias_correction : {"global", "row"}, default "global"
+        ``"global"`` is torch's rule: every row is bias-corrected with the parameter's step counter.
+        ``"row"`` (a cembed extension, docs/behaviour.md §8.5) uses each row's own update count
+        instead (state ``row_step``, one int64 per row).
 
     Notes
     -----
     One step counter per parameter, advanced on every step that parameter has a gradient (also an
     empty one); only the rows in the gradient have their moments and weights updated (torch's
     semantics). Dense gradients are refused, as in torch.
+
+    With ``"global"``, a row whose first gradient arrives at step 1000 is corrected with
+    ``1 - beta**1000`` although its moments hold a single gradient: its first move is
+    ``lr * sqrt(1 - beta2**1000) / (1 - beta1**1000) * (1 - beta1) / sqrt(1 - beta2)`` — here
+    about 2.5 × lr. With ``"row"`` the row's own count (1) is used, and its first move is lr, as
+    for every row at step 1 of plain Adam:
+
+    >>> import numpy as np, cembed
+    >>> from cembed import SparseGrad
+    >>> def first_move_of_row_1(bias_correction):
+    ...     emb = cembed.Embedding(2, 1, sparse=True)
+    ...     emb.weight = np.zeros((2, 1))
+    ...     opt = cembed.optim.SparseAdam([emb], lr=0.1, bias_correction=bias_correction)
+    ...     for _ in range(999):                      # only row 0 has gradients
+    ...         emb.grad = SparseGrad([0], np.ones((1, 1)), 2); opt.step()
+    ...     emb.grad = SparseGrad([1], np.ones((1, 1)), 2); opt.step()
+    ...     return round(float(-emb.weight[1, 0]), 4)
+    >>> first_move_of_row_1("global"), first_move_of_row_1("row")
+    (0.2515, 0.1)
+
+    A row's count only advances on steps taken with ``"row"`` (the counts are created, at zero, at
+    the first such step). When every row is in every gradient, both settings give the same bits.
 
     Examples
     --------
@@ -47,18 +125,16 @@ class SparseAdam(Optimizer):
     _state_arrays = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, maximize: bool = False) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, maximize=maximize))
+                 eps: float = 1e-8, maximize: bool = False, bias_correction: str = "global") -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, maximize=maximize,
+                                      bias_correction=bias_correction))
 
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
         _option(group, "lr", where, low=0.0, low_open=True)
         _option(group, "eps", where, low=0.0, low_open=True)
-        betas = group.get("betas")
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"{where}: betas must be a pair of numbers, got {betas!r}")
-        group["betas"] = tuple(check_real(b, f"{where}: beta parameter at index {k}", low=0.0, high=1.0,
-                                          high_open=True) for k, b in enumerate(betas))
+        _check_betas(group, where)
         _check_maximize(group, where)
+        _check_bias_correction(group, where)
         return group
 
     def _check_grad(self, options: Group, grad: Any, weight: np.ndarray, where: str) -> None:
@@ -70,23 +146,23 @@ class SparseAdam(Optimizer):
     def _check_state(self, state: Dict[str, Any], weight: np.ndarray, where: str) -> None:
         if not state:
             return
-        if set(state) != {"step", *self._state_arrays}:
-            raise ValueError(f"{where}: SparseAdam state needs exactly 'step', 'exp_avg', 'exp_avg_sq', "
-                             f"got {sorted(state)}")
-        step = state["step"]
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"{where}: SparseAdam state 'step' must be an int >= 0, got {step!r}")
+        if set(state) - {"row_step"} != {"step", *self._state_arrays}:
+            raise ValueError(f"{where}: SparseAdam state needs exactly 'step', 'exp_avg', 'exp_avg_sq' "
+                             f"(and 'row_step' with bias_correction='row'), got {sorted(state)}")
+        _check_step(state["step"], f"{where}: SparseAdam state")
         super()._check_state(state, weight, where)
+        if "row_step" in state:
+            _check_row_array(state["row_step"], "row_step", weight.shape[0], np.int64, where)
 
     def _load_state_entry(self, entry: Dict[str, Any], weight: np.ndarray, options: Group,
                           where: str) -> Dict[str, Any]:
         if entry:
-            if set(entry) != {"step", *self._state_arrays}:
-                raise ValueError(f"{where} needs exactly 'step', 'exp_avg', 'exp_avg_sq', got {sorted(entry)}")
-            step = entry["step"]
-            if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)) or step < 0:
-                raise ValueError(f"{where}['step'] must be an int >= 0, got {step!r}")
-            entry["step"] = int(step)
+            if set(entry) - {"row_step"} != {"step", *self._state_arrays}:
+                raise ValueError(f"{where} needs exactly 'step', 'exp_avg', 'exp_avg_sq' (and 'row_step' with "
+                                 f"bias_correction='row'), got {sorted(entry)}")
+            entry["step"] = _check_step(entry["step"], where)
+            if "row_step" in entry:
+                _load_row_step(entry, weight.shape[0], entry["step"], where)
         return super()._load_state_entry(entry, weight, options, where)
 
     def _sparse_begin(self, state: Dict[str, Any], weight: np.ndarray, options: Group) -> float:
@@ -94,6 +170,8 @@ class SparseAdam(Optimizer):
             state["step"] = 0
             state["exp_avg"] = np.zeros(weight.shape, dtype=weight.dtype)  # lazily zeroed pages
             state["exp_avg_sq"] = np.zeros(weight.shape, dtype=weight.dtype)
+        if options["bias_correction"] == "row" and "row_step" not in state:
+            state["row_step"] = np.zeros(weight.shape[0], dtype=np.int64)
         state["step"] += 1  # also for an empty gradient, as torch
         beta1, beta2 = options["betas"]
         step = state["step"]
@@ -102,6 +180,14 @@ class SparseAdam(Optimizer):
     def _sparse_rows(self, state: Dict[str, Any], weight: np.ndarray, rows: np.ndarray, values: np.ndarray,
                      options: Group, prepared: float) -> None:
         beta1, beta2 = options["betas"]
+        if options["bias_correction"] == "row":
+            def row_kernel(w: np.ndarray, states: List[np.ndarray], kernel_rows: np.ndarray) -> None:
+                _optim.sparse_adam_row_bias_rows(w, states[0], states[1], states[2], kernel_rows, values,
+                                                 options["lr"], beta1, beta2, options["eps"], options["maximize"],
+                                                 n_threads_for(kernel_rows.size, "optimizer"))
+
+            _update_rows(weight, [state["exp_avg"], state["exp_avg_sq"], state["row_step"]], rows, row_kernel)
+            return
 
         def kernel(w: np.ndarray, states: List[np.ndarray], kernel_rows: np.ndarray) -> None:
             _optim.sparse_adam_rows(w, states[0], states[1], kernel_rows, values, beta1, beta2, options["eps"],

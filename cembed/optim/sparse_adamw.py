@@ -1,0 +1,236 @@
+"""SparseAdamW: lazy AdamW for sparse gradients, with weight decay that is exact for skipped rows."""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+
+from .. import _optim
+from .._config import n_threads_for
+from .._validation import check_real
+from ..sparse import SparseGrad
+from .optimizer import Group, Optimizer, _check_maximize, _option, _update_rows
+from .sparse_adam import _check_betas, _check_bias_correction, _check_row_array, _check_step, _load_row_step
+
+__all__ = ["SparseAdamW"]
+
+_EMPTY_COUNTS = np.zeros(0, dtype=np.int64)  # row_step for global bias correction (the kernel reads none)
+_SCALARS = ("decay_log", "decay_log_prev", "decay_last")
+_REQUIRED = frozenset({"step", "exp_avg", "exp_avg_sq", "row_decay_log", *_SCALARS})
+
+
+class SparseAdamW(Optimizer):
+    """AdamW (decoupled weight decay) for sparse gradients: SparseAdam's lazy rows, torch AdamW's
+    update, and weight decay that is exact for rows that skip steps.
+
+    Parameters
+    ----------
+    params : iterable of modules or of dicts
+        Modules (``.weight``, ``.grad``), or param groups ``{"params": [...], "lr": ..., ...}``.
+    lr : float, default 1e-3
+        ``>= 0``; a scheduler may change it at every step (the decay stays exact).
+    betas : (float, float), default (0.9, 0.999)
+    eps : float, default 1e-8
+    weight_decay : float, default 1e-2
+        ``>= 0``, with ``lr * weight_decay < 1`` (a decay factor ``1 - lr * weight_decay <= 0`` would
+        flip or zero the weights; it is refused, with ``ValueError``, at construction and at
+        ``step()``).
+    maximize : bool, default False
+        Negates the gradient; the weight decay still shrinks the weights (as torch's AdamW).
+    bias_correction : {"global", "row"}, default "global"
+        ``"global"``: torch's rule, the parameter's step counter. ``"row"``: each row's own update
+        count (state ``row_step``; docs/behaviour.md §8.5 and :class:`SparseAdam`).
+
+    Notes
+    -----
+    A step of a parameter is a ``step()`` (or a fused ``backward(..., optimizer=opt)``) in which it
+    has a gradient — also an empty one. It advances the parameter's step counter and its decay
+    clock. A parameter whose ``.grad`` is ``None`` is skipped entirely, as torch's AdamW skips it (no
+    step, no decay); assign an empty ``SparseGrad`` to have it decay without moving.
+
+    At its ``t``-th step every row of the parameter is decayed by ``1 - lr_t * weight_decay``, as in
+    torch's AdamW, but lazily: a row in the gradient that was last updated at step ``s`` is first
+    multiplied by ``prod_{u=s+1..t} (1 - lr_u * weight_decay)``, then updated with torch's AdamW
+    formula on its moments. The product is ``exp(L_t - L_s)`` with the float64 running sum
+    ``L_t = sum_{u<=t} log1p(-lr_u * weight_decay)`` (state ``decay_log``) and the ``L_s`` each row
+    stores (``row_decay_log``); a row updated at the previous step gets ``1 - lr_t * weight_decay``
+    itself, so when every row is in every gradient the result is torch's ``AdamW`` on the dense
+    gradient. Rows not in the gradient keep their moments (lazy Adam, as :class:`SparseAdam`).
+
+    :meth:`apply_pending_decay` brings every row's decay up to date (for evaluation or export).
+    State per parameter: ``step`` (int), ``exp_avg``, ``exp_avg_sq`` (like the weight),
+    ``decay_log``, ``decay_log_prev`` (``L_{t-1}``), ``decay_last`` (``1 - lr_t * weight_decay``),
+    ``row_decay_log`` (float64, one per row) and, with ``"row"``, ``row_step`` (int64, one per row);
+    it is all in ``state_dict()`` / ``save()``, so a resumed run continues bitwise.
+
+    Examples
+    --------
+    >>> import numpy as np, cembed
+    >>> from cembed import SparseGrad
+    >>> emb = cembed.Embedding(4, 2, sparse=True)
+    >>> emb.weight = np.ones((4, 2))
+    >>> opt = cembed.optim.SparseAdamW([emb], lr=0.1, weight_decay=0.5)
+    >>> for _ in range(3):                      # row 0 only: rows 1..3 owe 3 steps of decay
+    ...     emb.grad = SparseGrad([0], np.zeros((1, 2)), 4); opt.step()
+    >>> emb.weight[1].tolist()
+    [1.0, 1.0]
+    >>> opt.apply_pending_decay()
+    >>> round(float(emb.weight[1, 0]), 6) == round(0.95 ** 3, 6)
+    True
+    """
+
+    _state_arrays = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, maximize: bool = False,
+                 bias_correction: str = "global") -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
+                                      bias_correction=bias_correction))
+
+    # ------------------------------------------------------------------ checks
+    def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
+        lr = _option(group, "lr", where, low=0.0)
+        _option(group, "eps", where, low=0.0)
+        wd = _option(group, "weight_decay", where, low=0.0)
+        if not lr * wd < 1.0:
+            raise ValueError(f"{where}: lr * weight_decay must be < 1 (the decay factor 1 - lr * weight_decay "
+                             f"must stay positive), got lr={lr}, weight_decay={wd}")
+        _check_betas(group, where)
+        _check_maximize(group, where)
+        _check_bias_correction(group, where)
+        return group
+
+    def _check_grad(self, options: Group, grad: Any, weight: np.ndarray, where: str) -> None:
+        super()._check_grad(options, grad, weight, where)
+        if not isinstance(grad, SparseGrad):
+            raise TypeError("SparseAdamW does not support dense gradients, please consider torch's AdamW instead "
+                            f"({where}.grad is a dense array; use sparse=True)")
+
+    @staticmethod
+    def _check_scalars(state: Dict[str, Any], where: str) -> None:
+        """The decay clock: L_t <= L_{t-1} <= 0, finite; the last factor in (0, 1]. Normalised to floats."""
+        for name in _SCALARS:
+            state[name] = check_real(state[name], f"{where} {name!r}")
+        if not state["decay_log"] <= state["decay_log_prev"] <= 0.0:
+            raise ValueError(f"{where}: 'decay_log' <= 'decay_log_prev' <= 0 is required, got "
+                             f"{state['decay_log']!r}, {state['decay_log_prev']!r}")
+        if not 0.0 < state["decay_last"] <= 1.0:
+            raise ValueError(f"{where} 'decay_last' must be in (0, 1], got {state['decay_last']!r}")
+
+    def _check_keys(self, state: Dict[str, Any], where: str) -> None:
+        if set(state) - {"row_step"} != _REQUIRED:
+            raise ValueError(f"{where}: SparseAdamW state needs exactly {sorted(_REQUIRED)} (and 'row_step' with "
+                             f"bias_correction='row'), got {sorted(state)}")
+
+    def _check_state(self, state: Dict[str, Any], weight: np.ndarray, where: str) -> None:
+        """Structure and scalars, O(1) per parameter: every array's shape, dtype and layout against the
+        weight as it is now, the step counter and the decay clock. The per-row values are checked at
+        load; the kernels never use them as indices."""
+        if not state:
+            return
+        self._check_keys(state, where)
+        _check_step(state["step"], f"{where}: SparseAdamW state")
+        self._check_scalars(state, f"{where}: SparseAdamW state")
+        super()._check_state(state, weight, where)
+        _check_row_array(state["row_decay_log"], "row_decay_log", weight.shape[0], np.float64, where)
+        if "row_step" in state:
+            _check_row_array(state["row_step"], "row_step", weight.shape[0], np.int64, where)
+
+    def _load_state_entry(self, entry: Dict[str, Any], weight: np.ndarray, options: Group,
+                          where: str) -> Dict[str, Any]:
+        if not entry:
+            return entry
+        self._check_keys(entry, where)
+        entry["step"] = _check_step(entry["step"], where)
+        self._check_scalars(entry, where)
+        n_rows = weight.shape[0]
+        logs = entry["row_decay_log"]
+        if not isinstance(logs, np.ndarray) or logs.shape != (n_rows,) or logs.dtype != np.float64:
+            got = f"shape {logs.shape} and dtype {logs.dtype}" if isinstance(logs, np.ndarray) else type(logs).__name__
+            raise ValueError(f"{where}['row_decay_log'] has {got}, expected ({n_rows},) float64")
+        if logs.size and not (np.isfinite(logs).all() and logs.min() >= entry["decay_log"] and logs.max() <= 0.0):
+            raise ValueError(f"{where}['row_decay_log'] must be finite, in [decay_log={entry['decay_log']!r}, 0]")
+        if "row_step" in entry:
+            _load_row_step(entry, n_rows, entry["step"], where)
+        entry = super()._load_state_entry(entry, weight, options, where)  # exp_avg, exp_avg_sq: checked, copied
+        entry["row_decay_log"] = np.array(logs, order="C", copy=True)
+        return entry
+
+    # ------------------------------------------------------------------ updates
+    def _sparse_begin(self, state: Dict[str, Any], weight: np.ndarray, options: Group) -> Tuple[float, float]:
+        if "step" not in state:
+            state.update(step=0, exp_avg=np.zeros(weight.shape, dtype=weight.dtype),  # lazily zeroed pages
+                         exp_avg_sq=np.zeros(weight.shape, dtype=weight.dtype), decay_log=0.0, decay_log_prev=0.0,
+                         decay_last=1.0, row_decay_log=np.zeros(weight.shape[0], dtype=np.float64))
+        if options["bias_correction"] == "row" and "row_step" not in state:
+            state["row_step"] = np.zeros(weight.shape[0], dtype=np.int64)
+        state["step"] += 1  # also for an empty gradient, as torch
+        decay = options["lr"] * options["weight_decay"]
+        state["decay_log_prev"] = state["decay_log"]
+        state["decay_log"] = state["decay_log"] + math.log1p(-decay)
+        state["decay_last"] = 1.0 - decay
+        beta1, beta2 = options["betas"]
+        step = state["step"]
+        return options["lr"] / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5  # torch's order
+
+    def _sparse_rows(self, state: Dict[str, Any], weight: np.ndarray, rows: np.ndarray, values: np.ndarray,
+                     options: Group, prepared: Tuple[float, float]) -> None:
+        beta1, beta2 = options["betas"]
+        step_size, bc2_sqrt = prepared
+        per_row = options["bias_correction"] == "row"
+        arrays = [state["exp_avg"], state["exp_avg_sq"], state["row_decay_log"]]
+        if per_row:
+            arrays.append(state["row_step"])
+        decay_log, decay_log_prev, decay_last = (state[name] for name in _SCALARS)
+
+        def kernel(w: np.ndarray, states: List[np.ndarray], kernel_rows: np.ndarray) -> None:
+            _optim.sparse_adamw_rows(w, states[0], states[1], states[2], states[3] if per_row else _EMPTY_COUNTS,
+                                     kernel_rows, values, options["lr"], beta1, beta2, options["eps"],
+                                     decay_log, decay_log_prev, decay_last, step_size, bc2_sqrt,
+                                     options["maximize"], n_threads_for(kernel_rows.size, "optimizer"))
+
+        _update_rows(weight, arrays, rows, kernel)
+
+    # ------------------------------------------------------------------ pending decay
+    def apply_pending_decay(self) -> None:
+        """Bring every row of every parameter up to date with its pending weight decay.
+
+        An explicit O(rows) pass, for evaluation or export: afterwards each weight is what torch's
+        AdamW would hold for its decay so far. Steps before and after it give the same results as
+        without it, up to rounding (the pending factor is applied in two parts); the moments are not
+        touched.
+
+        Raises
+        ------
+        ValueError
+            A state that does not fit its parameter's current weight (checked for every parameter
+            before any is changed).
+
+        Examples
+        --------
+        >>> import numpy as np, cembed
+        >>> emb = cembed.Embedding(3, 2, sparse=True)
+        >>> emb.weight = np.ones((3, 2))
+        >>> opt = cembed.optim.SparseAdamW([emb], lr=0.1, weight_decay=0.1)
+        >>> emb.grad = cembed.SparseGrad([], np.zeros((0, 2)), 3); opt.step()   # no row moves yet
+        >>> opt.apply_pending_decay(); emb.weight[:, 0].tolist()
+        [0.99, 0.99, 0.99]
+        """
+        plan = []
+        for where, module in self._named_params():
+            state = self.state.get(module)
+            if not state:
+                continue
+            weight = self._check_weight(module, where)
+            self._check_state(state, weight, where)
+            plan.append((weight, state))
+        for weight, state in plan:
+            decay_log, decay_log_prev, decay_last = (state[name] for name in _SCALARS)
+            rows = np.flatnonzero(state["row_decay_log"] != decay_log).astype(np.int64)
+
+            def kernel(w: np.ndarray, states: List[np.ndarray], kernel_rows: np.ndarray) -> None:
+                _optim.adamw_decay_rows(w, states[0], kernel_rows, decay_log, decay_log_prev, decay_last,
+                                        n_threads_for(kernel_rows.size, "optimizer"))
+
+            _update_rows(weight, [state["row_decay_log"]], rows, kernel)
