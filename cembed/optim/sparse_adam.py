@@ -123,6 +123,7 @@ class SparseAdam(Optimizer):
     """
 
     _state_arrays = ("exp_avg", "exp_avg_sq")
+    _optional_options = ("maximize", "bias_correction")
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, maximize: bool = False, bias_correction: str = "global") -> None:

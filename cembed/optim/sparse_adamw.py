@@ -81,6 +81,7 @@ class SparseAdamW(Optimizer):
     """
 
     _state_arrays = ("exp_avg", "exp_avg_sq")
+    _optional_options = ("maximize", "bias_correction")
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, maximize: bool = False,
