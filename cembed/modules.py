@@ -230,6 +230,15 @@ class Embedding(TableModule):
             An index outside ``[0, num_embeddings)`` of the current table.
         TypeError, ValueError
             See :func:`cembed.functional.embedding`.
+
+        Examples
+        --------
+        >>> import numpy as np, cembed
+        >>> emb = cembed.Embedding.from_pretrained(np.arange(6.0).reshape(3, 2))
+        >>> emb.forward(np.array([[2], [0]]))
+        array([[[4., 5.]],
+        <BLANKLINE>
+               [[0., 1.]]])
         """
         _, max_norm, norm_type = self._checked_options()
         out, self._saved = F.lookup(self._weight, indices, max_norm, norm_type, save=True)
@@ -265,6 +274,16 @@ class Embedding(TableModule):
             both together, or call :meth:`zero_grad`); ``optimizer`` with a ``.grad`` present.
         IndexError, TypeError
             Bad indices or dtypes. Nothing is changed.
+
+        Examples
+        --------
+        >>> import numpy as np, cembed
+        >>> emb = cembed.Embedding(5, 2, sparse=True, seed=0)
+        >>> out = emb(np.array([3, 1, 3]))
+        >>> emb.backward(np.ones_like(out))        # indices of the last forward
+        >>> emb.grad.indices, emb.grad.values
+        (array([1, 3]), array([[1., 1.],
+               [2., 2.]], dtype=float32))
         """
         padding_idx, _, _ = self._checked_options()
         weight = self._weight
@@ -349,7 +368,16 @@ class EmbeddingBag(TableModule):
         """Pool the bags: an array ``(n_bags, D)``. See :func:`cembed.functional.embedding_bag`.
 
         The validated call (private copies of the indices, offsets and per-sample weights) is saved
-        for :meth:`backward`."""
+        for :meth:`backward`.
+
+        Examples
+        --------
+        >>> import numpy as np, cembed
+        >>> bag = cembed.EmbeddingBag.from_pretrained(np.arange(6.0).reshape(3, 2), mode="max")
+        >>> bag.forward(np.array([0, 2, 1]), offsets=np.array([0, 2]))
+        array([[4., 5.],
+               [2., 3.]])
+        """
         padding_idx, max_norm, norm_type = self._checked_options()
         weight = self._weight
         bags = F.validate_bags(input, weight, offsets, self.mode, per_sample_weights,
@@ -380,6 +408,16 @@ class EmbeddingBag(TableModule):
             No forward yet; a ``.grad`` or table that no longer matches.
         TypeError
             ``grad_output`` of the wrong dtype.
+
+        Examples
+        --------
+        >>> import numpy as np, cembed
+        >>> bag = cembed.EmbeddingBag(4, 2, mode="sum", seed=0)
+        >>> out = bag(np.array([[0, 1], [1, 1]]), per_sample_weights=np.ones((2, 2), np.float32))
+        >>> bag.backward(np.ones_like(out)).shape     # the per-sample-weight gradient
+        (2, 2)
+        >>> bag.grad[:, 0]
+        array([1., 3., 0., 0.], dtype=float32)
         """
         bags = self._saved
         if bags is None:

@@ -137,6 +137,7 @@ class SparseGrad:
 
     @property
     def num_rows(self) -> int:
+        """Rows of the table the gradient belongs to."""
         return self._num_rows
 
     @property
@@ -151,6 +152,7 @@ class SparseGrad:
 
     @property
     def dtype(self) -> np.dtype:
+        """The values' dtype (the weight's)."""
         return self._values.dtype
 
     def to_dense(self) -> np.ndarray:

@@ -209,6 +209,20 @@ class LRScheduler:
     Subclasses implement :meth:`get_lr`, and may implement ``_get_closed_form_lr``, used by
     ``step(epoch)``. Constructing a scheduler writes the optimizer's ``lr``: when resuming from a
     checkpoint, construct the scheduler *before* ``optimizer.load_state_dict``.
+
+    Examples
+    --------
+    >>> import cembed
+    >>> from cembed.optim.lr_scheduler import StepLR
+    >>> opt = cembed.optim.SGD([cembed.Embedding(10, 4)], lr=0.1)
+    >>> scheduler = StepLR(opt, step_size=2, gamma=0.5)
+    >>> lrs = []
+    >>> for epoch in range(4):
+    ...     opt.step()
+    ...     scheduler.step()
+    ...     lrs.append(scheduler.get_last_lr()[0])
+    >>> lrs
+    [0.1, 0.05, 0.05, 0.025]
     """
 
     _get_lr_called_within_step: bool = False

@@ -58,7 +58,16 @@ class Optimizer:
 
     Subclasses declare ``_state_arrays`` (per-row state arrays shaped like the weight) and implement
     ``_check_options`` (one group's hyper-parameters, validated and normalised), ``_check_grad``,
-    ``_check_state`` and ``_update``.
+    ``_check_state``, ``_load_state_entry`` and the update hooks ``_sparse_begin`` / ``_sparse_rows``
+    / ``_dense_update``.
+
+    Examples
+    --------
+    >>> import numpy as np, cembed
+    >>> words, tags = cembed.Embedding(100, 4, sparse=True, seed=0), cembed.Embedding(10, 4, sparse=True, seed=1)
+    >>> opt = cembed.optim.SparseAdam([{"params": [words]}, {"params": [tags], "lr": 0.1}], lr=0.01)
+    >>> [group["lr"] for group in opt.param_groups]
+    [0.01, 0.1]
     """
 
     _state_arrays: Tuple[str, ...] = ()
@@ -92,6 +101,15 @@ class Optimizer:
         ValueError
             A module already in this optimizer (torch only warns, then updates it twice), an empty
             group, or a bad option.
+
+        Examples
+        --------
+        >>> import cembed
+        >>> a, b = cembed.Embedding(10, 2, sparse=True), cembed.Embedding(10, 2, sparse=True)
+        >>> opt = cembed.optim.SGD([a], lr=0.1)
+        >>> opt.add_param_group({"params": [b], "momentum": 0.9})
+        >>> opt.param_groups[1]["lr"], opt.param_groups[1]["momentum"]
+        (0.1, 0.9)
         """
         if not isinstance(param_group, dict):
             raise TypeError(f"param group must be a dict, got {type(param_group).__name__}")
@@ -134,7 +152,17 @@ class Optimizer:
     # ------------------------------------------------------------------ housekeeping
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop every parameter's gradient (torch's default ``set_to_none=True``); with
-        ``set_to_none=False`` dense gradients are zeroed in place and sparse ones dropped."""
+        ``set_to_none=False`` dense gradients are zeroed in place and sparse ones dropped.
+
+        Examples
+        --------
+        >>> import numpy as np, cembed
+        >>> emb = cembed.Embedding(5, 2, seed=0)
+        >>> opt = cembed.optim.SGD([emb], lr=0.1)
+        >>> emb.backward(np.ones((1, 2), np.float32), np.array([3]))
+        >>> opt.zero_grad(); emb.grad is None
+        True
+        """
         for _, module in self._named_params():
             grad = module.grad
             if not set_to_none and isinstance(grad, np.ndarray) and grad.flags.writeable:
@@ -163,6 +191,18 @@ class Optimizer:
         ------
         TypeError, ValueError, IndexError
             A bad option, gradient or state anywhere: raised before any parameter is updated.
+
+        Examples
+        --------
+        >>> import numpy as np, cembed
+        >>> emb = cembed.Embedding.from_pretrained(np.zeros((3, 2), np.float32), freeze=False, sparse=True)
+        >>> opt = cembed.optim.SGD([emb], lr=0.5)
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     emb.backward(np.ones((1, 2), np.float32), np.array([1]))
+        ...     return 0.25
+        >>> opt.step(closure), emb.weight[1]
+        (0.25, array([-0.5, -0.5], dtype=float32))
         """
         loss = closure() if closure is not None else None
         plan = []
@@ -297,7 +337,18 @@ class Optimizer:
         """torch's layout: ``{"state": {index: {...}}, "param_groups": [{options..., "params": [indices]}]}``.
 
         Parameters are numbered across all groups in order; parameters without state have no entry.
-        Everything is a deep copy."""
+        Everything is a deep copy.
+
+        Examples
+        --------
+        >>> import numpy as np, cembed
+        >>> a, b = cembed.Embedding(4, 2, sparse=True), cembed.Embedding(4, 2, sparse=True)
+        >>> opt = cembed.optim.SparseAdam([{"params": [a]}, {"params": [b], "lr": 0.1}])
+        >>> b.backward(np.ones((1, 2), np.float32), np.array([0])); opt.step()
+        >>> sd = opt.state_dict()
+        >>> [g["params"] for g in sd["param_groups"]], list(sd["state"]), sd["state"][1]["step"]
+        ([[0], [1]], [1], 1)
+        """
         index = self._index_of()
         groups = []
         for group in self.param_groups:
@@ -320,6 +371,18 @@ class Optimizer:
         ------
         ValueError
             A state dict that does not fit this optimizer, naming what is wrong.
+
+        Examples
+        --------
+        >>> import numpy as np, cembed
+        >>> emb = cembed.Embedding(4, 2, sparse=True)
+        >>> opt = cembed.optim.Adagrad([emb], lr=0.1)
+        >>> sd = opt.state_dict()
+        >>> sd["state"][0]["sum"] = np.zeros((3, 2), np.float32)     # not the table's shape
+        >>> opt.load_state_dict(sd)
+        Traceback (most recent call last):
+        ...
+        ValueError: state_dict state[0]['sum'] has shape (3, 2) and dtype float32, expected (4, 2) float32
         """
         try:
             saved_state = state_dict["state"]
@@ -441,6 +504,16 @@ class Optimizer:
         ValueError
             The file is unreadable, not a cembed optimizer file, for another optimizer class, or
             holds a state that does not fit (the message names the file). Nothing changes.
+
+        Examples
+        --------
+        >>> import os, tempfile, cembed
+        >>> path = os.path.join(tempfile.mkdtemp(), "not-a-checkpoint.npz")
+        >>> _ = open(path, "w").write("hello")
+        >>> cembed.optim.SGD([cembed.Embedding(3, 2)], lr=0.1).load(path)
+        Traceback (most recent call last):
+        ...
+        ValueError: ...not-a-checkpoint.npz: not a readable cembed optimizer file (...)
         """
         path = os.fspath(path)
         try:
