@@ -1,4 +1,5 @@
 """Gradient accumulation: the segment sum behind every embedding backward and `coalesce`."""
+import enum
 from typing import TypeVar
 
 import numpy as np
@@ -20,3 +21,15 @@ def segment_sum(
     n_threads: int,
 ) -> None: ...
 def zero_fill(out: NDArray[np.float32] | NDArray[np.float64], n_threads: int) -> None: ...
+
+class UpdateKind(enum.IntEnum):
+    UPDATE_SGD = 0
+    UPDATE_ADAGRAD = 1
+    UPDATE_ADAM = 2
+    UPDATE_ROWWISE_ADAGRAD = 3
+
+def segment_update(values: NDArray[_Float], order: NDArray[np.int64], starts: NDArray[np.int64],
+                   seg_rows: NDArray[np.int64], seg_ids: NDArray[np.int64], src: NDArray[np.int64],
+                   scale: NDArray[_Float], scale_grad_by_freq: bool, kind: int, weight: NDArray[_Float],
+                   state_a: NDArray[_Float], state_b: NDArray[_Float], row_state: NDArray[_Float],
+                   p0: float, p1: float, p2: float, p3: float, mode: int, maximize: bool, n_threads: int) -> None: ...

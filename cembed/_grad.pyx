@@ -5,15 +5,25 @@ every entry of row `seg_rows[s]`, in input order. Each output row is owned by on
 its contributions in input order, so the result is bitwise the same for any thread count and equal
 to torch's dense gradient (which also adds per row in input order).
 """
-from cython.parallel cimport prange
+from cython.parallel cimport prange, parallel, threadid
 from cython cimport floating
 from libc.stdint cimport int64_t
+from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 
-from cembed._rows cimport prefetch_row, row_add, row_axpy, row_fma_accumulate, PREFETCH_DISTANCE
+from cembed._rows cimport (prefetch_row, prefetch_row_for_write, row_stride_items, row_add, row_axpy,
+                           row_fma_accumulate, row_axpy_fma, adagrad_row, adam_row, rowwise_adagrad_row,
+                           PREFETCH_DISTANCE)
 
 cdef enum:
     SEGMENTS_PER_CHUNK = 64   # dynamic-schedule chunk: rows are skewed (Zipf), one hot row can be long
+
+# The row updates segment_update can apply (the same row routines the optimizer kernels use)
+cpdef enum UpdateKind:
+    UPDATE_SGD = 0            # w = fma(p0, sign * g, w)                         p0 = -lr
+    UPDATE_ADAGRAD = 1        # state_a: sum; p0 = -clr, p1 = eps
+    UPDATE_ADAM = 2           # state_a, state_b: exp_avg, exp_avg_sq; p0 = 1 - b1, p1 = 1 - b2, p2 = eps, p3 = -step
+    UPDATE_ROWWISE_ADAGRAD = 3  # row_state: one sum per row; p0 = lr, p1 = eps, p2 = weight_decay, mode
 
 
 cdef void _sum_segment(const floating *values, Py_ssize_t value_stride, Py_ssize_t dim,
@@ -107,3 +117,88 @@ def zero_fill(floating[:, ::1] out, int n_threads):
             hi = (t + 1) * n_rows // n_threads
             if hi > lo:
                 memset(&out[lo, 0], 0, (hi - lo) * dim * sizeof(floating))
+
+
+def segment_update(const floating[:, ::1] values,  # IN  (n_values, dim) gradient rows
+                   const int64_t[::1] order,        # IN  as segment_sum
+                   const int64_t[::1] starts,       # IN
+                   const int64_t[::1] seg_rows,     # IN  (n_segments,) row id of each segment, distinct
+                   const int64_t[::1] seg_ids,      # IN  (n_out,) the segments to apply
+                   const int64_t[::1] src,          # IN  or empty
+                   const floating[::1] scale,       # IN  or empty
+                   bint scale_grad_by_freq,
+                   int kind,                         # an UpdateKind
+                   floating[:, :] weight,            # INOUT (n_rows, dim), unit column stride
+                   floating[:, ::1] state_a,         # INOUT (n_rows, dim) or (0, 0)
+                   floating[:, ::1] state_b,         # INOUT (n_rows, dim) or (0, 0)
+                   floating[::1] row_state,          # INOUT (n_rows,) or (0,)
+                   double p0, double p1, double p2, double p3, int mode, bint maximize,
+                   int n_threads):
+    """Fused backward + update: for each segment, the summed gradient row (exactly as segment_sum's
+    compact output: zero, then the contributions in input order) goes into a per-thread scratch row
+    and the optimizer's row update is applied to weight row seg_rows[s] at once — the coalesced
+    gradient is never written to memory. One parallel region; each row has one writer, so the
+    result is bitwise that of segment_sum followed by the optimizer's row kernel, for any thread
+    count."""
+    cdef Py_ssize_t n_out = seg_ids.shape[0]
+    cdef Py_ssize_t n_entries = order.shape[0]
+    cdef Py_ssize_t dim = values.shape[1]
+    cdef Py_ssize_t j, s, d, r, ahead, count, row_stride
+    cdef const int64_t *src_ptr = &src[0] if src.shape[0] > 0 else NULL
+    cdef const floating *scale_ptr = &scale[0] if scale.shape[0] > 0 else NULL
+    cdef floating *a_ptr = &state_a[0, 0] if state_a.shape[0] > 0 else NULL
+    cdef floating *b_ptr = &state_b[0, 0] if state_b.shape[0] > 0 else NULL
+    cdef floating *rs_ptr = &row_state[0] if row_state.shape[0] > 0 else NULL
+    cdef Py_ssize_t row_bytes = dim * sizeof(floating)
+    cdef const floating *values_ptr
+    cdef floating *w
+    cdef floating *scratch
+    cdef floating *scratch_rows
+    cdef floating inv_count
+    cdef floating sign = -1 if maximize else 1
+    cdef floating q0 = <floating> p0, q1 = <floating> p1, q2 = <floating> p2, q3 = <floating> p3
+    if n_out == 0 or dim == 0:
+        return
+    if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
+                            sizeof(floating)):
+        raise ValueError("segment_update: the weight's rows must be contiguous (unit column stride)")
+    if (kind == UPDATE_ADAGRAD and a_ptr == NULL) or (kind == UPDATE_ADAM and (a_ptr == NULL or b_ptr == NULL)) \
+            or (kind == UPDATE_ROWWISE_ADAGRAD and rs_ptr == NULL) or not 0 <= kind <= 3:
+        raise ValueError("segment_update: missing optimizer state for this update kind")
+    values_ptr = &values[0, 0]
+    w = &weight[0, 0]
+    n_threads = max(1, n_threads)
+    scratch_rows = <floating *> malloc(n_threads * row_bytes)   # one scratch row per thread
+    if scratch_rows == NULL:
+        raise MemoryError("segment_update: cannot allocate the scratch rows")
+    scratch = scratch_rows
+    try:
+        with nogil, parallel(num_threads=n_threads):
+            scratch = scratch_rows + threadid() * dim
+            for j in prange(n_out, schedule="dynamic", chunksize=SEGMENTS_PER_CHUNK):
+                if j + PREFETCH_DISTANCE < n_out:
+                    ahead = seg_rows[seg_ids[j + PREFETCH_DISTANCE]]
+                    prefetch_row_for_write(w + ahead * row_stride, row_bytes)
+                    if a_ptr != NULL:
+                        prefetch_row_for_write(a_ptr + ahead * dim, row_bytes)
+                    if b_ptr != NULL:
+                        prefetch_row_for_write(b_ptr + ahead * dim, row_bytes)
+                s = seg_ids[j]
+                r = seg_rows[s]
+                count = starts[s + 1] - starts[s]
+                for d in range(dim):
+                    scratch[d] = 0
+                inv_count = <floating> (1.0 / <double> count)
+                _sum_segment(values_ptr, dim, dim, &order[starts[s]], count, n_entries - starts[s + 1], src_ptr,
+                             scale_ptr, inv_count, scale_grad_by_freq, scratch)
+                if kind == UPDATE_SGD:
+                    row_axpy_fma(w + r * row_stride, scratch, q0, sign, dim)
+                elif kind == UPDATE_ADAGRAD:
+                    adagrad_row(w + r * row_stride, a_ptr + r * dim, scratch, q0, q1, sign, dim)
+                elif kind == UPDATE_ADAM:
+                    adam_row(w + r * row_stride, a_ptr + r * dim, b_ptr + r * dim, scratch, q0, q1, q2, q3, sign,
+                             dim)
+                else:
+                    rowwise_adagrad_row(w + r * row_stride, rs_ptr + r, scratch, sign, q0, q1, q2, mode, dim)
+    finally:
+        free(scratch_rows)

@@ -283,6 +283,23 @@ class RowContributions:
         rows, values = self._compact()
         return SparseGrad._from_private(rows, values, num_rows)
 
+    def update_rows(self, weight: np.ndarray, kind: int, states: Tuple[Optional[np.ndarray], ...],
+                    params: Tuple[float, float, float, float], mode: int, maximize: bool) -> None:
+        """Fused backward + update in one pass: sum each distinct row's contributions into a scratch
+        row and apply the row update ``kind`` (an ``_grad.UpdateKind``) to ``weight`` and its state at
+        once. ``states`` = (state_a, state_b, row_state), None where the update has none; ``weight``
+        must have :func:`kernel_layout`. Bitwise what :meth:`sparse` + the optimizer's kernel give."""
+        order, seg_rows, starts, seg_ids = self._segments()
+        dtype = self.values.dtype
+        empty2, empty1 = np.zeros((0, 0), dtype=dtype), np.zeros(0, dtype=dtype)
+        state_a, state_b, row_state = states
+        src = _NO_POSITIONS if self.src is None else self.src
+        scale = empty1 if self.scale is None else self.scale
+        _grad.segment_update(self.values, order, starts, seg_rows, seg_ids, src, scale, self.scale_grad_by_freq,
+                             kind, weight, empty2 if state_a is None else state_a,
+                             empty2 if state_b is None else state_b, empty1 if row_state is None else row_state,
+                             *params, mode, maximize, n_threads_for(seg_ids.size, "segment"))
+
     def chunks(self, chunk_bytes: int = 1 << 20) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
         """The summed gradient a chunk of distinct rows at a time: ``(rows, values)`` pairs, rows
         ascending, each chunk about ``chunk_bytes`` of values (cache-sized, in one reused buffer: use

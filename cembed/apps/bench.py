@@ -21,7 +21,7 @@ from . import baselines as B
 from .runtime import openmp_enabled, thread_settings
 
 KERNELS = ["gather", "renorm", "dense_backward", "sparse_backward", "sgd", "adagrad", "sparse_adam",
-           "train_step", "bag_sum", "bag_mean", "bag_max", "bag_mean_fwd_bwd"]
+           "train_step", "fused_train_step", "bag_sum", "bag_mean", "bag_max", "bag_mean_fwd_bwd"]
 
 
 class _Table:
@@ -162,6 +162,19 @@ def build(kernel, wl, torch, use_numpy):
             c["torch"] = (torch_step, None)
         return c, 8 * dim * n + 4 * dim * n + 4 * dim * u + 28 * dim * u
 
+    if kernel == "fused_train_step":
+        # forward + fused backward/SparseAdam, against the unfused cembed step and torch's step
+        c, nbytes = build("train_step", wl, torch, use_numpy)
+        c["cembed_unfused"] = c.pop("cembed")
+        emb = cembed.Embedding.from_pretrained(w.copy(), freeze=False, sparse=True)
+        opt = optim.SparseAdam([emb], lr=1e-3)
+
+        def fused_step():
+            emb(idx)
+            emb.backward(g, optimizer=opt)
+        c["cembed"] = (fused_step, None)
+        return c, nbytes
+
     off = wl.offsets
     n_bags = off.size
     if kernel in ("bag_sum", "bag_mean", "bag_max"):
@@ -237,7 +250,8 @@ def _run(kernels, rows, dim, n, bag_size, repeats, torch, use_numpy, seed, log):
                 row[f"{name}_ms"] = _median_ms(times.get(name, []))
             row["cembed_gbs"] = nbytes / (row["cembed_ms"] / 1e3) / 1e9
             row["copy_fraction"] = row["cembed_gbs"] / copy_gbs
-            for name in ("numpy", "torch"):
+            row["cembed_unfused_ms"] = _median_ms(times.get("cembed_unfused", []))
+            for name in ("numpy", "torch", "cembed_unfused"):
                 row[f"vs_{name}"] = row[f"{name}_ms"] / row["cembed_ms"] if row[f"{name}_ms"] else None
             results.append(row)
             if log:
@@ -272,7 +286,7 @@ def _cpu_name():
 
 
 HEADER = (f"{'kernel':<18}{'cembed ms':>11}{'numpy ms':>11}{'torch ms':>11}{'GB/s':>8}{'of copy':>9}"
-          f"{'vs numpy':>10}{'vs torch':>10}")
+          f"{'vs numpy':>10}{'vs torch':>10}{'vs unfused':>12}")
 
 
 def _fmt(value, spec, suffix=""):
@@ -282,7 +296,8 @@ def _fmt(value, spec, suffix=""):
 def _format_row(row):
     return (f"{row['kernel']:<18}{_fmt(row['cembed_ms'], '.2f'):>11}{_fmt(row['numpy_ms'], '.2f'):>11}"
             f"{_fmt(row['torch_ms'], '.2f'):>11}{row['cembed_gbs']:>8.1f}{row['copy_fraction']:>9.0%}"
-            f"{_fmt(row['vs_numpy'], '.1f', 'x'):>10}{_fmt(row['vs_torch'], '.1f', 'x'):>10}")
+            f"{_fmt(row['vs_numpy'], '.1f', 'x'):>10}{_fmt(row['vs_torch'], '.1f', 'x'):>10}"
+            f"{_fmt(row['vs_cembed_unfused'], '.2f', 'x'):>12}")
 
 
 def main(args):
@@ -312,5 +327,6 @@ def main(args):
               f"{cfg['unique_rows']:,} unique rows; machine: {cfg['machine']}; "
               f"torch {cfg['torch'] or ('skipped (--no-torch)' if args.no_torch else 'not installed')}")
         print("GB/s = bytes that must move (byte model: docs/performance.md) / cembed time; 'of copy' = that as a share of the "
-              "streaming copy; 'vs' = speedup of cembed over the baseline (same data, same run)")
+              "streaming copy; 'vs' = speedup of cembed over the baseline (same data, same run); 'vs unfused' = "
+              "fused backward + update over backward, step() (same run)")
     return 0

@@ -5,7 +5,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from .. import _optim
+from .. import _grad, _optim
 from .._config import n_threads_for
 from ..sparse import SparseGrad
 from .optimizer import Group, Optimizer, _check_maximize, _option, _update_rows
@@ -107,6 +107,10 @@ class Adagrad(Optimizer):
                                 n_threads_for(kernel_rows.size, "optimizer"))
 
         _update_rows(weight, [state["sum"]], rows, kernel)
+
+    def _fused_kernel(self, state: Dict[str, Any], weight: np.ndarray, options: Group, prepared: float) -> Any:
+        return (_grad.UpdateKind.UPDATE_ADAGRAD, (state["sum"], None, None), (-prepared, options["eps"], 0.0, 0.0), 0,
+                options["maximize"])
 
     def _dense_update(self, state: Dict[str, Any], weight: np.ndarray, grad: np.ndarray, options: Group) -> None:
         clr = self._sparse_begin(state, weight, options)

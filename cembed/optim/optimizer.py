@@ -326,8 +326,21 @@ class Optimizer:
             self._update(state, weight, grad, options)
             return
         prepared = self._sparse_begin(state, weight, options)
+        one_pass = self._fused_kernel(state, weight, options, prepared) if _in_place(weight) else None
+        if one_pass is not None and hasattr(contributions, "update_rows"):
+            contributions.update_rows(weight, *one_pass)
+            return
         for rows, values in contributions.chunks():
             self._sparse_rows(state, weight, rows, values, options, prepared)
+
+    def _fused_kernel(self, state: Dict[str, Any], weight: np.ndarray, options: Group,
+                      prepared: Any) -> Optional[Tuple[int, Tuple[Optional[np.ndarray], ...],
+                                                       Tuple[float, float, float, float], int, bool]]:
+        """The one-pass fused update of this optimizer's row rule, as ``(kind, (state_a, state_b,
+        row_state), (p0, p1, p2, p3), mode, maximize)`` for ``_grad.segment_update`` — the same row
+        routine and the same rounded parameters its own kernel uses, so the bits are the same — or
+        None when it has none (then the rows are updated chunk by chunk through :meth:`_sparse_rows`)."""
+        return None
 
     # ------------------------------------------------------------------ state dicts
     def _index_of(self) -> Dict[int, int]:

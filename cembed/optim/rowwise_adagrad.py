@@ -5,7 +5,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from .. import _optim
+from .. import _grad, _optim
 from .._config import n_threads_for
 from .._validation import check_choice
 from .optimizer import Group, Optimizer, _check_maximize, _option, _update_rows
@@ -123,6 +123,11 @@ class RowWiseAdagrad(Optimizer):
                 state_sum[rows] = sums
 
         _update_rows(weight, [], rows, kernel)
+
+    def _fused_kernel(self, state: Dict[str, Any], weight: np.ndarray, options: Group, prepared: Any) -> Any:
+        mode = _MODES[options["weight_decay_mode"]] if options["weight_decay"] != 0 else 0
+        return (_grad.UpdateKind.UPDATE_ROWWISE_ADAGRAD, (None, None, state["sum"]),
+                (options["lr"], options["eps"], options["weight_decay"], 0.0), mode, options["maximize"])
 
     def _dense_update(self, state: Dict[str, Any], weight: np.ndarray, grad: np.ndarray, options: Group) -> None:
         """A dense gradient: every row is updated (with a zero gradient, rows still decay)."""

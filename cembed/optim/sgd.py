@@ -5,7 +5,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from .. import _optim
+from .. import _grad, _optim
 from .._config import n_threads_for
 from .._validation import check_bool, check_row_ids
 from ..sparse import SparseGrad, merge_plan
@@ -123,6 +123,9 @@ class SGD(Optimizer):
                             n_threads_for(kernel_rows.size, "optimizer"))
 
         _update_rows(weight, [], rows, kernel)
+
+    def _fused_kernel(self, state: Dict[str, Any], weight: np.ndarray, options: Group, prepared: Any) -> Any:
+        return _grad.UpdateKind.UPDATE_SGD, (None, None, None), (-options["lr"], 0.0, 0.0, 0.0), 0, options["maximize"]
 
     def _dense_update(self, state: Dict[str, Any], weight: np.ndarray, grad: np.ndarray, options: Group) -> None:
         momentum = options["momentum"]

@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from .. import _optim
+from .. import _grad, _optim
 from .._config import n_threads_for
 from .._validation import check_choice, check_real
 from ..sparse import SparseGrad
@@ -177,6 +177,13 @@ class SparseAdam(Optimizer):
         beta1, beta2 = options["betas"]
         step = state["step"]
         return options["lr"] * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
+
+    def _fused_kernel(self, state: Dict[str, Any], weight: np.ndarray, options: Group, prepared: float) -> Any:
+        if options["bias_correction"] == "row":
+            return None
+        beta1, beta2 = options["betas"]
+        return (_grad.UpdateKind.UPDATE_ADAM, (state["exp_avg"], state["exp_avg_sq"], None),
+                (1.0 - beta1, 1.0 - beta2, options["eps"], -prepared), 0, options["maximize"])
 
     def _sparse_rows(self, state: Dict[str, Any], weight: np.ndarray, rows: np.ndarray, values: np.ndarray,
                      options: Group, prepared: float) -> None:
