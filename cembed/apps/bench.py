@@ -9,7 +9,9 @@ import json
 import platform
 import sys
 import time
+import types
 import warnings
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -19,6 +21,9 @@ from cembed import optim
 
 from . import baselines as B
 from .runtime import openmp_enabled, thread_settings
+
+# a contender: (the timed call, whose result is discarded; an untimed setup run before it, or None)
+Contender = Tuple[Callable[[], object], Optional[Callable[[], object]]]
 
 KERNELS = ["gather", "renorm", "dense_backward", "sparse_backward", "sgd", "adagrad", "sparse_adam",
            "train_step", "fused_train_step", "bag_sum", "bag_mean", "bag_max", "bag_mean_fwd_bwd"]
@@ -36,7 +41,7 @@ def _median_ms(times):
 
 def _time_interleaved(contenders, repeats):
     """contenders: {name: (fn, setup or None)}; returns {name: [seconds...]}."""
-    times = {name: [] for name in contenders}
+    times: Dict[str, List[float]] = {name: [] for name in contenders}
     for name, (fn, setup) in contenders.items():  # warm-up (and first-touch of lazily allocated state)
         if setup:
             setup()
@@ -68,7 +73,7 @@ def build(kernel, wl, torch, use_numpy):
     """(contenders {name: (fn, setup)}, useful bytes per call) for one kernel."""
     w, idx, g, dim, n, rows = wl.weight, wl.indices, wl.grad_output, wl.dim, wl.n, wl.rows
     u = wl.unique.size
-    c = {}
+    c: Dict[str, Contender] = {}
     tw = ti = tg = None
     if torch is not None:
         tw, ti, tg = torch.from_numpy(w), torch.from_numpy(idx), torch.from_numpy(g)
@@ -117,6 +122,7 @@ def build(kernel, wl, torch, use_numpy):
         if use_numpy:
             c["numpy"] = (lambda: B.coalesce(idx, g), None)
         if torch is not None:
+            assert ti is not None  # the torch tensors are made whenever torch is given
             c["torch"] = (lambda: torch.sparse_coo_tensor(ti[None], tg, (rows, dim),
                                                           check_invariants=False).coalesce(), None)
         return c, 4 * dim * n + 4 * dim * u
@@ -129,9 +135,11 @@ def build(kernel, wl, torch, use_numpy):
         opt = getattr(optim, name)([table], lr=lr)
         c["cembed"] = (opt.step, None)
         if use_numpy:
-            nw, state, sg = w.copy(), {}, wl.sparse_grad
+            nw, sg = w.copy(), wl.sparse_grad
+            state: Dict[str, Any] = {}   # the NumPy baseline's optimizer state, kept between steps
             c["numpy"] = (lambda: B.optimizer_step(kernel, nw, state, sg.indices, sg.values, lr=lr), None)
         if torch is not None:
+            assert ti is not None  # the torch tensors are made whenever torch is given
             param = torch.nn.Parameter(torch.from_numpy(w.copy()))
             param.grad = torch.sparse_coo_tensor(ti[None], tg, (rows, dim), check_invariants=False)
             topt = getattr(torch.optim, name)([param], lr=lr)
@@ -222,7 +230,7 @@ def run(rows=1_000_000, dim=128, n=262_144, bag_size=16, threads=None, repeats=7
     """Run the benchmark; returns a dict (config, copy_gbs, results). cembed's and torch's thread
     settings are restored on return."""
     kernels = select_kernels(only)
-    torch = None
+    torch: Optional[types.ModuleType] = None
     if use_torch:
         try:
             import torch

@@ -10,6 +10,7 @@ nearest neighbours), which plain text does not allow.
 import collections
 import re
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -20,9 +21,9 @@ class Corpus:
 
     tokens: np.ndarray            # (n_tokens,) int32 word ids
     sentence_starts: np.ndarray   # (n_sentences + 1,) int64 boundaries into tokens
-    words: list                   # id -> word
+    words: Sequence[str]          # id -> word (a list, or _SyntheticWords)
     counts: np.ndarray            # (vocab_size,) int64 occurrences in tokens
-    topics: np.ndarray = None     # (vocab_size,) int32 topic of each word, or None
+    topics: Optional[np.ndarray] = None  # (vocab_size,) int32 topic of each word, or None
     n_topics: int = 0
     description: str = ""
 

@@ -50,4 +50,6 @@ def reuse_large_allocations():
 
 def openmp_enabled():
     """Whether cembed's kernels were built with OpenMP."""
-    return bool(cembed.show_config(mode="dicts")["openmp"])
+    info = cembed.show_config(mode="dicts")
+    assert info is not None  # mode="dicts" always returns the dict
+    return bool(info["openmp"])

@@ -13,7 +13,9 @@ import os
 import sys
 import tempfile
 import time
+import types
 from dataclasses import dataclass
+from typing import List, Optional
 
 import numpy as np
 
@@ -31,11 +33,11 @@ class TrainConfig:
     batch_size: int = 32768
     epochs: int = 1
     optimizer: str = "sparseadam"
-    lr: float = None            # default per optimizer (DEFAULT_LR)
+    lr: Optional[float] = None  # default per optimizer (DEFAULT_LR)
     subsample: float = 1e-4     # word2vec's frequent-word subsampling threshold; 0 disables
     chunk_tokens: int = 1 << 19
     seed: int = 0
-    threads: int = None
+    threads: Optional[int] = None
     backend: str = "cembed"
 
     def learning_rate(self):
@@ -76,17 +78,18 @@ class BatchStream:
         """(centers, contexts) of one chunk, shuffled."""
         window = self.config.window
         reach = rng.integers(1, window + 1, tokens.size)   # word2vec's dynamic window
-        centers, contexts = [], []
+        center_parts: List[np.ndarray] = []
+        context_parts: List[np.ndarray] = []
         for offset in range(1, window + 1):
             if offset >= tokens.size:
                 break
             same = sentence[offset:] == sentence[:-offset]
             fwd = same & (reach[:-offset] >= offset)          # center i, context i + offset
             bwd = same & (reach[offset:] >= offset)           # center i + offset, context i
-            centers += [tokens[:-offset][fwd], tokens[offset:][bwd]]
-            contexts += [tokens[offset:][fwd], tokens[:-offset][bwd]]
-        centers = np.concatenate(centers) if centers else np.zeros(0, np.int32)
-        contexts = np.concatenate(contexts) if contexts else np.zeros(0, np.int32)
+            center_parts += [tokens[:-offset][fwd], tokens[offset:][bwd]]
+            context_parts += [tokens[offset:][fwd], tokens[:-offset][bwd]]
+        centers = np.concatenate(center_parts) if center_parts else np.zeros(0, np.int32)
+        contexts = np.concatenate(context_parts) if context_parts else np.zeros(0, np.int32)
         order = rng.permutation(centers.size)
         return centers[order], contexts[order]
 
@@ -264,7 +267,7 @@ class Progress:
         self.enabled = enabled
         self.start = time.perf_counter()
         self.last = 0.0
-        self.loss = None
+        self.loss: Optional[float] = None
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.logged = 0
 
@@ -302,12 +305,12 @@ class TrainResult:
     seconds: float
     words: int
     words_per_second: float
-    final_loss: float             # smoothed loss per pair at the end; None when no training pair was formed
-    quality_before: dict = None   # evaluation set -> precision@10 before training
-    quality_after: dict = None    # evaluation set -> precision@10 after training
-    chance: dict = None           # evaluation set -> precision@10 of random neighbours
-    eval_sizes: dict = None
-    table: np.ndarray = None
+    final_loss: Optional[float]   # smoothed loss per pair at the end; None when no training pair was formed
+    quality_before: Optional[dict] = None   # evaluation set -> precision@10 before training
+    quality_after: Optional[dict] = None    # evaluation set -> precision@10 after training
+    chance: Optional[dict] = None           # evaluation set -> precision@10 of random neighbours
+    eval_sizes: Optional[dict] = None
+    table: Optional[np.ndarray] = None
     prep_seconds: float = 0.0     # set-up not counted in ``seconds`` (gensim: corpus file + vocabulary)
 
 
@@ -316,7 +319,7 @@ def train(corpus: Corpus, config: TrainConfig, *, progress=True):
 
     Runs on ``config.threads`` threads (None: cembed's current setting), torch on the same number;
     cembed's and torch's thread settings are as before when it returns."""
-    torch = None
+    torch: Optional[types.ModuleType] = None
     if config.backend == "torch":
         import torch
     with thread_settings(config.threads, torch) as threads:

@@ -25,7 +25,7 @@ import warnings
 import weakref
 from bisect import bisect_right
 from collections import Counter
-from typing import Any, Callable, Iterable, Protocol, Sequence, SupportsFloat
+from typing import Any, Callable, Iterable, Protocol, Sequence, SupportsFloat, TypedDict
 
 __all__ = [
     "LRScheduler",
@@ -163,6 +163,8 @@ def _patch_optimizer_step(optimizer: Any) -> None:
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             opt = opt_ref()
+            if opt is None:  # the wrapper outlived its optimizer (a saved reference to optimizer.step)
+                raise ReferenceError("optimizer.step called after the optimizer was garbage-collected")
             opt._opt_called = True
             return func.__get__(opt, opt.__class__)(*args, **kwargs)
     else:
@@ -1108,6 +1110,16 @@ class ReduceLROnPlateau(LRScheduler):
         self._init_is_better(mode=self.mode, threshold=self.threshold, threshold_mode=self.threshold_mode)
 
 
+class _OneCyclePhase(TypedDict):
+    """One phase of OneCycleLR's schedule: its last step, and the param-group keys it anneals between."""
+
+    end_step: float
+    start_lr: str
+    end_lr: str
+    start_momentum: str
+    end_momentum: str
+
+
 class OneCycleLR(LRScheduler):
     """The 1cycle policy: learning rate up from ``max_lr / div_factor`` to ``max_lr``, then down to
     ``max_lr / div_factor / final_div_factor``; momentum cycled inversely. Step it after every batch.
@@ -1196,6 +1208,7 @@ class OneCycleLR(LRScheduler):
                 raise ValueError(f"{name} must be > 0, got {value}")
 
         n = self.total_steps
+        self._schedule_phases: list[_OneCyclePhase]
         if three_phase:
             self._schedule_phases = [
                 dict(end_step=float(pct_start * n) - 1, start_lr="initial_lr", end_lr="max_lr",
