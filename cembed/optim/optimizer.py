@@ -74,6 +74,8 @@ class Optimizer:
     #: Options a state dict may lack (added in a later version): they take the defaults, as torch
     #: does for ``maximize``; every other option must be there.
     _optional_options: Tuple[str, ...] = ("maximize",)
+    #: For optimizers that take sparse gradients only: what to use for dense ones instead.
+    _dense_alternative: Optional[str] = None
 
     def __init__(self, params: Any, defaults: Dict[str, Any]) -> None:
         self.defaults: Dict[str, Any] = self._check_options(dict(defaults), "defaults")
@@ -247,6 +249,9 @@ class Optimizer:
                 raise TypeError(f"{where}: gradient dtype {grad.dtype} does not match the weight dtype {weight.dtype}")
         else:
             raise TypeError(f"{where}.grad must be a numpy array or a cembed.SparseGrad, got {type(grad).__name__}")
+        if self._dense_alternative is not None and not isinstance(grad, SparseGrad):
+            raise TypeError(f"{type(self).__name__} does not support dense gradients, please consider "
+                            f"{self._dense_alternative} instead ({where}.grad is a dense array; use sparse=True)")
 
     def _check_state(self, state: Dict[str, Any], weight: np.ndarray, where: str) -> None:
         """Every state entry against the weight as it is now (shape, dtype, layout), so a kernel

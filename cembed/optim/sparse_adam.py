@@ -9,7 +9,6 @@ import numpy as np
 from .. import _grad, _optim
 from .._config import n_threads_for
 from .._validation import check_choice, check_real
-from ..sparse import SparseGrad
 from .optimizer import Group, Optimizer, _check_maximize, _option, _update_rows
 
 __all__ = ["SparseAdam"]
@@ -124,6 +123,7 @@ class SparseAdam(Optimizer):
 
     _state_arrays = ("exp_avg", "exp_avg_sq")
     _optional_options = ("maximize", "bias_correction")
+    _dense_alternative = "Adam"
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, maximize: bool = False, bias_correction: str = "global") -> None:
@@ -137,12 +137,6 @@ class SparseAdam(Optimizer):
         _check_maximize(group, where)
         _check_bias_correction(group, where)
         return group
-
-    def _check_grad(self, options: Group, grad: Any, weight: np.ndarray, where: str) -> None:
-        super()._check_grad(options, grad, weight, where)
-        if not isinstance(grad, SparseGrad):
-            raise TypeError("SparseAdam does not support dense gradients, please consider Adam instead "
-                            f"({where}.grad is a dense array; use sparse=True)")
 
     def _check_state(self, state: Dict[str, Any], weight: np.ndarray, where: str) -> None:
         if not state:

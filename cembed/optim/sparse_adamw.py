@@ -9,7 +9,6 @@ import numpy as np
 from .. import _optim
 from .._config import n_threads_for
 from .._validation import check_real
-from ..sparse import SparseGrad
 from .optimizer import Group, Optimizer, _check_maximize, _option, _update_rows
 from .sparse_adam import _check_betas, _check_bias_correction, _check_row_array, _check_step, _load_row_step
 
@@ -82,6 +81,7 @@ class SparseAdamW(Optimizer):
 
     _state_arrays = ("exp_avg", "exp_avg_sq")
     _optional_options = ("maximize", "bias_correction")
+    _dense_alternative = "torch's AdamW"
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, maximize: bool = False,
@@ -101,12 +101,6 @@ class SparseAdamW(Optimizer):
         _check_maximize(group, where)
         _check_bias_correction(group, where)
         return group
-
-    def _check_grad(self, options: Group, grad: Any, weight: np.ndarray, where: str) -> None:
-        super()._check_grad(options, grad, weight, where)
-        if not isinstance(grad, SparseGrad):
-            raise TypeError("SparseAdamW does not support dense gradients, please consider torch's AdamW instead "
-                            f"({where}.grad is a dense array; use sparse=True)")
 
     @staticmethod
     def _check_scalars(state: Dict[str, Any], where: str) -> None:
