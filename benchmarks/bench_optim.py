@@ -107,3 +107,31 @@ def test_train_step_torch(benchmark, workload, torch):
         warnings.simplefilter("ignore")
         step()
         benchmark(step)
+
+
+@pytest.mark.benchmark(group="train-step")
+def test_train_step_cembed_fused(benchmark, workload):
+    """The same step with the fused backward + update (no coalesced gradient in memory)."""
+    emb = Embedding.from_pretrained(workload["weight"].copy(), freeze=False, sparse=True)
+    opt = optim.SparseAdam([emb], lr=1e-3)
+    idx, g = workload["indices"], workload["grad_output"]
+
+    def step():
+        emb(idx)
+        emb.backward(g, optimizer=opt)
+
+    step()
+    benchmark(step)
+
+
+@pytest.mark.parametrize("n_groups", [1, 2])
+def test_param_groups_do_not_slow_the_step(benchmark, workload, sparse_grad, n_groups):
+    """SparseAdam over two tables, in one param group or in two: within noise of each other."""
+    benchmark.group = "optim-param-groups"
+    tables = [Table(workload["weight"].copy()) for _ in range(2)]
+    for t in tables:
+        t.grad = sparse_grad
+    params = [{"params": tables}] if n_groups == 1 else [{"params": [t]} for t in tables]
+    opt = optim.SparseAdam(params, lr=1e-3)
+    opt.step()
+    benchmark(opt.step)
