@@ -367,6 +367,13 @@ class _LambdaStateMixin:
 
     lr_lambdas: list[LRLambda]
 
+    def __init__(self, optimizer: OptimizerLike, lr_lambda: LRLambda | Sequence[LRLambda],
+                 last_epoch: int = -1) -> None:
+        _check_optimizer(optimizer)
+        self.optimizer = optimizer
+        self.lr_lambdas = _lr_lambdas(optimizer, lr_lambda)
+        super().__init__(optimizer, last_epoch)  # type: ignore[call-arg]  # LRScheduler follows in the MRO
+
     def state_dict(self) -> dict[str, Any]:
         """The scheduler's state without the optimizer; lambdas and functions are stored as
         ``None``, callable objects as a copy of their ``__dict__``.
@@ -427,13 +434,6 @@ class LambdaLR(_LambdaStateMixin, LRScheduler):
     [0.025]
     """
 
-    def __init__(self, optimizer: OptimizerLike, lr_lambda: LRLambda | Sequence[LRLambda],
-                 last_epoch: int = -1) -> None:
-        _check_optimizer(optimizer)
-        self.optimizer = optimizer
-        self.lr_lambdas = _lr_lambdas(optimizer, lr_lambda)
-        super().__init__(optimizer, last_epoch)
-
     def get_lr(self) -> list[float]:
         """``base_lr * lr_lambda(last_epoch)`` for each group.
 
@@ -467,13 +467,6 @@ class MultiplicativeLR(_LambdaStateMixin, LRScheduler):
     >>> sched.get_last_lr()
     [0.125]
     """
-
-    def __init__(self, optimizer: OptimizerLike, lr_lambda: LRLambda | Sequence[LRLambda],
-                 last_epoch: int = -1) -> None:
-        _check_optimizer(optimizer)
-        self.optimizer = optimizer
-        self.lr_lambdas = _lr_lambdas(optimizer, lr_lambda)
-        super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:
         """``group["lr"] * lr_lambda(last_epoch)`` for each group (unchanged on the initial step).
