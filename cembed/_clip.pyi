@@ -13,10 +13,5 @@ def norm_reduce(x: _Floats, kind: int, p: float, n_threads: int) -> float:
     """Float64 sum of |x|^p (or max |x|, NaN wins) over a flat C-contiguous array, thread-count independent."""
     ...
 
-def scale_(x: _Floats, c: float, n_threads: int) -> None:
-    """x *= c in place (flat, C-contiguous, writeable)."""
-    ...
-
-def clamp_(x: _Floats, lo: float, hi: float, n_threads: int) -> None:
-    """x = min(max(x, lo), hi) in place, NaN kept (flat, C-contiguous, writeable)."""
-    ...
+def transform_(x: _Floats, op: int, a: float, b: float, n_threads: int) -> None:
+    """In place: op 0 scales by a; op 1 clamps into [a, b] (NaN kept)."""

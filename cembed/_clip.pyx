@@ -244,41 +244,34 @@ def norm_reduce(const floating[::1] x,          # IN (n,) the stored gradient va
     return total
 
 
-def scale_(floating[::1] x,                     # INOUT (n,) x *= c
-           double c, int n_threads):
-    """``x[i] = x[i] * c`` in x's dtype (``c`` must already be representable in it)."""
+cdef enum:
+    OP_SCALE = 0
+    OP_CLAMP = 1
+
+
+def transform_(floating[::1] x,                 # INOUT (n,)
+               int op, double a, double b, int n_threads):
+    """In place, block by block: ``op == 0``: ``x[i] = x[i] * a`` (``a`` representable in x's dtype);
+    ``op == 1``: ``x[i] = min(max(x[i], a), b)`` with NaN kept (``a <= b``, both representable)."""
     cdef Py_ssize_t n = x.shape[0]
     cdef Py_ssize_t n_blocks = (n + BLOCK - 1) // BLOCK
-    cdef Py_ssize_t b, start, stop
+    cdef Py_ssize_t blk, start, stop
+    if op != OP_SCALE and op != OP_CLAMP:
+        raise ValueError(f"transform_: unknown op {op}")
     if n == 0:
         return
     with nogil:
-        for b in prange(n_blocks, schedule="dynamic", chunksize=BLOCKS_PER_CHUNK, num_threads=n_threads):
-            start = b * BLOCK
+        for blk in prange(n_blocks, schedule="dynamic", chunksize=BLOCKS_PER_CHUNK, num_threads=n_threads):
+            start = blk * BLOCK
             stop = start + BLOCK
             if stop > n:
                 stop = n
-            if floating is float:
-                cembed_clip_scale_f32(&x[start], stop - start, <float> c)
+            if op == OP_SCALE:
+                if floating is float:
+                    cembed_clip_scale_f32(&x[start], stop - start, <float> a)
+                else:
+                    cembed_clip_scale_f64(&x[start], stop - start, a)
+            elif floating is float:
+                cembed_clip_clamp_f32(&x[start], stop - start, <float> a, <float> b)
             else:
-                cembed_clip_scale_f64(&x[start], stop - start, c)
-
-
-def clamp_(floating[::1] x,                     # INOUT (n,) x = min(max(x, lo), hi), NaN kept
-           double lo, double hi, int n_threads):
-    """Clamp every element into ``[lo, hi]`` (``lo <= hi``, both representable in x's dtype)."""
-    cdef Py_ssize_t n = x.shape[0]
-    cdef Py_ssize_t n_blocks = (n + BLOCK - 1) // BLOCK
-    cdef Py_ssize_t b, start, stop
-    if n == 0:
-        return
-    with nogil:
-        for b in prange(n_blocks, schedule="dynamic", chunksize=BLOCKS_PER_CHUNK, num_threads=n_threads):
-            start = b * BLOCK
-            stop = start + BLOCK
-            if stop > n:
-                stop = n
-            if floating is float:
-                cembed_clip_clamp_f32(&x[start], stop - start, <float> lo, <float> hi)
-            else:
-                cembed_clip_clamp_f64(&x[start], stop - start, lo, hi)
+                cembed_clip_clamp_f64(&x[start], stop - start, a, b)

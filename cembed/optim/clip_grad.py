@@ -238,7 +238,7 @@ def clip_grad_norm_(parameters: Parameters, max_norm: float, norm_type: Union[fl
     if coef != 1:                       # also NaN
         for g in grads:
             if g.flat is not None:
-                _clip.scale_(g.flat, float(coef), n_threads_for(g.flat.shape[0], "elementwise"))
+                _clip.transform_(g.flat, 0, float(coef), 0.0, n_threads_for(g.flat.shape[0], "elementwise"))
             else:
                 with np.errstate(all="ignore"):
                     np.multiply(g.array, coef, out=g.array)
@@ -289,6 +289,6 @@ def clip_grad_value_(parameters: Parameters, clip_value: float, foreach: Optiona
         with np.errstate(over="ignore"):          # a bound beyond the dtype's range is inf: no clamp
             lo, hi = dtype(-clip_value), dtype(clip_value)
         if g.flat is not None:
-            _clip.clamp_(g.flat, float(lo), float(hi), n_threads_for(g.flat.shape[0], "elementwise"))
+            _clip.transform_(g.flat, 1, float(lo), float(hi), n_threads_for(g.flat.shape[0], "elementwise"))
         else:
             np.clip(g.array, lo, hi, out=g.array)
