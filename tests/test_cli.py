@@ -11,7 +11,7 @@ from cembed.apps import corpus as corpus_mod
 from cembed.apps import train as train_mod
 from cembed.apps.cli import main
 
-from util import require_torch
+from util import require_gensim, require_torch
 
 TINY = ["--vocab-size", "20000", "--topics", "20", "--tokens", "300000", "--quiet", "--no-plot"]
 
@@ -384,7 +384,7 @@ def test_gensim_backend_without_gensim_is_a_clear_error(capsys, monkeypatch, bac
 
 
 def test_gensim_backend_learns_the_topics():
-    pytest.importorskip("gensim")
+    require_gensim()
     import cembed
 
     corpus = corpus_mod.synthetic_corpus(5000, 10, 100_000, seed=2)
@@ -401,7 +401,7 @@ def test_gensim_backend_learns_the_topics():
 
 
 def test_gensim_backend_from_the_command_line(tmp_path, capsys):
-    pytest.importorskip("gensim")
+    require_gensim()
     path = tmp_path / "text.txt"
     rng = np.random.default_rng(0)
     path.write_text("\n".join(" ".join(rng.choice(["cat", "dog", "cow", "saw", "nail", "drill"], 8))

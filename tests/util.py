@@ -12,6 +12,18 @@ import cembed
 DATA = pathlib.Path(__file__).parent / "data"
 
 
+def require_gensim():
+    """gensim, the trainer's peer: skipped when absent unless CI asks for the oracles
+    (CEMBED_REQUIRE_TORCH=1, set by .ci/run, which installs both)."""
+    try:
+        import gensim
+    except ImportError:
+        if os.environ.get("CEMBED_REQUIRE_TORCH", "") not in ("", "0"):
+            pytest.fail("gensim is required (CEMBED_REQUIRE_TORCH=1) but cannot be imported")
+        pytest.skip("gensim is not installed")
+    return gensim
+
+
 def require_torch():
     """The torch module, for parity tests. Without torch the test is skipped, unless
     CEMBED_REQUIRE_TORCH=1 (set by .ci/run), where a missing torch is a failure."""
