@@ -5,6 +5,8 @@ every entry of row `seg_rows[s]`, in input order. Each output row is owned by on
 its contributions in input order, so the result is bitwise the same for any thread count and equal
 to torch's dense gradient (which also adds per row in input order).
 """
+import enum
+
 from cython.parallel cimport prange, parallel, threadid
 from cython cimport floating
 from libc.stdint cimport int64_t
@@ -12,18 +14,18 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 
 from cembed._rows cimport (prefetch_row, prefetch_row_for_write, row_stride_items, row_add, row_axpy,
-                           row_fma_accumulate, row_axpy_fma, adagrad_row, adam_row, rowwise_adagrad_row,
-                           PREFETCH_DISTANCE)
+                           row_fma_accumulate, apply_row_update, PREFETCH_DISTANCE, ROW_SGD, ROW_ADAGRAD,
+                           ROW_ADAM, ROW_ROWWISE_ADAGRAD)
 
 cdef enum:
     SEGMENTS_PER_CHUNK = 64   # dynamic-schedule chunk: rows are skewed (Zipf), one hot row can be long
 
-# The row updates segment_update can apply (the same row routines the optimizer kernels use)
-cpdef enum UpdateKind:
-    UPDATE_SGD = 0            # w = fma(p0, sign * g, w)                         p0 = -lr
-    UPDATE_ADAGRAD = 1        # state_a: sum; p0 = -clr, p1 = eps
-    UPDATE_ADAM = 2           # state_a, state_b: exp_avg, exp_avg_sq; p0 = 1 - b1, p1 = 1 - b2, p2 = eps, p3 = -step
-    UPDATE_ROWWISE_ADAGRAD = 3  # row_state: one sum per row; p0 = lr, p1 = eps, p2 = weight_decay, mode
+class UpdateKind(enum.IntEnum):
+    """The row updates segment_update applies (the ROW_* kinds of _rows.pxd, parameters there)."""
+    UPDATE_SGD = ROW_SGD
+    UPDATE_ADAGRAD = ROW_ADAGRAD
+    UPDATE_ADAM = ROW_ADAM
+    UPDATE_ROWWISE_ADAGRAD = ROW_ROWWISE_ADAGRAD
 
 
 cdef void _sum_segment(const floating *values, Py_ssize_t value_stride, Py_ssize_t dim,
@@ -162,8 +164,8 @@ def segment_update(const floating[:, ::1] values,  # IN  (n_values, dim) gradien
     if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
                             sizeof(floating)):
         raise ValueError("segment_update: the weight's rows must be contiguous (unit column stride)")
-    if (kind == UPDATE_ADAGRAD and a_ptr == NULL) or (kind == UPDATE_ADAM and (a_ptr == NULL or b_ptr == NULL)) \
-            or (kind == UPDATE_ROWWISE_ADAGRAD and rs_ptr == NULL) or not 0 <= kind <= 3:
+    if (kind == ROW_ADAGRAD and a_ptr == NULL) or (kind == ROW_ADAM and (a_ptr == NULL or b_ptr == NULL)) \
+            or (kind == ROW_ROWWISE_ADAGRAD and rs_ptr == NULL) or not ROW_SGD <= kind <= ROW_ROWWISE_ADAGRAD:
         raise ValueError("segment_update: missing optimizer state for this update kind")
     values_ptr = &values[0, 0]
     w = &weight[0, 0]
@@ -191,14 +193,8 @@ def segment_update(const floating[:, ::1] values,  # IN  (n_values, dim) gradien
                 inv_count = <floating> (1.0 / <double> count)
                 _sum_segment(values_ptr, dim, dim, &order[starts[s]], count, n_entries - starts[s + 1], src_ptr,
                              scale_ptr, inv_count, scale_grad_by_freq, scratch)
-                if kind == UPDATE_SGD:
-                    row_axpy_fma(w + r * row_stride, scratch, q0, sign, dim)
-                elif kind == UPDATE_ADAGRAD:
-                    adagrad_row(w + r * row_stride, a_ptr + r * dim, scratch, q0, q1, sign, dim)
-                elif kind == UPDATE_ADAM:
-                    adam_row(w + r * row_stride, a_ptr + r * dim, b_ptr + r * dim, scratch, q0, q1, q2, q3, sign,
-                             dim)
-                else:
-                    rowwise_adagrad_row(w + r * row_stride, rs_ptr + r, scratch, sign, q0, q1, q2, mode, dim)
+                apply_row_update(kind, w + r * row_stride, a_ptr + r * dim if a_ptr != NULL else NULL,
+                                 b_ptr + r * dim if b_ptr != NULL else NULL, rs_ptr + r if rs_ptr != NULL else NULL,
+                                 scratch, q0, q1, q2, q3, mode, sign, dim)
     finally:
         free(scratch_rows)

@@ -12,8 +12,8 @@ from cython.parallel cimport prange
 from cython cimport floating
 from libc.stdint cimport int64_t
 
-from cembed._rows cimport (prefetch_row_for_write, row_stride_items, row_axpy_fma, adagrad_row, adam_row,
-                           rowwise_adagrad_row, PREFETCH_DISTANCE)
+from cembed._rows cimport (prefetch_row_for_write, row_stride_items, apply_row_update, adam_row, PREFETCH_DISTANCE,
+                           ROW_SGD, ROW_ADAGRAD, ROW_ADAM, ROW_ROWWISE_ADAGRAD)
 
 cdef enum:
     ROWS_PER_CHUNK = 64
@@ -36,6 +36,32 @@ cdef inline void _prefetch_ahead(const int64_t *rows, Py_ssize_t k, Py_ssize_t n
         prefetch_row_for_write(state_b + r * dim, row_bytes)
 
 
+cdef int _weight_rows(floating[:, :] weight, Py_ssize_t *row_stride, str kernel) except -1:
+    """The weight's row stride in elements (OUT), or ValueError when its rows are not contiguous."""
+    if not row_stride_items(row_stride, weight.shape[0], weight.shape[1], weight.strides[0], weight.strides[1],
+                            sizeof(floating)):
+        raise ValueError(f"{kernel}: the weight's rows must be contiguous (unit column stride)")
+    return 0
+
+
+cdef void _update_listed_rows(int kind, floating *w, Py_ssize_t row_stride,  # INOUT weight, rows row_stride apart
+                              floating *state_a, floating *state_b,          # INOUT (n_rows, dim) or NULL
+                              floating *row_state,                           # INOUT (n_rows,) or NULL
+                              const int64_t *rows, Py_ssize_t nnz,           # IN    distinct rows
+                              const floating *grad, Py_ssize_t dim,          # IN    (nnz, dim)
+                              floating q0, floating q1, floating q2, floating q3, int mode, floating sign,
+                              int n_threads) noexcept nogil:
+    """apply_row_update(kind) on every listed row; rows split statically (one writer per row)."""
+    cdef Py_ssize_t k, r
+    for k in prange(nnz, schedule="static", chunksize=ROWS_PER_CHUNK, num_threads=n_threads):
+        _prefetch_ahead(rows, k, nnz, dim, w, row_stride, state_a, state_b)
+        r = rows[k]
+        apply_row_update(kind, w + r * row_stride, state_a + r * dim if state_a != NULL else NULL,
+                         state_b + r * dim if state_b != NULL else NULL,
+                         row_state + r if row_state != NULL else NULL, grad + k * dim, q0, q1, q2, q3, mode, sign,
+                         dim)
+
+
 def sparse_adam_rows(floating[:, :] weight,          # INOUT (n_rows, dim), unit column stride
                      floating[:, ::1] exp_avg,       # INOUT (n_rows, dim)
                      floating[:, ::1] exp_avg_sq,    # INOUT (n_rows, dim)
@@ -44,27 +70,12 @@ def sparse_adam_rows(floating[:, :] weight,          # INOUT (n_rows, dim), unit
                      double beta1, double beta2, double eps, double step_size, bint maximize,
                      int n_threads):
     """The lazy Adam update of the rows named by the gradient; every other row is untouched."""
-    cdef Py_ssize_t nnz = rows.shape[0]
-    cdef Py_ssize_t dim = weight.shape[1]
-    cdef Py_ssize_t k, r, row_stride
-    cdef floating *w
-    cdef floating omb1 = <floating> (1.0 - beta1)
-    cdef floating omb2 = <floating> (1.0 - beta2)
-    cdef floating eps_ = <floating> eps
-    cdef floating neg_step = <floating> (-step_size)
-    cdef floating sign = -1 if maximize else 1
-    if nnz == 0 or dim == 0:
-        return
-    if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
-                            sizeof(floating)):
-        raise ValueError("sparse_adam_rows: the weight's rows must be contiguous (unit column stride)")
-    w = &weight[0, 0]
-    with nogil:
-        for k in prange(nnz, schedule="static", chunksize=ROWS_PER_CHUNK, num_threads=n_threads):
-            _prefetch_ahead(&rows[0], k, nnz, dim, w, row_stride, &exp_avg[0, 0], &exp_avg_sq[0, 0])
-            r = rows[k]
-            adam_row(w + r * row_stride, &exp_avg[r, 0], &exp_avg_sq[r, 0], &grad[k, 0],
-                     omb1, omb2, eps_, neg_step, sign, dim)
+    cdef Py_ssize_t row_stride
+    if rows.shape[0] and weight.shape[1] and _weight_rows(weight, &row_stride, "sparse_adam_rows") == 0:
+        _update_listed_rows(ROW_ADAM, &weight[0, 0], row_stride, &exp_avg[0, 0], &exp_avg_sq[0, 0], NULL,
+                            &rows[0], rows.shape[0], &grad[0, 0], weight.shape[1], <floating> (1.0 - beta1),
+                            <floating> (1.0 - beta2), <floating> eps, <floating> (-step_size), 0,
+                            -1 if maximize else 1, n_threads)
 
 
 def adagrad_rows(floating[:, :] weight,              # INOUT (n_rows, dim), unit column stride
@@ -73,24 +84,11 @@ def adagrad_rows(floating[:, :] weight,              # INOUT (n_rows, dim), unit
                  const floating[:, ::1] grad,        # IN    (nnz, dim)
                  double clr, double eps, bint maximize, int n_threads):
     """Adagrad on the named rows: sum += g*g; w = fma(-clr, g / (sqrt(sum) + eps), w)."""
-    cdef Py_ssize_t nnz = rows.shape[0]
-    cdef Py_ssize_t dim = weight.shape[1]
-    cdef Py_ssize_t k, r, row_stride
-    cdef floating *w
-    cdef floating neg_clr = <floating> (-clr)
-    cdef floating eps_ = <floating> eps
-    cdef floating sign = -1 if maximize else 1
-    if nnz == 0 or dim == 0:
-        return
-    if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
-                            sizeof(floating)):
-        raise ValueError("adagrad_rows: the weight's rows must be contiguous (unit column stride)")
-    w = &weight[0, 0]
-    with nogil:
-        for k in prange(nnz, schedule="static", chunksize=ROWS_PER_CHUNK, num_threads=n_threads):
-            _prefetch_ahead(&rows[0], k, nnz, dim, w, row_stride, &state_sum[0, 0], NULL)
-            r = rows[k]
-            adagrad_row(w + r * row_stride, &state_sum[r, 0], &grad[k, 0], neg_clr, eps_, sign, dim)
+    cdef Py_ssize_t row_stride
+    if rows.shape[0] and weight.shape[1] and _weight_rows(weight, &row_stride, "adagrad_rows") == 0:
+        _update_listed_rows(ROW_ADAGRAD, &weight[0, 0], row_stride, &state_sum[0, 0], NULL, NULL, &rows[0],
+                            rows.shape[0], &grad[0, 0], weight.shape[1], <floating> (-clr), <floating> eps, 0, 0, 0,
+                            -1 if maximize else 1, n_threads)
 
 
 def rowwise_adagrad_rows(floating[:, :] weight,     # INOUT (n_rows, dim), unit column stride
@@ -100,23 +98,11 @@ def rowwise_adagrad_rows(floating[:, :] weight,     # INOUT (n_rows, dim), unit 
                          double lr, double eps, double weight_decay, int weight_decay_mode, bint maximize,
                          int n_threads):
     """Row-wise Adagrad on the named rows (one state value per row; see rowwise_adagrad_row)."""
-    cdef Py_ssize_t nnz = rows.shape[0]
-    cdef Py_ssize_t dim = weight.shape[1]
-    cdef Py_ssize_t k, r, row_stride
-    cdef floating *w
-    cdef floating sign = -1 if maximize else 1
-    if nnz == 0 or dim == 0:
-        return
-    if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
-                            sizeof(floating)):
-        raise ValueError("rowwise_adagrad_rows: the weight's rows must be contiguous (unit column stride)")
-    w = &weight[0, 0]
-    with nogil:
-        for k in prange(nnz, schedule="static", chunksize=ROWS_PER_CHUNK, num_threads=n_threads):
-            _prefetch_ahead(&rows[0], k, nnz, dim, w, row_stride, NULL, NULL)
-            r = rows[k]
-            rowwise_adagrad_row(w + r * row_stride, &state_sum[r], &grad[k, 0], sign, <floating> lr,
-                                <floating> eps, <floating> weight_decay, weight_decay_mode, dim)
+    cdef Py_ssize_t row_stride
+    if rows.shape[0] and weight.shape[1] and _weight_rows(weight, &row_stride, "rowwise_adagrad_rows") == 0:
+        _update_listed_rows(ROW_ROWWISE_ADAGRAD, &weight[0, 0], row_stride, NULL, NULL, &state_sum[0], &rows[0],
+                            rows.shape[0], &grad[0, 0], weight.shape[1], <floating> lr, <floating> eps,
+                            <floating> weight_decay, 0, weight_decay_mode, -1 if maximize else 1, n_threads)
 
 
 def sgd_rows(floating[:, :] weight,                  # INOUT (n_rows, dim), unit column stride
@@ -124,23 +110,11 @@ def sgd_rows(floating[:, :] weight,                  # INOUT (n_rows, dim), unit
              const floating[:, ::1] grad,            # IN    (nnz, dim)
              double lr, bint maximize, int n_threads):
     """Plain SGD on the named rows: w = fma(-lr, g, w)."""
-    cdef Py_ssize_t nnz = rows.shape[0]
-    cdef Py_ssize_t dim = weight.shape[1]
-    cdef Py_ssize_t k, r, row_stride
-    cdef floating *w
-    cdef floating neg_lr = <floating> (-lr)
-    cdef floating sign = -1 if maximize else 1
-    if nnz == 0 or dim == 0:
-        return
-    if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
-                            sizeof(floating)):
-        raise ValueError("sgd_rows: the weight's rows must be contiguous (unit column stride)")
-    w = &weight[0, 0]
-    with nogil:
-        for k in prange(nnz, schedule="static", chunksize=ROWS_PER_CHUNK, num_threads=n_threads):
-            _prefetch_ahead(&rows[0], k, nnz, dim, w, row_stride, NULL, NULL)
-            r = rows[k]
-            row_axpy_fma(w + r * row_stride, &grad[k, 0], neg_lr, sign, dim)
+    cdef Py_ssize_t row_stride
+    if rows.shape[0] and weight.shape[1] and _weight_rows(weight, &row_stride, "sgd_rows") == 0:
+        _update_listed_rows(ROW_SGD, &weight[0, 0], row_stride, NULL, NULL, NULL, &rows[0], rows.shape[0],
+                            &grad[0, 0], weight.shape[1], <floating> (-lr), 0, 0, 0, 0, -1 if maximize else 1,
+                            n_threads)
 
 
 def sgd_momentum_rows(floating[:, :] weight,         # INOUT (n_rows, dim), unit column stride

@@ -197,3 +197,31 @@ cdef inline void row_scale(floating *w,            # INOUT (dim,)
         cembed_scale_f32(w, scale, dim)
     else:
         cembed_scale_f64(w, scale, dim)
+
+
+# The row updates a kernel can apply to one weight row and its state, given the row's summed gradient
+# (the optimizer kernels of _optim and the fused backward of _grad share this one dispatch):
+cdef enum:
+    ROW_SGD = 0               # w = fma(q0, sign * g, w)                                      q0 = -lr
+    ROW_ADAGRAD = 1           # state_a: sum; q0 = -clr, q1 = eps
+    ROW_ADAM = 2              # state_a, state_b: exp_avg, exp_avg_sq; q0 = 1-b1, q1 = 1-b2, q2 = eps, q3 = -step
+    ROW_ROWWISE_ADAGRAD = 3   # row_state: the row's one accumulator; q0 = lr, q1 = eps, q2 = weight_decay, mode
+
+
+cdef inline void apply_row_update(int kind,
+                                  floating *w,                # INOUT (dim,) weight row
+                                  floating *state_a,          # INOUT (dim,) or NULL
+                                  floating *state_b,          # INOUT (dim,) or NULL
+                                  floating *row_state,        # INOUT (1,) or NULL
+                                  const floating *grad,       # IN    (dim,) the row's summed gradient
+                                  floating q0, floating q1, floating q2, floating q3, int mode, floating sign,
+                                  Py_ssize_t dim) noexcept nogil:
+    """One row's update of kind ROW_*, by the row routines above."""
+    if kind == ROW_SGD:
+        row_axpy_fma(w, grad, q0, sign, dim)
+    elif kind == ROW_ADAGRAD:
+        adagrad_row(w, state_a, grad, q0, q1, sign, dim)
+    elif kind == ROW_ADAM:
+        adam_row(w, state_a, state_b, grad, q0, q1, q2, q3, sign, dim)
+    else:
+        rowwise_adagrad_row(w, row_state, grad, sign, q0, q1, q2, mode, dim)
