@@ -139,7 +139,7 @@ cdef inline void rowwise_adagrad_row(floating *w,           # INOUT (dim,) weigh
                                      const floating *grad,  # IN    (dim,)
                                      floating sign, floating lr, floating eps, floating weight_decay,
                                      int mode, Py_ssize_t dim) noexcept nogil:
-    """Row-wise Adagrad (FBGEMM's EXACT_ROWWISE_ADAGRAD, docs/behaviour.md §8.5); mode 0 no weight
+    """Row-wise Adagrad (FBGEMM's EXACT_ROWWISE_ADAGRAD, docs/behaviour.md §8.6); mode 0 no weight
     decay, 1 L2, 2 decoupled."""
     if floating is float:
         cembed_rowwise_adagrad_row_f32(w, state, grad, sign, lr, eps, weight_decay, mode, dim)

@@ -29,7 +29,7 @@ class RowWiseAdagrad(Optimizer):
 
     This is FBGEMM's ``EXACT_ROWWISE_ADAGRAD`` CPU rule (its order of operations, in the weight's
     dtype); the sum of squares is accumulated in 8 interleaved lanes where FBGEMM adds sequentially,
-    so the two agree to rounding (``docs/behaviour.md`` §8.5).
+    so the two agree to rounding (``docs/behaviour.md`` §8.6).
 
     Parameters
     ----------
