@@ -6,32 +6,10 @@ from numpy.typing import NDArray
 
 _Float = TypeVar("_Float", np.float32, np.float64)
 
-def sparse_adam_rows(
-    weight: NDArray[_Float],
-    exp_avg: NDArray[_Float],
-    exp_avg_sq: NDArray[_Float],
-    rows: NDArray[np.int64],
-    grad: NDArray[_Float],
-    beta1: float,
-    beta2: float,
-    eps: float,
-    step_size: float,
-    maximize: bool,
-    n_threads: int,
-) -> None: ...
-def adagrad_rows(
-    weight: NDArray[_Float],
-    state_sum: NDArray[_Float],
-    rows: NDArray[np.int64],
-    grad: NDArray[_Float],
-    clr: float,
-    eps: float,
-    maximize: bool,
-    n_threads: int,
-) -> None: ...
-def sgd_rows(
-    weight: NDArray[_Float], rows: NDArray[np.int64], grad: NDArray[_Float], lr: float, maximize: bool, n_threads: int
-) -> None: ...
+def update_rows(kind: int, weight: NDArray[_Float], state_a: NDArray[_Float], state_b: NDArray[_Float],
+                row_state: NDArray[_Float], rows: NDArray[np.int64], grad: NDArray[_Float], p0: float, p1: float,
+                p2: float, p3: float, mode: int, maximize: bool, n_threads: int) -> None: ...
+
 def sgd_momentum_rows(
     weight: NDArray[_Float],
     buf: NDArray[_Float],
@@ -46,11 +24,6 @@ def sgd_momentum_rows(
     first_step: bool,
     n_threads: int,
 ) -> None: ...
-def rowwise_adagrad_rows(weight: NDArray[_Float], state_sum: NDArray[_Float], rows: NDArray[np.int64],
-                         grad: NDArray[_Float], lr: float, eps: float, weight_decay: float, weight_decay_mode: int,
-                         maximize: bool, n_threads: int) -> None: ...
-
-# SparseAdamW and per-row bias correction (docs/behaviour.md §8.5)
 def sparse_adam_row_bias_rows(
     weight: NDArray[_Float],
     exp_avg: NDArray[_Float],

@@ -62,59 +62,29 @@ cdef void _update_listed_rows(int kind, floating *w, Py_ssize_t row_stride,  # I
                          dim)
 
 
-def sparse_adam_rows(floating[:, :] weight,          # INOUT (n_rows, dim), unit column stride
-                     floating[:, ::1] exp_avg,       # INOUT (n_rows, dim)
-                     floating[:, ::1] exp_avg_sq,    # INOUT (n_rows, dim)
-                     const int64_t[::1] rows,        # IN    (nnz,) distinct rows of the gradient
-                     const floating[:, ::1] grad,    # IN    (nnz, dim) their gradient
-                     double beta1, double beta2, double eps, double step_size, bint maximize,
-                     int n_threads):
-    """The lazy Adam update of the rows named by the gradient; every other row is untouched."""
+def update_rows(int kind,                            # a ROW_* kind of _rows.pxd (_grad.UpdateKind)
+                floating[:, :] weight,               # INOUT (n_rows, dim), unit column stride
+                floating[:, ::1] state_a,            # INOUT (n_rows, dim), or (0, 0) when the kind has none
+                floating[:, ::1] state_b,            # INOUT (n_rows, dim), or (0, 0)
+                floating[::1] row_state,             # INOUT (n_rows,), or (0,)
+                const int64_t[::1] rows,             # IN    (nnz,) distinct rows of the gradient
+                const floating[:, ::1] grad,         # IN    (nnz, dim) their gradient
+                double p0, double p1, double p2, double p3, int mode, bint maximize, int n_threads):
+    """The optimizer update ``kind`` of the rows named by the gradient (parameters as in
+    ``apply_row_update``: SGD p0 = -lr; Adagrad p0 = -clr, p1 = eps; SparseAdam p0 = 1 - beta1,
+    p1 = 1 - beta2, p2 = eps, p3 = -step_size; row-wise Adagrad p0 = lr, p1 = eps, p2 = weight_decay,
+    mode); every other row is untouched."""
     cdef Py_ssize_t row_stride
-    if rows.shape[0] and weight.shape[1] and _weight_rows(weight, &row_stride, "sparse_adam_rows") == 0:
-        _update_listed_rows(ROW_ADAM, &weight[0, 0], row_stride, &exp_avg[0, 0], &exp_avg_sq[0, 0], NULL,
-                            &rows[0], rows.shape[0], &grad[0, 0], weight.shape[1], <floating> (1.0 - beta1),
-                            <floating> (1.0 - beta2), <floating> eps, <floating> (-step_size), 0,
-                            -1 if maximize else 1, n_threads)
-
-
-def adagrad_rows(floating[:, :] weight,              # INOUT (n_rows, dim), unit column stride
-                 floating[:, ::1] state_sum,         # INOUT (n_rows, dim)
-                 const int64_t[::1] rows,            # IN    (nnz,) distinct rows of the gradient
-                 const floating[:, ::1] grad,        # IN    (nnz, dim)
-                 double clr, double eps, bint maximize, int n_threads):
-    """Adagrad on the named rows: sum += g*g; w = fma(-clr, g / (sqrt(sum) + eps), w)."""
-    cdef Py_ssize_t row_stride
-    if rows.shape[0] and weight.shape[1] and _weight_rows(weight, &row_stride, "adagrad_rows") == 0:
-        _update_listed_rows(ROW_ADAGRAD, &weight[0, 0], row_stride, &state_sum[0, 0], NULL, NULL, &rows[0],
-                            rows.shape[0], &grad[0, 0], weight.shape[1], <floating> (-clr), <floating> eps, 0, 0, 0,
-                            -1 if maximize else 1, n_threads)
-
-
-def rowwise_adagrad_rows(floating[:, :] weight,     # INOUT (n_rows, dim), unit column stride
-                         floating[::1] state_sum,    # INOUT (n_rows,) one accumulator per row
-                         const int64_t[::1] rows,    # IN    (nnz,) distinct rows of the gradient
-                         const floating[:, ::1] grad,  # IN  (nnz, dim)
-                         double lr, double eps, double weight_decay, int weight_decay_mode, bint maximize,
-                         int n_threads):
-    """Row-wise Adagrad on the named rows (one state value per row; see rowwise_adagrad_row)."""
-    cdef Py_ssize_t row_stride
-    if rows.shape[0] and weight.shape[1] and _weight_rows(weight, &row_stride, "rowwise_adagrad_rows") == 0:
-        _update_listed_rows(ROW_ROWWISE_ADAGRAD, &weight[0, 0], row_stride, NULL, NULL, &state_sum[0], &rows[0],
-                            rows.shape[0], &grad[0, 0], weight.shape[1], <floating> lr, <floating> eps,
-                            <floating> weight_decay, 0, weight_decay_mode, -1 if maximize else 1, n_threads)
-
-
-def sgd_rows(floating[:, :] weight,                  # INOUT (n_rows, dim), unit column stride
-             const int64_t[::1] rows,                # IN    (nnz,) distinct rows of the gradient
-             const floating[:, ::1] grad,            # IN    (nnz, dim)
-             double lr, bint maximize, int n_threads):
-    """Plain SGD on the named rows: w = fma(-lr, g, w)."""
-    cdef Py_ssize_t row_stride
-    if rows.shape[0] and weight.shape[1] and _weight_rows(weight, &row_stride, "sgd_rows") == 0:
-        _update_listed_rows(ROW_SGD, &weight[0, 0], row_stride, NULL, NULL, NULL, &rows[0], rows.shape[0],
-                            &grad[0, 0], weight.shape[1], <floating> (-lr), 0, 0, 0, 0, -1 if maximize else 1,
-                            n_threads)
+    cdef floating *a_ptr = &state_a[0, 0] if state_a.shape[0] > 0 else NULL
+    cdef floating *b_ptr = &state_b[0, 0] if state_b.shape[0] > 0 else NULL
+    cdef floating *rs_ptr = &row_state[0] if row_state.shape[0] > 0 else NULL
+    if (kind == ROW_ADAGRAD and a_ptr == NULL) or (kind == ROW_ADAM and (a_ptr == NULL or b_ptr == NULL)) \
+            or (kind == ROW_ROWWISE_ADAGRAD and rs_ptr == NULL) or not ROW_SGD <= kind <= ROW_ROWWISE_ADAGRAD:
+        raise ValueError(f"update_rows: missing optimizer state for update kind {kind}")
+    if rows.shape[0] and weight.shape[1] and _weight_rows(weight, &row_stride, "update_rows") == 0:
+        _update_listed_rows(kind, &weight[0, 0], row_stride, a_ptr, b_ptr, rs_ptr, &rows[0], rows.shape[0],
+                            &grad[0, 0], weight.shape[1], <floating> p0, <floating> p1, <floating> p2,
+                            <floating> p3, mode, -1 if maximize else 1, n_threads)
 
 
 def sgd_momentum_rows(floating[:, :] weight,         # INOUT (n_rows, dim), unit column stride

@@ -10,8 +10,26 @@ import numpy as np
 import pytest
 
 from cembed import _optim
+from cembed._grad import UpdateKind
 
 from util import assert_bitwise_equal
+
+
+# The optimizer kernel (_optim.update_rows) with each rule's parameters, as the optimizers pass them
+def sparse_adam_rows(weight, exp_avg, exp_avg_sq, rows, values, beta1, beta2, eps, step_size, maximize, n):
+    _optim.update_rows(UpdateKind.UPDATE_ADAM, weight, exp_avg, exp_avg_sq, np.zeros(0, weight.dtype), rows, values,
+                       1.0 - beta1, 1.0 - beta2, eps, -step_size, 0, maximize, n)
+
+
+def adagrad_rows(weight, state_sum, rows, values, clr, eps, maximize, n):
+    _optim.update_rows(UpdateKind.UPDATE_ADAGRAD, weight, state_sum, np.zeros((0, 0), weight.dtype),
+                       np.zeros(0, weight.dtype), rows, values, -clr, eps, 0.0, 0.0, 0, maximize, n)
+
+
+def sgd_rows(weight, rows, values, lr, maximize, n):
+    empty2 = np.zeros((0, 0), weight.dtype)
+    _optim.update_rows(UpdateKind.UPDATE_SGD, weight, empty2, empty2, np.zeros(0, weight.dtype), rows, values,
+                       -lr, 0.0, 0.0, 0.0, 0, maximize, n)
 
 N_ROWS, DIM, WIDTH = 57, 11, 24   # dim not a multiple of a vector width, so the tail loops run too
 NNZ = 23                          # more than PREFETCH_DISTANCE rows: the prefetch-ahead path runs
@@ -70,7 +88,7 @@ def test_sparse_adam_rows_any_row_stride(rng, dtype, n_threads):
     rows, values = _grad(rng, dtype)
 
     def step(weight, states, n, first):
-        _optim.sparse_adam_rows(weight, states[0], states[1], rows, values, 0.9, 0.999, 1e-8, 0.01, False, n)
+        sparse_adam_rows(weight, states[0], states[1], rows, values, 0.9, 0.999, 1e-8, 0.01, False, n)
 
     _run_both(rng, dtype, n_threads, step)
 
@@ -81,7 +99,7 @@ def test_adagrad_rows_any_row_stride(rng, dtype, n_threads):
     rows, values = _grad(rng, dtype)
 
     def step(weight, states, n, first):
-        _optim.adagrad_rows(weight, states[0], rows, values, 0.05, 1e-10, True, n)
+        adagrad_rows(weight, states[0], rows, values, 0.05, 1e-10, True, n)
 
     _run_both(rng, dtype, n_threads, step)
 
@@ -92,7 +110,7 @@ def test_sgd_rows_any_row_stride(rng, dtype, n_threads):
     rows, values = _grad(rng, dtype)
 
     def step(weight, states, n, first):
-        _optim.sgd_rows(weight, rows, values, 0.1, False, n)
+        sgd_rows(weight, rows, values, 0.1, False, n)
 
     _run_both(rng, dtype, n_threads, step)
 
@@ -119,7 +137,7 @@ def test_strided_result_independent_of_thread_count(rng, dtype):
         table = np.random.default_rng(7).standard_normal((N_ROWS, WIDTH)).astype(dtype)
         exp_avg = np.zeros((N_ROWS, DIM), dtype)
         exp_avg_sq = np.zeros((N_ROWS, DIM), dtype)
-        _optim.sparse_adam_rows(table[:, 3:3 + DIM], exp_avg, exp_avg_sq, rows, values,
+        sparse_adam_rows(table[:, 3:3 + DIM], exp_avg, exp_avg_sq, rows, values,
                                 0.9, 0.999, 1e-8, 0.01, False, n_threads)
         results.append(table)
     assert_bitwise_equal(results[0], results[1])
@@ -133,11 +151,11 @@ def test_non_adjacent_columns_are_refused_before_writing(rng, dtype):
     state = np.zeros((N_ROWS, DIM), dtype)
     weight = table[:, ::2]
     with pytest.raises(ValueError, match="unit column stride"):
-        _optim.sgd_rows(weight, rows, values, 0.1, False, 1)
+        sgd_rows(weight, rows, values, 0.1, False, 1)
     with pytest.raises(ValueError, match="unit column stride"):
-        _optim.adagrad_rows(weight, state, rows, values, 0.1, 1e-10, False, 1)
+        adagrad_rows(weight, state, rows, values, 0.1, 1e-10, False, 1)
     with pytest.raises(ValueError, match="unit column stride"):
-        _optim.sparse_adam_rows(weight, state, state.copy(), rows, values, 0.9, 0.999, 1e-8, 0.01, False, 1)
+        sparse_adam_rows(weight, state, state.copy(), rows, values, 0.9, 0.999, 1e-8, 0.01, False, 1)
     with pytest.raises(ValueError, match="unit column stride"):
         _optim.sgd_momentum_rows(weight, state, rows, np.arange(NNZ, dtype=np.int64), values,
                                  0.1, 0.9, 0.0, False, False, True, 1)
@@ -151,7 +169,7 @@ def test_state_and_gradient_must_stay_c_contiguous(rng, dtype):
     rows, values = _grad(rng, dtype)
     wide_state = np.zeros((N_ROWS, WIDTH), dtype)
     with pytest.raises(ValueError, match="contiguous"):
-        _optim.adagrad_rows(weight, wide_state[:, :DIM], rows, values, 0.1, 1e-10, False, 1)
+        adagrad_rows(weight, wide_state[:, :DIM], rows, values, 0.1, 1e-10, False, 1)
     wide_grad = np.zeros((NNZ, WIDTH), dtype)
     with pytest.raises(ValueError, match="contiguous"):
-        _optim.sgd_rows(weight, rows, wide_grad[:, :DIM], 0.1, False, 1)
+        sgd_rows(weight, rows, wide_grad[:, :DIM], 0.1, False, 1)

@@ -5,10 +5,9 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from .. import _grad, _optim
-from .._config import n_threads_for
+from .. import _grad
 from ..sparse import SparseGrad
-from .optimizer import Group, Optimizer, _check_maximize, _option, _update_rows
+from .optimizer import Group, Optimizer, _check_maximize, _option
 
 __all__ = ["Adagrad"]
 
@@ -100,15 +99,7 @@ class Adagrad(Optimizer):
         state["step"] = np.float32(np.float32(state["step"]) + np.float32(1.0))
         return options["lr"] / (1 + (float(state["step"]) - 1) * options["lr_decay"])
 
-    def _sparse_rows(self, state: Dict[str, Any], weight: np.ndarray, rows: np.ndarray, values: np.ndarray,
-                     options: Group, prepared: float) -> None:
-        def kernel(w: np.ndarray, states: List[np.ndarray], kernel_rows: np.ndarray) -> None:
-            _optim.adagrad_rows(w, states[0], kernel_rows, values, prepared, options["eps"], options["maximize"],
-                                n_threads_for(kernel_rows.size, "optimizer"))
-
-        _update_rows(weight, [state["sum"]], rows, kernel)
-
-    def _fused_kernel(self, state: Dict[str, Any], weight: np.ndarray, options: Group, prepared: float) -> Any:
+    def _row_rule(self, state: Dict[str, Any], weight: np.ndarray, options: Group, prepared: float) -> Any:
         return (_grad.UpdateKind.UPDATE_ADAGRAD, (state["sum"], None, None), (-prepared, options["eps"], 0.0, 0.0), 0,
                 options["maximize"])
 

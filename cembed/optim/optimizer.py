@@ -11,6 +11,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from .. import _optim
+from .._config import n_threads_for
 from .._validation import (
     check_bool,
     check_real,
@@ -287,8 +289,22 @@ class Optimizer:
                      options: Group, prepared: Any) -> None:
         """Update the distinct, validated ``rows`` with their summed gradient ``values``. Every row's
         update depends on that row alone, so the rows may come in several calls (the fused backward
-        sends them chunk by chunk) with the same result."""
-        raise NotImplementedError
+        sends them chunk by chunk) with the same result. Default: the kernel of :meth:`_row_rule`."""
+        rule = self._row_rule(state, weight, options, prepared)
+        if rule is None:
+            raise NotImplementedError(f"{type(self).__name__} has no row rule")
+        kind, states, params, mode, maximize = rule
+        present = [s for s in states if s is not None]
+
+        def kernel(w: np.ndarray, blocks: List[np.ndarray], kernel_rows: np.ndarray) -> None:
+            it = iter(blocks)
+            a, b, row_state = (next(it) if s is not None else None for s in states)
+            empty2, empty1 = np.zeros((0, 0), dtype=w.dtype), np.zeros(0, dtype=w.dtype)
+            _optim.update_rows(kind, w, empty2 if a is None else a, empty2 if b is None else b,
+                               empty1 if row_state is None else row_state, kernel_rows, values, *params, mode,
+                               maximize, n_threads_for(kernel_rows.size, "optimizer"))
+
+        _update_rows(weight, present, rows, kernel)
 
     def _dense_update(self, state: Dict[str, Any], weight: np.ndarray, grad: np.ndarray, options: Group) -> None:
         raise NotImplementedError
@@ -299,11 +315,12 @@ class Optimizer:
         return True
 
     # ------------------------------------------------------------------ fused backward + update
-    def _locate(self, module: Any) -> Tuple[Group, str]:
-        for where, candidate in self._named_params():
-            if candidate is module:
-                group = self.param_groups[int(where.split("[")[1].split("]")[0])]
-                return group, where
+    def _locate(self, module: Any) -> Tuple[Group, str, str]:
+        """(the module's group, that group's name, the module's name) — ValueError if absent."""
+        for g, group in enumerate(self.param_groups):
+            for k, candidate in enumerate(group["params"]):
+                if candidate is module:
+                    return group, f"param_groups[{g}]", f"param_groups[{g}]['params'][{k}]"
         raise ValueError(f"the optimizer does not hold this {type(module).__name__}: pass the optimizer that "
                          "was built with it")
 
@@ -311,8 +328,8 @@ class Optimizer:
         """The update of ``module`` alone by the gradient ``contributions`` (from the module's
         backward), without materialising that gradient when the rows can be updated chunk by chunk.
         Bitwise equal to ``module.grad = <gradient>; step(); zero_grad()`` for this module."""
-        group, where = self._locate(module)
-        options = self._check_options(dict(group), where.split("['params']")[0])
+        group, group_name, where = self._locate(module)
+        options = self._check_options(dict(group), group_name)
         weight = self._check_weight(module, where)
         shape, dtype = weight.shape, weight.dtype
         chunked = sparse and self._rows_independent(options) and hasattr(contributions, "chunks")
@@ -331,20 +348,22 @@ class Optimizer:
             self._update(state, weight, grad, options)
             return
         prepared = self._sparse_begin(state, weight, options)
-        one_pass = self._fused_kernel(state, weight, options, prepared) if _in_place(weight) else None
+        one_pass = self._row_rule(state, weight, options, prepared) if _in_place(weight) else None
         if one_pass is not None and hasattr(contributions, "update_rows"):
             contributions.update_rows(weight, *one_pass)
             return
         for rows, values in contributions.chunks():
             self._sparse_rows(state, weight, rows, values, options, prepared)
 
-    def _fused_kernel(self, state: Dict[str, Any], weight: np.ndarray, options: Group,
-                      prepared: Any) -> Optional[Tuple[int, Tuple[Optional[np.ndarray], ...],
-                                                       Tuple[float, float, float, float], int, bool]]:
-        """The one-pass fused update of this optimizer's row rule, as ``(kind, (state_a, state_b,
-        row_state), (p0, p1, p2, p3), mode, maximize)`` for ``_grad.segment_update`` — the same row
-        routine and the same rounded parameters its own kernel uses, so the bits are the same — or
-        None when it has none (then the rows are updated chunk by chunk through :meth:`_sparse_rows`)."""
+    def _row_rule(self, state: Dict[str, Any], weight: np.ndarray, options: Group,
+                  prepared: Any) -> Optional[Tuple[int, Tuple[Optional[np.ndarray], ...],
+                                                   Tuple[float, float, float, float], int, bool]]:
+        """This optimizer's row update as ``(kind, (state_a, state_b, row_state), (p0, p1, p2, p3),
+        mode, maximize)`` — a ``_grad.UpdateKind`` and its parameters (``_rows.pxd``,
+        ``apply_row_update``), run by ``_optim.update_rows`` on a sparse gradient's rows and by
+        ``_grad.segment_update`` in the fused backward, so both paths give the same bits. None when
+        the rule is not one of those kinds (then :meth:`_sparse_rows` is overridden and the fused
+        backward sends it the rows chunk by chunk)."""
         return None
 
     # ------------------------------------------------------------------ state dicts

@@ -5,10 +5,9 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from .. import _grad, _optim
-from .._config import n_threads_for
+from .. import _grad
 from .._validation import check_choice
-from .optimizer import Group, Optimizer, _check_maximize, _option, _update_rows
+from .optimizer import Group, Optimizer, _check_maximize, _option
 
 __all__ = ["RowWiseAdagrad"]
 
@@ -109,22 +108,7 @@ class RowWiseAdagrad(Optimizer):
             raise ValueError(f"{where}['sum'] must hold finite values >= 0")
         return {"sum": np.array(arr, order="C", copy=True)}
 
-    def _sparse_rows(self, state: Dict[str, Any], weight: np.ndarray, rows: np.ndarray, values: np.ndarray,
-                     options: Group, prepared: Any) -> None:
-        state_sum = state["sum"]
-        mode = _MODES[options["weight_decay_mode"]] if options["weight_decay"] != 0 else 0
-
-        def kernel(w: np.ndarray, states: List[np.ndarray], kernel_rows: np.ndarray) -> None:
-            sums = state_sum if w is weight else np.ascontiguousarray(state_sum[rows])
-            _optim.rowwise_adagrad_rows(w, sums, kernel_rows, values, options["lr"], options["eps"],
-                                        options["weight_decay"], mode, options["maximize"],
-                                        n_threads_for(kernel_rows.size, "optimizer"))
-            if sums is not state_sum:
-                state_sum[rows] = sums
-
-        _update_rows(weight, [], rows, kernel)
-
-    def _fused_kernel(self, state: Dict[str, Any], weight: np.ndarray, options: Group, prepared: Any) -> Any:
+    def _row_rule(self, state: Dict[str, Any], weight: np.ndarray, options: Group, prepared: Any) -> Any:
         mode = _MODES[options["weight_decay_mode"]] if options["weight_decay"] != 0 else 0
         return (_grad.UpdateKind.UPDATE_ROWWISE_ADAGRAD, (None, None, state["sum"]),
                 (options["lr"], options["eps"], options["weight_decay"], 0.0), mode, options["maximize"])

@@ -116,15 +116,7 @@ class SGD(Optimizer):
             return
         super()._update(state, weight, grad, options)
 
-    def _sparse_rows(self, state: Dict[str, Any], weight: np.ndarray, rows: np.ndarray, values: np.ndarray,
-                     options: Group, prepared: Any) -> None:
-        def kernel(w: np.ndarray, states: List[np.ndarray], kernel_rows: np.ndarray) -> None:
-            _optim.sgd_rows(w, kernel_rows, values, options["lr"], options["maximize"],
-                            n_threads_for(kernel_rows.size, "optimizer"))
-
-        _update_rows(weight, [], rows, kernel)
-
-    def _fused_kernel(self, state: Dict[str, Any], weight: np.ndarray, options: Group, prepared: Any) -> Any:
+    def _row_rule(self, state: Dict[str, Any], weight: np.ndarray, options: Group, prepared: Any) -> Any:
         return _grad.UpdateKind.UPDATE_SGD, (None, None, None), (-options["lr"], 0.0, 0.0, 0.0), 0, options["maximize"]
 
     def _dense_update(self, state: Dict[str, Any], weight: np.ndarray, grad: np.ndarray, options: Group) -> None:

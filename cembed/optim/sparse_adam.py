@@ -172,7 +172,7 @@ class SparseAdam(Optimizer):
         step = state["step"]
         return options["lr"] * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
 
-    def _fused_kernel(self, state: Dict[str, Any], weight: np.ndarray, options: Group, prepared: float) -> Any:
+    def _row_rule(self, state: Dict[str, Any], weight: np.ndarray, options: Group, prepared: float) -> Any:
         if options["bias_correction"] == "row":
             return None
         beta1, beta2 = options["betas"]
@@ -181,18 +181,14 @@ class SparseAdam(Optimizer):
 
     def _sparse_rows(self, state: Dict[str, Any], weight: np.ndarray, rows: np.ndarray, values: np.ndarray,
                      options: Group, prepared: float) -> None:
-        beta1, beta2 = options["betas"]
-        if options["bias_correction"] == "row":
-            def row_kernel(w: np.ndarray, states: List[np.ndarray], kernel_rows: np.ndarray) -> None:
-                _optim.sparse_adam_row_bias_rows(w, states[0], states[1], states[2], kernel_rows, values,
-                                                 options["lr"], beta1, beta2, options["eps"], options["maximize"],
-                                                 n_threads_for(kernel_rows.size, "optimizer"))
-
-            _update_rows(weight, [state["exp_avg"], state["exp_avg_sq"], state["row_step"]], rows, row_kernel)
+        if options["bias_correction"] != "row":
+            super()._sparse_rows(state, weight, rows, values, options, prepared)
             return
+        beta1, beta2 = options["betas"]
 
-        def kernel(w: np.ndarray, states: List[np.ndarray], kernel_rows: np.ndarray) -> None:
-            _optim.sparse_adam_rows(w, states[0], states[1], kernel_rows, values, beta1, beta2, options["eps"],
-                                    prepared, options["maximize"], n_threads_for(kernel_rows.size, "optimizer"))
+        def row_kernel(w: np.ndarray, states: List[np.ndarray], kernel_rows: np.ndarray) -> None:
+            _optim.sparse_adam_row_bias_rows(w, states[0], states[1], states[2], kernel_rows, values,
+                                             options["lr"], beta1, beta2, options["eps"], options["maximize"],
+                                             n_threads_for(kernel_rows.size, "optimizer"))
 
-        _update_rows(weight, [state["exp_avg"], state["exp_avg_sq"]], rows, kernel)
+        _update_rows(weight, [state["exp_avg"], state["exp_avg_sq"], state["row_step"]], rows, row_kernel)
