@@ -110,8 +110,8 @@ class TableModule:
                              "(call zero_grad() first, or step() the accumulated gradient)")
 
     def _accumulate(self, new: Any, optimizer: Any) -> None:
-        """The weight gradient ``new`` joins ``.grad`` — or, with ``optimizer``, is applied at once."""
-        self._check_fused(optimizer)
+        """The weight gradient ``new`` joins ``.grad`` — or, with ``optimizer`` (checked by the caller
+        with :meth:`_check_fused` before any work), is applied at once."""
         if not self._trainable():
             return
         sparse = check_bool(self.sparse, "sparse")
@@ -286,6 +286,7 @@ class Embedding(TableModule):
                [2., 2.]], dtype=float32))
         """
         padding_idx, _, _ = self._checked_options()
+        self._check_fused(optimizer)
         weight = self._weight
         if indices is None:
             saved = self._saved

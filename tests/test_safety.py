@@ -28,6 +28,7 @@ import cembed
 import reference as ref
 
 CEMBED_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(cembed.__file__)))
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 VERDICT = "@@VERDICT@@"
 
 # Helpers available to every child script.
@@ -41,35 +42,7 @@ ARGS = json.loads(sys.argv[1])
 OUT = ARGS.get("out")
 
 
-def fp(obj):
-    """Bitwise fingerprint of nested arrays / dicts / lists / SparseGrads / scalars."""
-    h = hashlib.sha256()
-
-    def walk(o):
-        if isinstance(o, (np.ndarray, np.generic)):
-            a = np.asarray(o)
-            h.update(f"A{a.dtype.str}{a.shape}".encode())
-            h.update(np.ascontiguousarray(a).tobytes())
-        elif isinstance(o, SparseGrad):
-            h.update(f"S{o.shape}".encode())
-            walk(o.indices)
-            walk(o.values)
-        elif isinstance(o, dict):
-            h.update(b"{")
-            for k in sorted(o, key=repr):
-                h.update(repr(k).encode())
-                walk(o[k])
-            h.update(b"}")
-        elif isinstance(o, (list, tuple)):
-            h.update(b"[")
-            for v in o:
-                walk(v)
-            h.update(b"]")
-        else:
-            h.update(repr((type(o).__name__, o)).encode())
-
-    walk(obj)
-    return h.hexdigest()
+from util import fingerprint as fp   # tests/util.py: the child puts tests/ on its path
 
 
 def mod_fp(*modules):
@@ -158,7 +131,7 @@ print(json.dumps(results))
 
 def _child_env():
     env = dict(os.environ)
-    env["PYTHONPATH"] = CEMBED_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join([CEMBED_ROOT, TESTS_DIR, env.get("PYTHONPATH", "")])
     env.pop("OMP_NUM_THREADS", None)
     return env
 

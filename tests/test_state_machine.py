@@ -33,7 +33,6 @@ Decisions where the behaviour is otherwise ambiguous (torch-equivalent where tor
   refused; when refused, the previous file keeps its bytes; no temporary file is ever left behind.
 """
 import copy
-import hashlib
 import math
 import os
 import shutil
@@ -49,6 +48,7 @@ import cembed
 from cembed import SparseGrad, optim
 
 import reference as ref
+from util import fingerprint
 
 REFUSALS = (IndexError, TypeError, ValueError)
 RTOL, ATOL = 1e-5, 1e-6
@@ -56,37 +56,6 @@ V0, D = 6, 3                      # the table the module is built with
 ROW_CHOICES = (4, V0, 9)          # tables it may be replaced with
 ID_MAX = 9                        # ids are drawn from [0, ID_MAX]: out of range for every table but one
 f32 = np.float32
-
-
-def fingerprint(*objs):
-    """Bitwise fingerprint of nested arrays / dicts / lists / SparseGrads / scalars."""
-    h = hashlib.sha256()
-
-    def walk(o):
-        if isinstance(o, (np.ndarray, np.generic)):
-            a = np.asarray(o)
-            h.update(f"A{a.dtype.str}{a.shape}".encode())
-            h.update(np.ascontiguousarray(a).tobytes())
-        elif isinstance(o, SparseGrad):
-            h.update(f"S{o.shape}".encode())
-            walk(o.indices)
-            walk(o.values)
-        elif isinstance(o, dict):
-            h.update(b"{")
-            for k in sorted(o, key=repr):
-                h.update(repr(k).encode())
-                walk(o[k])
-            h.update(b"}")
-        elif isinstance(o, (list, tuple)):
-            h.update(b"[")
-            for v in o:
-                walk(v)
-            h.update(b"]")
-        else:
-            h.update(repr((type(o).__name__, o)).encode())
-
-    walk(objs)
-    return h.hexdigest()
 
 
 class Grad:

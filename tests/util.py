@@ -1,5 +1,6 @@
 """Helpers shared by the test modules: the torch oracle, thread control, the torch test vectors."""
 import contextlib
+import hashlib
 import json
 import os
 import pathlib
@@ -85,3 +86,34 @@ def vector(name):
 def zipf_indices(rng, n, n_rows, a=1.1):
     """Zipf-distributed row ids in [0, n_rows): the skewed access pattern of real vocabularies."""
     return ((rng.zipf(a, n) - 1) % n_rows).astype(np.int64)
+
+
+def fingerprint(*objs):
+    """Bitwise fingerprint of nested arrays / dicts / lists / SparseGrads / scalars."""
+    h = hashlib.sha256()
+
+    def walk(o):
+        if isinstance(o, (np.ndarray, np.generic)):
+            a = np.asarray(o)
+            h.update(f"A{a.dtype.str}{a.shape}".encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+        elif isinstance(o, cembed.SparseGrad):
+            h.update(f"S{o.shape}".encode())
+            walk(o.indices)
+            walk(o.values)
+        elif isinstance(o, dict):
+            h.update(b"{")
+            for k in sorted(o, key=repr):
+                h.update(repr(k).encode())
+                walk(o[k])
+            h.update(b"}")
+        elif isinstance(o, (list, tuple)):
+            h.update(b"[")
+            for v in o:
+                walk(v)
+            h.update(b"]")
+        else:
+            h.update(repr((type(o).__name__, o)).encode())
+
+    walk(objs)
+    return h.hexdigest()
