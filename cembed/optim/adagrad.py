@@ -55,11 +55,9 @@ class Adagrad(Optimizer):
         return group
 
     def _init_state(self, module: Any, group: Group) -> None:
-        weight = module.weight
-        state_sum = np.zeros(weight.shape, dtype=weight.dtype)  # lazily zeroed pages
-        if group["initial_accumulator_value"] != 0:
-            state_sum.fill(group["initial_accumulator_value"])
-        self.state[module] = {"step": np.float32(0.0), "sum": state_sum}
+        state: Dict[str, Any] = {"step": np.float32(0.0)}
+        self._new_state(state, "sum", module.weight, fill=group["initial_accumulator_value"])
+        self.state[module] = state
 
     def _fill_missing_state(self, state: Dict[Any, Dict[str, Any]], groups: List[Group]) -> None:
         for group in groups:

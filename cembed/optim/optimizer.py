@@ -150,6 +150,19 @@ class Optimizer:
     def _init_state(self, module: Any, group: Group) -> None:
         """State created when a parameter joins (Adagrad's accumulator); default: lazily at step."""
 
+    def _new_state(self, state: Dict[str, Any], key: str, weight: np.ndarray, *, per_row: bool = False,
+                   dtype: Any = None, fill: float = 0.0) -> np.ndarray:
+        """The one place an optimizer allocates a per-row state array: ``state[key]``, shaped like
+        ``weight`` (or ``(n_rows,)`` with ``per_row``), of ``dtype`` (default: the weight's), filled
+        with ``fill``. Zeros come from ``np.zeros``, so untouched pages of a huge table's state cost
+        no memory until a row is first updated. Stores the array in ``state`` and returns it."""
+        shape = (weight.shape[0],) if per_row else weight.shape
+        array = np.zeros(shape, dtype=weight.dtype if dtype is None else dtype)
+        if fill != 0:
+            array.fill(fill)
+        state[key] = array
+        return array
+
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
         raise NotImplementedError
 

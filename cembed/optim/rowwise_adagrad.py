@@ -74,11 +74,9 @@ class RowWiseAdagrad(Optimizer):
         return group
 
     def _init_state(self, module: Any, group: Group) -> None:
-        weight = module.weight
-        state_sum = np.zeros(weight.shape[0], dtype=weight.dtype)
-        if group["initial_accumulator_value"] != 0:
-            state_sum.fill(group["initial_accumulator_value"])
-        self.state[module] = {"sum": state_sum}
+        state: Dict[str, Any] = {}
+        self._new_state(state, "sum", module.weight, per_row=True, fill=group["initial_accumulator_value"])
+        self.state[module] = state
 
     def _fill_missing_state(self, state: Dict[Any, Dict[str, Any]], groups: List[Group]) -> None:
         for group in groups:

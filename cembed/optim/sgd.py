@@ -128,8 +128,8 @@ class SGD(Optimizer):
         if momentum != 0:
             buf = state.get("momentum_buffer")
             if buf is None:
-                buf = np.array(g, order="C", copy=True)
-                state["momentum_buffer"] = buf
+                buf = self._new_state(state, "momentum_buffer", weight)
+                buf[...] = g
             else:
                 buf *= dtype(momentum)
                 buf += dtype(1 - options["dampening"]) * g
@@ -139,7 +139,7 @@ class SGD(Optimizer):
 
     def _sparse_momentum(self, state: Dict[str, Any], weight: np.ndarray, grad: SparseGrad, options: Group) -> None:
         first = state.get("momentum_buffer") is None
-        buf: np.ndarray = np.zeros(weight.shape, dtype=weight.dtype) if first else state["momentum_buffer"]
+        buf: np.ndarray = self._new_state(state, "momentum_buffer", weight) if first else state["momentum_buffer"]
         active: np.ndarray
         if first:
             active = np.zeros(0, dtype=np.int64)

@@ -163,10 +163,10 @@ class SparseAdam(Optimizer):
     def _sparse_begin(self, state: Dict[str, Any], weight: np.ndarray, options: Group) -> float:
         if "step" not in state:
             state["step"] = 0
-            state["exp_avg"] = np.zeros(weight.shape, dtype=weight.dtype)  # lazily zeroed pages
-            state["exp_avg_sq"] = np.zeros(weight.shape, dtype=weight.dtype)
+            self._new_state(state, "exp_avg", weight)
+            self._new_state(state, "exp_avg_sq", weight)
         if options["bias_correction"] == "row" and "row_step" not in state:
-            state["row_step"] = np.zeros(weight.shape[0], dtype=np.int64)
+            self._new_state(state, "row_step", weight, per_row=True, dtype=np.int64)
         state["step"] += 1  # also for an empty gradient, as torch
         beta1, beta2 = options["betas"]
         step = state["step"]

@@ -155,11 +155,12 @@ class SparseAdamW(Optimizer):
     # ------------------------------------------------------------------ updates
     def _sparse_begin(self, state: Dict[str, Any], weight: np.ndarray, options: Group) -> Tuple[float, float]:
         if "step" not in state:
-            state.update(step=0, exp_avg=np.zeros(weight.shape, dtype=weight.dtype),  # lazily zeroed pages
-                         exp_avg_sq=np.zeros(weight.shape, dtype=weight.dtype), decay_log=0.0, decay_log_prev=0.0,
-                         decay_last=1.0, row_decay_log=np.zeros(weight.shape[0], dtype=np.float64))
+            state.update(step=0, decay_log=0.0, decay_log_prev=0.0, decay_last=1.0)
+            self._new_state(state, "exp_avg", weight)
+            self._new_state(state, "exp_avg_sq", weight)
+            self._new_state(state, "row_decay_log", weight, per_row=True, dtype=np.float64)
         if options["bias_correction"] == "row" and "row_step" not in state:
-            state["row_step"] = np.zeros(weight.shape[0], dtype=np.int64)
+            self._new_state(state, "row_step", weight, per_row=True, dtype=np.int64)
         state["step"] += 1  # also for an empty gradient, as torch
         decay = options["lr"] * options["weight_decay"]
         state["decay_log_prev"] = state["decay_log"]
