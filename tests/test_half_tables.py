@@ -437,3 +437,19 @@ def test_bad_combinations_change_nothing(rng, dtype):
     assert bag.grad is None
     with pytest.raises(TypeError, match="float32"):
         F.embedding_bag_backward(pooled.astype(dtype), [[1, 2]], w, mode="sum")
+
+
+# ------------------------------------------------------------------------------- the bench rows
+
+def test_bench_bfloat16_rows(monkeypatch):
+    from cembed.apps import bench
+    report = bench.run(rows=3000, dim=16, n=4096, bag_size=8, repeats=1, only="bf16_gather,bf16_gather_out,bf16_bag_sum",
+                       use_torch=False, threads=2)
+    rows = {row["kernel"]: row for row in report["results"]}
+    assert set(rows) == {"bf16_gather", "bf16_gather_out", "bf16_bag_sum"}
+    for row in rows.values():
+        assert row["cembed_ms"] > 0 and row["cembed_f32_ms"] > 0 and row["vs_cembed_f32"] > 0
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)
+    logged = []
+    report = bench.run(rows=3000, dim=16, n=4096, repeats=1, only="bf16_gather", use_torch=False, log=logged.append)
+    assert report["results"] == [] and "needs ml_dtypes" in logged[0]
