@@ -225,3 +225,74 @@ cdef inline void apply_row_update(int kind,
         adam_row(w, state_a, state_b, grad, q0, q1, q2, q3, sign, dim)
     else:
         rowwise_adagrad_row(w, row_state, grad, sign, q0, q1, q2, mode, dim)
+
+
+# ---- 16-bit tables (bfloat16, float16): _half.h ----------------------------------------------------
+# A 16-bit table reaches a kernel as its uint16 bit patterns (Cython memoryviews know no bfloat16 or
+# float16) plus one of the format codes below (cembed._dtypes.kernel_format gives the code of a dtype).
+# Kernels widen a row to float32, compute in float32 and round each element once (to nearest, ties to
+# even) when they write a 16-bit row.
+from libc.stdint cimport uint16_t
+
+cdef extern from "_half.h" nogil:
+    enum:
+        CEMBED_TABLE_F32
+        CEMBED_TABLE_F64
+        CEMBED_TABLE_BF16
+        CEMBED_TABLE_F16
+    float cembed_bf16_to_f32(uint16_t h)
+    uint16_t cembed_f32_to_bf16_rne(float x)
+    float cembed_f16_to_f32(uint16_t h)
+    uint16_t cembed_f32_to_f16_rne(float x)
+    void cembed_bf16_row_to_f32(float *out, const uint16_t *row, Py_ssize_t dim)
+    void cembed_f16_row_to_f32(float *out, const uint16_t *row, Py_ssize_t dim)
+    void cembed_f32_row_to_bf16_rne(uint16_t *row, const float *v, Py_ssize_t dim)
+    void cembed_f32_row_to_f16_rne(uint16_t *row, const float *v, Py_ssize_t dim)
+    void cembed_half_row_to_f32(int fmt, float *out, const uint16_t *row, Py_ssize_t dim)
+    void cembed_f32_row_to_half_rne(int fmt, uint16_t *row, const float *v, Py_ssize_t dim)
+
+cdef enum:
+    TABLE_F32 = CEMBED_TABLE_F32     # float32 table (floating kernels)
+    TABLE_F64 = CEMBED_TABLE_F64     # float64 table (floating kernels)
+    TABLE_BF16 = CEMBED_TABLE_BF16   # bfloat16 bit patterns (uint16)
+    TABLE_F16 = CEMBED_TABLE_F16     # IEEE float16 bit patterns (uint16)
+
+
+cdef inline float half_to_f32(int fmt, uint16_t h) noexcept nogil:
+    """One 16-bit element of format fmt (TABLE_BF16 / TABLE_F16) as float32 (exact)."""
+    if fmt == TABLE_BF16:
+        return cembed_bf16_to_f32(h)
+    return cembed_f16_to_f32(h)
+
+
+cdef inline uint16_t f32_to_half_rne(int fmt, float x) noexcept nogil:
+    """x rounded to nearest (ties to even) in format fmt (TABLE_BF16 / TABLE_F16)."""
+    if fmt == TABLE_BF16:
+        return cembed_f32_to_bf16_rne(x)
+    return cembed_f32_to_f16_rne(x)
+
+
+cdef inline const float *load_row_f32(int fmt,               # TABLE_F32, TABLE_BF16 or TABLE_F16
+                                      const void *row,       # IN  (dim,) elements of format fmt
+                                      float *buf,            # OUT (dim,) scratch, used for 16-bit rows
+                                      Py_ssize_t dim) noexcept nogil:
+    """The row as float32: the row itself for TABLE_F32, else widened into buf (returns buf)."""
+    if fmt == TABLE_F32:
+        return <const float *> row
+    cembed_half_row_to_f32(fmt, buf, <const uint16_t *> row, dim)
+    return buf
+
+
+cdef inline void store_row_f32_rne(int fmt,                  # TABLE_F32, TABLE_BF16 or TABLE_F16
+                                   void *row,                # OUT (dim,) elements of format fmt
+                                   const float *v,           # IN  (dim,) float32 values
+                                   Py_ssize_t dim) noexcept nogil:
+    """row[:] = v, each element rounded once to nearest (ties to even) for a 16-bit row; v may be the
+    row itself only when fmt is TABLE_F32."""
+    cdef Py_ssize_t j
+    if fmt == TABLE_F32:
+        if <const void *> v != <const void *> row:
+            for j in range(dim):
+                (<float *> row)[j] = v[j]
+        return
+    cembed_f32_row_to_half_rne(fmt, <uint16_t *> row, v, dim)

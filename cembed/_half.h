@@ -1,0 +1,136 @@
+/* 16-bit table formats: bfloat16 and IEEE binary16 (float16) <-> float32, by bit manipulation only
+ * (portable C99: no _Float16, no intrinsics). Every kernel that reads a 16-bit table converts a row
+ * to float32 on the fly, computes in float32 and, when it writes, rounds each element once.
+ *
+ *   bfloat16: the top 16 bits of a float32 (sign, 8 exponent bits, 7 mantissa bits). Widening is a
+ *             shift (exact); narrowing rounds to nearest, ties to even; a NaN stays a (quiet) NaN,
+ *             infinities stay infinite, values past the largest finite bfloat16 round to infinity.
+ *   float16:  sign, 5 exponent bits (bias 15), 10 mantissa bits; subnormals below 2**-14. Widening is
+ *             exact (subnormals included); narrowing rounds to nearest, ties to even: |x| >= 65520
+ *             becomes infinity, tiny values become subnormals or a signed zero, NaN stays a quiet NaN.
+ *
+ * Results are identical to ml_dtypes' and numpy's float16 casts (tests/test_half_tables.py checks
+ * all 65536 bit patterns one way and a sweep of float32 patterns the other way). The narrowing
+ * functions assume the default floating-point environment (round to nearest): the float16 subnormal
+ * path lets one float32 addition do the rounding.
+ *
+ * The loops are branch-free (selects, not jumps), so the compiler vectorises the row functions.
+ */
+#ifndef CEMBED_HALF_H
+#define CEMBED_HALF_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__GNUC__) || defined(__clang__)
+#define CEMBED_HALF_INLINE static inline __attribute__((unused))
+#else
+#define CEMBED_HALF_INLINE static inline
+#endif
+
+/* the formats a kernel may be handed a table in (the `fmt` argument of the row functions) */
+#define CEMBED_TABLE_F32 0
+#define CEMBED_TABLE_F64 1
+#define CEMBED_TABLE_BF16 2
+#define CEMBED_TABLE_F16 3
+
+CEMBED_HALF_INLINE uint32_t cembed_f32_bits(float x) { uint32_t u; memcpy(&u, &x, sizeof u); return u; }
+CEMBED_HALF_INLINE float cembed_bits_f32(uint32_t u) { float x; memcpy(&x, &u, sizeof x); return x; }
+
+/* ---- bfloat16 ------------------------------------------------------------------------------- */
+
+CEMBED_HALF_INLINE float cembed_bf16_to_f32(uint16_t h)
+{
+    return cembed_bits_f32((uint32_t)h << 16);
+}
+
+CEMBED_HALF_INLINE uint16_t cembed_f32_to_bf16_rne(float x)
+{
+    uint32_t u = cembed_f32_bits(x);
+    /* add just under half an ulp of the result, plus one when the kept part is odd: ties go to even */
+    uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    /* NaN: keep sign and the top payload bits, force the quiet bit so it cannot become infinity */
+    uint32_t quiet_nan = (u >> 16) | 0x0040u;
+    int is_nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+    return (uint16_t)(is_nan ? quiet_nan : rounded);
+}
+
+/* ---- float16 (IEEE binary16) ---------------------------------------------------------------- */
+
+CEMBED_HALF_INLINE float cembed_f16_to_f32(uint16_t h)
+{
+    uint32_t sign = ((uint32_t)h & 0x8000u) << 16;
+    uint32_t body = ((uint32_t)h & 0x7FFFu) << 13;          /* exponent and mantissa, float32 place */
+    uint32_t exp = body & 0x0F800000u;
+    /* normal numbers: rebias the exponent by 127 - 15 */
+    uint32_t normal = body + ((127u - 15u) << 23);
+    /* infinity / NaN: exponent all ones (mantissa, hence NaN-ness, kept) */
+    uint32_t special = body | 0x7F800000u;
+    /* subnormal / zero: the value is mantissa * 2**-24 = as_float(body + 2**-14 exponent) - 2**-14,
+     * exact because the result is representable */
+    float sub = cembed_bits_f32(body + (113u << 23)) - cembed_bits_f32(113u << 23);
+    uint32_t subnormal = cembed_f32_bits(sub);
+    uint32_t out = exp == 0x0F800000u ? special : (exp == 0 ? subnormal : normal);
+    return cembed_bits_f32(out | sign);
+}
+
+CEMBED_HALF_INLINE uint16_t cembed_f32_to_f16_rne(float x)
+{
+    uint32_t u = cembed_f32_bits(x);
+    uint32_t sign = (u >> 16) & 0x8000u;
+    uint32_t a = u & 0x7FFFFFFFu;
+    /* normal range: rebias, then round away the 13 low mantissa bits to nearest, ties to even */
+    uint32_t normal = (a - ((127u - 15u) << 23) + 0x0FFFu + ((a >> 13) & 1u)) >> 13;
+    /* below 2**-14: adding 0.5 makes the float32 adder round to a multiple of 2**-24 (one float16
+     * subnormal step), to nearest, ties to even; the low bits are then the float16 pattern (a result
+     * of 2**-14 comes out as 0x0400, the smallest normal, as it should) */
+    float shifted = cembed_bits_f32(a) + 0.5f;
+    uint32_t subnormal = cembed_f32_bits(shifted) - 0x3F000000u;
+    uint32_t nan = 0x7E00u | ((a >> 13) & 0x03FFu);
+    uint32_t out = a > 0x7F800000u ? nan                      /* NaN */
+                 : a >= 0x477FF000u ? 0x7C00u                 /* >= 65520 (and inf): infinity */
+                 : a < 0x38800000u ? subnormal                /* < 2**-14 */
+                 : normal;
+    return (uint16_t)(out | sign);
+}
+
+/* ---- rows ----------------------------------------------------------------------------------- */
+
+CEMBED_HALF_INLINE void cembed_bf16_row_to_f32(float *restrict out, const uint16_t *restrict row, ptrdiff_t dim)
+{
+    for (ptrdiff_t j = 0; j < dim; j++) out[j] = cembed_bf16_to_f32(row[j]);
+}
+
+CEMBED_HALF_INLINE void cembed_f16_row_to_f32(float *restrict out, const uint16_t *restrict row, ptrdiff_t dim)
+{
+    for (ptrdiff_t j = 0; j < dim; j++) out[j] = cembed_f16_to_f32(row[j]);
+}
+
+CEMBED_HALF_INLINE void cembed_f32_row_to_bf16_rne(uint16_t *restrict row, const float *restrict v, ptrdiff_t dim)
+{
+    for (ptrdiff_t j = 0; j < dim; j++) row[j] = cembed_f32_to_bf16_rne(v[j]);
+}
+
+CEMBED_HALF_INLINE void cembed_f32_row_to_f16_rne(uint16_t *restrict row, const float *restrict v, ptrdiff_t dim)
+{
+    for (ptrdiff_t j = 0; j < dim; j++) row[j] = cembed_f32_to_f16_rne(v[j]);
+}
+
+/* A 16-bit row (fmt CEMBED_TABLE_BF16 or CEMBED_TABLE_F16) widened into out[0:dim]. */
+CEMBED_HALF_INLINE void cembed_half_row_to_f32(int fmt, float *restrict out, const uint16_t *restrict row,
+                                               ptrdiff_t dim)
+{
+    if (fmt == CEMBED_TABLE_BF16) cembed_bf16_row_to_f32(out, row, dim);
+    else cembed_f16_row_to_f32(out, row, dim);
+}
+
+/* v[0:dim] rounded to nearest (ties to even) into a 16-bit row of format fmt. */
+CEMBED_HALF_INLINE void cembed_f32_row_to_half_rne(int fmt, uint16_t *restrict row, const float *restrict v,
+                                                   ptrdiff_t dim)
+{
+    if (fmt == CEMBED_TABLE_BF16) cembed_f32_row_to_bf16_rne(row, v, dim);
+    else cembed_f32_row_to_f16_rne(row, v, dim);
+}
+
+#endif /* CEMBED_HALF_H */
