@@ -12,16 +12,18 @@
  * result is bitwise the same for any thread count, any batching and across save / load / resume
  * (the step is part of the optimizer state).
  *
- * Stochastic rounding (x a float32, u the 32 random bits, lo <= x <= hi the two neighbours of x in
- * the 16-bit format): the result is hi with probability (x - lo) / (hi - lo), else lo, comparing the
- * distance as a 32-bit fixed-point fraction (exact whenever the fraction has at most 32 bits: always
- * for bfloat16 and for float16 normals, and for float16 subnormals down to 2**-33). Exact values are
+ * Stochastic rounding (x a float32, u the 32 random bits, lo <= |x| < hi the two neighbours of |x| in
+ * the 16-bit format): the magnitude becomes hi when u < floor((|x| - lo) / (hi - lo) * 2**32), else
+ * lo — hi with probability (|x| - lo) / (hi - lo), exactly whenever that fraction has at most 32 bits
+ * (always for bfloat16 and for float16 normals; for float16 subnormals down to 2**-33, below which the
+ * probability is truncated to a multiple of 2**-32). Exact values are
  * unchanged, signs are kept (magnitudes are rounded, so rounding is symmetric about zero), NaN stays
  * a quiet NaN, infinities stay infinite; past the largest finite value the next value up is infinity
  * (so a value between the largest finite one and the overflow threshold becomes infinity with
  * probability proportional to its distance, as round-to-nearest sends the upper half there).
- *   bfloat16: add the top 16 random bits to the float32 bit pattern and keep its top 16 bits.
- *   float16:  normals: the same with 13 random bits after rebiasing the exponent; subnormals (below
+ *   bfloat16: add the top 16 bits of ~u to the float32 bit pattern and keep its top 16 bits (a carry
+ *             happens exactly when u < the dropped 16 bits, as a 32-bit fraction).
+ *   float16:  normals: the same with 13 bits of ~u after rebiasing the exponent; subnormals (below
  *             2**-14): the magnitude in units of 2**-24 is split into integer q and remainder, and
  *             q + 1 is taken when u < remainder as a 32-bit fraction.
  * Nearest rounding (ties to even) is _half.h's.
@@ -91,7 +93,9 @@ CEMBED_ROUND_INLINE uint32_t cembed_round_bits(uint32_t key_lo, uint32_t key_hi,
 CEMBED_ROUND_INLINE uint16_t cembed_f32_to_bf16_sr(float x, uint32_t r)
 {
     uint32_t u = cembed_f32_bits(x);
-    uint32_t rounded = (u + (r >> 16)) >> 16;    /* carries into the kept part with P = low16 / 2**16 */
+    /* carries into the kept part exactly when (r >> 16) < low16, i.e. when r < (x - lo) / (hi - lo)
+     * as a 32-bit fraction */
+    uint32_t rounded = (u + (~r >> 16)) >> 16;
     uint32_t quiet_nan = (u >> 16) | 0x0040u;
     int is_nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
     return (uint16_t)(is_nan ? quiet_nan : rounded);
@@ -104,7 +108,7 @@ CEMBED_ROUND_INLINE uint16_t cembed_f32_to_f16_sr(float x, uint32_t r)
     uint32_t a = u & 0x7FFFFFFFu;
     /* normal range [2**-14, 2**16): rebias, add 13 random bits below the kept mantissa, truncate
      * (a carry out of 65504 gives 0x7C00, infinity) */
-    uint32_t normal = (a - ((127u - 15u) << 23) + (r >> 19)) >> 13;
+    uint32_t normal = (a - ((127u - 15u) << 23) + (~r >> 19)) >> 13;
     /* below 2**-14: magnitude = m * 2**-s in units of 2**-24 (the float16 subnormal step) */
     uint32_t e = a >> 23;
     uint32_t m = e ? (a & 0x007FFFFFu) | 0x00800000u : a;
