@@ -31,3 +31,26 @@ def psw_backward(
     grad_psw: NDArray[_Float],
     n_threads: int,
 ) -> None: ...
+def bag_forward_half(
+    weight: NDArray[np.uint16],
+    fmt: int,
+    indices: _Index,
+    offsets: NDArray[np.int64],
+    mode: int,
+    padding_idx: int,
+    psw: NDArray[np.float32],
+    psw_fused: bool,
+    out: NDArray[np.float32],
+    argmax: NDArray[np.int64],
+    n_threads: int,
+) -> None: ...
+def psw_backward_half(
+    weight: NDArray[np.uint16],
+    fmt: int,
+    indices: _Index,
+    bag_of: NDArray[np.int64],
+    grad_output: NDArray[np.float32],
+    padding_idx: int,
+    grad_psw: NDArray[np.float32],
+    n_threads: int,
+) -> None: ...

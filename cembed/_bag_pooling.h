@@ -12,6 +12,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "_half.h"
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define CEMBED_BAG_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), unused))
 #elif defined(__GNUC__)
@@ -27,9 +29,38 @@
 #if defined(__GNUC__)
 typedef float cembed_vf __attribute__((vector_size(64), aligned(4)));   /* 16 floats, unaligned ok */
 typedef double cembed_vd __attribute__((vector_size(64), aligned(8)));  /* 8 doubles */
+typedef uint16_t cembed_vh __attribute__((vector_size(32), aligned(2)));  /* 16 bf16/f16 bit patterns */
+typedef uint32_t cembed_vu __attribute__((vector_size(64), aligned(4)));  /* 16 uint32 */
 #else
 #error "cembed's pooling kernels need GCC or Clang vector extensions"
 #endif
+
+/* Loading 16 elements of a row as a float32 vector: plain float32 / float64 loads, and the 16-bit
+ * formats widened on the fly (exactly as cembed_bf16_to_f32 / cembed_f16_to_f32 of _half.h do it, lane
+ * by lane): bfloat16 is a zero-extend and a shift; float16 rebiases the exponent, with selects for
+ * zero/subnormal and inf/NaN. Macros (GCC/Clang statement expressions), so each target clone uses its
+ * own vector instructions. */
+#define CEMBED_LOAD_VF(p) (*(const cembed_vf *)(p))
+#define CEMBED_LOAD_VD(p) (*(const cembed_vd *)(p))
+#define CEMBED_SCALAR(x) (x)
+
+#define cembed_load_bf16x16(p)                                                                         \
+    ({ cembed_vu u_ = __builtin_convertvector(*(const cembed_vh *)(p), cembed_vu) << 16; (cembed_vf)u_; })
+#define cembed_load_f16x16(p)                                                                          \
+    ({                                                                                                \
+        cembed_vu h_ = __builtin_convertvector(*(const cembed_vh *)(p), cembed_vu);                   \
+        cembed_vu sign_ = (h_ & 0x8000u) << 16;                                                       \
+        cembed_vu body_ = (h_ & 0x7FFFu) << 13;                                                       \
+        cembed_vu exp_ = body_ & 0x0F800000u;                                                         \
+        cembed_vu normal_ = body_ + ((127u - 15u) << 23);                                             \
+        cembed_vu special_ = body_ | 0x7F800000u;                                                     \
+        cembed_vf sub_f_ = (cembed_vf)(body_ + (113u << 23)) - 6.103515625e-05f;  /* 2**-14 */        \
+        cembed_vu sub_ = (cembed_vu)sub_f_;                                                           \
+        cembed_vu is_special_ = (cembed_vu)(exp_ == 0x0F800000u);                                     \
+        cembed_vu is_sub_ = (cembed_vu)(exp_ == 0u);                                                  \
+        cembed_vu out_ = (special_ & is_special_) | (sub_ & is_sub_) | (normal_ & ~(is_special_ | is_sub_)); \
+        (cembed_vf)(out_ | sign_);                                                                    \
+    })
 
 #define CEMBED_DEFINE_POOL_SUM(NAME, T, V, FMA)                                                        \
 CEMBED_BAG_CLONES static void NAME(T *restrict acc, const T *const *rows, const T *scales,            \
@@ -114,13 +145,13 @@ CEMBED_DEFINE_POOL_MAX(cembed_pool_max_f64, double)
             for (ptrdiff_t b_ = 0; b_ < row_bytes; b_ += 64) __builtin_prefetch(ahead_ + b_, 0, 3);   \
         }                                                                                             \
     } while (0)
-#define CEMBED_DEFINE_BAG_SUM(NAME, T, V, IT)                                                          \
-CEMBED_BAG_CLONES static ptrdiff_t NAME(T *restrict out, const T *base, ptrdiff_t row_stride,        \
+#define CEMBED_DEFINE_BAG_SUM(NAME, T, TW, V, IT, LOAD, WIDEN)                                         \
+CEMBED_BAG_CLONES static ptrdiff_t NAME(T *restrict out, const TW *base, ptrdiff_t row_stride,         \
                                          ptrdiff_t dim, const IT *idx, ptrdiff_t begin, ptrdiff_t end,  \
                                          ptrdiff_t n_indices, int64_t padding_idx)                    \
 {                                                                                                     \
     const ptrdiff_t lanes = (ptrdiff_t)(sizeof(V) / sizeof(T));                                       \
-    const ptrdiff_t row_bytes = dim * (ptrdiff_t)sizeof(T);                                           \
+    const ptrdiff_t row_bytes = dim * (ptrdiff_t)sizeof(TW);                                           \
     ptrdiff_t count = 0, j0 = 0;                                                                      \
     int prefetched = 0;                                                                               \
     for (ptrdiff_t k = begin; k < end; k++) count += (int64_t)idx[k] != padding_idx;                  \
@@ -129,15 +160,15 @@ CEMBED_BAG_CLONES static ptrdiff_t NAME(T *restrict out, const T *base, ptrdiff_
         for (ptrdiff_t k = begin; k < end; k++) {                                                     \
             if (!prefetched) CEMBED_BAG_PREFETCH_ROW(k);  /* the row CEMBED_BAG_PREFETCH entries ahead */ \
             if ((int64_t)idx[k] == padding_idx) continue;                                             \
-            const T *w = base + (ptrdiff_t)idx[k] * row_stride + j0;                                  \
-            a0 = a0 + *(const V *)w;                                                                  \
-            a1 = a1 + *(const V *)(w + lanes);                                                        \
-            a2 = a2 + *(const V *)(w + 2 * lanes);                                                    \
-            a3 = a3 + *(const V *)(w + 3 * lanes);                                                    \
-            a4 = a4 + *(const V *)(w + 4 * lanes);                                                    \
-            a5 = a5 + *(const V *)(w + 5 * lanes);                                                    \
-            a6 = a6 + *(const V *)(w + 6 * lanes);                                                    \
-            a7 = a7 + *(const V *)(w + 7 * lanes);                                                    \
+            const TW *w = base + (ptrdiff_t)idx[k] * row_stride + j0;                                  \
+            a0 = a0 + LOAD(w);                                                                         \
+            a1 = a1 + LOAD(w + lanes);                                                                 \
+            a2 = a2 + LOAD(w + 2 * lanes);                                                             \
+            a3 = a3 + LOAD(w + 3 * lanes);                                                             \
+            a4 = a4 + LOAD(w + 4 * lanes);                                                             \
+            a5 = a5 + LOAD(w + 5 * lanes);                                                             \
+            a6 = a6 + LOAD(w + 6 * lanes);                                                             \
+            a7 = a7 + LOAD(w + 7 * lanes);                                                             \
         }                                                                                             \
         *(V *)(out + j0) = a0;                                                                        \
         *(V *)(out + j0 + lanes) = a1;                                                                \
@@ -154,11 +185,11 @@ CEMBED_BAG_CLONES static ptrdiff_t NAME(T *restrict out, const T *base, ptrdiff_
         for (ptrdiff_t k = begin; k < end; k++) {                                                     \
             if (!prefetched) CEMBED_BAG_PREFETCH_ROW(k);  /* the row CEMBED_BAG_PREFETCH entries ahead */ \
             if ((int64_t)idx[k] == padding_idx) continue;                                             \
-            const T *w = base + (ptrdiff_t)idx[k] * row_stride + j0;                                  \
-            a0 = a0 + *(const V *)w;                                                                  \
-            a1 = a1 + *(const V *)(w + lanes);                                                        \
-            a2 = a2 + *(const V *)(w + 2 * lanes);                                                    \
-            a3 = a3 + *(const V *)(w + 3 * lanes);                                                    \
+            const TW *w = base + (ptrdiff_t)idx[k] * row_stride + j0;                                  \
+            a0 = a0 + LOAD(w);                                                                         \
+            a1 = a1 + LOAD(w + lanes);                                                                 \
+            a2 = a2 + LOAD(w + 2 * lanes);                                                             \
+            a3 = a3 + LOAD(w + 3 * lanes);                                                             \
         }                                                                                             \
         *(V *)(out + j0) = a0;                                                                        \
         *(V *)(out + j0 + lanes) = a1;                                                                \
@@ -170,7 +201,7 @@ CEMBED_BAG_CLONES static ptrdiff_t NAME(T *restrict out, const T *base, ptrdiff_
         V a0 = {0};                                                                                   \
         for (ptrdiff_t k = begin; k < end; k++) {                                                     \
             if ((int64_t)idx[k] == padding_idx) continue;                                             \
-            a0 = a0 + *(const V *)(base + (ptrdiff_t)idx[k] * row_stride + j0);                       \
+            a0 = a0 + LOAD(base + (ptrdiff_t)idx[k] * row_stride + j0);                                \
         }                                                                                             \
         *(V *)(out + j0) = a0;                                                                        \
     }                                                                                                 \
@@ -178,16 +209,22 @@ CEMBED_BAG_CLONES static ptrdiff_t NAME(T *restrict out, const T *base, ptrdiff_
         T a = 0;                                                                                      \
         for (ptrdiff_t k = begin; k < end; k++) {                                                     \
             if ((int64_t)idx[k] == padding_idx) continue;                                             \
-            a = a + (base + (ptrdiff_t)idx[k] * row_stride)[j];                                       \
+            a = a + WIDEN((base + (ptrdiff_t)idx[k] * row_stride)[j]);                                 \
         }                                                                                             \
         out[j] = a;                                                                                   \
     }                                                                                                 \
     return count;                                                                                     \
 }
 
-CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f32_i32, float, cembed_vf, int32_t)
-CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f32_i64, float, cembed_vf, int64_t)
-CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f64_i32, double, cembed_vd, int32_t)
-CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f64_i64, double, cembed_vd, int64_t)
+CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f32_i32, float, float, cembed_vf, int32_t, CEMBED_LOAD_VF, CEMBED_SCALAR)
+CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f32_i64, float, float, cembed_vf, int64_t, CEMBED_LOAD_VF, CEMBED_SCALAR)
+CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f64_i32, double, double, cembed_vd, int32_t, CEMBED_LOAD_VD, CEMBED_SCALAR)
+CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f64_i64, double, double, cembed_vd, int64_t, CEMBED_LOAD_VD, CEMBED_SCALAR)
+/* 16-bit tables: rows widened to float32 as they stream in, summed in float32 exactly as the float32
+ * version sums the widened table (same order, same vector blocks) */
+CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_bf16_i32, float, uint16_t, cembed_vf, int32_t, cembed_load_bf16x16, cembed_bf16_to_f32)
+CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_bf16_i64, float, uint16_t, cembed_vf, int64_t, cembed_load_bf16x16, cembed_bf16_to_f32)
+CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f16_i32, float, uint16_t, cembed_vf, int32_t, cembed_load_f16x16, cembed_f16_to_f32)
+CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f16_i64, float, uint16_t, cembed_vf, int64_t, cembed_load_f16x16, cembed_f16_to_f32)
 
 #endif

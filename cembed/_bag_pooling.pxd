@@ -2,7 +2,7 @@
 # (and `index_t` for the whole-bag sum), each written once, so _bag.pyx never dispatches on
 # float/double itself. Every function here is `noexcept nogil`.
 from cython cimport floating
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int32_t, int64_t, uint16_t
 
 from cembed._typedefs cimport index_t
 
@@ -27,6 +27,41 @@ cdef extern from "_bag_pooling.h" nogil:
     Py_ssize_t cembed_bag_sum_f64_i64(double *out, const double *base, Py_ssize_t row_stride, Py_ssize_t dim,
                                       const int64_t *idx, Py_ssize_t begin, Py_ssize_t end, Py_ssize_t n_indices,
                                       int64_t padding_idx)
+
+    # 16-bit tables (bit patterns; _half.h): rows widened to float32 as they are summed
+    Py_ssize_t cembed_bag_sum_bf16_i32(float *out, const uint16_t *base, Py_ssize_t row_stride, Py_ssize_t dim,
+                                       const int32_t *idx, Py_ssize_t begin, Py_ssize_t end, Py_ssize_t n_indices,
+                                       int64_t padding_idx)
+    Py_ssize_t cembed_bag_sum_bf16_i64(float *out, const uint16_t *base, Py_ssize_t row_stride, Py_ssize_t dim,
+                                       const int64_t *idx, Py_ssize_t begin, Py_ssize_t end, Py_ssize_t n_indices,
+                                       int64_t padding_idx)
+    Py_ssize_t cembed_bag_sum_f16_i32(float *out, const uint16_t *base, Py_ssize_t row_stride, Py_ssize_t dim,
+                                      const int32_t *idx, Py_ssize_t begin, Py_ssize_t end, Py_ssize_t n_indices,
+                                      int64_t padding_idx)
+    Py_ssize_t cembed_bag_sum_f16_i64(float *out, const uint16_t *base, Py_ssize_t row_stride, Py_ssize_t dim,
+                                      const int64_t *idx, Py_ssize_t begin, Py_ssize_t end, Py_ssize_t n_indices,
+                                      int64_t padding_idx)
+
+
+cdef inline Py_ssize_t bag_sum_half(int fmt,                    # TABLE_BF16 or TABLE_F16 (_rows.pxd)
+                                    float *out,                 # OUT (dim,)
+                                    const uint16_t *base,       # IN  the 16-bit table, rows row_stride apart
+                                    Py_ssize_t row_stride, Py_ssize_t dim,
+                                    const index_t *indices,     # IN  (n_indices,) row of each entry
+                                    Py_ssize_t begin, Py_ssize_t end, Py_ssize_t n_indices,
+                                    int64_t padding_idx) noexcept nogil:
+    """bag_sum on a 16-bit table: each row widened to float32 as it streams in, summed in float32 in the
+    order (and vector blocks) bag_sum uses for the widened float32 table, so the result is bitwise that."""
+    if fmt == 2:  # TABLE_BF16
+        if index_t is int32_t:
+            return cembed_bag_sum_bf16_i32(out, base, row_stride, dim, indices, begin, end, n_indices, padding_idx)
+        else:
+            return cembed_bag_sum_bf16_i64(out, base, row_stride, dim, indices, begin, end, n_indices, padding_idx)
+    else:
+        if index_t is int32_t:
+            return cembed_bag_sum_f16_i32(out, base, row_stride, dim, indices, begin, end, n_indices, padding_idx)
+        else:
+            return cembed_bag_sum_f16_i64(out, base, row_stride, dim, indices, begin, end, n_indices, padding_idx)
 
 
 cdef inline Py_ssize_t bag_sum(floating *out,                  # OUT (dim,)

@@ -31,7 +31,7 @@ FLOAT32 = np.dtype(np.float32)
 FLOAT64 = np.dtype(np.float64)
 FLOAT16 = np.dtype(np.float16)
 FULL_DTYPES = (FLOAT32, FLOAT64)
-TABLE_DTYPE_NAMES = "float32, float64, float16 or bfloat16"
+TABLE_DTYPE_NAMES = "float32 or float64 (or the 16-bit float16 or bfloat16)"
 
 
 def bfloat16() -> np.dtype:
@@ -127,10 +127,13 @@ def from_bits(bits: np.ndarray, dtype: np.dtype) -> np.ndarray:
 def resolve_out_dtype(out_dtype: Any, table_dtype: np.dtype, name: str = "out_dtype") -> np.dtype:
     """The dtype of a lookup / pooling result: ``None`` gives :func:`compute_dtype` (float32 for a
     16-bit table); otherwise the compute dtype or, for a 16-bit table, the table's own dtype (the
-    float32 result rounded to nearest, ties to even). Anything else is a ``TypeError``."""
+    float32 result rounded to nearest, ties to even). Anything else, and any ``out_dtype`` for an
+    integer (lookup-only) table, is a ``TypeError``."""
     compute = compute_dtype(table_dtype)
     if out_dtype is None:
         return compute
+    if not is_table_dtype(table_dtype):
+        raise TypeError(f"{name} must be None for a {table_dtype} (lookup-only) table, got {out_dtype!r}")
     resolved = resolve_dtype(out_dtype, name)
     if resolved == compute or (is_half(table_dtype) and resolved == table_dtype):
         return resolved

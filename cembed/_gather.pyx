@@ -2,27 +2,38 @@
 from cython.parallel cimport prange
 from cython cimport floating
 from libc.string cimport memcpy
+from libc.stdint cimport uint16_t
 
 from cembed._typedefs cimport index_t
-from cembed._rows cimport prefetch_row, row_stride_items, PREFETCH_DISTANCE
+from cembed._rows cimport (prefetch_row, row_stride_items, PREFETCH_DISTANCE, TABLE_F32, TABLE_F64, TABLE_BF16,
+                           TABLE_F16, cembed_half_row_to_f32)
+
+# the kernel format codes of _rows.pxd / _half.h, for tests to check cembed._dtypes against
+TABLE_FORMATS = {"float32": TABLE_F32, "float64": TABLE_F64, "bfloat16": TABLE_BF16, "float16": TABLE_F16}
+
+ctypedef fused row_t:   # an element copied as is: float32, float64, or a 16-bit table's bit pattern
+    float
+    double
+    uint16_t
 
 
-def gather_rows(const floating[:, :] weight,    # IN  (n_rows, dim), unit column stride
+def gather_rows(const row_t[:, :] weight,       # IN  (n_rows, dim), unit column stride
                 const index_t[::1] indices,      # IN  (n_indices,), validated to lie in [0, n_rows)
-                floating[:, ::1] out,            # OUT (n_indices, dim)
+                row_t[:, ::1] out,               # OUT (n_indices, dim)
                 int n_threads):
     """out[i, :] = weight[indices[i], :], parallel over i, prefetching rows PREFETCH_DISTANCE ahead.
-    Row offsets are computed in Py_ssize_t, so tables with n_rows * dim > 2**31 work."""
+    Row offsets are computed in Py_ssize_t, so tables with n_rows * dim > 2**31 work. A 16-bit table
+    (uint16 bit patterns) is copied as is: the result has the table's format."""
     cdef Py_ssize_t n_indices = indices.shape[0]
     cdef Py_ssize_t dim = weight.shape[1]
     cdef Py_ssize_t i
-    cdef Py_ssize_t row_bytes = dim * sizeof(floating)
+    cdef Py_ssize_t row_bytes = dim * sizeof(row_t)
     cdef Py_ssize_t row_stride
-    cdef const floating *base
+    cdef const row_t *base
     if n_indices == 0 or dim == 0:
         return
     if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
-                            sizeof(floating)):
+                            sizeof(row_t)):
         raise ValueError("gather_rows: the weight's rows must be contiguous (unit column stride)")
     base = &weight[0, 0]
     with nogil:
@@ -30,3 +41,31 @@ def gather_rows(const floating[:, :] weight,    # IN  (n_rows, dim), unit column
             if i + PREFETCH_DISTANCE < n_indices:
                 prefetch_row(base + (<Py_ssize_t> indices[i + PREFETCH_DISTANCE]) * row_stride, row_bytes)
             memcpy(&out[i, 0], base + (<Py_ssize_t> indices[i]) * row_stride, row_bytes)
+
+
+def gather_rows_widen(const uint16_t[:, :] weight,   # IN  (n_rows, dim) 16-bit bit patterns, unit column stride
+                      int fmt,                        # TABLE_BF16 or TABLE_F16
+                      const index_t[::1] indices,     # IN  (n_indices,), validated to lie in [0, n_rows)
+                      float[:, ::1] out,              # OUT (n_indices, dim) float32
+                      int n_threads):
+    """out[i, :] = float32(weight[indices[i], :]) for a bfloat16 / float16 table: exact widening, half
+    the bytes read of a float32 gather. Parallel over i, prefetching as gather_rows does."""
+    cdef Py_ssize_t n_indices = indices.shape[0]
+    cdef Py_ssize_t dim = weight.shape[1]
+    cdef Py_ssize_t i
+    cdef Py_ssize_t row_bytes = dim * sizeof(uint16_t)
+    cdef Py_ssize_t row_stride
+    cdef const uint16_t *base
+    if n_indices == 0 or dim == 0:
+        return
+    if fmt != TABLE_BF16 and fmt != TABLE_F16:
+        raise ValueError(f"gather_rows_widen: fmt must be TABLE_BF16 or TABLE_F16, got {fmt}")
+    if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
+                            sizeof(uint16_t)):
+        raise ValueError("gather_rows_widen: the weight's rows must be contiguous (unit column stride)")
+    base = &weight[0, 0]
+    with nogil:
+        for i in prange(n_indices, schedule="static", num_threads=n_threads):
+            if i + PREFETCH_DISTANCE < n_indices:
+                prefetch_row(base + (<Py_ssize_t> indices[i + PREFETCH_DISTANCE]) * row_stride, row_bytes)
+            cembed_half_row_to_f32(fmt, &out[i, 0], base + (<Py_ssize_t> indices[i]) * row_stride, dim)

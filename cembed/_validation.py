@@ -8,7 +8,8 @@ call that raises has modified nothing. The rules (see ``docs/safety.md``):
 * indices: any integer dtype, range-checked against the *current* table (``IndexError`` naming the
   first bad value, its position and the valid range);
 * weights: :func:`check_weight` and :func:`kernel_layout` — whether the kernels may use a table in
-  place (rows of unit stride, aligned) or must go through a copy of the touched rows;
+  place (rows of unit stride, aligned) or must go through a copy of the touched rows; tables may be
+  float32, float64, float16 or bfloat16 (``cembed._dtypes``; the 16-bit ones compute in float32);
 * row-id arrays kept between calls (``SparseGrad`` rows, optimizer state): :func:`check_row_ids`,
   re-run at every use.
 """
@@ -22,6 +23,7 @@ from typing import Any, Optional, Sequence, Tuple
 import numpy as np
 
 from . import _checks
+from ._dtypes import TABLE_DTYPE_NAMES, compute_dtype, is_half, is_table_dtype
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _NATIVE_INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
@@ -105,28 +107,45 @@ def check_float_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
     return dtype
 
 
+def check_per_sample_weights(psw: np.ndarray, weight: np.ndarray) -> None:
+    """Per-sample weights need a table that can be trained and have its compute dtype (float32 for a
+    16-bit table)."""
+    if not is_table_dtype(weight.dtype):
+        raise TypeError(f"per_sample_weights need a {TABLE_DTYPE_NAMES} table, the weight is {weight.dtype}")
+    want = compute_dtype(weight.dtype)
+    if psw.dtype != want:
+        extra = f" (float32 for a {weight.dtype} table)" if want != weight.dtype else ""
+        raise TypeError(f"per_sample_weights must have dtype {want}{extra}, got {psw.dtype}")
+
+
 def check_weight(weight: Any, name: str = "weight", *, numeric: bool = False) -> np.ndarray:
-    """A 2-D ndarray in native byte order: float32/float64, or with ``numeric=True`` any integer or
-    float dtype (lookup-only tables). It is used as is, never copied."""
+    """A 2-D ndarray in native byte order: float32/float64/float16/bfloat16, or with ``numeric=True``
+    any integer or float dtype (integer tables are lookup-only). It is used as is, never copied."""
     if not isinstance(weight, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(weight).__name__}")
     if weight.ndim != 2:
         raise ValueError(f"{name} must be 2-D (num_embeddings, embedding_dim), got shape {weight.shape}")
     if numeric:
-        if weight.dtype.kind not in "iuf":
-            raise TypeError(f"{name} must have a numeric dtype (integer or float), got {weight.dtype}")
-    elif weight.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32 or float64, got dtype {weight.dtype}")
+        if weight.dtype.kind not in "iu" and not is_table_dtype(weight.dtype):
+            raise TypeError(f"{name} must have a numeric dtype (integer, {TABLE_DTYPE_NAMES}), got {weight.dtype}")
+    elif not is_table_dtype(weight.dtype):
+        raise TypeError(f"{name} must be {TABLE_DTYPE_NAMES}, got dtype {weight.dtype}")
     if not weight.dtype.isnative:
         raise TypeError(f"{name} must be in native byte order, got dtype {weight.dtype.str}")
     return weight
 
 
 def check_trainable(weight: np.ndarray, name: str = "weight") -> None:
-    """Gradients and optimizer updates need a float32/float64 table."""
-    if weight.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} has dtype {weight.dtype}: only float32 or float64 tables can be trained "
+    """Gradients and optimizer updates need a float32/float64/float16/bfloat16 table."""
+    if not is_table_dtype(weight.dtype):
+        raise TypeError(f"{name} has dtype {weight.dtype}: only {TABLE_DTYPE_NAMES} tables can be trained "
                         "(integer tables are lookup-only; use freeze=True)")
+
+
+def grad_dtype(weight: np.ndarray) -> Optional[np.dtype]:
+    """The dtype of a table's gradients and of the ``grad_output`` its backward takes: float32 for a
+    16-bit table, the table's dtype for float32/float64, None for a lookup-only (integer) table."""
+    return compute_dtype(weight.dtype) if is_table_dtype(weight.dtype) else None
 
 
 def check_writeable(weight: np.ndarray, what: str, name: str = "weight") -> None:
@@ -135,12 +154,13 @@ def check_writeable(weight: np.ndarray, what: str, name: str = "weight") -> None
 
 
 def kernel_layout(array: np.ndarray) -> bool:
-    """True when the kernels can use a 2-D table in place: float32/float64, each row contiguous
+    """True when the kernels can use a 2-D table in place: float32/float64 (or float16/bfloat16,
+    through their uint16 view: ``cembed._dtypes.as_kernel_view``), each row contiguous
     (unit column stride), a row stride that is a whole number of items, and aligned data. Tables
     that are not (``big[:, ::2]``, Fortran order, a packed record field) are handled by copying only
     the rows a call touches, never the whole table."""
     itemsize = array.itemsize
-    return (array.dtype in FLOAT_DTYPES
+    return ((array.dtype in FLOAT_DTYPES or is_half(array.dtype))
             and (array.shape[1] <= 1 or array.strides[1] == itemsize)
             and array.strides[0] % itemsize == 0
             and array.ctypes.data % itemsize == 0)

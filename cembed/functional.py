@@ -11,6 +11,11 @@ For the modules it also holds the two records of a validated forward that a back
 (:class:`SavedLookup`, :class:`SavedBags`: private, read-only copies of the indices and offsets)
 and :func:`add_to_grad`, the one rule for how a new gradient joins a module's existing ``.grad``.
 Behaviour follows PyTorch 2.13 except where ``docs/behaviour.md`` says otherwise.
+
+Tables may be float32, float64, float16 or bfloat16 (``ml_dtypes.bfloat16``). A 16-bit table is a
+storage format: lookups, pooling and gradients compute in float32 and return float32 (``out_dtype``
+may ask for the table's 16-bit dtype, rounded to nearest); gradients of a 16-bit table are float32
+(docs/behaviour.md §12).
 """
 from __future__ import annotations
 
@@ -20,12 +25,13 @@ import numpy as np
 
 from . import _bag, _buffer_cache, _grad, _gather, _renorm, _sort
 from ._config import n_threads_for
+from ._dtypes import FLOAT32, as_kernel_view, compute_dtype, is_half, is_table_dtype, resolve_out_dtype
 from ._validation import (
-    FLOAT_DTYPES,
     as_index_array,
     check_gradient_rows,
     check_index_range,
     check_max_norm,
+    check_per_sample_weights,
     check_size,
     check_trainable,
     check_weight,
@@ -95,11 +101,20 @@ def _renorm_rows(weight: np.ndarray, rows: np.ndarray, max_norm: float, norm_typ
         return
     n_threads = n_threads_for(rows.size, "renorm")
     if kernel_layout(weight):
-        _renorm.renorm_rows(weight, rows, max_norm, norm_type, n_threads)
+        _renorm_kernel(weight, rows, max_norm, norm_type, n_threads)
     else:  # only the touched rows are copied, never the table
         block = np.ascontiguousarray(weight[rows])
-        _renorm.renorm_rows(block, np.arange(rows.size, dtype=np.int64), max_norm, norm_type, n_threads)
+        _renorm_kernel(block, np.arange(rows.size, dtype=np.int64), max_norm, norm_type, n_threads)
         weight[rows] = block
+
+
+def _renorm_kernel(weight: np.ndarray, rows: np.ndarray, max_norm: float, norm_type: float, n_threads: int) -> None:
+    """The renorm kernel for the table's format (16-bit tables through their uint16 view)."""
+    if is_half(weight.dtype):
+        bits, fmt = as_kernel_view(weight)
+        _renorm.renorm_rows_half(bits, fmt, rows, max_norm, norm_type, n_threads)
+    else:
+        _renorm.renorm_rows(weight, rows, max_norm, norm_type, n_threads)
 
 
 def renorm_referenced(weight: np.ndarray, flat: np.ndarray, max_norm: float, norm_type: float,
@@ -112,21 +127,37 @@ def renorm_referenced(weight: np.ndarray, flat: np.ndarray, max_norm: float, nor
     _renorm_rows(weight, _distinct_rows(flat), max_norm, norm_type)
 
 
-def _take_rows(weight: np.ndarray, shape: Tuple[int, ...], flat: np.ndarray) -> np.ndarray:
-    """``weight[flat]`` reshaped to ``shape + (dim,)``, a fresh array."""
+def _take_rows(weight: np.ndarray, shape: Tuple[int, ...], flat: np.ndarray,
+               out_dtype: Optional[np.dtype] = None) -> np.ndarray:
+    """``weight[flat]`` reshaped to ``shape + (dim,)``, a fresh array of ``out_dtype`` (a checked
+    :func:`cembed._dtypes.resolve_out_dtype`; None: the table's compute dtype): a 16-bit table is
+    widened to float32 on the fly, or copied as is when its own dtype is asked for."""
     dim = weight.shape[1]
+    out_dtype = compute_dtype(weight.dtype) if out_dtype is None else out_dtype
     if not kernel_layout(weight):
-        return np.take(weight, flat, axis=0).reshape(shape + (dim,))
+        return np.take(weight, flat, axis=0).astype(out_dtype, copy=False).reshape(shape + (dim,))
+    n_threads = n_threads_for(flat.size, "gather")
+    if is_half(weight.dtype) and out_dtype == FLOAT32:
+        bits, fmt = as_kernel_view(weight)
+        out = _buffer_cache.empty((flat.size, dim), FLOAT32)
+        _gather.gather_rows_widen(bits, fmt, flat, out, n_threads)
+        return out.reshape(shape + (dim,))
+    if is_half(weight.dtype):  # the 16-bit rows as they are
+        bits, _ = as_kernel_view(weight)
+        out_bits = _buffer_cache.empty((flat.size, dim), np.dtype(np.uint16))
+        _gather.gather_rows(bits, flat, out_bits, n_threads)
+        return out_bits.view(weight.dtype).reshape(shape + (dim,))
     out = _buffer_cache.empty((flat.size, dim), weight.dtype)
-    _gather.gather_rows(weight, flat, out, n_threads_for(flat.size, "gather"))
+    _gather.gather_rows(weight, flat, out, n_threads)
     return out.reshape(shape + (dim,))
 
 
 def lookup(weight: np.ndarray, indices: Any, max_norm: Optional[float], norm_type: float,
-           save: bool = False) -> Tuple[np.ndarray, Optional[SavedLookup]]:
+           save: bool = False, out_dtype: Any = None) -> Tuple[np.ndarray, Optional[SavedLookup]]:
     """The forward of :func:`embedding` on a checked weight and options; with ``save`` also the
     record its backward needs (a private copy of the indices; the row grouping when max_norm sorted
-    them anyway)."""
+    them anyway). ``out_dtype`` as :func:`embedding` takes it (checked here, before any work)."""
+    out_dtype = resolve_out_dtype(out_dtype, weight.dtype)
     idx, flat = validated_indices(indices, weight.shape[0])
     groups = None
     if max_norm is not None and save and flat.size:  # the backward reuses this grouping
@@ -136,13 +167,13 @@ def lookup(weight: np.ndarray, indices: Any, max_norm: Optional[float], norm_typ
         _renorm_rows(weight, groups[1], max_norm, norm_type)
     elif max_norm is not None:
         renorm_referenced(weight, flat, max_norm, norm_type)
-    out = _take_rows(weight, idx.shape, flat)
+    out = _take_rows(weight, idx.shape, flat, out_dtype)
     saved = SavedLookup(_private(flat, indices), idx.shape, weight.shape[0], groups) if save else None
     return out, saved
 
 
 def embedding(indices: Any, weight: np.ndarray, padding_idx: Optional[int] = None,
-              max_norm: Optional[float] = None, norm_type: float = 2.0) -> np.ndarray:
+              max_norm: Optional[float] = None, norm_type: float = 2.0, *, out_dtype: Any = None) -> np.ndarray:
     """Look up rows of a table: ``weight[indices]``, like ``torch.nn.functional.embedding``.
 
     Parameters
@@ -150,8 +181,8 @@ def embedding(indices: Any, weight: np.ndarray, padding_idx: Optional[int] = Non
     indices : array_like of int
         Any shape, any integer dtype (int32/int64 are used without a copy), Python lists and scalars.
     weight : numpy.ndarray, shape (num_embeddings, embedding_dim)
-        float32 or float64 (used in place, never copied); any other numeric dtype is a lookup-only
-        table (no ``max_norm``).
+        float32, float64, float16 or bfloat16 (used in place, never copied); an integer table is
+        lookup-only (no ``max_norm``).
     padding_idx : int, optional
         Range-checked as in torch; it does not change the forward values (it masks the gradient).
     max_norm : float, optional
@@ -159,11 +190,14 @@ def embedding(indices: Any, weight: np.ndarray, padding_idx: Optional[int] = Non
         by ``max_norm / (norm + 1e-7)`` first — after every index was validated.
     norm_type : float, default 2.0
         The p of the p-norm for ``max_norm`` (``inf`` allowed).
+    out_dtype : dtype, optional
+        ``None``: float32 for a float16/bfloat16 table (exact), the weight's dtype otherwise. A 16-bit
+        table may also ask for its own dtype (the rows as stored).
 
     Returns
     -------
     numpy.ndarray, shape (*indices.shape, embedding_dim)
-        A new array of the weight's dtype.
+        A new array of ``out_dtype``.
 
     Raises
     ------
@@ -185,11 +219,14 @@ def embedding(indices: Any, weight: np.ndarray, padding_idx: Optional[int] = Non
     <BLANKLINE>
            [[2., 3.],
             [2., 3.]]], dtype=float32)
+    >>> F.embedding([1, 2], weight.astype(np.float16))   # a 16-bit table: float32 results
+    array([[2., 3.],
+           [4., 5.]], dtype=float32)
     """
     weight = check_weight(weight, numeric=True)
     normalize_padding_idx(padding_idx, weight.shape[0])
     max_norm, norm_type = check_max_norm(max_norm, norm_type)
-    out, _ = lookup(weight, indices, max_norm, norm_type)
+    out, _ = lookup(weight, indices, max_norm, norm_type, out_dtype=out_dtype)
     return out
 
 
@@ -197,12 +234,13 @@ def embedding_renorm_(weight: np.ndarray, indices: Any, max_norm: float, norm_ty
     """Renormalise, in place, the rows ``indices`` refer to (``torch.embedding_renorm_``).
 
     Every distinct referenced row whose ``norm_type``-norm is strictly greater than ``max_norm`` is
-    multiplied by ``max_norm / (norm + 1e-7)`` (the factor rounded to the weight's dtype).
+    multiplied by ``max_norm / (norm + 1e-7)`` (the factor rounded to the weight's dtype). A
+    float16/bfloat16 row is computed in float32 and each element rounded once, as torch does.
 
     Parameters
     ----------
     weight : numpy.ndarray, shape (num_embeddings, embedding_dim)
-        float32 or float64, writeable.
+        float32, float64, float16 or bfloat16, writeable.
     indices : array_like of int
         Any shape; every index is validated before any row is touched.
     max_norm : float
@@ -590,9 +628,9 @@ def validate_bags(input: Any, weight: np.ndarray, offsets: Any = None, mode: str
                   padding_idx: Optional[int] = None, sparse: bool = False,
                   scale_grad_by_freq: bool = False) -> SavedBags:
     """Every check of an embedding_bag call, in torch's order (docs/behaviour.md), before any work."""
-    if weight.dtype.kind == "f" and weight.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"embedding_bag: weight must be float32 or float64 (or an integer lookup table), "
-                        f"got {weight.dtype}")
+    if weight.dtype.kind not in "iu" and not is_table_dtype(weight.dtype):
+        raise TypeError(f"embedding_bag: weight must be float32 or float64, float16 or bfloat16 (or an integer "
+                        f"lookup table), got {weight.dtype}")
     n_rows = weight.shape[0]
     idx = as_index_array(input, "input", n_rows)
     if idx.ndim == 2:
@@ -617,10 +655,7 @@ def validate_bags(input: Any, weight: np.ndarray, offsets: Any = None, mode: str
         psw = per_sample_weights if isinstance(per_sample_weights, np.ndarray) else np.asarray(per_sample_weights)
         if psw.shape != idx.shape:
             raise ValueError(f"per_sample_weights must have the same shape as the input {idx.shape}, got {psw.shape}")
-        if weight.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"per_sample_weights need a float32/float64 table, the weight is {weight.dtype}")
-        if psw.dtype != weight.dtype:
-            raise TypeError(f"per_sample_weights must have the weight's dtype {weight.dtype}, got {psw.dtype}")
+        check_per_sample_weights(psw, weight)
     padding_idx = normalize_padding_idx(padding_idx, n_rows)
     flat = flat_indices(idx)
     if idx.ndim == 2:
@@ -676,31 +711,41 @@ def _bag_table(weight: np.ndarray, bags: SavedBags) -> Tuple[np.ndarray, np.ndar
     return table, np.where(bags.flat == bags.padding_idx, n, positions), n
 
 
-def pool(weight: np.ndarray, bags: SavedBags, want_argmax: bool = False) -> np.ndarray:
+def pool(weight: np.ndarray, bags: SavedBags, want_argmax: bool = False, out_dtype: Any = None) -> np.ndarray:
     """The pooled ``(n_bags, dim)`` output of a validated call; with ``want_argmax`` (max mode) the
-    winners are kept in ``bags.argmax`` for the backward."""
-    if weight.dtype not in FLOAT_DTYPES:
+    winners are kept in ``bags.argmax`` for the backward. A 16-bit table pools in float32 (bitwise the
+    float32 pooling of the upcast table); ``out_dtype`` its table dtype rounds that to nearest."""
+    out_dtype = resolve_out_dtype(out_dtype, weight.dtype)
+    if not is_table_dtype(weight.dtype):
         return _pool_numeric(weight, bags)
     dim = weight.shape[1]
-    out = _buffer_cache.empty((bags.n_bags, dim), weight.dtype)
+    compute = compute_dtype(weight.dtype)
+    out = _buffer_cache.empty((bags.n_bags, dim), compute)
     argmax = np.empty((bags.n_bags, dim) if want_argmax else (0, 0), dtype=np.int64)
-    psw = bags.psw if bags.psw is not None else np.zeros(0, dtype=weight.dtype)
+    psw = bags.psw if bags.psw is not None else np.zeros(0, dtype=compute)
     # torch's float32 fast path fuses psw into an fma; with padding_idx or float64 it rounds twice
-    fused = weight.dtype == np.float32 and bags.padding_idx is None
+    fused = compute == np.float32 and bags.padding_idx is None
     table, flat, padding = _bag_table(weight, bags)
-    _bag.bag_forward(table, flat, bags.offsets, BAG_MODES[bags.mode], -1 if padding is None else padding, psw,
-                     fused, out, argmax, n_threads_for(bags.n_bags, "bag"))
+    padding_row = -1 if padding is None else padding
+    n_threads = n_threads_for(bags.n_bags, "bag")
+    if is_half(weight.dtype):
+        bits, fmt = as_kernel_view(table)
+        _bag.bag_forward_half(bits, fmt, flat, bags.offsets, BAG_MODES[bags.mode], padding_row, psw, fused, out,
+                              argmax, n_threads)
+    else:
+        _bag.bag_forward(table, flat, bags.offsets, BAG_MODES[bags.mode], padding_row, psw, fused, out, argmax,
+                         n_threads)
     if want_argmax:
         if table is not weight:  # winners are rows of the copy (entry positions): map them back
             argmax = np.where(argmax >= 0, bags.flat[np.clip(argmax, 0, max(bags.flat.size - 1, 0))], -1)
         bags.argmax = argmax
-    return out
+    return out if out_dtype == compute else out.astype(out_dtype)
 
 
 def embedding_bag(input: Any, weight: np.ndarray, offsets: Any = None, max_norm: Optional[float] = None,
                   norm_type: float = 2.0, scale_grad_by_freq: bool = False, mode: str = "mean",
                   sparse: bool = False, per_sample_weights: Any = None, include_last_offset: bool = False,
-                  padding_idx: Optional[int] = None) -> np.ndarray:
+                  padding_idx: Optional[int] = None, *, out_dtype: Any = None) -> np.ndarray:
     """Pooled lookups over bags of indices, like ``torch.nn.functional.embedding_bag``.
 
     Parameters
@@ -708,7 +753,8 @@ def embedding_bag(input: Any, weight: np.ndarray, offsets: Any = None, max_norm:
     input : array_like of int
         1-D with ``offsets`` (bag starts), or 2-D ``(n_bags, bag_size)`` without.
     weight : numpy.ndarray, shape (num_embeddings, embedding_dim)
-        float32 or float64; an integer table is lookup-only (sums in int64, means in float64).
+        float32, float64, float16 or bfloat16 (the 16-bit tables pool in float32); an integer table is
+        lookup-only (sums in int64, means in float64).
     offsets : array_like of int, optional
         Must start at 0, be non-decreasing and lie in ``[0, len(input)]``.
     max_norm, norm_type : float, optional
@@ -717,11 +763,14 @@ def embedding_bag(input: Any, weight: np.ndarray, offsets: Any = None, max_norm:
         Only checked here (they matter for the backward).
     mode : {"sum", "mean", "max"}, default "mean"
     per_sample_weights : numpy.ndarray, optional
-        Shape of ``input``, weight's dtype; ``mode="sum"`` only.
+        Shape of ``input``, the weight's dtype (float32 for a 16-bit table); ``mode="sum"`` only.
     include_last_offset : bool, default False
         ``offsets`` has ``n_bags + 1`` entries, the last equal to ``len(input)`` (CSR).
     padding_idx : int, optional
         Entries of that row are skipped (they do not count for the mean).
+    out_dtype : dtype, optional
+        ``None``: float32 for a float16/bfloat16 table, the weight's dtype otherwise; a 16-bit table may
+        ask for its own dtype (the float32 result rounded to nearest, ties to even).
 
     Returns
     -------
@@ -744,11 +793,12 @@ def embedding_bag(input: Any, weight: np.ndarray, offsets: Any = None, max_norm:
     """
     weight = check_weight(weight, numeric=True)
     max_norm, norm_type = check_max_norm(max_norm, norm_type)
+    resolve_out_dtype(out_dtype, weight.dtype)  # checked before anything is renormalised
     bags = validate_bags(input, weight, offsets, mode, per_sample_weights, include_last_offset,
                          padding_idx, sparse, scale_grad_by_freq)
     if max_norm is not None:
         renorm_referenced(weight, bags.flat, max_norm, norm_type)
-    return pool(weight, bags)
+    return pool(weight, bags, out_dtype=out_dtype)
 
 
 def bag_contributions(grad_output: np.ndarray, weight: np.ndarray, bags: SavedBags,
@@ -759,7 +809,7 @@ def bag_contributions(grad_output: np.ndarray, weight: np.ndarray, bags: SavedBa
         return MaxRouting(grad_output, bags.argmax)
     scale = None
     if bags.mode == "mean":
-        inv = (1.0 / np.maximum(bags.counts(), 1)).astype(weight.dtype)  # double, rounded to the weight dtype
+        inv = (1.0 / np.maximum(bags.counts(), 1)).astype(compute_dtype(weight.dtype))  # double, rounded
         scale = inv[bags.bag_of_entry()]
     elif bags.psw is not None:
         scale = bags.psw
@@ -769,10 +819,16 @@ def bag_contributions(grad_output: np.ndarray, weight: np.ndarray, bags: SavedBa
 
 def psw_gradient(grad_output: np.ndarray, weight: np.ndarray, bags: SavedBags) -> np.ndarray:
     """d(loss)/d(per_sample_weights): ``dot(grad_output[bag of k], weight[input[k]])``, 0 for padding."""
-    psw_grad = np.empty(bags.flat.size, dtype=weight.dtype)
+    psw_grad = np.empty(bags.flat.size, dtype=compute_dtype(weight.dtype))
     table, flat, padding = _bag_table(weight, bags)
-    _bag.psw_backward(table, flat, bags.bag_of_entry(), grad_output, -1 if padding is None else padding,
-                      psw_grad, n_threads_for(bags.flat.size, "entry"))
+    n_threads = n_threads_for(bags.flat.size, "entry")
+    if is_half(weight.dtype):
+        bits, fmt = as_kernel_view(table)
+        _bag.psw_backward_half(bits, fmt, flat, bags.bag_of_entry(), grad_output, -1 if padding is None else padding,
+                               psw_grad, n_threads)
+    else:
+        _bag.psw_backward(table, flat, bags.bag_of_entry(), grad_output, -1 if padding is None else padding,
+                          psw_grad, n_threads)
     return psw_grad.reshape(bags.input_shape)
 
 
@@ -785,7 +841,7 @@ def embedding_bag_backward(grad_output: Any, input: Any, weight: np.ndarray, off
     Parameters
     ----------
     grad_output : numpy.ndarray, shape (n_bags, embedding_dim)
-        d(loss)/d(output), the weight's dtype.
+        d(loss)/d(output), the weight's dtype (float32 for a 16-bit table).
     input, weight, offsets, mode, per_sample_weights, include_last_offset, padding_idx
         As given to the forward (``weight`` is read for the per-sample-weight gradient and, in max
         mode, to find each coordinate's winning row again: pass the table as it was at the forward).
@@ -797,6 +853,7 @@ def embedding_bag_backward(grad_output: Any, input: Any, weight: np.ndarray, off
     Returns
     -------
     grad_weight : numpy.ndarray or SparseGrad
+        The weight's dtype; float32 for a float16/bfloat16 table.
     grad_per_sample_weights : numpy.ndarray or None
         Shape of ``input``, when per-sample weights were given.
 
@@ -818,9 +875,10 @@ def embedding_bag_backward(grad_output: Any, input: Any, weight: np.ndarray, off
     weight = check_weight(weight)
     bags = validate_bags(input, weight, offsets, mode, per_sample_weights, include_last_offset,
                          padding_idx, sparse, scale_grad_by_freq)
-    values = check_gradient_rows(grad_output, (bags.n_bags,), dim=weight.shape[1], dtype=weight.dtype)
+    dtype = compute_dtype(weight.dtype)
+    values = check_gradient_rows(grad_output, (bags.n_bags,), dim=weight.shape[1], dtype=dtype)
     if bags.mode == "max":
         pool(weight, bags, want_argmax=True)
     psw_grad = psw_gradient(values, weight, bags) if bags.psw is not None else None
     new = bag_contributions(values, weight, bags, scale_grad_by_freq)
-    return add_to_grad(None, new, weight.shape, weight.dtype, sparse), psw_grad
+    return add_to_grad(None, new, weight.shape, dtype, sparse), psw_grad

@@ -12,14 +12,15 @@ from typing import Any, Iterator, Optional, Tuple
 import numpy as np
 
 from . import functional as F
+from ._dtypes import check_table_dtype, compute_dtype, is_half, resolve_out_dtype
 from ._validation import (
     check_bool,
-    check_float_dtype,
     check_gradient_rows,
     check_max_norm,
     check_size,
     check_trainable,
     check_weight,
+    grad_dtype,
     normalize_padding_idx,
     validated_indices,
 )
@@ -29,9 +30,13 @@ __all__ = ["Embedding", "EmbeddingBag"]
 
 def _init_weight(num_embeddings: int, embedding_dim: int, dtype: Any, seed: Any,
                  padding_idx: Optional[int]) -> np.ndarray:
-    """N(0, 1) init with the padding row zeroed (torch's reset_parameters)."""
+    """N(0, 1) init with the padding row zeroed (torch's reset_parameters). A 16-bit table draws in
+    float32 and rounds each value to nearest."""
+    dtype = check_table_dtype(dtype)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    weight = rng.standard_normal((num_embeddings, embedding_dim), dtype=check_float_dtype(dtype))
+    weight = rng.standard_normal((num_embeddings, embedding_dim), dtype=compute_dtype(dtype))
+    if is_half(dtype):
+        weight = weight.astype(dtype)
     if padding_idx is not None:
         weight[padding_idx] = 0
     return weight
@@ -117,8 +122,8 @@ class TableModule:
         sparse = check_bool(self.sparse, "sparse")
         if optimizer is not None:
             optimizer._fused_step(self, new, sparse)
-        else:
-            self.grad = F.add_to_grad(self.grad, new, self._weight.shape, self._weight.dtype, sparse)
+        else:  # float32 for a 16-bit table
+            self.grad = F.add_to_grad(self.grad, new, self._weight.shape, compute_dtype(self._weight.dtype), sparse)
 
     # -------------------------------------------------------------------- housekeeping
     def zero_grad(self) -> None:
@@ -162,8 +167,10 @@ class Embedding(TableModule):
         Use this table as is (no copy).
     _freeze : bool, default False
         ``requires_grad = False``: backward leaves ``.grad`` as None.
-    dtype : numpy dtype, default float32
-        float32 or float64, for a fresh table.
+    dtype : dtype, default float32
+        For a fresh table: float32, float64, float16, or bfloat16 (``"bfloat16"`` or
+        ``ml_dtypes.bfloat16``; needs ``pip install cembed[bf16]``). A 16-bit table is drawn in
+        float32 and rounded to nearest; its lookups and gradients are float32.
     seed : int or numpy.random.Generator, optional
         N(0, 1) initialisation.
 
@@ -172,7 +179,7 @@ class Embedding(TableModule):
     weight : numpy.ndarray
         The table.
     grad : None, numpy.ndarray or SparseGrad
-        Accumulated by :meth:`backward`.
+        Accumulated by :meth:`backward` (float32 for a float16/bfloat16 table).
 
     Examples
     --------
@@ -184,6 +191,9 @@ class Embedding(TableModule):
     >>> emb.backward(np.ones_like(out))
     >>> emb.grad[[0, 2, 4], 0]
     array([0., 2., 1.], dtype=float32)
+    >>> half = cembed.Embedding(10, 3, dtype=np.float16, seed=0)   # 2 bytes per element
+    >>> half.weight.dtype, half(np.array([1, 2])).dtype
+    (dtype('float16'), dtype('float32'))
     """
 
     _options = ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
@@ -202,8 +212,9 @@ class Embedding(TableModule):
                         sparse: bool = False) -> "Embedding":
         """Wrap an existing table (used as is, no copy); frozen by default; the padding row is kept.
 
-        Any numeric dtype can be looked up; only float32/float64 tables can be trained
-        (``freeze=False`` with an integer table is a ``TypeError``).
+        Any numeric dtype can be looked up; float32/float64/float16/bfloat16 tables can be trained
+        (``freeze=False`` with an integer table is a ``TypeError``). A 16-bit table stays 16-bit:
+        lookups return float32 (see :func:`cembed.functional.embedding`).
 
         Examples
         --------
@@ -218,8 +229,9 @@ class Embedding(TableModule):
                    norm_type=norm_type, scale_grad_by_freq=scale_grad_by_freq, sparse=sparse, _weight=weight,
                    _freeze=freeze)
 
-    def forward(self, indices: Any) -> np.ndarray:
-        """Look up ``indices`` (any shape, any integer dtype): an array ``(*indices.shape, D)``.
+    def forward(self, indices: Any, *, out_dtype: Any = None) -> np.ndarray:
+        """Look up ``indices`` (any shape, any integer dtype): an array ``(*indices.shape, D)``, float32
+        for a 16-bit table unless ``out_dtype`` asks for the table's own dtype.
 
         The validated indices are saved (a private copy) for :meth:`backward`; with ``max_norm`` the
         referenced rows are renormalised in place first.
@@ -241,7 +253,7 @@ class Embedding(TableModule):
                [[0., 1.]]])
         """
         _, max_norm, norm_type = self._checked_options()
-        out, self._saved = F.lookup(self._weight, indices, max_norm, norm_type, save=True)
+        out, self._saved = F.lookup(self._weight, indices, max_norm, norm_type, save=True, out_dtype=out_dtype)
         return out
 
     __call__ = forward
@@ -300,7 +312,7 @@ class Embedding(TableModule):
         new = F.lookup_contributions(grad_output, shape, flat, per_sample_weights=per_sample_weights,
                                      padding_idx=padding_idx,
                                      scale_grad_by_freq=check_bool(self.scale_grad_by_freq, "scale_grad_by_freq"),
-                                     dim=weight.shape[1], dtype=weight.dtype if weight.dtype.kind == "f" else None,
+                                     dim=weight.shape[1], dtype=grad_dtype(weight),
                                      groups=groups if per_sample_weights is None else None)
         self._accumulate(new, optimizer)
 
@@ -365,8 +377,10 @@ class EmbeddingBag(TableModule):
                    scale_grad_by_freq=scale_grad_by_freq, mode=mode, sparse=sparse, _weight=weight,
                    include_last_offset=include_last_offset, padding_idx=padding_idx, _freeze=freeze)
 
-    def forward(self, input: Any, offsets: Any = None, per_sample_weights: Any = None) -> np.ndarray:
-        """Pool the bags: an array ``(n_bags, D)``. See :func:`cembed.functional.embedding_bag`.
+    def forward(self, input: Any, offsets: Any = None, per_sample_weights: Any = None, *,
+                out_dtype: Any = None) -> np.ndarray:
+        """Pool the bags: an array ``(n_bags, D)`` (float32 for a 16-bit table unless ``out_dtype``
+        asks for the table's own dtype). See :func:`cembed.functional.embedding_bag`.
 
         The validated call (private copies of the indices, offsets and per-sample weights) is saved
         for :meth:`backward`.
@@ -381,13 +395,14 @@ class EmbeddingBag(TableModule):
         """
         padding_idx, max_norm, norm_type = self._checked_options()
         weight = self._weight
+        resolve_out_dtype(out_dtype, weight.dtype)  # checked before anything is renormalised
         bags = F.validate_bags(input, weight, offsets, self.mode, per_sample_weights,
                                check_bool(self.include_last_offset, "include_last_offset"), padding_idx,
                                check_bool(self.sparse, "sparse"),
                                check_bool(self.scale_grad_by_freq, "scale_grad_by_freq"))
         if max_norm is not None:
             F.renorm_referenced(weight, bags.flat, max_norm, norm_type)
-        out = F.pool(weight, bags, want_argmax=bags.mode == "max")
+        out = F.pool(weight, bags, want_argmax=bags.mode == "max", out_dtype=out_dtype)
         self._saved = bags
         return out
 
@@ -425,7 +440,8 @@ class EmbeddingBag(TableModule):
             raise ValueError("backward: call forward first")
         weight = self._weight
         bags.check_table(weight)
-        grad_output = check_gradient_rows(grad_output, (bags.n_bags,), dim=weight.shape[1], dtype=weight.dtype)
+        grad_output = check_gradient_rows(grad_output, (bags.n_bags,), dim=weight.shape[1],
+                                          dtype=compute_dtype(weight.dtype))
         self._check_fused(optimizer)
         new = None
         if self._trainable():

@@ -323,7 +323,7 @@ def test_bad_weight():
     with pytest.raises(ValueError, match="2-D"):
         F.embedding_bag([0], np.ones(3, np.float32), [0])
     with pytest.raises(TypeError, match="float32 or float64"):
-        F.embedding_bag([0], np.ones((3, 2), np.float16), [0])
+        F.embedding_bag([0], np.ones((3, 2), np.longdouble), [0])
     with pytest.raises(TypeError, match="numeric dtype"):
         F.embedding_bag([0], np.ones((3, 2), bool), [0])
 
