@@ -350,9 +350,10 @@ class RowContributions:
         order, seg_rows, starts, seg_ids = self._segments()
         src = _NO_POSITIONS if self.src is None else self.src
         scale = np.zeros(0, dtype=np.float32) if self.scale is None else self.scale
+        state_a, state_b, row_state = states
         _grad.segment_update_half(self.values, order, starts, seg_rows, seg_ids, src, scale, self.scale_grad_by_freq,
-                                  kind, bits, weight_fmt, *states, state_fmt, *params, mode, maximize, stochastic,
-                                  seed, step, n_threads_for(seg_ids.size, "segment"))
+                                  kind, bits, weight_fmt, state_a, state_b, row_state, state_fmt, *params, mode,
+                                  maximize, stochastic, seed, step, n_threads_for(seg_ids.size, "segment"))
 
     def chunks(self, chunk_bytes: int = 1 << 20) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
         """The summed gradient a chunk of distinct rows at a time: ``(rows, values)`` pairs, rows

@@ -26,7 +26,7 @@ from .runtime import openmp_enabled, thread_settings
 Contender = Tuple[Callable[[], object], Optional[Callable[[], object]]]
 
 KERNELS = ["gather", "renorm", "dense_backward", "sparse_backward", "sgd", "adagrad", "sparse_adam",
-           "train_step", "fused_train_step", "bag_sum", "bag_mean", "bag_max", "bag_mean_fwd_bwd"]
+           "train_step", "fused_train_step", "fused_train_step_bf16", "bag_sum", "bag_mean", "bag_max", "bag_mean_fwd_bwd"]
 
 
 class _Table:
@@ -183,6 +183,31 @@ def build(kernel, wl, torch, use_numpy):
         c["cembed"] = (fused_step, None)
         return c, nbytes
 
+    if kernel == "fused_train_step_bf16":
+        # the fused SparseAdam step on a bfloat16 table with bfloat16 state (stochastic rounding), against
+        # the same fused step on float32 (same data, same run)
+        try:
+            import ml_dtypes
+        except ImportError:
+            return {}, 0   # skipped: pip install cembed[bf16]
+        tables = {}
+        for name, dtype, state_dtype in (("cembed", np.dtype(ml_dtypes.bfloat16), "bfloat16"),
+                                         ("cembed_float32", np.dtype(np.float32), None)):
+            emb = cembed.Embedding.from_pretrained(w.astype(dtype), freeze=False, sparse=True)
+            tables[name] = (emb, optim.SparseAdam([emb], lr=1e-3, state_dtype=state_dtype))
+
+        def fused(name):
+            emb, opt = tables[name]
+
+            def step():
+                emb(idx)
+                emb.backward(g, optimizer=opt)
+            return step
+        c["cembed"] = (fused("cembed"), None)
+        c["cembed_float32"] = (fused("cembed_float32"), None)
+        # gather (read 2, write 4 bytes), gradient rows read (4), table + exp_avg + exp_avg_sq read and written (12)
+        return c, 6 * dim * n + 4 * dim * n + 12 * dim * u
+
     off = wl.offsets
     n_bags = off.size
     if kernel in ("bag_sum", "bag_mean", "bag_max"):
@@ -252,6 +277,10 @@ def _run(kernels, rows, dim, n, bag_size, repeats, torch, use_numpy, seed, log):
         warnings.simplefilter("ignore")
         for kernel in kernels:
             contenders, nbytes = build(kernel, wl, torch, use_numpy)
+            if not contenders:
+                if log:
+                    log(f"{kernel:<18}skipped (needs ml_dtypes: pip install cembed[bf16])")
+                continue
             times = _time_interleaved(contenders, repeats)
             row = {"kernel": kernel}
             for name in ("cembed", "numpy", "torch"):
@@ -259,7 +288,8 @@ def _run(kernels, rows, dim, n, bag_size, repeats, torch, use_numpy, seed, log):
             row["cembed_gbs"] = nbytes / (row["cembed_ms"] / 1e3) / 1e9
             row["copy_fraction"] = row["cembed_gbs"] / copy_gbs
             row["cembed_unfused_ms"] = _median_ms(times.get("cembed_unfused", []))
-            for name in ("numpy", "torch", "cembed_unfused"):
+            row["cembed_float32_ms"] = _median_ms(times.get("cembed_float32", []))
+            for name in ("numpy", "torch", "cembed_unfused", "cembed_float32"):
                 row[f"vs_{name}"] = row[f"{name}_ms"] / row["cembed_ms"] if row[f"{name}_ms"] else None
             results.append(row)
             if log:
@@ -305,7 +335,9 @@ def _format_row(row):
     return (f"{row['kernel']:<18}{_fmt(row['cembed_ms'], '.2f'):>11}{_fmt(row['numpy_ms'], '.2f'):>11}"
             f"{_fmt(row['torch_ms'], '.2f'):>11}{row['cembed_gbs']:>8.1f}{row['copy_fraction']:>9.0%}"
             f"{_fmt(row['vs_numpy'], '.1f', 'x'):>10}{_fmt(row['vs_torch'], '.1f', 'x'):>10}"
-            f"{_fmt(row['vs_cembed_unfused'], '.2f', 'x'):>12}")
+            f"{_fmt(row['vs_cembed_unfused'], '.2f', 'x'):>12}"
+            + (f"  {row['vs_cembed_float32']:.2f}x the float32 step ({row['cembed_float32_ms']:.2f} ms)"
+               if row.get("vs_cembed_float32") else ""))
 
 
 def main(args):

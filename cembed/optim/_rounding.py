@@ -68,7 +68,7 @@ def allowed_state_dtypes(weight_dtype: np.dtype) -> Sequence[np.dtype]:
     """Every dtype a state array of a table of ``weight_dtype`` may have (whatever the options)."""
     if not is_half(weight_dtype):
         return (weight_dtype,)
-    allowed = [FLOAT32, FLOAT16]
+    allowed: List[np.dtype] = [FLOAT32, FLOAT16]
     if "ml_dtypes" in sys.modules:  # bfloat16 arrays exist only once ml_dtypes is loaded: never import it here
         allowed.append(resolve_dtype("bfloat16"))
     return tuple(allowed)

@@ -231,8 +231,8 @@ class SparseAdamW(Optimizer):
             options = self._check_options(dict(group), f"param_groups[{g}]")
             for k, module in enumerate(group["params"]):
                 where = f"param_groups[{g}]['params'][{k}]"
-                state = self.state.get(module)
-                if not _core(state or {}):
+                state = self.state.get(module) or {}
+                if not _core(state):
                     continue
                 weight = self._check_weight(module, where)
                 self._check_state_for(state, weight, options, where)
