@@ -3,12 +3,13 @@
  * Generator: counter-based, no state. Every rounding event is named by
  *   (seed, step, row, stream, column)
  * and its 32 random bits are a pure function of that name:
- *   key  = mix64(mix64(mix64(mix64(seed) ^ step) ^ row) ^ stream)          (one per row and array)
- *   bits = hash32(hash32(lo32(key) ^ column * 0x9E3779B9) ^ hi32(key))       (one per element)
+ *   key     = mix64(mix64(mix64(mix64(seed) ^ step) ^ row) ^ stream)     (one per row and array)
+ *   draw(q) = hash32(lo32(key) ^ q * 0x9E3779B9) ^ hi32(key)              (q = 0, 1, ... per row)
  * mix64 is SplitMix64's step (add the golden gamma 0x9E3779B97F4A7C15, then its 64-bit finaliser);
  * hash32 is a 32-bit integer finaliser (xor-shift 16, * 0x7FEB352D, xor-shift 15, * 0x846CA68B,
- * xor-shift 16). Both are bijections, so within one row and array every column draws a different
- * input. Nothing depends on the thread that runs the row or on the other rows of the batch: the
+ * xor-shift 16). Both are bijections, so within one row and array every draw has a different input.
+ * float16 uses draw j for column j (32 bits); bfloat16 needs 16 bits per element, so one draw serves
+ * two columns (cembed_f32_row_to_bf16_sr). Nothing depends on the thread that runs the row or on the other rows of the batch: the
  * result is bitwise the same for any thread count, any batching and across save / load / resume
  * (the step is part of the optimizer state).
  *
@@ -82,10 +83,10 @@ CEMBED_ROUND_INLINE uint64_t cembed_round_key(uint64_t seed, uint64_t step, uint
     return cembed_mix64(cembed_mix64(cembed_mix64(cembed_mix64(seed) ^ step) ^ row) ^ stream);
 }
 
-/* the 32 random bits of column j under a row key */
-CEMBED_ROUND_INLINE uint32_t cembed_round_bits(uint32_t key_lo, uint32_t key_hi, uint32_t j)
+/* draw q (32 random bits) under a row key */
+CEMBED_ROUND_INLINE uint32_t cembed_round_bits(uint32_t key_lo, uint32_t key_hi, uint32_t q)
 {
-    return cembed_hash32(cembed_hash32(key_lo ^ (j * 0x9E3779B9u)) ^ key_hi);
+    return cembed_hash32(key_lo ^ (q * 0x9E3779B9u)) ^ key_hi;
 }
 
 /* ---- stochastic rounding of one value ------------------------------------------------------ */
@@ -128,12 +129,31 @@ CEMBED_ROUND_INLINE uint16_t cembed_f32_to_f16_sr(float x, uint32_t r)
 
 /* ---- rows ---------------------------------------------------------------------------------- */
 
+/* bfloat16 needs 16 random bits per element, so one 32-bit draw serves two columns: in each block of
+ * 32 columns, column b + k (k < 16) takes the high half and column b + 16 + k the low half of draw
+ * b / 2 + k — for any column j: draw (j >> 5) * 16 + (j & 15), high half when (j >> 4) is even. The
+ * element then rounds up when its 16 bits, as a fraction of 2**16, are below the dropped part. */
+CEMBED_ROUND_INLINE uint16_t cembed_f32_to_bf16_sr16(float x, uint32_t r16)
+{
+    return cembed_f32_to_bf16_sr(x, r16 << 16);   /* the 32-bit rule with u = r16 * 2**16 */
+}
+
 /* v[0:dim] rounded stochastically into the bfloat16 row `out` under row key `key` */
 CEMBED_ROUND_CLONES static void cembed_f32_row_to_bf16_sr(uint16_t *restrict out, const float *restrict v,
                                                           ptrdiff_t dim, uint64_t key)
 {
     const uint32_t lo = (uint32_t)key, hi = (uint32_t)(key >> 32);
-    for (ptrdiff_t j = 0; j < dim; j++) out[j] = cembed_f32_to_bf16_sr(v[j], cembed_round_bits(lo, hi, (uint32_t)j));
+    ptrdiff_t b = 0;
+    for (; b + 32 <= dim; b += 32) {
+        uint32_t r[16];
+        for (int k = 0; k < 16; k++) r[k] = cembed_round_bits(lo, hi, (uint32_t)(b / 2 + k));
+        for (int k = 0; k < 16; k++) out[b + k] = cembed_f32_to_bf16_sr16(v[b + k], r[k] >> 16);
+        for (int k = 0; k < 16; k++) out[b + 16 + k] = cembed_f32_to_bf16_sr16(v[b + 16 + k], r[k] & 0xFFFFu);
+    }
+    for (ptrdiff_t j = b; j < dim; j++) {
+        const uint32_t r = cembed_round_bits(lo, hi, (uint32_t)(b / 2 + (j & 15)));
+        out[j] = cembed_f32_to_bf16_sr16(v[j], (j & 16) ? (r & 0xFFFFu) : (r >> 16));
+    }
 }
 
 CEMBED_ROUND_CLONES static void cembed_f32_row_to_f16_sr(uint16_t *restrict out, const float *restrict v,

@@ -314,15 +314,28 @@ def _hash32(x):
     return x ^ (x >> np.uint32(16))
 
 
-def round_bits(seed, step, rows, stream, dim):
-    """The 32 random bits of every (row, column): uint32 array (len(rows), dim)."""
+def round_draws(seed, step, rows, stream, n):
+    """Draws 0..n-1 of the generator for every row: uint32 array (len(rows), n)."""
     rows = np.asarray(rows, dtype=np.int64).astype(np.uint64)
     key = _mix64(_mix64(_mix64(_mix64(np.uint64(seed)) ^ np.uint64(step)) ^ rows) ^ np.uint64(stream))
     lo = (key & np.uint64(0xFFFFFFFF)).astype(np.uint32)[:, None]
     hi = (key >> np.uint64(32)).astype(np.uint32)[:, None]
     with np.errstate(over="ignore"):
-        cols = np.arange(dim, dtype=np.uint32)[None, :] * np.uint32(0x9E3779B9)
-    return _hash32(_hash32(lo ^ cols) ^ hi)
+        cols = np.arange(n, dtype=np.uint32)[None, :] * np.uint32(0x9E3779B9)
+    return _hash32(lo ^ cols) ^ hi
+
+
+def round_bits(seed, step, rows, stream, dim, dtype=np.float16):
+    """The random bits of every (row, column) as a 32-bit fraction (uint32 array (len(rows), dim)):
+    float16 uses draw j for column j; bfloat16 needs 16 bits, so draw (j // 32) * 16 + j % 16 serves
+    columns j (its high half) and j + 16 (its low half) of each block of 32, and the fraction is those
+    16 bits * 2**16."""
+    if np.dtype(dtype) == np.float16:
+        return round_draws(seed, step, rows, stream, dim)
+    j = np.arange(dim)
+    draws = round_draws(seed, step, rows, stream, max(1, (dim + 31) // 32 * 16))[:, (j // 32) * 16 + j % 16]
+    halves = np.where((j // 16) % 2 == 0, draws >> np.uint32(16), draws & np.uint32(0xFFFF))
+    return (halves << np.uint32(16)).astype(np.uint32)
 
 
 def stochastic_round(values, dtype, bits):

@@ -66,7 +66,7 @@ def _stored(values, dtype_name, rounding, seed, step, stream):
             out = flat.astype(dtype)
     else:
         out = ref.stochastic_round(flat, dtype, ref.round_bits(seed, step, np.arange(flat.shape[0]), stream,
-                                                               flat.shape[1]))
+                                                               flat.shape[1], dtype))
     return out.reshape(values.shape)
 
 
@@ -119,7 +119,7 @@ def test_round_rows_stochastic_matches_the_numpy_reference(name):
     for seed, step, stream in [(0, 1, 0), (7, 3, 1), (2 ** 64 - 1, 2 ** 40, 2)]:
         out = np.zeros(x.shape, np.uint16)
         _optim.round_rows(x, out, FORMAT[name], True, rows, seed, step, stream, 2)
-        want = ref.stochastic_round(x, HALF[name], ref.round_bits(seed, step, rows, stream, x.shape[1]))
+        want = ref.stochastic_round(x, HALF[name], ref.round_bits(seed, step, rows, stream, x.shape[1], HALF[name]))
         assert_bitwise_equal(out, want.view(np.uint16))
 
 
