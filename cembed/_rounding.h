@@ -138,17 +138,23 @@ CEMBED_ROUND_INLINE uint16_t cembed_f32_to_bf16_sr16(float x, uint32_t r16)
     return cembed_f32_to_bf16_sr(x, r16 << 16);   /* the 32-bit rule with u = r16 * 2**16 */
 }
 
-/* v[0:dim] rounded stochastically into the bfloat16 row `out` under row key `key` */
+/* v[0:dim] rounded stochastically into the bfloat16 row `out` under row key `key`. The draws of up to
+ * 512 columns are made first, then the columns rounded (two simple loops vectorise best). */
 CEMBED_ROUND_CLONES static void cembed_f32_row_to_bf16_sr(uint16_t *restrict out, const float *restrict v,
                                                           ptrdiff_t dim, uint64_t key)
 {
     const uint32_t lo = (uint32_t)key, hi = (uint32_t)(key >> 32);
+    const ptrdiff_t full = dim - dim % 32;     /* columns in whole blocks of 32 */
+    uint32_t draws[256];
     ptrdiff_t b = 0;
-    for (; b + 32 <= dim; b += 32) {
-        uint32_t r[16];
-        for (int k = 0; k < 16; k++) r[k] = cembed_round_bits(lo, hi, (uint32_t)(b / 2 + k));
-        for (int k = 0; k < 16; k++) out[b + k] = cembed_f32_to_bf16_sr16(v[b + k], r[k] >> 16);
-        for (int k = 0; k < 16; k++) out[b + 16 + k] = cembed_f32_to_bf16_sr16(v[b + 16 + k], r[k] & 0xFFFFu);
+    while (b < full) {
+        const ptrdiff_t end = full - b > 512 ? b + 512 : full;
+        const ptrdiff_t n_draws = (end - b) / 2;
+        for (ptrdiff_t q = 0; q < n_draws; q++) draws[q] = cembed_round_bits(lo, hi, (uint32_t)(b / 2 + q));
+        for (const uint32_t *r = draws; b < end; b += 32, r += 16) {
+            for (int k = 0; k < 16; k++) out[b + k] = cembed_f32_to_bf16_sr16(v[b + k], r[k] >> 16);
+            for (int k = 0; k < 16; k++) out[b + 16 + k] = cembed_f32_to_bf16_sr16(v[b + 16 + k], r[k] & 0xFFFFu);
+        }
     }
     for (ptrdiff_t j = b; j < dim; j++) {
         const uint32_t r = cembed_round_bits(lo, hi, (uint32_t)(b / 2 + (j & 15)));
