@@ -124,6 +124,31 @@ def test_train_step_cembed_fused(benchmark, workload):
     benchmark(step)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_train_step_fused_half(benchmark, workload, dtype):
+    """The fused SparseAdam step on a bfloat16 table with bfloat16 state (stochastic rounding) beside
+    the same step on float32 (issue 12 target: >= 1.3x at 2 threads):
+
+        python -m pytest benchmarks/bench_optim.py -k fused_half --benchmark-only --benchmark-group-by=group
+    """
+    benchmark.group = "train-step-16-bit"
+    if dtype == "bfloat16":
+        table = workload["weight"].astype(pytest.importorskip("ml_dtypes").bfloat16)
+        extra = dict(state_dtype="bfloat16")
+    else:
+        table, extra = workload["weight"].copy(), {}
+    emb = Embedding.from_pretrained(table, freeze=False, sparse=True)
+    opt = optim.SparseAdam([emb], lr=1e-3, **extra)
+    idx, g = workload["indices"], workload["grad_output"]
+
+    def step():
+        emb(idx)
+        emb.backward(g, optimizer=opt)
+
+    step()
+    benchmark(step)
+
+
 @pytest.mark.parametrize("n_groups", [1, 2])
 def test_param_groups_do_not_slow_the_step(benchmark, workload, sparse_grad, n_groups):
     """SparseAdam over two tables, in one param group or in two: within noise of each other."""

@@ -198,3 +198,96 @@ def segment_update(const floating[:, ::1] values,  # IN  (n_values, dim) gradien
                                  scratch, q0, q1, q2, q3, mode, sign, dim)
     finally:
         free(scratch_rows)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 16-bit weights (docs/behaviour.md §8.7): float32 gradient rows, float32 math, one rounding per element
+# ---------------------------------------------------------------------------------------------------
+from libc.stdint cimport uint16_t, uint64_t
+
+from cembed._rounding cimport state_t, half_row_update, CEMBED_TABLE_BF16, CEMBED_TABLE_F16
+
+
+def segment_update_half(const float[:, ::1] values,   # IN  (n_values, dim) float32 gradient rows
+                        const int64_t[::1] order,       # IN  as segment_sum
+                        const int64_t[::1] starts,      # IN
+                        const int64_t[::1] seg_rows,    # IN  (n_segments,) row id of each segment, distinct
+                        const int64_t[::1] seg_ids,     # IN  (n_out,) the segments to apply
+                        const int64_t[::1] src,         # IN  or empty
+                        const float[::1] scale,         # IN  or empty
+                        bint scale_grad_by_freq,
+                        int kind,                        # an UpdateKind
+                        uint16_t[:, :] weight,           # INOUT (n_rows, dim) 16-bit bits, unit column stride
+                        int weight_fmt,                  # CEMBED_TABLE_BF16 / CEMBED_TABLE_F16 (_half.h)
+                        state_t[:, ::1] state_a,         # INOUT (n_rows, dim) or (0, 0): float32 or 16-bit bits
+                        state_t[:, ::1] state_b,         # INOUT (n_rows, dim) or (0, 0)
+                        state_t[::1] row_state,          # INOUT (n_rows,) or (0,)
+                        int state_fmt,                   # format of 16-bit state (unused for float32 state)
+                        double p0, double p1, double p2, double p3, int mode, bint maximize,
+                        bint stochastic, uint64_t seed, uint64_t step,
+                        int n_threads):
+    """segment_update for a 16-bit weight: each segment's summed float32 gradient row (exactly as
+    segment_sum's) is applied by `half_row_update` — the weight and 16-bit state rows widened to
+    float32, the float32 row rule, one rounding per element keyed by (seed, step, row, stream). Each
+    row has one writer and its random bits depend only on its key: bitwise the same for any thread
+    count, and the same bits as the unfused step (gather, float32 kernel, round_rows)."""
+    cdef Py_ssize_t n_out = seg_ids.shape[0]
+    cdef Py_ssize_t n_entries = order.shape[0]
+    cdef Py_ssize_t dim = values.shape[1]
+    cdef Py_ssize_t j, s, d, r, ahead, count, row_stride
+    cdef const int64_t *src_ptr = &src[0] if src.shape[0] > 0 else NULL
+    cdef const float *scale_ptr = &scale[0] if scale.shape[0] > 0 else NULL
+    cdef state_t *a_ptr = &state_a[0, 0] if state_a.shape[0] > 0 else NULL
+    cdef state_t *b_ptr = &state_b[0, 0] if state_b.shape[0] > 0 else NULL
+    cdef state_t *rs_ptr = &row_state[0] if row_state.shape[0] > 0 else NULL
+    cdef Py_ssize_t w_bytes = dim * sizeof(uint16_t)
+    cdef Py_ssize_t s_bytes = dim * sizeof(state_t)
+    cdef const float *values_ptr
+    cdef uint16_t *w
+    cdef float *scratch
+    cdef float *scratch_rows
+    cdef float inv_count
+    cdef float sign = -1 if maximize else 1
+    cdef float q0 = <float> p0, q1 = <float> p1, q2 = <float> p2, q3 = <float> p3
+    if n_out == 0 or dim == 0:
+        return
+    if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
+                            sizeof(uint16_t)):
+        raise ValueError("segment_update_half: the weight's rows must be contiguous (unit column stride)")
+    if (kind == ROW_ADAGRAD and a_ptr == NULL) or (kind == ROW_ADAM and (a_ptr == NULL or b_ptr == NULL)) \
+            or (kind == ROW_ROWWISE_ADAGRAD and rs_ptr == NULL) or not ROW_SGD <= kind <= ROW_ROWWISE_ADAGRAD:
+        raise ValueError("segment_update_half: missing optimizer state for this update kind")
+    if weight_fmt != CEMBED_TABLE_BF16 and weight_fmt != CEMBED_TABLE_F16:
+        raise ValueError(f"segment_update_half: unknown weight format {weight_fmt}")
+    values_ptr = &values[0, 0]
+    w = &weight[0, 0]
+    n_threads = max(1, n_threads)
+    scratch_rows = <float *> malloc(n_threads * 4 * dim * sizeof(float))   # per thread: gradient + 3 rows
+    if scratch_rows == NULL:
+        raise MemoryError("segment_update_half: cannot allocate the scratch rows")
+    scratch = scratch_rows
+    try:
+        with nogil, parallel(num_threads=n_threads):
+            scratch = scratch_rows + threadid() * 4 * dim
+            for j in prange(n_out, schedule="dynamic", chunksize=SEGMENTS_PER_CHUNK):
+                if j + PREFETCH_DISTANCE < n_out:
+                    ahead = seg_rows[seg_ids[j + PREFETCH_DISTANCE]]
+                    prefetch_row_for_write(w + ahead * row_stride, w_bytes)
+                    if a_ptr != NULL:
+                        prefetch_row_for_write(a_ptr + ahead * dim, s_bytes)
+                    if b_ptr != NULL:
+                        prefetch_row_for_write(b_ptr + ahead * dim, s_bytes)
+                s = seg_ids[j]
+                r = seg_rows[s]
+                count = starts[s + 1] - starts[s]
+                for d in range(dim):
+                    scratch[d] = 0
+                inv_count = <float> (1.0 / <double> count)
+                _sum_segment(values_ptr, dim, dim, &order[starts[s]], count, n_entries - starts[s + 1], src_ptr,
+                             scale_ptr, inv_count, scale_grad_by_freq, scratch)
+                half_row_update(kind, w + r * row_stride, weight_fmt, a_ptr + r * dim if a_ptr != NULL else NULL,
+                                b_ptr + r * dim if b_ptr != NULL else NULL, rs_ptr + r if rs_ptr != NULL else NULL,
+                                state_fmt, scratch, q0, q1, q2, q3, mode, sign, dim, scratch + dim, stochastic,
+                                seed, step, r)
+    finally:
+        free(scratch_rows)

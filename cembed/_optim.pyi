@@ -67,3 +67,6 @@ def adamw_decay_rows(
     decay_last: float,
     n_threads: int,
 ) -> None: ...
+
+def round_rows(values: NDArray[np.float32], out: NDArray[np.uint16], fmt: int, stochastic: bool,
+               key_rows: NDArray[np.int64], seed: int, step: int, stream: int, n_threads: int) -> None: ...

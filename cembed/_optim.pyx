@@ -297,3 +297,36 @@ def adamw_decay_rows(floating[:, :] weight,           # INOUT (n_rows, dim), uni
             row_decay_log[r] = decay_log
             if dim > 0:
                 row_scale(w + r * row_stride, <floating> decay, dim)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 16-bit weights and state (docs/behaviour.md §8.7): the unfused steps gather the rows to float32, run
+# the float32 kernels above on them and hand the results here to be rounded once per element.
+# ---------------------------------------------------------------------------------------------------
+from libc.stdint cimport uint16_t, uint64_t
+
+from cembed._rounding cimport cembed_row_round, CEMBED_TABLE_BF16, CEMBED_TABLE_F16
+
+
+def round_rows(const float[:, ::1] values,     # IN  (n, dim) float32 rows
+               uint16_t[:, ::1] out,            # OUT (n, dim) their 16-bit bits
+               int fmt,                         # CEMBED_TABLE_BF16 / CEMBED_TABLE_F16 (_half.h)
+               bint stochastic,
+               const int64_t[::1] key_rows,     # IN  (n,) the table row each row of `values` belongs to
+               uint64_t seed, uint64_t step, int stream, int n_threads):
+    """out[k] = values[k] rounded to the 16-bit format, stochastically with the random bits of
+    (seed, step, key_rows[k], stream, column) or to nearest (ties to even). Rows split statically;
+    each row's bits depend on its key alone."""
+    cdef Py_ssize_t n = values.shape[0]
+    cdef Py_ssize_t dim = values.shape[1]
+    cdef Py_ssize_t k
+    if out.shape[0] != n or out.shape[1] != dim or key_rows.shape[0] != n:
+        raise ValueError("round_rows: values, out and key_rows must agree in shape")
+    if fmt != CEMBED_TABLE_BF16 and fmt != CEMBED_TABLE_F16:
+        raise ValueError(f"round_rows: unknown format {fmt}")
+    if n == 0 or dim == 0:
+        return
+    with nogil:
+        for k in prange(n, schedule="static", chunksize=ROWS_PER_CHUNK, num_threads=n_threads):
+            cembed_row_round(fmt, stochastic, &out[k, 0], &values[k, 0], dim, seed, step,
+                             <uint64_t> key_rows[k], stream)

@@ -342,3 +342,94 @@ def embedding_renorm_half_(weight, indices, max_norm, norm_type=2.0):
             scale = np.array([np.float32(max_norm / (norm + 1e-7))]).astype(dtype).astype(np.float32)[0]
             weight[r] = (row * scale).astype(dtype)
     return weight
+
+
+# Reproducible stochastic rounding to bfloat16 / float16 (issue 12, docs/behaviour.md §8.7)
+# ---------------------------------------------------------------------------------------------
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix64(z):
+    """SplitMix64's step on a uint64 array: add the golden gamma, then the 64-bit finaliser."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(z, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _hash32(x):
+    with np.errstate(over="ignore"):
+        x = np.asarray(x, dtype=np.uint32)
+        x = x ^ (x >> np.uint32(16))
+        x = x * np.uint32(0x7FEB352D)
+        x = x ^ (x >> np.uint32(15))
+        x = x * np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
+
+
+def round_draws(seed, step, rows, stream, n):
+    """Draws 0..n-1 of the generator for every row: uint32 array (len(rows), n)."""
+    rows = np.asarray(rows, dtype=np.int64).astype(np.uint64)
+    key = _mix64(_mix64(_mix64(_mix64(np.uint64(seed)) ^ np.uint64(step)) ^ rows) ^ np.uint64(stream))
+    lo = (key & np.uint64(0xFFFFFFFF)).astype(np.uint32)[:, None]
+    hi = (key >> np.uint64(32)).astype(np.uint32)[:, None]
+    with np.errstate(over="ignore"):
+        cols = np.arange(n, dtype=np.uint32)[None, :] * np.uint32(0x9E3779B9)
+    return _hash32(lo ^ cols) ^ hi
+
+
+def round_bits(seed, step, rows, stream, dim, dtype=np.float16):
+    """The random bits of every (row, column) as a 32-bit fraction (uint32 array (len(rows), dim)):
+    float16 uses draw j for column j; bfloat16 needs 16 bits, so draw (j // 32) * 16 + j % 16 serves
+    columns j (its high half) and j + 16 (its low half) of each block of 32, and the fraction is those
+    16 bits * 2**16."""
+    if np.dtype(dtype) == np.float16:
+        return round_draws(seed, step, rows, stream, dim)
+    j = np.arange(dim)
+    draws = round_draws(seed, step, rows, stream, max(1, (dim + 31) // 32 * 16))[:, (j // 32) * 16 + j % 16]
+    halves = np.where((j // 16) % 2 == 0, draws >> np.uint32(16), draws & np.uint32(0xFFFF))
+    return (halves << np.uint32(16)).astype(np.uint32)
+
+
+def stochastic_round(values, dtype, bits):
+    """float32 ``values`` rounded to the 16-bit ``dtype`` with the random ``bits`` (uint32, same
+    shape), written the readable way: the two neighbours lo <= |x| < hi of each magnitude, and hi taken
+    when the fraction (|x| - lo) / (hi - lo), as a 32-bit fixed-point number, exceeds the random bits.
+    Past the largest finite value the next value up is 2**16 (float16) / 2**128 (bfloat16), which is
+    stored as infinity; NaN and infinities pass through."""
+    x = np.asarray(values, dtype=np.float32)
+    bits = np.asarray(bits, dtype=np.uint32)
+    grid = _half_grid(dtype)
+    out = np.empty(x.shape, dtype=dtype)
+    flat_x, flat_b, flat_out = x.reshape(-1), bits.reshape(-1), out.reshape(-1)
+    for i, v in enumerate(flat_x.astype(np.float64)):
+        mag = abs(v)
+        if np.isnan(v) or mag >= grid[-1]:
+            flat_out[i] = np.float32(v * np.inf if not np.isnan(v) else v)
+            continue
+        k = int(np.searchsorted(grid, mag, side="right")) - 1
+        lo, hi = grid[k], grid[k + 1]
+        if lo != mag and int(flat_b[i]) < int(np.floor((mag - lo) / (hi - lo) * 2.0 ** 32)):
+            lo = hi
+        flat_out[i] = np.float32(np.copysign(lo, v) if lo < grid[-1] else np.copysign(np.inf, v))
+    return out
+
+
+_GRIDS = {}
+
+
+def _half_grid(dtype):
+    """Every non-negative finite value of the 16-bit dtype, ascending, then the next power of two
+    (2**16 for float16, 2**128 for bfloat16), as float64."""
+    key = np.dtype(dtype).name
+    if key not in _GRIDS:
+        if np.dtype(dtype) == np.float16:
+            finite = np.arange(0, 0x7C00, dtype=np.uint16).view(np.float16).astype(np.float64)
+            top = 2.0 ** 16
+        else:
+            finite = (np.arange(0, 0x7F80, dtype=np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
+            top = 2.0 ** 128
+        _GRIDS[key] = np.append(finite, top)
+    return _GRIDS[key]

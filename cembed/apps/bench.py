@@ -26,10 +26,11 @@ from .runtime import openmp_enabled, thread_settings
 Contender = Tuple[Callable[[], object], Optional[Callable[[], object]]]
 
 KERNELS = ["gather", "renorm", "dense_backward", "sparse_backward", "sgd", "adagrad", "sparse_adam",
-           "train_step", "fused_train_step", "bag_sum", "bag_mean", "bag_max", "bag_mean_fwd_bwd",
-           "bf16_gather", "bf16_gather_out", "bf16_bag_sum"]
+           "train_step", "fused_train_step", "fused_train_step_bf16", "bag_sum", "bag_mean", "bag_max",
+           "bag_mean_fwd_bwd", "bf16_gather", "bf16_gather_out", "bf16_bag_sum"]
 # the bfloat16 rows (a bfloat16 copy of the table; skipped without ml_dtypes): "cembed" is the bfloat16
 # table, "cembed_f32" the float32 one in the same rounds, and "vs f32" the speedup of bfloat16 over it
+# (fused_train_step_bf16: the fused SparseAdam step with bfloat16 state, built with the training steps)
 HALF_KERNELS = ("bf16_gather", "bf16_gather_out", "bf16_bag_sum")
 
 
@@ -186,6 +187,31 @@ def build(kernel, wl, torch, use_numpy):
             emb.backward(g, optimizer=opt)
         c["cembed"] = (fused_step, None)
         return c, nbytes
+
+    if kernel == "fused_train_step_bf16":
+        # the fused SparseAdam step on a bfloat16 table with bfloat16 state (stochastic rounding), against
+        # the same fused step on float32 (same data, same run)
+        try:
+            import ml_dtypes
+        except ImportError:
+            return {}, 0   # skipped: pip install cembed[bf16]
+        tables = {}
+        for name, dtype, state_dtype in (("cembed", np.dtype(ml_dtypes.bfloat16), "bfloat16"),
+                                         ("cembed_f32", np.dtype(np.float32), None)):
+            emb = cembed.Embedding.from_pretrained(w.astype(dtype), freeze=False, sparse=True)
+            tables[name] = (emb, optim.SparseAdam([emb], lr=1e-3, state_dtype=state_dtype))
+
+        def fused(name):
+            emb, opt = tables[name]
+
+            def step():
+                emb(idx)
+                emb.backward(g, optimizer=opt)
+            return step
+        c["cembed"] = (fused("cembed"), None)
+        c["cembed_f32"] = (fused("cembed_f32"), None)
+        # gather (read 2, write 4 bytes), gradient rows read (4), table + exp_avg + exp_avg_sq read and written (12)
+        return c, 6 * dim * n + 4 * dim * n + 12 * dim * u
 
     off = wl.offsets
     n_bags = off.size

@@ -73,6 +73,11 @@ def build_parser():
     model.add_argument("--optimizer", choices=["sparseadam", "adagrad", "sgd"], default="sparseadam")
     model.add_argument("--lr", type=_positive_float, default=None,
                        help="learning rate (default: 0.01 SparseAdam, 0.2 Adagrad, 0.05 SGD)")
+    model.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                       help="cembed backend: table and optimizer-state dtype; 16-bit tables compute in float32 "
+                            "and round every update once (default float32; bfloat16 needs pip install cembed[bf16])")
+    model.add_argument("--rounding", choices=["stochastic", "nearest"], default="stochastic",
+                       help="--dtype bfloat16/float16: how updates are rounded (default stochastic, reproducible)")
     model.add_argument("--subsample", type=_non_negative_float, default=1e-4,
                        help="frequent-word subsampling threshold, 0 to disable (default 1e-4)")
     run = t.add_argument_group("run")
@@ -125,6 +130,14 @@ def _fmt_loss(result):
     return "n/a" if result.backend == "gensim" else "- (no training pair)"
 
 
+def _fmt_memory(result):
+    """Table + optimizer state bytes per word (both tables), when the backend reports them."""
+    mem = result.memory_per_row
+    if not mem:
+        return ""
+    return f"   memory/word {mem['table']} B table + {mem['state']} B state = {mem['table'] + mem['state']} B"
+
+
 def _missing_backend(backends):
     """The error message for the first backend whose library cannot be imported, else None."""
     if "torch" in backends:
@@ -149,6 +162,15 @@ def run_train(args):
     if missing:
         print(f"error: {missing}", file=sys.stderr)
         return 2
+    if args.dtype != "float32":
+        if set(args.backend) != {"cembed"}:
+            print(f"error: --dtype {args.dtype} applies to the cembed backend only", file=sys.stderr)
+            return 2
+        try:
+            train_mod.table_dtype(args.dtype)
+        except ImportError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     t0 = time.perf_counter()
     if args.corpus:
         try:
@@ -174,10 +196,12 @@ def run_train(args):
     log(f"corpus  {corpus.description}  ({time.perf_counter() - t0:.1f}s)")
     config = train_mod.TrainConfig(dim=args.dim, window=args.window, negatives=args.negatives,
                                    batch_size=args.batch_size, epochs=args.epochs, optimizer=args.optimizer,
-                                   lr=args.lr, subsample=args.subsample, seed=args.seed, threads=args.threads)
+                                   lr=args.lr, subsample=args.subsample, seed=args.seed, threads=args.threads,
+                                   dtype=args.dtype, rounding=args.rounding)
     log(f"model   skip-gram, negative sampling: dim {config.dim}, window {config.window}, "
         f"{config.negatives} negatives, batch {config.batch_size} pairs, {config.epochs} epoch(s), "
-        f"{config.optimizer} lr {config.learning_rate()}, {threads} thread(s)")
+        f"{config.optimizer} lr {config.learning_rate()}, {threads} thread(s)"
+        + (f", {config.dtype} tables and state ({config.rounding} rounding)" if config.dtype != "float32" else ""))
     if "gensim" in args.backend:
         options = train_mod.gensim_options(config, threads)
         log(f"gensim  Word2Vec(sg=1, hs=0, vector_size={options['vector_size']}, window={options['window']}, "
@@ -192,13 +216,13 @@ def run_train(args):
         prep = (f"  (+{result.prep_seconds:.1f}s corpus file and vocabulary, not counted)"
                 if result.prep_seconds else "")
         log(f"{backend:>6}  {result.seconds:.1f}s  {result.words_per_second:,.0f} words/s  "
-            f"loss {_fmt_loss(result)}  {_fmt_quality(result)}{prep}")
+            f"loss {_fmt_loss(result)}  {_fmt_quality(result)}{_fmt_memory(result)}{prep}")
     main = results[0]
     log("")
     log("summary")
     for r in results:
         log(f"  {r.backend:<7} time {r.seconds:7.1f}s   throughput {r.words_per_second:>12,.0f} words/s   "
-            f"{_fmt_quality(r)}")
+            f"{_fmt_quality(r)}{_fmt_memory(r)}")
     for other in results[1:]:
         log(f"  {main.backend} / {other.backend} throughput: "
             f"{main.words_per_second / other.words_per_second:.2f}x")

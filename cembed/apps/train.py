@@ -39,6 +39,8 @@ class TrainConfig:
     seed: int = 0
     threads: Optional[int] = None
     backend: str = "cembed"
+    dtype: str = "float32"         # table and optimizer-state dtype: float32, bfloat16 or float16 (cembed only)
+    rounding: str = "stochastic"   # how 16-bit tables and state are rounded: stochastic or nearest
 
     def learning_rate(self):
         return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
@@ -130,10 +132,41 @@ def initial_tables(vocab_size, dim, seed):
 
 # ------------------------------------------------------------------------------------------ models
 
+HALF_DTYPES = ("bfloat16", "float16")
+
+
+def table_dtype(name):
+    """The NumPy dtype of ``--dtype`` (bfloat16 is ml_dtypes', an optional extra)."""
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise ImportError("--dtype bfloat16 needs the ml_dtypes package: pip install cembed[bf16]") from None
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
 def make_optimizer(optim_module, params, config: TrainConfig):
-    """The configured optimizer from ``cembed.optim`` or ``torch.optim`` (same names, same arguments)."""
+    """The configured optimizer from ``cembed.optim`` or ``torch.optim`` (same names, same arguments);
+    with 16-bit tables, the optimizer state is 16-bit too, rounded as ``config.rounding`` says."""
     name = {"sparseadam": "SparseAdam", "adagrad": "Adagrad", "sgd": "SGD"}[config.optimizer]
+    if config.dtype in HALF_DTYPES:
+        return getattr(optim_module, name)(params, lr=config.learning_rate(), rounding=config.rounding,
+                                           seed=config.seed, state_dtype=config.dtype)
     return getattr(optim_module, name)(params, lr=config.learning_rate())
+
+
+def memory_per_row(modules, optimizer):
+    """{"table": bytes, "state": bytes} one row (word) costs summed over ``modules``: the table row
+    and the optimizer state kept for it (every array with one entry or row per table row)."""
+    table = state = 0
+    for module in modules:
+        weight = module.weight
+        table += weight.itemsize * weight.shape[1]
+        for value in optimizer.state.get(module, {}).values():
+            if isinstance(value, np.ndarray) and value.ndim >= 1 and value.shape[0] == weight.shape[0]:
+                state += value.nbytes // max(1, weight.shape[0])
+    return {"table": table, "state": state}
 
 
 def _softplus(x):
@@ -147,8 +180,9 @@ class CembedModel:
 
     def __init__(self, w_in, w_out, config: TrainConfig):
         self.n_steps = 0
-        self.emb_in = cembed.Embedding.from_pretrained(w_in, freeze=False, sparse=True)
-        self.emb_out = cembed.Embedding.from_pretrained(w_out, freeze=False, sparse=True)
+        dtype = table_dtype(config.dtype)   # 16-bit tables: the float32 init rounded to nearest
+        self.emb_in = cembed.Embedding.from_pretrained(w_in.astype(dtype), freeze=False, sparse=True)
+        self.emb_out = cembed.Embedding.from_pretrained(w_out.astype(dtype), freeze=False, sparse=True)
         self.opt = make_optimizer(cembed.optim, [self.emb_in, self.emb_out], config)
 
     def step(self, centers, targets):
@@ -170,7 +204,11 @@ class CembedModel:
         return loss
 
     def input_table(self):
-        return self.emb_in.weight
+        weight = self.emb_in.weight
+        return weight if weight.dtype.kind == "f" and weight.itemsize >= 4 else weight.astype(np.float32)
+
+    def memory_per_row(self):
+        return memory_per_row([self.emb_in, self.emb_out], self.opt)
 
 
 class TorchModel:
@@ -312,6 +350,7 @@ class TrainResult:
     eval_sizes: Optional[dict] = None
     table: Optional[np.ndarray] = None
     prep_seconds: float = 0.0     # set-up not counted in ``seconds`` (gensim: corpus file + vocabulary)
+    memory_per_row: Optional[dict] = None   # cembed: {"table": bytes, "state": bytes} per word, both tables
 
 
 def train(corpus: Corpus, config: TrainConfig, *, progress=True):
@@ -351,6 +390,8 @@ def _train(corpus, config, progress):
     result = TrainResult(backend=model.name, seconds=seconds, words=words,
                          words_per_second=words / seconds if seconds > 0 else float("nan"),
                          final_loss=bar.loss, table=model.input_table())
+    if hasattr(model, "memory_per_row"):
+        result.memory_per_row = model.memory_per_row()
     return _score(result, corpus, eval_sets, before, chance)
 
 

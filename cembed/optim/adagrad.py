@@ -7,6 +7,7 @@ import numpy as np
 
 from .. import _grad
 from ..sparse import SparseGrad
+from ._rounding import check_rounding_options
 from .optimizer import Group, Optimizer, _check_maximize, _option
 
 __all__ = ["Adagrad"]
@@ -24,6 +25,15 @@ class Adagrad(Optimizer):
         ``weight_decay`` needs dense gradients (as in torch).
     eps : float, default 1e-10
     maximize : bool, default False
+    rounding : {"stochastic", "nearest"}, default "stochastic"
+        How float32 results are stored into a 16-bit (float16 / bfloat16) table and its 16-bit
+        state: once per element, stochastically (reproducible: docs/behaviour.md §8.7) or to nearest.
+        Validated but unused for float32/float64 tables.
+    seed : int, default 0
+        Seed of stochastic rounding's counter-based generator, in [0, 2**64).
+    state_dtype : {None, "float32", "bfloat16", "float16"}, default None
+        dtype of the accumulator ``sum`` of a 16-bit table (None: float32). float32/float64 tables keep their state
+        in their own dtype (anything else is refused).
 
     Notes
     -----
@@ -43,20 +53,22 @@ class Adagrad(Optimizer):
     _state_arrays = ("sum",)
 
     def __init__(self, params: Any, lr: float = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
-                 initial_accumulator_value: float = 0.0, eps: float = 1e-10, maximize: bool = False) -> None:
+                 initial_accumulator_value: float = 0.0, eps: float = 1e-10, maximize: bool = False,
+                 rounding: str = "stochastic", seed: int = 0, state_dtype: Any = None) -> None:
         super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                                       initial_accumulator_value=initial_accumulator_value, eps=eps,
-                                      maximize=maximize))
+                                      maximize=maximize, rounding=rounding, seed=seed, state_dtype=state_dtype))
 
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
         for name in ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"):
             _option(group, name, where, low=0.0)
         _check_maximize(group, where)
+        check_rounding_options(group, where)
         return group
 
     def _init_state(self, module: Any, group: Group) -> None:
         state: Dict[str, Any] = {"step": np.float32(0.0)}
-        self._new_state(state, "sum", module.weight, fill=group["initial_accumulator_value"])
+        self._new_state(state, "sum", module.weight, fill=group["initial_accumulator_value"], options=group)
         self.state[module] = state
 
     def _fill_missing_state(self, state: Dict[Any, Dict[str, Any]], groups: List[Group]) -> None:

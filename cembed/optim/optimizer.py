@@ -13,8 +13,10 @@ import numpy as np
 
 from .. import _optim
 from .._config import n_threads_for
+from .._dtypes import compute_dtype, is_half, kernel_format, resolve_dtype
 from .._validation import (
     check_bool,
+    check_int,
     check_real,
     check_row_ids,
     check_trainable,
@@ -22,6 +24,8 @@ from .._validation import (
     kernel_layout,
 )
 from ..sparse import SparseGrad
+from . import _rounding as rounding_
+from ._rounding import ROUNDING_OPTIONS, STEP_KEY, Rounding
 
 __all__ = ["Optimizer"]
 
@@ -40,9 +44,14 @@ def _in_place(weight: np.ndarray) -> bool:
 
 
 def _update_rows(weight: np.ndarray, states: Sequence[np.ndarray], rows: np.ndarray,
-                 kernel: Callable[[np.ndarray, List[np.ndarray], np.ndarray], None]) -> None:
+                 kernel: Callable[[np.ndarray, List[np.ndarray], np.ndarray], None],
+                 rounding: Optional[Rounding] = None, weight_stream: int = rounding_.STREAM_WEIGHT) -> None:
     """Run ``kernel(weight, states, rows)`` — an update of ``rows`` of the weight and of its
-    C-contiguous state arrays — on a weight of any layout."""
+    C-contiguous state arrays — on a weight of any layout. A 16-bit weight (``rounding`` given) is
+    updated in float32 and rounded once per element (:func:`._rounding.update_rows_half`)."""
+    if rounding is not None:
+        rounding_.update_rows_half(weight, states, rows, kernel, rounding, weight_stream)
+        return
     if _in_place(weight):
         kernel(weight, list(states), rows)
         return
@@ -73,6 +82,8 @@ class Optimizer:
     """
 
     _state_arrays: Tuple[str, ...] = ()
+    #: Per-row float state of one value per row (RowWiseAdagrad's ``sum``): its dtype is ``state_dtype``'s too.
+    _row_float_states: Tuple[str, ...] = ()
     #: Options a state dict may lack (added in a later version): they take the defaults, as torch
     #: does for ``maximize``; every other option must be there.
     _optional_options: Tuple[str, ...] = ("maximize",)
@@ -128,8 +139,7 @@ class Optimizer:
             where = f"param_groups[{len(self.param_groups)}]['params'][{k}]"
             if not hasattr(module, "weight") or not hasattr(module, "grad"):
                 raise TypeError(f"{where} must be a module with .weight and .grad, got {type(module).__name__}")
-            weight = check_weight(module.weight, f"{where}.weight", numeric=True)
-            check_trainable(weight, f"{where}.weight")
+            _checked_table(module.weight, f"{where}.weight")
             if id(module) in seen:
                 raise ValueError(f"{_name(module, where)} is the same module as {seen[id(module)]}: "
                                  "a module may appear only once in an optimizer")
@@ -137,6 +147,8 @@ class Optimizer:
         group = dict(self.defaults)
         group.update({k: v for k, v in param_group.items() if k != "params"})
         group = self._check_options(group, f"param_groups[{len(self.param_groups)}]")
+        for k, module in enumerate(modules):  # state_dtype against every table, before anything changes
+            rounding_.state_dtype(module.weight.dtype, group, f"param_groups[{len(self.param_groups)}]['params'][{k}]")
         group["params"] = modules
         self.param_groups.append(group)
         for module in modules:
@@ -151,13 +163,17 @@ class Optimizer:
         """State created when a parameter joins (Adagrad's accumulator); default: lazily at step."""
 
     def _new_state(self, state: Dict[str, Any], key: str, weight: np.ndarray, *, per_row: bool = False,
-                   dtype: Any = None, fill: float = 0.0) -> np.ndarray:
+                   dtype: Any = None, fill: float = 0.0, options: Optional[Group] = None) -> np.ndarray:
         """The one place an optimizer allocates a per-row state array: ``state[key]``, shaped like
-        ``weight`` (or ``(n_rows,)`` with ``per_row``), of ``dtype`` (default: the weight's), filled
-        with ``fill``. Zeros come from ``np.zeros``, so untouched pages of a huge table's state cost
-        no memory until a row is first updated. Stores the array in ``state`` and returns it."""
+        ``weight`` (or ``(n_rows,)`` with ``per_row``), of ``dtype`` (default: the float state dtype of
+        the group ``options`` for this weight — the weight's own dtype for float32/float64 tables,
+        ``state_dtype`` or float32 for 16-bit ones), filled with ``fill``. Zeros come from
+        ``np.zeros``, so untouched pages of a huge table's state cost no memory until a row is first
+        updated. Stores the array in ``state`` and returns it."""
         shape = (weight.shape[0],) if per_row else weight.shape
-        array = np.zeros(shape, dtype=weight.dtype if dtype is None else dtype)
+        if dtype is None:
+            dtype = rounding_.state_dtype(weight.dtype, options or {}, "state")
+        array = np.zeros(shape, dtype=dtype)
         if fill != 0:
             array.fill(fill)
         state[key] = array
@@ -233,35 +249,74 @@ class Optimizer:
                 weight = self._check_weight(module, where)
                 self._check_grad(options, grad, weight, where)
                 state = self.state.get(module)
-                if state is not None:
-                    self._check_state(state, weight, where)
+                self._check_state_for(state, weight, options, where)
                 plan.append((module, weight, grad, options))
         for module, weight, grad, options in plan:
             state = self.state.setdefault(module, {})
+            self._count_rounding_step(state, weight)
             self._update(state, weight, grad, options)
         return loss
 
+    def _check_state_for(self, state: Optional[Dict[str, Any]], weight: np.ndarray, options: Group,
+                         where: str) -> None:
+        """Everything :meth:`_check_state` checks (on the state without the base class's
+        ``rounding_step``), the group's ``state_dtype`` against the weight and the state arrays."""
+        expected = rounding_.state_dtype(weight.dtype, options, where)
+        if state is None:
+            return
+        if STEP_KEY in state:
+            if not is_half(weight.dtype):
+                raise ValueError(f"{where}: optimizer state {STEP_KEY!r} belongs to a 16-bit table, the weight is "
+                                 f"{weight.dtype}")
+            check_int(state[STEP_KEY], f"{where}: optimizer state {STEP_KEY!r}", low=0, high=_STEP_MAX)
+        self._check_state(_core(state), weight, where)
+        for name in self._float_states():
+            arr = state.get(name)
+            if isinstance(arr, np.ndarray) and arr.dtype != expected:
+                raise ValueError(f"{where}: optimizer state {name!r} is {arr.dtype} but the group's state_dtype asks "
+                                 f"for {expected} (build a new optimizer to change the state dtype)")
+
+    def _float_states(self) -> Tuple[str, ...]:
+        """The names of the per-row float state arrays (whose dtype ``state_dtype`` decides)."""
+        return self._state_arrays + self._row_float_states
+
+    @staticmethod
+    def _count_rounding_step(state: Dict[str, Any], weight: np.ndarray) -> None:
+        """One more update of a 16-bit weight: the step of its random key (docs/behaviour.md §8.7)."""
+        if is_half(weight.dtype):
+            state[STEP_KEY] = min(int(state.get(STEP_KEY, 0)) + 1, _STEP_MAX)
+
+    @staticmethod
+    def _rounding_for(state: Dict[str, Any], weight: np.ndarray, options: Group) -> Optional[Rounding]:
+        """How this update stores into the 16-bit arrays of ``weight`` (None for a float32/float64
+        table)."""
+        if not is_half(weight.dtype):
+            return None
+        return Rounding(options["rounding"] == "stochastic", options["seed"], state.get(STEP_KEY, 0))
+
     def _check_weight(self, module: Any, where: str) -> np.ndarray:
-        weight = check_weight(module.weight, f"{where}.weight", numeric=True)
-        check_trainable(weight, f"{where}.weight")
+        weight = _checked_table(module.weight, f"{where}.weight")
         if not weight.flags.writeable:
             raise ValueError(f"{where}.weight is read-only")
         return weight
 
     def _check_grad(self, options: Group, grad: Any, weight: np.ndarray, where: str) -> None:
+        gdtype = compute_dtype(weight.dtype)  # float32 gradients for 16-bit tables
         if isinstance(grad, SparseGrad):
             if grad.shape != weight.shape:
                 raise ValueError(f"{where}: gradient shape {grad.shape} does not match the weight shape {weight.shape}")
-            if grad.dtype != weight.dtype:
-                raise TypeError(f"{where}: gradient dtype {grad.dtype} does not match the weight dtype {weight.dtype}")
+            if grad.dtype != gdtype:
+                raise TypeError(f"{where}: gradient dtype {grad.dtype} does not match the weight dtype {weight.dtype}"
+                                + (f" (a {weight.dtype} table takes {gdtype} gradients)" if gdtype != weight.dtype else ""))
             check_row_ids(grad.indices, weight.shape[0], f"{where}.grad.indices")
             if not grad.values.flags.c_contiguous:
                 raise ValueError(f"{where}.grad.values must be C-contiguous")
         elif isinstance(grad, np.ndarray):
             if grad.shape != weight.shape:
                 raise ValueError(f"{where}: gradient shape {grad.shape} does not match the weight shape {weight.shape}")
-            if grad.dtype != weight.dtype:
-                raise TypeError(f"{where}: gradient dtype {grad.dtype} does not match the weight dtype {weight.dtype}")
+            if grad.dtype != gdtype:
+                raise TypeError(f"{where}: gradient dtype {grad.dtype} does not match the weight dtype {weight.dtype}"
+                                + (f" (a {weight.dtype} table takes {gdtype} gradients)" if gdtype != weight.dtype else ""))
         else:
             raise TypeError(f"{where}.grad must be a numpy array or a cembed.SparseGrad, got {type(grad).__name__}")
         if self._dense_alternative is not None and not isinstance(grad, SparseGrad):
@@ -271,13 +326,14 @@ class Optimizer:
     def _check_state(self, state: Dict[str, Any], weight: np.ndarray, where: str) -> None:
         """Every state entry against the weight as it is now (shape, dtype, layout), so a kernel
         never meets an array it cannot index safely."""
+        allowed = rounding_.allowed_state_dtypes(weight.dtype)
         for name in self._state_arrays:
             arr = state.get(name)
             if arr is None:
                 continue
-            if not isinstance(arr, np.ndarray) or arr.shape != weight.shape or arr.dtype != weight.dtype:
+            if not isinstance(arr, np.ndarray) or arr.shape != weight.shape or arr.dtype not in allowed:
                 got = f"{arr.shape} {arr.dtype}" if isinstance(arr, np.ndarray) else type(arr).__name__
-                raise ValueError(f"{where}: optimizer state {name!r} is {got}, expected {weight.shape} {weight.dtype} "
+                raise ValueError(f"{where}: optimizer state {name!r} is {got}, expected {weight.shape} {allowed[0]} "
                                  "like the weight (was the weight replaced? build a new optimizer for it)")
             if not (arr.flags.c_contiguous and arr.flags.writeable and arr.flags.aligned):
                 raise ValueError(f"{where}: optimizer state {name!r} must be a writeable C-contiguous array")
@@ -287,7 +343,10 @@ class Optimizer:
         """One parameter's update, everything checked. A sparse gradient goes through the row hooks:
         :meth:`_sparse_begin` once, then :meth:`_sparse_rows` on its rows."""
         if not isinstance(grad, SparseGrad):
-            self._dense_update(state, weight, grad, options)
+            if is_half(weight.dtype):
+                self._dense_update_half(state, weight, grad, options)
+            else:
+                self._dense_update(state, weight, grad, options)
             return
         prepared = self._sparse_begin(state, weight, options)
         if grad.nnz:
@@ -308,6 +367,7 @@ class Optimizer:
             raise NotImplementedError(f"{type(self).__name__} has no row rule")
         kind, states, params, mode, maximize = rule
         present = [s for s in states if s is not None]
+        rounding = self._rounding_for(state, weight, options)
 
         def kernel(w: np.ndarray, blocks: List[np.ndarray], kernel_rows: np.ndarray) -> None:
             it = iter(blocks)
@@ -317,10 +377,37 @@ class Optimizer:
                                empty1 if row_state is None else row_state, kernel_rows, values, *params, mode,
                                maximize, n_threads_for(kernel_rows.size, "optimizer"))
 
-        _update_rows(weight, present, rows, kernel)
+        _update_rows(weight, present, rows, kernel, rounding)
 
     def _dense_update(self, state: Dict[str, Any], weight: np.ndarray, grad: np.ndarray, options: Group) -> None:
         raise NotImplementedError
+
+    def _dense_update_half(self, state: Dict[str, Any], weight: np.ndarray, grad: np.ndarray, options: Group) -> None:
+        """A dense gradient on a 16-bit table: :meth:`_dense_update` on float32 copies of the weight and
+        of its 16-bit state (new state arrays made in float32), then every element rounded once into
+        the weight (stream 0) and the state (array ``i`` of :meth:`_float_states` on stream 1 + i)."""
+        rounding = self._rounding_for(state, weight, options)
+        assert rounding is not None
+        target = rounding_.state_dtype(weight.dtype, options, "state")
+        names = self._float_states()
+        work = dict(state)
+        for name in names:
+            if isinstance(work.get(name), np.ndarray):
+                work[name] = rounding_.widen(work[name])
+        block = rounding_.widen(weight)
+        self._dense_update(work, block, grad, dict(options, state_dtype=None))
+        rows = np.arange(weight.shape[0], dtype=np.int64)
+        for i, name in enumerate(names):
+            values = work.get(name)
+            if not isinstance(values, np.ndarray) or values.dtype == target:
+                continue
+            arr = state.get(name)
+            if not isinstance(arr, np.ndarray) or arr.dtype != target:
+                arr = np.zeros(values.shape, dtype=target)
+            rounding.store(arr, rows, values, 1 + i)
+            work[name] = arr
+        rounding.store(weight, rows, block, rounding_.STREAM_WEIGHT)
+        state.update(work)
 
     def _rows_independent(self, options: Group) -> bool:
         """Whether a sparse step touches only the gradient's rows, each on its own (SGD's momentum
@@ -347,22 +434,29 @@ class Optimizer:
         shape, dtype = weight.shape, weight.dtype
         chunked = sparse and self._rows_independent(options) and hasattr(contributions, "chunks")
         if chunked:
-            probe = SparseGrad._from_private(np.zeros(0, dtype=np.int64), np.zeros((0, shape[1]), dtype=dtype),
-                                             shape[0])
+            probe = SparseGrad._from_private(np.zeros(0, dtype=np.int64),
+                                             np.zeros((0, shape[1]), dtype=compute_dtype(dtype)), shape[0])
             self._check_grad(options, probe, weight, where)
         else:
             grad = contributions.sparse(shape[0]) if sparse else contributions.dense(shape[0])
             self._check_grad(options, grad, weight, where)
-        existing = self.state.get(module)
-        if existing is not None:
-            self._check_state(existing, weight, where)
+        self._check_state_for(self.state.get(module), weight, options, where)
         state = self.state.setdefault(module, {})
+        self._count_rounding_step(state, weight)
         if not chunked:
             self._update(state, weight, grad, options)
             return
         prepared = self._sparse_begin(state, weight, options)
-        one_pass = self._row_rule(state, weight, options, prepared) if _in_place(weight) else None
-        if one_pass is not None and hasattr(contributions, "update_rows"):
+        rounding = self._rounding_for(state, weight, options)
+        in_place = _in_place(weight) if rounding is None else rounding_.half_in_place(weight)
+        one_pass = self._row_rule(state, weight, options, prepared) if in_place else None
+        if one_pass is not None and rounding is not None and hasattr(contributions, "update_rows_half"):
+            kind, states, params, mode, maximize = one_pass
+            *views, state_fmt = rounding_.fused_state_views(states)
+            contributions.update_rows_half(weight.view(np.uint16), kernel_format(weight.dtype), kind, tuple(views),
+                                           state_fmt, params, mode, maximize, *rounding.fused())
+            return
+        if one_pass is not None and rounding is None and hasattr(contributions, "update_rows"):
             contributions.update_rows(weight, *one_pass)
             return
         for rows, values in contributions.chunks():
@@ -456,12 +550,14 @@ class Optimizer:
                 if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < len(modules) or i in seen:
                     raise ValueError(f"state_dict param_groups[{g}]['params'] has a bad or repeated index {i!r}")
                 seen.add(int(i))
-            missing = set(self.defaults) - set(saved) - set(self._optional_options)
+            missing = set(self.defaults) - set(saved) - set(self._optional_options) - set(ROUNDING_OPTIONS)
             if missing:
                 raise ValueError(f"state_dict param_groups[{g}] lacks {sorted(missing)}")
             options = dict(self.defaults)
             options.update({k: copy.deepcopy(v) for k, v in saved.items() if k != "params"})
             options = self._check_options(options, f"state_dict param_groups[{g}]")
+            for k, module in enumerate(group["params"]):
+                rounding_.state_dtype(module.weight.dtype, options, f"state_dict param_groups[{g}]['params'][{k}]")
             options["params"] = group["params"]
             new_groups.append((options, [int(i) for i in ids]))
         if not isinstance(saved_state, dict):
@@ -481,8 +577,16 @@ class Optimizer:
             if not isinstance(entry, dict):
                 raise ValueError(f"state_dict state[{i}] must be a dict")
             module, options = by_saved_index[i]
-            weight = check_weight(module.weight, f"parameter {i}.weight", numeric=True)
-            entry = self._load_state_entry(copy.deepcopy(dict(entry)), weight, options, f"state_dict state[{i}]")
+            weight = _checked_table(module.weight, f"parameter {i}.weight")
+            entry = copy.deepcopy(dict(entry))
+            rounding_step = entry.pop(STEP_KEY, None)
+            entry = self._load_state_entry(entry, weight, options, f"state_dict state[{i}]")
+            if rounding_step is not None:
+                if not is_half(weight.dtype):
+                    raise ValueError(f"state_dict state[{i}][{STEP_KEY!r}] belongs to a 16-bit table, parameter {i} "
+                                     f"is {weight.dtype}")
+                entry[STEP_KEY] = check_int(rounding_step, f"state_dict state[{i}][{STEP_KEY!r}]", low=0,
+                                            high=_STEP_MAX)
             new_state[module] = entry
         new_state = {m: e for m, e in new_state.items() if e}
         self._fill_missing_state(new_state, [g for g, _ in new_groups])
@@ -495,12 +599,13 @@ class Optimizer:
     def _load_state_entry(self, entry: Dict[str, Any], weight: np.ndarray, options: Group,
                           where: str) -> Dict[str, Any]:
         """One parameter's saved state, checked and converted (private C-contiguous copies)."""
+        expected = rounding_.state_dtype(weight.dtype, options, where)
         for name in self._state_arrays:
             if name in entry and entry[name] is not None:
                 arr = entry[name]
-                if not isinstance(arr, np.ndarray) or arr.shape != weight.shape or arr.dtype != weight.dtype:
+                if not isinstance(arr, np.ndarray) or arr.shape != weight.shape or arr.dtype != expected:
                     got = f"shape {arr.shape} and dtype {arr.dtype}" if isinstance(arr, np.ndarray) else type(arr).__name__
-                    raise ValueError(f"{where}[{name!r}] has {got}, expected {weight.shape} {weight.dtype}")
+                    raise ValueError(f"{where}[{name!r}] has {got}, expected {weight.shape} {expected}")
                 entry[name] = np.array(arr, order="C", copy=True)
         return entry
 
@@ -529,7 +634,10 @@ class Optimizer:
         for i, entry in sd["state"].items():
             meta_state[str(i)] = {}
             for name, value in entry.items():
-                if isinstance(value, (np.ndarray, np.generic)):
+                if isinstance(value, np.ndarray) and is_half(value.dtype):  # stored as bits (.npy knows no bfloat16)
+                    arrays[f"{i}/{name}"] = value.view(np.uint16)
+                    meta_state[str(i)][name] = {"array": f"{i}/{name}", "scalar": False, "dtype": value.dtype.name}
+                elif isinstance(value, (np.ndarray, np.generic)):
                     arrays[f"{i}/{name}"] = np.asarray(value)
                     meta_state[str(i)][name] = {"array": f"{i}/{name}", "scalar": isinstance(value, np.generic)}
                 else:
@@ -577,6 +685,8 @@ class Optimizer:
                     for name, spec in entry.items():
                         if "array" in spec:
                             arr = data[spec["array"]]
+                            if "dtype" in spec:
+                                arr = _half_from_bits(arr, spec["dtype"])
                             state[int(i)][name] = arr[()] if spec["scalar"] else arr
                         else:
                             state[int(i)][name] = spec["value"]
@@ -596,6 +706,35 @@ class Optimizer:
             self.load_state_dict({"state": state, "param_groups": groups})
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
+
+
+def _half_from_bits(bits: np.ndarray, name: Any) -> np.ndarray:
+    """A saved 16-bit state array (its uint16 bits) as its dtype ``name`` ("bfloat16" / "float16")."""
+    if name not in ("bfloat16", "float16") or bits.dtype != np.uint16:
+        raise ValueError(f"a 16-bit state array must be saved as uint16 bits of bfloat16 or float16, got {bits.dtype} "
+                         f"bits of {name!r}")
+    return bits.view(resolve_dtype(name))
+
+
+def _checked_table(weight: Any, name: str) -> np.ndarray:
+    """A trainable table: a 2-D float32, float64, float16 or bfloat16 array in native byte order."""
+    if isinstance(weight, np.ndarray) and is_half(weight.dtype):
+        if weight.ndim != 2:
+            raise ValueError(f"{name} must be 2-D (num_embeddings, embedding_dim), got shape {weight.shape}")
+        if not weight.dtype.isnative:
+            raise TypeError(f"{name} must be in native byte order, got dtype {weight.dtype.str}")
+        return weight
+    weight = check_weight(weight, name, numeric=True)
+    check_trainable(weight, name)
+    return weight
+
+
+def _core(state: Dict[str, Any]) -> Dict[str, Any]:
+    """A parameter's state without the base class's entries (what the subclasses check)."""
+    return {k: v for k, v in state.items() if k != STEP_KEY} if STEP_KEY in state else state
+
+
+_STEP_MAX = 2 ** 63 - 1
 
 
 def _write_atomically(path: str, data: memoryview) -> None:

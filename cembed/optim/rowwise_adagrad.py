@@ -7,6 +7,7 @@ import numpy as np
 
 from .. import _grad
 from .._validation import check_choice
+from ._rounding import allowed_state_dtypes, check_rounding_options, state_dtype
 from .optimizer import Group, Optimizer, _check_maximize, _option
 
 __all__ = ["RowWiseAdagrad"]
@@ -39,6 +40,15 @@ class RowWiseAdagrad(Optimizer):
     weight_decay_mode : {"l2", "decoupled"}, default "l2"
     initial_accumulator_value : float, default 0
     maximize : bool, default False
+    rounding : {"stochastic", "nearest"}, default "stochastic"
+        How float32 results are stored into a 16-bit (float16 / bfloat16) table and its 16-bit
+        state: once per element, stochastically (reproducible: docs/behaviour.md §8.7) or to nearest.
+        Validated but unused for float32/float64 tables.
+    seed : int, default 0
+        Seed of stochastic rounding's counter-based generator, in [0, 2**64).
+    state_dtype : {None, "float32", "bfloat16", "float16"}, default None
+        dtype of the per-row ``sum`` of a 16-bit table (None: float32). float32/float64 tables keep their state
+        in their own dtype (anything else is refused).
 
     Notes
     -----
@@ -59,11 +69,14 @@ class RowWiseAdagrad(Optimizer):
     (4.0, 1.0)
     """
 
+    _row_float_states = ("sum",)
+
     def __init__(self, params: Any, lr: float = 0.01, eps: float = 1e-8, weight_decay: float = 0.0,
                  weight_decay_mode: str = "l2", initial_accumulator_value: float = 0.0,
-                 maximize: bool = False) -> None:
+                 maximize: bool = False, rounding: str = "stochastic", seed: int = 0, state_dtype: Any = None) -> None:
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, weight_decay_mode=weight_decay_mode,
-                                      initial_accumulator_value=initial_accumulator_value, maximize=maximize))
+                                      initial_accumulator_value=initial_accumulator_value, maximize=maximize,
+                                      rounding=rounding, seed=seed, state_dtype=state_dtype))
 
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
         for name in ("lr", "eps", "weight_decay", "initial_accumulator_value"):
@@ -71,11 +84,13 @@ class RowWiseAdagrad(Optimizer):
         group["weight_decay_mode"] = check_choice(group.get("weight_decay_mode"), f"{where}: weight_decay_mode",
                                                   tuple(_MODES))
         _check_maximize(group, where)
+        check_rounding_options(group, where)
         return group
 
     def _init_state(self, module: Any, group: Group) -> None:
         state: Dict[str, Any] = {}
-        self._new_state(state, "sum", module.weight, per_row=True, fill=group["initial_accumulator_value"])
+        self._new_state(state, "sum", module.weight, per_row=True, fill=group["initial_accumulator_value"],
+                        options=group)
         self.state[module] = state
 
     def _fill_missing_state(self, state: Dict[Any, Dict[str, Any]], groups: List[Group]) -> None:
@@ -84,24 +99,24 @@ class RowWiseAdagrad(Optimizer):
                 if not state.get(module):
                     raise ValueError("RowWiseAdagrad state_dict lacks the state of a parameter (it needs 'sum')")
 
-    def _checked_sum(self, entry: Dict[str, Any], weight: np.ndarray, where: str) -> np.ndarray:
+    def _checked_sum(self, entry: Dict[str, Any], weight: np.ndarray, where: str, allowed: Any) -> np.ndarray:
         if set(entry) != {"sum"}:
             raise ValueError(f"{where}: RowWiseAdagrad state needs exactly 'sum', got {sorted(entry)}")
         arr = entry["sum"]
-        if not isinstance(arr, np.ndarray) or arr.shape != (weight.shape[0],) or arr.dtype != weight.dtype:
+        if not isinstance(arr, np.ndarray) or arr.shape != (weight.shape[0],) or arr.dtype not in allowed:
             got = f"{arr.shape} {arr.dtype}" if isinstance(arr, np.ndarray) else type(arr).__name__
             raise ValueError(f"{where}: RowWiseAdagrad state 'sum' is {got}, expected ({weight.shape[0]},) "
-                             f"{weight.dtype}, one value per row of the weight")
+                             f"{allowed[0]}, one value per row of the weight")
         return arr
 
     def _check_state(self, state: Dict[str, Any], weight: np.ndarray, where: str) -> None:
-        arr = self._checked_sum(state, weight, where)
+        arr = self._checked_sum(state, weight, where, allowed_state_dtypes(weight.dtype))
         if not (arr.flags.c_contiguous and arr.flags.writeable and arr.flags.aligned):
             raise ValueError(f"{where}: RowWiseAdagrad state 'sum' must be a writeable contiguous array")
 
     def _load_state_entry(self, entry: Dict[str, Any], weight: np.ndarray, options: Group,
                           where: str) -> Dict[str, Any]:
-        arr = self._checked_sum(entry, weight, where)
+        arr = self._checked_sum(entry, weight, where, (state_dtype(weight.dtype, options, where),))
         if arr.size and not (np.isfinite(arr).all() and arr.min() >= 0):
             raise ValueError(f"{where}['sum'] must hold finite values >= 0")
         return {"sum": np.array(arr, order="C", copy=True)}

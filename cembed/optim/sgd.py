@@ -9,6 +9,7 @@ from .. import _grad, _optim
 from .._config import n_threads_for
 from .._validation import check_bool, check_row_ids
 from ..sparse import SparseGrad, merge_plan
+from ._rounding import check_rounding_options
 from .optimizer import Group, Optimizer, _check_maximize, _option, _update_rows
 
 __all__ = ["SGD"]
@@ -26,6 +27,15 @@ class SGD(Optimizer):
     nesterov : bool, default False
         Needs ``momentum > 0`` and ``dampening == 0``.
     maximize : bool, default False
+    rounding : {"stochastic", "nearest"}, default "stochastic"
+        How float32 results are stored into a 16-bit (float16 / bfloat16) table and its 16-bit
+        state: once per element, stochastically (reproducible: docs/behaviour.md §8.7) or to nearest.
+        Validated but unused for float32/float64 tables.
+    seed : int, default 0
+        Seed of stochastic rounding's counter-based generator, in [0, 2**64).
+    state_dtype : {None, "float32", "bfloat16", "float16"}, default None
+        dtype of the momentum buffer of a 16-bit table (None: float32). float32/float64 tables keep their state
+        in their own dtype (anything else is refused).
 
     Notes
     -----
@@ -50,9 +60,11 @@ class SGD(Optimizer):
     _optional_options = ("maximize", "nesterov")
 
     def __init__(self, params: Any, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False, maximize: bool = False) -> None:
+                 weight_decay: float = 0.0, nesterov: bool = False, maximize: bool = False,
+                 rounding: str = "stochastic", seed: int = 0, state_dtype: Any = None) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                      nesterov=nesterov, maximize=maximize))
+                                      nesterov=nesterov, maximize=maximize, rounding=rounding, seed=seed,
+                                      state_dtype=state_dtype))
 
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
         _option(group, "lr", where, low=0.0)
@@ -61,6 +73,7 @@ class SGD(Optimizer):
         _option(group, "weight_decay", where, low=0.0)
         group["nesterov"] = check_bool(group.get("nesterov", False), f"{where} nesterov")
         _check_maximize(group, where)
+        check_rounding_options(group, where)
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         return group
@@ -128,7 +141,7 @@ class SGD(Optimizer):
         if momentum != 0:
             buf = state.get("momentum_buffer")
             if buf is None:
-                buf = self._new_state(state, "momentum_buffer", weight)
+                buf = self._new_state(state, "momentum_buffer", weight, options=options)
                 buf[...] = g
             else:
                 buf *= dtype(momentum)
@@ -139,7 +152,8 @@ class SGD(Optimizer):
 
     def _sparse_momentum(self, state: Dict[str, Any], weight: np.ndarray, grad: SparseGrad, options: Group) -> None:
         first = state.get("momentum_buffer") is None
-        buf: np.ndarray = self._new_state(state, "momentum_buffer", weight) if first else state["momentum_buffer"]
+        buf: np.ndarray = (self._new_state(state, "momentum_buffer", weight, options=options) if first
+                           else state["momentum_buffer"])
         active: np.ndarray
         if first:
             active = np.zeros(0, dtype=np.int64)
@@ -156,7 +170,7 @@ class SGD(Optimizer):
                                      options["momentum"], options["dampening"], options["nesterov"],
                                      options["maximize"], first, n_threads_for(kernel_rows.size, "optimizer"))
 
-        _update_rows(weight, [buf], rows, kernel)
+        _update_rows(weight, [buf], rows, kernel, self._rounding_for(state, weight, options))
         state["momentum_buffer"] = buf
         rows.flags.writeable = False
         state["active_rows"] = rows

@@ -9,6 +9,7 @@ import numpy as np
 from .. import _grad, _optim
 from .._config import n_threads_for
 from .._validation import check_choice, check_real
+from ._rounding import check_rounding_options
 from .optimizer import Group, Optimizer, _check_maximize, _option, _update_rows
 
 __all__ = ["SparseAdam"]
@@ -81,6 +82,15 @@ class SparseAdam(Optimizer):
         ``"global"`` is torch's rule: every row is bias-corrected with the parameter's step counter.
         ``"row"`` (a cembed extension, docs/behaviour.md §8.5) uses each row's own update count
         instead (state ``row_step``, one int64 per row).
+    rounding : {"stochastic", "nearest"}, default "stochastic"
+        How float32 results are stored into a 16-bit (float16 / bfloat16) table and its 16-bit
+        state: once per element, stochastically (reproducible: docs/behaviour.md §8.7) or to nearest.
+        Validated but unused for float32/float64 tables.
+    seed : int, default 0
+        Seed of stochastic rounding's counter-based generator, in [0, 2**64).
+    state_dtype : {None, "float32", "bfloat16", "float16"}, default None
+        dtype of ``exp_avg`` and ``exp_avg_sq`` of a 16-bit table (None: float32). float32/float64 tables keep their state
+        in their own dtype (anything else is refused).
 
     Notes
     -----
@@ -126,9 +136,11 @@ class SparseAdam(Optimizer):
     _dense_alternative = "Adam"
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, maximize: bool = False, bias_correction: str = "global") -> None:
+                 eps: float = 1e-8, maximize: bool = False, bias_correction: str = "global",
+                 rounding: str = "stochastic", seed: int = 0, state_dtype: Any = None) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, maximize=maximize,
-                                      bias_correction=bias_correction))
+                                      bias_correction=bias_correction, rounding=rounding, seed=seed,
+                                      state_dtype=state_dtype))
 
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
         _option(group, "lr", where, low=0.0, low_open=True)
@@ -136,6 +148,7 @@ class SparseAdam(Optimizer):
         _check_betas(group, where)
         _check_maximize(group, where)
         _check_bias_correction(group, where)
+        check_rounding_options(group, where)
         return group
 
     def _check_state(self, state: Dict[str, Any], weight: np.ndarray, where: str) -> None:
@@ -163,8 +176,8 @@ class SparseAdam(Optimizer):
     def _sparse_begin(self, state: Dict[str, Any], weight: np.ndarray, options: Group) -> float:
         if "step" not in state:
             state["step"] = 0
-            self._new_state(state, "exp_avg", weight)
-            self._new_state(state, "exp_avg_sq", weight)
+            self._new_state(state, "exp_avg", weight, options=options)
+            self._new_state(state, "exp_avg_sq", weight, options=options)
         if options["bias_correction"] == "row" and "row_step" not in state:
             self._new_state(state, "row_step", weight, per_row=True, dtype=np.int64)
         state["step"] += 1  # also for an empty gradient, as torch
@@ -191,4 +204,5 @@ class SparseAdam(Optimizer):
                                              options["lr"], beta1, beta2, options["eps"], options["maximize"],
                                              n_threads_for(kernel_rows.size, "optimizer"))
 
-        _update_rows(weight, [state["exp_avg"], state["exp_avg_sq"], state["row_step"]], rows, row_kernel)
+        _update_rows(weight, [state["exp_avg"], state["exp_avg_sq"], state["row_step"]], rows, row_kernel,
+                     self._rounding_for(state, weight, options))

@@ -9,7 +9,8 @@ import numpy as np
 from .. import _optim
 from .._config import n_threads_for
 from .._validation import check_real
-from .optimizer import Group, Optimizer, _check_maximize, _option, _update_rows
+from ._rounding import STREAM_DECAY, check_rounding_options
+from .optimizer import Group, Optimizer, _check_maximize, _core, _option, _update_rows
 from .sparse_adam import _check_betas, _check_bias_correction, _check_row_array, _check_step, _load_row_step
 
 __all__ = ["SparseAdamW"]
@@ -40,6 +41,15 @@ class SparseAdamW(Optimizer):
     bias_correction : {"global", "row"}, default "global"
         ``"global"``: torch's rule, the parameter's step counter. ``"row"``: each row's own update
         count (state ``row_step``; docs/behaviour.md §8.5 and :class:`SparseAdam`).
+    rounding : {"stochastic", "nearest"}, default "stochastic"
+        How float32 results are stored into a 16-bit (float16 / bfloat16) table and its 16-bit
+        state: once per element, stochastically (reproducible: docs/behaviour.md §8.7) or to nearest.
+        Validated but unused for float32/float64 tables.
+    seed : int, default 0
+        Seed of stochastic rounding's counter-based generator, in [0, 2**64).
+    state_dtype : {None, "float32", "bfloat16", "float16"}, default None
+        dtype of ``exp_avg`` and ``exp_avg_sq`` of a 16-bit table (None: float32). float32/float64 tables keep their state
+        in their own dtype (anything else is refused).
 
     Notes
     -----
@@ -85,9 +95,11 @@ class SparseAdamW(Optimizer):
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, maximize: bool = False,
-                 bias_correction: str = "global") -> None:
+                 bias_correction: str = "global", rounding: str = "stochastic", seed: int = 0,
+                 state_dtype: Any = None) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
-                                      bias_correction=bias_correction))
+                                      bias_correction=bias_correction, rounding=rounding, seed=seed,
+                                      state_dtype=state_dtype))
 
     # ------------------------------------------------------------------ checks
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
@@ -100,6 +112,7 @@ class SparseAdamW(Optimizer):
         _check_betas(group, where)
         _check_maximize(group, where)
         _check_bias_correction(group, where)
+        check_rounding_options(group, where)
         return group
 
     @staticmethod
@@ -156,8 +169,8 @@ class SparseAdamW(Optimizer):
     def _sparse_begin(self, state: Dict[str, Any], weight: np.ndarray, options: Group) -> Tuple[float, float]:
         if "step" not in state:
             state.update(step=0, decay_log=0.0, decay_log_prev=0.0, decay_last=1.0)
-            self._new_state(state, "exp_avg", weight)
-            self._new_state(state, "exp_avg_sq", weight)
+            self._new_state(state, "exp_avg", weight, options=options)
+            self._new_state(state, "exp_avg_sq", weight, options=options)
             self._new_state(state, "row_decay_log", weight, per_row=True, dtype=np.float64)
         if options["bias_correction"] == "row" and "row_step" not in state:
             self._new_state(state, "row_step", weight, per_row=True, dtype=np.int64)
@@ -186,7 +199,7 @@ class SparseAdamW(Optimizer):
                                      decay_log, decay_log_prev, decay_last, step_size, bc2_sqrt,
                                      options["maximize"], n_threads_for(kernel_rows.size, "optimizer"))
 
-        _update_rows(weight, arrays, rows, kernel)
+        _update_rows(weight, arrays, rows, kernel, self._rounding_for(state, weight, options))
 
     # ------------------------------------------------------------------ pending decay
     def apply_pending_decay(self) -> None:
@@ -214,14 +227,17 @@ class SparseAdamW(Optimizer):
         [0.99, 0.99, 0.99]
         """
         plan = []
-        for where, module in self._named_params():
-            state = self.state.get(module)
-            if not state:
-                continue
-            weight = self._check_weight(module, where)
-            self._check_state(state, weight, where)
-            plan.append((weight, state))
-        for weight, state in plan:
+        for g, group in enumerate(self.param_groups):
+            options = self._check_options(dict(group), f"param_groups[{g}]")
+            for k, module in enumerate(group["params"]):
+                where = f"param_groups[{g}]['params'][{k}]"
+                state = self.state.get(module) or {}
+                if not _core(state):
+                    continue
+                weight = self._check_weight(module, where)
+                self._check_state_for(state, weight, options, where)
+                plan.append((weight, state, options))
+        for weight, state, options in plan:
             decay_log, decay_log_prev, decay_last = (state[name] for name in _SCALARS)
             rows = np.flatnonzero(state["row_decay_log"] != decay_log).astype(np.int64)
 
@@ -229,4 +245,6 @@ class SparseAdamW(Optimizer):
                 _optim.adamw_decay_rows(w, states[0], kernel_rows, decay_log, decay_log_prev, decay_last,
                                         n_threads_for(kernel_rows.size, "optimizer"))
 
-            _update_rows(weight, [state["row_decay_log"]], rows, kernel)
+            # a 16-bit weight is rounded on its own stream, keyed by the parameter's last update step
+            _update_rows(weight, [state["row_decay_log"]], rows, kernel, self._rounding_for(state, weight, options),
+                         STREAM_DECAY)
