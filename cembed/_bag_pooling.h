@@ -224,8 +224,9 @@ CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f32_i64, float, float, cembed_vf, int64_t, 
 CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f64_i32, double, double, cembed_vd, int32_t, CEMBED_LOAD_VD, CEMBED_SCALAR, 1)
 CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f64_i64, double, double, cembed_vd, int64_t, CEMBED_LOAD_VD, CEMBED_SCALAR, 1)
 /* 16-bit tables: rows widened to float32 as they stream in, summed in float32 in the order the float32
- * version sums the widened table (each element: row after row), so bitwise equal to it. 8-float
- * vectors: 64 columns per pass over the bag in 8 registers (the bag's rows are in L1 for the next). */
+ * version sums the widened table (each element: row after row), so bitwise equal to it. float16 (and
+ * bfloat16 on a big-endian machine) uses 8-float vectors: 64 columns per pass over the bag in 8
+ * registers (the bag's rows are in L1 for the next pass). */
 /* bfloat16, little-endian: a 32-bit lane of a row holds columns 2i (low half) and 2i+1 (high half), so
  * `lane << 16` and `lane & 0xFFFF0000` are both columns as float32 with no shuffle: one load, a shift,
  * an and and two adds per 16 columns. Even and odd columns accumulate in separate registers (each
