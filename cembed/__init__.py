@@ -18,6 +18,8 @@ except ImportError as exc:  # pragma: no cover - depends on how cembed was insta
     ) from exc
 
 from ._config import get_num_threads, release_memory, set_num_threads, show_config
+from . import storage
+from .storage import open_table
 from .sparse import SparseGrad
 from .modules import Embedding, EmbeddingBag
 from . import functional
@@ -29,6 +31,8 @@ __all__ = [
     "SparseGrad",
     "functional",
     "optim",
+    "open_table",
+    "storage",
     "get_num_threads",
     "release_memory",
     "set_num_threads",

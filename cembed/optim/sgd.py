@@ -26,6 +26,9 @@ class SGD(Optimizer):
     nesterov : bool, default False
         Needs ``momentum > 0`` and ``dampening == 0``.
     maximize : bool, default False
+    state_dir : str or os.PathLike, optional
+        Keep the per-row state arrays as ``.npy`` memmaps in this directory instead of in memory
+        (``docs/storage.md``); the directory is locked by this optimizer.
 
     Notes
     -----
@@ -50,9 +53,10 @@ class SGD(Optimizer):
     _optional_options = ("maximize", "nesterov")
 
     def __init__(self, params: Any, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False, maximize: bool = False) -> None:
+                 weight_decay: float = 0.0, nesterov: bool = False, maximize: bool = False,
+                 state_dir: Any = None) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                      nesterov=nesterov, maximize=maximize))
+                                      nesterov=nesterov, maximize=maximize), state_dir=state_dir)
 
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
         _option(group, "lr", where, low=0.0)
