@@ -24,6 +24,8 @@ from .sparse import SparseGrad
 from .modules import Embedding, EmbeddingBag
 from . import functional
 from . import optim
+from . import checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = [
     "Embedding",
@@ -31,6 +33,9 @@ __all__ = [
     "SparseGrad",
     "functional",
     "optim",
+    "checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
     "open_table",
     "storage",
     "get_num_threads",

@@ -425,8 +425,8 @@ def map_array(path: PathLike, mode: str = "r", header: Optional[NpyHeader] = Non
     --------
     >>> import os, tempfile, numpy as np, cembed
     >>> path = os.path.join(tempfile.mkdtemp(), "v.npy"); np.save(path, np.arange(4.0))
-    >>> cembed.storage.map_array(path)[2]
-    2.0
+    >>> cembed.storage.map_array(path).tolist()
+    [0.0, 1.0, 2.0, 3.0]
     """
     mode = check_choice(mode, "mode", ("r", "r+", "c"))
     path = os.fspath(path)
