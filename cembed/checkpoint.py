@@ -247,6 +247,7 @@ def write_directory(path: PathLike, arrays: Mapping[str, np.ndarray], meta: Any)
             with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fh:
                 json.dump(manifest, fh, indent=1, allow_nan=True)
                 _fsync_file(fh)
+            os.chmod(tmp, 0o777 & ~storage._umask())  # mkdtemp's 0700 would make checkpoints private
             storage.fsync_directory(tmp)
             os.rename(tmp, _ready(path))
         except BaseException:

@@ -130,8 +130,25 @@ def _write_header(fh: Any, shape: Tuple[int, ...], dtype: np.dtype) -> int:
 def _temporary_sibling(path: str) -> str:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make every table private
+    finally:
+        os.close(fd)
     return tmp
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where /proc says it (else set and restored)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def create_zeros(path: PathLike, shape: Tuple[int, ...], dtype: Any, *, durable: bool = False) -> None:

@@ -215,6 +215,14 @@ class Optimizer:
         return (key != "active_rows" and isinstance(value, np.ndarray) and value.ndim >= 1
                 and (value.shape == weight.shape or value.shape == (weight.shape[0],)))
 
+    def _row_state_arrays(self, module: Any) -> List[np.ndarray]:
+        """The per-row state arrays of ``module`` (what :meth:`Embedding.prefetch` reads ahead);
+        ValueError when the optimizer does not hold it."""
+        self._locate(module)
+        entry = self.state.get(module) or {}
+        weight = module.weight
+        return [v for k, v in entry.items() if self._is_row_state(k, v, weight)]
+
     def _move_to_state_dir(self, new_state: Dict[Any, Dict[str, Any]], index: Dict[int, int]) -> None:
         """Copy every per-row array of a checked ``new_state`` into its file in ``state_dir``
         (bounded blocks; each file written under a temporary name and renamed into place) and
