@@ -138,7 +138,7 @@ def _write_array(directory: str, filename: str, array: np.ndarray) -> Dict[str, 
             blocks = (np.ascontiguousarray(array[lo:lo + step]) for lo in range(0, array.shape[0], step))
         for block in blocks:
             raw = block.reshape(-1).view(np.uint8)
-            crc = zlib.crc32(raw, crc)
+            crc = zlib.crc32(raw.data, crc)
             fh.write(raw.data)
         _fsync_file(fh)
         size = fh.tell()
@@ -585,7 +585,7 @@ def load_checkpoint(path: PathLike, modules: Any, optimizer: Any = None, mmap: b
             if name not in files:
                 raise KeyError(f"no file for optimizer array {name!r}")
             file_path, header = files[name]
-            return storage.map_array(file_path, "r", header)
+            return storage.map_array(file_path, "r", header, advice="sequential")
 
         try:
             state, groups = optimizer._deserialized(saved_optimizer.get("state"), fetch, directory)
@@ -601,11 +601,11 @@ def load_checkpoint(path: PathLike, modules: Any, optimizer: Any = None, mmap: b
         weight = module.weight
         if storage.backing_file(weight) is not None and weight.flags.writeable:
             if os.path.abspath(storage.backing_file(weight) or "") != os.path.abspath(file_path):
-                storage.copy_rows(weight, storage.map_array(file_path, "r", header))
+                storage.copy_rows(weight, storage.map_array(file_path, "r", header, advice="sequential"))
                 weight.flush()
         elif mmap:
             trainable = bool(getattr(module, "requires_grad", True))
             module.weight = storage.map_array(file_path, "c" if trainable else "r", header)
         else:
-            module.weight = np.array(storage.map_array(file_path, "r", header))
+            module.weight = np.array(storage.map_array(file_path, "r", header, advice="sequential"))
     return meta.get("extra")

@@ -17,6 +17,7 @@ durability rules: ``docs/storage.md``.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import tempfile
 from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
@@ -26,8 +27,8 @@ from numpy.lib import format as npy_format
 
 from ._validation import check_choice, check_float_dtype, check_int, check_size
 
-__all__ = ["open_table", "read_header", "NpyHeader", "create_zeros", "copy_rows", "backing_file",
-           "fsync_path", "fsync_directory", "CHUNK_BYTES", "INITS"]
+__all__ = ["open_table", "map_array", "read_header", "NpyHeader", "create_zeros", "copy_rows", "backing_file",
+           "fsync_path", "fsync_directory", "CHUNK_BYTES", "INITS", "ADVICE"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -238,9 +239,10 @@ def backing_file(array: Any) -> Optional[str]:
     if not array.flags.c_contiguous:
         return None
     mm = getattr(array, "_mmap", None)
-    if mm is None:
+    filename = getattr(array, "filename", None)
+    if mm is None or not isinstance(filename, str):
         return None
-    path = os.path.abspath(array.filename)  # type: ignore[arg-type]
+    path = os.path.abspath(filename)
     try:
         header = read_header(path)
     except (OSError, ValueError):
@@ -255,8 +257,6 @@ def backing_file(array: Any) -> Optional[str]:
 
 
 def _mmap_granularity() -> int:
-    import mmap
-
     return mmap.ALLOCATIONGRANULARITY
 
 
@@ -372,7 +372,9 @@ def open_table(path: PathLike, num_embeddings: Optional[int] = None, embedding_d
     ``"r+"`` mapping reach the file when the operating system writes the pages back, at the
     latest when ``table.flush()`` is called (``save_checkpoint`` gives crash-safe snapshots).
     Truncating or replacing the file while it is mapped is undefined behaviour (the process may be
-    killed by SIGBUS): keep table files for cembed alone.
+    killed by SIGBUS): keep table files for cembed alone. The mapping is advised ``MADV_RANDOM``:
+    a row read from disk costs one page, not the kernel's usual read-around (see
+    :func:`cembed.functional.prefetch` to read rows ahead).
 
     Examples
     --------
@@ -426,17 +428,36 @@ def open_table(path: PathLike, num_embeddings: Optional[int] = None, embedding_d
     return _map(path, header, "r+" if mode == "w+" else mode)
 
 
-def _map(path: str, header: NpyHeader, mode: str) -> np.memmap:
-    """Map the array of a checked ``.npy`` file."""
+#: How the kernel is told a mapping will be read (``madvise``): ``"random"`` turns off the
+#: read-around of page faults (a fault on one row reads its own page, not the 128 KiB around it:
+#: rows are touched at random, and read-around would fill the page cache with rows nobody asked
+#: for); ``"sequential"`` for whole-array passes; ``"normal"`` the kernel's default.
+ADVICE = {"random": "MADV_RANDOM", "sequential": "MADV_SEQUENTIAL", "normal": "MADV_NORMAL"}
+
+
+def _map(path: str, header: NpyHeader, mode: str, advice: str = "random") -> np.memmap:
+    """Map the array of a checked ``.npy`` file, with the access ``advice``."""
     if header.nbytes == 0:
         # mmap cannot map zero bytes: an empty table is an ordinary (empty) array in a memmap
         return np.zeros(header.shape, dtype=header.dtype).view(np.memmap)
-    return np.memmap(path, dtype=header.dtype, mode=mode, offset=header.offset, shape=header.shape)
+    array = np.memmap(path, dtype=header.dtype, mode=mode, offset=header.offset,  # type: ignore[call-overload]
+                      shape=header.shape)
+    mm = getattr(array, "_mmap", None)
+    flag = getattr(mmap, ADVICE[advice], None)
+    if mm is not None and flag is not None and hasattr(mm, "madvise"):
+        try:
+            mm.madvise(flag)
+        except OSError:  # pragma: no cover - advice only
+            pass
+    return array
 
 
-def map_array(path: PathLike, mode: str = "r", header: Optional[NpyHeader] = None) -> np.memmap:
+def map_array(path: PathLike, mode: str = "r", header: Optional[NpyHeader] = None,
+              advice: str = "random") -> np.memmap:
     """Map the whole array of the ``.npy`` file ``path`` (any shape, checked with
-    :func:`read_header`): ``mode`` ``"r"``, ``"r+"`` or ``"c"``.
+    :func:`read_header`): ``mode`` ``"r"``, ``"r+"`` or ``"c"``; ``advice`` ``"random"`` (rows
+    touched at random: no read-around), ``"sequential"`` (one pass) or ``"normal"`` (see
+    :data:`ADVICE`).
 
     Examples
     --------
@@ -446,5 +467,6 @@ def map_array(path: PathLike, mode: str = "r", header: Optional[NpyHeader] = Non
     [0.0, 1.0, 2.0, 3.0]
     """
     mode = check_choice(mode, "mode", ("r", "r+", "c"))
+    advice = check_choice(advice, "advice", tuple(ADVICE))
     path = os.fspath(path)
-    return _map(path, header if header is not None else read_header(path), mode)
+    return _map(path, header if header is not None else read_header(path), mode, advice)

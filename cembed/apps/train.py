@@ -411,10 +411,15 @@ def _train(corpus, config, progress):
     else:
         w_in, w_out = initial_tables(corpus.vocab_size, config.dim, config.seed)
     eval_sets = (evaluation_sets(corpus) or None) if corpus.topics is not None else None
+    model: "CembedModel | TorchModel"
+    prefetch = None
     if table_dir is not None:
-        model = CembedModel(w_in, w_out, config, state_dir=table_dir.state)
-        done_steps, done_words = table_dir.resume(model) if config.resume else (0, 0)
-        model.n_steps = done_steps
+        on_disk = CembedModel(w_in, w_out, config, state_dir=table_dir.state)
+        done_steps, done_words = table_dir.resume(on_disk) if config.resume else (0, 0)
+        on_disk.n_steps = done_steps
+        model = on_disk
+        if config.prefetch:
+            prefetch = on_disk.prefetch
     else:
         model = (TorchModel if config.backend == "torch" else CembedModel)(w_in, w_out, config)
         done_steps, done_words = 0, 0
@@ -428,21 +433,20 @@ def _train(corpus, config, progress):
     bar = Progress(total, f"{model.name:>6}", enabled=progress)
     loss = None
     words = done_words
-    prefetch = table_dir is not None and config.prefetch
     start = time.perf_counter()
     batch = next(stream, None)
     while batch is not None:
         centers, targets, words = batch
         batch = next(stream, None)
-        if prefetch and batch is not None:
-            model.prefetch(batch[0], batch[1])   # the disk reads batch k+1 while batch k is computed
+        if prefetch is not None and batch is not None:
+            prefetch(batch[0], batch[1])   # the disk reads batch k+1 while batch k is computed
         loss = model.step(centers, targets)
         bar.update(words, loss)
-        if table_dir is not None and config.checkpoint_every and model.n_steps % config.checkpoint_every == 0:
-            table_dir.save(model, model.n_steps, words)
+        if table_dir is not None and config.checkpoint_every and on_disk.n_steps % config.checkpoint_every == 0:
+            table_dir.save(on_disk, on_disk.n_steps, words)
     seconds = time.perf_counter() - start
     if table_dir is not None:
-        table_dir.save(model, model.n_steps, total)
+        table_dir.save(on_disk, on_disk.n_steps, total)
     trained = total - done_words
     words = total   # every token was consumed, also when the last slices gave no pair
     bar.update(words, loss, force=True)

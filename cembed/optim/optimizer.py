@@ -235,7 +235,7 @@ class Optimizer:
                 path = os.path.join(self.state_dir, f"p{index[id(module)]}.{key}.npy")
                 tmp = path + ".loading"
                 storage.create_zeros(tmp, value.shape, value.dtype)
-                target = storage.map_array(tmp, "r+")
+                target = storage.map_array(tmp, "r+", advice="sequential")
                 storage.copy_rows(target, value)
                 target.flush()
                 del target
