@@ -14,17 +14,21 @@ Behaviour follows PyTorch 2.13 except where ``docs/behaviour.md`` says otherwise
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional, Tuple, Union
+from typing import Any, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
 import mmap
+import os
+import queue
+import threading
 
 from . import _bag, _buffer_cache, _grad, _gather, _prefetch, _renorm, _sort
 from ._config import n_threads_for
 from ._validation import (
     FLOAT_DTYPES,
     as_index_array,
+    check_bool,
     check_gradient_rows,
     check_index_range,
     check_max_norm,
@@ -816,7 +820,7 @@ def embedding_bag_backward(grad_output: Any, input: Any, weight: np.ndarray, off
 
 #: Page ranges of prefetched rows that are at most this many pages apart are advised in one call
 #: (reading a few unneeded pages costs less than a system call per range).
-PREFETCH_GAP_PAGES = 4
+PREFETCH_GAP_PAGES = 1
 
 
 def _is_mapped(array: np.ndarray) -> bool:
@@ -843,7 +847,55 @@ def _row_bytes_view(array: np.ndarray) -> Optional[np.ndarray]:
         return None
 
 
-def prefetch(weight: np.ndarray, indices: Any, *state_arrays: np.ndarray) -> int:
+def _advise(views: List[np.ndarray], flat: np.ndarray) -> int:
+    """The prefetch itself: distinct sorted rows, then one kernel call per mapped array."""
+    rows = np.unique(flat).astype(np.int64, copy=False)
+    return sum(int(_prefetch.willneed_rows(view, rows, mmap.PAGESIZE, PREFETCH_GAP_PAGES)[1]) for view in views)
+
+
+class _PrefetchThread:
+    """One background thread that runs prefetches handed over by ``prefetch(..., wait=False)``:
+    sorting the rows and the ``madvise`` calls (which can take tens of milliseconds for a large
+    batch: the kernel allocates and submits the reads) overlap the caller's computation. At most
+    ``MAX_PENDING`` requests wait; more are dropped (it is advice). A forked child starts afresh."""
+
+    MAX_PENDING = 2
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: Optional["queue.Queue[Any]"] = None
+
+    def submit(self, views: List[np.ndarray], flat: np.ndarray) -> None:
+        with self._lock:
+            if self._queue is None:
+                self._queue = queue.Queue(self.MAX_PENDING)
+                threading.Thread(target=self._run, args=(self._queue,), name="cembed-prefetch", daemon=True).start()
+            try:
+                self._queue.put_nowait((views, flat))
+            except queue.Full:
+                pass
+
+    @staticmethod
+    def _run(jobs: "queue.Queue[Any]") -> None:
+        while True:
+            views, flat = jobs.get()
+            try:
+                _advise(views, flat)
+            except Exception:  # pragma: no cover - advice never fails the caller
+                pass
+            del views, flat
+
+    def reset(self) -> None:
+        self._lock = threading.Lock()
+        self._queue = None
+
+
+_PREFETCHER = _PrefetchThread()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_PREFETCHER.reset)
+
+
+def prefetch(weight: np.ndarray, indices: Any, *state_arrays: np.ndarray, wait: bool = False) -> int:
     """Ask the operating system to start reading the rows ``indices`` of a table on disk (and the
     same rows of per-row ``state_arrays``, e.g. an optimizer's moments), and return at once.
 
@@ -861,11 +913,15 @@ def prefetch(weight: np.ndarray, indices: Any, *state_arrays: np.ndarray) -> int
     *state_arrays : numpy.ndarray
         Arrays indexed by the same rows (first dimension ``num_embeddings``): ``(n_rows, dim)``
         moments or ``(n_rows,)`` per-row values.
+    wait : bool, default False
+        False: the indices are checked and copied, and the advice is given by cembed's prefetch
+        thread while the caller goes on (the call returns 0). True: given before returning, which
+        returns the number of pages advised.
 
     Returns
     -------
     int
-        The number of pages advised (0 when nothing is on disk).
+        With ``wait``, the number of pages advised (0 when nothing is on disk); else 0.
 
     Raises
     ------
@@ -878,13 +934,16 @@ def prefetch(weight: np.ndarray, indices: Any, *state_arrays: np.ndarray) -> int
     --------
     >>> import os, tempfile, numpy as np, cembed
     >>> table = cembed.open_table(os.path.join(tempfile.mkdtemp(), "t.npy"), 100_000, 64)
-    >>> cembed.functional.prefetch(table, np.array([5, 70_000, 6])) > 0
+    >>> cembed.functional.prefetch(table, np.array([5, 70_000, 6]), wait=True) > 0
     True
-    >>> cembed.functional.prefetch(np.zeros((10, 4)), [1, 2])       # in memory: nothing to do
+    >>> cembed.functional.prefetch(table, np.array([5, 70_000, 6]))     # in the background
+    0
+    >>> cembed.functional.prefetch(np.zeros((10, 4)), [1, 2], wait=True)       # in memory: nothing to do
     0
     """
     weight = check_weight(weight, numeric=True)
     n_rows = weight.shape[0]
+    wait = check_bool(wait, "wait")
     _, flat = validated_indices(indices, n_rows)
     arrays = [weight]
     for k, array in enumerate(state_arrays):
@@ -896,8 +955,7 @@ def prefetch(weight: np.ndarray, indices: Any, *state_arrays: np.ndarray) -> int
     views = [v for v in (_row_bytes_view(a) for a in arrays if _is_mapped(a)) if v is not None]
     if not views or flat.size == 0:
         return 0
-    rows = np.unique(flat).astype(np.int64, copy=False)
-    pages = 0
-    for view in views:
-        pages += _prefetch.willneed_rows(view, rows, mmap.PAGESIZE, PREFETCH_GAP_PAGES)[1]
-    return int(pages)
+    if wait:
+        return _advise(views, flat)
+    _PREFETCHER.submit(views, flat.copy())   # a private copy: the caller may reuse its index array
+    return 0

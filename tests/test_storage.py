@@ -304,12 +304,13 @@ def test_prefetch_advises_the_rows_pages(tmp_path, rng):
     rows = rng.integers(0, 50_000, (40, 3))
     gap = cembed.functional.PREFETCH_GAP_PAGES
     expected = sum(_expected_pages(a, rows.ravel(), gap) for a in (table, state, per_row))
-    assert cembed.functional.prefetch(table, rows, state, per_row) == expected
-    assert cembed.functional.prefetch(table[100:], np.array([0, 49_899])) == \
+    assert cembed.functional.prefetch(table, rows, state, per_row, wait=True) == expected
+    assert cembed.functional.prefetch(table[100:], np.array([0, 49_899]), wait=True) == \
         _expected_pages(table[100:], np.array([0, 49_899]), gap)
     # in memory, or nothing to read: nothing to do
-    assert cembed.functional.prefetch(np.array(table), rows) == 0
-    assert cembed.functional.prefetch(table, np.zeros(0, np.int64)) == 0
+    assert cembed.functional.prefetch(np.array(table), rows, wait=True) == 0
+    assert cembed.functional.prefetch(table, np.zeros(0, np.int64), wait=True) == 0
+    assert cembed.functional.prefetch(table, rows) == 0          # handed to the prefetch thread
 
 
 def test_prefetch_refusals(tmp_path):
@@ -334,13 +335,15 @@ def test_module_prefetch_covers_the_optimizer_state(tmp_path):
     emb = cembed.Embedding.from_pretrained(table, freeze=False, sparse=True)
     opt = optim.SparseAdam([emb], state_dir=tmp_path / "s")
     idx = np.array([[1, 5000], [9999, 3]])
-    alone = emb.prefetch(idx)
-    assert emb.prefetch(idx, opt) == alone                 # no state yet (SparseAdam makes it lazily)
+    alone = emb.prefetch(idx, wait=True)
+    assert emb.prefetch(idx, opt, wait=True) == alone      # no state yet (SparseAdam makes it lazily)
     emb(idx)
     emb.backward(np.ones((2, 2, 32), np.float32), optimizer=opt)
-    assert emb.prefetch(idx, opt) == 3 * alone             # the weight and both moments
+    assert emb.prefetch(idx, opt, wait=True) == 3 * alone  # the weight and both moments
     bag = cembed.EmbeddingBag.from_pretrained(table, freeze=False, sparse=True)
-    assert bag.prefetch(idx) == alone
+    assert bag.prefetch(idx, wait=True) == alone
+    with pytest.raises(TypeError, match="wait"):
+        emb.prefetch(idx, wait="yes")
 
 
 def _resident(array):
@@ -375,9 +378,11 @@ def test_prefetch_brings_the_pages_into_memory(tmp_path):
     if state is None or state[0].sum() > 0.2 * state[0].size:
         pytest.skip("cannot drop this file from the page cache here")
     rows = np.array([10, 60_000, 150_000, 199_999])
-    cembed.functional.prefetch(table, rows)
+    cembed.functional.prefetch(table, rows)              # in the background
+    rows_copy = rows.copy()
+    rows[:] = 0                                           # the caller's array is not used after the call
     page = mmap.PAGESIZE
-    wanted = [(table.ctypes.data + r * table.strides[0] - state[1]) // page for r in rows]
+    wanted = [(table.ctypes.data + r * table.strides[0] - state[1]) // page for r in rows_copy]
     deadline = time.monotonic() + 10
     while True:
         resident, _ = _resident(table)
