@@ -599,7 +599,7 @@ def load_checkpoint(path: PathLike, modules: Any, optimizer: Any = None, mmap: b
             raise _fail(directory, f"optimizer state: {exc}") from None
     for module, file_path, header in plan:
         weight = module.weight
-        if storage.backing_file(weight) is not None and weight.flags.writeable:
+        if getattr(weight, "mode", None) in ("r+", "w+") and storage.backing_file(weight) is not None:
             if os.path.abspath(storage.backing_file(weight) or "") != os.path.abspath(file_path):
                 storage.copy_rows(weight, storage.map_array(file_path, "r", header, advice="sequential"))
                 weight.flush()

@@ -110,6 +110,21 @@ def test_round_trip_with_tables_and_state_on_disk(tmp_path, opt_name):
     assert _snapshot(fresh, fresh_opt) == expected
 
 
+def test_copy_on_write_tables_are_remapped_not_filled(tmp_path):
+    """A table mapped copy-on-write by an earlier load is replaced by a fresh map (its changed pages
+    are private memory), not overwritten row by row."""
+    emb = cembed.Embedding(50, 4, sparse=True, seed=0)
+    cembed.save_checkpoint(tmp_path / "ck", {"e": emb})
+    fresh = cembed.Embedding(50, 4, sparse=True)
+    cembed.load_checkpoint(tmp_path / "ck", {"e": fresh})
+    first = fresh.weight
+    assert first.mode == "c"
+    first[:] = 1
+    cembed.load_checkpoint(tmp_path / "ck", {"e": fresh})
+    assert fresh.weight is not first and fresh.weight.mode == "c"
+    assert_bitwise_equal(fresh.weight, emb.weight)
+
+
 def test_checkpoint_of_tables_on_disk_and_state_dir(tmp_path):
     """Saving reads tables and state that live in files (streamed) and writes full copies."""
     table = cembed.open_table(tmp_path / "t.npy", 1000, 16, init="normal", seed=0)
