@@ -34,6 +34,9 @@ class Adagrad(Optimizer):
     state_dtype : {None, "float32", "bfloat16", "float16"}, default None
         dtype of the accumulator ``sum`` of a 16-bit table (None: float32). float32/float64 tables keep their state
         in their own dtype (anything else is refused).
+    state_dir : str or os.PathLike, optional
+        Keep the per-row state arrays as ``.npy`` memmaps in this directory instead of in memory
+        (``docs/storage.md``); the directory is locked by this optimizer.
 
     Notes
     -----
@@ -54,10 +57,11 @@ class Adagrad(Optimizer):
 
     def __init__(self, params: Any, lr: float = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
                  initial_accumulator_value: float = 0.0, eps: float = 1e-10, maximize: bool = False,
-                 rounding: str = "stochastic", seed: int = 0, state_dtype: Any = None) -> None:
+                 rounding: str = "stochastic", seed: int = 0, state_dtype: Any = None,
+                 state_dir: Any = None) -> None:
         super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                                       initial_accumulator_value=initial_accumulator_value, eps=eps,
-                                      maximize=maximize, rounding=rounding, seed=seed, state_dtype=state_dtype))
+                                      maximize=maximize, rounding=rounding, seed=seed, state_dtype=state_dtype), state_dir=state_dir)
 
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
         for name in ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"):

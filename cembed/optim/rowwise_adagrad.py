@@ -49,6 +49,9 @@ class RowWiseAdagrad(Optimizer):
     state_dtype : {None, "float32", "bfloat16", "float16"}, default None
         dtype of the per-row ``sum`` of a 16-bit table (None: float32). float32/float64 tables keep their state
         in their own dtype (anything else is refused).
+    state_dir : str or os.PathLike, optional
+        Keep the per-row state arrays as ``.npy`` memmaps in this directory instead of in memory
+        (``docs/storage.md``); the directory is locked by this optimizer.
 
     Notes
     -----
@@ -73,10 +76,11 @@ class RowWiseAdagrad(Optimizer):
 
     def __init__(self, params: Any, lr: float = 0.01, eps: float = 1e-8, weight_decay: float = 0.0,
                  weight_decay_mode: str = "l2", initial_accumulator_value: float = 0.0,
-                 maximize: bool = False, rounding: str = "stochastic", seed: int = 0, state_dtype: Any = None) -> None:
+                 maximize: bool = False, rounding: str = "stochastic", seed: int = 0, state_dtype: Any = None,
+                 state_dir: Any = None) -> None:
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, weight_decay_mode=weight_decay_mode,
                                       initial_accumulator_value=initial_accumulator_value, maximize=maximize,
-                                      rounding=rounding, seed=seed, state_dtype=state_dtype))
+                                      rounding=rounding, seed=seed, state_dtype=state_dtype), state_dir=state_dir)
 
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
         for name in ("lr", "eps", "weight_decay", "initial_accumulator_value"):

@@ -36,6 +36,9 @@ class SGD(Optimizer):
     state_dtype : {None, "float32", "bfloat16", "float16"}, default None
         dtype of the momentum buffer of a 16-bit table (None: float32). float32/float64 tables keep their state
         in their own dtype (anything else is refused).
+    state_dir : str or os.PathLike, optional
+        Keep the per-row state arrays as ``.npy`` memmaps in this directory instead of in memory
+        (``docs/storage.md``); the directory is locked by this optimizer.
 
     Notes
     -----
@@ -61,10 +64,11 @@ class SGD(Optimizer):
 
     def __init__(self, params: Any, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, maximize: bool = False,
-                 rounding: str = "stochastic", seed: int = 0, state_dtype: Any = None) -> None:
+                 rounding: str = "stochastic", seed: int = 0, state_dtype: Any = None,
+                 state_dir: Any = None) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                                       nesterov=nesterov, maximize=maximize, rounding=rounding, seed=seed,
-                                      state_dtype=state_dtype))
+                                      state_dtype=state_dtype), state_dir=state_dir)
 
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
         _option(group, "lr", where, low=0.0)

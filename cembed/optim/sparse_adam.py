@@ -78,6 +78,9 @@ class SparseAdam(Optimizer):
     betas : (float, float), default (0.9, 0.999)
     eps : float, default 1e-8
     maximize : bool, default False
+    state_dir : str or os.PathLike, optional
+        Keep the per-row state arrays as ``.npy`` memmaps in this directory instead of in memory
+        (``docs/storage.md``); the directory is locked by this optimizer.
     bias_correction : {"global", "row"}, default "global"
         ``"global"`` is torch's rule: every row is bias-corrected with the parameter's step counter.
         ``"row"`` (a cembed extension, docs/behaviour.md §8.5) uses each row's own update count
@@ -137,10 +140,11 @@ class SparseAdam(Optimizer):
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, maximize: bool = False, bias_correction: str = "global",
-                 rounding: str = "stochastic", seed: int = 0, state_dtype: Any = None) -> None:
+                 rounding: str = "stochastic", seed: int = 0, state_dtype: Any = None,
+                 state_dir: Any = None) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, maximize=maximize,
                                       bias_correction=bias_correction, rounding=rounding, seed=seed,
-                                      state_dtype=state_dtype))
+                                      state_dtype=state_dtype), state_dir=state_dir)
 
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
         _option(group, "lr", where, low=0.0, low_open=True)

@@ -37,6 +37,9 @@ class SparseAdamW(Optimizer):
         flip or zero the weights; it is refused, with ``ValueError``, at construction and at
         ``step()``).
     maximize : bool, default False
+    state_dir : str or os.PathLike, optional
+        Keep the per-row state arrays as ``.npy`` memmaps in this directory instead of in memory
+        (``docs/storage.md``); the directory is locked by this optimizer.
         Negates the gradient; the weight decay still shrinks the weights (as torch's AdamW).
     bias_correction : {"global", "row"}, default "global"
         ``"global"``: torch's rule, the parameter's step counter. ``"row"``: each row's own update
@@ -96,10 +99,11 @@ class SparseAdamW(Optimizer):
     def __init__(self, params: Any, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, maximize: bool = False,
                  bias_correction: str = "global", rounding: str = "stochastic", seed: int = 0,
-                 state_dtype: Any = None) -> None:
+                 state_dtype: Any = None,
+                 state_dir: Any = None) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
                                       bias_correction=bias_correction, rounding=rounding, seed=seed,
-                                      state_dtype=state_dtype))
+                                      state_dtype=state_dtype), state_dir=state_dir)
 
     # ------------------------------------------------------------------ checks
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
