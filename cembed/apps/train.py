@@ -20,6 +20,7 @@ from typing import List, Optional
 import numpy as np
 
 import cembed
+from cembed.distributed import initial_rows
 
 from .corpus import Corpus
 from .runtime import thread_settings
@@ -39,6 +40,7 @@ class TrainConfig:
     seed: int = 0
     threads: Optional[int] = None
     backend: str = "cembed"
+    shards: int = 0             # > 0: the cembed backend's tables are sharded over Ray actors (Ray running)
 
     def learning_rate(self):
         return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
@@ -122,9 +124,9 @@ class BatchStream:
 
 
 def initial_tables(vocab_size, dim, seed):
-    """word2vec's init: input rows uniform in [-0.5/dim, 0.5/dim], output rows zero."""
-    rng = np.random.default_rng(seed)
-    w_in = ((rng.random((vocab_size, dim), dtype=np.float32) - np.float32(0.5)) / np.float32(dim))
+    """word2vec's init: input rows uniform in [-0.5/dim, 0.5/dim], output rows zero. Defined per row
+    (cembed.distributed.initial_rows), so sharded tables (``--shards``) start from the same values."""
+    w_in = initial_rows(seed, np.arange(vocab_size), dim, np.float32, "uniform")
     return w_in, np.zeros((vocab_size, dim), dtype=np.float32)
 
 
@@ -164,13 +166,45 @@ class CembedModel:
         g[:, 0] *= -1                                         # back to d loss / d s
         # fused backward + update: each table's touched rows are summed and updated in one pass
         # (v and u are copies, so updating one table does not change the other's gradient)
-        self.emb_in.backward(np.matmul(g[:, None, :], u)[:, 0, :], centers, optimizer=self.opt)
+        self._fused_update(self.emb_in, np.matmul(g[:, None, :], u)[:, 0, :], centers)
         # d loss / d u[b, k] = g[b, k] * v[b]: handed over as (v, weights g), never materialised
-        self.emb_out.backward(v, targets, per_sample_weights=g, optimizer=self.opt)
+        self._fused_update(self.emb_out, v, targets, per_sample_weights=g)
         return loss
+
+    def _fused_update(self, table, grad_output, indices, per_sample_weights=None):
+        table.backward(grad_output, indices, per_sample_weights=per_sample_weights, optimizer=self.opt)
 
     def input_table(self):
         return self.emb_in.weight
+
+
+class ShardedModel(CembedModel):
+    """The cembed model with both tables row-sharded over ``config.shards`` Ray actors
+    (cembed.distributed.ShardedEmbedding; Ray must be running): the same math, bitwise the same
+    weights as CembedModel."""
+
+    def __init__(self, w_in, w_out, config: TrainConfig):
+        from cembed.distributed import ShardedEmbedding
+
+        self.n_steps = 0
+        self.name = f"ray:{config.shards}"
+        vocab, dim = w_in.shape
+        options = {"lr": config.learning_rate()}
+        self.emb_in = ShardedEmbedding(vocab, dim, config.shards, config.optimizer, options, seed=config.seed,
+                                       init="uniform")
+        self.emb_out = ShardedEmbedding(vocab, dim, config.shards, config.optimizer, options, seed=config.seed,
+                                        init="zeros")
+        self.opt = None
+
+    def _fused_update(self, table, grad_output, indices, per_sample_weights=None):
+        table.backward(grad_output, indices, per_sample_weights=per_sample_weights, step=True)
+
+    def input_table(self):
+        return self.emb_in.state_dict()["weight"]
+
+    def close(self):
+        self.emb_in.shutdown()
+        self.emb_out.shutdown()
 
 
 class TorchModel:
@@ -334,7 +368,10 @@ def _train(corpus, config, progress):
     before, chance = {}, {}
     for name, words in (eval_sets or {}).items():
         before[name], chance[name] = topic_precision(w_in, words, corpus.topics)
-    model = (TorchModel if config.backend == "torch" else CembedModel)(w_in, w_out, config)
+    if config.backend == "torch":
+        model = TorchModel(w_in, w_out, config)
+    else:
+        model = (ShardedModel if config.shards else CembedModel)(w_in, w_out, config)
     stream = BatchStream(corpus, config)
     total = corpus.n_tokens * config.epochs
     bar = Progress(total, f"{model.name:>6}", enabled=progress)
@@ -345,12 +382,15 @@ def _train(corpus, config, progress):
         loss = model.step(centers, targets)
         bar.update(words, loss)
     seconds = time.perf_counter() - start
+    table = model.input_table()
+    if isinstance(model, ShardedModel):
+        model.close()
     words = total   # every token was consumed, also when the last slices gave no pair
     bar.update(words, loss, force=True)
     bar.close()
     result = TrainResult(backend=model.name, seconds=seconds, words=words,
                          words_per_second=words / seconds if seconds > 0 else float("nan"),
-                         final_loss=bar.loss, table=model.input_table())
+                         final_loss=bar.loss, table=table)
     return _score(result, corpus, eval_sets, before, chance)
 
 

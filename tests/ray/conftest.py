@@ -1,0 +1,40 @@
+"""The Ray tests run only inside the private network namespace of tests/ray/run.sh (only ``lo``)
+with Ray installed; elsewhere they are skipped — or fail, when CEMBED_REQUIRE_RAY=1 (run.sh and CI).
+
+Nothing here imports Ray at collection: a plain ``pytest`` never imports it."""
+import importlib.util
+import os
+import socket
+
+import pytest
+
+REQUIRED = os.environ.get("CEMBED_REQUIRE_RAY", "") not in ("", "0")
+
+
+def why_not():
+    names = [name for _, name in socket.if_nameindex()]
+    if names != ["lo"]:
+        return f"not inside a network namespace with only loopback (interfaces {names}): run tests/ray/run.sh"
+    if importlib.util.find_spec("ray") is None:
+        return "Ray is not installed (pip install \".[ray]\")"
+    return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ray_allowed():
+    """First fixture of every test here: skip (or fail under CEMBED_REQUIRE_RAY=1) outside the namespace."""
+    reason = why_not()
+    if reason:
+        if REQUIRED:
+            pytest.fail(f"CEMBED_REQUIRE_RAY=1 but {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def ray_local(_ray_allowed):
+    """A local Ray (2 CPUs, bound to 127.0.0.1) for one test module."""
+    from cembed.distributed import init_local
+
+    ray = init_local(num_cpus=2)
+    yield ray
+    ray.shutdown()
