@@ -176,3 +176,18 @@ def test_state_dict_round_trip_across_shard_counts(ray_local, tmp_path):
     finally:
         three.shutdown()
         two.shutdown()
+
+
+def test_every_socket_is_on_loopback(ray_local):
+    """After this module's runs (Ray still up): every TCP/UDP socket of the namespace is on loopback."""
+    from netcheck import non_loopback, sockets
+
+    table = ShardedEmbedding(10, 2, 2, "sgd", {"lr": 0.1}, seed=0)
+    try:
+        table(np.arange(10))
+        bad, interfaces = non_loopback()
+        assert interfaces == ["lo"]
+        assert len(sockets()) >= 10          # Ray's raylet, GCS, workers: the scan sees them
+        assert not bad, f"sockets off loopback: {bad}"
+    finally:
+        table.shutdown()
