@@ -15,7 +15,7 @@ import tempfile
 import time
 import types
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import numpy as np
 
@@ -149,8 +149,8 @@ class CembedModel:
 
     def __init__(self, w_in, w_out, config: TrainConfig):
         self.n_steps = 0
-        self.emb_in = cembed.Embedding.from_pretrained(w_in, freeze=False, sparse=True)
-        self.emb_out = cembed.Embedding.from_pretrained(w_out, freeze=False, sparse=True)
+        self.emb_in: Any = cembed.Embedding.from_pretrained(w_in, freeze=False, sparse=True)
+        self.emb_out: Any = cembed.Embedding.from_pretrained(w_out, freeze=False, sparse=True)
         self.opt = make_optimizer(cembed.optim, [self.emb_in, self.emb_out], config)
 
     def step(self, centers, targets):
@@ -368,10 +368,8 @@ def _train(corpus, config, progress):
     before, chance = {}, {}
     for name, words in (eval_sets or {}).items():
         before[name], chance[name] = topic_precision(w_in, words, corpus.topics)
-    if config.backend == "torch":
-        model = TorchModel(w_in, w_out, config)
-    else:
-        model = (ShardedModel if config.shards else CembedModel)(w_in, w_out, config)
+    model = (TorchModel if config.backend == "torch" else ShardedModel if config.shards else CembedModel)(
+        w_in, w_out, config)
     stream = BatchStream(corpus, config)
     total = corpus.n_tokens * config.epochs
     bar = Progress(total, f"{model.name:>6}", enabled=progress)

@@ -10,9 +10,9 @@ network namespace that has nothing but loopback (``tests/ray/run.sh``, ``docs/di
 """
 from ._init import INITS, initial_rows
 from ._checkpoint import CheckpointError
-from ._ray import init_local, network_interfaces, only_loopback
+from ._ray import connect, init_local, network_interfaces, only_loopback
 from ._shard import OPTIMIZERS
 from ._client import ShardedEmbedding, ShardLostError
 
-__all__ = ["ShardedEmbedding", "ShardLostError", "CheckpointError", "initial_rows", "init_local",
+__all__ = ["ShardedEmbedding", "ShardLostError", "CheckpointError", "initial_rows", "init_local", "connect",
            "network_interfaces", "only_loopback", "INITS", "OPTIMIZERS"]

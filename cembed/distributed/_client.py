@@ -147,7 +147,7 @@ class ShardedEmbedding:
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         self.init = init
-        self.seed = check_seed(seed) if seed is not None else int(np.random.SeedSequence().entropy % (2 ** 63))
+        self.seed = check_seed(seed) if seed is not None else int(np.random.default_rng().integers(0, 2 ** 63))
         if checkpoint_every is not None:
             checkpoint_every = _check_int(checkpoint_every, "checkpoint_every", 1)
             if checkpoint_dir is None:

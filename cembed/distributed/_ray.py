@@ -3,9 +3,9 @@ a local Ray is refused outside a network namespace that has nothing but loopback
 from __future__ import annotations
 
 import socket
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
-__all__ = ["require_ray", "init_local", "network_interfaces", "only_loopback"]
+__all__ = ["require_ray", "init_local", "connect", "network_interfaces", "only_loopback"]
 
 
 def network_interfaces() -> List[str]:
@@ -81,7 +81,30 @@ def init_local(num_cpus: Optional[int] = None, **kwargs: Any) -> Any:
     import ray
 
     if not ray.is_initialized():
-        options = dict(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        options: Dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
         options.update(kwargs)
         ray.init(num_cpus=num_cpus, **options)
+    return ray
+
+
+def connect(address: str, **kwargs: Any) -> Any:
+    """Connect this process to the running Ray cluster at ``address`` (``ray.init(address=...)``);
+    returns the ``ray`` module. Whether that cluster's network is confined is the caller's business.
+
+    Examples
+    --------
+    Needs a running cluster; not run here:
+
+    >>> from cembed.distributed import connect
+    >>> ray = connect("127.0.0.1:6379")        # doctest: +SKIP
+    """
+    import os
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        import ray
+    except ImportError:
+        raise ImportError('cembed.distributed needs Ray: pip install "cembed[ray]"') from None
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False, **kwargs)
     return ray

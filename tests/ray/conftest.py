@@ -1,7 +1,8 @@
 """The Ray tests run only inside the private network namespace of tests/ray/run.sh (only ``lo``)
 with Ray installed; elsewhere they are skipped — or fail, when CEMBED_REQUIRE_RAY=1 (run.sh and CI).
 
-Nothing here imports Ray at collection: a plain ``pytest`` never imports it."""
+Nothing here imports Ray at collection: a plain ``pytest`` never imports it (tests/test_distributed.py
+checks that)."""
 import importlib.util
 import os
 import socket
@@ -20,9 +21,10 @@ def why_not():
     return None
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def _ray_allowed():
-    """First fixture of every test here: skip (or fail under CEMBED_REQUIRE_RAY=1) outside the namespace."""
+    """Every test that starts Ray asks for this first: skip (or fail under CEMBED_REQUIRE_RAY=1)
+    outside the namespace. Tests that do not start Ray run everywhere."""
     reason = why_not()
     if reason:
         if REQUIRED:

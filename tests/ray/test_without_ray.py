@@ -1,0 +1,90 @@
+"""What runs everywhere, without Ray: importing cembed (and cembed.distributed, the trainer, the CLI,
+and collecting these tests) never imports Ray; the per-row initial values against a plain-Python
+SplitMix64; the shard checkpoint files."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cembed.distributed import CheckpointError, initial_rows
+from cembed.distributed._checkpoint import load_arrays, save_arrays
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+M64 = (1 << 64) - 1
+
+
+def test_imports_and_collection_do_not_import_ray():
+    code = ("import sys, pytest\n"
+            "import cembed, cembed.distributed, cembed.apps.train, cembed.apps.cli\n"
+            "assert 'ray' not in sys.modules, 'import cembed pulled in ray'\n"
+            "rc = pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', 'tests/ray'])\n"
+            "assert rc == 0, rc\n"
+            "assert 'ray' not in sys.modules, 'collecting tests/ray imported ray'\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def splitmix64(x):
+    x = (x + 0x9E3779B97F4A7C15) & M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & M64
+    return x ^ (x >> 31)
+
+
+@pytest.mark.parametrize("dtype,bits", [(np.float32, 24), (np.float64, 53)])
+def test_initial_rows_match_a_plain_python_reference(dtype, bits):
+    seed, dim = 2 ** 40 + 3, 5
+    rows = [0, 7, 123456789, 7]
+    got = initial_rows(seed, rows, dim, dtype)
+    key = splitmix64(seed)
+    for i, r in enumerate(rows):
+        for c in range(dim):
+            u = (splitmix64((r * dim + c) ^ key) >> (64 - bits)) / 2.0 ** bits
+            want = (dtype(u) - dtype(0.5)) / dtype(dim)
+            assert got[i, c] == want and got.dtype == dtype
+    assert np.array_equal(initial_rows(seed, rows, dim, dtype, "zeros"), np.zeros((4, dim), dtype))
+
+
+def test_initial_rows_do_not_depend_on_the_split():
+    table = initial_rows(9, np.arange(1000), 16)
+    for shards in (2, 3, 7):
+        for k in range(shards):
+            assert initial_rows(9, np.arange(k, 1000, shards), 16).tobytes() == table[k::shards].tobytes()
+    assert not np.array_equal(table, initial_rows(10, np.arange(1000), 16))
+    assert abs(float(table.mean())) < 1e-3 and 0.0 < float(table.std()) * 16 < 0.3
+
+
+def test_initial_rows_refuses_bad_arguments():
+    with pytest.raises(ValueError):
+        initial_rows(-1, [0], 4)
+    with pytest.raises(TypeError):
+        initial_rows(0, [0.5], 4)
+    with pytest.raises(IndexError):
+        initial_rows(0, [-1], 4)
+    with pytest.raises(TypeError):
+        initial_rows(0, [0], 4, np.int32)
+    with pytest.raises(ValueError):
+        initial_rows(0, [0], 4, init="normal")
+
+
+def test_checkpoint_files_round_trip_and_checksums(tmp_path):
+    a = np.arange(12, dtype=np.float32).reshape(4, 3)
+    save_arrays(str(tmp_path), "step-1", {"weight": a}, {"step": 1})
+    save_arrays(str(tmp_path), "step-2", {"weight": a + 1, "state.sum": np.ones(4)}, {"step": 2})
+    assert sorted(os.listdir(tmp_path)) == ["LATEST", "step-2"]            # the older one is gone
+    arrays, meta = load_arrays(str(tmp_path))
+    assert meta == {"step": 2} and np.array_equal(arrays["weight"], a + 1) and arrays["state.sum"].dtype == np.float64
+    manifest = json.loads((tmp_path / "step-2" / "manifest.json").read_text())
+    assert set(manifest["arrays"]) == {"weight", "state.sum"} and len(manifest["arrays"]["weight"]["sha256"]) == 64
+    path = tmp_path / "step-2" / "weight.npy"
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_arrays(str(tmp_path))
+    assert load_arrays(str(tmp_path / "nothing")) is None
