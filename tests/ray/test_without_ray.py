@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+import cembed
+
 from cembed.distributed import CheckpointError, initial_rows
 from cembed.distributed._checkpoint import load_arrays, save_arrays
 
@@ -17,15 +19,17 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 M64 = (1 << 64) - 1
 
 
-def test_imports_and_collection_do_not_import_ray():
+def test_imports_and_collection_do_not_import_ray(tmp_path):
+    """In a child process, with the cembed these tests import (installed or built in place)."""
+    here = str(pathlib.Path(cembed.__file__).resolve().parents[1])
     code = ("import sys, pytest\n"
             "import cembed, cembed.distributed, cembed.apps.train, cembed.apps.cli\n"
             "assert 'ray' not in sys.modules, 'import cembed pulled in ray'\n"
-            "rc = pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', 'tests/ray'])\n"
+            f"rc = pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', {str(ROOT / 'tests' / 'ray')!r}])\n"
             "assert rc == 0, rc\n"
             "assert 'ray' not in sys.modules, 'collecting tests/ray imported ray'\n")
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    env = dict(os.environ, PYTHONPATH=here + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
 
