@@ -173,6 +173,7 @@ class ShardedEmbedding:
         self._steps = [0] * self.num_shards             # the step each shard is at
         self._log: List[Dict[int, Tuple[np.ndarray, np.ndarray]]] = [{} for _ in range(self.num_shards)]
         self._saved: Optional[Tuple[Tuple[int, ...], np.ndarray]] = None
+        self._pending: List[Tuple[int, int, Any]] = []    # (shard, step, answer ref) of unchecked steps
         self.grad: Optional[SparseGrad] = None
         self.bytes_sent = 0       # payload bytes (rows and gradient values) sent to / received from shards
         self.bytes_received = 0
@@ -255,8 +256,9 @@ class ShardedEmbedding:
                 local = uniq[order[a:b]] // S
                 requests[k] = local
                 self.bytes_sent += local.nbytes
-        got = self._wait_all([(k, self._actors[k].gather.remote(self._steps[k], local))
-                              for k, local in requests.items()],
+        sent = [(k, self._actors[k].gather.remote(self._steps[k], local)) for k, local in requests.items()]
+        self._settle()    # the steps sent before these lookups (which the shards run first)
+        got = self._wait_all(sent,
                              expect=lambda k, reply: reply[0] == self._steps[k] and reply[1] is not None,
                              retry=lambda k: self._actors[k].gather.remote(self._steps[k], requests[k]),
                              what="gather")
@@ -364,19 +366,50 @@ class ShardedEmbedding:
             part = vals[sel] if S > 1 else np.ascontiguousarray(vals)
             parts[k] = (local, part)
             self.bytes_sent += local.nbytes + part.nbytes
-        before = list(self._steps)
-        self._wait_all([(k, self._actors[k].apply.remote(before[k], *parts[k])) for k in range(S)],
-                       expect=lambda k, reply: reply[0] and reply[1] == before[k] + 1,
-                       retry=lambda k: self._actors[k].apply.remote(before[k], *parts[k]),
-                       what="step")
+        # Sent, not awaited: the shard runs the step before anything this client sends it later
+        # (Ray keeps one caller's calls to an actor in order), so the next lookup needs no extra round
+        # trip. The answers are checked by _settle() at the next call; the step is in the replay log
+        # until then, so a shard lost meanwhile is replayed through it.
+        self._settle()
         for k in range(S):
-            self._log[k][before[k]] = parts[k]
-            self._steps[k] = before[k] + 1
-            if self.checkpoint_every and self._steps[k] % self.checkpoint_every == 0:
+            before = self._steps[k]
+            ref = self._actors[k].apply.remote(before, *parts[k])
+            if self.checkpoint_dir is not None:
+                self._log[k][before] = parts[k]
+            self._steps[k] = before + 1
+            self._pending.append((k, before, ref))
+
+    def _settle(self) -> None:
+        """Check the answers of the steps sent and not yet checked; recover shards that missed one."""
+        pending, self._pending = self._pending, []
+        ray = self._ray
+        lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+        for k, before, ref in pending:
+            try:
+                ok, now = ray.get(ref, timeout=self.recovery_timeout)
+            except lost:
+                ok, now = False, -1
+            except ray.exceptions.GetTimeoutError:
+                self._fail(f"shard {k} did not answer step {before} within {self.recovery_timeout:g} s")
+            if not (ok and now == before + 1):
+                self._recover(k)       # back to self._steps[k], replaying step ``before`` too
+            elif self.checkpoint_every and now % self.checkpoint_every == 0:
                 # the shard wrote this checkpoint before answering: older steps are never replayed
-                self._log[k] = {s: p for s, p in self._log[k].items() if s >= self._steps[k]}
-            elif self.checkpoint_dir is None:
-                self._log[k].clear()        # nothing to replay onto without checkpoints
+                self._log[k] = {s: p for s, p in self._log[k].items() if s >= now}
+
+    def sync(self) -> None:
+        """Wait until every step sent has been applied by its shard (checked, recovering lost
+        shards); a step's errors surface here or at the next call.
+
+        Examples
+        --------
+        Needs a running Ray (see the class); not run here:
+
+        >>> table.backward(np.ones_like(table(np.array([1]))), step=True)   # doctest: +SKIP
+        >>> table.sync()                                                     # doctest: +SKIP
+        """
+        self._check_usable()
+        self._settle()
 
     # ------------------------------------------------------------------ fault handling
     def _check_usable(self) -> None:
@@ -468,6 +501,7 @@ class ShardedEmbedding:
         (1000, 16)
         """
         self._check_usable()
+        self._settle()
         S = self.num_shards
         got = self._wait_all([(k, self._actors[k].state.remote()) for k in range(S)],
                              expect=lambda k, reply: reply[0] == self._steps[k],
@@ -505,6 +539,7 @@ class ShardedEmbedding:
             raise ValueError(f"state_dict weight must be a ({self.num_embeddings}, {self.embedding_dim}) "
                              f"{self.dtype} array")
         step = _check_int(state_dict["step"], "state_dict step", 0)
+        self._settle()
         S = self.num_shards
         refs = []
         for k in range(S):
@@ -572,6 +607,8 @@ class ShardedEmbedding:
         >>> [i["step"] for i in table.shard_info()]     # doctest: +SKIP
         [0, 0]
         """
+        self._check_usable()
+        self._settle()
         return [self._ray.get(a.info.remote(), timeout=self.recovery_timeout) for a in self._actors]
 
     def shutdown(self) -> None:

@@ -103,7 +103,7 @@ class Shard:
     def info(self) -> Dict[str, Any]:
         """Process id, step, and the step a checkpoint was restored at (None: built from the seed)."""
         return {"pid": os.getpid(), "step": self.step, "restored_from": self.restored_from,
-                "shard_id": self.shard_id}
+                "shard_id": self.shard_id, "rows": self.rows, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
 
     def state(self) -> Tuple[int, np.ndarray, Dict[str, Any]]:
         """``(step, weight, optimizer state entry)`` (copies; the entry is empty before the first
@@ -136,7 +136,7 @@ class Shard:
         """Checkpoint the current step into ``checkpoint_dir``."""
         if self.checkpoint_dir is None:
             raise ValueError("this shard has no checkpoint_dir")
-        entry = self.opt.state_dict()["state"].get(0, {})
+        entry = self.opt.state.get(self.emb, {})     # the live arrays: written, not copied
         arrays = {"weight": self.emb.weight}
         scalars = {}
         for key, value in entry.items():

@@ -32,9 +32,10 @@ def _ray_allowed():
         pytest.skip(reason)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_local(_ray_allowed):
-    """A local Ray (2 CPUs, bound to 127.0.0.1) for one test module."""
+    """A local Ray (2 CPUs, bound to 127.0.0.1), shared by the test modules that ask for it (the
+    cluster test and the main job start and stop their own before it: modules run in name order)."""
     from cembed.distributed import init_local
 
     ray = init_local(num_cpus=2)

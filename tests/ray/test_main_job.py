@@ -9,8 +9,8 @@ from cembed.apps import cli
 
 def run(tmp_path, name, *extra):
     out = tmp_path / name
-    code = cli.main(["train", "--vocab-size", "3000", "--topics", "10", "--tokens", "40000", "--dim", "16",
-                     "--batch-size", "2048", "--quiet", "--no-plot", "--out", str(out), *extra])
+    code = cli.main(["train", "--vocab-size", "1000", "--topics", "10", "--tokens", "20000", "--dim", "16",
+                     "--batch-size", "1024", "--quiet", "--no-plot", "--out", str(out), *extra])
     assert code == 0
     return np.load(out / "embeddings.npy")
 

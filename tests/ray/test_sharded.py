@@ -86,8 +86,18 @@ def test_one_table_each_optimizer(ray_local, shards, optimizer, options, dtype, 
             assert out.flags.writeable and out.shape == (7, 3, D) and out.tobytes() == ref.tobytes()
             grad = rng.standard_normal(out.shape).astype(dtype)
             if it % 3 == 0:      # fused
+                sent, received = table.bytes_sent, table.bytes_received
                 table.backward(grad, step=True)
                 emb.backward(grad, optimizer=opt)
+                # the cost model of docs/distributed.md: ids (8 B) of the distinct rows out, their rows
+                # back; at the step ids + summed gradient rows of the distinct rows except padding
+                distinct = np.unique(idx)
+                with_grad = distinct.size - int(padding_idx is not None and padding_idx % V in distinct)
+                item = np.dtype(dtype).itemsize
+                assert table.bytes_received - received == 0
+                assert table.bytes_sent - sent == with_grad * (8 + item * D)
+                if it == 0:   # the lookups so far: all V rows, then this batch's distinct rows
+                    assert received == (V + distinct.size) * item * D and sent == (V + distinct.size) * 8
             elif it % 3 == 1:    # two backwards, then one step
                 idx2 = zipf_batch(rng, V, 9)
                 grad2 = rng.standard_normal((9, D)).astype(dtype)
