@@ -262,15 +262,17 @@ class ShardedEmbedding:
                              expect=lambda k, reply: reply[0] == self._steps[k] and reply[1] is not None,
                              retry=lambda k: self._actors[k].gather.remote(self._steps[k], requests[k]),
                              what="gather")
-        values = np.empty((uniq.size, self.embedding_dim), dtype=self.dtype)
-        for k, (a, b) in enumerate(bounds):
-            if b > a:
-                rows = got[k][1]
-                self.bytes_received += rows.nbytes
-                values[order[a:b]] = rows
         self._saved = (shape, flat)
-        out = values[inverse.reshape(-1)]
-        return out.reshape(shape + (self.embedding_dim,))
+        if uniq.size == 0:
+            return np.empty(shape + (self.embedding_dim,), dtype=self.dtype)
+        parts = [got[k][1] for k in requests]
+        self.bytes_received += sum(p.nbytes for p in parts)
+        # the shards' answers, concatenated in shard order, hold the distinct rows in the order
+        # ``order``; entry i of the lookup is row ``position[inverse[i]]`` of that block
+        block = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        position = np.empty(uniq.size, dtype=np.int64)
+        position[order] = np.arange(uniq.size, dtype=np.int64)
+        return F.embedding(position[inverse.reshape(-1)].reshape(shape), block)
 
     __call__ = forward
 

@@ -142,6 +142,7 @@ def test_bad_input_changes_nothing(ray_local):
         table.zero_grad()
         table.step()                                                          # nothing to do
         assert table.step_count == 0
+        assert table(np.zeros((2, 0), np.int64)).shape == (2, 0, 4)              # an empty lookup
         assert table.state_dict()["weight"].tobytes() == before.tobytes()
     finally:
         table.shutdown()
