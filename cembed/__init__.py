@@ -18,10 +18,14 @@ except ImportError as exc:  # pragma: no cover - depends on how cembed was insta
     ) from exc
 
 from ._config import get_num_threads, release_memory, set_num_threads, show_config
+from . import storage
+from .storage import open_table
 from .sparse import SparseGrad
 from .modules import Embedding, EmbeddingBag
 from . import functional
 from . import optim
+from . import checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = [
     "Embedding",
@@ -29,6 +33,11 @@ __all__ = [
     "SparseGrad",
     "functional",
     "optim",
+    "checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+    "open_table",
+    "storage",
     "get_num_threads",
     "release_memory",
     "set_num_threads",

@@ -5,7 +5,7 @@ dispatches to the private compiled kernels. The modules (``cembed.Embedding``,
 ``cembed.EmbeddingBag``) and nothing else build on it; it imports no module and no optimizer.
 
 Public: :func:`embedding`, :func:`embedding_renorm_`, :func:`embedding_backward`, :func:`coalesce`,
-:func:`embedding_bag`, :func:`embedding_bag_backward`.
+:func:`embedding_bag`, :func:`embedding_bag_backward`, :func:`prefetch`.
 
 For the modules it also holds the two records of a validated forward that a backward needs
 (:class:`SavedLookup`, :class:`SavedBags`: private, read-only copies of the indices and offsets)
@@ -18,7 +18,9 @@ from typing import Any, Iterator, Optional, Tuple, Union
 
 import numpy as np
 
-from . import _bag, _buffer_cache, _grad, _gather, _renorm, _sort
+import mmap
+
+from . import _bag, _buffer_cache, _grad, _gather, _prefetch, _renorm, _sort
 from ._config import n_threads_for
 from ._validation import (
     FLOAT_DTYPES,
@@ -38,7 +40,7 @@ from ._validation import (
 from .sparse import SparseGrad
 
 __all__ = ["embedding", "embedding_renorm_", "embedding_backward", "coalesce", "embedding_bag",
-           "embedding_bag_backward"]
+           "embedding_bag_backward", "prefetch"]
 
 Grad = Union[np.ndarray, SparseGrad]
 BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
@@ -808,3 +810,94 @@ def embedding_bag_backward(grad_output: Any, input: Any, weight: np.ndarray, off
     psw_grad = psw_gradient(values, weight, bags) if bags.psw is not None else None
     new = bag_contributions(values, weight, bags, scale_grad_by_freq)
     return add_to_grad(None, new, weight.shape, weight.dtype, sparse), psw_grad
+
+
+# ============================================================================ prefetch from disk
+
+#: Page ranges of prefetched rows that are at most this many pages apart are advised in one call
+#: (reading a few unneeded pages costs less than a system call per range).
+PREFETCH_GAP_PAGES = 4
+
+
+def _is_mapped(array: np.ndarray) -> bool:
+    """Whether ``array`` lives in a memory-mapped file (a ``numpy.memmap`` or a view of one)."""
+    if getattr(array, "_mmap", None) is not None:
+        return True
+    base = array.base
+    while base is not None:
+        if isinstance(base, mmap.mmap):
+            return True
+        base = getattr(base, "base", None) if isinstance(base, np.ndarray) else None
+    return False
+
+
+def _row_bytes_view(array: np.ndarray) -> Optional[np.ndarray]:
+    """``array`` as (n_rows, bytes per row) uint8 when each row's bytes are contiguous, else None."""
+    if array.ndim == 1:
+        array = array.reshape(array.shape[0], 1)
+    if array.ndim != 2 or array.size == 0 or (array.shape[1] > 1 and array.strides[1] != array.itemsize):
+        return None
+    try:
+        return array.view(np.uint8)
+    except ValueError:
+        return None
+
+
+def prefetch(weight: np.ndarray, indices: Any, *state_arrays: np.ndarray) -> int:
+    """Ask the operating system to start reading the rows ``indices`` of a table on disk (and the
+    same rows of per-row ``state_arrays``, e.g. an optimizer's moments), and return at once.
+
+    For a memory-mapped table (:func:`cembed.open_table`, ``numpy.memmap``) the pages holding the
+    rows are advised ``MADV_WILLNEED``: the reads start in the background, so a lookup or update of
+    those rows a little later finds them in memory instead of waiting for the disk. Nothing is
+    read or written by the call itself; arrays in memory are skipped.
+
+    Parameters
+    ----------
+    weight : numpy.ndarray
+        The table, ``(num_embeddings, embedding_dim)``.
+    indices : array_like of int
+        Rows (any shape, any integer dtype), checked like a lookup's indices.
+    *state_arrays : numpy.ndarray
+        Arrays indexed by the same rows (first dimension ``num_embeddings``): ``(n_rows, dim)``
+        moments or ``(n_rows,)`` per-row values.
+
+    Returns
+    -------
+    int
+        The number of pages advised (0 when nothing is on disk).
+
+    Raises
+    ------
+    IndexError
+        An index outside ``[0, num_embeddings)``.
+    TypeError, ValueError
+        A bad table, index dtype, or a state array that is not indexed by the table's rows.
+
+    Examples
+    --------
+    >>> import os, tempfile, numpy as np, cembed
+    >>> table = cembed.open_table(os.path.join(tempfile.mkdtemp(), "t.npy"), 100_000, 64)
+    >>> cembed.functional.prefetch(table, np.array([5, 70_000, 6])) > 0
+    True
+    >>> cembed.functional.prefetch(np.zeros((10, 4)), [1, 2])       # in memory: nothing to do
+    0
+    """
+    weight = check_weight(weight, numeric=True)
+    n_rows = weight.shape[0]
+    _, flat = validated_indices(indices, n_rows)
+    arrays = [weight]
+    for k, array in enumerate(state_arrays):
+        if not isinstance(array, np.ndarray):
+            raise TypeError(f"state_arrays[{k}] must be a numpy.ndarray, got {type(array).__name__}")
+        if array.ndim not in (1, 2) or array.shape[0] != n_rows:
+            raise ValueError(f"state_arrays[{k}] must have num_embeddings={n_rows} rows, got shape {array.shape}")
+        arrays.append(array)
+    views = [v for v in (_row_bytes_view(a) for a in arrays if _is_mapped(a)) if v is not None]
+    if not views or flat.size == 0:
+        return 0
+    rows = np.unique(flat).astype(np.int64, copy=False)
+    pages = 0
+    for view in views:
+        pages += _prefetch.willneed_rows(view, rows, mmap.PAGESIZE, PREFETCH_GAP_PAGES)[1]
+    return int(pages)

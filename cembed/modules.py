@@ -120,6 +120,30 @@ class TableModule:
         else:
             self.grad = F.add_to_grad(self.grad, new, self._weight.shape, self._weight.dtype, sparse)
 
+    def prefetch(self, indices: Any, optimizer: Any = None) -> int:
+        """Ask the operating system to start reading the rows ``indices`` of a table on disk — and,
+        with ``optimizer``, the same rows of this table's per-row optimizer state — and return at
+        once (:func:`cembed.functional.prefetch`). Call it for the next batch while computing this
+        one; a no-op for tables in memory. Returns the number of pages advised.
+
+        Raises
+        ------
+        IndexError
+            An index outside ``[0, num_embeddings)``.
+        ValueError
+            ``optimizer`` does not hold this module.
+
+        Examples
+        --------
+        >>> import os, tempfile, numpy as np, cembed
+        >>> table = cembed.open_table(os.path.join(tempfile.mkdtemp(), "t.npy"), 10_000, 32)
+        >>> emb = cembed.Embedding.from_pretrained(table, freeze=False, sparse=True)
+        >>> emb.prefetch(np.array([[1, 9_000], [42, 7]])) > 0
+        True
+        """
+        states = () if optimizer is None else tuple(optimizer._row_state_arrays(self))
+        return F.prefetch(self._weight, indices, *states)
+
     # -------------------------------------------------------------------- housekeeping
     def zero_grad(self) -> None:
         """Drop the accumulated gradient (torch's ``set_to_none=True``)."""

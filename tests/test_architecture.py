@@ -16,8 +16,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "cembed"
 
 LAYER = {  # module (dotted, relative to cembed) -> layer number
     "_build_config": 0, "_validation": 1, "_config": 2,
-    "sparse": 3, "functional": 4,
-    "modules": 5, "optim": 5,
+    "sparse": 3, "functional": 4, "storage": 4,
+    "modules": 5, "optim": 5, "checkpoint": 5,
     "__init__": 6, "distributed": 6, "apps": 7, "__main__": 8,
 }
 

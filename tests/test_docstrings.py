@@ -99,7 +99,7 @@ def _public_callables():
     from cembed.optim import lr_scheduler
 
     methods = {"forward", "backward", "step", "zero_grad", "state_dict", "load_state_dict", "add_param_group",
-               "save", "load", "to_dense", "merge", "from_pretrained", "apply_pending_decay"}
+               "save", "load", "to_dense", "merge", "from_pretrained", "apply_pending_decay", "prefetch"}
     found = []
     for module in (cembed, functional, optim, lr_scheduler):
         for name in getattr(module, "__all__", []):

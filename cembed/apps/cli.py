@@ -99,6 +99,17 @@ def build_parser():
     run.add_argument("--no-save", action="store_true", help="do not write the embeddings")
     run.add_argument("--no-plot", action="store_true", help="do not write the PCA plot")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    disk = t.add_argument_group("tables on disk")
+    disk.add_argument("--table-dir", metavar="DIR", default=None,
+                      help="keep both tables and the optimizer state on disk in DIR (memory-mapped .npy files: "
+                           "tables bigger than RAM train), prefetching each next batch's rows, and write a "
+                           "crash-safe checkpoint to DIR/checkpoint at the end (cembed backend only)")
+    disk.add_argument("--resume", action="store_true",
+                      help="--table-dir: continue from the checkpoint in DIR (same corpus and settings)")
+    disk.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="STEPS",
+                      help="--table-dir: also checkpoint every STEPS steps (default: at the end only)")
+    disk.add_argument("--no-prefetch", action="store_true",
+                      help="--table-dir: do not prefetch the next batch's rows (for measuring what it buys)")
 
     b = sub.add_parser("bench", help="time every kernel against NumPy and torch",
                        description="One table for every kernel: cembed, NumPy and torch (when importable) "
@@ -125,6 +136,15 @@ def _fmt_quality(result):
         return ""
     return "   ".join(f"{name} p@10 {result.quality_before[name]:.3f} -> {result.quality_after[name]:.3f}"
                        for name in result.quality_after)
+
+
+def _fmt_bytes(n):
+    """1,234,567,890 -> '1.15 GiB' (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"  # pragma: no cover
 
 
 def _fmt_loss(result):
@@ -171,6 +191,15 @@ def run_train(args):
         corpus = corpus_mod.synthetic_corpus(args.vocab_size, args.topics, args.tokens, seed=args.seed)
     import cembed
 
+    if args.table_dir is None and (args.resume or args.checkpoint_every or args.no_prefetch):
+        print("error: --resume, --checkpoint-every and --no-prefetch need --table-dir", file=sys.stderr)
+        return 2
+    if args.table_dir is not None and args.shards:
+        print("error: --table-dir keeps the tables in this process; --shards puts them on Ray actors", file=sys.stderr)
+        return 2
+    if args.table_dir is not None and args.backend != ["cembed"]:
+        print("error: --table-dir keeps cembed's tables on disk: use it with --backend cembed", file=sys.stderr)
+        return 2
     # fail before training, not after it, when the results cannot be written
     writes = not args.no_save or (not args.no_plot and corpus.topics is not None)
     if writes:
@@ -183,7 +212,8 @@ def run_train(args):
     config = train_mod.TrainConfig(dim=args.dim, window=args.window, negatives=args.negatives,
                                    batch_size=args.batch_size, epochs=args.epochs, optimizer=args.optimizer,
                                    lr=args.lr, subsample=args.subsample, seed=args.seed, threads=args.threads,
-                                   shards=args.shards)
+                                   table_dir=args.table_dir, resume=args.resume, prefetch=not args.no_prefetch,
+                                   checkpoint_every=args.checkpoint_every or 0, shards=args.shards)
     ray = _start_ray(args, threads, log) if args.shards else None
     try:
         return _train_and_report(args, corpus, config, threads, log, train_mod)
@@ -194,9 +224,14 @@ def run_train(args):
 
 def _start_ray(args, threads, log):
     """--shards: Ray for this process, connected to --ray-address or started here (in the private
-    network namespace main() put the process in)."""
+    network namespace main() put the process in); returns it, to be shut down after training, or
+    None when Ray was already running in this process (whoever started it stops it)."""
     import cembed.distributed as dist
 
+    running = sys.modules.get("ray")
+    if running is not None and running.is_initialized():
+        log(f"ray     already running in this process: {args.shards} shards per table")
+        return None
     if args.ray_address:
         ray = dist.connect(args.ray_address)
         log(f"ray     connected to {args.ray_address}: {args.shards} shards per table")
@@ -217,21 +252,30 @@ def _train_and_report(args, corpus, config, threads, log, train_mod):
             f"negative={options['negative']}, sample={options['sample']:g}, epochs={options['epochs']}, "
             f"min_count=1, seed={options['seed']}, workers={threads}), alpha {options['alpha']} -> "
             f"{options['min_alpha']}, corpus_file input")
+    if args.table_dir is not None:
+        log(f"disk    tables and {config.optimizer} state in {os.path.abspath(args.table_dir)} (memory-mapped), "
+            f"prefetch {'off' if args.no_prefetch else 'on'}"
+            + (", resuming from its checkpoint" if args.resume else ""))
     results = []
     for backend in args.backend:
         config.backend = backend
-        result = train_mod.train(corpus, config, progress=not args.quiet)
+        try:
+            result = train_mod.train(corpus, config, progress=not args.quiet)
+        except train_mod.ResumeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         results.append(result)
         prep = (f"  (+{result.prep_seconds:.1f}s corpus file and vocabulary, not counted)"
                 if result.prep_seconds else "")
+        resumed = f"  (resumed after {result.resumed_words:,} words)" if result.resumed_words else ""
         log(f"{backend:>6}  {result.seconds:.1f}s  {result.words_per_second:,.0f} words/s  "
-            f"loss {_fmt_loss(result)}  {_fmt_quality(result)}{prep}")
+            f"peak RSS {_fmt_bytes(result.peak_rss)}  loss {_fmt_loss(result)}  {_fmt_quality(result)}{prep}{resumed}")
     main = results[0]
     log("")
     log("summary")
     for r in results:
         log(f"  {r.backend:<7} time {r.seconds:7.1f}s   throughput {r.words_per_second:>12,.0f} words/s   "
-            f"{_fmt_quality(r)}")
+            f"peak RSS {_fmt_bytes(r.peak_rss)}   {_fmt_quality(r)}")
     for other in results[1:]:
         log(f"  {main.backend} / {other.backend} throughput: "
             f"{main.words_per_second / other.words_per_second:.2f}x")

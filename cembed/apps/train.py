@@ -10,6 +10,7 @@ for a comparison with the reference CPU implementation most users know.
 """
 import math
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -41,6 +42,10 @@ class TrainConfig:
     threads: Optional[int] = None
     backend: str = "cembed"
     shards: int = 0             # > 0: the cembed backend's tables are sharded over Ray actors (Ray running)
+    table_dir: Optional[str] = None   # keep both tables and the optimizer state on disk in this directory
+    resume: bool = False              # with table_dir: continue from the checkpoint in table_dir
+    prefetch: bool = True             # with table_dir: prefetch batch k+1's rows while batch k is computed
+    checkpoint_every: int = 0         # with table_dir: also checkpoint every this many steps (0: at the end only)
 
     def learning_rate(self):
         return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
@@ -132,10 +137,10 @@ def initial_tables(vocab_size, dim, seed):
 
 # ------------------------------------------------------------------------------------------ models
 
-def make_optimizer(optim_module, params, config: TrainConfig):
+def make_optimizer(optim_module, params, config: TrainConfig, **options):
     """The configured optimizer from ``cembed.optim`` or ``torch.optim`` (same names, same arguments)."""
     name = {"sparseadam": "SparseAdam", "adagrad": "Adagrad", "sgd": "SGD"}[config.optimizer]
-    return getattr(optim_module, name)(params, lr=config.learning_rate())
+    return getattr(optim_module, name)(params, lr=config.learning_rate(), **options)
 
 
 def _softplus(x):
@@ -147,11 +152,20 @@ class CembedModel:
 
     name = "cembed"
 
-    def __init__(self, w_in, w_out, config: TrainConfig):
+    def __init__(self, w_in, w_out, config: TrainConfig, state_dir=None):
         self.n_steps = 0
         self.emb_in: Any = cembed.Embedding.from_pretrained(w_in, freeze=False, sparse=True)
         self.emb_out: Any = cembed.Embedding.from_pretrained(w_out, freeze=False, sparse=True)
-        self.opt = make_optimizer(cembed.optim, [self.emb_in, self.emb_out], config)
+        options = {} if state_dir is None else {"state_dir": state_dir}
+        self.opt = make_optimizer(cembed.optim, [self.emb_in, self.emb_out], config, **options)
+
+    def prefetch(self, centers, targets):
+        """Start reading the rows (and their optimizer state) a coming step will touch."""
+        self.emb_in.prefetch(centers, self.opt)
+        self.emb_out.prefetch(targets, self.opt)
+
+    def modules(self):
+        return {"in": self.emb_in, "out": self.emb_out}
 
     def step(self, centers, targets):
         v = self.emb_in(centers)                              # (B, D)
@@ -346,6 +360,8 @@ class TrainResult:
     eval_sizes: Optional[dict] = None
     table: Optional[np.ndarray] = None
     prep_seconds: float = 0.0     # set-up not counted in ``seconds`` (gensim: corpus file + vocabulary)
+    peak_rss: int = 0             # the process's peak resident memory so far, bytes (getrusage)
+    resumed_words: int = 0        # --resume: words the checkpoint had already trained on
 
 
 def train(corpus: Corpus, config: TrainConfig, *, progress=True):
@@ -362,33 +378,122 @@ def train(corpus: Corpus, config: TrainConfig, *, progress=True):
         return _train(corpus, config, progress)
 
 
+def peak_rss_bytes():
+    """The process's peak resident set size so far, in bytes (``getrusage``; Linux counts KiB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) * (1 if sys.platform == "darwin" else 1024)
+
+
+class ResumeError(ValueError):
+    """``--resume`` cannot continue from the checkpoint in the table directory."""
+
+
+#: The settings a resumed run must share with the run that wrote the checkpoint.
+RESUME_KEYS = ("dim", "window", "negatives", "batch_size", "epochs", "optimizer", "lr", "subsample",
+               "chunk_tokens", "seed")
+
+
+class TableDir:
+    """``--table-dir DIR``: the tables (``DIR/tables/in.npy``, ``out.npy``) and the optimizer state
+    (``DIR/state/``) as memory-mapped files, checkpoints in ``DIR/checkpoint`` (``docs/storage.md``)."""
+
+    def __init__(self, root, config: TrainConfig, corpus):
+        self.root = os.path.abspath(root)
+        self.tables = os.path.join(self.root, "tables")
+        self.state = os.path.join(self.root, "state")
+        self.checkpoint = os.path.join(self.root, "checkpoint")
+        self.settings = {key: getattr(config, key) for key in RESUME_KEYS}
+        self.settings.update(vocab_size=corpus.vocab_size, n_tokens=corpus.n_tokens)
+
+    def open_tables(self, config: TrainConfig, vocab_size):
+        """The two tables, created with the trainer's initialisation (bitwise ``initial_tables``),
+        or, when resuming, opened as they are (their values come from the checkpoint)."""
+        os.makedirs(self.tables, exist_ok=True)
+        mode = "r+" if config.resume else "w+"
+        def init_in(block, start):   # initial_tables' values, row by row
+            block[:] = initial_rows(config.seed, np.arange(start, start + block.shape[0]), config.dim, np.float32)
+
+        w_in = cembed.open_table(os.path.join(self.tables, "in.npy"), vocab_size, config.dim, np.float32, mode=mode,
+                                 init=init_in)
+        w_out = cembed.open_table(os.path.join(self.tables, "out.npy"), vocab_size, config.dim, np.float32,
+                                  mode=mode, init="zeros")
+        return w_in, w_out
+
+    def resume(self, model):
+        """Load the checkpoint into the model; returns (steps, words) already trained."""
+        try:
+            extra = cembed.load_checkpoint(self.checkpoint, model.modules(), model.opt)
+        except ValueError as exc:
+            raise ResumeError(f"--resume: {exc}") from None
+        saved = (extra or {}).get("settings", {})
+        differ = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in self.settings.items() if saved.get(k) != v]
+        if differ:
+            raise ResumeError("--resume: the checkpoint was written with other settings: " + ", ".join(differ))
+        return int(extra["steps"]), int(extra["words"])
+
+    def save(self, model, steps, words):
+        cembed.save_checkpoint(self.checkpoint, model.modules(), model.opt,
+                               extra={"steps": steps, "words": words, "settings": self.settings})
+
+
 def _train(corpus, config, progress):
-    w_in, w_out = initial_tables(corpus.vocab_size, config.dim, config.seed)
+    table_dir = None
+    if config.table_dir is not None:
+        if config.backend != "cembed":
+            raise ValueError(f"--table-dir keeps cembed's tables on disk; the {config.backend} backend cannot")
+        if config.shards:
+            raise ValueError("--table-dir keeps the tables in this process; --shards puts them on Ray actors")
+        table_dir = TableDir(config.table_dir, config, corpus)
+        if config.resume and not os.path.isdir(table_dir.tables):
+            raise ResumeError(f"--resume: {table_dir.tables} does not exist (nothing to resume)")
+        w_in, w_out = table_dir.open_tables(config, corpus.vocab_size)
+    else:
+        w_in, w_out = initial_tables(corpus.vocab_size, config.dim, config.seed)
     eval_sets = (evaluation_sets(corpus) or None) if corpus.topics is not None else None
+    if table_dir is not None:
+        model = CembedModel(w_in, w_out, config, state_dir=table_dir.state)
+        done_steps, done_words = table_dir.resume(model) if config.resume else (0, 0)
+        model.n_steps = done_steps
+    else:
+        model = (TorchModel if config.backend == "torch" else ShardedModel if config.shards else CembedModel)(
+            w_in, w_out, config)
+        done_steps, done_words = 0, 0
     before, chance = {}, {}
     for name, words in (eval_sets or {}).items():
-        before[name], chance[name] = topic_precision(w_in, words, corpus.topics)
-    model = (TorchModel if config.backend == "torch" else ShardedModel if config.shards else CembedModel)(
-        w_in, w_out, config)
-    stream = BatchStream(corpus, config)
+        before[name], chance[name] = topic_precision(model.input_table(), words, corpus.topics)
+    stream = iter(BatchStream(corpus, config))
+    for _ in range(done_steps):   # the stream is deterministic: skip what the checkpoint has trained on
+        next(stream)
     total = corpus.n_tokens * config.epochs
     bar = Progress(total, f"{model.name:>6}", enabled=progress)
     loss = None
-    words = 0
+    words = done_words
+    prefetch = table_dir is not None and config.prefetch
     start = time.perf_counter()
-    for centers, targets, words in stream:
+    batch = next(stream, None)
+    while batch is not None:
+        centers, targets, words = batch
+        batch = next(stream, None)
+        if prefetch and batch is not None:
+            model.prefetch(batch[0], batch[1])   # the disk reads batch k+1 while batch k is computed
         loss = model.step(centers, targets)
         bar.update(words, loss)
+        if table_dir is not None and config.checkpoint_every and model.n_steps % config.checkpoint_every == 0:
+            table_dir.save(model, model.n_steps, words)
     seconds = time.perf_counter() - start
+    if table_dir is not None:
+        table_dir.save(model, model.n_steps, total)
     table = model.input_table()
     if isinstance(model, ShardedModel):
         model.close()
+    trained = total - done_words
     words = total   # every token was consumed, also when the last slices gave no pair
     bar.update(words, loss, force=True)
     bar.close()
-    result = TrainResult(backend=model.name, seconds=seconds, words=words,
-                         words_per_second=words / seconds if seconds > 0 else float("nan"),
-                         final_loss=bar.loss, table=table)
+    result = TrainResult(backend=model.name, seconds=seconds, words=trained,
+                         words_per_second=trained / seconds if seconds > 0 else float("nan"),
+                         final_loss=bar.loss, table=table, peak_rss=peak_rss_bytes(),
+                         resumed_words=done_words)
     return _score(result, corpus, eval_sets, before, chance)
 
 
@@ -470,7 +575,8 @@ def _train_gensim(corpus, config, threads, progress):
     words = corpus.n_tokens * config.epochs
     result = TrainResult(backend="gensim", seconds=seconds, words=words,
                          words_per_second=words / seconds if seconds > 0 else float("nan"), final_loss=None,
-                         table=_table_by_id(model.wv.vectors, ids, corpus.vocab_size), prep_seconds=prep)
+                         table=_table_by_id(model.wv.vectors, ids, corpus.vocab_size), prep_seconds=prep,
+                         peak_rss=peak_rss_bytes())
     return _score(result, corpus, eval_sets, before, chance)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from .. import functional as F
 from ..modules import Embedding
 from ..sparse import SparseGrad
-from ._checkpoint import load_arrays, save_arrays
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ._init import INITS, check_seed
 from ._ray import require_ray
 from ._shard import OPTIMIZERS, Shard, local_rows, make_optimizer
@@ -557,9 +557,17 @@ class ShardedEmbedding:
         self._log = [{} for _ in range(S)]
         self.grad = None
 
+    def _local_copy(self, weight: np.ndarray) -> Tuple[Embedding, Any]:
+        """A one-process Embedding over ``weight`` and this table's optimizer over it."""
+        emb = Embedding.from_pretrained(weight, freeze=False, sparse=True, padding_idx=self.padding_idx)
+        return emb, make_optimizer(self.optimizer, emb, dict(self.optimizer_options))
+
     def save_checkpoint(self, path: str) -> None:
-        """Write the whole table and optimizer state (:meth:`state_dict`) to directory ``path``:
-        one ``.npy`` per array, a JSON manifest with checksums, switched into place atomically.
+        """Write the whole table and its optimizer state as a cembed checkpoint directory
+        (:func:`cembed.save_checkpoint`: one ``.npy`` per array, a JSON manifest with checksums,
+        swapped into place crash-safely), as the table ``"table"`` of one process: the directory
+        also loads into a ``cembed.Embedding`` and the same optimizer. The whole table passes
+        through this process.
 
         Examples
         --------
@@ -568,19 +576,17 @@ class ShardedEmbedding:
         >>> table.save_checkpoint("ckpt/table")       # doctest: +SKIP
         """
         sd = self.state_dict()
-        arrays = {"weight": sd["weight"]}
-        scalars = {}
-        for key, value in sd["optimizer"].items():
-            if isinstance(value, np.ndarray):
-                arrays[f"state.{key}"] = value
-            else:
-                scalars[key] = value
-        meta = {"step": sd["step"], "scalars": scalars, "optimizer": self.optimizer,
-                "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim}
-        save_arrays(os.fspath(path), f"step-{sd['step']:012d}", arrays, meta)
+        emb, opt = self._local_copy(sd["weight"])
+        packed = opt.state_dict()
+        packed["state"] = {0: sd["optimizer"]} if sd["optimizer"] else {}
+        opt.load_state_dict(packed)
+        save_checkpoint(os.fspath(path), {"table": emb}, opt,
+                        extra={"step": sd["step"], "num_shards": self.num_shards, "optimizer": self.optimizer})
 
     def load_checkpoint(self, path: str) -> None:
-        """Restore a :meth:`save_checkpoint` directory (written with any number of shards).
+        """Restore a :meth:`save_checkpoint` directory (written with any number of shards, or by
+        ``cembed.save_checkpoint(path, {"table": emb}, optimizer)`` in one process — then the step
+        count restarts at the optimizer's). Everything is checked before any shard changes.
 
         Examples
         --------
@@ -588,16 +594,13 @@ class ShardedEmbedding:
 
         >>> table.load_checkpoint("ckpt/table")       # doctest: +SKIP
         """
-        loaded = load_arrays(os.fspath(path))
-        if loaded is None:
-            raise FileNotFoundError(f"no checkpoint in {path}")
-        arrays, meta = loaded
-        if meta.get("optimizer") != self.optimizer:
-            raise ValueError(f"checkpoint {path} is of optimizer {meta.get('optimizer')!r}, this table runs "
-                             f"{self.optimizer!r}")
-        state: Dict[str, Any] = dict(meta["scalars"])
-        state.update({k[len("state."):]: v for k, v in arrays.items() if k.startswith("state.")})
-        self.load_state_dict({"step": meta["step"], "weight": arrays["weight"], "optimizer": state})
+        emb, opt = self._local_copy(np.zeros((self.num_embeddings, self.embedding_dim), dtype=self.dtype))
+        extra = load_checkpoint(os.fspath(path), {"table": emb}, opt, mmap=False)
+        state = opt.state_dict()["state"].get(0, {})
+        step = extra.get("step") if isinstance(extra, dict) else None
+        if step is None:
+            step = int(state.get("step", 0))
+        self.load_state_dict({"step": step, "weight": emb.weight, "optimizer": state})
 
     def shard_info(self) -> List[Dict[str, Any]]:
         """Per shard: process id, step, the step it restored a checkpoint at (None if never).

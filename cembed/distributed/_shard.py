@@ -13,9 +13,9 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from .. import optim
+from ..checkpoint import CheckpointError, find_directory, load_checkpoint, save_checkpoint
 from ..modules import Embedding
 from ..sparse import SparseGrad
-from ._checkpoint import load_arrays, save_arrays
 from ._init import initial_rows
 
 __all__ = ["Shard", "OPTIMIZERS", "make_optimizer"]
@@ -54,23 +54,25 @@ class Shard:
         self.num_embeddings = num_embeddings
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
         self.rows = local_rows(shard_id, num_shards, num_embeddings)
-        restored = load_arrays(checkpoint_dir) if checkpoint_dir is not None else None
-        if restored is None:
+        restore = checkpoint_dir is not None and _has_checkpoint(checkpoint_dir)
+        if restore:   # restarted by Ray: the values come from the checkpoint
+            weight = np.zeros((self.rows, embedding_dim), dtype=dtype)
+        else:
             global_rows = np.arange(shard_id, num_embeddings, num_shards, dtype=np.int64)
             weight = initial_rows(seed, global_rows, embedding_dim, dtype, init)
             if padding_idx is not None and padding_idx % num_shards == shard_id:
                 weight[padding_idx // num_shards] = 0
-            self.step = 0
-            self.restored_from: Optional[int] = None
-        else:
-            arrays, meta = restored
-            weight = arrays.pop("weight")
-            self.step = int(meta["step"])
-            self.restored_from = self.step
         self.emb = Embedding.from_pretrained(weight, freeze=False, sparse=True)
         self.opt = make_optimizer(optimizer, self.emb, dict(optimizer_options))
-        if restored is not None:
-            self._load_optimizer_state(arrays, meta["scalars"])
+        self.step = 0
+        self.restored_from: Optional[int] = None
+        if restore:
+            assert checkpoint_dir is not None
+            extra = load_checkpoint(checkpoint_dir, {"rows": self.emb}, self.opt, mmap=False)
+            if not isinstance(extra, dict) or extra.get("shard") != [shard_id, num_shards]:
+                raise CheckpointError(f"{checkpoint_dir}: not the checkpoint of shard {shard_id} of {num_shards}")
+            self.step = int(extra["step"])
+            self.restored_from = self.step
 
     # ---------------------------------------------------------------- calls from the client
     def gather(self, step: int, rows: np.ndarray) -> Tuple[int, Optional[np.ndarray]]:
@@ -133,22 +135,17 @@ class Shard:
         return self.step
 
     def save(self) -> None:
-        """Checkpoint the current step into ``checkpoint_dir``."""
+        """Checkpoint the current step into ``checkpoint_dir`` (cembed's checkpoint directory
+        format: the rows as table ``"rows"``, the optimizer's state, the step in ``extra``)."""
         if self.checkpoint_dir is None:
             raise ValueError("this shard has no checkpoint_dir")
-        entry = self.opt.state.get(self.emb, {})     # the live arrays: written, not copied
-        arrays = {"weight": self.emb.weight}
-        scalars = {}
-        for key, value in entry.items():
-            if isinstance(value, np.ndarray):
-                arrays[f"state.{key}"] = value
-            else:
-                scalars[key] = value
-        save_arrays(self.checkpoint_dir, f"step-{self.step:012d}", arrays, {"step": self.step, "scalars": scalars})
+        save_checkpoint(self.checkpoint_dir, {"rows": self.emb}, self.opt,
+                        extra={"step": self.step, "shard": [self.shard_id, self.num_shards]})
 
-    def _load_optimizer_state(self, arrays: Dict[str, np.ndarray], scalars: Dict[str, Any]) -> None:
-        entry: Dict[str, Any] = dict(scalars)
-        entry.update({key[len("state."):]: value for key, value in arrays.items() if key.startswith("state.")})
-        sd = self.opt.state_dict()
-        sd["state"] = {0: entry} if entry else {}
-        self.opt.load_state_dict(sd)
+
+def _has_checkpoint(path: str) -> bool:
+    try:
+        find_directory(path)
+    except CheckpointError:
+        return False
+    return True

@@ -24,6 +24,9 @@ class Adagrad(Optimizer):
         ``weight_decay`` needs dense gradients (as in torch).
     eps : float, default 1e-10
     maximize : bool, default False
+    state_dir : str or os.PathLike, optional
+        Keep the per-row state arrays as ``.npy`` memmaps in this directory instead of in memory
+        (``docs/storage.md``); the directory is locked by this optimizer.
 
     Notes
     -----
@@ -43,10 +46,10 @@ class Adagrad(Optimizer):
     _state_arrays = ("sum",)
 
     def __init__(self, params: Any, lr: float = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
-                 initial_accumulator_value: float = 0.0, eps: float = 1e-10, maximize: bool = False) -> None:
+                 initial_accumulator_value: float = 0.0, eps: float = 1e-10, maximize: bool = False, state_dir: Any = None) -> None:
         super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                                       initial_accumulator_value=initial_accumulator_value, eps=eps,
-                                      maximize=maximize))
+                                      maximize=maximize), state_dir=state_dir)
 
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
         for name in ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"):
@@ -55,11 +58,9 @@ class Adagrad(Optimizer):
         return group
 
     def _init_state(self, module: Any, group: Group) -> None:
-        weight = module.weight
-        state_sum = np.zeros(weight.shape, dtype=weight.dtype)  # lazily zeroed pages
-        if group["initial_accumulator_value"] != 0:
-            state_sum.fill(group["initial_accumulator_value"])
-        self.state[module] = {"step": np.float32(0.0), "sum": state_sum}
+        state: Dict[str, Any] = {"step": np.float32(0.0)}
+        self._new_state(state, "sum", module.weight, fill=group["initial_accumulator_value"])
+        self.state[module] = state
 
     def _fill_missing_state(self, state: Dict[Any, Dict[str, Any]], groups: List[Group]) -> None:
         for group in groups:

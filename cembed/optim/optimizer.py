@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import copy
-import io
 import json
 import os
 import tempfile
+import weakref
 import zipfile
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -22,6 +22,7 @@ from .._validation import (
     kernel_layout,
 )
 from ..sparse import SparseGrad
+from .. import storage
 
 __all__ = ["Optimizer"]
 
@@ -79,19 +80,32 @@ class Optimizer:
     #: For optimizers that take sparse gradients only: what to use for dense ones instead.
     _dense_alternative: Optional[str] = None
 
-    def __init__(self, params: Any, defaults: Dict[str, Any]) -> None:
+    def __init__(self, params: Any, defaults: Dict[str, Any], state_dir: Any = None) -> None:
         self.defaults: Dict[str, Any] = self._check_options(dict(defaults), "defaults")
         self.param_groups: List[Group] = []
         self.state: Dict[Any, Dict[str, Any]] = {}
-        if hasattr(params, "weight") or isinstance(params, dict):
-            params = [params]
-        groups = list(params)
-        if not groups:
-            raise ValueError("optimizer got an empty parameter list")
-        if not isinstance(groups[0], dict):
-            groups = [{"params": groups}]
-        for group in groups:
-            self.add_param_group(group)
+        self._joining: Any = None
+        #: Where the per-row state arrays live as ``.npy`` memmaps (None: in memory). See
+        #: ``docs/storage.md``: one file ``p<index>.<name>.npy`` per array, ``<index>`` the
+        #: parameter's number across the groups (as in :meth:`state_dict`).
+        self.state_dir: Optional[str] = None
+        self._lock: Optional[weakref.finalize] = None
+        if state_dir is not None:
+            self.state_dir, self._lock = _lock_state_dir(state_dir, self)
+        try:
+            if hasattr(params, "weight") or isinstance(params, dict):
+                params = [params]
+            groups = list(params)
+            if not groups:
+                raise ValueError("optimizer got an empty parameter list")
+            if not isinstance(groups[0], dict):
+                groups = [{"params": groups}]
+            for group in groups:
+                self.add_param_group(group)
+        except BaseException:
+            if self._lock is not None:
+                self._lock()  # a refused optimizer does not keep its state_dir locked
+            raise
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -140,7 +154,11 @@ class Optimizer:
         group["params"] = modules
         self.param_groups.append(group)
         for module in modules:
-            self._init_state(module, group)
+            self._joining = module
+            try:
+                self._init_state(module, group)
+            finally:
+                self._joining = None
 
     def _named_params(self) -> Iterable[Tuple[str, Any]]:
         for g, group in enumerate(self.param_groups):
@@ -149,6 +167,80 @@ class Optimizer:
 
     def _init_state(self, module: Any, group: Group) -> None:
         """State created when a parameter joins (Adagrad's accumulator); default: lazily at step."""
+
+    def _new_state(self, state: Dict[str, Any], key: str, weight: np.ndarray, *, per_row: bool = False,
+                   dtype: Any = None, fill: float = 0.0) -> np.ndarray:
+        """The one place an optimizer allocates a per-row state array: ``state[key]``, shaped like
+        ``weight`` (or ``(n_rows,)`` with ``per_row``), of ``dtype`` (default: the weight's), filled
+        with ``fill``. Zeros come from ``np.zeros``, so untouched pages of a huge table's state cost
+        no memory until a row is first updated. Stores the array in ``state`` and returns it."""
+        shape = (weight.shape[0],) if per_row else weight.shape
+        dtype = weight.dtype if dtype is None else dtype
+        if self.state_dir is not None:
+            # on disk: a sparse zero file (no write), mapped read-write; a non-zero fill is written
+            # in bounded blocks
+            path = self._state_path(self._module_of(state), key)
+            storage.create_zeros(path, shape, dtype)
+            array: np.ndarray = storage.map_array(path, "r+")
+            if fill != 0:
+                step = max(1, storage.CHUNK_BYTES // max(1, array.itemsize * int(np.prod(shape[1:], dtype=np.int64))))
+                for lo in range(0, shape[0], step):
+                    array[lo:lo + step] = fill
+        else:
+            array = np.zeros(shape, dtype=dtype)
+            if fill != 0:
+                array.fill(fill)
+        state[key] = array
+        return array
+
+    # ------------------------------------------------------------------ state on disk
+    def _module_of(self, state: Dict[str, Any]) -> Any:
+        """The parameter whose state dict is ``state`` (or the one joining the optimizer)."""
+        for module, entry in self.state.items():
+            if entry is state:
+                return module
+        if self._joining is not None:
+            return self._joining
+        raise RuntimeError("optimizer state allocated for an unknown parameter")  # pragma: no cover
+
+    def _state_path(self, module: Any, key: str) -> str:
+        """``<state_dir>/p<index>.<key>.npy``: ``index`` numbers the parameters across the groups."""
+        assert self.state_dir is not None
+        index = self._index_of()[id(module)]
+        return os.path.join(self.state_dir, f"p{index}.{key}.npy")
+
+    @staticmethod
+    def _is_row_state(key: str, value: Any, weight: np.ndarray) -> bool:
+        """Whether a state entry is a per-row array (kept in ``state_dir`` when there is one)."""
+        return (key != "active_rows" and isinstance(value, np.ndarray) and value.ndim >= 1
+                and (value.shape == weight.shape or value.shape == (weight.shape[0],)))
+
+    def _row_state_arrays(self, module: Any) -> List[np.ndarray]:
+        """The per-row state arrays of ``module`` (what :meth:`Embedding.prefetch` reads ahead);
+        ValueError when the optimizer does not hold it."""
+        self._locate(module)
+        entry = self.state.get(module) or {}
+        weight = module.weight
+        return [v for k, v in entry.items() if self._is_row_state(k, v, weight)]
+
+    def _move_to_state_dir(self, new_state: Dict[Any, Dict[str, Any]], index: Dict[int, int]) -> None:
+        """Copy every per-row array of a checked ``new_state`` into its file in ``state_dir``
+        (bounded blocks; each file written under a temporary name and renamed into place) and
+        replace it by the mapped file."""
+        assert self.state_dir is not None
+        for module, entry in new_state.items():
+            for key, value in list(entry.items()):
+                if not self._is_row_state(key, value, module.weight):
+                    continue
+                path = os.path.join(self.state_dir, f"p{index[id(module)]}.{key}.npy")
+                tmp = path + ".loading"
+                storage.create_zeros(tmp, value.shape, value.dtype)
+                target = storage.map_array(tmp, "r+")
+                storage.copy_rows(target, value)
+                target.flush()
+                del target
+                os.replace(tmp, path)
+                entry[key] = storage.map_array(path, "r+")
 
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
         raise NotImplementedError
@@ -469,10 +561,12 @@ class Optimizer:
                 raise ValueError(f"state_dict state[{i}] must be a dict")
             module, options = by_saved_index[i]
             weight = check_weight(module.weight, f"parameter {i}.weight", numeric=True)
-            entry = self._load_state_entry(copy.deepcopy(dict(entry)), weight, options, f"state_dict state[{i}]")
+            entry = self._load_state_entry(_copy_entry(entry), weight, options, f"state_dict state[{i}]")
             new_state[module] = entry
         new_state = {m: e for m, e in new_state.items() if e}
         self._fill_missing_state(new_state, [g for g, _ in new_groups])
+        if self.state_dir is not None:
+            self._move_to_state_dir(new_state, self._index_of())
         self.param_groups = [g for g, _ in new_groups]
         self.state = new_state
 
@@ -488,7 +582,8 @@ class Optimizer:
                 if not isinstance(arr, np.ndarray) or arr.shape != weight.shape or arr.dtype != weight.dtype:
                     got = f"shape {arr.shape} and dtype {arr.dtype}" if isinstance(arr, np.ndarray) else type(arr).__name__
                     raise ValueError(f"{where}[{name!r}] has {got}, expected {weight.shape} {weight.dtype}")
-                entry[name] = np.array(arr, order="C", copy=True)
+                # a private copy; with state_dir the copy is made into the state file at commit
+                entry[name] = arr if self.state_dir is not None else np.array(arr, order="C", copy=True)
         return entry
 
     # ------------------------------------------------------------------ files
@@ -508,30 +603,74 @@ class Optimizer:
         >>> opt.save(path)
         >>> opt.load(path)
         """
-        sd = self.state_dict()
-        sd["param_groups"] = [dict(self._check_options(dict(group), f"param_groups[{g}]"), params=group["params"])
-                              for g, group in enumerate(sd["param_groups"])]  # plain floats, or refused here
+        meta, arrays = self._serialized()
+        meta_bytes = json.dumps(meta, allow_nan=True).encode()
+        arrays["__meta__"] = np.frombuffer(meta_bytes, dtype=np.uint8)
+        # streamed into the file array by array (bounded memory for state on disk)
+        _write_atomically(os.fspath(path), lambda fh: np.savez(fh, **arrays))  # type: ignore[arg-type]
+
+    def _serialized(self) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+        """(JSON-able description, arrays by name) of the whole state, without copying any array:
+        what :meth:`save` writes and what :func:`cembed.save_checkpoint` stores. The description is
+        ``{"format", "class", "param_groups": [options..., "params": [indices]], "state": {index:
+        {name: {"array": name, "scalar": bool} | {"value": v}}}}``; the arrays are named
+        ``"<index>/<name>"``. Options are re-checked (plain floats, or refused here)."""
+        index = self._index_of()
+        groups = []
+        for g, group in enumerate(self.param_groups):
+            options = self._check_options({k: copy.deepcopy(v) for k, v in group.items() if k != "params"},
+                                          f"param_groups[{g}]")
+            options["params"] = [index[id(m)] for m in group["params"]]
+            groups.append(options)
         arrays: Dict[str, np.ndarray] = {}
         meta_state: Dict[str, Dict[str, Any]] = {}
-        for i, entry in sd["state"].items():
+        for module, entry in self.state.items():
+            if id(module) not in index or not entry:
+                continue
+            i = index[id(module)]
             meta_state[str(i)] = {}
             for name, value in entry.items():
                 if isinstance(value, (np.ndarray, np.generic)):
                     arrays[f"{i}/{name}"] = np.asarray(value)
                     meta_state[str(i)][name] = {"array": f"{i}/{name}", "scalar": isinstance(value, np.generic)}
                 else:
-                    meta_state[str(i)][name] = {"value": value}
-        meta = {"format": _FORMAT, "class": type(self).__name__, "param_groups": sd["param_groups"],
-                "state": meta_state}
+                    meta_state[str(i)][name] = {"value": copy.deepcopy(value)}
+        meta = {"format": _FORMAT, "class": type(self).__name__, "param_groups": groups,
+                "state": dict(sorted(meta_state.items(), key=lambda kv: int(kv[0])))}
         try:
-            meta_bytes = json.dumps(meta, allow_nan=True).encode()
+            json.dumps(meta, allow_nan=True)
         except TypeError as exc:
             raise TypeError(f"cannot save the optimizer: a param group option or state value is not a plain "
                             f"number, bool, string or list ({exc})") from None
-        buffer = io.BytesIO()
-        arrays["__meta__"] = np.frombuffer(meta_bytes, dtype=np.uint8)
-        np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as savez's flags
-        _write_atomically(os.fspath(path), buffer.getbuffer())
+        return meta, arrays
+
+    @classmethod
+    def _deserialized(cls, meta: Any, arrays: Callable[[str], np.ndarray],
+                      where: str) -> Tuple[Dict[int, Dict[str, Any]], Any]:
+        """The (state, param_groups) of a :meth:`_serialized` description, its arrays fetched by
+        ``arrays(name)``; ValueError naming ``where`` when the description is malformed."""
+        if not isinstance(meta, dict) or meta.get("format") not in (_FORMAT, None) or "state" not in meta:
+            raise ValueError(f"{where}: not a cembed optimizer state")
+        if meta.get("class") != cls.__name__:
+            raise ValueError(f"{where} holds {meta.get('class')} state, not {cls.__name__}")
+        state: Dict[int, Dict[str, Any]] = {}
+        try:
+            for i, entry in meta["state"].items():
+                state[int(i)] = {}
+                for name, spec in entry.items():
+                    if "array" in spec:
+                        arr = arrays(spec["array"])
+                        state[int(i)][name] = arr[()] if spec["scalar"] else arr
+                    else:
+                        state[int(i)][name] = spec["value"]
+            groups = meta["param_groups"]
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise ValueError(f"{where}: malformed optimizer state ({type(exc).__name__}: {exc})") from None
+        if isinstance(groups, list):
+            for group in groups:
+                if isinstance(group, dict) and isinstance(group.get("betas"), list):
+                    group["betas"] = tuple(group["betas"])
+        return state, groups
 
     def load(self, path: "os.PathLike[str] | str") -> None:
         """Restore the state written by :meth:`save`, checked like :meth:`load_state_dict`.
@@ -558,40 +697,63 @@ class Optimizer:
                 meta = json.loads(bytes(data["__meta__"]).decode())
                 if not isinstance(meta, dict) or meta.get("format") not in (_FORMAT, None) or "state" not in meta:
                     raise ValueError("not a cembed optimizer file")
-                state: Dict[int, Dict[str, Any]] = {}
-                for i, entry in meta["state"].items():
-                    state[int(i)] = {}
-                    for name, spec in entry.items():
-                        if "array" in spec:
-                            arr = data[spec["array"]]
-                            state[int(i)][name] = arr[()] if spec["scalar"] else arr
-                        else:
-                            state[int(i)][name] = spec["value"]
-                groups = meta["param_groups"]
-        except FileNotFoundError:
+                if meta.get("class") != type(self).__name__:
+                    raise _WrongClass(f"{path} holds {meta.get('class')} state, not {type(self).__name__}")
+                state, groups = self._deserialized(meta, lambda name: data[name], path)
+        except (FileNotFoundError, _WrongClass):
             raise
         except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile,
                 UnicodeDecodeError) as exc:
             raise ValueError(f"{path}: not a readable cembed optimizer file ({type(exc).__name__}: {exc})") from None
-        if meta.get("class") != type(self).__name__:
-            raise ValueError(f"{path} holds {meta.get('class')} state, not {type(self).__name__}")
-        if isinstance(groups, list):
-            for group in groups:
-                if isinstance(group, dict) and isinstance(group.get("betas"), list):
-                    group["betas"] = tuple(group["betas"])
         try:
             self.load_state_dict({"state": state, "param_groups": groups})
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
 
 
-def _write_atomically(path: str, data: memoryview) -> None:
-    """Write ``data`` to ``path`` through a synced temporary sibling and a rename."""
+def _copy_entry(entry: Any) -> Dict[str, Any]:
+    """A state entry for checking: arrays as they are (every ``_load_state_entry`` copies the arrays
+    it keeps), everything else deep-copied."""
+    return {k: v if isinstance(v, np.ndarray) else copy.deepcopy(v) for k, v in dict(entry).items()}
+
+
+def _lock_state_dir(state_dir: Any, owner: Any) -> Tuple[str, Optional[weakref.finalize]]:
+    """Create ``state_dir`` if needed and lock it for ``owner`` (an exclusive ``flock`` on
+    ``<state_dir>/.lock``, released when the owner is collected): two optimizers never share
+    state files."""
+    if not isinstance(state_dir, (str, os.PathLike)):
+        raise TypeError(f"state_dir must be a path (str or os.PathLike) or None, got {type(state_dir).__name__}")
+    path = os.path.abspath(os.fspath(state_dir))
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"state_dir {path}: cannot create the directory ({exc.strerror or exc})") from None
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock on this platform
+        return path, None
+    lock_path = os.path.join(path, ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ValueError(f"state_dir {path} is in use by another optimizer (its lock {lock_path} is held): "
+                         "give each optimizer its own state_dir") from None
+    return path, weakref.finalize(owner, os.close, fd)
+
+
+def _write_atomically(path: str, data: Any) -> None:
+    """Write ``data`` (bytes, or a function writing into a binary file) to ``path`` through a synced
+    temporary sibling and a rename."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            if callable(data):
+                data(fh)
+            else:
+                fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -611,6 +773,10 @@ def _write_atomically(path: str, data: memoryview) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+class _WrongClass(ValueError):
+    """A state saved by another optimizer class."""
 
 
 def _check_maximize(group: Dict[str, Any], where: str) -> None:

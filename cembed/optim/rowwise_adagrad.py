@@ -39,6 +39,9 @@ class RowWiseAdagrad(Optimizer):
     weight_decay_mode : {"l2", "decoupled"}, default "l2"
     initial_accumulator_value : float, default 0
     maximize : bool, default False
+    state_dir : str or os.PathLike, optional
+        Keep the per-row state arrays as ``.npy`` memmaps in this directory instead of in memory
+        (``docs/storage.md``); the directory is locked by this optimizer.
 
     Notes
     -----
@@ -61,9 +64,9 @@ class RowWiseAdagrad(Optimizer):
 
     def __init__(self, params: Any, lr: float = 0.01, eps: float = 1e-8, weight_decay: float = 0.0,
                  weight_decay_mode: str = "l2", initial_accumulator_value: float = 0.0,
-                 maximize: bool = False) -> None:
+                 maximize: bool = False, state_dir: Any = None) -> None:
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, weight_decay_mode=weight_decay_mode,
-                                      initial_accumulator_value=initial_accumulator_value, maximize=maximize))
+                                      initial_accumulator_value=initial_accumulator_value, maximize=maximize), state_dir=state_dir)
 
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
         for name in ("lr", "eps", "weight_decay", "initial_accumulator_value"):
@@ -74,11 +77,9 @@ class RowWiseAdagrad(Optimizer):
         return group
 
     def _init_state(self, module: Any, group: Group) -> None:
-        weight = module.weight
-        state_sum = np.zeros(weight.shape[0], dtype=weight.dtype)
-        if group["initial_accumulator_value"] != 0:
-            state_sum.fill(group["initial_accumulator_value"])
-        self.state[module] = {"sum": state_sum}
+        state: Dict[str, Any] = {}
+        self._new_state(state, "sum", module.weight, per_row=True, fill=group["initial_accumulator_value"])
+        self.state[module] = state
 
     def _fill_missing_state(self, state: Dict[Any, Dict[str, Any]], groups: List[Group]) -> None:
         for group in groups:

@@ -26,6 +26,9 @@ class SGD(Optimizer):
     nesterov : bool, default False
         Needs ``momentum > 0`` and ``dampening == 0``.
     maximize : bool, default False
+    state_dir : str or os.PathLike, optional
+        Keep the per-row state arrays as ``.npy`` memmaps in this directory instead of in memory
+        (``docs/storage.md``); the directory is locked by this optimizer.
 
     Notes
     -----
@@ -50,9 +53,10 @@ class SGD(Optimizer):
     _optional_options = ("maximize", "nesterov")
 
     def __init__(self, params: Any, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False, maximize: bool = False) -> None:
+                 weight_decay: float = 0.0, nesterov: bool = False, maximize: bool = False,
+                 state_dir: Any = None) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                      nesterov=nesterov, maximize=maximize))
+                                      nesterov=nesterov, maximize=maximize), state_dir=state_dir)
 
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
         _option(group, "lr", where, low=0.0)
@@ -128,8 +132,8 @@ class SGD(Optimizer):
         if momentum != 0:
             buf = state.get("momentum_buffer")
             if buf is None:
-                buf = np.array(g, order="C", copy=True)
-                state["momentum_buffer"] = buf
+                buf = self._new_state(state, "momentum_buffer", weight)
+                buf[...] = g
             else:
                 buf *= dtype(momentum)
                 buf += dtype(1 - options["dampening"]) * g
@@ -139,7 +143,7 @@ class SGD(Optimizer):
 
     def _sparse_momentum(self, state: Dict[str, Any], weight: np.ndarray, grad: SparseGrad, options: Group) -> None:
         first = state.get("momentum_buffer") is None
-        buf: np.ndarray = np.zeros(weight.shape, dtype=weight.dtype) if first else state["momentum_buffer"]
+        buf: np.ndarray = self._new_state(state, "momentum_buffer", weight) if first else state["momentum_buffer"]
         active: np.ndarray
         if first:
             active = np.zeros(0, dtype=np.int64)

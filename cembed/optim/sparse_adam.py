@@ -77,6 +77,9 @@ class SparseAdam(Optimizer):
     betas : (float, float), default (0.9, 0.999)
     eps : float, default 1e-8
     maximize : bool, default False
+    state_dir : str or os.PathLike, optional
+        Keep the per-row state arrays as ``.npy`` memmaps in this directory instead of in memory
+        (``docs/storage.md``); the directory is locked by this optimizer.
     bias_correction : {"global", "row"}, default "global"
         ``"global"`` is torch's rule: every row is bias-corrected with the parameter's step counter.
         ``"row"`` (a cembed extension, docs/behaviour.md §8.5) uses each row's own update count
@@ -126,9 +129,9 @@ class SparseAdam(Optimizer):
     _dense_alternative = "Adam"
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, maximize: bool = False, bias_correction: str = "global") -> None:
+                 eps: float = 1e-8, maximize: bool = False, bias_correction: str = "global", state_dir: Any = None) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, maximize=maximize,
-                                      bias_correction=bias_correction))
+                                      bias_correction=bias_correction), state_dir=state_dir)
 
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
         _option(group, "lr", where, low=0.0, low_open=True)
@@ -163,10 +166,10 @@ class SparseAdam(Optimizer):
     def _sparse_begin(self, state: Dict[str, Any], weight: np.ndarray, options: Group) -> float:
         if "step" not in state:
             state["step"] = 0
-            state["exp_avg"] = np.zeros(weight.shape, dtype=weight.dtype)  # lazily zeroed pages
-            state["exp_avg_sq"] = np.zeros(weight.shape, dtype=weight.dtype)
+            self._new_state(state, "exp_avg", weight)
+            self._new_state(state, "exp_avg_sq", weight)
         if options["bias_correction"] == "row" and "row_step" not in state:
-            state["row_step"] = np.zeros(weight.shape[0], dtype=np.int64)
+            self._new_state(state, "row_step", weight, per_row=True, dtype=np.int64)
         state["step"] += 1  # also for an empty gradient, as torch
         beta1, beta2 = options["betas"]
         step = state["step"]

@@ -36,6 +36,9 @@ class SparseAdamW(Optimizer):
         flip or zero the weights; it is refused, with ``ValueError``, at construction and at
         ``step()``).
     maximize : bool, default False
+    state_dir : str or os.PathLike, optional
+        Keep the per-row state arrays as ``.npy`` memmaps in this directory instead of in memory
+        (``docs/storage.md``); the directory is locked by this optimizer.
         Negates the gradient; the weight decay still shrinks the weights (as torch's AdamW).
     bias_correction : {"global", "row"}, default "global"
         ``"global"``: torch's rule, the parameter's step counter. ``"row"``: each row's own update
@@ -85,9 +88,9 @@ class SparseAdamW(Optimizer):
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, maximize: bool = False,
-                 bias_correction: str = "global") -> None:
+                 bias_correction: str = "global", state_dir: Any = None) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
-                                      bias_correction=bias_correction))
+                                      bias_correction=bias_correction), state_dir=state_dir)
 
     # ------------------------------------------------------------------ checks
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
@@ -155,11 +158,12 @@ class SparseAdamW(Optimizer):
     # ------------------------------------------------------------------ updates
     def _sparse_begin(self, state: Dict[str, Any], weight: np.ndarray, options: Group) -> Tuple[float, float]:
         if "step" not in state:
-            state.update(step=0, exp_avg=np.zeros(weight.shape, dtype=weight.dtype),  # lazily zeroed pages
-                         exp_avg_sq=np.zeros(weight.shape, dtype=weight.dtype), decay_log=0.0, decay_log_prev=0.0,
-                         decay_last=1.0, row_decay_log=np.zeros(weight.shape[0], dtype=np.float64))
+            state.update(step=0, decay_log=0.0, decay_log_prev=0.0, decay_last=1.0)
+            self._new_state(state, "exp_avg", weight)
+            self._new_state(state, "exp_avg_sq", weight)
+            self._new_state(state, "row_decay_log", weight, per_row=True, dtype=np.float64)
         if options["bias_correction"] == "row" and "row_step" not in state:
-            state["row_step"] = np.zeros(weight.shape[0], dtype=np.int64)
+            self._new_state(state, "row_step", weight, per_row=True, dtype=np.int64)
         state["step"] += 1  # also for an empty gradient, as torch
         decay = options["lr"] * options["weight_decay"]
         state["decay_log_prev"] = state["decay_log"]

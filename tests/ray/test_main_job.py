@@ -15,7 +15,8 @@ def run(tmp_path, name, *extra):
     return np.load(out / "embeddings.npy")
 
 
-def test_main_job_sharded_equals_one_process(_ray_allowed, tmp_path, capsys):
+def test_main_job_sharded_equals_one_process(ray_local, tmp_path, capsys):
+    """(With the session's Ray: the CLI uses a running Ray and leaves it running.)"""
     one = run(tmp_path, "one", "--shards", "0")
     two = run(tmp_path, "two", "--shards", "2")
     text = capsys.readouterr().out

@@ -9,6 +9,8 @@ import time
 import numpy as np
 import pytest
 
+import cembed
+
 from cembed.distributed import ShardedEmbedding, ShardLostError
 
 from test_sharded import assert_same_state, single_process, zipf_batch
@@ -59,6 +61,9 @@ def test_killed_shards_recover_bitwise(ray_local, tmp_path):
         assert table.recoveries == 2
         assert [i["step"] for i in info] == [12, 12, 12]
         assert_same_state(table, emb, opt)
+        # each shard's checkpoint is a cembed checkpoint directory of its rows, at the last multiple of 3
+        meta, files = cembed.checkpoint.read_directory(table._shard_dir(0))
+        assert meta["extra"] == {"step": 12, "shard": [0, 3]} and "module.rows" in files
     finally:
         table.shutdown()
 

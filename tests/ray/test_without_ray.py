@@ -1,7 +1,6 @@
 """What runs everywhere, without Ray: importing cembed (and cembed.distributed, the trainer, the CLI,
 and collecting these tests) never imports Ray; the per-row initial values against a plain-Python
-SplitMix64; the shard checkpoint files."""
-import json
+SplitMix64."""
 import os
 import pathlib
 import subprocess
@@ -12,8 +11,7 @@ import pytest
 
 import cembed
 
-from cembed.distributed import CheckpointError, initial_rows
-from cembed.distributed._checkpoint import load_arrays, save_arrays
+from cembed.distributed import initial_rows
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 M64 = (1 << 64) - 1
@@ -74,21 +72,3 @@ def test_initial_rows_refuses_bad_arguments():
         initial_rows(0, [0], 4, np.int32)
     with pytest.raises(ValueError):
         initial_rows(0, [0], 4, init="normal")
-
-
-def test_checkpoint_files_round_trip_and_checksums(tmp_path):
-    a = np.arange(12, dtype=np.float32).reshape(4, 3)
-    save_arrays(str(tmp_path), "step-1", {"weight": a}, {"step": 1})
-    save_arrays(str(tmp_path), "step-2", {"weight": a + 1, "state.sum": np.ones(4)}, {"step": 2})
-    assert sorted(os.listdir(tmp_path)) == ["LATEST", "step-2"]            # the older one is gone
-    arrays, meta = load_arrays(str(tmp_path))
-    assert meta == {"step": 2} and np.array_equal(arrays["weight"], a + 1) and arrays["state.sum"].dtype == np.float64
-    manifest = json.loads((tmp_path / "step-2" / "manifest.json").read_text())
-    assert set(manifest["arrays"]) == {"weight", "state.sum"} and len(manifest["arrays"]["weight"]["sha256"]) == 64
-    path = tmp_path / "step-2" / "weight.npy"
-    raw = bytearray(path.read_bytes())
-    raw[-1] ^= 1
-    path.write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match="checksum"):
-        load_arrays(str(tmp_path))
-    assert load_arrays(str(tmp_path / "nothing")) is None

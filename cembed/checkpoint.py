@@ -1,0 +1,611 @@
+"""Crash-safe checkpoints as directories: one ``.npy`` file per array plus a JSON manifest.
+
+Two layers, both public and documented in ``docs/storage.md``:
+
+* the **directory format** — :func:`write_directory` / :func:`read_directory` /
+  :func:`open_array`: named arrays and a JSON document, written to a temporary sibling directory,
+  every file and the directory synced, then swapped into place so that a crash at any moment leaves
+  a complete, loadable checkpoint (the recovery rule is in :func:`find_directory`); every file
+  carries a CRC-32 that loading verifies;
+* **module / optimizer checkpoints** — :func:`save_checkpoint` / :func:`load_checkpoint`: the tables of
+  named modules and an optimizer's complete state, built on the directory format.
+
+Loading checks everything (manifest, files, checksums, shapes against the modules, the optimizer's
+state) before it changes any module or optimizer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import zlib
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from numpy.lib import format as npy_format
+
+from . import storage
+from ._validation import check_bool
+
+__all__ = ["save_checkpoint", "load_checkpoint", "write_directory", "read_directory", "open_array",
+           "find_directory", "CheckpointError", "FORMAT", "MANIFEST", "CHECKSUM"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: The format tag of a checkpoint directory's manifest (bumped on incompatible changes).
+FORMAT = "cembed.checkpoint/1"
+#: The manifest's file name inside a checkpoint directory.
+MANIFEST = "MANIFEST.json"
+#: The checksum of every file: CRC-32 (``zlib.crc32``) of the whole file, header included.
+CHECKSUM = "crc32"
+_CHUNK = 8 << 20
+_SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: missing, malformed, corrupted, or not fitting the modules
+    and optimizer it is loaded into. The message names the directory or file."""
+
+
+# ------------------------------------------------------------------------------------ the directory
+
+def _ready(path: str) -> str:
+    head, name = os.path.split(path)
+    return os.path.join(head, f".{name}.ready")
+
+
+def _old(path: str) -> str:
+    head, name = os.path.split(path)
+    return os.path.join(head, f".{name}.old")
+
+
+def _norm(path: PathLike) -> str:
+    path = os.path.abspath(os.fspath(path))
+    if os.path.basename(path) in ("", ".", ".."):
+        raise ValueError(f"{path}: a checkpoint path must name a directory entry")
+    return path
+
+
+def find_directory(path: PathLike) -> str:
+    """The directory that holds the checkpoint saved at ``path``.
+
+    The recovery rule: ``path`` itself when it holds a manifest; otherwise the complete sibling
+    ``.<name>.ready`` that a save interrupted between its two renames left behind (it is complete:
+    it is renamed to ``.ready`` only after every file in it was synced); otherwise a
+    :class:`CheckpointError`.
+
+    Examples
+    --------
+    >>> import os, tempfile, cembed
+    >>> path = os.path.join(tempfile.mkdtemp(), "ckpt")
+    >>> _ = cembed.checkpoint.write_directory(path, {}, {"note": "hi"})
+    >>> cembed.checkpoint.find_directory(path) == os.path.abspath(path)
+    True
+    """
+    path = _norm(path)
+    for candidate in (path, _ready(path)):
+        if os.path.isfile(os.path.join(candidate, MANIFEST)):
+            return candidate
+    raise CheckpointError(f"{path}: no checkpoint there (no {MANIFEST}, and no interrupted save to recover)")
+
+
+def _fsync_file(fh: Any) -> None:
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def _lock(path: str) -> Any:
+    """An exclusive lock on ``.<name>.lock`` beside ``path`` for the length of a save."""
+    head, name = os.path.split(path)
+    fh = open(os.path.join(head, f".{name}.lock"), "a+b")
+    try:
+        import fcntl
+
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    except ImportError:  # pragma: no cover - no flock on this platform
+        pass
+    return fh
+
+
+def _write_array(directory: str, filename: str, array: np.ndarray) -> Dict[str, Any]:
+    """Write ``array`` to ``directory/filename`` as ``.npy`` in bounded blocks, computing the CRC of
+    the bytes as they are written; returns the file's manifest entry. A read-only memory map of a
+    whole ``.npy`` file (a frozen table, or one loaded read-only from a checkpoint) is hard-linked
+    instead of copied."""
+    dst = os.path.join(directory, filename)
+    src = storage.backing_file(array)
+    if src is not None and not array.flags.writeable:
+        try:
+            os.link(src, dst)
+        except OSError:
+            pass  # another file system, or links not supported: copy it
+        else:
+            size = os.stat(dst).st_size
+            crc = _known_crc(src, size)
+            return {"shape": list(array.shape), "dtype": npy_format.dtype_to_descr(array.dtype), "bytes": size,
+                    CHECKSUM: crc if crc is not None else _file_crc(dst)}
+    crc = 0
+    with open(dst, "wb") as fh:
+        header = _header_bytes(array.shape, array.dtype)
+        crc = zlib.crc32(header, crc)
+        fh.write(header)
+        if array.ndim == 0:
+            blocks: Iterator[np.ndarray] = iter([np.ascontiguousarray(array).reshape(1)])
+        else:
+            row_bytes = array.itemsize * int(np.prod(array.shape[1:], dtype=np.int64))
+            step = max(1, _CHUNK // max(1, row_bytes))
+            blocks = (np.ascontiguousarray(array[lo:lo + step]) for lo in range(0, array.shape[0], step))
+        for block in blocks:
+            raw = block.reshape(-1).view(np.uint8)
+            crc = zlib.crc32(raw, crc)
+            fh.write(raw.data)
+        _fsync_file(fh)
+        size = fh.tell()
+    return {"shape": list(array.shape), "dtype": npy_format.dtype_to_descr(array.dtype), "bytes": size,
+            CHECKSUM: crc}
+
+
+def _header_bytes(shape: Tuple[int, ...], dtype: np.dtype) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    npy_format.write_array_header_2_0(buffer, {"descr": npy_format.dtype_to_descr(dtype), "fortran_order": False,
+                                               "shape": tuple(int(s) for s in shape)})
+    return buffer.getvalue()
+
+
+def _file_crc(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(_CHUNK)
+            if not block:
+                return crc
+            crc = zlib.crc32(block, crc)
+
+
+def _known_crc(src: str, size: int) -> Optional[int]:
+    """The CRC the manifest of ``src``'s checkpoint directory records for it (same size), if any: a
+    hard-linked file keeps its recorded checksum, so a file corrupted since is still detected."""
+    try:
+        with open(os.path.join(os.path.dirname(src), MANIFEST), "rb") as fh:
+            manifest = json.loads(fh.read().decode())
+        entry = manifest["files"][os.path.basename(src)]
+        if manifest.get("checksum") == CHECKSUM and entry["bytes"] == size and isinstance(entry[CHECKSUM], int):
+            return int(entry[CHECKSUM])
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        pass
+    return None
+
+
+def _check_name(name: Any, what: str) -> str:
+    if not isinstance(name, str) or not name or name.startswith(".") or not set(name) <= _SAFE or name == MANIFEST:
+        raise ValueError(f"{what} {name!r} must be a non-empty string of letters, digits, '_', '-' and '.' "
+                         "(not starting with '.')")
+    return name
+
+
+def write_directory(path: PathLike, arrays: Mapping[str, np.ndarray], meta: Any) -> str:
+    """Write the arrays (``<name>.npy`` each) and the JSON document ``meta`` as the checkpoint
+    directory ``path``, crash-safely; returns the absolute path.
+
+    The steps (``docs/storage.md``): write everything into a fresh temporary sibling
+    ``.<name>.tmp-*``, syncing every file, the manifest last, and the directory; rename it to
+    ``.<name>.ready``; rename an existing ``path`` aside to ``.<name>.old``; rename ``.ready`` to
+    ``path``; sync the parent; remove ``.old``. A crash at any point leaves ``path`` or
+    ``.<name>.ready`` complete, and :func:`find_directory` finds it. Saves to the same path are
+    serialised by a lock file ``.<name>.lock`` beside it.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The checkpoint directory. An existing directory there must be a checkpoint (or empty): it is
+        replaced.
+    arrays : mapping of str to numpy.ndarray
+        Names (letters, digits, ``_ - .``) to arrays of any shape and a plain dtype. Each is written
+        in bounded blocks; a read-only ``numpy.memmap`` of a whole ``.npy`` file is hard-linked
+        instead (no copy; its recorded checksum is kept when it comes from a checkpoint).
+    meta : JSON-serialisable
+        Stored in the manifest under ``"meta"``.
+
+    Examples
+    --------
+    >>> import os, tempfile, numpy as np, cembed
+    >>> path = os.path.join(tempfile.mkdtemp(), "ckpt")
+    >>> _ = cembed.checkpoint.write_directory(path, {"table": np.eye(3)}, {"step": 7})
+    >>> meta, files = cembed.checkpoint.read_directory(path)
+    >>> meta, cembed.checkpoint.open_array(path, "table")[1]
+    ({'step': 7}, memmap([0., 1., 0.]))
+    """
+    path = _norm(path)
+    for name in arrays:
+        _check_name(name, "array name")
+    try:
+        meta_json = json.dumps(meta, allow_nan=True)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"checkpoint meta must be JSON-serialisable: {exc}") from None
+    for name, array in arrays.items():
+        if not isinstance(array, np.ndarray):
+            raise TypeError(f"array {name!r} must be a numpy.ndarray, got {type(array).__name__}")
+        if array.dtype.hasobject:
+            raise TypeError(f"array {name!r} has an object dtype")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    lock = _lock(path)
+    try:
+        if os.path.lexists(path) and not os.path.isfile(os.path.join(path, MANIFEST)):
+            if not os.path.isdir(path) or os.listdir(path):
+                raise ValueError(f"{path} exists and is not a cembed checkpoint: refusing to replace it")
+        _recover(path)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+        try:
+            files = {}
+            for name, array in arrays.items():
+                files[f"{name}.npy"] = _write_array(tmp, f"{name}.npy", array)
+            manifest = {"format": FORMAT, "checksum": CHECKSUM, "files": files, "meta": json.loads(meta_json)}
+            with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fh:
+                json.dump(manifest, fh, indent=1, allow_nan=True)
+                _fsync_file(fh)
+            os.chmod(tmp, 0o777 & ~storage._umask())  # mkdtemp's 0700 would make checkpoints private
+            storage.fsync_directory(tmp)
+            os.rename(tmp, _ready(path))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        storage.fsync_directory(parent)
+        if os.path.lexists(path):
+            os.rename(path, _old(path))
+        os.rename(_ready(path), path)
+        storage.fsync_directory(parent)
+        shutil.rmtree(_old(path), ignore_errors=True)
+    finally:
+        lock.close()
+    return path
+
+
+def _recover(path: str) -> None:
+    """Before a save (under the lock): finish what an interrupted save left behind — a complete
+    ``.ready`` with no ``path`` becomes ``path``; stale ``.ready`` / ``.old`` / ``.tmp-*`` go."""
+    parent, name = os.path.split(path)
+    ready, old = _ready(path), _old(path)
+    if not os.path.lexists(path) and os.path.isfile(os.path.join(ready, MANIFEST)):
+        os.rename(ready, path)
+        storage.fsync_directory(parent)
+    for stale in [ready, old] + [os.path.join(parent, e) for e in os.listdir(parent)
+                                 if e.startswith(f".{name}.tmp-")]:
+        if os.path.lexists(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _manifest(directory: str) -> Dict[str, Any]:
+    where = os.path.join(directory, MANIFEST)
+    try:
+        with open(where, "rb") as fh:
+            manifest = json.loads(fh.read().decode("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{where}: unreadable manifest ({type(exc).__name__}: {exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{where}: not a {FORMAT} manifest (format "
+                              f"{manifest.get('format') if isinstance(manifest, dict) else None!r})")
+    if manifest.get("checksum") != CHECKSUM or not isinstance(manifest.get("files"), dict) or "meta" not in manifest:
+        raise CheckpointError(f"{where}: malformed manifest (needs 'checksum': {CHECKSUM!r}, 'files' and 'meta')")
+    for fname, entry in manifest["files"].items():
+        ok = (isinstance(fname, str) and fname.endswith(".npy") and isinstance(entry, dict)
+              and isinstance(entry.get("shape"), list)
+              and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in entry["shape"])
+              and isinstance(entry.get("dtype"), str) and isinstance(entry.get("bytes"), int)
+              and isinstance(entry.get(CHECKSUM), int))
+        if ok:
+            try:
+                _check_name(fname[:-4], "file")
+            except ValueError:
+                ok = False
+        if not ok:
+            raise CheckpointError(f"{where}: malformed entry for file {fname!r}")
+    return manifest
+
+
+def read_directory(path: PathLike, verify: bool = True) -> Tuple[Any, Dict[str, Tuple[str, storage.NpyHeader]]]:
+    """Read and check the checkpoint at ``path`` (found with :func:`find_directory`): returns
+    ``(meta, {name: (file path, header)})``.
+
+    Every file listed in the manifest must exist, hold the shape and dtype the manifest records,
+    have exactly the recorded size and (with ``verify``, the default) the recorded CRC-32; nothing
+    else is read into memory.
+
+    Raises
+    ------
+    CheckpointError
+        Naming the directory or the first bad file (missing, truncated, checksum mismatch, ...).
+
+    Examples
+    --------
+    >>> import os, tempfile, numpy as np, cembed
+    >>> path = os.path.join(tempfile.mkdtemp(), "ckpt")
+    >>> _ = cembed.checkpoint.write_directory(path, {"v": np.arange(3.0)}, None)
+    >>> with open(os.path.join(path, "v.npy"), "r+b") as fh:
+    ...     _ = fh.seek(-1, 2); _ = fh.write(b"x")       # corrupt the last byte
+    >>> cembed.checkpoint.read_directory(path)
+    Traceback (most recent call last):
+    ...
+    cembed.checkpoint.CheckpointError: .../v.npy: checksum mismatch (crc32 ... recorded ...): the file is corrupted
+    """
+    verify = check_bool(verify, "verify")
+    directory = find_directory(path)
+    manifest = _manifest(directory)
+    files: Dict[str, Tuple[str, storage.NpyHeader]] = {}
+    for fname, entry in manifest["files"].items():
+        where = os.path.join(directory, fname)
+        try:
+            size = os.stat(where).st_size
+        except OSError as exc:
+            raise CheckpointError(f"{where}: missing or unreadable ({exc.strerror or exc})") from None
+        if size != entry["bytes"]:
+            raise CheckpointError(f"{where}: {size} bytes, the manifest records {entry['bytes']} (truncated or "
+                                  "overwritten)")
+        try:
+            header = storage.read_header(where)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(str(exc)) from None
+        if list(header.shape) != entry["shape"] or npy_format.dtype_to_descr(header.dtype) != entry["dtype"]:
+            raise CheckpointError(f"{where}: holds {header.shape} {header.dtype}, the manifest records "
+                                  f"{tuple(entry['shape'])} {entry['dtype']}")
+        if verify:
+            crc = _file_crc(where)
+            if crc != entry[CHECKSUM]:
+                raise CheckpointError(f"{where}: checksum mismatch ({CHECKSUM} {crc:#010x}, recorded "
+                                      f"{entry[CHECKSUM]:#010x}): the file is corrupted")
+        files[fname[:-4]] = (where, header)
+    return manifest["meta"], files
+
+
+def open_array(path: PathLike, name: str, mode: str = "r") -> np.memmap:
+    """Map the array ``name`` of the checkpoint at ``path`` (``mode`` ``"r"`` or ``"c"``; a
+    checkpoint's files are never written in place). Checks its header, not its checksum (see
+    :func:`read_directory`).
+
+    Examples
+    --------
+    >>> import os, tempfile, numpy as np, cembed
+    >>> path = os.path.join(tempfile.mkdtemp(), "ckpt")
+    >>> _ = cembed.checkpoint.write_directory(path, {"v": np.arange(3)}, None)
+    >>> cembed.checkpoint.open_array(path, "v").tolist()
+    [0, 1, 2]
+    """
+    if mode not in ("r", "c"):
+        raise ValueError(f"mode must be 'r' or 'c', got {mode!r}")
+    _check_name(name, "array name")
+    return storage.map_array(os.path.join(find_directory(path), f"{name}.npy"), mode)
+
+
+# ------------------------------------------------------------------------------------ modules + optimizer
+
+def _named_modules(modules: Any) -> Dict[str, Any]:
+    if isinstance(modules, Mapping):
+        named = dict(modules)
+    elif hasattr(modules, "weight"):
+        named = {"0": modules}
+    else:
+        named = {str(i): m for i, m in enumerate(modules)}
+    seen: Dict[int, str] = {}
+    for name, module in named.items():
+        _check_name(name, "module name")
+        if not hasattr(module, "weight") or not isinstance(module.weight, np.ndarray):
+            raise TypeError(f"module {name!r} must have a .weight ndarray, got {type(module).__name__}")
+        if module.weight.ndim != 2:
+            raise ValueError(f"module {name!r}: weight must be 2-D, got shape {module.weight.shape}")
+        if id(module) in seen:
+            raise ValueError(f"module {name!r} is the same object as module {seen[id(module)]!r}")
+        seen[id(module)] = name
+    return named
+
+
+def _module_options(module: Any) -> Dict[str, Any]:
+    options = {name: getattr(module, name, None) for name in getattr(module, "_options", ())}
+    options["requires_grad"] = getattr(module, "requires_grad", None)
+    try:
+        json.dumps(options, allow_nan=True)
+        return options
+    except (TypeError, ValueError):
+        return {k: repr(v) for k, v in options.items()}
+
+
+def _optimizer_modules(optimizer: Any) -> List[Any]:
+    return [m for group in optimizer.param_groups for m in group["params"]]
+
+
+def save_checkpoint(path: PathLike, modules: Any, optimizer: Any = None, extra: Any = None) -> str:
+    """Save the tables of ``modules`` and the complete state of ``optimizer`` as the checkpoint
+    directory ``path``, crash-safely (see :func:`write_directory`); returns its absolute path.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    modules : mapping of str to module, sequence of modules, or one module
+        Anything with a 2-D ``.weight`` (:class:`cembed.Embedding`, :class:`cembed.EmbeddingBag`).
+        Names (a mapping's keys; ``"0"``, ``"1"``, ... for a sequence) identify the tables at load.
+    optimizer : cembed.optim.Optimizer, optional
+        Its hyper-parameters, step counters and state arrays are saved; every parameter it holds
+        must be one of ``modules``.
+    extra : JSON-serialisable, optional
+        Anything else to keep (epoch, data position, ...): returned by :func:`load_checkpoint`.
+
+    Notes
+    -----
+    A table is copied into the checkpoint in bounded blocks (a table on disk is streamed, never
+    read whole into memory) — except a read-only ``numpy.memmap`` of a whole ``.npy`` file (a
+    frozen table opened with ``mode="r"``, or loaded from a checkpoint with ``mmap=True``), which is
+    hard-linked: the same data is never stored twice, and its recorded checksum travels with it.
+    Writeable tables are always copied: a checkpoint's files are never written to afterwards, so
+    training cannot damage it.
+
+    Examples
+    --------
+    >>> import os, tempfile, numpy as np, cembed
+    >>> emb = cembed.Embedding(100, 8, sparse=True, seed=0)
+    >>> opt = cembed.optim.SparseAdam(emb.parameters(), lr=0.01)
+    >>> emb.backward(np.ones((2, 8), np.float32), np.array([1, 5]), optimizer=opt)
+    >>> path = os.path.join(tempfile.mkdtemp(), "ckpt")
+    >>> _ = cembed.save_checkpoint(path, {"words": emb}, opt, extra={"epoch": 1})
+    >>> sorted(os.listdir(path))
+    ['MANIFEST.json', 'module.words.npy', 'optim.0.exp_avg.npy', 'optim.0.exp_avg_sq.npy']
+    """
+    named = _named_modules(modules)
+    arrays: Dict[str, np.ndarray] = {}
+    modules_meta: Dict[str, Any] = {}
+    for name, module in named.items():
+        arrays[f"module.{name}"] = module.weight
+        modules_meta[name] = {"class": type(module).__name__, "array": f"module.{name}",
+                              "options": _module_options(module)}
+    optimizer_meta = None
+    if optimizer is not None:
+        if not hasattr(optimizer, "_serialized"):
+            raise TypeError(f"optimizer must be a cembed.optim optimizer, got {type(optimizer).__name__}")
+        by_id = {id(m): name for name, m in named.items()}
+        params = []
+        for i, module in enumerate(_optimizer_modules(optimizer)):
+            if id(module) not in by_id:
+                raise ValueError(f"the optimizer's parameter {i} ({type(module).__name__}) is not among the modules "
+                                 "being saved: pass every module the optimizer holds")
+            params.append(by_id[id(module)])
+        description, state_arrays = optimizer._serialized()
+        renamed = {}
+        for key, array in state_arrays.items():
+            index, state_name = key.split("/", 1)
+            renamed[key] = f"optim.{index}.{state_name}"
+            arrays[renamed[key]] = array
+        for entry in description["state"].values():
+            for spec in entry.values():
+                if "array" in spec:
+                    spec["array"] = renamed[spec["array"]]
+        optimizer_meta = {"class": type(optimizer).__name__, "params": params, "state": description}
+    meta = {"kind": "cembed.modules", "modules": modules_meta, "optimizer": optimizer_meta, "extra": extra}
+    for module in named.values():
+        flush = getattr(module.weight, "flush", None)
+        if callable(flush) and module.weight.flags.writeable:
+            flush()
+    return write_directory(path, arrays, meta)
+
+
+def _fail(directory: str, message: str) -> CheckpointError:
+    return CheckpointError(f"{directory}: {message}")
+
+
+def load_checkpoint(path: PathLike, modules: Any, optimizer: Any = None, mmap: bool = True,
+                    verify: bool = True) -> Any:
+    """Load a checkpoint written by :func:`save_checkpoint` into ``modules`` (and ``optimizer``);
+    returns its ``extra``.
+
+    Everything is checked before anything changes: the manifest, every file (present, complete,
+    its CRC-32 with ``verify``), the module names, classes, shapes and dtypes against the modules
+    given, and the optimizer's class, parameters and whole state (with the optimizer's own rules).
+    On any error no module and no optimizer is modified.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The checkpoint directory (an interrupted save is recovered: :func:`find_directory`).
+    modules : mapping of str to module, sequence of modules, or one module
+        The same names as at save; each module's table must already have the saved shape and
+        dtype.
+    optimizer : cembed.optim.Optimizer, optional
+        Built over the same modules, in the same order, as the saved one.
+    mmap : bool, default True
+        How a table gets its values. A module whose table is a writeable ``numpy.memmap`` of a
+        ``.npy`` file (a table on disk, :func:`cembed.open_table`) keeps it: the values are copied
+        into it in bounded blocks, whatever ``mmap`` says. Otherwise, with ``mmap`` the table
+        becomes a map of the checkpoint's file — read-only for a frozen module, copy-on-write for a
+        trainable one, so training never writes into the checkpoint — and without it, an array read
+        into memory. Optimizer state goes into the optimizer's ``state_dir`` when it has one, else
+        into memory.
+    verify : bool, default True
+        Check every file's CRC-32 (reads every file once).
+
+    Raises
+    ------
+    CheckpointError
+        (a ``ValueError``) naming the directory or the file at fault.
+
+    Examples
+    --------
+    >>> import os, tempfile, numpy as np, cembed
+    >>> emb = cembed.Embedding(10, 4, sparse=True, seed=0)
+    >>> path = os.path.join(tempfile.mkdtemp(), "ckpt")
+    >>> _ = cembed.save_checkpoint(path, {"words": emb}, extra={"epoch": 3})
+    >>> other = cembed.Embedding(10, 4, sparse=True, seed=1)
+    >>> cembed.load_checkpoint(path, {"words": other})
+    {'epoch': 3}
+    >>> bool((other.weight == emb.weight).all())
+    True
+    >>> cembed.load_checkpoint(path, {"words": cembed.Embedding(11, 4)})
+    Traceback (most recent call last):
+    ...
+    cembed.checkpoint.CheckpointError: ...: module 'words' has a table of shape (11, 4) float32, the checkpoint holds (10, 4) float32
+    """
+    mmap = check_bool(mmap, "mmap")
+    named = _named_modules(modules)
+    meta, files = read_directory(path, verify=verify)
+    directory = find_directory(path)
+    if not isinstance(meta, dict) or meta.get("kind") != "cembed.modules" or not isinstance(meta.get("modules"), dict):
+        raise _fail(directory, "not a module checkpoint (its manifest's meta lacks 'kind': 'cembed.modules')")
+    saved = meta["modules"]
+    if set(saved) != set(named):
+        raise _fail(directory, f"holds modules {sorted(saved)}, got {sorted(named)}")
+    plan = []
+    for name, module in named.items():
+        entry = saved[name]
+        if not isinstance(entry, dict) or entry.get("array") not in files or entry["array"] != f"module.{name}":
+            raise _fail(directory, f"malformed entry for module {name!r}")
+        if entry.get("class") != type(module).__name__:
+            raise _fail(directory, f"module {name!r} was a {entry.get('class')}, got a {type(module).__name__}")
+        file_path, header = files[entry["array"]]
+        weight = module.weight
+        if header.shape != weight.shape or header.dtype != weight.dtype:
+            raise _fail(directory, f"module {name!r} has a table of shape {weight.shape} {weight.dtype}, the "
+                                   f"checkpoint holds {header.shape} {header.dtype}")
+        plan.append((module, file_path, header))
+    saved_optimizer = meta.get("optimizer")
+    state_dict = None
+    if optimizer is not None:
+        if saved_optimizer is None:
+            raise _fail(directory, "holds no optimizer state")
+        if not hasattr(optimizer, "_deserialized"):
+            raise TypeError(f"optimizer must be a cembed.optim optimizer, got {type(optimizer).__name__}")
+        if not isinstance(saved_optimizer, dict) or saved_optimizer.get("class") != type(optimizer).__name__:
+            got = saved_optimizer.get("class") if isinstance(saved_optimizer, dict) else None
+            raise _fail(directory, f"holds {got} state, not {type(optimizer).__name__}")
+        by_id = {id(m): name for name, m in named.items()}
+        current = [by_id.get(id(m)) for m in _optimizer_modules(optimizer)]
+        if saved_optimizer.get("params") != current:
+            raise _fail(directory, f"the saved optimizer held the modules {saved_optimizer.get('params')}, this one "
+                                   f"holds {current} (in order)")
+
+        def fetch(name: str) -> np.ndarray:
+            if name not in files:
+                raise KeyError(f"no file for optimizer array {name!r}")
+            file_path, header = files[name]
+            return storage.map_array(file_path, "r", header)
+
+        try:
+            state, groups = optimizer._deserialized(saved_optimizer.get("state"), fetch, directory)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
+        state_dict = {"state": state, "param_groups": groups}
+    if state_dict is not None:
+        try:
+            optimizer.load_state_dict(state_dict)  # checks the whole state first; changes nothing on error
+        except (ValueError, TypeError) as exc:
+            raise _fail(directory, f"optimizer state: {exc}") from None
+    for module, file_path, header in plan:
+        weight = module.weight
+        if storage.backing_file(weight) is not None and weight.flags.writeable:
+            if os.path.abspath(storage.backing_file(weight) or "") != os.path.abspath(file_path):
+                storage.copy_rows(weight, storage.map_array(file_path, "r", header))
+                weight.flush()
+        elif mmap:
+            trainable = bool(getattr(module, "requires_grad", True))
+            module.weight = storage.map_array(file_path, "c" if trainable else "r", header)
+        else:
+            module.weight = np.array(storage.map_array(file_path, "r", header))
+    return meta.get("extra")

@@ -1,0 +1,450 @@
+"""Tables and state arrays on disk: ``.npy`` files mapped into memory (``numpy.memmap``).
+
+A layer beside :mod:`cembed.functional`: it uses the argument policies of ``_validation`` and is used
+by the modules, the optimizers (``state_dir``) and :mod:`cembed.checkpoint`. Everything a table on disk
+needs is here, written once:
+
+* :func:`open_table` — create (initialised in bounded-size chunks, sparse when zero) or open a table;
+* :func:`read_header` — the shape / dtype / data offset of a ``.npy`` file, checked against its size;
+* :func:`create_zeros` — a zero ``.npy`` file without writing its data (a sparse file);
+* :func:`copy_rows` — copy one array into another in bounded-size row blocks;
+* :func:`backing_file` — the ``.npy`` file a memory-mapped array maps whole, if any;
+* :func:`fsync_path` / :func:`fsync_directory` — durability.
+
+Which dtypes a table may have is decided by ``_validation.check_float_dtype`` (the engine's float
+dtypes), so a dtype the engine learns is a dtype tables on disk support. File formats and the
+durability rules: ``docs/storage.md``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
+
+import numpy as np
+from numpy.lib import format as npy_format
+
+from ._validation import check_choice, check_float_dtype, check_int, check_size
+
+__all__ = ["open_table", "read_header", "NpyHeader", "create_zeros", "copy_rows", "backing_file",
+           "fsync_path", "fsync_directory", "CHUNK_BYTES", "INITS"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: Size of the blocks in which tables are initialised and arrays copied (bounded memory).
+CHUNK_BYTES = 32 << 20
+#: The named initialisations of :func:`open_table`.
+INITS = ("zeros", "normal", "uniform")
+_MODES = ("r", "r+", "w+", "c")
+
+
+class NpyHeader(NamedTuple):
+    """What a ``.npy`` file holds: its array's ``shape`` and ``dtype``, where the data starts
+    (``offset``, bytes) and its size in bytes (``nbytes``)."""
+
+    shape: Tuple[int, ...]
+    dtype: np.dtype
+    offset: int
+    nbytes: int
+
+
+def read_header(path: PathLike) -> NpyHeader:
+    """Read and check the header of the ``.npy`` file ``path``.
+
+    The file must be a version 1/2/3 ``.npy`` file of a C-ordered array of a plain (non-object)
+    dtype, and at least as long as its header says (a truncated file is refused here, before it is
+    mapped: touching a missing page of a mapping would kill the process).
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    ValueError
+        Not a ``.npy`` file, Fortran order, an object dtype, or a truncated file (the message names
+        the file and both sizes).
+
+    Examples
+    --------
+    >>> import os, tempfile, numpy as np, cembed
+    >>> path = os.path.join(tempfile.mkdtemp(), "t.npy")
+    >>> np.save(path, np.zeros((3, 2), np.float32))
+    >>> h = cembed.storage.read_header(path)
+    >>> h.shape, h.dtype, h.nbytes
+    ((3, 2), dtype('float32'), 24)
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as fh:
+        try:
+            version = npy_format.read_magic(fh)
+            if version == (1, 0):
+                shape, fortran, dtype = npy_format.read_array_header_1_0(fh, max_header_size=1 << 20)
+            elif version == (2, 0):
+                shape, fortran, dtype = npy_format.read_array_header_2_0(fh, max_header_size=1 << 20)
+            else:
+                raise ValueError(f"unsupported .npy version {version}")
+        except ValueError as exc:
+            raise ValueError(f"{path}: not a readable .npy file ({exc})") from None
+        offset = fh.tell()
+        size = os.fstat(fh.fileno()).st_size
+    if fortran:
+        raise ValueError(f"{path}: holds a Fortran-ordered array; cembed maps C-ordered arrays only")
+    if dtype.hasobject:
+        raise ValueError(f"{path}: holds an object array, which cannot be memory-mapped")
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if size < offset + nbytes:
+        raise ValueError(f"{path}: truncated file: {size} bytes, its header needs {offset + nbytes} "
+                         f"({offset} header + {nbytes} data)")
+    return NpyHeader(tuple(int(s) for s in shape), dtype, int(offset), int(nbytes))
+
+
+def fsync_path(path: PathLike) -> None:
+    """Flush the file ``path`` (its data and metadata) to stable storage."""
+    fd = os.open(os.fspath(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_directory(path: PathLike) -> None:
+    """Flush the directory ``path`` (its entries: creations, renames, removals) to stable storage."""
+    try:
+        fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # pragma: no cover - platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_header(fh: Any, shape: Tuple[int, ...], dtype: np.dtype) -> int:
+    """Write a ``.npy`` header for a C-ordered ``shape`` / ``dtype`` array; returns the data offset."""
+    npy_format.write_array_header_2_0(fh, {"descr": npy_format.dtype_to_descr(dtype), "fortran_order": False,
+                                           "shape": tuple(shape)})
+    return int(fh.tell())
+
+
+def _temporary_sibling(path: str) -> str:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make every table private
+    finally:
+        os.close(fd)
+    return tmp
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where /proc says it (else set and restored)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def create_zeros(path: PathLike, shape: Tuple[int, ...], dtype: Any, *, durable: bool = False) -> None:
+    """Create (or replace) the ``.npy`` file ``path`` holding zeros of ``shape`` and ``dtype``,
+    without writing its data: the file is extended with ``truncate``, so on file systems with sparse
+    files a fresh 50 GB array costs no disk write and no disk space until rows are written.
+
+    The file is written under a temporary sibling name and renamed into place (with ``durable``,
+    synced first), so ``path`` never holds a half-written header.
+
+    Examples
+    --------
+    >>> import os, tempfile, numpy as np, cembed
+    >>> path = os.path.join(tempfile.mkdtemp(), "zeros.npy")
+    >>> cembed.storage.create_zeros(path, (1000, 8), np.float32)
+    >>> float(np.load(path, mmap_mode="r").sum())
+    0.0
+    """
+    path = os.fspath(path)
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    tmp = _temporary_sibling(path)
+    try:
+        with open(tmp, "r+b") as fh:
+            offset = _write_header(fh, shape, dtype)
+            fh.truncate(offset + nbytes)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    if durable:
+        fsync_directory(os.path.dirname(os.path.abspath(path)))
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _chunk_rows(row_bytes: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    return max(1, chunk_bytes // max(1, row_bytes))
+
+
+def copy_rows(dst: np.ndarray, src: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> None:
+    """``dst[...] = src`` in blocks of whole rows of at most ``chunk_bytes`` (bounded memory when
+    either array is a mapped file: each block's pages are read and written, never the whole array
+    at once). Shapes and dtypes must match.
+
+    Examples
+    --------
+    >>> import numpy as np, cembed
+    >>> dst = np.zeros((5, 2)); cembed.storage.copy_rows(dst, np.ones((5, 2)), chunk_bytes=16)
+    >>> float(dst.sum())
+    10.0
+    """
+    if dst.shape != src.shape or dst.dtype != src.dtype:
+        raise ValueError(f"copy_rows: {src.shape} {src.dtype} into {dst.shape} {dst.dtype}")
+    if dst.ndim == 0:
+        dst[...] = src
+        return
+    row_bytes = dst.itemsize * int(np.prod(dst.shape[1:], dtype=np.int64))
+    step = _chunk_rows(row_bytes, chunk_bytes)
+    for lo in range(0, dst.shape[0], step):
+        dst[lo:lo + step] = src[lo:lo + step]
+
+
+def backing_file(array: Any) -> Optional[str]:
+    """The absolute path of the ``.npy`` file that ``array`` maps *whole* (a ``numpy.memmap``
+    from :func:`open_table`, ``numpy.load(..., mmap_mode=...)`` or ``open_memmap``, not a slice of
+    one), else None. The file's header is re-read to confirm shape, dtype and data offset.
+
+    Examples
+    --------
+    >>> import os, tempfile, numpy as np, cembed
+    >>> path = os.path.join(tempfile.mkdtemp(), "t.npy")
+    >>> table = cembed.open_table(path, 10, 4)
+    >>> cembed.storage.backing_file(table) == os.path.abspath(path), cembed.storage.backing_file(table[2:])
+    (True, None)
+    """
+    if not isinstance(array, np.memmap) or getattr(array, "filename", None) is None:
+        return None
+    if not array.flags.c_contiguous:
+        return None
+    mm = getattr(array, "_mmap", None)
+    if mm is None:
+        return None
+    path = os.path.abspath(array.filename)  # type: ignore[arg-type]
+    try:
+        header = read_header(path)
+    except (OSError, ValueError):
+        return None
+    if header.shape != array.shape or header.dtype != array.dtype or array.offset != header.offset:
+        return None
+    # the array must start where its mapping's data starts (not a view further in)
+    start = np.frombuffer(mm, dtype=np.uint8).ctypes.data if not mm.closed else None
+    if start is None or array.ctypes.data != start + (header.offset % _mmap_granularity()):
+        return None
+    return path
+
+
+def _mmap_granularity() -> int:
+    import mmap
+
+    return mmap.ALLOCATIONGRANULARITY
+
+
+def _check_init(init: Any) -> Union[str, Callable[[np.ndarray, int], None]]:
+    if callable(init):
+        return init
+    return check_choice(init, "init", INITS)
+
+
+def _fill(buffer: np.ndarray, start: int, init: Union[str, Callable[[np.ndarray, int], None]],
+          rng: Optional[np.random.Generator], dim: int) -> None:
+    if init == "normal":
+        assert rng is not None
+        rng.standard_normal(out=buffer, dtype=buffer.dtype.type)
+    elif init == "uniform":
+        assert rng is not None
+        rng.random(out=buffer, dtype=buffer.dtype.type)
+        buffer -= buffer.dtype.type(0.5)
+        buffer /= buffer.dtype.type(max(1, dim))
+    else:
+        assert callable(init)
+        init(buffer, start)
+
+
+def _create_table(path: str, shape: Tuple[int, int], dtype: np.dtype, init: Any, seed: Any,
+                  chunk_bytes: int) -> None:
+    """Write a new table file under a temporary sibling name, sync it, rename it into place."""
+    if init == "zeros":
+        create_zeros(path, shape, dtype, durable=True)
+        return
+    rng = None
+    if not callable(init):
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    n_rows, dim = shape
+    tmp = _temporary_sibling(path)
+    try:
+        with open(tmp, "r+b") as fh:
+            offset = _write_header(fh, shape, dtype)
+            fh.truncate(offset + n_rows * dim * dtype.itemsize)
+            step = _chunk_rows(dim * dtype.itemsize, chunk_bytes)
+            buffer = np.empty((min(step, n_rows), dim), dtype=dtype)
+            for lo in range(0, n_rows, step):
+                block = buffer[:min(step, n_rows - lo)]
+                _fill(block, lo, init, rng, dim)
+                if not (isinstance(block, np.ndarray) and block.shape == (min(step, n_rows - lo), dim)
+                        and block.dtype == dtype):  # pragma: no cover - the buffer is ours
+                    raise AssertionError("init changed the block")
+                os.pwrite(fh.fileno(), block.tobytes(), offset + lo * dim * dtype.itemsize)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    fsync_directory(os.path.dirname(os.path.abspath(path)))
+
+
+def open_table(path: PathLike, num_embeddings: Optional[int] = None, embedding_dim: Optional[int] = None,
+               dtype: Any = None, mode: str = "r+", init: Any = "zeros", seed: Any = None, *,
+               chunk_bytes: int = CHUNK_BYTES) -> np.memmap:
+    """Create or open a table stored in the ``.npy`` file ``path``, memory-mapped.
+
+    The result is a ``numpy.memmap`` of shape ``(num_embeddings, embedding_dim)``: every cembed
+    kernel reads and updates it in place, and the operating system pages rows in and out as they
+    are used, so the table may be larger than RAM. Train it with
+    ``Embedding.from_pretrained(table, freeze=False)``. Being a ``.npy`` file it also opens with
+    ``numpy.load(path, mmap_mode="r")``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    num_embeddings, embedding_dim : int, optional
+        Needed to create a table; when opening one, checked against the file when given.
+    dtype : dtype, optional
+        A float dtype the engine trains (float32, float64). Creating: default float32. Opening:
+        checked against the file when given.
+    mode : {"r+", "w+", "r", "c"}, default "r+"
+        ``"r+"``: open the file read-write, or create it when it does not exist (sizes needed);
+        ``"w+"``: always create (replacing an existing file); ``"r"``: open read-only (a frozen
+        table); ``"c"``: open copy-on-write (changes stay in memory, the file is never written).
+    init : {"zeros", "normal", "uniform"} or callable, default "zeros"
+        How a created table is filled (ignored when opening): ``"zeros"`` writes no data (a
+        sparse file: creating costs neither time nor disk until rows are written); ``"normal"``
+        draws N(0, 1) like ``Embedding(num_embeddings, embedding_dim, seed=seed)``; ``"uniform"`` is
+        word2vec's ``(U[0, 1) - 0.5) / embedding_dim``; a callable ``init(block, start)`` fills
+        ``block`` (rows ``start ... start + len(block) - 1``, a writeable array of the table's
+        dtype) in place. Random draws are bitwise those of one
+        ``numpy.random.default_rng(seed)`` call over the whole table.
+    seed : int or numpy.random.Generator, optional
+        For ``"normal"`` / ``"uniform"``.
+    chunk_bytes : int, default 32 MiB
+        Initialisation works in blocks of whole rows of about this size: creating a 50 GB table
+        needs one block of memory, not 50 GB.
+
+    Returns
+    -------
+    numpy.memmap
+
+    Raises
+    ------
+    FileNotFoundError
+        ``mode`` ``"r"`` / ``"c"`` (or ``"r+"`` without sizes) and no file.
+    ValueError
+        The file's shape does not match ``num_embeddings`` / ``embedding_dim``, the file is not a
+        2-D ``.npy`` table, is truncated, or a bad argument.
+    TypeError
+        A dtype the engine does not train, or the file's dtype is not ``dtype``.
+
+    Notes
+    -----
+    A created file is written under a temporary sibling name, synced and renamed into place: a
+    crash while creating leaves no half-initialised table behind. Changes made through an
+    ``"r+"`` mapping reach the file when the operating system writes the pages back, at the
+    latest when ``table.flush()`` is called (``save_checkpoint`` gives crash-safe snapshots).
+    Truncating or replacing the file while it is mapped is undefined behaviour (the process may be
+    killed by SIGBUS): keep table files for cembed alone.
+
+    Examples
+    --------
+    >>> import os, tempfile, numpy as np, cembed
+    >>> path = os.path.join(tempfile.mkdtemp(), "words.npy")
+    >>> table = cembed.open_table(path, 1000, 16, init="normal", seed=0)
+    >>> bool((table == cembed.Embedding(1000, 16, seed=0).weight).all())
+    True
+    >>> emb = cembed.Embedding.from_pretrained(table, freeze=False, sparse=True)
+    >>> opt = cembed.optim.SGD(emb.parameters(), lr=0.1)
+    >>> emb.backward(np.ones((1, 16), np.float32), np.array([3]), optimizer=opt)
+    >>> table.flush(); again = cembed.open_table(path, mode="r")
+    >>> bool((again[3] == emb.weight[3]).all()), again.shape
+    (True, (1000, 16))
+    """
+    mode = check_choice(mode, "mode", _MODES)
+    init = _check_init(init)
+    chunk_bytes = check_int(chunk_bytes, "chunk_bytes", low=1)
+    if num_embeddings is not None:
+        num_embeddings = check_size(num_embeddings, "num_embeddings")
+    if embedding_dim is not None:
+        embedding_dim = check_size(embedding_dim, "embedding_dim")
+    want_dtype = check_float_dtype(dtype) if dtype is not None else None
+    path = os.fspath(path)
+    exists = os.path.exists(path)
+    if mode == "w+" or (mode == "r+" and not exists):
+        if num_embeddings is None or embedding_dim is None:
+            if mode == "r+":
+                raise FileNotFoundError(f"{path}: no such table; to create it give num_embeddings and "
+                                        "embedding_dim")
+            raise ValueError("mode='w+' creates a table: num_embeddings and embedding_dim are needed")
+        _create_table(path, (num_embeddings, embedding_dim), want_dtype or np.dtype(np.float32), init, seed,
+                      chunk_bytes)
+    header = read_header(path)
+    if len(header.shape) != 2:
+        raise ValueError(f"{path}: a table must be 2-D (num_embeddings, embedding_dim), the file holds shape "
+                         f"{header.shape}")
+    try:
+        check_float_dtype(header.dtype)
+    except TypeError:
+        raise TypeError(f"{path}: holds {header.dtype}; a table must have a float dtype the engine trains "
+                        "(float32 or float64)") from None
+    if not header.dtype.isnative:
+        raise TypeError(f"{path}: holds {header.dtype.str}, not in native byte order")
+    if want_dtype is not None and header.dtype != want_dtype:
+        raise TypeError(f"{path}: holds {header.dtype}, but dtype={want_dtype} was asked for")
+    for got, want, name in ((header.shape[0], num_embeddings, "num_embeddings"),
+                            (header.shape[1], embedding_dim, "embedding_dim")):
+        if want is not None and got != want:
+            raise ValueError(f"{path}: holds a table of shape {header.shape}, {name}={want} was asked for")
+    return _map(path, header, "r+" if mode == "w+" else mode)
+
+
+def _map(path: str, header: NpyHeader, mode: str) -> np.memmap:
+    """Map the array of a checked ``.npy`` file."""
+    if header.nbytes == 0:
+        # mmap cannot map zero bytes: an empty table is an ordinary (empty) array in a memmap
+        return np.zeros(header.shape, dtype=header.dtype).view(np.memmap)
+    return np.memmap(path, dtype=header.dtype, mode=mode, offset=header.offset, shape=header.shape)
+
+
+def map_array(path: PathLike, mode: str = "r", header: Optional[NpyHeader] = None) -> np.memmap:
+    """Map the whole array of the ``.npy`` file ``path`` (any shape, checked with
+    :func:`read_header`): ``mode`` ``"r"``, ``"r+"`` or ``"c"``.
+
+    Examples
+    --------
+    >>> import os, tempfile, numpy as np, cembed
+    >>> path = os.path.join(tempfile.mkdtemp(), "v.npy"); np.save(path, np.arange(4.0))
+    >>> cembed.storage.map_array(path).tolist()
+    [0.0, 1.0, 2.0, 3.0]
+    """
+    mode = check_choice(mode, "mode", ("r", "r+", "c"))
+    path = os.fspath(path)
+    return _map(path, header if header is not None else read_header(path), mode)

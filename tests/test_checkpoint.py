@@ -1,0 +1,449 @@
+"""Crash-safe checkpoint directories (issue 13): round trips with bitwise resume, crash safety under
+SIGKILL, corrupted / truncated / tampered checkpoints refused with nothing changed, the recovery
+rule, hard links for read-only tables, and the trainer's --table-dir --resume."""
+import json
+import os
+import pathlib
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import cembed
+from cembed import optim
+from cembed.checkpoint import CheckpointError
+
+from util import assert_bitwise_equal, fingerprint, zipf_indices
+
+ROOT = pathlib.Path(cembed.__file__).resolve().parent.parent
+
+OPTIMIZERS = {
+    "sgd_momentum": lambda p, **kw: optim.SGD(p, lr=0.1, momentum=0.9, **kw),
+    "sparse_adam": lambda p, **kw: optim.SparseAdam(p, lr=0.01, **kw),
+    "sparse_adam_row": lambda p, **kw: optim.SparseAdam(p, lr=0.01, bias_correction="row", **kw),
+    "sparse_adamw": lambda p, **kw: optim.SparseAdamW(p, lr=0.01, weight_decay=0.1, **kw),
+    "adagrad": lambda p, **kw: optim.Adagrad(p, lr=0.1, **kw),
+    "rowwise": lambda p, **kw: optim.RowWiseAdagrad(p, lr=0.1, **kw),
+}
+
+
+def _modules(seed=0, n_rows=300, dim=8):
+    rng = np.random.default_rng(seed)
+    return {"words": cembed.Embedding.from_pretrained(rng.standard_normal((n_rows, dim)).astype(np.float32),
+                                                      freeze=False, sparse=True),
+            "bags": cembed.EmbeddingBag.from_pretrained(rng.standard_normal((n_rows // 2, dim)).astype(np.float32),
+                                                        freeze=False, sparse=True, mode="sum")}
+
+
+def _steps(modules, opt, rng, n):
+    for _ in range(n):
+        for module in modules.values():
+            idx = zipf_indices(rng, 40, module.weight.shape[0]).reshape(10, 4)
+            out = module(idx)
+            module.backward(rng.standard_normal(out.shape).astype(np.float32), optimizer=opt)
+
+
+def _snapshot(modules, opt=None):
+    return fingerprint({k: np.array(m.weight) for k, m in modules.items()},
+                       opt.state_dict() if opt is not None else None)
+
+
+# ------------------------------------------------------------------------------------------ round trips
+
+@pytest.mark.parametrize("mmap", [True, False])
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def test_round_trip_resumes_bitwise(tmp_path, opt_name, mmap):
+    modules = _modules()
+    opt = OPTIMIZERS[opt_name](list(modules.values()))
+    rng = np.random.default_rng(5)
+    _steps(modules, opt, rng, 3)
+    cembed.save_checkpoint(tmp_path / "ck", modules, opt, extra={"epoch": 2, "note": "x"})
+    rng_state = rng.bit_generator.state
+    _steps(modules, opt, rng, 3)
+    expected = _snapshot(modules, opt)
+
+    fresh = _modules(seed=1)
+    fresh_opt = OPTIMIZERS[opt_name](list(fresh.values()))
+    assert cembed.load_checkpoint(tmp_path / "ck", fresh, fresh_opt, mmap=mmap) == {"epoch": 2, "note": "x"}
+    for module in fresh.values():
+        assert isinstance(module.weight, np.memmap) == mmap
+        assert module.weight.flags.writeable
+    rng.bit_generator.state = rng_state
+    _steps(fresh, fresh_opt, rng, 3)
+    assert _snapshot(fresh, fresh_opt) == expected
+    # copy-on-write: training after the load never wrote into the checkpoint
+    cembed.checkpoint.read_directory(tmp_path / "ck")
+
+
+@pytest.mark.parametrize("opt_name", ["sparse_adam", "rowwise", "sgd_momentum"])
+def test_round_trip_with_tables_and_state_on_disk(tmp_path, opt_name):
+    """Modules whose tables are on disk keep them (values copied in); state goes to state_dir."""
+    modules = _modules()
+    opt = OPTIMIZERS[opt_name](list(modules.values()))
+    rng = np.random.default_rng(5)
+    _steps(modules, opt, rng, 2)
+    cembed.save_checkpoint(tmp_path / "ck", modules, opt)
+    rng_state = rng.bit_generator.state
+    _steps(modules, opt, rng, 2)
+    expected = _snapshot(modules, opt)
+
+    tables = {name: cembed.open_table(tmp_path / f"{name}.npy", m.weight.shape[0], m.weight.shape[1])
+              for name, m in modules.items()}
+    fresh = {"words": cembed.Embedding.from_pretrained(tables["words"], freeze=False, sparse=True),
+             "bags": cembed.EmbeddingBag.from_pretrained(tables["bags"], freeze=False, sparse=True, mode="sum")}
+    fresh_opt = OPTIMIZERS[opt_name](list(fresh.values()), state_dir=tmp_path / "state")
+    cembed.load_checkpoint(tmp_path / "ck", fresh, fresh_opt)
+    for name, module in fresh.items():
+        assert module.weight is tables[name]                      # the same file, values copied in
+    for entry in fresh_opt.state.values():
+        for key, value in entry.items():
+            if isinstance(value, np.ndarray) and key != "active_rows":
+                assert isinstance(value, np.memmap)
+    rng.bit_generator.state = rng_state
+    _steps(fresh, fresh_opt, rng, 2)
+    assert _snapshot(fresh, fresh_opt) == expected
+
+
+def test_checkpoint_of_tables_on_disk_and_state_dir(tmp_path):
+    """Saving reads tables and state that live in files (streamed) and writes full copies."""
+    table = cembed.open_table(tmp_path / "t.npy", 1000, 16, init="normal", seed=0)
+    emb = cembed.Embedding.from_pretrained(table, freeze=False, sparse=True)
+    opt = optim.SparseAdam([emb], state_dir=tmp_path / "s")
+    _steps({"e": emb}, opt, np.random.default_rng(0), 2)
+    cembed.save_checkpoint(tmp_path / "ck", {"e": emb}, opt)
+    fresh = cembed.Embedding(1000, 16, sparse=True)
+    fresh_opt = optim.SparseAdam([fresh])
+    cembed.load_checkpoint(tmp_path / "ck", {"e": fresh}, fresh_opt, mmap=False)
+    assert _snapshot({"e": fresh}, fresh_opt) == _snapshot({"e": emb}, opt)
+    assert os.stat(tmp_path / "ck" / "module.e.npy").st_ino != os.stat(tmp_path / "t.npy").st_ino
+
+
+def test_sequence_and_single_module(tmp_path):
+    a, b = cembed.Embedding(5, 2, seed=0), cembed.Embedding(6, 2, seed=1)
+    cembed.save_checkpoint(tmp_path / "seq", [a, b])
+    c, d = cembed.Embedding(5, 2), cembed.Embedding(6, 2)
+    cembed.load_checkpoint(tmp_path / "seq", [c, d], mmap=False)
+    assert_bitwise_equal(c.weight, a.weight)
+    assert_bitwise_equal(d.weight, b.weight)
+    cembed.save_checkpoint(tmp_path / "one", a)
+    cembed.load_checkpoint(tmp_path / "one", d.__class__(5, 2)) is None
+
+
+def test_frozen_read_only_table_is_hard_linked_not_copied(tmp_path):
+    frozen = cembed.Embedding(2000, 16, seed=0, _freeze=True)
+    words = cembed.Embedding(100, 16, sparse=True, seed=1)
+    cembed.save_checkpoint(tmp_path / "ck", {"frozen": frozen, "words": words})
+    loaded_frozen = cembed.Embedding(2000, 16, _freeze=True)
+    loaded_words = cembed.Embedding(100, 16, sparse=True)
+    cembed.load_checkpoint(tmp_path / "ck", {"frozen": loaded_frozen, "words": loaded_words})
+    assert not loaded_frozen.weight.flags.writeable           # mapped read-only
+    assert loaded_words.weight.flags.writeable                # copy-on-write
+    inode = os.stat(tmp_path / "ck" / "module.frozen.npy").st_ino
+    manifest = json.loads((tmp_path / "ck" / "MANIFEST.json").read_text())
+    cembed.save_checkpoint(tmp_path / "ck", {"frozen": loaded_frozen, "words": loaded_words})
+    assert os.stat(tmp_path / "ck" / "module.frozen.npy").st_ino == inode     # linked, not copied
+    assert os.stat(tmp_path / "ck" / "module.words.npy").st_ino != inode
+    again = json.loads((tmp_path / "ck" / "MANIFEST.json").read_text())
+    assert again["files"]["module.frozen.npy"] == manifest["files"]["module.frozen.npy"]
+    check = cembed.Embedding(2000, 16, _freeze=True)
+    cembed.load_checkpoint(tmp_path / "ck", {"frozen": check, "words": cembed.Embedding(100, 16)})
+    assert_bitwise_equal(check.weight, frozen.weight)
+
+
+def test_replacing_a_checkpoint_leaves_no_debris(tmp_path):
+    emb = cembed.Embedding(10, 2, seed=0)
+    for epoch in range(3):
+        cembed.save_checkpoint(tmp_path / "ck", {"e": emb}, extra={"epoch": epoch})
+    assert sorted(os.listdir(tmp_path)) == [".ck.lock", "ck"]
+    assert cembed.load_checkpoint(tmp_path / "ck", {"e": cembed.Embedding(10, 2)}) == {"epoch": 2}
+
+
+# ------------------------------------------------------------------------------------------ the recovery rule
+
+def test_recovery_rule(tmp_path):
+    emb = cembed.Embedding(10, 2, seed=0)
+    path = tmp_path / "ck"
+    cembed.save_checkpoint(path, {"e": emb}, extra={"v": 1})
+    # a save interrupted between "rename the old aside" and "rename the new in": only .ready exists
+    os.rename(path, tmp_path / ".ck.ready")
+    assert cembed.checkpoint.find_directory(path) == str(tmp_path / ".ck.ready")
+    assert cembed.load_checkpoint(path, {"e": cembed.Embedding(10, 2)}) == {"v": 1}
+    # the next save finishes the interrupted one first, then replaces it
+    (tmp_path / ".ck.tmp-stale").mkdir()
+    (tmp_path / ".ck.old").mkdir()
+    cembed.save_checkpoint(path, {"e": emb}, extra={"v": 2})
+    assert sorted(os.listdir(tmp_path)) == [".ck.lock", "ck"]
+    assert cembed.load_checkpoint(path, {"e": cembed.Embedding(10, 2)}) == {"v": 2}
+    # an interrupted save that never reached .ready is ignored: the old checkpoint is loaded
+    shutil.copytree(path, tmp_path / ".ck.tmp-x")
+    (tmp_path / ".ck.tmp-x" / "MANIFEST.json").write_text("{")
+    assert cembed.load_checkpoint(path, {"e": cembed.Embedding(10, 2)}) == {"v": 2}
+    with pytest.raises(CheckpointError, match="no checkpoint there"):
+        cembed.load_checkpoint(tmp_path / "nothing", {"e": emb})
+
+
+def test_refuses_to_replace_what_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "precious.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a cembed checkpoint"):
+        cembed.save_checkpoint(tmp_path / "data", cembed.Embedding(3, 2))
+    assert (tmp_path / "data" / "precious.txt").read_text() == "keep me"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a cembed checkpoint"):
+        cembed.save_checkpoint(tmp_path / "file", cembed.Embedding(3, 2))
+    (tmp_path / "empty").mkdir()
+    cembed.save_checkpoint(tmp_path / "empty", cembed.Embedding(3, 2))   # an empty directory is fine
+
+
+# ------------------------------------------------------------------------------------------ crash safety
+
+CHILD = textwrap.dedent(r"""
+    import sys
+    import numpy as np
+    import cembed
+    path, first = sys.argv[1], int(sys.argv[2])
+    emb = cembed.Embedding(40_000, 32, sparse=True)
+    bag = cembed.EmbeddingBag(20_000, 32, sparse=True)
+    opt = cembed.optim.SparseAdam([emb, bag])
+    idx = np.arange(0, 40_000, 3)
+    for version in range(first, first + 1000):
+        emb.backward(np.full((idx.size, 32), 0.5, np.float32), idx, optimizer=opt)
+        emb.weight[:] = version
+        bag.weight[:] = -version
+        cembed.save_checkpoint(path, {"emb": emb, "bag": bag}, opt, extra={"version": version})
+        print(version, flush=True)
+""")
+
+
+def _check_version(path):
+    """Load and verify the checkpoint at ``path``; returns its version (weights must match it)."""
+    emb, bag = cembed.Embedding(40_000, 32, sparse=True), cembed.EmbeddingBag(20_000, 32, sparse=True)
+    opt = optim.SparseAdam([emb, bag])
+    extra = cembed.load_checkpoint(path, {"emb": emb, "bag": bag}, opt)
+    version = extra["version"]
+    assert (emb.weight == version).all() and (bag.weight == -version).all()
+    assert opt.state[emb]["step"] == version + 1 - 100 * (version // 100)
+    return version
+
+
+def test_sigkill_while_saving_leaves_a_loadable_checkpoint(tmp_path):
+    path = tmp_path / "ck"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    rnd = random.Random(2026)
+    last = None
+    kills = 0
+    for trial in range(8):
+        first = 100 * trial
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(first)], env=env, cwd=tmp_path,
+                                 stdout=subprocess.PIPE, text=True)
+        try:
+            if trial == 0:
+                assert child.stdout.readline().strip() == str(first)   # a first complete checkpoint
+            time.sleep(rnd.uniform(0.0, 0.6))
+            child.send_signal(signal.SIGKILL)
+            kills += child.wait() == -signal.SIGKILL
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+            child.stdout.close()
+        version = _check_version(path)
+        if last is not None:
+            assert version >= last     # never an older one than what was there before
+        last = version
+    assert kills >= 6
+    # after the kills a save cleans up whatever they left, and the result loads
+    emb, bag = cembed.Embedding(40_000, 32, sparse=True), cembed.EmbeddingBag(20_000, 32, sparse=True)
+    emb.weight[:] = 7
+    bag.weight[:] = -7
+    opt = optim.SparseAdam([emb, bag])
+    for _ in range(8):
+        emb.backward(np.zeros((1, 32), np.float32), np.array([0]), optimizer=opt)
+    cembed.save_checkpoint(path, {"emb": emb, "bag": bag}, opt, extra={"version": 7})
+    assert sorted(os.listdir(tmp_path)) == [".ck.lock", "ck"]
+    assert _check_version(path) == 7
+
+
+# ------------------------------------------------------------------------------------------ refusals
+
+@pytest.fixture
+def saved(tmp_path):
+    modules = _modules()
+    opt = optim.SparseAdam(list(modules.values()))
+    _steps(modules, opt, np.random.default_rng(0), 2)
+    cembed.save_checkpoint(tmp_path / "ck", modules, opt, extra={"epoch": 1})
+    fresh = _modules(seed=3)
+    fresh_opt = optim.SparseAdam(list(fresh.values()))
+    _steps(fresh, fresh_opt, np.random.default_rng(1), 1)
+    return tmp_path / "ck", fresh, fresh_opt
+
+
+def _refused(saved, match, modules=None, opt="same", error=CheckpointError, **kwargs):
+    path, fresh, fresh_opt = saved
+    modules = fresh if modules is None else modules
+    opt = fresh_opt if opt == "same" else opt
+    before = _snapshot(fresh, fresh_opt)
+    with pytest.raises(error, match=match):
+        cembed.load_checkpoint(path, modules, opt, **kwargs)
+    assert _snapshot(fresh, fresh_opt) == before
+
+
+def test_truncated_file_is_named(saved):
+    path = saved[0]
+    with open(path / "optim.1.exp_avg.npy", "r+b") as fh:
+        fh.truncate(os.stat(path / "optim.1.exp_avg.npy").st_size - 4)
+    _refused(saved, r"optim\.1\.exp_avg\.npy: \d+ bytes, the manifest records \d+")
+
+
+def test_corrupted_byte_is_a_checksum_mismatch_naming_the_file(saved):
+    path = saved[0]
+    with open(path / "module.words.npy", "r+b") as fh:
+        fh.seek(1000)
+        byte = fh.read(1)
+        fh.seek(1000)
+        fh.write(bytes([byte[0] ^ 1]))
+    _refused(saved, r"module\.words\.npy: checksum mismatch")
+    # without verification the damage cannot be seen: verify=False is the caller's risk
+    path, fresh, fresh_opt = saved
+    cembed.load_checkpoint(path, fresh, fresh_opt, verify=False)
+
+
+def test_missing_file_is_named(saved):
+    os.unlink(saved[0] / "optim.0.exp_avg_sq.npy")
+    _refused(saved, r"optim\.0\.exp_avg_sq\.npy: missing")
+
+
+def _tamper(path, edit):
+    manifest = json.loads((path / "MANIFEST.json").read_text())
+    edit(manifest)
+    (path / "MANIFEST.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: m.update(format="cembed.checkpoint/99"), "not a cembed.checkpoint/1 manifest"),
+    (lambda m: m.update(checksum="md5"), "malformed manifest"),
+    (lambda m: m["files"]["module.words.npy"].update(shape=[301, 8]), "manifest records"),
+    (lambda m: m["files"]["module.words.npy"].update(dtype="<f8"), "manifest records"),
+    (lambda m: m["files"]["module.words.npy"].update(crc32=1), "checksum mismatch"),
+    (lambda m: m["files"]["module.words.npy"].update(bytes="many"), "malformed entry"),
+    (lambda m: m["files"].update({"../x.npy": m["files"]["module.words.npy"]}), "malformed entry"),
+    (lambda m: m["meta"].update(kind="other"), "not a module checkpoint"),
+    (lambda m: m["meta"]["modules"]["words"].update({"class": "EmbeddingBag"}), "was a EmbeddingBag"),
+    (lambda m: m["meta"]["optimizer"].update({"class": "Adagrad"}), "holds Adagrad state"),
+    (lambda m: m["meta"]["optimizer"].update(params=["bags", "words"]), "held the modules"),
+    (lambda m: m["meta"]["optimizer"]["state"]["state"]["0"]["step"].update(value=-3), "'step' must be an int"),
+    (lambda m: m["meta"]["optimizer"]["state"]["param_groups"][0].update(lr="fast"), "learning rate"),
+    (lambda m: m["meta"]["optimizer"]["state"]["state"]["0"]["exp_avg"].update(array="module.bags"),
+     "exp_avg"),
+    (lambda m: m["meta"]["optimizer"]["state"]["state"]["0"]["exp_avg"].update(array="nope"), "malformed"),
+])
+def test_tampered_manifest_is_refused_with_nothing_changed(saved, edit, match):
+    _tamper(saved[0], edit)
+    _refused(saved, match)
+
+
+def test_unreadable_manifest(saved):
+    (saved[0] / "MANIFEST.json").write_text("{not json")
+    _refused(saved, "unreadable manifest")
+
+
+def test_modules_that_do_not_fit_are_refused(saved):
+    path, fresh, fresh_opt = saved
+    _refused(saved, r"module 'words' has a table of shape \(301, 8\) float32",
+             modules={"words": cembed.Embedding(301, 8, sparse=True), "bags": fresh["bags"]}, opt=None)
+    _refused(saved, r"float64", modules={"words": cembed.Embedding(300, 8, dtype=np.float64),
+                                         "bags": fresh["bags"]}, opt=None)
+    _refused(saved, r"holds modules \['bags', 'words'\], got \['words'\]", modules={"words": fresh["words"]},
+             opt=None)
+    _refused(saved, "was a Embedding, got a EmbeddingBag",
+             modules={"words": cembed.EmbeddingBag(300, 8), "bags": fresh["bags"]}, opt=None)
+
+
+def test_optimizers_that_do_not_fit_are_refused(saved, tmp_path):
+    path, fresh, fresh_opt = saved
+    _refused(saved, "holds SparseAdam state, not Adagrad", opt=optim.Adagrad(list(fresh.values())))
+    _refused(saved, "held the modules", opt=optim.SparseAdam([fresh["bags"], fresh["words"]]))
+    _refused(saved, "held the modules", opt=optim.SparseAdam([fresh["words"]]))
+    cembed.save_checkpoint(tmp_path / "no_opt", fresh)
+    before = _snapshot(fresh, fresh_opt)
+    with pytest.raises(CheckpointError, match="holds no optimizer state"):
+        cembed.load_checkpoint(tmp_path / "no_opt", fresh, fresh_opt)
+    assert _snapshot(fresh, fresh_opt) == before
+
+
+def test_refused_saves_write_nothing(saved, tmp_path):
+    path, fresh, fresh_opt = saved
+    listing = sorted(os.listdir(path))
+    manifest = (path / "MANIFEST.json").read_bytes()
+    with pytest.raises(TypeError, match="JSON"):
+        cembed.save_checkpoint(path, fresh, fresh_opt, extra={"bad": object()})
+    with pytest.raises(ValueError, match="not among the modules"):
+        cembed.save_checkpoint(path, {"words": fresh["words"]}, fresh_opt)
+    with pytest.raises(ValueError, match="module name"):
+        cembed.save_checkpoint(path, {"../up": fresh["words"]})
+    with pytest.raises(ValueError, match="same object"):
+        cembed.save_checkpoint(path, {"a": fresh["words"], "b": fresh["words"]})
+    with pytest.raises(TypeError, match="optimizer"):
+        cembed.save_checkpoint(path, fresh, optimizer="adam")
+    assert sorted(os.listdir(path)) == listing and (path / "MANIFEST.json").read_bytes() == manifest
+    assert sorted(os.listdir(tmp_path)) == [".ck.lock", "ck"]
+
+
+# ------------------------------------------------------------------------------------------ the trainer
+
+def _train_cli(args, cwd, env):
+    return subprocess.run([sys.executable, "-m", "cembed", "train", "--vocab-size", "3000", "--tokens", "120000",
+                           "--batch-size", "256", "--no-save", "--no-plot", "--quiet", "--threads", "1"] + args,
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_trainer_killed_then_resumed_equals_an_uninterrupted_run(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    whole = _train_cli(["--table-dir", "whole"], tmp_path, env)
+    assert whole.returncode == 0, whole.stderr
+    assert "peak RSS" in whole.stdout
+    child = subprocess.Popen([sys.executable, "-m", "cembed", "train", "--vocab-size", "3000", "--tokens", "120000",
+                              "--batch-size", "256", "--no-save", "--no-plot", "--quiet", "--threads", "1",
+                              "--table-dir", "cut", "--checkpoint-every", "5"], cwd=tmp_path, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = tmp_path / "cut" / "checkpoint" / "MANIFEST.json"
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and child.poll() is None:
+            if manifest.exists():
+                try:
+                    if json.loads(manifest.read_text())["meta"]["extra"]["steps"] >= 10:
+                        break
+                except (ValueError, KeyError):
+                    pass
+            time.sleep(0.02)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait()
+    steps = json.loads(manifest.read_text())["meta"]["extra"]["steps"]
+    resumed = _train_cli(["--table-dir", "cut", "--resume"], tmp_path, env)
+    assert resumed.returncode == 0, resumed.stderr
+    for name in ("module.in.npy", "module.out.npy", "optim.0.exp_avg.npy", "optim.1.exp_avg_sq.npy"):
+        a = np.load(tmp_path / "whole" / "checkpoint" / name)
+        b = np.load(tmp_path / "cut" / "checkpoint" / name)
+        assert_bitwise_equal(a, b)
+    total = json.loads((tmp_path / "whole" / "checkpoint" / "MANIFEST.json").read_text())["meta"]["extra"]["steps"]
+    assert 10 <= steps < total, (steps, total)   # the kill landed mid-run
+    # a resume with other settings is refused, changing nothing
+    other = _train_cli(["--table-dir", "cut", "--resume", "--window", "3"], tmp_path, env)
+    assert other.returncode == 1 and "other settings: window 5 -> 3" in other.stderr
+
+
+def test_trainer_refusals(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    no_dir = _train_cli(["--resume"], tmp_path, env)
+    assert no_dir.returncode == 2 and "need --table-dir" in no_dir.stderr
+    nothing = _train_cli(["--table-dir", "empty", "--resume"], tmp_path, env)
+    assert nothing.returncode == 1 and "--resume" in nothing.stderr
