@@ -450,6 +450,7 @@ def _train(corpus, config, progress):
     else:
         w_in, w_out = initial_tables(corpus.vocab_size, config.dim, config.seed)
     eval_sets = (evaluation_sets(corpus) or None) if corpus.topics is not None else None
+    model: Any
     if table_dir is not None:
         model = CembedModel(w_in, w_out, config, state_dir=table_dir.state)
         done_steps, done_words = table_dir.resume(model) if config.resume else (0, 0)
