@@ -9,10 +9,9 @@ Importing this package does not import Ray; constructing a :class:`ShardedEmbedd
 network namespace that has nothing but loopback (``tests/ray/run.sh``, ``docs/distributed.md``).
 """
 from ._init import INITS, initial_rows
-from ..checkpoint import CheckpointError
 from ._ray import connect, init_local, network_interfaces, only_loopback
 from ._shard import OPTIMIZERS
 from ._client import ShardedEmbedding, ShardLostError
 
-__all__ = ["ShardedEmbedding", "ShardLostError", "CheckpointError", "initial_rows", "init_local", "connect",
+__all__ = ["ShardedEmbedding", "ShardLostError", "initial_rows", "init_local", "connect",
            "network_interfaces", "only_loopback", "INITS", "OPTIMIZERS"]

@@ -26,7 +26,14 @@ class ShardLostError(RuntimeError):
     """A shard that cannot be brought back to the table's current step: it died without a
     checkpoint to restart from, restored a checkpoint older than the replay log reaches, or did not
     come back within ``recovery_timeout`` seconds. The table cannot be used any more (its rows on
-    that shard would be stale)."""
+    that shard would be stale).
+
+    Examples
+    --------
+    >>> from cembed.distributed import ShardLostError
+    >>> issubclass(ShardLostError, RuntimeError)
+    True
+    """
 
 
 def _check_int(value: Any, name: str, low: int) -> int:

@@ -72,3 +72,25 @@ def test_initial_rows_refuses_bad_arguments():
         initial_rows(0, [0], 4, np.int32)
     with pytest.raises(ValueError):
         initial_rows(0, [0], 4, init="normal")
+
+
+def test_public_callables_of_distributed_have_examples():
+    """numpydoc Examples on every public name of cembed.distributed and the client's methods."""
+    import inspect
+
+    import cembed.distributed as dist
+
+    missing = []
+    for name in dist.__all__:
+        obj = getattr(dist, name)
+        if not callable(obj):
+            continue
+        members = [(name, obj)]
+        if inspect.isclass(obj) and obj.__module__.startswith("cembed.distributed"):
+            members += [(f"{name}.{attr}", m) for attr, m in vars(obj).items()
+                        if not attr.startswith("_") and callable(m)]
+        for label, member in members:
+            doc = inspect.getdoc(member) or ""
+            if "Examples" not in doc or ">>>" not in doc:
+                missing.append(label)
+    assert not missing, missing
