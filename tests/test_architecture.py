@@ -1,7 +1,8 @@
 """The layer rule of ARCHITECTURE.md, checked on the source: who may import whom.
 
 kernels (``_*.pyx``) → ``_validation`` → ``_config`` → ``sparse`` → ``functional`` →
-``modules``, ``optim`` → the package ``__init__`` → ``apps`` (public API only). Nothing outside
+``modules``, ``optim`` → the package ``__init__`` and the optional ``distributed`` (which the package
+does not import) → ``apps`` (public API only). Nothing outside
 ``apps/`` imports from it; ``functional`` and everything below it import no module and no optimizer;
 modules and optimizers do not import each other.
 """
@@ -17,7 +18,7 @@ LAYER = {  # module (dotted, relative to cembed) -> layer number
     "_build_config": 0, "_validation": 1, "_config": 2,
     "sparse": 3, "functional": 4, "storage": 4,
     "modules": 5, "optim": 5, "checkpoint": 5,
-    "__init__": 6, "apps": 7, "__main__": 8,
+    "__init__": 6, "distributed": 6, "apps": 7, "__main__": 8,
 }
 
 
@@ -95,6 +96,24 @@ def test_apps_use_only_the_public_api():
         for target in _imports(module, path):
             if target.startswith("_") and target != "__init__":
                 offenders.append(f"{module} imports the private {target}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_distributed_uses_only_the_public_layers_and_imports_ray_lazily():
+    """cembed.distributed builds on modules/optim/functional like a user would (no kernels), the
+    package does not import it, and no module imports Ray at the top level."""
+    offenders = []
+    for module, path in _python_modules():
+        if module.startswith("distributed"):
+            offenders += [f"{module} imports the private {t}" for t in _imports(module, path)
+                          if t.startswith("_") and t not in ("__init__",)]
+        if module == "__init__" and "distributed" in _imports(module, path):
+            offenders.append("cembed/__init__.py imports distributed")
+        tree = ast.parse(path.read_text(), str(path))
+        for node in tree.body:   # top-level statements only
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{module} imports {n} at the top level" for n in names if n.split(".")[0] == "ray"]
     assert not offenders, "\n".join(offenders)
 
 

@@ -27,6 +27,7 @@ _positive_float = _number(float, "a positive number", lambda v: math.isfinite(v)
                           "a finite positive number")
 _non_negative_float = _number(float, "a number >= 0", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 _seed = _number(int, "an integer >= 0", lambda v: v >= 0)
+_shards = _number(int, "an integer >= 0", lambda v: v >= 0)
 
 
 BACKENDS = ("cembed", "torch", "gensim")
@@ -90,6 +91,13 @@ def build_parser():
                           "or a comma list, e.g. cembed,gensim. Several backends run one after the other "
                           "and the summary gives the throughput ratios to the first")
     run.add_argument("--threads", type=_positive_int, default=None, help="threads (default: all cores)")
+    run.add_argument("--shards", type=_shards, default=0, metavar="S",
+                     help="cembed backend: shard both tables over S Ray actors (cembed.distributed; pip install "
+                          "\".[ray]\"); bitwise the same training as one process. Without --ray-address Ray "
+                          "starts on this machine inside a private network namespace (only loopback; the command "
+                          "re-executes itself under unshare, which needs root). 0 (default): no Ray")
+    run.add_argument("--ray-address", default=None, metavar="ADDR",
+                     help="--shards: connect to this running Ray cluster instead of starting one")
     run.add_argument("--seed", type=_seed, default=0, help="seed for data, init and sampling (default 0)")
     run.add_argument("--out", default="cembed_out", metavar="DIR",
                      help="where embeddings.npy, vocab.txt and pca.png go (default cembed_out/)")
@@ -208,6 +216,9 @@ def run_train(args):
     if args.table_dir is None and (args.resume or args.checkpoint_every or args.no_prefetch):
         print("error: --resume, --checkpoint-every and --no-prefetch need --table-dir", file=sys.stderr)
         return 2
+    if args.table_dir is not None and args.shards:
+        print("error: --table-dir keeps the tables in this process; --shards puts them on Ray actors", file=sys.stderr)
+        return 2
     if args.table_dir is not None and args.backend != ["cembed"]:
         print("error: --table-dir keeps cembed's tables on disk: use it with --backend cembed", file=sys.stderr)
         return 2
@@ -225,11 +236,40 @@ def run_train(args):
                                    lr=args.lr, subsample=args.subsample, seed=args.seed, threads=args.threads,
                                    dtype=args.dtype, rounding=args.rounding,
                                    table_dir=args.table_dir, resume=args.resume, prefetch=not args.no_prefetch,
-                                   checkpoint_every=args.checkpoint_every or 0)
+                                   checkpoint_every=args.checkpoint_every or 0, shards=args.shards)
+    ray = _start_ray(args, threads, log) if args.shards else None
+    try:
+        return _train_and_report(args, corpus, config, threads, log, train_mod)
+    finally:
+        if ray is not None:
+            ray.shutdown()
+
+
+def _start_ray(args, threads, log):
+    """--shards: Ray for this process, connected to --ray-address or started here (in the private
+    network namespace main() put the process in); returns it, to be shut down after training, or
+    None when Ray was already running in this process (whoever started it stops it)."""
+    import cembed.distributed as dist
+
+    running = sys.modules.get("ray")
+    if running is not None and running.is_initialized():
+        log(f"ray     already running in this process: {args.shards} shards per table")
+        return None
+    if args.ray_address:
+        ray = dist.connect(args.ray_address)
+        log(f"ray     connected to {args.ray_address}: {args.shards} shards per table")
+    else:
+        ray = dist.init_local(num_cpus=threads)
+        log(f"ray     started locally (network namespace with only loopback): {args.shards} shards per table")
+    return ray
+
+
+def _train_and_report(args, corpus, config, threads, log, train_mod):
     log(f"model   skip-gram, negative sampling: dim {config.dim}, window {config.window}, "
         f"{config.negatives} negatives, batch {config.batch_size} pairs, {config.epochs} epoch(s), "
         f"{config.optimizer} lr {config.learning_rate()}, {threads} thread(s)"
-        + (f", {config.dtype} tables and state ({config.rounding} rounding)" if config.dtype != "float32" else ""))
+        + (f", {config.dtype} tables and state ({config.rounding} rounding)" if config.dtype != "float32" else "")
+        + (f", both tables on {config.shards} Ray shards each" if config.shards else ""))
     if "gensim" in args.backend:
         options = train_mod.gensim_options(config, threads)
         log(f"gensim  Word2Vec(sg=1, hs=0, vector_size={options['vector_size']}, window={options['window']}, "
@@ -289,6 +329,45 @@ def run_train(args):
     return 0
 
 
+NETNS_MARK = "CEMBED_IN_PRIVATE_NETNS"
+
+
+def _network_namespace_relaunch(argv):
+    """``train --shards S`` starting Ray here: Ray contacts outside addresses when it starts, so it
+    may run only in a network namespace that has nothing but loopback. Already in one: None (go
+    on). Else run this same command again inside a fresh one (``unshare --net --pid ...``, as root)
+    and return its exit code; or an error (exit code 2) saying why that is impossible."""
+    from cembed.distributed import network_interfaces, only_loopback
+
+    if only_loopback():
+        return None
+    if os.environ.get(NETNS_MARK):
+        print(f"error: expected a private network namespace, but interfaces {network_interfaces()} are visible",
+              file=sys.stderr)
+        return 2
+    import shutil
+    import subprocess
+
+    missing = [tool for tool in ("unshare", "ip") if shutil.which(tool) is None]
+    geteuid = getattr(os, "geteuid", None)
+    if missing or geteuid is None or geteuid() != 0:
+        why = f"{', '.join(missing)} not found" if missing else "it needs root (unshare --net)"
+        print("error: --shards starts Ray on this machine, and Ray contacts outside addresses when it starts, so "
+              "cembed runs it only inside a private network namespace that has nothing but loopback; creating "
+              f"one is not possible here ({why}). Run the command as root, or inside such a namespace yourself "
+              "(unshare --net --pid --fork --kill-child --mount-proc -- bash -c 'ip link set lo up && ...'), or "
+              "connect to an existing cluster with --ray-address.", file=sys.stderr)
+        return 2
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    env[NETNS_MARK] = "1"
+    command = ["unshare", "--net", "--pid", "--fork", "--kill-child", "--mount-proc", "--",
+               "bash", "-c", 'ip link set lo up && exec "$@"', "cembed-netns",
+               sys.executable, "-m", "cembed", *argv]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return subprocess.call(command, env=env)
+
+
 def _output_dir_problem(path):
     """None when ``path`` is (or can be made) a writable directory, else what is wrong with it."""
     try:
@@ -315,8 +394,12 @@ def main(argv=None):
     (``runtime.reuse_large_allocations``, process-wide and for good), which library calls of
     ``train()`` never do."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        if args.command == "train" and args.shards and not args.ray_address:
+            relaunch = _network_namespace_relaunch(sys.argv[1:] if argv is None else list(argv))
+            if relaunch is not None:
+                return relaunch
         if args.command == "train":
             reuse_large_allocations()   # both backends alike: ~50 MB per-step temporaries stay in the heap
             return run_train(args)

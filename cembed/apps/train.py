@@ -16,11 +16,12 @@ import tempfile
 import time
 import types
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import numpy as np
 
 import cembed
+from cembed.distributed import initial_rows
 
 from .corpus import Corpus
 from .runtime import thread_settings
@@ -42,6 +43,7 @@ class TrainConfig:
     backend: str = "cembed"
     dtype: str = "float32"         # table and optimizer-state dtype: float32, bfloat16 or float16 (cembed only)
     rounding: str = "stochastic"   # how 16-bit tables and state are rounded: stochastic or nearest
+    shards: int = 0             # > 0: the cembed backend's tables are sharded over Ray actors (Ray running)
     table_dir: Optional[str] = None   # keep both tables and the optimizer state on disk in this directory
     resume: bool = False              # with table_dir: continue from the checkpoint in table_dir
     prefetch: bool = True             # with table_dir: prefetch batch k+1's rows while batch k is computed
@@ -129,9 +131,9 @@ class BatchStream:
 
 
 def initial_tables(vocab_size, dim, seed):
-    """word2vec's init: input rows uniform in [-0.5/dim, 0.5/dim], output rows zero."""
-    rng = np.random.default_rng(seed)
-    w_in = ((rng.random((vocab_size, dim), dtype=np.float32) - np.float32(0.5)) / np.float32(dim))
+    """word2vec's init: input rows uniform in [-0.5/dim, 0.5/dim], output rows zero. Defined per row
+    (cembed.distributed.initial_rows), so sharded tables (``--shards``) start from the same values."""
+    w_in = initial_rows(seed, np.arange(vocab_size), dim, np.float32, "uniform")
     return w_in, np.zeros((vocab_size, dim), dtype=np.float32)
 
 
@@ -187,9 +189,9 @@ class CembedModel:
         self.n_steps = 0
         dtype = table_dtype(config.dtype)   # 16-bit tables: the float32 init rounded to nearest
         # (a table already in that dtype, e.g. one on disk, is used as it is, never copied)
-        self.emb_in = cembed.Embedding.from_pretrained(w_in if w_in.dtype == dtype else w_in.astype(dtype),
+        self.emb_in: Any = cembed.Embedding.from_pretrained(w_in if w_in.dtype == dtype else w_in.astype(dtype),
                                                        freeze=False, sparse=True)
-        self.emb_out = cembed.Embedding.from_pretrained(w_out if w_out.dtype == dtype else w_out.astype(dtype),
+        self.emb_out: Any = cembed.Embedding.from_pretrained(w_out if w_out.dtype == dtype else w_out.astype(dtype),
                                                         freeze=False, sparse=True)
         options = {} if state_dir is None else {"state_dir": state_dir}
         self.opt = make_optimizer(cembed.optim, [self.emb_in, self.emb_out], config, **options)
@@ -215,10 +217,13 @@ class CembedModel:
         g[:, 0] *= -1                                         # back to d loss / d s
         # fused backward + update: each table's touched rows are summed and updated in one pass
         # (v and u are copies, so updating one table does not change the other's gradient)
-        self.emb_in.backward(np.matmul(g[:, None, :], u)[:, 0, :], centers, optimizer=self.opt)
+        self._fused_update(self.emb_in, np.matmul(g[:, None, :], u)[:, 0, :], centers)
         # d loss / d u[b, k] = g[b, k] * v[b]: handed over as (v, weights g), never materialised
-        self.emb_out.backward(v, targets, per_sample_weights=g, optimizer=self.opt)
+        self._fused_update(self.emb_out, v, targets, per_sample_weights=g)
         return loss
+
+    def _fused_update(self, table, grad_output, indices, per_sample_weights=None):
+        table.backward(grad_output, indices, per_sample_weights=per_sample_weights, optimizer=self.opt)
 
     def input_table(self):
         weight = self.emb_in.weight
@@ -226,6 +231,38 @@ class CembedModel:
 
     def memory_per_row(self):
         return memory_per_row([self.emb_in, self.emb_out], self.opt)
+
+
+class ShardedModel(CembedModel):
+    """The cembed model with both tables row-sharded over ``config.shards`` Ray actors
+    (cembed.distributed.ShardedEmbedding; Ray must be running): the same math, bitwise the same
+    weights as CembedModel."""
+
+    def __init__(self, w_in, w_out, config: TrainConfig):
+        from cembed.distributed import ShardedEmbedding
+
+        self.n_steps = 0
+        self.name = f"ray:{config.shards}"
+        vocab, dim = w_in.shape
+        options = {"lr": config.learning_rate()}
+        self.emb_in = ShardedEmbedding(vocab, dim, config.shards, config.optimizer, options, seed=config.seed,
+                                       init="uniform")
+        self.emb_out = ShardedEmbedding(vocab, dim, config.shards, config.optimizer, options, seed=config.seed,
+                                        init="zeros")
+        self.opt = None
+
+    def _fused_update(self, table, grad_output, indices, per_sample_weights=None):
+        table.backward(grad_output, indices, per_sample_weights=per_sample_weights, step=True)
+
+    def input_table(self):
+        return self.emb_in.state_dict()["weight"]
+
+    def memory_per_row(self):
+        return None   # the rows and their state live on the shards, not in this process
+
+    def close(self):
+        self.emb_in.shutdown()
+        self.emb_out.shutdown()
 
 
 class TorchModel:
@@ -418,8 +455,11 @@ class TableDir:
         or, when resuming, opened as they are (their values come from the checkpoint)."""
         os.makedirs(self.tables, exist_ok=True)
         mode = "r+" if config.resume else "w+"
+        def init_in(block, start):   # initial_tables' values, row by row
+            block[:] = initial_rows(config.seed, np.arange(start, start + block.shape[0]), config.dim, np.float32)
+
         w_in = cembed.open_table(os.path.join(self.tables, "in.npy"), vocab_size, config.dim, np.float32, mode=mode,
-                                 init="uniform", seed=config.seed)
+                                 init=init_in)
         w_out = cembed.open_table(os.path.join(self.tables, "out.npy"), vocab_size, config.dim, np.float32,
                                   mode=mode, init="zeros")
         return w_in, w_out
@@ -449,6 +489,8 @@ def _train(corpus, config, progress):
         if config.dtype != "float32":
             raise ValueError(f"--table-dir keeps float32 tables; --dtype {config.dtype} tables on disk are not "
                              "supported yet")
+        if config.shards:
+            raise ValueError("--table-dir keeps the tables in this process; --shards puts them on Ray actors")
         table_dir = TableDir(config.table_dir, config, corpus)
         if config.resume and not os.path.isdir(table_dir.tables):
             raise ResumeError(f"--resume: {table_dir.tables} does not exist (nothing to resume)")
@@ -456,8 +498,10 @@ def _train(corpus, config, progress):
     else:
         w_in, w_out = initial_tables(corpus.vocab_size, config.dim, config.seed)
     eval_sets = (evaluation_sets(corpus) or None) if corpus.topics is not None else None
-    model: "CembedModel | TorchModel"
+    model: Any
     prefetch = None
+    if config.shards and config.dtype != "float32":
+        raise ValueError(f"--shards keeps float32 tables on its shards; --dtype {config.dtype} is not supported there yet")
     if table_dir is not None:
         on_disk = CembedModel(w_in, w_out, config, state_dir=table_dir.state)
         done_steps, done_words = table_dir.resume(on_disk) if config.resume else (0, 0)
@@ -466,7 +510,8 @@ def _train(corpus, config, progress):
         if config.prefetch:
             prefetch = on_disk.prefetch
     else:
-        model = (TorchModel if config.backend == "torch" else CembedModel)(w_in, w_out, config)
+        model = (TorchModel if config.backend == "torch" else ShardedModel if config.shards else CembedModel)(
+            w_in, w_out, config)
         done_steps, done_words = 0, 0
     before, chance = {}, {}
     for name, words in (eval_sets or {}).items():
@@ -491,14 +536,17 @@ def _train(corpus, config, progress):
             table_dir.save(on_disk, on_disk.n_steps, words)
     seconds = time.perf_counter() - start
     if table_dir is not None:
-        table_dir.save(on_disk, on_disk.n_steps, total)
+        table_dir.save(model, model.n_steps, total)
+    table = model.input_table()
+    if isinstance(model, ShardedModel):
+        model.close()
     trained = total - done_words
     words = total   # every token was consumed, also when the last slices gave no pair
     bar.update(words, loss, force=True)
     bar.close()
     result = TrainResult(backend=model.name, seconds=seconds, words=trained,
                          words_per_second=trained / seconds if seconds > 0 else float("nan"),
-                         final_loss=bar.loss, table=model.input_table(), peak_rss=peak_rss_bytes(),
+                         final_loss=bar.loss, table=table, peak_rss=peak_rss_bytes(),
                          resumed_words=done_words)
     if hasattr(model, "memory_per_row"):
         result.memory_per_row = model.memory_per_row()

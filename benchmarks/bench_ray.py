@@ -1,0 +1,161 @@
+"""Row-sharded tables on Ray (cembed.distributed) against one process, on this machine.
+
+Run inside the private network namespace (Ray must not start anywhere else):
+
+    bash tests/ray/run.sh python benchmarks/bench_ray.py [--rows 1000000] [--dim 64] [--n 65536]
+
+1. Lookup + fused update round trip: ``out = table(idx); table.backward(grad, step=True); table.sync()``
+   (the update applied when it returns) with 2
+   shards against ``out = emb(idx); emb.backward(grad, optimizer=opt)`` in this process; the same
+   65,536 Zipf(1.1) indices, SparseAdam; interleaved rounds, medians. Also the payload bytes sent and
+   received per step and per shard, and the messages per step; and back-to-back steps without
+   waiting for the update (how training runs: the shards apply step t while the client prepares
+   step t + 1).
+2. Per-call overhead: the same round trip with 8 indices.
+3. The main job: ``train`` of the skip-gram model with ``shards=2`` against ``shards=0`` (same
+   corpus, config and seed; the final tables are compared bitwise).
+Nothing here is a pytest test (the file is only collected when asked for).
+"""
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+
+def zipf_indices(rng, n, n_rows, a=1.1):
+    return ((rng.zipf(a, n) - 1) % n_rows).astype(np.int64)
+
+
+def round_trip_local(emb, opt, idx, grad):
+    emb(idx)
+    emb.backward(grad, optimizer=opt)
+
+
+def round_trip_sharded(table, idx, grad):
+    """One step, waited for: the update is applied on the shards when it returns."""
+    table(idx)
+    table.backward(grad, step=True)
+    table.sync()
+
+
+def pipelined(fn, steps):
+    """Seconds per step of ``steps`` consecutive calls (the sharded update of one step overlaps the
+    next step's lookup when nothing waits for it)."""
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - t0) / steps
+
+
+def interleaved(fns, repeats):
+    """Median seconds of each callable, run in turns (a, b, a, b, ...) after one warm-up each."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--n", type=int, default=65_536)
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--train-tokens", type=int, default=1_000_000)
+    parser.add_argument("--train-vocab", type=int, default=100_000)
+    parser.add_argument("--no-train", action="store_true")
+    args = parser.parse_args(argv)
+
+    import cembed
+    from cembed.distributed import OPTIMIZERS, ShardedEmbedding, init_local, initial_rows
+
+    ray = init_local(num_cpus=2)
+    V, D, S = args.rows, args.dim, args.shards
+    rng = np.random.default_rng(2026)
+    idx = zipf_indices(rng, args.n, V)
+    grad = rng.standard_normal((args.n, D), dtype=np.float32) * np.float32(1e-3)
+    tiny_idx, tiny_grad = idx[:8].copy(), grad[:8].copy()
+    opts = {"lr": 1e-3}
+    print(f"workload: V={V:,} D={D} float32, batch {args.n:,} Zipf(1.1) indices "
+          f"({np.unique(idx).size:,} distinct), SparseAdam, {S} shards, cembed threads here "
+          f"{cembed.get_num_threads()}")
+
+    t0 = time.perf_counter()
+    emb = cembed.Embedding.from_pretrained(initial_rows(1, np.arange(V), D), freeze=False, sparse=True)
+    opt = OPTIMIZERS["sparseadam"]([emb], **opts)
+    table = ShardedEmbedding(V, D, S, "sparseadam", opts, seed=1)
+    table(np.arange(min(V, 10)))
+    print(f"set-up (one table in process + {S} shards): {time.perf_counter() - t0:.1f} s")
+
+    sent0, recv0, steps0 = table.bytes_sent, table.bytes_received, table.step_count
+    round_trip_sharded(table, idx, grad)
+    sent, recv = table.bytes_sent - sent0, table.bytes_received - recv0
+    print(f"payload per step ({S} shards): sent {sent / 1e6:.2f} MB (indices + summed gradient rows), "
+          f"received {recv / 1e6:.2f} MB (rows); per shard {(sent + recv) / S / 1e6:.2f} MB; "
+          f"messages per step: {2 * S} requests + {2 * S} replies")
+
+    big = interleaved({"one process": lambda: round_trip_local(emb, opt, idx, grad),
+                       f"{S} shards": lambda: round_trip_sharded(table, idx, grad)}, args.repeats)
+    tiny = interleaved({"one process": lambda: round_trip_local(emb, opt, tiny_idx, tiny_grad),
+                        f"{S} shards": lambda: round_trip_sharded(table, tiny_idx, tiny_grad)}, args.repeats * 4)
+    print("lookup + fused update round trip (median of interleaved rounds):")
+    for name in big:
+        print(f"  {name:<12} batch {args.n:,}: {big[name] * 1e3:8.2f} ms    batch 8: {tiny[name] * 1e3:7.2f} ms")
+    print(f"  ratio sharded / one process: {big[f'{S} shards'] / big['one process']:.2f}x (target <= 2x); "
+          f"per-call overhead (batch 8): {(tiny[f'{S} shards'] - tiny['one process']) * 1e3:.2f} ms")
+
+    def sharded_step():
+        table(idx)
+        table.backward(grad, step=True)
+
+    runs = {"one process": [], f"{S} shards": []}
+    for _ in range(3):
+        runs["one process"].append(pipelined(lambda: round_trip_local(emb, opt, idx, grad), 5))
+        runs[f"{S} shards"].append(pipelined(sharded_step, 5))
+        table.sync()
+    steady = {name: statistics.median(v) for name, v in runs.items()}
+    print(f"  back-to-back steps (update not awaited, 3 blocks of 5, median): one process "
+          f"{steady['one process'] * 1e3:.2f} ms/step, {S} shards {steady[f'{S} shards'] * 1e3:.2f} ms/step, "
+          f"ratio {steady[f'{S} shards'] / steady['one process']:.2f}x")
+    t0 = time.perf_counter()
+    table(idx)
+    t_lookup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    emb(idx)
+    t_lookup_local = time.perf_counter() - t0
+    print(f"  lookup alone (one run): sharded {t_lookup * 1e3:.2f} ms, one process {t_lookup_local * 1e3:.2f} ms")
+    table.shutdown()
+    del emb, opt
+
+    if not args.no_train:
+        from cembed.apps import corpus as corpus_mod
+        from cembed.apps import train as train_mod
+
+        corpus = corpus_mod.synthetic_corpus(args.train_vocab, 100, args.train_tokens, seed=0)
+        results = {}
+        for shards in (0, S, 0, S):
+            config = train_mod.TrainConfig(seed=0, shards=shards)
+            result = train_mod.train(corpus, config, progress=False)
+            results.setdefault(shards, []).append(result)
+        print(f"main job (skip-gram, {corpus.description}):")
+        for shards, rs in results.items():
+            wps = statistics.median(r.words_per_second for r in rs)
+            print(f"  --shards {shards}: {wps:>10,.0f} words/s  (runs: "
+                  f"{', '.join(f'{r.words_per_second:,.0f}' for r in rs)})")
+        same = results[0][0].table.tobytes() == results[S][0].table.tobytes()
+        print(f"  final input tables bitwise equal: {same}")
+        ratio = statistics.median(r.words_per_second for r in results[S]) / \
+            statistics.median(r.words_per_second for r in results[0])
+        print(f"  throughput --shards {S} / --shards 0: {ratio:.2f}x")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

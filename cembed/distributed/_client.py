@@ -1,0 +1,653 @@
+"""The client of a row-sharded table: ``ShardedEmbedding`` (see its docstring)."""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .. import functional as F
+from ..modules import Embedding
+from ..sparse import SparseGrad
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ._init import INITS, check_seed
+from ._ray import require_ray
+from ._shard import OPTIMIZERS, Shard, local_rows, make_optimizer
+
+__all__ = ["ShardedEmbedding", "ShardLostError"]
+
+#: checkpoint_every when a checkpoint_dir is given without it.
+DEFAULT_CHECKPOINT_EVERY = 100
+
+
+class ShardLostError(RuntimeError):
+    """A shard that cannot be brought back to the table's current step: it died without a
+    checkpoint to restart from, restored a checkpoint older than the replay log reaches, or did not
+    come back within ``recovery_timeout`` seconds. The table cannot be used any more (its rows on
+    that shard would be stale).
+
+    Examples
+    --------
+    >>> from cembed.distributed import ShardLostError
+    >>> issubclass(ShardLostError, RuntimeError)
+    True
+    """
+
+
+def _check_int(value: Any, name: str, low: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def _check_indices(indices: Any, num_embeddings: int) -> Tuple[Tuple[int, ...], np.ndarray]:
+    """(shape, flat int64 private copy) of integer indices in [0, num_embeddings)."""
+    arr = indices if isinstance(indices, np.ndarray) else np.asarray(indices)
+    if arr.dtype.kind not in "iu":
+        if arr.size == 0 and arr.dtype.kind == "f" and not isinstance(indices, np.ndarray):
+            arr = arr.astype(np.int64)   # [] from a list
+        else:
+            raise TypeError(f"indices must be integers, got dtype {arr.dtype}")
+    if arr.size:
+        lo, hi = arr.min(), arr.max()
+        if lo < 0 or hi >= num_embeddings:
+            bad = lo if lo < 0 else hi
+            raise IndexError(f"index {bad} is out of range for a table of {num_embeddings} rows")
+    return arr.shape, np.array(arr, dtype=np.int64, order="C").reshape(-1)
+
+
+class ShardedEmbedding:
+    """A trainable embedding table whose rows live on ``num_shards`` Ray actors.
+
+    Row ``r`` belongs to shard ``r % num_shards`` (local row ``r // num_shards``). Each shard holds
+    its rows and their optimizer state and applies the optimizer's update to the rows it is sent.
+    The client deduplicates indices, sends each shard only its rows (and, at a step, the summed
+    gradient of those rows), and calls all shards at once before waiting for any.
+
+    Training is bitwise equal to one process: ``N`` steps with any number of shards give exactly
+    the weights and optimizer state of ``cembed.Embedding.from_pretrained(initial_rows(seed,
+    arange(V), D, dtype, init), freeze=False, sparse=True)`` trained by the same optimizer with
+    the same gradients (the summed gradient rows are computed by :func:`cembed.functional.embedding_backward`,
+    the per-row update by the same optimizer code; every shard advances its step count at every
+    step, as the single-process optimizer does).
+
+    Ray must already be running in this process (``ray.init(...)``, see :func:`init_local`); Ray is
+    imported here, never by ``import cembed`` or ``import cembed.distributed``.
+
+    Parameters
+    ----------
+    num_embeddings, embedding_dim : int
+        The table: ``num_embeddings`` rows of ``embedding_dim`` values; ``num_embeddings >= num_shards``.
+    num_shards : int
+        Number of shard actors (>= 1).
+    optimizer : {"sparseadam", "adagrad", "sgd", "rowwise_adagrad"}
+        The :mod:`cembed.optim` optimizer every shard runs.
+    optimizer_options : dict, optional
+        Its keyword arguments (``lr``, ``betas``, ...), checked here before any actor starts.
+    padding_idx : int, optional
+        A row that starts at zero and never receives a gradient (negative: counted from the end).
+    dtype : float32 or float64
+    seed : int, optional
+        Defines every row's initial values (:func:`initial_rows`); None draws one (see ``.seed``).
+    checkpoint_dir : str, optional
+        Shards write checkpoints under ``checkpoint_dir/<run id>/shard-<k>-of-<S>/`` every
+        ``checkpoint_every`` steps; with it a dead shard is restarted by Ray and brought back to the
+        current step from its checkpoint and the replay log. Without it a lost shard is a
+        :class:`ShardLostError`.
+    checkpoint_every : int, optional
+        Steps between two checkpoints of a shard (default 100 with a ``checkpoint_dir``); the client
+        keeps at most that many steps of each shard's gradients for replay.
+    ray_options : dict or sequence of dicts, optional
+        Options for ``ActorClass.options(...)`` (``resources``, ``num_cpus``, ``max_restarts``,
+        ...), one dict for every shard or one per shard (to pin shards to nodes by custom
+        resources). Default ``max_restarts``: -1 (unlimited) with a ``checkpoint_dir``, else 0.
+    init : {"uniform", "zeros"}, default "uniform"
+        See :func:`initial_rows`.
+    recovery_timeout : float, default 120
+        Seconds to wait for a lost shard to come back before :class:`ShardLostError`.
+
+    Examples
+    --------
+    A running Ray is needed (inside the network namespace of ``tests/ray/run.sh``), so this
+    example is not run here:
+
+    >>> import numpy as np
+    >>> from cembed.distributed import ShardedEmbedding, init_local
+    >>> init_local(num_cpus=2)                                         # doctest: +SKIP
+    >>> table = ShardedEmbedding(1000, 16, num_shards=2, optimizer_options={"lr": 0.01}, seed=0)  # doctest: +SKIP
+    >>> out = table(np.array([[1, 2], [2, 999]]))                      # doctest: +SKIP
+    >>> out.shape                                                      # doctest: +SKIP
+    (2, 2, 16)
+    >>> table.backward(np.ones_like(out), step=True)                   # doctest: +SKIP
+    >>> table.step_count                                               # doctest: +SKIP
+    1
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, num_shards: int, optimizer: str = "sparseadam",
+                 optimizer_options: Optional[Dict[str, Any]] = None, padding_idx: Optional[int] = None,
+                 dtype: Any = np.float32, seed: Optional[int] = None, checkpoint_dir: Optional[str] = None,
+                 checkpoint_every: Optional[int] = None, ray_options: Any = None, *, init: str = "uniform",
+                 recovery_timeout: float = 120.0) -> None:
+        # ---- every argument is checked before Ray is touched or any actor starts
+        self.num_embeddings = _check_int(num_embeddings, "num_embeddings", 1)
+        self.embedding_dim = _check_int(embedding_dim, "embedding_dim", 1)
+        self.num_shards = _check_int(num_shards, "num_shards", 1)
+        if self.num_shards > self.num_embeddings:
+            raise ValueError(f"num_shards ({self.num_shards}) cannot exceed num_embeddings ({self.num_embeddings})")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+        self.optimizer = optimizer
+        self.optimizer_options = dict(optimizer_options or {})
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
+        probe = Embedding(1, self.embedding_dim, sparse=True, dtype=self.dtype, seed=0)
+        make_optimizer(optimizer, probe, dict(self.optimizer_options))   # bad options raise here
+        if padding_idx is not None:
+            p = _check_int(padding_idx, "padding_idx", -self.num_embeddings)
+            if p >= self.num_embeddings:
+                raise ValueError(f"padding_idx must be within num_embeddings ({self.num_embeddings}), got {p}")
+            padding_idx = p % self.num_embeddings
+        self.padding_idx = padding_idx
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        self.init = init
+        self.seed = check_seed(seed) if seed is not None else int(np.random.default_rng().integers(0, 2 ** 63))
+        if checkpoint_every is not None:
+            checkpoint_every = _check_int(checkpoint_every, "checkpoint_every", 1)
+            if checkpoint_dir is None:
+                raise ValueError("checkpoint_every needs a checkpoint_dir")
+        elif checkpoint_dir is not None:
+            checkpoint_every = DEFAULT_CHECKPOINT_EVERY
+        self.checkpoint_every = checkpoint_every
+        self.run_id = uuid.uuid4().hex[:12]
+        self.checkpoint_dir = None if checkpoint_dir is None else os.path.abspath(os.fspath(checkpoint_dir))
+        if not (isinstance(recovery_timeout, (int, float)) and recovery_timeout > 0):
+            raise ValueError(f"recovery_timeout must be a positive number of seconds, got {recovery_timeout!r}")
+        self.recovery_timeout = float(recovery_timeout)
+        per_shard = self._shard_options(ray_options)
+        self._restartable = [opts["max_restarts"] != 0 for opts in per_shard]
+
+        self._ray = require_ray()
+        remote = self._ray.remote(Shard)
+        self._actors = []
+        for k in range(self.num_shards):
+            self._actors.append(remote.options(**per_shard[k]).remote(
+                k, self.num_shards, self.num_embeddings, self.embedding_dim, optimizer, self.optimizer_options,
+                self.padding_idx, self.dtype.str, self.seed, init, self._shard_dir(k), self.checkpoint_every))
+        self._steps = [0] * self.num_shards             # the step each shard is at
+        self._log: List[Dict[int, Tuple[np.ndarray, np.ndarray]]] = [{} for _ in range(self.num_shards)]
+        self._saved: Optional[Tuple[Tuple[int, ...], np.ndarray]] = None
+        self._pending: List[Tuple[int, int, Any]] = []    # (shard, step, answer ref) of unchecked steps
+        self.grad: Optional[SparseGrad] = None
+        self.bytes_sent = 0       # payload bytes (rows and gradient values) sent to / received from shards
+        self.bytes_received = 0
+        self.recoveries = 0       # shards brought back by checkpoint + replay
+        self._broken: Optional[str] = None
+        self._wait_all([(k, self._actors[k].current_step.remote()) for k in range(self.num_shards)],
+                       expect=lambda k, reply: reply == 0, what="start")
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _shard_options(self, ray_options: Any) -> List[Dict[str, Any]]:
+        if ray_options is None or isinstance(ray_options, dict):
+            per_shard = [dict(ray_options or {}) for _ in range(self.num_shards)]
+        elif isinstance(ray_options, Sequence) and len(ray_options) == self.num_shards \
+                and all(isinstance(o, dict) for o in ray_options):
+            per_shard = [dict(o) for o in ray_options]
+        else:
+            raise ValueError("ray_options must be a dict, or a sequence of num_shards dicts (one per shard)")
+        for opts in per_shard:
+            opts.setdefault("max_restarts", -1 if self.checkpoint_dir is not None else 0)
+            opts["max_task_retries"] = 0    # the client replays; Ray must not re-run a step by itself
+        return per_shard
+
+    def _shard_dir(self, k: int) -> Optional[str]:
+        if self.checkpoint_dir is None:
+            return None
+        return os.path.join(self.checkpoint_dir, self.run_id, f"shard-{k}-of-{self.num_shards}")
+
+    @property
+    def step_count(self) -> int:
+        """Steps applied so far (the same on every shard)."""
+        return self._steps[0]
+
+    @property
+    def actors(self) -> List[Any]:
+        """The shard actor handles, shard ``k`` at position ``k`` (for tests and diagnostics)."""
+        return list(self._actors)
+
+    # ------------------------------------------------------------------ lookups
+    def _split(self, rows: np.ndarray) -> Tuple[np.ndarray, List[Tuple[int, int]]]:
+        """For ascending distinct global ``rows``: (order grouping them by shard, ascending within a
+        shard; the [start, end) of each shard's part of ``order``)."""
+        S = self.num_shards
+        if S == 1:
+            return np.arange(rows.size), [(0, rows.size)]
+        owner = rows % S
+        order = np.argsort(owner, kind="stable")
+        ends = np.cumsum(np.bincount(owner, minlength=S))
+        return order, [(int(ends[k - 1]) if k else 0, int(ends[k])) for k in range(S)]
+
+    def forward(self, indices: Any) -> np.ndarray:
+        """Look up ``indices`` (any shape, any integer dtype): a new writable array
+        ``(*indices.shape, embedding_dim)``. Each distinct row is fetched once, from its shard; all
+        shards are asked at once. A private copy of the indices is kept for :meth:`backward`.
+
+        Raises
+        ------
+        TypeError
+            Non-integer indices.
+        IndexError
+            An index outside ``[0, num_embeddings)``.
+        ShardLostError
+            A shard that cannot be brought back to the current step.
+
+        Examples
+        --------
+        Needs a running Ray (see the class); not run here:
+
+        >>> out = table(np.array([3, 1, 3]))        # doctest: +SKIP
+        >>> out.shape                              # doctest: +SKIP
+        (3, 16)
+        """
+        self._check_usable()
+        shape, flat = _check_indices(indices, self.num_embeddings)
+        uniq, inverse = np.unique(flat, return_inverse=True)
+        order, bounds = self._split(uniq)
+        S = self.num_shards
+        requests = {}
+        for k, (a, b) in enumerate(bounds):
+            if b > a:
+                local = uniq[order[a:b]] // S
+                requests[k] = local
+                self.bytes_sent += local.nbytes
+        sent = [(k, self._actors[k].gather.remote(self._steps[k], local)) for k, local in requests.items()]
+        self._settle()    # the steps sent before these lookups (which the shards run first)
+        got = self._wait_all(sent,
+                             expect=lambda k, reply: reply[0] == self._steps[k] and reply[1] is not None,
+                             retry=lambda k: self._actors[k].gather.remote(self._steps[k], requests[k]),
+                             what="gather")
+        self._saved = (shape, flat)
+        if uniq.size == 0:
+            return np.empty(shape + (self.embedding_dim,), dtype=self.dtype)
+        parts = [got[k][1] for k in requests]
+        self.bytes_received += sum(p.nbytes for p in parts)
+        # the shards' answers, concatenated in shard order, hold the distinct rows in the order
+        # ``order``; entry i of the lookup is row ``position[inverse[i]]`` of that block
+        block = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        position = np.empty(uniq.size, dtype=np.int64)
+        position[order] = np.arange(uniq.size, dtype=np.int64)
+        return F.embedding(position[inverse.reshape(-1)].reshape(shape), block)
+
+    __call__ = forward
+
+    # ------------------------------------------------------------------ gradients and steps
+    def backward(self, grad_output: Any, indices: Any = None, per_sample_weights: Any = None,
+                 step: bool = False) -> None:
+        """Sum d(loss)/d(weight) per distinct row; keep it in ``.grad`` (``step=False``, summed
+        with what is there, as ``cembed.Embedding.backward`` does) or apply the optimizer's update
+        with it at once (``step=True``, the fused backward + update; needs ``.grad is None``).
+
+        Parameters
+        ----------
+        grad_output : numpy.ndarray
+            Of the table's dtype: ``(*indices.shape, D)``, or with ``per_sample_weights``
+            ``indices.shape[:-1] + (D,)`` (:func:`cembed.functional.embedding_backward`).
+        indices : array_like of int, optional
+            Default: those of the last forward.
+        per_sample_weights : numpy.ndarray, optional
+        step : bool, default False
+
+        Raises
+        ------
+        ValueError, TypeError, IndexError
+            Bad gradient, weights or indices, or ``step=True`` with a ``.grad`` present; nothing
+            is changed or sent.
+
+        Examples
+        --------
+        Needs a running Ray (see the class); not run here:
+
+        >>> out = table(np.array([3, 1, 3]))                    # doctest: +SKIP
+        >>> table.backward(np.ones_like(out), step=True)        # doctest: +SKIP
+        """
+        self._check_usable()
+        if indices is None:
+            if self._saved is None:
+                raise ValueError("backward: no indices given and no forward call to take them from")
+            shape, flat = self._saved
+            idx = flat.reshape(shape)
+        else:
+            idx = indices
+        if not isinstance(grad_output, np.ndarray) or grad_output.dtype != self.dtype:
+            got = grad_output.dtype if isinstance(grad_output, np.ndarray) else type(grad_output).__name__
+            raise TypeError(f"grad_output must be a NumPy array of the table's dtype {self.dtype}, got {got}")
+        if step and self.grad is not None:
+            raise ValueError("backward(step=True) with a .grad present: call step() or zero_grad() first")
+        grad = F.embedding_backward(grad_output, idx, self.num_embeddings, padding_idx=self.padding_idx,
+                                    sparse=True, per_sample_weights=per_sample_weights)
+        assert isinstance(grad, SparseGrad)
+        if step:
+            self._apply(grad)
+        else:
+            self.grad = grad if self.grad is None else self.grad.merge(grad)
+
+    def step(self) -> None:
+        """Apply the optimizer's update with ``.grad`` on every shard and clear it; without a
+        ``.grad`` nothing happens (the table's step count does not advance: a parameter without a
+        gradient is skipped, as by :meth:`cembed.optim.Optimizer.step`).
+
+        Examples
+        --------
+        Needs a running Ray (see the class); not run here:
+
+        >>> table.backward(np.ones_like(table(np.array([0, 5]))))   # doctest: +SKIP
+        >>> table.step()                                          # doctest: +SKIP
+        """
+        self._check_usable()
+        if self.grad is None:
+            return
+        grad, self.grad = self.grad, None
+        self._apply(grad)
+
+    def zero_grad(self) -> None:
+        """Drop ``.grad``.
+
+        Examples
+        --------
+        >>> from cembed.distributed import ShardedEmbedding
+        >>> callable(ShardedEmbedding.zero_grad)
+        True
+        """
+        self.grad = None
+
+    def _apply(self, grad: SparseGrad) -> None:
+        rows = grad.indices
+        vals = grad.values
+        order, bounds = self._split(rows)
+        S = self.num_shards
+        parts: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
+        for k, (a, b) in enumerate(bounds):
+            sel = order[a:b]
+            local = rows[sel] // S
+            part = vals[sel] if S > 1 else np.ascontiguousarray(vals)
+            parts[k] = (local, part)
+            self.bytes_sent += local.nbytes + part.nbytes
+        # Sent, not awaited: the shard runs the step before anything this client sends it later
+        # (Ray keeps one caller's calls to an actor in order), so the next lookup needs no extra round
+        # trip. The answers are checked by _settle() at the next call; the step is in the replay log
+        # until then, so a shard lost meanwhile is replayed through it.
+        self._settle()
+        for k in range(S):
+            before = self._steps[k]
+            ref = self._actors[k].apply.remote(before, *parts[k])
+            if self.checkpoint_dir is not None:
+                self._log[k][before] = parts[k]
+            self._steps[k] = before + 1
+            self._pending.append((k, before, ref))
+
+    def _settle(self) -> None:
+        """Check the answers of the steps sent and not yet checked; recover shards that missed one."""
+        pending, self._pending = self._pending, []
+        ray = self._ray
+        lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+        for k, before, ref in pending:
+            try:
+                ok, now = ray.get(ref, timeout=self.recovery_timeout)
+            except lost:
+                ok, now = False, -1
+            except ray.exceptions.GetTimeoutError:
+                self._fail(f"shard {k} did not answer step {before} within {self.recovery_timeout:g} s")
+            if not (ok and now == before + 1):
+                self._recover(k)       # back to self._steps[k], replaying step ``before`` too
+            elif self.checkpoint_every and now % self.checkpoint_every == 0:
+                # the shard wrote this checkpoint before answering: older steps are never replayed
+                self._log[k] = {s: p for s, p in self._log[k].items() if s >= now}
+
+    def sync(self) -> None:
+        """Wait until every step sent has been applied by its shard (checked, recovering lost
+        shards); a step's errors surface here or at the next call.
+
+        Examples
+        --------
+        Needs a running Ray (see the class); not run here:
+
+        >>> table.backward(np.ones_like(table(np.array([1]))), step=True)   # doctest: +SKIP
+        >>> table.sync()                                                     # doctest: +SKIP
+        """
+        self._check_usable()
+        self._settle()
+
+    # ------------------------------------------------------------------ fault handling
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise ShardLostError(self._broken)
+
+    def _fail(self, message: str) -> None:
+        self._broken = message
+        raise ShardLostError(message)
+
+    def _wait_all(self, pending: List[Tuple[int, Any]], expect: Any, retry: Any = None, what: str = "call") -> Dict[int, Any]:
+        """ray.get every (shard, ref); a shard whose actor died, or that answers from another step,
+        is brought back to its step (:meth:`_recover`) and asked again with ``retry``."""
+        ray = self._ray
+        lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+        replies = {}
+        for k, ref in pending:
+            for attempt in range(4):
+                try:
+                    reply = ray.get(ref, timeout=self.recovery_timeout)
+                except lost:
+                    reply = None
+                except ray.exceptions.GetTimeoutError:
+                    self._fail(f"shard {k} did not answer a {what} within {self.recovery_timeout:g} s")
+                if reply is not None and expect(k, reply):
+                    replies[k] = reply
+                    break
+                if retry is None:
+                    self._fail(f"shard {k} was lost during {what}")
+                self._recover(k)
+                ref = retry(k)
+            else:
+                self._fail(f"shard {k}: {what} failed after repeated recoveries")
+        return replies
+
+    def _recover(self, k: int) -> None:
+        """Bring shard ``k`` (restarted by Ray from its last checkpoint) back to ``self._steps[k]``
+        by replaying the logged steps; :class:`ShardLostError` when that is impossible."""
+        ray = self._ray
+        lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+        target = self._steps[k]
+        deadline = time.monotonic() + self.recovery_timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._fail(f"shard {k} did not come back within {self.recovery_timeout:g} s")
+            try:
+                at = ray.get(self._actors[k].current_step.remote(), timeout=remaining)
+            except lost as exc:
+                if not self._restartable[k]:
+                    self._fail(f"shard {k} died and is not restarted (max_restarts=0; give a checkpoint_dir to "
+                               f"recover lost shards): {type(exc).__name__}")
+                time.sleep(0.2)
+                continue
+            except ray.exceptions.GetTimeoutError:
+                self._fail(f"shard {k} did not come back within {self.recovery_timeout:g} s")
+            if at == target:
+                return
+            log = self._log[k]
+            if at > target or any(s not in log for s in range(at, target)):
+                held = f"steps {min(log)}..{max(log)}" if log else "no steps"
+                self._fail(f"shard {k} came back at step {at}, the table is at step {target}, and the replay log "
+                           f"holds {held}: its rows cannot be brought back (no checkpoint that recent)")
+            self.recoveries += 1
+            try:
+                for s in range(at, target):
+                    ok, now = ray.get(self._actors[k].apply.remote(s, *log[s]), timeout=remaining)
+                    if not ok or now != s + 1:
+                        break
+                else:
+                    return
+            except lost:
+                continue   # lost again during the replay: start over from what it restores
+            except ray.exceptions.GetTimeoutError:
+                self._fail(f"shard {k} did not come back within {self.recovery_timeout:g} s")
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        """The whole table in one process's layout: ``{"step": int, "weight": (V, D) array,
+        "optimizer": {name: value}}`` — per-row optimizer arrays reassembled in global row order,
+        scalars (``step`` of SparseAdam) as the shards hold them (they agree).
+
+        Examples
+        --------
+        Needs a running Ray (see the class); not run here:
+
+        >>> sd = table.state_dict()                 # doctest: +SKIP
+        >>> sd["weight"].shape                      # doctest: +SKIP
+        (1000, 16)
+        """
+        self._check_usable()
+        self._settle()
+        S = self.num_shards
+        got = self._wait_all([(k, self._actors[k].state.remote()) for k in range(S)],
+                             expect=lambda k, reply: reply[0] == self._steps[k],
+                             retry=lambda k: self._actors[k].state.remote(), what="state_dict")
+        weight = np.empty((self.num_embeddings, self.embedding_dim), dtype=self.dtype)
+        state: Dict[str, Any] = {}
+        for k in range(S):
+            _, w, entry = got[k]
+            weight[k::S] = w
+            for key, value in entry.items():
+                if isinstance(value, np.ndarray) and value.ndim >= 1 and value.shape[0] == w.shape[0]:
+                    if key not in state:
+                        state[key] = np.empty((self.num_embeddings,) + value.shape[1:], dtype=value.dtype)
+                    state[key][k::S] = value
+                elif key not in state:
+                    state[key] = value
+                elif state[key] != value:
+                    raise RuntimeError(f"shards disagree on optimizer state {key!r}: {state[key]!r} vs {value!r}")
+        return {"step": self.step_count, "weight": weight, "optimizer": state}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Take a :meth:`state_dict` (of a table of the same size, dtype and optimizer, any shard
+        count): each shard receives its rows, then checkpoints them. The replay log restarts here.
+
+        Examples
+        --------
+        Needs a running Ray (see the class); not run here:
+
+        >>> table.load_state_dict(other.state_dict())     # doctest: +SKIP
+        """
+        self._check_usable()
+        weight = state_dict["weight"]
+        if not isinstance(weight, np.ndarray) or weight.shape != (self.num_embeddings, self.embedding_dim) \
+                or weight.dtype != self.dtype:
+            raise ValueError(f"state_dict weight must be a ({self.num_embeddings}, {self.embedding_dim}) "
+                             f"{self.dtype} array")
+        step = _check_int(state_dict["step"], "state_dict step", 0)
+        self._settle()
+        S = self.num_shards
+        refs = []
+        for k in range(S):
+            entry = {}
+            for key, value in state_dict["optimizer"].items():
+                if isinstance(value, np.ndarray) and value.ndim >= 1 and value.shape[0] == self.num_embeddings:
+                    entry[key] = np.ascontiguousarray(value[k::S])
+                else:
+                    entry[key] = value
+            refs.append((k, self._actors[k].load.remote(step, np.ascontiguousarray(weight[k::S]), entry)))
+        self._wait_all(refs, expect=lambda k, reply: reply == step, what="load_state_dict")
+        self._steps = [step] * S
+        self._log = [{} for _ in range(S)]
+        self.grad = None
+
+    def _local_copy(self, weight: np.ndarray) -> Tuple[Embedding, Any]:
+        """A one-process Embedding over ``weight`` and this table's optimizer over it."""
+        emb = Embedding.from_pretrained(weight, freeze=False, sparse=True, padding_idx=self.padding_idx)
+        return emb, make_optimizer(self.optimizer, emb, dict(self.optimizer_options))
+
+    def save_checkpoint(self, path: str) -> None:
+        """Write the whole table and its optimizer state as a cembed checkpoint directory
+        (:func:`cembed.save_checkpoint`: one ``.npy`` per array, a JSON manifest with checksums,
+        swapped into place crash-safely), as the table ``"table"`` of one process: the directory
+        also loads into a ``cembed.Embedding`` and the same optimizer. The whole table passes
+        through this process.
+
+        Examples
+        --------
+        Needs a running Ray (see the class); not run here:
+
+        >>> table.save_checkpoint("ckpt/table")       # doctest: +SKIP
+        """
+        sd = self.state_dict()
+        emb, opt = self._local_copy(sd["weight"])
+        packed = opt.state_dict()
+        packed["state"] = {0: sd["optimizer"]} if sd["optimizer"] else {}
+        opt.load_state_dict(packed)
+        save_checkpoint(os.fspath(path), {"table": emb}, opt,
+                        extra={"step": sd["step"], "num_shards": self.num_shards, "optimizer": self.optimizer})
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore a :meth:`save_checkpoint` directory (written with any number of shards, or by
+        ``cembed.save_checkpoint(path, {"table": emb}, optimizer)`` in one process — then the step
+        count restarts at the optimizer's). Everything is checked before any shard changes.
+
+        Examples
+        --------
+        Needs a running Ray (see the class); not run here:
+
+        >>> table.load_checkpoint("ckpt/table")       # doctest: +SKIP
+        """
+        emb, opt = self._local_copy(np.zeros((self.num_embeddings, self.embedding_dim), dtype=self.dtype))
+        extra = load_checkpoint(os.fspath(path), {"table": emb}, opt, mmap=False)
+        state = opt.state_dict()["state"].get(0, {})
+        step = extra.get("step") if isinstance(extra, dict) else None
+        if step is None:
+            step = int(state.get("step", 0))
+        self.load_state_dict({"step": step, "weight": emb.weight, "optimizer": state})
+
+    def shard_info(self) -> List[Dict[str, Any]]:
+        """Per shard: process id, step, the step it restored a checkpoint at (None if never).
+
+        Examples
+        --------
+        Needs a running Ray (see the class); not run here:
+
+        >>> [i["step"] for i in table.shard_info()]     # doctest: +SKIP
+        [0, 0]
+        """
+        self._check_usable()
+        self._settle()
+        return [self._ray.get(a.info.remote(), timeout=self.recovery_timeout) for a in self._actors]
+
+    def shutdown(self) -> None:
+        """Stop the shard actors (their checkpoints stay on disk).
+
+        Examples
+        --------
+        Needs a running Ray (see the class); not run here:
+
+        >>> table.shutdown()          # doctest: +SKIP
+        """
+        for actor in self._actors:
+            self._ray.kill(actor, no_restart=True)
+        self._broken = "the table was shut down"
+
+    def __repr__(self) -> str:
+        return (f"ShardedEmbedding({self.num_embeddings}, {self.embedding_dim}, num_shards={self.num_shards}, "
+                f"optimizer={self.optimizer!r}, step={self.step_count})")
+
+
+def per_shard_rows(num_embeddings: int, num_shards: int) -> List[int]:
+    """Rows held by each shard.
+
+    Examples
+    --------
+    >>> from cembed.distributed._client import per_shard_rows
+    >>> per_shard_rows(10, 3)
+    [4, 3, 3]
+    """
+    return [local_rows(k, num_shards, num_embeddings) for k in range(num_shards)]

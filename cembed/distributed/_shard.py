@@ -1,0 +1,151 @@
+"""One shard of a row-sharded table: plain Python (a Ray actor only by ``ray.remote(Shard)`` in the
+client), holding global rows ``shard_id, shard_id + num_shards, ...`` as a local
+:class:`cembed.Embedding` and their optimizer state in a :mod:`cembed.optim` optimizer.
+
+Every call carries the step count the client believes the shard is at. A shard that is at another
+step (it was restarted and restored an older checkpoint) does nothing and answers with its own step,
+so the client can replay what it missed; it never serves rows of the wrong step."""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+from .. import optim
+from ..checkpoint import CheckpointError, find_directory, load_checkpoint, save_checkpoint
+from ..modules import Embedding
+from ..sparse import SparseGrad
+from ._init import initial_rows
+
+__all__ = ["Shard", "OPTIMIZERS", "make_optimizer"]
+
+#: Optimizer names accepted by ShardedEmbedding -> cembed.optim classes. Each updates a row from
+#: that row's summed gradient, its own state and the step count alone, so a shard updates its rows
+#: exactly as one process would.
+OPTIMIZERS = {
+    "sgd": optim.SGD,
+    "adagrad": optim.Adagrad,
+    "sparseadam": optim.SparseAdam,
+    "rowwise_adagrad": optim.RowWiseAdagrad,
+}
+
+
+def make_optimizer(name: str, module: Any, options: Dict[str, Any]) -> Any:
+    """``OPTIMIZERS[name]([module], **options)``."""
+    return OPTIMIZERS[name]([module], **options)
+
+
+def local_rows(shard_id: int, num_shards: int, num_embeddings: int) -> int:
+    """How many global rows ``r`` with ``r % num_shards == shard_id`` a table of ``num_embeddings`` has."""
+    return len(range(shard_id, num_embeddings, num_shards))
+
+
+class Shard:
+    """Rows ``shard_id::num_shards`` of a table and their optimizer state.
+
+    Built fresh from ``seed`` (step 0), or — when ``checkpoint_dir`` holds a checkpoint, as after a
+    restart by Ray — restored from its latest checkpoint (that checkpoint's step)."""
+
+    def __init__(self, shard_id: int, num_shards: int, num_embeddings: int, embedding_dim: int, optimizer: str,
+                 optimizer_options: Dict[str, Any], padding_idx: Optional[int], dtype: str, seed: int, init: str,
+                 checkpoint_dir: Optional[str], checkpoint_every: Optional[int]) -> None:
+        self.shard_id, self.num_shards = shard_id, num_shards
+        self.num_embeddings = num_embeddings
+        self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
+        self.rows = local_rows(shard_id, num_shards, num_embeddings)
+        restore = checkpoint_dir is not None and _has_checkpoint(checkpoint_dir)
+        if restore:   # restarted by Ray: the values come from the checkpoint
+            weight = np.zeros((self.rows, embedding_dim), dtype=dtype)
+        else:
+            global_rows = np.arange(shard_id, num_embeddings, num_shards, dtype=np.int64)
+            weight = initial_rows(seed, global_rows, embedding_dim, dtype, init)
+            if padding_idx is not None and padding_idx % num_shards == shard_id:
+                weight[padding_idx // num_shards] = 0
+        self.emb = Embedding.from_pretrained(weight, freeze=False, sparse=True)
+        self.opt = make_optimizer(optimizer, self.emb, dict(optimizer_options))
+        self.step = 0
+        self.restored_from: Optional[int] = None
+        if restore:
+            assert checkpoint_dir is not None
+            extra = load_checkpoint(checkpoint_dir, {"rows": self.emb}, self.opt, mmap=False)
+            if not isinstance(extra, dict) or extra.get("shard") != [shard_id, num_shards]:
+                raise CheckpointError(f"{checkpoint_dir}: not the checkpoint of shard {shard_id} of {num_shards}")
+            self.step = int(extra["step"])
+            self.restored_from = self.step
+
+    # ---------------------------------------------------------------- calls from the client
+    def gather(self, step: int, rows: np.ndarray) -> Tuple[int, Optional[np.ndarray]]:
+        """``(step, weight[rows])``; ``(own step, None)`` when the shard is not at ``step``."""
+        if step != self.step:
+            return self.step, None
+        return self.step, self.emb.weight[rows]
+
+    def apply(self, step: int, rows: np.ndarray, values: np.ndarray) -> Tuple[bool, int]:
+        """Apply step ``step``: the optimizer's update for the summed gradient ``values`` of local
+        rows ``rows`` (ascending, distinct; may be empty — the step still counts, as in one process).
+        Returns ``(True, step + 1)``; or ``(False, own step)`` without changing anything when the
+        shard is not at ``step``. Writes a checkpoint when the new step is a multiple of
+        ``checkpoint_every`` (before answering: an answered step is on disk)."""
+        if step != self.step:
+            return False, self.step
+        self.emb.grad = SparseGrad(rows, values, self.rows)
+        try:
+            self.opt.step()
+        finally:
+            self.emb.grad = None
+        self.step += 1
+        if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+            self.save()
+        return True, self.step
+
+    def current_step(self) -> int:
+        return self.step
+
+    def info(self) -> Dict[str, Any]:
+        """Process id, step, and the step a checkpoint was restored at (None: built from the seed)."""
+        return {"pid": os.getpid(), "step": self.step, "restored_from": self.restored_from,
+                "shard_id": self.shard_id, "rows": self.rows, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+
+    def state(self) -> Tuple[int, np.ndarray, Dict[str, Any]]:
+        """``(step, weight, optimizer state entry)`` (copies; the entry is empty before the first
+        update of optimizers that create their state lazily)."""
+        entry = self.opt.state_dict()["state"].get(0, {})
+        return self.step, self.emb.weight.copy(), entry
+
+    def load(self, step: int, weight: np.ndarray, entry: Dict[str, Any]) -> int:
+        """Take ``weight`` and optimizer state ``entry`` as the state at ``step`` (checked by the
+        optimizer first: a refused state changes nothing), then checkpoint it when checkpointing."""
+        weight = np.array(weight, order="C", copy=True)
+        if weight.shape != self.emb.weight.shape or weight.dtype != self.emb.weight.dtype:
+            raise ValueError(f"shard {self.shard_id}: weight {weight.shape} {weight.dtype} does not match "
+                             f"{self.emb.weight.shape} {self.emb.weight.dtype}")
+        old = self.emb.weight
+        self.emb.weight = weight
+        sd = self.opt.state_dict()
+        sd["state"] = {0: entry} if entry else {}
+        try:
+            self.opt.load_state_dict(sd)
+        except Exception:
+            self.emb.weight = old
+            raise
+        self.step = int(step)
+        if self.checkpoint_dir is not None:
+            self.save()
+        return self.step
+
+    def save(self) -> None:
+        """Checkpoint the current step into ``checkpoint_dir`` (cembed's checkpoint directory
+        format: the rows as table ``"rows"``, the optimizer's state, the step in ``extra``)."""
+        if self.checkpoint_dir is None:
+            raise ValueError("this shard has no checkpoint_dir")
+        save_checkpoint(self.checkpoint_dir, {"rows": self.emb}, self.opt,
+                        extra={"step": self.step, "shard": [self.shard_id, self.num_shards]})
+
+
+def _has_checkpoint(path: str) -> bool:
+    try:
+        find_directory(path)
+    except CheckpointError:
+        return False
+    return True

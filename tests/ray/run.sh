@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Run the Ray tests (tests/ray) -- or, with arguments, any command -- inside a fresh network namespace
+# that has only loopback, and a PID namespace so that no Ray process outlives the run.
+# Ray contacts a cloud-metadata address and DNS when it starts: it must never run outside such a
+# namespace (docs/distributed.md). Needs root (unshare --net).
+#   bash tests/ray/run.sh                       # pytest tests/ray (the installed cembed), failing, not
+#                                               # skipping, without Ray
+#   bash tests/ray/run.sh python -m pytest tests/ray -q     # against an in-place build of this checkout
+#   bash tests/ray/run.sh python benchmarks/bench_ray.py
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+if [ "$#" -eq 0 ]; then
+    set -- pytest tests/ray -q -p no:cacheprovider
+fi
+exec unshare --net --pid --fork --kill-child --mount-proc -- \
+    env RAY_USAGE_STATS_ENABLED=0 CEMBED_REQUIRE_RAY="${CEMBED_REQUIRE_RAY:-1}" \
+    bash -c 'ip link set lo up && exec "$@"' cembed-ray-netns "$@"

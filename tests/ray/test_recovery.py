@@ -1,0 +1,109 @@
+"""A shard that dies mid-training is restarted by Ray, restores its last checkpoint and is replayed
+to the current step: the result is bitwise equal to an uninterrupted run in one process. A shard
+that cannot be brought back is a ShardLostError, at every later call — never stale rows."""
+import os
+import shutil
+import signal
+import time
+
+import numpy as np
+import pytest
+
+import cembed
+
+from cembed.distributed import ShardedEmbedding, ShardLostError
+
+from test_sharded import assert_same_state, single_process, zipf_batch
+
+V, D, OPTS = 41, 6, {"lr": 0.03}
+
+
+def wait_gone(pid, timeout=30.0):
+    """Until process ``pid`` has exited (Ray's kill is asynchronous)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} is still alive")
+
+
+def train_step(rng, table, emb, opt):
+    idx = zipf_batch(rng, V, (12, 2))
+    out = table(idx)
+    assert out.tobytes() == emb(idx).tobytes(), "a lookup served rows of another step"
+    grad = rng.standard_normal(out.shape).astype(np.float32)
+    table.backward(grad, step=True)
+    emb.backward(grad, optimizer=opt)
+
+
+def test_killed_shards_recover_bitwise(ray_local, tmp_path):
+    ray = ray_local
+    table = ShardedEmbedding(V, D, 3, "sparseadam", OPTS, seed=4, checkpoint_dir=str(tmp_path), checkpoint_every=3)
+    emb, opt = single_process(V, D, "sparseadam", OPTS, 4)
+    rng = np.random.default_rng(1)
+    try:
+        pids = [info["pid"] for info in table.shard_info()]
+        for step in range(1, 13):
+            train_step(rng, table, emb, opt)
+            if step == 5:     # Ray kills shard 1 and restarts it: it restores step 3, steps 3-4 are replayed
+                ray.kill(table.actors[1], no_restart=False)
+                wait_gone(pids[1])
+            if step == 8:     # shard 2's process dies (SIGKILL): restores step 6, replays 6-7
+                os.kill(pids[2], signal.SIGKILL)
+                wait_gone(pids[2])
+        info = table.shard_info()
+        assert info[0]["pid"] == pids[0] and info[0]["restored_from"] is None
+        assert info[1]["pid"] != pids[1] and info[1]["restored_from"] == 3
+        assert info[2]["pid"] != pids[2] and info[2]["restored_from"] == 6
+        assert table.recoveries == 2
+        assert [i["step"] for i in info] == [12, 12, 12]
+        assert_same_state(table, emb, opt)
+        # each shard's checkpoint is a cembed checkpoint directory of its rows, at the last multiple of 3
+        meta, files = cembed.checkpoint.read_directory(table._shard_dir(0))
+        assert meta["extra"] == {"step": 12, "shard": [0, 3]} and "module.rows" in files
+    finally:
+        table.shutdown()
+
+
+def test_shard_without_checkpoint_is_lost_for_good(ray_local):
+    ray = ray_local
+    table = ShardedEmbedding(V, D, 2, "sgd", {"lr": 0.1}, seed=4)
+    emb, opt = single_process(V, D, "sgd", {"lr": 0.1}, 4)
+    rng = np.random.default_rng(2)
+    try:
+        train_step(rng, table, emb, opt)
+        pid = table.shard_info()[0]["pid"]
+        ray.kill(table.actors[0], no_restart=False)          # max_restarts=0 without a checkpoint_dir
+        wait_gone(pid)
+        with pytest.raises(ShardLostError, match="shard 0"):
+            table(np.arange(V))
+        with pytest.raises(ShardLostError):                   # and at every later call
+            table(np.array([1]))                               # (row 1 is on the live shard)
+    finally:
+        table.shutdown()
+
+
+def test_shard_restored_too_far_back_is_an_error(ray_local, tmp_path):
+    """The checkpoints vanish and the shard restarts from its seed (step 0) while the replay log
+    starts at step 4: no way to rebuild its rows, so an error, not stale rows."""
+    ray = ray_local
+    table = ShardedEmbedding(V, D, 2, "sgd", {"lr": 0.1}, seed=4, checkpoint_dir=str(tmp_path), checkpoint_every=2,
+                             recovery_timeout=60)
+    emb, opt = single_process(V, D, "sgd", {"lr": 0.1}, 4)
+    rng = np.random.default_rng(3)
+    try:
+        for _ in range(5):
+            train_step(rng, table, emb, opt)
+        shutil.rmtree(table._shard_dir(1))
+        pid = table.shard_info()[1]["pid"]
+        ray.kill(table.actors[1], no_restart=False)
+        wait_gone(pid)
+        with pytest.raises(ShardLostError, match="came back at step 0"):
+            table(np.arange(V))
+        with pytest.raises(ShardLostError):
+            table.backward(np.ones((1, D), np.float32), np.array([0]), step=True)
+    finally:
+        table.shutdown()

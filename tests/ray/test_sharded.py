@@ -1,0 +1,204 @@
+"""ShardedEmbedding against one process: bitwise the same weights and optimizer state after N steps,
+for 1, 2 and 3 shards, for both tables of the skip-gram model and for a single table under each
+optimizer; the API's checks. Runs only inside tests/ray/run.sh (see conftest.py)."""
+import numpy as np
+import pytest
+
+import cembed
+from cembed.apps import train as train_mod
+from cembed.distributed import OPTIMIZERS, ShardedEmbedding, initial_rows
+
+
+def single_process(V, D, optimizer, options, seed, init="uniform", padding_idx=None, dtype=np.float32):
+    weight = initial_rows(seed, np.arange(V), D, dtype, init)
+    if padding_idx is not None:
+        weight[padding_idx] = 0
+    emb = cembed.Embedding.from_pretrained(weight, freeze=False, sparse=True, padding_idx=padding_idx)
+    return emb, OPTIMIZERS[optimizer]([emb], **options)
+
+
+def assert_same_state(sharded, emb, opt):
+    sd = sharded.state_dict()
+    assert sd["weight"].tobytes() == emb.weight.tobytes(), "weights differ"
+    state = opt.state[emb]
+    assert set(sd["optimizer"]) == set(state)
+    for key, value in state.items():
+        got = sd["optimizer"][key]
+        if isinstance(value, np.ndarray):
+            assert got.dtype == value.dtype and got.tobytes() == value.tobytes(), f"optimizer state {key} differs"
+        else:
+            assert got == value, key
+
+
+def zipf_batch(rng, V, shape):
+    return (rng.zipf(1.3, size=shape) - 1) % V
+
+
+@pytest.mark.parametrize("shards,optimizer", [(1, "sparseadam"), (2, "sparseadam"), (3, "sparseadam"),
+                                              (2, "adagrad")])
+def test_skipgram_both_tables_bitwise_equal_to_one_process(ray_local, shards, optimizer):
+    V, D, B, K = 211, 8, 48, 3
+    config = train_mod.TrainConfig(dim=D, optimizer=optimizer, seed=5, shards=shards, negatives=K)
+    w_in, w_out = train_mod.initial_tables(V, D, config.seed)
+    local = train_mod.CembedModel(w_in.copy(), w_out.copy(), config)
+    sharded = train_mod.ShardedModel(w_in, w_out, config)
+    rng = np.random.default_rng(shards)
+    try:
+        for _ in range(6):
+            centers = zipf_batch(rng, V, B).astype(np.int32)
+            targets = zipf_batch(rng, V, (B, 1 + K)).astype(np.int32)
+            local.step(centers, targets)
+            sharded.step(centers, targets)
+        for table, emb in ((sharded.emb_in, local.emb_in), (sharded.emb_out, local.emb_out)):
+            assert table.step_count == 6
+            assert_same_state(table, emb, local.opt)
+        assert np.abs(local.emb_out.weight).max() > 0      # the run trained something
+    finally:
+        sharded.close()
+
+
+CASES = [  # (shards, optimizer, options, dtype, padding_idx)
+    (1, "sgd", {"lr": 0.5, "momentum": 0.0}, np.float64, None),
+    (2, "rowwise_adagrad", {"lr": 0.3, "weight_decay": 0.01}, np.float32, 4),
+    (3, "sparseadam", {"lr": 0.05}, np.float32, -1),
+    (2, "sparseadam", {"lr": 0.05, "bias_correction": "row"}, np.float32, None),
+]
+
+
+@pytest.mark.parametrize("shards,optimizer,options,dtype,padding_idx", CASES)
+def test_one_table_each_optimizer(ray_local, shards, optimizer, options, dtype, padding_idx):
+    """Fused and unfused steps, gradient accumulation over two backwards, per-sample weights,
+    padding_idx, float64: every path the client offers lands on the same bits as one process."""
+    V, D = 37, 5
+    table = ShardedEmbedding(V, D, shards, optimizer, options, padding_idx=padding_idx, dtype=dtype, seed=11)
+    emb, opt = single_process(V, D, optimizer, options, 11, padding_idx=None if padding_idx is None
+                              else padding_idx % V, dtype=dtype)
+    rng = np.random.default_rng(3)
+    try:
+        assert table(np.arange(V)).tobytes() == emb(np.arange(V)).tobytes()     # the same initial table
+        for it in range(6):
+            idx = zipf_batch(rng, V, (7, 3))
+            if it == 3:   # rows of shard 0 only: the other shards still count the step (SparseAdam's bias correction)
+                idx = rng.choice(np.arange(0, V, shards), size=(7, 3))
+            out, ref = table(idx), emb(idx)
+            assert out.flags.writeable and out.shape == (7, 3, D) and out.tobytes() == ref.tobytes()
+            grad = rng.standard_normal(out.shape).astype(dtype)
+            if it % 3 == 0:      # fused
+                sent, received = table.bytes_sent, table.bytes_received
+                table.backward(grad, step=True)
+                emb.backward(grad, optimizer=opt)
+                # the cost model of docs/distributed.md: ids (8 B) of the distinct rows out, their rows
+                # back; at the step ids + summed gradient rows of the distinct rows except padding
+                distinct = np.unique(idx)
+                with_grad = distinct.size - int(padding_idx is not None and padding_idx % V in distinct)
+                item = np.dtype(dtype).itemsize
+                assert table.bytes_received - received == 0
+                assert table.bytes_sent - sent == with_grad * (8 + item * D)
+                if it == 0:   # the lookups so far: all V rows, then this batch's distinct rows
+                    assert received == (V + distinct.size) * item * D and sent == (V + distinct.size) * 8
+            elif it % 3 == 1:    # two backwards, then one step
+                idx2 = zipf_batch(rng, V, 9)
+                grad2 = rng.standard_normal((9, D)).astype(dtype)
+                table.backward(grad)
+                table.backward(grad2, idx2)
+                emb.backward(grad)
+                emb.backward(grad2, idx2)
+                table.step()
+                opt.step()
+                opt.zero_grad()
+            else:                # per-sample weights (weighted sum over the last axis)
+                psw = rng.standard_normal(idx.shape).astype(dtype)
+                g = rng.standard_normal((7, D)).astype(dtype)
+                table.backward(g, idx, per_sample_weights=psw, step=True)
+                emb.backward(g, idx, per_sample_weights=psw, optimizer=opt)
+        assert table.step_count == 6
+        assert_same_state(table, emb, opt)
+    finally:
+        table.shutdown()
+
+
+def test_bad_input_changes_nothing(ray_local):
+    table = ShardedEmbedding(20, 4, 2, "sgd", {"lr": 0.1}, seed=1)
+    try:
+        before = table.state_dict()["weight"]
+        with pytest.raises(IndexError):
+            table(np.array([0, 20]))
+        with pytest.raises(IndexError):
+            table(np.array([-1]))
+        with pytest.raises(TypeError):
+            table(np.array([0.5]))
+        out = table(np.array([1, 2]))
+        with pytest.raises(TypeError):
+            table.backward(out.astype(np.float64), step=True)
+        with pytest.raises(ValueError):
+            table.backward(np.ones((3, 4), np.float32), step=True)          # wrong shape for 2 indices
+        with pytest.raises(IndexError):
+            table.backward(np.ones((1, 4), np.float32), np.array([99]), step=True)
+        table.backward(np.ones_like(out))
+        with pytest.raises(ValueError):
+            table.backward(np.ones_like(out), step=True)                     # a .grad is present
+        table.zero_grad()
+        table.step()                                                          # nothing to do
+        assert table.step_count == 0
+        assert table(np.zeros((2, 0), np.int64)).shape == (2, 0, 4)              # an empty lookup
+        assert table.state_dict()["weight"].tobytes() == before.tobytes()
+        check_loopback()
+    finally:
+        table.shutdown()
+
+
+def test_bad_arguments_refused_before_any_actor(ray_local):
+    with pytest.raises(ValueError, match="optimizer"):
+        ShardedEmbedding(10, 4, 2, "adam")
+    with pytest.raises(ValueError, match="num_shards"):
+        ShardedEmbedding(3, 4, 5)
+    with pytest.raises(ValueError):
+        ShardedEmbedding(10, 4, 2, "sgd", {"lr": -1.0})
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        ShardedEmbedding(10, 4, 2, checkpoint_every=3)
+    with pytest.raises(ValueError, match="ray_options"):
+        ShardedEmbedding(10, 4, 2, ray_options=[{}])
+
+
+def test_state_dict_round_trip_across_shard_counts(ray_local, tmp_path):
+    """save_checkpoint with 3 shards, load_checkpoint into 2: training continues bitwise as one process."""
+    V, D, opts = 29, 4, {"lr": 0.02}
+    three = ShardedEmbedding(V, D, 3, "sparseadam", opts, seed=2)
+    two = ShardedEmbedding(V, D, 2, "sparseadam", opts, seed=99)
+    emb, opt = single_process(V, D, "sparseadam", opts, 2)
+    rng = np.random.default_rng(0)
+    try:
+        for _ in range(3):
+            idx = zipf_batch(rng, V, 10)
+            grad = rng.standard_normal((10, D)).astype(np.float32)
+            three(idx)
+            three.backward(grad, step=True)
+            emb.backward(grad, idx, optimizer=opt)
+        three.save_checkpoint(str(tmp_path / "table"))
+        # a cembed checkpoint of one table named "table": it loads into one process as well
+        emb_copy, opt_copy = single_process(V, D, "sparseadam", opts, 0)
+        extra = cembed.load_checkpoint(str(tmp_path / "table"), {"table": emb_copy}, opt_copy)
+        assert extra["step"] == 3 and emb_copy.weight.tobytes() == emb.weight.tobytes()
+        assert opt_copy.state[emb_copy]["exp_avg"].tobytes() == opt.state[emb]["exp_avg"].tobytes()
+        two.load_checkpoint(str(tmp_path / "table"))
+        assert two.step_count == 3
+        idx = zipf_batch(rng, V, 10)
+        grad = rng.standard_normal((10, D)).astype(np.float32)
+        two(idx)
+        two.backward(grad, step=True)
+        emb.backward(grad, idx, optimizer=opt)
+        assert_same_state(two, emb, opt)
+    finally:
+        three.shutdown()
+        two.shutdown()
+
+
+def check_loopback():
+    """With this session's Ray up and after this module's runs: every TCP/UDP socket of the
+    namespace is on loopback (and the scan sees Ray's sockets: the raylet, GCS, workers)."""
+    from netcheck import non_loopback, sockets
+
+    bad, interfaces = non_loopback()
+    assert interfaces == ["lo"]
+    assert len(sockets()) >= 10
+    assert not bad, f"sockets off loopback: {bad}"

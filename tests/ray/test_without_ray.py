@@ -1,0 +1,96 @@
+"""What runs everywhere, without Ray: importing cembed (and cembed.distributed, the trainer, the CLI,
+and collecting these tests) never imports Ray; the per-row initial values against a plain-Python
+SplitMix64."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import cembed
+
+from cembed.distributed import initial_rows
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+M64 = (1 << 64) - 1
+
+
+def test_imports_and_collection_do_not_import_ray(tmp_path):
+    """In a child process, with the cembed these tests import (installed or built in place)."""
+    here = str(pathlib.Path(cembed.__file__).resolve().parents[1])
+    code = ("import sys, pytest\n"
+            "import cembed, cembed.distributed, cembed.apps.train, cembed.apps.cli\n"
+            "assert 'ray' not in sys.modules, 'import cembed pulled in ray'\n"
+            f"rc = pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', {str(ROOT / 'tests' / 'ray')!r}])\n"
+            "assert rc == 0, rc\n"
+            "assert 'ray' not in sys.modules, 'collecting tests/ray imported ray'\n")
+    env = dict(os.environ, PYTHONPATH=here + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def splitmix64(x):
+    x = (x + 0x9E3779B97F4A7C15) & M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & M64
+    return x ^ (x >> 31)
+
+
+@pytest.mark.parametrize("dtype,bits", [(np.float32, 24), (np.float64, 53)])
+def test_initial_rows_match_a_plain_python_reference(dtype, bits):
+    seed, dim = 2 ** 40 + 3, 5
+    rows = [0, 7, 123456789, 7]
+    got = initial_rows(seed, rows, dim, dtype)
+    key = splitmix64(seed)
+    for i, r in enumerate(rows):
+        for c in range(dim):
+            u = (splitmix64((r * dim + c) ^ key) >> (64 - bits)) / 2.0 ** bits
+            want = (dtype(u) - dtype(0.5)) / dtype(dim)
+            assert got[i, c] == want and got.dtype == dtype
+    assert np.array_equal(initial_rows(seed, rows, dim, dtype, "zeros"), np.zeros((4, dim), dtype))
+
+
+def test_initial_rows_do_not_depend_on_the_split():
+    table = initial_rows(9, np.arange(1000), 16)
+    for shards in (2, 3, 7):
+        for k in range(shards):
+            assert initial_rows(9, np.arange(k, 1000, shards), 16).tobytes() == table[k::shards].tobytes()
+    assert not np.array_equal(table, initial_rows(10, np.arange(1000), 16))
+    assert abs(float(table.mean())) < 1e-3 and 0.0 < float(table.std()) * 16 < 0.3
+
+
+def test_initial_rows_refuses_bad_arguments():
+    with pytest.raises(ValueError):
+        initial_rows(-1, [0], 4)
+    with pytest.raises(TypeError):
+        initial_rows(0, [0.5], 4)
+    with pytest.raises(IndexError):
+        initial_rows(0, [-1], 4)
+    with pytest.raises(TypeError):
+        initial_rows(0, [0], 4, np.int32)
+    with pytest.raises(ValueError):
+        initial_rows(0, [0], 4, init="normal")
+
+
+def test_public_callables_of_distributed_have_examples():
+    """numpydoc Examples on every public name of cembed.distributed and the client's methods."""
+    import inspect
+
+    import cembed.distributed as dist
+
+    missing = []
+    for name in dist.__all__:
+        obj = getattr(dist, name)
+        if not callable(obj):
+            continue
+        members = [(name, obj)]
+        if inspect.isclass(obj) and obj.__module__.startswith("cembed.distributed"):
+            members += [(f"{name}.{attr}", m) for attr, m in vars(obj).items()
+                        if not attr.startswith("_") and callable(m)]
+        for label, member in members:
+            doc = inspect.getdoc(member) or ""
+            if "Examples" not in doc or ">>>" not in doc:
+                missing.append(label)
+    assert not missing, missing
