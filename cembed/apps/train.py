@@ -41,6 +41,13 @@ class TrainConfig:
     backend: str = "cembed"
     dtype: str = "float32"         # table and optimizer-state dtype: float32, bfloat16 or float16 (cembed only)
     rounding: str = "stochastic"   # how 16-bit tables and state are rounded: stochastic or nearest
+    state_dtype: Optional[str] = None  # 16-bit tables: optimizer-state dtype (None: bfloat16, see below)
+
+    def optimizer_state_dtype(self):
+        """The optimizer state's dtype for 16-bit tables: bfloat16 unless set. (float16 state lacks the
+        range for Adam's second moments — squared gradients below 2**-24 flush to zero — so float16
+        tables keep their state in bfloat16 too, by default.)"""
+        return self.state_dtype or "bfloat16"
 
     def learning_rate(self):
         return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
@@ -152,7 +159,7 @@ def make_optimizer(optim_module, params, config: TrainConfig):
     name = {"sparseadam": "SparseAdam", "adagrad": "Adagrad", "sgd": "SGD"}[config.optimizer]
     if config.dtype in HALF_DTYPES:
         return getattr(optim_module, name)(params, lr=config.learning_rate(), rounding=config.rounding,
-                                           seed=config.seed, state_dtype=config.dtype)
+                                           seed=config.seed, state_dtype=config.optimizer_state_dtype())
     return getattr(optim_module, name)(params, lr=config.learning_rate())
 
 
