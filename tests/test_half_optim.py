@@ -208,6 +208,35 @@ def test_optimizer_matches_float32_math_plus_one_rounding(opt_name, dtype_name, 
                 assert v == ref_state[k]
 
 
+DENSE = {"sgd_wd": (optim.SGD, dict(lr=0.1, weight_decay=0.01)),
+         "sgd_momentum_wd": (optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)),
+         "adagrad_wd": (optim.Adagrad, dict(lr=0.1, weight_decay=0.01)),
+         "rowwise_decoupled": (optim.RowWiseAdagrad, dict(lr=0.1, weight_decay=0.05, weight_decay_mode="decoupled"))}
+
+
+@pytest.mark.parametrize("state_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("opt_name", list(DENSE))
+def test_dense_gradients_on_16_bit_tables(opt_name, state_name):
+    """A dense (float32) gradient: the float32 update of the whole table, then one rounding per element."""
+    cls, kw = DENSE[opt_name]
+    rng = np.random.default_rng(8)
+    weight = rng.standard_normal((16, 6)).astype(F16)
+    param = Param(weight.copy())
+    opt = cls([param], seed=4, state_dtype=None if state_name == "float32" else state_name, **kw)
+    ref_w, ref_state = weight.copy(), {}
+    if opt.state.get(param):
+        ref_state = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in opt.state[param].items()}
+    for _ in range(3):
+        grad = rng.standard_normal((16, 6)).astype(np.float32)
+        param.grad = grad
+        opt.step()
+        ref_w, ref_state = _reference_step(cls, kw, ref_w, ref_state, grad, "float16", state_name, "stochastic", 4)
+        assert_bitwise_equal(param.weight, ref_w)
+        for k, v in opt.state[param].items():
+            if isinstance(v, np.ndarray):
+                assert_bitwise_equal(v, ref_state[k])
+
+
 def test_optimizer_on_numpy_reference_formula():
     """SparseAdam on bfloat16 with nearest rounding against reference.sparse_adam_step in float32."""
     rng = np.random.default_rng(5)
