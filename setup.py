@@ -172,8 +172,11 @@ class BuildExt(build_ext):
 def extensions():
     # Typed memoryviews need no NumPy headers: no .pyx cimports numpy, so no np.get_include().
     sources = sorted(glob.glob(os.path.join("cembed", "_*.pyx")))
+    # every shared header / declaration file is a dependency: changing _half.h rebuilds its users
+    shared = sorted(glob.glob(os.path.join("cembed", "*.h")) + glob.glob(os.path.join("cembed", "*.pxd")))
     exts = [
-        Extension("cembed." + os.path.splitext(os.path.basename(src))[0], [src], include_dirs=["cembed"])
+        Extension("cembed." + os.path.splitext(os.path.basename(src))[0], [src], include_dirs=["cembed"],
+                  depends=shared)
         for src in sources
     ]
     checks = _flag("CEMBED_BOUNDSCHECK")

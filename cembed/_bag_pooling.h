@@ -29,8 +29,11 @@
 #if defined(__GNUC__)
 typedef float cembed_vf __attribute__((vector_size(64), aligned(4)));   /* 16 floats, unaligned ok */
 typedef double cembed_vd __attribute__((vector_size(64), aligned(8)));  /* 8 doubles */
-typedef uint16_t cembed_vh __attribute__((vector_size(32), aligned(2)));  /* 16 bf16/f16 bit patterns */
-typedef uint32_t cembed_vu __attribute__((vector_size(64), aligned(4)));  /* 16 uint32 */
+/* 16-bit tables use 32-byte vectors (8 lanes): native AVX2 registers, which GCC keeps in registers
+ * where it lowers the 64-byte ones above through the stack on AVX2 */
+typedef float cembed_vf8 __attribute__((vector_size(32), aligned(4)));    /* 8 floats */
+typedef uint32_t cembed_vu8 __attribute__((vector_size(32), aligned(4)));  /* 8 uint32 */
+typedef uint16_t cembed_vh8 __attribute__((vector_size(16), aligned(2)));  /* 8 bf16/f16 bit patterns */
 #else
 #error "cembed's pooling kernels need GCC or Clang vector extensions"
 #endif
@@ -44,22 +47,22 @@ typedef uint32_t cembed_vu __attribute__((vector_size(64), aligned(4)));  /* 16 
 #define CEMBED_LOAD_VD(p) (*(const cembed_vd *)(p))
 #define CEMBED_SCALAR(x) (x)
 
-#define cembed_load_bf16x16(p)                                                                         \
-    ({ cembed_vu u_ = __builtin_convertvector(*(const cembed_vh *)(p), cembed_vu) << 16; (cembed_vf)u_; })
-#define cembed_load_f16x16(p)                                                                          \
+#define cembed_load_bf16x8(p)                                                                          \
+    ({ cembed_vu8 u_ = __builtin_convertvector(*(const cembed_vh8 *)(p), cembed_vu8) << 16; (cembed_vf8)u_; })
+#define cembed_load_f16x8(p)                                                                           \
     ({                                                                                                \
-        cembed_vu h_ = __builtin_convertvector(*(const cembed_vh *)(p), cembed_vu);                   \
-        cembed_vu sign_ = (h_ & 0x8000u) << 16;                                                       \
-        cembed_vu body_ = (h_ & 0x7FFFu) << 13;                                                       \
-        cembed_vu exp_ = body_ & 0x0F800000u;                                                         \
-        cembed_vu normal_ = body_ + ((127u - 15u) << 23);                                             \
-        cembed_vu special_ = body_ | 0x7F800000u;                                                     \
-        cembed_vf sub_f_ = (cembed_vf)(body_ + (113u << 23)) - 6.103515625e-05f;  /* 2**-14 */        \
-        cembed_vu sub_ = (cembed_vu)sub_f_;                                                           \
-        cembed_vu is_special_ = (cembed_vu)(exp_ == 0x0F800000u);                                     \
-        cembed_vu is_sub_ = (cembed_vu)(exp_ == 0u);                                                  \
-        cembed_vu out_ = (special_ & is_special_) | (sub_ & is_sub_) | (normal_ & ~(is_special_ | is_sub_)); \
-        (cembed_vf)(out_ | sign_);                                                                    \
+        cembed_vu8 h_ = __builtin_convertvector(*(const cembed_vh8 *)(p), cembed_vu8);                \
+        cembed_vu8 sign_ = (h_ & 0x8000u) << 16;                                                       \
+        cembed_vu8 body_ = (h_ & 0x7FFFu) << 13;                                                       \
+        cembed_vu8 exp_ = body_ & 0x0F800000u;                                                         \
+        cembed_vu8 normal_ = body_ + ((127u - 15u) << 23);                                             \
+        cembed_vu8 special_ = body_ | 0x7F800000u;                                                     \
+        cembed_vf8 sub_f_ = (cembed_vf8)(body_ + (113u << 23)) - 6.103515625e-05f;  /* 2**-14 */        \
+        cembed_vu8 sub_ = (cembed_vu8)sub_f_;                                                           \
+        cembed_vu8 is_special_ = (cembed_vu8)(exp_ == 0x0F800000u);                                     \
+        cembed_vu8 is_sub_ = (cembed_vu8)(exp_ == 0u);                                                  \
+        cembed_vu8 out_ = (special_ & is_special_) | (sub_ & is_sub_) | (normal_ & ~(is_special_ | is_sub_)); \
+        (cembed_vf8)(out_ | sign_);                                                                    \
     })
 
 #define CEMBED_DEFINE_POOL_SUM(NAME, T, V, FMA)                                                        \
@@ -145,7 +148,7 @@ CEMBED_DEFINE_POOL_MAX(cembed_pool_max_f64, double)
             for (ptrdiff_t b_ = 0; b_ < row_bytes; b_ += 64) __builtin_prefetch(ahead_ + b_, 0, 3);   \
         }                                                                                             \
     } while (0)
-#define CEMBED_DEFINE_BAG_SUM(NAME, T, TW, V, IT, LOAD, WIDEN)                                         \
+#define CEMBED_DEFINE_BAG_SUM(NAME, T, TW, V, IT, LOAD, WIDEN, WIDE)                                   \
 CEMBED_BAG_CLONES static ptrdiff_t NAME(T *restrict out, const TW *base, ptrdiff_t row_stride,         \
                                          ptrdiff_t dim, const IT *idx, ptrdiff_t begin, ptrdiff_t end,  \
                                          ptrdiff_t n_indices, int64_t padding_idx)                    \
@@ -155,7 +158,7 @@ CEMBED_BAG_CLONES static ptrdiff_t NAME(T *restrict out, const TW *base, ptrdiff
     ptrdiff_t count = 0, j0 = 0;                                                                      \
     int prefetched = 0;                                                                               \
     for (ptrdiff_t k = begin; k < end; k++) count += (int64_t)idx[k] != padding_idx;                  \
-    for (; j0 + 8 * lanes <= dim; j0 += 8 * lanes) {  /* e.g. a whole 128-float row in 8 registers */ \
+    for (; WIDE && j0 + 8 * lanes <= dim; j0 += 8 * lanes) {  /* a whole 128-float row in 8 registers */ \
         V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};             \
         for (ptrdiff_t k = begin; k < end; k++) {                                                     \
             if (!prefetched) CEMBED_BAG_PREFETCH_ROW(k);  /* the row CEMBED_BAG_PREFETCH entries ahead */ \
@@ -216,15 +219,83 @@ CEMBED_BAG_CLONES static ptrdiff_t NAME(T *restrict out, const TW *base, ptrdiff
     return count;                                                                                     \
 }
 
-CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f32_i32, float, float, cembed_vf, int32_t, CEMBED_LOAD_VF, CEMBED_SCALAR)
-CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f32_i64, float, float, cembed_vf, int64_t, CEMBED_LOAD_VF, CEMBED_SCALAR)
-CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f64_i32, double, double, cembed_vd, int32_t, CEMBED_LOAD_VD, CEMBED_SCALAR)
-CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f64_i64, double, double, cembed_vd, int64_t, CEMBED_LOAD_VD, CEMBED_SCALAR)
-/* 16-bit tables: rows widened to float32 as they stream in, summed in float32 exactly as the float32
- * version sums the widened table (same order, same vector blocks) */
-CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_bf16_i32, float, uint16_t, cembed_vf, int32_t, cembed_load_bf16x16, cembed_bf16_to_f32)
-CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_bf16_i64, float, uint16_t, cembed_vf, int64_t, cembed_load_bf16x16, cembed_bf16_to_f32)
-CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f16_i32, float, uint16_t, cembed_vf, int32_t, cembed_load_f16x16, cembed_f16_to_f32)
-CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f16_i64, float, uint16_t, cembed_vf, int64_t, cembed_load_f16x16, cembed_f16_to_f32)
+CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f32_i32, float, float, cembed_vf, int32_t, CEMBED_LOAD_VF, CEMBED_SCALAR, 1)
+CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f32_i64, float, float, cembed_vf, int64_t, CEMBED_LOAD_VF, CEMBED_SCALAR, 1)
+CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f64_i32, double, double, cembed_vd, int32_t, CEMBED_LOAD_VD, CEMBED_SCALAR, 1)
+CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f64_i64, double, double, cembed_vd, int64_t, CEMBED_LOAD_VD, CEMBED_SCALAR, 1)
+/* 16-bit tables: rows widened to float32 as they stream in, summed in float32 in the order the float32
+ * version sums the widened table (each element: row after row), so bitwise equal to it. float16 (and
+ * bfloat16 on a big-endian machine) uses 8-float vectors: 64 columns per pass over the bag in 8
+ * registers (the bag's rows are in L1 for the next pass). */
+/* bfloat16, little-endian: a 32-bit lane of a row holds columns 2i (low half) and 2i+1 (high half), so
+ * `lane << 16` and `lane & 0xFFFF0000` are both columns as float32 with no shuffle: one load, a shift,
+ * an and and two adds per 16 columns. Even and odd columns accumulate in separate registers (each
+ * element still sums its rows in bag order, from +0: bitwise the float32 kernel's result) and are
+ * interleaved once per bag and block. */
+#if defined(__BYTE_ORDER__) && defined(__ORDER_LITTLE_ENDIAN__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+typedef uint32_t cembed_vpair __attribute__((vector_size(32), aligned(2)));  /* 16 bf16 as 8 pairs */
+#define CEMBED_BF16_EVEN(x) ((cembed_vf8)((x) << 16))
+#define CEMBED_BF16_ODD(x) ((cembed_vf8)((x) & 0xFFFF0000u))
+#define CEMBED_STORE_PAIRS(dst, even, odd)                                                            \
+    do {                                                                                              \
+        for (int i_ = 0; i_ < 8; i_++) { (dst)[2 * i_] = (even)[i_]; (dst)[2 * i_ + 1] = (odd)[i_]; } \
+    } while (0)
+#define CEMBED_DEFINE_BAG_SUM_BF16(NAME, IT)                                                           \
+CEMBED_BAG_CLONES static ptrdiff_t NAME(float *restrict out, const uint16_t *base, ptrdiff_t row_stride, \
+                                         ptrdiff_t dim, const IT *idx, ptrdiff_t begin, ptrdiff_t end,  \
+                                         ptrdiff_t n_indices, int64_t padding_idx)                    \
+{                                                                                                     \
+    const ptrdiff_t row_bytes = dim * (ptrdiff_t)sizeof(uint16_t);                                    \
+    ptrdiff_t count = 0, j0 = 0;                                                                      \
+    int prefetched = 0;                                                                               \
+    for (ptrdiff_t k = begin; k < end; k++) count += (int64_t)idx[k] != padding_idx;                  \
+    for (; j0 + 64 <= dim; j0 += 64) {  /* 64 columns: 8 accumulators */                              \
+        cembed_vf8 e0 = {0}, o0 = {0}, e1 = {0}, o1 = {0}, e2 = {0}, o2 = {0}, e3 = {0}, o3 = {0};    \
+        for (ptrdiff_t k = begin; k < end; k++) {                                                     \
+            if (!prefetched) CEMBED_BAG_PREFETCH_ROW(k);                                              \
+            if ((int64_t)idx[k] == padding_idx) continue;                                             \
+            const uint16_t *w = base + (ptrdiff_t)idx[k] * row_stride + j0;                           \
+            cembed_vpair x0 = *(const cembed_vpair *)w, x1 = *(const cembed_vpair *)(w + 16);         \
+            cembed_vpair x2 = *(const cembed_vpair *)(w + 32), x3 = *(const cembed_vpair *)(w + 48);  \
+            e0 = e0 + CEMBED_BF16_EVEN(x0); o0 = o0 + CEMBED_BF16_ODD(x0);                            \
+            e1 = e1 + CEMBED_BF16_EVEN(x1); o1 = o1 + CEMBED_BF16_ODD(x1);                            \
+            e2 = e2 + CEMBED_BF16_EVEN(x2); o2 = o2 + CEMBED_BF16_ODD(x2);                            \
+            e3 = e3 + CEMBED_BF16_EVEN(x3); o3 = o3 + CEMBED_BF16_ODD(x3);                            \
+        }                                                                                             \
+        CEMBED_STORE_PAIRS(out + j0, e0, o0);                                                         \
+        CEMBED_STORE_PAIRS(out + j0 + 16, e1, o1);                                                    \
+        CEMBED_STORE_PAIRS(out + j0 + 32, e2, o2);                                                    \
+        CEMBED_STORE_PAIRS(out + j0 + 48, e3, o3);                                                    \
+        prefetched = 1;                                                                               \
+    }                                                                                                 \
+    for (; j0 + 16 <= dim; j0 += 16) {                                                                \
+        cembed_vf8 e0 = {0}, o0 = {0};                                                                \
+        for (ptrdiff_t k = begin; k < end; k++) {                                                     \
+            if (!prefetched) CEMBED_BAG_PREFETCH_ROW(k);                                              \
+            if ((int64_t)idx[k] == padding_idx) continue;                                             \
+            cembed_vpair x0 = *(const cembed_vpair *)(base + (ptrdiff_t)idx[k] * row_stride + j0);    \
+            e0 = e0 + CEMBED_BF16_EVEN(x0); o0 = o0 + CEMBED_BF16_ODD(x0);                            \
+        }                                                                                             \
+        CEMBED_STORE_PAIRS(out + j0, e0, o0);                                                         \
+        prefetched = 1;                                                                               \
+    }                                                                                                 \
+    for (ptrdiff_t j = j0; j < dim; j++) {                                                            \
+        float a = 0;                                                                                  \
+        for (ptrdiff_t k = begin; k < end; k++) {                                                     \
+            if ((int64_t)idx[k] == padding_idx) continue;                                             \
+            a = a + cembed_bf16_to_f32((base + (ptrdiff_t)idx[k] * row_stride)[j]);                   \
+        }                                                                                             \
+        out[j] = a;                                                                                   \
+    }                                                                                                 \
+    return count;                                                                                     \
+}
+CEMBED_DEFINE_BAG_SUM_BF16(cembed_bag_sum_bf16_i32, int32_t)
+CEMBED_DEFINE_BAG_SUM_BF16(cembed_bag_sum_bf16_i64, int64_t)
+#else
+CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_bf16_i32, float, uint16_t, cembed_vf8, int32_t, cembed_load_bf16x8, cembed_bf16_to_f32, 1)
+CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_bf16_i64, float, uint16_t, cembed_vf8, int64_t, cembed_load_bf16x8, cembed_bf16_to_f32, 1)
+#endif
+CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f16_i32, float, uint16_t, cembed_vf8, int32_t, cembed_load_f16x8, cembed_f16_to_f32, 1)
+CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f16_i64, float, uint16_t, cembed_vf8, int64_t, cembed_load_f16x8, cembed_f16_to_f32, 1)
 
 #endif

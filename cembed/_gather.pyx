@@ -1,4 +1,5 @@
-"""Row gather: the embedding lookup (indices are range-checked by cembed._checks first)."""
+"""Row gather: the embedding lookup (indices are range-checked by cembed._checks first); 16-bit tables
+widened to float32 on the fly, and float32 rows rounded to a 16-bit format."""
 from cython.parallel cimport prange
 from cython cimport floating
 from libc.string cimport memcpy
@@ -6,7 +7,7 @@ from libc.stdint cimport uint16_t
 
 from cembed._typedefs cimport index_t
 from cembed._rows cimport (prefetch_row, row_stride_items, PREFETCH_DISTANCE, TABLE_F32, TABLE_F64, TABLE_BF16,
-                           TABLE_F16, cembed_half_row_to_f32)
+                           TABLE_F16, cembed_half_row_to_f32, cembed_f32_row_to_half_rne)
 
 # the kernel format codes of _rows.pxd / _half.h, for tests to check cembed._dtypes against
 TABLE_FORMATS = {"float32": TABLE_F32, "float64": TABLE_F64, "bfloat16": TABLE_BF16, "float16": TABLE_F16}
@@ -69,3 +70,21 @@ def gather_rows_widen(const uint16_t[:, :] weight,   # IN  (n_rows, dim) 16-bit 
             if i + PREFETCH_DISTANCE < n_indices:
                 prefetch_row(base + (<Py_ssize_t> indices[i + PREFETCH_DISTANCE]) * row_stride, row_bytes)
             cembed_half_row_to_f32(fmt, &out[i, 0], base + (<Py_ssize_t> indices[i]) * row_stride, dim)
+
+
+def narrow_rows(const float[:, ::1] src,        # IN  (n, dim) float32
+                int fmt,                         # TABLE_BF16 or TABLE_F16
+                uint16_t[:, ::1] out,            # OUT (n, dim) bit patterns of format fmt
+                int n_threads):
+    """out = src rounded to nearest (ties to even) in a 16-bit format, element by element (a 16-bit
+    `out_dtype` of a float32 result). Parallel over rows; each element is written once."""
+    cdef Py_ssize_t n = src.shape[0]
+    cdef Py_ssize_t dim = src.shape[1]
+    cdef Py_ssize_t i
+    if n == 0 or dim == 0:
+        return
+    if fmt != TABLE_BF16 and fmt != TABLE_F16:
+        raise ValueError(f"narrow_rows: fmt must be TABLE_BF16 or TABLE_F16, got {fmt}")
+    with nogil:
+        for i in prange(n, schedule="static", num_threads=n_threads):
+            cembed_f32_row_to_half_rne(fmt, &out[i, 0], &src[i, 0], dim)

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import _bag, _buffer_cache, _grad, _gather, _renorm, _sort
 from ._config import n_threads_for
-from ._dtypes import FLOAT32, as_kernel_view, compute_dtype, is_half, is_table_dtype, resolve_out_dtype
+from ._dtypes import FLOAT32, as_kernel_view, compute_dtype, is_half, is_table_dtype, kernel_format, resolve_out_dtype
 from ._validation import (
     as_index_array,
     check_gradient_rows,
@@ -740,7 +740,16 @@ def pool(weight: np.ndarray, bags: SavedBags, want_argmax: bool = False, out_dty
         if table is not weight:  # winners are rows of the copy (entry positions): map them back
             argmax = np.where(argmax >= 0, bags.flat[np.clip(argmax, 0, max(bags.flat.size - 1, 0))], -1)
         bags.argmax = argmax
-    return out if out_dtype == compute else out.astype(out_dtype)
+    return out if out_dtype == compute else _narrow(out, out_dtype)
+
+
+def _narrow(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A float32 ``(n, dim)`` result as a new array of the 16-bit ``dtype``, each element rounded to
+    nearest, ties to even (the ``out_dtype`` of a 16-bit table)."""
+    values = np.ascontiguousarray(values, dtype=FLOAT32)
+    bits = np.empty(values.shape, dtype=np.uint16)
+    _gather.narrow_rows(values, kernel_format(dtype), bits, n_threads_for(values.shape[0], "gather"))
+    return bits.view(dtype)
 
 
 def embedding_bag(input: Any, weight: np.ndarray, offsets: Any = None, max_norm: Optional[float] = None,

@@ -289,6 +289,61 @@ def adamw_apply_pending_decay(weight, state, weight_decay):
 
 
 # ---------------------------------------------------------------------------------------------
+# 16-bit tables (issue 12): bfloat16 / float16 storage, float32 compute
+# ---------------------------------------------------------------------------------------------
+
+HALF_FORMATS = {"bf16": (8, 7), "f16": (5, 10)}   # exponent bits, mantissa bits (1 sign bit each)
+
+
+def half_bits_to_float(bits, fmt):
+    """uint16 bit patterns of bfloat16 ("bf16") or IEEE float16 ("f16") decoded by the textbook
+    formula, as float64: sign * 2**(e - bias) * (1 + m / 2**mbits) for normal numbers,
+    sign * 2**(1 - bias) * (m / 2**mbits) for zero and subnormals, +-inf or NaN for the top exponent."""
+    ebits, mbits = HALF_FORMATS[fmt]
+    bias = 2 ** (ebits - 1) - 1
+    bits = np.asarray(bits).astype(np.int64)
+    sign = np.where(bits >> 15, -1.0, 1.0)
+    e = (bits >> mbits) & (2 ** ebits - 1)
+    m = (bits & (2 ** mbits - 1)).astype(np.float64)
+    normal = sign * np.exp2(e.astype(np.float64) - bias) * (1.0 + m / 2 ** mbits)
+    subnormal = sign * 2.0 ** (1 - bias) * (m / 2 ** mbits)
+    special = np.where(m == 0, sign * np.inf, np.nan)
+    return np.where(e == 0, subnormal, np.where(e == 2 ** ebits - 1, special, normal))
+
+
+def round_to_half(x, fmt):
+    """float32 values rounded to nearest, ties to even, in bfloat16 / float16, returned as float64
+    values: the quantum of x's binade (never finer than the subnormal step) times x / quantum rounded
+    half-to-even (np.round), +-inf past the largest finite value; NaN stays NaN."""
+    ebits, mbits = HALF_FORMATS[fmt]
+    bias = 2 ** (ebits - 1) - 1
+    with np.errstate(invalid="ignore"):   # signalling NaNs warn when widened
+        x = np.asarray(x, dtype=np.float32).astype(np.float64)
+    finite = np.isfinite(x)
+    _, ex = np.frexp(np.where(finite, x, 1.0))          # |x| = m * 2**ex with m in [0.5, 1)
+    binade = np.maximum(ex - 1, 1 - bias)               # floor(log2 |x|), at least the smallest normal's
+    quantum = np.exp2((binade - mbits).astype(np.float64))
+    with np.errstate(invalid="ignore"):
+        r = np.round(np.where(finite, x, 0.0) / quantum) * quantum
+    largest = (2.0 - 2.0 ** -mbits) * 2.0 ** bias
+    r = np.where(np.abs(r) > largest, np.copysign(np.inf, x), r)
+    return np.where(finite, r, x)
+
+
+def embedding_renorm_half_(weight, indices, max_norm, norm_type=2.0):
+    """embedding_renorm_ of a float16 / bfloat16 table as torch does it: the row widened to float32,
+    its norm rounded to float32 and then to the table's dtype; the factor max_norm / (norm + 1e-7)
+    rounded to the table's dtype; each element multiplied in float32 and rounded once. In place."""
+    dtype = weight.dtype
+    for r in np.unique(np.asarray(indices).reshape(-1)):
+        row = weight[r].astype(np.float32)
+        norm = float(np.array([np.float32(row_norm(row, norm_type))]).astype(dtype).astype(np.float64)[0])
+        if norm > max_norm:
+            scale = np.array([np.float32(max_norm / (norm + 1e-7))]).astype(dtype).astype(np.float32)[0]
+            weight[r] = (row * scale).astype(dtype)
+    return weight
+
+
 # Reproducible stochastic rounding to bfloat16 / float16 (issue 12, docs/behaviour.md §8.7)
 # ---------------------------------------------------------------------------------------------
 

@@ -26,7 +26,12 @@ from .runtime import openmp_enabled, thread_settings
 Contender = Tuple[Callable[[], object], Optional[Callable[[], object]]]
 
 KERNELS = ["gather", "renorm", "dense_backward", "sparse_backward", "sgd", "adagrad", "sparse_adam",
-           "train_step", "fused_train_step", "fused_train_step_bf16", "bag_sum", "bag_mean", "bag_max", "bag_mean_fwd_bwd"]
+           "train_step", "fused_train_step", "fused_train_step_bf16", "bag_sum", "bag_mean", "bag_max",
+           "bag_mean_fwd_bwd", "bf16_gather", "bf16_gather_out", "bf16_bag_sum"]
+# the bfloat16 rows (a bfloat16 copy of the table; skipped without ml_dtypes): "cembed" is the bfloat16
+# table, "cembed_f32" the float32 one in the same rounds, and "vs f32" the speedup of bfloat16 over it
+# (fused_train_step_bf16: the fused SparseAdam step with bfloat16 state, built with the training steps)
+HALF_KERNELS = ("bf16_gather", "bf16_gather_out", "bf16_bag_sum")
 
 
 class _Table:
@@ -192,7 +197,7 @@ def build(kernel, wl, torch, use_numpy):
             return {}, 0   # skipped: pip install cembed[bf16]
         tables = {}
         for name, dtype, state_dtype in (("cembed", np.dtype(ml_dtypes.bfloat16), "bfloat16"),
-                                         ("cembed_float32", np.dtype(np.float32), None)):
+                                         ("cembed_f32", np.dtype(np.float32), None)):
             emb = cembed.Embedding.from_pretrained(w.astype(dtype), freeze=False, sparse=True)
             tables[name] = (emb, optim.SparseAdam([emb], lr=1e-3, state_dtype=state_dtype))
 
@@ -204,7 +209,7 @@ def build(kernel, wl, torch, use_numpy):
                 emb.backward(g, optimizer=opt)
             return step
         c["cembed"] = (fused("cembed"), None)
-        c["cembed_float32"] = (fused("cembed_float32"), None)
+        c["cembed_f32"] = (fused("cembed_f32"), None)
         # gather (read 2, write 4 bytes), gradient rows read (4), table + exp_avg + exp_avg_sq read and written (12)
         return c, 6 * dim * n + 4 * dim * n + 12 * dim * u
 
@@ -247,7 +252,50 @@ def build(kernel, wl, torch, use_numpy):
                 return grad
             c["torch"] = (torch_fb, None)
         return c, 4 * dim * n + 4 * dim * n_bags + 4 * dim * u
+    if kernel in HALF_KERNELS:
+        return _build_half(kernel, wl, torch, c)
     raise ValueError(f"unknown kernel {kernel!r}")
+
+
+def _bfloat16_table(wl):
+    """The workload's table rounded to bfloat16 (made once), or None without ml_dtypes."""
+    if not hasattr(wl, "weight_bf16"):
+        try:
+            import ml_dtypes
+        except ImportError:
+            wl.weight_bf16 = None
+        else:
+            wl.weight_bf16 = wl.weight.astype(ml_dtypes.bfloat16)
+    return wl.weight_bf16
+
+
+def _build_half(kernel, wl, torch, c):
+    """The bfloat16 rows: the bfloat16 table against the float32 one (and torch's bfloat16 kernel)."""
+    w, idx, dim, n = wl.weight, wl.indices, wl.dim, wl.n
+    wb = _bfloat16_table(wl)
+    if wb is None:
+        return c, 0
+    tw = ti = None
+    if torch is not None:
+        tw, ti = torch.from_numpy(wb.view(np.int16)).view(torch.bfloat16), torch.from_numpy(idx)
+    if kernel in ("bf16_gather", "bf16_gather_out"):
+        out_dtype = wb.dtype if kernel == "bf16_gather_out" else None
+        c["cembed"] = (lambda: F.embedding(idx, wb, out_dtype=out_dtype), None)
+        c["cembed_f32"] = (lambda: F.embedding(idx, w), None)
+        if torch is not None:
+            c["torch"] = (lambda: torch.nn.functional.embedding(ti, tw), None)
+        return c, (2 + (2 if out_dtype is not None else 4)) * dim * n
+    off = wl.offsets
+    c["cembed"] = (lambda: F.embedding_bag(idx, wb, off, mode="sum"), None)
+    c["cembed_f32"] = (lambda: F.embedding_bag(idx, w, off, mode="sum"), None)
+    if torch is not None:
+        to = torch.from_numpy(off)
+
+        def torch_bag():
+            with torch.no_grad():
+                return torch.nn.functional.embedding_bag(ti, tw, to, mode="sum")
+        c["torch"] = (torch_bag, None)
+    return c, 2 * dim * n + 4 * dim * off.size
 
 
 def run(rows=1_000_000, dim=128, n=262_144, bag_size=16, threads=None, repeats=7, only=None, use_torch=True,
@@ -277,9 +325,9 @@ def _run(kernels, rows, dim, n, bag_size, repeats, torch, use_numpy, seed, log):
         warnings.simplefilter("ignore")
         for kernel in kernels:
             contenders, nbytes = build(kernel, wl, torch, use_numpy)
-            if not contenders:
+            if not contenders:  # a bfloat16 row without ml_dtypes
                 if log:
-                    log(f"{kernel:<18}skipped (needs ml_dtypes: pip install cembed[bf16])")
+                    log(f"{kernel:<18}skipped: needs ml_dtypes (pip install cembed[bf16])")
                 continue
             times = _time_interleaved(contenders, repeats)
             row = {"kernel": kernel}
@@ -288,8 +336,8 @@ def _run(kernels, rows, dim, n, bag_size, repeats, torch, use_numpy, seed, log):
             row["cembed_gbs"] = nbytes / (row["cembed_ms"] / 1e3) / 1e9
             row["copy_fraction"] = row["cembed_gbs"] / copy_gbs
             row["cembed_unfused_ms"] = _median_ms(times.get("cembed_unfused", []))
-            row["cembed_float32_ms"] = _median_ms(times.get("cembed_float32", []))
-            for name in ("numpy", "torch", "cembed_unfused", "cembed_float32"):
+            row["cembed_f32_ms"] = _median_ms(times.get("cembed_f32", []))
+            for name in ("numpy", "torch", "cembed_unfused", "cembed_f32"):
                 row[f"vs_{name}"] = row[f"{name}_ms"] / row["cembed_ms"] if row[f"{name}_ms"] else None
             results.append(row)
             if log:
@@ -324,7 +372,7 @@ def _cpu_name():
 
 
 HEADER = (f"{'kernel':<18}{'cembed ms':>11}{'numpy ms':>11}{'torch ms':>11}{'GB/s':>8}{'of copy':>9}"
-          f"{'vs numpy':>10}{'vs torch':>10}{'vs unfused':>12}")
+          f"{'vs numpy':>10}{'vs torch':>10}{'vs unfused':>12}{'vs f32':>8}")
 
 
 def _fmt(value, spec, suffix=""):
@@ -335,9 +383,7 @@ def _format_row(row):
     return (f"{row['kernel']:<18}{_fmt(row['cembed_ms'], '.2f'):>11}{_fmt(row['numpy_ms'], '.2f'):>11}"
             f"{_fmt(row['torch_ms'], '.2f'):>11}{row['cembed_gbs']:>8.1f}{row['copy_fraction']:>9.0%}"
             f"{_fmt(row['vs_numpy'], '.1f', 'x'):>10}{_fmt(row['vs_torch'], '.1f', 'x'):>10}"
-            f"{_fmt(row['vs_cembed_unfused'], '.2f', 'x'):>12}"
-            + (f"  {row['vs_cembed_float32']:.2f}x the float32 step ({row['cembed_float32_ms']:.2f} ms)"
-               if row.get("vs_cembed_float32") else ""))
+            f"{_fmt(row['vs_cembed_unfused'], '.2f', 'x'):>12}{_fmt(row.get('vs_cembed_f32'), '.2f', 'x'):>8}")
 
 
 def main(args):
@@ -368,5 +414,6 @@ def main(args):
               f"torch {cfg['torch'] or ('skipped (--no-torch)' if args.no_torch else 'not installed')}")
         print("GB/s = bytes that must move (byte model: docs/performance.md) / cembed time; 'of copy' = that as a share of the "
               "streaming copy; 'vs' = speedup of cembed over the baseline (same data, same run); 'vs unfused' = "
-              "fused backward + update over backward, step() (same run)")
+              "fused backward + update over backward, step() (same run); 'vs f32' = bf16_* rows: the bfloat16 table "
+              "over the float32 one (same run; bf16_gather returns float32, bf16_gather_out bfloat16)")
     return 0
