@@ -79,6 +79,9 @@ def build_parser():
                             "and round every update once (default float32; bfloat16 needs pip install cembed[bf16])")
     model.add_argument("--rounding", choices=["stochastic", "nearest"], default="stochastic",
                        help="--dtype bfloat16/float16: how updates are rounded (default stochastic, reproducible)")
+    model.add_argument("--state-dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                       help="--dtype bfloat16/float16: optimizer-state dtype (default bfloat16: float16 lacks the "
+                            "range for Adam's second moments)")
     model.add_argument("--subsample", type=_non_negative_float, default=1e-4,
                        help="frequent-word subsampling threshold, 0 to disable (default 1e-4)")
     run = t.add_argument_group("run")
@@ -196,6 +199,7 @@ def run_train(args):
             return 2
         try:
             train_mod.table_dtype(args.dtype)
+            train_mod.table_dtype(args.state_dtype or "bfloat16")
         except ImportError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -234,7 +238,7 @@ def run_train(args):
     config = train_mod.TrainConfig(dim=args.dim, window=args.window, negatives=args.negatives,
                                    batch_size=args.batch_size, epochs=args.epochs, optimizer=args.optimizer,
                                    lr=args.lr, subsample=args.subsample, seed=args.seed, threads=args.threads,
-                                   dtype=args.dtype, rounding=args.rounding,
+                                   dtype=args.dtype, rounding=args.rounding, state_dtype=args.state_dtype,
                                    table_dir=args.table_dir, resume=args.resume, prefetch=not args.no_prefetch,
                                    checkpoint_every=args.checkpoint_every or 0, shards=args.shards)
     ray = _start_ray(args, threads, log) if args.shards else None
@@ -268,7 +272,8 @@ def _train_and_report(args, corpus, config, threads, log, train_mod):
     log(f"model   skip-gram, negative sampling: dim {config.dim}, window {config.window}, "
         f"{config.negatives} negatives, batch {config.batch_size} pairs, {config.epochs} epoch(s), "
         f"{config.optimizer} lr {config.learning_rate()}, {threads} thread(s)"
-        + (f", {config.dtype} tables and state ({config.rounding} rounding)" if config.dtype != "float32" else "")
+        + (f", {config.dtype} tables, {config.optimizer_state_dtype()} optimizer state ({config.rounding} rounding)"
+           if config.dtype != "float32" else "")
         + (f", both tables on {config.shards} Ray shards each" if config.shards else ""))
     if "gensim" in args.backend:
         options = train_mod.gensim_options(config, threads)

@@ -48,6 +48,13 @@ class TrainConfig:
     resume: bool = False              # with table_dir: continue from the checkpoint in table_dir
     prefetch: bool = True             # with table_dir: prefetch batch k+1's rows while batch k is computed
     checkpoint_every: int = 0         # with table_dir: also checkpoint every this many steps (0: at the end only)
+    state_dtype: Optional[str] = None  # 16-bit tables: optimizer-state dtype (None: bfloat16, see below)
+
+    def optimizer_state_dtype(self):
+        """The optimizer state's dtype for 16-bit tables: bfloat16 unless set. (float16 state lacks the
+        range for Adam's second moments — squared gradients below 2**-24 flush to zero — so float16
+        tables keep their state in bfloat16 too, by default.)"""
+        return self.state_dtype or "bfloat16"
 
     def learning_rate(self):
         return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
@@ -159,7 +166,7 @@ def make_optimizer(optim_module, params, config: TrainConfig, **options):
     name = {"sparseadam": "SparseAdam", "adagrad": "Adagrad", "sgd": "SGD"}[config.optimizer]
     if config.dtype in HALF_DTYPES:
         return getattr(optim_module, name)(params, lr=config.learning_rate(), rounding=config.rounding,
-                                           seed=config.seed, state_dtype=config.dtype, **options)
+                                           seed=config.seed, state_dtype=config.optimizer_state_dtype(), **options)
     return getattr(optim_module, name)(params, lr=config.learning_rate(), **options)
 
 
