@@ -8,6 +8,7 @@ Indices are range-checked by the caller (cembed.functional) first.
 """
 from cython.parallel cimport prange
 from cython cimport floating
+from libc.math cimport exp, expf, fabs, fabsf, log1p, log1pf
 
 from cembed._typedefs cimport index_t
 from cembed._rows cimport prefetch_row, row_stride_items, PREFETCH_DISTANCE
@@ -108,3 +109,75 @@ def dot_scores_backward(const floating[:, ::1] grad_scores,   # IN  (n_queries, 
                     prefetch_row(base + (<Py_ssize_t> flat[ahead]) * row_stride, row_bytes)
                 row_scaled_add(&out[b, 0], base + (<Py_ssize_t> indices[b, k]) * row_stride,
                                grad_scores[b, k], dim)
+
+
+cdef inline floating _exp_neg_abs(floating x) noexcept nogil:
+    """exp(-|x|), in (0, 1]: never overflows."""
+    if floating is float:
+        return expf(-fabsf(x))
+    else:
+        return exp(-fabs(x))
+
+
+cdef inline floating _log1p(floating x) noexcept nogil:
+    if floating is float:
+        return log1pf(x)
+    else:
+        return log1p(x)
+
+
+def logistic_scores(const floating[:, ::1] query,       # IN  (n_queries, dim)
+                    const floating[:, :] weight,        # IN  (n_rows, dim), unit column stride
+                    const index_t[:, ::1] indices,      # IN  (n_queries, n_per_query), validated
+                    Py_ssize_t n_positive,              # IN  columns [0, n_positive) are positives
+                    bint want_loss,                     # IN  False: loss is neither computed nor written
+                    floating[::1] loss,                 # OUT (n_queries,), or (0,) without want_loss
+                    floating[:, ::1] grad_scores,       # OUT (n_queries, n_per_query)
+                    floating[:, ::1] grad_query,        # OUT (n_queries, dim)
+                    int n_threads):
+    """The binary logistic loss of dot-product scores, its gradient with respect to the scores and
+    to the query, reading each table row once per (query, column): with s = <query[b], row> and
+    x = -s for a positive column, x = s for a negative one, and e = exp(-|x|):
+    loss[b] = sum over k (in order) of softplus(x) = max(x, 0) + log1p(e),
+    grad_scores[b, k] = +-sigmoid(x) (the sign of s in x), sigmoid(x) = 1 / (1 + e) for x >= 0, else
+    e / (1 + e); grad_query[b] as in dot_scores_backward (k = 0, 1, ..., one fma per element)."""
+    cdef Py_ssize_t n_queries = indices.shape[0], n_per = indices.shape[1], dim = weight.shape[1]
+    cdef Py_ssize_t b, k, d, ahead, row_stride, n_total
+    cdef Py_ssize_t row_bytes = dim * sizeof(floating)
+    cdef const floating *base
+    cdef const floating *row
+    cdef const index_t *flat
+    cdef floating s, x, e, g, total
+    if n_queries == 0:
+        return
+    if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
+                            sizeof(floating)):
+        raise ValueError("score kernels: the weight's rows must be contiguous (unit column stride)")
+    base = &weight[0, 0] if weight.shape[0] > 0 and dim > 0 else NULL
+    flat = &indices[0, 0] if n_per > 0 else NULL
+    n_total = n_queries * n_per
+    with nogil:
+        for b in prange(n_queries, schedule="static", num_threads=n_threads):
+            total = 0
+            for d in range(dim):
+                grad_query[b, d] = 0
+            for k in range(n_per):
+                if base != NULL:
+                    ahead = b * n_per + k + PREFETCH_DISTANCE
+                    if ahead < n_total:
+                        prefetch_row(base + (<Py_ssize_t> flat[ahead]) * row_stride, row_bytes)
+                    row = base + (<Py_ssize_t> flat[b * n_per + k]) * row_stride
+                    s = row_dot(&query[b, 0], row, dim)
+                else:
+                    s = 0
+                x = -s if k < n_positive else s
+                e = _exp_neg_abs(x)                   # softplus and sigmoid from one exp
+                if want_loss:
+                    total = total + (x if x > 0 else 0) + _log1p(e)
+                g = 1 / (1 + e) if x >= 0 else e / (1 + e)
+                g = -g if k < n_positive else g
+                grad_scores[b, k] = g
+                if base != NULL:
+                    row_scaled_add(&grad_query[b, 0], row, g, dim)
+            if want_loss:
+                loss[b] = total

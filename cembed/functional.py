@@ -6,7 +6,7 @@ dispatches to the private compiled kernels. The modules (``cembed.Embedding``,
 
 Public: :func:`embedding`, :func:`embedding_renorm_`, :func:`embedding_backward`, :func:`coalesce`,
 :func:`embedding_bag`, :func:`embedding_bag_backward`, and the scoring functions of dot-product models
-:func:`embedding_dot`, :func:`embedding_dot_backward`.
+:func:`embedding_dot`, :func:`embedding_dot_backward`, :func:`embedding_dot_logistic`.
 
 For the modules it also holds the two records of a validated forward that a backward needs
 (:class:`SavedLookup`, :class:`SavedBags`: private, read-only copies of the indices and offsets)
@@ -24,6 +24,8 @@ from ._config import n_threads_for
 from ._validation import (
     FLOAT_DTYPES,
     as_index_array,
+    check_bool,
+    check_int,
     check_gradient_rows,
     check_index_range,
     check_max_norm,
@@ -39,7 +41,7 @@ from ._validation import (
 from .sparse import SparseGrad
 
 __all__ = ["embedding", "embedding_renorm_", "embedding_backward", "coalesce", "embedding_bag",
-           "embedding_bag_backward", "embedding_dot", "embedding_dot_backward"]
+           "embedding_bag_backward", "embedding_dot", "embedding_dot_backward", "embedding_dot_logistic"]
 
 Grad = Union[np.ndarray, SparseGrad]
 BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
@@ -941,3 +943,77 @@ def embedding_dot_backward(grad_scores: Any, indices: Any, weight: np.ndarray) -
     table, grid = _score_table(weight, grid)
     _score.dot_scores_backward(grad, table, grid, out, n_threads_for(grid.size, "gather"))
     return out.reshape(idx.shape[:-1] + (weight.shape[1],))
+
+
+def embedding_dot_logistic(query: Any, indices: Any, weight: np.ndarray, n_positive: int = 1, *,
+                           with_loss: bool = True) -> Tuple[Optional[np.ndarray], np.ndarray, np.ndarray]:
+    """The binary logistic (negative-sampling) loss of :func:`embedding_dot` scores and both its
+    gradients, in one pass that reads each looked-up row once.
+
+    For ``scores = embedding_dot(query, indices, weight)``, the first ``n_positive`` columns of
+    ``indices`` are positives (label 1), the others negatives (label 0)::
+
+        loss[...]        = sum_k softplus(-scores[..., k]) (positives) or softplus(scores[..., k])
+        grad_scores[...] = -sigmoid(-scores) (positives) or sigmoid(scores)  = d loss / d scores
+        grad_query[...]  = embedding_dot_backward(grad_scores, indices, weight)
+
+    the skip-gram / word2vec objective (one context word and its sampled negatives per centre word),
+    and that of matrix factorisation or two-tower models trained with sampled negatives. The
+    gradient for ``weight`` is ``embedding_backward(query, indices, num_embeddings,
+    per_sample_weights=grad_scores)`` (or ``Embedding.backward``, fused with an optimizer): take it
+    after this call, which reads ``weight`` as it is now. ``softplus(x)`` is computed as
+    ``max(x, 0) + log1p(exp(-|x|))``; the sums run in a fixed order (``docs/behaviour.md`` §10), so
+    the results are bitwise the same for any thread count.
+
+    Parameters
+    ----------
+    query : numpy.ndarray, shape (*indices.shape[:-1], embedding_dim)
+        The weight's dtype.
+    indices : array_like of int, shape (..., n_per_query)
+        Each query's positive columns first, then its negatives.
+    weight : numpy.ndarray, shape (num_embeddings, embedding_dim)
+        float32 or float64; read only.
+    n_positive : int, default 1
+        How many leading columns are positives, ``0 <= n_positive <= n_per_query``.
+    with_loss : bool, default True
+        False: skip the loss (its logarithms are a good part of the work) and return None for it;
+        the gradients are the same bits either way.
+
+    Returns
+    -------
+    loss : numpy.ndarray, shape indices.shape[:-1], or None
+    grad_scores : numpy.ndarray, shape indices.shape
+    grad_query : numpy.ndarray, shape query.shape
+        New arrays of the weight's dtype.
+
+    Raises
+    ------
+    IndexError, TypeError, ValueError
+        As :func:`embedding_dot`, and ``n_positive`` out of range.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cembed import functional as F
+    >>> weight = np.array([[1, 0], [0, 1], [0, 0]], dtype=np.float32)
+    >>> loss, g, dq = F.embedding_dot_logistic(np.array([[2, 0]], np.float32), [[0, 2]], weight)
+    >>> loss.round(4)
+    array([0.8201], dtype=float32)
+    >>> g.round(4)
+    array([[-0.1192,  0.5   ]], dtype=float32)
+    >>> dq.round(4)
+    array([[-0.1192,  0.    ]], dtype=float32)
+    """
+    weight, idx, grid = _score_operands(indices, weight, "embedding_dot_logistic")
+    dim = weight.shape[1]
+    q = check_gradient_rows(query, idx.shape[:-1], dim=dim, dtype=weight.dtype, name="query")
+    n_positive = check_int(n_positive, "n_positive", low=0, high=grid.shape[1])
+    with_loss = check_bool(with_loss, "with_loss")
+    loss = np.empty(grid.shape[0] if with_loss else 0, dtype=weight.dtype)
+    grad_scores = np.empty(grid.shape, dtype=weight.dtype)
+    grad_query = np.empty((grid.shape[0], dim), dtype=weight.dtype)
+    table, grid = _score_table(weight, grid)
+    _score.logistic_scores(q, table, grid, n_positive, with_loss, loss, grad_scores, grad_query,
+                           n_threads_for(grid.size, "gather"))
+    return (loss.reshape(idx.shape[:-1]) if with_loss else None, grad_scores.reshape(idx.shape),
+            grad_query.reshape(idx.shape[:-1] + (dim,)))

@@ -29,6 +29,17 @@ def operands(rng, lead, n_per, n_rows, dim, dtype):
     return weight, idx, query, grad
 
 
+def ref_logistic(query, indices, weight, n_positive=1):
+    """(loss, grad_scores, grad_query) of the binary logistic loss, first n_positive columns
+    positive, in float64."""
+    s = ref_dot(query, indices, weight)
+    sign = np.where(np.arange(s.shape[-1]) < n_positive, -1.0, 1.0)      # x = -s for positives
+    x = sign * s
+    loss = np.logaddexp(0.0, x).sum(-1)
+    grad_scores = sign / (1.0 + np.exp(-x))
+    return loss, grad_scores, ref_dot_backward(grad_scores, indices, weight)
+
+
 # ---------------------------------------------------------------------------------------- values
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -104,6 +115,53 @@ def test_empty_and_zero_dim(rng):
     assert F.embedding_dot_backward(np.ones((2, 2), np.float32), [[1, 2], [3, 4]], w0).shape == (2, 0)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("lead,n_per,dim,n_positive", [((40,), 6, 64, 1), ((3, 5), 4, 13, 2), ((9,), 3, 3, 0),
+                                                       ((), 5, 8, 5), ((4,), 1, 200, 1), ((6,), 0, 5, 0)])
+def test_logistic_matches_reference(rng, dtype, lead, n_per, dim, n_positive):
+    weight, idx, query, _ = operands(rng, lead, n_per, 50, dim, dtype)
+    weight *= 3                                    # scores well into both tails of the sigmoid
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == np.float32 else dict(rtol=1e-11, atol=1e-11)
+    loss, g, dq = F.embedding_dot_logistic(query, idx, weight, n_positive=n_positive)
+    want = ref_logistic(query, idx, weight, n_positive)
+    for got, ref, shape in zip((loss, g, dq), want, (lead, lead + (n_per,), lead + (dim,))):
+        assert got.shape == shape and got.dtype == dtype
+        np.testing.assert_allclose(got, ref, **tol)
+    # without the loss: the same gradients, bit for bit
+    none, g2, dq2 = F.embedding_dot_logistic(query, idx, weight, n_positive, with_loss=False)
+    assert none is None
+    assert_bitwise_equal(g2, g)
+    assert_bitwise_equal(dq2, dq)
+    # its gradients are those of the separate functions
+    np.testing.assert_allclose(F.embedding_dot_backward(g, idx, weight), dq, **tol)
+
+
+def test_logistic_extreme_scores():
+    # |score| of 1e4: no overflow, sigmoid exactly 0 or 1, softplus exact
+    weight = np.array([[100.0, 0.0], [-100.0, 0.0]], np.float32)
+    query = np.array([[100.0, 0.0]], np.float32)
+    with np.errstate(all="raise"):
+        loss, g, dq = F.embedding_dot_logistic(query, [[1, 0]], weight)   # positive scored -1e4
+    np.testing.assert_array_equal(g, [[-1.0, 1.0]])
+    np.testing.assert_allclose(loss, [2e4], rtol=1e-6)
+    assert np.isfinite(dq).all()
+
+
+def test_logistic_layouts_and_threads(rng):
+    n_rows, dim = 100_000, 40
+    weight = rng.standard_normal((n_rows, dim)).astype(np.float32)
+    idx = zipf_indices(rng, 30_000 * 6, n_rows).reshape(30_000, 6)
+    query = rng.standard_normal((30_000, dim)).astype(np.float32)
+    results = at_thread_counts(lambda: F.embedding_dot_logistic(query, idx, weight))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert_bitwise_equal(a, b)
+    for a, b in zip(results[0], F.embedding_dot_logistic(query, idx, np.asfortranarray(weight))):
+        assert_bitwise_equal(a, b)
+    # the score gradient's query part is bitwise what embedding_dot_backward gives
+    assert_bitwise_equal(F.embedding_dot_backward(results[0][1], idx, weight), results[0][2])
+
+
 def test_thread_count_bitwise(rng):
     n_rows, dim = 100_000, 40
     weight = rng.standard_normal((n_rows, dim)).astype(np.float32)
@@ -139,6 +197,25 @@ def test_matches_torch_bmm(rng, dtype):
     np.testing.assert_allclose(gw, w.grad.numpy(), **tol)
 
 
+@pytest.mark.parametrize("n_positive", [1, 2])
+def test_logistic_matches_torch(rng, n_positive):
+    torch = require_torch()
+    weight, idx, query, _ = operands(rng, (64,), 6, 500, 32, np.float32)
+    w = torch.from_numpy(weight.copy()).requires_grad_(True)
+    q = torch.from_numpy(query.copy()).requires_grad_(True)
+    scores = torch.bmm(torch.nn.functional.embedding(torch.from_numpy(idx), w), q.unsqueeze(2)).squeeze(2)
+    sp = torch.nn.functional.softplus
+    per_query = sp(-scores[:, :n_positive]).sum(1) + sp(scores[:, n_positive:]).sum(1)
+    scores.retain_grad()
+    per_query.sum().backward()
+    loss, g, dq = F.embedding_dot_logistic(query, idx, weight, n_positive=n_positive)
+    tol = dict(rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(loss, per_query.detach().numpy(), **tol)
+    np.testing.assert_allclose(g, scores.grad.numpy(), **tol)
+    np.testing.assert_allclose(dq, q.grad.numpy(), **tol)
+    np.testing.assert_allclose(F.embedding_backward(query, idx, 500, per_sample_weights=g), w.grad.numpy(), **tol)
+
+
 # ---------------------------------------------------------------------------------------- errors
 
 def test_bad_input(rng):
@@ -172,3 +249,15 @@ def test_bad_input(rng):
         F.embedding_dot_backward(np.ones((2, 2), np.float32), ok, w)
     with pytest.raises(TypeError, match="numpy.ndarray"):
         F.embedding_dot(q, ok, w.tolist())
+    with pytest.raises(ValueError, match="n_positive"):
+        F.embedding_dot_logistic(q, ok, w, n_positive=4)
+    with pytest.raises(ValueError, match="n_positive"):
+        F.embedding_dot_logistic(q, ok, w, n_positive=-1)
+    with pytest.raises(TypeError, match="n_positive"):
+        F.embedding_dot_logistic(q, ok, w, n_positive=1.0)
+    with pytest.raises(IndexError):
+        F.embedding_dot_logistic(q, [[0, 1, 2], [3, 4, 99]], w)
+    with pytest.raises(TypeError, match="with_loss"):
+        F.embedding_dot_logistic(q, ok, w, with_loss=None)
+    with pytest.raises(TypeError, match="query"):
+        F.embedding_dot_logistic(q.astype(np.float64), ok, w)

@@ -1,7 +1,8 @@
 """`python -m cembed train`: word2vec-style skip-gram with negative sampling on the CPU.
 
 Both tables are ``cembed.Embedding(sparse=True)`` trained by a cembed optimizer (SparseAdam by
-default); the small dot-product model between them is written in NumPy. ``backend="torch"`` runs the
+default); the dot-product model between them is ``cembed.functional.embedding_dot_logistic`` (scores,
+loss and gradients in one pass over the looked-up rows). ``backend="torch"`` runs the
 identical model (same data, batches, negatives, initial weights and hyper-parameters) with
 ``torch.nn.Embedding(sparse=True)`` and a torch optimizer, for a side-by-side throughput figure.
 ``backend="gensim"`` trains gensim's ``Word2Vec`` (skip-gram, negative sampling, its own SGD schedule)
@@ -44,7 +45,7 @@ class TrainConfig:
         return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
 
 
-DEFAULT_LR = {"sparseadam": 0.01, "adagrad": 0.2, "sgd": 0.05}
+DEFAULT_LR = {"sparseadam": 0.01, "adagrad": 0.2, "sgd": 0.05, "rowwise_adagrad": 0.2}
 LOSS_EVERY = 8   # steps between two loss evaluations (shown smoothed in the progress bar)
 
 
@@ -132,16 +133,13 @@ def initial_tables(vocab_size, dim, seed):
 
 def make_optimizer(optim_module, params, config: TrainConfig):
     """The configured optimizer from ``cembed.optim`` or ``torch.optim`` (same names, same arguments)."""
-    name = {"sparseadam": "SparseAdam", "adagrad": "Adagrad", "sgd": "SGD"}[config.optimizer]
+    name = {"sparseadam": "SparseAdam", "adagrad": "Adagrad", "sgd": "SGD", "rowwise_adagrad": "RowWiseAdagrad"}[config.optimizer]
     return getattr(optim_module, name)(params, lr=config.learning_rate())
 
 
-def _softplus(x):
-    return np.logaddexp(np.float32(0), x)
-
-
 class CembedModel:
-    """Skip-gram negative sampling on two cembed tables; the model's math in NumPy."""
+    """Skip-gram negative sampling on two cembed tables: the scores, loss and gradients in one pass
+    (``functional.embedding_dot_logistic``), each table's update fused into its backward."""
 
     name = "cembed"
 
@@ -152,22 +150,19 @@ class CembedModel:
         self.opt = make_optimizer(cembed.optim, [self.emb_in, self.emb_out], config)
 
     def step(self, centers, targets):
-        v = self.emb_in(centers)                              # (B, D)
-        u = self.emb_out(targets)                             # (B, 1 + K, D)
-        scores = np.einsum("bkd,bd->bk", u, v)                # (B, 1 + K)
-        scores[:, 0] *= -1                                    # positive pair: -log sigmoid(-(-s))
-        g = 1 / (1 + np.exp(-scores))                         # d loss / d (+-s) = sigmoid(+-s)
         self.n_steps += 1
-        loss = None
-        if self.n_steps % LOSS_EVERY == 1:                    # the loss is only for the progress bar
-            loss = float(_softplus(scores).sum()) / centers.size
-        g[:, 0] *= -1                                         # back to d loss / d s
+        want_loss = self.n_steps % LOSS_EVERY == 1            # the loss is only for the progress bar
+        v = self.emb_in(centers)                              # (B, D), a copy of the centers' rows
+        # scores of the context (positive) and the negatives, read straight from the output table,
+        # d loss / d scores and d loss / d v (and the loss): one pass, before either table changes
+        loss, g, dv = cembed.functional.embedding_dot_logistic(v, targets, self.emb_out.weight,
+                                                               with_loss=want_loss)
         # fused backward + update: each table's touched rows are summed and updated in one pass
-        # (v and u are copies, so updating one table does not change the other's gradient)
-        self.emb_in.backward(np.matmul(g[:, None, :], u)[:, 0, :], centers, optimizer=self.opt)
-        # d loss / d u[b, k] = g[b, k] * v[b]: handed over as (v, weights g), never materialised
+        # (v is a copy, so updating the input table does not change the output table's gradient)
+        self.emb_in.backward(dv, optimizer=self.opt)          # the indices of the forward above
+        # d loss / d w_out[t[b, k]] = g[b, k] * v[b]: handed over as (v, weights g), never materialised
         self.emb_out.backward(v, targets, per_sample_weights=g, optimizer=self.opt)
-        return loss
+        return float(loss.sum()) / centers.size if loss is not None else None
 
     def input_table(self):
         return self.emb_in.weight
