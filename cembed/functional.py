@@ -843,7 +843,7 @@ def embedding_dot(query: Any, indices: Any, weight: np.ndarray) -> np.ndarray:
     ``torch.bmm(F.embedding(indices, weight), query.unsqueeze(2)).squeeze(2)`` — but read straight
     from the table, without the ``(*indices.shape, embedding_dim)`` copy of the looked-up rows: the
     scoring step of skip-gram / negative sampling, matrix factorisation and two-tower models. Each
-    dot product is accumulated in a fixed order (``docs/behaviour.md`` §10), so the result is bitwise
+    dot product is accumulated in a fixed order (``docs/behaviour.md`` §12), so the result is bitwise
     the same for any thread count.
 
     Parameters
@@ -962,7 +962,7 @@ def embedding_dot_logistic(query: Any, indices: Any, weight: np.ndarray, n_posit
     gradient for ``weight`` is ``embedding_backward(query, indices, num_embeddings,
     per_sample_weights=grad_scores)`` (or ``Embedding.backward``, fused with an optimizer): take it
     after this call, which reads ``weight`` as it is now. ``softplus(x)`` is computed as
-    ``max(x, 0) + log1p(exp(-|x|))``; the sums run in a fixed order (``docs/behaviour.md`` §10), so
+    ``max(x, 0) + log1p(exp(-|x|))``; the sums run in a fixed order (``docs/behaviour.md`` §12), so
     the results are bitwise the same for any thread count.
 
     Parameters

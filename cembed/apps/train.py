@@ -45,7 +45,7 @@ class TrainConfig:
         return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
 
 
-DEFAULT_LR = {"sparseadam": 0.01, "adagrad": 0.2, "sgd": 0.05, "rowwise_adagrad": 0.2}
+DEFAULT_LR = {"sparseadam": 0.01, "adagrad": 0.2, "sgd": 0.05, "rowwise_adagrad": 0.1}
 LOSS_EVERY = 8   # steps between two loss evaluations (shown smoothed in the progress bar)
 
 
@@ -131,9 +131,15 @@ def initial_tables(vocab_size, dim, seed):
 
 # ------------------------------------------------------------------------------------------ models
 
+OPTIMIZERS = {"sparseadam": "SparseAdam", "adagrad": "Adagrad", "sgd": "SGD", "rowwise_adagrad": "RowWiseAdagrad"}
+
+
 def make_optimizer(optim_module, params, config: TrainConfig):
-    """The configured optimizer from ``cembed.optim`` or ``torch.optim`` (same names, same arguments)."""
-    name = {"sparseadam": "SparseAdam", "adagrad": "Adagrad", "sgd": "SGD", "rowwise_adagrad": "RowWiseAdagrad"}[config.optimizer]
+    """The configured optimizer from ``cembed.optim`` or ``torch.optim`` (same names, same arguments;
+    torch has no row-wise Adagrad)."""
+    name = OPTIMIZERS[config.optimizer]
+    if not hasattr(optim_module, name):
+        raise ValueError(f"--optimizer {config.optimizer}: {optim_module.__name__} has no {name}")
     return getattr(optim_module, name)(params, lr=config.learning_rate())
 
 
