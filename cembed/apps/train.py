@@ -89,10 +89,16 @@ class BatchStream:
             bwd = same & (reach[offset:] >= offset)           # center i + offset, context i
             center_parts += [tokens[:-offset][fwd], tokens[offset:][bwd]]
             context_parts += [tokens[offset:][fwd], tokens[:-offset][bwd]]
-        centers = np.concatenate(center_parts) if center_parts else np.zeros(0, np.int32)
-        contexts = np.concatenate(context_parts) if context_parts else np.zeros(0, np.int32)
-        order = rng.permutation(centers.size)
-        return centers[order], contexts[order]
+        if not center_parts:
+            return np.zeros(0, np.int32), np.zeros(0, np.int32)
+        # shuffled as one array of (center, context) int32 pairs: the swaps rng.permutation(n) would make,
+        # applied in place, without the two gathers through a permutation afterwards
+        pairs = np.empty((sum(p.size for p in center_parts), 2), dtype=np.int32)
+        np.concatenate(center_parts, out=pairs[:, 0])
+        np.concatenate(context_parts, out=pairs[:, 1])
+        packed = pairs.view(np.int64).reshape(-1)
+        rng.shuffle(packed)
+        return pairs[:, 0].copy(), pairs[:, 1].copy()
 
     def __iter__(self):
         """Yields (center (B,), targets (B, 1 + negatives), words consumed so far)."""
