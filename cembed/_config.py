@@ -129,9 +129,9 @@ def release_memory() -> int:
     >>> cembed.release_memory() >= 0
     True
     """
-    from . import _buffer_cache
+    from . import _buffer_cache, _sort
 
-    return int(_buffer_cache.release())
+    return int(_buffer_cache.release()) + int(_sort.release_scratch())
 
 
 def openmp_enabled() -> bool:

@@ -46,16 +46,56 @@ cdef void _radix_pass(const uint64_t *src, uint64_t *dst, Py_ssize_t n_keys, int
             hist[c, b] += 1
 
 
-cdef uint64_t _pack(const index_t[::1] keys, uint64_t[::1] packed, int n_threads) noexcept nogil:
-    """packed[i] = key << 32 | i; returns the largest key."""
-    cdef Py_ssize_t i, n_keys = keys.shape[0]
-    cdef uint64_t max_key = 0
-    for i in prange(n_keys, schedule="static", num_threads=n_threads):
-        packed[i] = ((<uint64_t> keys[i]) << 32) | <uint64_t> i
-    for i in range(n_keys):
-        if <uint64_t> keys[i] > max_key:
-            max_key = <uint64_t> keys[i]
+cdef uint64_t _pack(const index_t[::1] keys, uint64_t *packed, int64_t[::1] chunk_max,
+                    int n_chunks) noexcept nogil:
+    """packed[i] = key << 32 | i, a contiguous slice of the keys per chunk; returns the largest key."""
+    cdef Py_ssize_t c, i, lo, hi, n_keys = keys.shape[0]
+    cdef uint64_t local_max, max_key = 0
+    for c in prange(n_chunks, schedule="static", num_threads=n_chunks):
+        lo = c * n_keys // n_chunks
+        hi = (c + 1) * n_keys // n_chunks
+        local_max = 0
+        for i in range(lo, hi):
+            packed[i] = ((<uint64_t> keys[i]) << 32) | <uint64_t> i
+            if <uint64_t> keys[i] > local_max:
+                local_max = <uint64_t> keys[i]
+        chunk_max[c] = <int64_t> local_max
+    for c in range(n_chunks):
+        if <uint64_t> chunk_max[c] > max_key:
+            max_key = <uint64_t> chunk_max[c]
     return max_key
+
+
+# Scratch space of the sort (the packed keys and the ping-pong buffer, 16 bytes per key), kept for
+# the next call instead of going back to the system: a training loop sorts batches of one size over
+# and over, and fresh pages cost the kernel's zeroing every time. A call pops a buffer (or makes
+# one) with the GIL held and returns it afterwards, so concurrent calls never share one.
+cdef list _spare_scratch = []
+cdef enum:
+    MAX_SPARE_SCRATCH = 2
+MAX_SPARE_SCRATCH_BYTES = 1 << 24  # at most 2 buffers of 16 MB (1M keys) are kept
+
+
+cdef object _take_scratch(Py_ssize_t n_items):
+    cdef Py_ssize_t i
+    for i in range(len(_spare_scratch)):
+        if n_items <= _spare_scratch[i].shape[0] <= 4 * n_items + 4096:
+            return _spare_scratch.pop(i)
+    return np.empty(n_items, dtype=np.uint64)
+
+
+cdef void _give_scratch(object buffer):
+    if buffer.nbytes <= MAX_SPARE_SCRATCH_BYTES:
+        if len(_spare_scratch) >= MAX_SPARE_SCRATCH:
+            _spare_scratch.pop(0)
+        _spare_scratch.append(buffer)
+
+
+def release_scratch():
+    """Drop the kept scratch buffers; returns the bytes released."""
+    cdef Py_ssize_t n = sum(b.nbytes for b in _spare_scratch)
+    _spare_scratch.clear()
+    return n
 
 
 def sort_rows(const index_t[::1] keys, int n_threads, bint want_order=True):
@@ -74,71 +114,99 @@ def sort_rows(const index_t[::1] keys, int n_threads, bint want_order=True):
     cdef int n_chunks, n_passes, width, p, bits
     cdef uint64_t max_key, mask
     cdef uint64_t low_bits = (<uint64_t> 1 << 32) - 1
-    cdef uint64_t[::1] packed, scratch
+    cdef uint64_t[::1] work
     cdef uint64_t *src
     cdef uint64_t *dst
     cdef uint64_t *tmp
     cdef int64_t[:, ::1] hist
-    cdef int64_t[::1] order_v, unique_v, starts_v
+    cdef int64_t[::1] order_v, unique_v, starts_v, chunk_counts
     if n_keys == 0:
         empty = np.zeros(0, dtype=np.int64)
         return (empty if want_order else None), empty.copy(), np.zeros(1, dtype=np.int64)
     if n_keys >= (<Py_ssize_t> 1 << 32):
         return _sort_rows_numpy(np.asarray(keys), want_order)
-    packed_arr = np.empty(n_keys, dtype=np.uint64)
-    scratch_arr = np.empty(n_keys, dtype=np.uint64)
-    packed = packed_arr
-    scratch = scratch_arr
     n_chunks = max(1, min(n_threads, n_keys // MIN_ITEMS_PER_CHUNK))
-    with nogil:
-        max_key = _pack(keys, packed, n_threads)
-    if max_key >= (<uint64_t> 1 << 32):
-        return _sort_rows_numpy(np.asarray(keys), want_order)
-    bits = max(1, int(max_key).bit_length())
-    n_passes = (bits + MAX_DIGIT_BITS - 1) // MAX_DIGIT_BITS
-    width = (bits + n_passes - 1) // n_passes
-    mask = (<uint64_t> 1 << width) - 1
-    hist = np.empty((n_chunks, 1 << width), dtype=np.int64)
-    src = &packed[0]
-    dst = &scratch[0]
-    with nogil:
-        for p in range(n_passes):
-            _radix_pass(src, dst, n_keys, 32 + p * width, mask, hist, n_chunks)
-            tmp = src
-            src = dst
-            dst = tmp
-        n_unique = 1
-        for i in range(1, n_keys):
-            n_unique += (src[i] >> 32) != (src[i - 1] >> 32)
-    unique_arr = np.empty(n_unique, dtype=np.int64)
-    starts_arr = np.empty(n_unique + 1, dtype=np.int64)
-    unique_v = unique_arr
-    starts_v = starts_arr
-    order_arr = None
-    if want_order:
-        order_arr = np.empty(n_keys, dtype=np.int64)
-        order_v = order_arr
-    with nogil:
-        _segments(src, n_keys, unique_v, starts_v)
+    work_arr = _take_scratch(2 * n_keys)
+    try:
+        work = work_arr
+        src = &work[0]
+        dst = &work[n_keys]
+        chunk_counts = np.empty(n_chunks + 1, dtype=np.int64)
+        with nogil:
+            max_key = _pack(keys, src, chunk_counts, n_chunks)
+        if max_key >= (<uint64_t> 1 << 32):
+            return _sort_rows_numpy(np.asarray(keys), want_order)
+        bits = max(1, int(max_key).bit_length())
+        n_passes = (bits + MAX_DIGIT_BITS - 1) // MAX_DIGIT_BITS
+        width = (bits + n_passes - 1) // n_passes
+        mask = (<uint64_t> 1 << width) - 1
+        hist = np.empty((n_chunks, 1 << width), dtype=np.int64)
+        with nogil:
+            for p in range(n_passes):
+                _radix_pass(src, dst, n_keys, 32 + p * width, mask, hist, n_chunks)
+                tmp = src
+                src = dst
+                dst = tmp
+            n_unique = _count_heads(src, n_keys, chunk_counts, n_chunks)
+        unique_arr = np.empty(n_unique, dtype=np.int64)
+        starts_arr = np.empty(n_unique + 1, dtype=np.int64)
+        unique_v = unique_arr
+        starts_v = starts_arr
+        order_arr = None
         if want_order:
-            for i in prange(n_keys, schedule="static", num_threads=n_threads):
-                order_v[i] = <int64_t> (src[i] & low_bits)
-    return order_arr, unique_arr, starts_arr
+            order_arr = np.empty(n_keys, dtype=np.int64)
+            order_v = order_arr
+        with nogil:
+            _segments(src, n_keys, chunk_counts, n_chunks, unique_v, starts_v)
+            if want_order:
+                for i in prange(n_keys, schedule="static", num_threads=n_threads):
+                    order_v[i] = <int64_t> (src[i] & low_bits)
+        return order_arr, unique_arr, starts_arr
+    finally:
+        _give_scratch(work_arr)
+
+
+cdef Py_ssize_t _count_heads(const uint64_t *packed, Py_ssize_t n_keys,  # IN (n_keys,) sorted packed keys
+                             int64_t[::1] chunk_counts,                   # OUT (n_chunks + 1,) see below
+                             int n_chunks) noexcept nogil:
+    """The number of distinct keys. chunk_counts[c] becomes the number of runs that start in chunk c
+    (a contiguous slice of the sorted keys), then, by a prefix sum, where chunk c's first run is
+    numbered; chunk_counts[n_chunks] is the total."""
+    cdef Py_ssize_t c, i, lo, hi, count, running = 0
+    for c in prange(n_chunks, schedule="static", num_threads=n_chunks):
+        lo = c * n_keys // n_chunks
+        hi = (c + 1) * n_keys // n_chunks
+        count = 0
+        for i in range(lo, hi):
+            if i == 0 or (packed[i] >> 32) != (packed[i - 1] >> 32):
+                count = count + 1
+        chunk_counts[c] = count
+    for c in range(n_chunks):
+        count = chunk_counts[c]
+        chunk_counts[c] = running
+        running = running + count
+    chunk_counts[n_chunks] = running
+    return running
 
 
 cdef void _segments(const uint64_t *packed, Py_ssize_t n_keys,   # IN  (n_keys,) sorted packed keys
+                    const int64_t[::1] chunk_first,                # IN  (n_chunks + 1,) from _count_heads
+                    int n_chunks,
                     int64_t[::1] unique_rows,                      # OUT (n_unique,)
                     int64_t[::1] starts) noexcept nogil:           # OUT (n_unique + 1,)
-    """Distinct keys of the sorted packed array and where each one's run starts."""
-    cdef Py_ssize_t i, s = 0
-    unique_rows[0] = <int64_t> (packed[0] >> 32)
-    starts[0] = 0
-    for i in range(1, n_keys):
-        if (packed[i] >> 32) != (packed[i - 1] >> 32):
-            s += 1
-            unique_rows[s] = <int64_t> (packed[i] >> 32)
-            starts[s] = i
-    starts[s + 1] = n_keys
+    """Distinct keys of the sorted packed array and where each one's run starts (chunk c writes the
+    runs that start in its slice, numbered from chunk_first[c])."""
+    cdef Py_ssize_t c, i, lo, hi, s
+    for c in prange(n_chunks, schedule="static", num_threads=n_chunks):
+        lo = c * n_keys // n_chunks
+        hi = (c + 1) * n_keys // n_chunks
+        s = chunk_first[c]
+        for i in range(lo, hi):
+            if i == 0 or (packed[i] >> 32) != (packed[i - 1] >> 32):
+                unique_rows[s] = <int64_t> (packed[i] >> 32)
+                starts[s] = i
+                s = s + 1
+    starts[chunk_first[n_chunks]] = n_keys
 
 
 def _sort_rows_numpy(keys, want_order):

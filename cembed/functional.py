@@ -5,7 +5,9 @@ dispatches to the private compiled kernels. The modules (``cembed.Embedding``,
 ``cembed.EmbeddingBag``) and nothing else build on it; it imports no module and no optimizer.
 
 Public: :func:`embedding`, :func:`embedding_renorm_`, :func:`embedding_backward`, :func:`coalesce`,
-:func:`embedding_bag`, :func:`embedding_bag_backward`, :func:`prefetch`.
+:func:`embedding_bag`, :func:`embedding_bag_backward`, :func:`prefetch`,
+and the scoring functions of dot-product models :func:`embedding_dot`, :func:`embedding_dot_backward`,
+:func:`embedding_dot_logistic`.
 
 For the modules it also holds the two records of a validated forward that a backward needs
 (:class:`SavedLookup`, :class:`SavedBags`: private, read-only copies of the indices and offsets)
@@ -27,12 +29,14 @@ from typing import Any, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
-from . import _bag, _buffer_cache, _grad, _gather, _prefetch, _renorm, _sort
+from . import _bag, _buffer_cache, _grad, _gather, _prefetch, _renorm, _score, _sort
 from ._config import n_threads_for
 from ._dtypes import FLOAT32, as_kernel_view, compute_dtype, is_half, is_table_dtype, kernel_format, resolve_out_dtype
 from ._validation import (
+    FLOAT_DTYPES,
     as_index_array,
     check_bool,
+    check_int,
     check_gradient_rows,
     check_index_range,
     check_max_norm,
@@ -49,7 +53,8 @@ from ._validation import (
 from .sparse import SparseGrad
 
 __all__ = ["embedding", "embedding_renorm_", "embedding_backward", "coalesce", "embedding_bag",
-           "embedding_bag_backward", "prefetch"]
+           "embedding_bag_backward", "prefetch",
+           "embedding_dot", "embedding_dot_backward", "embedding_dot_logistic"]
 
 Grad = Union[np.ndarray, SparseGrad]
 BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
@@ -1042,3 +1047,212 @@ def prefetch(weight: np.ndarray, indices: Any, *state_arrays: np.ndarray, wait: 
         return _advise(views, flat)
     _PREFETCHER.submit(views, flat.copy())   # a private copy: the caller may reuse its index array
     return 0
+
+
+# ============================================================================ scoring (dot-product models)
+
+def _score_operands(indices: Any, weight: Any, name: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(checked weight, indices as validated int32/int64 of the caller's shape, the same as a
+    C-contiguous (n_queries, n_per_query) array)."""
+    weight = check_weight(weight)
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: the weight must be float32 or float64, got dtype {weight.dtype} (for a 16-bit "
+                        "table, score the rows looked up with embedding(), which are float32)")
+    idx, flat = validated_indices(indices, weight.shape[0])
+    if idx.ndim < 1:
+        raise ValueError(f"{name}: indices must have at least one dimension (..., n_per_query), got a scalar")
+    n_per = idx.shape[-1]
+    n_queries = int(np.prod(idx.shape[:-1], dtype=np.int64))
+    return weight, idx, flat.reshape(n_queries, n_per)
+
+
+def _score_table(weight: np.ndarray, grid: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(table, indices) the kernels read: the weight itself when the kernels can use it in place,
+    else a contiguous copy of just the referenced rows (indices then number them in order)."""
+    if kernel_layout(weight):
+        return weight, grid
+    rows = np.ascontiguousarray(np.take(weight, grid.reshape(-1), axis=0))
+    return rows, np.arange(grid.size, dtype=np.int64).reshape(grid.shape)
+
+
+def embedding_dot(query: Any, indices: Any, weight: np.ndarray) -> np.ndarray:
+    """Score each query against table rows: ``scores[..., k] = query[...] · weight[indices[..., k]]``.
+
+    What ``(weight[indices] @ query[..., None])[..., 0]`` computes — in torch,
+    ``torch.bmm(F.embedding(indices, weight), query.unsqueeze(2)).squeeze(2)`` — but read straight
+    from the table, without the ``(*indices.shape, embedding_dim)`` copy of the looked-up rows: the
+    scoring step of skip-gram / negative sampling, matrix factorisation and two-tower models. Each
+    dot product is accumulated in a fixed order (``docs/behaviour.md`` §13), so the result is bitwise
+    the same for any thread count.
+
+    Parameters
+    ----------
+    query : numpy.ndarray, shape (*indices.shape[:-1], embedding_dim)
+        The query vectors, the weight's dtype.
+    indices : array_like of int, shape (..., n_per_query)
+        For each query, the rows it is scored against (at least one dimension; validated).
+    weight : numpy.ndarray, shape (num_embeddings, embedding_dim)
+        float32 or float64; read only.
+
+    Returns
+    -------
+    numpy.ndarray, shape indices.shape
+        A new array of the weight's dtype.
+
+    Raises
+    ------
+    IndexError
+        An index outside ``[0, num_embeddings)``.
+    TypeError
+        Non-integer indices; a weight that is not float32/float64; a query of another dtype.
+    ValueError
+        A weight that is not 2-D, scalar indices, a query of the wrong shape.
+
+    See Also
+    --------
+    embedding_dot_backward : the gradient with respect to ``query``. The gradient with respect to
+        ``weight`` is ``embedding_backward(query, indices, num_embeddings,
+        per_sample_weights=grad_scores)`` (or ``Embedding.backward`` with the same arguments).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cembed import functional as F
+    >>> weight = np.array([[1, 0], [0, 1], [1, 1]], dtype=np.float32)
+    >>> query = np.array([[2, 3], [1, -1]], dtype=np.float32)
+    >>> F.embedding_dot(query, [[0, 2], [1, 1]], weight)
+    array([[ 2.,  5.],
+           [-1., -1.]], dtype=float32)
+    """
+    weight, idx, grid = _score_operands(indices, weight, "embedding_dot")
+    dim = weight.shape[1]
+    q = check_gradient_rows(query, idx.shape[:-1], dim=dim, dtype=weight.dtype, name="query")
+    out = np.empty(grid.shape, dtype=weight.dtype)
+    table, grid = _score_table(weight, grid)
+    _score.dot_scores(q, table, grid, out, n_threads_for(grid.size, "gather"))
+    return out.reshape(idx.shape)
+
+
+def embedding_dot_backward(grad_scores: Any, indices: Any, weight: np.ndarray) -> np.ndarray:
+    """The gradient of :func:`embedding_dot` with respect to the query:
+    ``grad_query[...] = sum over k of grad_scores[..., k] * weight[indices[..., k]]``.
+
+    Read straight from the table (torch: ``torch.bmm(grad_scores.unsqueeze(1), F.embedding(indices,
+    weight)).squeeze(1)``). The terms are added in the order ``k = 0, 1, ...``, each with one fused
+    multiply-add per element, so the result is bitwise the same for any thread count. To train both
+    sides, take this gradient *before* updating ``weight`` (it reads the table as it is now).
+
+    Parameters
+    ----------
+    grad_scores : numpy.ndarray, shape indices.shape
+        d(loss)/d(scores), the weight's dtype.
+    indices : array_like of int, shape (..., n_per_query)
+        As given to the forward.
+    weight : numpy.ndarray, shape (num_embeddings, embedding_dim)
+        The table as it was at the forward; read only.
+
+    Returns
+    -------
+    numpy.ndarray, shape (*indices.shape[:-1], embedding_dim)
+        A new array of the weight's dtype.
+
+    Raises
+    ------
+    IndexError, TypeError, ValueError
+        As :func:`embedding_dot`, and a ``grad_scores`` of another shape or dtype. Nothing is computed.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cembed import functional as F
+    >>> weight = np.array([[1, 0], [0, 1], [1, 1]], dtype=np.float32)
+    >>> F.embedding_dot_backward(np.array([[1, 2]], np.float32), [[0, 2]], weight)
+    array([[3., 2.]], dtype=float32)
+    """
+    weight, idx, grid = _score_operands(indices, weight, "embedding_dot_backward")
+    grad = grad_scores if isinstance(grad_scores, np.ndarray) else np.asarray(grad_scores)
+    if grad.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"grad_scores must be float32 or float64, got dtype {grad.dtype}")
+    if grad.dtype != weight.dtype:
+        raise TypeError(f"grad_scores has dtype {grad.dtype} but the weight is {weight.dtype}")
+    if grad.shape != idx.shape:
+        raise ValueError(f"grad_scores must have the shape of indices {idx.shape}, got {grad.shape}")
+    grad = np.ascontiguousarray(grad.astype(grad.dtype.newbyteorder("="), copy=False)).reshape(grid.shape)
+    out = np.empty((grid.shape[0], weight.shape[1]), dtype=weight.dtype)
+    table, grid = _score_table(weight, grid)
+    _score.dot_scores_backward(grad, table, grid, out, n_threads_for(grid.size, "gather"))
+    return out.reshape(idx.shape[:-1] + (weight.shape[1],))
+
+
+def embedding_dot_logistic(query: Any, indices: Any, weight: np.ndarray, n_positive: int = 1, *,
+                           with_loss: bool = True) -> Tuple[Optional[np.ndarray], np.ndarray, np.ndarray]:
+    """The binary logistic (negative-sampling) loss of :func:`embedding_dot` scores and both its
+    gradients, in one pass that reads each looked-up row once.
+
+    For ``scores = embedding_dot(query, indices, weight)``, the first ``n_positive`` columns of
+    ``indices`` are positives (label 1), the others negatives (label 0)::
+
+        loss[...]        = sum_k softplus(-scores[..., k]) (positives) or softplus(scores[..., k])
+        grad_scores[...] = -sigmoid(-scores) (positives) or sigmoid(scores)  = d loss / d scores
+        grad_query[...]  = embedding_dot_backward(grad_scores, indices, weight)
+
+    the skip-gram / word2vec objective (one context word and its sampled negatives per centre word),
+    and that of matrix factorisation or two-tower models trained with sampled negatives. The
+    gradient for ``weight`` is ``embedding_backward(query, indices, num_embeddings,
+    per_sample_weights=grad_scores)`` (or ``Embedding.backward``, fused with an optimizer): take it
+    after this call, which reads ``weight`` as it is now. ``softplus(x)`` is computed as
+    ``max(x, 0) + log1p(exp(-|x|))``; the sums run in a fixed order (``docs/behaviour.md`` §12), so
+    the results are bitwise the same for any thread count.
+
+    Parameters
+    ----------
+    query : numpy.ndarray, shape (*indices.shape[:-1], embedding_dim)
+        The weight's dtype.
+    indices : array_like of int, shape (..., n_per_query)
+        Each query's positive columns first, then its negatives.
+    weight : numpy.ndarray, shape (num_embeddings, embedding_dim)
+        float32 or float64; read only.
+    n_positive : int, default 1
+        How many leading columns are positives, ``0 <= n_positive <= n_per_query``.
+    with_loss : bool, default True
+        False: skip the loss (its logarithms are a good part of the work) and return None for it;
+        the gradients are the same bits either way.
+
+    Returns
+    -------
+    loss : numpy.ndarray, shape indices.shape[:-1], or None
+    grad_scores : numpy.ndarray, shape indices.shape
+    grad_query : numpy.ndarray, shape query.shape
+        New arrays of the weight's dtype.
+
+    Raises
+    ------
+    IndexError, TypeError, ValueError
+        As :func:`embedding_dot`, and ``n_positive`` out of range.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cembed import functional as F
+    >>> weight = np.array([[1, 0], [0, 1], [0, 0]], dtype=np.float32)
+    >>> loss, g, dq = F.embedding_dot_logistic(np.array([[2, 0]], np.float32), [[0, 2]], weight)
+    >>> loss.round(4)
+    array([0.8201], dtype=float32)
+    >>> g.round(4)
+    array([[-0.1192,  0.5   ]], dtype=float32)
+    >>> dq.round(4)
+    array([[-0.1192,  0.    ]], dtype=float32)
+    """
+    weight, idx, grid = _score_operands(indices, weight, "embedding_dot_logistic")
+    dim = weight.shape[1]
+    q = check_gradient_rows(query, idx.shape[:-1], dim=dim, dtype=weight.dtype, name="query")
+    n_positive = check_int(n_positive, "n_positive", low=0, high=grid.shape[1])
+    with_loss = check_bool(with_loss, "with_loss")
+    loss = np.empty(grid.shape[0] if with_loss else 0, dtype=weight.dtype)
+    grad_scores = np.empty(grid.shape, dtype=weight.dtype)
+    grad_query = np.empty((grid.shape[0], dim), dtype=weight.dtype)
+    table, grid = _score_table(weight, grid)
+    _score.logistic_scores(q, table, grid, n_positive, with_loss, loss, grad_scores, grad_query,
+                           n_threads_for(grid.size, "gather"))
+    return (loss.reshape(idx.shape[:-1]) if with_loss else None, grad_scores.reshape(idx.shape),
+            grad_query.reshape(idx.shape[:-1] + (dim,)))

@@ -71,9 +71,10 @@ def build_parser():
     model.add_argument("--negatives", type=_positive_int, default=5, help="negative samples per pair (default 5)")
     model.add_argument("--batch-size", type=_positive_int, default=32768, help="pairs per step (default 32768)")
     model.add_argument("--epochs", type=_positive_int, default=1, help="passes over the corpus (default 1)")
-    model.add_argument("--optimizer", choices=["sparseadam", "adagrad", "sgd"], default="sparseadam")
+    model.add_argument("--optimizer", choices=["sparseadam", "adagrad", "sgd", "rowwise_adagrad"],
+                       default="sparseadam", help="rowwise_adagrad: cembed backend only (torch has none)")
     model.add_argument("--lr", type=_positive_float, default=None,
-                       help="learning rate (default: 0.01 SparseAdam, 0.2 Adagrad, 0.05 SGD)")
+                       help="learning rate (default: 0.01 SparseAdam, 0.2 Adagrad, 0.05 SGD, 0.1 row-wise Adagrad)")
     model.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                        help="cembed backend: table and optimizer-state dtype; 16-bit tables compute in float32 "
                             "and round every update once (default float32; bfloat16 needs pip install cembed[bf16])")
@@ -203,6 +204,10 @@ def run_train(args):
         except ImportError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+    if "torch" in args.backend and args.optimizer == "rowwise_adagrad":
+        print("error: --optimizer rowwise_adagrad is cembed's own: the torch backend has no row-wise Adagrad",
+              file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     if args.corpus:
         try:

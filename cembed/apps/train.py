@@ -1,7 +1,8 @@
 """`python -m cembed train`: word2vec-style skip-gram with negative sampling on the CPU.
 
 Both tables are ``cembed.Embedding(sparse=True)`` trained by a cembed optimizer (SparseAdam by
-default); the small dot-product model between them is written in NumPy. ``backend="torch"`` runs the
+default); the dot-product model between them is ``cembed.functional.embedding_dot_logistic`` (scores,
+loss and gradients in one pass over the looked-up rows). ``backend="torch"`` runs the
 identical model (same data, batches, negatives, initial weights and hyper-parameters) with
 ``torch.nn.Embedding(sparse=True)`` and a torch optimizer, for a side-by-side throughput figure.
 ``backend="gensim"`` trains gensim's ``Word2Vec`` (skip-gram, negative sampling, its own SGD schedule)
@@ -60,7 +61,7 @@ class TrainConfig:
         return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
 
 
-DEFAULT_LR = {"sparseadam": 0.01, "adagrad": 0.2, "sgd": 0.05}
+DEFAULT_LR = {"sparseadam": 0.01, "adagrad": 0.2, "sgd": 0.05, "rowwise_adagrad": 0.1}
 LOSS_EVERY = 8   # steps between two loss evaluations (shown smoothed in the progress bar)
 
 
@@ -104,10 +105,16 @@ class BatchStream:
             bwd = same & (reach[offset:] >= offset)           # center i + offset, context i
             center_parts += [tokens[:-offset][fwd], tokens[offset:][bwd]]
             context_parts += [tokens[offset:][fwd], tokens[:-offset][bwd]]
-        centers = np.concatenate(center_parts) if center_parts else np.zeros(0, np.int32)
-        contexts = np.concatenate(context_parts) if context_parts else np.zeros(0, np.int32)
-        order = rng.permutation(centers.size)
-        return centers[order], contexts[order]
+        if not center_parts:
+            return np.zeros(0, np.int32), np.zeros(0, np.int32)
+        # shuffled as one array of (center, context) int32 pairs: the swaps rng.permutation(n) would make,
+        # applied in place, without the two gathers through a permutation afterwards
+        pairs = np.empty((sum(p.size for p in center_parts), 2), dtype=np.int32)
+        np.concatenate(center_parts, out=pairs[:, 0])
+        np.concatenate(context_parts, out=pairs[:, 1])
+        packed = pairs.view(np.int64).reshape(-1)
+        rng.shuffle(packed)
+        return pairs[:, 0].copy(), pairs[:, 1].copy()
 
     def __iter__(self):
         """Yields (center (B,), targets (B, 1 + negatives), words consumed so far)."""
@@ -160,10 +167,16 @@ def table_dtype(name):
     return np.dtype(name)
 
 
+OPTIMIZERS = {"sparseadam": "SparseAdam", "adagrad": "Adagrad", "sgd": "SGD", "rowwise_adagrad": "RowWiseAdagrad"}
+
+
 def make_optimizer(optim_module, params, config: TrainConfig, **options):
-    """The configured optimizer from ``cembed.optim`` or ``torch.optim`` (same names, same arguments);
-    with 16-bit tables, the optimizer state is 16-bit too, rounded as ``config.rounding`` says."""
-    name = {"sparseadam": "SparseAdam", "adagrad": "Adagrad", "sgd": "SGD"}[config.optimizer]
+    """The configured optimizer from ``cembed.optim`` or ``torch.optim`` (same names, same arguments;
+    torch has no row-wise Adagrad); with 16-bit tables, the optimizer state is 16-bit too, rounded as
+    ``config.rounding`` says."""
+    name = OPTIMIZERS[config.optimizer]
+    if not hasattr(optim_module, name):
+        raise ValueError(f"--optimizer {config.optimizer}: {optim_module.__name__} has no {name}")
     if config.dtype in HALF_DTYPES:
         return getattr(optim_module, name)(params, lr=config.learning_rate(), rounding=config.rounding,
                                            seed=config.seed, state_dtype=config.optimizer_state_dtype(), **options)
@@ -183,12 +196,9 @@ def memory_per_row(modules, optimizer):
     return {"table": table, "state": state}
 
 
-def _softplus(x):
-    return np.logaddexp(np.float32(0), x)
-
-
 class CembedModel:
-    """Skip-gram negative sampling on two cembed tables; the model's math in NumPy."""
+    """Skip-gram negative sampling on two cembed tables: the scores, loss and gradients in one pass
+    (``functional.embedding_dot_logistic``), each table's update fused into its backward."""
 
     name = "cembed"
 
@@ -212,22 +222,30 @@ class CembedModel:
         return {"in": self.emb_in, "out": self.emb_out}
 
     def step(self, centers, targets):
-        v = self.emb_in(centers)                              # (B, D)
-        u = self.emb_out(targets)                             # (B, 1 + K, D)
-        scores = np.einsum("bkd,bd->bk", u, v)                # (B, 1 + K)
-        scores[:, 0] *= -1                                    # positive pair: -log sigmoid(-(-s))
-        g = 1 / (1 + np.exp(-scores))                         # d loss / d (+-s) = sigmoid(+-s)
         self.n_steps += 1
-        loss = None
-        if self.n_steps % LOSS_EVERY == 1:                    # the loss is only for the progress bar
-            loss = float(_softplus(scores).sum()) / centers.size
-        g[:, 0] *= -1                                         # back to d loss / d s
+        want_loss = self.n_steps % LOSS_EVERY == 1            # the loss is only for the progress bar
+        v = self.emb_in(centers)                              # (B, D), a copy of the centers' rows
+        # scores of the context (positive) and the negatives, read straight from the output table,
+        # d loss / d scores and d loss / d v (and the loss): one pass, before either table changes
+        # (a float32/float64 table is read in place; a 16-bit or sharded one through a float32 copy of the
+        # targets' rows, scored by the same kernel in the same order: the same bits)
+        table, rows = self._output_rows(targets)
+        loss, g, dv = cembed.functional.embedding_dot_logistic(v, rows, table, with_loss=want_loss)
         # fused backward + update: each table's touched rows are summed and updated in one pass
-        # (v and u are copies, so updating one table does not change the other's gradient)
-        self._fused_update(self.emb_in, np.matmul(g[:, None, :], u)[:, 0, :], centers)
-        # d loss / d u[b, k] = g[b, k] * v[b]: handed over as (v, weights g), never materialised
+        # (v is a copy, so updating the input table does not change the output table's gradient)
+        self._fused_update(self.emb_in, dv, centers)
+        # d loss / d w_out[t[b, k]] = g[b, k] * v[b]: handed over as (v, weights g), never materialised
         self._fused_update(self.emb_out, v, targets, per_sample_weights=g)
-        return loss
+        return float(loss.sum()) / centers.size if loss is not None else None
+
+    def _output_rows(self, targets):
+        """(table, indices) for the scoring kernel: the output table itself when the kernel reads it
+        in place, else the looked-up rows (float32) with indices numbering them."""
+        weight = getattr(self.emb_out, "weight", None)
+        if isinstance(weight, np.ndarray) and weight.dtype in (np.float32, np.float64):
+            return weight, targets
+        rows = self.emb_out(targets)                          # (B, 1 + K, D) float32
+        return rows.reshape(-1, rows.shape[-1]), np.arange(targets.size, dtype=np.int64).reshape(targets.shape)
 
     def _fused_update(self, table, grad_output, indices, per_sample_weights=None):
         table.backward(grad_output, indices, per_sample_weights=per_sample_weights, optimizer=self.opt)
@@ -257,6 +275,15 @@ class ShardedModel(CembedModel):
         self.emb_out = ShardedEmbedding(vocab, dim, config.shards, config.optimizer, options, seed=config.seed,
                                         init="zeros")
         self.opt = None
+
+    def _output_rows(self, targets):
+        """(table, indices) for the scoring kernel: the output table itself when the kernel reads it
+        in place, else the looked-up rows (float32) with indices numbering them."""
+        weight = getattr(self.emb_out, "weight", None)
+        if isinstance(weight, np.ndarray) and weight.dtype in (np.float32, np.float64):
+            return weight, targets
+        rows = self.emb_out(targets)                          # (B, 1 + K, D) float32
+        return rows.reshape(-1, rows.shape[-1]), np.arange(targets.size, dtype=np.int64).reshape(targets.shape)
 
     def _fused_update(self, table, grad_output, indices, per_sample_weights=None):
         table.backward(grad_output, indices, per_sample_weights=per_sample_weights, step=True)
