@@ -253,16 +253,21 @@ def test_checkpoint_dtype_refusals_change_nothing(tmp_path):
 
 # ------------------------------------------------------------------------------------------ the trainer
 
-def _train_cli(args, cwd):
+def _train_cli(args, cwd, out=None):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    save = ["--out", out] if out else ["--no-save"]
     return subprocess.run([sys.executable, "-m", "cembed", "train", "--vocab-size", "2000", "--tokens", "40000",
-                           "--batch-size", "256", "--no-save", "--no-plot", "--quiet", "--threads", "1"] + args,
+                           "--batch-size", "256", "--no-plot", "--quiet", "--threads", "1"] + save + args,
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_trainer_bfloat16_table_dir_and_resume(tmp_path):
-    first = _train_cli(["--dtype", "bfloat16", "--table-dir", "run", "--epochs", "1"], tmp_path)
+    first = _train_cli(["--dtype", "bfloat16", "--table-dir", "run", "--epochs", "1"], tmp_path, out="disk")
     assert first.returncode == 0, first.stderr
+    in_ram = _train_cli(["--dtype", "bfloat16", "--epochs", "1"], tmp_path, out="ram")
+    assert in_ram.returncode == 0, in_ram.stderr
+    # the run on disk is bitwise the run in memory (the embeddings are the bfloat16 table, widened)
+    assert_bitwise_equal(np.load(tmp_path / "disk" / "embeddings.npy"), np.load(tmp_path / "ram" / "embeddings.npy"))
     ck = tmp_path / "run" / "checkpoint"
     manifest = json.loads((ck / "MANIFEST.json").read_text())
     assert {m["dtype"] for m in manifest["meta"]["modules"].values()} == {"bfloat16"}
