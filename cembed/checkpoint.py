@@ -114,6 +114,8 @@ def _write_array(directory: str, filename: str, array: np.ndarray) -> Dict[str, 
     whole ``.npy`` file (a frozen table, or one loaded read-only from a checkpoint) is hard-linked
     instead of copied."""
     dst = os.path.join(directory, filename)
+    logical = {"logical_dtype": array.dtype.name} if array.dtype != storage.file_dtype(array.dtype) else {}
+    stored = storage.to_file(array)   # bfloat16 as its uint16 bits, its dtype in the manifest entry
     src = storage.backing_file(array)
     if src is not None and not array.flags.writeable:
         try:
@@ -123,11 +125,11 @@ def _write_array(directory: str, filename: str, array: np.ndarray) -> Dict[str, 
         else:
             size = os.stat(dst).st_size
             crc = _known_crc(src, size)
-            return {"shape": list(array.shape), "dtype": npy_format.dtype_to_descr(array.dtype), "bytes": size,
-                    CHECKSUM: crc if crc is not None else _file_crc(dst)}
+            return {"shape": list(array.shape), "dtype": npy_format.dtype_to_descr(stored.dtype), "bytes": size,
+                    CHECKSUM: crc if crc is not None else _file_crc(dst), **logical}
     crc = 0
     with open(dst, "wb") as fh:
-        header = _header_bytes(array.shape, array.dtype)
+        header = _header_bytes(array.shape, stored.dtype)
         crc = zlib.crc32(header, crc)
         fh.write(header)
         if array.ndim == 0:
@@ -142,8 +144,8 @@ def _write_array(directory: str, filename: str, array: np.ndarray) -> Dict[str, 
             fh.write(raw.data)
         _fsync_file(fh)
         size = fh.tell()
-    return {"shape": list(array.shape), "dtype": npy_format.dtype_to_descr(array.dtype), "bytes": size,
-            CHECKSUM: crc}
+    return {"shape": list(array.shape), "dtype": npy_format.dtype_to_descr(stored.dtype), "bytes": size,
+            CHECKSUM: crc, **logical}
 
 
 def _header_bytes(shape: Tuple[int, ...], dtype: np.dtype) -> bytes:
@@ -295,7 +297,8 @@ def _manifest(directory: str) -> Dict[str, Any]:
               and isinstance(entry.get("shape"), list)
               and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in entry["shape"])
               and isinstance(entry.get("dtype"), str) and isinstance(entry.get("bytes"), int)
-              and isinstance(entry.get(CHECKSUM), int))
+              and isinstance(entry.get(CHECKSUM), int)
+              and entry.get("logical_dtype", "bfloat16") == "bfloat16")
         if ok:
             try:
                 _check_name(fname[:-4], "file")
@@ -351,6 +354,11 @@ def read_directory(path: PathLike, verify: bool = True) -> Tuple[Any, Dict[str, 
         if list(header.shape) != entry["shape"] or npy_format.dtype_to_descr(header.dtype) != entry["dtype"]:
             raise CheckpointError(f"{where}: holds {header.shape} {header.dtype}, the manifest records "
                                   f"{tuple(entry['shape'])} {entry['dtype']}")
+        if "logical_dtype" in entry:   # bfloat16, stored as its uint16 bits (storage.file_dtype)
+            try:
+                header = storage._logical(header, entry["logical_dtype"], where)
+            except TypeError as exc:
+                raise CheckpointError(str(exc)) from None
         if verify:
             crc = _file_crc(where)
             if crc != entry[CHECKSUM]:
@@ -363,7 +371,8 @@ def read_directory(path: PathLike, verify: bool = True) -> Tuple[Any, Dict[str, 
 def open_array(path: PathLike, name: str, mode: str = "r") -> np.memmap:
     """Map the array ``name`` of the checkpoint at ``path`` (``mode`` ``"r"`` or ``"c"``; a
     checkpoint's files are never written in place). Checks its header, not its checksum (see
-    :func:`read_directory`).
+    :func:`read_directory`). A bfloat16 array (stored as its ``uint16`` bits, its dtype in the
+    manifest) is mapped as bfloat16.
 
     Examples
     --------
@@ -376,7 +385,9 @@ def open_array(path: PathLike, name: str, mode: str = "r") -> np.memmap:
     if mode not in ("r", "c"):
         raise ValueError(f"mode must be 'r' or 'c', got {mode!r}")
     _check_name(name, "array name")
-    return storage.map_array(os.path.join(find_directory(path), f"{name}.npy"), mode)
+    directory = find_directory(path)
+    entry = _manifest(directory)["files"].get(f"{name}.npy", {})
+    return storage.map_array(os.path.join(directory, f"{name}.npy"), mode, dtype=entry.get("logical_dtype"))
 
 
 # ------------------------------------------------------------------------------------ modules + optimizer
@@ -457,7 +468,7 @@ def save_checkpoint(path: PathLike, modules: Any, optimizer: Any = None, extra: 
     for name, module in named.items():
         arrays[f"module.{name}"] = module.weight
         modules_meta[name] = {"class": type(module).__name__, "array": f"module.{name}",
-                              "options": _module_options(module)}
+                              "dtype": module.weight.dtype.name, "options": _module_options(module)}
     optimizer_meta = None
     if optimizer is not None:
         if not hasattr(optimizer, "_serialized"):
@@ -561,6 +572,9 @@ def load_checkpoint(path: PathLike, modules: Any, optimizer: Any = None, mmap: b
             raise _fail(directory, f"module {name!r} was a {entry.get('class')}, got a {type(module).__name__}")
         file_path, header = files[entry["array"]]
         weight = module.weight
+        if "dtype" in entry and entry["dtype"] != header.dtype.name:
+            raise _fail(directory, f"module {name!r}: the manifest records dtype {entry['dtype']!r}, its file holds "
+                                   f"{header.dtype}")
         if header.shape != weight.shape or header.dtype != weight.dtype:
             raise _fail(directory, f"module {name!r} has a table of shape {weight.shape} {weight.dtype}, the "
                                    f"checkpoint holds {header.shape} {header.dtype}")

@@ -11,8 +11,12 @@ needs is here, written once:
 * :func:`backing_file` — the ``.npy`` file a memory-mapped array maps whole, if any;
 * :func:`fsync_path` / :func:`fsync_directory` — durability.
 
-Which dtypes a table may have is decided by ``_validation.check_float_dtype`` (the engine's float
-dtypes), so a dtype the engine learns is a dtype tables on disk support. File formats and the
+Which dtypes a table may have is decided by ``_dtypes`` (float32, float64, float16, bfloat16), so a
+dtype the engine learns is a dtype tables on disk support. How a 16-bit array is stored in a ``.npy``
+file is decided here, once (:func:`file_dtype`, :func:`to_file`, :func:`from_file`): float16 is native
+``.npy`` (``'<f2'``); bfloat16, which the ``.npy`` format cannot describe, is stored as its ``uint16``
+bits (``'<u2'``) and its logical dtype is recorded by the caller (``dtype="bfloat16"`` for
+:func:`open_table`, the manifest of a checkpoint, the optimizer's description). File formats and the
 durability rules: ``docs/storage.md``.
 """
 from __future__ import annotations
@@ -25,10 +29,12 @@ from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
 import numpy as np
 from numpy.lib import format as npy_format
 
-from ._validation import check_choice, check_float_dtype, check_int, check_size
+from ._dtypes import FULL_DTYPES, check_table_dtype, compute_dtype, is_bfloat16, is_half, resolve_dtype
+from ._validation import check_choice, check_int, check_size
 
 __all__ = ["open_table", "map_array", "read_header", "NpyHeader", "create_zeros", "copy_rows", "backing_file",
-           "fsync_path", "fsync_directory", "CHUNK_BYTES", "INITS", "ADVICE"]
+           "fsync_path", "fsync_directory", "file_dtype", "to_file", "from_file", "CHUNK_BYTES", "INITS",
+           "ADVICE"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -98,6 +104,78 @@ def read_header(path: PathLike) -> NpyHeader:
     return NpyHeader(tuple(int(s) for s in shape), dtype, int(offset), int(nbytes))
 
 
+_UINT16 = np.dtype(np.uint16)
+
+
+def file_dtype(dtype: Any) -> np.dtype:
+    """The dtype an array of ``dtype`` has in its ``.npy`` file: ``uint16`` (its bits) for bfloat16,
+    which ``.npy`` cannot describe; ``dtype`` itself otherwise (float16 is native ``'<f2'``).
+
+    Examples
+    --------
+    >>> import numpy as np, cembed
+    >>> cembed.storage.file_dtype("bfloat16"), cembed.storage.file_dtype(np.float16)
+    (dtype('uint16'), dtype('float16'))
+    """
+    dtype = resolve_dtype(dtype)
+    return _UINT16 if is_bfloat16(dtype) else dtype
+
+
+def to_file(array: np.ndarray) -> np.ndarray:
+    """``array`` as it is written to a ``.npy`` file (:func:`file_dtype`): a ``uint16`` view of a
+    bfloat16 array (no copy), any other array unchanged.
+
+    Examples
+    --------
+    >>> import numpy as np, cembed
+    >>> cembed.storage.to_file(np.ones(2, np.float16)).dtype
+    dtype('float16')
+    """
+    return array.view(_UINT16) if is_bfloat16(array.dtype) else array
+
+
+def from_file(array: np.ndarray, dtype: Any) -> np.ndarray:
+    """The array read from a ``.npy`` file seen as its logical ``dtype``: a bfloat16 view of the
+    ``uint16`` bits of a bfloat16 array; ``array`` itself when it already has ``dtype``.
+
+    Raises
+    ------
+    TypeError
+        The file's dtype is not how ``dtype`` is stored (the message names both).
+
+    Examples
+    --------
+    >>> import numpy as np, cembed
+    >>> bits = np.array([0x3F80], np.uint16)          # 1.0 in bfloat16
+    >>> float(cembed.storage.from_file(bits, "bfloat16")[0])
+    1.0
+    """
+    dtype = resolve_dtype(dtype)
+    if array.dtype == dtype:
+        return array
+    if array.dtype == file_dtype(dtype) and dtype != array.dtype:
+        return array.view(dtype)
+    raise TypeError(f"an array stored as {array.dtype} cannot be read as {dtype} (a {dtype} array is stored "
+                    f"as {file_dtype(dtype)})")
+
+
+def _logical(header: "NpyHeader", dtype: Any, path: str) -> "NpyHeader":
+    """``header`` with its dtype replaced by the logical ``dtype``, checked against the file."""
+    want = resolve_dtype(dtype)
+    if header.dtype == want:
+        return header
+    if header.dtype != file_dtype(want):
+        raise TypeError(f"{path}: holds {_describe(header.dtype)}, but dtype={want} was asked for (stored as "
+                        f"{file_dtype(want)})")
+    return header._replace(dtype=want)
+
+
+def _describe(dtype: np.dtype) -> str:
+    if dtype == _UINT16:
+        return "uint16 (the bits of a bfloat16 array, if it was written by cembed)"
+    return str(dtype)
+
+
 def fsync_path(path: PathLike) -> None:
     """Flush the file ``path`` (its data and metadata) to stable storage."""
     fd = os.open(os.fspath(path), os.O_RDONLY)
@@ -155,7 +233,8 @@ def _umask() -> int:
 def create_zeros(path: PathLike, shape: Tuple[int, ...], dtype: Any, *, durable: bool = False) -> None:
     """Create (or replace) the ``.npy`` file ``path`` holding zeros of ``shape`` and ``dtype``,
     without writing its data: the file is extended with ``truncate``, so on file systems with sparse
-    files a fresh 50 GB array costs no disk write and no disk space until rows are written.
+    files a fresh 50 GB array costs no disk write and no disk space until rows are written. A
+    bfloat16 array is stored as its ``uint16`` bits (:func:`file_dtype`; zero bits are 0.0).
 
     The file is written under a temporary sibling name and renamed into place (with ``durable``,
     synced first), so ``path`` never holds a half-written header.
@@ -169,7 +248,7 @@ def create_zeros(path: PathLike, shape: Tuple[int, ...], dtype: Any, *, durable:
     0.0
     """
     path = os.fspath(path)
-    dtype = np.dtype(dtype)
+    dtype = file_dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     tmp = _temporary_sibling(path)
     try:
@@ -224,7 +303,8 @@ def copy_rows(dst: np.ndarray, src: np.ndarray, chunk_bytes: int = CHUNK_BYTES) 
 def backing_file(array: Any) -> Optional[str]:
     """The absolute path of the ``.npy`` file that ``array`` maps *whole* (a ``numpy.memmap``
     from :func:`open_table`, ``numpy.load(..., mmap_mode=...)`` or ``open_memmap``, not a slice of
-    one), else None. The file's header is re-read to confirm shape, dtype and data offset.
+    one, or its bfloat16 view of the file's ``uint16`` bits), else None. The file's header is re-read
+    to confirm shape, dtype (:func:`file_dtype`) and data offset.
 
     Examples
     --------
@@ -247,7 +327,7 @@ def backing_file(array: Any) -> Optional[str]:
         header = read_header(path)
     except (OSError, ValueError):
         return None
-    if header.shape != array.shape or header.dtype != array.dtype or array.offset != header.offset:
+    if header.shape != array.shape or header.dtype != file_dtype(array.dtype) or array.offset != header.offset:
         return None
     # the array must start where its mapping's data starts (not a view further in)
     start = np.frombuffer(mm, dtype=np.uint8).ctypes.data if not mm.closed else None
@@ -291,20 +371,23 @@ def _create_table(path: str, shape: Tuple[int, int], dtype: np.dtype, init: Any,
     if not callable(init):
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     n_rows, dim = shape
+    stored = file_dtype(dtype)
+    work = compute_dtype(dtype)   # a 16-bit table is initialised in float32, rounded to nearest per block
     tmp = _temporary_sibling(path)
     try:
         with open(tmp, "r+b") as fh:
-            offset = _write_header(fh, shape, dtype)
-            fh.truncate(offset + n_rows * dim * dtype.itemsize)
-            step = _chunk_rows(dim * dtype.itemsize, chunk_bytes)
-            buffer = np.empty((min(step, n_rows), dim), dtype=dtype)
+            offset = _write_header(fh, shape, stored)
+            fh.truncate(offset + n_rows * dim * stored.itemsize)
+            step = _chunk_rows(dim * work.itemsize, chunk_bytes)
+            buffer = np.empty((min(step, n_rows), dim), dtype=work)
             for lo in range(0, n_rows, step):
                 block = buffer[:min(step, n_rows - lo)]
                 _fill(block, lo, init, rng, dim)
                 if not (isinstance(block, np.ndarray) and block.shape == (min(step, n_rows - lo), dim)
-                        and block.dtype == dtype):  # pragma: no cover - the buffer is ours
+                        and block.dtype == work):  # pragma: no cover - the buffer is ours
                     raise AssertionError("init changed the block")
-                os.pwrite(fh.fileno(), block.tobytes(), offset + lo * dim * dtype.itemsize)
+                out = to_file(block.astype(dtype)) if work != dtype else block
+                os.pwrite(fh.fileno(), out.tobytes(), offset + lo * dim * stored.itemsize)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -330,9 +413,12 @@ def open_table(path: PathLike, num_embeddings: Optional[int] = None, embedding_d
     path : str or os.PathLike
     num_embeddings, embedding_dim : int, optional
         Needed to create a table; when opening one, checked against the file when given.
-    dtype : dtype, optional
-        A float dtype the engine trains (float32, float64). Creating: default float32. Opening:
-        checked against the file when given.
+    dtype : dtype or str, optional
+        A dtype the engine trains: float32, float64, float16 (``numpy.float16``) or bfloat16
+        (``"bfloat16"`` or ``ml_dtypes.bfloat16``). Creating: default float32. Opening: checked
+        against the file when given; a bfloat16 table is stored as its ``uint16`` bits, so it must be
+        reopened with ``dtype="bfloat16"`` (a ``uint16`` file opened without a dtype is refused, never
+        guessed to be bfloat16).
     mode : {"r+", "w+", "r", "c"}, default "r+"
         ``"r+"``: open the file read-write, or create it when it does not exist (sizes needed);
         ``"w+"``: always create (replacing an existing file); ``"r"``: open read-only (a frozen
@@ -343,8 +429,10 @@ def open_table(path: PathLike, num_embeddings: Optional[int] = None, embedding_d
         draws N(0, 1) like ``Embedding(num_embeddings, embedding_dim, seed=seed)``; ``"uniform"`` is
         word2vec's ``(U[0, 1) - 0.5) / embedding_dim``; a callable ``init(block, start)`` fills
         ``block`` (rows ``start ... start + len(block) - 1``, a writeable array of the table's
-        dtype) in place. Random draws are bitwise those of one
-        ``numpy.random.default_rng(seed)`` call over the whole table.
+        dtype; float32 for a 16-bit table) in place. Random draws are bitwise those of one
+        ``numpy.random.default_rng(seed)`` call over the whole table. A 16-bit table is initialised
+        in float32 and each block rounded to nearest (ties to even): bitwise the float32 table
+        converted with ``astype``.
     seed : int or numpy.random.Generator, optional
         For ``"normal"`` / ``"uniform"``.
     chunk_bytes : int, default 32 MiB
@@ -354,6 +442,8 @@ def open_table(path: PathLike, num_embeddings: Optional[int] = None, embedding_d
     Returns
     -------
     numpy.memmap
+        Of the table's dtype; for bfloat16 a view of the mapped ``uint16`` bits (still a
+        ``numpy.memmap`` of the file: kernels update it in place and prefetch finds it mapped).
 
     Raises
     ------
@@ -376,6 +466,9 @@ def open_table(path: PathLike, num_embeddings: Optional[int] = None, embedding_d
     a row read from disk costs one page, not the kernel's usual read-around (see
     :func:`cembed.functional.prefetch` to read rows ahead).
 
+    ``numpy.load(path, mmap_mode="r")`` of a bfloat16 table gives its ``uint16`` bits;
+    ``.view(ml_dtypes.bfloat16)`` restores the table (no copy).
+
     Examples
     --------
     >>> import os, tempfile, numpy as np, cembed
@@ -397,7 +490,7 @@ def open_table(path: PathLike, num_embeddings: Optional[int] = None, embedding_d
         num_embeddings = check_size(num_embeddings, "num_embeddings")
     if embedding_dim is not None:
         embedding_dim = check_size(embedding_dim, "embedding_dim")
-    want_dtype = check_float_dtype(dtype) if dtype is not None else None
+    want_dtype = check_table_dtype(dtype) if dtype is not None else None
     path = os.fspath(path)
     exists = os.path.exists(path)
     if mode == "w+" or (mode == "r+" and not exists):
@@ -412,15 +505,16 @@ def open_table(path: PathLike, num_embeddings: Optional[int] = None, embedding_d
     if len(header.shape) != 2:
         raise ValueError(f"{path}: a table must be 2-D (num_embeddings, embedding_dim), the file holds shape "
                          f"{header.shape}")
-    try:
-        check_float_dtype(header.dtype)
-    except TypeError:
-        raise TypeError(f"{path}: holds {header.dtype}; a table must have a float dtype the engine trains "
-                        "(float32 or float64)") from None
     if not header.dtype.isnative:
         raise TypeError(f"{path}: holds {header.dtype.str}, not in native byte order")
-    if want_dtype is not None and header.dtype != want_dtype:
-        raise TypeError(f"{path}: holds {header.dtype}, but dtype={want_dtype} was asked for")
+    if want_dtype is not None:
+        header = _logical(header, want_dtype, path)
+    elif header.dtype == _UINT16:
+        raise TypeError(f"{path}: holds uint16; a bfloat16 table is stored as its uint16 bits: open it with "
+                        "dtype='bfloat16'")
+    elif not (header.dtype in FULL_DTYPES or is_half(header.dtype)):
+        raise TypeError(f"{path}: holds {header.dtype}; a table must have a float dtype the engine trains "
+                        "(float32, float64, float16, or bfloat16 stored as uint16 bits)")
     for got, want, name in ((header.shape[0], num_embeddings, "num_embeddings"),
                             (header.shape[1], embedding_dim, "embedding_dim")):
         if want is not None and got != want:
@@ -436,11 +530,13 @@ ADVICE = {"random": "MADV_RANDOM", "sequential": "MADV_SEQUENTIAL", "normal": "M
 
 
 def _map(path: str, header: NpyHeader, mode: str, advice: str = "random") -> np.memmap:
-    """Map the array of a checked ``.npy`` file, with the access ``advice``."""
+    """Map the array of a checked ``.npy`` file, with the access ``advice``; ``header.dtype`` may be
+    the logical dtype (bfloat16: the file's ``uint16`` bits are mapped and viewed as bfloat16)."""
     if header.nbytes == 0:
         # mmap cannot map zero bytes: an empty table is an ordinary (empty) array in a memmap
         return np.zeros(header.shape, dtype=header.dtype).view(np.memmap)
-    array = np.memmap(path, dtype=header.dtype, mode=mode, offset=header.offset,  # type: ignore[call-overload]
+    stored = file_dtype(header.dtype)
+    array = np.memmap(path, dtype=stored, mode=mode, offset=header.offset,  # type: ignore[call-overload]
                       shape=header.shape)
     mm = getattr(array, "_mmap", None)
     flag = getattr(mmap, ADVICE[advice], None)
@@ -449,15 +545,19 @@ def _map(path: str, header: NpyHeader, mode: str, advice: str = "random") -> np.
             mm.madvise(flag)
         except OSError:  # pragma: no cover - advice only
             pass
+    if stored != header.dtype:
+        array = array.view(header.dtype)   # still a numpy.memmap of the file (its _mmap is kept)
     return array
 
 
 def map_array(path: PathLike, mode: str = "r", header: Optional[NpyHeader] = None,
-              advice: str = "random") -> np.memmap:
+              advice: str = "random", dtype: Any = None) -> np.memmap:
     """Map the whole array of the ``.npy`` file ``path`` (any shape, checked with
     :func:`read_header`): ``mode`` ``"r"``, ``"r+"`` or ``"c"``; ``advice`` ``"random"`` (rows
     touched at random: no read-around), ``"sequential"`` (one pass) or ``"normal"`` (see
-    :data:`ADVICE`).
+    :data:`ADVICE`). ``dtype``: the array's logical dtype, checked against the file
+    (:func:`file_dtype`; ``"bfloat16"`` maps a file of ``uint16`` bits as bfloat16); default: the
+    file's own dtype.
 
     Examples
     --------
@@ -469,4 +569,7 @@ def map_array(path: PathLike, mode: str = "r", header: Optional[NpyHeader] = Non
     mode = check_choice(mode, "mode", ("r", "r+", "c"))
     advice = check_choice(advice, "advice", tuple(ADVICE))
     path = os.fspath(path)
-    return _map(path, header if header is not None else read_header(path), mode, advice)
+    header = header if header is not None else read_header(path)
+    if dtype is not None:
+        header = _logical(header, dtype, path)
+    return _map(path, header, mode, advice)

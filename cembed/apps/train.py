@@ -489,13 +489,19 @@ class TableDir:
         or, when resuming, opened as they are (their values come from the checkpoint)."""
         os.makedirs(self.tables, exist_ok=True)
         mode = "r+" if config.resume else "w+"
-        def init_in(block, start):   # initial_tables' values, row by row
+        dtype = table_dtype(config.dtype)   # 16-bit: the float32 init rounded to nearest, like in memory
+        def init_in(block, start):   # initial_tables' values, row by row (a float32 block)
             block[:] = initial_rows(config.seed, np.arange(start, start + block.shape[0]), config.dim, np.float32)
 
-        w_in = cembed.open_table(os.path.join(self.tables, "in.npy"), vocab_size, config.dim, np.float32, mode=mode,
-                                 init=init_in)
-        w_out = cembed.open_table(os.path.join(self.tables, "out.npy"), vocab_size, config.dim, np.float32,
-                                  mode=mode, init="zeros")
+        try:
+            w_in = cembed.open_table(os.path.join(self.tables, "in.npy"), vocab_size, config.dim, dtype, mode=mode,
+                                     init=init_in)
+            w_out = cembed.open_table(os.path.join(self.tables, "out.npy"), vocab_size, config.dim, dtype,
+                                      mode=mode, init="zeros")
+        except (TypeError, ValueError) as exc:   # resuming: tables of another --dtype or size
+            if not config.resume:
+                raise
+            raise ResumeError(f"--resume: {exc}") from None
         return w_in, w_out
 
     def resume(self, model):
@@ -520,9 +526,6 @@ def _train(corpus, config, progress):
     if config.table_dir is not None:
         if config.backend != "cembed":
             raise ValueError(f"--table-dir keeps cembed's tables on disk; the {config.backend} backend cannot")
-        if config.dtype != "float32":
-            raise ValueError(f"--table-dir keeps float32 tables; --dtype {config.dtype} tables on disk are not "
-                             "supported yet")
         if config.shards:
             raise ValueError("--table-dir keeps the tables in this process; --shards puts them on Ray actors")
         table_dir = TableDir(config.table_dir, config, corpus)

@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import _optim
 from .._config import n_threads_for
-from .._dtypes import compute_dtype, is_half, kernel_format, resolve_dtype
+from .._dtypes import compute_dtype, is_half, kernel_format
 from .._validation import (
     check_bool,
     check_int,
@@ -195,8 +195,8 @@ class Optimizer:
             # on disk: a sparse zero file (no write), mapped read-write; a non-zero fill is written
             # in bounded blocks
             path = self._state_path(self._module_of(state), key)
-            storage.create_zeros(path, shape, dtype)
-            array: np.ndarray = storage.map_array(path, "r+")
+            storage.create_zeros(path, shape, dtype)   # bfloat16 as its uint16 bits (storage.file_dtype)
+            array: np.ndarray = storage.map_array(path, "r+", dtype=dtype)
             if fill != 0:
                 step = max(1, storage.CHUNK_BYTES // max(1, array.itemsize * int(np.prod(shape[1:], dtype=np.int64))))
                 for lo in range(0, shape[0], step):
@@ -250,12 +250,12 @@ class Optimizer:
                 path = os.path.join(self.state_dir, f"p{index[id(module)]}.{key}.npy")
                 tmp = path + ".loading"
                 storage.create_zeros(tmp, value.shape, value.dtype)
-                target = storage.map_array(tmp, "r+", advice="sequential")
+                target = storage.map_array(tmp, "r+", advice="sequential", dtype=value.dtype)
                 storage.copy_rows(target, value)
                 target.flush()
                 del target
                 os.replace(tmp, path)
-                entry[key] = storage.map_array(path, "r+")
+                entry[key] = storage.map_array(path, "r+", dtype=value.dtype)
 
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
         raise NotImplementedError
@@ -734,8 +734,9 @@ class Optimizer:
             i = index[id(module)]
             meta_state[str(i)] = {}
             for name, value in entry.items():
-                if isinstance(value, np.ndarray) and is_half(value.dtype):  # stored as bits (.npy knows no bfloat16)
-                    arrays[f"{i}/{name}"] = value.view(np.uint16)
+                if isinstance(value, np.ndarray) and is_half(value.dtype):
+                    # in its file form (storage.to_file: bfloat16 as uint16 bits), the dtype recorded
+                    arrays[f"{i}/{name}"] = storage.to_file(value)
                     meta_state[str(i)][name] = {"array": f"{i}/{name}", "scalar": False, "dtype": value.dtype.name}
                 elif isinstance(value, (np.ndarray, np.generic)):
                     arrays[f"{i}/{name}"] = np.asarray(value)
@@ -767,8 +768,8 @@ class Optimizer:
                 for name, spec in entry.items():
                     if "array" in spec:
                         arr = arrays(spec["array"])
-                        if "dtype" in spec:   # a 16-bit array, stored as its uint16 bits
-                            arr = _half_from_bits(arr, spec["dtype"])
+                        if "dtype" in spec:   # a 16-bit array in its file form (storage.to_file)
+                            arr = _half_from_file(arr, spec["dtype"])
                         state[int(i)][name] = arr[()] if spec["scalar"] else arr
                     else:
                         state[int(i)][name] = spec["value"]
@@ -820,12 +821,17 @@ class Optimizer:
             raise ValueError(f"{path}: {exc}") from None
 
 
-def _half_from_bits(bits: np.ndarray, name: Any) -> np.ndarray:
-    """A saved 16-bit state array (its uint16 bits) as its dtype ``name`` ("bfloat16" / "float16")."""
-    if name not in ("bfloat16", "float16") or bits.dtype != np.uint16:
-        raise ValueError(f"a 16-bit state array must be saved as uint16 bits of bfloat16 or float16, got {bits.dtype} "
-                         f"bits of {name!r}")
-    return bits.view(resolve_dtype(name))
+def _half_from_file(stored: np.ndarray, name: Any) -> np.ndarray:
+    """A saved 16-bit state array as its dtype ``name`` ("bfloat16" / "float16"): bfloat16 as uint16
+    bits, float16 native (or, as files written before float16 was stored natively, uint16 bits)."""
+    if name not in ("bfloat16", "float16") or not isinstance(stored, np.ndarray):
+        raise ValueError(f"a 16-bit state array must be bfloat16 or float16, got {name!r}")
+    if name == "float16" and stored.dtype == np.uint16:
+        return stored.view(np.float16)
+    try:
+        return storage.from_file(stored, name)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _checked_table(weight: Any, name: str) -> np.ndarray:
