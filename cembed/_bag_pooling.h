@@ -24,27 +24,26 @@
 
 /* acc[j] = acc[j] + rows[p][j] (scales == NULL), or with per-row scales:
  * fused: acc[j] = fma(scales[p], rows[p][j], acc[j]);  else acc[j] = acc[j] + scales[p] * rows[p][j].
- * The unscaled sum keeps blocks of the accumulator in vector registers (GCC/Clang vector extensions)
- * while the group's rows stream through: no store-to-load round trip per row. */
+ * The pooling keeps blocks of the accumulator in vector registers (GCC/Clang vector extensions)
+ * while the rows stream through: no store-to-load round trip per row. All vectors are 32 bytes
+ * (8 floats / 4 doubles): native AVX2 registers. (Wider, 64-byte vectors are lowered by GCC through
+ * the stack on an AVX2 target, which made the float32 bag sum slower than the 16-bit one.) */
 #if defined(__GNUC__)
-typedef float cembed_vf __attribute__((vector_size(64), aligned(4)));   /* 16 floats, unaligned ok */
-typedef double cembed_vd __attribute__((vector_size(64), aligned(8)));  /* 8 doubles */
-/* 16-bit tables use 32-byte vectors (8 lanes): native AVX2 registers, which GCC keeps in registers
- * where it lowers the 64-byte ones above through the stack on AVX2 */
-typedef float cembed_vf8 __attribute__((vector_size(32), aligned(4)));    /* 8 floats */
+typedef float cembed_vf8 __attribute__((vector_size(32), aligned(4)));    /* 8 floats, unaligned ok */
+typedef double cembed_vd4 __attribute__((vector_size(32), aligned(8)));   /* 4 doubles */
 typedef uint32_t cembed_vu8 __attribute__((vector_size(32), aligned(4)));  /* 8 uint32 */
 typedef uint16_t cembed_vh8 __attribute__((vector_size(16), aligned(2)));  /* 8 bf16/f16 bit patterns */
 #else
 #error "cembed's pooling kernels need GCC or Clang vector extensions"
 #endif
 
-/* Loading 16 elements of a row as a float32 vector: plain float32 / float64 loads, and the 16-bit
+/* Loading one vector of a row (8 floats, 4 doubles): plain float32 / float64 loads, and the 16-bit
  * formats widened on the fly (exactly as cembed_bf16_to_f32 / cembed_f16_to_f32 of _half.h do it, lane
  * by lane): bfloat16 is a zero-extend and a shift; float16 rebiases the exponent, with selects for
  * zero/subnormal and inf/NaN. Macros (GCC/Clang statement expressions), so each target clone uses its
  * own vector instructions. */
-#define CEMBED_LOAD_VF(p) (*(const cembed_vf *)(p))
-#define CEMBED_LOAD_VD(p) (*(const cembed_vd *)(p))
+#define CEMBED_LOAD_VF8(p) (*(const cembed_vf8 *)(p))
+#define CEMBED_LOAD_VD4(p) (*(const cembed_vd4 *)(p))
 #define CEMBED_SCALAR(x) (x)
 
 #define cembed_load_bf16x8(p)                                                                          \
@@ -65,34 +64,60 @@ typedef uint16_t cembed_vh8 __attribute__((vector_size(16), aligned(2)));  /* 8 
         (cembed_vf8)(out_ | sign_);                                                                    \
     })
 
+/* one accumulator vector += one row vector: unscaled, scaled (two roundings) or fused (one fma per
+ * lane; each target clone with FMA turns the lane loop into one vector fma) */
+#define CEMBED_POOL_STEP(a, x, s, MODE, FMA, LANES)                                                    \
+    do {                                                                                              \
+        if ((MODE) == 0) (a) = (a) + (x);                                                             \
+        else if ((MODE) == 2) (a) = (a) + (s) * (x);                                                  \
+        else for (int l_ = 0; l_ < (LANES); l_++) (a)[l_] = FMA((s)[l_], (x)[l_], (a)[l_]);           \
+    } while (0)
+/* The group's rows stream through a block of 8 native-width accumulators (32-byte vectors: registers
+ * on AVX2, where wider ones went through the stack), then single vectors, then scalars. */
+#define CEMBED_POOL_SUM_BLOCKS(T, V, FMA, MODE)                                                        \
+    do {                                                                                              \
+        for (; j0 + 8 * lanes <= dim; j0 += 8 * lanes) {                                              \
+            V a0 = *(const V *)(acc + j0), a1 = *(const V *)(acc + j0 + lanes);                       \
+            V a2 = *(const V *)(acc + j0 + 2 * lanes), a3 = *(const V *)(acc + j0 + 3 * lanes);       \
+            V a4 = *(const V *)(acc + j0 + 4 * lanes), a5 = *(const V *)(acc + j0 + 5 * lanes);       \
+            V a6 = *(const V *)(acc + j0 + 6 * lanes), a7 = *(const V *)(acc + j0 + 7 * lanes);       \
+            for (ptrdiff_t p = 0; p < n; p++) {                                                       \
+                const T *w = rows[p] + j0;                                                            \
+                V sv = {0};                                                                           \
+                if ((MODE) != 0) sv = sv + scales[p];                                                 \
+                CEMBED_POOL_STEP(a0, *(const V *)w, sv, MODE, FMA, lanes);                            \
+                CEMBED_POOL_STEP(a1, *(const V *)(w + lanes), sv, MODE, FMA, lanes);                  \
+                CEMBED_POOL_STEP(a2, *(const V *)(w + 2 * lanes), sv, MODE, FMA, lanes);              \
+                CEMBED_POOL_STEP(a3, *(const V *)(w + 3 * lanes), sv, MODE, FMA, lanes);              \
+                CEMBED_POOL_STEP(a4, *(const V *)(w + 4 * lanes), sv, MODE, FMA, lanes);              \
+                CEMBED_POOL_STEP(a5, *(const V *)(w + 5 * lanes), sv, MODE, FMA, lanes);              \
+                CEMBED_POOL_STEP(a6, *(const V *)(w + 6 * lanes), sv, MODE, FMA, lanes);              \
+                CEMBED_POOL_STEP(a7, *(const V *)(w + 7 * lanes), sv, MODE, FMA, lanes);              \
+            }                                                                                         \
+            *(V *)(acc + j0) = a0; *(V *)(acc + j0 + lanes) = a1;                                     \
+            *(V *)(acc + j0 + 2 * lanes) = a2; *(V *)(acc + j0 + 3 * lanes) = a3;                     \
+            *(V *)(acc + j0 + 4 * lanes) = a4; *(V *)(acc + j0 + 5 * lanes) = a5;                     \
+            *(V *)(acc + j0 + 6 * lanes) = a6; *(V *)(acc + j0 + 7 * lanes) = a7;                     \
+        }                                                                                             \
+        for (; j0 + lanes <= dim; j0 += lanes) {                                                      \
+            V a0 = *(const V *)(acc + j0);                                                            \
+            for (ptrdiff_t p = 0; p < n; p++) {                                                       \
+                V sv = {0};                                                                           \
+                if ((MODE) != 0) sv = sv + scales[p];                                                 \
+                CEMBED_POOL_STEP(a0, *(const V *)(rows[p] + j0), sv, MODE, FMA, lanes);               \
+            }                                                                                         \
+            *(V *)(acc + j0) = a0;                                                                    \
+        }                                                                                             \
+    } while (0)
 #define CEMBED_DEFINE_POOL_SUM(NAME, T, V, FMA)                                                        \
 CEMBED_BAG_CLONES static void NAME(T *restrict acc, const T *const *rows, const T *scales,            \
                                     ptrdiff_t n, ptrdiff_t dim, int fused)                            \
 {                                                                                                     \
+    const int lanes = (int)(sizeof(V) / sizeof(T));                                                   \
     ptrdiff_t j0 = 0;                                                                                 \
-    if (scales == NULL) {                                                                             \
-        const ptrdiff_t lanes = (ptrdiff_t)(sizeof(V) / sizeof(T));                                   \
-        for (; j0 + 4 * lanes <= dim; j0 += 4 * lanes) {                                              \
-            V a0 = *(const V *)(acc + j0), a1 = *(const V *)(acc + j0 + lanes);                       \
-            V a2 = *(const V *)(acc + j0 + 2 * lanes), a3 = *(const V *)(acc + j0 + 3 * lanes);       \
-            for (ptrdiff_t p = 0; p < n; p++) {                                                       \
-                const T *w = rows[p] + j0;                                                            \
-                a0 = a0 + *(const V *)w;                                                              \
-                a1 = a1 + *(const V *)(w + lanes);                                                    \
-                a2 = a2 + *(const V *)(w + 2 * lanes);                                                \
-                a3 = a3 + *(const V *)(w + 3 * lanes);                                                \
-            }                                                                                         \
-            *(V *)(acc + j0) = a0;                                                                    \
-            *(V *)(acc + j0 + lanes) = a1;                                                            \
-            *(V *)(acc + j0 + 2 * lanes) = a2;                                                        \
-            *(V *)(acc + j0 + 3 * lanes) = a3;                                                        \
-        }                                                                                             \
-        for (; j0 + lanes <= dim; j0 += lanes) {                                                      \
-            V a0 = *(const V *)(acc + j0);                                                            \
-            for (ptrdiff_t p = 0; p < n; p++) a0 = a0 + *(const V *)(rows[p] + j0);                   \
-            *(V *)(acc + j0) = a0;                                                                    \
-        }                                                                                             \
-    }                                                                                                 \
+    if (scales == NULL) CEMBED_POOL_SUM_BLOCKS(T, V, FMA, 0);                                         \
+    else if (fused) CEMBED_POOL_SUM_BLOCKS(T, V, FMA, 1);                                             \
+    else CEMBED_POOL_SUM_BLOCKS(T, V, FMA, 2);                                                        \
     for (ptrdiff_t p = 0; p < n; p++) {                                                               \
         const T *restrict w = rows[p];                                                                \
         if (scales == NULL) {                                                                         \
@@ -131,8 +156,8 @@ CEMBED_BAG_CLONES static void NAME(T *restrict acc, int64_t *restrict argmax, co
     }                                                                                                 \
 }
 
-CEMBED_DEFINE_POOL_SUM(cembed_pool_sum_f32, float, cembed_vf, fmaf)
-CEMBED_DEFINE_POOL_SUM(cembed_pool_sum_f64, double, cembed_vd, fma)
+CEMBED_DEFINE_POOL_SUM(cembed_pool_sum_f32, float, cembed_vf8, fmaf)
+CEMBED_DEFINE_POOL_SUM(cembed_pool_sum_f64, double, cembed_vd4, fma)
 CEMBED_DEFINE_POOL_MAX(cembed_pool_max_f32, float)
 CEMBED_DEFINE_POOL_MAX(cembed_pool_max_f64, double)
 
@@ -158,7 +183,7 @@ CEMBED_BAG_CLONES static ptrdiff_t NAME(T *restrict out, const TW *base, ptrdiff
     ptrdiff_t count = 0, j0 = 0;                                                                      \
     int prefetched = 0;                                                                               \
     for (ptrdiff_t k = begin; k < end; k++) count += (int64_t)idx[k] != padding_idx;                  \
-    for (; WIDE && j0 + 8 * lanes <= dim; j0 += 8 * lanes) {  /* a whole 128-float row in 8 registers */ \
+    for (; WIDE && j0 + 8 * lanes <= dim; j0 += 8 * lanes) {  /* 8 vectors of columns in 8 registers  */ \
         V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};             \
         for (ptrdiff_t k = begin; k < end; k++) {                                                     \
             if (!prefetched) CEMBED_BAG_PREFETCH_ROW(k);  /* the row CEMBED_BAG_PREFETCH entries ahead */ \
@@ -203,10 +228,12 @@ CEMBED_BAG_CLONES static ptrdiff_t NAME(T *restrict out, const TW *base, ptrdiff
     for (; j0 + lanes <= dim; j0 += lanes) {                                                          \
         V a0 = {0};                                                                                   \
         for (ptrdiff_t k = begin; k < end; k++) {                                                     \
+            if (!prefetched) CEMBED_BAG_PREFETCH_ROW(k);                                              \
             if ((int64_t)idx[k] == padding_idx) continue;                                             \
             a0 = a0 + LOAD(base + (ptrdiff_t)idx[k] * row_stride + j0);                                \
         }                                                                                             \
         *(V *)(out + j0) = a0;                                                                        \
+        prefetched = 1;                                                                               \
     }                                                                                                 \
     for (ptrdiff_t j = j0; j < dim; j++) {                                                            \
         T a = 0;                                                                                      \
@@ -219,10 +246,10 @@ CEMBED_BAG_CLONES static ptrdiff_t NAME(T *restrict out, const TW *base, ptrdiff
     return count;                                                                                     \
 }
 
-CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f32_i32, float, float, cembed_vf, int32_t, CEMBED_LOAD_VF, CEMBED_SCALAR, 1)
-CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f32_i64, float, float, cembed_vf, int64_t, CEMBED_LOAD_VF, CEMBED_SCALAR, 1)
-CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f64_i32, double, double, cembed_vd, int32_t, CEMBED_LOAD_VD, CEMBED_SCALAR, 1)
-CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f64_i64, double, double, cembed_vd, int64_t, CEMBED_LOAD_VD, CEMBED_SCALAR, 1)
+CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f32_i32, float, float, cembed_vf8, int32_t, CEMBED_LOAD_VF8, CEMBED_SCALAR, 1)
+CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f32_i64, float, float, cembed_vf8, int64_t, CEMBED_LOAD_VF8, CEMBED_SCALAR, 1)
+CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f64_i32, double, double, cembed_vd4, int32_t, CEMBED_LOAD_VD4, CEMBED_SCALAR, 1)
+CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f64_i64, double, double, cembed_vd4, int64_t, CEMBED_LOAD_VD4, CEMBED_SCALAR, 1)
 /* 16-bit tables: rows widened to float32 as they stream in, summed in float32 in the order the float32
  * version sums the widened table (each element: row after row), so bitwise equal to it. float16 (and
  * bfloat16 on a big-endian machine) uses 8-float vectors: 64 columns per pass over the bag in 8
