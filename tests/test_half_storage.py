@@ -20,7 +20,7 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F16 = np.dtype(np.float16)
 HALF = [BF16, F16]
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(cembed.__file__).resolve().parent.parent   # the cembed being tested (installed or in place)
 N, D = 400, 8
 
 
