@@ -10,7 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ "$#" -eq 0 ]; then
-    set -- pytest tests/ray -q -p no:cacheprovider
+    # the installed cembed: run from an empty directory, so that neither pytest nor Ray's workers (which
+    # get the driver's working directory on their path) import the unbuilt sources of this checkout
+    set -- pytest "$PWD/tests/ray" -q -p no:cacheprovider
+    cd "$(mktemp -d)"
 fi
 exec unshare --net --pid --fork --kill-child --mount-proc -- \
     env RAY_USAGE_STATS_ENABLED=0 CEMBED_REQUIRE_RAY="${CEMBED_REQUIRE_RAY:-1}" \
