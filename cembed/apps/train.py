@@ -276,15 +276,6 @@ class ShardedModel(CembedModel):
                                         init="zeros")
         self.opt = None
 
-    def _output_rows(self, targets):
-        """(table, indices) for the scoring kernel: the output table itself when the kernel reads it
-        in place, else the looked-up rows (float32) with indices numbering them."""
-        weight = getattr(self.emb_out, "weight", None)
-        if isinstance(weight, np.ndarray) and weight.dtype in (np.float32, np.float64):
-            return weight, targets
-        rows = self.emb_out(targets)                          # (B, 1 + K, D) float32
-        return rows.reshape(-1, rows.shape[-1]), np.arange(targets.size, dtype=np.int64).reshape(targets.shape)
-
     def _fused_update(self, table, grad_output, indices, per_sample_weights=None):
         table.backward(grad_output, indices, per_sample_weights=per_sample_weights, step=True)
 
