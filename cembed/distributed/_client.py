@@ -42,8 +42,8 @@ def _check_int(value: Any, name: str, low: int) -> int:
     return int(value)
 
 
-def _check_indices(indices: Any, num_embeddings: int) -> Tuple[Tuple[int, ...], np.ndarray]:
-    """(shape, flat int64 private copy) of integer indices in [0, num_embeddings)."""
+def _check_indices(indices: Any, num_embeddings: int) -> np.ndarray:
+    """``indices`` as an integer array whose values are all in [0, num_embeddings) (not a copy)."""
     arr = indices if isinstance(indices, np.ndarray) else np.asarray(indices)
     if arr.dtype.kind not in "iu":
         if arr.size == 0 and arr.dtype.kind == "f" and not isinstance(indices, np.ndarray):
@@ -55,7 +55,64 @@ def _check_indices(indices: Any, num_embeddings: int) -> Tuple[Tuple[int, ...], 
         if lo < 0 or hi >= num_embeddings:
             bad = lo if lo < 0 else hi
             raise IndexError(f"index {bad} is out of range for a table of {num_embeddings} rows")
-    return arr.shape, np.array(arr, dtype=np.int64, order="C").reshape(-1)
+    return arr
+
+
+def row_keys(rows: np.ndarray, num_shards: int, stride: int) -> np.ndarray:
+    """The keys of validated global ``rows`` (a new int64 array): row ``r`` is key
+    ``(r % num_shards) * stride + r // num_shards``, ``stride`` the rows of shard 0. Ascending keys
+    are grouped by shard, and ascending by local row within a shard.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cembed.distributed._client import row_keys
+    >>> row_keys(np.array([0, 1, 2, 3, 4]), num_shards=2, stride=3)
+    array([0, 3, 1, 4, 2])
+    """
+    keys = np.array(rows, dtype=np.int64, copy=True)
+    if num_shards > 1:
+        local, shard = np.divmod(keys, num_shards)
+        np.multiply(shard, stride, out=keys)
+        keys += local
+    return keys
+
+
+def key_rows(keys: np.ndarray, num_shards: int, stride: int) -> np.ndarray:
+    """The global rows of ``keys`` (the inverse of :func:`row_keys`), a new int64 array.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cembed.distributed._client import key_rows
+    >>> key_rows(np.array([0, 3, 1, 4, 2]), num_shards=2, stride=3)
+    array([0, 1, 2, 3, 4])
+    """
+    shard, local = np.divmod(np.asarray(keys, dtype=np.int64), stride)
+    local *= num_shards
+    local += shard
+    return local
+
+
+def _dedupe(keys: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(distinct keys ascending, order, first)`` of a 1-D int64 array: ``keys[order]`` is sorted,
+    ``first`` marks the first of each run of equal keys in it (one unstable argsort, several times
+    faster than ``np.unique(..., return_inverse=True)``; :func:`_inverse` finishes the job)."""
+    order = np.argsort(keys)
+    ranked = keys[order]
+    first = np.empty(keys.size, dtype=bool)
+    first[:1] = True
+    np.not_equal(ranked[1:], ranked[:-1], out=first[1:])
+    return ranked[first], order, first
+
+
+def _inverse(order: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """For :func:`_dedupe`'s ``order`` and ``first``: the position of each key among the distinct keys."""
+    ids = np.cumsum(first)
+    ids -= 1
+    inverse = np.empty(order.size, dtype=np.int64)
+    inverse[order] = ids
+    return inverse
 
 
 class ShardedEmbedding:
@@ -181,7 +238,17 @@ class ShardedEmbedding:
         self._log: List[Dict[int, Tuple[np.ndarray, np.ndarray]]] = [{} for _ in range(self.num_shards)]
         self._saved: Optional[Tuple[Tuple[int, ...], np.ndarray]] = None
         self._pending: List[Tuple[int, int, Any]] = []    # (shard, step, answer ref) of unchecked steps
-        self.grad: Optional[SparseGrad] = None
+        # The client numbers rows shard by shard ("keys"): global row r is key (r % S) * R + r // S,
+        # R = the rows of shard 0. Sorted keys are grouped by shard, ascending local row within each,
+        # so one sort dedupes a batch and splits it over the shards, and a shard's part of a summed
+        # gradient is a contiguous slice (no gather, no copy before sending).
+        self._stride = local_rows(0, self.num_shards, self.num_embeddings)
+        self._starts = np.arange(self.num_shards + 1, dtype=np.int64) * self._stride
+        # local row ids go out as int32 when they fit: half the bytes, and a batch's ids stay small
+        # enough for Ray to send them inside the call instead of through its object store
+        self._id_dtype = np.dtype(np.int32 if self._stride <= np.iinfo(np.int32).max else np.int64)
+        self._pad_key = None if padding_idx is None else int(self._keys(np.array([padding_idx]))[0])
+        self._kgrad: Optional[SparseGrad] = None            # .grad, over keys
         self.bytes_sent = 0       # payload bytes (rows and gradient values) sent to / received from shards
         self.bytes_received = 0
         self.recoveries = 0       # shards brought back by checkpoint + replay
@@ -219,16 +286,23 @@ class ShardedEmbedding:
         return list(self._actors)
 
     # ------------------------------------------------------------------ lookups
-    def _split(self, rows: np.ndarray) -> Tuple[np.ndarray, List[Tuple[int, int]]]:
-        """For ascending distinct global ``rows``: (order grouping them by shard, ascending within a
-        shard; the [start, end) of each shard's part of ``order``)."""
-        S = self.num_shards
-        if S == 1:
-            return np.arange(rows.size), [(0, rows.size)]
-        owner = rows % S
-        order = np.argsort(owner, kind="stable")
-        ends = np.cumsum(np.bincount(owner, minlength=S))
-        return order, [(int(ends[k - 1]) if k else 0, int(ends[k])) for k in range(S)]
+    def _keys(self, rows: np.ndarray) -> np.ndarray:
+        return row_keys(rows, self.num_shards, self._stride)
+
+    def _globals(self, keys: np.ndarray) -> np.ndarray:
+        return key_rows(keys, self.num_shards, self._stride)
+
+    def _checked_keys(self, indices: Any) -> Tuple[Tuple[int, ...], np.ndarray]:
+        """(shape, read-only flat keys, a private array) of indices checked against the table."""
+        arr = _check_indices(indices, self.num_embeddings)
+        keys = self._keys(arr.reshape(-1))
+        keys.flags.writeable = False
+        return arr.shape, keys
+
+    def _cuts(self, sorted_keys: np.ndarray) -> List[Tuple[int, int, int]]:
+        """``(shard, start, end)``: the slice of ascending ``sorted_keys`` on each shard."""
+        bounds = np.searchsorted(sorted_keys, self._starts).tolist()
+        return [(k, bounds[k], bounds[k + 1]) for k in range(self.num_shards)]
 
     def forward(self, indices: Any) -> np.ndarray:
         """Look up ``indices`` (any shape, any integer dtype): a new writable array
@@ -253,33 +327,30 @@ class ShardedEmbedding:
         (3, 16)
         """
         self._check_usable()
-        shape, flat = _check_indices(indices, self.num_embeddings)
-        uniq, inverse = np.unique(flat, return_inverse=True)
-        order, bounds = self._split(uniq)
-        S = self.num_shards
+        shape, keys = self._checked_keys(indices)
+        uniq, order, first = _dedupe(keys)
         requests = {}
-        for k, (a, b) in enumerate(bounds):
-            if b > a:
-                local = uniq[order[a:b]] // S
+        for k, lo, hi in self._cuts(uniq):
+            if hi > lo:
+                local = (uniq[lo:hi] - self._starts[k]).astype(self._id_dtype)
                 requests[k] = local
                 self.bytes_sent += local.nbytes
         sent = [(k, self._actors[k].gather.remote(self._steps[k], local)) for k, local in requests.items()]
+        inverse = _inverse(order, first)     # while the shards work
         self._settle()    # the steps sent before these lookups (which the shards run first)
         got = self._wait_all(sent,
                              expect=lambda k, reply: reply[0] == self._steps[k] and reply[1] is not None,
                              retry=lambda k: self._actors[k].gather.remote(self._steps[k], requests[k]),
                              what="gather")
-        self._saved = (shape, flat)
+        self._saved = (shape, keys)
         if uniq.size == 0:
             return np.empty(shape + (self.embedding_dim,), dtype=self.dtype)
         parts = [got[k][1] for k in requests]
         self.bytes_received += sum(p.nbytes for p in parts)
-        # the shards' answers, concatenated in shard order, hold the distinct rows in the order
-        # ``order``; entry i of the lookup is row ``position[inverse[i]]`` of that block
+        # the shards' answers, in shard order, are the distinct rows in key order: entry i of the
+        # lookup is row inverse[i] of that block
         block = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        position = np.empty(uniq.size, dtype=np.int64)
-        position[order] = np.arange(uniq.size, dtype=np.int64)
-        return F.embedding(position[inverse.reshape(-1)].reshape(shape), block)
+        return F.embedding(inverse.reshape(shape), block)
 
     __call__ = forward
 
@@ -314,25 +385,57 @@ class ShardedEmbedding:
         >>> table.backward(np.ones_like(out), step=True)        # doctest: +SKIP
         """
         self._check_usable()
-        if indices is None:
-            if self._saved is None:
-                raise ValueError("backward: no indices given and no forward call to take them from")
-            shape, flat = self._saved
-            idx = flat.reshape(shape)
-        else:
-            idx = indices
         if not isinstance(grad_output, np.ndarray) or grad_output.dtype != self.dtype:
             got = grad_output.dtype if isinstance(grad_output, np.ndarray) else type(grad_output).__name__
             raise TypeError(f"grad_output must be a NumPy array of the table's dtype {self.dtype}, got {got}")
-        if step and self.grad is not None:
+        if step and self._kgrad is not None:
             raise ValueError("backward(step=True) with a .grad present: call step() or zero_grad() first")
-        grad = F.embedding_backward(grad_output, idx, self.num_embeddings, padding_idx=self.padding_idx,
+        if indices is None:
+            if self._saved is None:
+                raise ValueError("backward: no indices given and no forward call to take them from")
+            shape, keys = self._saved
+        else:
+            shape, keys = self._checked_keys(indices)
+        # summed over keys: each row's contributions in input order, as one process sums them
+        grad = F.embedding_backward(grad_output, keys.reshape(shape), int(self._starts[-1]), padding_idx=self._pad_key,
                                     sparse=True, per_sample_weights=per_sample_weights)
         assert isinstance(grad, SparseGrad)
         if step:
             self._apply(grad)
         else:
-            self.grad = grad if self.grad is None else self.grad.merge(grad)
+            self._kgrad = grad if self._kgrad is None else self._kgrad.merge(grad)
+
+    @property
+    def grad(self) -> Optional[SparseGrad]:
+        """The gradient accumulated by ``backward(..., step=False)`` (global rows), or None.
+
+        Examples
+        --------
+        Needs a running Ray (see the class); not run here:
+
+        >>> table.backward(np.ones_like(table(np.array([4, 1]))))   # doctest: +SKIP
+        >>> table.grad.indices                                     # doctest: +SKIP
+        array([1, 4])
+        """
+        kgrad = self._kgrad
+        if kgrad is None:
+            return None
+        rows = self._globals(kgrad.indices)
+        order = np.argsort(rows, kind="stable")
+        return SparseGrad(rows[order], kgrad.values[order], self.num_embeddings)
+
+    @grad.setter
+    def grad(self, value: Optional[SparseGrad]) -> None:
+        if value is None:
+            self._kgrad = None
+            return
+        if not isinstance(value, SparseGrad) or value.shape != (self.num_embeddings, self.embedding_dim) \
+                or value.values.dtype != self.dtype:
+            raise TypeError(f"grad must be None or a SparseGrad of shape ({self.num_embeddings}, "
+                            f"{self.embedding_dim}) and dtype {self.dtype}")
+        keys = self._keys(value.indices)
+        order = np.argsort(keys, kind="stable")
+        self._kgrad = SparseGrad(keys[order], value.values[order], int(self._starts[-1]))
 
     def step(self) -> None:
         """Apply the optimizer's update with ``.grad`` on every shard and clear it; without a
@@ -347,9 +450,9 @@ class ShardedEmbedding:
         >>> table.step()                                          # doctest: +SKIP
         """
         self._check_usable()
-        if self.grad is None:
+        if self._kgrad is None:
             return
-        grad, self.grad = self.grad, None
+        grad, self._kgrad = self._kgrad, None
         self._apply(grad)
 
     def zero_grad(self) -> None:
@@ -361,18 +464,16 @@ class ShardedEmbedding:
         >>> callable(ShardedEmbedding.zero_grad)
         True
         """
-        self.grad = None
+        self._kgrad = None
 
     def _apply(self, grad: SparseGrad) -> None:
-        rows = grad.indices
+        """Send each shard its slice of ``grad`` (over keys) as the next step."""
+        keys = grad.indices
         vals = grad.values
-        order, bounds = self._split(rows)
-        S = self.num_shards
         parts: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
-        for k, (a, b) in enumerate(bounds):
-            sel = order[a:b]
-            local = rows[sel] // S
-            part = vals[sel] if S > 1 else np.ascontiguousarray(vals)
+        for k, lo, hi in self._cuts(keys):
+            local = (keys[lo:hi] - self._starts[k]).astype(self._id_dtype)
+            part = vals[lo:hi]          # a contiguous view: Ray sends it as it is
             parts[k] = (local, part)
             self.bytes_sent += local.nbytes + part.nbytes
         # Sent, not awaited: the shard runs the step before anything this client sends it later
@@ -380,9 +481,9 @@ class ShardedEmbedding:
         # trip. The answers are checked by _settle() at the next call; the step is in the replay log
         # until then, so a shard lost meanwhile is replayed through it.
         self._settle()
-        for k in range(S):
+        for k in range(self.num_shards):
             before = self._steps[k]
-            ref = self._actors[k].apply.remote(before, *parts[k])
+            ref = self._actors[k].apply.remote(before, parts[k])   # one argument: one object
             if self.checkpoint_dir is not None:
                 self._log[k][before] = parts[k]
             self._steps[k] = before + 1
@@ -391,11 +492,14 @@ class ShardedEmbedding:
     def _settle(self) -> None:
         """Check the answers of the steps sent and not yet checked; recover shards that missed one."""
         pending, self._pending = self._pending, []
+        if not pending:
+            return
         ray = self._ray
         lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
-        for k, before, ref in pending:
+        replies = self._get_together([ref for _, _, ref in pending], "step")
+        for (k, before, ref), reply in zip(pending, replies):
             try:
-                ok, now = ray.get(ref, timeout=self.recovery_timeout)
+                ok, now = reply if reply is not None else ray.get(ref, timeout=self.recovery_timeout)
             except lost:
                 ok, now = False, -1
             except ray.exceptions.GetTimeoutError:
@@ -435,10 +539,12 @@ class ShardedEmbedding:
         ray = self._ray
         lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
         replies = {}
-        for k, ref in pending:
+        first = self._get_together([ref for _, ref in pending], what)
+        for (k, ref), together in zip(pending, first):
             for attempt in range(4):
                 try:
-                    reply = ray.get(ref, timeout=self.recovery_timeout)
+                    reply = together if attempt == 0 and together is not None else \
+                        ray.get(ref, timeout=self.recovery_timeout)
                 except lost:
                     reply = None
                 except ray.exceptions.GetTimeoutError:
@@ -453,6 +559,18 @@ class ShardedEmbedding:
             else:
                 self._fail(f"shard {k}: {what} failed after repeated recoveries")
         return replies
+
+    def _get_together(self, refs: List[Any], what: str) -> List[Any]:
+        """The answers of ``refs`` with one ``ray.get`` (one wait for all shards); all None when
+        one of them failed (the callers then look at each answer on its own)."""
+        ray = self._ray
+        try:
+            return list(ray.get(refs, timeout=self.recovery_timeout))
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            return [None] * len(refs)
+        except ray.exceptions.GetTimeoutError:
+            self._fail(f"a shard did not answer a {what} within {self.recovery_timeout:g} s")
+            raise   # not reached
 
     def _recover(self, k: int) -> None:
         """Bring shard ``k`` (restarted by Ray from its last checkpoint) back to ``self._steps[k]``
@@ -485,7 +603,7 @@ class ShardedEmbedding:
             self.recoveries += 1
             try:
                 for s in range(at, target):
-                    ok, now = ray.get(self._actors[k].apply.remote(s, *log[s]), timeout=remaining)
+                    ok, now = ray.get(self._actors[k].apply.remote(s, log[s]), timeout=remaining)
                     if not ok or now != s + 1:
                         break
                 else:
@@ -562,7 +680,7 @@ class ShardedEmbedding:
         self._wait_all(refs, expect=lambda k, reply: reply == step, what="load_state_dict")
         self._steps = [step] * S
         self._log = [{} for _ in range(S)]
-        self.grad = None
+        self._kgrad = None
 
     def _local_copy(self, weight: np.ndarray) -> Tuple[Embedding, Any]:
         """A one-process Embedding over ``weight`` and this table's optimizer over it."""

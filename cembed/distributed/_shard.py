@@ -12,6 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
+from .. import functional as F
 from .. import optim
 from ..checkpoint import CheckpointError, find_directory, load_checkpoint, save_checkpoint
 from ..modules import Embedding
@@ -79,16 +80,18 @@ class Shard:
         """``(step, weight[rows])``; ``(own step, None)`` when the shard is not at ``step``."""
         if step != self.step:
             return self.step, None
-        return self.step, self.emb.weight[rows]
+        return self.step, F.embedding(rows, self.emb.weight)   # rows checked against this shard's table
 
-    def apply(self, step: int, rows: np.ndarray, values: np.ndarray) -> Tuple[bool, int]:
-        """Apply step ``step``: the optimizer's update for the summed gradient ``values`` of local
-        rows ``rows`` (ascending, distinct; may be empty — the step still counts, as in one process).
+    def apply(self, step: int, update: Tuple[np.ndarray, np.ndarray]) -> Tuple[bool, int]:
+        """Apply step ``step``: the optimizer's update for ``update = (rows, values)``, the summed
+        gradient ``values`` of local rows ``rows`` (ascending, distinct; may be empty — the step
+        still counts, as in one process; one argument, so that Ray ships both as one object).
         Returns ``(True, step + 1)``; or ``(False, own step)`` without changing anything when the
         shard is not at ``step``. Writes a checkpoint when the new step is a multiple of
         ``checkpoint_every`` (before answering: an answered step is on disk)."""
         if step != self.step:
             return False, self.step
+        rows, values = update
         self.emb.grad = SparseGrad(rows, values, self.rows)
         try:
             self.opt.step()

@@ -87,15 +87,15 @@ def test_one_table_each_optimizer(ray_local, shards, optimizer, options, dtype, 
                 sent, received = table.bytes_sent, table.bytes_received
                 table.backward(grad, step=True)
                 emb.backward(grad, optimizer=opt)
-                # the cost model of docs/distributed.md: ids (8 B) of the distinct rows out, their rows
-                # back; at the step ids + summed gradient rows of the distinct rows except padding
+                # the cost model of docs/distributed.md: ids (4 B: int32 local rows) of the distinct rows
+                # out, their rows back; at the step ids + summed gradient rows of the distinct rows except padding
                 distinct = np.unique(idx)
                 with_grad = distinct.size - int(padding_idx is not None and padding_idx % V in distinct)
                 item = np.dtype(dtype).itemsize
                 assert table.bytes_received - received == 0
-                assert table.bytes_sent - sent == with_grad * (8 + item * D)
+                assert table.bytes_sent - sent == with_grad * (4 + item * D)
                 if it == 0:   # the lookups so far: all V rows, then this batch's distinct rows
-                    assert received == (V + distinct.size) * item * D and sent == (V + distinct.size) * 8
+                    assert received == (V + distinct.size) * item * D and sent == (V + distinct.size) * 4
             elif it % 3 == 1:    # two backwards, then one step
                 idx2 = zipf_batch(rng, V, 9)
                 grad2 = rng.standard_normal((9, D)).astype(dtype)
@@ -103,6 +103,10 @@ def test_one_table_each_optimizer(ray_local, shards, optimizer, options, dtype, 
                 table.backward(grad2, idx2)
                 emb.backward(grad)
                 emb.backward(grad2, idx2)
+                got, ref = table.grad, emb.grad        # .grad in global rows, as one process holds it
+                assert isinstance(ref, cembed.SparseGrad) and got.shape == ref.shape
+                assert np.array_equal(got.indices, ref.indices) and got.values.tobytes() == ref.values.tobytes()
+                table.grad = got                         # set back: the same update follows
                 table.step()
                 opt.step()
                 opt.zero_grad()
@@ -137,7 +141,10 @@ def test_bad_input_changes_nothing(ray_local):
         table.backward(np.ones_like(out))
         with pytest.raises(ValueError):
             table.backward(np.ones_like(out), step=True)                     # a .grad is present
+        with pytest.raises(TypeError):
+            table.grad = np.ones((2, 4), np.float32)                          # not a SparseGrad
         table.zero_grad()
+        assert table.grad is None
         table.step()                                                          # nothing to do
         assert table.step_count == 0
         assert table(np.zeros((2, 0), np.int64)).shape == (2, 0, 4)              # an empty lookup

@@ -94,3 +94,28 @@ def test_public_callables_of_distributed_have_examples():
             if "Examples" not in doc or ">>>" not in doc:
                 missing.append(label)
     assert not missing, missing
+
+
+@pytest.mark.parametrize("V,S", [(1, 1), (10, 1), (10, 3), (11, 2), (997, 7)])
+def test_keys_group_rows_by_shard(V, S):
+    """The client's row numbering: a bijection of [0, V) that sorts rows by (shard, local row)."""
+    from cembed.distributed._client import key_rows, row_keys, per_shard_rows
+
+    stride = per_shard_rows(V, S)[0]
+    rows = np.arange(V)
+    keys = row_keys(rows, S, stride)
+    assert np.array_equal(key_rows(keys, S, stride), rows)
+    assert np.unique(keys).size == V and keys.min() >= 0 and keys.max() < S * stride
+    by_key = rows[np.argsort(keys)]
+    assert np.array_equal(by_key, np.array(sorted(rows, key=lambda r: (r % S, r // S))))
+
+
+def test_dedupe_matches_numpy_unique():
+    from cembed.distributed._client import _dedupe, _inverse
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 2, 50, 4000):
+        keys = rng.integers(0, 60, n).astype(np.int64)
+        uniq, order, first = _dedupe(keys)
+        ref_uniq, ref_inverse = np.unique(keys, return_inverse=True)
+        assert np.array_equal(uniq, ref_uniq) and np.array_equal(_inverse(order, first), ref_inverse)
