@@ -4,10 +4,14 @@ Run inside the private network namespace (Ray must not start anywhere else):
 
     bash tests/ray/run.sh python benchmarks/bench_ray.py [--rows 1000000] [--dim 64] [--n 65536]
 
+(that imports the installed cembed; ``PYTHONPATH=$PWD bash tests/ray/run.sh ...`` measures an in-place
+build of this checkout: the first line printed names the copy measured).
+
 1. Lookup + fused update round trip: ``out = table(idx); table.backward(grad, step=True); table.sync()``
    (the update applied when it returns) with 2
    shards against ``out = emb(idx); emb.backward(grad, optimizer=opt)`` in this process; the same
-   65,536 Zipf(1.1) indices, SparseAdam; interleaved rounds, medians. Also the payload bytes sent and
+   65,536 Zipf(1.1) indices, SparseAdam; interleaved rounds (alternating order), medians and minima,
+   and the time of each of the three calls of the sharded step. Also the payload bytes sent and
    received per step and per shard, and the messages per step; and back-to-back steps without
    waiting for the update (how training runs: the shards apply step t while the client prepares
    step t + 1).
@@ -17,6 +21,7 @@ Run inside the private network namespace (Ray must not start anywhere else):
 Nothing here is a pytest test (the file is only collected when asked for).
 """
 import argparse
+import os
 import statistics
 import time
 
@@ -49,16 +54,35 @@ def pipelined(fn, steps):
 
 
 def interleaved(fns, repeats):
-    """Median seconds of each callable, run in turns (a, b, a, b, ...) after one warm-up each."""
+    """Median and minimum seconds of each callable, run in turns after one warm-up each; the order
+    alternates between rounds (a, b, b, a, ...) so that neither always runs right after the other."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return ({name: statistics.median(ts) for name, ts in times.items()},
+            {name: min(ts) for name, ts in times.items()})
+
+
+def phases(table, idx, grad, repeats):
+    """Median ms of the three calls of a waited sharded step."""
+    got = {"lookup": [], "backward + send": [], "sync (wait for the update)": []}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        table(idx)
+        t1 = time.perf_counter()
+        table.backward(grad, step=True)
+        t2 = time.perf_counter()
+        table.sync()
+        t3 = time.perf_counter()
+        for key, dt in zip(got, (t1 - t0, t2 - t1, t3 - t2)):
+            got[key].append(dt)
+    return {key: statistics.median(v) * 1e3 for key, v in got.items()}
 
 
 def main(argv=None):
@@ -67,7 +91,7 @@ def main(argv=None):
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--n", type=int, default=65_536)
     parser.add_argument("--shards", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--train-tokens", type=int, default=1_000_000)
     parser.add_argument("--train-vocab", type=int, default=100_000)
     parser.add_argument("--no-train", action="store_true")
@@ -83,6 +107,7 @@ def main(argv=None):
     grad = rng.standard_normal((args.n, D), dtype=np.float32) * np.float32(1e-3)
     tiny_idx, tiny_grad = idx[:8].copy(), grad[:8].copy()
     opts = {"lr": 1e-3}
+    print(f"cembed: {cembed.__file__}")
     print(f"workload: V={V:,} D={D} float32, batch {args.n:,} Zipf(1.1) indices "
           f"({np.unique(idx).size:,} distinct), SparseAdam, {S} shards, cembed threads here "
           f"{cembed.get_num_threads()}")
@@ -101,15 +126,23 @@ def main(argv=None):
           f"received {recv / 1e6:.2f} MB (rows); per shard {(sent + recv) / S / 1e6:.2f} MB; "
           f"messages per step: {2 * S} requests + {2 * S} replies")
 
-    big = interleaved({"one process": lambda: round_trip_local(emb, opt, idx, grad),
-                       f"{S} shards": lambda: round_trip_sharded(table, idx, grad)}, args.repeats)
-    tiny = interleaved({"one process": lambda: round_trip_local(emb, opt, tiny_idx, tiny_grad),
-                        f"{S} shards": lambda: round_trip_sharded(table, tiny_idx, tiny_grad)}, args.repeats * 4)
-    print("lookup + fused update round trip (median of interleaved rounds):")
+    load0 = os.getloadavg()[0]
+    big, big_min = interleaved({"one process": lambda: round_trip_local(emb, opt, idx, grad),
+                                f"{S} shards": lambda: round_trip_sharded(table, idx, grad)}, args.repeats)
+    tiny, tiny_min = interleaved({"one process": lambda: round_trip_local(emb, opt, tiny_idx, tiny_grad),
+                                  f"{S} shards": lambda: round_trip_sharded(table, tiny_idx, tiny_grad)},
+                                 args.repeats * 2)
+    print(f"lookup + fused update round trip, waited ({args.repeats} interleaved rounds; host load average "
+          f"{load0:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores):")
     for name in big:
-        print(f"  {name:<12} batch {args.n:,}: {big[name] * 1e3:8.2f} ms    batch 8: {tiny[name] * 1e3:7.2f} ms")
-    print(f"  ratio sharded / one process: {big[f'{S} shards'] / big['one process']:.2f}x (target <= 2x); "
-          f"per-call overhead (batch 8): {(tiny[f'{S} shards'] - tiny['one process']) * 1e3:.2f} ms")
+        print(f"  {name:<12} batch {args.n:,}: median {big[name] * 1e3:7.2f} ms (min {big_min[name] * 1e3:6.2f})"
+              f"    batch 8: median {tiny[name] * 1e3:6.2f} ms (min {tiny_min[name] * 1e3:5.2f})")
+    sh = f"{S} shards"
+    print(f"  ratio sharded / one process: median {big[sh] / big['one process']:.2f}x, min "
+          f"{big_min[sh] / big_min['one process']:.2f}x (target <= 2x); per-call overhead (batch 8, median): "
+          f"{(tiny[sh] - tiny['one process']) * 1e3:.2f} ms for {2 * S} Ray calls")
+    split = phases(table, idx, grad, max(5, args.repeats // 4))
+    print("  sharded step by call (median): " + ", ".join(f"{k} {v:.2f} ms" for k, v in split.items()))
 
     def sharded_step():
         table(idx)
