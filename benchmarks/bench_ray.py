@@ -110,7 +110,7 @@ def main(argv=None):
     print(f"cembed: {cembed.__file__}")
     print(f"workload: V={V:,} D={D} float32, batch {args.n:,} Zipf(1.1) indices "
           f"({np.unique(idx).size:,} distinct), SparseAdam, {S} shards, cembed threads here "
-          f"{cembed.get_num_threads()}")
+          f"{cembed.get_num_threads()}, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}")
 
     t0 = time.perf_counter()
     emb = cembed.Embedding.from_pretrained(initial_rows(1, np.arange(V), D), freeze=False, sparse=True)
