@@ -20,7 +20,7 @@ from cembed._rows cimport (prefetch_row, prefetch_row_for_write, row_stride_item
 cdef enum:
     SEGMENTS_PER_CHUNK = 64   # dynamic-schedule chunk: rows are skewed (Zipf), one hot row can be long
     CHUNK_SUM_BYTES = 65536   # segment_update: at most this much of summed rows per thread and chunk
-    UPDATE_PREFETCH_ROWS = 4  # segment_update: rows prefetched ahead in the update phase of a chunk
+    UPDATE_PREFETCH_ROWS = 8  # segment_update: rows prefetched ahead in the update phase of a chunk
 
 
 cdef inline Py_ssize_t _update_chunk(Py_ssize_t row_bytes) noexcept nogil:
