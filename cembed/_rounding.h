@@ -32,6 +32,7 @@
 #ifndef CEMBED_ROUNDING_H
 #define CEMBED_ROUNDING_H
 
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -212,6 +213,75 @@ CEMBED_ROUND_INLINE void cembed_row_round(int fmt, int stochastic, uint16_t *res
         cembed_f32_row_to_bf16_nearest(out, v, dim);
     } else {
         cembed_f32_row_to_f16_nearest(out, v, dim);
+    }
+}
+
+/* ---- fused rows ---------------------------------------------------------------------------- */
+
+/* SparseAdam on one row of a bfloat16 weight with bfloat16 exp_avg / exp_avg_sq, in one pass over the
+ * columns: bitwise what widening the three rows, cembed_adam_row_f32 (_row_update.h, the same
+ * expressions in the same order) and rounding w, m, v (streams 0, 1, 2; stochastically under the keys of
+ * (seed, step, row, stream), or to nearest) give, without the three float32 scratch rows in between. */
+CEMBED_ROUND_CLONES static void cembed_adam_row_bf16(uint16_t *restrict w, uint16_t *restrict m, uint16_t *restrict v,
+        const float *restrict grad, float omb1, float omb2, float eps, float neg_step, float sign, ptrdiff_t dim,
+        int stochastic, uint64_t seed, uint64_t step, uint64_t row)
+{
+    const uint64_t key_w = stochastic ? cembed_round_key(seed, step, row, CEMBED_STREAM_WEIGHT) : 0;
+    const uint64_t key_a = stochastic ? cembed_round_key(seed, step, row, CEMBED_STREAM_STATE_A) : 0;
+    const uint64_t key_b = stochastic ? cembed_round_key(seed, step, row, CEMBED_STREAM_STATE_B) : 0;
+    const uint32_t wl = (uint32_t)key_w, wh = (uint32_t)(key_w >> 32);
+    const uint32_t al = (uint32_t)key_a, ah = (uint32_t)(key_a >> 32);
+    const uint32_t bl = (uint32_t)key_b, bh = (uint32_t)(key_b >> 32);
+    ptrdiff_t b = 0;
+    for (; b + 32 <= dim; b += 32) {
+        float nw[32], nm[32], nv[32];
+        for (int k = 0; k < 32; k++) {
+            const float g = sign * grad[b + k], m0 = cembed_bf16_to_f32(m[b + k]), v0 = cembed_bf16_to_f32(v[b + k]);
+            const float dm = (g - m0) * omb1;
+            const float dv = (g * g - v0) * omb2;
+            nm[k] = m0 + dm;
+            nv[k] = v0 + dv;
+            nw[k] = cembed_bf16_to_f32(w[b + k]) + neg_step * ((dm + m0) / (sqrtf(dv + v0) + eps));
+        }
+        if (stochastic) {
+            uint32_t rw[16], ra[16], rb[16];
+            const uint32_t q0 = (uint32_t)(b / 2);
+            for (int k = 0; k < 16; k++) {
+                rw[k] = cembed_round_bits(wl, wh, q0 + k);
+                ra[k] = cembed_round_bits(al, ah, q0 + k);
+                rb[k] = cembed_round_bits(bl, bh, q0 + k);
+            }
+            for (int k = 0; k < 16; k++) {
+                w[b + k] = cembed_f32_to_bf16_sr16(nw[k], rw[k] >> 16);
+                w[b + 16 + k] = cembed_f32_to_bf16_sr16(nw[16 + k], rw[k] & 0xFFFFu);
+                m[b + k] = cembed_f32_to_bf16_sr16(nm[k], ra[k] >> 16);
+                m[b + 16 + k] = cembed_f32_to_bf16_sr16(nm[16 + k], ra[k] & 0xFFFFu);
+                v[b + k] = cembed_f32_to_bf16_sr16(nv[k], rb[k] >> 16);
+                v[b + 16 + k] = cembed_f32_to_bf16_sr16(nv[16 + k], rb[k] & 0xFFFFu);
+            }
+        } else {
+            for (int k = 0; k < 32; k++) {
+                w[b + k] = cembed_f32_to_bf16_rne(nw[k]);
+                m[b + k] = cembed_f32_to_bf16_rne(nm[k]);
+                v[b + k] = cembed_f32_to_bf16_rne(nv[k]);
+            }
+        }
+    }
+    for (ptrdiff_t j = b; j < dim; j++) {
+        const float g = sign * grad[j], m0 = cembed_bf16_to_f32(m[j]), v0 = cembed_bf16_to_f32(v[j]);
+        const float dm = (g - m0) * omb1;
+        const float dv = (g * g - v0) * omb2;
+        const float nmj = m0 + dm, nvj = v0 + dv;
+        const float nwj = cembed_bf16_to_f32(w[j]) + neg_step * ((dm + m0) / (sqrtf(dv + v0) + eps));
+        if (stochastic) {
+            const uint32_t q = (uint32_t)(b / 2 + (j & 15));
+            const uint32_t rw = cembed_round_bits(wl, wh, q), ra = cembed_round_bits(al, ah, q), rb = cembed_round_bits(bl, bh, q);
+            w[j] = cembed_f32_to_bf16_sr16(nwj, (j & 16) ? (rw & 0xFFFFu) : (rw >> 16));
+            m[j] = cembed_f32_to_bf16_sr16(nmj, (j & 16) ? (ra & 0xFFFFu) : (ra >> 16));
+            v[j] = cembed_f32_to_bf16_sr16(nvj, (j & 16) ? (rb & 0xFFFFu) : (rb >> 16));
+        } else {
+            w[j] = cembed_f32_to_bf16_rne(nwj); m[j] = cembed_f32_to_bf16_rne(nmj); v[j] = cembed_f32_to_bf16_rne(nvj);
+        }
     }
 }
 

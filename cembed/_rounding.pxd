@@ -4,7 +4,7 @@
 # round every element once.
 from libc.stdint cimport uint16_t, uint64_t
 
-from cembed._rows cimport apply_row_update
+from cembed._rows cimport apply_row_update, ROW_ADAM
 
 cdef extern from "_rounding.h" nogil:
     int CEMBED_TABLE_BF16
@@ -16,6 +16,9 @@ cdef extern from "_rounding.h" nogil:
     void cembed_row_widen(int fmt, float *out, const uint16_t *row, Py_ssize_t dim)
     void cembed_row_round(int fmt, int stochastic, uint16_t *out, const float *v, Py_ssize_t dim, uint64_t seed,
                           uint64_t step, uint64_t row, uint64_t stream)
+    void cembed_adam_row_bf16(uint16_t *w, uint16_t *m, uint16_t *v, const float *grad, float one_minus_beta1,
+                              float one_minus_beta2, float eps, float neg_step, float sign, Py_ssize_t dim,
+                              int stochastic, uint64_t seed, uint64_t step, uint64_t row)
 
 
 ctypedef fused state_t:   # a 16-bit weight's optimizer state: float32, or 16-bit (bfloat16 / float16 bits)
@@ -42,6 +45,11 @@ cdef inline void half_row_update(int kind,
     cdef float *sb
     cdef float rs = 0
     cdef float *prs = NULL
+    if state_t is uint16_t:
+        if kind == ROW_ADAM and weight_fmt == CEMBED_TABLE_BF16 and state_fmt == CEMBED_TABLE_BF16:
+            # the common bfloat16 case, fused in one pass (same bits)
+            cembed_adam_row_bf16(w, state_a, state_b, grad, q0, q1, q2, q3, sign, dim, stochastic, seed, step, row)
+            return
     cembed_row_widen(weight_fmt, sw, w, dim)
     if state_t is float:
         apply_row_update(kind, sw, state_a, state_b, row_state, grad, q0, q1, q2, q3, mode, sign, dim)

@@ -5,6 +5,7 @@
 #     kernel calls row_add(out, v, dim) and never dispatches on float/double itself.
 # Every function here is `noexcept nogil` and operates on `dim` contiguous elements per row.
 from cython cimport floating
+from libc.stdint cimport uint16_t
 
 # Software prefetch of one cache line (a no-op where the builtin is missing).
 cdef extern from *:
@@ -23,6 +24,84 @@ cdef extern from *:
 cdef enum:
     PREFETCH_DISTANCE = 16   # how many rows (or entries) ahead the row loops prefetch
     CACHE_LINE_BYTES = 64
+
+# Non-temporal (streaming) row stores, for large outputs that are written once and not read back soon:
+# a plain store first reads the destination line into the cache (read for ownership), so writing an
+# output larger than the caches moves its bytes twice; a streaming store writes the line without
+# reading it. x86-64 (SSE2, part of the baseline) only; elsewhere, or for a destination that is not
+# 16-byte aligned or a length that is not a multiple of 16 bytes, a plain memcpy. Each thread that
+# streamed calls cembed_stream_fence() before its results are read by another thread.
+cdef extern from *:
+    """
+    #include <string.h>
+    #include <stdint.h>
+    #if defined(__x86_64__) || defined(_M_X64)
+    #include <emmintrin.h>
+    #define CEMBED_HAVE_STREAM 1
+    #else
+    #define CEMBED_HAVE_STREAM 0
+    #endif
+    /* 1 when rows of n_bytes starting at dst can be streamed (n_rows rows, any row stride multiple of 16) */
+    static inline __attribute__((unused)) int cembed_can_stream(const void *dst, Py_ssize_t row_stride_bytes,
+                                                                Py_ssize_t n_bytes)
+    {
+        return CEMBED_HAVE_STREAM && ((uintptr_t)dst % 16 == 0) && (row_stride_bytes % 16 == 0) && (n_bytes % 16 == 0);
+    }
+    static inline __attribute__((unused)) void cembed_stream_copy(void *dst, const void *src, Py_ssize_t n_bytes)
+    {
+    #if CEMBED_HAVE_STREAM
+        __m128i *d = (__m128i *)dst;
+        const __m128i *s = (const __m128i *)src;
+        Py_ssize_t k = 0, n = n_bytes / 16;
+        for (; k + 4 <= n; k += 4) {
+            __m128i a = _mm_loadu_si128(s + k), b = _mm_loadu_si128(s + k + 1);
+            __m128i c = _mm_loadu_si128(s + k + 2), e = _mm_loadu_si128(s + k + 3);
+            _mm_stream_si128(d + k, a); _mm_stream_si128(d + k + 1, b);
+            _mm_stream_si128(d + k + 2, c); _mm_stream_si128(d + k + 3, e);
+        }
+        for (; k < n; k++) _mm_stream_si128(d + k, _mm_loadu_si128(s + k));
+    #else
+        memcpy(dst, src, (size_t)n_bytes);
+    #endif
+    }
+    /* out[0:dim] = float32 of the bfloat16 bit patterns row[0:dim], streamed (cembed_can_stream holds
+     * for out; exact: a bfloat16 is the top half of its float32) */
+    static inline __attribute__((unused)) void cembed_bf16_row_to_f32_stream(float *out, const uint16_t *row,
+                                                                            Py_ssize_t dim)
+    {
+    #if CEMBED_HAVE_STREAM
+        const __m128i zero = _mm_setzero_si128();
+        __m128i *d = (__m128i *)out;
+        Py_ssize_t j = 0;
+        for (; j + 8 <= dim; j += 8) {
+            __m128i x = _mm_loadu_si128((const __m128i *)(row + j));
+            _mm_stream_si128(d + j / 4, _mm_unpacklo_epi16(zero, x));
+            _mm_stream_si128(d + j / 4 + 1, _mm_unpackhi_epi16(zero, x));
+        }
+        if (j + 4 <= dim) {
+            _mm_stream_si128(d + j / 4, _mm_unpacklo_epi16(zero, _mm_loadl_epi64((const __m128i *)(row + j))));
+            j += 4;
+        }
+        for (; j < dim; j++) { uint32_t u = (uint32_t)row[j] << 16; memcpy(out + j, &u, 4); }
+    #else
+        for (Py_ssize_t j = 0; j < dim; j++) { uint32_t u = (uint32_t)row[j] << 16; memcpy(out + j, &u, 4); }
+    #endif
+    }
+    static inline __attribute__((unused)) void cembed_stream_fence(void)
+    {
+    #if CEMBED_HAVE_STREAM
+        _mm_sfence();
+    #endif
+    }
+    """
+    bint cembed_can_stream(const void *dst, Py_ssize_t row_stride_bytes, Py_ssize_t n_bytes) noexcept nogil
+    void cembed_stream_copy(void *dst, const void *src, Py_ssize_t n_bytes) noexcept nogil
+    void cembed_bf16_row_to_f32_stream(float *out, const uint16_t *row, Py_ssize_t dim) noexcept nogil
+    void cembed_stream_fence() noexcept nogil
+
+cdef enum:
+    STREAM_MIN_BYTES = 16 << 20   # outputs at least this large are written with streaming stores
+    STREAM_CHUNK = 256            # columns widened per streamed piece (a 1 kB float32 stack buffer)
 
 
 cdef inline void prefetch_row(const void *row, Py_ssize_t n_bytes) noexcept nogil:

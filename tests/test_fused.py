@@ -152,6 +152,33 @@ def test_fused_large_batch_crosses_chunks():
     assert_bitwise_equal(out[0], out[1])
 
 
+@pytest.mark.parametrize("dtype,dim", [(np.float32, 600), (np.float64, 300), (np.float32, 5000)])
+@pytest.mark.parametrize("opt_name", ["sparse_adam", "adagrad", "rowwise_l2"])
+def test_fused_wide_rows_use_shorter_chunks(dtype, dim, opt_name):
+    """Rows so wide that a chunk of 64 summed rows would pass 64 kB are updated in shorter chunks
+    (_grad.segment_update): still bitwise the unfused step, for 1, 2 and 3 threads."""
+    rng = np.random.default_rng(dim)
+    n_rows = 3000
+    w0 = rng.standard_normal((n_rows, dim)).astype(dtype)
+    idx = zipf_indices(rng, 1500, n_rows)
+    g = rng.standard_normal((idx.size, dim)).astype(dtype)
+
+    def step(fused):
+        emb = cembed.Embedding.from_pretrained(w0.copy(), freeze=False, sparse=True)
+        opt = OPTIMIZERS[opt_name]([emb])
+        emb(idx)
+        if fused:
+            emb.backward(g, optimizer=opt)
+        else:
+            emb.backward(g)
+            opt.step()
+        return emb.weight.copy()
+
+    want = step(False)
+    for got in at_thread_counts(lambda: step(True)):
+        assert_bitwise_equal(got, want)
+
+
 def test_fused_advances_only_that_module():
     rng = np.random.default_rng(0)
     a = cembed.Embedding(50, 4, sparse=True, seed=1)

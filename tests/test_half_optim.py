@@ -208,6 +208,32 @@ def test_optimizer_matches_float32_math_plus_one_rounding(opt_name, dtype_name, 
                 assert v == ref_state[k]
 
 
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+@pytest.mark.parametrize("dim", [32, 72, 128])
+def test_bfloat16_adam_rows_of_whole_blocks(dim, rounding):
+    """SparseAdam with a bfloat16 table and bfloat16 state runs one fused pass per row (_rounding.h,
+    cembed_adam_row_bf16: blocks of 32 columns, then the tail): the same bits as the float32 rule plus
+    one rounding per element, also for NaN, infinite and overflowing gradient entries."""
+    cls, kw = OPTIMIZERS["sparse_adam"]
+    rng = np.random.default_rng(dim)
+    n_rows, seed = 40, 99
+    weight = rng.standard_normal((n_rows, dim)).astype(BF16)
+    param = Param(weight.copy())
+    opt = cls([param], rounding=rounding, seed=seed, state_dtype="bfloat16", **kw)
+    ref_w, ref_state = weight.copy(), {}
+    grads = _grads(rng, n_rows, dim, 4, nnz=20)
+    special = grads[1].values.copy()
+    special[0, :3] = [np.nan, np.inf, -3e38]
+    grads[1] = SparseGrad(grads[1].indices, special, n_rows)
+    for grad in grads:
+        param.grad = grad
+        opt.step()
+        ref_w, ref_state = _reference_step(cls, kw, ref_w, ref_state, grad, "bfloat16", "bfloat16", rounding, seed)
+        assert_bitwise_equal(param.weight.view(np.uint16), ref_w.view(np.uint16))
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert_bitwise_equal(opt.state[param][k].view(np.uint16), ref_state[k].view(np.uint16))
+
+
 DENSE = {"sgd_wd": (optim.SGD, dict(lr=0.1, weight_decay=0.01)),
          "sgd_momentum_wd": (optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)),
          "adagrad_wd": (optim.Adagrad, dict(lr=0.1, weight_decay=0.01)),

@@ -146,6 +146,25 @@ def test_lookup_is_the_exact_widened_rows(rng, dtype):
     assert_bitwise_equal(F.embedding(idx, strided, out_dtype=dtype), ref.embedding(idx, strided))
 
 
+@pytest.mark.parametrize("dim", [128, 12, 6, 260])
+def test_large_lookups_take_the_streaming_path(rng, dim):
+    """Outputs of at least 16 MB are written with streaming stores (_rows.pxd STREAM_MIN_BYTES): same
+    bits as the plain path for float32, float64, both 16-bit widenings (bfloat16 vectorised, float16 in
+    chunks of 256 columns, tails of 4 and of 2 columns) and 16-bit outputs, for 1, 2 and 3 threads."""
+    n = (16 << 20) // (2 * dim) + 3                   # > 16 MB of float32 output, > 8 MB of 16-bit output
+    idx = rng.integers(0, 500, n)
+    base = rng.standard_normal((500, dim), dtype=np.float32)
+    for w in (base, base.astype(np.float64), base.astype(BF16), base.astype(F16)):
+        want = ref.embedding(idx, w.astype(np.float32) if w.itemsize == 2 else w)
+        for out in at_thread_counts(lambda: F.embedding(idx, w)):
+            assert_bitwise_equal(out, want)
+        if w.itemsize == 2:
+            raw = F.embedding(idx, w, out_dtype=w.dtype)
+            assert_bitwise_equal(raw.view(np.uint16), ref.embedding(idx, w).view(np.uint16))
+    small = F.embedding(idx[:1000], base.astype(BF16))     # below the threshold: the plain path
+    assert_bitwise_equal(small, ref.embedding(idx[:1000], base.astype(BF16).astype(np.float32)))
+
+
 @pytest.mark.parametrize("dtype", HALF)
 def test_lookup_torch_parity(rng, dtype):
     torch = require_torch()
