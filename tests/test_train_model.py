@@ -57,3 +57,41 @@ def test_rowwise_adagrad_is_cembed_only(capsys):
     assert main(["train", "--vocab-size", "500", "--topics", "5", "--tokens", "5000", "--quiet", "--no-save",
                  "--no-plot", "--optimizer", "rowwise_adagrad", "--backend", "cembed,torch"]) == 2
     assert "rowwise_adagrad" in capsys.readouterr().err
+
+
+def reference_pairs(tokens, sentence, reach):
+    """Every (center, context) pair word2vec's dynamic window forms, one token at a time: token i
+    with each token j != i of its sentence with |i - j| <= reach[i]."""
+    out = []
+    for i in range(tokens.size):
+        for j in range(max(0, i - int(reach[i])), min(tokens.size, i + int(reach[i]) + 1)):
+            if j != i and sentence[j] == sentence[i]:
+                out.append((int(tokens[i]), int(tokens[j])))
+    return sorted(out)
+
+
+@pytest.mark.parametrize("window", [1, 3, 5])
+def test_pairs_are_word2vecs_dynamic_window_grouped_by_center(window):
+    rng = np.random.default_rng(window)
+    n = 400
+    tokens = rng.integers(0, 50, n).astype(np.int32)
+    sentence = np.sort(rng.integers(0, 30, n)).astype(np.int32)
+    corpus = corpus_mod.synthetic_corpus(60, 3, 2000, seed=0)
+    stream = train_mod.BatchStream(corpus, train_mod.TrainConfig(window=window))
+    reach = np.random.default_rng(7).integers(1, window + 1, n, dtype=np.int8)  # the stream's first draw
+    centers, contexts = stream.pairs(tokens, sentence, np.random.default_rng(7))
+    assert centers.dtype == contexts.dtype == np.int32
+    assert sorted(zip(centers.tolist(), contexts.tolist())) == reference_pairs(tokens, sentence, reach)
+    # shuffled by center: each center's pairs are adjacent, the centers are not in corpus order
+    starts = np.flatnonzero(np.diff(centers, prepend=-1) != 0)
+    assert starts.size < centers.size and not np.array_equal(np.sort(centers), centers)
+
+
+def test_pairs_of_tiny_chunks():
+    corpus = corpus_mod.synthetic_corpus(60, 3, 2000, seed=0)
+    stream = train_mod.BatchStream(corpus, train_mod.TrainConfig(window=5))
+    for n in (0, 1, 2, 6):
+        tokens = np.arange(n, dtype=np.int32)
+        centers, contexts = stream.pairs(tokens, np.zeros(n, np.int32), np.random.default_rng(0))
+        reach = np.random.default_rng(0).integers(1, 6, n, dtype=np.int8)
+        assert sorted(zip(centers.tolist(), contexts.tolist())) == reference_pairs(tokens, np.zeros(n), reach)
