@@ -133,3 +133,13 @@ def test_train_entry_point_relaunches_with_passive_openmp_waiting(monkeypatch, p
     monkeypatch.setattr(cli, "run_train", lambda args: 0)
     calls.clear()
     assert cli.main(argv) == 0 and calls == []                   # a library call: never relaunched
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "sparseadam"])
+def test_training_is_bitwise_the_same_for_any_thread_count(optimizer):
+    corpus = corpus_mod.synthetic_corpus(3000, 10, 40_000, seed=2)
+    tables = [train_mod.train(corpus, train_mod.TrainConfig(dim=16, batch_size=2048, optimizer=optimizer,
+                                                            threads=threads), progress=False).table
+              for threads in (1, 2, 3)]
+    assert np.abs(tables[0]).max() > 0.05                        # trained: the init is within 0.5 / 16
+    assert tables[0].tobytes() == tables[1].tobytes() == tables[2].tobytes()
