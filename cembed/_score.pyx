@@ -3,7 +3,8 @@
 ``scores[b, k] = <query[b], weight[indices[b, k]]>`` and its gradient with respect to the query,
 ``grad_query[b] = sum_k grad_scores[b, k] * weight[indices[b, k]]``, without gathering the
 (n_queries, n_per_query, dim) copy of the looked-up rows. Parallel over queries: query b's outputs
-are written by one thread in a fixed order, so the result does not depend on the thread count.
+are written by one thread in a fixed order, so the result does not depend on the thread count
+(nor on which thread takes which chunk of queries: the schedule is dynamic).
 Indices are range-checked by the caller (cembed.functional) first.
 """
 from cython.parallel cimport prange
@@ -12,6 +13,11 @@ from libc.math cimport exp, expf, fabs, fabsf, log1p, log1pf
 
 from cembed._typedefs cimport index_t
 from cembed._rows cimport prefetch_row, row_stride_items, PREFETCH_DISTANCE
+
+cdef enum:
+    # dynamic-schedule chunk of queries: a thread that the OS pauses (a shared host) holds up only
+    # its current chunk, not a static half of the batch; the results do not depend on the schedule
+    QUERIES_PER_CHUNK = 128
 
 
 cdef extern from "_score.h" nogil:
@@ -65,7 +71,7 @@ def dot_scores(const floating[:, ::1] query,     # IN  (n_queries, dim)
     flat = &indices[0, 0]
     n_total = n_queries * n_per
     with nogil:
-        for b in prange(n_queries, schedule="static", num_threads=n_threads):
+        for b in prange(n_queries, schedule="dynamic", chunksize=QUERIES_PER_CHUNK, num_threads=n_threads):
             for k in range(n_per):
                 ahead = b * n_per + k + PREFETCH_DISTANCE
                 if ahead < n_total:
@@ -100,7 +106,7 @@ def dot_scores_backward(const floating[:, ::1] grad_scores,   # IN  (n_queries, 
     flat = &indices[0, 0]
     n_total = n_queries * n_per
     with nogil:
-        for b in prange(n_queries, schedule="static", num_threads=n_threads):
+        for b in prange(n_queries, schedule="dynamic", chunksize=QUERIES_PER_CHUNK, num_threads=n_threads):
             for d in range(dim):
                 out[b, d] = 0
             for k in range(n_per):
@@ -157,7 +163,7 @@ def logistic_scores(const floating[:, ::1] query,       # IN  (n_queries, dim)
     flat = &indices[0, 0] if n_per > 0 else NULL
     n_total = n_queries * n_per
     with nogil:
-        for b in prange(n_queries, schedule="static", num_threads=n_threads):
+        for b in prange(n_queries, schedule="dynamic", chunksize=QUERIES_PER_CHUNK, num_threads=n_threads):
             total = 0
             for d in range(dim):
                 grad_query[b, d] = 0

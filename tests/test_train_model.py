@@ -57,3 +57,89 @@ def test_rowwise_adagrad_is_cembed_only(capsys):
     assert main(["train", "--vocab-size", "500", "--topics", "5", "--tokens", "5000", "--quiet", "--no-save",
                  "--no-plot", "--optimizer", "rowwise_adagrad", "--backend", "cembed,torch"]) == 2
     assert "rowwise_adagrad" in capsys.readouterr().err
+
+
+def reference_pairs(tokens, sentence, reach):
+    """Every (center, context) pair word2vec's dynamic window forms, one token at a time: token i
+    with each token j != i of its sentence with |i - j| <= reach[i]."""
+    out = []
+    for i in range(tokens.size):
+        for j in range(max(0, i - int(reach[i])), min(tokens.size, i + int(reach[i]) + 1)):
+            if j != i and sentence[j] == sentence[i]:
+                out.append((int(tokens[i]), int(tokens[j])))
+    return sorted(out)
+
+
+@pytest.mark.parametrize("window", [1, 3, 5])
+def test_pairs_are_word2vecs_dynamic_window_shuffled(window):
+    rng = np.random.default_rng(window)
+    n = 400
+    tokens = rng.permutation(n).astype(np.int32)                 # distinct words: a pair names its positions
+    sentence = np.sort(rng.integers(0, 30, n)).astype(np.int32)
+    corpus = corpus_mod.synthetic_corpus(60, 3, 2000, seed=0)
+    stream = train_mod.BatchStream(corpus, train_mod.TrainConfig(window=window))
+    reach = np.random.default_rng(7).integers(1, window + 1, n, dtype=np.int8)  # the stream's first draw
+    centers, contexts = stream.pairs(tokens, sentence, np.random.default_rng(7))
+    assert centers.dtype == contexts.dtype == np.int32
+    assert sorted(zip(centers.tolist(), contexts.tolist())) == reference_pairs(tokens, sentence, reach)
+    # shuffled: not in corpus order, and a token's pairs (up to 2 * window of them) are spread over the
+    # chunk rather than adjacent
+    position = np.argsort(tokens)
+    assert not np.all(np.diff(position[centers]) >= 0)
+    if window > 1:
+        adjacent = np.mean(centers[1:] == centers[:-1])
+        assert adjacent < 0.1
+
+
+def test_pairs_of_tiny_chunks():
+    corpus = corpus_mod.synthetic_corpus(60, 3, 2000, seed=0)
+    stream = train_mod.BatchStream(corpus, train_mod.TrainConfig(window=5))
+    for n in (0, 1, 2, 6):
+        tokens = np.arange(n, dtype=np.int32)
+        centers, contexts = stream.pairs(tokens, np.zeros(n, np.int32), np.random.default_rng(0))
+        reach = np.random.default_rng(0).integers(1, 6, n, dtype=np.int8)
+        assert sorted(zip(centers.tolist(), contexts.tolist())) == reference_pairs(tokens, np.zeros(n), reach)
+
+
+@pytest.mark.parametrize("preset", [None, "OMP_WAIT_POLICY", "GOMP_SPINCOUNT"])
+def test_train_entry_point_relaunches_with_passive_openmp_waiting(monkeypatch, preset):
+    """`python -m cembed train` runs again (exec) with OMP_WAIT_POLICY=passive unless the user chose
+    the OpenMP waiting; main(argv) inside another program never does."""
+    from cembed.apps import cli
+
+    for name in cli.OPENMP_WAIT_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    if preset is not None:
+        monkeypatch.setenv(preset, "active" if preset == "OMP_WAIT_POLICY" else "1000")
+    calls = []
+
+    def fake_exec(path, args, env):
+        calls.append((path, args, env))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli.os, "execve", fake_exec)
+    monkeypatch.setattr(train_mod, "train", lambda *a, **k: pytest.fail("trained in the process that relaunches"))
+    argv = ["train", "--vocab-size", "500", "--topics", "5", "--tokens", "100", "--quiet", "--no-save"]
+    monkeypatch.setattr(cli.sys, "argv", ["cembed", *argv])
+    monkeypatch.setattr(cli.sys, "orig_argv", ["python", "-m", "cembed", *argv])
+    if preset is None:
+        with pytest.raises(SystemExit):
+            cli.main()
+        [(path, args, env)] = calls
+        assert path == args[0] and args[1:] == ["-m", "cembed", *argv] and env["OMP_WAIT_POLICY"] == "passive"
+    else:
+        monkeypatch.setattr(cli, "run_train", lambda args: 0)
+        assert cli.main() == 0 and calls == []
+    monkeypatch.setattr(cli, "run_train", lambda args: 0)
+    calls.clear()
+    assert cli.main(argv) == 0 and calls == []                   # a library call: never relaunched
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "sparseadam"])
+def test_training_is_bitwise_the_same_for_any_thread_count(optimizer):
+    corpus = corpus_mod.synthetic_corpus(3000, 10, 40_000, seed=2)
+    tables = [train_mod.train(corpus, train_mod.TrainConfig(dim=16, batch_size=2048, optimizer=optimizer,
+                                                            threads=threads), progress=False).table
+              for threads in (1, 2, 3)]
+    assert np.abs(tables[0]).max() > 0.05                        # trained: the init is within 0.5 / 16
+    assert tables[0].tobytes() == tables[1].tobytes() == tables[2].tobytes()

@@ -378,6 +378,28 @@ def _network_namespace_relaunch(argv):
     return subprocess.call(command, env=env)
 
 
+#: Set either of these and the trainer keeps the OpenMP waiting you chose.
+OPENMP_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def _relaunch_with_passive_openmp_waiting():
+    """``train`` as the process entry point: run this same command again (``exec``, same process id)
+    with ``OMP_WAIT_POLICY=passive`` unless it or ``GOMP_SPINCOUNT`` is set. OpenMP reads them once,
+    when the kernels load (at ``import cembed``, before any argument is parsed), so this is the only
+    way to choose. By default an idle OpenMP worker spins for milliseconds after every parallel region;
+    a training step runs several regions with NumPy and Python work between them, so the workers spin
+    almost all the time, and on a shared host they lose their turn to the scheduler when a region needs
+    them (docs/performance.md: 2.5x the wall time and CPU time on a loaded host). Waiting passively costs
+    a wake-up of a few microseconds per region. POSIX only; never from ``main(argv)`` inside another
+    program."""
+    if os.name != "posix" or any(name in os.environ for name in OPENMP_WAIT_VARIABLES):
+        return
+    command = [sys.executable, *sys.orig_argv[1:]]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, command, dict(os.environ, OMP_WAIT_POLICY="passive"))
+
+
 def _output_dir_problem(path):
     """None when ``path`` is (or can be made) a writable directory, else what is wrong with it."""
     try:
@@ -405,6 +427,8 @@ def main(argv=None):
     ``train()`` never do."""
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if argv is None and args.command == "train":
+        _relaunch_with_passive_openmp_waiting()
     try:
         if args.command == "train" and args.shards and not args.ray_address:
             relaunch = _network_namespace_relaunch(sys.argv[1:] if argv is None else list(argv))

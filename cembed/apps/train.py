@@ -92,29 +92,33 @@ class BatchStream:
         self.neg_table = np.minimum(edges, corpus.vocab_size - 1).astype(np.int32)
 
     def pairs(self, tokens, sentence, rng):
-        """(centers, contexts) of one chunk, shuffled."""
-        window = self.config.window
-        reach = rng.integers(1, window + 1, tokens.size)   # word2vec's dynamic window
-        center_parts: List[np.ndarray] = []
-        context_parts: List[np.ndarray] = []
-        for offset in range(1, window + 1):
-            if offset >= tokens.size:
-                break
+        """(centers, contexts) of one chunk, shuffled: the kept tokens in a random order, and each
+        token's pairs spread over the chunk (its pair at distance slot j moved j/(2·window) of the
+        chunk further), so that a batch mixes distances and a token's pairs fall in different batches."""
+        window, n = self.config.window, tokens.size
+        reach = rng.integers(1, window + 1, n, dtype=np.int8)   # word2vec's dynamic window
+        # slot 2(o-1) holds token i + o, slot 2(o-1)+1 token i - o, or -1 where that is no context
+        # (past the window drawn for i, in another sentence, or outside the chunk)
+        context = np.full((n, 2 * window), -1, dtype=np.int32)
+        for offset in range(1, min(window, n - 1) + 1):
             same = sentence[offset:] == sentence[:-offset]
-            fwd = same & (reach[:-offset] >= offset)          # center i, context i + offset
-            bwd = same & (reach[offset:] >= offset)           # center i + offset, context i
-            center_parts += [tokens[:-offset][fwd], tokens[offset:][bwd]]
-            context_parts += [tokens[offset:][fwd], tokens[:-offset][bwd]]
-        if not center_parts:
-            return np.zeros(0, np.int32), np.zeros(0, np.int32)
-        # shuffled as one array of (center, context) int32 pairs: the swaps rng.permutation(n) would make,
-        # applied in place, without the two gathers through a permutation afterwards
-        pairs = np.empty((sum(p.size for p in center_parts), 2), dtype=np.int32)
-        np.concatenate(center_parts, out=pairs[:, 0])
-        np.concatenate(context_parts, out=pairs[:, 1])
-        packed = pairs.view(np.int64).reshape(-1)
-        rng.shuffle(packed)
-        return pairs[:, 0].copy(), pairs[:, 1].copy()
+            np.copyto(context[:-offset, 2 * offset - 2], tokens[offset:],
+                      where=same & (reach[:-offset] >= offset))
+            np.copyto(context[offset:, 2 * offset - 1], tokens[:-offset],
+                      where=same & (reach[offset:] >= offset))
+        # one permutation of the n tokens (not of the ~2·window·n pairs: far cheaper), rows moved with
+        # np.take (far cheaper than fancy indexing a 2-D array); then slot j is rolled by j·n/(2·window)
+        # rows, so that row i holds pairs of 2·window different tokens
+        order = rng.permutation(n)
+        context = np.take(context, order, axis=0)
+        center = np.empty_like(context)
+        center[:] = np.take(tokens, order)[:, None]
+        for slot in range(1, 2 * window):
+            shift = slot * n // (2 * window)
+            context[:, slot] = np.roll(context[:, slot], shift)
+            center[:, slot] = np.roll(center[:, slot], shift)
+        valid = context >= 0
+        return center[valid], context[valid]
 
     def __iter__(self):
         """Yields (center (B,), targets (B, 1 + negatives), words consumed so far)."""
@@ -138,7 +142,8 @@ class BatchStream:
                         continue
                     targets = np.empty((c.size, 1 + cfg.negatives), dtype=np.int32)
                     targets[:, 0] = contexts[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                    targets[:, 1:] = self.neg_table[rng.integers(0, self.TABLE_SIZE, (c.size, cfg.negatives))]
+                    draws = rng.integers(0, self.TABLE_SIZE, (c.size, cfg.negatives), dtype=np.int32)
+                    np.take(self.neg_table, draws, out=targets[:, 1:])
                     words = consumed + (hi - lo) * (b + 1) // n_batches
                     yield c, targets, words
                 consumed += hi - lo
