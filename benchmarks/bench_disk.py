@@ -1,7 +1,11 @@
 """Tables bigger than the memory limit: the main job with its tables and Adam state on disk.
 
     python benchmarks/bench_disk.py                       # 4M x 64: two tables + Adam state = 6 GiB
-    python benchmarks/bench_disk.py --vocab 1000000 --tokens 1000000 --limit-gib 0.25   # a quick one
+    python benchmarks/bench_disk.py --vocab 4000000 --tokens 150000 --limit-gib 1 --batch-size 8192 --rounds 2
+                                                          # issue 13's measurement (docs/storage.md), ~25 min
+    python benchmarks/bench_disk.py --vocab 1000000 --tokens 1000000 --limit-gib 0.25
+        # smaller files (1.43 GiB) but not quick: a step's pages (batch 32768) exceed the limit, the
+        # disk runs take many minutes; the limit must also exceed the set-up's ~0.4 GiB of memory
 
 Runs ``python -m cembed train`` (synthetic corpus, SparseAdam) three ways on the same corpus and
 settings, one after the other in fresh processes:
