@@ -1,7 +1,11 @@
 """Tables bigger than the memory limit: the main job with its tables and Adam state on disk.
 
     python benchmarks/bench_disk.py                       # 4M x 64: two tables + Adam state = 6 GiB
-    python benchmarks/bench_disk.py --vocab 1000000 --tokens 1000000 --limit-gib 0.25   # a quick one
+    python benchmarks/bench_disk.py --vocab 4000000 --tokens 150000 --limit-gib 1 --batch-size 8192 --rounds 2
+                                                          # issue 13's measurement (docs/storage.md), ~25 min
+    python benchmarks/bench_disk.py --vocab 1000000 --tokens 1000000 --limit-gib 0.25
+        # smaller files (1.43 GiB) but not quick: a step's pages (batch 32768) exceed the limit, the
+        # disk runs take many minutes; the limit must also exceed the set-up's ~0.4 GiB of memory
 
 Runs ``python -m cembed train`` (synthetic corpus, SparseAdam) three ways on the same corpus and
 settings, one after the other in fresh processes:
@@ -12,7 +16,20 @@ settings, one after the other in fresh processes:
 * ``disk``: the same without prefetching the next batch's rows (``--no-prefetch``).
 
 and reports words/s (and the ratio to ``ram``), the process's peak RSS, the cgroup's peak usage and
-the bytes the process read from / wrote to the disk (``/proc/<pid>/io``). The limit needs a writable
+the bytes the process read from / wrote to the disk (``/proc/<pid>/io``: ``write_bytes`` counts pages
+*dirtied*, so a page written back and dirtied again counts again), its major page faults and user /
+system CPU time, the device's own read / write totals during the run (``/sys/dev/block``: the whole
+disk, other processes included), and the cgroup's mean and peak anonymous memory, page cache, dirty
+and under-writeback pages (``memory.stat``, sampled every 0.25 s). Every number covers the whole
+process: creating the tables (the input table's 1 GiB is written) and the final checkpoint (5.7 GiB
+copied, mostly holes of the sparse state files) are in the byte counts, not in words/s.
+
+Before the runs, a *page model* replays the run's batches (the trainer's corpus and batch stream,
+no training) and prints how many rows and 4 KiB pages a step touches and the run's whole working
+set of pages: what the page cache would have to hold (``--no-model`` skips it). ``--runs`` picks
+runs (e.g. ``--runs disk+prefetch``), ``--rounds`` interleaves repeats (medians reported).
+
+The limit needs a writable
 memory cgroup (v2: ``/sys/fs/cgroup`` with the memory controller; v1: ``/sys/fs/cgroup/memory``): as
 root on Linux. Without one the disk runs are skipped with a message. This is a script, not a test:
 pytest collects nothing here. The files (``--dir``, default ``./cembed-bench-disk``) are removed at
@@ -25,14 +42,19 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
+import numpy as np
+
 CHILD = r"""
-import sys
+import resource, sys
 from cembed.apps.cli import main
 rc = main(sys.argv[1:])
 with open("/proc/self/io") as fh:
     print("IO " + " ".join(line.strip().replace(": ", "=") for line in fh), flush=True)
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(f"RUSAGE majflt={ru.ru_majflt} minflt={ru.ru_minflt} utime={ru.ru_utime:.2f} stime={ru.ru_stime:.2f}", flush=True)
 sys.exit(rc)
 """
 
@@ -123,31 +145,145 @@ def gib(n):
     return f"{n / (1 << 30):.2f} GiB" if n is not None else "n/a"
 
 
+class Sampler:
+    """Samples the cgroup's memory.stat while a run goes: peaks of anonymous memory (rss), page cache,
+    dirty and under-writeback pages, and the workingset refaults (pages read again after eviction)."""
+
+    KEYS = ("rss", "cache", "dirty", "writeback")
+
+    def __init__(self, cgroup, every=0.25):
+        self.cgroup, self.every = cgroup, every
+        self.peak = dict.fromkeys(self.KEYS, 0)
+        self.sum = dict.fromkeys(self.KEYS, 0)
+        self.n = 0
+        self.first = self.last = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def read(self):
+        try:
+            with open(os.path.join(self.cgroup.path, "memory.stat")) as fh:
+                return {k: int(v) for k, v in (line.split() for line in fh)}
+        except (OSError, ValueError):
+            return None
+
+    def _loop(self):
+        while not self.stop.wait(self.every):
+            stat = self.read()
+            if stat is None:
+                continue
+            self.first = self.first or stat
+            self.last = stat
+            self.n += 1
+            for k in self.KEYS:
+                v = stat.get(k, stat.get("file_" + k, 0))
+                self.peak[k] = max(self.peak[k], v)
+                self.sum[k] += v
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def summary(self):
+        if not self.n:
+            return {}
+        out = {f"peak_{k}": self.peak[k] for k in self.KEYS}
+        out.update({f"mean_{k}": self.sum[k] / self.n for k in self.KEYS})
+        for k in ("workingset_refault_file", "workingset_refault", "pgmajfault"):
+            if k in self.last:
+                out[k] = self.last[k] - self.first[k]
+        return out
+
+
+def device_stat(path):
+    """(sectors read, sectors written, read I/Os, write I/Os) of the block device holding ``path``, from
+    ``/sys/dev/block/M:m/stat`` (the whole device: other processes' I/O is included), or None."""
+    st = os.stat(path)
+    try:
+        with open(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/stat") as fh:
+            f = [int(x) for x in fh.read().split()]
+    except (OSError, ValueError):
+        return None
+    return f[2], f[6], f[0], f[4]
+
+
 def run(label, args, common, cgroup=None):
     cmd = [sys.executable, "-c", CHILD, "train"] + common + args
     print(f"\n[{label}] {' '.join(['python -m cembed train'] + common + args)}"
           + (f"   (cgroup limit {gib(cgroup.limit)})" if cgroup else ""), flush=True)
     if cgroup:
         cgroup.reset_peak()
+    where = os.path.dirname(os.path.abspath(args[args.index("--table-dir") + 1])) if "--table-dir" in args else "."
+    dev0 = device_stat(where)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cgroup.enter if cgroup else None)
+    sampler = Sampler(cgroup) if cgroup else None
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=cgroup.enter if cgroup else None)
+    if sampler:
+        with sampler:
+            out, err = proc.communicate()
+    else:
+        out, err = proc.communicate()
     wall = time.perf_counter() - t0
-    out = proc.stdout
+    dev1 = device_stat(where)
     if proc.returncode != 0:
         killed = " (killed: out of memory under the limit?)" if proc.returncode == -9 else ""
-        print(f"  FAILED with exit code {proc.returncode}{killed}", out[-2000:], proc.stderr[-3000:], sep="\n")
+        print(f"  FAILED with exit code {proc.returncode}{killed}", out[-2000:], err[-3000:], sep="\n")
         return {"label": label, "failed": proc.returncode}
     line = re.search(r"^cembed\s+([\d.]+)s\s+([\d,]+) words/s\s+peak RSS ([\d.]+) (\w+)", out, re.M)
     io = dict(kv.split("=") for kv in re.search(r"^IO (.*)$", out, re.M).group(1).split())
+    ru = dict(kv.split("=") for kv in re.search(r"^RUSAGE (.*)$", out, re.M).group(1).split())
     unit = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}[line.group(4)]
     result = {"label": label, "seconds": float(line.group(1)), "wps": float(line.group(2).replace(",", "")),
               "rss": float(line.group(3)) * unit, "read": int(io["read_bytes"]), "written": int(io["write_bytes"]),
               "wall": wall, "cgroup_peak": cgroup.peak() if cgroup else None,
-              "failcnt": cgroup.failcnt() if cgroup else None}
-    print(f"  {result['wps']:>12,.0f} words/s   train {result['seconds']:.1f}s (process {wall:.1f}s)   peak RSS "
-          f"{gib(result['rss'])}   cgroup peak {gib(result['cgroup_peak'])}   disk read {gib(result['read'])} "
-          f"written {gib(result['written'])}", flush=True)
+              "failcnt": cgroup.failcnt() if cgroup else None, "majflt": int(ru["majflt"]),
+              "cpu": float(ru["utime"]) + float(ru["stime"]), "user": float(ru["utime"]), "sys": float(ru["stime"])}
+    print(f"  {result['wps']:>12,.0f} words/s   train {result['seconds']:.1f}s (process {wall:.1f}s: user "
+          f"{result['user']:.1f}s, sys {result['sys']:.1f}s)   peak RSS {gib(result['rss'])}   cgroup peak {gib(result['cgroup_peak'])}   "
+          f"disk read {gib(result['read'])} written {gib(result['written'])}   major faults {result['majflt']:,}",
+          flush=True)
+    if dev0 and dev1:
+        d = [b - a for a, b in zip(dev0, dev1)]
+        result.update(dev_read=d[0] * 512, dev_written=d[1] * 512, dev_read_ios=d[2], dev_write_ios=d[3])
+        print(f"  device (whole disk, all processes): read {gib(d[0] * 512)} in {d[2]:,} I/Os, written "
+              f"{gib(d[1] * 512)} in {d[3]:,} I/Os", flush=True)
+    if sampler and sampler.n:
+        st = sampler.summary()
+        result.update(st)
+        print("  cgroup: " + "   ".join(f"{k} {gib(st[f'mean_{k}'])} (peak {gib(st[f'peak_{k}'])})"
+                                       for k in Sampler.KEYS)
+              + "".join(f"   {k} {st[k]:,}" for k in ("workingset_refault_file", "workingset_refault")
+                        if k in st), flush=True)
     return result
+
+
+def page_model(args):
+    """Replays the run's batches (the trainer's own corpus and batch stream, no training) and counts
+    the 4 KiB pages each step touches: what the disk runs must have in memory per step, and over the
+    whole run (the working set the page cache would need to hold to read each page once)."""
+    from cembed.apps import corpus as corpus_mod, train as train_mod
+    corpus = corpus_mod.synthetic_corpus(args.vocab, 100, args.tokens, seed=0)
+    config = train_mod.TrainConfig(dim=args.dim, batch_size=args.batch_size)
+    rows_per_page = max(1, 4096 // (args.dim * 4))
+    n_pages = corpus.vocab_size // rows_per_page + 1
+    seen_in, seen_out = np.zeros(n_pages, bool), np.zeros(n_pages, bool)
+    steps = per_step = rows = 0
+    for centers, targets, _ in train_mod.BatchStream(corpus, config):
+        pin, pout = np.unique(centers // rows_per_page), np.unique(targets // rows_per_page)
+        seen_in[pin] = seen_out[pout] = True
+        per_step += pin.size + pout.size
+        rows += np.unique(centers).size + np.unique(targets).size
+        steps += 1
+    used = int((corpus.counts > 0).sum())
+    print(f"page model: {used:,} of {corpus.vocab_size:,} words occur in the corpus; {steps} steps; per step "
+          f"{rows / steps:,.0f} distinct rows in {per_step / steps:,.0f} pages per table pair, x3 arrays (table + "
+          f"2 moments) = {gib(3 * 4096 * per_step / steps)}; whole run: "
+          f"{gib(3 * 4096 * (int(seen_in.sum()) + int(seen_out.sum())))} of distinct pages", flush=True)
 
 
 def main(argv=None):
@@ -161,8 +297,16 @@ def main(argv=None):
     p.add_argument("--dir", default="cembed-bench-disk")
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds of the three runs")
     p.add_argument("--skip-ram", action="store_true")
+    p.add_argument("--runs", default="ram,disk+prefetch,disk",
+                   help="which runs, comma-separated (default: ram,disk+prefetch,disk)")
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--no-model", action="store_true", help="skip the page model (replaying the batches)")
     args = p.parse_args(argv)
+    runs = set(args.runs.split(","))
+    if args.skip_ram:
+        runs.discard("ram")
+    if runs - {"ram", "disk+prefetch", "disk"}:
+        p.error(f"--runs: unknown {sorted(runs - {'ram', 'disk+prefetch', 'disk'})}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # killed: still remove the cgroup and the files
 
     on_disk = args.vocab * args.dim * 4 * 6     # two tables + Adam's two moments for each
@@ -176,18 +320,22 @@ def main(argv=None):
     common = ["--vocab-size", str(args.vocab), "--tokens", str(args.tokens), "--dim", str(args.dim),
               "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--optimizer", "sparseadam",
               "--no-save", "--no-plot", "--quiet"]
+    if not args.no_model:
+        page_model(args)
     cgroup = Cgroup(limit)
     if cgroup.path is None:
         print(f"SKIP the limited runs: no writable memory cgroup here ({getattr(cgroup, 'problem', 'none found')})")
     results = []
     try:
         for _ in range(args.rounds):
-            if not args.skip_ram:
+            if "ram" in runs:
                 results.append(run("ram", [], common))
             if cgroup.path is not None:
                 table_dir = os.path.abspath(args.dir)
-                results.append(run("disk+prefetch", ["--table-dir", table_dir], common, cgroup))
-                results.append(run("disk", ["--table-dir", table_dir, "--no-prefetch"], common, cgroup))
+                if "disk+prefetch" in runs:
+                    results.append(run("disk+prefetch", ["--table-dir", table_dir], common, cgroup))
+                if "disk" in runs:
+                    results.append(run("disk", ["--table-dir", table_dir, "--no-prefetch"], common, cgroup))
     finally:
         cgroup.remove()
         if not args.keep:
@@ -203,7 +351,8 @@ def main(argv=None):
         r = rows[len(rows) // 2]
         ratio = f"{r['wps'] / ram_wps:.2f}x ram" if ram_wps else ""
         print(f"  {label:<14} {r['wps']:>12,.0f} words/s  {ratio:>9}   peak RSS {gib(r['rss'])}   cgroup peak "
-              f"{gib(r['cgroup_peak'])}   read {gib(r['read'])}   written {gib(r['written'])}")
+              f"{gib(r['cgroup_peak'])}   read {gib(r['read'])}   written {gib(r['written'])}   major faults "
+              f"{r['majflt']:,}   cpu user {r['user']:.1f}s sys {r['sys']:.1f}s")
     return 0
 
 

@@ -9,7 +9,8 @@ needs is here, written once:
 * :func:`create_zeros` — a zero ``.npy`` file without writing its data (a sparse file);
 * :func:`copy_rows` — copy one array into another in bounded-size row blocks;
 * :func:`backing_file` — the ``.npy`` file a memory-mapped array maps whole, if any;
-* :func:`fsync_path` / :func:`fsync_directory` — durability.
+* :func:`fsync_path` / :func:`fsync_directory` — durability;
+* :func:`release_free_memory` — give the heap memory freed by a set-up back to the system.
 
 Which dtypes a table may have is decided by ``_dtypes`` (float32, float64, float16, bfloat16), so a
 dtype the engine learns is a dtype tables on disk support. How a 16-bit array is stored in a ``.npy``
@@ -21,6 +22,7 @@ durability rules: ``docs/storage.md``.
 """
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import tempfile
@@ -34,7 +36,7 @@ from ._validation import check_choice, check_int, check_size
 
 __all__ = ["open_table", "map_array", "read_header", "NpyHeader", "create_zeros", "copy_rows", "backing_file",
            "fsync_path", "fsync_directory", "file_dtype", "to_file", "from_file", "CHUNK_BYTES", "INITS",
-           "ADVICE"]
+           "ADVICE", "release_free_memory"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -573,3 +575,39 @@ def map_array(path: PathLike, mode: str = "r", header: Optional[NpyHeader] = Non
     if dtype is not None:
         header = _logical(header, dtype, path)
     return _map(path, header, mode, advice)
+
+
+# ============================================================================ process memory
+
+def _libc_function(name: str, argtypes: list, restype: Any) -> Any:
+    """A C library function through ctypes, or None where the platform has none (not Linux/glibc)."""
+    try:
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes, function.restype = argtypes, restype
+    return function
+
+
+_malloc_trim = _libc_function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
+
+
+def release_free_memory() -> bool:
+    """Return the heap memory the process has freed to the operating system (glibc's
+    ``malloc_trim``); True when it was called.
+
+    A set-up that allocates and frees large temporaries (a vocabulary, a sampling table) can leave
+    hundreds of MiB freed but still held by the C allocator: under a memory limit that is memory
+    the page cache of tables on disk cannot use. Values are never changed. Elsewhere than glibc it
+    does nothing and returns False.
+
+    Examples
+    --------
+    >>> import cembed
+    >>> cembed.storage.release_free_memory() in (True, False)
+    True
+    """
+    if _malloc_trim is None:
+        return False
+    _malloc_trim(0)
+    return True

@@ -550,6 +550,8 @@ def _train(corpus, config, progress):
     for name, words in (eval_sets or {}).items():
         before[name], chance[name] = topic_precision(model.input_table(), words, corpus.topics)
     stream = iter(BatchStream(corpus, config))
+    if table_dir is not None:   # the set-up's freed temporaries: page cache for the tables under a memory limit
+        cembed.storage.release_free_memory()
     for _ in range(done_steps):   # the stream is deterministic: skip what the checkpoint has trained on
         next(stream)
     total = corpus.n_tokens * config.epochs
