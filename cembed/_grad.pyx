@@ -72,6 +72,25 @@ cdef void _sum_segment(const floating *values, Py_ssize_t value_stride, Py_ssize
             row_add(out_row, v, dim)
 
 
+cdef inline void _sum_chunk(const floating *values, Py_ssize_t dim,
+                            const int64_t *order, const int64_t *starts,   # IN  as segment_sum
+                            const int64_t *seg_ids, Py_ssize_t lo, Py_ssize_t hi,   # IN  the chunk: seg_ids[lo:hi]
+                            Py_ssize_t n_entries, const int64_t *src, const floating *scale, bint by_freq,
+                            floating *rows) noexcept nogil:                 # OUT (hi - lo, dim)
+    """The first phase of a segment_update chunk: rows[j - lo] = the summed gradient row of segment
+    seg_ids[j] (zero, then its contributions in input order, exactly as segment_sum's compact output)."""
+    cdef Py_ssize_t j, s, d, count
+    cdef floating *row
+    for j in range(lo, hi):
+        s = seg_ids[j]
+        count = starts[s + 1] - starts[s]
+        row = rows + (j - lo) * dim
+        for d in range(dim):
+            row[d] = 0
+        _sum_segment(values, dim, dim, &order[starts[s]], count, n_entries - starts[s + 1], src, scale,
+                     <floating> (1.0 / <double> count), by_freq, row)
+
+
 def segment_sum(const floating[:, ::1] values,   # IN  (n_values, dim) gradient rows
                 const int64_t[::1] order,         # IN  (n_entries,) entry positions grouped by row, input order
                 const int64_t[::1] starts,        # IN  (n_segments + 1,) segment s = order[starts[s]:starts[s+1]]
@@ -157,7 +176,7 @@ def segment_update(const floating[:, ::1] values,  # IN  (n_values, dim) gradien
     cdef Py_ssize_t n_out = seg_ids.shape[0]
     cdef Py_ssize_t n_entries = order.shape[0]
     cdef Py_ssize_t dim = values.shape[1]
-    cdef Py_ssize_t j, s, d, r, ahead, count, row_stride, c, lo, hi
+    cdef Py_ssize_t j, r, ahead, row_stride, c, lo, hi
     cdef Py_ssize_t chunk = _update_chunk(dim * sizeof(floating))
     cdef Py_ssize_t n_chunks = (n_out + chunk - 1) // chunk
     cdef const int64_t *src_ptr = &src[0] if src.shape[0] > 0 else NULL
@@ -170,7 +189,6 @@ def segment_update(const floating[:, ::1] values,  # IN  (n_values, dim) gradien
     cdef floating *w
     cdef floating *scratch
     cdef floating *scratch_rows
-    cdef floating inv_count
     cdef floating sign = -1 if maximize else 1
     cdef floating q0 = <floating> p0, q1 = <floating> p1, q2 = <floating> p2, q3 = <floating> p3
     if n_out == 0 or dim == 0:
@@ -194,14 +212,8 @@ def segment_update(const floating[:, ::1] values,  # IN  (n_values, dim) gradien
             for c in prange(n_chunks, schedule="dynamic", chunksize=1):
                 lo = c * chunk
                 hi = min(lo + chunk, n_out)
-                for j in range(lo, hi):          # the sums of the chunk's segments
-                    s = seg_ids[j]
-                    count = starts[s + 1] - starts[s]
-                    for d in range(dim):
-                        scratch[(j - lo) * dim + d] = 0
-                    inv_count = <floating> (1.0 / <double> count)
-                    _sum_segment(values_ptr, dim, dim, &order[starts[s]], count, n_entries - starts[s + 1],
-                                 src_ptr, scale_ptr, inv_count, scale_grad_by_freq, scratch + (j - lo) * dim)
+                _sum_chunk(values_ptr, dim, &order[0], &starts[0], &seg_ids[0], lo, hi, n_entries, src_ptr,
+                           scale_ptr, scale_grad_by_freq, scratch)   # the sums of the chunk's segments
                 for j in range(lo, hi):          # then their row updates
                     if j + UPDATE_PREFETCH_ROWS < hi:
                         ahead = seg_rows[seg_ids[j + UPDATE_PREFETCH_ROWS]]
@@ -252,7 +264,7 @@ def segment_update_half(const float[:, ::1] values,   # IN  (n_values, dim) floa
     cdef Py_ssize_t n_out = seg_ids.shape[0]
     cdef Py_ssize_t n_entries = order.shape[0]
     cdef Py_ssize_t dim = values.shape[1]
-    cdef Py_ssize_t j, s, d, r, ahead, count, row_stride, c, lo, hi
+    cdef Py_ssize_t j, r, ahead, row_stride, c, lo, hi
     cdef Py_ssize_t chunk = _update_chunk(dim * sizeof(float))
     cdef Py_ssize_t n_chunks = (n_out + chunk - 1) // chunk
     cdef const int64_t *src_ptr = &src[0] if src.shape[0] > 0 else NULL
@@ -266,7 +278,6 @@ def segment_update_half(const float[:, ::1] values,   # IN  (n_values, dim) floa
     cdef uint16_t *w
     cdef float *scratch
     cdef float *scratch_rows
-    cdef float inv_count
     cdef float sign = -1 if maximize else 1
     cdef float q0 = <float> p0, q1 = <float> p1, q2 = <float> p2, q3 = <float> p3
     if n_out == 0 or dim == 0:
@@ -293,14 +304,8 @@ def segment_update_half(const float[:, ::1] values,   # IN  (n_values, dim) floa
             for c in prange(n_chunks, schedule="dynamic", chunksize=1):   # as segment_update
                 lo = c * chunk
                 hi = min(lo + chunk, n_out)
-                for j in range(lo, hi):
-                    s = seg_ids[j]
-                    count = starts[s + 1] - starts[s]
-                    for d in range(dim):
-                        scratch[(j - lo) * dim + d] = 0
-                    inv_count = <float> (1.0 / <double> count)
-                    _sum_segment(values_ptr, dim, dim, &order[starts[s]], count, n_entries - starts[s + 1],
-                                 src_ptr, scale_ptr, inv_count, scale_grad_by_freq, scratch + (j - lo) * dim)
+                _sum_chunk(values_ptr, dim, &order[0], &starts[0], &seg_ids[0], lo, hi, n_entries, src_ptr,
+                           scale_ptr, scale_grad_by_freq, scratch)
                 for j in range(lo, hi):
                     if j + UPDATE_PREFETCH_ROWS < hi:
                         ahead = seg_rows[seg_ids[j + UPDATE_PREFETCH_ROWS]]
