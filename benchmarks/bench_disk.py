@@ -7,13 +7,16 @@
         # smaller files (1.43 GiB) but not quick: a step's pages (batch 32768) exceed the limit, the
         # disk runs take many minutes; the limit must also exceed the set-up's ~0.4 GiB of memory
 
-Runs ``python -m cembed train`` (synthetic corpus, SparseAdam) three ways on the same corpus and
+Runs ``python -m cembed train`` (synthetic corpus, SparseAdam) four ways on the same corpus and
 settings, one after the other in fresh processes:
 
 * ``ram``: everything in memory, no limit (the reference);
-* ``disk+prefetch``: ``--table-dir`` (tables and Adam state as memory-mapped files), under a cgroup
-  memory limit of ``--limit-gib`` (page cache included: the kernel has to evict table pages);
-* ``disk``: the same without prefetching the next batch's rows (``--no-prefetch``).
+* ``disk+prefetch``: ``--table-dir`` (tables and Adam state as memory-mapped files, rows stored by
+  corpus count: the trainer's default), under a cgroup memory limit of ``--limit-gib`` (page cache
+  included: the kernel has to evict table pages);
+* ``disk``: the same without prefetching the next batch's rows (``--no-prefetch``);
+* ``disk-id+prefetch``: ``--table-dir --row-order id``, rows stored by word id (the layout before the
+  count order; the frequent words' rows are still together, the rare ones one or two per page).
 
 and reports words/s (and the ratio to ``ram``), the process's peak RSS, the cgroup's peak usage and
 the bytes the process read from / wrote to the disk (``/proc/<pid>/io``: ``write_bytes`` counts pages
@@ -264,26 +267,39 @@ def run(label, args, common, cgroup=None):
 
 def page_model(args):
     """Replays the run's batches (the trainer's own corpus and batch stream, no training) and counts
-    the 4 KiB pages each step touches: what the disk runs must have in memory per step, and over the
-    whole run (the working set the page cache would need to hold to read each page once)."""
+    the 4 KiB pages each step touches, for both row orders of the files (by corpus count, the
+    default, and by word id): what the disk runs must have in memory per step, and over the whole run
+    (the working set the page cache would need to hold to read each page once)."""
     from cembed.apps import corpus as corpus_mod, train as train_mod
     corpus = corpus_mod.synthetic_corpus(args.vocab, 100, args.tokens, seed=0)
     config = train_mod.TrainConfig(dim=args.dim, batch_size=args.batch_size)
+    rank = np.empty(corpus.vocab_size, np.int64)
+    rank[np.argsort(-corpus.counts.astype(np.int64), kind="stable")] = np.arange(corpus.vocab_size)
     rows_per_page = max(1, 4096 // (args.dim * 4))
     n_pages = corpus.vocab_size // rows_per_page + 1
-    seen_in, seen_out = np.zeros(n_pages, bool), np.zeros(n_pages, bool)
-    steps = per_step = rows = 0
+    orders = {"count": rank, "id": None}
+    seen = {name: (np.zeros(n_pages, bool), np.zeros(n_pages, bool)) for name in orders}
+    per_step = dict.fromkeys(orders, 0)
+    steps = rows = 0
     for centers, targets, _ in train_mod.BatchStream(corpus, config):
-        pin, pout = np.unique(centers // rows_per_page), np.unique(targets // rows_per_page)
-        seen_in[pin] = seen_out[pout] = True
-        per_step += pin.size + pout.size
+        for name, to_row in orders.items():
+            c, t = (centers, targets) if to_row is None else (to_row[centers], to_row[targets])
+            pin, pout = np.unique(c // rows_per_page), np.unique(t // rows_per_page)
+            seen[name][0][pin] = seen[name][1][pout] = True
+            per_step[name] += pin.size + pout.size
         rows += np.unique(centers).size + np.unique(targets).size
         steps += 1
     used = int((corpus.counts > 0).sum())
     print(f"page model: {used:,} of {corpus.vocab_size:,} words occur in the corpus; {steps} steps; per step "
-          f"{rows / steps:,.0f} distinct rows in {per_step / steps:,.0f} pages per table pair, x3 arrays (table + "
-          f"2 moments) = {gib(3 * 4096 * per_step / steps)}; whole run: "
-          f"{gib(3 * 4096 * (int(seen_in.sum()) + int(seen_out.sum())))} of distinct pages", flush=True)
+          f"{rows / steps:,.0f} distinct rows (both tables)", flush=True)
+    for name in orders:
+        pages = per_step[name] / steps
+        print(f"  rows by {name:<5}: per step {pages:,.0f} pages per table pair, x3 arrays (table + 2 moments) = "
+              f"{gib(3 * 4096 * pages)}; whole run: {gib(3 * 4096 * (int(seen[name][0].sum()) + int(seen[name][1].sum())))}"
+              " of distinct pages", flush=True)
+
+
+RUNS = ("ram", "disk+prefetch", "disk", "disk-id+prefetch")
 
 
 def main(argv=None):
@@ -297,16 +313,16 @@ def main(argv=None):
     p.add_argument("--dir", default="cembed-bench-disk")
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds of the three runs")
     p.add_argument("--skip-ram", action="store_true")
-    p.add_argument("--runs", default="ram,disk+prefetch,disk",
-                   help="which runs, comma-separated (default: ram,disk+prefetch,disk)")
+    p.add_argument("--runs", default=",".join(RUNS),
+                   help=f"which runs, comma-separated (default: {','.join(RUNS)})")
     p.add_argument("--keep", action="store_true")
     p.add_argument("--no-model", action="store_true", help="skip the page model (replaying the batches)")
     args = p.parse_args(argv)
     runs = set(args.runs.split(","))
     if args.skip_ram:
         runs.discard("ram")
-    if runs - {"ram", "disk+prefetch", "disk"}:
-        p.error(f"--runs: unknown {sorted(runs - {'ram', 'disk+prefetch', 'disk'})}")
+    if runs - set(RUNS):
+        p.error(f"--runs: unknown {sorted(runs - set(RUNS))}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # killed: still remove the cgroup and the files
 
     on_disk = args.vocab * args.dim * 4 * 6     # two tables + Adam's two moments for each
@@ -336,6 +352,9 @@ def main(argv=None):
                     results.append(run("disk+prefetch", ["--table-dir", table_dir], common, cgroup))
                 if "disk" in runs:
                     results.append(run("disk", ["--table-dir", table_dir, "--no-prefetch"], common, cgroup))
+                if "disk-id+prefetch" in runs:
+                    results.append(run("disk-id+prefetch", ["--table-dir", table_dir, "--row-order", "id"], common,
+                                       cgroup))
     finally:
         cgroup.remove()
         if not args.keep:
@@ -343,14 +362,14 @@ def main(argv=None):
     print("\nsummary (medians over rounds)")
     ram = [r["wps"] for r in results if r["label"] == "ram" and "wps" in r]
     ram_wps = sorted(ram)[len(ram) // 2] if ram else None
-    for label in ("ram", "disk+prefetch", "disk"):
+    for label in RUNS:
         rows = [r for r in results if r["label"] == label and "wps" in r]
         if not rows:
             continue
         rows.sort(key=lambda r: r["wps"])
         r = rows[len(rows) // 2]
         ratio = f"{r['wps'] / ram_wps:.2f}x ram" if ram_wps else ""
-        print(f"  {label:<14} {r['wps']:>12,.0f} words/s  {ratio:>9}   peak RSS {gib(r['rss'])}   cgroup peak "
+        print(f"  {label:<16} {r['wps']:>12,.0f} words/s  {ratio:>9}   peak RSS {gib(r['rss'])}   cgroup peak "
               f"{gib(r['cgroup_peak'])}   read {gib(r['read'])}   written {gib(r['written'])}   major faults "
               f"{r['majflt']:,}   cpu user {r['user']:.1f}s sys {r['sys']:.1f}s")
     return 0

@@ -462,3 +462,65 @@ def test_trainer_refusals(tmp_path):
     assert no_dir.returncode == 2 and "need --table-dir" in no_dir.stderr
     nothing = _train_cli(["--table-dir", "empty", "--resume"], tmp_path, env)
     assert nothing.returncode == 1 and "--resume" in nothing.stderr
+
+
+def _word_order(vocab_size, tokens, seed=0):
+    """The trainer's --row-order count: words by corpus count, most frequent first, ties by id."""
+    from cembed.apps import corpus as corpus_mod
+    counts = corpus_mod.synthetic_corpus(vocab_size, 100, tokens, seed=seed).counts
+    order = np.argsort(-counts.astype(np.int64), kind="stable")
+    assert (np.diff(counts[order].astype(np.int64)) <= 0).all()
+    return order
+
+
+@pytest.mark.parametrize("options", [["--optimizer", "sparseadam", "--threads", "2"], ["--optimizer", "sgd"]])
+def test_trainer_table_dir_rows_by_count_train_bitwise_like_memory(tmp_path, options):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    runs = {"ram": [], "count": ["--table-dir", "count"], "id": ["--table-dir", "id", "--row-order", "id"]}
+    for name, args in runs.items():
+        done = subprocess.run([sys.executable, "-m", "cembed", "train", "--vocab-size", "3000", "--tokens", "120000",
+                               "--batch-size", "256", "--no-plot", "--quiet", "--threads", "1", "--out", f"out-{name}"]
+                              + args + options, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+    in_ram = np.load(tmp_path / "out-ram" / "embeddings.npy")
+    for name in ("count", "id"):   # the embeddings, read by word from the files, are the in-memory training's
+        assert_bitwise_equal(np.load(tmp_path / f"out-{name}" / "embeddings.npy"), in_ram)
+    # the files: by word id, or by corpus count (row p holds word order[p]); the checkpoints likewise
+    order = _word_order(3000, 120000)
+    assert not np.array_equal(order, np.arange(order.size))
+    assert_bitwise_equal(np.load(tmp_path / "id" / "tables" / "in.npy"), in_ram)
+    assert_bitwise_equal(np.load(tmp_path / "count" / "tables" / "in.npy"), in_ram[order])
+    assert_bitwise_equal(np.load(tmp_path / "count" / "checkpoint" / "module.in.npy"), in_ram[order])
+    out_id = np.load(tmp_path / "id" / "checkpoint" / "module.out.npy")
+    assert out_id.any()
+    assert_bitwise_equal(np.load(tmp_path / "count" / "checkpoint" / "module.out.npy"), out_id[order])
+    # a resume must keep the row order the checkpoint was written with
+    other = _train_cli(["--table-dir", "count", "--resume", "--row-order", "id"] + options, tmp_path, env)
+    assert other.returncode == 1 and "row_order 'count:" in other.stderr and "-> 'id'" in other.stderr, other.stderr
+
+
+def test_trainer_row_order_refusals(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    no_dir = _train_cli(["--row-order", "id"], tmp_path, env)
+    assert no_dir.returncode == 2 and "need --table-dir" in no_dir.stderr
+    keyed = _train_cli(["--table-dir", "half", "--row-order", "count", "--dtype", "bfloat16"], tmp_path, env)
+    assert keyed.returncode == 2 and "keyed by the table row" in keyed.stderr, keyed.stderr
+    assert not (tmp_path / "half").exists()   # refused before anything was created
+
+
+def test_word_rows_reads_a_table_stored_in_another_order():
+    from cembed.apps.train import WordRows
+    rng = np.random.default_rng(0)
+    by_word = rng.standard_normal((50, 4)).astype(np.float32)
+    order = rng.permutation(50)             # file row p holds word order[p]
+    rank = np.empty(50, np.int32)
+    rank[order] = np.arange(50, dtype=np.int32)
+    stored = by_word[order]
+    rows = WordRows(stored, rank)
+    assert rows.shape == (50, 4) and len(rows) == 50 and rows.dtype == np.float32
+    words = np.array([3, 0, 49, 3])
+    assert_bitwise_equal(rows[words], by_word[words])
+    assert_bitwise_equal(np.asarray(rows), by_word)
+    assert np.asarray(rows, dtype=np.float64).dtype == np.float64
+    half = WordRows(stored.astype(np.float16))   # no rank: rows in word order; 16-bit read as float32
+    assert half[words].dtype == np.float32 and np.array_equal(half[words], stored.astype(np.float16)[words])

@@ -119,6 +119,10 @@ def build_parser():
                       help="--table-dir: also checkpoint every STEPS steps (default: at the end only)")
     disk.add_argument("--no-prefetch", action="store_true",
                       help="--table-dir: do not prefetch the next batch's rows (for measuring what it buys)")
+    disk.add_argument("--row-order", choices=("count", "id"), default=None,
+                      help="--table-dir: store the rows by corpus count, most frequent word first, so that the "
+                           "rows a run touches share pages (count; the default, except for 16-bit tables with "
+                           "stochastic rounding) or by word id (id)")
 
     b = sub.add_parser("bench", help="time every kernel against NumPy and torch",
                        description="One table for every kernel: cembed, NumPy and torch (when importable) "
@@ -222,8 +226,8 @@ def run_train(args):
         corpus = corpus_mod.synthetic_corpus(args.vocab_size, args.topics, args.tokens, seed=args.seed)
     import cembed
 
-    if args.table_dir is None and (args.resume or args.checkpoint_every or args.no_prefetch):
-        print("error: --resume, --checkpoint-every and --no-prefetch need --table-dir", file=sys.stderr)
+    if args.table_dir is None and (args.resume or args.checkpoint_every or args.no_prefetch or args.row_order):
+        print("error: --resume, --checkpoint-every, --no-prefetch and --row-order need --table-dir", file=sys.stderr)
         return 2
     if args.table_dir is not None and args.shards:
         print("error: --table-dir keeps the tables in this process; --shards puts them on Ray actors", file=sys.stderr)
@@ -245,7 +249,14 @@ def run_train(args):
                                    lr=args.lr, subsample=args.subsample, seed=args.seed, threads=args.threads,
                                    dtype=args.dtype, rounding=args.rounding, state_dtype=args.state_dtype,
                                    table_dir=args.table_dir, resume=args.resume, prefetch=not args.no_prefetch,
-                                   checkpoint_every=args.checkpoint_every or 0, shards=args.shards)
+                                   checkpoint_every=args.checkpoint_every or 0, shards=args.shards,
+                                   row_order=args.row_order)
+    if args.table_dir is not None:
+        try:
+            train_mod.table_row_order(config)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     ray = _start_ray(args, threads, log) if args.shards else None
     try:
         return _train_and_report(args, corpus, config, threads, log, train_mod)
@@ -287,7 +298,8 @@ def _train_and_report(args, corpus, config, threads, log, train_mod):
             f"min_count=1, seed={options['seed']}, workers={threads}), alpha {options['alpha']} -> "
             f"{options['min_alpha']}, corpus_file input")
     if args.table_dir is not None:
-        log(f"disk    tables and {config.optimizer} state in {os.path.abspath(args.table_dir)} (memory-mapped), "
+        log(f"disk    tables and {config.optimizer} state in {os.path.abspath(args.table_dir)} (memory-mapped, "
+            f"rows by {'corpus count' if train_mod.table_row_order(config) == 'count' else 'word id'}), "
             f"prefetch {'off' if args.no_prefetch else 'on'}"
             + (", resuming from its checkpoint" if args.resume else ""))
     results = []

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import types
+import zlib
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
@@ -49,6 +50,8 @@ class TrainConfig:
     resume: bool = False              # with table_dir: continue from the checkpoint in table_dir
     prefetch: bool = True             # with table_dir: prefetch batch k+1's rows while batch k is computed
     checkpoint_every: int = 0         # with table_dir: also checkpoint every this many steps (0: at the end only)
+    row_order: Optional[str] = None   # with table_dir: rows stored by corpus count ("count") or by word id
+    #                                   ("id"); None: "count", except for 16-bit tables rounded stochastically
     state_dtype: Optional[str] = None  # 16-bit tables: optimizer-state dtype (None: bfloat16, see below)
 
     def optimizer_state_dtype(self):
@@ -367,6 +370,7 @@ def topic_precision(table, words, topics, k=10):
 
 
 def nearest_words(table, corpus, queries, k=5):
+    table = np.asarray(table, dtype=np.float32)
     emb = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)
     out = {}
     for q in queries:
@@ -432,7 +436,7 @@ class TrainResult:
     quality_after: Optional[dict] = None    # evaluation set -> precision@10 after training
     chance: Optional[dict] = None           # evaluation set -> precision@10 of random neighbours
     eval_sizes: Optional[dict] = None
-    table: Optional[np.ndarray] = None
+    table: Any = None             # the input table by word id (--table-dir: a WordRows view of the file)
     prep_seconds: float = 0.0     # set-up not counted in ``seconds`` (gensim: corpus file + vocabulary)
     memory_per_row: Optional[dict] = None   # cembed: {"table": bytes, "state": bytes} per word, both tables
     peak_rss: int = 0             # the process's peak resident memory so far, bytes (getrusage)
@@ -468,9 +472,60 @@ RESUME_KEYS = ("dim", "window", "negatives", "batch_size", "epochs", "optimizer"
                "chunk_tokens", "seed")
 
 
+ROW_ORDERS = ("count", "id")
+
+
+def table_row_order(config: TrainConfig):
+    """The row order of ``--table-dir``'s files: ``"count"`` (the corpus's most frequent words first:
+    the rows a run touches share pages) or ``"id"`` (row i holds word i). Default: ``"count"``, except
+    for 16-bit tables rounded stochastically, whose random bits are keyed by the table row: stored in
+    another order they would round differently from the same training in memory."""
+    stochastic = config.dtype in HALF_DTYPES and config.rounding == "stochastic"
+    if config.row_order is None:
+        return "id" if stochastic else "count"
+    if config.row_order not in ROW_ORDERS:
+        raise ValueError(f"row order {config.row_order!r}: expected one of {', '.join(ROW_ORDERS)}")
+    if config.row_order == "count" and stochastic:
+        raise ValueError(f"--row-order count with --dtype {config.dtype} and stochastic rounding: the rounding's "
+                         "random bits are keyed by the table row, so the training would differ from the same "
+                         "training in memory; use --row-order id or --rounding nearest")
+    return config.row_order
+
+
+class WordRows:
+    """A table read by word id when its rows are stored in another order (``rank[word]`` is the word's
+    row), as float32: ``rows[words]`` reads only those rows; ``numpy.asarray(rows)`` builds the whole
+    table in word order (the embeddings to save)."""
+
+    def __init__(self, table, rank=None):
+        self.table = table
+        self.rank = rank
+        self.shape = table.shape
+        self.ndim = table.ndim
+        self.dtype = np.dtype(np.float32)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, words):
+        rows = self.table[words] if self.rank is None else self.table[self.rank[words]]
+        return np.asarray(rows, dtype=np.float32)
+
+    def __array__(self, dtype=None, copy=None):
+        out = (np.asarray(self.table, dtype=np.float32) if self.rank is None
+               else np.take(self.table, self.rank, axis=0).astype(np.float32, copy=False))
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
 class TableDir:
     """``--table-dir DIR``: the tables (``DIR/tables/in.npy``, ``out.npy``) and the optimizer state
-    (``DIR/state/``) as memory-mapped files, checkpoints in ``DIR/checkpoint`` (``docs/storage.md``)."""
+    (``DIR/state/``) as memory-mapped files, checkpoints in ``DIR/checkpoint`` (``docs/storage.md``).
+
+    With the ``"count"`` row order (``table_row_order``) file row p holds word ``order[p]``, the words
+    sorted by their count in the corpus (most frequent first, ties by id), and every batch's word ids
+    are mapped to file rows (``rows``) before the model sees them: the same arithmetic on the same
+    values, so the training is bitwise the training in memory, with the rows a run touches packed
+    into the files' first pages instead of spread over the whole vocabulary."""
 
     def __init__(self, root, config: TrainConfig, corpus):
         self.root = os.path.abspath(root)
@@ -479,15 +534,37 @@ class TableDir:
         self.checkpoint = os.path.join(self.root, "checkpoint")
         self.settings = {key: getattr(config, key) for key in RESUME_KEYS}
         self.settings.update(vocab_size=corpus.vocab_size, n_tokens=corpus.n_tokens)
+        self.row_order = table_row_order(config)
+        self.order = self.rank = None
+        if self.row_order == "count":
+            self.order = np.argsort(-corpus.counts.astype(np.int64), kind="stable")   # file row -> word
+            self.rank = np.empty(corpus.vocab_size, dtype=np.int32)                   # word -> file row
+            self.rank[self.order] = np.arange(corpus.vocab_size, dtype=np.int32)
+            # the order comes from the corpus: a resume with another corpus of the same size is refused
+            self.settings["row_order"] = f"count:{zlib.crc32(self.order.astype('<i8').tobytes()):08x}"
+        else:
+            self.settings["row_order"] = "id"
+
+    def rows(self, words):
+        """The file rows of word ids (an int32 array of the same shape)."""
+        return words if self.rank is None else np.take(self.rank, words)
+
+    def by_word(self, table):
+        """``table`` (in file order) read by word id, as float32 (``WordRows``)."""
+        return WordRows(table, self.rank)
 
     def open_tables(self, config: TrainConfig, vocab_size):
-        """The two tables, created with the trainer's initialisation (bitwise ``initial_tables``),
-        or, when resuming, opened as they are (their values come from the checkpoint)."""
+        """The two tables, created with the trainer's initialisation (bitwise ``initial_tables``, rows
+        in the file order), or, when resuming, opened as they are (their values come from the checkpoint)."""
         os.makedirs(self.tables, exist_ok=True)
         mode = "r+" if config.resume else "w+"
         dtype = table_dtype(config.dtype)   # 16-bit: the float32 init rounded to nearest, like in memory
+        order = self.order
+
         def init_in(block, start):   # initial_tables' values, row by row (a float32 block)
-            block[:] = initial_rows(config.seed, np.arange(start, start + block.shape[0]), config.dim, np.float32)
+            stop = start + block.shape[0]
+            words = np.arange(start, stop) if order is None else order[start:stop]
+            block[:] = initial_rows(config.seed, words, config.dim, np.float32)
 
         try:
             w_in = cembed.open_table(os.path.join(self.tables, "in.npy"), vocab_size, config.dim, dtype, mode=mode,
@@ -498,6 +575,7 @@ class TableDir:
             if not config.resume:
                 raise
             raise ResumeError(f"--resume: {exc}") from None
+        self.order = None   # only the initialisation needs it
         return w_in, w_out
 
     def resume(self, model):
@@ -546,9 +624,12 @@ def _train(corpus, config, progress):
         model = (TorchModel if config.backend == "torch" else ShardedModel if config.shards else CembedModel)(
             w_in, w_out, config)
         done_steps, done_words = 0, 0
+    def input_table():   # the input table by word id (a table on disk is read row by row, not copied)
+        return table_dir.by_word(model.emb_in.weight) if table_dir is not None else model.input_table()
+
     before, chance = {}, {}
     for name, words in (eval_sets or {}).items():
-        before[name], chance[name] = topic_precision(model.input_table(), words, corpus.topics)
+        before[name], chance[name] = topic_precision(input_table(), words, corpus.topics)
     stream = iter(BatchStream(corpus, config))
     if table_dir is not None:   # the set-up's freed temporaries: page cache for the tables under a memory limit
         cembed.storage.release_free_memory()
@@ -563,8 +644,10 @@ def _train(corpus, config, progress):
     while batch is not None:
         centers, targets, words = batch
         batch = next(stream, None)
-        if prefetch is not None and batch is not None:
-            prefetch(batch[0], batch[1])   # the disk reads batch k+1 while batch k is computed
+        if table_dir is not None:   # word ids -> the files' rows
+            centers, targets = table_dir.rows(centers), table_dir.rows(targets)
+            if prefetch is not None and batch is not None:   # the disk reads batch k+1 while batch k is computed
+                prefetch(table_dir.rows(batch[0]), table_dir.rows(batch[1]))
         loss = model.step(centers, targets)
         bar.update(words, loss)
         if table_dir is not None and config.checkpoint_every and on_disk.n_steps % config.checkpoint_every == 0:
@@ -572,7 +655,7 @@ def _train(corpus, config, progress):
     seconds = time.perf_counter() - start
     if table_dir is not None:
         table_dir.save(model, model.n_steps, total)
-    table = model.input_table()
+    table = input_table()
     if isinstance(model, ShardedModel):
         model.close()
     trained = total - done_words
