@@ -1,6 +1,7 @@
 """A small cache of large output buffers.
 
-Kernel outputs of training-step size (tens of MB: looked-up rows, coalesced gradient values) are
+Kernel outputs of training-step size (tens of MB: looked-up rows, coalesced gradient values; MBs:
+a batch's sorted order and segment starts) are
 returned to the caller as NumPy arrays. Fresh memory of that size comes straight from mmap, so the
 kernel that fills it pays for the operating system zeroing every page first — often a third of the
 kernel's time. Arrays made by :func:`empty` own a ``Block``; when the last array using a block dies,
@@ -18,10 +19,14 @@ cdef extern from "stdlib.h" nogil:
     int posix_memalign(void **memptr, size_t alignment, size_t size)
 
 cdef enum:
-    MAX_FREE = 8
+    MAX_FREE = 16
     ALIGNMENT = 64
 
-MIN_BYTES = 1 << 22          # smaller outputs come from NumPy's allocator, which reuses them anyway
+# Smaller outputs come from NumPy's allocator. Blocks of a few hundred kB and more are cached too: the
+# allocator returns them to the system when they are freed (they are mmap'ed, or trimmed off the heap),
+# so a training loop's per-step index arrays (sorted order, segment starts: MBs) would otherwise be
+# page-faulted and zeroed afresh at every step.
+MIN_BYTES = 1 << 18
 
 cdef void *_free_ptr[MAX_FREE]
 cdef size_t _free_size[MAX_FREE]
