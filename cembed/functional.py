@@ -95,14 +95,26 @@ class SavedLookup:
             self.n_rows = n_rows
 
 
+# A radix sort runs five parallel regions (count, two scatters, runs, segments), and on a host whose cores
+# are shared each region can wait a scheduler time slice for its second thread: measured on the 2-core
+# shared host, a fused training step of 262,144 indices took 1.5x as long with the sort on 2 threads as on
+# 1, against ~1 ms (~2%) gained by the second thread when the host is idle. Batches below this many
+# indices are therefore sorted on one thread (same result for any thread count).
+SORT_PARALLEL_MIN = 1 << 20
+
+
+def _sort_threads(n_keys: int) -> int:
+    return n_threads_for(n_keys, "sort") if n_keys >= SORT_PARALLEL_MIN else 1
+
+
 def _group_rows(flat: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(order, distinct rows ascending, segment starts) of validated row ids (parallel radix sort),
-    in recycled buffers (a training loop sorts a batch every step)."""
-    return _sort.sort_rows(flat, n_threads_for(flat.size, "sort"), True, _buffer_cache.empty)
+    """(order, distinct rows ascending, segment starts) of validated row ids (radix sort), in
+    recycled buffers (a training loop sorts a batch every step)."""
+    return _sort.sort_rows(flat, _sort_threads(flat.size), True, _buffer_cache.empty)
 
 
 def _distinct_rows(flat: np.ndarray) -> np.ndarray:
-    _, rows, _ = _sort.sort_rows(flat, n_threads_for(flat.size, "sort"), False, _buffer_cache.empty)
+    _, rows, _ = _sort.sort_rows(flat, _sort_threads(flat.size), False, _buffer_cache.empty)
     return rows
 
 
