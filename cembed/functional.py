@@ -95,11 +95,11 @@ class SavedLookup:
             self.n_rows = n_rows
 
 
-# A radix sort runs five parallel regions (count, two scatters, runs, segments), and on a host whose cores
-# are shared each region can wait a scheduler time slice for its second thread: measured on the 2-core
-# shared host, a fused training step of 262,144 indices took 1.5x as long with the sort on 2 threads as on
-# 1, against ~1 ms (~2%) gained by the second thread when the host is idle. Batches below this many
-# indices are therefore sorted on one thread (same result for any thread count).
+# A 2-pass radix sort runs six parallel regions (pack, scatter, count, scatter, runs, segments), and on
+# a host whose cores are shared each region can wait a scheduler time slice for its second thread:
+# measured on the 2-core shared host, a fused training step of 262,144 indices took 1.4-1.5x as long with
+# the sort on 2 threads as on 1, against ~1 ms (~2%) gained by the second thread when the host is idle.
+# Batches below this many indices are therefore sorted on one thread (same result for any thread count).
 SORT_PARALLEL_MIN = 1 << 20
 
 
