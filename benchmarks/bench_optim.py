@@ -7,9 +7,10 @@ full training step (forward + sparse backward + SparseAdam) against the same ste
 """
 import warnings
 
+import numpy as np
 import pytest
 
-from cembed import Embedding, optim
+from cembed import Embedding, _buffer_cache, _grad, _sort, get_num_threads, optim
 from cembed import functional as F
 from cembed.apps import baselines
 
@@ -122,6 +123,44 @@ def test_train_step_cembed_fused(benchmark, workload):
 
     step()
     benchmark(step)
+
+
+# The fused step phase by phase (docs/performance.md, "The fused training step and its limit"): the
+# forward gather, the backward's radix sort of the indices, the fused sum + SparseAdam row update, and a
+# streaming copy of the gather output's size as the memory ceiling, all on the workload's data.
+#
+#     python -m pytest benchmarks/bench_optim.py -k phase --benchmark-only --benchmark-group-by=group
+
+@pytest.mark.benchmark(group="train-step-phases")
+def test_phase_gather(benchmark, workload):
+    benchmark(F.embedding, workload["indices"], workload["weight"])
+
+
+@pytest.mark.benchmark(group="train-step-phases")
+def test_phase_sort(benchmark, workload):
+    idx = workload["indices"]
+    benchmark(_sort.sort_rows, idx, get_num_threads(), True, _buffer_cache.empty)
+
+
+@pytest.mark.benchmark(group="train-step-phases")
+def test_phase_sum_and_update(benchmark, workload):
+    """_grad.segment_update with SparseAdam's row rule (lr 1e-3, first step's bias correction)."""
+    idx, g, w = workload["indices"], workload["grad_output"], workload["weight"].copy()
+    m, v = np.zeros_like(w), np.zeros_like(w)
+    order, rows, starts = _sort.sort_rows(idx, get_num_threads())
+    seg_ids = np.arange(rows.size, dtype=np.int64)
+    none1, none_i = np.zeros(0, np.float32), np.zeros(0, np.int64)
+    step = 1e-3 * (1 - 0.999) ** 0.5 / (1 - 0.9)
+    benchmark(_grad.segment_update, g, order, starts, rows, seg_ids, none_i, none1, False,
+              int(_grad.UpdateKind.UPDATE_ADAM), w, m, v, none1, 0.1, 0.001, 1e-8, -step, 0, False, get_num_threads())
+
+
+@pytest.mark.benchmark(group="train-step-phases")
+def test_phase_streaming_copy(benchmark, workload):
+    """The ceiling: numpy.copyto of an array the size of the gather's output."""
+    src = workload["grad_output"]
+    dst = np.empty_like(src)
+    benchmark(np.copyto, dst, src)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

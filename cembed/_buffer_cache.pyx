@@ -1,6 +1,7 @@
 """A small cache of large output buffers.
 
-Kernel outputs of training-step size (tens of MB: looked-up rows, coalesced gradient values) are
+Kernel outputs of training-step size (tens of MB: looked-up rows, coalesced gradient values; MBs:
+a batch's sorted order and segment starts) are
 returned to the caller as NumPy arrays. Fresh memory of that size comes straight from mmap, so the
 kernel that fills it pays for the operating system zeroing every page first — often a third of the
 kernel's time. Arrays made by :func:`empty` own a ``Block``; when the last array using a block dies,
@@ -17,11 +18,36 @@ from libc.stdlib cimport free
 cdef extern from "stdlib.h" nogil:
     int posix_memalign(void **memptr, size_t alignment, size_t size)
 
-cdef enum:
-    MAX_FREE = 8
-    ALIGNMENT = 64
+cdef extern from *:
+    """
+    #if defined(__linux__)
+    #include <sys/mman.h>
+    #endif
+    /* Ask for transparent huge pages on a large block (as NumPy does for its own large arrays): a
+       training step's outputs are hundreds of MB, and with 4 kB pages every 4 kB of them costs a TLB
+       miss. Advice only: without THP (or off Linux) nothing changes. */
+    static void cembed_advise_huge(void *ptr, size_t size)
+    {
+    #if defined(__linux__) && defined(MADV_HUGEPAGE)
+        (void)madvise(ptr, size, MADV_HUGEPAGE);
+    #else
+        (void)ptr; (void)size;
+    #endif
+    }
+    """
+    void cembed_advise_huge(void *ptr, size_t size) nogil
 
-MIN_BYTES = 1 << 22          # smaller outputs come from NumPy's allocator, which reuses them anyway
+cdef enum:
+    MAX_FREE = 16
+    ALIGNMENT = 64
+    HUGE_PAGE = 1 << 21           # blocks of HUGE_MIN_BYTES or more are aligned to this and advised
+    HUGE_MIN_BYTES = 1 << 22
+
+# Smaller outputs come from NumPy's allocator. Blocks of a few hundred kB and more are cached too: the
+# allocator returns them to the system when they are freed (they are mmap'ed, or trimmed off the heap),
+# so a training loop's per-step index arrays (sorted order, segment starts: MBs) would otherwise be
+# page-faulted and zeroed afresh at every step.
+MIN_BYTES = 1 << 18
 
 cdef void *_free_ptr[MAX_FREE]
 cdef size_t _free_size[MAX_FREE]
@@ -94,9 +120,15 @@ def empty(shape, dtype):
     cdef size_t got = 0
     cdef void *ptr = _take(nbytes, &got)
     if ptr == NULL:
-        got = (nbytes + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
-        if posix_memalign(&ptr, ALIGNMENT, got) != 0:
-            raise MemoryError(f"cannot allocate {nbytes} bytes")
+        if nbytes >= HUGE_MIN_BYTES:
+            got = (nbytes + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
+            if posix_memalign(&ptr, HUGE_PAGE, got) != 0:
+                raise MemoryError(f"cannot allocate {nbytes} bytes")
+            cembed_advise_huge(ptr, got)
+        else:
+            got = (nbytes + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+            if posix_memalign(&ptr, ALIGNMENT, got) != 0:
+                raise MemoryError(f"cannot allocate {nbytes} bytes")
     cdef Block block = Block.__new__(Block)
     block.ptr = ptr
     block.size = got

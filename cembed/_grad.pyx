@@ -91,6 +91,50 @@ cdef inline void _sum_chunk(const floating *values, Py_ssize_t dim,
                      <floating> (1.0 / <double> count), by_freq, row)
 
 
+cdef extern from *:
+    """
+    /* The next chunk of a segment_update loop: a shared counter taken with an atomic fetch-and-add, so
+       each thread knows its next chunk while it works on the current one and can prefetch into it. Which
+       thread takes which chunk changes nothing in the result (each row has one writer). */
+    static inline Py_ssize_t cembed_take_chunk(Py_ssize_t *counter)
+    {
+        Py_ssize_t c;
+        #pragma omp atomic capture
+        c = (*counter)++;
+        return c;
+    }
+    """
+    Py_ssize_t cembed_take_chunk(Py_ssize_t *counter) noexcept nogil
+
+
+cdef inline void _prefetch_chunk_entries(const floating *values, Py_ssize_t dim,
+                                         const int64_t *order, const int64_t *starts, const int64_t *seg_ids,
+                                         Py_ssize_t lo, Py_ssize_t n_entries, const int64_t *src) noexcept nogil:
+    """Prefetch the gradient rows of the first PREFETCH_DISTANCE entries of the chunk starting at
+    seg_ids[lo] (in sorted order; _sum_segment keeps that distance from there on)."""
+    cdef Py_ssize_t k, p, first = starts[seg_ids[lo]]
+    cdef Py_ssize_t last = min(first + <Py_ssize_t> PREFETCH_DISTANCE, n_entries)
+    for k in range(first, last):
+        p = order[k]
+        prefetch_row(values + (src[p] if src != NULL else p) * dim, dim * sizeof(floating))
+
+
+cdef inline void _prefetch_chunk_rows(const char *w, Py_ssize_t w_stride_bytes, Py_ssize_t w_bytes,
+                                      const char *a, const char *b, Py_ssize_t s_bytes,
+                                      const int64_t *seg_rows, const int64_t *seg_ids,
+                                      Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    """Prefetch, for writing, the weight and state rows of the first UPDATE_PREFETCH_ROWS segments of the
+    chunk seg_ids[lo:hi] (the update phase keeps that distance from there on); a and b may be NULL."""
+    cdef Py_ssize_t j, r
+    for j in range(lo, min(hi, lo + <Py_ssize_t> UPDATE_PREFETCH_ROWS)):
+        r = seg_rows[seg_ids[j]]
+        prefetch_row_for_write(w + r * w_stride_bytes, w_bytes)
+        if a != NULL:
+            prefetch_row_for_write(a + r * s_bytes, s_bytes)
+        if b != NULL:
+            prefetch_row_for_write(b + r * s_bytes, s_bytes)
+
+
 def segment_sum(const floating[:, ::1] values,   # IN  (n_values, dim) gradient rows
                 const int64_t[::1] order,         # IN  (n_entries,) entry positions grouped by row, input order
                 const int64_t[::1] starts,        # IN  (n_segments + 1,) segment s = order[starts[s]:starts[s+1]]
@@ -176,7 +220,8 @@ def segment_update(const floating[:, ::1] values,  # IN  (n_values, dim) gradien
     cdef Py_ssize_t n_out = seg_ids.shape[0]
     cdef Py_ssize_t n_entries = order.shape[0]
     cdef Py_ssize_t dim = values.shape[1]
-    cdef Py_ssize_t j, r, ahead, row_stride, c, lo, hi
+    cdef Py_ssize_t j, r, ahead, row_stride, c, lo, hi, following
+    cdef Py_ssize_t next_chunk = 0   # the chunk counter (cembed_take_chunk)
     cdef Py_ssize_t chunk = _update_chunk(dim * sizeof(floating))
     cdef Py_ssize_t n_chunks = (n_out + chunk - 1) // chunk
     cdef const int64_t *src_ptr = &src[0] if src.shape[0] > 0 else NULL
@@ -209,12 +254,22 @@ def segment_update(const floating[:, ::1] values,  # IN  (n_values, dim) gradien
     try:
         with nogil, parallel(num_threads=n_threads):
             scratch = scratch_rows + threadid() * chunk * dim
-            for c in prange(n_chunks, schedule="dynamic", chunksize=1):
+            c = cembed_take_chunk(&next_chunk)
+            if c < n_chunks:
+                _prefetch_chunk_entries(values_ptr, dim, &order[0], &starts[0], &seg_ids[0], c * chunk, n_entries,
+                                        src_ptr)
+            while c < n_chunks:
+                following = cembed_take_chunk(&next_chunk)   # known now, so its first rows can be prefetched
                 lo = c * chunk
                 hi = min(lo + chunk, n_out)
+                _prefetch_chunk_rows(<const char *> w, row_stride * sizeof(floating), row_bytes, <const char *> a_ptr,
+                                     <const char *> b_ptr, row_bytes, &seg_rows[0], &seg_ids[0], lo, hi)
                 _sum_chunk(values_ptr, dim, &order[0], &starts[0], &seg_ids[0], lo, hi, n_entries, src_ptr,
                            scale_ptr, scale_grad_by_freq, scratch)   # the sums of the chunk's segments
                 for j in range(lo, hi):          # then their row updates
+                    if j == hi - 1 and following < n_chunks:
+                        _prefetch_chunk_entries(values_ptr, dim, &order[0], &starts[0], &seg_ids[0],
+                                                following * chunk, n_entries, src_ptr)
                     if j + UPDATE_PREFETCH_ROWS < hi:
                         ahead = seg_rows[seg_ids[j + UPDATE_PREFETCH_ROWS]]
                         prefetch_row_for_write(w + ahead * row_stride, row_bytes)
@@ -226,6 +281,7 @@ def segment_update(const floating[:, ::1] values,  # IN  (n_values, dim) gradien
                     apply_row_update(kind, w + r * row_stride, a_ptr + r * dim if a_ptr != NULL else NULL,
                                      b_ptr + r * dim if b_ptr != NULL else NULL, rs_ptr + r if rs_ptr != NULL else NULL,
                                      scratch + (j - lo) * dim, q0, q1, q2, q3, mode, sign, dim)
+                c = following
     finally:
         free(scratch_rows)
 
@@ -264,7 +320,8 @@ def segment_update_half(const float[:, ::1] values,   # IN  (n_values, dim) floa
     cdef Py_ssize_t n_out = seg_ids.shape[0]
     cdef Py_ssize_t n_entries = order.shape[0]
     cdef Py_ssize_t dim = values.shape[1]
-    cdef Py_ssize_t j, r, ahead, row_stride, c, lo, hi
+    cdef Py_ssize_t j, r, ahead, row_stride, c, lo, hi, following
+    cdef Py_ssize_t next_chunk = 0   # the chunk counter (cembed_take_chunk)
     cdef Py_ssize_t chunk = _update_chunk(dim * sizeof(float))
     cdef Py_ssize_t n_chunks = (n_out + chunk - 1) // chunk
     cdef const int64_t *src_ptr = &src[0] if src.shape[0] > 0 else NULL
@@ -301,12 +358,22 @@ def segment_update_half(const float[:, ::1] values,   # IN  (n_values, dim) floa
     try:
         with nogil, parallel(num_threads=n_threads):
             scratch = scratch_rows + threadid() * (chunk + 3) * dim
-            for c in prange(n_chunks, schedule="dynamic", chunksize=1):   # as segment_update
+            c = cembed_take_chunk(&next_chunk)   # chunks taken as in segment_update
+            if c < n_chunks:
+                _prefetch_chunk_entries(values_ptr, dim, &order[0], &starts[0], &seg_ids[0], c * chunk, n_entries,
+                                        src_ptr)
+            while c < n_chunks:
+                following = cembed_take_chunk(&next_chunk)
                 lo = c * chunk
                 hi = min(lo + chunk, n_out)
+                _prefetch_chunk_rows(<const char *> w, row_stride * sizeof(uint16_t), w_bytes, <const char *> a_ptr,
+                                     <const char *> b_ptr, s_bytes, &seg_rows[0], &seg_ids[0], lo, hi)
                 _sum_chunk(values_ptr, dim, &order[0], &starts[0], &seg_ids[0], lo, hi, n_entries, src_ptr,
                            scale_ptr, scale_grad_by_freq, scratch)
                 for j in range(lo, hi):
+                    if j == hi - 1 and following < n_chunks:
+                        _prefetch_chunk_entries(values_ptr, dim, &order[0], &starts[0], &seg_ids[0],
+                                                following * chunk, n_entries, src_ptr)
                     if j + UPDATE_PREFETCH_ROWS < hi:
                         ahead = seg_rows[seg_ids[j + UPDATE_PREFETCH_ROWS]]
                         prefetch_row_for_write(w + ahead * row_stride, w_bytes)
@@ -319,5 +386,6 @@ def segment_update_half(const float[:, ::1] values,   # IN  (n_values, dim) floa
                                     b_ptr + r * dim if b_ptr != NULL else NULL,
                                     rs_ptr + r if rs_ptr != NULL else NULL, state_fmt, scratch + (j - lo) * dim,
                                     q0, q1, q2, q3, mode, sign, dim, scratch + chunk * dim, stochastic, seed, step, r)
+                c = following
     finally:
         free(scratch_rows)

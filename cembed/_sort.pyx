@@ -17,20 +17,22 @@ cdef enum:
 
 
 cdef void _radix_pass(const uint64_t *src, uint64_t *dst, Py_ssize_t n_keys, int shift, uint64_t mask,
-                      int64_t[:, ::1] hist, int n_chunks) noexcept nogil:
+                      int64_t[:, ::1] hist, int n_chunks, bint counted) noexcept nogil:
     """One stable counting-sort pass on bits [shift, shift + width) of the packed keys.
     Chunk c (a contiguous slice of src) writes its items in order into the slots reserved for it,
-    so the pass is stable and its output does not depend on n_chunks."""
+    so the pass is stable and its output does not depend on n_chunks. With `counted`, hist already
+    holds each chunk's bucket counts (the first pass: _pack counted them)."""
     cdef Py_ssize_t c, i, lo, hi, b
     cdef Py_ssize_t n_buckets = hist.shape[1]
     cdef int64_t running, count
-    for c in prange(n_chunks, schedule="static", num_threads=n_chunks):
-        lo = c * n_keys // n_chunks
-        hi = (c + 1) * n_keys // n_chunks
-        for b in range(n_buckets):
-            hist[c, b] = 0
-        for i in range(lo, hi):
-            hist[c, (src[i] >> shift) & mask] += 1
+    if not counted:
+        for c in prange(n_chunks, schedule="static", num_threads=n_chunks):
+            lo = c * n_keys // n_chunks
+            hi = (c + 1) * n_keys // n_chunks
+            for b in range(n_buckets):
+                hist[c, b] = 0
+            for i in range(lo, hi):
+                hist[c, (src[i] >> shift) & mask] += 1
     running = 0
     for b in range(n_buckets):
         for c in range(n_chunks):
@@ -47,18 +49,26 @@ cdef void _radix_pass(const uint64_t *src, uint64_t *dst, Py_ssize_t n_keys, int
 
 
 cdef uint64_t _pack(const index_t[::1] keys, uint64_t *packed, int64_t[::1] chunk_max,
+                    int64_t[:, ::1] low_hist,   # OUT (n_chunks, 2**MAX_DIGIT_BITS) counts of the low bits
                     int n_chunks) noexcept nogil:
-    """packed[i] = key << 32 | i, a contiguous slice of the keys per chunk; returns the largest key."""
-    cdef Py_ssize_t c, i, lo, hi, n_keys = keys.shape[0]
-    cdef uint64_t local_max, max_key = 0
+    """packed[i] = key << 32 | i, a contiguous slice of the keys per chunk; returns the largest key.
+    Also counts, per chunk, the keys by their low MAX_DIGIT_BITS bits: the first radix pass's
+    histogram (its digit is never wider), so that pass need not read the keys once more."""
+    cdef Py_ssize_t c, i, lo, hi, b, n_keys = keys.shape[0]
+    cdef uint64_t local_max, max_key = 0, key
+    cdef uint64_t low_mask = (<uint64_t> 1 << MAX_DIGIT_BITS) - 1
     for c in prange(n_chunks, schedule="static", num_threads=n_chunks):
         lo = c * n_keys // n_chunks
         hi = (c + 1) * n_keys // n_chunks
+        for b in range(1 << MAX_DIGIT_BITS):
+            low_hist[c, b] = 0
         local_max = 0
         for i in range(lo, hi):
-            packed[i] = ((<uint64_t> keys[i]) << 32) | <uint64_t> i
-            if <uint64_t> keys[i] > local_max:
-                local_max = <uint64_t> keys[i]
+            key = <uint64_t> keys[i]
+            packed[i] = (key << 32) | <uint64_t> i
+            low_hist[c, key & low_mask] += 1
+            if key > local_max:
+                local_max = key
         chunk_max[c] = <int64_t> local_max
     for c in range(n_chunks):
         if <uint64_t> chunk_max[c] > max_key:
@@ -98,10 +108,13 @@ def release_scratch():
     return n
 
 
-def sort_rows(const index_t[::1] keys, int n_threads, bint want_order=True):
+def sort_rows(const index_t[::1] keys, int n_threads, bint want_order=True, empty=None):
     """Group equal row ids.
 
     keys: (n_keys,) non-negative row ids (validated by the caller).
+    empty: makes the three outputs, called as empty(shape, dtype) (default numpy.empty); a caller
+    passes a recycling allocator (cembed._buffer_cache.empty) so a training loop does not pay the
+    first-touch page faults of fresh outputs at every step.
     Returns (order, unique_rows, starts):
       order       int64 (n_keys,): positions such that keys[order] is ascending and equal keys keep input
                   order (a stable argsort); None when want_order is False
@@ -110,19 +123,21 @@ def sort_rows(const index_t[::1] keys, int n_threads, bint want_order=True):
     Work and memory are O(n_keys) (plus 2**11 counters per thread), never O(number of rows in the table).
     """
     cdef Py_ssize_t n_keys = keys.shape[0]
-    cdef Py_ssize_t i, n_unique
+    cdef Py_ssize_t n_unique
     cdef int n_chunks, n_passes, width, p, bits
     cdef uint64_t max_key, mask
-    cdef uint64_t low_bits = (<uint64_t> 1 << 32) - 1
+    cdef int64_t *order_ptr
     cdef uint64_t[::1] work
     cdef uint64_t *src
     cdef uint64_t *dst
     cdef uint64_t *tmp
-    cdef int64_t[:, ::1] hist
+    cdef int64_t[:, ::1] hist, low_hist
     cdef int64_t[::1] order_v, unique_v, starts_v, chunk_counts
     if n_keys == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        return (empty if want_order else None), empty.copy(), np.zeros(1, dtype=np.int64)
+        no_items = np.zeros(0, dtype=np.int64)
+        return (no_items if want_order else None), no_items.copy(), np.zeros(1, dtype=np.int64)
+    if empty is None:
+        empty = np.empty
     if n_keys >= (<Py_ssize_t> 1 << 32):
         return _sort_rows_numpy(np.asarray(keys), want_order)
     n_chunks = max(1, min(n_threads, n_keys // MIN_ITEMS_PER_CHUNK))
@@ -132,35 +147,36 @@ def sort_rows(const index_t[::1] keys, int n_threads, bint want_order=True):
         src = &work[0]
         dst = &work[n_keys]
         chunk_counts = np.empty(n_chunks + 1, dtype=np.int64)
+        low_hist = np.empty((n_chunks, 1 << MAX_DIGIT_BITS), dtype=np.int64)
         with nogil:
-            max_key = _pack(keys, src, chunk_counts, n_chunks)
+            max_key = _pack(keys, src, chunk_counts, low_hist, n_chunks)
         if max_key >= (<uint64_t> 1 << 32):
             return _sort_rows_numpy(np.asarray(keys), want_order)
         bits = max(1, int(max_key).bit_length())
         n_passes = (bits + MAX_DIGIT_BITS - 1) // MAX_DIGIT_BITS
         width = (bits + n_passes - 1) // n_passes
         mask = (<uint64_t> 1 << width) - 1
-        hist = np.empty((n_chunks, 1 << width), dtype=np.int64)
+        # the first pass's histogram: _pack's counts of the low MAX_DIGIT_BITS bits, folded to `width` bits
+        hist = np.ascontiguousarray(np.asarray(low_hist).reshape(n_chunks, -1, 1 << width).sum(axis=1))
         with nogil:
             for p in range(n_passes):
-                _radix_pass(src, dst, n_keys, 32 + p * width, mask, hist, n_chunks)
+                _radix_pass(src, dst, n_keys, 32 + p * width, mask, hist, n_chunks, p == 0)
                 tmp = src
                 src = dst
                 dst = tmp
             n_unique = _count_heads(src, n_keys, chunk_counts, n_chunks)
-        unique_arr = np.empty(n_unique, dtype=np.int64)
-        starts_arr = np.empty(n_unique + 1, dtype=np.int64)
+        unique_arr = empty((n_unique,), np.int64)
+        starts_arr = empty((n_unique + 1,), np.int64)
         unique_v = unique_arr
         starts_v = starts_arr
         order_arr = None
+        order_ptr = NULL
         if want_order:
-            order_arr = np.empty(n_keys, dtype=np.int64)
+            order_arr = empty((n_keys,), np.int64)
             order_v = order_arr
+            order_ptr = &order_v[0]
         with nogil:
-            _segments(src, n_keys, chunk_counts, n_chunks, unique_v, starts_v)
-            if want_order:
-                for i in prange(n_keys, schedule="static", num_threads=n_threads):
-                    order_v[i] = <int64_t> (src[i] & low_bits)
+            _segments(src, n_keys, chunk_counts, n_chunks, unique_v, starts_v, order_ptr)
         return order_arr, unique_arr, starts_arr
     finally:
         _give_scratch(work_arr)
@@ -193,10 +209,13 @@ cdef void _segments(const uint64_t *packed, Py_ssize_t n_keys,   # IN  (n_keys,)
                     const int64_t[::1] chunk_first,                # IN  (n_chunks + 1,) from _count_heads
                     int n_chunks,
                     int64_t[::1] unique_rows,                      # OUT (n_unique,)
-                    int64_t[::1] starts) noexcept nogil:           # OUT (n_unique + 1,)
+                    int64_t[::1] starts,                           # OUT (n_unique + 1,)
+                    int64_t *order) noexcept nogil:                # OUT (n_keys,) input positions, or NULL
     """Distinct keys of the sorted packed array and where each one's run starts (chunk c writes the
-    runs that start in its slice, numbered from chunk_first[c])."""
+    runs that start in its slice, numbered from chunk_first[c]); and, unless order is NULL, the
+    input position of every sorted key (its low 32 bits), in the same pass."""
     cdef Py_ssize_t c, i, lo, hi, s
+    cdef uint64_t low_bits = (<uint64_t> 1 << 32) - 1
     for c in prange(n_chunks, schedule="static", num_threads=n_chunks):
         lo = c * n_keys // n_chunks
         hi = (c + 1) * n_keys // n_chunks
@@ -206,6 +225,8 @@ cdef void _segments(const uint64_t *packed, Py_ssize_t n_keys,   # IN  (n_keys,)
                 unique_rows[s] = <int64_t> (packed[i] >> 32)
                 starts[s] = i
                 s = s + 1
+            if order != NULL:
+                order[i] = <int64_t> (packed[i] & low_bits)
     starts[chunk_first[n_chunks]] = n_keys
 
 
