@@ -272,6 +272,7 @@ class ShardedEmbedding:
         self._want_graph = bool(compiled_graph)
         self.graph_builds = 0              # compiled graphs built (1 + one per rebuild after a loss)
         self.graph_error: Optional[str] = None   # why Ray could not compile one, if it could not
+        self._message_bytes = 0   # the largest payload sent to or received from one shard so far
         self._build_graph()
 
     # ------------------------------------------------------------------ set-up helpers
@@ -325,7 +326,11 @@ class ShardedEmbedding:
 
             with InputNode() as request:
                 dag = MultiOutputNode([actor.call.bind(request[k]) for k, actor in enumerate(self._actors)])
-            self._graph = dag.experimental_compile(_submit_timeout=self.recovery_timeout)
+            # channels start as large as the largest message so far (a graph built again after a
+            # loss does not grow them step by step: each growth costs Ray a new buffer and a
+            # round of messages, about 0.1 s here)
+            size = max(1 << 20, self._message_bytes + self._message_bytes // 4 + (64 << 10))
+            self._graph = dag.experimental_compile(_submit_timeout=self.recovery_timeout, _buffer_size_bytes=size)
             self.graph_builds += 1
         except Exception as exc:       # an old Ray, or one that refuses these actors: actor calls
             self._want_graph = False
@@ -445,6 +450,7 @@ class ShardedEmbedding:
         if uniq.size == 0:
             return np.empty(shape + (self.embedding_dim,), dtype=self.dtype)
         self.bytes_received += sum(p.nbytes for p in parts)
+        self._message_bytes = max(self._message_bytes, max(p.nbytes for p in parts))
         # the shards' answers, in shard order, are the distinct rows in key order: entry i of the
         # lookup is row inverse[i] of that block
         block = parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -575,6 +581,7 @@ class ShardedEmbedding:
             part = vals[lo:hi]          # a contiguous view: Ray sends it as it is
             parts[k] = (local, part)
             self.bytes_sent += local.nbytes + part.nbytes
+            self._message_bytes = max(self._message_bytes, local.nbytes + part.nbytes)
         # Sent, not awaited: the shard runs the step before anything this client sends it later
         # (Ray keeps one caller's calls to an actor in order), so the next lookup needs no extra round
         # trip. The answers are checked by _settle() at the next call; the step is in the replay log
@@ -626,6 +633,8 @@ class ShardedEmbedding:
                 self._fail(f"shard {k} did not answer step {before} within {self.recovery_timeout:g} s")
             if not (ok and now == before + 1):
                 self._recover(k)       # back to self._steps[k], replaying step ``before`` too
+                if not self.checkpoint_every:
+                    self._log[k].clear()    # every step sent is applied: none is replayed again
             elif not self.checkpoint_every:
                 self._log[k].pop(before, None)     # answered: never replayed (nothing to restore from)
             elif now % self.checkpoint_every == 0:

@@ -53,6 +53,8 @@ def test_node_removed_and_replaced(cluster, tmp_path):
         info = table.shard_info()
         assert info[2]["restored_from"] == 4 and info[0]["restored_from"] is None
         assert table.recoveries >= 1
+        # the compiled graph spans the three nodes; it broke with the node and was built again
+        assert table.graph_builds >= 2 and table.transport == "compiled graph", table.graph_error
         assert_same_state(table, emb, opt)
         bad, interfaces = non_loopback()
         assert interfaces == ["lo"]
