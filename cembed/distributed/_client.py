@@ -330,7 +330,11 @@ class ShardedEmbedding:
             # loss does not grow them step by step: each growth costs Ray a new buffer and a
             # round of messages, about 0.1 s here)
             size = max(1 << 20, self._message_bytes + self._message_bytes // 4 + (64 << 10))
-            self._graph = dag.experimental_compile(_submit_timeout=self.recovery_timeout, _buffer_size_bytes=size)
+            # at most two calls are ever in flight (a step not yet answered and the next lookup):
+            # Ray gives each channel that many buffers (its default, 10, spreads the messages over
+            # ten buffers, each written and paged in afresh after a build)
+            self._graph = dag.experimental_compile(_submit_timeout=self.recovery_timeout, _buffer_size_bytes=size,
+                                                   _max_inflight_executions=2)
             self.graph_builds += 1
         except Exception as exc:       # an old Ray, or one that refuses these actors: actor calls
             self._want_graph = False
