@@ -8,8 +8,8 @@ Run inside the private network namespace (Ray must not start anywhere else):
 build of this checkout: the first line printed names the copy measured).
 
 1. Lookup + fused update round trip: ``out = table(idx); table.backward(grad, step=True); table.sync()``
-   (the update applied when it returns) with 2 shards — through Ray's compiled graph (the default)
-   and through ordinary actor calls (``compiled_graph=False``) — against
+   (the update applied when it returns) with 2 shards — through Ray's compiled graph
+   (``compiled_graph=True``) and through ordinary actor calls (the default) — against
    ``out = emb(idx); emb.backward(grad, optimizer=opt)`` in this process; the same 65,536 Zipf(1.1)
    indices, SparseAdam; interleaved turns (alternating order), medians and minima, and the time of
    each of the three calls of the sharded step. The compiled graph's shards busy-wait for their next
@@ -18,7 +18,7 @@ build of this checkout: the first line printed names the copy measured).
    per shard, and the messages per step; and back-to-back steps without waiting for the update (how
    training runs: the shards apply step t while the client prepares step t + 1).
 2. Per-call overhead: the same round trip with 8 indices.
-3. The main job: ``train`` of the skip-gram model with ``shards=2`` (compiled graph, and actor calls)
+3. The main job: ``train`` of the skip-gram model with ``shards=2`` (actor calls, and compiled graphs)
    against ``shards=0`` (same corpus, config and seed; the final tables are compared bitwise).
 Nothing here is a pytest test (the file is only collected when asked for).
 """
@@ -125,9 +125,9 @@ def main(argv=None):
     t0 = time.perf_counter()
     emb = cembed.Embedding.from_pretrained(initial_rows(1, np.arange(V), D), freeze=False, sparse=True)
     opt = OPTIMIZERS["sparseadam"]([emb], **opts)
-    table = ShardedEmbedding(V, D, S, "sparseadam", opts, seed=1)
+    table = ShardedEmbedding(V, D, S, "sparseadam", opts, seed=1, compiled_graph=True)
     table(np.arange(min(V, 10)))
-    calls = ShardedEmbedding(V, D, S, "sparseadam", opts, seed=1, compiled_graph=False)
+    calls = ShardedEmbedding(V, D, S, "sparseadam", opts, seed=1)     # actor calls (the default)
     calls(np.arange(min(V, 10)))
     print(f"set-up (one table in process + 2 x {S} shards): {time.perf_counter() - t0:.1f} s; transports: "
           f"{table.transport!r} ({table.graph_error or 'compiled'}), {calls.transport!r}")
@@ -143,7 +143,7 @@ def main(argv=None):
     # Ray's compiled-graph shards busy-wait for their next call (about half a core each while idle,
     # measured): the graph is torn down while the others run (untimed), built again before its turns
     load0 = os.getloadavg()[0]
-    sh, sc = f"{S} shards", f"{S} shards, actor calls"
+    sh, sc = f"{S} shards, compiled graph", f"{S} shards, actor calls"
     def make_setups(i, g):
         """Before a turn: the graph up (and one untimed step: a graph's first calls set its channels
         up) for the compiled table, down for the others; the actor-call table takes the same untimed
@@ -168,7 +168,7 @@ def main(argv=None):
                                  args.repeats * 2, make_setups(tiny_idx, tiny_grad), block=10)
     setups = make_setups(tiny_idx, tiny_grad)
     print(f"lookup + fused update round trip, waited ({args.repeats} rounds in interleaved turns of 5; host load "
-          f"average {load0:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; '{sh}' through the compiled "
+          f"average {load0:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; the compiled "
           f"graph, torn down while the others run, each turn after an untimed warm-up step; batch 8: "
           f"{2 * args.repeats} rounds in turns of 10):")
     for name in big:
@@ -185,24 +185,34 @@ def main(argv=None):
     assert table.state_dict()["weight"].tobytes() == calls.state_dict()["weight"].tobytes(), \
         "the two transports trained different tables"
     print("  the tables trained through the two transports are bitwise equal")
-    calls.shutdown()
 
-    def sharded_step():
-        table(idx)
-        table.backward(grad, step=True)
+    def steps(t):
+        def step():
+            t(idx)
+            t.backward(grad, step=True)
+        return step
 
-    runs = {"one process": [], f"{S} shards": []}
-    for _ in range(3):
-        table._drop_graph()
-        runs["one process"].append(pipelined(lambda: round_trip_local(emb, opt, idx, grad), 5))
+    def run_compiled():
         table._build_graph()
         table(tiny_idx)        # untimed: the graph's first call
-        runs[f"{S} shards"].append(pipelined(sharded_step, 5))
-        table.sync()
+        return pipelined(steps(table), 5)
+
+    def run_other(fn):
+        table._drop_graph()
+        return pipelined(fn, 5)
+
+    blocks = {"one process": lambda: run_other(lambda: round_trip_local(emb, opt, idx, grad)),
+              sh: run_compiled, sc: lambda: run_other(steps(calls))}
+    runs = {name: [] for name in blocks}
+    for _ in range(3):
+        for name, block in blocks.items():
+            runs[name].append(block())
+            table.sync()
+            calls.sync()
     steady = {name: statistics.median(v) for name, v in runs.items()}
-    print(f"  back-to-back steps (update not awaited, 3 blocks of 5, median): one process "
-          f"{steady['one process'] * 1e3:.2f} ms/step, {S} shards {steady[f'{S} shards'] * 1e3:.2f} ms/step, "
-          f"ratio {steady[f'{S} shards'] / steady['one process']:.2f}x")
+    print("  back-to-back steps (update not awaited, 3 blocks of 5, median): " + ", ".join(
+        f"{name} {v * 1e3:.2f} ms/step ({v / steady['one process']:.2f}x)" for name, v in steady.items()))
+    calls.shutdown()
     t0 = time.perf_counter()
     table(idx)
     t_lookup = time.perf_counter() - t0
@@ -222,19 +232,19 @@ def main(argv=None):
         corpus = corpus_mod.synthetic_corpus(args.train_vocab, 100, args.train_tokens, seed=0)
         import cembed.distributed as dist
 
-        compiled_class = dist.ShardedEmbedding
+        plain_class = dist.ShardedEmbedding
 
-        def actor_calls(*a, **kw):        # the trainer's tables, on actor calls (compiled_graph=False)
-            return compiled_class(*a, compiled_graph=False, **kw)
+        def compiled(*a, **kw):        # the trainer's tables through compiled graphs
+            return plain_class(*a, compiled_graph=True, **kw)
 
         results = {}
-        for name in ("0", str(S), f"{S}, actor calls") * 2:
+        for name in ("0", str(S), f"{S}, compiled graph") * 2:
             config = train_mod.TrainConfig(seed=0, shards=int(name.split(",")[0]))
-            dist.ShardedEmbedding = actor_calls if "actor" in name else compiled_class
+            dist.ShardedEmbedding = compiled if "compiled" in name else plain_class
             try:
                 result = train_mod.train(corpus, config, progress=False)
             finally:
-                dist.ShardedEmbedding = compiled_class
+                dist.ShardedEmbedding = plain_class
             results.setdefault(name, []).append(result)
         print(f"main job (skip-gram, {corpus.description}; 2 runs each, interleaved):")
         wps = {name: statistics.median(r.words_per_second for r in rs) for name, rs in results.items()}

@@ -41,6 +41,7 @@ def train_step(rng, table, emb, opt):
 
 def test_killed_shards_recover_bitwise(ray_local, tmp_path):
     ray = ray_local
+    # actor calls (the default); a compiled graph's recovery: test_cluster.py and test_sharded.py
     table = ShardedEmbedding(V, D, 3, "sparseadam", OPTS, seed=4, checkpoint_dir=str(tmp_path), checkpoint_every=3)
     emb, opt = single_process(V, D, "sparseadam", OPTS, 4)
     rng = np.random.default_rng(1)
@@ -59,8 +60,7 @@ def test_killed_shards_recover_bitwise(ray_local, tmp_path):
         assert info[1]["pid"] != pids[1] and info[1]["restored_from"] == 3
         assert info[2]["pid"] != pids[2] and info[2]["restored_from"] == 6
         assert table.recoveries == 2
-        # each loss broke the compiled graph; the table recovered by actor calls and built a new one
-        assert table.graph_builds == 3 and table.transport == "compiled graph"
+        assert table.graph_builds == 0 and table.transport == "actor calls"
         assert [i["step"] for i in info] == [12, 12, 12]
         assert_same_state(table, emb, opt)
         # each shard's checkpoint is a cembed checkpoint directory of its rows, at the last multiple of 3
