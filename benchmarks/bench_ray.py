@@ -8,8 +8,8 @@ Run inside the private network namespace (Ray must not start anywhere else):
 build of this checkout: the first line printed names the copy measured).
 
 1. Lookup + fused update round trip: ``out = table(idx); table.backward(grad, step=True); table.sync()``
-   (the update applied when it returns) with 2 shards — through Ray's compiled graph
-   (``compiled_graph=True``) and through ordinary actor calls (the default) — against
+   (the update applied when it returns) with 2 shards — through Ray's compiled graph (the
+   default) and through ordinary actor calls (``compiled_graph=False``) — against
    ``out = emb(idx); emb.backward(grad, optimizer=opt)`` in this process; the same 65,536 Zipf(1.1)
    indices, SparseAdam; interleaved turns (alternating order), medians and minima, and the time of
    each of the three calls of the sharded step. The compiled graph's shards busy-wait for their next
@@ -19,7 +19,7 @@ build of this checkout: the first line printed names the copy measured).
    per shard, and the messages per step; and back-to-back steps without waiting for the update (how
    training runs: the shards apply step t while the client prepares step t + 1).
 2. Per-call overhead: the same round trip with 8 indices.
-3. The main job: ``train`` of the skip-gram model with ``shards=2`` (actor calls, and compiled graphs)
+3. The main job: ``train`` of the skip-gram model with ``shards=2`` (compiled graphs, and actor calls)
    against ``shards=0`` (same corpus, config and seed; the final tables are compared bitwise).
 Nothing here is a pytest test (the file is only collected when asked for).
 """
@@ -128,7 +128,7 @@ def main(argv=None):
     opt = OPTIMIZERS["sparseadam"]([emb], **opts)
     table = ShardedEmbedding(V, D, S, "sparseadam", opts, seed=1, compiled_graph=True)
     table(np.arange(min(V, 10)))
-    calls = ShardedEmbedding(V, D, S, "sparseadam", opts, seed=1)     # actor calls (the default)
+    calls = ShardedEmbedding(V, D, S, "sparseadam", opts, seed=1, compiled_graph=False)
     calls(np.arange(min(V, 10)))
     print(f"set-up (one table in process + 2 x {S} shards): {time.perf_counter() - t0:.1f} s; transports: "
           f"{table.transport!r} ({table.graph_error or 'compiled'}), {calls.transport!r}")
@@ -242,13 +242,13 @@ def main(argv=None):
 
         plain_class = dist.ShardedEmbedding
 
-        def compiled(*a, **kw):        # the trainer's tables through compiled graphs
-            return plain_class(*a, compiled_graph=True, **kw)
+        def actor_calls(*a, **kw):        # the trainer's tables on actor calls
+            return plain_class(*a, compiled_graph=False, **kw)
 
         results = {}
-        for name in ("0", str(S), f"{S}, compiled graph") * 2:
+        for name in ("0", str(S), f"{S}, actor calls") * 2:
             config = train_mod.TrainConfig(seed=0, shards=int(name.split(",")[0]))
-            dist.ShardedEmbedding = compiled if "compiled" in name else plain_class
+            dist.ShardedEmbedding = actor_calls if "actor" in name else plain_class
             try:
                 result = train_mod.train(corpus, config, progress=False)
             finally:

@@ -164,14 +164,14 @@ class ShardedEmbedding:
         See :func:`initial_rows`.
     recovery_timeout : float, default 120
         Seconds to wait for a lost shard to come back before :class:`ShardLostError`.
-    compiled_graph : bool, default False
-        True: drive the lookups and updates through one Ray Compiled Graph over all shards
+    compiled_graph : bool, default True
+        Drive the lookups and updates through one Ray Compiled Graph over all shards
         (``ray.dag``: a call to every shard through shared-memory channels instead of an actor
-        task per shard; less overhead per call, but Ray's graph actors busy-wait for their next
-        call — see ``docs/distributed.md`` for when it pays). When Ray cannot compile it, or it
-        breaks (a shard died), the table uses ordinary actor calls, and builds the graph again at
-        the next call once every shard is back at the current step. False: ordinary actor calls.
-        ``.transport`` says which is in use.
+        task per shard: less overhead per call, but Ray's graph actors busy-wait for their next
+        call, about half a core each while the table sits idle — ``docs/distributed.md``). When
+        Ray cannot compile it, or it breaks (a shard died), the table uses ordinary actor calls,
+        and builds the graph again at the next call once every shard is back at the current step.
+        False: ordinary actor calls only. ``.transport`` says which is in use.
 
     Examples
     --------
@@ -194,7 +194,7 @@ class ShardedEmbedding:
                  optimizer_options: Optional[Dict[str, Any]] = None, padding_idx: Optional[int] = None,
                  dtype: Any = np.float32, seed: Optional[int] = None, checkpoint_dir: Optional[str] = None,
                  checkpoint_every: Optional[int] = None, ray_options: Any = None, *, init: str = "uniform",
-                 recovery_timeout: float = 120.0, compiled_graph: bool = False) -> None:
+                 recovery_timeout: float = 120.0, compiled_graph: bool = True) -> None:
         # ---- every argument is checked before Ray is touched or any actor starts
         self.num_embeddings = _check_int(num_embeddings, "num_embeddings", 1)
         self.embedding_dim = _check_int(embedding_dim, "embedding_dim", 1)

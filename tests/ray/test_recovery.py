@@ -41,8 +41,10 @@ def train_step(rng, table, emb, opt):
 
 def test_killed_shards_recover_bitwise(ray_local, tmp_path):
     ray = ray_local
-    # actor calls (the default); a compiled graph's recovery: test_cluster.py and test_sharded.py
-    table = ShardedEmbedding(V, D, 3, "sparseadam", OPTS, seed=4, checkpoint_dir=str(tmp_path), checkpoint_every=3)
+    # actor calls; a compiled graph's recovery (the default): test_cluster.py, test_sharded.py and
+    # the two tests below
+    table = ShardedEmbedding(V, D, 3, "sparseadam", OPTS, seed=4, checkpoint_dir=str(tmp_path), checkpoint_every=3,
+                             compiled_graph=False)
     emb, opt = single_process(V, D, "sparseadam", OPTS, 4)
     rng = np.random.default_rng(1)
     try:

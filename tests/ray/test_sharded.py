@@ -51,8 +51,8 @@ def test_skipgram_both_tables_bitwise_equal_to_one_process(ray_local, shards, op
             sharded.step(centers, targets)
         for table, emb in ((sharded.emb_in, local.emb_in), (sharded.emb_out, local.emb_out)):
             assert table.step_count == 6
-            # the default transport: actor calls (the compiled graph is opt-in)
-            assert table.transport == "actor calls" and table.graph_builds == 0
+            # every step went through the compiled graph built at the start (no silent fallback)
+            assert table.transport == "compiled graph" and table.graph_builds == 1, table.graph_error
             assert_same_state(table, emb, local.opt)
         assert np.abs(local.emb_out.weight).max() > 0      # the run trained something
     finally:
