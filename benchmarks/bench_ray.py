@@ -8,16 +8,19 @@ Run inside the private network namespace (Ray must not start anywhere else):
 build of this checkout: the first line printed names the copy measured).
 
 1. Lookup + fused update round trip: ``out = table(idx); table.backward(grad, step=True); table.sync()``
-   (the update applied when it returns) with 2
-   shards against ``out = emb(idx); emb.backward(grad, optimizer=opt)`` in this process; the same
-   65,536 Zipf(1.1) indices, SparseAdam; interleaved rounds (alternating order), medians and minima,
-   and the time of each of the three calls of the sharded step. Also the payload bytes sent and
-   received per step and per shard, and the messages per step; and back-to-back steps without
-   waiting for the update (how training runs: the shards apply step t while the client prepares
-   step t + 1).
+   (the update applied when it returns) with 2 shards — through Ray's compiled graph (the
+   default) and through ordinary actor calls (``compiled_graph=False``) — against
+   ``out = emb(idx); emb.backward(grad, optimizer=opt)`` in this process; the same 65,536 Zipf(1.1)
+   indices, SparseAdam; interleaved turns (alternating order), medians and minima, and the time of
+   each of the three calls of the sharded step. The compiled graph's shards busy-wait for their next
+   call, so the graph is torn down (untimed) while the other two run and built again, with two
+   untimed warm-up steps (a new graph's first big calls are several times slower), before its own
+   turns. Also the payload bytes sent and received per step and
+   per shard, and the messages per step; and back-to-back steps without waiting for the update (how
+   training runs: the shards apply step t while the client prepares step t + 1).
 2. Per-call overhead: the same round trip with 8 indices.
-3. The main job: ``train`` of the skip-gram model with ``shards=2`` against ``shards=0`` (same
-   corpus, config and seed; the final tables are compared bitwise).
+3. The main job: ``train`` of the skip-gram model with ``shards=2`` (compiled graphs, and actor calls)
+   against ``shards=0`` (same corpus, config and seed; the final tables are compared bitwise).
 Nothing here is a pytest test (the file is only collected when asked for).
 """
 import argparse
@@ -53,18 +56,26 @@ def pipelined(fn, steps):
     return (time.perf_counter() - t0) / steps
 
 
-def interleaved(fns, repeats):
-    """Median and minimum seconds of each callable, run in turns after one warm-up each; the order
-    alternates between rounds (a, b, b, a, ...) so that neither always runs right after the other."""
-    for fn in fns.values():
+def interleaved(fns, repeats, setups=None, block=1):
+    """Median and minimum seconds of each callable, run in turns (``block`` runs at a time) after
+    one warm-up each; the order alternates between turns (a, b, b, a, ...) so that neither always
+    runs right after the other. ``setups[name]()`` runs, untimed, before each turn of ``name``."""
+    setups = setups or {}
+    for name, fn in fns.items():
+        setups.get(name, lambda: None)()
         fn()
     times = {name: [] for name in fns}
     names = list(fns)
-    for r in range(repeats):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
+    done, turn = 0, 0
+    while done < repeats:
+        n = min(block, repeats - done)
+        for name in (names if turn % 2 == 0 else names[::-1]):
+            setups.get(name, lambda: None)()
+            for _ in range(n):
+                t0 = time.perf_counter()
+                fns[name]()
+                times[name].append(time.perf_counter() - t0)
+        done, turn = done + n, turn + 1
     return ({name: statistics.median(ts) for name, ts in times.items()},
             {name: min(ts) for name, ts in times.items()})
 
@@ -115,55 +126,110 @@ def main(argv=None):
     t0 = time.perf_counter()
     emb = cembed.Embedding.from_pretrained(initial_rows(1, np.arange(V), D), freeze=False, sparse=True)
     opt = OPTIMIZERS["sparseadam"]([emb], **opts)
-    table = ShardedEmbedding(V, D, S, "sparseadam", opts, seed=1)
+    table = ShardedEmbedding(V, D, S, "sparseadam", opts, seed=1, compiled_graph=True)
     table(np.arange(min(V, 10)))
-    print(f"set-up (one table in process + {S} shards): {time.perf_counter() - t0:.1f} s")
+    calls = ShardedEmbedding(V, D, S, "sparseadam", opts, seed=1, compiled_graph=False)
+    calls(np.arange(min(V, 10)))
+    print(f"set-up (one table in process + 2 x {S} shards): {time.perf_counter() - t0:.1f} s; transports: "
+          f"{table.transport!r} ({table.graph_error or 'compiled'}), {calls.transport!r}")
 
     sent0, recv0, steps0 = table.bytes_sent, table.bytes_received, table.step_count
     round_trip_sharded(table, idx, grad)
+    round_trip_sharded(calls, idx, grad)     # the same steps on both sharded tables (compared at the end)
     sent, recv = table.bytes_sent - sent0, table.bytes_received - recv0
     print(f"payload per step ({S} shards): sent {sent / 1e6:.2f} MB (indices + summed gradient rows), "
           f"received {recv / 1e6:.2f} MB (rows); per shard {(sent + recv) / S / 1e6:.2f} MB; "
           f"messages per step: {2 * S} requests + {2 * S} replies")
 
+    # Ray's compiled-graph shards busy-wait for their next call (about half a core each while idle,
+    # measured): the graph is torn down while the others run (untimed), built again before its turns
     load0 = os.getloadavg()[0]
+    sh, sc = f"{S} shards, compiled graph", f"{S} shards, actor calls"
+    def make_setups(i, g):
+        """Before a turn: the graph up (and two untimed steps: the first big calls through a new
+        graph's buffers are several times slower, measured) for the compiled table, down for the
+        others; the actor-call table takes the same untimed steps, so that the two sharded tables
+        see the same steps (compared at the end)."""
+        def graph_up():
+            table._build_graph()
+            for _ in range(2):
+                round_trip_sharded(table, i, g)
+
+        def graph_down():
+            table._drop_graph()
+            for _ in range(2):
+                round_trip_sharded(calls, i, g)
+
+        return {"one process": table._drop_graph, sh: graph_up, sc: graph_down}
+
     big, big_min = interleaved({"one process": lambda: round_trip_local(emb, opt, idx, grad),
-                                f"{S} shards": lambda: round_trip_sharded(table, idx, grad)}, args.repeats)
+                                sh: lambda: round_trip_sharded(table, idx, grad),
+                                sc: lambda: round_trip_sharded(calls, idx, grad)}, args.repeats,
+                               make_setups(idx, grad), block=5)
     tiny, tiny_min = interleaved({"one process": lambda: round_trip_local(emb, opt, tiny_idx, tiny_grad),
-                                  f"{S} shards": lambda: round_trip_sharded(table, tiny_idx, tiny_grad)},
-                                 args.repeats * 2)
-    print(f"lookup + fused update round trip, waited ({args.repeats} interleaved rounds; host load average "
-          f"{load0:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores):")
+                                  sh: lambda: round_trip_sharded(table, tiny_idx, tiny_grad),
+                                  sc: lambda: round_trip_sharded(calls, tiny_idx, tiny_grad)},
+                                 args.repeats * 2, make_setups(tiny_idx, tiny_grad), block=10)
+    setups = make_setups(tiny_idx, tiny_grad)
+    print(f"lookup + fused update round trip, waited ({args.repeats} rounds in interleaved turns of 5; host load "
+          f"average {load0:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; the compiled "
+          f"graph, torn down while the others run, each turn after two untimed warm-up steps; batch 8: "
+          f"{2 * args.repeats} rounds in turns of 10):")
     for name in big:
-        print(f"  {name:<12} batch {args.n:,}: median {big[name] * 1e3:7.2f} ms (min {big_min[name] * 1e3:6.2f})"
+        print(f"  {name:<24} batch {args.n:,}: median {big[name] * 1e3:7.2f} ms (min {big_min[name] * 1e3:6.2f})"
               f"    batch 8: median {tiny[name] * 1e3:6.2f} ms (min {tiny_min[name] * 1e3:5.2f})")
-    sh = f"{S} shards"
-    print(f"  ratio sharded / one process: median {big[sh] / big['one process']:.2f}x, min "
-          f"{big_min[sh] / big_min['one process']:.2f}x (target <= 2x); per-call overhead (batch 8, median): "
-          f"{(tiny[sh] - tiny['one process']) * 1e3:.2f} ms for {2 * S} Ray calls")
-    split = phases(table, idx, grad, max(5, args.repeats // 4))
-    print("  sharded step by call (median): " + ", ".join(f"{k} {v:.2f} ms" for k, v in split.items()))
+    for name in (sh, sc):
+        print(f"  ratio {name} / one process: median {big[name] / big['one process']:.2f}x, min "
+              f"{big_min[name] / big_min['one process']:.2f}x (target <= 2x); per-step overhead (batch 8, "
+              f"median): {(tiny[name] - tiny['one process']) * 1e3:.2f} ms for {2 * S} shard calls")
+    for name, t in ((sh, table), (sc, calls)):
+        setups[name]()
+        split = phases(t, idx, grad, max(5, args.repeats // 4))
+        print(f"  {name} step by call (median): " + ", ".join(f"{k} {v:.2f} ms" for k, v in split.items()))
+    assert table.state_dict()["weight"].tobytes() == calls.state_dict()["weight"].tobytes(), \
+        "the two transports trained different tables"
+    print("  the tables trained through the two transports are bitwise equal")
 
-    def sharded_step():
-        table(idx)
-        table.backward(grad, step=True)
+    def steps(t):
+        def step():
+            t(idx)
+            t.backward(grad, step=True)
+        return step
 
-    runs = {"one process": [], f"{S} shards": []}
+    def run_compiled():
+        table._build_graph()
+        for _ in range(2):     # untimed: a new graph's first big calls
+            round_trip_sharded(table, idx, grad)
+        return pipelined(steps(table), 5)
+
+    def run_other(fn):
+        table._drop_graph()
+        return pipelined(fn, 5)
+
+    blocks = {"one process": lambda: run_other(lambda: round_trip_local(emb, opt, idx, grad)),
+              sh: run_compiled, sc: lambda: run_other(steps(calls))}
+    runs = {name: [] for name in blocks}
     for _ in range(3):
-        runs["one process"].append(pipelined(lambda: round_trip_local(emb, opt, idx, grad), 5))
-        runs[f"{S} shards"].append(pipelined(sharded_step, 5))
-        table.sync()
+        for name, block in blocks.items():
+            runs[name].append(block())
+            table.sync()
+            calls.sync()
     steady = {name: statistics.median(v) for name, v in runs.items()}
-    print(f"  back-to-back steps (update not awaited, 3 blocks of 5, median): one process "
-          f"{steady['one process'] * 1e3:.2f} ms/step, {S} shards {steady[f'{S} shards'] * 1e3:.2f} ms/step, "
-          f"ratio {steady[f'{S} shards'] / steady['one process']:.2f}x")
+    print("  back-to-back steps (update not awaited, 3 blocks of 5, median): " + ", ".join(
+        f"{name} {v * 1e3:.2f} ms/step ({v / steady['one process']:.2f}x)" for name, v in steady.items()))
+    calls.shutdown()
+    table._build_graph()
+    for _ in range(2):         # untimed: a new graph's first big calls
+        table(idx)
     t0 = time.perf_counter()
     table(idx)
     t_lookup = time.perf_counter() - t0
+    table._drop_graph()
     t0 = time.perf_counter()
     emb(idx)
     t_lookup_local = time.perf_counter() - t0
-    print(f"  lookup alone (one run): sharded {t_lookup * 1e3:.2f} ms, one process {t_lookup_local * 1e3:.2f} ms")
+    print(f"  lookup alone (one run): sharded (compiled graph) {t_lookup * 1e3:.2f} ms, one process {t_lookup_local * 1e3:.2f} ms")
+    print(f"  compiled graphs built: {table.graph_builds} (torn down and rebuilt between turns)")
     table.shutdown()
     del emb, opt
 
@@ -172,21 +238,29 @@ def main(argv=None):
         from cembed.apps import train as train_mod
 
         corpus = corpus_mod.synthetic_corpus(args.train_vocab, 100, args.train_tokens, seed=0)
+        import cembed.distributed as dist
+
+        plain_class = dist.ShardedEmbedding
+
+        def actor_calls(*a, **kw):        # the trainer's tables on actor calls
+            return plain_class(*a, compiled_graph=False, **kw)
+
         results = {}
-        for shards in (0, S, 0, S):
-            config = train_mod.TrainConfig(seed=0, shards=shards)
-            result = train_mod.train(corpus, config, progress=False)
-            results.setdefault(shards, []).append(result)
-        print(f"main job (skip-gram, {corpus.description}):")
-        for shards, rs in results.items():
-            wps = statistics.median(r.words_per_second for r in rs)
-            print(f"  --shards {shards}: {wps:>10,.0f} words/s  (runs: "
-                  f"{', '.join(f'{r.words_per_second:,.0f}' for r in rs)})")
-        same = results[0][0].table.tobytes() == results[S][0].table.tobytes()
+        for name in ("0", str(S), f"{S}, actor calls") * 2:
+            config = train_mod.TrainConfig(seed=0, shards=int(name.split(",")[0]))
+            dist.ShardedEmbedding = actor_calls if "actor" in name else plain_class
+            try:
+                result = train_mod.train(corpus, config, progress=False)
+            finally:
+                dist.ShardedEmbedding = plain_class
+            results.setdefault(name, []).append(result)
+        print(f"main job (skip-gram, {corpus.description}; 2 runs each, interleaved):")
+        wps = {name: statistics.median(r.words_per_second for r in rs) for name, rs in results.items()}
+        for name, rs in results.items():
+            print(f"  --shards {name:<16} {wps[name]:>10,.0f} words/s  (runs: "
+                  f"{', '.join(f'{r.words_per_second:,.0f}' for r in rs)}), {wps[name] / wps['0']:.2f}x --shards 0")
+        same = all(r.table.tobytes() == results["0"][0].table.tobytes() for rs in results.values() for r in rs)
         print(f"  final input tables bitwise equal: {same}")
-        ratio = statistics.median(r.words_per_second for r in results[S]) / \
-            statistics.median(r.words_per_second for r in results[0])
-        print(f"  throughput --shards {S} / --shards 0: {ratio:.2f}x")
     ray.shutdown()
 
 

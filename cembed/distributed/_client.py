@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
 import numpy as np
 
@@ -164,6 +164,14 @@ class ShardedEmbedding:
         See :func:`initial_rows`.
     recovery_timeout : float, default 120
         Seconds to wait for a lost shard to come back before :class:`ShardLostError`.
+    compiled_graph : bool, default True
+        Drive the lookups and updates through one Ray Compiled Graph over all shards
+        (``ray.dag``: a call to every shard through shared-memory channels instead of an actor
+        task per shard: less overhead per call, but Ray's graph actors busy-wait for their next
+        call, about half a core each while the table sits idle — ``docs/distributed.md``). When
+        Ray cannot compile it, or it breaks (a shard died), the table uses ordinary actor calls,
+        and builds the graph again at the next call once every shard is back at the current step.
+        False: ordinary actor calls only. ``.transport`` says which is in use.
 
     Examples
     --------
@@ -186,7 +194,7 @@ class ShardedEmbedding:
                  optimizer_options: Optional[Dict[str, Any]] = None, padding_idx: Optional[int] = None,
                  dtype: Any = np.float32, seed: Optional[int] = None, checkpoint_dir: Optional[str] = None,
                  checkpoint_every: Optional[int] = None, ray_options: Any = None, *, init: str = "uniform",
-                 recovery_timeout: float = 120.0) -> None:
+                 recovery_timeout: float = 120.0, compiled_graph: bool = True) -> None:
         # ---- every argument is checked before Ray is touched or any actor starts
         self.num_embeddings = _check_int(num_embeddings, "num_embeddings", 1)
         self.embedding_dim = _check_int(embedding_dim, "embedding_dim", 1)
@@ -224,6 +232,8 @@ class ShardedEmbedding:
         if not (isinstance(recovery_timeout, (int, float)) and recovery_timeout > 0):
             raise ValueError(f"recovery_timeout must be a positive number of seconds, got {recovery_timeout!r}")
         self.recovery_timeout = float(recovery_timeout)
+        if not isinstance(compiled_graph, (bool, np.bool_)):
+            raise TypeError(f"compiled_graph must be True or False, got {compiled_graph!r}")
         per_shard = self._shard_options(ray_options)
         self._restartable = [opts["max_restarts"] != 0 for opts in per_shard]
 
@@ -255,6 +265,16 @@ class ShardedEmbedding:
         self._broken: Optional[str] = None
         self._wait_all([(k, self._actors[k].current_step.remote()) for k in range(self.num_shards)],
                        expect=lambda k, reply: reply == 0, what="start")
+        # The compiled graph (None: ordinary actor calls). Rule: a shard never has a compiled call
+        # and an ordinary one in flight at once (Ray runs the graph's calls on a thread of the actor
+        # and ordinary calls on another, in no order between the two): every ordinary call comes
+        # after _settle() (no compiled step in flight) or after the graph is torn down.
+        self._graph: Any = None
+        self._want_graph = bool(compiled_graph)
+        self.graph_builds = 0              # compiled graphs built (1 + one per rebuild after a loss)
+        self.graph_error: Optional[str] = None   # why Ray could not compile one, if it could not
+        self._message_bytes = 0   # the largest payload sent to or received from one shard so far
+        self._build_graph()
 
     # ------------------------------------------------------------------ set-up helpers
     def _shard_options(self, ray_options: Any) -> List[Dict[str, Any]]:
@@ -284,6 +304,76 @@ class ShardedEmbedding:
     def actors(self) -> List[Any]:
         """The shard actor handles, shard ``k`` at position ``k`` (for tests and diagnostics)."""
         return list(self._actors)
+
+    @property
+    def transport(self) -> str:
+        """``"compiled graph"`` or ``"actor calls"``: how the next lookup and update reach the shards."""
+        return "compiled graph" if self._graph is not None or self._want_graph else "actor calls"
+
+    # ------------------------------------------------------------------ the compiled graph
+    def _graph_lost_errors(self) -> Tuple[Type[BaseException], ...]:
+        ex = self._ray.exceptions
+        return (ex.RayActorError, ex.ActorUnavailableError, ex.RayChannelError, ex.RayCgraphCapacityExceeded)
+
+    def _build_graph(self) -> None:
+        """Compile the graph (every shard's :meth:`Shard.call`, one input and one output per shard)
+        if it is wanted and not there; only with nothing in flight. A graph Ray will not compile
+        leaves the table on actor calls for good (``graph_error`` says why)."""
+        if self._graph is not None or not self._want_graph:
+            return
+        self._settle()   # the ordinary calls in flight finish before the graph's first call
+        try:
+            from ray.dag import InputNode, MultiOutputNode
+
+            with InputNode() as request:
+                dag = MultiOutputNode([actor.call.bind(request[k]) for k, actor in enumerate(self._actors)])
+            # channels start as large as the largest message so far (a graph built again after a
+            # loss does not grow them step by step: each growth costs Ray a new buffer and a
+            # round of messages, about 0.1 s here)
+            size = max(1 << 20, self._message_bytes + self._message_bytes // 4 + (64 << 10))
+            # at most two calls are ever in flight (a step not yet answered and the next lookup):
+            # Ray gives each channel that many buffers (its default, 10, spreads the messages over
+            # ten buffers, each written and paged in afresh after a build)
+            self._graph = dag.experimental_compile(_submit_timeout=self.recovery_timeout, _buffer_size_bytes=size,
+                                                   _max_inflight_executions=2)
+            self.graph_builds += 1
+        except Exception as exc:       # an old Ray, or one that refuses these actors: actor calls
+            self._want_graph = False
+            self.graph_error = f"{type(exc).__name__}: {exc}"
+
+    def _drop_graph(self) -> None:
+        """Tear the graph down (Ray does it itself when a shard dies; again is harmless): from here
+        ordinary calls are safe; :meth:`_build_graph` builds a new one at the next call."""
+        graph, self._graph = self._graph, None
+        if graph is not None:
+            try:
+                graph.teardown()
+            except Exception:   # a graph that broke may fail its teardown: nothing of it is used again
+                pass
+
+    def _graph_call(self, requests: List[Tuple[str, int, Any]]) -> Optional[List[Any]]:
+        """Send ``requests[k]`` to shard ``k`` through the graph: the answer refs, or None (and
+        no graph) when the graph is not there or broke while sending."""
+        if self._graph is None:
+            return None
+        try:
+            return list(self._graph.execute(*requests))
+        except self._graph_lost_errors():
+            self._drop_graph()
+            return None
+
+    def _graph_answers(self, refs: List[Any], what: str) -> Optional[List[Any]]:
+        """The answers of one graph call's refs, or None (and no graph) when the graph broke."""
+        ray = self._ray
+        try:
+            return list(ray.get(refs, timeout=self.recovery_timeout))
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayChannelTimeoutError):
+            self._drop_graph()
+            self._fail(f"a shard did not answer a {what} within {self.recovery_timeout:g} s")
+            raise   # not reached
+        except self._graph_lost_errors():
+            self._drop_graph()
+            return None
 
     # ------------------------------------------------------------------ lookups
     def _keys(self, rows: np.ndarray) -> np.ndarray:
@@ -329,27 +419,47 @@ class ShardedEmbedding:
         self._check_usable()
         shape, keys = self._checked_keys(indices)
         uniq, order, first = _dedupe(keys)
+        self._build_graph()
         requests = {}
         for k, lo, hi in self._cuts(uniq):
-            if hi > lo:
+            if hi > lo or self._graph is not None:    # the graph calls every shard
                 local = (uniq[lo:hi] - self._starts[k]).astype(self._id_dtype)
                 requests[k] = local
                 self.bytes_sent += local.nbytes
-        sent = [(k, self._actors[k].gather.remote(self._steps[k], local)) for k, local in requests.items()]
+        refs = self._graph_call([("gather", self._steps[k], requests[k]) for k in range(self.num_shards)]) \
+            if self._graph is not None else None
+        sent = [] if refs is not None else \
+            [(k, self._actors[k].gather.remote(self._steps[k], local)) for k, local in requests.items() if local.size]
         inverse = _inverse(order, first)     # while the shards work
         self._settle()    # the steps sent before these lookups (which the shards run first)
-        got = self._wait_all(sent,
-                             expect=lambda k, reply: reply[0] == self._steps[k] and reply[1] is not None,
-                             retry=lambda k: self._actors[k].gather.remote(self._steps[k], requests[k]),
-                             what="gather")
+        parts = None
+        if refs is not None:
+            answers = self._graph_answers(refs, "gather")
+            if answers is not None and all(a[0] == self._steps[k] and a[1] is not None for k, a in enumerate(answers)):
+                # rows read from the graph's channels are views of its buffers, which must be let
+                # go before its next call: only the block below (a copy) outlives this call
+                parts = [answers[k][1] for k in requests if requests[k].size]
+            del answers
+            if parts is None:    # a shard at another step (cannot happen while the graph runs): by actor calls
+                self._drop_graph()
+                sent = [(k, self._actors[k].gather.remote(self._steps[k], local)) for k, local in requests.items()
+                        if local.size]
+        if parts is None:
+            got = self._wait_all(sent,
+                                 expect=lambda k, reply: reply[0] == self._steps[k] and reply[1] is not None,
+                                 retry=lambda k: self._actors[k].gather.remote(self._steps[k], requests[k]),
+                                 what="gather")
+            parts = [got[k][1] for k, _ in sent]
+            del got
         self._saved = (shape, keys)
         if uniq.size == 0:
             return np.empty(shape + (self.embedding_dim,), dtype=self.dtype)
-        parts = [got[k][1] for k in requests]
         self.bytes_received += sum(p.nbytes for p in parts)
+        self._message_bytes = max(self._message_bytes, max(p.nbytes for p in parts))
         # the shards' answers, in shard order, are the distinct rows in key order: entry i of the
         # lookup is row inverse[i] of that block
         block = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        del parts
         return F.embedding(inverse.reshape(shape), block)
 
     __call__ = forward
@@ -476,16 +586,27 @@ class ShardedEmbedding:
             part = vals[lo:hi]          # a contiguous view: Ray sends it as it is
             parts[k] = (local, part)
             self.bytes_sent += local.nbytes + part.nbytes
+            self._message_bytes = max(self._message_bytes, local.nbytes + part.nbytes)
         # Sent, not awaited: the shard runs the step before anything this client sends it later
         # (Ray keeps one caller's calls to an actor in order), so the next lookup needs no extra round
         # trip. The answers are checked by _settle() at the next call; the step is in the replay log
         # until then, so a shard lost meanwhile is replayed through it.
         self._settle()
+        self._build_graph()
+        had_graph = self._graph is not None
+        refs = self._graph_call([("apply", self._steps[k], parts[k]) for k in range(self.num_shards)]) \
+            if had_graph else None
         for k in range(self.num_shards):
             before = self._steps[k]
-            ref = self._actors[k].apply.remote(before, parts[k])   # one argument: one object
-            if self.checkpoint_dir is not None:
-                self._log[k][before] = parts[k]
+            if refs is not None:
+                ref = refs[k]
+            elif had_graph:
+                ref = None     # the graph broke while sending: the shard may or may not have the step
+            else:
+                ref = self._actors[k].apply.remote(before, parts[k])   # one argument: one object
+            # logged until answered (and, when checkpointing, until a checkpoint covers it): a step
+            # that a shard missed is replayed from here
+            self._log[k][before] = parts[k]
             self._steps[k] = before + 1
             self._pending.append((k, before, ref))
 
@@ -496,17 +617,32 @@ class ShardedEmbedding:
             return
         ray = self._ray
         lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
-        replies = self._get_together([ref for _, _, ref in pending], "step")
-        for (k, before, ref), reply in zip(pending, replies):
+        # three kinds of pending step: a graph call's ref (one ray.get for them all, never twice),
+        # an actor call's ref, None (the graph broke while sending it: ask the shard)
+        compiled = [ref for _, _, ref in pending if ref is not None and not isinstance(ref, ray.ObjectRef)]
+        answers = self._graph_answers(compiled, "step") if compiled else []
+        by_graph = dict(zip(map(id, compiled), answers)) if answers is not None else {}
+        calls = [ref for _, _, ref in pending if isinstance(ref, ray.ObjectRef)]
+        replies = dict(zip(map(id, calls), self._get_together(calls, "step"))) if calls else {}
+        for k, before, ref in pending:
+            reply = by_graph.get(id(ref)) if ref is not None and id(ref) in by_graph else replies.get(id(ref))
+            ok, now = False, -1
             try:
-                ok, now = reply if reply is not None else ray.get(ref, timeout=self.recovery_timeout)
+                if reply is not None:
+                    ok, now = reply
+                elif isinstance(ref, ray.ObjectRef):
+                    ok, now = ray.get(ref, timeout=self.recovery_timeout)
             except lost:
-                ok, now = False, -1
+                pass
             except ray.exceptions.GetTimeoutError:
                 self._fail(f"shard {k} did not answer step {before} within {self.recovery_timeout:g} s")
             if not (ok and now == before + 1):
                 self._recover(k)       # back to self._steps[k], replaying step ``before`` too
-            elif self.checkpoint_every and now % self.checkpoint_every == 0:
+                if not self.checkpoint_every:
+                    self._log[k].clear()    # every step sent is applied: none is replayed again
+            elif not self.checkpoint_every:
+                self._log[k].pop(before, None)     # answered: never replayed (nothing to restore from)
+            elif now % self.checkpoint_every == 0:
                 # the shard wrote this checkpoint before answering: older steps are never replayed
                 self._log[k] = {s: p for s, p in self._log[k].items() if s >= now}
 
@@ -577,6 +713,7 @@ class ShardedEmbedding:
         by replaying the logged steps; :class:`ShardLostError` when that is impossible."""
         ray = self._ray
         lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+        self._drop_graph()    # ordinary calls from here; rebuilt at the next lookup or step
         target = self._steps[k]
         deadline = time.monotonic() + self.recovery_timeout
         while True:
@@ -750,6 +887,8 @@ class ShardedEmbedding:
 
         >>> table.shutdown()          # doctest: +SKIP
         """
+        self._want_graph = False
+        self._drop_graph()
         for actor in self._actors:
             self._ray.kill(actor, no_restart=True)
         self._broken = "the table was shut down"

@@ -8,6 +8,7 @@ so the client can replay what it missed; it never serves rows of the wrong step.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -51,6 +52,7 @@ class Shard:
     def __init__(self, shard_id: int, num_shards: int, num_embeddings: int, embedding_dim: int, optimizer: str,
                  optimizer_options: Dict[str, Any], padding_idx: Optional[int], dtype: str, seed: int, init: str,
                  checkpoint_dir: Optional[str], checkpoint_every: Optional[int]) -> None:
+        _numpy_only_channels()
         self.shard_id, self.num_shards = shard_id, num_shards
         self.num_embeddings = num_embeddings
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
@@ -102,6 +104,18 @@ class Shard:
             self.save()
         return True, self.step
 
+    def call(self, request: Tuple[str, int, Any]) -> Any:
+        """``("gather", step, rows)`` or ``("apply", step, (rows, values))``: :meth:`gather` or
+        :meth:`apply` — the one method of the compiled graph the client drives this shard through
+        (Ray runs a compiled graph's calls on a thread of its own; the client never has a compiled
+        call and an ordinary one in flight to the same shard at once)."""
+        op, step, payload = request
+        if op == "gather":
+            return self.gather(step, payload)
+        if op == "apply":
+            return self.apply(step, payload)
+        raise ValueError(f"unknown shard request {op!r}")
+
     def current_step(self) -> int:
         return self.step
 
@@ -144,6 +158,21 @@ class Shard:
             raise ValueError("this shard has no checkpoint_dir")
         save_checkpoint(self.checkpoint_dir, {"rows": self.emb}, self.opt,
                         extra={"step": self.step, "shard": [self.shard_id, self.num_shards]})
+
+
+def _numpy_only_channels() -> None:
+    """In a Ray actor: tell Ray's compiled-graph channels that this process sends no torch tensors.
+    Otherwise the first compiled call imports torch (when it is installed) only to pick a device for
+    tensors — seconds per shard process on a busy machine; a shard sends NumPy arrays only. Uses
+    Ray's ``ChannelContext`` (a developer API); a Ray without it is left as it is."""
+    if "ray" not in sys.modules:
+        return
+    try:
+        from ray.experimental.channel.common import ChannelContext
+
+        ChannelContext.get_current()._torch_available = False
+    except Exception:    # another Ray: it probes for torch, which costs time, not correctness
+        pass
 
 
 def _has_checkpoint(path: str) -> bool:

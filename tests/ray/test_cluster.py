@@ -34,7 +34,7 @@ def test_node_removed_and_replaced(cluster, tmp_path):
     ray, c, workers, node = cluster
     pins = [{"resources": {f"node{k}": 0.01}} for k in range(3)]
     table = ShardedEmbedding(V, D, 3, "sparseadam", OPTS, seed=8, checkpoint_dir=str(tmp_path), checkpoint_every=4,
-                             ray_options=pins, recovery_timeout=90)
+                             ray_options=pins, recovery_timeout=90, compiled_graph=True)
     emb, opt = single_process(V, D, "sparseadam", OPTS, 8)
     rng = np.random.default_rng(5)
     try:
@@ -53,6 +53,8 @@ def test_node_removed_and_replaced(cluster, tmp_path):
         info = table.shard_info()
         assert info[2]["restored_from"] == 4 and info[0]["restored_from"] is None
         assert table.recoveries >= 1
+        # the compiled graph spans the three nodes; it broke with the node and was built again
+        assert table.graph_builds >= 2 and table.transport == "compiled graph", table.graph_error
         assert_same_state(table, emb, opt)
         bad, interfaces = non_loopback()
         assert interfaces == ["lo"]

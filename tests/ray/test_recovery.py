@@ -41,7 +41,10 @@ def train_step(rng, table, emb, opt):
 
 def test_killed_shards_recover_bitwise(ray_local, tmp_path):
     ray = ray_local
-    table = ShardedEmbedding(V, D, 3, "sparseadam", OPTS, seed=4, checkpoint_dir=str(tmp_path), checkpoint_every=3)
+    # actor calls; a compiled graph's recovery (the default): test_cluster.py, test_sharded.py and
+    # the two tests below
+    table = ShardedEmbedding(V, D, 3, "sparseadam", OPTS, seed=4, checkpoint_dir=str(tmp_path), checkpoint_every=3,
+                             compiled_graph=False)
     emb, opt = single_process(V, D, "sparseadam", OPTS, 4)
     rng = np.random.default_rng(1)
     try:
@@ -59,6 +62,7 @@ def test_killed_shards_recover_bitwise(ray_local, tmp_path):
         assert info[1]["pid"] != pids[1] and info[1]["restored_from"] == 3
         assert info[2]["pid"] != pids[2] and info[2]["restored_from"] == 6
         assert table.recoveries == 2
+        assert table.graph_builds == 0 and table.transport == "actor calls"
         assert [i["step"] for i in info] == [12, 12, 12]
         assert_same_state(table, emb, opt)
         # each shard's checkpoint is a cembed checkpoint directory of its rows, at the last multiple of 3

@@ -51,26 +51,34 @@ def test_skipgram_both_tables_bitwise_equal_to_one_process(ray_local, shards, op
             sharded.step(centers, targets)
         for table, emb in ((sharded.emb_in, local.emb_in), (sharded.emb_out, local.emb_out)):
             assert table.step_count == 6
+            # every step went through the compiled graph built at the start (no silent fallback)
+            assert table.transport == "compiled graph" and table.graph_builds == 1, table.graph_error
             assert_same_state(table, emb, local.opt)
         assert np.abs(local.emb_out.weight).max() > 0      # the run trained something
     finally:
         sharded.close()
 
 
-CASES = [  # (shards, optimizer, options, dtype, padding_idx)
-    (1, "sgd", {"lr": 0.5, "momentum": 0.0}, np.float64, None),
-    (2, "rowwise_adagrad", {"lr": 0.3, "weight_decay": 0.01}, np.float32, 4),
-    (3, "sparseadam", {"lr": 0.05}, np.float32, -1),
-    (2, "sparseadam", {"lr": 0.05, "bias_correction": "row"}, np.float32, None),
+CASES = [  # (shards, optimizer, options, dtype, padding_idx, compiled_graph)
+    (1, "sgd", {"lr": 0.5, "momentum": 0.0}, np.float64, None, True),
+    (2, "rowwise_adagrad", {"lr": 0.3, "weight_decay": 0.01}, np.float32, 4, True),
+    (3, "sparseadam", {"lr": 0.05}, np.float32, -1, True),
+    (2, "sparseadam", {"lr": 0.05, "bias_correction": "row"}, np.float32, None, True),
+    # the actor-call transport (the fallback when no compiled graph runs)
+    (3, "sparseadam", {"lr": 0.05}, np.float32, -1, False),
+    (1, "sgd", {"lr": 0.5, "momentum": 0.0}, np.float64, None, False),
 ]
 
 
-@pytest.mark.parametrize("shards,optimizer,options,dtype,padding_idx", CASES)
-def test_one_table_each_optimizer(ray_local, shards, optimizer, options, dtype, padding_idx):
+@pytest.mark.parametrize("shards,optimizer,options,dtype,padding_idx,compiled", CASES)
+def test_one_table_each_optimizer(ray_local, shards, optimizer, options, dtype, padding_idx, compiled):
     """Fused and unfused steps, gradient accumulation over two backwards, per-sample weights,
-    padding_idx, float64: every path the client offers lands on the same bits as one process."""
+    padding_idx, float64: every path the client offers lands on the same bits as one process,
+    through the compiled graph and through actor calls."""
     V, D = 37, 5
-    table = ShardedEmbedding(V, D, shards, optimizer, options, padding_idx=padding_idx, dtype=dtype, seed=11)
+    table = ShardedEmbedding(V, D, shards, optimizer, options, padding_idx=padding_idx, dtype=dtype, seed=11,
+                             compiled_graph=compiled)
+    assert table.transport == ("compiled graph" if compiled else "actor calls"), table.graph_error
     emb, opt = single_process(V, D, optimizer, options, 11, padding_idx=None if padding_idx is None
                               else padding_idx % V, dtype=dtype)
     rng = np.random.default_rng(3)
@@ -117,6 +125,36 @@ def test_one_table_each_optimizer(ray_local, shards, optimizer, options, dtype, 
                 emb.backward(g, idx, per_sample_weights=psw, optimizer=opt)
         assert table.step_count == 6
         assert_same_state(table, emb, opt)
+        assert table.graph_builds == int(compiled)
+    finally:
+        table.shutdown()
+
+
+def test_graph_torn_down_under_the_table(ray_local):
+    """The compiled graph breaks with every shard alive (torn down behind the table's back, once
+    between calls and once with a step in flight): the table notices, finishes the calls by actor
+    calls (a step a shard may have missed is replayed from the log), builds a new graph, and trains
+    on bitwise as one process."""
+    V, D, opts = 31, 4, {"lr": 0.05}
+    table = ShardedEmbedding(V, D, 2, "sparseadam", opts, seed=6, compiled_graph=True)
+    emb, opt = single_process(V, D, "sparseadam", opts, 6)
+    rng = np.random.default_rng(9)
+    try:
+        for it in range(8):
+            if it in (2, 5):
+                table._graph.teardown()
+            idx = zipf_batch(rng, V, 11)
+            out = table(idx)
+            assert out.tobytes() == emb(idx).tobytes()
+            grad = rng.standard_normal(out.shape).astype(np.float32)
+            table.backward(grad, step=True)
+            emb.backward(grad, idx, optimizer=opt)
+            if it == 3:
+                table._graph.teardown()     # the step just sent is in flight
+        assert table.graph_builds == 4 and table.transport == "compiled graph"
+        assert table.step_count == 8
+        assert_same_state(table, emb, opt)
+        assert not table._log[0] and not table._log[1]     # answered steps leave the log (no checkpoints)
     finally:
         table.shutdown()
 
@@ -165,6 +203,8 @@ def test_bad_arguments_refused_before_any_actor(ray_local):
         ShardedEmbedding(10, 4, 2, checkpoint_every=3)
     with pytest.raises(ValueError, match="ray_options"):
         ShardedEmbedding(10, 4, 2, ray_options=[{}])
+    with pytest.raises(TypeError, match="compiled_graph"):
+        ShardedEmbedding(10, 4, 2, compiled_graph="yes")
 
 
 def test_state_dict_round_trip_across_shard_counts(ray_local, tmp_path):
