@@ -143,3 +143,52 @@ def test_training_is_bitwise_the_same_for_any_thread_count(optimizer):
               for threads in (1, 2, 3)]
     assert np.abs(tables[0]).max() > 0.05                        # trained: the init is within 0.5 / 16
     assert tables[0].tobytes() == tables[1].tobytes() == tables[2].tobytes()
+
+
+def test_background_batches_are_the_inline_batches():
+    """BatchStream's background thread yields exactly the batches the inline generator makes."""
+    corpus = corpus_mod.synthetic_corpus(2000, 10, 30_000, seed=3)
+    config = train_mod.TrainConfig(batch_size=1000, epochs=2)
+    inline = list(train_mod.BatchStream(corpus, config, background=False))
+    background = list(train_mod.BatchStream(corpus, config))
+    assert len(inline) == len(background) > 10
+    for (c0, t0, w0), (c1, t1, w1) in zip(inline, background):
+        assert w0 == w1 and np.array_equal(c0, c1) and np.array_equal(t0, t1)
+
+
+def test_background_batches_raise_and_stop():
+    import gc
+    import threading
+    import time
+
+    def failing():
+        yield 1
+        raise KeyError("broken stream")
+
+    stream = train_mod.BackgroundBatches(failing())
+    assert next(stream) == 1
+    with pytest.raises(KeyError, match="broken stream"):
+        next(stream)
+    with pytest.raises(StopIteration):
+        next(stream)
+    before = threading.active_count()
+    endless = train_mod.BackgroundBatches(iter(range(10**9)), ahead=2)
+    assert [next(endless) for _ in range(3)] == [0, 1, 2]
+    del endless                                                  # dropping the iterator stops its thread
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before
+
+
+def test_initial_tables_in_huge_pages_are_initial_rows():
+    from cembed.distributed import initial_rows
+
+    w_in, w_out = train_mod.initial_tables(70_000, 16, 5, block_rows=4096)
+    want = initial_rows(5, np.arange(70_000), 16, np.float32, "uniform")
+    assert w_in.dtype == w_out.dtype == np.float32 and w_in.shape == w_out.shape == (70_000, 16)
+    assert w_in.tobytes() == want.tobytes()
+    assert not w_out.any() and w_in.flags.writeable and w_out.flags.writeable and w_in.flags.c_contiguous
+    small = train_mod.huge_page_zeros((3, 4))                    # below one huge page: plain np.zeros
+    assert small.shape == (3, 4) and not small.any()
