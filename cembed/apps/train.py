@@ -75,12 +75,10 @@ class BatchStream:
     pairs are shuffled, and each pair gets ``negatives`` words drawn from the unigram^0.75 table."""
 
     TABLE_SIZE = 1 << 23
-    AHEAD = 2   # batches made ahead by the background thread
 
-    def __init__(self, corpus: Corpus, config: TrainConfig, background: bool = True):
+    def __init__(self, corpus: Corpus, config: TrainConfig):
         self.corpus = corpus
         self.config = config
-        self.background = background
         freq = corpus.counts / max(1, corpus.counts.sum())
         if config.subsample > 0:
             with np.errstate(divide="ignore"):
@@ -123,13 +121,7 @@ class BatchStream:
         return center[valid], context[valid]
 
     def __iter__(self):
-        """Yields (center (B,), targets (B, 1 + negatives), words consumed so far): made by a background
-        thread ``AHEAD`` batches ahead when ``background`` (the default), else in the caller's thread;
-        the same batches either way (one thread draws them all, in order)."""
-        return BackgroundBatches(self.batches(), self.AHEAD) if self.background else self.batches()
-
-    def batches(self):
-        """The batches, made in the calling thread (see :meth:`__iter__`)."""
+        """Yields (center (B,), targets (B, 1 + negatives), words consumed so far)."""
         cfg, corpus = self.config, self.corpus
         rng = np.random.default_rng(cfg.seed + 1)
         sentence_of = corpus.sentence_ids()
@@ -157,113 +149,11 @@ class BatchStream:
                 consumed += hi - lo
 
 
-class BackgroundBatches:
-    """An iterator over ``batches`` (an iterator) that a daemon thread runs up to ``ahead`` items ahead
-    of the consumer: batch k + 1 is made (NumPy, which releases the GIL in its loops) while the
-    training step of batch k runs its kernels. Items come out in order, exactly as ``batches`` yields
-    them; an exception of ``batches`` is raised by the ``next`` call that reaches it. :meth:`close`
-    (also called when the iterator is garbage collected) stops the thread after the item it is making."""
-
-    def __init__(self, batches, ahead=2):
-        import queue
-        import threading
-
-        self._queue: Any = queue.Queue(maxsize=max(1, ahead))
-        self._stop = threading.Event()
-        self._finished = False
-        # the thread holds the queue and the event, never this object, so dropping the iterator stops it
-        self._thread = threading.Thread(target=_produce, args=(batches, self._queue, self._stop),
-                                        name="cembed-batches", daemon=True)
-        self._thread.start()
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self._finished:
-            raise StopIteration
-        item, exc = self._queue.get()
-        if item is _END_OF_BATCHES:
-            self._finished = True
-            self._thread.join()
-            if exc is not None:
-                raise exc
-            raise StopIteration
-        return item
-
-    def close(self):
-        """Stop the producing thread (the remaining batches are not made)."""
-        self._finished = True
-        self._stop.set()
-
-    def __del__(self):
-        self.close()
-
-
-_END_OF_BATCHES = object()
-
-
-def _produce(batches, out, stop):
-    """BackgroundBatches' thread: ``(item, None)`` per item of ``batches`` into the queue ``out``, then
-    ``(_END_OF_BATCHES, exception or None)``; returns early once ``stop`` is set."""
-    import queue
-
-    def put(entry):
-        while not stop.is_set():
-            try:
-                out.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    try:
-        for item in batches:
-            if not put((item, None)):
-                return
-    except BaseException as exc:   # handed to the consumer, raised there
-        put((_END_OF_BATCHES, exc))
-        return
-    put((_END_OF_BATCHES, None))
-
-
-HUGE_PAGE = 1 << 21   # the x86-64 / arm64 transparent huge page
-
-
-def huge_page_zeros(shape, dtype=np.float32):
-    """A zero-filled array in anonymous memory advised ``MADV_HUGEPAGE`` (Linux; elsewhere, or when
-    the advice is refused, ``np.zeros``). The trainer's tables are read and written at random rows:
-    with 4 KiB pages nearly every row costs a TLB miss and a page-table walk, with 2 MiB pages
-    (``/sys/kernel/mm/transparent_hugepage/enabled`` "always" or "madvise") a 256 MB table needs
-    128 TLB entries (docs/performance.md, "The skip-gram trainer"). Like ``np.zeros`` the pages are
-    allocated, zeroed, on first touch."""
-    import mmap
-
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if advice is None or nbytes < HUGE_PAGE:
-        return np.zeros(shape, dtype=dtype)
-    try:
-        region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        region.madvise(advice)
-    except (OSError, ValueError):
-        return np.zeros(shape, dtype=dtype)
-    raw = np.frombuffer(region, dtype=np.uint8)   # holds the mapping for as long as the array lives
-    skip = -raw.ctypes.data % HUGE_PAGE           # start on a huge-page boundary
-    return raw[skip:skip + nbytes].view(dtype).reshape(shape)
-
-
-def initial_tables(vocab_size, dim, seed, block_rows=1 << 16):
+def initial_tables(vocab_size, dim, seed):
     """word2vec's init: input rows uniform in [-0.5/dim, 0.5/dim], output rows zero. Defined per row
-    (cembed.distributed.initial_rows), so sharded tables (``--shards``) start from the same values.
-    Both tables are in huge pages where the system offers them (``huge_page_zeros``); the input
-    table is filled ``block_rows`` rows at a time (the same values as one call for all rows)."""
-    w_in = huge_page_zeros((vocab_size, dim), np.float32)
-    for start in range(0, vocab_size, block_rows):
-        stop = min(vocab_size, start + block_rows)
-        w_in[start:stop] = initial_rows(seed, np.arange(start, stop), dim, np.float32, "uniform")
-    return w_in, huge_page_zeros((vocab_size, dim), np.float32)
+    (cembed.distributed.initial_rows), so sharded tables (``--shards``) start from the same values."""
+    w_in = initial_rows(seed, np.arange(vocab_size), dim, np.float32, "uniform")
+    return w_in, np.zeros((vocab_size, dim), dtype=np.float32)
 
 
 # ------------------------------------------------------------------------------------------ models
