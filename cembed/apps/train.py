@@ -146,7 +146,7 @@ class BatchStream:
                     targets = np.empty((c.size, 1 + cfg.negatives), dtype=np.int32)
                     targets[:, 0] = contexts[b * cfg.batch_size:(b + 1) * cfg.batch_size]
                     draws = rng.integers(0, self.TABLE_SIZE, (c.size, cfg.negatives), dtype=np.int32)
-                    np.take(self.neg_table, draws, out=targets[:, 1:])
+                    targets[:, 1:] = np.take(self.neg_table, draws)   # (a take into the strided columns is slower)
                     words = consumed + (hi - lo) * (b + 1) // n_batches
                     yield c, targets, words
                 consumed += hi - lo
