@@ -12,7 +12,7 @@ import cembed
 from cembed import SparseGrad, optim
 
 import reference as ref
-from util import assert_bitwise_equal, at_thread_counts, zipf_indices
+from util import assert_bitwise_equal, at_thread_counts, backward_and_step, zipf_indices
 
 OPTIMIZERS = {
     "sgd": lambda p: optim.SGD(p, lr=0.1),
@@ -143,11 +143,7 @@ def test_fused_large_batch_crosses_chunks():
         emb = cembed.Embedding.from_pretrained(w0.copy(), freeze=False, sparse=True)
         opt = optim.SparseAdam([emb], lr=0.01)
         emb(idx)
-        if fused:
-            emb.backward(g, optimizer=opt)
-        else:
-            emb.backward(g)
-            opt.step()
+        backward_and_step(emb, g, opt, fused)
         out.append(emb.weight)
     assert_bitwise_equal(out[0], out[1])
 
@@ -167,11 +163,7 @@ def test_fused_wide_rows_use_shorter_chunks(dtype, dim, opt_name):
         emb = cembed.Embedding.from_pretrained(w0.copy(), freeze=False, sparse=True)
         opt = OPTIMIZERS[opt_name]([emb])
         emb(idx)
-        if fused:
-            emb.backward(g, optimizer=opt)
-        else:
-            emb.backward(g)
-            opt.step()
+        backward_and_step(emb, g, opt, fused)
         return emb.weight.copy()
 
     want = step(False)

@@ -20,7 +20,7 @@ from cembed import functional as F
 from cembed.functional import RowContributions
 
 import reference as ref
-from util import assert_bitwise_equal, at_thread_counts, require_torch, zipf_indices
+from util import assert_bitwise_equal, at_thread_counts, backward_and_step, require_torch, zipf_indices
 
 RTOL = {np.float32: dict(rtol=1e-6, atol=1e-6), np.float64: dict(rtol=1e-12, atol=1e-12)}
 
@@ -440,12 +440,7 @@ def test_fused_backward_equals_backward_step_zero_grad(rng, small_chunks, make, 
                 mod(idx)
             else:
                 mod(idx, np.arange(0, 300, 10))
-            if use_fused:
-                mod.backward(g, optimizer=opt)
-            else:
-                mod.backward(g)
-                opt.step()
-                opt.zero_grad()
+            backward_and_step(mod, g, opt, use_fused)
         opt_fused.param_groups[0]["lr"] = opt_plain.param_groups[0]["lr"] = 0.05 / (step + 2)
     assert max(small_chunks) == 64 and len(small_chunks) > 4  # several chunks per step
     assert_same(snapshot(opt_fused, [fused]), snapshot(opt_plain, [plain]))

@@ -11,7 +11,7 @@ import cembed
 from cembed import _buffer_cache, _sort, optim
 from cembed import functional as F
 
-from util import assert_bitwise_equal, at_thread_counts, zipf_indices
+from util import assert_bitwise_equal, at_thread_counts, backward_and_step, zipf_indices
 
 
 def _reference_grouping(keys):
@@ -101,12 +101,7 @@ def test_fused_chunk_pipeline_matches_unfused(n_indices, n_rows):
         opt = optim.SparseAdam([emb], lr=0.01)
         for _ in range(2):
             emb(idx)
-            if fused:
-                emb.backward(g, optimizer=opt)
-            else:
-                emb.backward(g)
-                opt.step()
-                opt.zero_grad()
+            backward_and_step(emb, g, opt, fused)
         return emb.weight.copy(), opt.state[emb]["exp_avg"].copy(), opt.state[emb]["exp_avg_sq"].copy()
 
     want = step(False)

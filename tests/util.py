@@ -64,6 +64,17 @@ def at_thread_counts(fn, counts=(1, 2, 3)):
     return results
 
 
+def backward_and_step(module, grad_output, opt, fused):
+    """One backward + update of ``module``: fused (``backward(..., optimizer=opt)``) or unfused
+    (``backward``, ``opt.step()``, ``opt.zero_grad()``) — the two paths the fused tests compare."""
+    if fused:
+        module.backward(grad_output, optimizer=opt)
+    else:
+        module.backward(grad_output)
+        opt.step()
+        opt.zero_grad()
+
+
 def assert_bitwise_equal(a, b):
     a = np.asarray(a)
     b = np.asarray(b)
