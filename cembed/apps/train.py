@@ -635,6 +635,8 @@ def _train(corpus, config, progress):
         cembed.storage.release_free_memory()
     for _ in range(done_steps):   # the stream is deterministic: skip what the checkpoint has trained on
         next(stream)
+    if table_dir is not None:   # word ids -> the files' rows, once per batch
+        stream = ((table_dir.rows(c), table_dir.rows(t), w) for c, t, w in stream)
     total = corpus.n_tokens * config.epochs
     bar = Progress(total, f"{model.name:>6}", enabled=progress)
     loss = None
@@ -644,10 +646,8 @@ def _train(corpus, config, progress):
     while batch is not None:
         centers, targets, words = batch
         batch = next(stream, None)
-        if table_dir is not None:   # word ids -> the files' rows
-            centers, targets = table_dir.rows(centers), table_dir.rows(targets)
-            if prefetch is not None and batch is not None:   # the disk reads batch k+1 while batch k is computed
-                prefetch(table_dir.rows(batch[0]), table_dir.rows(batch[1]))
+        if prefetch is not None and batch is not None:
+            prefetch(batch[0], batch[1])   # the disk reads batch k+1 while batch k is computed
         loss = model.step(centers, targets)
         bar.update(words, loss)
         if table_dir is not None and config.checkpoint_every and on_disk.n_steps % config.checkpoint_every == 0:
