@@ -8,15 +8,16 @@ from numpy.typing import NDArray
 _Float = TypeVar("_Float", np.float32, np.float64)
 
 def segment_sum(
-    values: NDArray[_Float],
+    values: NDArray[_Float] | NDArray[np.uint16],
+    values_fmt: int,
     order: NDArray[np.int64],
     starts: NDArray[np.int64],
     seg_rows: NDArray[np.int64],
     seg_ids: NDArray[np.int64],
     src: NDArray[np.int64],
-    scale: NDArray[_Float],
+    scale: NDArray[_Float] | NDArray[np.float32],
     scale_grad_by_freq: bool,
-    out: NDArray[_Float],
+    out: NDArray[_Float] | NDArray[np.float32],
     scatter: bool,
     n_threads: int,
 ) -> None: ...
@@ -34,7 +35,7 @@ def segment_update(values: NDArray[_Float], order: NDArray[np.int64], starts: ND
                    state_a: NDArray[_Float], state_b: NDArray[_Float], row_state: NDArray[_Float],
                    p0: float, p1: float, p2: float, p3: float, mode: int, maximize: bool, n_threads: int) -> None: ...
 
-def segment_update_half(values: NDArray[np.float32], order: NDArray[np.int64], starts: NDArray[np.int64],
+def segment_update_half(values: NDArray[np.float32] | NDArray[np.uint16], values_fmt: int, order: NDArray[np.int64], starts: NDArray[np.int64],
                         seg_rows: NDArray[np.int64], seg_ids: NDArray[np.int64], src: NDArray[np.int64],
                         scale: NDArray[np.float32], scale_grad_by_freq: bool, kind: int, weight: NDArray[np.uint16],
                         weight_fmt: int, state_a: NDArray[np.float32] | NDArray[np.uint16],

@@ -13,9 +13,12 @@ from libc.stdint cimport int64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 
+from libc.stdint cimport uint16_t
+
 from cembed._rows cimport (prefetch_row, prefetch_row_for_write, row_stride_items, row_add, row_axpy,
-                           row_fma_accumulate, apply_row_update, PREFETCH_DISTANCE, ROW_SGD, ROW_ADAGRAD,
-                           ROW_ADAM, ROW_ROWWISE_ADAGRAD)
+                           row_fma_accumulate, row_add_half, row_axpy_half, row_fma_accumulate_half,
+                           apply_row_update, PREFETCH_DISTANCE, ROW_SGD, ROW_ADAGRAD, ROW_ADAM,
+                           ROW_ROWWISE_ADAGRAD, TABLE_F32, TABLE_F64, TABLE_BF16, TABLE_F16)
 
 cdef enum:
     SEGMENTS_PER_CHUNK = 64   # dynamic-schedule chunk: rows are skewed (Zipf), one hot row can be long
@@ -29,6 +32,25 @@ cdef inline Py_ssize_t _update_chunk(Py_ssize_t row_bytes) noexcept nogil:
     cdef Py_ssize_t n = CHUNK_SUM_BYTES // row_bytes if row_bytes > 0 else SEGMENTS_PER_CHUNK
     return max(1, min(<Py_ssize_t> SEGMENTS_PER_CHUNK, n))
 
+ctypedef fused grad_rows_t:   # gradient rows: float32 / float64, or the bit patterns of a 16-bit table's dtype
+    float
+    double
+    uint16_t
+
+
+cdef inline int _values_format(int values_fmt, Py_ssize_t itemsize, Py_ssize_t acc_itemsize) except -1:
+    """The format code of gradient rows of `itemsize` bytes summed into rows of `acc_itemsize` bytes:
+    16-bit rows (into float32 only) keep the caller's code (TABLE_BF16 / TABLE_F16); float rows must
+    be the accumulator's own type."""
+    if itemsize == 2:
+        if acc_itemsize != 4 or (values_fmt != TABLE_BF16 and values_fmt != TABLE_F16):
+            raise TypeError("16-bit gradient rows are summed into float32 only, with a 16-bit format code")
+        return values_fmt
+    if itemsize != acc_itemsize:
+        raise TypeError("gradient rows must have the dtype of the rows they are summed into")
+    return TABLE_F32 if itemsize == 4 else TABLE_F64
+
+
 class UpdateKind(enum.IntEnum):
     """The row updates segment_update applies (the ROW_* kinds of _rows.pxd, parameters there)."""
     UPDATE_SGD = ROW_SGD
@@ -37,7 +59,23 @@ class UpdateKind(enum.IntEnum):
     UPDATE_ROWWISE_ADAGRAD = ROW_ROWWISE_ADAGRAD
 
 
-cdef void _sum_segment(const floating *values, Py_ssize_t value_stride, Py_ssize_t dim,
+cdef inline void _add_term(floating *out_row, const floating *v, const floating *scale, Py_ssize_t p,
+                           floating inv_count, bint by_freq, Py_ssize_t dim) noexcept nogil:
+    """One entry's term of _sum_segment for float rows."""
+    if scale != NULL:
+        if by_freq:
+            row_fma_accumulate(out_row, v, scale[p], inv_count, dim)
+        else:
+            row_axpy(out_row, v, scale[p], dim)
+    elif by_freq:
+        row_fma_accumulate(out_row, v, <floating> 1, inv_count, dim)
+    else:
+        row_add(out_row, v, dim)
+
+
+cdef void _sum_segment(const char *values,                             # IN gradient rows, row_bytes apart
+                       Py_ssize_t row_bytes, int values_fmt,          # IN their format (TABLE_*)
+                       Py_ssize_t dim,
                        const int64_t *positions, Py_ssize_t count,   # IN entry positions, input order
                        Py_ssize_t lookahead,                          # IN entries readable past the segment
                        const int64_t *src,                            # IN value row per position, or NULL
@@ -45,34 +83,37 @@ cdef void _sum_segment(const floating *values, Py_ssize_t value_stride, Py_ssize
                        floating inv_count, bint by_freq,
                        floating *out_row) noexcept nogil:            # INOUT: the sum is added to it
     """out_row += sum over the segment's entries, in input order, of scale[p] * values[src[p]]
-    (with by_freq each term is fused as fma(term, inv_count, acc), as torch does).
+    (with by_freq each term is fused as fma(term, inv_count, acc), as torch does). 16-bit value rows
+    (values_fmt TABLE_BF16 / TABLE_F16, float32 sums only) are widened exactly inside each term: the
+    same bits as summing their float32 copies.
     Prefetches the value rows of the entries PREFETCH_DISTANCE ahead in the sorted order, across
     segment boundaries (most segments hold a single entry)."""
     cdef Py_ssize_t k, p, vrow
-    cdef const floating *v
+    cdef const char *v
     cdef floating c
-    cdef Py_ssize_t row_bytes = dim * sizeof(floating)
     for k in range(count):
         if k + PREFETCH_DISTANCE < count + lookahead:
             p = positions[k + PREFETCH_DISTANCE]
             vrow = src[p] if src != NULL else p
-            prefetch_row(values + vrow * value_stride, row_bytes)
+            prefetch_row(values + vrow * row_bytes, row_bytes)
         p = positions[k]
         vrow = src[p] if src != NULL else p
-        v = values + vrow * value_stride
-        if scale != NULL:
-            c = scale[p]
-            if by_freq:
-                row_fma_accumulate(out_row, v, c, inv_count, dim)
-            else:
-                row_axpy(out_row, v, c, dim)
-        elif by_freq:
-            row_fma_accumulate(out_row, v, <floating> 1, inv_count, dim)
-        else:
-            row_add(out_row, v, dim)
+        v = values + vrow * row_bytes
+        if floating is float:
+            if values_fmt == TABLE_BF16 or values_fmt == TABLE_F16:
+                c = scale[p] if scale != NULL else 1
+                if by_freq:
+                    row_fma_accumulate_half(out_row, <const uint16_t *> v, values_fmt, c, inv_count, dim)
+                elif scale != NULL:
+                    row_axpy_half(out_row, <const uint16_t *> v, values_fmt, c, dim)
+                else:
+                    row_add_half(out_row, <const uint16_t *> v, values_fmt, dim)
+                continue
+        _add_term(out_row, <const floating *> v, scale, p, inv_count, by_freq, dim)
 
 
-cdef inline void _sum_chunk(const floating *values, Py_ssize_t dim,
+cdef inline void _sum_chunk(const char *values, Py_ssize_t row_bytes, int values_fmt,   # IN as _sum_segment
+                            Py_ssize_t dim,
                             const int64_t *order, const int64_t *starts,   # IN  as segment_sum
                             const int64_t *seg_ids, Py_ssize_t lo, Py_ssize_t hi,   # IN  the chunk: seg_ids[lo:hi]
                             Py_ssize_t n_entries, const int64_t *src, const floating *scale, bint by_freq,
@@ -87,8 +128,8 @@ cdef inline void _sum_chunk(const floating *values, Py_ssize_t dim,
         row = rows + (j - lo) * dim
         for d in range(dim):
             row[d] = 0
-        _sum_segment(values, dim, dim, &order[starts[s]], count, n_entries - starts[s + 1], src, scale,
-                     <floating> (1.0 / <double> count), by_freq, row)
+        _sum_segment(values, row_bytes, values_fmt, dim, &order[starts[s]], count, n_entries - starts[s + 1], src,
+                     scale, <floating> (1.0 / <double> count), by_freq, row)
 
 
 cdef extern from *:
@@ -112,7 +153,7 @@ cdef extern from *:
     Py_ssize_t cembed_take_chunk(Py_ssize_t *counter) noexcept nogil
 
 
-cdef inline void _prefetch_chunk_entries(const floating *values, Py_ssize_t dim,
+cdef inline void _prefetch_chunk_entries(const char *values, Py_ssize_t row_bytes,
                                          const int64_t *order, const int64_t *starts, const int64_t *seg_ids,
                                          Py_ssize_t lo, Py_ssize_t n_entries, const int64_t *src) noexcept nogil:
     """Prefetch the gradient rows of the first PREFETCH_DISTANCE entries of the chunk starting at
@@ -121,7 +162,7 @@ cdef inline void _prefetch_chunk_entries(const floating *values, Py_ssize_t dim,
     cdef Py_ssize_t last = min(first + <Py_ssize_t> PREFETCH_DISTANCE, n_entries)
     for k in range(first, last):
         p = order[k]
-        prefetch_row(values + (src[p] if src != NULL else p) * dim, dim * sizeof(floating))
+        prefetch_row(values + (src[p] if src != NULL else p) * row_bytes, row_bytes)
 
 
 cdef inline void _prefetch_chunk_rows(const char *w, Py_ssize_t w_stride_bytes, Py_ssize_t w_bytes,
@@ -140,7 +181,8 @@ cdef inline void _prefetch_chunk_rows(const char *w, Py_ssize_t w_stride_bytes, 
             prefetch_row_for_write(b + r * s_bytes, s_bytes)
 
 
-def segment_sum(const floating[:, ::1] values,   # IN  (n_values, dim) gradient rows
+def segment_sum(const grad_rows_t[:, ::1] values,  # IN  (n_values, dim) gradient rows (16-bit: bit patterns)
+                int values_fmt,                   # IN  16-bit rows: their format (TABLE_BF16 / TABLE_F16)
                 const int64_t[::1] order,         # IN  (n_entries,) entry positions grouped by row, input order
                 const int64_t[::1] starts,        # IN  (n_segments + 1,) segment s = order[starts[s]:starts[s+1]]
                 const int64_t[::1] seg_rows,      # IN  (n_segments,) row id of each segment
@@ -155,19 +197,23 @@ def segment_sum(const floating[:, ::1] values,   # IN  (n_values, dim) gradient 
          compact (scatter=False): out[j] = 0 + contributions          (out may be uninitialised)
          scatter (scatter=True):  out[r] = out[r] + contributions     (out pre-filled by the caller)
     with scale_grad_by_freq, each contribution is multiplied by 1/(segment length) rounded to the value
-    dtype, fused into the addition. Parallel over segments; each output row has exactly one writer."""
+    dtype, fused into the addition. 16-bit gradient rows are summed into float32 (each element widened
+    exactly: the same bits as summing their float32 copies). Parallel over segments; each output row has
+    exactly one writer."""
     cdef Py_ssize_t n_out = seg_ids.shape[0]
     cdef Py_ssize_t n_entries = order.shape[0]
     cdef Py_ssize_t dim = values.shape[1]
     cdef Py_ssize_t j, s, d, count
     cdef const int64_t *src_ptr = &src[0] if src.shape[0] > 0 else NULL
     cdef const floating *scale_ptr = &scale[0] if scale.shape[0] > 0 else NULL
-    cdef const floating *values_ptr
+    cdef const char *values_ptr
+    cdef Py_ssize_t row_bytes = dim * sizeof(grad_rows_t)
     cdef floating *out_row
     cdef floating inv_count
+    values_fmt = _values_format(values_fmt, sizeof(grad_rows_t), sizeof(floating))
     if n_out == 0 or dim == 0:
         return
-    values_ptr = &values[0, 0]
+    values_ptr = <const char *> &values[0, 0]
     with nogil:
         for j in prange(n_out, schedule="dynamic", chunksize=SEGMENTS_PER_CHUNK, num_threads=n_threads):
             s = seg_ids[j]
@@ -179,8 +225,8 @@ def segment_sum(const floating[:, ::1] values,   # IN  (n_values, dim) gradient 
                 for d in range(dim):
                     out_row[d] = 0
             inv_count = <floating> (1.0 / <double> count)
-            _sum_segment(values_ptr, dim, dim, &order[starts[s]], count, n_entries - starts[s + 1], src_ptr, scale_ptr,
-                         inv_count, scale_grad_by_freq, out_row)
+            _sum_segment(values_ptr, row_bytes, values_fmt, dim, &order[starts[s]], count, n_entries - starts[s + 1],
+                         src_ptr, scale_ptr, inv_count, scale_grad_by_freq, out_row)
 
 
 def zero_fill(floating[:, ::1] out, int n_threads):
@@ -235,7 +281,9 @@ def segment_update(const floating[:, ::1] values,  # IN  (n_values, dim) gradien
     cdef floating *b_ptr = &state_b[0, 0] if state_b.shape[0] > 0 else NULL
     cdef floating *rs_ptr = &row_state[0] if row_state.shape[0] > 0 else NULL
     cdef Py_ssize_t row_bytes = dim * sizeof(floating)
-    cdef const floating *values_ptr
+    cdef Py_ssize_t values_row_bytes = row_bytes
+    cdef int values_fmt = TABLE_F32 if floating is float else TABLE_F64
+    cdef const char *values_ptr
     cdef floating *w
     cdef floating *scratch
     cdef floating *scratch_rows
@@ -249,7 +297,7 @@ def segment_update(const floating[:, ::1] values,  # IN  (n_values, dim) gradien
     if (kind == ROW_ADAGRAD and a_ptr == NULL) or (kind == ROW_ADAM and (a_ptr == NULL or b_ptr == NULL)) \
             or (kind == ROW_ROWWISE_ADAGRAD and rs_ptr == NULL) or not ROW_SGD <= kind <= ROW_ROWWISE_ADAGRAD:
         raise ValueError("segment_update: missing optimizer state for this update kind")
-    values_ptr = &values[0, 0]
+    values_ptr = <const char *> &values[0, 0]
     w = &weight[0, 0]
     n_threads = max(1, n_threads)
     scratch_rows = <floating *> malloc(n_threads * chunk * row_bytes)   # a chunk of summed rows per thread
@@ -261,19 +309,20 @@ def segment_update(const floating[:, ::1] values,  # IN  (n_values, dim) gradien
             scratch = scratch_rows + threadid() * chunk * dim
             c = cembed_take_chunk(&next_chunk)
             if c < n_chunks:
-                _prefetch_chunk_entries(values_ptr, dim, &order[0], &starts[0], &seg_ids[0], c * chunk, n_entries,
-                                        src_ptr)
+                _prefetch_chunk_entries(values_ptr, values_row_bytes, &order[0], &starts[0], &seg_ids[0], c * chunk,
+                                        n_entries, src_ptr)
             while c < n_chunks:
                 following = cembed_take_chunk(&next_chunk)   # known now, so its first rows can be prefetched
                 lo = c * chunk
                 hi = min(lo + chunk, n_out)
                 _prefetch_chunk_rows(<const char *> w, row_stride * sizeof(floating), row_bytes, <const char *> a_ptr,
                                      <const char *> b_ptr, row_bytes, &seg_rows[0], &seg_ids[0], lo, hi)
-                _sum_chunk(values_ptr, dim, &order[0], &starts[0], &seg_ids[0], lo, hi, n_entries, src_ptr,
+                _sum_chunk(values_ptr, values_row_bytes, values_fmt, dim, &order[0], &starts[0], &seg_ids[0], lo, hi,
+                           n_entries, src_ptr,
                            scale_ptr, scale_grad_by_freq, scratch)   # the sums of the chunk's segments
                 for j in range(lo, hi):          # then their row updates
                     if j == hi - 1 and following < n_chunks:
-                        _prefetch_chunk_entries(values_ptr, dim, &order[0], &starts[0], &seg_ids[0],
+                        _prefetch_chunk_entries(values_ptr, values_row_bytes, &order[0], &starts[0], &seg_ids[0],
                                                 following * chunk, n_entries, src_ptr)
                     if j + UPDATE_PREFETCH_ROWS < hi:
                         ahead = seg_rows[seg_ids[j + UPDATE_PREFETCH_ROWS]]
@@ -292,14 +341,21 @@ def segment_update(const floating[:, ::1] values,  # IN  (n_values, dim) gradien
 
 
 # ---------------------------------------------------------------------------------------------------
-# 16-bit weights (docs/behaviour.md §8.7): float32 gradient rows, float32 math, one rounding per element
+# 16-bit weights (docs/behaviour.md §8.7): float32 (or 16-bit) gradient rows, float32 math, one rounding
+# per element
 # ---------------------------------------------------------------------------------------------------
-from libc.stdint cimport uint16_t, uint64_t
+from libc.stdint cimport uint64_t
 
 from cembed._rounding cimport state_t, half_row_update, CEMBED_TABLE_BF16, CEMBED_TABLE_F16
 
 
-def segment_update_half(const float[:, ::1] values,   # IN  (n_values, dim) float32 gradient rows
+ctypedef fused half_grad_rows_t:   # a 16-bit weight's gradient rows: float32, or bits of the table's own dtype
+    float
+    uint16_t
+
+
+def segment_update_half(const half_grad_rows_t[:, ::1] values,   # IN  (n_values, dim) gradient rows
+                        int values_fmt,                 # IN  16-bit rows: their format (TABLE_BF16 / TABLE_F16)
                         const int64_t[::1] order,       # IN  as segment_sum
                         const int64_t[::1] starts,      # IN
                         const int64_t[::1] seg_rows,    # IN  (n_segments,) row id of each segment, distinct
@@ -335,13 +391,15 @@ def segment_update_half(const float[:, ::1] values,   # IN  (n_values, dim) floa
     cdef state_t *b_ptr = &state_b[0, 0] if state_b.shape[0] > 0 else NULL
     cdef state_t *rs_ptr = &row_state[0] if row_state.shape[0] > 0 else NULL
     cdef Py_ssize_t w_bytes = dim * sizeof(uint16_t)
+    cdef Py_ssize_t values_row_bytes = dim * sizeof(half_grad_rows_t)
     cdef Py_ssize_t s_bytes = dim * sizeof(state_t)
-    cdef const float *values_ptr
+    cdef const char *values_ptr
     cdef uint16_t *w
     cdef float *scratch
     cdef float *scratch_rows
     cdef float sign = -1 if maximize else 1
     cdef float q0 = <float> p0, q1 = <float> p1, q2 = <float> p2, q3 = <float> p3
+    values_fmt = _values_format(values_fmt, sizeof(half_grad_rows_t), sizeof(float))
     if n_out == 0 or dim == 0:
         return
     if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
@@ -352,7 +410,7 @@ def segment_update_half(const float[:, ::1] values,   # IN  (n_values, dim) floa
         raise ValueError("segment_update_half: missing optimizer state for this update kind")
     if weight_fmt != CEMBED_TABLE_BF16 and weight_fmt != CEMBED_TABLE_F16:
         raise ValueError(f"segment_update_half: unknown weight format {weight_fmt}")
-    values_ptr = &values[0, 0]
+    values_ptr = <const char *> &values[0, 0]
     w = &weight[0, 0]
     n_threads = max(1, n_threads)
     # per thread: a chunk of summed rows, then the 3 float32 rows half_row_update works in
@@ -365,19 +423,20 @@ def segment_update_half(const float[:, ::1] values,   # IN  (n_values, dim) floa
             scratch = scratch_rows + threadid() * (chunk + 3) * dim
             c = cembed_take_chunk(&next_chunk)   # chunks taken as in segment_update
             if c < n_chunks:
-                _prefetch_chunk_entries(values_ptr, dim, &order[0], &starts[0], &seg_ids[0], c * chunk, n_entries,
-                                        src_ptr)
+                _prefetch_chunk_entries(values_ptr, values_row_bytes, &order[0], &starts[0], &seg_ids[0], c * chunk,
+                                        n_entries, src_ptr)
             while c < n_chunks:
                 following = cembed_take_chunk(&next_chunk)
                 lo = c * chunk
                 hi = min(lo + chunk, n_out)
                 _prefetch_chunk_rows(<const char *> w, row_stride * sizeof(uint16_t), w_bytes, <const char *> a_ptr,
                                      <const char *> b_ptr, s_bytes, &seg_rows[0], &seg_ids[0], lo, hi)
-                _sum_chunk(values_ptr, dim, &order[0], &starts[0], &seg_ids[0], lo, hi, n_entries, src_ptr,
+                _sum_chunk(values_ptr, values_row_bytes, values_fmt, dim, &order[0], &starts[0], &seg_ids[0], lo, hi,
+                           n_entries, src_ptr,
                            scale_ptr, scale_grad_by_freq, scratch)
                 for j in range(lo, hi):
                     if j == hi - 1 and following < n_chunks:
-                        _prefetch_chunk_entries(values_ptr, dim, &order[0], &starts[0], &seg_ids[0],
+                        _prefetch_chunk_entries(values_ptr, values_row_bytes, &order[0], &starts[0], &seg_ids[0],
                                                 following * chunk, n_entries, src_ptr)
                     if j + UPDATE_PREFETCH_ROWS < hi:
                         ahead = seg_rows[seg_ids[j + UPDATE_PREFETCH_ROWS]]

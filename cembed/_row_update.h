@@ -12,6 +12,9 @@
 
 #include <math.h>
 #include <stddef.h>
+#include <stdint.h>
+
+#include "_half.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define CEMBED_CLONES __attribute__((target_clones("arch=x86-64-v3", "default"), unused))
@@ -108,6 +111,28 @@ CEMBED_CLONES static void cembed_fma_accumulate_f64(double *out, const double *v
 {
     for (ptrdiff_t j = 0; j < dim; j++) out[j] = fma(scale * v[j], inv, out[j]);
 }
+
+/* ---- 16-bit gradient rows (grad_output in a 16-bit table's own dtype) -------------------------
+ * The three accumulations above with v a bfloat16 / float16 row (fmt as _half.h), each element widened
+ * exactly to float32 inside the expression: the same bits as widening the row first and calling the
+ * float32 routine (widening is exact and the build keeps the compiler from contracting a * b + c). */
+#define CEMBED_DEFINE_HALF_ACCUMULATE(SUFFIX, WIDEN)                                                   \
+CEMBED_CLONES static void cembed_add_##SUFFIX(float *restrict out, const uint16_t *restrict v, ptrdiff_t dim) \
+{                                                                                                      \
+    for (ptrdiff_t j = 0; j < dim; j++) out[j] = out[j] + WIDEN(v[j]);                                 \
+}                                                                                                      \
+CEMBED_CLONES static void cembed_axpy_##SUFFIX(float *restrict out, const uint16_t *restrict v, float scale, \
+                                               ptrdiff_t dim)                                          \
+{                                                                                                      \
+    for (ptrdiff_t j = 0; j < dim; j++) out[j] = out[j] + scale * WIDEN(v[j]);                         \
+}                                                                                                      \
+CEMBED_CLONES static void cembed_fma_accumulate_##SUFFIX(float *out, const uint16_t *v, float scale, float inv, \
+                                                         ptrdiff_t dim)                                \
+{                                                                                                      \
+    for (ptrdiff_t j = 0; j < dim; j++) out[j] = fmaf(scale * WIDEN(v[j]), inv, out[j]);               \
+}
+CEMBED_DEFINE_HALF_ACCUMULATE(bf16, cembed_bf16_to_f32)
+CEMBED_DEFINE_HALF_ACCUMULATE(f16, cembed_f16_to_f32)
 
 /* Row-wise Adagrad row (FBGEMM's EXACT_ROWWISE_ADAGRAD rule), g = sign * grad, in the row's type:
  *   s = sum over d of h_d^2 with h = g + wd * w ("l2", mode 1) or h = g (modes 0, 2), accumulated in

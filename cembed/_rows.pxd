@@ -160,6 +160,12 @@ cdef extern from "_row_update.h" nogil:
                                         float weight_decay, int mode, Py_ssize_t dim)
     void cembed_rowwise_adagrad_row_f64(double *w, double *state, const double *grad, double sign, double lr,
                                         double eps, double weight_decay, int mode, Py_ssize_t dim)
+    void cembed_add_bf16(float *out, const uint16_t *v, Py_ssize_t dim)
+    void cembed_add_f16(float *out, const uint16_t *v, Py_ssize_t dim)
+    void cembed_axpy_bf16(float *out, const uint16_t *v, float scale, Py_ssize_t dim)
+    void cembed_axpy_f16(float *out, const uint16_t *v, float scale, Py_ssize_t dim)
+    void cembed_fma_accumulate_bf16(float *out, const uint16_t *v, float scale, float inv, Py_ssize_t dim)
+    void cembed_fma_accumulate_f16(float *out, const uint16_t *v, float scale, float inv, Py_ssize_t dim)
 
 
 cdef inline void row_add(floating *out,            # INOUT (dim,)
@@ -335,6 +341,34 @@ cdef enum:
     TABLE_F64 = CEMBED_TABLE_F64     # float64 table (floating kernels)
     TABLE_BF16 = CEMBED_TABLE_BF16   # bfloat16 bit patterns (uint16)
     TABLE_F16 = CEMBED_TABLE_F16     # IEEE float16 bit patterns (uint16)
+
+
+# The same three accumulations for a 16-bit gradient row `v` of format `fmt` (TABLE_BF16 or TABLE_F16)
+# into a float32 row: bitwise what widening `v` first and calling row_add / row_axpy /
+# row_fma_accumulate give.
+cdef inline void row_add_half(float *out, const uint16_t *v, int fmt, Py_ssize_t dim) noexcept nogil:
+    """out = out + widen(v)."""
+    if fmt == TABLE_BF16:
+        cembed_add_bf16(out, v, dim)
+    else:
+        cembed_add_f16(out, v, dim)
+
+
+cdef inline void row_axpy_half(float *out, const uint16_t *v, int fmt, float scale, Py_ssize_t dim) noexcept nogil:
+    """out = out + scale * widen(v)."""
+    if fmt == TABLE_BF16:
+        cembed_axpy_bf16(out, v, scale, dim)
+    else:
+        cembed_axpy_f16(out, v, scale, dim)
+
+
+cdef inline void row_fma_accumulate_half(float *out, const uint16_t *v, int fmt, float scale, float inv,
+                                         Py_ssize_t dim) noexcept nogil:
+    """out = fma(scale * widen(v), inv, out)."""
+    if fmt == TABLE_BF16:
+        cembed_fma_accumulate_bf16(out, v, scale, inv, dim)
+    else:
+        cembed_fma_accumulate_f16(out, v, scale, inv, dim)
 
 
 cdef inline float half_to_f32(int fmt, uint16_t h) noexcept nogil:

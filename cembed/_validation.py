@@ -251,14 +251,21 @@ def normalize_padding_idx(padding_idx: Any, n_rows: int) -> Optional[int]:
 
 
 def check_gradient_rows(grad_output: Any, lead_shape: Tuple[int, ...], *, dim: Optional[int] = None,
-                        dtype: Optional[np.dtype] = None, name: str = "grad_output") -> np.ndarray:
+                        dtype: Optional[np.dtype] = None, table_dtype: Optional[np.dtype] = None,
+                        name: str = "grad_output") -> np.ndarray:
     """``grad_output`` of shape ``lead_shape + (dim,)`` as a C-contiguous ``(n, dim)`` float array in
-    native byte order (a view when it already is one)."""
+    native byte order (a view when it already is one).
+
+    ``dtype``: the dtype it must have (a table's :func:`grad_dtype`); a 16-bit ``table_dtype`` also
+    allows that table's own dtype (the ``out_dtype`` its lookups may return; the kernels widen it
+    exactly as they sum). With neither, any of float32, float64, float16 and bfloat16."""
     arr = grad_output if isinstance(grad_output, np.ndarray) else np.asarray(grad_output)
-    if arr.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32 or float64, got dtype {arr.dtype}")
-    if dtype is not None and arr.dtype != dtype:
-        raise TypeError(f"{name} has dtype {arr.dtype} but the weight is {dtype}")
+    if arr.dtype not in FLOAT_DTYPES and not is_half(arr.dtype):
+        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got dtype {arr.dtype}")
+    own_half = table_dtype is not None and is_half(table_dtype) and arr.dtype == table_dtype
+    if dtype is not None and arr.dtype != dtype and not own_half:
+        also = f" or {table_dtype}" if table_dtype is not None and is_half(table_dtype) else ""
+        raise TypeError(f"{name} has dtype {arr.dtype} but the weight takes {dtype}{also}")
     if arr.ndim != len(lead_shape) + 1 or arr.shape[:-1] != tuple(lead_shape) or (
             dim is not None and arr.shape[-1] != dim):
         want = tuple(lead_shape) + ((dim,) if dim is not None else ("dim",))

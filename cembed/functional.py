@@ -319,7 +319,9 @@ class RowContributions:
     """What one backward adds to a table's gradient, not yet summed: entry ``k`` adds
     ``scale[k] * values[src[k]]`` to row ``rows[k]`` (``src`` defaults to ``k``, ``scale`` to 1),
     except entries of row ``padding_idx``; with ``scale_grad_by_freq`` each term is divided by the
-    count of its row. Every array has been validated by the caller."""
+    count of its row. Every array has been validated by the caller. ``values`` may be 16-bit (a
+    16-bit table's ``grad_output``): the sums are then float32 (``dtype``), each element widened
+    exactly, so the bits are those of ``values.astype(float32)``."""
 
     __slots__ = ("values", "rows", "src", "scale", "padding_idx", "scale_grad_by_freq", "groups")
 
@@ -329,6 +331,15 @@ class RowContributions:
                  groups: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None) -> None:
         self.values, self.rows, self.src, self.scale = values, rows, src, scale
         self.padding_idx, self.scale_grad_by_freq, self.groups = padding_idx, bool(scale_grad_by_freq), groups
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype of the sums (and of ``scale``): float32 for 16-bit values."""
+        return compute_dtype(self.values.dtype)
+
+    def _kernel_values(self) -> Tuple[np.ndarray, int]:
+        """(values for a kernel, their format code): 16-bit values as their uint16 bit patterns."""
+        return as_kernel_view(self.values)
 
     def _segments(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         order, seg_rows, starts = self.groups if self.groups is not None else _group_rows(self.rows)
@@ -342,16 +353,16 @@ class RowContributions:
     def _sum(self, out: np.ndarray, scatter: bool,
              segments: Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> None:
         order, seg_rows, starts, seg_ids = segments
-        dtype = self.values.dtype
         src = _NO_POSITIONS if self.src is None else self.src
-        scale = np.zeros(0, dtype=dtype) if self.scale is None else self.scale
-        _grad.segment_sum(self.values, order, starts, seg_rows, seg_ids, src, scale, self.scale_grad_by_freq,
-                          out, scatter, n_threads_for(seg_ids.size, "segment"))
+        scale = np.zeros(0, dtype=self.dtype) if self.scale is None else self.scale
+        values, values_fmt = self._kernel_values()
+        _grad.segment_sum(values, values_fmt, order, starts, seg_rows, seg_ids, src, scale,
+                          self.scale_grad_by_freq, out, scatter, n_threads_for(seg_ids.size, "segment"))
 
     def _compact(self) -> Tuple[np.ndarray, np.ndarray]:
         """(distinct rows, their summed values)."""
         segments = self._segments()
-        compact = _buffer_cache.empty((segments[3].size, self.values.shape[1]), self.values.dtype)
+        compact = _buffer_cache.empty((segments[3].size, self.values.shape[1]), self.dtype)
         self._sum(compact, False, segments)
         seg_rows, seg_ids = segments[1], segments[3]
         return (seg_rows if seg_ids.size == seg_rows.size else seg_rows[seg_ids]), compact
@@ -365,7 +376,8 @@ class RowContributions:
         """Fused backward + update in one pass: sum each distinct row's contributions into a scratch
         row and apply the row update ``kind`` (an ``_grad.UpdateKind``) to ``weight`` and its state at
         once. ``states`` = (state_a, state_b, row_state), None where the update has none; ``weight``
-        must have :func:`kernel_layout`. Bitwise what :meth:`sparse` + the optimizer's kernel give."""
+        must have :func:`kernel_layout` (and 16-bit values a 16-bit weight: :meth:`update_rows_half`).
+        Bitwise what :meth:`sparse` + the optimizer's kernel give."""
         order, seg_rows, starts, seg_ids = self._segments()
         dtype = self.values.dtype
         empty2, empty1 = np.zeros((0, 0), dtype=dtype), np.zeros(0, dtype=dtype)
@@ -381,7 +393,7 @@ class RowContributions:
                          state_fmt: int, params: Tuple[float, float, float, float], mode: int, maximize: bool,
                          stochastic: bool, seed: int, step: int) -> None:
         """:meth:`update_rows` for a 16-bit (float16 / bfloat16) weight given as its uint16 ``bits``
-        (unit column stride) and format code, with float32 gradient values: each row is updated in
+        (unit column stride) and format code, with float32 or 16-bit gradient values: each row is updated in
         float32 and every element of the weight and of 16-bit state is rounded once (stochastically
         with the key (seed, step, row, stream), or to nearest; docs/behaviour.md §8.7). ``states`` =
         (state_a, state_b, row_state): float32 arrays, or uint16 bits of format ``state_fmt``, empty
@@ -390,7 +402,9 @@ class RowContributions:
         src = _NO_POSITIONS if self.src is None else self.src
         scale = np.zeros(0, dtype=np.float32) if self.scale is None else self.scale
         state_a, state_b, row_state = states
-        _grad.segment_update_half(self.values, order, starts, seg_rows, seg_ids, src, scale, self.scale_grad_by_freq,
+        values, values_fmt = self._kernel_values()
+        _grad.segment_update_half(values, values_fmt, order, starts, seg_rows, seg_ids, src, scale,
+                                  self.scale_grad_by_freq,
                                   kind, bits, weight_fmt, state_a, state_b, row_state, state_fmt, *params, mode,
                                   maximize, stochastic, seed, step, n_threads_for(seg_ids.size, "segment"))
 
@@ -400,8 +414,8 @@ class RowContributions:
         a chunk before asking for the next). Each row's sum is exactly the one :meth:`sparse` gives."""
         order, seg_rows, starts, seg_ids = self._segments()
         dim = self.values.shape[1]
-        per_chunk = max(64, chunk_bytes // max(1, dim * self.values.itemsize))
-        scratch = np.empty((min(per_chunk, seg_ids.size), dim), dtype=self.values.dtype)
+        per_chunk = max(64, chunk_bytes // max(1, dim * self.dtype.itemsize))
+        scratch = np.empty((min(per_chunk, seg_ids.size), dim), dtype=self.dtype)
         for lo in range(0, seg_ids.size, per_chunk):
             ids = seg_ids[lo:lo + per_chunk]
             out = scratch[:ids.size]
@@ -410,7 +424,7 @@ class RowContributions:
 
     def dense(self, num_rows: int) -> np.ndarray:
         segments = self._segments()
-        out = np.empty((num_rows, self.values.shape[1]), dtype=self.values.dtype)
+        out = np.empty((num_rows, self.values.shape[1]), dtype=self.dtype)
         _grad.zero_fill(out, n_threads_for(out.size, "zero_fill"))  # parallel first touch
         self._sum(out, True, segments)
         return out
@@ -470,7 +484,8 @@ def add_to_grad(old: Any, new: Union[RowContributions, MaxRouting], shape: Tuple
 
 def weighted_contributions(grad_output: Any, idx_shape: Tuple[int, ...], flat: np.ndarray,
                            per_sample_weights: Any, dim: Optional[int] = None,
-                           dtype: Optional[np.dtype] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+                           dtype: Optional[np.dtype] = None,
+                           table_dtype: Optional[np.dtype] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For the gradient of ``(per_sample_weights[..., None] * weight[indices]).sum(-2)``: grad_output
     has shape indices.shape[:-1] + (dim,) and entry (..., k) contributes
     per_sample_weights[..., k] * grad_output[...]. Returns (values, src, scale)."""
@@ -479,9 +494,9 @@ def weighted_contributions(grad_output: Any, idx_shape: Tuple[int, ...], flat: n
     psw = per_sample_weights if isinstance(per_sample_weights, np.ndarray) else np.asarray(per_sample_weights)
     if psw.shape != idx_shape:
         raise ValueError(f"per_sample_weights must have the shape of indices {idx_shape}, got {psw.shape}")
-    values = check_gradient_rows(grad_output, idx_shape[:-1], dim=dim, dtype=dtype)
-    if psw.dtype != values.dtype:
-        raise TypeError(f"per_sample_weights must have dtype {values.dtype}, got {psw.dtype}")
+    values = check_gradient_rows(grad_output, idx_shape[:-1], dim=dim, dtype=dtype, table_dtype=table_dtype)
+    if psw.dtype != compute_dtype(values.dtype):
+        raise TypeError(f"per_sample_weights must have dtype {compute_dtype(values.dtype)}, got {psw.dtype}")
     src = np.repeat(np.arange(values.shape[0], dtype=np.int64), idx_shape[-1])
     return values, src, np.ascontiguousarray(psw).reshape(-1)
 
@@ -489,14 +504,16 @@ def weighted_contributions(grad_output: Any, idx_shape: Tuple[int, ...], flat: n
 def lookup_contributions(grad_output: Any, shape: Tuple[int, ...], flat: np.ndarray, *,
                          per_sample_weights: Any = None, padding_idx: Optional[int] = None,
                          scale_grad_by_freq: bool = False, dim: Optional[int] = None,
-                         dtype: Optional[np.dtype] = None,
+                         dtype: Optional[np.dtype] = None, table_dtype: Optional[np.dtype] = None,
                          groups: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None) -> RowContributions:
-    """Check ``grad_output`` (and ``per_sample_weights``) against a lookup of validated indices."""
+    """Check ``grad_output`` (and ``per_sample_weights``) against a lookup of validated indices
+    (``dtype``, ``table_dtype``: as :func:`check_gradient_rows` takes them)."""
     src = scale = None
     if per_sample_weights is None:
-        values = check_gradient_rows(grad_output, shape, dim=dim, dtype=dtype)
+        values = check_gradient_rows(grad_output, shape, dim=dim, dtype=dtype, table_dtype=table_dtype)
     else:
-        values, src, scale = weighted_contributions(grad_output, shape, flat, per_sample_weights, dim, dtype)
+        values, src, scale = weighted_contributions(grad_output, shape, flat, per_sample_weights, dim, dtype,
+                                                    table_dtype)
     return RowContributions(values, flat, src=src, scale=scale, padding_idx=padding_idx,
                             scale_grad_by_freq=scale_grad_by_freq, groups=groups)
 
@@ -513,7 +530,9 @@ def embedding_backward(grad_output: Any, indices: Any, num_embeddings: int, padd
     Parameters
     ----------
     grad_output : numpy.ndarray, shape (*indices.shape, embedding_dim)
-        d(loss)/d(output), float32 or float64.
+        d(loss)/d(output), float32 or float64; float16 or bfloat16 (the ``out_dtype`` of a 16-bit
+        table's lookup) is summed in float32, each element widened exactly, and gives a float32
+        gradient: the bits of ``grad_output.astype(numpy.float32)``.
     indices : array_like of int
         The indices of the forward.
     num_embeddings : int
@@ -890,7 +909,8 @@ def embedding_bag_backward(grad_output: Any, input: Any, weight: np.ndarray, off
     Parameters
     ----------
     grad_output : numpy.ndarray, shape (n_bags, embedding_dim)
-        d(loss)/d(output), the weight's dtype (float32 for a 16-bit table).
+        d(loss)/d(output), the weight's dtype; for a 16-bit table float32 or the table's own dtype
+        (the ``out_dtype`` its forward may return; widened exactly).
     input, weight, offsets, mode, per_sample_weights, include_last_offset, padding_idx
         As given to the forward (``weight`` is read for the per-sample-weight gradient and, in max
         mode, to find each coordinate's winning row again: pass the table as it was at the forward).
@@ -925,7 +945,8 @@ def embedding_bag_backward(grad_output: Any, input: Any, weight: np.ndarray, off
     bags = validate_bags(input, weight, offsets, mode, per_sample_weights, include_last_offset,
                          padding_idx, sparse, scale_grad_by_freq)
     dtype = compute_dtype(weight.dtype)
-    values = check_gradient_rows(grad_output, (bags.n_bags,), dim=weight.shape[1], dtype=dtype)
+    values = check_gradient_rows(grad_output, (bags.n_bags,), dim=weight.shape[1], dtype=dtype,
+                                 table_dtype=weight.dtype).astype(dtype, copy=False)   # a few rows: widened
     if bags.mode == "max":
         pool(weight, bags, want_argmax=True)
     psw_grad = psw_gradient(values, weight, bags) if bags.psw is not None else None

@@ -337,7 +337,7 @@ class Embedding(TableModule):
         new = F.lookup_contributions(grad_output, shape, flat, per_sample_weights=per_sample_weights,
                                      padding_idx=padding_idx,
                                      scale_grad_by_freq=check_bool(self.scale_grad_by_freq, "scale_grad_by_freq"),
-                                     dim=weight.shape[1], dtype=grad_dtype(weight),
+                                     dim=weight.shape[1], dtype=grad_dtype(weight), table_dtype=weight.dtype,
                                      groups=groups if per_sample_weights is None else None)
         self._accumulate(new, optimizer)
 
@@ -466,7 +466,8 @@ class EmbeddingBag(TableModule):
         weight = self._weight
         bags.check_table(weight)
         grad_output = check_gradient_rows(grad_output, (bags.n_bags,), dim=weight.shape[1],
-                                          dtype=compute_dtype(weight.dtype))
+                                          dtype=compute_dtype(weight.dtype), table_dtype=weight.dtype
+                                          ).astype(compute_dtype(weight.dtype), copy=False)   # a few rows: widened
         self._check_fused(optimizer)
         new = None
         if self._trainable():

@@ -210,7 +210,7 @@ def test_bad_inputs():
         F.embedding_backward(np.ones((3, 3, 2), np.float32), [0, 1, 2], 5)
     with pytest.raises(ValueError, match=r"shape"):
         F.embedding_backward(np.ones((4, 2), np.float32), [0, 1, 2], 5)
-    with pytest.raises(TypeError, match="float32 or float64"):
+    with pytest.raises(TypeError, match="float32, float64, float16 or bfloat16"):
         F.embedding_backward(np.ones((3, 2), np.int32), [0, 1, 2], 5)
     with pytest.raises(TypeError, match="integer"):
         F.embedding_backward(g, [0.0, 1.0, 2.0], 5)

@@ -554,10 +554,11 @@ def test_trainer_refuses_16_bit_tables_for_other_backends(capsys):
     assert "cembed backend only" in capsys.readouterr().err
 
 
-def test_bench_16_bit_fused_step_tiny(capsys):
+@pytest.mark.parametrize("kernel", ["fused_train_step_bf16", "fused_train_step_bf16_act"])
+def test_bench_16_bit_fused_step_tiny(capsys, kernel):
     import json
     from cembed.apps.cli import main
     assert main(["bench", "--rows", "5000", "--dim", "16", "--n", "4096", "--repeats", "2", "--json",
-                 "--only", "fused_train_step_bf16", "--no-torch", "--no-numpy"]) == 0
+                 "--only", kernel, "--no-torch", "--no-numpy"]) == 0
     row = json.loads(capsys.readouterr().out)["results"][0]
-    assert row["kernel"] == "fused_train_step_bf16" and row["cembed_ms"] > 0 and row["vs_cembed_f32"] > 0
+    assert row["kernel"] == kernel and row["cembed_ms"] > 0 and row["vs_cembed_f32"] > 0

@@ -26,11 +26,12 @@ from .runtime import openmp_enabled, thread_settings
 Contender = Tuple[Callable[[], object], Optional[Callable[[], object]]]
 
 KERNELS = ["gather", "renorm", "dense_backward", "sparse_backward", "sgd", "adagrad", "sparse_adam",
-           "train_step", "fused_train_step", "fused_train_step_bf16", "bag_sum", "bag_mean", "bag_max",
-           "bag_mean_fwd_bwd", "bf16_gather", "bf16_gather_out", "bf16_bag_sum"]
+           "train_step", "fused_train_step", "fused_train_step_bf16", "fused_train_step_bf16_act", "bag_sum",
+           "bag_mean", "bag_max", "bag_mean_fwd_bwd", "bf16_gather", "bf16_gather_out", "bf16_bag_sum"]
 # the bfloat16 rows (a bfloat16 copy of the table; skipped without ml_dtypes): "cembed" is the bfloat16
 # table, "cembed_f32" the float32 one in the same rounds, and "vs f32" the speedup of bfloat16 over it
-# (fused_train_step_bf16: the fused SparseAdam step with bfloat16 state, built with the training steps)
+# (fused_train_step_bf16: the fused SparseAdam step with bfloat16 state, built with the training steps;
+# fused_train_step_bf16_act: the same with the lookup returned in bfloat16 and a bfloat16 gradient)
 HALF_KERNELS = ("bf16_gather", "bf16_gather_out", "bf16_bag_sum")
 
 
@@ -188,13 +189,18 @@ def build(kernel, wl, torch, use_numpy):
         c["cembed"] = (fused_step, None)
         return c, nbytes
 
-    if kernel == "fused_train_step_bf16":
+    if kernel in ("fused_train_step_bf16", "fused_train_step_bf16_act"):
         # the fused SparseAdam step on a bfloat16 table with bfloat16 state (stochastic rounding), against
-        # the same fused step on float32 (same data, same run)
+        # the same fused step on float32 (same data, same run); _act: the lookup returned in bfloat16 and
+        # the gradient rows given in bfloat16 (the same values, rounded once) — 16-bit activations
         try:
             import ml_dtypes
         except ImportError:
             return {}, 0   # skipped: pip install cembed[bf16]
+        act = kernel.endswith("_act")
+        bf16 = np.dtype(ml_dtypes.bfloat16)
+        grads = {"cembed": g.astype(bf16) if act else g, "cembed_f32": g}
+        out_dtypes = {"cembed": bf16 if act else None, "cembed_f32": None}
         tables = {}
         for name, dtype, state_dtype in (("cembed", np.dtype(ml_dtypes.bfloat16), "bfloat16"),
                                          ("cembed_f32", np.dtype(np.float32), None)):
@@ -203,15 +209,17 @@ def build(kernel, wl, torch, use_numpy):
 
         def fused(name):
             emb, opt = tables[name]
+            grad, out_dtype = grads[name], out_dtypes[name]
 
             def step():
-                emb(idx)
-                emb.backward(g, optimizer=opt)
+                emb(idx, out_dtype=out_dtype)
+                emb.backward(grad, optimizer=opt)
             return step
         c["cembed"] = (fused("cembed"), None)
         c["cembed_f32"] = (fused("cembed_f32"), None)
-        # gather (read 2, write 4 bytes), gradient rows read (4), table + exp_avg + exp_avg_sq read and written (12)
-        return c, 6 * dim * n + 4 * dim * n + 12 * dim * u
+        # gather (read 2, write 4 or 2 bytes), gradient rows read (4 or 2), table + exp_avg + exp_avg_sq read and
+        # written (12)
+        return c, (4 if act else 6) * dim * n + (2 if act else 4) * dim * n + 12 * dim * u
 
     off = wl.offsets
     n_bags = off.size
@@ -415,5 +423,6 @@ def main(args):
         print("GB/s = bytes that must move (byte model: docs/performance.md) / cembed time; 'of copy' = that as a share of the "
               "streaming copy; 'vs' = speedup of cembed over the baseline (same data, same run); 'vs unfused' = "
               "fused backward + update over backward, step() (same run); 'vs f32' = bf16_* rows: the bfloat16 table "
-              "over the float32 one (same run; bf16_gather returns float32, bf16_gather_out bfloat16)")
+              "over the float32 one (same run; bf16_gather returns float32, bf16_gather_out bfloat16; "
+              "fused_train_step_bf16_act looks up and takes its gradient in bfloat16)")
     return 0
