@@ -372,10 +372,12 @@ def segment_update_half(const half_grad_rows_t[:, ::1] values,   # IN  (n_values
                         int state_fmt,                   # format of 16-bit state (unused for float32 state)
                         double p0, double p1, double p2, double p3, int mode, bint maximize,
                         bint stochastic, uint64_t seed, uint64_t step,
+                        uint64_t key_first, uint64_t key_stride,   # row r's random key row: first + stride * r
                         int n_threads):
     """segment_update for a 16-bit weight: each segment's summed float32 gradient row (exactly as
     segment_sum's) is applied by `half_row_update` — the weight and 16-bit state rows widened to
-    float32, the float32 row rule, one rounding per element keyed by (seed, step, row, stream). Each
+    float32, the float32 row rule, one rounding per element keyed by (seed, step, key row, stream), the
+    key row of row r being key_first + key_stride * r (mod 2**64; (0, 1) for a whole table). Each
     row has one writer and its random bits depend only on its key: bitwise the same for any thread
     count, and the same bits as the unfused step (gather, float32 kernel, round_rows)."""
     cdef Py_ssize_t n_out = seg_ids.shape[0]
@@ -449,7 +451,8 @@ def segment_update_half(const half_grad_rows_t[:, ::1] values,   # IN  (n_values
                     half_row_update(kind, w + r * row_stride, weight_fmt, a_ptr + r * dim if a_ptr != NULL else NULL,
                                     b_ptr + r * dim if b_ptr != NULL else NULL,
                                     rs_ptr + r if rs_ptr != NULL else NULL, state_fmt, scratch + (j - lo) * dim,
-                                    q0, q1, q2, q3, mode, sign, dim, scratch + chunk * dim, stochastic, seed, step, r)
+                                    q0, q1, q2, q3, mode, sign, dim, scratch + chunk * dim, stochastic, seed, step,
+                                    key_first + key_stride * <uint64_t> r)
                 c = following
     finally:
         free(scratch_rows)

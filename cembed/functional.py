@@ -391,11 +391,12 @@ class RowContributions:
 
     def update_rows_half(self, bits: np.ndarray, weight_fmt: int, kind: int, states: Tuple[np.ndarray, ...],
                          state_fmt: int, params: Tuple[float, float, float, float], mode: int, maximize: bool,
-                         stochastic: bool, seed: int, step: int) -> None:
+                         stochastic: bool, seed: int, step: int, key_first: int = 0, key_stride: int = 1) -> None:
         """:meth:`update_rows` for a 16-bit (float16 / bfloat16) weight given as its uint16 ``bits``
         (unit column stride) and format code, with float32 or 16-bit gradient values: each row is updated in
         float32 and every element of the weight and of 16-bit state is rounded once (stochastically
-        with the key (seed, step, row, stream), or to nearest; docs/behaviour.md §8.7). ``states`` =
+        with the key (seed, step, key_first + key_stride * row, stream), or to nearest; docs/behaviour.md
+        §8.7). ``states`` =
         (state_a, state_b, row_state): float32 arrays, or uint16 bits of format ``state_fmt``, empty
         where the update has none. Bitwise what :meth:`sparse` + the optimizer's unfused step give."""
         order, seg_rows, starts, seg_ids = self._segments()
@@ -406,7 +407,8 @@ class RowContributions:
         _grad.segment_update_half(values, values_fmt, order, starts, seg_rows, seg_ids, src, scale,
                                   self.scale_grad_by_freq,
                                   kind, bits, weight_fmt, state_a, state_b, row_state, state_fmt, *params, mode,
-                                  maximize, stochastic, seed, step, n_threads_for(seg_ids.size, "segment"))
+                                  maximize, stochastic, seed, step, key_first, key_stride,
+                                  n_threads_for(seg_ids.size, "segment"))
 
     def chunks(self, chunk_bytes: int = 1 << 20) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
         """The summed gradient a chunk of distinct rows at a time: ``(rows, values)`` pairs, rows

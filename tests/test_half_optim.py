@@ -562,3 +562,51 @@ def test_bench_16_bit_fused_step_tiny(capsys, kernel):
                  "--only", kernel, "--no-torch", "--no-numpy"]) == 0
     row = json.loads(capsys.readouterr().out)["results"][0]
     assert row["kernel"] == kernel and row["cembed_ms"] > 0 and row["vs_cembed_f32"] > 0
+
+
+@pytest.mark.parametrize("opt_name", ["sparse_adam", "adagrad", "rowwise_l2", "sgd_momentum", "adamw", "sgd"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_row_shards_with_rounding_rows_round_as_the_whole_table(opt_name, fused):
+    """A table split into S strided row shards (shard s holds rows s, s + S, ...), each trained by its
+    own optimizer with ``rounding_rows=(s, S)`` and the same seed, ends bitwise where the whole table
+    ends: every row draws the random bits of its row in the whole table (what cembed.distributed's
+    16-bit shards rely on). Without the option the shards round differently."""
+    cls, kw = OPTIMIZERS[opt_name]
+    n_shards, n_rows, dim = 3, 90, 20
+    rng = np.random.default_rng(8)
+    init = rng.standard_normal((n_rows, dim)).astype(BF16)
+    batches = []
+    for _ in range(3):
+        idx = zipf_indices(rng, 240, n_rows)
+        batches.append((idx, rng.standard_normal((idx.size, dim)).astype(np.float32)))
+
+    def train(module, opt, keep):
+        for idx, g in batches:
+            mine = keep(idx)
+            local = idx[mine] // (n_shards if module.weight.shape[0] != n_rows else 1)
+            module(local)
+            if fused:
+                module.backward(g[mine], optimizer=opt)
+            else:
+                module.backward(g[mine])
+                opt.step()
+                opt.zero_grad()
+
+    whole = cembed.Embedding.from_pretrained(init.copy(), freeze=False, sparse=True)
+    train(whole, cls([whole], seed=11, state_dtype="bfloat16", **kw), lambda idx: np.ones(idx.size, bool))
+    for use_option in (True, False):
+        for s in range(n_shards):
+            shard = cembed.Embedding.from_pretrained(init[s::n_shards].copy(), freeze=False, sparse=True)
+            options = dict(rounding_rows=(s, n_shards)) if use_option else {}
+            opt = cls([shard], seed=11, state_dtype="bfloat16", **options, **kw)
+            train(shard, opt, lambda idx: idx % n_shards == s)
+            assert (shard.weight.tobytes() == whole.weight[s::n_shards].tobytes()) == use_option
+    # the option survives a state dict round trip and is checked
+    opt = cls([whole], seed=11, rounding_rows=(2, 3), **kw)
+    again = cls([whole], seed=11, **kw)
+    again.load_state_dict(opt.state_dict())
+    assert tuple(again.param_groups[0]["rounding_rows"]) == (2, 3)
+    for bad, error in (((1,), TypeError), ((0, 0), ValueError), ((-1, 2), ValueError), ("ab", TypeError),
+                       ((1.5, 2), TypeError)):
+        with pytest.raises(error, match="rounding_rows"):
+            cls([whole], rounding_rows=bad, **kw)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -19,7 +19,7 @@ ROUNDINGS = ("stochastic", "nearest")
 #: ``state_dtype`` values (besides None) for a 16-bit table.
 HALF_STATE_DTYPES = ("float32", "bfloat16", "float16")
 #: The options every optimizer takes for 16-bit tables (a state dict may lack them).
-ROUNDING_OPTIONS = ("rounding", "seed", "state_dtype")
+ROUNDING_OPTIONS = ("rounding", "seed", "state_dtype", "rounding_rows")
 #: The per-parameter state entry counting the updates of a 16-bit weight (the random key's step).
 STEP_KEY = "rounding_step"
 SEED_MAX = 2 ** 64 - 1
@@ -29,11 +29,23 @@ STREAM_WEIGHT = 0
 STREAM_DECAY = 3
 
 
+def check_rounding_rows(value: Any, where: str) -> Tuple[int, int]:
+    """``rounding_rows`` as ``(first, stride)``: two ints in [0, 2**64), stride at least 1."""
+    name = f"{where}: rounding_rows"
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise TypeError(f"{name} must be a pair (first, stride) of ints, got {value!r}")
+    first = check_int(value[0], f"{name}[0] (first)", low=0, high=SEED_MAX)
+    stride = check_int(value[1], f"{name}[1] (stride)", low=1, high=SEED_MAX)
+    return first, stride
+
+
 def check_rounding_options(group: Dict[str, Any], where: str) -> None:
     """Normalise a group's ``rounding`` (default "stochastic"), ``seed`` (default 0, an int in
-    [0, 2**64)) and ``state_dtype`` (None or a dtype name) in place."""
+    [0, 2**64)), ``rounding_rows`` (default (0, 1)) and ``state_dtype`` (None or a dtype name) in
+    place."""
     group["rounding"] = check_choice(group.get("rounding", "stochastic"), f"{where}: rounding", ROUNDINGS)
     group["seed"] = check_int(group.get("seed", 0), f"{where}: seed", low=0, high=SEED_MAX)
+    group["rounding_rows"] = check_rounding_rows(group.get("rounding_rows", (0, 1)), where)
     name = group.get("state_dtype")
     if name is not None:
         resolved = resolve_dtype(name, f"{where}: state_dtype")
@@ -83,12 +95,23 @@ def half_in_place(weight: np.ndarray) -> bool:
 
 class Rounding:
     """How one update of one parameter stores float32 results into its 16-bit arrays: the format
-    follows each target array; the random key is (seed, step, row, stream, column)."""
+    follows each target array; the random key is (seed, step, key row, stream, column), where table
+    row r has key row ``first + stride * r`` (mod 2**64; ``rounding_rows``, default (0, 1): the row
+    itself)."""
 
-    __slots__ = ("stochastic", "seed", "step")
+    __slots__ = ("stochastic", "seed", "step", "first", "stride")
 
-    def __init__(self, stochastic: bool, seed: int, step: int) -> None:
+    def __init__(self, stochastic: bool, seed: int, step: int, rows: Tuple[int, int] = (0, 1)) -> None:
         self.stochastic, self.seed, self.step = bool(stochastic), int(seed), int(step)
+        self.first, self.stride = int(rows[0]), int(rows[1])
+
+    def key_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The key rows of table ``rows`` (int64 bit patterns of the uint64 keys, as the kernels read
+        them)."""
+        if (self.first, self.stride) == (0, 1):
+            return rows
+        keys = rows.astype(np.uint64) * np.uint64(self.stride) + np.uint64(self.first)   # wraps mod 2**64
+        return keys.view(np.int64)
 
     def store(self, target: np.ndarray, rows: np.ndarray, values: np.ndarray, stream: int) -> None:
         """``target[rows] = values`` rounded once per element to ``target``'s 16-bit dtype; ``values``
@@ -96,13 +119,13 @@ class Rounding:
         n = rows.size
         flat = np.ascontiguousarray(values, dtype=np.float32).reshape(n, -1)
         bits = np.empty(flat.shape, dtype=np.uint16)
-        _optim.round_rows(flat, bits, kernel_format(target.dtype), self.stochastic, rows, self.seed, self.step,
-                          stream, n_threads_for(n, "optimizer"))
+        _optim.round_rows(flat, bits, kernel_format(target.dtype), self.stochastic, self.key_rows(rows), self.seed,
+                          self.step, stream, n_threads_for(n, "optimizer"))
         target[rows] = bits.view(target.dtype).reshape(values.shape)
 
     def fused(self) -> tuple:
         """The arguments ``RowContributions.update_rows_half`` takes after the rule."""
-        return self.stochastic, self.seed, self.step
+        return self.stochastic, self.seed, self.step, self.first, self.stride
 
 
 def widen(array: np.ndarray) -> np.ndarray:
@@ -143,4 +166,5 @@ def fused_state_views(states: Sequence[Optional[np.ndarray]]) -> tuple:
 
 
 __all__ = ["ROUNDINGS", "ROUNDING_OPTIONS", "STEP_KEY", "Rounding", "allowed_state_dtypes", "check_rounding_options",
+           "check_rounding_rows",
            "compute_dtype", "fused_state_views", "half_in_place", "state_dtype", "update_rows_half", "widen"]

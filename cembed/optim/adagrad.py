@@ -1,7 +1,7 @@
 """Adagrad, with torch's sparse and dense rules."""
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
@@ -31,6 +31,10 @@ class Adagrad(Optimizer):
         Validated but unused for float32/float64 tables.
     seed : int, default 0
         Seed of stochastic rounding's counter-based generator, in [0, 2**64).
+    rounding_rows : (int, int), default (0, 1)
+        ``(first, stride)``: table row ``r`` draws its rounding bits as row ``first + stride * r`` of a
+        larger table would — set it on a table holding every ``stride``-th row of that table from row
+        ``first`` (a row shard), so the shards round exactly as the whole table does.
     state_dtype : {None, "float32", "bfloat16", "float16"}, default None
         dtype of the accumulator ``sum`` of a 16-bit table (None: float32). float32/float64 tables keep their state
         in their own dtype (anything else is refused).
@@ -57,11 +61,12 @@ class Adagrad(Optimizer):
 
     def __init__(self, params: Any, lr: float = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
                  initial_accumulator_value: float = 0.0, eps: float = 1e-10, maximize: bool = False,
-                 rounding: str = "stochastic", seed: int = 0, state_dtype: Any = None,
-                 state_dir: Any = None) -> None:
+                 rounding: str = "stochastic", seed: int = 0, rounding_rows: Tuple[int, int] = (0, 1),
+                 state_dtype: Any = None, state_dir: Any = None) -> None:
         super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                                       initial_accumulator_value=initial_accumulator_value, eps=eps,
-                                      maximize=maximize, rounding=rounding, seed=seed, state_dtype=state_dtype), state_dir=state_dir)
+                                      maximize=maximize, rounding=rounding, seed=seed, rounding_rows=rounding_rows,
+                                      state_dtype=state_dtype), state_dir=state_dir)
 
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
         for name in ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"):

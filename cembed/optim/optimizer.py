@@ -370,7 +370,8 @@ class Optimizer:
         table)."""
         if not is_half(weight.dtype):
             return None
-        return Rounding(options["rounding"] == "stochastic", options["seed"], state.get(STEP_KEY, 0))
+        return Rounding(options["rounding"] == "stochastic", options["seed"], state.get(STEP_KEY, 0),
+                        options.get("rounding_rows", (0, 1)))
 
     def _check_weight(self, module: Any, where: str) -> np.ndarray:
         weight = _checked_table(module.weight, f"{where}.weight")

@@ -1,7 +1,7 @@
 """RowWiseAdagrad: Adagrad with one accumulator per row (FBGEMM's EXACT_ROWWISE_ADAGRAD)."""
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
@@ -46,6 +46,10 @@ class RowWiseAdagrad(Optimizer):
         Validated but unused for float32/float64 tables.
     seed : int, default 0
         Seed of stochastic rounding's counter-based generator, in [0, 2**64).
+    rounding_rows : (int, int), default (0, 1)
+        ``(first, stride)``: table row ``r`` draws its rounding bits as row ``first + stride * r`` of a
+        larger table would — set it on a table holding every ``stride``-th row of that table from row
+        ``first`` (a row shard), so the shards round exactly as the whole table does.
     state_dtype : {None, "float32", "bfloat16", "float16"}, default None
         dtype of the per-row ``sum`` of a 16-bit table (None: float32). float32/float64 tables keep their state
         in their own dtype (anything else is refused).
@@ -75,12 +79,13 @@ class RowWiseAdagrad(Optimizer):
     _row_float_states = ("sum",)
 
     def __init__(self, params: Any, lr: float = 0.01, eps: float = 1e-8, weight_decay: float = 0.0,
-                 weight_decay_mode: str = "l2", initial_accumulator_value: float = 0.0,
-                 maximize: bool = False, rounding: str = "stochastic", seed: int = 0, state_dtype: Any = None,
-                 state_dir: Any = None) -> None:
+                 weight_decay_mode: str = "l2", initial_accumulator_value: float = 0.0, maximize: bool = False,
+                 rounding: str = "stochastic", seed: int = 0, rounding_rows: Tuple[int, int] = (0, 1),
+                 state_dtype: Any = None, state_dir: Any = None) -> None:
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, weight_decay_mode=weight_decay_mode,
                                       initial_accumulator_value=initial_accumulator_value, maximize=maximize,
-                                      rounding=rounding, seed=seed, state_dtype=state_dtype), state_dir=state_dir)
+                                      rounding=rounding, seed=seed, rounding_rows=rounding_rows,
+                                      state_dtype=state_dtype), state_dir=state_dir)
 
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
         for name in ("lr", "eps", "weight_decay", "initial_accumulator_value"):

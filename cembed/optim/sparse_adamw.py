@@ -50,6 +50,10 @@ class SparseAdamW(Optimizer):
         Validated but unused for float32/float64 tables.
     seed : int, default 0
         Seed of stochastic rounding's counter-based generator, in [0, 2**64).
+    rounding_rows : (int, int), default (0, 1)
+        ``(first, stride)``: table row ``r`` draws its rounding bits as row ``first + stride * r`` of a
+        larger table would — set it on a table holding every ``stride``-th row of that table from row
+        ``first`` (a row shard), so the shards round exactly as the whole table does.
     state_dtype : {None, "float32", "bfloat16", "float16"}, default None
         dtype of ``exp_avg`` and ``exp_avg_sq`` of a 16-bit table (None: float32). float32/float64 tables keep their state
         in their own dtype (anything else is refused).
@@ -96,14 +100,13 @@ class SparseAdamW(Optimizer):
     _optional_options = ("maximize", "bias_correction")
     _dense_alternative = "torch's AdamW"
 
-    def __init__(self, params: Any, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, maximize: bool = False,
-                 bias_correction: str = "global", rounding: str = "stochastic", seed: int = 0,
-                 state_dtype: Any = None,
-                 state_dir: Any = None) -> None:
+    def __init__(self, params: Any, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, maximize: bool = False, bias_correction: str = "global",
+                 rounding: str = "stochastic", seed: int = 0, rounding_rows: Tuple[int, int] = (0, 1),
+                 state_dtype: Any = None, state_dir: Any = None) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
                                       bias_correction=bias_correction, rounding=rounding, seed=seed,
-                                      state_dtype=state_dtype), state_dir=state_dir)
+                                      rounding_rows=rounding_rows, state_dtype=state_dtype), state_dir=state_dir)
 
     # ------------------------------------------------------------------ checks
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
