@@ -89,27 +89,31 @@ cdef void _sum_segment(const char *values,                             # IN grad
     Prefetches the value rows of the entries PREFETCH_DISTANCE ahead in the sorted order, across
     segment boundaries (most segments hold a single entry)."""
     cdef Py_ssize_t k, p, vrow
-    cdef const char *v
     cdef floating c
+    if floating is float:
+        if values_fmt == TABLE_BF16 or values_fmt == TABLE_F16:   # the loop of the float rows, widening
+            for k in range(count):
+                if k + PREFETCH_DISTANCE < count + lookahead:
+                    p = positions[k + PREFETCH_DISTANCE]
+                    prefetch_row(values + (src[p] if src != NULL else p) * row_bytes, row_bytes)
+                p = positions[k]
+                vrow = src[p] if src != NULL else p
+                c = scale[p] if scale != NULL else 1
+                if by_freq:
+                    row_fma_accumulate_half(out_row, <const uint16_t *> (values + vrow * row_bytes), values_fmt, c,
+                                            inv_count, dim)
+                elif scale != NULL:
+                    row_axpy_half(out_row, <const uint16_t *> (values + vrow * row_bytes), values_fmt, c, dim)
+                else:
+                    row_add_half(out_row, <const uint16_t *> (values + vrow * row_bytes), values_fmt, dim)
+            return
     for k in range(count):
         if k + PREFETCH_DISTANCE < count + lookahead:
             p = positions[k + PREFETCH_DISTANCE]
-            vrow = src[p] if src != NULL else p
-            prefetch_row(values + vrow * row_bytes, row_bytes)
+            prefetch_row(values + (src[p] if src != NULL else p) * row_bytes, row_bytes)
         p = positions[k]
         vrow = src[p] if src != NULL else p
-        v = values + vrow * row_bytes
-        if floating is float:
-            if values_fmt == TABLE_BF16 or values_fmt == TABLE_F16:
-                c = scale[p] if scale != NULL else 1
-                if by_freq:
-                    row_fma_accumulate_half(out_row, <const uint16_t *> v, values_fmt, c, inv_count, dim)
-                elif scale != NULL:
-                    row_axpy_half(out_row, <const uint16_t *> v, values_fmt, c, dim)
-                else:
-                    row_add_half(out_row, <const uint16_t *> v, values_fmt, dim)
-                continue
-        _add_term(out_row, <const floating *> v, scale, p, inv_count, by_freq, dim)
+        _add_term(out_row, <const floating *> (values + vrow * row_bytes), scale, p, inv_count, by_freq, dim)
 
 
 cdef inline void _sum_chunk(const char *values, Py_ssize_t row_bytes, int values_fmt,   # IN as _sum_segment

@@ -341,6 +341,20 @@ class RowContributions:
         """(values for a kernel, their format code): 16-bit values as their uint16 bit patterns."""
         return as_kernel_view(self.values)
 
+    def _sources(self, order: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(order, src, scale) as the segment kernels take them. Entries with a source row or a scale
+        (bags, per-sample weights) have both taken in sorted order here, once, and the kernel gets the
+        identity order: it then reads them sequentially, where ``src[order[k]]`` was a dependent random
+        load per entry (the largest stall of the bag backward). The same values in the same order: the
+        same bits."""
+        no_scale = np.zeros(0, dtype=self.dtype)
+        if self.src is None and self.scale is None:
+            return order, _NO_POSITIONS, no_scale
+        src = order if self.src is None else np.take(self.src, order, out=_buffer_cache.empty(order.shape, np.int64))
+        scale = no_scale if self.scale is None else np.take(self.scale, order,
+                                                            out=_buffer_cache.empty(order.shape, self.scale.dtype))
+        return _identity(order.size), src, scale
+
     def _segments(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         order, seg_rows, starts = self.groups if self.groups is not None else _group_rows(self.rows)
         seg_ids = _identity(seg_rows.size)
@@ -351,10 +365,10 @@ class RowContributions:
         return order, seg_rows, starts, seg_ids
 
     def _sum(self, out: np.ndarray, scatter: bool,
-             segments: Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> None:
+             segments: Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+             sources: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None) -> None:
         order, seg_rows, starts, seg_ids = segments
-        src = _NO_POSITIONS if self.src is None else self.src
-        scale = np.zeros(0, dtype=self.dtype) if self.scale is None else self.scale
+        order, src, scale = self._sources(order) if sources is None else sources
         values, values_fmt = self._kernel_values()
         _grad.segment_sum(values, values_fmt, order, starts, seg_rows, seg_ids, src, scale,
                           self.scale_grad_by_freq, out, scatter, n_threads_for(seg_ids.size, "segment"))
@@ -379,11 +393,10 @@ class RowContributions:
         must have :func:`kernel_layout` (and 16-bit values a 16-bit weight: :meth:`update_rows_half`).
         Bitwise what :meth:`sparse` + the optimizer's kernel give."""
         order, seg_rows, starts, seg_ids = self._segments()
+        order, src, scale = self._sources(order)
         dtype = self.values.dtype
         empty2, empty1 = np.zeros((0, 0), dtype=dtype), np.zeros(0, dtype=dtype)
         state_a, state_b, row_state = states
-        src = _NO_POSITIONS if self.src is None else self.src
-        scale = empty1 if self.scale is None else self.scale
         _grad.segment_update(self.values, order, starts, seg_rows, seg_ids, src, scale, self.scale_grad_by_freq,
                              kind, weight, empty2 if state_a is None else state_a,
                              empty2 if state_b is None else state_b, empty1 if row_state is None else row_state,
@@ -400,8 +413,7 @@ class RowContributions:
         (state_a, state_b, row_state): float32 arrays, or uint16 bits of format ``state_fmt``, empty
         where the update has none. Bitwise what :meth:`sparse` + the optimizer's unfused step give."""
         order, seg_rows, starts, seg_ids = self._segments()
-        src = _NO_POSITIONS if self.src is None else self.src
-        scale = np.zeros(0, dtype=np.float32) if self.scale is None else self.scale
+        order, src, scale = self._sources(order)
         state_a, state_b, row_state = states
         values, values_fmt = self._kernel_values()
         _grad.segment_update_half(values, values_fmt, order, starts, seg_rows, seg_ids, src, scale,
@@ -418,10 +430,11 @@ class RowContributions:
         dim = self.values.shape[1]
         per_chunk = max(64, chunk_bytes // max(1, dim * self.dtype.itemsize))
         scratch = np.empty((min(per_chunk, seg_ids.size), dim), dtype=self.dtype)
+        sources = self._sources(order)
         for lo in range(0, seg_ids.size, per_chunk):
             ids = seg_ids[lo:lo + per_chunk]
             out = scratch[:ids.size]
-            self._sum(out, False, (order, seg_rows, starts, ids))
+            self._sum(out, False, (order, seg_rows, starts, ids), sources)
             yield seg_rows[ids], out
 
     def dense(self, num_rows: int) -> np.ndarray:
