@@ -70,11 +70,18 @@ def row_keys(rows: np.ndarray, num_shards: int, stride: int) -> np.ndarray:
     >>> row_keys(np.array([0, 1, 2, 3, 4]), num_shards=2, stride=3)
     array([0, 3, 1, 4, 2])
     """
-    keys = np.array(rows, dtype=np.int64, copy=True)
-    if num_shards > 1:
-        local, shard = np.divmod(keys, num_shards)
-        np.multiply(shard, stride, out=keys)
-        keys += local
+    rows = np.asarray(rows)
+    if num_shards == 1:
+        return np.array(rows, dtype=np.int64, copy=True)
+    if num_shards & (num_shards - 1) == 0:
+        # a power of two: a mask and a shift, several times faster than an int64 divmod
+        keys = np.bitwise_and(rows, num_shards - 1, dtype=np.int64)
+        keys *= stride
+        keys += np.right_shift(rows, num_shards.bit_length() - 1, dtype=np.int64)
+        return keys
+    local, keys = np.divmod(rows.astype(np.int64, copy=False), num_shards)
+    keys *= stride
+    keys += local
     return keys
 
 
@@ -94,22 +101,18 @@ def key_rows(keys: np.ndarray, num_shards: int, stride: int) -> np.ndarray:
     return local
 
 
-def _dedupe(keys: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(distinct keys ascending, order, first)`` of a 1-D int64 array: ``keys[order]`` is sorted,
-    ``first`` marks the first of each run of equal keys in it (one unstable argsort, several times
-    faster than ``np.unique(..., return_inverse=True)``; :func:`_inverse` finishes the job)."""
-    order = np.argsort(keys)
-    ranked = keys[order]
-    first = np.empty(keys.size, dtype=bool)
-    first[:1] = True
-    np.not_equal(ranked[1:], ranked[:-1], out=first[1:])
-    return ranked[first], order, first
+def _inverse(order: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """For a grouping ``(order, distinct, starts)`` of n keys (:func:`cembed.functional.group_rows`):
+    the position of each key among the distinct keys (``inverse[order[starts[s]:starts[s + 1]]] = s``).
 
-
-def _inverse(order: np.ndarray, first: np.ndarray) -> np.ndarray:
-    """For :func:`_dedupe`'s ``order`` and ``first``: the position of each key among the distinct keys."""
-    ids = np.cumsum(first)
-    ids -= 1
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cembed.distributed._client import _inverse
+    >>> _inverse(np.array([3, 1, 0, 2]), np.array([0, 1, 2, 4]))     # keys [3, 1, 3, 0]
+    array([2, 1, 2, 0])
+    """
+    ids = np.repeat(np.arange(starts.size - 1, dtype=np.int64), np.diff(starts))
     inverse = np.empty(order.size, dtype=np.int64)
     inverse[order] = ids
     return inverse
@@ -246,7 +249,8 @@ class ShardedEmbedding:
                 self.padding_idx, self.dtype.str, self.seed, init, self._shard_dir(k), self.checkpoint_every))
         self._steps = [0] * self.num_shards             # the step each shard is at
         self._log: List[Dict[int, Tuple[np.ndarray, np.ndarray]]] = [{} for _ in range(self.num_shards)]
-        self._saved: Optional[Tuple[Tuple[int, ...], np.ndarray]] = None
+        # the last forward's (shape, keys, grouping of the keys): its backward sums over that grouping
+        self._saved: Optional[Tuple[Tuple[int, ...], np.ndarray, Tuple[np.ndarray, np.ndarray, np.ndarray]]] = None
         self._pending: List[Tuple[int, int, Any]] = []    # (shard, step, answer ref) of unchecked steps
         # The client numbers rows shard by shard ("keys"): global row r is key (r % S) * R + r // S,
         # R = the rows of shard 0. Sorted keys are grouped by shard, ascending local row within each,
@@ -418,7 +422,12 @@ class ShardedEmbedding:
         """
         self._check_usable()
         shape, keys = self._checked_keys(indices)
-        uniq, order, first = _dedupe(keys)
+        # one radix sort (cembed's, the one the backward uses) dedupes the batch, splits it over the
+        # shards and is kept for the backward's per-row sums
+        groups = F.group_rows(keys, int(self._starts[-1]))
+        for part in groups:
+            part.flags.writeable = False
+        order, uniq, starts = groups
         self._build_graph()
         requests = {}
         for k, lo, hi in self._cuts(uniq):
@@ -430,7 +439,7 @@ class ShardedEmbedding:
             if self._graph is not None else None
         sent = [] if refs is not None else \
             [(k, self._actors[k].gather.remote(self._steps[k], local)) for k, local in requests.items() if local.size]
-        inverse = _inverse(order, first)     # while the shards work
+        inverse = _inverse(order, starts)     # while the shards work
         self._settle()    # the steps sent before these lookups (which the shards run first)
         parts = None
         if refs is not None:
@@ -451,7 +460,7 @@ class ShardedEmbedding:
                                  what="gather")
             parts = [got[k][1] for k, _ in sent]
             del got
-        self._saved = (shape, keys)
+        self._saved = (shape, keys, groups)
         if uniq.size == 0:
             return np.empty(shape + (self.embedding_dim,), dtype=self.dtype)
         self.bytes_received += sum(p.nbytes for p in parts)
@@ -503,12 +512,21 @@ class ShardedEmbedding:
         if indices is None:
             if self._saved is None:
                 raise ValueError("backward: no indices given and no forward call to take them from")
-            shape, keys = self._saved
+            shape, keys, groups = self._saved
         else:
             shape, keys = self._checked_keys(indices)
-        # summed over keys: each row's contributions in input order, as one process sums them
-        grad = F.embedding_backward(grad_output, keys.reshape(shape), int(self._starts[-1]), padding_idx=self._pad_key,
-                                    sparse=True, per_sample_weights=per_sample_weights)
+            groups = None
+        num_keys = int(self._starts[-1])
+        # summed over keys: each row's contributions in input order, as one process sums them (the
+        # forward's grouping is a stable sort of these keys: the same segments, in the same order, as
+        # embedding_backward's own sort would give — the same bits, one sort fewer)
+        grad: Any
+        if groups is not None and per_sample_weights is None:
+            grad = F.lookup_contributions(grad_output, shape, keys, padding_idx=self._pad_key,
+                                          dim=self.embedding_dim, dtype=self.dtype, groups=groups).sparse(num_keys)
+        else:
+            grad = F.embedding_backward(grad_output, keys.reshape(shape), num_keys, padding_idx=self._pad_key,
+                                        sparse=True, per_sample_weights=per_sample_weights)
         assert isinstance(grad, SparseGrad)
         if step:
             self._apply(grad)

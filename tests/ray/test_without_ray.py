@@ -110,12 +110,45 @@ def test_keys_group_rows_by_shard(V, S):
     assert np.array_equal(by_key, np.array(sorted(rows, key=lambda r: (r % S, r // S))))
 
 
-def test_dedupe_matches_numpy_unique():
-    from cembed.distributed._client import _dedupe, _inverse
+def test_inverse_matches_numpy_unique():
+    """The lookup's grouping (cembed's radix sort) gives numpy.unique's distinct keys and inverse."""
+    from cembed import functional as F
+    from cembed.distributed._client import _inverse
 
     rng = np.random.default_rng(0)
     for n in (0, 1, 2, 50, 4000):
         keys = rng.integers(0, 60, n).astype(np.int64)
-        uniq, order, first = _dedupe(keys)
+        order, uniq, starts = F.group_rows(keys, 60)
         ref_uniq, ref_inverse = np.unique(keys, return_inverse=True)
-        assert np.array_equal(uniq, ref_uniq) and np.array_equal(_inverse(order, first), ref_inverse)
+        assert np.array_equal(uniq, ref_uniq) and np.array_equal(_inverse(order, starts), ref_inverse)
+        # a stable argsort: equal keys keep input order (the order the backward sums them in)
+        assert np.array_equal(order, np.argsort(keys, kind="stable"))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("pad", [None, 7])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sum_over_the_lookups_grouping_is_embedding_backward(threads, pad, dtype):
+    """The client's backward sums grad_output over the grouping its lookup made (one sort per step):
+    bitwise the sparse gradient of embedding_backward, which sorts the keys itself — for any thread
+    count, with and without a padding key, on Zipf keys (long runs of one row) and on all-distinct keys."""
+    from cembed import functional as F
+
+    rng = np.random.default_rng(threads)
+    n_keys = 3000
+    zipf = ((rng.zipf(1.1, 20000) - 1) % n_keys).astype(np.int64)
+    for keys in (zipf, rng.permutation(n_keys)[:1000], zipf[:1].copy(), zipf[:0].copy()):
+        keys = keys.reshape(-1, 4) if keys.size % 4 == 0 and keys.size else keys
+        grad = rng.standard_normal(keys.shape + (5,)).astype(dtype)
+        groups = F.group_rows(keys, n_keys)
+        old = cembed.set_num_threads(threads)
+        try:
+            got = F.lookup_contributions(grad, keys.shape, keys.reshape(-1), padding_idx=pad, groups=groups,
+                                         dim=5, dtype=np.dtype(dtype)).sparse(n_keys)
+            want = F.embedding_backward(grad, keys, n_keys, padding_idx=pad, sparse=True)
+        finally:
+            cembed.set_num_threads(old)
+        assert got.indices.tobytes() == want.indices.tobytes()
+        assert got.values.dtype == want.values.dtype and got.values.tobytes() == want.values.tobytes()
+        if pad is not None:
+            assert pad not in got.indices
