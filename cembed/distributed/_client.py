@@ -175,6 +175,16 @@ class ShardedEmbedding:
         Ray cannot compile it, or it breaks (a shard died), the table uses ordinary actor calls,
         and builds the graph again at the next call once every shard is back at the current step.
         False: ordinary actor calls only. ``.transport`` says which is in use.
+    shard_cpus : "spread" or sequence of sequences of int, optional
+        Pin each shard process (all its threads) to CPUs of its node: ``"spread"`` gives shard ``k``
+        every ``num_shards``-th CPU from position ``k`` of those its process may use (one CPU,
+        ``k`` modulo their count, when there are fewer CPUs than shards): for shards that share a
+        node, so that they never take turns on one core. Or one list of CPU numbers per shard.
+        CPUs a shard's process may not use are left out (all it may use if none is left);
+        ``shard_info()`` tells what each shard got. Applied again when Ray restarts a shard.
+        Default None: Ray's placement. On this 2-core machine, ``"spread"`` took the waited
+        round trip of ``benchmarks/bench_ray.py`` from about 3x to about 2x one process
+        (``docs/distributed.md``).
 
     Examples
     --------
@@ -197,7 +207,8 @@ class ShardedEmbedding:
                  optimizer_options: Optional[Dict[str, Any]] = None, padding_idx: Optional[int] = None,
                  dtype: Any = np.float32, seed: Optional[int] = None, checkpoint_dir: Optional[str] = None,
                  checkpoint_every: Optional[int] = None, ray_options: Any = None, *, init: str = "uniform",
-                 recovery_timeout: float = 120.0, compiled_graph: bool = True) -> None:
+                 recovery_timeout: float = 120.0, compiled_graph: bool = True,
+                 shard_cpus: Optional[Sequence[Sequence[int]]] = None) -> None:
         # ---- every argument is checked before Ray is touched or any actor starts
         self.num_embeddings = _check_int(num_embeddings, "num_embeddings", 1)
         self.embedding_dim = _check_int(embedding_dim, "embedding_dim", 1)
@@ -238,6 +249,7 @@ class ShardedEmbedding:
         if not isinstance(compiled_graph, (bool, np.bool_)):
             raise TypeError(f"compiled_graph must be True or False, got {compiled_graph!r}")
         per_shard = self._shard_options(ray_options)
+        cpus = self._check_cpus(shard_cpus)
         self._restartable = [opts["max_restarts"] != 0 for opts in per_shard]
 
         self._ray = require_ray()
@@ -246,7 +258,8 @@ class ShardedEmbedding:
         for k in range(self.num_shards):
             self._actors.append(remote.options(**per_shard[k]).remote(
                 k, self.num_shards, self.num_embeddings, self.embedding_dim, optimizer, self.optimizer_options,
-                self.padding_idx, self.dtype.str, self.seed, init, self._shard_dir(k), self.checkpoint_every))
+                self.padding_idx, self.dtype.str, self.seed, init, self._shard_dir(k), self.checkpoint_every,
+                cpus[k]))
         self._steps = [0] * self.num_shards             # the step each shard is at
         self._log: List[Dict[int, Tuple[np.ndarray, np.ndarray]]] = [{} for _ in range(self.num_shards)]
         # the last forward's (shape, keys, grouping of the keys): its backward sums over that grouping
@@ -293,6 +306,21 @@ class ShardedEmbedding:
             opts.setdefault("max_restarts", -1 if self.checkpoint_dir is not None else 0)
             opts["max_task_retries"] = 0    # the client replays; Ray must not re-run a step by itself
         return per_shard
+
+    def _check_cpus(self, shard_cpus: Any) -> List[Any]:
+        """``shard_cpus`` checked, as one entry per shard (None, "spread", or a list of CPU numbers)."""
+        if shard_cpus is None or (isinstance(shard_cpus, str) and shard_cpus == "spread"):
+            return [shard_cpus] * self.num_shards
+        bad = ValueError(f"shard_cpus must be None, 'spread', or {self.num_shards} non-empty sequences of CPU "
+                         f"numbers (one per shard), got {shard_cpus!r}")
+        if isinstance(shard_cpus, str) or not isinstance(shard_cpus, Sequence) or len(shard_cpus) != self.num_shards:
+            raise bad
+        out = []
+        for entry in shard_cpus:
+            if isinstance(entry, str) or not isinstance(entry, Sequence) or not entry:
+                raise bad
+            out.append([_check_int(c, "a CPU number in shard_cpus", 0) for c in entry])
+        return out
 
     def _shard_dir(self, k: int) -> Optional[str]:
         if self.checkpoint_dir is None:
@@ -883,7 +911,8 @@ class ShardedEmbedding:
         self.load_state_dict({"step": step, "weight": emb.weight, "optimizer": state})
 
     def shard_info(self) -> List[Dict[str, Any]]:
-        """Per shard: process id, step, the step it restored a checkpoint at (None if never).
+        """Per shard: process id, step, the step it restored a checkpoint at (None if never), the
+        CPUs it is pinned to (None: not pinned).
 
         Examples
         --------
