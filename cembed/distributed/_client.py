@@ -179,12 +179,12 @@ class ShardedEmbedding:
         Pin each shard process (all its threads) to CPUs of its node: ``"spread"`` gives shard ``k``
         every ``num_shards``-th CPU from position ``k`` of those its process may use (one CPU,
         ``k`` modulo their count, when there are fewer CPUs than shards): for shards that share a
-        node, so that they never take turns on one core. Or one list of CPU numbers per shard.
+        node, so that two of them never take turns on one core. Or one list of CPU numbers per shard.
         CPUs a shard's process may not use are left out (all it may use if none is left);
         ``shard_info()`` tells what each shard got. Applied again when Ray restarts a shard.
-        Default None: Ray's placement. On this 2-core machine, ``"spread"`` took the waited
-        round trip of ``benchmarks/bench_ray.py`` from about 3x to about 2x one process
-        (``docs/distributed.md``).
+        Default None: the operating system's placement. Measured on a 2-core machine with two
+        shards, ``"spread"`` took the waited round trip of ``benchmarks/bench_ray.py`` from
+        2.9-3.4x to 1.8-2.4x the time of one process (medians; ``docs/distributed.md``).
 
     Examples
     --------
