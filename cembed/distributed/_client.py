@@ -184,7 +184,7 @@ class ShardedEmbedding:
         ``shard_info()`` tells what each shard got. Applied again when Ray restarts a shard.
         Default None: the operating system's placement. Measured on a 2-core machine with two
         shards, ``"spread"`` took the waited round trip of ``benchmarks/bench_ray.py`` from
-        2.9-3.4x to 1.8-2.4x the time of one process (medians; ``docs/distributed.md``).
+        2.4-3.4x to 1.65-2.4x the time of one process (medians; ``docs/distributed.md``).
 
     Examples
     --------
