@@ -9,17 +9,19 @@ build of this checkout: the first line printed names the copy measured).
 
 1. Lookup + fused update round trip: ``out = table(idx); table.backward(grad, step=True); table.sync()``
    (the update applied when it returns) with 2 shards — through Ray's compiled graph (the
-   default) and through ordinary actor calls (``compiled_graph=False``) — against
+   default), through ordinary actor calls (``compiled_graph=False``), and through the graph with
+   each shard pinned to its own core (``shard_cpus="spread"``) — against
    ``out = emb(idx); emb.backward(grad, optimizer=opt)`` in this process; the same 65,536 Zipf(1.1)
    indices, SparseAdam; interleaved turns (alternating order), medians and minima, and the time of
    each of the three calls of the sharded step. The compiled graph's shards busy-wait for their next
-   call, so the graph is torn down (untimed) while the other two run and built again, with two
+   call, so a table's graph is torn down (untimed) while the others run and built again, with two
    untimed warm-up steps (a new graph's first big calls are several times slower), before its own
    turns. Also the payload bytes sent and received per step and
    per shard, and the messages per step; and back-to-back steps without waiting for the update (how
    training runs: the shards apply step t while the client prepares step t + 1).
 2. Per-call overhead: the same round trip with 8 indices.
-3. The main job: ``train`` of the skip-gram model with ``shards=2`` (compiled graphs, and actor calls)
+3. The main job: ``train`` of the skip-gram model with ``shards=2`` (compiled graphs, actor calls, and
+   compiled graphs with pinned shards)
    against ``shards=0`` (same corpus, config and seed; the final tables are compared bitwise).
 Nothing here is a pytest test (the file is only collected when asked for).
 """
@@ -130,12 +132,16 @@ def main(argv=None):
     table(np.arange(min(V, 10)))
     calls = ShardedEmbedding(V, D, S, "sparseadam", opts, seed=1, compiled_graph=False)
     calls(np.arange(min(V, 10)))
-    print(f"set-up (one table in process + 2 x {S} shards): {time.perf_counter() - t0:.1f} s; transports: "
-          f"{table.transport!r} ({table.graph_error or 'compiled'}), {calls.transport!r}")
+    pinned = ShardedEmbedding(V, D, S, "sparseadam", opts, seed=1, compiled_graph=True, shard_cpus="spread")
+    pinned(np.arange(min(V, 10)))
+    print(f"set-up (one table in process + 3 x {S} shards): {time.perf_counter() - t0:.1f} s; transports: "
+          f"{table.transport!r} ({table.graph_error or 'compiled'}), {calls.transport!r}; pinned shards' CPUs "
+          f"{[i['cpus'] for i in pinned.shard_info()]}")
 
     sent0, recv0, steps0 = table.bytes_sent, table.bytes_received, table.step_count
     round_trip_sharded(table, idx, grad)
-    round_trip_sharded(calls, idx, grad)     # the same steps on both sharded tables (compared at the end)
+    round_trip_sharded(calls, idx, grad)     # the same steps on every sharded table (compared at the end)
+    round_trip_sharded(pinned, idx, grad)
     sent, recv = table.bytes_sent - sent0, table.bytes_received - recv0
     print(f"payload per step ({S} shards): sent {sent / 1e6:.2f} MB (indices + summed gradient rows), "
           f"received {recv / 1e6:.2f} MB (rows); per shard {(sent + recv) / S / 1e6:.2f} MB; "
@@ -144,51 +150,63 @@ def main(argv=None):
     # Ray's compiled-graph shards busy-wait for their next call (about half a core each while idle,
     # measured): the graph is torn down while the others run (untimed), built again before its turns
     load0 = os.getloadavg()[0]
-    sh, sc = f"{S} shards, compiled graph", f"{S} shards, actor calls"
+    sh, sc, sp = f"{S} shards, compiled graph", f"{S} shards, actor calls", f"{S} shards, graph, pinned"
+    graphs = {sh: table, sp: pinned}
+
+    def only_graph(name):
+        """Every compiled table's graph down but ``name``'s (built if it is one)."""
+        for other, t in graphs.items():
+            if other != name:
+                t._drop_graph()
+        if name in graphs:
+            graphs[name]._build_graph()
+
     def make_setups(i, g):
-        """Before a turn: the graph up (and two untimed steps: the first big calls through a new
-        graph's buffers are several times slower, measured) for the compiled table, down for the
-        others; the actor-call table takes the same untimed steps, so that the two sharded tables
-        see the same steps (compared at the end)."""
-        def graph_up():
-            table._build_graph()
-            for _ in range(2):
-                round_trip_sharded(table, i, g)
+        """Before a turn: the table's graph up (and two untimed steps: the first big calls through a
+        new graph's buffers are several times slower, measured), every other graph down; the
+        actor-call table takes the same untimed steps, so that the sharded tables see the same
+        steps (compared at the end)."""
+        def turn(name, t):
+            def setup():
+                only_graph(name)
+                if t is not None:
+                    for _ in range(2):
+                        round_trip_sharded(t, i, g)
+            return setup
 
-        def graph_down():
-            table._drop_graph()
-            for _ in range(2):
-                round_trip_sharded(calls, i, g)
-
-        return {"one process": table._drop_graph, sh: graph_up, sc: graph_down}
+        return {"one process": turn("one process", None), sh: turn(sh, table), sc: turn(sc, calls),
+                sp: turn(sp, pinned)}
 
     big, big_min = interleaved({"one process": lambda: round_trip_local(emb, opt, idx, grad),
                                 sh: lambda: round_trip_sharded(table, idx, grad),
-                                sc: lambda: round_trip_sharded(calls, idx, grad)}, args.repeats,
+                                sc: lambda: round_trip_sharded(calls, idx, grad),
+                                sp: lambda: round_trip_sharded(pinned, idx, grad)}, args.repeats,
                                make_setups(idx, grad), block=5)
     tiny, tiny_min = interleaved({"one process": lambda: round_trip_local(emb, opt, tiny_idx, tiny_grad),
                                   sh: lambda: round_trip_sharded(table, tiny_idx, tiny_grad),
-                                  sc: lambda: round_trip_sharded(calls, tiny_idx, tiny_grad)},
+                                  sc: lambda: round_trip_sharded(calls, tiny_idx, tiny_grad),
+                                  sp: lambda: round_trip_sharded(pinned, tiny_idx, tiny_grad)},
                                  args.repeats * 2, make_setups(tiny_idx, tiny_grad), block=10)
     setups = make_setups(tiny_idx, tiny_grad)
     print(f"lookup + fused update round trip, waited ({args.repeats} rounds in interleaved turns of 5; host load "
           f"average {load0:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; the compiled "
           f"graph, torn down while the others run, each turn after two untimed warm-up steps; batch 8: "
-          f"{2 * args.repeats} rounds in turns of 10):")
+          f"{2 * args.repeats} rounds in turns of 10; 'pinned': shard_cpus='spread'):")
     for name in big:
         print(f"  {name:<24} batch {args.n:,}: median {big[name] * 1e3:7.2f} ms (min {big_min[name] * 1e3:6.2f})"
               f"    batch 8: median {tiny[name] * 1e3:6.2f} ms (min {tiny_min[name] * 1e3:5.2f})")
-    for name in (sh, sc):
+    for name in (sh, sc, sp):
         print(f"  ratio {name} / one process: median {big[name] / big['one process']:.2f}x, min "
               f"{big_min[name] / big_min['one process']:.2f}x (target <= 2x); per-step overhead (batch 8, "
               f"median): {(tiny[name] - tiny['one process']) * 1e3:.2f} ms for {2 * S} shard calls")
-    for name, t in ((sh, table), (sc, calls)):
+    for name, t in ((sh, table), (sc, calls), (sp, pinned)):
         setups[name]()
         split = phases(t, idx, grad, max(5, args.repeats // 4))
         print(f"  {name} step by call (median): " + ", ".join(f"{k} {v:.2f} ms" for k, v in split.items()))
-    assert table.state_dict()["weight"].tobytes() == calls.state_dict()["weight"].tobytes(), \
-        "the two transports trained different tables"
-    print("  the tables trained through the two transports are bitwise equal")
+    only_graph(None)
+    weights = [t.state_dict()["weight"].tobytes() for t in (table, calls, pinned)]
+    assert weights[0] == weights[1] == weights[2], "the sharded tables trained different tables"
+    print("  the tables trained through the two transports (and the pinned one) are bitwise equal")
 
     def steps(t):
         def step():
@@ -196,28 +214,30 @@ def main(argv=None):
             t.backward(grad, step=True)
         return step
 
-    def run_compiled():
-        table._build_graph()
+    def run_compiled(name):
+        t = graphs[name]
+        only_graph(name)
         for _ in range(2):     # untimed: a new graph's first big calls
-            round_trip_sharded(table, idx, grad)
-        return pipelined(steps(table), 5)
+            round_trip_sharded(t, idx, grad)
+        return pipelined(steps(t), 5)
 
     def run_other(fn):
-        table._drop_graph()
+        only_graph(None)
         return pipelined(fn, 5)
 
     blocks = {"one process": lambda: run_other(lambda: round_trip_local(emb, opt, idx, grad)),
-              sh: run_compiled, sc: lambda: run_other(steps(calls))}
+              sh: lambda: run_compiled(sh), sc: lambda: run_other(steps(calls)), sp: lambda: run_compiled(sp)}
     runs = {name: [] for name in blocks}
     for _ in range(3):
         for name, block in blocks.items():
             runs[name].append(block())
-            table.sync()
-            calls.sync()
+            for t in (table, calls, pinned):
+                t.sync()
     steady = {name: statistics.median(v) for name, v in runs.items()}
     print("  back-to-back steps (update not awaited, 3 blocks of 5, median): " + ", ".join(
         f"{name} {v * 1e3:.2f} ms/step ({v / steady['one process']:.2f}x)" for name, v in steady.items()))
     calls.shutdown()
+    pinned.shutdown()
     table._build_graph()
     for _ in range(2):         # untimed: a new graph's first big calls
         table(idx)
@@ -245,10 +265,13 @@ def main(argv=None):
         def actor_calls(*a, **kw):        # the trainer's tables on actor calls
             return plain_class(*a, compiled_graph=False, **kw)
 
+        def spread(*a, **kw):             # the trainer's tables with pinned shards
+            return plain_class(*a, shard_cpus="spread", **kw)
+
         results = {}
-        for name in ("0", str(S), f"{S}, actor calls") * 2:
+        for name in ("0", str(S), f"{S}, actor calls", f"{S}, pinned") * 2:
             config = train_mod.TrainConfig(seed=0, shards=int(name.split(",")[0]))
-            dist.ShardedEmbedding = actor_calls if "actor" in name else plain_class
+            dist.ShardedEmbedding = actor_calls if "actor" in name else spread if "pinned" in name else plain_class
             try:
                 result = train_mod.train(corpus, config, progress=False)
             finally:

@@ -624,6 +624,45 @@ def coalesce(rows: Any, values: Any, num_rows: int) -> SparseGrad:
     return RowContributions(values, flat).sparse(num_rows)
 
 
+def group_rows(indices: Any, num_rows: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Group equal row ids with the radix sort the backward uses: ``(order, rows, starts)``.
+
+    For a caller that keeps a batch's grouping for its backward (``lookup_contributions(...,
+    groups=...)`` sums over it exactly as :func:`embedding_backward` does: each row's
+    contributions in input order).
+
+    Parameters
+    ----------
+    indices : array_like of int
+        Any shape (flattened), in ``[0, num_rows)``.
+    num_rows : int
+
+    Returns
+    -------
+    order : numpy.ndarray of int64, shape (n,)
+        A stable argsort of the flat indices (equal ids keep their input order).
+    rows : numpy.ndarray of int64, shape (u,)
+        The distinct ids, ascending.
+    starts : numpy.ndarray of int64, shape (u + 1,)
+        Row ``rows[s]`` is at positions ``order[starts[s]:starts[s + 1]]``.
+
+    Raises
+    ------
+    IndexError, TypeError
+        An id outside ``[0, num_rows)``, non-integer indices.
+
+    Examples
+    --------
+    >>> from cembed import functional as F
+    >>> order, rows, starts = F.group_rows([3, 1, 3, 0], num_rows=4)
+    >>> order, rows, starts
+    (array([3, 1, 0, 2]), array([0, 1, 3]), array([0, 1, 2, 4]))
+    """
+    num_rows = check_size(num_rows, "num_rows")
+    _, flat = validated_indices(indices, num_rows)
+    return _group_rows(flat)
+
+
 # ============================================================================ bags
 
 class SavedBags:

@@ -70,11 +70,18 @@ def row_keys(rows: np.ndarray, num_shards: int, stride: int) -> np.ndarray:
     >>> row_keys(np.array([0, 1, 2, 3, 4]), num_shards=2, stride=3)
     array([0, 3, 1, 4, 2])
     """
-    keys = np.array(rows, dtype=np.int64, copy=True)
-    if num_shards > 1:
-        local, shard = np.divmod(keys, num_shards)
-        np.multiply(shard, stride, out=keys)
-        keys += local
+    rows = np.asarray(rows)
+    if num_shards == 1:
+        return np.array(rows, dtype=np.int64, copy=True)
+    if num_shards & (num_shards - 1) == 0:
+        # a power of two: a mask and a shift, several times faster than an int64 divmod
+        keys = np.bitwise_and(rows, num_shards - 1, dtype=np.int64)
+        keys *= stride
+        keys += np.right_shift(rows, num_shards.bit_length() - 1, dtype=np.int64)
+        return keys
+    local, keys = np.divmod(rows.astype(np.int64, copy=False), num_shards)
+    keys *= stride
+    keys += local
     return keys
 
 
@@ -94,22 +101,18 @@ def key_rows(keys: np.ndarray, num_shards: int, stride: int) -> np.ndarray:
     return local
 
 
-def _dedupe(keys: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(distinct keys ascending, order, first)`` of a 1-D int64 array: ``keys[order]`` is sorted,
-    ``first`` marks the first of each run of equal keys in it (one unstable argsort, several times
-    faster than ``np.unique(..., return_inverse=True)``; :func:`_inverse` finishes the job)."""
-    order = np.argsort(keys)
-    ranked = keys[order]
-    first = np.empty(keys.size, dtype=bool)
-    first[:1] = True
-    np.not_equal(ranked[1:], ranked[:-1], out=first[1:])
-    return ranked[first], order, first
+def _inverse(order: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """For a grouping ``(order, distinct, starts)`` of n keys (:func:`cembed.functional.group_rows`):
+    the position of each key among the distinct keys (``inverse[order[starts[s]:starts[s + 1]]] = s``).
 
-
-def _inverse(order: np.ndarray, first: np.ndarray) -> np.ndarray:
-    """For :func:`_dedupe`'s ``order`` and ``first``: the position of each key among the distinct keys."""
-    ids = np.cumsum(first)
-    ids -= 1
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cembed.distributed._client import _inverse
+    >>> _inverse(np.array([3, 1, 0, 2]), np.array([0, 1, 2, 4]))     # keys [3, 1, 3, 0]
+    array([2, 1, 2, 0])
+    """
+    ids = np.repeat(np.arange(starts.size - 1, dtype=np.int64), np.diff(starts))
     inverse = np.empty(order.size, dtype=np.int64)
     inverse[order] = ids
     return inverse
@@ -172,6 +175,16 @@ class ShardedEmbedding:
         Ray cannot compile it, or it breaks (a shard died), the table uses ordinary actor calls,
         and builds the graph again at the next call once every shard is back at the current step.
         False: ordinary actor calls only. ``.transport`` says which is in use.
+    shard_cpus : "spread" or sequence of sequences of int, optional
+        Pin each shard process (all its threads) to CPUs of its node: ``"spread"`` gives shard ``k``
+        every ``num_shards``-th CPU from position ``k`` of those its process may use (one CPU,
+        ``k`` modulo their count, when there are fewer CPUs than shards): for shards that share a
+        node, so that two of them never take turns on one core. Or one list of CPU numbers per shard.
+        CPUs a shard's process may not use are left out (all it may use if none is left);
+        ``shard_info()`` tells what each shard got. Applied again when Ray restarts a shard.
+        Default None: the operating system's placement. Measured on a 2-core machine with two
+        shards, ``"spread"`` took the waited round trip of ``benchmarks/bench_ray.py`` from
+        2.4-3.4x to 1.65-2.4x the time of one process (medians; ``docs/distributed.md``).
 
     Examples
     --------
@@ -194,7 +207,8 @@ class ShardedEmbedding:
                  optimizer_options: Optional[Dict[str, Any]] = None, padding_idx: Optional[int] = None,
                  dtype: Any = np.float32, seed: Optional[int] = None, checkpoint_dir: Optional[str] = None,
                  checkpoint_every: Optional[int] = None, ray_options: Any = None, *, init: str = "uniform",
-                 recovery_timeout: float = 120.0, compiled_graph: bool = True) -> None:
+                 recovery_timeout: float = 120.0, compiled_graph: bool = True,
+                 shard_cpus: Optional[Sequence[Sequence[int]]] = None) -> None:
         # ---- every argument is checked before Ray is touched or any actor starts
         self.num_embeddings = _check_int(num_embeddings, "num_embeddings", 1)
         self.embedding_dim = _check_int(embedding_dim, "embedding_dim", 1)
@@ -235,6 +249,7 @@ class ShardedEmbedding:
         if not isinstance(compiled_graph, (bool, np.bool_)):
             raise TypeError(f"compiled_graph must be True or False, got {compiled_graph!r}")
         per_shard = self._shard_options(ray_options)
+        cpus = self._check_cpus(shard_cpus)
         self._restartable = [opts["max_restarts"] != 0 for opts in per_shard]
 
         self._ray = require_ray()
@@ -243,10 +258,12 @@ class ShardedEmbedding:
         for k in range(self.num_shards):
             self._actors.append(remote.options(**per_shard[k]).remote(
                 k, self.num_shards, self.num_embeddings, self.embedding_dim, optimizer, self.optimizer_options,
-                self.padding_idx, self.dtype.str, self.seed, init, self._shard_dir(k), self.checkpoint_every))
+                self.padding_idx, self.dtype.str, self.seed, init, self._shard_dir(k), self.checkpoint_every,
+                cpus[k]))
         self._steps = [0] * self.num_shards             # the step each shard is at
         self._log: List[Dict[int, Tuple[np.ndarray, np.ndarray]]] = [{} for _ in range(self.num_shards)]
-        self._saved: Optional[Tuple[Tuple[int, ...], np.ndarray]] = None
+        # the last forward's (shape, keys, grouping of the keys): its backward sums over that grouping
+        self._saved: Optional[Tuple[Tuple[int, ...], np.ndarray, Tuple[np.ndarray, np.ndarray, np.ndarray]]] = None
         self._pending: List[Tuple[int, int, Any]] = []    # (shard, step, answer ref) of unchecked steps
         # The client numbers rows shard by shard ("keys"): global row r is key (r % S) * R + r // S,
         # R = the rows of shard 0. Sorted keys are grouped by shard, ascending local row within each,
@@ -289,6 +306,21 @@ class ShardedEmbedding:
             opts.setdefault("max_restarts", -1 if self.checkpoint_dir is not None else 0)
             opts["max_task_retries"] = 0    # the client replays; Ray must not re-run a step by itself
         return per_shard
+
+    def _check_cpus(self, shard_cpus: Any) -> List[Any]:
+        """``shard_cpus`` checked, as one entry per shard (None, "spread", or a list of CPU numbers)."""
+        if shard_cpus is None or (isinstance(shard_cpus, str) and shard_cpus == "spread"):
+            return [shard_cpus] * self.num_shards
+        bad = ValueError(f"shard_cpus must be None, 'spread', or {self.num_shards} non-empty sequences of CPU "
+                         f"numbers (one per shard), got {shard_cpus!r}")
+        if isinstance(shard_cpus, str) or not isinstance(shard_cpus, Sequence) or len(shard_cpus) != self.num_shards:
+            raise bad
+        out = []
+        for entry in shard_cpus:
+            if isinstance(entry, str) or not isinstance(entry, Sequence) or not entry:
+                raise bad
+            out.append([_check_int(c, "a CPU number in shard_cpus", 0) for c in entry])
+        return out
 
     def _shard_dir(self, k: int) -> Optional[str]:
         if self.checkpoint_dir is None:
@@ -418,7 +450,12 @@ class ShardedEmbedding:
         """
         self._check_usable()
         shape, keys = self._checked_keys(indices)
-        uniq, order, first = _dedupe(keys)
+        # one radix sort (cembed's, the one the backward uses) dedupes the batch, splits it over the
+        # shards and is kept for the backward's per-row sums
+        groups = F.group_rows(keys, int(self._starts[-1]))
+        for part in groups:
+            part.flags.writeable = False
+        order, uniq, starts = groups
         self._build_graph()
         requests = {}
         for k, lo, hi in self._cuts(uniq):
@@ -430,7 +467,7 @@ class ShardedEmbedding:
             if self._graph is not None else None
         sent = [] if refs is not None else \
             [(k, self._actors[k].gather.remote(self._steps[k], local)) for k, local in requests.items() if local.size]
-        inverse = _inverse(order, first)     # while the shards work
+        inverse = _inverse(order, starts)     # while the shards work
         self._settle()    # the steps sent before these lookups (which the shards run first)
         parts = None
         if refs is not None:
@@ -451,7 +488,7 @@ class ShardedEmbedding:
                                  what="gather")
             parts = [got[k][1] for k, _ in sent]
             del got
-        self._saved = (shape, keys)
+        self._saved = (shape, keys, groups)
         if uniq.size == 0:
             return np.empty(shape + (self.embedding_dim,), dtype=self.dtype)
         self.bytes_received += sum(p.nbytes for p in parts)
@@ -503,12 +540,21 @@ class ShardedEmbedding:
         if indices is None:
             if self._saved is None:
                 raise ValueError("backward: no indices given and no forward call to take them from")
-            shape, keys = self._saved
+            shape, keys, groups = self._saved
         else:
             shape, keys = self._checked_keys(indices)
-        # summed over keys: each row's contributions in input order, as one process sums them
-        grad = F.embedding_backward(grad_output, keys.reshape(shape), int(self._starts[-1]), padding_idx=self._pad_key,
-                                    sparse=True, per_sample_weights=per_sample_weights)
+            groups = None
+        num_keys = int(self._starts[-1])
+        # summed over keys: each row's contributions in input order, as one process sums them (the
+        # forward's grouping is a stable sort of these keys: the same segments, in the same order, as
+        # embedding_backward's own sort would give — the same bits, one sort fewer)
+        grad: Any
+        if groups is not None and per_sample_weights is None:
+            grad = F.lookup_contributions(grad_output, shape, keys, padding_idx=self._pad_key,
+                                          dim=self.embedding_dim, dtype=self.dtype, groups=groups).sparse(num_keys)
+        else:
+            grad = F.embedding_backward(grad_output, keys.reshape(shape), num_keys, padding_idx=self._pad_key,
+                                        sparse=True, per_sample_weights=per_sample_weights)
         assert isinstance(grad, SparseGrad)
         if step:
             self._apply(grad)
@@ -865,7 +911,8 @@ class ShardedEmbedding:
         self.load_state_dict({"step": step, "weight": emb.weight, "optimizer": state})
 
     def shard_info(self) -> List[Dict[str, Any]]:
-        """Per shard: process id, step, the step it restored a checkpoint at (None if never).
+        """Per shard: process id, step, the step it restored a checkpoint at (None if never), the
+        CPUs it is pinned to (None: not pinned).
 
         Examples
         --------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -51,8 +51,11 @@ class Shard:
 
     def __init__(self, shard_id: int, num_shards: int, num_embeddings: int, embedding_dim: int, optimizer: str,
                  optimizer_options: Dict[str, Any], padding_idx: Optional[int], dtype: str, seed: int, init: str,
-                 checkpoint_dir: Optional[str], checkpoint_every: Optional[int]) -> None:
+                 checkpoint_dir: Optional[str], checkpoint_every: Optional[int],
+                 cpus: Any = None) -> None:
         _numpy_only_channels()
+        # pinned first: every thread this process starts later (Ray's graph threads) inherits it
+        self.cpus = None if cpus is None else pin_process(shard_cpus(cpus, shard_id, num_shards))
         self.shard_id, self.num_shards = shard_id, num_shards
         self.num_embeddings = num_embeddings
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
@@ -120,9 +123,11 @@ class Shard:
         return self.step
 
     def info(self) -> Dict[str, Any]:
-        """Process id, step, and the step a checkpoint was restored at (None: built from the seed)."""
+        """Process id, step, the step a checkpoint was restored at (None: built from the seed), the
+        CPUs the process is pinned to (None: not pinned)."""
         return {"pid": os.getpid(), "step": self.step, "restored_from": self.restored_from,
-                "shard_id": self.shard_id, "rows": self.rows, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+                "shard_id": self.shard_id, "rows": self.rows, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+                "cpus": self.cpus}
 
     def state(self) -> Tuple[int, np.ndarray, Dict[str, Any]]:
         """``(step, weight, optimizer state entry)`` (copies; the entry is empty before the first
@@ -158,6 +163,41 @@ class Shard:
             raise ValueError("this shard has no checkpoint_dir")
         save_checkpoint(self.checkpoint_dir, {"rows": self.emb}, self.opt,
                         extra={"step": self.step, "shard": [self.shard_id, self.num_shards]})
+
+
+def shard_cpus(cpus: Any, shard_id: int, num_shards: int) -> List[int]:
+    """The CPUs shard ``shard_id`` asks for: ``cpus`` itself (a sequence of CPU numbers), or for
+    ``"spread"`` its share of the CPUs this process may use — every ``num_shards``-th one from its
+    own position, or one CPU (shard ``shard_id`` modulo their count) when there are fewer CPUs than
+    shards — so that the shards on one node run on different cores."""
+    if isinstance(cpus, str):
+        allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        if not allowed:
+            return []
+        if len(allowed) >= num_shards:
+            return allowed[shard_id::num_shards]
+        return [allowed[shard_id % len(allowed)]]
+    return [int(c) for c in cpus]
+
+
+def pin_process(cpus: Sequence[int]) -> List[int]:
+    """Restrict every thread of this process to ``cpus`` (those of them this process may use; all
+    it may use when none is): the threads started later inherit it from the thread that starts
+    them. Returns the CPUs used; ``[]`` where the system cannot pin (not Linux)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return []
+    allowed = os.sched_getaffinity(0)
+    wanted = {int(c) for c in cpus} & allowed or allowed
+    try:
+        threads = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        threads = [0]
+    for tid in threads:
+        try:
+            os.sched_setaffinity(tid, wanted)
+        except OSError:    # a thread that just ended
+            pass
+    return sorted(wanted)
 
 
 def _numpy_only_channels() -> None:

@@ -59,26 +59,65 @@ def test_skipgram_both_tables_bitwise_equal_to_one_process(ray_local, shards, op
         sharded.close()
 
 
-CASES = [  # (shards, optimizer, options, dtype, padding_idx, compiled_graph)
-    (1, "sgd", {"lr": 0.5, "momentum": 0.0}, np.float64, None, True),
-    (2, "rowwise_adagrad", {"lr": 0.3, "weight_decay": 0.01}, np.float32, 4, True),
-    (3, "sparseadam", {"lr": 0.05}, np.float32, -1, True),
-    (2, "sparseadam", {"lr": 0.05, "bias_correction": "row"}, np.float32, None, True),
+CASES = [  # (shards, optimizer, options, dtype, padding_idx, compiled_graph, shard_cpus)
+    (1, "sgd", {"lr": 0.5, "momentum": 0.0}, np.float64, None, True, None),
+    (2, "rowwise_adagrad", {"lr": 0.3, "weight_decay": 0.01}, np.float32, 4, True, None),
+    (3, "sparseadam", {"lr": 0.05}, np.float32, -1, True, None),
+    (2, "sparseadam", {"lr": 0.05, "bias_correction": "row"}, np.float32, None, True, None),
     # the actor-call transport (the fallback when no compiled graph runs)
-    (3, "sparseadam", {"lr": 0.05}, np.float32, -1, False),
-    (1, "sgd", {"lr": 0.5, "momentum": 0.0}, np.float64, None, False),
+    (3, "sparseadam", {"lr": 0.05}, np.float32, -1, False, None),
+    (1, "sgd", {"lr": 0.5, "momentum": 0.0}, np.float64, None, False, None),
+    # shards pinned to cores
+    (3, "sparseadam", {"lr": 0.05}, np.float32, None, True, "spread"),
+    (2, "adagrad", {"lr": 0.1}, np.float32, None, True, [[1], [0, 1]]),
 ]
 
 
-@pytest.mark.parametrize("shards,optimizer,options,dtype,padding_idx,compiled", CASES)
-def test_one_table_each_optimizer(ray_local, shards, optimizer, options, dtype, padding_idx, compiled):
+def pinned_cpus(pid):
+    """The CPUs each thread of process ``pid`` may run on: a set of frozensets (one per distinct mask)."""
+    import os
+
+    def parse(text):   # the kernel's list format: "0-2,5"
+        out = set()
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            out |= set(range(int(lo), int(hi or lo) + 1))
+        return frozenset(out)
+
+    masks = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                line = next(x for x in f if x.startswith("Cpus_allowed_list"))
+        except (OSError, StopIteration):
+            continue      # a thread that just ended
+        masks.add(parse(line.split()[1]))
+    return masks
+
+
+@pytest.mark.parametrize("shards,optimizer,options,dtype,padding_idx,compiled,cpus", CASES)
+def test_one_table_each_optimizer(ray_local, shards, optimizer, options, dtype, padding_idx, compiled, cpus):
     """Fused and unfused steps, gradient accumulation over two backwards, per-sample weights,
     padding_idx, float64: every path the client offers lands on the same bits as one process,
-    through the compiled graph and through actor calls."""
+    through the compiled graph and through actor calls, with shards pinned to cores or not."""
+    import os
+
     V, D = 37, 5
     table = ShardedEmbedding(V, D, shards, optimizer, options, padding_idx=padding_idx, dtype=dtype, seed=11,
-                             compiled_graph=compiled)
+                             compiled_graph=compiled, shard_cpus=cpus)
     assert table.transport == ("compiled graph" if compiled else "actor calls"), table.graph_error
+    allowed = sorted(os.sched_getaffinity(0))
+    for info in table.shard_info():
+        k = info["shard_id"]
+        if cpus is None:
+            want = None
+        elif cpus == "spread":
+            want = allowed[k::shards] if len(allowed) >= shards else [allowed[k % len(allowed)]]
+        else:
+            want = sorted(set(cpus[k]) & set(allowed)) or allowed
+        assert info["cpus"] == want
+        if want is not None:    # every thread of the shard's process, also those Ray started later
+            assert pinned_cpus(info["pid"]) == {frozenset(want)}
     emb, opt = single_process(V, D, optimizer, options, 11, padding_idx=None if padding_idx is None
                               else padding_idx % V, dtype=dtype)
     rng = np.random.default_rng(3)
@@ -205,6 +244,9 @@ def test_bad_arguments_refused_before_any_actor(ray_local):
         ShardedEmbedding(10, 4, 2, ray_options=[{}])
     with pytest.raises(TypeError, match="compiled_graph"):
         ShardedEmbedding(10, 4, 2, compiled_graph="yes")
+    for bad in ("everywhere", [[0]], [[0], []], [[0], [-1]], [[0], [1.5]], [0, 1], [[0], "1"]):
+        with pytest.raises(ValueError, match="shard_cpus"):
+            ShardedEmbedding(10, 4, 2, shard_cpus=bad)
 
 
 def test_state_dict_round_trip_across_shard_counts(ray_local, tmp_path):

@@ -96,7 +96,7 @@ def test_public_callables_of_distributed_have_examples():
     assert not missing, missing
 
 
-@pytest.mark.parametrize("V,S", [(1, 1), (10, 1), (10, 3), (11, 2), (997, 7)])
+@pytest.mark.parametrize("V,S", [(1, 1), (10, 1), (10, 3), (11, 2), (997, 7), (1001, 4), (64, 8)])
 def test_keys_group_rows_by_shard(V, S):
     """The client's row numbering: a bijection of [0, V) that sorts rows by (shard, local row)."""
     from cembed.distributed._client import key_rows, row_keys, per_shard_rows
@@ -104,18 +104,101 @@ def test_keys_group_rows_by_shard(V, S):
     stride = per_shard_rows(V, S)[0]
     rows = np.arange(V)
     keys = row_keys(rows, S, stride)
+    for dtype in (np.int32, np.uint32, np.uint64):     # any integer dtype the client accepts
+        assert np.array_equal(row_keys(rows.astype(dtype), S, stride), keys)
     assert np.array_equal(key_rows(keys, S, stride), rows)
     assert np.unique(keys).size == V and keys.min() >= 0 and keys.max() < S * stride
     by_key = rows[np.argsort(keys)]
     assert np.array_equal(by_key, np.array(sorted(rows, key=lambda r: (r % S, r // S))))
 
 
-def test_dedupe_matches_numpy_unique():
-    from cembed.distributed._client import _dedupe, _inverse
+def test_inverse_matches_numpy_unique():
+    """The lookup's grouping (cembed's radix sort) gives numpy.unique's distinct keys and inverse."""
+    from cembed import functional as F
+    from cembed.distributed._client import _inverse
 
     rng = np.random.default_rng(0)
     for n in (0, 1, 2, 50, 4000):
         keys = rng.integers(0, 60, n).astype(np.int64)
-        uniq, order, first = _dedupe(keys)
+        order, uniq, starts = F.group_rows(keys, 60)
         ref_uniq, ref_inverse = np.unique(keys, return_inverse=True)
-        assert np.array_equal(uniq, ref_uniq) and np.array_equal(_inverse(order, first), ref_inverse)
+        assert np.array_equal(uniq, ref_uniq) and np.array_equal(_inverse(order, starts), ref_inverse)
+        # a stable argsort: equal keys keep input order (the order the backward sums them in)
+        assert np.array_equal(order, np.argsort(keys, kind="stable"))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("pad", [None, 7])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sum_over_the_lookups_grouping_is_embedding_backward(threads, pad, dtype):
+    """The client's backward sums grad_output over the grouping its lookup made (one sort per step):
+    bitwise the sparse gradient of embedding_backward, which sorts the keys itself — for any thread
+    count, with and without a padding key, on Zipf keys (long runs of one row) and on all-distinct keys."""
+    from cembed import functional as F
+
+    rng = np.random.default_rng(threads)
+    n_keys = 3000
+    zipf = ((rng.zipf(1.1, 20000) - 1) % n_keys).astype(np.int64)
+    for keys in (zipf, rng.permutation(n_keys)[:1000], zipf[:1].copy(), zipf[:0].copy()):
+        keys = keys.reshape(-1, 4) if keys.size % 4 == 0 and keys.size else keys
+        grad = rng.standard_normal(keys.shape + (5,)).astype(dtype)
+        groups = F.group_rows(keys, n_keys)
+        old = cembed.set_num_threads(threads)
+        try:
+            got = F.lookup_contributions(grad, keys.shape, keys.reshape(-1), padding_idx=pad, groups=groups,
+                                         dim=5, dtype=np.dtype(dtype)).sparse(n_keys)
+            want = F.embedding_backward(grad, keys, n_keys, padding_idx=pad, sparse=True)
+        finally:
+            cembed.set_num_threads(old)
+        assert got.indices.tobytes() == want.indices.tobytes()
+        assert got.values.dtype == want.values.dtype and got.values.tobytes() == want.values.tobytes()
+        if pad is not None:
+            assert pad not in got.indices
+
+
+def test_spread_gives_each_shard_its_own_cpus():
+    """shard_cpus="spread": the shards of one node split the CPUs the process may use (each CPU to one
+    shard when there are at least as many CPUs as shards, else shards share them round-robin)."""
+    import os
+
+    from cembed.distributed._shard import shard_cpus
+
+    allowed = sorted(os.sched_getaffinity(0))
+    for S in (1, 2, 3, len(allowed), len(allowed) + 1):
+        got = [shard_cpus("spread", k, S) for k in range(S)]
+        assert all(got) and all(set(g) <= set(allowed) for g in got)
+        if S <= len(allowed):
+            assert sorted(c for g in got for c in g) == allowed        # a partition
+        else:
+            assert all(len(g) == 1 for g in got) and {g[0] for g in got} == set(allowed)
+    assert shard_cpus([3, 1], 0, 2) == [3, 1]
+
+
+def test_pin_process_pins_every_thread(tmp_path):
+    """In a child process (pinning is for the whole process): a thread started before and one
+    started after the call both end up on the CPU asked for; a CPU the process may not use is left out."""
+    import os
+
+    cpu = min(os.sched_getaffinity(0))
+    here = str(pathlib.Path(cembed.__file__).resolve().parents[1])
+    code = ("import os, threading, time\n"
+            "from cembed.distributed._shard import pin_process\n"
+            "ev = threading.Event()\n"
+            "before = threading.Thread(target=ev.wait); before.start()\n"
+            f"assert pin_process([{cpu}, 10 ** 6]) == [{cpu}]\n"
+            "seen = []\n"
+            "after = threading.Thread(target=lambda: seen.append(os.sched_getaffinity(0))); after.start(); after.join()\n"
+            f"assert seen == [{{{cpu}}}], seen\n"
+            f"assert os.sched_getaffinity(before.native_id) == {{{cpu}}}\n"
+            "ev.set(); before.join()\n")
+    env = dict(os.environ, PYTHONPATH=here + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("bad", ["everywhere", [[0]], [[0], []], [[0], [-1]], [[0], [1.5]], [0, 1], [[0], "1"]])
+def test_bad_shard_cpus_refused_before_ray(bad):
+    from cembed.distributed import ShardedEmbedding
+
+    with pytest.raises(ValueError, match="shard_cpus"):
+        ShardedEmbedding(10, 4, 2, shard_cpus=bad)
