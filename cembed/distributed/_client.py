@@ -16,6 +16,9 @@ from ._init import INITS, check_seed
 from ._ray import require_ray
 from ._shard import OPTIMIZERS, Shard, local_rows, make_optimizer
 
+#: SGD momentum's state entry listing the rows whose buffer is live (row ids, not one value per row)
+ROW_LIST_KEY = "active_rows"
+
 __all__ = ["ShardedEmbedding", "ShardLostError"]
 
 #: checkpoint_every when a checkpoint_dir is given without it.
@@ -148,7 +151,12 @@ class ShardedEmbedding:
         Its keyword arguments (``lr``, ``betas``, ...), checked here before any actor starts.
     padding_idx : int, optional
         A row that starts at zero and never receives a gradient (negative: counted from the end).
-    dtype : float32 or float64
+    dtype : float32, float64, float16 or bfloat16
+        The rows' storage dtype. A 16-bit table looks up and takes gradients in float32
+        (``compute_dtype``); its shards' optimizers round stochastically as the one-process table
+        does (the ``rounding`` / ``seed`` / ``state_dtype`` options pass through
+        ``optimizer_options``; each shard sets ``rounding_rows`` to its place in the table), so the
+        training is bitwise that of one process on every dtype.
     seed : int, optional
         Defines every row's initial values (:func:`initial_rows`); None draws one (see ``.seed``).
     checkpoint_dir : str, optional
@@ -219,10 +227,14 @@ class ShardedEmbedding:
             raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
         self.optimizer = optimizer
         self.optimizer_options = dict(optimizer_options or {})
-        self.dtype = np.dtype(dtype)
-        if self.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
-            raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
-        probe = Embedding(1, self.embedding_dim, sparse=True, dtype=self.dtype, seed=0)
+        # the table's dtype, checked (and "bfloat16" resolved) by the public constructor; lookups and
+        # gradients are of its compute dtype (float32 for a 16-bit table)
+        probe = Embedding(1, self.embedding_dim, sparse=True, dtype=dtype, seed=0)
+        self.dtype = probe.weight.dtype
+        self.compute_dtype = probe(np.zeros(1, dtype=np.int64)).dtype
+        if "rounding_rows" in self.optimizer_options:
+            raise ValueError("optimizer_options: rounding_rows is set by the table (shard k of S rounds its rows "
+                             "as rows k, k + S, ... of the whole table)")
         make_optimizer(optimizer, probe, dict(self.optimizer_options))   # bad options raise here
         if padding_idx is not None:
             p = _check_int(padding_idx, "padding_idx", -self.num_embeddings)
@@ -258,7 +270,7 @@ class ShardedEmbedding:
         for k in range(self.num_shards):
             self._actors.append(remote.options(**per_shard[k]).remote(
                 k, self.num_shards, self.num_embeddings, self.embedding_dim, optimizer, self.optimizer_options,
-                self.padding_idx, self.dtype.str, self.seed, init, self._shard_dir(k), self.checkpoint_every,
+                self.padding_idx, self.dtype.name, self.seed, init, self._shard_dir(k), self.checkpoint_every,
                 cpus[k]))
         self._steps = [0] * self.num_shards             # the step each shard is at
         self._log: List[Dict[int, Tuple[np.ndarray, np.ndarray]]] = [{} for _ in range(self.num_shards)]
@@ -490,7 +502,7 @@ class ShardedEmbedding:
             del got
         self._saved = (shape, keys, groups)
         if uniq.size == 0:
-            return np.empty(shape + (self.embedding_dim,), dtype=self.dtype)
+            return np.empty(shape + (self.embedding_dim,), dtype=self.compute_dtype)
         self.bytes_received += sum(p.nbytes for p in parts)
         self._message_bytes = max(self._message_bytes, max(p.nbytes for p in parts))
         # the shards' answers, in shard order, are the distinct rows in key order: entry i of the
@@ -511,7 +523,8 @@ class ShardedEmbedding:
         Parameters
         ----------
         grad_output : numpy.ndarray
-            Of the table's dtype: ``(*indices.shape, D)``, or with ``per_sample_weights``
+            Of ``compute_dtype`` (the lookups' dtype: float32 for a 16-bit table, which also takes its
+            own 16-bit dtype): ``(*indices.shape, D)``, or with ``per_sample_weights``
             ``indices.shape[:-1] + (D,)`` (:func:`cembed.functional.embedding_backward`).
         indices : array_like of int, optional
             Default: those of the last forward.
@@ -532,9 +545,11 @@ class ShardedEmbedding:
         >>> table.backward(np.ones_like(out), step=True)        # doctest: +SKIP
         """
         self._check_usable()
-        if not isinstance(grad_output, np.ndarray) or grad_output.dtype != self.dtype:
+        if not isinstance(grad_output, np.ndarray) or grad_output.dtype not in (self.compute_dtype, self.dtype):
             got = grad_output.dtype if isinstance(grad_output, np.ndarray) else type(grad_output).__name__
-            raise TypeError(f"grad_output must be a NumPy array of the table's dtype {self.dtype}, got {got}")
+            also = "" if self.dtype == self.compute_dtype else f" (or the table's own {self.dtype})"
+            raise TypeError(f"grad_output must be a NumPy array of the lookups' dtype {self.compute_dtype}{also}, "
+                            f"got {got}")
         if step and self._kgrad is not None:
             raise ValueError("backward(step=True) with a .grad present: call step() or zero_grad() first")
         if indices is None:
@@ -551,7 +566,8 @@ class ShardedEmbedding:
         grad: Any
         if groups is not None and per_sample_weights is None:
             grad = F.lookup_contributions(grad_output, shape, keys, padding_idx=self._pad_key,
-                                          dim=self.embedding_dim, dtype=self.dtype, groups=groups).sparse(num_keys)
+                                          dim=self.embedding_dim, dtype=self.compute_dtype, table_dtype=self.dtype,
+                                          groups=groups).sparse(num_keys)
         else:
             grad = F.embedding_backward(grad_output, keys.reshape(shape), num_keys, padding_idx=self._pad_key,
                                         sparse=True, per_sample_weights=per_sample_weights)
@@ -586,9 +602,9 @@ class ShardedEmbedding:
             self._kgrad = None
             return
         if not isinstance(value, SparseGrad) or value.shape != (self.num_embeddings, self.embedding_dim) \
-                or value.values.dtype != self.dtype:
+                or value.values.dtype != self.compute_dtype:
             raise TypeError(f"grad must be None or a SparseGrad of shape ({self.num_embeddings}, "
-                            f"{self.embedding_dim}) and dtype {self.dtype}")
+                            f"{self.embedding_dim}) and dtype {self.compute_dtype}")
         keys = self._keys(value.indices)
         order = np.argsort(keys, kind="stable")
         self._kgrad = SparseGrad(keys[order], value.values[order], int(self._starts[-1]))
@@ -818,11 +834,14 @@ class ShardedEmbedding:
                              retry=lambda k: self._actors[k].state.remote(), what="state_dict")
         weight = np.empty((self.num_embeddings, self.embedding_dim), dtype=self.dtype)
         state: Dict[str, Any] = {}
+        live: List[Optional[np.ndarray]] = []   # SGD momentum's live rows, per shard (local ids; None: all)
         for k in range(S):
             _, w, entry = got[k]
             weight[k::S] = w
             for key, value in entry.items():
-                if isinstance(value, np.ndarray) and value.ndim >= 1 and value.shape[0] == w.shape[0]:
+                if key == ROW_LIST_KEY:
+                    live.append(None if value is None else np.asarray(value, dtype=np.int64) * S + k)
+                elif isinstance(value, np.ndarray) and value.ndim >= 1 and value.shape[0] == w.shape[0]:
                     if key not in state:
                         state[key] = np.empty((self.num_embeddings,) + value.shape[1:], dtype=value.dtype)
                     state[key][k::S] = value
@@ -830,6 +849,10 @@ class ShardedEmbedding:
                     state[key] = value
                 elif state[key] != value:
                     raise RuntimeError(f"shards disagree on optimizer state {key!r}: {state[key]!r} vs {value!r}")
+        if live:   # global row ids, ascending (None when every shard has every row live)
+            state[ROW_LIST_KEY] = None if len(live) == S and all(rows is None for rows in live) else np.sort(np.concatenate(
+                [np.arange(k, self.num_embeddings, S, dtype=np.int64) if rows is None else rows
+                 for k, rows in enumerate(live)]))
         return {"step": self.step_count, "weight": weight, "optimizer": state}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -855,7 +878,10 @@ class ShardedEmbedding:
         for k in range(S):
             entry = {}
             for key, value in state_dict["optimizer"].items():
-                if isinstance(value, np.ndarray) and value.ndim >= 1 and value.shape[0] == self.num_embeddings:
+                if key == ROW_LIST_KEY and value is not None:   # global row ids -> this shard's local ones
+                    rows = np.asarray(value)
+                    entry[key] = rows[rows % S == k] // S if rows.dtype.kind in "iu" else rows   # else: refused there
+                elif isinstance(value, np.ndarray) and value.ndim >= 1 and value.shape[0] == self.num_embeddings:
                     entry[key] = np.ascontiguousarray(value[k::S])
                 else:
                     entry[key] = value

@@ -53,7 +53,8 @@ def initial_rows(seed: int, rows: Any, dim: int, dtype: Any = np.float32, init: 
         Global row ids (>= 0), any order, repeats allowed.
     dim : int
         Width of the table (part of the counter: a row's values depend on it).
-    dtype : float32 or float64
+    dtype : float32, float64, float16 or bfloat16
+        A 16-bit table gets the float32 values rounded to nearest (ties to even).
     init : {"uniform", "zeros"}
 
     Returns
@@ -72,9 +73,14 @@ def initial_rows(seed: int, rows: Any, dim: int, dtype: Any = np.float32, init: 
     True
     """
     seed = check_seed(seed)
-    dtype = np.dtype(dtype)
-    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise TypeError(f"initial_rows: dtype must be float32 or float64, got {dtype}")
+    from ..modules import Embedding   # the public constructor resolves "bfloat16" (ml_dtypes) and checks the dtype
+    try:
+        table_dtype = Embedding(1, 1, dtype=dtype, seed=0).weight.dtype
+    except TypeError:
+        raise TypeError(f"initial_rows: dtype must be float32, float64, float16 or bfloat16, got {dtype!r}") from None
+    if table_dtype.itemsize == 2:   # 16-bit: the float32 values, rounded to nearest
+        return initial_rows(seed, rows, dim, np.float32, init).astype(table_dtype)
+    dtype = table_dtype
     if init not in INITS:
         raise ValueError(f"initial_rows: init must be one of {INITS}, got {init!r}")
     if isinstance(dim, (bool, np.bool_)) or not isinstance(dim, (int, np.integer)) or dim < 0:

@@ -61,15 +61,18 @@ class Shard:
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
         self.rows = local_rows(shard_id, num_shards, num_embeddings)
         restore = checkpoint_dir is not None and _has_checkpoint(checkpoint_dir)
+        table_dtype = Embedding(1, 1, dtype=dtype, seed=0).weight.dtype   # the name resolved ("bfloat16")
         if restore:   # restarted by Ray: the values come from the checkpoint
-            weight = np.zeros((self.rows, embedding_dim), dtype=dtype)
+            weight = np.zeros((self.rows, embedding_dim), dtype=table_dtype)
         else:
             global_rows = np.arange(shard_id, num_embeddings, num_shards, dtype=np.int64)
-            weight = initial_rows(seed, global_rows, embedding_dim, dtype, init)
+            weight = initial_rows(seed, global_rows, embedding_dim, table_dtype, init)
             if padding_idx is not None and padding_idx % num_shards == shard_id:
                 weight[padding_idx // num_shards] = 0
         self.emb = Embedding.from_pretrained(weight, freeze=False, sparse=True)
-        self.opt = make_optimizer(optimizer, self.emb, dict(optimizer_options))
+        # a 16-bit table's rows round stochastically with the random bits of their global rows
+        # (rounding_rows: local row i is global row shard_id + num_shards * i), as one process does
+        self.opt = make_optimizer(optimizer, self.emb, dict(optimizer_options, rounding_rows=(shard_id, num_shards)))
         self.step = 0
         self.restored_from: Optional[int] = None
         if restore:

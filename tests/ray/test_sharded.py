@@ -1,6 +1,7 @@
 """ShardedEmbedding against one process: bitwise the same weights and optimizer state after N steps,
 for 1, 2 and 3 shards, for both tables of the skip-gram model and for a single table under each
 optimizer; the API's checks. Runs only inside tests/ray/run.sh (see conftest.py)."""
+import ml_dtypes   # noqa: F401  (the test extra has it; registers numpy's "bfloat16")
 import numpy as np
 import pytest
 
@@ -70,6 +71,10 @@ CASES = [  # (shards, optimizer, options, dtype, padding_idx, compiled_graph, sh
     # shards pinned to cores
     (3, "sparseadam", {"lr": 0.05}, np.float32, None, True, "spread"),
     (2, "adagrad", {"lr": 0.1}, np.float32, None, True, [[1], [0, 1]]),
+    # 16-bit tables (and state), stochastic rounding keyed by the global row: the shards round as one process
+    (3, "sparseadam", {"lr": 0.05, "state_dtype": "bfloat16", "seed": 9}, "bfloat16", -1, True, None),
+    (2, "rowwise_adagrad", {"lr": 0.3, "weight_decay": 0.01}, np.float16, 4, True, None),
+    (2, "sgd", {"lr": 0.5, "momentum": 0.9, "rounding": "nearest"}, "bfloat16", None, False, None),
 ]
 
 
@@ -103,6 +108,9 @@ def test_one_table_each_optimizer(ray_local, shards, optimizer, options, dtype, 
     import os
 
     V, D = 37, 5
+    dtype = np.dtype(dtype)
+    half = dtype.itemsize == 2
+    compute = np.dtype(np.float32) if half else dtype     # lookups and gradients
     table = ShardedEmbedding(V, D, shards, optimizer, options, padding_idx=padding_idx, dtype=dtype, seed=11,
                              compiled_graph=compiled, shard_cpus=cpus)
     assert table.transport == ("compiled graph" if compiled else "actor calls"), table.graph_error
@@ -129,7 +137,8 @@ def test_one_table_each_optimizer(ray_local, shards, optimizer, options, dtype, 
                 idx = rng.choice(np.arange(0, V, shards), size=(7, 3))
             out, ref = table(idx), emb(idx)
             assert out.flags.writeable and out.shape == (7, 3, D) and out.tobytes() == ref.tobytes()
-            grad = rng.standard_normal(out.shape).astype(dtype)
+            # a 16-bit table also takes its gradient in its own dtype: the fused steps do that
+            grad = rng.standard_normal(out.shape).astype(dtype if half and it % 3 == 0 else compute)
             if it % 3 == 0:      # fused
                 sent, received = table.bytes_sent, table.bytes_received
                 table.backward(grad, step=True)
@@ -138,14 +147,14 @@ def test_one_table_each_optimizer(ray_local, shards, optimizer, options, dtype, 
                 # out, their rows back; at the step ids + summed gradient rows of the distinct rows except padding
                 distinct = np.unique(idx)
                 with_grad = distinct.size - int(padding_idx is not None and padding_idx % V in distinct)
-                item = np.dtype(dtype).itemsize
+                item = compute.itemsize
                 assert table.bytes_received - received == 0
                 assert table.bytes_sent - sent == with_grad * (4 + item * D)
                 if it == 0:   # the lookups so far: all V rows, then this batch's distinct rows
                     assert received == (V + distinct.size) * item * D and sent == (V + distinct.size) * 4
             elif it % 3 == 1:    # two backwards, then one step
                 idx2 = zipf_batch(rng, V, 9)
-                grad2 = rng.standard_normal((9, D)).astype(dtype)
+                grad2 = rng.standard_normal((9, D)).astype(compute)
                 table.backward(grad)
                 table.backward(grad2, idx2)
                 emb.backward(grad)
@@ -158,8 +167,8 @@ def test_one_table_each_optimizer(ray_local, shards, optimizer, options, dtype, 
                 opt.step()
                 opt.zero_grad()
             else:                # per-sample weights (weighted sum over the last axis)
-                psw = rng.standard_normal(idx.shape).astype(dtype)
-                g = rng.standard_normal((7, D)).astype(dtype)
+                psw = rng.standard_normal(idx.shape).astype(compute)
+                g = rng.standard_normal((7, D)).astype(compute)
                 table.backward(g, idx, per_sample_weights=psw, step=True)
                 emb.backward(g, idx, per_sample_weights=psw, optimizer=opt)
         assert table.step_count == 6
@@ -247,14 +256,24 @@ def test_bad_arguments_refused_before_any_actor(ray_local):
     for bad in ("everywhere", [[0]], [[0], []], [[0], [-1]], [[0], [1.5]], [0, 1], [[0], "1"]):
         with pytest.raises(ValueError, match="shard_cpus"):
             ShardedEmbedding(10, 4, 2, shard_cpus=bad)
+    with pytest.raises(TypeError):
+        ShardedEmbedding(10, 4, 2, dtype=np.int16)
+    with pytest.raises(ValueError, match="rounding_rows"):   # set by the table: shard k rounds as rows k::S
+        ShardedEmbedding(10, 4, 2, "sgd", {"lr": 0.1, "rounding_rows": (0, 1)}, dtype="bfloat16")
+    with pytest.raises(ValueError, match="state_dtype"):     # 16-bit state needs a 16-bit table
+        ShardedEmbedding(10, 4, 2, "sparseadam", {"state_dtype": "bfloat16"})
 
 
-def test_state_dict_round_trip_across_shard_counts(ray_local, tmp_path):
+@pytest.mark.parametrize("optimizer,opts,dtype,state_key", [
+    ("sparseadam", {"lr": 0.02}, np.float32, "exp_avg"),
+    # a bfloat16 table with SGD momentum: the live-row list is reassembled in global rows and split again
+    ("sgd", {"lr": 0.1, "momentum": 0.9, "state_dtype": "bfloat16"}, "bfloat16", "momentum_buffer")])
+def test_state_dict_round_trip_across_shard_counts(ray_local, tmp_path, optimizer, opts, dtype, state_key):
     """save_checkpoint with 3 shards, load_checkpoint into 2: training continues bitwise as one process."""
-    V, D, opts = 29, 4, {"lr": 0.02}
-    three = ShardedEmbedding(V, D, 3, "sparseadam", opts, seed=2)
-    two = ShardedEmbedding(V, D, 2, "sparseadam", opts, seed=99)
-    emb, opt = single_process(V, D, "sparseadam", opts, 2)
+    V, D = 29, 4
+    three = ShardedEmbedding(V, D, 3, optimizer, opts, seed=2, dtype=dtype)
+    two = ShardedEmbedding(V, D, 2, optimizer, opts, seed=99, dtype=dtype)
+    emb, opt = single_process(V, D, optimizer, opts, 2, dtype=dtype)
     rng = np.random.default_rng(0)
     try:
         for _ in range(3):
@@ -265,10 +284,10 @@ def test_state_dict_round_trip_across_shard_counts(ray_local, tmp_path):
             emb.backward(grad, idx, optimizer=opt)
         three.save_checkpoint(str(tmp_path / "table"))
         # a cembed checkpoint of one table named "table": it loads into one process as well
-        emb_copy, opt_copy = single_process(V, D, "sparseadam", opts, 0)
+        emb_copy, opt_copy = single_process(V, D, optimizer, opts, 0, dtype=dtype)
         extra = cembed.load_checkpoint(str(tmp_path / "table"), {"table": emb_copy}, opt_copy)
         assert extra["step"] == 3 and emb_copy.weight.tobytes() == emb.weight.tobytes()
-        assert opt_copy.state[emb_copy]["exp_avg"].tobytes() == opt.state[emb]["exp_avg"].tobytes()
+        assert opt_copy.state[emb_copy][state_key].tobytes() == opt.state[emb][state_key].tobytes()
         two.load_checkpoint(str(tmp_path / "table"))
         assert two.step_count == 3
         idx = zipf_batch(rng, V, 10)

@@ -52,6 +52,18 @@ def test_initial_rows_match_a_plain_python_reference(dtype, bits):
     assert np.array_equal(initial_rows(seed, rows, dim, dtype, "zeros"), np.zeros((4, dim), dtype))
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", np.float16])
+def test_initial_rows_of_a_16_bit_table_are_the_float32_ones_rounded(dtype):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    want_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    f32 = initial_rows(4, np.arange(50), 12)
+    got = initial_rows(4, np.arange(50), 12, dtype)
+    assert got.dtype == want_dtype and got.tobytes() == f32.astype(want_dtype).tobytes()
+    assert not initial_rows(4, [1, 2], 3, dtype, "zeros").any()
+    with pytest.raises(TypeError, match="dtype"):
+        initial_rows(4, [1], 3, np.int32)
+
+
 def test_initial_rows_do_not_depend_on_the_split():
     table = initial_rows(9, np.arange(1000), 16)
     for shards in (2, 3, 7):
