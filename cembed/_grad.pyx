@@ -233,6 +233,30 @@ def segment_sum(const grad_rows_t[:, ::1] values,  # IN  (n_values, dim) gradien
                          src_ptr, scale_ptr, inv_count, scale_grad_by_freq, out_row)
 
 
+def permute_sources(const int64_t[::1] order,     # IN  (n,) entry positions in sorted order
+                    const int64_t[::1] src,       # IN  (n_entries,) value row of each entry, or empty
+                    const floating[::1] scale,    # IN  (n_entries,) factor of each entry, or empty
+                    int64_t[::1] src_out,         # OUT (n,) src[order[k]], or empty
+                    floating[::1] scale_out,      # OUT (n,) scale[order[k]], or empty
+                    int n_threads):
+    """src_out[k] = src[order[k]] and scale_out[k] = scale[order[k]] in one parallel pass over order:
+    the per-entry sources in sorted order, so the segment kernels then read them sequentially."""
+    cdef Py_ssize_t n = order.shape[0]
+    cdef Py_ssize_t k
+    cdef bint with_src = src_out.shape[0] > 0, with_scale = scale_out.shape[0] > 0
+    if (with_src and (src_out.shape[0] != n or src.shape[0] == 0)) or \
+            (with_scale and (scale_out.shape[0] != n or scale.shape[0] == 0)):
+        raise ValueError("permute_sources: outputs must have the length of order, inputs present")
+    if n == 0:
+        return
+    with nogil:
+        for k in prange(n, schedule="static", num_threads=n_threads):
+            if with_src:
+                src_out[k] = src[order[k]]
+            if with_scale:
+                scale_out[k] = scale[order[k]]
+
+
 def zero_fill(floating[:, ::1] out, int n_threads):
     """out[:] = 0 in parallel row blocks, so a fresh allocation is first touched by every thread."""
     cdef Py_ssize_t n_rows = out.shape[0]

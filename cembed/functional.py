@@ -350,9 +350,12 @@ class RowContributions:
         no_scale = np.zeros(0, dtype=self.dtype)
         if self.src is None and self.scale is None:
             return order, _NO_POSITIONS, no_scale
-        src = order if self.src is None else np.take(self.src, order, out=_buffer_cache.empty(order.shape, np.int64))
-        scale = no_scale if self.scale is None else np.take(self.scale, order,
-                                                            out=_buffer_cache.empty(order.shape, self.scale.dtype))
+        src = order if self.src is None else _buffer_cache.empty(order.shape, np.int64)
+        scale = no_scale if self.scale is None else _buffer_cache.empty(order.shape, self.scale.dtype)
+        _grad.permute_sources(order, _NO_POSITIONS if self.src is None else self.src,
+                              no_scale if self.scale is None else self.scale,
+                              _NO_POSITIONS if self.src is None else src, scale,
+                              _sort_threads(order.size))   # a light pass over the entries: as the sort
         return _identity(order.size), src, scale
 
     def _segments(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
