@@ -9,8 +9,9 @@ build of this checkout: the first line printed names the copy measured).
 
 1. Lookup + fused update round trip: ``out = table(idx); table.backward(grad, step=True); table.sync()``
    (the update applied when it returns) with 2 shards — through Ray's compiled graph (the
-   default), through ordinary actor calls (``compiled_graph=False``), and through the graph with
-   each shard pinned to its own core (``shard_cpus="spread"``) — against
+   default transport), through ordinary actor calls (``compiled_graph=False``), both unpinned
+   (``shard_cpus=None``), and through the graph with each shard pinned to its own core
+   (``shard_cpus="spread"``, what the default ``"auto"`` picks on one node) — against
    ``out = emb(idx); emb.backward(grad, optimizer=opt)`` in this process; the same 65,536 Zipf(1.1)
    indices, SparseAdam; interleaved turns (alternating order), medians and minima, and the time of
    each of the three calls of the sharded step. The compiled graph's shards busy-wait for their next
@@ -128,9 +129,10 @@ def main(argv=None):
     t0 = time.perf_counter()
     emb = cembed.Embedding.from_pretrained(initial_rows(1, np.arange(V), D), freeze=False, sparse=True)
     opt = OPTIMIZERS["sparseadam"]([emb], **opts)
-    table = ShardedEmbedding(V, D, S, "sparseadam", opts, seed=1, compiled_graph=True)
+    # shard_cpus=None: unpinned (the default, "auto", pins shards that share one node: the "pinned" table)
+    table = ShardedEmbedding(V, D, S, "sparseadam", opts, seed=1, compiled_graph=True, shard_cpus=None)
     table(np.arange(min(V, 10)))
-    calls = ShardedEmbedding(V, D, S, "sparseadam", opts, seed=1, compiled_graph=False)
+    calls = ShardedEmbedding(V, D, S, "sparseadam", opts, seed=1, compiled_graph=False, shard_cpus=None)
     calls(np.arange(min(V, 10)))
     pinned = ShardedEmbedding(V, D, S, "sparseadam", opts, seed=1, compiled_graph=True, shard_cpus="spread")
     pinned(np.arange(min(V, 10)))
@@ -262,8 +264,11 @@ def main(argv=None):
 
         plain_class = dist.ShardedEmbedding
 
-        def actor_calls(*a, **kw):        # the trainer's tables on actor calls
-            return plain_class(*a, compiled_graph=False, **kw)
+        def actor_calls(*a, **kw):        # the trainer's tables on actor calls (unpinned)
+            return plain_class(*a, compiled_graph=False, shard_cpus=None, **kw)
+
+        def unpinned(*a, **kw):           # the trainer's tables through the graph, unpinned
+            return plain_class(*a, shard_cpus=None, **kw)
 
         def spread(*a, **kw):             # the trainer's tables with pinned shards
             return plain_class(*a, shard_cpus="spread", **kw)
@@ -271,7 +276,7 @@ def main(argv=None):
         results = {}
         for name in ("0", str(S), f"{S}, actor calls", f"{S}, pinned") * 2:
             config = train_mod.TrainConfig(seed=0, shards=int(name.split(",")[0]))
-            dist.ShardedEmbedding = actor_calls if "actor" in name else spread if "pinned" in name else plain_class
+            dist.ShardedEmbedding = actor_calls if "actor" in name else spread if "pinned" in name else unpinned
             try:
                 result = train_mod.train(corpus, config, progress=False)
             finally:

@@ -183,15 +183,15 @@ class ShardedEmbedding:
         Ray cannot compile it, or it breaks (a shard died), the table uses ordinary actor calls,
         and builds the graph again at the next call once every shard is back at the current step.
         False: ordinary actor calls only. ``.transport`` says which is in use.
-    shard_cpus : "spread" or sequence of sequences of int, optional
-        Pin each shard process (all its threads) to CPUs of its node: ``"spread"`` gives shard ``k``
+    shard_cpus : "auto", "spread", None or sequence of sequences of int, default "auto"
+        ``"auto"``: ``"spread"`` when the Ray cluster has one node (every shard shares this machine),
+        else None. Pin each shard process (all its threads) to CPUs of its node: ``"spread"`` gives shard ``k``
         every ``num_shards``-th CPU from position ``k`` of those its process may use (one CPU,
         ``k`` modulo their count, when there are fewer CPUs than shards): for shards that share a
         node, so that two of them never take turns on one core. Or one list of CPU numbers per shard.
         CPUs a shard's process may not use are left out (all it may use if none is left);
         ``shard_info()`` tells what each shard got. Applied again when Ray restarts a shard.
-        Default None: the operating system's placement. Measured on a 2-core machine with two
-        shards, ``"spread"`` took the waited round trip of ``benchmarks/bench_ray.py`` from
+        None: the operating system's placement. Measured on a 2-core machine with two shards, ``"spread"`` took the waited round trip of ``benchmarks/bench_ray.py`` from
         2.4-3.4x to 1.65-2.4x the time of one process (medians; ``docs/distributed.md``).
 
     Examples
@@ -216,7 +216,7 @@ class ShardedEmbedding:
                  dtype: Any = np.float32, seed: Optional[int] = None, checkpoint_dir: Optional[str] = None,
                  checkpoint_every: Optional[int] = None, ray_options: Any = None, *, init: str = "uniform",
                  recovery_timeout: float = 120.0, compiled_graph: bool = True,
-                 shard_cpus: Optional[Sequence[Sequence[int]]] = None) -> None:
+                 shard_cpus: Any = "auto") -> None:
         # ---- every argument is checked before Ray is touched or any actor starts
         self.num_embeddings = _check_int(num_embeddings, "num_embeddings", 1)
         self.embedding_dim = _check_int(embedding_dim, "embedding_dim", 1)
@@ -265,6 +265,9 @@ class ShardedEmbedding:
         self._restartable = [opts["max_restarts"] != 0 for opts in per_shard]
 
         self._ray = require_ray()
+        if shard_cpus == "auto":   # pin the shards apart when they all share this one machine
+            one_node = sum(1 for node in self._ray.nodes() if node.get("Alive")) == 1
+            cpus = ["spread" if one_node else None] * self.num_shards
         remote = self._ray.remote(Shard)
         self._actors = []
         for k in range(self.num_shards):
@@ -321,9 +324,9 @@ class ShardedEmbedding:
 
     def _check_cpus(self, shard_cpus: Any) -> List[Any]:
         """``shard_cpus`` checked, as one entry per shard (None, "spread", or a list of CPU numbers)."""
-        if shard_cpus is None or (isinstance(shard_cpus, str) and shard_cpus == "spread"):
+        if shard_cpus is None or (isinstance(shard_cpus, str) and shard_cpus in ("spread", "auto")):
             return [shard_cpus] * self.num_shards
-        bad = ValueError(f"shard_cpus must be None, 'spread', or {self.num_shards} non-empty sequences of CPU "
+        bad = ValueError(f"shard_cpus must be 'auto', None, 'spread', or {self.num_shards} non-empty sequences of CPU "
                          f"numbers (one per shard), got {shard_cpus!r}")
         if isinstance(shard_cpus, str) or not isinstance(shard_cpus, Sequence) or len(shard_cpus) != self.num_shards:
             raise bad

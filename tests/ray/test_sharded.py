@@ -72,7 +72,8 @@ CASES = [  # (shards, optimizer, options, dtype, padding_idx, compiled_graph, sh
     (3, "sparseadam", {"lr": 0.05}, np.float32, None, True, "spread"),
     (2, "adagrad", {"lr": 0.1}, np.float32, None, True, [[1], [0, 1]]),
     # 16-bit tables (and state), stochastic rounding keyed by the global row: the shards round as one process
-    (3, "sparseadam", {"lr": 0.05, "state_dtype": "bfloat16", "seed": 9}, "bfloat16", -1, True, None),
+    # (and the default shard_cpus, "auto": "spread" on this one-node Ray)
+    (3, "sparseadam", {"lr": 0.05, "state_dtype": "bfloat16", "seed": 9}, "bfloat16", -1, True, "auto"),
     (2, "rowwise_adagrad", {"lr": 0.3, "weight_decay": 0.01}, np.float16, 4, True, None),
     (2, "sgd", {"lr": 0.5, "momentum": 0.9, "rounding": "nearest"}, "bfloat16", None, False, None),
 ]
@@ -119,7 +120,7 @@ def test_one_table_each_optimizer(ray_local, shards, optimizer, options, dtype, 
         k = info["shard_id"]
         if cpus is None:
             want = None
-        elif cpus == "spread":
+        elif cpus in ("spread", "auto"):
             want = allowed[k::shards] if len(allowed) >= shards else [allowed[k % len(allowed)]]
         else:
             want = sorted(set(cpus[k]) & set(allowed)) or allowed
