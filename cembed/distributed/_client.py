@@ -194,6 +194,14 @@ class ShardedEmbedding:
         None: the operating system's placement. Measured on a 2-core machine with two shards, ``"spread"`` took the waited round trip of ``benchmarks/bench_ray.py`` from
         2.4-3.4x to 1.65-2.4x the time of one process (medians; ``docs/distributed.md``).
 
+    storage_dir : str, optional
+        Keep each shard's rows and optimizer state on disk instead of in its memory: shard ``k``
+        holds its rows in ``storage_dir/<run id>/shard-<k>-of-<S>/rows.npy``, a memory-mapped table
+        (:func:`cembed.open_table`), and its per-row optimizer state in ``state/`` beside it (the
+        optimizer's ``state_dir``), so a shard may hold more rows than its machine has RAM
+        (``docs/storage.md``). Same values, same bits. With a ``checkpoint_dir``, a restarted shard
+        rebuilds its files from its checkpoint.
+
     Examples
     --------
     A running Ray is needed (inside the network namespace of ``tests/ray/run.sh``), so this
@@ -216,7 +224,7 @@ class ShardedEmbedding:
                  dtype: Any = np.float32, seed: Optional[int] = None, checkpoint_dir: Optional[str] = None,
                  checkpoint_every: Optional[int] = None, ray_options: Any = None, *, init: str = "uniform",
                  recovery_timeout: float = 120.0, compiled_graph: bool = True,
-                 shard_cpus: Any = "auto") -> None:
+                 shard_cpus: Any = "auto", storage_dir: Optional[str] = None) -> None:
         # ---- every argument is checked before Ray is touched or any actor starts
         self.num_embeddings = _check_int(num_embeddings, "num_embeddings", 1)
         self.embedding_dim = _check_int(embedding_dim, "embedding_dim", 1)
@@ -255,6 +263,7 @@ class ShardedEmbedding:
         self.checkpoint_every = checkpoint_every
         self.run_id = uuid.uuid4().hex[:12]
         self.checkpoint_dir = None if checkpoint_dir is None else os.path.abspath(os.fspath(checkpoint_dir))
+        self.storage_dir = None if storage_dir is None else os.path.abspath(os.fspath(storage_dir))
         if not (isinstance(recovery_timeout, (int, float)) and recovery_timeout > 0):
             raise ValueError(f"recovery_timeout must be a positive number of seconds, got {recovery_timeout!r}")
         self.recovery_timeout = float(recovery_timeout)
@@ -274,7 +283,7 @@ class ShardedEmbedding:
             self._actors.append(remote.options(**per_shard[k]).remote(
                 k, self.num_shards, self.num_embeddings, self.embedding_dim, optimizer, self.optimizer_options,
                 self.padding_idx, self.dtype.name, self.seed, init, self._shard_dir(k), self.checkpoint_every,
-                cpus[k]))
+                cpus[k], self._storage_dir(k)))
         self._steps = [0] * self.num_shards             # the step each shard is at
         self._log: List[Dict[int, Tuple[np.ndarray, np.ndarray]]] = [{} for _ in range(self.num_shards)]
         # the last forward's (shape, keys, grouping of the keys): its backward sums over that grouping
@@ -336,6 +345,11 @@ class ShardedEmbedding:
                 raise bad
             out.append([_check_int(c, "a CPU number in shard_cpus", 0) for c in entry])
         return out
+
+    def _storage_dir(self, k: int) -> Optional[str]:
+        if self.storage_dir is None:
+            return None
+        return os.path.join(self.storage_dir, self.run_id, f"shard-{k}-of-{self.num_shards}")
 
     def _shard_dir(self, k: int) -> Optional[str]:
         if self.checkpoint_dir is None:

@@ -16,6 +16,7 @@ import numpy as np
 from .. import functional as F
 from .. import optim
 from ..checkpoint import CheckpointError, find_directory, load_checkpoint, save_checkpoint
+from ..storage import open_table
 from ..modules import Embedding
 from ..sparse import SparseGrad
 from ._init import initial_rows
@@ -52,7 +53,7 @@ class Shard:
     def __init__(self, shard_id: int, num_shards: int, num_embeddings: int, embedding_dim: int, optimizer: str,
                  optimizer_options: Dict[str, Any], padding_idx: Optional[int], dtype: str, seed: int, init: str,
                  checkpoint_dir: Optional[str], checkpoint_every: Optional[int],
-                 cpus: Any = None) -> None:
+                 cpus: Any = None, storage_dir: Optional[str] = None) -> None:
         _numpy_only_channels()
         # pinned first: every thread this process starts later (Ray's graph threads) inherits it
         self.cpus = None if cpus is None else pin_process(shard_cpus(cpus, shard_id, num_shards))
@@ -62,17 +63,34 @@ class Shard:
         self.rows = local_rows(shard_id, num_shards, num_embeddings)
         restore = checkpoint_dir is not None and _has_checkpoint(checkpoint_dir)
         table_dtype = Embedding(1, 1, dtype=dtype, seed=0).weight.dtype   # the name resolved ("bfloat16")
-        if restore:   # restarted by Ray: the values come from the checkpoint
+        global_rows = np.arange(shard_id, num_embeddings, num_shards, dtype=np.int64)
+        self.storage_dir = storage_dir
+        weight: np.ndarray
+        if storage_dir is not None:
+            # rows in a memory-mapped .npy file (cembed.open_table), built block by block from the same
+            # initial values (a 16-bit table: the float32 ones rounded to nearest, as initial_rows does);
+            # a restarted shard rebuilds it and the checkpoint then overwrites it
+            os.makedirs(storage_dir, exist_ok=True)
+
+            def fill(block: np.ndarray, start: int) -> None:
+                block[...] = initial_rows(seed, global_rows[start:start + len(block)], embedding_dim, block.dtype,
+                                          "zeros" if restore else init)
+            weight = open_table(os.path.join(storage_dir, "rows.npy"), self.rows, embedding_dim, table_dtype,
+                                mode="w+", init=fill)
+        elif restore:   # restarted by Ray: the values come from the checkpoint
             weight = np.zeros((self.rows, embedding_dim), dtype=table_dtype)
         else:
-            global_rows = np.arange(shard_id, num_embeddings, num_shards, dtype=np.int64)
             weight = initial_rows(seed, global_rows, embedding_dim, table_dtype, init)
-            if padding_idx is not None and padding_idx % num_shards == shard_id:
-                weight[padding_idx // num_shards] = 0
+        if not restore and padding_idx is not None and padding_idx % num_shards == shard_id:
+            weight[padding_idx // num_shards] = 0
         self.emb = Embedding.from_pretrained(weight, freeze=False, sparse=True)
         # a 16-bit table's rows round stochastically with the random bits of their global rows
-        # (rounding_rows: local row i is global row shard_id + num_shards * i), as one process does
-        self.opt = make_optimizer(optimizer, self.emb, dict(optimizer_options, rounding_rows=(shard_id, num_shards)))
+        # (rounding_rows: local row i is global row shard_id + num_shards * i), as one process does;
+        # on disk, the optimizer's per-row state lives in memory-mapped files beside the rows
+        options = dict(optimizer_options, rounding_rows=(shard_id, num_shards))
+        if storage_dir is not None:
+            options["state_dir"] = os.path.join(storage_dir, "state")
+        self.opt = make_optimizer(optimizer, self.emb, options)
         self.step = 0
         self.restored_from: Optional[int] = None
         if restore:
@@ -145,6 +163,15 @@ class Shard:
         if weight.shape != self.emb.weight.shape or weight.dtype != self.emb.weight.dtype:
             raise ValueError(f"shard {self.shard_id}: weight {weight.shape} {weight.dtype} does not match "
                              f"{self.emb.weight.shape} {self.emb.weight.dtype}")
+        if self.storage_dir is not None:   # rows on disk: the state first (checked), then the rows copied in
+            sd = self.opt.state_dict()
+            sd["state"] = {0: entry} if entry else {}
+            self.opt.load_state_dict(sd)
+            np.copyto(self.emb.weight, weight)
+            self.step = int(step)
+            if self.checkpoint_dir is not None:
+                self.save()
+            return self.step
         old = self.emb.weight
         self.emb.weight = weight
         sd = self.opt.state_dict()

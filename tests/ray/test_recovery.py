@@ -72,6 +72,38 @@ def test_killed_shards_recover_bitwise(ray_local, tmp_path):
         table.shutdown()
 
 
+def test_shards_on_disk_train_and_recover_bitwise(ray_local, tmp_path):
+    """storage_dir: every shard's rows (and SparseAdam state) in memory-mapped files, bitwise one process;
+    a killed shard rebuilds its files from its checkpoint; load_state_dict writes into the files."""
+    ray = ray_local
+    table = ShardedEmbedding(V, D, 2, "sparseadam", OPTS, seed=4, checkpoint_dir=str(tmp_path / "ckpt"),
+                             checkpoint_every=3, storage_dir=str(tmp_path / "rows"))
+    emb, opt = single_process(V, D, "sparseadam", OPTS, 4)
+    rng = np.random.default_rng(2)
+    try:
+        pids = [info["pid"] for info in table.shard_info()]
+        for step in range(1, 9):
+            train_step(rng, table, emb, opt)
+            if step == 4:     # restores step 3 into fresh files, step 3 is replayed
+                os.kill(pids[1], signal.SIGKILL)
+                wait_gone(pids[1])
+        assert table.recoveries == 1 and table.shard_info()[1]["restored_from"] == 3
+        assert_same_state(table, emb, opt)
+        table.sync()
+        for k in range(2):   # the rows the shards train are those files
+            shard_dir = tmp_path / "rows" / table.run_id / f"shard-{k}-of-2"
+            rows = np.load(shard_dir / "rows.npy", mmap_mode="r")
+            assert rows.tobytes() == emb.weight[k::2].tobytes()
+            assert any(name.endswith(".npy") for name in os.listdir(shard_dir / "state"))
+        sd = table.state_dict()
+        sd["weight"] = sd["weight"] * 2
+        table.load_state_dict(sd)
+        rows = np.load(tmp_path / "rows" / table.run_id / "shard-0-of-2" / "rows.npy", mmap_mode="r")
+        assert rows.tobytes() == sd["weight"][0::2].tobytes()
+    finally:
+        table.shutdown()
+
+
 def test_shard_without_checkpoint_is_lost_for_good(ray_local):
     ray = ray_local
     table = ShardedEmbedding(V, D, 2, "sgd", {"lr": 0.1}, seed=4)
