@@ -1403,6 +1403,8 @@ def logistic_scores(query: Any, indices: Any, weight: np.ndarray, n_positive: in
                             name="query")
     n_positive = check_int(n_positive, "n_positive", low=0, high=n_per)
     with_loss = check_bool(with_loss, "with_loss")
+    if np.may_share_memory(q, weight):   # the table changes during the update: keep the queries as given
+        q = q.copy()
     return LogisticScores(weight, q, grid, idx.shape, n_positive, with_loss, padding_idx,
                           check_bool(scale_grad_by_freq, "scale_grad_by_freq"))
 

@@ -348,3 +348,18 @@ def test_trainer_step_is_todays_step(optimizer, dtype):
         assert_bitwise_equal(model.emb_out.weight, emb_out.weight)
         if got_loss is not None:
             assert got_loss == float(loss.sum()) / centers.size
+
+
+def test_queries_that_are_rows_of_the_table():
+    """Queries aliasing the table (a view of its rows) are taken as they were at the call."""
+    def once(alias):
+        rng = np.random.default_rng(13)
+        weight = (rng.standard_normal((600, 8)) * 0.3).astype(np.float32)
+        emb = cembed.Embedding.from_pretrained(weight, freeze=False, sparse=True)
+        opt = cembed.optim.SGD([emb], lr=0.5)
+        _, idx = batch(rng, 600, 8, 400, 6, np.float32)
+        query = emb.weight[100:500] if alias else emb.weight[100:500].copy()
+        out = emb.dot_logistic_backward(query, idx, optimizer=opt)
+        return fingerprint(emb.weight, out)
+
+    assert once(True) == once(False)
