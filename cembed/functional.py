@@ -7,7 +7,8 @@ dispatches to the private compiled kernels. The modules (``cembed.Embedding``,
 Public: :func:`embedding`, :func:`embedding_renorm_`, :func:`embedding_backward`, :func:`coalesce`,
 :func:`embedding_bag`, :func:`embedding_bag_backward`, :func:`prefetch`,
 and the scoring functions of dot-product models :func:`embedding_dot`, :func:`embedding_dot_backward`,
-:func:`embedding_dot_logistic`.
+:func:`embedding_dot_logistic`, and :func:`embedding_dot_logistic_sgd_` (the scores and an SGD step of
+the table in one pass).
 
 For the modules it also holds the two records of a validated forward that a backward needs
 (:class:`SavedLookup`, :class:`SavedBags`: private, read-only copies of the indices and offsets)
