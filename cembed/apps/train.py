@@ -233,18 +233,18 @@ class CembedModel:
         self.n_steps += 1
         want_loss = self.n_steps % LOSS_EVERY == 1            # the loss is only for the progress bar
         v = self.emb_in(centers)                              # (B, D), a copy of the centers' rows
-        # scores of the context (positive) and the negatives against the output table, d loss / d scores,
-        # d loss / d v (from the rows before the update) and the output table's update by the gradient
-        # g[b, k] * v[b] (v as per-sample-weighted rows, never expanded): one pass over the distinct rows
-        # (Embedding.dot_logistic_backward: bitwise embedding_dot_logistic + the fused backward)
-        loss, g, dv = self._score_output(v, targets, want_loss)
-        # the input table's fused backward + update (v is a copy: the output table's update did not touch it)
+        # scores of the context (positive) and the negatives, read straight from the output table,
+        # d loss / d scores and d loss / d v (and the loss): one pass, before either table changes
+        # (a float32/float64 table is read in place; a 16-bit or sharded one through a float32 copy of the
+        # targets' rows, scored by the same kernel in the same order: the same bits)
+        table, rows = self._output_rows(targets)
+        loss, g, dv = cembed.functional.embedding_dot_logistic(v, rows, table, with_loss=want_loss)
+        # fused backward + update: each table's touched rows are summed and updated in one pass
+        # (v is a copy, so updating the input table does not change the output table's gradient)
         self._fused_update(self.emb_in, dv, centers)
+        # d loss / d w_out[t[b, k]] = g[b, k] * v[b]: handed over as (v, weights g), never materialised
+        self._fused_update(self.emb_out, v, targets, per_sample_weights=g)
         return float(loss.sum()) / centers.size if loss is not None else None
-
-    def _score_output(self, v, targets, want_loss):
-        """(loss, g, dv) of the output side, the output table updated."""
-        return self.emb_out.dot_logistic_backward(v, targets, optimizer=self.opt, with_loss=want_loss)
 
     def _output_rows(self, targets):
         """(table, indices) for the scoring kernel: the output table itself when the kernel reads it
@@ -286,13 +286,6 @@ class ShardedModel(CembedModel):
 
     def _fused_update(self, table, grad_output, indices, per_sample_weights=None):
         table.backward(grad_output, indices, per_sample_weights=per_sample_weights, step=True)
-
-    def _score_output(self, v, targets, want_loss):
-        """The scores from the output table's rows (a float32 copy from the shards), then its update."""
-        table, rows = self._output_rows(targets)
-        loss, g, dv = cembed.functional.embedding_dot_logistic(v, rows, table, with_loss=want_loss)
-        self._fused_update(self.emb_out, v, targets, per_sample_weights=g)
-        return loss, g, dv
 
     def input_table(self):
         return self.emb_in.state_dict()["weight"]
