@@ -3,7 +3,10 @@
 The skip-gram shape on the shared table: N / 6 queries, each scored against 6 rows (a context word and 5
 negatives) drawn from the Zipf workload. Groups: ``F.embedding_dot`` beside the gather + batched dot
 product it replaces (NumPy ``take`` + ``einsum``; torch ``F.embedding`` + ``bmm``), and the fused
-``F.embedding_dot_logistic`` (scores, loss, both gradients) beside the unfused cembed and torch chains.
+``F.embedding_dot_logistic`` (scores, loss, both gradients) beside the unfused cembed and torch chains;
+``score-update``: the scores and an SGD step of the table in one pass (``F.embedding_dot_logistic_sgd_``)
+beside the two calls. ``python benchmarks/bench_score.py [optimizer] [threads]`` (with PYTHONPATH=. from the
+repository root) compares ``Embedding.dot_logistic_backward`` with the two calls on real trainer batches.
 
     python -m pytest benchmarks/bench_score.py --benchmark-only --benchmark-group-by=group
 """
