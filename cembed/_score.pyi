@@ -14,3 +14,11 @@ def dot_scores_backward(grad_scores: NDArray[_Float], weight: NDArray[_Float], i
 def logistic_scores(query: NDArray[_Float], weight: NDArray[_Float], indices: _Index, n_positive: int, want_loss: bool,
                     loss: NDArray[_Float], grad_scores: NDArray[_Float], grad_query: NDArray[_Float],
                     n_threads: int) -> None: ...
+def logistic_scores_update(query: NDArray[_Float], weight: NDArray[_Float], n_per: int, order: NDArray[np.int64],
+                           starts: NDArray[np.int64], seg_rows: NDArray[np.int64], skip_segment: int,
+                           scale_grad_by_freq: bool, n_positive: int, want_loss: bool, kind: int,
+                           state_a: NDArray[_Float], state_b: NDArray[_Float], row_state: NDArray[_Float],
+                           p0: float, p1: float, p2: float, p3: float, mode: int, maximize: bool,
+                           old_rows: NDArray[_Float], entry_slot: NDArray[np.int64], terms: NDArray[_Float],
+                           loss: NDArray[_Float], grad_scores: NDArray[_Float], grad_query: NDArray[_Float],
+                           n_threads: int) -> None: ...

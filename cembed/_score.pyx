@@ -187,3 +187,179 @@ def logistic_scores(const floating[:, ::1] query,       # IN  (n_queries, dim)
                     row_scaled_add(&grad_query[b, 0], row, g, dim)
             if want_loss:
                 loss[b] = total
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring fused with the table's update (docs/performance.md, "The skip-gram trainer")
+# ---------------------------------------------------------------------------------------------------
+from cython.parallel cimport parallel, threadid
+from libc.stdint cimport int64_t
+from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
+
+from cembed._rows cimport (prefetch_row_for_write, row_axpy, row_fma_accumulate, apply_row_update, ROW_SGD,
+                           ROW_ADAGRAD, ROW_ADAM, ROW_ROWWISE_ADAGRAD)
+
+cdef enum:
+    SEGMENTS_PER_CHUNK = 64     # dynamic-schedule chunk of the row pass (rows are Zipf-skewed)
+    UPDATE_PREFETCH_ROWS = 8    # row pass: table (and state) rows prefetched this many rows ahead
+
+
+cdef inline void _score_row_segment(const floating *qbase, Py_ssize_t dim, Py_ssize_t n_per,
+                                    const int64_t *order, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t n_entries,
+                                    const floating *old,          # IN  (dim,) the row before its update
+                                    Py_ssize_t slot,              # IN  the row's slot in the old-row buffer
+                                    Py_ssize_t n_positive, bint want_loss, bint accumulate, bint by_freq,
+                                    floating *gs,                 # OUT (n_entries,) grad_scores, by entry
+                                    floating *terms,              # OUT (n_entries, 2) loss terms, or NULL
+                                    int64_t *entry_slot,          # OUT (n_entries,)
+                                    floating *grad_row) noexcept nogil:   # OUT (dim,) the summed gradient
+    """The entries order[lo:hi] of one table row (in input order): each entry's score against the old
+    row, its loss terms and d loss / d score (the expressions of logistic_scores), and — with
+    accumulate — the row's gradient sum of g * query in that order, as segment_update sums
+    (zero, then out + g * q per entry; with by_freq fma(g * q, 1/count, out))."""
+    cdef Py_ssize_t t, p, b, k, d
+    cdef Py_ssize_t row_bytes = dim * sizeof(floating)
+    cdef const floating *qrow
+    cdef floating s, x, e, g
+    cdef floating inv_count = <floating> (1.0 / <double> (hi - lo))
+    for d in range(dim):
+        grad_row[d] = 0
+    for t in range(lo, hi):
+        if t + PREFETCH_DISTANCE < n_entries:
+            prefetch_row(qbase + (order[t + PREFETCH_DISTANCE] // n_per) * dim, row_bytes)
+        p = order[t]
+        b = p // n_per
+        k = p - b * n_per
+        qrow = qbase + b * dim
+        s = row_dot(qrow, old, dim)
+        x = -s if k < n_positive else s
+        e = _exp_neg_abs(x)
+        if want_loss:
+            terms[2 * p] = (x if x > 0 else 0)
+            terms[2 * p + 1] = _log1p(e)
+        g = 1 / (1 + e) if x >= 0 else e / (1 + e)
+        g = -g if k < n_positive else g
+        gs[p] = g
+        entry_slot[p] = slot
+        if accumulate:
+            if by_freq:
+                row_fma_accumulate(grad_row, qrow, g, inv_count, dim)
+            else:
+                row_axpy(grad_row, qrow, g, dim)
+
+
+def logistic_scores_update(const floating[:, ::1] query,   # IN    (n_queries, dim)
+                           floating[:, :] weight,          # INOUT (n_rows, dim), unit column stride
+                           Py_ssize_t n_per,               # IN    entries per query; entry p = query p // n_per
+                           const int64_t[::1] order,       # IN    (n_entries,) entries grouped by row, input order
+                           const int64_t[::1] starts,      # IN    (n_segments + 1,)
+                           const int64_t[::1] seg_rows,    # IN    (n_segments,) distinct rows, validated
+                           Py_ssize_t skip_segment,        # IN    a segment scored but not updated (padding), or -1
+                           bint scale_grad_by_freq,
+                           Py_ssize_t n_positive,          # IN    columns [0, n_positive) are positives
+                           bint want_loss,
+                           int kind,                       # a _grad.UpdateKind
+                           floating[:, ::1] state_a,       # INOUT (n_rows, dim) or (0, 0)
+                           floating[:, ::1] state_b,       # INOUT (n_rows, dim) or (0, 0)
+                           floating[::1] row_state,        # INOUT (n_rows,) or (0,)
+                           double p0, double p1, double p2, double p3, int mode, bint maximize,
+                           floating[:, ::1] old_rows,      # SCRATCH (n_segments, dim)
+                           int64_t[::1] entry_slot,        # SCRATCH (n_entries,)
+                           floating[::1] terms,            # SCRATCH (2 * n_entries,), or (0,) without want_loss
+                           floating[::1] loss,             # OUT   (n_queries,), or (0,) without want_loss
+                           floating[::1] grad_scores,      # OUT   (n_entries,)
+                           floating[:, ::1] grad_query,    # OUT   (n_queries, dim)
+                           int n_threads):
+    """logistic_scores followed by segment_update of the table with the gradient (query, grad_scores as
+    per-sample weights), in two passes that read each distinct table row once:
+
+    1. by row (segments of the sorted entries, parallel, dynamic chunks): copy the row to its slot of
+       old_rows, score each of its entries against it, sum the row's gradient in the entries' input
+       order and apply the optimizer's row rule (apply_row_update) to the row while it is in cache;
+    2. by query (parallel): grad_query[b] and loss[b] from the old rows in the compact buffer,
+       k = 0, 1, ... as logistic_scores adds them.
+
+    Every expression and summation order is the one of logistic_scores and segment_update, each row
+    and each query has one writer: the result is bitwise that of the two calls, for any thread count."""
+    cdef Py_ssize_t n_entries = order.shape[0]
+    cdef Py_ssize_t n_segments = seg_rows.shape[0]
+    cdef Py_ssize_t n_queries = query.shape[0]
+    cdef Py_ssize_t dim = weight.shape[1]
+    cdef Py_ssize_t j, r, ahead, row_stride, b, k, d, p, slot
+    cdef Py_ssize_t row_bytes = dim * sizeof(floating)
+    cdef floating *a_ptr = &state_a[0, 0] if state_a.shape[0] > 0 else NULL
+    cdef floating *b_ptr = &state_b[0, 0] if state_b.shape[0] > 0 else NULL
+    cdef floating *rs_ptr = &row_state[0] if row_state.shape[0] > 0 else NULL
+    cdef floating *terms_ptr = &terms[0] if want_loss else NULL
+    cdef floating sign = -1 if maximize else 1
+    cdef floating q0 = <floating> p0, q1 = <floating> p1, q2 = <floating> p2, q3 = <floating> p3
+    cdef floating total
+    cdef floating *w
+    cdef floating *old
+    cdef floating *wrow
+    cdef floating *scratch
+    cdef floating *scratch_rows
+    cdef const floating *qbase
+    cdef floating *gs
+    cdef int64_t *slots
+    if n_queries == 0 or n_entries == 0 or dim == 0 or n_segments == 0:
+        raise ValueError("logistic_scores_update: empty operands are the caller's to handle")
+    if n_entries != n_queries * n_per or starts.shape[0] != n_segments + 1 or old_rows.shape[0] != n_segments \
+            or old_rows.shape[1] != dim or entry_slot.shape[0] != n_entries or grad_scores.shape[0] != n_entries \
+            or query.shape[1] != dim or grad_query.shape[0] != n_queries or grad_query.shape[1] != dim \
+            or (want_loss and (loss.shape[0] != n_queries or terms.shape[0] != 2 * n_entries)):
+        raise ValueError("logistic_scores_update: inconsistent operand shapes")
+    if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
+                            sizeof(floating)):
+        raise ValueError("logistic_scores_update: the weight's rows must be contiguous (unit column stride)")
+    if (kind == ROW_ADAGRAD and a_ptr == NULL) or (kind == ROW_ADAM and (a_ptr == NULL or b_ptr == NULL)) \
+            or (kind == ROW_ROWWISE_ADAGRAD and rs_ptr == NULL) or not ROW_SGD <= kind <= ROW_ROWWISE_ADAGRAD:
+        raise ValueError("logistic_scores_update: missing optimizer state for this update kind")
+    w = &weight[0, 0]
+    old = &old_rows[0, 0]
+    qbase = &query[0, 0]
+    gs = &grad_scores[0]
+    slots = &entry_slot[0]
+    n_threads = max(1, n_threads)
+    scratch_rows = <floating *> malloc(n_threads * row_bytes)   # one summed gradient row per thread
+    if scratch_rows == NULL:
+        raise MemoryError("logistic_scores_update: cannot allocate the scratch rows")
+    scratch = scratch_rows
+    try:
+        with nogil, parallel(num_threads=n_threads):
+            scratch = scratch_rows + threadid() * dim
+            for j in prange(n_segments, schedule="dynamic", chunksize=SEGMENTS_PER_CHUNK):
+                if j + UPDATE_PREFETCH_ROWS < n_segments:
+                    ahead = seg_rows[j + UPDATE_PREFETCH_ROWS]
+                    prefetch_row_for_write(w + ahead * row_stride, row_bytes)
+                    if a_ptr != NULL:
+                        prefetch_row_for_write(a_ptr + ahead * dim, row_bytes)
+                    if b_ptr != NULL:
+                        prefetch_row_for_write(b_ptr + ahead * dim, row_bytes)
+                r = seg_rows[j]
+                wrow = w + r * row_stride
+                memcpy(old + j * dim, wrow, row_bytes)
+                _score_row_segment(qbase, dim, n_per, &order[0], starts[j], starts[j + 1], n_entries, old + j * dim,
+                                   j, n_positive, want_loss, j != skip_segment, scale_grad_by_freq, gs, terms_ptr,
+                                   slots, scratch)
+                if j != skip_segment:
+                    apply_row_update(kind, wrow, a_ptr + r * dim if a_ptr != NULL else NULL,
+                                     b_ptr + r * dim if b_ptr != NULL else NULL, rs_ptr + r if rs_ptr != NULL else NULL,
+                                     scratch, q0, q1, q2, q3, mode, sign, dim)
+        with nogil:
+            for b in prange(n_queries, schedule="dynamic", chunksize=QUERIES_PER_CHUNK, num_threads=n_threads):
+                total = 0
+                for d in range(dim):
+                    grad_query[b, d] = 0
+                for k in range(n_per):
+                    p = b * n_per + k
+                    if p + PREFETCH_DISTANCE < n_entries:
+                        prefetch_row(old + slots[p + PREFETCH_DISTANCE] * dim, row_bytes)
+                    if want_loss:
+                        total = total + terms_ptr[2 * p] + terms_ptr[2 * p + 1]
+                    row_scaled_add(&grad_query[b, 0], old + slots[p] * dim, gs[p], dim)
+                if want_loss:
+                    loss[b] = total
+    finally:
+        free(scratch_rows)

@@ -7,7 +7,8 @@ dispatches to the private compiled kernels. The modules (``cembed.Embedding``,
 Public: :func:`embedding`, :func:`embedding_renorm_`, :func:`embedding_backward`, :func:`coalesce`,
 :func:`embedding_bag`, :func:`embedding_bag_backward`, :func:`prefetch`,
 and the scoring functions of dot-product models :func:`embedding_dot`, :func:`embedding_dot_backward`,
-:func:`embedding_dot_logistic`.
+:func:`embedding_dot_logistic`, and :func:`embedding_dot_logistic_sgd_` (the scores and an SGD step of
+the table in one pass).
 
 For the modules it also holds the two records of a validated forward that a backward needs
 (:class:`SavedLookup`, :class:`SavedBags`: private, read-only copies of the indices and offsets)
@@ -1363,3 +1364,205 @@ def embedding_dot_logistic(query: Any, indices: Any, weight: np.ndarray, n_posit
                            n_threads_for(grid.size, "gather"))
     return (loss.reshape(idx.shape[:-1]) if with_loss else None, grad_scores.reshape(idx.shape),
             grad_query.reshape(idx.shape[:-1] + (dim,)))
+
+
+# ============================================================================ scoring fused with the table's update
+from . import _optim, _validation  # noqa: E402  (this block's own imports)
+
+__all__ += ["embedding_dot_logistic_sgd_"]
+
+
+class LogisticScores(RowContributions):
+    """:func:`embedding_dot_logistic` of validated operands and the table gradient it implies — entry
+    ``(b, k)`` adds ``grad_scores[b, k] * query[b]`` to row ``indices[b, k]`` — as the
+    :class:`RowContributions` an optimizer's fused step takes. :meth:`update_rows` (a float32/float64
+    table updated in place) scores and updates in one kernel (``_score.logistic_scores_update``);
+    every other use scores first (the table as it is now), then sums as :class:`RowContributions`
+    does. Either way :meth:`results` gives ``(loss, grad_scores, grad_query)``, bitwise the same."""
+
+    __slots__ = ("weight", "query", "grid", "shape", "n_positive", "with_loss", "scored")
+
+    def __init__(self, weight: np.ndarray, query: np.ndarray, grid: np.ndarray, shape: Tuple[int, ...],
+                 n_positive: int, with_loss: bool, padding_idx: Optional[int], scale_grad_by_freq: bool) -> None:
+        super().__init__(query, grid.reshape(-1), padding_idx=padding_idx, scale_grad_by_freq=scale_grad_by_freq)
+        self.weight, self.query, self.grid, self.shape = weight, query, grid, shape
+        self.n_positive, self.with_loss = n_positive, with_loss
+        self.scored: Optional[Tuple[Optional[np.ndarray], np.ndarray, np.ndarray]] = None
+
+    def _outputs(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n_queries, n_per = self.grid.shape
+        dtype = self.query.dtype
+        return (np.empty(n_queries if self.with_loss else 0, dtype=dtype), np.empty((n_queries, n_per), dtype=dtype),
+                np.empty((n_queries, self.query.shape[1]), dtype=dtype))
+
+    def _keep(self, loss: np.ndarray, grad_scores: np.ndarray, grad_query: np.ndarray) -> None:
+        """Record the results, and the gradient they imply as (values, src, scale)."""
+        n_queries, n_per = self.grid.shape
+        self.scored = (loss if self.with_loss else None, grad_scores, grad_query)
+        self.src = np.repeat(np.arange(n_queries, dtype=np.int64), n_per)
+        self.scale = grad_scores.reshape(-1)
+
+    def _score(self) -> None:
+        """The scores against the table as it is now (logistic_scores; a 16-bit table's rows widened
+        to float32 first, a table the kernels cannot read in place copied row by row)."""
+        if self.scored is not None:
+            return
+        loss, grad_scores, grad_query = self._outputs()
+        if is_half(self.weight.dtype):
+            table = _take_rows(self.weight, (self.grid.size,), self.grid.reshape(-1))
+            grid = np.arange(self.grid.size, dtype=np.int64).reshape(self.grid.shape)
+        else:
+            table, grid = _score_table(self.weight, self.grid)
+        _score.logistic_scores(self.query, table, grid, self.n_positive, self.with_loss, loss, grad_scores,
+                               grad_query, n_threads_for(grid.size, "gather"))
+        self._keep(loss, grad_scores, grad_query)
+
+    def results(self) -> Tuple[Optional[np.ndarray], np.ndarray, np.ndarray]:
+        """(loss, grad_scores, grad_query) in the caller's shapes (scored now if nothing has yet)."""
+        self._score()
+        assert self.scored is not None
+        loss, grad_scores, grad_query = self.scored
+        lead = self.shape[:-1]
+        return (None if loss is None else loss.reshape(lead), grad_scores.reshape(self.shape),
+                grad_query.reshape(lead + (self.query.shape[1],)))
+
+    def _segments(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        self._score()   # every RowContributions use but update_rows starts here: score first
+        return super()._segments()
+
+    def update_rows(self, weight: np.ndarray, kind: int, states: Tuple[Optional[np.ndarray], ...],
+                    params: Tuple[float, float, float, float], mode: int, maximize: bool) -> None:
+        """Score and apply the row update ``kind`` in one kernel: each distinct row is read once
+        (``_score.logistic_scores_update``); bitwise :meth:`results` of :meth:`_score` followed by
+        :meth:`RowContributions.update_rows`."""
+        n_entries, dim = self.grid.size, self.query.shape[1]
+        if self.scored is not None or weight is not self.weight or weight.dtype not in FLOAT_DTYPES \
+                or not kernel_layout(weight) or n_entries == 0 or dim == 0:
+            super().update_rows(weight, kind, states, params, mode, maximize)   # scores first (_segments)
+            return
+        if self.groups is None:
+            self.groups = _group_rows(self.rows)
+        order, seg_rows, starts = self.groups
+        skip = -1
+        if self.padding_idx is not None:
+            hit = int(np.searchsorted(seg_rows, self.padding_idx))
+            if hit < seg_rows.size and seg_rows[hit] == self.padding_idx:
+                skip = hit
+        dtype = weight.dtype
+        loss, grad_scores, grad_query = self._outputs()
+        old_rows = _buffer_cache.empty((seg_rows.size, dim), dtype)
+        entry_slot = _buffer_cache.empty((n_entries,), np.dtype(np.int64))
+        terms = _buffer_cache.empty((2 * n_entries,), dtype) if self.with_loss else np.zeros(0, dtype=dtype)
+        empty2, empty1 = np.zeros((0, 0), dtype=dtype), np.zeros(0, dtype=dtype)
+        state_a, state_b, row_state = states
+        _score.logistic_scores_update(self.query, weight, self.grid.shape[1], order, starts, seg_rows, skip,
+                                      self.scale_grad_by_freq, self.n_positive, self.with_loss, kind,
+                                      empty2 if state_a is None else state_a, empty2 if state_b is None else state_b,
+                                      empty1 if row_state is None else row_state, *params, mode, maximize,
+                                      old_rows, entry_slot, terms, loss, grad_scores.reshape(-1), grad_query,
+                                      n_threads_for(n_entries, "gather"))
+        self._keep(loss, grad_scores, grad_query)
+
+
+def logistic_scores(query: Any, indices: Any, weight: np.ndarray, n_positive: int = 1, *, with_loss: bool = True,
+                    padding_idx: Optional[int] = None, scale_grad_by_freq: bool = False,
+                    name: str = "embedding_dot_logistic") -> LogisticScores:
+    """Validate the operands of :func:`embedding_dot_logistic` against a table of any trainable dtype
+    (a 16-bit one scores float32 queries against its rows widened to float32) and return them as
+    :class:`LogisticScores`, nothing computed yet. ``padding_idx`` (normalised by the caller) is
+    scored but gets no gradient."""
+    weight = check_weight(weight)
+    check_trainable(weight)
+    idx, flat = validated_indices(indices, weight.shape[0])
+    if idx.ndim < 1:
+        raise ValueError(f"{name}: indices must have at least one dimension (..., n_per_query), got a scalar")
+    n_per = idx.shape[-1]
+    grid = flat.reshape(int(np.prod(idx.shape[:-1], dtype=np.int64)), n_per)
+    q = check_gradient_rows(query, idx.shape[:-1], dim=weight.shape[1], dtype=compute_dtype(weight.dtype),
+                            name="query")
+    n_positive = check_int(n_positive, "n_positive", low=0, high=n_per)
+    with_loss = check_bool(with_loss, "with_loss")
+    if np.may_share_memory(q, weight):   # the table changes during the update: keep the queries as given
+        q = q.copy()
+    return LogisticScores(weight, q, grid, idx.shape, n_positive, with_loss, padding_idx,
+                          check_bool(scale_grad_by_freq, "scale_grad_by_freq"))
+
+
+def embedding_dot_logistic_sgd_(query: Any, indices: Any, weight: np.ndarray, lr: float, n_positive: int = 1, *,
+                                with_loss: bool = True) -> Tuple[Optional[np.ndarray], np.ndarray, np.ndarray]:
+    """:func:`embedding_dot_logistic`, then a plain SGD step on ``weight`` with the gradient it implies,
+    in one pass that reads each looked-up row once.
+
+    The same results, bitwise, as::
+
+        loss, grad_scores, grad_query = embedding_dot_logistic(query, indices, weight, n_positive)
+        grad = embedding_backward(query, indices, len(weight), per_sample_weights=grad_scores, sparse=True)
+        weight[grad.indices] -= lr * grad.values    # as cembed.optim.SGD(lr=lr) steps a sparse gradient
+
+    (``grad_query`` and the loss come from ``weight`` as it was before the step). The entries are
+    sorted by row (the stable sort of the backward); each distinct row is scored against all its
+    queries, its gradient summed in input order and the row updated while it is in cache, its old
+    value kept in a compact buffer from which ``grad_query`` is summed afterwards. Each row and each
+    query has one writer, so the result is bitwise the same for any thread count. To update the
+    table with another optimizer (or keep its gradient) use :meth:`cembed.Embedding.dot_logistic_backward`.
+
+    Parameters
+    ----------
+    query : numpy.ndarray, shape (*indices.shape[:-1], embedding_dim)
+        The weight's dtype.
+    indices : array_like of int, shape (..., n_per_query)
+        Each query's positive columns first, then its negatives.
+    weight : numpy.ndarray, shape (num_embeddings, embedding_dim)
+        float32 or float64, writeable; updated in place.
+    lr : float
+        The learning rate, ``>= 0``.
+    n_positive : int, default 1
+        How many leading columns are positives, ``0 <= n_positive <= n_per_query``.
+    with_loss : bool, default True
+        False: return None for the loss (the rest is the same bits).
+
+    Returns
+    -------
+    loss : numpy.ndarray, shape indices.shape[:-1], or None
+    grad_scores : numpy.ndarray, shape indices.shape
+    grad_query : numpy.ndarray, shape query.shape
+        New arrays of the weight's dtype.
+
+    Raises
+    ------
+    IndexError, TypeError, ValueError
+        As :func:`embedding_dot_logistic`; a read-only weight or a negative ``lr`` (ValueError).
+        Nothing is modified.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cembed import functional as F
+    >>> weight = np.array([[1, 0], [0, 1], [0, 0]], dtype=np.float32)
+    >>> loss, g, dq = F.embedding_dot_logistic_sgd_(np.array([[2, 0]], np.float32), [[0, 2]], weight, lr=1.0)
+    >>> g.round(4), dq.round(4)
+    (array([[-0.1192,  0.5   ]], dtype=float32), array([[-0.1192,  0.    ]], dtype=float32))
+    >>> weight.round(4)            # row 0 += 0.1192 * query, row 2 -= 0.5 * query
+    array([[ 1.2384,  0.    ],
+           [ 0.    ,  1.    ],
+           [-1.    ,  0.    ]], dtype=float32)
+    """
+    weight = check_weight(weight)
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"embedding_dot_logistic_sgd_: the weight must be float32 or float64, got dtype {weight.dtype}")
+    check_writeable(weight, "embedding_dot_logistic_sgd_")
+    lr = _validation.check_real(lr, "lr", low=0.0)
+    scores = logistic_scores(query, indices, weight, n_positive, with_loss=with_loss,
+                             name="embedding_dot_logistic_sgd_")
+    if kernel_layout(weight):
+        scores.update_rows(weight, int(_grad.UpdateKind.UPDATE_SGD), (None, None, None), (-lr, 0.0, 0.0, 0.0), 0,
+                           False)
+    else:   # the touched rows copied out, updated by the optimizers' row kernel, written back
+        rows, values = scores._compact()
+        block = np.ascontiguousarray(weight[rows])
+        empty2, empty1 = np.zeros((0, 0), dtype=weight.dtype), np.zeros(0, dtype=weight.dtype)
+        _optim.update_rows(int(_grad.UpdateKind.UPDATE_SGD), block, empty2, empty2, empty1,
+                           np.arange(rows.size, dtype=np.int64), values, -lr, 0.0, 0.0, 0.0, 0, False,
+                           n_threads_for(rows.size, "optimizer"))
+        weight[rows] = block
+    return scores.results()

@@ -341,6 +341,73 @@ class Embedding(TableModule):
                                      groups=groups if per_sample_weights is None else None)
         self._accumulate(new, optimizer)
 
+    def dot_logistic_backward(self, query: Any, indices: Any, n_positive: int = 1, *, optimizer: Any = None,
+                              with_loss: bool = True) -> Tuple[Optional[np.ndarray], np.ndarray, np.ndarray]:
+        """Score queries against this table's rows with the logistic (negative-sampling) loss, and
+        backpropagate into the table: the output side of skip-gram, matrix factorisation and
+        two-tower models in one call.
+
+        Returns what :func:`cembed.functional.embedding_dot_logistic` ``(query, indices, weight,
+        n_positive)`` returns for the table as it is *before* the call, and gives the table the
+        gradient it implies (entry ``(..., k)`` adds ``grad_scores[..., k] * query[...]`` to row
+        ``indices[..., k]``) as ``backward(query, indices, per_sample_weights=grad_scores,
+        optimizer=optimizer)`` would: into ``.grad``, or with ``optimizer`` applied at once. With an
+        optimizer that has a row rule (SGD without momentum, Adagrad, SparseAdam, RowWiseAdagrad) on a
+        float32/float64 table the two are one pass — each distinct row is scored against all its queries,
+        its gradient summed and the row updated while it is in cache (docs/performance.md, "The skip-gram
+        trainer") — with bitwise the results and weights of the two calls, for any thread count; other
+        optimizers and 16-bit tables score first, then take the fused backward. ``padding_idx`` rows are
+        scored but not updated; ``scale_grad_by_freq`` applies; ``max_norm`` is not (no lookup happens).
+
+        Parameters
+        ----------
+        query : numpy.ndarray, shape (*indices.shape[:-1], embedding_dim)
+            The table's dtype (float32 for a 16-bit table).
+        indices : array_like of int, shape (..., n_per_query)
+            Each query's positive columns first, then its negatives.
+        n_positive : int, default 1
+            How many leading columns are positives.
+        optimizer : cembed.optim.Optimizer, optional
+            Apply the update at once (needs ``.grad is None``, leaves it None), as :meth:`backward`.
+        with_loss : bool, default True
+            False: the loss is None (the rest is the same bits).
+
+        Returns
+        -------
+        loss : numpy.ndarray, shape indices.shape[:-1], or None
+        grad_scores : numpy.ndarray, shape indices.shape
+        grad_query : numpy.ndarray, shape query.shape
+            d loss / d query, from the rows before the update: feed it to the query side's backward.
+
+        Raises
+        ------
+        IndexError, TypeError, ValueError
+            As :func:`cembed.functional.embedding_dot_logistic` and :meth:`backward` (an ``optimizer``
+            that does not hold this module, a ``.grad`` present with ``optimizer``). Nothing is changed.
+
+        Examples
+        --------
+        >>> import numpy as np, cembed
+        >>> users = cembed.Embedding(100, 8, sparse=True, seed=0)
+        >>> items = cembed.Embedding(50, 8, sparse=True, seed=1)
+        >>> opt = cembed.optim.SGD([users, items], lr=0.05)
+        >>> batch_users = np.array([3, 7, 3])
+        >>> clicked_then_sampled = np.array([[4, 10, 20], [9, 1, 4], [4, 30, 2]])   # 1 positive, 2 negatives
+        >>> v = users(batch_users)
+        >>> loss, g, dv = items.dot_logistic_backward(v, clicked_then_sampled, optimizer=opt)
+        >>> users.backward(dv, optimizer=opt)
+        >>> loss.shape, g.shape, dv.shape
+        ((3,), (3, 3), (3, 8))
+        """
+        padding_idx, _, _ = self._checked_options()
+        self._check_fused(optimizer)
+        scores = F.logistic_scores(query, indices, self._weight, n_positive, with_loss=with_loss,
+                                   padding_idx=padding_idx,
+                                   scale_grad_by_freq=check_bool(self.scale_grad_by_freq, "scale_grad_by_freq"),
+                                   name="dot_logistic_backward")
+        self._accumulate(scores, optimizer)
+        return scores.results()
+
 
 class EmbeddingBag(TableModule):
     """Pooled lookups over bags of indices (``torch.nn.EmbeddingBag``).
