@@ -18,7 +18,7 @@ import time
 import types
 import zlib
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -277,11 +277,13 @@ class ShardedModel(CembedModel):
         self.n_steps = 0
         self.name = f"ray:{config.shards}"
         vocab, dim = w_in.shape
-        options = {"lr": config.learning_rate()}
+        options: Dict[str, Any] = {"lr": config.learning_rate()}
+        if config.dtype in HALF_DTYPES:   # as make_optimizer: 16-bit state, rounded as --rounding says
+            options.update(rounding=config.rounding, seed=config.seed, state_dtype=config.optimizer_state_dtype())
         self.emb_in = ShardedEmbedding(vocab, dim, config.shards, config.optimizer, options, seed=config.seed,
-                                       init="uniform")
+                                       init="uniform", dtype=config.dtype)
         self.emb_out = ShardedEmbedding(vocab, dim, config.shards, config.optimizer, options, seed=config.seed,
-                                        init="zeros")
+                                        init="zeros", dtype=config.dtype)
         self.opt = None
 
     def _fused_update(self, table, grad_output, indices, per_sample_weights=None):
@@ -611,8 +613,6 @@ def _train(corpus, config, progress):
     eval_sets = (evaluation_sets(corpus) or None) if corpus.topics is not None else None
     model: Any
     prefetch = None
-    if config.shards and config.dtype != "float32":
-        raise ValueError(f"--shards keeps float32 tables on its shards; --dtype {config.dtype} is not supported there yet")
     if table_dir is not None:
         on_disk = CembedModel(w_in, w_out, config, state_dir=table_dir.state)
         done_steps, done_words = table_dir.resume(on_disk) if config.resume else (0, 0)

@@ -35,11 +35,12 @@ def zipf_batch(rng, V, shape):
     return (rng.zipf(1.3, size=shape) - 1) % V
 
 
-@pytest.mark.parametrize("shards,optimizer", [(1, "sparseadam"), (2, "sparseadam"), (3, "sparseadam"),
-                                              (2, "adagrad")])
-def test_skipgram_both_tables_bitwise_equal_to_one_process(ray_local, shards, optimizer):
+@pytest.mark.parametrize("shards,optimizer,dtype", [(1, "sparseadam", "float32"), (2, "sparseadam", "float32"),
+                                                    (3, "sparseadam", "float32"), (2, "adagrad", "float32"),
+                                                    (3, "sparseadam", "bfloat16")])
+def test_skipgram_both_tables_bitwise_equal_to_one_process(ray_local, shards, optimizer, dtype):
     V, D, B, K = 211, 8, 48, 3
-    config = train_mod.TrainConfig(dim=D, optimizer=optimizer, seed=5, shards=shards, negatives=K)
+    config = train_mod.TrainConfig(dim=D, optimizer=optimizer, seed=5, shards=shards, negatives=K, dtype=dtype)
     w_in, w_out = train_mod.initial_tables(V, D, config.seed)
     local = train_mod.CembedModel(w_in.copy(), w_out.copy(), config)
     sharded = train_mod.ShardedModel(w_in, w_out, config)
