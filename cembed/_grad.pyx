@@ -17,7 +17,7 @@ from libc.stdint cimport uint16_t
 
 from cembed._rows cimport (prefetch_row, prefetch_row_for_write, row_stride_items, row_add, row_axpy,
                            row_fma_accumulate, row_add_half, row_axpy_half, row_fma_accumulate_half,
-                           apply_row_update, PREFETCH_DISTANCE, ROW_SGD, ROW_ADAGRAD, ROW_ADAM,
+                           apply_row_update, row_update_has_state, PREFETCH_DISTANCE, ROW_SGD, ROW_ADAGRAD, ROW_ADAM,
                            ROW_ROWWISE_ADAGRAD, TABLE_F32, TABLE_F64, TABLE_BF16, TABLE_F16)
 
 cdef enum:
@@ -322,8 +322,7 @@ def segment_update(const floating[:, ::1] values,  # IN  (n_values, dim) gradien
     if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
                             sizeof(floating)):
         raise ValueError("segment_update: the weight's rows must be contiguous (unit column stride)")
-    if (kind == ROW_ADAGRAD and a_ptr == NULL) or (kind == ROW_ADAM and (a_ptr == NULL or b_ptr == NULL)) \
-            or (kind == ROW_ROWWISE_ADAGRAD and rs_ptr == NULL) or not ROW_SGD <= kind <= ROW_ROWWISE_ADAGRAD:
+    if not row_update_has_state(kind, a_ptr != NULL, b_ptr != NULL, rs_ptr != NULL):
         raise ValueError("segment_update: missing optimizer state for this update kind")
     values_ptr = <const char *> &values[0, 0]
     w = &weight[0, 0]
@@ -435,8 +434,7 @@ def segment_update_half(const half_grad_rows_t[:, ::1] values,   # IN  (n_values
     if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
                             sizeof(uint16_t)):
         raise ValueError("segment_update_half: the weight's rows must be contiguous (unit column stride)")
-    if (kind == ROW_ADAGRAD and a_ptr == NULL) or (kind == ROW_ADAM and (a_ptr == NULL or b_ptr == NULL)) \
-            or (kind == ROW_ROWWISE_ADAGRAD and rs_ptr == NULL) or not ROW_SGD <= kind <= ROW_ROWWISE_ADAGRAD:
+    if not row_update_has_state(kind, a_ptr != NULL, b_ptr != NULL, rs_ptr != NULL):
         raise ValueError("segment_update_half: missing optimizer state for this update kind")
     if weight_fmt != CEMBED_TABLE_BF16 and weight_fmt != CEMBED_TABLE_F16:
         raise ValueError(f"segment_update_half: unknown weight format {weight_fmt}")

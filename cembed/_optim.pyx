@@ -12,8 +12,8 @@ from cython.parallel cimport prange
 from cython cimport floating
 from libc.stdint cimport int64_t
 
-from cembed._rows cimport (prefetch_row_for_write, row_stride_items, apply_row_update, adam_row, PREFETCH_DISTANCE,
-                           ROW_SGD, ROW_ADAGRAD, ROW_ADAM, ROW_ROWWISE_ADAGRAD)
+from cembed._rows cimport (prefetch_row_for_write, row_stride_items, apply_row_update, row_update_has_state, adam_row,
+                           PREFETCH_DISTANCE)
 
 cdef enum:
     ROWS_PER_CHUNK = 64
@@ -78,8 +78,7 @@ def update_rows(int kind,                            # a ROW_* kind of _rows.pxd
     cdef floating *a_ptr = &state_a[0, 0] if state_a.shape[0] > 0 else NULL
     cdef floating *b_ptr = &state_b[0, 0] if state_b.shape[0] > 0 else NULL
     cdef floating *rs_ptr = &row_state[0] if row_state.shape[0] > 0 else NULL
-    if (kind == ROW_ADAGRAD and a_ptr == NULL) or (kind == ROW_ADAM and (a_ptr == NULL or b_ptr == NULL)) \
-            or (kind == ROW_ROWWISE_ADAGRAD and rs_ptr == NULL) or not ROW_SGD <= kind <= ROW_ROWWISE_ADAGRAD:
+    if not row_update_has_state(kind, a_ptr != NULL, b_ptr != NULL, rs_ptr != NULL):
         raise ValueError(f"update_rows: missing optimizer state for update kind {kind}")
     if rows.shape[0] and weight.shape[1] and _weight_rows(weight, &row_stride, "update_rows") == 0:
         _update_listed_rows(kind, &weight[0, 0], row_stride, a_ptr, b_ptr, rs_ptr, &rows[0], rows.shape[0],

@@ -293,6 +293,20 @@ cdef enum:
     ROW_ROWWISE_ADAGRAD = 3   # row_state: the row's one accumulator; q0 = lr, q1 = eps, q2 = weight_decay, mode
 
 
+cdef inline bint row_update_has_state(int kind, bint has_a, bint has_b, bint has_row_state) noexcept nogil:
+    """Whether `kind` is a ROW_* update and the state arrays it needs are there (state_a for Adagrad,
+    state_a and state_b for Adam, row_state for row-wise Adagrad)."""
+    if kind == ROW_SGD:
+        return True
+    if kind == ROW_ADAGRAD:
+        return has_a
+    if kind == ROW_ADAM:
+        return has_a and has_b
+    if kind == ROW_ROWWISE_ADAGRAD:
+        return has_row_state
+    return False
+
+
 cdef inline void apply_row_update(int kind,
                                   floating *w,                # INOUT (dim,) weight row
                                   floating *state_a,          # INOUT (dim,) or NULL

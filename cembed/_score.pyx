@@ -197,8 +197,8 @@ from libc.stdint cimport int64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 
-from cembed._rows cimport (prefetch_row_for_write, row_axpy, row_fma_accumulate, apply_row_update, ROW_SGD,
-                           ROW_ADAGRAD, ROW_ADAM, ROW_ROWWISE_ADAGRAD)
+from cembed._rows cimport (prefetch_row_for_write, row_axpy, row_fma_accumulate, apply_row_update,
+                           row_update_has_state)
 
 cdef enum:
     SEGMENTS_PER_CHUNK = 64     # dynamic-schedule chunk of the row pass (rows are Zipf-skewed)
@@ -313,8 +313,7 @@ def logistic_scores_update(const floating[:, ::1] query,   # IN    (n_queries, d
     if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
                             sizeof(floating)):
         raise ValueError("logistic_scores_update: the weight's rows must be contiguous (unit column stride)")
-    if (kind == ROW_ADAGRAD and a_ptr == NULL) or (kind == ROW_ADAM and (a_ptr == NULL or b_ptr == NULL)) \
-            or (kind == ROW_ROWWISE_ADAGRAD and rs_ptr == NULL) or not ROW_SGD <= kind <= ROW_ROWWISE_ADAGRAD:
+    if not row_update_has_state(kind, a_ptr != NULL, b_ptr != NULL, rs_ptr != NULL):
         raise ValueError("logistic_scores_update: missing optimizer state for this update kind")
     w = &weight[0, 0]
     old = &old_rows[0, 0]

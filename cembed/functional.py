@@ -30,7 +30,7 @@ from typing import Any, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
-from . import _bag, _buffer_cache, _grad, _gather, _prefetch, _renorm, _score, _sort
+from . import _bag, _buffer_cache, _grad, _gather, _optim, _prefetch, _renorm, _score, _sort
 from ._config import n_threads_for
 from ._dtypes import FLOAT32, as_kernel_view, compute_dtype, is_half, is_table_dtype, kernel_format, resolve_out_dtype
 from ._validation import (
@@ -41,6 +41,7 @@ from ._validation import (
     check_gradient_rows,
     check_index_range,
     check_max_norm,
+    check_real,
     check_per_sample_weights,
     check_size,
     check_trainable,
@@ -55,7 +56,7 @@ from .sparse import SparseGrad
 
 __all__ = ["embedding", "embedding_renorm_", "embedding_backward", "coalesce", "embedding_bag",
            "embedding_bag_backward", "prefetch",
-           "embedding_dot", "embedding_dot_backward", "embedding_dot_logistic"]
+           "embedding_dot", "embedding_dot_backward", "embedding_dot_logistic", "embedding_dot_logistic_sgd_"]
 
 Grad = Union[np.ndarray, SparseGrad]
 BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
@@ -359,13 +360,23 @@ class RowContributions:
                               _sort_threads(order.size))   # a light pass over the entries: as the sort
         return _identity(order.size), src, scale
 
+    def _grouped(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(order, distinct rows, segment starts): the grouping given at construction, or sorted now."""
+        return self.groups if self.groups is not None else _group_rows(self.rows)
+
+    def _padding_segment(self, seg_rows: np.ndarray) -> int:
+        """The segment of the padding row among the distinct rows ``seg_rows``, or -1 (none or absent)."""
+        if self.padding_idx is None or not seg_rows.size:
+            return -1
+        hit = int(np.searchsorted(seg_rows, self.padding_idx))
+        return hit if hit < seg_rows.size and seg_rows[hit] == self.padding_idx else -1
+
     def _segments(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        order, seg_rows, starts = self.groups if self.groups is not None else _group_rows(self.rows)
+        order, seg_rows, starts = self._grouped()
         seg_ids = _identity(seg_rows.size)
-        if self.padding_idx is not None and seg_rows.size:
-            hit = int(np.searchsorted(seg_rows, self.padding_idx))
-            if hit < seg_rows.size and seg_rows[hit] == self.padding_idx:
-                seg_ids = np.delete(seg_ids, hit)
+        skip = self._padding_segment(seg_rows)
+        if skip >= 0:
+            seg_ids = np.delete(seg_ids, skip)
         return order, seg_rows, starts, seg_ids
 
     def _sum(self, out: np.ndarray, scatter: bool,
@@ -1367,10 +1378,6 @@ def embedding_dot_logistic(query: Any, indices: Any, weight: np.ndarray, n_posit
 
 
 # ============================================================================ scoring fused with the table's update
-from . import _optim, _validation  # noqa: E402  (this block's own imports)
-
-__all__ += ["embedding_dot_logistic_sgd_"]
-
 
 class LogisticScores(RowContributions):
     """:func:`embedding_dot_logistic` of validated operands and the table gradient it implies — entry
@@ -1440,14 +1447,8 @@ class LogisticScores(RowContributions):
                 or not kernel_layout(weight) or n_entries == 0 or dim == 0:
             super().update_rows(weight, kind, states, params, mode, maximize)   # scores first (_segments)
             return
-        if self.groups is None:
-            self.groups = _group_rows(self.rows)
-        order, seg_rows, starts = self.groups
-        skip = -1
-        if self.padding_idx is not None:
-            hit = int(np.searchsorted(seg_rows, self.padding_idx))
-            if hit < seg_rows.size and seg_rows[hit] == self.padding_idx:
-                skip = hit
+        order, seg_rows, starts = self._grouped()
+        skip = self._padding_segment(seg_rows)
         dtype = weight.dtype
         loss, grad_scores, grad_query = self._outputs()
         old_rows = _buffer_cache.empty((seg_rows.size, dim), dtype)
@@ -1551,7 +1552,7 @@ def embedding_dot_logistic_sgd_(query: Any, indices: Any, weight: np.ndarray, lr
     if weight.dtype not in FLOAT_DTYPES:
         raise TypeError(f"embedding_dot_logistic_sgd_: the weight must be float32 or float64, got dtype {weight.dtype}")
     check_writeable(weight, "embedding_dot_logistic_sgd_")
-    lr = _validation.check_real(lr, "lr", low=0.0)
+    lr = check_real(lr, "lr", low=0.0)
     scores = logistic_scores(query, indices, weight, n_positive, with_loss=with_loss,
                              name="embedding_dot_logistic_sgd_")
     if kernel_layout(weight):
