@@ -146,12 +146,20 @@ CEMBED_CLONES static void NAME(T *restrict w, T *restrict state, const T *restri
 {                                                                                                      \
     T lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                             \
     ptrdiff_t d = 0;                                                                                   \
-    for (; d + 8 <= dim; d += 8) {                                                                     \
-        for (int l = 0; l < 8; l++) {                                                                  \
-            T h = sign * grad[d + l];                                                                  \
-            if (mode == 1) h = h + weight_decay * w[d + l];                                            \
-            lanes[l] = lanes[l] + h * h;                                                               \
-        }                                                                                              \
+    /* the mode is tested outside the lane loops, so each of them vectorises (8 lanes: one AVX      */ \
+    /* register or two SSE ones, the same bits)                                                      */ \
+    if (mode == 1) {                                                                                   \
+        for (; d + 8 <= dim; d += 8)                                                                   \
+            for (int l = 0; l < 8; l++) {                                                              \
+                const T h = sign * grad[d + l] + weight_decay * w[d + l];                              \
+                lanes[l] = lanes[l] + h * h;                                                           \
+            }                                                                                          \
+    } else {                                                                                           \
+        for (; d + 8 <= dim; d += 8)                                                                   \
+            for (int l = 0; l < 8; l++) {                                                              \
+                const T h = sign * grad[d + l];                                                        \
+                lanes[l] = lanes[l] + h * h;                                                           \
+            }                                                                                          \
     }                                                                                                  \
     for (int l = 0; d < dim; d++, l++) {                                                               \
         T h = sign * grad[d];                                                                          \
