@@ -6,13 +6,14 @@ from numpy.typing import NDArray
 
 _Float = TypeVar("_Float", np.float32, np.float64)
 _Index = NDArray[np.int32] | NDArray[np.int64]
+_Table = NDArray[np.float32] | NDArray[np.float64] | NDArray[np.uint16]   # 16-bit tables as bit patterns
 
-def dot_scores(query: NDArray[_Float], weight: NDArray[_Float], indices: _Index, out: NDArray[_Float],
+def dot_scores(query: NDArray[_Float], weight: _Table, fmt: int, indices: _Index, out: NDArray[_Float],
                n_threads: int) -> None: ...
-def dot_scores_backward(grad_scores: NDArray[_Float], weight: NDArray[_Float], indices: _Index,
+def dot_scores_backward(grad_scores: NDArray[_Float], weight: _Table, fmt: int, indices: _Index,
                         out: NDArray[_Float], n_threads: int) -> None: ...
-def logistic_scores(query: NDArray[_Float], weight: NDArray[_Float], indices: _Index, n_positive: int, want_loss: bool,
-                    loss: NDArray[_Float], grad_scores: NDArray[_Float], grad_query: NDArray[_Float],
+def logistic_scores(query: NDArray[_Float], weight: _Table, fmt: int, indices: _Index, n_positive: int,
+                    want_loss: bool, loss: NDArray[_Float], grad_scores: NDArray[_Float], grad_query: NDArray[_Float],
                     n_threads: int) -> None: ...
 def logistic_scores_update(query: NDArray[_Float], weight: NDArray[_Float], n_per: int, order: NDArray[np.int64],
                            starts: NDArray[np.int64], seg_rows: NDArray[np.int64], skip_segment: int,

@@ -11,8 +11,10 @@ from cython.parallel cimport prange
 from cython cimport floating
 from libc.math cimport exp, expf, fabs, fabsf, log1p, log1pf
 
+from libc.stdint cimport uint16_t
+
 from cembed._typedefs cimport index_t
-from cembed._rows cimport prefetch_row, row_stride_items, PREFETCH_DISTANCE
+from cembed._rows cimport prefetch_row, row_stride_items, PREFETCH_DISTANCE, TABLE_F32, TABLE_F64, TABLE_BF16, TABLE_F16
 
 cdef enum:
     # dynamic-schedule chunk of queries: a thread that the OS pauses (a shared host) holds up only
@@ -25,6 +27,14 @@ cdef extern from "_score.h" nogil:
     double cembed_dot_f64(const double *a, const double *b, Py_ssize_t dim)
     void cembed_score_axpy_f32(float *out, const float *row, float scale, Py_ssize_t dim)
     void cembed_score_axpy_f64(double *out, const double *row, double scale, Py_ssize_t dim)
+    float cembed_dot_half(int fmt, const float *a, const uint16_t *b, Py_ssize_t dim)
+    void cembed_score_axpy_half(int fmt, float *out, const uint16_t *row, float scale, Py_ssize_t dim)
+
+
+ctypedef fused table_t:   # the scored table: float32 / float64 rows, or a 16-bit table's bit patterns
+    float
+    double
+    uint16_t
 
 
 cdef inline floating row_dot(const floating *a, const floating *b, Py_ssize_t dim) noexcept nogil:
@@ -44,8 +54,60 @@ cdef inline void row_scaled_add(floating *out, const floating *row, floating sca
         cembed_score_axpy_f64(out, row, scale, dim)
 
 
+cdef inline floating table_dot(const floating *query, const table_t *row, int fmt, Py_ssize_t dim) noexcept nogil:
+    """<query, row> for a table row of any format (a 16-bit row widened exactly: the bits of row_dot
+    with its float32 copy). Only the pairs _check_table admits reach here; the others return 0."""
+    if table_t is uint16_t:
+        if floating is float:
+            return cembed_dot_half(fmt, query, row, dim)
+        return 0
+    elif table_t is float:
+        if floating is float:
+            return cembed_dot_f32(query, row, dim)
+        return 0
+    else:
+        if floating is double:
+            return cembed_dot_f64(query, row, dim)
+        return 0
+
+
+cdef inline void table_scaled_add(floating *out, const table_t *row, int fmt, floating scale,
+                                  Py_ssize_t dim) noexcept nogil:
+    """out = fma(scale, row, out) for a table row of any format (as table_dot)."""
+    if table_t is uint16_t:
+        if floating is float:
+            cembed_score_axpy_half(fmt, out, row, scale, dim)
+    elif table_t is float:
+        if floating is float:
+            cembed_score_axpy_f32(out, row, scale, dim)
+    else:
+        if floating is double:
+            cembed_score_axpy_f64(out, row, scale, dim)
+
+
+cdef bint _check_table(const floating *query, const table_t *row, int fmt, Py_ssize_t n_rows, Py_ssize_t dim,
+                       Py_ssize_t row_stride_bytes, Py_ssize_t column_stride_bytes,
+                       Py_ssize_t *row_stride) except False:
+    """Raise ValueError unless the table's format matches the queries (float32 rows or 16-bit ones of
+    format fmt for float32 queries, float64 rows for float64 queries) and its rows are contiguous;
+    then set row_stride (in elements). The pointers only carry the types."""
+    cdef bint ok
+    if table_t is uint16_t:
+        ok = floating is float and (fmt == TABLE_BF16 or fmt == TABLE_F16)
+    elif table_t is float:
+        ok = floating is float and fmt == TABLE_F32
+    else:
+        ok = floating is double and fmt == TABLE_F64
+    if not ok:
+        raise ValueError("score kernels: the table's format does not match the queries' dtype")
+    if not row_stride_items(row_stride, n_rows, dim, row_stride_bytes, column_stride_bytes, sizeof(table_t)):
+        raise ValueError("score kernels: the weight's rows must be contiguous (unit column stride)")
+    return True
+
+
 def dot_scores(const floating[:, ::1] query,     # IN  (n_queries, dim)
-               const floating[:, :] weight,      # IN  (n_rows, dim), unit column stride
+               const table_t[:, :] weight,       # IN  (n_rows, dim), unit column stride; 16-bit: bit patterns
+               int fmt,                          # IN  the table's format (TABLE_*)
                const index_t[:, ::1] indices,    # IN  (n_queries, n_per_query), validated in [0, n_rows)
                floating[:, ::1] out,             # OUT (n_queries, n_per_query)
                int n_threads):
@@ -53,10 +115,12 @@ def dot_scores(const floating[:, ::1] query,     # IN  (n_queries, dim)
     PREFETCH_DISTANCE entries ahead."""
     cdef Py_ssize_t n_queries = indices.shape[0], n_per = indices.shape[1], dim = weight.shape[1]
     cdef Py_ssize_t b, k, ahead, row_stride
-    cdef Py_ssize_t row_bytes = dim * sizeof(floating)
+    cdef Py_ssize_t row_bytes = dim * sizeof(table_t)
     cdef Py_ssize_t n_total
-    cdef const floating *base
+    cdef const table_t *base
     cdef const index_t *flat
+    _check_table(<const floating *> NULL, <const table_t *> NULL, fmt, weight.shape[0], dim, weight.strides[0],
+                 weight.strides[1], &row_stride)
     if n_queries == 0 or n_per == 0:
         return
     if dim == 0 or weight.shape[0] == 0:
@@ -64,9 +128,6 @@ def dot_scores(const floating[:, ::1] query,     # IN  (n_queries, dim)
             for k in range(n_per):
                 out[b, k] = 0
         return
-    if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
-                            sizeof(floating)):
-        raise ValueError("score kernels: the weight's rows must be contiguous (unit column stride)")
     base = &weight[0, 0]
     flat = &indices[0, 0]
     n_total = n_queries * n_per
@@ -76,11 +137,12 @@ def dot_scores(const floating[:, ::1] query,     # IN  (n_queries, dim)
                 ahead = b * n_per + k + PREFETCH_DISTANCE
                 if ahead < n_total:
                     prefetch_row(base + (<Py_ssize_t> flat[ahead]) * row_stride, row_bytes)
-                out[b, k] = row_dot(&query[b, 0], base + (<Py_ssize_t> indices[b, k]) * row_stride, dim)
+                out[b, k] = table_dot(&query[b, 0], base + (<Py_ssize_t> indices[b, k]) * row_stride, fmt, dim)
 
 
 def dot_scores_backward(const floating[:, ::1] grad_scores,   # IN  (n_queries, n_per_query)
-                        const floating[:, :] weight,          # IN  (n_rows, dim), unit column stride
+                        const table_t[:, :] weight,           # IN  (n_rows, dim), unit column stride
+                        int fmt,                              # IN  the table's format (TABLE_*)
                         const index_t[:, ::1] indices,        # IN  (n_queries, n_per_query), validated
                         floating[:, ::1] out,                 # OUT (n_queries, dim)
                         int n_threads):
@@ -88,10 +150,12 @@ def dot_scores_backward(const floating[:, ::1] grad_scores,   # IN  (n_queries, 
     each term one fma per element, starting from zero; parallel over b."""
     cdef Py_ssize_t n_queries = indices.shape[0], n_per = indices.shape[1], dim = weight.shape[1]
     cdef Py_ssize_t b, k, d, ahead, row_stride
-    cdef Py_ssize_t row_bytes = dim * sizeof(floating)
+    cdef Py_ssize_t row_bytes = dim * sizeof(table_t)
     cdef Py_ssize_t n_total
-    cdef const floating *base
+    cdef const table_t *base
     cdef const index_t *flat
+    _check_table(<const floating *> NULL, <const table_t *> NULL, fmt, weight.shape[0], dim, weight.strides[0],
+                 weight.strides[1], &row_stride)
     if n_queries == 0 or dim == 0:
         return
     if n_per == 0 or weight.shape[0] == 0:
@@ -99,9 +163,6 @@ def dot_scores_backward(const floating[:, ::1] grad_scores,   # IN  (n_queries, 
             for d in range(dim):
                 out[b, d] = 0
         return
-    if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
-                            sizeof(floating)):
-        raise ValueError("score kernels: the weight's rows must be contiguous (unit column stride)")
     base = &weight[0, 0]
     flat = &indices[0, 0]
     n_total = n_queries * n_per
@@ -113,8 +174,8 @@ def dot_scores_backward(const floating[:, ::1] grad_scores,   # IN  (n_queries, 
                 ahead = b * n_per + k + PREFETCH_DISTANCE
                 if ahead < n_total:
                     prefetch_row(base + (<Py_ssize_t> flat[ahead]) * row_stride, row_bytes)
-                row_scaled_add(&out[b, 0], base + (<Py_ssize_t> indices[b, k]) * row_stride,
-                               grad_scores[b, k], dim)
+                table_scaled_add(&out[b, 0], base + (<Py_ssize_t> indices[b, k]) * row_stride, fmt,
+                                 grad_scores[b, k], dim)
 
 
 cdef inline floating _exp_neg_abs(floating x) noexcept nogil:
@@ -133,7 +194,8 @@ cdef inline floating _log1p(floating x) noexcept nogil:
 
 
 def logistic_scores(const floating[:, ::1] query,       # IN  (n_queries, dim)
-                    const floating[:, :] weight,        # IN  (n_rows, dim), unit column stride
+                    const table_t[:, :] weight,         # IN  (n_rows, dim), unit column stride
+                    int fmt,                            # IN  the table's format (TABLE_*)
                     const index_t[:, ::1] indices,      # IN  (n_queries, n_per_query), validated
                     Py_ssize_t n_positive,              # IN  columns [0, n_positive) are positives
                     bint want_loss,                     # IN  False: loss is neither computed nor written
@@ -149,16 +211,15 @@ def logistic_scores(const floating[:, ::1] query,       # IN  (n_queries, dim)
     e / (1 + e); grad_query[b] as in dot_scores_backward (k = 0, 1, ..., one fma per element)."""
     cdef Py_ssize_t n_queries = indices.shape[0], n_per = indices.shape[1], dim = weight.shape[1]
     cdef Py_ssize_t b, k, d, ahead, row_stride, n_total
-    cdef Py_ssize_t row_bytes = dim * sizeof(floating)
-    cdef const floating *base
-    cdef const floating *row
+    cdef Py_ssize_t row_bytes = dim * sizeof(table_t)
+    cdef const table_t *base
+    cdef const table_t *row
     cdef const index_t *flat
     cdef floating s, x, e, g, total
+    _check_table(<const floating *> NULL, <const table_t *> NULL, fmt, weight.shape[0], dim, weight.strides[0],
+                 weight.strides[1], &row_stride)
     if n_queries == 0:
         return
-    if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
-                            sizeof(floating)):
-        raise ValueError("score kernels: the weight's rows must be contiguous (unit column stride)")
     base = &weight[0, 0] if weight.shape[0] > 0 and dim > 0 else NULL
     flat = &indices[0, 0] if n_per > 0 else NULL
     n_total = n_queries * n_per
@@ -173,7 +234,7 @@ def logistic_scores(const floating[:, ::1] query,       # IN  (n_queries, dim)
                     if ahead < n_total:
                         prefetch_row(base + (<Py_ssize_t> flat[ahead]) * row_stride, row_bytes)
                     row = base + (<Py_ssize_t> flat[b * n_per + k]) * row_stride
-                    s = row_dot(&query[b, 0], row, dim)
+                    s = table_dot(&query[b, 0], row, fmt, dim)
                 else:
                     s = 0
                 x = -s if k < n_positive else s
@@ -184,7 +245,7 @@ def logistic_scores(const floating[:, ::1] query,       # IN  (n_queries, dim)
                 g = -g if k < n_positive else g
                 grad_scores[b, k] = g
                 if base != NULL:
-                    row_scaled_add(&grad_query[b, 0], row, g, dim)
+                    table_scaled_add(&grad_query[b, 0], row, fmt, g, dim)
             if want_loss:
                 loss[b] = total
 

@@ -1172,11 +1172,9 @@ def prefetch(weight: np.ndarray, indices: Any, *state_arrays: np.ndarray, wait: 
 
 def _score_operands(indices: Any, weight: Any, name: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(checked weight, indices as validated int32/int64 of the caller's shape, the same as a
-    C-contiguous (n_queries, n_per_query) array)."""
-    weight = check_weight(weight)
-    if weight.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: the weight must be float32 or float64, got dtype {weight.dtype} (for a 16-bit "
-                        "table, score the rows looked up with embedding(), which are float32)")
+    C-contiguous (n_queries, n_per_query) array). The weight may be float32, float64 or 16-bit (scored
+    in float32: its rows widened exactly inside the kernels)."""
+    weight = check_weight(weight)   # float32, float64, float16 or bfloat16
     idx, flat = validated_indices(indices, weight.shape[0])
     if idx.ndim < 1:
         raise ValueError(f"{name}: indices must have at least one dimension (..., n_per_query), got a scalar")
@@ -1185,13 +1183,15 @@ def _score_operands(indices: Any, weight: Any, name: str) -> Tuple[np.ndarray, n
     return weight, idx, flat.reshape(n_queries, n_per)
 
 
-def _score_table(weight: np.ndarray, grid: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """(table, indices) the kernels read: the weight itself when the kernels can use it in place,
-    else a contiguous copy of just the referenced rows (indices then number them in order)."""
-    if kernel_layout(weight):
-        return weight, grid
-    rows = np.ascontiguousarray(np.take(weight, grid.reshape(-1), axis=0))
-    return rows, np.arange(grid.size, dtype=np.int64).reshape(grid.shape)
+def _score_table(weight: np.ndarray, grid: np.ndarray) -> Tuple[np.ndarray, int, np.ndarray]:
+    """(table, its kernel format, indices) the kernels read: the weight itself when the kernels can use
+    it in place, else a contiguous copy of just the referenced rows (indices then number them in
+    order); a 16-bit table as its bit patterns (``as_kernel_view``)."""
+    if not kernel_layout(weight):
+        weight = np.ascontiguousarray(np.take(weight, grid.reshape(-1), axis=0))
+        grid = np.arange(grid.size, dtype=np.int64).reshape(grid.shape)
+    table, fmt = as_kernel_view(weight)
+    return table, fmt, grid
 
 
 def embedding_dot(query: Any, indices: Any, weight: np.ndarray) -> np.ndarray:
@@ -1207,23 +1207,26 @@ def embedding_dot(query: Any, indices: Any, weight: np.ndarray) -> np.ndarray:
     Parameters
     ----------
     query : numpy.ndarray, shape (*indices.shape[:-1], embedding_dim)
-        The query vectors, the weight's dtype.
+        The query vectors, in the compute dtype: the weight's, float32 for a 16-bit table.
     indices : array_like of int, shape (..., n_per_query)
         For each query, the rows it is scored against (at least one dimension; validated).
     weight : numpy.ndarray, shape (num_embeddings, embedding_dim)
-        float32 or float64; read only.
+        float32, float64, float16 or bfloat16; read only. A 16-bit table is scored in float32, each
+        row widened exactly as it is read: bitwise the results for ``weight.astype(numpy.float32)``,
+        without that copy.
 
     Returns
     -------
     numpy.ndarray, shape indices.shape
-        A new array of the weight's dtype.
+        A new array of the compute dtype.
 
     Raises
     ------
     IndexError
         An index outside ``[0, num_embeddings)``.
     TypeError
-        Non-integer indices; a weight that is not float32/float64; a query of another dtype.
+        Non-integer indices; a weight that is not float32/float64/float16/bfloat16; a query of
+        another dtype than the compute dtype.
     ValueError
         A weight that is not 2-D, scalar indices, a query of the wrong shape.
 
@@ -1244,11 +1247,11 @@ def embedding_dot(query: Any, indices: Any, weight: np.ndarray) -> np.ndarray:
            [-1., -1.]], dtype=float32)
     """
     weight, idx, grid = _score_operands(indices, weight, "embedding_dot")
-    dim = weight.shape[1]
-    q = check_gradient_rows(query, idx.shape[:-1], dim=dim, dtype=weight.dtype, name="query")
-    out = np.empty(grid.shape, dtype=weight.dtype)
-    table, grid = _score_table(weight, grid)
-    _score.dot_scores(q, table, grid, out, n_threads_for(grid.size, "gather"))
+    dim, dtype = weight.shape[1], compute_dtype(weight.dtype)
+    q = check_gradient_rows(query, idx.shape[:-1], dim=dim, dtype=dtype, name="query")
+    out = np.empty(grid.shape, dtype=dtype)
+    table, fmt, grid = _score_table(weight, grid)
+    _score.dot_scores(q, table, fmt, grid, out, n_threads_for(grid.size, "gather"))
     return out.reshape(idx.shape)
 
 
@@ -1264,16 +1267,16 @@ def embedding_dot_backward(grad_scores: Any, indices: Any, weight: np.ndarray) -
     Parameters
     ----------
     grad_scores : numpy.ndarray, shape indices.shape
-        d(loss)/d(scores), the weight's dtype.
+        d(loss)/d(scores), the compute dtype (the weight's; float32 for a 16-bit table).
     indices : array_like of int, shape (..., n_per_query)
         As given to the forward.
     weight : numpy.ndarray, shape (num_embeddings, embedding_dim)
-        The table as it was at the forward; read only.
+        The table as it was at the forward (any dtype :func:`embedding_dot` takes); read only.
 
     Returns
     -------
     numpy.ndarray, shape (*indices.shape[:-1], embedding_dim)
-        A new array of the weight's dtype.
+        A new array of the compute dtype.
 
     Raises
     ------
@@ -1289,17 +1292,18 @@ def embedding_dot_backward(grad_scores: Any, indices: Any, weight: np.ndarray) -
     array([[3., 2.]], dtype=float32)
     """
     weight, idx, grid = _score_operands(indices, weight, "embedding_dot_backward")
+    dtype = compute_dtype(weight.dtype)
     grad = grad_scores if isinstance(grad_scores, np.ndarray) else np.asarray(grad_scores)
     if grad.dtype not in FLOAT_DTYPES:
         raise TypeError(f"grad_scores must be float32 or float64, got dtype {grad.dtype}")
-    if grad.dtype != weight.dtype:
-        raise TypeError(f"grad_scores has dtype {grad.dtype} but the weight is {weight.dtype}")
+    if grad.dtype != dtype:
+        raise TypeError(f"grad_scores has dtype {grad.dtype} but a {weight.dtype} weight is scored in {dtype}")
     if grad.shape != idx.shape:
         raise ValueError(f"grad_scores must have the shape of indices {idx.shape}, got {grad.shape}")
     grad = np.ascontiguousarray(grad.astype(grad.dtype.newbyteorder("="), copy=False)).reshape(grid.shape)
-    out = np.empty((grid.shape[0], weight.shape[1]), dtype=weight.dtype)
-    table, grid = _score_table(weight, grid)
-    _score.dot_scores_backward(grad, table, grid, out, n_threads_for(grid.size, "gather"))
+    out = np.empty((grid.shape[0], weight.shape[1]), dtype=dtype)
+    table, fmt, grid = _score_table(weight, grid)
+    _score.dot_scores_backward(grad, table, fmt, grid, out, n_threads_for(grid.size, "gather"))
     return out.reshape(idx.shape[:-1] + (weight.shape[1],))
 
 
@@ -1326,11 +1330,12 @@ def embedding_dot_logistic(query: Any, indices: Any, weight: np.ndarray, n_posit
     Parameters
     ----------
     query : numpy.ndarray, shape (*indices.shape[:-1], embedding_dim)
-        The weight's dtype.
+        The compute dtype: the weight's, float32 for a 16-bit table.
     indices : array_like of int, shape (..., n_per_query)
         Each query's positive columns first, then its negatives.
     weight : numpy.ndarray, shape (num_embeddings, embedding_dim)
-        float32 or float64; read only.
+        float32, float64, float16 or bfloat16 (scored in float32 as :func:`embedding_dot` does); read
+        only.
     n_positive : int, default 1
         How many leading columns are positives, ``0 <= n_positive <= n_per_query``.
     with_loss : bool, default True
@@ -1342,7 +1347,7 @@ def embedding_dot_logistic(query: Any, indices: Any, weight: np.ndarray, n_posit
     loss : numpy.ndarray, shape indices.shape[:-1], or None
     grad_scores : numpy.ndarray, shape indices.shape
     grad_query : numpy.ndarray, shape query.shape
-        New arrays of the weight's dtype.
+        New arrays of the compute dtype.
 
     Raises
     ------
@@ -1363,15 +1368,15 @@ def embedding_dot_logistic(query: Any, indices: Any, weight: np.ndarray, n_posit
     array([[-0.1192,  0.    ]], dtype=float32)
     """
     weight, idx, grid = _score_operands(indices, weight, "embedding_dot_logistic")
-    dim = weight.shape[1]
-    q = check_gradient_rows(query, idx.shape[:-1], dim=dim, dtype=weight.dtype, name="query")
+    dim, dtype = weight.shape[1], compute_dtype(weight.dtype)
+    q = check_gradient_rows(query, idx.shape[:-1], dim=dim, dtype=dtype, name="query")
     n_positive = check_int(n_positive, "n_positive", low=0, high=grid.shape[1])
     with_loss = check_bool(with_loss, "with_loss")
-    loss = np.empty(grid.shape[0] if with_loss else 0, dtype=weight.dtype)
-    grad_scores = np.empty(grid.shape, dtype=weight.dtype)
-    grad_query = np.empty((grid.shape[0], dim), dtype=weight.dtype)
-    table, grid = _score_table(weight, grid)
-    _score.logistic_scores(q, table, grid, n_positive, with_loss, loss, grad_scores, grad_query,
+    loss = np.empty(grid.shape[0] if with_loss else 0, dtype=dtype)
+    grad_scores = np.empty(grid.shape, dtype=dtype)
+    grad_query = np.empty((grid.shape[0], dim), dtype=dtype)
+    table, fmt, grid = _score_table(weight, grid)
+    _score.logistic_scores(q, table, fmt, grid, n_positive, with_loss, loss, grad_scores, grad_query,
                            n_threads_for(grid.size, "gather"))
     return (loss.reshape(idx.shape[:-1]) if with_loss else None, grad_scores.reshape(idx.shape),
             grad_query.reshape(idx.shape[:-1] + (dim,)))
@@ -1410,17 +1415,13 @@ class LogisticScores(RowContributions):
         self.scale = grad_scores.reshape(-1)
 
     def _score(self) -> None:
-        """The scores against the table as it is now (logistic_scores; a 16-bit table's rows widened
-        to float32 first, a table the kernels cannot read in place copied row by row)."""
+        """The scores against the table as it is now (logistic_scores; a table the kernels cannot read
+        in place copied row by row)."""
         if self.scored is not None:
             return
         loss, grad_scores, grad_query = self._outputs()
-        if is_half(self.weight.dtype):
-            table = _take_rows(self.weight, (self.grid.size,), self.grid.reshape(-1))
-            grid = np.arange(self.grid.size, dtype=np.int64).reshape(self.grid.shape)
-        else:
-            table, grid = _score_table(self.weight, self.grid)
-        _score.logistic_scores(self.query, table, grid, self.n_positive, self.with_loss, loss, grad_scores,
+        table, fmt, grid = _score_table(self.weight, self.grid)
+        _score.logistic_scores(self.query, table, fmt, grid, self.n_positive, self.with_loss, loss, grad_scores,
                                grad_query, n_threads_for(grid.size, "gather"))
         self._keep(loss, grad_scores, grad_query)
 

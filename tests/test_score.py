@@ -263,12 +263,49 @@ def test_bad_input(rng):
         F.embedding_dot_logistic(q.astype(np.float64), ok, w)
 
 
-@pytest.mark.parametrize("fn", ["embedding_dot", "embedding_dot_backward", "embedding_dot_logistic"])
-def test_sixteen_bit_tables_are_refused(rng, fn):
-    """The scoring kernels read float32/float64 tables only: a 16-bit table is a TypeError naming the
-    way out (look the rows up first), never a kernel call on the wrong element type."""
-    weight = rng.standard_normal((6, 4)).astype(np.float16)
+def _half_dtypes():
+    dtypes = [np.dtype(np.float16)]
+    try:
+        import ml_dtypes
+    except ImportError:   # bfloat16 is an optional extra (cembed[bf16])
+        return dtypes
+    return dtypes + [np.dtype(ml_dtypes.bfloat16)]
+
+
+@pytest.mark.parametrize("dtype", _half_dtypes(), ids=str)
+@pytest.mark.parametrize("dim", [1, 7, 8, 64, 67])
+def test_sixteen_bit_tables_score_as_their_float32_copy(rng, dtype, dim):
+    """A 16-bit table is scored in float32 with its rows widened exactly inside the kernels: bitwise
+    the results of scoring its float32 copy, for any layout and thread count; float32 results."""
+    weight = rng.standard_normal((300, dim)).astype(dtype)
+    wide = weight.astype(np.float32)
+    idx = zipf_indices(rng, 200 * 6, 300).reshape(200, 6)
+    query = rng.standard_normal((200, dim)).astype(np.float32)
+    grad = rng.standard_normal((200, 6)).astype(np.float32)
+    scores = F.embedding_dot(query, idx, weight)
+    assert scores.dtype == np.float32
+    assert_bitwise_equal(scores, F.embedding_dot(query, idx, wide))
+    np.testing.assert_allclose(scores, ref_dot(query, idx, wide), rtol=1e-4, atol=1e-4)
+    assert_bitwise_equal(F.embedding_dot_backward(grad, idx, weight), F.embedding_dot_backward(grad, idx, wide))
+    want = F.embedding_dot_logistic(query, idx, wide, n_positive=2)
+    for layout in (weight, np.asfortranarray(weight), weight[::-1][::-1]):
+        results = at_thread_counts(lambda: F.embedding_dot_logistic(query, idx, layout, n_positive=2))
+        for got in results:
+            for a, b in zip(got, want):
+                assert_bitwise_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", _half_dtypes(), ids=str)
+def test_sixteen_bit_tables_take_float32_operands(rng, dtype):
+    """With a 16-bit table the query and grad_scores are float32 (the compute dtype); anything else is
+    a TypeError naming the operand, never a kernel call on the wrong element type."""
+    weight = rng.standard_normal((6, 4)).astype(dtype)
     query = rng.standard_normal((2, 4)).astype(np.float32)
-    first = query if fn != "embedding_dot_backward" else np.ones((2, 3), np.float32)
-    with pytest.raises(TypeError, match="float32 or float64.*float16"):
-        getattr(F, fn)(first, [[0, 1, 2], [3, 4, 5]], weight)
+    ok = [[0, 1, 2], [3, 4, 5]]
+    for bad in (query.astype(np.float64), query.astype(dtype)):
+        for fn in (F.embedding_dot, F.embedding_dot_logistic):
+            with pytest.raises(TypeError, match="query"):
+                fn(bad, ok, weight)
+    for bad in (np.ones((2, 3), np.float64), np.ones((2, 3), dtype)):
+        with pytest.raises(TypeError, match="grad_scores"):
+            F.embedding_dot_backward(bad, ok, weight)

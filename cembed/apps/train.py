@@ -235,8 +235,9 @@ class CembedModel:
         v = self.emb_in(centers)                              # (B, D), a copy of the centers' rows
         # scores of the context (positive) and the negatives, read straight from the output table,
         # d loss / d scores and d loss / d v (and the loss): one pass, before either table changes
-        # (a float32/float64 table is read in place; a 16-bit or sharded one through a float32 copy of the
-        # targets' rows, scored by the same kernel in the same order: the same bits)
+        # (a table in this process is read in place, a 16-bit one widened row by row inside the kernel; a
+        # sharded one through a float32 copy of the targets' rows, scored by the same kernel in the same
+        # order: the same bits)
         table, rows = self._output_rows(targets)
         loss, g, dv = cembed.functional.embedding_dot_logistic(v, rows, table, with_loss=want_loss)
         # fused backward + update: each table's touched rows are summed and updated in one pass
@@ -250,7 +251,7 @@ class CembedModel:
         """(table, indices) for the scoring kernel: the output table itself when the kernel reads it
         in place, else the looked-up rows (float32) with indices numbering them."""
         weight = getattr(self.emb_out, "weight", None)
-        if isinstance(weight, np.ndarray) and weight.dtype in (np.float32, np.float64):
+        if isinstance(weight, np.ndarray):
             return weight, targets
         rows = self.emb_out(targets)                          # (B, 1 + K, D) float32
         return rows.reshape(-1, rows.shape[-1]), np.arange(targets.size, dtype=np.int64).reshape(targets.shape)
