@@ -78,10 +78,16 @@ CEMBED_ROUND_INLINE uint32_t cembed_hash32(uint32_t x)
     return x;
 }
 
+/* the key of one row at one step, shared by its arrays (streams) */
+CEMBED_ROUND_INLINE uint64_t cembed_row_key(uint64_t seed, uint64_t step, uint64_t row)
+{
+    return cembed_mix64(cembed_mix64(cembed_mix64(seed) ^ step) ^ row);
+}
+
 /* the key of one row of one array at one step */
 CEMBED_ROUND_INLINE uint64_t cembed_round_key(uint64_t seed, uint64_t step, uint64_t row, uint64_t stream)
 {
-    return cembed_mix64(cembed_mix64(cembed_mix64(cembed_mix64(seed) ^ step) ^ row) ^ stream);
+    return cembed_mix64(cembed_row_key(seed, step, row) ^ stream);
 }
 
 /* draw q (32 random bits) under a row key */
@@ -226,9 +232,11 @@ CEMBED_ROUND_CLONES static void cembed_adam_row_bf16(uint16_t *restrict w, uint1
         const float *restrict grad, float omb1, float omb2, float eps, float neg_step, float sign, ptrdiff_t dim,
         int stochastic, uint64_t seed, uint64_t step, uint64_t row)
 {
-    const uint64_t key_w = stochastic ? cembed_round_key(seed, step, row, CEMBED_STREAM_WEIGHT) : 0;
-    const uint64_t key_a = stochastic ? cembed_round_key(seed, step, row, CEMBED_STREAM_STATE_A) : 0;
-    const uint64_t key_b = stochastic ? cembed_round_key(seed, step, row, CEMBED_STREAM_STATE_B) : 0;
+    /* the three arrays' keys from one row key (cembed_round_key of each stream; 6 mixes, not 12) */
+    const uint64_t key_row = stochastic ? cembed_row_key(seed, step, row) : 0;
+    const uint64_t key_w = stochastic ? cembed_mix64(key_row ^ CEMBED_STREAM_WEIGHT) : 0;
+    const uint64_t key_a = stochastic ? cembed_mix64(key_row ^ CEMBED_STREAM_STATE_A) : 0;
+    const uint64_t key_b = stochastic ? cembed_mix64(key_row ^ CEMBED_STREAM_STATE_B) : 0;
     const uint32_t wl = (uint32_t)key_w, wh = (uint32_t)(key_w >> 32);
     const uint32_t al = (uint32_t)key_a, ah = (uint32_t)(key_a >> 32);
     const uint32_t bl = (uint32_t)key_b, bh = (uint32_t)(key_b >> 32);
