@@ -143,3 +143,40 @@ def test_training_is_bitwise_the_same_for_any_thread_count(optimizer):
               for threads in (1, 2, 3)]
     assert np.abs(tables[0]).max() > 0.05                        # trained: the init is within 0.5 / 16
     assert tables[0].tobytes() == tables[1].tobytes() == tables[2].tobytes()
+
+
+def test_background_batches_are_the_stream_in_order():
+    """The idle-priority batch thread hands over exactly BatchStream's batches, in order, and training
+    with it is bitwise training without it."""
+    corpus = corpus_mod.synthetic_corpus(3000, 10, 40_000, seed=2)
+    config = train_mod.TrainConfig(dim=16, batch_size=2048, chunk_tokens=8192)
+    direct = list(train_mod.BatchStream(corpus, config))
+    background = list(train_mod.BackgroundBatches(train_mod.BatchStream(corpus, config)))
+    assert len(direct) == len(background) > 10
+    for (c0, t0, w0), (c1, t1, w1) in zip(direct, background):
+        assert np.array_equal(c0, c1) and np.array_equal(t0, t1) and w0 == w1
+    tables = [train_mod.train(corpus, train_mod.TrainConfig(dim=16, batch_size=2048, background_batches=flag),
+                              progress=False).table for flag in (False, True)]
+    assert tables[0].tobytes() == tables[1].tobytes()
+
+
+def test_background_batches_raise_the_sources_error_and_stop():
+    def source():
+        yield 1
+        yield 2
+        raise KeyError("broken corpus")
+
+    batches = train_mod.BackgroundBatches(source())
+    assert next(batches) == 1 and next(batches) == 2
+    with pytest.raises(KeyError, match="broken corpus"):
+        next(batches)
+    with pytest.raises(StopIteration):
+        next(batches)
+    assert not batches._thread.is_alive()
+    # stopped early (the consumer failed): close() ends the thread, blocked on a full queue or not
+    endless = train_mod.BackgroundBatches(iter(int, 1), depth=1)
+    assert next(endless) == 0
+    endless.close()
+    assert not endless._thread.is_alive()
+    with pytest.raises(StopIteration):
+        next(endless)

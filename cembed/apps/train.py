@@ -11,9 +11,11 @@ for a comparison with the reference CPU implementation most users know.
 """
 import math
 import os
+import queue
 import resource
 import sys
 import tempfile
+import threading
 import time
 import types
 import zlib
@@ -53,6 +55,7 @@ class TrainConfig:
     row_order: Optional[str] = None   # with table_dir: rows stored by corpus count ("count") or by word id
     #                                   ("id"); None: "count", except for 16-bit tables rounded stochastically
     state_dtype: Optional[str] = None  # 16-bit tables: optimizer-state dtype (None: bfloat16, see below)
+    background_batches: bool = True   # make the next batches in an idle-priority thread (the same batches)
 
     def optimizer_state_dtype(self):
         """The optimizer state's dtype for 16-bit tables: bfloat16 unless set. (float16 state lacks the
@@ -150,6 +153,67 @@ class BatchStream:
                     words = consumed + (hi - lo) * (b + 1) // n_batches
                     yield c, targets, words
                 consumed += hi - lo
+
+
+class BackgroundBatches:
+    """``source``'s items, made up to ``depth`` ahead by a daemon thread that runs at idle priority
+    (``SCHED_IDLE`` on Linux): it gets a core only while a training step leaves one free (its one-thread
+    sorts, the Python between kernels, an OpenMP worker asleep), so it never takes a core from the
+    kernels. The items and their order are those of iterating ``source`` directly; an exception raised
+    in the thread is raised by ``next``. ``close()`` stops the thread (``_train`` closes it however the
+    loop ends)."""
+
+    _END = object()
+
+    def __init__(self, source, depth=2):
+        self._queue: "queue.Queue[Any]" = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._fill, args=(source,), name="cembed-batches", daemon=True)
+        self._thread.start()
+
+    def _put(self, entry):
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self, source):
+        try:
+            os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+        except (AttributeError, OSError):   # not Linux, or not permitted: an ordinary thread
+            pass
+        try:
+            for item in source:
+                if not self._put((True, item)):
+                    return
+            self._put((True, self._END))
+        except BaseException as exc:   # noqa: BLE001 - handed to the consumer
+            self._put((False, exc))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._done:
+            raise StopIteration
+        ok, item = self._queue.get()
+        if not ok:
+            self.close()
+            raise item
+        if item is self._END:
+            self.close()
+            raise StopIteration
+        return item
+
+    def close(self):
+        """Stop making batches and wait for the thread to end."""
+        self._done = True
+        self._stop.set()
+        self._thread.join()
 
 
 def initial_tables(vocab_size, dim, seed):
@@ -631,29 +695,35 @@ def _train(corpus, config, progress):
     before, chance = {}, {}
     for name, words in (eval_sets or {}).items():
         before[name], chance[name] = topic_precision(input_table(), words, corpus.topics)
-    stream = iter(BatchStream(corpus, config))
+    batches = BatchStream(corpus, config)
+    source = BackgroundBatches(batches) if config.background_batches else iter(batches)
     if table_dir is not None:   # the set-up's freed temporaries: page cache for the tables under a memory limit
         cembed.storage.release_free_memory()
-    for _ in range(done_steps):   # the stream is deterministic: skip what the checkpoint has trained on
-        next(stream)
-    if table_dir is not None:   # word ids -> the files' rows, once per batch
-        stream = ((table_dir.rows(c), table_dir.rows(t), w) for c, t, w in stream)
     total = corpus.n_tokens * config.epochs
     bar = Progress(total, f"{model.name:>6}", enabled=progress)
     loss = None
     words = done_words
-    start = time.perf_counter()
-    batch = next(stream, None)
-    while batch is not None:
-        centers, targets, words = batch
+    try:
+        stream = source
+        for _ in range(done_steps):   # the stream is deterministic: skip what the checkpoint has trained on
+            next(stream)
+        if table_dir is not None:   # word ids -> the files' rows, once per batch
+            stream = ((table_dir.rows(c), table_dir.rows(t), w) for c, t, w in stream)
+        start = time.perf_counter()
         batch = next(stream, None)
-        if prefetch is not None and batch is not None:
-            prefetch(batch[0], batch[1])   # the disk reads batch k+1 while batch k is computed
-        loss = model.step(centers, targets)
-        bar.update(words, loss)
-        if table_dir is not None and config.checkpoint_every and on_disk.n_steps % config.checkpoint_every == 0:
-            table_dir.save(on_disk, on_disk.n_steps, words)
-    seconds = time.perf_counter() - start
+        while batch is not None:
+            centers, targets, words = batch
+            batch = next(stream, None)
+            if prefetch is not None and batch is not None:
+                prefetch(batch[0], batch[1])   # the disk reads batch k+1 while batch k is computed
+            loss = model.step(centers, targets)
+            bar.update(words, loss)
+            if table_dir is not None and config.checkpoint_every and on_disk.n_steps % config.checkpoint_every == 0:
+                table_dir.save(on_disk, on_disk.n_steps, words)
+        seconds = time.perf_counter() - start
+    finally:
+        if isinstance(source, BackgroundBatches):
+            source.close()
     if table_dir is not None:
         table_dir.save(model, model.n_steps, total)
     table = input_table()
