@@ -85,12 +85,12 @@ cdef inline void table_scaled_add(floating *out, const table_t *row, int fmt, fl
             cembed_score_axpy_f64(out, row, scale, dim)
 
 
-cdef bint _check_table(const floating *query, const table_t *row, int fmt, Py_ssize_t n_rows, Py_ssize_t dim,
-                       Py_ssize_t row_stride_bytes, Py_ssize_t column_stride_bytes,
+cdef bint _check_table(const floating *query_type, const table_t *table_type, int fmt, Py_ssize_t n_rows,
+                       Py_ssize_t dim, Py_ssize_t row_stride_bytes, Py_ssize_t column_stride_bytes,
                        Py_ssize_t *row_stride) except False:
     """Raise ValueError unless the table's format matches the queries (float32 rows or 16-bit ones of
     format fmt for float32 queries, float64 rows for float64 queries) and its rows are contiguous;
-    then set row_stride (in elements). The pointers only carry the types."""
+    then set row_stride (in elements). query_type and table_type are NULL: they only select the types."""
     cdef bint ok
     if table_t is uint16_t:
         ok = floating is float and (fmt == TABLE_BF16 or fmt == TABLE_F16)

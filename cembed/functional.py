@@ -1324,7 +1324,7 @@ def embedding_dot_logistic(query: Any, indices: Any, weight: np.ndarray, n_posit
     gradient for ``weight`` is ``embedding_backward(query, indices, num_embeddings,
     per_sample_weights=grad_scores)`` (or ``Embedding.backward``, fused with an optimizer): take it
     after this call, which reads ``weight`` as it is now. ``softplus(x)`` is computed as
-    ``max(x, 0) + log1p(exp(-|x|))``; the sums run in a fixed order (``docs/behaviour.md`` §12), so
+    ``max(x, 0) + log1p(exp(-|x|))``; the sums run in a fixed order (``docs/behaviour.md`` §13), so
     the results are bitwise the same for any thread count.
 
     Parameters

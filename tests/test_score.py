@@ -287,12 +287,34 @@ def test_sixteen_bit_tables_score_as_their_float32_copy(rng, dtype, dim):
     assert_bitwise_equal(scores, F.embedding_dot(query, idx, wide))
     np.testing.assert_allclose(scores, ref_dot(query, idx, wide), rtol=1e-4, atol=1e-4)
     assert_bitwise_equal(F.embedding_dot_backward(grad, idx, weight), F.embedding_dot_backward(grad, idx, wide))
+    # scored in place: the kernels get the table's own 16-bit rows, not a float32 copy
+    table, fmt, _ = F._score_table(weight, idx.reshape(200, 6))
+    assert np.shares_memory(table, weight) and table.dtype == np.uint16
     want = F.embedding_dot_logistic(query, idx, wide, n_positive=2)
-    for layout in (weight, np.asfortranarray(weight), weight[::-1][::-1]):
+    wider = np.zeros((300, 2 * dim), dtype)
+    wider[:, ::2] = weight                                   # column stride 2: read through a row copy
+    flipped = np.ascontiguousarray(weight[::-1])[::-1]       # negative row stride: read in place
+    for layout in (weight, np.asfortranarray(weight), wider[:, ::2], flipped):
+        assert np.array_equal(layout, weight)
         results = at_thread_counts(lambda: F.embedding_dot_logistic(query, idx, layout, n_positive=2))
         for got in results:
             for a, b in zip(got, want):
                 assert_bitwise_equal(a, b)
+
+
+def test_score_kernels_refuse_a_table_that_does_not_match_the_queries(rng):
+    """The kernels check the (query dtype, table type, format) triple themselves: a mismatch is a
+    ValueError, never a read of the table as the wrong element type."""
+    from cembed import _dtypes, _score
+    q32, q64 = np.ones((2, 4), np.float32), np.ones((2, 4), np.float64)
+    idx = np.zeros((2, 3), np.int64)
+    u16, f32, f64 = np.ones((5, 4), np.uint16), np.ones((5, 4), np.float32), np.ones((5, 4), np.float64)
+    fmt_f32, fmt_f64, fmt_bf16 = _dtypes.FORMAT_F32, _dtypes.FORMAT_F64, _dtypes.FORMAT_BF16
+    for query, table, fmt in ((q64, u16, fmt_bf16), (q32, u16, fmt_f32), (q32, f32, fmt_bf16), (q32, f64, fmt_f64),
+                              (q64, f32, fmt_f32), (q64, f64, fmt_f32)):
+        out = np.empty((2, 3), query.dtype)
+        with pytest.raises(ValueError, match="format does not match"):
+            _score.dot_scores(query, table, fmt, idx, out, 1)
 
 
 @pytest.mark.parametrize("dtype", _half_dtypes(), ids=str)

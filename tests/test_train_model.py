@@ -146,7 +146,7 @@ def test_training_is_bitwise_the_same_for_any_thread_count(optimizer):
 
 
 def test_background_batches_are_the_stream_in_order():
-    """The idle-priority batch thread hands over exactly BatchStream's batches, in order, and training
+    """The background batch thread hands over exactly BatchStream's batches, in order, and training
     with it is bitwise training without it."""
     corpus = corpus_mod.synthetic_corpus(3000, 10, 40_000, seed=2)
     config = train_mod.TrainConfig(dim=16, batch_size=2048, chunk_tokens=8192)
@@ -180,3 +180,21 @@ def test_background_batches_raise_the_sources_error_and_stop():
     assert not endless._thread.is_alive()
     with pytest.raises(StopIteration):
         next(endless)
+
+
+def test_training_that_fails_stops_the_batch_thread(monkeypatch):
+    """A step that raises (or Ctrl-C) ends train() with the batch thread stopped, not left polling."""
+    import threading
+    corpus = corpus_mod.synthetic_corpus(3000, 10, 40_000, seed=2)
+    calls = []
+
+    def failing_step(self, centers, targets):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("step failed")
+
+    monkeypatch.setattr(train_mod.CembedModel, "step", failing_step)
+    with pytest.raises(RuntimeError, match="step failed"):
+        train_mod.train(corpus, train_mod.TrainConfig(dim=16, batch_size=512, chunk_tokens=4096), progress=False)
+    assert len(calls) == 3
+    assert not [t for t in threading.enumerate() if t.name == "cembed-batches"]

@@ -55,7 +55,7 @@ class TrainConfig:
     row_order: Optional[str] = None   # with table_dir: rows stored by corpus count ("count") or by word id
     #                                   ("id"); None: "count", except for 16-bit tables rounded stochastically
     state_dtype: Optional[str] = None  # 16-bit tables: optimizer-state dtype (None: bfloat16, see below)
-    background_batches: bool = True   # make the next batches in an idle-priority thread (the same batches)
+    background_batches: bool = True   # make the next batches in a background thread (the same batches)
 
     def optimizer_state_dtype(self):
         """The optimizer state's dtype for 16-bit tables: bfloat16 unless set. (float16 state lacks the
@@ -156,12 +156,14 @@ class BatchStream:
 
 
 class BackgroundBatches:
-    """``source``'s items, made up to ``depth`` ahead by a daemon thread that runs at idle priority
-    (``SCHED_IDLE`` on Linux): it gets a core only while a training step leaves one free (its one-thread
-    sorts, the Python between kernels, an OpenMP worker asleep), so it never takes a core from the
-    kernels. The items and their order are those of iterating ``source`` directly; an exception raised
-    in the thread is raised by ``next``. ``close()`` stops the thread (``_train`` closes it however the
-    loop ends)."""
+    """``source``'s items, made up to ``depth`` ahead by a daemon thread while the caller trains on the
+    previous ones. NumPy releases the GIL in its array operations, so the thread uses what the step
+    leaves of the cores (its one-thread sorts, the Python between kernels, OpenMP workers waiting
+    passively). It runs at normal priority: an idle-priority thread (``SCHED_IDLE``) measured faster
+    on a quiet host, but starved whenever other busy threads shared the trainer's scheduling group
+    (docs/performance.md). The items and their order are those of iterating ``source`` directly; an
+    exception raised in the thread is raised by ``next``. ``close()`` stops the thread (``_train``
+    closes it however the loop ends)."""
 
     _END = object()
 
@@ -182,10 +184,6 @@ class BackgroundBatches:
         return False
 
     def _fill(self, source):
-        try:
-            os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
-        except (AttributeError, OSError):   # not Linux, or not permitted: an ordinary thread
-            pass
         try:
             for item in source:
                 if not self._put((True, item)):
@@ -696,15 +694,15 @@ def _train(corpus, config, progress):
     for name, words in (eval_sets or {}).items():
         before[name], chance[name] = topic_precision(input_table(), words, corpus.topics)
     batches = BatchStream(corpus, config)
-    source = BackgroundBatches(batches) if config.background_batches else iter(batches)
     if table_dir is not None:   # the set-up's freed temporaries: page cache for the tables under a memory limit
         cembed.storage.release_free_memory()
     total = corpus.n_tokens * config.epochs
     bar = Progress(total, f"{model.name:>6}", enabled=progress)
     loss = None
     words = done_words
+    source = None
     try:
-        stream = source
+        source = stream = BackgroundBatches(batches) if config.background_batches else iter(batches)
         for _ in range(done_steps):   # the stream is deterministic: skip what the checkpoint has trained on
             next(stream)
         if table_dir is not None:   # word ids -> the files' rows, once per batch
