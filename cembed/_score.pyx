@@ -37,26 +37,10 @@ ctypedef fused table_t:   # the scored table: float32 / float64 rows, or a 16-bi
     uint16_t
 
 
-cdef inline floating row_dot(const floating *a, const floating *b, Py_ssize_t dim) noexcept nogil:
-    """<a, b> in 8 fma lanes (_score.h)."""
-    if floating is float:
-        return cembed_dot_f32(a, b, dim)
-    else:
-        return cembed_dot_f64(a, b, dim)
-
-
-cdef inline void row_scaled_add(floating *out, const floating *row, floating scale,
-                                Py_ssize_t dim) noexcept nogil:
-    """out = fma(scale, row, out), element by element."""
-    if floating is float:
-        cembed_score_axpy_f32(out, row, scale, dim)
-    else:
-        cembed_score_axpy_f64(out, row, scale, dim)
-
-
 cdef inline floating table_dot(const floating *query, const table_t *row, int fmt, Py_ssize_t dim) noexcept nogil:
-    """<query, row> for a table row of any format (a 16-bit row widened exactly: the bits of row_dot
-    with its float32 copy). Only the pairs _check_table admits reach here; the others return 0."""
+    """<query, row> in 8 fma lanes (_score.h) for a table row of any format (a 16-bit row widened
+    exactly: the bits of its float32 copy). Only the pairs _check_table admits reach here; the others
+    return 0. (For float32 / float64 rows fmt is not read.)"""
     if table_t is uint16_t:
         if floating is float:
             return cembed_dot_half(fmt, query, row, dim)
@@ -284,6 +268,7 @@ cdef inline void _score_row_segment(const floating *qbase, Py_ssize_t dim, Py_ss
     cdef const floating *qrow
     cdef floating s, x, e, g
     cdef floating inv_count = <floating> (1.0 / <double> (hi - lo))
+    cdef int fmt = TABLE_F32 if floating is float else TABLE_F64
     for d in range(dim):
         grad_row[d] = 0
     for t in range(lo, hi):
@@ -293,7 +278,7 @@ cdef inline void _score_row_segment(const floating *qbase, Py_ssize_t dim, Py_ss
         b = p // n_per
         k = p - b * n_per
         qrow = qbase + b * dim
-        s = row_dot(qrow, old, dim)
+        s = table_dot(qrow, old, fmt, dim)
         x = -s if k < n_positive else s
         e = _exp_neg_abs(x)
         if want_loss:
@@ -356,6 +341,7 @@ def logistic_scores_update(const floating[:, ::1] query,   # IN    (n_queries, d
     cdef floating sign = -1 if maximize else 1
     cdef floating q0 = <floating> p0, q1 = <floating> p1, q2 = <floating> p2, q3 = <floating> p3
     cdef floating total
+    cdef int fmt = TABLE_F32 if floating is float else TABLE_F64
     cdef floating *w
     cdef floating *old
     cdef floating *wrow
@@ -418,7 +404,7 @@ def logistic_scores_update(const floating[:, ::1] query,   # IN    (n_queries, d
                         prefetch_row(old + slots[p + PREFETCH_DISTANCE] * dim, row_bytes)
                     if want_loss:
                         total = total + terms_ptr[2 * p] + terms_ptr[2 * p + 1]
-                    row_scaled_add(&grad_query[b, 0], old + slots[p] * dim, gs[p], dim)
+                    table_scaled_add(&grad_query[b, 0], old + slots[p] * dim, fmt, gs[p], dim)
                 if want_loss:
                     loss[b] = total
     finally:
