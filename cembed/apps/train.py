@@ -170,7 +170,6 @@ class BackgroundBatches:
     def __init__(self, source, depth=2):
         self._queue: "queue.Queue[Any]" = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
-        self._done = False
         self._thread = threading.Thread(target=self._fill, args=(source,), name="cembed-batches", daemon=True)
         self._thread.start()
 
@@ -196,7 +195,7 @@ class BackgroundBatches:
         return self
 
     def __next__(self):
-        if self._done:
+        if self._stop.is_set():   # closed: at the end, after an error, or by the caller
             raise StopIteration
         ok, item = self._queue.get()
         if not ok:
@@ -209,7 +208,6 @@ class BackgroundBatches:
 
     def close(self):
         """Stop making batches and wait for the thread to end."""
-        self._done = True
         self._stop.set()
         self._thread.join()
 
