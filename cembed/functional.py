@@ -1473,16 +1473,10 @@ def logistic_scores(query: Any, indices: Any, weight: np.ndarray, n_positive: in
     (a 16-bit one scores float32 queries against its rows widened to float32) and return them as
     :class:`LogisticScores`, nothing computed yet. ``padding_idx`` (normalised by the caller) is
     scored but gets no gradient."""
-    weight = check_weight(weight)
-    check_trainable(weight)
-    idx, flat = validated_indices(indices, weight.shape[0])
-    if idx.ndim < 1:
-        raise ValueError(f"{name}: indices must have at least one dimension (..., n_per_query), got a scalar")
-    n_per = idx.shape[-1]
-    grid = flat.reshape(int(np.prod(idx.shape[:-1], dtype=np.int64)), n_per)
+    weight, idx, grid = _score_operands(indices, weight, name)   # every table dtype is trainable
     q = check_gradient_rows(query, idx.shape[:-1], dim=weight.shape[1], dtype=compute_dtype(weight.dtype),
                             name="query")
-    n_positive = check_int(n_positive, "n_positive", low=0, high=n_per)
+    n_positive = check_int(n_positive, "n_positive", low=0, high=grid.shape[1])
     with_loss = check_bool(with_loss, "with_loss")
     if np.may_share_memory(q, weight):   # the table changes during the update: keep the queries as given
         q = q.copy()
