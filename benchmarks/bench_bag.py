@@ -15,6 +15,7 @@ import pytest
 from cembed import EmbeddingBag
 from cembed import functional as F
 from cembed.apps import baselines
+from cembed.storage import aligned_copy
 
 BAG_SIZE = 16
 
@@ -77,7 +78,7 @@ def test_fwd_bwd_sparse_numpy(benchmark, bags):
 @pytest.mark.benchmark(group="bag-mean-fwd-bwd-sparse")
 def test_fwd_bwd_sparse_torch(benchmark, bags, torch):
     weight, idx, offsets = bags
-    emb = torch.nn.EmbeddingBag.from_pretrained(torch.from_numpy(weight.copy()), freeze=False, mode="mean",
+    emb = torch.nn.EmbeddingBag.from_pretrained(torch.from_numpy(aligned_copy(weight)), freeze=False, mode="mean",
                                                 sparse=True)
     ti, to = torch.from_numpy(idx), torch.from_numpy(offsets)
     g = torch.ones(offsets.size, weight.shape[1])

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import cembed
+from cembed.storage import aligned_copy
 
 N_ROWS = int(os.environ.get("CEMBED_BENCH_ROWS", 1_000_000))
 DIM = int(os.environ.get("CEMBED_BENCH_DIM", 128))
@@ -33,7 +34,7 @@ def bag_workload(seed=2026):
 
 
 def cembed_step_fn(weight, indices, offsets, grad, lr=0.01, eps=1e-8):
-    bag = cembed.EmbeddingBag.from_pretrained(weight.copy(), freeze=False, mode="sum", sparse=True,
+    bag = cembed.EmbeddingBag.from_pretrained(aligned_copy(weight), freeze=False, mode="sum", sparse=True,
                                               include_last_offset=True)
     opt = cembed.optim.RowWiseAdagrad([bag], lr=lr, eps=eps)
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cembed import functional as F
+from cembed.storage import aligned_copy
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BAG_SIZE = 16
@@ -20,8 +21,8 @@ DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.f
 
 @pytest.fixture(scope="module")
 def tables(workload):
-    """The workload's table in each dtype (rounded to nearest)."""
-    return {name: workload["weight"].astype(dtype) for name, dtype in DTYPES.items()}
+    """The workload's table in each dtype (rounded to nearest), page-aligned as cembed allocates tables."""
+    return {name: aligned_copy(workload["weight"], dtype) for name, dtype in DTYPES.items()}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def test_bag_sum_torch_bfloat16(benchmark, workload, tables, offsets, torch):
 @pytest.fixture(scope="module")
 def renorm_cases(workload, tables):
     rows = np.unique(workload["indices"])
-    return {name: (table.copy(), rows, table[rows].copy()) for name, table in tables.items()}
+    return {name: (aligned_copy(table), rows, table[rows].copy()) for name, table in tables.items()}
 
 
 @pytest.mark.benchmark(group="half-renorm")

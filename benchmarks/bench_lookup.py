@@ -7,6 +7,7 @@ import pytest
 
 from cembed import functional as F
 from cembed.apps import baselines
+from cembed.storage import aligned_copy
 
 MAX_NORM = 1.0
 
@@ -32,7 +33,7 @@ def test_gather_torch(benchmark, workload, torch):
 def renorm_case(workload):
     """A private copy of the table and the touched rows' original values, restored before each round
     (only the ~99k touched rows are copied back, not the whole table)."""
-    weight = workload["weight"].copy()
+    weight = aligned_copy(workload["weight"])
     rows = np.unique(workload["indices"])
     return weight, rows, weight[rows].copy()
 

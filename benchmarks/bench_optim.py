@@ -13,6 +13,7 @@ import pytest
 from cembed import Embedding, _buffer_cache, _grad, _sort, get_num_threads, optim
 from cembed import functional as F
 from cembed.apps import baselines
+from cembed.storage import aligned_copy
 
 
 class Table:
@@ -27,7 +28,7 @@ def sparse_grad(workload):
 
 
 def _torch_param(torch, workload):
-    w = torch.nn.Parameter(torch.from_numpy(workload["weight"].copy()))
+    w = torch.nn.Parameter(torch.from_numpy(aligned_copy(workload["weight"])))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         w.grad = torch.sparse_coo_tensor(torch.from_numpy(workload["indices"])[None],
@@ -46,7 +47,7 @@ OPTIMIZERS = {
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_step_cembed(benchmark, workload, sparse_grad, name):
     benchmark.group = f"optim-{name}"
-    table = Table(workload["weight"].copy())
+    table = Table(aligned_copy(workload["weight"]))
     table.grad = sparse_grad
     opt = OPTIMIZERS[name][0]([table])
     opt.step()  # state allocated outside the timing
@@ -56,7 +57,7 @@ def test_step_cembed(benchmark, workload, sparse_grad, name):
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_step_numpy(benchmark, workload, sparse_grad, name):
     benchmark.group = f"optim-{name}"
-    weight = workload["weight"].copy()
+    weight = aligned_copy(workload["weight"])
     state = {}
     args = (name, weight, state, sparse_grad.indices, sparse_grad.values)
     kwargs = OPTIMIZERS[name][2]
@@ -78,7 +79,7 @@ def test_step_torch(benchmark, workload, torch, name):
 
 @pytest.mark.benchmark(group="train-step")
 def test_train_step_cembed(benchmark, workload):
-    emb = Embedding.from_pretrained(workload["weight"].copy(), freeze=False, sparse=True)
+    emb = Embedding.from_pretrained(aligned_copy(workload["weight"]), freeze=False, sparse=True)
     opt = optim.SparseAdam([emb], lr=1e-3)
     idx, g = workload["indices"], workload["grad_output"]
 
@@ -94,7 +95,7 @@ def test_train_step_cembed(benchmark, workload):
 
 @pytest.mark.benchmark(group="train-step")
 def test_train_step_torch(benchmark, workload, torch):
-    emb = torch.nn.Embedding.from_pretrained(torch.from_numpy(workload["weight"].copy()), freeze=False,
+    emb = torch.nn.Embedding.from_pretrained(torch.from_numpy(aligned_copy(workload["weight"])), freeze=False,
                                              sparse=True)
     opt = torch.optim.SparseAdam(emb.parameters(), lr=1e-3)
     idx, g = torch.from_numpy(workload["indices"]), torch.from_numpy(workload["grad_output"])
@@ -113,7 +114,7 @@ def test_train_step_torch(benchmark, workload, torch):
 @pytest.mark.benchmark(group="train-step")
 def test_train_step_cembed_fused(benchmark, workload):
     """The same step with the fused backward + update (no coalesced gradient in memory)."""
-    emb = Embedding.from_pretrained(workload["weight"].copy(), freeze=False, sparse=True)
+    emb = Embedding.from_pretrained(aligned_copy(workload["weight"]), freeze=False, sparse=True)
     opt = optim.SparseAdam([emb], lr=1e-3)
     idx, g = workload["indices"], workload["grad_output"]
 
@@ -145,7 +146,7 @@ def test_phase_sort(benchmark, workload):
 @pytest.mark.benchmark(group="train-step-phases")
 def test_phase_sum_and_update(benchmark, workload):
     """_grad.segment_update with SparseAdam's row rule (lr 1e-3, first step's bias correction)."""
-    idx, g, w = workload["indices"], workload["grad_output"], workload["weight"].copy()
+    idx, g, w = workload["indices"], workload["grad_output"], aligned_copy(workload["weight"])
     m, v = np.zeros_like(w), np.zeros_like(w)
     order, rows, starts = _sort.sort_rows(idx, get_num_threads())
     seg_ids = np.arange(rows.size, dtype=np.int64)
@@ -180,7 +181,7 @@ def test_train_step_fused_half(benchmark, workload, dtype):
         if dtype == "bfloat16_activations":
             g, out_dtype = g.astype(bf16), table.dtype
     else:
-        table, extra = workload["weight"].copy(), {}
+        table, extra = aligned_copy(workload["weight"]), {}
     emb = Embedding.from_pretrained(table, freeze=False, sparse=True)
     opt = optim.SparseAdam([emb], lr=1e-3, **extra)
 
@@ -196,7 +197,7 @@ def test_train_step_fused_half(benchmark, workload, dtype):
 def test_param_groups_do_not_slow_the_step(benchmark, workload, sparse_grad, n_groups):
     """SparseAdam over two tables, in one param group or in two: within noise of each other."""
     benchmark.group = "optim-param-groups"
-    tables = [Table(workload["weight"].copy()) for _ in range(2)]
+    tables = [Table(aligned_copy(workload["weight"])) for _ in range(2)]
     for t in tables:
         t.grad = sparse_grad
     params = [{"params": tables}] if n_groups == 1 else [{"params": [t]} for t in tables]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from cembed import functional as F
+from cembed.storage import aligned_copy
 
 PER_QUERY = 6
 
@@ -96,7 +97,7 @@ def test_score_update_sgd(benchmark, data, path):
     import cembed
 
     weight, idx, query = data
-    table = weight.copy()
+    table = aligned_copy(weight)
     emb = cembed.Embedding.from_pretrained(table, freeze=False, sparse=True)
     opt = cembed.optim.SGD([emb], lr=1e-3)
 
@@ -142,7 +143,7 @@ def interleaved_output_side(n_batches=40, optimizer="sgd", dim=64, vocab_size=1_
     config = train_mod.TrainConfig(dim=dim, optimizer=optimizer)
     sides = {}
     for name in ("fused", "two_calls"):
-        emb = cembed.Embedding.from_pretrained(w_out.copy(), freeze=False, sparse=True)
+        emb = cembed.Embedding.from_pretrained(aligned_copy(w_out), freeze=False, sparse=True)
         sides[name] = (emb, train_mod.make_optimizer(cembed.optim, [emb], config))
 
     def fused(emb, opt, v, targets, want_loss):

@@ -6,6 +6,8 @@ import os
 import numpy as np
 import pytest
 
+from cembed.storage import aligned_zeros
+
 N_ROWS = int(os.environ.get("CEMBED_BENCH_ROWS", 1_000_000))
 DIM = int(os.environ.get("CEMBED_BENCH_DIM", 128))
 N_INDICES = int(os.environ.get("CEMBED_BENCH_N", 262_144))
@@ -18,7 +20,8 @@ def zipf_indices(rng, n, n_rows, a=1.1):
 @pytest.fixture(scope="session")
 def workload():
     rng = np.random.default_rng(2026)
-    weight = rng.standard_normal((N_ROWS, DIM), dtype=np.float32)
+    # page-aligned, as cembed's modules and torch's allocator place tables (docs/performance.md, "Row alignment")
+    weight = rng.standard_normal((N_ROWS, DIM), dtype=np.float32, out=aligned_zeros((N_ROWS, DIM)))
     indices = zipf_indices(rng, N_INDICES, N_ROWS)
     grad_output = rng.standard_normal((N_INDICES, DIM), dtype=np.float32)
     return {"weight": weight, "indices": indices, "grad_output": grad_output,

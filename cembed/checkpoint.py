@@ -621,5 +621,5 @@ def load_checkpoint(path: PathLike, modules: Any, optimizer: Any = None, mmap: b
             trainable = bool(getattr(module, "requires_grad", True))
             module.weight = storage.map_array(file_path, "c" if trainable else "r", header)
         else:
-            module.weight = np.array(storage.map_array(file_path, "r", header, advice="sequential"))
+            module.weight = storage.aligned_copy(storage.map_array(file_path, "r", header, advice="sequential"))
     return meta.get("extra")

@@ -12,6 +12,7 @@ from typing import Any, Iterator, Optional, Tuple
 import numpy as np
 
 from . import functional as F
+from . import storage
 from ._dtypes import check_table_dtype, compute_dtype, is_half, resolve_out_dtype
 from ._validation import (
     check_bool,
@@ -30,13 +31,16 @@ __all__ = ["Embedding", "EmbeddingBag"]
 
 def _init_weight(num_embeddings: int, embedding_dim: int, dtype: Any, seed: Any,
                  padding_idx: Optional[int]) -> np.ndarray:
-    """N(0, 1) init with the padding row zeroed (torch's reset_parameters). A 16-bit table draws in
-    float32 and rounds each value to nearest."""
+    """N(0, 1) init with the padding row zeroed (torch's reset_parameters), in page-aligned memory
+    (``storage.aligned_zeros``: every row in whole cache lines). A 16-bit table draws in float32 and
+    rounds each value to nearest."""
     dtype = check_table_dtype(dtype)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    weight = rng.standard_normal((num_embeddings, embedding_dim), dtype=compute_dtype(dtype))
+    shape = (num_embeddings, embedding_dim)
     if is_half(dtype):
-        weight = weight.astype(dtype)
+        weight = storage.aligned_copy(rng.standard_normal(shape, dtype=compute_dtype(dtype)), dtype)
+    else:
+        weight = rng.standard_normal(shape, dtype=dtype, out=storage.aligned_zeros(shape, dtype))
     if padding_idx is not None:
         weight[padding_idx] = 0
     return weight

@@ -414,3 +414,61 @@ def test_release_free_memory_returns_freed_heap():
         pytest.skip("no malloc_trim here")
     assert rss_anon() < before - (32 << 20)
     assert keep[0] == 1
+
+
+# ------------------------------------------------------------------------------------------ row alignment
+
+def _aligned(array):
+    return array.ctypes.data % cembed.storage.ALIGNMENT == 0
+
+
+@pytest.mark.parametrize("shape, dtype", [((1000, 64), np.float32), ((3, 5), np.float64), ((0, 3), np.float32),
+                                          (7, np.float16), ((2, 3, 4), np.int64)])
+def test_aligned_zeros(shape, dtype):
+    a = cembed.storage.aligned_zeros(shape, dtype)
+    expected = np.zeros(shape, dtype)
+    assert a.shape == expected.shape and a.dtype == expected.dtype and (a.size == 0 or _aligned(a))
+    assert a.flags.c_contiguous and a.flags.writeable and not a.any()
+
+
+def test_aligned_copy_is_astype(rng):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    source = rng.standard_normal((257, 33)).astype(np.float32)
+    for dtype in (None, np.float64, np.float16, ml_dtypes.bfloat16):
+        copy = cembed.storage.aligned_copy(source, dtype)
+        want = source.astype(source.dtype if dtype is None else dtype)
+        assert _aligned(copy) and copy.dtype == want.dtype and copy.flags.c_contiguous
+        assert_bitwise_equal(copy, want)
+        assert not np.shares_memory(copy, source)
+    strided = cembed.storage.aligned_copy(source[::2, ::3])   # any layout in, C order out
+    assert_bitwise_equal(strided, np.ascontiguousarray(source[::2, ::3]))
+
+
+def test_aligned_zeros_refuses_negative_shapes():
+    with pytest.raises(ValueError, match="negative"):
+        cembed.storage.aligned_zeros((3, -1))
+
+
+def test_tables_and_state_are_aligned(tmp_path, rng):
+    """The arrays cembed allocates for a table and its optimizer state start on a page boundary (rows in
+    whole cache lines), however they were made: constructed, state created at the first step or by
+    the constructor, state loaded, a checkpoint loaded into memory, initial_rows."""
+    from cembed.distributed import initial_rows
+
+    emb = cembed.Embedding(1000, 48, sparse=True, seed=0)
+    bag = cembed.EmbeddingBag(500, 16, mode="sum", dtype=np.float16, seed=1)
+    assert _aligned(emb.weight) and _aligned(bag.weight)
+    for opt in (optim.SparseAdam([emb]), optim.Adagrad([emb], initial_accumulator_value=0.5),
+                optim.RowWiseAdagrad([emb])):
+        emb.backward(np.ones((3, 48), np.float32), np.array([1, 7, 1]), optimizer=opt)
+        arrays = [v for v in opt.state[emb].values() if isinstance(v, np.ndarray) and v.size > 1]
+        assert arrays and all(_aligned(a) for a in arrays), type(opt).__name__
+        again = type(opt)([emb])
+        again.load_state_dict(opt.state_dict())
+        assert all(_aligned(v) for v in again.state[emb].values() if isinstance(v, np.ndarray) and v.size > 1)
+    path = cembed.save_checkpoint(tmp_path / "ck", [emb])
+    other = cembed.Embedding(1000, 48, seed=5)
+    cembed.load_checkpoint(path, [other], mmap=False)
+    assert_bitwise_equal(other.weight, emb.weight)
+    assert _aligned(other.weight)
+    assert _aligned(initial_rows(3, np.arange(100), 24)) and _aligned(initial_rows(3, np.arange(100), 24, np.float16))

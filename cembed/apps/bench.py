@@ -18,6 +18,7 @@ import numpy as np
 import cembed
 from cembed import functional as F
 from cembed import optim
+from cembed.storage import aligned_copy, aligned_zeros
 
 from . import baselines as B
 from .runtime import openmp_enabled, thread_settings
@@ -66,7 +67,9 @@ class Workload:
     def __init__(self, rows, dim, n, bag_size, seed):
         rng = np.random.default_rng(seed)
         self.rows, self.dim, self.n = rows, dim, n
-        self.weight = rng.standard_normal((rows, dim), dtype=np.float32)
+        # tables in page-aligned memory, for every contender: as cembed's modules and torch's allocator
+        # (64-byte aligned) give them; NumPy's own arrays start 16 bytes past a line (docs/performance.md)
+        self.weight = rng.standard_normal((rows, dim), dtype=np.float32, out=aligned_zeros((rows, dim)))
         self.indices = ((rng.zipf(1.1, n) - 1) % rows).astype(np.int64)
         self.grad_output = rng.standard_normal((n, dim), dtype=np.float32)
         self.unique = np.unique(self.indices)
@@ -97,7 +100,7 @@ def build(kernel, wl, torch, use_numpy):
         tables = {}
 
         def contender(name, fn):
-            table = w.copy()
+            table = aligned_copy(w)
             tables[name] = table
 
             def restore():
@@ -136,24 +139,24 @@ def build(kernel, wl, torch, use_numpy):
     if kernel in ("sgd", "adagrad", "sparse_adam"):
         lr = {"sgd": 0.1, "adagrad": 1e-2, "sparse_adam": 1e-3}[kernel]       # the same for every contender
         name = {"sgd": "SGD", "adagrad": "Adagrad", "sparse_adam": "SparseAdam"}[kernel]
-        table = _Table(w.copy())
+        table = _Table(aligned_copy(w))
         table.grad = wl.sparse_grad
         opt = getattr(optim, name)([table], lr=lr)
         c["cembed"] = (opt.step, None)
         if use_numpy:
-            nw, sg = w.copy(), wl.sparse_grad
+            nw, sg = aligned_copy(w), wl.sparse_grad
             state: Dict[str, Any] = {}   # the NumPy baseline's optimizer state, kept between steps
             c["numpy"] = (lambda: B.optimizer_step(kernel, nw, state, sg.indices, sg.values, lr=lr), None)
         if torch is not None:
             assert ti is not None  # the torch tensors are made whenever torch is given
-            param = torch.nn.Parameter(torch.from_numpy(w.copy()))
+            param = torch.nn.Parameter(torch.from_numpy(aligned_copy(w)))
             param.grad = torch.sparse_coo_tensor(ti[None], tg, (rows, dim), check_invariants=False)
             topt = getattr(torch.optim, name)([param], lr=lr)
             c["torch"] = (topt.step, None)
         return c, {"sgd": 12, "adagrad": 20, "sparse_adam": 28}[kernel] * dim * u
 
     if kernel == "train_step":
-        emb = cembed.Embedding.from_pretrained(w.copy(), freeze=False, sparse=True)
+        emb = cembed.Embedding.from_pretrained(aligned_copy(w), freeze=False, sparse=True)
         opt = optim.SparseAdam([emb], lr=1e-3)
 
         def cembed_step():
@@ -163,10 +166,10 @@ def build(kernel, wl, torch, use_numpy):
             opt.zero_grad()
         c["cembed"] = (cembed_step, None)
         if use_numpy:
-            nw, state = w.copy(), {}
+            nw, state = aligned_copy(w), {}
             c["numpy"] = (lambda: B.train_step(nw, state, idx, g, lr=1e-3), None)
         if torch is not None:
-            temb = torch.nn.Embedding.from_pretrained(torch.from_numpy(w.copy()), freeze=False, sparse=True)
+            temb = torch.nn.Embedding.from_pretrained(torch.from_numpy(aligned_copy(w)), freeze=False, sparse=True)
             topt = torch.optim.SparseAdam(temb.parameters(), lr=1e-3)
 
             def torch_step():
@@ -180,7 +183,7 @@ def build(kernel, wl, torch, use_numpy):
         # forward + fused backward/SparseAdam, against the unfused cembed step and torch's step
         c, nbytes = build("train_step", wl, torch, use_numpy)
         c["cembed_unfused"] = c.pop("cembed")
-        emb = cembed.Embedding.from_pretrained(w.copy(), freeze=False, sparse=True)
+        emb = cembed.Embedding.from_pretrained(aligned_copy(w), freeze=False, sparse=True)
         opt = optim.SparseAdam([emb], lr=1e-3)
 
         def fused_step():
@@ -204,7 +207,7 @@ def build(kernel, wl, torch, use_numpy):
         tables = {}
         for name, dtype, state_dtype in (("cembed", np.dtype(ml_dtypes.bfloat16), "bfloat16"),
                                          ("cembed_f32", np.dtype(np.float32), None)):
-            emb = cembed.Embedding.from_pretrained(w.astype(dtype), freeze=False, sparse=True)
+            emb = cembed.Embedding.from_pretrained(aligned_copy(w, dtype), freeze=False, sparse=True)
             tables[name] = (emb, optim.SparseAdam([emb], lr=1e-3, state_dtype=state_dtype))
 
         def fused(name):
@@ -249,8 +252,8 @@ def build(kernel, wl, torch, use_numpy):
         if use_numpy:
             c["numpy"] = (lambda: B.bag_mean_fwd_bwd(w, idx, off, gb), None)
         if torch is not None:
-            tbag = torch.nn.EmbeddingBag.from_pretrained(torch.from_numpy(w.copy()), freeze=False, mode="mean",
-                                                         sparse=True)
+            tbag = torch.nn.EmbeddingBag.from_pretrained(torch.from_numpy(aligned_copy(w)), freeze=False,
+                                                         mode="mean", sparse=True)
             to, tgb = torch.from_numpy(off), torch.ones(n_bags, dim)
 
             def torch_fb():
@@ -273,7 +276,7 @@ def _bfloat16_table(wl):
         except ImportError:
             wl.weight_bf16 = None
         else:
-            wl.weight_bf16 = wl.weight.astype(ml_dtypes.bfloat16)
+            wl.weight_bf16 = aligned_copy(wl.weight, ml_dtypes.bfloat16)
     return wl.weight_bf16
 
 

@@ -216,7 +216,7 @@ def initial_tables(vocab_size, dim, seed):
     """word2vec's init: input rows uniform in [-0.5/dim, 0.5/dim], output rows zero. Defined per row
     (cembed.distributed.initial_rows), so sharded tables (``--shards``) start from the same values."""
     w_in = initial_rows(seed, np.arange(vocab_size), dim, np.float32, "uniform")
-    return w_in, np.zeros((vocab_size, dim), dtype=np.float32)
+    return w_in, cembed.storage.aligned_zeros((vocab_size, dim), np.float32)
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -272,12 +272,13 @@ class CembedModel:
 
     def __init__(self, w_in, w_out, config: TrainConfig, state_dir=None):
         self.n_steps = 0
-        dtype = table_dtype(config.dtype)   # 16-bit tables: the float32 init rounded to nearest
-        # (a table already in that dtype, e.g. one on disk, is used as it is, never copied)
-        self.emb_in: Any = cembed.Embedding.from_pretrained(w_in if w_in.dtype == dtype else w_in.astype(dtype),
-                                                       freeze=False, sparse=True)
-        self.emb_out: Any = cembed.Embedding.from_pretrained(w_out if w_out.dtype == dtype else w_out.astype(dtype),
-                                                        freeze=False, sparse=True)
+        dtype = table_dtype(config.dtype)   # 16-bit tables: the float32 init rounded to nearest, page-aligned
+        # as cembed allocates tables (every row in whole cache lines); a table already in that dtype, e.g.
+        # one on disk, is used as it is, never copied
+        self.emb_in: Any = cembed.Embedding.from_pretrained(
+            w_in if w_in.dtype == dtype else cembed.storage.aligned_copy(w_in, dtype), freeze=False, sparse=True)
+        self.emb_out: Any = cembed.Embedding.from_pretrained(
+            w_out if w_out.dtype == dtype else cembed.storage.aligned_copy(w_out, dtype), freeze=False, sparse=True)
         options = {} if state_dir is None else {"state_dir": state_dir}
         self.opt = make_optimizer(cembed.optim, [self.emb_in, self.emb_out], config, **options)
 

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import storage
+
 __all__ = ["initial_rows", "INITS"]
 
 #: The initialisations :func:`initial_rows` knows.
@@ -79,7 +81,7 @@ def initial_rows(seed: int, rows: Any, dim: int, dtype: Any = np.float32, init: 
     except TypeError:
         raise TypeError(f"initial_rows: dtype must be float32, float64, float16 or bfloat16, got {dtype!r}") from None
     if table_dtype.itemsize == 2:   # 16-bit: the float32 values, rounded to nearest
-        return initial_rows(seed, rows, dim, np.float32, init).astype(table_dtype)
+        return storage.aligned_copy(initial_rows(seed, rows, dim, np.float32, init), table_dtype)
     dtype = table_dtype
     if init not in INITS:
         raise ValueError(f"initial_rows: init must be one of {INITS}, got {init!r}")
@@ -91,7 +93,7 @@ def initial_rows(seed: int, rows: Any, dim: int, dtype: Any = np.float32, init: 
         raise TypeError(f"initial_rows: rows must be a 1-D array of integers, got {rows.dtype} {rows.shape}")
     if rows.size and rows.min() < 0:
         raise IndexError("initial_rows: rows must be >= 0")
-    out = np.zeros((rows.size, dim), dtype=dtype)
+    out = storage.aligned_zeros((rows.size, dim), dtype)   # rows on cache-line boundaries, as a module's table
     if init == "zeros" or out.size == 0:
         return out
     key = _splitmix64(np.array([seed], dtype=np.uint64))[0]

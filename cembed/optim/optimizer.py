@@ -186,8 +186,9 @@ class Optimizer:
         ``weight`` (or ``(n_rows,)`` with ``per_row``), of ``dtype`` (default: the float state dtype of
         the group ``options`` for this weight — the weight's own dtype for float32/float64 tables,
         ``state_dtype`` or float32 for 16-bit ones), filled with ``fill``. Zeros come from
-        ``np.zeros``, so untouched pages of a huge table's state cost no memory until a row is first
-        updated. Stores the array in ``state`` and returns it."""
+        ``storage.aligned_zeros`` (``np.zeros`` with rows on cache-line boundaries), so untouched
+        pages of a huge table's state cost no memory until a row is first updated. Stores the array
+        in ``state`` and returns it."""
         shape = (weight.shape[0],) if per_row else weight.shape
         if dtype is None:
             dtype = rounding_.state_dtype(weight.dtype, options or {}, "state")
@@ -202,7 +203,7 @@ class Optimizer:
                 for lo in range(0, shape[0], step):
                     array[lo:lo + step] = fill
         else:
-            array = np.zeros(shape, dtype=dtype)
+            array = storage.aligned_zeros(shape, dtype)   # page-aligned, like the modules' tables
             if fill != 0:
                 array.fill(fill)
         state[key] = array
@@ -688,7 +689,7 @@ class Optimizer:
                     got = f"shape {arr.shape} and dtype {arr.dtype}" if isinstance(arr, np.ndarray) else type(arr).__name__
                     raise ValueError(f"{where}[{name!r}] has {got}, expected {weight.shape} {expected}")
                 # a private copy; with state_dir the copy is made into the state file at commit
-                entry[name] = arr if self.state_dir is not None else np.array(arr, order="C", copy=True)
+                entry[name] = arr if self.state_dir is not None else storage.aligned_copy(arr)
         return entry
 
     # ------------------------------------------------------------------ files

@@ -5,7 +5,7 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from .. import _grad
+from .. import _grad, storage
 from .._validation import check_choice
 from ._rounding import allowed_state_dtypes, check_rounding_options, state_dtype
 from .optimizer import Group, Optimizer, _check_maximize, _option
@@ -128,7 +128,7 @@ class RowWiseAdagrad(Optimizer):
         arr = self._checked_sum(entry, weight, where, (state_dtype(weight.dtype, options, where),))
         if arr.size and not (np.isfinite(arr).all() and arr.min() >= 0):
             raise ValueError(f"{where}['sum'] must hold finite values >= 0")
-        return {"sum": np.array(arr, order="C", copy=True)}
+        return {"sum": storage.aligned_copy(arr)}
 
     def _row_rule(self, state: Dict[str, Any], weight: np.ndarray, options: Group, prepared: Any) -> Any:
         mode = _MODES[options["weight_decay_mode"]] if options["weight_decay"] != 0 else 0

@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from .. import _grad, _optim
+from .. import _grad, _optim, storage
 from .._config import n_threads_for
 from .._validation import check_choice, check_real
 from ._rounding import check_rounding_options
@@ -64,7 +64,7 @@ def _load_row_step(entry: Dict[str, Any], n_rows: int, step: int, where: str) ->
     if arr.size and (arr.min() < 0 or arr.max() > step):
         raise ValueError(f"{where}['row_step'] must hold counts in [0, step={step}], got values in "
                          f"[{arr.min()}, {arr.max()}]")
-    entry["row_step"] = np.array(arr, order="C", copy=True)
+    entry["row_step"] = storage.aligned_copy(arr)
 
 
 class SparseAdam(Optimizer):

@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from .. import _optim
+from .. import _optim, storage
 from .._config import n_threads_for
 from .._validation import check_real
 from ._rounding import STREAM_DECAY, check_rounding_options
@@ -169,7 +169,7 @@ class SparseAdamW(Optimizer):
         if "row_step" in entry:
             _load_row_step(entry, n_rows, entry["step"], where)
         entry = super()._load_state_entry(entry, weight, options, where)  # exp_avg, exp_avg_sq: checked, copied
-        entry["row_decay_log"] = np.array(logs, order="C", copy=True)
+        entry["row_decay_log"] = storage.aligned_copy(logs)
         return entry
 
     # ------------------------------------------------------------------ updates
