@@ -6,7 +6,8 @@ call that raises has modified nothing. The rules (see ``docs/safety.md``):
 * scalars: :func:`check_real` / :func:`check_int` — one constraint helper for every numeric argument
   (``bool`` and strings are a ``TypeError``; NaN, and inf unless allowed, a ``ValueError``);
 * indices: any integer dtype, range-checked against the *current* table (``IndexError`` naming the
-  first bad value, its position and the valid range);
+  first bad value, its position and the valid range); :class:`GroupedIndices` were checked when made,
+  and are re-checked against a table with fewer rows;
 * weights: :func:`check_weight` and :func:`kernel_layout` — whether the kernels may use a table in
   place (rows of unit stride, aligned) or must go through a copy of the touched rows; tables may be
   float32, float64, float16 or bfloat16 (``cembed._dtypes``; the 16-bit ones compute in float32);
@@ -211,8 +212,77 @@ def check_index_range(flat: np.ndarray, shape: Tuple[int, ...], n_rows: int, nam
         raise_index_error(flat.reshape(shape), int(pos), n_rows, name)
 
 
+class GroupedIndices:
+    """Indices checked against a table size and grouped by row once, ahead of the calls that use
+    them: made by :func:`cembed.functional.group_indices` (see there).
+
+    Holds private read-only arrays that nothing hands out: the indices (int32/int64, the caller's
+    shape), the table size they were checked against, and the row grouping ``(order, rows, starts)``
+    of the backward's radix sort. Immutable; usable from any thread.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cembed import functional as F
+    >>> batch = F.group_indices(np.array([4, 1, 4]), num_rows=5)
+    >>> batch.shape, batch.num_rows, batch.n_distinct, np.asarray(batch)
+    ((3,), 5, 2, array([4, 1, 4]))
+    """
+
+    __slots__ = ("_indices", "_flat", "_n_rows", "_groups")
+
+    def __init__(self, indices: np.ndarray, flat: np.ndarray, n_rows: int,
+                 groups: Tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        for array in (indices, flat) + tuple(groups):
+            array.flags.writeable = False
+        self._indices, self._flat, self._n_rows, self._groups = indices, flat, n_rows, groups
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        """The indices' shape."""
+        return tuple(self._indices.shape)
+
+    @property
+    def num_rows(self) -> int:
+        """The table size the indices were checked against."""
+        return self._n_rows
+
+    @property
+    def n_distinct(self) -> int:
+        """How many distinct rows the indices reference."""
+        return int(self._groups[1].size)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """A copy of the indices (the kept ones are never handed out)."""
+        return np.array(self._indices, dtype=dtype, copy=True)
+
+    def __repr__(self) -> str:
+        return (f"GroupedIndices(shape={self.shape}, dtype={self._indices.dtype}, num_rows={self._n_rows}, "
+                f"n_distinct={self.n_distinct})")
+
+    def checked(self, n_rows: int, name: str) -> Tuple[np.ndarray, np.ndarray]:
+        """(indices, flat) for a table of ``n_rows`` rows: free when it has at least the rows they were
+        checked against, one O(n) range check when it has fewer."""
+        if n_rows < self._n_rows:
+            check_index_range(self._flat, self._indices.shape, n_rows, name)
+        return self._indices, self._flat
+
+    @property
+    def groups(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(order, distinct rows ascending, segment starts), read-only."""
+        return self._groups
+
+
+def index_groups(indices: Any) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The row grouping carried by ``indices`` (a :class:`GroupedIndices`), else None."""
+    return indices.groups if isinstance(indices, GroupedIndices) else None
+
+
 def validated_indices(indices: Any, n_rows: int, name: str = "indices") -> Tuple[np.ndarray, np.ndarray]:
-    """(index array of the caller's shape, its flat int32/int64 view), range-checked against ``n_rows``."""
+    """(index array of the caller's shape, its flat int32/int64 view), range-checked against ``n_rows``
+    (a :class:`GroupedIndices` was checked when it was made: re-checked only against a smaller table)."""
+    if isinstance(indices, GroupedIndices):
+        return indices.checked(n_rows, name)
     idx = as_index_array(indices, name, n_rows)
     flat = flat_indices(idx)
     check_index_range(flat, idx.shape, n_rows, name)

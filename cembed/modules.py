@@ -22,6 +22,7 @@ from ._validation import (
     check_trainable,
     check_weight,
     grad_dtype,
+    index_groups,
     normalize_padding_idx,
     validated_indices,
 )
@@ -243,7 +244,10 @@ class Embedding(TableModule):
 
         Any numeric dtype can be looked up; float32/float64/float16/bfloat16 tables can be trained
         (``freeze=False`` with an integer table is a ``TypeError``). A 16-bit table stays 16-bit:
-        lookups return float32 (see :func:`cembed.functional.embedding`).
+        lookups return float32 (see :func:`cembed.functional.embedding`). The kernels are fastest on
+        rows that start on cache-line boundaries, as the tables cembed allocates do: a large NumPy
+        array starts 16 bytes past one, so pass ``cembed.storage.aligned_copy(table)`` when the
+        copy is affordable (docs/performance.md, "Row alignment").
 
         Examples
         --------
@@ -337,12 +341,12 @@ class Embedding(TableModule):
             flat, shape, groups = saved.flat, saved.shape, saved.groups
         else:
             idx, flat = validated_indices(indices, weight.shape[0])
-            shape, groups = idx.shape, None
+            shape, groups = idx.shape, index_groups(indices)
         new = F.lookup_contributions(grad_output, shape, flat, per_sample_weights=per_sample_weights,
                                      padding_idx=padding_idx,
                                      scale_grad_by_freq=check_bool(self.scale_grad_by_freq, "scale_grad_by_freq"),
                                      dim=weight.shape[1], dtype=grad_dtype(weight), table_dtype=weight.dtype,
-                                     groups=groups if per_sample_weights is None else None)
+                                     groups=groups)
         self._accumulate(new, optimizer)
 
     def dot_logistic_backward(self, query: Any, indices: Any, n_positive: int = 1, *, optimizer: Any = None,

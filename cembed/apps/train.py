@@ -282,6 +282,13 @@ class CembedModel:
         options = {} if state_dir is None else {"state_dir": state_dir}
         self.opt = make_optimizer(cembed.optim, [self.emb_in, self.emb_out], config, **options)
 
+    def prepare(self, centers, targets):
+        """The batch as :meth:`step` takes it, made ahead in the batch thread: both index arrays
+        checked and grouped by row once (``functional.group_indices``), so that the step neither
+        re-checks nor sorts them (the same bits)."""
+        group = cembed.functional.group_indices
+        return group(centers, self.emb_in.num_embeddings), group(targets, self.emb_out.num_embeddings)
+
     def prefetch(self, centers, targets):
         """Start reading the rows (and their optimizer state) a coming step will touch."""
         self.emb_in.prefetch(centers, self.opt)
@@ -306,7 +313,7 @@ class CembedModel:
         self._fused_update(self.emb_in, dv, centers)
         # d loss / d w_out[t[b, k]] = g[b, k] * v[b]: handed over as (v, weights g), never materialised
         self._fused_update(self.emb_out, v, targets, per_sample_weights=g)
-        return float(loss.sum()) / centers.size if loss is not None else None
+        return float(loss.sum()) / loss.size if loss is not None else None
 
     def _output_rows(self, targets):
         """(table, indices) for the scoring kernel: the output table itself when the kernel reads it
@@ -350,6 +357,9 @@ class ShardedModel(CembedModel):
 
     def _fused_update(self, table, grad_output, indices, per_sample_weights=None):
         table.backward(grad_output, indices, per_sample_weights=per_sample_weights, step=True)
+
+    def prepare(self, centers, targets):
+        return centers, targets   # the shards check and group their own rows
 
     def input_table(self):
         return self.emb_in.state_dict()["weight"]
@@ -659,6 +669,20 @@ class TableDir:
                                extra={"steps": steps, "words": words, "settings": self.settings})
 
 
+def step_inputs(batches, skip, table_dir, prepare):
+    """The batches as the model's step takes them: from the ``skip``-th on (the stream is
+    deterministic: a resumed run skips what the checkpoint has trained on), word ids mapped to the
+    files' rows (``--table-dir``), then the model's ``prepare`` (if any). Run by the batch thread."""
+    for k, (centers, targets, words) in enumerate(batches):
+        if k < skip:
+            continue
+        if table_dir is not None:
+            centers, targets = table_dir.rows(centers), table_dir.rows(targets)
+        if prepare is not None:
+            centers, targets = prepare(centers, targets)
+        yield centers, targets, words
+
+
 def _train(corpus, config, progress):
     table_dir = None
     if config.table_dir is not None:
@@ -701,11 +725,8 @@ def _train(corpus, config, progress):
     words = done_words
     source = None
     try:
-        source = stream = BackgroundBatches(batches) if config.background_batches else iter(batches)
-        for _ in range(done_steps):   # the stream is deterministic: skip what the checkpoint has trained on
-            next(stream)
-        if table_dir is not None:   # word ids -> the files' rows, once per batch
-            stream = ((table_dir.rows(c), table_dir.rows(t), w) for c, t, w in stream)
+        inputs = step_inputs(batches, done_steps, table_dir, getattr(model, "prepare", None))
+        source = stream = BackgroundBatches(inputs) if config.background_batches else inputs
         start = time.perf_counter()
         batch = next(stream, None)
         while batch is not None:
