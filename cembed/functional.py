@@ -67,10 +67,23 @@ _NO_POSITIONS = np.zeros(0, dtype=np.int64)
 
 # ============================================================================ saved forwards
 
+def _may_be_callers(flat: np.ndarray, caller: Any) -> bool:
+    """Whether the caller may still write the memory of ``flat`` (made from ``caller`` by the index
+    checks): it is the caller's ndarray, or a view NumPy made of any other buffer the caller holds (a
+    ``memoryview``, an ``array.array``, an ``mmap``, ...) without copying it. Only an array whose
+    memory NumPy allocated in this call (a list converted, a dtype widened) is not."""
+    if isinstance(caller, np.ndarray):
+        return bool(np.may_share_memory(flat, caller))
+    root = flat
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    return root.base is not None
+
+
 def _private(flat: np.ndarray, caller: Any) -> np.ndarray:
-    """``flat`` as an array nobody else can reach: copied when it may share memory with what the
-    caller passed in, then made read-only."""
-    if isinstance(caller, np.ndarray) and np.may_share_memory(flat, caller):
+    """``flat`` as an array nobody else can reach: copied when the caller may still write its memory
+    (:func:`_may_be_callers`), then made read-only."""
+    if _may_be_callers(flat, caller):
         copy = _buffer_cache.empty(flat.shape, flat.dtype)   # recycled: no fresh pages at every step
         np.copyto(copy, flat)
         flat = copy
@@ -198,7 +211,8 @@ def lookup(weight: np.ndarray, indices: Any, max_norm: Optional[float], norm_typ
            save: bool = False, out_dtype: Any = None) -> Tuple[np.ndarray, Optional[SavedLookup]]:
     """The forward of :func:`embedding` on a checked weight and options; with ``save`` also the
     record its backward needs (a private copy of the indices; the row grouping when max_norm sorted
-    them anyway, or :class:`GroupedIndices` carried it). ``out_dtype`` as :func:`embedding` takes it (checked here, before any work)."""
+    them anyway, or :class:`GroupedIndices` carried it). ``out_dtype`` as :func:`embedding` takes it
+    (checked here, before any work)."""
     out_dtype = resolve_out_dtype(out_dtype, weight.dtype)
     idx, flat = validated_indices(indices, weight.shape[0])
     groups = index_groups(indices)   # GroupedIndices: grouped already
@@ -729,8 +743,8 @@ def group_indices(indices: Any, num_rows: int) -> GroupedIndices:
     idx, flat = validated_indices(indices, num_rows)
     if isinstance(indices, GroupedIndices):
         return indices if num_rows >= indices.num_rows else GroupedIndices(idx, flat, num_rows, indices.groups)
-    if isinstance(indices, np.ndarray) and np.may_share_memory(flat, indices):
-        flat = flat.copy()   # a private copy: the caller may change or reuse its array
+    if _may_be_callers(flat, indices):
+        flat = flat.copy()   # a private copy: the caller may change or reuse its buffer
     order, rows, starts = _sort.sort_rows(flat, _sort_threads(flat.size), True, np.empty)   # kept: fresh arrays
     return GroupedIndices(flat.reshape(idx.shape), flat, num_rows, (order, rows, starts))
 

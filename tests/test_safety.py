@@ -503,6 +503,46 @@ def test_embedding_backward_uses_indices_of_last_forward(batch, name):
         np.testing.assert_array_equal(arrays["rows"], np.unique(EMB_LAST_IDX))
 
 
+BUFFER_CODE = '''
+import array
+ids = [1, 2, 2, 7, 0, 9]
+buf = array.array("q", ids)
+view = memoryview(buf) if ARGS["via"] == "memoryview" else buf
+if ARGS["module"] == "bag":
+    m = cembed.EmbeddingBag(10, 3, mode="sum", sparse=True, seed=0)
+    out = m(view, [0, 3])
+elif ARGS["module"] == "grouped":
+    m = cembed.Embedding(10, 3, sparse=True, seed=0)
+    out = m(F.group_indices(view, 10))
+else:
+    m = cembed.Embedding(10, 3, sparse=True, seed=0)
+    out = m(view)
+opt = optim.SGD([m], lr=1.0)
+buf[0] = buf[3] = ARGS["value"]          # the caller refills the buffer it lent to the forward
+before = m.weight.copy()
+res = attempt(lambda: m.backward(np.ones_like(out), optimizer=opt))   # fused: rows written in place
+save_arrays(before=before, after=m.weight)
+report(backward=res)
+'''
+BUFFER_CASES = {
+    f"{module}-{via}-{value}": case(BUFFER_CODE, module=module, via=via, value=value)
+    for module in ("embedding", "bag", "grouped") for via in ("array", "memoryview") for value in (4, 10**9)
+}
+
+
+@pytest.mark.parametrize("name", sorted(BUFFER_CASES))
+def test_forward_keeps_a_copy_of_any_index_buffer(batch, name):
+    """Indices passed as any buffer NumPy can wrap without copying (an ``array.array``, a
+    ``memoryview``) are copied by the forward (and by ``group_indices``) like an ndarray's: refilling
+    the buffer afterwards — here with an id far outside the table, before a fused backward that
+    writes the rows in place — changes nothing. Before this was fixed only ndarrays were copied, and
+    the backward used the refilled value unchecked (a SparseGrad row 10**9 of a 10-row table)."""
+    verdict, arrays = batch("index_buffer", BUFFER_CASES, name)
+    assert_ok(verdict["backward"], "fused backward after the caller refilled its index buffer")
+    counts = np.bincount([1, 2, 2, 7, 0, 9], minlength=10).astype(np.float32)
+    np.testing.assert_array_equal(arrays["after"], arrays["before"] - counts[:, None])   # SGD, lr 1
+
+
 # =================================================================================================
 # 3. module.weight replaced
 # =================================================================================================

@@ -1,6 +1,7 @@
 """A hypothesis state machine over one small table and its optimizer, against a pure-NumPy shadow.
 
-The machine interleaves forward / backward (with and without explicit indices) / step / zero_grad /
+The machine interleaves forward / backward (with and without explicit indices, plain or grouped ahead by
+``functional.group_indices`` before the table changed) / step / zero_grad /
 save / load / state_dict round trips / weight replacement (same-shape copy, read-only copy, another
 number of rows) / the caller refilling the buffers it passed to forward / hostile SparseGrad
 assignments / corrupted state_dicts and files, on Embedding (sparse or dense) and EmbeddingBag
@@ -137,6 +138,7 @@ class TableMachine(RuleBasedStateMachine):
         self.dir = tempfile.mkdtemp(prefix="cembed_sm_")
         self.saved = {}          # file name -> (shadow state, shadow hp) written there
         self.caller = []         # the arrays the caller passed to the last successful forward
+        self.grouped = None      # (ids, GroupedIndices of them) made by group_ahead, for a later call
 
     def teardown(self):
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -252,6 +254,36 @@ class TableMachine(RuleBasedStateMachine):
     @rule(n=st.integers(0, 6), offsets_kind=st.sampled_from(["start_nonzero", "decreasing", "past_end"]))
     def forward_bag_bad_offsets(self, n, offsets_kind):
         self.forward_bag(n, False, False, None, offsets_kind)
+
+    @rule(n=st.integers(0, 6), two_d=st.booleans())
+    def group_ahead(self, n, two_d):
+        """What a loader thread does: check and group ids now (against the table as it is now) for a
+        forward or backward that comes later, when the table may have been replaced."""
+        idx = self.ids(2 * n if two_d else n).reshape((2, n) if two_d else (n,))
+        self.grouped = (idx.copy(), cembed.functional.group_indices(idx, self.n_rows()))
+        self.caller = [idx]   # refilling it afterwards must change nothing
+
+    @precondition(lambda self: self.grouped is not None and not self.is_bag)
+    @rule()
+    def forward_grouped(self):
+        idx, grouped = self.grouped
+        bad = bool((idx >= self.n_rows()).any())   # the table may have fewer rows by now
+        ok, out = self.act(lambda: self.m(grouped), "refuse" if bad else "ok")
+        if ok:
+            np.testing.assert_array_equal(out, ref.embedding(idx, self.m.weight))
+            np.testing.assert_allclose(out, ref.embedding(idx, self.w), rtol=1e-5, atol=1e-6)
+            self.last, self.rows_at_forward = (idx.copy(), None), self.n_rows()
+
+    @precondition(lambda self: self.grouped is not None and not self.is_bag and self.grad_fits())
+    @rule()
+    def backward_grouped(self):
+        idx, grouped = self.grouped
+        n_rows = self.n_rows()
+        go = self.dyadic(idx.shape + (D,))
+        ok, _ = self.act(lambda: self.m.backward(go, indices=grouped), "ok" if (idx < n_rows).all() else "refuse")
+        if ok:
+            new = Grad(ref.embedding_backward(go, idx, n_rows), np.unique(idx).astype(np.int64) if self.sparse else None)
+            self.grad = new if self.grad is None else self.grad + new
 
     @precondition(lambda self: self.caller)
     @rule(value=st.sampled_from([0, 5, ID_MAX + 1, -3, 10**6]))
