@@ -102,29 +102,31 @@ class BatchStream:
         token's pairs spread over the chunk (its pair at distance slot j moved j/(2·window) of the
         chunk further), so that a batch mixes distances and a token's pairs fall in different batches."""
         window, n = self.config.window, tokens.size
+        slots = 2 * window
         reach = rng.integers(1, window + 1, n, dtype=np.int8)   # word2vec's dynamic window
-        # slot 2(o-1) holds token i + o, slot 2(o-1)+1 token i - o, or -1 where that is no context
-        # (past the window drawn for i, in another sentence, or outside the chunk)
-        context = np.full((n, 2 * window), -1, dtype=np.int32)
+        # by_slot[2(o-1), i] holds token i + o, by_slot[2(o-1)+1, i] token i - o, or -1 where that is no
+        # context (past the window drawn for i, in another sentence, or outside the chunk); one
+        # contiguous row per slot, so every pass below is over contiguous memory
+        by_slot = np.full((slots, n), -1, dtype=np.int32)
         for offset in range(1, min(window, n - 1) + 1):
             same = sentence[offset:] == sentence[:-offset]
-            np.copyto(context[:-offset, 2 * offset - 2], tokens[offset:],
-                      where=same & (reach[:-offset] >= offset))
-            np.copyto(context[offset:, 2 * offset - 1], tokens[:-offset],
-                      where=same & (reach[offset:] >= offset))
-        # one permutation of the n tokens (not of the ~2·window·n pairs: far cheaper), rows moved with
-        # np.take (far cheaper than fancy indexing a 2-D array); then slot j is rolled by j·n/(2·window)
-        # rows, so that row i holds pairs of 2·window different tokens
+            np.copyto(by_slot[2 * offset - 2, :-offset], tokens[offset:], where=same & (reach[:-offset] >= offset))
+            np.copyto(by_slot[2 * offset - 1, offset:], tokens[:-offset], where=same & (reach[offset:] >= offset))
+        # one permutation of the n tokens (not of the ~2·window·n pairs: far cheaper); row i of the
+        # output takes slot j of the token at permuted position i - j·n/(2·window) (mod n), so that
+        # row i holds pairs of 2·window different tokens. Built slot by slot as two slices (no
+        # np.roll copies), then the pairs kept in row order by one flatnonzero and two takes.
         order = rng.permutation(n)
-        context = np.take(context, order, axis=0)
-        center = np.empty_like(context)
-        center[:] = np.take(tokens, order)[:, None]
-        for slot in range(1, 2 * window):
-            shift = slot * n // (2 * window)
-            context[:, slot] = np.roll(context[:, slot], shift)
-            center[:, slot] = np.roll(center[:, slot], shift)
-        valid = context >= 0
-        return center[valid], context[valid]
+        center_of = np.take(tokens, order)
+        context = np.empty((n, slots), dtype=np.int32)
+        center = np.empty((n, slots), dtype=np.int32)
+        for slot in range(slots):
+            shift = slot * n // slots
+            row = np.take(by_slot[slot], order)
+            context[shift:, slot], context[:shift, slot] = row[:n - shift], row[n - shift:]
+            center[shift:, slot], center[:shift, slot] = center_of[:n - shift], center_of[n - shift:]
+        kept = np.flatnonzero(context.reshape(-1) >= 0)
+        return np.take(center.reshape(-1), kept), np.take(context.reshape(-1), kept)
 
     def __iter__(self):
         """Yields (center (B,), targets (B, 1 + negatives), words consumed so far)."""
