@@ -1,5 +1,7 @@
 """The skip-gram trainer's cembed model (issue 11): one step against a NumPy reference of the same
 math, the row-wise Adagrad choice, and the torch backend refusing it."""
+import sys
+
 import numpy as np
 import pytest
 
@@ -180,6 +182,22 @@ def test_background_batches_raise_the_sources_error_and_stop():
     assert not endless._thread.is_alive()
     with pytest.raises(StopIteration):
         next(endless)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice levels are Linux's")
+def test_batch_thread_runs_nicer_than_the_trainer():
+    """The batch thread lowers its own priority (BATCH_THREAD_NICE levels, capped at 19), and only
+    its own: the trainer's thread keeps its nice level."""
+    import os
+    import threading
+
+    def nice():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    mine = nice()
+    seen = list(train_mod.BackgroundBatches(nice() for _ in range(3)))
+    assert seen == [min(19, mine + train_mod.BATCH_THREAD_NICE)] * 3
+    assert nice() == mine
 
 
 def test_training_that_fails_stops_the_batch_thread(monkeypatch):

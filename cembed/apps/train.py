@@ -157,15 +157,32 @@ class BatchStream:
                 consumed += hi - lo
 
 
+#: How much nicer than the trainer the batch thread runs (Linux; docs/performance.md).
+BATCH_THREAD_NICE = 5
+
+
+def _nicer_thread(increment):
+    """Lower the calling thread's priority by ``increment`` nice levels, best effort: on Linux
+    ``setpriority`` of a thread id applies to that thread alone; elsewhere nothing happens."""
+    if not sys.platform.startswith("linux") or not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
+    except OSError:
+        pass
+
+
 class BackgroundBatches:
     """``source``'s items, made up to ``depth`` ahead by a daemon thread while the caller trains on the
     previous ones. NumPy releases the GIL in its array operations, so the thread uses what the step
     leaves of the cores (its one-thread sorts, the Python between kernels, OpenMP workers waiting
-    passively). It runs at normal priority: an idle-priority thread (``SCHED_IDLE``) measured faster
-    on a quiet host, but starved whenever other busy threads shared the trainer's scheduling group
-    (docs/performance.md). The items and their order are those of iterating ``source`` directly; an
-    exception raised in the thread is raised by ``next``. ``close()`` stops the thread (``_train``
-    closes it however the loop ends)."""
+    passively). It runs ``BATCH_THREAD_NICE`` nice levels below the trainer: when it competes with a
+    kernel thread for a core the kernel gets most of it, yet it is never starved (an idle-priority
+    thread, ``SCHED_IDLE``, measured faster on a quiet host but starved whenever other busy threads
+    shared the trainer's scheduling group; docs/performance.md). The items and their order are those
+    of iterating ``source`` directly; an exception raised in the thread is raised by ``next``.
+    ``close()`` stops the thread (``_train`` closes it however the loop ends)."""
 
     _END = object()
 
@@ -185,6 +202,7 @@ class BackgroundBatches:
         return False
 
     def _fill(self, source):
+        _nicer_thread(BATCH_THREAD_NICE)
         try:
             for item in source:
                 if not self._put((True, item)):
