@@ -90,7 +90,12 @@ cdef object _take_scratch(Py_ssize_t n_items):
     cdef Py_ssize_t i
     for i in range(len(_spare_scratch)):
         if n_items <= _spare_scratch[i].shape[0] <= 4 * n_items + 4096:
-            return _spare_scratch.pop(i)
+            buffer = _spare_scratch.pop(i)
+            # checked again once it is ours: sorts run in several threads (a loader thread's
+            # group_indices beside the step), and the list may have changed between check and pop
+            if buffer.shape[0] >= n_items:
+                return buffer
+            break
     return np.empty(n_items, dtype=np.uint64)
 
 

@@ -212,13 +212,20 @@ def check_index_range(flat: np.ndarray, shape: Tuple[int, ...], n_rows: int, nam
         raise_index_error(flat.reshape(shape), int(pos), n_rows, name)
 
 
+def _frozen(array: np.ndarray) -> np.ndarray:
+    """A copy of ``array`` in memory nobody can write: a ``bytes`` object's. Its ``flags.writeable``
+    cannot be turned back on, not even through ``.base`` (NumPy refuses it for read-only memory)."""
+    return np.frombuffer(array.tobytes(), dtype=array.dtype).reshape(array.shape)
+
+
 class GroupedIndices:
     """Indices checked against a table size and grouped by row once, ahead of the calls that use
-    them: made by :func:`cembed.functional.group_indices` (see there).
+    them: made by :func:`cembed.functional.group_indices` only (see there).
 
-    Holds private read-only arrays that nothing hands out: the indices (int32/int64, the caller's
-    shape), the table size they were checked against, and the row grouping ``(order, rows, starts)``
-    of the backward's radix sort. Immutable; usable from any thread.
+    Holds the indices (int32/int64, the caller's shape), the table size they were checked against,
+    and the row grouping ``(order, rows, starts)`` of the backward's radix sort — copies in memory that
+    cannot be made writeable (:func:`_frozen`), so nothing that reaches them (``groups``, a
+    ``SparseGrad`` built on them) can change them. Immutable; usable from any thread.
 
     Examples
     --------
@@ -231,11 +238,26 @@ class GroupedIndices:
 
     __slots__ = ("_indices", "_flat", "_n_rows", "_groups")
 
-    def __init__(self, indices: np.ndarray, flat: np.ndarray, n_rows: int,
-                 groups: Tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
-        for array in (indices, flat) + tuple(groups):
-            array.flags.writeable = False
-        self._indices, self._flat, self._n_rows, self._groups = indices, flat, n_rows, groups
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("GroupedIndices are made by cembed.functional.group_indices(indices, num_rows)")
+
+    @classmethod
+    def _make(cls, flat: np.ndarray, shape: Tuple[int, ...], n_rows: int,
+              groups: Tuple[np.ndarray, np.ndarray, np.ndarray]) -> "GroupedIndices":
+        """For group_indices: ``flat`` checked against ``n_rows`` and ``groups`` made from it by the
+        radix sort, all frozen here."""
+        self = object.__new__(cls)
+        frozen_flat = _frozen(flat)
+        for name, value in (("_flat", frozen_flat), ("_indices", frozen_flat.reshape(shape)),
+                            ("_n_rows", int(n_rows)), ("_groups", tuple(_frozen(a) for a in groups))):
+            object.__setattr__(self, name, value)
+        return self
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("GroupedIndices are immutable")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("GroupedIndices are immutable")
 
     @property
     def shape(self) -> Tuple[int, ...]:
@@ -253,7 +275,7 @@ class GroupedIndices:
         return int(self._groups[1].size)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        """A copy of the indices (the kept ones are never handed out)."""
+        """A writeable copy of the indices."""
         return np.array(self._indices, dtype=dtype, copy=True)
 
     def __repr__(self) -> str:
@@ -269,7 +291,7 @@ class GroupedIndices:
 
     @property
     def groups(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(order, distinct rows ascending, segment starts), read-only."""
+        """(order, distinct rows ascending, segment starts), read-only for good."""
         return self._groups
 
 

@@ -69,15 +69,13 @@ _NO_POSITIONS = np.zeros(0, dtype=np.int64)
 
 def _may_be_callers(flat: np.ndarray, caller: Any) -> bool:
     """Whether the caller may still write the memory of ``flat`` (made from ``caller`` by the index
-    checks): it is the caller's ndarray, or a view NumPy made of any other buffer the caller holds (a
-    ``memoryview``, an ``array.array``, an ``mmap``, ...) without copying it. Only an array whose
-    memory NumPy allocated in this call (a list converted, a dtype widened) is not."""
+    checks): it shares memory with the caller's ndarray, or ``caller`` is anything else NumPy may have
+    wrapped without copying (a ``memoryview``, an ``array.array``, an object whose ``__array__`` returns
+    an array it keeps, ...). Only Python lists, tuples and integers are always converted into fresh
+    memory; a :class:`GroupedIndices` holds frozen copies."""
     if isinstance(caller, np.ndarray):
         return bool(np.may_share_memory(flat, caller))
-    root = flat
-    while isinstance(root.base, np.ndarray):
-        root = root.base
-    return root.base is not None
+    return not isinstance(caller, (list, tuple, int, np.integer, GroupedIndices))
 
 
 def _private(flat: np.ndarray, caller: Any) -> np.ndarray:
@@ -707,8 +705,9 @@ def group_indices(indices: Any, num_rows: int) -> GroupedIndices:
     those of the plain indices. The grouping is about as costly as the sort it saves (a few ms per
     million indices, on one thread), so it pays where it runs beside the step instead of in it.
 
-    The result keeps private read-only copies and hands none out (``numpy.asarray`` of it is a copy):
-    changing ``indices`` afterwards changes nothing. It is immutable and may be passed between
+    The result keeps copies in memory that cannot be made writeable (``numpy.asarray`` of it is a
+    writeable copy): changing ``indices`` afterwards changes nothing, and neither can anything done to
+    what it hands out. It is immutable, made only by this function, and may be passed between
     threads.
 
     Parameters
@@ -742,11 +741,10 @@ def group_indices(indices: Any, num_rows: int) -> GroupedIndices:
     num_rows = check_size(num_rows, "num_rows")
     idx, flat = validated_indices(indices, num_rows)
     if isinstance(indices, GroupedIndices):
-        return indices if num_rows >= indices.num_rows else GroupedIndices(idx, flat, num_rows, indices.groups)
-    if _may_be_callers(flat, indices):
-        flat = flat.copy()   # a private copy: the caller may change or reuse its buffer
-    order, rows, starts = _sort.sort_rows(flat, _sort_threads(flat.size), True, np.empty)   # kept: fresh arrays
-    return GroupedIndices(flat.reshape(idx.shape), flat, num_rows, (order, rows, starts))
+        return indices if num_rows >= indices.num_rows else GroupedIndices._make(flat, idx.shape, num_rows,
+                                                                                 indices.groups)
+    groups = _sort.sort_rows(flat, _sort_threads(flat.size), True, np.empty)
+    return GroupedIndices._make(flat, idx.shape, num_rows, groups)   # frozen copies of all four
 
 
 # ============================================================================ bags

@@ -117,9 +117,17 @@ def test_what_it_holds(rng):
     order, rows, starts = grouped.groups
     assert_bitwise_equal(rows, np.unique(idx).astype(np.int64))
     assert_bitwise_equal(order, np.argsort(idx.reshape(-1), kind="stable"))
-    assert not any(a.flags.writeable for a in grouped.groups)
+    for array in grouped.groups:   # read-only for good: the flag cannot be turned back on, nor through .base
+        with pytest.raises(ValueError):
+            array.flags.writeable = True
+        with pytest.raises((ValueError, TypeError)):
+            np.frombuffer(array.base, dtype=array.dtype)[...] = 0
     with pytest.raises(ValueError):
         rows[0] = 1
+    with pytest.raises(AttributeError, match="immutable"):
+        grouped._n_rows = 0
+    with pytest.raises(TypeError, match="group_indices"):
+        F.GroupedIndices(idx, idx.reshape(-1), 0, grouped.groups)   # only group_indices makes them
     assert F.group_indices(grouped, V) is grouped   # already checked against as many rows
     assert F.group_indices(grouped, V + 5) is grouped
     assert F.group_indices(np.array([], dtype=np.int64), 0).n_distinct == 0
@@ -151,6 +159,50 @@ def test_the_callers_arrays_never_reach_a_kernel(rng):
     grouped32 = F.group_indices(flat32, V)
     flat32[:] = 599
     assert_bitwise_equal(np.asarray(grouped32), np.arange(12, dtype=np.int32))
+
+
+class _KeepsItsArray:
+    """An object whose ``__array__`` hands out an array it keeps (NumPy wraps it without copying)."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __array__(self, dtype=None, copy=None):
+        return self.array
+
+
+@pytest.mark.parametrize("kind", ["array.array", "memoryview", "__array__"])
+def test_any_buffer_the_caller_keeps_is_copied(kind):
+    """Indices in memory the caller can still write — an ``array.array``, a ``memoryview``, an object
+    whose ``__array__`` returns an array it keeps — are copied by group_indices and by the forward; a
+    refill with a far out-of-range id afterwards reaches no kernel. A SparseGrad built on grouped
+    indices cannot be used to change them either."""
+    import array
+
+    ids = np.array([1, 2, 2, 7], dtype=np.int64)
+    holder = {"array.array": lambda: array.array("q", ids), "memoryview": lambda: memoryview(ids.copy()),
+              "__array__": lambda: _KeepsItsArray(ids.copy())}[kind]
+
+    def refill(buf):
+        (buf.array if kind == "__array__" else buf)[0] = 10 ** 9
+
+    weight = np.arange(V * 2, dtype=np.float32).reshape(V, 2)
+    buf = holder()
+    grouped = F.group_indices(buf, V)
+    refill(buf)
+    assert_bitwise_equal(F.embedding(grouped, weight), weight[ids])
+    emb = cembed.Embedding.from_pretrained(weight.copy(), freeze=False, sparse=True)
+    opt = optim.SGD([emb], lr=1.0)
+    buf = holder()
+    out = emb(buf)
+    refill(buf)
+    emb.backward(np.ones_like(out), optimizer=opt)
+    want = weight.copy()
+    want[[1, 2, 7]] -= np.array([1, 2, 1], np.float32)[:, None]
+    assert_bitwise_equal(emb.weight, want)
+    grad = F.embedding_backward(np.ones((4, 2), np.float32), grouped, V, sparse=True)
+    with pytest.raises(ValueError):
+        grad.indices.flags.writeable = True
 
 
 def test_a_table_that_shrank_is_rechecked_before_anything_changes(rng):
@@ -186,12 +238,17 @@ def test_saved_forward_then_a_smaller_table(rng):
     assert emb.grad is None
 
 
-def test_made_in_another_thread(rng):
-    """The trainer's use: grouped by a loader thread while the previous batch trains."""
-    batches = [_batch(rng) for _ in range(4)]
-    made = []
-    loader = threading.Thread(target=lambda: made.extend(F.group_indices(b, V) for b in batches))
+def test_made_in_another_thread_while_training(rng):
+    """The trainer's use: a loader thread groups batch k + 1 (its own sorts, at the same time as the
+    step's) while batch k trains; the same bits as plain indices."""
+    import queue
+
+    batches = [_batch(rng, (400, 6)) for _ in range(12)]
+    made: "queue.Queue" = queue.Queue(maxsize=1)
+    loader = threading.Thread(target=lambda: [made.put(F.group_indices(b, V)) for b in batches])
     loader.start()
-    loader.join()
-    plain = _train(lambda k: batches[k], "SparseAdam", {"lr": 0.01}, {}, True, steps=4)
-    assert _train(lambda k: made[k], "SparseAdam", {"lr": 0.01}, {}, True, steps=4) == plain
+    try:
+        grouped = _train(lambda k: made.get(timeout=30), "SparseAdam", {"lr": 0.01}, {}, True, steps=12)
+    finally:
+        loader.join(timeout=30)
+    assert grouped == _train(lambda k: batches[k], "SparseAdam", {"lr": 0.01}, {}, True, steps=12)

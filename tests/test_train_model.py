@@ -195,8 +195,10 @@ def test_batch_thread_runs_nicer_than_the_trainer():
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
     mine = nice()
+    if mine + train_mod.BATCH_THREAD_NICE > 19:
+        pytest.skip(f"this process already runs at nice {mine}: no room to go {train_mod.BATCH_THREAD_NICE} lower")
     seen = list(train_mod.BackgroundBatches(nice() for _ in range(3)))
-    assert seen == [min(19, mine + train_mod.BATCH_THREAD_NICE)] * 3
+    assert seen == [mine + train_mod.BATCH_THREAD_NICE] * 3
     assert nice() == mine
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from .. import functional as F
 from ..modules import Embedding
 from ..sparse import SparseGrad
+from ..storage import aligned_zeros
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ._init import INITS, check_seed
 from ._ray import require_ray
@@ -849,7 +850,7 @@ class ShardedEmbedding:
         got = self._wait_all([(k, self._actors[k].state.remote()) for k in range(S)],
                              expect=lambda k, reply: reply[0] == self._steps[k],
                              retry=lambda k: self._actors[k].state.remote(), what="state_dict")
-        weight = np.empty((self.num_embeddings, self.embedding_dim), dtype=self.dtype)
+        weight = aligned_zeros((self.num_embeddings, self.embedding_dim), self.dtype)
         state: Dict[str, Any] = {}
         live: List[Optional[np.ndarray]] = []   # SGD momentum's live rows, per shard (local ids; None: all)
         for k in range(S):
@@ -860,7 +861,7 @@ class ShardedEmbedding:
                     live.append(None if value is None else np.asarray(value, dtype=np.int64) * S + k)
                 elif isinstance(value, np.ndarray) and value.ndim >= 1 and value.shape[0] == w.shape[0]:
                     if key not in state:
-                        state[key] = np.empty((self.num_embeddings,) + value.shape[1:], dtype=value.dtype)
+                        state[key] = aligned_zeros((self.num_embeddings,) + value.shape[1:], value.dtype)
                     state[key][k::S] = value
                 elif key not in state:
                     state[key] = value

@@ -16,7 +16,7 @@ import numpy as np
 from .. import functional as F
 from .. import optim
 from ..checkpoint import CheckpointError, find_directory, load_checkpoint, save_checkpoint
-from ..storage import open_table
+from ..storage import aligned_copy, aligned_zeros, open_table
 from ..modules import Embedding
 from ..sparse import SparseGrad
 from ._init import initial_rows
@@ -78,7 +78,7 @@ class Shard:
             weight = open_table(os.path.join(storage_dir, "rows.npy"), self.rows, embedding_dim, table_dtype,
                                 mode="w+", init=fill)
         elif restore:   # restarted by Ray: the values come from the checkpoint
-            weight = np.zeros((self.rows, embedding_dim), dtype=table_dtype)
+            weight = aligned_zeros((self.rows, embedding_dim), table_dtype)
         else:
             weight = initial_rows(seed, global_rows, embedding_dim, table_dtype, init)
         if not restore and padding_idx is not None and padding_idx % num_shards == shard_id:
@@ -159,10 +159,11 @@ class Shard:
     def load(self, step: int, weight: np.ndarray, entry: Dict[str, Any]) -> int:
         """Take ``weight`` and optimizer state ``entry`` as the state at ``step`` (checked by the
         optimizer first: a refused state changes nothing), then checkpoint it when checkpointing."""
-        weight = np.array(weight, order="C", copy=True)
+        weight = np.asarray(weight)
         if weight.shape != self.emb.weight.shape or weight.dtype != self.emb.weight.dtype:
             raise ValueError(f"shard {self.shard_id}: weight {weight.shape} {weight.dtype} does not match "
                              f"{self.emb.weight.shape} {self.emb.weight.dtype}")
+        weight = aligned_copy(weight)   # a private, page-aligned copy
         if self.storage_dir is not None:   # rows on disk: the state first (checked), then the rows copied in
             sd = self.opt.state_dict()
             sd["state"] = {0: entry} if entry else {}

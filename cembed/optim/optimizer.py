@@ -483,7 +483,7 @@ class Optimizer:
                 continue
             arr = state.get(name)
             if not isinstance(arr, np.ndarray) or arr.dtype != target:
-                arr = np.zeros(values.shape, dtype=target)
+                arr = storage.aligned_zeros(values.shape, target)
             rounding.store(arr, rows, values, 1 + i)
             work[name] = arr
         rounding.store(weight, rows, block, rounding_.STREAM_WEIGHT)
