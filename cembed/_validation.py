@@ -237,6 +237,10 @@ class GroupedIndices:
     """
 
     __slots__ = ("_indices", "_flat", "_n_rows", "_groups")
+    _indices: np.ndarray
+    _flat: np.ndarray
+    _n_rows: int
+    _groups: Tuple[np.ndarray, np.ndarray, np.ndarray]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError("GroupedIndices are made by cembed.functional.group_indices(indices, num_rows)")

@@ -204,14 +204,14 @@ def build(kernel, wl, torch, use_numpy):
         bf16 = np.dtype(ml_dtypes.bfloat16)
         grads = {"cembed": g.astype(bf16) if act else g, "cembed_f32": g}
         out_dtypes = {"cembed": bf16 if act else None, "cembed_f32": None}
-        tables = {}
+        trained: Dict[str, Any] = {}   # name -> (module, optimizer)
         for name, dtype, state_dtype in (("cembed", np.dtype(ml_dtypes.bfloat16), "bfloat16"),
                                          ("cembed_f32", np.dtype(np.float32), None)):
             emb = cembed.Embedding.from_pretrained(aligned_copy(w, dtype), freeze=False, sparse=True)
-            tables[name] = (emb, optim.SparseAdam([emb], lr=1e-3, state_dtype=state_dtype))
+            trained[name] = (emb, optim.SparseAdam([emb], lr=1e-3, state_dtype=state_dtype))
 
         def fused(name):
-            emb, opt = tables[name]
+            emb, opt = trained[name]
             grad, out_dtype = grads[name], out_dtypes[name]
 
             def step():
