@@ -171,13 +171,14 @@ def _renorm_kernel(weight: np.ndarray, rows: np.ndarray, max_norm: float, norm_t
 
 
 def renorm_referenced(weight: np.ndarray, flat: np.ndarray, max_norm: float, norm_type: float,
-                      what: str = "max_norm renormalisation") -> None:
-    """Renormalise, in place, the distinct rows among validated indices ``flat`` (a float table)."""
+                      what: str = "max_norm renormalisation", rows: Optional[np.ndarray] = None) -> None:
+    """Renormalise, in place, the distinct rows among validated indices ``flat`` (a float table);
+    ``rows``: those distinct rows, ascending, when the caller has them already."""
     if flat.size == 0:
         return
     check_trainable(weight)
     check_writeable(weight, what)
-    _renorm_rows(weight, _distinct_rows(flat), max_norm, norm_type)
+    _renorm_rows(weight, _distinct_rows(flat) if rows is None else rows, max_norm, norm_type)
 
 
 def _take_rows(weight: np.ndarray, shape: Tuple[int, ...], flat: np.ndarray,
@@ -214,12 +215,10 @@ def lookup(weight: np.ndarray, indices: Any, max_norm: Optional[float], norm_typ
     out_dtype = resolve_out_dtype(out_dtype, weight.dtype)
     idx, flat = validated_indices(indices, weight.shape[0])
     groups = index_groups(indices)   # GroupedIndices: grouped already
-    if max_norm is not None and flat.size:
-        check_trainable(weight)
-        check_writeable(weight, "max_norm renormalisation")
-        if groups is None and save:   # the backward reuses this grouping
+    if max_norm is not None:
+        if groups is None and save and flat.size:   # the backward reuses this grouping
             groups = _group_rows(flat)
-        _renorm_rows(weight, _distinct_rows(flat) if groups is None else groups[1], max_norm, norm_type)
+        renorm_referenced(weight, flat, max_norm, norm_type, rows=None if groups is None else groups[1])
     out = _take_rows(weight, idx.shape, flat, out_dtype)
     saved = SavedLookup(_private(flat, indices), idx.shape, weight.shape[0], groups) if save else None
     return out, saved
@@ -658,7 +657,7 @@ def group_rows(indices: Any, num_rows: int) -> Tuple[np.ndarray, np.ndarray, np.
 
     For a caller that keeps a batch's grouping for its backward (``lookup_contributions(...,
     groups=...)`` sums over it exactly as :func:`embedding_backward` does: each row's
-    contributions in input order).
+    contributions in input order). To hand a grouping to the public calls, use :func:`group_indices`.
 
     Parameters
     ----------
