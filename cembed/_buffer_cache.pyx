@@ -91,12 +91,14 @@ cdef void *_take(size_t size,      # IN  bytes wanted
 
 
 cdef class Block:
-    """Owner of one buffer; exports it through the buffer protocol (writable)."""
+    """Owner of one buffer; exports it through the buffer protocol (writable until :func:`frozen`
+    marks it read-only, for good)."""
     cdef void *ptr
     cdef size_t size
+    cdef bint readonly
 
     def __getbuffer__(self, Py_buffer *view, int flags):
-        PyBuffer_FillInfo(view, self, self.ptr, <Py_ssize_t> self.size, 0, flags)
+        PyBuffer_FillInfo(view, self, self.ptr, <Py_ssize_t> self.size, self.readonly, flags)
 
     def __releasebuffer__(self, Py_buffer *view):
         pass
@@ -133,6 +135,34 @@ def empty(shape, dtype):
     block.ptr = ptr
     block.size = got
     return np.frombuffer(block, dtype=np.uint8, count=nbytes).view(dtype).reshape(shape)
+
+
+def _owner_block(array):
+    """The Block under ``array`` (through its chain of bases and the memoryview NumPy wraps a buffer
+    in), or None."""
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    return base if type(base) is Block else None
+
+
+def frozen(array):
+    """``array`` in memory that nothing can make writeable again (``flags.writeable = True`` is
+    refused, also through ``.base``).
+
+    An array made by :func:`empty` in a cached block is frozen in place, without a copy: its block
+    exports read-only buffers from now on. The caller must hold the only reference to that array
+    (a private output it just computed) and drop it: an earlier writeable view would stay
+    writeable. Any other array is copied into a ``bytes`` object."""
+    cdef Block block = _owner_block(array)
+    cdef size_t nbytes = <size_t> array.nbytes
+    if (block is not None and array.flags.c_contiguous and nbytes <= block.size
+            and <size_t> array.__array_interface__["data"][0] == <size_t> block.ptr):
+        block.readonly = True
+        return np.frombuffer(block, dtype=np.uint8, count=nbytes).view(array.dtype).reshape(array.shape)
+    return np.frombuffer(array.tobytes(), dtype=array.dtype).reshape(array.shape)
 
 
 def release():

@@ -25,14 +25,17 @@ cdef void _radix_pass(const uint64_t *src, uint64_t *dst, Py_ssize_t n_keys, int
     cdef Py_ssize_t c, i, lo, hi, b
     cdef Py_ssize_t n_buckets = hist.shape[1]
     cdef int64_t running, count
+    cdef int64_t *chunk_hist     # hist[c] as a plain pointer: the loops below then keep it in a register
+    cdef uint64_t item           # (through the memoryview it is reloaded after every store to dst)
     if not counted:
         for c in prange(n_chunks, schedule="static", num_threads=n_chunks):
             lo = c * n_keys // n_chunks
             hi = (c + 1) * n_keys // n_chunks
+            chunk_hist = &hist[c, 0]
             for b in range(n_buckets):
-                hist[c, b] = 0
+                chunk_hist[b] = 0
             for i in range(lo, hi):
-                hist[c, (src[i] >> shift) & mask] += 1
+                chunk_hist[(src[i] >> shift) & mask] += 1
     running = 0
     for b in range(n_buckets):
         for c in range(n_chunks):
@@ -42,10 +45,12 @@ cdef void _radix_pass(const uint64_t *src, uint64_t *dst, Py_ssize_t n_keys, int
     for c in prange(n_chunks, schedule="static", num_threads=n_chunks):
         lo = c * n_keys // n_chunks
         hi = (c + 1) * n_keys // n_chunks
+        chunk_hist = &hist[c, 0]
         for i in range(lo, hi):
-            b = (src[i] >> shift) & mask
-            dst[hist[c, b]] = src[i]
-            hist[c, b] += 1
+            item = src[i]
+            b = (item >> shift) & mask
+            dst[chunk_hist[b]] = item
+            chunk_hist[b] += 1
 
 
 cdef uint64_t _pack(const index_t[::1] keys, uint64_t *packed, int64_t[::1] chunk_max,
@@ -57,16 +62,18 @@ cdef uint64_t _pack(const index_t[::1] keys, uint64_t *packed, int64_t[::1] chun
     cdef Py_ssize_t c, i, lo, hi, b, n_keys = keys.shape[0]
     cdef uint64_t local_max, max_key = 0, key
     cdef uint64_t low_mask = (<uint64_t> 1 << MAX_DIGIT_BITS) - 1
+    cdef int64_t *chunk_hist      # low_hist[c] (see _radix_pass)
     for c in prange(n_chunks, schedule="static", num_threads=n_chunks):
         lo = c * n_keys // n_chunks
         hi = (c + 1) * n_keys // n_chunks
+        chunk_hist = &low_hist[c, 0]
         for b in range(1 << MAX_DIGIT_BITS):
-            low_hist[c, b] = 0
+            chunk_hist[b] = 0
         local_max = 0
         for i in range(lo, hi):
             key = <uint64_t> keys[i]
             packed[i] = (key << 32) | <uint64_t> i
-            low_hist[c, key & low_mask] += 1
+            chunk_hist[key & low_mask] += 1
             if key > local_max:
                 local_max = key
         chunk_max[c] = <int64_t> local_max

@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import _checks
+from . import _buffer_cache, _checks
 from ._dtypes import TABLE_DTYPE_NAMES, compute_dtype, is_half, is_table_dtype
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -213,9 +213,10 @@ def check_index_range(flat: np.ndarray, shape: Tuple[int, ...], n_rows: int, nam
 
 
 def _frozen(array: np.ndarray) -> np.ndarray:
-    """A copy of ``array`` in memory nobody can write: a ``bytes`` object's. Its ``flags.writeable``
-    cannot be turned back on, not even through ``.base`` (NumPy refuses it for read-only memory)."""
-    return np.frombuffer(array.tobytes(), dtype=array.dtype).reshape(array.shape)
+    """``array`` in memory nobody can write (``_buffer_cache.frozen``): its ``flags.writeable`` cannot
+    be turned back on, not even through ``.base`` (NumPy refuses it for read-only memory). A private
+    array in a recycled block is frozen in place; anything else is copied into a ``bytes`` object."""
+    return _buffer_cache.frozen(array)
 
 
 class GroupedIndices:
@@ -249,7 +250,8 @@ class GroupedIndices:
     def _make(cls, flat: np.ndarray, shape: Tuple[int, ...], n_rows: int,
               groups: Tuple[np.ndarray, np.ndarray, np.ndarray]) -> "GroupedIndices":
         """For group_indices: ``flat`` checked against ``n_rows`` and ``groups`` made from it by the
-        radix sort, all frozen here."""
+        radix sort, all frozen here — private arrays made for this object (frozen in place when they
+        are in recycled blocks: nobody else may hold them) or another GroupedIndices' frozen ones."""
         self = object.__new__(cls)
         frozen_flat = _frozen(flat)
         for name, value in (("_flat", frozen_flat), ("_indices", frozen_flat.reshape(shape)),

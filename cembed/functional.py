@@ -738,12 +738,19 @@ def group_indices(indices: Any, num_rows: int) -> GroupedIndices:
     >>> emb.backward(np.ones_like(out), batch, optimizer=opt)   # no sort here
     """
     num_rows = check_size(num_rows, "num_rows")
-    idx, flat = validated_indices(indices, num_rows)
     if isinstance(indices, GroupedIndices):
+        idx, flat = validated_indices(indices, num_rows)
         return indices if num_rows >= indices.num_rows else GroupedIndices._make(flat, idx.shape, num_rows,
                                                                                  indices.groups)
-    groups = _sort.sort_rows(flat, _sort_threads(flat.size), True, np.empty)
-    return GroupedIndices._make(flat, idx.shape, num_rows, groups)   # frozen copies of all four
+    idx = as_index_array(indices, "indices", num_rows)
+    # the private copy first, then its check and sort: what is checked is what is kept, whatever the
+    # caller does to its array meanwhile. Copy and sort outputs in recycled blocks, frozen in place
+    # by _make (no second copy, no fresh pages at every batch)
+    flat = _buffer_cache.empty((idx.size,), idx.dtype)
+    np.copyto(flat.reshape(idx.shape), idx)
+    check_index_range(flat, idx.shape, num_rows)
+    groups = _sort.sort_rows(flat, _sort_threads(flat.size), True, _buffer_cache.empty)
+    return GroupedIndices._make(flat, idx.shape, num_rows, groups)
 
 
 # ============================================================================ bags

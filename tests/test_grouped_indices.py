@@ -133,6 +133,35 @@ def test_what_it_holds(rng):
     assert F.group_indices(np.array([], dtype=np.int64), 0).n_distinct == 0
 
 
+def test_large_batches_are_frozen_in_recycled_memory(rng):
+    """A batch big enough for recycled blocks (hundreds of kB per array) is sorted straight into them
+    and frozen in place: nothing reaches a writeable buffer, not .base, not the block owning the
+    memory, and the caller's array stays its own."""
+    n_rows = 1 << 20
+    idx = rng.integers(0, n_rows, 200_000)
+    grouped = F.group_indices(idx, n_rows)
+    want = (idx.copy(), np.argsort(idx, kind="stable"), np.unique(idx))
+    idx[:] = n_rows + 5    # the caller's array was copied before the check
+    for array in (grouped._flat,) + grouped.groups:   # the held indices (asarray hands out a copy) and groups
+        assert array.nbytes >= 1 << 18
+        with pytest.raises(ValueError):
+            array.flags.writeable = True
+        owner = array
+        while isinstance(owner, np.ndarray):
+            owner = owner.base
+        assert isinstance(owner, memoryview) and owner.readonly
+        with pytest.raises((ValueError, TypeError, BufferError)):
+            np.frombuffer(owner.obj, dtype=np.uint8)[...] = 0
+        with pytest.raises((TypeError, BufferError)):
+            memoryview(owner.obj).cast("B")[0] = 0
+    order, rows, starts = grouped.groups
+    assert_bitwise_equal(np.asarray(grouped), want[0])
+    assert_bitwise_equal(order, want[1])
+    assert_bitwise_equal(rows, want[2])
+    weight = np.zeros((n_rows, 2), np.float32)
+    assert F.embedding(grouped, weight).shape == (200_000, 2)
+
+
 def test_refusals_name_the_problem():
     with pytest.raises(IndexError, match=r"indices contains 600 at position \(1, 0\), outside the valid range \[0, 600\)"):
         F.group_indices([[1, 2], [600, 3]], V)
