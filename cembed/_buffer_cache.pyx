@@ -14,6 +14,7 @@ import numpy as np
 
 from cpython.buffer cimport PyBuffer_FillInfo
 from libc.stdlib cimport free
+from libc.string cimport memcpy
 
 cdef extern from "stdlib.h" nogil:
     int posix_memalign(void **memptr, size_t alignment, size_t size)
@@ -42,12 +43,13 @@ cdef enum:
     ALIGNMENT = 64
     HUGE_PAGE = 1 << 21           # blocks of HUGE_MIN_BYTES or more are aligned to this and advised
     HUGE_MIN_BYTES = 1 << 22
+    MIN_BLOCK_BYTES = 1 << 18     # MIN_BYTES below
 
 # Smaller outputs come from NumPy's allocator. Blocks of a few hundred kB and more are cached too: the
 # allocator returns them to the system when they are freed (they are mmap'ed, or trimmed off the heap),
 # so a training loop's per-step index arrays (sorted order, segment starts: MBs) would otherwise be
 # page-faulted and zeroed afresh at every step.
-MIN_BYTES = 1 << 18
+MIN_BYTES = MIN_BLOCK_BYTES
 
 cdef void *_free_ptr[MAX_FREE]
 cdef size_t _free_size[MAX_FREE]
@@ -60,7 +62,7 @@ cdef void _give_back(void *ptr, size_t size) noexcept nogil:
     """Keep the block for reuse if the cache has room, else free it. Callers hold the GIL, which is
     what serialises every access to the free list."""
     global _n_free, _cached
-    if _n_free < MAX_FREE and _cached + size <= _cache_limit:
+    if size >= MIN_BLOCK_BYTES and _n_free < MAX_FREE and _cached + size <= _cache_limit:
         _free_ptr[_n_free] = ptr
         _free_size[_n_free] = size
         _n_free += 1
@@ -91,11 +93,9 @@ cdef void *_take(size_t size,      # IN  bytes wanted
 
 
 cdef class Block:
-    """Owner of one buffer; exports it through the buffer protocol (writable until :func:`frozen`
-    marks it read-only, for good)."""
-    cdef void *ptr
-    cdef size_t size
-    cdef bint readonly
+    """Owner of one buffer; exports it through the buffer protocol: writable, or read-only for its
+    whole life when made by :c:func:`frozen_block` (its contents are then written by C code through
+    ``ptr`` before any array on it exists)."""
 
     def __getbuffer__(self, Py_buffer *view, int flags):
         PyBuffer_FillInfo(view, self, self.ptr, <Py_ssize_t> self.size, self.readonly, flags)
@@ -109,6 +109,24 @@ cdef class Block:
             self.ptr = NULL
 
 
+cdef void *_allocate(size_t nbytes, size_t *got) except NULL:
+    """A cached block of at least nbytes (large sizes only), else a new one, aligned for streaming
+    stores (and huge pages when large)."""
+    cdef void *ptr = _take(nbytes, got) if nbytes >= MIN_BLOCK_BYTES else NULL
+    if ptr != NULL:
+        return ptr
+    if nbytes >= HUGE_MIN_BYTES:
+        got[0] = (nbytes + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
+        if posix_memalign(&ptr, HUGE_PAGE, got[0]) != 0:
+            raise MemoryError(f"cannot allocate {nbytes} bytes")
+        cembed_advise_huge(ptr, got[0])
+    else:
+        got[0] = max(<size_t> ALIGNMENT, (nbytes + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT)
+        if posix_memalign(&ptr, ALIGNMENT, got[0]) != 0:
+            raise MemoryError(f"cannot allocate {nbytes} bytes")
+    return ptr
+
+
 def empty(shape, dtype):
     """An uninitialised C-contiguous array like ``numpy.empty(shape, dtype)``, in a reusable block
     when it is large."""
@@ -117,52 +135,59 @@ def empty(shape, dtype):
     for extent in shape:
         n_items *= int(extent)
     cdef size_t nbytes = <size_t> (n_items * dtype.itemsize)
-    if nbytes < MIN_BYTES:
+    if nbytes < MIN_BLOCK_BYTES:
         return np.empty(shape, dtype)
     cdef size_t got = 0
-    cdef void *ptr = _take(nbytes, &got)
-    if ptr == NULL:
-        if nbytes >= HUGE_MIN_BYTES:
-            got = (nbytes + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
-            if posix_memalign(&ptr, HUGE_PAGE, got) != 0:
-                raise MemoryError(f"cannot allocate {nbytes} bytes")
-            cembed_advise_huge(ptr, got)
-        else:
-            got = (nbytes + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
-            if posix_memalign(&ptr, ALIGNMENT, got) != 0:
-                raise MemoryError(f"cannot allocate {nbytes} bytes")
+    cdef void *ptr = _allocate(nbytes, &got)
     cdef Block block = Block.__new__(Block)
     block.ptr = ptr
     block.size = got
     return np.frombuffer(block, dtype=np.uint8, count=nbytes).view(dtype).reshape(shape)
 
 
-def _owner_block(array):
-    """The Block under ``array`` (through its chain of bases and the memoryview NumPy wraps a buffer
-    in), or None."""
+cdef Block frozen_block(size_t nbytes):
+    """A block of at least nbytes that exports only read-only buffers, from birth: the caller fills
+    it through ``ptr`` (C code, before :func:`block_array` makes any array on it), and from then on
+    nothing — no array, ``.base``, memoryview or the block itself — can write it. No writeable alias
+    exists at any moment, not even for code run in between (a garbage-collector callback, say)."""
+    cdef size_t got = 0
+    cdef void *ptr = _allocate(nbytes, &got)
+    cdef Block block = Block.__new__(Block)
+    block.ptr = ptr
+    block.size = got
+    block.readonly = True
+    return block
+
+
+cdef object block_array(Block block, size_t nbytes, object dtype, object shape):
+    """The read-only array of ``shape`` and ``dtype`` on the first nbytes of a frozen block."""
+    return np.frombuffer(block, dtype=np.uint8, count=nbytes).view(dtype).reshape(shape)
+
+
+def frozen_copy(array):
+    """A copy of ``array`` (any ndarray; subclasses are read as plain arrays) in a frozen block:
+    read-only from birth, so nothing can ever make it writeable (``flags.writeable = True`` is refused,
+    also through ``.base`` or the block)."""
+    cdef object plain = np.ascontiguousarray(np.ndarray.view(array, np.ndarray))
+    cdef size_t nbytes = <size_t> plain.nbytes
+    cdef const unsigned char[::1] src
+    cdef Block block = frozen_block(nbytes)
+    if nbytes:
+        src = plain.reshape(-1).view(np.uint8)
+        if <size_t> src.shape[0] != nbytes:
+            raise ValueError("frozen_copy: the array's buffer does not match its size")
+        memcpy(block.ptr, &src[0], nbytes)
+    return block_array(block, nbytes, plain.dtype, plain.shape)
+
+
+def is_frozen(array):
+    """Whether ``array``'s memory can never be written: a frozen block's or a ``bytes`` object's."""
     base = array
     while isinstance(base, np.ndarray):
         base = base.base
     if isinstance(base, memoryview):
         base = base.obj
-    return base if type(base) is Block else None
-
-
-def frozen(array):
-    """``array`` in memory that nothing can make writeable again (``flags.writeable = True`` is
-    refused, also through ``.base``).
-
-    An array made by :func:`empty` in a cached block is frozen in place, without a copy: its block
-    exports read-only buffers from now on. The caller must hold the only reference to that array
-    (a private output it just computed) and drop it: an earlier writeable view would stay
-    writeable. Any other array is copied into a ``bytes`` object."""
-    cdef Block block = _owner_block(array)
-    cdef size_t nbytes = <size_t> array.nbytes
-    if (block is not None and array.flags.c_contiguous and nbytes <= block.size
-            and <size_t> array.__array_interface__["data"][0] == <size_t> block.ptr):
-        block.readonly = True
-        return np.frombuffer(block, dtype=np.uint8, count=nbytes).view(array.dtype).reshape(array.shape)
-    return np.frombuffer(array.tobytes(), dtype=array.dtype).reshape(array.shape)
+    return isinstance(base, bytes) or (type(base) is Block and (<Block> base).readonly)
 
 
 def release():

@@ -10,6 +10,8 @@ from cython.parallel cimport prange
 from libc.stdint cimport int64_t, uint64_t
 
 from cembed._typedefs cimport index_t
+from cembed._buffer_cache cimport Block, frozen_block, block_array
+from cembed import _buffer_cache
 
 cdef enum:
     MAX_DIGIT_BITS = 11          # 2048 buckets per chunk: the histograms stay in L1/L2
@@ -120,13 +122,16 @@ def release_scratch():
     return n
 
 
-def sort_rows(const index_t[::1] keys, int n_threads, bint want_order=True, empty=None):
+def sort_rows(const index_t[::1] keys, int n_threads, bint want_order=True, empty=None, bint frozen=False):
     """Group equal row ids.
 
     keys: (n_keys,) non-negative row ids (validated by the caller).
     empty: makes the three outputs, called as empty(shape, dtype) (default numpy.empty); a caller
     passes a recycling allocator (cembed._buffer_cache.empty) so a training loop does not pay the
     first-touch page faults of fresh outputs at every step.
+    frozen: the outputs are instead written into read-only-from-birth blocks (_buffer_cache's
+    frozen_block, through their raw pointers): no writeable alias of them ever exists
+    (functional.group_indices keeps them).
     Returns (order, unique_rows, starts):
       order       int64 (n_keys,): positions such that keys[order] is ascending and equal keys keep input
                   order (a stable argsort); None when want_order is False
@@ -145,13 +150,17 @@ def sort_rows(const index_t[::1] keys, int n_threads, bint want_order=True, empt
     cdef uint64_t *tmp
     cdef int64_t[:, ::1] hist, low_hist
     cdef int64_t[::1] order_v, unique_v, starts_v, chunk_counts
+    cdef int64_t *unique_ptr
+    cdef int64_t *starts_ptr
+    cdef Block unique_block, starts_block, order_block
     if n_keys == 0:
         no_items = np.zeros(0, dtype=np.int64)
-        return (no_items if want_order else None), no_items.copy(), np.zeros(1, dtype=np.int64)
+        return _frozen_if((no_items if want_order else None), no_items.copy(), np.zeros(1, dtype=np.int64),
+                          frozen=frozen)
     if empty is None:
         empty = np.empty
     if n_keys >= (<Py_ssize_t> 1 << 32):
-        return _sort_rows_numpy(np.asarray(keys), want_order)
+        return _frozen_if(*_sort_rows_numpy(np.asarray(keys), want_order), frozen=frozen)
     n_chunks = max(1, min(n_threads, n_keys // MIN_ITEMS_PER_CHUNK))
     work_arr = _take_scratch(2 * n_keys)
     try:
@@ -163,7 +172,7 @@ def sort_rows(const index_t[::1] keys, int n_threads, bint want_order=True, empt
         with nogil:
             max_key = _pack(keys, src, chunk_counts, low_hist, n_chunks)
         if max_key >= (<uint64_t> 1 << 32):
-            return _sort_rows_numpy(np.asarray(keys), want_order)
+            return _frozen_if(*_sort_rows_numpy(np.asarray(keys), want_order), frozen=frozen)
         bits = max(1, int(max_key).bit_length())
         n_passes = (bits + MAX_DIGIT_BITS - 1) // MAX_DIGIT_BITS
         width = (bits + n_passes - 1) // n_passes
@@ -177,18 +186,35 @@ def sort_rows(const index_t[::1] keys, int n_threads, bint want_order=True, empt
                 src = dst
                 dst = tmp
             n_unique = _count_heads(src, n_keys, chunk_counts, n_chunks)
-        unique_arr = empty((n_unique,), np.int64)
-        starts_arr = empty((n_unique + 1,), np.int64)
-        unique_v = unique_arr
-        starts_v = starts_arr
         order_arr = None
         order_ptr = NULL
-        if want_order:
-            order_arr = empty((n_keys,), np.int64)
-            order_v = order_arr
-            order_ptr = &order_v[0]
+        if frozen:
+            unique_block = frozen_block(n_unique * sizeof(int64_t))
+            starts_block = frozen_block((n_unique + 1) * sizeof(int64_t))
+            unique_ptr = <int64_t *> unique_block.ptr
+            starts_ptr = <int64_t *> starts_block.ptr
+            if want_order:
+                order_block = frozen_block(n_keys * sizeof(int64_t))
+                order_ptr = <int64_t *> order_block.ptr
+        else:
+            unique_arr = empty((n_unique,), np.int64)
+            starts_arr = empty((n_unique + 1,), np.int64)
+            unique_v = unique_arr
+            starts_v = starts_arr
+            unique_ptr = &unique_v[0] if n_unique > 0 else NULL
+            starts_ptr = &starts_v[0]
+            if want_order:
+                order_arr = empty((n_keys,), np.int64)
+                order_v = order_arr
+                order_ptr = &order_v[0]
         with nogil:
-            _segments(src, n_keys, chunk_counts, n_chunks, unique_v, starts_v, order_ptr)
+            _segments(src, n_keys, chunk_counts, n_chunks, unique_ptr, starts_ptr, order_ptr)
+        if frozen:
+            int64 = np.dtype(np.int64)
+            unique_arr = block_array(unique_block, n_unique * sizeof(int64_t), int64, (n_unique,))
+            starts_arr = block_array(starts_block, (n_unique + 1) * sizeof(int64_t), int64, (n_unique + 1,))
+            if want_order:
+                order_arr = block_array(order_block, n_keys * sizeof(int64_t), int64, (n_keys,))
         return order_arr, unique_arr, starts_arr
     finally:
         _give_scratch(work_arr)
@@ -220,8 +246,8 @@ cdef Py_ssize_t _count_heads(const uint64_t *packed, Py_ssize_t n_keys,  # IN (n
 cdef void _segments(const uint64_t *packed, Py_ssize_t n_keys,   # IN  (n_keys,) sorted packed keys
                     const int64_t[::1] chunk_first,                # IN  (n_chunks + 1,) from _count_heads
                     int n_chunks,
-                    int64_t[::1] unique_rows,                      # OUT (n_unique,)
-                    int64_t[::1] starts,                           # OUT (n_unique + 1,)
+                    int64_t *unique_rows,                          # OUT (n_unique,)
+                    int64_t *starts,                               # OUT (n_unique + 1,)
                     int64_t *order) noexcept nogil:                # OUT (n_keys,) input positions, or NULL
     """Distinct keys of the sorted packed array and where each one's run starts (chunk c writes the
     runs that start in its slice, numbered from chunk_first[c]); and, unless order is NULL, the
@@ -240,6 +266,14 @@ cdef void _segments(const uint64_t *packed, Py_ssize_t n_keys,   # IN  (n_keys,)
             if order != NULL:
                 order[i] = <int64_t> (packed[i] & low_bits)
     starts[chunk_first[n_chunks]] = n_keys
+
+
+def _frozen_if(order, unique_rows, starts, frozen=False):
+    """The three outputs as they are, or (frozen) copied into frozen blocks."""
+    if not frozen:
+        return order, unique_rows, starts
+    return (None if order is None else _buffer_cache.frozen_copy(order), _buffer_cache.frozen_copy(unique_rows),
+            _buffer_cache.frozen_copy(starts))
 
 
 def _sort_rows_numpy(keys, want_order):

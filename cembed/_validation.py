@@ -213,10 +213,11 @@ def check_index_range(flat: np.ndarray, shape: Tuple[int, ...], n_rows: int, nam
 
 
 def _frozen(array: np.ndarray) -> np.ndarray:
-    """``array`` in memory nobody can write (``_buffer_cache.frozen``): its ``flags.writeable`` cannot
-    be turned back on, not even through ``.base`` (NumPy refuses it for read-only memory). A private
-    array in a recycled block is frozen in place; anything else is copied into a ``bytes`` object."""
-    return _buffer_cache.frozen(array)
+    """``array`` in memory nobody can write: as it is when it already is (a frozen block's, made by
+    ``_buffer_cache.frozen_copy`` or ``_sort.sort_rows(..., frozen=True)``), else a copy in a frozen
+    block. Its ``flags.writeable`` cannot be turned back on, not even through ``.base`` or the block
+    (NumPy refuses it for read-only memory)."""
+    return array if _buffer_cache.is_frozen(array) else _buffer_cache.frozen_copy(array)
 
 
 class GroupedIndices:
@@ -250,8 +251,8 @@ class GroupedIndices:
     def _make(cls, flat: np.ndarray, shape: Tuple[int, ...], n_rows: int,
               groups: Tuple[np.ndarray, np.ndarray, np.ndarray]) -> "GroupedIndices":
         """For group_indices: ``flat`` checked against ``n_rows`` and ``groups`` made from it by the
-        radix sort, all frozen here — private arrays made for this object (frozen in place when they
-        are in recycled blocks: nobody else may hold them) or another GroupedIndices' frozen ones."""
+        radix sort, each kept as it is when already frozen (as group_indices makes them), else copied
+        into a frozen block."""
         self = object.__new__(cls)
         frozen_flat = _frozen(flat)
         for name, value in (("_flat", frozen_flat), ("_indices", frozen_flat.reshape(shape)),

@@ -744,12 +744,12 @@ def group_indices(indices: Any, num_rows: int) -> GroupedIndices:
                                                                                  indices.groups)
     idx = as_index_array(indices, "indices", num_rows)
     # the private copy first, then its check and sort: what is checked is what is kept, whatever the
-    # caller does to its array meanwhile. Copy and sort outputs in recycled blocks, frozen in place
-    # by _make (no second copy, no fresh pages at every batch)
-    flat = _buffer_cache.empty((idx.size,), idx.dtype)
-    np.copyto(flat.reshape(idx.shape), idx)
+    # caller does to its array meanwhile. The copy and the sort's outputs are written (by C code) into
+    # blocks that are read-only from birth: no writeable alias of them exists at any moment, and
+    # recycled blocks spare the fresh pages of every batch
+    flat = _buffer_cache.frozen_copy(idx).reshape(-1)
     check_index_range(flat, idx.shape, num_rows)
-    groups = _sort.sort_rows(flat, _sort_threads(flat.size), True, _buffer_cache.empty)
+    groups = _sort.sort_rows(flat, _sort_threads(flat.size), True, frozen=True)
     return GroupedIndices._make(flat, idx.shape, num_rows, groups)
 
 

@@ -72,3 +72,38 @@ def test_cache_limit():
         assert _buffer_cache.cached_bytes() == 0
     finally:
         _buffer_cache.set_cache_limit(1 << 30)
+
+
+def test_frozen_copies_are_read_only_for_life():
+    """frozen_copy: the same values in a block that exports only read-only buffers; nothing turns it
+    writeable, and once its arrays are gone a large block is recycled as an ordinary writeable one."""
+    cembed.release_memory()
+    for source in (np.arange(10, dtype=np.int32), np.arange(1 << 16, dtype=np.int64)[::2],   # small; strided
+                   np.arange(1 << 17, dtype=np.int64).reshape(-1, 4)):                      # 1 MiB: cached
+        frozen = _buffer_cache.frozen_copy(source)
+        assert_bitwise_equal(frozen, source)
+        assert _buffer_cache.is_frozen(frozen) and _buffer_cache.is_frozen(frozen[1:])
+        assert not frozen.flags.writeable
+        owner = frozen
+        while isinstance(owner, np.ndarray):
+            owner = owner.base
+        for attempt in (lambda: setattr(frozen.flags, "writeable", True),
+                        lambda: np.frombuffer(owner.obj, dtype=np.uint8).__setitem__(0, 1),
+                        lambda: memoryview(owner.obj).cast("B").__setitem__(0, 1)):
+            try:
+                attempt()
+            except (ValueError, TypeError, BufferError):
+                continue
+            raise AssertionError("a frozen copy was written")
+        source_copy = source.copy()
+        source[...] = 0                       # the copy is its own
+        assert_bitwise_equal(frozen, source_copy)
+    assert not _buffer_cache.is_frozen(np.zeros(3)) and not _buffer_cache.is_frozen(_buffer_cache.empty((1 << 16,), np.int64))
+    address = _address(frozen)
+    del frozen, owner
+    gc.collect()
+    again = _buffer_cache.empty((1 << 17,), np.int64)
+    assert _address(again) == address and again.flags.writeable   # recycled, writeable again
+    again[:] = 7
+    del again
+    assert cembed.release_memory() > 0

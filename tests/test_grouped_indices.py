@@ -162,6 +162,73 @@ def test_large_batches_are_frozen_in_recycled_memory(rng):
     assert F.embedding(grouped, weight).shape == (200_000, 2)
 
 
+class _Sneaky(np.ndarray):
+    """An index array that tries to keep every array NumPy functions are called with."""
+
+    seen: list = []
+
+    def __array_function__(self, func, types, args, kwargs):
+        _Sneaky.seen.extend(a for a in args if isinstance(a, np.ndarray))
+        return super().__array_function__(func, (np.ndarray,), args, kwargs)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        _Sneaky.seen.extend(a for a in inputs if isinstance(a, np.ndarray))
+        plain = [np.asarray(a) if isinstance(a, _Sneaky) else a for a in inputs]
+        return getattr(ufunc, method)(*plain, **kwargs)
+
+
+def _writeable_aliases(grouped):
+    """Writeable arrays / memoryviews sharing memory with what ``grouped`` holds, among every object
+    the garbage collector tracks (memoryviews are tracked) and what _Sneaky kept."""
+    import gc
+
+    held = (grouped._flat,) + grouped.groups
+    found = []
+    tracked = [obj for obj in gc.get_objects() if type(obj) is memoryview]   # type(): no attribute lookups
+    for obj in tracked + _Sneaky.seen:
+        try:
+            if type(obj) is memoryview and not obj.readonly:
+                candidate = np.asarray(obj)
+            elif isinstance(obj, np.ndarray) and obj.flags.writeable:
+                candidate = obj
+            else:
+                continue
+        except (TypeError, ValueError):
+            continue
+        if any(np.shares_memory(candidate, h) for h in held if h.size):
+            found.append(obj)
+    return found
+
+
+def test_no_writeable_alias_ever_exists(rng):
+    """Neither an index array whose type hooks NumPy calls (keeping what it is handed) nor a garbage
+    collector callback run in the middle of group_indices (listing every tracked object) gets hold of
+    writeable memory that the result keeps: the copy and the grouping are written into read-only
+    blocks by C code, and the check reads that copy."""
+    import gc
+
+    n_rows = 1 << 20
+    _Sneaky.seen.clear()
+    idx = rng.integers(0, n_rows, 200_000).view(_Sneaky)
+    grabbed = []
+
+    def grab(phase, info):
+        grabbed.extend(o for o in gc.get_objects() if type(o) is memoryview and not o.readonly)
+
+    threshold = gc.get_threshold()
+    gc.callbacks.append(grab)
+    gc.set_threshold(1)
+    try:
+        grouped = F.group_indices(idx, n_rows)
+    finally:
+        gc.set_threshold(*threshold)
+        gc.callbacks.remove(grab)
+    _Sneaky.seen.extend(np.asarray(m) for m in grabbed if m.obj is not None)
+    assert _writeable_aliases(grouped) == []
+    weight = np.zeros((n_rows, 2), np.float32)
+    assert F.embedding(grouped, weight).shape == (200_000, 2)
+
+
 def test_refusals_name_the_problem():
     with pytest.raises(IndexError, match=r"indices contains 600 at position \(1, 0\), outside the valid range \[0, 600\)"):
         F.group_indices([[1, 2], [600, 3]], V)
