@@ -82,9 +82,7 @@ def _private(flat: np.ndarray, caller: Any) -> np.ndarray:
     """``flat`` as an array nobody else can reach: copied when the caller may still write its memory
     (:func:`_may_be_callers`), then made read-only."""
     if _may_be_callers(flat, caller):
-        copy = _buffer_cache.empty(flat.shape, flat.dtype)   # recycled: no fresh pages at every step
-        np.copyto(copy, flat)
-        flat = copy
+        return _buffer_cache.frozen_copy(flat)   # read-only from birth, in a recycled block when large
     flat.flags.writeable = False
     return flat
 
@@ -122,9 +120,12 @@ def _sort_threads(n_keys: int) -> int:
     return n_threads_for(n_keys, "sort") if n_keys >= SORT_PARALLEL_MIN else 1
 
 
-def _group_rows(flat: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _group_rows(flat: np.ndarray, kept: bool = False) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(order, distinct rows ascending, segment starts) of validated row ids (radix sort), in
-    recycled buffers (a training loop sorts a batch every step)."""
+    recycled buffers (a training loop sorts a batch every step); ``kept``: a grouping kept for a later
+    call, in memory read-only from birth (as group_indices keeps its own)."""
+    if kept:
+        return _sort.sort_rows(flat, _sort_threads(flat.size), True, frozen=True)
     return _sort.sort_rows(flat, _sort_threads(flat.size), True, _buffer_cache.empty)
 
 
@@ -213,14 +214,23 @@ def lookup(weight: np.ndarray, indices: Any, max_norm: Optional[float], norm_typ
     them anyway, or :class:`GroupedIndices` carried it). ``out_dtype`` as :func:`embedding` takes it
     (checked here, before any work)."""
     out_dtype = resolve_out_dtype(out_dtype, weight.dtype)
-    idx, flat = validated_indices(indices, weight.shape[0])
+    if save and not isinstance(indices, GroupedIndices):
+        # what is kept is copied first and then checked: a write to the caller's array meanwhile (by
+        # another thread while this call runs) cannot leave unchecked ids for the backward
+        idx = as_index_array(indices, "indices", weight.shape[0])
+        flat = _private(flat_indices(idx), indices)
+        check_index_range(flat, idx.shape, weight.shape[0])
+    else:
+        idx, flat = validated_indices(indices, weight.shape[0])
+        if save:
+            flat = _private(flat, indices)   # a GroupedIndices' frozen copy: kept as it is
     groups = index_groups(indices)   # GroupedIndices: grouped already
     if max_norm is not None:
         if groups is None and save and flat.size:   # the backward reuses this grouping
-            groups = _group_rows(flat)
+            groups = _group_rows(flat, kept=True)
         renorm_referenced(weight, flat, max_norm, norm_type, rows=None if groups is None else groups[1])
     out = _take_rows(weight, idx.shape, flat, out_dtype)
-    saved = SavedLookup(_private(flat, indices), idx.shape, weight.shape[0], groups) if save else None
+    saved = SavedLookup(flat, idx.shape, weight.shape[0], groups) if save else None   # private (above)
     return out, saved
 
 
@@ -866,10 +876,11 @@ def validate_bags(input: Any, weight: np.ndarray, offsets: Any = None, mode: str
         csr = np.arange(n_bags + 1, dtype=np.int64) * bag_len
     else:
         csr = _csr_offsets(offsets, flat.size, include_last_offset)
+    flat = _private(flat, input)   # copied first, then checked: what is kept is what was checked
     check_index_range(flat, idx.shape, n_rows, "input")
     csr.flags.writeable = False  # a new array in every branch above
     psw_kept = None if psw is None else _private(np.array(psw, order="C").reshape(-1), None)
-    bags = SavedBags(_private(flat, input), csr, mode, padding_idx, psw_kept, idx.shape, weight)
+    bags = SavedBags(flat, csr, mode, padding_idx, psw_kept, idx.shape, weight)
     return bags
 
 

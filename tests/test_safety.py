@@ -543,6 +543,54 @@ def test_forward_keeps_a_copy_of_any_index_buffer(batch, name):
     np.testing.assert_array_equal(arrays["after"], arrays["before"] - counts[:, None])   # SGD, lr 1
 
 
+MIDCALL_CODE = '''
+class Rewrites(np.ndarray):
+    """Index ids that turn into 10**9 the first time NumPy hands them to a dispatched function after
+    they were checked: a stand-in for another thread writing the caller's array while the forward
+    runs (cembed's own copies go through no such hook)."""
+    armed = False
+
+    def __array_function__(self, func, types, args, kwargs):
+        if Rewrites.armed:
+            np.asarray(self)[0] = 10**9
+        return super().__array_function__(func, (np.ndarray,), args, kwargs)
+
+
+ids = np.array([1, 2, 2, 7, 0, 9]).view(Rewrites)
+Rewrites.armed = True
+if ARGS["module"] == "bag":
+    m = cembed.EmbeddingBag(10, 3, mode="sum", sparse=True, seed=0)
+    call = lambda: m(ids, [0, 3])
+else:
+    m = cembed.Embedding(10, 3, sparse=True, seed=0, max_norm=1.0 if ARGS["module"] == "max_norm" else None)
+    call = lambda: m(ids)
+opt = optim.SGD([m], lr=1.0)
+forward = attempt(call)
+Rewrites.armed = False
+backward = None
+if forward["raised"] is None:
+    backward = attempt(lambda: m.backward(np.ones((6, 3) if ARGS["module"] != "bag" else (2, 3), np.float32),
+                                          optimizer=opt))
+report(forward=forward, backward=backward)
+'''
+MIDCALL_CASES = {module: case(MIDCALL_CODE, module=module) for module in ("embedding", "max_norm", "bag")}
+
+
+@pytest.mark.parametrize("name", sorted(MIDCALL_CASES))
+def test_what_a_forward_keeps_is_checked_after_it_is_copied(batch, name):
+    """The forward copies the indices it keeps *before* checking them: a write to the caller's array
+    during the forward (here an id of 10**9, written by the array's own NumPy hook) either is caught
+    by the check of the copy, or is not in the copy at all. It never reaches the backward, which
+    trusts the saved ids (a fused backward writes their rows in place). Before, the check ran on the
+    caller's array and the copy was taken after the lookup."""
+    verdict, _ = batch("midcall", MIDCALL_CASES, name)
+    forward, backward = verdict["forward"], verdict["backward"]
+    if forward["raised"] is not None:
+        assert forward["raised"] == "IndexError" and "1000000000" in forward["message"], forward
+    else:
+        assert_ok(backward, "fused backward after the indices were rewritten during the forward")
+
+
 # =================================================================================================
 # 3. module.weight replaced
 # =================================================================================================
