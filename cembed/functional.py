@@ -814,7 +814,7 @@ def _csr_offsets(offsets: Any, n_total: int, include_last_offset: bool) -> np.nd
     off = as_index_array(offsets, "offsets")
     if off.ndim != 1:
         raise ValueError(f"offsets has to be a 1D array, got shape {off.shape}")
-    off = off.astype(np.int64, copy=False)
+    off = np.array(off, dtype=np.int64, copy=True)   # private first, then checked: kept as checked
     if include_last_offset and off.size == 0:
         raise ValueError("include_last_offset: number of offsets should be at least 1")
     if off.size:
@@ -832,7 +832,7 @@ def _csr_offsets(offsets: Any, n_total: int, include_last_offset: bool) -> np.nd
         if off[-1] != n_total:
             raise ValueError(f"with include_last_offset=True the last offset must equal the input length "
                              f"{n_total}, got {off[-1]}")
-        return np.array(off, dtype=np.int64, copy=True)
+        return off
     return np.append(off, np.int64(n_total))
 
 
