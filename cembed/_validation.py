@@ -307,15 +307,34 @@ def index_groups(indices: Any) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndar
     return indices.groups if isinstance(indices, GroupedIndices) else None
 
 
+def may_be_callers(flat: np.ndarray, caller: Any) -> bool:
+    """Whether the caller may still write the memory of ``flat`` (made from ``caller`` by the index
+    conversion): it shares memory with the caller's ndarray, or ``caller`` is anything else NumPy may have
+    wrapped without copying (a ``memoryview``, an ``array.array``, an object whose ``__array__`` returns
+    an array it keeps, ...). Only Python lists, tuples and integers are always converted into fresh
+    memory; a :class:`GroupedIndices` holds frozen copies."""
+    if isinstance(caller, np.ndarray):
+        return bool(np.may_share_memory(flat, caller))
+    return not isinstance(caller, (list, tuple, int, np.integer, GroupedIndices))
+
+
 def validated_indices(indices: Any, n_rows: int, name: str = "indices") -> Tuple[np.ndarray, np.ndarray]:
     """(index array of the caller's shape, its flat int32/int64 view), range-checked against ``n_rows``
-    (a :class:`GroupedIndices` was checked when it was made: re-checked only against a smaller table)."""
+    (a :class:`GroupedIndices` was checked when it was made: re-checked only against a smaller table).
+
+    The ids checked are in memory only cembed reaches: when the caller may still write the memory they
+    came in (:func:`may_be_callers`), they are copied first (into memory read-only from birth) and the
+    copy is checked and returned. Code that runs later in the same call — a hook of another argument
+    (``__array__``, ``__index__``, ``__float__``), a subclass's ``__array_function__``, another thread —
+    cannot change what the kernel will read."""
     if isinstance(indices, GroupedIndices):
         return indices.checked(n_rows, name)
     idx = as_index_array(indices, name, n_rows)
     flat = flat_indices(idx)
+    if may_be_callers(flat, indices):
+        flat = _buffer_cache.frozen_copy(flat)
     check_index_range(flat, idx.shape, n_rows, name)
-    return idx, flat
+    return flat.reshape(idx.shape), flat
 
 
 def check_row_ids(rows: Any, n_rows: int, name: str) -> np.ndarray:

@@ -51,6 +51,7 @@ from ._validation import (
     flat_indices,
     index_groups,
     kernel_layout,
+    may_be_callers,
     normalize_padding_idx,
     validated_indices,
 )
@@ -67,21 +68,10 @@ _NO_POSITIONS = np.zeros(0, dtype=np.int64)
 
 # ============================================================================ saved forwards
 
-def _may_be_callers(flat: np.ndarray, caller: Any) -> bool:
-    """Whether the caller may still write the memory of ``flat`` (made from ``caller`` by the index
-    checks): it shares memory with the caller's ndarray, or ``caller`` is anything else NumPy may have
-    wrapped without copying (a ``memoryview``, an ``array.array``, an object whose ``__array__`` returns
-    an array it keeps, ...). Only Python lists, tuples and integers are always converted into fresh
-    memory; a :class:`GroupedIndices` holds frozen copies."""
-    if isinstance(caller, np.ndarray):
-        return bool(np.may_share_memory(flat, caller))
-    return not isinstance(caller, (list, tuple, int, np.integer, GroupedIndices))
-
-
 def _private(flat: np.ndarray, caller: Any) -> np.ndarray:
     """``flat`` as an array nobody else can reach: copied when the caller may still write its memory
-    (:func:`_may_be_callers`), then made read-only."""
-    if _may_be_callers(flat, caller):
+    (:func:`may_be_callers`), then made read-only."""
+    if may_be_callers(flat, caller):
         return _buffer_cache.frozen_copy(flat)   # read-only from birth, in a recycled block when large
     flat.flags.writeable = False
     return flat
@@ -214,16 +204,11 @@ def lookup(weight: np.ndarray, indices: Any, max_norm: Optional[float], norm_typ
     them anyway, or :class:`GroupedIndices` carried it). ``out_dtype`` as :func:`embedding` takes it
     (checked here, before any work)."""
     out_dtype = resolve_out_dtype(out_dtype, weight.dtype)
-    if save and not isinstance(indices, GroupedIndices):
-        # what is kept is copied first and then checked: a write to the caller's array meanwhile (by
-        # another thread while this call runs) cannot leave unchecked ids for the backward
-        idx = as_index_array(indices, "indices", weight.shape[0])
-        flat = _private(flat_indices(idx), indices)
-        check_index_range(flat, idx.shape, weight.shape[0])
-    else:
-        idx, flat = validated_indices(indices, weight.shape[0])
-        if save:
-            flat = _private(flat, indices)   # a GroupedIndices' frozen copy: kept as it is
+    # the ids are checked in a copy when the caller could still write them (validated_indices): what
+    # is kept for the backward is what was checked
+    idx, flat = validated_indices(indices, weight.shape[0])
+    if save:
+        flat.flags.writeable = False   # a private copy, a fresh conversion or a GroupedIndices' own
     groups = index_groups(indices)   # GroupedIndices: grouped already
     if max_norm is not None:
         if groups is None and save and flat.size:   # the backward reuses this grouping

@@ -601,6 +601,95 @@ def test_what_a_forward_keeps_is_checked_after_it_is_copied(batch, name):
         assert_ok(backward, "fused backward after the indices were rewritten during the forward")
 
 
+HOOK_CODE = '''
+ids = np.array([[1, 2], [3, 0]])
+state = {"fired": False}
+
+
+def rewrite():
+    """What a hook of another argument does: rewrite the index array the call was given."""
+    state["fired"] = True
+    ids[0, 1] = 10**9
+
+
+class Arr:
+    """An argument that NumPy converts by calling __array__ (run after the indices were checked)."""
+    def __init__(self, value):
+        self.value = value
+
+    def __array__(self, dtype=None, copy=None):
+        rewrite()
+        return np.asarray(self.value, dtype=dtype)
+
+
+class Index:
+    def __index__(self):
+        rewrite()
+        return 1
+
+
+class Finalize(np.ndarray):
+    def __array_finalize__(self, obj):
+        if obj is not None and getattr(obj, "armed", False):
+            rewrite()
+
+
+class Lr(float):
+    def __float__(self):
+        rewrite()
+        return float.__float__(self)
+
+
+table = np.arange(40, dtype=np.float32).reshape(10, 4) / 40
+query = np.ones((2, 4), np.float32)
+kind = ARGS["kind"]
+if kind == "dot":
+    call = lambda: F.embedding_dot(Arr(query), ids, table)
+elif kind == "dot_backward":
+    call = lambda: F.embedding_dot_backward(Arr(np.ones((2, 2), np.float32)), ids, table)
+elif kind == "dot_logistic_sgd":
+    call = lambda: F.embedding_dot_logistic_sgd_(query, ids, table, lr=1.0, n_positive=Index())
+elif kind == "module_dot_logistic":
+    m = cembed.Embedding.from_pretrained(table, freeze=False, sparse=True)
+    opt = optim.Adagrad([m], lr=0.1)
+    call = lambda: m.dot_logistic_backward(Arr(query), ids, optimizer=opt)
+elif kind == "embedding_backward":
+    call = lambda: F.embedding_backward(Arr(np.ones((2, 2, 4), np.float32)), ids, 10)
+elif kind == "module_backward":
+    m = cembed.Embedding.from_pretrained(table, freeze=False, sparse=True)
+    opt = optim.SGD([m], lr=1.0)
+    call = lambda: m.backward(Arr(np.ones((2, 2, 4), np.float32)), ids, optimizer=opt)
+elif kind == "module_backward_lr":
+    m = cembed.Embedding.from_pretrained(table, freeze=False, sparse=True)
+    opt = optim.SGD([m], lr=1.0)
+    opt.param_groups[0]["lr"] = Lr(1.0)
+    call = lambda: m.backward(np.ones((2, 2, 4), np.float32), ids, optimizer=opt)
+elif kind == "half_table":
+    half = table.astype(np.float16).view(Finalize)
+    half.armed = True
+    call = lambda: F.embedding(ids, half)
+elif kind == "coalesce":
+    call = lambda: F.coalesce(ids.reshape(-1), Arr(np.ones((4, 4), np.float32)), 10)
+res = attempt(call)
+report(res=res, fired=state["fired"])
+'''
+HOOK_CASES = {kind: case(HOOK_CODE, kind=kind) for kind in (
+    "dot", "dot_backward", "dot_logistic_sgd", "module_dot_logistic", "embedding_backward", "module_backward",
+    "module_backward_lr", "half_table", "coalesce")}
+
+
+@pytest.mark.parametrize("name", sorted(HOOK_CASES))
+def test_a_hook_of_another_argument_cannot_change_checked_indices(batch, name):
+    """An argument converted after the indices were checked — an ``__array__``, ``__index__`` or
+    ``__float__`` hook, a table subclass's ``__array_finalize__`` — rewrites the caller's index array
+    with an id of 10**9. The kernel reads the copy that was checked (the call succeeds, as if the
+    rewrite had come after it) and nothing outside the table is touched. Found by review: each of
+    these segfaulted when the checked ids were a view of the caller's array."""
+    verdict, _ = batch("hooks", HOOK_CASES, name)
+    assert verdict["fired"], "the hook did not run: the case tests nothing"
+    assert_ok(verdict["res"], "a call whose other argument rewrote the indices mid-call")
+
+
 # =================================================================================================
 # 3. module.weight replaced
 # =================================================================================================
