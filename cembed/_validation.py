@@ -307,6 +307,13 @@ def index_groups(indices: Any) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndar
     return indices.groups if isinstance(indices, GroupedIndices) else None
 
 
+def array_key(array: np.ndarray) -> Tuple[Any, ...]:
+    """What a kernel relies on in an array besides its identity — shape, strides, dtype, address — to
+    tell, after code of the caller's may have run, that an array checked earlier is still as it was
+    (``ndarray.resize`` changes these in place)."""
+    return (array.shape, array.strides, array.dtype, array.__array_interface__["data"][0])
+
+
 def may_be_callers(flat: np.ndarray, caller: Any) -> bool:
     """Whether the caller may still write the memory of ``flat`` (made from ``caller`` by the index
     conversion): it shares memory with the caller's ndarray, or ``caller`` is anything else NumPy may have
@@ -340,8 +347,8 @@ def validated_indices(indices: Any, n_rows: int, name: str = "indices") -> Tuple
 def check_row_ids(rows: Any, n_rows: int, name: str) -> np.ndarray:
     """A row-id array kept between calls (a ``SparseGrad``'s rows, an optimizer's live rows): 1-D
     int64, strictly increasing, inside ``[0, n_rows)``. Re-run at every use; one O(n) pass."""
-    if not isinstance(rows, np.ndarray) or rows.dtype != np.int64 or rows.ndim != 1:
-        raise ValueError(f"{name} must be a 1-D int64 array, got "
+    if type(rows) not in (np.ndarray, np.memmap) or rows.dtype != np.int64 or rows.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D int64 numpy.ndarray, got "
                          f"{type(rows).__name__ if not isinstance(rows, np.ndarray) else rows.dtype}")
     if not rows.flags.c_contiguous:
         rows = np.ascontiguousarray(rows)

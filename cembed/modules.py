@@ -15,6 +15,7 @@ from . import functional as F
 from . import storage
 from ._dtypes import check_table_dtype, compute_dtype, is_half, resolve_out_dtype
 from ._validation import (
+    array_key,
     check_bool,
     check_gradient_rows,
     check_max_norm,
@@ -119,14 +120,20 @@ class TableModule:
             raise ValueError("backward(..., optimizer=...) applies the update directly and needs .grad to be None "
                              "(call zero_grad() first, or step() the accumulated gradient)")
 
-    def _accumulate(self, new: Any, optimizer: Any) -> None:
+    def _accumulate(self, new: Any, optimizer: Any, checked: Tuple[np.ndarray, Tuple[Any, ...]]) -> None:
         """The weight gradient ``new`` joins ``.grad`` — or, with ``optimizer`` (checked by the caller
-        with :meth:`_check_fused` before any work), is applied at once."""
+        with :meth:`_check_fused` before any work), is applied at once. ``checked`` = (the weight the
+        backward checked its indices against, its ``array_key`` then): if code run during the backward
+        (a hook of an argument) replaced or resized the module's weight, nothing is changed
+        (ValueError)."""
         if not self._trainable():
             return
         sparse = check_bool(self.sparse, "sparse")
+        if self._weight is not checked[0] or array_key(self._weight) != checked[1]:
+            raise ValueError("backward: the module's weight was replaced while the backward ran (by code run "
+                             "from an argument); nothing was changed")
         if optimizer is not None:
-            optimizer._fused_step(self, new, sparse)
+            optimizer._fused_step(self, new, sparse, checked)
         else:  # float32 for a 16-bit table
             self.grad = F.add_to_grad(self.grad, new, self._weight.shape, compute_dtype(self._weight.dtype), sparse)
 
@@ -333,6 +340,7 @@ class Embedding(TableModule):
         padding_idx, _, _ = self._checked_options()
         self._check_fused(optimizer)
         weight = self._weight
+        checked = (weight, array_key(weight))   # the table the indices are checked against
         if indices is None:
             saved = self._saved
             if saved is None:
@@ -347,7 +355,7 @@ class Embedding(TableModule):
                                      scale_grad_by_freq=check_bool(self.scale_grad_by_freq, "scale_grad_by_freq"),
                                      dim=weight.shape[1], dtype=grad_dtype(weight), table_dtype=weight.dtype,
                                      groups=groups)
-        self._accumulate(new, optimizer)
+        self._accumulate(new, optimizer, checked)
 
     def dot_logistic_backward(self, query: Any, indices: Any, n_positive: int = 1, *, optimizer: Any = None,
                               with_loss: bool = True) -> Tuple[Optional[np.ndarray], np.ndarray, np.ndarray]:
@@ -409,11 +417,13 @@ class Embedding(TableModule):
         """
         padding_idx, _, _ = self._checked_options()
         self._check_fused(optimizer)
-        scores = F.logistic_scores(query, indices, self._weight, n_positive, with_loss=with_loss,
+        weight = self._weight
+        checked = (weight, array_key(weight))   # the table the indices are checked against
+        scores = F.logistic_scores(query, indices, weight, n_positive, with_loss=with_loss,
                                    padding_idx=padding_idx,
                                    scale_grad_by_freq=check_bool(self.scale_grad_by_freq, "scale_grad_by_freq"),
                                    name="dot_logistic_backward")
-        self._accumulate(scores, optimizer)
+        self._accumulate(scores, optimizer, checked)
         return scores.results()
 
 
@@ -539,6 +549,7 @@ class EmbeddingBag(TableModule):
         if bags is None:
             raise ValueError("backward: call forward first")
         weight = self._weight
+        checked = (weight, array_key(weight))   # the table the bags are checked against
         bags.check_table(weight)
         grad_output = check_gradient_rows(grad_output, (bags.n_bags,), dim=weight.shape[1],
                                           dtype=compute_dtype(weight.dtype), table_dtype=weight.dtype
@@ -550,7 +561,7 @@ class EmbeddingBag(TableModule):
                                       check_bool(self.scale_grad_by_freq, "scale_grad_by_freq"))
         psw_grad = F.psw_gradient(grad_output, weight, bags) if bags.psw is not None else None
         if new is not None:
-            self._accumulate(new, optimizer)
+            self._accumulate(new, optimizer, checked)
         return psw_grad
 
 

@@ -690,6 +690,111 @@ def test_a_hook_of_another_argument_cannot_change_checked_indices(batch, name):
     assert_ok(verdict["res"], "a call whose other argument rewrote the indices mid-call")
 
 
+SWAP_CODE = '''
+kind = ARGS["kind"]
+state = {"fired": False}
+
+
+class Arr:
+    """A gradient / query that, when NumPy converts it, swaps something the call already checked."""
+    def __init__(self, value, swap):
+        self.value, self.swap = value, swap
+
+    def __array__(self, dtype=None, copy=None):
+        state["fired"] = True
+        self.swap()
+        return np.asarray(self.value, dtype=dtype)
+
+
+class Lr(float):
+    swap = None
+
+    def __float__(self):
+        state["fired"] = True
+        Lr.swap()
+        return float.__float__(self)
+
+
+class Step(int):
+    def __add__(self, other):
+        state["fired"] = True
+        opt.state[m]["exp_avg"] = np.zeros((2, 8), np.float32)
+        return int(self) + other
+
+
+def small():
+    return np.zeros((2, 8), np.float32)
+
+
+before = None
+if kind in ("embedding", "embedding_fused", "dot_logistic"):
+    m = cembed.Embedding(100_000, 8, sparse=kind != "embedding", seed=0)
+    opt = optim.SGD([m], lr=1.0) if kind != "embedding" else None
+    ids = np.array([99_999, 5])
+    def swap():
+        m.weight = small()
+    if kind == "dot_logistic":
+        call = lambda: m.dot_logistic_backward(Arr(np.ones((2, 8), np.float32), swap), ids.reshape(2, 1), optimizer=opt)
+    else:
+        out = m(ids)
+        call = lambda: m.backward(Arr(np.ones((2, 8), np.float32), swap), optimizer=opt)
+elif kind == "bag_fused":
+    m = cembed.EmbeddingBag(100_000, 8, mode="sum", sparse=True, seed=0)
+    opt = optim.SGD([m], lr=1.0)
+    m(np.array([[99_999, 5]]))
+    def swap():
+        m.weight = small()
+    call = lambda: m.backward(Arr(np.ones((1, 8), np.float32), swap), optimizer=opt)
+elif kind in ("step_adagrad", "step_sgd_momentum"):
+    m = cembed.Embedding(100_000, 8, sparse=True, seed=0)
+    m2 = cembed.Embedding(10, 8, sparse=True, seed=1)
+    if kind == "step_adagrad":
+        opt = optim.Adagrad([{"params": [m]}, {"params": [m2]}], lr=0.1)
+    else:
+        opt = optim.SGD([{"params": [m]}, {"params": [m2]}], lr=0.1, momentum=0.9)
+    for module in (m, m2):   # one step each, so that the optimizer has state
+        module.backward(np.ones((1, 8), np.float32), np.array([5]))
+    opt.step()
+    for module in (m, m2):
+        module.backward(np.ones((2, 8), np.float32), np.array([99_999, 5]) % module.num_embeddings)
+    def swap():
+        if kind == "step_adagrad":
+            opt.state[m]["sum"] = small()
+        else:
+            opt.state[m]["active_rows"] = np.array([10**9])
+    Lr.swap = swap
+    opt.param_groups[1]["lr"] = Lr(0.1)
+    call = opt.step
+elif kind == "step_counter":
+    m = cembed.Embedding(100_000, 8, sparse=True, seed=0)
+    opt = optim.SparseAdam([m], lr=0.1)
+    m.backward(np.ones((1, 8), np.float32), np.array([99_999]))
+    opt.step()
+    opt.state[m]["step"] = Step(1)
+    m.backward(np.ones((1, 8), np.float32), np.array([99_999]))
+    state["fired"] = True    # refused before the counter is used
+    call = opt.step
+res = attempt(call)
+report(res=res, fired=state["fired"])
+'''
+SWAP_CASES = {kind: case(SWAP_CODE, kind=kind) for kind in (
+    "embedding", "embedding_fused", "dot_logistic", "bag_fused", "step_adagrad", "step_sgd_momentum", "step_counter")}
+
+
+@pytest.mark.parametrize("name", sorted(SWAP_CASES))
+def test_what_a_call_checked_cannot_be_swapped_during_it(batch, name):
+    """Code run from an argument or option during a call (a gradient's ``__array__``, an lr's
+    ``__float__``, a step counter's ``__add__``) replaces something the call already checked — the
+    module's weight (with a smaller table), another module's optimizer state (a smaller array, a
+    live-row id of 10**9), the moments behind a step counter. The call refuses (ValueError, or the
+    IndexError of checking the swapped-in row ids) instead of updating with what it did not check.
+    Found by review: each segfaulted before."""
+    verdict, _ = batch("swaps", SWAP_CASES, name)
+    assert verdict["fired"], "the hook did not run: the case tests nothing"
+    res = verdict["res"]
+    assert res["raised"] in ("ValueError", "IndexError"), res
+
+
 # =================================================================================================
 # 3. module.weight replaced
 # =================================================================================================

@@ -8,7 +8,7 @@ import numpy as np
 from .. import _grad
 from ..sparse import SparseGrad
 from ._rounding import check_rounding_options
-from .optimizer import Group, Optimizer, _check_maximize, _option
+from .optimizer import EXACT_INTEGER_TYPES, Group, Optimizer, _check_maximize, _option
 
 __all__ = ["Adagrad"]
 
@@ -94,7 +94,7 @@ class Adagrad(Optimizer):
 
     @staticmethod
     def _check_step(step: Any, where: str) -> np.float32:
-        if not isinstance(step, (float, np.floating, int, np.integer)) or isinstance(step, (bool, np.bool_)):
+        if type(step) not in (float, np.float32, np.float64) + EXACT_INTEGER_TYPES:   # no subclasses (_check_step of SparseAdam)
             raise ValueError(f"{where}['step'] must be a number, got {type(step).__name__}")
         value = np.float32(step)
         if not (np.isfinite(value) and value >= 0):

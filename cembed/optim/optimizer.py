@@ -15,6 +15,7 @@ from .. import _optim
 from .._config import n_threads_for
 from .._dtypes import compute_dtype, is_half, kernel_format
 from .._validation import (
+    array_key,
     check_bool,
     check_int,
     check_real,
@@ -36,6 +37,45 @@ _FORMAT = "cembed.optim/2"
 
 def _name(module: Any, where: str) -> str:
     return f"{where} ({type(module).__name__})"
+
+
+#: Integer types taken as they are: exactly these, not subclasses (whose operators would run code after
+#: the checks, e.g. at ``state["step"] += 1``).
+EXACT_INTEGER_TYPES = (int, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64)
+#: Array types an update reads and writes as they are: plain arrays and memory maps (tables and state on
+#: disk). A subclass's hooks (``__array_function__``, ``__array_ufunc__``) would run code in the middle
+#: of a step, after everything was checked.
+EXACT_ARRAY_TYPES = (np.ndarray, np.memmap)
+
+
+def check_exact_array(value: Any, name: str) -> None:
+    """ValueError unless ``value`` is exactly a numpy.ndarray or numpy.memmap (EXACT_ARRAY_TYPES)."""
+    if type(value) not in EXACT_ARRAY_TYPES:
+        raise ValueError(f"{name} must be a numpy.ndarray (or numpy.memmap), got {type(value).__name__}: "
+                         "an update takes no array subclasses (their hooks would run inside the step)")
+
+
+def _snapshot(optimizer: "Optimizer", module: Any, weight: np.ndarray, grad: Any) -> Tuple[Any, ...]:
+    """The objects a step checked for ``module``: its weight, gradient and state entries (arrays with
+    their keys), compared again by :func:`_check_unchanged` just before the updates."""
+    state = optimizer.state.get(module)
+    entries = None if state is None else {k: (v, array_key(v) if isinstance(v, np.ndarray) else None)
+                                          for k, v in state.items()}
+    return (weight, array_key(weight), grad, state, entries)
+
+
+def _check_unchanged(optimizer: "Optimizer", module: Any, snapshot: Tuple[Any, ...], where: str) -> None:
+    """ValueError, before any update, when ``module``'s weight, gradient or optimizer state is not what
+    was checked: code run during the checks (an option's ``__float__``, an argument's ``__array__``)
+    replaced or reshaped one of them."""
+    weight, key, grad, state, entries = snapshot
+    now = optimizer.state.get(module)
+    same = (module.weight is weight and array_key(weight) == key and module.grad is grad and now is state
+            and (state is None or (set(state) == set(entries) and all(
+                state[k] is v and (k_ is None or array_key(v) == k_) for k, (v, k_) in entries.items()))))
+    if not same:
+        raise ValueError(f"{where}: the weight, gradient or optimizer state changed while the step was being "
+                         "checked (by code run from an option or argument); nothing was updated")
 
 
 def _in_place(weight: np.ndarray) -> bool:
@@ -317,10 +357,13 @@ class Optimizer:
         (0.25, array([-0.5, -0.5], dtype=float32))
         """
         loss = closure() if closure is not None else None
+        # every group's options first: converting them is where code of the caller's may run (a
+        # __float__), and it must not run between the checks of the arrays below and their updates
+        groups = [(g, self._check_options(dict(group), f"param_groups[{g}]"), list(group["params"]))
+                  for g, group in enumerate(self.param_groups)]
         plan = []
-        for g, group in enumerate(self.param_groups):
-            options = self._check_options(dict(group), f"param_groups[{g}]")
-            for k, module in enumerate(group["params"]):
+        for g, options, params in groups:
+            for k, module in enumerate(params):
                 where = f"param_groups[{g}]['params'][{k}]"
                 grad = module.grad
                 if grad is None:
@@ -329,8 +372,10 @@ class Optimizer:
                 self._check_grad(options, grad, weight, where)
                 state = self.state.get(module)
                 self._check_state_for(state, weight, options, where)
-                plan.append((module, weight, grad, options))
-        for module, weight, grad, options in plan:
+                plan.append((module, weight, grad, options, where, _snapshot(self, module, weight, grad)))
+        for module, _, _, _, where, snapshot in plan:
+            _check_unchanged(self, module, snapshot, where)
+        for module, weight, grad, options, _, _ in plan:
             state = self.state.setdefault(module, {})
             self._count_rounding_step(state, weight)
             self._update(state, weight, grad, options)
@@ -376,6 +421,7 @@ class Optimizer:
 
     def _check_weight(self, module: Any, where: str) -> np.ndarray:
         weight = _checked_table(module.weight, f"{where}.weight")
+        check_exact_array(weight, f"{where}.weight")
         if not weight.flags.writeable:
             raise ValueError(f"{where}.weight is read-only")
         return weight
@@ -392,6 +438,7 @@ class Optimizer:
             if not grad.values.flags.c_contiguous:
                 raise ValueError(f"{where}.grad.values must be C-contiguous")
         elif isinstance(grad, np.ndarray):
+            check_exact_array(grad, f"{where}.grad")
             if grad.shape != weight.shape:
                 raise ValueError(f"{where}: gradient shape {grad.shape} does not match the weight shape {weight.shape}")
             if grad.dtype != gdtype:
@@ -411,6 +458,8 @@ class Optimizer:
             arr = state.get(name)
             if arr is None:
                 continue
+            if isinstance(arr, np.ndarray):
+                check_exact_array(arr, f"{where}: optimizer state {name!r}")
             if not isinstance(arr, np.ndarray) or arr.shape != weight.shape or arr.dtype not in allowed:
                 got = f"{arr.shape} {arr.dtype}" if isinstance(arr, np.ndarray) else type(arr).__name__
                 raise ValueError(f"{where}: optimizer state {name!r} is {got}, expected {weight.shape} {allowed[0]} "
@@ -504,13 +553,19 @@ class Optimizer:
         raise ValueError(f"the optimizer does not hold this {type(module).__name__}: pass the optimizer that "
                          "was built with it")
 
-    def _fused_step(self, module: Any, contributions: Any, sparse: bool) -> None:
+    def _fused_step(self, module: Any, contributions: Any, sparse: bool,
+                    checked: Optional[Tuple[np.ndarray, Tuple[Any, ...]]] = None) -> None:
         """The update of ``module`` alone by the gradient ``contributions`` (from the module's
-        backward), without materialising that gradient when the rows can be updated chunk by chunk.
-        Bitwise equal to ``module.grad = <gradient>; step(); zero_grad()`` for this module."""
+        backward, whose indices were checked against the table of ``checked`` = (table, its
+        ``array_key`` then): the module's weight must still be that array, as it was), without
+        materialising that gradient when the rows can be updated chunk by chunk. Bitwise equal to
+        ``module.grad = <gradient>; step(); zero_grad()`` for this module."""
         group, group_name, where = self._locate(module)
         options = self._check_options(dict(group), group_name)
         weight = self._check_weight(module, where)
+        if checked is not None and (weight is not checked[0] or array_key(weight) != checked[1]):
+            raise ValueError(f"{where}: the weight was replaced while the backward ran (by code run from an "
+                             "option or argument); nothing was updated")
         shape, dtype = weight.shape, weight.dtype
         chunked = sparse and self._rows_independent(options) and hasattr(contributions, "chunks")
         if chunked:
@@ -521,6 +576,8 @@ class Optimizer:
             grad = contributions.sparse(shape[0]) if sparse else contributions.dense(shape[0])
             self._check_grad(options, grad, weight, where)
         self._check_state_for(self.state.get(module), weight, options, where)
+        snapshot = _snapshot(self, module, weight, module.grad)
+        _check_unchanged(self, module, snapshot, where)
         state = self.state.setdefault(module, {})
         self._count_rounding_step(state, weight)
         if not chunked:

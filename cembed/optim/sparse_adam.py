@@ -10,7 +10,7 @@ from .. import _grad, _optim, storage
 from .._config import n_threads_for
 from .._validation import check_choice, check_real
 from ._rounding import check_rounding_options
-from .optimizer import Group, Optimizer, _check_maximize, _option, _update_rows
+from .optimizer import EXACT_INTEGER_TYPES, check_exact_array, Group, Optimizer, _check_maximize, _option, _update_rows
 
 __all__ = ["SparseAdam"]
 
@@ -36,8 +36,10 @@ def _check_bias_correction(group: Dict[str, Any], where: str) -> str:
 
 
 def _check_step(step: Any, where: str) -> int:
-    """A parameter's step counter: an int >= 0 (NumPy integers accepted, bools refused)."""
-    if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)) or step < 0:
+    """A parameter's step counter: an int >= 0 (NumPy integers accepted, bools refused). Exactly those
+    types, not subclasses: ``state["step"] += 1`` runs after every check, and a subclass's ``__add__``
+    could change the checked state arrays there."""
+    if type(step) not in EXACT_INTEGER_TYPES or step < 0:
         raise ValueError(f"{where} 'step' must be an int >= 0, got {step!r}")
     return int(step)
 
@@ -45,6 +47,8 @@ def _check_step(step: Any, where: str) -> int:
 def _check_row_array(arr: Any, name: str, n_rows: int, dtype: Any, where: str) -> np.ndarray:
     """A per-row state vector (one entry per row of the weight): shape (n_rows,), ``dtype``, writeable,
     C-contiguous and aligned. O(1): the values are checked at load, never used as indices."""
+    if isinstance(arr, np.ndarray):
+        check_exact_array(arr, f"{where}: optimizer state {name!r}")
     if not isinstance(arr, np.ndarray) or arr.shape != (n_rows,) or arr.dtype != np.dtype(dtype):
         got = f"{arr.shape} {arr.dtype}" if isinstance(arr, np.ndarray) else type(arr).__name__
         raise ValueError(f"{where}: optimizer state {name!r} is {got}, expected ({n_rows},) {np.dtype(dtype)} "
