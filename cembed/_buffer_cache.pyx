@@ -8,7 +8,8 @@ kernel's time. Arrays made by :func:`empty` own a ``Block``; when the last array
 the block goes back to a short free list instead of to the system, and the next output of a similar
 size reuses it: the steady state of a training loop allocates nothing new.
 
-At most ``MAX_FREE`` blocks and ``cache_limit`` bytes are kept; :func:`release` frees them.
+At most ``MAX_FREE`` blocks and ``cache_limit`` bytes are kept (when full, the blocks kept longest make
+room for the one given back); :func:`release` frees them.
 """
 import numpy as np
 
@@ -58,24 +59,39 @@ cdef size_t _cached = 0
 cdef size_t _cache_limit = <size_t> 1 << 30
 
 
-cdef void _give_back(void *ptr, size_t size) noexcept nogil:
-    """Keep the block for reuse if the cache has room, else free it. Callers hold the GIL, which is
-    what serialises every access to the free list."""
+cdef void _remove(int i) noexcept nogil:
+    """Drop entry i of the free list, keeping the others in the order they were given back."""
     global _n_free, _cached
-    if size >= MIN_BLOCK_BYTES and _n_free < MAX_FREE and _cached + size <= _cache_limit:
-        _free_ptr[_n_free] = ptr
-        _free_size[_n_free] = size
-        _n_free += 1
-        _cached += size
-    else:
+    cdef int j
+    _cached -= _free_size[i]
+    for j in range(i, _n_free - 1):
+        _free_ptr[j] = _free_ptr[j + 1]
+        _free_size[j] = _free_size[j + 1]
+    _n_free -= 1
+
+
+cdef void _give_back(void *ptr, size_t size) noexcept nogil:
+    """Keep the block for reuse; when the cache is full, the blocks kept longest are freed to make
+    room (the blocks a loop gives back now are the ones it asks for next: stale sizes from earlier
+    work must not hold the cache for good). Blocks below MIN_BLOCK_BYTES or above the limit are freed.
+    Callers hold the GIL, which is what serialises every access to the free list."""
+    global _n_free, _cached
+    if size < MIN_BLOCK_BYTES or size > _cache_limit:
         free(ptr)
+        return
+    while _n_free > 0 and (_n_free >= MAX_FREE or _cached + size > _cache_limit):
+        free(_free_ptr[0])
+        _remove(0)
+    _free_ptr[_n_free] = ptr
+    _free_size[_n_free] = size
+    _n_free += 1
+    _cached += size
 
 
 cdef void *_take(size_t size,      # IN  bytes wanted
                  size_t *got) noexcept nogil:   # OUT size of the block returned
     """The smallest cached block of at least ``size`` bytes (and at most twice that), or NULL.
     Callers hold the GIL (see _give_back)."""
-    global _n_free, _cached
     cdef int i, best = -1
     cdef void *ptr
     for i in range(_n_free):
@@ -85,10 +101,7 @@ cdef void *_take(size_t size,      # IN  bytes wanted
         return NULL
     ptr = _free_ptr[best]
     got[0] = _free_size[best]
-    _cached -= _free_size[best]
-    _n_free -= 1
-    _free_ptr[best] = _free_ptr[_n_free]
-    _free_size[best] = _free_size[_n_free]
+    _remove(best)
     return ptr
 
 

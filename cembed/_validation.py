@@ -316,11 +316,12 @@ def array_key(array: np.ndarray) -> Tuple[Any, ...]:
 
 def may_be_callers(flat: np.ndarray, caller: Any) -> bool:
     """Whether the caller may still write the memory of ``flat`` (made from ``caller`` by the index
-    conversion): it shares memory with the caller's ndarray, or ``caller`` is anything else NumPy may have
+    conversion): it shares memory with the caller's ndarray, or ``caller`` is anything else (an ndarray
+    subclass included) NumPy may have
     wrapped without copying (a ``memoryview``, an ``array.array``, an object whose ``__array__`` returns
     an array it keeps, ...). Only Python lists, tuples and integers are always converted into fresh
     memory; a :class:`GroupedIndices` holds frozen copies."""
-    if isinstance(caller, np.ndarray):
+    if type(caller) is np.ndarray:   # a subclass could answer may_share_memory itself (__array_function__)
         return bool(np.may_share_memory(flat, caller))
     return not isinstance(caller, (list, tuple, int, np.integer, GroupedIndices))
 

@@ -107,3 +107,21 @@ def test_frozen_copies_are_read_only_for_life():
     again[:] = 7
     del again
     assert cembed.release_memory() > 0
+
+
+def test_a_full_cache_makes_room_for_the_blocks_in_use():
+    """A cache filled with blocks of sizes nobody asks for any more does not keep them for good: the
+    blocks given back last are kept (the longest-kept are freed), so a loop's own blocks recycle."""
+    cembed.release_memory()
+    stale = [_buffer_cache.empty(((1 << 19) + 4096 * k,), np.uint8) for k in range(20)]   # 20 odd sizes
+    del stale
+    gc.collect()
+    shape = (3 << 20,)                                    # a size no stale block fits (> twice theirs)
+    first = _buffer_cache.empty(shape, np.uint8)
+    address = _address(first)
+    del first
+    gc.collect()
+    again = _buffer_cache.empty(shape, np.uint8)
+    assert _address(again) == address                     # recycled although the cache was full
+    del again
+    assert cembed.release_memory() > 0 and _buffer_cache.cached_bytes() == 0

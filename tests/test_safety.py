@@ -795,6 +795,61 @@ def test_what_a_call_checked_cannot_be_swapped_during_it(batch, name):
     assert res["raised"] in ("ValueError", "IndexError"), res
 
 
+SUBCLASS_CODE = '''
+kind = ARGS["kind"]
+if kind in ("liar_embedding", "liar_bag"):
+    class Liar(np.ndarray):
+        """Index ids that answer np.may_share_memory themselves: 'no, I share nothing'."""
+        def __array_function__(self, func, types, args, kwargs):
+            if func is np.may_share_memory:
+                return False
+            return super().__array_function__(func, (np.ndarray,), args, kwargs)
+
+    raw = np.array([1, 2, 2, 7])
+    if kind == "liar_bag":
+        m = cembed.EmbeddingBag(10, 3, mode="sum", sparse=True, seed=0)
+        m(raw.view(Liar), np.array([0, 2]))
+        go = np.ones((2, 3), np.float32)
+    else:
+        m = cembed.Embedding(10, 3, sparse=True, seed=0)
+        m(raw.view(Liar))
+        go = np.ones((4, 3), np.float32)
+    raw[0] = 10**9                    # the caller's memory, after the forward
+    before = m.weight.copy()
+    res = attempt(lambda: m.backward(go, optimizer=optim.SGD([m], lr=1.0)))
+    report(res=res, changed_rows=sorted(set(np.flatnonzero((m.weight != before).any(axis=1)).tolist())))
+else:
+    class Evil(SparseGrad):
+        __slots__ = ()
+        reads = [0]
+
+        @property
+        def indices(self):
+            self.reads[0] += 1
+            return SparseGrad.indices.fget(self) if self.reads[0] == 1 else np.array([10**9])
+
+    m = cembed.Embedding(10, 4, sparse=True, seed=0)
+    m.grad = Evil(np.array([3]), np.ones((1, 4), np.float32), 10)
+    res = attempt(optim.SGD([m], lr=1.0).step)
+    report(res=res)
+'''
+SUBCLASS_CASES = {kind: case(SUBCLASS_CODE, kind=kind) for kind in ("liar_embedding", "liar_bag", "sparse_grad")}
+
+
+@pytest.mark.parametrize("name", sorted(SUBCLASS_CASES))
+def test_subclasses_cannot_vouch_for_themselves(batch, name):
+    """An index-array subclass that answers ``np.may_share_memory`` itself ("no") is copied anyway
+    (only exact ndarrays are asked), so refilling the caller's memory after the forward changes
+    nothing; a ``SparseGrad`` subclass whose ``indices`` change between reads is refused by the step
+    (TypeError). Found by review: both segfaulted."""
+    verdict, _ = batch("subclasses", SUBCLASS_CASES, name)
+    if name == "sparse_grad":
+        assert verdict["res"]["raised"] == "TypeError", verdict["res"]
+    else:
+        assert_ok(verdict["res"], "backward after a subclass vouched for itself")
+        assert verdict["changed_rows"] == [1, 2, 7]
+
+
 # =================================================================================================
 # 3. module.weight replaced
 # =================================================================================================

@@ -41,7 +41,8 @@ def _name(module: Any, where: str) -> str:
 
 #: Integer types taken as they are: exactly these, not subclasses (whose operators would run code after
 #: the checks, e.g. at ``state["step"] += 1``).
-EXACT_INTEGER_TYPES = (int, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64)
+EXACT_INTEGER_TYPES = (int, np.int8, np.int16, np.int32, np.int64, np.longlong, np.uint8, np.uint16, np.uint32,
+                       np.uint64, np.ulonglong)
 #: Array types an update reads and writes as they are: plain arrays and memory maps (tables and state on
 #: disk). A subclass's hooks (``__array_function__``, ``__array_ufunc__``) would run code in the middle
 #: of a step, after everything was checked.
@@ -428,6 +429,9 @@ class Optimizer:
 
     def _check_grad(self, options: Group, grad: Any, weight: np.ndarray, where: str) -> None:
         gdtype = compute_dtype(weight.dtype)  # float32 gradients for 16-bit tables
+        if isinstance(grad, SparseGrad) and type(grad) is not SparseGrad:
+            raise TypeError(f"{where}.grad must be a cembed.SparseGrad itself, not a subclass "
+                            f"({type(grad).__name__}): an update reads its rows after they were checked")
         if isinstance(grad, SparseGrad):
             if grad.shape != weight.shape:
                 raise ValueError(f"{where}: gradient shape {grad.shape} does not match the weight shape {weight.shape}")
@@ -576,8 +580,6 @@ class Optimizer:
             grad = contributions.sparse(shape[0]) if sparse else contributions.dense(shape[0])
             self._check_grad(options, grad, weight, where)
         self._check_state_for(self.state.get(module), weight, options, where)
-        snapshot = _snapshot(self, module, weight, module.grad)
-        _check_unchanged(self, module, snapshot, where)
         state = self.state.setdefault(module, {})
         self._count_rounding_step(state, weight)
         if not chunked:

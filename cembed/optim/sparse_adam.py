@@ -40,7 +40,8 @@ def _check_step(step: Any, where: str) -> int:
     types, not subclasses: ``state["step"] += 1`` runs after every check, and a subclass's ``__add__``
     could change the checked state arrays there."""
     if type(step) not in EXACT_INTEGER_TYPES or step < 0:
-        raise ValueError(f"{where} 'step' must be an int >= 0, got {step!r}")
+        raise ValueError(f"{where} 'step' must be an int >= 0 (a Python int or a NumPy integer, not a "
+                         f"subclass), got {step!r} of type {type(step).__name__}")
     return int(step)
 
 
