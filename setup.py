@@ -78,6 +78,13 @@ def environment_link_flags():
 
 
 class BuildExt(build_ext):
+    def finalize_options(self):
+        super().finalize_options()
+        # `pip install` passes no -j: compile the extensions in parallel anyway, one job per core (at
+        # most 4). An explicit --parallel / -j wins.
+        if not self.parallel:
+            self.parallel = max(1, min(4, os.cpu_count() or 1))
+
     def run(self):
         # setuptools clears self.inplace while it builds, then copies the extensions back
         self._source_copy = bool(self.inplace or getattr(self, "editable_mode", False))
