@@ -307,11 +307,38 @@ def index_groups(indices: Any) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndar
     return indices.groups if isinstance(indices, GroupedIndices) else None
 
 
+#: Integer types taken as they are: exactly these, not subclasses (whose operators would run code after
+#: the checks, e.g. at an optimizer's ``state["step"] += 1``).
+EXACT_INTEGER_TYPES = (int, np.int8, np.int16, np.int32, np.int64, np.longlong, np.uint8, np.uint16, np.uint32,
+                       np.uint64, np.ulonglong)
+#: Array types kept arrays and updates are taken as: plain arrays and memory maps (tables and state on
+#: disk). A subclass's hooks (``__array_function__``, ``__array_ufunc__``) would run code after the
+#: checks, inside the update.
+EXACT_ARRAY_TYPES = (np.ndarray, np.memmap)
+
+
+def check_exact_array(value: Any, name: str) -> None:
+    """ValueError unless ``value`` is exactly a numpy.ndarray or numpy.memmap (EXACT_ARRAY_TYPES)."""
+    if type(value) not in EXACT_ARRAY_TYPES:
+        raise ValueError(f"{name} must be a numpy.ndarray (or numpy.memmap), got {type(value).__name__}: "
+                         "an update takes no array subclasses (their hooks would run inside the step)")
+
+
 def array_key(array: np.ndarray) -> Tuple[Any, ...]:
     """What a kernel relies on in an array besides its identity — shape, strides, dtype, address — to
     tell, after code of the caller's may have run, that an array checked earlier is still as it was
     (``ndarray.resize`` changes these in place)."""
     return (array.shape, array.strides, array.dtype, array.__array_interface__["data"][0])
+
+
+def as_checked(array: np.ndarray) -> Tuple[np.ndarray, Tuple[Any, ...]]:
+    """``(array, array_key(array))``: an array as a call checked it, for :func:`is_as_checked`."""
+    return array, array_key(array)
+
+
+def is_as_checked(array: Any, checked: Tuple[np.ndarray, Tuple[Any, ...]]) -> bool:
+    """Whether ``array`` is still the array of ``checked`` (:func:`as_checked`), as it was then."""
+    return array is checked[0] and array_key(array) == checked[1]
 
 
 def may_be_callers(flat: np.ndarray, caller: Any) -> bool:
@@ -338,18 +365,28 @@ def validated_indices(indices: Any, n_rows: int, name: str = "indices") -> Tuple
     if isinstance(indices, GroupedIndices):
         return indices.checked(n_rows, name)
     idx = as_index_array(indices, name, n_rows)
+    flat = checked_private_indices(idx, indices, n_rows, name)
+    return flat.reshape(idx.shape), flat
+
+
+def checked_private_indices(idx: np.ndarray, caller: Any, n_rows: int, name: str) -> np.ndarray:
+    """The flat ids of ``idx`` (converted from ``caller``) in memory the caller cannot write — a copy
+    read-only from birth when it could (:func:`may_be_callers`), else the fresh conversion — and only
+    then range-checked: what a kernel reads, or a call keeps, is what was checked."""
     flat = flat_indices(idx)
-    if may_be_callers(flat, indices):
+    if may_be_callers(flat, caller):
         flat = _buffer_cache.frozen_copy(flat)
     check_index_range(flat, idx.shape, n_rows, name)
-    return flat.reshape(idx.shape), flat
+    return flat
 
 
 def check_row_ids(rows: Any, n_rows: int, name: str) -> np.ndarray:
     """A row-id array kept between calls (a ``SparseGrad``'s rows, an optimizer's live rows): 1-D
     int64, strictly increasing, inside ``[0, n_rows)``. Re-run at every use; one O(n) pass."""
-    if type(rows) not in (np.ndarray, np.memmap) or rows.dtype != np.int64 or rows.ndim != 1:
-        raise ValueError(f"{name} must be a 1-D int64 numpy.ndarray, got "
+    if isinstance(rows, np.ndarray):
+        check_exact_array(rows, name)
+    if not isinstance(rows, np.ndarray) or rows.dtype != np.int64 or rows.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D int64 array, got "
                          f"{type(rows).__name__ if not isinstance(rows, np.ndarray) else rows.dtype}")
     if not rows.flags.c_contiguous:
         rows = np.ascontiguousarray(rows)

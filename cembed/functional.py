@@ -48,10 +48,9 @@ from ._validation import (
     check_trainable,
     check_weight,
     check_writeable,
-    flat_indices,
+    checked_private_indices,
     index_groups,
     kernel_layout,
-    may_be_callers,
     normalize_padding_idx,
     validated_indices,
 )
@@ -67,15 +66,6 @@ _NO_POSITIONS = np.zeros(0, dtype=np.int64)
 
 
 # ============================================================================ saved forwards
-
-def _private(flat: np.ndarray, caller: Any) -> np.ndarray:
-    """``flat`` as an array nobody else can reach: copied when the caller may still write its memory
-    (:func:`may_be_callers`), then made read-only."""
-    if may_be_callers(flat, caller):
-        return _buffer_cache.frozen_copy(flat)   # read-only from birth, in a recycled block when large
-    flat.flags.writeable = False
-    return flat
-
 
 class SavedLookup:
     """The validated indices of one forward, kept for its backward.
@@ -855,16 +845,15 @@ def validate_bags(input: Any, weight: np.ndarray, offsets: Any = None, mode: str
             raise ValueError(f"per_sample_weights must have the same shape as the input {idx.shape}, got {psw.shape}")
         check_per_sample_weights(psw, weight)
     padding_idx = normalize_padding_idx(padding_idx, n_rows)
-    flat = flat_indices(idx)
     if idx.ndim == 2:
         n_bags, bag_len = idx.shape
         csr = np.arange(n_bags + 1, dtype=np.int64) * bag_len
     else:
-        csr = _csr_offsets(offsets, flat.size, include_last_offset)
-    flat = _private(flat, input)   # copied first, then checked: what is kept is what was checked
-    check_index_range(flat, idx.shape, n_rows, "input")
+        csr = _csr_offsets(offsets, idx.size, include_last_offset)
+    flat = checked_private_indices(idx, input, n_rows, "input")   # copied first, then checked: kept as checked
+    flat.flags.writeable = False
     csr.flags.writeable = False  # a new array in every branch above
-    psw_kept = None if psw is None else _private(np.array(psw, order="C").reshape(-1), None)
+    psw_kept = None if psw is None else _buffer_cache.frozen_copy(psw).reshape(-1)   # private, read-only
     bags = SavedBags(flat, csr, mode, padding_idx, psw_kept, idx.shape, weight)
     return bags
 

@@ -15,7 +15,7 @@ from . import functional as F
 from . import storage
 from ._dtypes import check_table_dtype, compute_dtype, is_half, resolve_out_dtype
 from ._validation import (
-    array_key,
+    as_checked,
     check_bool,
     check_gradient_rows,
     check_max_norm,
@@ -24,6 +24,7 @@ from ._validation import (
     check_weight,
     grad_dtype,
     index_groups,
+    is_as_checked,
     normalize_padding_idx,
     validated_indices,
 )
@@ -122,14 +123,14 @@ class TableModule:
 
     def _accumulate(self, new: Any, optimizer: Any, checked: Tuple[np.ndarray, Tuple[Any, ...]]) -> None:
         """The weight gradient ``new`` joins ``.grad`` — or, with ``optimizer`` (checked by the caller
-        with :meth:`_check_fused` before any work), is applied at once. ``checked`` = (the weight the
-        backward checked its indices against, its ``array_key`` then): if code run during the backward
+        with :meth:`_check_fused` before any work), is applied at once. ``checked``: the weight the
+        backward checked its indices against (``as_checked``); if code run during the backward
         (a hook of an argument) replaced or resized the module's weight, nothing is changed
         (ValueError)."""
         if not self._trainable():
             return
         sparse = check_bool(self.sparse, "sparse")
-        if self._weight is not checked[0] or array_key(self._weight) != checked[1]:
+        if not is_as_checked(self._weight, checked):
             raise ValueError("backward: the module's weight was replaced while the backward ran (by code run "
                              "from an argument); nothing was changed")
         if optimizer is not None:
@@ -340,7 +341,7 @@ class Embedding(TableModule):
         padding_idx, _, _ = self._checked_options()
         self._check_fused(optimizer)
         weight = self._weight
-        checked = (weight, array_key(weight))   # the table the indices are checked against
+        checked = as_checked(weight)   # the table the indices are checked against
         if indices is None:
             saved = self._saved
             if saved is None:
@@ -418,7 +419,7 @@ class Embedding(TableModule):
         padding_idx, _, _ = self._checked_options()
         self._check_fused(optimizer)
         weight = self._weight
-        checked = (weight, array_key(weight))   # the table the indices are checked against
+        checked = as_checked(weight)   # the table the indices are checked against
         scores = F.logistic_scores(query, indices, weight, n_positive, with_loss=with_loss,
                                    padding_idx=padding_idx,
                                    scale_grad_by_freq=check_bool(self.scale_grad_by_freq, "scale_grad_by_freq"),
@@ -549,7 +550,7 @@ class EmbeddingBag(TableModule):
         if bags is None:
             raise ValueError("backward: call forward first")
         weight = self._weight
-        checked = (weight, array_key(weight))   # the table the bags are checked against
+        checked = as_checked(weight)   # the table the bags are checked against
         bags.check_table(weight)
         grad_output = check_gradient_rows(grad_output, (bags.n_bags,), dim=weight.shape[1],
                                           dtype=compute_dtype(weight.dtype), table_dtype=weight.dtype

@@ -8,7 +8,8 @@ import numpy as np
 from .. import _grad
 from ..sparse import SparseGrad
 from ._rounding import check_rounding_options
-from .optimizer import EXACT_INTEGER_TYPES, Group, Optimizer, _check_maximize, _option
+from .._validation import EXACT_INTEGER_TYPES
+from .optimizer import Group, Optimizer, _check_maximize, _option
 
 __all__ = ["Adagrad"]
 

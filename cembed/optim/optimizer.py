@@ -16,6 +16,9 @@ from .._config import n_threads_for
 from .._dtypes import compute_dtype, is_half, kernel_format
 from .._validation import (
     array_key,
+    as_checked,
+    check_exact_array,
+    is_as_checked,
     check_bool,
     check_int,
     check_real,
@@ -39,39 +42,22 @@ def _name(module: Any, where: str) -> str:
     return f"{where} ({type(module).__name__})"
 
 
-#: Integer types taken as they are: exactly these, not subclasses (whose operators would run code after
-#: the checks, e.g. at ``state["step"] += 1``).
-EXACT_INTEGER_TYPES = (int, np.int8, np.int16, np.int32, np.int64, np.longlong, np.uint8, np.uint16, np.uint32,
-                       np.uint64, np.ulonglong)
-#: Array types an update reads and writes as they are: plain arrays and memory maps (tables and state on
-#: disk). A subclass's hooks (``__array_function__``, ``__array_ufunc__``) would run code in the middle
-#: of a step, after everything was checked.
-EXACT_ARRAY_TYPES = (np.ndarray, np.memmap)
-
-
-def check_exact_array(value: Any, name: str) -> None:
-    """ValueError unless ``value`` is exactly a numpy.ndarray or numpy.memmap (EXACT_ARRAY_TYPES)."""
-    if type(value) not in EXACT_ARRAY_TYPES:
-        raise ValueError(f"{name} must be a numpy.ndarray (or numpy.memmap), got {type(value).__name__}: "
-                         "an update takes no array subclasses (their hooks would run inside the step)")
-
-
 def _snapshot(optimizer: "Optimizer", module: Any, weight: np.ndarray, grad: Any) -> Tuple[Any, ...]:
     """The objects a step checked for ``module``: its weight, gradient and state entries (arrays with
     their keys), compared again by :func:`_check_unchanged` just before the updates."""
     state = optimizer.state.get(module)
     entries = None if state is None else {k: (v, array_key(v) if isinstance(v, np.ndarray) else None)
                                           for k, v in state.items()}
-    return (weight, array_key(weight), grad, state, entries)
+    return (as_checked(weight), grad, state, entries)
 
 
 def _check_unchanged(optimizer: "Optimizer", module: Any, snapshot: Tuple[Any, ...], where: str) -> None:
     """ValueError, before any update, when ``module``'s weight, gradient or optimizer state is not what
     was checked: code run during the checks (an option's ``__float__``, an argument's ``__array__``)
     replaced or reshaped one of them."""
-    weight, key, grad, state, entries = snapshot
+    weight, grad, state, entries = snapshot
     now = optimizer.state.get(module)
-    same = (module.weight is weight and array_key(weight) == key and module.grad is grad and now is state
+    same = (is_as_checked(module.weight, weight) and module.grad is grad and now is state
             and (state is None or (set(state) == set(entries) and all(
                 state[k] is v and (k_ is None or array_key(v) == k_) for k, (v, k_) in entries.items()))))
     if not same:
@@ -567,7 +553,7 @@ class Optimizer:
         group, group_name, where = self._locate(module)
         options = self._check_options(dict(group), group_name)
         weight = self._check_weight(module, where)
-        if checked is not None and (weight is not checked[0] or array_key(weight) != checked[1]):
+        if checked is not None and not is_as_checked(weight, checked):
             raise ValueError(f"{where}: the weight was replaced while the backward ran (by code run from an "
                              "option or argument); nothing was updated")
         shape, dtype = weight.shape, weight.dtype

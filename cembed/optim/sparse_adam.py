@@ -8,9 +8,9 @@ import numpy as np
 
 from .. import _grad, _optim, storage
 from .._config import n_threads_for
-from .._validation import check_choice, check_real
+from .._validation import EXACT_INTEGER_TYPES, check_choice, check_exact_array, check_real
 from ._rounding import check_rounding_options
-from .optimizer import EXACT_INTEGER_TYPES, check_exact_array, Group, Optimizer, _check_maximize, _option, _update_rows
+from .optimizer import Group, Optimizer, _check_maximize, _option, _update_rows
 
 __all__ = ["SparseAdam"]
 
