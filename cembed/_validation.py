@@ -42,7 +42,11 @@ def check_real(value: Any, name: str, *, low: Optional[float] = None, high: Opti
     outside ``[low, high]`` (``low_open`` / ``high_open`` exclude the bound)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:   # an int beyond the float range
+        raise ValueError(f"{name} is too large to be a float, got an int of {len(str(abs(int(value))))} digits") \
+            from None
     if math.isnan(value):
         raise ValueError(f"{name} must not be NaN, got nan")
     if math.isinf(value) and not allow_inf:
@@ -81,8 +85,8 @@ def check_bool(value: Any, name: str) -> bool:
 
 
 def check_size(value: Any, name: str) -> int:
-    """A non-negative int (``num_embeddings``, ``embedding_dim``)."""
-    return check_int(value, name, low=0)
+    """A non-negative int that fits int64 (``num_embeddings``, ``embedding_dim``, ``num_rows``)."""
+    return check_int(value, name, low=0, high=_INT64_MAX)
 
 
 def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
@@ -178,6 +182,13 @@ def as_index_array(indices: Any, name: str = "indices", n_rows: Optional[int] = 
     if not isinstance(indices, np.ndarray) and arr.size == 0 and arr.dtype.kind == "f":
         arr = arr.astype(np.int64)  # [] (or [[]]) from Python: an empty index list
     kind = arr.dtype.kind
+    if kind == "O" and not isinstance(indices, np.ndarray):   # Python ints beyond int64 make an object array
+        flat = arr.reshape(-1)
+        for pos in range(flat.size):
+            value = flat[pos]
+            if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) \
+                    and not -_INT64_MAX - 1 <= value <= _INT64_MAX:
+                raise_index_error(arr, pos, n_rows, name)
     if kind == "b" or kind not in "iu":
         raise TypeError(f"{name} must be an integer array, got dtype {arr.dtype}")
     if arr.dtype in _NATIVE_INDEX_DTYPES and arr.dtype.isnative:
@@ -212,12 +223,13 @@ def check_index_range(flat: np.ndarray, shape: Tuple[int, ...], n_rows: int, nam
         raise_index_error(flat.reshape(shape), int(pos), n_rows, name)
 
 
-def _frozen(array: np.ndarray) -> np.ndarray:
+def frozen(array: np.ndarray) -> np.ndarray:
     """``array`` in memory nobody can write: as it is when it already is (a frozen block's, made by
     ``_buffer_cache.frozen_copy`` or ``_sort.sort_rows(..., frozen=True)``), else a copy in a frozen
     block. Its ``flags.writeable`` cannot be turned back on, not even through ``.base`` or the block
     (NumPy refuses it for read-only memory)."""
     return array if _buffer_cache.is_frozen(array) else _buffer_cache.frozen_copy(array)
+
 
 
 class GroupedIndices:
@@ -226,7 +238,7 @@ class GroupedIndices:
 
     Holds the indices (int32/int64, the caller's shape), the table size they were checked against,
     and the row grouping ``(order, rows, starts)`` of the backward's radix sort — copies in memory that
-    cannot be made writeable (:func:`_frozen`), so nothing that reaches them (``groups``, a
+    cannot be made writeable (:func:`frozen`), so nothing that reaches them (``groups``, a
     ``SparseGrad`` built on them) can change them. Immutable; usable from any thread.
 
     Examples
@@ -254,9 +266,9 @@ class GroupedIndices:
         radix sort, each kept as it is when already frozen (as group_indices makes them), else copied
         into a frozen block."""
         self = object.__new__(cls)
-        frozen_flat = _frozen(flat)
+        frozen_flat = frozen(flat)
         for name, value in (("_flat", frozen_flat), ("_indices", frozen_flat.reshape(shape)),
-                            ("_n_rows", int(n_rows)), ("_groups", tuple(_frozen(a) for a in groups))):
+                            ("_n_rows", int(n_rows)), ("_groups", tuple(frozen(a) for a in groups))):
             object.__setattr__(self, name, value)
         return self
 
@@ -423,6 +435,8 @@ def check_gradient_rows(grad_output: Any, lead_shape: Tuple[int, ...], *, dim: O
     allows that table's own dtype (the ``out_dtype`` its lookups may return; the kernels widen it
     exactly as they sum). With neither, any of float32, float64, float16 and bfloat16."""
     arr = grad_output if isinstance(grad_output, np.ndarray) else np.asarray(grad_output)
+    if arr.dtype.kind == "f" and not arr.dtype.isnative:   # byte-swapped floats: converted (a copy)
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.dtype not in FLOAT_DTYPES and not is_half(arr.dtype):
         raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got dtype {arr.dtype}")
     own_half = table_dtype is not None and is_half(table_dtype) and arr.dtype == table_dtype

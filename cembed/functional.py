@@ -49,6 +49,7 @@ from ._validation import (
     check_weight,
     check_writeable,
     checked_private_indices,
+    frozen,
     index_groups,
     kernel_layout,
     normalize_padding_idx,
@@ -197,8 +198,8 @@ def lookup(weight: np.ndarray, indices: Any, max_norm: Optional[float], norm_typ
     # the ids are checked in a copy when the caller could still write them (validated_indices): what
     # is kept for the backward is what was checked
     idx, flat = validated_indices(indices, weight.shape[0])
-    if save:
-        flat.flags.writeable = False   # a private copy, a fresh conversion or a GroupedIndices' own
+    if save:   # kept for the backward in memory read-only from birth (a fresh conversion is copied there)
+        flat = frozen(flat)
     groups = index_groups(indices)   # GroupedIndices: grouped already
     if max_norm is not None:
         if groups is None and save and flat.size:   # the backward reuses this grouping
@@ -335,6 +336,21 @@ class RowContributions:
     def dtype(self) -> np.dtype:
         """The dtype of the sums (and of ``scale``): float32 for 16-bit values."""
         return compute_dtype(self.values.dtype)
+
+    def apart_from(self, target: np.ndarray) -> "RowContributions":
+        """These contributions with ``values`` and ``scale`` copied where they may share memory with
+        ``target`` (the table or gradient they are about to be added into): a caller's
+        ``grad_output`` can be a view of the weight, and a kernel updating rows in place must not
+        read gradient rows it has already written."""
+        values, scale = self.values, self.scale
+        if np.may_share_memory(values, target):
+            values = values.copy()
+        if scale is not None and np.may_share_memory(scale, target):
+            scale = scale.copy()
+        if values is self.values and scale is self.scale:
+            return self
+        return RowContributions(values, self.rows, src=self.src, scale=scale, padding_idx=self.padding_idx,
+                                scale_grad_by_freq=self.scale_grad_by_freq, groups=self.groups)
 
     def _kernel_values(self) -> Tuple[np.ndarray, int]:
         """(values for a kernel, their format code): 16-bit values as their uint16 bit patterns."""
@@ -474,6 +490,13 @@ class MaxRouting:
     def sparse(self, num_rows: int) -> SparseGrad:  # pragma: no cover - refused at validation
         raise ValueError("max mode does not support sparse weights")
 
+    def apart_from(self, target: np.ndarray) -> "MaxRouting":
+        """As :meth:`RowContributions.apart_from`: ``grad_output`` copied if it may share memory with
+        ``target``."""
+        if np.may_share_memory(self.grad_output, target):
+            return MaxRouting(self.grad_output.copy(), self.argmax)
+        return self
+
     def dense(self, num_rows: int) -> np.ndarray:
         return self.add_into(np.zeros((num_rows, self.grad_output.shape[1]), dtype=self.grad_output.dtype))
 
@@ -496,6 +519,8 @@ def add_to_grad(old: Any, new: Union[RowContributions, MaxRouting], shape: Tuple
     if old is None:
         return new.sparse(shape[0]) if sparse else new.dense(shape[0])
     if isinstance(old, SparseGrad):
+        if type(old) is not SparseGrad:   # its shape and rows could be properties: refused, as step() does
+            raise TypeError(f".grad must be a cembed.SparseGrad itself, not a subclass ({type(old).__name__})")
         if old.shape != shape or old.dtype != dtype:
             raise ValueError(f".grad is a SparseGrad of shape {old.shape} and dtype {old.dtype}, but the weight "
                              f"is {shape} {dtype}: call zero_grad() after replacing the weight")
@@ -786,7 +811,10 @@ def _csr_offsets(offsets: Any, n_total: int, include_last_offset: bool) -> np.nd
     """Validated bag boundaries: ``offsets`` must start at 0, be non-decreasing and lie in
     ``[0, n_total]`` (with ``include_last_offset`` end at ``n_total``). Returns a new int64 array of
     n_bags + 1 boundaries."""
-    off = as_index_array(offsets, "offsets")
+    try:
+        off = as_index_array(offsets, "offsets")
+    except IndexError:   # a uint64 (or Python int) offset beyond int64: past the end of any input
+        raise ValueError(f"offsets contains a value past the end of the input (length {n_total})") from None
     if off.ndim != 1:
         raise ValueError(f"offsets has to be a 1D array, got shape {off.shape}")
     off = np.array(off, dtype=np.int64, copy=True)   # private first, then checked: kept as checked
@@ -851,8 +879,9 @@ def validate_bags(input: Any, weight: np.ndarray, offsets: Any = None, mode: str
     else:
         csr = _csr_offsets(offsets, idx.size, include_last_offset)
     flat = checked_private_indices(idx, input, n_rows, "input")   # copied first, then checked: kept as checked
-    flat.flags.writeable = False
-    csr.flags.writeable = False  # a new array in every branch above
+    # kept for the backward in memory read-only from birth (a fresh conversion, and the offsets, are
+    # copied there): a flag cleared on an ordinary array could be set again
+    flat, csr = frozen(flat), frozen(csr)
     psw_kept = None if psw is None else _buffer_cache.frozen_copy(psw).reshape(-1)   # private, read-only
     bags = SavedBags(flat, csr, mode, padding_idx, psw_kept, idx.shape, weight)
     return bags
@@ -874,13 +903,30 @@ def _pool_numeric(weight: np.ndarray, bags: SavedBags) -> np.ndarray:
             has = np.add.reduceat(keep.astype(np.int64), starts[filled]) > 0
             out[filled[has]] = best[has]
         return out
-    cum = np.zeros((bags.flat.size + 1, weight.shape[1]), dtype=np.int64)
-    np.cumsum(np.where(keep[:, None], rows, 0), axis=0, dtype=np.int64, out=cum[1:])
-    sums = cum[ends] - cum[starts]
-    if bags.mode == "sum":
-        return sums
-    counts = bags.counts()
-    return sums / np.maximum(counts, 1)[:, None]
+    values = np.where(keep[:, None], rows, 0)
+    largest = max(abs(int(values.min())), abs(int(values.max()))) if values.size else 0
+    if largest * values.shape[0] <= np.iinfo(np.int64).max:   # no running sum can leave int64
+        cum = np.zeros((bags.flat.size + 1, weight.shape[1]), dtype=np.int64)
+        np.cumsum(values, axis=0, dtype=np.int64, out=cum[1:])
+        sums = cum[ends] - cum[starts]
+        if bags.mode == "sum":
+            return sums
+        return sums / np.maximum(bags.counts(), 1)[:, None]
+    # values this large are summed exactly (Python integers), never wrapped: a sum outside int64 is an
+    # error, a mean is the exact sum divided in float64
+    exact = np.zeros((bags.n_bags, weight.shape[1]), dtype=object)
+    filled = np.flatnonzero(ends > starts)
+    if filled.size:
+        exact[filled] = np.add.reduceat(values.astype(object), starts[filled], axis=0)
+    if bags.mode == "mean":
+        return exact.astype(np.float64) / np.maximum(bags.counts(), 1)[:, None]
+    info = np.iinfo(np.int64)
+    outside = (exact > info.max) | (exact < info.min)
+    if outside.any():
+        bag, column = (int(i) for i in np.argwhere(outside)[0])
+        raise ValueError(f"embedding_bag: the sum of bag {bag} (column {column}) of this integer table is "
+                         f"{exact[bag, column]}, outside int64 (integer bags sum in int64)")
+    return exact.astype(np.int64)
 
 
 def _bag_table(weight: np.ndarray, bags: SavedBags) -> Tuple[np.ndarray, np.ndarray, Optional[int]]:
@@ -924,8 +970,9 @@ def pool(weight: np.ndarray, bags: SavedBags, want_argmax: bool = False, out_dty
         _bag.bag_forward(table, flat, bags.offsets, BAG_MODES[bags.mode], padding_row, psw, fused, out, argmax,
                          n_threads)
     if want_argmax:
-        if table is not weight:  # winners are rows of the copy (entry positions): map them back
-            argmax = np.where(argmax >= 0, bags.flat[np.clip(argmax, 0, max(bags.flat.size - 1, 0))], -1)
+        if table is not weight and bags.flat.size:  # winners are rows of the copy (entry positions): mapped
+            # back (with no entries every winner is -1 already)
+            argmax = np.where(argmax >= 0, bags.flat[np.clip(argmax, 0, bags.flat.size - 1)], -1)
         bags.argmax = argmax
     return out if out_dtype == compute else _narrow(out, out_dtype)
 

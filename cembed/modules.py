@@ -133,10 +133,13 @@ class TableModule:
         if not is_as_checked(self._weight, checked):
             raise ValueError("backward: the module's weight was replaced while the backward ran (by code run "
                              "from an argument); nothing was changed")
-        if optimizer is not None:
-            optimizer._fused_step(self, new, sparse, checked)
-        else:  # float32 for a 16-bit table
-            self.grad = F.add_to_grad(self.grad, new, self._weight.shape, compute_dtype(self._weight.dtype), sparse)
+        if optimizer is not None:   # (a grad_output that is a view of the weight is read from a copy)
+            optimizer._fused_step(self, new.apart_from(self._weight), sparse, checked)
+        else:  # float32 for a 16-bit table; a dense .grad is added to in place
+            grad = self.grad
+            if isinstance(grad, np.ndarray):
+                new = new.apart_from(grad)
+            self.grad = F.add_to_grad(grad, new, self._weight.shape, compute_dtype(self._weight.dtype), sparse)
 
     def prefetch(self, indices: Any, optimizer: Any = None, wait: bool = False) -> int:
         """Ask the operating system to start reading the rows ``indices`` of a table on disk — and,
@@ -179,7 +182,7 @@ class TableModule:
         options = [(name, getattr(self, name)) for name in self._options]
         return f"{self.num_embeddings}, {self.embedding_dim}" + "".join(
             f", {name}={value!r}" for name, value in options
-            if value not in (None, False) and not (name == "norm_type" and value == 2.0))
+            if value is not None and value is not False and not (name == "norm_type" and value == 2.0))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"

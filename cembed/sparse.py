@@ -7,13 +7,7 @@ import numpy as np
 
 from . import _sparse_merge
 from ._config import n_threads_for
-from ._validation import FLOAT_DTYPES, check_row_ids, check_size
-
-
-def _frozen(array: np.ndarray) -> np.ndarray:
-    """``array`` made read-only in place (it must be a private array) and returned."""
-    array.flags.writeable = False
-    return array
+from ._validation import FLOAT_DTYPES, check_row_ids, check_size, frozen
 
 
 def _read_only_view(array: np.ndarray) -> np.ndarray:
@@ -103,21 +97,32 @@ class SparseGrad:
             bad = int(np.flatnonzero(indices > np.iinfo(np.int64).max)[0])
             raise IndexError(f"SparseGrad indices contains {indices[bad]} at position {bad}, "
                              f"outside the valid range [0, {num_rows})")
-        rows = np.array(indices, dtype=np.int64, copy=True)
+        rows = frozen(np.asarray(indices, dtype=np.int64))   # a copy nobody can write, then checked
         check_row_ids(rows, num_rows, "SparseGrad indices")
-        self._indices = _frozen(rows)
-        self._buffer = np.array(values, dtype=values.dtype.newbyteorder("="), order="C", copy=True)
-        self._values = _read_only_view(self._buffer)
-        self._num_rows = num_rows
+        buffer = np.array(values, dtype=values.dtype.newbyteorder("="), order="C", copy=True)
+        self._set(rows, buffer, num_rows)
+
+    def _set(self, indices: np.ndarray, buffer: np.ndarray, num_rows: int) -> None:
+        """Fill the slots once (a SparseGrad is immutable afterwards: ``__setattr__`` refuses)."""
+        for name, value in (("_indices", indices), ("_buffer", buffer), ("_values", _read_only_view(buffer)),
+                            ("_num_rows", num_rows)):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("SparseGrad is immutable")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("SparseGrad is immutable")
+
+    def __reduce__(self) -> Tuple[Any, Tuple[np.ndarray, np.ndarray, int]]:
+        # pickling / copy.deepcopy rebuild through the constructor: the copy is checked like any input
+        return (SparseGrad, (self._indices, self._buffer, self._num_rows))
 
     @classmethod
     def _from_private(cls, indices: np.ndarray, values: np.ndarray, num_rows: int) -> "SparseGrad":
         """Wrap arrays that cembed itself just computed (coalesced, in range, owned by nobody else)."""
         grad = cls.__new__(cls)
-        grad._indices = _frozen(indices)
-        grad._buffer = values
-        grad._values = _read_only_view(values)
-        grad._num_rows = num_rows
+        grad._set(frozen(indices), values, num_rows)
         return grad
 
     def _writable_values(self) -> np.ndarray:
@@ -176,7 +181,8 @@ class SparseGrad:
         Raises
         ------
         TypeError
-            ``other`` is not a SparseGrad, or has another dtype.
+            ``other`` (or ``self``) is not a ``SparseGrad`` itself (subclasses are refused, as the
+            optimizers refuse them), or the dtypes differ.
         ValueError
             The shapes differ.
 
@@ -188,8 +194,11 @@ class SparseGrad:
         >>> a.merge(b).indices, a.merge(b).values[:, 0]
         (array([0, 2, 3]), array([1., 2., 1.]))
         """
-        if not isinstance(other, SparseGrad):
-            raise TypeError(f"can only merge a SparseGrad with a SparseGrad, got {type(other).__name__}")
+        if type(other) is not SparseGrad or type(self) is not SparseGrad:
+            # a subclass could report another shape than its rows have (a property), and the merge
+            # kernel sizes its reads from the shapes
+            raise TypeError(f"can only merge a cembed.SparseGrad with a cembed.SparseGrad (not a subclass), got "
+                            f"{type(self).__name__} and {type(other).__name__}")
         if other.shape != self.shape:
             raise ValueError(f"cannot merge SparseGrads of shapes {self.shape} and {other.shape}")
         if other.dtype != self.dtype:

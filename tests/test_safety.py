@@ -1321,3 +1321,86 @@ def test_weight_with_packed_row_stride(batch, name):
         return
     np.testing.assert_array_equal(arrays["vec"], STRIDED_W)
     np.testing.assert_allclose(arrays["value"], want, rtol=1e-6)
+
+
+# =================================================================================================
+# 8. review of 2026-11-26 (functional): subclassed / edited SparseGrads, saved ids, aliasing outputs
+# =================================================================================================
+
+REVIEW_CASES = {
+    # a SparseGrad subclass whose shape property lies, left in .grad: the backward merges into it
+    "subclass_in_grad": case('''
+class Evil(SparseGrad):
+    @property
+    def shape(self):
+        return (10, 3)
+emb = cembed.Embedding(10, 3, sparse=True, seed=0)
+out = emb(np.array([1]))
+emb.grad = Evil([1], np.zeros((1, 4_000_000), np.float32), 10)
+before = fp([emb.weight])
+r = attempt(lambda: emb.backward(np.ones_like(out)))
+report(r=r, unchanged=before == fp([emb.weight]), still_evil=type(emb.grad).__name__)
+'''),
+    # merge / + with a subclass on either side
+    "subclass_merge": case('''
+class Evil(SparseGrad):
+    @property
+    def shape(self):
+        return (10, 4_000_000)
+a = SparseGrad([1], np.zeros((1, 4_000_000), np.float32), 10)
+b = Evil([1], np.zeros((1, 3), np.float32), 10)
+report(ab=attempt(lambda: (a + b).nnz), ba=attempt(lambda: b.merge(a).nnz))
+'''),
+    # a SparseGrad's slots reassigned (private attribute) before a step
+    "sparse_grad_slots": case('''
+n = 200_000
+emb = cembed.Embedding(n, 4, sparse=True, seed=0)
+g = SparseGrad(np.arange(n), np.zeros((n, 4), np.float32), n)
+set_values = attempt(lambda: setattr(g, "_values", np.zeros((1, 4), np.float32)))
+del_rows = attempt(lambda: delattr(g, "_indices"))
+writeable = attempt(lambda: setattr(g.indices.flags, "writeable", True))
+emb.grad = g
+step = attempt(lambda: optim.SGD([emb], lr=0.1).step())
+report(set_values=set_values, del_rows=del_rows, writeable=writeable, step=step)
+'''),
+    # the ids (and offsets) a forward keeps for its backward, made writeable again through the flag
+    "saved_ids_flag": case('''
+emb = cembed.Embedding(10, 3, seed=0)
+out = emb([1, 2])
+lookup = attempt(lambda: setattr(emb._saved.flat.flags, "writeable", True))
+bag = cembed.EmbeddingBag(10, 3, mode="sum", seed=0)
+bag([1, 2, 3], offsets=[0, 1])
+bag_ids = attempt(lambda: setattr(bag._saved.flat.flags, "writeable", True))
+bag_offsets = attempt(lambda: setattr(bag._saved.offsets.flags, "writeable", True))
+report(lookup=lookup, bag_ids=bag_ids, bag_offsets=bag_offsets,
+       backward=attempt(lambda: emb.backward(np.ones_like(out))))
+'''),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REVIEW_CASES))
+def test_review_functional_holes(batch, name):
+    """Each of these segfaulted (or read past an array) before the fix:
+
+    * ``subclass_in_grad``: a ``SparseGrad`` subclass left in ``.grad`` is refused by the backward
+      (TypeError, weight unchanged), as ``step()`` refuses it — before, the merge trusted its
+      ``shape`` and read 4M floats per row of a 3-wide gradient.
+    * ``subclass_merge``: ``merge`` / ``+`` refuse a subclass on either side (TypeError).
+    * ``sparse_grad_slots``: a ``SparseGrad`` is immutable (its slots cannot be set or deleted) and
+      its row ids live in memory that cannot be made writeable; the step then runs normally.
+    * ``saved_ids_flag``: the ids and offsets a forward keeps (also a fresh conversion of a list)
+      are read-only from birth: setting their ``writeable`` flag is refused."""
+    verdict, _ = batch("review_functional", REVIEW_CASES, name)
+    if name == "subclass_in_grad":
+        assert verdict["r"]["raised"] == "TypeError" and verdict["unchanged"], verdict
+    elif name == "subclass_merge":
+        assert verdict["ab"]["raised"] == "TypeError" and verdict["ba"]["raised"] == "TypeError", verdict
+    elif name == "sparse_grad_slots":
+        assert verdict["set_values"]["raised"] == "AttributeError", verdict
+        assert verdict["del_rows"]["raised"] == "AttributeError", verdict
+        assert verdict["writeable"]["raised"] == "ValueError", verdict
+        assert_ok(verdict["step"], "step with an untouched SparseGrad")
+    else:
+        for key in ("lookup", "bag_ids", "bag_offsets"):
+            assert verdict[key]["raised"] == "ValueError", (key, verdict)
+        assert_ok(verdict["backward"], "backward")

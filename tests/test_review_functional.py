@@ -1,0 +1,149 @@
+"""Regressions of the 2026-11-26 review of the functional layer that need no child process: a
+``grad_output`` that is a view of the table, integer tables in bags, max bags on a table read through a
+copy, module reprs, and the exception classes of extreme arguments (tests/test_safety.py holds the
+cases that segfaulted)."""
+import copy
+import pickle
+
+import numpy as np
+import pytest
+
+import cembed
+from cembed import functional as F
+
+torch = pytest.importorskip("torch")
+
+
+def _weights(rows, dim, seed=0):
+    return np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float32)
+
+
+@pytest.mark.parametrize("module", ["embedding", "bag"])
+@pytest.mark.parametrize("dim", [4, 16384])   # 16384: one segment per chunk of the fused kernel
+def test_fused_backward_reads_grad_output_that_views_the_weight_as_it_was(module, dim):
+    """``grad_output`` a slice of the weight itself: the fused backward + SGD equals backward();
+    step() (which sums the gradient before any row changes) — before the fix a wide-row chunk read a
+    row another chunk had already updated."""
+    base = _weights(2, dim)
+    idx = np.array([1, 0])
+
+    def run(fused):
+        if module == "embedding":
+            mod = cembed.Embedding.from_pretrained(base.copy(), freeze=False, sparse=True)
+        else:
+            mod = cembed.EmbeddingBag.from_pretrained(base.copy(), freeze=False, sparse=True, mode="sum")
+            mod(idx, offsets=[0, 1])
+        opt = cembed.optim.SGD([mod], lr=1.0)
+        go = mod.weight[0:2]
+        args = (go, idx) if module == "embedding" else (go,)
+        if fused:
+            mod.backward(*args, optimizer=opt)
+        else:
+            mod.backward(*args)
+            opt.step()
+        return mod.weight
+
+    want = base.copy()
+    want[1] -= base[0]
+    want[0] -= base[1]
+    np.testing.assert_array_equal(run(False), want)
+    np.testing.assert_array_equal(run(True), want)
+
+
+def test_dense_backward_into_grad_that_grad_output_views():
+    """A dense ``.grad`` added to in place, with ``grad_output`` a view of that same ``.grad``: the
+    result is that of a copy of ``grad_output``."""
+    emb = cembed.Embedding(4, 8192, seed=0)
+    emb.grad = _weights(4, 8192, seed=1)
+    start = emb.grad.copy()
+    idx = np.array([1, 0, 3])
+    go = emb.grad[0:3]
+    emb.backward(go, idx)
+    want = start.copy()
+    np.add.at(want, idx, start[0:3])
+    np.testing.assert_array_equal(emb.grad, want)
+
+
+def test_sparse_grad_pickles_and_copies_through_the_constructor():
+    g = cembed.SparseGrad([1, 3], np.arange(4, dtype=np.float32).reshape(2, 2), 5)
+    for twin in (pickle.loads(pickle.dumps(g)), copy.deepcopy(g), copy.copy(g)):
+        assert type(twin) is cembed.SparseGrad and twin.shape == g.shape
+        np.testing.assert_array_equal(twin.indices, g.indices)
+        np.testing.assert_array_equal(twin.values, g.values)
+        with pytest.raises(AttributeError):
+            twin._num_rows = 10
+
+
+def test_integer_bags_never_wrap():
+    """Integer tables in bags sum in int64 and average in float64: a sum that int64 cannot hold is a
+    ValueError (it wrapped before), a mean is the exact sum divided, and small values keep the fast
+    int64 path (checked against a Python-integer reference)."""
+    huge = np.array([[2**63 + 5]], dtype=np.uint64)
+    with pytest.raises(ValueError, match="outside int64"):
+        F.embedding_bag([0], huge, offsets=[0], mode="sum")
+    np.testing.assert_array_equal(F.embedding_bag([0], huge, offsets=[0], mode="mean"), [[float(2**63 + 5)]])
+    np.testing.assert_array_equal(F.embedding_bag([0], huge, offsets=[0], mode="max"), huge)
+    x = 3 * 2**61
+    table = np.array([[x], [-5]], dtype=np.int64)
+    mean = F.embedding_bag([0, 0, 1], table, offsets=[0, 2, 2], mode="mean")
+    np.testing.assert_array_equal(mean, [[float(x)], [0.0], [-5.0]])
+    with pytest.raises(ValueError, match="bag 0"):
+        F.embedding_bag([0, 0], table, offsets=[0], mode="sum")
+    rng = np.random.default_rng(0)
+    small = rng.integers(-100, 100, (20, 3)).astype(np.int8)
+    ids = rng.integers(0, 20, 50)
+    offsets = np.array([0, 10, 10, 30])
+    got = F.embedding_bag(ids, small, offsets=offsets, mode="sum", padding_idx=3)
+    bounds = list(offsets) + [ids.size]
+    want = [[sum(int(small[i, c]) for i in ids[a:b] if i != 3) for c in range(3)] for a, b in zip(bounds, bounds[1:])]
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, want)
+
+
+def test_max_bag_with_no_entries_on_a_copied_table():
+    """Max bags of an empty input on a table the kernels read through a copy (Fortran order) give
+    zeros, as on a C-order table and in torch (an IndexError before)."""
+    table = np.asfortranarray(np.arange(12, dtype=np.float32).reshape(4, 3))
+    empty = np.zeros(0, np.int64)
+    got = cembed.EmbeddingBag.from_pretrained(table, mode="max")(empty, offsets=[0])
+    want = torch.nn.functional.embedding_bag(torch.zeros(0, dtype=torch.long), torch.tensor(np.ascontiguousarray(table)),
+                                             torch.tensor([0]), mode="max").numpy()
+    np.testing.assert_array_equal(got, want)
+    grad, _ = F.embedding_bag_backward(np.ones((2, 3), np.float32), empty, table, offsets=[0, 0], mode="max")
+    np.testing.assert_array_equal(grad, np.zeros((4, 3), np.float32))
+
+
+@pytest.mark.parametrize("kwargs", [{"padding_idx": 0}, {"max_norm": 0.0}, {"sparse": True}])
+def test_repr_shows_zero_valued_options_as_torch_does(kwargs):
+    assert repr(cembed.Embedding(3, 2, **kwargs)) == repr(torch.nn.Embedding(3, 2, **kwargs))
+    if "padding_idx" in kwargs:   # (torch's EmbeddingBag repr leaves out sparse and max_norm; cembed's shows them)
+        assert repr(cembed.EmbeddingBag(3, 2, **kwargs)) == repr(torch.nn.EmbeddingBag(3, 2, **kwargs))
+
+
+W = np.ones((4, 3), np.float32)
+EXTREME = {
+    "uint64 offset >= 2**63": (ValueError, lambda: F.embedding_bag([1, 2], W, offsets=np.array([0, 2**63], np.uint64),
+                                                                   mode="sum")),
+    "num_embeddings 2**63": (ValueError, lambda: F.embedding_backward(np.ones((1, 3), np.float32), [1], 2**63,
+                                                                      sparse=True)),
+    "SparseGrad num_rows 2**63": (ValueError, lambda: cembed.SparseGrad([1], np.ones((1, 3), np.float32), 2**63)),
+    "group_indices num_rows 2**64": (ValueError, lambda: F.group_indices([1], 2**64)),
+    "max_norm 10**400": (ValueError, lambda: F.embedding([1], W, max_norm=10**400)),
+    "index 2**70 in a list": (IndexError, lambda: F.embedding([2**70], W)),
+    "index -2**70 in a list": (IndexError, lambda: F.embedding([1, -2**70], W)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXTREME))
+def test_extreme_arguments_raise_the_documented_classes(name):
+    kind, call = EXTREME[name]
+    with pytest.raises(kind):
+        call()
+
+
+def test_byte_swapped_grad_output_is_accepted():
+    emb = cembed.Embedding(4, 3, seed=0)
+    out = emb([1, 1])
+    emb.backward(np.ones((2, 3), ">f4"))
+    np.testing.assert_array_equal(emb.grad[1], [2, 2, 2])
+    assert out.shape == (2, 3)
