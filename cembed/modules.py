@@ -13,7 +13,7 @@ import numpy as np
 
 from . import functional as F
 from . import storage
-from ._dtypes import check_table_dtype, compute_dtype, is_half, resolve_out_dtype
+from ._dtypes import check_table_dtype, compute_dtype, is_half, is_table_dtype, resolve_out_dtype
 from ._validation import (
     as_checked,
     check_bool,
@@ -555,9 +555,13 @@ class EmbeddingBag(TableModule):
         weight = self._weight
         checked = as_checked(weight)   # the table the bags are checked against
         bags.check_table(weight)
-        grad_output = check_gradient_rows(grad_output, (bags.n_bags,), dim=weight.shape[1],
-                                          dtype=compute_dtype(weight.dtype), table_dtype=weight.dtype
-                                          ).astype(compute_dtype(weight.dtype), copy=False)   # a few rows: widened
+        # an integer (lookup-only) table takes no gradient: any float grad_output (for a frozen one's
+        # per-sample-weight gradient, or refused below as untrainable); a float table its gradient dtype
+        want = compute_dtype(weight.dtype) if is_table_dtype(weight.dtype) else None
+        grad_output = check_gradient_rows(grad_output, (bags.n_bags,), dim=weight.shape[1], dtype=want,
+                                          table_dtype=weight.dtype)
+        if want is not None:
+            grad_output = grad_output.astype(want, copy=False)   # a few rows: widened
         self._check_fused(optimizer)
         new = None
         if self._trainable():

@@ -147,3 +147,12 @@ def test_byte_swapped_grad_output_is_accepted():
     emb.backward(np.ones((2, 3), ">f4"))
     np.testing.assert_array_equal(emb.grad[1], [2, 2, 2])
     assert out.shape == (2, 3)
+
+
+def test_backward_of_a_frozen_integer_bag_table_is_a_no_op():
+    """An integer table is lookup-only: the backward of a frozen one takes a float grad_output and
+    changes nothing (as Embedding's does); it used to ask for an int64 grad_output, then refuse it."""
+    bag = cembed.EmbeddingBag.from_pretrained(np.arange(6).reshape(3, 2), mode="sum", freeze=True)
+    bag(np.array([1, 2]), offsets=[0])
+    assert bag.backward(np.ones((1, 2), np.float32)) is None
+    assert bag.grad is None
