@@ -139,7 +139,7 @@ def test_bench_json_tiny(capsys):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--seed", "-1"], "integer >= 0"), (["--lr", "inf"], "finite positive"), (["--lr", "nan"], "finite positive"),
+    (["--seed", "-1"], "integer in [0, 2**64)"), (["--seed", str(2**64)], "integer in [0, 2**64)"), (["--lr", "inf"], "finite positive"), (["--lr", "nan"], "finite positive"),
     (["--subsample", "nan"], "finite number >= 0"), (["--subsample=-1e-4"], "finite number >= 0"),
     (["--subsample", "often"], "number >= 0"), (["--batch-size", "many"], "positive integer")])
 def test_bad_values_exit_2_naming_the_flag(capsys, flags, message):
@@ -419,3 +419,70 @@ def test_line_sentence_file(tmp_path):
     path = tmp_path / "s.txt"
     train_mod.write_line_sentences(corpus, path, sentences_per_write=1)
     assert path.read_text() == "3 1 2\n0 0\n"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--window", "128"], "--window must be at most 127"),
+    (["--threads", "1000000"], "--threads"),
+    (["--dim", "1000000000"], "needs at least"),
+    (["--negatives", "1000000000000"], "needs at least"),
+    (["--tokens", "1000000000000"], "needs at least"),
+    (["--vocab-size", "1000000000000", "--topics", "1"], "needs at least"),
+    (["--shards", "2", "--backend", "torch", "--ray-address", "127.0.0.1:1"], "cembed backend"),
+    (["--shards", "100", "--ray-address", "127.0.0.1:1", "--vocab-size", "50", "--topics", "5", "--tokens", "500"],
+     "cannot exceed the vocabulary"),
+])
+def test_arguments_that_cannot_run_are_an_error_line(capsys, flags, message):
+    """Values argparse accepts one by one but that cannot run (a window beyond the batch builder's, a
+    thread count cembed refuses, a size no RAM holds, more shards than rows) are an ``error:`` line and
+    exit code 2 before any data is made or Ray is contacted — not a traceback from deep inside."""
+    assert main(["train", *flags, "--quiet", "--no-save", "--no-plot"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err and "Traceback" not in err
+
+
+def test_table_dir_that_is_a_file(tmp_path, capsys):
+    path = tmp_path / "file"
+    path.write_text("x")
+    assert main(["train", *TINY, "--no-save", "--table-dir", str(path)]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_bench_refuses_a_size_no_ram_holds(capsys):
+    assert main(["bench", "--rows", "1000000000000", "--dim", "128"]) == 2
+    assert capsys.readouterr().err.startswith("error:")
+
+
+def test_corpus_file_streams_and_keeps_the_old_numbering(tmp_path):
+    """text_corpus reads the file in one streamed pass: the same ids (most frequent first, ties by first
+    appearance), sentences (split as str.splitlines splits, U+2028 included; fewer than two kept words
+    dropped), counts and description as reading the whole file into word lists did — checked against
+    that reading, written out here."""
+    import collections
+    import random
+
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(60)] + ["Ünï", "don't", "rock’n", "X"]
+    seps = ["\n", "\r\n", "\r", "\u2028", "\x0c", "\n\n", " . "]
+    path = tmp_path / "c.txt"
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        for _ in range(3000):
+            fh.write(" ".join(rng.choice(words) for _ in range(rng.randint(0, 9))) + rng.choice(seps))
+    text = path.read_text(encoding="utf-8")
+    sentences = [s for s in (corpus_mod._TOKEN.findall(line.lower()) for line in text.splitlines()) if s]
+    for min_count, max_vocab in ((1, None), (215, None), (2, 10)):
+        freq = collections.Counter(w for s in sentences for w in s)
+        kept = [(w, c) for w, c in freq.most_common(max_vocab) if c >= min_count]
+        word_id = {w: i for i, (w, _) in enumerate(kept)}
+        ids, starts = [], [0]
+        for s in sentences:
+            sid = [word_id[w] for w in s if w in word_id]
+            if len(sid) >= 2:
+                ids += sid
+                starts.append(len(ids))
+        corpus = corpus_mod.text_corpus(str(path), min_count=min_count, max_vocab=max_vocab)
+        assert list(corpus.words) == [w for w, _ in kept]
+        np.testing.assert_array_equal(corpus.tokens, ids)
+        np.testing.assert_array_equal(corpus.sentence_starts, starts)
+        np.testing.assert_array_equal(corpus.counts, np.bincount(ids, minlength=len(kept)))
+        assert corpus.tokens.dtype == np.int32 and corpus.sentence_starts.dtype == np.int64

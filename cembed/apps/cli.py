@@ -26,7 +26,7 @@ _positive_int = _number(int, "a positive integer", lambda v: v >= 1)
 _positive_float = _number(float, "a positive number", lambda v: math.isfinite(v) and v > 0,
                           "a finite positive number")
 _non_negative_float = _number(float, "a number >= 0", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
-_seed = _number(int, "an integer >= 0", lambda v: v >= 0)
+_seed = _number(int, "an integer in [0, 2**64)", lambda v: 0 <= v < 2 ** 64)
 _shards = _number(int, "an integer >= 0", lambda v: v >= 0)
 
 
@@ -212,6 +212,10 @@ def run_train(args):
         print("error: --optimizer rowwise_adagrad is cembed's own: the torch backend has no row-wise Adagrad",
               file=sys.stderr)
         return 2
+    problem = _argument_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     if args.corpus:
         try:
@@ -242,6 +246,14 @@ def run_train(args):
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             return 1
+    if args.shards and "cembed" in args.backend and args.shards > corpus.vocab_size:
+        print(f"error: --shards ({args.shards}) cannot exceed the vocabulary ({corpus.vocab_size:,} words): every "
+              "shard holds at least one row", file=sys.stderr)
+        return 2
+    problem = _memory_problem(args, corpus.vocab_size, corpus.n_tokens)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     threads = args.threads or cembed.get_num_threads()
     log(f"corpus  {corpus.description}  ({time.perf_counter() - t0:.1f}s)")
     config = train_mod.TrainConfig(dim=args.dim, window=args.window, negatives=args.negatives,
@@ -412,6 +424,75 @@ def _relaunch_with_passive_openmp_waiting():
     os.execve(sys.executable, command, dict(os.environ, OMP_WAIT_POLICY="passive"))
 
 
+#: --window at most this: the batch builder keeps each token's drawn window in one byte, and a pass over
+#: a chunk of the corpus holds 2·window candidate pairs per token
+MAX_WINDOW = 127
+#: bytes per token of a pass over a chunk of the corpus, per unit of window (the slot table, the
+#: permuted pairs and their centres: 3 int32 arrays of 2·window entries per token)
+_PAIR_BYTES_PER_WINDOW = 24
+
+
+def _physical_memory():
+    """Bytes of RAM of this machine, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _gib(n_bytes):
+    return f"{n_bytes / 2 ** 30:,.1f} GiB"
+
+
+def _argument_problem(args):
+    """What is wrong with train's arguments taken together (before any data is made), or None."""
+    import cembed
+
+    if args.window > MAX_WINDOW:
+        return f"--window must be at most {MAX_WINDOW}, got {args.window}"
+    if args.threads is not None:
+        previous = cembed.set_num_threads(None)   # cembed's own rule for a thread count, nothing kept
+        try:
+            cembed.set_num_threads(args.threads)
+        except ValueError as exc:
+            return f"--threads: {exc}"
+        finally:
+            cembed.set_num_threads(previous)
+    if args.table_dir is not None and os.path.exists(args.table_dir) and not os.path.isdir(args.table_dir):
+        return f"--table-dir {args.table_dir} exists and is not a directory"
+    if args.shards and args.backend != ["cembed"] and "cembed" not in args.backend:
+        return "--shards shards cembed's tables: use it with the cembed backend"
+    if not args.corpus:
+        return _memory_problem(args, args.vocab_size, args.tokens)
+    return None
+
+
+def _memory_problem(args, vocab_size, n_tokens):
+    """None, or why a run of this size cannot fit in this machine's RAM (a rough lower bound of what
+    it allocates: the corpus, the two tables and their optimizer state unless they are on disk, a pass
+    over a chunk of the corpus, one step's arrays). A request for terabytes is refused up front
+    instead of failing deep inside NumPy."""
+    ram = _physical_memory()
+    if ram is None:
+        return None
+    table_bytes = 2 if args.dtype != "float32" else 4
+    state_per_element = {"sparseadam": 2, "adagrad": 1}.get(args.optimizer, 0)
+    state_bytes = (2 if args.dtype != "float32" and (args.state_dtype or "bfloat16") != "float32" else 4)
+    in_ram = 2 * vocab_size * args.dim * (table_bytes + state_per_element * state_bytes)
+    if args.table_dir is not None or args.shards:
+        in_ram = 0
+    chunk = min(n_tokens, 1 << 19)
+    pairs = _PAIR_BYTES_PER_WINDOW * args.window * chunk
+    step = args.batch_size * (1 + args.negatives) * (8 + 4 * args.dim) + 4 * args.batch_size * args.dim * 3
+    corpus = 16 * n_tokens + 40 * vocab_size   # tokens, sentence ids; counts, sampling tables per word
+    need = corpus + in_ram + pairs + step
+    if need > ram:
+        return (f"this run needs at least {_gib(need)} of memory (tables and optimizer state "
+                f"{_gib(in_ram)}, corpus {_gib(corpus)}, batches {_gib(pairs + step)}); this machine has "
+                f"{_gib(ram)}" + (" (--table-dir keeps the tables and their state on disk)" if in_ram else ""))
+    return None
+
+
 def _output_dir_problem(path):
     """None when ``path`` is (or can be made) a writable directory, else what is wrong with it."""
     try:
@@ -425,9 +506,20 @@ def _output_dir_problem(path):
     return None
 
 
+#: the bench's arrays per table element (the table, its aligned copies for each contender, the
+#: optimizer state) and per looked-up element (outputs, gradients, their copies), float32
+_BENCH_TABLE_COPIES, _BENCH_BATCH_COPIES = 6, 8
+
+
 def run_bench(args):
     from . import bench
 
+    ram = _physical_memory()
+    need = 4 * args.dim * (_BENCH_TABLE_COPIES * args.rows + _BENCH_BATCH_COPIES * args.n)
+    if ram is not None and need > ram:
+        print(f"error: --rows {args.rows:,} × --dim {args.dim:,} with --n {args.n:,} needs at least {_gib(need)} of "
+              f"memory; this machine has {_gib(ram)}", file=sys.stderr)
+        return 2
     return bench.main(args)
 
 

@@ -7,6 +7,7 @@ that topic's Zipf-weighted vocabulary and a few from the whole vocabulary (noise
 of every word is known, the quality of the learned embeddings can be measured (same-topic precision of
 nearest neighbours), which plain text does not allow.
 """
+import array
 import collections
 import re
 from dataclasses import dataclass
@@ -107,12 +108,16 @@ class CorpusError(ValueError):
     """A corpus file that cannot be used (missing, unreadable, empty, no word above min_count)."""
 
 
-def text_corpus(path, min_count=5, max_vocab=None, lowercase=True):
-    """Tokenise a UTF-8 text file (one sentence per line; words are runs of letters/digits), keep the
-    words seen at least ``min_count`` times (the ``max_vocab`` most frequent), ids by frequency."""
+def _sentences(path, lowercase):
+    """The file's sentences (lists of words), read line by line: the file is streamed, never held whole
+    (a line holding several separators ``str.splitlines`` knows, e.g. U+2028, gives several)."""
     try:
         with open(path, encoding="utf-8") as fh:
-            lines = fh.read().splitlines()
+            for physical in fh:
+                for line in physical.splitlines():
+                    words = _TOKEN.findall(line.lower() if lowercase else line)
+                    if words:
+                        yield words
     except FileNotFoundError:
         raise CorpusError(f"corpus file not found: {path}") from None
     except IsADirectoryError:
@@ -121,26 +126,45 @@ def text_corpus(path, min_count=5, max_vocab=None, lowercase=True):
         raise CorpusError(f"corpus file is not valid UTF-8: {path} ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise CorpusError(f"cannot read corpus file {path}: {exc.strerror}") from None
-    sentences = [_TOKEN.findall(line.lower() if lowercase else line) for line in lines]
-    sentences = [s for s in sentences if s]
-    if not sentences:
+
+
+def text_corpus(path, min_count=5, max_vocab=None, lowercase=True):
+    """Tokenise a UTF-8 text file (one sentence per line; words are runs of letters/digits), keep the
+    words seen at least ``min_count`` times (the ``max_vocab`` most frequent, ties in order of first
+    appearance), ids by frequency; sentences with fewer than two kept words are dropped.
+
+    One streamed pass over the file: each word gets a provisional id as it is first seen (4 bytes per
+    token), then the vocabulary is chosen and the ids renumbered with array operations. Memory is the
+    distinct words plus a few bytes per token, not the text (reading the whole file into lists of word
+    strings peaked at ~28× the file's size)."""
+    first_seen = {}                                    # word -> provisional id, in order of first appearance
+    provisional, lengths = array.array("i"), array.array("q")
+    for words in _sentences(path, lowercase):
+        provisional.extend([first_seen.setdefault(w, len(first_seen)) for w in words])
+        lengths.append(len(words))
+    if not first_seen:
         raise CorpusError(f"corpus file has no words: {path}")
-    freq = collections.Counter(word for s in sentences for word in s)
-    kept = [(w, c) for w, c in freq.most_common(max_vocab) if c >= min_count]
-    if not kept:
+    pid = np.frombuffer(provisional, dtype=np.int32)
+    freq = np.bincount(pid, minlength=len(first_seen))
+    order = np.argsort(-freq, kind="stable")[:max_vocab]   # most frequent first, ties by first appearance
+    order = order[freq[order] >= min_count]
+    if order.size == 0:
         raise CorpusError(f"no word occurs at least --min-count={min_count} times in {path} "
-                          f"({len(freq)} distinct words; the most frequent occurs {freq.most_common(1)[0][1]} times)")
-    word_id = {w: i for i, (w, _) in enumerate(kept)}
-    ids, starts = [], [0]
-    for s in sentences:
-        sid = [word_id[w] for w in s if w in word_id]
-        if len(sid) >= 2:
-            ids.extend(sid)
-            starts.append(len(ids))
-    if len(ids) < 2:
+                          f"({len(first_seen)} distinct words; the most frequent occurs {int(freq.max())} times)")
+    new_id = np.full(len(first_seen), -1, dtype=np.int64)
+    new_id[order] = np.arange(order.size)
+    ids = new_id[pid]
+    sentence = np.repeat(np.arange(len(lengths)), np.frombuffer(lengths, dtype=np.int64))
+    kept = ids >= 0
+    per_sentence = np.bincount(sentence[kept], minlength=len(lengths))
+    usable = per_sentence >= 2
+    tokens = ids[kept & usable[sentence]].astype(np.int32)
+    if tokens.size < 2:
         raise CorpusError(f"corpus file {path} has no sentence with two words above --min-count={min_count}")
-    tokens = np.asarray(ids, dtype=np.int32)
-    counts = np.bincount(tokens, minlength=len(kept)).astype(np.int64)
-    return Corpus(tokens=tokens, sentence_starts=np.asarray(starts, dtype=np.int64), words=[w for w, _ in kept],
-                  counts=counts, description=(f"{path}: {len(kept):,} words (min count {min_count}), "
-                                              f"{tokens.size:,} tokens, {len(starts) - 1:,} sentences"))
+    starts = np.concatenate([[0], np.cumsum(per_sentence[usable])]).astype(np.int64)
+    words = list(first_seen)
+    kept_words = [words[i] for i in order]
+    counts = np.bincount(tokens, minlength=len(kept_words)).astype(np.int64)
+    return Corpus(tokens=tokens, sentence_starts=starts, words=kept_words, counts=counts,
+                  description=(f"{path}: {len(kept_words):,} words (min count {min_count}), "
+                               f"{tokens.size:,} tokens, {starts.size - 1:,} sentences"))
