@@ -424,9 +424,6 @@ def _relaunch_with_passive_openmp_waiting():
     os.execve(sys.executable, command, dict(os.environ, OMP_WAIT_POLICY="passive"))
 
 
-#: --window at most this: the batch builder keeps each token's drawn window in one byte, and a pass over
-#: a chunk of the corpus holds 2·window candidate pairs per token
-MAX_WINDOW = 127
 #: bytes per token of a pass over a chunk of the corpus, per unit of window (the slot table, the
 #: permuted pairs and their centres: 3 int32 arrays of 2·window entries per token)
 _PAIR_BYTES_PER_WINDOW = 24
@@ -448,8 +445,10 @@ def _argument_problem(args):
     """What is wrong with train's arguments taken together (before any data is made), or None."""
     import cembed
 
-    if args.window > MAX_WINDOW:
-        return f"--window must be at most {MAX_WINDOW}, got {args.window}"
+    from .train import BatchStream
+
+    if args.window > BatchStream.MAX_WINDOW:   # (each token's drawn window is kept in one byte)
+        return f"--window must be at most {BatchStream.MAX_WINDOW}, got {args.window}"
     if args.threads is not None:
         previous = cembed.set_num_threads(None)   # cembed's own rule for a thread count, nothing kept
         try:

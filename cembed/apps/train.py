@@ -82,7 +82,12 @@ class BatchStream:
 
     TABLE_SIZE = 1 << 23
 
+    #: the largest window: each token's drawn window is kept in one byte (int8)
+    MAX_WINDOW = 127
+
     def __init__(self, corpus: Corpus, config: TrainConfig):
+        if not 1 <= config.window <= self.MAX_WINDOW:
+            raise ValueError(f"window must be in [1, {self.MAX_WINDOW}], got {config.window}")
         self.corpus = corpus
         self.config = config
         freq = corpus.counts / max(1, corpus.counts.sum())
