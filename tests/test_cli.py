@@ -423,6 +423,7 @@ def test_line_sentence_file(tmp_path):
 
 @pytest.mark.parametrize("flags,message", [
     (["--window", "128"], "--window must be at most 127"),
+    (["--state-dtype", "bfloat16"], "16-bit tables"),
     (["--threads", "1000000"], "--threads"),
     (["--dim", "1000000000"], "needs at least"),
     (["--negatives", "1000000000000"], "needs at least"),

@@ -447,6 +447,8 @@ def _argument_problem(args):
 
     from .train import BatchStream
 
+    if args.state_dtype is not None and args.dtype == "float32":
+        return "--state-dtype applies to 16-bit tables (--dtype bfloat16 or float16); float32 tables keep float32 state"
     if args.window > BatchStream.MAX_WINDOW:   # (each token's drawn window is kept in one byte)
         return f"--window must be at most {BatchStream.MAX_WINDOW}, got {args.window}"
     if args.threads is not None:
