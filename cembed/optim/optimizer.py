@@ -20,6 +20,7 @@ from .._validation import (
     check_exact_array,
     is_as_checked,
     check_bool,
+    check_distinct_elements,
     check_int,
     check_real,
     check_row_ids,
@@ -411,6 +412,7 @@ class Optimizer:
         check_exact_array(weight, f"{where}.weight")
         if not weight.flags.writeable:
             raise ValueError(f"{where}.weight is read-only")
+        check_distinct_elements(weight, "the optimizer's update", f"{where}.weight")
         return weight
 
     def _check_grad(self, options: Group, grad: Any, weight: np.ndarray, where: str) -> None:

@@ -1,0 +1,152 @@
+"""Optimizer safety (review of the optimizers): tables whose elements share memory, 16-bit updates of no
+row, bounded step counters, SGD momentum state on disk for 16-bit tables, a refused param group,
+missing state, clipping with a huge norm, SparseAdam at lr 0, load hygiene, duplicate parameters.
+
+Every refusal is checked to come before anything changed: weights (their whole memory), optimizer
+state (``state_dict()`` compared bitwise) and the step counters."""
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+from numpy.lib.stride_tricks import as_strided
+
+import cembed
+from cembed import SparseGrad, optim
+from cembed import functional as F
+from cembed._validation import check_distinct_elements, elements_overlap
+from cembed.optim.clip_grad import clip_grad_norm_
+
+from util import assert_bitwise_equal, at_thread_counts, require_torch
+
+STEP_MAX = 2 ** 63 - 1
+
+
+def _state_bytes(opt):
+    """Everything an optimizer holds, as comparable bytes (arrays by their bytes, the rest by repr)."""
+    out = []
+    for i, entry in sorted(opt.state_dict()["state"].items()):
+        for k, v in sorted(entry.items()):
+            out.append((i, k, v.tobytes() if isinstance(v, np.ndarray) else repr(v)))
+    return out, repr([{k: v for k, v in g.items()} for g in opt.state_dict()["param_groups"]])
+
+
+# =========================================================================== 1. overlapping rows
+
+def _overlapping(dtype=np.float32, n=60, dim=8, row_stride_items=4):
+    """A writeable table whose row i starts ``row_stride_items`` elements after row i - 1 (< dim: the
+    rows overlap), and the buffer behind it."""
+    item = np.dtype(dtype).itemsize
+    buf = (np.arange(dim + row_stride_items * n) % 7).astype(dtype)
+    return as_strided(buf, shape=(n, dim), strides=(row_stride_items * item, item), writeable=True), buf
+
+
+def test_elements_overlap_rule():
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal((20, 12)).astype(np.float32)
+    cube = np.zeros((20, 6, 2), np.float32)
+    rec = np.zeros(20, dtype=[("a", np.float32), ("v", np.float32, (5,))])
+    fine = {"c": big, "fortran": np.asfortranarray(big), "cols ::2": big[:, ::2], "cols 3:9": big[:, 3:9],
+            "reversed": big[::-1], "both reversed": big[::-1, ::-1], "transposed": big.T, "cube[..., 0]": cube[..., 0],
+            "record field": rec["v"], "empty": np.zeros((0, 4), np.float32), "no columns": np.zeros((5, 0)),
+            "one row stride 0": as_strided(big, (1, 12), (0, 4)), "one column stride 0": as_strided(big, (20, 1), (48, 0))}
+    for name, arr in fine.items():
+        assert not elements_overlap(arr), name
+    bad = {"rows overlap": _overlapping()[0], "broadcast rows": np.broadcast_to(big[0], (5, 12)),
+           "stride-0 columns": as_strided(big, (20, 3), (48, 0)), "half-item column stride": as_strided(big, (4, 3), (48, 2)),
+           "reversed overlapping": _overlapping()[0][::-1], "transposed overlapping": _overlapping()[0].T,
+           "2**40 stride-0 rows": np.broadcast_to(np.zeros(4, np.float32), (2 ** 40, 4))}
+    for name, arr in bad.items():
+        assert elements_overlap(arr), name
+        with pytest.raises(ValueError, match="share memory"):
+            check_distinct_elements(arr, "a test")
+
+
+OPTIMIZERS = [
+    (optim.SGD, dict(lr=0.1)), (optim.SGD, dict(lr=0.1, momentum=0.9)), (optim.SparseAdam, dict(lr=0.1)),
+    (optim.SparseAdamW, dict(lr=0.1)), (optim.Adagrad, dict(lr=0.1)), (optim.RowWiseAdagrad, dict(lr=0.1)),
+]
+
+
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=lambda v: getattr(v, "__name__", ""))
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("path", ["step_sparse", "step_dense", "fused"])
+def test_updates_refuse_overlapping_rows_before_any_change(cls, kw, dtype, path):
+    """poc_1: a table with overlapping rows, updated by parallel row kernels, raced (results changed run
+    to run). Every update of one is refused, the other parameter of the step not updated either."""
+    if path == "step_dense" and cls in (optim.SparseAdam, optim.SparseAdamW):
+        pytest.skip("sparse gradients only")
+    good = cembed.Embedding(60, 8, sparse=path != "step_dense")
+    good.weight = np.ones((60, 8), dtype)
+    bad = cembed.Embedding(60, 8, sparse=path != "step_dense")
+    bad.weight, buf = _overlapping(dtype)
+    opt = cls([good, bad], **kw)
+    before_buf, before_good, before_state = buf.copy(), good.weight.copy(), _state_bytes(opt)
+    grad = np.ones((60, 8), np.float32)
+    with pytest.raises(ValueError, match=r"\['params'\]\[1\]\.weight has elements that share memory"):
+        if path == "fused":
+            bad.backward(np.ones((3, 8), np.float32), np.array([1, 2, 1]), optimizer=opt)
+        else:
+            for m in (good, bad):
+                m.grad = SparseGrad(np.arange(60), grad, 60) if path == "step_sparse" else grad.copy()
+            opt.step()
+    assert_bitwise_equal(buf, before_buf)
+    assert_bitwise_equal(good.weight, before_good)
+    assert _state_bytes(opt) == before_state
+    assert bad not in opt.state or not opt.state[bad] or cls in (optim.Adagrad, optim.RowWiseAdagrad)
+
+
+def test_poc_1_results_are_thread_independent_once_the_table_is_copied():
+    """The fix's remedy (a table of distinct rows) gives the same bits at 1, 2 and 3 threads."""
+    def run():
+        m = cembed.Embedding(600, 16, sparse=True)
+        m.weight = np.ascontiguousarray(_overlapping(n=600, dim=16, row_stride_items=8)[0])
+        opt = optim.SGD([m], lr=0.1)
+        m.grad = SparseGrad(np.arange(600), np.ones((600, 16), np.float32), 600)
+        opt.step()
+        opt.zero_grad()
+        m.backward(np.ones((600, 16), np.float32), np.arange(600), optimizer=opt)
+        return m.weight.copy()
+    first, *rest = at_thread_counts(run)
+    for other in rest:
+        assert_bitwise_equal(first, other)
+
+
+def test_renorm_and_logistic_sgd_refuse_overlapping_rows():
+    for dtype in (np.float32, np.float64, np.float16):
+        weight, buf = _overlapping(dtype)
+        before = buf.copy()
+        with pytest.raises(ValueError, match="share memory"):
+            F.embedding(np.array([1, 5]), weight, max_norm=0.5)
+        with pytest.raises(ValueError, match="share memory"):
+            F.embedding_renorm_(weight, [1, 5], max_norm=0.5)
+        with pytest.raises(ValueError, match="share memory"):
+            F.embedding_bag(np.array([1, 5, 7]), weight, offsets=np.array([0, 2]), max_norm=0.5)
+        with pytest.raises(ValueError, match="share memory"):
+            cembed.Embedding.from_pretrained(weight, freeze=False, max_norm=0.5)(np.array([3]))
+        with pytest.raises(ValueError, match="share memory"):
+            cembed.EmbeddingBag.from_pretrained(weight, freeze=False, max_norm=0.5)(np.array([[3, 4]]))
+        if dtype != np.float16:
+            with pytest.raises(ValueError, match="share memory"):
+                F.embedding_dot_logistic_sgd_(np.ones((1, 8), dtype), [[0, 2]], weight, lr=1.0)
+        assert_bitwise_equal(buf, before)
+
+
+def test_lookups_of_overlapping_and_stride_0_tables_still_work():
+    """Reads only: every lookup takes such tables, as before (the values are numpy's)."""
+    weight, _ = _overlapping()
+    idx = np.array([[0, 3], [59, 3]])
+    assert_bitwise_equal(F.embedding(idx, weight), weight[idx])
+    assert_bitwise_equal(cembed.Embedding.from_pretrained(weight, freeze=False)(idx), weight[idx])
+    assert_bitwise_equal(F.embedding_bag(idx, weight, mode="sum"), weight[idx].sum(1))
+    huge = np.broadcast_to(np.arange(4, dtype=np.float32), (2 ** 40, 4))
+    assert_bitwise_equal(F.embedding(np.array([0, 2 ** 40 - 1]), huge), np.tile(np.arange(4, dtype=np.float32), (2, 1)))
+    # a writeable stride-0 table, looked up without max_norm: fine (nothing is written)
+    zero_stride = as_strided(np.arange(4, dtype=np.float32), (100, 4), (0, 4), writeable=True)
+    assert_bitwise_equal(F.embedding(np.array([7, 99]), zero_stride), np.tile(np.arange(4, dtype=np.float32), (2, 1)))
+    # the backward (which writes only the gradient) of a table with overlapping rows still runs
+    m = cembed.Embedding.from_pretrained(weight, freeze=False, sparse=True)
+    m(np.array([1, 2]))
+    m.backward(np.ones((2, 8), np.float32))
+    assert m.grad.nnz == 2
