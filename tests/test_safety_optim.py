@@ -150,3 +150,53 @@ def test_lookups_of_overlapping_and_stride_0_tables_still_work():
     m(np.array([1, 2]))
     m.backward(np.ones((2, 8), np.float32))
     assert m.grad.nnz == 2
+
+
+# =========================================================================== 2. 16-bit updates of no row
+
+@pytest.mark.parametrize("dtype", [np.float16, "bfloat16"])
+def test_apply_pending_decay_with_nothing_pending_on_16_bit_tables(dtype):
+    """poc_2 (a): the second apply_pending_decay() (no row owes decay) raised a reshape error after the
+    earlier parameters were decayed. Now it is a no-op, and a parameter whose rows are all up to date
+    is left as it is."""
+    dtype = cembed._dtypes.resolve_dtype(dtype)
+    a, b = cembed.Embedding(100, 4, sparse=True), cembed.Embedding(100, 4, sparse=True)
+    a.weight, b.weight = np.ones((100, 4), dtype), np.ones((100, 4), dtype)
+    opt = optim.SparseAdamW([a, b], lr=0.1, weight_decay=0.5, rounding="nearest")
+    a.grad = SparseGrad([0], np.ones((1, 4), np.float32), 100)
+    b.grad = SparseGrad(np.arange(100), np.ones((100, 4), np.float32), 100)
+    opt.step()
+    wb = b.weight.copy()
+    opt.apply_pending_decay()
+    assert_bitwise_equal(b.weight, wb)
+    assert np.all(a.weight[1:].astype(np.float32) == np.float32(1.0 - 0.05).astype(dtype).astype(np.float32))
+    wa, state = a.weight.copy(), _state_bytes(opt)
+    opt.apply_pending_decay()                     # nothing pending anywhere
+    assert_bitwise_equal(a.weight, wa)
+    assert_bitwise_equal(b.weight, wb)
+    assert _state_bytes(opt) == state
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_sgd_momentum_16_bit_first_step_without_rows(fused):
+    """poc_2 (b): SGD momentum on a 16-bit table whose first step has no row (a batch of padding only)
+    raised after counting the step and creating the buffer, leaving no 'active_rows'. Now it is the
+    float32 table's step: a zero buffer, no live row; the next step moves only its rows."""
+    runs = {}
+    for dtype in (np.float32, np.float16):
+        e = cembed.Embedding(100, 4, sparse=True, padding_idx=0)
+        e.weight = np.ones((100, 4), dtype)
+        opt = optim.SGD([e], lr=0.5, momentum=0.9, rounding="nearest")
+        if fused:
+            e.backward(np.ones((3, 4), np.float32), np.array([0, 0, 0]), optimizer=opt)
+        else:
+            e.grad = SparseGrad([], np.zeros((0, 4), np.float32), 100)
+            opt.step()
+            opt.zero_grad()
+        assert opt.state[e]["active_rows"].tolist() == []
+        assert not opt.state[e]["momentum_buffer"].any()
+        e.grad = SparseGrad([3], np.ones((1, 4), np.float32), 100)
+        opt.step()
+        assert opt.state[e]["active_rows"].tolist() == [3]
+        runs[dtype] = e.weight.astype(np.float32)
+    assert_bitwise_equal(runs[np.float16], runs[np.float32])   # 1 - 0.5 is exact in float16

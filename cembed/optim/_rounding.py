@@ -115,8 +115,11 @@ class Rounding:
 
     def store(self, target: np.ndarray, rows: np.ndarray, values: np.ndarray, stream: int) -> None:
         """``target[rows] = values`` rounded once per element to ``target``'s 16-bit dtype; ``values``
-        is float32, one row (or, for a 1-D target, one value) per entry of ``rows``."""
+        is float32, one row (or, for a 1-D target, one value) per entry of ``rows``; no row: nothing
+        to store (an update that touches no row)."""
         n = rows.size
+        if n == 0:
+            return
         flat = np.ascontiguousarray(values, dtype=np.float32).reshape(n, -1)
         bits = np.empty(flat.shape, dtype=np.uint16)
         _optim.round_rows(flat, bits, kernel_format(target.dtype), self.stochastic, self.key_rows(rows), self.seed,
