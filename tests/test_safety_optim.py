@@ -200,3 +200,119 @@ def test_sgd_momentum_16_bit_first_step_without_rows(fused):
         assert opt.state[e]["active_rows"].tolist() == [3]
         runs[dtype] = e.weight.astype(np.float32)
     assert_bitwise_equal(runs[np.float16], runs[np.float32])   # 1 - 0.5 is exact in float16
+
+
+# =========================================================================== 3. step counters
+
+def _two_stepped(cls, n=10, dim=4):
+    a, b = cembed.Embedding(n, dim, sparse=True, seed=0), cembed.Embedding(n, dim, sparse=True, seed=1)
+    opt = cls([a, b], lr=0.1)
+    for m in (a, b):
+        m.grad = SparseGrad([1], np.ones((1, dim), np.float32), n)
+    opt.step()
+    for m in (a, b):
+        m.grad = SparseGrad([1, 2], np.ones((2, dim), np.float32), n)
+    return a, b, opt
+
+
+ADAMS = [optim.SparseAdam, optim.SparseAdamW]
+
+
+@pytest.mark.parametrize("cls", ADAMS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("bad", [2 ** 1100, 10 ** 400, 2 ** 63, -1, np.uint64(2 ** 64 - 1), np.uint64(2 ** 63)],
+                         ids=["2**1100", "10**400", "2**63", "-1", "uint64max", "uint64 2**63"])
+def test_step_counters_out_of_bounds_are_refused_at_load_and_at_step(cls, bad):
+    """poc_3 and the reviewer's step-counter PoCs: a step of 2**1100 or 10**400 passed load and made
+    step() raise OverflowError after updating the other parameters; a uint64 counter wrapped to 0 (NaN
+    weights). Every counter is an int in [0, 2**63 - 1]."""
+    a, b, opt = _two_stepped(cls)
+    sd = opt.state_dict()
+    sd["state"][1]["step"] = bad
+    before = _state_bytes(opt)
+    with pytest.raises(ValueError, match=r"'step' must be an int in \[0, 2\*\*63 - 1\]"):
+        opt.load_state_dict(sd)
+    assert _state_bytes(opt) == before
+    opt.state[b]["step"] = bad                                  # a live counter: refused at step, unchanged
+    wa, wb = a.weight.copy(), b.weight.copy()
+    for run in (opt.step, lambda: (setattr(a, "grad", None), setattr(b, "grad", None),
+                                   b.backward(np.ones((1, 4), np.float32), np.array([2]), optimizer=opt))):
+        with pytest.raises(ValueError, match=r"params'\]\[1\].*'step' must be an int"):
+            run()
+        assert_bitwise_equal(a.weight, wa)
+        assert_bitwise_equal(b.weight, wb)
+        assert opt.state[a]["step"] == 1 and opt.state[b]["step"] is bad
+
+
+@pytest.mark.parametrize("cls", ADAMS, ids=lambda c: c.__name__)
+def test_last_step_count_loads_but_the_next_step_is_refused(cls, tmp_path):
+    a, b, opt = _two_stepped(cls)
+    sd = opt.state_dict()
+    sd["state"][1]["step"] = STEP_MAX
+    opt.load_state_dict(sd)
+    opt.save(tmp_path / "opt.npz")
+    opt.load(tmp_path / "opt.npz")
+    assert opt.state[b]["step"] == STEP_MAX
+    wa, wb, before = a.weight.copy(), b.weight.copy(), _state_bytes(opt)
+    with pytest.raises(ValueError, match="largest step count"):
+        opt.step()
+    b.grad = None
+    with pytest.raises(ValueError, match="largest step count"):
+        b.backward(np.ones((1, 4), np.float32), np.array([2]), optimizer=opt)
+    assert_bitwise_equal(a.weight, wa)
+    assert_bitwise_equal(b.weight, wb)
+    assert _state_bytes(opt) == before
+    opt.state[b]["step"] = STEP_MAX - 1                       # one step left: taken, no overflow
+    b.grad = SparseGrad([2], np.ones((1, 4), np.float32), 10)
+    opt.step()
+    assert opt.state[b]["step"] == STEP_MAX and type(opt.state[b]["step"]) is int
+
+
+@pytest.mark.parametrize("cls", ADAMS, ids=lambda c: c.__name__)
+def test_numpy_integer_counters_step_as_python_ints(cls):
+    """np.int8(127) + 1 wrapped to -128; the counter is now stored as a Python int, and the step is the
+    step of the int counter, bitwise."""
+    results = []
+    for start in (127, np.int8(127), np.uint8(127), np.int64(127)):
+        a, b, opt = _two_stepped(cls)
+        opt.state[b]["step"] = start
+        opt.step()
+        assert opt.state[b]["step"] == 128 and type(opt.state[b]["step"]) is int
+        results.append(b.weight.copy())
+    for other in results[1:]:
+        assert_bitwise_equal(results[0], other)
+
+
+def test_step_counter_file_with_huge_step_is_refused(tmp_path):
+    a, b, opt = _two_stepped(optim.SparseAdam)
+    opt.save(tmp_path / "opt.npz")
+    with np.load(tmp_path / "opt.npz") as data:
+        arrays = dict(data)
+    meta = json.loads(bytes(arrays["__meta__"]).decode())
+    meta["state"]["1"]["step"] = {"value": 10 ** 400}
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    np.savez(tmp_path / "bad.npz", **arrays)
+    before = _state_bytes(opt)
+    with pytest.raises(ValueError, match="bad.npz.*'step' must be an int"):
+        opt.load(tmp_path / "bad.npz")
+    assert _state_bytes(opt) == before
+
+
+@pytest.mark.parametrize("bad", [10 ** 400, 2 ** 63, -1, 1e300, float("inf"), np.float64(1e39)],
+                         ids=["10**400", "2**63", "-1", "1e300", "inf", "f64 1e39"])
+def test_adagrad_step_counter_bounds(bad):
+    a, b, opt = _two_stepped(optim.Adagrad)
+    sd = opt.state_dict()
+    sd["state"][1]["step"] = bad
+    before = _state_bytes(opt)
+    with pytest.raises(ValueError, match=r"\['step'\] must be"):
+        opt.load_state_dict(sd)
+    assert _state_bytes(opt) == before
+    opt.state[b]["step"] = bad
+    wa = a.weight.copy()
+    with pytest.raises(ValueError, match=r"\['step'\] must be"):
+        opt.step()
+    assert_bitwise_equal(a.weight, wa)
+    sd["state"][1]["step"] = 2 ** 40            # in bounds: loads, and counts on as torch's float32 counter
+    opt.load_state_dict(sd)
+    opt.step()
+    assert opt.state[b]["step"] == np.float32(2 ** 40) and opt.state[b]["step"].dtype == np.float32

@@ -9,7 +9,7 @@ from .. import _grad
 from ..sparse import SparseGrad
 from ._rounding import check_rounding_options
 from .._validation import EXACT_INTEGER_TYPES
-from .optimizer import Group, Optimizer, _check_maximize, _option
+from .optimizer import STEP_MAX, Group, Optimizer, _check_maximize, _option
 
 __all__ = ["Adagrad"]
 
@@ -95,11 +95,17 @@ class Adagrad(Optimizer):
 
     @staticmethod
     def _check_step(step: Any, where: str) -> np.float32:
+        """The step counter as torch keeps it, a float32 in [0, 2**63 - 1] (the bound of every step
+        counter; float32 stops counting at 2**24, as torch's does)."""
         if type(step) not in (float, np.float32, np.float64) + EXACT_INTEGER_TYPES:   # no subclasses (_check_step of SparseAdam)
             raise ValueError(f"{where}['step'] must be a number, got {type(step).__name__}")
-        value = np.float32(step)
-        if not (np.isfinite(value) and value >= 0):
-            raise ValueError(f"{where}['step'] must be finite and >= 0, got {step!r}")
+        if type(step) in EXACT_INTEGER_TYPES and not 0 <= step <= STEP_MAX:   # 10**400 does not fit a float
+            raise ValueError(f"{where}['step'] must be in [0, 2**63 - 1], got an int of {len(str(step))} digits"
+                             if step > STEP_MAX else f"{where}['step'] must be in [0, 2**63 - 1], got {step!r}")
+        with np.errstate(over="ignore"):
+            value = np.float32(step)
+        if not (np.isfinite(value) and 0 <= float(value) <= STEP_MAX):
+            raise ValueError(f"{where}['step'] must be finite and in [0, 2**63 - 1], got {step!r}")
         return value
 
     def _check_state(self, state: Dict[str, Any], weight: np.ndarray, where: str) -> None:

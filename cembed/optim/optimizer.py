@@ -360,6 +360,7 @@ class Optimizer:
                 self._check_grad(options, grad, weight, where)
                 state = self.state.get(module)
                 self._check_state_for(state, weight, options, where)
+                self._check_advance(_core(state) if state else {}, where)
                 plan.append((module, weight, grad, options, where, _snapshot(self, module, weight, grad)))
         for module, _, _, _, where, snapshot in plan:
             _check_unchanged(self, module, snapshot, where)
@@ -387,6 +388,10 @@ class Optimizer:
             if isinstance(arr, np.ndarray) and arr.dtype != expected:
                 raise ValueError(f"{where}: optimizer state {name!r} is {arr.dtype} but the group's state_dtype asks "
                                  f"for {expected} (build a new optimizer to change the state dtype)")
+
+    def _check_advance(self, state: Dict[str, Any], where: str) -> None:
+        """ValueError, before any update, when the step about to run would take one of ``state``'s
+        counters past its bound (a checked state; default: no counter to check)."""
 
     def _float_states(self) -> Tuple[str, ...]:
         """The names of the per-row float state arrays (whose dtype ``state_dtype`` decides)."""
@@ -568,6 +573,7 @@ class Optimizer:
             grad = contributions.sparse(shape[0]) if sparse else contributions.dense(shape[0])
             self._check_grad(options, grad, weight, where)
         self._check_state_for(self.state.get(module), weight, options, where)
+        self._check_advance(_core(self.state.get(module) or {}), where)
         state = self.state.setdefault(module, {})
         self._count_rounding_step(state, weight)
         if not chunked:
@@ -901,7 +907,9 @@ def _core(state: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in state.items() if k != STEP_KEY} if STEP_KEY in state else state
 
 
-_STEP_MAX = 2 ** 63 - 1
+#: The largest value of every step counter (``step``, ``rounding_step``): an int64 holds it, a float
+#: power of it (``beta ** step``) cannot overflow.
+STEP_MAX = _STEP_MAX = 2 ** 63 - 1
 
 
 def _copy_entry(entry: Any) -> Dict[str, Any]:

@@ -10,7 +10,7 @@ from .. import _grad, _optim, storage
 from .._config import n_threads_for
 from .._validation import EXACT_INTEGER_TYPES, check_choice, check_exact_array, check_real
 from ._rounding import check_rounding_options
-from .optimizer import Group, Optimizer, _check_maximize, _option, _update_rows
+from .optimizer import STEP_MAX, Group, Optimizer, _check_maximize, _option, _update_rows
 
 __all__ = ["SparseAdam"]
 
@@ -35,14 +35,23 @@ def _check_bias_correction(group: Dict[str, Any], where: str) -> str:
     return group["bias_correction"]
 
 
-def _check_step(step: Any, where: str) -> int:
-    """A parameter's step counter: an int >= 0 (NumPy integers accepted, bools refused). Exactly those
-    types, not subclasses: ``state["step"] += 1`` runs after every check, and a subclass's ``__add__``
-    could change the checked state arrays there."""
-    if type(step) not in EXACT_INTEGER_TYPES or step < 0:
-        raise ValueError(f"{where} 'step' must be an int >= 0 (a Python int or a NumPy integer, not a "
-                         f"subclass), got {step!r} of type {type(step).__name__}")
+def _check_step(step: Any, where: str, *, advancing: bool = False) -> int:
+    """A parameter's step counter as a Python int: an int in [0, 2**63 - 1] (NumPy integers accepted,
+    bools refused). Exactly those types, not subclasses, whose operators would run code after the
+    checks. ``advancing``: the step about to add one to it, which must stay within the bound (a
+    counter is never wrapped nor grown past it: ``beta ** step`` needs it to fit a float)."""
+    if type(step) not in EXACT_INTEGER_TYPES or not 0 <= step <= STEP_MAX:
+        raise ValueError(f"{where} 'step' must be an int in [0, 2**63 - 1] (a Python int or a NumPy integer, not "
+                         f"a subclass), got {_short(step)} of type {type(step).__name__}")
+    if advancing and step == STEP_MAX:
+        raise ValueError(f"{where} 'step' is 2**63 - 1, the largest step count: another step would pass it")
     return int(step)
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, shortened for a huge int (10**400 has 401 digits)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
 
 
 def _check_row_array(arr: Any, name: str, n_rows: int, dtype: Any, where: str) -> np.ndarray:
@@ -175,6 +184,10 @@ class SparseAdam(Optimizer):
         if "row_step" in state:
             _check_row_array(state["row_step"], "row_step", weight.shape[0], np.int64, where)
 
+    def _check_advance(self, state: Dict[str, Any], where: str) -> None:
+        if state and "step" in state:
+            _check_step(state["step"], f"{where}: SparseAdam state", advancing=True)
+
     def _load_state_entry(self, entry: Dict[str, Any], weight: np.ndarray, options: Group,
                           where: str) -> Dict[str, Any]:
         if entry:
@@ -193,7 +206,7 @@ class SparseAdam(Optimizer):
             self._new_state(state, "exp_avg_sq", weight, options=options)
         if options["bias_correction"] == "row" and "row_step" not in state:
             self._new_state(state, "row_step", weight, per_row=True, dtype=np.int64)
-        state["step"] += 1  # also for an empty gradient, as torch
+        state["step"] = int(state["step"]) + 1  # also for an empty gradient, as torch; checked < 2**63 - 1
         beta1, beta2 = options["betas"]
         step = state["step"]
         return options["lr"] * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)

@@ -152,6 +152,10 @@ class SparseAdamW(Optimizer):
         if "row_step" in state:
             _check_row_array(state["row_step"], "row_step", weight.shape[0], np.int64, where)
 
+    def _check_advance(self, state: Dict[str, Any], where: str) -> None:
+        if state and "step" in state:
+            _check_step(state["step"], f"{where}: SparseAdamW state", advancing=True)
+
     def _load_state_entry(self, entry: Dict[str, Any], weight: np.ndarray, options: Group,
                           where: str) -> Dict[str, Any]:
         if not entry:
@@ -181,7 +185,7 @@ class SparseAdamW(Optimizer):
             self._new_state(state, "row_decay_log", weight, per_row=True, dtype=np.float64)
         if options["bias_correction"] == "row" and "row_step" not in state:
             self._new_state(state, "row_step", weight, per_row=True, dtype=np.int64)
-        state["step"] += 1  # also for an empty gradient, as torch
+        state["step"] = int(state["step"]) + 1  # also for an empty gradient, as torch; checked < 2**63 - 1
         decay = options["lr"] * options["weight_decay"]
         state["decay_log_prev"] = state["decay_log"]
         state["decay_log"] = state["decay_log"] + math.log1p(-decay)
