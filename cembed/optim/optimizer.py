@@ -111,6 +111,9 @@ class Optimizer:
     """
 
     _state_arrays: Tuple[str, ...] = ()
+    #: The float32 scratch state of a dense step on a 16-bit table (:meth:`_dense_update_half`): its new
+    #: arrays are made in memory, and the real state's (in ``state_dir`` when there is one) after.
+    _scratch_state: Optional[Dict[str, Any]] = None
     #: Per-row float state of one value per row (RowWiseAdagrad's ``sum``): its dtype is ``state_dtype``'s too.
     _row_float_states: Tuple[str, ...] = ()
     #: Options a state dict may lack (added in a later version): they take the defaults, as torch
@@ -220,7 +223,7 @@ class Optimizer:
         shape = (weight.shape[0],) if per_row else weight.shape
         if dtype is None:
             dtype = rounding_.state_dtype(weight.dtype, options or {}, "state")
-        if self.state_dir is not None:
+        if self.state_dir is not None and state is not self._scratch_state:
             # on disk: a sparse zero file (no write), mapped read-write; a non-zero fill is written
             # in bounded blocks
             path = self._state_path(self._module_of(state), key)
@@ -521,15 +524,30 @@ class Optimizer:
             if isinstance(work.get(name), np.ndarray):
                 work[name] = rounding_.widen(work[name])
         block = rounding_.widen(weight)
-        self._dense_update(work, block, grad, dict(options, state_dtype=None))
+        self._scratch_state = work      # state the update creates: float32 scratch arrays, in memory
+        try:
+            self._dense_update(work, block, grad, dict(options, state_dtype=None))
+        finally:
+            self._scratch_state = None
         rows = np.arange(weight.shape[0], dtype=np.int64)
         for i, name in enumerate(names):
             values = work.get(name)
-            if not isinstance(values, np.ndarray) or values.dtype == target:
+            if not isinstance(values, np.ndarray):
                 continue
             arr = state.get(name)
+            if values.dtype == target:   # float32 state: updated in place, or made by this update
+                if isinstance(arr, np.ndarray) and arr.dtype == target:
+                    if not np.may_share_memory(arr, values):
+                        arr[...] = values
+                    work[name] = arr         # the state's own array (a state_dir memmap stays one)
+                elif self.state_dir is not None:
+                    # made by this update in memory: into its file in state_dir (the same bits)
+                    arr = self._new_state(state, name, weight, options=options)
+                    arr[...] = values
+                    work[name] = arr
+                continue
             if not isinstance(arr, np.ndarray) or arr.dtype != target:
-                arr = storage.aligned_zeros(values.shape, target)
+                arr = self._new_state(state, name, weight, options=options)   # in state_dir when there is one
             rounding.store(arr, rows, values, 1 + i)
             work[name] = arr
         rounding.store(weight, rows, block, rounding_.STREAM_WEIGHT)
