@@ -353,3 +353,55 @@ def test_dense_steps_of_16_bit_tables_with_state_dir_are_the_in_memory_steps(tmp
         assert isinstance(disk.state[m_disk][name], np.memmap)
     stored = np.load(tmp_path / "state" / f"p1.{name}.npy", mmap_mode="r")
     assert stored.tobytes() == disk.state[list(disk.state)[1]][name].tobytes()
+
+
+# =========================================================================== 5. refused groups, missing state
+
+@pytest.mark.parametrize("cls", [optim.Adagrad, optim.RowWiseAdagrad], ids=lambda c: c.__name__)
+def test_add_param_group_that_fails_making_state_is_not_added(cls, monkeypatch):
+    """poc_5: a MemoryError while making a new group's state (a table larger than RAM) left the group
+    added without state; the next step updated the others, then raised KeyError. Now the group is not
+    added, the optimizer is as before, and steps go on."""
+    a = cembed.Embedding(10, 4, sparse=True)
+    opt = cls([a], lr=0.1)
+    b, c = cembed.Embedding(10, 4, sparse=True), cembed.Embedding(12, 4, sparse=True)
+    real = optim.Optimizer._new_state
+
+    def failing(self, state, key, weight, **kw):
+        if weight.shape[0] == 12:
+            raise MemoryError("Unable to allocate the state of a huge table")
+        return real(self, state, key, weight, **kw)
+
+    monkeypatch.setattr(optim.Optimizer, "_new_state", failing)
+    before = _state_bytes(opt)
+    with pytest.raises(MemoryError):
+        opt.add_param_group({"params": [b, c]})              # b got state, c failed: both rolled back
+    monkeypatch.undo()
+    assert len(opt.param_groups) == 1 and b not in opt.state and c not in opt.state
+    assert _state_bytes(opt) == before
+    for m in (a, b, c):
+        m.grad = SparseGrad([1], np.ones((1, 4), np.float32), m.weight.shape[0])
+    opt.step()                                                # b and c are not in the optimizer
+    opt.add_param_group({"params": [b, c]})
+    opt.step()
+    assert set(opt.state) == {a, b, c}
+
+
+@pytest.mark.parametrize("cls", [optim.Adagrad, optim.RowWiseAdagrad], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("fused", [False, True])
+def test_missing_state_is_refused_before_any_update(cls, fused):
+    """poc_5: `del opt.state[b]` made step() update `a`, then raise KeyError('step') / KeyError('sum')."""
+    a, b = cembed.Embedding(10, 4, sparse=True), cembed.Embedding(10, 4, sparse=True)
+    opt = cls([a, b], lr=0.1)
+    del opt.state[b]
+    wa, wb, before = a.weight.copy(), b.weight.copy(), _state_bytes(opt)
+    with pytest.raises(ValueError, match=r"\['params'\]\[1\]: optimizer state is missing"):
+        if fused:
+            b.backward(np.ones((1, 4), np.float32), np.array([1]), optimizer=opt)
+        else:
+            for m in (a, b):
+                m.grad = SparseGrad([1], np.ones((1, 4), np.float32), 10)
+            opt.step()
+    assert_bitwise_equal(a.weight, wa)
+    assert_bitwise_equal(b.weight, wb)
+    assert _state_bytes(opt) == before and b not in opt.state

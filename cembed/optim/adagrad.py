@@ -76,6 +76,8 @@ class Adagrad(Optimizer):
         check_rounding_options(group, where)
         return group
 
+    _state_at_join = True
+
     def _init_state(self, module: Any, group: Group) -> None:
         state: Dict[str, Any] = {"step": np.float32(0.0)}
         self._new_state(state, "sum", module.weight, fill=group["initial_accumulator_value"], options=group)

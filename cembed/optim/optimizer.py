@@ -111,6 +111,9 @@ class Optimizer:
     """
 
     _state_arrays: Tuple[str, ...] = ()
+    #: Whether every parameter has its state from the moment it joins (Adagrad's accumulator): a step
+    #: then refuses a parameter without state.
+    _state_at_join: bool = False
     #: The float32 scratch state of a dense step on a 16-bit table (:meth:`_dense_update_half`): its new
     #: arrays are made in memory, and the real state's (in ``state_dir`` when there is one) after.
     _scratch_state: Optional[Dict[str, Any]] = None
@@ -162,6 +165,9 @@ class Optimizer:
             A module already in this optimizer (torch only warns, then updates it twice), an empty
             group, or a bad option.
 
+        A group whose parameters' state cannot be made (e.g. ``MemoryError`` for a table larger than
+        memory) is not added: the optimizer stays as it was.
+
         Examples
         --------
         >>> import cembed
@@ -196,12 +202,21 @@ class Optimizer:
             rounding_.state_dtype(module.weight.dtype, group, f"param_groups[{len(self.param_groups)}]['params'][{k}]")
         group["params"] = modules
         self.param_groups.append(group)
-        for module in modules:
-            self._joining = module
-            try:
+        previous = {m: self.state[m] for m in modules if m in self.state}
+        try:
+            for module in modules:
+                self._joining = module
                 self._init_state(module, group)
-            finally:
-                self._joining = None
+        except BaseException:
+            # a group whose state cannot be made (a MemoryError for a huge table, ...) is not added
+            for module in modules:
+                self.state.pop(module, None)
+            self.state.update(previous)
+            if self.param_groups and self.param_groups[-1] is group:
+                self.param_groups.pop()
+            raise
+        finally:
+            self._joining = None
 
     def _named_params(self) -> Iterable[Tuple[str, Any]]:
         for g, group in enumerate(self.param_groups):
@@ -379,6 +394,9 @@ class Optimizer:
         ``rounding_step``), the group's ``state_dtype`` against the weight and the state arrays."""
         expected = rounding_.state_dtype(weight.dtype, options, where)
         if state is None:
+            if self._state_at_join:
+                raise ValueError(f"{where}: optimizer state is missing ({type(self).__name__} makes it when a parameter "
+                                 "joins; was it deleted? load a state dict or build a new optimizer)")
             return
         if STEP_KEY in state:
             if not is_half(weight.dtype):

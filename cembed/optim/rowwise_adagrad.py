@@ -96,6 +96,8 @@ class RowWiseAdagrad(Optimizer):
         check_rounding_options(group, where)
         return group
 
+    _state_at_join = True
+
     def _init_state(self, module: Any, group: Group) -> None:
         state: Dict[str, Any] = {}
         self._new_state(state, "sum", module.weight, per_row=True, fill=group["initial_accumulator_value"],
