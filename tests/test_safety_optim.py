@@ -405,3 +405,49 @@ def test_missing_state_is_refused_before_any_update(cls, fused):
     assert_bitwise_equal(a.weight, wa)
     assert_bitwise_equal(b.weight, wb)
     assert _state_bytes(opt) == before and b not in opt.state
+
+
+# =========================================================================== 8. SparseAdam at lr 0
+
+def test_sparse_adam_lr_zero_only_refused_by_the_constructor():
+    """poc_8: torch checks lr > 0 in SparseAdam's constructor only; cembed refused lr == 0 at every
+    step, so CosineAnnealingLR (eta_min=0) stopped training. Now as torch: a schedule, a group, a
+    state dict may set 0; the steps match torch's, and a negative lr is still refused."""
+    torch = require_torch()
+    from cembed.optim.lr_scheduler import CosineAnnealingLR
+    rng = np.random.default_rng(5)
+    init = rng.standard_normal((10, 4)).astype(np.float32)
+    m = cembed.Embedding.from_pretrained(init.copy(), freeze=False, sparse=True)
+    opt = optim.SparseAdam([m], lr=0.1)
+    sched = CosineAnnealingLR(opt, T_max=2)
+    tm = torch.nn.Embedding.from_pretrained(torch.from_numpy(init.copy()), freeze=False, sparse=True)
+    topt = torch.optim.SparseAdam(tm.parameters(), lr=0.1)
+    tsched = torch.optim.lr_scheduler.CosineAnnealingLR(topt, T_max=2)
+    lrs = []
+    for epoch in range(5):
+        idx = rng.integers(0, 10, 6)
+        g = rng.standard_normal((6, 4)).astype(np.float32)
+        m(idx)
+        m.backward(g)
+        opt.step()
+        opt.zero_grad()
+        topt.zero_grad()
+        (tm(torch.from_numpy(idx)) * torch.from_numpy(g)).sum().backward()
+        topt.step()
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step()
+        tsched.step()
+        np.testing.assert_allclose(m.weight, tm.weight.detach().numpy(), rtol=1e-6, atol=1e-7)
+    assert 0.0 in lrs
+    with pytest.raises(ValueError, match=r"defaults: learning rate \(lr\) must be > 0"):
+        optim.SparseAdam([m], lr=0.0)
+    optim.SparseAdam([{"params": [m], "lr": 0.0}], lr=0.1).step()   # torch accepts a group's 0 too
+    sd = opt.state_dict()
+    sd["param_groups"][0]["lr"] = 0.0
+    opt.load_state_dict(sd)
+    opt.param_groups[0]["lr"] = -0.1
+    m.grad = SparseGrad([1], np.ones((1, 4), np.float32), 10)
+    w = m.weight.copy()
+    with pytest.raises(ValueError, match=r"learning rate \(lr\) must be >= 0"):
+        opt.step()
+    assert_bitwise_equal(m.weight, w)

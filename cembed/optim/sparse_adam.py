@@ -89,6 +89,8 @@ class SparseAdam(Optimizer):
     params : iterable of modules or of dicts
         Modules (``.weight``, ``.grad``), or param groups ``{"params": [...], "lr": ..., ...}``.
     lr : float, default 1e-3
+        > 0, as in torch; a group's ``lr`` (set in a param group, by hand or by a schedule such as
+        ``CosineAnnealingLR`` down to ``eta_min=0``) may be 0, which moves no weight.
     betas : (float, float), default (0.9, 0.999)
     eps : float, default 1e-8
     maximize : bool, default False
@@ -160,12 +162,14 @@ class SparseAdam(Optimizer):
                  maximize: bool = False, bias_correction: str = "global", rounding: str = "stochastic",
                  seed: int = 0, rounding_rows: Tuple[int, int] = (0, 1), state_dtype: Any = None,
                  state_dir: Any = None) -> None:
+        # torch's rule: lr > 0 for the constructor's lr only; a group's or a schedule's lr may be 0
+        _option({"lr": lr}, "lr", "defaults", low=0.0, low_open=True)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, maximize=maximize,
                                       bias_correction=bias_correction, rounding=rounding, seed=seed,
                                       rounding_rows=rounding_rows, state_dtype=state_dtype), state_dir=state_dir)
 
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
-        _option(group, "lr", where, low=0.0, low_open=True)
+        _option(group, "lr", where, low=0.0)
         _option(group, "eps", where, low=0.0, low_open=True)
         _check_betas(group, where)
         _check_maximize(group, where)
