@@ -451,3 +451,67 @@ def test_sparse_adam_lr_zero_only_refused_by_the_constructor():
     with pytest.raises(ValueError, match=r"learning rate \(lr\) must be >= 0"):
         opt.step()
     assert_bitwise_equal(m.weight, w)
+
+
+# =========================================================================== 9. load hygiene
+
+def _adam_with_state(tmp_path=None):
+    m = cembed.Embedding(10, 4, sparse=True, seed=0)
+    opt = optim.SparseAdam([m], lr=0.1)
+    m.grad = SparseGrad([1], np.ones((1, 4), np.float32), 10)
+    opt.step()
+    return m, opt
+
+
+def test_deeply_nested_meta_is_a_value_error(tmp_path):
+    """poc_9 (a): a crafted .npz whose __meta__ is JSON nested 100000 deep raised RecursionError."""
+    m, opt = _adam_with_state()
+    path = tmp_path / "x.npz"
+    np.savez(path, __meta__=np.frombuffer(("[" * 100000 + "]" * 100000).encode(), np.uint8))
+    before = _state_bytes(opt)
+    with pytest.raises(ValueError, match="x.npz: not a readable cembed optimizer file"):
+        opt.load(path)
+    assert _state_bytes(opt) == before
+
+
+@pytest.mark.parametrize("keys", [[0.5], [" 0"], ["0x"], [True], ["\u0660"], [None], [0, "0"], [np.int64(0), "0"],
+                                  ["0", "00"]], ids=repr)
+def test_state_keys_are_ints_or_digit_strings_each_once(keys):
+    """poc_9 (b): keys went through int(), so 0.5, "0" and 0 all named parameter 0 and overwrote each
+    other silently."""
+    m, opt = _adam_with_state()
+    sd = opt.state_dict()
+    entry = sd["state"].pop(0)
+    for k, key in enumerate(keys):
+        e = copy.deepcopy(entry)
+        e["step"] = 70 + k
+        sd["state"][key] = e
+    before = _state_bytes(opt)
+    with pytest.raises(ValueError, match="not a parameter index|two entries for parameter 0"):
+        opt.load_state_dict(sd)
+    assert _state_bytes(opt) == before
+
+
+@pytest.mark.parametrize("key", [0, "0", np.int64(0), np.uint8(0)], ids=repr)
+def test_state_keys_that_name_a_parameter_once_load(key):
+    m, opt = _adam_with_state()
+    sd = opt.state_dict()
+    sd["state"][key] = sd["state"].pop(0)
+    sd["state"][key]["step"] = 5
+    opt.load_state_dict(sd)
+    assert opt.state[m]["step"] == 5
+
+
+def test_file_with_two_keys_for_one_parameter_is_refused(tmp_path):
+    m, opt = _adam_with_state()
+    opt.save(tmp_path / "opt.npz")
+    with np.load(tmp_path / "opt.npz") as data:
+        arrays = dict(data)
+    meta = json.loads(bytes(arrays["__meta__"]).decode())
+    meta["state"]["00"] = copy.deepcopy(meta["state"]["0"])
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    np.savez(tmp_path / "two.npz", **arrays)
+    before = _state_bytes(opt)
+    with pytest.raises(ValueError, match="two.npz.*two entries for parameter 0"):
+        opt.load(tmp_path / "two.npz")
+    assert _state_bytes(opt) == before

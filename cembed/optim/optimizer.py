@@ -15,6 +15,7 @@ from .. import _optim
 from .._config import n_threads_for
 from .._dtypes import compute_dtype, is_half, kernel_format
 from .._validation import (
+    EXACT_INTEGER_TYPES,
     array_key,
     as_checked,
     check_exact_array,
@@ -736,11 +737,9 @@ class Optimizer:
             for i, module in zip(ids, options["params"]):
                 by_saved_index[i] = (module, options)
         new_state: Dict[Any, Dict[str, Any]] = {}
+        keys: Dict[int, Any] = {}
         for key, entry in saved_state.items():
-            try:
-                i = int(key)
-            except (TypeError, ValueError):
-                raise ValueError(f"state_dict state key {key!r} is not a parameter index") from None
+            i = _param_index(key, "state_dict state", keys)
             if i not in by_saved_index:
                 raise ValueError(f"state_dict has state for parameter {i}, which does not exist")
             if not isinstance(entry, dict):
@@ -853,17 +852,19 @@ class Optimizer:
         if meta.get("class") != cls.__name__:
             raise ValueError(f"{where} holds {meta.get('class')} state, not {cls.__name__}")
         state: Dict[int, Dict[str, Any]] = {}
+        keys: Dict[int, Any] = {}
         try:
-            for i, entry in meta["state"].items():
-                state[int(i)] = {}
+            for key, entry in meta["state"].items():
+                i = _param_index(key, "state", keys)
+                state[i] = {}
                 for name, spec in entry.items():
                     if "array" in spec:
                         arr = arrays(spec["array"])
                         if "dtype" in spec:   # a 16-bit array in its file form (storage.to_file)
                             arr = _half_from_file(arr, spec["dtype"])
-                        state[int(i)][name] = arr[()] if spec["scalar"] else arr
+                        state[i][name] = arr[()] if spec["scalar"] else arr
                     else:
-                        state[int(i)][name] = spec["value"]
+                        state[i][name] = spec["value"]
             groups = meta["param_groups"]
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"{where}: malformed optimizer state ({type(exc).__name__}: {exc})") from None
@@ -904,7 +905,7 @@ class Optimizer:
         except (FileNotFoundError, _WrongClass):
             raise
         except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile,
-                UnicodeDecodeError) as exc:
+                UnicodeDecodeError, RecursionError) as exc:   # RecursionError: JSON nested beyond the parser
             raise ValueError(f"{path}: not a readable cembed optimizer file ({type(exc).__name__}: {exc})") from None
         try:
             self.load_state_dict({"state": state, "param_groups": groups})
@@ -936,6 +937,23 @@ def _checked_table(weight: Any, name: str) -> np.ndarray:
     weight = check_weight(weight, name, numeric=True)
     check_trainable(weight, name)
     return weight
+
+
+def _param_index(key: Any, where: str, seen: Dict[int, Any]) -> int:
+    """A state dict's key as the parameter index it names: an int (a NumPy integer too; not a bool) or
+    a string of ASCII digits (JSON's keys), each index named once (``0`` and ``"0"`` are the same
+    parameter: ValueError rather than one entry silently replacing the other). ``seen``: the keys so far,
+    by index."""
+    if isinstance(key, str) and key.isascii() and key.isdigit():
+        i = int(key)
+    elif type(key) in EXACT_INTEGER_TYPES:
+        i = int(key)
+    else:
+        raise ValueError(f"{where} key {key!r} is not a parameter index (an int or a string of digits)")
+    if i in seen:
+        raise ValueError(f"{where} has two entries for parameter {i}: keys {seen[i]!r} and {key!r}")
+    seen[i] = key
+    return i
 
 
 def _core(state: Dict[str, Any]) -> Dict[str, Any]:
