@@ -515,3 +515,91 @@ def test_file_with_two_keys_for_one_parameter_is_refused(tmp_path):
     with pytest.raises(ValueError, match="two.npz.*two entries for parameter 0"):
         opt.load(tmp_path / "two.npz")
     assert _state_bytes(opt) == before
+
+
+# =========================================================================== 10. parameter lists, accumulators
+
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=lambda v: getattr(v, "__name__", ""))
+def test_module_appended_twice_is_refused_before_any_update(cls, kw):
+    """A module appended by hand to param_groups[g]['params'] a second time was updated twice per step
+    and its state dict could not be loaded back: refused before anything changes."""
+    a, b = cembed.Embedding(10, 4, sparse=True, seed=0), cembed.Embedding(10, 4, sparse=True, seed=1)
+    opt = cls([a, b], **kw)
+    opt.add_param_group({"params": [cembed.Embedding(5, 4, sparse=True)]})
+    opt.param_groups[1]["params"].append(a)
+    for m in (a, b):
+        m.grad = SparseGrad([1], np.ones((1, 4), np.float32), 10)
+    wa, wb, before = a.weight.copy(), b.weight.copy(), [(m, copy.deepcopy(e)) for m, e in opt.state.items()]
+    match = r"param_groups\[1\]\['params'\]\[1\] \(Embedding\) is the same module as param_groups\[0\]\['params'\]\[0\]"
+    for call in (opt.step, opt.zero_grad, opt.state_dict,
+                 lambda: (setattr(b, "grad", None), b.backward(np.ones((1, 4), np.float32), np.array([2]), optimizer=opt))):
+        with pytest.raises(ValueError, match=match):
+            call()
+        assert_bitwise_equal(a.weight, wa)
+        assert_bitwise_equal(b.weight, wb)
+        assert [m for m, _ in before] == list(opt.state)
+    if cls is optim.SparseAdamW:
+        with pytest.raises(ValueError, match=match):
+            opt.apply_pending_decay()
+    opt.param_groups[1]["params"].pop()
+    b.grad = SparseGrad([1], np.ones((1, 4), np.float32), 10)
+    opt.step()
+
+
+@pytest.mark.parametrize("bad", [3, None, np.ones((2, 2), np.float32), "weight"], ids=repr)
+def test_non_module_in_params_is_a_type_error(bad):
+    a = cembed.Embedding(10, 4, sparse=True)
+    opt = optim.SGD([a], lr=0.1)
+    opt.param_groups[0]["params"].append(bad)
+    a.grad = SparseGrad([1], np.ones((1, 4), np.float32), 10)
+    w = a.weight.copy()
+    for call in (opt.step, opt.zero_grad, opt.state_dict,
+                 lambda: (setattr(a, "grad", None), a.backward(np.ones((1, 4), np.float32), np.array([2]), optimizer=opt))):
+        with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[1\] must be a module with .weight and .grad"):
+            call()
+    assert_bitwise_equal(a.weight, w)
+    opt.param_groups[0]["params"] = a                           # not a list
+    with pytest.raises(TypeError, match=r"param_groups\[0\] must be a dict whose 'params' is a list"):
+        opt.step()
+
+
+ACCUMULATORS = [(optim.SparseAdam, "exp_avg_sq"), (optim.SparseAdamW, "exp_avg_sq"), (optim.Adagrad, "sum"),
+                (optim.RowWiseAdagrad, "sum")]
+
+
+@pytest.mark.parametrize("cls,name", ACCUMULATORS, ids=lambda v: getattr(v, "__name__", v))
+@pytest.mark.parametrize("dtype,state_dtype", [(np.float32, None), (np.float64, None), (np.float16, "float16"),
+                                               ("bfloat16", "bfloat16")])
+def test_accumulators_of_squares_must_not_be_negative_on_load(cls, name, dtype, state_dtype, tmp_path):
+    """SparseAdam, SparseAdamW and Adagrad loaded a negative exp_avg_sq / sum without complaint (NaN
+    weights at the next step), RowWiseAdagrad refused it (and NaN / inf too). One rule for all four:
+    no value < 0; NaN and inf, which training on non-finite gradients leaves, load back."""
+    dtype = cembed._dtypes.resolve_dtype(dtype)
+    gdtype = cembed._dtypes.compute_dtype(dtype)
+    m = cembed.Embedding(10, 4, sparse=True, seed=0)
+    m.weight = m.weight.astype(dtype)
+    opt = cls([m], lr=0.1, state_dtype=state_dtype)
+    m.grad = SparseGrad([1, 2], np.ones((2, 4), gdtype), 10)
+    opt.step()
+    sd = opt.state_dict()
+    before = _state_bytes(opt)
+    for bad in (-1.0, -np.inf, -1e-30):
+        broken = copy.deepcopy(sd)
+        arr = broken["state"][0][name]
+        arr[(3,) + (0,) * (arr.ndim - 1)] = bad
+        if arr[(3,) + (0,) * (arr.ndim - 1)] == 0:          # -1e-30 is -0.0 in 16 bits: not below 0
+            continue
+        with pytest.raises(ValueError, match=rf"\['{name}'\] must hold values >= 0.*got -"):
+            opt.load_state_dict(broken)
+        assert _state_bytes(opt) == before
+    kept = copy.deepcopy(sd)
+    kept["state"][0][name].reshape(10, -1)[3, 0] = np.inf
+    kept["state"][0][name].reshape(10, -1)[4, 0] = np.nan
+    kept["state"][0][name].reshape(10, -1)[5, 0] = -0.0
+    opt.load_state_dict(kept)
+    opt.save(tmp_path / "opt.npz")
+    opt.load(tmp_path / "opt.npz")
+    assert _state_bytes(opt) != before
+    m.grad = SparseGrad([5], np.ones((1, 4), gdtype), 10)
+    opt.step()
+    assert np.isfinite(m.weight.astype(np.float32)[5]).all()

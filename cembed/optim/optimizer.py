@@ -219,6 +219,26 @@ class Optimizer:
         finally:
             self._joining = None
 
+    def _check_params(self) -> None:
+        """The parameter lists as they are now (``param_groups[g]["params"]`` can be edited by hand):
+        TypeError for an entry that is not a module with ``.weight`` and ``.grad``, ValueError for a
+        module listed twice (it would be updated twice per step, and its state dict could not be
+        loaded back). Run before a step, a fused step, ``zero_grad`` and ``state_dict``."""
+        seen: Dict[int, str] = {}
+        for g, group in enumerate(self.param_groups):
+            params = group.get("params") if isinstance(group, dict) else None
+            if not isinstance(params, (list, tuple)):
+                raise TypeError(f"param_groups[{g}] must be a dict whose 'params' is a list of modules, got "
+                                f"{type(params if isinstance(group, dict) else group).__name__}")
+            for k, module in enumerate(params):
+                where = f"param_groups[{g}]['params'][{k}]"
+                if not hasattr(module, "weight") or not hasattr(module, "grad"):
+                    raise TypeError(f"{where} must be a module with .weight and .grad, got {type(module).__name__}")
+                if id(module) in seen:
+                    raise ValueError(f"{_name(module, where)} is the same module as {seen[id(module)]}: a module may "
+                                     "appear only once in an optimizer")
+                seen[id(module)] = where
+
     def _named_params(self) -> Iterable[Tuple[str, Any]]:
         for g, group in enumerate(self.param_groups):
             for k, module in enumerate(group["params"]):
@@ -322,6 +342,7 @@ class Optimizer:
         >>> opt.zero_grad(); emb.grad is None
         True
         """
+        self._check_params()
         for _, module in self._named_params():
             grad = module.grad
             if not set_to_none and isinstance(grad, np.ndarray) and grad.flags.writeable:
@@ -364,6 +385,7 @@ class Optimizer:
         (0.25, array([-0.5, -0.5], dtype=float32))
         """
         loss = closure() if closure is not None else None
+        self._check_params()
         # every group's options first: converting them is where code of the caller's may run (a
         # __float__), and it must not run between the checks of the arrays below and their updates
         groups = [(g, self._check_options(dict(group), f"param_groups[{g}]"), list(group["params"]))
@@ -594,6 +616,7 @@ class Optimizer:
         ``array_key`` then): the module's weight must still be that array, as it was), without
         materialising that gradient when the rows can be updated chunk by chunk. Bitwise equal to
         ``module.grad = <gradient>; step(); zero_grad()`` for this module."""
+        self._check_params()
         group, group_name, where = self._locate(module)
         options = self._check_options(dict(group), group_name)
         weight = self._check_weight(module, where)
@@ -663,6 +686,7 @@ class Optimizer:
         >>> [g["params"] for g in sd["param_groups"]], list(sd["state"]), sd["state"][1]["step"]
         ([[0], [1]], [1], 1)
         """
+        self._check_params()
         index = self._index_of()
         groups = []
         for group in self.param_groups:
@@ -937,6 +961,25 @@ def _checked_table(weight: Any, name: str) -> np.ndarray:
     weight = check_weight(weight, name, numeric=True)
     check_trainable(weight, name)
     return weight
+
+
+def _check_accumulator(arr: np.ndarray, where: str) -> None:
+    """A loaded accumulator of squares (``exp_avg_sq``, Adagrad's ``sum``, RowWiseAdagrad's per-row
+    ``sum``): no value below 0, which no training makes and whose square root makes the weights NaN at
+    the next step. NaN and inf are kept: training on non-finite gradients leaves them (torch's state
+    holds them too), and such a state saves and loads back. Read in blocks of rows (bounded memory for
+    a state on disk)."""
+    if arr.size == 0:
+        return
+    per_row = max(1, arr.size // arr.shape[0])
+    rows = max(1, (1 << 20) // per_row)
+    for lo in range(0, arr.shape[0], rows):
+        block = arr[lo:lo + rows]
+        if is_half(block.dtype):
+            block = block.astype(np.float32)
+        if (block < 0).any():
+            raise ValueError(f"{where} must hold values >= 0 (an accumulator of squares), got "
+                             f"{block[block < 0].reshape(-1)[0]}")
 
 
 def _param_index(key: Any, where: str, seen: Dict[int, Any]) -> int:

@@ -10,7 +10,7 @@ from .. import _grad, _optim, storage
 from .._config import n_threads_for
 from .._validation import EXACT_INTEGER_TYPES, check_choice, check_exact_array, check_real
 from ._rounding import check_rounding_options
-from .optimizer import STEP_MAX, Group, Optimizer, _check_maximize, _option, _update_rows
+from .optimizer import STEP_MAX, Group, Optimizer, _check_accumulator, _check_maximize, _option, _update_rows
 
 __all__ = ["SparseAdam"]
 
@@ -201,7 +201,10 @@ class SparseAdam(Optimizer):
             entry["step"] = _check_step(entry["step"], where)
             if "row_step" in entry:
                 _load_row_step(entry, weight.shape[0], entry["step"], where)
-        return super()._load_state_entry(entry, weight, options, where)
+        entry = super()._load_state_entry(entry, weight, options, where)
+        if entry:
+            _check_accumulator(entry["exp_avg_sq"], f"{where}['exp_avg_sq']")
+        return entry
 
     def _sparse_begin(self, state: Dict[str, Any], weight: np.ndarray, options: Group) -> float:
         if "step" not in state:

@@ -10,7 +10,7 @@ from .. import _optim, storage
 from .._config import n_threads_for
 from .._validation import check_real
 from ._rounding import STREAM_DECAY, check_rounding_options
-from .optimizer import Group, Optimizer, _check_maximize, _core, _option, _update_rows
+from .optimizer import Group, Optimizer, _check_accumulator, _check_maximize, _core, _option, _update_rows
 from .sparse_adam import _check_betas, _check_bias_correction, _check_row_array, _check_step, _load_row_step
 
 __all__ = ["SparseAdamW"]
@@ -173,6 +173,7 @@ class SparseAdamW(Optimizer):
         if "row_step" in entry:
             _load_row_step(entry, n_rows, entry["step"], where)
         entry = super()._load_state_entry(entry, weight, options, where)  # exp_avg, exp_avg_sq: checked, copied
+        _check_accumulator(entry["exp_avg_sq"], f"{where}['exp_avg_sq']")
         entry["row_decay_log"] = storage.aligned_copy(logs)
         return entry
 
@@ -237,6 +238,7 @@ class SparseAdamW(Optimizer):
         >>> opt.apply_pending_decay(); emb.weight[:, 0].tolist()
         [0.99, 0.99, 0.99]
         """
+        self._check_params()
         plan = []
         for g, group in enumerate(self.param_groups):
             options = self._check_options(dict(group), f"param_groups[{g}]")
