@@ -6,7 +6,6 @@ ulp (rtol 1e-5 here); the max norm is exact. Given the norm, the clip coefficien
 follow torch's float arithmetic exactly, which is asserted bitwise.
 """
 import math
-import warnings
 
 import numpy as np
 import pytest

@@ -6,7 +6,6 @@ Every refusal is checked to come before anything changed: weights (their whole m
 state (``state_dict()`` compared bitwise) and the step counters."""
 import copy
 import json
-import os
 
 import numpy as np
 import pytest
@@ -16,7 +15,6 @@ import cembed
 from cembed import SparseGrad, optim
 from cembed import functional as F
 from cembed._validation import check_distinct_elements, elements_overlap
-from cembed.optim.clip_grad import clip_grad_norm_
 
 from util import assert_bitwise_equal, at_thread_counts, require_torch
 
