@@ -48,11 +48,13 @@ def test_elements_overlap_rule():
     fine = {"c": big, "fortran": np.asfortranarray(big), "cols ::2": big[:, ::2], "cols 3:9": big[:, 3:9],
             "reversed": big[::-1], "both reversed": big[::-1, ::-1], "transposed": big.T, "cube[..., 0]": cube[..., 0],
             "record field": rec["v"], "empty": np.zeros((0, 4), np.float32), "no columns": np.zeros((5, 0)),
-            "one row stride 0": as_strided(big, (1, 12), (0, 4)), "one column stride 0": as_strided(big, (20, 1), (48, 0))}
+            "one row stride 0": as_strided(big, (1, 12), (0, 4)),
+            "one column stride 0": as_strided(big, (20, 1), (48, 0))}
     for name, arr in fine.items():
         assert not elements_overlap(arr), name
     bad = {"rows overlap": _overlapping()[0], "broadcast rows": np.broadcast_to(big[0], (5, 12)),
-           "stride-0 columns": as_strided(big, (20, 3), (48, 0)), "half-item column stride": as_strided(big, (4, 3), (48, 2)),
+           "stride-0 columns": as_strided(big, (20, 3), (48, 0)),
+           "half-item column stride": as_strided(big, (4, 3), (48, 2)),
            "reversed overlapping": _overlapping()[0][::-1], "transposed overlapping": _overlapping()[0].T,
            "2**40 stride-0 rows": np.broadcast_to(np.zeros(4, np.float32), (2 ** 40, 4))}
     for name, arr in bad.items():
@@ -316,7 +318,7 @@ def test_adagrad_step_counter_bounds(bad):
     assert opt.state[b]["step"] == np.float32(2 ** 40) and opt.state[b]["step"].dtype == np.float32
 
 
-# =========================================================================== 4. dense steps of 16-bit tables, state on disk
+# =========================================================================== 4. 16-bit dense steps, state on disk
 
 @pytest.mark.parametrize("dtype", [np.float16, "bfloat16"])
 @pytest.mark.parametrize("state_dtype", [None, "bfloat16", "float16"])
@@ -530,7 +532,8 @@ def test_module_appended_twice_is_refused_before_any_update(cls, kw):
     wa, wb, before = a.weight.copy(), b.weight.copy(), [(m, copy.deepcopy(e)) for m, e in opt.state.items()]
     match = r"param_groups\[1\]\['params'\]\[1\] \(Embedding\) is the same module as param_groups\[0\]\['params'\]\[0\]"
     for call in (opt.step, opt.zero_grad, opt.state_dict,
-                 lambda: (setattr(b, "grad", None), b.backward(np.ones((1, 4), np.float32), np.array([2]), optimizer=opt))):
+                 lambda: (setattr(b, "grad", None),
+                          b.backward(np.ones((1, 4), np.float32), np.array([2]), optimizer=opt))):
         with pytest.raises(ValueError, match=match):
             call()
         assert_bitwise_equal(a.weight, wa)
@@ -552,8 +555,9 @@ def test_non_module_in_params_is_a_type_error(bad):
     a.grad = SparseGrad([1], np.ones((1, 4), np.float32), 10)
     w = a.weight.copy()
     for call in (opt.step, opt.zero_grad, opt.state_dict,
-                 lambda: (setattr(a, "grad", None), a.backward(np.ones((1, 4), np.float32), np.array([2]), optimizer=opt))):
-        with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[1\] must be a module with .weight and .grad"):
+                 lambda: (setattr(a, "grad", None),
+                          a.backward(np.ones((1, 4), np.float32), np.array([2]), optimizer=opt))):
+        with pytest.raises(TypeError, match=r"\['params'\]\[1\] must be a module with .weight and .grad"):
             call()
     assert_bitwise_equal(a.weight, w)
     opt.param_groups[0]["params"] = a                           # not a list

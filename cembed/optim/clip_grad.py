@@ -205,8 +205,9 @@ def clip_grad_norm_(parameters: Parameters, max_norm: float, norm_type: Union[fl
 
     A non-finite norm (``error_if_nonfinite=False``) gives torch's coefficient: 0 for an infinite norm,
     NaN for a NaN norm. A norm beyond float64's range (a small ``norm_type`` such as 0.001, whose
-    ``1 / p``-th power overflows) is infinite, as torch's. With a NaN coefficient torch's dense gradient becomes NaN everywhere, while a
-    SparseGrad here only has its stored values set to NaN (its other rows stay implicitly zero).
+    ``1 / p``-th power overflows) is infinite, as torch's. With a NaN coefficient torch's dense
+    gradient becomes NaN everywhere, while a SparseGrad here only has its stored values set to NaN
+    (its other rows stay implicitly zero).
 
     Examples
     --------

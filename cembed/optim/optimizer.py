@@ -418,8 +418,8 @@ class Optimizer:
         expected = rounding_.state_dtype(weight.dtype, options, where)
         if state is None:
             if self._state_at_join:
-                raise ValueError(f"{where}: optimizer state is missing ({type(self).__name__} makes it when a parameter "
-                                 "joins; was it deleted? load a state dict or build a new optimizer)")
+                raise ValueError(f"{where}: optimizer state is missing ({type(self).__name__} makes it when a "
+                                 "parameter joins; was it deleted? load a state dict or build a new optimizer)")
             return
         if STEP_KEY in state:
             if not is_half(weight.dtype):
