@@ -178,6 +178,14 @@ def elements_overlap(array: np.ndarray) -> bool:
     O(1)."""
     if array.size == 0:
         return False
+    if array.ndim == 2:   # the tables: the same rule, unrolled (it runs at every step)
+        (n0, n1), item = array.shape, array.itemsize
+        s0, s1 = abs(array.strides[0]), abs(array.strides[1])
+        if n0 == 1 or n1 == 1:
+            return s1 < item if n0 == 1 else s0 < item
+        if s0 > s1:
+            s0, n0, s1, n1 = s1, n1, s0, n0
+        return s0 < item or s1 < s0 * (n0 - 1) + item
     extent = array.itemsize
     for stride, n in sorted((abs(s), n) for s, n in zip(array.strides, array.shape) if n > 1):
         if stride < extent:

@@ -224,20 +224,21 @@ class Optimizer:
         TypeError for an entry that is not a module with ``.weight`` and ``.grad``, ValueError for a
         module listed twice (it would be updated twice per step, and its state dict could not be
         loaded back). Run before a step, a fused step, ``zero_grad`` and ``state_dict``."""
-        seen: Dict[int, str] = {}
+        seen: Dict[int, Tuple[int, int]] = {}
         for g, group in enumerate(self.param_groups):
             params = group.get("params") if isinstance(group, dict) else None
             if not isinstance(params, (list, tuple)):
                 raise TypeError(f"param_groups[{g}] must be a dict whose 'params' is a list of modules, got "
                                 f"{type(params if isinstance(group, dict) else group).__name__}")
             for k, module in enumerate(params):
-                where = f"param_groups[{g}]['params'][{k}]"
                 if not hasattr(module, "weight") or not hasattr(module, "grad"):
-                    raise TypeError(f"{where} must be a module with .weight and .grad, got {type(module).__name__}")
-                if id(module) in seen:
-                    raise ValueError(f"{_name(module, where)} is the same module as {seen[id(module)]}: a module may "
-                                     "appear only once in an optimizer")
-                seen[id(module)] = where
+                    raise TypeError(f"param_groups[{g}]['params'][{k}] must be a module with .weight and .grad, got "
+                                    f"{type(module).__name__}")
+                first = seen.setdefault(id(module), (g, k))
+                if first != (g, k):
+                    where = _name(module, f"param_groups[{g}]['params'][{k}]")
+                    raise ValueError(f"{where} is the same module as param_groups[{first[0]}]['params'][{first[1]}]: "
+                                     "a module may appear only once in an optimizer")
 
     def _named_params(self) -> Iterable[Tuple[str, Any]]:
         for g, group in enumerate(self.param_groups):
