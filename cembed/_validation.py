@@ -11,6 +11,8 @@ call that raises has modified nothing. The rules (see ``docs/safety.md``):
 * weights: :func:`check_weight` and :func:`kernel_layout` — whether the kernels may use a table in
   place (rows of unit stride, aligned) or must go through a copy of the touched rows; tables may be
   float32, float64, float16 or bfloat16 (``cembed._dtypes``; the 16-bit ones compute in float32);
+  a table a kernel writes must not have elements sharing memory (:func:`check_distinct_elements`;
+  lookups read any layout, stride-0 views included);
 * row-id arrays kept between calls (``SparseGrad`` rows, optimizer state): :func:`check_row_ids`,
   re-run at every use.
 """
@@ -169,6 +171,43 @@ def kernel_layout(array: np.ndarray) -> bool:
             and (array.shape[1] <= 1 or array.strides[1] == itemsize)
             and array.strides[0] % itemsize == 0
             and array.ctypes.data % itemsize == 0)
+
+
+def elements_overlap(array: np.ndarray) -> bool:
+    """Whether two elements of a 2-D ``array`` may share memory (rows overlapping, ``as_strided``
+    with a row stride shorter than a row, a stride-0 ``broadcast_to`` table), by the sorted-strides
+    rule: taking the axes of more than one element from the smallest absolute stride up, each
+    stride must reach past everything the smaller axes span. Every layout NumPy makes without
+    ``as_strided`` passes (C and Fortran order, column or row slices, reversed rows, a record field);
+    O(1)."""
+    if array.size == 0:
+        return False
+    if array.ndim == 2:   # the tables: the same rule, unrolled (it runs at every step)
+        (n0, n1), item = array.shape, array.itemsize
+        s0, s1 = abs(array.strides[0]), abs(array.strides[1])
+        if n0 == 1 or n1 == 1:
+            return s1 < item if n0 == 1 else s0 < item
+        if s0 > s1:
+            s0, n0, s1, n1 = s1, n1, s0, n0
+        return s0 < item or s1 < s0 * (n0 - 1) + item
+    extent = array.itemsize
+    for stride, n in sorted((abs(s), n) for s, n in zip(array.strides, array.shape) if n > 1):
+        if stride < extent:
+            return True
+        extent += stride * (n - 1)
+    return False
+
+
+def check_distinct_elements(weight: np.ndarray, what: str, name: str = "weight") -> None:
+    """The policy for every table a kernel WRITES (an optimizer's update, the fused backward, the
+    ``max_norm`` renormalisation, the logistic SGD step, the 16-bit rounding in place): ValueError
+    when two of its elements may share memory (:func:`elements_overlap`) — parallel row updates would
+    race on the shared bytes (results changing from run to run), and even one thread would
+    overwrite one row with another's update. Lookups only read, and keep taking such tables."""
+    if elements_overlap(weight):
+        raise ValueError(f"{name} has elements that share memory (shape {weight.shape}, strides {weight.strides}: "
+                         f"a row stride shorter than a row, or a stride-0 view) but {what} writes into it; "
+                         "update a table whose rows do not overlap (e.g. numpy.ascontiguousarray of it)")
 
 
 # ----------------------------------------------------------------------------------------- indices

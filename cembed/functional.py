@@ -47,6 +47,7 @@ from ._validation import (
     check_size,
     check_trainable,
     check_weight,
+    check_distinct_elements,
     check_writeable,
     checked_private_indices,
     frozen,
@@ -160,6 +161,7 @@ def renorm_referenced(weight: np.ndarray, flat: np.ndarray, max_norm: float, nor
         return
     check_trainable(weight)
     check_writeable(weight, what)
+    check_distinct_elements(weight, what)
     _renorm_rows(weight, _distinct_rows(flat) if rows is None else rows, max_norm, norm_type)
 
 
@@ -1656,6 +1658,7 @@ def embedding_dot_logistic_sgd_(query: Any, indices: Any, weight: np.ndarray, lr
     if weight.dtype not in FLOAT_DTYPES:
         raise TypeError(f"embedding_dot_logistic_sgd_: the weight must be float32 or float64, got dtype {weight.dtype}")
     check_writeable(weight, "embedding_dot_logistic_sgd_")
+    check_distinct_elements(weight, "embedding_dot_logistic_sgd_")
     lr = check_real(lr, "lr", low=0.0)
     scores = logistic_scores(query, indices, weight, n_positive, with_loss=with_loss,
                              name="embedding_dot_logistic_sgd_")

@@ -6,7 +6,6 @@ ulp (rtol 1e-5 here); the max norm is exact. Given the norm, the clip coefficien
 follow torch's float arithmetic exactly, which is asserted bitwise.
 """
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -454,3 +453,28 @@ def test_docstring_examples():
 
     failures, tried = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert tried > 0 and failures == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm_type", [0.001, 0.01])
+def test_norm_overflowing_float64_is_infinite_as_in_torch(rng, dtype, norm_type):
+    """A small norm_type: the sum of |x| ** p is finite but its (1 / p)-th power is beyond float64
+    (review: OverflowError escaped). The norm is inf, as torch's; the coefficient 0 zeroes every
+    gradient (torch's); error_if_nonfinite=True refuses with nothing changed."""
+    torch = require_torch()
+    params = make_params(rng, dtype)
+    snap = snapshot(params)
+    with pytest.raises(RuntimeError, match=r"non-finite \(inf\)"):
+        clip_grad_norm_(params, 1.0, norm_type, error_if_nonfinite=True)
+    assert_unchanged(params, snap)
+    with pytest.raises(RuntimeError):
+        torch_clip(torch, params, torch.nn.utils.clip_grad_norm_, 1.0, norm_type, error_if_nonfinite=True)
+    t_norm, t_grads = torch_clip(torch, params, torch.nn.utils.clip_grad_norm_, 1.0, norm_type)
+    total = clip_grad_norm_(params, 1.0, norm_type)
+    assert np.isinf(t_norm.numpy()) and np.isinf(total) and total.dtype == dtype
+    for p, tg in zip(params, t_grads):
+        if isinstance(p.grad, SparseGrad):
+            np.testing.assert_array_equal(p.grad.values, tg[p.grad.indices])
+            assert not p.grad.values.any()
+        elif p.grad is not None:
+            np.testing.assert_array_equal(p.grad, tg)

@@ -12,7 +12,7 @@ import numpy as np
 from .. import _optim
 from .._config import n_threads_for
 from .._dtypes import FLOAT16, FLOAT32, compute_dtype, is_half, kernel_format, resolve_dtype
-from .._validation import check_choice, check_int
+from .._validation import check_choice, check_int, kernel_layout
 
 #: ``rounding`` values: how a float32 result is stored into a 16-bit weight or state.
 ROUNDINGS = ("stochastic", "nearest")
@@ -88,9 +88,9 @@ def allowed_state_dtypes(weight_dtype: np.dtype) -> Sequence[np.dtype]:
 
 def half_in_place(weight: np.ndarray) -> bool:
     """Whether the 16-bit kernels can update ``weight`` in place: unit column stride, a row stride of
-    whole elements, aligned."""
-    return ((weight.shape[1] <= 1 or weight.strides[1] == 2) and weight.strides[0] % 2 == 0
-            and weight.ctypes.data % 2 == 0)
+    whole elements, aligned — ``_validation.kernel_layout``, the one layout rule (a table with
+    elements sharing memory was refused before: ``_validation.check_distinct_elements``)."""
+    return kernel_layout(weight)
 
 
 class Rounding:
@@ -115,8 +115,11 @@ class Rounding:
 
     def store(self, target: np.ndarray, rows: np.ndarray, values: np.ndarray, stream: int) -> None:
         """``target[rows] = values`` rounded once per element to ``target``'s 16-bit dtype; ``values``
-        is float32, one row (or, for a 1-D target, one value) per entry of ``rows``."""
+        is float32, one row (or, for a 1-D target, one value) per entry of ``rows``; no row: nothing
+        to store (an update that touches no row)."""
         n = rows.size
+        if n == 0:
+            return
         flat = np.ascontiguousarray(values, dtype=np.float32).reshape(n, -1)
         bits = np.empty(flat.shape, dtype=np.uint16)
         _optim.round_rows(flat, bits, kernel_format(target.dtype), self.stochastic, self.key_rows(rows), self.seed,

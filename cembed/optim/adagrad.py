@@ -9,7 +9,7 @@ from .. import _grad
 from ..sparse import SparseGrad
 from ._rounding import check_rounding_options
 from .._validation import EXACT_INTEGER_TYPES
-from .optimizer import Group, Optimizer, _check_maximize, _option
+from .optimizer import STEP_MAX, Group, Optimizer, _check_accumulator, _check_maximize, _option
 
 __all__ = ["Adagrad"]
 
@@ -76,6 +76,8 @@ class Adagrad(Optimizer):
         check_rounding_options(group, where)
         return group
 
+    _state_at_join = True
+
     def _init_state(self, module: Any, group: Group) -> None:
         state: Dict[str, Any] = {"step": np.float32(0.0)}
         self._new_state(state, "sum", module.weight, fill=group["initial_accumulator_value"], options=group)
@@ -95,11 +97,17 @@ class Adagrad(Optimizer):
 
     @staticmethod
     def _check_step(step: Any, where: str) -> np.float32:
+        """The step counter as torch keeps it, a float32 in [0, 2**63 - 1] (the bound of every step
+        counter; float32 stops counting at 2**24, as torch's does)."""
         if type(step) not in (float, np.float32, np.float64) + EXACT_INTEGER_TYPES:   # no subclasses (_check_step of SparseAdam)
             raise ValueError(f"{where}['step'] must be a number, got {type(step).__name__}")
-        value = np.float32(step)
-        if not (np.isfinite(value) and value >= 0):
-            raise ValueError(f"{where}['step'] must be finite and >= 0, got {step!r}")
+        if type(step) in EXACT_INTEGER_TYPES and not 0 <= step <= STEP_MAX:   # 10**400 does not fit a float
+            raise ValueError(f"{where}['step'] must be in [0, 2**63 - 1], got an int of {len(str(step))} digits"
+                             if step > STEP_MAX else f"{where}['step'] must be in [0, 2**63 - 1], got {step!r}")
+        with np.errstate(over="ignore"):
+            value = np.float32(step)
+        if not (np.isfinite(value) and 0 <= float(value) <= STEP_MAX):
+            raise ValueError(f"{where}['step'] must be finite and in [0, 2**63 - 1], got {step!r}")
         return value
 
     def _check_state(self, state: Dict[str, Any], weight: np.ndarray, where: str) -> None:
@@ -113,7 +121,9 @@ class Adagrad(Optimizer):
         if set(entry) != {"step", "sum"}:
             raise ValueError(f"{where} needs exactly 'step' and 'sum', got {sorted(entry)}")
         entry["step"] = self._check_step(entry["step"], where)
-        return super()._load_state_entry(entry, weight, options, where)
+        entry = super()._load_state_entry(entry, weight, options, where)
+        _check_accumulator(entry["sum"], f"{where}['sum']")
+        return entry
 
     def _sparse_begin(self, state: Dict[str, Any], weight: np.ndarray, options: Group) -> float:
         state["step"] = np.float32(np.float32(state["step"]) + np.float32(1.0))

@@ -144,7 +144,10 @@ def _total_norm(grads: List[_Grad], p: float) -> float:
     if kind == _clip.KIND_SUM_SQ:
         return math.sqrt(total)
     if kind == _clip.KIND_SUM_POW:
-        return total ** (1.0 / p)
+        try:
+            return total ** (1.0 / p)
+        except OverflowError:   # a small p: beyond float64's range, an infinite norm (torch's value)
+            return math.inf
     return total
 
 
@@ -201,8 +204,10 @@ def clip_grad_norm_(parameters: Parameters, max_norm: float, norm_type: Union[fl
     is exactly 1 the multiplication is skipped (``x * 1 == x``).
 
     A non-finite norm (``error_if_nonfinite=False``) gives torch's coefficient: 0 for an infinite norm,
-    NaN for a NaN norm. With a NaN coefficient torch's dense gradient becomes NaN everywhere, while a
-    SparseGrad here only has its stored values set to NaN (its other rows stay implicitly zero).
+    NaN for a NaN norm. A norm beyond float64's range (a small ``norm_type`` such as 0.001, whose
+    ``1 / p``-th power overflows) is infinite, as torch's. With a NaN coefficient torch's dense
+    gradient becomes NaN everywhere, while a SparseGrad here only has its stored values set to NaN
+    (its other rows stay implicitly zero).
 
     Examples
     --------

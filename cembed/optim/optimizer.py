@@ -15,11 +15,13 @@ from .. import _optim
 from .._config import n_threads_for
 from .._dtypes import compute_dtype, is_half, kernel_format
 from .._validation import (
+    EXACT_INTEGER_TYPES,
     array_key,
     as_checked,
     check_exact_array,
     is_as_checked,
     check_bool,
+    check_distinct_elements,
     check_int,
     check_real,
     check_row_ids,
@@ -110,6 +112,12 @@ class Optimizer:
     """
 
     _state_arrays: Tuple[str, ...] = ()
+    #: Whether every parameter has its state from the moment it joins (Adagrad's accumulator): a step
+    #: then refuses a parameter without state.
+    _state_at_join: bool = False
+    #: The float32 scratch state of a dense step on a 16-bit table (:meth:`_dense_update_half`): its new
+    #: arrays are made in memory, and the real state's (in ``state_dir`` when there is one) after.
+    _scratch_state: Optional[Dict[str, Any]] = None
     #: Per-row float state of one value per row (RowWiseAdagrad's ``sum``): its dtype is ``state_dtype``'s too.
     _row_float_states: Tuple[str, ...] = ()
     #: Options a state dict may lack (added in a later version): they take the defaults, as torch
@@ -158,6 +166,9 @@ class Optimizer:
             A module already in this optimizer (torch only warns, then updates it twice), an empty
             group, or a bad option.
 
+        A group whose parameters' state cannot be made (e.g. ``MemoryError`` for a table larger than
+        memory) is not added: the optimizer stays as it was.
+
         Examples
         --------
         >>> import cembed
@@ -192,12 +203,42 @@ class Optimizer:
             rounding_.state_dtype(module.weight.dtype, group, f"param_groups[{len(self.param_groups)}]['params'][{k}]")
         group["params"] = modules
         self.param_groups.append(group)
-        for module in modules:
-            self._joining = module
-            try:
+        previous = {m: self.state[m] for m in modules if m in self.state}
+        try:
+            for module in modules:
+                self._joining = module
                 self._init_state(module, group)
-            finally:
-                self._joining = None
+        except BaseException:
+            # a group whose state cannot be made (a MemoryError for a huge table, ...) is not added
+            for module in modules:
+                self.state.pop(module, None)
+            self.state.update(previous)
+            if self.param_groups and self.param_groups[-1] is group:
+                self.param_groups.pop()
+            raise
+        finally:
+            self._joining = None
+
+    def _check_params(self) -> None:
+        """The parameter lists as they are now (``param_groups[g]["params"]`` can be edited by hand):
+        TypeError for an entry that is not a module with ``.weight`` and ``.grad``, ValueError for a
+        module listed twice (it would be updated twice per step, and its state dict could not be
+        loaded back). Run before a step, a fused step, ``zero_grad`` and ``state_dict``."""
+        seen: Dict[int, Tuple[int, int]] = {}
+        for g, group in enumerate(self.param_groups):
+            params = group.get("params") if isinstance(group, dict) else None
+            if not isinstance(params, (list, tuple)):
+                raise TypeError(f"param_groups[{g}] must be a dict whose 'params' is a list of modules, got "
+                                f"{type(params if isinstance(group, dict) else group).__name__}")
+            for k, module in enumerate(params):
+                if not hasattr(module, "weight") or not hasattr(module, "grad"):
+                    raise TypeError(f"param_groups[{g}]['params'][{k}] must be a module with .weight and .grad, got "
+                                    f"{type(module).__name__}")
+                first = seen.setdefault(id(module), (g, k))
+                if first != (g, k):
+                    where = _name(module, f"param_groups[{g}]['params'][{k}]")
+                    raise ValueError(f"{where} is the same module as param_groups[{first[0]}]['params'][{first[1]}]: "
+                                     "a module may appear only once in an optimizer")
 
     def _named_params(self) -> Iterable[Tuple[str, Any]]:
         for g, group in enumerate(self.param_groups):
@@ -219,7 +260,7 @@ class Optimizer:
         shape = (weight.shape[0],) if per_row else weight.shape
         if dtype is None:
             dtype = rounding_.state_dtype(weight.dtype, options or {}, "state")
-        if self.state_dir is not None:
+        if self.state_dir is not None and state is not self._scratch_state:
             # on disk: a sparse zero file (no write), mapped read-write; a non-zero fill is written
             # in bounded blocks
             path = self._state_path(self._module_of(state), key)
@@ -302,6 +343,7 @@ class Optimizer:
         >>> opt.zero_grad(); emb.grad is None
         True
         """
+        self._check_params()
         for _, module in self._named_params():
             grad = module.grad
             if not set_to_none and isinstance(grad, np.ndarray) and grad.flags.writeable:
@@ -344,6 +386,7 @@ class Optimizer:
         (0.25, array([-0.5, -0.5], dtype=float32))
         """
         loss = closure() if closure is not None else None
+        self._check_params()
         # every group's options first: converting them is where code of the caller's may run (a
         # __float__), and it must not run between the checks of the arrays below and their updates
         groups = [(g, self._check_options(dict(group), f"param_groups[{g}]"), list(group["params"]))
@@ -359,6 +402,7 @@ class Optimizer:
                 self._check_grad(options, grad, weight, where)
                 state = self.state.get(module)
                 self._check_state_for(state, weight, options, where)
+                self._check_advance(_core(state) if state else {}, where)
                 plan.append((module, weight, grad, options, where, _snapshot(self, module, weight, grad)))
         for module, _, _, _, where, snapshot in plan:
             _check_unchanged(self, module, snapshot, where)
@@ -374,6 +418,9 @@ class Optimizer:
         ``rounding_step``), the group's ``state_dtype`` against the weight and the state arrays."""
         expected = rounding_.state_dtype(weight.dtype, options, where)
         if state is None:
+            if self._state_at_join:
+                raise ValueError(f"{where}: optimizer state is missing ({type(self).__name__} makes it when a "
+                                 "parameter joins; was it deleted? load a state dict or build a new optimizer)")
             return
         if STEP_KEY in state:
             if not is_half(weight.dtype):
@@ -386,6 +433,10 @@ class Optimizer:
             if isinstance(arr, np.ndarray) and arr.dtype != expected:
                 raise ValueError(f"{where}: optimizer state {name!r} is {arr.dtype} but the group's state_dtype asks "
                                  f"for {expected} (build a new optimizer to change the state dtype)")
+
+    def _check_advance(self, state: Dict[str, Any], where: str) -> None:
+        """ValueError, before any update, when the step about to run would take one of ``state``'s
+        counters past its bound (a checked state; default: no counter to check)."""
 
     def _float_states(self) -> Tuple[str, ...]:
         """The names of the per-row float state arrays (whose dtype ``state_dtype`` decides)."""
@@ -411,6 +462,7 @@ class Optimizer:
         check_exact_array(weight, f"{where}.weight")
         if not weight.flags.writeable:
             raise ValueError(f"{where}.weight is read-only")
+        check_distinct_elements(weight, "the optimizer's update", f"{where}.weight")
         return weight
 
     def _check_grad(self, options: Group, grad: Any, weight: np.ndarray, where: str) -> None:
@@ -514,15 +566,30 @@ class Optimizer:
             if isinstance(work.get(name), np.ndarray):
                 work[name] = rounding_.widen(work[name])
         block = rounding_.widen(weight)
-        self._dense_update(work, block, grad, dict(options, state_dtype=None))
+        self._scratch_state = work      # state the update creates: float32 scratch arrays, in memory
+        try:
+            self._dense_update(work, block, grad, dict(options, state_dtype=None))
+        finally:
+            self._scratch_state = None
         rows = np.arange(weight.shape[0], dtype=np.int64)
         for i, name in enumerate(names):
             values = work.get(name)
-            if not isinstance(values, np.ndarray) or values.dtype == target:
+            if not isinstance(values, np.ndarray):
                 continue
             arr = state.get(name)
+            if values.dtype == target:   # float32 state: updated in place, or made by this update
+                if isinstance(arr, np.ndarray) and arr.dtype == target:
+                    if not np.may_share_memory(arr, values):
+                        arr[...] = values
+                    work[name] = arr         # the state's own array (a state_dir memmap stays one)
+                elif self.state_dir is not None:
+                    # made by this update in memory: into its file in state_dir (the same bits)
+                    arr = self._new_state(state, name, weight, options=options)
+                    arr[...] = values
+                    work[name] = arr
+                continue
             if not isinstance(arr, np.ndarray) or arr.dtype != target:
-                arr = storage.aligned_zeros(values.shape, target)
+                arr = self._new_state(state, name, weight, options=options)   # in state_dir when there is one
             rounding.store(arr, rows, values, 1 + i)
             work[name] = arr
         rounding.store(weight, rows, block, rounding_.STREAM_WEIGHT)
@@ -550,6 +617,7 @@ class Optimizer:
         ``array_key`` then): the module's weight must still be that array, as it was), without
         materialising that gradient when the rows can be updated chunk by chunk. Bitwise equal to
         ``module.grad = <gradient>; step(); zero_grad()`` for this module."""
+        self._check_params()
         group, group_name, where = self._locate(module)
         options = self._check_options(dict(group), group_name)
         weight = self._check_weight(module, where)
@@ -566,6 +634,7 @@ class Optimizer:
             grad = contributions.sparse(shape[0]) if sparse else contributions.dense(shape[0])
             self._check_grad(options, grad, weight, where)
         self._check_state_for(self.state.get(module), weight, options, where)
+        self._check_advance(_core(self.state.get(module) or {}), where)
         state = self.state.setdefault(module, {})
         self._count_rounding_step(state, weight)
         if not chunked:
@@ -618,6 +687,7 @@ class Optimizer:
         >>> [g["params"] for g in sd["param_groups"]], list(sd["state"]), sd["state"][1]["step"]
         ([[0], [1]], [1], 1)
         """
+        self._check_params()
         index = self._index_of()
         groups = []
         for group in self.param_groups:
@@ -692,11 +762,9 @@ class Optimizer:
             for i, module in zip(ids, options["params"]):
                 by_saved_index[i] = (module, options)
         new_state: Dict[Any, Dict[str, Any]] = {}
+        keys: Dict[int, Any] = {}
         for key, entry in saved_state.items():
-            try:
-                i = int(key)
-            except (TypeError, ValueError):
-                raise ValueError(f"state_dict state key {key!r} is not a parameter index") from None
+            i = _param_index(key, "state_dict state", keys)
             if i not in by_saved_index:
                 raise ValueError(f"state_dict has state for parameter {i}, which does not exist")
             if not isinstance(entry, dict):
@@ -809,17 +877,19 @@ class Optimizer:
         if meta.get("class") != cls.__name__:
             raise ValueError(f"{where} holds {meta.get('class')} state, not {cls.__name__}")
         state: Dict[int, Dict[str, Any]] = {}
+        keys: Dict[int, Any] = {}
         try:
-            for i, entry in meta["state"].items():
-                state[int(i)] = {}
+            for key, entry in meta["state"].items():
+                i = _param_index(key, "state", keys)
+                state[i] = {}
                 for name, spec in entry.items():
                     if "array" in spec:
                         arr = arrays(spec["array"])
                         if "dtype" in spec:   # a 16-bit array in its file form (storage.to_file)
                             arr = _half_from_file(arr, spec["dtype"])
-                        state[int(i)][name] = arr[()] if spec["scalar"] else arr
+                        state[i][name] = arr[()] if spec["scalar"] else arr
                     else:
-                        state[int(i)][name] = spec["value"]
+                        state[i][name] = spec["value"]
             groups = meta["param_groups"]
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"{where}: malformed optimizer state ({type(exc).__name__}: {exc})") from None
@@ -860,7 +930,7 @@ class Optimizer:
         except (FileNotFoundError, _WrongClass):
             raise
         except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile,
-                UnicodeDecodeError) as exc:
+                UnicodeDecodeError, RecursionError) as exc:   # RecursionError: JSON nested beyond the parser
             raise ValueError(f"{path}: not a readable cembed optimizer file ({type(exc).__name__}: {exc})") from None
         try:
             self.load_state_dict({"state": state, "param_groups": groups})
@@ -894,12 +964,50 @@ def _checked_table(weight: Any, name: str) -> np.ndarray:
     return weight
 
 
+def _check_accumulator(arr: np.ndarray, where: str) -> None:
+    """A loaded accumulator of squares (``exp_avg_sq``, Adagrad's ``sum``, RowWiseAdagrad's per-row
+    ``sum``): no value below 0, which no training makes and whose square root makes the weights NaN at
+    the next step. NaN and inf are kept: training on non-finite gradients leaves them (torch's state
+    holds them too), and such a state saves and loads back. Read in blocks of rows (bounded memory for
+    a state on disk)."""
+    if arr.size == 0:
+        return
+    per_row = max(1, arr.size // arr.shape[0])
+    rows = max(1, (1 << 20) // per_row)
+    for lo in range(0, arr.shape[0], rows):
+        block = arr[lo:lo + rows]
+        if is_half(block.dtype):
+            block = block.astype(np.float32)
+        if (block < 0).any():
+            raise ValueError(f"{where} must hold values >= 0 (an accumulator of squares), got "
+                             f"{block[block < 0].reshape(-1)[0]}")
+
+
+def _param_index(key: Any, where: str, seen: Dict[int, Any]) -> int:
+    """A state dict's key as the parameter index it names: an int (a NumPy integer too; not a bool) or
+    a string of ASCII digits (JSON's keys), each index named once (``0`` and ``"0"`` are the same
+    parameter: ValueError rather than one entry silently replacing the other). ``seen``: the keys so far,
+    by index."""
+    if isinstance(key, str) and key.isascii() and key.isdigit():
+        i = int(key)
+    elif type(key) in EXACT_INTEGER_TYPES:
+        i = int(key)
+    else:
+        raise ValueError(f"{where} key {key!r} is not a parameter index (an int or a string of digits)")
+    if i in seen:
+        raise ValueError(f"{where} has two entries for parameter {i}: keys {seen[i]!r} and {key!r}")
+    seen[i] = key
+    return i
+
+
 def _core(state: Dict[str, Any]) -> Dict[str, Any]:
     """A parameter's state without the base class's entries (what the subclasses check)."""
     return {k: v for k, v in state.items() if k != STEP_KEY} if STEP_KEY in state else state
 
 
-_STEP_MAX = 2 ** 63 - 1
+#: The largest value of every step counter (``step``, ``rounding_step``): an int64 holds it, a float
+#: power of it (``beta ** step``) cannot overflow.
+STEP_MAX = _STEP_MAX = 2 ** 63 - 1
 
 
 def _copy_entry(entry: Any) -> Dict[str, Any]:

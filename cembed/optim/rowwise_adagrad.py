@@ -8,7 +8,7 @@ import numpy as np
 from .. import _grad, storage
 from .._validation import check_choice
 from ._rounding import allowed_state_dtypes, check_rounding_options, state_dtype
-from .optimizer import Group, Optimizer, _check_maximize, _option
+from .optimizer import Group, Optimizer, _check_accumulator, _check_maximize, _option
 
 __all__ = ["RowWiseAdagrad"]
 
@@ -96,6 +96,8 @@ class RowWiseAdagrad(Optimizer):
         check_rounding_options(group, where)
         return group
 
+    _state_at_join = True
+
     def _init_state(self, module: Any, group: Group) -> None:
         state: Dict[str, Any] = {}
         self._new_state(state, "sum", module.weight, per_row=True, fill=group["initial_accumulator_value"],
@@ -126,8 +128,7 @@ class RowWiseAdagrad(Optimizer):
     def _load_state_entry(self, entry: Dict[str, Any], weight: np.ndarray, options: Group,
                           where: str) -> Dict[str, Any]:
         arr = self._checked_sum(entry, weight, where, (state_dtype(weight.dtype, options, where),))
-        if arr.size and not (np.isfinite(arr).all() and arr.min() >= 0):
-            raise ValueError(f"{where}['sum'] must hold finite values >= 0")
+        _check_accumulator(arr, f"{where}['sum']")
         return {"sum": storage.aligned_copy(arr)}
 
     def _row_rule(self, state: Dict[str, Any], weight: np.ndarray, options: Group, prepared: Any) -> Any:

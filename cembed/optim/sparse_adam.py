@@ -10,7 +10,7 @@ from .. import _grad, _optim, storage
 from .._config import n_threads_for
 from .._validation import EXACT_INTEGER_TYPES, check_choice, check_exact_array, check_real
 from ._rounding import check_rounding_options
-from .optimizer import Group, Optimizer, _check_maximize, _option, _update_rows
+from .optimizer import STEP_MAX, Group, Optimizer, _check_accumulator, _check_maximize, _option, _update_rows
 
 __all__ = ["SparseAdam"]
 
@@ -35,14 +35,23 @@ def _check_bias_correction(group: Dict[str, Any], where: str) -> str:
     return group["bias_correction"]
 
 
-def _check_step(step: Any, where: str) -> int:
-    """A parameter's step counter: an int >= 0 (NumPy integers accepted, bools refused). Exactly those
-    types, not subclasses: ``state["step"] += 1`` runs after every check, and a subclass's ``__add__``
-    could change the checked state arrays there."""
-    if type(step) not in EXACT_INTEGER_TYPES or step < 0:
-        raise ValueError(f"{where} 'step' must be an int >= 0 (a Python int or a NumPy integer, not a "
-                         f"subclass), got {step!r} of type {type(step).__name__}")
+def _check_step(step: Any, where: str, *, advancing: bool = False) -> int:
+    """A parameter's step counter as a Python int: an int in [0, 2**63 - 1] (NumPy integers accepted,
+    bools refused). Exactly those types, not subclasses, whose operators would run code after the
+    checks. ``advancing``: the step about to add one to it, which must stay within the bound (a
+    counter is never wrapped nor grown past it: ``beta ** step`` needs it to fit a float)."""
+    if type(step) not in EXACT_INTEGER_TYPES or not 0 <= step <= STEP_MAX:
+        raise ValueError(f"{where} 'step' must be an int in [0, 2**63 - 1] (a Python int or a NumPy integer, not "
+                         f"a subclass), got {_short(step)} of type {type(step).__name__}")
+    if advancing and step == STEP_MAX:
+        raise ValueError(f"{where} 'step' is 2**63 - 1, the largest step count: another step would pass it")
     return int(step)
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, shortened for a huge int (10**400 has 401 digits)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
 
 
 def _check_row_array(arr: Any, name: str, n_rows: int, dtype: Any, where: str) -> np.ndarray:
@@ -80,6 +89,8 @@ class SparseAdam(Optimizer):
     params : iterable of modules or of dicts
         Modules (``.weight``, ``.grad``), or param groups ``{"params": [...], "lr": ..., ...}``.
     lr : float, default 1e-3
+        > 0, as in torch; a group's ``lr`` (set in a param group, by hand or by a schedule such as
+        ``CosineAnnealingLR`` down to ``eta_min=0``) may be 0, which moves no weight.
     betas : (float, float), default (0.9, 0.999)
     eps : float, default 1e-8
     maximize : bool, default False
@@ -151,12 +162,14 @@ class SparseAdam(Optimizer):
                  maximize: bool = False, bias_correction: str = "global", rounding: str = "stochastic",
                  seed: int = 0, rounding_rows: Tuple[int, int] = (0, 1), state_dtype: Any = None,
                  state_dir: Any = None) -> None:
+        # torch's rule: lr > 0 for the constructor's lr only; a group's or a schedule's lr may be 0
+        _option({"lr": lr}, "lr", "defaults", low=0.0, low_open=True)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, maximize=maximize,
                                       bias_correction=bias_correction, rounding=rounding, seed=seed,
                                       rounding_rows=rounding_rows, state_dtype=state_dtype), state_dir=state_dir)
 
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
-        _option(group, "lr", where, low=0.0, low_open=True)
+        _option(group, "lr", where, low=0.0)
         _option(group, "eps", where, low=0.0, low_open=True)
         _check_betas(group, where)
         _check_maximize(group, where)
@@ -175,6 +188,10 @@ class SparseAdam(Optimizer):
         if "row_step" in state:
             _check_row_array(state["row_step"], "row_step", weight.shape[0], np.int64, where)
 
+    def _check_advance(self, state: Dict[str, Any], where: str) -> None:
+        if state and "step" in state:
+            _check_step(state["step"], f"{where}: SparseAdam state", advancing=True)
+
     def _load_state_entry(self, entry: Dict[str, Any], weight: np.ndarray, options: Group,
                           where: str) -> Dict[str, Any]:
         if entry:
@@ -184,7 +201,10 @@ class SparseAdam(Optimizer):
             entry["step"] = _check_step(entry["step"], where)
             if "row_step" in entry:
                 _load_row_step(entry, weight.shape[0], entry["step"], where)
-        return super()._load_state_entry(entry, weight, options, where)
+        entry = super()._load_state_entry(entry, weight, options, where)
+        if entry:
+            _check_accumulator(entry["exp_avg_sq"], f"{where}['exp_avg_sq']")
+        return entry
 
     def _sparse_begin(self, state: Dict[str, Any], weight: np.ndarray, options: Group) -> float:
         if "step" not in state:
@@ -193,7 +213,7 @@ class SparseAdam(Optimizer):
             self._new_state(state, "exp_avg_sq", weight, options=options)
         if options["bias_correction"] == "row" and "row_step" not in state:
             self._new_state(state, "row_step", weight, per_row=True, dtype=np.int64)
-        state["step"] += 1  # also for an empty gradient, as torch
+        state["step"] = int(state["step"]) + 1  # also for an empty gradient, as torch; checked < 2**63 - 1
         beta1, beta2 = options["betas"]
         step = state["step"]
         return options["lr"] * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)

@@ -10,7 +10,7 @@ from .. import _optim, storage
 from .._config import n_threads_for
 from .._validation import check_real
 from ._rounding import STREAM_DECAY, check_rounding_options
-from .optimizer import Group, Optimizer, _check_maximize, _core, _option, _update_rows
+from .optimizer import Group, Optimizer, _check_accumulator, _check_maximize, _core, _option, _update_rows
 from .sparse_adam import _check_betas, _check_bias_correction, _check_row_array, _check_step, _load_row_step
 
 __all__ = ["SparseAdamW"]
@@ -152,6 +152,10 @@ class SparseAdamW(Optimizer):
         if "row_step" in state:
             _check_row_array(state["row_step"], "row_step", weight.shape[0], np.int64, where)
 
+    def _check_advance(self, state: Dict[str, Any], where: str) -> None:
+        if state and "step" in state:
+            _check_step(state["step"], f"{where}: SparseAdamW state", advancing=True)
+
     def _load_state_entry(self, entry: Dict[str, Any], weight: np.ndarray, options: Group,
                           where: str) -> Dict[str, Any]:
         if not entry:
@@ -169,6 +173,7 @@ class SparseAdamW(Optimizer):
         if "row_step" in entry:
             _load_row_step(entry, n_rows, entry["step"], where)
         entry = super()._load_state_entry(entry, weight, options, where)  # exp_avg, exp_avg_sq: checked, copied
+        _check_accumulator(entry["exp_avg_sq"], f"{where}['exp_avg_sq']")
         entry["row_decay_log"] = storage.aligned_copy(logs)
         return entry
 
@@ -181,7 +186,7 @@ class SparseAdamW(Optimizer):
             self._new_state(state, "row_decay_log", weight, per_row=True, dtype=np.float64)
         if options["bias_correction"] == "row" and "row_step" not in state:
             self._new_state(state, "row_step", weight, per_row=True, dtype=np.int64)
-        state["step"] += 1  # also for an empty gradient, as torch
+        state["step"] = int(state["step"]) + 1  # also for an empty gradient, as torch; checked < 2**63 - 1
         decay = options["lr"] * options["weight_decay"]
         state["decay_log_prev"] = state["decay_log"]
         state["decay_log"] = state["decay_log"] + math.log1p(-decay)
@@ -233,6 +238,7 @@ class SparseAdamW(Optimizer):
         >>> opt.apply_pending_decay(); emb.weight[:, 0].tolist()
         [0.99, 0.99, 0.99]
         """
+        self._check_params()
         plan = []
         for g, group in enumerate(self.param_groups):
             options = self._check_options(dict(group), f"param_groups[{g}]")

@@ -1,0 +1,607 @@
+"""Optimizer safety (review of the optimizers): tables whose elements share memory, 16-bit updates of no
+row, bounded step counters, SGD momentum state on disk for 16-bit tables, a refused param group,
+missing state, clipping with a huge norm, SparseAdam at lr 0, load hygiene, duplicate parameters.
+
+Every refusal is checked to come before anything changed: weights (their whole memory), optimizer
+state (``state_dict()`` compared bitwise) and the step counters."""
+import copy
+import json
+
+import numpy as np
+import pytest
+from numpy.lib.stride_tricks import as_strided
+
+import cembed
+from cembed import SparseGrad, optim
+from cembed import functional as F
+from cembed._validation import check_distinct_elements, elements_overlap
+
+from util import assert_bitwise_equal, at_thread_counts, require_torch
+
+STEP_MAX = 2 ** 63 - 1
+
+
+def _state_bytes(opt):
+    """Everything an optimizer holds, as comparable bytes (arrays by their bytes, the rest by repr)."""
+    out = []
+    for i, entry in sorted(opt.state_dict()["state"].items()):
+        for k, v in sorted(entry.items()):
+            out.append((i, k, v.tobytes() if isinstance(v, np.ndarray) else repr(v)))
+    return out, repr([{k: v for k, v in g.items()} for g in opt.state_dict()["param_groups"]])
+
+
+# =========================================================================== 1. overlapping rows
+
+def _overlapping(dtype=np.float32, n=60, dim=8, row_stride_items=4):
+    """A writeable table whose row i starts ``row_stride_items`` elements after row i - 1 (< dim: the
+    rows overlap), and the buffer behind it."""
+    item = np.dtype(dtype).itemsize
+    buf = (np.arange(dim + row_stride_items * n) % 7).astype(dtype)
+    return as_strided(buf, shape=(n, dim), strides=(row_stride_items * item, item), writeable=True), buf
+
+
+def test_elements_overlap_rule():
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal((20, 12)).astype(np.float32)
+    cube = np.zeros((20, 6, 2), np.float32)
+    rec = np.zeros(20, dtype=[("a", np.float32), ("v", np.float32, (5,))])
+    fine = {"c": big, "fortran": np.asfortranarray(big), "cols ::2": big[:, ::2], "cols 3:9": big[:, 3:9],
+            "reversed": big[::-1], "both reversed": big[::-1, ::-1], "transposed": big.T, "cube[..., 0]": cube[..., 0],
+            "record field": rec["v"], "empty": np.zeros((0, 4), np.float32), "no columns": np.zeros((5, 0)),
+            "one row stride 0": as_strided(big, (1, 12), (0, 4)),
+            "one column stride 0": as_strided(big, (20, 1), (48, 0))}
+    for name, arr in fine.items():
+        assert not elements_overlap(arr), name
+    bad = {"rows overlap": _overlapping()[0], "broadcast rows": np.broadcast_to(big[0], (5, 12)),
+           "stride-0 columns": as_strided(big, (20, 3), (48, 0)),
+           "half-item column stride": as_strided(big, (4, 3), (48, 2)),
+           "reversed overlapping": _overlapping()[0][::-1], "transposed overlapping": _overlapping()[0].T,
+           "2**40 stride-0 rows": np.broadcast_to(np.zeros(4, np.float32), (2 ** 40, 4))}
+    for name, arr in bad.items():
+        assert elements_overlap(arr), name
+        with pytest.raises(ValueError, match="share memory"):
+            check_distinct_elements(arr, "a test")
+
+
+OPTIMIZERS = [
+    (optim.SGD, dict(lr=0.1)), (optim.SGD, dict(lr=0.1, momentum=0.9)), (optim.SparseAdam, dict(lr=0.1)),
+    (optim.SparseAdamW, dict(lr=0.1)), (optim.Adagrad, dict(lr=0.1)), (optim.RowWiseAdagrad, dict(lr=0.1)),
+]
+
+
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=lambda v: getattr(v, "__name__", ""))
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("path", ["step_sparse", "step_dense", "fused"])
+def test_updates_refuse_overlapping_rows_before_any_change(cls, kw, dtype, path):
+    """poc_1: a table with overlapping rows, updated by parallel row kernels, raced (results changed run
+    to run). Every update of one is refused, the other parameter of the step not updated either."""
+    if path == "step_dense" and cls in (optim.SparseAdam, optim.SparseAdamW):
+        pytest.skip("sparse gradients only")
+    good = cembed.Embedding(60, 8, sparse=path != "step_dense")
+    good.weight = np.ones((60, 8), dtype)
+    bad = cembed.Embedding(60, 8, sparse=path != "step_dense")
+    bad.weight, buf = _overlapping(dtype)
+    opt = cls([good, bad], **kw)
+    before_buf, before_good, before_state = buf.copy(), good.weight.copy(), _state_bytes(opt)
+    grad = np.ones((60, 8), np.float32)
+    with pytest.raises(ValueError, match=r"\['params'\]\[1\]\.weight has elements that share memory"):
+        if path == "fused":
+            bad.backward(np.ones((3, 8), np.float32), np.array([1, 2, 1]), optimizer=opt)
+        else:
+            for m in (good, bad):
+                m.grad = SparseGrad(np.arange(60), grad, 60) if path == "step_sparse" else grad.copy()
+            opt.step()
+    assert_bitwise_equal(buf, before_buf)
+    assert_bitwise_equal(good.weight, before_good)
+    assert _state_bytes(opt) == before_state
+    assert bad not in opt.state or not opt.state[bad] or cls in (optim.Adagrad, optim.RowWiseAdagrad)
+
+
+def test_poc_1_results_are_thread_independent_once_the_table_is_copied():
+    """The fix's remedy (a table of distinct rows) gives the same bits at 1, 2 and 3 threads."""
+    def run():
+        m = cembed.Embedding(600, 16, sparse=True)
+        m.weight = np.ascontiguousarray(_overlapping(n=600, dim=16, row_stride_items=8)[0])
+        opt = optim.SGD([m], lr=0.1)
+        m.grad = SparseGrad(np.arange(600), np.ones((600, 16), np.float32), 600)
+        opt.step()
+        opt.zero_grad()
+        m.backward(np.ones((600, 16), np.float32), np.arange(600), optimizer=opt)
+        return m.weight.copy()
+    first, *rest = at_thread_counts(run)
+    for other in rest:
+        assert_bitwise_equal(first, other)
+
+
+def test_renorm_and_logistic_sgd_refuse_overlapping_rows():
+    for dtype in (np.float32, np.float64, np.float16):
+        weight, buf = _overlapping(dtype)
+        before = buf.copy()
+        with pytest.raises(ValueError, match="share memory"):
+            F.embedding(np.array([1, 5]), weight, max_norm=0.5)
+        with pytest.raises(ValueError, match="share memory"):
+            F.embedding_renorm_(weight, [1, 5], max_norm=0.5)
+        with pytest.raises(ValueError, match="share memory"):
+            F.embedding_bag(np.array([1, 5, 7]), weight, offsets=np.array([0, 2]), max_norm=0.5)
+        with pytest.raises(ValueError, match="share memory"):
+            cembed.Embedding.from_pretrained(weight, freeze=False, max_norm=0.5)(np.array([3]))
+        with pytest.raises(ValueError, match="share memory"):
+            cembed.EmbeddingBag.from_pretrained(weight, freeze=False, max_norm=0.5)(np.array([[3, 4]]))
+        if dtype != np.float16:
+            with pytest.raises(ValueError, match="share memory"):
+                F.embedding_dot_logistic_sgd_(np.ones((1, 8), dtype), [[0, 2]], weight, lr=1.0)
+        assert_bitwise_equal(buf, before)
+
+
+def test_lookups_of_overlapping_and_stride_0_tables_still_work():
+    """Reads only: every lookup takes such tables, as before (the values are numpy's)."""
+    weight, _ = _overlapping()
+    idx = np.array([[0, 3], [59, 3]])
+    assert_bitwise_equal(F.embedding(idx, weight), weight[idx])
+    assert_bitwise_equal(cembed.Embedding.from_pretrained(weight, freeze=False)(idx), weight[idx])
+    assert_bitwise_equal(F.embedding_bag(idx, weight, mode="sum"), weight[idx].sum(1))
+    huge = np.broadcast_to(np.arange(4, dtype=np.float32), (2 ** 40, 4))
+    assert_bitwise_equal(F.embedding(np.array([0, 2 ** 40 - 1]), huge), np.tile(np.arange(4, dtype=np.float32), (2, 1)))
+    # a writeable stride-0 table, looked up without max_norm: fine (nothing is written)
+    zero_stride = as_strided(np.arange(4, dtype=np.float32), (100, 4), (0, 4), writeable=True)
+    assert_bitwise_equal(F.embedding(np.array([7, 99]), zero_stride), np.tile(np.arange(4, dtype=np.float32), (2, 1)))
+    # the backward (which writes only the gradient) of a table with overlapping rows still runs
+    m = cembed.Embedding.from_pretrained(weight, freeze=False, sparse=True)
+    m(np.array([1, 2]))
+    m.backward(np.ones((2, 8), np.float32))
+    assert m.grad.nnz == 2
+
+
+# =========================================================================== 2. 16-bit updates of no row
+
+@pytest.mark.parametrize("dtype", [np.float16, "bfloat16"])
+def test_apply_pending_decay_with_nothing_pending_on_16_bit_tables(dtype):
+    """poc_2 (a): the second apply_pending_decay() (no row owes decay) raised a reshape error after the
+    earlier parameters were decayed. Now it is a no-op, and a parameter whose rows are all up to date
+    is left as it is."""
+    dtype = cembed._dtypes.resolve_dtype(dtype)
+    a, b = cembed.Embedding(100, 4, sparse=True), cembed.Embedding(100, 4, sparse=True)
+    a.weight, b.weight = np.ones((100, 4), dtype), np.ones((100, 4), dtype)
+    opt = optim.SparseAdamW([a, b], lr=0.1, weight_decay=0.5, rounding="nearest")
+    a.grad = SparseGrad([0], np.ones((1, 4), np.float32), 100)
+    b.grad = SparseGrad(np.arange(100), np.ones((100, 4), np.float32), 100)
+    opt.step()
+    wb = b.weight.copy()
+    opt.apply_pending_decay()
+    assert_bitwise_equal(b.weight, wb)
+    assert np.all(a.weight[1:].astype(np.float32) == np.float32(1.0 - 0.05).astype(dtype).astype(np.float32))
+    wa, state = a.weight.copy(), _state_bytes(opt)
+    opt.apply_pending_decay()                     # nothing pending anywhere
+    assert_bitwise_equal(a.weight, wa)
+    assert_bitwise_equal(b.weight, wb)
+    assert _state_bytes(opt) == state
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_sgd_momentum_16_bit_first_step_without_rows(fused):
+    """poc_2 (b): SGD momentum on a 16-bit table whose first step has no row (a batch of padding only)
+    raised after counting the step and creating the buffer, leaving no 'active_rows'. Now it is the
+    float32 table's step: a zero buffer, no live row; the next step moves only its rows."""
+    runs = {}
+    for dtype in (np.float32, np.float16):
+        e = cembed.Embedding(100, 4, sparse=True, padding_idx=0)
+        e.weight = np.ones((100, 4), dtype)
+        opt = optim.SGD([e], lr=0.5, momentum=0.9, rounding="nearest")
+        if fused:
+            e.backward(np.ones((3, 4), np.float32), np.array([0, 0, 0]), optimizer=opt)
+        else:
+            e.grad = SparseGrad([], np.zeros((0, 4), np.float32), 100)
+            opt.step()
+            opt.zero_grad()
+        assert opt.state[e]["active_rows"].tolist() == []
+        assert not opt.state[e]["momentum_buffer"].any()
+        e.grad = SparseGrad([3], np.ones((1, 4), np.float32), 100)
+        opt.step()
+        assert opt.state[e]["active_rows"].tolist() == [3]
+        runs[dtype] = e.weight.astype(np.float32)
+    assert_bitwise_equal(runs[np.float16], runs[np.float32])   # 1 - 0.5 is exact in float16
+
+
+# =========================================================================== 3. step counters
+
+def _two_stepped(cls, n=10, dim=4):
+    a, b = cembed.Embedding(n, dim, sparse=True, seed=0), cembed.Embedding(n, dim, sparse=True, seed=1)
+    opt = cls([a, b], lr=0.1)
+    for m in (a, b):
+        m.grad = SparseGrad([1], np.ones((1, dim), np.float32), n)
+    opt.step()
+    for m in (a, b):
+        m.grad = SparseGrad([1, 2], np.ones((2, dim), np.float32), n)
+    return a, b, opt
+
+
+ADAMS = [optim.SparseAdam, optim.SparseAdamW]
+
+
+@pytest.mark.parametrize("cls", ADAMS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("bad", [2 ** 1100, 10 ** 400, 2 ** 63, -1, np.uint64(2 ** 64 - 1), np.uint64(2 ** 63)],
+                         ids=["2**1100", "10**400", "2**63", "-1", "uint64max", "uint64 2**63"])
+def test_step_counters_out_of_bounds_are_refused_at_load_and_at_step(cls, bad):
+    """poc_3 and the reviewer's step-counter PoCs: a step of 2**1100 or 10**400 passed load and made
+    step() raise OverflowError after updating the other parameters; a uint64 counter wrapped to 0 (NaN
+    weights). Every counter is an int in [0, 2**63 - 1]."""
+    a, b, opt = _two_stepped(cls)
+    sd = opt.state_dict()
+    sd["state"][1]["step"] = bad
+    before = _state_bytes(opt)
+    with pytest.raises(ValueError, match=r"'step' must be an int in \[0, 2\*\*63 - 1\]"):
+        opt.load_state_dict(sd)
+    assert _state_bytes(opt) == before
+    opt.state[b]["step"] = bad                                  # a live counter: refused at step, unchanged
+    wa, wb = a.weight.copy(), b.weight.copy()
+    for run in (opt.step, lambda: (setattr(a, "grad", None), setattr(b, "grad", None),
+                                   b.backward(np.ones((1, 4), np.float32), np.array([2]), optimizer=opt))):
+        with pytest.raises(ValueError, match=r"params'\]\[1\].*'step' must be an int"):
+            run()
+        assert_bitwise_equal(a.weight, wa)
+        assert_bitwise_equal(b.weight, wb)
+        assert opt.state[a]["step"] == 1 and opt.state[b]["step"] is bad
+
+
+@pytest.mark.parametrize("cls", ADAMS, ids=lambda c: c.__name__)
+def test_last_step_count_loads_but_the_next_step_is_refused(cls, tmp_path):
+    a, b, opt = _two_stepped(cls)
+    sd = opt.state_dict()
+    sd["state"][1]["step"] = STEP_MAX
+    opt.load_state_dict(sd)
+    opt.save(tmp_path / "opt.npz")
+    opt.load(tmp_path / "opt.npz")
+    assert opt.state[b]["step"] == STEP_MAX
+    wa, wb, before = a.weight.copy(), b.weight.copy(), _state_bytes(opt)
+    with pytest.raises(ValueError, match="largest step count"):
+        opt.step()
+    b.grad = None
+    with pytest.raises(ValueError, match="largest step count"):
+        b.backward(np.ones((1, 4), np.float32), np.array([2]), optimizer=opt)
+    assert_bitwise_equal(a.weight, wa)
+    assert_bitwise_equal(b.weight, wb)
+    assert _state_bytes(opt) == before
+    opt.state[b]["step"] = STEP_MAX - 1                       # one step left: taken, no overflow
+    b.grad = SparseGrad([2], np.ones((1, 4), np.float32), 10)
+    opt.step()
+    assert opt.state[b]["step"] == STEP_MAX and type(opt.state[b]["step"]) is int
+
+
+@pytest.mark.parametrize("cls", ADAMS, ids=lambda c: c.__name__)
+def test_numpy_integer_counters_step_as_python_ints(cls):
+    """np.int8(127) + 1 wrapped to -128; the counter is now stored as a Python int, and the step is the
+    step of the int counter, bitwise."""
+    results = []
+    for start in (127, np.int8(127), np.uint8(127), np.int64(127)):
+        a, b, opt = _two_stepped(cls)
+        opt.state[b]["step"] = start
+        opt.step()
+        assert opt.state[b]["step"] == 128 and type(opt.state[b]["step"]) is int
+        results.append(b.weight.copy())
+    for other in results[1:]:
+        assert_bitwise_equal(results[0], other)
+
+
+def test_step_counter_file_with_huge_step_is_refused(tmp_path):
+    a, b, opt = _two_stepped(optim.SparseAdam)
+    opt.save(tmp_path / "opt.npz")
+    with np.load(tmp_path / "opt.npz") as data:
+        arrays = dict(data)
+    meta = json.loads(bytes(arrays["__meta__"]).decode())
+    meta["state"]["1"]["step"] = {"value": 10 ** 400}
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    np.savez(tmp_path / "bad.npz", **arrays)
+    before = _state_bytes(opt)
+    with pytest.raises(ValueError, match="bad.npz.*'step' must be an int"):
+        opt.load(tmp_path / "bad.npz")
+    assert _state_bytes(opt) == before
+
+
+@pytest.mark.parametrize("bad", [10 ** 400, 2 ** 63, -1, 1e300, float("inf"), np.float64(1e39)],
+                         ids=["10**400", "2**63", "-1", "1e300", "inf", "f64 1e39"])
+def test_adagrad_step_counter_bounds(bad):
+    a, b, opt = _two_stepped(optim.Adagrad)
+    sd = opt.state_dict()
+    sd["state"][1]["step"] = bad
+    before = _state_bytes(opt)
+    with pytest.raises(ValueError, match=r"\['step'\] must be"):
+        opt.load_state_dict(sd)
+    assert _state_bytes(opt) == before
+    opt.state[b]["step"] = bad
+    wa = a.weight.copy()
+    with pytest.raises(ValueError, match=r"\['step'\] must be"):
+        opt.step()
+    assert_bitwise_equal(a.weight, wa)
+    sd["state"][1]["step"] = 2 ** 40            # in bounds: loads, and counts on as torch's float32 counter
+    opt.load_state_dict(sd)
+    opt.step()
+    assert opt.state[b]["step"] == np.float32(2 ** 40) and opt.state[b]["step"].dtype == np.float32
+
+
+# =========================================================================== 4. 16-bit dense steps, state on disk
+
+@pytest.mark.parametrize("dtype", [np.float16, "bfloat16"])
+@pytest.mark.parametrize("state_dtype", [None, "bfloat16", "float16"])
+@pytest.mark.parametrize("make", [lambda p, **kw: optim.SGD(p, lr=0.1, momentum=0.9, **kw),
+                                  lambda p, **kw: optim.SGD(p, lr=0.1, momentum=0.5, nesterov=True, **kw),
+                                  lambda p, **kw: optim.Adagrad(p, lr=0.1, **kw)], ids=["sgd", "nesterov", "adagrad"])
+def test_dense_steps_of_16_bit_tables_with_state_dir_are_the_in_memory_steps(tmp_path, dtype, state_dtype, make):
+    """poc_4: SGD momentum + state_dir + a 16-bit table + a dense gradient always failed (the momentum
+    buffer was allocated for the float32 scratch state, which maps to no parameter), after updating the
+    other parameters. Now its state is created in state_dir, and every step is bitwise the in-memory
+    one; the state stays the memmap of its file (Adagrad's too)."""
+    dtype = cembed._dtypes.resolve_dtype(dtype)
+    rng = np.random.default_rng(3)
+    grads = [rng.standard_normal((30, 6)).astype(np.float32) for _ in range(3)]
+    runs = []
+    for state_dir in (None, tmp_path / "state"):
+        a = cembed.Embedding(30, 6, seed=0)                       # float32, updated first
+        b = cembed.Embedding(30, 6, seed=1)
+        b.weight = b.weight.astype(dtype)
+        opt = make([a, b], state_dtype=None, state_dir=state_dir) if state_dtype is None else \
+            make([{"params": [a]}, {"params": [b], "state_dtype": state_dtype}], state_dir=state_dir)
+        for g in grads:
+            a.grad, b.grad = g.copy(), g.copy()
+            opt.step()
+        runs.append((a.weight.copy(), b.weight.copy(), opt))
+    (a0, b0, mem), (a1, b1, disk) = runs
+    assert_bitwise_equal(a0, a1)
+    assert_bitwise_equal(b0, b1)
+    name = "momentum_buffer" if isinstance(disk, optim.SGD) else "sum"
+    for m_mem, m_disk in zip(mem.state, disk.state):
+        assert_bitwise_equal(mem.state[m_mem][name], disk.state[m_disk][name])
+        assert isinstance(disk.state[m_disk][name], np.memmap)
+    stored = np.load(tmp_path / "state" / f"p1.{name}.npy", mmap_mode="r")
+    assert stored.tobytes() == disk.state[list(disk.state)[1]][name].tobytes()
+
+
+# =========================================================================== 5. refused groups, missing state
+
+@pytest.mark.parametrize("cls", [optim.Adagrad, optim.RowWiseAdagrad], ids=lambda c: c.__name__)
+def test_add_param_group_that_fails_making_state_is_not_added(cls, monkeypatch):
+    """poc_5: a MemoryError while making a new group's state (a table larger than RAM) left the group
+    added without state; the next step updated the others, then raised KeyError. Now the group is not
+    added, the optimizer is as before, and steps go on."""
+    a = cembed.Embedding(10, 4, sparse=True)
+    opt = cls([a], lr=0.1)
+    b, c = cembed.Embedding(10, 4, sparse=True), cembed.Embedding(12, 4, sparse=True)
+    real = optim.Optimizer._new_state
+
+    def failing(self, state, key, weight, **kw):
+        if weight.shape[0] == 12:
+            raise MemoryError("Unable to allocate the state of a huge table")
+        return real(self, state, key, weight, **kw)
+
+    monkeypatch.setattr(optim.Optimizer, "_new_state", failing)
+    before = _state_bytes(opt)
+    with pytest.raises(MemoryError):
+        opt.add_param_group({"params": [b, c]})              # b got state, c failed: both rolled back
+    monkeypatch.undo()
+    assert len(opt.param_groups) == 1 and b not in opt.state and c not in opt.state
+    assert _state_bytes(opt) == before
+    for m in (a, b, c):
+        m.grad = SparseGrad([1], np.ones((1, 4), np.float32), m.weight.shape[0])
+    opt.step()                                                # b and c are not in the optimizer
+    opt.add_param_group({"params": [b, c]})
+    opt.step()
+    assert set(opt.state) == {a, b, c}
+
+
+@pytest.mark.parametrize("cls", [optim.Adagrad, optim.RowWiseAdagrad], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("fused", [False, True])
+def test_missing_state_is_refused_before_any_update(cls, fused):
+    """poc_5: `del opt.state[b]` made step() update `a`, then raise KeyError('step') / KeyError('sum')."""
+    a, b = cembed.Embedding(10, 4, sparse=True), cembed.Embedding(10, 4, sparse=True)
+    opt = cls([a, b], lr=0.1)
+    del opt.state[b]
+    wa, wb, before = a.weight.copy(), b.weight.copy(), _state_bytes(opt)
+    with pytest.raises(ValueError, match=r"\['params'\]\[1\]: optimizer state is missing"):
+        if fused:
+            b.backward(np.ones((1, 4), np.float32), np.array([1]), optimizer=opt)
+        else:
+            for m in (a, b):
+                m.grad = SparseGrad([1], np.ones((1, 4), np.float32), 10)
+            opt.step()
+    assert_bitwise_equal(a.weight, wa)
+    assert_bitwise_equal(b.weight, wb)
+    assert _state_bytes(opt) == before and b not in opt.state
+
+
+# =========================================================================== 8. SparseAdam at lr 0
+
+def test_sparse_adam_lr_zero_only_refused_by_the_constructor():
+    """poc_8: torch checks lr > 0 in SparseAdam's constructor only; cembed refused lr == 0 at every
+    step, so CosineAnnealingLR (eta_min=0) stopped training. Now as torch: a schedule, a group, a
+    state dict may set 0; the steps match torch's, and a negative lr is still refused."""
+    torch = require_torch()
+    from cembed.optim.lr_scheduler import CosineAnnealingLR
+    rng = np.random.default_rng(5)
+    init = rng.standard_normal((10, 4)).astype(np.float32)
+    m = cembed.Embedding.from_pretrained(init.copy(), freeze=False, sparse=True)
+    opt = optim.SparseAdam([m], lr=0.1)
+    sched = CosineAnnealingLR(opt, T_max=2)
+    tm = torch.nn.Embedding.from_pretrained(torch.from_numpy(init.copy()), freeze=False, sparse=True)
+    topt = torch.optim.SparseAdam(tm.parameters(), lr=0.1)
+    tsched = torch.optim.lr_scheduler.CosineAnnealingLR(topt, T_max=2)
+    lrs = []
+    for epoch in range(5):
+        idx = rng.integers(0, 10, 6)
+        g = rng.standard_normal((6, 4)).astype(np.float32)
+        m(idx)
+        m.backward(g)
+        opt.step()
+        opt.zero_grad()
+        topt.zero_grad()
+        (tm(torch.from_numpy(idx)) * torch.from_numpy(g)).sum().backward()
+        topt.step()
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step()
+        tsched.step()
+        np.testing.assert_allclose(m.weight, tm.weight.detach().numpy(), rtol=1e-6, atol=1e-7)
+    assert 0.0 in lrs
+    with pytest.raises(ValueError, match=r"defaults: learning rate \(lr\) must be > 0"):
+        optim.SparseAdam([m], lr=0.0)
+    optim.SparseAdam([{"params": [m], "lr": 0.0}], lr=0.1).step()   # torch accepts a group's 0 too
+    sd = opt.state_dict()
+    sd["param_groups"][0]["lr"] = 0.0
+    opt.load_state_dict(sd)
+    opt.param_groups[0]["lr"] = -0.1
+    m.grad = SparseGrad([1], np.ones((1, 4), np.float32), 10)
+    w = m.weight.copy()
+    with pytest.raises(ValueError, match=r"learning rate \(lr\) must be >= 0"):
+        opt.step()
+    assert_bitwise_equal(m.weight, w)
+
+
+# =========================================================================== 9. load hygiene
+
+def _adam_with_state(tmp_path=None):
+    m = cembed.Embedding(10, 4, sparse=True, seed=0)
+    opt = optim.SparseAdam([m], lr=0.1)
+    m.grad = SparseGrad([1], np.ones((1, 4), np.float32), 10)
+    opt.step()
+    return m, opt
+
+
+def test_deeply_nested_meta_is_a_value_error(tmp_path):
+    """poc_9 (a): a crafted .npz whose __meta__ is JSON nested 100000 deep raised RecursionError."""
+    m, opt = _adam_with_state()
+    path = tmp_path / "x.npz"
+    np.savez(path, __meta__=np.frombuffer(("[" * 100000 + "]" * 100000).encode(), np.uint8))
+    before = _state_bytes(opt)
+    with pytest.raises(ValueError, match="x.npz: not a readable cembed optimizer file"):
+        opt.load(path)
+    assert _state_bytes(opt) == before
+
+
+@pytest.mark.parametrize("keys", [[0.5], [" 0"], ["0x"], [True], ["\u0660"], [None], [0, "0"], [np.int64(0), "0"],
+                                  ["0", "00"]], ids=repr)
+def test_state_keys_are_ints_or_digit_strings_each_once(keys):
+    """poc_9 (b): keys went through int(), so 0.5, "0" and 0 all named parameter 0 and overwrote each
+    other silently."""
+    m, opt = _adam_with_state()
+    sd = opt.state_dict()
+    entry = sd["state"].pop(0)
+    for k, key in enumerate(keys):
+        e = copy.deepcopy(entry)
+        e["step"] = 70 + k
+        sd["state"][key] = e
+    before = _state_bytes(opt)
+    with pytest.raises(ValueError, match="not a parameter index|two entries for parameter 0"):
+        opt.load_state_dict(sd)
+    assert _state_bytes(opt) == before
+
+
+@pytest.mark.parametrize("key", [0, "0", np.int64(0), np.uint8(0)], ids=repr)
+def test_state_keys_that_name_a_parameter_once_load(key):
+    m, opt = _adam_with_state()
+    sd = opt.state_dict()
+    sd["state"][key] = sd["state"].pop(0)
+    sd["state"][key]["step"] = 5
+    opt.load_state_dict(sd)
+    assert opt.state[m]["step"] == 5
+
+
+def test_file_with_two_keys_for_one_parameter_is_refused(tmp_path):
+    m, opt = _adam_with_state()
+    opt.save(tmp_path / "opt.npz")
+    with np.load(tmp_path / "opt.npz") as data:
+        arrays = dict(data)
+    meta = json.loads(bytes(arrays["__meta__"]).decode())
+    meta["state"]["00"] = copy.deepcopy(meta["state"]["0"])
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    np.savez(tmp_path / "two.npz", **arrays)
+    before = _state_bytes(opt)
+    with pytest.raises(ValueError, match="two.npz.*two entries for parameter 0"):
+        opt.load(tmp_path / "two.npz")
+    assert _state_bytes(opt) == before
+
+
+# =========================================================================== 10. parameter lists, accumulators
+
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=lambda v: getattr(v, "__name__", ""))
+def test_module_appended_twice_is_refused_before_any_update(cls, kw):
+    """A module appended by hand to param_groups[g]['params'] a second time was updated twice per step
+    and its state dict could not be loaded back: refused before anything changes."""
+    a, b = cembed.Embedding(10, 4, sparse=True, seed=0), cembed.Embedding(10, 4, sparse=True, seed=1)
+    opt = cls([a, b], **kw)
+    opt.add_param_group({"params": [cembed.Embedding(5, 4, sparse=True)]})
+    opt.param_groups[1]["params"].append(a)
+    for m in (a, b):
+        m.grad = SparseGrad([1], np.ones((1, 4), np.float32), 10)
+    wa, wb, before = a.weight.copy(), b.weight.copy(), [(m, copy.deepcopy(e)) for m, e in opt.state.items()]
+    match = r"param_groups\[1\]\['params'\]\[1\] \(Embedding\) is the same module as param_groups\[0\]\['params'\]\[0\]"
+    for call in (opt.step, opt.zero_grad, opt.state_dict,
+                 lambda: (setattr(b, "grad", None),
+                          b.backward(np.ones((1, 4), np.float32), np.array([2]), optimizer=opt))):
+        with pytest.raises(ValueError, match=match):
+            call()
+        assert_bitwise_equal(a.weight, wa)
+        assert_bitwise_equal(b.weight, wb)
+        assert [m for m, _ in before] == list(opt.state)
+    if cls is optim.SparseAdamW:
+        with pytest.raises(ValueError, match=match):
+            opt.apply_pending_decay()
+    opt.param_groups[1]["params"].pop()
+    b.grad = SparseGrad([1], np.ones((1, 4), np.float32), 10)
+    opt.step()
+
+
+@pytest.mark.parametrize("bad", [3, None, np.ones((2, 2), np.float32), "weight"], ids=repr)
+def test_non_module_in_params_is_a_type_error(bad):
+    a = cembed.Embedding(10, 4, sparse=True)
+    opt = optim.SGD([a], lr=0.1)
+    opt.param_groups[0]["params"].append(bad)
+    a.grad = SparseGrad([1], np.ones((1, 4), np.float32), 10)
+    w = a.weight.copy()
+    for call in (opt.step, opt.zero_grad, opt.state_dict,
+                 lambda: (setattr(a, "grad", None),
+                          a.backward(np.ones((1, 4), np.float32), np.array([2]), optimizer=opt))):
+        with pytest.raises(TypeError, match=r"\['params'\]\[1\] must be a module with .weight and .grad"):
+            call()
+    assert_bitwise_equal(a.weight, w)
+    opt.param_groups[0]["params"] = a                           # not a list
+    with pytest.raises(TypeError, match=r"param_groups\[0\] must be a dict whose 'params' is a list"):
+        opt.step()
+
+
+ACCUMULATORS = [(optim.SparseAdam, "exp_avg_sq"), (optim.SparseAdamW, "exp_avg_sq"), (optim.Adagrad, "sum"),
+                (optim.RowWiseAdagrad, "sum")]
+
+
+@pytest.mark.parametrize("cls,name", ACCUMULATORS, ids=lambda v: getattr(v, "__name__", v))
+@pytest.mark.parametrize("dtype,state_dtype", [(np.float32, None), (np.float64, None), (np.float16, "float16"),
+                                               ("bfloat16", "bfloat16")])
+def test_accumulators_of_squares_must_not_be_negative_on_load(cls, name, dtype, state_dtype, tmp_path):
+    """SparseAdam, SparseAdamW and Adagrad loaded a negative exp_avg_sq / sum without complaint (NaN
+    weights at the next step), RowWiseAdagrad refused it (and NaN / inf too). One rule for all four:
+    no value < 0; NaN and inf, which training on non-finite gradients leaves, load back."""
+    dtype = cembed._dtypes.resolve_dtype(dtype)
+    gdtype = cembed._dtypes.compute_dtype(dtype)
+    m = cembed.Embedding(10, 4, sparse=True, seed=0)
+    m.weight = m.weight.astype(dtype)
+    opt = cls([m], lr=0.1, state_dtype=state_dtype)
+    m.grad = SparseGrad([1, 2], np.ones((2, 4), gdtype), 10)
+    opt.step()
+    sd = opt.state_dict()
+    before = _state_bytes(opt)
+    for bad in (-1.0, -np.inf, -1e-30):
+        broken = copy.deepcopy(sd)
+        arr = broken["state"][0][name]
+        arr[(3,) + (0,) * (arr.ndim - 1)] = bad
+        if arr[(3,) + (0,) * (arr.ndim - 1)] == 0:          # -1e-30 is -0.0 in 16 bits: not below 0
+            continue
+        with pytest.raises(ValueError, match=rf"\['{name}'\] must hold values >= 0.*got -"):
+            opt.load_state_dict(broken)
+        assert _state_bytes(opt) == before
+    kept = copy.deepcopy(sd)
+    kept["state"][0][name].reshape(10, -1)[3, 0] = np.inf
+    kept["state"][0][name].reshape(10, -1)[4, 0] = np.nan
+    kept["state"][0][name].reshape(10, -1)[5, 0] = -0.0
+    opt.load_state_dict(kept)
+    opt.save(tmp_path / "opt.npz")
+    opt.load(tmp_path / "opt.npz")
+    assert _state_bytes(opt) != before
+    m.grad = SparseGrad([5], np.ones((1, 4), gdtype), 10)
+    opt.step()
+    assert np.isfinite(m.weight.astype(np.float32)[5]).all()
