@@ -77,6 +77,10 @@ class SparseGrad:
     """
 
     __slots__ = ("_indices", "_buffer", "_values", "_num_rows")
+    _indices: np.ndarray
+    _buffer: np.ndarray
+    _values: np.ndarray
+    _num_rows: int
 
     def __init__(self, indices: Any, values: Any, num_rows: int) -> None:
         num_rows = check_size(num_rows, "num_rows")

@@ -11,7 +11,7 @@ import array
 import collections
 import re
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
@@ -137,7 +137,7 @@ def text_corpus(path, min_count=5, max_vocab=None, lowercase=True):
     token), then the vocabulary is chosen and the ids renumbered with array operations. Memory is the
     distinct words plus a few bytes per token, not the text (reading the whole file into lists of word
     strings peaked at ~28× the file's size)."""
-    first_seen = {}                                    # word -> provisional id, in order of first appearance
+    first_seen: Dict[str, int] = {}                    # word -> provisional id, in order of first appearance
     provisional, lengths = array.array("i"), array.array("q")
     for words in _sentences(path, lowercase):
         provisional.extend([first_seen.setdefault(w, len(first_seen)) for w in words])
