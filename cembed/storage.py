@@ -374,6 +374,17 @@ def _reserve_space(fd: int, length: int, name: str) -> bool:
         return False   # EOPNOTSUPP, ENOSYS, ...: no reservation here; the file stays sparse
 
 
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """``os.pwrite`` until every byte is written (a short write, e.g. at the end of a full disk, is
+    retried, so that its error is raised instead of leaving a hole)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(errno.EIO, f"writing a table: pwrite wrote nothing at offset {offset}")
+        view, offset = view[written:], offset + written
+
+
 def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
@@ -496,6 +507,7 @@ def _create_table(path: str, shape: Tuple[int, int], dtype: np.dtype, init: Any,
         with open(tmp, "r+b") as fh:
             offset = _write_header(fh, shape, stored)
             fh.truncate(offset + n_rows * dim * stored.itemsize)
+            _reserve_space(fh.fileno(), offset + n_rows * dim * stored.itemsize, path)
             step = _chunk_rows(dim * work.itemsize, chunk_bytes)
             buffer = np.empty((min(step, n_rows), dim), dtype=work)
             for lo in range(0, n_rows, step):
@@ -505,7 +517,7 @@ def _create_table(path: str, shape: Tuple[int, int], dtype: np.dtype, init: Any,
                         and block.dtype == work):  # pragma: no cover - the buffer is ours
                     raise AssertionError("init changed the block")
                 out = to_file(block.astype(dtype)) if work != dtype else block
-                os.pwrite(fh.fileno(), out.tobytes(), offset + lo * dim * stored.itemsize)
+                _pwrite_all(fh.fileno(), out.tobytes(), offset + lo * dim * stored.itemsize)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

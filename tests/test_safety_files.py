@@ -110,6 +110,20 @@ def test_full_disk_at_creation_is_an_oserror_and_changes_nothing(tmp_path, monke
         assert_bitwise_equal(opt.state[emb][key], value)
 
 
+def test_initialised_tables_reserve_their_space_and_survive_short_writes(tmp_path, monkeypatch):
+    """A table created with an initialisation: its space is reserved before it is written (no room:
+    an OSError, nothing left behind), and a short write (what pwrite does at the end of a full disk)
+    is continued, never left as a hole of zeros (on main the rest of the block was silently lost)."""
+    real = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: real(fd, bytes(data)[:max(1, len(data) // 3)], offset))
+    table = cembed.open_table(tmp_path / "t.npy", 300, 8, init="normal", seed=3, chunk_bytes=1000)
+    assert_bitwise_equal(table, cembed.Embedding(300, 8, seed=3).weight)
+    monkeypatch.setattr(storage, "_fallocate", _failing_fallocate(errno.ENOSPC))
+    with pytest.raises(OSError, match="u.npy: cannot reserve"):
+        cembed.open_table(tmp_path / "u.npy", 300, 8, init="uniform", seed=3)
+    assert sorted(os.listdir(tmp_path)) == ["t.npy"]
+
+
 def test_file_systems_without_fallocate_keep_sparse_files(tmp_path, monkeypatch):
     """Where the file system cannot reserve space (EOPNOTSUPP) the file is created sparse, as before
     (documented: a full disk can then still kill the process); never emulated by writing zeros."""
