@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import zlib
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 from numpy.lib import format as npy_format
