@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import zlib
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 from numpy.lib import format as npy_format
@@ -111,22 +111,18 @@ def _lock(path: str) -> Any:
 def _write_array(directory: str, filename: str, array: np.ndarray) -> Dict[str, Any]:
     """Write ``array`` to ``directory/filename`` as ``.npy`` in bounded blocks, computing the CRC of
     the bytes as they are written; returns the file's manifest entry. A read-only memory map of a
-    whole ``.npy`` file (a frozen table, or one loaded read-only from a checkpoint) is hard-linked
-    instead of copied."""
+    whole file of a checkpoint (a frozen table loaded from a checkpoint with ``mmap=True``) is
+    hard-linked instead of copied, with the checksum that checkpoint recorded; any other file is
+    copied (a table file may be opened read-write later: a link would let training write into the
+    checkpoint)."""
     dst = os.path.join(directory, filename)
     logical = {"logical_dtype": array.dtype.name} if array.dtype != storage.file_dtype(array.dtype) else {}
     stored = storage.to_file(array)   # bfloat16 as its uint16 bits, its dtype in the manifest entry
-    src = storage.backing_file(array)
-    if src is not None and not array.flags.writeable:
-        try:
-            os.link(src, dst)
-        except OSError:
-            pass  # another file system, or links not supported: copy it
-        else:
-            size = os.stat(dst).st_size
-            crc = _known_crc(src, size)
-            return {"shape": list(array.shape), "dtype": npy_format.dtype_to_descr(stored.dtype), "bytes": size,
-                    CHECKSUM: crc if crc is not None else _file_crc(dst), **logical}
+    linked = _link_checkpoint_file(array, dst)
+    if linked is not None:
+        size, crc = linked
+        return {"shape": list(array.shape), "dtype": npy_format.dtype_to_descr(stored.dtype), "bytes": size,
+                CHECKSUM: crc, **logical}
     crc = 0
     with open(dst, "wb") as fh:
         header = _header_bytes(array.shape, stored.dtype)
@@ -146,6 +142,32 @@ def _write_array(directory: str, filename: str, array: np.ndarray) -> Dict[str, 
         size = fh.tell()
     return {"shape": list(array.shape), "dtype": npy_format.dtype_to_descr(stored.dtype), "bytes": size,
             CHECKSUM: crc, **logical}
+
+
+def _link_checkpoint_file(array: np.ndarray, dst: str) -> Optional[Tuple[int, int]]:
+    """Hard-link the checkpoint file that the read-only map ``array`` maps whole to ``dst``; returns
+    (size, recorded CRC), or None (nothing linked: copy it) when ``array`` is writeable, is not a map
+    cembed made of a whole file, the file at its name is no longer the mapped file, the file is not in
+    a checkpoint (no recorded checksum), or the link fails (another file system)."""
+    if array.flags.writeable:
+        return None
+    src = storage.backing_file(array)   # checks that the name still names the mapped file
+    known = storage._mapped_file_id(array)
+    if src is None or known is None:
+        return None
+    size = os.stat(src).st_size
+    crc = _known_crc(src, size)
+    if crc is None:
+        return None
+    try:
+        os.link(src, dst)
+    except OSError:
+        return None  # another file system, or links not supported: copy it
+    status = os.stat(dst)
+    if (status.st_dev, status.st_ino) != known or status.st_size != size:   # replaced meanwhile
+        os.unlink(dst)
+        return None
+    return size, crc
 
 
 def _header_bytes(shape: Tuple[int, ...], dtype: np.dtype) -> bytes:
@@ -206,8 +228,9 @@ def write_directory(path: PathLike, arrays: Mapping[str, np.ndarray], meta: Any)
         replaced.
     arrays : mapping of str to numpy.ndarray
         Names (letters, digits, ``_ - .``) to arrays of any shape and a plain dtype. Each is written
-        in bounded blocks; a read-only ``numpy.memmap`` of a whole ``.npy`` file is hard-linked
-        instead (no copy; its recorded checksum is kept when it comes from a checkpoint).
+        in bounded blocks; a read-only map of a whole file of a checkpoint (``open_array``, a frozen
+        table loaded with ``mmap=True``) is hard-linked instead (no copy; its recorded checksum is
+        kept), when the file at its name is still the file that was mapped.
     meta : JSON-serialisable
         Stored in the manifest under ``"meta"``.
 
@@ -370,8 +393,8 @@ def read_directory(path: PathLike, verify: bool = True) -> Tuple[Any, Dict[str, 
 
 def open_array(path: PathLike, name: str, mode: str = "r") -> np.memmap:
     """Map the array ``name`` of the checkpoint at ``path`` (``mode`` ``"r"`` or ``"c"``; a
-    checkpoint's files are never written in place). Checks its header, not its checksum (see
-    :func:`read_directory`). A bfloat16 array (stored as its ``uint16`` bits, its dtype in the
+    checkpoint's files are never written in place; nor may anyone truncate or overwrite the file
+    while it is mapped: SIGBUS). Checks its header, not its checksum (see :func:`read_directory`). A bfloat16 array (stored as its ``uint16`` bits, its dtype in the
     manifest) is mapped as bfloat16.
 
     Examples
@@ -445,11 +468,11 @@ def save_checkpoint(path: PathLike, modules: Any, optimizer: Any = None, extra: 
     Notes
     -----
     A table is copied into the checkpoint in bounded blocks (a table on disk is streamed, never
-    read whole into memory) — except a read-only ``numpy.memmap`` of a whole ``.npy`` file (a
-    frozen table opened with ``mode="r"``, or loaded from a checkpoint with ``mmap=True``), which is
-    hard-linked: the same data is never stored twice, and its recorded checksum travels with it.
-    Writeable tables are always copied: a checkpoint's files are never written to afterwards, so
-    training cannot damage it.
+    read whole into memory) — except a frozen table that is a read-only map of a checkpoint's file
+    (loaded with ``load_checkpoint(..., mmap=True)``), which is hard-linked: the same data is never
+    stored twice, and its recorded checksum travels with it. Every other table is copied, also a
+    read-only ``open_table(..., mode="r")`` table: its file may be opened read-write and trained
+    later, and a checkpoint's files are never written to afterwards, so training cannot damage it.
 
     Examples
     --------
@@ -529,14 +552,20 @@ def load_checkpoint(path: PathLike, modules: Any, optimizer: Any = None, mmap: b
         becomes a map of the checkpoint's file — read-only for a frozen module, copy-on-write for a
         trainable one, so training never writes into the checkpoint — and without it, an array read
         into memory. Optimizer state goes into the optimizer's ``state_dir`` when it has one, else
-        into memory.
+        into memory. A mapped checkpoint file must not be truncated or overwritten in place while
+        a module maps it (the process would be killed by SIGBUS at its next lookup): replace a
+        checkpoint with :func:`save_checkpoint`, which renames a new directory into place.
     verify : bool, default True
         Check every file's CRC-32 (reads every file once).
 
     Raises
     ------
     CheckpointError
-        (a ``ValueError``) naming the directory or the file at fault.
+        (a ``ValueError``) naming the directory or the file at fault; also a table on disk whose
+        array is read-only (its values could not be copied into it), refused before anything changes.
+    OSError
+        Writing the optimizer's state into its ``state_dir`` failed (a full disk): the state files
+        and the optimizer are as they were, the modules not yet loaded.
 
     Examples
     --------
@@ -578,7 +607,16 @@ def load_checkpoint(path: PathLike, modules: Any, optimizer: Any = None, mmap: b
         if header.shape != weight.shape or header.dtype != weight.dtype:
             raise _fail(directory, f"module {name!r} has a table of shape {weight.shape} {weight.dtype}, the "
                                    f"checkpoint holds {header.shape} {header.dtype}")
-        plan.append((module, file_path, header))
+        # a table on disk (a read-write map of a file) keeps its file: the values are copied into it
+        # (nothing to do when it maps this very file); any other table is replaced
+        action = "replace"
+        backing = storage.backing_file(weight) if getattr(weight, "mode", None) in ("r+", "w+") else None
+        if backing is not None:
+            action = "keep" if os.path.abspath(backing) == os.path.abspath(file_path) else "copy"
+            if action == "copy" and not weight.flags.writeable:
+                raise _fail(directory, f"module {name!r}: its table maps the file {backing} read-write but the "
+                                       "array is read-only: the values cannot be copied into it")
+        plan.append((module, weight, file_path, header, action))
     saved_optimizer = meta.get("optimizer")
     state_dict = None
     if optimizer is not None:
@@ -609,14 +647,14 @@ def load_checkpoint(path: PathLike, modules: Any, optimizer: Any = None, mmap: b
     if state_dict is not None:
         try:
             optimizer.load_state_dict(state_dict)  # checks the whole state first; changes nothing on error
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:
             raise _fail(directory, f"optimizer state: {exc}") from None
-    for module, file_path, header in plan:
-        weight = module.weight
-        if getattr(weight, "mode", None) in ("r+", "w+") and storage.backing_file(weight) is not None:
-            if os.path.abspath(storage.backing_file(weight) or "") != os.path.abspath(file_path):
-                storage.copy_rows(weight, storage.map_array(file_path, "r", header, advice="sequential"))
-                weight.flush()
+    for module, weight, file_path, header, action in plan:
+        if action == "copy":
+            storage.copy_rows(weight, storage.map_array(file_path, "r", header, advice="sequential"))
+            weight.flush()
+        elif action == "keep":
+            pass
         elif mmap:
             trainable = bool(getattr(module, "requires_grad", True))
             module.weight = storage.map_array(file_path, "c" if trainable else "r", header)

@@ -6,9 +6,9 @@ needs is here, written once:
 
 * :func:`aligned_zeros` / :func:`aligned_copy` — a table or state array in memory whose data starts on
   a page boundary (the modules and optimizers allocate theirs so);
-* :func:`open_table` — create (initialised in bounded-size chunks, sparse when zero) or open a table;
+* :func:`open_table` — create (initialised in bounded-size chunks; zeros are not written) or open a table;
 * :func:`read_header` — the shape / dtype / data offset of a ``.npy`` file, checked against its size;
-* :func:`create_zeros` — a zero ``.npy`` file without writing its data (a sparse file);
+* :func:`create_zeros` — a zero ``.npy`` file without writing its data (its space reserved);
 * :func:`copy_rows` — copy one array into another in bounded-size row blocks;
 * :func:`backing_file` — the ``.npy`` file a memory-mapped array maps whole, if any;
 * :func:`fsync_path` / :func:`fsync_directory` — durability;
@@ -25,9 +25,12 @@ durability rules: ``docs/storage.md``.
 from __future__ import annotations
 
 import ctypes
+import errno
+import math
 import mmap
 import os
 import tempfile
+import weakref
 from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
@@ -160,7 +163,7 @@ def read_header(path: PathLike) -> NpyHeader:
         raise ValueError(f"{path}: holds a Fortran-ordered array; cembed maps C-ordered arrays only")
     if dtype.hasobject:
         raise ValueError(f"{path}: holds an object array, which cannot be memory-mapped")
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(int(n) for n in shape) * dtype.itemsize   # Python ints: never wraps
     if size < offset + nbytes:
         raise ValueError(f"{path}: truncated file: {size} bytes, its header needs {offset + nbytes} "
                          f"({offset} header + {nbytes} data)")
@@ -295,12 +298,21 @@ def _umask() -> int:
 
 def create_zeros(path: PathLike, shape: Tuple[int, ...], dtype: Any, *, durable: bool = False) -> None:
     """Create (or replace) the ``.npy`` file ``path`` holding zeros of ``shape`` and ``dtype``,
-    without writing its data: the file is extended with ``truncate``, so on file systems with sparse
-    files a fresh 50 GB array costs no disk write and no disk space until rows are written. A
+    without writing its data: the file is extended with ``truncate`` and its space reserved on disk
+    with ``fallocate`` (no data is written: a fresh 50 GB array takes milliseconds, but takes its
+    50 GB of disk at once). The reservation is what makes a full disk an ``OSError`` here, before
+    anything else changes, instead of a SIGBUS at the first write through a mapping of the file;
+    where the file system cannot reserve space the file stays sparse (``docs/storage.md``). A
     bfloat16 array is stored as its ``uint16`` bits (:func:`file_dtype`; zero bits are 0.0).
 
     The file is written under a temporary sibling name and renamed into place (with ``durable``,
-    synced first), so ``path`` never holds a half-written header.
+    synced first), so ``path`` never holds a half-written header; on any error (no room on the disk
+    included) ``path`` is left as it was.
+
+    Raises
+    ------
+    OSError
+        The file cannot be created, or the disk has no room for it (``ENOSPC``, ``EDQUOT``).
 
     Examples
     --------
@@ -312,12 +324,13 @@ def create_zeros(path: PathLike, shape: Tuple[int, ...], dtype: Any, *, durable:
     """
     path = os.fspath(path)
     dtype = file_dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(int(n) for n in shape) * dtype.itemsize
     tmp = _temporary_sibling(path)
     try:
         with open(tmp, "r+b") as fh:
             offset = _write_header(fh, shape, dtype)
             fh.truncate(offset + nbytes)
+            _reserve_space(fh.fileno(), offset + nbytes, path)
             if durable:
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -327,6 +340,49 @@ def create_zeros(path: PathLike, shape: Tuple[int, ...], dtype: Any, *, durable:
         raise
     if durable:
         fsync_directory(os.path.dirname(os.path.abspath(path)))
+
+
+#: errno values of ``fallocate`` that mean "no room": the file cannot get its space.
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _reserve_space(fd: int, length: int, name: str) -> bool:
+    """Allocate the first ``length`` bytes of the open file ``fd`` on disk (Linux ``fallocate``,
+    mode 0: the holes get blocks that read as zeros; nothing is written, so it takes milliseconds
+    also for a large file), so that a later write through a memory map of it cannot meet a full
+    disk — which is a SIGBUS that kills the process, not an exception. Returns True when the space
+    is reserved, False where the file system (or the platform) cannot reserve it (the file stays
+    sparse: ``docs/storage.md``). ``posix_fallocate`` is not used: where the file system lacks the
+    call, glibc emulates it by writing every block.
+
+    Raises
+    ------
+    OSError
+        ``ENOSPC`` / ``EDQUOT`` / ``EFBIG``: not enough room; the message names ``name`` and the size.
+    """
+    if _fallocate is None or length <= 0:
+        return False
+    while True:
+        if _fallocate(fd, 0, 0, length) == 0:
+            return True
+        code = ctypes.get_errno()
+        if code == errno.EINTR:
+            continue
+        if code in _NO_ROOM:
+            raise OSError(code, f"{name}: cannot reserve {length} bytes on disk for an array written through "
+                                f"a memory map ({os.strerror(code)})")
+        return False   # EOPNOTSUPP, ENOSYS, ...: no reservation here; the file stays sparse
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """``os.pwrite`` until every byte is written (a short write, e.g. at the end of a full disk, is
+    retried, so that its error is raised instead of leaving a hole)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(errno.EIO, f"writing a table: pwrite wrote nothing at offset {offset}")
+        view, offset = view[written:], offset + written
 
 
 def _unlink_quietly(path: str) -> None:
@@ -367,7 +423,9 @@ def backing_file(array: Any) -> Optional[str]:
     """The absolute path of the ``.npy`` file that ``array`` maps *whole* (a ``numpy.memmap``
     from :func:`open_table`, ``numpy.load(..., mmap_mode=...)`` or ``open_memmap``, not a slice of
     one, or its bfloat16 view of the file's ``uint16`` bits), else None. The file's header is re-read
-    to confirm shape, dtype (:func:`file_dtype`) and data offset.
+    to confirm shape, dtype (:func:`file_dtype`) and data offset. For a map made by cembed the file
+    now at that path must be the file that was mapped (same device and inode): a name given to
+    another file since (a checkpoint saved again over the one a table was loaded from) gives None.
 
     Examples
     --------
@@ -396,6 +454,14 @@ def backing_file(array: Any) -> Optional[str]:
     start = np.frombuffer(mm, dtype=np.uint8).ctypes.data if not mm.closed else None
     if start is None or array.ctypes.data != start + (header.offset % _mmap_granularity()):
         return None
+    known = _mapped_file_id(array)
+    if known is not None:
+        try:
+            status = os.stat(path)
+        except OSError:
+            return None
+        if (status.st_dev, status.st_ino) != known:   # the name now belongs to another file
+            return None
     return path
 
 
@@ -441,6 +507,7 @@ def _create_table(path: str, shape: Tuple[int, int], dtype: np.dtype, init: Any,
         with open(tmp, "r+b") as fh:
             offset = _write_header(fh, shape, stored)
             fh.truncate(offset + n_rows * dim * stored.itemsize)
+            _reserve_space(fh.fileno(), offset + n_rows * dim * stored.itemsize, path)
             step = _chunk_rows(dim * work.itemsize, chunk_bytes)
             buffer = np.empty((min(step, n_rows), dim), dtype=work)
             for lo in range(0, n_rows, step):
@@ -450,7 +517,7 @@ def _create_table(path: str, shape: Tuple[int, int], dtype: np.dtype, init: Any,
                         and block.dtype == work):  # pragma: no cover - the buffer is ours
                     raise AssertionError("init changed the block")
                 out = to_file(block.astype(dtype)) if work != dtype else block
-                os.pwrite(fh.fileno(), out.tobytes(), offset + lo * dim * stored.itemsize)
+                _pwrite_all(fh.fileno(), out.tobytes(), offset + lo * dim * stored.itemsize)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -487,8 +554,9 @@ def open_table(path: PathLike, num_embeddings: Optional[int] = None, embedding_d
         ``"w+"``: always create (replacing an existing file); ``"r"``: open read-only (a frozen
         table); ``"c"``: open copy-on-write (changes stay in memory, the file is never written).
     init : {"zeros", "normal", "uniform"} or callable, default "zeros"
-        How a created table is filled (ignored when opening): ``"zeros"`` writes no data (a
-        sparse file: creating costs neither time nor disk until rows are written); ``"normal"``
+        How a created table is filled (ignored when opening): ``"zeros"`` writes no data (its
+        disk space is reserved, :func:`create_zeros`: creating takes no time, and a full disk is an
+        ``OSError`` then, not a SIGBUS while training); ``"normal"``
         draws N(0, 1) like ``Embedding(num_embeddings, embedding_dim, seed=seed)``; ``"uniform"`` is
         word2vec's ``(U[0, 1) - 0.5) / embedding_dim``; a callable ``init(block, start)`` fills
         ``block`` (rows ``start ... start + len(block) - 1``, a writeable array of the table's
@@ -517,6 +585,9 @@ def open_table(path: PathLike, num_embeddings: Optional[int] = None, embedding_d
         2-D ``.npy`` table, is truncated, or a bad argument.
     TypeError
         A dtype the engine does not train, or the file's dtype is not ``dtype``.
+    OSError
+        Creating: the disk has no room for the table (its space is reserved or written at creation,
+        so training through the mapping cannot meet a full disk); an existing file is left as it was.
 
     Notes
     -----
@@ -592,6 +663,18 @@ def open_table(path: PathLike, num_embeddings: Optional[int] = None, embedding_d
 ADVICE = {"random": "MADV_RANDOM", "sequential": "MADV_SEQUENTIAL", "normal": "MADV_NORMAL"}
 
 
+#: The file (``st_dev``, ``st_ino``) each mapping made by :func:`_map` maps: a file name can be given
+#: to another file later (a checkpoint saved again), the mapping keeps the file it was made of.
+_MAPPED: "weakref.WeakKeyDictionary[mmap.mmap, Tuple[int, int]]" = weakref.WeakKeyDictionary()
+
+
+def _mapped_file_id(array: Any) -> Optional[Tuple[int, int]]:
+    """``(st_dev, st_ino)`` of the file a memory map made by cembed (:func:`open_table`,
+    :func:`map_array`, checkpoints, ``state_dir``) maps, or None for any other array."""
+    mm = getattr(array, "_mmap", None) if isinstance(array, np.memmap) else None
+    return _MAPPED.get(mm) if mm is not None else None
+
+
 def _map(path: str, header: NpyHeader, mode: str, advice: str = "random") -> np.memmap:
     """Map the array of a checked ``.npy`` file, with the access ``advice``; ``header.dtype`` may be
     the logical dtype (bfloat16: the file's ``uint16`` bits are mapped and viewed as bfloat16)."""
@@ -599,9 +682,16 @@ def _map(path: str, header: NpyHeader, mode: str, advice: str = "random") -> np.
         # mmap cannot map zero bytes: an empty table is an ordinary (empty) array in a memmap
         return np.zeros(header.shape, dtype=header.dtype).view(np.memmap)
     stored = file_dtype(header.dtype)
-    array = np.memmap(path, dtype=stored, mode=mode, offset=header.offset,  # type: ignore[call-overload]
-                      shape=header.shape)
+    with open(path, "rb" if mode in ("r", "c") else "r+b") as fh:
+        status = os.fstat(fh.fileno())
+        if status.st_size < header.offset + header.nbytes:   # replaced since its header was read
+            raise ValueError(f"{path}: truncated file: {status.st_size} bytes, its header needs "
+                             f"{header.offset + header.nbytes}")
+        array = np.memmap(fh, dtype=stored, mode=mode, offset=header.offset,  # type: ignore[call-overload]
+                          shape=header.shape)
     mm = getattr(array, "_mmap", None)
+    if mm is not None:
+        _MAPPED[mm] = (status.st_dev, status.st_ino)
     flag = getattr(mmap, ADVICE[advice], None)
     if mm is not None and flag is not None and hasattr(mm, "madvise"):
         try:
@@ -651,6 +741,10 @@ def _libc_function(name: str, argtypes: list, restype: Any) -> Any:
 
 
 _malloc_trim = _libc_function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
+#: Linux ``fallocate(fd, mode, offset, len)`` (64-bit offsets), or None (:func:`_reserve_space`).
+_fallocate = (_libc_function("fallocate64", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64], ctypes.c_int)
+              or _libc_function("fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64],
+                                ctypes.c_int))
 
 
 def release_free_memory() -> bool:

@@ -219,13 +219,20 @@ def test_checkpoint_into_a_table_on_disk(tmp_path, dtype):
     assert_bitwise_equal(table, emb.weight)
     assert isinstance(disk_opt.state[disk]["exp_avg"], np.memmap)
     assert_bitwise_equal(disk_opt.state[disk]["exp_avg"], opt.state[emb]["exp_avg"])
-    # a frozen read-only bfloat16/float16 table is hard-linked into a checkpoint, dtype kept
+    # a frozen read-only bfloat16/float16 table file is copied into a checkpoint (it may be trained
+    # later), dtype kept; frozen and loaded from that checkpoint, it is hard-linked into the next one
     frozen = cembed.Embedding.from_pretrained(cembed.open_table(tmp_path / "t.npy", dtype=dtype, mode="r"))
     cembed.save_checkpoint(tmp_path / "ck2", {"w": frozen})
-    assert os.stat(tmp_path / "ck2" / "module.w.npy").st_ino == os.stat(tmp_path / "t.npy").st_ino
+    assert os.stat(tmp_path / "ck2" / "module.w.npy").st_ino != os.stat(tmp_path / "t.npy").st_ino
     back = cembed.Embedding.from_pretrained(np.zeros((N, D), dtype))
     cembed.load_checkpoint(tmp_path / "ck2", {"w": back})
     assert_bitwise_equal(back.weight, table)
+    cembed.save_checkpoint(tmp_path / "ck3", {"w": back})
+    assert os.stat(tmp_path / "ck3" / "module.w.npy").st_ino == os.stat(tmp_path / "ck2" / "module.w.npy").st_ino
+    again = cembed.Embedding.from_pretrained(np.zeros((N, D), dtype))
+    cembed.load_checkpoint(tmp_path / "ck3", {"w": again})
+    assert again.weight.dtype == dtype
+    assert_bitwise_equal(again.weight, table)
 
 
 def test_checkpoint_dtype_refusals_change_nothing(tmp_path):

@@ -31,7 +31,8 @@ Decisions where the behaviour is otherwise ambiguous (torch-equivalent where tor
   of range / unsorted, a negative SparseAdam step — it would divide by zero —, lr < 0 or NaN, ...);
 * a SparseGrad copies the rows it is given and cannot be edited afterwards (editing raises);
 * ``save`` with an ``np.float32`` lr may succeed (and ``load`` restores it as that value) or be
-  refused; when refused, the previous file keeps its bytes; no temporary file is ever left behind.
+  refused; ``save`` of a state that no longer fits the weight (``step`` and ``load`` would refuse it)
+  is refused; when refused, the previous file keeps its bytes; no temporary file is ever left behind.
 """
 import copy
 import math
@@ -378,7 +379,8 @@ class TableMachine(RuleBasedStateMachine):
         old = open(path, "rb").read() if os.path.exists(path) else None
         names = set(self.listing()) | {name}
         lr_is_float = type(self.shadow.hp["lr"]) is float
-        ok, _ = self.act(lambda: self.opt.save(path), "ok" if lr_is_float else "either")
+        fits = all(a.shape == self.w.shape for a in self.shadow.state.values() if isinstance(a, np.ndarray) and a.ndim == 2)
+        ok, _ = self.act(lambda: self.opt.save(path), ("ok" if lr_is_float else "either") if fits else "refuse")
         assert set(self.listing()) <= names, f"save left files behind: {self.listing()}"
         if ok:
             hp = dict(self.shadow.hp, lr=float(self.shadow.hp["lr"]))

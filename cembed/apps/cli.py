@@ -319,7 +319,7 @@ def _train_and_report(args, corpus, config, threads, log, train_mod):
         config.backend = backend
         try:
             result = train_mod.train(corpus, config, progress=not args.quiet)
-        except train_mod.ResumeError as exc:
+        except train_mod.TableDirError as exc:   # ResumeError included
             print(f"error: {exc}", file=sys.stderr)
             return 1
         results.append(result)

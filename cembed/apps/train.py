@@ -20,7 +20,7 @@ import time
 import types
 import zlib
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 
@@ -562,7 +562,11 @@ def peak_rss_bytes():
     return int(peak) * (1 if sys.platform == "darwin" else 1024)
 
 
-class ResumeError(ValueError):
+class TableDirError(ValueError):
+    """``--table-dir DIR`` cannot be used: another trainer (or an optimizer with ``DIR/state``) uses it."""
+
+
+class ResumeError(TableDirError):
     """``--resume`` cannot continue from the checkpoint in the table directory."""
 
 
@@ -633,6 +637,14 @@ class TableDir:
         self.checkpoint = os.path.join(self.root, "checkpoint")
         self.settings = {key: getattr(config, key) for key in RESUME_KEYS}
         self.settings.update(vocab_size=corpus.vocab_size, n_tokens=corpus.n_tokens)
+        self.total_words = corpus.n_tokens * config.epochs
+        # at most this many steps: a chunk of k tokens gives at most 2·window·k pairs, at least one batch
+        chunk, n = config.chunk_tokens, corpus.n_tokens
+        per_epoch = (n // chunk) * max(1, -(-2 * config.window * chunk // config.batch_size))
+        if n % chunk:
+            per_epoch += max(1, -(-2 * config.window * (n % chunk) // config.batch_size))
+        self.max_steps = per_epoch * config.epochs
+        self._lock_fd: Optional[int] = None
         self.row_order = table_row_order(config)
         self.order = self.rank = None
         if self.row_order == "count":
@@ -677,17 +689,70 @@ class TableDir:
         self.order = None   # only the initialisation needs it
         return w_in, w_out
 
-    def resume(self, model):
-        """Load the checkpoint into the model; returns (steps, words) already trained."""
+    def lock(self):
+        """Take the directory for this run, before anything in it changes: an exclusive ``flock`` on
+        ``DIR/.lock`` (held until :meth:`unlock`), and a check that no optimizer holds ``DIR/state``.
+        TableDirError when another trainer or optimizer uses it."""
+        import fcntl
+
+        os.makedirs(self.root, exist_ok=True)
+        path = os.path.join(self.root, ".lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            extra = cembed.load_checkpoint(self.checkpoint, model.modules(), model.opt)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise TableDirError(f"--table-dir {self.root} is in use by another trainer (its lock {path} is "
+                                "held)") from None
+        state_lock = os.path.join(self.state, ".lock")
+        if os.path.exists(state_lock):   # an optimizer (another process's) holding DIR/state
+            probe = os.open(state_lock, os.O_RDWR)
+            try:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise TableDirError(f"--table-dir {self.root}: its optimizer state {self.state} is in use by "
+                                    f"another optimizer (its lock {state_lock} is held)") from None
+            finally:
+                os.close(probe)
+        self._lock_fd = fd
+
+    def unlock(self):
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def check_resume(self):
+        """Everything ``--resume`` needs from the checkpoint, checked before anything in the directory
+        changes: the checkpoint complete and intact (every file's CRC-32), written with these settings,
+        its steps and words in range. Returns (steps, words) already trained."""
+        try:
+            meta, _ = cembed.checkpoint.read_directory(self.checkpoint, verify=True)
         except ValueError as exc:
             raise ResumeError(f"--resume: {exc}") from None
-        saved = (extra or {}).get("settings", {})
+        extra = meta.get("extra") if isinstance(meta, dict) else None
+        if not isinstance(extra, dict) or not isinstance(extra.get("settings"), dict):
+            raise ResumeError(f"--resume: {self.checkpoint} is not a trainer checkpoint (no settings, steps and "
+                              "words recorded)")
+        saved = extra["settings"]
         differ = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in self.settings.items() if saved.get(k) != v]
         if differ:
             raise ResumeError("--resume: the checkpoint was written with other settings: " + ", ".join(differ))
-        return int(extra["steps"]), int(extra["words"])
+        done = []
+        for key, high in (("steps", self.max_steps), ("words", self.total_words)):
+            value = extra.get(key)
+            if type(value) is not int or not 0 <= value <= high:
+                raise ResumeError(f"--resume: {self.checkpoint}: the checkpoint records {key} {value!r}, expected "
+                                  f"an int in [0, {high}]")
+            done.append(value)
+        return done[0], done[1]
+
+    def resume(self, model):
+        """Load the checkpoint (checked by :meth:`check_resume`) into the model."""
+        try:
+            cembed.load_checkpoint(self.checkpoint, model.modules(), model.opt, verify=False)
+        except ValueError as exc:
+            raise ResumeError(f"--resume: {exc}") from None
 
     def save(self, model, steps, words):
         cembed.save_checkpoint(self.checkpoint, model.modules(), model.opt,
@@ -718,6 +783,19 @@ def _train(corpus, config, progress):
         table_dir = TableDir(config.table_dir, config, corpus)
         if config.resume and not os.path.isdir(table_dir.tables):
             raise ResumeError(f"--resume: {table_dir.tables} does not exist (nothing to resume)")
+        table_dir.lock()   # before anything in DIR changes
+    try:
+        return _train_with(corpus, config, progress, table_dir)
+    finally:
+        if table_dir is not None:
+            table_dir.unlock()
+
+
+def _train_with(corpus, config, progress, table_dir):
+    done_steps, done_words = 0, 0
+    if table_dir is not None:
+        if config.resume:   # the checkpoint and its settings, checked before the tables are opened
+            done_steps, done_words = table_dir.check_resume()
         w_in, w_out = table_dir.open_tables(config, corpus.vocab_size)
     else:
         w_in, w_out = initial_tables(corpus.vocab_size, config.dim, config.seed)
@@ -726,7 +804,8 @@ def _train(corpus, config, progress):
     prefetch = None
     if table_dir is not None:
         on_disk = CembedModel(w_in, w_out, config, state_dir=table_dir.state)
-        done_steps, done_words = table_dir.resume(on_disk) if config.resume else (0, 0)
+        if config.resume:
+            table_dir.resume(on_disk)
         on_disk.n_steps = done_steps
         model = on_disk
         if config.prefetch:
@@ -734,7 +813,6 @@ def _train(corpus, config, progress):
     else:
         model = (TorchModel if config.backend == "torch" else ShardedModel if config.shards else CembedModel)(
             w_in, w_out, config)
-        done_steps, done_words = 0, 0
     def input_table():   # the input table by word id (a table on disk is read row by row, not copied)
         return table_dir.by_word(model.emb_in.weight) if table_dir is not None else model.input_table()
 

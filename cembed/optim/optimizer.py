@@ -1,13 +1,14 @@
 """The optimizer base class: param groups, step, state dicts, files; shared helpers."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import tempfile
 import weakref
 import zipfile
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -309,22 +310,35 @@ class Optimizer:
 
     def _move_to_state_dir(self, new_state: Dict[Any, Dict[str, Any]], index: Dict[int, int]) -> None:
         """Copy every per-row array of a checked ``new_state`` into its file in ``state_dir``
-        (bounded blocks; each file written under a temporary name and renamed into place) and
-        replace it by the mapped file."""
+        (bounded blocks) and replace it by the mapped file. Two phases: every array is first written
+        to ``<file>.loading`` (its space reserved: a full disk is an ``OSError`` here); only when all
+        are written are they renamed into place. An error in the first phase removes the
+        ``.loading`` files and leaves the state files (those the live optimizer maps) as they were."""
         assert self.state_dir is not None
-        for module, entry in new_state.items():
-            for key, value in list(entry.items()):
-                if not self._is_row_state(key, value, module.weight):
-                    continue
-                path = os.path.join(self.state_dir, f"p{index[id(module)]}.{key}.npy")
-                tmp = path + ".loading"
-                storage.create_zeros(tmp, value.shape, value.dtype)
-                target = storage.map_array(tmp, "r+", advice="sequential", dtype=value.dtype)
-                storage.copy_rows(target, value)
-                target.flush()
-                del target
-                os.replace(tmp, path)
-                entry[key] = storage.map_array(path, "r+", dtype=value.dtype)
+        written: List[Tuple[Dict[str, Any], str, str, np.dtype]] = []
+        try:
+            for module, entry in new_state.items():
+                for key, value in list(entry.items()):
+                    if not self._is_row_state(key, value, module.weight):
+                        continue
+                    path = os.path.join(self.state_dir, f"p{index[id(module)]}.{key}.npy")
+                    tmp = path + ".loading"
+                    storage.create_zeros(tmp, value.shape, value.dtype)
+                    written.append((entry, key, path, value.dtype))
+                    target = storage.map_array(tmp, "r+", advice="sequential", dtype=value.dtype)
+                    storage.copy_rows(target, value)
+                    target.flush()
+                    del target
+        except BaseException:
+            for _, _, path, _ in written:
+                try:
+                    os.unlink(path + ".loading")
+                except OSError:
+                    pass
+            raise
+        for entry, key, path, dtype in written:
+            os.replace(path + ".loading", path)
+            entry[key] = storage.map_array(path, "r+", dtype=dtype)
 
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
         raise NotImplementedError
@@ -408,8 +422,9 @@ class Optimizer:
             _check_unchanged(self, module, snapshot, where)
         for module, weight, grad, options, _, _ in plan:
             state = self.state.setdefault(module, {})
-            self._count_rounding_step(state, weight)
-            self._update(state, weight, grad, options)
+            with _kept_on_disk_error(state):
+                self._count_rounding_step(state, weight)
+                self._update(state, weight, grad, options)
         return loss
 
     def _check_state_for(self, state: Optional[Dict[str, Any]], weight: np.ndarray, options: Group,
@@ -636,11 +651,12 @@ class Optimizer:
         self._check_state_for(self.state.get(module), weight, options, where)
         self._check_advance(_core(self.state.get(module) or {}), where)
         state = self.state.setdefault(module, {})
-        self._count_rounding_step(state, weight)
-        if not chunked:
-            self._update(state, weight, grad, options)
-            return
-        prepared = self._sparse_begin(state, weight, options)
+        with _kept_on_disk_error(state):
+            self._count_rounding_step(state, weight)
+            if not chunked:
+                self._update(state, weight, grad, options)
+                return
+            prepared = self._sparse_begin(state, weight, options)
         rounding = self._rounding_for(state, weight, options)
         in_place = _in_place(weight) if rounding is None else rounding_.half_in_place(weight)
         one_pass = self._row_rule(state, weight, options, prepared) if in_place else None
@@ -809,9 +825,11 @@ class Optimizer:
     def save(self, path: "os.PathLike[str] | str") -> None:
         """Write :meth:`state_dict` to ``path`` (NumPy ``.npz``, no pickle), crash-safely.
 
-        The file is serialised completely in memory first, written to a temporary file next to
-        ``path``, synced to disk and renamed over ``path``: a failed or interrupted save leaves the
-        previous file as it was.
+        The options and the state of every parameter are checked first with :meth:`step`'s rules
+        (a state that :meth:`step` or :meth:`load` would refuse is a ``ValueError``); the file is
+        serialised completely in memory first, written to a temporary file next to ``path``, synced
+        to disk and renamed over ``path``: a failed or interrupted save leaves the previous file as
+        it was.
 
         Examples
         --------
@@ -833,12 +851,19 @@ class Optimizer:
         what :meth:`save` writes and what :func:`cembed.save_checkpoint` stores. The description is
         ``{"format", "class", "param_groups": [options..., "params": [indices]], "state": {index:
         {name: {"array": name, "scalar": bool} | {"value": v}}}}``; the arrays are named
-        ``"<index>/<name>"``. Options are re-checked (plain floats, or refused here)."""
+        ``"<index>/<name>"``. Options are re-checked (plain floats, or refused here), and so is the
+        state of every parameter, with the rules of :meth:`step`: what is saved is a state that
+        :meth:`load` and :meth:`step` accept (ValueError otherwise, before anything is written)."""
         index = self._index_of()
         groups = []
         for g, group in enumerate(self.param_groups):
             options = self._check_options({k: copy.deepcopy(v) for k, v in group.items() if k != "params"},
                                           f"param_groups[{g}]")
+            for k, module in enumerate(group["params"]):
+                where = f"param_groups[{g}]['params'][{k}]"
+                state = self.state.get(module)
+                if state:
+                    self._check_state_for(state, _checked_table(module.weight, f"{where}.weight"), options, where)
             options["params"] = [index[id(m)] for m in group["params"]]
             groups.append(options)
         arrays: Dict[str, np.ndarray] = {}
@@ -934,7 +959,7 @@ class Optimizer:
             raise ValueError(f"{path}: not a readable cembed optimizer file ({type(exc).__name__}: {exc})") from None
         try:
             self.load_state_dict({"state": state, "param_groups": groups})
-        except ValueError as exc:
+        except (ValueError, TypeError, OverflowError) as exc:   # a malformed file: always a ValueError naming it
             raise ValueError(f"{path}: {exc}") from None
 
 
@@ -998,6 +1023,21 @@ def _param_index(key: Any, where: str, seen: Dict[int, Any]) -> int:
         raise ValueError(f"{where} has two entries for parameter {i}: keys {seen[i]!r} and {key!r}")
     seen[i] = key
     return i
+
+
+@contextlib.contextmanager
+def _kept_on_disk_error(state: Dict[str, Any]) -> Iterator[None]:
+    """Around a parameter's update: an ``OSError`` — creating a state file in ``state_dir`` on a
+    full disk (``storage.create_zeros``), which happens before any row is updated — puts the
+    parameter's state entries (step counters, new arrays) back as they were, so the refused update
+    leaves a state the next step accepts."""
+    before = dict(state)
+    try:
+        yield
+    except OSError:
+        state.clear()
+        state.update(before)
+        raise
 
 
 def _core(state: Dict[str, Any]) -> Dict[str, Any]:

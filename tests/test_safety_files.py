@@ -1,0 +1,413 @@
+"""Files, checkpoints and the trainer's table directory under hostile sequences (a review's findings):
+a full disk is an OSError when a file is created, never a SIGBUS while training; a checkpoint links
+only checkpoint files that are still the files mapped; loads and saves refuse bad states before any
+file changes; a refused --resume or a --table-dir in use changes nothing."""
+import ctypes
+import errno
+import fcntl
+import gc
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import cembed
+from cembed import optim, storage
+from cembed.checkpoint import CheckpointError
+
+from util import assert_bitwise_equal
+
+ROOT = pathlib.Path(cembed.__file__).resolve().parent.parent
+ENV = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def _digest(path):
+    """(inode, sha1 of the bytes) of a file: what 'unchanged on disk' means here."""
+    return os.stat(path).st_ino, hashlib.sha1(pathlib.Path(path).read_bytes()).hexdigest()
+
+
+def _tree(directory):
+    """Every file under ``directory`` with its _digest."""
+    out = {}
+    for here, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(here, name)
+            out[os.path.relpath(path, directory)] = _digest(path)
+    return out
+
+
+# ------------------------------------------------------------------------------------ full disk
+
+def _failing_fallocate(code):
+    def fallocate(fd, mode, offset, length):
+        ctypes.set_errno(code)
+        return -1
+    return fallocate
+
+
+def _adam_step(emb, opt, rows, fused=True):
+    grad = np.ones((len(rows), emb.weight.shape[1]), np.float32)
+    if fused:
+        emb.backward(grad, np.asarray(rows), optimizer=opt)
+    else:
+        emb.backward(grad, np.asarray(rows))
+        opt.step()
+        opt.zero_grad()
+
+
+def test_full_disk_at_creation_is_an_oserror_and_changes_nothing(tmp_path, monkeypatch):
+    """No room for a file cembed writes through a mapping (create_zeros: zero tables, state_dir
+    files, loaded state): an OSError naming the file when it is created, the previous file kept, no
+    temporary left, the optimizer's state and the weight as they were. On main the file is created
+    sparse, and the first write through the mapping on a full disk is a SIGBUS."""
+    table = tmp_path / "t.npy"
+    cembed.open_table(table, 50, 4, init="normal", seed=0)
+    before = _digest(table)
+    monkeypatch.setattr(storage, "_fallocate", _failing_fallocate(errno.ENOSPC))
+    with pytest.raises(OSError, match="t.npy: cannot reserve") as info:
+        cembed.open_table(table, 50, 4, mode="w+")             # init="zeros" over an existing table
+    assert info.value.errno == errno.ENOSPC
+    with pytest.raises(OSError):
+        storage.create_zeros(table, (50, 4), np.float32)
+    assert _digest(table) == before and sorted(os.listdir(tmp_path)) == ["t.npy"]
+
+    # state_dir: the first step creates the state files (fused backward and step())
+    for fused in (True, False):
+        emb = cembed.Embedding(100, 4, sparse=True, seed=0)
+        weight = emb.weight.copy()
+        opt = optim.SparseAdam([emb], lr=0.1, state_dir=tmp_path / f"s{fused}")
+        with pytest.raises(OSError, match="p0.exp_avg.npy"):
+            _adam_step(emb, opt, [1, 5], fused)
+        assert_bitwise_equal(emb.weight, weight)
+        assert not opt.state.get(emb) and sorted(os.listdir(tmp_path / f"s{fused}")) == [".lock"]
+        emb.grad = None
+    # ... and the optimizer works once there is room, bitwise like one that never failed
+    monkeypatch.undo()
+    _adam_step(emb, opt, [1, 5], fused=False)
+    ref = cembed.Embedding(100, 4, sparse=True, seed=0)
+    ref_opt = optim.SparseAdam([ref], lr=0.1)
+    _adam_step(ref, ref_opt, [1, 5], fused=False)
+    assert_bitwise_equal(emb.weight, ref.weight)
+    assert_bitwise_equal(opt.state[emb]["exp_avg_sq"], ref_opt.state[ref]["exp_avg_sq"])
+
+    # load_state_dict into a state_dir: refused before any state file is replaced
+    _adam_step(emb, opt, [2], fused=False)
+    files = _tree(tmp_path / "sFalse")
+    live = {k: np.array(v) for k, v in opt.state[emb].items() if isinstance(v, np.ndarray)}
+    monkeypatch.setattr(storage, "_fallocate", _failing_fallocate(errno.EDQUOT))
+    with pytest.raises(OSError):
+        opt.load_state_dict(ref_opt.state_dict())
+    assert _tree(tmp_path / "sFalse") == files
+    assert opt.state[emb]["step"] == 2
+    for key, value in live.items():
+        assert_bitwise_equal(opt.state[emb][key], value)
+
+
+def test_initialised_tables_reserve_their_space_and_survive_short_writes(tmp_path, monkeypatch):
+    """A table created with an initialisation: its space is reserved before it is written (no room:
+    an OSError, nothing left behind), and a short write (what pwrite does at the end of a full disk)
+    is continued, never left as a hole of zeros (on main the rest of the block was silently lost)."""
+    real = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: real(fd, bytes(data)[:max(1, len(data) // 3)], offset))
+    table = cembed.open_table(tmp_path / "t.npy", 300, 8, init="normal", seed=3, chunk_bytes=1000)
+    assert_bitwise_equal(table, cembed.Embedding(300, 8, seed=3).weight)
+    monkeypatch.setattr(storage, "_fallocate", _failing_fallocate(errno.ENOSPC))
+    with pytest.raises(OSError, match="u.npy: cannot reserve"):
+        cembed.open_table(tmp_path / "u.npy", 300, 8, init="uniform", seed=3)
+    assert sorted(os.listdir(tmp_path)) == ["t.npy"]
+
+
+def test_file_systems_without_fallocate_keep_sparse_files(tmp_path, monkeypatch):
+    """Where the file system cannot reserve space (EOPNOTSUPP) the file is created sparse, as before
+    (documented: a full disk can then still kill the process); never emulated by writing zeros."""
+    monkeypatch.setattr(storage, "_fallocate", _failing_fallocate(errno.EOPNOTSUPP))
+    table = cembed.open_table(tmp_path / "z.npy", 1 << 18, 64)        # 64 MiB
+    assert os.stat(tmp_path / "z.npy").st_blocks * 512 < 1 << 20
+    assert not table[-1].any()
+
+
+FULL_TMPFS = textwrap.dedent('''
+    import os, sys, numpy as np, cembed
+    d = sys.argv[1]
+    emb = cembed.Embedding(200_000, 16, sparse=True, seed=0)          # 12.8 MB table in memory
+    opt = cembed.optim.SparseAdam([emb], lr=0.01, state_dir=os.path.join(d, "state"))
+    idx = np.arange(0, 200_000, 64)                                 # one row per page of the state
+    try:
+        emb.backward(np.ones((idx.size, 16), np.float32), idx, optimizer=opt)
+    except OSError as exc:
+        print("step OSError", exc.errno)
+    src = cembed.optim.SparseAdam([emb], lr=0.01)
+    emb.backward(np.ones((idx.size, 16), np.float32), idx, optimizer=src)
+    try:
+        opt.load_state_dict(src.state_dict())
+    except OSError as exc:
+        print("load OSError", exc.errno)
+    try:
+        cembed.open_table(os.path.join(d, "t.npy"), 100_000, 64)     # 25.6 MB of zeros
+    except OSError as exc:
+        print("table OSError", exc.errno)
+    print("alive", sorted(os.listdir(os.path.join(d, "state"))), sorted(os.listdir(d)))
+''')
+
+
+def test_full_tmpfs_is_an_oserror_not_sigbus(tmp_path):
+    """The real thing: a 4 MiB tmpfs (a private mount namespace: needs unshare and root)."""
+    if shutil.which("unshare") is None or shutil.which("mount") is None:
+        pytest.skip("unshare / mount not available")
+    probe = subprocess.run(["unshare", "--mount", "--", "mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs",
+                            str(tmp_path)], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs in a private mount namespace: {probe.stderr.strip()}")
+    script = tmp_path / "full.py"
+    script.write_text(FULL_TMPFS)
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["unshare", "--mount", "--", "sh", "-c",
+                           f'mount -t tmpfs -o size=4m tmpfs "{mount}" && exec "{sys.executable}" "{script}" "{mount}"'],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])   # -7 / 135: SIGBUS
+    assert done.stdout.splitlines() == [f"step OSError {errno.ENOSPC}", f"load OSError {errno.ENOSPC}",
+                                        f"table OSError {errno.ENOSPC}", "alive ['.lock'] ['state']"], done.stdout
+
+
+# ------------------------------------------------------------------------------------ hard links
+
+def test_a_frozen_table_whose_file_name_was_given_to_another_file_is_copied(tmp_path):
+    """A frozen module mapping ck/module.w.npy; ck is saved again with another table; saving the
+    frozen module to ck2 must store the module's values (on main: a hard link to the new file)."""
+    ck, ck2 = tmp_path / "ck", tmp_path / "ck2"
+    cembed.save_checkpoint(ck, {"w": cembed.Embedding(10, 4, seed=0)})
+    frozen = cembed.Embedding(10, 4, seed=123, _freeze=True)
+    cembed.load_checkpoint(ck, {"w": frozen})
+    assert not frozen.weight.flags.writeable
+    values = np.array(frozen.weight)
+    cembed.save_checkpoint(ck, {"w": cembed.Embedding(10, 4, seed=1)})
+    cembed.save_checkpoint(ck2, {"w": frozen})
+    back = cembed.Embedding(10, 4)
+    cembed.load_checkpoint(ck2, {"w": back}, mmap=False)
+    assert_bitwise_equal(back.weight, values)
+    # still linked while the name names the mapped file
+    again = cembed.Embedding(10, 4, _freeze=True)
+    cembed.load_checkpoint(ck2, {"w": again})
+    cembed.save_checkpoint(tmp_path / "ck3", {"w": again})
+    assert os.stat(tmp_path / "ck3" / "module.w.npy").st_ino == os.stat(ck2 / "module.w.npy").st_ino
+
+
+def test_a_read_only_table_file_is_copied_into_a_checkpoint_not_linked(tmp_path):
+    """open_table(p, mode="r") saved, then p reopened read-write and trained: the checkpoint keeps
+    the values it saved (on main it was a hard link of p: training wrote into it)."""
+    p = tmp_path / "pretrained.npy"
+    cembed.open_table(p, 100, 4, init="normal", seed=0)
+    frozen = cembed.Embedding.from_pretrained(cembed.open_table(p, mode="r"), freeze=True)
+    cembed.save_checkpoint(tmp_path / "ck", {"words": frozen})
+    assert os.stat(p).st_ino != os.stat(tmp_path / "ck" / "module.words.npy").st_ino
+    saved = np.array(frozen.weight)
+    emb = cembed.Embedding.from_pretrained(cembed.open_table(p), freeze=False, sparse=True)
+    emb.backward(np.ones((1, 4), np.float32), np.array([7]), optimizer=optim.SGD([emb], lr=1.0))
+    emb.weight.flush()
+    assert not np.array_equal(np.load(p)[7], saved[7])
+    back = cembed.Embedding(100, 4)
+    cembed.load_checkpoint(tmp_path / "ck", {"words": back}, mmap=False)    # checksum verified
+    assert_bitwise_equal(back.weight, saved)
+
+
+# ------------------------------------------------------------------------------------ loads and saves
+
+def test_load_checkpoint_into_a_read_only_table_on_disk_changes_nothing(tmp_path):
+    """A module whose table is an r+ map made read-only: refused while planning (on main the
+    optimizer and the earlier modules were loaded, then copy_rows raised)."""
+    a = cembed.Embedding(4, 2, sparse=True, seed=0)
+    b = cembed.Embedding.from_pretrained(cembed.open_table(tmp_path / "b.npy", 4, 2, init="normal", seed=1),
+                                         freeze=False, sparse=True)
+    opt = optim.SparseAdam([a, b], lr=0.1)
+    for rows in ([1], [2]):
+        for m in (a, b):
+            m.backward(np.ones((1, 2), np.float32), np.array(rows))
+        opt.step()
+        if rows == [1]:
+            cembed.save_checkpoint(tmp_path / "ck", {"a": a, "b": b}, opt)
+    wa, wb, step = a.weight.copy(), b.weight.copy(), opt.state[a]["step"]
+    weight_a = a.weight
+    b.weight.flags.writeable = False
+    with pytest.raises(CheckpointError, match="module 'b'.*read-only"):
+        cembed.load_checkpoint(tmp_path / "ck", {"a": a, "b": b}, opt)
+    assert a.weight is weight_a and opt.state[a]["step"] == step == 2
+    assert_bitwise_equal(a.weight, wa)
+    assert_bitwise_equal(b.weight, wb)
+
+
+def test_save_refuses_a_state_that_step_and_load_refuse(tmp_path):
+    """save() and save_checkpoint() check the live state with step()'s rules, before replacing the
+    previous file (on main both wrote a state that load() then refused)."""
+    emb = cembed.Embedding(10, 4, sparse=True, seed=0)
+    opt = optim.SparseAdam([emb], lr=0.1)
+    emb.backward(np.ones((1, 4), np.float32), np.array([1]), optimizer=opt)
+    f, ck = tmp_path / "opt.npz", tmp_path / "ck"
+    opt.save(f)
+    cembed.save_checkpoint(ck, emb, opt)
+    before = _tree(tmp_path)
+    for name, bad in (("exp_avg", opt.state[emb]["exp_avg"][:, ::2]), ("step", -3)):
+        good = opt.state[emb][name]
+        opt.state[emb][name] = bad
+        with pytest.raises(ValueError, match=f"param_groups\\[0\\]\\['params'\\]\\[0\\].*{name}"):
+            opt.save(f)
+        with pytest.raises(ValueError, match=name):
+            cembed.save_checkpoint(ck, emb, opt)
+        opt.state[emb][name] = good
+        assert _tree(tmp_path) == before
+    fresh = optim.SparseAdam([emb], lr=0.1)
+    fresh.load(f)
+    cembed.load_checkpoint(ck, emb, fresh)
+
+
+def test_load_state_dict_into_state_dir_failing_part_way_changes_no_file(tmp_path, monkeypatch):
+    """An I/O error while the loaded state is written: every state file (those the live optimizer
+    maps) as it was, no *.loading left (on main the files written before the error were already
+    renamed into place)."""
+    emb = cembed.Embedding(10, 4, sparse=True, seed=0)
+    opt = optim.SparseAdam([emb], lr=0.1, state_dir=tmp_path / "state")
+    emb.backward(np.ones((1, 4), np.float32), np.array([1]), optimizer=opt)
+    sd = opt.state_dict()
+    emb.backward(np.ones((1, 4), np.float32), np.array([2]), optimizer=opt)
+    for arr in opt.state[emb].values():
+        if isinstance(arr, np.memmap):
+            arr.flush()
+    files = _tree(tmp_path / "state")
+    real, calls = storage.copy_rows, [0]
+
+    def failing(dst, src, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError(errno.EIO, "simulated I/O error")
+        return real(dst, src, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "copy_rows", failing)
+    with pytest.raises(OSError, match="simulated"):
+        opt.load_state_dict(sd)
+    assert calls[0] == 2
+    assert _tree(tmp_path / "state") == files
+    assert opt.state[emb]["step"] == 2
+    assert_bitwise_equal(np.load(tmp_path / "state" / "p0.exp_avg.npy"), opt.state[emb]["exp_avg"])
+    monkeypatch.undo()
+    opt.load_state_dict(sd)
+    assert_bitwise_equal(np.load(tmp_path / "state" / "p0.exp_avg.npy"), sd["state"][0]["exp_avg"])
+
+
+def test_unclear_errors_are_clear(tmp_path):
+    emb = cembed.Embedding(10, 4, sparse=True)
+    ad = optim.Adagrad([emb], lr=0.1)
+    # (a) a step counter too large for float32, through load_checkpoint: a CheckpointError
+    cembed.save_checkpoint(tmp_path / "ck", emb, ad)
+    manifest = tmp_path / "ck" / "MANIFEST.json"
+    doc = json.loads(manifest.read_text())
+    doc["meta"]["optimizer"]["state"]["state"]["0"]["step"] = {"value": 10 ** 400}
+    manifest.write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="ck: optimizer state: "):
+        cembed.load_checkpoint(tmp_path / "ck", emb, ad)
+    # (b) Optimizer.load: an option of the wrong type is a ValueError naming the file
+    f = tmp_path / "o.npz"
+    ad.save(f)
+    with np.load(f) as z:
+        arrays = dict(z)
+    meta = json.loads(bytes(arrays["__meta__"]).decode())
+    meta["param_groups"][0]["lr"] = "0.1"
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    np.savez(f, **arrays)
+    with pytest.raises(ValueError, match="o.npz.*learning rate"):
+        ad.load(f)
+    # (c) a header whose size overflows int64: the truncated-file check sees the true size
+    p = tmp_path / "t.npy"
+    header = repr({"descr": "<f4", "fortran_order": False, "shape": (2 ** 62, 3)}).encode()
+    header += b" " * (-(12 + len(header) + 1) % 64) + b"\n"
+    p.write_bytes(b"\x93NUMPY\x02\x00" + len(header).to_bytes(4, "little") + header + b"\0" * 64)
+    with pytest.raises(ValueError, match=f"t.npy: truncated file: .* \\(128 header \\+ {2 ** 62 * 12} data\\)"):
+        storage.read_header(p)
+    with pytest.raises(ValueError, match="t.npy: truncated"):
+        cembed.open_table(p)
+
+
+# ------------------------------------------------------------------------------------ the trainer
+
+ARGS = ["--vocab-size", "2000", "--tokens", "20000", "--dim", "8", "--batch-size", "1024", "--quiet", "--no-save",
+        "--no-plot", "--threads", "1"]
+
+
+def _train(cwd, *args):
+    return subprocess.run([sys.executable, "-m", "cembed", "train", *ARGS, "--out", str(cwd / "out"), *args],
+                          cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A --table-dir run with checkpoints, its live tables moved on after the last one."""
+    base = tmp_path_factory.mktemp("trainer")
+    done = _train(base, "--table-dir", "td", "--checkpoint-every", "5")
+    assert done.returncode == 0, done.stderr
+    table = np.load(base / "td" / "tables" / "in.npy", mmap_mode="r+")
+    table[:] += 1.0
+    table.flush()
+    del table
+    return base
+
+
+def _copy(trained, tmp_path):
+    shutil.copytree(trained / "td", tmp_path / "td")
+    return tmp_path / "td"
+
+
+def test_refused_resume_changes_nothing(trained, tmp_path):
+    """Other settings, or steps / words that are not ints in range: refused (exit 1, 'error:
+    --resume') before the checkpoint is loaded (on main the tables and state were already replaced,
+    and a bad 'steps' was a traceback after the load)."""
+    td = _copy(trained, tmp_path)
+    files = _tree(td)
+    other = _train(tmp_path, "--table-dir", "td", "--resume", "--lr", "0.5")
+    assert other.returncode == 1 and "error: --resume: the checkpoint was written with other settings" in other.stderr
+    assert _tree(td) == files
+    manifest = td / "checkpoint" / "MANIFEST.json"
+    good = manifest.read_text()
+    for key, value in (("steps", "x"), ("steps", -7), ("words", 10 ** 30), ("steps", True), ("steps", 10 ** 9)):
+        doc = json.loads(good)
+        doc["meta"]["extra"][key] = value
+        manifest.write_text(json.dumps(doc))
+        files = _tree(td)
+        done = _train(tmp_path, "--table-dir", "td", "--resume")
+        assert done.returncode == 1, (key, value, done.stderr)
+        assert f"error: --resume: {td / 'checkpoint'}: the checkpoint records {key} {value!r}" in done.stderr
+        assert _tree(td) == files
+    manifest.write_text(good)
+    resumed = _train(tmp_path, "--table-dir", "td", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+
+
+def test_a_table_dir_in_use_is_refused_before_its_tables_change(trained, tmp_path):
+    """A fresh run on a --table-dir whose state an optimizer holds, or that another trainer holds:
+    refused (exit 1, 'error:') with the tables untouched (on main they were recreated first)."""
+    td = _copy(trained, tmp_path)
+    files = _tree(td)
+    tables = [cembed.open_table(td / "tables" / f"{name}.npy") for name in ("in", "out")]
+    running = optim.SparseAdam([cembed.Embedding.from_pretrained(t, freeze=False, sparse=True) for t in tables],
+                               state_dir=td / "state")
+    done = _train(tmp_path, "--table-dir", "td")
+    assert done.returncode == 1 and "is in use by another optimizer" in done.stderr and "error:" in done.stderr
+    assert _tree(td) == files
+    del running, tables
+    gc.collect()
+    fd = os.open(td / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        files = _tree(td)
+        done = _train(tmp_path, "--table-dir", "td")
+        assert done.returncode == 1 and "is in use by another trainer" in done.stderr
+        assert _tree(td) == files
+    finally:
+        os.close(fd)
+    again = _train(tmp_path, "--table-dir", "td")
+    assert again.returncode == 0, again.stderr
