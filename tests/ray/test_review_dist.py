@@ -200,6 +200,23 @@ def test_failed_checkpoint_keeps_the_applied_step(ray_local, tmp_path):
         table.shutdown()
 
 
+def test_loaded_state_that_cannot_be_checkpointed_is_a_lost_table(ray_local, tmp_path):
+    """A restarted shard would restore an older checkpoint (possibly of the loaded step): refused for good."""
+    table = ShardedEmbedding(V, D, 2, "sgd", {"lr": 0.1}, seed=2, checkpoint_dir=str(tmp_path), compiled_graph=False)
+    try:
+        sd = table.state_dict()
+        shard_dir = table._shard_dir(0)
+        os.rmdir(shard_dir)
+        with open(shard_dir, "wb") as f:
+            f.write(b"x")
+        with pytest.raises(ShardLostError, match="not every shard could checkpoint it.*shard 0:"):
+            table.load_state_dict(sd)
+        with pytest.raises(ShardLostError):
+            table(np.array([1]))
+    finally:
+        table.shutdown()
+
+
 # ---------------------------------------------------------------- 5: a checkpoint's hyper-parameters
 def test_load_checkpoint_adopts_the_checkpoints_hyper_parameters(ray_local, tmp_path):
     path = str(tmp_path / "ck")
