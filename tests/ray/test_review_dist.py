@@ -218,6 +218,7 @@ def test_loaded_state_that_cannot_be_checkpointed_is_a_lost_table(ray_local, tmp
 
 
 # ---------------------------------------------------------------- 5: a checkpoint's hyper-parameters
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")   # stepped only to set lr
 def test_load_checkpoint_adopts_the_checkpoints_hyper_parameters(ray_local, tmp_path):
     path = str(tmp_path / "ck")
     src, src_opt = single_process(V, D, "sgd", {"lr": 0.5, "momentum": 0.5}, 0)
