@@ -1,7 +1,9 @@
 """The client of a row-sharded table: ``ShardedEmbedding`` (see its docstring)."""
 from __future__ import annotations
 
+import inspect
 import os
+import threading
 import time
 import uuid
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
@@ -25,6 +27,9 @@ __all__ = ["ShardedEmbedding", "ShardLostError"]
 #: checkpoint_every when a checkpoint_dir is given without it.
 DEFAULT_CHECKPOINT_EVERY = 100
 
+#: The largest recovery_timeout (seconds): the largest timeout a thread's wait takes.
+MAX_RECOVERY_TIMEOUT = float(threading.TIMEOUT_MAX)
+
 
 class ShardLostError(RuntimeError):
     """A shard that cannot be brought back to the table's current step: it died without a
@@ -44,6 +49,49 @@ def _check_int(value: Any, name: str, low: int) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     return int(value)
+
+
+def _reason(exc: BaseException) -> str:
+    """What a Ray error says went wrong, for a message: the first lines of the error raised in
+    the shard (a RayTaskError's cause, or the creation error a RayActorError carries)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and not isinstance(cause, type(exc)):
+        return f"{type(cause).__name__}: {cause}"
+    text = str(exc).strip()
+    return text if len(text) <= 2000 else text[:2000] + " ..."
+
+
+def _check_directory(path: Any, name: str) -> Optional[str]:
+    """``path`` as an absolute path (None stays None), refused (``ValueError``) when it, or the
+    nearest of its parents that exists, is not a directory. Nothing is created here (the shards
+    create their directories on their own nodes, and check there that they can write in them)."""
+    if path is None:
+        return None
+    try:
+        absolute = os.path.abspath(os.fspath(path))
+    except TypeError:
+        raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(path).__name__}") from None
+    existing = absolute
+    while not os.path.exists(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    if not os.path.isdir(existing):
+        raise ValueError(f"{name} {absolute!r} cannot be a directory: {existing!r} is not one")
+    return absolute
+
+
+def _probe_step(opt: Any, module: Embedding, dtype: np.dtype) -> None:
+    """One update of ``opt`` with a zero sparse gradient of ``module``'s one row (a throwaway
+    table): options the optimizer refuses only at a step with a sparse gradient (SGD's and
+    Adagrad's ``weight_decay``) raise here, before any shard starts, instead of at every shard's
+    first step."""
+    module.grad = SparseGrad(np.zeros(1, dtype=np.int64), np.zeros((1, module.weight.shape[1]), dtype=dtype), 1)
+    try:
+        opt.step()
+    finally:
+        module.grad = None
 
 
 def _check_indices(indices: Any, num_embeddings: int) -> np.ndarray:
@@ -149,7 +197,10 @@ class ShardedEmbedding:
     optimizer : {"sparseadam", "adagrad", "sgd", "rowwise_adagrad"}
         The :mod:`cembed.optim` optimizer every shard runs.
     optimizer_options : dict, optional
-        Its keyword arguments (``lr``, ``betas``, ...), checked here before any actor starts.
+        Its keyword arguments (``lr``, ``betas``, ...), checked here before any actor starts (with
+        one zero sparse step on a throwaway table, so that options the optimizer refuses only at a
+        sparse step raise here). ``rounding_rows`` and ``state_dir`` are set by the table and
+        refused here.
     padding_idx : int, optional
         A row that starts at zero and never receives a gradient (negative: counted from the end).
     dtype : float32, float64, float16 or bfloat16
@@ -171,11 +222,14 @@ class ShardedEmbedding:
     ray_options : dict or sequence of dicts, optional
         Options for ``ActorClass.options(...)`` (``resources``, ``num_cpus``, ``max_restarts``,
         ...), one dict for every shard or one per shard (to pin shards to nodes by custom
-        resources). Default ``max_restarts``: -1 (unlimited) with a ``checkpoint_dir``, else 0.
+        resources). Default ``max_restarts``: -1 (unlimited) with a ``checkpoint_dir``, else 0; a
+        ``max_restarts`` other than 0 needs a ``checkpoint_dir`` (``ValueError``: a shard restarted
+        without one could not restore its rows).
     init : {"uniform", "zeros"}, default "uniform"
         See :func:`initial_rows`.
     recovery_timeout : float, default 120
-        Seconds to wait for a lost shard to come back before :class:`ShardLostError`.
+        Seconds to wait for a lost shard to come back before :class:`ShardLostError` (finite,
+        positive, not a bool).
     compiled_graph : bool, default True
         Drive the lookups and updates through one Ray Compiled Graph over all shards
         (``ray.dag``: a call to every shard through shared-memory channels instead of an actor
@@ -236,6 +290,7 @@ class ShardedEmbedding:
             raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
         self.optimizer = optimizer
         self.optimizer_options = dict(optimizer_options or {})
+        self._group: Optional[Dict[str, Any]] = None   # a loaded checkpoint's whole param group, once adopted
         # the table's dtype, checked (and "bfloat16" resolved) by the public constructor; lookups and
         # gradients are of its compute dtype (float32 for a 16-bit table)
         probe = Embedding(1, self.embedding_dim, sparse=True, dtype=dtype, seed=0)
@@ -244,7 +299,11 @@ class ShardedEmbedding:
         if "rounding_rows" in self.optimizer_options:
             raise ValueError("optimizer_options: rounding_rows is set by the table (shard k of S rounds its rows "
                              "as rows k, k + S, ... of the whole table)")
-        make_optimizer(optimizer, probe, dict(self.optimizer_options))   # bad options raise here
+        if "state_dir" in self.optimizer_options:
+            raise ValueError("optimizer_options: state_dir is set by the table (give storage_dir: each shard keeps "
+                             "its optimizer state in a directory of its own)")
+        _probe_step(make_optimizer(optimizer, probe, dict(self.optimizer_options)), probe,   # bad options raise here
+                    self.compute_dtype)
         if padding_idx is not None:
             p = _check_int(padding_idx, "padding_idx", -self.num_embeddings)
             if p >= self.num_embeddings:
@@ -263,10 +322,13 @@ class ShardedEmbedding:
             checkpoint_every = DEFAULT_CHECKPOINT_EVERY
         self.checkpoint_every = checkpoint_every
         self.run_id = uuid.uuid4().hex[:12]
-        self.checkpoint_dir = None if checkpoint_dir is None else os.path.abspath(os.fspath(checkpoint_dir))
-        self.storage_dir = None if storage_dir is None else os.path.abspath(os.fspath(storage_dir))
-        if not (isinstance(recovery_timeout, (int, float)) and recovery_timeout > 0):
-            raise ValueError(f"recovery_timeout must be a positive number of seconds, got {recovery_timeout!r}")
+        self.checkpoint_dir = _check_directory(checkpoint_dir, "checkpoint_dir")
+        self.storage_dir = _check_directory(storage_dir, "storage_dir")
+        if isinstance(recovery_timeout, (bool, np.bool_)) or not isinstance(recovery_timeout, (int, float, np.integer,
+                                                                                                np.floating)) \
+                or not (0 < recovery_timeout <= MAX_RECOVERY_TIMEOUT):
+            raise ValueError(f"recovery_timeout must be a finite positive number of seconds (at most "
+                             f"{MAX_RECOVERY_TIMEOUT:g}), got {recovery_timeout!r}")
         self.recovery_timeout = float(recovery_timeout)
         if not isinstance(compiled_graph, (bool, np.bool_)):
             raise TypeError(f"compiled_graph must be True or False, got {compiled_graph!r}")
@@ -305,8 +367,13 @@ class ShardedEmbedding:
         self.bytes_received = 0
         self.recoveries = 0       # shards brought back by checkpoint + replay
         self._broken: Optional[str] = None
-        self._wait_all([(k, self._actors[k].current_step.remote()) for k in range(self.num_shards)],
-                       expect=lambda k, reply: reply == 0, what="start")
+        try:
+            self._wait_all([(k, self._actors[k].current_step.remote()) for k in range(self.num_shards)],
+                           expect=lambda k, reply: reply == 0, what="start")
+        except BaseException:
+            for actor in self._actors:    # no half-started table keeps actors alive
+                self._ray.kill(actor, no_restart=True)
+            raise
         # The compiled graph (None: ordinary actor calls). Rule: a shard never has a compiled call
         # and an ordinary one in flight at once (Ray runs the graph's calls on a thread of the actor
         # and ordinary calls on another, in no order between the two): every ordinary call comes
@@ -329,6 +396,11 @@ class ShardedEmbedding:
             raise ValueError("ray_options must be a dict, or a sequence of num_shards dicts (one per shard)")
         for opts in per_shard:
             opts.setdefault("max_restarts", -1 if self.checkpoint_dir is not None else 0)
+            if opts["max_restarts"] != 0 and self.checkpoint_dir is None:
+                # a shard restarted without a checkpoint would come back with the seed's rows at step
+                # 0: after a load_state_dict at step 0 the client could not tell them from the loaded ones
+                raise ValueError(f"ray_options: max_restarts={opts['max_restarts']!r} needs a checkpoint_dir (a "
+                                 "restarted shard restores its rows from its checkpoint)")
             opts["max_task_retries"] = 0    # the client replays; Ray must not re-run a step by itself
         return per_shard
 
@@ -691,40 +763,88 @@ class ShardedEmbedding:
             self._pending.append((k, before, ref))
 
     def _settle(self) -> None:
-        """Check the answers of the steps sent and not yet checked; recover shards that missed one."""
+        """Check the answers of the steps sent and not yet checked; recover shards that missed one.
+        A step a shard's optimizer refused is rolled back when no shard applied it (the exception
+        says why); a checkpoint a shard could not write is reported once every answer is checked."""
         pending, self._pending = self._pending, []
         if not pending:
             return
         ray = self._ray
         lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+        refused: Optional[BaseException] = None
         # three kinds of pending step: a graph call's ref (one ray.get for them all, never twice),
         # an actor call's ref, None (the graph broke while sending it: ask the shard)
         compiled = [ref for _, _, ref in pending if ref is not None and not isinstance(ref, ray.ObjectRef)]
-        answers = self._graph_answers(compiled, "step") if compiled else []
+        try:
+            answers = self._graph_answers(compiled, "step") if compiled else []
+        except ray.exceptions.RayTaskError as exc:
+            refused, answers = exc, None
+        if refused is not None:
+            self._step_refused(pending, refused)
         by_graph = dict(zip(map(id, compiled), answers)) if answers is not None else {}
         calls = [ref for _, _, ref in pending if isinstance(ref, ray.ObjectRef)]
         replies = dict(zip(map(id, calls), self._get_together(calls, "step"))) if calls else {}
+        outcomes = []
         for k, before, ref in pending:
             reply = by_graph.get(id(ref)) if ref is not None and id(ref) in by_graph else replies.get(id(ref))
-            ok, now = False, -1
             try:
-                if reply is not None:
-                    ok, now = reply
-                elif isinstance(ref, ray.ObjectRef):
-                    ok, now = ray.get(ref, timeout=self.recovery_timeout)
+                if reply is None and isinstance(ref, ray.ObjectRef):
+                    reply = ray.get(ref, timeout=self.recovery_timeout)
             except lost:
-                pass
+                reply = None
+            except ray.exceptions.RayTaskError as exc:
+                refused = exc
             except ray.exceptions.GetTimeoutError:
                 self._fail(f"shard {k} did not answer step {before} within {self.recovery_timeout:g} s")
+            outcomes.append((k, before, reply))
+        if refused is not None:    # before any recovery: a replay would only be refused again
+            self._step_refused(pending, refused)
+        unsaved = []
+        for k, before, reply in outcomes:
+            ok, now, save_error = reply if reply is not None else (False, -1, None)
             if not (ok and now == before + 1):
                 self._recover(k)       # back to self._steps[k], replaying step ``before`` too
                 if not self.checkpoint_every:
                     self._log[k].clear()    # every step sent is applied: none is replayed again
             elif not self.checkpoint_every:
                 self._log[k].pop(before, None)     # answered: never replayed (nothing to restore from)
+            elif save_error is not None:
+                unsaved.append(f"shard {k}: {save_error}")    # the log keeps what that checkpoint would cover
             elif now % self.checkpoint_every == 0:
                 # the shard wrote this checkpoint before answering: older steps are never replayed
                 self._log[k] = {s: p for s, p in self._log[k].items() if s >= now}
+        if unsaved:
+            raise RuntimeError(f"the checkpoint of step {self.step_count} could not be written "
+                               f"({'; '.join(unsaved)}); the step itself was applied: the table is at step "
+                               f"{self.step_count} and stays usable (a shard lost now is replayed from its previous "
+                               f"checkpoint)")
+
+    def _step_refused(self, pending: List[Tuple[int, int, Any]], exc: BaseException) -> None:
+        """A shard raised while applying a pending step (its optimizer refused it). When no shard
+        applied it, the client steps back to before it and raises (ValueError / TypeError as the
+        optimizer did, else RuntimeError): the table stays usable at that step, as one process
+        whose ``step()`` raised. When some shard did apply it: :class:`ShardLostError`."""
+        ray = self._ray
+        self._drop_graph()     # ordinary calls from here (the graph's answers are gone)
+        where = []
+        for k, before, _ in pending:
+            try:
+                where.append(ray.get(self._actors[k].current_step.remote(), timeout=self.recovery_timeout))
+            except Exception:
+                where.append(None)
+        why = _reason(exc)
+        step = pending[0][1]
+        if all(at == before for (_, before, _), at in zip(pending, where)):
+            for k, before, _ in pending:
+                self._steps[k] = before
+                self._log[k].pop(before, None)
+            cause = getattr(exc, "cause", None)
+            cls: Type[Exception] = ValueError if type(cause) is ValueError else \
+                TypeError if type(cause) is TypeError else RuntimeError
+            raise cls(f"step {step} was refused by a shard and applied by none (the table stays at step {step}): "
+                      f"{why}")
+        self._fail(f"step {step} was refused by a shard ({why}) and applied by others (shards at steps {where}): "
+                   f"the shards' rows no longer belong to one step")
 
     def sync(self) -> None:
         """Wait until every step sent has been applied by its shard (checked, recovering lost
@@ -758,18 +878,20 @@ class ShardedEmbedding:
         first = self._get_together([ref for _, ref in pending], what)
         for (k, ref), together in zip(pending, first):
             for attempt in range(4):
+                cause = ""
                 try:
                     reply = together if attempt == 0 and together is not None else \
                         ray.get(ref, timeout=self.recovery_timeout)
-                except lost:
+                except lost as exc:
                     reply = None
+                    cause = f": {_reason(exc)}"
                 except ray.exceptions.GetTimeoutError:
                     self._fail(f"shard {k} did not answer a {what} within {self.recovery_timeout:g} s")
                 if reply is not None and expect(k, reply):
                     replies[k] = reply
                     break
                 if retry is None:
-                    self._fail(f"shard {k} was lost during {what}")
+                    self._fail(f"shard {k} was lost during {what}{cause}")
                 self._recover(k)
                 ref = retry(k)
             else:
@@ -782,7 +904,7 @@ class ShardedEmbedding:
         ray = self._ray
         try:
             return list(ray.get(refs, timeout=self.recovery_timeout))
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.RayTaskError):
             return [None] * len(refs)
         except ray.exceptions.GetTimeoutError:
             self._fail(f"a shard did not answer a {what} within {self.recovery_timeout:g} s")
@@ -820,13 +942,15 @@ class ShardedEmbedding:
             self.recoveries += 1
             try:
                 for s in range(at, target):
-                    ok, now = ray.get(self._actors[k].apply.remote(s, log[s]), timeout=remaining)
+                    ok, now, _ = ray.get(self._actors[k].apply.remote(s, log[s]), timeout=remaining)
                     if not ok or now != s + 1:
                         break
                 else:
                     return
             except lost:
                 continue   # lost again during the replay: start over from what it restores
+            except ray.exceptions.RayTaskError as exc:
+                self._fail(f"shard {k} refused step {s} when it was replayed: {_reason(exc)}")
             except ray.exceptions.GetTimeoutError:
                 self._fail(f"shard {k} did not come back within {self.recovery_timeout:g} s")
 
@@ -876,6 +1000,9 @@ class ShardedEmbedding:
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Take a :meth:`state_dict` (of a table of the same size, dtype and optimizer, any shard
         count): each shard receives its rows, then checkpoints them. The replay log restarts here.
+        The whole state is first loaded into a one-process copy of the table (its optimizer checks
+        it with the constructor's rules): a refused state is a ``ValueError`` before any shard
+        changes. The whole table passes through this process.
 
         Examples
         --------
@@ -884,35 +1011,69 @@ class ShardedEmbedding:
         >>> table.load_state_dict(other.state_dict())     # doctest: +SKIP
         """
         self._check_usable()
+        if not isinstance(state_dict, dict) or not {"step", "weight", "optimizer"} <= set(state_dict):
+            raise ValueError("state_dict must be a dict with 'step', 'weight' and 'optimizer' entries")
         weight = state_dict["weight"]
         if not isinstance(weight, np.ndarray) or weight.shape != (self.num_embeddings, self.embedding_dim) \
                 or weight.dtype != self.dtype:
             raise ValueError(f"state_dict weight must be a ({self.num_embeddings}, {self.embedding_dim}) "
                              f"{self.dtype} array")
         step = _check_int(state_dict["step"], "state_dict step", 0)
+        entry = state_dict["optimizer"]
+        if not isinstance(entry, dict):
+            raise ValueError(f"state_dict optimizer must be a dict of optimizer state, got {type(entry).__name__}")
+        emb, opt = self._local_copy(weight)
+        packed = opt.state_dict()
+        packed["state"] = {0: entry} if entry else {}
+        opt.load_state_dict(packed)    # the whole state checked; nothing sent yet
+        self._load(step, emb.weight, opt.state_dict()["state"].get(0, {}), None)
+
+    def _load(self, step: int, weight: np.ndarray, state: Dict[str, Any], options: Optional[Dict[str, Any]]) -> None:
+        """Send each shard its part of a checked one-process state (``options``: hyper-parameters
+        to adopt as well, None: keep the table's)."""
         self._settle()
         S = self.num_shards
         refs = []
         for k in range(S):
             entry = {}
-            for key, value in state_dict["optimizer"].items():
+            for key, value in state.items():
                 if key == ROW_LIST_KEY and value is not None:   # global row ids -> this shard's local ones
-                    rows = np.asarray(value)
-                    entry[key] = rows[rows % S == k] // S if rows.dtype.kind in "iu" else rows   # else: refused there
+                    rows = np.asarray(value, dtype=np.int64)
+                    entry[key] = rows[rows % S == k] // S
                 elif isinstance(value, np.ndarray) and value.ndim >= 1 and value.shape[0] == self.num_embeddings:
                     entry[key] = np.ascontiguousarray(value[k::S])
                 else:
                     entry[key] = value
-            refs.append((k, self._actors[k].load.remote(step, np.ascontiguousarray(weight[k::S]), entry)))
-        self._wait_all(refs, expect=lambda k, reply: reply == step, what="load_state_dict")
+            refs.append((k, self._actors[k].load.remote(step, np.ascontiguousarray(weight[k::S]), entry, options)))
+        try:
+            got = self._wait_all(refs, expect=lambda k, reply: reply[0] == step, what="load_state_dict")
+        except self._ray.exceptions.RayTaskError as exc:   # checked here first: not expected
+            self._fail(f"a shard refused its part of a checked state: {_reason(exc)}")
+        if options is not None:
+            # the table's options become the adopted ones its constructor takes; the whole group
+            # (with any extra entry, such as a scheduler's initial_lr) goes into save_checkpoint
+            accepted = set(inspect.signature(OPTIMIZERS[self.optimizer]).parameters) - {"params", "rounding_rows",
+                                                                                       "state_dir"}
+            self.optimizer_options = {key: value for key, value in options.items() if key in accepted}
+            self._group = dict(options)
         self._steps = [step] * S
         self._log = [{} for _ in range(S)]
         self._kgrad = None
+        unsaved = [f"shard {k}: {got[k][1]}" for k in range(S) if got[k][1] is not None]
+        if unsaved:
+            # a shard restarted later would restore an older checkpoint, possibly of this very step
+            self._fail(f"the state was loaded, but not every shard could checkpoint it ({'; '.join(unsaved)}): a "
+                       f"restarted shard would restore older rows")
 
     def _local_copy(self, weight: np.ndarray) -> Tuple[Embedding, Any]:
         """A one-process Embedding over ``weight`` and this table's optimizer over it."""
         emb = Embedding.from_pretrained(weight, freeze=False, sparse=True, padding_idx=self.padding_idx)
-        return emb, make_optimizer(self.optimizer, emb, dict(self.optimizer_options))
+        opt = make_optimizer(self.optimizer, emb, dict(self.optimizer_options))
+        if self._group is not None:    # the hyper-parameters a load_checkpoint adopted, all of them
+            packed = opt.state_dict()
+            packed["param_groups"] = [dict(self._group, rounding_rows=(0, 1), params=[0])]
+            opt.load_state_dict(packed)
+        return emb, opt
 
     def save_checkpoint(self, path: str) -> None:
         """Write the whole table and its optimizer state as a cembed checkpoint directory
@@ -938,7 +1099,9 @@ class ShardedEmbedding:
     def load_checkpoint(self, path: str) -> None:
         """Restore a :meth:`save_checkpoint` directory (written with any number of shards, or by
         ``cembed.save_checkpoint(path, {"table": emb}, optimizer)`` in one process — then the step
-        count restarts at the optimizer's). Everything is checked before any shard changes.
+        count restarts at the optimizer's). Everything is checked before any shard changes. The
+        checkpoint's optimizer hyper-parameters (``lr``, ...) replace the table's, as
+        :func:`cembed.load_checkpoint` replaces an optimizer's (``optimizer_options`` shows them).
 
         Examples
         --------
@@ -946,13 +1109,18 @@ class ShardedEmbedding:
 
         >>> table.load_checkpoint("ckpt/table")       # doctest: +SKIP
         """
+        self._check_usable()
         emb, opt = self._local_copy(np.zeros((self.num_embeddings, self.embedding_dim), dtype=self.dtype))
         extra = load_checkpoint(os.fspath(path), {"table": emb}, opt, mmap=False)
-        state = opt.state_dict()["state"].get(0, {})
+        saved = opt.state_dict()
+        state = saved["state"].get(0, {})
         step = extra.get("step") if isinstance(extra, dict) else None
         if step is None:
             step = int(state.get("step", 0))
-        self.load_state_dict({"step": step, "weight": emb.weight, "optimizer": state})
+        step = _check_int(step, f"{path}: the checkpoint's step", 0)
+        # the checkpoint's hyper-parameters (lr, ...) are adopted, as one process's load_checkpoint does
+        options = {key: value for key, value in saved["param_groups"][0].items() if key != "params"}
+        self._load(step, emb.weight, state, options)
 
     def shard_info(self) -> List[Dict[str, Any]]:
         """Per shard: process id, step, the step it restored a checkpoint at (None if never), the

@@ -21,7 +21,7 @@ from ..modules import Embedding
 from ..sparse import SparseGrad
 from ._init import initial_rows
 
-__all__ = ["Shard", "OPTIMIZERS", "make_optimizer"]
+__all__ = ["Shard", "OPTIMIZERS", "make_optimizer", "writable_directory"]
 
 #: Optimizer names accepted by ShardedEmbedding -> cembed.optim classes. Each updates a row from
 #: that row's summed gradient, its own state and the step count alone, so a shard updates its rows
@@ -61,6 +61,8 @@ class Shard:
         self.num_embeddings = num_embeddings
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
         self.rows = local_rows(shard_id, num_shards, num_embeddings)
+        if checkpoint_dir is not None:   # a directory it cannot write is an error now, not at its first checkpoint
+            writable_directory(checkpoint_dir, "checkpoint_dir")
         restore = checkpoint_dir is not None and _has_checkpoint(checkpoint_dir)
         table_dtype = Embedding(1, 1, dtype=dtype, seed=0).weight.dtype   # the name resolved ("bfloat16")
         global_rows = np.arange(shard_id, num_embeddings, num_shards, dtype=np.int64)
@@ -70,7 +72,7 @@ class Shard:
             # rows in a memory-mapped .npy file (cembed.open_table), built block by block from the same
             # initial values (a 16-bit table: the float32 ones rounded to nearest, as initial_rows does);
             # a restarted shard rebuilds it and the checkpoint then overwrites it
-            os.makedirs(storage_dir, exist_ok=True)
+            writable_directory(storage_dir, "storage_dir")
 
             def fill(block: np.ndarray, start: int) -> None:
                 block[...] = initial_rows(seed, global_rows[start:start + len(block)], embedding_dim, block.dtype,
@@ -108,15 +110,17 @@ class Shard:
             return self.step, None
         return self.step, F.embedding(rows, self.emb.weight)   # rows checked against this shard's table
 
-    def apply(self, step: int, update: Tuple[np.ndarray, np.ndarray]) -> Tuple[bool, int]:
+    def apply(self, step: int, update: Tuple[np.ndarray, np.ndarray]) -> Tuple[bool, int, Optional[str]]:
         """Apply step ``step``: the optimizer's update for ``update = (rows, values)``, the summed
         gradient ``values`` of local rows ``rows`` (ascending, distinct; may be empty — the step
         still counts, as in one process; one argument, so that Ray ships both as one object).
-        Returns ``(True, step + 1)``; or ``(False, own step)`` without changing anything when the
-        shard is not at ``step``. Writes a checkpoint when the new step is a multiple of
-        ``checkpoint_every`` (before answering: an answered step is on disk)."""
+        Returns ``(True, step + 1, None)``; or ``(False, own step, None)`` without changing anything
+        when the shard is not at ``step``. Writes a checkpoint when the new step is a multiple of
+        ``checkpoint_every`` (before answering: an answered step is on disk). A checkpoint that
+        cannot be written does not undo the step: the answer is then ``(True, step + 1, why)``.
+        An optimizer that refuses the step raises, and the shard stays at ``step``."""
         if step != self.step:
-            return False, self.step
+            return False, self.step, None
         rows, values = update
         self.emb.grad = SparseGrad(rows, values, self.rows)
         try:
@@ -125,8 +129,16 @@ class Shard:
             self.emb.grad = None
         self.step += 1
         if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+            return True, self.step, self._try_save()
+        return True, self.step, None
+
+    def _try_save(self) -> Optional[str]:
+        """:meth:`save`; None, or why the checkpoint could not be written (the state is unchanged)."""
+        try:
             self.save()
-        return True, self.step
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
 
     def call(self, request: Tuple[str, int, Any]) -> Any:
         """``("gather", step, rows)`` or ``("apply", step, (rows, values))``: :meth:`gather` or
@@ -156,36 +168,35 @@ class Shard:
         entry = self.opt.state_dict()["state"].get(0, {})
         return self.step, self.emb.weight.copy(), entry
 
-    def load(self, step: int, weight: np.ndarray, entry: Dict[str, Any]) -> int:
+    def load(self, step: int, weight: np.ndarray, entry: Dict[str, Any],
+             options: Optional[Dict[str, Any]] = None) -> Tuple[int, Optional[str]]:
         """Take ``weight`` and optimizer state ``entry`` as the state at ``step`` (checked by the
-        optimizer first: a refused state changes nothing), then checkpoint it when checkpointing."""
+        optimizer first: a refused state changes nothing), then checkpoint it when checkpointing.
+        ``options``: the optimizer's hyper-parameters to take as well (a loaded checkpoint's; this
+        shard's ``rounding_rows`` are kept). Returns ``(step, None)``, or ``(step, why)`` when the
+        checkpoint of the loaded state could not be written (the state is loaded)."""
         weight = np.asarray(weight)
         if weight.shape != self.emb.weight.shape or weight.dtype != self.emb.weight.dtype:
             raise ValueError(f"shard {self.shard_id}: weight {weight.shape} {weight.dtype} does not match "
                              f"{self.emb.weight.shape} {self.emb.weight.dtype}")
         weight = aligned_copy(weight)   # a private, page-aligned copy
-        if self.storage_dir is not None:   # rows on disk: the state first (checked), then the rows copied in
-            sd = self.opt.state_dict()
-            sd["state"] = {0: entry} if entry else {}
-            self.opt.load_state_dict(sd)
-            np.copyto(self.emb.weight, weight)
-            self.step = int(step)
-            if self.checkpoint_dir is not None:
-                self.save()
-            return self.step
-        old = self.emb.weight
-        self.emb.weight = weight
         sd = self.opt.state_dict()
         sd["state"] = {0: entry} if entry else {}
-        try:
+        if options is not None:
+            sd["param_groups"] = [dict(options, rounding_rows=(self.shard_id, self.num_shards), params=[0])]
+        if self.storage_dir is not None:   # rows on disk: the state first (checked), then the rows copied in
             self.opt.load_state_dict(sd)
-        except Exception:
-            self.emb.weight = old
-            raise
+            np.copyto(self.emb.weight, weight)
+        else:
+            old = self.emb.weight
+            self.emb.weight = weight
+            try:
+                self.opt.load_state_dict(sd)
+            except Exception:
+                self.emb.weight = old
+                raise
         self.step = int(step)
-        if self.checkpoint_dir is not None:
-            self.save()
-        return self.step
+        return self.step, (self._try_save() if self.checkpoint_dir is not None else None)
 
     def save(self) -> None:
         """Checkpoint the current step into ``checkpoint_dir`` (cembed's checkpoint directory
@@ -244,6 +255,19 @@ def _numpy_only_channels() -> None:
         ChannelContext.get_current()._torch_available = False
     except Exception:    # another Ray: it probes for torch, which costs time, not correctness
         pass
+
+
+def writable_directory(path: str, name: str) -> None:
+    """Create directory ``path`` (and its parents) if needed and check that a file can be written in
+    it; ``ValueError`` naming ``name`` and the reason otherwise."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".cembed-probe-{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"0")
+        os.remove(probe)
+    except OSError as exc:
+        raise ValueError(f"{name} {path!r} cannot be used as a directory: {type(exc).__name__}: {exc}") from None
 
 
 def _has_checkpoint(path: str) -> bool:
