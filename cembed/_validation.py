@@ -185,8 +185,8 @@ def elements_overlap(array: np.ndarray) -> bool:
     if array.ndim == 2:   # the tables: the same rule, unrolled (it runs at every step)
         (n0, n1), item = array.shape, array.itemsize
         s0, s1 = abs(array.strides[0]), abs(array.strides[1])
-        if n0 == 1 or n1 == 1:
-            return s1 < item if n0 == 1 else s0 < item
+        if n0 == 1 or n1 == 1:   # one axis of one element: only the other's stride matters (none for 1 x 1)
+            return (n0 > 1 and s0 < item) or (n1 > 1 and s1 < item)
         if s0 > s1:
             s0, n0, s1, n1 = s1, n1, s0, n0
         return s0 < item or s1 < s0 * (n0 - 1) + item

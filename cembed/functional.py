@@ -907,7 +907,10 @@ def _pool_numeric(weight: np.ndarray, bags: SavedBags) -> np.ndarray:
         return out
     values = np.where(keep[:, None], rows, 0)
     largest = max(abs(int(values.min())), abs(int(values.max()))) if values.size else 0
-    if largest * values.shape[0] <= np.iinfo(np.int64).max:   # no running sum can leave int64
+    longest = int(np.diff(bags.offsets).max(initial=0))
+    # every bag's sum fits int64: the int64 running sums may wrap, but each difference of two of
+    # them (one bag) is then exact, as two's-complement arithmetic is exact modulo 2**64
+    if largest * longest <= np.iinfo(np.int64).max:
         cum = np.zeros((bags.flat.size + 1, weight.shape[1]), dtype=np.int64)
         np.cumsum(values, axis=0, dtype=np.int64, out=cum[1:])
         sums = cum[ends] - cum[starts]

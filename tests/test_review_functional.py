@@ -156,3 +156,32 @@ def test_backward_of_a_frozen_integer_bag_table_is_a_no_op():
     bag(np.array([1, 2]), offsets=[0])
     assert bag.backward(np.ones((1, 2), np.float32)) is None
     assert bag.grad is None
+
+
+def test_integer_bag_sums_exact_when_the_running_sum_wraps():
+    """Bags whose own sums fit int64 are summed in int64 even when the running sum over all bags
+    wraps (each bag is a difference of two running sums, exact modulo 2**64): checked against Python
+    integers, with values near 2**62."""
+    rng = np.random.default_rng(3)
+    table = rng.integers(2**61, 2**62, (50, 2)).astype(np.int64)
+    table[::2] *= -1
+    ids = rng.integers(0, 50, 400)
+    offsets = np.arange(0, 400, 2)
+    got = F.embedding_bag(ids, table, offsets=offsets, mode="sum")
+    want = [[int(table[ids[a], c]) + int(table[ids[a + 1], c]) for c in range(2)] for a in offsets]
+    assert got.dtype == np.int64
+    assert got.tolist() == want
+    np.testing.assert_array_equal(F.embedding_bag(ids, table, offsets=offsets, mode="mean"),
+                                  np.array(want, dtype=object).astype(np.float64) / 2)
+
+
+def test_one_element_table_with_a_zero_stride_trains():
+    """A 1 x 1 table whose column stride is 0 (``x[:, None]``) has no two elements to share memory:
+    steps and renorm write it as before (the overlap rule for written tables refused it)."""
+    weight = np.zeros(1, np.float32)[:, None]
+    emb = cembed.Embedding.from_pretrained(weight, freeze=False, sparse=True)
+    opt = cembed.optim.SGD([emb], lr=0.1)
+    emb(np.array([0]))
+    emb.backward(np.ones((1, 1), np.float32))
+    opt.step()
+    np.testing.assert_array_equal(emb.weight, [[-0.1]])

@@ -507,16 +507,13 @@ def _output_dir_problem(path):
     return None
 
 
-#: the bench's arrays per table element (the table, its aligned copies for each contender, the
-#: optimizer state) and per looked-up element (outputs, gradients, their copies), float32
-_BENCH_TABLE_COPIES, _BENCH_BATCH_COPIES = 6, 8
-
-
 def run_bench(args):
     from . import bench
 
     ram = _physical_memory()
-    need = 4 * args.dim * (_BENCH_TABLE_COPIES * args.rows + _BENCH_BATCH_COPIES * args.n)
+    # a lower bound: every kernel needs the float32 table and at least its looked-up rows and their
+    # gradient (most keep more: copies for the contenders, optimizer state)
+    need = 4 * args.dim * (args.rows + 2 * args.n)
     if ram is not None and need > ram:
         print(f"error: --rows {args.rows:,} × --dim {args.dim:,} with --n {args.n:,} needs at least {_gib(need)} of "
               f"memory; this machine has {_gib(ram)}", file=sys.stderr)

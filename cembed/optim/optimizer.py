@@ -262,7 +262,7 @@ class Optimizer:
         if dtype is None:
             dtype = rounding_.state_dtype(weight.dtype, options or {}, "state")
         if self.state_dir is not None and state is not self._scratch_state:
-            # on disk: a sparse zero file (no write), mapped read-write; a non-zero fill is written
+            # on disk: a zero file with its space reserved (no write), mapped read-write; a non-zero fill is written
             # in bounded blocks
             path = self._state_path(self._module_of(state), key)
             storage.create_zeros(path, shape, dtype)   # bfloat16 as its uint16 bits (storage.file_dtype)
