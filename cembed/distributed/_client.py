@@ -642,6 +642,8 @@ class ShardedEmbedding:
                             f"got {got}")
         if step and self._kgrad is not None:
             raise ValueError("backward(step=True) with a .grad present: call step() or zero_grad() first")
+        if step:   # an error of an earlier step is raised now, before this call's gradient exists
+            self._settle()
         if indices is None:
             if self._saved is None:
                 raise ValueError("backward: no indices given and no forward call to take them from")
@@ -714,6 +716,7 @@ class ShardedEmbedding:
         self._check_usable()
         if self._kgrad is None:
             return
+        self._settle()   # an error of an earlier step is raised while .grad is still in place
         grad, self._kgrad = self._kgrad, None
         self._apply(grad)
 
@@ -817,7 +820,7 @@ class ShardedEmbedding:
             raise RuntimeError(f"the checkpoint of step {self.step_count} could not be written "
                                f"({'; '.join(unsaved)}); the step itself was applied: the table is at step "
                                f"{self.step_count} and stays usable (a shard lost now is replayed from its previous "
-                               f"checkpoint)")
+                               f"checkpoint); the call that reports it did nothing else: repeat it")
 
     def _step_refused(self, pending: List[Tuple[int, int, Any]], exc: BaseException) -> None:
         """A shard raised while applying a pending step (its optimizer refused it). When no shard
@@ -841,8 +844,8 @@ class ShardedEmbedding:
             cause = getattr(exc, "cause", None)
             cls: Type[Exception] = ValueError if type(cause) is ValueError else \
                 TypeError if type(cause) is TypeError else RuntimeError
-            raise cls(f"step {step} was refused by a shard and applied by none (the table stays at step {step}): "
-                      f"{why}")
+            raise cls(f"step {step} was refused by a shard and applied by none (the table stays at step {step}; "
+                      f"the call that reports it did nothing else): {why}")
         self._fail(f"step {step} was refused by a shard ({why}) and applied by others (shards at steps {where}): "
                    f"the shards' rows no longer belong to one step")
 

@@ -61,9 +61,13 @@ class Shard:
         self.num_embeddings = num_embeddings
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
         self.rows = local_rows(shard_id, num_shards, num_embeddings)
-        if checkpoint_dir is not None:   # a directory it cannot write is an error now, not at its first checkpoint
-            writable_directory(checkpoint_dir, "checkpoint_dir")
         restore = checkpoint_dir is not None and _has_checkpoint(checkpoint_dir)
+        if checkpoint_dir is not None and not restore:
+            # a directory it cannot write is an error now, not at its first checkpoint; a restarted
+            # shard only reads (a full disk must not keep it from restoring, and creating the
+            # directory would hide a checkpoint left complete in its ".ready" sibling by a crash
+            # between the save's two renames)
+            writable_directory(checkpoint_dir, "checkpoint_dir")
         table_dtype = Embedding(1, 1, dtype=dtype, seed=0).weight.dtype   # the name resolved ("bfloat16")
         global_rows = np.arange(shard_id, num_embeddings, num_shards, dtype=np.int64)
         self.storage_dir = storage_dir

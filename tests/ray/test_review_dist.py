@@ -256,3 +256,72 @@ def test_bad_arguments_refused_in_the_client(ray_local, tmp_path):
     for bad in (float("inf"), float("nan"), True, 0, -1.0, "10"):
         with pytest.raises(ValueError, match="recovery_timeout"):
             ShardedEmbedding(V, D, 2, "sgd", {"lr": 0.1}, seed=0, recovery_timeout=bad)
+
+
+# ------------------------------------------------- second review: this call's gradient, restarts that only read
+@pytest.mark.parametrize("use_step", [False, True], ids=["backward_step_true", "backward_then_step"])
+def test_error_of_an_earlier_step_keeps_this_calls_gradient(ray_local, tmp_path, use_step):
+    """The error of an earlier step (here: shard 1 could not write the checkpoint of step 2) is raised
+    before this call takes its gradient: ``.grad`` is still there after ``step()`` raised, and calling
+    again applies step 3 — bitwise one process's three steps. Before, the gradient of the call that
+    reported the error was dropped silently."""
+    table = ShardedEmbedding(V, D, 2, "sgd", {"lr": 0.1}, seed=2, checkpoint_dir=str(tmp_path),
+                             checkpoint_every=2, compiled_graph=False)
+    emb, opt = single_process(V, D, "sgd", {"lr": 0.1}, 2)
+    rng = np.random.default_rng(4)
+    try:
+        shard_dir = table._shard_dir(1)
+        os.rmdir(shard_dir)
+        with open(shard_dir, "wb") as f:      # shard 1 can no longer write its checkpoint
+            f.write(b"x")
+        for s in (1, 2, 3):
+            idx = zipf_batch(rng, V, 8)
+            grad = rng.standard_normal((idx.size, D)).astype(np.float32)
+            emb.backward(grad, idx, optimizer=opt)
+            if use_step:
+                table.backward(grad, idx)
+                call = table.step
+            else:
+                def call():
+                    table.backward(grad, idx, step=True)
+            if s < 3:
+                call()
+                continue
+            with pytest.raises(RuntimeError, match="checkpoint of step 2 could not be written"):
+                call()
+            assert table.step_count == 2
+            assert (table.grad is not None) == use_step
+            call()                              # the error was reported once: step 3 goes through
+        table.sync()
+        assert table.step_count == 3
+        assert_same_state(table, emb, opt)
+    finally:
+        table.shutdown()
+
+
+def test_restart_restores_a_checkpoint_left_in_its_ready_sibling(ray_local, tmp_path):
+    """A save interrupted between its two renames leaves the complete checkpoint in ``.<name>.ready``
+    and nothing at its path. A shard restarted then restores it (it only reads at a restart): before,
+    its start-up write check created an empty directory at the path, which hid the ``.ready`` one, and
+    the shard came back without its rows."""
+    table = ShardedEmbedding(V, D, 2, "sgd", {"lr": 0.1, "momentum": 0.9}, seed=3, checkpoint_dir=str(tmp_path),
+                             checkpoint_every=2, compiled_graph=False)
+    emb, opt = single_process(V, D, "sgd", {"lr": 0.1, "momentum": 0.9}, 3)
+    rng = np.random.default_rng(6)
+    try:
+        train(rng, table, emb, opt, steps=2)       # shard checkpoints at step 2
+        train(rng, table, emb, opt)                # step 3: in the replay log
+        shard_dir = table._shard_dir(1)
+        head, name = os.path.split(shard_dir)
+        os.rename(shard_dir, os.path.join(head, f".{name}.ready"))   # as a crash between the renames leaves it
+        pid = table.shard_info()[1]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        wait_gone(pid)
+        table(np.arange(V))                        # the restarted shard restores (and creates nothing)
+        assert table.recoveries == 1 and table.shard_info()[1]["restored_from"] == 2
+        assert not os.path.lexists(shard_dir), "the restart created the checkpoint path over the .ready one"
+        train(rng, table, emb, opt)                # step 4: its save completes the interrupted one
+        assert os.path.isdir(shard_dir) and not os.path.lexists(os.path.join(head, f".{name}.ready"))
+        assert_same_state(table, emb, opt)
+    finally:
+        table.shutdown()
