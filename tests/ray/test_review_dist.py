@@ -32,6 +32,16 @@ def shard_steps(ray, table):
     return [ray.get(a.current_step.remote()) for a in table.actors]
 
 
+def block_checkpoints(table, k):
+    """Make shard ``k``'s checkpoint directory a regular file (it can no longer write checkpoints);
+    returns its path."""
+    shard_dir = table._shard_dir(k)
+    os.rmdir(shard_dir)
+    with open(shard_dir, "wb") as f:
+        f.write(b"x")
+    return shard_dir
+
+
 def group_of(optimizer_cls, **options):
     """A whole param group of ``optimizer_cls`` (every option, as a shard's load takes it)."""
     group = optimizer_cls([cembed.Embedding(1, D, sparse=True)], **options).state_dict()["param_groups"][0]
@@ -178,10 +188,7 @@ def test_failed_checkpoint_keeps_the_applied_step(ray_local, tmp_path):
     emb, opt = single_process(V, D, "sgd", {"lr": 0.1, "momentum": 0.9}, 2)
     rng = np.random.default_rng(4)
     try:
-        shard_dir = table._shard_dir(1)
-        os.rmdir(shard_dir)
-        with open(shard_dir, "wb") as f:      # shard 1 can no longer write its checkpoint
-            f.write(b"x")
+        shard_dir = block_checkpoints(table, 1)
         train(rng, table, emb, opt)
         with pytest.raises(RuntimeError, match="checkpoint of step 2 could not be written.*shard 1:.*Error"):
             train(rng, table, emb, opt)
@@ -270,10 +277,7 @@ def test_error_of_an_earlier_step_keeps_this_calls_gradient(ray_local, tmp_path,
     emb, opt = single_process(V, D, "sgd", {"lr": 0.1}, 2)
     rng = np.random.default_rng(4)
     try:
-        shard_dir = table._shard_dir(1)
-        os.rmdir(shard_dir)
-        with open(shard_dir, "wb") as f:      # shard 1 can no longer write its checkpoint
-            f.write(b"x")
+        block_checkpoints(table, 1)              # shard 1 can no longer write its checkpoint
         for s in (1, 2, 3):
             idx = zipf_batch(rng, V, 8)
             grad = rng.standard_normal((idx.size, D)).astype(np.float32)
