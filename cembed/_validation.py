@@ -35,6 +35,12 @@ _INT64_MAX = np.iinfo(np.int64).max
 
 # ----------------------------------------------------------------------------------------- scalars
 
+def short_repr(value: Any) -> str:
+    """``repr(value)`` for a message, shortened when huge (an int of 10**400 has 401 digits)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+
+
 def check_real(value: Any, name: str, *, low: Optional[float] = None, high: Optional[float] = None,
                low_open: bool = False, high_open: bool = False, allow_inf: bool = False) -> float:
     """``value`` as a Python float, or an exception naming ``name``.
@@ -47,8 +53,7 @@ def check_real(value: Any, name: str, *, low: Optional[float] = None, high: Opti
     try:
         value = float(value)
     except OverflowError:   # an int beyond the float range
-        raise ValueError(f"{name} is too large to be a float, got an int of {len(str(abs(int(value))))} digits") \
-            from None
+        raise ValueError(f"{name} is too large to be a float, got {short_repr(value)}") from None
     if math.isnan(value):
         raise ValueError(f"{name} must not be NaN, got nan")
     if math.isinf(value) and not allow_inf:
@@ -268,7 +273,6 @@ def frozen(array: np.ndarray) -> np.ndarray:
     block. Its ``flags.writeable`` cannot be turned back on, not even through ``.base`` or the block
     (NumPy refuses it for read-only memory)."""
     return array if _buffer_cache.is_frozen(array) else _buffer_cache.frozen_copy(array)
-
 
 
 class GroupedIndices:

@@ -152,7 +152,7 @@ def _link_checkpoint_file(array: np.ndarray, dst: str) -> Optional[Tuple[int, in
     if array.flags.writeable:
         return None
     src = storage.backing_file(array)   # checks that the name still names the mapped file
-    known = storage._mapped_file_id(array)
+    known = storage.mapped_file_id(array)
     if src is None or known is None:
         return None
     size = os.stat(src).st_size

@@ -56,7 +56,7 @@ from ._validation import (
     normalize_padding_idx,
     validated_indices,
 )
-from .sparse import SparseGrad
+from .sparse import SparseGrad, check_exact_sparse_grad
 
 __all__ = ["embedding", "embedding_renorm_", "embedding_backward", "coalesce", "embedding_bag",
            "embedding_bag_backward", "prefetch", "group_indices", "GroupedIndices",
@@ -521,8 +521,7 @@ def add_to_grad(old: Any, new: Union[RowContributions, MaxRouting], shape: Tuple
     if old is None:
         return new.sparse(shape[0]) if sparse else new.dense(shape[0])
     if isinstance(old, SparseGrad):
-        if type(old) is not SparseGrad:   # its shape and rows could be properties: refused, as step() does
-            raise TypeError(f".grad must be a cembed.SparseGrad itself, not a subclass ({type(old).__name__})")
+        check_exact_sparse_grad(old, ".grad")   # as step() refuses it
         if old.shape != shape or old.dtype != dtype:
             raise ValueError(f".grad is a SparseGrad of shape {old.shape} and dtype {old.dtype}, but the weight "
                              f"is {shape} {dtype}: call zero_grad() after replacing the weight")

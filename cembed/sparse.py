@@ -10,6 +10,16 @@ from ._config import n_threads_for
 from ._validation import FLOAT_DTYPES, check_row_ids, check_size, frozen
 
 
+def check_exact_sparse_grad(grad: Any, name: str) -> None:
+    """TypeError for a subclass of :class:`SparseGrad`: an update or a merge sizes its reads from a
+    gradient's shape and rows, which a subclass could report through properties other than its own
+    arrays; only an exact ``SparseGrad`` is merged into ``.grad`` or stepped (anything that is not a
+    SparseGrad at all is left to the caller)."""
+    if isinstance(grad, SparseGrad) and type(grad) is not SparseGrad:
+        raise TypeError(f"{name} must be a cembed.SparseGrad itself, not a subclass ({type(grad).__name__}): an "
+                        "update reads its rows after they were checked")
+
+
 def _read_only_view(array: np.ndarray) -> np.ndarray:
     view = array.view()
     view.flags.writeable = False

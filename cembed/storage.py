@@ -454,7 +454,7 @@ def backing_file(array: Any) -> Optional[str]:
     start = np.frombuffer(mm, dtype=np.uint8).ctypes.data if not mm.closed else None
     if start is None or array.ctypes.data != start + (header.offset % _mmap_granularity()):
         return None
-    known = _mapped_file_id(array)
+    known = mapped_file_id(array)
     if known is not None:
         try:
             status = os.stat(path)
@@ -668,7 +668,7 @@ ADVICE = {"random": "MADV_RANDOM", "sequential": "MADV_SEQUENTIAL", "normal": "M
 _MAPPED: "weakref.WeakKeyDictionary[mmap.mmap, Tuple[int, int]]" = weakref.WeakKeyDictionary()
 
 
-def _mapped_file_id(array: Any) -> Optional[Tuple[int, int]]:
+def mapped_file_id(array: Any) -> Optional[Tuple[int, int]]:
     """``(st_dev, st_ino)`` of the file a memory map made by cembed (:func:`open_table`,
     :func:`map_array`, checkpoints, ``state_dir``) maps, or None for any other array."""
     mm = getattr(array, "_mmap", None) if isinstance(array, np.memmap) else None

@@ -246,11 +246,12 @@ def run_train(args):
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             return 1
-    if args.shards and "cembed" in args.backend and args.shards > corpus.vocab_size:
+    if args.shards > corpus.vocab_size:   # (_argument_problem: --shards comes with the cembed backend)
         print(f"error: --shards ({args.shards}) cannot exceed the vocabulary ({corpus.vocab_size:,} words): every "
               "shard holds at least one row", file=sys.stderr)
         return 2
-    problem = _memory_problem(args, corpus.vocab_size, corpus.n_tokens)
+    # a text corpus's size is known now (a synthetic one's was estimated from the flags before it was made)
+    problem = _memory_problem(args, corpus.vocab_size, corpus.n_tokens) if args.corpus else None
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -461,7 +462,7 @@ def _argument_problem(args):
             cembed.set_num_threads(previous)
     if args.table_dir is not None and os.path.exists(args.table_dir) and not os.path.isdir(args.table_dir):
         return f"--table-dir {args.table_dir} exists and is not a directory"
-    if args.shards and args.backend != ["cembed"] and "cembed" not in args.backend:
+    if args.shards and "cembed" not in args.backend:
         return "--shards shards cembed's tables: use it with the cembed backend"
     if not args.corpus:
         return _memory_problem(args, args.vocab_size, args.tokens)

@@ -8,7 +8,7 @@ import numpy as np
 from .. import _grad
 from ..sparse import SparseGrad
 from ._rounding import check_rounding_options
-from .._validation import EXACT_INTEGER_TYPES
+from .._validation import EXACT_INTEGER_TYPES, short_repr
 from .optimizer import STEP_MAX, Group, Optimizer, _check_accumulator, _check_maximize, _option
 
 __all__ = ["Adagrad"]
@@ -102,8 +102,7 @@ class Adagrad(Optimizer):
         if type(step) not in (float, np.float32, np.float64) + EXACT_INTEGER_TYPES:   # no subclasses (_check_step of SparseAdam)
             raise ValueError(f"{where}['step'] must be a number, got {type(step).__name__}")
         if type(step) in EXACT_INTEGER_TYPES and not 0 <= step <= STEP_MAX:   # 10**400 does not fit a float
-            raise ValueError(f"{where}['step'] must be in [0, 2**63 - 1], got an int of {len(str(step))} digits"
-                             if step > STEP_MAX else f"{where}['step'] must be in [0, 2**63 - 1], got {step!r}")
+            raise ValueError(f"{where}['step'] must be in [0, 2**63 - 1], got {short_repr(step)}")
         with np.errstate(over="ignore"):
             value = np.float32(step)
         if not (np.isfinite(value) and 0 <= float(value) <= STEP_MAX):

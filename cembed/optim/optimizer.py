@@ -30,7 +30,7 @@ from .._validation import (
     check_weight,
     kernel_layout,
 )
-from ..sparse import SparseGrad
+from ..sparse import SparseGrad, check_exact_sparse_grad
 from .. import storage
 from . import _rounding as rounding_
 from ._rounding import ROUNDING_OPTIONS, STEP_KEY, Rounding
@@ -482,9 +482,7 @@ class Optimizer:
 
     def _check_grad(self, options: Group, grad: Any, weight: np.ndarray, where: str) -> None:
         gdtype = compute_dtype(weight.dtype)  # float32 gradients for 16-bit tables
-        if isinstance(grad, SparseGrad) and type(grad) is not SparseGrad:
-            raise TypeError(f"{where}.grad must be a cembed.SparseGrad itself, not a subclass "
-                            f"({type(grad).__name__}): an update reads its rows after they were checked")
+        check_exact_sparse_grad(grad, f"{where}.grad")
         if isinstance(grad, SparseGrad):
             if grad.shape != weight.shape:
                 raise ValueError(f"{where}: gradient shape {grad.shape} does not match the weight shape {weight.shape}")

@@ -8,7 +8,7 @@ import numpy as np
 
 from .. import _grad, _optim, storage
 from .._config import n_threads_for
-from .._validation import EXACT_INTEGER_TYPES, check_choice, check_exact_array, check_real
+from .._validation import EXACT_INTEGER_TYPES, check_choice, check_exact_array, check_real, short_repr
 from ._rounding import check_rounding_options
 from .optimizer import STEP_MAX, Group, Optimizer, _check_accumulator, _check_maximize, _option, _update_rows
 
@@ -42,16 +42,17 @@ def _check_step(step: Any, where: str, *, advancing: bool = False) -> int:
     counter is never wrapped nor grown past it: ``beta ** step`` needs it to fit a float)."""
     if type(step) not in EXACT_INTEGER_TYPES or not 0 <= step <= STEP_MAX:
         raise ValueError(f"{where} 'step' must be an int in [0, 2**63 - 1] (a Python int or a NumPy integer, not "
-                         f"a subclass), got {_short(step)} of type {type(step).__name__}")
+                         f"a subclass), got {short_repr(step)} of type {type(step).__name__}")
     if advancing and step == STEP_MAX:
         raise ValueError(f"{where} 'step' is 2**63 - 1, the largest step count: another step would pass it")
     return int(step)
 
 
-def _short(value: Any) -> str:
-    """``repr(value)``, shortened for a huge int (10**400 has 401 digits)."""
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+def _check_step_advance(optimizer: Any, state: Dict[str, Any], where: str) -> None:
+    """``_check_advance`` of SparseAdam and SparseAdamW: the step about to run must keep their step
+    counter within its bound."""
+    if state and "step" in state:
+        _check_step(state["step"], f"{where}: {type(optimizer).__name__} state", advancing=True)
 
 
 def _check_row_array(arr: Any, name: str, n_rows: int, dtype: Any, where: str) -> np.ndarray:
@@ -188,9 +189,7 @@ class SparseAdam(Optimizer):
         if "row_step" in state:
             _check_row_array(state["row_step"], "row_step", weight.shape[0], np.int64, where)
 
-    def _check_advance(self, state: Dict[str, Any], where: str) -> None:
-        if state and "step" in state:
-            _check_step(state["step"], f"{where}: SparseAdam state", advancing=True)
+    _check_advance = _check_step_advance
 
     def _load_state_entry(self, entry: Dict[str, Any], weight: np.ndarray, options: Group,
                           where: str) -> Dict[str, Any]:

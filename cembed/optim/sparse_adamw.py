@@ -11,7 +11,8 @@ from .._config import n_threads_for
 from .._validation import check_real
 from ._rounding import STREAM_DECAY, check_rounding_options
 from .optimizer import Group, Optimizer, _check_accumulator, _check_maximize, _core, _option, _update_rows
-from .sparse_adam import _check_betas, _check_bias_correction, _check_row_array, _check_step, _load_row_step
+from .sparse_adam import (_check_betas, _check_bias_correction, _check_row_array, _check_step, _check_step_advance,
+                          _load_row_step)
 
 __all__ = ["SparseAdamW"]
 
@@ -152,9 +153,7 @@ class SparseAdamW(Optimizer):
         if "row_step" in state:
             _check_row_array(state["row_step"], "row_step", weight.shape[0], np.int64, where)
 
-    def _check_advance(self, state: Dict[str, Any], where: str) -> None:
-        if state and "step" in state:
-            _check_step(state["step"], f"{where}: SparseAdamW state", advancing=True)
+    _check_advance = _check_step_advance
 
     def _load_state_entry(self, entry: Dict[str, Any], weight: np.ndarray, options: Group,
                           where: str) -> Dict[str, Any]:
