@@ -39,7 +39,7 @@ from numpy.lib import format as npy_format
 from ._dtypes import FULL_DTYPES, check_table_dtype, compute_dtype, is_bfloat16, is_half, resolve_dtype
 from ._validation import check_choice, check_int, check_size
 
-__all__ = ["aligned_zeros", "aligned_copy", "ALIGNMENT", "open_table", "map_array", "read_header", "NpyHeader", "create_zeros", "copy_rows", "backing_file",
+__all__ = ["aligned_zeros", "aligned_copy", "ALIGNMENT", "open_table", "map_array", "read_header", "NpyHeader", "create_zeros", "reserve_zeros", "discard_reserved", "copy_rows", "backing_file",
            "fsync_path", "fsync_directory", "file_dtype", "to_file", "from_file", "CHUNK_BYTES", "INITS",
            "ADVICE", "release_free_memory"]
 
@@ -323,6 +323,28 @@ def create_zeros(path: PathLike, shape: Tuple[int, ...], dtype: Any, *, durable:
     0.0
     """
     path = os.fspath(path)
+    tmp = reserve_zeros(path, shape, dtype, durable=durable)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    if durable:
+        fsync_directory(os.path.dirname(os.path.abspath(path)))
+
+
+def reserve_zeros(path: PathLike, shape: Tuple[int, ...], dtype: Any, *, durable: bool = False) -> str:
+    """The file :func:`create_zeros` makes for ``path``, space reserved, left under a temporary
+    sibling name, which is returned: ``os.replace(returned, path)`` puts it in place, unlinking it
+    drops it. ``path`` itself is not touched. An optimizer reserves every state file a ``step()``
+    will create this way before it updates any parameter, so a full disk refuses the whole step.
+
+    Raises
+    ------
+    OSError
+        As :func:`create_zeros`; no temporary file is then left behind.
+    """
+    path = os.fspath(path)
     dtype = file_dtype(dtype)
     nbytes = math.prod(int(n) for n in shape) * dtype.itemsize
     tmp = _temporary_sibling(path)
@@ -334,12 +356,15 @@ def create_zeros(path: PathLike, shape: Tuple[int, ...], dtype: Any, *, durable:
             if durable:
                 fh.flush()
                 os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except BaseException:
         _unlink_quietly(tmp)
         raise
-    if durable:
-        fsync_directory(os.path.dirname(os.path.abspath(path)))
+    return tmp
+
+
+def discard_reserved(tmp: str) -> None:
+    """Remove a file :func:`reserve_zeros` made and nobody put in place (quietly: it may be gone)."""
+    _unlink_quietly(tmp)
 
 
 #: errno values of ``fallocate`` that mean "no room": the file cannot get its space.

@@ -110,6 +110,86 @@ def test_full_disk_at_creation_is_an_oserror_and_changes_nothing(tmp_path, monke
         assert_bitwise_equal(opt.state[emb][key], value)
 
 
+def _failing_after(n_ok, code):
+    """A fallocate that reserves the first ``n_ok`` files, then reports ``code``."""
+    calls = []
+
+    def fallocate(fd, mode, offset, length):
+        calls.append(length)
+        if len(calls) <= n_ok:
+            return 0
+        ctypes.set_errno(code)
+        return -1
+    return fallocate
+
+
+@pytest.mark.parametrize("name", ["SparseAdam", "SparseAdamW", "SGD"])
+def test_full_disk_at_a_later_parameter_refuses_the_whole_step(tmp_path, monkeypatch, name):
+    """step() over two parameters whose state is created at this step, with room on the disk for the
+    first parameter's files only: the whole step is refused — neither weight nor state changed, no
+    file left but the lock — and once there is room it runs bitwise like an optimizer that never
+    failed. Before, the first parameter was updated and the error came at the second, so calling
+    step() again (the gradients still there) applied the first parameter's gradient twice."""
+    options = {"SparseAdam": {}, "SparseAdamW": {}, "SGD": {"momentum": 0.9}}[name]
+    make = lambda: [cembed.Embedding(60, 4, sparse=True, seed=s) for s in (0, 1)]   # noqa: E731
+    mods = make()
+    weights = [m.weight.copy() for m in mods]
+    opt = getattr(optim, name)(mods, lr=0.1, state_dir=tmp_path / "s", **options)
+    for m in mods:
+        m.backward(np.ones((2, 4), np.float32), np.array([3, 7]))
+    n_first = {"SparseAdam": 2, "SparseAdamW": 3, "SGD": 1}[name]   # the first parameter's state files
+    monkeypatch.setattr(storage, "_fallocate", _failing_after(n_first, errno.ENOSPC))
+    with pytest.raises(OSError, match="p1"):
+        opt.step()
+    for m, w in zip(mods, weights):
+        assert_bitwise_equal(m.weight, w)
+    assert not any(opt.state.get(m) for m in mods)
+    assert sorted(os.listdir(tmp_path / "s")) == [".lock"]
+    monkeypatch.undo()
+    opt.step()
+    ref = make()
+    ref_opt = getattr(optim, name)(ref, lr=0.1, **options)
+    for m in ref:
+        m.backward(np.ones((2, 4), np.float32), np.array([3, 7]))
+    ref_opt.step()
+    for m, r in zip(mods, ref):
+        assert_bitwise_equal(m.weight, r.weight)
+    assert not [f for f in os.listdir(tmp_path / "s") if f.endswith(".tmp")]
+
+
+LAZY_STATE = [   # (optimizer, options, sparse gradient, 16-bit table): every way a step creates state
+    ("SGD", {"momentum": 0.9}, True, False), ("SGD", {"momentum": 0.9}, False, False),
+    ("SGD", {"momentum": 0.9}, False, True), ("SGD", {"momentum": 0.9}, True, True),
+    ("SparseAdam", {}, True, False), ("SparseAdam", {"bias_correction": "row"}, True, False),
+    ("SparseAdam", {}, True, True), ("SparseAdamW", {}, True, False),
+    ("SparseAdamW", {"bias_correction": "row"}, True, True), ("Adagrad", {}, True, False),
+    ("Adagrad", {}, False, True), ("RowWiseAdagrad", {}, False, False), ("RowWiseAdagrad", {}, True, True),
+]
+
+
+@pytest.mark.parametrize("name,options,sparse,half", LAZY_STATE)
+def test_step_creates_only_reserved_state_files(tmp_path, monkeypatch, name, options, sparse, half):
+    """Every state file a step() creates was reserved before the first parameter was updated (the
+    optimizer's _state_files_for_step names it): no create_zeros runs inside the update, and no
+    reserved temporary is left afterwards. A new lazily created state array must be named there."""
+    dtype = "float16" if half else "float32"
+    mods = [cembed.Embedding(40, 8, sparse=sparse, seed=s, dtype=dtype) for s in (0, 1)]
+    extra = {"state_dtype": "bfloat16", "seed": 0} if half else {}
+    opt = getattr(optim, name)(mods, lr=0.1, state_dir=tmp_path / "s", **options, **extra)
+    created = []
+    real = storage.create_zeros
+    monkeypatch.setattr(storage, "create_zeros", lambda path, *a, **k: (created.append(path), real(path, *a, **k)))
+    for _ in range(2):
+        for m in mods:
+            m.backward(np.ones((3, 8), np.float32), np.array([1, 5, 5]))
+        opt.step()
+        opt.zero_grad()
+    assert created == []
+    files = sorted(os.listdir(tmp_path / "s"))
+    assert not [f for f in files if f.endswith(".tmp")], files
+    assert len(files) > 1, files   # the lock and the state files
+
+
 def test_initialised_tables_reserve_their_space_and_survive_short_writes(tmp_path, monkeypatch):
     """A table created with an initialisation: its space is reserved before it is written (no room:
     an OSError, nothing left behind), and a short write (what pwrite does at the end of a full disk)

@@ -119,6 +119,9 @@ class Optimizer:
     #: The float32 scratch state of a dense step on a 16-bit table (:meth:`_dense_update_half`): its new
     #: arrays are made in memory, and the real state's (in ``state_dir`` when there is one) after.
     _scratch_state: Optional[Dict[str, Any]] = None
+    #: During :meth:`step` with a ``state_dir``: the state files the step will create, reserved before
+    #: any parameter is updated (path -> its reserved temporary file; :meth:`_reserve_step_files`).
+    _reserved: Optional[Dict[str, str]] = None
     #: Per-row float state of one value per row (RowWiseAdagrad's ``sum``): its dtype is ``state_dtype``'s too.
     _row_float_states: Tuple[str, ...] = ()
     #: Options a state dict may lack (added in a later version): they take the defaults, as torch
@@ -258,14 +261,16 @@ class Optimizer:
         ``storage.aligned_zeros`` (``np.zeros`` with rows on cache-line boundaries), so untouched
         pages of a huge table's state cost no memory until a row is first updated. Stores the array
         in ``state`` and returns it."""
-        shape = (weight.shape[0],) if per_row else weight.shape
-        if dtype is None:
-            dtype = rounding_.state_dtype(weight.dtype, options or {}, "state")
+        shape, dtype = self._state_layout(weight, per_row, dtype, options)
         if self.state_dir is not None and state is not self._scratch_state:
             # on disk: a zero file with its space reserved (no write), mapped read-write; a non-zero fill is written
-            # in bounded blocks
+            # in bounded blocks. In a step() the file was reserved before any parameter was updated.
             path = self._state_path(self._module_of(state), key)
-            storage.create_zeros(path, shape, dtype)   # bfloat16 as its uint16 bits (storage.file_dtype)
+            reserved = self._reserved.pop(path, None) if self._reserved is not None else None
+            if reserved is not None:
+                os.replace(reserved, path)
+            else:
+                storage.create_zeros(path, shape, dtype)   # bfloat16 as its uint16 bits (storage.file_dtype)
             array: np.ndarray = storage.map_array(path, "r+", dtype=dtype)
             if fill != 0:
                 step = max(1, storage.CHUNK_BYTES // max(1, array.itemsize * int(np.prod(shape[1:], dtype=np.int64))))
@@ -277,6 +282,14 @@ class Optimizer:
                 array.fill(fill)
         state[key] = array
         return array
+
+    @staticmethod
+    def _state_layout(weight: np.ndarray, per_row: bool, dtype: Any, options: Optional[Group]) -> Tuple[Tuple[int, ...], Any]:
+        """(shape, dtype) of a new state array (see :meth:`_new_state`)."""
+        shape = (weight.shape[0],) if per_row else weight.shape
+        if dtype is None:
+            dtype = rounding_.state_dtype(weight.dtype, options or {}, "state")
+        return shape, dtype
 
     # ------------------------------------------------------------------ state on disk
     def _module_of(self, state: Dict[str, Any]) -> Any:
@@ -420,12 +433,50 @@ class Optimizer:
                 plan.append((module, weight, grad, options, where, _snapshot(self, module, weight, grad)))
         for module, _, _, _, where, snapshot in plan:
             _check_unchanged(self, module, snapshot, where)
-        for module, weight, grad, options, _, _ in plan:
-            state = self.state.setdefault(module, {})
-            with _kept_on_disk_error(state):
-                self._count_rounding_step(state, weight)
-                self._update(state, weight, grad, options)
+        # every state file the updates will create, made (space reserved) before any parameter is
+        # updated: a full disk refuses the whole step, not the parameters after the first
+        self._reserve_step_files([(module, weight, grad, options) for module, weight, grad, options, _, _ in plan])
+        try:
+            for module, weight, grad, options, _, _ in plan:
+                state = self.state.setdefault(module, {})
+                with _kept_on_disk_error(state):
+                    self._count_rounding_step(state, weight)
+                    self._update(state, weight, grad, options)
+        finally:
+            self._drop_reserved()
         return loss
+
+    def _state_files_for_step(self, state: Dict[str, Any], weight: np.ndarray, grad: Any,
+                              options: Group) -> List[Tuple[str, bool, Any]]:
+        """The per-row state arrays a step of this parameter will create with :meth:`_new_state`, as
+        ``(key, per_row, dtype)`` (dtype None: the group's float state dtype); default none. With a
+        ``state_dir`` :meth:`step` reserves their files before it updates any parameter (a test checks
+        that every optimizer names all it creates)."""
+        return []
+
+    def _reserve_step_files(self, plan: List[Tuple[Any, np.ndarray, Any, Group]]) -> None:
+        """Reserve (``storage.reserve_zeros``) the files of every state array the planned updates will
+        create; on an ``OSError`` the ones reserved so far are removed and the error raised, before
+        anything changed. :meth:`_new_state` then puts a reserved file in place instead of creating it."""
+        self._reserved = {}
+        if self.state_dir is None:
+            return
+        try:
+            for module, weight, grad, options in plan:
+                state = self.state.get(module) or {}
+                for key, per_row, dtype in self._state_files_for_step(state, weight, grad, options):
+                    shape, dtype = self._state_layout(weight, per_row, dtype, options)
+                    path = self._state_path(module, key)
+                    self._reserved[path] = storage.reserve_zeros(path, shape, dtype)
+        except BaseException:
+            self._drop_reserved()
+            raise
+
+    def _drop_reserved(self) -> None:
+        """Remove the reserved files no update put in place (all of them when the step was refused)."""
+        reserved, self._reserved = self._reserved or {}, None
+        for tmp in reserved.values():
+            storage.discard_reserved(tmp)
 
     def _check_state_for(self, state: Optional[Dict[str, Any]], weight: np.ndarray, options: Group,
                          where: str) -> None:

@@ -131,6 +131,12 @@ class SGD(Optimizer):
     def _rows_independent(self, options: Group) -> bool:
         return options["momentum"] == 0
 
+    def _state_files_for_step(self, state: Dict[str, Any], weight: np.ndarray, grad: Any,
+                              options: Group) -> List[Tuple[str, bool, Any]]:
+        if options["momentum"] != 0 and state.get("momentum_buffer") is None:
+            return [("momentum_buffer", False, None)]
+        return []
+
     def _update(self, state: Dict[str, Any], weight: np.ndarray, grad: Any, options: Group) -> None:
         if isinstance(grad, SparseGrad) and options["momentum"] != 0:
             self._sparse_momentum(state, weight, grad, options)

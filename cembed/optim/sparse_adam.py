@@ -205,6 +205,15 @@ class SparseAdam(Optimizer):
             _check_accumulator(entry["exp_avg_sq"], f"{where}['exp_avg_sq']")
         return entry
 
+    def _state_files_for_step(self, state: Dict[str, Any], weight: np.ndarray, grad: Any,
+                              options: Group) -> List[Tuple[str, bool, Any]]:
+        files: List[Tuple[str, bool, Any]] = []   # what _sparse_begin creates
+        if "step" not in state:
+            files += [("exp_avg", False, None), ("exp_avg_sq", False, None)]
+        if options["bias_correction"] == "row" and "row_step" not in state:
+            files.append(("row_step", True, np.int64))
+        return files
+
     def _sparse_begin(self, state: Dict[str, Any], weight: np.ndarray, options: Group) -> float:
         if "step" not in state:
             state["step"] = 0

@@ -177,6 +177,15 @@ class SparseAdamW(Optimizer):
         return entry
 
     # ------------------------------------------------------------------ updates
+    def _state_files_for_step(self, state: Dict[str, Any], weight: np.ndarray, grad: Any,
+                              options: Group) -> List[Tuple[str, bool, Any]]:
+        files: List[Tuple[str, bool, Any]] = []   # what _sparse_begin creates
+        if "step" not in state:
+            files += [("exp_avg", False, None), ("exp_avg_sq", False, None), ("row_decay_log", True, np.float64)]
+        if options["bias_correction"] == "row" and "row_step" not in state:
+            files.append(("row_step", True, np.int64))
+        return files
+
     def _sparse_begin(self, state: Dict[str, Any], weight: np.ndarray, options: Group) -> Tuple[float, float]:
         if "step" not in state:
             state.update(step=0, decay_log=0.0, decay_log_prev=0.0, decay_last=1.0)
