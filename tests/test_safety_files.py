@@ -157,6 +157,28 @@ def test_full_disk_at_a_later_parameter_refuses_the_whole_step(tmp_path, monkeyp
     assert not [f for f in os.listdir(tmp_path / "s") if f.endswith(".tmp")]
 
 
+def test_a_crashed_steps_reserved_files_are_removed_when_the_state_dir_is_next_locked(tmp_path):
+    """A process killed during a step leaves its reserved state files (space reserved: a table's worth
+    each) and a killed load its .loading files; the next optimizer on the directory removes exactly
+    those once it holds the lock — never another file, never while another optimizer holds it."""
+    d = tmp_path / "s"
+    d.mkdir()
+    stale = [".p0.exp_avg.npy.k3j9x_1.tmp", ".p12.row_decay_log.npy.abc.tmp", "p1.exp_avg_sq.npy.loading"]
+    kept = ["p0.exp_avg.npy", "notes.txt", ".p0.exp_avg.npy", "x.npy.loading", ".q0.a.npy.z.tmp"]
+    for name in stale + kept:
+        (d / name).write_bytes(b"x")
+    emb = cembed.Embedding(10, 4, sparse=True, seed=0)
+    first = optim.SparseAdam([emb], state_dir=d)
+    (d / stale[0]).write_bytes(b"x")                      # made while `first` holds the lock
+    with pytest.raises(ValueError, match="in use"):
+        optim.SparseAdam([cembed.Embedding(10, 4, sparse=True)], state_dir=d)
+    assert sorted(os.listdir(d)) == sorted([".lock", stale[0]] + kept)   # the refused one removed nothing
+    del first
+    gc.collect()
+    optim.SparseAdam([emb], state_dir=d)
+    assert sorted(os.listdir(d)) == sorted([".lock"] + kept)
+
+
 LAZY_STATE = [   # (optimizer, options, sparse gradient, 16-bit table): every way a step creates state
     ("SGD", {"momentum": 0.9}, True, False), ("SGD", {"momentum": 0.9}, False, False),
     ("SGD", {"momentum": 0.9}, False, True), ("SGD", {"momentum": 0.9}, True, True),

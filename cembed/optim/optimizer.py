@@ -5,6 +5,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import tempfile
 import weakref
 import zipfile
@@ -1128,7 +1129,26 @@ def _lock_state_dir(state_dir: Any, owner: Any) -> Tuple[str, Optional[weakref.f
         os.close(fd)
         raise ValueError(f"state_dir {path} is in use by another optimizer (its lock {lock_path} is held): "
                          "give each optimizer its own state_dir") from None
+    _remove_stale_temporaries(path)
     return path, weakref.finalize(owner, os.close, fd)
+
+
+#: The temporaries an optimizer makes in its state_dir: a state file reserved by a step or being
+#: created (``.p<i>.<key>.npy.<random>.tmp``, storage.reserve_zeros) and a file being loaded
+#: (``p<i>.<key>.npy.loading``).
+_STATE_TEMPORARY = re.compile(r"\.p[0-9]+\.[^/]+\.npy\.[^/]+\.tmp|p[0-9]+\.[^/]+\.npy\.loading")
+
+
+def _remove_stale_temporaries(path: str) -> None:
+    """Remove the temporaries a process that died in a step or a load left in ``path`` (their disk
+    space is reserved: a table's worth each), once the directory is locked: no other optimizer can be
+    using them then. Other files are never touched."""
+    for name in os.listdir(path):
+        if _STATE_TEMPORARY.fullmatch(name):
+            try:
+                os.unlink(os.path.join(path, name))
+            except OSError:
+                pass
 
 
 def _write_atomically(path: str, data: Any) -> None:
