@@ -39,7 +39,7 @@ from numpy.lib import format as npy_format
 from ._dtypes import FULL_DTYPES, check_table_dtype, compute_dtype, is_bfloat16, is_half, resolve_dtype
 from ._validation import check_choice, check_int, check_size
 
-__all__ = ["aligned_zeros", "aligned_copy", "ALIGNMENT", "open_table", "map_array", "read_header", "NpyHeader", "create_zeros", "reserve_zeros", "discard_reserved", "copy_rows", "backing_file",
+__all__ = ["aligned_zeros", "aligned_copy", "ALIGNMENT", "open_table", "map_array", "read_header", "NpyHeader", "create_zeros", "reserve_zeros", "map_reserved", "discard_reserved", "copy_rows", "backing_file",
            "fsync_path", "fsync_directory", "file_dtype", "to_file", "from_file", "CHUNK_BYTES", "INITS",
            "ADVICE", "release_free_memory"]
 
@@ -360,6 +360,22 @@ def reserve_zeros(path: PathLike, shape: Tuple[int, ...], dtype: Any, *, durable
         _unlink_quietly(tmp)
         raise
     return tmp
+
+
+def map_reserved(tmp: str, path: PathLike, dtype: Any) -> np.memmap:
+    """Map read-write the file :func:`reserve_zeros` made for ``path`` (its temporary ``tmp``), as
+    the array of ``path`` it is to become: ``os.replace(tmp, path)`` afterwards keeps the map valid,
+    and the map then names ``path`` (:func:`backing_file`). Mapping is the last step that can fail
+    for lack of resources (address space): done with the reservation, before anything changes.
+
+    Raises
+    ------
+    OSError
+        The file cannot be mapped (e.g. ``ENOMEM``).
+    """
+    array = map_array(tmp, "r+", dtype=dtype)
+    array.filename = os.path.abspath(os.fspath(path))
+    return array
 
 
 def discard_reserved(tmp: str) -> None:

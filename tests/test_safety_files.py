@@ -157,6 +157,49 @@ def test_full_disk_at_a_later_parameter_refuses_the_whole_step(tmp_path, monkeyp
     assert not [f for f in os.listdir(tmp_path / "s") if f.endswith(".tmp")]
 
 
+def test_no_address_space_at_a_later_parameter_refuses_the_whole_step(tmp_path, monkeypatch):
+    """As a full disk: mapping the second parameter's new state file fails (ENOMEM: what a limit on
+    the address space gives) — the step is refused with nothing changed, and the next one runs as
+    if the first had not been tried. A review found the map made after the first parameter's
+    update, so a retried step applied its gradient twice."""
+    mods = [cembed.Embedding(60, 4, sparse=True, seed=s) for s in (0, 1)]
+    weights = [m.weight.copy() for m in mods]
+    opt = optim.SparseAdam(mods, lr=0.1, state_dir=tmp_path / "s")
+    for m in mods:
+        m.backward(np.ones((2, 4), np.float32), np.array([3, 7]))
+    real, calls = storage.map_array, []
+
+    def map_array(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 3:
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(storage, "map_array", map_array)
+    with pytest.raises(OSError):
+        opt.step()
+    for m, w in zip(mods, weights):
+        assert_bitwise_equal(m.weight, w)
+    assert not any(opt.state.get(m) for m in mods) and sorted(os.listdir(tmp_path / "s")) == [".lock"]
+    monkeypatch.undo()
+    opt.step()
+    assert [opt.state[m]["step"] for m in mods] == [1, 1]
+    assert storage.backing_file(opt.state[mods[1]]["exp_avg"]) == str(tmp_path / "s" / "p1.exp_avg.npy")
+
+
+def test_a_refused_fused_step_leaves_no_state_file(tmp_path, monkeypatch):
+    """The fused backward + update reserves its parameter's new state files as step() does: room for
+    two of SparseAdamW's three files refuses it with no file left (a review found two orphaned
+    files, a table's worth of disk each, with names no clean-up removes)."""
+    emb = cembed.Embedding(60, 4, sparse=True, seed=0)
+    weight = emb.weight.copy()
+    opt = optim.SparseAdamW([emb], lr=0.1, state_dir=tmp_path / "s")
+    monkeypatch.setattr(storage, "_fallocate", _failing_after(2, errno.ENOSPC))
+    with pytest.raises(OSError, match="row_decay_log"):
+        emb.backward(np.ones((2, 4), np.float32), np.array([3, 7]), optimizer=opt)
+    assert_bitwise_equal(emb.weight, weight)
+    assert not opt.state.get(emb) and sorted(os.listdir(tmp_path / "s")) == [".lock"]
+
+
 def test_a_crashed_steps_reserved_files_are_removed_when_the_state_dir_is_next_locked(tmp_path):
     """A process killed during a step leaves its reserved state files (space reserved: a table's worth
     each) and a killed load its .loading files; the next optimizer on the directory removes exactly
@@ -175,6 +218,9 @@ def test_a_crashed_steps_reserved_files_are_removed_when_the_state_dir_is_next_l
     assert sorted(os.listdir(d)) == sorted([".lock", stale[0]] + kept)   # the refused one removed nothing
     del first
     gc.collect()
+    with pytest.raises(ValueError, match="empty parameter list"):   # a refused constructor removes nothing
+        optim.SparseAdam([], state_dir=d)
+    assert sorted(os.listdir(d)) == sorted([".lock", stale[0]] + kept)
     optim.SparseAdam([emb], state_dir=d)
     assert sorted(os.listdir(d)) == sorted([".lock"] + kept)
 

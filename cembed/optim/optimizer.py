@@ -120,9 +120,9 @@ class Optimizer:
     #: The float32 scratch state of a dense step on a 16-bit table (:meth:`_dense_update_half`): its new
     #: arrays are made in memory, and the real state's (in ``state_dir`` when there is one) after.
     _scratch_state: Optional[Dict[str, Any]] = None
-    #: During :meth:`step` with a ``state_dir``: the state files the step will create, reserved before
-    #: any parameter is updated (path -> its reserved temporary file; :meth:`_reserve_step_files`).
-    _reserved: Optional[Dict[str, str]] = None
+    #: During a step with a ``state_dir``: the state files it will create, reserved and mapped before
+    #: any parameter is updated (path -> (its temporary file, the map); :meth:`_reserve_step_files`).
+    _reserved: Optional[Dict[str, Tuple[str, np.ndarray]]] = None
     #: Per-row float state of one value per row (RowWiseAdagrad's ``sum``): its dtype is ``state_dtype``'s too.
     _row_float_states: Tuple[str, ...] = ()
     #: Options a state dict may lack (added in a later version): they take the defaults, as torch
@@ -157,6 +157,8 @@ class Optimizer:
             if self._lock is not None:
                 self._lock()  # a refused optimizer does not keep its state_dir locked
             raise
+        if self.state_dir is not None and self._lock is not None:
+            _remove_stale_temporaries(self.state_dir)   # locked, and the constructor refused nothing
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -267,12 +269,15 @@ class Optimizer:
             # on disk: a zero file with its space reserved (no write), mapped read-write; a non-zero fill is written
             # in bounded blocks. In a step() the file was reserved before any parameter was updated.
             path = self._state_path(self._module_of(state), key)
-            reserved = self._reserved.pop(path, None) if self._reserved is not None else None
-            if reserved is not None:
-                os.replace(reserved, path)
+            reserved = self._reserved.get(path) if self._reserved is not None else None
+            array: np.ndarray
+            if reserved is not None:   # made and mapped before the step updated anything
+                tmp, array = reserved
+                os.replace(tmp, path)
+                del self._reserved[path]   # type: ignore[union-attr]
             else:
                 storage.create_zeros(path, shape, dtype)   # bfloat16 as its uint16 bits (storage.file_dtype)
-            array: np.ndarray = storage.map_array(path, "r+", dtype=dtype)
+                array = storage.map_array(path, "r+", dtype=dtype)
             if fill != 0:
                 step = max(1, storage.CHUNK_BYTES // max(1, array.itemsize * int(np.prod(shape[1:], dtype=np.int64))))
                 for lo in range(0, shape[0], step):
@@ -456,9 +461,10 @@ class Optimizer:
         return []
 
     def _reserve_step_files(self, plan: List[Tuple[Any, np.ndarray, Any, Group]]) -> None:
-        """Reserve (``storage.reserve_zeros``) the files of every state array the planned updates will
-        create; on an ``OSError`` the ones reserved so far are removed and the error raised, before
-        anything changed. :meth:`_new_state` then puts a reserved file in place instead of creating it."""
+        """Reserve (``storage.reserve_zeros``) and map (``storage.map_reserved``) the files of every
+        state array the planned updates will create — what can fail for want of disk or address space —
+        before anything changes: on an error the ones reserved so far are removed and the error
+        raised. :meth:`_new_state` then renames a reserved file into place and uses its map."""
         self._reserved = {}
         if self.state_dir is None:
             return
@@ -468,7 +474,12 @@ class Optimizer:
                 for key, per_row, dtype in self._state_files_for_step(state, weight, grad, options):
                     shape, dtype = self._state_layout(weight, per_row, dtype, options)
                     path = self._state_path(module, key)
-                    self._reserved[path] = storage.reserve_zeros(path, shape, dtype)
+                    tmp = storage.reserve_zeros(path, shape, dtype)
+                    try:
+                        self._reserved[path] = (tmp, storage.map_reserved(tmp, path, dtype))
+                    except BaseException:
+                        storage.discard_reserved(tmp)
+                        raise
         except BaseException:
             self._drop_reserved()
             raise
@@ -476,7 +487,7 @@ class Optimizer:
     def _drop_reserved(self) -> None:
         """Remove the reserved files no update put in place (all of them when the step was refused)."""
         reserved, self._reserved = self._reserved or {}, None
-        for tmp in reserved.values():
+        for tmp, _ in reserved.values():
             storage.discard_reserved(tmp)
 
     def _check_state_for(self, state: Optional[Dict[str, Any]], weight: np.ndarray, options: Group,
@@ -700,13 +711,17 @@ class Optimizer:
             self._check_grad(options, grad, weight, where)
         self._check_state_for(self.state.get(module), weight, options, where)
         self._check_advance(_core(self.state.get(module) or {}), where)
-        state = self.state.setdefault(module, {})
-        with _kept_on_disk_error(state):
-            self._count_rounding_step(state, weight)
-            if not chunked:
-                self._update(state, weight, grad, options)
-                return
-            prepared = self._sparse_begin(state, weight, options)
+        self._reserve_step_files([(module, weight, None, options)])   # as step(): before anything changes
+        try:
+            state = self.state.setdefault(module, {})
+            with _kept_on_disk_error(state):
+                self._count_rounding_step(state, weight)
+                if not chunked:
+                    self._update(state, weight, grad, options)
+                    return
+                prepared = self._sparse_begin(state, weight, options)
+        finally:
+            self._drop_reserved()
         rounding = self._rounding_for(state, weight, options)
         in_place = _in_place(weight) if rounding is None else rounding_.half_in_place(weight)
         one_pass = self._row_rule(state, weight, options, prepared) if in_place else None
@@ -1129,7 +1144,6 @@ def _lock_state_dir(state_dir: Any, owner: Any) -> Tuple[str, Optional[weakref.f
         os.close(fd)
         raise ValueError(f"state_dir {path} is in use by another optimizer (its lock {lock_path} is held): "
                          "give each optimizer its own state_dir") from None
-    _remove_stale_temporaries(path)
     return path, weakref.finalize(owner, os.close, fd)
 
 
