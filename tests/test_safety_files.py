@@ -186,6 +186,42 @@ def test_no_address_space_at_a_later_parameter_refuses_the_whole_step(tmp_path, 
     assert storage.backing_file(opt.state[mods[1]]["exp_avg"]) == str(tmp_path / "s" / "p1.exp_avg.npy")
 
 
+@pytest.mark.parametrize("error", [OSError(errno.EIO, "Input/output error"), KeyboardInterrupt()])
+def test_a_failed_rename_at_a_later_parameter_refuses_the_whole_step(tmp_path, monkeypatch, error):
+    """Putting the second parameter's new state file in place fails (an I/O error, or Ctrl-C at that
+    moment): nothing changed, no file left, and the optimizer steps on as one that never failed. A
+    review found the rename made after the first parameter's update (updated, its file left; a
+    retry applied its gradient twice), and a KeyboardInterrupt leaving a half-made state that every
+    later step refused."""
+    make = lambda: [cembed.Embedding(30, 4, sparse=True, seed=s) for s in (0, 1)]   # noqa: E731
+    mods = make()
+    weights = [m.weight.copy() for m in mods]
+    opt = optim.SparseAdam(mods, lr=0.1, state_dir=tmp_path / "s")
+    for m in mods:
+        m.backward(np.ones((2, 4), np.float32), np.array([3, 7]))
+    real = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith("p1.exp_avg.npy"):
+            raise error
+        return real(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(type(error)):
+        opt.step()
+    monkeypatch.undo()
+    for m, w in zip(mods, weights):
+        assert_bitwise_equal(m.weight, w)
+    assert not any(opt.state.get(m) for m in mods) and sorted(os.listdir(tmp_path / "s")) == [".lock"]
+    opt.step()
+    ref = make()
+    ref_opt = optim.SparseAdam(ref, lr=0.1)
+    for m in ref:
+        m.backward(np.ones((2, 4), np.float32), np.array([3, 7]))
+    ref_opt.step()
+    for m, r in zip(mods, ref):
+        assert_bitwise_equal(m.weight, r.weight)
+
+
 def test_a_refused_fused_step_leaves_no_state_file(tmp_path, monkeypatch):
     """The fused backward + update reserves its parameter's new state files as step() does: room for
     two of SparseAdamW's three files refuses it with no file left (a review found two orphaned

@@ -120,9 +120,10 @@ class Optimizer:
     #: The float32 scratch state of a dense step on a 16-bit table (:meth:`_dense_update_half`): its new
     #: arrays are made in memory, and the real state's (in ``state_dir`` when there is one) after.
     _scratch_state: Optional[Dict[str, Any]] = None
-    #: During a step with a ``state_dir``: the state files it will create, reserved and mapped before
-    #: any parameter is updated (path -> (its temporary file, the map); :meth:`_reserve_step_files`).
-    _reserved: Optional[Dict[str, Tuple[str, np.ndarray]]] = None
+    #: During a step with a ``state_dir``: the state files it will create, reserved, mapped and put in
+    #: place before any parameter is updated (path -> (its temporary file while not yet in place, else
+    #: None; the map); :meth:`_reserve_step_files`).
+    _reserved: Optional[Dict[str, Tuple[Optional[str], np.ndarray]]] = None
     #: Per-row float state of one value per row (RowWiseAdagrad's ``sum``): its dtype is ``state_dtype``'s too.
     _row_float_states: Tuple[str, ...] = ()
     #: Options a state dict may lack (added in a later version): they take the defaults, as torch
@@ -269,12 +270,10 @@ class Optimizer:
             # on disk: a zero file with its space reserved (no write), mapped read-write; a non-zero fill is written
             # in bounded blocks. In a step() the file was reserved before any parameter was updated.
             path = self._state_path(self._module_of(state), key)
-            reserved = self._reserved.get(path) if self._reserved is not None else None
+            reserved = self._reserved.pop(path, None) if self._reserved is not None else None
             array: np.ndarray
-            if reserved is not None:   # made and mapped before the step updated anything
-                tmp, array = reserved
-                os.replace(tmp, path)
-                del self._reserved[path]   # type: ignore[union-attr]
+            if reserved is not None:   # made, mapped and put in place before the step updated anything
+                array = reserved[1]
             else:
                 storage.create_zeros(path, shape, dtype)   # bfloat16 as its uint16 bits (storage.file_dtype)
                 array = storage.map_array(path, "r+", dtype=dtype)
@@ -461,10 +460,11 @@ class Optimizer:
         return []
 
     def _reserve_step_files(self, plan: List[Tuple[Any, np.ndarray, Any, Group]]) -> None:
-        """Reserve (``storage.reserve_zeros``) and map (``storage.map_reserved``) the files of every
-        state array the planned updates will create — what can fail for want of disk or address space —
-        before anything changes: on an error the ones reserved so far are removed and the error
-        raised. :meth:`_new_state` then renames a reserved file into place and uses its map."""
+        """Reserve (``storage.reserve_zeros``), map (``storage.map_reserved``) and rename into place
+        the files of every state array the planned updates will create — all that can fail for want
+        of disk or address space — before anything else changes (no state refers to those names yet):
+        on an error the files made so far are removed and the error raised. :meth:`_new_state` then
+        takes a reserved file's map."""
         self._reserved = {}
         if self.state_dir is None:
             return
@@ -480,15 +480,20 @@ class Optimizer:
                     except BaseException:
                         storage.discard_reserved(tmp)
                         raise
+            for path, (made, array) in self._reserved.items():
+                if made is not None:
+                    os.replace(made, path)
+                self._reserved[path] = (None, array)
         except BaseException:
             self._drop_reserved()
             raise
 
     def _drop_reserved(self) -> None:
-        """Remove the reserved files no update put in place (all of them when the step was refused)."""
+        """Remove the reserved files no update took (all of them when the step was refused): a
+        temporary, or a file already in place that no state refers to."""
         reserved, self._reserved = self._reserved or {}, None
-        for tmp, _ in reserved.values():
-            storage.discard_reserved(tmp)
+        for path, (tmp, _) in reserved.items():
+            storage.discard_reserved(tmp if tmp is not None else path)
 
     def _check_state_for(self, state: Optional[Dict[str, Any]], weight: np.ndarray, options: Group,
                          where: str) -> None:
