@@ -415,7 +415,7 @@ def test_refused_saves_write_nothing(saved, tmp_path):
 
 def _train_cli(args, cwd, env):
     return subprocess.run([sys.executable, "-m", "cembed", "train", "--vocab-size", "3000", "--tokens", "120000",
-                           "--batch-size", "256", "--no-save", "--no-plot", "--quiet", "--threads", "1"] + args,
+                           "--batch-size", "1024", "--no-save", "--no-plot", "--quiet", "--threads", "1"] + args,
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -425,7 +425,7 @@ def test_trainer_killed_then_resumed_equals_an_uninterrupted_run(tmp_path):
     assert whole.returncode == 0, whole.stderr
     assert "peak RSS" in whole.stdout
     child = subprocess.Popen([sys.executable, "-m", "cembed", "train", "--vocab-size", "3000", "--tokens", "120000",
-                              "--batch-size", "256", "--no-save", "--no-plot", "--quiet", "--threads", "1",
+                              "--batch-size", "1024", "--no-save", "--no-plot", "--quiet", "--threads", "1",
                               "--table-dir", "cut", "--checkpoint-every", "5"], cwd=tmp_path, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest = tmp_path / "cut" / "checkpoint" / "MANIFEST.json"
@@ -479,7 +479,7 @@ def test_trainer_table_dir_rows_by_count_train_bitwise_like_memory(tmp_path, opt
     runs = {"ram": [], "count": ["--table-dir", "count"], "id": ["--table-dir", "id", "--row-order", "id"]}
     for name, args in runs.items():
         done = subprocess.run([sys.executable, "-m", "cembed", "train", "--vocab-size", "3000", "--tokens", "120000",
-                               "--batch-size", "256", "--no-plot", "--quiet", "--threads", "1", "--out", f"out-{name}"]
+                               "--batch-size", "1024", "--no-plot", "--quiet", "--threads", "1", "--out", f"out-{name}"]
                               + args + options, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr
     in_ram = np.load(tmp_path / "out-ram" / "embeddings.npy")
