@@ -440,7 +440,7 @@ class Optimizer:
             _check_unchanged(self, module, snapshot, where)
         # every state file the updates will create, made (space reserved) before any parameter is
         # updated: a full disk refuses the whole step, not the parameters after the first
-        self._reserve_step_files([(module, weight, grad, options) for module, weight, grad, options, _, _ in plan])
+        self._reserve_step_files([(module, weight, options) for module, weight, _, options, _, _ in plan])
         try:
             for module, weight, grad, options, _, _ in plan:
                 state = self.state.setdefault(module, {})
@@ -451,7 +451,7 @@ class Optimizer:
             self._drop_reserved()
         return loss
 
-    def _state_files_for_step(self, state: Dict[str, Any], weight: np.ndarray, grad: Any,
+    def _state_files_for_step(self, state: Dict[str, Any], weight: np.ndarray,
                               options: Group) -> List[Tuple[str, bool, Any]]:
         """The per-row state arrays a step of this parameter will create with :meth:`_new_state`, as
         ``(key, per_row, dtype)`` (dtype None: the group's float state dtype); default none. With a
@@ -459,7 +459,7 @@ class Optimizer:
         that every optimizer names all it creates)."""
         return []
 
-    def _reserve_step_files(self, plan: List[Tuple[Any, np.ndarray, Any, Group]]) -> None:
+    def _reserve_step_files(self, plan: List[Tuple[Any, np.ndarray, Group]]) -> None:
         """Reserve (``storage.reserve_zeros``), map (``storage.map_reserved``) and rename into place
         the files of every state array the planned updates will create — all that can fail for want
         of disk or address space — before anything else changes (no state refers to those names yet):
@@ -469,9 +469,9 @@ class Optimizer:
         if self.state_dir is None:
             return
         try:
-            for module, weight, grad, options in plan:
+            for module, weight, options in plan:
                 state = self.state.get(module) or {}
-                for key, per_row, dtype in self._state_files_for_step(state, weight, grad, options):
+                for key, per_row, dtype in self._state_files_for_step(state, weight, options):
                     shape, dtype = self._state_layout(weight, per_row, dtype, options)
                     path = self._state_path(module, key)
                     tmp = storage.reserve_zeros(path, shape, dtype)
@@ -716,7 +716,7 @@ class Optimizer:
             self._check_grad(options, grad, weight, where)
         self._check_state_for(self.state.get(module), weight, options, where)
         self._check_advance(_core(self.state.get(module) or {}), where)
-        self._reserve_step_files([(module, weight, None, options)])   # as step(): before anything changes
+        self._reserve_step_files([(module, weight, options)])   # as step(): before anything changes
         try:
             state = self.state.setdefault(module, {})
             with _kept_on_disk_error(state):
@@ -1100,7 +1100,8 @@ def _kept_on_disk_error(state: Dict[str, Any]) -> Iterator[None]:
     """Around a parameter's update: an ``OSError`` — creating a state file in ``state_dir`` on a
     full disk (``storage.create_zeros``), which happens before any row is updated — puts the
     parameter's state entries (step counters, new arrays) back as they were, so the refused update
-    leaves a state the next step accepts."""
+    leaves a state the next step accepts. (A step reserves the files it will create first,
+    :meth:`Optimizer._reserve_step_files`; this covers a file that no reservation named.)"""
     before = dict(state)
     try:
         yield

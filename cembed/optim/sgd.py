@@ -131,7 +131,7 @@ class SGD(Optimizer):
     def _rows_independent(self, options: Group) -> bool:
         return options["momentum"] == 0
 
-    def _state_files_for_step(self, state: Dict[str, Any], weight: np.ndarray, grad: Any,
+    def _state_files_for_step(self, state: Dict[str, Any], weight: np.ndarray,
                               options: Group) -> List[Tuple[str, bool, Any]]:
         if options["momentum"] != 0 and state.get("momentum_buffer") is None:
             return [("momentum_buffer", False, None)]

@@ -205,7 +205,7 @@ class SparseAdam(Optimizer):
             _check_accumulator(entry["exp_avg_sq"], f"{where}['exp_avg_sq']")
         return entry
 
-    def _state_files_for_step(self, state: Dict[str, Any], weight: np.ndarray, grad: Any,
+    def _state_files_for_step(self, state: Dict[str, Any], weight: np.ndarray,
                               options: Group) -> List[Tuple[str, bool, Any]]:
         files: List[Tuple[str, bool, Any]] = []   # what _sparse_begin creates
         if "step" not in state:

@@ -177,7 +177,7 @@ class SparseAdamW(Optimizer):
         return entry
 
     # ------------------------------------------------------------------ updates
-    def _state_files_for_step(self, state: Dict[str, Any], weight: np.ndarray, grad: Any,
+    def _state_files_for_step(self, state: Dict[str, Any], weight: np.ndarray,
                               options: Group) -> List[Tuple[str, bool, Any]]:
         files: List[Tuple[str, bool, Any]] = []   # what _sparse_begin creates
         if "step" not in state:
