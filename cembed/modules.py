@@ -196,7 +196,9 @@ class Embedding(TableModule):
     num_embeddings, embedding_dim : int
         Table shape.
     padding_idx : int, optional
-        This row starts at zero and never receives a gradient (negative values count from the end).
+        This row never receives a gradient, and starts at zero in a new table (a table given as
+        ``_weight`` or to ``from_pretrained`` keeps its values, as in torch); negative values count from
+        the end.
     max_norm : float, optional
         Rows a forward looks up are renormalised in place to at most this norm first.
     norm_type : float, default 2.0
