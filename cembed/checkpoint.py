@@ -61,7 +61,10 @@ def _old(path: str) -> str:
 
 
 def _norm(path: PathLike) -> str:
-    path = os.path.abspath(os.fspath(path))
+    """The checkpoint's absolute path, symbolic links resolved: a save replaces the directory a link
+    names (beside it go the save's siblings and its lock), never the link itself, and two names of
+    one directory share one lock."""
+    path = os.path.realpath(os.path.abspath(os.fspath(path)))
     if os.path.basename(path) in ("", ".", ".."):
         raise ValueError(f"{path}: a checkpoint path must name a directory entry")
     return path
@@ -146,10 +149,12 @@ def _write_array(directory: str, filename: str, array: np.ndarray) -> Dict[str, 
 
 def _link_checkpoint_file(array: np.ndarray, dst: str) -> Optional[Tuple[int, int]]:
     """Hard-link the checkpoint file that the read-only map ``array`` maps whole to ``dst``; returns
-    (size, recorded CRC), or None (nothing linked: copy it) when ``array`` is writeable, is not a map
-    cembed made of a whole file, the file at its name is no longer the mapped file, the file is not in
-    a checkpoint (no recorded checksum), or the link fails (another file system)."""
-    if array.flags.writeable:
+    (size, recorded CRC), or None (nothing linked: copy it) when ``array`` is not a map cembed made
+    read-only of a whole file (a copy-on-write map holds its changes in private pages, and a read-write
+    map made read-only later may have written into the file since its checksum was recorded), the file
+    at its name is no longer the mapped file, the file is not in a checkpoint (no recorded checksum),
+    or the link fails (another file system)."""
+    if array.flags.writeable or not storage.maps_file_read_only(array):
         return None
     src = storage.backing_file(array)   # checks that the name still names the mapped file
     known = storage.mapped_file_id(array)
@@ -198,7 +203,7 @@ def _known_crc(src: str, size: int) -> Optional[int]:
         entry = manifest["files"][os.path.basename(src)]
         if manifest.get("checksum") == CHECKSUM and entry["bytes"] == size and isinstance(entry[CHECKSUM], int):
             return int(entry[CHECKSUM])
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
         pass
     return None
 
@@ -224,8 +229,8 @@ def write_directory(path: PathLike, arrays: Mapping[str, np.ndarray], meta: Any)
     Parameters
     ----------
     path : str or os.PathLike
-        The checkpoint directory. An existing directory there must be a checkpoint (or empty): it is
-        replaced.
+        The checkpoint directory (a symbolic link is resolved). An existing directory there must be
+        empty or a checkpoint holding only its manifest and the files it lists: it is replaced.
     arrays : mapping of str to numpy.ndarray
         Names (letters, digits, ``_ - .``) to arrays of any shape and a plain dtype. Each is written
         in bounded blocks; a read-only map of a whole file of a checkpoint (``open_array``, a frozen
@@ -256,12 +261,11 @@ def write_directory(path: PathLike, arrays: Mapping[str, np.ndarray], meta: Any)
         if array.dtype.hasobject:
             raise TypeError(f"array {name!r} has an object dtype")
     parent = os.path.dirname(path)
+    _check_replaceable(path)   # refused before even the lock file is made
     os.makedirs(parent, exist_ok=True)
     lock = _lock(path)
     try:
-        if os.path.lexists(path) and not os.path.isfile(os.path.join(path, MANIFEST)):
-            if not os.path.isdir(path) or os.listdir(path):
-                raise ValueError(f"{path} exists and is not a cembed checkpoint: refusing to replace it")
+        _check_replaceable(path)   # again, under the lock
         _recover(path)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
         try:
@@ -289,6 +293,41 @@ def write_directory(path: PathLike, arrays: Mapping[str, np.ndarray], meta: Any)
     return path
 
 
+def _check_replaceable(path: str) -> None:
+    """ValueError unless ``path`` is free, an empty directory, or a cembed checkpoint holding nothing
+    but its manifest and the files it lists: a save replaces the directory whole, so anything else
+    there (a directory that merely has a file named MANIFEST.json, a file someone put into a
+    checkpoint) would be deleted."""
+    if not os.path.lexists(path):
+        return
+    if not os.path.isdir(path):
+        raise ValueError(f"{path} exists and is not a cembed checkpoint: refusing to replace it")
+    entries = set(os.listdir(path))
+    if not entries:
+        return
+    try:
+        listed = set(_manifest(path)["files"]) if MANIFEST in entries else None
+    except CheckpointError:
+        listed = None
+    if listed is None:
+        raise ValueError(f"{path} exists and is not a cembed checkpoint: refusing to replace it")
+    others = sorted(entries - listed - {MANIFEST})
+    if others:
+        raise ValueError(f"{path} holds files that are not part of its checkpoint ({', '.join(others[:5])}"
+                         f"{', ...' if len(others) > 5 else ''}): a save would delete them; move them away first")
+
+
+def _remove(entry: str) -> None:
+    """Remove a save's leftover sibling: a directory tree, or a file or link in its place."""
+    if os.path.isdir(entry) and not os.path.islink(entry):
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        try:
+            os.unlink(entry)
+        except OSError:
+            pass
+
+
 def _recover(path: str) -> None:
     """Before a save (under the lock): finish what an interrupted save left behind — a complete
     ``.ready`` with no ``path`` becomes ``path``; stale ``.ready`` / ``.old`` / ``.tmp-*`` go."""
@@ -300,7 +339,7 @@ def _recover(path: str) -> None:
     for stale in [ready, old] + [os.path.join(parent, e) for e in os.listdir(parent)
                                  if e.startswith(f".{name}.tmp-")]:
         if os.path.lexists(stale):
-            shutil.rmtree(stale, ignore_errors=True)
+            _remove(stale)
 
 
 def _manifest(directory: str) -> Dict[str, Any]:
@@ -308,7 +347,7 @@ def _manifest(directory: str) -> Dict[str, Any]:
     try:
         with open(where, "rb") as fh:
             manifest = json.loads(fh.read().decode("utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:   # (RecursionError: absurd nesting)
         raise CheckpointError(f"{where}: unreadable manifest ({type(exc).__name__}: {exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{where}: not a {FORMAT} manifest (format "

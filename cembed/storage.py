@@ -31,7 +31,7 @@ import mmap
 import os
 import tempfile
 import weakref
-from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 from numpy.lib import format as npy_format
@@ -39,7 +39,7 @@ from numpy.lib import format as npy_format
 from ._dtypes import FULL_DTYPES, check_table_dtype, compute_dtype, is_bfloat16, is_half, resolve_dtype
 from ._validation import check_choice, check_int, check_size
 
-__all__ = ["aligned_zeros", "aligned_copy", "ALIGNMENT", "open_table", "map_array", "read_header", "NpyHeader", "create_zeros", "reserve_zeros", "map_reserved", "discard_reserved", "copy_rows", "backing_file",
+__all__ = ["aligned_zeros", "aligned_copy", "ALIGNMENT", "open_table", "map_array", "read_header", "NpyHeader", "create_zeros", "reserve_zeros", "map_reserved", "discard_reserved", "replace_files", "copy_rows", "backing_file",
            "fsync_path", "fsync_directory", "file_dtype", "to_file", "from_file", "CHUNK_BYTES", "INITS",
            "ADVICE", "release_free_memory"]
 
@@ -426,6 +426,53 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
+def replace_files(pairs: List[Tuple[str, str]]) -> None:
+    """``os.replace(src, dst)`` for every pair (in one directory each), all or none: before the first
+    rename every existing ``dst`` gets a hard link ``dst + ".replaced"``, and if a rename fails (or
+    the call is interrupted) the files renamed so far are put back — an old file by its link, a file
+    that was not there removed — before the error is raised; the links go either way. Where hard links
+    are not supported the old files cannot be put back (the renames are still made in order).
+
+    Raises
+    ------
+    OSError
+        A rename failed: every ``dst`` is the file it was (the ``src`` files not yet renamed are left
+        for the caller to remove).
+    """
+    backups: List[Optional[str]] = []
+    done: List[Tuple[str, Optional[str]]] = []
+    try:
+        for _, dst in pairs:
+            backup = None
+            if os.path.lexists(dst):
+                backup = dst + ".replaced"
+                _unlink_quietly(backup)
+                try:
+                    os.link(dst, backup)
+                except OSError:
+                    backup = None
+            backups.append(backup)
+        for (src, dst), backup in zip(pairs, backups):
+            os.replace(src, dst)
+            done.append((dst, backup))
+    except BaseException:
+        for dst, backup in reversed(done):
+            try:
+                if backup is not None:
+                    os.replace(backup, dst)
+                else:
+                    os.unlink(dst)
+            except OSError:
+                pass
+        for backup in backups:
+            if backup is not None:
+                _unlink_quietly(backup)
+        raise
+    for backup in backups:
+        if backup is not None:
+            _unlink_quietly(backup)
+
+
 def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
@@ -704,16 +751,31 @@ def open_table(path: PathLike, num_embeddings: Optional[int] = None, embedding_d
 ADVICE = {"random": "MADV_RANDOM", "sequential": "MADV_SEQUENTIAL", "normal": "MADV_NORMAL"}
 
 
-#: The file (``st_dev``, ``st_ino``) each mapping made by :func:`_map` maps: a file name can be given
-#: to another file later (a checkpoint saved again), the mapping keeps the file it was made of.
-_MAPPED: "weakref.WeakKeyDictionary[mmap.mmap, Tuple[int, int]]" = weakref.WeakKeyDictionary()
+#: The file (``st_dev``, ``st_ino``) each mapping made by :func:`_map` maps, and its mode: a file name
+#: can be given to another file later (a checkpoint saved again), the mapping keeps the file it was made
+#: of. Keyed by the ``mmap`` object, so neither an array's attributes nor its flags can change them.
+_MAPPED: "weakref.WeakKeyDictionary[mmap.mmap, Tuple[int, int, str]]" = weakref.WeakKeyDictionary()
+
+
+def _mapping(array: Any) -> Optional[Tuple[int, int, str]]:
+    mm = getattr(array, "_mmap", None) if isinstance(array, np.memmap) else None
+    return _MAPPED.get(mm) if mm is not None else None
 
 
 def mapped_file_id(array: Any) -> Optional[Tuple[int, int]]:
     """``(st_dev, st_ino)`` of the file a memory map made by cembed (:func:`open_table`,
     :func:`map_array`, checkpoints, ``state_dir``) maps, or None for any other array."""
-    mm = getattr(array, "_mmap", None) if isinstance(array, np.memmap) else None
-    return _MAPPED.get(mm) if mm is not None else None
+    known = _mapping(array)
+    return None if known is None else (known[0], known[1])
+
+
+def maps_file_read_only(array: Any) -> bool:
+    """True when ``array`` is a memory map cembed made read-only (mode ``"r"``): its pages are the
+    file's, and nothing can be written through it. A copy-on-write map (``"c"``: its changes live in
+    private pages, never in the file) or a read-write one made read-only afterwards
+    (``flags.writeable = False``) is not."""
+    known = _mapping(array)
+    return known is not None and known[2] == "r"
 
 
 def _map(path: str, header: NpyHeader, mode: str, advice: str = "random") -> np.memmap:
@@ -732,7 +794,7 @@ def _map(path: str, header: NpyHeader, mode: str, advice: str = "random") -> np.
                           shape=header.shape)
     mm = getattr(array, "_mmap", None)
     if mm is not None:
-        _MAPPED[mm] = (status.st_dev, status.st_ino)
+        _MAPPED[mm] = (status.st_dev, status.st_ino, mode)
     flag = getattr(mmap, ADVICE[advice], None)
     if mm is not None and flag is not None and hasattr(mm, "madvise"):
         try:

@@ -216,6 +216,89 @@ def test_refuses_to_replace_what_is_not_a_checkpoint(tmp_path):
     cembed.save_checkpoint(tmp_path / "empty", cembed.Embedding(3, 2))   # an empty directory is fine
 
 
+
+def test_a_directory_with_a_foreign_manifest_or_extra_files_is_not_replaced(tmp_path):
+    """Only the existence of a file named MANIFEST.json was checked: a directory of results that had
+    one was deleted whole by a save. A valid manifest is required, and a checkpoint holding files its
+    manifest does not list is refused too (a save replaces the directory whole)."""
+    emb = cembed.Embedding(3, 2, seed=0)
+    results = tmp_path / "results"
+    (results / "sub").mkdir(parents=True)
+    (results / "MANIFEST.json").write_text('{"project": "mine"}')
+    (results / "sub" / "data.csv").write_text("1,2")
+    with pytest.raises(ValueError, match="not a cembed checkpoint"):
+        cembed.save_checkpoint(results, emb)
+    assert (results / "sub" / "data.csv").read_text() == "1,2"
+    assert sorted(os.listdir(tmp_path)) == ["results"]          # refused before even the lock file
+    ck = tmp_path / "ck"
+    cembed.save_checkpoint(ck, emb, extra={"v": 1})
+    (ck / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not part of its checkpoint.*notes.txt"):
+        cembed.save_checkpoint(ck, emb, extra={"v": 2})
+    assert (ck / "notes.txt").read_text() == "mine"
+    assert cembed.load_checkpoint(ck, cembed.Embedding(3, 2)) == {"v": 1}
+
+
+def test_a_checkpoint_path_that_is_a_symbolic_link_is_saved_where_it_points(tmp_path):
+    """The first save renamed the link itself aside and every later save failed; now the link is
+    resolved: the directory it names is replaced, every time, and the link keeps naming it."""
+    real = tmp_path / "disk" / "ck"
+    real.parent.mkdir()
+    link = tmp_path / "ck"
+    os.symlink(real, link)
+    emb = cembed.Embedding(5, 2, seed=0)
+    for version in range(3):
+        cembed.save_checkpoint(link, emb, extra={"v": version})
+        assert os.path.islink(link) and os.path.isdir(real)
+        assert cembed.load_checkpoint(link, cembed.Embedding(5, 2)) == {"v": version}
+        assert cembed.load_checkpoint(real, cembed.Embedding(5, 2)) == {"v": version}
+    assert sorted(os.listdir(tmp_path)) == ["ck", "disk"]
+    assert sorted(os.listdir(real.parent)) == [".ck.lock", "ck"]
+
+
+def test_a_stale_sibling_that_is_not_a_directory_does_not_block_saves(tmp_path):
+    emb = cembed.Embedding(5, 2, seed=0)
+    ck = tmp_path / "ck"
+    cembed.save_checkpoint(ck, emb, extra={"v": 1})
+    (tmp_path / ".ck.old").write_text("left by someone")
+    os.symlink(tmp_path / "nowhere", tmp_path / ".ck.ready")
+    cembed.save_checkpoint(ck, emb, extra={"v": 2})
+    assert cembed.load_checkpoint(ck, cembed.Embedding(5, 2)) == {"v": 2}
+    assert sorted(os.listdir(tmp_path)) == [".ck.lock", "ck"]
+
+
+@pytest.mark.parametrize("how", ["load", "open_table"])
+def test_a_copy_on_write_map_is_copied_into_a_checkpoint_even_when_made_read_only(tmp_path, how):
+    """A copy-on-write map of a checkpoint file holds its changes in private pages: hard-linking its
+    file (as for a read-only map) saved the OLD values, with the old, valid checksum."""
+    emb = cembed.Embedding(100, 8, sparse=True, seed=0)
+    cembed.save_checkpoint(tmp_path / "a", {"w": emb})
+    if how == "load":
+        trained = cembed.Embedding(100, 8, sparse=True, seed=1)
+        cembed.load_checkpoint(tmp_path / "a", {"w": trained}, mmap=True)    # trainable: copy-on-write
+        opt = optim.SGD([trained], lr=1.0)
+        trained.backward(np.ones((1, 8), np.float32), np.array([3]), optimizer=opt)
+    else:
+        table = cembed.open_table(tmp_path / "a" / "module.w.npy", mode="c")
+        table[0] = 123.0
+        trained = cembed.Embedding.from_pretrained(table)
+    expected = np.array(trained.weight)
+    assert not np.array_equal(expected, emb.weight)
+    trained.weight.flags.writeable = False
+    cembed.save_checkpoint(tmp_path / "b", {"w": trained})
+    assert os.stat(tmp_path / "a" / "module.w.npy").st_ino != os.stat(tmp_path / "b" / "module.w.npy").st_ino
+    check = cembed.Embedding(100, 8)
+    cembed.load_checkpoint(tmp_path / "b", {"w": check}, mmap=False)
+    assert_bitwise_equal(check.weight, expected)
+
+
+def test_a_deeply_nested_manifest_is_a_checkpoint_error(tmp_path):
+    cembed.save_checkpoint(tmp_path / "ck", cembed.Embedding(3, 2))
+    (tmp_path / "ck" / "MANIFEST.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match="unreadable manifest"):
+        cembed.load_checkpoint(tmp_path / "ck", cembed.Embedding(3, 2))
+
+
 # ------------------------------------------------------------------------------------------ crash safety
 
 CHILD = textwrap.dedent(r"""
@@ -462,6 +545,23 @@ def test_trainer_refusals(tmp_path):
     assert no_dir.returncode == 2 and "need --table-dir" in no_dir.stderr
     nothing = _train_cli(["--table-dir", "empty", "--resume"], tmp_path, env)
     assert nothing.returncode == 1 and "--resume" in nothing.stderr
+
+
+def test_trainer_resume_with_another_rounding_or_state_dtype_is_refused(tmp_path):
+    """A 16-bit run's rounding and state dtype are settings of the checkpoint: a resume with others
+    would silently go on with the saved ones (a load keeps the saved param groups)."""
+    pytest.importorskip("ml_dtypes")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    base = ["--table-dir", "half", "--dtype", "float16", "--tokens", "20000"]
+    first = _train_cli(base, tmp_path, env)
+    assert first.returncode == 0, first.stderr
+    saved = (tmp_path / "half" / "checkpoint" / "MANIFEST.json").read_bytes()
+    for change, named in ((["--rounding", "nearest"], "rounding"), (["--state-dtype", "float16"], "state_dtype")):
+        run = _train_cli(base + ["--resume"] + change, tmp_path, env)
+        assert run.returncode == 1 and named in run.stderr, run.stderr
+    assert (tmp_path / "half" / "checkpoint" / "MANIFEST.json").read_bytes() == saved
+    again = _train_cli(base + ["--resume"], tmp_path, env)
+    assert again.returncode == 0, again.stderr
 
 
 def _word_order(vocab_size, tokens, seed=0):

@@ -595,3 +595,58 @@ def test_a_table_dir_in_use_is_refused_before_its_tables_change(trained, tmp_pat
         os.close(fd)
     again = _train(tmp_path, "--table-dir", "td")
     assert again.returncode == 0, again.stderr
+
+
+@pytest.mark.parametrize("error", [OSError(5, "simulated EIO"), KeyboardInterrupt()])
+def test_a_failed_rename_while_loading_into_a_state_dir_changes_nothing(tmp_path, monkeypatch, error):
+    """load_state_dict into a state_dir renames every loaded file into place: a rename failing at the
+    second file left the first replaced on disk while the optimizer kept (and trained) the old,
+    unlinked file. Now the renamed files are put back and nothing is left behind."""
+    a, b = cembed.Embedding(20, 4, sparse=True, seed=0), cembed.Embedding(20, 4, sparse=True, seed=1)
+    state_dir = tmp_path / "state"
+    opt = optim.SparseAdam([a, b], lr=0.1, state_dir=state_dir)
+    for module in (a, b):
+        module.backward(np.ones((1, 4), np.float32), np.array([2]), optimizer=opt)
+    saved = opt.state_dict()
+    for entry in saved["state"].values():
+        entry["exp_avg"] = entry["exp_avg"] + 5
+    before = {f: (state_dir / f).read_bytes() for f in sorted(os.listdir(state_dir))}
+    live = np.array(opt.state[a]["exp_avg"])
+    real, renames = os.replace, []
+
+    def failing(src, dst, *args, **kwargs):
+        if str(src).endswith(".loading"):
+            renames.append(src)
+            if len(renames) == 2:
+                raise error
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(type(error)):
+        opt.load_state_dict(saved)
+    monkeypatch.setattr(os, "replace", real)
+    assert {f: (state_dir / f).read_bytes() for f in sorted(os.listdir(state_dir))} == before
+    assert_bitwise_equal(opt.state[a]["exp_avg"], live)
+    a.backward(np.ones((1, 4), np.float32), np.array([2]), optimizer=opt)   # the live state is the file's
+    assert_bitwise_equal(np.load(state_dir / "p0.exp_avg.npy"), opt.state[a]["exp_avg"])
+    opt.load_state_dict(saved)                                                # and a later load works
+    assert_bitwise_equal(np.load(state_dir / "p0.exp_avg.npy"), saved["state"][0]["exp_avg"])
+    assert not [f for f in os.listdir(state_dir) if f.endswith((".loading", ".replaced"))]
+
+
+@pytest.mark.parametrize("name", ["adagrad", "rowwise_adagrad"])
+def test_a_refused_constructor_changes_no_state_file(tmp_path, name):
+    """Adagrad's state is made as a parameter joins: a constructor refused at its second group (a bad
+    option) had already re-created the first group's state file in the state_dir."""
+    make = {"adagrad": optim.Adagrad, "rowwise_adagrad": optim.RowWiseAdagrad}[name]
+    a, b = cembed.Embedding(10, 4, sparse=True, seed=0), cembed.Embedding(10, 4, sparse=True, seed=1)
+    opt = make([a], lr=0.1, state_dir=tmp_path)
+    a.backward(np.ones((1, 4), np.float32), np.array([1]), optimizer=opt)
+    del opt
+    gc.collect()
+    before = {f: (tmp_path / f).read_bytes() for f in sorted(os.listdir(tmp_path))}
+    with pytest.raises(ValueError, match="param_groups\\[1\\]"):
+        make([{"params": [a]}, {"params": [b], "lr": -1.0}], lr=0.1, state_dir=tmp_path)
+    with pytest.raises(ValueError, match="same module"):
+        make([{"params": [a]}, {"params": [a]}], lr=0.1, state_dir=tmp_path)
+    assert {f: (tmp_path / f).read_bytes() for f in sorted(os.listdir(tmp_path))} == before

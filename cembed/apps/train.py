@@ -637,6 +637,8 @@ class TableDir:
         self.checkpoint = os.path.join(self.root, "checkpoint")
         self.settings = {key: getattr(config, key) for key in RESUME_KEYS}
         self.settings.update(vocab_size=corpus.vocab_size, n_tokens=corpus.n_tokens)
+        if config.dtype != "float32":   # a 16-bit run's rounding and state dtype (a load would keep the saved ones)
+            self.settings.update(rounding=config.rounding, state_dtype=config.optimizer_state_dtype())
         self.total_words = corpus.n_tokens * config.epochs
         # at most this many steps: a chunk of k tokens gives at most 2·window·k pairs, at least one batch
         chunk, n = config.chunk_tokens, corpus.n_tokens

@@ -152,6 +152,9 @@ class Optimizer:
                 raise ValueError("optimizer got an empty parameter list")
             if not isinstance(groups[0], dict):
                 groups = [{"params": groups}]
+            seen: Dict[int, str] = {}
+            for g, group in enumerate(groups):   # every group checked before any state is made (in state_dir:
+                self._checked_group(group, g, seen)   # files an optimizer refused later must not have replaced)
             for group in groups:
                 self.add_param_group(group)
         except BaseException:
@@ -186,29 +189,8 @@ class Optimizer:
         >>> opt.param_groups[1]["lr"], opt.param_groups[1]["momentum"]
         (0.1, 0.9)
         """
-        if not isinstance(param_group, dict):
-            raise TypeError(f"param group must be a dict, got {type(param_group).__name__}")
-        params = param_group.get("params")
-        if params is None:
-            raise ValueError("param group must have a 'params' entry")
-        modules = [params] if hasattr(params, "weight") else list(params)
-        if not modules:
-            raise ValueError("optimizer got an empty parameter list")
         seen = {id(m): where for where, m in self._named_params()}
-        for k, module in enumerate(modules):
-            where = f"param_groups[{len(self.param_groups)}]['params'][{k}]"
-            if not hasattr(module, "weight") or not hasattr(module, "grad"):
-                raise TypeError(f"{where} must be a module with .weight and .grad, got {type(module).__name__}")
-            _checked_table(module.weight, f"{where}.weight")
-            if id(module) in seen:
-                raise ValueError(f"{_name(module, where)} is the same module as {seen[id(module)]}: "
-                                 "a module may appear only once in an optimizer")
-            seen[id(module)] = where
-        group = dict(self.defaults)
-        group.update({k: v for k, v in param_group.items() if k != "params"})
-        group = self._check_options(group, f"param_groups[{len(self.param_groups)}]")
-        for k, module in enumerate(modules):  # state_dtype against every table, before anything changes
-            rounding_.state_dtype(module.weight.dtype, group, f"param_groups[{len(self.param_groups)}]['params'][{k}]")
+        group, modules = self._checked_group(param_group, len(self.param_groups), seen)
         group["params"] = modules
         self.param_groups.append(group)
         previous = {m: self.state[m] for m in modules if m in self.state}
@@ -226,6 +208,34 @@ class Optimizer:
             raise
         finally:
             self._joining = None
+
+    def _checked_group(self, param_group: Any, g: int, seen: Dict[int, str]) -> Tuple[Group, List[Any]]:
+        """(options with the defaults filled in and checked, modules) of ``param_group`` as group ``g``;
+        ``seen`` (module id -> where) holds the modules of the groups before it and gets this group's.
+        Changes nothing else: every check of a new group, made before its state is."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param group must be a dict, got {type(param_group).__name__}")
+        params = param_group.get("params")
+        if params is None:
+            raise ValueError("param group must have a 'params' entry")
+        modules = [params] if hasattr(params, "weight") else list(params)
+        if not modules:
+            raise ValueError("optimizer got an empty parameter list")
+        for k, module in enumerate(modules):
+            where = f"param_groups[{g}]['params'][{k}]"
+            if not hasattr(module, "weight") or not hasattr(module, "grad"):
+                raise TypeError(f"{where} must be a module with .weight and .grad, got {type(module).__name__}")
+            _checked_table(module.weight, f"{where}.weight")
+            if id(module) in seen:
+                raise ValueError(f"{_name(module, where)} is the same module as {seen[id(module)]}: "
+                                 "a module may appear only once in an optimizer")
+            seen[id(module)] = where
+        group = dict(self.defaults)
+        group.update({k: v for k, v in param_group.items() if k != "params"})
+        group = self._check_options(group, f"param_groups[{g}]")
+        for k, module in enumerate(modules):  # state_dtype against every table, before anything changes
+            rounding_.state_dtype(module.weight.dtype, group, f"param_groups[{g}]['params'][{k}]")
+        return group, modules
 
     def _check_params(self) -> None:
         """The parameter lists as they are now (``param_groups[g]["params"]`` can be edited by hand):
@@ -329,11 +339,13 @@ class Optimizer:
     def _move_to_state_dir(self, new_state: Dict[Any, Dict[str, Any]], index: Dict[int, int]) -> None:
         """Copy every per-row array of a checked ``new_state`` into its file in ``state_dir``
         (bounded blocks) and replace it by the mapped file. Two phases: every array is first written
-        to ``<file>.loading`` (its space reserved: a full disk is an ``OSError`` here); only when all
-        are written are they renamed into place. An error in the first phase removes the
-        ``.loading`` files and leaves the state files (those the live optimizer maps) as they were."""
+        to ``<file>.loading`` (its space reserved: a full disk is an ``OSError`` here) and mapped as
+        the file it is to become; only then are they all renamed into place, all or none
+        (``storage.replace_files``). Any error (or an interrupt) removes the ``.loading`` files and
+        leaves the state files (those the live optimizer maps) as they were."""
         assert self.state_dir is not None
-        written: List[Tuple[Dict[str, Any], str, str, np.dtype]] = []
+        written: List[Tuple[Dict[str, Any], str, str]] = []
+        maps: List[np.ndarray] = []
         try:
             for module, entry in new_state.items():
                 for key, value in list(entry.items()):
@@ -342,21 +354,18 @@ class Optimizer:
                     path = os.path.join(self.state_dir, f"p{index[id(module)]}.{key}.npy")
                     tmp = path + ".loading"
                     storage.create_zeros(tmp, value.shape, value.dtype)
-                    written.append((entry, key, path, value.dtype))
-                    target = storage.map_array(tmp, "r+", advice="sequential", dtype=value.dtype)
+                    written.append((entry, key, path))
+                    target = storage.map_reserved(tmp, path, value.dtype)
                     storage.copy_rows(target, value)
                     target.flush()
-                    del target
+                    maps.append(target)
+            storage.replace_files([(path + ".loading", path) for _, _, path in written])
         except BaseException:
-            for _, _, path, _ in written:
-                try:
-                    os.unlink(path + ".loading")
-                except OSError:
-                    pass
+            for _, _, path in written:
+                storage.discard_reserved(path + ".loading")
             raise
-        for entry, key, path, dtype in written:
-            os.replace(path + ".loading", path)
-            entry[key] = storage.map_array(path, "r+", dtype=dtype)
+        for (entry, key, _), target in zip(written, maps):
+            entry[key] = target
 
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
         raise NotImplementedError
@@ -1155,8 +1164,9 @@ def _lock_state_dir(state_dir: Any, owner: Any) -> Tuple[str, Optional[weakref.f
 
 #: The temporaries an optimizer makes in its state_dir: a state file reserved by a step or being
 #: created (``.p<i>.<key>.npy.<random>.tmp``, storage.reserve_zeros) and a file being loaded
-#: (``p<i>.<key>.npy.loading``).
-_STATE_TEMPORARY = re.compile(r"\.p[0-9]+\.[^/]+\.npy\.[^/]+\.tmp|p[0-9]+\.[^/]+\.npy\.loading")
+#: (``p<i>.<key>.npy.loading``), and the link to a state file a load was replacing
+#: (``p<i>.<key>.npy.replaced``, storage.replace_files).
+_STATE_TEMPORARY = re.compile(r"\.p[0-9]+\.[^/]+\.npy\.[^/]+\.tmp|p[0-9]+\.[^/]+\.npy\.(loading|replaced)")
 
 
 def _remove_stale_temporaries(path: str) -> None:
