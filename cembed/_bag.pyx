@@ -172,6 +172,8 @@ def psw_backward(const floating[:, :] weight,        # IN  (n_rows, dim), unit c
     cdef const floating *w
     cdef floating acc
     cdef int64_t r
+    if bag_of.shape[0] != n_indices or grad_psw.shape[0] != n_indices or grad_output.shape[1] != dim:
+        raise ValueError("psw_backward: bag_of and grad_psw need one entry per index, grad_output the weight's dim")
     if n_indices == 0:
         return
     if dim == 0 or weight.shape[0] == 0:
@@ -325,6 +327,9 @@ def psw_backward_half(const uint16_t[:, :] weight,    # IN  (n_rows, dim) 16-bit
     cdef const uint16_t *w
     cdef float acc
     cdef int64_t r
+    if bag_of.shape[0] != n_indices or grad_psw.shape[0] != n_indices or grad_output.shape[1] != dim:
+        raise ValueError("psw_backward_half: bag_of and grad_psw need one entry per index, grad_output the "
+                         "weight's dim")
     if n_indices == 0:
         return
     if dim == 0 or weight.shape[0] == 0:

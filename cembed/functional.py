@@ -339,20 +339,34 @@ class RowContributions:
         """The dtype of the sums (and of ``scale``): float32 for 16-bit values."""
         return compute_dtype(self.values.dtype)
 
-    def apart_from(self, target: np.ndarray) -> "RowContributions":
-        """These contributions with ``values`` and ``scale`` copied where they may share memory with
-        ``target`` (the table or gradient they are about to be added into): a caller's
-        ``grad_output`` can be a view of the weight, and a kernel updating rows in place must not
-        read gradient rows it has already written."""
+    def apart_from(self, *targets: np.ndarray) -> "RowContributions":
+        """These contributions, with ``values`` and ``scale`` replaced by copies where they may share
+        memory with any of ``targets`` (the table or gradient they are about to be added into, the
+        optimizer state a fused update writes); returns ``self``. A caller's ``grad_output`` can be a
+        view of the weight or of the state, and a kernel updating rows in place must not read
+        gradient rows it has already written. (In place: whatever the caller reads from this object
+        afterwards, e.g. a scoring's results, comes from the copies too.)"""
         values, scale = self.values, self.scale
-        if np.may_share_memory(values, target):
+        if any(np.may_share_memory(values, t) for t in targets):
             values = values.copy()
-        if scale is not None and np.may_share_memory(scale, target):
+        if scale is not None and any(np.may_share_memory(scale, t) for t in targets):
             scale = scale.copy()
-        if values is self.values and scale is self.scale:
-            return self
-        return RowContributions(values, self.rows, src=self.src, scale=scale, padding_idx=self.padding_idx,
-                                scale_grad_by_freq=self.scale_grad_by_freq, groups=self.groups)
+        self._set_values(values, scale)
+        return self
+
+    def _set_values(self, values: np.ndarray, scale: Optional[np.ndarray]) -> None:
+        self.values, self.scale = values, scale
+
+    def check_consistent(self) -> None:
+        """ValueError unless every per-entry array has one entry per row id (made in this call from
+        validated arguments; checked before an optimizer changes anything), and group the entries by
+        row now (the sort a fused update would start with: its result does not depend on when)."""
+        n_entries = self.rows.size
+        for name, arr in (("src", self.src), ("scale", self.scale)):
+            if arr is not None and arr.size != n_entries:
+                raise ValueError(f"backward: {arr.size} {name} entries for {n_entries} indices")
+        if self.groups is None:
+            self.groups = self._grouped()
 
     def _kernel_values(self) -> Tuple[np.ndarray, int]:
         """(values for a kernel, their format code): 16-bit values as their uint16 bit patterns."""
@@ -492,12 +506,18 @@ class MaxRouting:
     def sparse(self, num_rows: int) -> SparseGrad:  # pragma: no cover - refused at validation
         raise ValueError("max mode does not support sparse weights")
 
-    def apart_from(self, target: np.ndarray) -> "MaxRouting":
+    def apart_from(self, *targets: np.ndarray) -> "MaxRouting":
         """As :meth:`RowContributions.apart_from`: ``grad_output`` copied if it may share memory with
-        ``target``."""
-        if np.may_share_memory(self.grad_output, target):
-            return MaxRouting(self.grad_output.copy(), self.argmax)
+        any of ``targets``."""
+        if any(np.may_share_memory(self.grad_output, t) for t in targets):
+            self.grad_output = self.grad_output.copy()
         return self
+
+    def check_consistent(self) -> None:
+        """As :meth:`RowContributions.check_consistent`: one winning row per output element."""
+        if self.argmax.shape != self.grad_output.shape:
+            raise ValueError(f"backward: argmax of shape {self.argmax.shape} for a gradient of shape "
+                             f"{self.grad_output.shape}")
 
     def dense(self, num_rows: int) -> np.ndarray:
         return self.add_into(np.zeros((num_rows, self.grad_output.shape[1]), dtype=self.grad_output.dtype))
@@ -837,6 +857,9 @@ def _csr_offsets(offsets: Any, n_total: int, include_last_offset: bool) -> np.nd
             raise ValueError(f"with include_last_offset=True the last offset must equal the input length "
                              f"{n_total}, got {off[-1]}")
         return off
+    if off.size == 0 and n_total > 0:   # torch: no bags, and a gradient read from unset memory
+        raise ValueError(f"offsets is empty but the input has {n_total} indices: every index must belong to a bag "
+                         "(offsets=[0] makes one bag of them all)")
     return np.append(off, np.int64(n_total))
 
 
@@ -859,8 +882,9 @@ def validate_bags(input: Any, weight: np.ndarray, offsets: Any = None, mode: str
             raise ValueError("offsets has to be a 1D array but got None (a 1-D input needs offsets)")
     else:
         raise ValueError(f"input has to be 1D or 2D, but got an array of dimension {idx.ndim}")
-    if not isinstance(mode, str) or mode not in BAG_MODES:
+    if not isinstance(mode, str) or str.__str__(mode) not in BAG_MODES:
         raise ValueError(f"mode has to be one of sum, mean or max, got {mode!r}")
+    mode = str.__str__(mode)   # a plain str from here on (a str subclass's own comparisons are not trusted)
     if mode == "max" and scale_grad_by_freq:
         raise ValueError("max mode does not support scaling the gradient by the frequency")
     if mode == "max" and sparse:
@@ -1053,7 +1077,8 @@ def bag_contributions(grad_output: np.ndarray, weight: np.ndarray, bags: SavedBa
                       scale_grad_by_freq: bool) -> Union[RowContributions, MaxRouting]:
     """The weight-gradient contributions of a validated bag call (grad_output already checked)."""
     if bags.mode == "max":
-        assert bags.argmax is not None, "max mode pools with want_argmax=True before its backward"
+        if bags.argmax is None:   # pragma: no cover - max mode pools with want_argmax=True before its backward
+            raise ValueError("embedding_bag backward: max mode needs the forward's argmax")
         return MaxRouting(grad_output, bags.argmax)
     scale = None
     if bags.mode == "mean":
@@ -1550,6 +1575,9 @@ class LogisticScores(RowContributions):
     def _segments(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         self._score()   # every RowContributions use but update_rows starts here: score first
         return super()._segments()
+
+    def _set_values(self, values: np.ndarray, scale: Optional[np.ndarray]) -> None:
+        self.values, self.query, self.scale = values, values, scale   # the queries are the values
 
     def update_rows(self, weight: np.ndarray, kind: int, states: Tuple[Optional[np.ndarray], ...],
                     params: Tuple[float, float, float, float], mode: int, maximize: bool) -> None:

@@ -382,3 +382,41 @@ def test_module_basics():
     frozen([0, 1], [0])
     frozen.backward(np.ones((1, 2), np.float32))
     assert frozen.grad is None and not frozen.requires_grad
+
+
+def test_empty_offsets_with_indices_are_refused():
+    """torch returns no bags for a non-empty 1-D input with empty offsets, and its backward reads
+    unset memory; cembed's saved bags then held entries no bag owned (a segfault in the per-sample
+    weights' gradient). Empty offsets are accepted for an empty input only."""
+    bag = cembed.EmbeddingBag(10, 4, mode="sum", sparse=True, seed=0)
+    weight = np.array(bag.weight)
+    for psw in (None, np.ones(3, np.float32)):
+        with pytest.raises(ValueError, match="offsets is empty but the input has 3 indices"):
+            bag(np.array([1, 2, 3]), np.zeros(0, np.int64), per_sample_weights=psw)
+        with pytest.raises(ValueError, match="offsets is empty"):
+            F.embedding_bag_backward(np.zeros((0, 4), np.float32), np.array([1, 2, 3]), weight,
+                                     np.zeros(0, np.int64), mode="sum", per_sample_weights=psw)
+    assert bag(np.zeros(0, np.int64), np.zeros(0, np.int64)).shape == (0, 4)
+    assert_bitwise_equal(bag.weight, weight)
+
+
+def test_a_str_subclass_mode_is_used_as_the_plain_string():
+    """The mode object was kept and compared again in the backward: a str subclass could read "sum"
+    at the forward and "max" at the backward (an assertion, a segfault under python -O)."""
+    class Mode(str):
+        calls = 0
+
+        def __eq__(self, other):
+            Mode.calls += 1
+            return other == "max" if Mode.calls > 3 else str.__eq__(self, other)
+
+        __hash__ = str.__hash__
+
+    bag = cembed.EmbeddingBag(50, 4, mode=Mode("sum"), seed=0)
+    plain = cembed.EmbeddingBag(50, 4, mode="sum", seed=0)
+    idx, off = np.arange(50)[::-1].copy(), np.array([0, 20])
+    assert_bitwise_equal(bag(idx, off), plain(idx, off))
+    grad = np.ones((2, 4), np.float32)
+    bag.backward(grad)
+    plain.backward(grad)
+    assert_bitwise_equal(bag.grad, plain.grad)

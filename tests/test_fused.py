@@ -309,3 +309,43 @@ def test_rowwise_adagrad_any_layout_bitwise():
                 m.backward(g, optimizer=o)
         assert_bitwise_equal(np.ascontiguousarray(b.weight), a.weight)
         assert_bitwise_equal(opts[0].state[a]["sum"], opts[1].state[b]["sum"])
+
+
+STATE_VIEWS = {"adagrad": (lambda p: optim.Adagrad(p, lr=0.1), "sum"),
+               "sparse_adam": (lambda p: optim.SparseAdam(p, lr=0.1), "exp_avg"),
+               "sparse_adamw": (lambda p: optim.SparseAdamW(p, lr=0.1), "exp_avg_sq"),
+               "sgd_momentum": (lambda p: optim.SGD(p, lr=0.1, momentum=0.9), "momentum_buffer")}
+
+
+@pytest.mark.parametrize("name", sorted(STATE_VIEWS))
+@pytest.mark.parametrize("call", ["backward", "dot_logistic_backward"])
+def test_gradient_rows_that_view_the_optimizer_state_are_read_as_they_were(name, call):
+    """A grad_output (or query) that is a view of the optimizer's own state for this table: the fused
+    update writes that state as it goes, so it read gradient rows it had already updated (fused and
+    unfused differed, and so did thread counts). They are now read from a copy made before the update."""
+    make, key = STATE_VIEWS[name]
+    n_rows, dim = 4096, 8
+    rows = np.arange(n_rows)[::-1].copy()                # row r's gradient is state row n_rows - 1 - r
+
+    def run(fused):
+        emb = cembed.Embedding(n_rows, dim, sparse=True, seed=0)
+        opt = make([emb])
+        emb.backward(np.random.default_rng(1).standard_normal((n_rows, dim)).astype(np.float32), np.arange(n_rows))
+        opt.step()
+        opt.zero_grad()
+        view = opt.state[emb][key].view()
+        kwargs = {"optimizer": opt} if fused else {}
+        if call == "backward":
+            emb.backward(view, rows, **kwargs)
+            results = []
+        else:
+            results = [np.array(a) for a in emb.dot_logistic_backward(view, rows.reshape(-1, 1), 1, **kwargs)]
+        if not fused:
+            opt.step()
+            opt.zero_grad()
+        return [np.array(emb.weight), np.array(opt.state[emb][key])] + results
+
+    unfused = run(False)
+    for fused in at_thread_counts(lambda: run(True)):
+        for a, b in zip(fused, unfused):
+            assert_bitwise_equal(a, b)

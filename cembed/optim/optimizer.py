@@ -364,8 +364,8 @@ class Optimizer:
             for _, _, path in written:
                 storage.discard_reserved(path + ".loading")
             raise
-        for (entry, key, _), target in zip(written, maps):
-            entry[key] = target
+        for (entry, key, _), mapped in zip(written, maps):
+            entry[key] = mapped
 
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
         raise NotImplementedError
@@ -715,6 +715,12 @@ class Optimizer:
             raise ValueError(f"{where}: the weight was replaced while the backward ran (by code run from an "
                              "option or argument); nothing was updated")
         shape, dtype = weight.shape, weight.dtype
+        # gradient rows that are views of this module's state are read from a copy (the update writes the
+        # state as it goes), and the entries are checked and grouped: nothing below that can fail on
+        # them runs after the state has changed
+        contributions = contributions.apart_from(*(v for v in (self.state.get(module) or {}).values()
+                                                   if isinstance(v, np.ndarray)))
+        contributions.check_consistent()
         chunked = sparse and self._rows_independent(options) and hasattr(contributions, "chunks")
         if chunked:
             probe = SparseGrad._from_private(np.zeros(0, dtype=np.int64),
