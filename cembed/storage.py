@@ -124,8 +124,9 @@ class NpyHeader(NamedTuple):
 def read_header(path: PathLike) -> NpyHeader:
     """Read and check the header of the ``.npy`` file ``path``.
 
-    The file must be a version 1/2/3 ``.npy`` file of a C-ordered array of a plain (non-object)
-    dtype, and at least as long as its header says (a truncated file is refused here, before it is
+    The file must be a version 1.0 or 2.0 ``.npy`` file (what ``numpy.save`` writes; 3.0, a UTF-8
+    header, is refused) of a C-ordered array of a plain (non-object) dtype with no negative
+    dimension, and at least as long as its header says (a truncated file is refused here, before it is
     mapped: touching a missing page of a mapping would kill the process).
 
     Raises
@@ -133,8 +134,8 @@ def read_header(path: PathLike) -> NpyHeader:
     FileNotFoundError
         No such file.
     ValueError
-        Not a ``.npy`` file, Fortran order, an object dtype, or a truncated file (the message names
-        the file and both sizes).
+        Not a ``.npy`` file, Fortran order, an object dtype, a negative dimension, or a truncated file
+        (the message names the file and both sizes).
 
     Examples
     --------
@@ -163,6 +164,8 @@ def read_header(path: PathLike) -> NpyHeader:
         raise ValueError(f"{path}: holds a Fortran-ordered array; cembed maps C-ordered arrays only")
     if dtype.hasobject:
         raise ValueError(f"{path}: holds an object array, which cannot be memory-mapped")
+    if any(int(n) < 0 for n in shape):
+        raise ValueError(f"{path}: its header gives the shape {tuple(shape)}, with a negative dimension")
     nbytes = math.prod(int(n) for n in shape) * dtype.itemsize   # Python ints: never wraps
     if size < offset + nbytes:
         raise ValueError(f"{path}: truncated file: {size} bytes, its header needs {offset + nbytes} "

@@ -124,6 +124,11 @@ def test_open_table_bad_files(tmp_path):
         fh.truncate(os.stat(path).st_size - 1)
     with pytest.raises(ValueError, match="cut.npy: truncated file"):
         cembed.open_table(path)
+    np.save(tmp_path / "neg.npy", np.zeros((4, 2), np.float32))   # a header edited to a negative dimension
+    raw = (tmp_path / "neg.npy").read_bytes().replace(b"(4, 2)", b"(-4, 2)", 1)
+    (tmp_path / "neg.npy").write_bytes(raw)
+    with pytest.raises(ValueError, match="neg.npy: its header gives the shape .* negative dimension"):
+        cembed.open_table(tmp_path / "neg.npy")
 
 
 def test_open_table_failed_init_leaves_nothing(tmp_path):
