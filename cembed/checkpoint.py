@@ -39,6 +39,8 @@ FORMAT = "cembed.checkpoint/1"
 MANIFEST = "MANIFEST.json"
 #: The checksum of every file: CRC-32 (``zlib.crc32``) of the whole file, header included.
 CHECKSUM = "crc32"
+#: The manifest's own checksum: CRC-32 of its other entries as canonical JSON (:func:`_sealed`).
+MANIFEST_CHECKSUM = "manifest_crc32"
 _CHUNK = 8 << 20
 _SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
@@ -272,7 +274,7 @@ def write_directory(path: PathLike, arrays: Mapping[str, np.ndarray], meta: Any)
             files = {}
             for name, array in arrays.items():
                 files[f"{name}.npy"] = _write_array(tmp, f"{name}.npy", array)
-            manifest = {"format": FORMAT, "checksum": CHECKSUM, "files": files, "meta": json.loads(meta_json)}
+            manifest = _sealed({"format": FORMAT, "checksum": CHECKSUM, "files": files, "meta": json.loads(meta_json)})
             with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fh:
                 json.dump(manifest, fh, indent=1, allow_nan=True)
                 _fsync_file(fh)
@@ -342,6 +344,19 @@ def _recover(path: str) -> None:
             _remove(stale)
 
 
+def _canonical_crc(body: Dict[str, Any]) -> int:
+    """CRC-32 of ``body`` as canonical JSON (sorted keys, no spaces): the same for the dict written
+    and the dict read back (JSON numbers, strings and NaN round-trip exactly)."""
+    return zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True).encode("utf-8"))
+
+
+def _sealed(manifest: Dict[str, Any]) -> Dict[str, Any]:
+    """``manifest`` with its own checksum (``MANIFEST_CHECKSUM``) added: the one file a checkpoint's
+    file checksums do not cover (a bit flip in a recorded step or option is caught too)."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM}
+    return {**body, MANIFEST_CHECKSUM: _canonical_crc(body)}
+
+
 def _manifest(directory: str) -> Dict[str, Any]:
     where = os.path.join(directory, MANIFEST)
     try:
@@ -352,6 +367,16 @@ def _manifest(directory: str) -> Dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{where}: not a {FORMAT} manifest (format "
                               f"{manifest.get('format') if isinstance(manifest, dict) else None!r})")
+    recorded = manifest.pop(MANIFEST_CHECKSUM, None)
+    if type(recorded) is not int:
+        raise CheckpointError(f"{where}: no {MANIFEST_CHECKSUM} (the manifest's own checksum)")
+    try:
+        actual = _canonical_crc(manifest)
+    except (TypeError, ValueError, RecursionError):   # pragma: no cover - what json.loads made dumps again
+        actual = None
+    if actual != recorded:
+        raise CheckpointError(f"{where}: the manifest does not match its own CRC-32 ({MANIFEST_CHECKSUM} "
+                              f"{recorded}, computed {actual}): corrupted or edited")
     if manifest.get("checksum") != CHECKSUM or not isinstance(manifest.get("files"), dict) or "meta" not in manifest:
         raise CheckpointError(f"{where}: malformed manifest (needs 'checksum': {CHECKSUM!r}, 'files' and 'meta')")
     for fname, entry in manifest["files"].items():

@@ -419,9 +419,22 @@ def test_missing_file_is_named(saved):
 
 
 def _tamper(path, edit):
+    """Edit the manifest and seal it again (its own CRC-32 recomputed): the edit itself must be refused."""
     manifest = json.loads((path / "MANIFEST.json").read_text())
     edit(manifest)
-    (path / "MANIFEST.json").write_text(json.dumps(manifest))
+    (path / "MANIFEST.json").write_text(json.dumps(cembed.checkpoint._sealed(manifest)))
+
+
+@pytest.mark.parametrize("edit", [lambda text: text.replace('"epoch": 1', '"epoch": 3', 1),
+                                  lambda text: text.replace('"lr": 0.001', '"lr": 0.003', 1),
+                                  lambda text: text.replace('"manifest_crc32"', '"manifest_crc33"', 1)])
+def test_an_unsealed_manifest_edit_is_refused(saved, edit):
+    """The manifest carries its own CRC-32: a bit flip in a recorded step or option is caught like one
+    in a file (no file checksum covers the manifest)."""
+    text = (saved[0] / "MANIFEST.json").read_text()
+    assert edit(text) != text
+    (saved[0] / "MANIFEST.json").write_text(edit(text))
+    _refused(saved, "manifest does not match its own CRC-32|no manifest_crc32")
 
 
 @pytest.mark.parametrize("edit,match", [

@@ -253,7 +253,7 @@ def test_checkpoint_dtype_refusals_change_nothing(tmp_path):
     manifest_path = tmp_path / "ck" / "MANIFEST.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["files"]["optim.0.exp_avg.npy"]["logical_dtype"] = "float16"
-    manifest_path.write_text(json.dumps(manifest))
+    manifest_path.write_text(json.dumps(cembed.checkpoint._sealed(manifest)))
     with pytest.raises(CheckpointError, match="malformed entry"):
         cembed.checkpoint.read_directory(tmp_path / "ck")
 

@@ -492,7 +492,7 @@ def test_unclear_errors_are_clear(tmp_path):
     manifest = tmp_path / "ck" / "MANIFEST.json"
     doc = json.loads(manifest.read_text())
     doc["meta"]["optimizer"]["state"]["state"]["0"]["step"] = {"value": 10 ** 400}
-    manifest.write_text(json.dumps(doc))
+    manifest.write_text(json.dumps(cembed.checkpoint._sealed(doc)))
     with pytest.raises(CheckpointError, match="ck: optimizer state: "):
         cembed.load_checkpoint(tmp_path / "ck", emb, ad)
     # (b) Optimizer.load: an option of the wrong type is a ValueError naming the file
@@ -560,7 +560,7 @@ def test_refused_resume_changes_nothing(trained, tmp_path):
     for key, value in (("steps", "x"), ("steps", -7), ("words", 10 ** 30), ("steps", True), ("steps", 10 ** 9)):
         doc = json.loads(good)
         doc["meta"]["extra"][key] = value
-        manifest.write_text(json.dumps(doc))
+        manifest.write_text(json.dumps(cembed.checkpoint._sealed(doc)))
         files = _tree(td)
         done = _train(tmp_path, "--table-dir", "td", "--resume")
         assert done.returncode == 1, (key, value, done.stderr)
