@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import zlib
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Set, Tuple, Union
 
 import numpy as np
 from numpy.lib import format as npy_format
@@ -85,7 +85,7 @@ def find_directory(path: PathLike) -> str:
     >>> import os, tempfile, cembed
     >>> path = os.path.join(tempfile.mkdtemp(), "ckpt")
     >>> _ = cembed.checkpoint.write_directory(path, {}, {"note": "hi"})
-    >>> cembed.checkpoint.find_directory(path) == os.path.abspath(path)
+    >>> cembed.checkpoint.find_directory(path) == os.path.realpath(path)
     True
     """
     path = _norm(path)
@@ -307,16 +307,27 @@ def _check_replaceable(path: str) -> None:
     entries = set(os.listdir(path))
     if not entries:
         return
-    try:
-        listed = set(_manifest(path)["files"]) if MANIFEST in entries else None
-    except CheckpointError:
-        listed = None
+    listed = _listed_files(path) if MANIFEST in entries else None
     if listed is None:
         raise ValueError(f"{path} exists and is not a cembed checkpoint: refusing to replace it")
     others = sorted(entries - listed - {MANIFEST})
     if others:
         raise ValueError(f"{path} holds files that are not part of its checkpoint ({', '.join(others[:5])}"
                          f"{', ...' if len(others) > 5 else ''}): a save would delete them; move them away first")
+
+
+def _listed_files(path: str) -> Optional[Set[str]]:
+    """The file names the manifest in ``path`` lists when it is a cembed checkpoint manifest (its
+    format tag and a file table; the rest is not judged here: a checkpoint this version would refuse
+    to load, an older or a damaged one, can still be replaced by a save), else None."""
+    try:
+        with open(os.path.join(path, MANIFEST), "rb") as fh:
+            manifest = json.loads(fh.read().decode("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        return None
+    return {name for name in manifest["files"] if isinstance(name, str)}
 
 
 def _remove(entry: str) -> None:
@@ -335,9 +346,12 @@ def _recover(path: str) -> None:
     ``.ready`` with no ``path`` becomes ``path``; stale ``.ready`` / ``.old`` / ``.tmp-*`` go."""
     parent, name = os.path.split(path)
     ready, old = _ready(path), _old(path)
-    if not os.path.lexists(path) and os.path.isfile(os.path.join(ready, MANIFEST)):
-        os.rename(ready, path)
-        storage.fsync_directory(parent)
+    if os.path.isfile(os.path.join(ready, MANIFEST)):
+        if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
+            os.rmdir(path)   # an empty directory made where the interrupted save's result belongs
+        if not os.path.lexists(path):
+            os.rename(ready, path)
+            storage.fsync_directory(parent)
     for stale in [ready, old] + [os.path.join(parent, e) for e in os.listdir(parent)
                                  if e.startswith(f".{name}.tmp-")]:
         if os.path.lexists(stale):
@@ -367,14 +381,17 @@ def _manifest(directory: str) -> Dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{where}: not a {FORMAT} manifest (format "
                               f"{manifest.get('format') if isinstance(manifest, dict) else None!r})")
-    recorded = manifest.pop(MANIFEST_CHECKSUM, None)
-    if type(recorded) is not int:
-        raise CheckpointError(f"{where}: no {MANIFEST_CHECKSUM} (the manifest's own checksum)")
+    unknown = sorted(str(k) for k in manifest if k not in ("format", "checksum", "files", "meta", MANIFEST_CHECKSUM))
+    if unknown:   # (a damaged key name too: the manifest's own checksum is then not skipped unnoticed)
+        raise CheckpointError(f"{where}: malformed manifest (unknown entries {', '.join(unknown)})")
+    recorded = manifest.pop(MANIFEST_CHECKSUM, None)   # (absent in checkpoints of cembed before 2026-11-26)
+    if recorded is not None and type(recorded) is not int:
+        raise CheckpointError(f"{where}: malformed manifest ({MANIFEST_CHECKSUM} must be an int)")
     try:
         actual = _canonical_crc(manifest)
     except (TypeError, ValueError, RecursionError):   # pragma: no cover - what json.loads made dumps again
         actual = None
-    if actual != recorded:
+    if recorded is not None and actual != recorded:
         raise CheckpointError(f"{where}: the manifest does not match its own CRC-32 ({MANIFEST_CHECKSUM} "
                               f"{recorded}, computed {actual}): corrupted or edited")
     if manifest.get("checksum") != CHECKSUM or not isinstance(manifest.get("files"), dict) or "meta" not in manifest:

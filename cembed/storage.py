@@ -24,14 +24,17 @@ durability rules: ``docs/storage.md``.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import math
 import mmap
 import os
+import signal
 import tempfile
+import threading
 import weakref
-from typing import Any, Callable, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 from numpy.lib import format as npy_format
@@ -429,51 +432,82 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def replace_files(pairs: List[Tuple[str, str]]) -> None:
-    """``os.replace(src, dst)`` for every pair (in one directory each), all or none: before the first
-    rename every existing ``dst`` gets a hard link ``dst + ".replaced"``, and if a rename fails (or
-    the call is interrupted) the files renamed so far are put back — an old file by its link, a file
-    that was not there removed — before the error is raised; the links go either way. Where hard links
-    are not supported the old files cannot be put back (the renames are still made in order).
+def replace_files(pairs: List[Tuple[str, str]], commit: Optional[Callable[[], None]] = None) -> None:
+    """``os.replace(src, dst)`` for every pair (in one directory each), all or none, then ``commit()``.
+
+    Before the first rename every existing ``dst`` gets a hard link ``dst + ".replaced"``; if a rename
+    fails (or is interrupted) the pairs renamed so far are undone — an old file put back by its link,
+    a file that was not there removed — before the error is raised. An existing ``dst`` that cannot
+    get the link (a file system without hard links) cannot be put back: it is left replaced. Once
+    every rename is made, ``commit`` (if given: the caller's switch to the new files; it must not
+    fail) runs before the links are removed. From the first rename until then a SIGINT (Ctrl-C) is
+    held back and delivered afterwards (in the main thread, when Python handles SIGINT), so an
+    interrupt cannot fall between the renames and the commit.
 
     Raises
     ------
     OSError
-        A rename failed: every ``dst`` is the file it was (the ``src`` files not yet renamed are left
-        for the caller to remove).
+        A rename failed: every ``dst`` is the file it was (see above; the ``src`` files not renamed
+        are left for the caller to remove).
     """
+    existed: List[bool] = []
     backups: List[Optional[str]] = []
-    done: List[Tuple[str, Optional[str]]] = []
-    try:
-        for _, dst in pairs:
-            backup = None
-            if os.path.lexists(dst):
-                backup = dst + ".replaced"
-                _unlink_quietly(backup)
-                try:
-                    os.link(dst, backup)
-                except OSError:
-                    backup = None
-            backups.append(backup)
-        for (src, dst), backup in zip(pairs, backups):
-            os.replace(src, dst)
-            done.append((dst, backup))
-    except BaseException:
-        for dst, backup in reversed(done):
+    with _sigint_held():
+        try:
+            for _, dst in pairs:
+                existed.append(os.path.lexists(dst))
+                backup = None
+                if existed[-1]:
+                    backup = dst + ".replaced"
+                    _unlink_quietly(backup)
+                    try:
+                        os.link(dst, backup)
+                    except OSError:
+                        backup = None
+                backups.append(backup)
+            done = 0
             try:
+                for src, dst in pairs:
+                    os.replace(src, dst)
+                    done += 1
+            except BaseException:
+                for (src, dst), was, backup in reversed(list(zip(pairs[:done], existed, backups))):
+                    try:
+                        if backup is not None:
+                            os.replace(backup, dst)
+                        elif not was:
+                            os.unlink(dst)
+                    except OSError:
+                        pass
+                raise
+            if commit is not None:
+                commit()
+        finally:
+            for backup in backups:
                 if backup is not None:
-                    os.replace(backup, dst)
-                else:
-                    os.unlink(dst)
-            except OSError:
-                pass
-        for backup in backups:
-            if backup is not None:
-                _unlink_quietly(backup)
-        raise
-    for backup in backups:
-        if backup is not None:
-            _unlink_quietly(backup)
+                    _unlink_quietly(backup)
+
+
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Hold back SIGINT for the ``with`` block: a Ctrl-C arriving inside it is handled (by the
+    handler Python had, usually raising KeyboardInterrupt) when the block ends. Only in the main
+    thread, where Python runs its signal handlers, and only when that handler is a Python callable."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous):
+        yield
+        return
+    held: List[Any] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            previous(signal.SIGINT, held[0])
 
 
 def _unlink_quietly(path: str) -> None:

@@ -1,6 +1,7 @@
 """Crash-safe checkpoint directories (issue 13): round trips with bitwise resume, crash safety under
 SIGKILL, corrupted / truncated / tampered checkpoints refused with nothing changed, the recovery
 rule, hard links for read-only tables, and the trainer's --table-dir --resume."""
+import errno
 import json
 import os
 import pathlib
@@ -434,7 +435,7 @@ def test_an_unsealed_manifest_edit_is_refused(saved, edit):
     text = (saved[0] / "MANIFEST.json").read_text()
     assert edit(text) != text
     (saved[0] / "MANIFEST.json").write_text(edit(text))
-    _refused(saved, "manifest does not match its own CRC-32|no manifest_crc32")
+    _refused(saved, "manifest does not match its own CRC-32|unknown entries manifest_crc33")
 
 
 @pytest.mark.parametrize("edit,match", [
@@ -575,6 +576,14 @@ def test_trainer_resume_with_another_rounding_or_state_dtype_is_refused(tmp_path
     assert (tmp_path / "half" / "checkpoint" / "MANIFEST.json").read_bytes() == saved
     again = _train_cli(base + ["--resume"], tmp_path, env)
     assert again.returncode == 0, again.stderr
+    # a checkpoint of an earlier version records neither: it resumes (they are not compared)
+    manifest = tmp_path / "half" / "checkpoint" / "MANIFEST.json"
+    doc = json.loads(manifest.read_text())
+    for key in ("rounding", "state_dtype"):
+        del doc["meta"]["extra"]["settings"][key]
+    manifest.write_text(json.dumps(cembed.checkpoint._sealed(doc)))
+    old = _train_cli(base + ["--resume"], tmp_path, env)
+    assert old.returncode == 0, old.stderr
 
 
 def _word_order(vocab_size, tokens, seed=0):
@@ -637,3 +646,34 @@ def test_word_rows_reads_a_table_stored_in_another_order():
     assert np.asarray(rows, dtype=np.float64).dtype == np.float64
     half = WordRows(stored.astype(np.float16))   # no rank: rows in word order; 16-bit read as float32
     assert half[words].dtype == np.float32 and np.array_equal(half[words], stored.astype(np.float16)[words])
+
+
+def test_a_checkpoint_without_the_manifest_checksum_loads_and_is_replaced(tmp_path):
+    """Checkpoints of earlier versions have no manifest_crc32: they load (without that check), and a
+    save replaces them."""
+    emb = cembed.Embedding(6, 2, seed=0)
+    cembed.save_checkpoint(tmp_path / "ck", emb, extra={"v": 1})
+    doc = json.loads((tmp_path / "ck" / "MANIFEST.json").read_text())
+    del doc["manifest_crc32"]
+    (tmp_path / "ck" / "MANIFEST.json").write_text(json.dumps(doc))
+    assert cembed.load_checkpoint(tmp_path / "ck", cembed.Embedding(6, 2)) == {"v": 1}
+    cembed.save_checkpoint(tmp_path / "ck", emb, extra={"v": 2})
+    assert cembed.load_checkpoint(tmp_path / "ck", cembed.Embedding(6, 2)) == {"v": 2}
+
+
+def test_an_empty_directory_made_where_an_interrupted_save_belongs_does_not_cost_the_checkpoint(
+        tmp_path, monkeypatch):
+    """A save interrupted between its two renames leaves only .ck.ready; an empty directory made at the
+    path since (e.g. by a script's makedirs) must not make the next save delete .ready, the one copy."""
+    emb = cembed.Embedding(6, 2, seed=0)
+    cembed.save_checkpoint(tmp_path / "ck", emb, extra={"v": 1})
+    os.rename(tmp_path / "ck", tmp_path / ".ck.ready")
+    (tmp_path / "ck").mkdir()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "simulated full disk")
+
+    monkeypatch.setattr(cembed.checkpoint, "_write_array", full_disk)   # the next save fails after recovering
+    with pytest.raises(OSError, match="simulated full disk"):
+        cembed.save_checkpoint(tmp_path / "ck", emb, extra={"v": 2})
+    assert cembed.load_checkpoint(tmp_path / "ck", cembed.Embedding(6, 2)) == {"v": 1}

@@ -650,3 +650,60 @@ def test_a_refused_constructor_changes_no_state_file(tmp_path, name):
     with pytest.raises(ValueError, match="same module"):
         make([{"params": [a]}, {"params": [a]}], lr=0.1, state_dir=tmp_path)
     assert {f: (tmp_path / f).read_bytes() for f in sorted(os.listdir(tmp_path))} == before
+
+
+def test_replace_files_never_deletes_a_file_it_could_not_keep(tmp_path, monkeypatch):
+    """Without a hard link (a file system without them) an existing file cannot be put back: a failed
+    later rename left it deleted. It is now left replaced (new content), never removed."""
+    for name in ("a", "b"):
+        (tmp_path / name).write_text("old " + name)
+        (tmp_path / (name + ".new")).write_text("new " + name)
+    (tmp_path / "c.new").write_text("new c")
+    real_replace, calls = os.replace, []
+
+    def no_links(src, dst):
+        raise PermissionError(errno.EPERM, "no hard links here")
+
+    def failing(src, dst, *args, **kwargs):
+        calls.append(src)
+        if len(calls) == 3:
+            raise OSError(errno.EIO, "simulated EIO")
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(os, "replace", failing)
+    pairs = [(str(tmp_path / (n + ".new")), str(tmp_path / n)) for n in ("a", "b", "c")]
+    with pytest.raises(OSError, match="simulated EIO"):
+        storage.replace_files(pairs)
+    assert (tmp_path / "a").read_text() == "new a" and (tmp_path / "b").read_text() == "new b"
+    assert not (tmp_path / "c").exists() and (tmp_path / "c.new").exists()
+
+
+def test_replace_files_holds_back_a_ctrl_c_until_the_commit_is_made(tmp_path):
+    import signal
+
+    for name in ("a", "b"):
+        (tmp_path / name).write_text("old")
+        (tmp_path / (name + ".new")).write_text("new")
+    committed = []
+
+    def commit():
+        os.kill(os.getpid(), signal.SIGINT)   # a Ctrl-C between the renames and the switch to them
+        committed.append(True)
+
+    with pytest.raises(KeyboardInterrupt):
+        storage.replace_files([(str(tmp_path / (n + ".new")), str(tmp_path / n)) for n in ("a", "b")], commit)
+    assert committed == [True]
+    assert sorted(os.listdir(tmp_path)) == ["a", "b"]
+    assert (tmp_path / "a").read_text() == (tmp_path / "b").read_text() == "new"
+
+
+def test_param_groups_given_as_generators(tmp_path):
+    """The constructor's check of every group first must not use up a one-shot iterable of modules
+    (``{"params": model.parameters()}`` is torch's idiom)."""
+    a, b = cembed.Embedding(5, 2, sparse=True), cembed.Embedding(5, 2, sparse=True)
+    opt = optim.Adagrad([{"params": (m for m in [a, b])}, {"params": iter([cembed.Embedding(3, 2)]), "lr": 0.5}],
+                        lr=0.1, state_dir=tmp_path)
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 1]
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".npy")) == ["p0.sum.npy", "p1.sum.npy",
+                                                                              "p2.sum.npy"]

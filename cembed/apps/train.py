@@ -575,6 +575,9 @@ RESUME_KEYS = ("dim", "window", "negatives", "batch_size", "epochs", "optimizer"
                "chunk_tokens", "seed")
 
 
+#: Settings that checkpoints of earlier versions do not record: not compared when absent.
+RECORDED_SINCE = ("rounding", "state_dtype")
+
 ROW_ORDERS = ("count", "id")
 
 
@@ -737,7 +740,8 @@ class TableDir:
             raise ResumeError(f"--resume: {self.checkpoint} is not a trainer checkpoint (no settings, steps and "
                               "words recorded)")
         saved = extra["settings"]
-        differ = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in self.settings.items() if saved.get(k) != v]
+        differ = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in self.settings.items()
+                  if saved.get(k) != v and not (k in RECORDED_SINCE and k not in saved)]
         if differ:
             raise ResumeError("--resume: the checkpoint was written with other settings: " + ", ".join(differ))
         done = []

@@ -152,10 +152,14 @@ class Optimizer:
                 raise ValueError("optimizer got an empty parameter list")
             if not isinstance(groups[0], dict):
                 groups = [{"params": groups}]
+            # every group checked before any state is made (in a state_dir: files a constructor refused
+            # later must not have replaced), its parameters listed once (a generator is read once)
             seen: Dict[int, str] = {}
-            for g, group in enumerate(groups):   # every group checked before any state is made (in state_dir:
-                self._checked_group(group, g, seen)   # files an optimizer refused later must not have replaced)
-            for group in groups:
+            checked = []
+            for g, group in enumerate(groups):
+                _, modules = self._checked_group(group, g, seen)
+                checked.append({**group, "params": modules})
+            for group in checked:
                 self.add_param_group(group)
         except BaseException:
             if self._lock is not None:
@@ -336,13 +340,16 @@ class Optimizer:
         weight = module.weight
         return [v for k, v in entry.items() if self._is_row_state(k, v, weight)]
 
-    def _move_to_state_dir(self, new_state: Dict[Any, Dict[str, Any]], index: Dict[int, int]) -> None:
+    def _move_to_state_dir(self, new_state: Dict[Any, Dict[str, Any]], index: Dict[int, int],
+                           install: Callable[[], None]) -> None:
         """Copy every per-row array of a checked ``new_state`` into its file in ``state_dir``
         (bounded blocks) and replace it by the mapped file. Two phases: every array is first written
         to ``<file>.loading`` (its space reserved: a full disk is an ``OSError`` here) and mapped as
         the file it is to become; only then are they all renamed into place, all or none
-        (``storage.replace_files``). Any error (or an interrupt) removes the ``.loading`` files and
-        leaves the state files (those the live optimizer maps) as they were."""
+        (``storage.replace_files``), and ``install`` (the optimizer's switch to ``new_state``) runs
+        with them, a Ctrl-C held back until both are done. Any error (or an interrupt) before
+        removes the ``.loading`` files and leaves the state files (those the live optimizer maps) as
+        they were."""
         assert self.state_dir is not None
         written: List[Tuple[Dict[str, Any], str, str]] = []
         maps: List[np.ndarray] = []
@@ -359,13 +366,16 @@ class Optimizer:
                     storage.copy_rows(target, value)
                     target.flush()
                     maps.append(target)
-            storage.replace_files([(path + ".loading", path) for _, _, path in written])
+
+            def commit() -> None:   # the entries now map the files in place
+                for (entry, key, _), mapped in zip(written, maps):
+                    entry[key] = mapped
+                install()
+            storage.replace_files([(path + ".loading", path) for _, _, path in written], commit)
         except BaseException:
             for _, _, path in written:
                 storage.discard_reserved(path + ".loading")
             raise
-        for (entry, key, _), mapped in zip(written, maps):
-            entry[key] = mapped
 
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
         raise NotImplementedError
@@ -884,10 +894,13 @@ class Optimizer:
             new_state[module] = entry
         new_state = {m: e for m, e in new_state.items() if e}
         self._fill_missing_state(new_state, [g for g, _ in new_groups])
+        def install() -> None:
+            self.param_groups = [g for g, _ in new_groups]
+            self.state = new_state
         if self.state_dir is not None:
-            self._move_to_state_dir(new_state, self._index_of())
-        self.param_groups = [g for g, _ in new_groups]
-        self.state = new_state
+            self._move_to_state_dir(new_state, self._index_of(), install)
+        else:
+            install()
 
     def _fill_missing_state(self, state: Dict[Any, Dict[str, Any]], groups: List[Group]) -> None:
         """Parameters without saved state start without state (created at their first step)."""
