@@ -211,11 +211,39 @@ def test_state_dict_is_a_copy_and_skips_the_optimizer():
     sd = sched.state_dict()
     assert "optimizer" not in sd
     assert sd["base_lrs"] == [0.1, 0.03, 1.7e-3] and sd["last_epoch"] == 0
-    sd["base_lrs"].append(1.0)
+    sd["base_lrs"][0] = 0.5
     assert sched.base_lrs == [0.1, 0.03, 1.7e-3]
     sched.load_state_dict(sd)
-    sd["base_lrs"].append(2.0)
-    assert len(sched.base_lrs) == 4
+    sd["base_lrs"][0] = 2.0
+    assert sched.base_lrs == [0.5, 0.03, 1.7e-3]
+
+
+def test_a_refused_step_or_load_leaves_the_scheduler_as_it_was():
+    """A step refused for a learning rate it cannot compute had already advanced the schedule (one
+    epoch skipped once the rate was fixed), and load_state_dict set whatever it was given (a T_max of
+    0 divided by zero at the next step; another class's state mixed attributes)."""
+    import copy
+
+    opt = make_standin()
+    sched = lr_scheduler.ExponentialLR(opt, gamma=0.5)
+    before = copy.deepcopy(sched.state_dict())
+    opt.param_groups[0]["lr"] = "0.05"
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['lr'\] must be a real number"):
+        sched.step()
+    assert sched.state_dict() == before
+    opt.param_groups[0]["lr"] = 0.1
+    sched.step()
+    assert sched.last_epoch == 1
+    cosine = lr_scheduler.CosineAnnealingLR(make_standin(), T_max=10)
+    saved = cosine.state_dict()
+    for edit, error, match in ((dict(T_max=0), ValueError, "T_max"), (dict(eta_min="x"), TypeError, "eta_min"),
+                               (dict(last_epoch=-5), ValueError, "last_epoch"),
+                               (dict(base_lrs=[0.1]), ValueError, "base_lrs")):
+        with pytest.raises(error, match=match):
+            cosine.load_state_dict({**saved, **edit})
+        assert cosine.state_dict() == saved
+    with pytest.raises(ValueError, match="not a StepLR state"):
+        lr_scheduler.StepLR(make_standin(), 3).load_state_dict(sched.state_dict())
 
 
 def test_lambda_state_dict():

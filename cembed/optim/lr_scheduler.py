@@ -108,6 +108,14 @@ def _integer(value: Any, name: str, *, minimum: int | None = None,
     return int(value)
 
 
+def _fraction(value: Any, name: str) -> Any:
+    """A factor in [0, 1] (a loaded state's; the constructors give their own messages)."""
+    _real(value, name)
+    if not 0 <= value <= 1:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
 def _check_last_epoch(last_epoch: Any) -> int:
     return _integer(last_epoch, "last_epoch", minimum=-1)
 
@@ -279,7 +287,38 @@ class LRScheduler:
         """
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        self.__dict__.update({k: copy.deepcopy(v) for k, v in state_dict.items() if k != "optimizer"})
+        self._load_checked({k: copy.deepcopy(v) for k, v in state_dict.items() if k != "optimizer"})
+
+    #: Checks of the attributes a loaded state sets, as the constructor checks its arguments
+    #: (attribute -> check(value, name)); every class adds its own.
+    _STATE_CHECKS: dict[str, Callable[[Any, str], Any]] = {
+        "last_epoch": lambda v, name: _integer(v, name, minimum=-1),
+        "_step_count": lambda v, name: _integer(v, name, minimum=0),
+    }
+
+    def _load_checked(self, loaded: dict[str, Any]) -> None:
+        """Set the attributes of a state dict after checking them: the same attributes this scheduler
+        has (a state of another class or a damaged one is refused), each value as the constructor
+        would accept it. ValueError / TypeError naming the entry, with the scheduler unchanged."""
+        own = {k for k in self.__dict__ if k != "optimizer"}
+        unknown, missing = sorted(set(loaded) - own), sorted(k for k in own - set(loaded) if not k.startswith("_last"))
+        if unknown or missing:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: not a {type(self).__name__} state "
+                             f"(unknown entries {unknown}, missing entries {missing})")
+        checks: dict[str, Callable[[Any, str], Any]] = {}
+        for cls in reversed(type(self).__mro__):
+            checks.update(getattr(cls, "_STATE_CHECKS", {}) if "_STATE_CHECKS" in vars(cls) else {})
+        for key, check in checks.items():
+            if key in loaded:
+                check(loaded[key], f"state_dict[{key!r}]")
+        if "base_lrs" in loaded:
+            base = loaded["base_lrs"]
+            if not isinstance(base, list) or len(base) != len(self.optimizer.param_groups):
+                raise ValueError(f"state_dict['base_lrs'] must be a list of one learning rate per param group "
+                                 f"({len(self.optimizer.param_groups)}), got {base!r}")
+            for i, lr in enumerate(base):
+                _real(lr, f"state_dict['base_lrs'][{i}]")
+        self.__dict__.update(loaded)
 
     def get_last_lr(self) -> list[float]:
         """The learning rates of the last step.
@@ -323,11 +362,18 @@ class LRScheduler:
                     "call them in the opposite order: `optimizer.step()` before "
                     "`lr_scheduler.step()`. Failure to do this will result in skipping the first "
                     "value of the learning rate schedule.", UserWarning, stacklevel=2)
-        self._step_count += 1
         if epoch is not None:
             warnings.warn(EPOCH_DEPRECATION_WARNING, UserWarning, stacklevel=2)
             epoch = _integer(epoch, "epoch")
-        self._update_lr(epoch)
+        for i, group in enumerate(self.optimizer.param_groups):   # a clear error, before anything changes
+            _real(group.get("lr") if isinstance(group, dict) else None, f"optimizer.param_groups[{i}]['lr']")
+        saved = (self._step_count, self.last_epoch)
+        try:   # a step refused (a learning rate the schedule cannot compute) leaves the schedule where it was
+            self._step_count += 1
+            self._update_lr(epoch)
+        except BaseException:
+            self._step_count, self.last_epoch = saved
+            raise
 
     def _update_lr(self, epoch: int | None = None) -> None:
         self._get_lr_called_within_step = True
@@ -509,6 +555,8 @@ class StepLR(LRScheduler):
     [0.1, 0.1, 0.05, 0.05, 0.025]
     """
 
+    _STATE_CHECKS = {"step_size": lambda v, name: _integer(v, name, minimum=1), "gamma": _nonneg}
+
     def __init__(self, optimizer: OptimizerLike, step_size: int, gamma: float = 0.1,
                  last_epoch: int = -1) -> None:
         self.step_size = _integer(step_size, "step_size", minimum=1)
@@ -558,6 +606,8 @@ class MultiStepLR(LRScheduler):
     >>> lrs
     [0.5, 0.5, 0.25, 0.25]
     """
+
+    _STATE_CHECKS = {"gamma": _nonneg}
 
     def __init__(self, optimizer: OptimizerLike, milestones: Iterable[int], gamma: float = 0.1,
                  last_epoch: int = -1) -> None:
@@ -615,6 +665,8 @@ class ConstantLR(LRScheduler):
     [0.25, 0.25, 0.5, 0.5]
     """
 
+    _STATE_CHECKS = {"factor": _fraction, "total_iters": lambda v, name: _integer(v, name, minimum=0)}
+
     def __init__(self, optimizer: OptimizerLike, factor: float = 1.0 / 3, total_iters: int = 5,
                  last_epoch: int = -1) -> None:
         _real(factor, "factor")
@@ -671,6 +723,9 @@ class LinearLR(LRScheduler):
     >>> lrs
     [0.25, 0.5, 0.75, 1.0, 1.0]
     """
+
+    _STATE_CHECKS = {"start_factor": _fraction, "end_factor": _fraction,
+                     "total_iters": lambda v, name: _integer(v, name, minimum=0)}
 
     def __init__(self, optimizer: OptimizerLike, start_factor: float = 1.0 / 3, end_factor: float = 1.0,
                  total_iters: int = 5, last_epoch: int = -1) -> None:
@@ -732,6 +787,8 @@ class ExponentialLR(LRScheduler):
     [0.125]
     """
 
+    _STATE_CHECKS = {"gamma": _nonneg}
+
     def __init__(self, optimizer: OptimizerLike, gamma: float, last_epoch: int = -1) -> None:
         self.gamma = _nonneg(gamma, "gamma")
         super().__init__(optimizer, last_epoch)
@@ -783,6 +840,8 @@ class CosineAnnealingLR(LRScheduler):
     >>> lrs
     [0.853553, 0.5, 0.146447, 0.0]
     """
+
+    _STATE_CHECKS = {"T_max": lambda v, name: _integer(v, name, minimum=1), "eta_min": _real}
 
     def __init__(self, optimizer: OptimizerLike, T_max: int, eta_min: float = 0.0,
                  last_epoch: int = -1) -> None:
