@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import _buffer_cache, _checks
+from . import _buffer_cache, _checks, _sort
 from ._dtypes import TABLE_DTYPE_NAMES, compute_dtype, is_half, is_table_dtype
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -321,6 +321,18 @@ class GroupedIndices:
     def __delattr__(self, name: str) -> None:
         raise AttributeError("GroupedIndices are immutable")
 
+    def __reduce__(self) -> Tuple[Any, Tuple[np.ndarray, int]]:
+        """Pickled as the indices and the table size: unpickling groups them again
+        (:func:`group_new`, as ``functional.group_indices`` does: checked and sorted anew, nothing read
+        from a pickle is trusted), e.g. in another process of a data loader."""
+        return group_new, (np.array(self._indices), self._n_rows)
+
+    def __copy__(self) -> "GroupedIndices":
+        return self   # immutable
+
+    def __deepcopy__(self, memo: Any) -> "GroupedIndices":
+        return self
+
     @property
     def shape(self) -> Tuple[int, ...]:
         """The indices' shape."""
@@ -355,6 +367,21 @@ class GroupedIndices:
     def groups(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(order, distinct rows ascending, segment starts), read-only for good."""
         return self._groups
+
+
+def group_new(indices: Any, num_rows: int, n_threads: Any = 1) -> GroupedIndices:
+    """``indices`` (not yet grouped) checked against ``num_rows`` and grouped by row: a private copy
+    first, then its check and its stable radix sort, into memory read-only from birth (what is
+    checked is what is kept, whatever the caller does to its array meanwhile). The grouping does not
+    depend on ``n_threads`` (a count, or a function of the number of indices giving one).
+    ``functional.group_indices``'s work, and how a pickle is read back."""
+    num_rows = check_size(num_rows, "num_rows")
+    idx = as_index_array(indices, "indices", num_rows)
+    flat = _buffer_cache.frozen_copy(idx).reshape(-1)
+    check_index_range(flat, idx.shape, num_rows)
+    groups = _sort.sort_rows(flat, n_threads(flat.size) if callable(n_threads) else int(n_threads), True,
+                             frozen=True)
+    return GroupedIndices._make(flat, idx.shape, num_rows, groups)
 
 
 def index_groups(indices: Any) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:

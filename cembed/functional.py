@@ -37,6 +37,7 @@ from ._validation import (
     FLOAT_DTYPES,
     GroupedIndices,
     as_index_array,
+    group_new,
     check_bool,
     check_int,
     check_gradient_rows,
@@ -773,15 +774,10 @@ def group_indices(indices: Any, num_rows: int) -> GroupedIndices:
         idx, flat = validated_indices(indices, num_rows)
         return indices if num_rows >= indices.num_rows else GroupedIndices._make(flat, idx.shape, num_rows,
                                                                                  indices.groups)
-    idx = as_index_array(indices, "indices", num_rows)
-    # the private copy first, then its check and sort: what is checked is what is kept, whatever the
-    # caller does to its array meanwhile. The copy and the sort's outputs are written (by C code) into
-    # blocks that are read-only from birth: no writeable alias of them exists at any moment, and
-    # recycled blocks spare the fresh pages of every batch
-    flat = _buffer_cache.frozen_copy(idx).reshape(-1)
-    check_index_range(flat, idx.shape, num_rows)
-    groups = _sort.sort_rows(flat, _sort_threads(flat.size), True, frozen=True)
-    return GroupedIndices._make(flat, idx.shape, num_rows, groups)
+    # the private copy first, then its check and sort (the copy and the sort's outputs written by C code
+    # into blocks read-only from birth: no writeable alias of them exists at any moment, and recycled
+    # blocks spare the fresh pages of every batch)
+    return group_new(indices, num_rows, _sort_threads)
 
 
 # ============================================================================ bags

@@ -163,6 +163,8 @@ class TableModule:
         >>> emb.prefetch(np.array([[1, 9_000], [42, 7]]), wait=True) > 0
         True
         """
+        if optimizer is not None and not callable(getattr(optimizer, "_row_state_arrays", None)):
+            raise TypeError(f"prefetch: optimizer must be a cembed.optim optimizer, got {type(optimizer).__name__}")
         states = () if optimizer is None else tuple(optimizer._row_state_arrays(self))
         return F.prefetch(self._weight, indices, *states, wait=wait)
 

@@ -348,3 +348,21 @@ def test_made_in_another_thread_while_training(rng):
     finally:
         loader.join(timeout=30)
     assert grouped == _train(lambda k: batches[k], "SparseAdam", {"lr": 0.01}, {}, True, steps=12)
+
+
+def test_grouped_indices_pickle_and_copy():
+    """A loader process hands batches over by pickling: the result is grouped anew from the indices
+    (checked and sorted again), equal to the original; copies are the (immutable) object itself."""
+    import copy
+    import pickle
+
+    batch = F.group_indices(np.array([[3, 1], [3, 7]]), num_rows=10)
+    again = pickle.loads(pickle.dumps(batch))
+    assert again.shape == batch.shape and again.num_rows == 10 and again.n_distinct == 3
+    assert np.array_equal(np.asarray(again), np.asarray(batch))
+    for a, b in zip(again.groups, batch.groups):
+        assert np.array_equal(a, b)
+    assert copy.copy(batch) is batch and copy.deepcopy(batch) is batch
+    rebuild, (indices, num_rows) = batch.__reduce__()   # a pickle that lies about the table size is refused
+    with pytest.raises(IndexError):
+        rebuild(indices, 2)

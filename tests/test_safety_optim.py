@@ -605,3 +605,59 @@ def test_accumulators_of_squares_must_not_be_negative_on_load(cls, name, dtype, 
     m.grad = SparseGrad([5], np.ones((1, 4), gdtype), 10)
     opt.step()
     assert np.isfinite(m.weight.astype(np.float32)[5]).all()
+
+
+def test_state_arrays_that_share_memory_are_refused():
+    """A hand-edited state whose arrays alias each other (or the weight) was accepted, and on a 16-bit
+    table the fused and unfused updates then differed: every array an update writes is its own."""
+    emb = cembed.Embedding(300, 8, sparse=True, dtype=np.float16, seed=0)
+    opt = cembed.optim.SparseAdam([emb], lr=0.01)
+    emb.backward(np.ones((2, 8), np.float32), np.array([1, 2]), optimizer=opt)
+    opt.state[emb]["exp_avg_sq"] = opt.state[emb]["exp_avg"]
+    before = (emb.weight.tobytes(), opt.state[emb]["exp_avg"].tobytes())
+    for fused in (False, True):
+        with pytest.raises(ValueError, match="'exp_avg_sq' shares memory with optimizer state 'exp_avg'"):
+            if fused:
+                emb.backward(np.ones((1, 8), np.float32), np.array([3]), optimizer=opt)
+            else:
+                emb.backward(np.ones((1, 8), np.float32), np.array([3]))
+                opt.step()
+        emb.grad = None
+        assert (emb.weight.tobytes(), opt.state[emb]["exp_avg"].tobytes()) == before
+    plain = cembed.Embedding(50, 4, sparse=True, seed=0)
+    sgd = cembed.optim.SGD([plain], lr=0.1, momentum=0.9)
+    plain.backward(np.ones((1, 4), np.float32), np.array([1]), optimizer=sgd)
+    sgd.state[plain]["momentum_buffer"] = plain.weight
+    with pytest.raises(ValueError, match="shares memory with the weight"):
+        plain.backward(np.ones((1, 4), np.float32), np.array([1]), optimizer=sgd)
+
+
+@pytest.mark.parametrize("make", [cembed.optim.Adagrad, cembed.optim.RowWiseAdagrad])
+def test_an_initial_accumulator_the_state_dtype_cannot_hold_is_refused(make):
+    emb = cembed.Embedding(10, 4, sparse=True, dtype=np.float16)
+    for value in (1e5, 1e-9):
+        with pytest.raises(ValueError, match="initial_accumulator_value .* cannot be kept in float16 state"):
+            make([emb], lr=0.1, initial_accumulator_value=value, state_dtype="float16")
+    make([emb], lr=0.1, initial_accumulator_value=1e5)   # float32 state holds it
+
+
+def test_a_malformed_or_exhausted_rounding_step_is_refused():
+    emb = cembed.Embedding(10, 4, sparse=True, dtype=np.float16, seed=0)
+    opt = cembed.optim.SGD([emb], lr=0.1)
+    emb.backward(np.ones((1, 4), np.float32), np.array([1]), optimizer=opt)
+    saved = opt.state_dict()
+    saved["state"][0]["rounding_step"] = None
+    with pytest.raises(TypeError, match="rounding_step'\\] must be an int"):
+        opt.load_state_dict(saved)
+    saved["state"][0]["rounding_step"] = 2 ** 63 - 1
+    opt.load_state_dict(saved)
+    weight = emb.weight.tobytes()
+    with pytest.raises(ValueError, match="rounding_step' is at its bound"):
+        emb.backward(np.ones((1, 4), np.float32), np.array([1]), optimizer=opt)
+    assert emb.weight.tobytes() == weight
+
+
+def test_prefetch_with_something_that_is_not_an_optimizer():
+    emb = cembed.Embedding(10, 4, sparse=True)
+    with pytest.raises(TypeError, match="prefetch: optimizer must be a cembed.optim optimizer"):
+        emb.prefetch(np.array([1]), optimizer=object())

@@ -168,7 +168,8 @@ def clip_grad_norm_(parameters: Parameters, max_norm: float, norm_type: Union[fl
         Objects with a ``.grad`` attribute (:class:`cembed.Embedding`, :class:`cembed.EmbeddingBag`,
         or anything with ``.weight`` and ``.grad``). A ``.grad`` is ``None`` (skipped), a float32 or
         float64 NumPy array, or a :class:`cembed.SparseGrad`; all gradients must share one dtype.
-        A gradient object listed more than once is counted and scaled once.
+        A gradient object listed more than once is counted and scaled once (the same object: two
+        modules whose ``.grad`` are different views of one buffer count and scale it twice, as in torch).
     max_norm : float
         Largest allowed norm, ``>= 0`` (``inf`` never clips).
     norm_type : float or str, default 2.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import re
 import tempfile
@@ -238,8 +239,22 @@ class Optimizer:
         group.update({k: v for k, v in param_group.items() if k != "params"})
         group = self._check_options(group, f"param_groups[{g}]")
         for k, module in enumerate(modules):  # state_dtype against every table, before anything changes
-            rounding_.state_dtype(module.weight.dtype, group, f"param_groups[{g}]['params'][{k}]")
+            where = f"param_groups[{g}]['params'][{k}]"
+            self._check_initial_state(group, rounding_.state_dtype(module.weight.dtype, group, where), where)
         return group, modules
+
+    def _check_initial_state(self, group: Group, state_dtype: np.dtype, where: str) -> None:
+        """ValueError when the state made as a parameter joins cannot hold the group's values in
+        ``state_dtype`` (default: no state is made then)."""
+
+    @staticmethod
+    def _check_fill(value: float, state_dtype: np.dtype, what: str) -> None:
+        """ValueError unless ``value`` stored in ``state_dtype`` stays finite (and nonzero if it is)."""
+        with np.errstate(over="ignore", under="ignore"):
+            stored = float(np.asarray(value, dtype=np.float64).astype(state_dtype))
+        if not math.isfinite(stored) or (value != 0 and stored == 0):
+            raise ValueError(f"{what} = {value!r} cannot be kept in {state_dtype} state (it would be stored as "
+                             f"{stored!r})")
 
     def _check_params(self) -> None:
         """The parameter lists as they are now (``param_groups[g]["params"]`` can be edited by hand):
@@ -529,7 +544,16 @@ class Optimizer:
                 raise ValueError(f"{where}: optimizer state {STEP_KEY!r} belongs to a 16-bit table, the weight is "
                                  f"{weight.dtype}")
             check_int(state[STEP_KEY], f"{where}: optimizer state {STEP_KEY!r}", low=0, high=_STEP_MAX)
+            if int(state[STEP_KEY]) >= _STEP_MAX:   # the next update's random keys would repeat the last one's
+                raise ValueError(f"{where}: optimizer state {STEP_KEY!r} is at its bound 2**63 - 1: no further "
+                                 "update can get new random bits")
         self._check_state(_core(state), weight, where)
+        arrays = [("the weight", weight)] + [(f"optimizer state {k!r}", v) for k, v in state.items()
+                                             if isinstance(v, np.ndarray) and v.size]
+        for i, (name_a, a) in enumerate(arrays):   # every array written by the update is its own memory
+            for name_b, b in arrays[i + 1:]:
+                if np.may_share_memory(a, b):
+                    raise ValueError(f"{where}: {name_b} shares memory with {name_a}: each must be its own array")
         for name in self._float_states():
             arr = state.get(name)
             if isinstance(arr, np.ndarray) and arr.dtype != expected:
@@ -883,9 +907,10 @@ class Optimizer:
             module, options = by_saved_index[i]
             weight = _checked_table(module.weight, f"parameter {i}.weight")
             entry = _copy_entry(entry)
+            has_rounding_step = STEP_KEY in entry   # (present with None is malformed, not absent)
             rounding_step = entry.pop(STEP_KEY, None)
             entry = self._load_state_entry(entry, weight, options, f"state_dict state[{i}]")
-            if rounding_step is not None:
+            if has_rounding_step:
                 if not is_half(weight.dtype):
                     raise ValueError(f"state_dict state[{i}][{STEP_KEY!r}] belongs to a 16-bit table, parameter {i} "
                                      f"is {weight.dtype}")
