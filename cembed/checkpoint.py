@@ -327,7 +327,16 @@ def _listed_files(path: str) -> Optional[Set[str]]:
         return None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
         return None
-    return {name for name in manifest["files"] if isinstance(name, str)}
+    listed = set()
+    for name in manifest["files"]:   # only names a checkpoint can hold (never a subdirectory of the user's)
+        if not isinstance(name, str) or not name.endswith(".npy"):
+            return None
+        try:
+            _check_name(name[:-4], "file")
+        except ValueError:
+            return None
+        listed.add(name)
+    return listed
 
 
 def _remove(entry: str) -> None:
@@ -384,14 +393,15 @@ def _manifest(directory: str) -> Dict[str, Any]:
     unknown = sorted(str(k) for k in manifest if k not in ("format", "checksum", "files", "meta", MANIFEST_CHECKSUM))
     if unknown:   # (a damaged key name too: the manifest's own checksum is then not skipped unnoticed)
         raise CheckpointError(f"{where}: malformed manifest (unknown entries {', '.join(unknown)})")
-    recorded = manifest.pop(MANIFEST_CHECKSUM, None)   # (absent in checkpoints of cembed before 2026-11-26)
-    if recorded is not None and type(recorded) is not int:
+    absent = MANIFEST_CHECKSUM not in manifest   # (absent in checkpoints of cembed before 2026-11-26)
+    recorded = manifest.pop(MANIFEST_CHECKSUM, None)
+    if not absent and type(recorded) is not int:
         raise CheckpointError(f"{where}: malformed manifest ({MANIFEST_CHECKSUM} must be an int)")
     try:
         actual = _canonical_crc(manifest)
     except (TypeError, ValueError, RecursionError):   # pragma: no cover - what json.loads made dumps again
         actual = None
-    if recorded is not None and actual != recorded:
+    if not absent and actual != recorded:
         raise CheckpointError(f"{where}: the manifest does not match its own CRC-32 ({MANIFEST_CHECKSUM} "
                               f"{recorded}, computed {actual}): corrupted or edited")
     if manifest.get("checksum") != CHECKSUM or not isinstance(manifest.get("files"), dict) or "meta" not in manifest:
@@ -725,6 +735,16 @@ def load_checkpoint(path: PathLike, modules: Any, optimizer: Any = None, mmap: b
         except ValueError as exc:
             raise CheckpointError(str(exc)) from None
         state_dict = {"state": state, "param_groups": groups}
+    # the optimizer and then the tables, with a Ctrl-C held back until both are loaded (an interrupt
+    # between them would leave the optimizer at the checkpoint and the tables as they were)
+    with storage.sigint_held():
+        _apply(plan, optimizer, state_dict, directory, mmap)
+    return meta.get("extra")
+
+
+def _apply(plan: List[Tuple[Any, Any, str, storage.NpyHeader, str]], optimizer: Any,
+           state_dict: Optional[Dict[str, Any]], directory: str, mmap: bool) -> None:
+    """load_checkpoint's changes, everything checked: the optimizer's state, then every table."""
     if state_dict is not None:
         try:
             optimizer.load_state_dict(state_dict)  # checks the whole state first; changes nothing on error
@@ -741,4 +761,3 @@ def load_checkpoint(path: PathLike, modules: Any, optimizer: Any = None, mmap: b
             module.weight = storage.map_array(file_path, "c" if trainable else "r", header)
         else:
             module.weight = storage.aligned_copy(storage.map_array(file_path, "r", header, advice="sequential"))
-    return meta.get("extra")

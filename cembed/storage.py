@@ -42,7 +42,7 @@ from numpy.lib import format as npy_format
 from ._dtypes import FULL_DTYPES, check_table_dtype, compute_dtype, is_bfloat16, is_half, resolve_dtype
 from ._validation import check_choice, check_int, check_size
 
-__all__ = ["aligned_zeros", "aligned_copy", "ALIGNMENT", "open_table", "map_array", "read_header", "NpyHeader", "create_zeros", "reserve_zeros", "map_reserved", "discard_reserved", "replace_files", "copy_rows", "backing_file",
+__all__ = ["aligned_zeros", "aligned_copy", "ALIGNMENT", "open_table", "map_array", "read_header", "NpyHeader", "create_zeros", "reserve_zeros", "map_reserved", "discard_reserved", "replace_files", "sigint_held", "copy_rows", "backing_file",
            "fsync_path", "fsync_directory", "file_dtype", "to_file", "from_file", "CHUNK_BYTES", "INITS",
            "ADVICE", "release_free_memory"]
 
@@ -452,7 +452,7 @@ def replace_files(pairs: List[Tuple[str, str]], commit: Optional[Callable[[], No
     """
     existed: List[bool] = []
     backups: List[Optional[str]] = []
-    with _sigint_held():
+    with sigint_held():
         try:
             for _, dst in pairs:
                 existed.append(os.path.lexists(dst))
@@ -489,7 +489,7 @@ def replace_files(pairs: List[Tuple[str, str]], commit: Optional[Callable[[], No
 
 
 @contextlib.contextmanager
-def _sigint_held() -> Iterator[None]:
+def sigint_held() -> Iterator[None]:
     """Hold back SIGINT for the ``with`` block: a Ctrl-C arriving inside it is handled (by the
     handler Python had, usually raising KeyboardInterrupt) when the block ends. Only in the main
     thread, where Python runs its signal handlers, and only when that handler is a Python callable."""

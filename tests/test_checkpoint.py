@@ -677,3 +677,48 @@ def test_an_empty_directory_made_where_an_interrupted_save_belongs_does_not_cost
     with pytest.raises(OSError, match="simulated full disk"):
         cembed.save_checkpoint(tmp_path / "ck", emb, extra={"v": 2})
     assert cembed.load_checkpoint(tmp_path / "ck", cembed.Embedding(6, 2)) == {"v": 1}
+
+
+def test_a_ctrl_c_while_a_checkpoint_loads_is_delivered_once_tables_and_optimizer_are_loaded(tmp_path,
+                                                                                             monkeypatch):
+    """The state_dir load holds a Ctrl-C back until the optimizer has switched: delivered there, it
+    came between the optimizer (loaded) and the tables (not yet). It is now held until both are."""
+    import signal
+
+    saved_emb = cembed.Embedding(20, 4, sparse=True, seed=0)
+    saved_opt = optim.SparseAdam([saved_emb], lr=0.1)
+    saved_emb.backward(np.ones((1, 4), np.float32), np.array([1]), optimizer=saved_opt)
+    cembed.save_checkpoint(tmp_path / "ck", {"w": saved_emb}, saved_opt)
+    emb = cembed.Embedding(20, 4, sparse=True, seed=5)
+    opt = optim.SparseAdam([emb], lr=0.1, state_dir=tmp_path / "state")
+    for _ in range(4):
+        emb.backward(np.ones((1, 4), np.float32), np.array([2]), optimizer=opt)
+    real = opt.load_state_dict
+
+    def interrupted(state_dict):
+        os.kill(os.getpid(), signal.SIGINT)   # a Ctrl-C while the optimizer's state is being loaded
+        real(state_dict)
+
+    monkeypatch.setattr(opt, "load_state_dict", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cembed.load_checkpoint(tmp_path / "ck", {"w": emb}, opt, mmap=False)
+    assert opt.state[emb]["step"] == 1
+    assert_bitwise_equal(emb.weight, saved_emb.weight)
+
+
+def test_a_manifest_whose_own_checksum_is_null_or_that_lists_what_a_checkpoint_cannot_hold(tmp_path):
+    emb = cembed.Embedding(6, 2, seed=0)
+    cembed.save_checkpoint(tmp_path / "ck", emb, extra={"v": 1})
+    doc = json.loads((tmp_path / "ck" / "MANIFEST.json").read_text())
+    doc["manifest_crc32"] = None
+    doc["meta"]["extra"]["v"] = 9
+    (tmp_path / "ck" / "MANIFEST.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="manifest_crc32 must be an int"):
+        cembed.load_checkpoint(tmp_path / "ck", cembed.Embedding(6, 2))
+    user = tmp_path / "user"
+    (user / "data").mkdir(parents=True)
+    (user / "data" / "precious.txt").write_text("keep")
+    (user / "MANIFEST.json").write_text(json.dumps({"format": "cembed.checkpoint/1", "files": {"data": {}}}))
+    with pytest.raises(ValueError, match="not a cembed checkpoint"):
+        cembed.save_checkpoint(user, emb)
+    assert (user / "data" / "precious.txt").read_text() == "keep"

@@ -228,7 +228,7 @@ def test_a_refused_step_or_load_leaves_the_scheduler_as_it_was():
     sched = lr_scheduler.ExponentialLR(opt, gamma=0.5)
     before = copy.deepcopy(sched.state_dict())
     opt.param_groups[0]["lr"] = "0.05"
-    with pytest.raises(TypeError, match=r"param_groups\[0\]\['lr'\] must be a real number"):
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['lr'\] must be a number"):
         sched.step()
     assert sched.state_dict() == before
     opt.param_groups[0]["lr"] = 0.1
@@ -582,3 +582,74 @@ def test_public_names():
 def test_doctests():
     result = doctest.testmod(lr_scheduler, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_sequential_lambda_and_plateau_steps_and_loads_are_all_or_nothing():
+    """SequentialLR's refused step advanced its own epoch (a milestone was skipped); its load, and
+    LambdaLR's and ReduceLROnPlateau's, set part of a state before refusing the rest."""
+    import copy
+
+    def run(refuse_once):
+        opt = cembed.optim.SGD([cembed.Embedding(10, 4)], lr=1.0)
+        seq = lr_scheduler.SequentialLR(opt, [lr_scheduler.ConstantLR(opt, 0.5, 2), lr_scheduler.ExponentialLR(opt, 0.5)],
+                                        [3])
+        lrs = []
+        for i in range(5):
+            opt.step()
+            if refuse_once and i == 1:
+                good, opt.param_groups[0]["lr"] = opt.param_groups[0]["lr"], "oops"
+                with pytest.raises(TypeError, match="must be a number"):
+                    seq.step()
+                opt.param_groups[0]["lr"] = good
+            seq.step()
+            lrs.append(seq.get_last_lr()[0])
+        return lrs, seq
+    assert run(True)[0] == run(False)[0]
+    seq = run(False)[1]
+    saved = seq.state_dict()
+    before = copy.deepcopy(saved)
+    bad = copy.deepcopy(saved)
+    bad["last_epoch"] = 77
+    bad["_schedulers"][1]["gamma"] = -1.0
+    with pytest.raises(ValueError, match="gamma"):
+        seq.load_state_dict(bad)
+    assert seq.state_dict() == before
+    opt = make_standin()
+    lam = lr_scheduler.LambdaLR(opt, lambda e: 0.5 ** e)
+    for edit, match in ((dict(last_epoch="zz"), "last_epoch"), (dict(base_lrs=[0.1]), "base_lrs"),
+                        (dict(other=1), "not a LambdaLR state")):
+        with pytest.raises((TypeError, ValueError), match=match):
+            lam.load_state_dict({**lam.state_dict(), **edit})
+    plateau = lr_scheduler.ReduceLROnPlateau(make_standin())
+    state = plateau.state_dict()
+    for edit, match in ((dict(mode="bogus", best=3.0), "mode"), (dict(factor=4.0), "factor"),
+                        (dict(patience=-3), "patience")):
+        with pytest.raises(ValueError, match=match):
+            plateau.load_state_dict({**state, **edit})
+        assert plateau.state_dict() == state
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_user_subclass_with_attributes_made_later_loads_its_state():
+    class Plateau(lr_scheduler.StepLR):
+        def get_lr(self):
+            self.seen = getattr(self, "seen", 0) + 1
+            return super().get_lr()
+
+    sched = Plateau(make_standin(), 3)
+    sched.step()
+    fresh = Plateau.__new__(Plateau)
+    lr_scheduler.StepLR.__init__(fresh, make_standin(), 3)
+    del fresh.__dict__["seen"]
+    fresh.load_state_dict(sched.state_dict())   # as torch: a subclass's own attributes are not judged
+    assert fresh.seen == sched.seen
+
+
+def test_a_tensor_learning_rate_steps_as_in_torch():
+    torch = pytest.importorskip("torch")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=torch.tensor(0.5))
+    sched = lr_scheduler.ExponentialLR(opt, gamma=0.5)
+    opt.step()
+    sched.step()
+    assert float(opt.param_groups[0]["lr"]) == 0.25

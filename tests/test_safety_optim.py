@@ -650,7 +650,9 @@ def test_a_malformed_or_exhausted_rounding_step_is_refused():
     with pytest.raises(TypeError, match="rounding_step'\\] must be an int"):
         opt.load_state_dict(saved)
     saved["state"][0]["rounding_step"] = 2 ** 63 - 1
-    opt.load_state_dict(saved)
+    with pytest.raises(ValueError, match="rounding_step'\\] must be <= "):
+        opt.load_state_dict(saved)
+    opt.state[emb]["rounding_step"] = 2 ** 63 - 1            # edited by hand: refused at the next update
     weight = emb.weight.tobytes()
     with pytest.raises(ValueError, match="rounding_step' is at its bound"):
         emb.backward(np.ones((1, 4), np.float32), np.array([1]), optimizer=opt)
@@ -661,3 +663,23 @@ def test_prefetch_with_something_that_is_not_an_optimizer():
     emb = cembed.Embedding(10, 4, sparse=True)
     with pytest.raises(TypeError, match="prefetch: optimizer must be a cembed.optim optimizer"):
         emb.prefetch(np.array([1]), optimizer=object())
+
+
+def test_state_shared_between_two_parameters_is_refused():
+    """Within one parameter shared state was refused; across two it was not: one module's update then
+    changed the other's momentum (or weight)."""
+    a, b = cembed.Embedding(20, 4, sparse=True, seed=0), cembed.Embedding(20, 4, sparse=True, seed=1)
+    opt = cembed.optim.SGD([a, b], lr=0.1, momentum=0.9)
+    for m in (a, b):
+        m.backward(np.ones((1, 4), np.float32), np.array([1]), optimizer=opt)
+    for shared in (lambda: opt.state[a]["momentum_buffer"], lambda: a.weight):
+        opt.state[b]["momentum_buffer"] = shared()
+        before = (a.weight.tobytes(), b.weight.tobytes())
+        with pytest.raises(ValueError, match="shares memory with the"):
+            b.backward(np.ones((1, 4), np.float32), np.array([1]), optimizer=opt)
+        a.backward(np.ones((1, 4), np.float32), np.array([1]))
+        with pytest.raises(ValueError, match="shares memory with the"):
+            opt.step()
+        opt.zero_grad()
+        assert (a.weight.tobytes(), b.weight.tobytes()) == before
+        opt.state[b]["momentum_buffer"] = opt.state[b]["momentum_buffer"].copy()

@@ -24,8 +24,9 @@ import types
 import warnings
 import weakref
 from bisect import bisect_right
+import contextlib
 from collections import Counter
-from typing import Any, Callable, Iterable, Protocol, Sequence, SupportsFloat, TypedDict
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, SupportsFloat, TypedDict
 
 __all__ = [
     "LRScheduler",
@@ -106,6 +107,30 @@ def _integer(value: Any, name: str, *, minimum: int | None = None,
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def _check_group_lrs(optimizer: Any) -> None:
+    """TypeError naming the group whose ``lr`` is not a number (a real, or anything with
+    ``__float__``: a NumPy scalar, a 0-d torch tensor, as torch's schedulers take), before a step
+    changes anything."""
+    for i, group in enumerate(optimizer.param_groups):
+        lr = group.get("lr") if isinstance(group, dict) else None
+        if isinstance(lr, (str, bytes, bool)) or not (_is_real(lr) or hasattr(type(lr), "__float__")):
+            raise TypeError(f"optimizer.param_groups[{i}]['lr'] must be a number, got {type(lr).__name__}")
+
+
+def _positive_fraction(value: Any, name: str) -> Any:
+    """A factor in (0, 1]."""
+    _real(value, name)
+    if not 0 < value <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {value}")
+    return value
+
+
+def _milestones(value: Any, name: str) -> Any:
+    if not isinstance(value, Counter) or not all(_is_int(m) for m in value):
+        raise TypeError(f"{name} must be a Counter of integer epochs, got {type(value).__name__}")
+    return value
 
 
 def _fraction(value: Any, name: str) -> Any:
@@ -287,7 +312,26 @@ class LRScheduler:
         """
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        self._load_checked({k: copy.deepcopy(v) for k, v in state_dict.items() if k != "optimizer"})
+        with self._all_or_nothing():
+            self._load_checked({k: copy.deepcopy(v) for k, v in state_dict.items() if k != "optimizer"})
+
+    def _state_objects(self) -> list[Any]:
+        """The objects whose attributes make this scheduler's state (itself; wrapped schedulers and
+        stateful lambdas too, in the classes that have them)."""
+        return [self]
+
+    @contextlib.contextmanager
+    def _all_or_nothing(self) -> Iterator[None]:
+        """Put every state object's attributes back as they were if the block raises: a refused step
+        or load leaves the scheduler unchanged."""
+        saved = [(obj, dict(obj.__dict__)) for obj in self._state_objects()]
+        try:
+            yield
+        except BaseException:
+            for obj, attrs in saved:
+                obj.__dict__.clear()
+                obj.__dict__.update(attrs)
+            raise
 
     #: Checks of the attributes a loaded state sets, as the constructor checks its arguments
     #: (attribute -> check(value, name)); every class adds its own.
@@ -296,13 +340,15 @@ class LRScheduler:
         "_step_count": lambda v, name: _integer(v, name, minimum=0),
     }
 
-    def _load_checked(self, loaded: dict[str, Any]) -> None:
-        """Set the attributes of a state dict after checking them: the same attributes this scheduler
-        has (a state of another class or a damaged one is refused), each value as the constructor
-        would accept it. ValueError / TypeError naming the entry, with the scheduler unchanged."""
-        own = {k for k in self.__dict__ if k != "optimizer"}
-        unknown, missing = sorted(set(loaded) - own), sorted(k for k in own - set(loaded) if not k.startswith("_last"))
-        if unknown or missing:
+    def _load_checked(self, loaded: dict[str, Any], kept: tuple[str, ...] = ()) -> None:
+        """Set the attributes of a state dict after checking them: for cembed's own schedulers the
+        same attributes this scheduler has (a state of another class or a damaged one is refused; a
+        user's subclass may keep attributes made later, as in torch), each value as the constructor
+        would accept it. ``kept``: attributes the state dict does not set. ValueError / TypeError
+        naming the entry, with the scheduler unchanged."""
+        own = {k for k in self.__dict__ if k != "optimizer" and k not in kept}
+        unknown, missing = sorted(set(loaded) - own), sorted(own - set(loaded))
+        if type(self).__module__ == __name__ and (unknown or missing):
             raise ValueError(f"{type(self).__name__}.load_state_dict: not a {type(self).__name__} state "
                              f"(unknown entries {unknown}, missing entries {missing})")
         checks: dict[str, Callable[[Any, str], Any]] = {}
@@ -365,15 +411,10 @@ class LRScheduler:
         if epoch is not None:
             warnings.warn(EPOCH_DEPRECATION_WARNING, UserWarning, stacklevel=2)
             epoch = _integer(epoch, "epoch")
-        for i, group in enumerate(self.optimizer.param_groups):   # a clear error, before anything changes
-            _real(group.get("lr") if isinstance(group, dict) else None, f"optimizer.param_groups[{i}]['lr']")
-        saved = (self._step_count, self.last_epoch)
-        try:   # a step refused (a learning rate the schedule cannot compute) leaves the schedule where it was
+        _check_group_lrs(self.optimizer)
+        with self._all_or_nothing():   # a refused step leaves the schedule where it was
             self._step_count += 1
             self._update_lr(epoch)
-        except BaseException:
-            self._step_count, self.last_epoch = saved
-            raise
 
     def _update_lr(self, epoch: int | None = None) -> None:
         self._get_lr_called_within_step = True
@@ -447,11 +488,18 @@ class _LambdaStateMixin:
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         saved = state_dict.get("lr_lambdas", [None] * len(self.lr_lambdas))
-        self.__dict__.update({k: copy.deepcopy(v) for k, v in state_dict.items()
-                              if k not in ("optimizer", "lr_lambdas")})
-        for fn, attrs in zip(self.lr_lambdas, saved):
-            if attrs is not None:
-                fn.__dict__.update(copy.deepcopy(attrs))
+        if not isinstance(saved, list) or len(saved) != len(self.lr_lambdas) or \
+                not all(a is None or isinstance(a, dict) for a in saved):
+            raise ValueError(f"state_dict['lr_lambdas'] must be a list of {len(self.lr_lambdas)} dicts or None")
+        with self._all_or_nothing():  # type: ignore[attr-defined]
+            self._load_checked({k: copy.deepcopy(v) for k, v in state_dict.items()  # type: ignore[attr-defined]
+                                if k not in ("optimizer", "lr_lambdas")}, kept=("lr_lambdas",))
+            for fn, attrs in zip(self.lr_lambdas, saved):
+                if attrs is not None:
+                    fn.__dict__.update(copy.deepcopy(attrs))
+
+    def _state_objects(self) -> list[Any]:
+        return [self] + [fn for fn in self.lr_lambdas if hasattr(fn, "__dict__")]
 
 
 # --------------------------------------------------------------------------- the schedulers
@@ -607,7 +655,7 @@ class MultiStepLR(LRScheduler):
     [0.5, 0.5, 0.25, 0.25]
     """
 
-    _STATE_CHECKS = {"gamma": _nonneg}
+    _STATE_CHECKS = {"gamma": _nonneg, "milestones": _milestones}
 
     def __init__(self, optimizer: OptimizerLike, milestones: Iterable[int], gamma: float = 0.1,
                  last_epoch: int = -1) -> None:
@@ -724,7 +772,7 @@ class LinearLR(LRScheduler):
     [0.25, 0.5, 0.75, 1.0, 1.0]
     """
 
-    _STATE_CHECKS = {"start_factor": _fraction, "end_factor": _fraction,
+    _STATE_CHECKS = {"start_factor": _positive_fraction, "end_factor": _fraction,
                      "total_iters": lambda v, name: _integer(v, name, minimum=0)}
 
     def __init__(self, optimizer: OptimizerLike, start_factor: float = 1.0 / 3, end_factor: float = 1.0,
@@ -965,14 +1013,19 @@ class SequentialLR(LRScheduler):
     def step(self) -> None:  # type: ignore[override]
         """Advance by one epoch: step the scheduler of the new epoch, or restart the next one at a
         milestone."""
-        self.last_epoch += 1
-        idx = bisect_right(self._milestones, self.last_epoch)
-        scheduler = self._schedulers[idx]
-        if idx > 0 and self._milestones[idx - 1] == self.last_epoch:
-            scheduler._update_lr(0)
-        else:
-            scheduler.step()
-        self._last_lr = scheduler.get_last_lr()
+        _check_group_lrs(self.optimizer)
+        with self._all_or_nothing():   # (the wrapped schedulers' state included)
+            self.last_epoch += 1
+            idx = bisect_right(self._milestones, self.last_epoch)
+            scheduler = self._schedulers[idx]
+            if idx > 0 and self._milestones[idx - 1] == self.last_epoch:
+                scheduler._update_lr(0)
+            else:
+                scheduler.step()
+            self._last_lr = scheduler.get_last_lr()
+
+    def _state_objects(self) -> list[Any]:
+        return [self] + [obj for s in self._schedulers for obj in s._state_objects()]
 
     def state_dict(self) -> dict[str, Any]:
         """The state, with the wrapped schedulers' state dicts under ``"_schedulers"``.
@@ -994,14 +1047,17 @@ class SequentialLR(LRScheduler):
         """
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        saved = state_dict["_schedulers"]
-        if len(saved) != len(self._schedulers):
-            raise ValueError(f"state_dict holds {len(saved)} schedulers, this SequentialLR has "
-                             f"{len(self._schedulers)}")
-        self.__dict__.update({k: copy.deepcopy(v) for k, v in state_dict.items()
-                              if k not in ("optimizer", "_schedulers")})
-        for s, sd in zip(self._schedulers, saved):
-            s.load_state_dict(sd)
+        saved = state_dict.get("_schedulers")
+        if not isinstance(saved, list) or len(saved) != len(self._schedulers):
+            raise ValueError(f"state_dict must hold the states of {len(self._schedulers)} schedulers under "
+                             "'_schedulers'")
+        with self._all_or_nothing():   # its own entries and every wrapped scheduler's, or none
+            self._load_checked({k: copy.deepcopy(v) for k, v in state_dict.items()
+                                if k not in ("optimizer", "_schedulers")}, kept=("_schedulers",))
+            if not isinstance(self._milestones, list) or not all(_is_int(m) for m in self._milestones):
+                raise TypeError("state_dict['_milestones'] must be a list of integers")
+            for s, sd in zip(self._schedulers, saved):
+                s.load_state_dict(sd)
 
 
 class ReduceLROnPlateau(LRScheduler):
@@ -1158,8 +1214,18 @@ class ReduceLROnPlateau(LRScheduler):
         ----------
         state_dict : dict
         """
-        super().load_state_dict(state_dict)
-        self._init_is_better(mode=self.mode, threshold=self.threshold, threshold_mode=self.threshold_mode)
+        with self._all_or_nothing():
+            super().load_state_dict(state_dict)
+            self._init_is_better(mode=self.mode, threshold=self.threshold, threshold_mode=self.threshold_mode)
+            if not _is_real(self.factor) or not 0 <= self.factor < 1:
+                raise ValueError(f"state_dict['factor'] must be in [0, 1), got {self.factor!r}")
+            if not isinstance(self.min_lrs, list) or len(self.min_lrs) != len(self.optimizer.param_groups):
+                raise ValueError("state_dict['min_lrs'] must be a list of one learning rate per param group")
+            for i, value in enumerate(self.min_lrs):
+                _nonneg(value, f"state_dict['min_lrs'][{i}]")
+
+    _STATE_CHECKS = {"patience": lambda v, name: _integer(v, name, minimum=0),
+                     "cooldown": lambda v, name: _integer(v, name, minimum=0), "eps": _nonneg}
 
 
 class _OneCyclePhase(TypedDict):

@@ -472,6 +472,7 @@ class Optimizer:
                 plan.append((module, weight, grad, options, where, _snapshot(self, module, weight, grad)))
         for module, _, _, _, where, snapshot in plan:
             _check_unchanged(self, module, snapshot, where)
+        self._check_apart([module for module, *_ in plan])
         # every state file the updates will create, made (space reserved) before any parameter is
         # updated: a full disk refuses the whole step, not the parameters after the first
         self._reserve_step_files([(module, weight, options) for module, weight, _, options, _, _ in plan])
@@ -559,6 +560,26 @@ class Optimizer:
             if isinstance(arr, np.ndarray) and arr.dtype != expected:
                 raise ValueError(f"{where}: optimizer state {name!r} is {arr.dtype} but the group's state_dtype asks "
                                  f"for {expected} (build a new optimizer to change the state dtype)")
+
+    def _check_apart(self, updated: List[Any]) -> None:
+        """ValueError when an array an update of the modules ``updated`` writes (a weight, a state
+        array) shares memory with another module's weight or state in this optimizer (within one
+        module :meth:`_check_state_for` checks): each module's update must leave the others alone."""
+        def arrays(module: Any) -> List[Tuple[str, np.ndarray]]:
+            named = [("weight", module.weight)] + [(f"state {k!r}", v) for k, v in (self.state.get(module) or {}).items()]
+            return [(n, a) for n, a in named if isinstance(a, np.ndarray) and a.size]
+        every = [(where, module) for where, module in self._named_params()]
+        for where_a, a in every:
+            if not any(a is m for m in updated):
+                continue
+            for where_b, b in every:
+                if b is a or (any(b is m for m in updated) and where_b < where_a):
+                    continue   # (a pair of updated modules is checked once)
+                for name_a, x in arrays(a):
+                    for name_b, y in arrays(b):
+                        if np.may_share_memory(x, y):
+                            raise ValueError(f"{where_a}: its {name_a} shares memory with the {name_b} of {where_b}: "
+                                             "each parameter's weight and state must be its own memory")
 
     def _check_advance(self, state: Dict[str, Any], where: str) -> None:
         """ValueError, before any update, when the step about to run would take one of ``state``'s
@@ -765,6 +786,7 @@ class Optimizer:
             self._check_grad(options, grad, weight, where)
         self._check_state_for(self.state.get(module), weight, options, where)
         self._check_advance(_core(self.state.get(module) or {}), where)
+        self._check_apart([module])
         self._reserve_step_files([(module, weight, options)])   # as step(): before anything changes
         try:
             state = self.state.setdefault(module, {})
@@ -915,7 +937,7 @@ class Optimizer:
                     raise ValueError(f"state_dict state[{i}][{STEP_KEY!r}] belongs to a 16-bit table, parameter {i} "
                                      f"is {weight.dtype}")
                 entry[STEP_KEY] = check_int(rounding_step, f"state_dict state[{i}][{STEP_KEY!r}]", low=0,
-                                            high=_STEP_MAX)
+                                            high=_STEP_MAX - 1)   # (at the bound no update could follow)
             new_state[module] = entry
         new_state = {m: e for m, e in new_state.items() if e}
         self._fill_missing_state(new_state, [g for g, _ in new_groups])
