@@ -29,7 +29,7 @@ from . import storage
 from ._validation import check_bool
 
 __all__ = ["save_checkpoint", "load_checkpoint", "write_directory", "read_directory", "open_array",
-           "find_directory", "CheckpointError", "FORMAT", "MANIFEST", "CHECKSUM"]
+           "find_directory", "check_replaceable", "CheckpointError", "FORMAT", "MANIFEST", "CHECKSUM"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -293,6 +293,19 @@ def write_directory(path: PathLike, arrays: Mapping[str, np.ndarray], meta: Any)
     finally:
         lock.close()
     return path
+
+
+def check_replaceable(path: PathLike) -> None:
+    """ValueError unless a save could replace ``path`` (free, an empty directory, or a cembed
+    checkpoint holding only its own files; see :func:`write_directory`): a check a program can make
+    before work whose result it will save there.
+
+    Examples
+    --------
+    >>> import os, tempfile, cembed
+    >>> cembed.checkpoint.check_replaceable(os.path.join(tempfile.mkdtemp(), "ckpt"))   # free: fine
+    """
+    _check_replaceable(_norm(path))
 
 
 def _check_replaceable(path: str) -> None:

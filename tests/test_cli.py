@@ -432,6 +432,7 @@ def test_line_sentence_file(tmp_path):
     (["--shards", "2", "--backend", "torch", "--ray-address", "127.0.0.1:1"], "cembed backend"),
     (["--shards", "100", "--ray-address", "127.0.0.1:1", "--vocab-size", "50", "--topics", "5", "--tokens", "500"],
      "cannot exceed the vocabulary"),
+    (["--backend", "cembed,gensim", "--seed", str(2 ** 32)], "gensim takes seeds below 2**32"),
 ])
 def test_arguments_that_cannot_run_are_an_error_line(capsys, flags, message):
     """Values argparse accepts one by one but that cannot run (a window beyond the batch builder's, a
@@ -487,3 +488,56 @@ def test_corpus_file_streams_and_keeps_the_old_numbering(tmp_path):
         np.testing.assert_array_equal(corpus.sentence_starts, starts)
         np.testing.assert_array_equal(corpus.counts, np.bincount(ids, minlength=len(kept)))
         assert corpus.tokens.dtype == np.int32 and corpus.sentence_starts.dtype == np.int64
+
+
+@pytest.mark.parametrize("flag", ["--table-dir", "--corpus", "--out", "--ray-address"])
+def test_empty_paths_are_refused(capsys, flag):
+    """An empty --table-dir used the current directory, an empty --corpus trained the synthetic one."""
+    with pytest.raises(SystemExit) as exc:
+        main(["train", flag, "", "--quiet", "--no-save", "--no-plot"])
+    assert exc.value.code == 2 and "must not be empty" in capsys.readouterr().err
+
+
+def test_saving_embeddings_is_all_or_nothing(tmp_path, monkeypatch):
+    """A save that fails part-way (a full disk, a file-size limit, Ctrl-C) truncated embeddings.npy and
+    left the old vocab.txt beside it; now the previous files stay as they were and no temporary
+    remains."""
+    corpus = corpus_mod.synthetic_corpus(50, 5, 500, seed=0)
+    first = np.arange(50 * 4, dtype=np.float32).reshape(50, 4)
+    train_mod.save_embeddings(tmp_path, first, corpus)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real_save = np.save
+
+    def partial(fh, array):
+        fh.write(b"\x93NUMPY partial")
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr(train_mod.np, "save", partial)
+    with pytest.raises(OSError, match="File too large"):
+        train_mod.save_embeddings(tmp_path, first + 1, corpus)
+    monkeypatch.setattr(train_mod.np, "save", real_save)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    train_mod.save_embeddings(tmp_path, first + 1, corpus)
+    assert np.array_equal(np.load(tmp_path / "embeddings.npy"), first + 1)
+    assert oct(os.stat(tmp_path / "embeddings.npy").st_mode & 0o777) == oct(os.stat(tmp_path / "vocab.txt").st_mode
+                                                                            & 0o777) != oct(0o600)
+
+
+def test_a_diverged_run_is_an_error_and_a_dim_1_run_skips_the_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    small = ["--vocab-size", "2000", "--topics", "5", "--quiet", "--dim"]
+    assert main(["train", *small, "1", "--tokens", "50000", "--out", str(tmp_path / "one")]) == 0
+    assert "plot    skipped (nothing to project in 2-D)" in capsys.readouterr().out
+    assert main(["train", *small, "16", "--tokens", "200000", "--optimizer", "sgd", "--lr", "5", "--out",
+                 str(tmp_path / "nan")]) == 1
+    err = capsys.readouterr().err
+    assert "training diverged" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "nan" / "embeddings.npy")
+
+
+def test_a_table_dir_whose_checkpoint_cannot_be_replaced_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "td" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "td" / "checkpoint" / "notes.txt").write_text("mine")
+    assert main(["train", *TINY, "--no-save", "--table-dir", str(tmp_path / "td")]) == 1
+    assert "is not a cembed checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "td" / "tables").exists()

@@ -30,6 +30,14 @@ _seed = _number(int, "an integer in [0, 2**64)", lambda v: 0 <= v < 2 ** 64)
 _shards = _number(int, "an integer >= 0", lambda v: v >= 0)
 
 
+def _path(text):
+    """A path argument: any non-empty string (an empty one would mean the current directory, or be
+    taken for an absent option)."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 BACKENDS = ("cembed", "torch", "gensim")
 BACKEND_ALIASES = {"both": ["cembed", "torch"], "all": list(BACKENDS)}
 
@@ -57,7 +65,7 @@ def build_parser():
                                    "By default on a built-in synthetic corpus with planted topics (no download), "
                                    "reporting same-topic precision@10 of nearest neighbours before and after.")
     data = t.add_argument_group("data")
-    data.add_argument("--corpus", metavar="FILE", help="train on this UTF-8 text file (one sentence per line) "
+    data.add_argument("--corpus", metavar="FILE", type=_path, help="train on this UTF-8 text file (one sentence per line) "
                                                        "instead of the synthetic corpus")
     data.add_argument("--min-count", type=_positive_int, default=5, help="--corpus: ignore rarer words (default 5)")
     data.add_argument("--vocab-size", type=_positive_int, default=1_000_000,
@@ -100,16 +108,16 @@ def build_parser():
                           "\".[ray]\"); bitwise the same training as one process. Without --ray-address Ray "
                           "starts on this machine inside a private network namespace (only loopback; the command "
                           "re-executes itself under unshare, which needs root). 0 (default): no Ray")
-    run.add_argument("--ray-address", default=None, metavar="ADDR",
+    run.add_argument("--ray-address", default=None, metavar="ADDR", type=_path,
                      help="--shards: connect to this running Ray cluster instead of starting one")
     run.add_argument("--seed", type=_seed, default=0, help="seed for data, init and sampling (default 0)")
-    run.add_argument("--out", default="cembed_out", metavar="DIR",
+    run.add_argument("--out", default="cembed_out", metavar="DIR", type=_path,
                      help="where embeddings.npy, vocab.txt and pca.png go (default cembed_out/)")
     run.add_argument("--no-save", action="store_true", help="do not write the embeddings")
     run.add_argument("--no-plot", action="store_true", help="do not write the PCA plot")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     disk = t.add_argument_group("tables on disk")
-    disk.add_argument("--table-dir", metavar="DIR", default=None,
+    disk.add_argument("--table-dir", metavar="DIR", default=None, type=_path,
                       help="keep both tables and the optimizer state on disk in DIR (memory-mapped .npy files: "
                            "tables bigger than RAM train), prefetching each next batch's rows, and write a "
                            "crash-safe checkpoint to DIR/checkpoint at the end (cembed backend only)")
@@ -217,7 +225,7 @@ def run_train(args):
         print(f"error: {problem}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    if args.corpus:
+    if args.corpus is not None:
         try:
             corpus = corpus_mod.text_corpus(args.corpus, min_count=args.min_count)
         except corpus_mod.CorpusError as exc:
@@ -251,7 +259,7 @@ def run_train(args):
               "shard holds at least one row", file=sys.stderr)
         return 2
     # a text corpus's size is known now (a synthetic one's was estimated from the flags before it was made)
-    problem = _memory_problem(args, corpus.vocab_size, corpus.n_tokens) if args.corpus else None
+    problem = _memory_problem(args, corpus.vocab_size, corpus.n_tokens) if args.corpus is not None else None
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -320,7 +328,7 @@ def _train_and_report(args, corpus, config, threads, log, train_mod):
         config.backend = backend
         try:
             result = train_mod.train(corpus, config, progress=not args.quiet)
-        except train_mod.TableDirError as exc:   # ResumeError included
+        except (train_mod.TableDirError, cembed_checkpoint_error(), OSError) as exc:   # ResumeError included
             print(f"error: {exc}", file=sys.stderr)
             return 1
         results.append(result)
@@ -351,17 +359,37 @@ def _train_and_report(args, corpus, config, threads, log, train_mod):
         for word, nbrs in train_mod.nearest_words(main.table, corpus, queries,
                                                   k=min(5, corpus.vocab_size - 1)).items():
             log(f"  nearest to {word!r}: {', '.join(nbrs)}")
+    if not np_all_finite(main.table):
+        print(f"error: training diverged: the {main.backend} table holds NaN or infinite values (loss "
+              f"{_fmt_loss(main)}); nothing was saved — try a lower --lr", file=sys.stderr)
+        return 1
     try:
         if not args.no_save:
             emb_path, vocab_path = train_mod.save_embeddings(args.out, main.table, corpus)
             log(f"  saved   {emb_path} ({main.table.shape[0]:,} x {main.table.shape[1]} float32), {vocab_path}")
         if not args.no_plot and corpus.topics is not None:
             path = train_mod.pca_plot(args.out, main.table, corpus)
-            log(f"  plot    {path}" if path else "  plot    skipped (pip install matplotlib, or '.[demo]')")
+            log(f"  plot    {path}" if path else "  plot    skipped (pip install matplotlib, or '.[demo]')" if path is None
+                else "  plot    skipped (nothing to project in 2-D)")
     except OSError as exc:
         print(f"error: cannot write to {args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def cembed_checkpoint_error():
+    from cembed.checkpoint import CheckpointError
+
+    return CheckpointError
+
+
+def np_all_finite(table):
+    """Whether every value of ``table`` is finite (row blocks: a table on disk is not read whole)."""
+    import numpy as np
+
+    rows = max(1, (1 << 24) // max(1, table.shape[1] * 4))
+    n = len(table)
+    return all(np.isfinite(np.asarray(table[np.arange(lo, min(lo + rows, n))])).all() for lo in range(0, n, rows))
 
 
 NETNS_MARK = "CEMBED_IN_PRIVATE_NETNS"
@@ -460,11 +488,15 @@ def _argument_problem(args):
             return f"--threads: {exc}"
         finally:
             cembed.set_num_threads(previous)
-    if args.table_dir is not None and os.path.exists(args.table_dir) and not os.path.isdir(args.table_dir):
-        return f"--table-dir {args.table_dir} exists and is not a directory"
+    if args.table_dir is not None:
+        for path in (args.table_dir, *(os.path.join(args.table_dir, d) for d in ("tables", "state", "checkpoint"))):
+            if os.path.lexists(path) and not os.path.isdir(path):
+                return f"--table-dir: {path} exists and is not a directory"
+    if "gensim" in args.backend and args.seed >= 2 ** 32:
+        return f"--seed {args.seed}: gensim takes seeds below 2**32"
     if args.shards and "cembed" not in args.backend:
         return "--shards shards cembed's tables: use it with the cembed backend"
-    if not args.corpus:
+    if args.corpus is None:
         return _memory_problem(args, args.vocab_size, args.tokens)
     return None
 

@@ -720,6 +720,11 @@ class TableDir:
                                     f"another optimizer (its lock {state_lock} is held)") from None
             finally:
                 os.close(probe)
+        try:   # the checkpoint the run will write at its end: refused now, not after the training
+            cembed.checkpoint.check_replaceable(self.checkpoint)
+        except ValueError as exc:
+            os.close(fd)
+            raise TableDirError(f"--table-dir {self.root}: {exc}") from None
         self._lock_fd = fd
 
     def unlock(self):
@@ -952,21 +957,54 @@ def _train_gensim(corpus, config, threads, progress):
     return _score(result, corpus, eval_sets, before, chance)
 
 
+def _written_aside(path, write):
+    """``write(binary file)`` into a synced temporary sibling of ``path``; returns its name (put it in
+    place with ``os.replace``). Nothing is left behind when writing fails or is interrupted."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path) or ".")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)   # (mkstemp makes it private) the mode an ordinary new file gets
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
 def save_embeddings(out_dir, table, corpus):
-    """embeddings.npy (float32, one row per word) and vocab.txt (the words, same order)."""
+    """embeddings.npy (float32, one row per word) and vocab.txt (the words, same order), each written
+    to a temporary file first and renamed into place when both are complete (a failed or interrupted
+    save leaves the previous files as they were)."""
     os.makedirs(out_dir, exist_ok=True)
     emb_path = os.path.join(out_dir, "embeddings.npy")
     vocab_path = os.path.join(out_dir, "vocab.txt")
-    np.save(emb_path, np.ascontiguousarray(table, dtype=np.float32))
-    with open(vocab_path, "w", encoding="utf-8") as fh:
+
+    def vocabulary(fh):
         for i in range(corpus.vocab_size):
-            fh.write(corpus.words[i])
-            fh.write("\n")
+            fh.write(corpus.words[i].encode("utf-8"))
+            fh.write(b"\n")
+    parts = []
+    try:
+        parts.append((_written_aside(emb_path, lambda fh: np.save(fh, np.ascontiguousarray(table, dtype=np.float32))),
+                      emb_path))
+        parts.append((_written_aside(vocab_path, vocabulary), vocab_path))
+        for tmp, path in parts:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in parts:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        raise
     return emb_path, vocab_path
 
 
 def pca_plot(out_dir, table, corpus, n_topics_shown=10, per_topic=40, seed=0):
-    """pca.png: 2-D PCA of frequent words of a few topics, coloured by topic. None without matplotlib."""
+    """pca.png: 2-D PCA of frequent words of a few topics, coloured by topic. None without matplotlib,
+    False when there is nothing to project in 2-D (dim 1, fewer than two words)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -980,6 +1018,8 @@ def pca_plot(out_dir, table, corpus, n_topics_shown=10, per_topic=40, seed=0):
                                                        replace=False))
     picked = np.concatenate([words[labels == t][:per_topic] for t in shown])
     x = table[picked].astype(np.float64)
+    if min(x.shape) < 2 or not np.isfinite(x).all():   # (dim 1, a single word: no 2-D projection)
+        return False
     x -= x.mean(axis=0)
     _, _, vt = np.linalg.svd(x, full_matrices=False)
     xy = x @ vt[:2].T
@@ -994,6 +1034,8 @@ def pca_plot(out_dir, table, corpus, n_topics_shown=10, per_topic=40, seed=0):
     ax.set_ylabel("PC 2")
     fig.tight_layout()
     path = os.path.join(out_dir, "pca.png")
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        os.replace(_written_aside(path, lambda fh: fig.savefig(fh, format="png")), path)
+    finally:
+        plt.close(fig)
     return path
