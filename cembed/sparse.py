@@ -71,8 +71,11 @@ class SparseGrad:
     Notes
     -----
     The arrays are private, read-only copies: a ``SparseGrad`` never shares memory with the arrays
-    it was built from, and nobody can edit it afterwards, so what was checked at construction stays
-    true (the optimizers check the rows again anyway, at every step).
+    it was built from. Its row ids live in memory that cannot be made writeable, so what was checked
+    at construction stays true (the optimizers check the rows again anyway, at every step). Its values
+    are read-only through ``.values``; they are stored in an ordinary array, which cembed's own
+    in-place gradient clipping scales (code that reaches it through ``.values.base`` can change the
+    numbers, never the rows they belong to).
 
     Examples
     --------
@@ -223,7 +226,12 @@ class SparseGrad:
                                    n_threads_for(rows.size, "merge"))
         return SparseGrad._from_private(rows, values, self._num_rows)
 
-    __add__ = merge
+    def __add__(self, other: Any) -> Any:
+        """``a + b`` = :meth:`merge` for two SparseGrads; anything else: ``NotImplemented`` (so Python
+        tries ``other.__radd__``, and ``sum`` of SparseGrads starting from one of them works)."""
+        if type(other) is not SparseGrad:
+            return NotImplemented
+        return self.merge(other)
 
     def __repr__(self) -> str:
         return f"SparseGrad(shape={self.shape}, nnz={self.nnz}, dtype={self.dtype})"

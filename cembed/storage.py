@@ -339,6 +339,25 @@ def create_zeros(path: PathLike, shape: Tuple[int, ...], dtype: Any, *, durable:
         fsync_directory(os.path.dirname(os.path.abspath(path)))
 
 
+#: The largest file cembed makes (bytes of data): beyond any file system's limit, far below int64.
+MAX_FILE_BYTES = 1 << 60
+
+
+def _checked_array_spec(shape: Any, dtype: Any) -> Tuple[Tuple[int, ...], np.dtype]:
+    """(shape as ints, the file dtype) of an array cembed is to write, checked before any file is made:
+    every dimension an int >= 0, a plain (non-object) dtype, at most ``MAX_FILE_BYTES``. ValueError /
+    TypeError naming what is wrong (a negative dimension truncated the file into its own header)."""
+    if not isinstance(shape, (tuple, list)):
+        raise TypeError(f"shape must be a tuple of ints, got {type(shape).__name__}")
+    dims = tuple(check_size(n, f"shape[{i}]") for i, n in enumerate(shape))
+    stored = file_dtype(dtype)
+    if stored.hasobject or stored.fields is not None or stored.itemsize == 0:
+        raise TypeError(f"cannot store {stored} arrays in a file cembed maps (a plain numeric dtype is needed)")
+    if math.prod(dims) * stored.itemsize > MAX_FILE_BYTES:
+        raise ValueError(f"an array of shape {dims} {stored} is larger than {MAX_FILE_BYTES} bytes")
+    return dims, stored
+
+
 def reserve_zeros(path: PathLike, shape: Tuple[int, ...], dtype: Any, *, durable: bool = False) -> str:
     """The file :func:`create_zeros` makes for ``path``, space reserved, left under a temporary
     sibling name, which is returned: ``os.replace(returned, path)`` puts it in place, unlinking it
@@ -351,8 +370,8 @@ def reserve_zeros(path: PathLike, shape: Tuple[int, ...], dtype: Any, *, durable
         As :func:`create_zeros`; no temporary file is then left behind.
     """
     path = os.fspath(path)
-    dtype = file_dtype(dtype)
-    nbytes = math.prod(int(n) for n in shape) * dtype.itemsize
+    shape, dtype = _checked_array_spec(shape, dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
     tmp = _temporary_sibling(path)
     try:
         with open(tmp, "r+b") as fh:
@@ -533,14 +552,27 @@ def copy_rows(dst: np.ndarray, src: np.ndarray, chunk_bytes: int = CHUNK_BYTES) 
     >>> float(dst.sum())
     10.0
     """
+    if not isinstance(dst, np.ndarray) or not isinstance(src, np.ndarray):
+        raise TypeError(f"copy_rows: dst and src must be numpy arrays, got {type(dst).__name__} and "
+                        f"{type(src).__name__}")
     if dst.shape != src.shape or dst.dtype != src.dtype:
         raise ValueError(f"copy_rows: {src.shape} {src.dtype} into {dst.shape} {dst.dtype}")
+    chunk_bytes = check_size(chunk_bytes, "chunk_bytes")
+    if chunk_bytes < 1:
+        raise ValueError("copy_rows: chunk_bytes must be >= 1")
     if dst.ndim == 0:
         dst[...] = src
         return
     row_bytes = dst.itemsize * int(np.prod(dst.shape[1:], dtype=np.int64))
     step = _chunk_rows(row_bytes, chunk_bytes)
-    for lo in range(0, dst.shape[0], step):
+    starts = range(0, dst.shape[0], step)
+    if np.may_share_memory(dst, src):   # as memmove: blocks taken before they are written over
+        if dst.__array_interface__["data"][0] > src.__array_interface__["data"][0]:
+            starts = starts[::-1]
+        for lo in starts:
+            dst[lo:lo + step] = src[lo:lo + step].copy()
+        return
+    for lo in starts:
         dst[lo:lo + step] = src[lo:lo + step]
 
 
@@ -637,10 +669,13 @@ def _create_table(path: str, shape: Tuple[int, int], dtype: np.dtype, init: Any,
             buffer = np.empty((min(step, n_rows), dim), dtype=work)
             for lo in range(0, n_rows, step):
                 block = buffer[:min(step, n_rows - lo)]
+                if callable(init):
+                    block.fill(0)   # what a callable leaves unwritten is zero (never the last block's values)
                 _fill(block, lo, init, rng, dim)
                 if not (isinstance(block, np.ndarray) and block.shape == (min(step, n_rows - lo), dim)
-                        and block.dtype == work):  # pragma: no cover - the buffer is ours
-                    raise AssertionError("init changed the block")
+                        and block.dtype == work):  # the callable reshaped or retyped it in place
+                    raise ValueError(f"open_table: init changed the block it was given (shape {block.shape} "
+                                     f"{block.dtype}, expected {(min(step, n_rows - lo), dim)} {work}): fill it in place")
                 out = to_file(block.astype(dtype)) if work != dtype else block
                 _pwrite_all(fh.fileno(), out.tobytes(), offset + lo * dim * stored.itemsize)
             fh.flush()

@@ -493,3 +493,51 @@ def test_tables_and_state_are_aligned(tmp_path, rng):
     assert_bitwise_equal(other.weight, emb.weight)
     assert _aligned(other.weight)
     assert _aligned(initial_rows(3, np.arange(100), 24)) and _aligned(initial_rows(3, np.arange(100), 24, np.float16))
+
+
+def test_create_zeros_checks_its_arguments_before_touching_the_file(tmp_path):
+    """A negative dimension truncated the new file into its own header and renamed it over an
+    existing table; float / str dimensions and object dtypes wrote files no reader can parse."""
+    path = tmp_path / "t.npy"
+    np.save(path, np.arange(8, dtype=np.float32).reshape(2, 4))
+    before = path.read_bytes()
+    for shape, dtype, error, match in (((-1, 4), np.float32, ValueError, r"shape\[0\] must be >= 0"),
+                                       ((2.5, 2), np.float32, TypeError, r"shape\[0\] must be an int"),
+                                       (("3", 2), np.float32, TypeError, "must be an int"),
+                                       ((3, 2), object, TypeError, "plain numeric dtype"),
+                                       ((2 ** 40, 2 ** 30), np.float32, ValueError, "larger than")):
+        with pytest.raises(error, match=match):
+            cembed.storage.create_zeros(path, shape, dtype)
+        assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["t.npy"]
+
+
+def test_a_callable_init_that_writes_part_of_the_block_leaves_zeros(tmp_path):
+    """The block a callable init gets was uninitialised memory: what it did not write reached the file."""
+    def half(block, start):
+        block[:, :2] = 1.0
+
+    table = cembed.open_table(tmp_path / "h.npy", 1000, 4, init=half, chunk_bytes=256)
+    assert (np.asarray(table[:, :2]) == 1).all() and (np.asarray(table[:, 2:]) == 0).all()
+
+    def reshapes(block, start):
+        block.shape = (block.size,)
+
+    with pytest.raises(ValueError, match="init changed the block"):
+        cembed.open_table(tmp_path / "r.npy", 10, 4, init=reshapes)
+    assert not (tmp_path / "r.npy").exists()
+
+
+def test_copy_rows_of_overlapping_arrays_is_a_memmove():
+    x = np.arange(6, dtype=np.float64).reshape(6, 1)
+    y = x.copy()
+    cembed.storage.copy_rows(x[1:], x[:-1], chunk_bytes=8)
+    y[1:] = y[:-1].copy()
+    assert np.array_equal(x, y)
+    x = np.arange(6, dtype=np.float64).reshape(6, 1)
+    cembed.storage.copy_rows(x[:-1], x[1:], chunk_bytes=8)
+    assert x.ravel().tolist() == [1, 2, 3, 4, 5, 5]
+    with pytest.raises(ValueError, match="chunk_bytes must be >= 1"):
+        cembed.storage.copy_rows(x, x.copy(), chunk_bytes=0)
+    with pytest.raises(TypeError, match="numpy arrays"):
+        cembed.storage.copy_rows(x, x.tolist())
