@@ -25,15 +25,16 @@ def willneed_rows(const unsigned char[:, :] table,   # IN  (n_rows, row_bytes) b
     cdef Py_ssize_t n = rows.shape[0]
     cdef Py_ssize_t row_bytes = table.shape[1]
     cdef Py_ssize_t stride = table.strides[0]
-    cdef Py_ssize_t i, calls = 0, pages = 0
+    cdef Py_ssize_t i, r, calls = 0, pages = 0
     cdef uintptr_t base, lo, hi, cur_lo = 0, cur_hi = 0
     if n == 0 or row_bytes == 0 or table.shape[0] == 0:
         return 0, 0
     base = <uintptr_t> &table[0, 0]
     with nogil:
-        for i in range(n):
-            lo = (base + <uintptr_t> (rows[i] * stride)) // <uintptr_t> page
-            hi = (base + <uintptr_t> (rows[i] * stride + row_bytes - 1)) // <uintptr_t> page + 1
+        for i in range(n):   # in address order: rows ascending, or descending for a negative row stride
+            r = rows[i] if stride >= 0 else rows[n - 1 - i]
+            lo = (base + <uintptr_t> (r * stride)) // <uintptr_t> page
+            hi = (base + <uintptr_t> (r * stride + row_bytes - 1)) // <uintptr_t> page + 1
             if i > 0 and lo <= cur_hi + <uintptr_t> gap_pages:
                 if hi > cur_hi:
                     cur_hi = hi

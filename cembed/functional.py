@@ -1426,9 +1426,9 @@ def embedding_dot_backward(grad_scores: Any, indices: Any, weight: np.ndarray) -
     weight, idx, grid = _score_operands(indices, weight, "embedding_dot_backward")
     dtype = compute_dtype(weight.dtype)
     grad = grad_scores if isinstance(grad_scores, np.ndarray) else np.asarray(grad_scores)
-    if grad.dtype not in FLOAT_DTYPES:
+    if grad.dtype.newbyteorder("=") not in FLOAT_DTYPES:   # (either byte order: read as native below)
         raise TypeError(f"grad_scores must be float32 or float64, got dtype {grad.dtype}")
-    if grad.dtype != dtype:
+    if grad.dtype.newbyteorder("=") != dtype:
         raise TypeError(f"grad_scores has dtype {grad.dtype} but a {weight.dtype} weight is scored in {dtype}")
     if grad.shape != idx.shape:
         raise ValueError(f"grad_scores must have the shape of indices {idx.shape}, got {grad.shape}")

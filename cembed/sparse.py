@@ -102,7 +102,7 @@ class SparseGrad:
         if indices.dtype.kind not in "iu" or indices.dtype == np.bool_:
             if not (indices.size == 0 and indices.dtype.kind == "f"):
                 raise TypeError(f"SparseGrad indices must be integers, got dtype {indices.dtype}")
-        if values.dtype not in FLOAT_DTYPES:
+        if values.dtype.newbyteorder("=") not in FLOAT_DTYPES:   # (either byte order: stored native)
             raise TypeError(f"SparseGrad values must be float32 or float64, got dtype {values.dtype}")
         if indices.ndim != 1:
             raise ValueError(f"SparseGrad indices must be 1-D, got shape {indices.shape}")

@@ -541,3 +541,21 @@ def test_copy_rows_of_overlapping_arrays_is_a_memmove():
         cembed.storage.copy_rows(x, x.copy(), chunk_bytes=0)
     with pytest.raises(TypeError, match="numpy arrays"):
         cembed.storage.copy_rows(x, x.tolist())
+
+
+def test_prefetch_of_a_reversed_view_advises_every_row(tmp_path):
+    """With a negative row stride the page ranges were merged as if addresses rose with the rows:
+    only the first row's pages were advised."""
+    table = cembed.open_table(tmp_path / "pf.npy", 4096, 16, mode="w+")   # 64-byte rows: 64 per 4 KiB page
+    rows = np.array([0, 1000, 2000, 4095])
+    forward = cembed.functional.prefetch(table, rows, wait=True)
+    assert forward >= 4 and cembed.functional.prefetch(table[::-1], rows, wait=True) == forward
+
+
+def test_byte_swapped_float_values_are_taken_in_native_order():
+    values = np.arange(4, dtype=">f4").reshape(2, 2)
+    grad = cembed.SparseGrad([1, 3], values, num_rows=5)
+    assert grad.values.dtype == np.float32 and np.array_equal(grad.values, values)
+    weight = np.eye(3, dtype=np.float32)
+    swapped = cembed.functional.embedding_dot_backward(np.array([[1, 2]], ">f4"), [[0, 2]], weight)
+    assert np.array_equal(swapped, cembed.functional.embedding_dot_backward(np.array([[1, 2]], "<f4"), [[0, 2]], weight))
