@@ -133,8 +133,8 @@ class TableModule:
         if not is_as_checked(self._weight, checked):
             raise ValueError("backward: the module's weight was replaced while the backward ran (by code run "
                              "from an argument); nothing was changed")
-        if optimizer is not None:   # (a grad_output that is a view of the weight is read from a copy)
-            optimizer._fused_step(self, new.apart_from(self._weight), sparse, checked)
+        if optimizer is not None:   # (a grad_output that views the weight or state is read from a copy there)
+            optimizer._fused_step(self, new, sparse, checked)
         else:  # float32 for a 16-bit table; a dense .grad is added to in place
             grad = self.grad
             if isinstance(grad, np.ndarray):

@@ -328,7 +328,7 @@ def _train_and_report(args, corpus, config, threads, log, train_mod):
         config.backend = backend
         try:
             result = train_mod.train(corpus, config, progress=not args.quiet)
-        except (train_mod.TableDirError, cembed_checkpoint_error(), OSError) as exc:   # ResumeError included
+        except (train_mod.TableDirError, train_mod.cembed.checkpoint.CheckpointError, OSError) as exc:   # ResumeError too
             print(f"error: {exc}", file=sys.stderr)
             return 1
         results.append(result)
@@ -359,7 +359,7 @@ def _train_and_report(args, corpus, config, threads, log, train_mod):
         for word, nbrs in train_mod.nearest_words(main.table, corpus, queries,
                                                   k=min(5, corpus.vocab_size - 1)).items():
             log(f"  nearest to {word!r}: {', '.join(nbrs)}")
-    if not np_all_finite(main.table):
+    if not _all_finite(main.table):
         print(f"error: training diverged: the {main.backend} table holds NaN or infinite values (loss "
               f"{_fmt_loss(main)}); nothing was saved — try a lower --lr", file=sys.stderr)
         return 1
@@ -377,13 +377,7 @@ def _train_and_report(args, corpus, config, threads, log, train_mod):
     return 0
 
 
-def cembed_checkpoint_error():
-    from cembed.checkpoint import CheckpointError
-
-    return CheckpointError
-
-
-def np_all_finite(table):
+def _all_finite(table):
     """Whether every value of ``table`` is finite (row blocks: a table on disk is not read whole)."""
     import numpy as np
 

@@ -565,21 +565,16 @@ class Optimizer:
         """ValueError when an array an update of the modules ``updated`` writes (a weight, a state
         array) shares memory with another module's weight or state in this optimizer (within one
         module :meth:`_check_state_for` checks): each module's update must leave the others alone."""
-        def arrays(module: Any) -> List[Tuple[str, np.ndarray]]:
-            named = [("weight", module.weight)] + [(f"state {k!r}", v) for k, v in (self.state.get(module) or {}).items()]
-            return [(n, a) for n, a in named if isinstance(a, np.ndarray) and a.size]
-        every = [(where, module) for where, module in self._named_params()]
-        for where_a, a in every:
-            if not any(a is m for m in updated):
-                continue
-            for where_b, b in every:
-                if b is a or (any(b is m for m in updated) and where_b < where_a):
-                    continue   # (a pair of updated modules is checked once)
-                for name_a, x in arrays(a):
-                    for name_b, y in arrays(b):
-                        if np.may_share_memory(x, y):
-                            raise ValueError(f"{where_a}: its {name_a} shares memory with the {name_b} of {where_b}: "
-                                             "each parameter's weight and state must be its own memory")
+        written = {id(m) for m in updated}
+        tagged = [(where, module, name, arr) for where, module in self._named_params()
+                  for name, arr in [("weight", module.weight)] + [(f"state {k!r}", v) for k, v in
+                                                                  (self.state.get(module) or {}).items()]
+                  if isinstance(arr, np.ndarray) and arr.size]
+        for i, (where_a, a, name_a, x) in enumerate(tagged):   # each pair once
+            for where_b, b, name_b, y in tagged[i + 1:]:
+                if b is not a and (id(a) in written or id(b) in written) and np.may_share_memory(x, y):
+                    raise ValueError(f"{where_a}: its {name_a} shares memory with the {name_b} of {where_b}: "
+                                     "each parameter's weight and state must be its own memory")
 
     def _check_advance(self, state: Dict[str, Any], where: str) -> None:
         """ValueError, before any update, when the step about to run would take one of ``state``'s
@@ -770,11 +765,11 @@ class Optimizer:
             raise ValueError(f"{where}: the weight was replaced while the backward ran (by code run from an "
                              "option or argument); nothing was updated")
         shape, dtype = weight.shape, weight.dtype
-        # gradient rows that are views of this module's state are read from a copy (the update writes the
-        # state as it goes), and the entries are checked and grouped: nothing below that can fail on
+        # gradient rows that are views of what the update writes (the weight, this module's state) are
+        # read from a copy, and the entries are checked and grouped: nothing below that can fail on
         # them runs after the state has changed
-        contributions = contributions.apart_from(*(v for v in (self.state.get(module) or {}).values()
-                                                   if isinstance(v, np.ndarray)))
+        contributions = contributions.apart_from(weight, *(v for v in (self.state.get(module) or {}).values()
+                                                           if isinstance(v, np.ndarray)))
         contributions.check_consistent()
         chunked = sparse and self._rows_independent(options) and hasattr(contributions, "chunks")
         if chunked:
