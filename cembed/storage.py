@@ -31,6 +31,7 @@ import math
 import mmap
 import os
 import signal
+import sys
 import tempfile
 import threading
 import weakref
@@ -42,9 +43,10 @@ from numpy.lib import format as npy_format
 from ._dtypes import FULL_DTYPES, check_table_dtype, compute_dtype, is_bfloat16, is_half, resolve_dtype
 from ._validation import check_choice, check_int, check_size
 
-__all__ = ["aligned_zeros", "aligned_copy", "ALIGNMENT", "open_table", "map_array", "read_header", "NpyHeader", "create_zeros", "reserve_zeros", "map_reserved", "discard_reserved", "replace_files", "sigint_held", "copy_rows", "backing_file",
-           "fsync_path", "fsync_directory", "file_dtype", "to_file", "from_file", "CHUNK_BYTES", "INITS",
-           "ADVICE", "release_free_memory"]
+__all__ = ["aligned_zeros", "aligned_copy", "ALIGNMENT", "open_table", "map_array", "read_header", "NpyHeader",
+           "create_zeros", "reserve_zeros", "map_reserved", "discard_reserved", "replace_files", "sigint_held",
+           "write_aside", "write_atomically", "copy_rows", "backing_file", "fsync_path", "fsync_directory",
+           "file_dtype", "to_file", "from_file", "CHUNK_BYTES", "INITS", "ADVICE", "release_free_memory"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -86,7 +88,10 @@ def aligned_zeros(shape: Any, dtype: Any = np.float32) -> np.ndarray:
     shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(n) for n in shape)
     if any(n < 0 for n in shape):
         raise ValueError(f"negative dimensions are not allowed, got shape {shape}")
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize   # (Python ints: an absurd shape cannot wrap around)
+    if nbytes + ALIGNMENT > sys.maxsize:
+        raise ValueError(f"array is too big: shape {shape} of {dtype} is {nbytes:,} bytes, more than this "
+                         "platform can address")
     buffer = np.zeros(nbytes + ALIGNMENT, dtype=np.uint8)   # calloc: untouched pages stay unmapped
     start = -buffer.ctypes.data % ALIGNMENT
     return buffer[start:start + nbytes].view(dtype).reshape(shape)
@@ -286,6 +291,49 @@ def _temporary_sibling(path: str) -> str:
     finally:
         os.close(fd)
     return tmp
+
+
+def write_aside(path: PathLike, write: Callable[[Any], None]) -> str:
+    """Call ``write(fh)`` with a binary file that is a new temporary sibling of ``path`` (in the same
+    directory, with the mode an ordinary new file gets), then flush and fsync it; returns its name,
+    to be put in place with ``os.replace`` (or :func:`replace_files` for several files at once). If
+    ``write`` fails or is interrupted the temporary is removed and the error raised: ``path`` itself
+    is never touched here.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from cembed import storage
+    >>> path = os.path.join(tempfile.mkdtemp(), "notes.txt")
+    >>> os.replace(storage.write_aside(path, lambda fh: fh.write(b"hello")), path)
+    >>> open(path, "rb").read()
+    b'hello'
+    """
+    tmp = _temporary_sibling(os.fspath(path))
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    return tmp
+
+
+def write_atomically(path: PathLike, data: Union[bytes, Callable[[Any], None]]) -> None:
+    """Replace ``path`` with ``data`` (bytes, or a function writing into a binary file) through
+    :func:`write_aside`, a rename and an fsync of the directory: afterwards ``path`` is either the old
+    file or the whole new one, also after a crash."""
+    path = os.fspath(path)
+    write = data if callable(data) else (lambda fh: fh.write(data))
+    tmp = write_aside(path, write)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    fsync_directory(os.path.dirname(os.path.abspath(path)))
 
 
 def _umask() -> int:

@@ -470,6 +470,14 @@ def test_aligned_zeros_refuses_negative_shapes():
         cembed.storage.aligned_zeros((3, -1))
 
 
+@pytest.mark.parametrize("shape", [(10 ** 12, 10 ** 12), (2 ** 62, 4), (2 ** 61, 1)])
+def test_aligned_zeros_refuses_a_shape_no_address_space_holds(shape):
+    """The byte count wrapped around in int64: a 'cannot reshape' error (or an allocation of the
+    wrapped size) instead of naming the size."""
+    with pytest.raises(ValueError, match="array is too big"):
+        cembed.storage.aligned_zeros(shape)
+
+
 def test_tables_and_state_are_aligned(tmp_path, rng):
     """The arrays cembed allocates for a table and its optimizer state start on a page boundary (rows in
     whole cache lines), however they were made: constructed, state created at the first step or by

@@ -25,6 +25,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 import cembed
+from cembed import storage
 from cembed.distributed import initial_rows
 
 from .corpus import Corpus
@@ -957,27 +958,9 @@ def _train_gensim(corpus, config, threads, progress):
     return _score(result, corpus, eval_sets, before, chance)
 
 
-def _written_aside(path, write):
-    """``write(binary file)`` into a synced temporary sibling of ``path``; returns its name (put it in
-    place with ``os.replace``). Nothing is left behind when writing fails or is interrupted."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path) or ".")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)   # (mkstemp makes it private) the mode an ordinary new file gets
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
-
-
 def save_embeddings(out_dir, table, corpus):
     """embeddings.npy (float32, one row per word) and vocab.txt (the words, same order), each written
-    to a temporary file first and renamed into place when both are complete (a failed or interrupted
+    to a synced temporary file first; both are renamed into place, or neither (a failed or interrupted
     save leaves the previous files as they were)."""
     os.makedirs(out_dir, exist_ok=True)
     emb_path = os.path.join(out_dir, "embeddings.npy")
@@ -989,16 +972,15 @@ def save_embeddings(out_dir, table, corpus):
             fh.write(b"\n")
     parts = []
     try:
-        parts.append((_written_aside(emb_path, lambda fh: np.save(fh, np.ascontiguousarray(table, dtype=np.float32))),
-                      emb_path))
-        parts.append((_written_aside(vocab_path, vocabulary), vocab_path))
-        for tmp, path in parts:
-            os.replace(tmp, path)
-    except BaseException:
+        rows = np.ascontiguousarray(table, dtype=np.float32)
+        parts.append((storage.write_aside(emb_path, lambda fh: np.save(fh, rows)), emb_path))
+        parts.append((storage.write_aside(vocab_path, vocabulary), vocab_path))
+        storage.replace_files(parts)
+    finally:
         for tmp, _ in parts:
-            if os.path.exists(tmp):
+            if os.path.lexists(tmp):   # (not renamed: a failed write or rename)
                 os.unlink(tmp)
-        raise
+    storage.fsync_directory(out_dir)
     return emb_path, vocab_path
 
 
@@ -1035,7 +1017,7 @@ def pca_plot(out_dir, table, corpus, n_topics_shown=10, per_topic=40, seed=0):
     fig.tight_layout()
     path = os.path.join(out_dir, "pca.png")
     try:
-        os.replace(_written_aside(path, lambda fh: fig.savefig(fh, format="png")), path)
+        storage.write_atomically(path, lambda fh: fig.savefig(fh, format="png"))
     finally:
         plt.close(fig)
     return path

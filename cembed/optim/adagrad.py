@@ -78,8 +78,7 @@ class Adagrad(Optimizer):
 
     _state_at_join = True
 
-    def _check_initial_state(self, group: Group, state_dtype: np.dtype, where: str) -> None:
-        self._check_fill(group["initial_accumulator_value"], state_dtype, f"{where}: initial_accumulator_value")
+    _initial_fill_option = "initial_accumulator_value"
 
     def _init_state(self, module: Any, group: Group) -> None:
         state: Dict[str, Any] = {"step": np.float32(0.0)}

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import weakref
 import zipfile
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -156,12 +155,9 @@ class Optimizer:
             # every group checked before any state is made (in a state_dir: files a constructor refused
             # later must not have replaced), its parameters listed once (a generator is read once)
             seen: Dict[int, str] = {}
-            checked = []
-            for g, group in enumerate(groups):
-                _, modules = self._checked_group(group, g, seen)
-                checked.append({**group, "params": modules})
-            for group in checked:
-                self.add_param_group(group)
+            checked = [self._checked_group(group, g, seen) for g, group in enumerate(groups)]
+            for group, modules in checked:
+                self._add_checked_group(group, modules)
         except BaseException:
             if self._lock is not None:
                 self._lock()  # a refused optimizer does not keep its state_dir locked
@@ -195,7 +191,10 @@ class Optimizer:
         (0.1, 0.9)
         """
         seen = {id(m): where for where, m in self._named_params()}
-        group, modules = self._checked_group(param_group, len(self.param_groups), seen)
+        self._add_checked_group(*self._checked_group(param_group, len(self.param_groups), seen))
+
+    def _add_checked_group(self, group: Group, modules: List[Any]) -> None:
+        """Append a group :meth:`_checked_group` returned and make its parameters' state (all or none)."""
         group["params"] = modules
         self.param_groups.append(group)
         previous = {m: self.state[m] for m in modules if m in self.state}
@@ -240,12 +239,15 @@ class Optimizer:
         group = self._check_options(group, f"param_groups[{g}]")
         for k, module in enumerate(modules):  # state_dtype against every table, before anything changes
             where = f"param_groups[{g}]['params'][{k}]"
-            self._check_initial_state(group, rounding_.state_dtype(module.weight.dtype, group, where), where)
+            state_dtype = rounding_.state_dtype(module.weight.dtype, group, where)
+            if self._initial_fill_option is not None:
+                option = self._initial_fill_option
+                self._check_fill(group[option], state_dtype, f"{where}: {option}")
         return group, modules
 
-    def _check_initial_state(self, group: Group, state_dtype: np.dtype, where: str) -> None:
-        """ValueError when the state made as a parameter joins cannot hold the group's values in
-        ``state_dtype`` (default: no state is made then)."""
+    #: The option whose value fills the state made as a parameter joins (Adagrad's
+    #: ``initial_accumulator_value``), checked to be representable in the state's dtype; None: no fill.
+    _initial_fill_option: Optional[str] = None
 
     @staticmethod
     def _check_fill(value: float, state_dtype: np.dtype, what: str) -> None:
@@ -551,10 +553,9 @@ class Optimizer:
         self._check_state(_core(state), weight, where)
         arrays = [("the weight", weight)] + [(f"optimizer state {k!r}", v) for k, v in state.items()
                                              if isinstance(v, np.ndarray) and v.size]
-        for i, (name_a, a) in enumerate(arrays):   # every array written by the update is its own memory
-            for name_b, b in arrays[i + 1:]:
-                if np.may_share_memory(a, b):
-                    raise ValueError(f"{where}: {name_b} shares memory with {name_a}: each must be its own array")
+        shared = _first_shared(arrays)   # every array written by the update is its own memory
+        if shared is not None:
+            raise ValueError(f"{where}: {shared[1]} shares memory with {shared[0]}: each must be its own array")
         for name in self._float_states():
             arr = state.get(name)
             if isinstance(arr, np.ndarray) and arr.dtype != expected:
@@ -566,15 +567,15 @@ class Optimizer:
         array) shares memory with another module's weight or state in this optimizer (within one
         module :meth:`_check_state_for` checks): each module's update must leave the others alone."""
         written = {id(m) for m in updated}
-        tagged = [(where, module, name, arr) for where, module in self._named_params()
+        tagged = [((where, module, name), arr) for where, module in self._named_params()
                   for name, arr in [("weight", module.weight)] + [(f"state {k!r}", v) for k, v in
                                                                   (self.state.get(module) or {}).items()]
                   if isinstance(arr, np.ndarray) and arr.size]
-        for i, (where_a, a, name_a, x) in enumerate(tagged):   # each pair once
-            for where_b, b, name_b, y in tagged[i + 1:]:
-                if b is not a and (id(a) in written or id(b) in written) and np.may_share_memory(x, y):
-                    raise ValueError(f"{where_a}: its {name_a} shares memory with the {name_b} of {where_b}: "
-                                     "each parameter's weight and state must be its own memory")
+        shared = _first_shared(tagged, lambda a, b: b[1] is not a[1] and (id(a[1]) in written or id(b[1]) in written))
+        if shared is not None:
+            (where_a, _, name_a), (where_b, _, name_b) = shared
+            raise ValueError(f"{where_a}: its {name_a} shares memory with the {name_b} of {where_b}: "
+                             "each parameter's weight and state must be its own memory")
 
     def _check_advance(self, state: Dict[str, Any], where: str) -> None:
         """ValueError, before any update, when the step about to run would take one of ``state``'s
@@ -984,7 +985,7 @@ class Optimizer:
         meta_bytes = json.dumps(meta, allow_nan=True).encode()
         arrays["__meta__"] = np.frombuffer(meta_bytes, dtype=np.uint8)
         # streamed into the file array by array (bounded memory for state on disk)
-        _write_atomically(os.fspath(path), lambda fh: np.savez(fh, **arrays))  # type: ignore[arg-type]
+        storage.write_atomically(path, lambda fh: np.savez(fh, **arrays))  # type: ignore[arg-type]
 
     def _serialized(self) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
         """(JSON-able description, arrays by name) of the whole state, without copying any array:
@@ -1242,36 +1243,15 @@ def _remove_stale_temporaries(path: str) -> None:
                 pass
 
 
-def _write_atomically(path: str, data: Any) -> None:
-    """Write ``data`` (bytes, or a function writing into a binary file) to ``path`` through a synced
-    temporary sibling and a rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            if callable(data):
-                data(fh)
-            else:
-                fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory handles
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(dir_fd)
+def _first_shared(tagged: List[Tuple[Any, np.ndarray]],
+                  matters: Optional[Callable[[Any, Any], bool]] = None) -> Optional[Tuple[Any, Any]]:
+    """The tags ``(a, b)`` of the first pair of ``(tag, array)`` entries (each pair visited once, ``a``
+    listed first) whose arrays may share memory and for which ``matters(a, b)`` holds; None if none."""
+    for i, (tag_a, x) in enumerate(tagged):
+        for tag_b, y in tagged[i + 1:]:
+            if (matters is None or matters(tag_a, tag_b)) and np.may_share_memory(x, y):
+                return tag_a, tag_b
+    return None
 
 
 class _WrongClass(ValueError):
