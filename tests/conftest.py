@@ -23,3 +23,14 @@ def _restore_threads():
     old = cembed._config._user_threads
     yield
     cembed.set_num_threads(old)
+
+
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt during the test, as in an interactive Python: a process started
+    in the background by a non-interactive shell inherits SIGINT ignored, and Python keeps it so."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -679,8 +679,8 @@ def test_an_empty_directory_made_where_an_interrupted_save_belongs_does_not_cost
     assert cembed.load_checkpoint(tmp_path / "ck", cembed.Embedding(6, 2)) == {"v": 1}
 
 
-def test_a_ctrl_c_while_a_checkpoint_loads_is_delivered_once_tables_and_optimizer_are_loaded(tmp_path,
-                                                                                             monkeypatch):
+def test_a_ctrl_c_while_a_checkpoint_loads_is_delivered_once_tables_and_optimizer_are_loaded(
+        tmp_path, monkeypatch, ctrl_c_raises):
     """The state_dir load holds a Ctrl-C back until the optimizer has switched: delivered there, it
     came between the optimizer (loaded) and the tables (not yet). It is now held until both are."""
     import signal

@@ -44,6 +44,7 @@ def test_train_synthetic_end_to_end(tmp_path, capsys):
     assert len(vocab) == emb.shape[0] and vocab[0] == "w0"
 
 
+@pytest.mark.quality
 def test_quality_rises_well_above_chance():
     corpus = corpus_mod.synthetic_corpus(20000, 20, 300_000, seed=3)
     result = train_mod.train(corpus, train_mod.TrainConfig(seed=3), progress=False)
@@ -53,6 +54,7 @@ def test_quality_rises_well_above_chance():
     assert result.words == corpus.n_tokens and result.words_per_second > 0
 
 
+@pytest.mark.quality
 @pytest.mark.parametrize("optimizer", ["adagrad", "sgd"])
 def test_other_optimizers_learn(optimizer):
     corpus = corpus_mod.synthetic_corpus(20000, 20, 300_000, seed=1)
@@ -106,15 +108,21 @@ def test_bad_corpus_files(tmp_path, capsys, content, message):
     assert err.startswith("error: ") and message in err and "Traceback" not in err
 
 
-def test_console_entry_point_subprocess(tmp_path):
+def _env_importing_this_cembed():
+    """The environment of a subprocess that imports the cembed these tests import."""
     import cembed
 
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(cembed.__file__))))
+    return dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(cembed.__file__))))
+
+
+def test_console_entry_point_subprocess(tmp_path):
+    env = _env_importing_this_cembed()
     proc = subprocess.run([sys.executable, "-m", "cembed", "train", "--corpus", str(tmp_path / "missing.txt")],
                           capture_output=True, text=True, cwd=tmp_path, env=env)
     assert proc.returncode == 1 and "corpus file not found" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.quality
 def test_torch_backend_matches_cembed_quality():
     require_torch()
     corpus = corpus_mod.synthetic_corpus(5000, 10, 100_000, seed=2)
@@ -297,9 +305,7 @@ def test_numpy_baselines_compute_what_cembed_computes():
 
 
 def _shim_run(args, tmp_path):
-    import cembed
-
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(cembed.__file__))))
+    env = _env_importing_this_cembed()
     return subprocess.run([sys.executable, "-m", "cembed", *args], capture_output=True, text=True, cwd=tmp_path,
                           env=env, timeout=120)
 
@@ -383,6 +389,7 @@ def test_gensim_backend_without_gensim_is_a_clear_error(capsys, monkeypatch, bac
     assert err == "error: --backend gensim needs gensim (pip install gensim, or pip install \".[bench]\")\n"
 
 
+@pytest.mark.quality
 def test_gensim_backend_learns_the_topics():
     require_gensim()
     import cembed
@@ -424,6 +431,7 @@ def test_line_sentence_file(tmp_path):
 @pytest.mark.parametrize("flags,message", [
     (["--window", "128"], "--window must be at most 127"),
     (["--state-dtype", "bfloat16"], "16-bit tables"),
+    (["--rounding", "nearest"], "--rounding applies to 16-bit tables"),
     (["--threads", "1000000"], "--threads"),
     (["--dim", "1000000000"], "needs at least"),
     (["--negatives", "1000000000000"], "needs at least"),
@@ -448,6 +456,33 @@ def test_table_dir_that_is_a_file(tmp_path, capsys):
     path.write_text("x")
     assert main(["train", *TINY, "--no-save", "--table-dir", str(path)]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_bench_refuses_a_thread_count_naming_the_flag(capsys):
+    """As train does: an error line naming --threads, before the table's header is printed."""
+    assert main(["bench", "--threads", "1000000", "--rows", "1000", "--n", "100", "--repeats", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("error: --threads") and out == ""
+
+
+def test_a_refused_run_leaves_no_new_out_dir(tmp_path, capsys):
+    """--out was made before later refusals (more shards than words): a refused run left it behind."""
+    out = tmp_path / "new" / "out"
+    assert main(["train", "--shards", "100", "--ray-address", "127.0.0.1:1", "--vocab-size", "50", "--topics", "5",
+                 "--tokens", "500", "--quiet", "--out", str(out)]) == 2
+    assert "cannot exceed the vocabulary" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "new")
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """``python -m cembed bench | head -1``: exit 1 without a BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "cembed", "bench", "--rows", "100000", "--n", "50000",
+                             "--repeats", "5", "--no-torch"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=tmp_path, env=_env_importing_this_cembed())
+    assert proc.stdout.readline().startswith(b"cembed ")
+    proc.stdout.close()   # the reader goes away while the table is still being measured
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
 
 
 def test_bench_refuses_a_size_no_ram_holds(capsys):

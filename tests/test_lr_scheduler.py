@@ -218,6 +218,37 @@ def test_state_dict_is_a_copy_and_skips_the_optimizer():
     assert sched.base_lrs == [0.5, 0.03, 1.7e-3]
 
 
+@pytest.mark.parametrize("opt_class,key", [("SGD", "momentum"), ("SparseAdam", "betas")])
+def test_a_refused_one_cycle_step_changes_no_group_momentum(opt_class, key):
+    """A group added after the scheduler has no cycle (KeyError at it): the groups before it kept the
+    refused step's cycled momentum / beta1."""
+    make = getattr(cembed.optim, opt_class)
+    options = {"momentum": 0.9} if opt_class == "SGD" else {}
+    opt = make([cembed.Embedding(10, 4, sparse=True)], lr=0.1, **options)
+    sched = lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=10)
+    opt.add_param_group({"params": [cembed.Embedding(10, 4, sparse=True)]})
+    before = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+    with pytest.raises(KeyError):
+        sched.step()
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == before
+    assert before[0][key] != before[1][key]   # (group 0's was cycled by the constructor: a real change)
+
+
+def test_a_refused_plateau_step_changes_nothing():
+    """ReduceLROnPlateau refused a step at the reduction (a group added since, with per-group min_lr)
+    after recording the epoch and the bad-epoch count (torch does too): retried, it reduced twice as
+    early. Now the refused step leaves the scheduler and every group as they were."""
+    opt = cembed.optim.SGD([cembed.Embedding(10, 4, sparse=True)], lr=0.1)
+    sched = lr_scheduler.ReduceLROnPlateau(opt, patience=1, min_lr=[0.0])
+    sched.step(1.0)
+    sched.step(2.0)   # one bad epoch
+    opt.add_param_group({"params": [cembed.Embedding(10, 4, sparse=True)]})
+    before = copy.deepcopy(sched.state_dict()), [g["lr"] for g in opt.param_groups]
+    with pytest.raises(RuntimeError, match="number of param groups"):
+        sched.step(3.0)   # the second bad epoch: a reduction
+    assert (sched.state_dict(), [g["lr"] for g in opt.param_groups]) == before
+
+
 def test_a_refused_step_or_load_leaves_the_scheduler_as_it_was():
     """A step refused for a learning rate it cannot compute had already advanced the schedule (one
     epoch skipped once the rate was fixed), and load_state_dict set whatever it was given (a T_max of

@@ -679,7 +679,7 @@ def test_replace_files_never_deletes_a_file_it_could_not_keep(tmp_path, monkeypa
     assert not (tmp_path / "c").exists() and (tmp_path / "c.new").exists()
 
 
-def test_replace_files_holds_back_a_ctrl_c_until_the_commit_is_made(tmp_path):
+def test_replace_files_holds_back_a_ctrl_c_until_the_commit_is_made(tmp_path, ctrl_c_raises):
     import signal
 
     for name in ("a", "b"):

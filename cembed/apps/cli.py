@@ -86,7 +86,7 @@ def build_parser():
     model.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                        help="cembed backend: table and optimizer-state dtype; 16-bit tables compute in float32 "
                             "and round every update once (default float32; bfloat16 needs pip install cembed[bf16])")
-    model.add_argument("--rounding", choices=["stochastic", "nearest"], default="stochastic",
+    model.add_argument("--rounding", choices=["stochastic", "nearest"], default=None,
                        help="--dtype bfloat16/float16: how updates are rounded (default stochastic, reproducible)")
     model.add_argument("--state-dtype", choices=["bfloat16", "float16", "float32"], default=None,
                        help="--dtype bfloat16/float16: optimizer-state dtype (default bfloat16: float16 lacks the "
@@ -247,13 +247,6 @@ def run_train(args):
     if args.table_dir is not None and args.backend != ["cembed"]:
         print("error: --table-dir keeps cembed's tables on disk: use it with --backend cembed", file=sys.stderr)
         return 2
-    # fail before training, not after it, when the results cannot be written
-    writes = not args.no_save or (not args.no_plot and corpus.topics is not None)
-    if writes:
-        problem = _output_dir_problem(args.out)
-        if problem:
-            print(f"error: {problem}", file=sys.stderr)
-            return 1
     if args.shards > corpus.vocab_size:   # (_argument_problem: --shards comes with the cembed backend)
         print(f"error: --shards ({args.shards}) cannot exceed the vocabulary ({corpus.vocab_size:,} words): every "
               "shard holds at least one row", file=sys.stderr)
@@ -268,7 +261,8 @@ def run_train(args):
     config = train_mod.TrainConfig(dim=args.dim, window=args.window, negatives=args.negatives,
                                    batch_size=args.batch_size, epochs=args.epochs, optimizer=args.optimizer,
                                    lr=args.lr, subsample=args.subsample, seed=args.seed, threads=args.threads,
-                                   dtype=args.dtype, rounding=args.rounding, state_dtype=args.state_dtype,
+                                   dtype=args.dtype, rounding=args.rounding or "stochastic",
+                                   state_dtype=args.state_dtype,
                                    table_dir=args.table_dir, resume=args.resume, prefetch=not args.no_prefetch,
                                    checkpoint_every=args.checkpoint_every or 0, shards=args.shards,
                                    row_order=args.row_order)
@@ -278,6 +272,13 @@ def run_train(args):
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+    # fail before training, not after it, when the results cannot be written (the last check: a run
+    # refused for another reason leaves no new directory behind)
+    if not args.no_save or (not args.no_plot and corpus.topics is not None):
+        problem = _output_dir_problem(args.out)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 1
     ray = _start_ray(args, threads, log) if args.shards else None
     try:
         return _train_and_report(args, corpus, config, threads, log, train_mod)
@@ -466,22 +467,17 @@ def _gib(n_bytes):
 
 def _argument_problem(args):
     """What is wrong with train's arguments taken together (before any data is made), or None."""
-    import cembed
-
     from .train import BatchStream
 
     if args.state_dtype is not None and args.dtype == "float32":
         return "--state-dtype applies to 16-bit tables (--dtype bfloat16 or float16); float32 tables keep float32 state"
+    if args.rounding is not None and args.dtype == "float32":
+        return "--rounding applies to 16-bit tables (--dtype bfloat16 or float16); float32 updates are not rounded"
     if args.window > BatchStream.MAX_WINDOW:   # (each token's drawn window is kept in one byte)
         return f"--window must be at most {BatchStream.MAX_WINDOW}, got {args.window}"
-    if args.threads is not None:
-        previous = cembed.set_num_threads(None)   # cembed's own rule for a thread count, nothing kept
-        try:
-            cembed.set_num_threads(args.threads)
-        except ValueError as exc:
-            return f"--threads: {exc}"
-        finally:
-            cembed.set_num_threads(previous)
+    problem = _threads_problem(args.threads)
+    if problem:
+        return problem
     if args.table_dir is not None:
         for path in (args.table_dir, *(os.path.join(args.table_dir, d) for d in ("tables", "state", "checkpoint"))):
             if os.path.lexists(path) and not os.path.isdir(path):
@@ -492,6 +488,22 @@ def _argument_problem(args):
         return "--shards shards cembed's tables: use it with the cembed backend"
     if args.corpus is None:
         return _memory_problem(args, args.vocab_size, args.tokens)
+    return None
+
+
+def _threads_problem(threads):
+    """None, or why ``--threads`` cannot be used (cembed's own rule for a thread count; nothing kept)."""
+    import cembed
+
+    if threads is None:
+        return None
+    previous = cembed.set_num_threads(None)
+    try:
+        cembed.set_num_threads(threads)
+    except ValueError as exc:
+        return f"--threads: {exc}"
+    finally:
+        cembed.set_num_threads(previous)
     return None
 
 
@@ -537,6 +549,10 @@ def _output_dir_problem(path):
 def run_bench(args):
     from . import bench
 
+    problem = _threads_problem(args.threads)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     ram = _physical_memory()
     # a lower bound: every kernel needs the float32 table and at least its looked-up rows and their
     # gradient (most keep more: copies for the contenders, optimizer state)
@@ -571,6 +587,13 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of the output went away (``python -m cembed bench | head``): stop quietly, as a
+        # Unix tool does, with what is still buffered for stdout sent nowhere
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1
     import cembed
 
     cembed.show_config()

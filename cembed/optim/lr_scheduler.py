@@ -1151,20 +1151,22 @@ class ReduceLROnPlateau(LRScheduler):
             epoch = self.last_epoch + 1
         else:
             warnings.warn(EPOCH_DEPRECATION_WARNING, UserWarning, stacklevel=2)
-        self.last_epoch = epoch
-        if self._is_better(current, self.best):
-            self.best = current
-            self.num_bad_epochs = 0
-        else:
-            self.num_bad_epochs += 1
-        if self.in_cooldown:
-            self.cooldown_counter -= 1
-            self.num_bad_epochs = 0
-        if self.num_bad_epochs > self.patience:
-            self._reduce_lr(epoch)
-            self.cooldown_counter = self.cooldown
-            self.num_bad_epochs = 0
-        self._last_lr = self._current_lrs()
+        _check_group_lrs(self.optimizer)
+        with self._all_or_nothing():   # a refused step (torch's: half-done) changes nothing
+            self.last_epoch = epoch
+            if self._is_better(current, self.best):
+                self.best = current
+                self.num_bad_epochs = 0
+            else:
+                self.num_bad_epochs += 1
+            if self.in_cooldown:
+                self.cooldown_counter -= 1
+                self.num_bad_epochs = 0
+            if self.num_bad_epochs > self.patience:
+                self._reduce_lr(epoch)
+                self.cooldown_counter = self.cooldown
+                self.num_bad_epochs = 0
+            self._last_lr = self._current_lrs()
 
     def _reduce_lr(self, epoch: int) -> None:
         groups = self.optimizer.param_groups
@@ -1176,11 +1178,14 @@ class ReduceLROnPlateau(LRScheduler):
                     "param group being added to the optimizer. Please modify the `min_lrs` field to "
                     "match the length of the `optimizer` param groups.")
             self.min_lrs = [self.default_min_lr] * len(groups)
+        reduced = {}   # every group's new lr worked out before any is written
         for i, group in enumerate(groups):
             old_lr = float(group["lr"])
             new_lr = max(old_lr * self.factor, self.min_lrs[i])
             if old_lr - new_lr > self.eps:
-                group["lr"] = new_lr
+                reduced[i] = new_lr
+        for i, new_lr in reduced.items():
+            groups[i]["lr"] = new_lr
 
     @property
     def in_cooldown(self) -> bool:
@@ -1402,6 +1407,7 @@ class OneCycleLR(LRScheduler):
             raise ValueError(f"Tried to step {step_num} times. The specified number of total steps "
                              f"is {self.total_steps}")
         lrs = []
+        momenta = []   # written once every group's are computed: a refused step changes no group
         last = len(self._schedule_phases) - 1
         for group in self.optimizer.param_groups:
             start_step = 0.0
@@ -1423,8 +1429,10 @@ class OneCycleLR(LRScheduler):
                 start_step = phase["end_step"]
             lrs.append(lr)
             if self.cycle_momentum:
-                if self.use_beta1:
-                    group["betas"] = (momentum, *group["betas"][1:])
-                else:
-                    group["momentum"] = momentum
+                momenta.append(momentum)
+        for group, momentum in zip(self.optimizer.param_groups, momenta):
+            if self.use_beta1:
+                group["betas"] = (momentum, *group["betas"][1:])
+            else:
+                group["momentum"] = momentum
         return lrs
