@@ -6,8 +6,8 @@ Environment switches:
   CEMBED_FAIL_NO_OPENMP=1  fail the build instead of falling back to a serial build
   CEMBED_DISABLE_OPENMP=1  build serial kernels on purpose
   CEMBED_BOUNDSCHECK=1     compile the kernels with bounds and wraparound checks (debugging)
-  CEMBED_OPT_LEVEL=1       optimisation level of the kernels (default 3, i.e. -O3); the sanitizer
-                           build uses 1 (an -O in $CFLAGS would be overridden by ours, which comes later)
+  CEMBED_OPT_LEVEL=g       optimisation level of the kernels (default 3, i.e. -O3); the sanitizer
+                           build uses g (an -O in $CFLAGS would be overridden by ours, which comes later)
 
 The usual CFLAGS / CPPFLAGS / LDFLAGS apply to the kernels and to the OpenMP probe alike (a
 sanitizer build is `CFLAGS="-fsanitize=address,undefined" LDFLAGS="-fsanitize=address,undefined"`;
@@ -77,13 +77,18 @@ def environment_link_flags():
     return flags
 
 
+def _build_jobs():
+    """Parallel jobs of a build: one per core, at most 4."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 class BuildExt(build_ext):
     def finalize_options(self):
         super().finalize_options()
         # `pip install` passes no -j: compile the extensions in parallel anyway, one job per core (at
         # most 4). An explicit --parallel / -j wins.
         if not self.parallel:
-            self.parallel = max(1, min(4, os.cpu_count() or 1))
+            self.parallel = _build_jobs()
 
     def run(self):
         # setuptools clears self.inplace while it builds, then copies the extensions back
@@ -195,7 +200,9 @@ def extensions():
         "cdivision": True,
         "embedsignature": True,
     }
-    return cythonize(exts, compiler_directives=directives, include_path=["cembed"])
+    # Cython translates the modules in parallel too (one process per core, at most 4), as build_ext compiles them
+    return cythonize(exts, compiler_directives=directives, include_path=["cembed"],
+                     nthreads=_build_jobs())
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

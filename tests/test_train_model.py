@@ -49,6 +49,7 @@ def test_cembed_step_matches_reference():
             assert loss is None
 
 
+@pytest.mark.quality
 def test_rowwise_adagrad_learns():
     corpus = corpus_mod.synthetic_corpus(20000, 20, 300_000, seed=1)
     result = train_mod.train(corpus, train_mod.TrainConfig(optimizer="rowwise_adagrad", seed=1), progress=False)
