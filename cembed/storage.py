@@ -45,8 +45,9 @@ from ._validation import check_choice, check_int, check_size
 
 __all__ = ["aligned_zeros", "aligned_copy", "ALIGNMENT", "open_table", "map_array", "read_header", "NpyHeader",
            "create_zeros", "reserve_zeros", "map_reserved", "discard_reserved", "replace_files", "sigint_held",
-           "write_aside", "write_atomically", "copy_rows", "backing_file", "fsync_path", "fsync_directory",
-           "file_dtype", "to_file", "from_file", "CHUNK_BYTES", "INITS", "ADVICE", "release_free_memory"]
+           "write_aside", "write_atomically", "copy_rows", "backing_file", "may_share_file_pages", "fsync_path",
+           "fsync_directory", "file_dtype", "to_file", "from_file", "CHUNK_BYTES", "INITS", "ADVICE",
+           "release_free_memory"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -293,12 +294,12 @@ def _temporary_sibling(path: str) -> str:
     return tmp
 
 
-def write_aside(path: PathLike, write: Callable[[Any], None]) -> str:
+def write_aside(path: PathLike, write: Callable[[Any], None], *, sync: bool = True) -> str:
     """Call ``write(fh)`` with a binary file that is a new temporary sibling of ``path`` (in the same
-    directory, with the mode an ordinary new file gets), then flush and fsync it; returns its name,
-    to be put in place with ``os.replace`` (or :func:`replace_files` for several files at once). If
-    ``write`` fails or is interrupted the temporary is removed and the error raised: ``path`` itself
-    is never touched here.
+    directory, with the mode an ordinary new file gets), then flush and (if ``sync``) fsync it;
+    returns its name, to be put in place with ``os.replace`` (or :func:`replace_files` for several
+    files at once). If ``write`` fails or is interrupted the temporary is removed and the error
+    raised: ``path`` itself is never touched here.
 
     Examples
     --------
@@ -314,7 +315,8 @@ def write_aside(path: PathLike, write: Callable[[Any], None]) -> str:
         with open(tmp, "wb") as fh:
             write(fh)
             fh.flush()
-            os.fsync(fh.fileno())
+            if sync:
+                os.fsync(fh.fileno())
     except BaseException:
         _unlink_quietly(tmp)
         raise
@@ -420,19 +422,13 @@ def reserve_zeros(path: PathLike, shape: Tuple[int, ...], dtype: Any, *, durable
     path = os.fspath(path)
     shape, dtype = _checked_array_spec(shape, dtype)
     nbytes = math.prod(shape) * dtype.itemsize
-    tmp = _temporary_sibling(path)
-    try:
-        with open(tmp, "r+b") as fh:
-            offset = _write_header(fh, shape, dtype)
-            fh.truncate(offset + nbytes)
-            _reserve_space(fh.fileno(), offset + nbytes, path)
-            if durable:
-                fh.flush()
-                os.fsync(fh.fileno())
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    return tmp
+
+    def zeros(fh: Any) -> None:
+        offset = _write_header(fh, shape, dtype)
+        fh.truncate(offset + nbytes)
+        _reserve_space(fh.fileno(), offset + nbytes, path)
+
+    return write_aside(path, zeros, sync=durable)
 
 
 def map_reserved(tmp: str, path: PathLike, dtype: Any) -> np.memmap:
@@ -887,6 +883,49 @@ def mapped_file_id(array: Any) -> Optional[Tuple[int, int]]:
     :func:`map_array`, checkpoints, ``state_dir``) maps, or None for any other array."""
     known = _mapping(array)
     return None if known is None else (known[0], known[1])
+
+
+def _file_extent(array: Any) -> Optional[Tuple[Tuple[int, int], int, int, str]]:
+    """``((st_dev, st_ino), first byte, end byte, mode)`` of the part of a file a memory map ``array``
+    (any ``numpy.memmap`` or a view of one) covers, or None (not a map, empty, closed, or the file is
+    gone)."""
+    mm = getattr(array, "_mmap", None) if isinstance(array, np.memmap) else None
+    if mm is None or array.size == 0:
+        return None
+    known = _MAPPED.get(mm)
+    if known is not None:
+        file_id, mode = (known[0], known[1]), known[2]
+    else:
+        try:
+            status = os.stat(array.filename)
+        except (OSError, TypeError):
+            return None
+        file_id, mode = (status.st_dev, status.st_ino), str(getattr(array, "mode", ""))
+    try:
+        base = np.frombuffer(mm, dtype=np.uint8, count=1).ctypes.data   # the address of the map's first byte
+    except (TypeError, ValueError, BufferError):   # closed
+        return None
+    start = int(array.offset) - int(array.offset) % mmap.ALLOCATIONGRANULARITY   # as numpy.memmap maps
+    low, high = _byte_bounds(array)
+    return file_id, start + (low - base), start + (high - base), mode
+
+
+def _byte_bounds(array: np.ndarray) -> Tuple[int, int]:
+    bounds = getattr(getattr(np, "lib", None), "array_utils", None)
+    return (bounds.byte_bounds if bounds is not None else np.byte_bounds)(array)   # (NumPy < 2: np.byte_bounds)
+
+
+def may_share_file_pages(a: Any, b: Any) -> bool:
+    """True when the memory maps ``a`` and ``b`` cover overlapping bytes of one file and a write
+    through one of them reaches the file (a shared read-write map, ``"r+"`` / ``"w+"``): a write through
+    one is then seen through the other, though ``numpy.may_share_memory`` (which compares addresses)
+    says no — two maps of one file are at two addresses. Two copy-on-write maps never share."""
+    extent_a, extent_b = _file_extent(a), _file_extent(b)
+    if extent_a is None or extent_b is None or extent_a[0] != extent_b[0]:
+        return False
+    if not ({extent_a[3], extent_b[3]} & {"r+", "w+", "readwrite", "write"}):
+        return False
+    return extent_a[1] < extent_b[2] and extent_b[1] < extent_a[2]
 
 
 def maps_file_read_only(array: Any) -> bool:

@@ -707,3 +707,26 @@ def test_param_groups_given_as_generators(tmp_path):
     assert [len(g["params"]) for g in opt.param_groups] == [2, 1]
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".npy")) == ["p0.sum.npy", "p1.sum.npy",
                                                                               "p2.sum.npy"]
+
+
+def test_write_atomically_replaces_whole_or_not_at_all(tmp_path):
+    """storage.write_atomically (an optimizer's save, the trainer's plot): a write that fails part-way
+    leaves the old file and no temporary; a complete one gets the mode an ordinary new file gets
+    (mkstemp's 0600 made an optimizer's saves private)."""
+    path = tmp_path / "out.bin"
+    storage.write_atomically(path, b"old")
+
+    def partial(fh):
+        fh.write(b"half of the new")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        storage.write_atomically(path, partial)
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["out.bin"]
+    storage.write_atomically(path, lambda fh: fh.write(b"new"))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.read_bytes() == b"new" and os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+    tmp = storage.write_aside(path, lambda fh: fh.write(b"aside"))
+    assert path.read_bytes() == b"new" and pathlib.Path(tmp).read_bytes() == b"aside"
+    assert os.path.dirname(tmp) == str(tmp_path)

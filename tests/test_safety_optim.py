@@ -665,6 +665,42 @@ def test_prefetch_with_something_that_is_not_an_optimizer():
         emb.prefetch(np.array([1]), optimizer=object())
 
 
+@pytest.mark.parametrize("how", ["storage.map_array", "np.load"])
+def test_state_that_maps_the_pages_of_another_array_is_refused(tmp_path, how):
+    """Two maps of one file are two addresses: numpy.may_share_memory says they are apart, but a write
+    through one is read through the other. A state array mapping the weight's file is refused like one
+    sharing its memory, before anything changes."""
+    path = tmp_path / "w.npy"
+    emb = cembed.Embedding.from_pretrained(cembed.open_table(path, 20, 4, init="normal", seed=0), freeze=False,
+                                           sparse=True)
+    opt = cembed.optim.SGD([emb], lr=0.1, momentum=0.9)
+    emb.backward(np.ones((1, 4), np.float32), np.array([1]), optimizer=opt)
+    second = cembed.storage.map_array(path, "r+") if how == "storage.map_array" else np.load(path, mmap_mode="r+")
+    assert not np.may_share_memory(second, emb.weight)
+    opt.state[emb]["momentum_buffer"] = second
+    before = np.array(emb.weight).tobytes()
+    with pytest.raises(ValueError, match="optimizer state 'momentum_buffer' shares memory with the weight"):
+        emb.backward(np.ones((1, 4), np.float32), np.array([1]), optimizer=opt)
+    assert np.array(emb.weight).tobytes() == before
+
+
+def test_may_share_file_pages_compares_the_bytes_each_map_covers(tmp_path):
+    path = tmp_path / "w.npy"
+    table = cembed.open_table(path, 20, 4, init="normal", seed=0)
+    other = np.load(path, mmap_mode="r+")[5:15]   # a view of another map: its rows' bytes only
+    share = cembed.storage.may_share_file_pages
+    assert share(other, table) and share(table, other)
+    assert share(other[2:3], table[7:8])            # row 7 in both
+    assert not share(other[2:3], table[8:9])        # rows 7 and 8
+    assert not share(other[:0], table)              # no bytes
+    assert not share(other, np.zeros((20, 4), np.float32))
+    # nothing is written into the file through copy-on-write or read-only maps
+    assert not share(cembed.storage.map_array(path, "c"), np.load(path, mmap_mode="c"))
+    assert not share(cembed.storage.map_array(path, "r"), np.load(path, mmap_mode="r"))
+    # ... but a shared map's writes show through them
+    assert share(cembed.storage.map_array(path, "c"), table) and share(np.load(path, mmap_mode="r"), table)
+
+
 def test_state_shared_between_two_parameters_is_refused():
     """Within one parameter shared state was refused; across two it was not: one module's update then
     changed the other's momentum (or weight)."""

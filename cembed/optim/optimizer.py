@@ -1246,10 +1246,12 @@ def _remove_stale_temporaries(path: str) -> None:
 def _first_shared(tagged: List[Tuple[Any, np.ndarray]],
                   matters: Optional[Callable[[Any, Any], bool]] = None) -> Optional[Tuple[Any, Any]]:
     """The tags ``(a, b)`` of the first pair of ``(tag, array)`` entries (each pair visited once, ``a``
-    listed first) whose arrays may share memory and for which ``matters(a, b)`` holds; None if none."""
+    listed first) whose arrays may share memory — at one address, or as two maps of one file's pages —
+    and for which ``matters(a, b)`` holds; None if none."""
     for i, (tag_a, x) in enumerate(tagged):
         for tag_b, y in tagged[i + 1:]:
-            if (matters is None or matters(tag_a, tag_b)) and np.may_share_memory(x, y):
+            if (matters is None or matters(tag_a, tag_b)) and (np.may_share_memory(x, y)
+                                                              or storage.may_share_file_pages(x, y)):
                 return tag_a, tag_b
     return None
 
