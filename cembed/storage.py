@@ -911,8 +911,12 @@ def _file_extent(array: Any) -> Optional[Tuple[Tuple[int, int], int, int, str]]:
 
 
 def _byte_bounds(array: np.ndarray) -> Tuple[int, int]:
-    bounds = getattr(getattr(np, "lib", None), "array_utils", None)
-    return (bounds.byte_bounds if bounds is not None else np.byte_bounds)(array)   # (NumPy < 2: np.byte_bounds)
+    """(first byte, end byte) addresses of ``array``'s elements (``byte_bounds``: in
+    ``numpy.lib.array_utils`` since NumPy 2, ``numpy`` before)."""
+    utils = getattr(np.lib, "array_utils", None)
+    byte_bounds = getattr(utils if utils is not None else np, "byte_bounds")
+    low, high = byte_bounds(array)
+    return int(low), int(high)
 
 
 def may_share_file_pages(a: Any, b: Any) -> bool:
