@@ -11,12 +11,18 @@
 #   bash tests/ray/run.sh python benchmarks/bench_ray.py
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+empty=""
 if [ "$#" -eq 0 ]; then
     # the installed cembed: run from an empty directory, so that neither pytest nor Ray's workers (which
     # get the driver's working directory on their path) import the unbuilt sources of this checkout
     set -- pytest "$PWD/tests/ray" -q -p no:cacheprovider
-    cd "$(mktemp -d)"
+    empty="$(mktemp -d)"
+    cd "$empty"
 fi
-exec unshare --net --pid --fork --kill-child --mount-proc -- \
+status=0
+unshare --net --pid --fork --kill-child --mount-proc -- \
     env RAY_USAGE_STATS_ENABLED=0 CEMBED_REQUIRE_RAY="${CEMBED_REQUIRE_RAY:-1}" \
-    bash -c 'ip link set lo up && mkdir -p /tmp/ray && mount -t tmpfs -o size=4g cembed-ray /tmp/ray && exec "$@"' cembed-ray-netns "$@"
+    bash -c 'ip link set lo up && mkdir -p /tmp/ray && mount -t tmpfs -o size=4g cembed-ray /tmp/ray && exec "$@"' cembed-ray-netns "$@" \
+    || status=$?
+[ -z "$empty" ] || { cd / && rm -rf "$empty"; }   # (pytest-benchmark leaves .benchmarks/ there)
+exit "$status"
