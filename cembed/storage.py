@@ -45,8 +45,8 @@ from ._validation import check_choice, check_int, check_size
 
 __all__ = ["aligned_zeros", "aligned_copy", "ALIGNMENT", "open_table", "map_array", "read_header", "NpyHeader",
            "create_zeros", "reserve_zeros", "map_reserved", "discard_reserved", "replace_files", "sigint_held",
-           "write_aside", "write_atomically", "copy_rows", "backing_file", "may_share_file_pages", "fsync_path",
-           "fsync_directory", "file_dtype", "to_file", "from_file", "CHUNK_BYTES", "INITS", "ADVICE",
+           "write_aside", "write_atomically", "copy_rows", "backing_file", "may_share_file_pages", "first_overlap",
+           "fsync_path", "fsync_directory", "file_dtype", "to_file", "from_file", "CHUNK_BYTES", "INITS", "ADVICE",
            "release_free_memory"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -924,12 +924,38 @@ def may_share_file_pages(a: Any, b: Any) -> bool:
     through one of them reaches the file (a shared read-write map, ``"r+"`` / ``"w+"``): a write through
     one is then seen through the other, though ``numpy.may_share_memory`` (which compares addresses)
     says no — two maps of one file are at two addresses. Two copy-on-write maps never share."""
-    extent_a, extent_b = _file_extent(a), _file_extent(b)
-    if extent_a is None or extent_b is None or extent_a[0] != extent_b[0]:
+    return _extents_share(_file_extent(a), _file_extent(b))
+
+
+def _extents_share(a: Optional[Tuple[Tuple[int, int], int, int, str]],
+                   b: Optional[Tuple[Tuple[int, int], int, int, str]]) -> bool:
+    if a is None or b is None or a[0] != b[0] or not ({a[3], b[3]} & {"r+", "w+"}):
         return False
-    if not ({extent_a[3], extent_b[3]} & {"r+", "w+", "readwrite", "write"}):
-        return False
-    return extent_a[1] < extent_b[2] and extent_b[1] < extent_a[2]
+    return a[1] < b[2] and b[1] < a[2]
+
+
+def first_overlap(arrays: List[Any],
+                  matters: Optional[Callable[[int, int], bool]] = None) -> Optional[Tuple[int, int]]:
+    """The indices ``(i, j)``, ``i < j``, of the first pair of ``arrays`` that may share memory — at one
+    address (``numpy.may_share_memory``) or as maps of overlapping bytes of one file
+    (:func:`may_share_file_pages`) — among the pairs for which ``matters(i, j)`` holds (default: all);
+    None if no pair does. Each array's place in its file is worked out once.
+
+    Examples
+    --------
+    >>> import numpy as np, cembed
+    >>> a = np.zeros(10)
+    >>> cembed.storage.first_overlap([a[:5], np.ones(3), a[4:]])
+    (0, 2)
+    """
+    extents = [_file_extent(a) for a in arrays]
+    for i in range(len(arrays)):
+        for j in range(i + 1, len(arrays)):
+            if matters is not None and not matters(i, j):
+                continue
+            if np.may_share_memory(arrays[i], arrays[j]) or _extents_share(extents[i], extents[j]):
+                return i, j
+    return None
 
 
 def maps_file_read_only(array: Any) -> bool:

@@ -553,9 +553,10 @@ class Optimizer:
         self._check_state(_core(state), weight, where)
         arrays = [("the weight", weight)] + [(f"optimizer state {k!r}", v) for k, v in state.items()
                                              if isinstance(v, np.ndarray) and v.size]
-        shared = _first_shared(arrays)   # every array written by the update is its own memory
+        shared = storage.first_overlap([a for _, a in arrays])   # each array the update writes is its own
         if shared is not None:
-            raise ValueError(f"{where}: {shared[1]} shares memory with {shared[0]}: each must be its own array")
+            raise ValueError(f"{where}: {arrays[shared[1]][0]} shares memory with {arrays[shared[0]][0]}: each must "
+                             "be its own array")
         for name in self._float_states():
             arr = state.get(name)
             if isinstance(arr, np.ndarray) and arr.dtype != expected:
@@ -571,9 +572,14 @@ class Optimizer:
                   for name, arr in [("weight", module.weight)] + [(f"state {k!r}", v) for k, v in
                                                                   (self.state.get(module) or {}).items()]
                   if isinstance(arr, np.ndarray) and arr.size]
-        shared = _first_shared(tagged, lambda a, b: b[1] is not a[1] and (id(a[1]) in written or id(b[1]) in written))
+        owners = [module for (_, module, _), _ in tagged]
+
+        def across_written(i: int, j: int) -> bool:   # two modules' arrays, one of them updated now
+            return owners[i] is not owners[j] and (id(owners[i]) in written or id(owners[j]) in written)
+
+        shared = storage.first_overlap([arr for _, arr in tagged], across_written)
         if shared is not None:
-            (where_a, _, name_a), (where_b, _, name_b) = shared
+            (where_a, _, name_a), (where_b, _, name_b) = tagged[shared[0]][0], tagged[shared[1]][0]
             raise ValueError(f"{where_a}: its {name_a} shares memory with the {name_b} of {where_b}: "
                              "each parameter's weight and state must be its own memory")
 
@@ -1241,19 +1247,6 @@ def _remove_stale_temporaries(path: str) -> None:
                 os.unlink(os.path.join(path, name))
             except OSError:
                 pass
-
-
-def _first_shared(tagged: List[Tuple[Any, np.ndarray]],
-                  matters: Optional[Callable[[Any, Any], bool]] = None) -> Optional[Tuple[Any, Any]]:
-    """The tags ``(a, b)`` of the first pair of ``(tag, array)`` entries (each pair visited once, ``a``
-    listed first) whose arrays may share memory — at one address, or as two maps of one file's pages —
-    and for which ``matters(a, b)`` holds; None if none."""
-    for i, (tag_a, x) in enumerate(tagged):
-        for tag_b, y in tagged[i + 1:]:
-            if (matters is None or matters(tag_a, tag_b)) and (np.may_share_memory(x, y)
-                                                              or storage.may_share_file_pages(x, y)):
-                return tag_a, tag_b
-    return None
 
 
 class _WrongClass(ValueError):
