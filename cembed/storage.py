@@ -11,6 +11,10 @@ needs is here, written once:
 * :func:`create_zeros` — a zero ``.npy`` file without writing its data (its space reserved);
 * :func:`copy_rows` — copy one array into another in bounded-size row blocks;
 * :func:`backing_file` — the ``.npy`` file a memory-mapped array maps whole, if any;
+* :func:`write_aside` / :func:`write_atomically` / :func:`replace_files` — new contents for files,
+  whole or not at all (synced temporary siblings renamed into place; several files all or none);
+* :func:`may_share_file_pages` / :func:`first_overlap` — whether arrays may share memory, also as two
+  maps of one file's bytes (which ``numpy.may_share_memory`` cannot see);
 * :func:`fsync_path` / :func:`fsync_directory` — durability;
 * :func:`release_free_memory` — give the heap memory freed by a set-up back to the system.
 
@@ -31,11 +35,12 @@ import math
 import mmap
 import os
 import signal
+import stat
 import sys
 import tempfile
 import threading
 import weakref
-from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 from numpy.lib import format as npy_format
@@ -284,22 +289,57 @@ def _write_header(fh: Any, shape: Tuple[int, ...], dtype: np.dtype) -> int:
     return int(fh.tell())
 
 
-def _temporary_sibling(path: str) -> str:
+def _temporary_sibling(path: str, mode: Optional[int] = None) -> Tuple[int, str]:
+    """``(open descriptor, name)`` of a new empty file beside ``path``, with permission bits ``mode``
+    (default: those an ordinary new file gets; mkstemp's 0600 would make every table private — kept
+    where the file system refuses to change them). Made with Ctrl-C held back: it exists only once
+    this returns."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    fd, tmp = -1, ""
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make every table private
-    finally:
-        os.close(fd)
-    return tmp
+        with sigint_held():
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+            try:
+                os.fchmod(fd, (0o666 & ~_umask()) if mode is None else mode)
+            except OSError:   # (vfat, exfat, some network file systems: the bits cannot be set)
+                pass
+        return fd, tmp
+    except BaseException:   # (a Ctrl-C held back is raised at the end of the with block)
+        if fd >= 0:
+            os.close(fd)
+            _unlink_quietly(tmp)
+        raise
 
 
-def write_aside(path: PathLike, write: Callable[[Any], None], *, sync: bool = True) -> str:
-    """Call ``write(fh)`` with a binary file that is a new temporary sibling of ``path`` (in the same
-    directory, with the mode an ordinary new file gets), then flush and (if ``sync``) fsync it;
-    returns its name, to be put in place with ``os.replace`` (or :func:`replace_files` for several
-    files at once). If ``write`` fails or is interrupted the temporary is removed and the error
-    raised: ``path`` itself is never touched here.
+def write_aside(path: PathLike, write: Callable[[Any], None], *, sync: bool = True,
+                mode: Optional[int] = None) -> str:
+    """Write a new temporary sibling of ``path`` and return its name, to be put in place with
+    ``os.replace`` (or :func:`replace_files` for several files at once). ``path`` itself is never
+    touched here.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file the temporary is to become (it is made in the same directory, named
+        ``.<name>.<random>.tmp``).
+    write : callable
+        ``write(fh)`` writes the contents into ``fh``, a binary file open for writing.
+    sync : bool, default True
+        Flush the file to stable storage (``fsync``) before returning.
+    mode : int, optional
+        Permission bits of the file (default: those an ordinary new file gets, ``0o666`` less the
+        umask).
+
+    Returns
+    -------
+    str
+        The temporary file's name.
+
+    Raises
+    ------
+    Exception
+        Whatever ``write`` or the file system raised (``OSError`` for a full disk, ...); the temporary
+        is removed first, also when a Ctrl-C interrupts.
 
     Examples
     --------
@@ -310,9 +350,9 @@ def write_aside(path: PathLike, write: Callable[[Any], None], *, sync: bool = Tr
     >>> open(path, "rb").read()
     b'hello'
     """
-    tmp = _temporary_sibling(os.fspath(path))
+    fd, tmp = _temporary_sibling(os.fspath(path), mode)
     try:
-        with open(tmp, "wb") as fh:
+        with os.fdopen(fd, "wb") as fh:   # (written through the descriptor mkstemp opened, never by name)
             write(fh)
             fh.flush()
             if sync:
@@ -324,12 +364,39 @@ def write_aside(path: PathLike, write: Callable[[Any], None], *, sync: bool = Tr
 
 
 def write_atomically(path: PathLike, data: Union[bytes, Callable[[Any], None]]) -> None:
-    """Replace ``path`` with ``data`` (bytes, or a function writing into a binary file) through
-    :func:`write_aside`, a rename and an fsync of the directory: afterwards ``path`` is either the old
-    file or the whole new one, also after a crash."""
+    """Replace the file ``path`` with new contents, whole or not at all: they are written to a
+    temporary sibling (:func:`write_aside`, synced), renamed over ``path`` and the directory synced,
+    so that ``path`` is the old file or the whole new one, also after a crash. A file replaced keeps
+    its permission bits; a new one gets an ordinary new file's.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    data : bytes or callable
+        The contents, or a function ``data(fh)`` writing them into a binary file.
+
+    Raises
+    ------
+    OSError
+        Writing or renaming failed: ``path`` is as it was and no temporary is left.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from cembed import storage
+    >>> path = os.path.join(tempfile.mkdtemp(), "notes.txt")
+    >>> storage.write_atomically(path, b"first")
+    >>> storage.write_atomically(path, lambda fh: fh.write(b"second"))
+    >>> open(path, "rb").read()
+    b'second'
+    """
     path = os.fspath(path)
     write = data if callable(data) else (lambda fh: fh.write(data))
-    tmp = write_aside(path, write)
+    try:
+        mode: Optional[int] = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        mode = None
+    tmp = write_aside(path, write, mode=mode)
     try:
         os.replace(tmp, path)
     except BaseException:
@@ -703,27 +770,27 @@ def _create_table(path: str, shape: Tuple[int, int], dtype: np.dtype, init: Any,
     n_rows, dim = shape
     stored = file_dtype(dtype)
     work = compute_dtype(dtype)   # a 16-bit table is initialised in float32, rounded to nearest per block
-    tmp = _temporary_sibling(path)
+
+    def fill(fh: Any) -> None:
+        offset = _write_header(fh, shape, stored)
+        fh.truncate(offset + n_rows * dim * stored.itemsize)
+        _reserve_space(fh.fileno(), offset + n_rows * dim * stored.itemsize, path)
+        step = _chunk_rows(dim * work.itemsize, chunk_bytes)
+        buffer = np.empty((min(step, n_rows), dim), dtype=work)
+        for lo in range(0, n_rows, step):
+            block = buffer[:min(step, n_rows - lo)]
+            if callable(init):
+                block.fill(0)   # what a callable leaves unwritten is zero (never the last block's values)
+            _fill(block, lo, init, rng, dim)
+            if not (isinstance(block, np.ndarray) and block.shape == (min(step, n_rows - lo), dim)
+                    and block.dtype == work):  # the callable reshaped or retyped it in place
+                raise ValueError(f"open_table: init changed the block it was given (shape {block.shape} "
+                                 f"{block.dtype}, expected {(min(step, n_rows - lo), dim)} {work}): fill it in place")
+            out = to_file(block.astype(dtype)) if work != dtype else block
+            _pwrite_all(fh.fileno(), out.tobytes(), offset + lo * dim * stored.itemsize)
+
+    tmp = write_aside(path, fill)
     try:
-        with open(tmp, "r+b") as fh:
-            offset = _write_header(fh, shape, stored)
-            fh.truncate(offset + n_rows * dim * stored.itemsize)
-            _reserve_space(fh.fileno(), offset + n_rows * dim * stored.itemsize, path)
-            step = _chunk_rows(dim * work.itemsize, chunk_bytes)
-            buffer = np.empty((min(step, n_rows), dim), dtype=work)
-            for lo in range(0, n_rows, step):
-                block = buffer[:min(step, n_rows - lo)]
-                if callable(init):
-                    block.fill(0)   # what a callable leaves unwritten is zero (never the last block's values)
-                _fill(block, lo, init, rng, dim)
-                if not (isinstance(block, np.ndarray) and block.shape == (min(step, n_rows - lo), dim)
-                        and block.dtype == work):  # the callable reshaped or retyped it in place
-                    raise ValueError(f"open_table: init changed the block it was given (shape {block.shape} "
-                                     f"{block.dtype}, expected {(min(step, n_rows - lo), dim)} {work}): fill it in place")
-                out = to_file(block.astype(dtype)) if work != dtype else block
-                _pwrite_all(fh.fileno(), out.tobytes(), offset + lo * dim * stored.itemsize)
-            fh.flush()
-            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         _unlink_quietly(tmp)
@@ -867,13 +934,14 @@ def open_table(path: PathLike, num_embeddings: Optional[int] = None, embedding_d
 ADVICE = {"random": "MADV_RANDOM", "sequential": "MADV_SEQUENTIAL", "normal": "MADV_NORMAL"}
 
 
-#: The file (``st_dev``, ``st_ino``) each mapping made by :func:`_map` maps, and its mode: a file name
-#: can be given to another file later (a checkpoint saved again), the mapping keeps the file it was made
-#: of. Keyed by the ``mmap`` object, so neither an array's attributes nor its flags can change them.
-_MAPPED: "weakref.WeakKeyDictionary[mmap.mmap, Tuple[int, int, str]]" = weakref.WeakKeyDictionary()
+#: The file (``st_dev``, ``st_ino``) each mapping made by :func:`_map` maps, its mode and the file
+#: offset it starts at: a file name can be given to another file later (a checkpoint saved again), the
+#: mapping keeps the file it was made of. Keyed by the ``mmap`` object, so neither an array's
+#: attributes nor its flags can change them.
+_MAPPED: "weakref.WeakKeyDictionary[mmap.mmap, Tuple[int, int, str, int]]" = weakref.WeakKeyDictionary()
 
 
-def _mapping(array: Any) -> Optional[Tuple[int, int, str]]:
+def _mapping(array: Any) -> Optional[Tuple[int, int, str, int]]:
     mm = getattr(array, "_mmap", None) if isinstance(array, np.memmap) else None
     return _MAPPED.get(mm) if mm is not None else None
 
@@ -886,28 +954,74 @@ def mapped_file_id(array: Any) -> Optional[Tuple[int, int]]:
 
 
 def _file_extent(array: Any) -> Optional[Tuple[Tuple[int, int], int, int, str]]:
-    """``((st_dev, st_ino), first byte, end byte, mode)`` of the part of a file a memory map ``array``
-    (any ``numpy.memmap`` or a view of one) covers, or None (not a map, empty, closed, or the file is
-    gone)."""
-    mm = getattr(array, "_mmap", None) if isinstance(array, np.memmap) else None
-    if mm is None or array.size == 0:
+    """``((st_dev, st_ino), first byte, end byte, mode)`` of the part of a file the array covers when
+    its memory is a file's memory map (a ``numpy.memmap``, a view of one, or any array whose base is
+    one), mode ``"r+"`` for a shared writable map, ``"c"`` for a private one, ``"r"`` read-only; None
+    for any other array, an empty one, or a map whose file cannot be told. The file is the one mapped
+    (recorded when cembed mapped it, else read from ``/proc/self/maps``), not whatever file has its
+    name now."""
+    if not isinstance(array, np.ndarray) or array.size == 0:
         return None
-    known = _MAPPED.get(mm)
-    if known is not None:
-        file_id, mode = (known[0], known[1]), known[2]
-    else:
-        try:
-            status = os.stat(array.filename)
-        except (OSError, TypeError):
-            return None
-        file_id, mode = (status.st_dev, status.st_ino), str(getattr(array, "mode", ""))
+    mm, owner = _underlying_map(array)
+    if mm is None:
+        return None
     try:
         base = np.frombuffer(mm, dtype=np.uint8, count=1).ctypes.data   # the address of the map's first byte
     except (TypeError, ValueError, BufferError):   # closed
         return None
-    start = int(array.offset) - int(array.offset) % mmap.ALLOCATIONGRANULARITY   # as numpy.memmap maps
+    known = _MAPPED.get(mm)
+    where = (known[:2], known[3], known[2]) if known is not None else _kernel_mapping(base, owner)
+    if where is None:
+        return None
+    file_id, start, mode = where
     low, high = _byte_bounds(array)
     return file_id, start + (low - base), start + (high - base), mode
+
+
+def _underlying_map(array: np.ndarray) -> Tuple[Optional[mmap.mmap], Optional[np.memmap]]:
+    """(the ``mmap.mmap`` at the end of ``array``'s chain of bases, the ``numpy.memmap`` nearest it)."""
+    obj: Any = array
+    owner = None
+    for _ in range(256):   # (a chain of views is short; a cycle cannot be made, but never loop forever)
+        if isinstance(obj, mmap.mmap):
+            return obj, owner
+        if isinstance(obj, np.memmap):
+            owner = obj
+        obj = getattr(obj, "base", None)
+        if obj is None:
+            break
+    return None, None
+
+
+def _kernel_mapping(address: int, owner: Optional[np.memmap]) -> Optional[Tuple[Tuple[int, int], int, str]]:
+    """``((st_dev, st_ino), file offset of ``address``, mode)`` of the file mapping that holds
+    ``address``, from ``/proc/self/maps`` (Linux); elsewhere from the ``numpy.memmap``'s own record
+    (its file, by name, and offset), or None."""
+    try:
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                fields = line.split()
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                if lo <= address < hi:
+                    inode = int(fields[4])
+                    if inode == 0:
+                        return None
+                    major, minor = (int(x, 16) for x in fields[3].split(":"))
+                    perms = fields[1]
+                    mode = "c" if perms[3] == "p" else ("r+" if perms[1] == "w" else "r")
+                    return (os.makedev(major, minor), inode), int(fields[2], 16) + (address - lo), mode
+        return None
+    except (OSError, ValueError, IndexError):
+        pass
+    filename = getattr(owner, "filename", None)
+    if owner is None or filename is None:
+        return None
+    try:
+        status = os.stat(filename)
+    except (OSError, TypeError):
+        return None
+    offset = int(owner.offset)
+    return (status.st_dev, status.st_ino), offset - offset % mmap.ALLOCATIONGRANULARITY, str(owner.mode)
 
 
 def _byte_bounds(array: np.ndarray) -> Tuple[int, int]:
@@ -948,12 +1062,18 @@ def first_overlap(arrays: List[Any],
     >>> cembed.storage.first_overlap([a[:5], np.ones(3), a[4:]])
     (0, 2)
     """
-    extents = [_file_extent(a) for a in arrays]
+    extents: Dict[int, Any] = {}   # worked out when a pair that matters first needs one
+
+    def extent(i: int) -> Any:
+        if i not in extents:
+            extents[i] = _file_extent(arrays[i])
+        return extents[i]
+
     for i in range(len(arrays)):
         for j in range(i + 1, len(arrays)):
             if matters is not None and not matters(i, j):
                 continue
-            if np.may_share_memory(arrays[i], arrays[j]) or _extents_share(extents[i], extents[j]):
+            if np.may_share_memory(arrays[i], arrays[j]) or _extents_share(extent(i), extent(j)):
                 return i, j
     return None
 
@@ -983,7 +1103,9 @@ def _map(path: str, header: NpyHeader, mode: str, advice: str = "random") -> np.
                           shape=header.shape)
     mm = getattr(array, "_mmap", None)
     if mm is not None:
-        _MAPPED[mm] = (status.st_dev, status.st_ino, mode)
+        # (device, inode, mode, the file offset the map starts at: numpy.memmap maps from the offset
+        # rounded down to the allocation granularity)
+        _MAPPED[mm] = (status.st_dev, status.st_ino, mode, header.offset - header.offset % mmap.ALLOCATIONGRANULARITY)
     flag = getattr(mmap, ADVICE[advice], None)
     if mm is not None and flag is not None and hasattr(mm, "madvise"):
         try:

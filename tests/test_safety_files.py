@@ -730,3 +730,29 @@ def test_write_atomically_replaces_whole_or_not_at_all(tmp_path):
     tmp = storage.write_aside(path, lambda fh: fh.write(b"aside"))
     assert path.read_bytes() == b"new" and pathlib.Path(tmp).read_bytes() == b"aside"
     assert os.path.dirname(tmp) == str(tmp_path)
+
+
+def test_write_atomically_keeps_the_mode_and_works_where_modes_cannot_be_set(tmp_path, monkeypatch):
+    """A file replaced keeps its permission bits (a private 0600 save stayed private with the old code's
+    mkstemp; a chmod by the user is kept); a file system that refuses fchmod (vfat, exfat) still gets
+    the file, and a failure anywhere leaves no temporary."""
+    path = tmp_path / "opt.npz"
+    path.write_bytes(b"old")
+    os.chmod(path, 0o600)
+    storage.write_atomically(path, b"new")
+    assert path.read_bytes() == b"new" and os.stat(path).st_mode & 0o777 == 0o600
+
+    def refused(fd, mode):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchmod", refused)
+    storage.write_atomically(tmp_path / "other.bin", b"x")
+    assert (tmp_path / "other.bin").read_bytes() == b"x"
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(storage, "_umask", interrupted)   # Ctrl-C right after the temporary was made
+    with pytest.raises(KeyboardInterrupt):
+        storage.write_atomically(tmp_path / "third.bin", b"y")
+    assert sorted(os.listdir(tmp_path)) == ["opt.npz", "other.bin"]

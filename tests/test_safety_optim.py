@@ -7,6 +7,8 @@ state (``state_dict()`` compared bitwise) and the step counters."""
 import copy
 import json
 
+import os
+
 import numpy as np
 import pytest
 from numpy.lib.stride_tricks import as_strided
@@ -699,6 +701,24 @@ def test_may_share_file_pages_compares_the_bytes_each_map_covers(tmp_path):
     assert not share(cembed.storage.map_array(path, "r"), np.load(path, mmap_mode="r"))
     # ... but a shared map's writes show through them
     assert share(cembed.storage.map_array(path, "c"), table) and share(np.load(path, mmap_mode="r"), table)
+    # any array whose memory is the map's: a plain ndarray view of a memmap
+    assert share(np.asarray(other)[2:3], table[7:8]) and share(other.view(np.ndarray), table)
+    assert not share(np.asarray(other)[2:3], table[8:9])
+
+
+def test_may_share_file_pages_tells_the_mapped_file_not_the_name(tmp_path):
+    """A map keeps the file it was made of: after the name is given to a new file, a map of the new
+    one and the old map share nothing (the name was compared); a hard link is the same file."""
+    path = tmp_path / "w.npy"
+    cembed.open_table(path, 20, 4, init="normal", seed=0)
+    old = np.load(path, mmap_mode="r+")
+    os.link(path, tmp_path / "link.npy")
+    cembed.open_table(tmp_path / "new.npy", 20, 4, init="normal", seed=1)
+    os.replace(tmp_path / "new.npy", path)
+    new = cembed.open_table(path, mode="r+")
+    linked = cembed.open_table(tmp_path / "link.npy", mode="r+")
+    share = cembed.storage.may_share_file_pages
+    assert not share(old, new) and share(old, linked) and share(np.asarray(old), linked)
 
 
 def test_state_shared_between_two_parameters_is_refused():
