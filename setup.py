@@ -14,6 +14,7 @@ sanitizer build is `CFLAGS="-fsanitize=address,undefined" LDFLAGS="-fsanitize=ad
 see .ci/sanitize).
 """
 import glob
+import multiprocessing
 import os
 import shlex
 import shutil
@@ -200,9 +201,12 @@ def extensions():
         "cdivision": True,
         "embedsignature": True,
     }
-    # Cython translates the modules in parallel too (one process per core, at most 4), as build_ext compiles them
+    # Cython translates the modules in parallel too (one process per core, at most 4), as build_ext compiles
+    # them — where processes are forked: a pool that spawns its workers (macOS, Windows, forkserver) would
+    # run this script again in each of them
+    forked = multiprocessing.get_start_method() == "fork"
     return cythonize(exts, compiler_directives=directives, include_path=["cembed"],
-                     nthreads=_build_jobs())
+                     nthreads=_build_jobs() if forked else 0)
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

@@ -953,7 +953,32 @@ def mapped_file_id(array: Any) -> Optional[Tuple[int, int]]:
     return None if known is None else (known[0], known[1])
 
 
+#: _file_extent's answers by array (id -> (weak reference, answer)): an array's memory, hence the file
+#: bytes it maps, never changes while it lives; the entry goes with the array.
+_EXTENTS: Dict[int, Tuple[Any, Any]] = {}
+
+
 def _file_extent(array: Any) -> Optional[Tuple[Tuple[int, int], int, int, str]]:
+    """:func:`_file_extent_of`, remembered for the array's life."""
+    if not isinstance(array, np.memmap) and not isinstance(getattr(array, "base", None), np.ndarray):
+        return _file_extent_of(array)   # (no map in its chain of bases: nothing to remember)
+    key = id(array)
+    known = _EXTENTS.get(key)
+    if known is not None and known[0]() is array:
+        return known[1]
+    answer = _file_extent_of(array)
+
+    def forget(_: Any) -> None:
+        _EXTENTS.pop(key, None)
+
+    try:
+        _EXTENTS[key] = (weakref.ref(array, forget), answer)
+    except TypeError:   # (an object without weak references: not remembered)
+        pass
+    return answer
+
+
+def _file_extent_of(array: Any) -> Optional[Tuple[Tuple[int, int], int, int, str]]:
     """``((st_dev, st_ino), first byte, end byte, mode)`` of the part of a file the array covers when
     its memory is a file's memory map (a ``numpy.memmap``, a view of one, or any array whose base is
     one), mode ``"r+"`` for a shared writable map, ``"c"`` for a private one, ``"r"`` read-only; None

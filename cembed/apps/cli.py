@@ -272,8 +272,8 @@ def run_train(args):
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    # fail before training, not after it, when the results cannot be written (the last check: a run
-    # refused for another reason leaves no new directory behind)
+    # fail before training, not after it, when the results cannot be written (checked, not made: a run
+    # refused or failed before its results are written leaves no new directory behind)
     if not args.no_save or (not args.no_plot and corpus.topics is not None):
         problem = _output_dir_problem(args.out)
         if problem:
@@ -365,6 +365,8 @@ def _train_and_report(args, corpus, config, threads, log, train_mod):
               f"{_fmt_loss(main)}); nothing was saved — try a lower --lr", file=sys.stderr)
         return 1
     try:
+        if not args.no_save or (not args.no_plot and corpus.topics is not None):
+            os.makedirs(args.out, exist_ok=True)
         if not args.no_save:
             emb_path, vocab_path = train_mod.save_embeddings(args.out, main.table, corpus)
             log(f"  saved   {emb_path} ({main.table.shape[0]:,} x {main.table.shape[1]} float32), {vocab_path}")
@@ -534,15 +536,22 @@ def _memory_problem(args, vocab_size, n_tokens):
 
 
 def _output_dir_problem(path):
-    """None when ``path`` is (or can be made) a writable directory, else what is wrong with it."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except FileExistsError:
-        return f"--out {path} exists and is not a directory"
-    except OSError as exc:
-        return f"cannot create the output directory --out {path}: {exc.strerror or exc}"
-    if not os.access(path, os.W_OK | os.X_OK):
-        return f"the output directory --out {path} is not writable"
+    """None when ``path`` is a writable directory or could be made one (its nearest existing ancestor
+    is a writable directory), else what is wrong with it. Nothing is created: the directory is made
+    when the results are written, so a run refused or failed before that leaves none behind."""
+    if os.path.lexists(path):
+        if not os.path.isdir(path):
+            return f"--out {path} exists and is not a directory"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"the output directory --out {path} is not writable"
+        return None
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(ancestor) and os.path.dirname(ancestor) != ancestor:
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        return f"cannot create the output directory --out {path}: {ancestor} is not a directory"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"cannot create the output directory --out {path}: {ancestor} is not writable"
     return None
 
 
@@ -571,33 +580,70 @@ def main(argv=None):
     (``runtime.reuse_large_allocations``, process-wide and for good), which library calls of
     ``train()`` never do."""
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit:   # --help, a bad flag: argparse has printed and exits
+        if argv is None:
+            try:
+                sys.stdout.flush()
+            except BrokenPipeError:
+                _silence_closed_outputs()
+        raise
     if argv is None and args.command == "train":
         _relaunch_with_passive_openmp_waiting()
     try:
-        if args.command == "train" and args.shards and not args.ray_address:
-            relaunch = _network_namespace_relaunch(sys.argv[1:] if argv is None else list(argv))
-            if relaunch is not None:
-                return relaunch
-        if args.command == "train":
-            reuse_large_allocations()   # both backends alike: ~50 MB per-step temporaries stay in the heap
-            return run_train(args)
-        if args.command == "bench":
-            return run_bench(args)
+        code = _run(args, argv)
+        if argv is None:
+            sys.stdout.flush()   # (buffered output is written here, inside the try, not at exit)
+        return code
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # the reader of the output went away (``python -m cembed bench | head``): stop quietly, as a
-        # Unix tool does, with what is still buffered for stdout sent nowhere
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        # Unix tool does — when this process is cembed's and its output is what broke (a broken
+        # connection elsewhere is an error like any other)
+        if argv is not None or not _silence_closed_outputs():
+            raise
         return 1
+
+
+def _run(args, argv):
+    if args.command == "train" and args.shards and not args.ray_address:
+        relaunch = _network_namespace_relaunch(sys.argv[1:] if argv is None else list(argv))
+        if relaunch is not None:
+            return relaunch
+    if args.command == "train":
+        reuse_large_allocations()   # both backends alike: ~50 MB per-step temporaries stay in the heap
+        return run_train(args)
+    if args.command == "bench":
+        return run_bench(args)
     import cembed
 
     cembed.show_config()
     return 0
+
+
+def _silence_closed_outputs():
+    """Point stdout / stderr whose reader has gone (a pipe's read end closed) at /dev/null, so that
+    what is still buffered for them, written at exit, goes nowhere; True if either had."""
+    import select
+
+    closed = []
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            fd = stream.fileno()
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
+            if any(event & select.POLLERR for _, event in poller.poll(0)):   # a pipe without a reader
+                closed.append(fd)
+        except (AttributeError, OSError, ValueError):
+            continue
+    for fd in closed:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+    return bool(closed)
 
 
 if __name__ == "__main__":

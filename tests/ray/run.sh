@@ -11,18 +11,17 @@
 #   bash tests/ray/run.sh python benchmarks/bench_ray.py
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-empty=""
+workdir=""
 if [ "$#" -eq 0 ]; then
     # the installed cembed: run from an empty directory, so that neither pytest nor Ray's workers (which
-    # get the driver's working directory on their path) import the unbuilt sources of this checkout
+    # get the driver's working directory on their path) import the unbuilt sources of this checkout --
+    # one inside the namespace's private tmpfs, which goes with it (nothing is left to clean up, and
+    # exec keeps this script's process id the namespace's: ending it ends everything inside)
     set -- pytest "$PWD/tests/ray" -q -p no:cacheprovider
-    empty="$(mktemp -d)"
-    cd "$empty"
+    workdir=/tmp/ray/cwd
 fi
-status=0
-unshare --net --pid --fork --kill-child --mount-proc -- \
-    env RAY_USAGE_STATS_ENABLED=0 CEMBED_REQUIRE_RAY="${CEMBED_REQUIRE_RAY:-1}" \
-    bash -c 'ip link set lo up && mkdir -p /tmp/ray && mount -t tmpfs -o size=4g cembed-ray /tmp/ray && exec "$@"' cembed-ray-netns "$@" \
-    || status=$?
-[ -z "$empty" ] || { cd / && rm -rf "$empty"; }   # (pytest-benchmark leaves .benchmarks/ there)
-exit "$status"
+exec unshare --net --pid --fork --kill-child --mount-proc -- \
+    env RAY_USAGE_STATS_ENABLED=0 CEMBED_REQUIRE_RAY="${CEMBED_REQUIRE_RAY:-1}" CEMBED_RAY_WORKDIR="$workdir" \
+    bash -c 'ip link set lo up && mkdir -p /tmp/ray && mount -t tmpfs -o size=4g cembed-ray /tmp/ray &&
+             { [ -z "$CEMBED_RAY_WORKDIR" ] || { mkdir -p "$CEMBED_RAY_WORKDIR" && cd "$CEMBED_RAY_WORKDIR"; }; } &&
+             exec "$@"' cembed-ray-netns "$@"
