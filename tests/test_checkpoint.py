@@ -576,6 +576,12 @@ def test_trainer_resume_with_another_rounding_or_state_dtype_is_refused(tmp_path
     assert (tmp_path / "half" / "checkpoint" / "MANIFEST.json").read_bytes() == saved
     again = _train_cli(base + ["--resume"], tmp_path, env)
     assert again.returncode == 0, again.stderr
+    # a run with other values resumes with them when they are not given again (they were the defaults)
+    other = ["--table-dir", "other", "--dtype", "float16", "--tokens", "20000", "--rounding", "nearest",
+             "--state-dtype", "float32"]
+    assert _train_cli(other, tmp_path, env).returncode == 0
+    resumed = _train_cli(other[:6] + ["--resume"], tmp_path, env)
+    assert resumed.returncode == 0 and "float32 optimizer state (nearest rounding)" in resumed.stdout, resumed.stderr
     # a checkpoint of an earlier version records neither: it resumes (they are not compared)
     manifest = tmp_path / "half" / "checkpoint" / "MANIFEST.json"
     doc = json.loads(manifest.read_text())

@@ -87,10 +87,11 @@ def build_parser():
                        help="cembed backend: table and optimizer-state dtype; 16-bit tables compute in float32 "
                             "and round every update once (default float32; bfloat16 needs pip install cembed[bf16])")
     model.add_argument("--rounding", choices=["stochastic", "nearest"], default=None,
-                       help="--dtype bfloat16/float16: how updates are rounded (default stochastic, reproducible)")
+                       help="--dtype bfloat16/float16: how updates are rounded (default stochastic, reproducible; "
+                            "a --resume takes the recorded one)")
     model.add_argument("--state-dtype", choices=["bfloat16", "float16", "float32"], default=None,
                        help="--dtype bfloat16/float16: optimizer-state dtype (default bfloat16: float16 lacks the "
-                            "range for Adam's second moments)")
+                            "range for Adam's second moments; a --resume takes the recorded one)")
     model.add_argument("--subsample", type=_non_negative_float, default=1e-4,
                        help="frequent-word subsampling threshold, 0 to disable (default 1e-4)")
     run = t.add_argument_group("run")
@@ -258,11 +259,18 @@ def run_train(args):
         return 2
     threads = args.threads or cembed.get_num_threads()
     log(f"corpus  {corpus.description}  ({time.perf_counter() - t0:.1f}s)")
+    rounding, state_dtype = args.rounding, args.state_dtype
+    if args.resume and args.dtype != "float32" and (rounding is None or state_dtype is None):
+        # a 16-bit run resumes with the rounding and state dtype it recorded, unless they are given
+        recorded = train_mod.recorded_settings(args.table_dir)
+        if rounding is None and recorded.get("rounding") in ("stochastic", "nearest"):
+            rounding = recorded["rounding"]
+        if state_dtype is None and recorded.get("state_dtype") in ("bfloat16", "float16", "float32"):
+            state_dtype = recorded["state_dtype"]
     config = train_mod.TrainConfig(dim=args.dim, window=args.window, negatives=args.negatives,
                                    batch_size=args.batch_size, epochs=args.epochs, optimizer=args.optimizer,
                                    lr=args.lr, subsample=args.subsample, seed=args.seed, threads=args.threads,
-                                   dtype=args.dtype, rounding=args.rounding or "stochastic",
-                                   state_dtype=args.state_dtype,
+                                   dtype=args.dtype, rounding=rounding or "stochastic", state_dtype=state_dtype,
                                    table_dir=args.table_dir, resume=args.resume, prefetch=not args.no_prefetch,
                                    checkpoint_every=args.checkpoint_every or 0, shards=args.shards,
                                    row_order=args.row_order)

@@ -624,6 +624,18 @@ class WordRows:
         return out if dtype is None else out.astype(dtype, copy=False)
 
 
+def recorded_settings(table_dir):
+    """The settings the trainer checkpoint in ``table_dir`` records ({} when there is none or it
+    cannot be read: ``--resume`` reports why when it checks the checkpoint)."""
+    try:
+        meta, _ = cembed.checkpoint.read_directory(os.path.join(table_dir, "checkpoint"), verify=False)
+    except (ValueError, OSError):
+        return {}
+    extra = meta.get("extra") if isinstance(meta, dict) else None
+    settings = extra.get("settings") if isinstance(extra, dict) else None
+    return dict(settings) if isinstance(settings, dict) else {}
+
+
 class TableDir:
     """``--table-dir DIR``: the tables (``DIR/tables/in.npy``, ``out.npy``) and the optimizer state
     (``DIR/state/``) as memory-mapped files, checkpoints in ``DIR/checkpoint`` (``docs/storage.md``).
