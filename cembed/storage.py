@@ -789,13 +789,7 @@ def _create_table(path: str, shape: Tuple[int, int], dtype: np.dtype, init: Any,
             out = to_file(block.astype(dtype)) if work != dtype else block
             _pwrite_all(fh.fileno(), out.tobytes(), offset + lo * dim * stored.itemsize)
 
-    tmp = write_aside(path, fill)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    fsync_directory(os.path.dirname(os.path.abspath(path)))
+    write_atomically(path, fill)
 
 
 def open_table(path: PathLike, num_embeddings: Optional[int] = None, embedding_dim: Optional[int] = None,
