@@ -396,13 +396,18 @@ def write_atomically(path: PathLike, data: Union[bytes, Callable[[Any], None]]) 
         mode: Optional[int] = stat.S_IMODE(os.stat(path).st_mode)
     except OSError:
         mode = None
-    tmp = write_aside(path, write, mode=mode)
+    _rename_into_place(write_aside(path, write, mode=mode), path)
+
+
+def _rename_into_place(tmp: str, path: str, sync_directory: bool = True) -> None:
+    """``os.replace(tmp, path)`` (``tmp`` removed if that fails), then the directory synced."""
     try:
         os.replace(tmp, path)
     except BaseException:
         _unlink_quietly(tmp)
         raise
-    fsync_directory(os.path.dirname(os.path.abspath(path)))
+    if sync_directory:
+        fsync_directory(os.path.dirname(os.path.abspath(path)))
 
 
 def _umask() -> int:
@@ -446,14 +451,7 @@ def create_zeros(path: PathLike, shape: Tuple[int, ...], dtype: Any, *, durable:
     0.0
     """
     path = os.fspath(path)
-    tmp = reserve_zeros(path, shape, dtype, durable=durable)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    if durable:
-        fsync_directory(os.path.dirname(os.path.abspath(path)))
+    _rename_into_place(reserve_zeros(path, shape, dtype, durable=durable), path, sync_directory=durable)
 
 
 #: The largest file cembed makes (bytes of data): beyond any file system's limit, far below int64.
@@ -955,7 +953,7 @@ _EXTENTS: Dict[int, Tuple[Any, Any]] = {}
 def _file_extent(array: Any) -> Optional[Tuple[Tuple[int, int], int, int, str]]:
     """:func:`_file_extent_of`, remembered for the array's life."""
     if not isinstance(array, np.memmap) and not isinstance(getattr(array, "base", None), np.ndarray):
-        return _file_extent_of(array)   # (no map in its chain of bases: nothing to remember)
+        return _file_extent_of(array)   # (neither a memmap nor a view of an array: cheap, not remembered)
     key = id(array)
     known = _EXTENTS.get(key)
     if known is not None and known[0]() is array:

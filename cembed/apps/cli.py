@@ -315,6 +315,8 @@ def _start_ray(args, threads, log):
 
 
 def _train_and_report(args, corpus, config, threads, log, train_mod):
+    from cembed.checkpoint import CheckpointError
+
     log(f"model   skip-gram, negative sampling: dim {config.dim}, window {config.window}, "
         f"{config.negatives} negatives, batch {config.batch_size} pairs, {config.epochs} epoch(s), "
         f"{config.optimizer} lr {config.learning_rate()}, {threads} thread(s)"
@@ -337,7 +339,7 @@ def _train_and_report(args, corpus, config, threads, log, train_mod):
         config.backend = backend
         try:
             result = train_mod.train(corpus, config, progress=not args.quiet)
-        except (train_mod.TableDirError, train_mod.cembed.checkpoint.CheckpointError, OSError) as exc:   # ResumeError too
+        except (train_mod.TableDirError, CheckpointError, OSError) as exc:   # ResumeError too
             print(f"error: {exc}", file=sys.stderr)
             return 1
         results.append(result)
@@ -373,8 +375,6 @@ def _train_and_report(args, corpus, config, threads, log, train_mod):
               f"{_fmt_loss(main)}); nothing was saved — try a lower --lr", file=sys.stderr)
         return 1
     try:
-        if not args.no_save or (not args.no_plot and corpus.topics is not None):
-            os.makedirs(args.out, exist_ok=True)
         if not args.no_save:
             emb_path, vocab_path = train_mod.save_embeddings(args.out, main.table, corpus)
             log(f"  saved   {emb_path} ({main.table.shape[0]:,} x {main.table.shape[1]} float32), {vocab_path}")

@@ -1029,6 +1029,7 @@ def pca_plot(out_dir, table, corpus, n_topics_shown=10, per_topic=40, seed=0):
     fig.tight_layout()
     path = os.path.join(out_dir, "pca.png")
     try:
+        os.makedirs(out_dir, exist_ok=True)   # (as save_embeddings: the writer makes the directory)
         storage.write_atomically(path, lambda fh: fig.savefig(fh, format="png"))
     finally:
         plt.close(fig)
