@@ -563,7 +563,8 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
 def replace_files(pairs: List[Tuple[str, str]], commit: Optional[Callable[[], None]] = None) -> None:
     """``os.replace(src, dst)`` for every pair (in one directory each), all or none, then ``commit()``.
 
-    Before the first rename every existing ``dst`` gets a hard link ``dst + ".replaced"``; if a rename
+    Before the first rename every existing ``dst`` gets a hard link ``.<name>.<random>.replaced`` beside
+    it (a fresh name: no file of the user's is ever removed for it); if a rename
     fails (or is interrupted) the pairs renamed so far are undone — an old file put back by its link,
     a file that was not there removed — before the error is raised. An existing ``dst`` that cannot
     get the link (a file system without hard links) cannot be put back: it is left replaced. Once
@@ -584,15 +585,7 @@ def replace_files(pairs: List[Tuple[str, str]], commit: Optional[Callable[[], No
         try:
             for _, dst in pairs:
                 existed.append(os.path.lexists(dst))
-                backup = None
-                if existed[-1]:
-                    backup = dst + ".replaced"
-                    _unlink_quietly(backup)
-                    try:
-                        os.link(dst, backup)
-                    except OSError:
-                        backup = None
-                backups.append(backup)
+                backups.append(_link_aside(dst) if existed[-1] else None)
             done = 0
             try:
                 for src, dst in pairs:
@@ -614,6 +607,22 @@ def replace_files(pairs: List[Tuple[str, str]], commit: Optional[Callable[[], No
             for backup in backups:
                 if backup is not None:
                     _unlink_quietly(backup)
+
+
+def _link_aside(path: str) -> Optional[str]:
+    """A new hard link ``.<name>.<random>.replaced`` beside ``path`` (``os.link`` never replaces a
+    file: a name taken is tried again with another), or None when the file system makes no links."""
+    directory, name = os.path.split(path)
+    for _ in range(100):
+        backup = os.path.join(directory, f".{name}.{os.urandom(6).hex()}.replaced")
+        try:
+            os.link(path, backup)
+            return backup
+        except FileExistsError:
+            continue
+        except OSError:
+            return None
+    return None
 
 
 @contextlib.contextmanager

@@ -242,7 +242,8 @@ def test_a_crashed_steps_reserved_files_are_removed_when_the_state_dir_is_next_l
     those once it holds the lock — never another file, never while another optimizer holds it."""
     d = tmp_path / "s"
     d.mkdir()
-    stale = [".p0.exp_avg.npy.k3j9x_1.tmp", ".p12.row_decay_log.npy.abc.tmp", "p1.exp_avg_sq.npy.loading"]
+    stale = [".p0.exp_avg.npy.k3j9x_1.tmp", ".p12.row_decay_log.npy.abc.tmp", "p1.exp_avg_sq.npy.loading",
+             ".p2.sum.npy.0a1b2c3d4e5f.replaced", "p3.sum.npy.replaced"]
     kept = ["p0.exp_avg.npy", "notes.txt", ".p0.exp_avg.npy", "x.npy.loading", ".q0.a.npy.z.tmp"]
     for name in stale + kept:
         (d / name).write_bytes(b"x")
@@ -677,6 +678,45 @@ def test_replace_files_never_deletes_a_file_it_could_not_keep(tmp_path, monkeypa
         storage.replace_files(pairs)
     assert (tmp_path / "a").read_text() == "new a" and (tmp_path / "b").read_text() == "new b"
     assert not (tmp_path / "c").exists() and (tmp_path / "c.new").exists()
+
+
+def test_replace_files_keeps_a_users_file_named_like_its_backup(tmp_path, monkeypatch):
+    """replace_files kept each replaced file as the hard link ``<name>.replaced``, removing any file of
+    that name first: a user's ``embeddings.npy.replaced`` beside the trainer's output was deleted. The
+    backup is now a fresh hidden name (a taken one is tried again), and a failed rename still puts the
+    old file back through it."""
+    for name in ("a", "b"):
+        (tmp_path / name).write_text("old " + name)
+        (tmp_path / (name + ".new")).write_text("new " + name)
+        (tmp_path / (name + ".replaced")).write_text("the user's " + name)
+    real_urandom, draws = os.urandom, []
+
+    def repeating(n):   # the first two names drawn are the same: the second link finds it taken
+        draws.append(n)
+        return b"\0" * n if len(draws) <= 2 else real_urandom(n)
+
+    monkeypatch.setattr(os, "urandom", repeating)
+    (tmp_path / (".a." + "00" * 6 + ".replaced")).write_text("taken")   # a user's file of the first name drawn
+    real_replace, calls = os.replace, []
+
+    def failing(src, dst, *args, **kwargs):
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "simulated EIO")
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", failing)
+    pairs = [(str(tmp_path / (n + ".new")), str(tmp_path / n)) for n in ("a", "b")]
+    with pytest.raises(OSError, match="simulated EIO"):
+        storage.replace_files(pairs)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert (tmp_path / "a").read_text() == "old a" and (tmp_path / "b").read_text() == "old b"
+    assert (tmp_path / ("." + "a." + "00" * 6 + ".replaced")).read_text() == "taken"
+    (tmp_path / "a.new").write_text("new a")   # (renamed, then undone: the caller writes it again)
+    storage.replace_files(pairs)
+    assert (tmp_path / "a").read_text() == "new a" and (tmp_path / "b").read_text() == "new b"
+    assert sorted(os.listdir(tmp_path)) == [".a." + "00" * 6 + ".replaced", "a", "a.replaced", "b", "b.replaced"]
+    assert (tmp_path / "a.replaced").read_text() == "the user's a"
 
 
 def test_replace_files_holds_back_a_ctrl_c_until_the_commit_is_made(tmp_path, ctrl_c_raises):
