@@ -232,7 +232,8 @@ def write_directory(path: PathLike, arrays: Mapping[str, np.ndarray], meta: Any)
     ----------
     path : str or os.PathLike
         The checkpoint directory (a symbolic link is resolved). An existing directory there must be
-        empty or a checkpoint holding only its manifest and the files it lists: it is replaced.
+        empty or a checkpoint holding only its manifest and the files it lists: it is replaced. The
+        siblings ``.<name>.ready`` and ``.<name>.old`` must be absent or what a save leaves there.
     arrays : mapping of str to numpy.ndarray
         Names (letters, digits, ``_ - .``) to arrays of any shape and a plain dtype. Each is written
         in bounded blocks; a read-only map of a whole file of a checkpoint (``open_array``, a frozen
@@ -297,7 +298,8 @@ def write_directory(path: PathLike, arrays: Mapping[str, np.ndarray], meta: Any)
 
 def check_replaceable(path: PathLike) -> None:
     """ValueError unless a save could replace ``path`` (free, an empty directory, or a cembed
-    checkpoint holding only its own files; see :func:`write_directory`): a check a program can make
+    checkpoint holding only its own files, and no file of the user's at the names a save renames
+    through; see :func:`write_directory`): a check a program can make
     before work whose result it will save there.
 
     Examples
@@ -313,6 +315,10 @@ def _check_replaceable(path: str) -> None:
     but its manifest and the files it lists: a save replaces the directory whole, so anything else
     there (a directory that merely has a file named MANIFEST.json, a file someone put into a
     checkpoint) would be deleted."""
+    for aside in (_ready(path), _old(path)):   # the names a save renames into: never a user's file
+        if os.path.lexists(aside) and not _save_leftover(aside):
+            raise ValueError(f"{aside} is in the way of a save to {path} (a save puts its own files under that "
+                             "name) and is not a cembed checkpoint: move it away first")
     if not os.path.lexists(path):
         return
     if not os.path.isdir(path):
@@ -363,12 +369,33 @@ def _remove(entry: str) -> None:
             pass
 
 
+def _save_leftover(entry: str) -> bool:
+    """Whether ``entry`` (a ``.ready`` / ``.old`` / ``.tmp-*`` sibling of a checkpoint) can be what a
+    save leaves behind: a directory (not a link) holding nothing but a manifest and files named as a
+    checkpoint names its arrays — an interrupted save's, or an old checkpoint partly removed. Anything
+    else there is the user's, and a save never removes it."""
+    if os.path.islink(entry) or not os.path.isdir(entry):
+        return False
+    for name in os.listdir(entry):
+        if name == MANIFEST:
+            continue
+        try:
+            _check_name(name[:-4] if name.endswith(".npy") else "", "file")
+        except ValueError:
+            return False
+        if os.path.islink(os.path.join(entry, name)) or not os.path.isfile(os.path.join(entry, name)):
+            return False
+    return True
+
+
 def _recover(path: str) -> None:
     """Before a save (under the lock): finish what an interrupted save left behind — a complete
-    ``.ready`` with no ``path`` becomes ``path``; stale ``.ready`` / ``.old`` / ``.tmp-*`` go."""
+    ``.ready`` with no ``path`` becomes ``path``; stale ``.ready`` / ``.old`` / ``.tmp-*`` go (only
+    what a save can have left: :func:`_save_leftover`; ``_check_replaceable`` refused the save if a
+    ``.ready`` or ``.old`` of the user's is in the way)."""
     parent, name = os.path.split(path)
     ready, old = _ready(path), _old(path)
-    if os.path.isfile(os.path.join(ready, MANIFEST)):
+    if os.path.isfile(os.path.join(ready, MANIFEST)) and _save_leftover(ready):
         if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
             os.rmdir(path)   # an empty directory made where the interrupted save's result belongs
         if not os.path.lexists(path):
@@ -376,7 +403,7 @@ def _recover(path: str) -> None:
             storage.fsync_directory(parent)
     for stale in [ready, old] + [os.path.join(parent, e) for e in os.listdir(parent)
                                  if e.startswith(f".{name}.tmp-")]:
-        if os.path.lexists(stale):
+        if os.path.lexists(stale) and _save_leftover(stale):
             _remove(stale)
 
 

@@ -257,15 +257,62 @@ def test_a_checkpoint_path_that_is_a_symbolic_link_is_saved_where_it_points(tmp_
     assert sorted(os.listdir(real.parent)) == [".ck.lock", "ck"]
 
 
-def test_a_stale_sibling_that_is_not_a_directory_does_not_block_saves(tmp_path):
+@pytest.mark.parametrize("make", ["file", "dangling link", "link to a checkpoint", "directory of notes",
+                                  "checkpoint with a subdirectory"])
+@pytest.mark.parametrize("name", [".ck.old", ".ck.ready"])
+def test_a_sibling_in_the_way_of_a_save_is_refused_never_removed(tmp_path, make, name):
+    """A save renames through ``.<name>.ready`` and ``.<name>.old`` and removed whatever it found there
+    first (rmtree for a directory): a user's ``.ck.old`` backup was deleted by the next save. Only what
+    a save can leave there (a directory of a manifest and checkpoint files) is removed now; anything
+    else refuses the save before anything changes, naming it."""
     emb = cembed.Embedding(5, 2, seed=0)
     ck = tmp_path / "ck"
     cembed.save_checkpoint(ck, emb, extra={"v": 1})
-    (tmp_path / ".ck.old").write_text("left by someone")
-    os.symlink(tmp_path / "nowhere", tmp_path / ".ck.ready")
+    other = tmp_path / "other"
+    cembed.save_checkpoint(other, emb, extra={"v": 0})
+    aside = tmp_path / name
+    if make == "file":
+        aside.write_text("left by someone")
+    elif make == "dangling link":
+        os.symlink(tmp_path / "nowhere", aside)
+    elif make == "link to a checkpoint":
+        os.symlink(other, aside)
+    elif make == "directory of notes":
+        aside.mkdir()
+        (aside / "notes.txt").write_text("mine")
+    else:
+        shutil.copytree(ck, aside)
+        (aside / "sub").mkdir()
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(ValueError, match=f"{name} is in the way of a save"):
+        cembed.save_checkpoint(ck, emb, extra={"v": 2})
+    with pytest.raises(ValueError, match=f"{name} is in the way"):
+        cembed.checkpoint.check_replaceable(ck)
+    assert sorted(os.listdir(tmp_path)) == before
+    assert cembed.load_checkpoint(ck, cembed.Embedding(5, 2)) == {"v": 1}
+    assert cembed.load_checkpoint(other, cembed.Embedding(5, 2)) == {"v": 0}
+    if make == "directory of notes":
+        assert (aside / "notes.txt").read_text() == "mine"
+    os.rename(aside, tmp_path / "moved")
     cembed.save_checkpoint(ck, emb, extra={"v": 2})
     assert cembed.load_checkpoint(ck, cembed.Embedding(5, 2)) == {"v": 2}
-    assert sorted(os.listdir(tmp_path)) == [".ck.lock", "ck"]
+
+
+def test_a_users_directory_named_like_a_saves_temporary_is_kept(tmp_path):
+    """Stale ``.<name>.tmp-*`` directories of an interrupted save are removed by the next save; one
+    holding anything a save does not write is the user's and is left alone (it is in no save's way)."""
+    emb = cembed.Embedding(5, 2, seed=0)
+    ck = tmp_path / "ck"
+    cembed.save_checkpoint(ck, emb, extra={"v": 1})
+    shutil.copytree(ck, tmp_path / ".ck.tmp-interrupted")     # what a save can leave
+    (tmp_path / ".ck.tmp-interrupted" / "MANIFEST.json").unlink()
+    (tmp_path / ".ck.tmp-mine").mkdir()
+    (tmp_path / ".ck.tmp-mine" / "draft.txt").write_text("mine")
+    (tmp_path / ".ck.old").mkdir()                            # an old checkpoint partly removed: empty
+    cembed.save_checkpoint(ck, emb, extra={"v": 2})
+    assert sorted(os.listdir(tmp_path)) == [".ck.lock", ".ck.tmp-mine", "ck"]
+    assert (tmp_path / ".ck.tmp-mine" / "draft.txt").read_text() == "mine"
+    assert cembed.load_checkpoint(ck, cembed.Embedding(5, 2)) == {"v": 2}
 
 
 @pytest.mark.parametrize("how", ["load", "open_table"])
