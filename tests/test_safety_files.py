@@ -572,6 +572,30 @@ def test_refused_resume_changes_nothing(trained, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
 
 
+def test_no_optimizer_can_take_a_table_dirs_state_between_the_check_and_the_runs_optimizer(tmp_path, monkeypatch):
+    """The trainer checked that no optimizer held DIR/state, then opened (or created) the tables and
+    only then made its own optimizer: one started meanwhile took the state and the run failed with its
+    tables already made. The trainer now holds DIR/state's lock from the check until its optimizer
+    takes it."""
+    from cembed.apps import corpus as corpus_mod
+    from cembed.apps import train as train_mod
+
+    corpus = corpus_mod.synthetic_corpus(300, 5, 4000, seed=0)
+    real_open, intruders = train_mod.TableDir.open_tables, []
+
+    def open_tables(table_dir, *args, **kwargs):   # another optimizer arrives while the tables are made
+        with pytest.raises(ValueError, match="in use by another optimizer"):
+            intruders.append(optim.SparseAdam([cembed.Embedding(3, 2, sparse=True)], state_dir=table_dir.state))
+        return real_open(table_dir, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod.TableDir, "open_tables", open_tables)
+    config = train_mod.TrainConfig(dim=8, batch_size=256, table_dir=str(tmp_path / "td"), threads=1)
+    result = train_mod.train(corpus, config, progress=False)
+    assert result is not None and not intruders
+    gc.collect()   # the run's optimizer is gone: the state is free again
+    optim.SparseAdam([cembed.Embedding(3, 2, sparse=True)], state_dir=tmp_path / "td" / "state")
+
+
 def test_a_table_dir_in_use_is_refused_before_its_tables_change(trained, tmp_path):
     """A fresh run on a --table-dir whose state an optimizer holds, or that another trainer holds:
     refused (exit 1, 'error:') with the tables untouched (on main they were recreated first)."""

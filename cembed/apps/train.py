@@ -663,6 +663,7 @@ class TableDir:
             per_epoch += max(1, -(-2 * config.window * (n % chunk) // config.batch_size))
         self.max_steps = per_epoch * config.epochs
         self._lock_fd: Optional[int] = None
+        self._state_lock_fd: Optional[int] = None
         self.row_order = table_row_order(config)
         self.order = self.rank = None
         if self.row_order == "count":
@@ -709,38 +710,44 @@ class TableDir:
 
     def lock(self):
         """Take the directory for this run, before anything in it changes: an exclusive ``flock`` on
-        ``DIR/.lock`` (held until :meth:`unlock`), and a check that no optimizer holds ``DIR/state``.
-        TableDirError when another trainer or optimizer uses it."""
+        ``DIR/.lock`` (held until :meth:`unlock`) and one on ``DIR/state/.lock``, the optimizer state's
+        (held until :meth:`hand_over_state`, when the run's optimizer takes it: no other optimizer can
+        take the state meanwhile). TableDirError when another trainer or optimizer uses either."""
         import fcntl
+
+        def take(path, refusal):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise TableDirError(refusal) from None
+            return fd
 
         os.makedirs(self.root, exist_ok=True)
         path = os.path.join(self.root, ".lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._lock_fd = take(path, f"--table-dir {self.root} is in use by another trainer (its lock {path} is held)")
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise TableDirError(f"--table-dir {self.root} is in use by another trainer (its lock {path} is "
-                                "held)") from None
-        state_lock = os.path.join(self.state, ".lock")
-        if os.path.exists(state_lock):   # an optimizer (another process's) holding DIR/state
-            probe = os.open(state_lock, os.O_RDWR)
-            try:
-                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                raise TableDirError(f"--table-dir {self.root}: its optimizer state {self.state} is in use by "
-                                    f"another optimizer (its lock {state_lock} is held)") from None
-            finally:
-                os.close(probe)
-        try:   # the checkpoint the run will write at its end: refused now, not after the training
-            cembed.checkpoint.check_replaceable(self.checkpoint)
-        except ValueError as exc:
-            os.close(fd)
-            raise TableDirError(f"--table-dir {self.root}: {exc}") from None
-        self._lock_fd = fd
+            os.makedirs(self.state, exist_ok=True)
+            state_lock = os.path.join(self.state, ".lock")
+            self._state_lock_fd = take(state_lock, f"--table-dir {self.root}: its optimizer state {self.state} is "
+                                                   f"in use by another optimizer (its lock {state_lock} is held)")
+            try:   # the checkpoint the run will write at its end: refused now, not after the training
+                cembed.checkpoint.check_replaceable(self.checkpoint)
+            except ValueError as exc:
+                raise TableDirError(f"--table-dir {self.root}: {exc}") from None
+        except BaseException:
+            self.unlock()
+            raise
+
+    def hand_over_state(self):
+        """Release ``DIR/state/.lock`` for the run's optimizer, which takes it as it is made."""
+        if self._state_lock_fd is not None:
+            os.close(self._state_lock_fd)
+            self._state_lock_fd = None
 
     def unlock(self):
+        self.hand_over_state()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -827,6 +834,7 @@ def _train_with(corpus, config, progress, table_dir):
     model: Any
     prefetch = None
     if table_dir is not None:
+        table_dir.hand_over_state()   # (the model's optimizer locks DIR/state as it is made)
         on_disk = CembedModel(w_in, w_out, config, state_dir=table_dir.state)
         if config.resume:
             table_dir.resume(on_disk)
