@@ -13,6 +13,7 @@ import numpy as np
 
 from . import functional as F
 from . import storage
+from .sparse import zeroed_grad
 from ._dtypes import check_table_dtype, compute_dtype, is_half, is_table_dtype, resolve_out_dtype
 from ._validation import (
     as_checked,
@@ -169,9 +170,20 @@ class TableModule:
         return F.prefetch(self._weight, indices, *states, wait=wait)
 
     # -------------------------------------------------------------------- housekeeping
-    def zero_grad(self) -> None:
-        """Drop the accumulated gradient (torch's ``set_to_none=True``)."""
-        self.grad = None
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the accumulated gradient (torch's default ``set_to_none=True``), or with
+        ``set_to_none=False`` zero it as torch does (``cembed.sparse.zeroed_grad``: a dense gradient
+        zeroed in place, a sparse one made empty).
+
+        Examples
+        --------
+        >>> import numpy as np, cembed
+        >>> emb = cembed.Embedding(4, 2, sparse=True, seed=0)
+        >>> emb.backward(np.ones((1, 2), np.float32), np.array([3]))
+        >>> emb.zero_grad(set_to_none=False); emb.grad.nnz, emb.grad.shape
+        (0, (4, 2))
+        """
+        self.grad = None if check_bool(set_to_none, "zero_grad: set_to_none") else zeroed_grad(self.grad)
 
     def parameters(self) -> Iterator["TableModule"]:
         """The trainable tables, as :mod:`cembed.optim` takes them: ``SGD(emb.parameters(), lr=0.1)``.

@@ -20,6 +20,23 @@ def check_exact_sparse_grad(grad: Any, name: str) -> None:
                         "update reads its rows after they were checked")
 
 
+def zeroed_grad(grad: Any) -> Any:
+    """The gradient ``zero_grad(set_to_none=False)`` leaves, as torch's zeroing in place does: a
+    writeable dense array zeroed in place (and returned), a read-only one replaced by zeros of its
+    shape and dtype (cembed never writes into an array its caller made read-only), a
+    :class:`SparseGrad` by an empty one of the same table and dtype (a step still counts it, as torch's
+    empty sparse gradient); None, and anything that is no gradient, becomes None."""
+    if isinstance(grad, np.ndarray):
+        if grad.flags.writeable:
+            grad.fill(0)
+            return grad
+        return np.zeros(grad.shape, grad.dtype)
+    if isinstance(grad, SparseGrad):
+        return SparseGrad._from_private(np.empty(0, np.int64), np.zeros((0, grad.shape[1]), grad.dtype),
+                                        grad.shape[0])
+    return None
+
+
 def _read_only_view(array: np.ndarray) -> np.ndarray:
     view = array.view()
     view.flags.writeable = False

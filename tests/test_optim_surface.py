@@ -70,6 +70,59 @@ def test_param_groups_match_torch(rng, name):
             np.testing.assert_allclose(table.weight, tp.detach().numpy(), **RTOL)
 
 
+@pytest.mark.parametrize("name, sparse", [(name, sparse) for name in OPTIMIZERS for sparse in (True, False)
+                                          if sparse or name != "sparse_adam"])   # (SparseAdam: sparse only)
+def test_zero_grad_without_set_to_none_zeroes_like_torch(rng, name, sparse):
+    """``zero_grad(set_to_none=False)`` dropped sparse gradients: a step after it skipped the
+    parameter, where torch's zeroed (empty) sparse gradient still advances the step counter
+    (SparseAdam's bias correction, Adagrad's lr_decay). Now the gradient is zeroed as torch zeroes it,
+    on the optimizer and on the module, and the next steps match torch."""
+    torch = require_torch()
+    make, defaults, group_options = OPTIMIZERS[name]
+    options = {**defaults, **group_options[0]}
+    n_rows, dim = 12, 3
+    weight = rng.standard_normal((n_rows, dim)).astype(np.float32)
+    emb = cembed.Embedding.from_pretrained(weight.copy(), freeze=False, sparse=sparse)
+    tweight = torch.nn.Parameter(torch.from_numpy(weight.copy()))
+    ours, theirs = make([emb], **options), getattr(torch.optim, TORCH_NAMES[name])([tweight], **options)
+    for step in range(4):
+        idx = rng.integers(0, n_rows, 5)
+        g = dyadic(rng, (5, dim))
+        emb(idx)
+        emb.backward(g)
+        tg = torch.sparse_coo_tensor(torch.from_numpy(idx)[None], torch.from_numpy(g), (n_rows, dim))
+        tweight.grad = tg if sparse else tg.to_dense()
+        ours.step()
+        theirs.step()
+        zeroer = ours if step % 2 else emb   # the optimizer's and the module's zero_grad alike
+        zeroer.zero_grad(set_to_none=False)
+        theirs.zero_grad(set_to_none=False)
+        assert emb.grad is not None and not np.any(emb.grad.to_dense() if sparse else emb.grad)
+        assert isinstance(emb.grad, SparseGrad) == sparse and emb.grad.shape == (n_rows, dim)
+        ours.step()   # a step with the zeroed gradient (a batch that never reached backward)
+        theirs.step()
+        np.testing.assert_allclose(emb.weight, tweight.detach().numpy(), **RTOL)
+        if "step" in theirs.state[tweight]:
+            assert int(ours.state[emb]["step"]) == int(theirs.state[tweight]["step"])
+        emb.zero_grad()
+        assert emb.grad is None
+
+
+def test_zero_grad_keeps_a_read_only_gradient_unwritten():
+    emb = cembed.Embedding(4, 2, seed=0)
+    opt = optim.SGD([emb], lr=0.1)
+    grad = np.ones((4, 2), np.float32)
+    grad.flags.writeable = False
+    emb.grad = grad
+    opt.zero_grad(set_to_none=False)
+    assert np.all(grad == 1) and emb.grad is not grad and not np.any(emb.grad)
+    assert emb.grad.shape == (4, 2) and emb.grad.dtype == np.float32
+    with pytest.raises(TypeError, match="set_to_none must be a bool"):
+        opt.zero_grad(set_to_none="no")
+    with pytest.raises(TypeError, match="set_to_none must be a bool"):
+        emb.zero_grad(set_to_none=None)
+
+
 def test_adagrad_group_initial_accumulator_is_honoured():
     """torch 2.13 initialises every accumulator from the constructor's value and ignores a group's
     ``initial_accumulator_value``; cembed uses the group's (docs/behaviour.md)."""

@@ -31,7 +31,7 @@ from .._validation import (
     check_weight,
     kernel_layout,
 )
-from ..sparse import SparseGrad, check_exact_sparse_grad
+from ..sparse import SparseGrad, check_exact_sparse_grad, zeroed_grad
 from .. import storage
 from . import _rounding as rounding_
 from ._rounding import ROUNDING_OPTIONS, STEP_KEY, Rounding
@@ -400,7 +400,9 @@ class Optimizer:
     # ------------------------------------------------------------------ housekeeping
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop every parameter's gradient (torch's default ``set_to_none=True``); with
-        ``set_to_none=False`` dense gradients are zeroed in place and sparse ones dropped.
+        ``set_to_none=False`` zero it instead, as torch does (``cembed.sparse.zeroed_grad``: a dense
+        gradient zeroed in place, a sparse one made empty — the next ``step()`` still counts the
+        parameter, advancing its step counter as torch's does).
 
         Examples
         --------
@@ -412,12 +414,9 @@ class Optimizer:
         True
         """
         self._check_params()
+        set_to_none = check_bool(set_to_none, "zero_grad: set_to_none")
         for _, module in self._named_params():
-            grad = module.grad
-            if not set_to_none and isinstance(grad, np.ndarray) and grad.flags.writeable:
-                grad.fill(0)
-            else:
-                module.grad = None
+            module.grad = None if set_to_none else zeroed_grad(module.grad)
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
