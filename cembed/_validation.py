@@ -464,14 +464,15 @@ def checked_private_indices(idx: np.ndarray, caller: Any, n_rows: int, name: str
 
 def check_row_ids(rows: Any, n_rows: int, name: str) -> np.ndarray:
     """A row-id array kept between calls (a ``SparseGrad``'s rows, an optimizer's live rows): 1-D
-    int64, strictly increasing, inside ``[0, n_rows)``. Re-run at every use; one O(n) pass."""
+    int64, contiguous (the array checked is the array the kernels read), strictly increasing, inside
+    ``[0, n_rows)``. Re-run at every use; one O(n) pass."""
     if isinstance(rows, np.ndarray):
         check_exact_array(rows, name)
     if not isinstance(rows, np.ndarray) or rows.dtype != np.int64 or rows.ndim != 1:
         raise ValueError(f"{name} must be a 1-D int64 array, got "
                          f"{type(rows).__name__ if not isinstance(rows, np.ndarray) else rows.dtype}")
     if not rows.flags.c_contiguous:
-        rows = np.ascontiguousarray(rows)
+        raise ValueError(f"{name} must be a contiguous array, got one with stride {rows.strides[0]}")
     pos = _checks.first_unsorted_or_out_of_range(rows, n_rows)
     if pos >= 0:
         value = int(rows[pos])

@@ -297,7 +297,8 @@ def make():
     b = cembed.Embedding(12, 4, sparse=True, seed=2)
     opt = {"sgd": lambda: optim.SGD([a, b], lr=0.1, momentum=0.9),
            "adam": lambda: optim.SparseAdam([a, b], lr=0.1),
-           "adagrad": lambda: optim.Adagrad([a, b], lr=0.1, lr_decay=0.1)}[ARGS["which"]]()
+           "adagrad": lambda: optim.Adagrad([a, b], lr=0.1, lr_decay=0.1),
+           "rowwise": lambda: optim.RowWiseAdagrad([a, b], lr=0.1)}[ARGS["which"]]()
     return a, b, opt
 
 def train(a, b, opt, rows_a=(1, 2), rows_b=(3, 4, 3)):
@@ -381,6 +382,15 @@ STATE_EDITS = {
                               ("ValueError", "TypeError"), True),
     "sgd_momentum_buffer_short": ("sgd", 'opt.state[b]["momentum_buffer"] = np.zeros((3, 4), np.float32)',
                                   ("ValueError",), False),
+    # valid row ids in a strided view: checked through a contiguous copy, then the view reached the
+    # kernel mid-step (parameter 0 already updated, a Cython-internal "not C-contiguous")
+    "sgd_active_rows_strided": ("sgd", 'opt.state[b]["active_rows"] = np.repeat(opt.state[b]["active_rows"], 2)[::2]',
+                                ("ValueError",), True),
+    # an ndarray subclass as RowWiseAdagrad's 'sum' (every other optimizer refused one): its hooks ran
+    # inside the step, where a gather through them could hand the kernel too few values
+    "rowwise_sum_subclass": ("rowwise", 'opt.state[b]["sum"] = opt.state[b]["sum"].view(np.recarray)',
+                             ("ValueError",), False),
+    "rowwise_sum_short": ("rowwise", 'opt.state[b]["sum"] = np.zeros(3, np.float32)', ("ValueError",), False),
 }
 
 STATE_EDIT_CODE = '''

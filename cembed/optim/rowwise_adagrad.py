@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 
 from .. import _grad, storage
-from .._validation import check_choice
+from .._validation import check_choice, check_exact_array
 from ._rounding import allowed_state_dtypes, check_rounding_options, state_dtype
 from .optimizer import Group, Optimizer, _check_accumulator, _check_maximize, _option
 
@@ -116,6 +116,8 @@ class RowWiseAdagrad(Optimizer):
         if set(entry) != {"sum"}:
             raise ValueError(f"{where}: RowWiseAdagrad state needs exactly 'sum', got {sorted(entry)}")
         arr = entry["sum"]
+        if isinstance(arr, np.ndarray):
+            check_exact_array(arr, f"{where}: RowWiseAdagrad state 'sum'")
         if not isinstance(arr, np.ndarray) or arr.shape != (weight.shape[0],) or arr.dtype not in allowed:
             got = f"{arr.shape} {arr.dtype}" if isinstance(arr, np.ndarray) else type(arr).__name__
             raise ValueError(f"{where}: RowWiseAdagrad state 'sum' is {got}, expected ({weight.shape[0]},) "
