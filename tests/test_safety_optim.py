@@ -661,6 +661,59 @@ def test_a_malformed_or_exhausted_rounding_step_is_refused():
     assert emb.weight.tobytes() == weight
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_rounding_step_that_runs_code_is_refused_before_anything_changes(fused):
+    """The 16-bit rounding counter was checked with operator.index (any object with __index__), and
+    converted again with int() inside the update, after every check: a hook there swapped the state for
+    a 1-value array the kernel then indexed for every row (a segfault). It must be exactly an int type."""
+    emb = cembed.Embedding(2000, 8, sparse=True, seed=0, dtype=np.float16)
+    opt = cembed.optim.RowWiseAdagrad([emb], lr=0.1)
+    emb.backward(np.ones((1, 8), np.float32), np.array([0]), optimizer=opt)
+    calls = []
+
+    class Counter:
+        def __index__(self):
+            calls.append(1)
+            opt.state[emb]["sum"] = np.zeros(1, np.float32)
+            return 1
+
+    for hostile in (Counter(), type("Step", (int,), {})(1), True):
+        opt.state[emb]["rounding_step"] = hostile
+        before = (emb.weight.tobytes(), np.array(opt.state[emb]["sum"]).tobytes())
+        with pytest.raises(ValueError, match="rounding_step' must be an int .* not a subclass"):
+            if fused:
+                emb.backward(np.ones((2000, 8), np.float32), np.arange(2000), optimizer=opt)
+            else:
+                emb.backward(np.ones((2000, 8), np.float32), np.arange(2000))
+                try:
+                    opt.step()
+                finally:
+                    emb.grad = None
+        assert (emb.weight.tobytes(), np.array(opt.state[emb]["sum"]).tobytes()) == before and not calls
+    opt.state[emb]["rounding_step"] = np.int64(1)   # a NumPy integer is fine
+    emb.backward(np.ones((1, 8), np.float32), np.array([0]), optimizer=opt)
+    assert opt.state[emb]["rounding_step"] == 2
+
+
+def test_the_fused_step_refuses_state_replaced_while_it_was_checked(monkeypatch):
+    """step() compares the weight, gradient and state with what it checked before it updates (code run
+    from an option may replace them); the fused backward did not compare."""
+    emb = cembed.Embedding(50, 4, sparse=True, seed=0)
+    opt = cembed.optim.SparseAdam([emb], lr=0.1)
+    emb.backward(np.ones((1, 4), np.float32), np.array([1]), optimizer=opt)
+    real_check = cembed.optim.SparseAdam._check_state
+
+    def check_then_swap(self, state, weight, where):   # stands for code run by a later check
+        real_check(self, state, weight, where)
+        state["exp_avg"] = np.array(state["exp_avg"])
+
+    before = emb.weight.tobytes()
+    monkeypatch.setattr(cembed.optim.SparseAdam, "_check_state", check_then_swap)
+    with pytest.raises(ValueError, match="changed while the step was being checked"):
+        emb.backward(np.ones((1, 4), np.float32), np.array([1]), optimizer=opt)
+    assert emb.weight.tobytes() == before and opt.state[emb]["step"] == 1
+
+
 def test_prefetch_with_something_that_is_not_an_optimizer():
     emb = cembed.Embedding(10, 4, sparse=True)
     with pytest.raises(TypeError, match="prefetch: optimizer must be a cembed.optim optimizer"):

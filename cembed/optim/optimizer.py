@@ -545,8 +545,11 @@ class Optimizer:
             if not is_half(weight.dtype):
                 raise ValueError(f"{where}: optimizer state {STEP_KEY!r} belongs to a 16-bit table, the weight is "
                                  f"{weight.dtype}")
-            check_int(state[STEP_KEY], f"{where}: optimizer state {STEP_KEY!r}", low=0, high=_STEP_MAX)
-            if int(state[STEP_KEY]) >= _STEP_MAX:   # the next update's random keys would repeat the last one's
+            counter = state[STEP_KEY]   # exactly an int type: a subclass's or object's __index__ would run in the update
+            if type(counter) not in EXACT_INTEGER_TYPES or not 0 <= counter <= _STEP_MAX:
+                raise ValueError(f"{where}: optimizer state {STEP_KEY!r} must be an int in [0, 2**63 - 1] (a Python int "
+                                 f"or a NumPy integer, not a subclass), got {type(counter).__name__}")
+            if int(counter) >= _STEP_MAX:   # the next update's random keys would repeat the last one's
                 raise ValueError(f"{where}: optimizer state {STEP_KEY!r} is at its bound 2**63 - 1: no further "
                                  "update can get new random bits")
         self._check_state(_core(state), weight, where)
@@ -770,6 +773,7 @@ class Optimizer:
         if checked is not None and not is_as_checked(weight, checked):
             raise ValueError(f"{where}: the weight was replaced while the backward ran (by code run from an "
                              "option or argument); nothing was updated")
+        snapshot = _snapshot(self, module, weight, module.grad)
         shape, dtype = weight.shape, weight.dtype
         # gradient rows that are views of what the update writes (the weight, this module's state) are
         # read from a copy, and the entries are checked and grouped: nothing below that can fail on
@@ -787,6 +791,7 @@ class Optimizer:
             self._check_grad(options, grad, weight, where)
         self._check_state_for(self.state.get(module), weight, options, where)
         self._check_advance(_core(self.state.get(module) or {}), where)
+        _check_unchanged(self, module, snapshot, where)   # as step(): what was checked is what is updated
         self._check_apart([module])
         self._reserve_step_files([(module, weight, options)])   # as step(): before anything changes
         try:
