@@ -267,6 +267,40 @@ def test_apply_pending_decay_is_idempotent_and_keeps_moments(rng):
     fresh.apply_pending_decay()  # no state yet: nothing to do
 
 
+def test_apply_pending_decay_checks_like_step_before_anything_changes():
+    """apply_pending_decay converted a group's options between the checks of the groups before it
+    (an option's __float__ could then replace a checked state: a kernel read past an array), and it
+    never checked that two parameters share no memory (a shared weight was decayed twice)."""
+    n_rows, dim = 4, 3
+    a, b = (cembed.Embedding(n_rows, dim, sparse=True, _weight=np.ones((n_rows, dim), np.float32)) for _ in range(2))
+    opt = optim.SparseAdamW([{"params": [a]}, {"params": [b]}], lr=0.1, weight_decay=0.1)
+    for m in (a, b):
+        m.grad = SparseGrad([], np.zeros((0, dim), np.float32), n_rows)
+    opt.step()
+    opt.zero_grad()
+    real_log = opt.state[a]["row_decay_log"]
+
+    class Hook(float):
+        def __float__(self):
+            opt.state[a]["row_decay_log"] = np.full(3, -1.0)   # (shorter than the table: wrong, not a crash)
+            return 0.1
+
+    opt.param_groups[1]["lr"] = Hook(0.1)
+    with pytest.raises(ValueError, match="row_decay_log' is \\(3,\\)"):
+        opt.apply_pending_decay()
+    assert np.all(a.weight == 1) and np.all(b.weight == 1)
+    opt.param_groups[1]["lr"] = 0.1
+    opt.state[a]["row_decay_log"] = real_log
+    shared = np.ones((n_rows, dim), np.float32)
+    a.weight = b.weight = shared
+    with pytest.raises(ValueError, match="shares memory with the weight of"):
+        opt.apply_pending_decay()
+    assert np.all(shared == 1)
+    b.weight = np.ones((n_rows, dim), np.float32)
+    opt.apply_pending_decay()
+    assert np.allclose(shared, 0.99) and np.allclose(b.weight, 0.99)
+
+
 def test_apply_pending_decay_midway_changes_only_rounding(rng):
     w0 = rng.standard_normal((30, 4)).astype(np.float32)
     grads = [sparse_batch(rng, 30, 4, n=5) for _ in range(10)]

@@ -10,7 +10,8 @@ from .. import _optim, storage
 from .._config import n_threads_for
 from .._validation import check_real
 from ._rounding import STREAM_DECAY, check_rounding_options
-from .optimizer import Group, Optimizer, _check_accumulator, _check_maximize, _core, _option, _update_rows
+from .optimizer import (Group, Optimizer, _check_accumulator, _check_maximize, _check_unchanged, _core, _option,
+                        _snapshot, _update_rows)
 from .sparse_adam import (_check_betas, _check_bias_correction, _check_row_array, _check_step, _check_step_advance,
                           _load_row_step)
 
@@ -247,18 +248,24 @@ class SparseAdamW(Optimizer):
         [0.99, 0.99, 0.99]
         """
         self._check_params()
+        # as step(): every group's options first (converting them may run the caller's code), the
+        # arrays then, compared again with what was checked, and no two parameters sharing memory
+        groups = [(g, self._check_options(dict(group), f"param_groups[{g}]"), list(group["params"]))
+                  for g, group in enumerate(self.param_groups)]
         plan = []
-        for g, group in enumerate(self.param_groups):
-            options = self._check_options(dict(group), f"param_groups[{g}]")
-            for k, module in enumerate(group["params"]):
+        for g, options, params in groups:
+            for k, module in enumerate(params):
                 where = f"param_groups[{g}]['params'][{k}]"
                 state = self.state.get(module) or {}
                 if not _core(state):
                     continue
                 weight = self._check_weight(module, where)
                 self._check_state_for(state, weight, options, where)
-                plan.append((weight, state, options))
-        for weight, state, options in plan:
+                plan.append((module, weight, state, options, where, _snapshot(self, module, weight, module.grad)))
+        for module, _, _, _, where, snapshot in plan:
+            _check_unchanged(self, module, snapshot, where)
+        self._check_apart([module for module, *_ in plan])
+        for _, weight, state, options, _, _ in plan:
             decay_log, decay_log_prev, decay_last = (state[name] for name in _SCALARS)
             rows = np.flatnonzero(state["row_decay_log"] != decay_log).astype(np.int64)
 
