@@ -78,9 +78,11 @@ def update_rows(int kind,                            # a ROW_* kind of _rows.pxd
     cdef floating *a_ptr = &state_a[0, 0] if state_a.shape[0] > 0 else NULL
     cdef floating *b_ptr = &state_b[0, 0] if state_b.shape[0] > 0 else NULL
     cdef floating *rs_ptr = &row_state[0] if row_state.shape[0] > 0 else NULL
+    if rows.shape[0] == 0 or weight.shape[1] == 0:   # no row to update (a table of no rows has empty state too)
+        return
     if not row_update_has_state(kind, a_ptr != NULL, b_ptr != NULL, rs_ptr != NULL):
         raise ValueError(f"update_rows: missing optimizer state for update kind {kind}")
-    if rows.shape[0] and weight.shape[1] and _weight_rows(weight, &row_stride, "update_rows") == 0:
+    if _weight_rows(weight, &row_stride, "update_rows") == 0:
         _update_listed_rows(kind, &weight[0, 0], row_stride, a_ptr, b_ptr, rs_ptr, &rows[0], rows.shape[0],
                             &grad[0, 0], weight.shape[1], <floating> p0, <floating> p1, <floating> p2,
                             <floating> p3, mode, -1 if maximize else 1, n_threads)

@@ -74,6 +74,34 @@ OPTIMIZERS = [
 @pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=lambda v: getattr(v, "__name__", ""))
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("path", ["step_sparse", "step_dense", "fused"])
+def test_a_table_of_no_rows_steps_as_a_no_op(cls, kw, dtype, path):
+    """A (0, dim) table (torch allows one) beside a normal one: RowWiseAdagrad's kernel took the empty
+    'sum' for missing state and raised an internal error after the first table was updated. Every
+    optimizer now steps it as a no-op, on every path, and updates the other table as if alone."""
+    if path == "step_dense" and cls in (optim.SparseAdam, optim.SparseAdamW):
+        return   # (sparse gradients only)
+    sparse = path != "step_dense"
+    tables = [cembed.Embedding(6, 4, sparse=sparse, seed=0, dtype=dtype), cembed.Embedding(0, 4, sparse=sparse, dtype=dtype)]
+    alone = cembed.Embedding(6, 4, sparse=sparse, seed=0, dtype=dtype)
+    opt, opt_alone = cls(tables, **kw), cls([alone], **kw)
+    rows = np.array([1, 4, 1])
+    for module, optimizer, n_rows in ((tables[0], opt, 6), (alone, opt_alone, 6), (tables[1], opt, 0)):
+        idx = rows if n_rows else np.zeros(0, np.int64)
+        grad = np.ones((idx.size, 4), np.float32)
+        if path == "fused":
+            module.backward(grad, idx, optimizer=optimizer)
+        else:
+            module.backward(grad, idx)
+    if path != "fused":
+        opt.step()
+        opt_alone.step()
+    assert tables[1].weight.shape == (0, 4)
+    assert_bitwise_equal(tables[0].weight, alone.weight)
+
+
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=lambda v: getattr(v, "__name__", ""))
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("path", ["step_sparse", "step_dense", "fused"])
 def test_updates_refuse_overlapping_rows_before_any_change(cls, kw, dtype, path):
     """poc_1: a table with overlapping rows, updated by parallel row kernels, raced (results changed run
     to run). Every update of one is refused, the other parameter of the step not updated either."""
