@@ -742,6 +742,48 @@ def test_the_fused_step_refuses_state_replaced_while_it_was_checked(monkeypatch)
     assert emb.weight.tobytes() == before and opt.state[emb]["step"] == 1
 
 
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_a_loaded_state_is_the_state_that_was_checked(tmp_path, on_disk):
+    """With a state_dir, load_state_dict kept the caller's arrays after checking them and copied them
+    into the state files only at the end: a later entry's __deepcopy__ could make a checked
+    accumulator negative in between (the next step gave NaN weights). The caller's code now runs
+    before any check, and a value that is no plain number is refused."""
+    a, b = cembed.Embedding(4, 2, sparse=True, seed=0), cembed.Embedding(4, 2, sparse=True, seed=1)
+    opt = optim.SparseAdam([a, b], lr=0.1, **({"state_dir": tmp_path / "s"} if on_disk else {}))
+    for m in (a, b):
+        m.backward(np.ones((1, 2), np.float32), np.array([0]), optimizer=opt)
+    saved = opt.state_dict()
+    squares = saved["state"][0]["exp_avg_sq"]
+
+    class Step(int):
+        def __deepcopy__(self, memo):
+            squares[...] = -1.0   # after entry 0 was checked, in the old order
+            return 1
+
+    saved["state"][1]["step"] = Step(1)
+    before = {m: {k: np.array(v) for k, v in opt.state[m].items() if isinstance(v, np.ndarray)} for m in (a, b)}
+    with pytest.raises(ValueError, match="exp_avg_sq'\\] must hold values >= 0"):
+        opt.load_state_dict(saved)
+    for m in (a, b):
+        for k, v in before[m].items():
+            assert_bitwise_equal(opt.state[m][k], v)
+
+    class Sly:
+        def __deepcopy__(self, memo):
+            return self
+
+        def __index__(self):
+            squares[...] = -1.0
+            return 1
+
+    saved = opt.state_dict()
+    squares = saved["state"][0]["exp_avg_sq"]
+    saved["state"][1]["step"] = Sly()
+    with pytest.raises(ValueError, match="state\\[1\\]\\['step'\\] is a Sly: a state holds arrays and plain numbers"):
+        opt.load_state_dict(saved)
+    assert np.all(squares >= 0)
+
+
 def test_prefetch_with_something_that_is_not_an_optimizer():
     emb = cembed.Embedding(10, 4, sparse=True)
     with pytest.raises(TypeError, match="prefetch: optimizer must be a cembed.optim optimizer"):

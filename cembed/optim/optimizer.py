@@ -17,6 +17,7 @@ from .. import _optim
 from .._config import n_threads_for
 from .._dtypes import compute_dtype, is_half, kernel_format
 from .._validation import (
+    EXACT_ARRAY_TYPES,
     EXACT_INTEGER_TYPES,
     array_key,
     as_checked,
@@ -924,7 +925,10 @@ class Optimizer:
         for options, ids in new_groups:
             for i, module in zip(ids, options["params"]):
                 by_saved_index[i] = (module, options)
-        new_state: Dict[Any, Dict[str, Any]] = {}
+        # first everything that may run code of the caller's (copying the entries' values, converting
+        # the rounding counters), then the checks: nothing can change an array between its check and
+        # its copy (with a state_dir the arrays are copied into the state files after all the checks)
+        copied = []
         keys: Dict[int, Any] = {}
         for key, entry in saved_state.items():
             i = _param_index(key, "state_dict state", keys)
@@ -932,18 +936,23 @@ class Optimizer:
                 raise ValueError(f"state_dict has state for parameter {i}, which does not exist")
             if not isinstance(entry, dict):
                 raise ValueError(f"state_dict state[{i}] must be a dict")
-            module, options = by_saved_index[i]
-            weight = _checked_table(module.weight, f"parameter {i}.weight")
-            entry = _copy_entry(entry)
+            entry = _copy_entry(entry, f"state_dict state[{i}]")
             has_rounding_step = STEP_KEY in entry   # (present with None is malformed, not absent)
             rounding_step = entry.pop(STEP_KEY, None)
+            if has_rounding_step:
+                rounding_step = check_int(rounding_step, f"state_dict state[{i}][{STEP_KEY!r}]", low=0,
+                                          high=_STEP_MAX - 1)   # (at the bound no update could follow)
+            copied.append((i, entry, has_rounding_step, rounding_step))
+        new_state: Dict[Any, Dict[str, Any]] = {}
+        for i, entry, has_rounding_step, rounding_step in copied:
+            module, options = by_saved_index[i]
+            weight = _checked_table(module.weight, f"parameter {i}.weight")
             entry = self._load_state_entry(entry, weight, options, f"state_dict state[{i}]")
             if has_rounding_step:
                 if not is_half(weight.dtype):
                     raise ValueError(f"state_dict state[{i}][{STEP_KEY!r}] belongs to a 16-bit table, parameter {i} "
                                      f"is {weight.dtype}")
-                entry[STEP_KEY] = check_int(rounding_step, f"state_dict state[{i}][{STEP_KEY!r}]", low=0,
-                                            high=_STEP_MAX - 1)   # (at the bound no update could follow)
+                entry[STEP_KEY] = rounding_step
             new_state[module] = entry
         new_state = {m: e for m, e in new_state.items() if e}
         self._fill_missing_state(new_state, [g for g, _ in new_groups])
@@ -1202,10 +1211,27 @@ def _core(state: Dict[str, Any]) -> Dict[str, Any]:
 STEP_MAX = _STEP_MAX = 2 ** 63 - 1
 
 
-def _copy_entry(entry: Any) -> Dict[str, Any]:
-    """A state entry for checking: arrays as they are (every ``_load_state_entry`` copies the arrays
-    it keeps), everything else deep-copied."""
-    return {k: v if isinstance(v, np.ndarray) else copy.deepcopy(v) for k, v in dict(entry).items()}
+#: The values a loaded state entry holds besides arrays: plain numbers, strings and None (NumPy's own
+#: scalar types too), never an object whose methods would run code while the entry is checked.
+_PLAIN_VALUES = frozenset([int, float, bool, str, type(None)] + list(set(np.sctypeDict.values())))
+
+
+def _copy_entry(entry: Any, where: str) -> Dict[str, Any]:
+    """A state entry for checking: arrays as they are, as plain arrays (every ``_load_state_entry``
+    copies the arrays it keeps), everything else deep-copied — and then a plain value
+    (``_PLAIN_VALUES``) or a list or tuple of them, else ValueError. Any code of the caller's (a
+    ``__deepcopy__``) runs here, before any check."""
+    out: Dict[str, Any] = {}
+    for k, v in dict(entry).items():
+        if isinstance(v, np.ndarray):
+            out[k] = v if type(v) in EXACT_ARRAY_TYPES else v.view(np.ndarray)
+            continue
+        out[k] = copy.deepcopy(v)
+        items = out[k] if type(out[k]) in (list, tuple) else [out[k]]
+        if any(type(item) not in _PLAIN_VALUES for item in items):
+            raise ValueError(f"{where}[{k!r}] is a {type(out[k]).__name__}: a state holds arrays and plain numbers "
+                             "(int, float, a NumPy scalar), strings or None")
+    return out
 
 
 def _lock_state_dir(state_dir: Any, owner: Any) -> Tuple[str, Optional[weakref.finalize]]:
