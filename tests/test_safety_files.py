@@ -677,6 +677,41 @@ def test_a_refused_constructor_changes_no_state_file(tmp_path, name):
     assert {f: (tmp_path / f).read_bytes() for f in sorted(os.listdir(tmp_path))} == before
 
 
+SAVED_VALUE_EDITS = {   # optimizer: (constructor, edit of the live state that load() would refuse, message)
+    "sparse_adam": (lambda m: optim.SparseAdam([m], lr=0.1), lambda st: st["exp_avg_sq"].__setitem__((0, 0), -1.0),
+                    "exp_avg_sq'\\] must hold values >= 0"),
+    "sparse_adam_row": (lambda m: optim.SparseAdam([m], lr=0.1, bias_correction="row"),
+                        lambda st: st["row_step"].__setitem__(0, 99), "row_step'\\] must hold counts in"),
+    "sparse_adamw": (lambda m: optim.SparseAdamW([m], lr=0.1),
+                     lambda st: st["row_decay_log"].__setitem__(0, 1.0), "row_decay_log'\\] must be finite"),
+    "adagrad": (lambda m: optim.Adagrad([m], lr=0.1), lambda st: st["sum"].__setitem__((0, 0), -1.0),
+                "sum'\\] must hold values >= 0"),
+    "rowwise_adagrad": (lambda m: optim.RowWiseAdagrad([m], lr=0.1), lambda st: st["sum"].__setitem__(0, -1.0),
+                        "sum'\\] must hold values >= 0"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAVED_VALUE_EDITS))
+def test_a_state_load_would_refuse_is_never_saved(tmp_path, name):
+    """save() and save_checkpoint() checked the state with step()'s rules, which do not read the values:
+    a negative accumulator (or a row count or decay clock out of range) was written, replacing a good
+    file with one load() refuses. They now make load()'s value checks first, and write nothing."""
+    make, edit, message = SAVED_VALUE_EDITS[name]
+    emb = cembed.Embedding(5, 2, sparse=True, seed=0)
+    opt = make(emb)
+    emb.backward(np.ones((1, 2), np.float32), np.array([1]), optimizer=opt)
+    opt.save(tmp_path / "opt.npz")
+    cembed.save_checkpoint(tmp_path / "ck", {"e": emb}, opt)
+    files = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    edit(opt.state[emb])
+    with pytest.raises(ValueError, match=message):
+        opt.save(tmp_path / "opt.npz")
+    with pytest.raises(ValueError, match=message):
+        cembed.save_checkpoint(tmp_path / "ck", {"e": emb}, opt)
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == files
+    opt.load(tmp_path / "opt.npz")   # the good file loads back
+
+
 def test_replace_files_never_deletes_a_file_it_could_not_keep(tmp_path, monkeypatch):
     """Without a hard link (a file system without them) an existing file cannot be put back: a failed
     later rename left it deleted. It is now left replaced (new content), never removed."""

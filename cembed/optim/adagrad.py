@@ -9,7 +9,7 @@ from .. import _grad
 from ..sparse import SparseGrad
 from ._rounding import check_rounding_options
 from .._validation import EXACT_INTEGER_TYPES, short_repr
-from .optimizer import STEP_MAX, Group, Optimizer, _check_accumulator, _check_maximize, _option
+from .optimizer import STEP_MAX, Group, Optimizer, _check_maximize, _option
 
 __all__ = ["Adagrad"]
 
@@ -122,9 +122,9 @@ class Adagrad(Optimizer):
         if set(entry) != {"step", "sum"}:
             raise ValueError(f"{where} needs exactly 'step' and 'sum', got {sorted(entry)}")
         entry["step"] = self._check_step(entry["step"], where)
-        entry = super()._load_state_entry(entry, weight, options, where)
-        _check_accumulator(entry["sum"], f"{where}['sum']")
-        return entry
+        return super()._load_state_entry(entry, weight, options, where)
+
+    _accumulators = ("sum",)
 
     def _sparse_begin(self, state: Dict[str, Any], weight: np.ndarray, options: Group) -> float:
         state["step"] = np.float32(np.float32(state["step"]) + np.float32(1.0))

@@ -948,6 +948,8 @@ class Optimizer:
             module, options = by_saved_index[i]
             weight = _checked_table(module.weight, f"parameter {i}.weight")
             entry = self._load_state_entry(entry, weight, options, f"state_dict state[{i}]")
+            if entry:
+                self._check_values(entry, f"state_dict state[{i}]")
             if has_rounding_step:
                 if not is_half(weight.dtype):
                     raise ValueError(f"state_dict state[{i}][{STEP_KEY!r}] belongs to a 16-bit table, parameter {i} "
@@ -966,6 +968,18 @@ class Optimizer:
 
     def _fill_missing_state(self, state: Dict[Any, Dict[str, Any]], groups: List[Group]) -> None:
         """Parameters without saved state start without state (created at their first step)."""
+
+    #: The state arrays that accumulate squares: no value below 0 (:meth:`_check_values`).
+    _accumulators: Tuple[str, ...] = ()
+
+    def _check_values(self, entry: Dict[str, Any], where: str) -> None:
+        """The O(n) checks of a state entry's values, its structure already checked: every
+        accumulator >= 0 (subclasses add their own). Made on a state being loaded (on what is kept)
+        and on the live state before :meth:`save` or a checkpoint writes it, so that no file holds a
+        state that :meth:`load` refuses."""
+        for name in self._accumulators:
+            if isinstance(entry.get(name), np.ndarray):
+                _check_accumulator(entry[name], f"{where}[{name!r}]")
 
     def _load_state_entry(self, entry: Dict[str, Any], weight: np.ndarray, options: Group,
                           where: str) -> Dict[str, Any]:
@@ -986,10 +1000,10 @@ class Optimizer:
         """Write :meth:`state_dict` to ``path`` (NumPy ``.npz``, no pickle), crash-safely.
 
         The options and the state of every parameter are checked first with :meth:`step`'s rules
-        (a state that :meth:`step` or :meth:`load` would refuse is a ``ValueError``); the file is
-        serialised completely in memory first, written to a temporary file next to ``path``, synced
-        to disk and renamed over ``path``: a failed or interrupted save leaves the previous file as
-        it was.
+        and :meth:`load`'s checks of the values (a state that :meth:`step` or :meth:`load` would
+        refuse is a ``ValueError``); the arrays are then streamed into a temporary file next to
+        ``path`` (no in-memory copy of the state), synced to disk and renamed over ``path``: a failed
+        or interrupted save leaves the previous file as it was.
 
         Examples
         --------
@@ -1024,6 +1038,7 @@ class Optimizer:
                 state = self.state.get(module)
                 if state:
                     self._check_state_for(state, _checked_table(module.weight, f"{where}.weight"), options, where)
+                    self._check_values(_core(state), f"{where} state")
             options["params"] = [index[id(m)] for m in group["params"]]
             groups.append(options)
         arrays: Dict[str, np.ndarray] = {}

@@ -8,7 +8,7 @@ import numpy as np
 from .. import _grad, storage
 from .._validation import check_choice, check_exact_array
 from ._rounding import allowed_state_dtypes, check_rounding_options, state_dtype
-from .optimizer import Group, Optimizer, _check_accumulator, _check_maximize, _option
+from .optimizer import Group, Optimizer, _check_maximize, _option
 
 __all__ = ["RowWiseAdagrad"]
 
@@ -132,8 +132,9 @@ class RowWiseAdagrad(Optimizer):
     def _load_state_entry(self, entry: Dict[str, Any], weight: np.ndarray, options: Group,
                           where: str) -> Dict[str, Any]:
         arr = self._checked_sum(entry, weight, where, (state_dtype(weight.dtype, options, where),))
-        _check_accumulator(arr, f"{where}['sum']")
         return {"sum": storage.aligned_copy(arr)}
+
+    _accumulators = ("sum",)
 
     def _row_rule(self, state: Dict[str, Any], weight: np.ndarray, options: Group, prepared: Any) -> Any:
         mode = _MODES[options["weight_decay_mode"]] if options["weight_decay"] != 0 else 0

@@ -10,7 +10,7 @@ from .. import _grad, _optim, storage
 from .._config import n_threads_for
 from .._validation import EXACT_INTEGER_TYPES, check_choice, check_exact_array, check_real, short_repr
 from ._rounding import check_rounding_options
-from .optimizer import STEP_MAX, Group, Optimizer, _check_accumulator, _check_maximize, _option, _update_rows
+from .optimizer import STEP_MAX, Group, Optimizer, _check_maximize, _option, _update_rows
 
 __all__ = ["SparseAdam"]
 
@@ -69,17 +69,22 @@ def _check_row_array(arr: Any, name: str, n_rows: int, dtype: Any, where: str) -
     return arr
 
 
-def _load_row_step(entry: Dict[str, Any], n_rows: int, step: int, where: str) -> None:
-    """A saved ``row_step`` (per-row update counts): int64 (n_rows,), every count in [0, step];
-    replaced by a private copy."""
+def _load_row_step(entry: Dict[str, Any], n_rows: int, where: str) -> None:
+    """A saved ``row_step`` (per-row update counts): int64 (n_rows,); replaced by a private copy
+    (its counts are checked by :func:`_check_row_steps`)."""
     arr = entry["row_step"]
     if not isinstance(arr, np.ndarray) or arr.shape != (n_rows,) or arr.dtype != np.int64:
         got = f"shape {arr.shape} and dtype {arr.dtype}" if isinstance(arr, np.ndarray) else type(arr).__name__
         raise ValueError(f"{where}['row_step'] has {got}, expected ({n_rows},) int64")
-    if arr.size and (arr.min() < 0 or arr.max() > step):
+    entry["row_step"] = storage.aligned_copy(arr)
+
+
+def _check_row_steps(entry: Dict[str, Any], where: str) -> None:
+    """Every per-row update count (``row_step``, when present) in [0, step]."""
+    arr, step = entry.get("row_step"), entry["step"]
+    if isinstance(arr, np.ndarray) and arr.size and (arr.min() < 0 or arr.max() > step):
         raise ValueError(f"{where}['row_step'] must hold counts in [0, step={step}], got values in "
                          f"[{arr.min()}, {arr.max()}]")
-    entry["row_step"] = storage.aligned_copy(arr)
 
 
 class SparseAdam(Optimizer):
@@ -199,11 +204,14 @@ class SparseAdam(Optimizer):
                                  f"bias_correction='row'), got {sorted(entry)}")
             entry["step"] = _check_step(entry["step"], where)
             if "row_step" in entry:
-                _load_row_step(entry, weight.shape[0], entry["step"], where)
-        entry = super()._load_state_entry(entry, weight, options, where)
-        if entry:
-            _check_accumulator(entry["exp_avg_sq"], f"{where}['exp_avg_sq']")
-        return entry
+                _load_row_step(entry, weight.shape[0], where)
+        return super()._load_state_entry(entry, weight, options, where)
+
+    _accumulators = ("exp_avg_sq",)
+
+    def _check_values(self, entry: Dict[str, Any], where: str) -> None:
+        super()._check_values(entry, where)
+        _check_row_steps(entry, where)
 
     def _state_files_for_step(self, state: Dict[str, Any], weight: np.ndarray,
                               options: Group) -> List[Tuple[str, bool, Any]]:

@@ -10,10 +10,10 @@ from .. import _optim, storage
 from .._config import n_threads_for
 from .._validation import check_real
 from ._rounding import STREAM_DECAY, check_rounding_options
-from .optimizer import (Group, Optimizer, _check_accumulator, _check_maximize, _check_unchanged, _core, _option,
+from .optimizer import (Group, Optimizer, _check_maximize, _check_unchanged, _core, _option,
                         _snapshot, _update_rows)
-from .sparse_adam import (_check_betas, _check_bias_correction, _check_row_array, _check_step, _check_step_advance,
-                          _load_row_step)
+from .sparse_adam import (_check_betas, _check_bias_correction, _check_row_array, _check_row_steps, _check_step,
+                          _check_step_advance, _load_row_step)
 
 __all__ = ["SparseAdamW"]
 
@@ -168,14 +168,20 @@ class SparseAdamW(Optimizer):
         if not isinstance(logs, np.ndarray) or logs.shape != (n_rows,) or logs.dtype != np.float64:
             got = f"shape {logs.shape} and dtype {logs.dtype}" if isinstance(logs, np.ndarray) else type(logs).__name__
             raise ValueError(f"{where}['row_decay_log'] has {got}, expected ({n_rows},) float64")
-        if logs.size and not (np.isfinite(logs).all() and logs.min() >= entry["decay_log"] and logs.max() <= 0.0):
-            raise ValueError(f"{where}['row_decay_log'] must be finite, in [decay_log={entry['decay_log']!r}, 0]")
         if "row_step" in entry:
-            _load_row_step(entry, n_rows, entry["step"], where)
+            _load_row_step(entry, n_rows, where)
         entry = super()._load_state_entry(entry, weight, options, where)  # exp_avg, exp_avg_sq: checked, copied
-        _check_accumulator(entry["exp_avg_sq"], f"{where}['exp_avg_sq']")
         entry["row_decay_log"] = storage.aligned_copy(logs)
         return entry
+
+    _accumulators = ("exp_avg_sq",)
+
+    def _check_values(self, entry: Dict[str, Any], where: str) -> None:
+        super()._check_values(entry, where)
+        logs = entry["row_decay_log"]
+        if logs.size and not (np.isfinite(logs).all() and logs.min() >= entry["decay_log"] and logs.max() <= 0.0):
+            raise ValueError(f"{where}['row_decay_log'] must be finite, in [decay_log={entry['decay_log']!r}, 0]")
+        _check_row_steps(entry, where)
 
     # ------------------------------------------------------------------ updates
     def _state_files_for_step(self, state: Dict[str, Any], weight: np.ndarray,
