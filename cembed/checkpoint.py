@@ -235,7 +235,8 @@ def write_directory(path: PathLike, arrays: Mapping[str, np.ndarray], meta: Any)
         empty or a checkpoint holding only its manifest and the files it lists: it is replaced. The
         siblings ``.<name>.ready`` and ``.<name>.old`` must be absent or what a save leaves there.
     arrays : mapping of str to numpy.ndarray
-        Names (letters, digits, ``_ - .``) to arrays of any shape and a plain dtype. Each is written
+        Names (letters, digits, ``_ - .``) to arrays of any shape and a dtype of numbers (bool,
+        integers, floats, complex, bfloat16; not structured, object or string). Each is written
         in bounded blocks; a read-only map of a whole file of a checkpoint (``open_array``, a frozen
         table loaded with ``mmap=True``) is hard-linked instead (no copy; its recorded checksum is
         kept), when the file at its name is still the file that was mapped.
@@ -261,8 +262,10 @@ def write_directory(path: PathLike, arrays: Mapping[str, np.ndarray], meta: Any)
     for name, array in arrays.items():
         if not isinstance(array, np.ndarray):
             raise TypeError(f"array {name!r} must be a numpy.ndarray, got {type(array).__name__}")
-        if array.dtype.hasobject:
-            raise TypeError(f"array {name!r} has an object dtype")
+        stored = storage.file_dtype(array.dtype) if array.dtype.kind == "V" else array.dtype   # (bfloat16: bits)
+        if stored.kind not in "biufc" or stored.fields is not None or stored.subdtype is not None:
+            raise TypeError(f"array {name!r} has dtype {array.dtype}: a checkpoint holds arrays of numbers (bool, "
+                            "integers, floats, complex; bfloat16), which it reads back as they were written")
     parent = os.path.dirname(path)
     _check_replaceable(path)   # refused before even the lock file is made
     os.makedirs(parent, exist_ok=True)

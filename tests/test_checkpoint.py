@@ -204,6 +204,25 @@ def test_recovery_rule(tmp_path):
         cembed.load_checkpoint(tmp_path / "nothing", {"e": emb})
 
 
+def test_arrays_a_checkpoint_could_not_read_back_are_refused_before_anything_is_written(tmp_path):
+    """write_directory refused only object arrays: a structured or an ml_dtypes float8 array was
+    written, replacing a good checkpoint with one read_directory refuses ('malformed entry', '|V1')."""
+    path = tmp_path / "ck"
+    cembed.checkpoint.write_directory(path, {"x": np.arange(3.0)}, {"v": 1})
+    bad = [np.zeros(3, [("a", "<f4"), ("b", "<i4")]), np.zeros(3, object), np.array(["word"])]
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bad.append(np.zeros(3, ml_dtypes.float8_e4m3fn))
+    for array in bad:
+        with pytest.raises(TypeError, match="a checkpoint holds arrays of numbers"):
+            cembed.checkpoint.write_directory(path, {"x": array}, {"v": 2})
+        assert cembed.checkpoint.read_directory(path)[0] == {"v": 1}
+    for array in (np.zeros(3, ml_dtypes.bfloat16), np.zeros(3, np.float16), np.zeros(2, np.complex64),
+                  np.ones(2, bool), np.arange(4, dtype=np.uint8)):
+        cembed.checkpoint.write_directory(path, {"x": array}, {"v": 3})
+        stored = cembed.checkpoint.open_array(path, "x")
+        assert stored.dtype == array.dtype and np.array_equal(stored, array)
+
+
 def test_refuses_to_replace_what_is_not_a_checkpoint(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "precious.txt").write_text("keep me")
