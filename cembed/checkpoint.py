@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 import zlib
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Set, Tuple, Union
@@ -100,10 +101,19 @@ def _fsync_file(fh: Any) -> None:
     os.fsync(fh.fileno())
 
 
-def _lock(path: str) -> Any:
-    """An exclusive lock on ``.<name>.lock`` beside ``path`` for the length of a save."""
+def _lock_path(path: str) -> str:
     head, name = os.path.split(path)
-    fh = open(os.path.join(head, f".{name}.lock"), "a+b")
+    return os.path.join(head, f".{name}.lock")
+
+
+def _lock(path: str) -> Any:
+    """An exclusive lock on ``.<name>.lock`` beside ``path`` for the length of a save. The file also
+    holds the save's journal (:func:`_record`)."""
+    try:
+        fd = os.open(_lock_path(path), os.O_RDWR | os.O_CREAT, 0o666)
+    except IsADirectoryError:
+        raise ValueError(f"{_lock_path(path)} is a directory: a save to {path} locks that file") from None
+    fh = os.fdopen(fd, "r+b")
     try:
         import fcntl
 
@@ -111,6 +121,41 @@ def _lock(path: str) -> Any:
     except ImportError:  # pragma: no cover - no flock on this platform
         pass
     return fh
+
+
+def _identity(entry: str) -> Optional[List[int]]:
+    """``[device, inode]`` of the directory ``entry`` (not followed if a link), else None. A rename
+    keeps it: the journal knows a save's directories under every name they take."""
+    try:
+        status = os.lstat(entry)
+    except OSError:
+        return None
+    return [status.st_dev, status.st_ino] if stat.S_ISDIR(status.st_mode) else None
+
+
+def _record(lock: Any, **directories: Optional[List[int]]) -> None:
+    """Write the save's journal into its lock file, synced: the identities of the directories the
+    save made (``tmp``: its new checkpoint, under every name) and moved aside (``old``), so that the
+    next save removes those and nothing of the user's named alike (``_save_leftover``)."""
+    lock.seek(0)
+    lock.truncate()
+    lock.write(json.dumps({k: v for k, v in directories.items() if v is not None}).encode())
+    lock.flush()
+    os.fsync(lock.fileno())
+
+
+def _journal(path: str) -> List[List[int]]:
+    """The directory identities the journal beside ``path`` records (none when there is no
+    journal, or it is unreadable: then nothing there counts as a save's)."""
+    try:
+        with open(_lock_path(path), "rb") as fh:
+            recorded = json.loads(fh.read(4096).decode() or "{}")
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return []
+    if not isinstance(recorded, dict):
+        return []
+    return [v for v in recorded.values() if isinstance(v, list) and len(v) == 2
+            and all(type(x) is int for x in v)]
 
 
 def _write_array(directory: str, filename: str, array: np.ndarray) -> Dict[str, Any]:
@@ -275,6 +320,7 @@ def write_directory(path: PathLike, arrays: Mapping[str, np.ndarray], meta: Any)
         _recover(path)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
         try:
+            _record(lock, tmp=_identity(tmp))
             files = {}
             for name, array in arrays.items():
                 files[f"{name}.npy"] = _write_array(tmp, f"{name}.npy", array)
@@ -290,10 +336,12 @@ def write_directory(path: PathLike, arrays: Mapping[str, np.ndarray], meta: Any)
             raise
         storage.fsync_directory(parent)
         if os.path.lexists(path):
+            _record(lock, tmp=_identity(_ready(path)), old=_identity(path))
             os.rename(path, _old(path))
         os.rename(_ready(path), path)
         storage.fsync_directory(parent)
         shutil.rmtree(_old(path), ignore_errors=True)
+        _record(lock)
     finally:
         lock.close()
     return path
@@ -318,8 +366,12 @@ def _check_replaceable(path: str) -> None:
     but its manifest and the files it lists: a save replaces the directory whole, so anything else
     there (a directory that merely has a file named MANIFEST.json, a file someone put into a
     checkpoint) would be deleted."""
+    lock = _lock_path(path)
+    if os.path.lexists(lock) and not os.path.isfile(lock):
+        raise ValueError(f"{lock} is not a file: a save to {path} locks a file of that name (move it away)")
+    journal = _journal(path)
     for aside in (_ready(path), _old(path)):   # the names a save renames into: never a user's file
-        if os.path.lexists(aside) and not _save_leftover(aside):
+        if os.path.lexists(aside) and not _save_leftover(aside, journal):
             raise ValueError(f"{aside} is in the way of a save to {path} (a save puts its own files under that "
                              "name) and is not a cembed checkpoint: move it away first")
     if not os.path.lexists(path):
@@ -372,23 +424,20 @@ def _remove(entry: str) -> None:
             pass
 
 
-def _save_leftover(entry: str) -> bool:
-    """Whether ``entry`` (a ``.ready`` / ``.old`` / ``.tmp-*`` sibling of a checkpoint) can be what a
-    save leaves behind: a directory (not a link) holding nothing but a manifest and files named as a
-    checkpoint names its arrays — an interrupted save's, or an old checkpoint partly removed. Anything
-    else there is the user's, and a save never removes it."""
-    if os.path.islink(entry) or not os.path.isdir(entry):
+def _save_leftover(entry: str, journal: List[List[int]]) -> bool:
+    """Whether ``entry`` (a ``.ready`` / ``.old`` / ``.tmp-*`` sibling of a checkpoint) is what a save
+    left behind: a directory the save's journal records (by device and inode: a user's copy named
+    alike — even of the same checkpoint — is another directory), or an empty one. Anything else there
+    is the user's, and a save never removes it."""
+    identity = _identity(entry)
+    if identity is None:
         return False
-    for name in os.listdir(entry):
-        if name == MANIFEST:
-            continue
-        try:
-            _check_name(name[:-4] if name.endswith(".npy") else "", "file")
-        except ValueError:
-            return False
-        if os.path.islink(os.path.join(entry, name)) or not os.path.isfile(os.path.join(entry, name)):
-            return False
-    return True
+    if identity in journal:
+        return True
+    try:
+        return not os.listdir(entry)
+    except OSError:
+        return False
 
 
 def _recover(path: str) -> None:
@@ -398,7 +447,8 @@ def _recover(path: str) -> None:
     ``.ready`` or ``.old`` of the user's is in the way)."""
     parent, name = os.path.split(path)
     ready, old = _ready(path), _old(path)
-    if os.path.isfile(os.path.join(ready, MANIFEST)) and _save_leftover(ready):
+    journal = _journal(path)
+    if os.path.isfile(os.path.join(ready, MANIFEST)) and _save_leftover(ready, journal):
         if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
             os.rmdir(path)   # an empty directory made where the interrupted save's result belongs
         if not os.path.lexists(path):
@@ -406,7 +456,7 @@ def _recover(path: str) -> None:
             storage.fsync_directory(parent)
     for stale in [ready, old] + [os.path.join(parent, e) for e in os.listdir(parent)
                                  if e.startswith(f".{name}.tmp-")]:
-        if os.path.lexists(stale) and _save_leftover(stale):
+        if os.path.lexists(stale) and _save_leftover(stale, journal):
             _remove(stale)
 
 

@@ -182,45 +182,52 @@ def test_replacing_a_checkpoint_leaves_no_debris(tmp_path):
 
 # ------------------------------------------------------------------------------------------ the recovery rule
 
-def test_recovery_rule(tmp_path):
+class _Crash(BaseException):
+    """A save stopped at a rename, as by a crash there (nothing of the save's own clean-up runs)."""
+
+
+def _interrupted_save(monkeypatch, path, modules, extra, before):
+    """save_checkpoint stopped just before the rename of ``before`` ("ready": the new checkpoint into
+    place; "old": the old one aside): what a crash there leaves."""
+    real = os.rename
+
+    def rename(src, dst, *args, **kwargs):
+        if os.path.basename(os.fspath(src)) == (f".{path.name}.ready" if before == "ready" else path.name):
+            raise _Crash()
+        return real(src, dst, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "rename", rename)
+        with pytest.raises(_Crash):
+            cembed.save_checkpoint(path, modules, extra=extra)
+
+
+def test_recovery_rule(tmp_path, monkeypatch):
     emb = cembed.Embedding(10, 2, seed=0)
     path = tmp_path / "ck"
     cembed.save_checkpoint(path, {"e": emb}, extra={"v": 1})
-    # a save interrupted between "rename the old aside" and "rename the new in": only .ready exists
-    os.rename(path, tmp_path / ".ck.ready")
+    # a save interrupted between "rename the old aside" and "rename the new in": .ready is the new one
+    _interrupted_save(monkeypatch, path, {"e": emb}, {"v": 2}, "ready")
+    assert sorted(os.listdir(tmp_path)) == [".ck.lock", ".ck.old", ".ck.ready"]
     assert cembed.checkpoint.find_directory(path) == str(tmp_path / ".ck.ready")
-    assert cembed.load_checkpoint(path, {"e": cembed.Embedding(10, 2)}) == {"v": 1}
-    # the next save finishes the interrupted one first, then replaces it
-    (tmp_path / ".ck.tmp-stale").mkdir()
-    (tmp_path / ".ck.old").mkdir()
-    cembed.save_checkpoint(path, {"e": emb}, extra={"v": 2})
-    assert sorted(os.listdir(tmp_path)) == [".ck.lock", "ck"]
     assert cembed.load_checkpoint(path, {"e": cembed.Embedding(10, 2)}) == {"v": 2}
+    # the next save finishes the interrupted one first, removes what it left, then replaces it
+    (tmp_path / ".ck.tmp-stale").mkdir()   # (an empty one: made, then a crash before its first file)
+    cembed.save_checkpoint(path, {"e": emb}, extra={"v": 3})
+    assert sorted(os.listdir(tmp_path)) == [".ck.lock", "ck"]
+    assert cembed.load_checkpoint(path, {"e": cembed.Embedding(10, 2)}) == {"v": 3}
+    # interrupted before the old one was moved aside: the old one is loaded, the next save tidies up
+    _interrupted_save(monkeypatch, path, {"e": emb}, {"v": 4}, "old")
+    assert sorted(os.listdir(tmp_path)) == [".ck.lock", ".ck.ready", "ck"]
+    assert cembed.load_checkpoint(path, {"e": cembed.Embedding(10, 2)}) == {"v": 3}
+    cembed.save_checkpoint(path, {"e": emb}, extra={"v": 5})
+    assert sorted(os.listdir(tmp_path)) == [".ck.lock", "ck"]
     # an interrupted save that never reached .ready is ignored: the old checkpoint is loaded
     shutil.copytree(path, tmp_path / ".ck.tmp-x")
     (tmp_path / ".ck.tmp-x" / "MANIFEST.json").write_text("{")
-    assert cembed.load_checkpoint(path, {"e": cembed.Embedding(10, 2)}) == {"v": 2}
+    assert cembed.load_checkpoint(path, {"e": cembed.Embedding(10, 2)}) == {"v": 5}
     with pytest.raises(CheckpointError, match="no checkpoint there"):
         cembed.load_checkpoint(tmp_path / "nothing", {"e": emb})
-
-
-def test_arrays_a_checkpoint_could_not_read_back_are_refused_before_anything_is_written(tmp_path):
-    """write_directory refused only object arrays: a structured or an ml_dtypes float8 array was
-    written, replacing a good checkpoint with one read_directory refuses ('malformed entry', '|V1')."""
-    path = tmp_path / "ck"
-    cembed.checkpoint.write_directory(path, {"x": np.arange(3.0)}, {"v": 1})
-    bad = [np.zeros(3, [("a", "<f4"), ("b", "<i4")]), np.zeros(3, object), np.array(["word"])]
-    ml_dtypes = pytest.importorskip("ml_dtypes")
-    bad.append(np.zeros(3, ml_dtypes.float8_e4m3fn))
-    for array in bad:
-        with pytest.raises(TypeError, match="a checkpoint holds arrays of numbers"):
-            cembed.checkpoint.write_directory(path, {"x": array}, {"v": 2})
-        assert cembed.checkpoint.read_directory(path)[0] == {"v": 1}
-    for array in (np.zeros(3, ml_dtypes.bfloat16), np.zeros(3, np.float16), np.zeros(2, np.complex64),
-                  np.ones(2, bool), np.arange(4, dtype=np.uint8)):
-        cembed.checkpoint.write_directory(path, {"x": array}, {"v": 3})
-        stored = cembed.checkpoint.open_array(path, "x")
-        assert stored.dtype == array.dtype and np.array_equal(stored, array)
 
 
 def test_refuses_to_replace_what_is_not_a_checkpoint(tmp_path):
@@ -277,13 +284,13 @@ def test_a_checkpoint_path_that_is_a_symbolic_link_is_saved_where_it_points(tmp_
 
 
 @pytest.mark.parametrize("make", ["file", "dangling link", "link to a checkpoint", "directory of notes",
-                                  "checkpoint with a subdirectory"])
+                                  "copy of the checkpoint"])
 @pytest.mark.parametrize("name", [".ck.old", ".ck.ready"])
 def test_a_sibling_in_the_way_of_a_save_is_refused_never_removed(tmp_path, make, name):
     """A save renames through ``.<name>.ready`` and ``.<name>.old`` and removed whatever it found there
     first (rmtree for a directory): a user's ``.ck.old`` backup was deleted by the next save. Only what
-    a save can leave there (a directory of a manifest and checkpoint files) is removed now; anything
-    else refuses the save before anything changes, naming it."""
+    a save left there (the directories its journal records, by inode) is removed now; anything else —
+    even a copy of the checkpoint itself — refuses the save before anything changes, naming it."""
     emb = cembed.Embedding(5, 2, seed=0)
     ck = tmp_path / "ck"
     cembed.save_checkpoint(ck, emb, extra={"v": 1})
@@ -301,7 +308,6 @@ def test_a_sibling_in_the_way_of_a_save_is_refused_never_removed(tmp_path, make,
         (aside / "notes.txt").write_text("mine")
     else:
         shutil.copytree(ck, aside)
-        (aside / "sub").mkdir()
     before = sorted(os.listdir(tmp_path))
     with pytest.raises(ValueError, match=f"{name} is in the way of a save"):
         cembed.save_checkpoint(ck, emb, extra={"v": 2})
@@ -317,21 +323,40 @@ def test_a_sibling_in_the_way_of_a_save_is_refused_never_removed(tmp_path, make,
     assert cembed.load_checkpoint(ck, cembed.Embedding(5, 2)) == {"v": 2}
 
 
-def test_a_users_directory_named_like_a_saves_temporary_is_kept(tmp_path):
-    """Stale ``.<name>.tmp-*`` directories of an interrupted save are removed by the next save; one
-    holding anything a save does not write is the user's and is left alone (it is in no save's way)."""
+def test_a_users_directory_named_like_a_saves_temporary_is_kept(tmp_path, monkeypatch):
+    """The ``.<name>.tmp-*`` directory of a save that crashed while writing is removed by the next save;
+    one of the user's named alike (a copy of the checkpoint too) is left alone (it is in no save's way)."""
     emb = cembed.Embedding(5, 2, seed=0)
     ck = tmp_path / "ck"
     cembed.save_checkpoint(ck, emb, extra={"v": 1})
-    shutil.copytree(ck, tmp_path / ".ck.tmp-interrupted")     # what a save can leave
-    (tmp_path / ".ck.tmp-interrupted" / "MANIFEST.json").unlink()
+    with monkeypatch.context() as patch:   # a crash while the arrays are written: no clean-up runs
+        def crash(*args, **kwargs):
+            raise _Crash()
+        patch.setattr(cembed.checkpoint, "_write_array", crash)
+        patch.setattr(shutil, "rmtree", lambda *args, **kwargs: None)
+        with pytest.raises(_Crash):
+            cembed.save_checkpoint(ck, emb, extra={"v": 2})
+    [left] = [e for e in os.listdir(tmp_path) if e.startswith(".ck.tmp-")]
+    shutil.copytree(ck, tmp_path / ".ck.tmp-copy")
     (tmp_path / ".ck.tmp-mine").mkdir()
     (tmp_path / ".ck.tmp-mine" / "draft.txt").write_text("mine")
-    (tmp_path / ".ck.old").mkdir()                            # an old checkpoint partly removed: empty
-    cembed.save_checkpoint(ck, emb, extra={"v": 2})
-    assert sorted(os.listdir(tmp_path)) == [".ck.lock", ".ck.tmp-mine", "ck"]
+    (tmp_path / ".ck.old").mkdir()                            # an empty one: nothing to lose
+    cembed.save_checkpoint(ck, emb, extra={"v": 3})
+    assert sorted(os.listdir(tmp_path)) == [".ck.lock", ".ck.tmp-copy", ".ck.tmp-mine", "ck"] and left
     assert (tmp_path / ".ck.tmp-mine" / "draft.txt").read_text() == "mine"
-    assert cembed.load_checkpoint(ck, cembed.Embedding(5, 2)) == {"v": 2}
+    assert cembed.load_checkpoint(tmp_path / ".ck.tmp-copy", cembed.Embedding(5, 2)) == {"v": 1}
+    assert cembed.load_checkpoint(ck, cembed.Embedding(5, 2)) == {"v": 3}
+
+
+def test_a_lock_path_that_is_not_a_file_refuses_the_save_before_anything_changes(tmp_path):
+    """``.<name>.lock`` made a directory: check_replaceable passed, so the trainer trained the whole run
+    and failed at its final save. Both refuse it now, naming it."""
+    (tmp_path / ".ck.lock").mkdir()
+    with pytest.raises(ValueError, match="ck.lock is not a file"):
+        cembed.checkpoint.check_replaceable(tmp_path / "ck")
+    with pytest.raises(ValueError, match="ck.lock is not a file"):
+        cembed.save_checkpoint(tmp_path / "ck", cembed.Embedding(3, 2))
+    assert sorted(os.listdir(tmp_path)) == [".ck.lock"]
 
 
 @pytest.mark.parametrize("how", ["load", "open_table"])
@@ -739,7 +764,7 @@ def test_an_empty_directory_made_where_an_interrupted_save_belongs_does_not_cost
     path since (e.g. by a script's makedirs) must not make the next save delete .ready, the one copy."""
     emb = cembed.Embedding(6, 2, seed=0)
     cembed.save_checkpoint(tmp_path / "ck", emb, extra={"v": 1})
-    os.rename(tmp_path / "ck", tmp_path / ".ck.ready")
+    _interrupted_save(monkeypatch, tmp_path / "ck", emb, {"v": 2}, "ready")
     (tmp_path / "ck").mkdir()
 
     def full_disk(*args, **kwargs):
@@ -747,8 +772,8 @@ def test_an_empty_directory_made_where_an_interrupted_save_belongs_does_not_cost
 
     monkeypatch.setattr(cembed.checkpoint, "_write_array", full_disk)   # the next save fails after recovering
     with pytest.raises(OSError, match="simulated full disk"):
-        cembed.save_checkpoint(tmp_path / "ck", emb, extra={"v": 2})
-    assert cembed.load_checkpoint(tmp_path / "ck", cembed.Embedding(6, 2)) == {"v": 1}
+        cembed.save_checkpoint(tmp_path / "ck", emb, extra={"v": 3})
+    assert cembed.load_checkpoint(tmp_path / "ck", cembed.Embedding(6, 2)) == {"v": 2}
 
 
 def test_a_ctrl_c_while_a_checkpoint_loads_is_delivered_once_tables_and_optimizer_are_loaded(
