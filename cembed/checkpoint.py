@@ -718,7 +718,10 @@ def load_checkpoint(path: PathLike, modules: Any, optimizer: Any = None, mmap: b
     Everything is checked before anything changes: the manifest, every file (present, complete,
     its CRC-32 with ``verify``), the module names, classes, shapes and dtypes against the modules
     given, and the optimizer's class, parameters and whole state (with the optimizer's own rules).
-    On any error no module and no optimizer is modified.
+    Then every file is mapped (and with ``mmap=False`` copied into memory) before anything changes,
+    so running out of memory or address space changes nothing either. On any error no module and no
+    optimizer is modified — except for an I/O error (a full disk) while values are copied into a
+    table that stays on disk: that table may then hold part of them.
 
     Parameters
     ----------
@@ -837,20 +840,28 @@ def load_checkpoint(path: PathLike, modules: Any, optimizer: Any = None, mmap: b
 
 def _apply(plan: List[Tuple[Any, Any, str, storage.NpyHeader, str]], optimizer: Any,
            state_dict: Optional[Dict[str, Any]], directory: str, mmap: bool) -> None:
-    """load_checkpoint's changes, everything checked: the optimizer's state, then every table."""
+    """load_checkpoint's changes, everything checked. First what can fail for want of memory or
+    address space, changing nothing: every file mapped (and with ``mmap=False`` copied into memory);
+    then the optimizer's state (all or nothing itself), the values copied into tables that stay on
+    disk, and the new tables set."""
+    ready = []
+    for module, weight, file_path, header, action in plan:
+        if action == "copy":
+            ready.append((module, weight, storage.map_array(file_path, "r", header, advice="sequential")))
+        elif action == "replace" and mmap:
+            trainable = bool(getattr(module, "requires_grad", True))
+            ready.append((module, None, storage.map_array(file_path, "c" if trainable else "r", header)))
+        elif action == "replace":
+            ready.append((module, None, storage.aligned_copy(
+                storage.map_array(file_path, "r", header, advice="sequential"))))
     if state_dict is not None:
         try:
             optimizer.load_state_dict(state_dict)  # checks the whole state first; changes nothing on error
         except (ValueError, TypeError, OverflowError) as exc:
             raise _fail(directory, f"optimizer state: {exc}") from None
-    for module, weight, file_path, header, action in plan:
-        if action == "copy":
-            storage.copy_rows(weight, storage.map_array(file_path, "r", header, advice="sequential"))
+    for module, weight, source in ready:
+        if weight is not None:   # a table on disk keeps its file: the values are copied into it
+            storage.copy_rows(weight, source)
             weight.flush()
-        elif action == "keep":
-            pass
-        elif mmap:
-            trainable = bool(getattr(module, "requires_grad", True))
-            module.weight = storage.map_array(file_path, "c" if trainable else "r", header)
         else:
-            module.weight = storage.aligned_copy(storage.map_array(file_path, "r", header, advice="sequential"))
+            module.weight = source

@@ -776,6 +776,37 @@ def test_an_empty_directory_made_where_an_interrupted_save_belongs_does_not_cost
     assert cembed.load_checkpoint(tmp_path / "ck", cembed.Embedding(6, 2)) == {"v": 2}
 
 
+@pytest.mark.parametrize("mmap", [True, False])
+@pytest.mark.parametrize("error", [MemoryError(), OSError(errno.ENOMEM, "Cannot allocate memory")])
+def test_a_load_that_runs_out_of_memory_changes_nothing(tmp_path, monkeypatch, mmap, error):
+    """The optimizer was loaded first and the tables mapped (or copied) one after the other: running
+    out of address space at the second table left the optimizer and the first table loaded, the
+    second not. Every table is now mapped or copied before anything changes."""
+    a, b = cembed.Embedding(20, 4, sparse=True, seed=0), cembed.Embedding(30, 4, seed=1)
+    opt = optim.SparseAdam([a], lr=0.1)
+    a.backward(np.ones((2, 4), np.float32), np.array([1, 2]), optimizer=opt)
+    cembed.save_checkpoint(tmp_path / "ck", {"a": a, "b": b}, opt)
+    a2, b2 = cembed.Embedding(20, 4, sparse=True, seed=5), cembed.Embedding(30, 4, seed=6)
+    opt2 = optim.SparseAdam([a2], lr=0.1)
+    weights = (a2.weight, b2.weight)
+    real, calls = cembed.storage.map_array, []
+
+    def failing(*args, **kwargs):
+        calls.append(args[0])
+        if sum("module." in os.fspath(c) for c in calls) == 2 and "module." in os.fspath(args[0]):
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cembed.storage, "map_array", failing)
+    with pytest.raises(type(error)):
+        cembed.load_checkpoint(tmp_path / "ck", {"a": a2, "b": b2}, opt2, mmap=mmap)
+    assert a2.weight is weights[0] and b2.weight is weights[1] and not opt2.state.get(a2)
+    monkeypatch.setattr(cembed.storage, "map_array", real)
+    cembed.load_checkpoint(tmp_path / "ck", {"a": a2, "b": b2}, opt2, mmap=mmap)
+    assert_bitwise_equal(np.asarray(a2.weight), a.weight)
+    assert opt2.state[a2]["step"] == 1
+
+
 def test_a_ctrl_c_while_a_checkpoint_loads_is_delivered_once_tables_and_optimizer_are_loaded(
         tmp_path, monkeypatch, ctrl_c_raises):
     """The state_dir load holds a Ctrl-C back until the optimizer has switched: delivered there, it
