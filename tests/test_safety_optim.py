@@ -504,6 +504,36 @@ def test_deeply_nested_meta_is_a_value_error(tmp_path):
     assert _state_bytes(opt) == before
 
 
+@pytest.mark.parametrize("member", ["0/exp_avg.npy", "__meta__.npy"])
+def test_a_member_header_claiming_more_than_the_member_holds_is_a_value_error(tmp_path, member):
+    """A damaged .npz member header claiming a shape of 2**40 rows made load() try to allocate 16 TiB:
+    a MemoryError (or, where memory is overcommitted, a huge allocation), not the ValueError naming the
+    file. The members' sizes are checked against their headers before any is read."""
+    import io
+    import zipfile
+    from numpy.lib import format as npy_format
+
+    m, opt = _adam_with_state()
+    good = tmp_path / "good.npz"
+    opt.save(good)
+    with zipfile.ZipFile(good) as zin:
+        members = [(info.filename, zin.read(info.filename)) for info in zin.infolist()]
+    bad = tmp_path / "bad.npz"
+    with zipfile.ZipFile(bad, "w") as zout:
+        for name, raw in members:
+            if name == member:
+                header = io.BytesIO()
+                npy_format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                                           "shape": (2 ** 40, 4)})
+                raw = header.getvalue() + bytes(64)
+            zout.writestr(name, raw)
+    before = _state_bytes(opt)
+    with pytest.raises(ValueError, match=f"bad.npz: not a readable cembed optimizer file .*member {member} holds"):
+        opt.load(bad)
+    assert _state_bytes(opt) == before
+    opt.load(good)
+
+
 @pytest.mark.parametrize("keys", [[0.5], [" 0"], ["0x"], [True], ["\u0660"], [None], [0, "0"], [np.int64(0), "0"],
                                   ["0", "00"]], ids=repr)
 def test_state_keys_are_ints_or_digit_strings_each_once(keys):

@@ -1121,6 +1121,7 @@ class Optimizer:
         path = os.fspath(path)
         try:
             with np.load(path, allow_pickle=False) as data:
+                _check_members(data)
                 meta = json.loads(bytes(data["__meta__"]).decode())
                 if not isinstance(meta, dict) or meta.get("format") not in (_FORMAT, None) or "state" not in meta:
                     raise ValueError("not a cembed optimizer file")
@@ -1136,6 +1137,25 @@ class Optimizer:
             self.load_state_dict({"state": state, "param_groups": groups})
         except (ValueError, TypeError, OverflowError) as exc:   # a malformed file: always a ValueError naming it
             raise ValueError(f"{path}: {exc}") from None
+
+
+def _check_members(data: Any) -> None:
+    """ValueError unless every ``.npy`` member of the ``.npz`` ``data`` holds as many bytes as its
+    header says: a damaged header claiming a huge shape would otherwise be a MemoryError (or a huge
+    allocation) when the member is read."""
+    from numpy.lib import format as npy_format
+
+    for info in data.zip.infolist():
+        if not info.filename.endswith(".npy"):
+            continue
+        with data.zip.open(info) as fh:
+            version = npy_format.read_magic(fh)
+            read = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+            shape, _, dtype = read(fh)
+            needed = fh.tell() + math.prod(shape) * dtype.itemsize
+        if needed != info.file_size:
+            raise ValueError(f"member {info.filename} holds {info.file_size} bytes, its header {shape} {dtype} "
+                             f"needs {needed}")
 
 
 def _half_from_file(stored: np.ndarray, name: Any) -> np.ndarray:
