@@ -327,7 +327,8 @@ def write_aside(path: PathLike, write: Callable[[Any], None], *, sync: bool = Tr
     sync : bool, default True
         Flush the file to stable storage (``fsync``) before returning.
     mode : int, optional
-        Permission bits of the file (default: those an ordinary new file gets, ``0o666`` less the
+        Permission bits of the file (default: those of the file at ``path`` when there is one — a
+        replaced file keeps its bits — else those an ordinary new file gets, ``0o666`` less the
         umask).
 
     Returns
@@ -350,7 +351,7 @@ def write_aside(path: PathLike, write: Callable[[Any], None], *, sync: bool = Tr
     >>> open(path, "rb").read()
     b'hello'
     """
-    fd, tmp = _temporary_sibling(os.fspath(path), mode)
+    fd, tmp = _temporary_sibling(os.fspath(path), _existing_mode(path) if mode is None else mode)
     try:
         with os.fdopen(fd, "wb") as fh:   # (written through the descriptor mkstemp opened, never by name)
             write(fh)
@@ -392,11 +393,16 @@ def write_atomically(path: PathLike, data: Union[bytes, Callable[[Any], None]]) 
     """
     path = os.fspath(path)
     write = data if callable(data) else (lambda fh: fh.write(data))
+    _rename_into_place(write_aside(path, write), path)   # (a replaced file keeps its permission bits)
+
+
+def _existing_mode(path: PathLike) -> Optional[int]:
+    """The permission bits of the file at ``path``, or None when there is none: a file cembed writes
+    in place of another keeps them (a private table stays private)."""
     try:
-        mode: Optional[int] = stat.S_IMODE(os.stat(path).st_mode)
+        return stat.S_IMODE(os.stat(path).st_mode)
     except OSError:
-        mode = None
-    _rename_into_place(write_aside(path, write, mode=mode), path)
+        return None
 
 
 def _rename_into_place(tmp: str, path: str, sync_directory: bool = True) -> None:
@@ -581,6 +587,13 @@ def replace_files(pairs: List[Tuple[str, str]], commit: Optional[Callable[[], No
     """
     existed: List[bool] = []
     backups: List[Optional[str]] = []
+    for src, dst in pairs:   # a replaced file keeps its permission bits
+        mode = _existing_mode(dst)
+        if mode is not None:
+            try:
+                os.chmod(src, mode)
+            except OSError:   # (vfat, exfat: the bits cannot be set)
+                pass
     with sigint_held():
         try:
             for _, dst in pairs:

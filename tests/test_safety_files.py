@@ -831,6 +831,32 @@ def test_write_atomically_replaces_whole_or_not_at_all(tmp_path):
     assert os.path.dirname(tmp) == str(tmp_path)
 
 
+@pytest.mark.parametrize("init", ["zeros", "normal"])
+def test_every_file_written_in_place_of_another_keeps_its_mode(tmp_path, init):
+    """A private (0600) table recreated with open_table(mode='w+', init='zeros') became 0644 (with
+    init='normal' it stayed 0600), and so did the state files a load_state_dict into a state_dir
+    replaced: one rule now, in write_aside and replace_files."""
+    table = tmp_path / "t.npy"
+    np.save(table, np.zeros((3, 2), np.float32))
+    os.chmod(table, 0o600)
+    cembed.open_table(table, 5, 2, mode="w+", init=init)
+    assert os.stat(table).st_mode & 0o777 == 0o600
+    emb = cembed.Embedding(4, 2, sparse=True, seed=0)
+    opt = optim.SparseAdam([emb], lr=0.1, state_dir=tmp_path / "s")
+    emb.backward(np.ones((1, 2), np.float32), np.array([1]), optimizer=opt)
+    for name in ("p0.exp_avg.npy", "p0.exp_avg_sq.npy"):
+        os.chmod(tmp_path / "s" / name, 0o600)
+    opt.load_state_dict(opt.state_dict())
+    for name in ("p0.exp_avg.npy", "p0.exp_avg_sq.npy"):
+        assert os.stat(tmp_path / "s" / name).st_mode & 0o777 == 0o600
+    for name in ("a", "b"):   # replace_files
+        (tmp_path / name).write_text("old")
+        os.chmod(tmp_path / name, 0o640)
+        (tmp_path / (name + ".new")).write_text("new")
+    storage.replace_files([(str(tmp_path / (n + ".new")), str(tmp_path / n)) for n in ("a", "b")])
+    assert all(os.stat(tmp_path / n).st_mode & 0o777 == 0o640 for n in ("a", "b"))
+
+
 def test_write_atomically_keeps_the_mode_and_works_where_modes_cannot_be_set(tmp_path, monkeypatch):
     """A file replaced keeps its permission bits (a private 0600 save stayed private with the old code's
     mkstemp; a chmod by the user is kept); a file system that refuses fchmod (vfat, exfat) still gets
