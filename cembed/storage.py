@@ -351,17 +351,32 @@ def write_aside(path: PathLike, write: Callable[[Any], None], *, sync: bool = Tr
     >>> open(path, "rb").read()
     b'hello'
     """
-    fd, tmp = _temporary_sibling(os.fspath(path), _existing_mode(path) if mode is None else mode)
+    path = os.fspath(path)
+    try:
+        fd, tmp = _temporary_sibling(path, _existing_mode(path) if mode is None else mode)
+    except OSError as exc:
+        raise _naming(exc, path) from None
     try:
         with os.fdopen(fd, "wb") as fh:   # (written through the descriptor mkstemp opened, never by name)
             write(fh)
             fh.flush()
             if sync:
                 os.fsync(fh.fileno())
+    except OSError as exc:
+        _unlink_quietly(tmp)
+        raise _naming(exc, path) from None
     except BaseException:
         _unlink_quietly(tmp)
         raise
     return tmp
+
+
+def _naming(exc: OSError, path: str) -> OSError:
+    """``exc`` as an error about ``path`` (the file being written: a full disk, a missing directory),
+    not about a temporary name the caller never gave; one that names a file already is kept."""
+    if exc.errno is None or (exc.filename is not None and not os.path.basename(os.fspath(exc.filename)).endswith(".tmp")):
+        return exc
+    return OSError(exc.errno, exc.strerror or os.strerror(exc.errno), path)
 
 
 def write_atomically(path: PathLike, data: Union[bytes, Callable[[Any], None]]) -> None:

@@ -819,9 +819,13 @@ def test_write_atomically_replaces_whole_or_not_at_all(tmp_path):
         fh.write(b"half of the new")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="No space left") as info:
         storage.write_atomically(path, partial)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)   # the file, not a temporary
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["out.bin"]
+    with pytest.raises(FileNotFoundError) as info:   # no such directory: named by the file asked for
+        storage.write_atomically(tmp_path / "nodir" / "x.bin", b"x")
+    assert info.value.filename == str(tmp_path / "nodir" / "x.bin")
     storage.write_atomically(path, lambda fh: fh.write(b"new"))
     umask = os.umask(0o022)
     os.umask(umask)
