@@ -483,6 +483,20 @@ def check_row_ids(rows: Any, n_rows: int, name: str) -> np.ndarray:
     return rows
 
 
+def random_generator(seed: Any, name: str = "seed") -> np.random.Generator:
+    """``numpy.random.default_rng(seed)`` for a seed of None, an int >= 0 (a NumPy integer too), a
+    ``SeedSequence`` or a ``BitGenerator``; a ``Generator`` is used as it is. TypeError / ValueError
+    naming ``name`` for anything else (NumPy's own messages do not say which argument)."""
+    if isinstance(seed, np.random.Generator):
+        return seed
+    if seed is not None and not isinstance(seed, (np.random.SeedSequence, np.random.BitGenerator)):
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (numbers.Integral, np.integer)):
+            raise TypeError(f"{name} must be an int >= 0, a numpy.random.Generator or None, got "
+                            f"{type(seed).__name__}")
+        seed = check_int(seed, name, low=0)
+    return np.random.default_rng(seed)
+
+
 def normalize_padding_idx(padding_idx: Any, n_rows: int) -> Optional[int]:
     """torch's rule: -n_rows <= p < n_rows, negatives stored as n_rows + p; None stays None."""
     if padding_idx is None:

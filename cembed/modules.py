@@ -27,6 +27,7 @@ from ._validation import (
     index_groups,
     is_as_checked,
     normalize_padding_idx,
+    random_generator,
     validated_indices,
 )
 
@@ -39,7 +40,7 @@ def _init_weight(num_embeddings: int, embedding_dim: int, dtype: Any, seed: Any,
     (``storage.aligned_zeros``: every row in whole cache lines). A 16-bit table draws in float32 and
     rounds each value to nearest."""
     dtype = check_table_dtype(dtype)
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    rng = random_generator(seed)
     shape = (num_embeddings, embedding_dim)
     if is_half(dtype):
         weight = storage.aligned_copy(rng.standard_normal(shape, dtype=compute_dtype(dtype)), dtype)

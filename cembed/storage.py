@@ -46,7 +46,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from ._dtypes import FULL_DTYPES, check_table_dtype, compute_dtype, is_bfloat16, is_half, resolve_dtype
-from ._validation import check_choice, check_int, check_size
+from ._validation import check_choice, check_int, check_size, random_generator
 
 __all__ = ["aligned_zeros", "aligned_copy", "ALIGNMENT", "open_table", "map_array", "read_header", "NpyHeader",
            "create_zeros", "reserve_zeros", "map_reserved", "discard_reserved", "replace_files", "sigint_held",
@@ -801,7 +801,7 @@ def _create_table(path: str, shape: Tuple[int, int], dtype: np.dtype, init: Any,
         return
     rng = None
     if not callable(init):
-        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        rng = random_generator(seed)
     n_rows, dim = shape
     stored = file_dtype(dtype)
     work = compute_dtype(dtype)   # a 16-bit table is initialised in float32, rounded to nearest per block

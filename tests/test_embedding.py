@@ -250,3 +250,19 @@ def test_table_larger_than_2_31_elements():
     assert not weight[last - 2].any()
     g = F.embedding_backward(np.ones((4, dim), np.float32), idx, n_rows, sparse=True)
     np.testing.assert_array_equal(g.indices, np.sort(idx))
+
+
+@pytest.mark.parametrize("seed, error, message", [(-1, ValueError, "seed must be >= 0, got -1"),
+                                                   ("a", TypeError, "seed must be an int >= 0, a numpy.random.Generator"),
+                                                   (1.5, TypeError, "got float"), (True, TypeError, "got bool")])
+def test_a_bad_seed_is_named(tmp_path, seed, error, message):
+    """NumPy's own messages ('expected non-negative integer', 'SeedSequence expects int or sequence of
+    ints for entropy not a') did not say which argument was wrong."""
+    for make in (lambda: cembed.Embedding(3, 2, seed=seed), lambda: cembed.EmbeddingBag(3, 2, seed=seed),
+                 lambda: cembed.open_table(tmp_path / "t.npy", 3, 2, init="normal", seed=seed)):
+        with pytest.raises(error, match=message):
+            make()
+    assert not (tmp_path / "t.npy").exists()
+    same = [cembed.Embedding(3, 2, seed=s).weight for s in (7, np.int64(7), np.random.default_rng(7),
+                                                            np.random.SeedSequence(7))]
+    assert all(np.array_equal(w, same[0]) for w in same)
