@@ -892,3 +892,22 @@ def test_state_shared_between_two_parameters_is_refused():
         opt.zero_grad()
         assert (a.weight.tobytes(), b.weight.tobytes()) == before
         opt.state[b]["momentum_buffer"] = opt.state[b]["momentum_buffer"].copy()
+
+
+def test_messages_a_user_can_act_on(tmp_path):
+    """SparseAdam's dense-gradient refusal suggested torch's Adam (cembed has none), loading another
+    optimizer class's file raised a private ValueError subclass, and a state_dir that is a file said
+    'cannot create the directory (File exists)'."""
+    emb = cembed.Embedding(4, 2, seed=0)
+    emb.grad = np.ones((4, 2), np.float32)
+    for make in (optim.SparseAdam, optim.SparseAdamW):
+        with pytest.raises(TypeError, match="sparse=True, or use SGD, Adagrad or RowWiseAdagrad"):
+            make([emb], lr=0.1).step()
+    sgd = optim.SGD([emb], lr=0.1)
+    sgd.save(tmp_path / "sgd.npz")
+    with pytest.raises(ValueError, match="holds SGD state, not Adagrad") as info:
+        optim.Adagrad([emb], lr=0.1).load(tmp_path / "sgd.npz")
+    assert type(info.value) is ValueError
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="state_dir .*file exists and is not a directory"):
+        optim.SparseAdam([cembed.Embedding(4, 2, sparse=True)], state_dir=tmp_path / "file")

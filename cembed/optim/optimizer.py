@@ -640,7 +640,9 @@ class Optimizer:
             raise TypeError(f"{where}.grad must be a numpy array or a cembed.SparseGrad, got {type(grad).__name__}")
         if self._dense_alternative is not None and not isinstance(grad, SparseGrad):
             raise TypeError(f"{type(self).__name__} does not support dense gradients, please consider "
-                            f"{self._dense_alternative} instead ({where}.grad is a dense array; use sparse=True)")
+                            f"{self._dense_alternative} instead (torch's words; {where}.grad is a dense array: build "
+                            "the module with sparse=True, or use SGD, Adagrad or RowWiseAdagrad, which cembed also "
+                            "has for dense gradients)")
 
     def _check_state(self, state: Dict[str, Any], weight: np.ndarray, where: str) -> None:
         """Every state entry against the weight as it is now (shape, dtype, layout), so a kernel
@@ -1128,8 +1130,10 @@ class Optimizer:
                 if meta.get("class") != type(self).__name__:
                     raise _WrongClass(f"{path} holds {meta.get('class')} state, not {type(self).__name__}")
                 state, groups = self._deserialized(meta, lambda name: data[name], path)
-        except (FileNotFoundError, _WrongClass):
+        except FileNotFoundError:
             raise
+        except _WrongClass as exc:   # (a plain ValueError for the caller)
+            raise ValueError(str(exc)) from None
         except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile,
                 UnicodeDecodeError, RecursionError) as exc:   # RecursionError: JSON nested beyond the parser
             raise ValueError(f"{path}: not a readable cembed optimizer file ({type(exc).__name__}: {exc})") from None
@@ -1279,6 +1283,8 @@ def _lock_state_dir(state_dir: Any, owner: Any) -> Tuple[str, Optional[weakref.f
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as exc:
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise ValueError(f"state_dir {path} exists and is not a directory") from None
         raise ValueError(f"state_dir {path}: cannot create the directory ({exc.strerror or exc})") from None
     try:
         import fcntl
