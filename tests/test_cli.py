@@ -103,9 +103,9 @@ def test_bad_corpus_files(tmp_path, capsys, content, message):
         path.write_bytes(content)
     elif content is not None:
         path.write_text(content, encoding="utf-8")
-    assert main(["train", "--corpus", str(path), "--quiet", "--no-save"]) == 1
+    assert main(["train", "--corpus", str(path), "--quiet", "--no-save"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert err.startswith("error: --corpus: ") and message in err and "Traceback" not in err
 
 
 def _env_importing_this_cembed():
@@ -119,7 +119,7 @@ def test_console_entry_point_subprocess(tmp_path):
     env = _env_importing_this_cembed()
     proc = subprocess.run([sys.executable, "-m", "cembed", "train", "--corpus", str(tmp_path / "missing.txt")],
                           capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert proc.returncode == 1 and "corpus file not found" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "--corpus: corpus file not found" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.quality
@@ -163,10 +163,15 @@ def test_unusable_out_dir_fails_before_training(tmp_path, capsys, monkeypatch):
     not_a_dir.write_text("x")
     monkeypatch.setattr(train_mod, "train", lambda *a, **k: pytest.fail("trained before checking --out"))
     for out, message in [(not_a_dir, "is not a directory"), (not_a_dir / "sub", "cannot create the output")]:
-        assert main(["train", *TINY, "--out", str(out)]) == 1
+        assert main(["train", *TINY, "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert not_a_dir.read_text() == "x"
+    # a directory the process may write by its permissions, where no file can be made (/proc)
+    if os.path.isdir("/proc/self"):
+        assert main(["train", *TINY, "--out", "/proc/cembed-out"]) == 2
+        assert "cannot create the output directory --out /proc/cembed-out" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["file.txt"]   # (the probe's file is gone)
     # nothing to write: --out is not looked at
     monkeypatch.undo()
     assert main(["train", *TINY, "--no-save", "--out", str(not_a_dir)]) == 0
@@ -179,13 +184,13 @@ def test_unreadable_corpus_file(tmp_path, capsys, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
     monkeypatch.setattr(corpus_mod, "open", denied, raising=False)  # root reads any file: fake the refusal
-    assert main(["train", "--corpus", str(path), "--quiet", "--no-save"]) == 1
+    assert main(["train", "--corpus", str(path), "--quiet", "--no-save"]) == 2
     err = capsys.readouterr().err
-    assert err == f"error: cannot read corpus file {path}: Permission denied\n"
+    assert err == f"error: --corpus: cannot read corpus file {path}: Permission denied\n"
 
 
 def test_directory_as_corpus(tmp_path, capsys):
-    assert main(["train", "--corpus", str(tmp_path), "--quiet", "--no-save"]) == 1
+    assert main(["train", "--corpus", str(tmp_path), "--quiet", "--no-save"]) == 2
     assert "is a directory" in capsys.readouterr().err
 
 

@@ -229,9 +229,9 @@ def run_train(args):
     if args.corpus is not None:
         try:
             corpus = corpus_mod.text_corpus(args.corpus, min_count=args.min_count)
-        except corpus_mod.CorpusError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+        except corpus_mod.CorpusError as exc:   # (the file a flag names cannot be used: exit 2, as a bad flag)
+            print(f"error: --corpus: {exc}", file=sys.stderr)
+            return 2
     else:
         if args.topics > args.vocab_size:
             print(f"error: --topics ({args.topics}) cannot exceed --vocab-size ({args.vocab_size})", file=sys.stderr)
@@ -286,7 +286,7 @@ def run_train(args):
         problem = _output_dir_problem(args.out)
         if problem:
             print(f"error: {problem}", file=sys.stderr)
-            return 1
+            return 2
     ray = _start_ray(args, threads, log) if args.shards else None
     try:
         return _train_and_report(args, corpus, config, threads, log, train_mod)
@@ -545,21 +545,27 @@ def _memory_problem(args, vocab_size, n_tokens):
 
 def _output_dir_problem(path):
     """None when ``path`` is a writable directory or could be made one (its nearest existing ancestor
-    is a writable directory), else what is wrong with it. Nothing is created: the directory is made
-    when the results are written, so a run refused or failed before that leaves none behind."""
+    is a directory a file can be made in: tried with a temporary file, removed at once — /proc says
+    it is writable and is not), else what is wrong with it. Nothing is left behind: the directory is
+    made when the results are written, so a run refused or failed before that leaves none."""
+    import tempfile
+
     if os.path.lexists(path):
         if not os.path.isdir(path):
             return f"--out {path} exists and is not a directory"
-        if not os.access(path, os.W_OK | os.X_OK):
-            return f"the output directory --out {path} is not writable"
-        return None
-    ancestor = os.path.dirname(os.path.abspath(path))
-    while not os.path.lexists(ancestor) and os.path.dirname(ancestor) != ancestor:
-        ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor):
-        return f"cannot create the output directory --out {path}: {ancestor} is not a directory"
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        return f"cannot create the output directory --out {path}: {ancestor} is not writable"
+        where, problem = path, f"the output directory --out {path} is not writable"
+    else:
+        ancestor = os.path.dirname(os.path.abspath(path))
+        while not os.path.lexists(ancestor) and os.path.dirname(ancestor) != ancestor:
+            ancestor = os.path.dirname(ancestor)
+        if not os.path.isdir(ancestor):
+            return f"cannot create the output directory --out {path}: {ancestor} is not a directory"
+        where, problem = ancestor, f"cannot create the output directory --out {path}: {ancestor} is not writable"
+    try:
+        with tempfile.TemporaryFile(dir=where, prefix=".cembed-probe-"):
+            pass
+    except OSError as exc:
+        return f"{problem} ({exc.strerror or exc})"
     return None
 
 
