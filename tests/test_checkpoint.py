@@ -652,6 +652,28 @@ def test_trainer_refusals(tmp_path):
     assert nothing.returncode == 1 and "--resume" in nothing.stderr
 
 
+def test_trainer_resume_compares_what_a_run_means(tmp_path):
+    """--resume compared what the flags said, not what the run was: a run made with the default lr was
+    refused with --lr 0.01 (its value: 'lr None -> 0.01'), a --row-order id run had to be resumed with
+    --row-order id, and another --dtype was reported as a row-order difference."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    small = ["--tokens", "20000"]
+    assert _train_cli(["--table-dir", "plain"] + small, tmp_path, env).returncode == 0
+    explicit = _train_cli(["--table-dir", "plain", "--resume", "--lr", "0.01"] + small, tmp_path, env)
+    assert explicit.returncode == 0, explicit.stderr
+    other = _train_cli(["--table-dir", "plain", "--resume", "--lr", "0.02"] + small, tmp_path, env)
+    assert other.returncode == 1 and "lr 0.01 -> 0.02" in other.stderr, other.stderr
+    assert _train_cli(["--table-dir", "byid", "--row-order", "id"] + small, tmp_path, env).returncode == 0
+    resumed = _train_cli(["--table-dir", "byid", "--resume"] + small, tmp_path, env)
+    assert resumed.returncode == 0, resumed.stderr
+    changed = _train_cli(["--table-dir", "byid", "--resume", "--row-order", "count"] + small, tmp_path, env)
+    assert changed.returncode == 1 and "row_order 'id' -> 'count:" in changed.stderr, changed.stderr
+    pytest.importorskip("ml_dtypes")
+    assert _train_cli(["--table-dir", "half", "--dtype", "bfloat16"] + small, tmp_path, env).returncode == 0
+    wrong = _train_cli(["--table-dir", "half", "--resume"] + small, tmp_path, env)
+    assert wrong.returncode == 1 and "other settings: dtype 'bfloat16' -> 'float32'" in wrong.stderr, wrong.stderr
+
+
 def test_trainer_resume_with_another_rounding_or_state_dtype_is_refused(tmp_path):
     """A 16-bit run's rounding and state dtype are settings of the checkpoint: a resume with others
     would silently go on with the saved ones (a load keeps the saved param groups)."""

@@ -259,13 +259,17 @@ def run_train(args):
         return 2
     threads = args.threads or cembed.get_num_threads()
     log(f"corpus  {corpus.description}  ({time.perf_counter() - t0:.1f}s)")
-    rounding, state_dtype = args.rounding, args.state_dtype
-    if args.resume and args.dtype != "float32" and (rounding is None or state_dtype is None):
-        # a 16-bit run resumes with the rounding and state dtype it recorded, unless they are given
-        recorded = train_mod.recorded_settings(args.table_dir)
-        if rounding is None and recorded.get("rounding") in ("stochastic", "nearest"):
+    rounding, state_dtype, row_order = args.rounding, args.state_dtype, args.row_order
+    recorded = train_mod.recorded_settings(args.table_dir) if args.resume else {}
+    if recorded.get("dtype", args.dtype) == args.dtype:
+        # a run resumes with the row order (and a 16-bit run with the rounding and state dtype) it
+        # recorded, unless they are given (with another --dtype the resume is refused, naming it)
+        if row_order is None and isinstance(recorded.get("row_order"), str):
+            row_order = "id" if recorded["row_order"] == "id" else "count"
+        if args.dtype != "float32" and rounding is None and recorded.get("rounding") in ("stochastic", "nearest"):
             rounding = recorded["rounding"]
-        if state_dtype is None and recorded.get("state_dtype") in ("bfloat16", "float16", "float32"):
+        if args.dtype != "float32" and state_dtype is None and \
+                recorded.get("state_dtype") in ("bfloat16", "float16", "float32"):
             state_dtype = recorded["state_dtype"]
     config = train_mod.TrainConfig(dim=args.dim, window=args.window, negatives=args.negatives,
                                    batch_size=args.batch_size, epochs=args.epochs, optimizer=args.optimizer,
@@ -273,7 +277,7 @@ def run_train(args):
                                    dtype=args.dtype, rounding=rounding or "stochastic", state_dtype=state_dtype,
                                    table_dir=args.table_dir, resume=args.resume, prefetch=not args.no_prefetch,
                                    checkpoint_every=args.checkpoint_every or 0, shards=args.shards,
-                                   row_order=args.row_order)
+                                   row_order=row_order)
     if args.table_dir is not None:
         try:
             train_mod.table_row_order(config)

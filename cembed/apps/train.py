@@ -577,7 +577,17 @@ RESUME_KEYS = ("dim", "window", "negatives", "batch_size", "epochs", "optimizer"
 
 
 #: Settings that checkpoints of earlier versions do not record: not compared when absent.
-RECORDED_SINCE = ("rounding", "state_dtype")
+RECORDED_SINCE = ("dtype", "rounding", "state_dtype")
+
+
+def _comparable(settings):
+    """``settings`` as a resume compares them: a learning rate left to its default (None, as
+    checkpoints before 2026-11-26 record it) is that default, so ``--lr 0.01`` resumes a run made
+    without ``--lr`` and the other way round."""
+    settings = dict(settings)
+    if settings.get("lr") is None and settings.get("optimizer") in DEFAULT_LR:
+        settings["lr"] = DEFAULT_LR[settings["optimizer"]]
+    return settings
 
 ROW_ORDERS = ("count", "id")
 
@@ -651,7 +661,8 @@ class TableDir:
         self.tables = os.path.join(self.root, "tables")
         self.state = os.path.join(self.root, "state")
         self.checkpoint = os.path.join(self.root, "checkpoint")
-        self.settings = {key: getattr(config, key) for key in RESUME_KEYS}
+        self.settings = {"dtype": config.dtype}   # (first: the difference a refusal names first)
+        self.settings.update({key: getattr(config, key) for key in RESUME_KEYS}, lr=config.learning_rate())
         self.settings.update(vocab_size=corpus.vocab_size, n_tokens=corpus.n_tokens)
         if config.dtype != "float32":   # a 16-bit run's rounding and state dtype (a load would keep the saved ones)
             self.settings.update(rounding=config.rounding, state_dtype=config.optimizer_state_dtype())
@@ -764,8 +775,8 @@ class TableDir:
         if not isinstance(extra, dict) or not isinstance(extra.get("settings"), dict):
             raise ResumeError(f"--resume: {self.checkpoint} is not a trainer checkpoint (no settings, steps and "
                               "words recorded)")
-        saved = extra["settings"]
-        differ = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in self.settings.items()
+        saved, settings = _comparable(extra["settings"]), _comparable(self.settings)
+        differ = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in settings.items()
                   if saved.get(k) != v and not (k in RECORDED_SINCE and k not in saved)]
         if differ:
             raise ResumeError("--resume: the checkpoint was written with other settings: " + ", ".join(differ))
