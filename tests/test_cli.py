@@ -599,3 +599,22 @@ def test_a_table_dir_whose_checkpoint_cannot_be_replaced_is_refused_before_train
     assert main(["train", *TINY, "--no-save", "--table-dir", str(tmp_path / "td")]) == 1
     assert "is not a cembed checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "td" / "tables").exists()
+
+
+def test_flags_of_the_other_kind_of_corpus_are_refused(tmp_path, capsys):
+    """--vocab-size (or --topics, --tokens) with --corpus, and --min-count without it, were ignored
+    silently: a user asking for a smaller vocabulary of their text got the whole of it."""
+    path = tmp_path / "corpus.txt"
+    path.write_text("a b c d\n" * 50, encoding="utf-8")
+    assert main(["train", "--corpus", str(path), "--vocab-size", "10", "--tokens", "5", "--quiet", "--no-save"]) == 2
+    assert "error: --vocab-size, --tokens apply to the synthetic corpus" in capsys.readouterr().err
+    assert main(["train", *TINY, "--min-count", "3", "--no-save"]) == 2
+    assert "error: --min-count applies to --corpus FILE" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    import cembed
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out == f"cembed {cembed.__version__}\n"

@@ -58,6 +58,9 @@ def _backends(text):
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m cembed",
                                      description="cembed: fast CPU embedding tables for NumPy.")
+    from cembed import __version__
+
+    parser.add_argument("--version", action="version", version=f"cembed {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,bench,config}")
 
     t = sub.add_parser("train", help="train a skip-gram (word2vec) model end to end",
@@ -67,11 +70,12 @@ def build_parser():
     data = t.add_argument_group("data")
     data.add_argument("--corpus", metavar="FILE", type=_path, help="train on this UTF-8 text file (one sentence per line) "
                                                        "instead of the synthetic corpus")
-    data.add_argument("--min-count", type=_positive_int, default=5, help="--corpus: ignore rarer words (default 5)")
-    data.add_argument("--vocab-size", type=_positive_int, default=1_000_000,
+    # (defaults filled in by _corpus_flags_problem, which refuses the flags of the other kind of corpus)
+    data.add_argument("--min-count", type=_positive_int, default=None, help="--corpus: ignore rarer words (default 5)")
+    data.add_argument("--vocab-size", type=_positive_int, default=None,
                       help="synthetic: words in the vocabulary (default 1,000,000)")
-    data.add_argument("--topics", type=_positive_int, default=100, help="synthetic: latent topics (default 100)")
-    data.add_argument("--tokens", type=_positive_int, default=8_000_000,
+    data.add_argument("--topics", type=_positive_int, default=None, help="synthetic: latent topics (default 100)")
+    data.add_argument("--tokens", type=_positive_int, default=None,
                       help="synthetic: corpus length in tokens (default 8,000,000)")
     model = t.add_argument_group("model and optimisation")
     model.add_argument("--dim", type=_positive_int, default=64, help="embedding size (default 64)")
@@ -221,7 +225,7 @@ def run_train(args):
         print("error: --optimizer rowwise_adagrad is cembed's own: the torch backend has no row-wise Adagrad",
               file=sys.stderr)
         return 2
-    problem = _argument_problem(args)
+    problem = _corpus_flags_problem(args) or _argument_problem(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -477,6 +481,26 @@ def _physical_memory():
 
 def _gib(n_bytes):
     return f"{n_bytes / 2 ** 30:,.1f} GiB"
+
+
+#: The flags of each kind of corpus, with their defaults.
+SYNTHETIC_DEFAULTS = {"vocab_size": 1_000_000, "topics": 100, "tokens": 8_000_000}
+TEXT_DEFAULTS = {"min_count": 5}
+
+
+def _corpus_flags_problem(args):
+    """What is wrong when flags of the other kind of corpus are given (they would be ignored: a
+    ``--vocab-size`` with ``--corpus``, a ``--min-count`` without), else None after filling in the
+    defaults of the flags not given."""
+    given, other = (TEXT_DEFAULTS, SYNTHETIC_DEFAULTS) if args.corpus is not None else (SYNTHETIC_DEFAULTS, TEXT_DEFAULTS)
+    stray = [f"--{name.replace('_', '-')}" for name in other if getattr(args, name) is not None]
+    if stray:
+        kind = "the synthetic corpus; --corpus FILE is its own" if args.corpus is not None else "--corpus FILE"
+        return f"{', '.join(stray)} {'applies' if len(stray) == 1 else 'apply'} to {kind}"
+    for name, default in {**given, **other}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    return None
 
 
 def _argument_problem(args):
