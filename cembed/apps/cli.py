@@ -58,9 +58,9 @@ def _backends(text):
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m cembed",
                                      description="cembed: fast CPU embedding tables for NumPy.")
-    from cembed import __version__
+    import cembed
 
-    parser.add_argument("--version", action="version", version=f"cembed {__version__}")
+    parser.add_argument("--version", action="version", version=f"cembed {cembed.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,bench,config}")
 
     t = sub.add_parser("train", help="train a skip-gram (word2vec) model end to end",
