@@ -134,28 +134,41 @@ def _identity(entry: str) -> Optional[List[int]]:
 
 
 def _record(lock: Any, **directories: Optional[List[int]]) -> None:
-    """Write the save's journal into its lock file, synced: the identities of the directories the
-    save made (``tmp``: its new checkpoint, under every name) and moved aside (``old``), so that the
-    next save removes those and nothing of the user's named alike (``_save_leftover``)."""
-    lock.seek(0)
-    lock.truncate()
-    lock.write(json.dumps({k: v for k, v in directories.items() if v is not None}).encode())
+    """Append to the save's journal in its lock file, synced, the identities of the directories the
+    save made (``tmp``: its new checkpoint, under every name) and moves aside (``old``), so that the
+    next save removes those and nothing of the user's named alike (``_save_leftover``). Appended, one
+    JSON line each, never rewritten: a crash while recording loses at most the line being written."""
+    lock.seek(0, os.SEEK_END)
+    lock.write(json.dumps({k: v for k, v in directories.items() if v is not None}).encode() + b"\n")
     lock.flush()
     os.fsync(lock.fileno())
 
 
+def _clear_journal(lock: Any) -> None:
+    """Empty the journal: done when no directory it records is left (after a save, after recovery)."""
+    lock.seek(0)
+    lock.truncate()
+    lock.flush()
+
+
 def _journal(path: str) -> List[List[int]]:
-    """The directory identities the journal beside ``path`` records (none when there is no
-    journal, or it is unreadable: then nothing there counts as a save's)."""
+    """The directory identities the journal beside ``path`` records (none when there is no journal;
+    a line that cannot be read counts for nothing: then nothing there counts as a save's)."""
     try:
         with open(_lock_path(path), "rb") as fh:
-            recorded = json.loads(fh.read(4096).decode() or "{}")
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+            lines = fh.read(1 << 16).split(b"\n")
+    except OSError:
         return []
-    if not isinstance(recorded, dict):
-        return []
-    return [v for v in recorded.values() if isinstance(v, list) and len(v) == 2
-            and all(type(x) is int for x in v)]
+    found = []
+    for line in lines:
+        try:
+            recorded = json.loads(line.decode())
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            continue
+        if isinstance(recorded, dict):
+            found += [v for v in recorded.values() if isinstance(v, list) and len(v) == 2
+                      and all(type(x) is int for x in v)]
+    return found
 
 
 def _write_array(directory: str, filename: str, array: np.ndarray) -> Dict[str, Any]:
@@ -318,6 +331,7 @@ def write_directory(path: PathLike, arrays: Mapping[str, np.ndarray], meta: Any)
     try:
         _check_replaceable(path)   # again, under the lock
         _recover(path)
+        _clear_journal(lock)   # (recovery removed what it recorded)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
         try:
             _record(lock, tmp=_identity(tmp))
@@ -336,12 +350,13 @@ def write_directory(path: PathLike, arrays: Mapping[str, np.ndarray], meta: Any)
             raise
         storage.fsync_directory(parent)
         if os.path.lexists(path):
-            _record(lock, tmp=_identity(_ready(path)), old=_identity(path))
+            _record(lock, old=_identity(path))
             os.rename(path, _old(path))
         os.rename(_ready(path), path)
         storage.fsync_directory(parent)
         shutil.rmtree(_old(path), ignore_errors=True)
-        _record(lock)
+        if not os.path.lexists(_old(path)):
+            _clear_journal(lock)
     finally:
         lock.close()
     return path
