@@ -145,7 +145,8 @@ def _record(lock: Any, **directories: Optional[List[int]]) -> None:
 
 
 def _clear_journal(lock: Any) -> None:
-    """Empty the journal: done when no directory it records is left (after a save, after recovery)."""
+    """Empty the journal: done when no directory it records is left (at the end of a save that
+    removed the old checkpoint it moved aside)."""
     lock.seek(0)
     lock.truncate()
     lock.flush()
@@ -156,7 +157,9 @@ def _journal(path: str) -> List[List[int]]:
     a line that cannot be read counts for nothing: then nothing there counts as a save's)."""
     try:
         with open(_lock_path(path), "rb") as fh:
-            lines = fh.read(1 << 16).split(b"\n")
+            size = os.fstat(fh.fileno()).st_size
+            fh.seek(max(0, size - (1 << 20)))   # (the newest records: the journal grows only by crashed saves)
+            lines = fh.read(1 << 20).split(b"\n")
     except OSError:
         return []
     found = []
@@ -331,7 +334,6 @@ def write_directory(path: PathLike, arrays: Mapping[str, np.ndarray], meta: Any)
     try:
         _check_replaceable(path)   # again, under the lock
         _recover(path)
-        _clear_journal(lock)   # (recovery removed what it recorded)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
         try:
             _record(lock, tmp=_identity(tmp))

@@ -911,3 +911,53 @@ def test_messages_a_user_can_act_on(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="state_dir .*file exists and is not a directory"):
         optim.SparseAdam([cembed.Embedding(4, 2, sparse=True)], state_dir=tmp_path / "file")
+
+
+@pytest.mark.parametrize("how", ["load_state_dict", "live"])
+def test_a_state_key_that_runs_code_is_refused(tmp_path, how):
+    """A str subclass as a state key passed every key check (same hash, its own __eq__), and its
+    __eq__ then ran at each later lookup, after the checks: it rewrote a checked active_rows before
+    the kernel read it (a segfault), or a checked accumulator before it was copied into its file."""
+    n_rows, dim = 4, 2
+    a, b = cembed.Embedding(n_rows, dim, sparse=True, seed=0), cembed.Embedding(n_rows, dim, sparse=True, seed=1)
+    opt = optim.SGD([a, b], lr=0.1, momentum=0.9)
+    calls = []
+
+    class Key(str):
+        __hash__ = str.__hash__
+
+        def __eq__(self, other):
+            calls.append(1)
+            return str.__eq__(self, other)
+
+    for m in (a, b):
+        m.backward(np.ones((1, dim), np.float32), np.array([1]), optimizer=opt)
+    if how == "load_state_dict":
+        saved = opt.state_dict()
+        saved["state"][1] = {Key("momentum_buffer"): saved["state"][1]["momentum_buffer"],
+                             "active_rows": saved["state"][1]["active_rows"]}
+        with pytest.raises(ValueError, match="state_dict state\\[1\\] has a key of type Key"):
+            opt.load_state_dict(saved)
+    else:
+        buf = opt.state[b].pop("momentum_buffer")
+        opt.state[b][Key("momentum_buffer")] = buf
+        before = a.weight.copy()
+        for m in (a, b):
+            m.backward(np.ones((1, dim), np.float32), np.array([1]))
+        with pytest.raises(ValueError, match="optimizer state has a key of type Key"):
+            opt.step()
+        assert_bitwise_equal(a.weight, before)
+    assert not calls
+
+
+def test_sgd_loads_no_live_rows_given_as_an_empty_list():
+    """active_rows=[] was refused ('must be a 1-D integer array': NumPy makes [] float64) while [1, 3]
+    loaded: an empty set of live rows loads in the forms a non-empty one does."""
+    emb = cembed.Embedding(4, 2, sparse=True, seed=0)
+    opt = optim.SGD([emb], lr=0.1, momentum=0.9)
+    emb.backward(np.ones((1, 2), np.float32), np.array([1]), optimizer=opt)
+    for rows in ([], (), np.zeros(0, np.int64)):
+        saved = opt.state_dict()
+        saved["state"][0]["active_rows"] = rows
+        opt.load_state_dict(saved)
+        assert opt.state[emb]["active_rows"].dtype == np.int64 and opt.state[emb]["active_rows"].size == 0

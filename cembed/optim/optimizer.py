@@ -542,6 +542,8 @@ class Optimizer:
                 raise ValueError(f"{where}: optimizer state is missing ({type(self).__name__} makes it when a "
                                  "parameter joins; was it deleted? load a state dict or build a new optimizer)")
             return
+        for key in state:
+            _check_key(key, f"{where}: optimizer state")
         if STEP_KEY in state:
             if not is_half(weight.dtype):
                 raise ValueError(f"{where}: optimizer state {STEP_KEY!r} belongs to a 16-bit table, the weight is "
@@ -1255,6 +1257,13 @@ STEP_MAX = _STEP_MAX = 2 ** 63 - 1
 _PLAIN_VALUES = frozenset([int, float, bool, str, type(None)] + list(set(np.sctypeDict.values())))
 
 
+def _check_key(key: Any, where: str) -> None:
+    """ValueError unless a state entry's key is exactly a ``str``: a subclass's ``__eq__`` would run
+    at every later lookup of the entry, after the checks (it could rewrite a checked array)."""
+    if type(key) is not str:
+        raise ValueError(f"{where} has a key of type {type(key).__name__}: a state's keys are plain strings")
+
+
 def _copy_entry(entry: Any, where: str) -> Dict[str, Any]:
     """A state entry for checking: arrays as they are, as plain arrays (every ``_load_state_entry``
     copies the arrays it keeps), everything else deep-copied — and then a plain value
@@ -1262,6 +1271,7 @@ def _copy_entry(entry: Any, where: str) -> Dict[str, Any]:
     ``__deepcopy__``) runs here, before any check."""
     out: Dict[str, Any] = {}
     for k, v in dict(entry).items():
+        _check_key(k, where)
         if isinstance(v, np.ndarray):
             out[k] = v if type(v) in EXACT_ARRAY_TYPES else v.view(np.ndarray)
             continue

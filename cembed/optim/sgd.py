@@ -114,6 +114,8 @@ class SGD(Optimizer):
         rows = entry.get("active_rows")
         if rows is not None:
             rows = np.asarray(rows)
+            if rows.size == 0 and rows.ndim == 1:   # (an empty list is float64 to NumPy: no live row)
+                rows = rows.astype(np.int64)
             if rows.dtype.kind not in "iu" or rows.ndim != 1:
                 raise ValueError(f"{where}['active_rows'] must be a 1-D integer array")
             if rows.dtype.kind == "u" and rows.size and rows.max() > np.iinfo(np.int64).max:
@@ -123,6 +125,7 @@ class SGD(Optimizer):
                 check_row_ids(rows, weight.shape[0], f"{where}['active_rows']")
             except IndexError as exc:
                 raise ValueError(str(exc)) from None
+            rows.flags.writeable = False   # (as a step leaves its live rows)
             entry["active_rows"] = rows
         else:
             entry["active_rows"] = None
