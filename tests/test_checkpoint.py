@@ -669,6 +669,11 @@ def test_trainer_resume_compares_what_a_run_means(tmp_path):
     changed = _train_cli(["--table-dir", "byid", "--resume", "--row-order", "count"] + small, tmp_path, env)
     assert changed.returncode == 1 and "row_order 'id' -> 'count:" in changed.stderr, changed.stderr
     pytest.importorskip("ml_dtypes")
+    # a recorded row order the given settings cannot use is not taken: the difference named is theirs
+    near = ["--table-dir", "near", "--dtype", "bfloat16"] + small
+    assert _train_cli(near + ["--rounding", "nearest", "--row-order", "count"], tmp_path, env).returncode == 0
+    other = _train_cli(near + ["--resume", "--rounding", "stochastic"], tmp_path, env)
+    assert other.returncode == 1 and "rounding 'nearest' -> 'stochastic'" in other.stderr, other.stderr
     assert _train_cli(["--table-dir", "half", "--dtype", "bfloat16"] + small, tmp_path, env).returncode == 0
     wrong = _train_cli(["--table-dir", "half", "--resume"] + small, tmp_path, env)
     assert wrong.returncode == 1 and "other settings: dtype 'bfloat16' -> 'float32'" in wrong.stderr, wrong.stderr

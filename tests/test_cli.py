@@ -172,6 +172,11 @@ def test_unusable_out_dir_fails_before_training(tmp_path, capsys, monkeypatch):
         assert main(["train", *TINY, "--out", "/proc/cembed-out"]) == 2
         assert "cannot create the output directory --out /proc/cembed-out" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["file.txt"]   # (the probe's file is gone)
+    (tmp_path / "out" / "embeddings.npy").mkdir(parents=True)   # a name the results take, made a directory
+    assert main(["train", *TINY, "--out", str(tmp_path / "out")]) == 2
+    assert "embeddings.npy is a directory, where the run writes its embeddings.npy" in capsys.readouterr().err
+    os.rmdir(tmp_path / "out" / "embeddings.npy")
+    os.rmdir(tmp_path / "out")
     # nothing to write: --out is not looked at
     monkeypatch.undo()
     assert main(["train", *TINY, "--no-save", "--out", str(not_a_dir)]) == 0

@@ -264,17 +264,19 @@ def run_train(args):
     threads = args.threads or cembed.get_num_threads()
     log(f"corpus  {corpus.description}  ({time.perf_counter() - t0:.1f}s)")
     rounding, state_dtype, row_order = args.rounding, args.state_dtype, args.row_order
+    # a run resumes with the row order (and a 16-bit run with the rounding and state dtype) it recorded,
+    # unless they are given; what then differs from the checkpoint is refused by the resume, named
     recorded = train_mod.recorded_settings(args.table_dir) if args.resume else {}
-    if recorded.get("dtype", args.dtype) == args.dtype:
-        # a run resumes with the row order (and a 16-bit run with the rounding and state dtype) it
-        # recorded, unless they are given (with another --dtype the resume is refused, naming it)
-        if row_order is None and isinstance(recorded.get("row_order"), str):
-            row_order = "id" if recorded["row_order"] == "id" else "count"
-        if args.dtype != "float32" and rounding is None and recorded.get("rounding") in ("stochastic", "nearest"):
+    if args.dtype != "float32" and recorded.get("dtype", args.dtype) == args.dtype:
+        if rounding is None and recorded.get("rounding") in ("stochastic", "nearest"):
             rounding = recorded["rounding"]
-        if args.dtype != "float32" and state_dtype is None and \
-                recorded.get("state_dtype") in ("bfloat16", "float16", "float32"):
+        if state_dtype is None and recorded.get("state_dtype") in ("bfloat16", "float16", "float32"):
             state_dtype = recorded["state_dtype"]
+    if row_order is None and isinstance(recorded.get("row_order"), str):
+        candidate = "id" if recorded["row_order"] == "id" else "count"
+        stochastic = args.dtype != "float32" and (rounding or "stochastic") == "stochastic"
+        if not (candidate == "count" and stochastic):   # (a combination the run could not use)
+            row_order = candidate
     config = train_mod.TrainConfig(dim=args.dim, window=args.window, negatives=args.negatives,
                                    batch_size=args.batch_size, epochs=args.epochs, optimizer=args.optimizer,
                                    lr=args.lr, subsample=args.subsample, seed=args.seed, threads=args.threads,
@@ -571,6 +573,10 @@ def _memory_problem(args, vocab_size, n_tokens):
     return None
 
 
+#: The files a run writes into --out (train.save_embeddings, train.pca_plot).
+OUTPUT_FILES = ("embeddings.npy", "vocab.txt", "pca.png")
+
+
 def _output_dir_problem(path):
     """None when ``path`` is a writable directory or could be made one (its nearest existing ancestor
     is a directory a file can be made in: tried with a temporary file, removed at once — /proc says
@@ -581,6 +587,10 @@ def _output_dir_problem(path):
     if os.path.lexists(path):
         if not os.path.isdir(path):
             return f"--out {path} exists and is not a directory"
+        for name in OUTPUT_FILES:
+            target = os.path.join(path, name)
+            if os.path.isdir(target) and not os.path.islink(target):
+                return f"--out {path}: {target} is a directory, where the run writes its {name}"
         where, problem = path, f"the output directory --out {path} is not writable"
     else:
         ancestor = os.path.dirname(os.path.abspath(path))
