@@ -15,11 +15,12 @@ state) before it changes any module or optimizer.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import stat
-import tempfile
 import zlib
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Set, Tuple, Union
 
@@ -53,14 +54,22 @@ class CheckpointError(ValueError):
 
 # ------------------------------------------------------------------------------------ the directory
 
-def _ready(path: str) -> str:
+#: A save's own sibling directories are named ``.<name>.<kind>-<token>``, the token random per save
+#: and recorded in the save's journal: no directory of the user's can be taken for one of them.
+_TOKEN = re.compile(r"[0-9a-f]{16}")
+
+
+def _aside(path: str, kind: str, token: str) -> str:
+    """The save ``token``'s sibling of ``path``: ``kind`` "tmp" (being written), "ready" (complete,
+    not yet in place) or "old" (the checkpoint it replaced, being removed)."""
+    head, name = os.path.split(path)
+    return os.path.join(head, f".{name}.{kind}-{token}")
+
+
+def _legacy_ready(path: str) -> str:
+    """Where saves of cembed before 2026-11-26 left a complete checkpoint not yet in place."""
     head, name = os.path.split(path)
     return os.path.join(head, f".{name}.ready")
-
-
-def _old(path: str) -> str:
-    head, name = os.path.split(path)
-    return os.path.join(head, f".{name}.old")
 
 
 def _norm(path: PathLike) -> str:
@@ -77,9 +86,9 @@ def find_directory(path: PathLike) -> str:
     """The directory that holds the checkpoint saved at ``path``.
 
     The recovery rule: ``path`` itself when it holds a manifest; otherwise the complete sibling
-    ``.<name>.ready`` that a save interrupted between its two renames left behind (it is complete:
-    it is renamed to ``.ready`` only after every file in it was synced); otherwise a
-    :class:`CheckpointError`.
+    ``.<name>.ready-<token>`` that a save interrupted between its two renames left behind (it is
+    complete: it is renamed to ``ready`` only after every file in it was synced; the token is the
+    save's, from its journal); otherwise a :class:`CheckpointError`.
 
     Examples
     --------
@@ -90,7 +99,8 @@ def find_directory(path: PathLike) -> str:
     True
     """
     path = _norm(path)
-    for candidate in (path, _ready(path)):
+    candidates = [path] + [_aside(path, "ready", t) for t in reversed(_tokens(path))] + [_legacy_ready(path)]
+    for candidate in candidates:
         if os.path.isfile(os.path.join(candidate, MANIFEST)):
             return candidate
     raise CheckpointError(f"{path}: no checkpoint there (no {MANIFEST}, and no interrupted save to recover)")
@@ -108,11 +118,15 @@ def _lock_path(path: str) -> str:
 
 def _lock(path: str) -> Any:
     """An exclusive lock on ``.<name>.lock`` beside ``path`` for the length of a save. The file also
-    holds the save's journal (:func:`_record`)."""
+    holds the save's journal (:func:`_record`); it is never followed if a link (a journal written
+    through a link would overwrite the file it names)."""
+    lock = _lock_path(path)
     try:
-        fd = os.open(_lock_path(path), os.O_RDWR | os.O_CREAT, 0o666)
-    except IsADirectoryError:
-        raise ValueError(f"{_lock_path(path)} is a directory: a save to {path} locks that file") from None
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EISDIR):
+            raise ValueError(f"{lock} is not a file: a save to {path} locks a file of that name (move it away)") from None
+        raise
     fh = os.fdopen(fd, "r+b")
     try:
         import fcntl
@@ -123,38 +137,27 @@ def _lock(path: str) -> Any:
     return fh
 
 
-def _identity(entry: str) -> Optional[List[int]]:
-    """``[device, inode]`` of the directory ``entry`` (not followed if a link), else None. A rename
-    keeps it: the journal knows a save's directories under every name they take."""
-    try:
-        status = os.lstat(entry)
-    except OSError:
-        return None
-    return [status.st_dev, status.st_ino] if stat.S_ISDIR(status.st_mode) else None
-
-
-def _record(lock: Any, **directories: Optional[List[int]]) -> None:
-    """Append to the save's journal in its lock file, synced, the identities of the directories the
-    save made (``tmp``: its new checkpoint, under every name) and moves aside (``old``), so that the
-    next save removes those and nothing of the user's named alike (``_save_leftover``). Appended, one
-    JSON line each, never rewritten: a crash while recording loses at most the line being written."""
+def _record(lock: Any, token: str) -> None:
+    """Append the token of a save about to make its sibling directories (``_aside``) to the journal
+    in its lock file, synced before the first is made: the next save (or load) finds them by it.
+    Appended, one JSON line each, never rewritten: a crash while recording loses only a line whose
+    save had made nothing yet."""
     lock.seek(0, os.SEEK_END)
-    lock.write(json.dumps({k: v for k, v in directories.items() if v is not None}).encode() + b"\n")
+    lock.write(json.dumps({"save": token}).encode() + b"\n")
     lock.flush()
     os.fsync(lock.fileno())
 
 
 def _clear_journal(lock: Any) -> None:
-    """Empty the journal: done when no directory it records is left (at the end of a save that
-    removed the old checkpoint it moved aside)."""
+    """Empty the journal: done when no directory of the saves it records is left."""
     lock.seek(0)
     lock.truncate()
     lock.flush()
 
 
-def _journal(path: str) -> List[List[int]]:
-    """The directory identities the journal beside ``path`` records (none when there is no journal;
-    a line that cannot be read counts for nothing: then nothing there counts as a save's)."""
+def _tokens(path: str) -> List[str]:
+    """The tokens of the saves the journal beside ``path`` records, oldest first (none when there is
+    no journal; a line that cannot be read counts for nothing)."""
     try:
         with open(_lock_path(path), "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
@@ -168,9 +171,9 @@ def _journal(path: str) -> List[List[int]]:
             recorded = json.loads(line.decode())
         except (ValueError, UnicodeDecodeError, RecursionError):
             continue
-        if isinstance(recorded, dict):
-            found += [v for v in recorded.values() if isinstance(v, list) and len(v) == 2
-                      and all(type(x) is int for x in v)]
+        token = recorded.get("save") if isinstance(recorded, dict) else None
+        if isinstance(token, str) and _TOKEN.fullmatch(token):
+            found.append(token)
     return found
 
 
@@ -282,19 +285,19 @@ def write_directory(path: PathLike, arrays: Mapping[str, np.ndarray], meta: Any)
     """Write the arrays (``<name>.npy`` each) and the JSON document ``meta`` as the checkpoint
     directory ``path``, crash-safely; returns the absolute path.
 
-    The steps (``docs/storage.md``): write everything into a fresh temporary sibling
-    ``.<name>.tmp-*``, syncing every file, the manifest last, and the directory; rename it to
-    ``.<name>.ready``; rename an existing ``path`` aside to ``.<name>.old``; rename ``.ready`` to
-    ``path``; sync the parent; remove ``.old``. A crash at any point leaves ``path`` or
-    ``.<name>.ready`` complete, and :func:`find_directory` finds it. Saves to the same path are
-    serialised by a lock file ``.<name>.lock`` beside it.
+    The steps (``docs/storage.md``): record a random token in the journal (the lock file
+    ``.<name>.lock`` beside ``path``, which also serialises saves to one path); write everything
+    into a new sibling ``.<name>.tmp-<token>``, syncing every file, the manifest last, and the
+    directory; rename it to ``.<name>.ready-<token>``; rename an existing ``path`` aside to
+    ``.<name>.old-<token>``; rename ``ready`` to ``path``; sync the parent; remove ``old``. A crash
+    at any point leaves ``path`` or ``ready`` complete, and :func:`find_directory` finds it; the next
+    save removes what the saves the journal records left, and nothing else.
 
     Parameters
     ----------
     path : str or os.PathLike
         The checkpoint directory (a symbolic link is resolved). An existing directory there must be
-        empty or a checkpoint holding only its manifest and the files it lists: it is replaced. The
-        siblings ``.<name>.ready`` and ``.<name>.old`` must be absent or what a save leaves there.
+        empty or a checkpoint holding only its manifest and the files it lists: it is replaced.
     arrays : mapping of str to numpy.ndarray
         Names (letters, digits, ``_ - .``) to arrays of any shape and a dtype of numbers (bool,
         integers, floats, complex, bfloat16; not structured, object or string). Each is written
@@ -334,9 +337,11 @@ def write_directory(path: PathLike, arrays: Mapping[str, np.ndarray], meta: Any)
     try:
         _check_replaceable(path)   # again, under the lock
         _recover(path)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+        token = os.urandom(8).hex()
+        tmp, ready, old = (_aside(path, kind, token) for kind in ("tmp", "ready", "old"))
+        _record(lock, token)
+        os.mkdir(tmp, 0o700)
         try:
-            _record(lock, tmp=_identity(tmp))
             files = {}
             for name, array in arrays.items():
                 files[f"{name}.npy"] = _write_array(tmp, f"{name}.npy", array)
@@ -344,20 +349,19 @@ def write_directory(path: PathLike, arrays: Mapping[str, np.ndarray], meta: Any)
             with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fh:
                 json.dump(manifest, fh, indent=1, allow_nan=True)
                 _fsync_file(fh)
-            os.chmod(tmp, 0o777 & ~storage._umask())  # mkdtemp's 0700 would make checkpoints private
+            os.chmod(tmp, 0o777 & ~storage._umask())  # (made 0700 while being written; a checkpoint is not private)
             storage.fsync_directory(tmp)
-            os.rename(tmp, _ready(path))
+            os.rename(tmp, ready)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         storage.fsync_directory(parent)
         if os.path.lexists(path):
-            _record(lock, old=_identity(path))
-            os.rename(path, _old(path))
-        os.rename(_ready(path), path)
+            os.rename(path, old)
+        os.rename(ready, path)
         storage.fsync_directory(parent)
-        shutil.rmtree(_old(path), ignore_errors=True)
-        if not os.path.lexists(_old(path)):
+        shutil.rmtree(old, ignore_errors=True)
+        if not os.path.lexists(old):
             _clear_journal(lock)
     finally:
         lock.close()
@@ -366,8 +370,8 @@ def write_directory(path: PathLike, arrays: Mapping[str, np.ndarray], meta: Any)
 
 def check_replaceable(path: PathLike) -> None:
     """ValueError unless a save could replace ``path`` (free, an empty directory, or a cembed
-    checkpoint holding only its own files, and no file of the user's at the names a save renames
-    through; see :func:`write_directory`): a check a program can make
+    checkpoint holding only its own files, and its lock ``.<name>.lock`` absent or a regular file; see
+    :func:`write_directory`): a check a program can make
     before work whose result it will save there.
 
     Examples
@@ -384,13 +388,11 @@ def _check_replaceable(path: str) -> None:
     there (a directory that merely has a file named MANIFEST.json, a file someone put into a
     checkpoint) would be deleted."""
     lock = _lock_path(path)
-    if os.path.lexists(lock) and not os.path.isfile(lock):
-        raise ValueError(f"{lock} is not a file: a save to {path} locks a file of that name (move it away)")
-    journal = _journal(path)
-    for aside in (_ready(path), _old(path)):   # the names a save renames into: never a user's file
-        if os.path.lexists(aside) and not _save_leftover(aside, journal):
-            raise ValueError(f"{aside} is in the way of a save to {path} (a save puts its own files under that "
-                             "name) and is not a cembed checkpoint: move it away first")
+    try:
+        if not stat.S_ISREG(os.lstat(lock).st_mode):   # (a link too: a save writes its journal there)
+            raise ValueError(f"{lock} is not a file: a save to {path} locks a file of that name (move it away)")
+    except FileNotFoundError:
+        pass
     if not os.path.lexists(path):
         return
     if not os.path.isdir(path):
@@ -441,40 +443,24 @@ def _remove(entry: str) -> None:
             pass
 
 
-def _save_leftover(entry: str, journal: List[List[int]]) -> bool:
-    """Whether ``entry`` (a ``.ready`` / ``.old`` / ``.tmp-*`` sibling of a checkpoint) is what a save
-    left behind: a directory the save's journal records (by device and inode: a user's copy named
-    alike — even of the same checkpoint — is another directory), or an empty one. Anything else there
-    is the user's, and a save never removes it."""
-    identity = _identity(entry)
-    if identity is None:
-        return False
-    if identity in journal:
-        return True
-    try:
-        return not os.listdir(entry)
-    except OSError:
-        return False
-
-
 def _recover(path: str) -> None:
     """Before a save (under the lock): finish what an interrupted save left behind — a complete
-    ``.ready`` with no ``path`` becomes ``path``; stale ``.ready`` / ``.old`` / ``.tmp-*`` go (only
-    what a save can have left: :func:`_save_leftover`; ``_check_replaceable`` refused the save if a
-    ``.ready`` or ``.old`` of the user's is in the way)."""
-    parent, name = os.path.split(path)
-    ready, old = _ready(path), _old(path)
-    journal = _journal(path)
-    if os.path.isfile(os.path.join(ready, MANIFEST)) and _save_leftover(ready, journal):
-        if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
-            os.rmdir(path)   # an empty directory made where the interrupted save's result belongs
-        if not os.path.lexists(path):
-            os.rename(ready, path)
-            storage.fsync_directory(parent)
-    for stale in [ready, old] + [os.path.join(parent, e) for e in os.listdir(parent)
-                                 if e.startswith(f".{name}.tmp-")]:
-        if os.path.lexists(stale) and _save_leftover(stale, journal):
-            _remove(stale)
+    ``ready`` sibling with no ``path`` becomes ``path`` — then remove every sibling directory of the
+    saves the journal records. Nothing else is touched (a user's ``.<name>.old`` is not a save's)."""
+    parent = os.path.dirname(path)
+    tokens = _tokens(path)
+    for ready in [_aside(path, "ready", t) for t in reversed(tokens)] + [_legacy_ready(path)]:
+        if os.path.isfile(os.path.join(ready, MANIFEST)) and not os.path.islink(ready):
+            if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
+                os.rmdir(path)   # an empty directory made where the interrupted save's result belongs
+            if not os.path.lexists(path):
+                os.rename(ready, path)
+                storage.fsync_directory(parent)
+            break
+    for token in tokens:
+        for kind in ("tmp", "ready", "old"):
+            if os.path.lexists(_aside(path, kind, token)):
+                _remove(_aside(path, kind, token))
 
 
 def _canonical_crc(body: Dict[str, Any]) -> int:

@@ -192,7 +192,8 @@ def _interrupted_save(monkeypatch, path, modules, extra, before):
     real = os.rename
 
     def rename(src, dst, *args, **kwargs):
-        if os.path.basename(os.fspath(src)) == (f".{path.name}.ready" if before == "ready" else path.name):
+        name = os.path.basename(os.fspath(src))
+        if (name.startswith(f".{path.name}.ready-") if before == "ready" else name == path.name):
             raise _Crash()
         return real(src, dst, *args, **kwargs)
 
@@ -202,32 +203,49 @@ def _interrupted_save(monkeypatch, path, modules, extra, before):
             cembed.save_checkpoint(path, modules, extra=extra)
 
 
+def _siblings(tmp_path):
+    """The directory's entries with a save's token replaced by <t>."""
+    import re
+    return sorted(re.sub(r"-[0-9a-f]{16}$", "-<t>", e) for e in os.listdir(tmp_path))
+
+
 def test_recovery_rule(tmp_path, monkeypatch):
     emb = cembed.Embedding(10, 2, seed=0)
     path = tmp_path / "ck"
     cembed.save_checkpoint(path, {"e": emb}, extra={"v": 1})
     # a save interrupted between "rename the old aside" and "rename the new in": .ready is the new one
     _interrupted_save(monkeypatch, path, {"e": emb}, {"v": 2}, "ready")
-    assert sorted(os.listdir(tmp_path)) == [".ck.lock", ".ck.old", ".ck.ready"]
-    assert cembed.checkpoint.find_directory(path) == str(tmp_path / ".ck.ready")
+    assert _siblings(tmp_path) == [".ck.lock", ".ck.old-<t>", ".ck.ready-<t>"]
+    assert os.path.basename(cembed.checkpoint.find_directory(path)).startswith(".ck.ready-")
     assert cembed.load_checkpoint(path, {"e": cembed.Embedding(10, 2)}) == {"v": 2}
     # the next save finishes the interrupted one first, removes what it left, then replaces it
-    (tmp_path / ".ck.tmp-stale").mkdir()   # (an empty one: made, then a crash before its first file)
     cembed.save_checkpoint(path, {"e": emb}, extra={"v": 3})
     assert sorted(os.listdir(tmp_path)) == [".ck.lock", "ck"]
     assert cembed.load_checkpoint(path, {"e": cembed.Embedding(10, 2)}) == {"v": 3}
     # interrupted before the old one was moved aside: the old one is loaded, the next save tidies up
     _interrupted_save(monkeypatch, path, {"e": emb}, {"v": 4}, "old")
-    assert sorted(os.listdir(tmp_path)) == [".ck.lock", ".ck.ready", "ck"]
+    assert _siblings(tmp_path) == [".ck.lock", ".ck.ready-<t>", "ck"]
     assert cembed.load_checkpoint(path, {"e": cembed.Embedding(10, 2)}) == {"v": 3}
     cembed.save_checkpoint(path, {"e": emb}, extra={"v": 5})
     assert sorted(os.listdir(tmp_path)) == [".ck.lock", "ck"]
     # an interrupted save that never reached .ready is ignored: the old checkpoint is loaded
-    shutil.copytree(path, tmp_path / ".ck.tmp-x")
-    (tmp_path / ".ck.tmp-x" / "MANIFEST.json").write_text("{")
+    shutil.copytree(path, tmp_path / ".ck.tmp-0123456789abcdef")
+    (tmp_path / ".ck.tmp-0123456789abcdef" / "MANIFEST.json").write_text("{")
     assert cembed.load_checkpoint(path, {"e": cembed.Embedding(10, 2)}) == {"v": 5}
     with pytest.raises(CheckpointError, match="no checkpoint there"):
         cembed.load_checkpoint(tmp_path / "nothing", {"e": emb})
+
+
+def test_an_interrupted_save_of_an_earlier_version_is_still_recovered(tmp_path):
+    """Saves before 2026-11-26 left a complete checkpoint not yet in place as .<name>.ready: it is
+    still loaded, and the next save puts it in place first."""
+    emb = cembed.Embedding(10, 2, seed=0)
+    cembed.save_checkpoint(tmp_path / "ck", {"e": emb}, extra={"v": 1})
+    os.rename(tmp_path / "ck", tmp_path / ".ck.ready")
+    (tmp_path / ".ck.lock").write_bytes(b"")
+    assert cembed.load_checkpoint(tmp_path / "ck", {"e": cembed.Embedding(10, 2)}) == {"v": 1}
+    cembed.save_checkpoint(tmp_path / "ck", {"e": emb}, extra={"v": 2})
+    assert sorted(os.listdir(tmp_path)) == [".ck.lock", "ck"]
 
 
 def test_refuses_to_replace_what_is_not_a_checkpoint(tmp_path):
@@ -285,12 +303,11 @@ def test_a_checkpoint_path_that_is_a_symbolic_link_is_saved_where_it_points(tmp_
 
 @pytest.mark.parametrize("make", ["file", "dangling link", "link to a checkpoint", "directory of notes",
                                   "copy of the checkpoint"])
-@pytest.mark.parametrize("name", [".ck.old", ".ck.ready"])
-def test_a_sibling_in_the_way_of_a_save_is_refused_never_removed(tmp_path, make, name):
-    """A save renames through ``.<name>.ready`` and ``.<name>.old`` and removed whatever it found there
-    first (rmtree for a directory): a user's ``.ck.old`` backup was deleted by the next save. Only what
-    a save left there (the directories its journal records, by inode) is removed now; anything else —
-    even a copy of the checkpoint itself — refuses the save before anything changes, naming it."""
+@pytest.mark.parametrize("name", [".ck.old", ".ck.ready", ".ck.tmp-x", ".ck.old-0123456789abcdef"])
+def test_a_users_file_named_like_a_saves_sibling_is_never_removed(tmp_path, make, name):
+    """Saves renamed through .<name>.ready and .<name>.old and removed whatever they found there first
+    (rmtree for a directory): a user's .ck.old backup was deleted by the next save. A save's siblings
+    now carry a random token its journal records, and only those are ever removed."""
     emb = cembed.Embedding(5, 2, seed=0)
     ck = tmp_path / "ck"
     cembed.save_checkpoint(ck, emb, extra={"v": 1})
@@ -309,23 +326,23 @@ def test_a_sibling_in_the_way_of_a_save_is_refused_never_removed(tmp_path, make,
     else:
         shutil.copytree(ck, aside)
     before = sorted(os.listdir(tmp_path))
-    with pytest.raises(ValueError, match=f"{name} is in the way of a save"):
-        cembed.save_checkpoint(ck, emb, extra={"v": 2})
-    with pytest.raises(ValueError, match=f"{name} is in the way"):
-        cembed.checkpoint.check_replaceable(ck)
-    assert sorted(os.listdir(tmp_path)) == before
-    assert cembed.load_checkpoint(ck, cembed.Embedding(5, 2)) == {"v": 1}
+    cembed.checkpoint.check_replaceable(ck)
+    for version in (2, 3):
+        cembed.save_checkpoint(ck, emb, extra={"v": version})
+        assert cembed.load_checkpoint(ck, cembed.Embedding(5, 2)) == {"v": version}
+    assert sorted(os.listdir(tmp_path)) == before and os.path.lexists(aside)
     assert cembed.load_checkpoint(other, cembed.Embedding(5, 2)) == {"v": 0}
     if make == "directory of notes":
         assert (aside / "notes.txt").read_text() == "mine"
-    os.rename(aside, tmp_path / "moved")
-    cembed.save_checkpoint(ck, emb, extra={"v": 2})
-    assert cembed.load_checkpoint(ck, cembed.Embedding(5, 2)) == {"v": 2}
+    if make == "copy of the checkpoint":
+        assert cembed.load_checkpoint(aside, cembed.Embedding(5, 2)) == {"v": 1}
 
 
-def test_a_users_directory_named_like_a_saves_temporary_is_kept(tmp_path, monkeypatch):
-    """The ``.<name>.tmp-*`` directory of a save that crashed while writing is removed by the next save;
-    one of the user's named alike (a copy of the checkpoint too) is left alone (it is in no save's way)."""
+def test_a_users_directory_made_after_a_crash_is_never_taken_for_the_saves(tmp_path, monkeypatch):
+    """A save killed while writing left its journal naming its directory by device and inode; the user
+    removed the debris and made a backup .ck.old, which the file system gave the freed inode: the next
+    save took the backup for its own and deleted it. A save's directories are named by a random token
+    now, which no directory of the user's carries."""
     emb = cembed.Embedding(5, 2, seed=0)
     ck = tmp_path / "ck"
     cembed.save_checkpoint(ck, emb, extra={"v": 1})
@@ -337,26 +354,35 @@ def test_a_users_directory_named_like_a_saves_temporary_is_kept(tmp_path, monkey
         with pytest.raises(_Crash):
             cembed.save_checkpoint(ck, emb, extra={"v": 2})
     [left] = [e for e in os.listdir(tmp_path) if e.startswith(".ck.tmp-")]
-    shutil.copytree(ck, tmp_path / ".ck.tmp-copy")
-    (tmp_path / ".ck.tmp-mine").mkdir()
-    (tmp_path / ".ck.tmp-mine" / "draft.txt").write_text("mine")
-    (tmp_path / ".ck.old").mkdir()                            # an empty one: nothing to lose
+    os.rmdir(tmp_path / left)                              # the user clears the debris
+    shutil.copytree(ck, tmp_path / ".ck.old")              # and keeps a backup (perhaps on the freed inode)
+    (tmp_path / ".ck.old" / "NOTES").write_text("mine")
+    shutil.copytree(ck, tmp_path / ".ck.tmp-backup")
     cembed.save_checkpoint(ck, emb, extra={"v": 3})
-    assert sorted(os.listdir(tmp_path)) == [".ck.lock", ".ck.tmp-copy", ".ck.tmp-mine", "ck"] and left
-    assert (tmp_path / ".ck.tmp-mine" / "draft.txt").read_text() == "mine"
-    assert cembed.load_checkpoint(tmp_path / ".ck.tmp-copy", cembed.Embedding(5, 2)) == {"v": 1}
+    assert (tmp_path / ".ck.old" / "NOTES").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == [".ck.lock", ".ck.old", ".ck.tmp-backup", "ck"]
     assert cembed.load_checkpoint(ck, cembed.Embedding(5, 2)) == {"v": 3}
 
 
-def test_a_lock_path_that_is_not_a_file_refuses_the_save_before_anything_changes(tmp_path):
+@pytest.mark.parametrize("make", ["directory", "link to a file", "dangling link"])
+def test_a_lock_path_that_is_not_a_file_refuses_the_save_before_anything_changes(tmp_path, make):
     """``.<name>.lock`` made a directory: check_replaceable passed, so the trainer trained the whole run
-    and failed at its final save. Both refuse it now, naming it."""
-    (tmp_path / ".ck.lock").mkdir()
+    and failed at its final save; a link to a user's file had that file overwritten by the journal.
+    Both refuse it now, naming it."""
+    lock = tmp_path / ".ck.lock"
+    if make == "directory":
+        lock.mkdir()
+    else:
+        (tmp_path / "notes.txt").write_text("my notes")
+        os.symlink(tmp_path / ("notes.txt" if make == "link to a file" else "nowhere"), lock)
+    before = sorted(os.listdir(tmp_path))
     with pytest.raises(ValueError, match="ck.lock is not a file"):
         cembed.checkpoint.check_replaceable(tmp_path / "ck")
     with pytest.raises(ValueError, match="ck.lock is not a file"):
         cembed.save_checkpoint(tmp_path / "ck", cembed.Embedding(3, 2))
-    assert sorted(os.listdir(tmp_path)) == [".ck.lock"]
+    assert sorted(os.listdir(tmp_path)) == before
+    if make != "directory":
+        assert (tmp_path / "notes.txt").read_text() == "my notes"
 
 
 @pytest.mark.parametrize("how", ["load", "open_table"])
