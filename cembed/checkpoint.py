@@ -723,8 +723,9 @@ def load_checkpoint(path: PathLike, modules: Any, optimizer: Any = None, mmap: b
     given, and the optimizer's class, parameters and whole state (with the optimizer's own rules).
     Then every file is mapped (and with ``mmap=False`` copied into memory) before anything changes,
     so running out of memory or address space changes nothing either. On any error no module and no
-    optimizer is modified — except for an I/O error (a full disk) while values are copied into a
-    table that stays on disk: that table may then hold part of them.
+    optimizer is modified — except for an I/O error (a full disk) while values are copied into the
+    tables that stay on disk, which comes after the optimizer was loaded: then the optimizer and the
+    tables copied before are at the checkpoint, the table being copied holds part of it.
 
     Parameters
     ----------

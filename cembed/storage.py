@@ -927,6 +927,8 @@ def open_table(path: PathLike, num_embeddings: Optional[int] = None, embedding_d
     want_dtype = check_table_dtype(dtype) if dtype is not None else None
     path = os.fspath(path)
     exists = os.path.exists(path)
+    if mode == "w+" and exists and not os.access(path, os.W_OK):   # (its replacement keeps its mode: unwritable too)
+        raise PermissionError(errno.EACCES, "the table file is read-only: mode='w+' cannot recreate it", path)
     if mode == "w+" or (mode == "r+" and not exists):
         if num_embeddings is None or embedding_dim is None:
             if mode == "r+":

@@ -861,6 +861,20 @@ def test_every_file_written_in_place_of_another_keeps_its_mode(tmp_path, init):
     assert all(os.stat(tmp_path / n).st_mode & 0o777 == 0o640 for n in ("a", "b"))
 
 
+def test_recreating_a_read_only_table_is_refused_before_it_is_replaced(tmp_path, monkeypatch):
+    """open_table(mode='w+') over a table its user may not write replaced it with a zero table keeping
+    the read-only mode, then failed to open that for writing: the data gone, and an error. It is
+    refused first now. (Tests run as root, who may write anything: os.access is made to say no.)"""
+    path = tmp_path / "t.npy"
+    np.save(path, np.full((4, 3), 7, np.float32))
+    os.chmod(path, 0o444)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if os.fspath(p) == str(path) else real(p, mode, **kw))
+    with pytest.raises(PermissionError, match="read-only: mode='w\\+' cannot recreate it"):
+        cembed.open_table(path, 4, 3, mode="w+", init="zeros")
+    assert np.all(np.load(path) == 7) and sorted(os.listdir(tmp_path)) == ["t.npy"]
+
+
 def test_write_atomically_keeps_the_mode_and_works_where_modes_cannot_be_set(tmp_path, monkeypatch):
     """A file replaced keeps its permission bits (a private 0600 save stayed private with the old code's
     mkstemp; a chmod by the user is kept); a file system that refuses fchmod (vfat, exfat) still gets

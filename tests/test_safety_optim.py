@@ -531,6 +531,22 @@ def test_a_member_header_claiming_more_than_the_member_holds_is_a_value_error(tm
     with pytest.raises(ValueError, match=f"bad.npz: not a readable cembed optimizer file .*member {member} holds"):
         opt.load(bad)
     assert _state_bytes(opt) == before
+    # the archive's directory made to agree with a header claiming 2**28 floats: refused by the
+    # file's size before anything is read (it passed the header check and 1 GiB was allocated)
+    header = io.BytesIO()
+    npy_format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (2 ** 28,)})
+    with zipfile.ZipFile(bad, "w") as zout:
+        for name, raw in members:
+            zout.writestr(name, header.getvalue() + bytes(64) if name == member else raw)
+    raw = bytearray(bad.read_bytes())
+    at = raw.find(b"PK\x01\x02")
+    while raw[at + 46:at + 46 + int.from_bytes(raw[at + 28:at + 30], "little")].decode() != member:
+        at = raw.find(b"PK\x01\x02", at + 4)   # the member's central directory entry
+    raw[at + 24:at + 28] = (len(header.getvalue()) + 2 ** 30).to_bytes(4, "little")   # its uncompressed size
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=f"member {member}: the archive's directory says"):
+        opt.load(bad)
+    assert _state_bytes(opt) == before
     opt.load(good)
 
 

@@ -1125,7 +1125,7 @@ class Optimizer:
         path = os.fspath(path)
         try:
             with np.load(path, allow_pickle=False) as data:
-                _check_members(data)
+                _check_members(data, os.path.getsize(path))
                 meta = json.loads(bytes(data["__meta__"]).decode())
                 if not isinstance(meta, dict) or meta.get("format") not in (_FORMAT, None) or "state" not in meta:
                     raise ValueError("not a cembed optimizer file")
@@ -1145,15 +1145,22 @@ class Optimizer:
             raise ValueError(f"{path}: {exc}") from None
 
 
-def _check_members(data: Any) -> None:
-    """ValueError unless every ``.npy`` member of the ``.npz`` ``data`` holds as many bytes as its
-    header says: a damaged header claiming a huge shape would otherwise be a MemoryError (or a huge
-    allocation) when the member is read."""
+def _check_members(data: Any, archive_bytes: int) -> None:
+    """ValueError unless every ``.npy`` member of the ``.npz`` ``data`` (a file of ``archive_bytes``)
+    holds as many bytes as its header says, and the archive as many as its directory says: a damaged
+    header (and directory entry) claiming a huge shape would otherwise be a MemoryError (or a huge
+    allocation) when the member is read. A compressed member may expand at most as deflate can."""
+    import zipfile as zipfile_
     from numpy.lib import format as npy_format
 
     for info in data.zip.infolist():
         if not info.filename.endswith(".npy"):
             continue
+        if info.header_offset + info.compress_size > archive_bytes or (
+                info.file_size != info.compress_size if info.compress_type == zipfile_.ZIP_STORED
+                else info.file_size > 1100 * info.compress_size + 4096):
+            raise ValueError(f"member {info.filename}: the archive's directory says {info.file_size} bytes "
+                             f"({info.compress_size} stored), which the {archive_bytes}-byte file cannot hold")
         with data.zip.open(info) as fh:
             version = npy_format.read_magic(fh)
             read = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
