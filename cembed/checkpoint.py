@@ -848,7 +848,7 @@ def _apply(plan: List[Tuple[Any, Any, str, storage.NpyHeader, str]], optimizer: 
     address space, changing nothing: every file mapped (and with ``mmap=False`` copied into memory);
     then the optimizer's state (all or nothing itself), the values copied into tables that stay on
     disk, and the new tables set."""
-    ready = []
+    ready: List[Tuple[Any, Any, np.ndarray]] = []
     for module, weight, file_path, header, action in plan:
         if action == "copy":
             ready.append((module, weight, storage.map_array(file_path, "r", header, advice="sequential")))
