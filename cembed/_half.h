@@ -102,8 +102,55 @@ CEMBED_HALF_INLINE void cembed_bf16_row_to_f32(float *restrict out, const uint16
     for (ptrdiff_t j = 0; j < dim; j++) out[j] = cembed_bf16_to_f32(row[j]);
 }
 
+/* float16 rows on x86-64 with AVX2 and F16C (checked once, at run time): vcvtph2ps widens 8 at a time,
+ * exactly; it quiets a signalling NaN, whose quiet bit is cleared again so the result is bit for bit
+ * the portable conversion's (and numpy's). Any other machine, and the last dim % 8 columns, take the
+ * portable loop. (The portable loop runs at about a fifth of the speed of a float32 copy.) */
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#include <immintrin.h>
+#define CEMBED_F16C_PATH 1
+__attribute__((target("avx2,f16c"), unused))
+static void cembed_f16_row_to_f32_f16c(float *restrict out, const uint16_t *restrict row, ptrdiff_t dim)
+{
+    const __m256i exponent = _mm256_set1_epi32(0x7C00), mantissa = _mm256_set1_epi32(0x03FF);
+    const __m256i half_quiet = _mm256_set1_epi32(0x0200), float_quiet = _mm256_set1_epi32(0x00400000);
+    const __m256i zero = _mm256_setzero_si256();
+    ptrdiff_t j = 0;
+    for (; j + 8 <= dim; j += 8) {
+        __m128i h = _mm_loadu_si128((const __m128i *)(row + j));
+        __m256i bits = _mm256_castps_si256(_mm256_cvtph_ps(h));
+        __m256i w = _mm256_cvtepu16_epi32(h);
+        __m256i all_ones = _mm256_cmpeq_epi32(_mm256_and_si256(w, exponent), exponent);
+        __m256i no_payload = _mm256_cmpeq_epi32(_mm256_and_si256(w, mantissa), zero);
+        __m256i not_quiet = _mm256_cmpeq_epi32(_mm256_and_si256(w, half_quiet), zero);
+        __m256i signalling = _mm256_andnot_si256(no_payload, _mm256_and_si256(all_ones, not_quiet));
+        bits = _mm256_andnot_si256(_mm256_and_si256(signalling, float_quiet), bits);
+        _mm256_storeu_si256((__m256i *)(out + j), bits);
+    }
+    for (; j < dim; j++) out[j] = cembed_f16_to_f32(row[j]);
+}
+
+CEMBED_HALF_INLINE int cembed_have_f16c(void)
+{
+    static int known = -1;   /* (every thread computes the same answer: a benign, atomic race) */
+    int have = __atomic_load_n(&known, __ATOMIC_RELAXED);
+    if (have < 0) {
+        __builtin_cpu_init();
+        have = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+        __atomic_store_n(&known, have, __ATOMIC_RELAXED);
+    }
+    return have;
+}
+#endif
+
 CEMBED_HALF_INLINE void cembed_f16_row_to_f32(float *restrict out, const uint16_t *restrict row, ptrdiff_t dim)
 {
+#ifdef CEMBED_F16C_PATH
+    if (dim >= 8 && cembed_have_f16c()) {
+        cembed_f16_row_to_f32_f16c(out, row, dim);
+        return;
+    }
+#endif
     for (ptrdiff_t j = 0; j < dim; j++) out[j] = cembed_f16_to_f32(row[j]);
 }
 

@@ -42,8 +42,9 @@ def _same_values(a, b):
 
 @pytest.mark.parametrize("dtype", HALF)
 def test_widening_every_bit_pattern(dtype):
-    """All 65536 patterns, through the scalar gather and the vectorised bag-sum loads (dims 128, 16
-    and a 7-column tail), against the textbook decoding and against numpy / ml_dtypes."""
+    """All 65536 patterns, through the gather (one column; 128, 16, 9 and 7: whole vectors and tails,
+    bit for bit numpy's widening, signalling NaNs kept signalling) and the vectorised bag-sum loads,
+    against the textbook decoding and against numpy / ml_dtypes."""
     bits = np.arange(65536, dtype=np.uint16)
     want = ref.half_bits_to_float(bits, FMT[dtype])
     with np.errstate(invalid="ignore"):
@@ -52,11 +53,17 @@ def test_widening_every_bit_pattern(dtype):
     out = np.empty((65536, 1), np.float32)
     _gather.gather_rows_widen(bits.reshape(-1, 1), fmt, np.arange(65536), out, 2)
     assert _same_values(out.ravel(), want)
-    for dim in (128, 16, 7):
+    with np.errstate(invalid="ignore"):
+        exact = bits.view(dtype).astype(np.float32).view(np.uint32)   # numpy's widening, NaN payloads too
+    for dim in (128, 16, 9, 7):
         n_rows = -(-65536 // dim)
         table = np.zeros(n_rows * dim, np.uint16)
         table[:65536] = bits
         table = table.reshape(n_rows, dim)
+        # the gather's row widening (float16: 8 columns at a time with F16C where the CPU has it)
+        rows = np.empty((n_rows, dim), np.float32)
+        _gather.gather_rows_widen(table, fmt, np.arange(n_rows), rows, 2)
+        assert np.array_equal(rows.ravel()[:65536].view(np.uint32), exact), dim
         pooled = np.empty((n_rows, dim), np.float32)
         _bag.bag_forward_half(table, fmt, np.arange(n_rows), np.arange(n_rows + 1, dtype=np.int64), 0, -1,
                               np.zeros(0, np.float32), True, pooled, np.empty((0, 0), np.int64), 2)
