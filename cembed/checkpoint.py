@@ -15,6 +15,7 @@ state) before it changes any module or optimizer.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -72,6 +73,19 @@ def _legacy_ready(path: str) -> str:
     return os.path.join(head, f".{name}.ready")
 
 
+def _legacy_checkpoint(path: str) -> bool:
+    """Whether ``.<name>.ready`` is such a checkpoint: a directory (not a link) holding a cembed
+    manifest and nothing but the files it lists. Anything else there is the user's: never moved."""
+    ready = _legacy_ready(path)
+    if os.path.islink(ready) or not os.path.isdir(ready):
+        return False
+    listed = _listed_files(ready)
+    try:
+        return listed is not None and set(os.listdir(ready)) <= listed | {MANIFEST}
+    except OSError:
+        return False
+
+
 def _norm(path: PathLike) -> str:
     """The checkpoint's absolute path, symbolic links resolved: a save replaces the directory a link
     names (beside it go the save's siblings and its lock), never the link itself, and two names of
@@ -99,10 +113,12 @@ def find_directory(path: PathLike) -> str:
     True
     """
     path = _norm(path)
-    candidates = [path] + [_aside(path, "ready", t) for t in reversed(_tokens(path))] + [_legacy_ready(path)]
+    candidates = [path] + [_aside(path, "ready", t) for t in reversed(_tokens(path))]
     for candidate in candidates:
         if os.path.isfile(os.path.join(candidate, MANIFEST)):
             return candidate
+    if _legacy_checkpoint(path):
+        return _legacy_ready(path)
     raise CheckpointError(f"{path}: no checkpoint there (no {MANIFEST}, and no interrupted save to recover)")
 
 
@@ -122,11 +138,16 @@ def _lock(path: str) -> Any:
     through a link would overwrite the file it names)."""
     lock = _lock_path(path)
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _NONBLOCK, 0o666)
     except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.EISDIR):
+        if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
             raise ValueError(f"{lock} is not a file: a save to {path} locks a file of that name (move it away)") from None
         raise
+    status = os.fstat(fd)
+    if not stat.S_ISREG(status.st_mode) or status.st_nlink > 1:
+        os.close(fd)
+        raise ValueError(f"{lock} is not a file of its own ({'a hard link' if status.st_nlink > 1 else 'not a regular file'}): "
+                         f"a save to {path} writes its journal there (move it away)")
     fh = os.fdopen(fd, "r+b")
     try:
         import fcntl
@@ -137,13 +158,38 @@ def _lock(path: str) -> Any:
     return fh
 
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)   # (a FIFO named like the lock is refused, not waited on)
+
+
+@contextlib.contextmanager
+def _reading(path: str) -> Iterator[None]:
+    """A shared lock on the checkpoint's lock file while a load reads and maps it: a save holds the
+    lock exclusively from before its first change to after its last, so a load never meets half of
+    one. None where there is no lock file, or it is not a regular file (no save can run there)."""
+    fd = -1
+    try:
+        fd = os.open(_lock_path(path), os.O_RDONLY | _NOFOLLOW | _NONBLOCK)
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_SH)
+    except (OSError, ImportError):
+        pass
+    try:
+        yield
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
 def _record(lock: Any, token: str) -> None:
     """Append the token of a save about to make its sibling directories (``_aside``) to the journal
     in its lock file, synced before the first is made: the next save (or load) finds them by it.
     Appended, one JSON line each, never rewritten: a crash while recording loses only a line whose
     save had made nothing yet."""
-    lock.seek(0, os.SEEK_END)
-    lock.write(json.dumps({"save": token}).encode() + b"\n")
+    lock.seek(0, os.SEEK_END)   # (on a line of its own, whatever the file ended with)
+    lock.write(b"\n" + json.dumps({"save": token}).encode() + b"\n")
     lock.flush()
     os.fsync(lock.fileno())
 
@@ -159,7 +205,10 @@ def _tokens(path: str) -> List[str]:
     """The tokens of the saves the journal beside ``path`` records, oldest first (none when there is
     no journal; a line that cannot be read counts for nothing)."""
     try:
-        with open(_lock_path(path), "rb") as fh:
+        fd = os.open(_lock_path(path), os.O_RDONLY | _NOFOLLOW | _NONBLOCK)
+        with open(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return []
             size = os.fstat(fh.fileno()).st_size
             fh.seek(max(0, size - (1 << 20)))   # (the newest records: the journal grows only by crashed saves)
             lines = fh.read(1 << 20).split(b"\n")
@@ -389,10 +438,13 @@ def _check_replaceable(path: str) -> None:
     checkpoint) would be deleted."""
     lock = _lock_path(path)
     try:
-        if not stat.S_ISREG(os.lstat(lock).st_mode):   # (a link too: a save writes its journal there)
-            raise ValueError(f"{lock} is not a file: a save to {path} locks a file of that name (move it away)")
+        status = os.lstat(lock)
     except FileNotFoundError:
         pass
+    else:   # (a link, even a hard one, too: a save writes its journal there)
+        if not stat.S_ISREG(status.st_mode) or status.st_nlink > 1:
+            raise ValueError(f"{lock} is not a file of its own ({'a hard link' if stat.S_ISREG(status.st_mode) else 'not a regular file'}): "
+                             f"a save to {path} writes its journal there (move it away)")
     if not os.path.lexists(path):
         return
     if not os.path.isdir(path):
@@ -449,7 +501,8 @@ def _recover(path: str) -> None:
     saves the journal records. Nothing else is touched (a user's ``.<name>.old`` is not a save's)."""
     parent = os.path.dirname(path)
     tokens = _tokens(path)
-    for ready in [_aside(path, "ready", t) for t in reversed(tokens)] + [_legacy_ready(path)]:
+    legacy = [_legacy_ready(path)] if _legacy_checkpoint(path) else []
+    for ready in [_aside(path, "ready", t) for t in reversed(tokens)] + legacy:
         if os.path.isfile(os.path.join(ready, MANIFEST)) and not os.path.islink(ready):
             if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
                 os.rmdir(path)   # an empty directory made where the interrupted save's result belongs
@@ -545,6 +598,11 @@ def read_directory(path: PathLike, verify: bool = True) -> Tuple[Any, Dict[str, 
     cembed.checkpoint.CheckpointError: .../v.npy: checksum mismatch (crc32 ... recorded ...): the file is corrupted
     """
     verify = check_bool(verify, "verify")
+    with _reading(_norm(path)):
+        return _read_directory(path, verify)
+
+
+def _read_directory(path: PathLike, verify: bool) -> Tuple[Any, Dict[str, Tuple[str, storage.NpyHeader]]]:
     directory = find_directory(path)
     manifest = _manifest(directory)
     files: Dict[str, Tuple[str, storage.NpyHeader]] = {}
@@ -595,9 +653,10 @@ def open_array(path: PathLike, name: str, mode: str = "r") -> np.memmap:
     if mode not in ("r", "c"):
         raise ValueError(f"mode must be 'r' or 'c', got {mode!r}")
     _check_name(name, "array name")
-    directory = find_directory(path)
-    entry = _manifest(directory)["files"].get(f"{name}.npy", {})
-    return storage.map_array(os.path.join(directory, f"{name}.npy"), mode, dtype=entry.get("logical_dtype"))
+    with _reading(_norm(path)):
+        directory = find_directory(path)
+        entry = _manifest(directory)["files"].get(f"{name}.npy", {})
+        return storage.map_array(os.path.join(directory, f"{name}.npy"), mode, dtype=entry.get("logical_dtype"))
 
 
 # ------------------------------------------------------------------------------------ modules + optimizer
@@ -776,6 +835,11 @@ def load_checkpoint(path: PathLike, modules: Any, optimizer: Any = None, mmap: b
     """
     mmap = check_bool(mmap, "mmap")
     named = _named_modules(modules)
+    with _reading(_norm(path)):   # (a save to the path waits until the tables are mapped or copied)
+        return _load_checkpoint(path, named, optimizer, mmap, verify)
+
+
+def _load_checkpoint(path: PathLike, named: Dict[str, Any], optimizer: Any, mmap: bool, verify: bool) -> Any:
     meta, files = read_directory(path, verify=verify)
     directory = find_directory(path)
     if not isinstance(meta, dict) or meta.get("kind") != "cembed.modules" or not isinstance(meta.get("modules"), dict):

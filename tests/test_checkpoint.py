@@ -364,7 +364,83 @@ def test_a_users_directory_made_after_a_crash_is_never_taken_for_the_saves(tmp_p
     assert cembed.load_checkpoint(ck, cembed.Embedding(5, 2)) == {"v": 3}
 
 
-@pytest.mark.parametrize("make", ["directory", "link to a file", "dangling link"])
+@pytest.mark.parametrize("before", [b"{}", b"pid 1234", b'{"save": "0123456789abcdef"}\nGARBAGE'])
+def test_a_journal_not_ending_in_a_newline_still_records_the_next_save(tmp_path, monkeypatch, before):
+    """A save appended its token straight after whatever the lock file held: after the '{}' an earlier
+    version's saves left there, the token ran into it, could not be read, and a crash between the two
+    renames left no checkpoint the load could find (the complete one sat in .ready-<token>)."""
+    emb = cembed.Embedding(5, 2, seed=0)
+    ck = tmp_path / "ck"
+    cembed.save_checkpoint(ck, emb, extra={"v": 1})
+    (tmp_path / ".ck.lock").write_bytes(before)
+    _interrupted_save(monkeypatch, ck, emb, {"v": 2}, "ready")
+    assert cembed.load_checkpoint(ck, cembed.Embedding(5, 2)) == {"v": 2}
+    cembed.save_checkpoint(ck, emb, extra={"v": 3})
+    assert sorted(os.listdir(tmp_path)) == [".ck.lock", "ck"]
+
+
+def test_a_users_dot_ready_directory_is_not_taken_for_an_earlier_versions_checkpoint(tmp_path):
+    """An earlier version's interrupted save left .<name>.ready; a directory of the user's named so (a
+    manifest of its own, or a checkpoint copy with notes beside it) was moved into place by the first
+    save to a new path and then deleted. Only a cembed checkpoint holding nothing but its files is."""
+    emb = cembed.Embedding(5, 2, seed=0)
+    for name, make in (("own", "manifest"), ("copy", "checkpoint with notes")):
+        ready = tmp_path / f".{name}.ready"
+        if make == "manifest":
+            ready.mkdir()
+            (ready / "MANIFEST.json").write_text('{"my": "own manifest"}')
+        else:
+            cembed.save_checkpoint(tmp_path / "src", emb, extra={"v": 0})
+            shutil.copytree(tmp_path / "src", ready)
+        (ready / "notes.txt").write_text("precious")
+        cembed.checkpoint.check_replaceable(tmp_path / name)
+        cembed.save_checkpoint(tmp_path / name, emb, extra={"v": 1})
+        assert (ready / "notes.txt").read_text() == "precious"
+        assert cembed.load_checkpoint(tmp_path / name, cembed.Embedding(5, 2)) == {"v": 1}
+
+
+def test_loads_never_meet_half_a_save(tmp_path):
+    """Loads took no lock: one running while another process saved to the path met a missing manifest,
+    a missing file or a file of the wrong size now and then. A load now holds the lock shared, a save
+    exclusively."""
+    path = tmp_path / "ck"
+    cembed.save_checkpoint(path, {"a": cembed.Embedding(2000, 16, seed=0)}, extra={"v": 0})
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    saver = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import cembed, time
+        emb = cembed.Embedding(2000, 16, seed=0)
+        deadline = time.monotonic() + 3
+        v = 1
+        while time.monotonic() < deadline:
+            cembed.save_checkpoint({str(path)!r}, {{"a": emb}}, extra={{"v": v}})
+            v += 1
+        """)], env=env)
+    try:
+        loads, target = 0, cembed.Embedding(2000, 16)
+        deadline = time.monotonic() + 2.5
+        while time.monotonic() < deadline:
+            cembed.load_checkpoint(path, {"a": target}, mmap=False)
+            loads += 1
+    finally:
+        saver.wait(timeout=60)
+    assert saver.returncode == 0 and loads > 10
+
+
+def test_a_fifo_named_like_the_lock_does_not_block_a_load(tmp_path):
+    emb = cembed.Embedding(5, 2, seed=0)
+    cembed.save_checkpoint(tmp_path / "ck", emb, extra={"v": 1})
+    os.unlink(tmp_path / ".ck.lock")
+    os.mkfifo(tmp_path / ".ck.lock")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", f"import cembed; print(cembed.checkpoint.read_directory({str(tmp_path / 'ck')!r})[0])"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "'v': 1" in done.stdout, done.stderr
+    with pytest.raises(ValueError, match="ck.lock is not a file of its own"):
+        cembed.save_checkpoint(tmp_path / "ck", emb)
+
+
+@pytest.mark.parametrize("make", ["directory", "link to a file", "dangling link", "hard link to a file"])
 def test_a_lock_path_that_is_not_a_file_refuses_the_save_before_anything_changes(tmp_path, make):
     """``.<name>.lock`` made a directory: check_replaceable passed, so the trainer trained the whole run
     and failed at its final save; a link to a user's file had that file overwritten by the journal.
@@ -372,13 +448,16 @@ def test_a_lock_path_that_is_not_a_file_refuses_the_save_before_anything_changes
     lock = tmp_path / ".ck.lock"
     if make == "directory":
         lock.mkdir()
+    elif make == "hard link to a file":
+        (tmp_path / "notes.txt").write_text("my notes")
+        os.link(tmp_path / "notes.txt", lock)
     else:
         (tmp_path / "notes.txt").write_text("my notes")
         os.symlink(tmp_path / ("notes.txt" if make == "link to a file" else "nowhere"), lock)
     before = sorted(os.listdir(tmp_path))
-    with pytest.raises(ValueError, match="ck.lock is not a file"):
+    with pytest.raises(ValueError, match="ck.lock is not a file of its own"):
         cembed.checkpoint.check_replaceable(tmp_path / "ck")
-    with pytest.raises(ValueError, match="ck.lock is not a file"):
+    with pytest.raises(ValueError, match="ck.lock is not a file of its own"):
         cembed.save_checkpoint(tmp_path / "ck", cembed.Embedding(3, 2))
     assert sorted(os.listdir(tmp_path)) == before
     if make != "directory":

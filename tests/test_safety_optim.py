@@ -504,6 +504,31 @@ def test_deeply_nested_meta_is_a_value_error(tmp_path):
     assert _state_bytes(opt) == before
 
 
+def test_a_member_numpy_would_read_by_another_name_is_refused(tmp_path):
+    """np.load also finds the key '__meta__' in a member named plain '__meta__': one holding a .npy
+    header that claims 2**44 bytes was a MemoryError. save() writes only .npy members: others are refused."""
+    import io
+    import zipfile
+    from numpy.lib import format as npy_format
+
+    m, opt = _adam_with_state()
+    good = tmp_path / "good.npz"
+    opt.save(good)
+    header = io.BytesIO()
+    npy_format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (1 << 44,)})
+    bad = tmp_path / "bad.npz"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for info in zin.infolist():
+            if info.filename == "__meta__.npy":
+                zout.writestr("__meta__", header.getvalue() + bytes(16))
+            else:
+                zout.writestr(info.filename, zin.read(info.filename))
+    before = _state_bytes(opt)
+    with pytest.raises(ValueError, match="member __meta__ is not an array"):
+        opt.load(bad)
+    assert _state_bytes(opt) == before
+
+
 @pytest.mark.parametrize("member", ["0/exp_avg.npy", "__meta__.npy"])
 def test_a_member_header_claiming_more_than_the_member_holds_is_a_value_error(tmp_path, member):
     """A damaged .npz member header claiming a shape of 2**40 rows made load() try to allocate 16 TiB:

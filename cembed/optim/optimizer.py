@@ -1146,16 +1146,16 @@ class Optimizer:
 
 
 def _check_members(data: Any, archive_bytes: int) -> None:
-    """ValueError unless every ``.npy`` member of the ``.npz`` ``data`` (a file of ``archive_bytes``)
-    holds as many bytes as its header says, and the archive as many as its directory says: a damaged
+    """ValueError unless every member of the ``.npz`` ``data`` (a file of ``archive_bytes``) is an
+    ``.npy`` array holding as many bytes as its header says, and the archive as many as its directory says: a damaged
     header (and directory entry) claiming a huge shape would otherwise be a MemoryError (or a huge
     allocation) when the member is read. A compressed member may expand at most as deflate can."""
     import zipfile as zipfile_
     from numpy.lib import format as npy_format
 
     for info in data.zip.infolist():
-        if not info.filename.endswith(".npy"):
-            continue
+        if not info.filename.endswith(".npy"):   # (numpy would read a member 'x' as the array 'x' too)
+            raise ValueError(f"member {info.filename} is not an array (.npy): save() writes no other")
         if info.header_offset + info.compress_size > archive_bytes or (
                 info.file_size != info.compress_size if info.compress_type == zipfile_.ZIP_STORED
                 else info.file_size > 1100 * info.compress_size + 4096):
@@ -1163,6 +1163,8 @@ def _check_members(data: Any, archive_bytes: int) -> None:
                              f"({info.compress_size} stored), which the {archive_bytes}-byte file cannot hold")
         with data.zip.open(info) as fh:
             version = npy_format.read_magic(fh)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"member {info.filename}: .npy format {version}, save() writes 1.0 or 2.0")
             read = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
             shape, _, dtype = read(fh)
             needed = fh.tell() + math.prod(shape) * dtype.itemsize
