@@ -415,7 +415,7 @@ def test_loads_never_meet_half_a_save(tmp_path):
         while time.monotonic() < deadline:
             cembed.save_checkpoint({str(path)!r}, {{"a": emb}}, extra={{"v": v}})
             v += 1
-        """)], env=env)
+        """)], env=env, cwd=tmp_path)   # (cwd: never a source checkout shadowing the installed package)
     try:
         loads, target = 0, cembed.Embedding(2000, 16)
         deadline = time.monotonic() + 2.5
@@ -434,7 +434,7 @@ def test_a_fifo_named_like_the_lock_does_not_block_a_load(tmp_path):
     os.mkfifo(tmp_path / ".ck.lock")
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run([sys.executable, "-c", f"import cembed; print(cembed.checkpoint.read_directory({str(tmp_path / 'ck')!r})[0])"],
-                          env=env, capture_output=True, text=True, timeout=120)
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "'v': 1" in done.stdout, done.stderr
     with pytest.raises(ValueError, match="ck.lock is not a file of its own"):
         cembed.save_checkpoint(tmp_path / "ck", emb)
