@@ -138,16 +138,15 @@ def _lock(path: str) -> Any:
     through a link would overwrite the file it names)."""
     lock = _lock_path(path)
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _NONBLOCK, 0o666)
+        fd = _open_lock(lock, os.O_RDWR | os.O_CREAT)
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
-            raise ValueError(f"{lock} is not a file: a save to {path} locks a file of that name (move it away)") from None
+            raise ValueError(_not_own_file(lock, path, os.lstat(lock))) from None
         raise
     status = os.fstat(fd)
     if not stat.S_ISREG(status.st_mode) or status.st_nlink > 1:
         os.close(fd)
-        raise ValueError(f"{lock} is not a file of its own ({'a hard link' if status.st_nlink > 1 else 'not a regular file'}): "
-                         f"a save to {path} writes its journal there (move it away)")
+        raise ValueError(_not_own_file(lock, path, status))
     fh = os.fdopen(fd, "r+b")
     try:
         import fcntl
@@ -162,6 +161,26 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)   # (a FIFO named like the lock is refused, not waited on)
 
 
+def _open_lock(lock: str, flags: int) -> int:
+    """``os.open`` of the lock file, never through a symbolic link and never waiting on a FIFO. A
+    lease on it (an NFS delegation, a Samba oplock) makes the non-blocking open fail at once: then it
+    waits for the lease to be broken, as a plain open does."""
+    try:
+        return os.open(lock, flags | _NOFOLLOW | _NONBLOCK, 0o666)
+    except BlockingIOError:
+        return os.open(lock, flags | _NOFOLLOW, 0o666)
+
+
+def _not_own_file(lock: str, path: str, status: os.stat_result) -> str:
+    """Why a save to ``path`` refuses its lock file ``lock`` (whose status is ``status``), and what
+    to do: a link still holds the journal of an interrupted save, so it is replaced by a copy."""
+    if stat.S_ISREG(status.st_mode) or stat.S_ISLNK(status.st_mode):
+        kind = "a hard link" if stat.S_ISREG(status.st_mode) else "a symbolic link"
+        return (f"{lock} is not a file of its own ({kind}): a save to {path} writes its journal there; replace it by "
+                f"a copy (cp {lock} {lock}.copy && mv {lock}.copy {lock}), which keeps the journal")
+    return f"{lock} is not a file of its own (not a regular file): a save to {path} locks a file of that name (move it away)"
+
+
 @contextlib.contextmanager
 def _reading(path: str) -> Iterator[None]:
     """A shared lock on the checkpoint's lock file while a load reads and maps it: a save holds the
@@ -169,7 +188,7 @@ def _reading(path: str) -> Iterator[None]:
     one. None where there is no lock file, or it is not a regular file (no save can run there)."""
     fd = -1
     try:
-        fd = os.open(_lock_path(path), os.O_RDONLY | _NOFOLLOW | _NONBLOCK)
+        fd = _open_lock(_lock_path(path), os.O_RDONLY)
         if stat.S_ISREG(os.fstat(fd).st_mode):
             import fcntl
 
@@ -205,7 +224,7 @@ def _tokens(path: str) -> List[str]:
     """The tokens of the saves the journal beside ``path`` records, oldest first (none when there is
     no journal; a line that cannot be read counts for nothing)."""
     try:
-        fd = os.open(_lock_path(path), os.O_RDONLY | _NOFOLLOW | _NONBLOCK)
+        fd = _open_lock(_lock_path(path), os.O_RDONLY)
         with open(fd, "rb") as fh:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return []
@@ -443,8 +462,7 @@ def _check_replaceable(path: str) -> None:
         pass
     else:   # (a link, even a hard one, too: a save writes its journal there)
         if not stat.S_ISREG(status.st_mode) or status.st_nlink > 1:
-            raise ValueError(f"{lock} is not a file of its own ({'a hard link' if stat.S_ISREG(status.st_mode) else 'not a regular file'}): "
-                             f"a save to {path} writes its journal there (move it away)")
+            raise ValueError(_not_own_file(lock, path, status))
     if not os.path.lexists(path):
         return
     if not os.path.isdir(path):

@@ -427,6 +427,41 @@ def test_loads_never_meet_half_a_save(tmp_path):
     assert saver.returncode == 0 and loads > 10
 
 
+def test_a_lease_on_the_lock_file_is_waited_for(tmp_path):
+    """A lease (what knfsd and Samba hold for remote clients) on .<name>.lock made the non-blocking open
+    fail at once: a save raised BlockingIOError and a load of an interrupted save found 'no checkpoint'.
+    They wait for the lease to be broken now, as a plain open does."""
+    fcntl = pytest.importorskip("fcntl")
+    if not hasattr(fcntl, "F_SETLEASE"):
+        pytest.skip("no leases on this platform")
+    emb = cembed.Embedding(20, 3, seed=0)
+    cembed.save_checkpoint(tmp_path / "ck", emb, extra={"v": 1})
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, signal, sys, time
+        fd = os.open({str(tmp_path / '.ck.lock')!r}, os.O_RDONLY)
+        def broken(*args):
+            time.sleep(0.2)
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        signal.signal(signal.SIGIO, broken)
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        except OSError:
+            print("no lease", flush=True)
+            sys.exit()
+        print("leased", flush=True)
+        time.sleep(30)
+        """)], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        if holder.stdout.readline().strip() != "leased":
+            pytest.skip("this file system gives no leases")
+        cembed.save_checkpoint(tmp_path / "ck", emb, extra={"v": 2})
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert cembed.load_checkpoint(tmp_path / "ck", cembed.Embedding(20, 3)) == {"v": 2}
+
+
 def test_a_fifo_named_like_the_lock_does_not_block_a_load(tmp_path):
     emb = cembed.Embedding(5, 2, seed=0)
     cembed.save_checkpoint(tmp_path / "ck", emb, extra={"v": 1})
@@ -462,6 +497,9 @@ def test_a_lock_path_that_is_not_a_file_refuses_the_save_before_anything_changes
     assert sorted(os.listdir(tmp_path)) == before
     if make != "directory":
         assert (tmp_path / "notes.txt").read_text() == "my notes"
+    if make in ("hard link to a file", "link to a file"):   # the advice keeps whatever journal it holds
+        with pytest.raises(ValueError, match="replace it by a copy .* which keeps the journal"):
+            cembed.save_checkpoint(tmp_path / "ck", cembed.Embedding(3, 2))
 
 
 @pytest.mark.parametrize("how", ["load", "open_table"])
