@@ -109,24 +109,28 @@ CEMBED_HALF_INLINE void cembed_bf16_row_to_f32(float *restrict out, const uint16
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #include <immintrin.h>
 #define CEMBED_F16C_PATH 1
+/* 8 float16 bit patterns (unaligned) widened to float32, bit for bit cembed_f16_to_f32's */
 __attribute__((target("avx2,f16c"), unused))
-static void cembed_f16_row_to_f32_f16c(float *restrict out, const uint16_t *restrict row, ptrdiff_t dim)
+static inline __m256 cembed_f16x8_widen(const uint16_t *p)
 {
     const __m256i exponent = _mm256_set1_epi32(0x7C00), mantissa = _mm256_set1_epi32(0x03FF);
     const __m256i half_quiet = _mm256_set1_epi32(0x0200), float_quiet = _mm256_set1_epi32(0x00400000);
     const __m256i zero = _mm256_setzero_si256();
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    __m256i bits = _mm256_castps_si256(_mm256_cvtph_ps(h));
+    __m256i w = _mm256_cvtepu16_epi32(h);
+    __m256i all_ones = _mm256_cmpeq_epi32(_mm256_and_si256(w, exponent), exponent);
+    __m256i no_payload = _mm256_cmpeq_epi32(_mm256_and_si256(w, mantissa), zero);
+    __m256i not_quiet = _mm256_cmpeq_epi32(_mm256_and_si256(w, half_quiet), zero);
+    __m256i signalling = _mm256_andnot_si256(no_payload, _mm256_and_si256(all_ones, not_quiet));
+    return _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_and_si256(signalling, float_quiet), bits));
+}
+
+__attribute__((target("avx2,f16c"), unused))
+static void cembed_f16_row_to_f32_f16c(float *restrict out, const uint16_t *restrict row, ptrdiff_t dim)
+{
     ptrdiff_t j = 0;
-    for (; j + 8 <= dim; j += 8) {
-        __m128i h = _mm_loadu_si128((const __m128i *)(row + j));
-        __m256i bits = _mm256_castps_si256(_mm256_cvtph_ps(h));
-        __m256i w = _mm256_cvtepu16_epi32(h);
-        __m256i all_ones = _mm256_cmpeq_epi32(_mm256_and_si256(w, exponent), exponent);
-        __m256i no_payload = _mm256_cmpeq_epi32(_mm256_and_si256(w, mantissa), zero);
-        __m256i not_quiet = _mm256_cmpeq_epi32(_mm256_and_si256(w, half_quiet), zero);
-        __m256i signalling = _mm256_andnot_si256(no_payload, _mm256_and_si256(all_ones, not_quiet));
-        bits = _mm256_andnot_si256(_mm256_and_si256(signalling, float_quiet), bits);
-        _mm256_storeu_si256((__m256i *)(out + j), bits);
-    }
+    for (; j + 8 <= dim; j += 8) _mm256_storeu_ps(out + j, cembed_f16x8_widen(row + j));
     for (; j < dim; j++) out[j] = cembed_f16_to_f32(row[j]);
 }
 
