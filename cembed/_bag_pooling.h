@@ -340,26 +340,23 @@ CEMBED_DEFINE_BAG_SUM_AS(CEMBED_F16C_FUNCTION, cembed_bag_sum_f16c_i32, float, u
 CEMBED_DEFINE_BAG_SUM_AS(CEMBED_F16C_FUNCTION, cembed_bag_sum_f16c_i64, float, uint16_t, cembed_vf8, int64_t,
                          cembed_load_f16x8_f16c, cembed_f16_to_f32, 1)
 #endif
-static inline __attribute__((unused)) ptrdiff_t cembed_bag_sum_f16_i32(
-        float *restrict out, const uint16_t *base, ptrdiff_t row_stride, ptrdiff_t dim, const int32_t *idx,
-        ptrdiff_t begin, ptrdiff_t end, ptrdiff_t n_indices, int64_t padding_idx)
-{
 #ifdef CEMBED_F16C_PATH
-    if (cembed_have_f16c())
-        return cembed_bag_sum_f16c_i32(out, base, row_stride, dim, idx, begin, end, n_indices, padding_idx);
+#define CEMBED_BAG_SUM_F16C_FIRST(SUFFIX)                                                              \
+    if (cembed_have_f16c())                                                                           \
+        return cembed_bag_sum_f16c_##SUFFIX(out, base, row_stride, dim, idx, begin, end, n_indices, padding_idx);
+#else
+#define CEMBED_BAG_SUM_F16C_FIRST(SUFFIX)
 #endif
-    return cembed_bag_sum_f16_portable_i32(out, base, row_stride, dim, idx, begin, end, n_indices, padding_idx);
+/* cembed_bag_sum_f16_i32 / _i64: the F16C kernel where the CPU has it, else the portable one */
+#define CEMBED_DEFINE_BAG_SUM_F16(SUFFIX, IT)                                                          \
+static inline __attribute__((unused)) ptrdiff_t cembed_bag_sum_f16_##SUFFIX(                           \
+        float *restrict out, const uint16_t *base, ptrdiff_t row_stride, ptrdiff_t dim, const IT *idx, \
+        ptrdiff_t begin, ptrdiff_t end, ptrdiff_t n_indices, int64_t padding_idx)                      \
+{                                                                                                     \
+    CEMBED_BAG_SUM_F16C_FIRST(SUFFIX)                                                                 \
+    return cembed_bag_sum_f16_portable_##SUFFIX(out, base, row_stride, dim, idx, begin, end, n_indices, padding_idx); \
 }
-
-static inline __attribute__((unused)) ptrdiff_t cembed_bag_sum_f16_i64(
-        float *restrict out, const uint16_t *base, ptrdiff_t row_stride, ptrdiff_t dim, const int64_t *idx,
-        ptrdiff_t begin, ptrdiff_t end, ptrdiff_t n_indices, int64_t padding_idx)
-{
-#ifdef CEMBED_F16C_PATH
-    if (cembed_have_f16c())
-        return cembed_bag_sum_f16c_i64(out, base, row_stride, dim, idx, begin, end, n_indices, padding_idx);
-#endif
-    return cembed_bag_sum_f16_portable_i64(out, base, row_stride, dim, idx, begin, end, n_indices, padding_idx);
-}
+CEMBED_DEFINE_BAG_SUM_F16(i32, int32_t)
+CEMBED_DEFINE_BAG_SUM_F16(i64, int64_t)
 
 #endif
