@@ -455,12 +455,8 @@ class Optimizer:
         """
         loss = closure() if closure is not None else None
         self._check_params()
-        # every group's options first: converting them is where code of the caller's may run (a
-        # __float__), and it must not run between the checks of the arrays below and their updates
-        groups = [(g, self._check_options(dict(group), f"param_groups[{g}]"), list(group["params"]))
-                  for g, group in enumerate(self.param_groups)]
         plan = []
-        for g, options, params in groups:
+        for g, options, params in self._group_options():
             for k, module in enumerate(params):
                 where = f"param_groups[{g}]['params'][{k}]"
                 grad = module.grad
@@ -472,9 +468,7 @@ class Optimizer:
                 self._check_state_for(state, weight, options, where)
                 self._check_advance(_core(state) if state else {}, where)
                 plan.append((module, weight, grad, options, where, _snapshot(self, module, weight, grad)))
-        for module, _, _, _, where, snapshot in plan:
-            _check_unchanged(self, module, snapshot, where)
-        self._check_apart([module for module, *_ in plan])
+        self._confirm_checked([(module, where, snapshot) for module, _, _, _, where, snapshot in plan])
         # every state file the updates will create, made (space reserved) before any parameter is
         # updated: a full disk refuses the whole step, not the parameters after the first
         self._reserve_step_files([(module, weight, options) for module, weight, _, options, _, _ in plan])
@@ -487,6 +481,21 @@ class Optimizer:
         finally:
             self._drop_reserved()
         return loss
+
+    def _group_options(self) -> List[Tuple[int, Group, List[Any]]]:
+        """``(g, options, params)`` of every group, all options converted first: converting them is
+        where code of the caller's may run (a ``__float__``), and it must not run between the checks
+        of the arrays and their updates (:meth:`step`, ``SparseAdamW.apply_pending_decay``)."""
+        return [(g, self._check_options(dict(group), f"param_groups[{g}]"), list(group["params"]))
+                for g, group in enumerate(self.param_groups)]
+
+    def _confirm_checked(self, checked: List[Tuple[Any, str, Tuple[Any, ...]]]) -> None:
+        """Just before the first update: every module's weight, gradient and state is still what was
+        checked (``(module, where, _snapshot)`` each: :func:`_check_unchanged`), and no two modules of
+        the optimizer share memory with them (:meth:`_check_apart`)."""
+        for module, where, snapshot in checked:
+            _check_unchanged(self, module, snapshot, where)
+        self._check_apart([module for module, _, _ in checked])
 
     def _state_files_for_step(self, state: Dict[str, Any], weight: np.ndarray,
                               options: Group) -> List[Tuple[str, bool, Any]]:
@@ -796,8 +805,7 @@ class Optimizer:
             self._check_grad(options, grad, weight, where)
         self._check_state_for(self.state.get(module), weight, options, where)
         self._check_advance(_core(self.state.get(module) or {}), where)
-        _check_unchanged(self, module, snapshot, where)   # as step(): what was checked is what is updated
-        self._check_apart([module])
+        self._confirm_checked([(module, where, snapshot)])   # as step(): what was checked is what is updated
         self._reserve_step_files([(module, weight, options)])   # as step(): before anything changes
         try:
             state = self.state.setdefault(module, {})

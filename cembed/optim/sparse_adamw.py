@@ -10,8 +10,7 @@ from .. import _optim, storage
 from .._config import n_threads_for
 from .._validation import check_real
 from ._rounding import STREAM_DECAY, check_rounding_options
-from .optimizer import (Group, Optimizer, _check_maximize, _check_unchanged, _core, _option,
-                        _snapshot, _update_rows)
+from .optimizer import Group, Optimizer, _check_maximize, _core, _option, _snapshot, _update_rows
 from .sparse_adam import (_check_betas, _check_bias_correction, _check_row_array, _check_row_steps, _check_step,
                           _check_step_advance, _load_row_step)
 
@@ -254,12 +253,8 @@ class SparseAdamW(Optimizer):
         [0.99, 0.99, 0.99]
         """
         self._check_params()
-        # as step(): every group's options first (converting them may run the caller's code), the
-        # arrays then, compared again with what was checked, and no two parameters sharing memory
-        groups = [(g, self._check_options(dict(group), f"param_groups[{g}]"), list(group["params"]))
-                  for g, group in enumerate(self.param_groups)]
-        plan = []
-        for g, options, params in groups:
+        plan = []   # checked as step() checks: the options first, the arrays confirmed before the decay
+        for g, options, params in self._group_options():
             for k, module in enumerate(params):
                 where = f"param_groups[{g}]['params'][{k}]"
                 state = self.state.get(module) or {}
@@ -268,9 +263,7 @@ class SparseAdamW(Optimizer):
                 weight = self._check_weight(module, where)
                 self._check_state_for(state, weight, options, where)
                 plan.append((module, weight, state, options, where, _snapshot(self, module, weight, module.grad)))
-        for module, _, _, _, where, snapshot in plan:
-            _check_unchanged(self, module, snapshot, where)
-        self._check_apart([module for module, *_ in plan])
+        self._confirm_checked([(module, where, snapshot) for module, _, _, _, where, snapshot in plan])
         for _, weight, state, options, _, _ in plan:
             decay_log, decay_log_prev, decay_last = (state[name] for name in _SCALARS)
             rows = np.flatnonzero(state["row_decay_log"] != decay_log).astype(np.int64)
