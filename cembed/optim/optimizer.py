@@ -12,6 +12,7 @@ import zipfile
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from .. import _optim
 from .._config import n_threads_for
@@ -1158,14 +1159,11 @@ def _check_members(data: Any, archive_bytes: int) -> None:
     ``.npy`` array holding as many bytes as its header says, and the archive as many as its directory says: a damaged
     header (and directory entry) claiming a huge shape would otherwise be a MemoryError (or a huge
     allocation) when the member is read. A compressed member may expand at most as deflate can."""
-    import zipfile as zipfile_
-    from numpy.lib import format as npy_format
-
     for info in data.zip.infolist():
         if not info.filename.endswith(".npy"):   # (numpy would read a member 'x' as the array 'x' too)
             raise ValueError(f"member {info.filename} is not an array (.npy): save() writes no other")
         if info.header_offset + info.compress_size > archive_bytes or (
-                info.file_size != info.compress_size if info.compress_type == zipfile_.ZIP_STORED
+                info.file_size != info.compress_size if info.compress_type == zipfile.ZIP_STORED
                 else info.file_size > 1100 * info.compress_size + 4096):
             raise ValueError(f"member {info.filename}: the archive's directory says {info.file_size} bytes "
                              f"({info.compress_size} stored), which the {archive_bytes}-byte file cannot hold")
