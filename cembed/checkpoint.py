@@ -79,9 +79,8 @@ def _legacy_checkpoint(path: str) -> bool:
     ready = _legacy_ready(path)
     if os.path.islink(ready) or not os.path.isdir(ready):
         return False
-    listed = _listed_files(ready)
     try:
-        return listed is not None and set(os.listdir(ready)) <= listed | {MANIFEST}
+        return _foreign_files(ready) == []
     except OSError:
         return False
 
@@ -141,12 +140,12 @@ def _lock(path: str) -> Any:
         fd = _open_lock(lock, os.O_RDWR | os.O_CREAT)
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
-            raise ValueError(_not_own_file(lock, path, os.lstat(lock))) from None
+            raise ValueError(_lock_file_problem(lock, path, os.lstat(lock))) from None
         raise
-    status = os.fstat(fd)
-    if not stat.S_ISREG(status.st_mode) or status.st_nlink > 1:
+    problem = _lock_file_problem(lock, path, os.fstat(fd))
+    if problem is not None:
         os.close(fd)
-        raise ValueError(_not_own_file(lock, path, status))
+        raise ValueError(problem)
     fh = os.fdopen(fd, "r+b")
     try:
         import fcntl
@@ -171,9 +170,12 @@ def _open_lock(lock: str, flags: int) -> int:
         return os.open(lock, flags | _NOFOLLOW, 0o666)
 
 
-def _not_own_file(lock: str, path: str, status: os.stat_result) -> str:
-    """Why a save to ``path`` refuses its lock file ``lock`` (whose status is ``status``), and what
-    to do: a link still holds the journal of an interrupted save, so it is replaced by a copy."""
+def _lock_file_problem(lock: str, path: str, status: os.stat_result) -> Optional[str]:
+    """None when ``lock`` (whose status is ``status``, not followed if a link) is a regular file of
+    its own, as a save to ``path`` needs for its journal; else why not, and what to do: a link still
+    holds the journal of an interrupted save, so it is replaced by a copy."""
+    if stat.S_ISREG(status.st_mode) and status.st_nlink <= 1:
+        return None
     if stat.S_ISREG(status.st_mode) or stat.S_ISLNK(status.st_mode):
         kind = "a hard link" if stat.S_ISREG(status.st_mode) else "a symbolic link"
         return (f"{lock} is not a file of its own ({kind}): a save to {path} writes its journal there; replace it by "
@@ -461,22 +463,29 @@ def _check_replaceable(path: str) -> None:
     except FileNotFoundError:
         pass
     else:   # (a link, even a hard one, too: a save writes its journal there)
-        if not stat.S_ISREG(status.st_mode) or status.st_nlink > 1:
-            raise ValueError(_not_own_file(lock, path, status))
+        problem = _lock_file_problem(lock, path, status)
+        if problem is not None:
+            raise ValueError(problem)
     if not os.path.lexists(path):
         return
     if not os.path.isdir(path):
         raise ValueError(f"{path} exists and is not a cembed checkpoint: refusing to replace it")
-    entries = set(os.listdir(path))
-    if not entries:
+    if not os.listdir(path):
         return
-    listed = _listed_files(path) if MANIFEST in entries else None
-    if listed is None:
+    others = _foreign_files(path)
+    if others is None:
         raise ValueError(f"{path} exists and is not a cembed checkpoint: refusing to replace it")
-    others = sorted(entries - listed - {MANIFEST})
     if others:
         raise ValueError(f"{path} holds files that are not part of its checkpoint ({', '.join(others[:5])}"
                          f"{', ...' if len(others) > 5 else ''}): a save would delete them; move them away first")
+
+
+def _foreign_files(directory: str) -> Optional[List[str]]:
+    """None when ``directory`` holds no cembed checkpoint manifest, else the names it holds besides
+    the manifest and the files it lists (sorted; none for a checkpoint of its own files only)."""
+    entries = set(os.listdir(directory))
+    listed = _listed_files(directory) if MANIFEST in entries else None
+    return None if listed is None else sorted(entries - listed - {MANIFEST})
 
 
 def _listed_files(path: str) -> Optional[Set[str]]:
