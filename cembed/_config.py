@@ -140,7 +140,10 @@ def openmp_enabled() -> bool:
 
 
 def show_config(file: Optional[TextIO] = None, mode: str = "stdout") -> Optional[Dict[str, Any]]:
-    """The version, whether OpenMP is enabled, the thread count, the compile flags and the output
+    """The version, whether OpenMP is enabled, the thread count, the compile flags, the hand-written
+    CPU paths the kernels take on this machine (``cpu_paths``: F16C for float16 rows, AVX-512F for
+    bfloat16 rounding; the environment variable ``CEMBED_DISABLE_CPU_FEATURES``, e.g. ``"avx512f,f16c"``,
+    turns them off before ``import cembed``; every path gives the same bits) and the output
     cache: printed (``mode="stdout"``, to ``file`` or standard output) or returned as a dict
     (``mode="dicts"``, as ``numpy.show_config`` does).
 
@@ -165,7 +168,7 @@ def show_config(file: Optional[TextIO] = None, mode: str = "stdout") -> Optional
         "openmp": omp, "openmp_version": int(_threads.openmp_version()) if omp else None,
         "threads": get_num_threads(), "threads_set_by_user": _user_threads is not None,
         "compiler": None, "compiler_type": None, "compile_args": [], "link_args": [], "bounds_checking": False,
-        "cached_bytes": int(_buffer_cache.cached_bytes()),
+        "cpu_paths": dict(_threads.cpu_paths()), "cached_bytes": int(_buffer_cache.cached_bytes()),
     }
     if _build_info is not None:
         info.update(compiler=str(_build_info.COMPILER), compiler_type=_build_info.COMPILER_TYPE,
@@ -186,6 +189,8 @@ def show_config(file: Optional[TextIO] = None, mode: str = "stdout") -> Optional
             f"link flags: {' '.join(info['link_args'])}",
             f"bounds checking: {'on' if info['bounds_checking'] else 'off'}",
         ]
+    paths = ", ".join(f"{name} {'on' if used else 'off'}" for name, used in info["cpu_paths"].items())
+    lines.append(f"hand-written CPU paths: {paths} (CEMBED_DISABLE_CPU_FEATURES turns them off)")
     lines.append(f"output buffer cache: {info['cached_bytes'] / 2**20:.1f} MiB held (cembed.release_memory() frees it)")
     print("\n".join(lines), file=sys.stdout if file is None else file)
     return None

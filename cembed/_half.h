@@ -21,6 +21,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -134,17 +135,46 @@ static void cembed_f16_row_to_f32_f16c(float *restrict out, const uint16_t *rest
     for (; j < dim; j++) out[j] = cembed_f16_to_f32(row[j]);
 }
 
-CEMBED_HALF_INLINE int cembed_have_f16c(void)
+/* Whether the environment variable CEMBED_DISABLE_CPU_FEATURES (read once per check) names `feature`:
+ * a list of names separated by commas or spaces, any case, e.g. "avx512f,f16c". It turns cembed's
+ * hand-written paths for those features off (for tests of the portable kernels, or to compare). */
+CEMBED_HALF_INLINE int cembed_cpu_feature_disabled(const char *feature)
 {
-    static int known = -1;   /* (every thread computes the same answer: a benign, atomic race) */
-    int have = __atomic_load_n(&known, __ATOMIC_RELAXED);
-    if (have < 0) {
-        __builtin_cpu_init();
-        have = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-        __atomic_store_n(&known, have, __ATOMIC_RELAXED);
+    const char *p = getenv("CEMBED_DISABLE_CPU_FEATURES");
+    const size_t n = strlen(feature);
+    while (p != NULL && *p != '\0') {
+        size_t k = 0;
+        while (*p == ',' || *p == ' ') p++;
+        while (p[k] != '\0' && p[k] != ',' && p[k] != ' ') k++;
+        if (k == n) {
+            size_t i = 0;
+            while (i < n && (p[i] | 0x20) == (feature[i] | 0x20)) i++;   /* ASCII letters and digits, any case */
+            if (i == n) return 1;
+        }
+        p += k;
     }
-    return have;
+    return 0;
 }
+
+/* NAME() = whether cembed uses its hand-written path for FEATURE: the CPU (and the OS) supports what
+ * CONDITION asks and CEMBED_DISABLE_CPU_FEATURES does not name it; checked once per process (every
+ * thread computes the same answer: a benign, atomic race) */
+#define CEMBED_DEFINE_CPU_CHECK(NAME, FEATURE, CONDITION)                                              \
+CEMBED_HALF_INLINE int NAME(void)                                                                      \
+{                                                                                                     \
+    static int known = -1;                                                                            \
+    int have = __atomic_load_n(&known, __ATOMIC_RELAXED);                                             \
+    if (have < 0) {                                                                                   \
+        __builtin_cpu_init();                                                                         \
+        have = !cembed_cpu_feature_disabled(FEATURE) && (CONDITION);                                  \
+        __atomic_store_n(&known, have, __ATOMIC_RELAXED);                                             \
+    }                                                                                                 \
+    return have;                                                                                      \
+}
+/* F16C (with AVX2): float16 rows widened 8 columns per instruction */
+CEMBED_DEFINE_CPU_CHECK(cembed_have_f16c, "f16c", __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
+/* AVX-512F: the bfloat16 rounding and Adam rows of _rounding.h, 16 columns per instruction */
+CEMBED_DEFINE_CPU_CHECK(cembed_have_avx512f, "avx512f", __builtin_cpu_supports("avx512f"))
 #endif
 
 CEMBED_HALF_INLINE void cembed_f16_row_to_f32(float *restrict out, const uint16_t *restrict row, ptrdiff_t dim)

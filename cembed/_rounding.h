@@ -145,10 +145,21 @@ CEMBED_ROUND_INLINE uint16_t cembed_f32_to_bf16_sr16(float x, uint32_t r16)
     return cembed_f32_to_bf16_sr(x, r16 << 16);   /* the 32-bit rule with u = r16 * 2**16 */
 }
 
+/* columns [b, dim) of v (fewer than 32, b a multiple of 32) rounded stochastically into `out` under
+ * the row key's halves (lo, hi): the last columns of the row kernels below */
+CEMBED_ROUND_INLINE void cembed_f32_columns_to_bf16_sr(uint16_t *restrict out, const float *restrict v, ptrdiff_t b,
+                                                       ptrdiff_t dim, uint32_t lo, uint32_t hi)
+{
+    for (ptrdiff_t j = b; j < dim; j++) {
+        const uint32_t r = cembed_round_bits(lo, hi, (uint32_t)(b / 2 + (j & 15)));
+        out[j] = cembed_f32_to_bf16_sr16(v[j], (j & 16) ? (r & 0xFFFFu) : (r >> 16));
+    }
+}
+
 /* v[0:dim] rounded stochastically into the bfloat16 row `out` under row key `key`. The draws of up to
  * 512 columns are made first, then the columns rounded (two simple loops vectorise best). */
-CEMBED_ROUND_CLONES static void cembed_f32_row_to_bf16_sr(uint16_t *restrict out, const float *restrict v,
-                                                          ptrdiff_t dim, uint64_t key)
+CEMBED_ROUND_CLONES static void cembed_f32_row_to_bf16_sr_portable(uint16_t *restrict out, const float *restrict v,
+                                                                   ptrdiff_t dim, uint64_t key)
 {
     const uint32_t lo = (uint32_t)key, hi = (uint32_t)(key >> 32);
     const ptrdiff_t full = dim - dim % 32;     /* columns in whole blocks of 32 */
@@ -163,10 +174,97 @@ CEMBED_ROUND_CLONES static void cembed_f32_row_to_bf16_sr(uint16_t *restrict out
             for (int k = 0; k < 16; k++) out[b + 16 + k] = cembed_f32_to_bf16_sr16(v[b + 16 + k], r[k] & 0xFFFFu);
         }
     }
-    for (ptrdiff_t j = b; j < dim; j++) {
-        const uint32_t r = cembed_round_bits(lo, hi, (uint32_t)(b / 2 + (j & 15)));
-        out[j] = cembed_f32_to_bf16_sr16(v[j], (j & 16) ? (r & 0xFFFFu) : (r >> 16));
+    cembed_f32_columns_to_bf16_sr(out, v, b, dim, lo, hi);
+}
+
+/* ---- the same rows with AVX-512F (x86-64, checked once at run time) ------------------------------
+ * 16 columns per instruction: the 16 draws of a block of 32 columns are one vector (lane k: draw
+ * b / 2 + k, the same expression as cembed_round_bits), column b + k rounds with its high half and
+ * column b + 16 + k with its low half, and every float32 operation is the scalar code's, in its order
+ * (no fma: -ffp-contract=off), so each result is bit for bit the portable kernel's (tests compare
+ * them). GCC's own vectorisation of the portable kernels measured about half as fast: it keeps to
+ * 256-bit vectors and goes through scratch arrays. */
+#ifdef CEMBED_F16C_PATH
+#define CEMBED_AVX512_FUNCTION __attribute__((target("avx512f"), unused))
+
+/* the draws q_golden[k] / 0x9E3779B9 (mod 2**32) under a row key's halves, 16 at a time */
+CEMBED_AVX512_FUNCTION static inline __m512i cembed_round_bits_x16(__m512i q_golden, __m512i key_lo, __m512i key_hi)
+{
+    __m512i x = _mm512_xor_si512(q_golden, key_lo);
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7FEB352D));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int)0x846CA68Bu));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    return _mm512_xor_si512(x, key_hi);
+}
+
+/* (b / 2 + k) * 0x9E3779B9 for k = 0..15: the draw inputs of the block starting at column b */
+CEMBED_AVX512_FUNCTION static inline __m512i cembed_block_golden_x16(ptrdiff_t b)
+{
+    const __m512i k = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    return _mm512_mullo_epi32(_mm512_add_epi32(k, _mm512_set1_epi32((int)(uint32_t)(b / 2))),
+                              _mm512_set1_epi32((int)0x9E3779B9u));
+}
+
+/* 16 bfloat16 bit patterns widened to float32 */
+CEMBED_AVX512_FUNCTION static inline __m512 cembed_bf16x16_widen(const uint16_t *p)
+{
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* 16 float32 values stored as bfloat16: add `add` to each bit pattern and keep its top 16 bits (the
+ * rounding of cembed_f32_to_bf16_sr and _rne); a NaN keeps its top bits with the quiet bit set */
+CEMBED_AVX512_FUNCTION static inline void cembed_bf16x16_store(uint16_t *p, __m512 x, __m512i add)
+{
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, add), 16);
+    const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
+                                                  _mm512_set1_epi32(0x7F800000));
+    const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x0040));
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet)));
+}
+
+/* what cembed_bf16x16_store adds to round to nearest, ties to even: 0x7FFF + the lowest kept bit */
+CEMBED_AVX512_FUNCTION static inline __m512i cembed_bf16x16_nearest(__m512 x)
+{
+    const __m512i u = _mm512_castps_si512(x);
+    return _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
+}
+
+/* a stochastic rounding of a block of 32 columns: draws r (lane k) round column b + k with r >> 16 and
+ * column b + 16 + k with r & 0xFFFF, i.e. add 0xFFFF minus those 16 bits (cembed_f32_to_bf16_sr16) */
+CEMBED_AVX512_FUNCTION static inline void cembed_bf16x32_store_sr(uint16_t *p, __m512 first, __m512 second, __m512i r)
+{
+    const __m512i not_r = _mm512_xor_si512(r, _mm512_set1_epi32(-1));
+    cembed_bf16x16_store(p, first, _mm512_srli_epi32(not_r, 16));
+    cembed_bf16x16_store(p + 16, second, _mm512_and_si512(not_r, _mm512_set1_epi32(0xFFFF)));
+}
+
+CEMBED_AVX512_FUNCTION static void cembed_f32_row_to_bf16_sr_avx512(uint16_t *restrict out, const float *restrict v,
+                                                                    ptrdiff_t dim, uint64_t key)
+{
+    const uint32_t lo = (uint32_t)key, hi = (uint32_t)(key >> 32);
+    const __m512i key_lo = _mm512_set1_epi32((int)lo), key_hi = _mm512_set1_epi32((int)hi);
+    ptrdiff_t b = 0;
+    for (; b + 32 <= dim; b += 32) {
+        const __m512i r = cembed_round_bits_x16(cembed_block_golden_x16(b), key_lo, key_hi);
+        cembed_bf16x32_store_sr(out + b, _mm512_loadu_ps(v + b), _mm512_loadu_ps(v + b + 16), r);
     }
+    cembed_f32_columns_to_bf16_sr(out, v, b, dim, lo, hi);
+}
+#endif
+
+CEMBED_ROUND_INLINE void cembed_f32_row_to_bf16_sr(uint16_t *restrict out, const float *restrict v, ptrdiff_t dim,
+                                                   uint64_t key)
+{
+#ifdef CEMBED_F16C_PATH
+    if (dim >= 32 && cembed_have_avx512f()) {
+        cembed_f32_row_to_bf16_sr_avx512(out, v, dim, key);
+        return;
+    }
+#endif
+    cembed_f32_row_to_bf16_sr_portable(out, v, dim, key);
 }
 
 CEMBED_ROUND_CLONES static void cembed_f32_row_to_f16_sr(uint16_t *restrict out, const float *restrict v,
@@ -227,19 +325,46 @@ CEMBED_ROUND_INLINE void cembed_row_round(int fmt, int stochastic, uint16_t *res
 /* SparseAdam on one row of a bfloat16 weight with bfloat16 exp_avg / exp_avg_sq, in one pass over the
  * columns: bitwise what widening the three rows, cembed_adam_row_f32 (_row_update.h, the same
  * expressions in the same order) and rounding w, m, v (streams 0, 1, 2; stochastically under the keys of
- * (seed, step, row, stream), or to nearest) give, without the three float32 scratch rows in between. */
-CEMBED_ROUND_CLONES static void cembed_adam_row_bf16(uint16_t *restrict w, uint16_t *restrict m, uint16_t *restrict v,
-        const float *restrict grad, float omb1, float omb2, float eps, float neg_step, float sign, ptrdiff_t dim,
-        int stochastic, uint64_t seed, uint64_t step, uint64_t row)
+ * (seed, step, row, stream), or to nearest) give, without the three float32 scratch rows in between.
+ * The rule on one column (m0 + dm is dm + m0 and v0 + dv is dv + v0: IEEE addition commutes):
+ *   g = sign * grad; dm = (g - m0)(1 - b1); dv = (g*g - v0)(1 - b2); m = m0 + dm; v = v0 + dv;
+ *   w = w0 + neg_step * ((dm + m0) / (sqrt(dv + v0) + eps)) */
+typedef struct {
+    float omb1, omb2, eps, neg_step, sign;   /* 1 - beta1, 1 - beta2, eps, -lr / bias correction, +-1 */
+    int stochastic;
+    uint32_t wl, wh, al, ah, bl, bh;         /* the halves of the three arrays' row keys (stochastic) */
+} cembed_adam_bf16_args;
+
+/* columns [b, dim) (fewer than 32, b a multiple of 32), one at a time: the last columns of the row
+ * kernels below */
+CEMBED_ROUND_INLINE void cembed_adam_bf16_columns(uint16_t *restrict w, uint16_t *restrict m, uint16_t *restrict v,
+                                                  const float *restrict grad, const cembed_adam_bf16_args *a,
+                                                  ptrdiff_t b, ptrdiff_t dim)
 {
-    /* the three arrays' keys from one row key (cembed_round_key of each stream; 6 mixes, not 12) */
-    const uint64_t key_row = stochastic ? cembed_row_key(seed, step, row) : 0;
-    const uint64_t key_w = stochastic ? cembed_mix64(key_row ^ CEMBED_STREAM_WEIGHT) : 0;
-    const uint64_t key_a = stochastic ? cembed_mix64(key_row ^ CEMBED_STREAM_STATE_A) : 0;
-    const uint64_t key_b = stochastic ? cembed_mix64(key_row ^ CEMBED_STREAM_STATE_B) : 0;
-    const uint32_t wl = (uint32_t)key_w, wh = (uint32_t)(key_w >> 32);
-    const uint32_t al = (uint32_t)key_a, ah = (uint32_t)(key_a >> 32);
-    const uint32_t bl = (uint32_t)key_b, bh = (uint32_t)(key_b >> 32);
+    for (ptrdiff_t j = b; j < dim; j++) {
+        const float g = a->sign * grad[j], m0 = cembed_bf16_to_f32(m[j]), v0 = cembed_bf16_to_f32(v[j]);
+        const float dm = (g - m0) * a->omb1;
+        const float dv = (g * g - v0) * a->omb2;
+        const float nmj = m0 + dm, nvj = v0 + dv;
+        const float nwj = cembed_bf16_to_f32(w[j]) + a->neg_step * ((dm + m0) / (sqrtf(dv + v0) + a->eps));
+        if (a->stochastic) {
+            const uint32_t q = (uint32_t)(b / 2 + (j & 15));
+            const uint32_t rw = cembed_round_bits(a->wl, a->wh, q), ra = cembed_round_bits(a->al, a->ah, q);
+            const uint32_t rb = cembed_round_bits(a->bl, a->bh, q);
+            w[j] = cembed_f32_to_bf16_sr16(nwj, (j & 16) ? (rw & 0xFFFFu) : (rw >> 16));
+            m[j] = cembed_f32_to_bf16_sr16(nmj, (j & 16) ? (ra & 0xFFFFu) : (ra >> 16));
+            v[j] = cembed_f32_to_bf16_sr16(nvj, (j & 16) ? (rb & 0xFFFFu) : (rb >> 16));
+        } else {
+            w[j] = cembed_f32_to_bf16_rne(nwj); m[j] = cembed_f32_to_bf16_rne(nmj); v[j] = cembed_f32_to_bf16_rne(nvj);
+        }
+    }
+}
+
+/* the whole blocks of 32 columns; returns the first column not done */
+CEMBED_ROUND_CLONES static ptrdiff_t cembed_adam_bf16_blocks_portable(uint16_t *restrict w, uint16_t *restrict m,
+        uint16_t *restrict v, const float *restrict grad, const cembed_adam_bf16_args *args, ptrdiff_t dim)
+{
+    const float omb1 = args->omb1, omb2 = args->omb2, eps = args->eps, neg_step = args->neg_step, sign = args->sign;
     ptrdiff_t b = 0;
     for (; b + 32 <= dim; b += 32) {
         float nw[32], nm[32], nv[32];
@@ -251,13 +376,13 @@ CEMBED_ROUND_CLONES static void cembed_adam_row_bf16(uint16_t *restrict w, uint1
             nv[k] = v0 + dv;
             nw[k] = cembed_bf16_to_f32(w[b + k]) + neg_step * ((dm + m0) / (sqrtf(dv + v0) + eps));
         }
-        if (stochastic) {
+        if (args->stochastic) {
             uint32_t rw[16], ra[16], rb[16];
             const uint32_t q0 = (uint32_t)(b / 2);
             for (int k = 0; k < 16; k++) {
-                rw[k] = cembed_round_bits(wl, wh, q0 + k);
-                ra[k] = cembed_round_bits(al, ah, q0 + k);
-                rb[k] = cembed_round_bits(bl, bh, q0 + k);
+                rw[k] = cembed_round_bits(args->wl, args->wh, q0 + k);
+                ra[k] = cembed_round_bits(args->al, args->ah, q0 + k);
+                rb[k] = cembed_round_bits(args->bl, args->bh, q0 + k);
             }
             for (int k = 0; k < 16; k++) {
                 w[b + k] = cembed_f32_to_bf16_sr16(nw[k], rw[k] >> 16);
@@ -275,22 +400,71 @@ CEMBED_ROUND_CLONES static void cembed_adam_row_bf16(uint16_t *restrict w, uint1
             }
         }
     }
-    for (ptrdiff_t j = b; j < dim; j++) {
-        const float g = sign * grad[j], m0 = cembed_bf16_to_f32(m[j]), v0 = cembed_bf16_to_f32(v[j]);
-        const float dm = (g - m0) * omb1;
-        const float dv = (g * g - v0) * omb2;
-        const float nmj = m0 + dm, nvj = v0 + dv;
-        const float nwj = cembed_bf16_to_f32(w[j]) + neg_step * ((dm + m0) / (sqrtf(dv + v0) + eps));
-        if (stochastic) {
-            const uint32_t q = (uint32_t)(b / 2 + (j & 15));
-            const uint32_t rw = cembed_round_bits(wl, wh, q), ra = cembed_round_bits(al, ah, q), rb = cembed_round_bits(bl, bh, q);
-            w[j] = cembed_f32_to_bf16_sr16(nwj, (j & 16) ? (rw & 0xFFFFu) : (rw >> 16));
-            m[j] = cembed_f32_to_bf16_sr16(nmj, (j & 16) ? (ra & 0xFFFFu) : (ra >> 16));
-            v[j] = cembed_f32_to_bf16_sr16(nvj, (j & 16) ? (rb & 0xFFFFu) : (rb >> 16));
+    return b;
+}
+
+#ifdef CEMBED_F16C_PATH
+CEMBED_AVX512_FUNCTION static ptrdiff_t cembed_adam_bf16_blocks_avx512(uint16_t *restrict w, uint16_t *restrict m,
+        uint16_t *restrict v, const float *restrict grad, const cembed_adam_bf16_args *args, ptrdiff_t dim)
+{
+    const __m512 sign = _mm512_set1_ps(args->sign), omb1 = _mm512_set1_ps(args->omb1);
+    const __m512 omb2 = _mm512_set1_ps(args->omb2), eps = _mm512_set1_ps(args->eps);
+    const __m512 neg_step = _mm512_set1_ps(args->neg_step);
+    const __m512i wl = _mm512_set1_epi32((int)args->wl), wh = _mm512_set1_epi32((int)args->wh);
+    const __m512i al = _mm512_set1_epi32((int)args->al), ah = _mm512_set1_epi32((int)args->ah);
+    const __m512i bl = _mm512_set1_epi32((int)args->bl), bh = _mm512_set1_epi32((int)args->bh);
+    ptrdiff_t b = 0;
+    for (; b + 32 <= dim; b += 32) {
+        __m512 nw[2], nm[2], nv[2];   /* columns b + [0, 16) and b + [16, 32) */
+        for (int h = 0; h < 2; h++) {
+            const ptrdiff_t j = b + 16 * h;
+            const __m512 g = _mm512_mul_ps(sign, _mm512_loadu_ps(grad + j));
+            const __m512 m0 = cembed_bf16x16_widen(m + j), v0 = cembed_bf16x16_widen(v + j);
+            const __m512 dm = _mm512_mul_ps(_mm512_sub_ps(g, m0), omb1);
+            const __m512 dv = _mm512_mul_ps(_mm512_sub_ps(_mm512_mul_ps(g, g), v0), omb2);
+            nm[h] = _mm512_add_ps(m0, dm);
+            nv[h] = _mm512_add_ps(v0, dv);
+            const __m512 ratio = _mm512_div_ps(nm[h], _mm512_add_ps(_mm512_sqrt_ps(nv[h]), eps));
+            nw[h] = _mm512_add_ps(cembed_bf16x16_widen(w + j), _mm512_mul_ps(neg_step, ratio));
+        }
+        if (args->stochastic) {
+            const __m512i q = cembed_block_golden_x16(b);
+            cembed_bf16x32_store_sr(w + b, nw[0], nw[1], cembed_round_bits_x16(q, wl, wh));
+            cembed_bf16x32_store_sr(m + b, nm[0], nm[1], cembed_round_bits_x16(q, al, ah));
+            cembed_bf16x32_store_sr(v + b, nv[0], nv[1], cembed_round_bits_x16(q, bl, bh));
         } else {
-            w[j] = cembed_f32_to_bf16_rne(nwj); m[j] = cembed_f32_to_bf16_rne(nmj); v[j] = cembed_f32_to_bf16_rne(nvj);
+            for (int h = 0; h < 2; h++) {
+                cembed_bf16x16_store(w + b + 16 * h, nw[h], cembed_bf16x16_nearest(nw[h]));
+                cembed_bf16x16_store(m + b + 16 * h, nm[h], cembed_bf16x16_nearest(nm[h]));
+                cembed_bf16x16_store(v + b + 16 * h, nv[h], cembed_bf16x16_nearest(nv[h]));
+            }
         }
     }
+    return b;
+}
+#endif
+
+CEMBED_ROUND_INLINE void cembed_adam_row_bf16(uint16_t *restrict w, uint16_t *restrict m, uint16_t *restrict v,
+        const float *restrict grad, float omb1, float omb2, float eps, float neg_step, float sign, ptrdiff_t dim,
+        int stochastic, uint64_t seed, uint64_t step, uint64_t row)
+{
+    cembed_adam_bf16_args args = {omb1, omb2, eps, neg_step, sign, stochastic, 0, 0, 0, 0, 0, 0};
+    ptrdiff_t b;
+    if (stochastic) {   /* the three arrays' keys from one row key (cembed_round_key of each stream; 6 mixes, not 12) */
+        const uint64_t key_row = cembed_row_key(seed, step, row);
+        const uint64_t key_w = cembed_mix64(key_row ^ CEMBED_STREAM_WEIGHT);
+        const uint64_t key_a = cembed_mix64(key_row ^ CEMBED_STREAM_STATE_A);
+        const uint64_t key_b = cembed_mix64(key_row ^ CEMBED_STREAM_STATE_B);
+        args.wl = (uint32_t)key_w; args.wh = (uint32_t)(key_w >> 32);
+        args.al = (uint32_t)key_a; args.ah = (uint32_t)(key_a >> 32);
+        args.bl = (uint32_t)key_b; args.bh = (uint32_t)(key_b >> 32);
+    }
+#ifdef CEMBED_F16C_PATH
+    if (dim >= 32 && cembed_have_avx512f()) b = cembed_adam_bf16_blocks_avx512(w, m, v, grad, &args, dim);
+    else
+#endif
+    b = cembed_adam_bf16_blocks_portable(w, m, v, grad, &args, dim);
+    cembed_adam_bf16_columns(w, m, v, grad, &args, b, dim);
 }
 
 #endif /* CEMBED_ROUNDING_H */

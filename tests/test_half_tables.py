@@ -4,6 +4,8 @@ exactly what the float32 kernel computes on the table widened to float32 (wideni
 results are compared *bitwise* with that; results are float32; a 16-bit ``out_dtype`` is that result
 rounded once to nearest (ties to even); renorm matches torch's bitwise; every thread count gives the
 same bits; bad combinations are refused before anything changes."""
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -68,6 +70,38 @@ def test_widening_every_bit_pattern(dtype):
         _bag.bag_forward_half(table, fmt, np.arange(n_rows), np.arange(n_rows + 1, dtype=np.int64), 0, -1,
                               np.zeros(0, np.float32), True, pooled, np.empty((0, 0), np.int64), 2)
         assert _same_values(pooled.ravel()[:65536], want), dim
+
+
+def test_cpu_paths_are_reported_and_follow_the_environment():
+    """show_config names the hand-written CPU paths the kernels take (F16C widening, AVX-512F bfloat16
+    rounding); a feature CEMBED_DISABLE_CPU_FEATURES names (any case, commas or spaces) is off."""
+    paths = cembed.show_config(mode="dicts")["cpu_paths"]
+    assert sorted(paths) == ["avx512f", "f16c"] and all(isinstance(v, bool) for v in paths.values())
+    named = os.environ.get("CEMBED_DISABLE_CPU_FEATURES", "").replace(",", " ").lower().split()
+    for feature in named:
+        if feature in paths:
+            assert paths[feature] is False, feature
+
+
+def test_portable_kernels_give_the_bits_of_the_cpu_specific_ones(tmp_path):
+    """Where the CPU has F16C or AVX-512F, the tests above run the hand-written paths. The same bitwise
+    tests in a process with both turned off (CEMBED_DISABLE_CPU_FEATURES) run the portable kernels
+    against the same NumPy references."""
+    import cembed as this
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, CEMBED_DISABLE_CPU_FEATURES="AVX512F, f16c",
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(this.__file__))))
+    selected = [os.path.join(tests, "test_half_tables.py") + "::" + name for name in (
+        "test_cpu_paths_are_reported_and_follow_the_environment", "test_widening_every_bit_pattern",
+        "test_narrowing_rounds_to_nearest_even")]
+    selected += [os.path.join(tests, "test_half_optim.py") + "::" + name for name in (
+        "test_bfloat16_adam_rows_of_whole_blocks", "test_round_rows_stochastic_matches_the_numpy_reference",
+        "test_round_rows_nearest_is_the_dtype_cast")]
+    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            *selected], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-3000:]
+    assert " passed" in child.stdout and "skipped" not in child.stdout, child.stdout[-1000:]
 
 
 def _float32_sweep():
