@@ -274,35 +274,6 @@ CEMBED_ROUND_CLONES static void cembed_f32_row_to_f16_sr(uint16_t *restrict out,
     for (ptrdiff_t j = 0; j < dim; j++) out[j] = cembed_f32_to_f16_sr(v[j], cembed_round_bits(lo, hi, (uint32_t)j));
 }
 
-CEMBED_ROUND_CLONES static void cembed_f32_row_to_bf16_nearest(uint16_t *restrict out, const float *restrict v,
-                                                               ptrdiff_t dim)
-{
-    for (ptrdiff_t j = 0; j < dim; j++) out[j] = cembed_f32_to_bf16_rne(v[j]);
-}
-
-CEMBED_ROUND_CLONES static void cembed_f32_row_to_f16_nearest(uint16_t *restrict out, const float *restrict v,
-                                                              ptrdiff_t dim)
-{
-    for (ptrdiff_t j = 0; j < dim; j++) out[j] = cembed_f32_to_f16_rne(v[j]);
-}
-
-CEMBED_ROUND_CLONES static void cembed_bf16_row_widen(float *restrict out, const uint16_t *restrict row, ptrdiff_t dim)
-{
-    for (ptrdiff_t j = 0; j < dim; j++) out[j] = cembed_bf16_to_f32(row[j]);
-}
-
-CEMBED_ROUND_CLONES static void cembed_f16_row_widen(float *restrict out, const uint16_t *restrict row, ptrdiff_t dim)
-{
-    for (ptrdiff_t j = 0; j < dim; j++) out[j] = cembed_f16_to_f32(row[j]);
-}
-
-/* A 16-bit row of format fmt (CEMBED_TABLE_BF16 / CEMBED_TABLE_F16) widened into out[0:dim]. */
-CEMBED_ROUND_INLINE void cembed_row_widen(int fmt, float *restrict out, const uint16_t *restrict row, ptrdiff_t dim)
-{
-    if (fmt == CEMBED_TABLE_BF16) cembed_bf16_row_widen(out, row, dim);
-    else cembed_f16_row_widen(out, row, dim);
-}
-
 /* v[0:dim] rounded once per element into the 16-bit row `out` of format fmt: stochastically under
  * the key of (seed, step, row, stream), or to nearest (ties to even; the key is then unused). */
 CEMBED_ROUND_INLINE void cembed_row_round(int fmt, int stochastic, uint16_t *restrict out, const float *restrict v,
@@ -313,10 +284,8 @@ CEMBED_ROUND_INLINE void cembed_row_round(int fmt, int stochastic, uint16_t *res
         uint64_t key = cembed_round_key(seed, step, row, stream);
         if (fmt == CEMBED_TABLE_BF16) cembed_f32_row_to_bf16_sr(out, v, dim, key);
         else cembed_f32_row_to_f16_sr(out, v, dim, key);
-    } else if (fmt == CEMBED_TABLE_BF16) {
-        cembed_f32_row_to_bf16_nearest(out, v, dim);
     } else {
-        cembed_f32_row_to_f16_nearest(out, v, dim);
+        cembed_f32_row_to_half_rne(fmt, out, v, dim);
     }
 }
 

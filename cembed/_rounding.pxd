@@ -13,7 +13,7 @@ cdef extern from "_rounding.h" nogil:
     int CEMBED_STREAM_STATE_A
     int CEMBED_STREAM_STATE_B
     int CEMBED_STREAM_DECAY
-    void cembed_row_widen(int fmt, float *out, const uint16_t *row, Py_ssize_t dim)
+    void cembed_half_row_to_f32(int fmt, float *out, const uint16_t *row, Py_ssize_t dim)
     void cembed_row_round(int fmt, int stochastic, uint16_t *out, const float *v, Py_ssize_t dim, uint64_t seed,
                           uint64_t step, uint64_t row, uint64_t stream)
     void cembed_adam_row_bf16(uint16_t *w, uint16_t *m, uint16_t *v, const float *grad, float one_minus_beta1,
@@ -50,18 +50,18 @@ cdef inline void half_row_update(int kind,
             # the common bfloat16 case, fused in one pass (same bits)
             cembed_adam_row_bf16(w, state_a, state_b, grad, q0, q1, q2, q3, sign, dim, stochastic, seed, step, row)
             return
-    cembed_row_widen(weight_fmt, sw, w, dim)
+    cembed_half_row_to_f32(weight_fmt, sw, w, dim)
     if state_t is float:
         apply_row_update(kind, sw, state_a, state_b, row_state, grad, q0, q1, q2, q3, mode, sign, dim)
     else:
         sa = scratch + dim if state_a != NULL else NULL
         sb = scratch + 2 * dim if state_b != NULL else NULL
         if sa != NULL:
-            cembed_row_widen(state_fmt, sa, state_a, dim)
+            cembed_half_row_to_f32(state_fmt, sa, state_a, dim)
         if sb != NULL:
-            cembed_row_widen(state_fmt, sb, state_b, dim)
+            cembed_half_row_to_f32(state_fmt, sb, state_b, dim)
         if row_state != NULL:
-            cembed_row_widen(state_fmt, &rs, row_state, 1)
+            cembed_half_row_to_f32(state_fmt, &rs, row_state, 1)
             prs = &rs
         apply_row_update(kind, sw, sa, sb, prs, grad, q0, q1, q2, q3, mode, sign, dim)
         if sa != NULL:
