@@ -332,7 +332,7 @@ CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f16_portable_i64, float, uint16_t, cembed_v
  * widened by one vcvtph2ps, chosen by the dispatchers below. vcvtph2ps quiets a signalling NaN, which the
  * portable widening keeps signalling; every row is added to an accumulator (from +0), and that addition
  * quiets it the same way, keeping its payload: the sums are bit for bit the portable kernel's. */
-#ifdef CEMBED_F16C_PATH
+#ifdef CEMBED_X86_INTRINSICS
 #define CEMBED_F16C_FUNCTION __attribute__((target("avx2,f16c"), unused))
 #define cembed_load_f16x8_f16c(p) ((cembed_vf8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))))
 CEMBED_DEFINE_BAG_SUM_AS(CEMBED_F16C_FUNCTION, cembed_bag_sum_f16c_i32, float, uint16_t, cembed_vf8, int32_t,
@@ -340,7 +340,7 @@ CEMBED_DEFINE_BAG_SUM_AS(CEMBED_F16C_FUNCTION, cembed_bag_sum_f16c_i32, float, u
 CEMBED_DEFINE_BAG_SUM_AS(CEMBED_F16C_FUNCTION, cembed_bag_sum_f16c_i64, float, uint16_t, cembed_vf8, int64_t,
                          cembed_load_f16x8_f16c, cembed_f16_to_f32, 1)
 #endif
-#ifdef CEMBED_F16C_PATH
+#ifdef CEMBED_X86_INTRINSICS
 #define CEMBED_BAG_SUM_F16C_FIRST(SUFFIX)                                                              \
     if (cembed_have_f16c())                                                                           \
         return cembed_bag_sum_f16c_##SUFFIX(out, base, row_stride, dim, idx, begin, end, n_indices, padding_idx);

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
+import warnings
 from typing import Any, Dict, Optional, TextIO
 
 import numpy as np
@@ -34,6 +36,23 @@ GRAIN = {
     "column_block": 16,      # column blocks of the max-mode bag backward
     "elementwise": 1 << 16,  # elements of a streaming pass (gradient norms, scaling, clamping)
 }
+
+#: The environment variable that turns cembed's hand-written CPU paths off (read by the kernels' C code
+#: the first time each needs its answer: set it before ``import cembed``).
+DISABLE_CPU_FEATURES = "CEMBED_DISABLE_CPU_FEATURES"
+
+
+def _unknown_disabled_features() -> list:
+    """The names in $CEMBED_DISABLE_CPU_FEATURES that are no hand-written path of cembed's (separated
+    by commas or spaces, any case: as the C code reads them)."""
+    names = re.split(r"[, ]+", os.environ.get(DISABLE_CPU_FEATURES, "").lower())
+    known = _threads.cpu_paths()
+    return [name for name in names if name and name not in known]
+
+
+if _unknown_disabled_features():   # a typo would silently keep the path on
+    warnings.warn(f"{DISABLE_CPU_FEATURES} names no cembed CPU path: {', '.join(_unknown_disabled_features())} "
+                  f"(known: {', '.join(_threads.cpu_paths())})", RuntimeWarning, stacklevel=2)
 
 _user_threads: Optional[int] = None
 _parallel_region_used = False   # has this process run a kernel on more than one thread?
@@ -142,8 +161,10 @@ def openmp_enabled() -> bool:
 def show_config(file: Optional[TextIO] = None, mode: str = "stdout") -> Optional[Dict[str, Any]]:
     """The version, whether OpenMP is enabled, the thread count, the compile flags, the hand-written
     CPU paths the kernels take on this machine (``cpu_paths``: F16C for float16 rows, AVX-512F for
-    bfloat16 rounding; the environment variable ``CEMBED_DISABLE_CPU_FEATURES``, e.g. ``"avx512f,f16c"``,
-    turns them off before ``import cembed``; every path gives the same bits) and the output
+    bfloat16 rounding and the bfloat16 Adam row; the environment variable ``CEMBED_DISABLE_CPU_FEATURES``,
+    e.g. ``"avx512f,f16c"``, set before ``import cembed``, turns them off — not the compiler's AVX2 /
+    AVX-512 versions of the vectorised loops, which the loader picks; every path gives the same bits)
+    and the output
     cache: printed (``mode="stdout"``, to ``file`` or standard output) or returned as a dict
     (``mode="dicts"``, as ``numpy.show_config`` does).
 

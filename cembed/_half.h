@@ -103,14 +103,19 @@ CEMBED_HALF_INLINE void cembed_bf16_row_to_f32(float *restrict out, const uint16
     for (ptrdiff_t j = 0; j < dim; j++) out[j] = cembed_bf16_to_f32(row[j]);
 }
 
-/* float16 rows on x86-64 with AVX2 and F16C (checked once, at run time): vcvtph2ps widens 8 at a time
- * (and vcvtps2ph narrows 8 at a time, below),
- * exactly; it quiets a signalling NaN, whose quiet bit is cleared again so the result is bit for bit
- * the portable conversion's (and numpy's). Any other machine, and the last dim % 8 columns, take the
- * portable loop. (The portable loop runs at about a fifth of the speed of a float32 copy.) */
+/* Hand-written x86-64 paths (GCC / Clang: CEMBED_X86_INTRINSICS), each chosen at run time by a CPU check
+ * below and each bit for bit the portable loop it replaces (tests run both; any other machine, and the
+ * last columns of a row, take the portable loops):
+ * - float16 rows with AVX2 and F16C: vcvtph2ps widens 8 at a time, exactly; it quiets a signalling NaN,
+ *   whose quiet bit is cleared again so the result is the portable conversion's (and numpy's). (The
+ *   portable loop runs at about a fifth of the speed of a float32 copy.) vcvtps2ph narrows 8 at a time,
+ *   to nearest, ties to even, as the portable rule does (a NaN comes out quiet in both).
+ * - bfloat16 rows with AVX-512F: 16 columns per instruction (rounding to nearest here; the stochastic
+ *   rounding and the Adam row in _rounding.h). */
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #include <immintrin.h>
-#define CEMBED_F16C_PATH 1
+#define CEMBED_X86_INTRINSICS 1
+#define CEMBED_AVX512_FUNCTION __attribute__((target("avx512f"), unused))
 /* 8 float16 bit patterns (unaligned) widened to float32, bit for bit cembed_f16_to_f32's */
 __attribute__((target("avx2,f16c"), unused))
 static inline __m256 cembed_f16x8_widen(const uint16_t *p)
@@ -174,13 +179,51 @@ CEMBED_HALF_INLINE int NAME(void)                                               
 }
 /* F16C (with AVX2): float16 rows widened 8 columns per instruction */
 CEMBED_DEFINE_CPU_CHECK(cembed_have_f16c, "f16c", __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
-/* AVX-512F: the bfloat16 rounding and Adam rows of _rounding.h, 16 columns per instruction */
+/* AVX-512F: bfloat16 rows rounded (to nearest here, stochastically in _rounding.h) and the bfloat16 Adam
+ * row of _rounding.h, 16 columns per instruction */
 CEMBED_DEFINE_CPU_CHECK(cembed_have_avx512f, "avx512f", __builtin_cpu_supports("avx512f"))
+
+/* 16 bfloat16 bit patterns widened to float32 */
+CEMBED_AVX512_FUNCTION static inline __m512 cembed_bf16x16_widen(const uint16_t *p)
+{
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* 16 float32 values stored as bfloat16: add `add` to each bit pattern and keep its top 16 bits (the
+ * rounding of cembed_f32_to_bf16_rne and of _rounding.h's stochastic rule); a NaN keeps its top bits
+ * with the quiet bit set */
+CEMBED_AVX512_FUNCTION static inline void cembed_bf16x16_store(uint16_t *p, __m512 x, __m512i add)
+{
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, add), 16);
+    const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
+                                                  _mm512_set1_epi32(0x7F800000));
+    const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x0040));
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet)));
+}
+
+/* what cembed_bf16x16_store adds to round to nearest, ties to even: 0x7FFF + the lowest kept bit */
+CEMBED_AVX512_FUNCTION static inline __m512i cembed_bf16x16_nearest(__m512 x)
+{
+    const __m512i u = _mm512_castps_si512(x);
+    return _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
+}
+
+CEMBED_AVX512_FUNCTION static void cembed_f32_row_to_bf16_rne_avx512(uint16_t *restrict row, const float *restrict v,
+                                                                     ptrdiff_t dim)
+{
+    ptrdiff_t j = 0;
+    for (; j + 16 <= dim; j += 16) {
+        const __m512 x = _mm512_loadu_ps(v + j);
+        cembed_bf16x16_store(row + j, x, cembed_bf16x16_nearest(x));
+    }
+    for (; j < dim; j++) row[j] = cembed_f32_to_bf16_rne(v[j]);
+}
 #endif
 
 CEMBED_HALF_INLINE void cembed_f16_row_to_f32(float *restrict out, const uint16_t *restrict row, ptrdiff_t dim)
 {
-#ifdef CEMBED_F16C_PATH
+#ifdef CEMBED_X86_INTRINSICS
     if (dim >= 8 && cembed_have_f16c()) {
         cembed_f16_row_to_f32_f16c(out, row, dim);
         return;
@@ -191,12 +234,19 @@ CEMBED_HALF_INLINE void cembed_f16_row_to_f32(float *restrict out, const uint16_
 
 CEMBED_HALF_INLINE void cembed_f32_row_to_bf16_rne(uint16_t *restrict row, const float *restrict v, ptrdiff_t dim)
 {
+#ifdef CEMBED_X86_INTRINSICS
+    if (dim >= 16 && cembed_have_avx512f()) {
+        cembed_f32_row_to_bf16_rne_avx512(row, v, dim);
+        return;
+    }
+#endif
     for (ptrdiff_t j = 0; j < dim; j++) row[j] = cembed_f32_to_bf16_rne(v[j]);
 }
 
-#ifdef CEMBED_F16C_PATH
+#ifdef CEMBED_X86_INTRINSICS
 /* float16 narrowing with F16C (vcvtps2ph, to nearest, ties to even): bit for bit cembed_f32_to_f16_rne,
- * NaN payloads, overflow and subnormals included (all 2**32 float32 patterns compared, 2026-11-27) */
+ * NaNs (quiet, top payload bits kept), overflow and subnormals included (all 2**32 float32 patterns
+ * compared, 2026-11-27) */
 __attribute__((target("avx2,f16c"), unused))
 static void cembed_f32_row_to_f16_rne_f16c(uint16_t *restrict row, const float *restrict v, ptrdiff_t dim)
 {
@@ -210,7 +260,7 @@ static void cembed_f32_row_to_f16_rne_f16c(uint16_t *restrict row, const float *
 
 CEMBED_HALF_INLINE void cembed_f32_row_to_f16_rne(uint16_t *restrict row, const float *restrict v, ptrdiff_t dim)
 {
-#ifdef CEMBED_F16C_PATH
+#ifdef CEMBED_X86_INTRINSICS
     if (dim >= 8 && cembed_have_f16c()) {
         cembed_f32_row_to_f16_rne_f16c(row, v, dim);
         return;

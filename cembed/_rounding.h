@@ -177,15 +177,16 @@ CEMBED_ROUND_CLONES static void cembed_f32_row_to_bf16_sr_portable(uint16_t *res
     cembed_f32_columns_to_bf16_sr(out, v, b, dim, lo, hi);
 }
 
-/* ---- the same rows with AVX-512F (x86-64, checked once at run time) ------------------------------
+/* ---- the same rows with AVX-512F (x86-64, checked once at run time; _half.h) ---------------------
  * 16 columns per instruction: the 16 draws of a block of 32 columns are one vector (lane k: draw
  * b / 2 + k, the same expression as cembed_round_bits), column b + k rounds with its high half and
  * column b + 16 + k with its low half, and every float32 operation is the scalar code's, in its order
  * (no fma: -ffp-contract=off), so each result is bit for bit the portable kernel's (tests compare
- * them). GCC's own vectorisation of the portable kernels measured about half as fast: it keeps to
- * 256-bit vectors and goes through scratch arrays. */
-#ifdef CEMBED_F16C_PATH
-#define CEMBED_AVX512_FUNCTION __attribute__((target("avx512f"), unused))
+ * them) — up to the sign and payload of a NaN made from two NaN operands, which x86 takes from the
+ * first operand, and either compiler may order a commutative operation's operands as it likes. GCC's
+ * own vectorisation of the portable kernels measured about half as fast: it keeps to 256-bit vectors
+ * and goes through scratch arrays. */
+#ifdef CEMBED_X86_INTRINSICS
 
 /* the draws q_golden[k] / 0x9E3779B9 (mod 2**32) under a row key's halves, 16 at a time */
 CEMBED_AVX512_FUNCTION static inline __m512i cembed_round_bits_x16(__m512i q_golden, __m512i key_lo, __m512i key_hi)
@@ -205,31 +206,6 @@ CEMBED_AVX512_FUNCTION static inline __m512i cembed_block_golden_x16(ptrdiff_t b
     const __m512i k = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     return _mm512_mullo_epi32(_mm512_add_epi32(k, _mm512_set1_epi32((int)(uint32_t)(b / 2))),
                               _mm512_set1_epi32((int)0x9E3779B9u));
-}
-
-/* 16 bfloat16 bit patterns widened to float32 */
-CEMBED_AVX512_FUNCTION static inline __m512 cembed_bf16x16_widen(const uint16_t *p)
-{
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
-/* 16 float32 values stored as bfloat16: add `add` to each bit pattern and keep its top 16 bits (the
- * rounding of cembed_f32_to_bf16_sr and _rne); a NaN keeps its top bits with the quiet bit set */
-CEMBED_AVX512_FUNCTION static inline void cembed_bf16x16_store(uint16_t *p, __m512 x, __m512i add)
-{
-    const __m512i u = _mm512_castps_si512(x);
-    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, add), 16);
-    const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
-                                                  _mm512_set1_epi32(0x7F800000));
-    const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x0040));
-    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet)));
-}
-
-/* what cembed_bf16x16_store adds to round to nearest, ties to even: 0x7FFF + the lowest kept bit */
-CEMBED_AVX512_FUNCTION static inline __m512i cembed_bf16x16_nearest(__m512 x)
-{
-    const __m512i u = _mm512_castps_si512(x);
-    return _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
 }
 
 /* a stochastic rounding of a block of 32 columns: draws r (lane k) round column b + k with r >> 16 and
@@ -258,7 +234,7 @@ CEMBED_AVX512_FUNCTION static void cembed_f32_row_to_bf16_sr_avx512(uint16_t *re
 CEMBED_ROUND_INLINE void cembed_f32_row_to_bf16_sr(uint16_t *restrict out, const float *restrict v, ptrdiff_t dim,
                                                    uint64_t key)
 {
-#ifdef CEMBED_F16C_PATH
+#ifdef CEMBED_X86_INTRINSICS
     if (dim >= 32 && cembed_have_avx512f()) {
         cembed_f32_row_to_bf16_sr_avx512(out, v, dim, key);
         return;
@@ -295,7 +271,7 @@ CEMBED_ROUND_INLINE void cembed_row_round(int fmt, int stochastic, uint16_t *res
  * columns: bitwise what widening the three rows, cembed_adam_row_f32 (_row_update.h, the same
  * expressions in the same order) and rounding w, m, v (streams 0, 1, 2; stochastically under the keys of
  * (seed, step, row, stream), or to nearest) give, without the three float32 scratch rows in between.
- * The rule on one column (m0 + dm is dm + m0 and v0 + dv is dv + v0: IEEE addition commutes):
+ * The rule on one column:
  *   g = sign * grad; dm = (g - m0)(1 - b1); dv = (g*g - v0)(1 - b2); m = m0 + dm; v = v0 + dv;
  *   w = w0 + neg_step * ((dm + m0) / (sqrt(dv + v0) + eps)) */
 typedef struct {
@@ -372,7 +348,7 @@ CEMBED_ROUND_CLONES static ptrdiff_t cembed_adam_bf16_blocks_portable(uint16_t *
     return b;
 }
 
-#ifdef CEMBED_F16C_PATH
+#ifdef CEMBED_X86_INTRINSICS
 CEMBED_AVX512_FUNCTION static ptrdiff_t cembed_adam_bf16_blocks_avx512(uint16_t *restrict w, uint16_t *restrict m,
         uint16_t *restrict v, const float *restrict grad, const cembed_adam_bf16_args *args, ptrdiff_t dim)
 {
@@ -393,7 +369,7 @@ CEMBED_AVX512_FUNCTION static ptrdiff_t cembed_adam_bf16_blocks_avx512(uint16_t 
             const __m512 dv = _mm512_mul_ps(_mm512_sub_ps(_mm512_mul_ps(g, g), v0), omb2);
             nm[h] = _mm512_add_ps(m0, dm);
             nv[h] = _mm512_add_ps(v0, dv);
-            const __m512 ratio = _mm512_div_ps(nm[h], _mm512_add_ps(_mm512_sqrt_ps(nv[h]), eps));
+            const __m512 ratio = _mm512_div_ps(_mm512_add_ps(dm, m0), _mm512_add_ps(_mm512_sqrt_ps(_mm512_add_ps(dv, v0)), eps));
             nw[h] = _mm512_add_ps(cembed_bf16x16_widen(w + j), _mm512_mul_ps(neg_step, ratio));
         }
         if (args->stochastic) {
@@ -428,7 +404,7 @@ CEMBED_ROUND_INLINE void cembed_adam_row_bf16(uint16_t *restrict w, uint16_t *re
         args.al = (uint32_t)key_a; args.ah = (uint32_t)(key_a >> 32);
         args.bl = (uint32_t)key_b; args.bh = (uint32_t)(key_b >> 32);
     }
-#ifdef CEMBED_F16C_PATH
+#ifdef CEMBED_X86_INTRINSICS
     if (dim >= 32 && cembed_have_avx512f()) b = cembed_adam_bf16_blocks_avx512(w, m, v, grad, &args, dim);
     else
 #endif

@@ -3,7 +3,7 @@ from cembed._openmp cimport CEMBED_HAVE_OPENMP, CEMBED_OPENMP_VERSION, omp_get_m
 
 cdef extern from "_half.h" nogil:
     """
-    #ifdef CEMBED_F16C_PATH
+    #ifdef CEMBED_X86_INTRINSICS
     #define CEMBED_USES_F16C() cembed_have_f16c()
     #define CEMBED_USES_AVX512F() cembed_have_avx512f()
     #else

@@ -211,9 +211,10 @@ def test_optimizer_matches_float32_math_plus_one_rounding(opt_name, dtype_name, 
 @pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
 @pytest.mark.parametrize("dim", [32, 72, 128])
 def test_bfloat16_adam_rows_of_whole_blocks(dim, rounding):
-    """SparseAdam with a bfloat16 table and bfloat16 state runs one fused pass per row (_rounding.h,
-    cembed_adam_row_bf16: blocks of 32 columns, then the tail): the same bits as the float32 rule plus
-    one rounding per element, also for NaN, infinite and overflowing gradient entries."""
+    """SparseAdam's step() on a bfloat16 table with bfloat16 state (the float32 rule, then each row
+    rounded: blocks of 32 columns, then the tail): the same bits as the float32 rule plus one rounding
+    per element, also for NaN, infinite and overflowing gradient entries. (The fused backward's one-pass
+    row, cembed_adam_row_bf16, is tested against the same rule in test_half_grad.py.)"""
     cls, kw = OPTIMIZERS["sparse_adam"]
     rng = np.random.default_rng(dim)
     n_rows, seed = 40, 99

@@ -13,7 +13,7 @@ import pytest
 
 import cembed
 import reference as ref
-from cembed import _bag, _dtypes, _gather, _renorm
+from cembed import _bag, _dtypes, _gather
 from cembed import functional as F
 from util import assert_bitwise_equal, at_thread_counts, require_torch, zipf_indices
 
@@ -77,14 +77,24 @@ def test_cpu_paths_are_reported_and_follow_the_environment():
     rounding); a feature CEMBED_DISABLE_CPU_FEATURES names (any case, commas or spaces) is off."""
     paths = cembed.show_config(mode="dicts")["cpu_paths"]
     assert sorted(paths) == ["avx512f", "f16c"] and all(isinstance(v, bool) for v in paths.values())
-    named = os.environ.get("CEMBED_DISABLE_CPU_FEATURES", "").replace(",", " ").lower().split()
+    named = os.environ.get("CEMBED_DISABLE_CPU_FEATURES", "").replace(",", " ").lower().split(" ")
     for feature in named:
         if feature in paths:
             assert paths[feature] is False, feature
 
 
+def test_unknown_names_in_the_cpu_features_variable_are_reported(monkeypatch):
+    from cembed import _config
+
+    monkeypatch.setenv("CEMBED_DISABLE_CPU_FEATURES", " AVX512,f16c,,avx512F sse9 ")
+    assert _config._unknown_disabled_features() == ["avx512", "sse9"]
+    monkeypatch.setenv("CEMBED_DISABLE_CPU_FEATURES", "")
+    assert _config._unknown_disabled_features() == []
+
+
 def test_portable_kernels_give_the_bits_of_the_cpu_specific_ones(tmp_path):
-    """Where the CPU has F16C or AVX-512F, the tests above run the hand-written paths. The same bitwise
+    """Where the CPU has F16C or AVX-512F, the tests above (and the fused bfloat16 SparseAdam tests of
+    test_half_grad.py, which reach the bfloat16 Adam row) run the hand-written paths. The same bitwise
     tests in a process with both turned off (CEMBED_DISABLE_CPU_FEATURES) run the portable kernels
     against the same NumPy references."""
     import cembed as this
@@ -98,6 +108,9 @@ def test_portable_kernels_give_the_bits_of_the_cpu_specific_ones(tmp_path):
     selected += [os.path.join(tests, "test_half_optim.py") + "::" + name for name in (
         "test_bfloat16_adam_rows_of_whole_blocks", "test_round_rows_stochastic_matches_the_numpy_reference",
         "test_round_rows_nearest_is_the_dtype_cast")]
+    selected += [os.path.join(tests, "test_half_grad.py") + "::" + name for name in (
+        "test_embedding_options_equal_the_widened_gradient", "test_embedding_steps_equal_the_widened_gradient",
+        "test_thread_counts_bitwise")]
     child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                             *selected], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-3000:]
