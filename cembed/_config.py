@@ -5,7 +5,7 @@ import os
 import re
 import sys
 import warnings
-from typing import Any, Dict, Optional, TextIO
+from typing import Any, Dict, List, Optional, TextIO
 
 import numpy as np
 
@@ -42,7 +42,7 @@ GRAIN = {
 DISABLE_CPU_FEATURES = "CEMBED_DISABLE_CPU_FEATURES"
 
 
-def _unknown_disabled_features() -> list:
+def _unknown_disabled_features() -> List[str]:
     """The names in $CEMBED_DISABLE_CPU_FEATURES that are no hand-written path of cembed's (separated
     by commas or spaces, any case: as the C code reads them)."""
     names = re.split(r"[, ]+", os.environ.get(DISABLE_CPU_FEATURES, "").lower())
@@ -50,9 +50,15 @@ def _unknown_disabled_features() -> list:
     return [name for name in names if name and name not in known]
 
 
-if _unknown_disabled_features():   # a typo would silently keep the path on
-    warnings.warn(f"{DISABLE_CPU_FEATURES} names no cembed CPU path: {', '.join(_unknown_disabled_features())} "
-                  f"(known: {', '.join(_threads.cpu_paths())})", RuntimeWarning, stacklevel=2)
+def _warn_unknown_disabled_features() -> None:
+    """At import: a typo in $CEMBED_DISABLE_CPU_FEATURES would silently keep the path on."""
+    unknown = _unknown_disabled_features()
+    if unknown:
+        warnings.warn(f"{DISABLE_CPU_FEATURES} names no cembed CPU path: {', '.join(unknown)} "
+                      f"(known: {', '.join(_threads.cpu_paths())})", RuntimeWarning, stacklevel=3)
+
+
+_warn_unknown_disabled_features()
 
 _user_threads: Optional[int] = None
 _parallel_region_used = False   # has this process run a kernel on more than one thread?
@@ -160,13 +166,13 @@ def openmp_enabled() -> bool:
 
 def show_config(file: Optional[TextIO] = None, mode: str = "stdout") -> Optional[Dict[str, Any]]:
     """The version, whether OpenMP is enabled, the thread count, the compile flags, the hand-written
-    CPU paths the kernels take on this machine (``cpu_paths``: F16C for float16 rows, AVX-512F for
-    bfloat16 rounding and the bfloat16 Adam row; the environment variable ``CEMBED_DISABLE_CPU_FEATURES``,
-    e.g. ``"avx512f,f16c"``, set before ``import cembed``, turns them off — not the compiler's AVX2 /
-    AVX-512 versions of the vectorised loops, which the loader picks; every path gives the same bits)
-    and the output
-    cache: printed (``mode="stdout"``, to ``file`` or standard output) or returned as a dict
-    (``mode="dicts"``, as ``numpy.show_config`` does).
+    CPU paths the kernels take on this machine and the output cache: printed (``mode="stdout"``, to
+    ``file`` or standard output) or returned as a dict (``mode="dicts"``, as ``numpy.show_config`` does).
+
+    ``cpu_paths``: F16C for float16 rows, AVX-512F for bfloat16 rounding and the bfloat16 Adam row, each
+    where the CPU has it. The environment variable ``CEMBED_DISABLE_CPU_FEATURES`` (e.g.
+    ``"avx512f,f16c"``), set before ``import cembed``, turns them off — not the compiler's AVX2 / AVX-512
+    versions of the vectorised loops, which the loader picks. Every path gives the same bits.
 
     Examples
     --------
