@@ -188,7 +188,8 @@ CEMBED_ROUND_CLONES static void cembed_f32_row_to_bf16_sr_portable(uint16_t *res
  * and goes through scratch arrays. */
 #ifdef CEMBED_X86_INTRINSICS
 
-/* the draws q_golden[k] / 0x9E3779B9 (mod 2**32) under a row key's halves, 16 at a time */
+/* 16 draws at once: lane k is cembed_round_bits(key_lo, key_hi, q_k), given q_golden[k] = q_k * 0x9E3779B9
+ * (mod 2**32) */
 CEMBED_AVX512_FUNCTION static inline __m512i cembed_round_bits_x16(__m512i q_golden, __m512i key_lo, __m512i key_hi)
 {
     __m512i x = _mm512_xor_si512(q_golden, key_lo);
