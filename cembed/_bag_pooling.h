@@ -339,8 +339,6 @@ CEMBED_DEFINE_BAG_SUM_AS(CEMBED_F16C_FUNCTION, cembed_bag_sum_f16c_i32, float, u
                          cembed_load_f16x8_f16c, cembed_f16_to_f32, 1)
 CEMBED_DEFINE_BAG_SUM_AS(CEMBED_F16C_FUNCTION, cembed_bag_sum_f16c_i64, float, uint16_t, cembed_vf8, int64_t,
                          cembed_load_f16x8_f16c, cembed_f16_to_f32, 1)
-#endif
-#ifdef CEMBED_X86_INTRINSICS
 #define CEMBED_BAG_SUM_F16C_FIRST(SUFFIX)                                                              \
     if (cembed_have_f16c())                                                                           \
         return cembed_bag_sum_f16c_##SUFFIX(out, base, row_stride, dim, idx, begin, end, n_indices, padding_idx);

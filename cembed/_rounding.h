@@ -145,15 +145,20 @@ CEMBED_ROUND_INLINE uint16_t cembed_f32_to_bf16_sr16(float x, uint32_t r16)
     return cembed_f32_to_bf16_sr(x, r16 << 16);   /* the 32-bit rule with u = r16 * 2**16 */
 }
 
-/* columns [b, dim) of v (fewer than 32, b a multiple of 32) rounded stochastically into `out` under
- * the row key's halves (lo, hi): the last columns of the row kernels below */
+/* x, the value of column j, rounded stochastically under the row key's halves (lo, hi), one column at a
+ * time: draw (j >> 5) * 16 + (j & 15), its high half when (j >> 4) is even (the rule above; the row
+ * kernels below do whole blocks of 32 columns at once and their last columns with this) */
+CEMBED_ROUND_INLINE uint16_t cembed_f32_column_to_bf16_sr(float x, ptrdiff_t j, uint32_t lo, uint32_t hi)
+{
+    const uint32_t r = cembed_round_bits(lo, hi, (uint32_t)((j >> 5) * 16 + (j & 15)));
+    return cembed_f32_to_bf16_sr16(x, (j & 16) ? (r & 0xFFFFu) : (r >> 16));
+}
+
+/* columns [b, dim) of v rounded stochastically into `out`, one at a time */
 CEMBED_ROUND_INLINE void cembed_f32_columns_to_bf16_sr(uint16_t *restrict out, const float *restrict v, ptrdiff_t b,
                                                        ptrdiff_t dim, uint32_t lo, uint32_t hi)
 {
-    for (ptrdiff_t j = b; j < dim; j++) {
-        const uint32_t r = cembed_round_bits(lo, hi, (uint32_t)(b / 2 + (j & 15)));
-        out[j] = cembed_f32_to_bf16_sr16(v[j], (j & 16) ? (r & 0xFFFFu) : (r >> 16));
-    }
+    for (ptrdiff_t j = b; j < dim; j++) out[j] = cembed_f32_column_to_bf16_sr(v[j], j, lo, hi);
 }
 
 /* v[0:dim] rounded stochastically into the bfloat16 row `out` under row key `key`. The draws of up to
@@ -281,8 +286,7 @@ typedef struct {
     uint32_t wl, wh, al, ah, bl, bh;         /* the halves of the three arrays' row keys (stochastic) */
 } cembed_adam_bf16_args;
 
-/* columns [b, dim) (fewer than 32, b a multiple of 32), one at a time: the last columns of the row
- * kernels below */
+/* columns [b, dim), one at a time: the last columns of the row kernels below */
 CEMBED_ROUND_INLINE void cembed_adam_bf16_columns(uint16_t *restrict w, uint16_t *restrict m, uint16_t *restrict v,
                                                   const float *restrict grad, const cembed_adam_bf16_args *a,
                                                   ptrdiff_t b, ptrdiff_t dim)
@@ -294,12 +298,9 @@ CEMBED_ROUND_INLINE void cembed_adam_bf16_columns(uint16_t *restrict w, uint16_t
         const float nmj = m0 + dm, nvj = v0 + dv;
         const float nwj = cembed_bf16_to_f32(w[j]) + a->neg_step * ((dm + m0) / (sqrtf(dv + v0) + a->eps));
         if (a->stochastic) {
-            const uint32_t q = (uint32_t)(b / 2 + (j & 15));
-            const uint32_t rw = cembed_round_bits(a->wl, a->wh, q), ra = cembed_round_bits(a->al, a->ah, q);
-            const uint32_t rb = cembed_round_bits(a->bl, a->bh, q);
-            w[j] = cembed_f32_to_bf16_sr16(nwj, (j & 16) ? (rw & 0xFFFFu) : (rw >> 16));
-            m[j] = cembed_f32_to_bf16_sr16(nmj, (j & 16) ? (ra & 0xFFFFu) : (ra >> 16));
-            v[j] = cembed_f32_to_bf16_sr16(nvj, (j & 16) ? (rb & 0xFFFFu) : (rb >> 16));
+            w[j] = cembed_f32_column_to_bf16_sr(nwj, j, a->wl, a->wh);
+            m[j] = cembed_f32_column_to_bf16_sr(nmj, j, a->al, a->ah);
+            v[j] = cembed_f32_column_to_bf16_sr(nvj, j, a->bl, a->bh);
         } else {
             w[j] = cembed_f32_to_bf16_rne(nwj); m[j] = cembed_f32_to_bf16_rne(nmj); v[j] = cembed_f32_to_bf16_rne(nvj);
         }
