@@ -11,7 +11,7 @@ from cembed.apps import corpus as corpus_mod
 from cembed.apps import train as train_mod
 from cembed.apps.cli import main
 
-from util import require_gensim, require_torch
+from util import env_importing_this_cembed, require_gensim, require_torch
 
 TINY = ["--vocab-size", "20000", "--topics", "20", "--tokens", "300000", "--quiet", "--no-plot"]
 
@@ -108,15 +108,8 @@ def test_bad_corpus_files(tmp_path, capsys, content, message):
     assert err.startswith("error: --corpus: ") and message in err and "Traceback" not in err
 
 
-def _env_importing_this_cembed():
-    """The environment of a subprocess that imports the cembed these tests import."""
-    import cembed
-
-    return dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(cembed.__file__))))
-
-
 def test_console_entry_point_subprocess(tmp_path):
-    env = _env_importing_this_cembed()
+    env = env_importing_this_cembed()
     proc = subprocess.run([sys.executable, "-m", "cembed", "train", "--corpus", str(tmp_path / "missing.txt")],
                           capture_output=True, text=True, cwd=tmp_path, env=env)
     assert proc.returncode == 2 and "--corpus: corpus file not found" in proc.stderr and "Traceback" not in proc.stderr
@@ -315,7 +308,7 @@ def test_numpy_baselines_compute_what_cembed_computes():
 
 
 def _shim_run(args, tmp_path):
-    env = _env_importing_this_cembed()
+    env = env_importing_this_cembed()
     return subprocess.run([sys.executable, "-m", "cembed", *args], capture_output=True, text=True, cwd=tmp_path,
                           env=env, timeout=120)
 
@@ -502,7 +495,7 @@ def test_a_refused_run_leaves_no_new_out_dir(tmp_path, capsys):
 def test_output_into_a_closed_pipe_ends_quietly(tmp_path, args, code, unbuffered):
     """``python -m cembed bench | head -1``: no BrokenPipeError traceback, whether the output is
     written as it is printed (PYTHONUNBUFFERED) or, buffered, when the command ends."""
-    env = _env_importing_this_cembed()
+    env = env_importing_this_cembed()
     env.pop("PYTHONUNBUFFERED", None)
     if unbuffered:
         env["PYTHONUNBUFFERED"] = "1"

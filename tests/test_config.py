@@ -11,7 +11,7 @@ from hypothesis import given, strategies as st
 import cembed
 from cembed import _sort
 
-from util import assert_bitwise_equal
+from util import assert_bitwise_equal, env_importing_this_cembed
 
 
 def test_set_get_num_threads():
@@ -40,8 +40,7 @@ def test_threadpoolctl_limits_are_honoured():
 
 def test_omp_num_threads_is_honoured(tmp_path):
     code = "import cembed; print(cembed.get_num_threads())"
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(cembed.__file__)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=package_root)
+    env = env_importing_this_cembed(OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=tmp_path)
     assert out.stdout.strip() == "1"
     if cembed._config.openmp_enabled():

@@ -15,7 +15,7 @@ import cembed
 import reference as ref
 from cembed import _bag, _dtypes, _gather
 from cembed import functional as F
-from util import assert_bitwise_equal, at_thread_counts, require_torch, zipf_indices
+from util import assert_bitwise_equal, at_thread_counts, env_importing_this_cembed, require_torch, zipf_indices
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -97,11 +97,8 @@ def test_portable_kernels_give_the_bits_of_the_cpu_specific_ones(tmp_path):
     test_half_grad.py, which reach the bfloat16 Adam row) run the hand-written paths. The same bitwise
     tests in a process with both turned off (CEMBED_DISABLE_CPU_FEATURES) run the portable kernels
     against the same NumPy references."""
-    import cembed as this
-
     tests = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, CEMBED_DISABLE_CPU_FEATURES="AVX512F, f16c",
-               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(this.__file__))))
+    env = env_importing_this_cembed(CEMBED_DISABLE_CPU_FEATURES="AVX512F, f16c")
     selected = [os.path.join(tests, "test_half_tables.py") + "::" + name for name in (
         "test_cpu_paths_are_reported_and_follow_the_environment", "test_widening_every_bit_pattern",
         "test_narrowing_rounds_to_nearest_even")]

@@ -128,3 +128,10 @@ def fingerprint(*objs):
 
     walk(objs)
     return h.hexdigest()
+
+
+def env_importing_this_cembed(**variables):
+    """The environment of a subprocess that imports the cembed these tests import (run it with a
+    ``cwd`` outside the source tree, which would shadow an installed package), plus ``variables``."""
+    return dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(cembed.__file__))),
+                **variables)
