@@ -1,5 +1,5 @@
 """Fused row-sparse optimizer steps (weight: any row stride, unit column stride; state C-contiguous)."""
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -67,6 +67,31 @@ def adamw_decay_rows(
     decay_last: float,
     n_threads: int,
 ) -> None: ...
+
+def update_rows_half(kind: int, weight: NDArray[np.uint16], weight_fmt: int, state_a: NDArray[Any],
+                     state_b: NDArray[Any], row_state: NDArray[Any], state_fmt: int, rows: NDArray[np.int64],
+                     grad: NDArray[np.float32], p0: float, p1: float, p2: float, p3: float, mode: int,
+                     maximize: bool, stochastic: bool, seed: int, step: int, key_first: int, key_stride: int,
+                     n_threads: int) -> None: ...
+
+def sgd_momentum_rows_half(weight: NDArray[np.uint16], weight_fmt: int, buf: NDArray[Any], state_fmt: int,
+                           rows: NDArray[np.int64], grad_slot: NDArray[np.int64], grad: NDArray[np.float32],
+                           lr: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
+                           first_step: bool, stochastic: bool, seed: int, step: int, key_first: int,
+                           key_stride: int, n_threads: int) -> None: ...
+
+def sparse_adam_row_bias_rows_half(weight: NDArray[np.uint16], weight_fmt: int, exp_avg: NDArray[Any],
+                                   exp_avg_sq: NDArray[Any], state_fmt: int, row_step: NDArray[np.int64],
+                                   rows: NDArray[np.int64], grad: NDArray[np.float32], lr: float, beta1: float,
+                                   beta2: float, eps: float, maximize: bool, stochastic: bool, seed: int, step: int,
+                                   key_first: int, key_stride: int, n_threads: int) -> None: ...
+
+def sparse_adamw_rows_half(weight: NDArray[np.uint16], weight_fmt: int, exp_avg: NDArray[Any], exp_avg_sq: NDArray[Any],
+                           state_fmt: int, row_decay_log: NDArray[np.float64], row_step: NDArray[np.int64],
+                           rows: NDArray[np.int64], grad: NDArray[np.float32], lr: float, beta1: float, beta2: float,
+                           eps: float, decay_log: float, decay_log_prev: float, decay_last: float, step_size: float,
+                           bc2_sqrt: float, maximize: bool, stochastic: bool, seed: int, step: int, key_first: int,
+                           key_stride: int, n_threads: int) -> None: ...
 
 def round_rows(values: NDArray[np.float32], out: NDArray[np.uint16], fmt: int, stochastic: bool,
                key_rows: NDArray[np.int64], seed: int, step: int, stream: int, n_threads: int) -> None: ...

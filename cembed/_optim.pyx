@@ -100,14 +100,12 @@ def sgd_momentum_rows(floating[:, :] weight,         # INOUT (n_rows, dim), unit
          d = g + momentum * buf (nesterov) or buf;  w = fma(-lr, d, w)."""
     cdef Py_ssize_t n_active = rows.shape[0]
     cdef Py_ssize_t dim = weight.shape[1]
-    cdef Py_ssize_t k, r, s, j, row_stride
+    cdef Py_ssize_t k, r, s, row_stride
     cdef floating *w
-    cdef floating *w_row
     cdef floating mu = <floating> momentum
     cdef floating one_minus_damp = <floating> (1.0 - dampening)
     cdef floating neg_lr = <floating> (-lr)
     cdef floating sign = -1 if maximize else 1
-    cdef floating g, b, d
     if n_active == 0 or dim == 0:
         return
     if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
@@ -119,16 +117,27 @@ def sgd_momentum_rows(floating[:, :] weight,         # INOUT (n_rows, dim), unit
             _prefetch_ahead(&rows[0], k, n_active, dim, w, row_stride, &buf[0, 0], NULL)
             r = rows[k]
             s = grad_slot[k]
-            w_row = w + r * row_stride
-            for j in range(dim):
-                g = sign * grad[s, j] if s >= 0 else 0
-                if first_step:
-                    b = g
-                else:
-                    b = mu * buf[r, j] + one_minus_damp * g
-                buf[r, j] = b
-                d = g + mu * b if nesterov else b
-                w_row[j] = w_row[j] + neg_lr * d
+            _momentum_row(w + r * row_stride, &buf[r, 0], &grad[s, 0] if s >= 0 else NULL, mu, one_minus_damp,
+                          neg_lr, sign, nesterov, first_step, dim)
+
+
+cdef inline void _momentum_row(floating *w,            # INOUT (dim,) weight row
+                               floating *buf,          # INOUT (dim,) its momentum buffer
+                               const floating *grad,   # IN    (dim,) its gradient, or NULL (a zero gradient)
+                               floating mu, floating one_minus_damp, floating neg_lr, floating sign,
+                               bint nesterov, bint first_step, Py_ssize_t dim) noexcept nogil:
+    """One row of sgd_momentum_rows."""
+    cdef Py_ssize_t j
+    cdef floating g, b, d
+    for j in range(dim):
+        g = sign * grad[j] if grad != NULL else 0
+        if first_step:
+            b = g
+        else:
+            b = mu * buf[j] + one_minus_damp * g
+        buf[j] = b
+        d = g + mu * b if nesterov else b
+        w[j] = w[j] + neg_lr * d
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -192,7 +201,6 @@ def sparse_adam_row_bias_rows(floating[:, :] weight,        # INOUT (n_rows, dim
     cdef Py_ssize_t nnz = rows.shape[0]
     cdef Py_ssize_t dim = weight.shape[1]
     cdef Py_ssize_t k, r, row_stride
-    cdef int64_t n
     cdef double step_size
     cdef floating *w
     cdef floating omb1 = <floating> (1.0 - beta1)
@@ -210,10 +218,16 @@ def sparse_adam_row_bias_rows(floating[:, :] weight,        # INOUT (n_rows, dim
             _prefetch_ahead(&rows[0], k, nnz, dim, w, row_stride, &exp_avg[0, 0], &exp_avg_sq[0, 0])
             _prefetch_entries_ahead(&rows[0], k, nnz, NULL, &row_step[0])
             r = rows[k]
-            n = _count_update(&row_step[r])
-            step_size = lr * sqrt(1 - pow(beta2, <double> n)) / (1 - pow(beta1, <double> n))
+            step_size = _row_bias_step_size(&row_step[r], lr, beta1, beta2)
             adam_row(w + r * row_stride, &exp_avg[r, 0], &exp_avg_sq[r, 0], &grad[k, 0],
                      omb1, omb2, eps_, <floating> (-step_size), sign, dim)
+
+
+cdef inline double _row_bias_step_size(int64_t *count,   # INOUT the row's update count
+                                       double lr, double beta1, double beta2) noexcept nogil:
+    """SparseAdam's step size for a row by its own update count n (incremented first)."""
+    cdef int64_t n = _count_update(count)
+    return lr * sqrt(1 - pow(beta2, <double> n)) / (1 - pow(beta1, <double> n))
 
 
 def sparse_adamw_rows(floating[:, :] weight,          # INOUT (n_rows, dim), unit column stride
@@ -234,7 +248,6 @@ def sparse_adamw_rows(floating[:, :] weight,          # INOUT (n_rows, dim), uni
     cdef Py_ssize_t k, r, row_stride
     cdef bint per_row = row_step.shape[0] > 0
     cdef int64_t *counts = NULL
-    cdef int64_t n
     cdef double decay, row_step_size, row_bc2_sqrt
     cdef floating *w
     cdef floating lerp_weight = <floating> (1.0 - beta1)
@@ -255,18 +268,34 @@ def sparse_adamw_rows(floating[:, :] weight,          # INOUT (n_rows, dim), uni
             _prefetch_ahead(&rows[0], k, nnz, dim, w, row_stride, &exp_avg[0, 0], &exp_avg_sq[0, 0])
             _prefetch_entries_ahead(&rows[0], k, nnz, &row_decay_log[0], counts)
             r = rows[k]
-            decay = _pending_decay(row_decay_log[r], decay_log, decay_log_prev, decay_last)
-            row_decay_log[r] = decay_log
-            if per_row:
-                n = _count_update(counts + r)
-                row_step_size = lr / (1 - pow(beta1, <double> n))
-                row_bc2_sqrt = pow(1 - pow(beta2, <double> n), 0.5)
-            else:
-                row_step_size = step_size
-                row_bc2_sqrt = bc2_sqrt
+            row_step_size = row_bc2_sqrt = 0   # set through pointers: assigned here so that prange privatises them
+            decay = _adamw_row_scalars(&row_decay_log[r], counts + r if per_row else NULL, lr, beta1, beta2,
+                                       decay_log, decay_log_prev, decay_last, step_size, bc2_sqrt, &row_step_size,
+                                       &row_bc2_sqrt)
             adamw_row(w + r * row_stride, &exp_avg[r, 0], &exp_avg_sq[r, 0], &grad[k, 0],
                       <floating> decay, lerp_weight, beta2_, omb2, <floating> row_bc2_sqrt, eps_,
                       <floating> (-row_step_size), sign, dim)
+
+
+cdef inline double _adamw_row_scalars(double *row_log,    # INOUT the row's L_s, set to L_t
+                                      int64_t *count,     # INOUT the row's update count, or NULL (global)
+                                      double lr, double beta1, double beta2,
+                                      double decay_log, double decay_log_prev, double decay_last,
+                                      double step_size, double bc2_sqrt,
+                                      double *row_step_size, double *row_bc2_sqrt) noexcept nogil:   # OUT
+    """A row's pending decay factor (returned) and its step size and sqrt(bias correction 2), from its
+    own count when it has one (sparse_adamw_rows)."""
+    cdef double decay = _pending_decay(row_log[0], decay_log, decay_log_prev, decay_last)
+    cdef int64_t n
+    row_log[0] = decay_log
+    if count != NULL:
+        n = _count_update(count)
+        row_step_size[0] = lr / (1 - pow(beta1, <double> n))
+        row_bc2_sqrt[0] = pow(1 - pow(beta2, <double> n), 0.5)
+    else:
+        row_step_size[0] = step_size
+        row_bc2_sqrt[0] = bc2_sqrt
+    return decay
 
 
 def adamw_decay_rows(floating[:, :] weight,           # INOUT (n_rows, dim), unit column stride
@@ -301,12 +330,285 @@ def adamw_decay_rows(floating[:, :] weight,           # INOUT (n_rows, dim), uni
 
 
 # ---------------------------------------------------------------------------------------------------
-# 16-bit weights and state (docs/behaviour.md §8.7): the unfused steps gather the rows to float32, run
-# the float32 kernels above on them and hand the results here to be rounded once per element.
+# 16-bit weights and state (docs/behaviour.md §8.7). The *_half kernels update a 16-bit weight in place,
+# one pass per row: the row (and 16-bit state rows) widened into a per-thread scratch buffer, the float32
+# row rule above, each element rounded once (_rounding.pxd's half_rows_widen / half_rows_round; the
+# row-rule kinds through half_row_update, which the fused backward runs too). Weights the kernels cannot
+# write in place are gathered to float32 by the optimizer, updated by the float32 kernels above and
+# rounded back by round_rows: the same bits.
 # ---------------------------------------------------------------------------------------------------
+from cython.parallel cimport parallel, threadid
 from libc.stdint cimport uint16_t, uint64_t
+from libc.stdlib cimport malloc, free
 
-from cembed._rounding cimport cembed_row_round, CEMBED_TABLE_BF16, CEMBED_TABLE_F16
+from cembed._rounding cimport (cembed_row_round, state_t, half_row_update, half_rows_widen, half_rows_round,
+                               half_adam_row, CEMBED_TABLE_BF16, CEMBED_TABLE_F16)
+
+
+cdef inline void _prefetch_half_ahead(const int64_t *rows, Py_ssize_t k, Py_ssize_t n_listed, Py_ssize_t dim,
+                                      uint16_t *weight, Py_ssize_t row_stride,
+                                      state_t *state_a, state_t *state_b) noexcept nogil:
+    """_prefetch_ahead for a 16-bit weight and its (float32 or 16-bit) state tables."""
+    cdef Py_ssize_t r
+    if k + PREFETCH_DISTANCE >= n_listed:
+        return
+    r = rows[k + PREFETCH_DISTANCE]
+    prefetch_row_for_write(weight + r * row_stride, dim * sizeof(uint16_t))
+    if state_a != NULL:
+        prefetch_row_for_write(state_a + r * dim, dim * sizeof(state_t))
+    if state_b != NULL:
+        prefetch_row_for_write(state_b + r * dim, dim * sizeof(state_t))
+
+
+cdef int _half_weight_rows(uint16_t[:, :] weight, int weight_fmt, Py_ssize_t *row_stride, str kernel) except -1:
+    """The 16-bit weight's row stride in elements (OUT); ValueError for rows that are not contiguous or
+    an unknown format."""
+    if weight_fmt != CEMBED_TABLE_BF16 and weight_fmt != CEMBED_TABLE_F16:
+        raise ValueError(f"{kernel}: unknown weight format {weight_fmt}")
+    if not row_stride_items(row_stride, weight.shape[0], weight.shape[1], weight.strides[0], weight.strides[1],
+                            sizeof(uint16_t)):
+        raise ValueError(f"{kernel}: the weight's rows must be contiguous (unit column stride)")
+    return 0
+
+
+cdef float *_thread_scratch(int n_threads, Py_ssize_t dim, str kernel) except NULL:
+    """3 * dim floats per thread (half_rows_widen's rows), to be freed by the caller."""
+    cdef float *scratch = <float *> malloc(max(1, n_threads) * 3 * max(1, dim) * sizeof(float))
+    if scratch == NULL:
+        raise MemoryError(f"{kernel}: cannot allocate the scratch rows")
+    return scratch
+
+
+def update_rows_half(int kind,                      # a ROW_* kind of _rows.pxd (_grad.UpdateKind)
+                     uint16_t[:, :] weight,         # INOUT (n_rows, dim) 16-bit bits, unit column stride
+                     int weight_fmt,                # CEMBED_TABLE_BF16 / CEMBED_TABLE_F16 (_half.h)
+                     state_t[:, ::1] state_a,       # INOUT (n_rows, dim) or (0, 0): float32 or 16-bit bits
+                     state_t[:, ::1] state_b,       # INOUT (n_rows, dim) or (0, 0)
+                     state_t[::1] row_state,        # INOUT (n_rows,) or (0,)
+                     int state_fmt,                 # format of 16-bit state (unused for float32 state)
+                     const int64_t[::1] rows,       # IN    (nnz,) distinct rows of the gradient
+                     const float[:, ::1] grad,      # IN    (nnz, dim) their gradient
+                     double p0, double p1, double p2, double p3, int mode, bint maximize,
+                     bint stochastic, uint64_t seed, uint64_t step,
+                     uint64_t key_first, uint64_t key_stride,   # row r's random key row: first + stride * r
+                     int n_threads):
+    """update_rows on a 16-bit weight, in one pass: each listed row (and its 16-bit state) widened to
+    float32, the float32 row rule with its gradient row, every element rounded once, keyed by (seed,
+    step, key row, stream) with key row key_first + key_stride * r — `half_row_update`, the fused
+    backward's row update, so the two give the same bits. Rows split statically (one writer per row;
+    each row's random bits depend on its key alone): the same bits for any thread count."""
+    cdef Py_ssize_t nnz = rows.shape[0]
+    cdef Py_ssize_t dim = weight.shape[1]
+    cdef Py_ssize_t n_rows = weight.shape[0]
+    cdef Py_ssize_t k, r, row_stride
+    cdef state_t *a_ptr = &state_a[0, 0] if state_a.shape[0] > 0 else NULL
+    cdef state_t *b_ptr = &state_b[0, 0] if state_b.shape[0] > 0 else NULL
+    cdef state_t *rs_ptr = &row_state[0] if row_state.shape[0] > 0 else NULL
+    cdef uint16_t *w
+    cdef float *scratch
+    cdef float *scratch_rows
+    cdef float sign = -1 if maximize else 1
+    cdef float q0 = <float> p0, q1 = <float> p1, q2 = <float> p2, q3 = <float> p3
+    if grad.shape[0] != nnz or grad.shape[1] != dim:
+        raise ValueError("update_rows_half: grad must be (len(rows), dim)")
+    for s_rows, s_dim in ((state_a.shape[0], state_a.shape[1]), (state_b.shape[0], state_b.shape[1])):
+        if s_rows != 0 and (s_rows != n_rows or s_dim != dim):
+            raise ValueError("update_rows_half: state tables must be (n_rows, dim)")
+    if rs_ptr != NULL and row_state.shape[0] != n_rows:
+        raise ValueError("update_rows_half: the row state must be (n_rows,)")
+    if nnz == 0 or dim == 0:   # no row to update (a table of no rows has empty state too)
+        return
+    if not row_update_has_state(kind, a_ptr != NULL, b_ptr != NULL, rs_ptr != NULL):
+        raise ValueError(f"update_rows_half: missing optimizer state for update kind {kind}")
+    _half_weight_rows(weight, weight_fmt, &row_stride, "update_rows_half")
+    w = &weight[0, 0]
+    n_threads = max(1, n_threads)
+    scratch_rows = _thread_scratch(n_threads, dim, "update_rows_half")
+    scratch = scratch_rows
+    try:
+        with nogil, parallel(num_threads=n_threads):
+            scratch = scratch_rows + threadid() * 3 * dim
+            for k in prange(nnz, schedule="static", chunksize=ROWS_PER_CHUNK):
+                _prefetch_half_ahead(&rows[0], k, nnz, dim, w, row_stride, a_ptr, b_ptr)
+                r = rows[k]
+                half_row_update(kind, w + r * row_stride, weight_fmt, a_ptr + r * dim if a_ptr != NULL else NULL,
+                                b_ptr + r * dim if b_ptr != NULL else NULL, rs_ptr + r if rs_ptr != NULL else NULL,
+                                state_fmt, &grad[k, 0], q0, q1, q2, q3, mode, sign, dim, scratch, stochastic, seed,
+                                step, key_first + key_stride * <uint64_t> r)
+    finally:
+        free(scratch_rows)
+
+
+def sgd_momentum_rows_half(uint16_t[:, :] weight,          # INOUT (n_rows, dim) 16-bit bits, unit column stride
+                           int weight_fmt,
+                           state_t[:, ::1] buf,            # INOUT (n_rows, dim) momentum buffer, float32 or 16-bit
+                           int state_fmt,
+                           const int64_t[::1] rows,        # IN    as sgd_momentum_rows
+                           const int64_t[::1] grad_slot,   # IN
+                           const float[:, ::1] grad,       # IN    (nnz, dim)
+                           double lr, double momentum, double dampening, bint nesterov, bint maximize,
+                           bint first_step, bint stochastic, uint64_t seed, uint64_t step,
+                           uint64_t key_first, uint64_t key_stride, int n_threads):
+    """sgd_momentum_rows on a 16-bit weight, one pass per row: the row (and a 16-bit buffer row)
+    widened, the float32 rule, each element rounded once (the weight on stream 0, the buffer on 1),
+    keyed as update_rows_half."""
+    cdef Py_ssize_t n_active = rows.shape[0]
+    cdef Py_ssize_t dim = weight.shape[1]
+    cdef Py_ssize_t k, r, s, row_stride
+    cdef uint16_t *w
+    cdef float *scratch
+    cdef float *scratch_rows
+    cdef float *sbuf
+    cdef float *unused
+    cdef float mu = <float> momentum
+    cdef float one_minus_damp = <float> (1.0 - dampening)
+    cdef float neg_lr = <float> (-lr)
+    cdef float sign = -1 if maximize else 1
+    if buf.shape[0] != weight.shape[0] or buf.shape[1] != dim or grad_slot.shape[0] != n_active \
+            or grad.shape[1] != dim:
+        raise ValueError("sgd_momentum_rows_half: weight, buf, rows, grad_slot and grad must agree in shape")
+    if n_active == 0 or dim == 0:
+        return
+    _half_weight_rows(weight, weight_fmt, &row_stride, "sgd_momentum_rows_half")
+    w = &weight[0, 0]
+    n_threads = max(1, n_threads)
+    scratch_rows = _thread_scratch(n_threads, dim, "sgd_momentum_rows_half")
+    scratch = scratch_rows
+    try:
+        with nogil, parallel(num_threads=n_threads):
+            scratch = scratch_rows + threadid() * 3 * dim
+            for k in prange(n_active, schedule="static", chunksize=ROWS_PER_CHUNK):
+                _prefetch_half_ahead(&rows[0], k, n_active, dim, w, row_stride, &buf[0, 0], <state_t *> NULL)
+                r = rows[k]
+                s = grad_slot[k]
+                sbuf = unused = NULL   # set through pointers: assigned here so that prange privatises them
+                half_rows_widen(w + r * row_stride, weight_fmt, &buf[r, 0], <state_t *> NULL, state_fmt, dim, scratch,
+                                &sbuf, &unused)
+                _momentum_row(scratch, sbuf, &grad[s, 0] if s >= 0 else NULL, mu, one_minus_damp, neg_lr, sign,
+                              nesterov, first_step, dim)
+                half_rows_round(w + r * row_stride, weight_fmt, &buf[r, 0], <state_t *> NULL, state_fmt, dim, scratch,
+                                stochastic, seed, step, key_first + key_stride * <uint64_t> r)
+    finally:
+        free(scratch_rows)
+
+
+def sparse_adam_row_bias_rows_half(uint16_t[:, :] weight,       # INOUT (n_rows, dim) 16-bit bits, unit column stride
+                                   int weight_fmt,
+                                   state_t[:, ::1] exp_avg,     # INOUT (n_rows, dim) float32 or 16-bit
+                                   state_t[:, ::1] exp_avg_sq,  # INOUT (n_rows, dim)
+                                   int state_fmt,
+                                   int64_t[::1] row_step,       # INOUT (n_rows,)
+                                   const int64_t[::1] rows,     # IN    (nnz,) distinct rows of the gradient
+                                   const float[:, ::1] grad,    # IN    (nnz, dim)
+                                   double lr, double beta1, double beta2, double eps, bint maximize,
+                                   bint stochastic, uint64_t seed, uint64_t step,
+                                   uint64_t key_first, uint64_t key_stride, int n_threads):
+    """sparse_adam_row_bias_rows on a 16-bit weight, one pass per row (half_adam_row, the rule of
+    update_rows_half's SparseAdam with the row's own step size), keyed as update_rows_half."""
+    cdef Py_ssize_t nnz = rows.shape[0]
+    cdef Py_ssize_t dim = weight.shape[1]
+    cdef Py_ssize_t n_rows = weight.shape[0]
+    cdef Py_ssize_t k, r, row_stride
+    cdef double step_size
+    cdef uint16_t *w
+    cdef float *scratch
+    cdef float *scratch_rows
+    cdef float omb1 = <float> (1.0 - beta1)
+    cdef float omb2 = <float> (1.0 - beta2)
+    cdef float eps_ = <float> eps
+    cdef float sign = -1 if maximize else 1
+    if (exp_avg.shape[0] != n_rows or exp_avg.shape[1] != dim or exp_avg_sq.shape[0] != n_rows
+            or exp_avg_sq.shape[1] != dim or row_step.shape[0] != n_rows or grad.shape[0] != nnz
+            or grad.shape[1] != dim):
+        raise ValueError("sparse_adam_row_bias_rows_half: weight, state, rows and grad must agree in shape")
+    if nnz == 0 or dim == 0:
+        return
+    _half_weight_rows(weight, weight_fmt, &row_stride, "sparse_adam_row_bias_rows_half")
+    w = &weight[0, 0]
+    n_threads = max(1, n_threads)
+    scratch_rows = _thread_scratch(n_threads, dim, "sparse_adam_row_bias_rows_half")
+    scratch = scratch_rows
+    try:
+        with nogil, parallel(num_threads=n_threads):
+            scratch = scratch_rows + threadid() * 3 * dim
+            for k in prange(nnz, schedule="static", chunksize=ROWS_PER_CHUNK):
+                _prefetch_half_ahead(&rows[0], k, nnz, dim, w, row_stride, &exp_avg[0, 0], &exp_avg_sq[0, 0])
+                _prefetch_entries_ahead(&rows[0], k, nnz, NULL, &row_step[0])
+                r = rows[k]
+                step_size = _row_bias_step_size(&row_step[r], lr, beta1, beta2)
+                half_adam_row(w + r * row_stride, weight_fmt, &exp_avg[r, 0], &exp_avg_sq[r, 0], state_fmt,
+                              &grad[k, 0], omb1, omb2, eps_, <float> (-step_size), sign, dim, scratch, stochastic,
+                              seed, step, key_first + key_stride * <uint64_t> r)
+    finally:
+        free(scratch_rows)
+
+
+def sparse_adamw_rows_half(uint16_t[:, :] weight,         # INOUT (n_rows, dim) 16-bit bits, unit column stride
+                           int weight_fmt,
+                           state_t[:, ::1] exp_avg,       # INOUT (n_rows, dim) float32 or 16-bit
+                           state_t[:, ::1] exp_avg_sq,    # INOUT (n_rows, dim)
+                           int state_fmt,
+                           double[::1] row_decay_log,     # INOUT (n_rows,)
+                           int64_t[::1] row_step,         # INOUT (n_rows,), or (0,) = global bias correction
+                           const int64_t[::1] rows,       # IN    (nnz,) distinct rows of the gradient
+                           const float[:, ::1] grad,      # IN    (nnz, dim)
+                           double lr, double beta1, double beta2, double eps,
+                           double decay_log, double decay_log_prev, double decay_last,
+                           double step_size, double bc2_sqrt, bint maximize,
+                           bint stochastic, uint64_t seed, uint64_t step,
+                           uint64_t key_first, uint64_t key_stride, int n_threads):
+    """sparse_adamw_rows on a 16-bit weight, one pass per row: the row and its state widened, the
+    float32 rule (pending decay, then AdamW), each element rounded once, keyed as update_rows_half."""
+    cdef Py_ssize_t nnz = rows.shape[0]
+    cdef Py_ssize_t dim = weight.shape[1]
+    cdef Py_ssize_t n_rows = weight.shape[0]
+    cdef Py_ssize_t k, r, row_stride
+    cdef bint per_row = row_step.shape[0] > 0
+    cdef int64_t *counts = NULL
+    cdef double decay, row_step_size, row_bc2_sqrt
+    cdef uint16_t *w
+    cdef float *scratch
+    cdef float *scratch_rows
+    cdef float *sa
+    cdef float *sb
+    cdef float lerp_weight = <float> (1.0 - beta1)
+    cdef float beta2_ = <float> beta2
+    cdef float omb2 = <float> (1.0 - beta2)
+    cdef float eps_ = <float> eps
+    cdef float sign = -1 if maximize else 1
+    if (exp_avg.shape[0] != n_rows or exp_avg.shape[1] != dim or exp_avg_sq.shape[0] != n_rows
+            or exp_avg_sq.shape[1] != dim or row_decay_log.shape[0] != n_rows
+            or (per_row and row_step.shape[0] != n_rows) or grad.shape[0] != nnz or grad.shape[1] != dim):
+        raise ValueError("sparse_adamw_rows_half: weight, state, rows and grad must agree in shape")
+    if nnz == 0 or dim == 0:
+        return
+    _half_weight_rows(weight, weight_fmt, &row_stride, "sparse_adamw_rows_half")
+    w = &weight[0, 0]
+    if per_row:
+        counts = &row_step[0]
+    n_threads = max(1, n_threads)
+    scratch_rows = _thread_scratch(n_threads, dim, "sparse_adamw_rows_half")
+    scratch = scratch_rows
+    try:
+        with nogil, parallel(num_threads=n_threads):
+            scratch = scratch_rows + threadid() * 3 * dim
+            for k in prange(nnz, schedule="static", chunksize=ROWS_PER_CHUNK):
+                _prefetch_half_ahead(&rows[0], k, nnz, dim, w, row_stride, &exp_avg[0, 0], &exp_avg_sq[0, 0])
+                _prefetch_entries_ahead(&rows[0], k, nnz, &row_decay_log[0], counts)
+                r = rows[k]
+                row_step_size = row_bc2_sqrt = 0   # set through pointers: assigned here so that prange privatises them
+                sa = sb = NULL   # (the same)
+                decay = _adamw_row_scalars(&row_decay_log[r], counts + r if per_row else NULL, lr, beta1, beta2,
+                                           decay_log, decay_log_prev, decay_last, step_size, bc2_sqrt,
+                                           &row_step_size, &row_bc2_sqrt)
+                half_rows_widen(w + r * row_stride, weight_fmt, &exp_avg[r, 0], &exp_avg_sq[r, 0], state_fmt, dim,
+                                scratch, &sa, &sb)
+                adamw_row(scratch, sa, sb, &grad[k, 0], <float> decay, lerp_weight, beta2_, omb2,
+                          <float> row_bc2_sqrt, eps_, <float> (-row_step_size), sign, dim)
+                half_rows_round(w + r * row_stride, weight_fmt, &exp_avg[r, 0], &exp_avg_sq[r, 0], state_fmt, dim,
+                                scratch, stochastic, seed, step, key_first + key_stride * <uint64_t> r)
+    finally:
+        free(scratch_rows)
 
 
 def round_rows(const float[:, ::1] values,     # IN  (n, dim) float32 rows

@@ -4,7 +4,7 @@
 # round every element once.
 from libc.stdint cimport uint16_t, uint64_t
 
-from cembed._rows cimport apply_row_update, ROW_ADAM
+from cembed._rows cimport adam_row, apply_row_update, ROW_ADAM
 
 cdef extern from "_rounding.h" nogil:
     int CEMBED_TABLE_BF16
@@ -26,6 +26,65 @@ ctypedef fused state_t:   # a 16-bit weight's optimizer state: float32, or 16-bi
     uint16_t
 
 
+cdef inline void half_rows_widen(uint16_t *w, int weight_fmt,          # IN (dim,) 16-bit weight row
+                                 state_t *state_a, state_t *state_b,   # IN (dim,) state rows, or NULL
+                                 int state_fmt, Py_ssize_t dim,
+                                 float *scratch,                       # OUT (3 * dim,)
+                                 float **a, float **b) noexcept nogil:  # OUT the float32 state rows, or NULL
+    """The float32 rows a 16-bit row's update works in: the weight row widened (exactly) into
+    scratch[0:dim]; 16-bit state rows widened into scratch[dim:2 dim] (state_a) and scratch[2 dim:3 dim]
+    (state_b), float32 state rows used in place. half_rows_round stores them back."""
+    cembed_half_row_to_f32(weight_fmt, scratch, w, dim)
+    if state_t is float:
+        a[0] = state_a
+        b[0] = state_b
+    else:
+        a[0] = scratch + dim if state_a != NULL else NULL
+        b[0] = scratch + 2 * dim if state_b != NULL else NULL
+        if state_a != NULL:
+            cembed_half_row_to_f32(state_fmt, a[0], state_a, dim)
+        if state_b != NULL:
+            cembed_half_row_to_f32(state_fmt, b[0], state_b, dim)
+
+
+cdef inline void half_rows_round(uint16_t *w, int weight_fmt,          # OUT (dim,) 16-bit weight row
+                                 state_t *state_a, state_t *state_b,   # OUT (dim,) state rows, or NULL
+                                 int state_fmt, Py_ssize_t dim,
+                                 const float *scratch,                 # IN  (3 * dim,) as half_rows_widen left it
+                                 bint stochastic, uint64_t seed, uint64_t step, uint64_t row) noexcept nogil:
+    """Store the float32 rows of half_rows_widen, each element rounded once: 16-bit state rows on
+    streams 1 (state_a) and 2 (state_b), the weight row on stream 0 (float32 state was updated in place)."""
+    if state_t is uint16_t:
+        if state_a != NULL:
+            cembed_row_round(state_fmt, stochastic, state_a, scratch + dim, dim, seed, step, row, CEMBED_STREAM_STATE_A)
+        if state_b != NULL:
+            cembed_row_round(state_fmt, stochastic, state_b, scratch + 2 * dim, dim, seed, step, row,
+                             CEMBED_STREAM_STATE_B)
+    cembed_row_round(weight_fmt, stochastic, w, scratch, dim, seed, step, row, CEMBED_STREAM_WEIGHT)
+
+
+cdef inline void half_adam_row(uint16_t *w, int weight_fmt,            # INOUT (dim,) 16-bit weight row
+                               state_t *exp_avg, state_t *exp_avg_sq,  # INOUT (dim,)
+                               int state_fmt,
+                               const float *grad,                      # IN    (dim,) the row's gradient
+                               float one_minus_beta1, float one_minus_beta2, float eps, float neg_step_size,
+                               float sign, Py_ssize_t dim,
+                               float *scratch,                         # SCRATCH (3 * dim,)
+                               bint stochastic, uint64_t seed, uint64_t step, uint64_t row) noexcept nogil:
+    """SparseAdam's row rule (_rows.pxd's adam_row) on a 16-bit row: widened, the float32 rule, rounded
+    once per element; a bfloat16 row with bfloat16 state in one fused pass (the same bits)."""
+    cdef float *sa
+    cdef float *sb
+    if state_t is uint16_t:
+        if weight_fmt == CEMBED_TABLE_BF16 and state_fmt == CEMBED_TABLE_BF16:
+            cembed_adam_row_bf16(w, exp_avg, exp_avg_sq, grad, one_minus_beta1, one_minus_beta2, eps, neg_step_size,
+                                 sign, dim, stochastic, seed, step, row)
+            return
+    half_rows_widen(w, weight_fmt, exp_avg, exp_avg_sq, state_fmt, dim, scratch, &sa, &sb)
+    adam_row(scratch, sa, sb, grad, one_minus_beta1, one_minus_beta2, eps, neg_step_size, sign, dim)
+    half_rows_round(w, weight_fmt, exp_avg, exp_avg_sq, state_fmt, dim, scratch, stochastic, seed, step, row)
+
+
 cdef inline void half_row_update(int kind,
                                  uint16_t *w, int weight_fmt,        # INOUT (dim,) 16-bit weight row
                                  state_t *state_a,                   # INOUT (dim,) or NULL
@@ -40,34 +99,23 @@ cdef inline void half_row_update(int kind,
     """apply_row_update(kind) on row `row` of a 16-bit weight in float32: the weight (and 16-bit state)
     widened exactly, the float32 row rule, each element rounded once (weight stream 0, state_a and
     row_state stream 1, state_b stream 2)."""
-    cdef float *sw = scratch
     cdef float *sa
     cdef float *sb
     cdef float rs = 0
     cdef float *prs = NULL
-    if state_t is uint16_t:
-        if kind == ROW_ADAM and weight_fmt == CEMBED_TABLE_BF16 and state_fmt == CEMBED_TABLE_BF16:
-            # the common bfloat16 case, fused in one pass (same bits)
-            cembed_adam_row_bf16(w, state_a, state_b, grad, q0, q1, q2, q3, sign, dim, stochastic, seed, step, row)
-            return
-    cembed_half_row_to_f32(weight_fmt, sw, w, dim)
-    if state_t is float:
-        apply_row_update(kind, sw, state_a, state_b, row_state, grad, q0, q1, q2, q3, mode, sign, dim)
-    else:
-        sa = scratch + dim if state_a != NULL else NULL
-        sb = scratch + 2 * dim if state_b != NULL else NULL
-        if sa != NULL:
-            cembed_half_row_to_f32(state_fmt, sa, state_a, dim)
-        if sb != NULL:
-            cembed_half_row_to_f32(state_fmt, sb, state_b, dim)
-        if row_state != NULL:
+    if kind == ROW_ADAM:
+        half_adam_row(w, weight_fmt, state_a, state_b, state_fmt, grad, q0, q1, q2, q3, sign, dim, scratch,
+                      stochastic, seed, step, row)
+        return
+    half_rows_widen(w, weight_fmt, state_a, state_b, state_fmt, dim, scratch, &sa, &sb)
+    if row_state != NULL:
+        if state_t is float:
+            prs = row_state
+        else:
             cembed_half_row_to_f32(state_fmt, &rs, row_state, 1)
             prs = &rs
-        apply_row_update(kind, sw, sa, sb, prs, grad, q0, q1, q2, q3, mode, sign, dim)
-        if sa != NULL:
-            cembed_row_round(state_fmt, stochastic, state_a, sa, dim, seed, step, row, CEMBED_STREAM_STATE_A)
-        if sb != NULL:
-            cembed_row_round(state_fmt, stochastic, state_b, sb, dim, seed, step, row, CEMBED_STREAM_STATE_B)
+    apply_row_update(kind, scratch, sa, sb, prs, grad, q0, q1, q2, q3, mode, sign, dim)
+    if state_t is uint16_t:
         if prs != NULL:
             cembed_row_round(state_fmt, stochastic, row_state, prs, 1, seed, step, row, CEMBED_STREAM_STATE_A)
-    cembed_row_round(weight_fmt, stochastic, w, sw, dim, seed, step, row, CEMBED_STREAM_WEIGHT)
+    half_rows_round(w, weight_fmt, state_a, state_b, state_fmt, dim, scratch, stochastic, seed, step, row)

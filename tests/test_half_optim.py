@@ -235,6 +235,37 @@ def test_bfloat16_adam_rows_of_whole_blocks(dim, rounding):
             assert_bitwise_equal(opt.state[param][k].view(np.uint16), ref_state[k].view(np.uint16))
 
 
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+@pytest.mark.parametrize("opt_name,dtype_name,state_name", CASES)
+def test_in_place_step_equals_the_gathered_step(opt_name, dtype_name, state_name, rounding):
+    """step() updates a 16-bit table the kernels can write in place row by row, in one pass
+    (_optim.update_rows_half for the row-rule optimizers); a table they cannot (every other column of a
+    wider array) has its rows gathered to float32, updated and rounded back. Both give the same bits,
+    also for NaN, infinite and overflowing gradient entries, and so does the fused backward's row
+    update, which runs the same one-pass routine."""
+    cls, kw = OPTIMIZERS[opt_name]
+    rng = np.random.default_rng(11)
+    n_rows, dim, seed = 30, 40, 5
+    init = rng.standard_normal((n_rows, dim)).astype(HALF[dtype_name])
+    wide = np.zeros((n_rows, 2 * dim), HALF[dtype_name])
+    wide[:, ::2] = init
+    params = [Param(init.copy()), Param(wide[:, ::2])]
+    assert params[0].weight.flags.c_contiguous and not params[1].weight.flags.c_contiguous
+    opts = [cls([p], rounding=rounding, seed=seed, state_dtype=None if state_name == "float32" else state_name, **kw)
+            for p in params]
+    grads = _grads(rng, n_rows, dim, 3, nnz=16)
+    special = grads[1].values.copy()
+    special[0, :4] = [np.nan, np.inf, -3e38, -0.0]
+    grads[1] = SparseGrad(grads[1].indices, special, n_rows)
+    for grad in grads:
+        for param, opt in zip(params, opts):
+            param.grad = grad
+            opt.step()
+        assert_bitwise_equal(params[0].weight.view(np.uint16), params[1].weight.view(np.uint16))
+        assert fingerprint(opts[0].state_dict()) == fingerprint(opts[1].state_dict())
+    assert not wide[:, 1::2].view(np.uint16).any()   # the columns between were not written
+
+
 DENSE = {"sgd_wd": (optim.SGD, dict(lr=0.1, weight_decay=0.01)),
          "sgd_momentum_wd": (optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)),
          "adagrad_wd": (optim.Adagrad, dict(lr=0.1, weight_decay=0.01)),
@@ -340,7 +371,8 @@ def test_fused_equals_unfused_bitwise(opt_name, dtype_name, state_name, kind):
 
 @pytest.mark.parametrize("opt_name,state_name", [("sparse_adam", "bfloat16"), ("adagrad", "float16"),
                                                  ("rowwise_l2", "bfloat16"), ("sgd_momentum", "bfloat16"),
-                                                 ("adamw", "float32"), ("sgd", "float32")])
+                                                 ("adamw", "float32"), ("sgd", "float32"),
+                                                 ("sparse_adam_row", "bfloat16"), ("adamw_row", "float16")])
 @pytest.mark.parametrize("fused", [True, False])
 def test_thread_count_bitwise(opt_name, state_name, fused):
     def run():

@@ -1,6 +1,7 @@
 """16-bit weights and optimizer state (docs/behaviour.md §8.7): the ``rounding`` / ``seed`` /
-``state_dtype`` options, the state dtype rule, and the unfused row update of a 16-bit weight (rows
-gathered to float32, the float32 kernel, one rounding per element by ``_optim.round_rows``)."""
+``state_dtype`` options, the state dtype rule, and the gathered row update of a 16-bit weight (rows
+gathered to float32, the float32 kernel, one rounding per element by ``_optim.round_rows``) for the
+rules and layouts the one-pass kernels (``_optim.update_rows_half``, the fused backward) do not take."""
 from __future__ import annotations
 
 import sys
@@ -93,6 +94,10 @@ def half_in_place(weight: np.ndarray) -> bool:
     return kernel_layout(weight)
 
 
+#: ``Rounding.fused()``: (stochastic, seed, step, first, stride)
+RoundingArgs = Tuple[bool, int, int, int, int]
+
+
 class Rounding:
     """How one update of one parameter stores float32 results into its 16-bit arrays: the format
     follows each target array; the random key is (seed, step, key row, stream, column), where table
@@ -126,8 +131,9 @@ class Rounding:
                           self.step, stream, n_threads_for(n, "optimizer"))
         target[rows] = bits.view(target.dtype).reshape(values.shape)
 
-    def fused(self) -> tuple:
-        """The arguments ``RowContributions.update_rows_half`` takes after the rule."""
+    def fused(self) -> "RoundingArgs":
+        """The arguments ``RowContributions.update_rows_half`` and the ``_optim.*_half`` kernels take
+        after the rule: (stochastic, seed, step, key row of row 0, key row stride)."""
         return self.stochastic, self.seed, self.step, self.first, self.stride
 
 

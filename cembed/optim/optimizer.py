@@ -36,7 +36,7 @@ from .._validation import (
 from ..sparse import SparseGrad, check_exact_sparse_grad, zeroed_grad
 from .. import storage
 from . import _rounding as rounding_
-from ._rounding import ROUNDING_OPTIONS, STEP_KEY, Rounding
+from ._rounding import ROUNDING_OPTIONS, STEP_KEY, Rounding, RoundingArgs
 
 __all__ = ["Optimizer"]
 
@@ -77,13 +77,25 @@ def _in_place(weight: np.ndarray) -> bool:
     return kernel_layout(weight)
 
 
+#: The one-pass update of a 16-bit weight's rows: ``half_kernel(bits, weight_format, rounding_args)``
+#: with the weight's uint16 view, its ``kernel_format`` and ``Rounding.fused()`` (an ``_optim.*_half``
+#: kernel, its other arguments bound by the caller).
+HalfKernel = Callable[[np.ndarray, int, RoundingArgs], None]
+
+
 def _update_rows(weight: np.ndarray, states: Sequence[np.ndarray], rows: np.ndarray,
                  kernel: Callable[[np.ndarray, List[np.ndarray], np.ndarray], None],
-                 rounding: Optional[Rounding] = None, weight_stream: int = rounding_.STREAM_WEIGHT) -> None:
+                 rounding: Optional[Rounding] = None, weight_stream: int = rounding_.STREAM_WEIGHT,
+                 half_kernel: Optional[HalfKernel] = None) -> None:
     """Run ``kernel(weight, states, rows)`` — an update of ``rows`` of the weight and of its
     C-contiguous state arrays — on a weight of any layout. A 16-bit weight (``rounding`` given) is
-    updated in float32 and rounded once per element (:func:`._rounding.update_rows_half`)."""
+    updated in float32 and rounded once per element: in place, one pass per row, by ``half_kernel``
+    when there is one and the kernels can write the weight in place; else its rows are gathered
+    (:func:`._rounding.update_rows_half`). Both give the same bits."""
     if rounding is not None:
+        if half_kernel is not None and rounding_.half_in_place(weight):
+            half_kernel(weight.view(np.uint16), kernel_format(weight.dtype), rounding.fused())
+            return
         rounding_.update_rows_half(weight, states, rows, kernel, rounding, weight_stream)
         return
     if _in_place(weight):
@@ -704,6 +716,13 @@ class Optimizer:
         present = [s for s in states if s is not None]
         rounding = self._rounding_for(state, weight, options)
 
+        def half_kernel(bits: np.ndarray, weight_fmt: int, rounding_args: RoundingArgs) -> None:
+            state_a, state_b, row_state, state_fmt = rounding_.fused_state_views(states)
+            p0, p1, p2, p3 = params
+            _optim.update_rows_half(kind, bits, weight_fmt, state_a, state_b, row_state, state_fmt, rows, values,
+                                    p0, p1, p2, p3, mode, maximize, *rounding_args,
+                                    n_threads_for(rows.size, "optimizer"))
+
         def kernel(w: np.ndarray, blocks: List[np.ndarray], kernel_rows: np.ndarray) -> None:
             it = iter(blocks)
             a, b, row_state = (next(it) if s is not None else None for s in states)
@@ -712,7 +731,7 @@ class Optimizer:
                                empty1 if row_state is None else row_state, kernel_rows, values, *params, mode,
                                maximize, n_threads_for(kernel_rows.size, "optimizer"))
 
-        _update_rows(weight, present, rows, kernel, rounding)
+        _update_rows(weight, present, rows, kernel, rounding, half_kernel=half_kernel)
 
     def _dense_update(self, state: Dict[str, Any], weight: np.ndarray, grad: np.ndarray, options: Group) -> None:
         raise NotImplementedError

@@ -9,7 +9,7 @@ from .. import _grad, _optim
 from .._config import n_threads_for
 from .._validation import check_bool, check_row_ids
 from ..sparse import SparseGrad, merge_plan
-from ._rounding import check_rounding_options
+from ._rounding import RoundingArgs, check_rounding_options, fused_state_views
 from .optimizer import Group, Optimizer, _check_maximize, _option, _update_rows
 
 __all__ = ["SGD"]
@@ -187,7 +187,14 @@ class SGD(Optimizer):
                                      options["momentum"], options["dampening"], options["nesterov"],
                                      options["maximize"], first, n_threads_for(kernel_rows.size, "optimizer"))
 
-        _update_rows(weight, [buf], rows, kernel, self._rounding_for(state, weight, options))
+        def half_kernel(bits: np.ndarray, weight_fmt: int, rounding_args: RoundingArgs) -> None:
+            buf_view, _, _, state_fmt = fused_state_views((buf, None, None))
+            _optim.sgd_momentum_rows_half(bits, weight_fmt, buf_view, state_fmt, rows, grad_slot, grad.values,
+                                          options["lr"], options["momentum"], options["dampening"],
+                                          options["nesterov"], options["maximize"], first, *rounding_args,
+                                          n_threads_for(rows.size, "optimizer"))
+
+        _update_rows(weight, [buf], rows, kernel, self._rounding_for(state, weight, options), half_kernel=half_kernel)
         state["momentum_buffer"] = buf
         rows.flags.writeable = False
         state["active_rows"] = rows

@@ -9,7 +9,7 @@ import numpy as np
 from .. import _grad, _optim, storage
 from .._config import n_threads_for
 from .._validation import EXACT_INTEGER_TYPES, check_choice, check_exact_array, check_real, short_repr
-from ._rounding import check_rounding_options
+from ._rounding import RoundingArgs, check_rounding_options, fused_state_views
 from .optimizer import STEP_MAX, Group, Optimizer, _check_maximize, _option, _update_rows
 
 __all__ = ["SparseAdam"]
@@ -253,5 +253,12 @@ class SparseAdam(Optimizer):
                                              options["lr"], beta1, beta2, options["eps"], options["maximize"],
                                              n_threads_for(kernel_rows.size, "optimizer"))
 
+        def half_kernel(bits: np.ndarray, weight_fmt: int, rounding_args: RoundingArgs) -> None:
+            exp_avg, exp_avg_sq, _, state_fmt = fused_state_views((state["exp_avg"], state["exp_avg_sq"], None))
+            _optim.sparse_adam_row_bias_rows_half(bits, weight_fmt, exp_avg, exp_avg_sq, state_fmt, state["row_step"],
+                                                  rows, values, options["lr"], beta1, beta2, options["eps"],
+                                                  options["maximize"], *rounding_args,
+                                                  n_threads_for(rows.size, "optimizer"))
+
         _update_rows(weight, [state["exp_avg"], state["exp_avg_sq"], state["row_step"]], rows, row_kernel,
-                     self._rounding_for(state, weight, options))
+                     self._rounding_for(state, weight, options), half_kernel=half_kernel)

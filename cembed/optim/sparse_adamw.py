@@ -9,7 +9,7 @@ import numpy as np
 from .. import _optim, storage
 from .._config import n_threads_for
 from .._validation import check_real
-from ._rounding import STREAM_DECAY, check_rounding_options
+from ._rounding import STREAM_DECAY, RoundingArgs, check_rounding_options, fused_state_views
 from .optimizer import Group, Optimizer, _check_maximize, _core, _option, _snapshot, _update_rows
 from .sparse_adam import (_check_betas, _check_bias_correction, _check_row_array, _check_row_steps, _check_step,
                           _check_step_advance, _load_row_step)
@@ -225,7 +225,15 @@ class SparseAdamW(Optimizer):
                                      decay_log, decay_log_prev, decay_last, step_size, bc2_sqrt,
                                      options["maximize"], n_threads_for(kernel_rows.size, "optimizer"))
 
-        _update_rows(weight, arrays, rows, kernel, self._rounding_for(state, weight, options))
+        def half_kernel(bits: np.ndarray, weight_fmt: int, rounding_args: RoundingArgs) -> None:
+            exp_avg, exp_avg_sq, _, state_fmt = fused_state_views((state["exp_avg"], state["exp_avg_sq"], None))
+            _optim.sparse_adamw_rows_half(bits, weight_fmt, exp_avg, exp_avg_sq, state_fmt, state["row_decay_log"],
+                                          state["row_step"] if per_row else _EMPTY_COUNTS, rows, values,
+                                          options["lr"], beta1, beta2, options["eps"], decay_log, decay_log_prev,
+                                          decay_last, step_size, bc2_sqrt, options["maximize"], *rounding_args,
+                                          n_threads_for(rows.size, "optimizer"))
+
+        _update_rows(weight, arrays, rows, kernel, self._rounding_for(state, weight, options), half_kernel=half_kernel)
 
     # ------------------------------------------------------------------ pending decay
     def apply_pending_decay(self) -> None:
