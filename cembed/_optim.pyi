@@ -93,5 +93,10 @@ def sparse_adamw_rows_half(weight: NDArray[np.uint16], weight_fmt: int, exp_avg:
                            bc2_sqrt: float, maximize: bool, stochastic: bool, seed: int, step: int, key_first: int,
                            key_stride: int, n_threads: int) -> None: ...
 
+def adamw_decay_rows_half(weight: NDArray[np.uint16], weight_fmt: int, row_decay_log: NDArray[np.float64],
+                          rows: NDArray[np.int64], decay_log: float, decay_log_prev: float, decay_last: float,
+                          stochastic: bool, seed: int, step: int, key_first: int, key_stride: int,
+                          n_threads: int) -> None: ...
+
 def round_rows(values: NDArray[np.float32], out: NDArray[np.uint16], fmt: int, stochastic: bool,
                key_rows: NDArray[np.int64], seed: int, step: int, stream: int, n_threads: int) -> None: ...

@@ -341,8 +341,9 @@ from cython.parallel cimport parallel, threadid
 from libc.stdint cimport uint16_t, uint64_t
 from libc.stdlib cimport malloc, free
 
-from cembed._rounding cimport (cembed_row_round, state_t, half_row_update, half_rows_widen, half_rows_round,
-                               half_adam_row, CEMBED_TABLE_BF16, CEMBED_TABLE_F16)
+from cembed._rounding cimport (cembed_row_round, cembed_half_row_to_f32, state_t, half_row_update, half_rows_widen,
+                               half_rows_round, half_adam_row, CEMBED_STREAM_DECAY, CEMBED_TABLE_BF16,
+                               CEMBED_TABLE_F16)
 
 
 cdef inline void _prefetch_half_ahead(const int64_t *rows, Py_ssize_t k, Py_ssize_t n_listed, Py_ssize_t dim,
@@ -607,6 +608,53 @@ def sparse_adamw_rows_half(uint16_t[:, :] weight,         # INOUT (n_rows, dim) 
                           <float> row_bc2_sqrt, eps_, <float> (-row_step_size), sign, dim)
                 half_rows_round(w + r * row_stride, weight_fmt, &exp_avg[r, 0], &exp_avg_sq[r, 0], state_fmt, dim,
                                 scratch, stochastic, seed, step, key_first + key_stride * <uint64_t> r)
+    finally:
+        free(scratch_rows)
+
+
+def adamw_decay_rows_half(uint16_t[:, :] weight,        # INOUT (n_rows, dim) 16-bit bits, unit column stride
+                          int weight_fmt,
+                          double[::1] row_decay_log,    # INOUT (n_rows,)
+                          const int64_t[::1] rows,      # IN    (n_pending,) distinct rows
+                          double decay_log, double decay_log_prev, double decay_last,
+                          bint stochastic, uint64_t seed, uint64_t step,
+                          uint64_t key_first, uint64_t key_stride, int n_threads):
+    """adamw_decay_rows on a 16-bit weight, one pass per row: widened, scaled in float32, each element
+    rounded once on the decay stream (CEMBED_STREAM_DECAY), keyed as update_rows_half."""
+    cdef Py_ssize_t n_pending = rows.shape[0]
+    cdef Py_ssize_t dim = weight.shape[1]
+    cdef Py_ssize_t k, r, row_stride = 0
+    cdef double decay
+    cdef uint16_t *w = NULL
+    cdef float *scratch
+    cdef float *scratch_rows
+    if row_decay_log.shape[0] != weight.shape[0]:
+        raise ValueError("adamw_decay_rows_half: row_decay_log must be (n_rows,)")
+    if n_pending == 0:
+        return
+    if dim > 0:
+        _half_weight_rows(weight, weight_fmt, &row_stride, "adamw_decay_rows_half")
+        w = &weight[0, 0]
+    n_threads = max(1, n_threads)
+    scratch_rows = _thread_scratch(n_threads, dim, "adamw_decay_rows_half")
+    scratch = scratch_rows
+    try:
+        with nogil, parallel(num_threads=n_threads):
+            scratch = scratch_rows + threadid() * 3 * dim
+            for k in prange(n_pending, schedule="static", chunksize=ROWS_PER_CHUNK):
+                if dim > 0:
+                    _prefetch_half_ahead(&rows[0], k, n_pending, dim, w, row_stride, <float *> NULL, <float *> NULL)
+                _prefetch_entries_ahead(&rows[0], k, n_pending, &row_decay_log[0], NULL)
+                r = rows[k]
+                if row_decay_log[r] == decay_log:
+                    continue
+                decay = _pending_decay(row_decay_log[r], decay_log, decay_log_prev, decay_last)
+                row_decay_log[r] = decay_log
+                if dim > 0:
+                    cembed_half_row_to_f32(weight_fmt, scratch, w + r * row_stride, dim)
+                    row_scale(scratch, <float> decay, dim)
+                    cembed_row_round(weight_fmt, stochastic, w + r * row_stride, scratch, dim, seed, step,
+                                     key_first + key_stride * <uint64_t> r, CEMBED_STREAM_DECAY)
     finally:
         free(scratch_rows)
 

@@ -241,8 +241,8 @@ def test_in_place_step_equals_the_gathered_step(opt_name, dtype_name, state_name
     """step() updates a 16-bit table the kernels can write in place row by row, in one pass
     (_optim.update_rows_half for the row-rule optimizers); a table they cannot (every other column of a
     wider array) has its rows gathered to float32, updated and rounded back. Both give the same bits,
-    also for NaN, infinite and overflowing gradient entries, and so does the fused backward's row
-    update, which runs the same one-pass routine."""
+    also for NaN, infinite and overflowing gradient entries (and SparseAdamW's apply_pending_decay, on
+    its own random stream); the fused backward's row update runs the same one-pass routines."""
     cls, kw = OPTIMIZERS[opt_name]
     rng = np.random.default_rng(11)
     n_rows, dim, seed = 30, 40, 5
@@ -261,6 +261,14 @@ def test_in_place_step_equals_the_gathered_step(opt_name, dtype_name, state_name
         for param, opt in zip(params, opts):
             param.grad = grad
             opt.step()
+        assert_bitwise_equal(params[0].weight.view(np.uint16), params[1].weight.view(np.uint16))
+        assert fingerprint(opts[0].state_dict()) == fingerprint(opts[1].state_dict())
+    if hasattr(opts[0], "apply_pending_decay"):   # SparseAdamW: the rows the last steps did not touch
+        pending = params[0].weight.copy()
+        for opt in opts:
+            opt.apply_pending_decay()
+        if rounding == "stochastic":   # (to nearest, a bfloat16 row may not feel a decay of 5e-4)
+            assert not np.array_equal(params[0].weight.view(np.uint16), pending.view(np.uint16))
         assert_bitwise_equal(params[0].weight.view(np.uint16), params[1].weight.view(np.uint16))
         assert fingerprint(opts[0].state_dict()) == fingerprint(opts[1].state_dict())
     assert not wide[:, 1::2].view(np.uint16).any()   # the columns between were not written

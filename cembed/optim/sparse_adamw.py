@@ -280,6 +280,10 @@ class SparseAdamW(Optimizer):
                 _optim.adamw_decay_rows(w, states[0], kernel_rows, decay_log, decay_log_prev, decay_last,
                                         n_threads_for(kernel_rows.size, "optimizer"))
 
+            def half_kernel(bits: np.ndarray, weight_fmt: int, rounding_args: RoundingArgs) -> None:
+                _optim.adamw_decay_rows_half(bits, weight_fmt, state["row_decay_log"], rows, decay_log, decay_log_prev,
+                                             decay_last, *rounding_args, n_threads_for(rows.size, "optimizer"))
+
             # a 16-bit weight is rounded on its own stream, keyed by the parameter's last update step
             _update_rows(weight, [state["row_decay_log"]], rows, kernel, self._rounding_for(state, weight, options),
-                         STREAM_DECAY)
+                         STREAM_DECAY, half_kernel=half_kernel)
