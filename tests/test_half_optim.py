@@ -377,14 +377,15 @@ def test_fused_equals_unfused_bitwise(opt_name, dtype_name, state_name, kind):
     assert fingerprint(opt_a.state_dict()) == fingerprint(opt_b.state_dict())
 
 
-@pytest.mark.parametrize("opt_name,state_name", [("sparse_adam", "bfloat16"), ("adagrad", "float16"),
-                                                 ("rowwise_l2", "bfloat16"), ("sgd_momentum", "bfloat16"),
-                                                 ("adamw", "float32"), ("sgd", "float32"),
-                                                 ("sparse_adam_row", "bfloat16"), ("adamw_row", "float16")])
+@pytest.mark.parametrize("opt_name,dtype_name,state_name", [
+    ("sparse_adam", "bfloat16", "bfloat16"), ("adagrad", "bfloat16", "float16"), ("rowwise_l2", "bfloat16", "bfloat16"),
+    ("sgd_momentum", "bfloat16", "bfloat16"), ("adamw", "bfloat16", "float32"), ("sgd", "bfloat16", "float32"),
+    ("sparse_adam_row", "bfloat16", "bfloat16"), ("adamw_row", "bfloat16", "float16"),
+    ("sgd_momentum", "float16", "float32"), ("sparse_adam", "float16", "float16"), ("adamw", "float16", "bfloat16")])
 @pytest.mark.parametrize("fused", [True, False])
-def test_thread_count_bitwise(opt_name, state_name, fused):
+def test_thread_count_bitwise(opt_name, dtype_name, state_name, fused):
     def run():
-        module, opt = _train_modules(opt_name, "bfloat16", state_name, fused, threads_rows=6000, dim=24, steps=2)
+        module, opt = _train_modules(opt_name, dtype_name, state_name, fused, threads_rows=6000, dim=24, steps=2)
         return fingerprint(module.weight, opt.state_dict())
 
     results = at_thread_counts(run)
@@ -607,7 +608,8 @@ def test_bench_16_bit_fused_step_tiny(capsys, kernel):
     assert row["kernel"] == kernel and row["cembed_ms"] > 0 and row["vs_cembed_f32"] > 0
 
 
-@pytest.mark.parametrize("opt_name", ["sparse_adam", "adagrad", "rowwise_l2", "sgd_momentum", "adamw", "sgd"])
+@pytest.mark.parametrize("opt_name", ["sparse_adam", "adagrad", "rowwise_l2", "sgd_momentum", "adamw", "sgd",
+                                      "sparse_adam_row", "adamw_row"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 def test_row_shards_with_rounding_rows_round_as_the_whole_table(opt_name, fused):
     """A table split into S strided row shards (shard s holds rows s, s + S, ...), each trained by its
