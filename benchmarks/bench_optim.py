@@ -153,7 +153,8 @@ def test_phase_sum_and_update(benchmark, workload):
     none1, none_i = np.zeros(0, np.float32), np.zeros(0, np.int64)
     step = 1e-3 * (1 - 0.999) ** 0.5 / (1 - 0.9)
     benchmark(_grad.segment_update, g, order, starts, rows, seg_ids, none_i, none1, False,
-              int(_grad.UpdateKind.UPDATE_ADAM), w, m, v, none1, 0.1, 0.001, 1e-8, -step, 0, False, get_num_threads())
+              int(_grad.UpdateKind.UPDATE_ADAM), w, m, v, none1, np.zeros(0, np.float64), none_i,
+              np.zeros(0, np.float64), 0.1, 0.001, 1e-8, -step, 0, False, get_num_threads())
 
 
 @pytest.mark.benchmark(group="train-step-phases")

@@ -17,8 +17,9 @@ from libc.stdint cimport uint16_t
 
 from cembed._rows cimport (prefetch_row, prefetch_row_for_write, row_stride_items, row_add, row_axpy,
                            row_fma_accumulate, row_add_half, row_axpy_half, row_fma_accumulate_half,
-                           apply_row_update, row_update_has_state, PREFETCH_DISTANCE, ROW_SGD, ROW_ADAGRAD, ROW_ADAM,
-                           ROW_ROWWISE_ADAGRAD, TABLE_F32, TABLE_F64, TABLE_BF16, TABLE_F16)
+                           apply_row_update, row_update_has_state, row_rule_t, set_row_rule, prefetch_rule_entries,
+                           PREFETCH_DISTANCE, ROW_SGD, ROW_ADAGRAD, ROW_ADAM, ROW_ROWWISE_ADAGRAD, ROW_ADAM_ROW_BIAS,
+                           ROW_ADAMW, TABLE_F32, TABLE_F64, TABLE_BF16, TABLE_F16)
 
 cdef enum:
     SEGMENTS_PER_CHUNK = 64   # dynamic-schedule chunk: rows are skewed (Zipf), one hot row can be long
@@ -57,6 +58,8 @@ class UpdateKind(enum.IntEnum):
     UPDATE_ADAGRAD = ROW_ADAGRAD
     UPDATE_ADAM = ROW_ADAM
     UPDATE_ROWWISE_ADAGRAD = ROW_ROWWISE_ADAGRAD
+    UPDATE_ADAM_ROW_BIAS = ROW_ADAM_ROW_BIAS
+    UPDATE_ADAMW = ROW_ADAMW
 
 
 cdef inline void _add_term(floating *out_row, const floating *v, const floating *scale, Py_ssize_t p,
@@ -285,6 +288,9 @@ def segment_update(const floating[:, ::1] values,  # IN  (n_values, dim) gradien
                    floating[:, ::1] state_a,         # INOUT (n_rows, dim) or (0, 0)
                    floating[:, ::1] state_b,         # INOUT (n_rows, dim) or (0, 0)
                    floating[::1] row_state,          # INOUT (n_rows,) or (0,)
+                   double[::1] row_log,              # INOUT (n_rows,) or (0,): row_rule_t's row_log (_rows.pxd)
+                   int64_t[::1] counts,              # INOUT (n_rows,) or (0,): row_rule_t's counts
+                   const double[::1] rule_params,    # IN    (ROW_RULE_PARAMS,) or (0,): row_rule_t's scalars
                    double p0, double p1, double p2, double p3, int mode, bint maximize,
                    int n_threads):
     """Fused backward + update: for each segment, the summed gradient row (exactly as segment_sum's
@@ -317,12 +323,14 @@ def segment_update(const floating[:, ::1] values,  # IN  (n_values, dim) gradien
     cdef floating *scratch_rows
     cdef floating sign = -1 if maximize else 1
     cdef floating q0 = <floating> p0, q1 = <floating> p1, q2 = <floating> p2, q3 = <floating> p3
+    cdef row_rule_t rule
+    set_row_rule(&rule, row_log, counts, rule_params, weight.shape[0], "segment_update")
     if n_out == 0 or dim == 0:
         return
     if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
                             sizeof(floating)):
         raise ValueError("segment_update: the weight's rows must be contiguous (unit column stride)")
-    if not row_update_has_state(kind, a_ptr != NULL, b_ptr != NULL, rs_ptr != NULL):
+    if not row_update_has_state(kind, a_ptr != NULL, b_ptr != NULL, rs_ptr != NULL, &rule):
         raise ValueError("segment_update: missing optimizer state for this update kind")
     values_ptr = <const char *> &values[0, 0]
     w = &weight[0, 0]
@@ -358,10 +366,11 @@ def segment_update(const floating[:, ::1] values,  # IN  (n_values, dim) gradien
                             prefetch_row_for_write(a_ptr + ahead * dim, row_bytes)
                         if b_ptr != NULL:
                             prefetch_row_for_write(b_ptr + ahead * dim, row_bytes)
+                        prefetch_rule_entries(&rule, ahead)
                     r = seg_rows[seg_ids[j]]
                     apply_row_update(kind, w + r * row_stride, a_ptr + r * dim if a_ptr != NULL else NULL,
                                      b_ptr + r * dim if b_ptr != NULL else NULL, rs_ptr + r if rs_ptr != NULL else NULL,
-                                     scratch + (j - lo) * dim, q0, q1, q2, q3, mode, sign, dim)
+                                     scratch + (j - lo) * dim, q0, q1, q2, q3, mode, sign, dim, &rule, r)
                 c = following
     finally:
         free(scratch_rows)
@@ -397,6 +406,9 @@ def segment_update_half(const half_grad_rows_t[:, ::1] values,   # IN  (n_values
                         state_t[:, ::1] state_b,         # INOUT (n_rows, dim) or (0, 0)
                         state_t[::1] row_state,          # INOUT (n_rows,) or (0,)
                         int state_fmt,                   # format of 16-bit state (unused for float32 state)
+                        double[::1] row_log,             # INOUT (n_rows,) or (0,): as segment_update's
+                        int64_t[::1] counts,             # INOUT (n_rows,) or (0,)
+                        const double[::1] rule_params,   # IN    (ROW_RULE_PARAMS,) or (0,)
                         double p0, double p1, double p2, double p3, int mode, bint maximize,
                         bint stochastic, uint64_t seed, uint64_t step,
                         uint64_t key_first, uint64_t key_stride,   # row r's random key row: first + stride * r
@@ -428,13 +440,15 @@ def segment_update_half(const half_grad_rows_t[:, ::1] values,   # IN  (n_values
     cdef float *scratch_rows
     cdef float sign = -1 if maximize else 1
     cdef float q0 = <float> p0, q1 = <float> p1, q2 = <float> p2, q3 = <float> p3
+    cdef row_rule_t rule
     values_fmt = _values_format(values_fmt, sizeof(half_grad_rows_t), sizeof(float))
+    set_row_rule(&rule, row_log, counts, rule_params, weight.shape[0], "segment_update_half")
     if n_out == 0 or dim == 0:
         return
     if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
                             sizeof(uint16_t)):
         raise ValueError("segment_update_half: the weight's rows must be contiguous (unit column stride)")
-    if not row_update_has_state(kind, a_ptr != NULL, b_ptr != NULL, rs_ptr != NULL):
+    if not row_update_has_state(kind, a_ptr != NULL, b_ptr != NULL, rs_ptr != NULL, &rule):
         raise ValueError("segment_update_half: missing optimizer state for this update kind")
     if weight_fmt != CEMBED_TABLE_BF16 and weight_fmt != CEMBED_TABLE_F16:
         raise ValueError(f"segment_update_half: unknown weight format {weight_fmt}")
@@ -473,12 +487,13 @@ def segment_update_half(const half_grad_rows_t[:, ::1] values,   # IN  (n_values
                             prefetch_row_for_write(a_ptr + ahead * dim, s_bytes)
                         if b_ptr != NULL:
                             prefetch_row_for_write(b_ptr + ahead * dim, s_bytes)
+                        prefetch_rule_entries(&rule, ahead)
                     r = seg_rows[seg_ids[j]]
                     half_row_update(kind, w + r * row_stride, weight_fmt, a_ptr + r * dim if a_ptr != NULL else NULL,
                                     b_ptr + r * dim if b_ptr != NULL else NULL,
                                     rs_ptr + r if rs_ptr != NULL else NULL, state_fmt, scratch + (j - lo) * dim,
                                     q0, q1, q2, q3, mode, sign, dim, scratch + chunk * dim, stochastic, seed, step,
-                                    key_first + key_stride * <uint64_t> r)
+                                    key_first + key_stride * <uint64_t> r, &rule, r)
                 c = following
     finally:
         free(scratch_rows)

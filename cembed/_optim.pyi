@@ -7,7 +7,8 @@ from numpy.typing import NDArray
 _Float = TypeVar("_Float", np.float32, np.float64)
 
 def update_rows(kind: int, weight: NDArray[_Float], state_a: NDArray[_Float], state_b: NDArray[_Float],
-                row_state: NDArray[_Float], rows: NDArray[np.int64], grad: NDArray[_Float], p0: float, p1: float,
+                row_state: NDArray[_Float], row_log: NDArray[np.float64], counts: NDArray[np.int64],
+                rule_params: NDArray[np.float64], rows: NDArray[np.int64], grad: NDArray[_Float], p0: float, p1: float,
                 p2: float, p3: float, mode: int, maximize: bool, n_threads: int) -> None: ...
 
 def sgd_momentum_rows(
@@ -24,40 +25,6 @@ def sgd_momentum_rows(
     first_step: bool,
     n_threads: int,
 ) -> None: ...
-def sparse_adam_row_bias_rows(
-    weight: NDArray[_Float],
-    exp_avg: NDArray[_Float],
-    exp_avg_sq: NDArray[_Float],
-    row_step: NDArray[np.int64],
-    rows: NDArray[np.int64],
-    grad: NDArray[_Float],
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    maximize: bool,
-    n_threads: int,
-) -> None: ...
-def sparse_adamw_rows(
-    weight: NDArray[_Float],
-    exp_avg: NDArray[_Float],
-    exp_avg_sq: NDArray[_Float],
-    row_decay_log: NDArray[np.float64],
-    row_step: NDArray[np.int64],
-    rows: NDArray[np.int64],
-    grad: NDArray[_Float],
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    decay_log: float,
-    decay_log_prev: float,
-    decay_last: float,
-    step_size: float,
-    bc2_sqrt: float,
-    maximize: bool,
-    n_threads: int,
-) -> None: ...
 def adamw_decay_rows(
     weight: NDArray[_Float],
     row_decay_log: NDArray[np.float64],
@@ -69,7 +36,8 @@ def adamw_decay_rows(
 ) -> None: ...
 
 def update_rows_half(kind: int, weight: NDArray[np.uint16], weight_fmt: int, state_a: NDArray[Any],
-                     state_b: NDArray[Any], row_state: NDArray[Any], state_fmt: int, rows: NDArray[np.int64],
+                     state_b: NDArray[Any], row_state: NDArray[Any], state_fmt: int, row_log: NDArray[np.float64],
+                     counts: NDArray[np.int64], rule_params: NDArray[np.float64], rows: NDArray[np.int64],
                      grad: NDArray[np.float32], p0: float, p1: float, p2: float, p3: float, mode: int,
                      maximize: bool, stochastic: bool, seed: int, step: int, key_first: int, key_stride: int,
                      n_threads: int) -> None: ...
@@ -78,19 +46,6 @@ def sgd_momentum_rows_half(weight: NDArray[np.uint16], weight_fmt: int, buf: NDA
                            rows: NDArray[np.int64], grad_slot: NDArray[np.int64], grad: NDArray[np.float32],
                            lr: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
                            first_step: bool, stochastic: bool, seed: int, step: int, key_first: int,
-                           key_stride: int, n_threads: int) -> None: ...
-
-def sparse_adam_row_bias_rows_half(weight: NDArray[np.uint16], weight_fmt: int, exp_avg: NDArray[Any],
-                                   exp_avg_sq: NDArray[Any], state_fmt: int, row_step: NDArray[np.int64],
-                                   rows: NDArray[np.int64], grad: NDArray[np.float32], lr: float, beta1: float,
-                                   beta2: float, eps: float, maximize: bool, stochastic: bool, seed: int, step: int,
-                                   key_first: int, key_stride: int, n_threads: int) -> None: ...
-
-def sparse_adamw_rows_half(weight: NDArray[np.uint16], weight_fmt: int, exp_avg: NDArray[Any], exp_avg_sq: NDArray[Any],
-                           state_fmt: int, row_decay_log: NDArray[np.float64], row_step: NDArray[np.int64],
-                           rows: NDArray[np.int64], grad: NDArray[np.float32], lr: float, beta1: float, beta2: float,
-                           eps: float, decay_log: float, decay_log_prev: float, decay_last: float, step_size: float,
-                           bc2_sqrt: float, maximize: bool, stochastic: bool, seed: int, step: int, key_first: int,
                            key_stride: int, n_threads: int) -> None: ...
 
 def adamw_decay_rows_half(weight: NDArray[np.uint16], weight_fmt: int, row_decay_log: NDArray[np.float64],

@@ -12,8 +12,8 @@ from cython.parallel cimport prange
 from cython cimport floating
 from libc.stdint cimport int64_t
 
-from cembed._rows cimport (prefetch_row_for_write, row_stride_items, apply_row_update, row_update_has_state, adam_row,
-                           PREFETCH_DISTANCE)
+from cembed._rows cimport (prefetch_row_for_write, row_stride_items, apply_row_update, row_update_has_state,
+                           row_rule_t, set_row_rule, prefetch_rule_entries, PREFETCH_DISTANCE)
 
 cdef enum:
     ROWS_PER_CHUNK = 64
@@ -36,6 +36,19 @@ cdef inline void _prefetch_ahead(const int64_t *rows, Py_ssize_t k, Py_ssize_t n
         prefetch_row_for_write(state_b + r * dim, row_bytes)
 
 
+cdef inline void _prefetch_entries_ahead(const int64_t *rows, Py_ssize_t k, Py_ssize_t n_listed,
+                                         const double *row_log, const int64_t *row_count) noexcept nogil:
+    """Prefetch, for writing, the per-row scalars PREFETCH_DISTANCE rows ahead (NULL for none)."""
+    cdef Py_ssize_t r
+    if k + PREFETCH_DISTANCE >= n_listed or (row_log == NULL and row_count == NULL):
+        return
+    r = rows[k + PREFETCH_DISTANCE]
+    if row_log != NULL:
+        prefetch_row_for_write(row_log + r, sizeof(double))
+    if row_count != NULL:
+        prefetch_row_for_write(row_count + r, sizeof(int64_t))
+
+
 cdef int _weight_rows(floating[:, :] weight, Py_ssize_t *row_stride, str kernel) except -1:
     """The weight's row stride in elements (OUT), or ValueError when its rows are not contiguous."""
     if not row_stride_items(row_stride, weight.shape[0], weight.shape[1], weight.strides[0], weight.strides[1],
@@ -47,6 +60,7 @@ cdef int _weight_rows(floating[:, :] weight, Py_ssize_t *row_stride, str kernel)
 cdef void _update_listed_rows(int kind, floating *w, Py_ssize_t row_stride,  # INOUT weight, rows row_stride apart
                               floating *state_a, floating *state_b,          # INOUT (n_rows, dim) or NULL
                               floating *row_state,                           # INOUT (n_rows,) or NULL
+                              const row_rule_t *rule,                        # INOUT the per-row kinds' rule
                               const int64_t *rows, Py_ssize_t nnz,           # IN    distinct rows
                               const floating *grad, Py_ssize_t dim,          # IN    (nnz, dim)
                               floating q0, floating q1, floating q2, floating q3, int mode, floating sign,
@@ -55,11 +69,13 @@ cdef void _update_listed_rows(int kind, floating *w, Py_ssize_t row_stride,  # I
     cdef Py_ssize_t k, r
     for k in prange(nnz, schedule="static", chunksize=ROWS_PER_CHUNK, num_threads=n_threads):
         _prefetch_ahead(rows, k, nnz, dim, w, row_stride, state_a, state_b)
+        if k + PREFETCH_DISTANCE < nnz:
+            prefetch_rule_entries(rule, rows[k + PREFETCH_DISTANCE])
         r = rows[k]
         apply_row_update(kind, w + r * row_stride, state_a + r * dim if state_a != NULL else NULL,
                          state_b + r * dim if state_b != NULL else NULL,
                          row_state + r if row_state != NULL else NULL, grad + k * dim, q0, q1, q2, q3, mode, sign,
-                         dim)
+                         dim, rule, r)
 
 
 def update_rows(int kind,                            # a ROW_* kind of _rows.pxd (_grad.UpdateKind)
@@ -67,23 +83,28 @@ def update_rows(int kind,                            # a ROW_* kind of _rows.pxd
                 floating[:, ::1] state_a,            # INOUT (n_rows, dim), or (0, 0) when the kind has none
                 floating[:, ::1] state_b,            # INOUT (n_rows, dim), or (0, 0)
                 floating[::1] row_state,             # INOUT (n_rows,), or (0,)
+                double[::1] row_log,                 # INOUT (n_rows,) or (0,): row_rule_t's row_log
+                int64_t[::1] counts,                 # INOUT (n_rows,) or (0,): row_rule_t's counts
+                const double[::1] rule_params,       # IN    (ROW_RULE_PARAMS,) or (0,): row_rule_t's scalars
                 const int64_t[::1] rows,             # IN    (nnz,) distinct rows of the gradient
                 const floating[:, ::1] grad,         # IN    (nnz, dim) their gradient
                 double p0, double p1, double p2, double p3, int mode, bint maximize, int n_threads):
     """The optimizer update ``kind`` of the rows named by the gradient (parameters as in
     ``apply_row_update``: SGD p0 = -lr; Adagrad p0 = -clr, p1 = eps; SparseAdam p0 = 1 - beta1,
     p1 = 1 - beta2, p2 = eps, p3 = -step_size; row-wise Adagrad p0 = lr, p1 = eps, p2 = weight_decay,
-    mode); every other row is untouched."""
+    mode; the per-row kinds as _rows.pxd lists them); every other row is untouched."""
     cdef Py_ssize_t row_stride
     cdef floating *a_ptr = &state_a[0, 0] if state_a.shape[0] > 0 else NULL
     cdef floating *b_ptr = &state_b[0, 0] if state_b.shape[0] > 0 else NULL
     cdef floating *rs_ptr = &row_state[0] if row_state.shape[0] > 0 else NULL
+    cdef row_rule_t rule
+    set_row_rule(&rule, row_log, counts, rule_params, weight.shape[0], "update_rows")
     if rows.shape[0] == 0 or weight.shape[1] == 0:   # no row to update (a table of no rows has empty state too)
         return
-    if not row_update_has_state(kind, a_ptr != NULL, b_ptr != NULL, rs_ptr != NULL):
+    if not row_update_has_state(kind, a_ptr != NULL, b_ptr != NULL, rs_ptr != NULL, &rule):
         raise ValueError(f"update_rows: missing optimizer state for update kind {kind}")
     if _weight_rows(weight, &row_stride, "update_rows") == 0:
-        _update_listed_rows(kind, &weight[0, 0], row_stride, a_ptr, b_ptr, rs_ptr, &rows[0], rows.shape[0],
+        _update_listed_rows(kind, &weight[0, 0], row_stride, a_ptr, b_ptr, rs_ptr, &rule, &rows[0], rows.shape[0],
                             &grad[0, 0], weight.shape[1], <floating> p0, <floating> p1, <floating> p2,
                             <floating> p3, mode, -1 if maximize else 1, n_threads)
 
@@ -141,161 +162,11 @@ cdef inline void _momentum_row(floating *w,            # INOUT (dim,) weight row
 
 
 # ---------------------------------------------------------------------------------------------------
-# SparseAdamW and per-row bias correction (docs/behaviour.md §8.5)
-#
-# Per parameter the optimizer keeps the running float64 log-sum of the weight-decay factors,
-# L_t = sum_{u<=t} log1p(-lr_u * weight_decay), and per row the value L_s of the row's last update. A
-# row's pending decay is exp(L_t - L_s), or the step's own factor (1 - lr_t * weight_decay) when the
-# row was last brought up to date one step ago (L_s == L_{t-1}). Every row reads and writes only its
-# own entries, so the rows may come in any number of calls (the fused backward) with the same bits.
+# SparseAdamW's pending weight decay (docs/behaviour.md §8.5; _rows.pxd's row_rule_t): SparseAdamW and
+# SparseAdam with per-row bias correction update rows through update_rows (kinds ROW_ADAMW,
+# ROW_ADAM_ROW_BIAS); apply_pending_decay brings the untouched rows up to date here.
 # ---------------------------------------------------------------------------------------------------
-from libc.math cimport exp, pow, sqrt
-from libc.stdint cimport INT64_MAX
-
-from cembed._rows cimport adamw_row, row_scale, prefetch_row_for_write
-
-
-cdef inline double _pending_decay(double row_log,         # IN L_s of the row
-                                  double decay_log,       # IN L_t
-                                  double decay_log_prev,  # IN L_{t-1}
-                                  double decay_last) noexcept nogil:  # IN 1 - lr_t * weight_decay
-    """The factor that brings a row last updated at L_s up to L_t."""
-    if row_log == decay_log_prev:
-        return decay_last
-    return exp(decay_log - row_log)
-
-
-cdef inline int64_t _count_update(int64_t *count) noexcept nogil:  # INOUT one row's update count
-    """count += 1 (saturating, so a hostile count cannot overflow); returns the new count."""
-    cdef int64_t n = count[0]
-    if n < INT64_MAX:
-        n += 1
-    count[0] = n
-    return n
-
-
-cdef inline void _prefetch_entries_ahead(const int64_t *rows, Py_ssize_t k, Py_ssize_t n_listed,
-                                         double *row_log, int64_t *row_count) noexcept nogil:
-    """Prefetch, for writing, the per-row scalars PREFETCH_DISTANCE rows ahead (NULL for none)."""
-    cdef Py_ssize_t r
-    if k + PREFETCH_DISTANCE >= n_listed:
-        return
-    r = rows[k + PREFETCH_DISTANCE]
-    if row_log != NULL:
-        prefetch_row_for_write(row_log + r, sizeof(double))
-    if row_count != NULL:
-        prefetch_row_for_write(row_count + r, sizeof(int64_t))
-
-
-def sparse_adam_row_bias_rows(floating[:, :] weight,        # INOUT (n_rows, dim), unit column stride
-                              floating[:, ::1] exp_avg,     # INOUT (n_rows, dim)
-                              floating[:, ::1] exp_avg_sq,  # INOUT (n_rows, dim)
-                              int64_t[::1] row_step,        # INOUT (n_rows,) updates of each row so far
-                              const int64_t[::1] rows,      # IN    (nnz,) distinct rows of the gradient
-                              const floating[:, ::1] grad,  # IN    (nnz, dim) their gradient
-                              double lr, double beta1, double beta2, double eps, bint maximize,
-                              int n_threads):
-    """SparseAdam with bias_correction="row": each row's step size uses its own update count n
-    (incremented first): lr * sqrt(1 - beta2**n) / (1 - beta1**n), the same expression (and bits)
-    SparseAdam evaluates for the parameter's step counter."""
-    cdef Py_ssize_t nnz = rows.shape[0]
-    cdef Py_ssize_t dim = weight.shape[1]
-    cdef Py_ssize_t k, r, row_stride
-    cdef double step_size
-    cdef floating *w
-    cdef floating omb1 = <floating> (1.0 - beta1)
-    cdef floating omb2 = <floating> (1.0 - beta2)
-    cdef floating eps_ = <floating> eps
-    cdef floating sign = -1 if maximize else 1
-    if nnz == 0 or dim == 0:
-        return
-    if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
-                            sizeof(floating)):
-        raise ValueError("sparse_adam_row_bias_rows: the weight's rows must be contiguous (unit column stride)")
-    w = &weight[0, 0]
-    with nogil:
-        for k in prange(nnz, schedule="static", chunksize=ROWS_PER_CHUNK, num_threads=n_threads):
-            _prefetch_ahead(&rows[0], k, nnz, dim, w, row_stride, &exp_avg[0, 0], &exp_avg_sq[0, 0])
-            _prefetch_entries_ahead(&rows[0], k, nnz, NULL, &row_step[0])
-            r = rows[k]
-            step_size = _row_bias_step_size(&row_step[r], lr, beta1, beta2)
-            adam_row(w + r * row_stride, &exp_avg[r, 0], &exp_avg_sq[r, 0], &grad[k, 0],
-                     omb1, omb2, eps_, <floating> (-step_size), sign, dim)
-
-
-cdef inline double _row_bias_step_size(int64_t *count,   # INOUT the row's update count
-                                       double lr, double beta1, double beta2) noexcept nogil:
-    """SparseAdam's step size for a row by its own update count n (incremented first)."""
-    cdef int64_t n = _count_update(count)
-    return lr * sqrt(1 - pow(beta2, <double> n)) / (1 - pow(beta1, <double> n))
-
-
-def sparse_adamw_rows(floating[:, :] weight,          # INOUT (n_rows, dim), unit column stride
-                      floating[:, ::1] exp_avg,       # INOUT (n_rows, dim)
-                      floating[:, ::1] exp_avg_sq,    # INOUT (n_rows, dim)
-                      double[::1] row_decay_log,      # INOUT (n_rows,) L_s of each row's last update
-                      int64_t[::1] row_step,          # INOUT (n_rows,) updates per row; (0,) = global bias correction
-                      const int64_t[::1] rows,        # IN    (nnz,) distinct rows of the gradient
-                      const floating[:, ::1] grad,    # IN    (nnz, dim) their gradient
-                      double lr, double beta1, double beta2, double eps,
-                      double decay_log, double decay_log_prev, double decay_last,
-                      double step_size, double bc2_sqrt, bint maximize, int n_threads):
-    """One pass per named row: its pending weight decay, then torch's AdamW moments and update.
-    step_size (lr / bc1) and bc2_sqrt are the parameter's, unless row_step is given: then each row's
-    own count n (incremented first) gives lr / (1 - beta1**n) and (1 - beta2**n) ** 0.5."""
-    cdef Py_ssize_t nnz = rows.shape[0]
-    cdef Py_ssize_t dim = weight.shape[1]
-    cdef Py_ssize_t k, r, row_stride
-    cdef bint per_row = row_step.shape[0] > 0
-    cdef int64_t *counts = NULL
-    cdef double decay, row_step_size, row_bc2_sqrt
-    cdef floating *w
-    cdef floating lerp_weight = <floating> (1.0 - beta1)
-    cdef floating beta2_ = <floating> beta2
-    cdef floating omb2 = <floating> (1.0 - beta2)
-    cdef floating eps_ = <floating> eps
-    cdef floating sign = -1 if maximize else 1
-    if nnz == 0 or dim == 0:
-        return
-    if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
-                            sizeof(floating)):
-        raise ValueError("sparse_adamw_rows: the weight's rows must be contiguous (unit column stride)")
-    w = &weight[0, 0]
-    if per_row:
-        counts = &row_step[0]
-    with nogil:
-        for k in prange(nnz, schedule="static", chunksize=ROWS_PER_CHUNK, num_threads=n_threads):
-            _prefetch_ahead(&rows[0], k, nnz, dim, w, row_stride, &exp_avg[0, 0], &exp_avg_sq[0, 0])
-            _prefetch_entries_ahead(&rows[0], k, nnz, &row_decay_log[0], counts)
-            r = rows[k]
-            row_step_size = row_bc2_sqrt = 0   # set through pointers: assigned here so that prange privatises them
-            decay = _adamw_row_scalars(&row_decay_log[r], counts + r if per_row else NULL, lr, beta1, beta2,
-                                       decay_log, decay_log_prev, decay_last, step_size, bc2_sqrt, &row_step_size,
-                                       &row_bc2_sqrt)
-            adamw_row(w + r * row_stride, &exp_avg[r, 0], &exp_avg_sq[r, 0], &grad[k, 0],
-                      <floating> decay, lerp_weight, beta2_, omb2, <floating> row_bc2_sqrt, eps_,
-                      <floating> (-row_step_size), sign, dim)
-
-
-cdef inline double _adamw_row_scalars(double *row_log,    # INOUT the row's L_s, set to L_t
-                                      int64_t *count,     # INOUT the row's update count, or NULL (global)
-                                      double lr, double beta1, double beta2,
-                                      double decay_log, double decay_log_prev, double decay_last,
-                                      double step_size, double bc2_sqrt,
-                                      double *row_step_size, double *row_bc2_sqrt) noexcept nogil:   # OUT
-    """A row's pending decay factor (returned) and its step size and sqrt(bias correction 2), from its
-    own count when it has one (sparse_adamw_rows)."""
-    cdef double decay = _pending_decay(row_log[0], decay_log, decay_log_prev, decay_last)
-    cdef int64_t n
-    row_log[0] = decay_log
-    if count != NULL:
-        n = _count_update(count)
-        row_step_size[0] = lr / (1 - pow(beta1, <double> n))
-        row_bc2_sqrt[0] = pow(1 - pow(beta2, <double> n), 0.5)
-    else:
-        row_step_size[0] = step_size
-        row_bc2_sqrt[0] = bc2_sqrt
-    return decay
+from cembed._rows cimport pending_decay, row_scale
 
 
 def adamw_decay_rows(floating[:, :] weight,           # INOUT (n_rows, dim), unit column stride
@@ -323,7 +194,7 @@ def adamw_decay_rows(floating[:, :] weight,           # INOUT (n_rows, dim), uni
             r = rows[k]
             if row_decay_log[r] == decay_log:
                 continue
-            decay = _pending_decay(row_decay_log[r], decay_log, decay_log_prev, decay_last)
+            decay = pending_decay(row_decay_log[r], decay_log, decay_log_prev, decay_last)
             row_decay_log[r] = decay_log
             if dim > 0:
                 row_scale(w + r * row_stride, <floating> decay, dim)
@@ -342,8 +213,7 @@ from libc.stdint cimport uint16_t, uint64_t
 from libc.stdlib cimport malloc, free
 
 from cembed._rounding cimport (cembed_row_round, cembed_half_row_to_f32, state_t, half_row_update, half_rows_widen,
-                               half_rows_round, half_adam_row, CEMBED_STREAM_DECAY, CEMBED_TABLE_BF16,
-                               CEMBED_TABLE_F16)
+                               half_rows_round, CEMBED_STREAM_DECAY, CEMBED_TABLE_BF16, CEMBED_TABLE_F16)
 
 
 cdef inline void _prefetch_half_ahead(const int64_t *rows, Py_ssize_t k, Py_ssize_t n_listed, Py_ssize_t dim,
@@ -387,6 +257,9 @@ def update_rows_half(int kind,                      # a ROW_* kind of _rows.pxd 
                      state_t[:, ::1] state_b,       # INOUT (n_rows, dim) or (0, 0)
                      state_t[::1] row_state,        # INOUT (n_rows,) or (0,)
                      int state_fmt,                 # format of 16-bit state (unused for float32 state)
+                     double[::1] row_log,           # INOUT (n_rows,) or (0,): row_rule_t's row_log
+                     int64_t[::1] counts,           # INOUT (n_rows,) or (0,): row_rule_t's counts
+                     const double[::1] rule_params, # IN    (ROW_RULE_PARAMS,) or (0,): row_rule_t's scalars
                      const int64_t[::1] rows,       # IN    (nnz,) distinct rows of the gradient
                      const float[:, ::1] grad,      # IN    (nnz, dim) their gradient
                      double p0, double p1, double p2, double p3, int mode, bint maximize,
@@ -410,6 +283,8 @@ def update_rows_half(int kind,                      # a ROW_* kind of _rows.pxd 
     cdef float *scratch_rows
     cdef float sign = -1 if maximize else 1
     cdef float q0 = <float> p0, q1 = <float> p1, q2 = <float> p2, q3 = <float> p3
+    cdef row_rule_t rule
+    set_row_rule(&rule, row_log, counts, rule_params, n_rows, "update_rows_half")
     if grad.shape[0] != nnz or grad.shape[1] != dim:
         raise ValueError("update_rows_half: grad must be (len(rows), dim)")
     for s_rows, s_dim in ((state_a.shape[0], state_a.shape[1]), (state_b.shape[0], state_b.shape[1])):
@@ -419,7 +294,7 @@ def update_rows_half(int kind,                      # a ROW_* kind of _rows.pxd 
         raise ValueError("update_rows_half: the row state must be (n_rows,)")
     if nnz == 0 or dim == 0:   # no row to update (a table of no rows has empty state too)
         return
-    if not row_update_has_state(kind, a_ptr != NULL, b_ptr != NULL, rs_ptr != NULL):
+    if not row_update_has_state(kind, a_ptr != NULL, b_ptr != NULL, rs_ptr != NULL, &rule):
         raise ValueError(f"update_rows_half: missing optimizer state for update kind {kind}")
     _half_weight_rows(weight, weight_fmt, &row_stride, "update_rows_half")
     w = &weight[0, 0]
@@ -431,11 +306,13 @@ def update_rows_half(int kind,                      # a ROW_* kind of _rows.pxd 
             scratch = scratch_rows + threadid() * 3 * dim
             for k in prange(nnz, schedule="static", chunksize=ROWS_PER_CHUNK):
                 _prefetch_half_ahead(&rows[0], k, nnz, dim, w, row_stride, a_ptr, b_ptr)
+                if k + PREFETCH_DISTANCE < nnz:
+                    prefetch_rule_entries(&rule, rows[k + PREFETCH_DISTANCE])
                 r = rows[k]
                 half_row_update(kind, w + r * row_stride, weight_fmt, a_ptr + r * dim if a_ptr != NULL else NULL,
                                 b_ptr + r * dim if b_ptr != NULL else NULL, rs_ptr + r if rs_ptr != NULL else NULL,
                                 state_fmt, &grad[k, 0], q0, q1, q2, q3, mode, sign, dim, scratch, stochastic, seed,
-                                step, key_first + key_stride * <uint64_t> r)
+                                step, key_first + key_stride * <uint64_t> r, &rule, r)
     finally:
         free(scratch_rows)
 
@@ -493,125 +370,6 @@ def sgd_momentum_rows_half(uint16_t[:, :] weight,          # INOUT (n_rows, dim)
         free(scratch_rows)
 
 
-def sparse_adam_row_bias_rows_half(uint16_t[:, :] weight,       # INOUT (n_rows, dim) 16-bit bits, unit column stride
-                                   int weight_fmt,
-                                   state_t[:, ::1] exp_avg,     # INOUT (n_rows, dim) float32 or 16-bit
-                                   state_t[:, ::1] exp_avg_sq,  # INOUT (n_rows, dim)
-                                   int state_fmt,
-                                   int64_t[::1] row_step,       # INOUT (n_rows,)
-                                   const int64_t[::1] rows,     # IN    (nnz,) distinct rows of the gradient
-                                   const float[:, ::1] grad,    # IN    (nnz, dim)
-                                   double lr, double beta1, double beta2, double eps, bint maximize,
-                                   bint stochastic, uint64_t seed, uint64_t step,
-                                   uint64_t key_first, uint64_t key_stride, int n_threads):
-    """sparse_adam_row_bias_rows on a 16-bit weight, one pass per row (half_adam_row, the rule of
-    update_rows_half's SparseAdam with the row's own step size), keyed as update_rows_half."""
-    cdef Py_ssize_t nnz = rows.shape[0]
-    cdef Py_ssize_t dim = weight.shape[1]
-    cdef Py_ssize_t n_rows = weight.shape[0]
-    cdef Py_ssize_t k, r, row_stride
-    cdef double step_size
-    cdef uint16_t *w
-    cdef float *scratch
-    cdef float *scratch_rows
-    cdef float omb1 = <float> (1.0 - beta1)
-    cdef float omb2 = <float> (1.0 - beta2)
-    cdef float eps_ = <float> eps
-    cdef float sign = -1 if maximize else 1
-    if (exp_avg.shape[0] != n_rows or exp_avg.shape[1] != dim or exp_avg_sq.shape[0] != n_rows
-            or exp_avg_sq.shape[1] != dim or row_step.shape[0] != n_rows or grad.shape[0] != nnz
-            or grad.shape[1] != dim):
-        raise ValueError("sparse_adam_row_bias_rows_half: weight, state, rows and grad must agree in shape")
-    if nnz == 0 or dim == 0:
-        return
-    _half_weight_rows(weight, weight_fmt, &row_stride, "sparse_adam_row_bias_rows_half")
-    w = &weight[0, 0]
-    n_threads = max(1, n_threads)
-    scratch_rows = _thread_scratch(n_threads, dim, "sparse_adam_row_bias_rows_half")
-    scratch = scratch_rows
-    try:
-        with nogil, parallel(num_threads=n_threads):
-            scratch = scratch_rows + threadid() * 3 * dim
-            for k in prange(nnz, schedule="static", chunksize=ROWS_PER_CHUNK):
-                _prefetch_half_ahead(&rows[0], k, nnz, dim, w, row_stride, &exp_avg[0, 0], &exp_avg_sq[0, 0])
-                _prefetch_entries_ahead(&rows[0], k, nnz, NULL, &row_step[0])
-                r = rows[k]
-                step_size = _row_bias_step_size(&row_step[r], lr, beta1, beta2)
-                half_adam_row(w + r * row_stride, weight_fmt, &exp_avg[r, 0], &exp_avg_sq[r, 0], state_fmt,
-                              &grad[k, 0], omb1, omb2, eps_, <float> (-step_size), sign, dim, scratch, stochastic,
-                              seed, step, key_first + key_stride * <uint64_t> r)
-    finally:
-        free(scratch_rows)
-
-
-def sparse_adamw_rows_half(uint16_t[:, :] weight,         # INOUT (n_rows, dim) 16-bit bits, unit column stride
-                           int weight_fmt,
-                           state_t[:, ::1] exp_avg,       # INOUT (n_rows, dim) float32 or 16-bit
-                           state_t[:, ::1] exp_avg_sq,    # INOUT (n_rows, dim)
-                           int state_fmt,
-                           double[::1] row_decay_log,     # INOUT (n_rows,)
-                           int64_t[::1] row_step,         # INOUT (n_rows,), or (0,) = global bias correction
-                           const int64_t[::1] rows,       # IN    (nnz,) distinct rows of the gradient
-                           const float[:, ::1] grad,      # IN    (nnz, dim)
-                           double lr, double beta1, double beta2, double eps,
-                           double decay_log, double decay_log_prev, double decay_last,
-                           double step_size, double bc2_sqrt, bint maximize,
-                           bint stochastic, uint64_t seed, uint64_t step,
-                           uint64_t key_first, uint64_t key_stride, int n_threads):
-    """sparse_adamw_rows on a 16-bit weight, one pass per row: the row and its state widened, the
-    float32 rule (pending decay, then AdamW), each element rounded once, keyed as update_rows_half."""
-    cdef Py_ssize_t nnz = rows.shape[0]
-    cdef Py_ssize_t dim = weight.shape[1]
-    cdef Py_ssize_t n_rows = weight.shape[0]
-    cdef Py_ssize_t k, r, row_stride
-    cdef bint per_row = row_step.shape[0] > 0
-    cdef int64_t *counts = NULL
-    cdef double decay, row_step_size, row_bc2_sqrt
-    cdef uint16_t *w
-    cdef float *scratch
-    cdef float *scratch_rows
-    cdef float *sa
-    cdef float *sb
-    cdef float lerp_weight = <float> (1.0 - beta1)
-    cdef float beta2_ = <float> beta2
-    cdef float omb2 = <float> (1.0 - beta2)
-    cdef float eps_ = <float> eps
-    cdef float sign = -1 if maximize else 1
-    if (exp_avg.shape[0] != n_rows or exp_avg.shape[1] != dim or exp_avg_sq.shape[0] != n_rows
-            or exp_avg_sq.shape[1] != dim or row_decay_log.shape[0] != n_rows
-            or (per_row and row_step.shape[0] != n_rows) or grad.shape[0] != nnz or grad.shape[1] != dim):
-        raise ValueError("sparse_adamw_rows_half: weight, state, rows and grad must agree in shape")
-    if nnz == 0 or dim == 0:
-        return
-    _half_weight_rows(weight, weight_fmt, &row_stride, "sparse_adamw_rows_half")
-    w = &weight[0, 0]
-    if per_row:
-        counts = &row_step[0]
-    n_threads = max(1, n_threads)
-    scratch_rows = _thread_scratch(n_threads, dim, "sparse_adamw_rows_half")
-    scratch = scratch_rows
-    try:
-        with nogil, parallel(num_threads=n_threads):
-            scratch = scratch_rows + threadid() * 3 * dim
-            for k in prange(nnz, schedule="static", chunksize=ROWS_PER_CHUNK):
-                _prefetch_half_ahead(&rows[0], k, nnz, dim, w, row_stride, &exp_avg[0, 0], &exp_avg_sq[0, 0])
-                _prefetch_entries_ahead(&rows[0], k, nnz, &row_decay_log[0], counts)
-                r = rows[k]
-                row_step_size = row_bc2_sqrt = 0   # set through pointers: assigned here so that prange privatises them
-                sa = sb = NULL   # (the same)
-                decay = _adamw_row_scalars(&row_decay_log[r], counts + r if per_row else NULL, lr, beta1, beta2,
-                                           decay_log, decay_log_prev, decay_last, step_size, bc2_sqrt,
-                                           &row_step_size, &row_bc2_sqrt)
-                half_rows_widen(w + r * row_stride, weight_fmt, &exp_avg[r, 0], &exp_avg_sq[r, 0], state_fmt, dim,
-                                scratch, &sa, &sb)
-                adamw_row(scratch, sa, sb, &grad[k, 0], <float> decay, lerp_weight, beta2_, omb2,
-                          <float> row_bc2_sqrt, eps_, <float> (-row_step_size), sign, dim)
-                half_rows_round(w + r * row_stride, weight_fmt, &exp_avg[r, 0], &exp_avg_sq[r, 0], state_fmt, dim,
-                                scratch, stochastic, seed, step, key_first + key_stride * <uint64_t> r)
-    finally:
-        free(scratch_rows)
-
-
 def adamw_decay_rows_half(uint16_t[:, :] weight,        # INOUT (n_rows, dim) 16-bit bits, unit column stride
                           int weight_fmt,
                           double[::1] row_decay_log,    # INOUT (n_rows,)
@@ -648,7 +406,7 @@ def adamw_decay_rows_half(uint16_t[:, :] weight,        # INOUT (n_rows, dim) 16
                 r = rows[k]
                 if row_decay_log[r] == decay_log:
                     continue
-                decay = _pending_decay(row_decay_log[r], decay_log, decay_log_prev, decay_last)
+                decay = pending_decay(row_decay_log[r], decay_log, decay_log_prev, decay_last)
                 row_decay_log[r] = decay_log
                 if dim > 0:
                     cembed_half_row_to_f32(weight_fmt, scratch, w + r * row_stride, dim)

@@ -4,7 +4,7 @@
 # round every element once.
 from libc.stdint cimport uint16_t, uint64_t
 
-from cembed._rows cimport adam_row, apply_row_update, ROW_ADAM
+from cembed._rows cimport adam_row, apply_row_update, row_bias_step_size, row_rule_t, ROW_ADAM, ROW_ADAM_ROW_BIAS
 
 cdef extern from "_rounding.h" nogil:
     int CEMBED_TABLE_BF16
@@ -95,10 +95,13 @@ cdef inline void half_row_update(int kind,
                                  float q0, float q1, float q2, float q3, int mode, float sign,
                                  Py_ssize_t dim,
                                  float *scratch,                     # SCRATCH (3 * dim,)
-                                 bint stochastic, uint64_t seed, uint64_t step, uint64_t row) noexcept nogil:
-    """apply_row_update(kind) on row `row` of a 16-bit weight in float32: the weight (and 16-bit state)
-    widened exactly, the float32 row rule, each element rounded once (weight stream 0, state_a and
-    row_state stream 1, state_b stream 2)."""
+                                 bint stochastic, uint64_t seed, uint64_t step,
+                                 uint64_t row,                       # IN the row's random key row
+                                 const row_rule_t *rule,             # INOUT as apply_row_update's
+                                 Py_ssize_t r) noexcept nogil:       # IN the table row (the rule's index)
+    """apply_row_update(kind) on table row r of a 16-bit weight in float32: the weight (and 16-bit
+    state) widened exactly, the float32 row rule, each element rounded once with the random bits of key
+    row `row` (weight stream 0, state_a and row_state stream 1, state_b stream 2)."""
     cdef float *sa
     cdef float *sb
     cdef float rs = 0
@@ -107,6 +110,11 @@ cdef inline void half_row_update(int kind,
         half_adam_row(w, weight_fmt, state_a, state_b, state_fmt, grad, q0, q1, q2, q3, sign, dim, scratch,
                       stochastic, seed, step, row)
         return
+    if kind == ROW_ADAM_ROW_BIAS:
+        half_adam_row(w, weight_fmt, state_a, state_b, state_fmt, grad, q0, q1, q2,
+                      <float> (-row_bias_step_size(rule.counts + r, rule.lr, rule.beta1, rule.beta2)), sign, dim,
+                      scratch, stochastic, seed, step, row)
+        return
     half_rows_widen(w, weight_fmt, state_a, state_b, state_fmt, dim, scratch, &sa, &sb)
     if row_state != NULL:
         if state_t is float:
@@ -114,7 +122,7 @@ cdef inline void half_row_update(int kind,
         else:
             cembed_half_row_to_f32(state_fmt, &rs, row_state, 1)
             prs = &rs
-    apply_row_update(kind, scratch, sa, sb, prs, grad, q0, q1, q2, q3, mode, sign, dim)
+    apply_row_update(kind, scratch, sa, sb, prs, grad, q0, q1, q2, q3, mode, sign, dim, rule, r)
     if state_t is uint16_t:
         if prs != NULL:
             cembed_row_round(state_fmt, stochastic, row_state, prs, 1, seed, step, row, CEMBED_STREAM_STATE_A)

@@ -5,7 +5,8 @@
 #     kernel calls row_add(out, v, dim) and never dispatches on float/double itself.
 # Every function here is `noexcept nogil` and operates on `dim` contiguous elements per row.
 from cython cimport floating
-from libc.stdint cimport uint16_t
+from libc.math cimport exp, pow, sqrt
+from libc.stdint cimport int64_t, uint16_t, INT64_MAX
 
 # Software prefetch of one cache line (a no-op where the builtin is missing).
 cdef extern from *:
@@ -285,17 +286,117 @@ cdef inline void row_scale(floating *w,            # INOUT (dim,)
 
 
 # The row updates a kernel can apply to one weight row and its state, given the row's summed gradient
-# (the optimizer kernels of _optim and the fused backward of _grad share this one dispatch):
+# (the optimizer kernels of _optim, the fused backward of _grad and the fused scoring of _score share this
+# one dispatch):
 cdef enum:
     ROW_SGD = 0               # w = fma(q0, sign * g, w)                                      q0 = -lr
     ROW_ADAGRAD = 1           # state_a: sum; q0 = -clr, q1 = eps
     ROW_ADAM = 2              # state_a, state_b: exp_avg, exp_avg_sq; q0 = 1-b1, q1 = 1-b2, q2 = eps, q3 = -step
     ROW_ROWWISE_ADAGRAD = 3   # row_state: the row's one accumulator; q0 = lr, q1 = eps, q2 = weight_decay, mode
+    ROW_ADAM_ROW_BIAS = 4     # SparseAdam, bias_correction="row": state_a, state_b; rule.counts; q0 = 1-b1,
+    #                           q1 = 1-b2, q2 = eps; rule.lr, beta1, beta2 (the step size from the row's count)
+    ROW_ADAMW = 5             # SparseAdamW: state_a, state_b; rule.row_log (and rule.counts for the per-row bias
+    #                           correction); q0 = 1-b1, q1 = 1-b2, q2 = eps, q3 = b2; every scalar of rule
+    ROW_RULE_PARAMS = 8       # the doubles of row_rule_t after its two arrays
 
 
-cdef inline bint row_update_has_state(int kind, bint has_a, bint has_b, bint has_row_state) noexcept nogil:
-    """Whether `kind` is a ROW_* update and the state arrays it needs are there (state_a for Adagrad,
-    state_a and state_b for Adam, row_state for row-wise Adagrad)."""
+# SparseAdamW and per-row bias correction (docs/behaviour.md §8.5). Per parameter the optimizer keeps the
+# running float64 log-sum of the weight-decay factors, L_t = sum_{u<=t} log1p(-lr_u * weight_decay), and per
+# row the value L_s of the row's last update. A row's pending decay is exp(L_t - L_s), or the step's own
+# factor (1 - lr_t * weight_decay) when the row was last brought up to date one step ago (L_s == L_{t-1}).
+# Every row reads and writes only its own entries, so the rows may come in any number of calls (the fused
+# backward) with the same bits.
+ctypedef struct row_rule_t:
+    double *row_log           # (n_rows,) SparseAdamW's L_s of each row's last update, or NULL
+    int64_t *counts           # (n_rows,) each row's update count (per-row bias correction), or NULL
+    double lr, beta1, beta2
+    double decay_log          # L_t
+    double decay_log_prev     # L_{t-1}
+    double decay_last         # 1 - lr_t * weight_decay
+    double step_size          # lr / (1 - beta1**t): the global bias correction's
+    double bc2_sqrt           # (1 - beta2**t) ** 0.5
+
+
+cdef inline int set_row_rule(row_rule_t *rule,                  # OUT
+                             double[::1] row_log,               # IN  (n_rows,) or (0,)
+                             int64_t[::1] counts,               # IN  (n_rows,) or (0,)
+                             const double[::1] params,          # IN  (ROW_RULE_PARAMS,) or (0,): lr .. bc2_sqrt
+                             Py_ssize_t n_rows, str kernel) except -1:
+    """Fill `rule` from a kernel's arguments (ValueError for arrays of the wrong length)."""
+    if row_log.shape[0] not in (0, n_rows) or counts.shape[0] not in (0, n_rows):
+        raise ValueError(f"{kernel}: the per-row rule arrays must have one entry per table row")
+    if params.shape[0] not in (0, ROW_RULE_PARAMS):
+        raise ValueError(f"{kernel}: the rule parameters must be {ROW_RULE_PARAMS} values or none")
+    rule.row_log = &row_log[0] if row_log.shape[0] > 0 else NULL
+    rule.counts = &counts[0] if counts.shape[0] > 0 else NULL
+    if params.shape[0] == 0:
+        rule.lr = rule.beta1 = rule.beta2 = rule.decay_log = rule.decay_log_prev = rule.decay_last = 0
+        rule.step_size = rule.bc2_sqrt = 0
+    else:
+        rule.lr, rule.beta1, rule.beta2 = params[0], params[1], params[2]
+        rule.decay_log, rule.decay_log_prev, rule.decay_last = params[3], params[4], params[5]
+        rule.step_size, rule.bc2_sqrt = params[6], params[7]
+    return 0
+
+
+cdef inline void prefetch_rule_entries(const row_rule_t *rule, Py_ssize_t r) noexcept nogil:
+    """Prefetch, for writing, row r's entries of the rule's per-row arrays (if it has any)."""
+    if rule.row_log != NULL:
+        cembed_prefetch_w(rule.row_log + r)
+    if rule.counts != NULL:
+        cembed_prefetch_w(rule.counts + r)
+
+
+cdef inline double pending_decay(double row_log,         # IN L_s of the row
+                                 double decay_log,       # IN L_t
+                                 double decay_log_prev,  # IN L_{t-1}
+                                 double decay_last) noexcept nogil:  # IN 1 - lr_t * weight_decay
+    """The factor that brings a row last updated at L_s up to L_t."""
+    if row_log == decay_log_prev:
+        return decay_last
+    return exp(decay_log - row_log)
+
+
+cdef inline int64_t count_update(int64_t *count) noexcept nogil:  # INOUT one row's update count
+    """count += 1 (saturating, so a hostile count cannot overflow); returns the new count."""
+    cdef int64_t n = count[0]
+    if n < INT64_MAX:
+        n += 1
+    count[0] = n
+    return n
+
+
+cdef inline double row_bias_step_size(int64_t *count,   # INOUT the row's update count
+                                      double lr, double beta1, double beta2) noexcept nogil:
+    """SparseAdam's step size for a row by its own update count n (incremented first): the expression
+    (and bits) SparseAdam evaluates for the parameter's step counter."""
+    cdef int64_t n = count_update(count)
+    return lr * sqrt(1 - pow(beta2, <double> n)) / (1 - pow(beta1, <double> n))
+
+
+cdef inline double adamw_row_scalars(const row_rule_t *rule, Py_ssize_t r,
+                                     double *row_step_size, double *row_bc2_sqrt) noexcept nogil:   # OUT
+    """Row r's pending decay factor (returned; its L_s set to L_t), its step size and sqrt(bias
+    correction 2): from its own count (incremented first) when the rule has counts, else the
+    parameter's."""
+    cdef double decay = pending_decay(rule.row_log[r], rule.decay_log, rule.decay_log_prev, rule.decay_last)
+    cdef int64_t n
+    rule.row_log[r] = rule.decay_log
+    if rule.counts != NULL:
+        n = count_update(rule.counts + r)
+        row_step_size[0] = rule.lr / (1 - pow(rule.beta1, <double> n))
+        row_bc2_sqrt[0] = pow(1 - pow(rule.beta2, <double> n), 0.5)
+    else:
+        row_step_size[0] = rule.step_size
+        row_bc2_sqrt[0] = rule.bc2_sqrt
+    return decay
+
+
+cdef inline bint row_update_has_state(int kind, bint has_a, bint has_b, bint has_row_state,
+                                      const row_rule_t *rule) noexcept nogil:
+    """Whether `kind` is a ROW_* update and the state it needs is there (state_a for Adagrad, state_a
+    and state_b for the Adams, row_state for row-wise Adagrad, the rule's counts / row_log for the
+    per-row kinds)."""
     if kind == ROW_SGD:
         return True
     if kind == ROW_ADAGRAD:
@@ -304,6 +405,10 @@ cdef inline bint row_update_has_state(int kind, bint has_a, bint has_b, bint has
         return has_a and has_b
     if kind == ROW_ROWWISE_ADAGRAD:
         return has_row_state
+    if kind == ROW_ADAM_ROW_BIAS:
+        return has_a and has_b and rule.counts != NULL
+    if kind == ROW_ADAMW:
+        return has_a and has_b and rule.row_log != NULL
     return False
 
 
@@ -314,16 +419,26 @@ cdef inline void apply_row_update(int kind,
                                   floating *row_state,        # INOUT (1,) or NULL
                                   const floating *grad,       # IN    (dim,) the row's summed gradient
                                   floating q0, floating q1, floating q2, floating q3, int mode, floating sign,
-                                  Py_ssize_t dim) noexcept nogil:
+                                  Py_ssize_t dim,
+                                  const row_rule_t *rule,     # INOUT the per-row kinds' arrays and scalars
+                                  Py_ssize_t r) noexcept nogil:   # the table row (rule's arrays' index)
     """One row's update of kind ROW_*, by the row routines above."""
+    cdef double step, bc2_sqrt, decay
     if kind == ROW_SGD:
         row_axpy_fma(w, grad, q0, sign, dim)
     elif kind == ROW_ADAGRAD:
         adagrad_row(w, state_a, grad, q0, q1, sign, dim)
     elif kind == ROW_ADAM:
         adam_row(w, state_a, state_b, grad, q0, q1, q2, q3, sign, dim)
-    else:
+    elif kind == ROW_ROWWISE_ADAGRAD:
         rowwise_adagrad_row(w, row_state, grad, sign, q0, q1, q2, mode, dim)
+    elif kind == ROW_ADAM_ROW_BIAS:
+        step = row_bias_step_size(rule.counts + r, rule.lr, rule.beta1, rule.beta2)
+        adam_row(w, state_a, state_b, grad, q0, q1, q2, <floating> (-step), sign, dim)
+    else:
+        decay = adamw_row_scalars(rule, r, &step, &bc2_sqrt)
+        adamw_row(w, state_a, state_b, grad, <floating> decay, q0, q3, q1, <floating> bc2_sqrt, q2, <floating> (-step),
+                  sign, dim)
 
 
 # ---- 16-bit tables (bfloat16, float16): _half.h ----------------------------------------------------

@@ -19,6 +19,7 @@ def logistic_scores_update(query: NDArray[_Float], weight: NDArray[_Float], n_pe
                            starts: NDArray[np.int64], seg_rows: NDArray[np.int64], skip_segment: int,
                            scale_grad_by_freq: bool, n_positive: int, want_loss: bool, kind: int,
                            state_a: NDArray[_Float], state_b: NDArray[_Float], row_state: NDArray[_Float],
+                           row_log: NDArray[np.float64], counts: NDArray[np.int64], rule_params: NDArray[np.float64],
                            p0: float, p1: float, p2: float, p3: float, mode: int, maximize: bool,
                            old_rows: NDArray[_Float], entry_slot: NDArray[np.int64], terms: NDArray[_Float],
                            loss: NDArray[_Float], grad_scores: NDArray[_Float], grad_query: NDArray[_Float],

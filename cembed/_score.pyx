@@ -243,7 +243,7 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 
 from cembed._rows cimport (prefetch_row_for_write, row_axpy, row_fma_accumulate, apply_row_update,
-                           row_update_has_state)
+                           row_update_has_state, row_rule_t, set_row_rule, prefetch_rule_entries)
 
 cdef enum:
     SEGMENTS_PER_CHUNK = 64     # dynamic-schedule chunk of the row pass (rows are Zipf-skewed)
@@ -309,6 +309,9 @@ def logistic_scores_update(const floating[:, ::1] query,   # IN    (n_queries, d
                            floating[:, ::1] state_a,       # INOUT (n_rows, dim) or (0, 0)
                            floating[:, ::1] state_b,       # INOUT (n_rows, dim) or (0, 0)
                            floating[::1] row_state,        # INOUT (n_rows,) or (0,)
+                           double[::1] row_log,            # INOUT (n_rows,) or (0,): row_rule_t's (_rows.pxd)
+                           int64_t[::1] counts,            # INOUT (n_rows,) or (0,)
+                           const double[::1] rule_params,  # IN    (ROW_RULE_PARAMS,) or (0,)
                            double p0, double p1, double p2, double p3, int mode, bint maximize,
                            floating[:, ::1] old_rows,      # SCRATCH (n_segments, dim)
                            int64_t[::1] entry_slot,        # SCRATCH (n_entries,)
@@ -350,6 +353,8 @@ def logistic_scores_update(const floating[:, ::1] query,   # IN    (n_queries, d
     cdef const floating *qbase
     cdef floating *gs
     cdef int64_t *slots
+    cdef row_rule_t rule
+    set_row_rule(&rule, row_log, counts, rule_params, weight.shape[0], "logistic_scores_update")
     if n_queries == 0 or n_entries == 0 or dim == 0 or n_segments == 0:
         raise ValueError("logistic_scores_update: empty operands are the caller's to handle")
     if n_entries != n_queries * n_per or starts.shape[0] != n_segments + 1 or old_rows.shape[0] != n_segments \
@@ -360,7 +365,7 @@ def logistic_scores_update(const floating[:, ::1] query,   # IN    (n_queries, d
     if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
                             sizeof(floating)):
         raise ValueError("logistic_scores_update: the weight's rows must be contiguous (unit column stride)")
-    if not row_update_has_state(kind, a_ptr != NULL, b_ptr != NULL, rs_ptr != NULL):
+    if not row_update_has_state(kind, a_ptr != NULL, b_ptr != NULL, rs_ptr != NULL, &rule):
         raise ValueError("logistic_scores_update: missing optimizer state for this update kind")
     w = &weight[0, 0]
     old = &old_rows[0, 0]
@@ -383,6 +388,7 @@ def logistic_scores_update(const floating[:, ::1] query,   # IN    (n_queries, d
                         prefetch_row_for_write(a_ptr + ahead * dim, row_bytes)
                     if b_ptr != NULL:
                         prefetch_row_for_write(b_ptr + ahead * dim, row_bytes)
+                    prefetch_rule_entries(&rule, ahead)
                 r = seg_rows[j]
                 wrow = w + r * row_stride
                 memcpy(old + j * dim, wrow, row_bytes)
@@ -392,7 +398,7 @@ def logistic_scores_update(const floating[:, ::1] query,   # IN    (n_queries, d
                 if j != skip_segment:
                     apply_row_update(kind, wrow, a_ptr + r * dim if a_ptr != NULL else NULL,
                                      b_ptr + r * dim if b_ptr != NULL else NULL, rs_ptr + r if rs_ptr != NULL else NULL,
-                                     scratch, q0, q1, q2, q3, mode, sign, dim)
+                                     scratch, q0, q1, q2, q3, mode, sign, dim, &rule, r)
         with nogil:
             for b in prange(n_queries, schedule="dynamic", chunksize=QUERIES_PER_CHUNK, num_threads=n_threads):
                 total = 0

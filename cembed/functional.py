@@ -26,7 +26,7 @@ import mmap
 import os
 import queue
 import threading
-from typing import Any, Iterator, List, Optional, Tuple, Union
+from typing import Any, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
@@ -318,6 +318,35 @@ def embedding_renorm_(weight: np.ndarray, indices: Any, max_norm: float, norm_ty
 
 # ============================================================================ gradients
 
+class RowRule(NamedTuple):
+    """An optimizer's update of one row, as the one-pass kernels apply it (``_rows.pxd``'s
+    ``apply_row_update``): ``kind`` is a ``_grad.UpdateKind``, ``states`` = (state_a, state_b,
+    row_state) with None where the kind has none, ``params`` its four float parameters, ``mode`` and
+    ``maximize``; the per-row kinds (SparseAdam with per-row bias correction, SparseAdamW) also have
+    per-row arrays (``row_log``: float64, ``counts``: int64; None where absent) and the float64
+    scalars ``rule_params`` (lr, beta1, beta2, decay_log, decay_log_prev, decay_last, step_size,
+    bc2_sqrt). The optimizers build it (``Optimizer._row_rule``) from state checked in the same call."""
+    kind: int
+    states: Tuple[Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray]]
+    params: Tuple[float, float, float, float]
+    mode: int
+    maximize: bool
+    row_log: Optional[np.ndarray] = None
+    counts: Optional[np.ndarray] = None
+    rule_params: Tuple[float, ...] = ()
+
+    def arrays(self) -> Tuple[Optional[np.ndarray], ...]:
+        """Every per-row array the update writes besides the weight: the states, then row_log and
+        counts (None where absent)."""
+        return tuple(self.states) + (self.row_log, self.counts)
+
+    def rule_args(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(row_log, counts, rule_params) as the kernels take them: empty arrays where absent."""
+        return (np.zeros(0, np.float64) if self.row_log is None else self.row_log,
+                np.zeros(0, np.int64) if self.counts is None else self.counts,
+                np.asarray(self.rule_params, dtype=np.float64))
+
+
 class RowContributions:
     """What one backward adds to a table's gradient, not yet summed: entry ``k`` adds
     ``scale[k] * values[src[k]]`` to row ``rows[k]`` (``src`` defaults to ``k``, ``scale`` to 1),
@@ -430,42 +459,41 @@ class RowContributions:
         rows, values = self._compact()
         return SparseGrad._from_private(rows, values, num_rows)
 
-    def update_rows(self, weight: np.ndarray, kind: int, states: Tuple[Optional[np.ndarray], ...],
-                    params: Tuple[float, float, float, float], mode: int, maximize: bool) -> None:
+    def update_rows(self, weight: np.ndarray, rule: RowRule) -> None:
         """Fused backward + update in one pass: sum each distinct row's contributions into a scratch
-        row and apply the row update ``kind`` (an ``_grad.UpdateKind``) to ``weight`` and its state at
-        once. ``states`` = (state_a, state_b, row_state), None where the update has none; ``weight``
-        must have :func:`kernel_layout` (and 16-bit values a 16-bit weight: :meth:`update_rows_half`).
-        Bitwise what :meth:`sparse` + the optimizer's kernel give."""
+        row and apply the optimizer's row update ``rule`` to ``weight`` and its state at once;
+        ``weight`` must have :func:`kernel_layout` (and 16-bit values a 16-bit weight:
+        :meth:`update_rows_half`). Bitwise what :meth:`sparse` + the optimizer's kernel give."""
         order, seg_rows, starts, seg_ids = self._segments()
         order, src, scale = self._sources(order)
         dtype = self.values.dtype
         empty2, empty1 = np.zeros((0, 0), dtype=dtype), np.zeros(0, dtype=dtype)
-        state_a, state_b, row_state = states
+        state_a, state_b, row_state = rule.states
         _grad.segment_update(self.values, order, starts, seg_rows, seg_ids, src, scale, self.scale_grad_by_freq,
-                             kind, weight, empty2 if state_a is None else state_a,
+                             rule.kind, weight, empty2 if state_a is None else state_a,
                              empty2 if state_b is None else state_b, empty1 if row_state is None else row_state,
-                             *params, mode, maximize, n_threads_for(seg_ids.size, "segment"))
+                             *rule.rule_args(), *rule.params, rule.mode, rule.maximize,
+                             n_threads_for(seg_ids.size, "segment"))
 
-    def update_rows_half(self, bits: np.ndarray, weight_fmt: int, kind: int, states: Tuple[np.ndarray, ...],
-                         state_fmt: int, params: Tuple[float, float, float, float], mode: int, maximize: bool,
-                         stochastic: bool, seed: int, step: int, key_first: int = 0, key_stride: int = 1) -> None:
+    def update_rows_half(self, bits: np.ndarray, weight_fmt: int, rule: RowRule, states: Tuple[np.ndarray, ...],
+                         state_fmt: int, stochastic: bool, seed: int, step: int, key_first: int = 0,
+                         key_stride: int = 1) -> None:
         """:meth:`update_rows` for a 16-bit (float16 / bfloat16) weight given as its uint16 ``bits``
         (unit column stride) and format code, with float32 or 16-bit gradient values: each row is updated in
         float32 and every element of the weight and of 16-bit state is rounded once (stochastically
         with the key (seed, step, key_first + key_stride * row, stream), or to nearest; docs/behaviour.md
-        §8.7). ``states`` =
-        (state_a, state_b, row_state): float32 arrays, or uint16 bits of format ``state_fmt``, empty
-        where the update has none. Bitwise what :meth:`sparse` + the optimizer's unfused step give."""
+        §8.7). ``states`` = ``rule.states`` as the kernel takes them: float32 arrays, or uint16 bits of
+        format ``state_fmt``, empty where the update has none. Bitwise what :meth:`sparse` + the
+        optimizer's unfused step give."""
         order, seg_rows, starts, seg_ids = self._segments()
         order, src, scale = self._sources(order)
         state_a, state_b, row_state = states
         values, values_fmt = self._kernel_values()
         _grad.segment_update_half(values, values_fmt, order, starts, seg_rows, seg_ids, src, scale,
                                   self.scale_grad_by_freq,
-                                  kind, bits, weight_fmt, state_a, state_b, row_state, state_fmt, *params, mode,
-                                  maximize, stochastic, seed, step, key_first, key_stride,
-                                  n_threads_for(seg_ids.size, "segment"))
+                                  rule.kind, bits, weight_fmt, state_a, state_b, row_state, state_fmt,
+                                  *rule.rule_args(), *rule.params, rule.mode, rule.maximize, stochastic, seed, step,
+                                  key_first, key_stride, n_threads_for(seg_ids.size, "segment"))
 
     def chunks(self, chunk_bytes: int = 1 << 20) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
         """The summed gradient a chunk of distinct rows at a time: ``(rows, values)`` pairs, rows
@@ -1575,15 +1603,14 @@ class LogisticScores(RowContributions):
     def _set_values(self, values: np.ndarray, scale: Optional[np.ndarray]) -> None:
         self.values, self.query, self.scale = values, values, scale   # the queries are the values
 
-    def update_rows(self, weight: np.ndarray, kind: int, states: Tuple[Optional[np.ndarray], ...],
-                    params: Tuple[float, float, float, float], mode: int, maximize: bool) -> None:
-        """Score and apply the row update ``kind`` in one kernel: each distinct row is read once
+    def update_rows(self, weight: np.ndarray, rule: RowRule) -> None:
+        """Score and apply the row update ``rule`` in one kernel: each distinct row is read once
         (``_score.logistic_scores_update``); bitwise :meth:`results` of :meth:`_score` followed by
         :meth:`RowContributions.update_rows`."""
         n_entries, dim = self.grid.size, self.query.shape[1]
         if self.scored is not None or weight is not self.weight or weight.dtype not in FLOAT_DTYPES \
                 or not kernel_layout(weight) or n_entries == 0 or dim == 0:
-            super().update_rows(weight, kind, states, params, mode, maximize)   # scores first (_segments)
+            super().update_rows(weight, rule)   # scores first (_segments)
             return
         order, seg_rows, starts = self._grouped()
         skip = self._padding_segment(seg_rows)
@@ -1593,11 +1620,12 @@ class LogisticScores(RowContributions):
         entry_slot = _buffer_cache.empty((n_entries,), np.dtype(np.int64))
         terms = _buffer_cache.empty((2 * n_entries,), dtype) if self.with_loss else np.zeros(0, dtype=dtype)
         empty2, empty1 = np.zeros((0, 0), dtype=dtype), np.zeros(0, dtype=dtype)
-        state_a, state_b, row_state = states
+        state_a, state_b, row_state = rule.states
         _score.logistic_scores_update(self.query, weight, self.grid.shape[1], order, starts, seg_rows, skip,
-                                      self.scale_grad_by_freq, self.n_positive, self.with_loss, kind,
+                                      self.scale_grad_by_freq, self.n_positive, self.with_loss, rule.kind,
                                       empty2 if state_a is None else state_a, empty2 if state_b is None else state_b,
-                                      empty1 if row_state is None else row_state, *params, mode, maximize,
+                                      empty1 if row_state is None else row_state, *rule.rule_args(), *rule.params,
+                                      rule.mode, rule.maximize,
                                       old_rows, entry_slot, terms, loss, grad_scores.reshape(-1), grad_query,
                                       n_threads_for(n_entries, "gather"))
         self._keep(loss, grad_scores, grad_query)
@@ -1689,13 +1717,14 @@ def embedding_dot_logistic_sgd_(query: Any, indices: Any, weight: np.ndarray, lr
     scores = logistic_scores(query, indices, weight, n_positive, with_loss=with_loss,
                              name="embedding_dot_logistic_sgd_")
     if kernel_layout(weight):
-        scores.update_rows(weight, int(_grad.UpdateKind.UPDATE_SGD), (None, None, None), (-lr, 0.0, 0.0, 0.0), 0,
-                           False)
+        scores.update_rows(weight, RowRule(int(_grad.UpdateKind.UPDATE_SGD), (None, None, None), (-lr, 0.0, 0.0, 0.0),
+                                           0, False))
     else:   # the touched rows copied out, updated by the optimizers' row kernel, written back
         rows, values = scores._compact()
         block = np.ascontiguousarray(weight[rows])
         empty2, empty1 = np.zeros((0, 0), dtype=weight.dtype), np.zeros(0, dtype=weight.dtype)
         _optim.update_rows(int(_grad.UpdateKind.UPDATE_SGD), block, empty2, empty2, empty1,
+                           np.zeros(0, np.float64), np.zeros(0, np.int64), np.zeros(0, np.float64),
                            np.arange(rows.size, dtype=np.int64), values, -lr, 0.0, 0.0, 0.0, 0, False,
                            n_threads_for(rows.size, "optimizer"))
         weight[rows] = block

@@ -16,20 +16,23 @@ from util import assert_bitwise_equal
 
 
 # The optimizer kernel (_optim.update_rows) with each rule's parameters, as the optimizers pass them
+# (these kinds have no per-row rule arrays: empty row_log, counts and rule parameters)
+NO_RULE = (np.zeros(0, np.float64), np.zeros(0, np.int64), np.zeros(0, np.float64))
+
 def sparse_adam_rows(weight, exp_avg, exp_avg_sq, rows, values, beta1, beta2, eps, step_size, maximize, n):
-    _optim.update_rows(UpdateKind.UPDATE_ADAM, weight, exp_avg, exp_avg_sq, np.zeros(0, weight.dtype), rows, values,
-                       1.0 - beta1, 1.0 - beta2, eps, -step_size, 0, maximize, n)
+    _optim.update_rows(UpdateKind.UPDATE_ADAM, weight, exp_avg, exp_avg_sq, np.zeros(0, weight.dtype), *NO_RULE, rows,
+                       values, 1.0 - beta1, 1.0 - beta2, eps, -step_size, 0, maximize, n)
 
 
 def adagrad_rows(weight, state_sum, rows, values, clr, eps, maximize, n):
     _optim.update_rows(UpdateKind.UPDATE_ADAGRAD, weight, state_sum, np.zeros((0, 0), weight.dtype),
-                       np.zeros(0, weight.dtype), rows, values, -clr, eps, 0.0, 0.0, 0, maximize, n)
+                       np.zeros(0, weight.dtype), *NO_RULE, rows, values, -clr, eps, 0.0, 0.0, 0, maximize, n)
 
 
 def sgd_rows(weight, rows, values, lr, maximize, n):
     empty2 = np.zeros((0, 0), weight.dtype)
-    _optim.update_rows(UpdateKind.UPDATE_SGD, weight, empty2, empty2, np.zeros(0, weight.dtype), rows, values,
-                       -lr, 0.0, 0.0, 0.0, 0, maximize, n)
+    _optim.update_rows(UpdateKind.UPDATE_SGD, weight, empty2, empty2, np.zeros(0, weight.dtype), *NO_RULE, rows,
+                       values, -lr, 0.0, 0.0, 0.0, 0, maximize, n)
 
 N_ROWS, DIM, WIDTH = 57, 11, 24   # dim not a multiple of a vector width, so the tail loops run too
 NNZ = 23                          # more than PREFETCH_DISTANCE rows: the prefetch-ahead path runs

@@ -19,10 +19,11 @@ OPTIMIZERS = {   # name: (class, options, takes the one-pass kernel)
     "rowwise_adagrad_l2": (cembed.optim.RowWiseAdagrad, dict(lr=0.1, weight_decay=0.01), True),
     "rowwise_adagrad_decoupled": (cembed.optim.RowWiseAdagrad,
                                   dict(lr=0.1, weight_decay=0.01, weight_decay_mode="decoupled"), True),
+    "sparseadam_row_bias": (cembed.optim.SparseAdam, dict(lr=0.01, bias_correction="row"), True),
+    "sparseadamw": (cembed.optim.SparseAdamW, dict(lr=0.01), True),
+    "sparseadamw_row_bias": (cembed.optim.SparseAdamW, dict(lr=0.01, weight_decay=0.1, bias_correction="row"), True),
     # no row rule: scored first, then the fused backward's other paths
     "sgd_momentum": (cembed.optim.SGD, dict(lr=0.05, momentum=0.9), False),
-    "sparseadam_row_bias": (cembed.optim.SparseAdam, dict(lr=0.01, bias_correction="row"), False),
-    "sparseadamw": (cembed.optim.SparseAdamW, dict(lr=0.01), False),
 }
 
 

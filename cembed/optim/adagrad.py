@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 
 from .. import _grad
+from ..functional import RowRule
 from ..sparse import SparseGrad
 from ._rounding import check_rounding_options
 from .._validation import EXACT_INTEGER_TYPES, short_repr
@@ -130,9 +131,9 @@ class Adagrad(Optimizer):
         state["step"] = np.float32(np.float32(state["step"]) + np.float32(1.0))
         return options["lr"] / (1 + (float(state["step"]) - 1) * options["lr_decay"])
 
-    def _row_rule(self, state: Dict[str, Any], weight: np.ndarray, options: Group, prepared: float) -> Any:
-        return (_grad.UpdateKind.UPDATE_ADAGRAD, (state["sum"], None, None), (-prepared, options["eps"], 0.0, 0.0), 0,
-                options["maximize"])
+    def _row_rule(self, state: Dict[str, Any], weight: np.ndarray, options: Group, prepared: float) -> RowRule:
+        return RowRule(_grad.UpdateKind.UPDATE_ADAGRAD, (state["sum"], None, None), (-prepared, options["eps"], 0.0, 0.0),
+                       0, options["maximize"])
 
     def _dense_update(self, state: Dict[str, Any], weight: np.ndarray, grad: np.ndarray, options: Group) -> None:
         clr = self._sparse_begin(state, weight, options)

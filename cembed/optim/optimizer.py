@@ -35,6 +35,7 @@ from .._validation import (
 )
 from ..sparse import SparseGrad, check_exact_sparse_grad, zeroed_grad
 from .. import storage
+from ..functional import RowRule
 from . import _rounding as rounding_
 from ._rounding import ROUNDING_OPTIONS, STEP_KEY, Rounding, RoundingArgs
 
@@ -712,24 +713,30 @@ class Optimizer:
         rule = self._row_rule(state, weight, options, prepared)
         if rule is None:
             raise NotImplementedError(f"{type(self).__name__} has no row rule")
-        kind, states, params, mode, maximize = rule
-        present = [s for s in states if s is not None]
+        arrays = rule.arrays()   # the states, row_log, counts (None where absent)
+        present = [a for a in arrays if a is not None]
         rounding = self._rounding_for(state, weight, options)
 
         def half_kernel(bits: np.ndarray, weight_fmt: int, rounding_args: RoundingArgs) -> None:
-            state_a, state_b, row_state, state_fmt = rounding_.fused_state_views(states)
-            p0, p1, p2, p3 = params
-            _optim.update_rows_half(kind, bits, weight_fmt, state_a, state_b, row_state, state_fmt, rows, values,
-                                    p0, p1, p2, p3, mode, maximize, *rounding_args,
-                                    n_threads_for(rows.size, "optimizer"))
+            state_a, state_b, row_state, state_fmt = rounding_.fused_state_views(rule.states)
+            row_log, counts, rule_params = rule.rule_args()
+            p0, p1, p2, p3 = rule.params
+            stochastic, seed, step, key_first, key_stride = rounding_args
+            _optim.update_rows_half(rule.kind, bits, weight_fmt, state_a, state_b, row_state, state_fmt, row_log, counts,
+                                    rule_params, rows, values, p0, p1, p2, p3, rule.mode, rule.maximize, stochastic,
+                                    seed, step, key_first, key_stride, n_threads_for(rows.size, "optimizer"))
 
         def kernel(w: np.ndarray, blocks: List[np.ndarray], kernel_rows: np.ndarray) -> None:
+            # the gathered rows: each present array's block in the order of `arrays`
             it = iter(blocks)
-            a, b, row_state = (next(it) if s is not None else None for s in states)
+            a, b, row_state, row_log, counts = (next(it) if x is not None else None for x in arrays)
             empty2, empty1 = np.zeros((0, 0), dtype=w.dtype), np.zeros(0, dtype=w.dtype)
-            _optim.update_rows(kind, w, empty2 if a is None else a, empty2 if b is None else b,
-                               empty1 if row_state is None else row_state, kernel_rows, values, *params, mode,
-                               maximize, n_threads_for(kernel_rows.size, "optimizer"))
+            p0, p1, p2, p3 = rule.params
+            block_log, block_counts, rule_params = rule._replace(row_log=row_log, counts=counts).rule_args()
+            _optim.update_rows(rule.kind, w, empty2 if a is None else a, empty2 if b is None else b,
+                               empty1 if row_state is None else row_state, block_log, block_counts, rule_params,
+                               kernel_rows, values, p0, p1, p2, p3, rule.mode, rule.maximize,
+                               n_threads_for(kernel_rows.size, "optimizer"))
 
         _update_rows(weight, present, rows, kernel, rounding, half_kernel=half_kernel)
 
@@ -841,26 +848,24 @@ class Optimizer:
         in_place = _in_place(weight) if rounding is None else rounding_.half_in_place(weight)
         one_pass = self._row_rule(state, weight, options, prepared) if in_place else None
         if one_pass is not None and rounding is not None and hasattr(contributions, "update_rows_half"):
-            kind, states, params, mode, maximize = one_pass
-            *views, state_fmt = rounding_.fused_state_views(states)
-            contributions.update_rows_half(weight.view(np.uint16), kernel_format(weight.dtype), kind, tuple(views),
-                                           state_fmt, params, mode, maximize, *rounding.fused())
+            *views, state_fmt = rounding_.fused_state_views(one_pass.states)
+            contributions.update_rows_half(weight.view(np.uint16), kernel_format(weight.dtype), one_pass, tuple(views),
+                                           state_fmt, *rounding.fused())
             return
         if one_pass is not None and rounding is None and hasattr(contributions, "update_rows"):
-            contributions.update_rows(weight, *one_pass)
+            contributions.update_rows(weight, one_pass)
             return
         for rows, values in contributions.chunks():
             self._sparse_rows(state, weight, rows, values, options, prepared)
 
     def _row_rule(self, state: Dict[str, Any], weight: np.ndarray, options: Group,
-                  prepared: Any) -> Optional[Tuple[int, Tuple[Optional[np.ndarray], ...],
-                                                   Tuple[float, float, float, float], int, bool]]:
-        """This optimizer's row update as ``(kind, (state_a, state_b, row_state), (p0, p1, p2, p3),
-        mode, maximize)`` — a ``_grad.UpdateKind`` and its parameters (``_rows.pxd``,
-        ``apply_row_update``), run by ``_optim.update_rows`` on a sparse gradient's rows and by
-        ``_grad.segment_update`` in the fused backward, so both paths give the same bits. None when
-        the rule is not one of those kinds (then :meth:`_sparse_rows` is overridden and the fused
-        backward sends it the rows chunk by chunk)."""
+                  prepared: Any) -> Optional[RowRule]:
+        """This optimizer's row update as a :class:`cembed.functional.RowRule` — a ``_grad.UpdateKind``
+        and its parameters and per-row arrays (``_rows.pxd``, ``apply_row_update``), run by
+        ``_optim.update_rows`` on a sparse gradient's rows and by ``_grad.segment_update`` in the fused
+        backward, so both paths give the same bits; it is made after :meth:`_sparse_begin`, from state
+        checked in the same call. None when the rule is not one of those kinds (then
+        :meth:`_sparse_rows` is overridden and the fused backward sends it the rows chunk by chunk)."""
         return None
 
     # ------------------------------------------------------------------ state dicts

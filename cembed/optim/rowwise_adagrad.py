@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 
 from .. import _grad, storage
+from ..functional import RowRule
 from .._validation import check_choice, check_exact_array
 from ._rounding import allowed_state_dtypes, check_rounding_options, state_dtype
 from .optimizer import Group, Optimizer, _check_maximize, _option
@@ -136,10 +137,10 @@ class RowWiseAdagrad(Optimizer):
 
     _accumulators = ("sum",)
 
-    def _row_rule(self, state: Dict[str, Any], weight: np.ndarray, options: Group, prepared: Any) -> Any:
+    def _row_rule(self, state: Dict[str, Any], weight: np.ndarray, options: Group, prepared: Any) -> RowRule:
         mode = _MODES[options["weight_decay_mode"]] if options["weight_decay"] != 0 else 0
-        return (_grad.UpdateKind.UPDATE_ROWWISE_ADAGRAD, (None, None, state["sum"]),
-                (options["lr"], options["eps"], options["weight_decay"], 0.0), mode, options["maximize"])
+        return RowRule(_grad.UpdateKind.UPDATE_ROWWISE_ADAGRAD, (None, None, state["sum"]),
+                       (options["lr"], options["eps"], options["weight_decay"], 0.0), mode, options["maximize"])
 
     def _dense_update(self, state: Dict[str, Any], weight: np.ndarray, grad: np.ndarray, options: Group) -> None:
         """A dense gradient: every row is updated (with a zero gradient, rows still decay)."""

@@ -7,6 +7,7 @@ import numpy as np
 
 from .. import _grad, _optim
 from .._config import n_threads_for
+from ..functional import RowRule
 from .._validation import check_bool, check_row_ids
 from ..sparse import SparseGrad, merge_plan
 from ._rounding import RoundingArgs, check_rounding_options, fused_state_views
@@ -146,8 +147,9 @@ class SGD(Optimizer):
             return
         super()._update(state, weight, grad, options)
 
-    def _row_rule(self, state: Dict[str, Any], weight: np.ndarray, options: Group, prepared: Any) -> Any:
-        return _grad.UpdateKind.UPDATE_SGD, (None, None, None), (-options["lr"], 0.0, 0.0, 0.0), 0, options["maximize"]
+    def _row_rule(self, state: Dict[str, Any], weight: np.ndarray, options: Group, prepared: Any) -> RowRule:
+        return RowRule(_grad.UpdateKind.UPDATE_SGD, (None, None, None), (-options["lr"], 0.0, 0.0, 0.0), 0,
+                       options["maximize"])
 
     def _dense_update(self, state: Dict[str, Any], weight: np.ndarray, grad: np.ndarray, options: Group) -> None:
         momentum = options["momentum"]

@@ -6,11 +6,11 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from .. import _grad, _optim, storage
-from .._config import n_threads_for
+from .. import _grad, storage
+from ..functional import RowRule
 from .._validation import EXACT_INTEGER_TYPES, check_choice, check_exact_array, check_real, short_repr
-from ._rounding import RoundingArgs, check_rounding_options, fused_state_views
-from .optimizer import STEP_MAX, Group, Optimizer, _check_maximize, _option, _update_rows
+from ._rounding import check_rounding_options
+from .optimizer import STEP_MAX, Group, Optimizer, _check_maximize, _option
 
 __all__ = ["SparseAdam"]
 
@@ -234,31 +234,12 @@ class SparseAdam(Optimizer):
         step = state["step"]
         return options["lr"] * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
 
-    def _row_rule(self, state: Dict[str, Any], weight: np.ndarray, options: Group, prepared: float) -> Any:
-        if options["bias_correction"] == "row":
-            return None
+    def _row_rule(self, state: Dict[str, Any], weight: np.ndarray, options: Group, prepared: float) -> RowRule:
         beta1, beta2 = options["betas"]
-        return (_grad.UpdateKind.UPDATE_ADAM, (state["exp_avg"], state["exp_avg_sq"], None),
-                (1.0 - beta1, 1.0 - beta2, options["eps"], -prepared), 0, options["maximize"])
-
-    def _sparse_rows(self, state: Dict[str, Any], weight: np.ndarray, rows: np.ndarray, values: np.ndarray,
-                     options: Group, prepared: float) -> None:
-        if options["bias_correction"] != "row":
-            super()._sparse_rows(state, weight, rows, values, options, prepared)
-            return
-        beta1, beta2 = options["betas"]
-
-        def row_kernel(w: np.ndarray, states: List[np.ndarray], kernel_rows: np.ndarray) -> None:
-            _optim.sparse_adam_row_bias_rows(w, states[0], states[1], states[2], kernel_rows, values,
-                                             options["lr"], beta1, beta2, options["eps"], options["maximize"],
-                                             n_threads_for(kernel_rows.size, "optimizer"))
-
-        def half_kernel(bits: np.ndarray, weight_fmt: int, rounding_args: RoundingArgs) -> None:
-            exp_avg, exp_avg_sq, _, state_fmt = fused_state_views((state["exp_avg"], state["exp_avg_sq"], None))
-            _optim.sparse_adam_row_bias_rows_half(bits, weight_fmt, exp_avg, exp_avg_sq, state_fmt, state["row_step"],
-                                                  rows, values, options["lr"], beta1, beta2, options["eps"],
-                                                  options["maximize"], *rounding_args,
-                                                  n_threads_for(rows.size, "optimizer"))
-
-        _update_rows(weight, [state["exp_avg"], state["exp_avg_sq"], state["row_step"]], rows, row_kernel,
-                     self._rounding_for(state, weight, options), half_kernel=half_kernel)
+        moments = (state["exp_avg"], state["exp_avg_sq"], None)
+        if options["bias_correction"] == "row":   # the step size from each row's own count (_rows.pxd)
+            return RowRule(_grad.UpdateKind.UPDATE_ADAM_ROW_BIAS, moments, (1.0 - beta1, 1.0 - beta2, options["eps"], 0.0),
+                           0, options["maximize"], counts=state["row_step"],
+                           rule_params=(options["lr"], beta1, beta2, 0.0, 0.0, 0.0, 0.0, 0.0))
+        return RowRule(_grad.UpdateKind.UPDATE_ADAM, moments, (1.0 - beta1, 1.0 - beta2, options["eps"], -prepared), 0,
+                       options["maximize"])

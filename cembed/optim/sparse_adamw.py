@@ -6,10 +6,11 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from .. import _optim, storage
+from .. import _grad, _optim, storage
 from .._config import n_threads_for
+from ..functional import RowRule
 from .._validation import check_real
-from ._rounding import STREAM_DECAY, RoundingArgs, check_rounding_options, fused_state_views
+from ._rounding import STREAM_DECAY, RoundingArgs, check_rounding_options
 from .optimizer import Group, Optimizer, _check_maximize, _core, _option, _snapshot, _update_rows
 from .sparse_adam import (_check_betas, _check_bias_correction, _check_row_array, _check_row_steps, _check_step,
                           _check_step_advance, _load_row_step)
@@ -209,31 +210,17 @@ class SparseAdamW(Optimizer):
         step = state["step"]
         return options["lr"] / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5  # torch's order
 
-    def _sparse_rows(self, state: Dict[str, Any], weight: np.ndarray, rows: np.ndarray, values: np.ndarray,
-                     options: Group, prepared: Tuple[float, float]) -> None:
+    def _row_rule(self, state: Dict[str, Any], weight: np.ndarray, options: Group,
+                  prepared: Tuple[float, float]) -> RowRule:
         beta1, beta2 = options["betas"]
         step_size, bc2_sqrt = prepared
-        per_row = options["bias_correction"] == "row"
-        arrays = [state["exp_avg"], state["exp_avg_sq"], state["row_decay_log"]]
-        if per_row:
-            arrays.append(state["row_step"])
         decay_log, decay_log_prev, decay_last = (state[name] for name in _SCALARS)
-
-        def kernel(w: np.ndarray, states: List[np.ndarray], kernel_rows: np.ndarray) -> None:
-            _optim.sparse_adamw_rows(w, states[0], states[1], states[2], states[3] if per_row else _EMPTY_COUNTS,
-                                     kernel_rows, values, options["lr"], beta1, beta2, options["eps"],
-                                     decay_log, decay_log_prev, decay_last, step_size, bc2_sqrt,
-                                     options["maximize"], n_threads_for(kernel_rows.size, "optimizer"))
-
-        def half_kernel(bits: np.ndarray, weight_fmt: int, rounding_args: RoundingArgs) -> None:
-            exp_avg, exp_avg_sq, _, state_fmt = fused_state_views((state["exp_avg"], state["exp_avg_sq"], None))
-            _optim.sparse_adamw_rows_half(bits, weight_fmt, exp_avg, exp_avg_sq, state_fmt, state["row_decay_log"],
-                                          state["row_step"] if per_row else _EMPTY_COUNTS, rows, values,
-                                          options["lr"], beta1, beta2, options["eps"], decay_log, decay_log_prev,
-                                          decay_last, step_size, bc2_sqrt, options["maximize"], *rounding_args,
-                                          n_threads_for(rows.size, "optimizer"))
-
-        _update_rows(weight, arrays, rows, kernel, self._rounding_for(state, weight, options), half_kernel=half_kernel)
+        return RowRule(_grad.UpdateKind.UPDATE_ADAMW, (state["exp_avg"], state["exp_avg_sq"], None),
+                       (1.0 - beta1, 1.0 - beta2, options["eps"], beta2), 0, options["maximize"],
+                       row_log=state["row_decay_log"],
+                       counts=state["row_step"] if options["bias_correction"] == "row" else None,
+                       rule_params=(options["lr"], beta1, beta2, decay_log, decay_log_prev, decay_last, step_size,
+                                    bc2_sqrt))
 
     # ------------------------------------------------------------------ pending decay
     def apply_pending_decay(self) -> None:
