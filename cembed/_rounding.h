@@ -182,7 +182,7 @@ CEMBED_ROUND_CLONES static void cembed_f32_row_to_bf16_sr_portable(uint16_t *res
     cembed_f32_columns_to_bf16_sr(out, v, b, dim, lo, hi);
 }
 
-/* ---- the same rows with AVX-512F (x86-64, checked once at run time; _half.h) ---------------------
+/* ---- the same bfloat16 rows with AVX-512F (x86-64, checked once at run time; _half.h) ------------
  * 16 columns per instruction: the 16 draws of a block of 32 columns are one vector (lane k: draw
  * b / 2 + k, the same expression as cembed_round_bits), column b + k rounds with its high half and
  * column b + 16 + k with its low half, and every float32 operation is the scalar code's, in its order
@@ -249,11 +249,74 @@ CEMBED_ROUND_INLINE void cembed_f32_row_to_bf16_sr(uint16_t *restrict out, const
     cembed_f32_row_to_bf16_sr_portable(out, v, dim, key);
 }
 
-CEMBED_ROUND_CLONES static void cembed_f32_row_to_f16_sr(uint16_t *restrict out, const float *restrict v,
-                                                         ptrdiff_t dim, uint64_t key)
+CEMBED_ROUND_CLONES static void cembed_f32_row_to_f16_sr_portable(uint16_t *restrict out, const float *restrict v,
+                                                                  ptrdiff_t dim, uint64_t key)
 {
     const uint32_t lo = (uint32_t)key, hi = (uint32_t)(key >> 32);
     for (ptrdiff_t j = 0; j < dim; j++) out[j] = cembed_f32_to_f16_sr(v[j], cembed_round_bits(lo, hi, (uint32_t)j));
+}
+
+#ifdef CEMBED_X86_INTRINSICS
+/* cembed_f32_to_f16_sr on 16 lanes: the same integer expressions, lane by lane, and every one of them fits
+ * in 32 bits — the subnormal threshold is rem · 2**(32 - s) with rem < 2**s, or rem >> (s - 32) with
+ * rem < 2**24 — so the scalar code's 64-bit threshold is the same number. AVX-512's variable shifts give
+ * 0 for a count of 32 or more, as the scalar code's guards do. */
+CEMBED_AVX512_FUNCTION static inline __m256i cembed_f16x16_sr(__m512 x, __m512i r)
+{
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x8000));
+    const __m512i a = _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF));
+    const __m512i not_r = _mm512_xor_si512(r, _mm512_set1_epi32(-1));
+    const __m512i normal = _mm512_srli_epi32(
+        _mm512_add_epi32(_mm512_sub_epi32(a, _mm512_set1_epi32((127 - 15) << 23)), _mm512_srli_epi32(not_r, 19)), 13);
+    const __m512i e = _mm512_srli_epi32(a, 23);
+    const __mmask16 has_e = _mm512_test_epi32_mask(e, e);
+    const __m512i m = _mm512_mask_or_epi32(a, has_e, _mm512_and_si512(a, _mm512_set1_epi32(0x007FFFFF)),
+                                           _mm512_set1_epi32(0x00800000));
+    const __m512i s = _mm512_sub_epi32(_mm512_set1_epi32(126), _mm512_max_epu32(e, _mm512_set1_epi32(1)));
+    const __m512i q = _mm512_srlv_epi32(m, s);
+    const __m512i rem = _mm512_sub_epi32(m, _mm512_sllv_epi32(q, s));
+    const __m512i threshold = _mm512_or_si512(_mm512_sllv_epi32(rem, _mm512_sub_epi32(_mm512_set1_epi32(32), s)),
+                                              _mm512_srlv_epi32(rem, _mm512_sub_epi32(s, _mm512_set1_epi32(32))));
+    const __m512i subnormal = _mm512_mask_add_epi32(q, _mm512_cmplt_epu32_mask(r, threshold), q,
+                                                    _mm512_set1_epi32(1));
+    const __m512i nan = _mm512_or_si512(_mm512_set1_epi32(0x7E00),
+                                        _mm512_and_si512(_mm512_srli_epi32(a, 13), _mm512_set1_epi32(0x03FF)));
+    __m512i out = normal;
+    out = _mm512_mask_mov_epi32(out, _mm512_cmplt_epu32_mask(a, _mm512_set1_epi32(0x38800000)), subnormal);
+    out = _mm512_mask_mov_epi32(out, _mm512_cmpge_epu32_mask(a, _mm512_set1_epi32(0x47800000)),
+                                _mm512_set1_epi32(0x7C00));
+    out = _mm512_mask_mov_epi32(out, _mm512_cmpgt_epu32_mask(a, _mm512_set1_epi32(0x7F800000)), nan);
+    return _mm512_cvtepi32_epi16(_mm512_or_si512(out, sign));
+}
+
+CEMBED_AVX512_FUNCTION static void cembed_f32_row_to_f16_sr_avx512(uint16_t *restrict out, const float *restrict v,
+                                                                   ptrdiff_t dim, uint64_t key)
+{
+    const uint32_t lo = (uint32_t)key, hi = (uint32_t)(key >> 32);
+    const __m512i key_lo = _mm512_set1_epi32((int)lo), key_hi = _mm512_set1_epi32((int)hi);
+    const __m512i k = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    ptrdiff_t b = 0;
+    for (; b + 16 <= dim; b += 16) {   /* draw j for column j: q_golden = j * 0x9E3779B9 */
+        const __m512i q = _mm512_mullo_epi32(_mm512_add_epi32(k, _mm512_set1_epi32((int)(uint32_t)b)),
+                                             _mm512_set1_epi32((int)0x9E3779B9u));
+        _mm256_storeu_si256((__m256i *)(out + b),
+                            cembed_f16x16_sr(_mm512_loadu_ps(v + b), cembed_round_bits_x16(q, key_lo, key_hi)));
+    }
+    for (; b < dim; b++) out[b] = cembed_f32_to_f16_sr(v[b], cembed_round_bits(lo, hi, (uint32_t)b));
+}
+#endif
+
+CEMBED_ROUND_INLINE void cembed_f32_row_to_f16_sr(uint16_t *restrict out, const float *restrict v, ptrdiff_t dim,
+                                                  uint64_t key)
+{
+#ifdef CEMBED_X86_INTRINSICS
+    if (dim >= 16 && cembed_have_avx512f()) {
+        cembed_f32_row_to_f16_sr_avx512(out, v, dim, key);
+        return;
+    }
+#endif
+    cembed_f32_row_to_f16_sr_portable(out, v, dim, key);
 }
 
 /* v[0:dim] rounded once per element into the 16-bit row `out` of format fmt: stochastically under
