@@ -111,7 +111,7 @@ CEMBED_HALF_INLINE void cembed_bf16_row_to_f32(float *restrict out, const uint16
  *   portable loop runs at about a fifth of the speed of a float32 copy.) vcvtps2ph narrows 8 at a time,
  *   to nearest, ties to even, as the portable rule does (a NaN comes out quiet in both).
  * - bfloat16 rows with AVX-512F: 16 columns per instruction (rounding to nearest here; the stochastic
- *   rounding and the Adam row in _rounding.h). */
+ *   rounding, the Adam row and float16's stochastic rounding in _rounding.h). */
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #include <immintrin.h>
 #define CEMBED_X86_INTRINSICS 1

@@ -33,6 +33,7 @@ def max_threads():
 
 def cpu_paths():
     """Which hand-written CPU paths the kernels take on this machine (_half.h): {"f16c": float16 rows
-    widened with F16C, "avx512f": bfloat16 rows rounded and updated with AVX-512F}. Each is the CPU's
+    widened with F16C, "avx512f": bfloat16 rows rounded and updated, float16 rows rounded stochastically,
+    with AVX-512F}. Each is the CPU's
     support, less what $CEMBED_DISABLE_CPU_FEATURES names; the results are the same bits either way."""
     return {"f16c": bool(CEMBED_USES_F16C()), "avx512f": bool(CEMBED_USES_AVX512F())}
