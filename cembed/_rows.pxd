@@ -315,6 +315,7 @@ ctypedef struct row_rule_t:
     double decay_last         # 1 - lr_t * weight_decay
     double step_size          # lr / (1 - beta1**t): the global bias correction's
     double bc2_sqrt           # (1 - beta2**t) ** 0.5
+    bint has_params           # whether the scalars were given (the per-row kinds need them)
 
 
 cdef inline int set_row_rule(row_rule_t *rule,                  # OUT
@@ -329,6 +330,7 @@ cdef inline int set_row_rule(row_rule_t *rule,                  # OUT
         raise ValueError(f"{kernel}: the rule parameters must be {ROW_RULE_PARAMS} values or none")
     rule.row_log = &row_log[0] if row_log.shape[0] > 0 else NULL
     rule.counts = &counts[0] if counts.shape[0] > 0 else NULL
+    rule.has_params = params.shape[0] > 0
     if params.shape[0] == 0:
         rule.lr = rule.beta1 = rule.beta2 = rule.decay_log = rule.decay_log_prev = rule.decay_last = 0
         rule.step_size = rule.bc2_sqrt = 0
@@ -395,8 +397,8 @@ cdef inline double adamw_row_scalars(const row_rule_t *rule, Py_ssize_t r,
 cdef inline bint row_update_has_state(int kind, bint has_a, bint has_b, bint has_row_state,
                                       const row_rule_t *rule) noexcept nogil:
     """Whether `kind` is a ROW_* update and the state it needs is there (state_a for Adagrad, state_a
-    and state_b for the Adams, row_state for row-wise Adagrad, the rule's counts / row_log for the
-    per-row kinds)."""
+    and state_b for the Adams, row_state for row-wise Adagrad, the rule's counts / row_log and its
+    scalars for the per-row kinds)."""
     if kind == ROW_SGD:
         return True
     if kind == ROW_ADAGRAD:
@@ -406,9 +408,9 @@ cdef inline bint row_update_has_state(int kind, bint has_a, bint has_b, bint has
     if kind == ROW_ROWWISE_ADAGRAD:
         return has_row_state
     if kind == ROW_ADAM_ROW_BIAS:
-        return has_a and has_b and rule.counts != NULL
+        return has_a and has_b and rule.counts != NULL and rule.has_params
     if kind == ROW_ADAMW:
-        return has_a and has_b and rule.row_log != NULL
+        return has_a and has_b and rule.row_log != NULL and rule.has_params
     return False
 
 

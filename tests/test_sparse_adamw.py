@@ -715,3 +715,29 @@ def test_kernels_refuse_non_adjacent_columns(rng, name):
     with pytest.raises(ValueError, match="contiguous"):
         step(weight, states, np.array([1, 2], np.int64), np.ones((2, 4)), 1)
     assert_bitwise_equal(weight, before)
+
+
+def test_per_row_kinds_refuse_a_rule_without_its_arrays_or_parameters():
+    """The kernels' AdamW and per-row-bias Adam kinds need the rule's per-row arrays and its eight
+    scalars: without them (or with arrays of another length) the kernel raises before writing."""
+    from cembed import _optim
+    from cembed._grad import UpdateKind
+
+    n_rows, dim = 6, 3
+    params = np.array([0.01, 0.9, 0.999, -0.1, -0.05, 0.95, 0.1, 0.5])
+    logs, counts, none_f, none_i = np.zeros(n_rows), np.zeros(n_rows, np.int64), np.zeros(0), np.zeros(0, np.int64)
+    cases = [(UpdateKind.UPDATE_ADAMW, logs, none_i, np.zeros(0), "missing optimizer state"),
+             (UpdateKind.UPDATE_ADAMW, none_f, none_i, params, "missing optimizer state"),
+             (UpdateKind.UPDATE_ADAM_ROW_BIAS, none_f, counts, np.zeros(0), "missing optimizer state"),
+             (UpdateKind.UPDATE_ADAM_ROW_BIAS, none_f, none_i, params, "missing optimizer state"),
+             (UpdateKind.UPDATE_ADAMW, np.zeros(n_rows - 1), none_i, params, "one entry per table row"),
+             (UpdateKind.UPDATE_ADAM_ROW_BIAS, none_f, counts, params[:5], "8 values or none")]
+    for kind, row_log, row_counts, rule, message in cases:
+        w, m, v = np.ones((n_rows, dim), np.float32), np.zeros((n_rows, dim), np.float32), np.zeros((n_rows, dim), np.float32)
+        before = [x.copy() for x in (w, m, v, row_log, row_counts)]
+        with pytest.raises(ValueError, match=message):
+            _optim.update_rows(kind, w, m, v, np.zeros(0, np.float32), row_log, row_counts, rule,
+                               np.array([1, 4], np.int64), np.ones((2, dim), np.float32), 0.1, 0.001, 1e-8, 0.999, 0,
+                               False, 1)
+        for x, y in zip((w, m, v, row_log, row_counts), before):
+            assert_bitwise_equal(x, y)

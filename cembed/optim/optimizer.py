@@ -116,8 +116,9 @@ class Optimizer:
 
     Subclasses declare ``_state_arrays`` (per-row state arrays shaped like the weight) and implement
     ``_check_options`` (one group's hyper-parameters, validated and normalised), ``_check_grad``,
-    ``_check_state``, ``_load_state_entry`` and the update hooks ``_sparse_begin`` / ``_sparse_rows``
-    / ``_dense_update``.
+    ``_check_state``, ``_load_state_entry`` and the update hooks ``_sparse_begin`` / ``_row_rule`` (the
+    row update of a sparse step, as a :class:`cembed.functional.RowRule`; or override ``_sparse_rows``) /
+    ``_dense_update``.
 
     Examples
     --------
@@ -722,9 +723,9 @@ class Optimizer:
             row_log, counts, rule_params = rule.rule_args()
             p0, p1, p2, p3 = rule.params
             stochastic, seed, step, key_first, key_stride = rounding_args
-            _optim.update_rows_half(rule.kind, bits, weight_fmt, state_a, state_b, row_state, state_fmt, row_log, counts,
-                                    rule_params, rows, values, p0, p1, p2, p3, rule.mode, rule.maximize, stochastic,
-                                    seed, step, key_first, key_stride, n_threads_for(rows.size, "optimizer"))
+            _optim.update_rows_half(rule.kind, bits, weight_fmt, state_a, state_b, row_state, state_fmt, row_log,
+                                    counts, rule_params, rows, values, p0, p1, p2, p3, rule.mode, rule.maximize,
+                                    stochastic, seed, step, key_first, key_stride, n_threads_for(rows.size, "optimizer"))
 
         def kernel(w: np.ndarray, blocks: List[np.ndarray], kernel_rows: np.ndarray) -> None:
             # the gathered rows: each present array's block in the order of `arrays`
@@ -864,8 +865,10 @@ class Optimizer:
         and its parameters and per-row arrays (``_rows.pxd``, ``apply_row_update``), run by
         ``_optim.update_rows`` on a sparse gradient's rows and by ``_grad.segment_update`` in the fused
         backward, so both paths give the same bits; it is made after :meth:`_sparse_begin`, from state
-        checked in the same call. None when the rule is not one of those kinds (then
-        :meth:`_sparse_rows` is overridden and the fused backward sends it the rows chunk by chunk)."""
+        checked in the same call. Every cembed optimizer has one (SGD's momentum moves rows the gradient
+        does not name and goes through :meth:`_update` instead); a subclass whose rule is not one of
+        these kinds returns None and overrides :meth:`_sparse_rows`, and the fused backward then sends
+        it the summed rows chunk by chunk."""
         return None
 
     # ------------------------------------------------------------------ state dicts

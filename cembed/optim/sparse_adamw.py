@@ -17,7 +17,6 @@ from .sparse_adam import (_check_betas, _check_bias_correction, _check_row_array
 
 __all__ = ["SparseAdamW"]
 
-_EMPTY_COUNTS = np.zeros(0, dtype=np.int64)  # row_step for global bias correction (the kernel reads none)
 _SCALARS = ("decay_log", "decay_log_prev", "decay_last")
 _REQUIRED = frozenset({"step", "exp_avg", "exp_avg_sq", "row_decay_log", *_SCALARS})
 
