@@ -657,7 +657,8 @@ def _kernel_steps():
 
     def adamw(weight, s, rows, values, n, per_row):   # update_rows' AdamW kind: the parameters SparseAdamW passes
         _optim.update_rows(UpdateKind.UPDATE_ADAMW, weight, s[0], s[1], np.zeros(0, weight.dtype), s[2],
-                           s[3] if per_row else np.zeros(0, np.int64), rule(0.01, 0.8, 0.95, -0.3, -0.2, 0.9, 0.02, 0.5),
+                           s[3] if per_row else np.zeros(0, np.int64),
+                           rule(0.01, 0.8, 0.95, -0.3, -0.2, 0.9, 0.02, 0.5),
                            rows, values, 1 - 0.8, 1 - 0.95, 1e-8, 0.95, 0, True, n)
 
     def adam_row_bias(weight, s, rows, values, n):
@@ -733,7 +734,8 @@ def test_per_row_kinds_refuse_a_rule_without_its_arrays_or_parameters():
              (UpdateKind.UPDATE_ADAMW, np.zeros(n_rows - 1), none_i, params, "one entry per table row"),
              (UpdateKind.UPDATE_ADAM_ROW_BIAS, none_f, counts, params[:5], "8 values or none")]
     for kind, row_log, row_counts, rule, message in cases:
-        w, m, v = np.ones((n_rows, dim), np.float32), np.zeros((n_rows, dim), np.float32), np.zeros((n_rows, dim), np.float32)
+        w = np.ones((n_rows, dim), np.float32)
+        m, v = np.zeros((n_rows, dim), np.float32), np.zeros((n_rows, dim), np.float32)
         before = [x.copy() for x in (w, m, v, row_log, row_counts)]
         with pytest.raises(ValueError, match=message):
             _optim.update_rows(kind, w, m, v, np.zeros(0, np.float32), row_log, row_counts, rule,

@@ -132,8 +132,8 @@ class Adagrad(Optimizer):
         return options["lr"] / (1 + (float(state["step"]) - 1) * options["lr_decay"])
 
     def _row_rule(self, state: Dict[str, Any], weight: np.ndarray, options: Group, prepared: float) -> RowRule:
-        return RowRule(_grad.UpdateKind.UPDATE_ADAGRAD, (state["sum"], None, None), (-prepared, options["eps"], 0.0, 0.0),
-                       0, options["maximize"])
+        return RowRule(_grad.UpdateKind.UPDATE_ADAGRAD, (state["sum"], None, None),
+                       (-prepared, options["eps"], 0.0, 0.0), 0, options["maximize"])
 
     def _dense_update(self, state: Dict[str, Any], weight: np.ndarray, grad: np.ndarray, options: Group) -> None:
         clr = self._sparse_begin(state, weight, options)

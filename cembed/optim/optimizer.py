@@ -725,7 +725,8 @@ class Optimizer:
             stochastic, seed, step, key_first, key_stride = rounding_args
             _optim.update_rows_half(rule.kind, bits, weight_fmt, state_a, state_b, row_state, state_fmt, row_log,
                                     counts, rule_params, rows, values, p0, p1, p2, p3, rule.mode, rule.maximize,
-                                    stochastic, seed, step, key_first, key_stride, n_threads_for(rows.size, "optimizer"))
+                                    stochastic, seed, step, key_first, key_stride,
+                                    n_threads_for(rows.size, "optimizer"))
 
         def kernel(w: np.ndarray, blocks: List[np.ndarray], kernel_rows: np.ndarray) -> None:
             # the gathered rows: each present array's block in the order of `arrays`
