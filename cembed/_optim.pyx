@@ -36,17 +36,11 @@ cdef inline void _prefetch_ahead(const int64_t *rows, Py_ssize_t k, Py_ssize_t n
         prefetch_row_for_write(state_b + r * dim, row_bytes)
 
 
-cdef inline void _prefetch_entries_ahead(const int64_t *rows, Py_ssize_t k, Py_ssize_t n_listed,
-                                         const double *row_log, const int64_t *row_count) noexcept nogil:
-    """Prefetch, for writing, the per-row scalars PREFETCH_DISTANCE rows ahead (NULL for none)."""
-    cdef Py_ssize_t r
-    if k + PREFETCH_DISTANCE >= n_listed or (row_log == NULL and row_count == NULL):
-        return
-    r = rows[k + PREFETCH_DISTANCE]
-    if row_log != NULL:
-        prefetch_row_for_write(row_log + r, sizeof(double))
-    if row_count != NULL:
-        prefetch_row_for_write(row_count + r, sizeof(int64_t))
+cdef inline void _prefetch_row_log_ahead(const int64_t *rows, Py_ssize_t k, Py_ssize_t n_listed,
+                                         const double *row_log) noexcept nogil:
+    """Prefetch, for writing, SparseAdamW's L_s of the row PREFETCH_DISTANCE positions ahead."""
+    if k + PREFETCH_DISTANCE < n_listed:
+        prefetch_row_for_write(row_log + rows[k + PREFETCH_DISTANCE], sizeof(double))
 
 
 cdef int _weight_rows(floating[:, :] weight, Py_ssize_t *row_stride, str kernel) except -1:
@@ -190,7 +184,7 @@ def adamw_decay_rows(floating[:, :] weight,           # INOUT (n_rows, dim), uni
         for k in prange(n_pending, schedule="static", chunksize=ROWS_PER_CHUNK, num_threads=n_threads):
             if dim > 0:
                 _prefetch_ahead(&rows[0], k, n_pending, dim, w, row_stride, NULL, NULL)
-            _prefetch_entries_ahead(&rows[0], k, n_pending, &row_decay_log[0], NULL)
+            _prefetch_row_log_ahead(&rows[0], k, n_pending, &row_decay_log[0])
             r = rows[k]
             if row_decay_log[r] == decay_log:
                 continue
@@ -402,7 +396,7 @@ def adamw_decay_rows_half(uint16_t[:, :] weight,        # INOUT (n_rows, dim) 16
             for k in prange(n_pending, schedule="static", chunksize=ROWS_PER_CHUNK):
                 if dim > 0:
                     _prefetch_half_ahead(&rows[0], k, n_pending, dim, w, row_stride, <float *> NULL, <float *> NULL)
-                _prefetch_entries_ahead(&rows[0], k, n_pending, &row_decay_log[0], NULL)
+                _prefetch_row_log_ahead(&rows[0], k, n_pending, &row_decay_log[0])
                 r = rows[k]
                 if row_decay_log[r] == decay_log:
                     continue

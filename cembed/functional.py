@@ -346,6 +346,16 @@ class RowRule(NamedTuple):
                 np.zeros(0, np.int64) if self.counts is None else self.counts,
                 np.asarray(self.rule_params, dtype=np.float64))
 
+    def kernel_args(self, dtype: np.dtype) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                                    np.ndarray]:
+        """(state_a, state_b, row_state, row_log, counts, rule_params) as the float kernels
+        (``update_rows``, ``segment_update``, ``logistic_scores_update``) take them, absent states as
+        empty arrays of the weight's ``dtype``."""
+        state_a, state_b, row_state = self.states
+        empty2, empty1 = np.zeros((0, 0), dtype=dtype), np.zeros(0, dtype=dtype)
+        return (empty2 if state_a is None else state_a, empty2 if state_b is None else state_b,
+                empty1 if row_state is None else row_state, *self.rule_args())
+
 
 class RowContributions:
     """What one backward adds to a table's gradient, not yet summed: entry ``k`` adds
@@ -466,14 +476,9 @@ class RowContributions:
         :meth:`update_rows_half`). Bitwise what :meth:`sparse` + the optimizer's kernel give."""
         order, seg_rows, starts, seg_ids = self._segments()
         order, src, scale = self._sources(order)
-        dtype = self.values.dtype
-        empty2, empty1 = np.zeros((0, 0), dtype=dtype), np.zeros(0, dtype=dtype)
-        state_a, state_b, row_state = rule.states
         _grad.segment_update(self.values, order, starts, seg_rows, seg_ids, src, scale, self.scale_grad_by_freq,
-                             rule.kind, weight, empty2 if state_a is None else state_a,
-                             empty2 if state_b is None else state_b, empty1 if row_state is None else row_state,
-                             *rule.rule_args(), *rule.params, rule.mode, rule.maximize,
-                             n_threads_for(seg_ids.size, "segment"))
+                             rule.kind, weight, *rule.kernel_args(self.values.dtype), *rule.params, rule.mode,
+                             rule.maximize, n_threads_for(seg_ids.size, "segment"))
 
     def update_rows_half(self, bits: np.ndarray, weight_fmt: int, rule: RowRule, states: Tuple[np.ndarray, ...],
                          state_fmt: int, stochastic: bool, seed: int, step: int, key_first: int = 0,
@@ -1619,13 +1624,9 @@ class LogisticScores(RowContributions):
         old_rows = _buffer_cache.empty((seg_rows.size, dim), dtype)
         entry_slot = _buffer_cache.empty((n_entries,), np.dtype(np.int64))
         terms = _buffer_cache.empty((2 * n_entries,), dtype) if self.with_loss else np.zeros(0, dtype=dtype)
-        empty2, empty1 = np.zeros((0, 0), dtype=dtype), np.zeros(0, dtype=dtype)
-        state_a, state_b, row_state = rule.states
         _score.logistic_scores_update(self.query, weight, self.grid.shape[1], order, starts, seg_rows, skip,
                                       self.scale_grad_by_freq, self.n_positive, self.with_loss, rule.kind,
-                                      empty2 if state_a is None else state_a, empty2 if state_b is None else state_b,
-                                      empty1 if row_state is None else row_state, *rule.rule_args(), *rule.params,
-                                      rule.mode, rule.maximize,
+                                      *rule.kernel_args(dtype), *rule.params, rule.mode, rule.maximize,
                                       old_rows, entry_slot, terms, loss, grad_scores.reshape(-1), grad_query,
                                       n_threads_for(n_entries, "gather"))
         self._keep(loss, grad_scores, grad_query)
@@ -1716,16 +1717,13 @@ def embedding_dot_logistic_sgd_(query: Any, indices: Any, weight: np.ndarray, lr
     lr = check_real(lr, "lr", low=0.0)
     scores = logistic_scores(query, indices, weight, n_positive, with_loss=with_loss,
                              name="embedding_dot_logistic_sgd_")
+    sgd = RowRule(int(_grad.UpdateKind.UPDATE_SGD), (None, None, None), (-lr, 0.0, 0.0, 0.0), 0, False)
     if kernel_layout(weight):
-        scores.update_rows(weight, RowRule(int(_grad.UpdateKind.UPDATE_SGD), (None, None, None), (-lr, 0.0, 0.0, 0.0),
-                                           0, False))
+        scores.update_rows(weight, sgd)
     else:   # the touched rows copied out, updated by the optimizers' row kernel, written back
         rows, values = scores._compact()
         block = np.ascontiguousarray(weight[rows])
-        empty2, empty1 = np.zeros((0, 0), dtype=weight.dtype), np.zeros(0, dtype=weight.dtype)
-        _optim.update_rows(int(_grad.UpdateKind.UPDATE_SGD), block, empty2, empty2, empty1,
-                           np.zeros(0, np.float64), np.zeros(0, np.int64), np.zeros(0, np.float64),
-                           np.arange(rows.size, dtype=np.int64), values, -lr, 0.0, 0.0, 0.0, 0, False,
-                           n_threads_for(rows.size, "optimizer"))
+        _optim.update_rows(sgd.kind, block, *sgd.kernel_args(weight.dtype), np.arange(rows.size, dtype=np.int64),
+                           values, *sgd.params, sgd.mode, sgd.maximize, n_threads_for(rows.size, "optimizer"))
         weight[rows] = block
     return scores.results()

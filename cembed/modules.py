@@ -389,8 +389,8 @@ class Embedding(TableModule):
         gradient it implies (entry ``(..., k)`` adds ``grad_scores[..., k] * query[...]`` to row
         ``indices[..., k]``) as ``backward(query, indices, per_sample_weights=grad_scores,
         optimizer=optimizer)`` would: into ``.grad``, or with ``optimizer`` applied at once. With an
-        optimizer that has a row rule (SGD without momentum, Adagrad, SparseAdam, SparseAdamW, RowWiseAdagrad) on a
-        float32/float64 table the two are one pass — each distinct row is scored against all its queries,
+        optimizer that has a row rule (SGD without momentum, Adagrad, SparseAdam, SparseAdamW,
+        RowWiseAdagrad) on a float32/float64 table the two are one pass — each distinct row is scored against all its queries,
         its gradient summed and the row updated while it is in cache (docs/performance.md, "The skip-gram
         trainer") — with bitwise the results and weights of the two calls, for any thread count; other
         optimizers and 16-bit tables score first, then take the fused backward. ``padding_idx`` rows are

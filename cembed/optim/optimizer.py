@@ -732,13 +732,10 @@ class Optimizer:
             # the gathered rows: each present array's block in the order of `arrays`
             it = iter(blocks)
             a, b, row_state, row_log, counts = (next(it) if x is not None else None for x in arrays)
-            empty2, empty1 = np.zeros((0, 0), dtype=w.dtype), np.zeros(0, dtype=w.dtype)
+            block_rule = rule._replace(states=(a, b, row_state), row_log=row_log, counts=counts)
             p0, p1, p2, p3 = rule.params
-            block_log, block_counts, rule_params = rule._replace(row_log=row_log, counts=counts).rule_args()
-            _optim.update_rows(rule.kind, w, empty2 if a is None else a, empty2 if b is None else b,
-                               empty1 if row_state is None else row_state, block_log, block_counts, rule_params,
-                               kernel_rows, values, p0, p1, p2, p3, rule.mode, rule.maximize,
-                               n_threads_for(kernel_rows.size, "optimizer"))
+            _optim.update_rows(rule.kind, w, *block_rule.kernel_args(w.dtype), kernel_rows, values, p0, p1, p2, p3,
+                               rule.mode, rule.maximize, n_threads_for(kernel_rows.size, "optimizer"))
 
         _update_rows(weight, present, rows, kernel, rounding, half_kernel=half_kernel)
 

@@ -239,7 +239,7 @@ class SparseAdam(Optimizer):
         moments = (state["exp_avg"], state["exp_avg_sq"], None)
         if options["bias_correction"] == "row":   # the step size from each row's own count (_rows.pxd)
             return RowRule(_grad.UpdateKind.UPDATE_ADAM_ROW_BIAS, moments,
-                           (1.0 - beta1, 1.0 - beta2, options["eps"], 0.0), 0, options["maximize"], counts=state["row_step"],
-                           rule_params=(options["lr"], beta1, beta2, 0.0, 0.0, 0.0, 0.0, 0.0))
+                           (1.0 - beta1, 1.0 - beta2, options["eps"], 0.0), 0, options["maximize"],
+                           counts=state["row_step"], rule_params=(options["lr"], beta1, beta2, 0.0, 0.0, 0.0, 0.0, 0.0))
         return RowRule(_grad.UpdateKind.UPDATE_ADAM, moments, (1.0 - beta1, 1.0 - beta2, options["eps"], -prepared), 0,
                        options["maximize"])
