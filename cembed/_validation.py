@@ -137,12 +137,14 @@ def check_weight(weight: Any, name: str = "weight", *, numeric: bool = False) ->
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(weight).__name__}")
     if weight.ndim != 2:
         raise ValueError(f"{name} must be 2-D (num_embeddings, embedding_dim), got shape {weight.shape}")
-    if numeric:
-        if weight.dtype.kind not in "iu" and not is_table_dtype(weight.dtype):
+    def allowed(dtype: np.dtype) -> bool:
+        return (numeric and dtype.kind in "iu") or is_table_dtype(dtype)
+
+    if not allowed(weight.dtype) and (weight.dtype.isnative or not allowed(weight.dtype.newbyteorder("="))):
+        if numeric:
             raise TypeError(f"{name} must have a numeric dtype (integer, {TABLE_DTYPE_NAMES}), got {weight.dtype}")
-    elif not is_table_dtype(weight.dtype):
         raise TypeError(f"{name} must be {TABLE_DTYPE_NAMES}, got dtype {weight.dtype}")
-    if not weight.dtype.isnative:
+    if not weight.dtype.isnative:   # (an allowed dtype in the other byte order: '>f4' is not float32)
         raise TypeError(f"{name} must be in native byte order, got dtype {weight.dtype.str}")
     return weight
 
@@ -223,16 +225,25 @@ def as_index_array(indices: Any, name: str = "indices", n_rows: Optional[int] = 
     Any signed or unsigned integer dtype is accepted; bool, float and object are a TypeError.
     uint64 values that do not fit int64 are reported as out of range rather than wrapped."""
     arr = indices if isinstance(indices, np.ndarray) else np.asarray(indices)
-    if not isinstance(indices, np.ndarray) and arr.size == 0 and arr.dtype.kind == "f":
-        arr = arr.astype(np.int64)  # [] (or [[]]) from Python: an empty index list
+    if not isinstance(indices, np.ndarray) and arr.dtype.kind == "f":
+        if arr.size == 0:
+            arr = arr.astype(np.int64)  # [] (or [[]]) from Python: an empty index list
+        else:
+            arr = _integer_list(indices, arr)
     kind = arr.dtype.kind
     if kind == "O" and not isinstance(indices, np.ndarray):   # Python ints beyond int64 make an object array
         flat = arr.reshape(-1)
+        all_integers = True
         for pos in range(flat.size):
             value = flat[pos]
-            if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) \
-                    and not -_INT64_MAX - 1 <= value <= _INT64_MAX:
-                raise_index_error(arr, pos, n_rows, name)
+            if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+                if not -_INT64_MAX - 1 <= value <= _INT64_MAX:
+                    raise_index_error(arr, pos, n_rows, name)
+            else:
+                all_integers = False
+        if all_integers:   # (from _integer_list: integers that fit int64)
+            arr = arr.astype(np.int64)
+            kind = "i"
     if kind == "b" or kind not in "iu":
         raise TypeError(f"{name} must be an integer array, got dtype {arr.dtype}")
     if arr.dtype in _NATIVE_INDEX_DTYPES and arr.dtype.isnative:
@@ -244,6 +255,18 @@ def as_index_array(indices: Any, name: str = "indices", n_rows: Optional[int] = 
     if arr.dtype.itemsize <= 4 and not (kind == "u" and arr.dtype.itemsize == 4):
         return arr.astype(np.int32)
     return arr.astype(np.int64)
+
+
+def _integer_list(indices: Any, as_float: np.ndarray) -> np.ndarray:
+    """A Python sequence that NumPy made float64 although every element is an integer — it mixes
+    uint64 values with signed ones (``[np.uint64(3), 1]``, ``[0, 2**63]``), whose common NumPy type is
+    float64 — as an object array of those integers (range-checked by the caller, never rounded);
+    ``as_float`` itself when any element is not an integer (a float index stays a TypeError)."""
+    exact = np.asarray(indices, dtype=object)
+    if exact.shape != as_float.shape or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in exact.reshape(-1)):
+        return as_float
+    return exact
 
 
 def flat_indices(arr: np.ndarray) -> np.ndarray:

@@ -554,13 +554,25 @@ class MaxRouting:
                              f"{self.grad_output.shape}")
 
     def dense(self, num_rows: int) -> np.ndarray:
-        return self.add_into(np.zeros((num_rows, self.grad_output.shape[1]), dtype=self.grad_output.dtype))
+        """The gradient alone: zero, plus ``grad_output[b, d]`` at ``argmax[b, d]``, bags in order."""
+        out = np.zeros((num_rows, self.grad_output.shape[1]), dtype=self.grad_output.dtype)
+        _bag.max_backward(self.grad_output, self.argmax, out, n_threads_for(out.shape[1], "column_block"))
+        return out
 
     def add_into(self, out: np.ndarray) -> np.ndarray:
-        if not out.flags.c_contiguous:
-            out[...] = self.add_into(np.ascontiguousarray(out))
+        """out + this gradient as torch adds gradients, old + (new summed from zero): the new gradient
+        of the rows it touches is summed into zeroed compact rows first, then added to ``out``. (Adding
+        each bag straight into ``out`` would round ``(old + g1) + g2`` where torch rounds
+        ``old + (g1 + g2)``.)"""
+        routed = self.argmax >= 0
+        rows = np.unique(self.argmax[routed])
+        if rows.size == 0:
             return out
-        _bag.max_backward(self.grad_output, self.argmax, out, n_threads_for(out.shape[1], "column_block"))
+        compact_argmax = np.where(routed, np.searchsorted(rows, self.argmax), -1).astype(np.int64, copy=False)
+        new = np.zeros((rows.size, self.grad_output.shape[1]), dtype=self.grad_output.dtype)
+        _bag.max_backward(self.grad_output, np.ascontiguousarray(compact_argmax), new,
+                          n_threads_for(new.shape[1], "column_block"))
+        out[rows] += new
         return out
 
 

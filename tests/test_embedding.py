@@ -173,6 +173,8 @@ def test_hypothesis_lookup(n_rows, dim, shape, seed):
     (np.array([np.iinfo(np.int64).min]), str(np.iinfo(np.int64).min), "position 0"),
     (np.array([3, 2**63 + 5], np.uint64), str(2**63 + 5), "position 1"),
     (np.array([3, 5], np.uint8), "5", "position 1"),
+    ([0, 2**63], str(2**63), "position 1"),                       # a list NumPy would make float64
+    ([[np.uint64(3)], [np.int64(-1)]], "-1", r"position \(1, 0\)"),   # uint64 and int64: float64 too
 ])
 def test_index_errors_name_value_position_range(bad, value, where):
     weight = np.ones((5, 2), np.float32) * 3
@@ -184,6 +186,18 @@ def test_index_errors_name_value_position_range(bad, value, where):
     with pytest.raises(IndexError):
         emb(bad)
     assert_bitwise_equal(weight, before)
+
+
+def test_a_list_mixing_uint64_and_signed_integers_is_used_exactly():
+    """NumPy's common type of uint64 and int64 (or a Python int) is float64; such a list is taken as the
+    integers it holds, never rounded through float64 (2**53 + 1 would be)."""
+    weight = np.arange(10, dtype=np.float32).reshape(5, 2)
+    assert_bitwise_equal(F.embedding([np.uint64(3), 1], weight), weight[[3, 1]])
+    huge = [np.uint64(2**53 + 1), 0]
+    with pytest.raises(IndexError, match=f"contains {2**53 + 1} at position 0"):
+        F.embedding(huge, weight)
+    with pytest.raises(TypeError, match="integer array"):
+        F.embedding([np.uint64(3), 1.5], weight)
 
 
 def test_boundary_indices_against_torch():

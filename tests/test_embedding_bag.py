@@ -171,6 +171,44 @@ def test_backward_matches_torch(rng, mode, padding_idx, sparse):
         assert not ours[padding_idx].any()
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("first_sparse", [False, True])
+def test_second_backward_adds_as_torch_does(rng, mode, first_sparse):
+    """A second backward into an existing .grad is old + (new summed from zero), as torch adds gradients,
+    also in max mode (which once added each bag straight into .grad: (old + g1) + g2) and from a
+    SparseGrad left in .grad of a dense module (densified). Max mode is bitwise torch's; torch sums the
+    dense sum/mean gradient in the order of an unstable sort (docs/behaviour.md §7.1), so there the
+    bits are checked against old + our own gradient from zero, and the values against torch."""
+    torch = require_torch()
+    n_rows, dim = 6, 4
+    weight = rng.standard_normal((n_rows, dim)).astype(np.float32)
+    g1 = rng.standard_normal((5, dim)).astype(np.float32)
+    g2 = (rng.standard_normal((8, dim)) * 2.0 ** -20).astype(np.float32)   # small terms: order shows in the bits
+    idx1, off1 = random_bags(rng, n_rows, 5)
+    idx2, off2 = np.zeros(16, dtype=np.int64), np.arange(0, 16, 2)          # every bag on row 0: long sums
+    idx2[1::2] = rng.integers(0, n_rows, 8)
+    emb = cembed.EmbeddingBag.from_pretrained(weight.copy(), freeze=False, mode=mode)
+    emb(idx1, off1)
+    emb.backward(g1)
+    old = emb.grad.copy()
+    if first_sparse:
+        touched = np.flatnonzero(old.any(axis=1))
+        emb.grad = SparseGrad(touched, old[touched], n_rows)
+    emb(idx2, off2)
+    emb.backward(g2)
+    alone = cembed.EmbeddingBag.from_pretrained(weight.copy(), freeze=False, mode=mode)
+    alone(idx2, off2)
+    alone.backward(g2)
+    assert_bitwise_equal(emb.grad, old + alone.grad)
+    tbag = torch.nn.EmbeddingBag.from_pretrained(torch.from_numpy(weight.copy()), freeze=False, mode=mode)
+    tbag(torch.from_numpy(idx1), torch.from_numpy(off1)).backward(torch.from_numpy(g1))
+    tbag(torch.from_numpy(idx2), torch.from_numpy(off2)).backward(torch.from_numpy(g2))
+    if mode == "max":
+        assert_bitwise_equal(emb.grad, tbag.weight.grad.numpy())
+    else:
+        np.testing.assert_allclose(emb.grad, tbag.weight.grad.numpy(), rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("sparse", [False, True])
 def test_psw_gradient_matches_torch(rng, sparse):
     torch = require_torch()
@@ -326,6 +364,12 @@ def test_bad_weight():
         F.embedding_bag([0], np.ones((3, 2), np.longdouble), [0])
     with pytest.raises(TypeError, match="numeric dtype"):
         F.embedding_bag([0], np.ones((3, 2), bool), [0])
+    for swapped in (">f4", ">f8", ">i8") if np.little_endian else ("<f4", "<f8", "<i8"):   # say what is wrong
+        for call in (lambda w: F.embedding_bag([0], w, [0]), lambda w: F.embedding([0], w)):
+            with pytest.raises(TypeError, match="native byte order"):
+                call(np.ones((3, 2), swapped))
+    with pytest.raises(TypeError, match="numeric dtype"):
+        F.embedding_bag([0], np.ones((3, 2), ">c8"), [0])
 
 
 @pytest.mark.parametrize("dtype", [np.int8, np.int32, np.int64, np.uint16])
