@@ -577,6 +577,49 @@ def test_bad_state_is_refused_at_step_and_apply_with_nothing_changed(rng, corrup
     assert_same(before, snapshot(opt, tables))
 
 
+def test_hand_set_clock_scalars_fused_and_unfused_alike_and_a_refused_call_keeps_them():
+    """The decay clock's scalars set by hand as NumPy floats (valid values) are accepted by step() and by
+    the fused backward alike, with the same bits; a call refused for another reason leaves them as they
+    were, types included (the check once rewrote them as floats, and the fused path, which snapshots the
+    state before its checks, then refused its own rewrite as a change made during the check)."""
+    worlds = []
+    for fused in (False, True):
+        r = np.random.default_rng(5)
+        tables = [cembed.Embedding.from_pretrained(r.standard_normal((6, 2)), freeze=False, sparse=True)
+                  for _ in range(2)]
+        opt = optim.SparseAdamW(tables, lr=0.1, weight_decay=0.5, bias_correction="row")
+        idx = np.array([1, 4])
+        for _ in range(3):
+            for t in tables:
+                t.backward(dyadic(r, (2, 2), np.float64), idx)
+            opt.step()
+            opt.zero_grad()
+        state = opt.state[tables[1]]
+        for name in ("decay_log", "decay_log_prev", "decay_last"):
+            state[name] = np.float64(state[name])
+        before = snapshot(opt, tables)
+        good_exp_avg, state["exp_avg"] = state["exp_avg"], np.zeros((6, 3))
+        grad = dyadic(r, (2, 2), np.float64)
+        with pytest.raises(ValueError, match="exp_avg"):
+            if fused:
+                tables[1].backward(grad, idx, optimizer=opt)
+            else:
+                tables[1].backward(grad, idx)
+                opt.step()
+        opt.zero_grad()
+        state["exp_avg"] = good_exp_avg
+        assert_same(before, snapshot(opt, tables))
+        for _ in range(2):
+            if fused:
+                tables[1].backward(grad, idx, optimizer=opt)
+            else:
+                tables[1].backward(grad, idx)
+                opt.step()
+                opt.zero_grad()
+        worlds.append(snapshot(opt, tables))
+    assert_same(worlds[0], worlds[1])
+
+
 def test_replaced_weight_is_refused(rng):
     tables, opt = _trained(rng)
     tables[0].weight = np.zeros((7, 2))

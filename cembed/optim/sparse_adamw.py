@@ -124,15 +124,19 @@ class SparseAdamW(Optimizer):
         return group
 
     @staticmethod
-    def _check_scalars(state: Dict[str, Any], where: str) -> None:
-        """The decay clock: L_t <= L_{t-1} <= 0, finite; the last factor in (0, 1]. Normalised to floats."""
-        for name in _SCALARS:
-            state[name] = check_real(state[name], f"{where} {name!r}")
-        if not state["decay_log"] <= state["decay_log_prev"] <= 0.0:
+    def _check_scalars(state: Dict[str, Any], where: str, *, normalise: bool = False) -> None:
+        """The decay clock: L_t <= L_{t-1} <= 0, finite; the last factor in (0, 1]. Only a state being
+        loaded (a private copy) is normalised to floats: a check before a step changes nothing, so
+        ``step()`` and the fused backward accept the same states and a refused call leaves them as
+        they were."""
+        values = {name: check_real(state[name], f"{where} {name!r}") for name in _SCALARS}
+        if not values["decay_log"] <= values["decay_log_prev"] <= 0.0:
             raise ValueError(f"{where}: 'decay_log' <= 'decay_log_prev' <= 0 is required, got "
                              f"{state['decay_log']!r}, {state['decay_log_prev']!r}")
-        if not 0.0 < state["decay_last"] <= 1.0:
+        if not 0.0 < values["decay_last"] <= 1.0:
             raise ValueError(f"{where} 'decay_last' must be in (0, 1], got {state['decay_last']!r}")
+        if normalise:
+            state.update(values)
 
     def _check_keys(self, state: Dict[str, Any], where: str) -> None:
         if set(state) - {"row_step"} != _REQUIRED:
@@ -161,7 +165,7 @@ class SparseAdamW(Optimizer):
             return entry
         self._check_keys(entry, where)
         entry["step"] = _check_step(entry["step"], where)
-        self._check_scalars(entry, where)
+        self._check_scalars(entry, where, normalise=True)
         n_rows = weight.shape[0]
         logs = entry["row_decay_log"]
         if not isinstance(logs, np.ndarray) or logs.shape != (n_rows,) or logs.dtype != np.float64:
@@ -202,8 +206,9 @@ class SparseAdamW(Optimizer):
             self._new_state(state, "row_step", weight, per_row=True, dtype=np.int64)
         state["step"] = int(state["step"]) + 1  # also for an empty gradient, as torch; checked < 2**63 - 1
         decay = options["lr"] * options["weight_decay"]
-        state["decay_log_prev"] = state["decay_log"]
-        state["decay_log"] = state["decay_log"] + math.log1p(-decay)
+        decay_log = float(state["decay_log"])   # (checked real; a float32 or int set by hand is widened here)
+        state["decay_log_prev"] = decay_log
+        state["decay_log"] = decay_log + math.log1p(-decay)
         state["decay_last"] = 1.0 - decay
         beta1, beta2 = options["betas"]
         step = state["step"]
