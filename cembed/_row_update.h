@@ -100,6 +100,17 @@ CEMBED_CLONES static void cembed_add_f64(double *restrict out, const double *res
     for (ptrdiff_t j = 0; j < dim; j++) out[j] = out[j] + v[j];
 }
 
+/* out[j] = fma(x[j], y[j], out[j]): torch's addcmul_(x, y, value=1) on the CPU (dense Adagrad) */
+CEMBED_CLONES static void cembed_add_product_f32(float *restrict out, const float *x, const float *y, ptrdiff_t dim)
+{
+    for (ptrdiff_t j = 0; j < dim; j++) out[j] = fmaf(x[j], y[j], out[j]);
+}
+
+CEMBED_CLONES static void cembed_add_product_f64(double *restrict out, const double *x, const double *y, ptrdiff_t dim)
+{
+    for (ptrdiff_t j = 0; j < dim; j++) out[j] = fma(x[j], y[j], out[j]);
+}
+
 /* out[j] = fma(scale * v[j], inv, out[j]) (scale_grad_by_freq accumulation) */
 CEMBED_CLONES static void cembed_fma_accumulate_f32(float *out, const float *v, float scale, float inv, ptrdiff_t dim)
 {

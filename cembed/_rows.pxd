@@ -143,6 +143,8 @@ cdef inline bint row_stride_items(Py_ssize_t *row_stride,      # OUT distance be
 cdef extern from "_row_update.h" nogil:
     void cembed_add_f32(float *out, const float *v, Py_ssize_t dim)
     void cembed_add_f64(double *out, const double *v, Py_ssize_t dim)
+    void cembed_add_product_f32(float *out, const float *x, const float *y, Py_ssize_t dim)
+    void cembed_add_product_f64(double *out, const double *x, const double *y, Py_ssize_t dim)
     void cembed_axpy_f32(float *out, const float *v, float scale, Py_ssize_t dim)
     void cembed_axpy_f64(double *out, const double *v, double scale, Py_ssize_t dim)
     void cembed_fma_accumulate_f32(float *out, const float *v, float scale, float inv, Py_ssize_t dim)
@@ -197,6 +199,17 @@ cdef inline void row_fma_accumulate(floating *out,         # INOUT (dim,)
         cembed_fma_accumulate_f32(out, v, scale, inv, dim)
     else:
         cembed_fma_accumulate_f64(out, v, scale, inv, dim)
+
+
+cdef inline void row_add_product(floating *out,       # INOUT (dim,)
+                                 const floating *x,   # IN    (dim,)
+                                 const floating *y,   # IN    (dim,)
+                                 Py_ssize_t dim) noexcept nogil:
+    """out = fma(x, y, out) (one rounding per element)."""
+    if floating is float:
+        cembed_add_product_f32(out, x, y, dim)
+    else:
+        cembed_add_product_f64(out, x, y, dim)
 
 
 cdef inline void row_axpy_fma(floating *w,         # INOUT (dim,) weight row

@@ -2,7 +2,8 @@
 
 Gradients are multiples of 1/8, so sums of duplicates are exact and summation order cannot matter.
 torch's float32 sqrt (AVX-512 build) is not correctly rounded while cembed's is, so SparseAdam and
-Adagrad are compared with rtol 1e-6 (docs/behaviour.md §9); plain SGD on distinct rows is bitwise.
+Adagrad are compared with rtol 1e-6 (docs/behaviour.md §9); plain SGD on distinct rows is bitwise, so is SGD
+on a dense gradient with every option, and Adagrad on a dense gradient given torch's ops with an exact sqrt.
 """
 import itertools
 
@@ -108,6 +109,66 @@ def test_sgd_dense_weight_decay(rng):
     torch = require_torch()
     kw = dict(lr=0.1, momentum=0.5, weight_decay=0.01)
     run_pair(rng, lambda p: optim.SGD(p, **kw), lambda p: torch.optim.SGD(p, **kw), dense=True)
+
+
+DENSE_SGD_OPTIONS = SGD_OPTIONS + [dict(momentum=0.5, weight_decay=0.01), dict(weight_decay=0.1, maximize=True),
+                                   dict(momentum=0.9, nesterov=True, weight_decay=0.05)]
+
+
+@pytest.mark.parametrize("options", DENSE_SGD_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sgd_dense_gradient_is_torch_bitwise(rng, options, dtype):
+    """A dense gradient steps exactly as torch's single-tensor SGD: every ``add(…, alpha=)`` one fused
+    multiply-add, as torch's CPU kernels compute it. Full-precision gradients, where a product rounded
+    on its own differs from torch in ~9% of the elements (as the dense path once did)."""
+    torch = require_torch()
+    kw = dict(lr=0.1, **options)
+    w0 = rng.standard_normal((37, 11)).astype(dtype)
+    table, tw = Table(w0.copy()), torch.nn.Parameter(torch.from_numpy(w0.copy()))
+    ours, theirs = optim.SGD([table], **kw), torch.optim.SGD([tw], **kw)
+    for _ in range(4):
+        g = rng.standard_normal(w0.shape).astype(dtype)
+        table.grad, tw.grad = g.copy(), torch.from_numpy(g.copy())
+        ours.step()
+        theirs.step()
+        assert_bitwise_equal(table.weight, tw.detach().numpy())
+        if options.get("momentum"):
+            assert_bitwise_equal(ours.state[table]["momentum_buffer"], theirs.state[tw]["momentum_buffer"].numpy())
+
+
+def torch_adagrad_with_exact_sqrt(torch, w, s, grad, step, lr, lr_decay, eps, wd, maximize):
+    """torch's single-tensor Adagrad step (torch/optim/adagrad.py), op by op with torch's own kernels,
+    except the square root: NumPy's, correctly rounded (torch's is not: docs/behaviour.md §9)."""
+    g = -grad if maximize else grad
+    if wd:
+        g = g.add(w, alpha=wd)
+    clr = lr / (1 + (step - 1) * lr_decay)
+    s.addcmul_(g, g, value=1)
+    std = torch.from_numpy(np.sqrt(s.numpy())).add_(eps)
+    w.addcdiv_(g, std, value=-clr)
+
+
+@pytest.mark.parametrize("lr_decay,init_acc,eps,maximize,wd", [
+    (0.0, 0.0, 1e-10, False, 0.0), (0.5, 0.25, 1e-10, True, 0.0), (0.1, 1.0, 1e-3, False, 0.01),
+    (0.0, 0.1, 1e-10, True, 0.2)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adagrad_dense_gradient_is_torch_op_for_op(rng, lr_decay, init_acc, eps, maximize, wd, dtype):
+    """A dense gradient steps as torch's single-tensor Adagrad, bitwise, given the same square roots:
+    the fused multiply-adds of ``add(…, alpha=)`` and ``addcmul_``, and ``addcdiv_``'s order."""
+    torch = require_torch()
+    kw = dict(lr=0.1, lr_decay=lr_decay, initial_accumulator_value=init_acc, eps=eps, maximize=maximize,
+              weight_decay=wd)
+    w0 = rng.standard_normal((37, 11)).astype(dtype)
+    table = Table(w0.copy())
+    ours = optim.Adagrad([table], **kw)
+    tw, ts = torch.from_numpy(w0.copy()), torch.full(w0.shape, init_acc, dtype=torch.from_numpy(w0).dtype)
+    for step in range(1, 5):
+        g = rng.standard_normal(w0.shape).astype(dtype)
+        table.grad = g.copy()
+        ours.step()
+        torch_adagrad_with_exact_sqrt(torch, tw, ts, torch.from_numpy(g.copy()), step, 0.1, lr_decay, eps, wd, maximize)
+        assert_bitwise_equal(ours.state[table]["sum"], ts.numpy())
+        assert_bitwise_equal(table.weight, tw.numpy())
 
 
 def test_sgd_plain_distinct_rows_bitwise(rng):

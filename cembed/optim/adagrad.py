@@ -10,7 +10,7 @@ from ..functional import RowRule
 from ..sparse import SparseGrad
 from ._rounding import check_rounding_options
 from .._validation import EXACT_INTEGER_TYPES, short_repr
-from .optimizer import STEP_MAX, Group, Optimizer, _check_maximize, _option
+from .optimizer import STEP_MAX, Group, Optimizer, _check_maximize, _option, add_product_, add_scaled_
 
 __all__ = ["Adagrad"]
 
@@ -136,13 +136,17 @@ class Adagrad(Optimizer):
                        (-prepared, options["eps"], 0.0, 0.0), 0, options["maximize"])
 
     def _dense_update(self, state: Dict[str, Any], weight: np.ndarray, grad: np.ndarray, options: Group) -> None:
+        """torch's single-tensor Adagrad, operation for operation: ``grad.add(w, alpha=wd)`` and
+        ``sum.addcmul_(g, g)`` fused multiply-adds as torch's CPU kernels compute them, then
+        ``w.addcdiv_(g, std, value=-clr)`` as ``w + (-clr · g) / std``. Bitwise torch's but for its
+        square roots, which are not correctly rounded where NumPy's are (docs/behaviour.md §9)."""
         clr = self._sparse_begin(state, weight, options)
         dtype = weight.dtype.type
-        g = -grad if options["maximize"] else grad
+        g = -grad if options["maximize"] else grad   # (a new array, or the caller's: never written)
         if options["weight_decay"] != 0:
-            g = g + dtype(options["weight_decay"]) * weight
+            g = add_scaled_(np.array(g, order="C"), weight, options["weight_decay"])
         state_sum = state["sum"]
-        state_sum += g * g
+        add_product_(state_sum, g, g)
         std = np.sqrt(state_sum)
         std += dtype(options["eps"])
-        weight -= dtype(clr) * (g / std)
+        weight += (dtype(-clr) * g) / std

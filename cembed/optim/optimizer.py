@@ -110,6 +110,36 @@ def _update_rows(weight: np.ndarray, states: Sequence[np.ndarray], rows: np.ndar
         s[rows] = b
 
 
+def _elementwise(kernel: Callable[..., None], out: np.ndarray, *inputs: Any) -> None:
+    """``kernel(out, *inputs, n_threads)`` on flat C-contiguous views; an ``out`` of another layout goes
+    through a contiguous copy written back. Array inputs are made contiguous, shaped like ``out``, and
+    copied when they may share memory with it (a ``.grad`` set to a view of the state, say)."""
+    work = out if out.flags.c_contiguous else np.ascontiguousarray(out)
+    flat = [x if not isinstance(x, np.ndarray)
+            else (x.copy() if np.may_share_memory(x, out) else
+                  np.ascontiguousarray(np.broadcast_to(x, out.shape), dtype=out.dtype)).reshape(-1)
+            for x in inputs]
+    kernel(work.reshape(-1), *flat, n_threads_for(out.size, "elementwise"))
+    if work is not out:
+        out[...] = work
+
+
+def add_scaled_(out: np.ndarray, x: np.ndarray, alpha: float) -> np.ndarray:
+    """``out = fma(alpha, x, out)``, element by element, in place: torch's ``out.add_(x, alpha=alpha)``
+    on the CPU, bit for bit (its kernels fuse the multiply-add; ``alpha`` is rounded to out's dtype).
+    The dense-gradient updates use it wherever torch's single-tensor optimizer calls ``add(…, alpha=)``.
+    Returns ``out``."""
+    _elementwise(_optim.add_scaled_, out, x, float(alpha))
+    return out
+
+
+def add_product_(out: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``out = fma(x, y, out)``, element by element, in place: torch's ``out.addcmul_(x, y)`` on the CPU.
+    Returns ``out``."""
+    _elementwise(_optim.add_product_, out, x, y)
+    return out
+
+
 class Optimizer:
     """Base class: param groups, ``zero_grad``, ``step``, ``state_dict`` / ``load_state_dict``,
     ``save`` / ``load``.

@@ -11,7 +11,7 @@ from ..functional import RowRule
 from .._validation import check_bool, check_row_ids
 from ..sparse import SparseGrad, merge_plan
 from ._rounding import RoundingArgs, check_rounding_options, fused_state_views
-from .optimizer import Group, Optimizer, _check_maximize, _option, _update_rows
+from .optimizer import Group, Optimizer, _check_maximize, _option, _update_rows, add_scaled_
 
 __all__ = ["SGD"]
 
@@ -152,11 +152,13 @@ class SGD(Optimizer):
                        options["maximize"])
 
     def _dense_update(self, state: Dict[str, Any], weight: np.ndarray, grad: np.ndarray, options: Group) -> None:
+        """torch's single-tensor SGD, operation for operation and bit for bit: each ``add(…, alpha=)``
+        is one fused multiply-add (:func:`.optimizer.add_scaled_`), ``mul_`` one rounding."""
         momentum = options["momentum"]
         dtype = weight.dtype.type
-        g = -grad if options["maximize"] else grad
+        g = -grad if options["maximize"] else grad   # (a new array, or the caller's: never written)
         if options["weight_decay"] != 0:
-            g = g + dtype(options["weight_decay"]) * weight
+            g = add_scaled_(np.array(g, order="C"), weight, options["weight_decay"])   # grad.add(w, alpha=wd)
         if momentum != 0:
             buf = state.get("momentum_buffer")
             if buf is None:
@@ -164,10 +166,10 @@ class SGD(Optimizer):
                 buf[...] = g
             else:
                 buf *= dtype(momentum)
-                buf += dtype(1 - options["dampening"]) * g
+                add_scaled_(buf, g, 1 - options["dampening"])
             state["active_rows"] = None  # every row is live
-            g = g + dtype(momentum) * buf if options["nesterov"] else buf
-        weight -= dtype(options["lr"]) * g
+            g = add_scaled_(np.array(g, order="C"), buf, momentum) if options["nesterov"] else buf
+        add_scaled_(weight, g, -options["lr"])
 
     def _sparse_momentum(self, state: Dict[str, Any], weight: np.ndarray, grad: SparseGrad, options: Group) -> None:
         first = state.get("momentum_buffer") is None
