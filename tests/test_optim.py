@@ -136,6 +136,27 @@ def test_sgd_dense_gradient_is_torch_bitwise(rng, options, dtype):
             assert_bitwise_equal(ours.state[table]["momentum_buffer"], theirs.state[tw]["momentum_buffer"].numpy())
 
 
+@pytest.mark.parametrize("name", ["SGD", "Adagrad"])
+def test_dense_steps_are_thread_count_independent(rng, name):
+    """The dense steps' element-wise fused multiply-adds split a table into blocks over threads: the same
+    bits for 1, 2 and 3 threads (a table large enough to use them)."""
+    w0 = rng.standard_normal((3000, 70)).astype(np.float32)
+    grads = [rng.standard_normal(w0.shape).astype(np.float32) for _ in range(3)]
+    kw = dict(lr=0.1, weight_decay=0.01) | (dict(momentum=0.9, nesterov=True) if name == "SGD" else {})
+
+    def run():
+        table = Table(w0.copy())
+        opt = getattr(optim, name)([table], **kw)
+        for g in grads:
+            table.grad = g.copy()
+            opt.step()
+        return table.weight
+
+    first, *others = at_thread_counts(run)
+    for other in others:
+        assert_bitwise_equal(first, other)
+
+
 def torch_adagrad_with_exact_sqrt(torch, w, s, grad, step, lr, lr_decay, eps, wd, maximize):
     """torch's single-tensor Adagrad step (torch/optim/adagrad.py), op by op with torch's own kernels,
     except the square root: NumPy's, correctly rounded (torch's is not: docs/behaviour.md §9)."""
