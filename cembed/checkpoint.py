@@ -322,7 +322,7 @@ def _header_bytes(shape: Tuple[int, ...], dtype: np.dtype) -> bytes:
 
 def _file_crc(path: str) -> int:
     crc = 0
-    with open(path, "rb") as fh:
+    with storage.open_regular(path) as fh:
         while True:
             block = fh.read(_CHUNK)
             if not block:
@@ -334,7 +334,7 @@ def _known_crc(src: str, size: int) -> Optional[int]:
     """The CRC the manifest of ``src``'s checkpoint directory records for it (same size), if any: a
     hard-linked file keeps its recorded checksum, so a file corrupted since is still detected."""
     try:
-        with open(os.path.join(os.path.dirname(src), MANIFEST), "rb") as fh:
+        with storage.open_regular(os.path.join(os.path.dirname(src), MANIFEST)) as fh:
             manifest = json.loads(fh.read().decode())
         entry = manifest["files"][os.path.basename(src)]
         if manifest.get("checksum") == CHECKSUM and entry["bytes"] == size and isinstance(entry[CHECKSUM], int):
@@ -493,7 +493,7 @@ def _listed_files(path: str) -> Optional[Set[str]]:
     format tag and a file table; the rest is not judged here: a checkpoint this version would refuse
     to load, an older or a damaged one, can still be replaced by a save), else None."""
     try:
-        with open(os.path.join(path, MANIFEST), "rb") as fh:
+        with storage.open_regular(os.path.join(path, MANIFEST)) as fh:
             manifest = json.loads(fh.read().decode("utf-8"))
     except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return None
@@ -559,7 +559,7 @@ def _sealed(manifest: Dict[str, Any]) -> Dict[str, Any]:
 def _manifest(directory: str) -> Dict[str, Any]:
     where = os.path.join(directory, MANIFEST)
     try:
-        with open(where, "rb") as fh:
+        with storage.open_regular(where) as fh:
             manifest = json.loads(fh.read().decode("utf-8"))
     except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:   # (RecursionError: absurd nesting)
         raise CheckpointError(f"{where}: unreadable manifest ({type(exc).__name__}: {exc})") from None
@@ -877,7 +877,7 @@ def _load_checkpoint(path: PathLike, named: Dict[str, Any], optimizer: Any, mmap
     plan = []
     for name, module in named.items():
         entry = saved[name]
-        if not isinstance(entry, dict) or entry.get("array") not in files or entry["array"] != f"module.{name}":
+        if not isinstance(entry, dict) or entry.get("array") != f"module.{name}" or entry["array"] not in files:
             raise _fail(directory, f"malformed entry for module {name!r}")
         if entry.get("class") != type(module).__name__:
             raise _fail(directory, f"module {name!r} was a {entry.get('class')}, got a {type(module).__name__}")

@@ -161,7 +161,7 @@ def read_header(path: PathLike) -> NpyHeader:
     ((3, 2), dtype('float32'), 24)
     """
     path = os.fspath(path)
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         try:
             version = npy_format.read_magic(fh)
             if version == (1, 0):
@@ -257,6 +257,31 @@ def _describe(dtype: np.dtype) -> str:
     if dtype == _UINT16:
         return "uint16 (the bits of a bfloat16 array, if it was written by cembed)"
     return str(dtype)
+
+
+def open_regular(path: PathLike, mode: str = "rb") -> Any:
+    """``open(path, mode)`` for ``"rb"`` / ``"r+b"``, refusing anything but a regular file with a
+    ``ValueError`` naming it: a FIFO (named pipe) put where a table, a manifest or a checkpoint file is
+    expected would block ``open`` forever (the file is opened non-blocking, checked, then used as usual;
+    the flag changes nothing for a regular file)."""
+    if mode not in ("rb", "r+b"):
+        raise ValueError(f"open_regular: mode {mode!r} is not 'rb' or 'r+b'")
+    path = os.fspath(path)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        checked = os.fstat(fd)
+        if not stat.S_ISREG(checked.st_mode):
+            what = "a directory" if stat.S_ISDIR(checked.st_mode) else "a FIFO" if stat.S_ISFIFO(checked.st_mode) \
+                else "a device or socket"
+            raise ValueError(f"{path}: {what}, not a regular file")
+        fh = open(path, mode)   # by name, so the file object (and a memmap of it) knows its path
+        opened = os.fstat(fh.fileno())
+        if (opened.st_dev, opened.st_ino) != (checked.st_dev, checked.st_ino):
+            fh.close()
+            raise ValueError(f"{path}: replaced by another file while it was opened")
+        return fh
+    finally:
+        os.close(fd)
 
 
 def fsync_path(path: PathLike) -> None:
@@ -1150,7 +1175,7 @@ def _map(path: str, header: NpyHeader, mode: str, advice: str = "random") -> np.
         # mmap cannot map zero bytes: an empty table is an ordinary (empty) array in a memmap
         return np.zeros(header.shape, dtype=header.dtype).view(np.memmap)
     stored = file_dtype(header.dtype)
-    with open(path, "rb" if mode in ("r", "c") else "r+b") as fh:
+    with open_regular(path, "rb" if mode in ("r", "c") else "r+b") as fh:
         status = os.fstat(fh.fileno())
         if status.st_size < header.offset + header.nbytes:   # replaced since its header was read
             raise ValueError(f"{path}: truncated file: {status.st_size} bytes, its header needs "

@@ -689,6 +689,10 @@ def test_an_unsealed_manifest_edit_is_refused(saved, edit):
     (lambda m: m["meta"]["optimizer"]["state"]["state"]["0"]["exp_avg"].update(array="module.bags"),
      "exp_avg"),
     (lambda m: m["meta"]["optimizer"]["state"]["state"]["0"]["exp_avg"].update(array="nope"), "malformed"),
+    (lambda m: m["meta"]["modules"]["words"].update(array=["module.words"]), "malformed entry for module"),
+    (lambda m: m["meta"]["modules"]["words"].update(array={"array": "module.words"}), "malformed entry for module"),
+    (lambda m: m["meta"]["optimizer"]["state"]["param_groups"][0].update(rounding_rows={"first": 0, "stride": 1}),
+     "rounding_rows"),
 ])
 def test_tampered_manifest_is_refused_with_nothing_changed(saved, edit, match):
     _tamper(saved[0], edit)
@@ -886,6 +890,23 @@ def test_trainer_table_dir_rows_by_count_train_bitwise_like_memory(tmp_path, opt
     # a resume must keep the row order the checkpoint was written with
     other = _train_cli(["--table-dir", "count", "--resume", "--row-order", "id"] + options, tmp_path, env)
     assert other.returncode == 1 and "row_order 'count:" in other.stderr and "-> 'id'" in other.stderr, other.stderr
+
+
+@pytest.mark.parametrize("row_order", ["id", "count"])
+def test_trainer_resume_with_another_corpus_of_the_same_size_is_refused(tmp_path, row_order):
+    """The checkpoint records a CRC-32 of the corpus: a resume on another corpus with the same vocabulary and
+    token count is refused in either row order (in id order only the sizes were once compared), and the
+    directory is left as it was."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    args = ["--table-dir", "run", "--row-order", row_order, "--checkpoint-every", "3"]
+    first = _train_cli(args + ["--topics", "10"], tmp_path, env)
+    assert first.returncode == 0, first.stderr
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != ".lock"}
+    other = _train_cli(args + ["--topics", "20", "--resume"], tmp_path, env)
+    assert other.returncode == 1 and "corpus 'crc32:" in other.stderr, other.stderr
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != ".lock"} == before
+    same = _train_cli(args + ["--topics", "10", "--resume"], tmp_path, env)
+    assert same.returncode == 0, same.stderr
 
 
 def test_trainer_row_order_refusals(tmp_path):

@@ -652,6 +652,7 @@ def test_row_shards_with_rounding_rows_round_as_the_whole_table(opt_name, fused)
     again.load_state_dict(opt.state_dict())
     assert tuple(again.param_groups[0]["rounding_rows"]) == (2, 3)
     for bad, error in (((1,), TypeError), ((0, 0), ValueError), ((-1, 2), ValueError), ("ab", TypeError),
-                       ((1.5, 2), TypeError)):
+                       ((1.5, 2), TypeError), ({"first": 0, "stride": 1}, TypeError), ({0, 1}, TypeError),
+                       (np.array([[0, 1]]), TypeError)):
         with pytest.raises(error, match="rounding_rows"):
             cls([whole], rounding_rows=bad, **kw)

@@ -899,3 +899,39 @@ def test_write_atomically_keeps_the_mode_and_works_where_modes_cannot_be_set(tmp
     with pytest.raises(KeyboardInterrupt):
         storage.write_atomically(tmp_path / "third.bin", b"y")
     assert sorted(os.listdir(tmp_path)) == ["opt.npz", "other.bin"]
+
+
+def test_a_fifo_where_a_file_is_expected_is_refused_not_waited_on(tmp_path):
+    """A FIFO (named pipe) put where a table, a manifest or a checkpoint member is expected blocked ``open``
+    forever; it is refused naming it (tables: ValueError; checkpoints: their usual errors). An alarm fails
+    the test instead of hanging it."""
+    import signal
+
+    def hung(signum, frame):
+        raise AssertionError("blocked opening a FIFO")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    try:
+        os.mkfifo(tmp_path / "t.npy")
+        for call in (lambda: cembed.open_table(tmp_path / "t.npy", 10, 4),
+                     lambda: storage.read_header(tmp_path / "t.npy")):
+            with pytest.raises(ValueError, match="t.npy: a FIFO, not a regular file"):
+                call()
+        emb = cembed.Embedding(4, 2, seed=0)
+        before = emb.weight.copy()
+        (tmp_path / "ck").mkdir()
+        os.mkfifo(tmp_path / "ck" / "MANIFEST.json")
+        with pytest.raises(ValueError, match="not a cembed checkpoint: refusing to replace it"):
+            cembed.save_checkpoint(tmp_path / "ck", {"a": emb})
+        with pytest.raises(CheckpointError):
+            cembed.load_checkpoint(tmp_path / "ck", {"a": emb})
+        cembed.save_checkpoint(tmp_path / "ck2", {"a": emb})
+        os.unlink(tmp_path / "ck2" / "module.a.npy")
+        os.mkfifo(tmp_path / "ck2" / "module.a.npy")
+        with pytest.raises(CheckpointError, match="module.a.npy"):
+            cembed.load_checkpoint(tmp_path / "ck2", {"a": emb})
+        assert_bitwise_equal(emb.weight, before)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

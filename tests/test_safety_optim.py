@@ -504,6 +504,39 @@ def test_deeply_nested_meta_is_a_value_error(tmp_path):
     assert _state_bytes(opt) == before
 
 
+@pytest.mark.parametrize("damage", ["compression", "encryption", "deflate"])
+def test_a_damaged_member_header_is_a_value_error(tmp_path, damage):
+    """A flipped byte in a member's zip header can name a compression method zipfile does not know, or
+    encryption (zipfile raises NotImplementedError), or deflate data that is not (zlib.error): each is the
+    ValueError naming the file, with nothing changed."""
+    import zipfile
+
+    m, opt = _adam_with_state()
+    path = tmp_path / "opt.npz"
+    opt.save(path)
+    raw = bytearray(path.read_bytes())
+    if damage == "deflate":   # store every member deflated, then mangle the first member's data
+        with zipfile.ZipFile(path) as zin:
+            members = [(info.filename, zin.read(info.filename)) for info in zin.infolist()]
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zout:
+            for name, data in members:
+                zout.writestr(name, data)
+        raw = bytearray(path.read_bytes())
+        start = 30 + int.from_bytes(raw[26:28], "little") + int.from_bytes(raw[28:30], "little")
+        raw[start:start + 16] = bytes([0xFF]) * 16
+    else:
+        for at in (0, raw.find(b"PK\x01\x02")):   # the first local header and the central directory entry
+            if damage == "compression":
+                raw[at + (8 if at == 0 else 10)] = 99
+            else:
+                raw[at + (6 if at == 0 else 8)] |= 0x01
+    path.write_bytes(bytes(raw))
+    before = _state_bytes(opt)
+    with pytest.raises(ValueError, match="opt.npz: not a readable cembed optimizer file"):
+        opt.load(path)
+    assert _state_bytes(opt) == before
+
+
 def test_a_member_numpy_would_read_by_another_name_is_refused(tmp_path):
     """np.load also finds the key '__meta__' in a member named plain '__meta__': one holding a .npy
     header that claims 2**44 bytes was a MemoryError. save() writes only .npy members: others are refused."""

@@ -577,7 +577,15 @@ RESUME_KEYS = ("dim", "window", "negatives", "batch_size", "epochs", "optimizer"
 
 
 #: Settings that checkpoints of earlier versions do not record: not compared when absent.
-RECORDED_SINCE = ("dtype", "rounding", "state_dtype")
+RECORDED_SINCE = ("dtype", "rounding", "state_dtype", "corpus")
+
+
+def corpus_fingerprint(corpus: Corpus) -> str:
+    """A CRC-32 of the corpus's tokens and sentence boundaries (``"crc32:xxxxxxxx"``): a ``--resume``
+    compares it, so another corpus of the same vocabulary and token count is refused in any row order."""
+    crc = zlib.crc32(np.ascontiguousarray(corpus.tokens, dtype="<i4").tobytes())
+    crc = zlib.crc32(np.ascontiguousarray(corpus.sentence_starts, dtype="<i8").tobytes(), crc)
+    return f"crc32:{crc:08x}"
 
 
 def _comparable(settings):
@@ -663,7 +671,7 @@ class TableDir:
         self.checkpoint = os.path.join(self.root, "checkpoint")
         self.settings = {"dtype": config.dtype}   # (first: the difference a refusal names first)
         self.settings.update({key: getattr(config, key) for key in RESUME_KEYS}, lr=config.learning_rate())
-        self.settings.update(vocab_size=corpus.vocab_size, n_tokens=corpus.n_tokens)
+        self.settings.update(vocab_size=corpus.vocab_size, n_tokens=corpus.n_tokens, corpus=corpus_fingerprint(corpus))
         if config.dtype != "float32":   # a 16-bit run's rounding and state dtype (a load would keep the saved ones)
             self.settings.update(rounding=config.rounding, state_dtype=config.optimizer_state_dtype())
         self.total_words = corpus.n_tokens * config.epochs

@@ -4,6 +4,7 @@ gathered to float32, the float32 kernel, one rounding per element by ``_optim.ro
 rules and layouts the one-pass kernels (``_optim.update_rows_half``, the fused backward) do not take."""
 from __future__ import annotations
 
+import collections.abc
 import sys
 
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -33,7 +34,9 @@ STREAM_DECAY = 3
 def check_rounding_rows(value: Any, where: str) -> Tuple[int, int]:
     """``rounding_rows`` as ``(first, stride)``: two ints in [0, 2**64), stride at least 1."""
     name = f"{where}: rounding_rows"
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+    pair = isinstance(value, np.ndarray) and value.ndim == 1 or \
+        isinstance(value, collections.abc.Sequence) and not isinstance(value, (str, bytes))
+    if not pair or len(value) != 2:   # (a dict or set of two is no pair: value[0] would be a KeyError)
         raise TypeError(f"{name} must be a pair (first, stride) of ints, got {value!r}")
     first = check_int(value[0], f"{name}[0] (first)", low=0, high=SEED_MAX)
     stride = check_int(value[1], f"{name}[1] (stride)", low=1, high=SEED_MAX)

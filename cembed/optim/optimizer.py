@@ -8,7 +8,9 @@ import math
 import os
 import re
 import weakref
+import struct
 import zipfile
+import zlib
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -1201,7 +1203,10 @@ class Optimizer:
         except _WrongClass as exc:   # (a plain ValueError for the caller)
             raise ValueError(str(exc)) from None
         except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile,
-                UnicodeDecodeError, RecursionError) as exc:   # RecursionError: JSON nested beyond the parser
+                UnicodeDecodeError, RuntimeError, NotImplementedError, zlib.error, struct.error) as exc:
+            # RuntimeError: JSON nested beyond the parser (RecursionError), a member marked encrypted;
+            # NotImplementedError: a damaged member header naming a compression method zipfile cannot
+            # read; zlib.error: damaged deflate data
             raise ValueError(f"{path}: not a readable cembed optimizer file ({type(exc).__name__}: {exc})") from None
         try:
             self.load_state_dict({"state": state, "param_groups": groups})
