@@ -917,7 +917,8 @@ def open_table(path: PathLike, num_embeddings: Optional[int] = None, embedding_d
     Notes
     -----
     A created file is written under a temporary sibling name, synced and renamed into place: a
-    crash while creating leaves no half-initialised table behind. Changes made through an
+    crash while creating leaves no half-initialised table behind. A ``path`` that is a symbolic link
+    creates the file where the link points (its directory must exist) and keeps the link. Changes made through an
     ``"r+"`` mapping reach the file when the operating system writes the pages back, at the
     latest when ``table.flush()`` is called (``save_checkpoint`` gives crash-safe snapshots).
     Truncating or replacing the file while it is mapped is undefined behaviour (the process may be
@@ -960,8 +961,10 @@ def open_table(path: PathLike, num_embeddings: Optional[int] = None, embedding_d
                 raise FileNotFoundError(f"{path}: no such table; to create it give num_embeddings and "
                                         "embedding_dim")
             raise ValueError("mode='w+' creates a table: num_embeddings and embedding_dim are needed")
-        _create_table(path, (num_embeddings, embedding_dim), want_dtype or np.dtype(np.float32), init, seed,
-                      chunk_bytes)
+        # through a symbolic link (a table put on another disk): the file is created where the link points,
+        # and the link stays (a rename over the link itself would replace it with a file beside it)
+        _create_table(os.path.realpath(path) if os.path.islink(path) else path, (num_embeddings, embedding_dim),
+                      want_dtype or np.dtype(np.float32), init, seed, chunk_bytes)
     header = read_header(path)
     if len(header.shape) != 2:
         raise ValueError(f"{path}: a table must be 2-D (num_embeddings, embedding_dim), the file holds shape "

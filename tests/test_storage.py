@@ -567,3 +567,19 @@ def test_byte_swapped_float_values_are_taken_in_native_order():
     weight = np.eye(3, dtype=np.float32)
     swapped = cembed.functional.embedding_dot_backward(np.array([[1, 2]], ">f4"), [[0, 2]], weight)
     assert np.array_equal(swapped, cembed.functional.embedding_dot_backward(np.array([[1, 2]], "<f4"), [[0, 2]], weight))
+
+
+@pytest.mark.parametrize("mode", ["w+", "r+"])
+def test_a_table_created_through_a_symbolic_link_is_created_where_it_points(tmp_path, mode):
+    """A table file linked to another disk (``tables/in.npy -> /big/in.npy``): creating it writes the file
+    the link points to and keeps the link (a rename over the link once replaced it with a file beside it)."""
+    (tmp_path / "big").mkdir()
+    (tmp_path / "tables").mkdir()
+    link = tmp_path / "tables" / "in.npy"
+    os.symlink(tmp_path / "big" / "in.npy", link)
+    table = cembed.open_table(link, 20, 4, mode=mode, init="normal", seed=1)
+    assert os.path.islink(link) and (tmp_path / "big" / "in.npy").is_file()
+    assert os.listdir(tmp_path / "tables") == ["in.npy"]
+    assert_bitwise_equal(np.load(tmp_path / "big" / "in.npy"), table)
+    again = cembed.open_table(link, 20, 4, mode="w+", init="zeros")   # recreated: still through the link
+    assert os.path.islink(link) and not np.load(tmp_path / "big" / "in.npy").any() and not again.any()
