@@ -117,10 +117,12 @@ def _elementwise(kernel: Callable[..., None], out: np.ndarray, *inputs: Any) -> 
     through a contiguous copy written back. Array inputs are made contiguous, shaped like ``out``, and
     copied when they may share memory with it (a ``.grad`` set to a view of the state, say)."""
     work = out if out.flags.c_contiguous else np.ascontiguousarray(out)
-    flat = [x if not isinstance(x, np.ndarray)
-            else (x.copy() if np.may_share_memory(x, out) else
-                  np.ascontiguousarray(np.broadcast_to(x, out.shape), dtype=out.dtype)).reshape(-1)
-            for x in inputs]
+    flat: List[Any] = []
+    for x in inputs:
+        if isinstance(x, np.ndarray):
+            x = np.ascontiguousarray(np.broadcast_to(x, out.shape), dtype=out.dtype)
+            x = (x.copy() if np.may_share_memory(x, out) else x).reshape(-1)
+        flat.append(x)
     kernel(work.reshape(-1), *flat, n_threads_for(out.size, "elementwise"))
     if work is not out:
         out[...] = work
