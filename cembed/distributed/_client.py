@@ -97,6 +97,15 @@ def _probe_step(opt: Any, module: Embedding, dtype: np.dtype) -> None:
 def _check_indices(indices: Any, num_embeddings: int) -> np.ndarray:
     """``indices`` as an integer array whose values are all in [0, num_embeddings) (not a copy)."""
     arr = indices if isinstance(indices, np.ndarray) else np.asarray(indices)
+    if arr.dtype.kind not in "iu" and not isinstance(indices, np.ndarray) and arr.size:
+        # a list NumPy could not make an integer array of although it holds only integers: ints beyond
+        # int64 (an object array) or uint64 mixed with signed ones (float64): checked as the ints they are
+        exact = np.asarray(indices, dtype=object).reshape(-1)
+        if all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in exact):
+            bad = next((v for v in exact if not 0 <= v < num_embeddings), None)
+            if bad is not None:
+                raise IndexError(f"index {bad} is out of range for a table of {num_embeddings} rows")
+            arr = exact.astype(np.int64).reshape(arr.shape)
     if arr.dtype.kind not in "iu":
         if arr.size == 0 and arr.dtype.kind == "f" and not isinstance(indices, np.ndarray):
             arr = arr.astype(np.int64)   # [] from a list
@@ -655,14 +664,11 @@ class ShardedEmbedding:
         # summed over keys: each row's contributions in input order, as one process sums them (the
         # forward's grouping is a stable sort of these keys: the same segments, in the same order, as
         # embedding_backward's own sort would give — the same bits, one sort fewer)
-        grad: Any
-        if groups is not None and per_sample_weights is None:
-            grad = F.lookup_contributions(grad_output, shape, keys, padding_idx=self._pad_key,
-                                          dim=self.embedding_dim, dtype=self.compute_dtype, table_dtype=self.dtype,
-                                          groups=groups).sparse(num_keys)
-        else:
-            grad = F.embedding_backward(grad_output, keys.reshape(shape), num_keys, padding_idx=self._pad_key,
-                                        sparse=True, per_sample_weights=per_sample_weights)
+        # (the table's width given, so a gradient of another width is refused naming it)
+        grad = F.lookup_contributions(grad_output, shape, keys, padding_idx=self._pad_key,
+                                      per_sample_weights=per_sample_weights, dim=self.embedding_dim,
+                                      dtype=self.compute_dtype, table_dtype=self.dtype,
+                                      groups=groups if per_sample_weights is None else None).sparse(num_keys)
         assert isinstance(grad, SparseGrad)
         if step:
             self._apply(grad)
@@ -867,6 +873,9 @@ class ShardedEmbedding:
     def _check_usable(self) -> None:
         if self._broken is not None:
             raise ShardLostError(self._broken)
+        if not self._ray.is_initialized():   # (a call would fail inside Ray, or start a new local one)
+            raise RuntimeError("Ray was shut down (ray.shutdown()) while this table's shards were running: the "
+                               "table cannot be used any more; its checkpoints stay on disk")
 
     def _fail(self, message: str) -> None:
         self._broken = message
@@ -1012,6 +1021,9 @@ class ShardedEmbedding:
         Needs a running Ray (see the class); not run here:
 
         >>> table.load_state_dict(other.state_dict())     # doctest: +SKIP
+
+        A gradient accumulated by ``backward`` and not yet stepped belongs to the state replaced: it is
+        dropped (the next :meth:`step` does nothing until a new ``backward``).
         """
         self._check_usable()
         if not isinstance(state_dict, dict) or not {"step", "weight", "optimizer"} <= set(state_dict):
@@ -1036,7 +1048,7 @@ class ShardedEmbedding:
         to adopt as well, None: keep the table's)."""
         self._settle()
         S = self.num_shards
-        refs = []
+        parts = []
         for k in range(S):
             entry = {}
             for key, value in state.items():
@@ -1047,9 +1059,16 @@ class ShardedEmbedding:
                     entry[key] = np.ascontiguousarray(value[k::S])
                 else:
                     entry[key] = value
-            refs.append((k, self._actors[k].load.remote(step, np.ascontiguousarray(weight[k::S]), entry, options)))
+            parts.append((np.ascontiguousarray(weight[k::S]), entry))
+
+        def send(k: int) -> Any:
+            return self._actors[k].load.remote(step, parts[k][0], parts[k][1], options)
+
         try:
-            got = self._wait_all(refs, expect=lambda k, reply: reply[0] == step, what="load_state_dict")
+            # a shard lost on the way (Ray restarting it) is brought back to the table's step and
+            # sent its part again: a load replaces everything a shard holds, so sending it twice is harmless
+            got = self._wait_all([(k, send(k)) for k in range(S)], expect=lambda k, reply: reply[0] == step,
+                                 retry=send, what="load_state_dict")
         except self._ray.exceptions.RayTaskError as exc:   # checked here first: not expected
             self._fail(f"a shard refused its part of a checked state: {_reason(exc)}")
         if options is not None:
@@ -1138,10 +1157,17 @@ class ShardedEmbedding:
         """
         self._check_usable()
         self._settle()
-        return [self._ray.get(a.info.remote(), timeout=self.recovery_timeout) for a in self._actors]
+        got = self._wait_all([(k, a.info.remote()) for k, a in enumerate(self._actors)],
+                             expect=lambda k, reply: reply["step"] == self._steps[k],
+                             retry=lambda k: self._actors[k].info.remote(), what="shard_info")
+        return [got[k] for k in range(self.num_shards)]
 
     def shutdown(self) -> None:
-        """Stop the shard actors (their checkpoints stay on disk).
+        """Stop the shard actors (their checkpoints stay on disk). The steps still in flight are
+        first waited for, as :meth:`sync` does, so the last step is applied (and checkpointed) on every
+        shard; an error it raises (a refused step, a checkpoint that could not be written) is raised
+        after the actors are stopped. After ``ray.shutdown()`` it only marks the table unusable (it
+        never starts a Ray of its own).
 
         Examples
         --------
@@ -1149,11 +1175,23 @@ class ShardedEmbedding:
 
         >>> table.shutdown()          # doctest: +SKIP
         """
+        error: Optional[BaseException] = None
+        if self._broken is None and self._ray.is_initialized():
+            try:
+                self._settle()
+            except Exception as exc:   # raised once the actors are stopped
+                error = exc
         self._want_graph = False
         self._drop_graph()
-        for actor in self._actors:
-            self._ray.kill(actor, no_restart=True)
+        if self._ray.is_initialized():   # (ray.kill would start a new local Ray after ray.shutdown())
+            for actor in self._actors:
+                try:
+                    self._ray.kill(actor, no_restart=True)
+                except Exception:   # an actor already gone
+                    pass
         self._broken = "the table was shut down"
+        if error is not None:
+            raise error
 
     def __repr__(self) -> str:
         return (f"ShardedEmbedding({self.num_embeddings}, {self.embedding_dim}, num_shards={self.num_shards}, "

@@ -143,3 +143,66 @@ def test_shard_restored_too_far_back_is_an_error(ray_local, tmp_path):
             table.backward(np.ones((1, D), np.float32), np.array([0]), step=True)
     finally:
         table.shutdown()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("how", ["load_state_dict", "load_checkpoint"])
+def test_a_shard_lost_while_a_state_is_loaded_is_recovered(ray_local, tmp_path, compiled, how):
+    """A shard killed just before a load (Ray restarting it) is brought back and sent its part again, as
+    every other call recovers a restartable shard (the load once failed for good: ShardLostError)."""
+    table = ShardedEmbedding(V, D, 2, "sparseadam", OPTS, seed=4, checkpoint_dir=str(tmp_path / "ck"),
+                             checkpoint_every=2, compiled_graph=compiled)
+    emb, opt = single_process(V, D, "sparseadam", OPTS, 4)
+    rng = np.random.default_rng(3)
+    try:
+        for _ in range(3):
+            train_step(rng, table, emb, opt)
+        saved = table.state_dict()
+        if how == "load_checkpoint":
+            table.save_checkpoint(str(tmp_path / "whole"))
+        for _ in range(2):     # the table moves on alone, so that the load really takes its rows back
+            table.backward(np.ones_like(table(np.arange(5))), step=True)
+        pid = table.shard_info()[1]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        wait_gone(pid)
+        if how == "load_state_dict":
+            table.load_state_dict(saved)
+        else:
+            table.load_checkpoint(str(tmp_path / "whole"))
+        assert table.step_count == saved["step"] == 3
+        assert_same_state(table, emb, opt)
+        for _ in range(2):     # and it trains on, bitwise the one process
+            train_step(rng, table, emb, opt)
+        assert_same_state(table, emb, opt)
+        assert table.shard_info()[1]["pid"] != pid
+    finally:
+        table.shutdown()
+
+
+def test_shard_info_recovers_a_lost_shard(ray_local, tmp_path):
+    table = ShardedEmbedding(V, D, 2, "sgd", OPTS, seed=4, checkpoint_dir=str(tmp_path), compiled_graph=False)
+    try:
+        pid = table.shard_info()[1]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        wait_gone(pid)
+        info = table.shard_info()   # was a raw ray.exceptions.ActorUnavailableError
+        assert info[1]["pid"] != pid and [i["step"] for i in info] == [0, 0]
+    finally:
+        table.shutdown()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_shutdown_applies_the_step_in_flight(ray_local, tmp_path, compiled):
+    """shutdown() waits for the step still in flight (as sync() does): every shard applies and checkpoints
+    it. It once stopped the actors at once: the shards' checkpoints stood at steps [2, 2] or [2, 3]."""
+    table = ShardedEmbedding(V, D, 2, "sgd", OPTS, seed=4, checkpoint_dir=str(tmp_path), checkpoint_every=1,
+                             compiled_graph=compiled)
+    dirs = [table._shard_dir(k) for k in range(2)]
+    for _ in range(3):
+        out = table(np.arange(10))
+        table.backward(np.ones_like(out), step=True)
+    table.shutdown()
+    assert [cembed.checkpoint.read_directory(d)[0]["extra"]["step"] for d in dirs] == [3, 3]
+    with pytest.raises(ShardLostError, match="shut down"):
+        table(np.arange(3))
+    table.shutdown()   # again: harmless

@@ -214,3 +214,28 @@ def test_bad_shard_cpus_refused_before_ray(bad):
 
     with pytest.raises(ValueError, match="shard_cpus"):
         ShardedEmbedding(10, 4, 2, shard_cpus=bad)
+
+
+def test_a_table_after_ray_shutdown_is_refused_and_starts_no_ray():
+    """After ray.shutdown() a table's calls are a RuntimeError saying so (they failed deep inside Ray), and
+    its shutdown() stops nothing and starts nothing (ray.kill would start a new local Ray: its auto-init,
+    without init_local's loopback-only settings). A stand-in for the Ray module: no Ray runs here."""
+    from cembed.distributed import ShardedEmbedding
+
+    class StoppedRay:
+        @staticmethod
+        def is_initialized():
+            return False
+
+        @staticmethod
+        def kill(*args, **kwargs):
+            raise AssertionError("ray.kill called after ray.shutdown()")
+
+    table = object.__new__(ShardedEmbedding)
+    table._ray, table._broken, table._graph, table._want_graph, table._actors = StoppedRay(), None, None, True, ["a"]
+    for call in (lambda: table(np.arange(3)), table.sync, table.state_dict):
+        with pytest.raises(RuntimeError, match="Ray was shut down"):
+            call()
+    table.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        table(np.arange(3))
