@@ -587,8 +587,13 @@ def test_a_diverged_run_is_an_error_and_a_dim_1_run_skips_the_plot(tmp_path, cap
     assert main(["train", *small, "16", "--tokens", "200000", "--optimizer", "sgd", "--lr", "5", "--out",
                  str(tmp_path / "nan")]) == 1
     err = capsys.readouterr().err
-    assert "training diverged" in err and "Traceback" not in err
+    assert "training diverged" in err and "nothing was saved" in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "nan" / "embeddings.npy")
+    # with --table-dir the checkpoint holds the diverged tables: the message says so (it said "nothing was saved")
+    assert main(["train", *small, "16", "--tokens", "200000", "--optimizer", "sgd", "--lr", "5", "--out",
+                 str(tmp_path / "nan2"), "--table-dir", str(tmp_path / "td")]) == 1
+    err = capsys.readouterr().err
+    assert "training diverged" in err and "nothing was saved" not in err and "checkpoint in" in err
 
 
 def test_a_table_dir_whose_checkpoint_cannot_be_replaced_is_refused_before_training(tmp_path, capsys):
@@ -596,7 +601,12 @@ def test_a_table_dir_whose_checkpoint_cannot_be_replaced_is_refused_before_train
     (tmp_path / "td" / "checkpoint" / "notes.txt").write_text("mine")
     assert main(["train", *TINY, "--no-save", "--table-dir", str(tmp_path / "td")]) == 1
     assert "is not a cembed checkpoint" in capsys.readouterr().err
-    assert not (tmp_path / "td" / "tables").exists()
+    assert sorted(p.name for p in (tmp_path / "td").rglob("*")) == ["checkpoint", "notes.txt"]   # nothing made
+    # a table file that is a directory: refused before anything is made (was a raw [Errno 21] after)
+    (tmp_path / "td2" / "tables" / "in.npy").mkdir(parents=True)
+    assert main(["train", *TINY, "--no-save", "--table-dir", str(tmp_path / "td2")]) == 2
+    assert "is a directory, not a table file" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "td2").rglob("*")) == ["in.npy", "tables"]
 
 
 def test_flags_of_the_other_kind_of_corpus_are_refused(tmp_path, capsys):
@@ -616,3 +626,39 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--version"])
     assert info.value.code == 0 and capsys.readouterr().out == f"cembed {cembed.__version__}\n"
+
+
+def test_sigterm_stops_as_cleanly_as_ctrl_c(tmp_path):
+    """SIGTERM (a job scheduler's stop) runs the same clean-up as Ctrl-C — the batch thread stopped, no
+    temporary file left, no traceback — and exits 128 + 15 (it once killed the process where it stood,
+    leaving a save's hidden temporary files behind for good)."""
+    import signal
+    import time
+
+    env = env_importing_this_cembed()
+    proc = subprocess.Popen([sys.executable, "-m", "cembed", "train", "--vocab-size", "20000", "--topics", "20",
+                             "--tokens", "20000000", "--threads", "1", "--quiet", "--no-plot", "--out", "out"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, env=env)
+    try:
+        time.sleep(6)   # corpus made, training under way (the whole run takes minutes)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()
+    assert err.decode().strip() == "terminated" and b"Traceback" not in err
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]   # no temporary file of a save
+
+
+def test_a_corpus_byte_that_is_not_utf8_is_named_by_its_file_offset(tmp_path):
+    """The offset in the message is the file's (it was the decoder's position inside its last chunk)."""
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"abc def\n" * 12500 + b"x\xff y\n" + b"more words\n" * 10)
+    with pytest.raises(corpus_mod.CorpusError, match="invalid start byte at byte 100001"):
+        corpus_mod.text_corpus(str(path))
+    path.write_bytes(b"abc def\n" * 12500 + b"\xe2\x82")   # cut inside a character at the end
+    with pytest.raises(corpus_mod.CorpusError, match="unexpected end of data at byte 100000"):
+        corpus_mod.text_corpus(str(path))

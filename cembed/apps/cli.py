@@ -2,8 +2,11 @@
 import argparse
 import math
 import os
+import signal
 import sys
+import threading
 import time
+from typing import Any, List
 
 from .runtime import reuse_large_allocations
 
@@ -381,8 +384,11 @@ def _train_and_report(args, corpus, config, threads, log, train_mod):
                                                   k=min(5, corpus.vocab_size - 1)).items():
             log(f"  nearest to {word!r}: {', '.join(nbrs)}")
     if not _all_finite(main.table):
+        on_disk = getattr(args, "table_dir", None)
+        where = (f"the embeddings were not saved, but the checkpoint in {on_disk} holds the diverged tables (a "
+                 "--resume would go on from them): start over" if on_disk else "nothing was saved")
         print(f"error: training diverged: the {main.backend} table holds NaN or infinite values (loss "
-              f"{_fmt_loss(main)}); nothing was saved — try a lower --lr", file=sys.stderr)
+              f"{_fmt_loss(main)}); {where} — try a lower --lr", file=sys.stderr)
         return 1
     try:
         if not args.no_save:
@@ -522,6 +528,10 @@ def _argument_problem(args):
         for path in (args.table_dir, *(os.path.join(args.table_dir, d) for d in ("tables", "state", "checkpoint"))):
             if os.path.lexists(path) and not os.path.isdir(path):
                 return f"--table-dir: {path} exists and is not a directory"
+        for name in ("in.npy", "out.npy"):   # (a table file through a symbolic link is fine)
+            path = os.path.join(args.table_dir, "tables", name)
+            if os.path.lexists(path) and os.path.isdir(path):
+                return f"--table-dir: {path} is a directory, not a table file"
     if "gensim" in args.backend and args.seed >= 2 ** 32:
         return f"--seed {args.seed}: gensim takes seeds below 2**32"
     if args.shards and "cembed" not in args.backend:
@@ -643,14 +653,19 @@ def main(argv=None):
         raise
     if argv is None and args.command == "train":
         _relaunch_with_passive_openmp_waiting()
+    terminated = _stop_on_sigterm(argv is None)
     try:
         code = _run(args, argv)
-        if argv is None:
+        if argv is None and sys.stdout is not None:
             sys.stdout.flush()   # (buffered output is written here, inside the try, not at exit)
         return code
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+        print("\nterminated" if terminated else "\ninterrupted", file=sys.stderr)
+        return 128 + signal.SIGTERM if terminated else 130
+    except MemoryError as exc:   # a table or batch the RAM checks let through (they use physical RAM)
+        print(f"error: out of memory ({type(exc).__name__}: {exc}); try smaller sizes, or --table-dir for tables "
+              "larger than RAM", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         # the reader of the output went away (``python -m cembed bench | head``): stop quietly, as a
         # Unix tool does — when this process is cembed's and its output is what broke (a broken
@@ -658,6 +673,27 @@ def main(argv=None):
         if argv is not None or not _silence_closed_outputs():
             raise
         return 1
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it stops as cleanly as after Ctrl-C: every
+    ``finally`` and ``except KeyboardInterrupt`` runs (temporary files removed, the batch thread
+    stopped), then the exit code is 128 + SIGTERM."""
+
+
+def _stop_on_sigterm(own_process: bool) -> List[bool]:
+    """As the owner of the process (``main()`` run as ``python -m cembed``, in the main thread), turn
+    SIGTERM into :class:`_Terminated`; returns a list that holds True once it happened (false-y till then)."""
+    happened: List[bool] = []
+    if not own_process or threading.current_thread() is not threading.main_thread():
+        return happened
+
+    def stop(signum: int, frame: Any) -> None:
+        happened.append(True)
+        raise _Terminated()
+
+    signal.signal(signal.SIGTERM, stop)
+    return happened
 
 
 def _run(args, argv):

@@ -8,6 +8,7 @@ of every word is known, the quality of the learned embeddings can be measured (s
 nearest neighbours), which plain text does not allow.
 """
 import array
+import codecs
 import collections
 import re
 from dataclasses import dataclass
@@ -122,10 +123,28 @@ def _sentences(path, lowercase):
         raise CorpusError(f"corpus file not found: {path}") from None
     except IsADirectoryError:
         raise CorpusError(f"corpus path is a directory, not a file: {path}") from None
-    except UnicodeDecodeError as exc:
-        raise CorpusError(f"corpus file is not valid UTF-8: {path} ({exc.reason} at byte {exc.start})") from None
+    except UnicodeDecodeError as exc:   # (exc.start counts from the decoder's chunk: the file's offset is found)
+        raise CorpusError(f"corpus file is not valid UTF-8: {path} ({exc.reason} at byte "
+                          f"{_first_bad_utf8_byte(path)})") from None
     except OSError as exc:
         raise CorpusError(f"cannot read corpus file {path}: {exc.strerror}") from None
+
+
+def _first_bad_utf8_byte(path, block=1 << 20):
+    """The file offset of the first byte that is not valid UTF-8 (-1 if none: the file changed)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    fed = 0
+    with open(path, "rb") as fh:
+        while True:
+            chunk = fh.read(block)
+            pending = len(decoder.getstate()[0])
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                return fed - pending + exc.start
+            if not chunk:
+                return -1
+            fed += len(chunk)
 
 
 def text_corpus(path, min_count=5, max_vocab=None, lowercase=True):

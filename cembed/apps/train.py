@@ -743,6 +743,8 @@ class TableDir:
                 raise TableDirError(refusal) from None
             return fd
 
+        if os.path.isdir(self.root):
+            self._check_checkpoint_replaceable()   # before anything is made (again below, under the lock)
         os.makedirs(self.root, exist_ok=True)
         path = os.path.join(self.root, ".lock")
         self._lock_fd = take(path, f"--table-dir {self.root} is in use by another trainer (its lock {path} is held)")
@@ -751,13 +753,17 @@ class TableDir:
             state_lock = os.path.join(self.state, ".lock")
             self._state_lock_fd = take(state_lock, f"--table-dir {self.root}: its optimizer state {self.state} is "
                                                    f"in use by another optimizer (its lock {state_lock} is held)")
-            try:   # the checkpoint the run will write at its end: refused now, not after the training
-                cembed.checkpoint.check_replaceable(self.checkpoint)
-            except ValueError as exc:
-                raise TableDirError(f"--table-dir {self.root}: {exc}") from None
+            self._check_checkpoint_replaceable()
         except BaseException:
             self.unlock()
             raise
+
+    def _check_checkpoint_replaceable(self):
+        """The checkpoint the run will write at its end: refused now, not after the training."""
+        try:
+            cembed.checkpoint.check_replaceable(self.checkpoint)
+        except ValueError as exc:
+            raise TableDirError(f"--table-dir {self.root}: {exc}") from None
 
     def hand_over_state(self):
         """Release ``DIR/state/.lock`` for the run's optimizer, which takes it as it is made."""
