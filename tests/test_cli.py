@@ -233,6 +233,20 @@ def test_progress_bar_line(monkeypatch):
     assert "100.0%" in last and "words/s" in last and "loss 1.7000" in last   # 0.7 * 2.0 + 0.3 * 1.0
 
 
+def test_progress_bar_of_a_resumed_run_counts_this_runs_words(monkeypatch):
+    """A run resumed at 40% reports the rate of the words it trains itself, and the time left from that
+    rate (it divided all words done, the earlier run's too, by this run's time: 10x the rate)."""
+    import io
+
+    clock = [100.0, 110.0]   # the bar starts at t = 100 s; the update comes 10 s later (then the clock stops)
+    monkeypatch.setattr(train_mod.time, "perf_counter", lambda: clock.pop(0) if len(clock) > 1 else clock[0])
+    stream = io.StringIO()
+    bar = train_mod.Progress(1000, "cembed", stream=stream, already_done=400)
+    bar.update(500, None, force=True)
+    line = stream.getvalue()
+    assert "10 words/s" in line and "50.0s left" in line, line   # (500 - 400) / 10 s; 500 words / 10 per s
+
+
 def test_bench_unknown_kernel_and_numpy_rows(capsys):
     assert main(["bench", "--only", "gather,warp_drive"]) == 2
     captured = capsys.readouterr()

@@ -487,8 +487,9 @@ def nearest_words(table, corpus, queries, k=5):
 class Progress:
     """A one-line progress bar on stderr: percent, words/s, smoothed loss, elapsed / remaining."""
 
-    def __init__(self, total, label, stream=None, enabled=True, width=28):
-        self.total, self.label, self.width = total, label, width
+    def __init__(self, total, label, stream=None, enabled=True, width=28, already_done=0):
+        # (already_done: words a resumed run trained before; its rate and time left count this run's words)
+        self.total, self.label, self.width, self.already_done = total, label, width, already_done
         self.stream = stream or sys.stderr
         self.enabled = enabled
         self.start = time.perf_counter()
@@ -510,7 +511,7 @@ class Progress:
             if int(frac * 10) <= self.logged and not force:
                 return
             self.logged = int(frac * 10)
-        rate = done / elapsed if elapsed > 0 else 0.0
+        rate = (done - self.already_done) / elapsed if elapsed > 0 else 0.0
         eta = (self.total - done) / rate if rate > 0 else float("inf")
         bar = "#" * int(frac * self.width)
         loss = f"{self.loss:.4f}" if self.loss is not None else "-"
@@ -880,7 +881,7 @@ def _train_with(corpus, config, progress, table_dir):
     if table_dir is not None:   # the set-up's freed temporaries: page cache for the tables under a memory limit
         cembed.storage.release_free_memory()
     total = corpus.n_tokens * config.epochs
-    bar = Progress(total, f"{model.name:>6}", enabled=progress)
+    bar = Progress(total, f"{model.name:>6}", enabled=progress, already_done=done_words)
     loss = None
     words = done_words
     source = None
