@@ -541,7 +541,7 @@ def test_corpus_file_streams_and_keeps_the_old_numbering(tmp_path):
         for _ in range(3000):
             fh.write(" ".join(rng.choice(words) for _ in range(rng.randint(0, 9))) + rng.choice(seps))
     text = path.read_text(encoding="utf-8")
-    sentences = [s for s in (corpus_mod._TOKEN.findall(line.lower()) for line in text.splitlines()) if s]
+    sentences = [s for s in (corpus_mod.token_pattern().findall(line.lower()) for line in text.splitlines()) if s]
     for min_count, max_vocab in ((1, None), (215, None), (2, 10)):
         freq = collections.Counter(w for s in sentences for w in s)
         kept = [(w, c) for w, c in freq.most_common(max_vocab) if c >= min_count]
@@ -676,3 +676,16 @@ def test_a_corpus_byte_that_is_not_utf8_is_named_by_its_file_offset(tmp_path):
     path.write_bytes(b"abc def\n" * 12500 + b"\xe2\x82")   # cut inside a character at the end
     with pytest.raises(corpus_mod.CorpusError, match="unexpected end of data at byte 100000"):
         corpus_mod.text_corpus(str(path))
+
+
+def test_corpus_words_keep_their_combining_marks(tmp_path):
+    """Words of scripts written with combining marks (Devanagari, Tamil, decomposed accents) stay whole:
+    Python's \\w leaves the marks out, and "हिन्दी" was read as the words "ह", "न", "द"."""
+    pattern = corpus_mod.token_pattern()
+    assert pattern.findall("हिन्दी भाषा") == ["हिन्दी", "भाषा"]
+    assert pattern.findall("தமிழ் மொழி") == ["தமிழ்", "மொழி"]
+    assert pattern.findall("cafe\u0301 don't rock’n_roll 42") == ["cafe\u0301", "don't", "rock’n_roll", "42"]
+    path = tmp_path / "hi.txt"
+    path.write_text("हिन्दी भाषा किताब\n" * 6, encoding="utf-8")
+    corpus = corpus_mod.text_corpus(str(path), min_count=1)
+    assert sorted(corpus.words) == sorted(["हिन्दी", "भाषा", "किताब"])
