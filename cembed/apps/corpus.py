@@ -168,8 +168,9 @@ def _first_bad_utf8_byte(path, block=1 << 20):
 
 def text_corpus(path, min_count=5, max_vocab=None, lowercase=True):
     """Tokenise a UTF-8 text file (one sentence per line; words are runs of letters, digits and combining
-    marks: ``token_pattern``), keep the words seen at least ``min_count`` times (the ``max_vocab`` most frequent, ties in order of first
-    appearance), ids by frequency; sentences with fewer than two kept words are dropped.
+    marks: ``token_pattern``), keep the words seen at least ``min_count`` times (the ``max_vocab`` most
+    frequent, ties in order of first appearance), ids by frequency; sentences with fewer than two kept
+    words are dropped.
 
     One streamed pass over the file: each word gets a provisional id as it is first seen (4 bytes per
     token), then the vocabulary is chosen and the ids renumbered with array operations. Memory is the
