@@ -201,45 +201,33 @@ def adamw_decay_rows(floating[:, :] weight,           # INOUT (n_rows, dim), uni
 from cembed._rows cimport row_axpy_fma, row_add_product
 
 cdef enum:
-    ELEMENTS_PER_BLOCK = 16384   # add_scaled_: elements per prange iteration
+    ELEMENTS_PER_BLOCK = 16384   # fused_multiply_add_: elements per prange iteration
 
 
-def add_scaled_(floating[::1] out,          # INOUT (n,)
-                const floating[::1] x,      # IN    (n,)
-                double alpha, int n_threads):
-    """out = fma(alpha, x, out) element by element (alpha rounded to the arrays' dtype first): torch's
-    ``out.add_(x, alpha=alpha)`` on the CPU, bit for bit. Blocks split statically; one writer each."""
-    cdef Py_ssize_t n = out.shape[0]
-    cdef Py_ssize_t n_blocks = (n + ELEMENTS_PER_BLOCK - 1) // ELEMENTS_PER_BLOCK
-    cdef Py_ssize_t blk, lo
-    cdef floating a = <floating> alpha
-    if x.shape[0] != n:
-        raise ValueError(f"add_scaled_: out has {n} elements, x {x.shape[0]}")
-    if n == 0:
-        return
-    with nogil:
-        for blk in prange(n_blocks, schedule="static", num_threads=n_threads):
-            lo = blk * ELEMENTS_PER_BLOCK
-            row_axpy_fma(&out[lo], &x[lo], a, 1, min(<Py_ssize_t> ELEMENTS_PER_BLOCK, n - lo))
-
-
-def add_product_(floating[::1] out,          # INOUT (n,)
-                 const floating[::1] x,      # IN    (n,)
-                 const floating[::1] y,      # IN    (n,)
-                 int n_threads):
-    """out = fma(x, y, out) element by element: torch's ``out.addcmul_(x, y)`` (value 1) on the CPU, bit
+def fused_multiply_add_(floating[::1] out,          # INOUT (n,)
+                        const floating[::1] x,      # IN    (n,)
+                        const floating[::1] y,      # IN    (n,), or empty: alpha instead
+                        double alpha, int n_threads):
+    """out = fma(x, y, out), or fma(alpha, x, out) for an empty y (alpha rounded to the arrays' dtype),
+    element by element: torch's ``out.addcmul_(x, y)`` / ``out.add_(x, alpha=alpha)`` on the CPU, bit
     for bit. Blocks split statically; one writer each."""
     cdef Py_ssize_t n = out.shape[0]
     cdef Py_ssize_t n_blocks = (n + ELEMENTS_PER_BLOCK - 1) // ELEMENTS_PER_BLOCK
-    cdef Py_ssize_t blk, lo
-    if x.shape[0] != n or y.shape[0] != n:
-        raise ValueError(f"add_product_: out has {n} elements, x {x.shape[0]}, y {y.shape[0]}")
+    cdef Py_ssize_t blk, lo, size
+    cdef floating a = <floating> alpha
+    cdef bint scalar = y.shape[0] == 0
+    if x.shape[0] != n or not (scalar or y.shape[0] == n):
+        raise ValueError(f"fused_multiply_add_: out has {n} elements, x {x.shape[0]}, y {y.shape[0]}")
     if n == 0:
         return
     with nogil:
         for blk in prange(n_blocks, schedule="static", num_threads=n_threads):
             lo = blk * ELEMENTS_PER_BLOCK
-            row_add_product(&out[lo], &x[lo], &y[lo], min(<Py_ssize_t> ELEMENTS_PER_BLOCK, n - lo))
+            size = min(<Py_ssize_t> ELEMENTS_PER_BLOCK, n - lo)
+            if scalar:
+                row_axpy_fma(&out[lo], &x[lo], a, 1, size)
+            else:
+                row_add_product(&out[lo], &x[lo], &y[lo], size)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -601,21 +601,14 @@ def test_hand_set_clock_scalars_fused_and_unfused_alike_and_a_refused_call_keeps
         good_exp_avg, state["exp_avg"] = state["exp_avg"], np.zeros((6, 3))
         grad = dyadic(r, (2, 2), np.float64)
         with pytest.raises(ValueError, match="exp_avg"):
-            if fused:
-                tables[1].backward(grad, idx, optimizer=opt)
-            else:
-                tables[1].backward(grad, idx)
-                opt.step()
+            tables[1](idx)
+            backward_and_step(tables[1], grad, opt, fused)
         opt.zero_grad()
         state["exp_avg"] = good_exp_avg
         assert_same(before, snapshot(opt, tables))
         for _ in range(2):
-            if fused:
-                tables[1].backward(grad, idx, optimizer=opt)
-            else:
-                tables[1].backward(grad, idx)
-                opt.step()
-                opt.zero_grad()
+            tables[1](idx)
+            backward_and_step(tables[1], grad, opt, fused)
         worlds.append(snapshot(opt, tables))
     assert_same(worlds[0], worlds[1])
 

@@ -112,18 +112,19 @@ def _update_rows(weight: np.ndarray, states: Sequence[np.ndarray], rows: np.ndar
         s[rows] = b
 
 
-def _elementwise(kernel: Callable[..., None], out: np.ndarray, *inputs: Any) -> None:
-    """``kernel(out, *inputs, n_threads)`` on flat C-contiguous views; an ``out`` of another layout goes
-    through a contiguous copy written back. Array inputs are made contiguous, shaped like ``out``, and
-    copied when they may share memory with it (a ``.grad`` set to a view of the state, say)."""
+def _elementwise(out: np.ndarray, x: np.ndarray, y: np.ndarray, alpha: float) -> None:
+    """``_optim.fused_multiply_add_`` on flat C-contiguous views (``y`` empty: ``alpha`` instead); an
+    ``out`` of another layout goes through a contiguous copy written back. The inputs are made
+    contiguous, shaped like ``out``, and copied when they may share memory with it (a ``.grad`` set to a
+    view of the state, say)."""
     work = out if out.flags.c_contiguous else np.ascontiguousarray(out)
-    flat: List[Any] = []
-    for x in inputs:
-        if isinstance(x, np.ndarray):
-            x = np.ascontiguousarray(np.broadcast_to(x, out.shape), dtype=out.dtype)
-            x = (x.copy() if np.may_share_memory(x, out) else x).reshape(-1)
-        flat.append(x)
-    kernel(work.reshape(-1), *flat, n_threads_for(out.size, "elementwise"))
+    flat = []
+    for arr in (x, y):
+        if arr.size or arr is x:
+            arr = np.ascontiguousarray(np.broadcast_to(arr, out.shape), dtype=out.dtype)
+            arr = (arr.copy() if np.may_share_memory(arr, out) else arr).reshape(-1)
+        flat.append(arr)
+    _optim.fused_multiply_add_(work.reshape(-1), flat[0], flat[1], alpha, n_threads_for(out.size, "elementwise"))
     if work is not out:
         out[...] = work
 
@@ -133,14 +134,14 @@ def add_scaled_(out: np.ndarray, x: np.ndarray, alpha: float) -> np.ndarray:
     on the CPU, bit for bit (its kernels fuse the multiply-add; ``alpha`` is rounded to out's dtype).
     The dense-gradient updates use it wherever torch's single-tensor optimizer calls ``add(…, alpha=)``.
     Returns ``out``."""
-    _elementwise(_optim.add_scaled_, out, x, float(alpha))
+    _elementwise(out, x, np.zeros(0, out.dtype), float(alpha))
     return out
 
 
 def add_product_(out: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """``out = fma(x, y, out)``, element by element, in place: torch's ``out.addcmul_(x, y)`` on the CPU.
     Returns ``out``."""
-    _elementwise(_optim.add_product_, out, x, y)
+    _elementwise(out, x, y, 0.0)
     return out
 
 
