@@ -689,3 +689,29 @@ def test_corpus_words_keep_their_combining_marks(tmp_path):
     path.write_text("हिन्दी भाषा किताब\n" * 6, encoding="utf-8")
     corpus = corpus_mod.text_corpus(str(path), min_count=1)
     assert sorted(corpus.words) == sorted(["हिन्दी", "भाषा", "किताब"])
+
+
+def test_embeddings_are_saved_a_block_of_rows_at_a_time(tmp_path, monkeypatch):
+    """embeddings.npy is written from blocks of rows, never from a copy of the whole table (a table on disk
+    larger than RAM trained, then ran out of memory in its final save): the same bytes np.save writes."""
+    import io
+
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((5000, 9)).astype(np.float32)
+    rank = rng.permutation(5000).astype(np.int32)
+    by_word = train_mod.WordRows(table.astype(np.float16), rank)
+    expected = io.BytesIO()
+    np.save(expected, np.ascontiguousarray(by_word, dtype=np.float32))
+
+    def whole(*args, **kwargs):
+        raise AssertionError("the whole table was built")
+
+    monkeypatch.setattr(train_mod.WordRows, "__array__", whole)
+    for source, want in ((by_word, expected.getvalue()), (table, None)):
+        got = io.BytesIO()
+        train_mod._write_float32_npy(got, source, block_bytes=1000)
+        if want is None:
+            want = io.BytesIO()
+            np.save(want, table)
+            want = want.getvalue()
+        assert got.getvalue() == want

@@ -1004,6 +1004,18 @@ def _train_gensim(corpus, config, threads, progress):
     return _score(result, corpus, eval_sets, before, chance)
 
 
+def _write_float32_npy(fh, table, block_bytes=32 << 20):
+    """``table`` (an array, or ``WordRows`` of tables on disk: indexing by word ids gives float32 rows) as a
+    float32 ``.npy``, a block of rows at a time: a table on disk larger than RAM is never read whole."""
+    n_rows, dim = int(table.shape[0]), int(table.shape[1])
+    np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")),
+                                              "fortran_order": False, "shape": (n_rows, dim)})
+    step = max(1, block_bytes // max(1, 4 * dim))
+    for lo in range(0, n_rows, step):
+        rows = table[np.arange(lo, min(lo + step, n_rows))]
+        fh.write(np.ascontiguousarray(rows, dtype="<f4").tobytes())
+
+
 def save_embeddings(out_dir, table, corpus):
     """embeddings.npy (float32, one row per word) and vocab.txt (the words, same order), each written
     to a synced temporary file first; both are renamed into place, or neither (a failed or interrupted
@@ -1018,8 +1030,7 @@ def save_embeddings(out_dir, table, corpus):
             fh.write(b"\n")
     parts = []
     try:
-        rows = np.ascontiguousarray(table, dtype=np.float32)
-        parts.append((storage.write_aside(emb_path, lambda fh: np.save(fh, rows)), emb_path))
+        parts.append((storage.write_aside(emb_path, lambda fh: _write_float32_npy(fh, table)), emb_path))
         parts.append((storage.write_aside(vocab_path, vocabulary), vocab_path))
         storage.replace_files(parts)
     finally:
