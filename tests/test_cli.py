@@ -576,16 +576,16 @@ def test_saving_embeddings_is_all_or_nothing(tmp_path, monkeypatch):
     first = np.arange(50 * 4, dtype=np.float32).reshape(50, 4)
     train_mod.save_embeddings(tmp_path, first, corpus)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    real_save = np.save
+    real_write = train_mod._write_float32_npy
 
     def partial(fh, array):
         fh.write(b"\x93NUMPY partial")
         raise OSError(27, "File too large")
 
-    monkeypatch.setattr(train_mod.np, "save", partial)
+    monkeypatch.setattr(train_mod, "_write_float32_npy", partial)
     with pytest.raises(OSError, match="File too large"):
         train_mod.save_embeddings(tmp_path, first + 1, corpus)
-    monkeypatch.setattr(train_mod.np, "save", real_save)
+    monkeypatch.setattr(train_mod, "_write_float32_npy", real_write)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     train_mod.save_embeddings(tmp_path, first + 1, corpus)
     assert np.array_equal(np.load(tmp_path / "embeddings.npy"), first + 1)
