@@ -135,3 +135,17 @@ def test_layer_check_catches_a_violation(tmp_path):
     nested.write_text("from .. import _optim\nfrom ..sparse import SparseGrad\nfrom . import clip\n")
     assert _imports("optim.lr_scheduler", nested) == {"_optim", "sparse", "optim"}
     assert all(_layer(t) >= _layer("functional") for t in ("modules", "optim", "apps"))
+
+
+def test_sources_compile_without_warnings():
+    """No source of the package, its tests or benchmarks compiles with a warning (an invalid escape
+    sequence such as ``"\\w"`` in a docstring is a DeprecationWarning today and a SyntaxError later)."""
+    import warnings
+
+    root = PACKAGE.parent
+    sources = [p for d in ("cembed", "tests", "benchmarks") for p in (root / d).rglob("*.py")] + [root / "setup.py"]
+    assert len(sources) > 30
+    for path in sources:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            compile(path.read_text(encoding="utf-8"), str(path), "exec")

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -169,6 +170,14 @@ def test_unusable_out_dir_fails_before_training(tmp_path, capsys, monkeypatch):
     assert main(["train", *TINY, "--out", str(tmp_path / "out")]) == 2
     assert "embeddings.npy is a directory, where the run writes its embeddings.npy" in capsys.readouterr().err
     os.rmdir(tmp_path / "out" / "embeddings.npy")
+    (tmp_path / "out" / "pca.png").mkdir()   # the plot's name: refused only when a plot is written
+    with_plot = [flag for flag in TINY if flag != "--no-plot"]
+    assert main(["train", *with_plot, "--no-save", "--out", str(tmp_path / "out")]) == 2
+    assert "pca.png is a directory, where the run writes its pca.png" in capsys.readouterr().err
+    monkeypatch.setattr(train_mod, "train", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("trained")))
+    with pytest.raises(RuntimeError, match="trained"):   # (--no-plot: the directory is no obstacle)
+        main(["train", *TINY, "--out", str(tmp_path / "out")])
+    os.rmdir(tmp_path / "out" / "pca.png")
     os.rmdir(tmp_path / "out")
     # nothing to write: --out is not looked at
     monkeypatch.undo()
@@ -458,6 +467,7 @@ def test_line_sentence_file(tmp_path):
     (["--shards", "100", "--ray-address", "127.0.0.1:1", "--vocab-size", "50", "--topics", "5", "--tokens", "500"],
      "cannot exceed the vocabulary"),
     (["--backend", "cembed,gensim", "--seed", str(2 ** 32)], "gensim takes seeds below 2**32"),
+    (["--ray-address", "127.0.0.1:1"], "--ray-address applies to --shards"),
 ])
 def test_arguments_that_cannot_run_are_an_error_line(capsys, flags, message):
     """Values argparse accepts one by one but that cannot run (a window beyond the batch builder's, a
@@ -520,26 +530,44 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path, args, code, unbuffered
     assert proc.wait(timeout=300) == code and err == "", err
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [["config"], ["bench", "--rows", "1000", "--n", "100", "--repeats", "1"]])
+def test_output_that_cannot_be_written_is_an_error_line(tmp_path, args):
+    """``python -m cembed config > /dev/full`` (no room for the output): exit code 1 and an error line
+    naming why, not a traceback (nor a second one from the flush at exit)."""
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run([sys.executable, "-m", "cembed", *args], stdout=full, stderr=subprocess.PIPE,
+                              cwd=tmp_path, env=env_importing_this_cembed(), timeout=300)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and err == "error: cannot write: No space left on device\n", err
+
+
 def test_bench_refuses_a_size_no_ram_holds(capsys):
     assert main(["bench", "--rows", "1000000000000", "--dim", "128"]) == 2
     assert capsys.readouterr().err.startswith("error:")
 
 
-def test_corpus_file_streams_and_keeps_the_old_numbering(tmp_path):
+@pytest.mark.parametrize("read_chars,longest_piece", [(corpus_mod.READ_CHARS, corpus_mod.LONGEST_PIECE), (7, 40),
+                                                      (1000, 13), (1, 8)])
+def test_corpus_file_streams_and_keeps_the_old_numbering(tmp_path, monkeypatch, read_chars, longest_piece):
     """text_corpus reads the file in one streamed pass: the same ids (most frequent first, ties by first
     appearance), sentences (split as str.splitlines splits, U+2028 included; fewer than two kept words
     dropped), counts and description as reading the whole file into word lists did — checked against
-    that reading, written out here."""
+    that reading, written out here. Read in blocks of any size, and lines longer than the longest
+    piece read in pieces (cut at white space), the same."""
     import collections
     import random
 
+    monkeypatch.setattr(corpus_mod, "READ_CHARS", read_chars)
+    monkeypatch.setattr(corpus_mod, "LONGEST_PIECE", longest_piece)
     rng = random.Random(0)
-    words = [f"w{i}" for i in range(60)] + ["Ünï", "don't", "rock’n", "X"]
+    words = [f"w{i}" for i in range(60)] + ["Ünï", "don't", "rock’n", "X", "ΟΔΟΣ", "हिन्दी"]
     seps = ["\n", "\r\n", "\r", "\u2028", "\x0c", "\n\n", " . "]
     path = tmp_path / "c.txt"
     with open(path, "w", encoding="utf-8", newline="") as fh:
-        for _ in range(3000):
-            fh.write(" ".join(rng.choice(words) for _ in range(rng.randint(0, 9))) + rng.choice(seps))
+        for _ in range(3000 if read_chars > 1 else 300):
+            length = rng.choice([rng.randint(0, 9), rng.randint(0, 9), 200])   # some lines of ~1,000 characters
+            fh.write(rng.choice([" ", "\t", "\xa0"]).join(rng.choice(words) for _ in range(length)) + rng.choice(seps))
     text = path.read_text(encoding="utf-8")
     sentences = [s for s in (corpus_mod.token_pattern().findall(line.lower()) for line in text.splitlines()) if s]
     for min_count, max_vocab in ((1, None), (215, None), (2, 10)):
@@ -558,6 +586,52 @@ def test_corpus_file_streams_and_keeps_the_old_numbering(tmp_path):
         np.testing.assert_array_equal(corpus.sentence_starts, starts)
         np.testing.assert_array_equal(corpus.counts, np.bincount(ids, minlength=len(kept)))
         assert corpus.tokens.dtype == np.int32 and corpus.sentence_starts.dtype == np.int64
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 1000])
+def test_nearest_words_reads_the_table_in_blocks(block_rows):
+    """The --corpus run's listing of nearest words made two float32 copies of the whole table (one on disk
+    too): it reads a block of rows at a time now, with the same answer as the whole-table computation."""
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((1000, 16)).astype(np.float32)
+    table[3] = 0.0   # (a zero row: norm clamped)
+    corpus = types.SimpleNamespace(words=[f"w{i}" for i in range(1000)])
+    queries = [0, 3, 5, 500, 999]
+    emb = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)
+    expected = {}
+    for q in queries:
+        sims = emb @ emb[q]
+        sims[q] = -np.inf
+        expected[f"w{q}"] = [f"w{i}" for i in np.argsort(-sims, kind="stable")[:5]]
+    got = train_mod.nearest_words(table, corpus, queries, k=5, block_bytes=block_rows * 16 * 4)
+    assert got == expected
+    tiny = train_mod.nearest_words(table[:2], corpus, [1], k=1, block_bytes=64)
+    assert tiny == {"w1": ["w0"]}
+
+
+def test_a_corpus_of_one_long_line_is_read_in_pieces(tmp_path, monkeypatch):
+    """A corpus that is one line (text8 is 100 MB without a line break) was held whole, as a string, its
+    lowercase copy and a list of every word: memory grew with the line. It is tokenised in pieces of
+    bounded length now, and is still one sentence, its words uncut."""
+    monkeypatch.setattr(corpus_mod, "READ_CHARS", 1000)
+    monkeypatch.setattr(corpus_mod, "LONGEST_PIECE", 3000)
+    pattern = corpus_mod.token_pattern()
+    longest = []
+
+    class Recording:
+        def findall(self, text):
+            longest.append(len(text))
+            return pattern.findall(text)
+
+    monkeypatch.setattr(corpus_mod, "token_pattern", lambda: Recording())
+    rng = np.random.default_rng(0)
+    words = [f"Wörd{i}" for i in rng.integers(0, 300, 50_000)]
+    path = tmp_path / "one_line.txt"
+    path.write_text(" ".join(words), encoding="utf-8")
+    corpus = corpus_mod.text_corpus(str(path), min_count=1)
+    assert max(longest) <= 3000 + 1000 and len(longest) > 100
+    np.testing.assert_array_equal(corpus.sentence_starts, [0, len(words)])
+    assert [corpus.words[i] for i in corpus.tokens] == [w.lower() for w in words]
 
 
 @pytest.mark.parametrize("flag", ["--table-dir", "--corpus", "--out", "--ray-address"])

@@ -1,5 +1,6 @@
 """Command line: `python -m cembed train` (the main job), `bench` and `config`."""
 import argparse
+import errno
 import math
 import os
 import signal
@@ -295,8 +296,10 @@ def run_train(args):
             return 2
     # fail before training, not after it, when the results cannot be written (checked, not made: a run
     # refused or failed before its results are written leaves no new directory behind)
-    if not args.no_save or (not args.no_plot and corpus.topics is not None):
-        problem = _output_dir_problem(args.out)
+    written = (("embeddings.npy", "vocab.txt") if not args.no_save else ()) + \
+        (("pca.png",) if not args.no_plot and corpus.topics is not None else ())
+    if written:
+        problem = _output_dir_problem(args.out, written)
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             return 2
@@ -408,9 +411,9 @@ def _all_finite(table):
     """Whether every value of ``table`` is finite (row blocks: a table on disk is not read whole)."""
     import numpy as np
 
-    rows = max(1, (1 << 24) // max(1, table.shape[1] * 4))
-    n = len(table)
-    return all(np.isfinite(np.asarray(table[np.arange(lo, min(lo + rows, n))])).all() for lo in range(0, n, rows))
+    from .train import row_blocks
+
+    return all(np.isfinite(rows).all() for _, rows in row_blocks(table))
 
 
 NETNS_MARK = "CEMBED_IN_PRIVATE_NETNS"
@@ -534,6 +537,8 @@ def _argument_problem(args):
                 return f"--table-dir: {path} is a directory, not a table file"
     if "gensim" in args.backend and args.seed >= 2 ** 32:
         return f"--seed {args.seed}: gensim takes seeds below 2**32"
+    if args.ray_address is not None and not args.shards:
+        return "--ray-address applies to --shards S (the tables sharded over a Ray cluster)"
     if args.shards and "cembed" not in args.backend:
         return "--shards shards cembed's tables: use it with the cembed backend"
     if args.corpus is None:
@@ -587,17 +592,18 @@ def _memory_problem(args, vocab_size, n_tokens):
 OUTPUT_FILES = ("embeddings.npy", "vocab.txt", "pca.png")
 
 
-def _output_dir_problem(path):
+def _output_dir_problem(path, names=OUTPUT_FILES):
     """None when ``path`` is a writable directory or could be made one (its nearest existing ancestor
     is a directory a file can be made in: tried with a temporary file, removed at once — /proc says
-    it is writable and is not), else what is wrong with it. Nothing is left behind: the directory is
-    made when the results are written, so a run refused or failed before that leaves none."""
+    it is writable and is not) where none of the files ``names`` the run will write is a directory,
+    else what is wrong with it. Nothing is left behind: the directory is made when the results are
+    written, so a run refused or failed before that leaves none."""
     import tempfile
 
     if os.path.lexists(path):
         if not os.path.isdir(path):
             return f"--out {path} exists and is not a directory"
-        for name in OUTPUT_FILES:
+        for name in names:
             target = os.path.join(path, name)
             if os.path.isdir(target) and not os.path.islink(target):
                 return f"--out {path}: {target} is a directory, where the run writes its {name}"
@@ -673,6 +679,15 @@ def main(argv=None):
         if argv is not None or not _silence_closed_outputs():
             raise
         return 1
+    except OSError as exc:
+        # a write that failed for want of room or by an I/O error (stdout ``> /dev/full``, a full disk
+        # under the output): an error line, not a traceback, when this process is cembed's
+        if argv is not None or exc.errno not in _WRITE_FAILURES:
+            raise
+        _silence_unwritable_stdout()
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: cannot write{where}: {exc.strerror}", file=sys.stderr)
+        return 1
 
 
 class _Terminated(KeyboardInterrupt):
@@ -710,6 +725,28 @@ def _run(args, argv):
 
     cembed.show_config()
     return 0
+
+
+#: The errors of a write that failed for want of room or by the device (not a bug of the program).
+_WRITE_FAILURES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+
+
+def _silence_unwritable_stdout():
+    """Point stdout at /dev/null when it cannot take what is buffered for it, so that nothing more
+    fails at exit."""
+    if sys.stdout is None:
+        return
+    try:
+        sys.stdout.flush()
+        return
+    except OSError:
+        pass
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError):
+        pass
 
 
 def _silence_closed_outputs():

@@ -107,7 +107,7 @@ def synthetic_corpus(vocab_size=1_000_000, n_topics=100, n_tokens=8_000_000, sen
 
 @functools.lru_cache(maxsize=1)
 def token_pattern():
-    """Words: runs of letters, digits and combining marks (Unicode categories L, N, M; Python's ``\w``
+    r"""Words: runs of letters, digits and combining marks (Unicode categories L, N, M; Python's ``\w``
     alone leaves out the marks, which cut words of Devanagari, Tamil, ... and decomposed accents apart:
     "हिन्दी" gave "ह", "न", "द"), joined by inner apostrophes. Built on first use (the marks' class takes
     a pass over Unicode's code points, ~0.2 s)."""
@@ -127,17 +127,43 @@ class CorpusError(ValueError):
     """A corpus file that cannot be used (missing, unreadable, empty, no word above min_count)."""
 
 
-def _sentences(path, lowercase):
-    """The file's sentences (lists of words), read line by line: the file is streamed, never held whole
-    (a line holding several separators ``str.splitlines`` knows, e.g. U+2028, gives several)."""
+#: Characters of text read at a time, and the longest piece of one line held before its words are
+#: taken (a corpus that is one line, as text8 is, is read in pieces of about this size).
+READ_CHARS = 1 << 20
+LONGEST_PIECE = 1 << 20
+_LAST_SPACE = re.compile(r"\s(?=\S*\Z)")
+
+
+def _sentence_pieces(path, lowercase):
+    """The file's sentences as ``(words, ends)`` pieces: the words of one line (``str.splitlines``'s
+    line breaks, U+2028 included), or of a part of a line longer than ``LONGEST_PIECE`` characters
+    (cut at its last white space, so no word is cut; ``ends`` False: the sentence goes on in the next
+    piece). The file is streamed in blocks of ``READ_CHARS`` characters: memory stays bounded however
+    long a line is (a line was once read whole: a 100 MB one-line corpus became 100 MB strings and ~17M
+    word objects at once)."""
     token = token_pattern()
+    read_chars, longest_piece = READ_CHARS, LONGEST_PIECE
+
+    def words_of(text):
+        return token.findall(text.lower() if lowercase else text)
+
     try:
         with open(path, encoding="utf-8") as fh:
-            for physical in fh:
-                for line in physical.splitlines():
-                    words = token.findall(line.lower() if lowercase else line)
-                    if words:
-                        yield words
+            carry = ""
+            while True:
+                block = fh.read(read_chars)
+                if not block:
+                    break
+                lines = (carry + block).splitlines(keepends=True)
+                carry = lines.pop() if lines and lines[-1].splitlines()[0] == lines[-1] else ""
+                for line in lines:
+                    yield words_of(line), True
+                if len(carry) > longest_piece:
+                    space = _LAST_SPACE.search(carry)
+                    cut = space.start() + 1 if space is not None else len(carry)   # (one word that long: cut)
+                    yield words_of(carry[:cut]), False
+                    carry = carry[cut:]
+            yield words_of(carry), True
     except FileNotFoundError:
         raise CorpusError(f"corpus file not found: {path}") from None
     except IsADirectoryError:
@@ -178,9 +204,13 @@ def text_corpus(path, min_count=5, max_vocab=None, lowercase=True):
     strings peaked at ~28× the file's size)."""
     first_seen: Dict[str, int] = {}                    # word -> provisional id, in order of first appearance
     provisional, lengths = array.array("i"), array.array("q")
-    for words in _sentences(path, lowercase):
+    length = 0
+    for words, ends in _sentence_pieces(path, lowercase):
         provisional.extend([first_seen.setdefault(w, len(first_seen)) for w in words])
-        lengths.append(len(words))
+        length += len(words)
+        if ends and length:
+            lengths.append(length)
+            length = 0
     if not first_seen:
         raise CorpusError(f"corpus file has no words: {path}")
     pid = np.frombuffer(provisional, dtype=np.int32)

@@ -469,17 +469,39 @@ def topic_precision(table, words, topics, k=10):
     return precision, chance
 
 
-def nearest_words(table, corpus, queries, k=5):
-    table = np.asarray(table, dtype=np.float32)
-    emb = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)
-    out = {}
-    for q in queries:
-        sims = emb @ emb[q]
-        sims[q] = -np.inf
-        best = np.argpartition(-sims, k)[:k]
-        best = best[np.argsort(-sims[best])]
-        out[corpus.words[q]] = [corpus.words[int(i)] for i in best]
-    return out
+def nearest_words(table, corpus, queries, k=5, block_bytes=32 << 20):
+    """Each query word's ``k`` nearest words (cosine), best first. ``table`` is read a block of rows
+    at a time (``row_blocks``): a table on disk larger than RAM is never copied whole."""
+    queries = [int(q) for q in queries]
+    if not queries:
+        return {}
+    picked = np.asarray(table[np.asarray(queries, dtype=np.int64)], dtype=np.float32)
+    unit = picked / np.maximum(np.linalg.norm(picked, axis=1, keepdims=True), 1e-12)
+    best = [(np.empty(0, np.float32), np.empty(0, np.int64)) for _ in queries]   # per query: sims, ids
+    for lo, rows in row_blocks(table, block_bytes):
+        emb = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+        ids = np.arange(lo, lo + len(rows))
+        for j, q in enumerate(queries):
+            sims = emb @ unit[j]
+            if lo <= q < lo + len(rows):
+                sims[q - lo] = -np.inf   # (not its own neighbour)
+            sims, where = np.concatenate([best[j][0], sims]), np.concatenate([best[j][1], ids])
+            if sims.size > k:   # the k best, ties to the lower id (all tied at the k-th value kept, then sorted)
+                kept = np.flatnonzero(sims >= np.partition(sims, sims.size - k)[sims.size - k])
+                sims, where = sims[kept], where[kept]
+            order = np.lexsort((where, -sims))[:k]
+            best[j] = (sims[order], where[order])
+    return {corpus.words[q]: [corpus.words[int(i)] for i in best[j][1]] for j, q in enumerate(queries)}
+
+
+def row_blocks(table, block_bytes=32 << 20):
+    """``(first row, float32 rows)`` for consecutive blocks of about ``block_bytes`` of ``table`` (an
+    array, or ``WordRows`` of tables on disk: indexing by word ids gives float32 rows), so that a table
+    on disk larger than RAM is never read whole."""
+    n_rows, dim = int(table.shape[0]), int(table.shape[1])
+    step = max(1, block_bytes // max(1, 4 * dim))
+    for lo in range(0, n_rows, step):
+        yield lo, np.asarray(table[np.arange(lo, min(lo + step, n_rows))], dtype=np.float32)
 
 
 # ------------------------------------------------------------------------------------------ loop
@@ -1010,9 +1032,7 @@ def _write_float32_npy(fh, table, block_bytes=32 << 20):
     n_rows, dim = int(table.shape[0]), int(table.shape[1])
     np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")),
                                               "fortran_order": False, "shape": (n_rows, dim)})
-    step = max(1, block_bytes // max(1, 4 * dim))
-    for lo in range(0, n_rows, step):
-        rows = table[np.arange(lo, min(lo + step, n_rows))]
+    for _, rows in row_blocks(table, block_bytes):
         fh.write(np.ascontiguousarray(rows, dtype="<f4").tobytes())
 
 
