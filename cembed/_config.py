@@ -105,6 +105,11 @@ def set_num_threads(n: Optional[int] = None) -> Optional[int]:
 def get_num_threads() -> int:
     """The number of threads the next kernel call may use, resolved now.
 
+    Unless :func:`set_num_threads` chose it, this is OpenMP's setting (``OMP_NUM_THREADS``,
+    ``threadpoolctl``) capped at :data:`MAX_THREADS`, the bound :func:`set_num_threads` enforces:
+    ``OMP_NUM_THREADS=1000`` on a 2-core machine is a mistake, not a setting (each thread of a kernel
+    also gets its own scratch space).
+
     In a child process created by ``fork()`` after this process ran a parallel kernel, this is
     always 1: GNU OpenMP's thread pool does not survive ``fork``, and entering a parallel region in
     such a child would hang forever (see ``docs/safety.md``).
@@ -119,7 +124,7 @@ def get_num_threads() -> int:
         return 1
     if _user_threads is not None:
         return _user_threads
-    return max(1, _threads.max_threads())
+    return max(1, min(MAX_THREADS, _threads.max_threads()))
 
 
 def n_threads_for(n_items: int, work: str) -> int:

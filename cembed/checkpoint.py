@@ -116,6 +116,8 @@ def find_directory(path: PathLike) -> str:
     for candidate in candidates:
         if os.path.isfile(os.path.join(candidate, MANIFEST)):
             return candidate
+        if candidate == path and os.path.lexists(os.path.join(path, MANIFEST)):
+            return candidate   # (a MANIFEST.json that is not a file: reading it says what it is)
     if _legacy_checkpoint(path):
         return _legacy_ready(path)
     raise CheckpointError(f"{path}: no checkpoint there (no {MANIFEST}, and no interrupted save to recover)")

@@ -36,6 +36,9 @@ def test_threadpoolctl_limits_are_honoured():
     cembed.set_num_threads(2)
     with threadpoolctl.threadpool_limits(1, user_api="openmp"):
         assert cembed.get_num_threads() == 2  # an explicit set_num_threads wins
+    cembed.set_num_threads(None)
+    with threadpoolctl.threadpool_limits(cembed._config.MAX_THREADS + 100, user_api="openmp"):
+        assert cembed.get_num_threads() == cembed._config.MAX_THREADS   # capped as set_num_threads is
 
 
 def test_omp_num_threads_is_honoured(tmp_path):
@@ -47,6 +50,9 @@ def test_omp_num_threads_is_honoured(tmp_path):
         env["OMP_NUM_THREADS"] = "3"
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=tmp_path)
         assert out.stdout.strip() == "3"
+        env["OMP_NUM_THREADS"] = "100000"
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=tmp_path)
+        assert out.stdout.strip() == str(cembed._config.MAX_THREADS)
 
 
 def test_show_config():
