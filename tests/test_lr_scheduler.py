@@ -163,6 +163,29 @@ CASES = {
     "ReduceLROnPlateau-max-abs-eps": ("betas", lambda m, o: m.ReduceLROnPlateau(
         o, mode="max", factor=0.9, patience=0, threshold_mode="abs", eps=1e-3), 400,
         [-x for x in PLATEAU_LOSS]),
+    "PolynomialLR": ("momentum", lambda m, o: m.PolynomialLR(o, total_iters=120, power=2.0), 300, None),
+    "PolynomialLR-defaults": ("momentum", lambda m, o: m.PolynomialLR(o), 200, None),
+    "PolynomialLR-root": ("betas", lambda m, o: m.PolynomialLR(o, total_iters=250, power=0.5), 300, None),
+    "ChainedScheduler-constant-exponential": ("momentum", lambda m, o: m.ChainedScheduler(
+        [m.ConstantLR(o, 0.1, 20), m.ExponentialLR(o, 0.99)]), 300, None),
+    "ChainedScheduler-linear-cosine": ("betas", lambda m, o: m.ChainedScheduler(
+        [m.LinearLR(o, 0.1, total_iters=30), m.CosineAnnealingLR(o, 80, eta_min=1e-5), m.StepLR(o, 50, 0.5)],
+        optimizer=o), 300, None),
+    "CosineAnnealingWarmRestarts-mult2": ("momentum", lambda m, o: m.CosineAnnealingWarmRestarts(
+        o, T_0=10, T_mult=2, eta_min=1e-4), 400, None),
+    "CosineAnnealingWarmRestarts-mult1": ("momentum", lambda m, o: m.CosineAnnealingWarmRestarts(o, 37), 300, None),
+    "CyclicLR-triangular-momentum": ("momentum", lambda m, o: m.CyclicLR(
+        o, base_lr=[0.01, 0.001, 1e-4], max_lr=0.1, step_size_up=20), 300, None),
+    "CyclicLR-triangular2-betas": ("betas", lambda m, o: m.CyclicLR(
+        o, 1e-3, [0.1, 0.05, 0.2], step_size_up=15, step_size_down=35, mode="triangular2",
+        base_momentum=[0.8, 0.85, 0.7], max_momentum=0.95), 300, None),
+    "CyclicLR-exp-range": ("momentum", lambda m, o: m.CyclicLR(
+        o, 0.001, 0.1, step_size_up=25, mode="exp_range", gamma=0.995), 300, None),
+    "CyclicLR-scale-fn-no-momentum": ("momentum", lambda m, o: m.CyclicLR(
+        o, 0.001, 0.1, 10, scale_fn=Halver(40), scale_mode="iterations", cycle_momentum=False), 300, None),
+    "CyclicLR-fractional-halves": ("betas", lambda m, o: m.CyclicLR(
+        o, [1e-4, 1e-3, 1e-2], 0.5, step_size_up=7.5, step_size_down=12.5, scale_fn=lambda c: 0.9 ** c),
+        300, None),
     "chain-exponential-multistep": ("momentum", lambda m, o: [m.ExponentialLR(o, 0.99),
                                                               m.MultiStepLR(o, [50, 100], 0.5)], 300, None),
     "chain-linear-step": ("momentum", lambda m, o: [m.LinearLR(o, 0.2, total_iters=30), m.StepLR(o, 40, 0.5)],
@@ -180,7 +203,10 @@ def test_matches_torch(case):
         warnings.simplefilter("error")  # the right call order raises no warning
         ours, scheds = run(lr_scheduler, make_standin(kind), factory, n_steps, metrics)
     assert_same_trace(ours, theirs)
-    assert scheds[-1].last_epoch == n_steps
+    last = scheds[-1]
+    if isinstance(last, lr_scheduler.ChainedScheduler):   # (no epoch of its own, as in torch)
+        last = last._schedulers[-1]
+    assert last.last_epoch == n_steps
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -311,6 +337,8 @@ RESUMABLE = {
     "ConstantLR": lambda m, o, e: m.ConstantLR(o, 0.5, 8, last_epoch=e),
     "LambdaLR": lambda m, o, e: m.LambdaLR(o, lambda k: 1 / (k + 1), last_epoch=e),
     "MultiplicativeLR": lambda m, o, e: m.MultiplicativeLR(o, lambda k: 0.9, last_epoch=e),
+    "PolynomialLR": lambda m, o, e: m.PolynomialLR(o, 25, 1.5, last_epoch=e),
+    "CosineAnnealingWarmRestarts": lambda m, o, e: m.CosineAnnealingWarmRestarts(o, 6, 2, 1e-3, last_epoch=e),
 }
 
 
@@ -359,7 +387,7 @@ def test_one_cycle_resume():
 
 
 @pytest.mark.parametrize("name", ["StepLR", "MultiStepLR", "ExponentialLR", "CosineAnnealingLR",
-                                  "LinearLR", "ConstantLR", "LambdaLR"])
+                                  "LinearLR", "ConstantLR", "LambdaLR", "PolynomialLR"])
 def test_step_with_epoch_uses_the_closed_form(name):
     """The deprecated step(epoch) warns and uses the closed form where torch has one."""
     torch = require_torch()
@@ -376,6 +404,84 @@ def test_step_with_epoch_uses_the_closed_form(name):
         return np.array(out)
 
     assert_same_trace(trace(lr_scheduler, make_standin()), trace(torch.optim.lr_scheduler, make_torch_opt(torch)))
+
+
+@pytest.mark.parametrize("T_mult", [1, 2, 3])
+def test_warm_restarts_take_fractional_and_jumping_epochs_as_torch(T_mult):
+    """CosineAnnealingWarmRestarts.step(epoch): fractional epochs (stepped after every batch) and jumps
+    back and forth (the closed form of the period, with a logarithm when T_mult > 1), without the
+    deprecation warning, as torch."""
+    torch = require_torch()
+    epochs = [e + b / 7 for e in range(40) for b in range(7)] + [3, 100.5, 0, 61, 10, 9.999, 250, 1e-9]
+
+    def trace(mod, opt):
+        sched = mod.CosineAnnealingWarmRestarts(opt, T_0=5, T_mult=T_mult, eta_min=1e-4)
+        out = []
+        for epoch in epochs:
+            opt.step()
+            sched.step(epoch)
+            out.append(snapshot(opt) + sched.get_last_lr() + [sched.T_cur, sched.T_i, sched.last_epoch])
+        return np.array(out, dtype=np.float64)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = trace(lr_scheduler, make_standin())
+        theirs = trace(torch.optim.lr_scheduler, make_torch_opt(torch))
+    assert_same_trace(ours, theirs)
+    sched = lr_scheduler.CosineAnnealingWarmRestarts(make_standin(), T_0=5)
+    for bad, exc in ((-1, ValueError), (math.inf, ValueError), (math.nan, ValueError), ("3", TypeError)):
+        with pytest.raises(exc, match="epoch"):
+            sched.step(bad)
+    assert sched.last_epoch == 0 and sched.T_cur == 0
+
+
+def test_cyclic_on_cembed_sgd_and_sparse_adam():
+    """CyclicLR cycles the momentum of cembed's SGD and beta1 of its SparseAdam as torch's does theirs."""
+    torch = require_torch()
+    for make_ours, make_theirs, key in [
+        (lambda: cembed.optim.SGD([cembed.Embedding(10, 4, sparse=True)], lr=0.05, momentum=0.9),
+         lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), "momentum"),
+        (lambda: cembed.optim.SparseAdam([cembed.Embedding(10, 4, sparse=True)], lr=0.05),
+         lambda p: torch.optim.SparseAdam(p, lr=0.05), "betas"),
+    ]:
+        def factory(m, o):
+            return m.CyclicLR(o, base_lr=0.01, max_lr=0.2, step_size_up=13, mode="triangular2")
+
+        theirs, _ = run(torch.optim.lr_scheduler, make_theirs([torch.nn.Parameter(torch.zeros(10, 4))]), factory, 100)
+        opt = make_ours()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ours, _ = run(lr_scheduler, opt, factory, 100)
+        assert_same_trace(ours, theirs)
+        assert key in opt.param_groups[0]
+    opt = cembed.optim.Adagrad([cembed.Embedding(10, 4, sparse=True)], lr=0.1)
+    with pytest.raises(ValueError, match="momentum or beta1"):
+        lr_scheduler.CyclicLR(opt, base_lr=0.01, max_lr=0.2)
+    assert opt.param_groups[0]["lr"] == 0.1   # (torch had already set it to base_lr)
+    lr_scheduler.CyclicLR(opt, base_lr=0.01, max_lr=0.2, cycle_momentum=False)
+    assert opt.param_groups[0]["lr"] == 0.01
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_refused_chained_step_changes_nothing():
+    """The second chained scheduler refuses its step (OneCycleLR past its end): the first, already
+    stepped, and the groups it wrote are put back (torch leaves them stepped)."""
+    opt = make_standin()
+    first = lr_scheduler.ExponentialLR(opt, gamma=0.5)
+    chain = lr_scheduler.ChainedScheduler([first, lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=3)])
+    for _ in range(3):
+        opt.step()
+        chain.step()
+    before = (copy.deepcopy(opt.param_groups), chain.state_dict())
+    with pytest.raises(ValueError, match="Tried to step 4 times"):
+        chain.step()
+    assert (opt.param_groups, chain.state_dict()) == before and first.last_epoch == 3
+    state = chain.state_dict()
+    state["_schedulers"][0]["gamma"] = 0.25
+    state["_schedulers"][1]["last_epoch"] = -5
+    with pytest.raises(ValueError, match="last_epoch"):
+        chain.load_state_dict(state)   # the second's state refused: the first's not loaded either
+    assert chain.state_dict() == before[1] and first.gamma == 0.5
 
 
 def test_one_cycle_past_the_end_raises():
@@ -576,6 +682,30 @@ BAD = [
     (lambda o: lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=10, div_factor=0), ValueError, "div_factor"),
     (lambda o: lr_scheduler.OneCycleLR(StandIn([{"lr": 0.1}], lr=0.1), max_lr=0.1, total_steps=10), ValueError,
      "momentum or beta1"),
+    (lambda o: lr_scheduler.PolynomialLR(o, total_iters=0), ValueError, "total_iters"),
+    (lambda o: lr_scheduler.PolynomialLR(o, total_iters=2.0), TypeError, "total_iters"),
+    (lambda o: lr_scheduler.PolynomialLR(o, power=-1.0), ValueError, "power"),
+    (lambda o: lr_scheduler.PolynomialLR(o, power="2"), TypeError, "power"),
+    (lambda o: lr_scheduler.ChainedScheduler([]), ValueError, "at least one"),
+    (lambda o: lr_scheduler.ChainedScheduler(lr_scheduler.StepLR(o, 2)), TypeError, "list of schedulers"),
+    (lambda o: lr_scheduler.ChainedScheduler([object()]), TypeError, "optimizer"),
+    (lambda o: lr_scheduler.ChainedScheduler([lr_scheduler.StepLR(o, 2), lr_scheduler.StepLR(make_standin(), 2)]),
+     ValueError, "same optimizer"),
+    (lambda o: lr_scheduler.ChainedScheduler([lr_scheduler.ReduceLROnPlateau(o)]), ValueError, "ReduceLROnPlateau"),
+    (lambda o: lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=0), ValueError, "T_0"),
+    (lambda o: lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=2.0), ValueError, "T_0"),
+    (lambda o: lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=2, T_mult=0), ValueError, "T_mult"),
+    (lambda o: lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=2, T_mult=1.5), ValueError, "T_mult"),
+    (lambda o: lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=2, eta_min="0"), ValueError, "eta_min"),
+    (lambda o: lr_scheduler.CyclicLR(o, 0.01, 0.1, step_size_up=0), ValueError, "step_size_up"),
+    (lambda o: lr_scheduler.CyclicLR(o, 0.01, 0.1, step_size_down=-1), ValueError, "step_size_down"),
+    (lambda o: lr_scheduler.CyclicLR(o, 0.01, 0.1, step_size_up=math.inf), ValueError, "finite"),
+    (lambda o: lr_scheduler.CyclicLR(o, 0.01, 0.1, mode="triangle"), ValueError, "mode"),
+    (lambda o: lr_scheduler.CyclicLR(o, 0.01, 0.1, scale_fn=0.5), TypeError, "scale_fn"),
+    (lambda o: lr_scheduler.CyclicLR(o, 0.01, 0.1, scale_mode="epochs"), ValueError, "scale_mode"),
+    (lambda o: lr_scheduler.CyclicLR(o, [0.01, 0.02], 0.1), ValueError, "base_lr"),
+    (lambda o: lr_scheduler.CyclicLR(o, 0.01, 0.1, gamma=None), TypeError, "gamma"),
+    (lambda o: lr_scheduler.CyclicLR(StandIn([{"lr": 0.1}], lr=0.1), 0.01, 0.1), ValueError, "momentum or beta1"),
 ]
 
 
@@ -607,7 +737,13 @@ def test_public_names():
         assert issubclass(getattr(lr_scheduler, name), lr_scheduler.LRScheduler)
     assert set(lr_scheduler.__all__) >= {
         "LRScheduler", "LambdaLR", "MultiplicativeLR", "StepLR", "MultiStepLR", "ExponentialLR",
-        "CosineAnnealingLR", "LinearLR", "ConstantLR", "OneCycleLR", "SequentialLR", "ReduceLROnPlateau"}
+        "CosineAnnealingLR", "LinearLR", "ConstantLR", "OneCycleLR", "SequentialLR", "ReduceLROnPlateau",
+        "PolynomialLR", "ChainedScheduler", "CosineAnnealingWarmRestarts", "CyclicLR"}
+    torch = pytest.importorskip("torch")
+    theirs = {name for name, obj in vars(torch.optim.lr_scheduler).items()
+              if isinstance(obj, type) and issubclass(obj, torch.optim.lr_scheduler.LRScheduler) and
+              not name.startswith("_")}
+    assert theirs <= set(lr_scheduler.__all__), sorted(theirs - set(lr_scheduler.__all__))   # torch's every one
 
 
 def test_doctests():

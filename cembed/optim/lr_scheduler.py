@@ -26,7 +26,7 @@ import weakref
 from bisect import bisect_right
 import contextlib
 from collections import Counter
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, SupportsFloat, TypedDict
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, SupportsFloat, TypedDict, cast
 
 __all__ = [
     "LRScheduler",
@@ -41,6 +41,10 @@ __all__ = [
     "CosineAnnealingLR",
     "ReduceLROnPlateau",
     "OneCycleLR",
+    "PolynomialLR",
+    "ChainedScheduler",
+    "CosineAnnealingWarmRestarts",
+    "CyclicLR",
 ]
 
 
@@ -139,6 +143,25 @@ def _fraction(value: Any, name: str) -> Any:
     if not 0 <= value <= 1:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
     return value
+
+
+def _positive_real(value: Any, name: str) -> Any:
+    _real(value, name)
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+    return value
+
+
+def _boolean(value: Any, name: str) -> bool:
+    if not isinstance(value, (bool, numbers.Integral)) or value not in (0, 1):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
 
 
 def _check_last_epoch(last_epoch: Any) -> int:
@@ -1436,3 +1459,480 @@ class OneCycleLR(LRScheduler):
             else:
                 group["momentum"] = momentum
         return lrs
+
+
+class PolynomialLR(LRScheduler):
+    r"""Decay each group's learning rate polynomially to zero over ``total_iters`` epochs, then
+    keep it.
+
+    The learning rate follows torch's recursion
+    ``lr_t = lr_{t-1} * ((1 - t / total_iters) / (1 - (t - 1) / total_iters)) ** power`` for
+    ``t <= total_iters``, which is ``base_lr * (1 - t / total_iters) ** power``.
+
+    Parameters
+    ----------
+    optimizer : optimizer
+    total_iters : int, default 5
+        Epochs of the decay, >= 1.
+    power : float, default 1.0
+        The power of the polynomial, >= 0 (a negative one divides by zero at ``total_iters``).
+    last_epoch : int, default -1
+
+    Examples
+    --------
+    >>> import cembed
+    >>> from cembed.optim.lr_scheduler import PolynomialLR
+    >>> opt = cembed.optim.SGD([cembed.Embedding(10, 4)], lr=1.0)
+    >>> sched = PolynomialLR(opt, total_iters=4, power=2.0)
+    >>> lrs = []
+    >>> for _ in range(5):
+    ...     opt.step()
+    ...     sched.step()
+    ...     lrs.append(round(sched.get_last_lr()[0], 6))
+    >>> lrs
+    [0.5625, 0.25, 0.0625, 0.0, 0.0]
+    """
+
+    _STATE_CHECKS = {"total_iters": lambda v, name: _integer(v, name, minimum=1), "power": _nonneg}
+
+    def __init__(self, optimizer: OptimizerLike, total_iters: int = 5, power: float = 1.0,
+                 last_epoch: int = -1) -> None:
+        self.total_iters = _integer(total_iters, "total_iters", minimum=1)
+        self.power = _nonneg(power, "power")
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        """torch's recursive polynomial step from the current ``group["lr"]``.
+
+        Returns
+        -------
+        list of float
+        """
+        self._warn_if_outside_step()
+        t, total = self.last_epoch, self.total_iters
+        if self._is_initial or t > total:
+            return self._current_lrs()
+        decay_factor = ((1.0 - t / total) / (1.0 - (t - 1) / total)) ** self.power
+        return [group["lr"] * decay_factor for group in self.optimizer.param_groups]
+
+    def _get_closed_form_lr(self) -> list[float]:
+        return [base_lr * (1.0 - min(self.total_iters, self.last_epoch) / self.total_iters) ** self.power
+                for base_lr in self.base_lrs]
+
+
+class ChainedScheduler(LRScheduler):
+    """Step several schedulers of one optimizer together: each ``step()`` calls every scheduler's
+    ``step()`` in order, so their factors compose (a warm-up and a decay, say).
+
+    Parameters
+    ----------
+    schedulers : list of LRScheduler
+        At least one, all of the same optimizer; :class:`ReduceLROnPlateau` is not supported (its
+        ``step`` needs a metric).
+    optimizer : optimizer, optional
+        Their optimizer (default: the first scheduler's).
+
+    Notes
+    -----
+    As everywhere in cembed, a ``step()`` that raises changes nothing: the schedulers stepped before
+    the failing one and the optimizer's groups are put back as they were (torch leaves them stepped).
+
+    Examples
+    --------
+    >>> import cembed
+    >>> from cembed.optim.lr_scheduler import ChainedScheduler, ConstantLR, ExponentialLR
+    >>> opt = cembed.optim.SGD([cembed.Embedding(10, 4)], lr=1.0)
+    >>> sched = ChainedScheduler([ConstantLR(opt, factor=0.1, total_iters=2), ExponentialLR(opt, gamma=0.5)])
+    >>> lrs = [sched.get_last_lr()[0]]
+    >>> for _ in range(3):
+    ...     opt.step()
+    ...     sched.step()
+    ...     lrs.append(round(sched.get_last_lr()[0], 6))
+    >>> lrs
+    [0.1, 0.05, 0.25, 0.125]
+    """
+
+    def __init__(self, schedulers: Sequence[LRScheduler], optimizer: OptimizerLike | None = None) -> None:
+        if isinstance(schedulers, LRScheduler) or not isinstance(schedulers, Sequence):
+            raise TypeError(f"schedulers must be a list of schedulers, got {type(schedulers).__name__}")
+        if len(schedulers) < 1:
+            raise ValueError(f"{type(self).__name__} expects at least one scheduler to be chained, but got no "
+                             "scheduler.")
+        optimizer = optimizer or getattr(schedulers[0], "optimizer", None)
+        for i, scheduler in enumerate(schedulers):
+            if not hasattr(scheduler, "optimizer"):
+                raise TypeError(f"{type(self).__name__}: schedulers[{i}] should have `optimizer` as its attribute.")
+            if isinstance(scheduler, ReduceLROnPlateau):
+                raise ValueError(
+                    f"{type(self).__name__} does not support `ReduceLROnPlateau` scheduler as it requires "
+                    "additional kwargs to be specified when calling `step`, but got one at index "
+                    f"{i} in the given schedulers sequence.")
+            if scheduler.optimizer is not optimizer:
+                raise ValueError(
+                    f"{type(self).__name__} expects all schedulers to belong to the same optimizer, but "
+                    f"schedulers[{i}] ({type(scheduler).__name__}) has a different optimizer.")
+        _check_optimizer(optimizer)
+        self._schedulers = list(schedulers)
+        self.optimizer = cast(OptimizerLike, optimizer)   # (checked: not None)
+        self._last_lr = _group_values(self._schedulers[-1].optimizer, "lr")
+
+    def step(self) -> None:  # type: ignore[override]
+        """Step every scheduler, in order."""
+        _check_group_lrs(self.optimizer)
+        groups = self.optimizer.param_groups
+        saved_groups = [dict(group) for group in groups]
+        try:
+            with self._all_or_nothing():   # (the wrapped schedulers' state included)
+                for scheduler in self._schedulers:
+                    scheduler.step()
+                self._last_lr = _group_values(self._schedulers[-1].optimizer, "lr")
+        except BaseException:
+            for group, saved in zip(groups, saved_groups):   # (what the earlier schedulers wrote)
+                group.clear()
+                group.update(saved)
+            raise
+
+    def _state_objects(self) -> list[Any]:
+        return [self] + [obj for s in self._schedulers for obj in s._state_objects()]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state, with the chained schedulers' state dicts under ``"_schedulers"``.
+
+        Returns
+        -------
+        dict
+        """
+        state = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in ("optimizer", "_schedulers")}
+        state["_schedulers"] = [s.state_dict() for s in self._schedulers]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the state saved by :meth:`state_dict`, chained schedulers included (all or none).
+
+        Parameters
+        ----------
+        state_dict : dict
+        """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        saved = state_dict.get("_schedulers")
+        if not isinstance(saved, list) or len(saved) != len(self._schedulers):
+            raise ValueError(f"state_dict must hold the states of {len(self._schedulers)} schedulers under "
+                             "'_schedulers'")
+        with self._all_or_nothing():
+            self._load_checked({k: copy.deepcopy(v) for k, v in state_dict.items()
+                                if k not in ("optimizer", "_schedulers")}, kept=("_schedulers",))
+            for s, sd in zip(self._schedulers, saved):
+                s.load_state_dict(sd)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(type(s).__name__ for s in self._schedulers)})"
+
+
+def _real_epoch(value: Any, name: str) -> Any:
+    """A finite real epoch (fractional allowed)."""
+    _real(value, name)
+    if math.isinf(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+class CosineAnnealingWarmRestarts(LRScheduler):
+    r"""Cosine annealing with warm restarts (SGDR): each group's learning rate falls from its initial
+    lr to ``eta_min`` along a cosine over ``T_i`` epochs, then restarts; ``T_0`` epochs until the
+    first restart, each period ``T_mult`` times the one before.
+
+    ``lr = eta_min + (base_lr - eta_min) * (1 + cos(pi * T_cur / T_i)) / 2``, ``T_cur`` the epochs
+    since the last restart. ``step(epoch)`` takes a fractional epoch (call it after every batch with
+    ``epoch + batch / n_batches``); unlike the other schedulers it does not warn about it (as torch).
+
+    Parameters
+    ----------
+    optimizer : optimizer
+    T_0 : int
+        Epochs until the first restart, >= 1.
+    T_mult : int, default 1
+        Growth factor of the period after each restart, >= 1.
+    eta_min : float, default 0.0
+        Minimum learning rate.
+    last_epoch : int, default -1
+
+    Examples
+    --------
+    >>> import cembed
+    >>> from cembed.optim.lr_scheduler import CosineAnnealingWarmRestarts
+    >>> opt = cembed.optim.SGD([cembed.Embedding(10, 4)], lr=1.0)
+    >>> sched = CosineAnnealingWarmRestarts(opt, T_0=2, T_mult=2)
+    >>> lrs = []
+    >>> for _ in range(6):
+    ...     opt.step()
+    ...     sched.step()
+    ...     lrs.append(round(sched.get_last_lr()[0], 6))
+    >>> lrs
+    [0.5, 1.0, 0.853553, 0.5, 0.146447, 1.0]
+    """
+
+    _STATE_CHECKS = {"T_0": lambda v, name: _integer(v, name, minimum=1),
+                     "T_mult": lambda v, name: _integer(v, name, minimum=1),
+                     "T_i": lambda v, name: _integer(v, name, minimum=1),
+                     "T_cur": _real_epoch, "eta_min": _real}
+
+    def __init__(self, optimizer: OptimizerLike, T_0: int, T_mult: int = 1, eta_min: float = 0.0,
+                 last_epoch: int = -1) -> None:
+        self.T_0 = _integer(T_0, "T_0", minimum=1, error=ArgumentTypeError)
+        self.T_i = self.T_0
+        self.T_mult = _integer(T_mult, "T_mult", minimum=1, error=ArgumentTypeError)
+        self.eta_min = _real(eta_min, "eta_min", error=ArgumentTypeError)
+        self.T_cur: float = _check_last_epoch(last_epoch)
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        """The cosine of the current period at ``T_cur``.
+
+        Returns
+        -------
+        list of float
+        """
+        self._warn_if_outside_step()
+        return [self.eta_min + (base_lr - self.eta_min) * (1 + math.cos(math.pi * self.T_cur / self.T_i)) / 2
+                for base_lr in self.base_lrs]
+
+    def step(self, epoch: float | None = None) -> None:
+        """Advance by one epoch, or go to ``epoch`` (fractional allowed, >= 0).
+
+        Parameters
+        ----------
+        epoch : float, optional
+        """
+        if epoch is not None:
+            epoch = _real_epoch(epoch, "epoch")
+            if epoch < 0:
+                raise ValueError(f"Expected non-negative epoch, but got {epoch}")
+        _check_group_lrs(self.optimizer)
+        with self._all_or_nothing():   # a refused step leaves the schedule where it was
+            if epoch is None and self.last_epoch < 0:
+                epoch = 0
+            if epoch is None:
+                epoch = self.last_epoch + 1
+                self.T_cur = self.T_cur + 1
+                if self.T_cur >= self.T_i:
+                    self.T_cur = self.T_cur % self.T_i
+                    self.T_i = self.T_i * self.T_mult
+            elif epoch >= self.T_0:
+                if self.T_mult == 1:
+                    self.T_cur = epoch % self.T_0
+                else:
+                    n = int(math.log((epoch / self.T_0 * (self.T_mult - 1) + 1), self.T_mult))
+                    self.T_cur = epoch - self.T_0 * (self.T_mult ** n - 1) / (self.T_mult - 1)
+                    self.T_i = self.T_0 * self.T_mult ** n
+            else:
+                self.T_i = self.T_0
+                self.T_cur = epoch
+            self.last_epoch = math.floor(epoch)
+            self._get_lr_called_within_step = True
+            try:
+                values = self.get_lr()
+            finally:
+                self._get_lr_called_within_step = False
+            for group, lr in zip(self.optimizer.param_groups, values):
+                group["lr"] = lr
+            self._last_lr = _group_values(self.optimizer, "lr")
+
+
+_CYCLIC_MODES = ("triangular", "triangular2", "exp_range")
+
+
+class CyclicLR(LRScheduler):
+    """Cyclical learning rates: each group's learning rate goes from ``base_lr`` up to ``max_lr`` in
+    ``step_size_up`` steps and back down in ``step_size_down``, the amplitude scaled per cycle
+    (``"triangular"``: constant; ``"triangular2"``: halved each cycle) or per step
+    (``"exp_range"``: ``gamma ** step``), or by a ``scale_fn`` of your own. Momentum (or ``betas[0]``)
+    is cycled inversely between ``max_momentum`` and ``base_momentum``. Step it after every batch.
+
+    The constructor sets every group's ``lr`` to its ``base_lr`` (and its momentum to
+    ``max_momentum``) when ``last_epoch`` is -1. With ``cycle_momentum=True`` the optimizer must have
+    ``"momentum"`` or ``"betas"`` in its ``defaults``.
+
+    Parameters
+    ----------
+    optimizer : optimizer
+    base_lr, max_lr : float or list of float
+        The cycle's bounds, for all groups or per group.
+    step_size_up : float, default 2000
+        Steps of the rising half, > 0.
+    step_size_down : float, optional
+        Steps of the falling half, >= 0 (default ``step_size_up``).
+    mode : {"triangular", "triangular2", "exp_range"}, default "triangular"
+        Ignored when ``scale_fn`` is given.
+    gamma : float, default 1.0
+        ``"exp_range"``'s factor per step.
+    scale_fn : callable, optional
+        ``scale_fn(x)``: the amplitude's factor, ``x`` the cycle number (from 1) or the step
+        (``scale_mode``).
+    scale_mode : {"cycle", "iterations"}, default "cycle"
+        What ``scale_fn`` is given (the built-in modes choose their own).
+    cycle_momentum : bool, default True
+    base_momentum, max_momentum : float or list of float, default 0.8, 0.9
+    last_epoch : int, default -1
+        Index of the last batch, to resume.
+
+    Examples
+    --------
+    >>> import cembed
+    >>> from cembed.optim.lr_scheduler import CyclicLR
+    >>> opt = cembed.optim.SGD([cembed.Embedding(10, 4)], lr=0.1, momentum=0.9)
+    >>> sched = CyclicLR(opt, base_lr=0.1, max_lr=1.0, step_size_up=2, mode="triangular2")
+    >>> lrs = [opt.param_groups[0]["lr"]]
+    >>> for _ in range(8):
+    ...     opt.step()
+    ...     sched.step()
+    ...     lrs.append(round(sched.get_last_lr()[0], 6))
+    >>> lrs
+    [0.1, 0.55, 1.0, 0.55, 0.1, 0.325, 0.55, 0.325, 0.1]
+    """
+
+    _STATE_CHECKS = {"total_size": lambda v, name: _positive_real(v, name),
+                     "step_ratio": lambda v, name: _positive_fraction(v, name),
+                     "mode": lambda v, name: _choice(v, name, (v,)) if isinstance(v, str) else _choice(v, name, ()),
+                     "gamma": _real,
+                     "scale_mode": lambda v, name: _choice(v, name, ("cycle", "iterations")),
+                     "cycle_momentum": lambda v, name: _boolean(v, name),
+                     "use_beta1": lambda v, name: _boolean(v, name)}
+
+    def __init__(self, optimizer: OptimizerLike, base_lr: float | Sequence[float], max_lr: float | Sequence[float],
+                 step_size_up: float = 2000, step_size_down: float | None = None, mode: str = "triangular",
+                 gamma: float = 1.0, scale_fn: Callable[[float], float] | None = None, scale_mode: str = "cycle",
+                 cycle_momentum: bool = True, base_momentum: float | Sequence[float] = 0.8,
+                 max_momentum: float | Sequence[float] = 0.9, last_epoch: int = -1) -> None:
+        _check_optimizer(optimizer)
+        last_epoch = _check_last_epoch(last_epoch)
+        self.optimizer = optimizer
+        base_lrs = _format_param("base_lr", optimizer, base_lr)
+        max_lrs = _format_param("max_lr", optimizer, max_lr)
+        up = float(_positive_real(step_size_up, "step_size_up"))
+        down = up if step_size_down is None else float(_nonneg(step_size_down, "step_size_down"))
+        if math.isinf(up) or math.isinf(down):
+            raise ValueError("step_size_up and step_size_down must be finite")
+        if scale_fn is None:
+            _choice(mode, "mode", _CYCLIC_MODES)
+        elif not callable(scale_fn):
+            raise TypeError(f"scale_fn must be callable, got {type(scale_fn).__name__}")
+        _choice(scale_mode, "scale_mode", ("cycle", "iterations"))
+        _real(gamma, "gamma")
+        cycle_momentum = _boolean(cycle_momentum, "cycle_momentum")
+        defaults: dict[str, Any] = {}
+        if cycle_momentum:
+            found = getattr(optimizer, "defaults", None)
+            defaults = found if isinstance(found, dict) else optimizer.param_groups[0] if optimizer.param_groups else {}
+            if "momentum" not in defaults and "betas" not in defaults:
+                raise ValueError("optimizer must support momentum or beta1 with `cycle_momentum` option enabled")
+            base_momentums = _format_param("base_momentum", optimizer, base_momentum)
+            max_momentums = _format_param("max_momentum", optimizer, max_momentum)
+        # everything checked: now the groups are written
+        if last_epoch == -1:
+            for lr, group in zip(base_lrs, optimizer.param_groups):
+                group["lr"] = lr
+        self.max_lrs = max_lrs
+        self.total_size = up + down
+        self.step_ratio = up / self.total_size
+        self.mode = mode
+        self.gamma = gamma
+        self._scale_fn_custom = scale_fn
+        self.scale_mode = scale_mode if scale_fn is not None else ("iterations" if mode == "exp_range" else "cycle")
+        self.cycle_momentum = cycle_momentum
+        if cycle_momentum:
+            self.use_beta1 = "betas" in defaults
+            self.base_momentums = base_momentums
+            self.max_momentums = max_momentums
+            if last_epoch == -1:
+                for m_mom, b_mom, group in zip(max_momentums, base_momentums, optimizer.param_groups):
+                    if self.use_beta1:
+                        group["betas"] = (m_mom, *group["betas"][1:])
+                    else:
+                        group["momentum"] = m_mom
+                    group["max_momentum"] = m_mom
+                    group["base_momentum"] = b_mom
+        super().__init__(optimizer, last_epoch)
+        self.base_lrs = base_lrs
+
+    def scale_fn(self, x: float) -> float:
+        """The amplitude's factor at cycle (or step) ``x``: ``scale_fn``'s, else the mode's."""
+        if self._scale_fn_custom is not None:
+            return self._scale_fn_custom(x)
+        if self.mode == "triangular":
+            return 1.0
+        if self.mode == "triangular2":
+            return 1 / (2.0 ** (x - 1))
+        return self.gamma ** x
+
+    def get_lr(self) -> list[float]:
+        """The learning rates of batch ``last_epoch``; also writes the cycled momentum / beta1 into
+        the param groups when ``cycle_momentum``.
+
+        Returns
+        -------
+        list of float
+        """
+        self._warn_if_outside_step()
+        cycle = math.floor(1 + self.last_epoch / self.total_size)
+        x = 1.0 + self.last_epoch / self.total_size - cycle
+        if x <= self.step_ratio:
+            scale_factor = x / self.step_ratio
+        else:
+            scale_factor = (x - 1) / (self.step_ratio - 1)
+        scale = self.scale_fn(cycle if self.scale_mode == "cycle" else self.last_epoch)
+        lrs = [base_lr + (max_lr - base_lr) * scale_factor * scale
+               for base_lr, max_lr in zip(self.base_lrs, self.max_lrs)]
+        if self.cycle_momentum:
+            momenta = [max_m - (max_m - base_m) * scale_factor * scale
+                       for base_m, max_m in zip(self.base_momentums, self.max_momentums)]
+            for group, momentum in zip(self.optimizer.param_groups, momenta):
+                if self.use_beta1:
+                    group["betas"] = (momentum, *group["betas"][1:])
+                else:
+                    group["momentum"] = momentum
+        return lrs
+
+    def state_dict(self) -> dict[str, Any]:
+        """The scheduler's state without the optimizer; a ``scale_fn`` that is a function or lambda
+        is stored as ``None``, a callable object as a copy of its ``__dict__``.
+
+        Returns
+        -------
+        dict
+        """
+        state = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in ("optimizer", "_scale_fn_custom")}
+        fn = self._scale_fn_custom
+        state["_scale_fn_custom"] = None if fn is None or isinstance(fn, types.FunctionType) or \
+            not hasattr(fn, "__dict__") else copy.deepcopy(fn.__dict__)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the state saved by :meth:`state_dict`; the scheduler keeps its own ``scale_fn``
+        (a callable object gets its saved ``__dict__`` back).
+
+        Parameters
+        ----------
+        state_dict : dict
+        """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        saved_fn = state_dict.get("_scale_fn_custom")
+        if saved_fn is not None and not isinstance(saved_fn, dict):
+            raise ValueError("state_dict['_scale_fn_custom'] must be a dict or None")
+        with self._all_or_nothing():
+            self._load_checked({k: copy.deepcopy(v) for k, v in state_dict.items()
+                                if k not in ("optimizer", "_scale_fn_custom")}, kept=("_scale_fn_custom",))
+            for name in ("max_lrs", "base_momentums", "max_momentums"):
+                if name in self.__dict__:
+                    values = self.__dict__[name]
+                    if not isinstance(values, list) or len(values) != len(self.optimizer.param_groups):
+                        raise ValueError(f"state_dict[{name!r}] must be a list of one value per param group")
+                    for i, v in enumerate(values):
+                        _real(v, f"state_dict[{name!r}][{i}]")
+            if saved_fn is not None and self._scale_fn_custom is not None and hasattr(self._scale_fn_custom, "__dict__"):
+                self._scale_fn_custom.__dict__.update(copy.deepcopy(saved_fn))
+
+    def _state_objects(self) -> list[Any]:
+        fn = self._scale_fn_custom
+        return [self] + ([fn] if fn is not None and hasattr(fn, "__dict__") else [])
