@@ -225,25 +225,12 @@ def as_index_array(indices: Any, name: str = "indices", n_rows: Optional[int] = 
     Any signed or unsigned integer dtype is accepted; bool, float and object are a TypeError.
     uint64 values that do not fit int64 are reported as out of range rather than wrapped."""
     arr = indices if isinstance(indices, np.ndarray) else np.asarray(indices)
-    if not isinstance(indices, np.ndarray) and arr.dtype.kind == "f":
-        if arr.size == 0:
+    if not isinstance(indices, np.ndarray):
+        if arr.dtype.kind == "f" and arr.size == 0:
             arr = arr.astype(np.int64)  # [] (or [[]]) from Python: an empty index list
-        else:
-            arr = _integer_list(indices, arr)
+        elif arr.dtype.kind in "fO":
+            arr = _python_integers(indices, arr, name, n_rows)
     kind = arr.dtype.kind
-    if kind == "O" and not isinstance(indices, np.ndarray):   # Python ints beyond int64 make an object array
-        flat = arr.reshape(-1)
-        all_integers = True
-        for pos in range(flat.size):
-            value = flat[pos]
-            if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
-                if not -_INT64_MAX - 1 <= value <= _INT64_MAX:
-                    raise_index_error(arr, pos, n_rows, name)
-            else:
-                all_integers = False
-        if all_integers:   # (from _integer_list: integers that fit int64)
-            arr = arr.astype(np.int64)
-            kind = "i"
     if kind == "b" or kind not in "iu":
         raise TypeError(f"{name} must be an integer array, got dtype {arr.dtype}")
     if arr.dtype in _NATIVE_INDEX_DTYPES and arr.dtype.isnative:
@@ -257,16 +244,24 @@ def as_index_array(indices: Any, name: str = "indices", n_rows: Optional[int] = 
     return arr.astype(np.int64)
 
 
-def _integer_list(indices: Any, as_float: np.ndarray) -> np.ndarray:
-    """A Python sequence that NumPy made float64 although every element is an integer — it mixes
-    uint64 values with signed ones (``[np.uint64(3), 1]``, ``[0, 2**63]``), whose common NumPy type is
-    float64 — as an object array of those integers (range-checked by the caller, never rounded);
-    ``as_float`` itself when any element is not an integer (a float index stays a TypeError)."""
-    exact = np.asarray(indices, dtype=object)
-    if exact.shape != as_float.shape or not all(
-            isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in exact.reshape(-1)):
-        return as_float
-    return exact
+def _python_integers(indices: Any, arr: np.ndarray, name: str, n_rows: Optional[int]) -> np.ndarray:
+    """A Python sequence NumPy could not make an integer array of although every element is an
+    integer — ints beyond int64 (an object array), or uint64 values mixed with signed ones
+    (``[np.uint64(3), 1]``, ``[0, 2**63]``: float64, their common NumPy type) — as int64, never
+    rounded; an IndexError naming the first beyond int64. ``arr`` itself when an element is not an
+    integer (a float index stays a TypeError naming ``arr``'s dtype)."""
+    exact = arr if arr.dtype.kind == "O" else np.asarray(indices, dtype=object)
+    if exact.shape != arr.shape:
+        return arr
+    first_beyond = -1
+    for pos, value in enumerate(exact.reshape(-1)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)):
+            return arr
+        if first_beyond < 0 and not -_INT64_MAX - 1 <= value <= _INT64_MAX:
+            first_beyond = pos
+    if first_beyond >= 0:
+        raise_index_error(exact, first_beyond, n_rows, name)
+    return exact.astype(np.int64)
 
 
 def flat_indices(arr: np.ndarray) -> np.ndarray:

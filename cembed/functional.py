@@ -60,7 +60,7 @@ from ._validation import (
 from .sparse import SparseGrad, check_exact_sparse_grad
 
 __all__ = ["embedding", "embedding_renorm_", "embedding_backward", "coalesce", "embedding_bag",
-           "embedding_bag_backward", "prefetch", "group_indices", "GroupedIndices",
+           "embedding_bag_backward", "prefetch", "check_indices", "group_indices", "GroupedIndices",
            "embedding_dot", "embedding_dot_backward", "embedding_dot_logistic", "embedding_dot_logistic_sgd_"]
 
 Grad = Union[np.ndarray, SparseGrad]
@@ -727,6 +727,53 @@ def coalesce(rows: Any, values: Any, num_rows: int) -> SparseGrad:
         raise ValueError(f"rows must be 1-D, got shape {idx.shape}")
     values = check_gradient_rows(values, idx.shape, name="values")
     return RowContributions(values, flat, groups=index_groups(rows)).sparse(num_rows)
+
+
+def check_indices(indices: Any, num_rows: int, name: str = "indices") -> np.ndarray:
+    """``indices`` checked as every lookup checks them: an int32 or int64 array of their shape whose
+    every value is in ``[0, num_rows)``.
+
+    For a caller that keeps or sends indices elsewhere (``cembed.distributed`` checks a batch with it
+    before any shard sees it). Any signed or unsigned integer dtype and Python integer lists are taken;
+    a list NumPy cannot make an integer array of although it holds only integers (ints beyond int64,
+    uint64 mixed with signed ints) is checked as the integers it holds. When the caller could still
+    write the memory the ids came in, the result is a read-only private copy (what was checked is what
+    a later reader sees); otherwise the conversion itself.
+
+    Parameters
+    ----------
+    indices : array_like of int
+        Any shape.
+    num_rows : int
+        The table's number of rows.
+    name : str
+        What the error messages call the indices.
+
+    Returns
+    -------
+    numpy.ndarray of int32 or int64, the shape of ``indices``
+
+    Raises
+    ------
+    IndexError
+        An id outside ``[0, num_rows)`` (negative included), named with its position.
+    TypeError
+        Non-integer indices (bool, float, object).
+
+    Examples
+    --------
+    >>> from cembed import functional as F
+    >>> F.check_indices([[3, 1], [0, 2]], num_rows=4)
+    array([[3, 1],
+           [0, 2]])
+    >>> F.check_indices([4], num_rows=4)
+    Traceback (most recent call last):
+    ...
+    IndexError: indices contains 4 at position 0, outside the valid range [0, 4)
+    """
+    num_rows = check_size(num_rows, "num_rows")
+    idx, _ = validated_indices(indices, num_rows, name)
+    return idx
 
 
 def group_rows(indices: Any, num_rows: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -94,31 +94,6 @@ def _probe_step(opt: Any, module: Embedding, dtype: np.dtype) -> None:
         module.grad = None
 
 
-def _check_indices(indices: Any, num_embeddings: int) -> np.ndarray:
-    """``indices`` as an integer array whose values are all in [0, num_embeddings) (not a copy)."""
-    arr = indices if isinstance(indices, np.ndarray) else np.asarray(indices)
-    if arr.dtype.kind not in "iu" and not isinstance(indices, np.ndarray) and arr.size:
-        # a list NumPy could not make an integer array of although it holds only integers: ints beyond
-        # int64 (an object array) or uint64 mixed with signed ones (float64): checked as the ints they are
-        exact = np.asarray(indices, dtype=object).reshape(-1)
-        if all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in exact):
-            bad = next((v for v in exact if not 0 <= v < num_embeddings), None)
-            if bad is not None:
-                raise IndexError(f"index {bad} is out of range for a table of {num_embeddings} rows")
-            arr = exact.astype(np.int64).reshape(arr.shape)
-    if arr.dtype.kind not in "iu":
-        if arr.size == 0 and arr.dtype.kind == "f" and not isinstance(indices, np.ndarray):
-            arr = arr.astype(np.int64)   # [] from a list
-        else:
-            raise TypeError(f"indices must be integers, got dtype {arr.dtype}")
-    if arr.size:
-        lo, hi = arr.min(), arr.max()
-        if lo < 0 or hi >= num_embeddings:
-            bad = lo if lo < 0 else hi
-            raise IndexError(f"index {bad} is out of range for a table of {num_embeddings} rows")
-    return arr
-
-
 def row_keys(rows: np.ndarray, num_shards: int, stride: int) -> np.ndarray:
     """The keys of validated global ``rows`` (a new int64 array): row ``r`` is key
     ``(r % num_shards) * stride + r // num_shards``, ``stride`` the rows of shard 0. Ascending keys
@@ -527,7 +502,7 @@ class ShardedEmbedding:
 
     def _checked_keys(self, indices: Any) -> Tuple[Tuple[int, ...], np.ndarray]:
         """(shape, read-only flat keys, a private array) of indices checked against the table."""
-        arr = _check_indices(indices, self.num_embeddings)
+        arr = F.check_indices(indices, self.num_embeddings)
         keys = self._keys(arr.reshape(-1))
         keys.flags.writeable = False
         return arr.shape, keys

@@ -1,8 +1,9 @@
 """cembed.optim.lr_scheduler: learning-rate schedulers with torch.optim.lr_scheduler's names,
 arguments, defaults and arithmetic (torch 2.13).
 
-A scheduler adjusts ``group["lr"]`` (and, for :class:`OneCycleLR`, the momentum or ``betas[0]``) of
-every entry of ``optimizer.param_groups``; the optimizer reads them at each ``step()``. Any object
+A scheduler adjusts ``group["lr"]`` (and, for :class:`OneCycleLR` and :class:`CyclicLR`, the momentum
+or ``betas[0]``) of every entry of ``optimizer.param_groups``; the optimizer reads them at each
+``step()``. Any object
 with a ``param_groups`` list of dicts (each with an ``"lr"``) is accepted as the optimizer, so the
 schedulers drive cembed's optimizers and simple stand-ins alike.
 
