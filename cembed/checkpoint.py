@@ -953,7 +953,8 @@ def _apply(plan: List[Tuple[Any, Any, str, storage.NpyHeader, str]], optimizer: 
                 storage.map_array(file_path, "r", header, advice="sequential"))))
     if state_dict is not None:
         try:
-            optimizer.load_state_dict(state_dict)  # checks the whole state first; changes nothing on error
+            # checks the whole state first; changes nothing on error (files: without the dict hooks)
+            optimizer._unhooked_load_state_dict(state_dict)
         except (ValueError, TypeError, OverflowError) as exc:
             raise _fail(directory, f"optimizer state: {exc}") from None
     for module, weight, source in ready:

@@ -1012,13 +1012,13 @@ def test_a_ctrl_c_while_a_checkpoint_loads_is_delivered_once_tables_and_optimize
     opt = optim.SparseAdam([emb], lr=0.1, state_dir=tmp_path / "state")
     for _ in range(4):
         emb.backward(np.ones((1, 4), np.float32), np.array([2]), optimizer=opt)
-    real = opt.load_state_dict
+    real = opt._unhooked_load_state_dict
 
     def interrupted(state_dict):
         os.kill(os.getpid(), signal.SIGINT)   # a Ctrl-C while the optimizer's state is being loaded
         real(state_dict)
 
-    monkeypatch.setattr(opt, "load_state_dict", interrupted)
+    monkeypatch.setattr(opt, "_unhooked_load_state_dict", interrupted)
     with pytest.raises(KeyboardInterrupt):
         cembed.load_checkpoint(tmp_path / "ck", {"w": emb}, opt, mmap=False)
     assert opt.state[emb]["step"] == 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections import OrderedDict
 import json
 import math
 import os
@@ -39,9 +40,19 @@ from ..sparse import SparseGrad, check_exact_sparse_grad, zeroed_grad
 from .. import storage
 from ..functional import RowRule
 from . import _rounding as rounding_
+from ._hooks import (
+    RemovableHandle,
+    StepPostHook,
+    StepPreHook,
+    add_hook,
+    global_step_post_hooks,
+    global_step_pre_hooks,
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 from ._rounding import ROUNDING_OPTIONS, STEP_KEY, Rounding, RoundingArgs
 
-__all__ = ["Optimizer"]
+__all__ = ["Optimizer", "RemovableHandle", "register_optimizer_step_pre_hook", "register_optimizer_step_post_hook"]
 
 Group = Dict[str, Any]
 _FORMAT = "cembed.optim/2"
@@ -184,6 +195,12 @@ class Optimizer:
     _dense_alternative: Optional[str] = None
 
     def __init__(self, params: Any, defaults: Dict[str, Any], state_dir: Any = None) -> None:
+        self._step_pre_hooks: "OrderedDict[int, StepPreHook]" = OrderedDict()
+        self._step_post_hooks: "OrderedDict[int, StepPostHook]" = OrderedDict()
+        self._state_dict_pre_hooks: "OrderedDict[int, Callable[[Any], None]]" = OrderedDict()
+        self._state_dict_post_hooks: "OrderedDict[int, Callable[[Any, Dict[str, Any]], Any]]" = OrderedDict()
+        self._load_state_dict_pre_hooks: "OrderedDict[int, Callable[[Any, Dict[str, Any]], Any]]" = OrderedDict()
+        self._load_state_dict_post_hooks: "OrderedDict[int, Callable[[Any], None]]" = OrderedDict()
         self.defaults: Dict[str, Any] = self._check_options(dict(defaults), "defaults")
         self.param_groups: List[Group] = []
         self.state: Dict[Any, Dict[str, Any]] = {}
@@ -502,7 +519,17 @@ class Optimizer:
         ...     return 0.25
         >>> opt.step(closure), emb.weight[1]
         (0.25, array([-0.5, -0.5], dtype=float32))
+
+        Step hooks (:meth:`register_step_pre_hook`, :meth:`register_step_post_hook`, and those of every
+        optimizer) get ``args = (optimizer,)``, or ``(optimizer, closure)`` when a closure is given,
+        and ``kwargs = {}``, as torch's get the arguments of its ``step``.
         """
+        args, kwargs = self._run_step_pre_hooks((self,) if closure is None else (self, closure), {})
+        out = type(self)._unhooked_step(*args, **kwargs)
+        self._stepped(args, kwargs)
+        return out
+
+    def _unhooked_step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         loss = closure() if closure is not None else None
         self._check_params()
         plan = []
@@ -531,6 +558,143 @@ class Optimizer:
         finally:
             self._drop_reserved()
         return loss
+
+    # ------------------------------------------------------------------ hooks
+    def register_step_pre_hook(self, hook: StepPreHook) -> RemovableHandle:
+        """Register ``hook(optimizer, args, kwargs)``, run before every ``step()`` and every fused
+        backward + update of this optimizer (after the hooks of every optimizer,
+        :func:`register_optimizer_step_pre_hook`). It returns None, or new ``(args, kwargs)`` for
+        ``step`` (a fused update takes none: it refuses new ones, with nothing updated).
+
+        Returns
+        -------
+        RemovableHandle
+            ``handle.remove()`` takes the hook out.
+
+        Examples
+        --------
+        >>> import cembed
+        >>> opt = cembed.optim.SGD([cembed.Embedding(4, 2, sparse=True)], lr=0.1)
+        >>> handle = opt.register_step_pre_hook(lambda optimizer, args, kwargs: print("step", len(args)))
+        >>> opt.step()
+        step 1
+        """
+        return add_hook(self._step_pre_hooks, hook)
+
+    def register_step_post_hook(self, hook: StepPostHook) -> RemovableHandle:
+        """Register ``hook(optimizer, args, kwargs)``, run after every ``step()`` and every fused
+        backward + update of this optimizer that completed (before the hooks of every optimizer).
+
+        Returns
+        -------
+        RemovableHandle
+
+        Examples
+        --------
+        >>> import cembed
+        >>> opt = cembed.optim.SGD([cembed.Embedding(4, 2, sparse=True)], lr=0.1)
+        >>> steps = []
+        >>> handle = opt.register_step_post_hook(lambda optimizer, args, kwargs: steps.append(1))
+        >>> opt.step(); opt.step(); len(steps)
+        2
+        """
+        return add_hook(self._step_post_hooks, hook)
+
+    def register_state_dict_pre_hook(self, hook: Callable[[Any], None], prepend: bool = False) -> RemovableHandle:
+        """Register ``hook(optimizer)``, run before :meth:`state_dict` builds its dict (first with
+        ``prepend``). The state dict hooks are the dict calls' only: :meth:`save` / :meth:`load` and
+        checkpoints write and read files without them.
+
+        Returns
+        -------
+        RemovableHandle
+
+        Examples
+        --------
+        >>> import cembed
+        >>> opt = cembed.optim.SGD([cembed.Embedding(4, 2, sparse=True)], lr=0.1)
+        >>> handle = opt.register_state_dict_pre_hook(lambda optimizer: print("saving"))
+        >>> _ = opt.state_dict()
+        saving
+        """
+        return add_hook(self._state_dict_pre_hooks, hook, prepend)
+
+    def register_state_dict_post_hook(self, hook: Callable[[Any, Dict[str, Any]], Any],
+                                      prepend: bool = False) -> RemovableHandle:
+        """Register ``hook(optimizer, state_dict)``, run on the dict :meth:`state_dict` built: a dict it
+        returns replaces it (None: keep it, changed in place or not).
+
+        Returns
+        -------
+        RemovableHandle
+
+        Examples
+        --------
+        >>> import cembed
+        >>> opt = cembed.optim.SGD([cembed.Embedding(4, 2, sparse=True)], lr=0.1)
+        >>> handle = opt.register_state_dict_post_hook(lambda optimizer, sd: {**sd, "note": "epoch 3"})
+        >>> opt.state_dict()["note"]
+        'epoch 3'
+        """
+        return add_hook(self._state_dict_post_hooks, hook, prepend)
+
+    def register_load_state_dict_pre_hook(self, hook: Callable[[Any, Dict[str, Any]], Any],
+                                          prepend: bool = False) -> RemovableHandle:
+        """Register ``hook(optimizer, state_dict)``, run first in :meth:`load_state_dict` on a shallow
+        copy of the dict given: a dict it returns is loaded instead (None: the copy, as it left it).
+        What is loaded is then checked as always.
+
+        Returns
+        -------
+        RemovableHandle
+
+        Examples
+        --------
+        >>> import cembed
+        >>> opt = cembed.optim.SGD([cembed.Embedding(4, 2, sparse=True)], lr=0.1)
+        >>> sd = {**opt.state_dict(), "note": "epoch 3"}
+        >>> handle = opt.register_load_state_dict_pre_hook(
+        ...     lambda optimizer, sd: {k: v for k, v in sd.items() if k != "note"})
+        >>> opt.load_state_dict(sd)
+        """
+        return add_hook(self._load_state_dict_pre_hooks, hook, prepend)
+
+    def register_load_state_dict_post_hook(self, hook: Callable[[Any], None], prepend: bool = False) -> RemovableHandle:
+        """Register ``hook(optimizer)``, run after :meth:`load_state_dict` has loaded a state.
+
+        Returns
+        -------
+        RemovableHandle
+
+        Examples
+        --------
+        >>> import cembed
+        >>> opt = cembed.optim.SGD([cembed.Embedding(4, 2, sparse=True)], lr=0.1)
+        >>> handle = opt.register_load_state_dict_post_hook(lambda optimizer: print("loaded"))
+        >>> opt.load_state_dict(opt.state_dict())
+        loaded
+        """
+        return add_hook(self._load_state_dict_post_hooks, hook, prepend)
+
+    def _run_step_pre_hooks(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+        """The step pre-hooks of every optimizer, then this one's: the step's (args, kwargs) as they
+        leave them."""
+        for hook in (*global_step_pre_hooks.values(), *self._step_pre_hooks.values()):
+            result = hook(self, args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(f"{hook!r} must return None or a tuple of (new_args, new_kwargs), "
+                                       f"but got {result!r}.")
+                args, kwargs = result
+        return args, kwargs
+
+    def _stepped(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        """After a completed step or fused update: noted for the learning-rate schedulers (they warn
+        when they step before the optimizer has), then this optimizer's post-hooks and every
+        optimizer's."""
+        self._opt_called = True
+        for hook in (*self._step_post_hooks.values(), *global_step_post_hooks.values()):
+            hook(self, args, kwargs)
 
     def _group_options(self) -> List[Tuple[int, Group, List[Any]]]:
         """``(g, options, params)`` of every group, all options converted first: converting them is
@@ -840,7 +1004,17 @@ class Optimizer:
         backward, whose indices were checked against the table of ``checked`` = (table, its
         ``array_key`` then): the module's weight must still be that array, as it was), without
         materialising that gradient when the rows can be updated chunk by chunk. Bitwise equal to
-        ``module.grad = <gradient>; step(); zero_grad()`` for this module."""
+        ``module.grad = <gradient>; step(); zero_grad()`` for this module, step hooks included (they
+        get ``args = (optimizer,)``, ``kwargs = {}``)."""
+        args, kwargs = self._run_step_pre_hooks((self,), {})
+        if len(args) != 1 or args[0] is not self or kwargs:
+            raise ValueError("a step pre-hook returned new arguments for the step: a fused backward + update "
+                             "takes none (nothing was updated)")
+        self._fused_update(module, contributions, sparse, checked)
+        self._stepped(args, kwargs)
+
+    def _fused_update(self, module: Any, contributions: Any, sparse: bool,
+                      checked: Optional[Tuple[np.ndarray, Tuple[Any, ...]]]) -> None:
         self._check_params()
         group, group_name, where = self._locate(module)
         options = self._check_options(dict(group), group_name)
@@ -924,6 +1098,16 @@ class Optimizer:
         >>> [g["params"] for g in sd["param_groups"]], list(sd["state"]), sd["state"][1]["step"]
         ([[0], [1]], [1], 1)
         """
+        for pre_hook in tuple(self._state_dict_pre_hooks.values()):
+            pre_hook(self)
+        state_dict = self._unhooked_state_dict()
+        for post_hook in tuple(self._state_dict_post_hooks.values()):
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def _unhooked_state_dict(self) -> Dict[str, Any]:
         self._check_params()
         index = self._index_of()
         groups = []
@@ -960,6 +1144,17 @@ class Optimizer:
         ...
         ValueError: state_dict state[0]['sum'] has shape (3, 2) and dtype float32, expected (4, 2) float32
         """
+        if isinstance(state_dict, dict):
+            state_dict = state_dict.copy()   # (shallow, as torch: what the pre-hooks see and change)
+        for pre_hook in tuple(self._load_state_dict_pre_hooks.values()):
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._unhooked_load_state_dict(state_dict)
+        for post_hook in tuple(self._load_state_dict_post_hooks.values()):
+            post_hook(self)
+
+    def _unhooked_load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         try:
             saved_state = state_dict["state"]
             saved_groups = state_dict["param_groups"]
@@ -1211,8 +1406,8 @@ class Optimizer:
             # NotImplementedError: a damaged member header naming a compression method zipfile cannot
             # read; zlib.error: damaged deflate data
             raise ValueError(f"{path}: not a readable cembed optimizer file ({type(exc).__name__}: {exc})") from None
-        try:
-            self.load_state_dict({"state": state, "param_groups": groups})
+        try:   # (files, not dicts: as save, without the state dict hooks)
+            self._unhooked_load_state_dict({"state": state, "param_groups": groups})
         except (ValueError, TypeError, OverflowError) as exc:   # a malformed file: always a ValueError naming it
             raise ValueError(f"{path}: {exc}") from None
 
