@@ -360,7 +360,9 @@ class LRScheduler:
     #: Checks of the attributes a loaded state sets, as the constructor checks its arguments
     #: (attribute -> check(value, name)); every class adds its own.
     _STATE_CHECKS: dict[str, Callable[[Any, str], Any]] = {
-        "last_epoch": lambda v, name: _integer(v, name, minimum=-1),
+        # (any integer: a scheduler nested in two SequentialLRs waits at -2 for its milestone, step(epoch)
+        # takes negative epochs, as torch's)
+        "last_epoch": lambda v, name: _integer(v, name),
         "_step_count": lambda v, name: _integer(v, name, minimum=0),
     }
 
@@ -381,13 +383,16 @@ class LRScheduler:
         for key, check in checks.items():
             if key in loaded:
                 check(loaded[key], f"state_dict[{key!r}]")
-        if "base_lrs" in loaded:
-            base = loaded["base_lrs"]
-            if not isinstance(base, list) or len(base) != len(self.optimizer.param_groups):
-                raise ValueError(f"state_dict['base_lrs'] must be a list of one learning rate per param group "
-                                 f"({len(self.optimizer.param_groups)}), got {base!r}")
-            for i, lr in enumerate(base):
-                _real(lr, f"state_dict['base_lrs'][{i}]")
+        for key in ("base_lrs", "max_lrs", "base_momentums", "max_momentums", "min_lrs"):
+            # one value per param group the scheduler was made with: groups added later have none (as
+            # in torch, the chainable forms still step them; the lists are not compared with the groups)
+            if key in loaded:
+                values = loaded[key]
+                if not isinstance(values, list):
+                    raise ValueError(f"state_dict[{key!r}] must be a list of one value per param group, "
+                                     f"got {values!r}")
+                for i, value in enumerate(values):
+                    (_nonneg if key == "min_lrs" else _real)(value, f"state_dict[{key!r}][{i}]")
         self.__dict__.update(loaded)
 
     def get_last_lr(self) -> list[float]:
@@ -1175,6 +1180,7 @@ class ReduceLROnPlateau(LRScheduler):
             epoch = self.last_epoch + 1
         else:
             warnings.warn(EPOCH_DEPRECATION_WARNING, UserWarning, stacklevel=2)
+            epoch = _integer(epoch, "epoch")   # (as every scheduler's step(epoch); torch takes anything)
         _check_group_lrs(self.optimizer)
         with self._all_or_nothing():   # a refused step (torch's: half-done) changes nothing
             self.last_epoch = epoch
@@ -1248,10 +1254,6 @@ class ReduceLROnPlateau(LRScheduler):
             self._init_is_better(mode=self.mode, threshold=self.threshold, threshold_mode=self.threshold_mode)
             if not _is_real(self.factor) or not 0 <= self.factor < 1:
                 raise ValueError(f"state_dict['factor'] must be in [0, 1), got {self.factor!r}")
-            if not isinstance(self.min_lrs, list) or len(self.min_lrs) != len(self.optimizer.param_groups):
-                raise ValueError("state_dict['min_lrs'] must be a list of one learning rate per param group")
-            for i, value in enumerate(self.min_lrs):
-                _nonneg(value, f"state_dict['min_lrs'][{i}]")
 
     _STATE_CHECKS = {"patience": lambda v, name: _integer(v, name, minimum=0),
                      "cooldown": lambda v, name: _integer(v, name, minimum=0), "eps": _nonneg}
@@ -1924,13 +1926,6 @@ class CyclicLR(LRScheduler):
         with self._all_or_nothing():
             self._load_checked({k: copy.deepcopy(v) for k, v in state_dict.items()
                                 if k not in ("optimizer", "_scale_fn_custom")}, kept=("_scale_fn_custom",))
-            for name in ("max_lrs", "base_momentums", "max_momentums"):
-                if name in self.__dict__:
-                    values = self.__dict__[name]
-                    if not isinstance(values, list) or len(values) != len(self.optimizer.param_groups):
-                        raise ValueError(f"state_dict[{name!r}] must be a list of one value per param group")
-                    for i, v in enumerate(values):
-                        _real(v, f"state_dict[{name!r}][{i}]")
             if saved_fn is not None and self._scale_fn_custom is not None and hasattr(self._scale_fn_custom, "__dict__"):
                 self._scale_fn_custom.__dict__.update(copy.deepcopy(saved_fn))
 
