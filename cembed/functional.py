@@ -22,6 +22,7 @@ may ask for the table's 16-bit dtype, rounded to nearest); gradients of a 16-bit
 """
 from __future__ import annotations
 
+import atexit
 import mmap
 import os
 import queue
@@ -1295,12 +1296,15 @@ class _PrefetchThread:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._queue: Optional["queue.Queue[Any]"] = None
+        self._thread: Optional[threading.Thread] = None
 
     def submit(self, views: List[np.ndarray], flat: np.ndarray) -> None:
         with self._lock:
             if self._queue is None:
                 self._queue = queue.Queue(self.MAX_PENDING)
-                threading.Thread(target=self._run, args=(self._queue,), name="cembed-prefetch", daemon=True).start()
+                self._thread = threading.Thread(target=self._run, args=(self._queue,), name="cembed-prefetch",
+                                                daemon=True)
+                self._thread.start()
             try:
                 self._queue.put_nowait((views, flat))
             except queue.Full:
@@ -1309,19 +1313,45 @@ class _PrefetchThread:
     @staticmethod
     def _run(jobs: "queue.Queue[Any]") -> None:
         while True:
-            views, flat = jobs.get()
+            job = jobs.get()
+            if job is None:   # (stop)
+                return
+            views, flat = job
             try:
                 _advise(views, flat)
             except Exception:  # pragma: no cover - advice never fails the caller
                 pass
-            del views, flat
+            del job, views, flat
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """End the thread once the advice in hand is given (what waits is dropped); a later submit starts
+        another. Run at exit: a daemon thread still inside NumPy (its C++ sort of the rows) when the
+        interpreter finalizes is ended by a forced unwind that C++ code turns into an abort — after
+        Ctrl-C, a ``python -m cembed train --table-dir`` run died of SIGABRT half of the time."""
+        with self._lock:
+            jobs, thread = self._queue, self._thread
+            self._queue = self._thread = None
+        if jobs is None or thread is None:
+            return
+        while True:   # room for the stop sign
+            try:
+                jobs.put_nowait(None)
+                break
+            except queue.Full:
+                try:
+                    jobs.get_nowait()
+                except queue.Empty:
+                    pass
+        thread.join(timeout)
 
     def reset(self) -> None:
         self._lock = threading.Lock()
         self._queue = None
+        self._thread = None
 
 
 _PREFETCHER = _PrefetchThread()
+atexit.register(_PREFETCHER.stop)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_PREFETCHER.reset)
 

@@ -7,6 +7,8 @@ for bit. Results are bitwise the same for any thread count, fused or unfused, an
 save / load / resume; bad combinations are refused before anything changes."""
 import itertools
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -592,8 +594,11 @@ def test_trainer_quality_with_16_bit_tables(dtype, rounding):
     assert mem_half["table"] + mem_half["state"] <= 0.55 * (mem_full["table"] + mem_full["state"])
 
 
-def test_trainer_refuses_16_bit_tables_for_other_backends(capsys):
+@pytest.mark.parametrize("peers", ["installed or not", "absent"])
+def test_trainer_refuses_16_bit_tables_for_other_backends(capsys, monkeypatch, peers):
     from cembed.apps.cli import main
+    if peers == "absent":   # (the same message on a machine without torch)
+        monkeypatch.setitem(sys.modules, "torch", None)
     assert main(["train", *TINY, "--dtype", "float16", "--backend", "torch"]) == 2
     assert "cembed backend only" in capsys.readouterr().err
 

@@ -743,7 +743,10 @@ def test_public_names():
         "LRScheduler", "LambdaLR", "MultiplicativeLR", "StepLR", "MultiStepLR", "ExponentialLR",
         "CosineAnnealingLR", "LinearLR", "ConstantLR", "OneCycleLR", "SequentialLR", "ReduceLROnPlateau",
         "PolynomialLR", "ChainedScheduler", "CosineAnnealingWarmRestarts", "CyclicLR"}
-    torch = pytest.importorskip("torch")
+    try:
+        import torch
+    except ImportError:
+        return   # (cembed's list above is checked without torch)
     theirs = {name for name, obj in vars(torch.optim.lr_scheduler).items()
               if isinstance(obj, type) and issubclass(obj, torch.optim.lr_scheduler.LRScheduler) and
               not name.startswith("_")}

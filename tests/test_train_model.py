@@ -56,7 +56,10 @@ def test_rowwise_adagrad_learns():
     assert result.quality_after["frequent"] > 3 * result.chance["frequent"]
 
 
-def test_rowwise_adagrad_is_cembed_only(capsys):
+@pytest.mark.parametrize("peers", ["installed or not", "absent"])
+def test_rowwise_adagrad_is_cembed_only(capsys, monkeypatch, peers):
+    if peers == "absent":   # (the same message on a machine without torch)
+        monkeypatch.setitem(sys.modules, "torch", None)
     assert main(["train", "--vocab-size", "500", "--topics", "5", "--tokens", "5000", "--quiet", "--no-save",
                  "--no-plot", "--optimizer", "rowwise_adagrad", "--backend", "cembed,torch"]) == 2
     assert "rowwise_adagrad" in capsys.readouterr().err

@@ -211,20 +211,11 @@ def run_train(args):
     from . import train as train_mod
 
     log = print
-    missing = _missing_backend(args.backend)
-    if missing:
-        print(f"error: {missing}", file=sys.stderr)
+    # first what the flags ask taken together, then whether this machine has what they need (the same
+    # message for a combination that cannot run, with or without the optional libraries installed)
+    if args.dtype != "float32" and set(args.backend) != {"cembed"}:
+        print(f"error: --dtype {args.dtype} applies to the cembed backend only", file=sys.stderr)
         return 2
-    if args.dtype != "float32":
-        if set(args.backend) != {"cembed"}:
-            print(f"error: --dtype {args.dtype} applies to the cembed backend only", file=sys.stderr)
-            return 2
-        try:
-            train_mod.table_dtype(args.dtype)
-            train_mod.table_dtype(args.state_dtype or "bfloat16")
-        except ImportError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
     if "torch" in args.backend and args.optimizer == "rowwise_adagrad":
         print("error: --optimizer rowwise_adagrad is cembed's own: the torch backend has no row-wise Adagrad",
               file=sys.stderr)
@@ -233,6 +224,17 @@ def run_train(args):
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    missing = _missing_backend(args.backend)
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
+    if args.dtype != "float32":
+        try:
+            train_mod.table_dtype(args.dtype)
+            train_mod.table_dtype(args.state_dtype or "bfloat16")
+        except ImportError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     t0 = time.perf_counter()
     if args.corpus is not None:
         try:
