@@ -122,6 +122,7 @@ class TableModule:
         if self.grad is not None:
             raise ValueError("backward(..., optimizer=...) applies the update directly and needs .grad to be None "
                              "(call zero_grad() first, or step() the accumulated gradient)")
+        optimizer._check_no_step_pre_hooks()
 
     def _accumulate(self, new: Any, optimizer: Any, checked: Tuple[np.ndarray, Tuple[Any, ...]]) -> None:
         """The weight gradient ``new`` joins ``.grad`` — or, with ``optimizer`` (checked by the caller

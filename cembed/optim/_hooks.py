@@ -69,8 +69,9 @@ def add_hook(hooks: "OrderedDict[int, Any]", hook: Any, prepend: bool = False) -
 
 def register_optimizer_step_pre_hook(hook: StepPreHook) -> RemovableHandle:
     """Register a step pre-hook of every optimizer: ``hook(optimizer, args, kwargs)`` runs before each
-    ``step()`` (and each fused backward + update), before the optimizer's own pre-hooks; it returns
-    None or new ``(args, kwargs)`` for the step (as ``torch.optim.optimizer.register_optimizer_step_pre_hook``).
+    ``step()``, before the optimizer's own pre-hooks; it returns None or new ``(args, kwargs)`` for the
+    step (as ``torch.optim.optimizer.register_optimizer_step_pre_hook``). While one is registered, fused
+    backward + updates are refused (``Optimizer.register_step_pre_hook`` says why).
 
     Returns
     -------

@@ -561,10 +561,12 @@ class Optimizer:
 
     # ------------------------------------------------------------------ hooks
     def register_step_pre_hook(self, hook: StepPreHook) -> RemovableHandle:
-        """Register ``hook(optimizer, args, kwargs)``, run before every ``step()`` and every fused
-        backward + update of this optimizer (after the hooks of every optimizer,
-        :func:`register_optimizer_step_pre_hook`). It returns None, or new ``(args, kwargs)`` for
-        ``step`` (a fused update takes none: it refuses new ones, with nothing updated).
+        """Register ``hook(optimizer, args, kwargs)``, run before every ``step()`` of this optimizer
+        (after the hooks of every optimizer, :func:`register_optimizer_step_pre_hook`). It returns
+        None, or new ``(args, kwargs)`` for ``step``. A fused backward + update
+        (``module.backward(..., optimizer=opt)``) has no moment between the gradient and the update for
+        a pre-hook to run in (no ``.grad`` to read or clip): with pre-hooks registered it is refused
+        (``ValueError``, nothing updated).
 
         Returns
         -------
@@ -583,7 +585,8 @@ class Optimizer:
 
     def register_step_post_hook(self, hook: StepPostHook) -> RemovableHandle:
         """Register ``hook(optimizer, args, kwargs)``, run after every ``step()`` and every fused
-        backward + update of this optimizer that completed (before the hooks of every optimizer).
+        backward + update of this optimizer that completed (before the hooks of every optimizer; a
+        fused update gives ``args = (optimizer,)``, ``kwargs = {}``).
 
         Returns
         -------
@@ -1004,14 +1007,23 @@ class Optimizer:
         backward, whose indices were checked against the table of ``checked`` = (table, its
         ``array_key`` then): the module's weight must still be that array, as it was), without
         materialising that gradient when the rows can be updated chunk by chunk. Bitwise equal to
-        ``module.grad = <gradient>; step(); zero_grad()`` for this module, step hooks included (they
-        get ``args = (optimizer,)``, ``kwargs = {}``)."""
-        args, kwargs = self._run_step_pre_hooks((self,), {})
-        if len(args) != 1 or args[0] is not self or kwargs:
-            raise ValueError("a step pre-hook returned new arguments for the step: a fused backward + update "
-                             "takes none (nothing was updated)")
+        ``module.grad = <gradient>; step(); zero_grad()`` for this module; the step post-hooks run after
+        it (``args = (optimizer,)``, ``kwargs = {}``), and an optimizer with step pre-hooks refuses it
+        (:meth:`_check_no_step_pre_hooks`)."""
+        self._check_no_step_pre_hooks()
         self._fused_update(module, contributions, sparse, checked)
-        self._stepped(args, kwargs)
+        self._stepped((self,), {})
+
+    def _check_no_step_pre_hooks(self) -> None:
+        """ValueError when a step pre-hook (this optimizer's, or every optimizer's) is registered: a
+        pre-hook runs between a gradient and its update — it may read or clip ``.grad``, change the
+        weights or the learning rate — and a fused backward + update has no such moment (no ``.grad``;
+        the gradient is made while the rows are updated). Run in a fused update it would see no
+        gradient, and could change arrays the update is reading: refused, before anything is done."""
+        if global_step_pre_hooks or self._step_pre_hooks:
+            raise ValueError("this optimizer has step pre-hooks, which run between a gradient and its update: a "
+                             "fused backward + update has no such moment (no .grad). Use backward() then step(), "
+                             "or a step post-hook; nothing was updated")
 
     def _fused_update(self, module: Any, contributions: Any, sparse: bool,
                       checked: Optional[Tuple[np.ndarray, Tuple[Any, ...]]]) -> None:
