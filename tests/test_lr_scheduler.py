@@ -875,3 +875,35 @@ def test_every_state_a_scheduler_reaches_loads_back():
         with pytest.raises(TypeError, match="epoch"):
             plateau.step(1.0, bad)
     assert plateau.last_epoch == 0
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_new_schedulers_refuse_without_changing_anything():
+    """Found by a reviewer: after add_param_group a CyclicLR step was refused having cycled the earlier
+    groups' momentum, and CosineAnnealingWarmRestarts skipped the new group silently (torch raises); a
+    CyclicLR whose scale_fn gives no number, or whose half cycles sum to infinity, raised having written
+    every group's lr and momentum; a CyclicLR with a scale_fn of its own and mode=None (torch takes it)
+    could not load its own state, and a damaged mode loaded."""
+    opt = make_standin()
+    cyclic = lr_scheduler.CyclicLR(opt, base_lr=0.01, max_lr=0.1, step_size_up=2)
+    warm = lr_scheduler.CosineAnnealingWarmRestarts(make_standin(), T_0=3)
+    opt.add_param_group({"lr": 0.5})
+    warm.optimizer.add_param_group({"lr": 0.5})
+    for sched in (cyclic, warm):
+        before = (copy.deepcopy(sched.optimizer.param_groups), sched.state_dict())
+        with pytest.raises(ValueError, match="param groups"):
+            sched.step()
+        assert (sched.optimizer.param_groups, sched.state_dict()) == before
+    for options, error in ((dict(scale_fn=lambda x: None), TypeError), (dict(step_size_up=1e308), ValueError)):
+        opt = make_standin()
+        before = copy.deepcopy(opt.param_groups)
+        with pytest.raises(error):
+            lr_scheduler.CyclicLR(opt, base_lr=0.01, max_lr=0.1, **options)
+        assert opt.param_groups == before
+    own = lr_scheduler.CyclicLR(make_standin(), 0.01, 0.1, step_size_up=2, scale_fn=lambda x: 0.5, mode=None)
+    own.load_state_dict(own.state_dict())
+    plain = lr_scheduler.CyclicLR(make_standin(), 0.01, 0.1, step_size_up=2, mode="triangular2")
+    state = plain.state_dict()
+    with pytest.raises(ValueError, match="mode"):
+        plain.load_state_dict({**state, "mode": "trianglar2"})
+    assert plain.state_dict() == state

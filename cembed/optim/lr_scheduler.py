@@ -1737,6 +1737,10 @@ class CosineAnnealingWarmRestarts(LRScheduler):
                 values = self.get_lr()
             finally:
                 self._get_lr_called_within_step = False
+            if len(values) != len(self.optimizer.param_groups):
+                raise ValueError(f"{type(self).__name__} computed {len(values)} learning rates for "
+                                 f"{len(self.optimizer.param_groups)} param groups (a group added after the "
+                                 "scheduler was made has no base_lr)")
             for group, lr in zip(self.optimizer.param_groups, values):
                 group["lr"] = lr
             self._last_lr = _group_values(self.optimizer, "lr")
@@ -1796,7 +1800,6 @@ class CyclicLR(LRScheduler):
 
     _STATE_CHECKS = {"total_size": lambda v, name: _positive_real(v, name),
                      "step_ratio": lambda v, name: _positive_fraction(v, name),
-                     "mode": lambda v, name: _choice(v, name, (v,)) if isinstance(v, str) else _choice(v, name, ()),
                      "gamma": _real,
                      "scale_mode": lambda v, name: _choice(v, name, ("cycle", "iterations")),
                      "cycle_momentum": lambda v, name: _boolean(v, name),
@@ -1808,14 +1811,28 @@ class CyclicLR(LRScheduler):
                  cycle_momentum: bool = True, base_momentum: float | Sequence[float] = 0.8,
                  max_momentum: float | Sequence[float] = 0.9, last_epoch: int = -1) -> None:
         _check_optimizer(optimizer)
+        groups = optimizer.param_groups
+        saved_groups = [dict(group) for group in groups]
+        try:
+            self._construct(optimizer, base_lr, max_lr, step_size_up, step_size_down, mode, gamma, scale_fn,
+                            scale_mode, cycle_momentum, base_momentum, max_momentum, last_epoch)
+        except BaseException:   # (the initial step can fail too: a scale_fn that gives no number)
+            for group, saved in zip(groups, saved_groups):
+                group.clear()
+                group.update(saved)
+            raise
+
+    def _construct(self, optimizer: OptimizerLike, base_lr: Any, max_lr: Any, step_size_up: Any,
+                   step_size_down: Any, mode: Any, gamma: Any, scale_fn: Any, scale_mode: Any, cycle_momentum: Any,
+                   base_momentum: Any, max_momentum: Any, last_epoch: Any) -> None:
         last_epoch = _check_last_epoch(last_epoch)
         self.optimizer = optimizer
         base_lrs = _format_param("base_lr", optimizer, base_lr)
         max_lrs = _format_param("max_lr", optimizer, max_lr)
         up = float(_positive_real(step_size_up, "step_size_up"))
         down = up if step_size_down is None else float(_nonneg(step_size_down, "step_size_down"))
-        if math.isinf(up) or math.isinf(down):
-            raise ValueError("step_size_up and step_size_down must be finite")
+        if not math.isfinite(up + down):
+            raise ValueError(f"step_size_up + step_size_down must be finite, got {up} + {down}")
         if scale_fn is None:
             _choice(mode, "mode", _CYCLIC_MODES)
         elif not callable(scale_fn):
@@ -1877,6 +1894,14 @@ class CyclicLR(LRScheduler):
         list of float
         """
         self._warn_if_outside_step()
+        n_groups = len(self.optimizer.param_groups)
+        lists = [("base_lrs", self.base_lrs), ("max_lrs", self.max_lrs)] + (
+            [("base_momentums", self.base_momentums), ("max_momentums", self.max_momentums)]
+            if self.cycle_momentum else [])
+        for name, values in lists:   # (before any group is written: a group added later has no cycle)
+            if len(values) != n_groups:
+                raise ValueError(f"CyclicLR has {len(values)} {name} for {n_groups} param groups (a group added "
+                                 "after the scheduler was made has no cycle)")
         cycle = math.floor(1 + self.last_epoch / self.total_size)
         x = 1.0 + self.last_epoch / self.total_size - cycle
         if x <= self.step_ratio:
@@ -1926,6 +1951,8 @@ class CyclicLR(LRScheduler):
         with self._all_or_nothing():
             self._load_checked({k: copy.deepcopy(v) for k, v in state_dict.items()
                                 if k not in ("optimizer", "_scale_fn_custom")}, kept=("_scale_fn_custom",))
+            if self._scale_fn_custom is None:   # (with a scale_fn of its own, the mode is not used)
+                _choice(self.mode, "state_dict['mode']", _CYCLIC_MODES)
             if saved_fn is not None and self._scale_fn_custom is not None and hasattr(self._scale_fn_custom, "__dict__"):
                 self._scale_fn_custom.__dict__.update(copy.deepcopy(saved_fn))
 
