@@ -1,7 +1,7 @@
 """Table dtypes: the one policy for which element types a table may have and how kernels see them.
 
 A trainable table is float32, float64, float16 (``numpy.float16``) or bfloat16 (``ml_dtypes.bfloat16``,
-the NumPy dtype JAX and TensorFlow use; optional: ``pip install cembed[bf16]``). The two 16-bit
+the NumPy dtype JAX and TensorFlow use; optional: ``pip install ml_dtypes``, the ``bf16`` extra). The two 16-bit
 formats are storage formats only: kernels widen each row to float32, compute in float32, and round
 each element once (to nearest, ties to even) when they write a 16-bit row or a 16-bit output.
 
@@ -19,7 +19,8 @@ from typing import Any, Tuple
 
 import numpy as np
 
-BF16_EXTRA = "cembed[bf16]"
+#: How to get bfloat16 (the advice every message gives): ml_dtypes, which cembed's "bf16" extra installs.
+BF16_INSTALL = 'pip install ml_dtypes (the "bf16" extra of cembed: pip install ".[bf16]" in its checkout)'
 
 # kernel format codes: the same numbers as CEMBED_TABLE_* in _half.h (TABLE_* in _rows.pxd)
 FORMAT_F32 = 0
@@ -46,8 +47,7 @@ def bfloat16() -> np.dtype:
         import ml_dtypes
     except ImportError as exc:
         raise ImportError(
-            f"bfloat16 tables need the ml_dtypes package: pip install {BF16_EXTRA} "
-            f"(or pip install ml_dtypes); the import failed with: {exc}") from exc
+            f"bfloat16 tables need the ml_dtypes package: {BF16_INSTALL}; the import failed with: {exc}") from exc
     return np.dtype(ml_dtypes.bfloat16)
 
 

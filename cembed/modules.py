@@ -228,7 +228,7 @@ class Embedding(TableModule):
         ``requires_grad = False``: backward leaves ``.grad`` as None.
     dtype : dtype, default float32
         For a fresh table: float32, float64, float16, or bfloat16 (``"bfloat16"`` or
-        ``ml_dtypes.bfloat16``; needs ``pip install cembed[bf16]``). A 16-bit table is drawn in
+        ``ml_dtypes.bfloat16``; needs ``pip install ml_dtypes``, the ``bf16`` extra). A 16-bit table is drawn in
         float32 and rounded to nearest; its lookups and gradients are float32.
     seed : int or numpy.random.Generator, optional
         N(0, 1) initialisation.

@@ -543,7 +543,8 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path, args, code, unbuffered
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
-@pytest.mark.parametrize("args", [["config"], ["bench", "--rows", "1000", "--n", "100", "--repeats", "1"]])
+@pytest.mark.parametrize("args", [["config"], ["bench", "--rows", "1000", "--n", "100", "--repeats", "1"],
+                                  ["--help"], ["--version"], ["train", "--help"]])
 def test_output_that_cannot_be_written_is_an_error_line(tmp_path, args):
     """``python -m cembed config > /dev/full`` (no room for the output): exit code 1 and an error line
     naming why, not a traceback (nor a second one from the flush at exit)."""

@@ -267,7 +267,7 @@ def _half_dtypes():
     dtypes = [np.dtype(np.float16)]
     try:
         import ml_dtypes
-    except ImportError:   # bfloat16 is an optional extra (cembed[bf16])
+    except ImportError:   # bfloat16 is an optional extra (the bf16 extra: ml_dtypes)
         return dtypes
     return dtypes + [np.dtype(ml_dtypes.bfloat16)]
 

@@ -199,7 +199,7 @@ def build(kernel, wl, torch, use_numpy):
         try:
             import ml_dtypes
         except ImportError:
-            return {}, 0   # skipped: pip install cembed[bf16]
+            return {}, 0   # skipped: needs ml_dtypes
         act = kernel.endswith("_act")
         bf16 = np.dtype(ml_dtypes.bfloat16)
         grads = {"cembed": g.astype(bf16) if act else g, "cembed_f32": g}
@@ -338,7 +338,7 @@ def _run(kernels, rows, dim, n, bag_size, repeats, torch, use_numpy, seed, log):
             contenders, nbytes = build(kernel, wl, torch, use_numpy)
             if not contenders:  # a bfloat16 row without ml_dtypes
                 if log:
-                    log(f"{kernel:<18}skipped: needs ml_dtypes (pip install cembed[bf16])")
+                    log(f"{kernel:<18}skipped: needs ml_dtypes (pip install ml_dtypes)")
                 continue
             times = _time_interleaved(contenders, repeats)
             row = {"kernel": kernel}

@@ -59,8 +59,21 @@ def _backends(text):
     return chosen
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, except that a message it cannot write for want of room or by the device
+    (``--help > /dev/full``) is an OSError for :func:`main` to report, not ignored (exit 0 with nothing
+    written). A reader that went away (``--help | head -1``) is still ignored, as argparse does."""
+
+    def _print_message(self, message: str, file: Any = None) -> None:
+        if message:
+            try:
+                (file if file is not None else sys.stderr).write(message)
+            except BrokenPipeError:
+                pass
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m cembed",
+    parser = _Parser(prog="python -m cembed",
                                      description="cembed: fast CPU embedding tables for NumPy.")
     import cembed
 
@@ -93,7 +106,7 @@ def build_parser():
                        help="learning rate (default: 0.01 SparseAdam, 0.2 Adagrad, 0.05 SGD, 0.1 row-wise Adagrad)")
     model.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                        help="cembed backend: table and optimizer-state dtype; 16-bit tables compute in float32 "
-                            "and round every update once (default float32; bfloat16 needs pip install cembed[bf16])")
+                            "and round every update once (default float32; bfloat16 needs pip install ml_dtypes)")
     model.add_argument("--rounding", choices=["stochastic", "nearest"], default=None,
                        help="--dtype bfloat16/float16: how updates are rounded (default stochastic, reproducible; "
                             "a --resume takes the recorded one)")
@@ -658,7 +671,15 @@ def main(argv=None):
                 sys.stdout.flush()
             except BrokenPipeError:
                 _silence_closed_outputs()
+            except OSError as exc:
+                if exc.errno not in _WRITE_FAILURES:
+                    raise
+                return _unwritable(exc)
         raise
+    except OSError as exc:   # --help > /dev/full (the parser's write failed)
+        if argv is not None or exc.errno not in _WRITE_FAILURES:
+            raise
+        return _unwritable(exc)
     if argv is None and args.command == "train":
         _relaunch_with_passive_openmp_waiting()
     terminated = _stop_on_sigterm(argv is None)
@@ -686,10 +707,15 @@ def main(argv=None):
         # under the output): an error line, not a traceback, when this process is cembed's
         if argv is not None or exc.errno not in _WRITE_FAILURES:
             raise
-        _silence_unwritable_stdout()
-        where = f" ({exc.filename})" if exc.filename else ""
-        print(f"error: cannot write{where}: {exc.strerror}", file=sys.stderr)
-        return 1
+        return _unwritable(exc)
+
+
+def _unwritable(exc: OSError) -> int:
+    """A write that failed for want of room or by the device, as an error line: exit code 1."""
+    _silence_unwritable_stdout()
+    where = f" ({exc.filename})" if exc.filename else ""
+    print(f"error: cannot write{where}: {exc.strerror}", file=sys.stderr)
+    return 1
 
 
 class _Terminated(KeyboardInterrupt):

@@ -256,7 +256,7 @@ def table_dtype(name):
         try:
             import ml_dtypes
         except ImportError:
-            raise ImportError("--dtype bfloat16 needs the ml_dtypes package: pip install cembed[bf16]") from None
+            raise ImportError("--dtype bfloat16 needs the ml_dtypes package: pip install ml_dtypes") from None
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
 

@@ -1,4 +1,5 @@
-"""cembed.distributed: row-sharded embedding tables on Ray actors (the optional ``cembed[ray]`` extra).
+"""cembed.distributed: row-sharded embedding tables on Ray actors (the optional ``ray`` extra:
+``pip install "ray>=2.40"``).
 
 :class:`ShardedEmbedding` spreads a table's rows (and their optimizer state) over Ray actors, row
 ``r`` on shard ``r % num_shards``; training is bitwise equal to one process, and a shard that dies

@@ -34,11 +34,11 @@ def only_loopback() -> bool:
 
 
 def require_ray() -> Any:
-    """The ``ray`` module, which must be installed (``pip install "cembed[ray]"``) and initialised."""
+    """The ``ray`` module, which must be installed (``pip install "ray>=2.40" (the "ray" extra of cembed)``) and initialised."""
     try:
         import ray
     except ImportError:
-        raise ImportError('cembed.distributed needs Ray: pip install "cembed[ray]"') from None
+        raise ImportError('cembed.distributed needs Ray: pip install "ray>=2.40" (the "ray" extra of cembed)') from None
     if not ray.is_initialized():
         raise RuntimeError("Ray is not running in this process: call cembed.distributed.init_local() (inside a "
                            "network namespace with only loopback) or ray.init(address=...) first")
@@ -104,7 +104,7 @@ def connect(address: str, **kwargs: Any) -> Any:
     try:
         import ray
     except ImportError:
-        raise ImportError('cembed.distributed needs Ray: pip install "cembed[ray]"') from None
+        raise ImportError('cembed.distributed needs Ray: pip install "ray>=2.40" (the "ray" extra of cembed)') from None
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, **kwargs)
     return ray
