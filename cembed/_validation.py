@@ -222,8 +222,9 @@ def check_distinct_elements(weight: np.ndarray, what: str, name: str = "weight")
 def as_index_array(indices: Any, name: str = "indices", n_rows: Optional[int] = None) -> np.ndarray:
     """Indices as an int32 or int64 ndarray of any shape (int32/int64 input is not copied).
 
-    Any signed or unsigned integer dtype is accepted; bool, float and object are a TypeError.
-    uint64 values that do not fit int64 are reported as out of range rather than wrapped."""
+    Any signed or unsigned integer dtype is accepted; bool, float and object arrays are a TypeError (a
+    Python list mixing bools with ints is taken as NumPy and ``torch.tensor`` take it: as ints). uint64
+    values that do not fit int64 are reported as out of range rather than wrapped."""
     arr = indices if isinstance(indices, np.ndarray) else np.asarray(indices)
     if not isinstance(indices, np.ndarray):
         if arr.dtype.kind == "f" and arr.size == 0:
@@ -253,15 +254,19 @@ def _python_integers(indices: Any, arr: np.ndarray, name: str, n_rows: Optional[
     exact = arr if arr.dtype.kind == "O" else np.asarray(indices, dtype=object)
     if exact.shape != arr.shape:
         return arr
+    values = []
     first_beyond = -1
     for pos, value in enumerate(exact.reshape(-1)):
+        if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu":
+            value = value.item()   # (a 0-d integer array, as NumPy takes it in a list of ints)
         if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)):
             return arr
         if first_beyond < 0 and not -_INT64_MAX - 1 <= value <= _INT64_MAX:
             first_beyond = pos
+        values.append(int(value))
     if first_beyond >= 0:
         raise_index_error(exact, first_beyond, n_rows, name)
-    return exact.astype(np.int64)
+    return np.array(values, dtype=np.int64).reshape(arr.shape)
 
 
 def flat_indices(arr: np.ndarray) -> np.ndarray:

@@ -620,6 +620,38 @@ def test_nearest_words_reads_the_table_in_blocks(block_rows):
     assert got == expected
     tiny = train_mod.nearest_words(table[:2], corpus, [1], k=1, block_bytes=64)
     assert tiny == {"w1": ["w0"]}
+    assert train_mod.nearest_words(table, corpus, [0, 1], k=0) == {"w0": [], "w1": []}
+    with_nan = table.copy()
+    with_nan[[5, 7]] = np.nan   # (rows of a diverged table: listed last, never instead of a finite one)
+    got = train_mod.nearest_words(with_nan, corpus, [0], k=3, block_bytes=block_rows * 16 * 4)
+    sims = emb[np.r_[1:5, 6, 8:1000]] @ emb[0]
+    assert got == {"w0": [f"w{i}" for i in np.r_[1:5, 6, 8:1000][np.argsort(-sims, kind="stable")[:3]]]}
+
+
+@pytest.mark.parametrize("read_chars,longest_piece", [(7, 16), (1, 16), (1000, 40)])
+def test_long_lines_without_white_space_are_cut_where_no_word_goes_on(tmp_path, monkeypatch, read_chars,
+                                                                       longest_piece):
+    """A line longer than the longest piece without white space (Chinese text, a CSV row) was cut at any
+    character, splitting words ("你好" read as "你" and "好"; found by a reviewer): it is cut after
+    punctuation or a symbol now, never after a character a word can hold or that lowercasing looks
+    across (a final sigma stays as the whole line gives it), so the words equal the whole line's."""
+    import random
+
+    monkeypatch.setattr(corpus_mod, "READ_CHARS", read_chars)
+    monkeypatch.setattr(corpus_mod, "LONGEST_PIECE", longest_piece)
+    rng = random.Random(1)
+    words = ["你好", "世界", "中文字", "ΟΔΟΣ", "ΣΑΣ", "हिन्दी", "don't", "Ünï", "x1", "日本"]
+    joins = [".", "·", ":", "’", ""]            # (no cut after these: a word may go on, or lowercasing looks across)
+    seps = ["，", "。", ";", "/", "|", "、"]     # (a cut may follow these; runs between them stay under 16)
+    lines = ["".join(rng.choice(words) + rng.choice(joins) + rng.choice(words) + rng.choice(seps)
+                     for _ in range(rng.randint(1, 30))) for _ in range(80)]
+    path = tmp_path / "c.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    sentences = [corpus_mod.token_pattern().findall(line.lower()) for line in lines]
+    expected = [w for words_of_line in sentences if len(words_of_line) >= 2 for w in words_of_line]
+    corpus = corpus_mod.text_corpus(str(path), min_count=1)
+    assert [corpus.words[i] for i in corpus.tokens] == expected
+    assert corpus.sentence_starts.size - 1 == sum(len(w) >= 2 for w in sentences)
 
 
 def test_a_corpus_of_one_long_line_is_read_in_pieces(tmp_path, monkeypatch):

@@ -198,6 +198,11 @@ def test_a_list_mixing_uint64_and_signed_integers_is_used_exactly():
         F.embedding(huge, weight)
     with pytest.raises(TypeError, match="integer array"):
         F.embedding([np.uint64(3), 1.5], weight)
+    # 0-d integer arrays among them, as NumPy takes them in a list of ints (a TypeError before)
+    assert_bitwise_equal(F.embedding([np.array(1), np.uint64(2)], weight), weight[[1, 2]])
+    assert_bitwise_equal(F.check_indices([[np.array(4)], [np.uint64(0)]], 5), np.array([[4], [0]]))
+    with pytest.raises(TypeError, match="integer array"):
+        F.embedding([np.array(1.0), np.uint64(2)], weight)
 
 
 def test_boundary_indices_against_torch():

@@ -131,13 +131,32 @@ class CorpusError(ValueError):
 #: taken (a corpus that is one line, as text8 is, is read in pieces of about this size).
 READ_CHARS = 1 << 20
 LONGEST_PIECE = 1 << 20
-_LAST_SPACE = re.compile(r"\s(?=\S*\Z)")
+#: Punctuation that case mapping looks across (Unicode's MidLetter, MidNumLet and Single_Quote:
+#: case-ignorable): a piece is never cut after one, so lowercasing a piece gives what lowercasing the
+#: whole line gives (a final sigma stays final, or not, as in the line).
+_CASE_IGNORABLE_PUNCTUATION = frozenset(":·\u0387\u05f4\u2027\ufe13\ufe55\uff1a.'‘’\u2024\ufe52\uff07\uff0e")
+
+
+def _cut_after(text):
+    """Where a long piece of a line is cut: after its last white space, else after its last character
+    that no word contains and that case mapping does not look across (most punctuation, symbols:
+    "，" and "。" in Chinese text without spaces); ``len(text)`` when it has none (a word that long is
+    cut). Scans from the end, usually a few characters."""
+    for i in range(len(text) - 1, -1, -1):
+        c = text[i]
+        if c.isspace():
+            return i + 1
+        if c.isalnum() or c == "_" or c in _CASE_IGNORABLE_PUNCTUATION:
+            continue
+        if unicodedata.category(c) not in ("Mn", "Mc", "Me", "Cf", "Lm", "Sk"):
+            return i + 1
+    return len(text)
 
 
 def _sentence_pieces(path, lowercase):
     """The file's sentences as ``(words, ends)`` pieces: the words of one line (``str.splitlines``'s
     line breaks, U+2028 included), or of a part of a line longer than ``LONGEST_PIECE`` characters
-    (cut at its last white space, so no word is cut; ``ends`` False: the sentence goes on in the next
+    (cut where no word can go on, :func:`_cut_after`; ``ends`` False: the sentence goes on in the next
     piece). The file is streamed in blocks of ``READ_CHARS`` characters: memory stays bounded however
     long a line is (a line was once read whole: a 100 MB one-line corpus became 100 MB strings and ~17M
     word objects at once)."""
@@ -159,8 +178,7 @@ def _sentence_pieces(path, lowercase):
                 for line in lines:
                     yield words_of(line), True
                 if len(carry) > longest_piece:
-                    space = _LAST_SPACE.search(carry)
-                    cut = space.start() + 1 if space is not None else len(carry)   # (one word that long: cut)
+                    cut = _cut_after(carry)
                     yield words_of(carry[:cut]), False
                     carry = carry[cut:]
             yield words_of(carry), True

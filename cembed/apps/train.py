@@ -473,8 +473,8 @@ def nearest_words(table, corpus, queries, k=5, block_bytes=32 << 20):
     """Each query word's ``k`` nearest words (cosine), best first. ``table`` is read a block of rows
     at a time (``row_blocks``): a table on disk larger than RAM is never copied whole."""
     queries = [int(q) for q in queries]
-    if not queries:
-        return {}
+    if not queries or k <= 0:
+        return {corpus.words[q]: [] for q in queries}
     picked = np.asarray(table[np.asarray(queries, dtype=np.int64)], dtype=np.float32)
     unit = picked / np.maximum(np.linalg.norm(picked, axis=1, keepdims=True), 1e-12)
     best = [(np.empty(0, np.float32), np.empty(0, np.int64)) for _ in queries]   # per query: sims, ids
@@ -483,6 +483,7 @@ def nearest_words(table, corpus, queries, k=5, block_bytes=32 << 20):
         ids = np.arange(lo, lo + len(rows))
         for j, q in enumerate(queries):
             sims = emb @ unit[j]
+            sims[np.isnan(sims)] = -np.inf   # (a NaN row, in a diverged table, is nobody's neighbour)
             if lo <= q < lo + len(rows):
                 sims[q - lo] = -np.inf   # (not its own neighbour)
             sims, where = np.concatenate([best[j][0], sims]), np.concatenate([best[j][1], ids])
