@@ -331,14 +331,15 @@ def _run(kernels, rows, dim, n, bag_size, repeats, torch, use_numpy, seed, log):
     dst = np.empty_like(src)
     copy_times = _time_interleaved({"copy": (lambda: np.copyto(dst, src), None)}, max(repeats, 5))["copy"]
     copy_gbs = 2 * src.nbytes / np.median(copy_times) / 1e9
-    results = []
+    results, skipped = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for kernel in kernels:
             contenders, nbytes = build(kernel, wl, torch, use_numpy)
             if not contenders:  # a bfloat16 row without ml_dtypes
+                skipped.append({"kernel": kernel, "reason": "needs ml_dtypes (pip install ml_dtypes)"})
                 if log:
-                    log(f"{kernel:<18}skipped: needs ml_dtypes (pip install ml_dtypes)")
+                    log(f"{kernel:<{NAME_WIDTH}}skipped: {skipped[-1]['reason']}")
                 continue
             times = _time_interleaved(contenders, repeats)
             row = {"kernel": kernel}
@@ -359,7 +360,7 @@ def _run(kernels, rows, dim, n, bag_size, repeats, torch, use_numpy, seed, log):
                   openmp=openmp_enabled(), numpy=np.__version__,
                   torch=getattr(torch, "__version__", None), python=platform.python_version(),
                   machine=f"{platform.machine()} {_cpu_name()}")
-    return {"config": config, "copy_gbs": copy_gbs, "results": results}
+    return {"config": config, "copy_gbs": copy_gbs, "results": results, "skipped": skipped}
 
 
 def select_kernels(only):
@@ -382,7 +383,9 @@ def _cpu_name():
     return platform.processor() or "unknown CPU"
 
 
-HEADER = (f"{'kernel':<18}{'cembed ms':>11}{'numpy ms':>11}{'torch ms':>11}{'GB/s':>8}{'of copy':>9}"
+#: The kernel column: the longest kernel name and two spaces.
+NAME_WIDTH = max(len(k) for k in KERNELS) + 2
+HEADER = (f"{'kernel':<{NAME_WIDTH}}{'cembed ms':>11}{'numpy ms':>11}{'torch ms':>11}{'GB/s':>8}{'of copy':>9}"
           f"{'vs numpy':>10}{'vs torch':>10}{'vs unfused':>12}{'vs f32':>8}")
 
 
@@ -391,7 +394,7 @@ def _fmt(value, spec, suffix=""):
 
 
 def _format_row(row):
-    return (f"{row['kernel']:<18}{_fmt(row['cembed_ms'], '.2f'):>11}{_fmt(row['numpy_ms'], '.2f'):>11}"
+    return (f"{row['kernel']:<{NAME_WIDTH}}{_fmt(row['cembed_ms'], '.2f'):>11}{_fmt(row['numpy_ms'], '.2f'):>11}"
             f"{_fmt(row['torch_ms'], '.2f'):>11}{row['cembed_gbs']:>8.1f}{row['copy_fraction']:>9.0%}"
             f"{_fmt(row['vs_numpy'], '.1f', 'x'):>10}{_fmt(row['vs_torch'], '.1f', 'x'):>10}"
             f"{_fmt(row['vs_cembed_unfused'], '.2f', 'x'):>12}{_fmt(row.get('vs_cembed_f32'), '.2f', 'x'):>8}")
