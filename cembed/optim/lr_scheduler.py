@@ -165,6 +165,21 @@ def _boolean(value: Any, name: str) -> bool:
     return bool(value)
 
 
+@contextlib.contextmanager
+def _groups_put_back_on_error(optimizer: Any) -> Iterator[None]:
+    """Put every param group's entries back as they were if the block raises (what a scheduler wrote
+    into them before it failed)."""
+    groups = optimizer.param_groups
+    saved = [dict(group) for group in groups]
+    try:
+        yield
+    except BaseException:
+        for group, entries in zip(groups, saved):
+            group.clear()
+            group.update(entries)
+        raise
+
+
 def _check_last_epoch(last_epoch: Any) -> int:
     return _integer(last_epoch, "last_epoch", minimum=-1)
 
@@ -951,7 +966,71 @@ class CosineAnnealingLR(LRScheduler):
                 for base_lr in self.base_lrs]
 
 
-class SequentialLR(LRScheduler):
+class _SchedulerSequence(LRScheduler):
+    """What :class:`SequentialLR` and :class:`ChainedScheduler` share: a list of schedulers of one
+    optimizer, checked when given, and a state that holds theirs (saved and loaded all or none)."""
+
+    _schedulers: list[LRScheduler]
+
+    def _checked_schedulers(self, schedulers: Any, optimizer: Any) -> list[LRScheduler]:
+        """``schedulers`` as a list: at least one, each of ``optimizer``, none a ReduceLROnPlateau."""
+        if isinstance(schedulers, LRScheduler) or not isinstance(schedulers, Sequence):
+            raise TypeError(f"schedulers must be a list of schedulers, got {type(schedulers).__name__}")
+        if len(schedulers) < 1:
+            raise ValueError(f"{type(self).__name__} expects at least one scheduler, but got no scheduler.")
+        for i, scheduler in enumerate(schedulers):
+            if not hasattr(scheduler, "optimizer"):
+                raise TypeError(f"{type(self).__name__}: schedulers[{i}] should have `optimizer` as its attribute.")
+            if isinstance(scheduler, ReduceLROnPlateau):
+                raise ValueError(
+                    f"{type(self).__name__} does not support `ReduceLROnPlateau` scheduler as it requires "
+                    "additional kwargs to be specified when calling `step`, but got one at index "
+                    f"{i} in the given schedulers sequence.")
+            if scheduler.optimizer is not optimizer:
+                raise ValueError(
+                    f"{type(self).__name__} expects all schedulers to belong to the same optimizer, but "
+                    f"schedulers[{i}] ({type(scheduler).__name__}) has a different optimizer.")
+        return list(schedulers)
+
+    def _state_objects(self) -> list[Any]:
+        return [self] + [obj for s in self._schedulers for obj in s._state_objects()]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state, with the schedulers' state dicts under ``"_schedulers"``.
+
+        Returns
+        -------
+        dict
+        """
+        state = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in ("optimizer", "_schedulers")}
+        state["_schedulers"] = [s.state_dict() for s in self._schedulers]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the state saved by :meth:`state_dict`, the schedulers' included (all or none).
+
+        Parameters
+        ----------
+        state_dict : dict
+        """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        saved = state_dict.get("_schedulers")
+        if not isinstance(saved, list) or len(saved) != len(self._schedulers):
+            raise ValueError(f"state_dict must hold the states of {len(self._schedulers)} schedulers under "
+                             "'_schedulers'")
+        with self._all_or_nothing():   # its own entries and every scheduler's, or none
+            self._load_checked({k: copy.deepcopy(v) for k, v in state_dict.items()
+                                if k not in ("optimizer", "_schedulers")}, kept=("_schedulers",))
+            self._check_loaded()
+            for s, sd in zip(self._schedulers, saved):
+                s.load_state_dict(sd)
+
+    def _check_loaded(self) -> None:
+        """Checks of a loaded state across entries (the class's own)."""
+
+
+class SequentialLR(_SchedulerSequence):
     """Run schedulers one after another, switching at the milestone epochs.
 
     Scheduler ``i`` drives epochs ``[milestones[i-1], milestones[i])``. At a milestone the next
@@ -988,22 +1067,7 @@ class SequentialLR(LRScheduler):
                  last_epoch: int = -1) -> None:
         _check_optimizer(optimizer)
         last_epoch = _check_last_epoch(last_epoch)
-        if isinstance(schedulers, LRScheduler) or not isinstance(schedulers, Sequence):
-            raise TypeError(f"schedulers must be a list of schedulers, got {type(schedulers).__name__}")
-        if len(schedulers) < 1:
-            raise ValueError(f"{type(self).__name__} expects at least one scheduler, but got no scheduler.")
-        for i, scheduler in enumerate(schedulers):
-            if not hasattr(scheduler, "optimizer"):
-                raise TypeError(f"{type(self).__name__}: schedulers[{i}] should have `optimizer` as its attribute.")
-            if isinstance(scheduler, ReduceLROnPlateau):
-                raise ValueError(
-                    f"{type(self).__name__} does not support `ReduceLROnPlateau` scheduler as it requires "
-                    "additional kwargs to be specified when calling `step`, but got one at index "
-                    f"{i} in the given schedulers sequence.")
-            if scheduler.optimizer is not optimizer:
-                raise ValueError(
-                    f"{type(self).__name__} expects all schedulers to belong to the same optimizer, but "
-                    f"schedulers[{i}] ({type(scheduler).__name__}) has a different optimizer.")
+        schedulers = self._checked_schedulers(schedulers, optimizer)
         if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Sequence):
             raise TypeError(f"milestones must be a list of integers, got {type(milestones).__name__}")
         for i, m in enumerate(milestones):
@@ -1053,40 +1117,9 @@ class SequentialLR(LRScheduler):
                 scheduler.step()
             self._last_lr = scheduler.get_last_lr()
 
-    def _state_objects(self) -> list[Any]:
-        return [self] + [obj for s in self._schedulers for obj in s._state_objects()]
-
-    def state_dict(self) -> dict[str, Any]:
-        """The state, with the wrapped schedulers' state dicts under ``"_schedulers"``.
-
-        Returns
-        -------
-        dict
-        """
-        state = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in ("optimizer", "_schedulers")}
-        state["_schedulers"] = [s.state_dict() for s in self._schedulers]
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the state saved by :meth:`state_dict`, wrapped schedulers included.
-
-        Parameters
-        ----------
-        state_dict : dict
-        """
-        if not isinstance(state_dict, dict):
-            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        saved = state_dict.get("_schedulers")
-        if not isinstance(saved, list) or len(saved) != len(self._schedulers):
-            raise ValueError(f"state_dict must hold the states of {len(self._schedulers)} schedulers under "
-                             "'_schedulers'")
-        with self._all_or_nothing():   # its own entries and every wrapped scheduler's, or none
-            self._load_checked({k: copy.deepcopy(v) for k, v in state_dict.items()
-                                if k not in ("optimizer", "_schedulers")}, kept=("_schedulers",))
-            if not isinstance(self._milestones, list) or not all(_is_int(m) for m in self._milestones):
-                raise TypeError("state_dict['_milestones'] must be a list of integers")
-            for s, sd in zip(self._schedulers, saved):
-                s.load_state_dict(sd)
+    def _check_loaded(self) -> None:
+        if not isinstance(self._milestones, list) or not all(_is_int(m) for m in self._milestones):
+            raise TypeError("state_dict['_milestones'] must be a list of integers")
 
 
 class ReduceLROnPlateau(LRScheduler):
@@ -1523,7 +1556,7 @@ class PolynomialLR(LRScheduler):
                 for base_lr in self.base_lrs]
 
 
-class ChainedScheduler(LRScheduler):
+class ChainedScheduler(_SchedulerSequence):
     """Step several schedulers of one optimizer together: each ``step()`` calls every scheduler's
     ``step()`` in order, so their factors compose (a warm-up and a decay, say).
 
@@ -1556,77 +1589,22 @@ class ChainedScheduler(LRScheduler):
     """
 
     def __init__(self, schedulers: Sequence[LRScheduler], optimizer: OptimizerLike | None = None) -> None:
-        if isinstance(schedulers, LRScheduler) or not isinstance(schedulers, Sequence):
-            raise TypeError(f"schedulers must be a list of schedulers, got {type(schedulers).__name__}")
-        if len(schedulers) < 1:
-            raise ValueError(f"{type(self).__name__} expects at least one scheduler to be chained, but got no "
-                             "scheduler.")
-        optimizer = optimizer or getattr(schedulers[0], "optimizer", None)
-        for i, scheduler in enumerate(schedulers):
-            if not hasattr(scheduler, "optimizer"):
-                raise TypeError(f"{type(self).__name__}: schedulers[{i}] should have `optimizer` as its attribute.")
-            if isinstance(scheduler, ReduceLROnPlateau):
-                raise ValueError(
-                    f"{type(self).__name__} does not support `ReduceLROnPlateau` scheduler as it requires "
-                    "additional kwargs to be specified when calling `step`, but got one at index "
-                    f"{i} in the given schedulers sequence.")
-            if scheduler.optimizer is not optimizer:
-                raise ValueError(
-                    f"{type(self).__name__} expects all schedulers to belong to the same optimizer, but "
-                    f"schedulers[{i}] ({type(scheduler).__name__}) has a different optimizer.")
+        if optimizer is None and isinstance(schedulers, Sequence) and not isinstance(schedulers, LRScheduler) \
+                and len(schedulers) > 0:
+            optimizer = getattr(schedulers[0], "optimizer", None)
+        self._schedulers = self._checked_schedulers(schedulers, optimizer)
         _check_optimizer(optimizer)
-        self._schedulers = list(schedulers)
         self.optimizer = cast(OptimizerLike, optimizer)   # (checked: not None)
         self._last_lr = _group_values(self._schedulers[-1].optimizer, "lr")
 
     def step(self) -> None:  # type: ignore[override]
         """Step every scheduler, in order."""
         _check_group_lrs(self.optimizer)
-        groups = self.optimizer.param_groups
-        saved_groups = [dict(group) for group in groups]
-        try:
-            with self._all_or_nothing():   # (the wrapped schedulers' state included)
-                for scheduler in self._schedulers:
-                    scheduler.step()
-                self._last_lr = _group_values(self._schedulers[-1].optimizer, "lr")
-        except BaseException:
-            for group, saved in zip(groups, saved_groups):   # (what the earlier schedulers wrote)
-                group.clear()
-                group.update(saved)
-            raise
-
-    def _state_objects(self) -> list[Any]:
-        return [self] + [obj for s in self._schedulers for obj in s._state_objects()]
-
-    def state_dict(self) -> dict[str, Any]:
-        """The state, with the chained schedulers' state dicts under ``"_schedulers"``.
-
-        Returns
-        -------
-        dict
-        """
-        state = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in ("optimizer", "_schedulers")}
-        state["_schedulers"] = [s.state_dict() for s in self._schedulers]
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the state saved by :meth:`state_dict`, chained schedulers included (all or none).
-
-        Parameters
-        ----------
-        state_dict : dict
-        """
-        if not isinstance(state_dict, dict):
-            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        saved = state_dict.get("_schedulers")
-        if not isinstance(saved, list) or len(saved) != len(self._schedulers):
-            raise ValueError(f"state_dict must hold the states of {len(self._schedulers)} schedulers under "
-                             "'_schedulers'")
-        with self._all_or_nothing():
-            self._load_checked({k: copy.deepcopy(v) for k, v in state_dict.items()
-                                if k not in ("optimizer", "_schedulers")}, kept=("_schedulers",))
-            for s, sd in zip(self._schedulers, saved):
-                s.load_state_dict(sd)
+        # (the schedulers' state, and the groups the earlier schedulers wrote)
+        with _groups_put_back_on_error(self.optimizer), self._all_or_nothing():
+            for scheduler in self._schedulers:
+                scheduler.step()
+            self._last_lr = _group_values(self._schedulers[-1].optimizer, "lr")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(type(s).__name__ for s in self._schedulers)})"
@@ -1811,16 +1789,9 @@ class CyclicLR(LRScheduler):
                  cycle_momentum: bool = True, base_momentum: float | Sequence[float] = 0.8,
                  max_momentum: float | Sequence[float] = 0.9, last_epoch: int = -1) -> None:
         _check_optimizer(optimizer)
-        groups = optimizer.param_groups
-        saved_groups = [dict(group) for group in groups]
-        try:
+        with _groups_put_back_on_error(optimizer):   # (the initial step can fail too: a scale_fn giving no number)
             self._construct(optimizer, base_lr, max_lr, step_size_up, step_size_down, mode, gamma, scale_fn,
                             scale_mode, cycle_momentum, base_momentum, max_momentum, last_epoch)
-        except BaseException:   # (the initial step can fail too: a scale_fn that gives no number)
-            for group, saved in zip(groups, saved_groups):
-                group.clear()
-                group.update(saved)
-            raise
 
     def _construct(self, optimizer: OptimizerLike, base_lr: Any, max_lr: Any, step_size_up: Any,
                    step_size_down: Any, mode: Any, gamma: Any, scale_fn: Any, scale_mode: Any, cycle_momentum: Any,
