@@ -7,7 +7,7 @@ indices and the existing ``.grad`` against the table as it is then (``docs/safet
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from ._validation import (
     check_size,
     check_trainable,
     check_weight,
+    check_writeable,
     grad_dtype,
     index_groups,
     is_as_checked,
@@ -40,15 +41,30 @@ def _init_weight(num_embeddings: int, embedding_dim: int, dtype: Any, seed: Any,
     (``storage.aligned_zeros``: every row in whole cache lines). A 16-bit table draws in float32 and
     rounds each value to nearest."""
     dtype = check_table_dtype(dtype)
-    rng = random_generator(seed)
-    shape = (num_embeddings, embedding_dim)
-    if is_half(dtype):
-        weight = storage.aligned_copy(rng.standard_normal(shape, dtype=compute_dtype(dtype)), dtype)
-    else:
-        weight = rng.standard_normal(shape, dtype=dtype, out=storage.aligned_zeros(shape, dtype))
+    weight = storage.aligned_zeros((num_embeddings, embedding_dim), dtype)
+    _draw_normal_into(weight, random_generator(seed), padding_idx)
+    return weight
+
+
+#: Bytes of float draws made at a time when a table is filled (a table on disk is never drawn whole).
+_DRAW_BLOCK_BYTES = 32 << 20
+
+
+def _draw_normal_into(weight: np.ndarray, rng: np.random.Generator, padding_idx: Optional[int]) -> None:
+    """Fill ``weight`` with N(0, 1) draws of ``rng``, a block of rows at a time (the same values as one
+    draw of the whole table: the generator's stream is taken in order), drawn in the compute dtype and
+    rounded to nearest for a 16-bit table; the padding row zeroed."""
+    n_rows, dim = weight.shape
+    draw_dtype = compute_dtype(weight.dtype)
+    step = max(1, _DRAW_BLOCK_BYTES // max(1, dim * draw_dtype.itemsize))
+    for lo in range(0, n_rows, step):
+        block = weight[lo:lo + step]
+        if is_half(weight.dtype):
+            block[...] = rng.standard_normal(block.shape, dtype=draw_dtype).astype(weight.dtype)
+        else:
+            rng.standard_normal(block.shape, dtype=draw_dtype, out=block)
     if padding_idx is not None:
         weight[padding_idx] = 0
-    return weight
 
 
 class TableModule:
@@ -79,6 +95,7 @@ class TableModule:
                 check_trainable(weight, "_weight")
             self.weight = weight
         self.grad: Optional[F.Grad] = None
+        self.training = True
 
     # -------------------------------------------------------------------- the table
     @property
@@ -186,6 +203,142 @@ class TableModule:
         (0, (4, 2))
         """
         self.grad = None if check_bool(set_to_none, "zero_grad: set_to_none") else zeroed_grad(self.grad)
+
+    def reset_parameters(self, seed: Any = None) -> None:
+        """Draw the table anew, in place (torch's ``reset_parameters``): N(0, 1) values, the padding
+        row zeroed; a 16-bit table draws in float32 and rounds each value to nearest.
+
+        Parameters
+        ----------
+        seed : int, numpy.random.Generator or None
+            As the constructor's: the same seed gives the table the constructor drew.
+
+        Raises
+        ------
+        TypeError
+            An integer (lookup-only) table.
+        ValueError
+            A read-only table.
+
+        Examples
+        --------
+        >>> import cembed
+        >>> emb = cembed.Embedding(4, 2, padding_idx=0, seed=7)
+        >>> drawn = emb.weight.copy()
+        >>> emb.weight[:] = 0.5
+        >>> emb.reset_parameters(seed=7)
+        >>> bool((emb.weight == drawn).all()), emb.weight[0].tolist()
+        (True, [0.0, 0.0])
+        """
+        weight = self._weight
+        check_trainable(weight)
+        check_writeable(weight, "reset_parameters")
+        padding_idx, _, _ = self._checked_options()
+        _draw_normal_into(weight, random_generator(seed), padding_idx)
+
+    def state_dict(self) -> Dict[str, np.ndarray]:
+        """``{"weight": table}``, the table itself (not a copy), as torch's module ``state_dict`` gives
+        its parameter. For the gradient and the optimizer's state use :mod:`cembed.checkpoint`.
+
+        Examples
+        --------
+        >>> import cembed
+        >>> emb = cembed.Embedding(4, 2, seed=0)
+        >>> emb.state_dict()["weight"] is emb.weight
+        True
+        """
+        return {"weight": self._weight}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Tuple[List[str], List[str]]:
+        """Copy ``state_dict["weight"]`` into the table, in place (torch's module ``load_state_dict``):
+        the same shape, any dtype that converts to the table's as NumPy's ``same_kind`` casting does
+        (float64 into float32; float32 into a 16-bit table rounds to nearest). Everything is checked
+        before the table is written.
+
+        Parameters
+        ----------
+        state_dict : mapping
+            ``{"weight": array}``.
+        strict : bool, default True
+            Whether a missing ``"weight"`` or any other key is an error (else they are returned).
+
+        Returns
+        -------
+        missing_keys, unexpected_keys : list of str
+            As torch's (a named pair there).
+
+        Raises
+        ------
+        KeyError
+            With ``strict``: ``"weight"`` missing, or other keys present (torch: RuntimeError).
+        ValueError
+            A shape that is not the table's (torch: "size mismatch"), a read-only table.
+        TypeError
+            Values that cannot be cast to the table's dtype (float into an integer table, say).
+
+        Examples
+        --------
+        >>> import numpy as np, cembed
+        >>> emb = cembed.Embedding(3, 2)
+        >>> emb.load_state_dict({"weight": np.arange(6.0).reshape(3, 2)})
+        ([], [])
+        >>> emb.weight
+        array([[0., 1.],
+               [2., 3.],
+               [4., 5.]], dtype=float32)
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        strict = check_bool(strict, "strict")
+        missing = [] if "weight" in state_dict else ["weight"]
+        unexpected = sorted(str(k) for k in state_dict if k != "weight")
+        if strict and (missing or unexpected):
+            raise KeyError(f"Error(s) in loading state_dict for {type(self).__name__}: missing keys {missing}, "
+                           f"unexpected keys {unexpected}")
+        if missing:
+            return missing, unexpected
+        weight = self._weight
+        value = np.asarray(state_dict["weight"])
+        if value.shape != weight.shape:
+            raise ValueError(f"size mismatch for weight: copying a param with shape {value.shape} from checkpoint, "
+                             f"the shape in current model is {weight.shape}")
+        if value.dtype.kind not in "biuf" and value.dtype != weight.dtype and not (
+                is_half(value.dtype) and is_half(weight.dtype)):
+            raise TypeError(f"state_dict['weight'] has dtype {value.dtype}, not numbers")
+        if not np.can_cast(value.dtype, weight.dtype, casting="same_kind"):
+            raise TypeError(f"state_dict['weight'] of dtype {value.dtype} cannot be copied into a {weight.dtype} table")
+        check_writeable(weight, "load_state_dict")
+        np.copyto(weight, value, casting="same_kind")   # (overlapping memory is copied as if through a buffer)
+        return missing, unexpected
+
+    def requires_grad_(self, requires_grad: bool = True) -> "TableModule":
+        """Set :attr:`requires_grad` (False: frozen, backward makes no gradient) and return the module.
+
+        Examples
+        --------
+        >>> import cembed
+        >>> cembed.Embedding(4, 2).requires_grad_(False).requires_grad
+        False
+        """
+        self.requires_grad = check_bool(requires_grad, "requires_grad")
+        return self
+
+    def train(self, mode: bool = True) -> "TableModule":
+        """Set :attr:`training` and return the module, as torch's modules do (an embedding behaves the
+        same in both modes).
+
+        Examples
+        --------
+        >>> import cembed
+        >>> cembed.Embedding(4, 2).eval().training
+        False
+        """
+        self.training = check_bool(mode, "train: mode")
+        return self
+
+    def eval(self) -> "TableModule":
+        """``train(False)``."""
+        return self.train(False)
 
     def parameters(self) -> Iterator["TableModule"]:
         """The trainable tables, as :mod:`cembed.optim` takes them: ``SGD(emb.parameters(), lr=0.1)``.

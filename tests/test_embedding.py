@@ -285,3 +285,58 @@ def test_a_bad_seed_is_named(tmp_path, seed, error, message):
     same = [cembed.Embedding(3, 2, seed=s).weight for s in (7, np.int64(7), np.random.default_rng(7),
                                                             np.random.SeedSequence(7))]
     assert all(np.array_equal(w, same[0]) for w in same)
+
+
+# ------------------------------------------------------------------ torch's module surface
+
+@pytest.mark.parametrize("cls", [cembed.Embedding, cembed.EmbeddingBag])
+def test_module_state_dict_reset_and_modes_as_torch(cls, monkeypatch):
+    """torch's module methods an Embedding user calls: state_dict / load_state_dict (in place, shape
+    checked, strict keys), reset_parameters (N(0, 1), padding row zeroed; with a seed the
+    constructor's table, drawn a block at a time), requires_grad_, train / eval."""
+    torch = require_torch()
+    import cembed.modules as modules
+
+    tcls = torch.nn.Embedding if cls is cembed.Embedding else torch.nn.EmbeddingBag
+    temb = tcls(6, 3, padding_idx=2)
+    emb = cls(6, 3, padding_idx=2, seed=1)
+    table = emb.weight
+    assert emb.load_state_dict({k: v.detach().numpy() for k, v in temb.state_dict().items()}) == ([], [])
+    assert emb.weight is table
+    assert_bitwise_equal(table, temb.weight.detach().numpy())
+    assert list(emb.state_dict()) == list(temb.state_dict()) == ["weight"] and emb.state_dict()["weight"] is table
+    theirs = temb.load_state_dict({"weight": torch.ones(6, 3), "extra": torch.zeros(1)}, strict=False)
+    ours = emb.load_state_dict({"weight": np.ones((6, 3)), "extra": np.zeros(1)}, strict=False)
+    assert ours == (theirs.missing_keys, theirs.unexpected_keys) == ([], ["extra"])
+    assert ours == ([], ["extra"]) and (emb.weight == 1).all()
+    assert emb.load_state_dict({}, strict=False) == (["weight"], [])
+    before = emb.weight.copy()
+    for bad, error, match in (({"weight": np.zeros((6, 4))}, ValueError, "size mismatch"),
+                              ({"weight": np.zeros((6, 3)), "bias": 1}, KeyError, "unexpected keys"),
+                              ({}, KeyError, "missing keys"), ({"weight": np.array([["a"] * 3] * 6)}, TypeError, "dtype"),
+                              ([("weight", 1)], TypeError, "mapping")):
+        with pytest.raises(error, match=match):
+            emb.load_state_dict(bad)
+        assert_bitwise_equal(emb.weight, before)
+    ints = cls.from_pretrained(np.zeros((6, 3), np.int64))
+    with pytest.raises(TypeError, match="cannot be copied"):
+        ints.load_state_dict({"weight": np.ones((6, 3))})
+    with pytest.raises(TypeError, match="int64"):
+        ints.reset_parameters()
+    frozen = np.zeros((6, 3), np.float32)
+    frozen.flags.writeable = False
+    for call in (lambda m: m.reset_parameters(), lambda m: m.load_state_dict({"weight": np.ones((6, 3))})):
+        with pytest.raises(ValueError, match="read-only"):
+            call(cls.from_pretrained(frozen))
+    for dtype in (np.float32, np.float16):
+        fresh = cls(9, 5, padding_idx=4, seed=3, dtype=dtype)
+        drawn = fresh.weight.copy()
+        fresh.weight[:] = 7
+        monkeypatch.setattr(modules, "_DRAW_BLOCK_BYTES", 2 * 5 * 4)   # (two rows at a time: the same values)
+        fresh.reset_parameters(seed=3)
+        monkeypatch.undo()
+        assert_bitwise_equal(fresh.weight, drawn)
+        assert (fresh.weight[4] == 0).all()
+    assert emb.requires_grad_(False) is emb and not emb.requires_grad and temb.requires_grad_(False) is temb
+    assert emb.training and temb.training and not emb.eval().training and not temb.eval().training
+    assert emb.train().training
