@@ -416,6 +416,9 @@ def index_groups(indices: Any) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndar
 #: the checks, e.g. at an optimizer's ``state["step"] += 1``).
 EXACT_INTEGER_TYPES = (int, np.int8, np.int16, np.int32, np.int64, np.longlong, np.uint8, np.uint16, np.uint32,
                        np.uint64, np.ulonglong)
+#: Real types a kept scalar (an optimizer's clock) is taken as: exactly these (a subclass's __float__
+#: would run code inside the update, after the checks).
+EXACT_REAL_TYPES = EXACT_INTEGER_TYPES + (float, np.float16, np.float32, np.float64)
 #: Array types kept arrays and updates are taken as: plain arrays and memory maps (tables and state on
 #: disk). A subclass's hooks (``__array_function__``, ``__array_ufunc__``) would run code after the
 #: checks, inside the update.

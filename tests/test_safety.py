@@ -1414,3 +1414,73 @@ def test_review_functional_holes(batch, name):
         for key in ("lookup", "bag_ids", "bag_offsets"):
             assert verdict[key]["raised"] == "ValueError", (key, verdict)
         assert_ok(verdict["backward"], "backward")
+
+
+SESSION17_CASES = {
+    # SparseAdamW's decay clock set by hand to a float subclass: its __float__ ran inside the update,
+    # after the checks, and could swap exp_avg for a 1-row array (segfault) or raise mid-step
+    "adamw_clock_subclass": case('''
+n = 4_000_000
+emb = cembed.Embedding(n, 4, sparse=True, seed=0)
+opt = optim.SparseAdamW([emb], lr=0.01)
+emb.grad = SparseGrad([1], np.ones((1, 4), np.float32), n); opt.step()
+calls = []
+class Evil(float):
+    def __float__(self):
+        calls.append(1)
+        if len(calls) == 2:
+            opt.state[emb]["exp_avg"] = np.zeros((1, 4), np.float32)
+        return 0.0
+opt.state[emb]["decay_log"] = Evil(0.0)
+before = fp([emb.weight])
+emb.grad = SparseGrad([n - 1], np.ones((1, 4), np.float32), n)
+step = attempt(lambda: opt.step())
+emb.grad = None
+out = emb(np.array([n - 1]))
+fused = attempt(lambda: emb.backward(np.ones_like(out), optimizer=opt))
+report(step=step, fused=fused, unchanged=before == fp([emb.weight]), state_step=int(opt.state[emb]["step"]))
+'''),
+    # a parameter's state (or the optimizer's whole state) replaced by a dict subclass whose __getitem__
+    # answered the checks with the real arrays, then gave the update a 1-row array (segfault)
+    "state_dict_subclass": case('''
+n = 4_000_000
+emb = cembed.Embedding(n, 4, sparse=True, seed=0)
+opt = optim.Adagrad([emb], lr=0.1)
+small = np.zeros((1, 4), np.float32)
+class Sneaky(dict):
+    armed = False
+    def __getitem__(self, key):
+        if key == "sum" and Sneaky.armed:
+            return small
+        return dict.__getitem__(self, key)
+    def __setitem__(self, key, value):
+        dict.__setitem__(self, key, value)
+        if key == "step":
+            Sneaky.armed = True
+opt.state[emb] = Sneaky(opt.state[emb])
+before = fp([emb.weight])
+emb.grad = SparseGrad([n - 1], np.ones((1, 4), np.float32), n)
+entry = attempt(lambda: opt.step())
+opt.state[emb] = dict(opt.state[emb])
+class SneakyState(dict):
+    pass
+opt.state = SneakyState(opt.state)
+whole = attempt(lambda: opt.step())
+report(entry=entry, whole=whole, unchanged=before == fp([emb.weight]))
+'''),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SESSION17_CASES))
+def test_kept_scalars_and_state_containers_are_exact_types(batch, name):
+    """Found by a review under AddressSanitizer (both segfaulted a normal build): SparseAdamW's clock
+    scalars must be exactly a Python or NumPy float or int, and an optimizer's state (the whole and
+    each parameter's) exactly a dict — refused before anything changes, by ``step()`` and by the
+    fused backward."""
+    verdict, _ = batch("session17", SESSION17_CASES, name)
+    if name == "adamw_clock_subclass":
+        assert verdict["step"]["raised"] == "ValueError" and verdict["fused"]["raised"] == "ValueError", verdict
+        assert verdict["unchanged"] and verdict["state_step"] == 1, verdict
+    else:
+        assert verdict["entry"]["raised"] == "ValueError" and verdict["whole"]["raised"] == "TypeError", verdict
+        assert verdict["unchanged"], verdict

@@ -331,6 +331,8 @@ class Optimizer:
         TypeError for an entry that is not a module with ``.weight`` and ``.grad``, ValueError for a
         module listed twice (it would be updated twice per step, and its state dict could not be
         loaded back). Run before a step, a fused step, ``zero_grad`` and ``state_dict``."""
+        if type(self.state) is not dict:   # (a subclass's methods would run between the checks and the update)
+            raise TypeError(f"optimizer.state must be a dict, got {type(self.state).__name__}")
         seen: Dict[int, Tuple[int, int]] = {}
         for g, group in enumerate(self.param_groups):
             params = group.get("params") if isinstance(group, dict) else None
@@ -763,6 +765,9 @@ class Optimizer:
         """Everything :meth:`_check_state` checks (on the state without the base class's
         ``rounding_step``), the group's ``state_dtype`` against the weight and the state arrays."""
         expected = rounding_.state_dtype(weight.dtype, options, where)
+        if state is not None and type(state) is not dict:
+            raise ValueError(f"{where}: optimizer state must be a dict, got {type(state).__name__} (a subclass's "
+                             "methods would run between the checks and the update)")
         if state is None:
             if self._state_at_join:
                 raise ValueError(f"{where}: optimizer state is missing ({type(self).__name__} makes it when a "

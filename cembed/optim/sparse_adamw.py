@@ -9,7 +9,7 @@ import numpy as np
 from .. import _grad, _optim, storage
 from .._config import n_threads_for
 from ..functional import RowRule
-from .._validation import check_real
+from .._validation import EXACT_REAL_TYPES, check_real
 from ._rounding import STREAM_DECAY, RoundingArgs, check_rounding_options
 from .optimizer import Group, Optimizer, _check_maximize, _core, _option, _snapshot, _update_rows
 from .sparse_adam import (_check_betas, _check_bias_correction, _check_row_array, _check_row_steps, _check_step,
@@ -129,6 +129,10 @@ class SparseAdamW(Optimizer):
         loaded (a private copy) is normalised to floats: a check before a step changes nothing, so
         ``step()`` and the fused backward accept the same states and a refused call leaves them as
         they were."""
+        for name in _SCALARS:   # (exactly a real type: a subclass's __float__ would run inside the update)
+            if type(state[name]) not in EXACT_REAL_TYPES:
+                raise ValueError(f"{where} {name!r} must be a Python or NumPy float or int (not a subclass), "
+                                 f"got {type(state[name]).__name__}")
         values = {name: check_real(state[name], f"{where} {name!r}") for name in _SCALARS}
         if not values["decay_log"] <= values["decay_log_prev"] <= 0.0:
             raise ValueError(f"{where}: 'decay_log' <= 'decay_log_prev' <= 0 is required, got "
