@@ -269,9 +269,17 @@ def _python_integers(indices: Any, arr: np.ndarray, name: str, n_rows: Optional[
     return np.array(values, dtype=np.int64).reshape(arr.shape)
 
 
+def kernel_array(arr: Any, dtype: Any = None) -> np.ndarray:
+    """``arr`` (converted to ``dtype`` if given) C-contiguous and aligned, copied only when it is not:
+    what a kernel reads or writes through a typed pointer. (``np.ascontiguousarray`` keeps an unaligned
+    array as it is — a view into a byte buffer at an odd offset, a field of a packed record — and a
+    kernel's load from it is undefined behaviour.)"""
+    return np.require(arr, dtype=dtype, requirements=("C", "A"))
+
+
 def flat_indices(arr: np.ndarray) -> np.ndarray:
-    """The indices as a 1-D C-contiguous array (a view when they already are)."""
-    return np.ascontiguousarray(arr).reshape(-1)
+    """The indices as a 1-D C-contiguous, aligned array (a view when they already are)."""
+    return kernel_array(arr).reshape(-1)
 
 
 def raise_index_error(arr: np.ndarray, pos: int, n_rows: Optional[int], name: str) -> None:
@@ -559,4 +567,4 @@ def check_gradient_rows(grad_output: Any, lead_shape: Tuple[int, ...], *, dim: O
         want = tuple(lead_shape) + ((dim,) if dim is not None else ("dim",))
         raise ValueError(f"{name} must have shape indices.shape + (embedding_dim,) = {want}, got {arr.shape}")
     n = int(np.prod(lead_shape, dtype=np.int64))
-    return np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("="), copy=False)).reshape(n, arr.shape[-1])
+    return kernel_array(arr.astype(arr.dtype.newbyteorder("="), copy=False)).reshape(n, arr.shape[-1])

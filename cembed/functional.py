@@ -54,6 +54,7 @@ from ._validation import (
     checked_private_indices,
     frozen,
     index_groups,
+    kernel_array,
     kernel_layout,
     normalize_padding_idx,
     validated_indices,
@@ -618,7 +619,7 @@ def weighted_contributions(grad_output: Any, idx_shape: Tuple[int, ...], flat: n
     if psw.dtype != compute_dtype(values.dtype):
         raise TypeError(f"per_sample_weights must have dtype {compute_dtype(values.dtype)}, got {psw.dtype}")
     src = np.repeat(np.arange(values.shape[0], dtype=np.int64), idx_shape[-1])
-    return values, src, np.ascontiguousarray(psw).reshape(-1)
+    return values, src, kernel_array(psw).reshape(-1)
 
 
 def lookup_contributions(grad_output: Any, shape: Tuple[int, ...], flat: np.ndarray, *,
@@ -1097,7 +1098,7 @@ def pool(weight: np.ndarray, bags: SavedBags, want_argmax: bool = False, out_dty
 def _narrow(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """A float32 ``(n, dim)`` result as a new array of the 16-bit ``dtype``, each element rounded to
     nearest, ties to even (the ``out_dtype`` of a 16-bit table)."""
-    values = np.ascontiguousarray(values, dtype=FLOAT32)
+    values = kernel_array(values, FLOAT32)
     bits = np.empty(values.shape, dtype=np.uint16)
     _gather.narrow_rows(values, kernel_format(dtype), bits, n_threads_for(values.shape[0], "gather"))
     return bits.view(dtype)
@@ -1554,7 +1555,7 @@ def embedding_dot_backward(grad_scores: Any, indices: Any, weight: np.ndarray) -
         raise TypeError(f"grad_scores has dtype {grad.dtype} but a {weight.dtype} weight is scored in {dtype}")
     if grad.shape != idx.shape:
         raise ValueError(f"grad_scores must have the shape of indices {idx.shape}, got {grad.shape}")
-    grad = np.ascontiguousarray(grad.astype(grad.dtype.newbyteorder("="), copy=False)).reshape(grid.shape)
+    grad = kernel_array(grad.astype(grad.dtype.newbyteorder("="), copy=False)).reshape(grid.shape)
     out = np.empty((grid.shape[0], weight.shape[1]), dtype=dtype)
     table, fmt, grid = _score_table(weight, grid)
     _score.dot_scores_backward(grad, table, fmt, grid, out, n_threads_for(grid.size, "gather"))

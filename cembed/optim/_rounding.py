@@ -14,7 +14,7 @@ import numpy as np
 from .. import _optim
 from .._config import n_threads_for
 from .._dtypes import FLOAT16, FLOAT32, compute_dtype, is_half, kernel_format, resolve_dtype
-from .._validation import check_choice, check_int, kernel_layout
+from .._validation import check_choice, check_int, kernel_array, kernel_layout
 
 #: ``rounding`` values: how a float32 result is stored into a 16-bit weight or state.
 ROUNDINGS = ("stochastic", "nearest")
@@ -128,7 +128,7 @@ class Rounding:
         n = rows.size
         if n == 0:
             return
-        flat = np.ascontiguousarray(values, dtype=np.float32).reshape(n, -1)
+        flat = kernel_array(values, np.float32).reshape(n, -1)
         bits = np.empty(flat.shape, dtype=np.uint16)
         _optim.round_rows(flat, bits, kernel_format(target.dtype), self.stochastic, self.key_rows(rows), self.seed,
                           self.step, stream, n_threads_for(n, "optimizer"))
@@ -143,8 +143,8 @@ class Rounding:
 def widen(array: np.ndarray) -> np.ndarray:
     """A C-contiguous float32 copy of a 16-bit array; other arrays C-contiguous (copied if needed)."""
     if is_half(array.dtype):
-        return np.ascontiguousarray(array, dtype=np.float32)
-    return np.ascontiguousarray(array)
+        return kernel_array(array, np.float32)
+    return kernel_array(array)
 
 
 def update_rows_half(weight: np.ndarray, states: Sequence[np.ndarray], rows: np.ndarray,

@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import _clip
 from .._config import n_threads_for
-from .._validation import check_real
+from .._validation import check_real, kernel_array
 from ..sparse import SparseGrad
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_"]
@@ -66,7 +66,8 @@ class _Grad:
 
     def __init__(self, array: np.ndarray):
         self.array = array                  # the stored values, written in place
-        self.flat = array.reshape(-1) if array.flags.c_contiguous else None   # None: NumPy fallback
+        # None: the NumPy fallback (the kernels take C-contiguous, aligned arrays only)
+        self.flat = array.reshape(-1) if array.flags.c_contiguous and array.flags.aligned else None
 
 
 def _collect(parameters: Parameters, what: str) -> List[_Grad]:
@@ -134,7 +135,7 @@ def _total_norm(grads: List[_Grad], p: float) -> float:
         kind = _clip.KIND_SUM_POW
     total = 0.0
     for g in grads:
-        flat = g.flat if g.flat is not None else np.ascontiguousarray(g.array).reshape(-1)
+        flat = g.flat if g.flat is not None else kernel_array(g.array).reshape(-1)
         part = _clip.norm_reduce(flat, kind, p, n_threads_for(flat.shape[0], "elementwise"))
         if kind == _clip.KIND_MAX_ABS:
             if part > total or math.isnan(part):     # NaN wins and stays

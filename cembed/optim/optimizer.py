@@ -34,6 +34,7 @@ from .._validation import (
     check_row_ids,
     check_trainable,
     check_weight,
+    kernel_array,
     kernel_layout,
 )
 from ..sparse import SparseGrad, check_exact_sparse_grad, zeroed_grad
@@ -125,14 +126,14 @@ def _update_rows(weight: np.ndarray, states: Sequence[np.ndarray], rows: np.ndar
 
 def _elementwise(out: np.ndarray, x: np.ndarray, y: np.ndarray, alpha: float) -> None:
     """``_optim.fused_multiply_add_`` on flat C-contiguous views (``y`` empty: ``alpha`` instead); an
-    ``out`` of another layout goes through a contiguous copy written back. The inputs are made
+    ``out`` of another layout (or unaligned) goes through a contiguous copy written back. The inputs are made
     contiguous, shaped like ``out``, and copied when they may share memory with it (a ``.grad`` set to a
     view of the state, say)."""
-    work = out if out.flags.c_contiguous else np.ascontiguousarray(out)
+    work = kernel_array(out)   # (out itself when it is C-contiguous and aligned)
     flat = []
     for arr in (x, y):
         if arr.size or arr is x:
-            arr = np.ascontiguousarray(np.broadcast_to(arr, out.shape), dtype=out.dtype)
+            arr = kernel_array(np.broadcast_to(arr, out.shape), out.dtype)
             arr = (arr.copy() if np.may_share_memory(arr, out) else arr).reshape(-1)
         flat.append(arr)
     _optim.fused_multiply_add_(work.reshape(-1), flat[0], flat[1], alpha, n_threads_for(out.size, "elementwise"))

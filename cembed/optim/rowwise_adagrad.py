@@ -7,7 +7,7 @@ import numpy as np
 
 from .. import _grad, storage
 from ..functional import RowRule
-from .._validation import check_choice, check_exact_array
+from .._validation import check_choice, check_exact_array, kernel_array
 from ._rounding import allowed_state_dtypes, check_rounding_options, state_dtype
 from .optimizer import Group, Optimizer, _check_maximize, _option
 
@@ -144,5 +144,5 @@ class RowWiseAdagrad(Optimizer):
 
     def _dense_update(self, state: Dict[str, Any], weight: np.ndarray, grad: np.ndarray, options: Group) -> None:
         """A dense gradient: every row is updated (with a zero gradient, rows still decay)."""
-        self._sparse_rows(state, weight, np.arange(weight.shape[0], dtype=np.int64), np.ascontiguousarray(grad),
+        self._sparse_rows(state, weight, np.arange(weight.shape[0], dtype=np.int64), kernel_array(grad),
                           options, None)
