@@ -424,6 +424,10 @@ def write_directory(path: PathLike, arrays: Mapping[str, np.ndarray], meta: Any)
             os.chmod(tmp, 0o777 & ~storage._umask())  # (made 0700 while being written; a checkpoint is not private)
             storage.fsync_directory(tmp)
             os.rename(tmp, ready)
+        except OSError as exc:   # (a full disk: named as the checkpoint's, whose previous version stands)
+            shutil.rmtree(tmp, ignore_errors=True)
+            what = "the previous checkpoint there is intact" if os.path.lexists(path) else "nothing was saved"
+            raise OSError(exc.errno, f"{exc.strerror or exc} while saving the checkpoint {path} ({what})") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

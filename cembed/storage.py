@@ -680,24 +680,30 @@ def _link_aside(path: str) -> Optional[str]:
 
 @contextlib.contextmanager
 def sigint_held() -> Iterator[None]:
-    """Hold back SIGINT for the ``with`` block: a Ctrl-C arriving inside it is handled (by the
+    """Hold back SIGINT — and SIGTERM when a Python handler takes it (``python -m cembed`` turns it
+    into a clean stop) — for the ``with`` block: a signal arriving inside it is handled (by the
     handler Python had, usually raising KeyboardInterrupt) when the block ends. Only in the main
-    thread, where Python runs its signal handlers, and only when that handler is a Python callable."""
+    thread, where Python runs its signal handlers, and only for a handler that is a Python callable
+    (SIGTERM's default ends the process at once: nothing to hold)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.getsignal(signal.SIGINT)
-    if not callable(previous):
-        yield
-        return
-    held: List[Any] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    handlers: Dict[int, Callable[[int, Any], Any]] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            handlers[int(signum)] = handler
+    held: List[Tuple[int, Any]] = []
+    for number in handlers:
+        signal.signal(number, lambda received, frame: held.append((received, frame)))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
         if held:
-            previous(signal.SIGINT, held[0])
+            number, frame = held[0]
+            handlers[number](number, frame)
 
 
 def _unlink_quietly(path: str) -> None:

@@ -962,9 +962,15 @@ def test_an_empty_directory_made_where_an_interrupted_save_belongs_does_not_cost
         raise OSError(errno.ENOSPC, "simulated full disk")
 
     monkeypatch.setattr(cembed.checkpoint, "_write_array", full_disk)   # the next save fails after recovering
-    with pytest.raises(OSError, match="simulated full disk"):
+    # (named as the checkpoint's, which stands: the message said only "No space left on device")
+    with pytest.raises(OSError, match=r"simulated full disk while saving the checkpoint .*ck \(the previous "
+                                      r"checkpoint there is intact\)") as failure:
         cembed.save_checkpoint(tmp_path / "ck", emb, extra={"v": 3})
+    assert failure.value.errno == errno.ENOSPC
     assert cembed.load_checkpoint(tmp_path / "ck", cembed.Embedding(6, 2)) == {"v": 2}
+    with pytest.raises(OSError, match=r"while saving the checkpoint .*new \(nothing was saved\)"):
+        cembed.save_checkpoint(tmp_path / "new", emb)
+    assert not os.path.exists(tmp_path / "new")
 
 
 @pytest.mark.parametrize("mmap", [True, False])

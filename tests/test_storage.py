@@ -583,3 +583,31 @@ def test_a_table_created_through_a_symbolic_link_is_created_where_it_points(tmp_
     assert_bitwise_equal(np.load(tmp_path / "big" / "in.npy"), table)
     again = cembed.open_table(link, 20, 4, mode="w+", init="zeros")   # recreated: still through the link
     assert os.path.islink(link) and not np.load(tmp_path / "big" / "in.npy").any() and not again.any()
+
+
+def test_sigint_held_holds_back_sigterm_too_when_python_handles_it():
+    """``python -m cembed`` turns SIGTERM into a clean stop (a KeyboardInterrupt), and the windows a
+    Ctrl-C is held back in (a save's renames, a load's commit) held back only SIGINT: a SIGTERM there
+    stopped a step half-done (found by a reviewer). Both are held now, and delivered when the block
+    ends; SIGTERM's default (end the process) is left alone."""
+    import signal
+
+    class Stop(KeyboardInterrupt):
+        pass
+
+    def stop(signum, frame):
+        raise Stop(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            done = []
+            with pytest.raises(KeyboardInterrupt) as raised:
+                with cembed.storage.sigint_held():
+                    os.kill(os.getpid(), signum)
+                    done.append("the block ran to its end")
+            assert done == ["the block ran to its end"]
+            assert signum != signal.SIGTERM or isinstance(raised.value, Stop)
+        assert signal.getsignal(signal.SIGTERM) is stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)

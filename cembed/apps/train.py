@@ -11,6 +11,7 @@ for a comparison with the reference CPU implementation most users know.
 """
 import math
 import os
+import re
 import queue
 import resource
 import sys
@@ -778,9 +779,26 @@ class TableDir:
             self._state_lock_fd = take(state_lock, f"--table-dir {self.root}: its optimizer state {self.state} is "
                                                    f"in use by another optimizer (its lock {state_lock} is held)")
             self._check_checkpoint_replaceable()
+            self._remove_stale_table_temporaries()
         except BaseException:
             self.unlock()
             raise
+
+    #: The hidden temporaries a table is written to before it is renamed into place (storage.write_aside).
+    _TABLE_TEMPORARY = re.compile(r"\.(in|out)\.npy\.[^/]+\.tmp")
+
+    def _remove_stale_table_temporaries(self):
+        """Remove what a run killed while it made its tables left in ``DIR/tables`` (a full table's disk
+        space each, hidden: a SIGKILL gives Python no chance to remove them), now that the directory is
+        locked: no other run can be writing them. Other files are never touched."""
+        if not os.path.isdir(self.tables):
+            return
+        for name in os.listdir(self.tables):
+            if self._TABLE_TEMPORARY.fullmatch(name):
+                try:
+                    os.unlink(os.path.join(self.tables, name))
+                except OSError:
+                    pass
 
     def _check_checkpoint_replaceable(self):
         """The checkpoint the run will write at its end: refused now, not after the training."""
