@@ -770,11 +770,16 @@ def _silence_unwritable_stdout():
     except OSError:
         pass
     try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        _point_at_devnull(sys.stdout.fileno())
     except (AttributeError, OSError, ValueError):
         pass
+
+
+def _point_at_devnull(fd: int) -> None:
+    """Make the descriptor ``fd`` write to /dev/null (what is still buffered for it goes nowhere)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def _silence_closed_outputs():
@@ -793,9 +798,7 @@ def _silence_closed_outputs():
         except (AttributeError, OSError, ValueError):
             continue
     for fd in closed:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, fd)
-        os.close(devnull)
+        _point_at_devnull(fd)
     return bool(closed)
 
 

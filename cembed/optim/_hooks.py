@@ -67,6 +67,22 @@ def add_hook(hooks: "OrderedDict[int, Any]", hook: Any, prepend: bool = False) -
     return handle
 
 
+def run_hooks(hooks: "OrderedDict[int, Any]", *args: Any) -> None:
+    """``hook(*args)`` for every hook, in order (those registered as they run wait for the next call)."""
+    for hook in tuple(hooks.values()):
+        hook(*args)
+
+
+def run_replacing_hooks(hooks: "OrderedDict[int, Any]", owner: Any, value: Any) -> Any:
+    """``value`` after every ``hook(owner, value)``, in order: a hook that returns something other
+    than None replaces it for the hooks after it and the caller (torch's state dict hooks)."""
+    for hook in tuple(hooks.values()):
+        result = hook(owner, value)
+        if result is not None:
+            value = result
+    return value
+
+
 def register_optimizer_step_pre_hook(hook: StepPreHook) -> RemovableHandle:
     """Register a step pre-hook of every optimizer: ``hook(optimizer, args, kwargs)`` runs before each
     ``step()``, before the optimizer's own pre-hooks; it returns None or new ``(args, kwargs)`` for the

@@ -50,6 +50,8 @@ from ._hooks import (
     global_step_pre_hooks,
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
+    run_hooks,
+    run_replacing_hooks,
 )
 from ._rounding import ROUNDING_OPTIONS, STEP_KEY, Rounding, RoundingArgs
 
@@ -1116,14 +1118,8 @@ class Optimizer:
         >>> [g["params"] for g in sd["param_groups"]], list(sd["state"]), sd["state"][1]["step"]
         ([[0], [1]], [1], 1)
         """
-        for pre_hook in tuple(self._state_dict_pre_hooks.values()):
-            pre_hook(self)
-        state_dict = self._unhooked_state_dict()
-        for post_hook in tuple(self._state_dict_post_hooks.values()):
-            result = post_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        return state_dict
+        run_hooks(self._state_dict_pre_hooks, self)
+        return run_replacing_hooks(self._state_dict_post_hooks, self, self._unhooked_state_dict())
 
     def _unhooked_state_dict(self) -> Dict[str, Any]:
         self._check_params()
@@ -1164,13 +1160,8 @@ class Optimizer:
         """
         if isinstance(state_dict, dict):
             state_dict = state_dict.copy()   # (shallow, as torch: what the pre-hooks see and change)
-        for pre_hook in tuple(self._load_state_dict_pre_hooks.values()):
-            result = pre_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        self._unhooked_load_state_dict(state_dict)
-        for post_hook in tuple(self._load_state_dict_post_hooks.values()):
-            post_hook(self)
+        self._unhooked_load_state_dict(run_replacing_hooks(self._load_state_dict_pre_hooks, self, state_dict))
+        run_hooks(self._load_state_dict_post_hooks, self)
 
     def _unhooked_load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         try:
