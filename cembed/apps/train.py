@@ -1052,7 +1052,7 @@ def _write_float32_npy(fh, table, block_bytes=32 << 20):
     np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")),
                                               "fortran_order": False, "shape": (n_rows, dim)})
     for _, rows in row_blocks(table, block_bytes):
-        fh.write(np.ascontiguousarray(rows, dtype="<f4").tobytes())
+        fh.write(np.ascontiguousarray(rows, dtype="<f4").data)   # (the block's buffer: no bytes copy of it)
 
 
 def save_embeddings(out_dir, table, corpus):
