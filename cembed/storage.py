@@ -34,16 +34,23 @@ import errno
 import math
 import mmap
 import os
+import re
 import signal
 import stat
 import sys
 import tempfile
 import threading
+import time
 import weakref
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 from numpy.lib import format as npy_format
+
+try:
+    import fcntl
+except ImportError:   # pragma: no cover - platforms without flock
+    fcntl = None  # type: ignore[assignment]
 
 from ._dtypes import FULL_DTYPES, check_table_dtype, compute_dtype, is_bfloat16, is_half, resolve_dtype
 from ._validation import check_choice, check_int, check_size, random_generator
@@ -314,25 +321,126 @@ def _write_header(fh: Any, shape: Tuple[int, ...], dtype: np.dtype) -> int:
     return int(fh.tell())
 
 
+#: A temporary a write is filling: ``.<name>.<8 random characters>.cembed.tmp`` beside the file
+#: ``<name>`` (the mark keeps it apart from the temporaries of other programs writing the same file the
+#: same way). It is made as ``….cembed.new``, locked (``flock``, held until it is renamed or removed:
+#: the lock is what tells a live writer's temporary from one a killed process left) and only then
+#: renamed to ``….cembed.tmp``, so that no such ``.tmp`` is ever unlocked while its writer lives.
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.cembed\.(?P<stage>tmp|new)")
+#: A ``….new`` left unlocked this long (seconds) is a killed process's: its writer locks it microseconds
+#: after making it (an abandoned one is empty).
+ABANDONED_NEW_SECONDS = 600.0
+#: The temporaries this process is writing: name -> a descriptor of it holding the lock.
+_held_temporaries: Dict[str, int] = {}
+_held_lock = threading.Lock()
+
+
+def _lock_exclusively(fd: int) -> bool:
+    """Take ``flock(LOCK_EX | LOCK_NB)`` on ``fd``; False where it is held elsewhere or the file system
+    has no locks."""
+    if fcntl is None:   # pragma: no cover - platforms without flock
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def _hold(tmp: str, fd: int) -> None:
+    """Keep a descriptor of the locked temporary ``tmp`` (a duplicate of ``fd``: the lock goes with the
+    open file, so it stays held after the writer closes ``fd``) until :func:`_let_go`. Entries whose
+    temporary no longer exists under its name (a caller renamed it with ``os.replace``) are let go here."""
+    with _held_lock:
+        for name in [name for name in _held_temporaries if not os.path.lexists(name)]:
+            os.close(_held_temporaries.pop(name))
+        _held_temporaries[tmp] = os.dup(fd)
+
+
+def _let_go(tmp: str) -> None:
+    """Release the lock of a temporary this process made (renamed into place or removed); a no-op for
+    any other name."""
+    with _held_lock:
+        fd = _held_temporaries.pop(tmp, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _remove_abandoned_temporaries(path: str) -> List[str]:
+    """Remove the temporaries of ``path`` (:data:`_TEMPORARY`, ``.tmp`` and ``.new``) no live process is
+    writing: regular files of this user whose lock can be taken (a ``.new`` also older than
+    :data:`ABANDONED_NEW_SECONDS`). Returns their names. A file that cannot be opened, or is locked,
+    is left alone; so is everything else in the directory."""
+    directory, name = os.path.split(os.path.abspath(path))
+    removed: List[str] = []
+    if fcntl is None:   # pragma: no cover
+        return removed
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match is None or match.group("name") != name:
+            continue
+        with _held_lock:
+            if entry.path in _held_temporaries:
+                continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue
+        try:
+            info = os.fstat(fd)
+            if (not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid()
+                    or (match.group("stage") == "new" and time.time() - info.st_mtime < ABANDONED_NEW_SECONDS)
+                    or not _lock_exclusively(fd)):
+                continue
+            now = os.lstat(entry.path)   # still the file locked (not replaced under its name meanwhile)
+            if (now.st_dev, now.st_ino) == (info.st_dev, info.st_ino):
+                os.unlink(entry.path)
+                removed.append(entry.path)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
+
+
 def _temporary_sibling(path: str, mode: Optional[int] = None) -> Tuple[int, str]:
-    """``(open descriptor, name)`` of a new empty file beside ``path``, with permission bits ``mode``
-    (default: those an ordinary new file gets; mkstemp's 0600 would make every table private — kept
-    where the file system refuses to change them). Made with Ctrl-C held back: it exists only once
-    this returns."""
+    """``(open descriptor, name)`` of a new empty, locked temporary beside ``path`` (:data:`_TEMPORARY`),
+    with permission bits ``mode`` (default: those an ordinary new file gets; mkstemp's 0600 would make
+    every table private — kept where the file system refuses to change them). Made with Ctrl-C held
+    back: it exists only once this returns. The temporaries of ``path`` killed writers left are
+    removed first (:func:`_remove_abandoned_temporaries`)."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = -1, ""
+    _remove_abandoned_temporaries(path)
+    fd, new, tmp = -1, "", ""
     try:
         with sigint_held():
-            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-            try:
-                os.fchmod(fd, (0o666 & ~_umask()) if mode is None else mode)
-            except OSError:   # (vfat, exfat, some network file systems: the bits cannot be set)
-                pass
+            while True:
+                fd, new = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".cembed.new",
+                                           dir=directory)
+                try:
+                    os.fchmod(fd, (0o666 & ~_umask()) if mode is None else mode)
+                except OSError:   # (vfat, exfat, some network file systems: the bits cannot be set)
+                    pass
+                locked = _lock_exclusively(fd)
+                tmp = new[:-len(".new")] + ".tmp"
+                if not os.path.lexists(tmp):
+                    break
+                os.close(fd)   # (that name is taken by another temporary: draw another)
+                fd = -1
+                _unlink_quietly(new)
+            os.rename(new, tmp)
+            new = ""
+            if locked:
+                _hold(tmp, fd)
         return fd, tmp
     except BaseException:   # (a Ctrl-C held back is raised at the end of the with block)
         if fd >= 0:
             os.close(fd)
-            _unlink_quietly(tmp)
+            _unlink_quietly(new or tmp)
         raise
 
 
@@ -346,7 +454,8 @@ def write_aside(path: PathLike, write: Callable[[Any], None], *, sync: bool = Tr
     ----------
     path : str or os.PathLike
         The file the temporary is to become (it is made in the same directory, named
-        ``.<name>.<random>.tmp``).
+        ``.<name>.<random>.cembed.tmp``; those of the same file that killed processes left are removed
+        first: docs/storage.md).
     write : callable
         ``write(fh)`` writes the contents into ``fh``, a binary file open for writing.
     sync : bool, default True
@@ -399,7 +508,8 @@ def write_aside(path: PathLike, write: Callable[[Any], None], *, sync: bool = Tr
 def _naming(exc: OSError, path: str) -> OSError:
     """``exc`` as an error about ``path`` (the file being written: a full disk, a missing directory),
     not about a temporary name the caller never gave; one that names a file already is kept."""
-    if exc.errno is None or (exc.filename is not None and not os.path.basename(os.fspath(exc.filename)).endswith(".tmp")):
+    if exc.errno is None or (exc.filename is not None
+                             and not _TEMPORARY.fullmatch(os.path.basename(os.fspath(exc.filename)))):
         return exc
     return OSError(exc.errno, exc.strerror or os.strerror(exc.errno), path)
 
@@ -452,6 +562,7 @@ def _rename_into_place(tmp: str, path: str, sync_directory: bool = True) -> None
     except BaseException:
         _unlink_quietly(tmp)
         raise
+    _let_go(tmp)
     if sync_directory:
         fsync_directory(os.path.dirname(os.path.abspath(path)))
 
@@ -660,6 +771,9 @@ def replace_files(pairs: List[Tuple[str, str]], commit: Optional[Callable[[], No
             for backup in backups:
                 if backup is not None:
                     _unlink_quietly(backup)
+            for src, _ in pairs:
+                if not os.path.lexists(src):   # (renamed: its lock is no longer needed)
+                    _let_go(src)
 
 
 def _link_aside(path: str) -> Optional[str]:
@@ -707,10 +821,12 @@ def sigint_held() -> Iterator[None]:
 
 
 def _unlink_quietly(path: str) -> None:
+    """Remove ``path`` if it is there (a temporary of this process's: its lock released after)."""
     try:
         os.unlink(path)
     except OSError:
         pass
+    _let_go(path)
 
 
 def _chunk_rows(row_bytes: int, chunk_bytes: int = CHUNK_BYTES) -> int:

@@ -236,6 +236,106 @@ def test_a_refused_fused_step_leaves_no_state_file(tmp_path, monkeypatch):
     assert not opt.state.get(emb) and sorted(os.listdir(tmp_path / "s")) == [".lock"]
 
 
+#: A child that starts writing ``sys.argv[1]`` and is killed (SIGKILL) in the middle of it.
+KILLED_WRITER = textwrap.dedent("""
+    import os, signal, sys
+    from cembed import storage
+    def write(fh):
+        fh.write(b"x" * 4096)
+        fh.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    storage.write_atomically(sys.argv[1], write)
+""")
+
+
+def _rewrite(how, path):
+    if how == "write_atomically":
+        storage.write_atomically(path, b"new")
+    elif how == "open_table":
+        storage.open_table(path, 10, 4, mode="w+", init="normal", seed=0)
+    else:
+        emb = cembed.Embedding(10, 4, sparse=True, seed=0)
+        opt = optim.Adagrad([emb])
+        emb.backward(np.ones((1, 4), np.float32), np.array([2]))
+        opt.step()
+        opt.save(path)
+
+
+@pytest.mark.parametrize("how", ["write_atomically", "open_table", "Optimizer.save"])
+def test_a_killed_writers_temporary_is_removed_by_the_next_write_of_that_file(tmp_path, how):
+    """A process killed while it wrote a file (the OOM killer, SIGKILL) left the file's hidden temporary
+    (a table's worth of reserved space for a table); the next write of that file removes it, and only
+    what killed cembed writers left: not another file's, not another program's (no .cembed. mark), not
+    a .cembed.new younger than ABANDONED_NEW_SECONDS (its writer may be about to lock it)."""
+    path = str(tmp_path / "t.npy")
+    child = subprocess.run([sys.executable, "-c", KILLED_WRITER, path], env=ENV, capture_output=True)
+    assert child.returncode == -9, child.stderr
+    [left] = os.listdir(tmp_path)
+    assert left.startswith(".t.npy.") and left.endswith(".cembed.tmp")
+    kept = [".t.npy.abcd1234.tmp", ".u.npy.abcd1234.cembed.tmp", "notes.txt", ".t.npy.young123.cembed.new"]
+    for name in kept + [".t.npy.old12345.cembed.new"]:
+        (tmp_path / name).write_bytes(b"")
+    os.utime(tmp_path / ".t.npy.old12345.cembed.new", (0, 0))
+    _rewrite(how, path)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept + ["t.npy"])
+    assert not [name for name in storage._held_temporaries if name.startswith(str(tmp_path))]
+
+
+#: A child that writes ``sys.argv[1]``, says "writing" and waits for a line on stdin before it finishes.
+WAITING_WRITER = textwrap.dedent("""
+    import sys
+    from cembed import storage
+    def write(fh):
+        fh.write(b"theirs")
+        fh.flush()
+        print("writing", flush=True)
+        sys.stdin.readline()
+    storage.write_atomically(sys.argv[1], write)
+""")
+
+
+def test_a_live_writers_temporary_is_left_alone(tmp_path):
+    """Another process writing the same file holds its temporary's lock: a write here in the meantime
+    leaves that temporary alone, and the other writer finishes (its file put in place)."""
+    path = str(tmp_path / "t.bin")
+    child = subprocess.Popen([sys.executable, "-c", WAITING_WRITER, path], env=ENV, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "writing\n"
+        [theirs] = os.listdir(tmp_path)
+        storage.write_atomically(path, b"ours")
+        assert sorted(os.listdir(tmp_path)) == sorted([theirs, "t.bin"])
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.wait(timeout=60) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert os.listdir(tmp_path) == ["t.bin"] and pathlib.Path(path).read_bytes() == b"theirs"
+
+
+def test_a_temporarys_lock_is_released_once_it_is_renamed_or_removed(tmp_path):
+    """The lock (a descriptor) of each temporary is given up when it is put in place or dropped — by
+    replace_files, discard_reserved, or at the next temporary made after a plain os.replace — so a
+    long-running process does not keep descriptors, nor the disk space of replaced files."""
+    def held():
+        return [name for name in storage._held_temporaries if name.startswith(str(tmp_path))]
+
+    a, b = str(tmp_path / "a.npy"), str(tmp_path / "b.npy")
+    storage.replace_files([(storage.write_aside(a, lambda fh: fh.write(b"a")), a),
+                           (storage.write_aside(b, lambda fh: fh.write(b"b")), b)])
+    assert held() == []
+    tmp = storage.reserve_zeros(a, (4, 4), np.float32)
+    assert held() == [tmp]
+    storage.discard_reserved(tmp)
+    assert held() == [] and sorted(os.listdir(tmp_path)) == ["a.npy", "b.npy"]
+    os.replace(storage.reserve_zeros(a, (4, 4), np.float32), a)
+    tmp = storage.reserve_zeros(b, (4, 4), np.float32)
+    assert held() == [tmp]
+    storage.discard_reserved(tmp)
+
+
 def test_a_crashed_steps_reserved_files_are_removed_when_the_state_dir_is_next_locked(tmp_path):
     """A process killed during a step leaves its reserved state files (space reserved: a table's worth
     each) and a killed load its .loading files; the next optimizer on the directory removes exactly

@@ -785,7 +785,7 @@ class TableDir:
             raise
 
     #: The hidden temporaries a table is written to before it is renamed into place (storage.write_aside).
-    _TABLE_TEMPORARY = re.compile(r"\.(in|out)\.npy\.[^/]+\.tmp")
+    _TABLE_TEMPORARY = re.compile(r"\.(in|out)\.npy\.[^/]+\.(tmp|cembed\.new)")
 
     def _remove_stale_table_temporaries(self):
         """Remove what a run killed while it made its tables left in ``DIR/tables`` (a full table's disk
