@@ -215,8 +215,16 @@ def lookup(weight: np.ndarray, indices: Any, max_norm: Optional[float], norm_typ
     return out, saved
 
 
+def _checked_flags(scale_grad_by_freq: Any, sparse: Any, include_last_offset: Any = False) -> Tuple[bool, bool, bool]:
+    """The flags of a functional call as bools: anything but a bool (or 0 / 1) is a ``TypeError``, as in
+    torch — a string ``"False"`` is not taken as true."""
+    return (check_bool(scale_grad_by_freq, "scale_grad_by_freq"), check_bool(sparse, "sparse"),
+            check_bool(include_last_offset, "include_last_offset"))
+
+
 def embedding(indices: Any, weight: np.ndarray, padding_idx: Optional[int] = None,
-              max_norm: Optional[float] = None, norm_type: float = 2.0, *, out_dtype: Any = None) -> np.ndarray:
+              max_norm: Optional[float] = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
+              sparse: bool = False, *, out_dtype: Any = None) -> np.ndarray:
     """Look up rows of a table: ``weight[indices]``, like ``torch.nn.functional.embedding``.
 
     Parameters
@@ -233,6 +241,10 @@ def embedding(indices: Any, weight: np.ndarray, padding_idx: Optional[int] = Non
         by ``max_norm / (norm + 1e-7)`` first — after every index was validated.
     norm_type : float, default 2.0
         The p of the p-norm for ``max_norm`` (``inf`` allowed).
+    scale_grad_by_freq, sparse : bool, default False
+        torch's signature, whole (``nn.Embedding.forward`` passes all seven arguments): checked, and
+        without effect on the lookup — they shape the gradient, which :func:`embedding_backward`
+        computes (give them to it).
     out_dtype : dtype, optional
         ``None``: float32 for a float16/bfloat16 table (exact), the weight's dtype otherwise. A 16-bit
         table may also ask for its own dtype (the rows as stored).
@@ -247,7 +259,8 @@ def embedding(indices: Any, weight: np.ndarray, padding_idx: Optional[int] = Non
     IndexError
         An index outside ``[0, num_embeddings)``; the message names the first one and its position.
     TypeError
-        Non-integer indices, a non-numeric weight, ``max_norm`` on an integer table.
+        Non-integer indices, a non-numeric weight, ``max_norm`` on an integer table, a flag that is
+        not a bool.
     ValueError
         A weight that is not 2-D, ``padding_idx`` out of range, a read-only weight with ``max_norm``.
 
@@ -269,6 +282,7 @@ def embedding(indices: Any, weight: np.ndarray, padding_idx: Optional[int] = Non
     weight = check_weight(weight, numeric=True)
     normalize_padding_idx(padding_idx, weight.shape[0])
     max_norm, norm_type = check_max_norm(max_norm, norm_type)
+    _checked_flags(scale_grad_by_freq, sparse)
     out, _ = lookup(weight, indices, max_norm, norm_type, out_dtype=out_dtype)
     return out
 
@@ -691,6 +705,7 @@ def embedding_backward(grad_output: Any, indices: Any, num_embeddings: int, padd
     """
     num_embeddings = check_size(num_embeddings, "num_embeddings")
     padding_idx = normalize_padding_idx(padding_idx, num_embeddings)
+    scale_grad_by_freq, sparse, _ = _checked_flags(scale_grad_by_freq, sparse)
     idx, flat = validated_indices(indices, num_embeddings)
     new = lookup_contributions(grad_output, idx.shape, flat, per_sample_weights=per_sample_weights,
                                padding_idx=padding_idx, scale_grad_by_freq=scale_grad_by_freq,
@@ -1156,6 +1171,7 @@ def embedding_bag(input: Any, weight: np.ndarray, offsets: Any = None, max_norm:
     weight = check_weight(weight, numeric=True)
     max_norm, norm_type = check_max_norm(max_norm, norm_type)
     resolve_out_dtype(out_dtype, weight.dtype)  # checked before anything is renormalised
+    scale_grad_by_freq, sparse, include_last_offset = _checked_flags(scale_grad_by_freq, sparse, include_last_offset)
     bags = validate_bags(input, weight, offsets, mode, per_sample_weights, include_last_offset,
                          padding_idx, sparse, scale_grad_by_freq)
     if max_norm is not None:
@@ -1237,6 +1253,7 @@ def embedding_bag_backward(grad_output: Any, input: Any, weight: np.ndarray, off
     (array([0, 1]), array([0.5, 1.5], dtype=float32))
     """
     weight = check_weight(weight)
+    scale_grad_by_freq, sparse, include_last_offset = _checked_flags(scale_grad_by_freq, sparse, include_last_offset)
     bags = validate_bags(input, weight, offsets, mode, per_sample_weights, include_last_offset,
                          padding_idx, sparse, scale_grad_by_freq)
     dtype = compute_dtype(weight.dtype)

@@ -185,3 +185,64 @@ def test_one_element_table_with_a_zero_stride_trains():
     emb.backward(np.ones((1, 1), np.float32))
     opt.step()
     np.testing.assert_array_equal(emb.weight, np.full((1, 1), -0.1, np.float32))
+
+
+# ------------------------------------------------- the 2026-11-27 differential review against torch
+
+FLAG_CALLS = {   # a functional call with one flag given as the string "False" (torch: TypeError)
+    "embedding_bag include_last_offset": lambda w, flag: F.embedding_bag(
+        [0, 1, 2], w, [0, 3], mode="sum", include_last_offset=flag),
+    "embedding_bag sparse": lambda w, flag: F.embedding_bag([0, 1, 2], w, [0, 2], sparse=flag),
+    "embedding_bag scale_grad_by_freq": lambda w, flag: F.embedding_bag([0, 1, 2], w, [0, 2],
+                                                                         scale_grad_by_freq=flag),
+    "embedding_bag max_norm": lambda w, flag: F.embedding_bag([0, 1, 2], w, [0, 3], max_norm=0.1,
+                                                               include_last_offset=flag),
+    "embedding_bag_backward include_last_offset": lambda w, flag: F.embedding_bag_backward(
+        np.ones((2, 3), np.float32), [0, 1, 2], w, [0, 3], mode="sum", include_last_offset=flag),
+    "embedding_bag_backward sparse": lambda w, flag: F.embedding_bag_backward(
+        np.ones((2, 3), np.float32), [0, 1, 2], w, [0, 2], sparse=flag),
+    "embedding_bag_backward scale_grad_by_freq": lambda w, flag: F.embedding_bag_backward(
+        np.ones((2, 3), np.float32), [0, 0, 2], w, [0, 2], scale_grad_by_freq=flag),
+    "embedding_backward sparse": lambda w, flag: F.embedding_backward(np.ones((3, 3), np.float32), [0, 0, 1], 4,
+                                                                      sparse=flag),
+    "embedding_backward scale_grad_by_freq": lambda w, flag: F.embedding_backward(
+        np.ones((3, 3), np.float32), [0, 0, 1], 4, scale_grad_by_freq=flag),
+    "embedding sparse": lambda w, flag: F.embedding([0, 1], w, max_norm=0.1, sparse=flag),
+    "embedding scale_grad_by_freq": lambda w, flag: F.embedding([0, 1], w, max_norm=0.1, scale_grad_by_freq=flag),
+}
+
+
+@pytest.mark.parametrize("call", sorted(FLAG_CALLS))
+def test_functional_flags_must_be_bools(call):
+    """A flag given as anything but a bool is a TypeError naming it, before the table is renormalised
+    (the functions read the flags by truth value: "False" counted as True — one bag instead of two, a
+    sparse gradient, a divided one); torch refuses the same calls."""
+    weight = np.arange(12, dtype=np.float32).reshape(4, 3)
+    before = weight.copy()
+    name = call.split()[-1]
+    if name == "max_norm":
+        name = "include_last_offset"
+    with pytest.raises(TypeError, match=f"{name} must be a bool, got str"):
+        FLAG_CALLS[call](weight, "False")
+    np.testing.assert_array_equal(weight, before)
+    FLAG_CALLS[call](weight.copy(), np.bool_(False))
+    with pytest.raises(TypeError):
+        torch.nn.functional.embedding_bag(torch.tensor([0, 1, 2]), torch.from_numpy(before), torch.tensor([0, 3]),
+                                          mode="sum", include_last_offset="False")
+
+
+def test_functional_embedding_takes_torchs_seven_arguments():
+    """``F.embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)`` as
+    ``torch.nn.Embedding.forward`` calls it, positionally or by name: the same rows and the same renorm
+    (the two flags shape only the gradient; the renormalised rows to rounding: docs/behaviour.md §4)."""
+    weight = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    idx = np.array([[1, 5], [1, 0]])
+    ours, theirs = weight.copy(), torch.from_numpy(weight.copy())
+    for args in [(None, None, 2.0, True, True), (2, 1.0, 2.0, False, True)]:
+        got = F.embedding(idx, ours, *args)
+        want = torch.nn.functional.embedding(torch.from_numpy(idx), theirs, *args).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+        np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-6, atol=0)
+    got = F.embedding(idx, ours, scale_grad_by_freq=True, sparse=False, out_dtype=np.float32)
+    np.testing.assert_array_equal(got, weight_rows := ours[idx])
+    assert weight_rows.shape == (2, 2, 4)
