@@ -355,6 +355,12 @@ def test_bad_clip_value(rng, clip_value, exc, match):
     _refused(rng, exc, match, lambda ps: clip_grad_value_(ps, clip_value))
 
 
+def test_bad_error_if_nonfinite(rng):
+    """A flag that is not a bool is refused (a string "False" was read as true), nothing clipped."""
+    _refused(rng, TypeError, "error_if_nonfinite must be a bool, got str",
+             lambda ps: clip_grad_norm_(ps, 1e-3, error_if_nonfinite="False"))
+
+
 def test_bad_foreach(rng):
     _refused(rng, TypeError, "foreach must be None or a bool", lambda ps: clip_grad_norm_(ps, 1.0, foreach="yes"))
     params = make_params(rng, np.float32)

@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import _clip
 from .._config import n_threads_for
-from .._validation import check_real, kernel_array
+from .._validation import check_bool, check_real, kernel_array
 from ..sparse import SparseGrad
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_"]
@@ -228,6 +228,7 @@ def clip_grad_norm_(parameters: Parameters, max_norm: float, norm_type: Union[fl
     """
     p = _norm_type(norm_type)
     max_norm = _real(max_norm, "max_norm")
+    error_if_nonfinite = check_bool(error_if_nonfinite, "error_if_nonfinite")
     _foreach(foreach)
     grads = _collect(parameters, "clip_grad_norm_")
     if not grads:
