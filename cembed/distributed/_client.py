@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import threading
 import time
 import uuid
@@ -14,7 +15,7 @@ from .. import functional as F
 from ..modules import Embedding
 from ..sparse import SparseGrad
 from ..storage import aligned_zeros
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ._init import INITS, check_seed
 from ._ray import require_ray
 from ._shard import OPTIMIZERS, Shard, local_rows, make_optimizer
@@ -29,6 +30,8 @@ DEFAULT_CHECKPOINT_EVERY = 100
 
 #: The largest recovery_timeout (seconds): the largest timeout a thread's wait takes.
 MAX_RECOVERY_TIMEOUT = float(threading.TIMEOUT_MAX)
+#: A run id a table may resume (a new table draws 12 hex digits): one name, never a path.
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 class ShardLostError(RuntimeError):
@@ -51,13 +54,19 @@ def _check_int(value: Any, name: str, low: int) -> int:
     return int(value)
 
 
+#: Terminal colour codes, which Ray puts into the messages of its errors.
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _reason(exc: BaseException) -> str:
     """What a Ray error says went wrong, for a message: the first lines of the error raised in
     the shard (a RayTaskError's cause, or the creation error a RayActorError carries)."""
     cause = getattr(exc, "cause", None)
     if isinstance(cause, BaseException) and not isinstance(cause, type(exc)):
         return f"{type(cause).__name__}: {cause}"
-    text = str(exc).strip()
+    text = _ANSI_ESCAPE.sub("", str(exc)).strip()
+    if "\n  File " in text:   # a traceback (the creation error of an actor): its last line is the error
+        text = text.splitlines()[-1].strip()
     return text if len(text) <= 2000 else text[:2000] + " ..."
 
 
@@ -239,7 +248,21 @@ class ShardedEmbedding:
         (:func:`cembed.open_table`), and its per-row optimizer state in ``state/`` beside it (the
         optimizer's ``state_dir``), so a shard may hold more rows than its machine has RAM
         (``docs/storage.md``). Same values, same bits. With a ``checkpoint_dir``, a restarted shard
-        rebuilds its files from its checkpoint.
+        rebuilds its files from its checkpoint. The files stay when the table is shut down (a run
+        resumed with ``run_id`` rebuilds them from the checkpoints): remove ``storage_dir/<run id>``
+        of a run you will not resume.
+    run_id : str, optional
+        Resume the run of that id (``.run_id`` of the table that wrote it): every shard restores its
+        own latest checkpoint under ``checkpoint_dir/<run_id>/`` — a table larger than this
+        process's memory never passes through it — and the table continues from their step with
+        their optimizer hyper-parameters (``optimizer_options`` shows them), bitwise as if it had
+        never stopped. Needs the ``checkpoint_dir``, ``num_shards``, size, dtype and optimizer of
+        that run; a shard without a checkpoint there makes the constructor raise
+        :class:`ShardLostError` naming it, and shards whose checkpoints hold different steps (a
+        client killed while they checkpointed) a ``CheckpointError``. :meth:`shutdown` checkpoints
+        the last step, so a run shut down resumes exactly where it stopped; a run whose client was
+        killed resumes at its shards' last periodic checkpoint. None (default): a new run, with a
+        new random id.
 
     Examples
     --------
@@ -263,7 +286,7 @@ class ShardedEmbedding:
                  dtype: Any = np.float32, seed: Optional[int] = None, checkpoint_dir: Optional[str] = None,
                  checkpoint_every: Optional[int] = None, ray_options: Any = None, *, init: str = "uniform",
                  recovery_timeout: float = 120.0, compiled_graph: bool = True,
-                 shard_cpus: Any = "auto", storage_dir: Optional[str] = None) -> None:
+                 shard_cpus: Any = "auto", storage_dir: Optional[str] = None, run_id: Optional[str] = None) -> None:
         # ---- every argument is checked before Ray is touched or any actor starts
         self.num_embeddings = _check_int(num_embeddings, "num_embeddings", 1)
         self.embedding_dim = _check_int(embedding_dim, "embedding_dim", 1)
@@ -305,7 +328,15 @@ class ShardedEmbedding:
         elif checkpoint_dir is not None:
             checkpoint_every = DEFAULT_CHECKPOINT_EVERY
         self.checkpoint_every = checkpoint_every
-        self.run_id = uuid.uuid4().hex[:12]
+        if run_id is not None:
+            if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
+                raise ValueError(f"run_id must be the .run_id of an earlier table (letters, digits, '_', '-'), "
+                                 f"got {run_id!r}")
+            if checkpoint_dir is None:
+                raise ValueError("run_id resumes a run from its shards' checkpoints: give the checkpoint_dir "
+                                 "they were written under")
+        resuming = run_id is not None
+        self.run_id: str = run_id if run_id is not None else uuid.uuid4().hex[:12]
         self.checkpoint_dir = _check_directory(checkpoint_dir, "checkpoint_dir")
         self.storage_dir = _check_directory(storage_dir, "storage_dir")
         if isinstance(recovery_timeout, (bool, np.bool_)) or not isinstance(recovery_timeout, (int, float, np.integer,
@@ -330,8 +361,8 @@ class ShardedEmbedding:
             self._actors.append(remote.options(**per_shard[k]).remote(
                 k, self.num_shards, self.num_embeddings, self.embedding_dim, optimizer, self.optimizer_options,
                 self.padding_idx, self.dtype.name, self.seed, init, self._shard_dir(k), self.checkpoint_every,
-                cpus[k], self._storage_dir(k)))
-        self._steps = [0] * self.num_shards             # the step each shard is at
+                cpus[k], self._storage_dir(k), resuming))
+        self._steps = [0] * self.num_shards             # the step each shard is at (a resumed run: set at start)
         self._log: List[Dict[int, Tuple[np.ndarray, np.ndarray]]] = [{} for _ in range(self.num_shards)]
         # the last forward's (shape, keys, grouping of the keys): its backward sums over that grouping
         self._saved: Optional[Tuple[Tuple[int, ...], np.ndarray, Tuple[np.ndarray, np.ndarray, np.ndarray]]] = None
@@ -352,8 +383,10 @@ class ShardedEmbedding:
         self.recoveries = 0       # shards brought back by checkpoint + replay
         self._broken: Optional[str] = None
         try:
-            self._wait_all([(k, self._actors[k].current_step.remote()) for k in range(self.num_shards)],
-                           expect=lambda k, reply: reply == 0, what="start")
+            started = self._wait_all([(k, self._actors[k].current_step.remote()) for k in range(self.num_shards)],
+                                     expect=lambda k, reply: resuming or reply == 0, what="start")
+            if resuming:
+                self._resumed(started)
         except BaseException:
             for actor in self._actors:    # no half-started table keeps actors alive
                 self._ray.kill(actor, no_restart=True)
@@ -370,6 +403,25 @@ class ShardedEmbedding:
         self._build_graph()
 
     # ------------------------------------------------------------------ set-up helpers
+    def _resumed(self, steps: Dict[int, int]) -> None:
+        """Take the step of the checkpoints the shards of a resumed run restored (they must agree)
+        and their optimizer hyper-parameters."""
+        if len(set(steps.values())) != 1:
+            held = ", ".join(f"shard {k}: step {steps[k]}" for k in sorted(steps))
+            raise CheckpointError(f"run {self.run_id}: the shards' checkpoints hold different steps ({held}): the "
+                                  "client stopped while they checkpointed; resume from a save_checkpoint instead")
+        self._steps = [steps[0]] * self.num_shards
+        self._adopt(self._ray.get(self._actors[0].options.remote(), timeout=self.recovery_timeout))
+
+    def _adopt(self, options: Dict[str, Any]) -> None:
+        """Make a loaded or restored param group the table's: ``optimizer_options`` become the
+        constructor's arguments among them, and the whole group (with any extra entry, such as a
+        scheduler's ``initial_lr``) goes into :meth:`save_checkpoint`."""
+        accepted = set(inspect.signature(OPTIMIZERS[self.optimizer]).parameters) - {"params", "rounding_rows",
+                                                                                   "state_dir"}
+        self.optimizer_options = {key: value for key, value in options.items() if key in accepted}
+        self._group = dict(options)
+
     def _shard_options(self, ray_options: Any) -> List[Dict[str, Any]]:
         if ray_options is None or isinstance(ray_options, dict):
             per_shard = [dict(ray_options or {}) for _ in range(self.num_shards)]
@@ -915,6 +967,8 @@ class ShardedEmbedding:
                 if not self._restartable[k]:
                     self._fail(f"shard {k} died and is not restarted (max_restarts=0; give a checkpoint_dir to "
                                f"recover lost shards): {type(exc).__name__}")
+                if getattr(exc, "actor_init_failed", False):   # Ray does not restart it again: no use waiting
+                    self._fail(f"shard {k} could not be restarted: {_reason(exc)}")
                 time.sleep(0.2)
                 continue
             except ray.exceptions.GetTimeoutError:
@@ -1047,12 +1101,7 @@ class ShardedEmbedding:
         except self._ray.exceptions.RayTaskError as exc:   # checked here first: not expected
             self._fail(f"a shard refused its part of a checked state: {_reason(exc)}")
         if options is not None:
-            # the table's options become the adopted ones its constructor takes; the whole group
-            # (with any extra entry, such as a scheduler's initial_lr) goes into save_checkpoint
-            accepted = set(inspect.signature(OPTIMIZERS[self.optimizer]).parameters) - {"params", "rounding_rows",
-                                                                                       "state_dir"}
-            self.optimizer_options = {key: value for key, value in options.items() if key in accepted}
-            self._group = dict(options)
+            self._adopt(options)
         self._steps = [step] * S
         self._log = [{} for _ in range(S)]
         self._kgrad = None
@@ -1139,10 +1188,11 @@ class ShardedEmbedding:
 
     def shutdown(self) -> None:
         """Stop the shard actors (their checkpoints stay on disk). The steps still in flight are
-        first waited for, as :meth:`sync` does, so the last step is applied (and checkpointed) on every
-        shard; an error it raises (a refused step, a checkpoint that could not be written) is raised
-        after the actors are stopped. After ``ray.shutdown()`` it only marks the table unusable (it
-        never starts a Ray of its own).
+        first waited for, as :meth:`sync` does, so the last step is applied on every shard; then,
+        with a ``checkpoint_dir``, every shard whose latest checkpoint is older checkpoints it (a
+        table made with this ``run_id`` resumes there). An error of either (a refused step, a
+        checkpoint that could not be written) is raised after the actors are stopped. After
+        ``ray.shutdown()`` it only marks the table unusable (it never starts a Ray of its own).
 
         Examples
         --------
@@ -1154,6 +1204,8 @@ class ShardedEmbedding:
         if self._broken is None and self._ray.is_initialized():
             try:
                 self._settle()
+                if self.checkpoint_dir is not None:
+                    self._checkpoint_all()
             except Exception as exc:   # raised once the actors are stopped
                 error = exc
         self._want_graph = False
@@ -1167,6 +1219,21 @@ class ShardedEmbedding:
         self._broken = "the table was shut down"
         if error is not None:
             raise error
+
+    def _checkpoint_all(self) -> None:
+        """Every shard checkpoints the current step unless its latest checkpoint holds it;
+        ``RuntimeError`` naming the shards that could not."""
+        S = self.num_shards
+
+        def ask(k: int) -> Any:
+            return self._actors[k].checkpoint.remote()
+
+        got = self._wait_all([(k, ask(k)) for k in range(S)], expect=lambda k, reply: reply[0] == self._steps[k],
+                             retry=ask, what="checkpoint")
+        unsaved = [f"shard {k}: {got[k][1]}" for k in range(S) if got[k][1] is not None]
+        if unsaved:
+            raise RuntimeError(f"the checkpoint of step {self.step_count} could not be written ({'; '.join(unsaved)}): "
+                               f"a run resumed from these checkpoints would start at an earlier step")
 
     def __repr__(self) -> str:
         return (f"ShardedEmbedding({self.num_embeddings}, {self.embedding_dim}, num_shards={self.num_shards}, "

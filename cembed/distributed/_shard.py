@@ -48,12 +48,13 @@ class Shard:
     """Rows ``shard_id::num_shards`` of a table and their optimizer state.
 
     Built fresh from ``seed`` (step 0), or — when ``checkpoint_dir`` holds a checkpoint, as after a
-    restart by Ray — restored from its latest checkpoint (that checkpoint's step)."""
+    restart by Ray or when a table resumes a run — restored from its latest checkpoint (that
+    checkpoint's step). ``resume``: the checkpoint must be there (a table resuming a run, ``run_id``)."""
 
     def __init__(self, shard_id: int, num_shards: int, num_embeddings: int, embedding_dim: int, optimizer: str,
                  optimizer_options: Dict[str, Any], padding_idx: Optional[int], dtype: str, seed: int, init: str,
                  checkpoint_dir: Optional[str], checkpoint_every: Optional[int],
-                 cpus: Any = None, storage_dir: Optional[str] = None) -> None:
+                 cpus: Any = None, storage_dir: Optional[str] = None, resume: bool = False) -> None:
         _numpy_only_channels()
         # pinned first: every thread this process starts later (Ray's graph threads) inherits it
         self.cpus = None if cpus is None else pin_process(shard_cpus(cpus, shard_id, num_shards))
@@ -62,6 +63,9 @@ class Shard:
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
         self.rows = local_rows(shard_id, num_shards, num_embeddings)
         restore = checkpoint_dir is not None and _has_checkpoint(checkpoint_dir)
+        if resume and not restore:
+            raise CheckpointError(f"{checkpoint_dir}: no checkpoint of shard {shard_id} of {num_shards} to resume "
+                                  "(the run_id, checkpoint_dir and num_shards of the run that wrote it are needed)")
         if checkpoint_dir is not None and not restore:
             # a directory it cannot write is an error now, not at its first checkpoint; a restarted
             # shard only reads (a full disk must not keep it from restoring, and creating the
@@ -99,13 +103,14 @@ class Shard:
         self.opt = make_optimizer(optimizer, self.emb, options)
         self.step = 0
         self.restored_from: Optional[int] = None
+        self.saved_step: Optional[int] = None   # the step of this shard's latest checkpoint
         if restore:
             assert checkpoint_dir is not None
             extra = load_checkpoint(checkpoint_dir, {"rows": self.emb}, self.opt, mmap=False)
             if not isinstance(extra, dict) or extra.get("shard") != [shard_id, num_shards]:
                 raise CheckpointError(f"{checkpoint_dir}: not the checkpoint of shard {shard_id} of {num_shards}")
             self.step = int(extra["step"])
-            self.restored_from = self.step
+            self.restored_from = self.saved_step = self.step
 
     # ---------------------------------------------------------------- calls from the client
     def gather(self, step: int, rows: np.ndarray) -> Tuple[int, Optional[np.ndarray]]:
@@ -159,6 +164,20 @@ class Shard:
     def current_step(self) -> int:
         return self.step
 
+    def checkpoint(self) -> Tuple[int, Optional[str]]:
+        """Checkpoint the current step unless the latest checkpoint holds it (a table shutting down:
+        its last steps are on disk, for a run resumed later). ``(step, None)``, or ``(step, why)``
+        when it could not be written (the state is unchanged)."""
+        if self.checkpoint_dir is None or self.saved_step == self.step:
+            return self.step, None
+        return self.step, self._try_save()
+
+    def options(self) -> Dict[str, Any]:
+        """The optimizer's hyper-parameters (its param group without ``params`` and this shard's
+        ``rounding_rows``): those of the checkpoint a resumed shard restored."""
+        group = self.opt.state_dict()["param_groups"][0]
+        return {key: value for key, value in group.items() if key not in ("params", "rounding_rows")}
+
     def info(self) -> Dict[str, Any]:
         """Process id, step, the step a checkpoint was restored at (None: built from the seed), the
         CPUs the process is pinned to (None: not pinned)."""
@@ -209,6 +228,7 @@ class Shard:
             raise ValueError("this shard has no checkpoint_dir")
         save_checkpoint(self.checkpoint_dir, {"rows": self.emb}, self.opt,
                         extra={"step": self.step, "shard": [self.shard_id, self.num_shards]})
+        self.saved_step = self.step
 
 
 def shard_cpus(cpus: Any, shard_id: int, num_shards: int) -> List[int]:

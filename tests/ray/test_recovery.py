@@ -206,3 +206,92 @@ def test_shutdown_applies_the_step_in_flight(ray_local, tmp_path, compiled):
     with pytest.raises(ShardLostError, match="shut down"):
         table(np.arange(3))
     table.shutdown()   # again: harmless
+
+
+def _checkpointed_steps(table):
+    return [cembed.checkpoint.read_directory(table._shard_dir(k))[0]["extra"]["step"] for k in range(table.num_shards)]
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_a_run_shut_down_resumes_bitwise_from_its_shards_checkpoints(ray_local, tmp_path, on_disk):
+    """shutdown() checkpoints the last step on every shard (3 steps with checkpoint_every=4: it once left
+    no checkpoint at all), and a table made with that run_id continues from the shards' own
+    checkpoints — nothing of the table passes through the client — bitwise as one process that never
+    stopped, with the run's optimizer hyper-parameters (not the new constructor's)."""
+    where = dict(checkpoint_dir=str(tmp_path / "ck"), storage_dir=str(tmp_path / "rows") if on_disk else None)
+    emb, opt = single_process(V, D, "sparseadam", OPTS, 4)
+    rng = np.random.default_rng(5)
+    table = ShardedEmbedding(V, D, 3, "sparseadam", OPTS, seed=4, checkpoint_every=4, compiled_graph=False, **where)
+    try:
+        for _ in range(3):
+            train_step(rng, table, emb, opt)
+    finally:
+        table.shutdown()
+    assert _checkpointed_steps(table) == [3, 3, 3]
+    resumed = ShardedEmbedding(V, D, 3, "sparseadam", {"lr": 0.5}, seed=99, checkpoint_every=4, run_id=table.run_id,
+                               **where)
+    try:
+        assert resumed.step_count == 3 and resumed.run_id == table.run_id
+        assert resumed.optimizer_options["lr"] == OPTS["lr"]
+        assert [info["restored_from"] for info in resumed.shard_info()] == [3, 3, 3]
+        assert_same_state(resumed, emb, opt)
+        for _ in range(3):
+            train_step(rng, resumed, emb, opt)
+        assert_same_state(resumed, emb, opt)
+    finally:
+        resumed.shutdown()
+
+
+def test_resuming_a_run_refuses_what_cannot_be_resumed(ray_local, tmp_path):
+    """A run_id needs its checkpoint_dir and is one name (both refused before any actor starts); a shard
+    count without checkpoints there names the missing checkpoint; shards whose checkpoints hold
+    different steps (a client killed while they checkpointed) are a CheckpointError — never a table
+    whose shards are at different steps."""
+    with pytest.raises(ValueError, match="give the checkpoint_dir"):
+        ShardedEmbedding(V, D, 2, "sgd", OPTS, run_id="0123456789ab")
+    for bad in ["../x", "", "a/b", 7]:
+        with pytest.raises(ValueError, match="run_id must be"):
+            ShardedEmbedding(V, D, 2, "sgd", OPTS, checkpoint_dir=str(tmp_path), run_id=bad)
+    table = ShardedEmbedding(V, D, 2, "sgd", OPTS, seed=4, checkpoint_dir=str(tmp_path), checkpoint_every=2,
+                             compiled_graph=False)
+    try:
+        for _ in range(2):
+            table.backward(np.ones_like(table(np.arange(V))), step=True)
+        table.sync()
+        shutil.copytree(table._shard_dir(0), tmp_path / "shard-0-at-2")
+        for _ in range(2):
+            table.backward(np.ones_like(table(np.arange(V))), step=True)
+    finally:
+        table.shutdown()
+    assert _checkpointed_steps(table) == [4, 4]
+    with pytest.raises(ShardLostError, match="no checkpoint of shard 0 of 3 to resume"):
+        ShardedEmbedding(V, D, 3, "sgd", OPTS, checkpoint_dir=str(tmp_path), run_id=table.run_id)
+    shutil.rmtree(table._shard_dir(0))
+    shutil.copytree(tmp_path / "shard-0-at-2", table._shard_dir(0))
+    with pytest.raises(cembed.checkpoint.CheckpointError, match=r"different steps \(shard 0: step 2, shard 1: step 4"):
+        ShardedEmbedding(V, D, 2, "sgd", OPTS, checkpoint_dir=str(tmp_path), run_id=table.run_id)
+
+
+def test_a_shard_whose_checkpoint_is_corrupt_is_lost_at_once_with_the_reason(ray_local, tmp_path):
+    """A restarted shard whose own checkpoint fails its checksum cannot start, and Ray does not try
+    again: the next call raises ShardLostError naming the corrupt file at once (it once waited the
+    whole recovery_timeout and said only 'did not come back')."""
+    table = ShardedEmbedding(V, D, 2, "sgd", OPTS, seed=4, checkpoint_dir=str(tmp_path), checkpoint_every=2,
+                             compiled_graph=False, recovery_timeout=120)
+    try:
+        for _ in range(2):
+            table.backward(np.ones_like(table(np.arange(V))), step=True)
+        table.sync()
+        path = os.path.join(table._shard_dir(1), "module.rows.npy")
+        data = bytearray(open(path, "rb").read())
+        data[-1] ^= 1
+        open(path, "wb").write(bytes(data))
+        pid = table.shard_info()[1]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        wait_gone(pid)
+        start = time.monotonic()
+        with pytest.raises(ShardLostError, match="shard 1 could not be restarted: .*checksum mismatch"):
+            table(np.arange(V))
+        assert time.monotonic() - start < 60
+    finally:
+        table.shutdown()
