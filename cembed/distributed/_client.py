@@ -30,6 +30,10 @@ DEFAULT_CHECKPOINT_EVERY = 100
 
 #: The largest recovery_timeout (seconds): the largest timeout a thread's wait takes.
 MAX_RECOVERY_TIMEOUT = float(threading.TIMEOUT_MAX)
+#: The Ray namespace of the shard actors, named ``cembed-<run id>-shard-<k>-of-<S>`` (one live table per run).
+ACTOR_NAMESPACE = "cembed"
+#: Seconds a new table waits for the actor names of a run to be free (a table just shut down frees them).
+NAME_WAIT = 10.0
 #: A run id a table may resume (a new table draws 12 hex digits): one name, never a path.
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
@@ -215,7 +219,7 @@ class ShardedEmbedding:
     ray_options : dict or sequence of dicts, optional
         Options for ``ActorClass.options(...)`` (``resources``, ``num_cpus``, ``max_restarts``,
         ...), one dict for every shard or one per shard (to pin shards to nodes by custom
-        resources). Default ``max_restarts``: -1 (unlimited) with a ``checkpoint_dir``, else 0; a
+        resources; ``name`` and ``namespace`` are the table's). Default ``max_restarts``: -1 (unlimited) with a ``checkpoint_dir``, else 0; a
         ``max_restarts`` other than 0 needs a ``checkpoint_dir`` (``ValueError``: a shard restarted
         without one could not restore its rows).
     init : {"uniform", "zeros"}, default "uniform"
@@ -257,7 +261,8 @@ class ShardedEmbedding:
         process's memory never passes through it — and the table continues from their step with
         their optimizer hyper-parameters (``optimizer_options`` shows them), bitwise as if it had
         never stopped. Needs the ``checkpoint_dir``, ``num_shards``, size, dtype and optimizer of
-        that run; a shard without a checkpoint there makes the constructor raise
+        that run, and its table shut down (``ValueError`` while its shard actors, named
+        ``cembed-<run id>-shard-<k>-of-<S>``, live); a shard without a checkpoint there makes the constructor raise
         :class:`ShardLostError` naming it, and shards whose checkpoints hold different steps (a
         client killed while they checkpointed) a ``CheckpointError``. :meth:`shutdown` checkpoints
         the last step, so a run shut down resumes exactly where it stopped; a run whose client was
@@ -357,11 +362,16 @@ class ShardedEmbedding:
             cpus = ["spread" if one_node else None] * self.num_shards
         remote = self._ray.remote(Shard)
         self._actors = []
-        for k in range(self.num_shards):
-            self._actors.append(remote.options(**per_shard[k]).remote(
-                k, self.num_shards, self.num_embeddings, self.embedding_dim, optimizer, self.optimizer_options,
-                self.padding_idx, self.dtype.name, self.seed, init, self._shard_dir(k), self.checkpoint_every,
-                cpus[k], self._storage_dir(k), resuming))
+        try:
+            for k in range(self.num_shards):
+                self._actors.append(self._start_actor(remote, per_shard[k], (
+                    k, self.num_shards, self.num_embeddings, self.embedding_dim, optimizer, self.optimizer_options,
+                    self.padding_idx, self.dtype.name, self.seed, init, self._shard_dir(k), self.checkpoint_every,
+                    cpus[k], self._storage_dir(k), resuming)))
+        except BaseException:
+            for actor in self._actors:    # no half-started table keeps actors alive
+                self._ray.kill(actor, no_restart=True)
+            raise
         self._steps = [0] * self.num_shards             # the step each shard is at (a resumed run: set at start)
         self._log: List[Dict[int, Tuple[np.ndarray, np.ndarray]]] = [{} for _ in range(self.num_shards)]
         # the last forward's (shape, keys, grouping of the keys): its backward sums over that grouping
@@ -403,6 +413,23 @@ class ShardedEmbedding:
         self._build_graph()
 
     # ------------------------------------------------------------------ set-up helpers
+    def _start_actor(self, remote: Any, options: Dict[str, Any], args: Tuple[Any, ...]) -> Any:
+        """Start one shard actor under its name (:data:`ACTOR_NAMESPACE`, ``options["name"]``). A name
+        still taken after :data:`NAME_WAIT` seconds belongs to a live table of this run (a table shut
+        down gives its names back within about a second): ``ValueError``."""
+        taken = getattr(self._ray.exceptions, "ActorAlreadyExistsError", None)
+        deadline = time.monotonic() + NAME_WAIT
+        while True:
+            try:
+                return remote.options(**options).remote(*args)
+            except ValueError as exc:
+                if not (isinstance(exc, taken) if taken is not None else "already taken" in str(exc)):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise ValueError(f"run {self.run_id} is in use: its shard actor {options['name']!r} is alive (a "
+                                     "table of this run still runs; shut it down before resuming the run)") from None
+                time.sleep(0.1)
+
     def _resumed(self, steps: Dict[int, int]) -> None:
         """Take the step of the checkpoints the shards of a resumed run restored (they must agree)
         and their optimizer hyper-parameters."""
@@ -430,7 +457,13 @@ class ShardedEmbedding:
             per_shard = [dict(o) for o in ray_options]
         else:
             raise ValueError("ray_options must be a dict, or a sequence of num_shards dicts (one per shard)")
-        for opts in per_shard:
+        for k, opts in enumerate(per_shard):
+            for key in ("name", "namespace"):
+                if key in opts:
+                    raise ValueError(f"ray_options: {key} is set by the table (shard k of run R is the actor "
+                                     f"'cembed-R-shard-k-of-S' in namespace {ACTOR_NAMESPACE!r})")
+            # one live table per run: a second one (resumed while the first still runs) cannot name its actors
+            opts["name"], opts["namespace"] = f"cembed-{self.run_id}-shard-{k}-of-{self.num_shards}", ACTOR_NAMESPACE
             opts.setdefault("max_restarts", -1 if self.checkpoint_dir is not None else 0)
             if opts["max_restarts"] != 0 and self.checkpoint_dir is None:
                 # a shard restarted without a checkpoint would come back with the seed's rows at step

@@ -295,3 +295,36 @@ def test_a_shard_whose_checkpoint_is_corrupt_is_lost_at_once_with_the_reason(ray
         assert time.monotonic() - start < 60
     finally:
         table.shutdown()
+
+
+def test_a_run_is_resumed_only_once_its_table_is_shut_down(ray_local, tmp_path, monkeypatch):
+    """Shard k of run R is the Ray actor 'cembed-R-shard-k-of-S': a second table on a run whose table
+    still runs cannot start (ValueError, nothing of the first changed — it would have written the same
+    checkpoints), and can once the first is shut down. Names are the table's: ray_options cannot set one."""
+    import cembed.distributed._client as client
+
+    monkeypatch.setattr(client, "NAME_WAIT", 1.0)
+    with pytest.raises(ValueError, match="ray_options: name is set by the table"):
+        ShardedEmbedding(V, D, 2, "sgd", OPTS, ray_options={"name": "mine"})
+    table = ShardedEmbedding(V, D, 2, "sgd", OPTS, seed=4, checkpoint_dir=str(tmp_path), checkpoint_every=2,
+                             compiled_graph=False)
+    emb, opt = single_process(V, D, "sgd", OPTS, 4)
+    rng = np.random.default_rng(8)
+    try:
+        for _ in range(3):
+            train_step(rng, table, emb, opt)
+        with pytest.raises(ValueError, match=f"run {table.run_id} is in use: its shard actor "
+                                             f"'cembed-{table.run_id}-shard-0-of-2' is alive"):
+            ShardedEmbedding(V, D, 2, "sgd", OPTS, checkpoint_dir=str(tmp_path), run_id=table.run_id)
+        train_step(rng, table, emb, opt)
+        assert_same_state(table, emb, opt)
+    finally:
+        table.shutdown()
+    resumed = ShardedEmbedding(V, D, 2, "sgd", OPTS, checkpoint_dir=str(tmp_path), run_id=table.run_id,
+                               compiled_graph=False)
+    try:
+        assert resumed.step_count == 4
+        train_step(rng, resumed, emb, opt)
+        assert_same_state(resumed, emb, opt)
+    finally:
+        resumed.shutdown()
