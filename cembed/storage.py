@@ -53,10 +53,11 @@ except ImportError:   # pragma: no cover - platforms without flock
     fcntl = None  # type: ignore[assignment]
 
 from ._dtypes import FULL_DTYPES, check_table_dtype, compute_dtype, is_bfloat16, is_half, resolve_dtype
-from ._validation import check_choice, check_int, check_size, random_generator
+from ._validation import check_bool, check_choice, check_int, check_size, random_generator
 
 __all__ = ["aligned_zeros", "aligned_copy", "ALIGNMENT", "open_table", "map_array", "read_header", "NpyHeader",
-           "create_zeros", "reserve_zeros", "map_reserved", "discard_reserved", "replace_files", "sigint_held",
+           "create_zeros", "reserve_zeros", "map_reserved", "discard_reserved", "rename_into_place", "replace_files",
+           "sigint_held",
            "write_aside", "write_atomically", "copy_rows", "backing_file", "may_share_file_pages", "first_overlap",
            "fsync_path", "fsync_directory", "file_dtype", "to_file", "from_file", "CHUNK_BYTES", "INITS", "ADVICE",
            "release_free_memory"]
@@ -447,8 +448,8 @@ def _temporary_sibling(path: str, mode: Optional[int] = None) -> Tuple[int, str]
 def write_aside(path: PathLike, write: Callable[[Any], None], *, sync: bool = True,
                 mode: Optional[int] = None) -> str:
     """Write a new temporary sibling of ``path`` and return its name, to be put in place with
-    ``os.replace`` (or :func:`replace_files` for several files at once). ``path`` itself is never
-    touched here.
+    :func:`rename_into_place` (or :func:`replace_files` for several files at once). ``path`` itself is
+    never touched here.
 
     Parameters
     ----------
@@ -481,11 +482,12 @@ def write_aside(path: PathLike, write: Callable[[Any], None], *, sync: bool = Tr
     >>> import os, tempfile
     >>> from cembed import storage
     >>> path = os.path.join(tempfile.mkdtemp(), "notes.txt")
-    >>> os.replace(storage.write_aside(path, lambda fh: fh.write(b"hello")), path)
+    >>> storage.rename_into_place(storage.write_aside(path, lambda fh: fh.write(b"hello")), path)
     >>> open(path, "rb").read()
     b'hello'
     """
     path = os.fspath(path)
+    sync = check_bool(sync, "sync")
     try:
         fd, tmp = _temporary_sibling(path, _existing_mode(path) if mode is None else mode)
     except OSError as exc:
@@ -543,7 +545,7 @@ def write_atomically(path: PathLike, data: Union[bytes, Callable[[Any], None]]) 
     """
     path = os.fspath(path)
     write = data if callable(data) else (lambda fh: fh.write(data))
-    _rename_into_place(write_aside(path, write), path)   # (a replaced file keeps its permission bits)
+    rename_into_place(write_aside(path, write), path)   # (a replaced file keeps its permission bits)
 
 
 def _existing_mode(path: PathLike) -> Optional[int]:
@@ -555,8 +557,29 @@ def _existing_mode(path: PathLike) -> Optional[int]:
         return None
 
 
-def _rename_into_place(tmp: str, path: str, sync_directory: bool = True) -> None:
-    """``os.replace(tmp, path)`` (``tmp`` removed if that fails), then the directory synced."""
+def rename_into_place(tmp: str, path: PathLike, *, sync_directory: bool = True) -> None:
+    """Put the temporary ``tmp`` (:func:`write_aside`, :func:`reserve_zeros`) in place: ``os.replace(tmp,
+    path)`` — ``tmp`` removed if that fails — then its lock released and the directory synced. A plain
+    ``os.replace`` (or ``os.unlink``) of a temporary works too, but its lock (a descriptor, which also
+    keeps a removed file's disk space) is then only released when this process makes its next
+    temporary.
+
+    Raises
+    ------
+    OSError
+        The rename failed: ``path`` is as it was and ``tmp`` is removed.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from cembed import storage
+    >>> path = os.path.join(tempfile.mkdtemp(), "notes.txt")
+    >>> storage.rename_into_place(storage.write_aside(path, lambda fh: fh.write(b"hello")), path)
+    >>> open(path, "rb").read(), os.listdir(os.path.dirname(path))
+    (b'hello', ['notes.txt'])
+    """
+    path = os.fspath(path)
+    sync_directory = check_bool(sync_directory, "sync_directory")
     try:
         os.replace(tmp, path)
     except BaseException:
@@ -608,7 +631,8 @@ def create_zeros(path: PathLike, shape: Tuple[int, ...], dtype: Any, *, durable:
     0.0
     """
     path = os.fspath(path)
-    _rename_into_place(reserve_zeros(path, shape, dtype, durable=durable), path, sync_directory=durable)
+    durable = check_bool(durable, "durable")
+    rename_into_place(reserve_zeros(path, shape, dtype, durable=durable), path, sync_directory=durable)
 
 
 #: The largest file cembed makes (bytes of data): beyond any file system's limit, far below int64.
@@ -632,7 +656,7 @@ def _checked_array_spec(shape: Any, dtype: Any) -> Tuple[Tuple[int, ...], np.dty
 
 def reserve_zeros(path: PathLike, shape: Tuple[int, ...], dtype: Any, *, durable: bool = False) -> str:
     """The file :func:`create_zeros` makes for ``path``, space reserved, left under a temporary
-    sibling name, which is returned: ``os.replace(returned, path)`` puts it in place, unlinking it
+    sibling name, which is returned: :func:`rename_into_place` puts it in place, :func:`discard_reserved`
     drops it. ``path`` itself is not touched. An optimizer reserves every state file a ``step()``
     will create this way before it updates any parameter, so a full disk refuses the whole step.
 
@@ -642,6 +666,7 @@ def reserve_zeros(path: PathLike, shape: Tuple[int, ...], dtype: Any, *, durable
         As :func:`create_zeros`; no temporary file is then left behind.
     """
     path = os.fspath(path)
+    durable = check_bool(durable, "durable")
     shape, dtype = _checked_array_spec(shape, dtype)
     nbytes = math.prod(shape) * dtype.itemsize
 
@@ -655,7 +680,7 @@ def reserve_zeros(path: PathLike, shape: Tuple[int, ...], dtype: Any, *, durable
 
 def map_reserved(tmp: str, path: PathLike, dtype: Any) -> np.memmap:
     """Map read-write the file :func:`reserve_zeros` made for ``path`` (its temporary ``tmp``), as
-    the array of ``path`` it is to become: ``os.replace(tmp, path)`` afterwards keeps the map valid,
+    the array of ``path`` it is to become: :func:`rename_into_place` afterwards keeps the map valid,
     and the map then names ``path`` (:func:`backing_file`). Mapping is the last step that can fail
     for lack of resources (address space): done with the reservation, before anything changes.
 

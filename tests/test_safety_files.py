@@ -330,10 +330,19 @@ def test_a_temporarys_lock_is_released_once_it_is_renamed_or_removed(tmp_path):
     assert held() == [tmp]
     storage.discard_reserved(tmp)
     assert held() == [] and sorted(os.listdir(tmp_path)) == ["a.npy", "b.npy"]
+    storage.rename_into_place(storage.write_aside(a, lambda fh: fh.write(b"c")), a)
+    assert held() == [] and pathlib.Path(a).read_bytes() == b"c"
     os.replace(storage.reserve_zeros(a, (4, 4), np.float32), a)
     tmp = storage.reserve_zeros(b, (4, 4), np.float32)
     assert held() == [tmp]
     storage.discard_reserved(tmp)
+    # an optimizer's step puts its reserved state files in place itself: none stays held (a held
+    # descriptor kept a removed state_dir's disk space until this process's next write)
+    emb = cembed.Embedding(50, 8, sparse=True, seed=0)
+    opt = optim.SparseAdam([emb], state_dir=tmp_path / "state")
+    emb.backward(np.ones((2, 8), np.float32), np.array([1, 2]))
+    opt.step()
+    assert held() == [] and len(os.listdir(tmp_path / "state")) == 3   # the lock, exp_avg, exp_avg_sq
 
 
 def test_a_crashed_steps_reserved_files_are_removed_when_the_state_dir_is_next_locked(tmp_path):
@@ -1035,3 +1044,16 @@ def test_a_fifo_where_a_file_is_expected_is_refused_not_waited_on(tmp_path):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_storage_flags_must_be_bools(tmp_path):
+    """sync / durable / sync_directory given as anything but a bool (a string "False" was read as
+    true) are a TypeError, before any file is made."""
+    path = str(tmp_path / "t.npy")
+    with pytest.raises(TypeError, match="sync must be a bool, got str"):
+        storage.write_aside(path, lambda fh: fh.write(b"x"), sync="False")
+    with pytest.raises(TypeError, match="durable must be a bool, got str"):
+        storage.create_zeros(path, (2, 2), np.float32, durable="False")
+    with pytest.raises(TypeError, match="durable must be a bool, got str"):
+        storage.reserve_zeros(path, (2, 2), np.float32, durable="False")
+    assert os.listdir(tmp_path) == []

@@ -750,7 +750,7 @@ class Optimizer:
                         raise
             for path, (made, array) in self._reserved.items():
                 if made is not None:
-                    os.replace(made, path)
+                    storage.rename_into_place(made, path, sync_directory=False)
                 self._reserved[path] = (None, array)
         except BaseException:
             self._drop_reserved()
