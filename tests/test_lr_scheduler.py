@@ -710,6 +710,8 @@ BAD = [
     (lambda o: lr_scheduler.CyclicLR(o, [0.01, 0.02], 0.1), ValueError, "base_lr"),
     (lambda o: lr_scheduler.CyclicLR(o, 0.01, 0.1, gamma=None), TypeError, "gamma"),
     (lambda o: lr_scheduler.CyclicLR(StandIn([{"lr": 0.1}], lr=0.1), 0.01, 0.1), ValueError, "momentum or beta1"),
+    (lambda o: lr_scheduler.OneCycleLR(o, 0.1, total_steps=10, three_phase="False"), TypeError, "three_phase"),
+    (lambda o: lr_scheduler.OneCycleLR(o, 0.1, total_steps=10, cycle_momentum="False"), TypeError, "cycle_momentum"),
 ]
 
 

@@ -210,3 +210,14 @@ def test_handles():
         opt.register_step_pre_hook("not a function")
     del opt
     second.remove()   # (the optimizer is gone: nothing)
+
+
+def test_prepend_must_be_a_bool():
+    """``prepend="False"`` was read as true (the hook went first); now a TypeError, nothing registered."""
+    opt = optim.SGD([cembed.Embedding(4, 2, sparse=True, seed=0)], lr=0.1)
+    for register in (opt.register_state_dict_pre_hook, opt.register_state_dict_post_hook,
+                     opt.register_load_state_dict_pre_hook, opt.register_load_state_dict_post_hook):
+        with pytest.raises(TypeError, match="prepend must be a bool, got str"):
+            register(lambda *args: None, prepend="False")
+    assert not (opt._state_dict_pre_hooks or opt._state_dict_post_hooks or opt._load_state_dict_pre_hooks
+                or opt._load_state_dict_post_hooks)

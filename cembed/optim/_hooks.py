@@ -11,6 +11,8 @@ import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from .._validation import check_bool
+
 StepPreHook = Callable[[Any, Tuple[Any, ...], Dict[str, Any]], Optional[Tuple[Tuple[Any, ...], Dict[str, Any]]]]
 StepPostHook = Callable[[Any, Tuple[Any, ...], Dict[str, Any]], None]
 
@@ -60,6 +62,7 @@ def add_hook(hooks: "OrderedDict[int, Any]", hook: Any, prepend: bool = False) -
     """Register ``hook`` in ``hooks`` (last, or first with ``prepend``): its handle."""
     if not callable(hook):
         raise TypeError(f"a hook must be callable, got {type(hook).__name__}")
+    prepend = check_bool(prepend, "prepend")
     handle = RemovableHandle(hooks)
     hooks[handle.id] = hook
     if prepend:

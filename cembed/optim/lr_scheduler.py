@@ -29,6 +29,8 @@ import contextlib
 from collections import Counter
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, SupportsFloat, TypedDict, cast
 
+from .._validation import check_bool
+
 __all__ = [
     "LRScheduler",
     "LambdaLR",
@@ -159,10 +161,6 @@ def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def _boolean(value: Any, name: str) -> bool:
-    if not isinstance(value, (bool, numbers.Integral)) or value not in (0, 1):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
-    return bool(value)
 
 
 @contextlib.contextmanager
@@ -1362,6 +1360,8 @@ class OneCycleLR(LRScheduler):
                  last_epoch: int = -1) -> None:
         _check_optimizer(optimizer)
         self.optimizer = optimizer
+        three_phase = check_bool(three_phase, "three_phase")   # ("False" is not a true flag here)
+        cycle_momentum = check_bool(cycle_momentum, "cycle_momentum")
         if total_steps is not None:
             _integer(total_steps, "total_steps", error=ArgumentTypeError)
             if total_steps <= 0:
@@ -1780,8 +1780,8 @@ class CyclicLR(LRScheduler):
                      "step_ratio": lambda v, name: _positive_fraction(v, name),
                      "gamma": _real,
                      "scale_mode": lambda v, name: _choice(v, name, ("cycle", "iterations")),
-                     "cycle_momentum": lambda v, name: _boolean(v, name),
-                     "use_beta1": lambda v, name: _boolean(v, name)}
+                     "cycle_momentum": lambda v, name: check_bool(v, name),
+                     "use_beta1": lambda v, name: check_bool(v, name)}
 
     def __init__(self, optimizer: OptimizerLike, base_lr: float | Sequence[float], max_lr: float | Sequence[float],
                  step_size_up: float = 2000, step_size_down: float | None = None, mode: str = "triangular",
@@ -1810,7 +1810,7 @@ class CyclicLR(LRScheduler):
             raise TypeError(f"scale_fn must be callable, got {type(scale_fn).__name__}")
         _choice(scale_mode, "scale_mode", ("cycle", "iterations"))
         _real(gamma, "gamma")
-        cycle_momentum = _boolean(cycle_momentum, "cycle_momentum")
+        cycle_momentum = check_bool(cycle_momentum, "cycle_momentum")
         defaults: dict[str, Any] = {}
         if cycle_momentum:
             found = getattr(optimizer, "defaults", None)
