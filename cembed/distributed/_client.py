@@ -15,6 +15,7 @@ from .. import functional as F
 from ..modules import Embedding
 from ..sparse import SparseGrad
 from ..storage import aligned_zeros
+from .._validation import check_bool
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ._init import INITS, check_seed
 from ._ray import require_ray
@@ -1219,13 +1220,17 @@ class ShardedEmbedding:
                              retry=lambda k: self._actors[k].info.remote(), what="shard_info")
         return [got[k] for k in range(self.num_shards)]
 
-    def shutdown(self) -> None:
+    def shutdown(self, checkpoint: bool = True) -> None:
         """Stop the shard actors (their checkpoints stay on disk). The steps still in flight are
-        first waited for, as :meth:`sync` does, so the last step is applied on every shard; then,
-        with a ``checkpoint_dir``, every shard whose latest checkpoint is older checkpoints it (a
-        table made with this ``run_id`` resumes there). An error of either (a refused step, a
-        checkpoint that could not be written) is raised after the actors are stopped. After
-        ``ray.shutdown()`` it only marks the table unusable (it never starts a Ray of its own).
+        first waited for, as :meth:`sync` does, so the last step is applied on every shard (an
+        error of that step is raised after the actors are stopped); then, with a
+        ``checkpoint_dir`` and ``checkpoint`` (default), every shard whose latest checkpoint is
+        older checkpoints it, so that a table made with this ``run_id`` resumes there. A shard
+        that cannot write it (a full disk) is a ``RuntimeError`` naming it **with the table still
+        running**: call ``shutdown()`` again once it can, :meth:`save_checkpoint` the table, or
+        ``shutdown(checkpoint=False)`` to stop it as it is (when other shards did write theirs, the
+        run can then no longer be resumed from its shards' checkpoints: they hold different steps).
+        After ``ray.shutdown()`` it only marks the table unusable (it never starts a Ray of its own).
 
         Examples
         --------
@@ -1233,14 +1238,18 @@ class ShardedEmbedding:
 
         >>> table.shutdown()          # doctest: +SKIP
         """
+        checkpoint = check_bool(checkpoint, "checkpoint")
         error: Optional[BaseException] = None
         if self._broken is None and self._ray.is_initialized():
             try:
                 self._settle()
-                if self.checkpoint_dir is not None:
-                    self._checkpoint_all()
             except Exception as exc:   # raised once the actors are stopped
                 error = exc
+            if error is None and checkpoint and self.checkpoint_dir is not None:
+                try:
+                    self._checkpoint_all()   # (a checkpoint not written: raised with the table running)
+                except ShardLostError as exc:
+                    error = exc
         self._want_graph = False
         self._drop_graph()
         if self._ray.is_initialized():   # (ray.kill would start a new local Ray after ray.shutdown())
@@ -1263,10 +1272,15 @@ class ShardedEmbedding:
 
         got = self._wait_all([(k, ask(k)) for k in range(S)], expect=lambda k, reply: reply[0] == self._steps[k],
                              retry=ask, what="checkpoint")
-        unsaved = [f"shard {k}: {got[k][1]}" for k in range(S) if got[k][1] is not None]
+        unsaved = [k for k in range(S) if got[k][1] is not None]
         if unsaved:
-            raise RuntimeError(f"the checkpoint of step {self.step_count} could not be written ({'; '.join(unsaved)}): "
-                               f"a run resumed from these checkpoints would start at an earlier step")
+            why = "; ".join(f"shard {k}: {got[k][1]}" for k in unsaved)
+            after = ("the shards' checkpoints now hold different steps: stopped as it is, the run could not be "
+                     "resumed from them" if len(unsaved) < S else
+                     "stopped as it is, the run would resume at the shards' previous checkpoint")
+            raise RuntimeError(f"the checkpoint of step {self.step_count} could not be written ({why}). The table "
+                               f"still runs: call shutdown() again once it can be written, save_checkpoint() it, or "
+                               f"shutdown(checkpoint=False) to stop it anyway ({after})")
 
     def __repr__(self) -> str:
         return (f"ShardedEmbedding({self.num_embeddings}, {self.embedding_dim}, num_shards={self.num_shards}, "

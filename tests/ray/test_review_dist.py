@@ -310,12 +310,25 @@ def test_error_of_an_earlier_step_keeps_this_calls_gradient(ray_local, tmp_path,
         table.sync()
         assert table.step_count == 3
         assert_same_state(table, emb, opt)
-        # shutdown() checkpoints the last step, which shard 1 cannot: said, once the actors are stopped
-        with pytest.raises(RuntimeError, match=r"checkpoint of step 3 could not be written \(shard 1: "):
+        # shutdown() checkpoints the last step, which shard 1 cannot: said, with the table still running
+        # (shard 0 did checkpoint step 3: stopped now, the run could not be resumed), which trains on
+        with pytest.raises(RuntimeError, match=r"checkpoint of step 3 could not be written \(shard 1: .* The "
+                                               r"table still runs.*checkpoints now hold different steps"):
             table.shutdown()
+        train_step_both = zipf_batch(rng, V, 8)
+        grad = rng.standard_normal((train_step_both.size, D)).astype(np.float32)
+        emb.backward(grad, train_step_both, optimizer=opt)
+        with pytest.raises(RuntimeError, match="checkpoint of step 4 could not be written"):   # the periodic one
+            table.backward(grad, train_step_both, step=True)
+            table.sync()
+        assert table.step_count == 4
+        assert_same_state(table, emb, opt)
+        table.shutdown(checkpoint=False)
+        with pytest.raises(ShardLostError, match="shut down"):
+            table(np.arange(3))
     finally:
         with contextlib.suppress(RuntimeError):   # (a no-op after the shutdown above)
-            table.shutdown()
+            table.shutdown(checkpoint=False)
 
 
 def test_restart_restores_a_checkpoint_left_in_its_ready_sibling(ray_local, tmp_path):
