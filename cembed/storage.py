@@ -695,7 +695,8 @@ def map_reserved(tmp: str, path: PathLike, dtype: Any) -> np.memmap:
 
 
 def discard_reserved(tmp: str) -> None:
-    """Remove a file :func:`reserve_zeros` made and nobody put in place (quietly: it may be gone)."""
+    """Remove a temporary (:func:`reserve_zeros`, :func:`write_aside`) nobody put in place, and release
+    its lock (quietly: it may be gone)."""
     _unlink_quietly(tmp)
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import cembed
+from cembed import storage
 from cembed.apps import corpus as corpus_mod
 from cembed.apps import train as train_mod
 from cembed.apps.cli import main
@@ -721,6 +722,16 @@ def test_saving_embeddings_is_all_or_nothing(tmp_path, monkeypatch):
         train_mod.save_embeddings(tmp_path, first + 1, corpus)
     monkeypatch.setattr(train_mod, "_write_float32_npy", real_write)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+    def refused(pairs, commit=None):
+        raise OSError(13, "Permission denied")
+
+    monkeypatch.setattr(train_mod.storage, "replace_files", refused)   # both written, the renames refused
+    with pytest.raises(OSError, match="Permission denied"):
+        train_mod.save_embeddings(tmp_path, first + 1, corpus)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert not [name for name in storage._held_temporaries if name.startswith(str(tmp_path))]   # locks released
     train_mod.save_embeddings(tmp_path, first + 1, corpus)
     assert np.array_equal(np.load(tmp_path / "embeddings.npy"), first + 1)
     assert oct(os.stat(tmp_path / "embeddings.npy").st_mode & 0o777) == oct(os.stat(tmp_path / "vocab.txt").st_mode

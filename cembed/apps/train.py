@@ -1074,8 +1074,8 @@ def save_embeddings(out_dir, table, corpus):
         storage.replace_files(parts)
     finally:
         for tmp, _ in parts:
-            if os.path.lexists(tmp):   # (not renamed: a failed write or rename)
-                os.unlink(tmp)
+            if os.path.lexists(tmp):   # (not renamed: a failed write or rename; its lock released too)
+                storage.discard_reserved(tmp)
     storage.fsync_directory(out_dir)
     return emb_path, vocab_path
 
