@@ -15,7 +15,6 @@ from .. import functional as F
 from ..modules import Embedding
 from ..sparse import SparseGrad
 from ..storage import aligned_zeros
-from .._validation import check_bool
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ._init import INITS, check_seed
 from ._ray import require_ray
@@ -1238,7 +1237,8 @@ class ShardedEmbedding:
 
         >>> table.shutdown()          # doctest: +SKIP
         """
-        checkpoint = check_bool(checkpoint, "checkpoint")
+        if not isinstance(checkpoint, (bool, np.bool_)):   # (as compiled_graph: a flag is a bool)
+            raise TypeError(f"checkpoint must be True or False, got {checkpoint!r}")
         error: Optional[BaseException] = None
         if self._broken is None and self._ray.is_initialized():
             try:

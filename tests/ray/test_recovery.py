@@ -316,6 +316,8 @@ def test_a_run_is_resumed_only_once_its_table_is_shut_down(ray_local, tmp_path, 
         with pytest.raises(ValueError, match=f"run {table.run_id} is in use: its shard actor "
                                              f"'cembed-{table.run_id}-shard-0-of-2' is alive"):
             ShardedEmbedding(V, D, 2, "sgd", OPTS, checkpoint_dir=str(tmp_path), run_id=table.run_id)
+        with pytest.raises(TypeError, match="checkpoint must be True or False"):   # a refused shutdown stops nothing
+            table.shutdown(checkpoint="False")
         train_step(rng, table, emb, opt)
         assert_same_state(table, emb, opt)
     finally:
