@@ -268,7 +268,8 @@ def test_a_killed_writers_temporary_is_removed_by_the_next_write_of_that_file(tm
     what killed cembed writers left: not another file's, not another program's (no .cembed. mark), not
     a .cembed.new younger than ABANDONED_NEW_SECONDS (its writer may be about to lock it)."""
     path = str(tmp_path / "t.npy")
-    child = subprocess.run([sys.executable, "-c", KILLED_WRITER, path], env=ENV, capture_output=True)
+    child = subprocess.run([sys.executable, "-c", KILLED_WRITER, path], env=ENV, capture_output=True,
+                           cwd=tmp_path)   # (not the checkout: its unbuilt sources would shadow the package)
     assert child.returncode == -9, child.stderr
     [left] = os.listdir(tmp_path)
     assert left.startswith(".t.npy.") and left.endswith(".cembed.tmp")
@@ -299,7 +300,7 @@ def test_a_live_writers_temporary_is_left_alone(tmp_path):
     leaves that temporary alone, and the other writer finishes (its file put in place)."""
     path = str(tmp_path / "t.bin")
     child = subprocess.Popen([sys.executable, "-c", WAITING_WRITER, path], env=ENV, stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         assert child.stdout.readline() == "writing\n"
         [theirs] = os.listdir(tmp_path)
