@@ -723,9 +723,13 @@ def test_bad_arguments(i):
 
 
 def test_one_cycle_refuses_adagrad():
+    """... and leaves the groups as they were (it had written initial_lr / max_lr / min_lr into them, so
+    a scheduler made next started from max_lr / 25; torch does the same, cembed's CyclicLR never did)."""
     opt = cembed.optim.Adagrad([cembed.Embedding(10, 4, sparse=True)], lr=0.1)
+    before = [dict(group) for group in opt.param_groups]
     with pytest.raises(ValueError, match="momentum or beta1"):
         lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+    assert [dict(group) for group in opt.param_groups] == before
     lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10, cycle_momentum=False)
 
 

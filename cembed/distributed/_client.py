@@ -7,6 +7,7 @@ import re
 import threading
 import time
 import uuid
+import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
 import numpy as np
@@ -34,6 +35,10 @@ MAX_RECOVERY_TIMEOUT = float(threading.TIMEOUT_MAX)
 ACTOR_NAMESPACE = "cembed"
 #: Seconds a new table waits for the actor names of a run to be free (a table just shut down frees them).
 NAME_WAIT = 10.0
+class _CheckpointNotWritten(RuntimeError):
+    """A shard applied a step but could not write its checkpoint: the table stays usable."""
+
+
 #: A run id a table may resume (a new table draws 12 hex digits): one name, never a path.
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
@@ -60,6 +65,31 @@ def _check_int(value: Any, name: str, low: int) -> int:
 
 #: Terminal colour codes, which Ray puts into the messages of its errors.
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _release_shards(ray: Any, graph_holder: Dict[str, Any], actors: List[Any]) -> None:
+    """Tear down a table's compiled graph and stop its shard actors (their checkpoints stay): its
+    :meth:`ShardedEmbedding.shutdown`, or its garbage collection without one. Nothing after
+    ``ray.shutdown()`` (``ray.kill`` would start a new local Ray)."""
+    if not ray.is_initialized():
+        return
+    graph = graph_holder.pop("graph", None)
+    if graph is not None:
+        try:
+            graph.teardown()
+        except Exception:   # a graph that broke may fail its teardown
+            pass
+    for actor in actors:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:   # an actor already gone
+            pass
+
+
+def _check_flag(value: Any, name: str) -> None:
+    """A flag of this layer's API is a bool (``"False"`` is not false): ``TypeError`` otherwise."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def _reason(exc: BaseException) -> str:
@@ -350,8 +380,7 @@ class ShardedEmbedding:
             raise ValueError(f"recovery_timeout must be a finite positive number of seconds (at most "
                              f"{MAX_RECOVERY_TIMEOUT:g}), got {recovery_timeout!r}")
         self.recovery_timeout = float(recovery_timeout)
-        if not isinstance(compiled_graph, (bool, np.bool_)):
-            raise TypeError(f"compiled_graph must be True or False, got {compiled_graph!r}")
+        _check_flag(compiled_graph, "compiled_graph")
         per_shard = self._shard_options(ray_options)
         cpus = self._check_cpus(shard_cpus)
         self._restartable = [opts["max_restarts"] != 0 for opts in per_shard]
@@ -406,6 +435,12 @@ class ShardedEmbedding:
         # and ordinary calls on another, in no order between the two): every ordinary call comes
         # after _settle() (no compiled step in flight) or after the graph is torn down.
         self._graph: Any = None
+        # A table dropped without shutdown() still stops its shards when it is garbage-collected (a
+        # compiled graph holds their handles and would keep them, and the run's actor names, alive);
+        # not at exit, where Ray's own shutdown stops them.
+        self._graph_holder: Dict[str, Any] = {"graph": None}
+        self._release = weakref.finalize(self, _release_shards, self._ray, self._graph_holder, list(self._actors))
+        self._release.atexit = False
         self._want_graph = bool(compiled_graph)
         self.graph_builds = 0              # compiled graphs built (1 + one per rebuild after a loss)
         self.graph_error: Optional[str] = None   # why Ray could not compile one, if it could not
@@ -458,7 +493,7 @@ class ShardedEmbedding:
         else:
             raise ValueError("ray_options must be a dict, or a sequence of num_shards dicts (one per shard)")
         for k, opts in enumerate(per_shard):
-            for key in ("name", "namespace"):
+            for key in ("name", "namespace", "get_if_exists"):
                 if key in opts:
                     raise ValueError(f"ray_options: {key} is set by the table (shard k of run R is the actor "
                                      f"'cembed-R-shard-k-of-S' in namespace {ACTOR_NAMESPACE!r})")
@@ -539,6 +574,7 @@ class ShardedEmbedding:
             # ten buffers, each written and paged in afresh after a build)
             self._graph = dag.experimental_compile(_submit_timeout=self.recovery_timeout, _buffer_size_bytes=size,
                                                    _max_inflight_executions=2)
+            self._graph_holder["graph"] = self._graph
             self.graph_builds += 1
         except Exception as exc:       # an old Ray, or one that refuses these actors: actor calls
             self._want_graph = False
@@ -548,6 +584,7 @@ class ShardedEmbedding:
         """Tear the graph down (Ray does it itself when a shard dies; again is harmless): from here
         ordinary calls are safe; :meth:`_build_graph` builds a new one at the next call."""
         graph, self._graph = self._graph, None
+        self._graph_holder["graph"] = None
         if graph is not None:
             try:
                 graph.teardown()
@@ -704,6 +741,7 @@ class ShardedEmbedding:
         >>> table.backward(np.ones_like(out), step=True)        # doctest: +SKIP
         """
         self._check_usable()
+        _check_flag(step, "step")
         if not isinstance(grad_output, np.ndarray) or grad_output.dtype not in (self.compute_dtype, self.dtype):
             got = grad_output.dtype if isinstance(grad_output, np.ndarray) else type(grad_output).__name__
             also = "" if self.dtype == self.compute_dtype else f" (or the table's own {self.dtype})"
@@ -883,7 +921,7 @@ class ShardedEmbedding:
                 # the shard wrote this checkpoint before answering: older steps are never replayed
                 self._log[k] = {s: p for s, p in self._log[k].items() if s >= now}
         if unsaved:
-            raise RuntimeError(f"the checkpoint of step {self.step_count} could not be written "
+            raise _CheckpointNotWritten(f"the checkpoint of step {self.step_count} could not be written "
                                f"({'; '.join(unsaved)}); the step itself was applied: the table is at step "
                                f"{self.step_count} and stays usable (a shard lost now is replayed from its previous "
                                f"checkpoint); the call that reports it did nothing else: repeat it")
@@ -1237,27 +1275,27 @@ class ShardedEmbedding:
 
         >>> table.shutdown()          # doctest: +SKIP
         """
-        if not isinstance(checkpoint, (bool, np.bool_)):   # (as compiled_graph: a flag is a bool)
-            raise TypeError(f"checkpoint must be True or False, got {checkpoint!r}")
+        _check_flag(checkpoint, "checkpoint")
         error: Optional[BaseException] = None
         if self._broken is None and self._ray.is_initialized():
             try:
                 self._settle()
-            except Exception as exc:   # raised once the actors are stopped
-                error = exc
-            if error is None and checkpoint and self.checkpoint_dir is not None:
+            except _CheckpointNotWritten:   # a periodic checkpoint a shard could not write: the final one
+                pass                         # below writes that step again (or says why not)
+            except Exception as exc:   # raised once the actors are stopped (a refused step leaves the
+                error = exc            # table usable at the step before it: that step is checkpointed)
+            if not isinstance(error, ShardLostError) and checkpoint and self.checkpoint_dir is not None:
                 try:
                     self._checkpoint_all()   # (a checkpoint not written: raised with the table running)
                 except ShardLostError as exc:
                     error = exc
+                except RuntimeError as exc:
+                    if error is not None:    # the refused step's error, reported with it
+                        raise exc from error
+                    raise
         self._want_graph = False
         self._drop_graph()
-        if self._ray.is_initialized():   # (ray.kill would start a new local Ray after ray.shutdown())
-            for actor in self._actors:
-                try:
-                    self._ray.kill(actor, no_restart=True)
-                except Exception:   # an actor already gone
-                    pass
+        self._release()   # (stops the actors, once)
         self._broken = "the table was shut down"
         if error is not None:
             raise error

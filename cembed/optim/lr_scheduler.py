@@ -1409,32 +1409,33 @@ class OneCycleLR(LRScheduler):
             ]
 
         last_epoch = _check_last_epoch(last_epoch)
-        max_lrs = _format_param("max_lr", optimizer, max_lr)
-        if last_epoch == -1:
-            for group, lr in zip(optimizer.param_groups, max_lrs):
-                group["initial_lr"] = lr / div_factor
-                group["max_lr"] = lr
-                group["min_lr"] = group["initial_lr"] / final_div_factor
-
-        self.cycle_momentum = bool(cycle_momentum)
-        if self.cycle_momentum:
-            defaults = getattr(optimizer, "defaults", None)
-            if not isinstance(defaults, dict):
-                defaults = optimizer.param_groups[0] if optimizer.param_groups else {}
-            if "momentum" not in defaults and "betas" not in defaults:
-                raise ValueError("optimizer must support momentum or beta1 with `cycle_momentum` option enabled")
-            self.use_beta1 = "betas" in defaults
-            max_momentums = _format_param("max_momentum", optimizer, max_momentum)
-            base_momentums = _format_param("base_momentum", optimizer, base_momentum)
+        with _groups_put_back_on_error(optimizer):   # (a refused argument leaves the groups as they were)
+            max_lrs = _format_param("max_lr", optimizer, max_lr)
             if last_epoch == -1:
-                for m_mom, b_mom, group in zip(max_momentums, base_momentums, optimizer.param_groups):
-                    if self.use_beta1:
-                        group["betas"] = (m_mom, *group["betas"][1:])
-                    else:
-                        group["momentum"] = m_mom
-                    group["max_momentum"] = m_mom
-                    group["base_momentum"] = b_mom
-        super().__init__(optimizer, last_epoch)
+                for group, lr in zip(optimizer.param_groups, max_lrs):
+                    group["initial_lr"] = lr / div_factor
+                    group["max_lr"] = lr
+                    group["min_lr"] = group["initial_lr"] / final_div_factor
+
+            self.cycle_momentum = bool(cycle_momentum)
+            if self.cycle_momentum:
+                defaults = getattr(optimizer, "defaults", None)
+                if not isinstance(defaults, dict):
+                    defaults = optimizer.param_groups[0] if optimizer.param_groups else {}
+                if "momentum" not in defaults and "betas" not in defaults:
+                    raise ValueError("optimizer must support momentum or beta1 with `cycle_momentum` option enabled")
+                self.use_beta1 = "betas" in defaults
+                max_momentums = _format_param("max_momentum", optimizer, max_momentum)
+                base_momentums = _format_param("base_momentum", optimizer, base_momentum)
+                if last_epoch == -1:
+                    for m_mom, b_mom, group in zip(max_momentums, base_momentums, optimizer.param_groups):
+                        if self.use_beta1:
+                            group["betas"] = (m_mom, *group["betas"][1:])
+                        else:
+                            group["momentum"] = m_mom
+                        group["max_momentum"] = m_mom
+                        group["base_momentum"] = b_mom
+            super().__init__(optimizer, last_epoch)
 
     def _anneal_func(self, start: float, end: float, pct: float) -> float:
         if self._anneal_func_type == "cos":

@@ -330,3 +330,29 @@ def test_a_run_is_resumed_only_once_its_table_is_shut_down(ray_local, tmp_path, 
         assert_same_state(resumed, emb, opt)
     finally:
         resumed.shutdown()
+
+
+def test_a_table_dropped_without_shutdown_stops_its_shards(ray_local, tmp_path):
+    """A table garbage-collected without shutdown() (its compiled graph held the shard actors, and so
+    the run's actor names: resuming the run was refused as 'still running') stops its shards; the run
+    resumes at its shards' last checkpoint, bitwise one process there."""
+    import gc
+
+    emb, opt = single_process(V, D, "sgd", OPTS, 4)
+    rng = np.random.default_rng(9)
+    table = ShardedEmbedding(V, D, 2, "sgd", OPTS, seed=4, checkpoint_dir=str(tmp_path), checkpoint_every=2)
+    assert table.transport == "compiled graph"
+    for _ in range(2):
+        train_step(rng, table, emb, opt)
+    table.sync()
+    run_id, pids = table.run_id, [info["pid"] for info in table.shard_info()]
+    del table
+    gc.collect()
+    for pid in pids:
+        wait_gone(pid)
+    resumed = ShardedEmbedding(V, D, 2, "sgd", OPTS, checkpoint_dir=str(tmp_path), run_id=run_id)
+    try:
+        assert resumed.step_count == 2
+        assert_same_state(resumed, emb, opt)
+    finally:
+        resumed.shutdown()

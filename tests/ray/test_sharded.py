@@ -226,6 +226,8 @@ def test_bad_input_changes_nothing(ray_local):
             table.backward(np.ones((3, 4), np.float32), step=True)          # wrong shape for 2 indices
         with pytest.raises(IndexError):
             table.backward(np.ones((1, 4), np.float32), np.array([99]), step=True)
+        with pytest.raises(TypeError, match="step must be True or False"):   # "False" was read as true: a step
+            table.backward(np.ones_like(out), step="False")
         table.backward(np.ones_like(out))
         with pytest.raises(ValueError):
             table.backward(np.ones_like(out), step=True)                     # a .grad is present
@@ -255,6 +257,8 @@ def test_bad_arguments_refused_before_any_actor(ray_local):
         ShardedEmbedding(10, 4, 2, ray_options=[{}])
     with pytest.raises(TypeError, match="compiled_graph"):
         ShardedEmbedding(10, 4, 2, compiled_graph="yes")
+    with pytest.raises(ValueError, match="get_if_exists is set by the table"):   # (it joined a live run's actors)
+        ShardedEmbedding(10, 4, 2, ray_options={"get_if_exists": True})
     for bad in ("everywhere", [[0]], [[0], []], [[0], [-1]], [[0], [1.5]], [0, 1], [[0], "1"]):
         with pytest.raises(ValueError, match="shard_cpus"):
             ShardedEmbedding(10, 4, 2, shard_cpus=bad)

@@ -5,6 +5,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -231,8 +232,12 @@ def test_a_table_after_ray_shutdown_is_refused_and_starts_no_ray():
         def kill(*args, **kwargs):
             raise AssertionError("ray.kill called after ray.shutdown()")
 
+    from cembed.distributed._client import _release_shards
+
     table = object.__new__(ShardedEmbedding)
     table._ray, table._broken, table._graph, table._want_graph, table._actors = StoppedRay(), None, None, True, ["a"]
+    table._graph_holder = {"graph": None}
+    table._release = weakref.finalize(table, _release_shards, table._ray, table._graph_holder, table._actors)
     for call in (lambda: table(np.arange(3)), table.sync, table.state_dict):
         with pytest.raises(RuntimeError, match="Ray was shut down"):
             call()
