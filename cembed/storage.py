@@ -482,9 +482,10 @@ def write_aside(path: PathLike, write: Callable[[Any], None], *, sync: bool = Tr
     >>> import os, tempfile
     >>> from cembed import storage
     >>> path = os.path.join(tempfile.mkdtemp(), "notes.txt")
-    >>> storage.rename_into_place(storage.write_aside(path, lambda fh: fh.write(b"hello")), path)
-    >>> open(path, "rb").read()
-    b'hello'
+    >>> tmp = storage.write_aside(path, lambda fh: fh.write(b"hello"))
+    >>> os.path.exists(path), os.path.basename(tmp).endswith(".cembed.tmp")   # not in place yet
+    (False, True)
+    >>> storage.rename_into_place(tmp, path)
     """
     path = os.fspath(path)
     sync = check_bool(sync, "sync")

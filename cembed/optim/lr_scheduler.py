@@ -178,6 +178,18 @@ def _groups_put_back_on_error(optimizer: Any) -> Iterator[None]:
         raise
 
 
+def _start_momentum(optimizer: Any, max_momentums: list[Any], base_momentums: list[Any], use_beta1: bool) -> None:
+    """A cyclic schedule's first momentum (OneCycleLR, CyclicLR): each group's momentum (or beta1) at its
+    ``max_momentum``, both bounds kept in the group."""
+    for m_mom, b_mom, group in zip(max_momentums, base_momentums, optimizer.param_groups):
+        if use_beta1:
+            group["betas"] = (m_mom, *group["betas"][1:])
+        else:
+            group["momentum"] = m_mom
+        group["max_momentum"] = m_mom
+        group["base_momentum"] = b_mom
+
+
 def _check_last_epoch(last_epoch: Any) -> int:
     return _integer(last_epoch, "last_epoch", minimum=-1)
 
@@ -1428,13 +1440,7 @@ class OneCycleLR(LRScheduler):
                 max_momentums = _format_param("max_momentum", optimizer, max_momentum)
                 base_momentums = _format_param("base_momentum", optimizer, base_momentum)
                 if last_epoch == -1:
-                    for m_mom, b_mom, group in zip(max_momentums, base_momentums, optimizer.param_groups):
-                        if self.use_beta1:
-                            group["betas"] = (m_mom, *group["betas"][1:])
-                        else:
-                            group["momentum"] = m_mom
-                        group["max_momentum"] = m_mom
-                        group["base_momentum"] = b_mom
+                    _start_momentum(optimizer, max_momentums, base_momentums, self.use_beta1)
             super().__init__(optimizer, last_epoch)
 
     def _anneal_func(self, start: float, end: float, pct: float) -> float:
@@ -1837,13 +1843,7 @@ class CyclicLR(LRScheduler):
             self.base_momentums = base_momentums
             self.max_momentums = max_momentums
             if last_epoch == -1:
-                for m_mom, b_mom, group in zip(max_momentums, base_momentums, optimizer.param_groups):
-                    if self.use_beta1:
-                        group["betas"] = (m_mom, *group["betas"][1:])
-                    else:
-                        group["momentum"] = m_mom
-                    group["max_momentum"] = m_mom
-                    group["base_momentum"] = b_mom
+                _start_momentum(optimizer, max_momentums, base_momentums, self.use_beta1)
         super().__init__(optimizer, last_epoch)
         self.base_lrs = base_lrs
 
