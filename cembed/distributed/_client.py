@@ -74,7 +74,9 @@ def _release_shards(ray: Any, graph_holder: Dict[str, Any], actors: List[Any]) -
     if not ray.is_initialized():
         return
     graph = graph_holder.pop("graph", None)
-    if graph is not None:
+    # (a garbage collection can run in any thread, Ray's own too, and a teardown joins Ray's threads:
+    # off the main thread the actors are only killed, and Ray tears the graph down when it sees them go)
+    if graph is not None and threading.current_thread() is threading.main_thread():
         try:
             graph.teardown()
         except Exception:   # a graph that broke may fail its teardown
