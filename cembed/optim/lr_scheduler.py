@@ -190,6 +190,12 @@ def _start_momentum(optimizer: Any, max_momentums: list[Any], base_momentums: li
         group["base_momentum"] = b_mom
 
 
+def _check_state_dict(state_dict: Any) -> None:
+    """What every scheduler's ``load_state_dict`` takes first: a dict (``TypeError`` otherwise)."""
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+
+
 def _check_last_epoch(last_epoch: Any) -> int:
     return _integer(last_epoch, "last_epoch", minimum=-1)
 
@@ -359,8 +365,7 @@ class LRScheduler:
         state_dict : dict
             A dict returned by :meth:`state_dict` (it is not modified).
         """
-        if not isinstance(state_dict, dict):
-            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        _check_state_dict(state_dict)
         with self._all_or_nothing():
             self._load_checked({k: copy.deepcopy(v) for k, v in state_dict.items() if k != "optimizer"})
 
@@ -539,8 +544,7 @@ class _LambdaStateMixin:
         ----------
         state_dict : dict
         """
-        if not isinstance(state_dict, dict):
-            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        _check_state_dict(state_dict)
         saved = state_dict.get("lr_lambdas", [None] * len(self.lr_lambdas))
         if not isinstance(saved, list) or len(saved) != len(self.lr_lambdas) or \
                 not all(a is None or isinstance(a, dict) for a in saved):
@@ -1023,8 +1027,7 @@ class _SchedulerSequence(LRScheduler):
         ----------
         state_dict : dict
         """
-        if not isinstance(state_dict, dict):
-            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        _check_state_dict(state_dict)
         saved = state_dict.get("_schedulers")
         if not isinstance(saved, list) or len(saved) != len(self._schedulers):
             raise ValueError(f"state_dict must hold the states of {len(self._schedulers)} schedulers under "
@@ -1915,8 +1918,7 @@ class CyclicLR(LRScheduler):
         ----------
         state_dict : dict
         """
-        if not isinstance(state_dict, dict):
-            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        _check_state_dict(state_dict)
         saved_fn = state_dict.get("_scale_fn_custom")
         if saved_fn is not None and not isinstance(saved_fn, dict):
             raise ValueError("state_dict['_scale_fn_custom'] must be a dict or None")
