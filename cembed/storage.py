@@ -367,19 +367,18 @@ def _let_go(tmp: str) -> None:
         os.close(fd)
 
 
-def _remove_abandoned_temporaries(path: str) -> List[str]:
+def _remove_abandoned_temporaries(path: str) -> None:
     """Remove the temporaries of ``path`` (:data:`_TEMPORARY`, ``.tmp`` and ``.new``) no live process is
     writing: regular files of this user whose lock can be taken (a ``.new`` also older than
-    :data:`ABANDONED_NEW_SECONDS`). Returns their names. A file that cannot be opened, or is locked,
-    is left alone; so is everything else in the directory."""
+    :data:`ABANDONED_NEW_SECONDS`). A file that cannot be opened, or is locked, is left alone; so is
+    everything else in the directory."""
     directory, name = os.path.split(os.path.abspath(path))
-    removed: List[str] = []
     if fcntl is None:   # pragma: no cover
-        return removed
+        return
     try:
         entries = list(os.scandir(directory))
     except OSError:
-        return removed
+        return
     for entry in entries:
         match = _TEMPORARY.fullmatch(entry.name)
         if match is None or match.group("name") != name:
@@ -400,12 +399,10 @@ def _remove_abandoned_temporaries(path: str) -> List[str]:
             now = os.lstat(entry.path)   # still the file locked (not replaced under its name meanwhile)
             if (now.st_dev, now.st_ino) == (info.st_dev, info.st_ino):
                 os.unlink(entry.path)
-                removed.append(entry.path)
         except OSError:
             continue
         finally:
             os.close(fd)
-    return removed
 
 
 def _temporary_sibling(path: str, mode: Optional[int] = None) -> Tuple[int, str]:
