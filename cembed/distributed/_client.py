@@ -242,7 +242,8 @@ class ShardedEmbedding:
         Defines every row's initial values (:func:`initial_rows`); None draws one (see ``.seed``).
     checkpoint_dir : str, optional
         Shards write checkpoints under ``checkpoint_dir/<run id>/shard-<k>-of-<S>/`` every
-        ``checkpoint_every`` steps; with it a dead shard is restarted by Ray and brought back to the
+        ``checkpoint_every`` steps, each keeping its two latest (slots ``a`` and ``b``, replaced in
+        turn); with it a dead shard is restarted by Ray and brought back to the
         current step from its checkpoint and the replay log. Without it a lost shard is a
         :class:`ShardLostError`.
     checkpoint_every : int, optional
@@ -295,10 +296,12 @@ class ShardedEmbedding:
         never stopped. Needs the ``checkpoint_dir``, ``num_shards``, size, dtype and optimizer of
         that run, and its table shut down (``ValueError`` while its shard actors, named
         ``cembed-<run id>-shard-<k>-of-<S>``, live); a shard without a checkpoint there makes the constructor raise
-        :class:`ShardLostError` naming it, and shards whose checkpoints hold different steps (a
-        client killed while they checkpointed) a ``CheckpointError``. :meth:`shutdown` checkpoints
+        :class:`ShardLostError` naming it. When the shards' latest checkpoints hold different steps
+        (a client killed while they checkpointed), the run resumes at the newest step every shard
+        holds a checkpoint of (each keeps its two latest: the step before), and the shards ahead of
+        it go back to it; a ``CheckpointError`` when there is none. :meth:`shutdown` checkpoints
         the last step, so a run shut down resumes exactly where it stopped; a run whose client was
-        killed resumes at its shards' last periodic checkpoint. None (default): a new run, with a
+        killed resumes at the last periodic checkpoint all its shards completed. None (default): a new run, with a
         new random id.
 
     Examples
@@ -424,10 +427,11 @@ class ShardedEmbedding:
         self.recoveries = 0       # shards brought back by checkpoint + replay
         self._broken: Optional[str] = None
         try:
-            started = self._wait_all([(k, self._actors[k].current_step.remote()) for k in range(self.num_shards)],
-                                     expect=lambda k, reply: resuming or reply == 0, what="start")
             if resuming:
-                self._resumed(started)
+                self._resumed()
+            else:
+                self._wait_all([(k, self._actors[k].current_step.remote()) for k in range(self.num_shards)],
+                               expect=lambda k, reply: reply == 0, what="start")
         except BaseException:
             for actor in self._actors:    # no half-started table keeps actors alive
                 self._ray.kill(actor, no_restart=True)
@@ -467,14 +471,37 @@ class ShardedEmbedding:
                                      "table of this run still runs; shut it down before resuming the run)") from None
                 time.sleep(0.1)
 
-    def _resumed(self, steps: Dict[int, int]) -> None:
-        """Take the step of the checkpoints the shards of a resumed run restored (they must agree)
-        and their optimizer hyper-parameters."""
-        if len(set(steps.values())) != 1:
-            held = ", ".join(f"shard {k}: step {steps[k]}" for k in sorted(steps))
-            raise CheckpointError(f"run {self.run_id}: the shards' checkpoints hold different steps ({held}): the "
-                                  "client stopped while they checkpointed; resume from a save_checkpoint instead")
-        self._steps = [steps[0]] * self.num_shards
+    def _resumed(self) -> None:
+        """Continue a run from its shards' checkpoints: the newest state every shard holds a
+        checkpoint of (each keeps its two latest: when the client stopped while they checkpointed,
+        the shards that wrote the new step go back to the one before it, which they all hold), and
+        their optimizer hyper-parameters. :class:`CheckpointError` when they share no state."""
+        S = self.num_shards
+        held = self._wait_all([(k, self._actors[k].checkpoints.remote()) for k in range(S)],
+                              expect=lambda k, reply: True, what="start")
+        common = set.intersection(*({(h["lineage"], h["step"]) for h in held[k]} for k in range(S)))
+        chosen = next(((h["lineage"], h["step"]) for h in held[0] if (h["lineage"], h["step"]) in common), None)
+        if chosen is None:
+            listed = "; ".join(f"shard {k}: step{'s' if len(held[k]) > 1 else ''} "
+                               f"{' and '.join(str(h['step']) for h in held[k])}" for k in range(S))
+            raise CheckpointError(f"run {self.run_id}: no step that every shard holds a checkpoint of ({listed}): "
+                                  "resume from a save_checkpoint instead")
+        behind = [k for k in range(S) if (held[k][0]["lineage"], held[k][0]["step"]) != chosen]
+        if behind:
+            def rewind(k: int) -> Any:
+                return self._actors[k].rewind.remote(*chosen)
+            try:
+                got = self._wait_all([(k, rewind(k)) for k in behind], expect=lambda k, reply: True,
+                                     what="resume")
+            except self._ray.exceptions.RayTaskError as exc:
+                raise CheckpointError(f"run {self.run_id}: a shard could not go back to step {chosen[1]}, the "
+                                      f"newest that every shard holds: {_reason(exc)}") from None
+            unsaved = [f"shard {k}: {got[k][1]}" for k in behind if got[k][1] is not None]
+            if unsaved:
+                raise RuntimeError(f"run {self.run_id}: resuming at step {chosen[1]}, the newest step every shard "
+                                   f"holds, needs the shards ahead of it to checkpoint it again, and "
+                                   f"{'; '.join(unsaved)}: nothing of the run was lost; resume again once they can")
+        self._steps = [chosen[1]] * S
         self._adopt(self._ray.get(self._actors[0].options.remote(), timeout=self.recovery_timeout))
 
     def _adopt(self, options: Dict[str, Any]) -> None:
@@ -1163,8 +1190,10 @@ class ShardedEmbedding:
                     entry[key] = value
             parts.append((np.ascontiguousarray(weight[k::S]), entry))
 
+        lineage = uuid.uuid4().hex   # the loaded state's name in the shards' checkpoints
+
         def send(k: int) -> Any:
-            return self._actors[k].load.remote(step, parts[k][0], parts[k][1], options)
+            return self._actors[k].load.remote(step, parts[k][0], parts[k][1], options, lineage)
 
         try:
             # a shard lost on the way (Ray restarting it) is brought back to the table's step and
@@ -1267,8 +1296,8 @@ class ShardedEmbedding:
         older checkpoints it, so that a table made with this ``run_id`` resumes there. A shard
         that cannot write it (a full disk) is a ``RuntimeError`` naming it **with the table still
         running**: call ``shutdown()`` again once it can, :meth:`save_checkpoint` the table, or
-        ``shutdown(checkpoint=False)`` to stop it as it is (when other shards did write theirs, the
-        run can then no longer be resumed from its shards' checkpoints: they hold different steps).
+        ``shutdown(checkpoint=False)`` to stop it as it is (the run then resumes at the shards'
+        previous checkpoint, which every shard still holds).
         After ``ray.shutdown()`` it only marks the table unusable (it never starts a Ray of its own).
 
         Examples
@@ -1315,9 +1344,7 @@ class ShardedEmbedding:
         unsaved = [k for k in range(S) if got[k][1] is not None]
         if unsaved:
             why = "; ".join(f"shard {k}: {got[k][1]}" for k in unsaved)
-            after = ("the shards' checkpoints now hold different steps: stopped as it is, the run could not be "
-                     "resumed from them" if len(unsaved) < S else
-                     "stopped as it is, the run would resume at the shards' previous checkpoint")
+            after = "stopped as it is, the run would resume at the shards' previous checkpoint, which all of them hold"
             raise RuntimeError(f"the checkpoint of step {self.step_count} could not be written ({why}). The table "
                                f"still runs: call shutdown() again once it can be written, save_checkpoint() it, or "
                                f"shutdown(checkpoint=False) to stop it anyway ({after})")

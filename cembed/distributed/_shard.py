@@ -15,13 +15,23 @@ import numpy as np
 
 from .. import functional as F
 from .. import optim
-from ..checkpoint import CheckpointError, find_directory, load_checkpoint, save_checkpoint
+from ..checkpoint import CheckpointError, find_directory, load_checkpoint, read_directory, save_checkpoint
 from ..storage import aligned_copy, aligned_zeros, open_table
 from ..modules import Embedding
 from ..sparse import SparseGrad
 from ._init import initial_rows
 
-__all__ = ["Shard", "OPTIMIZERS", "make_optimizer", "writable_directory"]
+__all__ = ["Shard", "OPTIMIZERS", "make_optimizer", "writable_directory", "held_checkpoints"]
+
+#: A shard keeps its two latest checkpoints, in two slots of its directory that its saves replace in
+#: turn (each save crash-safely replaces the older one). A client killed while its shards write a
+#: checkpoint leaves some of them holding the new step and the rest the one before, which all of
+#: them still hold: the step a resumed run continues from.
+SLOTS = ("a", "b")
+#: The lineage of a table's states until its first load_state_dict / load_checkpoint (each load
+#: starts a new one): a shard's checkpoint holds the same state as another shard's when their
+#: lineage and step agree.
+FIRST_LINEAGE = "seed"
 
 #: Optimizer names accepted by ShardedEmbedding -> cembed.optim classes. Each updates a row from
 #: that row's summed gradient, its own state and the step count alone, so a shard updates its rows
@@ -44,12 +54,40 @@ def local_rows(shard_id: int, num_shards: int, num_embeddings: int) -> int:
     return len(range(shard_id, num_embeddings, num_shards))
 
 
+def held_checkpoints(shard_dir: str) -> List[Dict[str, Any]]:
+    """The checkpoints in the slots of ``shard_dir``, newest (most recently written) first: dicts of
+    ``slot``, ``path``, ``serial`` (the shard's count of its saves), ``lineage`` and ``step``. Only
+    the manifests are read (the files are verified when one is loaded); a slot holding anything
+    that is not a readable shard checkpoint is a :class:`CheckpointError` naming it — never skipped,
+    which would silently resume an older step."""
+    held = []
+    for slot in SLOTS:
+        path = os.path.join(shard_dir, slot)
+        try:
+            found = find_directory(path)
+        except CheckpointError:
+            if os.path.lexists(path):
+                raise
+            continue
+        meta, _ = read_directory(found, verify=False)
+        extra = meta.get("extra") if isinstance(meta, dict) else None
+        keys = ("serial", "lineage", "step")
+        if not isinstance(extra, dict) or any(key not in extra for key in keys) \
+                or not all(isinstance(extra[key], int) and not isinstance(extra[key], bool) and extra[key] >= 0
+                           for key in ("serial", "step")) or not isinstance(extra["lineage"], str):
+            raise CheckpointError(f"{found}: not a shard checkpoint of this version (its manifest's extra lacks "
+                                  "serial, lineage or step)")
+        held.append({"slot": slot, "path": found, **{key: extra[key] for key in keys}})
+    return sorted(held, key=lambda h: -h["serial"])
+
+
 class Shard:
     """Rows ``shard_id::num_shards`` of a table and their optimizer state.
 
     Built fresh from ``seed`` (step 0), or — when ``checkpoint_dir`` holds a checkpoint, as after a
     restart by Ray or when a table resumes a run — restored from its latest checkpoint (that
-    checkpoint's step). ``resume``: the checkpoint must be there (a table resuming a run, ``run_id``)."""
+    checkpoint's step; :meth:`rewind` then moves a resumed shard back to the one before it).
+    ``resume``: the checkpoint must be there (a table resuming a run, ``run_id``)."""
 
     def __init__(self, shard_id: int, num_shards: int, num_embeddings: int, embedding_dim: int, optimizer: str,
                  optimizer_options: Dict[str, Any], padding_idx: Optional[int], dtype: str, seed: int, init: str,
@@ -62,15 +100,14 @@ class Shard:
         self.num_embeddings = num_embeddings
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
         self.rows = local_rows(shard_id, num_shards, num_embeddings)
-        restore = checkpoint_dir is not None and _has_checkpoint(checkpoint_dir)
+        self.held = held_checkpoints(checkpoint_dir) if checkpoint_dir is not None else []
+        restore = bool(self.held)
         if resume and not restore:
             raise CheckpointError(f"{checkpoint_dir}: no checkpoint of shard {shard_id} of {num_shards} to resume "
                                   "(the run_id, checkpoint_dir and num_shards of the run that wrote it are needed)")
         if checkpoint_dir is not None and not restore:
             # a directory it cannot write is an error now, not at its first checkpoint; a restarted
-            # shard only reads (a full disk must not keep it from restoring, and creating the
-            # directory would hide a checkpoint left complete in its ".ready" sibling by a crash
-            # between the save's two renames)
+            # shard only reads (a full disk must not keep it from restoring)
             writable_directory(checkpoint_dir, "checkpoint_dir")
         table_dtype = Embedding(1, 1, dtype=dtype, seed=0).weight.dtype   # the name resolved ("bfloat16")
         global_rows = np.arange(shard_id, num_embeddings, num_shards, dtype=np.int64)
@@ -102,15 +139,22 @@ class Shard:
             options["state_dir"] = os.path.join(storage_dir, "state")
         self.opt = make_optimizer(optimizer, self.emb, options)
         self.step = 0
+        self.lineage = FIRST_LINEAGE
         self.restored_from: Optional[int] = None
-        self.saved_step: Optional[int] = None   # the step of this shard's latest checkpoint
+        self.saved_step: Optional[int] = None   # the step of the checkpoint holding the current state
+        self.saved_slot: Optional[str] = None   # the slot of that checkpoint (the next save writes the other)
+        self.serial = max((h["serial"] for h in self.held), default=0)   # saves so far (the newest's serial)
         if restore:
-            assert checkpoint_dir is not None
-            extra = load_checkpoint(checkpoint_dir, {"rows": self.emb}, self.opt, mmap=False)
-            if not isinstance(extra, dict) or extra.get("shard") != [shard_id, num_shards]:
-                raise CheckpointError(f"{checkpoint_dir}: not the checkpoint of shard {shard_id} of {num_shards}")
-            self.step = int(extra["step"])
-            self.restored_from = self.saved_step = self.step
+            self._restore(self.held[0])
+            self.restored_from = self.step
+
+    def _restore(self, held: Dict[str, Any]) -> None:
+        """Take the state of checkpoint ``held`` (an entry of :func:`held_checkpoints`)."""
+        extra = load_checkpoint(held["path"], {"rows": self.emb}, self.opt, mmap=False)
+        if not isinstance(extra, dict) or extra.get("shard") != [self.shard_id, self.num_shards]:
+            raise CheckpointError(f"{held['path']}: not the checkpoint of shard {self.shard_id} of {self.num_shards}")
+        self.step = self.saved_step = int(extra["step"])
+        self.lineage, self.saved_slot = str(extra["lineage"]), held["slot"]
 
     # ---------------------------------------------------------------- calls from the client
     def gather(self, step: int, rows: np.ndarray) -> Tuple[int, Optional[np.ndarray]]:
@@ -172,6 +216,29 @@ class Shard:
             return self.step, None
         return self.step, self._try_save()
 
+    def checkpoints(self) -> List[Dict[str, Any]]:
+        """The checkpoints this shard holds (:func:`held_checkpoints`), newest first: at start, the
+        one it restored and the one before it."""
+        return [dict(h) for h in self.held]
+
+    def rewind(self, lineage: str, step: int) -> Tuple[int, Optional[str]]:
+        """A resumed shard whose newest checkpoint is ahead of another shard's: take the state of its
+        other checkpoint, ``(lineage, step)``, and write it again as its newest (so that a restart
+        restores it, and the abandoned state is gone from disk once that save is complete).
+        ``(step, None)``, or ``(step, why)`` when that save could not be written (the state is the
+        rewound one; the disk still holds the abandoned one as the newest). Raises
+        :class:`CheckpointError` when it holds no such checkpoint."""
+        for held in self.held:
+            if held["lineage"] == lineage and held["step"] == step:
+                break
+        else:
+            raise CheckpointError(f"shard {self.shard_id} holds no checkpoint of step {step} (lineage {lineage})")
+        if self.saved_slot != held["slot"] or self.step != step:
+            self._restore(held)
+            self.restored_from = self.step
+            return self.step, self._try_save()
+        return self.step, None
+
     def options(self) -> Dict[str, Any]:
         """The optimizer's hyper-parameters (its param group without ``params`` and this shard's
         ``rounding_rows``): those of the checkpoint a resumed shard restored."""
@@ -192,12 +259,14 @@ class Shard:
         return self.step, self.emb.weight.copy(), entry
 
     def load(self, step: int, weight: np.ndarray, entry: Dict[str, Any],
-             options: Optional[Dict[str, Any]] = None) -> Tuple[int, Optional[str]]:
+             options: Optional[Dict[str, Any]] = None, lineage: str = FIRST_LINEAGE) -> Tuple[int, Optional[str]]:
         """Take ``weight`` and optimizer state ``entry`` as the state at ``step`` (checked by the
         optimizer first: a refused state changes nothing), then checkpoint it when checkpointing.
         ``options``: the optimizer's hyper-parameters to take as well (a loaded checkpoint's; this
-        shard's ``rounding_rows`` are kept). Returns ``(step, None)``, or ``(step, why)`` when the
-        checkpoint of the loaded state could not be written (the state is loaded)."""
+        shard's ``rounding_rows`` are kept). ``lineage``: the load's name, the same on every shard
+        (its checkpoints' states are told apart from earlier ones of the same step by it). Returns
+        ``(step, None)``, or ``(step, why)`` when the checkpoint of the loaded state could not be
+        written (the state is loaded)."""
         weight = np.asarray(weight)
         if weight.shape != self.emb.weight.shape or weight.dtype != self.emb.weight.dtype:
             raise ValueError(f"shard {self.shard_id}: weight {weight.shape} {weight.dtype} does not match "
@@ -218,17 +287,25 @@ class Shard:
             except Exception:
                 self.emb.weight = old
                 raise
-        self.step = int(step)
+        self.step, self.lineage = int(step), str(lineage)
+        self.saved_step = None   # (not the state of any checkpoint until it is saved)
         return self.step, (self._try_save() if self.checkpoint_dir is not None else None)
 
     def save(self) -> None:
-        """Checkpoint the current step into ``checkpoint_dir`` (cembed's checkpoint directory
-        format: the rows as table ``"rows"``, the optimizer's state, the step in ``extra``)."""
+        """Checkpoint the current step into the slot of ``checkpoint_dir`` that does not hold the
+        latest checkpoint (cembed's checkpoint directory format: the rows as table ``"rows"``, the
+        optimizer's state; in ``extra`` the step, the shard, the save's serial number and the
+        state's lineage). A save that fails leaves both slots as they were."""
         if self.checkpoint_dir is None:
             raise ValueError("this shard has no checkpoint_dir")
-        save_checkpoint(self.checkpoint_dir, {"rows": self.emb}, self.opt,
-                        extra={"step": self.step, "shard": [self.shard_id, self.num_shards]})
-        self.saved_step = self.step
+        slot = SLOTS[1] if self.saved_slot == SLOTS[0] else SLOTS[0]
+        serial = self.serial + 1
+        path = save_checkpoint(os.path.join(self.checkpoint_dir, slot), {"rows": self.emb}, self.opt,
+                               extra={"step": self.step, "shard": [self.shard_id, self.num_shards],
+                                      "serial": serial, "lineage": self.lineage})
+        self.serial, self.saved_slot, self.saved_step = serial, slot, self.step
+        self.held = [{"slot": slot, "path": path, "serial": serial, "lineage": self.lineage, "step": self.step}] + \
+            [h for h in self.held if h["slot"] != slot][:1]
 
 
 def shard_cpus(cpus: Any, shard_id: int, num_shards: int) -> List[int]:
@@ -293,10 +370,3 @@ def writable_directory(path: str, name: str) -> None:
     except OSError as exc:
         raise ValueError(f"{name} {path!r} cannot be used as a directory: {type(exc).__name__}: {exc}") from None
 
-
-def _has_checkpoint(path: str) -> bool:
-    try:
-        find_directory(path)
-    except CheckpointError:
-        return False
-    return True

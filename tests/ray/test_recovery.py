@@ -12,8 +12,9 @@ import pytest
 import cembed
 
 from cembed.distributed import ShardedEmbedding, ShardLostError
+from cembed.distributed._shard import held_checkpoints
 
-from test_sharded import assert_same_state, single_process, zipf_batch
+from test_sharded import assert_same_state, newest_checkpoint, single_process, zipf_batch
 
 V, D, OPTS = 41, 6, {"lr": 0.03}
 
@@ -65,9 +66,12 @@ def test_killed_shards_recover_bitwise(ray_local, tmp_path):
         assert table.graph_builds == 0 and table.transport == "actor calls"
         assert [i["step"] for i in info] == [12, 12, 12]
         assert_same_state(table, emb, opt)
-        # each shard's checkpoint is a cembed checkpoint directory of its rows, at the last multiple of 3
-        meta, files = cembed.checkpoint.read_directory(table._shard_dir(0))
-        assert meta["extra"] == {"step": 12, "shard": [0, 3]} and "module.rows" in files
+        # each shard's checkpoint is a cembed checkpoint directory of its rows, at the last multiple of 3,
+        # the fourth save (steps 3, 6, 9, 12: slots a, b, a, b), the one before it in the other slot
+        newest = newest_checkpoint(table, 0)
+        meta, files = cembed.checkpoint.read_directory(newest["path"])
+        assert meta["extra"] == {"step": 12, "shard": [0, 3], "serial": 4, "lineage": "seed"} and "module.rows" in files
+        assert newest["slot"] == "b" and [h["step"] for h in held_checkpoints(table._shard_dir(0))] == [12, 9]
     finally:
         table.shutdown()
 
@@ -197,19 +201,18 @@ def test_shutdown_applies_the_step_in_flight(ray_local, tmp_path, compiled):
     it. It once stopped the actors at once: the shards' checkpoints stood at steps [2, 2] or [2, 3]."""
     table = ShardedEmbedding(V, D, 2, "sgd", OPTS, seed=4, checkpoint_dir=str(tmp_path), checkpoint_every=1,
                              compiled_graph=compiled)
-    dirs = [table._shard_dir(k) for k in range(2)]
     for _ in range(3):
         out = table(np.arange(10))
         table.backward(np.ones_like(out), step=True)
     table.shutdown()
-    assert [cembed.checkpoint.read_directory(d)[0]["extra"]["step"] for d in dirs] == [3, 3]
+    assert _checkpointed_steps(table) == [3, 3]
     with pytest.raises(ShardLostError, match="shut down"):
         table(np.arange(3))
     table.shutdown()   # again: harmless
 
 
 def _checkpointed_steps(table):
-    return [cembed.checkpoint.read_directory(table._shard_dir(k))[0]["extra"]["step"] for k in range(table.num_shards)]
+    return [newest_checkpoint(table, k)["step"] for k in range(table.num_shards)]
 
 
 @pytest.mark.parametrize("on_disk", [False, True])
@@ -244,9 +247,9 @@ def test_a_run_shut_down_resumes_bitwise_from_its_shards_checkpoints(ray_local, 
 
 def test_resuming_a_run_refuses_what_cannot_be_resumed(ray_local, tmp_path):
     """A run_id needs its checkpoint_dir and is one name (both refused before any actor starts); a shard
-    count without checkpoints there names the missing checkpoint; shards whose checkpoints hold
-    different steps (a client killed while they checkpointed) are a CheckpointError — never a table
-    whose shards are at different steps."""
+    count without checkpoints there names the missing checkpoint; shards that share no checkpointed
+    step (each keeps its two latest) are a CheckpointError — never a table whose shards are at
+    different steps."""
     with pytest.raises(ValueError, match="give the checkpoint_dir"):
         ShardedEmbedding(V, D, 2, "sgd", OPTS, run_id="0123456789ab")
     for bad in ["../x", "", "a/b", 7]:
@@ -259,17 +262,72 @@ def test_resuming_a_run_refuses_what_cannot_be_resumed(ray_local, tmp_path):
             table.backward(np.ones_like(table(np.arange(V))), step=True)
         table.sync()
         shutil.copytree(table._shard_dir(0), tmp_path / "shard-0-at-2")
-        for _ in range(2):
+        for _ in range(4):
             table.backward(np.ones_like(table(np.arange(V))), step=True)
     finally:
         table.shutdown()
-    assert _checkpointed_steps(table) == [4, 4]
+    assert _checkpointed_steps(table) == [6, 6]
     with pytest.raises(ShardLostError, match="no checkpoint of shard 0 of 3 to resume"):
         ShardedEmbedding(V, D, 3, "sgd", OPTS, checkpoint_dir=str(tmp_path), run_id=table.run_id)
     shutil.rmtree(table._shard_dir(0))
     shutil.copytree(tmp_path / "shard-0-at-2", table._shard_dir(0))
-    with pytest.raises(cembed.checkpoint.CheckpointError, match=r"different steps \(shard 0: step 2, shard 1: step 4"):
+    with pytest.raises(cembed.checkpoint.CheckpointError,
+                       match=r"no step that every shard holds a checkpoint of \(shard 0: step 2; shard 1: steps 6 and 4"):
         ShardedEmbedding(V, D, 2, "sgd", OPTS, checkpoint_dir=str(tmp_path), run_id=table.run_id)
+    older = held_checkpoints(table._shard_dir(1))[1]      # shard 1's checkpoint of step 4, in slot b
+    with open(os.path.join(older["path"], "MANIFEST.json"), "w") as f:   # damaged: named, never skipped
+        f.write("{")
+    with pytest.raises(ShardLostError, match=r"shard-1-of-2/b"):
+        ShardedEmbedding(V, D, 2, "sgd", OPTS, checkpoint_dir=str(tmp_path), run_id=table.run_id)
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_a_client_killed_while_its_shards_checkpoint_resumes_at_the_step_before(ray_local, tmp_path, on_disk):
+    """The client dies while its shards write the checkpoint of step 4: shard 0 wrote it, shard 1 did not
+    (its slot is blocked here; a kill leaves the same). Each shard keeps its two latest checkpoints, so
+    both still hold step 2: the resumed run goes back there — shard 0 restores its older checkpoint and
+    writes it again as its newest — and trains on bitwise as one process resumed at step 2, also after
+    a restart of the shard that went back. Before, the shards' checkpoints held steps 4 and 2 and the
+    run could not be resumed at all."""
+    where = dict(checkpoint_dir=str(tmp_path / "ck"), storage_dir=str(tmp_path / "rows") if on_disk else None)
+    emb, opt = single_process(V, D, "sparseadam", OPTS, 4)
+    rng = np.random.default_rng(8)
+    table = ShardedEmbedding(V, D, 2, "sparseadam", OPTS, seed=4, checkpoint_every=2, compiled_graph=False, **where)
+    try:
+        for _ in range(2):
+            train_step(rng, table, emb, opt)
+        table.sync()
+        at_2 = table.state_dict()
+        blocked = os.path.join(table._shard_dir(1), "b")    # shard 1's next save goes there
+        with open(blocked, "wb") as f:
+            f.write(b"x")
+        for _ in range(2):
+            table.backward(np.ones_like(table(np.arange(V))), step=True)
+        with pytest.raises(RuntimeError, match="checkpoint of step 4 could not be written"):
+            table.sync()
+    finally:
+        table.shutdown(checkpoint=False)        # the client "dies": no final checkpoint
+    os.remove(blocked)
+    assert _checkpointed_steps(table) == [4, 2]
+    emb.weight[...] = at_2["weight"]            # the one process, back at step 2
+    opt.load_state_dict({"state": {0: at_2["optimizer"]}, "param_groups": opt.state_dict()["param_groups"]})
+    resumed = ShardedEmbedding(V, D, 2, "sparseadam", OPTS, checkpoint_every=2, compiled_graph=False,
+                               run_id=table.run_id, **where)
+    try:
+        assert resumed.step_count == 2
+        assert [info["restored_from"] for info in resumed.shard_info()] == [2, 2]
+        assert_same_state(resumed, emb, opt)
+        newest = newest_checkpoint(resumed, 0)
+        assert (newest["step"], newest["serial"]) == (2, 3), "the step 4 checkpoint is still shard 0's newest"
+        train_step(rng, resumed, emb, opt)
+        pid = resumed.shard_info()[0]["pid"]
+        os.kill(pid, signal.SIGKILL)             # restarts from the rewritten step 2, replays step 2
+        wait_gone(pid)
+        train_step(rng, resumed, emb, opt)
+        assert resumed.recoveries == 1
+        assert_same_state(resumed, emb, opt)
+    finally:
+        resumed.shutdown()
 
 
 def test_a_shard_whose_checkpoint_is_corrupt_is_lost_at_once_with_the_reason(ray_local, tmp_path):
@@ -282,7 +340,7 @@ def test_a_shard_whose_checkpoint_is_corrupt_is_lost_at_once_with_the_reason(ray
         for _ in range(2):
             table.backward(np.ones_like(table(np.arange(V))), step=True)
         table.sync()
-        path = os.path.join(table._shard_dir(1), "module.rows.npy")
+        path = os.path.join(newest_checkpoint(table, 1)["path"], "module.rows.npy")
         data = bytearray(open(path, "rb").read())
         data[-1] ^= 1
         open(path, "wb").write(bytes(data))

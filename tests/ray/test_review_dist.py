@@ -13,7 +13,7 @@ import cembed
 from cembed.distributed import ShardedEmbedding, ShardLostError
 
 from test_recovery import wait_gone
-from test_sharded import assert_same_state, single_process, zipf_batch
+from test_sharded import assert_same_state, newest_checkpoint, single_process, zipf_batch
 
 V, D = 11, 4
 
@@ -311,9 +311,10 @@ def test_error_of_an_earlier_step_keeps_this_calls_gradient(ray_local, tmp_path,
         assert table.step_count == 3
         assert_same_state(table, emb, opt)
         # shutdown() checkpoints the last step, which shard 1 cannot: said, with the table still running
-        # (shard 0 did checkpoint step 3: stopped now, the run could not be resumed), which trains on
+        # (shard 0 did checkpoint step 3: stopped now, the run would resume at the previous one), which
+        # trains on
         with pytest.raises(RuntimeError, match=r"checkpoint of step 3 could not be written \(shard 1: .* The "
-                                               r"table still runs.*checkpoints now hold different steps"):
+                                               r"table still runs.*resume at the shards' previous checkpoint"):
             table.shutdown()
         train_step_both = zipf_batch(rng, V, 8)
         grad = rng.standard_normal((train_step_both.size, D)).astype(np.float32)
@@ -343,17 +344,17 @@ def test_restart_restores_a_checkpoint_left_in_its_ready_sibling(ray_local, tmp_
     try:
         train(rng, table, emb, opt, steps=2)       # shard checkpoints at step 2
         train(rng, table, emb, opt)                # step 3: in the replay log
-        shard_dir = table._shard_dir(1)
-        head, name = os.path.split(shard_dir)
-        os.rename(shard_dir, os.path.join(head, f".{name}.ready"))   # as a crash between the renames leaves it
+        slot = newest_checkpoint(table, 1)["path"]   # (slot a: the shard's first save)
+        head, name = os.path.split(slot)
+        os.rename(slot, os.path.join(head, f".{name}.ready"))   # as a crash between the renames leaves it
         pid = table.shard_info()[1]["pid"]
         os.kill(pid, signal.SIGKILL)
         wait_gone(pid)
         table(np.arange(V))                        # the restarted shard restores (and creates nothing)
         assert table.recoveries == 1 and table.shard_info()[1]["restored_from"] == 2
-        assert not os.path.lexists(shard_dir), "the restart created the checkpoint path over the .ready one"
-        train(rng, table, emb, opt)                # step 4: its save completes the interrupted one
-        assert os.path.isdir(shard_dir) and not os.path.lexists(os.path.join(head, f".{name}.ready"))
+        assert not os.path.lexists(slot), "the restart created the checkpoint path over the .ready one"
+        train(rng, table, emb, opt, steps=3)       # step 4 goes to slot b; step 6's save, to slot a again,
+        assert os.path.isdir(slot) and not os.path.lexists(os.path.join(head, f".{name}.ready"))  # completes it
         assert_same_state(table, emb, opt)
     finally:
         table.shutdown()
@@ -384,7 +385,7 @@ def test_shutdown_after_a_periodic_checkpoint_failed_writes_it_again(ray_local, 
     finally:
         with contextlib.suppress(RuntimeError):
             table.shutdown(checkpoint=False)
-    assert [cembed.checkpoint.read_directory(table._shard_dir(k))[0]["extra"]["step"] for k in range(2)] == [2, 2]
+    assert [newest_checkpoint(table, k)["step"] for k in range(2)] == [2, 2]
     resumed = ShardedEmbedding(V, D, 2, "sgd", {"lr": 0.1}, checkpoint_dir=str(tmp_path), run_id=table.run_id,
                                compiled_graph=False)
     try:

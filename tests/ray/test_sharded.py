@@ -8,6 +8,7 @@ import pytest
 import cembed
 from cembed.apps import train as train_mod
 from cembed.distributed import OPTIMIZERS, ShardedEmbedding, initial_rows
+from cembed.distributed._shard import held_checkpoints
 
 
 def single_process(V, D, optimizer, options, seed, init="uniform", padding_idx=None, dtype=np.float32):
@@ -29,6 +30,11 @@ def assert_same_state(sharded, emb, opt):
             assert got.dtype == value.dtype and got.tobytes() == value.tobytes(), f"optimizer state {key} differs"
         else:
             assert got == value, key
+
+
+def newest_checkpoint(table, k):
+    """Shard ``k``'s newest checkpoint: ``{"slot", "path", "serial", "lineage", "step"}``."""
+    return held_checkpoints(table._shard_dir(k))[0]
 
 
 def zipf_batch(rng, V, shape):
