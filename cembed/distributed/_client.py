@@ -19,7 +19,7 @@ from ..storage import aligned_zeros
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ._init import INITS, check_seed
 from ._ray import require_ray
-from ._shard import OPTIMIZERS, Shard, local_rows, make_optimizer
+from ._shard import FIRST_LINEAGE, OPTIMIZERS, Shard, local_rows, make_optimizer
 
 #: SGD momentum's state entry listing the rows whose buffer is live (row ids, not one value per row)
 ROW_LIST_KEY = "active_rows"
@@ -426,6 +426,11 @@ class ShardedEmbedding:
         self.bytes_received = 0
         self.recoveries = 0       # shards brought back by checkpoint + replay
         self._broken: Optional[str] = None
+        # the lineage of the table's state (a new one per load), and the newest state (lineage, step)
+        # that every shard is known to hold a checkpoint of: each checkpoint a shard writes keeps it
+        # (Shard.save), so that a run whose client dies mid-checkpoint can go back to it
+        self._lineage = FIRST_LINEAGE
+        self._common: Optional[Tuple[str, int]] = None
         try:
             if resuming:
                 self._resumed()
@@ -482,8 +487,10 @@ class ShardedEmbedding:
         common = set.intersection(*({(h["lineage"], h["step"]) for h in held[k]} for k in range(S)))
         chosen = next(((h["lineage"], h["step"]) for h in held[0] if (h["lineage"], h["step"]) in common), None)
         if chosen is None:
+            def state(h: Dict[str, Any]) -> str:   # (a loaded state's step: with the load's name)
+                return str(h["step"]) if h["lineage"] == FIRST_LINEAGE else f"{h['step']} (load {h['lineage'][:8]})"
             listed = "; ".join(f"shard {k}: step{'s' if len(held[k]) > 1 else ''} "
-                               f"{' and '.join(str(h['step']) for h in held[k])}" for k in range(S))
+                               f"{' and '.join(state(h) for h in held[k])}" for k in range(S))
             raise CheckpointError(f"run {self.run_id}: no step that every shard holds a checkpoint of ({listed}): "
                                   "resume from a save_checkpoint instead")
         behind = [k for k in range(S) if (held[k][0]["lineage"], held[k][0]["step"]) != chosen]
@@ -502,6 +509,7 @@ class ShardedEmbedding:
                                    f"holds, needs the shards ahead of it to checkpoint it again, and "
                                    f"{'; '.join(unsaved)}: nothing of the run was lost; resume again once they can")
         self._steps = [chosen[1]] * S
+        self._lineage, self._common = chosen[0], chosen
         self._adopt(self._ray.get(self._actors[0].options.remote(), timeout=self.recovery_timeout))
 
     def _adopt(self, options: Dict[str, Any]) -> None:
@@ -882,8 +890,8 @@ class ShardedEmbedding:
         self._settle()
         self._build_graph()
         had_graph = self._graph is not None
-        refs = self._graph_call([("apply", self._steps[k], parts[k]) for k in range(self.num_shards)]) \
-            if had_graph else None
+        refs = self._graph_call([("apply", self._steps[k], self._update(self._steps[k], parts[k]))
+                                 for k in range(self.num_shards)]) if had_graph else None
         for k in range(self.num_shards):
             before = self._steps[k]
             if refs is not None:
@@ -891,12 +899,19 @@ class ShardedEmbedding:
             elif had_graph:
                 ref = None     # the graph broke while sending: the shard may or may not have the step
             else:
-                ref = self._actors[k].apply.remote(before, parts[k])   # one argument: one object
+                ref = self._actors[k].apply.remote(before, self._update(before, parts[k]))   # one argument
             # logged until answered (and, when checkpointing, until a checkpoint covers it): a step
             # that a shard missed is replayed from here
             self._log[k][before] = parts[k]
             self._steps[k] = before + 1
             self._pending.append((k, before, ref))
+
+    def _update(self, step: int, part: Tuple[np.ndarray, np.ndarray]) -> Tuple[Any, ...]:
+        """A shard's ``update`` argument for step ``step``: ``part``, and for a step whose answer is
+        a checkpoint the state that checkpoint must keep (:meth:`Shard.save`)."""
+        if self.checkpoint_every and (step + 1) % self.checkpoint_every == 0:
+            return part + (self._common,)
+        return part
 
     def _settle(self) -> None:
         """Check the answers of the steps sent and not yet checked; recover shards that missed one.
@@ -936,6 +951,7 @@ class ShardedEmbedding:
         if refused is not None:    # before any recovery: a replay would only be refused again
             self._step_refused(pending, refused)
         unsaved = []
+        saved: Dict[int, set] = {}     # checkpointed step -> the shards that wrote it
         for k, before, reply in outcomes:
             ok, now, save_error = reply if reply is not None else (False, -1, None)
             if not (ok and now == before + 1):
@@ -949,6 +965,10 @@ class ShardedEmbedding:
             elif now % self.checkpoint_every == 0:
                 # the shard wrote this checkpoint before answering: older steps are never replayed
                 self._log[k] = {s: p for s, p in self._log[k].items() if s >= now}
+                saved.setdefault(now, set()).add(k)
+        complete = [s for s, shards in saved.items() if len(shards) == self.num_shards]
+        if complete:
+            self._common = (self._lineage, max(complete))
         if unsaved:
             raise _CheckpointNotWritten(f"the checkpoint of step {self.step_count} could not be written "
                                f"({'; '.join(unsaved)}); the step itself was applied: the table is at step "
@@ -1083,7 +1103,8 @@ class ShardedEmbedding:
             self.recoveries += 1
             try:
                 for s in range(at, target):
-                    ok, now, _ = ray.get(self._actors[k].apply.remote(s, log[s]), timeout=remaining)
+                    ok, now, _ = ray.get(self._actors[k].apply.remote(s, self._update(s, log[s])),
+                                         timeout=remaining)
                     if not ok or now != s + 1:
                         break
                 else:
@@ -1193,7 +1214,7 @@ class ShardedEmbedding:
         lineage = uuid.uuid4().hex   # the loaded state's name in the shards' checkpoints
 
         def send(k: int) -> Any:
-            return self._actors[k].load.remote(step, parts[k][0], parts[k][1], options, lineage)
+            return self._actors[k].load.remote(step, parts[k][0], parts[k][1], options, lineage, self._common)
 
         try:
             # a shard lost on the way (Ray restarting it) is brought back to the table's step and
@@ -1207,7 +1228,10 @@ class ShardedEmbedding:
         self._steps = [step] * S
         self._log = [{} for _ in range(S)]
         self._kgrad = None
+        self._lineage = lineage
         unsaved = [f"shard {k}: {got[k][1]}" for k in range(S) if got[k][1] is not None]
+        if self.checkpoint_dir is not None and not unsaved:
+            self._common = (lineage, step)
         if unsaved:
             # a shard restarted later would restore an older checkpoint, possibly of this very step
             self._fail(f"the state was loaded, but not every shard could checkpoint it ({'; '.join(unsaved)}): a "
@@ -1296,8 +1320,8 @@ class ShardedEmbedding:
         older checkpoints it, so that a table made with this ``run_id`` resumes there. A shard
         that cannot write it (a full disk) is a ``RuntimeError`` naming it **with the table still
         running**: call ``shutdown()`` again once it can, :meth:`save_checkpoint` the table, or
-        ``shutdown(checkpoint=False)`` to stop it as it is (the run then resumes at the shards'
-        previous checkpoint, which every shard still holds).
+        ``shutdown(checkpoint=False)`` to stop it as it is (the run then resumes at the newest step
+        that every shard holds a checkpoint of, which the error names).
         After ``ray.shutdown()`` it only marks the table unusable (it never starts a Ray of its own).
 
         Examples
@@ -1337,14 +1361,19 @@ class ShardedEmbedding:
         S = self.num_shards
 
         def ask(k: int) -> Any:
-            return self._actors[k].checkpoint.remote()
+            return self._actors[k].checkpoint.remote(self._common)
 
         got = self._wait_all([(k, ask(k)) for k in range(S)], expect=lambda k, reply: reply[0] == self._steps[k],
                              retry=ask, what="checkpoint")
         unsaved = [k for k in range(S) if got[k][1] is not None]
-        if unsaved:
+        if not unsaved:
+            self._common = (self._lineage, self._steps[0])
+        else:
             why = "; ".join(f"shard {k}: {got[k][1]}" for k in unsaved)
-            after = "stopped as it is, the run would resume at the shards' previous checkpoint, which all of them hold"
+            after = (f"stopped as it is, the run would resume at step {self._common[1]}, the newest that every shard "
+                     f"holds a checkpoint of" if self._common is not None else
+                     "stopped as it is, the run could not be resumed from its shards' checkpoints: not every shard "
+                     "holds one")
             raise RuntimeError(f"the checkpoint of step {self.step_count} could not be written ({why}). The table "
                                f"still runs: call shutdown() again once it can be written, save_checkpoint() it, or "
                                f"shutdown(checkpoint=False) to stop it anyway ({after})")

@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import functional as F
 from .. import optim
-from ..checkpoint import CheckpointError, find_directory, load_checkpoint, read_directory, save_checkpoint
+from ..checkpoint import MANIFEST, CheckpointError, find_directory, load_checkpoint, read_directory, save_checkpoint
 from ..storage import aligned_copy, aligned_zeros, open_table
 from ..modules import Embedding
 from ..sparse import SparseGrad
@@ -71,13 +71,19 @@ def held_checkpoints(shard_dir: str) -> List[Dict[str, Any]]:
             continue
         meta, _ = read_directory(found, verify=False)
         extra = meta.get("extra") if isinstance(meta, dict) else None
+        if isinstance(extra, dict) and "step" in extra and "serial" not in extra and "lineage" not in extra:
+            extra = dict(extra, serial=0, lineage=FIRST_LINEAGE)   # moved here from the one-slot layout
         keys = ("serial", "lineage", "step")
         if not isinstance(extra, dict) or any(key not in extra for key in keys) \
                 or not all(isinstance(extra[key], int) and not isinstance(extra[key], bool) and extra[key] >= 0
                            for key in ("serial", "step")) or not isinstance(extra["lineage"], str):
-            raise CheckpointError(f"{found}: not a shard checkpoint of this version (its manifest's extra lacks "
-                                  "serial, lineage or step)")
+            raise CheckpointError(f"{found}: not a shard checkpoint (its manifest's extra lacks serial, lineage "
+                                  "or step)")
         held.append({"slot": slot, "path": found, **{key: extra[key] for key in keys}})
+    if not held and os.path.isfile(os.path.join(shard_dir, MANIFEST)):
+        raise CheckpointError(f"{shard_dir} holds its checkpoint in the one-slot layout of cembed before "
+                              f"2026-11-27 (the checkpoint files in the shard's directory itself): move them "
+                              f"into {os.path.join(shard_dir, SLOTS[0])}/ to resume the run")
     return sorted(held, key=lambda h: -h["serial"])
 
 
@@ -153,8 +159,8 @@ class Shard:
         extra = load_checkpoint(held["path"], {"rows": self.emb}, self.opt, mmap=False)
         if not isinstance(extra, dict) or extra.get("shard") != [self.shard_id, self.num_shards]:
             raise CheckpointError(f"{held['path']}: not the checkpoint of shard {self.shard_id} of {self.num_shards}")
-        self.step = self.saved_step = int(extra["step"])
-        self.lineage, self.saved_slot = str(extra["lineage"]), held["slot"]
+        self.step = self.saved_step = int(held["step"])
+        self.lineage, self.saved_slot = held["lineage"], held["slot"]
 
     # ---------------------------------------------------------------- calls from the client
     def gather(self, step: int, rows: np.ndarray) -> Tuple[int, Optional[np.ndarray]]:
@@ -163,18 +169,20 @@ class Shard:
             return self.step, None
         return self.step, F.embedding(rows, self.emb.weight)   # rows checked against this shard's table
 
-    def apply(self, step: int, update: Tuple[np.ndarray, np.ndarray]) -> Tuple[bool, int, Optional[str]]:
+    def apply(self, step: int, update: Tuple[Any, ...]) -> Tuple[bool, int, Optional[str]]:
         """Apply step ``step``: the optimizer's update for ``update = (rows, values)``, the summed
         gradient ``values`` of local rows ``rows`` (ascending, distinct; may be empty — the step
         still counts, as in one process; one argument, so that Ray ships both as one object).
         Returns ``(True, step + 1, None)``; or ``(False, own step, None)`` without changing anything
         when the shard is not at ``step``. Writes a checkpoint when the new step is a multiple of
-        ``checkpoint_every`` (before answering: an answered step is on disk). A checkpoint that
+        ``checkpoint_every`` (before answering: an answered step is on disk), keeping the state
+        ``keep`` when ``update = (rows, values, keep)`` (see :meth:`save`). A checkpoint that
         cannot be written does not undo the step: the answer is then ``(True, step + 1, why)``.
         An optimizer that refuses the step raises, and the shard stays at ``step``."""
         if step != self.step:
             return False, self.step, None
-        rows, values = update
+        rows, values = update[0], update[1]
+        keep = update[2] if len(update) > 2 else None
         self.emb.grad = SparseGrad(rows, values, self.rows)
         try:
             self.opt.step()
@@ -182,19 +190,19 @@ class Shard:
             self.emb.grad = None
         self.step += 1
         if self.checkpoint_every and self.step % self.checkpoint_every == 0:
-            return True, self.step, self._try_save()
+            return True, self.step, self._try_save(keep)
         return True, self.step, None
 
-    def _try_save(self) -> Optional[str]:
+    def _try_save(self, keep: Any = None) -> Optional[str]:
         """:meth:`save`; None, or why the checkpoint could not be written (the state is unchanged)."""
         try:
-            self.save()
+            self.save(keep)
         except Exception as exc:
             return f"{type(exc).__name__}: {exc}"
         return None
 
     def call(self, request: Tuple[str, int, Any]) -> Any:
-        """``("gather", step, rows)`` or ``("apply", step, (rows, values))``: :meth:`gather` or
+        """``("gather", step, rows)`` or ``("apply", step, (rows, values[, keep]))``: :meth:`gather` or
         :meth:`apply` — the one method of the compiled graph the client drives this shard through
         (Ray runs a compiled graph's calls on a thread of its own; the client never has a compiled
         call and an ordinary one in flight to the same shard at once)."""
@@ -208,13 +216,14 @@ class Shard:
     def current_step(self) -> int:
         return self.step
 
-    def checkpoint(self) -> Tuple[int, Optional[str]]:
+    def checkpoint(self, keep: Any = None) -> Tuple[int, Optional[str]]:
         """Checkpoint the current step unless the latest checkpoint holds it (a table shutting down:
-        its last steps are on disk, for a run resumed later). ``(step, None)``, or ``(step, why)``
-        when it could not be written (the state is unchanged)."""
+        its last steps are on disk, for a run resumed later), keeping the state ``keep`` (see
+        :meth:`save`). ``(step, None)``, or ``(step, why)`` when it could not be written (the
+        state is unchanged)."""
         if self.checkpoint_dir is None or self.saved_step == self.step:
             return self.step, None
-        return self.step, self._try_save()
+        return self.step, self._try_save(keep)
 
     def checkpoints(self) -> List[Dict[str, Any]]:
         """The checkpoints this shard holds (:func:`held_checkpoints`), newest first: at start, the
@@ -236,7 +245,7 @@ class Shard:
         if self.saved_slot != held["slot"] or self.step != step:
             self._restore(held)
             self.restored_from = self.step
-            return self.step, self._try_save()
+            return self.step, self._try_save((lineage, step))
         return self.step, None
 
     def options(self) -> Dict[str, Any]:
@@ -259,12 +268,14 @@ class Shard:
         return self.step, self.emb.weight.copy(), entry
 
     def load(self, step: int, weight: np.ndarray, entry: Dict[str, Any],
-             options: Optional[Dict[str, Any]] = None, lineage: str = FIRST_LINEAGE) -> Tuple[int, Optional[str]]:
+             options: Optional[Dict[str, Any]] = None, lineage: str = FIRST_LINEAGE,
+             keep: Any = None) -> Tuple[int, Optional[str]]:
         """Take ``weight`` and optimizer state ``entry`` as the state at ``step`` (checked by the
         optimizer first: a refused state changes nothing), then checkpoint it when checkpointing.
         ``options``: the optimizer's hyper-parameters to take as well (a loaded checkpoint's; this
         shard's ``rounding_rows`` are kept). ``lineage``: the load's name, the same on every shard
-        (its checkpoints' states are told apart from earlier ones of the same step by it). Returns
+        (its checkpoints' states are told apart from earlier ones of the same step by it); ``keep``:
+        the checkpointed state to keep (:meth:`save`). Returns
         ``(step, None)``, or ``(step, why)`` when the checkpoint of the loaded state could not be
         written (the state is loaded)."""
         weight = np.asarray(weight)
@@ -289,16 +300,21 @@ class Shard:
                 raise
         self.step, self.lineage = int(step), str(lineage)
         self.saved_step = None   # (not the state of any checkpoint until it is saved)
-        return self.step, (self._try_save() if self.checkpoint_dir is not None else None)
+        return self.step, (self._try_save(keep) if self.checkpoint_dir is not None else None)
 
-    def save(self) -> None:
-        """Checkpoint the current step into the slot of ``checkpoint_dir`` that does not hold the
-        latest checkpoint (cembed's checkpoint directory format: the rows as table ``"rows"``, the
-        optimizer's state; in ``extra`` the step, the shard, the save's serial number and the
-        state's lineage). A save that fails leaves both slots as they were."""
+    def save(self, keep: Any = None) -> None:
+        """Checkpoint the current step into a slot of ``checkpoint_dir`` (cembed's checkpoint
+        directory format: the rows as table ``"rows"``, the optimizer's state; in ``extra`` the
+        step, the shard, the save's serial number and the state's lineage): the slot that does not
+        hold ``keep = (lineage, step)`` — the newest state the client knows every shard to hold a
+        checkpoint of, which a resumed run may need to go back to — or, when no slot holds it (None:
+        no such state yet), the slot that does not hold this shard's latest checkpoint. A save that
+        fails leaves both slots as they were."""
         if self.checkpoint_dir is None:
             raise ValueError("this shard has no checkpoint_dir")
-        slot = SLOTS[1] if self.saved_slot == SLOTS[0] else SLOTS[0]
+        kept = [h["slot"] for h in self.held if keep is not None and (h["lineage"], h["step"]) == tuple(keep)]
+        avoid = kept[0] if kept else self.saved_slot
+        slot = SLOTS[1] if avoid == SLOTS[0] else SLOTS[0]
         serial = self.serial + 1
         path = save_checkpoint(os.path.join(self.checkpoint_dir, slot), {"rows": self.emb}, self.opt,
                                extra={"step": self.step, "shard": [self.shard_id, self.num_shards],

@@ -330,6 +330,78 @@ def test_a_client_killed_while_its_shards_checkpoint_resumes_at_the_step_before(
         resumed.shutdown()
 
 
+def test_a_failed_final_checkpoint_after_a_failed_periodic_one_keeps_the_shared_step(ray_local, tmp_path):
+    """Shard 1 cannot write the checkpoint of step 4, the table trains on to step 5, and shutdown()'s final
+    checkpoint fails on shard 1 again. Shard 0 wrote both, but into the slot not holding step 2, the newest
+    state both shards hold (the client tells it which to keep): shutdown(checkpoint=False) then leaves a
+    run that resumes at step 2, as the error says, bitwise. Before (a review's find), shard 0's final
+    checkpoint overwrote its step 2 and the run could not be resumed at all."""
+    table = ShardedEmbedding(V, D, 2, "sgd", {"lr": 0.1}, seed=2, checkpoint_dir=str(tmp_path), checkpoint_every=2,
+                             compiled_graph=False)
+    rng = np.random.default_rng(1)
+    try:
+        for _ in range(2):
+            table.backward(rng.standard_normal((V, D)).astype(np.float32), np.arange(V), step=True)
+        table.sync()
+        at_2 = table.state_dict()
+        blocked = os.path.join(table._shard_dir(1), "b")
+        with open(blocked, "wb") as f:
+            f.write(b"x")
+        with pytest.raises(RuntimeError, match="checkpoint of step 4 could not be written"):
+            for _ in range(2):
+                table.backward(rng.standard_normal((V, D)).astype(np.float32), np.arange(V), step=True)
+            table.sync()
+        table.backward(rng.standard_normal((V, D)).astype(np.float32), np.arange(V), step=True)   # step 5
+        with pytest.raises(RuntimeError, match=r"checkpoint of step 5 could not be written .*would resume at step "
+                                               r"2, the newest that every shard holds"):
+            table.shutdown()
+        assert [h["step"] for h in held_checkpoints(table._shard_dir(0))] == [5, 2]
+    finally:
+        table.shutdown(checkpoint=False)
+    os.remove(blocked)
+    resumed = ShardedEmbedding(V, D, 2, "sgd", {"lr": 0.1}, checkpoint_dir=str(tmp_path), run_id=table.run_id,
+                               compiled_graph=False)
+    try:
+        assert resumed.step_count == 2
+        assert resumed.state_dict()["weight"].tobytes() == at_2["weight"].tobytes()
+    finally:
+        resumed.shutdown()
+
+
+def test_a_run_checkpointed_in_the_one_slot_layout_is_refused_with_how_to_move_it(ray_local, tmp_path):
+    """cembed before 2026-11-27 wrote a shard's one checkpoint into its directory itself (extra: step and
+    shard only). Resuming such a run says so and how to move it; moved into slot a, it resumes bitwise."""
+    table = ShardedEmbedding(V, D, 2, "sgd", {"lr": 0.1}, seed=2, checkpoint_dir=str(tmp_path), compiled_graph=False)
+    try:
+        for _ in range(3):
+            table.backward(np.ones_like(table(np.arange(V))), step=True)
+        at_3 = table.state_dict()
+    finally:
+        table.shutdown()
+    for k in range(2):     # rewrite each shard's checkpoint as the earlier layout held it
+        shard_dir = table._shard_dir(k)
+        local = cembed.Embedding(len(range(k, V, 2)), D, sparse=True)
+        opt = cembed.optim.SGD([local], lr=0.1, rounding_rows=(k, 2))
+        cembed.load_checkpoint(newest_checkpoint(table, k)["path"], {"rows": local}, opt, mmap=False)
+        shutil.rmtree(shard_dir)
+        cembed.save_checkpoint(shard_dir, {"rows": local}, opt, extra={"step": 3, "shard": [k, 2]})
+    with pytest.raises(ShardLostError, match=r"one-slot layout of cembed before 2026-11-27.*move them into .*/a/"):
+        ShardedEmbedding(V, D, 2, "sgd", {"lr": 0.1}, checkpoint_dir=str(tmp_path), run_id=table.run_id)
+    for k in range(2):
+        shard_dir = table._shard_dir(k)
+        os.mkdir(os.path.join(shard_dir, "a"))
+        for name in os.listdir(shard_dir):
+            if name != "a":
+                os.rename(os.path.join(shard_dir, name), os.path.join(shard_dir, "a", name))
+    resumed = ShardedEmbedding(V, D, 2, "sgd", {"lr": 0.1}, checkpoint_dir=str(tmp_path), run_id=table.run_id,
+                               compiled_graph=False)
+    try:
+        assert resumed.step_count == 3
+        assert resumed.state_dict()["weight"].tobytes() == at_3["weight"].tobytes()
+    finally:
+        resumed.shutdown()
+
+
 def test_a_shard_whose_checkpoint_is_corrupt_is_lost_at_once_with_the_reason(ray_local, tmp_path):
     """A restarted shard whose own checkpoint fails its checksum cannot start, and Ray does not try
     again: the next call raises ShardLostError naming the corrupt file at once (it once waited the

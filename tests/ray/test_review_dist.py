@@ -311,10 +311,10 @@ def test_error_of_an_earlier_step_keeps_this_calls_gradient(ray_local, tmp_path,
         assert table.step_count == 3
         assert_same_state(table, emb, opt)
         # shutdown() checkpoints the last step, which shard 1 cannot: said, with the table still running
-        # (shard 0 did checkpoint step 3: stopped now, the run would resume at the previous one), which
-        # trains on
+        # (shard 1 never wrote a checkpoint: stopped now, the run could not be resumed), which trains on
         with pytest.raises(RuntimeError, match=r"checkpoint of step 3 could not be written \(shard 1: .* The "
-                                               r"table still runs.*resume at the shards' previous checkpoint"):
+                                               r"table still runs.*could not be resumed from its shards' "
+                                               r"checkpoints: not every shard holds one"):
             table.shutdown()
         train_step_both = zipf_batch(rng, V, 8)
         grad = rng.standard_normal((train_step_both.size, D)).astype(np.float32)
