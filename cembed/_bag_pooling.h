@@ -162,14 +162,26 @@ CEMBED_DEFINE_POOL_MAX(cembed_pool_max_f32, float)
 CEMBED_DEFINE_POOL_MAX(cembed_pool_max_f64, double)
 
 /* A whole bag, unscaled: out = sum over k in [begin, end) with idx[k] != padding_idx of row idx[k],
- * accumulated in bag order in vector registers, prefetching the row PREFETCH entries ahead (all of its
- * cache lines). Returns the number of rows summed. */
-#define CEMBED_BAG_PREFETCH 16
-/* inside CEMBED_DEFINE_BAG_SUM: prefetch every cache line of the row of entry k + CEMBED_BAG_PREFETCH */
+ * accumulated in bag order in vector registers, prefetching the row `ahead` entries ahead (all of its
+ * cache lines). Returns the number of rows summed.
+ * The distance is one of bytes: CEMBED_BAG_PREFETCH_BYTES of rows ahead (at least CEMBED_BAG_PREFETCH_MIN
+ * rows, at most CEMBED_BAG_PREFETCH_MAX), so a 16-bit row is prefetched twice as many entries ahead as a
+ * float32 one and the same number of lines is in flight. */
+#ifndef CEMBED_BAG_PREFETCH_BYTES
+#define CEMBED_BAG_PREFETCH_BYTES 16384
+#endif
+#define CEMBED_BAG_PREFETCH_MIN 16
+#define CEMBED_BAG_PREFETCH_MAX 256
+static inline __attribute__((unused)) ptrdiff_t cembed_bag_prefetch_rows(ptrdiff_t row_bytes)
+{
+    const ptrdiff_t rows = row_bytes > 0 ? CEMBED_BAG_PREFETCH_BYTES / row_bytes : CEMBED_BAG_PREFETCH_MAX;
+    return rows < CEMBED_BAG_PREFETCH_MIN ? CEMBED_BAG_PREFETCH_MIN : rows > CEMBED_BAG_PREFETCH_MAX ? CEMBED_BAG_PREFETCH_MAX : rows;
+}
+/* inside the bag sums: prefetch every cache line of the row of entry k + ahead */
 #define CEMBED_BAG_PREFETCH_ROW(k)                                                                     \
     do {                                                                                              \
-        if ((k) + CEMBED_BAG_PREFETCH < n_indices) {                                                  \
-            const char *ahead_ = (const char *)(base + (ptrdiff_t)idx[(k) + CEMBED_BAG_PREFETCH] * row_stride); \
+        if ((k) + ahead < n_indices) {                                                                \
+            const char *ahead_ = (const char *)(base + (ptrdiff_t)idx[(k) + ahead] * row_stride);     \
             for (ptrdiff_t b_ = 0; b_ < row_bytes; b_ += 64) __builtin_prefetch(ahead_ + b_, 0, 3);   \
         }                                                                                             \
     } while (0)
@@ -182,13 +194,14 @@ ATTR static ptrdiff_t NAME(T *restrict out, const TW *base, ptrdiff_t row_stride
 {                                                                                                     \
     const ptrdiff_t lanes = (ptrdiff_t)(sizeof(V) / sizeof(T));                                       \
     const ptrdiff_t row_bytes = dim * (ptrdiff_t)sizeof(TW);                                           \
+    const ptrdiff_t ahead = cembed_bag_prefetch_rows(row_bytes);                                      \
     ptrdiff_t count = 0, j0 = 0;                                                                      \
     int prefetched = 0;                                                                               \
     for (ptrdiff_t k = begin; k < end; k++) count += (int64_t)idx[k] != padding_idx;                  \
     for (; WIDE && j0 + 8 * lanes <= dim; j0 += 8 * lanes) {  /* 8 vectors of columns in 8 registers  */ \
         V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};             \
         for (ptrdiff_t k = begin; k < end; k++) {                                                     \
-            if (!prefetched) CEMBED_BAG_PREFETCH_ROW(k);  /* the row CEMBED_BAG_PREFETCH entries ahead */ \
+            if (!prefetched) CEMBED_BAG_PREFETCH_ROW(k);  /* the row `ahead` entries ahead */        \
             if ((int64_t)idx[k] == padding_idx) continue;                                             \
             const TW *w = base + (ptrdiff_t)idx[k] * row_stride + j0;                                  \
             a0 = a0 + LOAD(w);                                                                         \
@@ -213,7 +226,7 @@ ATTR static ptrdiff_t NAME(T *restrict out, const TW *base, ptrdiff_t row_stride
     for (; j0 + 4 * lanes <= dim; j0 += 4 * lanes) {                                                  \
         V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                                     \
         for (ptrdiff_t k = begin; k < end; k++) {                                                     \
-            if (!prefetched) CEMBED_BAG_PREFETCH_ROW(k);  /* the row CEMBED_BAG_PREFETCH entries ahead */ \
+            if (!prefetched) CEMBED_BAG_PREFETCH_ROW(k);  /* the row `ahead` entries ahead */        \
             if ((int64_t)idx[k] == padding_idx) continue;                                             \
             const TW *w = base + (ptrdiff_t)idx[k] * row_stride + j0;                                  \
             a0 = a0 + LOAD(w);                                                                         \
@@ -275,6 +288,7 @@ CEMBED_BAG_CLONES static ptrdiff_t NAME(float *restrict out, const uint16_t *bas
                                          ptrdiff_t n_indices, int64_t padding_idx)                    \
 {                                                                                                     \
     const ptrdiff_t row_bytes = dim * (ptrdiff_t)sizeof(uint16_t);                                    \
+    const ptrdiff_t ahead = cembed_bag_prefetch_rows(row_bytes);                                      \
     ptrdiff_t count = 0, j0 = 0;                                                                      \
     int prefetched = 0;                                                                               \
     for (ptrdiff_t k = begin; k < end; k++) count += (int64_t)idx[k] != padding_idx;                  \
@@ -318,12 +332,90 @@ CEMBED_BAG_CLONES static ptrdiff_t NAME(float *restrict out, const uint16_t *bas
     }                                                                                                 \
     return count;                                                                                     \
 }
-CEMBED_DEFINE_BAG_SUM_BF16(cembed_bag_sum_bf16_i32, int32_t)
-CEMBED_DEFINE_BAG_SUM_BF16(cembed_bag_sum_bf16_i64, int64_t)
+CEMBED_DEFINE_BAG_SUM_BF16(cembed_bag_sum_bf16_portable_i32, int32_t)
+CEMBED_DEFINE_BAG_SUM_BF16(cembed_bag_sum_bf16_portable_i64, int64_t)
 #else
-CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_bf16_i32, float, uint16_t, cembed_vf8, int32_t, cembed_load_bf16x8, cembed_bf16_to_f32, 1)
-CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_bf16_i64, float, uint16_t, cembed_vf8, int64_t, cembed_load_bf16x8, cembed_bf16_to_f32, 1)
+CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_bf16_portable_i32, float, uint16_t, cembed_vf8, int32_t, cembed_load_bf16x8,
+                      cembed_bf16_to_f32, 1)
+CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_bf16_portable_i64, float, uint16_t, cembed_vf8, int64_t, cembed_load_bf16x8,
+                      cembed_bf16_to_f32, 1)
 #endif
+/* bfloat16 on a CPU with AVX-512F (_half.h's check, which CEMBED_DISABLE_CPU_FEATURES=avx512f turns off):
+ * 128 columns per pass over the bag in 8 zmm accumulators (a 128-column row is summed in one pass, its
+ * four cache lines read together; the 256-bit kernels above take two passes), each 16 columns widened by
+ * one zero-extend and a shift (cembed_bf16x16_widen). Each element still sums its rows in bag order
+ * from +0: bit for bit the portable kernel's result. Chosen by the dispatchers below. */
+#ifdef CEMBED_X86_INTRINSICS
+#define CEMBED_DEFINE_BAG_SUM_BF16_AVX512(NAME, IT)                                                    \
+CEMBED_AVX512_FUNCTION static ptrdiff_t NAME(float *restrict out, const uint16_t *base, ptrdiff_t row_stride, \
+                                              ptrdiff_t dim, const IT *idx, ptrdiff_t begin, ptrdiff_t end, \
+                                              ptrdiff_t n_indices, int64_t padding_idx)               \
+{                                                                                                     \
+    const ptrdiff_t row_bytes = dim * (ptrdiff_t)sizeof(uint16_t);                                    \
+    const ptrdiff_t ahead = cembed_bag_prefetch_rows(row_bytes);                                      \
+    ptrdiff_t count = 0, j0 = 0;                                                                      \
+    int prefetched = 0;                                                                               \
+    for (ptrdiff_t k = begin; k < end; k++) count += (int64_t)idx[k] != padding_idx;                  \
+    for (; j0 + 128 <= dim; j0 += 128) {  /* 128 columns: 8 accumulators */                           \
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0; \
+        for (ptrdiff_t k = begin; k < end; k++) {                                                     \
+            if (!prefetched) CEMBED_BAG_PREFETCH_ROW(k);                                              \
+            if ((int64_t)idx[k] == padding_idx) continue;                                             \
+            const uint16_t *w = base + (ptrdiff_t)idx[k] * row_stride + j0;                           \
+            a0 = _mm512_add_ps(a0, cembed_bf16x16_widen(w));                                          \
+            a1 = _mm512_add_ps(a1, cembed_bf16x16_widen(w + 16));                                     \
+            a2 = _mm512_add_ps(a2, cembed_bf16x16_widen(w + 32));                                     \
+            a3 = _mm512_add_ps(a3, cembed_bf16x16_widen(w + 48));                                     \
+            a4 = _mm512_add_ps(a4, cembed_bf16x16_widen(w + 64));                                     \
+            a5 = _mm512_add_ps(a5, cembed_bf16x16_widen(w + 80));                                     \
+            a6 = _mm512_add_ps(a6, cembed_bf16x16_widen(w + 96));                                     \
+            a7 = _mm512_add_ps(a7, cembed_bf16x16_widen(w + 112));                                    \
+        }                                                                                             \
+        _mm512_storeu_ps(out + j0, a0); _mm512_storeu_ps(out + j0 + 16, a1);                          \
+        _mm512_storeu_ps(out + j0 + 32, a2); _mm512_storeu_ps(out + j0 + 48, a3);                     \
+        _mm512_storeu_ps(out + j0 + 64, a4); _mm512_storeu_ps(out + j0 + 80, a5);                     \
+        _mm512_storeu_ps(out + j0 + 96, a6); _mm512_storeu_ps(out + j0 + 112, a7);                    \
+        prefetched = 1;                                                                               \
+    }                                                                                                 \
+    for (; j0 + 16 <= dim; j0 += 16) {                                                                \
+        __m512 a0 = _mm512_setzero_ps();                                                              \
+        for (ptrdiff_t k = begin; k < end; k++) {                                                     \
+            if (!prefetched) CEMBED_BAG_PREFETCH_ROW(k);                                              \
+            if ((int64_t)idx[k] == padding_idx) continue;                                             \
+            a0 = _mm512_add_ps(a0, cembed_bf16x16_widen(base + (ptrdiff_t)idx[k] * row_stride + j0));  \
+        }                                                                                             \
+        _mm512_storeu_ps(out + j0, a0);                                                               \
+        prefetched = 1;                                                                               \
+    }                                                                                                 \
+    for (ptrdiff_t j = j0; j < dim; j++) {                                                            \
+        float a = 0;                                                                                  \
+        for (ptrdiff_t k = begin; k < end; k++) {                                                     \
+            if ((int64_t)idx[k] == padding_idx) continue;                                             \
+            a = a + cembed_bf16_to_f32((base + (ptrdiff_t)idx[k] * row_stride)[j]);                   \
+        }                                                                                             \
+        out[j] = a;                                                                                   \
+    }                                                                                                 \
+    return count;                                                                                     \
+}
+CEMBED_DEFINE_BAG_SUM_BF16_AVX512(cembed_bag_sum_bf16_avx512_i32, int32_t)
+CEMBED_DEFINE_BAG_SUM_BF16_AVX512(cembed_bag_sum_bf16_avx512_i64, int64_t)
+#define CEMBED_BAG_SUM_BF16_AVX512_FIRST(SUFFIX)                                                       \
+    if (dim >= 16 && cembed_have_avx512f())                                                           \
+        return cembed_bag_sum_bf16_avx512_##SUFFIX(out, base, row_stride, dim, idx, begin, end, n_indices, padding_idx);
+#else
+#define CEMBED_BAG_SUM_BF16_AVX512_FIRST(SUFFIX)
+#endif
+/* cembed_bag_sum_bf16_i32 / _i64: the AVX-512 kernel where the CPU has it, else the portable one */
+#define CEMBED_DEFINE_BAG_SUM_BF16_DISPATCH(SUFFIX, IT)                                                \
+static inline __attribute__((unused)) ptrdiff_t cembed_bag_sum_bf16_##SUFFIX(                          \
+        float *restrict out, const uint16_t *base, ptrdiff_t row_stride, ptrdiff_t dim, const IT *idx, \
+        ptrdiff_t begin, ptrdiff_t end, ptrdiff_t n_indices, int64_t padding_idx)                      \
+{                                                                                                     \
+    CEMBED_BAG_SUM_BF16_AVX512_FIRST(SUFFIX)                                                          \
+    return cembed_bag_sum_bf16_portable_##SUFFIX(out, base, row_stride, dim, idx, begin, end, n_indices, padding_idx); \
+}
+CEMBED_DEFINE_BAG_SUM_BF16_DISPATCH(i32, int32_t)
+CEMBED_DEFINE_BAG_SUM_BF16_DISPATCH(i64, int64_t)
 CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f16_portable_i32, float, uint16_t, cembed_vf8, int32_t, cembed_load_f16x8,
                       cembed_f16_to_f32, 1)
 CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f16_portable_i64, float, uint16_t, cembed_vf8, int64_t, cembed_load_f16x8,

@@ -93,15 +93,16 @@ def test_unknown_names_in_the_cpu_features_variable_are_reported(monkeypatch):
 
 
 def test_portable_kernels_give_the_bits_of_the_cpu_specific_ones(tmp_path):
-    """Where the CPU has F16C or AVX-512F, the tests above (and the fused bfloat16 SparseAdam tests of
-    test_half_grad.py, which reach the bfloat16 Adam row) run the hand-written paths. The same bitwise
+    """Where the CPU has F16C or AVX-512F, the tests above and below (the bags' sums; and the fused
+    bfloat16 SparseAdam tests of test_half_grad.py, which reach the bfloat16 Adam row) run the
+    hand-written paths. The same bitwise
     tests in a process with both turned off (CEMBED_DISABLE_CPU_FEATURES) run the portable kernels
     against the same NumPy references."""
     tests = os.path.dirname(os.path.abspath(__file__))
     env = env_importing_this_cembed(CEMBED_DISABLE_CPU_FEATURES="AVX512F, f16c")
     selected = [os.path.join(tests, "test_half_tables.py") + "::" + name for name in (
         "test_cpu_paths_are_reported_and_follow_the_environment", "test_widening_every_bit_pattern",
-        "test_narrowing_rounds_to_nearest_even")]
+        "test_narrowing_rounds_to_nearest_even", "test_bags_are_the_float32_pooling_of_the_widened_table")]
     selected += [os.path.join(tests, "test_half_optim.py") + "::" + name for name in (
         "test_bfloat16_adam_rows_of_whole_blocks", "test_round_rows_stochastic_matches_the_numpy_reference",
         "test_round_rows_nearest_is_the_dtype_cast")]
@@ -265,7 +266,7 @@ def _bag_call(rng, n_rows, n, case):
 
 
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("dim", [128, 37, 16, 3])
+@pytest.mark.parametrize("dim", [150, 128, 37, 16, 3])   # (the AVX-512 bfloat16 sum: 128-column blocks, 16, the rest)
 @pytest.mark.parametrize("case", BAG_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_bags_are_the_float32_pooling_of_the_widened_table(rng, dtype, dim, case):
     w = _table(rng, 200, dim, dtype)
