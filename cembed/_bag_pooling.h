@@ -261,8 +261,8 @@ ATTR static ptrdiff_t NAME(T *restrict out, const TW *base, ptrdiff_t row_stride
     return count;                                                                                     \
 }
 
-CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f32_i32, float, float, cembed_vf8, int32_t, CEMBED_LOAD_VF8, CEMBED_SCALAR, 1)
-CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f32_i64, float, float, cembed_vf8, int64_t, CEMBED_LOAD_VF8, CEMBED_SCALAR, 1)
+CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f32_portable_i32, float, float, cembed_vf8, int32_t, CEMBED_LOAD_VF8, CEMBED_SCALAR, 1)
+CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f32_portable_i64, float, float, cembed_vf8, int64_t, CEMBED_LOAD_VF8, CEMBED_SCALAR, 1)
 CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f64_i32, double, double, cembed_vd4, int32_t, CEMBED_LOAD_VD4, CEMBED_SCALAR, 1)
 CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f64_i64, double, double, cembed_vd4, int64_t, CEMBED_LOAD_VD4, CEMBED_SCALAR, 1)
 /* 16-bit tables: rows widened to float32 as they stream in, summed in float32 in the order the float32
@@ -340,18 +340,19 @@ CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_bf16_portable_i32, float, uint16_t, cembed_
 CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_bf16_portable_i64, float, uint16_t, cembed_vf8, int64_t, cembed_load_bf16x8,
                       cembed_bf16_to_f32, 1)
 #endif
-/* bfloat16 on a CPU with AVX-512F (_half.h's check, which CEMBED_DISABLE_CPU_FEATURES=avx512f turns off):
- * 128 columns per pass over the bag in 8 zmm accumulators (a 128-column row is summed in one pass, its
- * four cache lines read together; the 256-bit kernels above take two passes), each 16 columns widened by
- * one zero-extend and a shift (cembed_bf16x16_widen). Each element still sums its rows in bag order
- * from +0: bit for bit the portable kernel's result. Chosen by the dispatchers below. */
+/* float32 and bfloat16 on a CPU with AVX-512F (_half.h's check, which CEMBED_DISABLE_CPU_FEATURES=avx512f
+ * turns off): 128 columns per pass over the bag in 8 zmm accumulators (a 128-column row is summed in one
+ * pass, all its cache lines read together; the 256-bit kernels above take two passes), bfloat16 widened
+ * 16 columns at a time by one zero-extend and a shift (cembed_bf16x16_widen). Each element still sums its
+ * rows in bag order from +0: bit for bit the portable kernels' result. Chosen by the dispatchers below. */
 #ifdef CEMBED_X86_INTRINSICS
-#define CEMBED_DEFINE_BAG_SUM_BF16_AVX512(NAME, IT)                                                    \
-CEMBED_AVX512_FUNCTION static ptrdiff_t NAME(float *restrict out, const uint16_t *base, ptrdiff_t row_stride, \
+#define CEMBED_LOAD_F32X16(p) _mm512_loadu_ps(p)
+#define CEMBED_DEFINE_BAG_SUM_AVX512(NAME, TW, IT, LOAD16, WIDEN)                                      \
+CEMBED_AVX512_FUNCTION static ptrdiff_t NAME(float *restrict out, const TW *base, ptrdiff_t row_stride, \
                                               ptrdiff_t dim, const IT *idx, ptrdiff_t begin, ptrdiff_t end, \
                                               ptrdiff_t n_indices, int64_t padding_idx)               \
 {                                                                                                     \
-    const ptrdiff_t row_bytes = dim * (ptrdiff_t)sizeof(uint16_t);                                    \
+    const ptrdiff_t row_bytes = dim * (ptrdiff_t)sizeof(TW);                                          \
     const ptrdiff_t ahead = cembed_bag_prefetch_rows(row_bytes);                                      \
     ptrdiff_t count = 0, j0 = 0;                                                                      \
     int prefetched = 0;                                                                               \
@@ -361,15 +362,15 @@ CEMBED_AVX512_FUNCTION static ptrdiff_t NAME(float *restrict out, const uint16_t
         for (ptrdiff_t k = begin; k < end; k++) {                                                     \
             if (!prefetched) CEMBED_BAG_PREFETCH_ROW(k);                                              \
             if ((int64_t)idx[k] == padding_idx) continue;                                             \
-            const uint16_t *w = base + (ptrdiff_t)idx[k] * row_stride + j0;                           \
-            a0 = _mm512_add_ps(a0, cembed_bf16x16_widen(w));                                          \
-            a1 = _mm512_add_ps(a1, cembed_bf16x16_widen(w + 16));                                     \
-            a2 = _mm512_add_ps(a2, cembed_bf16x16_widen(w + 32));                                     \
-            a3 = _mm512_add_ps(a3, cembed_bf16x16_widen(w + 48));                                     \
-            a4 = _mm512_add_ps(a4, cembed_bf16x16_widen(w + 64));                                     \
-            a5 = _mm512_add_ps(a5, cembed_bf16x16_widen(w + 80));                                     \
-            a6 = _mm512_add_ps(a6, cembed_bf16x16_widen(w + 96));                                     \
-            a7 = _mm512_add_ps(a7, cembed_bf16x16_widen(w + 112));                                    \
+            const TW *w = base + (ptrdiff_t)idx[k] * row_stride + j0;                                 \
+            a0 = _mm512_add_ps(a0, LOAD16(w));                                                        \
+            a1 = _mm512_add_ps(a1, LOAD16(w + 16));                                                   \
+            a2 = _mm512_add_ps(a2, LOAD16(w + 32));                                                   \
+            a3 = _mm512_add_ps(a3, LOAD16(w + 48));                                                   \
+            a4 = _mm512_add_ps(a4, LOAD16(w + 64));                                                   \
+            a5 = _mm512_add_ps(a5, LOAD16(w + 80));                                                   \
+            a6 = _mm512_add_ps(a6, LOAD16(w + 96));                                                   \
+            a7 = _mm512_add_ps(a7, LOAD16(w + 112));                                                  \
         }                                                                                             \
         _mm512_storeu_ps(out + j0, a0); _mm512_storeu_ps(out + j0 + 16, a1);                          \
         _mm512_storeu_ps(out + j0 + 32, a2); _mm512_storeu_ps(out + j0 + 48, a3);                     \
@@ -382,7 +383,7 @@ CEMBED_AVX512_FUNCTION static ptrdiff_t NAME(float *restrict out, const uint16_t
         for (ptrdiff_t k = begin; k < end; k++) {                                                     \
             if (!prefetched) CEMBED_BAG_PREFETCH_ROW(k);                                              \
             if ((int64_t)idx[k] == padding_idx) continue;                                             \
-            a0 = _mm512_add_ps(a0, cembed_bf16x16_widen(base + (ptrdiff_t)idx[k] * row_stride + j0));  \
+            a0 = _mm512_add_ps(a0, LOAD16(base + (ptrdiff_t)idx[k] * row_stride + j0));               \
         }                                                                                             \
         _mm512_storeu_ps(out + j0, a0);                                                               \
         prefetched = 1;                                                                               \
@@ -391,31 +392,36 @@ CEMBED_AVX512_FUNCTION static ptrdiff_t NAME(float *restrict out, const uint16_t
         float a = 0;                                                                                  \
         for (ptrdiff_t k = begin; k < end; k++) {                                                     \
             if ((int64_t)idx[k] == padding_idx) continue;                                             \
-            a = a + cembed_bf16_to_f32((base + (ptrdiff_t)idx[k] * row_stride)[j]);                   \
+            a = a + WIDEN((base + (ptrdiff_t)idx[k] * row_stride)[j]);                                \
         }                                                                                             \
         out[j] = a;                                                                                   \
     }                                                                                                 \
     return count;                                                                                     \
 }
-CEMBED_DEFINE_BAG_SUM_BF16_AVX512(cembed_bag_sum_bf16_avx512_i32, int32_t)
-CEMBED_DEFINE_BAG_SUM_BF16_AVX512(cembed_bag_sum_bf16_avx512_i64, int64_t)
-#define CEMBED_BAG_SUM_BF16_AVX512_FIRST(SUFFIX)                                                       \
+CEMBED_DEFINE_BAG_SUM_AVX512(cembed_bag_sum_f32_avx512_i32, float, int32_t, CEMBED_LOAD_F32X16, CEMBED_SCALAR)
+CEMBED_DEFINE_BAG_SUM_AVX512(cembed_bag_sum_f32_avx512_i64, float, int64_t, CEMBED_LOAD_F32X16, CEMBED_SCALAR)
+CEMBED_DEFINE_BAG_SUM_AVX512(cembed_bag_sum_bf16_avx512_i32, uint16_t, int32_t, cembed_bf16x16_widen, cembed_bf16_to_f32)
+CEMBED_DEFINE_BAG_SUM_AVX512(cembed_bag_sum_bf16_avx512_i64, uint16_t, int64_t, cembed_bf16x16_widen, cembed_bf16_to_f32)
+#define CEMBED_BAG_SUM_AVX512_FIRST(FMT, SUFFIX)                                                       \
     if (dim >= 16 && cembed_have_avx512f())                                                           \
-        return cembed_bag_sum_bf16_avx512_##SUFFIX(out, base, row_stride, dim, idx, begin, end, n_indices, padding_idx);
+        return cembed_bag_sum_##FMT##_avx512_##SUFFIX(out, base, row_stride, dim, idx, begin, end, n_indices, padding_idx);
 #else
-#define CEMBED_BAG_SUM_BF16_AVX512_FIRST(SUFFIX)
+#define CEMBED_BAG_SUM_AVX512_FIRST(FMT, SUFFIX)
 #endif
-/* cembed_bag_sum_bf16_i32 / _i64: the AVX-512 kernel where the CPU has it, else the portable one */
-#define CEMBED_DEFINE_BAG_SUM_BF16_DISPATCH(SUFFIX, IT)                                                \
-static inline __attribute__((unused)) ptrdiff_t cembed_bag_sum_bf16_##SUFFIX(                          \
-        float *restrict out, const uint16_t *base, ptrdiff_t row_stride, ptrdiff_t dim, const IT *idx, \
+/* cembed_bag_sum_{f32,bf16}_{i32,i64}: the AVX-512 kernel where the CPU has it, else the portable one */
+#define CEMBED_DEFINE_BAG_SUM_DISPATCH(FMT, TW, SUFFIX, IT)                                            \
+static inline __attribute__((unused)) ptrdiff_t cembed_bag_sum_##FMT##_##SUFFIX(                       \
+        float *restrict out, const TW *base, ptrdiff_t row_stride, ptrdiff_t dim, const IT *idx,       \
         ptrdiff_t begin, ptrdiff_t end, ptrdiff_t n_indices, int64_t padding_idx)                      \
 {                                                                                                     \
-    CEMBED_BAG_SUM_BF16_AVX512_FIRST(SUFFIX)                                                          \
-    return cembed_bag_sum_bf16_portable_##SUFFIX(out, base, row_stride, dim, idx, begin, end, n_indices, padding_idx); \
+    CEMBED_BAG_SUM_AVX512_FIRST(FMT, SUFFIX)                                                          \
+    return cembed_bag_sum_##FMT##_portable_##SUFFIX(out, base, row_stride, dim, idx, begin, end, n_indices, \
+                                                    padding_idx);                                     \
 }
-CEMBED_DEFINE_BAG_SUM_BF16_DISPATCH(i32, int32_t)
-CEMBED_DEFINE_BAG_SUM_BF16_DISPATCH(i64, int64_t)
+CEMBED_DEFINE_BAG_SUM_DISPATCH(f32, float, i32, int32_t)
+CEMBED_DEFINE_BAG_SUM_DISPATCH(f32, float, i64, int64_t)
+CEMBED_DEFINE_BAG_SUM_DISPATCH(bf16, uint16_t, i32, int32_t)
+CEMBED_DEFINE_BAG_SUM_DISPATCH(bf16, uint16_t, i64, int64_t)
 CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f16_portable_i32, float, uint16_t, cembed_vf8, int32_t, cembed_load_f16x8,
                       cembed_f16_to_f32, 1)
 CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_f16_portable_i64, float, uint16_t, cembed_vf8, int64_t, cembed_load_f16x8,

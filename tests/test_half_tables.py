@@ -115,6 +115,44 @@ def test_portable_kernels_give_the_bits_of_the_cpu_specific_ones(tmp_path):
     assert " passed" in child.stdout and "skipped" not in child.stdout, child.stdout[-1000:]
 
 
+_BAG_SUMS_CHILD = r"""
+import sys, numpy as np, ml_dtypes, cembed.functional as F
+rng = np.random.default_rng(7)
+out = {}
+for dim in (150, 128, 37, 16, 3):
+    w = rng.standard_normal((300, dim)).astype(np.float32)
+    w[5] = -0.0
+    w[7, :3] = [np.inf, -np.inf, np.nan]
+    idx = rng.integers(0, 300, 4000)
+    offsets = np.concatenate([[0], np.cumsum(rng.integers(0, 40, 200))])
+    offsets = offsets[offsets <= idx.size]
+    for name, table in (("f32", w), ("bf16", w.astype(ml_dtypes.bfloat16))):
+        for index_dtype in (np.int32, np.int64):
+            for pad in (None, 5):
+                key = f"{name}-{dim}-{np.dtype(index_dtype).name}-{pad}"
+                out[key] = F.embedding_bag(idx.astype(index_dtype), table, offsets, mode="sum", padding_idx=pad)
+np.savez(sys.argv[1], **out)
+"""
+
+
+def test_bag_sums_of_the_avx512_kernels_are_the_portable_ones(tmp_path):
+    """The bag sums (float32 and bfloat16, int32 and int64 indices, with and without padding_idx,
+    widths with 128-column blocks, 16-column blocks and a tail; -0.0, infinities and NaN in the rows)
+    give the same bits with the AVX-512F kernels and with them turned off (a child process each)."""
+    got = {}
+    for disabled in ("", "avx512f"):
+        path = tmp_path / f"sums-{disabled or 'cpu'}.npz"
+        env = env_importing_this_cembed(CEMBED_DISABLE_CPU_FEATURES=disabled)
+        child = subprocess.run([sys.executable, "-c", _BAG_SUMS_CHILD, str(path)], env=env, cwd=tmp_path,
+                               capture_output=True, text=True, timeout=300)
+        assert child.returncode == 0, child.stderr[-3000:]
+        with np.load(path) as data:
+            got[disabled] = {key: data[key] for key in data.files}
+    assert got[""].keys() == got["avx512f"].keys() and len(got[""]) == 40
+    for key, value in got[""].items():
+        assert value.tobytes() == got["avx512f"][key].tobytes(), key
+
+
 def _float32_sweep():
     """Every 4099th float32 bit pattern, plus the edge cases of both formats."""
     sweep = (np.arange(0, 2 ** 32, 4099, dtype=np.uint64)).astype(np.uint32).view(np.float32)
