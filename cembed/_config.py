@@ -174,8 +174,8 @@ def show_config(file: Optional[TextIO] = None, mode: str = "stdout") -> Optional
     CPU paths the kernels take on this machine and the output cache: printed (``mode="stdout"``, to
     ``file`` or standard output) or returned as a dict (``mode="dicts"``, as ``numpy.show_config`` does).
 
-    ``cpu_paths``: F16C for float16 rows, AVX-512F for bfloat16 rounding, float16 stochastic rounding and
-    the bfloat16 Adam row, each where the CPU has it. The environment variable ``CEMBED_DISABLE_CPU_FEATURES`` (e.g.
+    ``cpu_paths``: F16C for float16 rows, AVX-512F for bfloat16 rounding, float16 stochastic rounding,
+    the bfloat16 Adam row and the float32 / bfloat16 bag sums, each where the CPU has it. The environment variable ``CEMBED_DISABLE_CPU_FEATURES`` (e.g.
     ``"avx512f,f16c"``), set before ``import cembed``, turns them off — not the compiler's AVX2 / AVX-512
     versions of the vectorised loops, which the loader picks. Every path gives the same bits.
 
