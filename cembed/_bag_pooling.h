@@ -185,6 +185,17 @@ static inline __attribute__((unused)) ptrdiff_t cembed_bag_prefetch_rows(ptrdiff
             for (ptrdiff_t b_ = 0; b_ < row_bytes; b_ += 64) __builtin_prefetch(ahead_ + b_, 0, 3);   \
         }                                                                                             \
     } while (0)
+/* inside the bag sums: the columns j0..dim-1 that no vector block took, one at a time (in T, each row
+ * widened by WIDEN), in bag order from +0 as the blocks sum */
+#define CEMBED_BAG_SUM_LAST_COLUMNS(T, WIDEN)                                                          \
+    for (ptrdiff_t j = j0; j < dim; j++) {                                                            \
+        T a = 0;                                                                                      \
+        for (ptrdiff_t k = begin; k < end; k++) {                                                     \
+            if ((int64_t)idx[k] == padding_idx) continue;                                             \
+            a = a + WIDEN((base + (ptrdiff_t)idx[k] * row_stride)[j]);                                \
+        }                                                                                             \
+        out[j] = a;                                                                                   \
+    }
 #define CEMBED_DEFINE_BAG_SUM(NAME, T, TW, V, IT, LOAD, WIDEN, WIDE)                                   \
     CEMBED_DEFINE_BAG_SUM_AS(CEMBED_BAG_CLONES, NAME, T, TW, V, IT, LOAD, WIDEN, WIDE)
 #define CEMBED_DEFINE_BAG_SUM_AS(ATTR, NAME, T, TW, V, IT, LOAD, WIDEN, WIDE)                          \
@@ -250,14 +261,7 @@ ATTR static ptrdiff_t NAME(T *restrict out, const TW *base, ptrdiff_t row_stride
         *(V *)(out + j0) = a0;                                                                        \
         prefetched = 1;                                                                               \
     }                                                                                                 \
-    for (ptrdiff_t j = j0; j < dim; j++) {                                                            \
-        T a = 0;                                                                                      \
-        for (ptrdiff_t k = begin; k < end; k++) {                                                     \
-            if ((int64_t)idx[k] == padding_idx) continue;                                             \
-            a = a + WIDEN((base + (ptrdiff_t)idx[k] * row_stride)[j]);                                 \
-        }                                                                                             \
-        out[j] = a;                                                                                   \
-    }                                                                                                 \
+    CEMBED_BAG_SUM_LAST_COLUMNS(T, WIDEN);                                                            \
     return count;                                                                                     \
 }
 
@@ -322,14 +326,7 @@ CEMBED_BAG_CLONES static ptrdiff_t NAME(float *restrict out, const uint16_t *bas
         CEMBED_STORE_PAIRS(out + j0, e0, o0);                                                         \
         prefetched = 1;                                                                               \
     }                                                                                                 \
-    for (ptrdiff_t j = j0; j < dim; j++) {                                                            \
-        float a = 0;                                                                                  \
-        for (ptrdiff_t k = begin; k < end; k++) {                                                     \
-            if ((int64_t)idx[k] == padding_idx) continue;                                             \
-            a = a + cembed_bf16_to_f32((base + (ptrdiff_t)idx[k] * row_stride)[j]);                   \
-        }                                                                                             \
-        out[j] = a;                                                                                   \
-    }                                                                                                 \
+    CEMBED_BAG_SUM_LAST_COLUMNS(float, cembed_bf16_to_f32);                                           \
     return count;                                                                                     \
 }
 CEMBED_DEFINE_BAG_SUM_BF16(cembed_bag_sum_bf16_portable_i32, int32_t)
@@ -388,14 +385,7 @@ CEMBED_AVX512_FUNCTION static ptrdiff_t NAME(float *restrict out, const TW *base
         _mm512_storeu_ps(out + j0, a0);                                                               \
         prefetched = 1;                                                                               \
     }                                                                                                 \
-    for (ptrdiff_t j = j0; j < dim; j++) {                                                            \
-        float a = 0;                                                                                  \
-        for (ptrdiff_t k = begin; k < end; k++) {                                                     \
-            if ((int64_t)idx[k] == padding_idx) continue;                                             \
-            a = a + WIDEN((base + (ptrdiff_t)idx[k] * row_stride)[j]);                                \
-        }                                                                                             \
-        out[j] = a;                                                                                   \
-    }                                                                                                 \
+    CEMBED_BAG_SUM_LAST_COLUMNS(float, WIDEN);                                                        \
     return count;                                                                                     \
 }
 CEMBED_DEFINE_BAG_SUM_AVX512(cembed_bag_sum_f32_avx512_i32, float, int32_t, CEMBED_LOAD_F32X16, CEMBED_SCALAR)
