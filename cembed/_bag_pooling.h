@@ -185,6 +185,15 @@ static inline __attribute__((unused)) ptrdiff_t cembed_bag_prefetch_rows(ptrdiff
             for (ptrdiff_t b_ = 0; b_ < row_bytes; b_ += 64) __builtin_prefetch(ahead_ + b_, 0, 3);   \
         }                                                                                             \
     } while (0)
+/* the start of every bag sum: the row's bytes, the prefetch distance, the count of rows summed (entries
+ * other than padding_idx), the first column not yet summed (j0) and whether the first pass over the bag
+ * (the one that prefetches) is done */
+#define CEMBED_BAG_SUM_BEGIN(TW)                                                                       \
+    const ptrdiff_t row_bytes = dim * (ptrdiff_t)sizeof(TW);                                          \
+    const ptrdiff_t ahead = cembed_bag_prefetch_rows(row_bytes);                                      \
+    ptrdiff_t count = 0, j0 = 0;                                                                      \
+    int prefetched = 0;                                                                               \
+    for (ptrdiff_t k = begin; k < end; k++) count += (int64_t)idx[k] != padding_idx
 /* inside the bag sums: the columns j0..dim-1 that no vector block took, one at a time (in T, each row
  * widened by WIDEN), in bag order from +0 as the blocks sum */
 #define CEMBED_BAG_SUM_LAST_COLUMNS(T, WIDEN)                                                          \
@@ -204,11 +213,7 @@ ATTR static ptrdiff_t NAME(T *restrict out, const TW *base, ptrdiff_t row_stride
                                          ptrdiff_t n_indices, int64_t padding_idx)                    \
 {                                                                                                     \
     const ptrdiff_t lanes = (ptrdiff_t)(sizeof(V) / sizeof(T));                                       \
-    const ptrdiff_t row_bytes = dim * (ptrdiff_t)sizeof(TW);                                           \
-    const ptrdiff_t ahead = cembed_bag_prefetch_rows(row_bytes);                                      \
-    ptrdiff_t count = 0, j0 = 0;                                                                      \
-    int prefetched = 0;                                                                               \
-    for (ptrdiff_t k = begin; k < end; k++) count += (int64_t)idx[k] != padding_idx;                  \
+    CEMBED_BAG_SUM_BEGIN(TW);                                                                         \
     for (; WIDE && j0 + 8 * lanes <= dim; j0 += 8 * lanes) {  /* 8 vectors of columns in 8 registers  */ \
         V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};             \
         for (ptrdiff_t k = begin; k < end; k++) {                                                     \
@@ -291,11 +296,7 @@ CEMBED_BAG_CLONES static ptrdiff_t NAME(float *restrict out, const uint16_t *bas
                                          ptrdiff_t dim, const IT *idx, ptrdiff_t begin, ptrdiff_t end,  \
                                          ptrdiff_t n_indices, int64_t padding_idx)                    \
 {                                                                                                     \
-    const ptrdiff_t row_bytes = dim * (ptrdiff_t)sizeof(uint16_t);                                    \
-    const ptrdiff_t ahead = cembed_bag_prefetch_rows(row_bytes);                                      \
-    ptrdiff_t count = 0, j0 = 0;                                                                      \
-    int prefetched = 0;                                                                               \
-    for (ptrdiff_t k = begin; k < end; k++) count += (int64_t)idx[k] != padding_idx;                  \
+    CEMBED_BAG_SUM_BEGIN(uint16_t);                                                                   \
     for (; j0 + 64 <= dim; j0 += 64) {  /* 64 columns: 8 accumulators */                              \
         cembed_vf8 e0 = {0}, o0 = {0}, e1 = {0}, o1 = {0}, e2 = {0}, o2 = {0}, e3 = {0}, o3 = {0};    \
         for (ptrdiff_t k = begin; k < end; k++) {                                                     \
@@ -349,11 +350,7 @@ CEMBED_AVX512_FUNCTION static ptrdiff_t NAME(float *restrict out, const TW *base
                                               ptrdiff_t dim, const IT *idx, ptrdiff_t begin, ptrdiff_t end, \
                                               ptrdiff_t n_indices, int64_t padding_idx)               \
 {                                                                                                     \
-    const ptrdiff_t row_bytes = dim * (ptrdiff_t)sizeof(TW);                                          \
-    const ptrdiff_t ahead = cembed_bag_prefetch_rows(row_bytes);                                      \
-    ptrdiff_t count = 0, j0 = 0;                                                                      \
-    int prefetched = 0;                                                                               \
-    for (ptrdiff_t k = begin; k < end; k++) count += (int64_t)idx[k] != padding_idx;                  \
+    CEMBED_BAG_SUM_BEGIN(TW);                                                                         \
     for (; j0 + 128 <= dim; j0 += 128) {  /* 128 columns: 8 accumulators */                           \
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0; \
         for (ptrdiff_t k = begin; k < end; k++) {                                                     \
