@@ -431,6 +431,7 @@ class ShardedEmbedding:
         # (Shard.save), so that a run whose client dies mid-checkpoint can go back to it
         self._lineage = FIRST_LINEAGE
         self._common: Optional[Tuple[str, int]] = None
+        self._saved_by: Dict[int, set] = {}   # checkpoint step of this lineage -> the shards that wrote it
         try:
             if resuming:
                 self._resumed()
@@ -510,6 +511,7 @@ class ShardedEmbedding:
                                    f"{'; '.join(unsaved)}: nothing of the run was lost; resume again once they can")
         self._steps = [chosen[1]] * S
         self._lineage, self._common = chosen[0], chosen
+        self._saved_by = {}
         self._adopt(self._ray.get(self._actors[0].options.remote(), timeout=self.recovery_timeout))
 
     def _adopt(self, options: Dict[str, Any]) -> None:
@@ -906,6 +908,27 @@ class ShardedEmbedding:
             self._steps[k] = before + 1
             self._pending.append((k, before, ref))
 
+    def _note_checkpoints(self, k: int) -> None:
+        """After shard ``k`` was recovered: the checkpoints it holds count as answered (a step's answer
+        lost with the shard or with the compiled graph, the checkpoints its replay wrote)."""
+        try:
+            held = self._ray.get(self._actors[k].checkpoints.remote(), timeout=self.recovery_timeout)
+        except Exception:     # (lost again: a later call recovers it, and notes them then)
+            return
+        for entry in held:
+            if entry["lineage"] == self._lineage:
+                self._checkpointed(k, int(entry["step"]))
+
+    def _checkpointed(self, k: int, step: int) -> None:
+        """Shard ``k`` answered that it wrote the checkpoint of ``step`` (of the current lineage), in
+        a step's answer or in a replay; once every shard has, that state is ``_common``."""
+        shards = self._saved_by.setdefault(step, set())
+        shards.add(k)
+        if len(shards) == self.num_shards:
+            if self._common is None or self._common[0] != self._lineage or self._common[1] < step:
+                self._common = (self._lineage, step)
+            self._saved_by = {s: ks for s, ks in self._saved_by.items() if s > step}
+
     def _update(self, step: int, part: Tuple[np.ndarray, np.ndarray]) -> Tuple[Any, ...]:
         """A shard's ``update`` argument for step ``step``: ``part``, and for a step whose answer is
         a checkpoint the state that checkpoint must keep (:meth:`Shard.save`)."""
@@ -951,7 +974,6 @@ class ShardedEmbedding:
         if refused is not None:    # before any recovery: a replay would only be refused again
             self._step_refused(pending, refused)
         unsaved = []
-        saved: Dict[int, set] = {}     # checkpointed step -> the shards that wrote it
         for k, before, reply in outcomes:
             ok, now, save_error = reply if reply is not None else (False, -1, None)
             if not (ok and now == before + 1):
@@ -965,10 +987,7 @@ class ShardedEmbedding:
             elif now % self.checkpoint_every == 0:
                 # the shard wrote this checkpoint before answering: older steps are never replayed
                 self._log[k] = {s: p for s, p in self._log[k].items() if s >= now}
-                saved.setdefault(now, set()).add(k)
-        complete = [s for s, shards in saved.items() if len(shards) == self.num_shards]
-        if complete:
-            self._common = (self._lineage, max(complete))
+                self._checkpointed(k, now)
         if unsaved:
             raise _CheckpointNotWritten(f"the checkpoint of step {self.step_count} could not be written "
                                f"({'; '.join(unsaved)}); the step itself was applied: the table is at step "
@@ -1028,9 +1047,12 @@ class ShardedEmbedding:
         self._broken = message
         raise ShardLostError(message)
 
-    def _wait_all(self, pending: List[Tuple[int, Any]], expect: Any, retry: Any = None, what: str = "call") -> Dict[int, Any]:
+    def _wait_all(self, pending: List[Tuple[int, Any]], expect: Any, retry: Any = None, what: str = "call",
+                  replay: bool = True) -> Dict[int, Any]:
         """ray.get every (shard, ref); a shard whose actor died, or that answers from another step,
-        is brought back to its step (:meth:`_recover`) and asked again with ``retry``."""
+        is brought back to its step (:meth:`_recover`) and asked again with ``retry``. ``replay``
+        False: only waited for until it answers, at whatever step it restored (a load, which
+        replaces everything a shard holds, is sent again as it is)."""
         ray = self._ray
         lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
         replies = {}
@@ -1051,7 +1073,7 @@ class ShardedEmbedding:
                     break
                 if retry is None:
                     self._fail(f"shard {k} was lost during {what}{cause}")
-                self._recover(k)
+                self._recover(k, replay)
                 ref = retry(k)
             else:
                 self._fail(f"shard {k}: {what} failed after repeated recoveries")
@@ -1069,9 +1091,10 @@ class ShardedEmbedding:
             self._fail(f"a shard did not answer a {what} within {self.recovery_timeout:g} s")
             raise   # not reached
 
-    def _recover(self, k: int) -> None:
+    def _recover(self, k: int, replay: bool = True) -> None:
         """Bring shard ``k`` (restarted by Ray from its last checkpoint) back to ``self._steps[k]``
-        by replaying the logged steps; :class:`ShardLostError` when that is impossible."""
+        by replaying the logged steps; :class:`ShardLostError` when that is impossible. ``replay``
+        False: return once it answers, at whatever step."""
         ray = self._ray
         lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
         self._drop_graph()    # ordinary calls from here; rebuilt at the next lookup or step
@@ -1093,7 +1116,10 @@ class ShardedEmbedding:
                 continue
             except ray.exceptions.GetTimeoutError:
                 self._fail(f"shard {k} did not come back within {self.recovery_timeout:g} s")
+            if not replay:
+                return
             if at == target:
+                self._note_checkpoints(k)
                 return
             log = self._log[k]
             if at > target or any(s not in log for s in range(at, target)):
@@ -1108,6 +1134,7 @@ class ShardedEmbedding:
                     if not ok or now != s + 1:
                         break
                 else:
+                    self._note_checkpoints(k)
                     return
             except lost:
                 continue   # lost again during the replay: start over from what it restores
@@ -1220,7 +1247,7 @@ class ShardedEmbedding:
             # a shard lost on the way (Ray restarting it) is brought back to the table's step and
             # sent its part again: a load replaces everything a shard holds, so sending it twice is harmless
             got = self._wait_all([(k, send(k)) for k in range(S)], expect=lambda k, reply: reply[0] == step,
-                                 retry=send, what="load_state_dict")
+                                 retry=send, what="load_state_dict", replay=False)
         except self._ray.exceptions.RayTaskError as exc:   # checked here first: not expected
             self._fail(f"a shard refused its part of a checked state: {_reason(exc)}")
         if options is not None:
@@ -1228,7 +1255,7 @@ class ShardedEmbedding:
         self._steps = [step] * S
         self._log = [{} for _ in range(S)]
         self._kgrad = None
-        self._lineage = lineage
+        self._lineage, self._saved_by = lineage, {}
         unsaved = [f"shard {k}: {got[k][1]}" for k in range(S) if got[k][1] is not None]
         if self.checkpoint_dir is not None and not unsaved:
             self._common = (lineage, step)
