@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 import weakref
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Type
 
 import numpy as np
 
@@ -431,7 +431,8 @@ class ShardedEmbedding:
         # (Shard.save), so that a run whose client dies mid-checkpoint can go back to it
         self._lineage = FIRST_LINEAGE
         self._common: Optional[Tuple[str, int]] = None
-        self._saved_by: Dict[int, set] = {}   # checkpoint step of this lineage -> the shards that wrote it
+        # what each shard's checkpoint slots hold, as it last said (after a checkpoint or a recovery)
+        self._holds: List[Set[Tuple[str, int]]] = [set() for _ in range(self.num_shards)]
         try:
             if resuming:
                 self._resumed()
@@ -510,8 +511,12 @@ class ShardedEmbedding:
                                    f"holds, needs the shards ahead of it to checkpoint it again, and "
                                    f"{'; '.join(unsaved)}: nothing of the run was lost; resume again once they can")
         self._steps = [chosen[1]] * S
-        self._lineage, self._common = chosen[0], chosen
-        self._saved_by = {}
+        self._lineage = chosen[0]
+        for k in range(S):
+            self._note_checkpoints(k)
+        if self._common != chosen:
+            raise CheckpointError(f"run {self.run_id}: after going back to step {chosen[1]} the shards do not all "
+                                  "hold it (a checkpoint slot changed while the run resumed)")
         self._adopt(self._ray.get(self._actors[0].options.remote(), timeout=self.recovery_timeout))
 
     def _adopt(self, options: Dict[str, Any]) -> None:
@@ -909,25 +914,25 @@ class ShardedEmbedding:
             self._pending.append((k, before, ref))
 
     def _note_checkpoints(self, k: int) -> None:
-        """After shard ``k`` was recovered: the checkpoints it holds count as answered (a step's answer
-        lost with the shard or with the compiled graph, the checkpoints its replay wrote)."""
+        """Ask shard ``k`` which states its checkpoint slots hold (after it was recovered: a step's
+        answer lost with it or with the compiled graph, the checkpoints its replay wrote)."""
         try:
-            held = self._ray.get(self._actors[k].checkpoints.remote(), timeout=self.recovery_timeout)
-        except Exception:     # (lost again: a later call recovers it, and notes them then)
+            holding = self._ray.get(self._actors[k].holding.remote(), timeout=self.recovery_timeout)
+        except Exception:     # (lost again: a later call recovers it, and asks then)
             return
-        for entry in held:
-            if entry["lineage"] == self._lineage:
-                self._checkpointed(k, int(entry["step"]))
+        self._holds[k] = {tuple(h) for h in holding}
+        self._update_common()
 
-    def _checkpointed(self, k: int, step: int) -> None:
-        """Shard ``k`` answered that it wrote the checkpoint of ``step`` (of the current lineage), in
-        a step's answer or in a replay; once every shard has, that state is ``_common``."""
-        shards = self._saved_by.setdefault(step, set())
-        shards.add(k)
-        if len(shards) == self.num_shards:
-            if self._common is None or self._common[0] != self._lineage or self._common[1] < step:
-                self._common = (self._lineage, step)
-            self._saved_by = {s: ks for s, ks in self._saved_by.items() if s > step}
+    def _update_common(self) -> None:
+        """``_common``: the newest state of the current lineage that every shard's slots hold, as the
+        shards last said; else the previous one while they all still hold it (a load's state before
+        every shard has checkpointed it); else None."""
+        shared = set.intersection(*self._holds)
+        steps = [step for lineage, step in shared if lineage == self._lineage]
+        if steps:
+            self._common = (self._lineage, max(steps))
+        elif self._common not in shared:
+            self._common = None
 
     def _update(self, step: int, part: Tuple[np.ndarray, np.ndarray]) -> Tuple[Any, ...]:
         """A shard's ``update`` argument for step ``step``: ``part``, and for a step whose answer is
@@ -975,7 +980,9 @@ class ShardedEmbedding:
             self._step_refused(pending, refused)
         unsaved = []
         for k, before, reply in outcomes:
-            ok, now, save_error = reply if reply is not None else (False, -1, None)
+            ok, now, save_error, holding = reply if reply is not None else (False, -1, None, None)
+            if holding is not None:
+                self._holds[k] = {tuple(h) for h in holding}
             if not (ok and now == before + 1):
                 self._recover(k)       # back to self._steps[k], replaying step ``before`` too
                 if not self.checkpoint_every:
@@ -987,7 +994,7 @@ class ShardedEmbedding:
             elif now % self.checkpoint_every == 0:
                 # the shard wrote this checkpoint before answering: older steps are never replayed
                 self._log[k] = {s: p for s, p in self._log[k].items() if s >= now}
-                self._checkpointed(k, now)
+        self._update_common()
         if unsaved:
             raise _CheckpointNotWritten(f"the checkpoint of step {self.step_count} could not be written "
                                f"({'; '.join(unsaved)}); the step itself was applied: the table is at step "
@@ -1129,8 +1136,8 @@ class ShardedEmbedding:
             self.recoveries += 1
             try:
                 for s in range(at, target):
-                    ok, now, _ = ray.get(self._actors[k].apply.remote(s, self._update(s, log[s])),
-                                         timeout=remaining)
+                    ok, now, _, _ = ray.get(self._actors[k].apply.remote(s, self._update(s, log[s])),
+                                            timeout=remaining)
                     if not ok or now != s + 1:
                         break
                 else:
@@ -1255,10 +1262,11 @@ class ShardedEmbedding:
         self._steps = [step] * S
         self._log = [{} for _ in range(S)]
         self._kgrad = None
-        self._lineage, self._saved_by = lineage, {}
+        self._lineage = lineage
+        for k in range(S):
+            self._holds[k] = {tuple(h) for h in got[k][2]}
+        self._update_common()
         unsaved = [f"shard {k}: {got[k][1]}" for k in range(S) if got[k][1] is not None]
-        if self.checkpoint_dir is not None and not unsaved:
-            self._common = (lineage, step)
         if unsaved:
             # a shard restarted later would restore an older checkpoint, possibly of this very step
             self._fail(f"the state was loaded, but not every shard could checkpoint it ({'; '.join(unsaved)}): a "
@@ -1392,10 +1400,11 @@ class ShardedEmbedding:
 
         got = self._wait_all([(k, ask(k)) for k in range(S)], expect=lambda k, reply: reply[0] == self._steps[k],
                              retry=ask, what="checkpoint")
+        for k in range(S):
+            self._holds[k] = {tuple(h) for h in got[k][2]}
+        self._update_common()
         unsaved = [k for k in range(S) if got[k][1] is not None]
-        if not unsaved:
-            self._common = (self._lineage, self._steps[0])
-        else:
+        if unsaved:
             why = "; ".join(f"shard {k}: {got[k][1]}" for k in unsaved)
             after = (f"stopped as it is, the run would resume at step {self._common[1]}, the newest that every shard "
                      f"holds a checkpoint of" if self._common is not None else

@@ -169,7 +169,7 @@ class Shard:
             return self.step, None
         return self.step, F.embedding(rows, self.emb.weight)   # rows checked against this shard's table
 
-    def apply(self, step: int, update: Tuple[Any, ...]) -> Tuple[bool, int, Optional[str]]:
+    def apply(self, step: int, update: Tuple[Any, ...]) -> Tuple[bool, int, Optional[str], Any]:
         """Apply step ``step``: the optimizer's update for ``update = (rows, values)``, the summed
         gradient ``values`` of local rows ``rows`` (ascending, distinct; may be empty — the step
         still counts, as in one process; one argument, so that Ray ships both as one object).
@@ -178,9 +178,11 @@ class Shard:
         ``checkpoint_every`` (before answering: an answered step is on disk), keeping the state
         ``keep`` when ``update = (rows, values, keep)`` (see :meth:`save`). A checkpoint that
         cannot be written does not undo the step: the answer is then ``(True, step + 1, why)``.
-        An optimizer that refuses the step raises, and the shard stays at ``step``."""
+        After a checkpoint (written or not) a fourth item lists the states this shard's slots hold
+        (:meth:`holding`), else it is None. An optimizer that refuses the step raises, and the
+        shard stays at ``step``."""
         if step != self.step:
-            return False, self.step, None
+            return False, self.step, None, None
         rows, values = update[0], update[1]
         keep = update[2] if len(update) > 2 else None
         self.emb.grad = SparseGrad(rows, values, self.rows)
@@ -190,8 +192,9 @@ class Shard:
             self.emb.grad = None
         self.step += 1
         if self.checkpoint_every and self.step % self.checkpoint_every == 0:
-            return True, self.step, self._try_save(keep)
-        return True, self.step, None
+            why = self._try_save(keep)
+            return True, self.step, why, self.holding()
+        return True, self.step, None, None
 
     def _try_save(self, keep: Any = None) -> Optional[str]:
         """:meth:`save`; None, or why the checkpoint could not be written (the state is unchanged)."""
@@ -216,14 +219,19 @@ class Shard:
     def current_step(self) -> int:
         return self.step
 
-    def checkpoint(self, keep: Any = None) -> Tuple[int, Optional[str]]:
+    def checkpoint(self, keep: Any = None) -> Tuple[int, Optional[str], Any]:
         """Checkpoint the current step unless the latest checkpoint holds it (a table shutting down:
         its last steps are on disk, for a run resumed later), keeping the state ``keep`` (see
-        :meth:`save`). ``(step, None)``, or ``(step, why)`` when it could not be written (the
-        state is unchanged)."""
+        :meth:`save`). ``(step, None, holding)``, or ``(step, why, holding)`` when it could not be
+        written (the state is unchanged); ``holding``: :meth:`holding`, after it."""
         if self.checkpoint_dir is None or self.saved_step == self.step:
-            return self.step, None
-        return self.step, self._try_save(keep)
+            return self.step, None, self.holding()
+        why = self._try_save(keep)
+        return self.step, why, self.holding()
+
+    def holding(self) -> List[Tuple[str, int]]:
+        """The states ``(lineage, step)`` this shard's checkpoint slots hold (newest first)."""
+        return [(h["lineage"], h["step"]) for h in self.held]
 
     def checkpoints(self) -> List[Dict[str, Any]]:
         """The checkpoints this shard holds (:func:`held_checkpoints`), newest first: at start, the
@@ -269,15 +277,15 @@ class Shard:
 
     def load(self, step: int, weight: np.ndarray, entry: Dict[str, Any],
              options: Optional[Dict[str, Any]] = None, lineage: str = FIRST_LINEAGE,
-             keep: Any = None) -> Tuple[int, Optional[str]]:
+             keep: Any = None) -> Tuple[int, Optional[str], List[Tuple[str, int]]]:
         """Take ``weight`` and optimizer state ``entry`` as the state at ``step`` (checked by the
         optimizer first: a refused state changes nothing), then checkpoint it when checkpointing.
         ``options``: the optimizer's hyper-parameters to take as well (a loaded checkpoint's; this
         shard's ``rounding_rows`` are kept). ``lineage``: the load's name, the same on every shard
         (its checkpoints' states are told apart from earlier ones of the same step by it); ``keep``:
         the checkpointed state to keep (:meth:`save`). Returns
-        ``(step, None)``, or ``(step, why)`` when the checkpoint of the loaded state could not be
-        written (the state is loaded)."""
+        ``(step, None, holding)``, or ``(step, why, holding)`` when the checkpoint of the loaded
+        state could not be written (the state is loaded); ``holding``: :meth:`holding`, after it."""
         weight = np.asarray(weight)
         if weight.shape != self.emb.weight.shape or weight.dtype != self.emb.weight.dtype:
             raise ValueError(f"shard {self.shard_id}: weight {weight.shape} {weight.dtype} does not match "
@@ -300,7 +308,8 @@ class Shard:
                 raise
         self.step, self.lineage = int(step), str(lineage)
         self.saved_step = None   # (not the state of any checkpoint until it is saved)
-        return self.step, (self._try_save(keep) if self.checkpoint_dir is not None else None)
+        why = self._try_save(keep) if self.checkpoint_dir is not None else None
+        return self.step, why, self.holding()
 
     def save(self, keep: Any = None) -> None:
         """Checkpoint the current step into a slot of ``checkpoint_dir`` (cembed's checkpoint
