@@ -512,8 +512,11 @@ class ShardedEmbedding:
                                    f"{'; '.join(unsaved)}: nothing of the run was lost; resume again once they can")
         self._steps = [chosen[1]] * S
         self._lineage = chosen[0]
+        holding = self._wait_all([(k, self._actors[k].holding.remote()) for k in range(S)],
+                                 expect=lambda k, reply: True, what="resume")
         for k in range(S):
-            self._note_checkpoints(k)
+            self._holds[k] = {tuple(h) for h in holding[k]}
+        self._update_common()
         if self._common != chosen:
             raise CheckpointError(f"run {self.run_id}: after going back to step {chosen[1]} the shards do not all "
                                   "hold it (a checkpoint slot changed while the run resumed)")
@@ -1251,8 +1254,9 @@ class ShardedEmbedding:
             return self._actors[k].load.remote(step, parts[k][0], parts[k][1], options, lineage, self._common)
 
         try:
-            # a shard lost on the way (Ray restarting it) is brought back to the table's step and
-            # sent its part again: a load replaces everything a shard holds, so sending it twice is harmless
+            # a shard lost on the way (Ray restarting it) is waited for and sent its part again, at
+            # whatever step it restored: a load replaces everything a shard holds, so sending it twice
+            # is harmless
             got = self._wait_all([(k, send(k)) for k in range(S)], expect=lambda k, reply: reply[0] == step,
                                  retry=send, what="load_state_dict", replay=False)
         except self._ray.exceptions.RayTaskError as exc:   # checked here first: not expected

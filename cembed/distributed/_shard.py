@@ -173,13 +173,13 @@ class Shard:
         """Apply step ``step``: the optimizer's update for ``update = (rows, values)``, the summed
         gradient ``values`` of local rows ``rows`` (ascending, distinct; may be empty — the step
         still counts, as in one process; one argument, so that Ray ships both as one object).
-        Returns ``(True, step + 1, None)``; or ``(False, own step, None)`` without changing anything
-        when the shard is not at ``step``. Writes a checkpoint when the new step is a multiple of
+        Returns ``(True, step + 1, None, holding)``; or ``(False, own step, None, None)`` without
+        changing anything when the shard is not at ``step``. Writes a checkpoint when the new step is a multiple of
         ``checkpoint_every`` (before answering: an answered step is on disk), keeping the state
         ``keep`` when ``update = (rows, values, keep)`` (see :meth:`save`). A checkpoint that
-        cannot be written does not undo the step: the answer is then ``(True, step + 1, why)``.
-        After a checkpoint (written or not) a fourth item lists the states this shard's slots hold
-        (:meth:`holding`), else it is None. An optimizer that refuses the step raises, and the
+        cannot be written does not undo the step: the answer is then ``(True, step + 1, why,
+        holding)``. ``holding``: after a checkpoint (written or not) the states this shard's slots
+        hold (:meth:`holding`), else None. An optimizer that refuses the step raises, and the
         shard stays at ``step``."""
         if step != self.step:
             return False, self.step, None, None
@@ -197,10 +197,16 @@ class Shard:
         return True, self.step, None, None
 
     def _try_save(self, keep: Any = None) -> Optional[str]:
-        """:meth:`save`; None, or why the checkpoint could not be written (the state is unchanged)."""
+        """:meth:`save`; None, or why the checkpoint could not be written (the state is unchanged;
+        what the slots hold is read again from disk: a save can fail after its rename)."""
         try:
             self.save(keep)
         except Exception as exc:
+            try:
+                assert self.checkpoint_dir is not None
+                self.held = held_checkpoints(self.checkpoint_dir)
+            except Exception:
+                pass
             return f"{type(exc).__name__}: {exc}"
         return None
 
@@ -324,11 +330,11 @@ class Shard:
         kept = [h["slot"] for h in self.held if keep is not None and (h["lineage"], h["step"]) == tuple(keep)]
         avoid = kept[0] if kept else self.saved_slot
         slot = SLOTS[1] if avoid == SLOTS[0] else SLOTS[0]
-        serial = self.serial + 1
+        serial = self.serial = self.serial + 1   # (taken even by a save that fails: serials never repeat)
         path = save_checkpoint(os.path.join(self.checkpoint_dir, slot), {"rows": self.emb}, self.opt,
                                extra={"step": self.step, "shard": [self.shard_id, self.num_shards],
                                       "serial": serial, "lineage": self.lineage})
-        self.serial, self.saved_slot, self.saved_step = serial, slot, self.step
+        self.saved_slot, self.saved_step = slot, self.step
         self.held = [{"slot": slot, "path": path, "serial": serial, "lineage": self.lineage, "step": self.step}] + \
             [h for h in self.held if h["slot"] != slot][:1]
 
