@@ -433,6 +433,7 @@ class ShardedEmbedding:
         self._common: Optional[Tuple[str, int]] = None
         # what each shard's checkpoint slots hold, as it last said (after a checkpoint or a recovery)
         self._holds: List[Set[Tuple[str, int]]] = [set() for _ in range(self.num_shards)]
+        self._replay_unsaved: List[str] = []   # checkpoints a replay could not write, not yet reported
         try:
             if resuming:
                 self._resumed()
@@ -950,6 +951,7 @@ class ShardedEmbedding:
         says why); a checkpoint a shard could not write is reported once every answer is checked."""
         pending, self._pending = self._pending, []
         if not pending:
+            self._report_unsaved([])
             return
         ray = self._ray
         lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
@@ -998,9 +1000,16 @@ class ShardedEmbedding:
                 # the shard wrote this checkpoint before answering: older steps are never replayed
                 self._log[k] = {s: p for s, p in self._log[k].items() if s >= now}
         self._update_common()
-        if unsaved:
-            raise _CheckpointNotWritten(f"the checkpoint of step {self.step_count} could not be written "
-                               f"({'; '.join(unsaved)}); the step itself was applied: the table is at step "
+        self._report_unsaved(unsaved)
+
+    def _report_unsaved(self, unsaved: List[str]) -> None:
+        """Raise :class:`_CheckpointNotWritten` for the checkpoints of this settle's steps that a shard
+        could not write (``unsaved``) and for those a replay could not write since the last report."""
+        replayed, self._replay_unsaved = self._replay_unsaved, []
+        if unsaved or replayed:
+            what = f"the checkpoint of step {self.step_count}" if unsaved else "a checkpoint"
+            raise _CheckpointNotWritten(f"{what} could not be written ({'; '.join(unsaved + replayed)}); the "
+                               f"step itself was applied: the table is at step "
                                f"{self.step_count} and stays usable (a shard lost now is replayed from its previous "
                                f"checkpoint); the call that reports it did nothing else: repeat it")
 
@@ -1139,10 +1148,12 @@ class ShardedEmbedding:
             self.recoveries += 1
             try:
                 for s in range(at, target):
-                    ok, now, _, _ = ray.get(self._actors[k].apply.remote(s, self._update(s, log[s])),
-                                            timeout=remaining)
+                    ok, now, save_error, _ = ray.get(self._actors[k].apply.remote(s, self._update(s, log[s])),
+                                                     timeout=remaining)
                     if not ok or now != s + 1:
                         break
+                    if save_error is not None:   # (reported by the next settle)
+                        self._replay_unsaved.append(f"shard {k}, step {now}, written again by its replay: {save_error}")
                 else:
                     self._note_checkpoints(k)
                     return

@@ -93,3 +93,51 @@ def test_a_step_a_shard_overwrote_is_not_taken_for_shared_after_a_recovery(ray_l
     finally:
         if resumed is not None:
             resumed.shutdown()
+
+
+def test_a_checkpoint_that_a_replay_cannot_write_is_reported(ray_local, tmp_path, monkeypatch):
+    """Shard 1 is killed after step 3 and its disk cannot take the checkpoint of step 4: its replay
+    (steps 2-3 from its step-2 checkpoint) writes step 4 again and fails. The next call says so, once
+    (as for a step's own checkpoint), and the table trains on bitwise; before, a replay's failed
+    checkpoint was never reported."""
+    import ray.cloudpickle
+    import failing_saves_shard as review3_shard
+    import cembed.distributed._client as client
+    from test_sharded import assert_same_state, single_process
+
+    ray.cloudpickle.register_pickle_by_value(review3_shard)
+    monkeypatch.setattr(client, "Shard", review3_shard.FailsSomeSaves)
+    table = ShardedEmbedding(V, D, 2, "sgd", {"lr": 0.1}, seed=2, checkpoint_dir=str(tmp_path), checkpoint_every=2,
+                             compiled_graph=False)
+    emb, opt = single_process(V, D, "sgd", {"lr": 0.1}, 2)
+    rng = np.random.default_rng(4)
+    d1 = table._shard_dir(1)
+
+    def step():
+        grad = rng.standard_normal((V, D)).astype(np.float32)
+        emb.backward(grad, np.arange(V), optimizer=opt)
+        table.backward(grad, np.arange(V), step=True)
+
+    try:
+        for _ in range(3):
+            step()
+        table.sync()
+        open(review3_shard.marker(d1, 4), "w").close()
+        pid = table.shard_info()[1]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        wait_gone(pid)
+        step()                                                   # step 4: shard 1 is replayed and fails to save
+        with pytest.raises(RuntimeError, match=r"could not be written \(shard 1, step 4, written again by its "
+                                               r"replay: OSError"):
+            table.sync()
+        table.sync()                                             # reported once
+        assert table.step_count == 4 and table.recoveries == 1
+        assert_same_state(table, emb, opt)
+        os.remove(review3_shard.marker(d1, 4))
+        for _ in range(2):
+            step()
+        table.sync()
+        assert_same_state(table, emb, opt)
+        assert [h["step"] for h in held_checkpoints(d1)] == [6, 2]
+    finally:
+        table.shutdown()
