@@ -43,6 +43,15 @@ class _CheckpointNotWritten(RuntimeError):
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
+class _ReplayRefused(Exception):
+    """A shard refused, while it was replayed, a step no shard had confirmed yet (``cause``: Ray's
+    RayTaskError): that step's refusal, handled as :meth:`ShardedEmbedding._step_refused` does."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 class ShardLostError(RuntimeError):
     """A shard that cannot be brought back to the table's current step: it died without a
     checkpoint to restart from, restored a checkpoint older than the replay log reaches, or did not
@@ -989,7 +998,10 @@ class ShardedEmbedding:
             if holding is not None:
                 self._holds[k] = {tuple(h) for h in holding}
             if not (ok and now == before + 1):
-                self._recover(k)       # back to self._steps[k], replaying step ``before`` too
+                try:
+                    self._recover(k, unconfirmed_from=before)   # back to self._steps[k], replaying ``before`` too
+                except _ReplayRefused as exc:   # (the graph's answers were lost: the refusal shows in the replay)
+                    self._step_refused(pending, exc.cause)
                 if not self.checkpoint_every:
                     self._log[k].clear()    # every step sent is applied: none is replayed again
             elif not self.checkpoint_every:
@@ -1023,9 +1035,14 @@ class ShardedEmbedding:
         where = []
         for k, before, _ in pending:
             try:
-                where.append(ray.get(self._actors[k].current_step.remote(), timeout=self.recovery_timeout))
+                at = ray.get(self._actors[k].current_step.remote(), timeout=self.recovery_timeout)
             except Exception:
-                where.append(None)
+                at = None
+            if at is None or at < before:   # lost, or restarted from an older checkpoint: replayed up to the
+                self._steps[k] = before     # step before the refused one (ShardLostError if it cannot be)
+                self._recover(k)
+                at = before
+            where.append(at)
         why = _reason(exc)
         step = pending[0][1]
         if all(at == before for (_, before, _), at in zip(pending, where)):
@@ -1110,10 +1127,11 @@ class ShardedEmbedding:
             self._fail(f"a shard did not answer a {what} within {self.recovery_timeout:g} s")
             raise   # not reached
 
-    def _recover(self, k: int, replay: bool = True) -> None:
+    def _recover(self, k: int, replay: bool = True, unconfirmed_from: Optional[int] = None) -> None:
         """Bring shard ``k`` (restarted by Ray from its last checkpoint) back to ``self._steps[k]``
         by replaying the logged steps; :class:`ShardLostError` when that is impossible. ``replay``
-        False: return once it answers, at whatever step."""
+        False: return once it answers, at whatever step. ``unconfirmed_from``: the steps from it on
+        were never answered by this shard; its refusing one of them is :class:`_ReplayRefused`."""
         ray = self._ray
         lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
         self._drop_graph()    # ordinary calls from here; rebuilt at the next lookup or step
@@ -1139,6 +1157,9 @@ class ShardedEmbedding:
                 return
             if at == target:
                 self._note_checkpoints(k)
+                if self.checkpoint_every and target > 0 and target % self.checkpoint_every == 0 \
+                        and (self._lineage, target) not in self._holds[k]:   # (its answer, which said why, was lost)
+                    self._replay_unsaved.append(f"shard {k}, step {target}: its checkpoint is not on disk")
                 return
             log = self._log[k]
             if at > target or any(s not in log for s in range(at, target)):
@@ -1160,6 +1181,8 @@ class ShardedEmbedding:
             except lost:
                 continue   # lost again during the replay: start over from what it restores
             except ray.exceptions.RayTaskError as exc:
+                if unconfirmed_from is not None and s >= unconfirmed_from:
+                    raise _ReplayRefused(exc) from None
                 self._fail(f"shard {k} refused step {s} when it was replayed: {_reason(exc)}")
             except ray.exceptions.GetTimeoutError:
                 self._fail(f"shard {k} did not come back within {self.recovery_timeout:g} s")
