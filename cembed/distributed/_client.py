@@ -494,18 +494,20 @@ class ShardedEmbedding:
         the shards that wrote the new step go back to the one before it, which they all hold), and
         their optimizer hyper-parameters. :class:`CheckpointError` when they share no state."""
         S = self.num_shards
-        held = self._wait_all([(k, self._actors[k].checkpoints.remote()) for k in range(S)],
+        held = self._wait_all([(k, self._actors[k].holding.remote()) for k in range(S)],
                               expect=lambda k, reply: True, what="start")
-        common = set.intersection(*({(h["lineage"], h["step"]) for h in held[k]} for k in range(S)))
-        chosen = next(((h["lineage"], h["step"]) for h in held[0] if (h["lineage"], h["step"]) in common), None)
+        for k in range(S):
+            self._note_holding(k, held[k])
+        common = set.intersection(*self._holds)
+        chosen = next((tuple(h) for h in held[0] if tuple(h) in common), None)   # (newest first)
         if chosen is None:
-            def state(h: Dict[str, Any]) -> str:   # (a loaded state's step: with the load's name)
-                return str(h["step"]) if h["lineage"] == FIRST_LINEAGE else f"{h['step']} (load {h['lineage'][:8]})"
+            def state(lineage: str, step: int) -> str:   # (a loaded state's step: with the load's name)
+                return str(step) if lineage == FIRST_LINEAGE else f"{step} (load {lineage[:8]})"
             listed = "; ".join(f"shard {k}: step{'s' if len(held[k]) > 1 else ''} "
-                               f"{' and '.join(state(h) for h in held[k])}" for k in range(S))
+                               f"{' and '.join(state(*h) for h in held[k])}" for k in range(S))
             raise CheckpointError(f"run {self.run_id}: no step that every shard holds a checkpoint of ({listed}): "
                                   "resume from a save_checkpoint instead")
-        behind = [k for k in range(S) if (held[k][0]["lineage"], held[k][0]["step"]) != chosen]
+        behind = [k for k in range(S) if tuple(held[k][0]) != chosen]
         if behind:
             def rewind(k: int) -> Any:
                 return self._actors[k].rewind.remote(*chosen)
@@ -515,6 +517,8 @@ class ShardedEmbedding:
             except self._ray.exceptions.RayTaskError as exc:
                 raise CheckpointError(f"run {self.run_id}: a shard could not go back to step {chosen[1]}, the "
                                       f"newest that every shard holds: {_reason(exc)}") from None
+            for k in behind:
+                self._note_holding(k, got[k][2])
             unsaved = [f"shard {k}: {got[k][1]}" for k in behind if got[k][1] is not None]
             if unsaved:
                 raise RuntimeError(f"run {self.run_id}: resuming at step {chosen[1]}, the newest step every shard "
@@ -522,10 +526,6 @@ class ShardedEmbedding:
                                    f"{'; '.join(unsaved)}: nothing of the run was lost; resume again once they can")
         self._steps = [chosen[1]] * S
         self._lineage = chosen[0]
-        holding = self._wait_all([(k, self._actors[k].holding.remote()) for k in range(S)],
-                                 expect=lambda k, reply: True, what="resume")
-        for k in range(S):
-            self._holds[k] = {tuple(h) for h in holding[k]}
         self._update_common()
         if self._common != chosen:
             raise CheckpointError(f"run {self.run_id}: after going back to step {chosen[1]} the shards do not all "
@@ -933,8 +933,13 @@ class ShardedEmbedding:
             holding = self._ray.get(self._actors[k].holding.remote(), timeout=self.recovery_timeout)
         except Exception:     # (lost again: a later call recovers it, and asks then)
             return
-        self._holds[k] = {tuple(h) for h in holding}
+        self._note_holding(k, holding)
         self._update_common()
+
+    def _note_holding(self, k: int, holding: Any) -> None:
+        """Shard ``k`` said which states ``(lineage, step)`` its checkpoint slots hold
+        (:meth:`Shard.holding`, in its answers to checkpoints, loads and rewinds)."""
+        self._holds[k] = {tuple(h) for h in holding}
 
     def _update_common(self) -> None:
         """``_common``: the newest state of the current lineage that every shard's slots hold, as the
@@ -996,7 +1001,7 @@ class ShardedEmbedding:
         for k, before, reply in outcomes:
             ok, now, save_error, holding = reply if reply is not None else (False, -1, None, None)
             if holding is not None:
-                self._holds[k] = {tuple(h) for h in holding}
+                self._note_holding(k, holding)
             if not (ok and now == before + 1):
                 try:
                     self._recover(k, unconfirmed_from=before)   # back to self._steps[k], replaying ``before`` too
@@ -1302,7 +1307,7 @@ class ShardedEmbedding:
         self._kgrad = None
         self._lineage = lineage
         for k in range(S):
-            self._holds[k] = {tuple(h) for h in got[k][2]}
+            self._note_holding(k, got[k][2])
         self._update_common()
         unsaved = [f"shard {k}: {got[k][1]}" for k in range(S) if got[k][1] is not None]
         if unsaved:
@@ -1439,7 +1444,7 @@ class ShardedEmbedding:
         got = self._wait_all([(k, ask(k)) for k in range(S)], expect=lambda k, reply: reply[0] == self._steps[k],
                              retry=ask, what="checkpoint")
         for k in range(S):
-            self._holds[k] = {tuple(h) for h in got[k][2]}
+            self._note_holding(k, got[k][2])
         self._update_common()
         unsaved = [k for k in range(S) if got[k][1] is not None]
         if unsaved:

@@ -236,31 +236,29 @@ class Shard:
         return self.step, why, self.holding()
 
     def holding(self) -> List[Tuple[str, int]]:
-        """The states ``(lineage, step)`` this shard's checkpoint slots hold (newest first)."""
+        """The states ``(lineage, step)`` this shard's checkpoint slots hold, newest first (at start:
+        the one it restored, and the one before it)."""
         return [(h["lineage"], h["step"]) for h in self.held]
 
-    def checkpoints(self) -> List[Dict[str, Any]]:
-        """The checkpoints this shard holds (:func:`held_checkpoints`), newest first: at start, the
-        one it restored and the one before it."""
-        return [dict(h) for h in self.held]
-
-    def rewind(self, lineage: str, step: int) -> Tuple[int, Optional[str]]:
+    def rewind(self, lineage: str, step: int) -> Tuple[int, Optional[str], List[Tuple[str, int]]]:
         """A resumed shard whose newest checkpoint is ahead of another shard's: take the state of its
         other checkpoint, ``(lineage, step)``, and write it again as its newest (so that a restart
         restores it, and the abandoned state is gone from disk once that save is complete).
-        ``(step, None)``, or ``(step, why)`` when that save could not be written (the state is the
-        rewound one; the disk still holds the abandoned one as the newest). Raises
-        :class:`CheckpointError` when it holds no such checkpoint."""
+        ``(step, None, holding)``, or ``(step, why, holding)`` when that save could not be written
+        (the state is the rewound one; the disk still holds the abandoned one as the newest);
+        ``holding``: :meth:`holding`, after it. Raises :class:`CheckpointError` when it holds no
+        such checkpoint."""
         for held in self.held:
             if held["lineage"] == lineage and held["step"] == step:
                 break
         else:
             raise CheckpointError(f"shard {self.shard_id} holds no checkpoint of step {step} (lineage {lineage})")
+        why = None
         if self.saved_slot != held["slot"] or self.step != step:
             self._restore(held)
             self.restored_from = self.step
-            return self.step, self._try_save((lineage, step))
-        return self.step, None
+            why = self._try_save((lineage, step))
+        return self.step, why, self.holding()
 
     def options(self) -> Dict[str, Any]:
         """The optimizer's hyper-parameters (its param group without ``params`` and this shard's
