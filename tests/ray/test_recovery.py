@@ -14,7 +14,7 @@ import cembed
 from cembed.distributed import ShardedEmbedding, ShardLostError
 from cembed.distributed._shard import held_checkpoints
 
-from test_sharded import assert_same_state, newest_checkpoint, single_process, zipf_batch
+from test_sharded import assert_resumes_at, assert_same_state, newest_checkpoint, single_process, zipf_batch
 
 V, D, OPTS = 41, 6, {"lr": 0.03}
 
@@ -359,13 +359,7 @@ def test_a_failed_final_checkpoint_after_a_failed_periodic_one_keeps_the_shared_
     finally:
         table.shutdown(checkpoint=False)
     os.remove(blocked)
-    resumed = ShardedEmbedding(V, D, 2, "sgd", {"lr": 0.1}, checkpoint_dir=str(tmp_path), run_id=table.run_id,
-                               compiled_graph=False)
-    try:
-        assert resumed.step_count == 2
-        assert resumed.state_dict()["weight"].tobytes() == at_2["weight"].tobytes()
-    finally:
-        resumed.shutdown()
+    assert_resumes_at(table, 2, at_2, compiled_graph=False)
 
 
 def test_a_run_checkpointed_in_the_one_slot_layout_is_refused_with_how_to_move_it(ray_local, tmp_path):
@@ -393,13 +387,7 @@ def test_a_run_checkpointed_in_the_one_slot_layout_is_refused_with_how_to_move_i
         for name in os.listdir(shard_dir):
             if name != "a":
                 os.rename(os.path.join(shard_dir, name), os.path.join(shard_dir, "a", name))
-    resumed = ShardedEmbedding(V, D, 2, "sgd", {"lr": 0.1}, checkpoint_dir=str(tmp_path), run_id=table.run_id,
-                               compiled_graph=False)
-    try:
-        assert resumed.step_count == 3
-        assert resumed.state_dict()["weight"].tobytes() == at_3["weight"].tobytes()
-    finally:
-        resumed.shutdown()
+    assert_resumes_at(table, 3, at_3, compiled_graph=False)
 
 
 def test_a_shard_whose_checkpoint_is_corrupt_is_lost_at_once_with_the_reason(ray_local, tmp_path):

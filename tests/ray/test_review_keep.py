@@ -12,6 +12,7 @@ from cembed.distributed import ShardedEmbedding
 from cembed.distributed._shard import held_checkpoints
 
 from test_recovery import wait_gone
+from test_sharded import assert_resumes_at, use_shard_class
 
 V, D = 41, 6
 
@@ -63,13 +64,7 @@ def test_a_checkpoint_written_by_a_replay_counts_and_the_shared_step_is_kept(ray
     finally:
         table.shutdown(checkpoint=False)
     os.remove(blocked)
-    resumed = ShardedEmbedding(V, D, 2, "sgd", {"lr": 0.1}, checkpoint_dir=str(tmp_path), run_id=table.run_id,
-                               compiled_graph=False)
-    try:
-        assert resumed.step_count == 2
-        assert resumed.state_dict()["weight"].tobytes() == at_2["weight"].tobytes()
-    finally:
-        resumed.shutdown()
+    assert_resumes_at(table, 2, at_2, compiled_graph=False)
 
 
 def test_a_shard_that_dies_after_saving_a_loaded_state_is_sent_it_again(ray_local, tmp_path, monkeypatch):
@@ -78,14 +73,11 @@ def test_a_shard_that_dies_after_saving_a_loaded_state_is_sent_it_again(ray_loca
     replaces everything): the table is at step 3, bitwise one process. Before, the client tried to
     bring the restarted shard back to the pre-load step 5 from a log that starts at step 4:
     ShardLostError, though the shard held exactly the state being loaded."""
-    import ray.cloudpickle
     import dying_shard as review_dying_shard
-    import cembed.distributed._client as client
     from test_sharded import assert_same_state, single_process
     from test_recovery import train_step
 
-    ray.cloudpickle.register_pickle_by_value(review_dying_shard)
-    monkeypatch.setattr(client, "Shard", review_dying_shard.DiesAfterLoadSave)
+    use_shard_class(monkeypatch, review_dying_shard.DiesAfterLoadSave)
     opts = {"lr": 0.03}
     table = ShardedEmbedding(V, D, 2, "sparseadam", opts, seed=4, checkpoint_dir=str(tmp_path), checkpoint_every=2,
                              compiled_graph=False)
@@ -160,13 +152,7 @@ def test_compiled_graph_through_a_failed_checkpoint_then_resume(ray_local, tmp_p
     finally:
         table.shutdown(checkpoint=False)
     os.remove(blocked)
-    resumed = ShardedEmbedding(V, D, 2, "sparseadam", opts, checkpoint_dir=str(tmp_path), run_id=table.run_id)
-    try:
-        assert resumed.step_count == 2
-        sd = resumed.state_dict()
-        assert sd["weight"].tobytes() == at_2["weight"].tobytes()
-    finally:
-        resumed.shutdown()
+    assert_resumes_at(table, 2, at_2)
 
 
 @pytest.mark.parametrize("on_disk", [False, True])

@@ -13,6 +13,7 @@ from cembed.distributed import ShardedEmbedding
 from cembed.distributed._shard import held_checkpoints
 
 from test_recovery import wait_gone
+from test_sharded import use_shard_class
 
 V, D = 41, 6
 
@@ -29,12 +30,9 @@ def test_a_step_a_shard_overwrote_is_not_taken_for_shared_after_a_recovery(ray_l
     client counted step 2 as written by both shards (shard 0 had written it once) and had shard 0's next
     save keep step 2 — which it no longer held — overwriting step 1: the run could not be resumed. Now
     step 1 stays the shared state, kept, named by shutdown(), and the run resumes there bitwise."""
-    import ray.cloudpickle
     import failing_saves_shard as review3_shard
-    import cembed.distributed._client as client
 
-    ray.cloudpickle.register_pickle_by_value(review3_shard)
-    monkeypatch.setattr(client, "Shard", review3_shard.FailsSomeSaves)
+    use_shard_class(monkeypatch, review3_shard.FailsSomeSaves)
     table = ShardedEmbedding(V, D, 2, "sgd", {"lr": 0.1}, seed=2, checkpoint_dir=str(tmp_path), checkpoint_every=1,
                              compiled_graph=compiled)
     rng = np.random.default_rng(1)
@@ -100,13 +98,10 @@ def test_a_checkpoint_that_a_replay_cannot_write_is_reported(ray_local, tmp_path
     (steps 2-3 from its step-2 checkpoint) writes step 4 again and fails. The next call says so, once
     (as for a step's own checkpoint), and the table trains on bitwise; before, a replay's failed
     checkpoint was never reported."""
-    import ray.cloudpickle
     import failing_saves_shard as review3_shard
-    import cembed.distributed._client as client
     from test_sharded import assert_same_state, single_process
 
-    ray.cloudpickle.register_pickle_by_value(review3_shard)
-    monkeypatch.setattr(client, "Shard", review3_shard.FailsSomeSaves)
+    use_shard_class(monkeypatch, review3_shard.FailsSomeSaves)
     table = ShardedEmbedding(V, D, 2, "sgd", {"lr": 0.1}, seed=2, checkpoint_dir=str(tmp_path), checkpoint_every=2,
                              compiled_graph=False)
     emb, opt = single_process(V, D, "sgd", {"lr": 0.1}, 2)

@@ -11,7 +11,7 @@ import pytest
 from cembed.distributed import ShardedEmbedding
 
 from test_recovery import wait_gone
-from test_sharded import assert_same_state, single_process
+from test_sharded import assert_same_state, single_process, use_shard_class
 
 V, D = 11, 4
 
@@ -21,12 +21,9 @@ def test_a_refused_step_with_a_restarted_shard_is_rolled_back(ray_local, tmp_pat
     """Every shard's optimizer refuses step 3 while shard 1, killed, was restarted at step 2: the client
     replays shard 1 to step 3 and rolls the step back (ValueError, the table usable at step 3). Before:
     ShardLostError "applied by others" (actor calls) or "refused when it was replayed" (graph)."""
-    import ray.cloudpickle
     import refusing_shard
-    import cembed.distributed._client as client
 
-    ray.cloudpickle.register_pickle_by_value(refusing_shard)
-    monkeypatch.setattr(client, "Shard", refusing_shard.RefusesMarkedSteps)
+    use_shard_class(monkeypatch, refusing_shard.RefusesMarkedSteps)
     table = ShardedEmbedding(V, D, 2, "sgd", {"lr": 0.1}, seed=2, checkpoint_dir=str(tmp_path), checkpoint_every=2,
                              compiled_graph=compiled)
     emb, opt = single_process(V, D, "sgd", {"lr": 0.1}, 2)
@@ -66,13 +63,10 @@ def test_a_failed_checkpoint_is_reported_when_the_graph_breaks_in_the_same_step(
     """compiled graph, checkpoint_every=1: shard 0 cannot write the checkpoint of step 3 while shard 1 is
     down; the graph's answers are lost and both shards are recovered. Shard 0's missing checkpoint is
     reported (it was not: the user was never told step 3 was not on disk)."""
-    import ray.cloudpickle
     import failing_saves_shard
-    import cembed.distributed._client as client
     from cembed.distributed._shard import held_checkpoints
 
-    ray.cloudpickle.register_pickle_by_value(failing_saves_shard)
-    monkeypatch.setattr(client, "Shard", failing_saves_shard.FailsSomeSaves)
+    use_shard_class(monkeypatch, failing_saves_shard.FailsSomeSaves)
     table = ShardedEmbedding(V, D, 2, "sgd", {"lr": 0.1}, seed=2, checkpoint_dir=str(tmp_path), checkpoint_every=1,
                              compiled_graph=True)
     rng = np.random.default_rng(4)

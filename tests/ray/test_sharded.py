@@ -32,6 +32,33 @@ def assert_same_state(sharded, emb, opt):
             assert got == value, key
 
 
+def use_shard_class(monkeypatch, cls):
+    """Tables made from here on (in this test) start their shards as ``cls``, a ``Shard`` subclass of a
+    module in tests/ray that injects a fault; the module goes to Ray's workers by value (they do not
+    import tests/)."""
+    import sys
+
+    import ray.cloudpickle
+    import cembed.distributed._client as client
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[cls.__module__])
+    monkeypatch.setattr(client, "Shard", cls)
+
+
+def assert_resumes_at(table, step, state, **options):
+    """A table made with the run id of ``table`` (shut down) resumes at ``step`` with the rows of
+    ``state`` (its ``state_dict()`` at that step), bit for bit; ``options``: more constructor
+    arguments. The resumed table is shut down again."""
+    resumed = ShardedEmbedding(table.num_embeddings, table.embedding_dim, table.num_shards, table.optimizer,
+                               table.optimizer_options, checkpoint_dir=table.checkpoint_dir, run_id=table.run_id,
+                               **options)
+    try:
+        assert resumed.step_count == step
+        assert resumed.state_dict()["weight"].tobytes() == state["weight"].tobytes()
+    finally:
+        resumed.shutdown()
+
+
 def newest_checkpoint(table, k):
     """Shard ``k``'s newest checkpoint: ``{"slot", "path", "serial", "lineage", "step"}``."""
     return held_checkpoints(table._shard_dir(k))[0]
