@@ -36,7 +36,12 @@ ACTOR_NAMESPACE = "cembed"
 #: Seconds a new table waits for the actor names of a run to be free (a table just shut down frees them).
 NAME_WAIT = 10.0
 class _CheckpointNotWritten(RuntimeError):
-    """A shard applied a step but could not write its checkpoint: the table stays usable."""
+    """A shard applied a step but could not write its checkpoint: the table stays usable.
+    ``reasons``: which checkpoints, and why (for :meth:`ShardedEmbedding.shutdown`'s own report)."""
+
+    def __init__(self, message: str, reasons: List[str]) -> None:
+        super().__init__(message)
+        self.reasons = reasons
 
 
 #: A run id a table may resume (a new table draws 12 hex digits): one name, never a path.
@@ -443,6 +448,7 @@ class ShardedEmbedding:
         # what each shard's checkpoint slots hold, as it last said (after a checkpoint or a recovery)
         self._holds: List[Set[Tuple[str, int]]] = [set() for _ in range(self.num_shards)]
         self._replay_unsaved: List[str] = []   # checkpoints a replay could not write, not yet reported
+        self._closing = False    # shutdown() is settling the last steps (an error's wording: _step_refused)
         try:
             if resuming:
                 self._resumed()
@@ -1026,9 +1032,10 @@ class ShardedEmbedding:
         if unsaved or replayed:
             what = f"the checkpoint of step {self.step_count}" if unsaved else "a checkpoint"
             raise _CheckpointNotWritten(f"{what} could not be written ({'; '.join(unsaved + replayed)}); the "
-                               f"step itself was applied: the table is at step "
-                               f"{self.step_count} and stays usable (a shard lost now is replayed from its previous "
-                               f"checkpoint); the call that reports it did nothing else: repeat it")
+                                        f"step itself was applied: the table is at step "
+                                        f"{self.step_count} and stays usable (a shard lost now is replayed from its "
+                                        f"previous checkpoint); the call that reports it did nothing else: repeat it",
+                                        unsaved + replayed)
 
     def _step_refused(self, pending: List[Tuple[int, int, Any]], exc: BaseException) -> None:
         """A shard raised while applying a pending step (its optimizer refused it). When no shard
@@ -1057,8 +1064,9 @@ class ShardedEmbedding:
             cause = getattr(exc, "cause", None)
             cls: Type[Exception] = ValueError if type(cause) is ValueError else \
                 TypeError if type(cause) is TypeError else RuntimeError
-            raise cls(f"step {step} was refused by a shard and applied by none (the table stays at step {step}; "
-                      f"the call that reports it did nothing else): {why}")
+            where_now = (f"shutdown() stopped the table at step {step}, the step before it" if self._closing else
+                         f"the table stays at step {step}; the call that reports it did nothing else")
+            raise cls(f"step {step} was refused by a shard and applied by none ({where_now}): {why}")
         self._fail(f"step {step} was refused by a shard ({why}) and applied by others (shards at steps {where}): "
                    f"the shards' rows no longer belong to one step")
 
@@ -1399,7 +1407,9 @@ class ShardedEmbedding:
         that cannot write it (a full disk) is a ``RuntimeError`` naming it **with the table still
         running**: call ``shutdown()`` again once it can, :meth:`save_checkpoint` the table, or
         ``shutdown(checkpoint=False)`` to stop it as it is (the run then resumes at the newest step
-        that every shard holds a checkpoint of, which the error names).
+        that every shard holds a checkpoint of, which the error names). With ``checkpoint=False``, a
+        periodic checkpoint that a shard could not write and that no call has reported yet is a
+        ``RuntimeError`` raised once the actors are stopped, naming the step the run resumes at.
         After ``ray.shutdown()`` it only marks the table unusable (it never starts a Ray of its own).
 
         Examples
@@ -1410,14 +1420,19 @@ class ShardedEmbedding:
         """
         _check_flag(checkpoint, "checkpoint")
         error: Optional[BaseException] = None
+        final = checkpoint and self.checkpoint_dir is not None   # a final checkpoint is written
         if self._broken is None and self._ray.is_initialized():
+            self._closing = True
             try:
                 self._settle()
-            except _CheckpointNotWritten:   # a periodic checkpoint a shard could not write: the final one
-                pass                         # below writes that step again (or says why not)
+            except _CheckpointNotWritten as exc:   # a periodic checkpoint a shard could not write: the final
+                if not final:                      # one below writes that step again (or says why not)
+                    error = RuntimeError(self._unsaved_at_shutdown(exc.reasons))   # (raised once stopped)
             except Exception as exc:   # raised once the actors are stopped (a refused step leaves the
                 error = exc            # table usable at the step before it: that step is checkpointed)
-            if not isinstance(error, ShardLostError) and checkpoint and self.checkpoint_dir is not None:
+            finally:
+                self._closing = False
+            if not isinstance(error, ShardLostError) and final:
                 try:
                     self._checkpoint_all()   # (a checkpoint not written: raised with the table running)
                 except ShardLostError as exc:
@@ -1432,6 +1447,14 @@ class ShardedEmbedding:
         self._broken = "the table was shut down"
         if error is not None:
             raise error
+
+    def _unsaved_at_shutdown(self, reasons: List[str]) -> str:
+        """shutdown(checkpoint=False)'s report of periodic checkpoints the shards could not write."""
+        resume = (f"a run resumed from the shards' checkpoints continues from step {self._common[1]}, the newest "
+                  f"that every shard holds" if self._common is not None else
+                  "the run cannot be resumed from its shards' checkpoints: not every shard holds one")
+        return (f"a checkpoint could not be written ({'; '.join(reasons)}); the table was shut down at step "
+                f"{self.step_count} without a final checkpoint (checkpoint=False): {resume}")
 
     def _checkpoint_all(self) -> None:
         """Every shard checkpoints the current step unless its latest checkpoint holds it;
