@@ -815,9 +815,9 @@ def load_checkpoint(path: PathLike, modules: Any, optimizer: Any = None, mmap: b
     given, and the optimizer's class, parameters and whole state (with the optimizer's own rules).
     Then every file is mapped (and with ``mmap=False`` copied into memory) before anything changes,
     so running out of memory or address space changes nothing either. On any error no module and no
-    optimizer is modified — except for an I/O error (a full disk) while values are copied into the
-    tables that stay on disk, which comes after the optimizer was loaded: then the optimizer and the
-    tables copied before are at the checkpoint, the table being copied holds part of it.
+    optimizer is modified — except for an I/O error while the values copied into tables that stay
+    on disk are written back to their files: that comes once every module and the optimizer are at
+    the checkpoint (in memory), and is raised as an ``OSError`` naming the files.
 
     Parameters
     ----------
@@ -848,7 +848,8 @@ def load_checkpoint(path: PathLike, modules: Any, optimizer: Any = None, mmap: b
         array is read-only (its values could not be copied into it), refused before anything changes.
     OSError
         Writing the optimizer's state into its ``state_dir`` failed (a full disk): the state files
-        and the optimizer are as they were, the modules not yet loaded.
+        and the optimizer are as they were, the modules not yet loaded. Or writing a table on disk
+        back to its file failed, after everything was loaded (above).
 
     Examples
     --------
@@ -961,9 +962,22 @@ def _apply(plan: List[Tuple[Any, Any, str, storage.NpyHeader, str]], optimizer: 
             optimizer._unhooked_load_state_dict(state_dict)
         except (ValueError, TypeError, OverflowError) as exc:
             raise _fail(directory, f"optimizer state: {exc}") from None
+    on_disk = []
     for module, weight, source in ready:
         if weight is not None:   # a table on disk keeps its file: the values are copied into it
             storage.copy_rows(weight, source)
-            weight.flush()
+            on_disk.append(weight)
         else:
             module.weight = source
+    # written back once every table holds its values: an I/O error there leaves every module and the
+    # optimizer at the checkpoint (in memory), and is raised once every file was tried
+    failed = []
+    for weight in on_disk:
+        try:
+            weight.flush()
+        except OSError as exc:
+            failed.append(f"{storage.backing_file(weight)}: {exc}")
+    if failed:
+        raise OSError(f"load_checkpoint loaded {directory} into the modules and the optimizer, but writing the "
+                      f"values back to the tables on disk failed ({'; '.join(failed)}): the files may not hold "
+                      f"them until a later flush succeeds")

@@ -1047,3 +1047,31 @@ def test_a_manifest_whose_own_checksum_is_null_or_that_lists_what_a_checkpoint_c
     with pytest.raises(ValueError, match="not a cembed checkpoint"):
         cembed.save_checkpoint(user, emb)
     assert (user / "data" / "precious.txt").read_text() == "keep"
+
+
+def test_a_failed_write_back_to_tables_on_disk_comes_after_every_table_is_loaded(tmp_path, monkeypatch):
+    """Two tables on disk; writing the first one's values back to its file fails (an I/O error at
+    msync). Both tables and the optimizer hold the checkpoint, and the OSError names the file. It came
+    between the two tables: the second was left as it was while the optimizer was loaded."""
+    saved = {name: cembed.Embedding(30, 4, sparse=True, seed=seed) for seed, name in enumerate("ab")}
+    saved_opt = optim.SparseAdam(list(saved.values()), lr=0.1)
+    for module in saved.values():
+        module.backward(np.ones((2, 4), np.float32), np.array([1, 7]), optimizer=saved_opt)
+    cembed.save_checkpoint(tmp_path / "ck", saved, saved_opt)
+    tables = {name: cembed.open_table(tmp_path / f"{name}.npy", 30, 4, init="normal", seed=9) for name in "ab"}
+    fresh = {name: cembed.Embedding.from_pretrained(tables[name], freeze=False, sparse=True) for name in "ab"}
+    opt = optim.SparseAdam(list(fresh.values()), lr=0.1)
+    real = np.memmap.flush
+
+    def flush(self):
+        if os.path.basename(cembed.storage.backing_file(self)) == "a.npy":
+            raise OSError(5, "Input/output error (injected)")
+        real(self)
+
+    monkeypatch.setattr(np.memmap, "flush", flush)
+    with pytest.raises(OSError, match=r"a\.npy: .*Input/output error"):
+        cembed.load_checkpoint(tmp_path / "ck", fresh, opt)
+    for name in "ab":
+        assert fresh[name].weight is tables[name]
+        assert_bitwise_equal(np.asarray(fresh[name].weight), saved[name].weight)
+    assert opt.state[fresh["b"]]["step"] == 1
