@@ -13,12 +13,19 @@ from test_sharded import assert_resumes_at, use_shard_class
 V, D = 11, 4
 
 
-def stepper(table, seed=4):
-    rng = np.random.default_rng(seed)
+def trained(monkeypatch, shard_class, tmp_path, steps):
+    """A 2-shard SGD table of ``shard_class`` shards (checkpoint_every=2) after ``steps`` steps, synced:
+    (table, a function that sends one more step, the table's state_dict now)."""
+    use_shard_class(monkeypatch, shard_class)
+    table = ShardedEmbedding(V, D, 2, "sgd", {"lr": 0.1}, seed=2, checkpoint_dir=str(tmp_path), checkpoint_every=2)
+    rng = np.random.default_rng(4)
 
     def step():
         table.backward(rng.standard_normal((V, D)).astype(np.float32), np.arange(V), step=True)
-    return step
+    for _ in range(steps):
+        step()
+    table.sync()
+    return table, step, table.state_dict()
 
 
 @pytest.mark.parametrize("checkpoint", [True, False])
@@ -28,13 +35,7 @@ def test_a_last_step_refused_by_every_shard_is_reported_as_stopped_there(ray_loc
     table at step 3; with the final checkpoint the run resumes there."""
     import refusing_shard
 
-    use_shard_class(monkeypatch, refusing_shard.RefusesMarkedSteps)
-    table = ShardedEmbedding(V, D, 2, "sgd", {"lr": 0.1}, seed=2, checkpoint_dir=str(tmp_path), checkpoint_every=2)
-    step = stepper(table)
-    for _ in range(3):
-        step()
-    table.sync()
-    at_3 = table.state_dict()
+    table, step, at_3 = trained(monkeypatch, refusing_shard.RefusesMarkedSteps, tmp_path, 3)
     for k in range(2):
         open(refusing_shard.marker(table._shard_dir(k), 3), "w").close()
     step()                                  # step 3: refused by every shard, found by shutdown()
@@ -53,13 +54,7 @@ def test_shutdown_without_checkpoint_reports_a_periodic_checkpoint_not_written(r
     resumes at (2); the run does resume there."""
     import failing_saves_shard
 
-    use_shard_class(monkeypatch, failing_saves_shard.FailsSomeSaves)
-    table = ShardedEmbedding(V, D, 2, "sgd", {"lr": 0.1}, seed=2, checkpoint_dir=str(tmp_path), checkpoint_every=2)
-    step = stepper(table)
-    for _ in range(2):
-        step()
-    table.sync()
-    at_2 = table.state_dict()
+    table, step, at_2 = trained(monkeypatch, failing_saves_shard.FailsSomeSaves, tmp_path, 2)
     open(failing_saves_shard.marker(table._shard_dir(0), 4), "w").close()
     step()
     step()                                  # step 4 (its checkpoint fails on shard 0), not yet settled
