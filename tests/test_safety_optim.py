@@ -1035,3 +1035,72 @@ def test_sgd_loads_no_live_rows_given_as_an_empty_list():
         saved["state"][0]["active_rows"] = rows
         opt.load_state_dict(saved)
         assert opt.state[emb]["active_rows"].dtype == np.int64 and opt.state[emb]["active_rows"].size == 0
+
+
+# =========================================================================== review of 2026-11-27 (session 20)
+
+LAZY_STATE = [(optim.SparseAdam, {}), (optim.SparseAdamW, {}), (optim.SGD, {"momentum": 0.9}),
+              (optim.SparseAdam, {"bias_correction": "row"})]
+
+
+@pytest.mark.parametrize("cls,opts", LAZY_STATE, ids=lambda v: getattr(v, "__name__", str(v)))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_two_parameters_sharing_one_state_dict_are_refused(cls, opts, dtype):
+    """opt.state[a] and opt.state[b] set to one empty dict: the step checked both while it was empty,
+    a's update then made arrays of a's shape in it and b's update ran the row kernel on them with b's
+    row ids — a write far outside them (a segfault). Refused, nothing changed."""
+    small = cembed.Embedding(2, 4, sparse=True, seed=0, dtype=dtype)
+    big = cembed.Embedding(200_000, 4, sparse=True, seed=1, dtype=dtype)
+    opt = cls([small, big], lr=0.1, **opts)
+    shared = {}
+    opt.state[small] = opt.state[big] = shared
+    small.grad = SparseGrad([0], np.ones((1, 4), np.float32), 2)
+    big.grad = SparseGrad([199_999], np.ones((1, 4), np.float32), 200_000)
+    before = small.weight.copy(), big.weight[199_999].copy()
+    with pytest.raises(ValueError, match=r"params'\]\[1\]: its optimizer state is the same dict as the state of "
+                                         r"param_groups\[0\]\['params'\]\[0\]"):
+        opt.step()
+    big.grad = None
+    with pytest.raises(ValueError, match="same dict"):
+        big.backward(np.ones((1, 4), np.float32), np.array([199_999]), optimizer=opt)
+    assert shared == {}
+    assert_bitwise_equal(small.weight, before[0])
+    assert_bitwise_equal(big.weight[199_999], before[1])
+
+
+@pytest.mark.parametrize("cls,opts", LAZY_STATE, ids=lambda v: getattr(v, "__name__", str(v)))
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_step_that_cannot_allocate_a_parameters_state_changes_nothing(cls, opts, fused, monkeypatch):
+    """The state a step makes for a parameter's first update did not fit in memory (MemoryError for a
+    table larger than RAM): the parameters before it were already updated, and it was left with a
+    half-made state ({'step': 0}) that step(), save() and load_state_dict() refused from then on. Now the
+    arrays are made before any parameter is updated: nothing changes, and the optimizer carries on."""
+    small = cembed.Embedding(4, 8, sparse=True, seed=0)
+    huge = cembed.Embedding(50, 8, sparse=True, seed=1)       # (its state's allocation fails below)
+    opt = cls([small, huge], lr=0.1, **opts)
+    real = cembed.storage.aligned_zeros
+
+    def failing(shape, dtype=np.float32):
+        if np.ndim(shape) and shape[0] == 50:
+            raise MemoryError("Unable to allocate the state of a huge table (injected)")
+        return real(shape, dtype)
+
+    g = np.ones((1, 8), np.float32)
+    small.backward(g, np.array([1]), optimizer=opt)           # small has its state
+    monkeypatch.setattr(cembed.storage, "aligned_zeros", failing)
+    weights, state = (small.weight.copy(), huge.weight.copy()), _state_bytes(opt)
+    with pytest.raises(MemoryError, match="injected"):
+        if fused:
+            huge.backward(g, np.array([3]), optimizer=opt)
+        else:
+            small.backward(g, np.array([1]))
+            huge.backward(g, np.array([3]))
+            opt.step()
+    assert huge not in opt.state
+    assert_bitwise_equal(small.weight, weights[0])
+    assert_bitwise_equal(huge.weight, weights[1])
+    assert _state_bytes(opt) == state
+    monkeypatch.undo()
+    opt.zero_grad()
+    huge.backward(g, np.array([3]), optimizer=opt)            # carries on: state made, saved and loaded
+    opt.load_state_dict(opt.state_dict())

@@ -187,8 +187,11 @@ class Optimizer:
     _scratch_state: Optional[Dict[str, Any]] = None
     #: During a step with a ``state_dir``: the state files it will create, reserved, mapped and put in
     #: place before any parameter is updated (path -> (its temporary file while not yet in place, else
-    #: None; the map); :meth:`_reserve_step_files`).
+    #: None; the map); :meth:`_reserve_step_state`).
     _reserved: Optional[Dict[str, Tuple[Optional[str], np.ndarray]]] = None
+    #: During a step without a ``state_dir``: the state arrays it will create, allocated before any
+    #: parameter is updated ((id of the parameter's state dict, key) -> the array; :meth:`_reserve_step_state`).
+    _reserved_memory: Optional[Dict[Tuple[int, str], np.ndarray]] = None
     #: Per-row float state of one value per row (RowWiseAdagrad's ``sum``): its dtype is ``state_dtype``'s too.
     _row_float_states: Tuple[str, ...] = ()
     #: Options a state dict may lack (added in a later version): they take the defaults, as torch
@@ -386,7 +389,9 @@ class Optimizer:
                 for lo in range(0, shape[0], step):
                     array[lo:lo + step] = fill
         else:
-            array = storage.aligned_zeros(shape, dtype)   # page-aligned, like the modules' tables
+            # page-aligned, like the modules' tables; in a step() allocated before any parameter was updated
+            reserved_memory = self._reserved_memory.pop((id(state), key), None) if self._reserved_memory else None
+            array = reserved_memory if reserved_memory is not None else storage.aligned_zeros(shape, dtype)
             if fill != 0:
                 array.fill(fill)
         state[key] = array
@@ -551,9 +556,10 @@ class Optimizer:
                 self._check_advance(_core(state) if state else {}, where)
                 plan.append((module, weight, grad, options, where, _snapshot(self, module, weight, grad)))
         self._confirm_checked([(module, where, snapshot) for module, _, _, _, where, snapshot in plan])
-        # every state file the updates will create, made (space reserved) before any parameter is
-        # updated: a full disk refuses the whole step, not the parameters after the first
-        self._reserve_step_files([(module, weight, options) for module, weight, _, options, _, _ in plan])
+        # every state array the updates will create, made (a file's space reserved) before any parameter
+        # is updated: a full disk or too little memory refuses the whole step, not the parameters after
+        # the first
+        self._reserve_step_state([(module, weight, options) for module, weight, _, options, _, _ in plan])
         try:
             for module, weight, grad, options, _, _ in plan:
                 state = self.state.setdefault(module, {})
@@ -727,14 +733,30 @@ class Optimizer:
         that every optimizer names all it creates)."""
         return []
 
-    def _reserve_step_files(self, plan: List[Tuple[Any, np.ndarray, Group]]) -> None:
-        """Reserve (``storage.reserve_zeros``), map (``storage.map_reserved``) and rename into place
-        the files of every state array the planned updates will create — all that can fail for want
-        of disk or address space — before anything else changes (no state refers to those names yet):
-        on an error the files made so far are removed and the error raised. :meth:`_new_state` then
-        takes a reserved file's map."""
+    def _reserve_step_state(self, plan: List[Tuple[Any, np.ndarray, Group]]) -> None:
+        """Make every state array the planned updates will create before anything else changes (no
+        state refers to them yet), so that what can fail for want of disk, memory or address space
+        fails before the first parameter is updated. With a ``state_dir``: reserve
+        (``storage.reserve_zeros``), map (``storage.map_reserved``) and rename into place their files
+        (on an error the files made so far are removed and the error raised); without: allocate them
+        (a ``MemoryError`` for a table too big for memory). :meth:`_new_state` then takes them."""
         self._reserved = {}
         if self.state_dir is None:
+            self._reserved_memory = {}
+            made = []   # the parameters given a state dict here (the update's own: it would make it there)
+            try:
+                for module, weight, options in plan:
+                    if module not in self.state:
+                        made.append(module)
+                    state = self.state.setdefault(module, {})
+                    for key, per_row, dtype in self._state_files_for_step(state, weight, options):
+                        self._reserved_memory[(id(state), key)] = storage.aligned_zeros(
+                            *self._state_layout(weight, per_row, dtype, options))
+            except BaseException:
+                for module in made:
+                    del self.state[module]
+                self._reserved_memory = None
+                raise
             return
         try:
             for module, weight, options in plan:
@@ -758,7 +780,9 @@ class Optimizer:
 
     def _drop_reserved(self) -> None:
         """Remove the reserved files no update took (all of them when the step was refused): a
-        temporary, or a file already in place that no state refers to."""
+        temporary, or a file already in place that no state refers to; drop the arrays reserved in
+        memory."""
+        self._reserved_memory = None
         reserved, self._reserved = self._reserved or {}, None
         for path, (tmp, _) in reserved.items():
             storage.discard_reserved(tmp if tmp is not None else path)
@@ -803,9 +827,18 @@ class Optimizer:
                                  f"for {expected} (build a new optimizer to change the state dtype)")
 
     def _check_apart(self, updated: List[Any]) -> None:
-        """ValueError when an array an update of the modules ``updated`` writes (a weight, a state
-        array) shares memory with another module's weight or state in this optimizer (within one
-        module :meth:`_check_state_for` checks): each module's update must leave the others alone."""
+        """ValueError when two parameters' states are one dict, or when an array an update of the
+        modules ``updated`` writes (a weight, a state array) shares memory with another module's weight
+        or state in this optimizer (within one module :meth:`_check_state_for` checks): each module's
+        update must leave the others alone."""
+        dicts: Dict[int, str] = {}   # one state dict per parameter: a second's update would use the arrays the
+        for where, module in self._named_params():   # first one's made in it (of that parameter's shape)
+            state = self.state.get(module)
+            if state is not None:
+                if id(state) in dicts:
+                    raise ValueError(f"{where}: its optimizer state is the same dict as the state of {dicts[id(state)]}: "
+                                     "each parameter's state must be its own dict")
+                dicts[id(state)] = where
         written = {id(m) for m in updated}
         tagged = [((where, module, name), arr) for where, module in self._named_params()
                   for name, arr in [("weight", module.weight)] + [(f"state {k!r}", v) for k, v in
@@ -1061,7 +1094,7 @@ class Optimizer:
         self._check_state_for(self.state.get(module), weight, options, where)
         self._check_advance(_core(self.state.get(module) or {}), where)
         self._confirm_checked([(module, where, snapshot)])   # as step(): what was checked is what is updated
-        self._reserve_step_files([(module, weight, options)])   # as step(): before anything changes
+        self._reserve_step_state([(module, weight, options)])   # as step(): before anything changes
         try:
             state = self.state.setdefault(module, {})
             with _kept_on_disk_error(state):
@@ -1510,15 +1543,16 @@ def _param_index(key: Any, where: str, seen: Dict[int, Any]) -> int:
 
 @contextlib.contextmanager
 def _kept_on_disk_error(state: Dict[str, Any]) -> Iterator[None]:
-    """Around a parameter's update: an ``OSError`` — creating a state file in ``state_dir`` on a
-    full disk (``storage.create_zeros``), which happens before any row is updated — puts the
-    parameter's state entries (step counters, new arrays) back as they were, so the refused update
-    leaves a state the next step accepts. (A step reserves the files it will create first,
-    :meth:`Optimizer._reserve_step_files`; this covers a file that no reservation named.)"""
+    """Around a parameter's update: an ``OSError`` or ``MemoryError`` — creating a state file in
+    ``state_dir`` on a full disk (``storage.create_zeros``) or a state array in memory, which happens
+    before any row is updated — puts the parameter's state entries (step counters, new arrays) back
+    as they were, so the refused update leaves a state the next step accepts (and ``save()``
+    writes). (A step makes the state arrays it will create first, :meth:`Optimizer._reserve_step_state`;
+    this covers an array that no reservation named.)"""
     before = dict(state)
     try:
         yield
-    except OSError:
+    except (OSError, MemoryError):
         state.clear()
         state.update(before)
         raise
