@@ -334,16 +334,15 @@ def _file_crc(path: str) -> int:
 
 def _known_crc(src: str, size: int) -> Optional[int]:
     """The CRC the manifest of ``src``'s checkpoint directory records for it (same size), if any: a
-    hard-linked file keeps its recorded checksum, so a file corrupted since is still detected."""
+    hard-linked file keeps its recorded checksum, so a file corrupted since is still detected. Only a
+    manifest that passes every check a load makes (its own CRC-32 included) is believed: a damaged
+    one's recorded CRC would make the new checkpoint unloadable (the file is then copied, its CRC
+    computed anew)."""
     try:
-        with storage.open_regular(os.path.join(os.path.dirname(src), MANIFEST)) as fh:
-            manifest = json.loads(fh.read().decode())
-        entry = manifest["files"][os.path.basename(src)]
-        if manifest.get("checksum") == CHECKSUM and entry["bytes"] == size and isinstance(entry[CHECKSUM], int):
-            return int(entry[CHECKSUM])
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
-        pass
-    return None
+        entry = _manifest(os.path.dirname(src))["files"].get(os.path.basename(src))
+    except CheckpointError:
+        return None
+    return int(entry[CHECKSUM]) if entry is not None and entry["bytes"] == size else None
 
 
 def _check_name(name: Any, what: str) -> str:
@@ -480,6 +479,10 @@ def _check_replaceable(path: str) -> None:
         return
     others = _foreign_files(path)
     if others is None:
+        if os.path.lexists(os.path.join(path, MANIFEST)):
+            raise ValueError(f"{path} holds a {MANIFEST} that is not a cembed checkpoint's "
+                             f"({_listing(path)[1]}): refusing to replace it (a damaged checkpoint: remove it or "
+                             "save elsewhere)")
         raise ValueError(f"{path} exists and is not a cembed checkpoint: refusing to replace it")
     if others:
         raise ValueError(f"{path} holds files that are not part of its checkpoint ({', '.join(others[:5])}"
@@ -497,24 +500,31 @@ def _foreign_files(directory: str) -> Optional[List[str]]:
 def _listed_files(path: str) -> Optional[Set[str]]:
     """The file names the manifest in ``path`` lists when it is a cembed checkpoint manifest (its
     format tag and a file table; the rest is not judged here: a checkpoint this version would refuse
-    to load, an older or a damaged one, can still be replaced by a save), else None."""
+    to load, an older one, or one whose other entries are damaged, can still be replaced by a save),
+    else None."""
+    return _listing(path)[0]
+
+
+def _listing(path: str) -> Tuple[Optional[Set[str]], str]:
+    """``(_listed_files(path), why it is None)``."""
     try:
         with storage.open_regular(os.path.join(path, MANIFEST)) as fh:
             manifest = json.loads(fh.read().decode("utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
-        return None
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
+        return None, f"unreadable: {type(exc).__name__}: {exc}"
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
-        return None
+        return None, f"not a {FORMAT} manifest with a file table"
     listed = set()
     for name in manifest["files"]:   # only names a checkpoint can hold (never a subdirectory of the user's)
+        bad = (None, f"it lists {name!r}, a name no checkpoint file has")
         if not isinstance(name, str) or not name.endswith(".npy"):
-            return None
+            return bad
         try:
             _check_name(name[:-4], "file")
         except ValueError:
-            return None
+            return bad
         listed.add(name)
-    return listed
+    return listed, ""
 
 
 def _remove(entry: str) -> None:

@@ -172,6 +172,28 @@ def test_frozen_read_only_table_is_hard_linked_not_copied(tmp_path):
     assert_bitwise_equal(check.weight, frozen.weight)
 
 
+def test_a_frozen_table_whose_checkpoint_manifest_was_damaged_is_copied_not_linked(tmp_path):
+    """A frozen table mapped from checkpoint A, whose manifest then had a recorded CRC changed (A is
+    refused): saving the table to B linked the file with A's wrong CRC, so B saved without error and
+    never loaded. A manifest that fails its own CRC-32 is not believed: the file is copied, its CRC
+    computed anew, and B loads."""
+    frozen = cembed.Embedding(100, 8, seed=0, _freeze=True)
+    cembed.save_checkpoint(tmp_path / "A", {"f": frozen})
+    mapped = cembed.Embedding(100, 8, _freeze=True)
+    cembed.load_checkpoint(tmp_path / "A", {"f": mapped})
+    manifest_path = tmp_path / "A" / "MANIFEST.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["module.f.npy"]["crc32"] ^= 1
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="does not match its own CRC-32"):
+        cembed.load_checkpoint(tmp_path / "A", {"f": cembed.Embedding(100, 8, _freeze=True)})
+    cembed.save_checkpoint(tmp_path / "B", {"f": mapped})
+    assert os.stat(tmp_path / "B" / "module.f.npy").st_ino != os.stat(tmp_path / "A" / "module.f.npy").st_ino
+    check = cembed.Embedding(100, 8, _freeze=True)
+    cembed.load_checkpoint(tmp_path / "B", {"f": check})
+    assert_bitwise_equal(check.weight, frozen.weight)
+
+
 def test_replacing_a_checkpoint_leaves_no_debris(tmp_path):
     emb = cembed.Embedding(10, 2, seed=0)
     for epoch in range(3):
@@ -260,6 +282,19 @@ def test_refuses_to_replace_what_is_not_a_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     cembed.save_checkpoint(tmp_path / "empty", cembed.Embedding(3, 2))   # an empty directory is fine
 
+
+
+def test_a_checkpoint_whose_manifest_is_damaged_is_refused_naming_the_manifest(tmp_path):
+    """A checkpoint whose MANIFEST.json is no longer JSON: a save to its path said it 'is not a cembed
+    checkpoint', as for a directory of someone else's. It names the manifest and why, and changes nothing."""
+    cembed.save_checkpoint(tmp_path / "ck", cembed.Embedding(3, 2, seed=0))
+    manifest = tmp_path / "ck" / "MANIFEST.json"
+    manifest.write_bytes(b"#" + manifest.read_bytes()[1:])
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ck").iterdir()}
+    with pytest.raises(ValueError, match=r"ck holds a MANIFEST.json that is not a cembed checkpoint's \(unreadable: "
+                                         r"JSONDecodeError"):
+        cembed.save_checkpoint(tmp_path / "ck", cembed.Embedding(3, 2, seed=1))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ck").iterdir()} == before
 
 
 def test_a_directory_with_a_foreign_manifest_or_extra_files_is_not_replaced(tmp_path):

@@ -1012,9 +1012,9 @@ def test_write_atomically_keeps_the_mode_and_works_where_modes_cannot_be_set(tmp
 
 
 def test_a_fifo_where_a_file_is_expected_is_refused_not_waited_on(tmp_path):
-    """A FIFO (named pipe) put where a table, a manifest or a checkpoint member is expected blocked ``open``
-    forever; it is refused naming it (tables: ValueError; checkpoints: their usual errors). An alarm fails
-    the test instead of hanging it."""
+    """A FIFO (named pipe) put where a table, a manifest, a checkpoint member or an optimizer file is
+    expected blocked ``open`` forever; it is refused naming it (tables, optimizer files: ValueError;
+    checkpoints: their usual errors). An alarm fails the test instead of hanging it."""
     import signal
 
     def hung(signum, frame):
@@ -1032,7 +1032,7 @@ def test_a_fifo_where_a_file_is_expected_is_refused_not_waited_on(tmp_path):
         before = emb.weight.copy()
         (tmp_path / "ck").mkdir()
         os.mkfifo(tmp_path / "ck" / "MANIFEST.json")
-        with pytest.raises(ValueError, match="not a cembed checkpoint: refusing to replace it"):
+        with pytest.raises(ValueError, match=r"MANIFEST.json that is not a cembed checkpoint's \(unreadable: .*a FIFO"):
             cembed.save_checkpoint(tmp_path / "ck", {"a": emb})
         with pytest.raises(CheckpointError, match="MANIFEST.json: unreadable manifest .*a FIFO, not a regular file"):
             cembed.load_checkpoint(tmp_path / "ck", {"a": emb})   # (not "no checkpoint there")
@@ -1042,6 +1042,10 @@ def test_a_fifo_where_a_file_is_expected_is_refused_not_waited_on(tmp_path):
         with pytest.raises(CheckpointError, match="module.a.npy"):
             cembed.load_checkpoint(tmp_path / "ck2", {"a": emb})
         assert_bitwise_equal(emb.weight, before)
+        opt = cembed.optim.SGD([emb], lr=0.1)            # Optimizer.load (np.load blocked on it)
+        os.mkfifo(tmp_path / "opt.npz")
+        with pytest.raises(ValueError, match="opt.npz: not a readable cembed optimizer file .*a FIFO, not a regular file"):
+            opt.load(tmp_path / "opt.npz")
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)

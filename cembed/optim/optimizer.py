@@ -1430,8 +1430,9 @@ class Optimizer:
         """
         path = os.fspath(path)
         try:
-            with np.load(path, allow_pickle=False) as data:
-                _check_members(data, os.path.getsize(path))
+            # (a regular file only: a FIFO at the path would block np.load forever)
+            with storage.open_regular(path) as fh, np.load(fh, allow_pickle=False) as data:
+                _check_members(data, os.fstat(fh.fileno()).st_size)
                 meta = json.loads(bytes(data["__meta__"]).decode())
                 if not isinstance(meta, dict) or meta.get("format") not in (_FORMAT, None) or "state" not in meta:
                     raise ValueError("not a cembed optimizer file")
