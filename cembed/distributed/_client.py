@@ -1420,8 +1420,8 @@ class ShardedEmbedding:
         """
         _check_flag(checkpoint, "checkpoint")
         error: Optional[BaseException] = None
-        final = checkpoint and self.checkpoint_dir is not None   # a final checkpoint is written
         if self._broken is None and self._ray.is_initialized():
+            final = checkpoint and self.checkpoint_dir is not None   # a final checkpoint is written
             self._closing = True
             try:
                 self._settle()
