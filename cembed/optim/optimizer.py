@@ -743,17 +743,17 @@ class Optimizer:
         self._reserved = {}
         if self.state_dir is None:
             self._reserved_memory = {}
-            made = []   # the parameters given a state dict here (the update's own: it would make it there)
+            new_dicts = []   # the parameters given a state dict here (the update's own: it would make it there)
             try:
                 for module, weight, options in plan:
                     if module not in self.state:
-                        made.append(module)
+                        new_dicts.append(module)
                     state = self.state.setdefault(module, {})
                     for key, per_row, dtype in self._state_files_for_step(state, weight, options):
                         self._reserved_memory[(id(state), key)] = storage.aligned_zeros(
                             *self._state_layout(weight, per_row, dtype, options))
             except BaseException:
-                for module in made:
+                for module in new_dicts:
                     del self.state[module]
                 self._reserved_memory = None
                 raise
