@@ -132,9 +132,13 @@ def check_per_sample_weights(psw: np.ndarray, weight: np.ndarray) -> None:
 
 def check_weight(weight: Any, name: str = "weight", *, numeric: bool = False) -> np.ndarray:
     """A 2-D ndarray in native byte order: float32/float64/float16/bfloat16, or with ``numeric=True``
-    any integer or float dtype (integer tables are lookup-only). It is used as is, never copied."""
+    any integer or float dtype (integer tables are lookup-only). It is used as is, never copied — a
+    ``numpy.matrix`` as a plain ndarray view of its memory (a matrix keeps every result 2-D: a lookup
+    of a table in a layout the kernels copy from lost its index dimensions)."""
     if not isinstance(weight, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(weight).__name__}")
+    if isinstance(weight, np.matrix):
+        weight = weight.view(np.ndarray)
     if weight.ndim != 2:
         raise ValueError(f"{name} must be 2-D (num_embeddings, embedding_dim), got shape {weight.shape}")
     def allowed(dtype: np.dtype) -> bool:
@@ -546,9 +550,10 @@ def normalize_padding_idx(padding_idx: Any, n_rows: int) -> Optional[int]:
 
 def check_gradient_rows(grad_output: Any, lead_shape: Tuple[int, ...], *, dim: Optional[int] = None,
                         dtype: Optional[np.dtype] = None, table_dtype: Optional[np.dtype] = None,
-                        name: str = "grad_output") -> np.ndarray:
+                        name: str = "grad_output", lead: str = "indices.shape") -> np.ndarray:
     """``grad_output`` of shape ``lead_shape + (dim,)`` as a C-contiguous ``(n, dim)`` float array in
-    native byte order (a view when it already is one).
+    native byte order (a view when it already is one). ``lead`` says in the error what ``lead_shape``
+    is (``"indices.shape[:-1]"``, ``"(n_bags,)"``).
 
     ``dtype``: the dtype it must have (a table's :func:`grad_dtype`); a 16-bit ``table_dtype`` also
     allows that table's own dtype (the ``out_dtype`` its lookups may return; the kernels widen it
@@ -565,6 +570,6 @@ def check_gradient_rows(grad_output: Any, lead_shape: Tuple[int, ...], *, dim: O
     if arr.ndim != len(lead_shape) + 1 or arr.shape[:-1] != tuple(lead_shape) or (
             dim is not None and arr.shape[-1] != dim):
         want = tuple(lead_shape) + ((dim,) if dim is not None else ("dim",))
-        raise ValueError(f"{name} must have shape indices.shape + (embedding_dim,) = {want}, got {arr.shape}")
+        raise ValueError(f"{name} must have shape {lead} + (embedding_dim,) = {want}, got {arr.shape}")
     n = int(np.prod(lead_shape, dtype=np.int64))
     return kernel_array(arr.astype(arr.dtype.newbyteorder("="), copy=False)).reshape(n, arr.shape[-1])

@@ -629,7 +629,8 @@ def weighted_contributions(grad_output: Any, idx_shape: Tuple[int, ...], flat: n
     psw = per_sample_weights if isinstance(per_sample_weights, np.ndarray) else np.asarray(per_sample_weights)
     if psw.shape != idx_shape:
         raise ValueError(f"per_sample_weights must have the shape of indices {idx_shape}, got {psw.shape}")
-    values = check_gradient_rows(grad_output, idx_shape[:-1], dim=dim, dtype=dtype, table_dtype=table_dtype)
+    values = check_gradient_rows(grad_output, idx_shape[:-1], dim=dim, dtype=dtype, table_dtype=table_dtype,
+                                 lead="indices.shape[:-1]")
     if psw.dtype != compute_dtype(values.dtype):
         raise TypeError(f"per_sample_weights must have dtype {compute_dtype(values.dtype)}, got {psw.dtype}")
     src = np.repeat(np.arange(values.shape[0], dtype=np.int64), idx_shape[-1])
@@ -939,8 +940,9 @@ def _csr_offsets(offsets: Any, n_total: int, include_last_offset: bool) -> np.nd
     n_bags + 1 boundaries."""
     try:
         off = as_index_array(offsets, "offsets")
-    except IndexError:   # a uint64 (or Python int) offset beyond int64: past the end of any input
-        raise ValueError(f"offsets contains a value past the end of the input (length {n_total})") from None
+    except IndexError:   # a uint64 (or Python int) offset beyond int64: outside [0, n_total] for any input
+        raise ValueError(f"offsets contains a value outside the int64 range: offsets must lie in [0, {n_total}] "
+                         f"(the input's length)") from None
     if off.ndim != 1:
         raise ValueError(f"offsets has to be a 1D array, got shape {off.shape}")
     off = np.array(off, dtype=np.int64, copy=True)   # private first, then checked: kept as checked
@@ -1182,6 +1184,8 @@ def embedding_bag(input: Any, weight: np.ndarray, offsets: Any = None, max_norm:
 def bag_contributions(grad_output: np.ndarray, weight: np.ndarray, bags: SavedBags,
                       scale_grad_by_freq: bool) -> Union[RowContributions, MaxRouting]:
     """The weight-gradient contributions of a validated bag call (grad_output already checked)."""
+    if bags.mode == "max" and scale_grad_by_freq:   # (a module's option set after its forward: as the forward)
+        raise ValueError("max mode does not support scaling the gradient by the frequency")
     if bags.mode == "max":
         if bags.argmax is None:   # pragma: no cover - max mode pools with want_argmax=True before its backward
             raise ValueError("embedding_bag backward: max mode needs the forward's argmax")
@@ -1258,7 +1262,7 @@ def embedding_bag_backward(grad_output: Any, input: Any, weight: np.ndarray, off
                          padding_idx, sparse, scale_grad_by_freq)
     dtype = compute_dtype(weight.dtype)
     values = check_gradient_rows(grad_output, (bags.n_bags,), dim=weight.shape[1], dtype=dtype,
-                                 table_dtype=weight.dtype).astype(dtype, copy=False)   # a few rows: widened
+                                 table_dtype=weight.dtype, lead="(n_bags,)").astype(dtype, copy=False)   # a few rows: widened
     if bags.mode == "max":
         pool(weight, bags, want_argmax=True)
     psw_grad = psw_gradient(values, weight, bags) if bags.psw is not None else None
@@ -1520,7 +1524,7 @@ def embedding_dot(query: Any, indices: Any, weight: np.ndarray) -> np.ndarray:
     """
     weight, idx, grid = _score_operands(indices, weight, "embedding_dot")
     dim, dtype = weight.shape[1], compute_dtype(weight.dtype)
-    q = check_gradient_rows(query, idx.shape[:-1], dim=dim, dtype=dtype, name="query")
+    q = check_gradient_rows(query, idx.shape[:-1], dim=dim, dtype=dtype, name="query", lead="indices.shape[:-1]")
     out = np.empty(grid.shape, dtype=dtype)
     table, fmt, grid = _score_table(weight, grid)
     _score.dot_scores(q, table, fmt, grid, out, n_threads_for(grid.size, "gather"))
@@ -1641,7 +1645,7 @@ def embedding_dot_logistic(query: Any, indices: Any, weight: np.ndarray, n_posit
     """
     weight, idx, grid = _score_operands(indices, weight, "embedding_dot_logistic")
     dim, dtype = weight.shape[1], compute_dtype(weight.dtype)
-    q = check_gradient_rows(query, idx.shape[:-1], dim=dim, dtype=dtype, name="query")
+    q = check_gradient_rows(query, idx.shape[:-1], dim=dim, dtype=dtype, name="query", lead="indices.shape[:-1]")
     n_positive = check_int(n_positive, "n_positive", low=0, high=grid.shape[1])
     with_loss = check_bool(with_loss, "with_loss")
     loss = np.empty(grid.shape[0] if with_loss else 0, dtype=dtype)
@@ -1748,7 +1752,7 @@ def logistic_scores(query: Any, indices: Any, weight: np.ndarray, n_positive: in
     scored but gets no gradient."""
     weight, idx, grid = _score_operands(indices, weight, name)   # every table dtype is trainable
     q = check_gradient_rows(query, idx.shape[:-1], dim=weight.shape[1], dtype=compute_dtype(weight.dtype),
-                            name="query")
+                            name="query", lead="indices.shape[:-1]")
     n_positive = check_int(n_positive, "n_positive", low=0, high=grid.shape[1])
     with_loss = check_bool(with_loss, "with_loss")
     if np.may_share_memory(q, weight):   # the table changes during the update: keep the queries as given

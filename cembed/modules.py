@@ -303,7 +303,7 @@ class TableModule:
             raise ValueError(f"size mismatch for weight: copying a param with shape {value.shape} from checkpoint, "
                              f"the shape in current model is {weight.shape}")
         if value.dtype.kind not in "biuf" and value.dtype != weight.dtype and not (
-                is_half(value.dtype) and is_half(weight.dtype)):
+                is_half(value.dtype) and (is_half(weight.dtype) or weight.dtype.kind == "f")):
             raise TypeError(f"state_dict['weight'] has dtype {value.dtype}, not numbers")
         if not np.can_cast(value.dtype, weight.dtype, casting="same_kind"):
             raise TypeError(f"state_dict['weight'] of dtype {value.dtype} cannot be copied into a {weight.dtype} table")
@@ -730,7 +730,7 @@ class EmbeddingBag(TableModule):
         # per-sample-weight gradient, or refused below as untrainable); a float table its gradient dtype
         want = compute_dtype(weight.dtype) if is_table_dtype(weight.dtype) else None
         grad_output = check_gradient_rows(grad_output, (bags.n_bags,), dim=weight.shape[1], dtype=want,
-                                          table_dtype=weight.dtype)
+                                          table_dtype=weight.dtype, lead="(n_bags,)")
         if want is not None:
             grad_output = grad_output.astype(want, copy=False)   # a few rows: widened
         self._check_fused(optimizer)

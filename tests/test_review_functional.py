@@ -246,3 +246,74 @@ def test_functional_embedding_takes_torchs_seven_arguments():
     got = F.embedding(idx, ours, scale_grad_by_freq=True, sparse=False, out_dtype=np.float32)
     np.testing.assert_array_equal(got, weight_rows := ours[idx])
     assert weight_rows.shape == (2, 2, 4)
+
+
+# ---------------------------------------------------------------- review of 2026-11-27 (session 20)
+
+@pytest.mark.parametrize("table", ["float32", "float64"])
+@pytest.mark.parametrize("source", ["bfloat16", "float16"])
+def test_load_state_dict_widens_a_16_bit_state_into_a_wider_table(table, source):
+    """A bfloat16 module's state_dict() loaded into a float32 / float64 module of the same shape was a
+    TypeError ('has dtype bfloat16, not numbers'), though float16 loaded; torch copies either (exactly:
+    every 16-bit value is a float32 one)."""
+    pytest.importorskip("ml_dtypes")
+    src = cembed.Embedding(5, 3, seed=0, dtype=source)
+    dst = cembed.Embedding(5, 3, seed=1, dtype=table)
+    dst.load_state_dict(src.state_dict())
+    assert dst.weight.dtype == np.dtype(table)
+    np.testing.assert_array_equal(dst.weight, src.weight.astype(table))
+    tdst = torch.nn.Embedding(5, 3, dtype=getattr(torch, table))
+    tdst.load_state_dict({"weight": torch.from_numpy(src.weight.astype(np.float32)).to(getattr(torch, source))})
+    np.testing.assert_array_equal(dst.weight, tdst.weight.detach().numpy())
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")   # (np.matrix)
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_a_matrix_table_gives_the_lookup_shape_in_every_layout(order):
+    """An np.matrix table in Fortran order (copied from, not used in place by the kernels) gave a 2-D
+    matrix of shape (2, 3) for indices of shape (1, 2): a matrix cannot be 3-D. Now an ndarray of shape
+    (1, 2, 3) in either layout, as torch's lookup of the same values."""
+    values = _weights(4, 3)
+    table = np.asmatrix(np.asarray(values, order=order))
+    idx = np.array([[3, 1]])
+    out = F.embedding(idx, table)
+    assert type(out) is np.ndarray and out.shape == (1, 2, 3)
+    np.testing.assert_array_equal(out, torch.nn.functional.embedding(torch.from_numpy(idx),
+                                                                     torch.from_numpy(values)).numpy())
+    np.testing.assert_array_equal(cembed.Embedding.from_pretrained(table)(idx), out)
+
+
+def test_shape_errors_state_the_rule_that_was_checked():
+    """A bag backward's wrong grad_output was told to have 'indices.shape + (embedding_dim,)' and shown
+    (n_bags, dim); a per-sample-weight lookup's and a query's rule is indices.shape[:-1]; an offset of
+    -2**70 was 'past the end of the input'."""
+    bag = cembed.EmbeddingBag(10, 3, mode="sum", seed=0)
+    bag(np.array([1, 2, 3, 4, 5]), np.array([0, 2]))
+    with pytest.raises(ValueError, match=r"grad_output must have shape \(n_bags,\) \+ \(embedding_dim,\) = \(2, 3\), "
+                                         r"got \(5, 3\)"):
+        bag.backward(np.ones((5, 3), np.float32))
+    with pytest.raises(ValueError, match=r"must have shape \(n_bags,\) \+ \(embedding_dim,\) = \(2, 3\)"):
+        F.embedding_bag_backward(np.ones((5, 3), np.float32), np.array([1, 2, 3, 4, 5]), bag.weight,
+                                 offsets=np.array([0, 2]))
+    emb = cembed.Embedding(10, 3, seed=0)
+    with pytest.raises(ValueError, match=r"must have shape indices.shape\[:-1\] \+ \(embedding_dim,\) = \(4, 3\)"):
+        emb.backward(np.ones((4, 5, 3), np.float32), np.zeros((4, 5), np.int64),
+                     per_sample_weights=np.ones((4, 5), np.float32))
+    with pytest.raises(ValueError, match=r"query must have shape indices.shape\[:-1\] \+ \(embedding_dim,\)"):
+        F.embedding_dot(np.ones((5, 3), np.float32), np.zeros((4, 5), np.int64), emb.weight)
+    for offset in (-2 ** 70, 2 ** 70):
+        with pytest.raises(ValueError, match=r"outside the int64 range: offsets must lie in \[0, 2\]"):
+            F.embedding_bag([1, 2], np.ones((4, 3), np.float32), offsets=[0, offset])
+
+
+def test_scale_grad_by_freq_set_on_a_max_bag_after_its_forward_is_refused_by_the_backward():
+    """scale_grad_by_freq=True on a max-mode EmbeddingBag is refused by the constructor and the forward;
+    set between forward and backward it was silently ignored. The backward refuses it, nothing changed."""
+    bag = cembed.EmbeddingBag(6, 3, mode="max", seed=0)
+    bag(np.array([1, 2, 3, 4]), np.array([0, 2]))
+    bag.scale_grad_by_freq = True
+    before = bag.weight.copy()
+    with pytest.raises(ValueError, match="max mode does not support scaling the gradient by the frequency"):
+        bag.backward(np.ones((2, 3), np.float32))
+    assert bag.grad is None
+    np.testing.assert_array_equal(bag.weight, before)
