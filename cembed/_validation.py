@@ -229,7 +229,10 @@ def as_index_array(indices: Any, name: str = "indices", n_rows: Optional[int] = 
     Any signed or unsigned integer dtype is accepted; bool, float and object arrays are a TypeError (a
     Python list mixing bools with ints is taken as NumPy and ``torch.tensor`` take it: as ints). uint64
     values that do not fit int64 are reported as out of range rather than wrapped."""
-    arr = indices if isinstance(indices, np.ndarray) else np.asarray(indices)
+    try:
+        arr = indices if isinstance(indices, np.ndarray) else np.asarray(indices)
+    except ValueError as exc:   # (a ragged nested list: NumPy's message does not say which argument)
+        raise ValueError(f"{name} must be an array of one shape: {exc}") from None
     if not isinstance(indices, np.ndarray):
         if arr.dtype.kind == "f" and arr.size == 0:
             arr = arr.astype(np.int64)  # [] (or [[]]) from Python: an empty index list

@@ -317,3 +317,12 @@ def test_scale_grad_by_freq_set_on_a_max_bag_after_its_forward_is_refused_by_the
         bag.backward(np.ones((2, 3), np.float32))
     assert bag.grad is None
     np.testing.assert_array_equal(bag.weight, before)
+
+
+def test_a_ragged_index_list_is_refused_naming_the_argument():
+    """A ragged nested list raised NumPy's own ValueError ('inhomogeneous shape'), naming no argument."""
+    emb = cembed.Embedding(5, 2, seed=0)
+    with pytest.raises(ValueError, match="indices must be an array of one shape: .*inhomogeneous"):
+        emb([[1, 2], [3]])
+    with pytest.raises(ValueError, match="offsets must be an array of one shape"):
+        F.embedding_bag([1, 2], emb.weight, offsets=[[0], [1, 2]])
