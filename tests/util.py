@@ -13,27 +13,36 @@ import cembed
 DATA = pathlib.Path(__file__).parent / "data"
 
 
-def require_gensim():
-    """gensim, the trainer's peer: skipped when absent unless CI asks for the oracles
-    (CEMBED_REQUIRE_TORCH=1, set by .ci/run, which installs both)."""
+def _oracle(name, what):
+    """The module ``name`` (an oracle of the parity tests: ``what``), imported. Without it the test is
+    skipped, unless CI asks for the oracles (CEMBED_REQUIRE_TORCH=1, set by .ci/run, which installs
+    torch, gensim and FBGEMM), where a missing oracle is a failure."""
+    import importlib
+
     try:
-        import gensim
+        return importlib.import_module(name)
     except ImportError:
         if os.environ.get("CEMBED_REQUIRE_TORCH", "") not in ("", "0"):
-            pytest.fail("gensim is required (CEMBED_REQUIRE_TORCH=1) but cannot be imported")
-        pytest.skip("gensim is not installed")
-    return gensim
+            pytest.fail(f"{name} ({what}) is required (CEMBED_REQUIRE_TORCH=1) but cannot be imported")
+        pytest.skip(f"{name} is not installed")
+
+
+def require_gensim():
+    """gensim, the trainer's peer."""
+    return _oracle("gensim", "the trainer's peer")
 
 
 def require_torch():
-    """The torch module, for parity tests. Without torch the test is skipped, unless
-    CEMBED_REQUIRE_TORCH=1 (set by .ci/run), where a missing torch is a failure."""
-    try:
-        import torch
-    except ImportError:
-        if os.environ.get("CEMBED_REQUIRE_TORCH", "") not in ("", "0"):
-            pytest.fail("torch is required (CEMBED_REQUIRE_TORCH=1) but cannot be imported")
-        pytest.skip("torch is not installed")
+    """The torch module, for parity tests."""
+    return _oracle("torch", "the parity oracle")
+
+
+def require_fbgemm():
+    """FBGEMM's CPU table-batched embeddings (``fbgemm_gpu``, pip ``fbgemm-gpu-cpu==1.8.0``, which pairs
+    with torch 2.13): the peer of RowWiseAdagrad. Returns ``torch`` (importing fbgemm_gpu registers
+    its operators there)."""
+    torch = require_torch()
+    _oracle("fbgemm_gpu", "RowWiseAdagrad's peer")
     return torch
 
 
