@@ -8,7 +8,7 @@ count. Work is O(n_a + n_b), never O(number of rows in the table).
 from cython.parallel cimport prange
 from cython cimport floating
 from libc.stdint cimport int64_t
-from libc.string cimport memcpy, memset
+from libc.string cimport memset
 
 from cembed._rows cimport row_add
 
@@ -47,8 +47,10 @@ def merge_values(const floating[:, ::1] a_values,   # IN  (n_a, dim)
                  const int64_t[::1] b_slot,          # IN  (n_b,) ascending output slots
                  floating[:, ::1] out,               # OUT (n_out, dim)
                  int n_threads):
-    """out = a scattered to a_slot, plus b scattered to b_slot (a's value first, as a + b).
-    Parallel over a's rows, then over b's rows: each output row has one writer in each phase."""
+    """out = +0.0, plus a scattered to a_slot, plus b scattered to b_slot: every row summed from +0.0,
+    a's value first, as torch's sparse add coalesces (a row of one input holding -0.0 gives +0.0,
+    whichever input holds it). Parallel over a's rows, then over b's rows: each output row has one
+    writer in each phase."""
     cdef Py_ssize_t n_a = a_slot.shape[0], n_b = b_slot.shape[0], dim = out.shape[1]
     cdef Py_ssize_t n_out = out.shape[0]
     cdef Py_ssize_t i
@@ -58,6 +60,6 @@ def merge_values(const floating[:, ::1] a_values,   # IN  (n_a, dim)
         for i in prange(n_out, schedule="static", num_threads=n_threads):
             memset(&out[i, 0], 0, dim * sizeof(floating))
         for i in prange(n_a, schedule="static", num_threads=n_threads):
-            memcpy(&out[a_slot[i], 0], &a_values[i, 0], dim * sizeof(floating))
+            row_add(&out[a_slot[i], 0], &a_values[i, 0], dim)
         for i in prange(n_b, schedule="static", num_threads=n_threads):
             row_add(&out[b_slot[i], 0], &b_values[i, 0], dim)

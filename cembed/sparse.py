@@ -209,8 +209,10 @@ class SparseGrad:
         return out
 
     def merge(self, other: "SparseGrad") -> "SparseGrad":
-        """``self + other`` as a new coalesced gradient (rows present in both are summed, ``self``'s
-        value first). Work is O(nnz), independent of ``num_rows``.
+        """``self + other`` as a new coalesced gradient, as torch's sparse add coalesced: every row summed
+        from +0.0 (rows present in both: ``self``'s value first), so a row holding -0.0 gives +0.0 —
+        except that a gradient with no rows added to another gives the other's values as they are, as
+        torch's add returns them. Work is O(nnz), independent of ``num_rows``.
 
         Raises
         ------
@@ -237,6 +239,9 @@ class SparseGrad:
             raise ValueError(f"cannot merge SparseGrads of shapes {self.shape} and {other.shape}")
         if other.dtype != self.dtype:
             raise TypeError(f"cannot merge SparseGrads of dtypes {self.dtype} and {other.dtype}")
+        if self._indices.size == 0 or other._indices.size == 0:   # (torch's add: the other operand, unchanged)
+            kept = other if self._indices.size == 0 else self
+            return SparseGrad._from_private(kept._indices, kept._values.copy(), self._num_rows)
         rows, a_slot, b_slot = merge_plan(self._indices, other._indices)
         values = np.empty((rows.size, self._values.shape[1]), dtype=self._values.dtype)
         _sparse_merge.merge_values(self._values, a_slot, other._values, b_slot, values,

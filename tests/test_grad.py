@@ -343,6 +343,35 @@ def test_merge_equals_dense_sum(a, b, seed):
     assert_bitwise_equal(m.to_dense(), ga.to_dense() + gb.to_dense())
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_merge_is_torchs_sparse_add_in_either_order(dtype):
+    """A row held by one SparseGrad only was copied from the left operand but added onto +0.0 from the
+    right one: -0.0 + (another row) gave -0.0, (another row) + -0.0 gave +0.0. torch's sparse add
+    (coalesced) sums every row from +0.0 in either order, and returns the other operand unchanged when
+    one has no rows: so does merge, bitwise."""
+    torch = require_torch()
+    rng = np.random.default_rng(3)
+
+    def both(rows, vals):
+        return SparseGrad(rows, vals, 10), torch.sparse_coo_tensor(torch.from_numpy(rows)[None],
+                                                                   torch.from_numpy(vals), (10, 3))
+
+    a_vals = rng.standard_normal((4, 3)).astype(dtype)
+    b_vals = rng.standard_normal((4, 3)).astype(dtype)
+    a_vals[0, :] = -0.0                          # a row of a only
+    b_vals[3, :] = -0.0                          # a row of b only
+    a_vals[1, 0], b_vals[1, 0] = -0.0, -0.0      # a row of both: -0.0 + -0.0
+    a_vals[2, 0], b_vals[2, 0] = -0.0, 0.0       # -0.0 + 0.0
+    ga, ta = both(np.array([0, 2, 5, 7]), a_vals)
+    gb, tb = both(np.array([1, 2, 5, 8]), b_vals)
+    ge, te = both(np.zeros(0, np.int64), np.zeros((0, 3), dtype))
+    for ours, theirs in ((ga + gb, ta + tb), (gb + ga, tb + ta), (ga + ge, ta + te), (ge + ga, te + ta),
+                         (ga + ga, ta + ta)):
+        theirs = theirs.coalesce()
+        np.testing.assert_array_equal(ours.indices, theirs.indices()[0].numpy())
+        assert_bitwise_equal(ours.values, theirs.values().numpy())
+
+
 @pytest.mark.parametrize("sparse", [False, True])
 def test_per_sample_weights_backward_is_weighted_sum_gradient(rng, sparse):
     """per_sample_weights: the gradient of (w[..., None] * emb(idx)).sum(-2), without the per-index rows."""

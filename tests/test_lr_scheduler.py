@@ -913,3 +913,92 @@ def test_new_schedulers_refuse_without_changing_anything():
     with pytest.raises(ValueError, match="mode"):
         plain.load_state_dict({**state, "mode": "trianglar2"})
     assert plain.state_dict() == state
+
+
+# ---------------------------------------------------------------- review of 2026-11-27 (session 20)
+
+@pytest.mark.parametrize("optimizer", ["SGD", "SparseAdam"])
+def test_a_schedule_that_torch_rounds_just_below_zero_keeps_training(optimizer):
+    """LinearLR to end_factor=0: torch's recursive form ends at -1.85e-18 from lr 0.1, and torch's
+    optimizers go on stepping; cembed's refused every step from then on ('lr must be >= 0'). A learning
+    rate below zero by at most LR_ROUNDING of the group's initial_lr is applied as it is; a negative one
+    set by hand is still refused, before anything changes."""
+    torch = require_torch()
+    p = torch.nn.Parameter(torch.zeros(2))
+    topt = torch.optim.SGD([p], lr=0.1)
+    tsched = torch.optim.lr_scheduler.LinearLR(topt, end_factor=0.0, total_iters=4)
+    emb = cembed.Embedding(3, 2, sparse=True, seed=0)
+    opt = getattr(cembed.optim, optimizer)([emb], lr=0.1)
+    sched = lr_scheduler.LinearLR(opt, end_factor=0.0, total_iters=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(7):
+            emb.backward(np.ones((1, 2), np.float32), np.array([1]), optimizer=opt)
+            topt.step()
+            sched.step()
+            tsched.step()
+            assert sched.get_last_lr() == tsched.get_last_lr()
+    assert opt.param_groups[0]["lr"] < 0                       # (torch's value: -1.85e-18)
+    opt.param_groups[0]["lr"] = -1e-3
+    before = emb.weight.copy()
+    with pytest.raises(ValueError, match=r"learning rate \(lr\) must be >= 0"):
+        emb.backward(np.ones((1, 2), np.float32), np.array([1]), optimizer=opt)
+    assert_bitwise_equal(emb.weight, before)
+
+
+def test_a_sequential_lr_that_raises_changes_nothing():
+    """SequentialLR's constructor reset group 0's lr before it found group 1 without 'initial_lr'
+    (KeyError), and undid the wrapped schedulers' construction step before a sub-scheduler's initial step
+    raised: the groups and the wrapped schedulers were left changed."""
+    opt = cembed.optim.SGD([cembed.Embedding(3, 2)], lr=1.0)
+    a, b = lr_scheduler.ExponentialLR(opt, gamma=0.5), lr_scheduler.ExponentialLR(opt, gamma=0.9)
+    for _ in range(2):
+        opt.step()
+        a.step()
+    opt.add_param_group({"params": [cembed.Embedding(3, 2)], "lr": 0.3})   # no 'initial_lr'
+    before = copy.deepcopy(opt.param_groups[0]["lr"]), a.last_epoch, b.last_epoch
+    with pytest.raises(KeyError, match=r"param_groups\[1\]"):
+        lr_scheduler.SequentialLR(opt, [a, b], milestones=[3])
+    assert (opt.param_groups[0]["lr"], a.last_epoch, b.last_epoch) == before
+
+    opt = cembed.optim.SGD([cembed.Embedding(3, 2)], lr=1.0)
+    calls = []
+
+    def lam(epoch):
+        calls.append(epoch)
+        if len(calls) > 1:
+            raise RuntimeError("lambda failed")
+        return 0.5
+
+    first, second = lr_scheduler.LambdaLR(opt, lam), lr_scheduler.ExponentialLR(opt, gamma=0.5)
+    before = [dict(g) for g in opt.param_groups], first.last_epoch, second.last_epoch
+    with pytest.raises(RuntimeError, match="lambda failed"):
+        lr_scheduler.SequentialLR(opt, [first, second], milestones=[2])
+    assert ([dict(g) for g in opt.param_groups], first.last_epoch, second.last_epoch) == before
+
+
+def test_a_scheduler_whose_initial_step_raises_leaves_no_initial_lr():
+    """LambdaLR(opt, lambda e: 1 / 0) raised but left 'initial_lr' in the groups: a scheduler made after
+    the lr was changed then started from the stale value."""
+    opt = cembed.optim.SGD([cembed.Embedding(3, 2)], lr=1.0)
+    with pytest.raises(ZeroDivisionError):
+        lr_scheduler.LambdaLR(opt, lambda epoch: 1 / 0)
+    assert "initial_lr" not in opt.param_groups[0]
+    opt.param_groups[0]["lr"] = 0.01
+    assert lr_scheduler.LambdaLR(opt, lambda epoch: 1.0).base_lrs == [0.01]
+
+
+def test_arguments_that_divide_by_zero_later_are_refused_by_the_constructor():
+    """ConstantLR(factor=0) divided by zero at epoch total_iters (then at every step), LinearLR with
+    total_iters=0 in step(epoch): torch takes both; cembed's constructors (and loads) refuse them."""
+    opt = cembed.optim.SGD([cembed.Embedding(3, 2)], lr=1.0)
+    with pytest.raises(ValueError, match="factor must be > 0"):
+        lr_scheduler.ConstantLR(opt, factor=0.0, total_iters=2)
+    with pytest.raises(ValueError, match="total_iters"):
+        lr_scheduler.LinearLR(opt, total_iters=0)
+    assert "initial_lr" not in opt.param_groups[0]
+    sched = lr_scheduler.ConstantLR(opt, factor=0.5, total_iters=2)
+    state = sched.state_dict()
+    state["factor"] = 0.0
+    with pytest.raises(ValueError, match="factor"):
+        sched.load_state_dict(state)

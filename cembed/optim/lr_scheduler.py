@@ -322,10 +322,7 @@ class LRScheduler:
         _check_optimizer(optimizer)
         last_epoch = _check_last_epoch(last_epoch)
         self.optimizer = optimizer
-        if last_epoch == -1:
-            for group in optimizer.param_groups:
-                group.setdefault("initial_lr", group["lr"])
-        else:
+        if last_epoch != -1:
             for i, group in enumerate(optimizer.param_groups):
                 if "initial_lr" not in group:
                     raise KeyError(
@@ -333,10 +330,16 @@ class LRScheduler:
                         "scheduler with last_epoch >= 0. This typically happens when resuming from a "
                         "checkpoint without loading the optimizer state, or when passing "
                         "last_epoch >= 0 for a fresh run.")
-        self.base_lrs: list[float] = _group_values(optimizer, "initial_lr")
-        self.last_epoch = last_epoch
-        _patch_optimizer_step(optimizer)
-        self._initial_step()
+        # a constructor that raises (its initial step can: a lambda's error) leaves the groups as they were
+        # (torch leaves the 'initial_lr' it set, which a later scheduler would then start from)
+        with _groups_put_back_on_error(optimizer):
+            if last_epoch == -1:
+                for group in optimizer.param_groups:
+                    group.setdefault("initial_lr", group["lr"])
+            self.base_lrs: list[float] = _group_values(optimizer, "initial_lr")
+            self.last_epoch = last_epoch
+            _patch_optimizer_step(optimizer)
+            self._initial_step()
 
     def _initial_step(self) -> None:
         """Reset the step count and take the constructor's step (in "initial" mode)."""
@@ -751,7 +754,7 @@ class ConstantLR(LRScheduler):
     ----------
     optimizer : optimizer
     factor : float, default 1/3
-        In [0, 1].
+        In (0, 1]. (torch takes 0, then divides by it at epoch ``total_iters``: refused here.)
     total_iters : int, default 5
         Number of epochs with the reduced learning rate.
     last_epoch : int, default -1
@@ -771,13 +774,15 @@ class ConstantLR(LRScheduler):
     [0.25, 0.25, 0.5, 0.5]
     """
 
-    _STATE_CHECKS = {"factor": _fraction, "total_iters": lambda v, name: _integer(v, name, minimum=0)}
+    _STATE_CHECKS = {"factor": _positive_fraction, "total_iters": lambda v, name: _integer(v, name, minimum=0)}
 
     def __init__(self, optimizer: OptimizerLike, factor: float = 1.0 / 3, total_iters: int = 5,
                  last_epoch: int = -1) -> None:
         _real(factor, "factor")
         if factor > 1.0 or factor < 0:
             raise ValueError(f"Constant multiplicative factor expected to be between 0 and 1, got factor={factor}")
+        if factor == 0:   # (torch takes it and raises ZeroDivisionError at epoch total_iters, for good)
+            raise ValueError("factor must be > 0: the learning rate is divided by it at epoch total_iters")
         self.factor = factor
         self.total_iters = _integer(total_iters, "total_iters", minimum=0)
         super().__init__(optimizer, last_epoch)
@@ -813,6 +818,7 @@ class LinearLR(LRScheduler):
     end_factor : float, default 1.0
         In [0, 1].
     total_iters : int, default 5
+        At least 1 (torch takes 0, then divides by it in ``step(epoch)``).
     last_epoch : int, default -1
 
     Examples
@@ -831,7 +837,7 @@ class LinearLR(LRScheduler):
     """
 
     _STATE_CHECKS = {"start_factor": _positive_fraction, "end_factor": _fraction,
-                     "total_iters": lambda v, name: _integer(v, name, minimum=0)}
+                     "total_iters": lambda v, name: _integer(v, name, minimum=1)}
 
     def __init__(self, optimizer: OptimizerLike, start_factor: float = 1.0 / 3, end_factor: float = 1.0,
                  total_iters: int = 5, last_epoch: int = -1) -> None:
@@ -845,7 +851,8 @@ class LinearLR(LRScheduler):
                              f"got end_factor={end_factor}")
         self.start_factor = start_factor
         self.end_factor = end_factor
-        self.total_iters = _integer(total_iters, "total_iters", minimum=0)
+        # (>= 1: torch takes 0, then its closed form, step(epoch), divides by it)
+        self.total_iters = _integer(total_iters, "total_iters", minimum=1)
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:
@@ -1096,15 +1103,18 @@ class SequentialLR(_SchedulerSequence):
         self.optimizer = optimizer
 
         # back to the initial learning rates, undo the construction step of every scheduler, and
-        # take the initial step of the one that runs at epoch 0
+        # take the initial step of the one that runs at epoch 0 — all or nothing (the groups and the
+        # wrapped schedulers as they were if any of it raises; torch's is half-done)
         for i, group in enumerate(optimizer.param_groups):
             if "initial_lr" not in group:
                 raise KeyError(f"param 'initial_lr' is not specified in param_groups[{i}]")
-            group["lr"] = group["initial_lr"]
-        self.recursive_undo()
-        idx = bisect_right(self._milestones, 0)
-        self._schedulers[idx]._initial_step()
-        self._last_lr = self._schedulers[idx].get_last_lr()
+        with _groups_put_back_on_error(optimizer), self._all_or_nothing():
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"]
+            self.recursive_undo()
+            idx = bisect_right(self._milestones, 0)
+            self._schedulers[idx]._initial_step()
+            self._last_lr = self._schedulers[idx].get_last_lr()
 
     def recursive_undo(self, sched: Any = None) -> None:
         """Undo the construction step of the wrapped schedulers (recursively through nested

@@ -1662,8 +1662,27 @@ def _check_maximize(group: Dict[str, Any], where: str) -> None:
 _LABELS = {"lr": "learning rate (lr)", "eps": "epsilon (eps)"}
 
 
+#: A learning rate below zero by at most this fraction of the group's ``initial_lr`` is a scheduler's
+#: rounding of zero (torch's recursive ``LinearLR`` to ``end_factor=0`` ends at -1.85e-18 from 0.1):
+#: accepted as it is, as torch's optimizers apply it.
+LR_ROUNDING = 1e-9
+
+
 def _option(group: Dict[str, Any], key: str, where: str, **bounds: Any) -> float:
-    """One numeric hyper-parameter of a group, checked with the common scalar rules."""
-    value = check_real(group.get(key), f"{where}: {_LABELS.get(key, key)}", **bounds)
+    """One numeric hyper-parameter of a group, checked with the common scalar rules. A learning rate
+    checked against ``low=0`` also passes when a scheduler rounded it just below zero
+    (:data:`LR_ROUNDING`)."""
+    label = f"{where}: {_LABELS.get(key, key)}"
+    if key == "lr" and bounds == {"low": 0.0}:
+        value = check_real(group.get(key), label)
+        if value < 0:
+            try:   # (set by a scheduler; anything else: no rounding allowance)
+                initial = float(group.get("initial_lr"))   # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                initial = 0.0
+            if not (initial > 0 and -value <= LR_ROUNDING * initial):
+                check_real(value, label, low=0.0)   # (its error)
+    else:
+        value = check_real(group.get(key), label, **bounds)
     group[key] = value
     return value
