@@ -1002,3 +1002,18 @@ def test_arguments_that_divide_by_zero_later_are_refused_by_the_constructor():
     state["factor"] = 0.0
     with pytest.raises(ValueError, match="factor"):
         sched.load_state_dict(state)
+
+
+def test_a_loaded_state_with_an_initial_flag_or_a_last_lr_that_is_no_list_is_refused():
+    """load_state_dict took '_is_initial': True (an ExponentialLR then never stepped again) and a '_last_lr'
+    that was not a list (get_last_lr() then raised TypeError): refused, the scheduler unchanged."""
+    opt = cembed.optim.SGD([cembed.Embedding(3, 2)], lr=1.0)
+    sched = lr_scheduler.ExponentialLR(opt, gamma=0.5)
+    for key, bad, match in (("_is_initial", True, "_is_initial"), ("_last_lr", 0.5, "_last_lr"),
+                            ("_last_lr", ["x"], r"_last_lr'\]\[0\]")):
+        state = sched.state_dict()
+        state[key] = bad
+        with pytest.raises((ValueError, TypeError), match=match):
+            sched.load_state_dict(state)
+        assert sched.state_dict() == lr_scheduler.ExponentialLR(
+            cembed.optim.SGD([cembed.Embedding(3, 2)], lr=1.0), gamma=0.5).state_dict()

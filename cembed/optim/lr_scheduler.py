@@ -416,7 +416,10 @@ class LRScheduler:
         for key, check in checks.items():
             if key in loaded:
                 check(loaded[key], f"state_dict[{key!r}]")
-        for key in ("base_lrs", "max_lrs", "base_momentums", "max_momentums", "min_lrs"):
+        if loaded.get("_is_initial", False) is not False:   # (True only inside the constructor's step)
+            raise ValueError(f"state_dict['_is_initial'] must be False (a saved scheduler is past its "
+                             f"constructor), got {loaded['_is_initial']!r}")
+        for key in ("base_lrs", "max_lrs", "base_momentums", "max_momentums", "min_lrs", "_last_lr"):
             # one value per param group the scheduler was made with: groups added later have none (as
             # in torch, the chainable forms still step them; the lists are not compared with the groups)
             if key in loaded:
