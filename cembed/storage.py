@@ -1099,6 +1099,13 @@ def open_table(path: PathLike, num_embeddings: Optional[int] = None, embedding_d
     want_dtype = check_table_dtype(dtype) if dtype is not None else None
     path = os.fspath(path)
     exists = os.path.exists(path)
+    if exists and mode in ("w+", "r+"):
+        target = os.stat(path)   # (through a link: what it points to)
+        if not stat.S_ISREG(target.st_mode):   # a table is never renamed over a device, a FIFO or a directory
+            what = "a directory" if stat.S_ISDIR(target.st_mode) else "a FIFO" if stat.S_ISFIFO(target.st_mode) \
+                else "a device or socket"
+            where = f" (the symbolic link points to {os.path.realpath(path)})" if os.path.islink(path) else ""
+            raise ValueError(f"{path}: {what}, not a regular file{where}: a table is never written there")
     if mode == "w+" and exists and not os.access(path, os.W_OK):   # (its replacement keeps its mode: unwritable too)
         raise PermissionError(errno.EACCES, "the table file is read-only: mode='w+' cannot recreate it", path)
     if mode == "w+" or (mode == "r+" and not exists):

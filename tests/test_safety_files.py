@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -1042,6 +1043,16 @@ def test_a_fifo_where_a_file_is_expected_is_refused_not_waited_on(tmp_path):
         with pytest.raises(CheckpointError, match="module.a.npy"):
             cembed.load_checkpoint(tmp_path / "ck2", {"a": emb})
         assert_bitwise_equal(emb.weight, before)
+        os.mkfifo(tmp_path / "pipe")                   # a table file linked to a FIFO: w+ renamed a new table
+        os.symlink(tmp_path / "pipe", tmp_path / "linked.npy")   # over it (over /dev/null, linked so)
+        for mode in ("w+", "r+"):
+            with pytest.raises(ValueError, match=r"linked.npy: a FIFO, not a regular file \(the symbolic link points "
+                                                 r"to .*pipe\): a table is never written there"):
+                cembed.open_table(tmp_path / "linked.npy", 10, 4, mode=mode)
+        assert stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode)
+        with pytest.raises(ValueError, match="t.npy: a FIFO, not a regular file: a table is never written there"):
+            cembed.open_table(tmp_path / "t.npy", 10, 4, mode="w+")
+        assert stat.S_ISFIFO(os.stat(tmp_path / "t.npy").st_mode)
         opt = cembed.optim.SGD([emb], lr=0.1)            # Optimizer.load (np.load blocked on it)
         os.mkfifo(tmp_path / "opt.npz")
         with pytest.raises(ValueError, match="opt.npz: not a readable cembed optimizer file .*a FIFO, not a regular file"):
