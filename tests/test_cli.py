@@ -901,3 +901,64 @@ def test_embeddings_are_saved_a_block_of_rows_at_a_time(tmp_path, monkeypatch):
             np.save(want, table)
             want = want.getvalue()
         assert got.getvalue() == want
+
+
+# ---------------------------------------------------------------- review of 2026-11-27 (session 20)
+
+def test_flag_combinations_that_cannot_run_are_refused_before_any_data_is_made(capsys, monkeypatch):
+    """--resume without --table-dir, --table-dir with gensim: refused only after the corpus was built (a
+    large --corpus file: minutes). Now before any corpus is made."""
+    def no_corpus(*args, **kwargs):
+        raise AssertionError("a corpus was made for a run that cannot start")
+
+    monkeypatch.setattr(corpus_mod, "synthetic_corpus", no_corpus)
+    monkeypatch.setattr(corpus_mod, "text_corpus", no_corpus)
+    for flags, message in ((["--resume"], "need --table-dir"),
+                           (["--table-dir", "x", "--backend", "gensim"], "use it with --backend cembed")):
+        assert main(["train", *TINY, "--no-save", *flags]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_an_unusable_table_dir_is_an_error_line_naming_the_flag(tmp_path, capsys):
+    """--table-dir under a file: 'error: [Errno 20] Not a directory' with exit 1, after the corpus and
+    the model were set up; now exit 2 naming the flag, as --out."""
+    (tmp_path / "afile").write_text("x")
+    assert main(["train", *TINY, "--no-save", "--table-dir", str(tmp_path / "afile" / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot create the table directory --table-dir ") and "is not a directory" in err
+
+
+def test_the_memory_check_sizes_a_batch_by_the_pairs_a_chunk_can_give(capsys):
+    """--batch-size 100000000 on a small corpus was 'needs at least 219 GiB' (a batch never holds more
+    pairs than a chunk of the corpus gives), with the --table-dir hint though the tables take ~0 bytes."""
+    assert main(["train", "--vocab-size", "2000", "--topics", "10", "--tokens", "20000", "--dim", "16",
+                 "--batch-size", "100000000", "--quiet", "--no-save", "--no-plot"]) == 0
+
+
+def test_resuming_a_finished_run_says_nothing_was_left_to_train(tmp_path, capsys):
+    flags = ["train", "--vocab-size", "2000", "--topics", "10", "--tokens", "50000", "--dim", "16", "--no-save",
+             "--no-plot", "--quiet", "--table-dir", str(tmp_path / "td")]
+    assert main(flags) == 0
+    capsys.readouterr()
+    assert main(flags + ["--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "loss - (nothing left to train)" in out and "the checkpoint holds the finished run" in out
+
+
+def test_invalid_utf8_read_from_a_pipe_is_reported_without_a_position(tmp_path):
+    """--corpus /dev/stdin with invalid UTF-8 said 'at byte -1' (the pipe cannot be read again to find
+    it); a regular file still names the byte."""
+    bad = b"hello world\n\xff\xfe bad\n"
+    proc = subprocess.run([sys.executable, "-m", "cembed", "train", "--corpus", "/dev/stdin", "--quiet", "--no-save",
+                           "--no-plot"], input=bad, capture_output=True, env=env_importing_this_cembed(), timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.decode().strip().endswith("not valid UTF-8: /dev/stdin (invalid start byte)")
+    (tmp_path / "bad.txt").write_bytes(bad)
+    with pytest.raises(corpus_mod.CorpusError, match=r"invalid start byte at byte 12\)"):
+        corpus_mod.text_corpus(str(tmp_path / "bad.txt"))
+
+
+def test_bench_refuses_an_empty_kernel_list(capsys):
+    """--only "" ran every kernel on the default 1M-row table (--only , was refused)."""
+    assert main(["bench", "--only", "", "--rows", "1000", "--n", "100", "--repeats", "1"]) == 2
+    assert "unknown kernel" in capsys.readouterr().err

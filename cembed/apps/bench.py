@@ -365,7 +365,7 @@ def _run(kernels, rows, dim, n, bag_size, repeats, torch, use_numpy, seed, log):
 
 def select_kernels(only):
     """The kernels named in ``only`` ("gather,sgd", None for all); ValueError naming unknown ones."""
-    kernels = KERNELS if not only else [k.strip() for k in only.split(",") if k.strip()]
+    kernels = KERNELS if only is None else [k.strip() for k in only.split(",") if k.strip()]
     unknown = [k for k in kernels if k not in KERNELS]
     if unknown or not kernels:
         raise ValueError(f"unknown kernel(s) {', '.join(unknown) or repr(only)}; choose from {', '.join(KERNELS)}")

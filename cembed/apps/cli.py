@@ -193,6 +193,8 @@ def _fmt_bytes(n):
 def _fmt_loss(result):
     if result.final_loss is not None:
         return f"{result.final_loss:.4f}"
+    if result.resumed_words and not result.words:
+        return "- (nothing left to train)"
     return "n/a" if result.backend == "gensim" else "- (no training pair)"
 
 
@@ -262,15 +264,6 @@ def run_train(args):
         corpus = corpus_mod.synthetic_corpus(args.vocab_size, args.topics, args.tokens, seed=args.seed)
     import cembed
 
-    if args.table_dir is None and (args.resume or args.checkpoint_every or args.no_prefetch or args.row_order):
-        print("error: --resume, --checkpoint-every, --no-prefetch and --row-order need --table-dir", file=sys.stderr)
-        return 2
-    if args.table_dir is not None and args.shards:
-        print("error: --table-dir keeps the tables in this process; --shards puts them on Ray actors", file=sys.stderr)
-        return 2
-    if args.table_dir is not None and args.backend != ["cembed"]:
-        print("error: --table-dir keeps cembed's tables on disk: use it with --backend cembed", file=sys.stderr)
-        return 2
     if args.shards > corpus.vocab_size:   # (_argument_problem: --shards comes with the cembed backend)
         print(f"error: --shards ({args.shards}) cannot exceed the vocabulary ({corpus.vocab_size:,} words): every "
               "shard holds at least one row", file=sys.stderr)
@@ -376,7 +369,11 @@ def _train_and_report(args, corpus, config, threads, log, train_mod):
         results.append(result)
         prep = (f"  (+{result.prep_seconds:.1f}s corpus file and vocabulary, not counted)"
                 if result.prep_seconds else "")
-        resumed = f"  (resumed after {result.resumed_words:,} words)" if result.resumed_words else ""
+        resumed = ""
+        if result.resumed_words:   # (p@10 "before": the checkpoint's table)
+            resumed = (f"  (resumed after {result.resumed_words:,} words"
+                       + (": the checkpoint holds the finished run, nothing was left to train)" if not result.words
+                          else ")"))
         log(f"{backend:>6}  {result.seconds:.1f}s  {result.words_per_second:,.0f} words/s  "
             f"peak RSS {_fmt_bytes(result.peak_rss)}  loss {_fmt_loss(result)}  {_fmt_quality(result)}"
             f"{_fmt_memory(result)}{prep}{resumed}")
@@ -542,7 +539,16 @@ def _argument_problem(args):
     problem = _threads_problem(args.threads)
     if problem:
         return problem
+    if args.table_dir is None and (args.resume or args.checkpoint_every or args.no_prefetch or args.row_order):
+        return "--resume, --checkpoint-every, --no-prefetch and --row-order need --table-dir"
+    if args.table_dir is not None and args.shards:
+        return "--table-dir keeps the tables in this process; --shards puts them on Ray actors"
+    if args.table_dir is not None and args.backend != ["cembed"]:
+        return "--table-dir keeps cembed's tables on disk: use it with --backend cembed"
     if args.table_dir is not None:
+        problem = _output_dir_problem(args.table_dir, (), flag="--table-dir", what="table directory")
+        if problem:
+            return problem
         for path in (args.table_dir, *(os.path.join(args.table_dir, d) for d in ("tables", "state", "checkpoint"))):
             if os.path.lexists(path) and not os.path.isdir(path):
                 return f"--table-dir: {path} exists and is not a directory"
@@ -593,13 +599,16 @@ def _memory_problem(args, vocab_size, n_tokens):
         in_ram = 0
     chunk = min(n_tokens, 1 << 19)
     pairs = _PAIR_BYTES_PER_WINDOW * args.window * chunk
-    step = args.batch_size * (1 + args.negatives) * (8 + 4 * args.dim) + 4 * args.batch_size * args.dim * 3
+    batch = min(args.batch_size, 2 * args.window * chunk)   # (a batch holds at most a chunk's pairs)
+    step = batch * (1 + args.negatives) * (8 + 4 * args.dim) + 4 * batch * args.dim * 3
     corpus = 16 * n_tokens + 40 * vocab_size   # tokens, sentence ids; counts, sampling tables per word
     need = corpus + in_ram + pairs + step
     if need > ram:
+        hint = (" (--table-dir keeps the tables and their state on disk)" if in_ram >= max(corpus, pairs + step)
+                else "")
         return (f"this run needs at least {_gib(need)} of memory (tables and optimizer state "
                 f"{_gib(in_ram)}, corpus {_gib(corpus)}, batches {_gib(pairs + step)}); this machine has "
-                f"{_gib(ram)}" + (" (--table-dir keeps the tables and their state on disk)" if in_ram else ""))
+                f"{_gib(ram)}" + hint)
     return None
 
 
@@ -607,29 +616,30 @@ def _memory_problem(args, vocab_size, n_tokens):
 OUTPUT_FILES = ("embeddings.npy", "vocab.txt", "pca.png")
 
 
-def _output_dir_problem(path, names=OUTPUT_FILES):
+def _output_dir_problem(path, names=OUTPUT_FILES, flag="--out", what="output directory"):
     """None when ``path`` is a writable directory or could be made one (its nearest existing ancestor
     is a directory a file can be made in: tried with a temporary file, removed at once — /proc says
     it is writable and is not) where none of the files ``names`` the run will write is a directory,
-    else what is wrong with it. Nothing is left behind: the directory is made when the results are
-    written, so a run refused or failed before that leaves none."""
+    else what is wrong with it (``flag`` and ``what`` name it: ``--out``, ``--table-dir``). Nothing is
+    left behind: the directory is made when the run writes into it, so a run refused or failed before
+    that leaves none."""
     import tempfile
 
     if os.path.lexists(path):
         if not os.path.isdir(path):
-            return f"--out {path} exists and is not a directory"
+            return f"{flag} {path} exists and is not a directory"
         for name in names:
             target = os.path.join(path, name)
             if os.path.isdir(target) and not os.path.islink(target):
-                return f"--out {path}: {target} is a directory, where the run writes its {name}"
-        where, problem = path, f"the output directory --out {path} is not writable"
+                return f"{flag} {path}: {target} is a directory, where the run writes its {name}"
+        where, problem = path, f"the {what} {flag} {path} is not writable"
     else:
         ancestor = os.path.dirname(os.path.abspath(path))
         while not os.path.lexists(ancestor) and os.path.dirname(ancestor) != ancestor:
             ancestor = os.path.dirname(ancestor)
         if not os.path.isdir(ancestor):
-            return f"cannot create the output directory --out {path}: {ancestor} is not a directory"
-        where, problem = ancestor, f"cannot create the output directory --out {path}: {ancestor} is not writable"
+            return f"cannot create the {what} {flag} {path}: {ancestor} is not a directory"
+        where, problem = ancestor, f"cannot create the {what} {flag} {path}: {ancestor} is not writable"
     try:
         with tempfile.TemporaryFile(dir=where, prefix=".cembed-probe-"):
             pass

@@ -11,6 +11,7 @@ import array
 import codecs
 import collections
 import functools
+import os
 import re
 import sys
 import unicodedata
@@ -187,8 +188,10 @@ def _sentence_pieces(path, lowercase):
     except IsADirectoryError:
         raise CorpusError(f"corpus path is a directory, not a file: {path}") from None
     except UnicodeDecodeError as exc:   # (exc.start counts from the decoder's chunk: the file's offset is found)
-        raise CorpusError(f"corpus file is not valid UTF-8: {path} ({exc.reason} at byte "
-                          f"{_first_bad_utf8_byte(path)})") from None
+        # (only a regular file is read again to find it: a pipe is drained, or would wait for its writer)
+        at = _first_bad_utf8_byte(path) if os.path.isfile(path) else -1
+        raise CorpusError(f"corpus file is not valid UTF-8: {path} ({exc.reason}"
+                          f"{f' at byte {at}' if at >= 0 else ''})") from None
     except OSError as exc:
         raise CorpusError(f"cannot read corpus file {path}: {exc.strerror}") from None
 
