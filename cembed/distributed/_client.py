@@ -44,6 +44,9 @@ class _CheckpointNotWritten(RuntimeError):
         self.reasons = reasons
 
 
+#: What a table's calls say once its shutdown() ran (a RuntimeError; ShardLostError means a lost shard).
+_SHUT_DOWN = "the table was shut down"
+
 #: A run id a table may resume (a new table draws 12 hex digits): one name, never a path.
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
@@ -402,9 +405,14 @@ class ShardedEmbedding:
         _check_flag(compiled_graph, "compiled_graph")
         per_shard = self._shard_options(ray_options)
         cpus = self._check_cpus(shard_cpus)
+        # what the shards ask Ray for (named when a shard never starts: Ray may have nowhere to place it)
+        self._asked = "; ".join(sorted({", ".join(f"{key}={opts[key]!r}" for key in ("num_cpus", "num_gpus", "memory",
+                                                                                   "resources") if key in opts)
+                                        or "Ray's default of 1 CPU" for opts in per_shard}))
         self._restartable = [opts["max_restarts"] != 0 for opts in per_shard]
 
         self._ray = require_ray()
+        self._session = self._ray_session()   # (a Ray shut down and started again is another one)
         if shard_cpus == "auto":   # pin the shards apart when they all share this one machine
             one_node = sum(1 for node in self._ray.nodes() if node.get("Alive")) == 1
             cpus = ["spread" if one_node else None] * self.num_shards
@@ -619,7 +627,8 @@ class ShardedEmbedding:
     def _build_graph(self) -> None:
         """Compile the graph (every shard's :meth:`Shard.call`, one input and one output per shard)
         if it is wanted and not there; only with nothing in flight. A graph Ray will not compile
-        leaves the table on actor calls for good (``graph_error`` says why)."""
+        leaves the table on actor calls for good (``graph_error`` says why); a shard lost while it
+        compiles only leaves this call on actor calls."""
         if self._graph is not None or not self._want_graph:
             return
         self._settle()   # the ordinary calls in flight finish before the graph's first call
@@ -639,6 +648,9 @@ class ShardedEmbedding:
                                                    _max_inflight_executions=2)
             self._graph_holder["graph"] = self._graph
             self.graph_builds += 1
+        except self._graph_lost_errors():   # a shard lost while compiling: this call recovers it (actor
+            self._graph = None               # calls), and the next one compiles again
+            self._graph_holder["graph"] = None
         except Exception as exc:       # an old Ray, or one that refuses these actors: actor calls
             self._want_graph = False
             self.graph_error = f"{type(exc).__name__}: {exc}"
@@ -1085,12 +1097,28 @@ class ShardedEmbedding:
         self._settle()
 
     # ------------------------------------------------------------------ fault handling
+    def _ray_session(self) -> Optional[Tuple[str, str]]:
+        """This process's Ray session — (node, job) of the driver — or None when Ray is not running:
+        a Ray shut down and started again (``init_local``) is another session, where this table's
+        actors and channels do not exist."""
+        if not self._ray.is_initialized():
+            return None
+        context = self._ray.get_runtime_context()
+        return (str(context.get_node_id()), str(context.get_job_id()))
+
+    def _ray_running(self) -> bool:
+        """Whether the Ray this table was made in still runs (not shut down, not started anew since)."""
+        return self._ray_session() == self._session
+
     def _check_usable(self) -> None:
         if self._broken is not None:
+            if self._broken == _SHUT_DOWN:   # (not a lost shard: a resume is not the answer)
+                raise RuntimeError(f"{_SHUT_DOWN}: make a new one (with its run_id to resume its checkpoints)")
             raise ShardLostError(self._broken)
-        if not self._ray.is_initialized():   # (a call would fail inside Ray, or start a new local one)
-            raise RuntimeError("Ray was shut down (ray.shutdown()) while this table's shards were running: the "
-                               "table cannot be used any more; its checkpoints stay on disk")
+        if not self._ray_running():   # (a call would fail inside Ray, or start a new local one)
+            raise RuntimeError("Ray was shut down (ray.shutdown()) while this table's shards were running — and "
+                               "perhaps started again, without them: the table cannot be used any more; its "
+                               "checkpoints stay on disk")
 
     def _fail(self, message: str) -> None:
         self._broken = message
@@ -1137,7 +1165,9 @@ class ShardedEmbedding:
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.RayTaskError):
             return [None] * len(refs)
         except ray.exceptions.GetTimeoutError:
-            self._fail(f"a shard did not answer a {what} within {self.recovery_timeout:g} s")
+            placed = (" — or Ray could not place it: the cluster may lack what a shard asks for "
+                      f"({self._asked})" if what == "start" else "")
+            self._fail(f"a shard did not answer a {what} within {self.recovery_timeout:g} s{placed}")
             raise   # not reached
 
     def _recover(self, k: int, replay: bool = True, unconfirmed_from: Optional[int] = None) -> None:
@@ -1420,7 +1450,7 @@ class ShardedEmbedding:
         """
         _check_flag(checkpoint, "checkpoint")
         error: Optional[BaseException] = None
-        if self._broken is None and self._ray.is_initialized():
+        if self._broken is None and self._ray_running():
             final = checkpoint and self.checkpoint_dir is not None   # a final checkpoint is written
             self._closing = True
             try:
@@ -1444,7 +1474,7 @@ class ShardedEmbedding:
         self._want_graph = False
         self._drop_graph()
         self._release()   # (stops the actors, once)
-        self._broken = "the table was shut down"
+        self._broken = _SHUT_DOWN
         if error is not None:
             raise error
 

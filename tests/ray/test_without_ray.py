@@ -236,6 +236,7 @@ def test_a_table_after_ray_shutdown_is_refused_and_starts_no_ray():
 
     table = object.__new__(ShardedEmbedding)
     table._ray, table._broken, table._graph, table._want_graph, table._actors = StoppedRay(), None, None, True, ["a"]
+    table._session = ("node", "job")   # (the session it was made in, gone now)
     table._graph_holder = {"graph": None}
     table._release = weakref.finalize(table, _release_shards, table._ray, table._graph_holder, table._actors)
     for call in (lambda: table(np.arange(3)), table.sync, table.state_dict):
