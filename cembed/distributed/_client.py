@@ -1170,6 +1170,18 @@ class ShardedEmbedding:
             self._fail(f"a shard did not answer a {what} within {self.recovery_timeout:g} s{placed}")
             raise   # not reached
 
+    def _actor_dead_for_good(self, k: int) -> bool:
+        """Whether Ray's control store says shard ``k``'s actor is DEAD (never restarted again: its
+        ``max_restarts`` used up). A call to an actor Ray is restarting fails with
+        ``ActorUnavailableError``; one to a dead actor with ``ActorDiedError`` — confirmed here, since
+        only the store tells a death for good from one a restart follows. False when the store cannot
+        be asked (an internal API of Ray's): the recovery then waits for ``recovery_timeout``."""
+        try:
+            info = self._ray._private.state.actors(self._actors[k]._actor_id.hex())
+        except Exception:
+            return False
+        return isinstance(info, dict) and info.get("State") == "DEAD"
+
     def _recover(self, k: int, replay: bool = True, unconfirmed_from: Optional[int] = None) -> None:
         """Bring shard ``k`` (restarted by Ray from its last checkpoint) back to ``self._steps[k]``
         by replaying the logged steps; :class:`ShardLostError` when that is impossible. ``replay``
@@ -1192,6 +1204,9 @@ class ShardedEmbedding:
                                f"recover lost shards): {type(exc).__name__}")
                 if getattr(exc, "actor_init_failed", False):   # Ray does not restart it again: no use waiting
                     self._fail(f"shard {k} could not be restarted: {_reason(exc)}")
+                if isinstance(exc, ray.exceptions.ActorDiedError) and self._actor_dead_for_good(k):
+                    self._fail(f"shard {k} died and Ray will not restart it again (its max_restarts are used up): "
+                               f"{type(exc).__name__}")
                 time.sleep(0.2)
                 continue
             except ray.exceptions.GetTimeoutError:

@@ -78,3 +78,26 @@ def test_calls_after_shutdown_are_a_runtime_error_not_a_lost_shard(ray_local):
         with pytest.raises(RuntimeError, match="the table was shut down: make a new one") as info:
             call()
         assert not isinstance(info.value, ShardLostError)
+
+
+def test_a_shard_whose_restarts_are_used_up_is_lost_at_once(ray_local, tmp_path):
+    """max_restarts=1: killed a second time, Ray will not restart the shard; the client polled it for the
+    whole recovery_timeout, then said it 'did not come back'. It is a ShardLostError at once, saying why."""
+    import time
+
+    table = ShardedEmbedding(20, 4, 2, "sgd", {"lr": 0.1}, seed=0, checkpoint_dir=str(tmp_path),
+                             ray_options={"max_restarts": 1}, recovery_timeout=60, compiled_graph=False)
+    try:
+        table(np.arange(4))
+        for kill in range(2):
+            pid = table.shard_info()[0]["pid"]
+            os.kill(pid, signal.SIGKILL)
+            wait_gone(pid)
+            if kill == 0:
+                table(np.arange(4))            # the restart Ray had left: recovered
+        start = time.monotonic()
+        with pytest.raises(ShardLostError, match="max_restarts are used up"):
+            table(np.arange(4))
+        assert time.monotonic() - start < 30
+    finally:
+        table.shutdown(checkpoint=False)
