@@ -939,11 +939,13 @@ def test_a_schedule_that_torch_rounds_just_below_zero_keeps_training(optimizer):
             tsched.step()
             assert sched.get_last_lr() == tsched.get_last_lr()
     assert opt.param_groups[0]["lr"] < 0                       # (torch's value: -1.85e-18)
-    opt.param_groups[0]["lr"] = -1e-3
     before = emb.weight.copy()
-    with pytest.raises(ValueError, match=r"learning rate \(lr\) must be >= 0"):
-        emb.backward(np.ones((1, 2), np.float32), np.array([1]), optimizer=opt)
-    assert_bitwise_equal(emb.weight, before)
+    for initial, lr in ((0.1, -1e-3), (float("inf"), -1.0), ("1e300", -1e200), (True, -1e-10), (float("nan"), -1e-20),
+                        (-0.1, -1e-20)):   # a negative lr set by hand; an initial_lr that is no valid lr
+        opt.param_groups[0]["initial_lr"], opt.param_groups[0]["lr"] = initial, lr
+        with pytest.raises(ValueError, match=r"learning rate \(lr\) must be >= 0"):
+            emb.backward(np.ones((1, 2), np.float32), np.array([1]), optimizer=opt)
+        assert_bitwise_equal(emb.weight, before)
 
 
 def test_a_sequential_lr_that_raises_changes_nothing():
@@ -988,20 +990,37 @@ def test_a_scheduler_whose_initial_step_raises_leaves_no_initial_lr():
     assert lr_scheduler.LambdaLR(opt, lambda epoch: 1.0).base_lrs == [0.01]
 
 
-def test_arguments_that_divide_by_zero_later_are_refused_by_the_constructor():
-    """ConstantLR(factor=0) divided by zero at epoch total_iters (then at every step), LinearLR with
-    total_iters=0 in step(epoch): torch takes both; cembed's constructors (and loads) refuse them."""
-    opt = cembed.optim.SGD([cembed.Embedding(3, 2)], lr=1.0)
-    with pytest.raises(ValueError, match="factor must be > 0"):
-        lr_scheduler.ConstantLR(opt, factor=0.0, total_iters=2)
-    with pytest.raises(ValueError, match="total_iters"):
-        lr_scheduler.LinearLR(opt, total_iters=0)
-    assert "initial_lr" not in opt.param_groups[0]
-    sched = lr_scheduler.ConstantLR(opt, factor=0.5, total_iters=2)
-    state = sched.state_dict()
-    state["factor"] = 0.0
-    with pytest.raises(ValueError, match="factor"):
-        sched.load_state_dict(state)
+def test_zero_factors_and_zero_total_iters_run_as_torchs_do():
+    """ConstantLR(factor=0) and LinearLR(total_iters=0) divide by zero only on some paths (ConstantLR at
+    epoch total_iters, LinearLR's closed form): a SequentialLR 'frozen warm-up' and LinearLR's chainable
+    step() train in torch, and do here (a review refused them for a while; another one found that)."""
+    torch = require_torch()
+
+    def run(mk, opt):
+        warm = mk.ConstantLR(opt, factor=0.0, total_iters=10)
+        seq = mk.SequentialLR(opt, [warm, mk.ExponentialLR(opt, gamma=0.5)], milestones=[3])
+        lrs = []
+        for _ in range(6):
+            opt.step()
+            seq.step()
+            lrs.append(seq.get_last_lr()[0])
+        return lrs
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = run(lr_scheduler, cembed.optim.SGD([cembed.Embedding(3, 2)], lr=0.1))
+        theirs = run(torch.optim.lr_scheduler, torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1))
+        assert ours == theirs
+        opt = cembed.optim.SGD([cembed.Embedding(3, 2)], lr=0.1)
+        topt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+        sched = lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=0)
+        tsched = torch.optim.lr_scheduler.LinearLR(topt, start_factor=0.5, total_iters=0)
+        for _ in range(3):
+            opt.step()
+            topt.step()
+            sched.step()
+            tsched.step()
+            assert sched.get_last_lr() == tsched.get_last_lr()
 
 
 def test_a_loaded_state_with_an_initial_flag_or_a_last_lr_that_is_no_list_is_refused():

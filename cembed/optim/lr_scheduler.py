@@ -757,7 +757,9 @@ class ConstantLR(LRScheduler):
     ----------
     optimizer : optimizer
     factor : float, default 1/3
-        In (0, 1]. (torch takes 0, then divides by it at epoch ``total_iters``: refused here.)
+        In [0, 1]. (With 0 the step at epoch ``total_iters`` divides by it: ``ZeroDivisionError``, as
+        torch's, the schedule left where it was; a ``SequentialLR`` that switches away before that epoch
+        never takes that step.)
     total_iters : int, default 5
         Number of epochs with the reduced learning rate.
     last_epoch : int, default -1
@@ -777,15 +779,13 @@ class ConstantLR(LRScheduler):
     [0.25, 0.25, 0.5, 0.5]
     """
 
-    _STATE_CHECKS = {"factor": _positive_fraction, "total_iters": lambda v, name: _integer(v, name, minimum=0)}
+    _STATE_CHECKS = {"factor": _fraction, "total_iters": lambda v, name: _integer(v, name, minimum=0)}
 
     def __init__(self, optimizer: OptimizerLike, factor: float = 1.0 / 3, total_iters: int = 5,
                  last_epoch: int = -1) -> None:
         _real(factor, "factor")
         if factor > 1.0 or factor < 0:
             raise ValueError(f"Constant multiplicative factor expected to be between 0 and 1, got factor={factor}")
-        if factor == 0:   # (torch takes it and raises ZeroDivisionError at epoch total_iters, for good)
-            raise ValueError("factor must be > 0: the learning rate is divided by it at epoch total_iters")
         self.factor = factor
         self.total_iters = _integer(total_iters, "total_iters", minimum=0)
         super().__init__(optimizer, last_epoch)
@@ -821,7 +821,8 @@ class LinearLR(LRScheduler):
     end_factor : float, default 1.0
         In [0, 1].
     total_iters : int, default 5
-        At least 1 (torch takes 0, then divides by it in ``step(epoch)``).
+        With 0 the chainable ``step()`` keeps ``start_factor``, and the closed form (``step(epoch)``, a
+        ``SequentialLR`` milestone) divides by it: ``ZeroDivisionError``, as torch's.
     last_epoch : int, default -1
 
     Examples
@@ -840,7 +841,7 @@ class LinearLR(LRScheduler):
     """
 
     _STATE_CHECKS = {"start_factor": _positive_fraction, "end_factor": _fraction,
-                     "total_iters": lambda v, name: _integer(v, name, minimum=1)}
+                     "total_iters": lambda v, name: _integer(v, name, minimum=0)}
 
     def __init__(self, optimizer: OptimizerLike, start_factor: float = 1.0 / 3, end_factor: float = 1.0,
                  total_iters: int = 5, last_epoch: int = -1) -> None:
@@ -854,8 +855,7 @@ class LinearLR(LRScheduler):
                              f"got end_factor={end_factor}")
         self.start_factor = start_factor
         self.end_factor = end_factor
-        # (>= 1: torch takes 0, then its closed form, step(epoch), divides by it)
-        self.total_iters = _integer(total_iters, "total_iters", minimum=1)
+        self.total_iters = _integer(total_iters, "total_iters", minimum=0)
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:

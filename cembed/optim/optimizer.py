@@ -1676,11 +1676,10 @@ def _option(group: Dict[str, Any], key: str, where: str, **bounds: Any) -> float
     if key == "lr" and bounds == {"low": 0.0}:
         value = check_real(group.get(key), label)
         if value < 0:
-            try:   # (set by a scheduler; anything else: no rounding allowance)
-                initial = float(group.get("initial_lr"))   # type: ignore[arg-type]
-            except (TypeError, ValueError):
-                initial = 0.0
-            if not (initial > 0 and -value <= LR_ROUNDING * initial):
+            initial = group.get("initial_lr")   # (set by a scheduler: a valid learning rate, else no allowance)
+            valid = (isinstance(initial, (int, float, np.integer, np.floating)) and not isinstance(initial, (bool, np.bool_))
+                     and math.isfinite(initial) and initial > 0)
+            if not (valid and -value <= LR_ROUNDING * float(initial)):   # type: ignore[arg-type]
                 check_real(value, label, low=0.0)   # (its error)
     else:
         value = check_real(group.get(key), label, **bounds)
