@@ -1036,3 +1036,18 @@ def test_a_loaded_state_with_an_initial_flag_or_a_last_lr_that_is_no_list_is_ref
             sched.load_state_dict(state)
         assert sched.state_dict() == lr_scheduler.ExponentialLR(
             cembed.optim.SGD([cembed.Embedding(3, 2)], lr=1.0), gamma=0.5).state_dict()
+
+
+@pytest.mark.parametrize("make", [lambda opt: lr_scheduler.ExponentialLR(opt, gamma=0.5),
+                                  lambda opt: lr_scheduler.CosineAnnealingLR(opt, T_max=4),
+                                  lambda opt: lr_scheduler.LinearLR(opt)])
+def test_an_lr_beyond_floats_range_is_a_value_error(make):
+    """param_groups[0]['lr'] = 10**400 by hand: the step raised OverflowError from the schedule's
+    arithmetic (found by a fuzzer); a ValueError naming the group, the schedule where it was."""
+    opt = cembed.optim.SGD([cembed.Embedding(3, 2)], lr=0.1)
+    sched = make(opt)
+    opt.param_groups[0]["lr"] = 10 ** 400
+    before = sched.state_dict()
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\] is too large to be a float"):
+        sched.step()
+    assert sched.state_dict() == before

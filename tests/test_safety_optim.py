@@ -1104,3 +1104,19 @@ def test_a_step_that_cannot_allocate_a_parameters_state_changes_nothing(cls, opt
     opt.zero_grad()
     huge.backward(g, np.array([3]), optimizer=opt)            # carries on: state made, saved and loaded
     opt.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("cls", [optim.Adagrad, optim.RowWiseAdagrad], ids=lambda c: c.__name__)
+def test_a_state_missing_a_parameter_is_refused_by_save_as_load_refuses_it(cls, tmp_path):
+    """del opt.state[b] (an optimizer that makes its state when a parameter joins): save() and
+    save_checkpoint() wrote it, and load() / load_checkpoint() refused their own file ('lacks the state of
+    a parameter'). The save refuses it, writing nothing (found by a fuzzer)."""
+    a, b = cembed.Embedding(5, 2, sparse=True, seed=0), cembed.Embedding(6, 2, sparse=True, seed=1)
+    opt = cls([a, b], lr=0.1)
+    a.backward(np.ones((1, 2), np.float32), np.array([1]), optimizer=opt)
+    del opt.state[b]
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\]: optimizer state is missing"):
+        opt.save(tmp_path / "opt.npz")
+    with pytest.raises(ValueError, match="optimizer state is missing"):
+        cembed.save_checkpoint(tmp_path / "ck", [a, b], opt)
+    assert not os.path.exists(tmp_path / "opt.npz") and not os.path.exists(tmp_path / "ck")

@@ -124,6 +124,12 @@ def _check_group_lrs(optimizer: Any) -> None:
         lr = group.get("lr") if isinstance(group, dict) else None
         if isinstance(lr, (str, bytes, bool)) or not (_is_real(lr) or hasattr(type(lr), "__float__")):
             raise TypeError(f"optimizer.param_groups[{i}]['lr'] must be a number, got {type(lr).__name__}")
+        if isinstance(lr, int):   # (an int beyond float's range: OverflowError deep in the schedule's arithmetic)
+            try:
+                float(lr)
+            except OverflowError:
+                raise ValueError(f"optimizer.param_groups[{i}]['lr'] is too large to be a float (an integer of "
+                                 f"{lr.bit_length()} bits)") from None
 
 
 def _positive_fraction(value: Any, name: str) -> Any:

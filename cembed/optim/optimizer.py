@@ -1346,8 +1346,9 @@ class Optimizer:
             for k, module in enumerate(group["params"]):
                 where = f"param_groups[{g}]['params'][{k}]"
                 state = self.state.get(module)
-                if state:
+                if state or self._state_at_join:   # (a state made at join must be there: load needs it)
                     self._check_state_for(state, _checked_table(module.weight, f"{where}.weight"), options, where)
+                if state:
                     self._check_values(_core(state), f"{where} state")
             options["params"] = [index[id(m)] for m in group["params"]]
             groups.append(options)
