@@ -962,3 +962,26 @@ def test_bench_refuses_an_empty_kernel_list(capsys):
     """--only "" ran every kernel on the default 1M-row table (--only , was refused)."""
     assert main(["bench", "--only", "", "--rows", "1000", "--n", "100", "--repeats", "1"]) == 2
     assert "unknown kernel" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link to a fifo"])
+def test_a_table_dir_whose_table_file_is_not_a_regular_file_is_an_error_line(tmp_path, capsys, kind):
+    """A --table-dir table file that is a FIFO (or a link to one, or to a device: the /dev/null a review
+    replaced) made open_table raise ValueError, which the trainer let through as a traceback after the
+    corpus was built. Exit 2 naming the flag, before any corpus is made; the FIFO stays."""
+    tables = tmp_path / "td" / "tables"
+    tables.mkdir(parents=True)
+    target = tmp_path / "pipe" if kind == "link to a fifo" else tables / "in.npy"
+    os.mkfifo(target)
+    if kind == "link to a fifo":
+        os.symlink(target, tables / "in.npy")
+    assert main(["train", *TINY, "--no-save", "--table-dir", str(tmp_path / "td")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --table-dir: ") and "in.npy" in err and "not a regular file" in err
+    assert stat_is_fifo(target)
+
+
+def stat_is_fifo(path):
+    import stat
+
+    return stat.S_ISFIFO(os.stat(path).st_mode)

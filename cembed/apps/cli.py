@@ -554,8 +554,10 @@ def _argument_problem(args):
                 return f"--table-dir: {path} exists and is not a directory"
         for name in ("in.npy", "out.npy"):   # (a table file through a symbolic link is fine)
             path = os.path.join(args.table_dir, "tables", name)
-            if os.path.lexists(path) and os.path.isdir(path):
-                return f"--table-dir: {path} is a directory, not a table file"
+            if os.path.exists(path) and not os.path.isfile(path):   # (through a link: what it points to)
+                what = "a directory" if os.path.isdir(path) else "not a regular file (a FIFO or a device)"
+                link = f" (a symbolic link to {os.path.realpath(path)})" if os.path.islink(path) else ""
+                return f"--table-dir: {path}{link} is {what}, not a table file"
     if "gensim" in args.backend and args.seed >= 2 ** 32:
         return f"--seed {args.seed}: gensim takes seeds below 2**32"
     if args.ray_address is not None and not args.shards:

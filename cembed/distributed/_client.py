@@ -44,6 +44,14 @@ class _CheckpointNotWritten(RuntimeError):
         self.reasons = reasons
 
 
+def _refused_message(step: int, why: str, stopped: bool) -> str:
+    """The error of a step every shard refused (none applied it): the table is at the step before it —
+    stopped there by ``shutdown()``, or still running."""
+    where = (f"shutdown() stopped the table at step {step}, the step before it" if stopped else
+             f"the table stays at step {step}; the call that reports it did nothing else")
+    return f"step {step} was refused by a shard and applied by none ({where}): {why}"
+
+
 #: What a table's calls say once its shutdown() ran (a RuntimeError; ShardLostError means a lost shard).
 _SHUT_DOWN = "the table was shut down"
 
@@ -1076,9 +1084,9 @@ class ShardedEmbedding:
             cause = getattr(exc, "cause", None)
             cls: Type[Exception] = ValueError if type(cause) is ValueError else \
                 TypeError if type(cause) is TypeError else RuntimeError
-            where_now = (f"shutdown() stopped the table at step {step}, the step before it" if self._closing else
-                         f"the table stays at step {step}; the call that reports it did nothing else")
-            raise cls(f"step {step} was refused by a shard and applied by none ({where_now}): {why}")
+            refused = cls(_refused_message(step, why, stopped=self._closing))
+            refused.refused = (step, why)   # type: ignore[attr-defined]  # (shutdown() words it again if the table runs on)
+            raise refused
         self._fail(f"step {step} was refused by a shard ({why}) and applied by others (shards at steps {where}): "
                    f"the shards' rows no longer belong to one step")
 
@@ -1205,8 +1213,8 @@ class ShardedEmbedding:
                 if getattr(exc, "actor_init_failed", False):   # Ray does not restart it again: no use waiting
                     self._fail(f"shard {k} could not be restarted: {_reason(exc)}")
                 if isinstance(exc, ray.exceptions.ActorDiedError) and self._actor_dead_for_good(k):
-                    self._fail(f"shard {k} died and Ray will not restart it again (its max_restarts are used up): "
-                               f"{type(exc).__name__}")
+                    self._fail(f"shard {k} died and Ray will not restart it again (its actor is dead: its "
+                               f"max_restarts used up, or killed with no_restart=True): {type(exc).__name__}")
                 time.sleep(0.2)
                 continue
             except ray.exceptions.GetTimeoutError:
@@ -1483,7 +1491,11 @@ class ShardedEmbedding:
                 except ShardLostError as exc:
                     error = exc
                 except RuntimeError as exc:
-                    if error is not None:    # the refused step's error, reported with it
+                    if error is not None:    # the refused step's error, reported with it (the table runs on)
+                        refused = getattr(error, "refused", None)
+                        if refused is not None:
+                            step, why = refused
+                            error = type(error)(_refused_message(step, why, stopped=False))
                         raise exc from error
                     raise
         self._want_graph = False

@@ -15,3 +15,15 @@ class RefusesMarkedSteps(Shard):
         if step == self.step and self.checkpoint_dir is not None and os.path.exists(marker(self.checkpoint_dir, step)):
             raise ValueError(f"step {step} refused (injected)")
         return super().apply(step, update)
+
+
+class RefusesStepsAndSaves(RefusesMarkedSteps):
+    """(tests/ray/test_shutdown_reports.py) Refuses step s while ``refuse-<s>`` is there, and cannot write
+    its checkpoint of step s (as a full disk) while ``fail-save-<s>`` is there — failing_saves_shard's
+    rule, in this module so that it travels by value with this class."""
+
+    def save(self, keep=None):
+        if self.checkpoint_dir is not None and os.path.exists(os.path.join(self.checkpoint_dir,
+                                                                           f"fail-save-{self.step}")):
+            raise OSError(28, f"No space left on device (injected, step {self.step})")
+        return super().save(keep)

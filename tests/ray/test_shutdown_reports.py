@@ -3,6 +3,8 @@ refused by every shard says that shutdown() stopped the table at the step before
 the table "stays" at that step, usable, though it had been shut down), and shutdown(checkpoint=False)
 reports a periodic checkpoint a shard could not write (it dropped that report: the user never learnt the
 run would resume at an older step). Runs only inside tests/ray/run.sh (see conftest.py)."""
+import os
+
 import numpy as np
 import pytest
 
@@ -65,3 +67,27 @@ def test_shutdown_without_checkpoint_reports_a_periodic_checkpoint_not_written(r
         table.forward(np.arange(V))
     table.shutdown(checkpoint=False)        # again: harmless, reports nothing twice
     assert_resumes_at(table, 2, at_2)
+
+
+def test_a_refused_last_step_whose_final_checkpoint_fails_says_the_table_runs_on(ray_local, tmp_path, monkeypatch):
+    """Every shard refuses step 3 and then cannot write the final checkpoint of step 3: shutdown() raises
+    'the table still runs' — and its cause, the refused step, said 'shutdown() stopped the table'. The
+    cause says the table stays at step 3, and it does: it trains on."""
+    import refusing_shard
+
+    table, step, _ = trained(monkeypatch, refusing_shard.RefusesStepsAndSaves, tmp_path, 3)
+    for k in range(2):
+        for name in ("refuse-3", "fail-save-3"):
+            open(os.path.join(table._shard_dir(k), name), "w").close()
+    step()
+    with pytest.raises(RuntimeError, match="The table still runs") as info:
+        table.shutdown()
+    cause = str(info.value.__cause__)
+    assert "applied by none (the table stays at step 3" in cause and "stopped" not in cause
+    for k in range(2):
+        os.remove(os.path.join(table._shard_dir(k), "refuse-3"))
+        os.remove(os.path.join(table._shard_dir(k), "fail-save-3"))
+    step()
+    table.sync()
+    assert table.step_count == 4
+    table.shutdown()
