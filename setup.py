@@ -128,7 +128,7 @@ class BuildExt(build_ext):
         if ctype == "msvc":
             raise RuntimeError(
                 f"cembed: the {ctype!r} compiler cannot build cembed; its kernels need GCC or Clang "
-                "(the pooling header _pool_rows.h uses GCC/Clang vector extensions). Build with "
+                "(the pooling header _bag_pooling.h uses GCC/Clang vector extensions). Build with "
                 "GCC or Clang, e.g. MinGW-w64 on Windows."
             )
         cflags = base_flags()

@@ -1,8 +1,8 @@
 """The Ray tests run only inside the private network namespace of tests/ray/run.sh (only ``lo``)
 with Ray installed; elsewhere they are skipped — or fail, when CEMBED_REQUIRE_RAY=1 (run.sh and CI).
 
-Nothing here imports Ray at collection: a plain ``pytest`` never imports it (tests/test_distributed.py
-checks that)."""
+Nothing here imports Ray at collection: a plain ``pytest`` never imports it
+(tests/ray/test_without_ray.py checks that)."""
 import importlib.util
 import os
 import socket
