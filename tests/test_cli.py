@@ -950,7 +950,8 @@ def test_invalid_utf8_read_from_a_pipe_is_reported_without_a_position(tmp_path):
     it); a regular file still names the byte."""
     bad = b"hello world\n\xff\xfe bad\n"
     proc = subprocess.run([sys.executable, "-m", "cembed", "train", "--corpus", "/dev/stdin", "--quiet", "--no-save",
-                           "--no-plot"], input=bad, capture_output=True, env=env_importing_this_cembed(), timeout=120)
+                           "--no-plot"], input=bad, capture_output=True, env=env_importing_this_cembed(), timeout=120,
+                          cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.decode().strip().endswith("not valid UTF-8: /dev/stdin (invalid start byte)")
     (tmp_path / "bad.txt").write_bytes(bad)
