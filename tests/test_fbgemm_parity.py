@@ -12,7 +12,7 @@ import pytest
 
 import cembed
 
-from util import require_fbgemm
+from util import backward_and_step, require_fbgemm
 
 
 def fbgemm_table(torch, weight, lr, eps, mode):
@@ -52,12 +52,7 @@ def test_rowwise_adagrad_trains_bags_as_fbgemm_does(mode, dim, fused):
         ours = bag(indices, offsets)
         np.testing.assert_allclose(ours, out.detach().numpy(), rtol=1e-6, atol=1e-6)
         out.backward(torch.from_numpy(grad))
-        if fused:
-            bag.backward(grad, optimizer=opt)
-        else:
-            bag.backward(grad)
-            opt.step()
-            opt.zero_grad()
+        backward_and_step(bag, grad, opt, fused)
     state = tbe.split_optimizer_states()[0][0].numpy()
     np.testing.assert_allclose(opt.state[bag]["sum"], state, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(bag.weight, tbe.split_embedding_weights()[0].detach().numpy(), rtol=1e-5,
