@@ -205,12 +205,17 @@ static inline __attribute__((unused)) ptrdiff_t cembed_bag_prefetch_rows(ptrdiff
         }                                                                                             \
         out[j] = a;                                                                                   \
     }
+/* the signature of every bag sum (T the output's type, TW the table's element type, IT the indices'):
+ * out[0:dim] = the sum of rows idx[begin:end] of the table at base (row_stride elements apart), entries
+ * equal to padding_idx skipped, n_indices entries readable in idx (for the prefetch); returns the count
+ * of rows summed */
+#define CEMBED_BAG_SUM_SIGNATURE(ATTR, NAME, T, TW, IT)                                                \
+ATTR ptrdiff_t NAME(T *restrict out, const TW *base, ptrdiff_t row_stride, ptrdiff_t dim, const IT *idx,   \
+                    ptrdiff_t begin, ptrdiff_t end, ptrdiff_t n_indices, int64_t padding_idx)
 #define CEMBED_DEFINE_BAG_SUM(NAME, T, TW, V, IT, LOAD, WIDEN, WIDE)                                   \
     CEMBED_DEFINE_BAG_SUM_AS(CEMBED_BAG_CLONES, NAME, T, TW, V, IT, LOAD, WIDEN, WIDE)
 #define CEMBED_DEFINE_BAG_SUM_AS(ATTR, NAME, T, TW, V, IT, LOAD, WIDEN, WIDE)                          \
-ATTR static ptrdiff_t NAME(T *restrict out, const TW *base, ptrdiff_t row_stride,                      \
-                                         ptrdiff_t dim, const IT *idx, ptrdiff_t begin, ptrdiff_t end,  \
-                                         ptrdiff_t n_indices, int64_t padding_idx)                    \
+CEMBED_BAG_SUM_SIGNATURE(ATTR static, NAME, T, TW, IT)                                                \
 {                                                                                                     \
     const ptrdiff_t lanes = (ptrdiff_t)(sizeof(V) / sizeof(T));                                       \
     CEMBED_BAG_SUM_BEGIN(TW);                                                                         \
@@ -292,9 +297,7 @@ typedef uint32_t cembed_vpair __attribute__((vector_size(32), aligned(2)));  /* 
         for (int i_ = 0; i_ < 8; i_++) { (dst)[2 * i_] = (even)[i_]; (dst)[2 * i_ + 1] = (odd)[i_]; } \
     } while (0)
 #define CEMBED_DEFINE_BAG_SUM_BF16(NAME, IT)                                                           \
-CEMBED_BAG_CLONES static ptrdiff_t NAME(float *restrict out, const uint16_t *base, ptrdiff_t row_stride, \
-                                         ptrdiff_t dim, const IT *idx, ptrdiff_t begin, ptrdiff_t end,  \
-                                         ptrdiff_t n_indices, int64_t padding_idx)                    \
+CEMBED_BAG_SUM_SIGNATURE(CEMBED_BAG_CLONES static, NAME, float, uint16_t, IT)                         \
 {                                                                                                     \
     CEMBED_BAG_SUM_BEGIN(uint16_t);                                                                   \
     for (; j0 + 64 <= dim; j0 += 64) {  /* 64 columns: 8 accumulators */                              \
@@ -346,9 +349,7 @@ CEMBED_DEFINE_BAG_SUM(cembed_bag_sum_bf16_portable_i64, float, uint16_t, cembed_
 #ifdef CEMBED_X86_INTRINSICS
 #define CEMBED_LOAD_F32X16(p) _mm512_loadu_ps(p)
 #define CEMBED_DEFINE_BAG_SUM_AVX512(NAME, TW, IT, LOAD16, WIDEN)                                      \
-CEMBED_AVX512_FUNCTION static ptrdiff_t NAME(float *restrict out, const TW *base, ptrdiff_t row_stride, \
-                                              ptrdiff_t dim, const IT *idx, ptrdiff_t begin, ptrdiff_t end, \
-                                              ptrdiff_t n_indices, int64_t padding_idx)               \
+CEMBED_BAG_SUM_SIGNATURE(CEMBED_AVX512_FUNCTION static, NAME, float, TW, IT)                          \
 {                                                                                                     \
     CEMBED_BAG_SUM_BEGIN(TW);                                                                         \
     for (; j0 + 128 <= dim; j0 += 128) {  /* 128 columns: 8 accumulators */                           \
@@ -397,9 +398,7 @@ CEMBED_DEFINE_BAG_SUM_AVX512(cembed_bag_sum_bf16_avx512_i64, uint16_t, int64_t, 
 #endif
 /* cembed_bag_sum_{f32,bf16}_{i32,i64}: the AVX-512 kernel where the CPU has it, else the portable one */
 #define CEMBED_DEFINE_BAG_SUM_DISPATCH(FMT, TW, SUFFIX, IT)                                            \
-static inline __attribute__((unused)) ptrdiff_t cembed_bag_sum_##FMT##_##SUFFIX(                       \
-        float *restrict out, const TW *base, ptrdiff_t row_stride, ptrdiff_t dim, const IT *idx,       \
-        ptrdiff_t begin, ptrdiff_t end, ptrdiff_t n_indices, int64_t padding_idx)                      \
+CEMBED_BAG_SUM_SIGNATURE(static inline __attribute__((unused)), cembed_bag_sum_##FMT##_##SUFFIX, float, TW, IT) \
 {                                                                                                     \
     CEMBED_BAG_SUM_AVX512_FIRST(FMT, SUFFIX)                                                          \
     return cembed_bag_sum_##FMT##_portable_##SUFFIX(out, base, row_stride, dim, idx, begin, end, n_indices, \
