@@ -14,7 +14,8 @@ import cembed
 from cembed.distributed import ShardedEmbedding, ShardLostError
 from cembed.distributed._shard import held_checkpoints
 
-from test_sharded import assert_resumes_at, assert_same_state, newest_checkpoint, single_process, zipf_batch
+from test_sharded import (assert_resumes_at, assert_same_state, newest_checkpoint, random_step, single_process,
+                          zipf_batch)
 
 V, D, OPTS = 41, 6, {"lr": 0.03}
 
@@ -341,7 +342,7 @@ def test_a_failed_final_checkpoint_after_a_failed_periodic_one_keeps_the_shared_
     rng = np.random.default_rng(1)
     try:
         for _ in range(2):
-            table.backward(rng.standard_normal((V, D)).astype(np.float32), np.arange(V), step=True)
+            random_step(table, rng)
         table.sync()
         at_2 = table.state_dict()
         blocked = os.path.join(table._shard_dir(1), "b")
@@ -349,9 +350,9 @@ def test_a_failed_final_checkpoint_after_a_failed_periodic_one_keeps_the_shared_
             f.write(b"x")
         with pytest.raises(RuntimeError, match="checkpoint of step 4 could not be written"):
             for _ in range(2):
-                table.backward(rng.standard_normal((V, D)).astype(np.float32), np.arange(V), step=True)
+                random_step(table, rng)
             table.sync()
-        table.backward(rng.standard_normal((V, D)).astype(np.float32), np.arange(V), step=True)   # step 5
+        random_step(table, rng)   # step 5
         with pytest.raises(RuntimeError, match=r"checkpoint of step 5 could not be written .*would resume at step "
                                                r"2, the newest that every shard holds"):
             table.shutdown()

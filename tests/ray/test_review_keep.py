@@ -12,7 +12,7 @@ from cembed.distributed import ShardedEmbedding
 from cembed.distributed._shard import held_checkpoints
 
 from test_recovery import wait_gone
-from test_sharded import assert_resumes_at, use_shard_class
+from test_sharded import assert_resumes_at, random_step, use_shard_class
 
 V, D = 41, 6
 
@@ -34,7 +34,7 @@ def test_a_checkpoint_written_by_a_replay_counts_and_the_shared_step_is_kept(ray
     rng = np.random.default_rng(1)
 
     def step():
-        table.backward(rng.standard_normal((V, D)).astype(np.float32), np.arange(V), step=True)
+        random_step(table, rng)
 
     try:
         step()

@@ -13,7 +13,7 @@ from cembed.distributed import ShardedEmbedding
 from cembed.distributed._shard import held_checkpoints
 
 from test_recovery import wait_gone
-from test_sharded import use_shard_class
+from test_sharded import random_step, use_shard_class
 
 V, D = 41, 6
 
@@ -39,7 +39,7 @@ def test_a_step_a_shard_overwrote_is_not_taken_for_shared_after_a_recovery(ray_l
     d1 = table._shard_dir(1)
 
     def step():
-        table.backward(rng.standard_normal((V, D)).astype(np.float32), np.arange(V), step=True)
+        random_step(table, rng)
         table.sync()
 
     try:

@@ -11,7 +11,7 @@ import pytest
 from cembed.distributed import ShardedEmbedding
 
 from test_recovery import wait_gone
-from test_sharded import assert_same_state, single_process, use_shard_class
+from test_sharded import assert_same_state, random_step, single_process, use_shard_class
 
 V, D = 11, 4
 
@@ -72,7 +72,7 @@ def test_a_failed_checkpoint_is_reported_when_the_graph_breaks_in_the_same_step(
     rng = np.random.default_rng(4)
 
     def step():
-        table.backward(rng.standard_normal((V, D)).astype(np.float32), np.arange(V), step=True)
+        random_step(table, rng)
 
     try:
         for _ in range(2):

@@ -59,6 +59,12 @@ def assert_resumes_at(table, step, state, **options):
         resumed.shutdown()
 
 
+def random_step(table, rng):
+    """One step of the sharded ``table`` over every row, with a float32 gradient drawn from ``rng``."""
+    n_rows, dim = table.num_embeddings, table.embedding_dim
+    table.backward(rng.standard_normal((n_rows, dim)).astype(np.float32), np.arange(n_rows), step=True)
+
+
 def newest_checkpoint(table, k):
     """Shard ``k``'s newest checkpoint: ``{"slot", "path", "serial", "lineage", "step"}``."""
     return held_checkpoints(table._shard_dir(k))[0]

@@ -10,7 +10,7 @@ import pytest
 
 from cembed.distributed import ShardedEmbedding
 
-from test_sharded import assert_resumes_at, use_shard_class
+from test_sharded import assert_resumes_at, random_step, use_shard_class
 
 V, D = 11, 4
 
@@ -23,7 +23,7 @@ def trained(monkeypatch, shard_class, tmp_path, steps):
     rng = np.random.default_rng(4)
 
     def step():
-        table.backward(rng.standard_normal((V, D)).astype(np.float32), np.arange(V), step=True)
+        random_step(table, rng)
     for _ in range(steps):
         step()
     table.sync()
