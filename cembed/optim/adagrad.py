@@ -10,7 +10,7 @@ from ..functional import RowRule
 from ..sparse import SparseGrad
 from ._rounding import check_rounding_options
 from .._validation import EXACT_INTEGER_TYPES, short_repr
-from .optimizer import STEP_MAX, Group, Optimizer, _check_maximize, _option, add_product_, add_scaled_
+from .optimizer import STEP_MAX, Group, Optimizer, _check_maximize, _learning_rate, _option, add_product_, add_scaled_
 
 __all__ = ["Adagrad"]
 
@@ -71,7 +71,8 @@ class Adagrad(Optimizer):
                                       state_dtype=state_dtype), state_dir=state_dir)
 
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
-        for name in ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"):
+        _learning_rate(group, where)
+        for name in ("lr_decay", "weight_decay", "initial_accumulator_value", "eps"):
             _option(group, name, where, low=0.0)
         _check_maximize(group, where)
         check_rounding_options(group, where)

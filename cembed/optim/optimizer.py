@@ -1670,19 +1670,22 @@ LR_ROUNDING = 1e-9
 
 
 def _option(group: Dict[str, Any], key: str, where: str, **bounds: Any) -> float:
-    """One numeric hyper-parameter of a group, checked with the common scalar rules. A learning rate
-    checked against ``low=0`` also passes when a scheduler rounded it just below zero
-    (:data:`LR_ROUNDING`)."""
-    label = f"{where}: {_LABELS.get(key, key)}"
-    if key == "lr" and bounds == {"low": 0.0}:
-        value = check_real(group.get(key), label)
-        if value < 0:
-            initial = group.get("initial_lr")   # (set by a scheduler: a valid learning rate, else no allowance)
-            valid = (isinstance(initial, (int, float, np.integer, np.floating)) and not isinstance(initial, (bool, np.bool_))
-                     and math.isfinite(initial) and initial > 0)
-            if not (valid and -value <= LR_ROUNDING * float(initial)):   # type: ignore[arg-type]
-                check_real(value, label, low=0.0)   # (its error)
-    else:
-        value = check_real(group.get(key), label, **bounds)
+    """One numeric hyper-parameter of a group, checked with the common scalar rules."""
+    value = check_real(group.get(key), f"{where}: {_LABELS.get(key, key)}", **bounds)
     group[key] = value
+    return value
+
+
+def _learning_rate(group: Dict[str, Any], where: str) -> float:
+    """A group's ``lr``: a real number >= 0 — or just below zero where a scheduler rounded it there
+    (:data:`LR_ROUNDING` of the group's ``initial_lr``, when that is a finite positive number)."""
+    label = f"{where}: {_LABELS['lr']}"
+    value = check_real(group.get("lr"), label)
+    if value < 0:
+        initial = group.get("initial_lr")   # (set by a scheduler: a valid learning rate, else no allowance)
+        valid = (isinstance(initial, (int, float, np.integer, np.floating)) and not isinstance(initial, (bool, np.bool_))
+                 and math.isfinite(initial) and initial > 0)
+        if not (valid and -value <= LR_ROUNDING * float(initial)):   # type: ignore[arg-type]
+            check_real(value, label, low=0.0)   # (its error)
+    group["lr"] = value
     return value

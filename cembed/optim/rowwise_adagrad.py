@@ -9,7 +9,7 @@ from .. import _grad, storage
 from ..functional import RowRule
 from .._validation import check_choice, check_exact_array, kernel_array
 from ._rounding import allowed_state_dtypes, check_rounding_options, state_dtype
-from .optimizer import Group, Optimizer, _check_maximize, _option
+from .optimizer import Group, Optimizer, _check_maximize, _learning_rate, _option
 
 __all__ = ["RowWiseAdagrad"]
 
@@ -89,7 +89,8 @@ class RowWiseAdagrad(Optimizer):
                                       state_dtype=state_dtype), state_dir=state_dir)
 
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
-        for name in ("lr", "eps", "weight_decay", "initial_accumulator_value"):
+        _learning_rate(group, where)
+        for name in ("eps", "weight_decay", "initial_accumulator_value"):
             _option(group, name, where, low=0.0)
         group["weight_decay_mode"] = check_choice(group.get("weight_decay_mode"), f"{where}: weight_decay_mode",
                                                   tuple(_MODES))

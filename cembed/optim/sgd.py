@@ -11,7 +11,7 @@ from ..functional import RowRule
 from .._validation import check_bool, check_row_ids
 from ..sparse import SparseGrad, merge_plan
 from ._rounding import RoundingArgs, check_rounding_options, fused_state_views
-from .optimizer import Group, Optimizer, _check_maximize, _option, _update_rows, add_scaled_
+from .optimizer import Group, Optimizer, _check_maximize, _learning_rate, _option, _update_rows, add_scaled_
 
 __all__ = ["SGD"]
 
@@ -76,7 +76,7 @@ class SGD(Optimizer):
                                       rounding_rows=rounding_rows, state_dtype=state_dtype), state_dir=state_dir)
 
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
-        _option(group, "lr", where, low=0.0)
+        _learning_rate(group, where)
         _option(group, "momentum", where, low=0.0)
         _option(group, "dampening", where)
         _option(group, "weight_decay", where, low=0.0)

@@ -10,7 +10,7 @@ from .. import _grad, storage
 from ..functional import RowRule
 from .._validation import EXACT_INTEGER_TYPES, check_choice, check_exact_array, check_real, short_repr
 from ._rounding import check_rounding_options
-from .optimizer import STEP_MAX, Group, Optimizer, _check_maximize, _option
+from .optimizer import STEP_MAX, Group, Optimizer, _check_maximize, _learning_rate, _option
 
 __all__ = ["SparseAdam"]
 
@@ -175,7 +175,7 @@ class SparseAdam(Optimizer):
                                       rounding_rows=rounding_rows, state_dtype=state_dtype), state_dir=state_dir)
 
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
-        _option(group, "lr", where, low=0.0)
+        _learning_rate(group, where)
         _option(group, "eps", where, low=0.0, low_open=True)
         _check_betas(group, where)
         _check_maximize(group, where)

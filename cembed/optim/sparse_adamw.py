@@ -11,7 +11,7 @@ from .._config import n_threads_for
 from ..functional import RowRule
 from .._validation import EXACT_REAL_TYPES, check_real
 from ._rounding import STREAM_DECAY, RoundingArgs, check_rounding_options
-from .optimizer import Group, Optimizer, _check_maximize, _core, _option, _snapshot, _update_rows
+from .optimizer import Group, Optimizer, _check_maximize, _core, _learning_rate, _option, _snapshot, _update_rows
 from .sparse_adam import (_check_betas, _check_bias_correction, _check_row_array, _check_row_steps, _check_step,
                           _check_step_advance, _load_row_step)
 
@@ -111,7 +111,7 @@ class SparseAdamW(Optimizer):
 
     # ------------------------------------------------------------------ checks
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
-        lr = _option(group, "lr", where, low=0.0)
+        lr = _learning_rate(group, where)
         _option(group, "eps", where, low=0.0)
         wd = _option(group, "weight_decay", where, low=0.0)
         if not lr * wd < 1.0:
