@@ -509,6 +509,41 @@ def test_16_bit_state_needs_a_16_bit_table(dtype, state_name):
     assert len(opt.param_groups) == 1
 
 
+@pytest.mark.parametrize("dtype,state_name", [(np.float32, "float64"), (np.float64, "float32")])
+def test_full_precision_tables_refuse_other_state_dtypes_without_pointing_at_16_bits(dtype, state_name):
+    # state_dtype=float64 is allowed for no table: the message must not send the user to a 16-bit one
+    with pytest.raises(ValueError, match="is not allowed for a float") as info:
+        optim.SparseAdam([Param(np.zeros((4, 2), dtype))], state_dtype=state_name)
+    assert "16-bit" not in str(info.value) and "state_dtype=None" in str(info.value)
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_16_bit_gradient_on_a_16_bit_table_names_the_dtype_it_takes(dtype_name, sparse):
+    param = Param(np.zeros((5, 3), HALF[dtype_name]))
+    opt = optim.SGD([param], lr=0.1)
+    # (a SparseGrad holds float32 or float64 values only)
+    got = np.float64 if sparse else HALF[dtype_name]
+    param.grad = SparseGrad(np.array([0, 3]), np.ones((2, 3)), 5) if sparse else np.ones((5, 3), got)
+    with pytest.raises(TypeError, match=f"a {dtype_name} table takes float32 gradients, got {np.dtype(got)}$"):
+        opt.step()
+    assert not np.any(param.weight.astype(np.float32))
+
+
+@pytest.mark.parametrize("opt_name", ["Adagrad", "RowWiseAdagrad"])
+@pytest.mark.parametrize("state_name,value", [("float16", 1 + 2 ** -11 + 2 ** -40), ("bfloat16", 1 + 2 ** -8 + 2 ** -30)])
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_16_bit_accumulator_starts_at_float32_value_rounded_once(opt_name, state_name, value, on_disk, tmp_path):
+    # float32(value) is an exact tie of the 16-bit format (rounds to even: 1.0); rounding the float64
+    # value directly would give the next value up
+    param = Param(np.zeros((2, 3), HALF[state_name]))
+    opt = getattr(optim, opt_name)([param], initial_accumulator_value=value, state_dtype=state_name,
+                                   state_dir=str(tmp_path / "state") if on_disk else None)
+    want = np.float32(value).astype(HALF[state_name])
+    assert float(want) == 1.0
+    assert_bitwise_equal(np.asarray(opt.state[param]["sum"]), np.full(opt.state[param]["sum"].shape, want))
+
+
 def test_refusals_change_nothing():
     module, opt = _train_modules("sparse_adam", "bfloat16", "bfloat16", fused=False, steps=2)
     before = fingerprint(module.weight, opt.state_dict())

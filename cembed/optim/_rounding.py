@@ -70,8 +70,11 @@ def state_dtype(weight_dtype: np.dtype, options: Dict[str, Any], where: str) -> 
     if not is_half(weight_dtype):
         if name is None or name == weight_dtype.name:
             return weight_dtype
-        raise ValueError(f"{where}: state_dtype={name} needs a 16-bit (float16 or bfloat16) table; a "
-                         f"{weight_dtype} table keeps its optimizer state in {weight_dtype} (state_dtype=None)")
+        if name in HALF_STATE_DTYPES and name != "float32":
+            raise ValueError(f"{where}: state_dtype={name} needs a 16-bit (float16 or bfloat16) table; a "
+                             f"{weight_dtype} table keeps its optimizer state in {weight_dtype} (state_dtype=None)")
+        raise ValueError(f"{where}: state_dtype={name} is not allowed for a {weight_dtype} table: it keeps its "
+                         f"optimizer state in {weight_dtype} (state_dtype=None or {weight_dtype.name!r})")
     if name is None or name == "float32":
         return FLOAT32
     if name not in HALF_STATE_DTYPES:

@@ -100,6 +100,13 @@ def _in_place(weight: np.ndarray) -> bool:
 HalfKernel = Callable[[np.ndarray, int, RoundingArgs], None]
 
 
+def _gradient_dtype_message(where: str, got: np.dtype, weight: np.dtype, wanted: np.dtype) -> str:
+    """A gradient whose dtype is not the one its table takes (a 16-bit table takes float32 ones)."""
+    if wanted == weight:
+        return f"{where}: gradient dtype {got} does not match the weight dtype {weight}"
+    return f"{where}: a {weight} table takes {wanted} gradients, got {got}"
+
+
 def _update_rows(weight: np.ndarray, states: Sequence[np.ndarray], rows: np.ndarray,
                  kernel: Callable[[np.ndarray, List[np.ndarray], np.ndarray], None],
                  rounding: Optional[Rounding] = None, weight_stream: int = rounding_.STREAM_WEIGHT,
@@ -373,6 +380,8 @@ class Optimizer:
         pages of a huge table's state cost no memory until a row is first updated. Stores the array
         in ``state`` and returns it."""
         shape, dtype = self._state_layout(weight, per_row, dtype, options)
+        if np.dtype(dtype).itemsize == 2:
+            fill = np.float32(fill)   # 16-bit state: the float32 value, rounded to nearest once (either format)
         if self.state_dir is not None and state is not self._scratch_state:
             # on disk: a zero file with its space reserved (no write), mapped read-write; a non-zero fill is written
             # in bounded blocks. In a step() the file was reserved before any parameter was updated.
@@ -893,8 +902,7 @@ class Optimizer:
             if grad.shape != weight.shape:
                 raise ValueError(f"{where}: gradient shape {grad.shape} does not match the weight shape {weight.shape}")
             if grad.dtype != gdtype:
-                raise TypeError(f"{where}: gradient dtype {grad.dtype} does not match the weight dtype {weight.dtype}"
-                                + (f" (a {weight.dtype} table takes {gdtype} gradients)" if gdtype != weight.dtype else ""))
+                raise TypeError(_gradient_dtype_message(where, grad.dtype, weight.dtype, gdtype))
             check_row_ids(grad.indices, weight.shape[0], f"{where}.grad.indices")
             if not grad.values.flags.c_contiguous:
                 raise ValueError(f"{where}.grad.values must be C-contiguous")
@@ -903,8 +911,7 @@ class Optimizer:
             if grad.shape != weight.shape:
                 raise ValueError(f"{where}: gradient shape {grad.shape} does not match the weight shape {weight.shape}")
             if grad.dtype != gdtype:
-                raise TypeError(f"{where}: gradient dtype {grad.dtype} does not match the weight dtype {weight.dtype}"
-                                + (f" (a {weight.dtype} table takes {gdtype} gradients)" if gdtype != weight.dtype else ""))
+                raise TypeError(_gradient_dtype_message(where, grad.dtype, weight.dtype, gdtype))
         else:
             raise TypeError(f"{where}.grad must be a numpy array or a cembed.SparseGrad, got {type(grad).__name__}")
         if self._dense_alternative is not None and not isinstance(grad, SparseGrad):
