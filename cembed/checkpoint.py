@@ -148,8 +148,8 @@ def _lock(path: str) -> Any:
     if problem is not None:
         os.close(fd)
         raise ValueError(problem)
-    fh = os.fdopen(fd, "r+b")
-    try:
+    fh = os.fdopen(fd, "r+b", buffering=0)   # (unbuffered: a journal line that cannot be written fails in
+    try:                                      # _record, never again when the lock is closed)
         import fcntl
 
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
@@ -410,9 +410,9 @@ def write_directory(path: PathLike, arrays: Mapping[str, np.ndarray], meta: Any)
         _recover(path)
         token = os.urandom(8).hex()
         tmp, ready, old = (_aside(path, kind, token) for kind in ("tmp", "ready", "old"))
-        _record(lock, token)
-        os.mkdir(tmp, 0o700)
         try:
+            _record(lock, token)   # (a full disk here too is named as the checkpoint's)
+            os.mkdir(tmp, 0o700)
             files = {}
             for name, array in arrays.items():
                 files[f"{name}.npy"] = _write_array(tmp, f"{name}.npy", array)
@@ -494,7 +494,13 @@ def _foreign_files(directory: str) -> Optional[List[str]]:
     the manifest and the files it lists (sorted; none for a checkpoint of its own files only)."""
     entries = set(os.listdir(directory))
     listed = _listed_files(directory) if MANIFEST in entries else None
-    return None if listed is None else sorted(entries - listed - {MANIFEST})
+    if listed is None:
+        return None
+    # a directory (not a link to one) at a listed name is not the checkpoint's file: replacing the
+    # checkpoint would delete what it holds
+    folders = {name for name in entries if os.path.isdir(os.path.join(directory, name))
+               and not os.path.islink(os.path.join(directory, name))}
+    return sorted((entries - listed - {MANIFEST} - folders) | {f"{name}/" for name in folders})
 
 
 def _listed_files(path: str) -> Optional[Set[str]]:

@@ -279,9 +279,7 @@ def open_regular(path: PathLike, mode: str = "rb") -> Any:
     try:
         checked = os.fstat(fd)
         if not stat.S_ISREG(checked.st_mode):
-            what = "a directory" if stat.S_ISDIR(checked.st_mode) else "a FIFO" if stat.S_ISFIFO(checked.st_mode) \
-                else "a device or socket"
-            raise ValueError(f"{path}: {what}, not a regular file")
+            raise ValueError(f"{path}: {_kind(checked.st_mode)}, not a regular file")
         fh = open(path, mode)   # by name, so the file object (and a memmap of it) knows its path
         opened = os.fstat(fh.fileno())
         if (opened.st_dev, opened.st_ino) != (checked.st_dev, checked.st_ino):
@@ -290,6 +288,41 @@ def open_regular(path: PathLike, mode: str = "rb") -> Any:
         return fh
     finally:
         os.close(fd)
+
+
+def _kind(st_mode: int) -> str:
+    """What a file that is not a regular one is, for messages."""
+    return "a directory" if stat.S_ISDIR(st_mode) else "a FIFO" if stat.S_ISFIFO(st_mode) else "a device or socket"
+
+
+def written_path(path: PathLike, what: str = "cembed never writes a file there") -> str:
+    """The file that writing ``path`` creates or replaces: ``path``, or where a symbolic link there
+    points (written through, as ``open(path, "w")`` writes). Every file cembed writes is made beside it
+    and renamed over it, so an existing one that is not a regular file — a device such as
+    ``/dev/null``, a FIFO, a socket, a directory — is refused with a ``ValueError`` naming it (and the
+    link's target), before anything is written. :func:`write_aside`, :func:`rename_into_place`,
+    :func:`replace_files` and :func:`open_table` all apply this one rule.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from cembed import storage
+    >>> folder = tempfile.mkdtemp()
+    >>> os.symlink("real.txt", os.path.join(folder, "link.txt"))
+    >>> storage.write_atomically(os.path.join(folder, "link.txt"), b"through the link")
+    >>> open(os.path.join(folder, "real.txt"), "rb").read(), os.path.islink(os.path.join(folder, "link.txt"))
+    (b'through the link', True)
+    """
+    path = os.fspath(path)
+    target = os.path.realpath(path) if os.path.islink(path) else path
+    try:
+        info = os.stat(target)
+    except OSError:   # nothing there yet (or not reachable: the write itself says why, naming the path)
+        return target
+    if not stat.S_ISREG(info.st_mode):
+        link = f" (the symbolic link points to {target})" if target != path else ""
+        raise ValueError(f"{path}: {_kind(info.st_mode)}, not a regular file{link}: {what}")
+    return target
 
 
 def fsync_path(path: PathLike) -> None:
@@ -484,7 +517,7 @@ def write_aside(path: PathLike, write: Callable[[Any], None], *, sync: bool = Tr
     (False, True)
     >>> storage.rename_into_place(tmp, path)
     """
-    path = os.fspath(path)
+    path = written_path(path)
     sync = check_bool(sync, "sync")
     try:
         fd, tmp = _temporary_sibling(path, _existing_mode(path) if mode is None else mode)
@@ -576,7 +609,7 @@ def rename_into_place(tmp: str, path: PathLike, *, sync_directory: bool = True) 
     >>> open(path, "rb").read(), os.listdir(os.path.dirname(path))
     (b'hello', ['notes.txt'])
     """
-    path = os.fspath(path)
+    path = written_path(path)
     sync_directory = check_bool(sync_directory, "sync_directory")
     try:
         os.replace(tmp, path)
@@ -744,7 +777,7 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
 def replace_files(pairs: List[Tuple[str, str]], commit: Optional[Callable[[], None]] = None) -> None:
     """``os.replace(src, dst)`` for every pair (in one directory each), all or none, then ``commit()``.
 
-    Before the first rename every existing ``dst`` gets a hard link ``.<name>.<random>.replaced`` beside
+    Before the first rename every existing ``dst`` gets a hard link ``.<name>.<random>.cembed.replaced`` beside
     it (a fresh name: no file of the user's is ever removed for it); if a rename
     fails (or is interrupted) the pairs renamed so far are undone — an old file put back by its link,
     a file that was not there removed — before the error is raised. An existing ``dst`` that cannot
@@ -752,7 +785,9 @@ def replace_files(pairs: List[Tuple[str, str]], commit: Optional[Callable[[], No
     every rename is made, ``commit`` (if given: the caller's switch to the new files; it must not
     fail) runs before the links are removed. From the first rename until then a SIGINT (Ctrl-C) is
     held back and delivered afterwards (in the main thread, when Python handles SIGINT), so an
-    interrupt cannot fall between the renames and the commit.
+    interrupt cannot fall between the renames and the commit. A process *killed* between two renames
+    cannot undo them: the files already renamed are new, the others old (the backup links it left
+    are removed by the next ``replace_files`` of those files).
 
     Raises
     ------
@@ -760,6 +795,9 @@ def replace_files(pairs: List[Tuple[str, str]], commit: Optional[Callable[[], No
         A rename failed: every ``dst`` is the file it was (see above; the ``src`` files not renamed
         are left for the caller to remove).
     """
+    pairs = [(src, written_path(dst)) for src, dst in pairs]   # (checked, all of them, before any rename)
+    for _, dst in pairs:
+        _remove_orphaned_backups(dst)
     existed: List[bool] = []
     backups: List[Optional[str]] = []
     for src, dst in pairs:   # a replaced file keeps its permission bits
@@ -800,19 +838,63 @@ def replace_files(pairs: List[Tuple[str, str]], commit: Optional[Callable[[], No
                     _let_go(src)
 
 
+#: A hard link :func:`replace_files` keeps of a file it replaces until the replacement is complete:
+#: ``.<name>.<12 hex digits>.cembed.replaced`` (the mark, as the temporaries', keeps it apart from other
+#: programs' files), locked (``flock``) by its writer while it lives.
+_BACKUP = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{12}\.cembed\.replaced")
+
+
+def _remove_orphaned_backups(path: str) -> None:
+    """Remove the backup links (:data:`_BACKUP`) of ``path`` that a process killed between the renames of
+    a :func:`replace_files` left behind (each an old copy's disk space, or ``path`` itself when killed
+    before its own rename): regular files of this user whose lock can be taken (no live writer holds
+    it). Any other file is left alone."""
+    directory, name = os.path.split(os.path.abspath(path))
+    try:
+        entries = [entry for entry in os.scandir(directory)
+                   if (match := _BACKUP.fullmatch(entry.name)) is not None and match.group("name") == name]
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except OSError:
+            continue
+        try:
+            info = os.fstat(fd)
+            if stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and _lock_exclusively(fd):
+                now = os.lstat(entry.path)
+                if (now.st_dev, now.st_ino) == (info.st_dev, info.st_ino):
+                    os.unlink(entry.path)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+
+
 def _link_aside(path: str) -> Optional[str]:
-    """A new hard link ``.<name>.<random>.replaced`` beside ``path`` (``os.link`` never replaces a
-    file: a name taken is tried again with another), or None when the file system makes no links."""
+    """A new hard link ``.<name>.<random>.cembed.replaced`` beside ``path`` (``os.link`` never replaces a
+    file: a name taken is tried again with another), locked while this process holds it (released by
+    :func:`_unlink_quietly`), or None when the file system makes no links."""
     directory, name = os.path.split(path)
     for _ in range(100):
-        backup = os.path.join(directory, f".{name}.{os.urandom(6).hex()}.replaced")
+        backup = os.path.join(directory, f".{name}.{os.urandom(6).hex()}.cembed.replaced")
         try:
             os.link(path, backup)
-            return backup
         except FileExistsError:
             continue
         except OSError:
             return None
+        try:
+            fd = os.open(backup, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except OSError:
+            return backup
+        try:
+            if _lock_exclusively(fd):
+                _hold(backup, fd)
+        finally:
+            os.close(fd)
+        return backup
     return None
 
 
@@ -1099,13 +1181,8 @@ def open_table(path: PathLike, num_embeddings: Optional[int] = None, embedding_d
     want_dtype = check_table_dtype(dtype) if dtype is not None else None
     path = os.fspath(path)
     exists = os.path.exists(path)
-    if exists and mode in ("w+", "r+"):
-        target = os.stat(path)   # (through a link: what it points to)
-        if not stat.S_ISREG(target.st_mode):   # a table is never renamed over a device, a FIFO or a directory
-            what = "a directory" if stat.S_ISDIR(target.st_mode) else "a FIFO" if stat.S_ISFIFO(target.st_mode) \
-                else "a device or socket"
-            where = f" (the symbolic link points to {os.path.realpath(path)})" if os.path.islink(path) else ""
-            raise ValueError(f"{path}: {what}, not a regular file{where}: a table is never written there")
+    if exists and mode in ("w+", "r+"):   # a table is never renamed over a device, a FIFO or a directory
+        written_path(path, "a table is never written there")
     if mode == "w+" and exists and not os.access(path, os.W_OK):   # (its replacement keeps its mode: unwritable too)
         raise PermissionError(errno.EACCES, "the table file is read-only: mode='w+' cannot recreate it", path)
     if mode == "w+" or (mode == "r+" and not exists):

@@ -20,7 +20,7 @@ import cembed
 from cembed import optim
 from cembed.checkpoint import CheckpointError
 
-from util import assert_bitwise_equal, fingerprint, zipf_indices
+from util import assert_bitwise_equal, env_importing_this_cembed, fingerprint, zipf_indices
 
 ROOT = pathlib.Path(cembed.__file__).resolve().parent.parent
 
@@ -316,6 +316,50 @@ def test_a_directory_with_a_foreign_manifest_or_extra_files_is_not_replaced(tmp_
     with pytest.raises(ValueError, match="not part of its checkpoint.*notes.txt"):
         cembed.save_checkpoint(ck, emb, extra={"v": 2})
     assert (ck / "notes.txt").read_text() == "mine"
+    assert cembed.load_checkpoint(ck, cembed.Embedding(3, 2)) == {"v": 1}
+
+
+def test_a_directory_at_a_listed_name_is_not_deleted_by_the_next_save(tmp_path):
+    """Only the checkpoint's top-level names were compared with its manifest: a directory put at a
+    listed file's name (holding the user's files) was deleted with them by the next save."""
+    emb = cembed.Embedding(3, 2, seed=0)
+    ck = tmp_path / "ck"
+    cembed.save_checkpoint(ck, emb, extra={"v": 1})
+    member = next(name for name in os.listdir(ck) if name.endswith(".npy"))
+    os.unlink(ck / member)
+    (ck / member).mkdir()
+    (ck / member / "precious.txt").write_text("mine")
+    with pytest.raises(ValueError, match=f"not part of its checkpoint \\({member}/\\)"):
+        cembed.save_checkpoint(ck, emb, extra={"v": 2})
+    assert (ck / member / "precious.txt").read_text() == "mine"
+
+
+def test_a_full_disk_while_recording_the_journal_names_the_checkpoint(tmp_path):
+    """A save that could not write its journal line (the lock file beside the checkpoint: a full disk, a
+    file-size limit) raised a bare OSError naming no path, from closing the lock file (its buffered line
+    was flushed again there, hiding the first failure). It is named as every other failed write of a
+    save, and the previous checkpoint stands. (A file-size limit of the journal's current size stands
+    in for the full disk, in a child process.)"""
+    ck = tmp_path / "ck"
+    cembed.save_checkpoint(ck, cembed.Embedding(3, 2, seed=0), extra={"v": 1})
+    code = textwrap.dedent(f"""
+        import resource, signal, sys
+        import cembed
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        lock = {str(tmp_path / ".ck.lock")!r}
+        import os
+        resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(lock), resource.RLIM_INFINITY))
+        try:
+            cembed.save_checkpoint({str(ck)!r}, cembed.Embedding(3, 2, seed=1), extra={{"v": 2}})
+        except OSError as exc:
+            print(type(exc).__name__, exc)
+        else:
+            print("saved")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env=env_importing_this_cembed(), cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "while saving the checkpoint" in out.stdout and str(ck) in out.stdout and "intact" in out.stdout, out.stdout
     assert cembed.load_checkpoint(ck, cembed.Embedding(3, 2)) == {"v": 1}
 
 

@@ -14,7 +14,7 @@ from cembed.apps import corpus as corpus_mod
 from cembed.apps import train as train_mod
 from cembed.apps.cli import main
 
-from util import env_importing_this_cembed, require_gensim, require_torch
+from util import assert_bitwise_equal, env_importing_this_cembed, require_gensim, require_torch
 
 TINY = ["--vocab-size", "20000", "--topics", "20", "--tokens", "300000", "--quiet", "--no-plot"]
 
@@ -176,12 +176,17 @@ def test_unusable_out_dir_fails_before_training(tmp_path, capsys, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["file.txt"]   # (the probe's file is gone)
     (tmp_path / "out" / "embeddings.npy").mkdir(parents=True)   # a name the results take, made a directory
     assert main(["train", *TINY, "--out", str(tmp_path / "out")]) == 2
-    assert "embeddings.npy is a directory, where the run writes its embeddings.npy" in capsys.readouterr().err
+    assert "embeddings.npy: a directory, not a regular file: the run writes its embeddings.npy there" \
+        in capsys.readouterr().err
     os.rmdir(tmp_path / "out" / "embeddings.npy")
+    os.mkfifo(tmp_path / "out" / "vocab.txt")   # a FIFO (or a device) there: the save renamed a file over it
+    assert main(["train", *TINY, "--out", str(tmp_path / "out")]) == 2
+    assert "vocab.txt: a FIFO, not a regular file: the run writes its vocab.txt there" in capsys.readouterr().err
+    os.unlink(tmp_path / "out" / "vocab.txt")
     (tmp_path / "out" / "pca.png").mkdir()   # the plot's name: refused only when a plot is written
     with_plot = [flag for flag in TINY if flag != "--no-plot"]
     assert main(["train", *with_plot, "--no-save", "--out", str(tmp_path / "out")]) == 2
-    assert "pca.png is a directory, where the run writes its pca.png" in capsys.readouterr().err
+    assert "pca.png: a directory, not a regular file: the run writes its pca.png there" in capsys.readouterr().err
     monkeypatch.setattr(train_mod, "train", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("trained")))
     with pytest.raises(RuntimeError, match="trained"):   # (--no-plot: the directory is no obstacle)
         main(["train", *TINY, "--out", str(tmp_path / "out")])
@@ -701,6 +706,32 @@ def test_empty_paths_are_refused(capsys, flag):
     with pytest.raises(SystemExit) as exc:
         main(["train", flag, "", "--quiet", "--no-save", "--no-plot"])
     assert exc.value.code == 2 and "must not be empty" in capsys.readouterr().err
+
+
+def test_backups_a_killed_replace_files_left_are_removed_by_the_next(tmp_path):
+    """A process killed between replace_files' renames left its backup links
+    (.<name>.<random>.cembed.replaced: each a whole old copy's disk space) for good; the next
+    replace_files of those files removes them — an old copy, or a link to the file itself — and nothing
+    else; not one a live process holds (locked)."""
+    corpus = corpus_mod.synthetic_corpus(50, 5, 500, seed=0)
+    table = np.ones((corpus.vocab_size, 3), np.float32)
+    train_mod.save_embeddings(tmp_path, table, corpus)
+    emb, vocab = tmp_path / "embeddings.npy", tmp_path / "vocab.txt"
+    (tmp_path / ".embeddings.npy.0123456789ab.cembed.replaced").write_bytes(b"an old copy")
+    os.link(vocab, tmp_path / ".vocab.txt.00000000000a.cembed.replaced")     # killed before its own rename
+    kept = [".embeddings.npy.0123456789ab.replaced", ".embeddings.npy.xyz.cembed.replaced",
+            ".other.npy.0123456789ab.cembed.replaced", ".embeddings.npy.0123456789ab.cembed.replaced.txt"]
+    for name in kept:
+        (tmp_path / name).write_text("not one of its backups")
+    live = tmp_path / ".vocab.txt.00000000000b.cembed.replaced"   # a live writer's: locked (flock)
+    live.write_text("held")
+    with open(live) as held:
+        import fcntl
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        train_mod.save_embeddings(tmp_path, table * 2, corpus)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept + [live.name, "embeddings.npy", "vocab.txt"])
+    assert_bitwise_equal(np.load(emb), table * 2)
+    assert vocab.read_text().split() == list(corpus.words[:corpus.vocab_size])
 
 
 def test_saving_embeddings_is_all_or_nothing(tmp_path, monkeypatch):

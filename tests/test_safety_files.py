@@ -866,7 +866,11 @@ def test_replace_files_keeps_a_users_file_named_like_its_backup(tmp_path, monkey
         return b"\0" * n if len(draws) <= 2 else real_urandom(n)
 
     monkeypatch.setattr(os, "urandom", repeating)
-    (tmp_path / (".a." + "00" * 6 + ".replaced")).write_text("taken")   # a user's file of the first name drawn
+    taken = tmp_path / (".a." + "00" * 6 + ".cembed.replaced")   # the first name drawn: a live writer's backup
+    taken.write_text("taken")
+    import fcntl
+    holder = open(taken)
+    fcntl.flock(holder.fileno(), fcntl.LOCK_EX)   # (locked: not one a killed process left)
     real_replace, calls = os.replace, []
 
     def failing(src, dst, *args, **kwargs):
@@ -881,11 +885,14 @@ def test_replace_files_keeps_a_users_file_named_like_its_backup(tmp_path, monkey
         storage.replace_files(pairs)
     monkeypatch.setattr(os, "replace", real_replace)
     assert (tmp_path / "a").read_text() == "old a" and (tmp_path / "b").read_text() == "old b"
-    assert (tmp_path / ("." + "a." + "00" * 6 + ".replaced")).read_text() == "taken"
+    assert (tmp_path / ("." + "a." + "00" * 6 + ".cembed.replaced")).read_text() == "taken"
     (tmp_path / "a.new").write_text("new a")   # (renamed, then undone: the caller writes it again)
+    holder.close()
     storage.replace_files(pairs)
     assert (tmp_path / "a").read_text() == "new a" and (tmp_path / "b").read_text() == "new b"
-    assert sorted(os.listdir(tmp_path)) == [".a." + "00" * 6 + ".replaced", "a", "a.replaced", "b", "b.replaced"]
+    # (released, the next replace_files of "a" removes that file with cembed's backup mark: one a
+    # killed replace_files left; the user's files are untouched)
+    assert sorted(os.listdir(tmp_path)) == ["a", "a.replaced", "b", "b.replaced"]
     assert (tmp_path / "a.replaced").read_text() == "the user's a"
 
 
@@ -1060,6 +1067,48 @@ def test_a_fifo_where_a_file_is_expected_is_refused_not_waited_on(tmp_path):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_files_cembed_writes_are_never_renamed_over_a_special_file(tmp_path):
+    """write_atomically (Optimizer.save, the trainer's plot), write_aside + rename_into_place and
+    replace_files (the trainer's embeddings + vocabulary) renamed their file over whatever was at the
+    path: a FIFO, a directory — or, as root, a device such as /dev/null. Refused before anything is
+    written (storage.written_path, open_table's rule); through a symbolic link the target is written
+    and the link kept."""
+    emb = cembed.Embedding(4, 2, seed=0)
+    opt = cembed.optim.Adagrad([emb], lr=0.1)
+    os.mkfifo(tmp_path / "opt.npz")
+    (tmp_path / "dir.npz").mkdir()
+    (tmp_path / "dir.npz" / "keep.txt").write_text("x")
+    os.mkfifo(tmp_path / "pipe")
+    os.symlink(tmp_path / "pipe", tmp_path / "to-pipe.npz")
+    for name, kind in (("opt.npz", "a FIFO"), ("dir.npz", "a directory"), ("to-pipe.npz", "a FIFO")):
+        with pytest.raises(ValueError, match=f"{name}: {kind}, not a regular file.*: cembed never writes a file there"):
+            opt.save(tmp_path / name)
+        with pytest.raises(ValueError, match=f"{name}: {kind}, not a regular file"):
+            storage.write_atomically(tmp_path / name, b"data")
+        with pytest.raises(ValueError, match=f"{name}: {kind}, not a regular file"):
+            storage.write_aside(tmp_path / name, lambda fh: fh.write(b"data"))
+    assert stat.S_ISFIFO(os.stat(tmp_path / "opt.npz").st_mode) and stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode)
+    assert os.path.islink(tmp_path / "to-pipe.npz") and (tmp_path / "dir.npz" / "keep.txt").read_text() == "x"
+    # replace_files checks every destination before it renames any
+    (tmp_path / "a.txt").write_text("old a")
+    tmp = storage.write_aside(tmp_path / "a.txt", lambda fh: fh.write(b"new a"))
+    other = storage.write_aside(tmp_path / "b.txt", lambda fh: fh.write(b"new b"))
+    with pytest.raises(ValueError, match="opt.npz: a FIFO"):
+        storage.replace_files([(tmp, str(tmp_path / "a.txt")), (other, str(tmp_path / "opt.npz"))])
+    assert (tmp_path / "a.txt").read_text() == "old a" and stat.S_ISFIFO(os.stat(tmp_path / "opt.npz").st_mode)
+    storage.discard_reserved(tmp)
+    storage.discard_reserved(other)
+    # through a link to a regular file: the target gets the new contents, the link stays a link
+    (tmp_path / "real.npz").write_bytes(b"old")
+    os.symlink("real.npz", tmp_path / "link.npz")
+    opt.save(tmp_path / "link.npz")
+    assert os.path.islink(tmp_path / "link.npz")
+    loaded = cembed.optim.Adagrad([cembed.Embedding(4, 2, seed=0)], lr=0.1)
+    loaded.load(tmp_path / "real.npz")
+    assert_bitwise_equal(loaded.state_dict()["state"][0]["sum"], opt.state_dict()["state"][0]["sum"])
+    assert not [n for n in os.listdir(tmp_path) if n.endswith((".tmp", ".new", ".replaced"))]
 
 
 def test_storage_flags_must_be_bools(tmp_path):

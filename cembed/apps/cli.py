@@ -621,7 +621,8 @@ OUTPUT_FILES = ("embeddings.npy", "vocab.txt", "pca.png")
 def _output_dir_problem(path, names=OUTPUT_FILES, flag="--out", what="output directory"):
     """None when ``path`` is a writable directory or could be made one (its nearest existing ancestor
     is a directory a file can be made in: tried with a temporary file, removed at once — /proc says
-    it is writable and is not) where none of the files ``names`` the run will write is a directory,
+    it is writable and is not) where none of the files ``names`` the run will write is there as
+    something else than a regular file (a directory, a FIFO, a device — also through a link),
     else what is wrong with it (``flag`` and ``what`` name it: ``--out``, ``--table-dir``). Nothing is
     left behind: the directory is made when the run writes into it, so a run refused or failed before
     that leaves none."""
@@ -630,10 +631,13 @@ def _output_dir_problem(path, names=OUTPUT_FILES, flag="--out", what="output dir
     if os.path.lexists(path):
         if not os.path.isdir(path):
             return f"{flag} {path} exists and is not a directory"
-        for name in names:
-            target = os.path.join(path, name)
-            if os.path.isdir(target) and not os.path.islink(target):
-                return f"{flag} {path}: {target} is a directory, where the run writes its {name}"
+        from cembed import storage
+
+        for name in names:   # (through a symbolic link: what it points to; storage's one rule)
+            try:
+                storage.written_path(os.path.join(path, name), f"the run writes its {name} there")
+            except ValueError as exc:
+                return f"{flag} {path}: {exc}"
         where, problem = path, f"the {what} {flag} {path} is not writable"
     else:
         ancestor = os.path.dirname(os.path.abspath(path))

@@ -1057,8 +1057,9 @@ def _write_float32_npy(fh, table, block_bytes=32 << 20):
 
 def save_embeddings(out_dir, table, corpus):
     """embeddings.npy (float32, one row per word) and vocab.txt (the words, same order), each written
-    to a synced temporary file first; both are renamed into place, or neither (a failed or interrupted
-    save leaves the previous files as they were)."""
+    to a synced temporary file first; both are renamed into place, or neither (a failed save or a
+    Ctrl-C leaves the previous files as they were; a process killed in the instant between the two
+    renames leaves the new embeddings.npy beside the old vocab.txt, until the next save)."""
     os.makedirs(out_dir, exist_ok=True)
     emb_path = os.path.join(out_dir, "embeddings.npy")
     vocab_path = os.path.join(out_dir, "vocab.txt")

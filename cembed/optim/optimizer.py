@@ -1640,7 +1640,7 @@ def _lock_state_dir(state_dir: Any, owner: Any) -> Tuple[str, Optional[weakref.f
 #: created (``.p<i>.<key>.npy.<random>.cembed.tmp``, or ``….cembed.new`` just before it is locked:
 #: storage.reserve_zeros; ``.p<i>.<key>.npy.<random>.tmp`` before 2026-11-27) and a file being loaded
 #: (``p<i>.<key>.npy.loading``), and the link to a state file a load was replacing
-#: (``.p<i>.<key>.npy.<random>.replaced``, storage.replace_files; ``p<i>.<key>.npy.replaced`` before
+#: (``.p<i>.<key>.npy.<random>.cembed.replaced``, storage.replace_files; ``p<i>.<key>.npy.replaced`` before
 #: 2026-11-26).
 _STATE_TEMPORARY = re.compile(r"\.p[0-9]+\.[^/]+\.npy\.[^/]+\.(tmp|cembed\.new|replaced)"
                               r"|p[0-9]+\.[^/]+\.npy\.(loading|replaced)")
