@@ -130,15 +130,28 @@ def check_per_sample_weights(psw: np.ndarray, weight: np.ndarray) -> None:
         raise TypeError(f"per_sample_weights must have dtype {want}{extra}, got {psw.dtype}")
 
 
+def plain_array(array: np.ndarray) -> np.ndarray:
+    """``array`` itself when it is exactly a numpy.ndarray or numpy.memmap (``EXACT_ARRAY_TYPES``), else
+    a plain ndarray view of its memory, made without calling any method of the subclass. A subclass's
+    hooks (``__getitem__``, ``__array_function__``, ``view``) answer for it when NumPy copies rows of
+    it — a table in a layout the kernels copy from, whose copy a hook made shorter than the rows asked
+    for, was read out of bounds — and a ``numpy.matrix`` keeps every result 2-D."""
+    return array if type(array) in EXACT_ARRAY_TYPES else np.ndarray.view(array, np.ndarray)
+
+
+def as_array(value: Any) -> np.ndarray:
+    """An argument as an ndarray: a plain one as it is (:func:`plain_array`), anything else through
+    ``numpy.asarray``."""
+    return plain_array(value) if isinstance(value, np.ndarray) else np.asarray(value)
+
+
 def check_weight(weight: Any, name: str = "weight", *, numeric: bool = False) -> np.ndarray:
     """A 2-D ndarray in native byte order: float32/float64/float16/bfloat16, or with ``numeric=True``
-    any integer or float dtype (integer tables are lookup-only). It is used as is, never copied — a
-    ``numpy.matrix`` as a plain ndarray view of its memory (a matrix keeps every result 2-D: a lookup
-    of a table in a layout the kernels copy from lost its index dimensions)."""
+    any integer or float dtype (integer tables are lookup-only). It is used as is, never copied — an
+    array subclass as a plain ndarray view of its memory (:func:`plain_array`)."""
     if not isinstance(weight, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(weight).__name__}")
-    if isinstance(weight, np.matrix):
-        weight = weight.view(np.ndarray)
+    weight = plain_array(weight)
     if weight.ndim != 2:
         raise ValueError(f"{name} must be 2-D (num_embeddings, embedding_dim), got shape {weight.shape}")
     def allowed(dtype: np.dtype) -> bool:
@@ -230,7 +243,7 @@ def as_index_array(indices: Any, name: str = "indices", n_rows: Optional[int] = 
     Python list mixing bools with ints is taken as NumPy and ``torch.tensor`` take it: as ints). uint64
     values that do not fit int64 are reported as out of range rather than wrapped."""
     try:
-        arr = indices if isinstance(indices, np.ndarray) else np.asarray(indices)
+        arr = plain_array(indices) if isinstance(indices, np.ndarray) else np.asarray(indices)
     except ValueError as exc:   # (a ragged nested list: NumPy's message does not say which argument)
         raise ValueError(f"{name} must be an array of one shape: {exc}") from None
     if not isinstance(indices, np.ndarray):
@@ -561,7 +574,7 @@ def check_gradient_rows(grad_output: Any, lead_shape: Tuple[int, ...], *, dim: O
     ``dtype``: the dtype it must have (a table's :func:`grad_dtype`); a 16-bit ``table_dtype`` also
     allows that table's own dtype (the ``out_dtype`` its lookups may return; the kernels widen it
     exactly as they sum). With neither, any of float32, float64, float16 and bfloat16."""
-    arr = grad_output if isinstance(grad_output, np.ndarray) else np.asarray(grad_output)
+    arr = as_array(grad_output)
     if arr.dtype.kind == "f" and not arr.dtype.isnative:   # byte-swapped floats: converted (a copy)
         arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.dtype not in FLOAT_DTYPES and not is_half(arr.dtype):

@@ -33,10 +33,12 @@ import numpy as np
 
 from . import _bag, _buffer_cache, _grad, _gather, _optim, _prefetch, _renorm, _score, _sort
 from ._config import n_threads_for
+from ._memory import may_share
 from ._dtypes import FLOAT32, as_kernel_view, compute_dtype, is_half, is_table_dtype, kernel_format, resolve_out_dtype
 from ._validation import (
     FLOAT_DTYPES,
     GroupedIndices,
+    as_array,
     as_index_array,
     group_new,
     check_bool,
@@ -398,14 +400,15 @@ class RowContributions:
     def apart_from(self, *targets: np.ndarray) -> "RowContributions":
         """These contributions, with ``values`` and ``scale`` replaced by copies where they may share
         memory with any of ``targets`` (the table or gradient they are about to be added into, the
-        optimizer state a fused update writes); returns ``self``. A caller's ``grad_output`` can be a
+        optimizer state a fused update writes) — also as another memory map of the same file
+        (``_memory.may_share``); returns ``self``. A caller's ``grad_output`` can be a
         view of the weight or of the state, and a kernel updating rows in place must not read
         gradient rows it has already written. (In place: whatever the caller reads from this object
         afterwards, e.g. a scoring's results, comes from the copies too.)"""
         values, scale = self.values, self.scale
-        if any(np.may_share_memory(values, t) for t in targets):
+        if any(may_share(values, t) for t in targets):
             values = values.copy()
-        if scale is not None and any(np.may_share_memory(scale, t) for t in targets):
+        if scale is not None and any(may_share(scale, t) for t in targets):
             scale = scale.copy()
         self._set_values(values, scale)
         return self
@@ -559,7 +562,7 @@ class MaxRouting:
     def apart_from(self, *targets: np.ndarray) -> "MaxRouting":
         """As :meth:`RowContributions.apart_from`: ``grad_output`` copied if it may share memory with
         any of ``targets``."""
-        if any(np.may_share_memory(self.grad_output, t) for t in targets):
+        if any(may_share(self.grad_output, t) for t in targets):
             self.grad_output = self.grad_output.copy()
         return self
 
@@ -626,7 +629,7 @@ def weighted_contributions(grad_output: Any, idx_shape: Tuple[int, ...], flat: n
     per_sample_weights[..., k] * grad_output[...]. Returns (values, src, scale)."""
     if len(idx_shape) < 1:
         raise ValueError("per_sample_weights needs indices with at least one dimension")
-    psw = per_sample_weights if isinstance(per_sample_weights, np.ndarray) else np.asarray(per_sample_weights)
+    psw = as_array(per_sample_weights)
     if psw.shape != idx_shape:
         raise ValueError(f"per_sample_weights must have the shape of indices {idx_shape}, got {psw.shape}")
     values = check_gradient_rows(grad_output, idx_shape[:-1], dim=dim, dtype=dtype, table_dtype=table_dtype,
@@ -1000,7 +1003,7 @@ def validate_bags(input: Any, weight: np.ndarray, offsets: Any = None, mode: str
     if per_sample_weights is not None:
         if mode != "sum":
             raise ValueError(f"per_sample_weights is only supported for mode='sum' (got mode={mode!r})")
-        psw = per_sample_weights if isinstance(per_sample_weights, np.ndarray) else np.asarray(per_sample_weights)
+        psw = as_array(per_sample_weights)
         if psw.shape != idx.shape:
             raise ValueError(f"per_sample_weights must have the same shape as the input {idx.shape}, got {psw.shape}")
         check_per_sample_weights(psw, weight)
@@ -1755,7 +1758,7 @@ def logistic_scores(query: Any, indices: Any, weight: np.ndarray, n_positive: in
                             name="query", lead="indices.shape[:-1]")
     n_positive = check_int(n_positive, "n_positive", low=0, high=grid.shape[1])
     with_loss = check_bool(with_loss, "with_loss")
-    if np.may_share_memory(q, weight):   # the table changes during the update: keep the queries as given
+    if may_share(q, weight):   # the table changes during the update: keep the queries as given
         q = q.copy()
     return LogisticScores(weight, q, grid, idx.shape, n_positive, with_loss, padding_idx,
                           check_bool(scale_grad_by_freq, "scale_grad_by_freq"), index_groups(indices))

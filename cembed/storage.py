@@ -41,7 +41,6 @@ import sys
 import tempfile
 import threading
 import time
-import weakref
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
@@ -52,6 +51,7 @@ try:
 except ImportError:   # pragma: no cover - platforms without flock
     fcntl = None  # type: ignore[assignment]
 
+from ._memory import _MAPPED, _mapping, first_overlap, mapped_file_id, may_share_file_pages  # (public here too)
 from ._dtypes import FULL_DTYPES, check_table_dtype, compute_dtype, is_bfloat16, is_half, resolve_dtype
 from ._validation import check_bool, check_choice, check_int, check_size, random_generator
 
@@ -1221,175 +1221,6 @@ def open_table(path: PathLike, num_embeddings: Optional[int] = None, embedding_d
 #: rows are touched at random, and read-around would fill the page cache with rows nobody asked
 #: for); ``"sequential"`` for whole-array passes; ``"normal"`` the kernel's default.
 ADVICE = {"random": "MADV_RANDOM", "sequential": "MADV_SEQUENTIAL", "normal": "MADV_NORMAL"}
-
-
-#: The file (``st_dev``, ``st_ino``) each mapping made by :func:`_map` maps, its mode and the file
-#: offset it starts at: a file name can be given to another file later (a checkpoint saved again), the
-#: mapping keeps the file it was made of. Keyed by the ``mmap`` object, so neither an array's
-#: attributes nor its flags can change them.
-_MAPPED: "weakref.WeakKeyDictionary[mmap.mmap, Tuple[int, int, str, int]]" = weakref.WeakKeyDictionary()
-
-
-def _mapping(array: Any) -> Optional[Tuple[int, int, str, int]]:
-    mm = getattr(array, "_mmap", None) if isinstance(array, np.memmap) else None
-    return _MAPPED.get(mm) if mm is not None else None
-
-
-def mapped_file_id(array: Any) -> Optional[Tuple[int, int]]:
-    """``(st_dev, st_ino)`` of the file a memory map made by cembed (:func:`open_table`,
-    :func:`map_array`, checkpoints, ``state_dir``) maps, or None for any other array."""
-    known = _mapping(array)
-    return None if known is None else (known[0], known[1])
-
-
-#: _file_extent's answers by array (id -> (weak reference, answer)): an array's memory, hence the file
-#: bytes it maps, never changes while it lives; the entry goes with the array.
-_EXTENTS: Dict[int, Tuple[Any, Any]] = {}
-
-
-def _file_extent(array: Any) -> Optional[Tuple[Tuple[int, int], int, int, str]]:
-    """:func:`_file_extent_of`, remembered for the array's life."""
-    if not isinstance(array, np.memmap) and not isinstance(getattr(array, "base", None), np.ndarray):
-        return _file_extent_of(array)   # (neither a memmap nor a view of an array: cheap, not remembered)
-    key = id(array)
-    known = _EXTENTS.get(key)
-    if known is not None and known[0]() is array:
-        return known[1]
-    answer = _file_extent_of(array)
-
-    def forget(_: Any) -> None:
-        _EXTENTS.pop(key, None)
-
-    try:
-        _EXTENTS[key] = (weakref.ref(array, forget), answer)
-    except TypeError:   # (an object without weak references: not remembered)
-        pass
-    return answer
-
-
-def _file_extent_of(array: Any) -> Optional[Tuple[Tuple[int, int], int, int, str]]:
-    """``((st_dev, st_ino), first byte, end byte, mode)`` of the part of a file the array covers when
-    its memory is a file's memory map (a ``numpy.memmap``, a view of one, or any array whose base is
-    one), mode ``"r+"`` for a shared writable map, ``"c"`` for a private one, ``"r"`` read-only; None
-    for any other array, an empty one, or a map whose file cannot be told. The file is the one mapped
-    (recorded when cembed mapped it, else read from ``/proc/self/maps``), not whatever file has its
-    name now."""
-    if not isinstance(array, np.ndarray) or array.size == 0:
-        return None
-    mm, owner = _underlying_map(array)
-    if mm is None:
-        return None
-    try:
-        base = np.frombuffer(mm, dtype=np.uint8, count=1).ctypes.data   # the address of the map's first byte
-    except (TypeError, ValueError, BufferError):   # closed
-        return None
-    known = _MAPPED.get(mm)
-    where = (known[:2], known[3], known[2]) if known is not None else _kernel_mapping(base, owner)
-    if where is None:
-        return None
-    file_id, start, mode = where
-    low, high = _byte_bounds(array)
-    return file_id, start + (low - base), start + (high - base), mode
-
-
-def _underlying_map(array: np.ndarray) -> Tuple[Optional[mmap.mmap], Optional[np.memmap]]:
-    """(the ``mmap.mmap`` at the end of ``array``'s chain of bases, the ``numpy.memmap`` nearest it)."""
-    obj: Any = array
-    owner = None
-    for _ in range(256):   # (a chain of views is short; a cycle cannot be made, but never loop forever)
-        if isinstance(obj, mmap.mmap):
-            return obj, owner
-        if isinstance(obj, np.memmap):
-            owner = obj
-        obj = getattr(obj, "base", None)
-        if obj is None:
-            break
-    return None, None
-
-
-def _kernel_mapping(address: int, owner: Optional[np.memmap]) -> Optional[Tuple[Tuple[int, int], int, str]]:
-    """``((st_dev, st_ino), file offset of ``address``, mode)`` of the file mapping that holds
-    ``address``, from ``/proc/self/maps`` (Linux); elsewhere from the ``numpy.memmap``'s own record
-    (its file, by name, and offset), or None."""
-    try:
-        with open("/proc/self/maps") as fh:
-            for line in fh:
-                fields = line.split()
-                lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                if lo <= address < hi:
-                    inode = int(fields[4])
-                    if inode == 0:
-                        return None
-                    major, minor = (int(x, 16) for x in fields[3].split(":"))
-                    perms = fields[1]
-                    mode = "c" if perms[3] == "p" else ("r+" if perms[1] == "w" else "r")
-                    return (os.makedev(major, minor), inode), int(fields[2], 16) + (address - lo), mode
-        return None
-    except (OSError, ValueError, IndexError):
-        pass
-    filename = getattr(owner, "filename", None)
-    if owner is None or filename is None:
-        return None
-    try:
-        status = os.stat(filename)
-    except (OSError, TypeError):
-        return None
-    offset = int(owner.offset)
-    return (status.st_dev, status.st_ino), offset - offset % mmap.ALLOCATIONGRANULARITY, str(owner.mode)
-
-
-def _byte_bounds(array: np.ndarray) -> Tuple[int, int]:
-    """(first byte, end byte) addresses of ``array``'s elements (``byte_bounds``: in
-    ``numpy.lib.array_utils`` since NumPy 2, ``numpy`` before)."""
-    utils = getattr(np.lib, "array_utils", None)
-    byte_bounds = getattr(utils if utils is not None else np, "byte_bounds")
-    low, high = byte_bounds(array)
-    return int(low), int(high)
-
-
-def may_share_file_pages(a: Any, b: Any) -> bool:
-    """True when the memory maps ``a`` and ``b`` cover overlapping bytes of one file and a write
-    through one of them reaches the file (a shared read-write map, ``"r+"`` / ``"w+"``): a write through
-    one is then seen through the other, though ``numpy.may_share_memory`` (which compares addresses)
-    says no — two maps of one file are at two addresses. Two copy-on-write maps never share."""
-    return _extents_share(_file_extent(a), _file_extent(b))
-
-
-def _extents_share(a: Optional[Tuple[Tuple[int, int], int, int, str]],
-                   b: Optional[Tuple[Tuple[int, int], int, int, str]]) -> bool:
-    if a is None or b is None or a[0] != b[0] or not ({a[3], b[3]} & {"r+", "w+"}):
-        return False
-    return a[1] < b[2] and b[1] < a[2]
-
-
-def first_overlap(arrays: List[Any],
-                  matters: Optional[Callable[[int, int], bool]] = None) -> Optional[Tuple[int, int]]:
-    """The indices ``(i, j)``, ``i < j``, of the first pair of ``arrays`` that may share memory — at one
-    address (``numpy.may_share_memory``) or as maps of overlapping bytes of one file
-    (:func:`may_share_file_pages`) — among the pairs for which ``matters(i, j)`` holds (default: all);
-    None if no pair does. Each array's place in its file is worked out once.
-
-    Examples
-    --------
-    >>> import numpy as np, cembed
-    >>> a = np.zeros(10)
-    >>> cembed.storage.first_overlap([a[:5], np.ones(3), a[4:]])
-    (0, 2)
-    """
-    extents: Dict[int, Any] = {}   # worked out when a pair that matters first needs one
-
-    def extent(i: int) -> Any:
-        if i not in extents:
-            extents[i] = _file_extent(arrays[i])
-        return extents[i]
-
-    for i in range(len(arrays)):
-        for j in range(i + 1, len(arrays)):
-            if matters is not None and not matters(i, j):
-                continue
-            if np.may_share_memory(arrays[i], arrays[j]) or _extents_share(extent(i), extent(j)):
-                return i, j
-    return None
 
 
 def maps_file_read_only(array: Any) -> bool:

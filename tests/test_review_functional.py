@@ -326,3 +326,50 @@ def test_a_ragged_index_list_is_refused_naming_the_argument():
         emb([[1, 2], [3]])
     with pytest.raises(ValueError, match="offsets must be an array of one shape"):
         F.embedding_bag([1, 2], emb.weight, offsets=[[0], [1, 2]])
+
+
+@pytest.mark.parametrize("optimizer", ["SGD", "Adagrad", "SparseAdam"])
+def test_a_gradient_mapping_the_tables_file_again_gives_the_unfused_result(tmp_path, optimizer):
+    """A grad_output (or a query) that is a second memory map of the table's file is not at the
+    table's address, so numpy.may_share_memory said no: the fused update read gradient rows it had
+    already updated (past its first chunk of 64 rows), and differed from the unfused step and from
+    run to run. Two maps of one file count as sharing memory (``_memory.may_share``): the gradient is
+    read from a copy, as for a view of the table."""
+    n, idx = 5000, np.arange(2999, 999, -1)
+
+    def run(fused, tag):
+        path = tmp_path / f"{tag}.npy"
+        table = cembed.open_table(path, n, 8, mode="w+", init="normal", seed=0)
+        emb = cembed.Embedding.from_pretrained(table, freeze=False, sparse=True)
+        opt = getattr(cembed.optim, optimizer)([emb], lr=0.5)
+        grad = np.load(path, mmap_mode="r")[1000:3000]   # the same file's rows, mapped again
+        if fused:
+            emb.backward(grad, idx, optimizer=opt)
+        else:
+            emb.backward(grad, idx)
+            opt.step()
+            opt.zero_grad()
+        return np.array(emb.weight)
+
+    assert run(False, "unfused").tobytes() == run(True, "fused").tobytes()
+    path = tmp_path / "scored.npy"
+    table = cembed.open_table(path, n, 8, mode="w+", init="normal", seed=0)
+    reference = np.array(table)
+    query = np.load(path, mmap_mode="r")[1000:3000]
+    expected_query = np.array(query)
+    F.embedding_dot_logistic_sgd_(query, idx.reshape(-1, 1), table, lr=0.5)
+    F.embedding_dot_logistic_sgd_(expected_query, idx.reshape(-1, 1), reference, lr=0.5)
+    assert np.array(table).tobytes() == reference.tobytes()
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")   # (np.matrix)
+def test_matrix_indices_look_up_as_their_array():
+    """np.matrix indices were refused with Cython's 'No matching signature found' (a matrix stays 2-D
+    when flattened); they are used as the plain array of their values, as a matrix table is."""
+    table = _weights(6, 3)
+    idx = np.array([[3, 1, 5]])
+    out = F.embedding(np.asmatrix(idx), table)
+    assert type(out) is np.ndarray
+    np.testing.assert_array_equal(out, F.embedding(idx, table))
+    np.testing.assert_array_equal(F.embedding_bag(np.asmatrix(idx), table), F.embedding_bag(idx, table))
+    np.testing.assert_array_equal(cembed.Embedding.from_pretrained(table)(np.asmatrix(idx)), out)
