@@ -402,9 +402,17 @@ def _let_go(tmp: str) -> None:
 
 def _remove_abandoned_temporaries(path: str) -> None:
     """Remove the temporaries of ``path`` (:data:`_TEMPORARY`, ``.tmp`` and ``.new``) no live process is
-    writing: regular files of this user whose lock can be taken (a ``.new`` also older than
-    :data:`ABANDONED_NEW_SECONDS`). A file that cannot be opened, or is locked, is left alone; so is
-    everything else in the directory."""
+    writing (:func:`_remove_unheld`; a ``.new`` also older than :data:`ABANDONED_NEW_SECONDS`)."""
+    _remove_unheld(path, _TEMPORARY, lambda match, info: match.group("stage") != "new"
+                   or time.time() - info.st_mtime >= ABANDONED_NEW_SECONDS)
+
+
+def _remove_unheld(path: str, pattern: "re.Pattern[str]",
+                   abandoned: Callable[["re.Match[str]", os.stat_result], bool] = lambda match, info: True) -> None:
+    """Remove the files beside ``path`` named by ``pattern`` for ``path``'s name (its group ``name``)
+    that no live process holds: regular files of this user, not held by this process, whose lock
+    (``flock``) can be taken, and for which ``abandoned(match, stat)`` holds. A file that cannot be
+    opened, or is locked, is left alone; so is everything else in the directory."""
     directory, name = os.path.split(os.path.abspath(path))
     if fcntl is None:   # pragma: no cover
         return
@@ -413,7 +421,7 @@ def _remove_abandoned_temporaries(path: str) -> None:
     except OSError:
         return
     for entry in entries:
-        match = _TEMPORARY.fullmatch(entry.name)
+        match = pattern.fullmatch(entry.name)
         if match is None or match.group("name") != name:
             continue
         with _held_lock:
@@ -425,8 +433,7 @@ def _remove_abandoned_temporaries(path: str) -> None:
             continue
         try:
             info = os.fstat(fd)
-            if (not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid()
-                    or (match.group("stage") == "new" and time.time() - info.st_mtime < ABANDONED_NEW_SECONDS)
+            if (not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or not abandoned(match, info)
                     or not _lock_exclusively(fd)):
                 continue
             now = os.lstat(entry.path)   # still the file locked (not replaced under its name meanwhile)
@@ -847,29 +854,8 @@ _BACKUP = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{12}\.cembed\.replaced")
 def _remove_orphaned_backups(path: str) -> None:
     """Remove the backup links (:data:`_BACKUP`) of ``path`` that a process killed between the renames of
     a :func:`replace_files` left behind (each an old copy's disk space, or ``path`` itself when killed
-    before its own rename): regular files of this user whose lock can be taken (no live writer holds
-    it). Any other file is left alone."""
-    directory, name = os.path.split(os.path.abspath(path))
-    try:
-        entries = [entry for entry in os.scandir(directory)
-                   if (match := _BACKUP.fullmatch(entry.name)) is not None and match.group("name") == name]
-    except OSError:
-        return
-    for entry in entries:
-        try:
-            fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-        except OSError:
-            continue
-        try:
-            info = os.fstat(fd)
-            if stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and _lock_exclusively(fd):
-                now = os.lstat(entry.path)
-                if (now.st_dev, now.st_ino) == (info.st_dev, info.st_ino):
-                    os.unlink(entry.path)
-        except OSError:
-            continue
-        finally:
-            os.close(fd)
+    before its own rename): those no live writer holds (:func:`_remove_unheld`)."""
+    _remove_unheld(path, _BACKUP)
 
 
 def _link_aside(path: str) -> Optional[str]:
@@ -886,7 +872,7 @@ def _link_aside(path: str) -> Optional[str]:
         except OSError:
             return None
         try:
-            fd = os.open(backup, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+            fd = os.open(backup, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except OSError:
             return backup
         try:

@@ -14,7 +14,7 @@ import cembed
 from cembed import functional, optim, storage
 from cembed.checkpoint import CheckpointError
 
-from util import assert_bitwise_equal
+from util import assert_bitwise_equal, backward_and_step
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -44,12 +44,7 @@ def _batches(seed, n):
 
 def _train(emb, opt, batches, fused):
     for idx, grad in batches:
-        if fused:
-            emb.backward(grad, idx, optimizer=opt)
-        else:
-            emb.backward(grad, idx)
-            opt.step()
-            opt.zero_grad()
+        backward_and_step(emb, grad, opt, fused, indices=idx)
 
 
 def _adam(emb, dtype, state_dir=None):

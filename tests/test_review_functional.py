@@ -10,6 +10,7 @@ import pytest
 
 import cembed
 from cembed import functional as F
+from util import backward_and_step
 
 torch = pytest.importorskip("torch")
 
@@ -343,12 +344,7 @@ def test_a_gradient_mapping_the_tables_file_again_gives_the_unfused_result(tmp_p
         emb = cembed.Embedding.from_pretrained(table, freeze=False, sparse=True)
         opt = getattr(cembed.optim, optimizer)([emb], lr=0.5)
         grad = np.load(path, mmap_mode="r")[1000:3000]   # the same file's rows, mapped again
-        if fused:
-            emb.backward(grad, idx, optimizer=opt)
-        else:
-            emb.backward(grad, idx)
-            opt.step()
-            opt.zero_grad()
+        backward_and_step(emb, grad, opt, fused, indices=idx)
         return np.array(emb.weight)
 
     assert run(False, "unfused").tobytes() == run(True, "fused").tobytes()

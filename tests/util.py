@@ -73,13 +73,15 @@ def at_thread_counts(fn, counts=(1, 2, 3)):
     return results
 
 
-def backward_and_step(module, grad_output, opt, fused):
+def backward_and_step(module, grad_output, opt, fused, indices=None):
     """One backward + update of ``module``: fused (``backward(..., optimizer=opt)``) or unfused
-    (``backward``, ``opt.step()``, ``opt.zero_grad()``) — the two paths the fused tests compare."""
+    (``backward``, ``opt.step()``, ``opt.zero_grad()``) — the two paths the fused tests compare;
+    ``indices``: the lookup's indices given to the backward (else those of its forward)."""
+    given = () if indices is None else (indices,)
     if fused:
-        module.backward(grad_output, optimizer=opt)
+        module.backward(grad_output, *given, optimizer=opt)
     else:
-        module.backward(grad_output)
+        module.backward(grad_output, *given)
         opt.step()
         opt.zero_grad()
 
