@@ -15,7 +15,7 @@ from libc.string cimport memset
 
 from libc.stdint cimport uint16_t
 
-from cembed._rows cimport (prefetch_row, prefetch_row_for_write, row_stride_items, row_add, row_axpy,
+from cembed._rows cimport (check_state_shapes, prefetch_row, prefetch_row_for_write, row_stride_items, row_add, row_axpy,
                            row_fma_accumulate, row_add_half, row_axpy_half, row_fma_accumulate_half,
                            apply_row_update, row_update_has_state, row_rule_t, set_row_rule, prefetch_rule_entries,
                            PREFETCH_DISTANCE, ROW_SGD, ROW_ADAGRAD, ROW_ADAM, ROW_ROWWISE_ADAGRAD, ROW_ADAM_ROW_BIAS,
@@ -325,6 +325,8 @@ def segment_update(const floating[:, ::1] values,  # IN  (n_values, dim) gradien
     cdef floating q0 = <floating> p0, q1 = <floating> p1, q2 = <floating> p2, q3 = <floating> p3
     cdef row_rule_t rule
     set_row_rule(&rule, row_log, counts, rule_params, weight.shape[0], "segment_update")
+    check_state_shapes("segment_update", weight.shape[0], weight.shape[1], state_a.shape[0], state_a.shape[1],
+                       state_b.shape[0], state_b.shape[1], row_state.shape[0])
     if n_out == 0 or dim == 0:
         return
     if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
@@ -443,6 +445,8 @@ def segment_update_half(const half_grad_rows_t[:, ::1] values,   # IN  (n_values
     cdef row_rule_t rule
     values_fmt = _values_format(values_fmt, sizeof(half_grad_rows_t), sizeof(float))
     set_row_rule(&rule, row_log, counts, rule_params, weight.shape[0], "segment_update_half")
+    check_state_shapes("segment_update_half", weight.shape[0], weight.shape[1], state_a.shape[0], state_a.shape[1],
+                       state_b.shape[0], state_b.shape[1], row_state.shape[0])
     if n_out == 0 or dim == 0:
         return
     if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],

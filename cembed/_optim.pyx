@@ -12,7 +12,7 @@ from cython.parallel cimport prange
 from cython cimport floating
 from libc.stdint cimport int64_t
 
-from cembed._rows cimport (prefetch_row_for_write, row_stride_items, apply_row_update, row_update_has_state,
+from cembed._rows cimport (check_state_shapes, prefetch_row_for_write, row_stride_items, apply_row_update, row_update_has_state,
                            row_rule_t, set_row_rule, prefetch_rule_entries, PREFETCH_DISTANCE)
 
 cdef enum:
@@ -93,6 +93,8 @@ def update_rows(int kind,                            # a ROW_* kind of _rows.pxd
     cdef floating *rs_ptr = &row_state[0] if row_state.shape[0] > 0 else NULL
     cdef row_rule_t rule
     set_row_rule(&rule, row_log, counts, rule_params, weight.shape[0], "update_rows")
+    check_state_shapes("update_rows", weight.shape[0], weight.shape[1], state_a.shape[0], state_a.shape[1],
+                       state_b.shape[0], state_b.shape[1], row_state.shape[0])
     if rows.shape[0] == 0 or weight.shape[1] == 0:   # no row to update (a table of no rows has empty state too)
         return
     if not row_update_has_state(kind, a_ptr != NULL, b_ptr != NULL, rs_ptr != NULL, &rule):
@@ -101,6 +103,19 @@ def update_rows(int kind,                            # a ROW_* kind of _rows.pxd
         _update_listed_rows(kind, &weight[0, 0], row_stride, a_ptr, b_ptr, rs_ptr, &rule, &rows[0], rows.shape[0],
                             &grad[0, 0], weight.shape[1], <floating> p0, <floating> p1, <floating> p2,
                             <floating> p3, mode, -1 if maximize else 1, n_threads)
+
+
+cdef int _check_momentum_rows(const int64_t[::1] rows, const int64_t[::1] grad_slot, Py_ssize_t n_rows,
+                              Py_ssize_t nnz, str kernel) except -1:
+    """The rows with a live momentum buffer come from the optimizer's kept state: checked against the
+    weight by the step, and here once more in the call that uses them (another thread may have replaced
+    the state since; O(n_active), beside the O(n_active * dim) update)."""
+    cdef Py_ssize_t k
+    for k in range(rows.shape[0]):
+        if rows[k] < 0 or rows[k] >= n_rows or grad_slot[k] < -1 or grad_slot[k] >= nnz:
+            raise ValueError(f"{kernel}: a live momentum row ({rows[k]}) outside the weight's {n_rows} rows, or "
+                             "its gradient slot out of range (the state was replaced after the step checked it?)")
+    return 0
 
 
 def sgd_momentum_rows(floating[:, :] weight,         # INOUT (n_rows, dim), unit column stride
@@ -121,6 +136,10 @@ def sgd_momentum_rows(floating[:, :] weight,         # INOUT (n_rows, dim), unit
     cdef floating one_minus_damp = <floating> (1.0 - dampening)
     cdef floating neg_lr = <floating> (-lr)
     cdef floating sign = -1 if maximize else 1
+    if buf.shape[0] != weight.shape[0] or buf.shape[1] != dim or grad_slot.shape[0] != n_active \
+            or grad.shape[1] != dim:
+        raise ValueError("sgd_momentum_rows: weight, buf, rows, grad_slot and grad must agree in shape")
+    _check_momentum_rows(rows, grad_slot, weight.shape[0], grad.shape[0], "sgd_momentum_rows")
     if n_active == 0 or dim == 0:
         return
     if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
@@ -315,6 +334,8 @@ def update_rows_half(int kind,                      # a ROW_* kind of _rows.pxd 
     cdef float q0 = <float> p0, q1 = <float> p1, q2 = <float> p2, q3 = <float> p3
     cdef row_rule_t rule
     set_row_rule(&rule, row_log, counts, rule_params, n_rows, "update_rows_half")
+    check_state_shapes("update_rows_half", n_rows, weight.shape[1], state_a.shape[0], state_a.shape[1],
+                       state_b.shape[0], state_b.shape[1], row_state.shape[0])
     if grad.shape[0] != nnz or grad.shape[1] != dim:
         raise ValueError("update_rows_half: grad must be (len(rows), dim)")
     for s_rows, s_dim in ((state_a.shape[0], state_a.shape[1]), (state_b.shape[0], state_b.shape[1])):
@@ -375,6 +396,7 @@ def sgd_momentum_rows_half(uint16_t[:, :] weight,          # INOUT (n_rows, dim)
     if buf.shape[0] != weight.shape[0] or buf.shape[1] != dim or grad_slot.shape[0] != n_active \
             or grad.shape[1] != dim:
         raise ValueError("sgd_momentum_rows_half: weight, buf, rows, grad_slot and grad must agree in shape")
+    _check_momentum_rows(rows, grad_slot, weight.shape[0], grad.shape[0], "sgd_momentum_rows_half")
     if n_active == 0 or dim == 0:
         return
     _half_weight_rows(weight, weight_fmt, &row_stride, "sgd_momentum_rows_half")

@@ -354,6 +354,23 @@ cdef inline int set_row_rule(row_rule_t *rule,                  # OUT
     return 0
 
 
+cdef inline int check_state_shapes(str kernel, Py_ssize_t n_rows, Py_ssize_t dim,
+                                   Py_ssize_t a_rows, Py_ssize_t a_cols,     # state_a: (n_rows, dim) or empty
+                                   Py_ssize_t b_rows, Py_ssize_t b_cols,     # state_b: (n_rows, dim) or empty
+                                   Py_ssize_t row_state_rows) except -1:     # row_state: (n_rows,) or empty
+    """An update kernel's last guard on the optimizer state it was handed, with the GIL held in the call
+    that then uses it (ValueError otherwise). The optimizers check every state array against the weight
+    before a step; this closes the gap between that check and the kernel, in which code of another
+    Python thread (a ``load_state_dict``, a state edited by hand) could put arrays of another table in
+    the state."""
+    if ((a_rows != 0 and (a_rows != n_rows or a_cols != dim))
+            or (b_rows != 0 and (b_rows != n_rows or b_cols != dim))
+            or (row_state_rows != 0 and row_state_rows != n_rows)):
+        raise ValueError(f"{kernel}: the optimizer state does not have the weight's shape ({n_rows}, {dim}) (it was "
+                         "replaced after the step checked it: by another thread?)")
+    return 0
+
+
 cdef inline void prefetch_rule_entries(const row_rule_t *rule, Py_ssize_t r) noexcept nogil:
     """Prefetch, for writing, row r's entries of the rule's per-row arrays (if it has any)."""
     if rule.row_log != NULL:

@@ -242,7 +242,7 @@ from libc.stdint cimport int64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 
-from cembed._rows cimport (prefetch_row_for_write, row_axpy, row_fma_accumulate, apply_row_update,
+from cembed._rows cimport (check_state_shapes, prefetch_row_for_write, row_axpy, row_fma_accumulate, apply_row_update,
                            row_update_has_state, row_rule_t, set_row_rule, prefetch_rule_entries)
 
 cdef enum:
@@ -355,6 +355,8 @@ def logistic_scores_update(const floating[:, ::1] query,   # IN    (n_queries, d
     cdef int64_t *slots
     cdef row_rule_t rule
     set_row_rule(&rule, row_log, counts, rule_params, weight.shape[0], "logistic_scores_update")
+    check_state_shapes("logistic_scores_update", weight.shape[0], weight.shape[1], state_a.shape[0],
+                       state_a.shape[1], state_b.shape[0], state_b.shape[1], row_state.shape[0])
     if n_queries == 0 or n_entries == 0 or dim == 0 or n_segments == 0:
         raise ValueError("logistic_scores_update: empty operands are the caller's to handle")
     if n_entries != n_queries * n_per or starts.shape[0] != n_segments + 1 or old_rows.shape[0] != n_segments \

@@ -269,12 +269,21 @@ def _write_array(directory: str, filename: str, array: np.ndarray) -> Dict[str, 
         header = _header_bytes(array.shape, stored.dtype)
         crc = zlib.crc32(header, crc)
         fh.write(header)
+        # each block is copied into a private buffer, then summed and written from it: the bytes summed are
+        # the bytes written even while another thread updates the table (a view was read twice — by the
+        # CRC, then by the write — and a checkpoint saved beside training failed its load's checksum)
         if array.ndim == 0:
-            blocks: Iterator[np.ndarray] = iter([np.ascontiguousarray(array).reshape(1)])
+            blocks: Iterator[np.ndarray] = iter([np.array(array, copy=True).reshape(1)])
         else:
             row_bytes = array.itemsize * int(np.prod(array.shape[1:], dtype=np.int64))
             step = max(1, _CHUNK // max(1, row_bytes))
-            blocks = (np.ascontiguousarray(array[lo:lo + step]) for lo in range(0, array.shape[0], step))
+            scratch = np.empty((min(step, array.shape[0]),) + array.shape[1:], dtype=array.dtype)
+
+            def copied(lo: int) -> np.ndarray:
+                part = scratch[:min(step, array.shape[0] - lo)]
+                np.copyto(part, array[lo:lo + step])
+                return part
+            blocks = (copied(lo) for lo in range(0, array.shape[0], step))
         for block in blocks:
             raw = block.reshape(-1).view(np.uint8)
             crc = zlib.crc32(raw.data, crc)

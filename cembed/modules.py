@@ -156,10 +156,11 @@ class TableModule:
         if optimizer is not None:   # (a grad_output that views the weight or state is read from a copy there)
             optimizer._fused_step(self, new, sparse, checked)
         else:  # float32 for a 16-bit table; a dense .grad is added to in place
-            grad = self.grad
+            weight = checked[0]   # (sized by the table the rows were checked against, never re-read: another
+            grad = self.grad      # thread may assign a smaller one meanwhile)
             if isinstance(grad, np.ndarray):
                 new = new.apart_from(grad)
-            self.grad = F.add_to_grad(grad, new, self._weight.shape, compute_dtype(self._weight.dtype), sparse)
+            self.grad = F.add_to_grad(grad, new, weight.shape, compute_dtype(weight.dtype), sparse)
 
     def prefetch(self, indices: Any, optimizer: Any = None, wait: bool = False) -> int:
         """Ask the operating system to start reading the rows ``indices`` of a table on disk — and,

@@ -1154,3 +1154,34 @@ def test_a_failed_write_back_to_tables_on_disk_comes_after_every_table_is_loaded
         assert fresh[name].weight is tables[name]
         assert_bitwise_equal(np.asarray(fresh[name].weight), saved[name].weight)
     assert opt.state[fresh["b"]]["step"] == 1
+
+
+def test_a_checkpoint_saved_while_another_thread_trains_loads(tmp_path):
+    """Found by a review of use from several threads: a block of a table was read twice — by the
+    CRC-32, then by the write — so a save beside a training thread recorded a checksum of other bytes
+    than it wrote, reported success, and every load refused the checkpoint. Each block is now copied
+    once into a private buffer, summed and written from it: the checkpoint holds some mix of the
+    table's values (a data race, as in torch) and loads."""
+    import threading
+
+    n_rows, dim = 50_000, 32
+    emb = cembed.Embedding(n_rows, dim, sparse=True, seed=0)
+    opt = optim.SparseAdam([emb], lr=0.01)
+    stop = threading.Event()
+
+    def train():
+        rng = np.random.default_rng(1)
+        while not stop.is_set():
+            idx = rng.integers(0, n_rows, 20_000)
+            emb.backward(np.ones((idx.size, dim), np.float32), idx, optimizer=opt)
+
+    trainer = threading.Thread(target=train)
+    trainer.start()
+    try:
+        for k in range(4):
+            cembed.save_checkpoint(tmp_path / f"c{k}", {"e": emb})
+    finally:
+        stop.set()
+        trainer.join()
+    for k in range(4):
+        cembed.load_checkpoint(tmp_path / f"c{k}", {"e": cembed.Embedding(n_rows, dim, sparse=True)})

@@ -1564,3 +1564,78 @@ def test_array_subclass_hooks_never_size_what_a_kernel_reads(batch, name):
     the same results, bit for bit, as for the plain array."""
     verdict, _ = batch("subclass_hooks", COPY_HOOK_CASES, name)
     assert verdict["same"], verdict
+
+
+# =================================================================================================
+# another Python thread replacing the weight or the state between a check and a kernel
+# =================================================================================================
+
+THREAD_CASES = {
+    # A profile hook hands over to the other thread at one bytecode boundary just after the check, and
+    # waits for it: an interleaving the interpreter's scheduler can produce on its own (the kernels
+    # release the GIL; Python code switches threads between bytecodes).
+    "weight_swap_in_backward": case('''
+        import threading
+        emb = cembed.Embedding.from_pretrained(np.zeros((200_000, 16), np.float32), freeze=False)   # dense .grad
+        idx = np.array([199_999, 150_000, 100_000])
+        go, done = threading.Event(), threading.Event()
+        def other():
+            go.wait()
+            emb.weight = np.zeros((10, 16), np.float32)   # ordinary use: a new vocabulary
+            done.set()
+        threading.Thread(target=other, daemon=True).start()
+        def hook(frame, event, arg):
+            if event == "c_call" and frame.f_code.co_name == "_accumulate" and arg is isinstance and not go.is_set():
+                go.set(); done.wait()
+        sys.setprofile(hook)
+        res = attempt(lambda: emb.backward(np.ones((3, 16), np.float32), idx))
+        sys.setprofile(None)
+        report(res=res, swapped=go.is_set(), grad_shape=list(getattr(emb.grad, "shape", ())),
+               grad_rows=sorted(np.flatnonzero(emb.grad.any(axis=1)).tolist()) if emb.grad is not None else [])
+    '''),
+    "state_swap_in_step": case('''
+        import threading
+        emb = cembed.Embedding.from_pretrained(np.zeros((200_000, 16), np.float32), freeze=False, sparse=True)
+        opt = optim.SparseAdam([emb], lr=0.1)
+        emb.backward(np.ones((1, 16), np.float32), np.array([0])); opt.step(); opt.zero_grad()
+        small = cembed.Embedding.from_pretrained(np.zeros((10, 16), np.float32), freeze=False, sparse=True)
+        small_opt = optim.SparseAdam([small], lr=0.1)
+        small.backward(np.ones((1, 16), np.float32), np.array([0])); small_opt.step()
+        small_state = small_opt.state_dict()
+        go, done = threading.Event(), threading.Event()
+        def other():
+            go.wait()
+            emb.weight = np.zeros((10, 16), np.float32)
+            opt.load_state_dict(small_state)   # two ordinary calls, between the step's check and its kernel
+            done.set()
+        threading.Thread(target=other, daemon=True).start()
+        emb.backward(np.ones((3, 16), np.float32), np.array([199_999, 150_000, 100_000]))
+        def hook(frame, event, arg):
+            if event == "call" and frame.f_code.co_name == "_reserve_step_state" and not go.is_set():
+                go.set(); done.wait()
+        sys.setprofile(hook)
+        res = attempt(lambda: opt.step())
+        sys.setprofile(None)
+        report(res=res, swapped=go.is_set())
+    '''),
+}
+
+
+@pytest.mark.parametrize("name", sorted(THREAD_CASES))
+def test_another_thread_replacing_weight_or_state_mid_call_never_reaches_a_kernel(batch, name):
+    """Found by a review of use from several threads (under AddressSanitizer): a backward that had
+    checked its rows against a 200,000-row weight sized the new dense gradient by the module's weight
+    as it was *then* — another thread had assigned a 10-row one — and scattered rows up to 199,999 into
+    it; a step that had checked its state re-read the state dict afterwards and handed the kernel a
+    10-row state loaded meanwhile. Both segfaulted. The backward now sizes everything by the weight
+    it checked (the gradient has that table's shape; the optimizer refuses it against the new one),
+    and every update kernel checks, with the GIL held in the call that uses them, that the state
+    arrays it is given have the weight's shape (a ValueError otherwise)."""
+    verdict, _ = batch("thread_swaps", THREAD_CASES, name)
+    assert verdict["swapped"], "the other thread did not run: the case tests nothing"
+    if name == "weight_swap_in_backward":
+        assert_ok(verdict["res"], "a backward whose module got a new weight meanwhile")
+        assert verdict["grad_shape"] == [200_000, 16] and verdict["grad_rows"] == [100_000, 150_000, 199_999], verdict
+    else:
+        assert_raised(verdict["res"], "ValueError", what="a step whose state was replaced after its check")
+        assert "the optimizer state does not have the weight's shape" in verdict["res"]["message"], verdict
