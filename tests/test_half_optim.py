@@ -629,6 +629,24 @@ def test_trainer_quality_with_16_bit_tables(dtype, rounding):
     assert mem_half["table"] + mem_half["state"] <= 0.55 * (mem_full["table"] + mem_full["state"])
 
 
+def test_trainer_without_ml_dtypes_names_the_extra_and_the_flag(capsys, monkeypatch):
+    """Without ml_dtypes, --dtype float16 (whose optimizer state is bfloat16 by default) was refused as
+    '--dtype bfloat16 needs the ml_dtypes package', naming a flag not given, and neither message named
+    cembed's bf16 extra. Each names the flag, the extra, and for float16 the way out."""
+    from cembed.apps.cli import main
+
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)   # (import ml_dtypes raises ImportError)
+    for flags, wanted in ((["--dtype", "bfloat16"], "--dtype bfloat16 needs the ml_dtypes package"),
+                          (["--dtype", "float16"], "--dtype float16 keeps its optimizer state in bfloat16 (the default "
+                                                   "--state-dtype), which needs the ml_dtypes package"),
+                          (["--dtype", "float16", "--state-dtype", "bfloat16"], "--state-dtype bfloat16 needs")):
+        assert main(["train", *TINY, *flags]) == 2
+        err = capsys.readouterr().err
+        assert wanted in err and '"bf16" extra' in err, err
+    assert main(["train", *TINY, "--dtype", "float16", "--state-dtype", "float32", "--tokens", "20000",
+                 "--vocab-size", "500"]) == 0
+
+
 @pytest.mark.parametrize("peers", ["installed or not", "absent"])
 def test_trainer_refuses_16_bit_tables_for_other_backends(capsys, monkeypatch, peers):
     from cembed.apps.cli import main

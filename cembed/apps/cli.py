@@ -246,7 +246,14 @@ def run_train(args):
     if args.dtype != "float32":
         try:
             train_mod.table_dtype(args.dtype)
-            train_mod.table_dtype(args.state_dtype or "bfloat16")
+            try:
+                train_mod.table_dtype(args.state_dtype or "bfloat16", "--state-dtype")
+            except ImportError:
+                if args.state_dtype is not None:
+                    raise
+                raise ImportError(f"--dtype {args.dtype} keeps its optimizer state in bfloat16 (the default "
+                                  f"--state-dtype), which needs {train_mod.BF16_EXTRA}; or give --state-dtype "
+                                  "float16 or float32") from None
         except ImportError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -251,13 +251,16 @@ def initial_tables(vocab_size, dim, seed):
 HALF_DTYPES = ("bfloat16", "float16")
 
 
-def table_dtype(name):
-    """The NumPy dtype of ``--dtype`` (bfloat16 is ml_dtypes', an optional extra)."""
+BF16_EXTRA = 'the ml_dtypes package (the "bf16" extra: pip install "cembed[bf16]", or ".[bf16]" in its checkout)'
+
+
+def table_dtype(name, flag="--dtype"):
+    """The NumPy dtype of ``--dtype`` / ``--state-dtype`` (bfloat16 is ml_dtypes', an optional extra)."""
     if name == "bfloat16":
         try:
             import ml_dtypes
         except ImportError:
-            raise ImportError("--dtype bfloat16 needs the ml_dtypes package: pip install ml_dtypes") from None
+            raise ImportError(f"{flag} bfloat16 needs {BF16_EXTRA}") from None
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
 
