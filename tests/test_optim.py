@@ -335,6 +335,32 @@ def test_bad_hyper_parameters(make, match):
         make([Table(np.zeros((3, 2), np.float32))])
 
 
+@pytest.mark.parametrize("groups", [[{"momentum": 0.0}], [{"dampening": 0.5}],
+                                    [{"momentum": 0.0}, {"momentum": 0.5, "dampening": 0.3}]])
+def test_sgd_groups_under_nesterov_defaults_train_as_torchs(groups):
+    """torch checks the nesterov rule (momentum > 0, dampening 0) on the constructor's defaults only: a
+    group of plain SGD (momentum 0) or with a dampening beside nesterov defaults trains. cembed refused
+    them (found by a differential fuzz against torch); now bitwise torch's, and the defaults are still
+    checked."""
+    torch = require_torch()
+    rng = np.random.default_rng(0)
+    start = [rng.standard_normal((6, 3)).astype(np.float32) for _ in groups]
+    tables = [Table(w.copy()) for w in start]
+    opt = optim.SGD([dict(g, params=[t]) for g, t in zip(groups, tables)], lr=0.1, momentum=0.9, nesterov=True)
+    params = [torch.nn.Parameter(torch.from_numpy(w.copy())) for w in start]
+    topt = torch.optim.SGD([dict(g, params=[p]) for g, p in zip(groups, params)], lr=0.1, momentum=0.9, nesterov=True)
+    for _ in range(4):
+        for table, param in zip(tables, params):
+            grad = rng.standard_normal((6, 3)).astype(np.float32)
+            table.grad, param.grad = grad.copy(), torch.from_numpy(grad.copy())
+        opt.step()
+        topt.step()
+    for table, param in zip(tables, params):
+        np.testing.assert_array_equal(table.weight, param.detach().numpy())
+    opt.param_groups[0]["momentum"] = 0.0   # edited later: taken too
+    opt.step()
+
+
 def test_bad_params():
     with pytest.raises(ValueError, match="empty"):
         optim.SGD([], lr=0.1)

@@ -1538,7 +1538,9 @@ class PolynomialLR(LRScheduler):
     ----------
     optimizer : optimizer
     total_iters : int, default 5
-        Epochs of the decay, >= 1.
+        Epochs of the decay, >= 0. With 0 the chainable ``step()`` keeps each group's learning rate, and
+        the closed form (``step(epoch)``, a ``SequentialLR`` milestone) divides by it:
+        ``ZeroDivisionError``, as torch's.
     power : float, default 1.0
         The power of the polynomial, >= 0 (a negative one divides by zero at ``total_iters``).
     last_epoch : int, default -1
@@ -1558,11 +1560,11 @@ class PolynomialLR(LRScheduler):
     [0.5625, 0.25, 0.0625, 0.0, 0.0]
     """
 
-    _STATE_CHECKS = {"total_iters": lambda v, name: _integer(v, name, minimum=1), "power": _nonneg}
+    _STATE_CHECKS = {"total_iters": lambda v, name: _integer(v, name, minimum=0), "power": _nonneg}
 
     def __init__(self, optimizer: OptimizerLike, total_iters: int = 5, power: float = 1.0,
                  last_epoch: int = -1) -> None:
-        self.total_iters = _integer(total_iters, "total_iters", minimum=1)
+        self.total_iters = _integer(total_iters, "total_iters", minimum=0)
         self.power = _nonneg(power, "power")
         super().__init__(optimizer, last_epoch)
 

@@ -83,7 +83,9 @@ class SGD(Optimizer):
         group["nesterov"] = check_bool(group.get("nesterov", False), f"{where} nesterov")
         _check_maximize(group, where)
         check_rounding_options(group, where)
-        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+        # (torch checks this rule on the constructor's defaults only: a group may set momentum 0 — plain SGD,
+        # nesterov ignored — or a dampening under nesterov defaults, and trains as the formulas say)
+        if where == "defaults" and group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         return group
 
