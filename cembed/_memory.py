@@ -33,6 +33,9 @@ def mapped_file_id(array: Any) -> Optional[Tuple[int, int]]:
     return None if known is None else (known[0], known[1])
 
 
+#: The file mapping (``/proc/self/maps``) of each map cembed did not make, found once per ``mmap`` object.
+_FOUND: "weakref.WeakKeyDictionary[mmap.mmap, Optional[Tuple[Tuple[int, int], int, str]]]" = weakref.WeakKeyDictionary()
+
 #: _file_extent's answers by array (id -> (weak reference, answer)): an array's memory, hence the file
 #: bytes it maps, never changes while it lives; the entry goes with the array.
 _EXTENTS: Dict[int, Tuple[Any, Any]] = {}
@@ -75,7 +78,15 @@ def _file_extent_of(array: Any) -> Optional[Tuple[Tuple[int, int], int, int, str
     except (TypeError, ValueError, BufferError):   # closed
         return None
     known = _MAPPED.get(mm)
-    where = (known[:2], known[3], known[2]) if known is not None else _kernel_mapping(base, owner)
+    if known is not None:
+        where: Optional[Tuple[Tuple[int, int], int, str]] = (known[:2], known[3], known[2])
+    else:   # a map cembed did not make: looked up once per map (its file and place never change), not per view
+        try:
+            where = _FOUND[mm]
+        except KeyError:
+            where = _FOUND[mm] = _kernel_mapping(base, owner)
+        except TypeError:   # (an object without weak references: looked up every time)
+            where = _kernel_mapping(base, owner)
     if where is None:
         return None
     file_id, start, mode = where
@@ -156,7 +167,10 @@ def _extents_share(a: Optional[Tuple[Tuple[int, int], int, int, str]],
 def may_share(a: Any, b: Any) -> bool:
     """Whether ``a`` and ``b`` may share memory: at one address (``numpy.may_share_memory``) or as maps
     of overlapping bytes of one file a write through one of them reaches (:func:`may_share_file_pages`)."""
-    return bool(np.may_share_memory(a, b)) or _extents_share(_file_extent(a), _file_extent(b))
+    if np.may_share_memory(a, b):
+        return True
+    in_file = _file_extent(b)   # (b: the table or state a caller writes, usually in memory — then no file
+    return in_file is not None and _extents_share(_file_extent(a), in_file)   # is looked up for a)
 
 
 def first_overlap(arrays: List[Any],

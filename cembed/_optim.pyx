@@ -105,16 +105,16 @@ def update_rows(int kind,                            # a ROW_* kind of _rows.pxd
                             <floating> p3, mode, -1 if maximize else 1, n_threads)
 
 
-cdef int _check_momentum_rows(const int64_t[::1] rows, const int64_t[::1] grad_slot, Py_ssize_t n_rows,
-                              Py_ssize_t nnz, str kernel) except -1:
-    """The rows with a live momentum buffer come from the optimizer's kept state: checked against the
-    weight by the step, and here once more in the call that uses them (another thread may have replaced
-    the state since; O(n_active), beside the O(n_active * dim) update)."""
+cdef int _check_rows(const int64_t[::1] rows, Py_ssize_t low, Py_ssize_t high, str what, str kernel) except -1:
+    """Row ids (or gradient slots) a kernel indexes with that come from the optimizer's kept state or were
+    computed from it: checked against the arrays once more in the call that uses them, with the GIL held
+    (another Python thread may have replaced the state after the step checked it). O(n), beside the
+    O(n * dim) update."""
     cdef Py_ssize_t k
     for k in range(rows.shape[0]):
-        if rows[k] < 0 or rows[k] >= n_rows or grad_slot[k] < -1 or grad_slot[k] >= nnz:
-            raise ValueError(f"{kernel}: a live momentum row ({rows[k]}) outside the weight's {n_rows} rows, or "
-                             "its gradient slot out of range (the state was replaced after the step checked it?)")
+        if rows[k] < low or rows[k] >= high:
+            raise ValueError(f"{kernel}: {what} {rows[k]} outside [{low}, {high}) (the optimizer state was replaced "
+                             "after the step checked it: by another thread?)")
     return 0
 
 
@@ -139,7 +139,8 @@ def sgd_momentum_rows(floating[:, :] weight,         # INOUT (n_rows, dim), unit
     if buf.shape[0] != weight.shape[0] or buf.shape[1] != dim or grad_slot.shape[0] != n_active \
             or grad.shape[1] != dim:
         raise ValueError("sgd_momentum_rows: weight, buf, rows, grad_slot and grad must agree in shape")
-    _check_momentum_rows(rows, grad_slot, weight.shape[0], grad.shape[0], "sgd_momentum_rows")
+    _check_rows(rows, 0, weight.shape[0], "a live momentum row", "sgd_momentum_rows")
+    _check_rows(grad_slot, -1, grad.shape[0], "a gradient slot", "sgd_momentum_rows")
     if n_active == 0 or dim == 0:
         return
     if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
@@ -193,6 +194,9 @@ def adamw_decay_rows(floating[:, :] weight,           # INOUT (n_rows, dim), uni
     cdef Py_ssize_t k, r, row_stride
     cdef double decay
     cdef floating *w
+    if row_decay_log.shape[0] != weight.shape[0]:
+        raise ValueError("adamw_decay_rows: row_decay_log must be (n_rows,)")
+    _check_rows(rows, 0, weight.shape[0], "a pending row", "adamw_decay_rows")
     if n_pending == 0:
         return
     if not row_stride_items(&row_stride, weight.shape[0], dim, weight.strides[0], weight.strides[1],
@@ -396,7 +400,8 @@ def sgd_momentum_rows_half(uint16_t[:, :] weight,          # INOUT (n_rows, dim)
     if buf.shape[0] != weight.shape[0] or buf.shape[1] != dim or grad_slot.shape[0] != n_active \
             or grad.shape[1] != dim:
         raise ValueError("sgd_momentum_rows_half: weight, buf, rows, grad_slot and grad must agree in shape")
-    _check_momentum_rows(rows, grad_slot, weight.shape[0], grad.shape[0], "sgd_momentum_rows_half")
+    _check_rows(rows, 0, weight.shape[0], "a live momentum row", "sgd_momentum_rows_half")
+    _check_rows(grad_slot, -1, grad.shape[0], "a gradient slot", "sgd_momentum_rows_half")
     if n_active == 0 or dim == 0:
         return
     _half_weight_rows(weight, weight_fmt, &row_stride, "sgd_momentum_rows_half")
@@ -440,6 +445,7 @@ def adamw_decay_rows_half(uint16_t[:, :] weight,        # INOUT (n_rows, dim) 16
     cdef float *scratch_rows
     if row_decay_log.shape[0] != weight.shape[0]:
         raise ValueError("adamw_decay_rows_half: row_decay_log must be (n_rows,)")
+    _check_rows(rows, 0, weight.shape[0], "a pending row", "adamw_decay_rows_half")
     if n_pending == 0:
         return
     if dim > 0:

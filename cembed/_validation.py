@@ -243,7 +243,7 @@ def as_index_array(indices: Any, name: str = "indices", n_rows: Optional[int] = 
     Python list mixing bools with ints is taken as NumPy and ``torch.tensor`` take it: as ints). uint64
     values that do not fit int64 are reported as out of range rather than wrapped."""
     try:
-        arr = plain_array(indices) if isinstance(indices, np.ndarray) else np.asarray(indices)
+        arr = as_array(indices)
     except ValueError as exc:   # (a ragged nested list: NumPy's message does not say which argument)
         raise ValueError(f"{name} must be an array of one shape: {exc}") from None
     if not isinstance(indices, np.ndarray):

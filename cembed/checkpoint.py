@@ -212,8 +212,12 @@ def _record(lock: Any, token: str) -> None:
     Appended, one JSON line each, never rewritten: a crash while recording loses only a line whose
     save had made nothing yet."""
     lock.seek(0, os.SEEK_END)   # (on a line of its own, whatever the file ended with)
-    lock.write(b"\n" + json.dumps({"save": token}).encode() + b"\n")
-    lock.flush()
+    line = memoryview(b"\n" + json.dumps({"save": token}).encode() + b"\n")
+    while line:   # (the lock file is unbuffered: a write may take part of the line)
+        written = lock.write(line)
+        if not written:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), getattr(lock, "name", None))
+        line = line[written:]
     os.fsync(lock.fileno())
 
 

@@ -1572,7 +1572,7 @@ def embedding_dot_backward(grad_scores: Any, indices: Any, weight: np.ndarray) -
     """
     weight, idx, grid = _score_operands(indices, weight, "embedding_dot_backward")
     dtype = compute_dtype(weight.dtype)
-    grad = grad_scores if isinstance(grad_scores, np.ndarray) else np.asarray(grad_scores)
+    grad = as_array(grad_scores)
     if grad.dtype.newbyteorder("=") not in FLOAT_DTYPES:   # (either byte order: read as native below)
         raise TypeError(f"grad_scores must be float32 or float64, got dtype {grad.dtype}")
     if grad.dtype.newbyteorder("=") != dtype:

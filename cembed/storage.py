@@ -317,8 +317,10 @@ def written_path(path: PathLike, what: str = "cembed never writes a file there")
     target = os.path.realpath(path) if os.path.islink(path) else path
     try:
         info = os.stat(target)
-    except OSError:   # nothing there yet (or not reachable: the write itself says why, naming the path)
-        return target
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ValueError(f"{path}: a loop of symbolic links, not a regular file: {what}") from None
+        return target   # nothing there yet (or not reachable: the write itself says why, naming the path)
     if not stat.S_ISREG(info.st_mode):
         link = f" (the symbolic link points to {target})" if target != path else ""
         raise ValueError(f"{path}: {_kind(info.st_mode)}, not a regular file{link}: {what}")
@@ -803,6 +805,10 @@ def replace_files(pairs: List[Tuple[str, str]], commit: Optional[Callable[[], No
         are left for the caller to remove).
     """
     pairs = [(src, written_path(dst)) for src, dst in pairs]   # (checked, all of them, before any rename)
+    for src, dst in pairs:   # (a rename stays in one directory: one file system, atomic)
+        if os.path.dirname(os.path.abspath(src)) != os.path.dirname(os.path.abspath(dst)):
+            raise ValueError(f"replace_files: {src} is not in the directory of {dst} (through its links), where it "
+                             "must be made (write_aside)")
     for _, dst in pairs:
         _remove_orphaned_backups(dst)
     existed: List[bool] = []
@@ -847,40 +853,58 @@ def replace_files(pairs: List[Tuple[str, str]], commit: Optional[Callable[[], No
 
 #: A hard link :func:`replace_files` keeps of a file it replaces until the replacement is complete:
 #: ``.<name>.<12 hex digits>.cembed.replaced`` (the mark, as the temporaries', keeps it apart from other
-#: programs' files), locked (``flock``) by its writer while it lives.
-_BACKUP = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{12}\.cembed\.replaced")
+#: programs' files), locked (``flock``) by its writer while it lives. It is made as ``….cembed.linking``,
+#: locked, and only then renamed to ``….replaced`` (no ``.replaced`` is ever unlocked while its writer
+#: lives); a ``.linking`` a killed process left is removed once its inode's ctime, which the link set, is
+#: ABANDONED_NEW_SECONDS old.
+_BACKUP = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{12}\.cembed\.(?P<stage>replaced|linking)")
 
 
 def _remove_orphaned_backups(path: str) -> None:
     """Remove the backup links (:data:`_BACKUP`) of ``path`` that a process killed between the renames of
     a :func:`replace_files` left behind (each an old copy's disk space, or ``path`` itself when killed
     before its own rename): those no live writer holds (:func:`_remove_unheld`)."""
-    _remove_unheld(path, _BACKUP)
+    _remove_unheld(path, _BACKUP, lambda match, info: match.group("stage") != "linking"
+                   or time.time() - info.st_ctime >= ABANDONED_NEW_SECONDS)
 
 
 def _link_aside(path: str) -> Optional[str]:
     """A new hard link ``.<name>.<random>.cembed.replaced`` beside ``path`` (``os.link`` never replaces a
-    file: a name taken is tried again with another), locked while this process holds it (released by
-    :func:`_unlink_quietly`), or None when the file system makes no links."""
+    file: a name taken is tried again with another), made as ``….linking``, locked while this process holds
+    it (released by :func:`_unlink_quietly`) and only then given its name (:data:`_BACKUP`); None when the
+    file system makes no links. (Where the lock cannot be taken — no ``flock``, or a lock of the user's
+    on the file — nobody's clean-up can take it either: the link is kept unlocked.)"""
     directory, name = os.path.split(path)
     for _ in range(100):
-        backup = os.path.join(directory, f".{name}.{os.urandom(6).hex()}.cembed.replaced")
+        stem = os.path.join(directory, f".{name}.{os.urandom(6).hex()}.cembed.")
+        linking, backup = stem + "linking", stem + "replaced"
+        if os.path.lexists(backup):
+            continue
         try:
-            os.link(path, backup)
+            os.link(path, linking)
         except FileExistsError:
             continue
         except OSError:
             return None
         try:
-            fd = os.open(backup, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(linking, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except OSError:
-            return backup
+            fd = -1
         try:
-            if _lock_exclusively(fd):
+            locked = fd >= 0 and _lock_exclusively(fd)
+            try:
+                os.link(linking, backup)   # (never over a name another writer took meanwhile)
+            except FileExistsError:
+                continue
+            except OSError:
+                return None
+            if locked:
                 _hold(backup, fd)
+            return backup
         finally:
-            os.close(fd)
-        return backup
+            if fd >= 0:
+                os.close(fd)
+            _unlink_quietly(linking)
     return None
 
 

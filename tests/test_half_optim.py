@@ -544,6 +544,15 @@ def test_16_bit_accumulator_starts_at_float32_value_rounded_once(opt_name, state
     assert_bitwise_equal(np.asarray(opt.state[param]["sum"]), np.full(opt.state[param]["sum"].shape, want))
 
 
+@pytest.mark.parametrize("value", [65519.999, 2.0 ** -25 * (1 + 2.0 ** -30)])
+def test_an_accumulator_start_float16_cannot_keep_is_refused(value):
+    """The check of initial_accumulator_value rounded the float64 value to float16 once (65504: finite;
+    6e-08: nonzero) while the state is filled with float32(value) rounded (inf; 0.0): accepted, then
+    stored as what the check refuses. Both now round as the fill does."""
+    with pytest.raises(ValueError, match="cannot be kept in float16 state"):
+        optim.Adagrad([Param(np.zeros((4, 2), F16))], initial_accumulator_value=value, state_dtype="float16")
+
+
 def test_refusals_change_nothing():
     module, opt = _train_modules("sparse_adam", "bfloat16", "bfloat16", fused=False, steps=2)
     before = fingerprint(module.weight, opt.state_dict())

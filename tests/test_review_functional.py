@@ -369,3 +369,45 @@ def test_matrix_indices_look_up_as_their_array():
     np.testing.assert_array_equal(out, F.embedding(idx, table))
     np.testing.assert_array_equal(F.embedding_bag(np.asmatrix(idx), table), F.embedding_bag(idx, table))
     np.testing.assert_array_equal(cembed.Embedding.from_pretrained(table)(np.asmatrix(idx)), out)
+
+
+def test_a_gradient_mapped_by_the_user_costs_no_maps_lookup_per_call(tmp_path, monkeypatch):
+    """Since two maps of one file count as sharing memory, a gradient that is a view of a memory map
+    cembed did not make had its file looked up in /proc/self/maps at every backward (a new view each
+    time: milliseconds in a process with thousands of mappings) — even for a table in memory, which no
+    file can share. Now none for a table in memory, and one per map (not per view) for a table on disk."""
+    from cembed import _memory
+
+    n_steps, idx = 5, np.arange(0, 400, 2)
+    grads = np.lib.format.open_memmap(tmp_path / "g.npy", mode="w+", dtype=np.float32, shape=(n_steps, idx.size, 4))
+    grads[:] = 0.5
+    grads.flush()
+    grads = np.load(tmp_path / "g.npy", mmap_mode="r")   # the user's map
+    looked_up = []
+    real = _memory._kernel_mapping
+    monkeypatch.setattr(_memory, "_kernel_mapping", lambda *args: looked_up.append(1) or real(*args))
+    for table, most in ((np.zeros((500, 4), np.float32), 0), (cembed.open_table(tmp_path / "t.npy", 500, 4), 1)):
+        emb = cembed.Embedding.from_pretrained(table, freeze=False, sparse=True)
+        opt = cembed.optim.SGD([emb], lr=0.1)
+        looked_up.clear()
+        for step in range(n_steps):
+            emb.backward(grads[step], idx, optimizer=opt)
+        assert len(looked_up) <= most, (most, len(looked_up))
+        np.testing.assert_array_equal(np.asarray(emb.weight)[idx], -0.05 * n_steps)
+
+
+def test_embedding_dot_backward_uses_a_subclass_as_its_plain_array():
+    """grad_scores of an ndarray subclass went through its own hooks (astype, __getitem__): used as the
+    plain array of its memory, as every other argument is."""
+    class Hooked(np.ndarray):
+        def astype(self, *args, **kwargs):
+            raise AssertionError("a hook of the subclass ran")
+
+        def __getitem__(self, key):
+            raise AssertionError("a hook of the subclass ran")
+
+    table = _weights(6, 3)
+    idx = np.array([[1, 2], [3, 5]])
+    scores = np.array([[0.5, -1.0], [2.0, 0.25]], np.float32)
+    np.testing.assert_array_equal(F.embedding_dot_backward(scores.view(Hooked), idx, table),
+                                  F.embedding_dot_backward(scores, idx, table))

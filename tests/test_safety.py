@@ -1594,6 +1594,25 @@ THREAD_CASES = {
         report(res=res, swapped=go.is_set(), grad_shape=list(getattr(emb.grad, "shape", ())),
                grad_rows=sorted(np.flatnonzero(emb.grad.any(axis=1)).tolist()) if emb.grad is not None else [])
     '''),
+    "kernel_guards": case('''
+        # what another thread could hand a kernel between a step's check and its call: each refused
+        from cembed import _optim
+        w = np.zeros((10, 4), np.float32)
+        calls = {
+            "decay_short_log": lambda: _optim.adamw_decay_rows(w, np.zeros(3), np.array([9]), 0.0, 0.0, 1.0, 1),
+            "decay_row_out_of_range": lambda: _optim.adamw_decay_rows(w, np.ones(10), np.array([10**9]), 0.0, 0.0, 1.0, 1),
+            "momentum_row_out_of_range": lambda: _optim.sgd_momentum_rows(
+                w, np.zeros((10, 4), np.float32), np.array([10**9]), np.array([0]), np.ones((1, 4), np.float32),
+                0.1, 0.9, 0.0, False, False, False, 1),
+            "momentum_short_buffer": lambda: _optim.sgd_momentum_rows(
+                w, np.zeros((3, 4), np.float32), np.array([9]), np.array([0]), np.ones((1, 4), np.float32),
+                0.1, 0.9, 0.0, False, False, False, 1),
+            "momentum_slot_out_of_range": lambda: _optim.sgd_momentum_rows(
+                w, np.zeros((10, 4), np.float32), np.array([9]), np.array([5]), np.ones((1, 4), np.float32),
+                0.1, 0.9, 0.0, False, False, False, 1),
+        }
+        report(swapped=True, res={name: attempt(call) for name, call in calls.items()}, unchanged=not w.any())
+    '''),
     "state_swap_in_step": case('''
         import threading
         emb = cembed.Embedding.from_pretrained(np.zeros((200_000, 16), np.float32), freeze=False, sparse=True)
@@ -1634,7 +1653,11 @@ def test_another_thread_replacing_weight_or_state_mid_call_never_reaches_a_kerne
     arrays it is given have the weight's shape (a ValueError otherwise)."""
     verdict, _ = batch("thread_swaps", THREAD_CASES, name)
     assert verdict["swapped"], "the other thread did not run: the case tests nothing"
-    if name == "weight_swap_in_backward":
+    if name == "kernel_guards":
+        for call, res in verdict["res"].items():
+            assert_raised(res, "ValueError", what=call)
+        assert verdict["unchanged"], verdict
+    elif name == "weight_swap_in_backward":
         assert_ok(verdict["res"], "a backward whose module got a new weight meanwhile")
         assert verdict["grad_shape"] == [200_000, 16] and verdict["grad_rows"] == [100_000, 150_000, 199_999], verdict
     else:

@@ -1111,6 +1111,62 @@ def test_files_cembed_writes_are_never_renamed_over_a_special_file(tmp_path):
     assert not [n for n in os.listdir(tmp_path) if n.endswith((".tmp", ".new", ".replaced"))]
 
 
+def test_a_state_file_linked_to_another_directory_is_loaded_there(tmp_path, monkeypatch):
+    """With files written through their links, load_state_dict's '<file>.loading' (made in state_dir) was
+    renamed onto the link's target in another directory — across file systems an EXDEV. It is made beside
+    the target, and every rename of replace_files stays in one directory (checked)."""
+    state_dir, other = tmp_path / "state", tmp_path / "otherdisk"
+    other.mkdir()
+    emb = cembed.Embedding(50, 4, sparse=True, seed=0)
+    opt = cembed.optim.Adagrad([emb], lr=0.1, state_dir=str(state_dir))
+    emb.grad = cembed.SparseGrad([1], np.ones((1, 4), np.float32), 50)
+    opt.step()
+    saved = opt.state_dict()
+    name = next(n for n in os.listdir(state_dir) if n.endswith(".npy"))
+    os.replace(state_dir / name, other / name)
+    os.symlink(other / name, state_dir / name)
+    renames, real = [], os.replace
+
+    def spy(src, dst, *args, **kwargs):
+        renames.append((os.path.dirname(os.fspath(src)), os.path.dirname(os.fspath(dst))))
+        return real(src, dst, *args, **kwargs)
+    monkeypatch.setattr(os, "replace", spy)
+    emb.grad = cembed.SparseGrad([2], np.ones((1, 4), np.float32), 50)
+    opt.step()
+    opt.load_state_dict(saved)
+    monkeypatch.setattr(os, "replace", real)
+    assert renames and all(a == b for a, b in renames), renames
+    assert os.path.islink(state_dir / name)
+    assert_bitwise_equal(np.load(other / name), saved["state"][0]["sum"])
+    with pytest.raises(ValueError, match="not in the directory of"):
+        storage.replace_files([(str(tmp_path / "x.tmp"), str(state_dir / name))])
+
+
+def test_backup_links_are_locked_before_they_get_their_name(tmp_path, monkeypatch):
+    """replace_files made its backup link under its final name and locked it after: another writer's
+    clean-up could remove it in between (and a failed rename then could not put the old file back). It
+    is made as '….cembed.linking', locked, then named; a '.linking' a killed process left is removed once
+    it is ABANDONED_NEW_SECONDS old (by its ctime, which the link set), not before."""
+    (tmp_path / "a").write_text("old")
+    fresh = tmp_path / ".a.0123456789ab.cembed.linking"
+    os.link(tmp_path / "a", fresh)
+    new = storage.write_aside(tmp_path / "a", lambda fh: fh.write(b"new"))
+    storage.replace_files([(new, str(tmp_path / "a"))])
+    assert fresh.exists() and (tmp_path / "a").read_text() == "new"
+    monkeypatch.setattr(storage, "ABANDONED_NEW_SECONDS", -1.0)
+    new = storage.write_aside(tmp_path / "a", lambda fh: fh.write(b"newer"))
+    storage.replace_files([(new, str(tmp_path / "a"))])
+    assert sorted(os.listdir(tmp_path)) == ["a"] and (tmp_path / "a").read_text() == "newer"
+
+
+def test_a_loop_of_links_is_refused_not_replaced(tmp_path):
+    os.symlink("loop-b", tmp_path / "loop-a")
+    os.symlink("loop-a", tmp_path / "loop-b")
+    with pytest.raises(ValueError, match="loop-a: a loop of symbolic links"):
+        storage.write_atomically(tmp_path / "loop-a", b"data")
+    assert os.path.islink(tmp_path / "loop-a") and os.path.islink(tmp_path / "loop-b")
+
+
 def test_storage_flags_must_be_bools(tmp_path):
     """sync / durable / sync_directory given as anything but a bool (a string "False" was read as
     true) are a TypeError, before any file is made."""

@@ -334,7 +334,10 @@ class Optimizer:
     def _check_fill(value: float, state_dtype: np.dtype, what: str) -> None:
         """ValueError unless ``value`` stored in ``state_dtype`` stays finite (and nonzero if it is)."""
         with np.errstate(over="ignore", under="ignore"):
-            stored = float(np.asarray(value, dtype=np.float64).astype(state_dtype))
+            exact = np.asarray(value, dtype=np.float64)
+            if np.dtype(state_dtype).itemsize == 2:   # (as _new_state fills 16-bit state: float32(value), rounded)
+                exact = exact.astype(np.float32)
+            stored = float(exact.astype(state_dtype))
         if not math.isfinite(stored) or (value != 0 and stored == 0):
             raise ValueError(f"{what} = {value!r} cannot be kept in {state_dtype} state (it would be stored as "
                              f"{stored!r})")
@@ -462,7 +465,9 @@ class Optimizer:
                 for key, value in list(entry.items()):
                     if not self._is_row_state(key, value, module.weight):
                         continue
-                    path = os.path.join(self.state_dir, f"p{index[id(module)]}.{key}.npy")
+                    # (a state file linked elsewhere — another disk — is written there, beside its target: the
+                    # rename into place stays in one directory, one file system)
+                    path = storage.written_path(os.path.join(self.state_dir, f"p{index[id(module)]}.{key}.npy"))
                     tmp = path + ".loading"
                     storage.create_zeros(tmp, value.shape, value.dtype)
                     written.append((entry, key, path))

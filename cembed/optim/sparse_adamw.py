@@ -269,16 +269,17 @@ class SparseAdamW(Optimizer):
         self._confirm_checked([(module, where, snapshot) for module, _, _, _, where, snapshot in plan])
         for _, weight, state, options, _, _ in plan:
             decay_log, decay_log_prev, decay_last = (state[name] for name in _SCALARS)
-            rows = np.flatnonzero(state["row_decay_log"] != decay_log).astype(np.int64)
+            row_log = state["row_decay_log"]   # (read once: the rows are picked from the array the kernel gets)
+            rows = np.flatnonzero(row_log != decay_log).astype(np.int64)
 
             def kernel(w: np.ndarray, states: List[np.ndarray], kernel_rows: np.ndarray) -> None:
                 _optim.adamw_decay_rows(w, states[0], kernel_rows, decay_log, decay_log_prev, decay_last,
                                         n_threads_for(kernel_rows.size, "optimizer"))
 
             def half_kernel(bits: np.ndarray, weight_fmt: int, rounding_args: RoundingArgs) -> None:
-                _optim.adamw_decay_rows_half(bits, weight_fmt, state["row_decay_log"], rows, decay_log, decay_log_prev,
+                _optim.adamw_decay_rows_half(bits, weight_fmt, row_log, rows, decay_log, decay_log_prev,
                                              decay_last, *rounding_args, n_threads_for(rows.size, "optimizer"))
 
             # a 16-bit weight is rounded on its own stream, keyed by the parameter's last update step
-            _update_rows(weight, [state["row_decay_log"]], rows, kernel, self._rounding_for(state, weight, options),
+            _update_rows(weight, [row_log], rows, kernel, self._rounding_for(state, weight, options),
                          STREAM_DECAY, half_kernel=half_kernel)
