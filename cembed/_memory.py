@@ -35,6 +35,7 @@ def mapped_file_id(array: Any) -> Optional[Tuple[int, int]]:
 
 #: The file mapping (``/proc/self/maps``) of each map cembed did not make, found once per ``mmap`` object.
 _FOUND: "weakref.WeakKeyDictionary[mmap.mmap, Optional[Tuple[Tuple[int, int], int, str]]]" = weakref.WeakKeyDictionary()
+# (answers read from /proc/self/maps only: a failed read is tried again at the next call)
 
 #: _file_extent's answers by array (id -> (weak reference, answer)): an array's memory, hence the file
 #: bytes it maps, never changes while it lives; the entry goes with the array.
@@ -49,7 +50,9 @@ def _file_extent(array: Any) -> Optional[Tuple[Tuple[int, int], int, int, str]]:
     known = _EXTENTS.get(key)
     if known is not None and known[0]() is array:
         return known[1]
-    answer = _file_extent_of(array)
+    answer, keep = _extent(array)
+    if not keep:   # (a failed read of /proc/self/maps: asked again next time)
+        return answer
 
     def forget(_: Any) -> None:
         _EXTENTS.pop(key, None)
@@ -68,30 +71,40 @@ def _file_extent_of(array: Any) -> Optional[Tuple[Tuple[int, int], int, int, str
     for any other array, an empty one, or a map whose file cannot be told. The file is the one mapped
     (recorded when cembed mapped it, else read from ``/proc/self/maps``), not whatever file has its
     name now."""
+    return _extent(array)[0]
+
+
+def _extent(array: Any) -> Tuple[Optional[Tuple[Tuple[int, int], int, int, str]], bool]:
+    """(:func:`_file_extent_of`, whether that answer may be kept: False when ``/proc/self/maps`` could
+    not be read for it)."""
     if not isinstance(array, np.ndarray) or array.size == 0:
-        return None
+        return None, True
     mm, owner = _underlying_map(array)
     if mm is None:
-        return None
+        return None, True
     try:
         base = np.frombuffer(mm, dtype=np.uint8, count=1).ctypes.data   # the address of the map's first byte
     except (TypeError, ValueError, BufferError):   # closed
-        return None
+        return None, True
+    read = True
     known = _MAPPED.get(mm)
     if known is not None:
         where: Optional[Tuple[Tuple[int, int], int, str]] = (known[:2], known[3], known[2])
     else:   # a map cembed did not make: looked up once per map (its file and place never change), not per view
         try:
             where = _FOUND[mm]
-        except KeyError:
-            where = _FOUND[mm] = _kernel_mapping(base, owner)
-        except TypeError:   # (an object without weak references: looked up every time)
-            where = _kernel_mapping(base, owner)
+        except (KeyError, TypeError):   # (TypeError: an object without weak references, never kept)
+            where, read = _kernel_mapping(base, owner)
+            if read:   # (only an answer /proc/self/maps gave is kept: a failed read is tried again next time)
+                try:
+                    _FOUND[mm] = where
+                except TypeError:
+                    pass
     if where is None:
-        return None
+        return None, read
     file_id, start, mode = where
     low, high = _byte_bounds(array)
-    return file_id, start + (low - base), start + (high - base), mode
+    return (file_id, start + (low - base), start + (high - base), mode), read
 
 
 def _underlying_map(array: np.ndarray) -> Tuple[Optional[mmap.mmap], Optional[np.memmap]]:
@@ -109,10 +122,14 @@ def _underlying_map(array: np.ndarray) -> Tuple[Optional[mmap.mmap], Optional[np
     return None, None
 
 
-def _kernel_mapping(address: int, owner: Optional[np.memmap]) -> Optional[Tuple[Tuple[int, int], int, str]]:
-    """``((st_dev, st_ino), file offset of ``address``, mode)`` of the file mapping that holds
-    ``address``, from ``/proc/self/maps`` (Linux); elsewhere from the ``numpy.memmap``'s own record
-    (its file, by name, and offset), or None."""
+Where = Optional[Tuple[Tuple[int, int], int, str]]
+
+
+def _kernel_mapping(address: int, owner: Optional[np.memmap]) -> Tuple[Where, bool]:
+    """(``((st_dev, st_ino), file offset of ``address``, mode)`` of the file mapping that holds
+    ``address``, or None; whether ``/proc/self/maps`` said so). From ``/proc/self/maps`` (Linux); where
+    it cannot be read, from the ``numpy.memmap``'s own record (its file, by name — which may name
+    another file by now — and offset), or None."""
     try:
         with open("/proc/self/maps") as fh:
             for line in fh:
@@ -121,23 +138,23 @@ def _kernel_mapping(address: int, owner: Optional[np.memmap]) -> Optional[Tuple[
                 if lo <= address < hi:
                     inode = int(fields[4])
                     if inode == 0:
-                        return None
+                        return None, True
                     major, minor = (int(x, 16) for x in fields[3].split(":"))
                     perms = fields[1]
                     mode = "c" if perms[3] == "p" else ("r+" if perms[1] == "w" else "r")
-                    return (os.makedev(major, minor), inode), int(fields[2], 16) + (address - lo), mode
-        return None
+                    return ((os.makedev(major, minor), inode), int(fields[2], 16) + (address - lo), mode), True
+        return None, True
     except (OSError, ValueError, IndexError):
         pass
     filename = getattr(owner, "filename", None)
     if owner is None or filename is None:
-        return None
+        return None, False
     try:
         status = os.stat(filename)
     except (OSError, TypeError):
-        return None
+        return None, False
     offset = int(owner.offset)
-    return (status.st_dev, status.st_ino), offset - offset % mmap.ALLOCATIONGRANULARITY, str(owner.mode)
+    return ((status.st_dev, status.st_ino), offset - offset % mmap.ALLOCATIONGRANULARITY, str(owner.mode)), False
 
 
 def _byte_bounds(array: np.ndarray) -> Tuple[int, int]:

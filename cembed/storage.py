@@ -783,6 +783,19 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
+_replacing = threading.RLock()
+
+
+def _same_directory(a: str, b: str) -> bool:
+    """Whether the files ``a`` and ``b`` name are in one directory (compared as directories, not as
+    text: ``link/..`` is where the link points, not where the link is)."""
+    try:
+        one, other = (os.stat(os.path.dirname(p) or ".") for p in (a, b))   # (not normalised: the kernel's view)
+    except OSError:
+        return os.path.dirname(os.path.abspath(a)) == os.path.dirname(os.path.abspath(b))
+    return (one.st_dev, one.st_ino) == (other.st_dev, other.st_ino)
+
+
 def replace_files(pairs: List[Tuple[str, str]], commit: Optional[Callable[[], None]] = None) -> None:
     """``os.replace(src, dst)`` for every pair (in one directory each), all or none, then ``commit()``.
 
@@ -806,7 +819,7 @@ def replace_files(pairs: List[Tuple[str, str]], commit: Optional[Callable[[], No
     """
     pairs = [(src, written_path(dst)) for src, dst in pairs]   # (checked, all of them, before any rename)
     for src, dst in pairs:   # (a rename stays in one directory: one file system, atomic)
-        if os.path.dirname(os.path.abspath(src)) != os.path.dirname(os.path.abspath(dst)):
+        if not _same_directory(src, dst):
             raise ValueError(f"replace_files: {src} is not in the directory of {dst} (through its links), where it "
                              "must be made (write_aside)")
     for _, dst in pairs:
@@ -820,7 +833,9 @@ def replace_files(pairs: List[Tuple[str, str]], commit: Optional[Callable[[], No
                 os.chmod(src, mode)
             except OSError:   # (vfat, exfat: the bits cannot be set)
                 pass
-    with sigint_held():
+    # (one replace_files at a time in this process: two of one file would share the lock of its backup's
+    # inode, the second's backup left unlocked for another process's clean-up)
+    with _replacing, sigint_held():
         try:
             for _, dst in pairs:
                 existed.append(os.path.lexists(dst))

@@ -411,3 +411,23 @@ def test_embedding_dot_backward_uses_a_subclass_as_its_plain_array():
     scores = np.array([[0.5, -1.0], [2.0, 0.25]], np.float32)
     np.testing.assert_array_equal(F.embedding_dot_backward(scores.view(Hooked), idx, table),
                                   F.embedding_dot_backward(scores, idx, table))
+
+
+def test_a_failed_maps_read_is_not_kept(tmp_path, monkeypatch):
+    """The once-per-map cache of /proc/self/maps lookups kept a failed read (too many open files, say)
+    for the map's life: two shared maps of one file were then never seen to overlap. Only answers the
+    file gave are kept."""
+    import os
+    from cembed import _memory
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(1 << 16))
+    a, b = (np.memmap(path, dtype=np.float32, mode="r+") for _ in range(2))   # two maps cembed did not make
+    monkeypatch.setattr(os, "stat", lambda *args, **kwargs: (_ for _ in ()).throw(OSError(2, "gone")))
+
+    def failing(*args, **kwargs):
+        raise OSError(24, "Too many open files")
+    monkeypatch.setattr(_memory, "open", failing, raising=False)
+    assert not _memory.may_share(a[:8], b[:8])   # (nothing can be told: no overlap seen)
+    monkeypatch.undo()
+    assert _memory.may_share(a[:8], b[:8]) and _memory.may_share(b[100:], a)

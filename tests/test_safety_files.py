@@ -23,7 +23,7 @@ import cembed
 from cembed import optim, storage
 from cembed.checkpoint import CheckpointError
 
-from util import assert_bitwise_equal
+from util import assert_bitwise_equal, env_importing_this_cembed
 
 ROOT = pathlib.Path(cembed.__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -751,7 +751,7 @@ def test_a_failed_rename_while_loading_into_a_state_dir_changes_nothing(tmp_path
     real, renames = os.replace, []
 
     def failing(src, dst, *args, **kwargs):
-        if str(src).endswith(".loading"):
+        if str(src).endswith((".loading", ".cembed.tmp")):   # (a load's temporaries: .loading before 2026-11-28)
             renames.append(src)
             if len(renames) == 2:
                 raise error
@@ -767,7 +767,7 @@ def test_a_failed_rename_while_loading_into_a_state_dir_changes_nothing(tmp_path
     assert_bitwise_equal(np.load(state_dir / "p0.exp_avg.npy"), opt.state[a]["exp_avg"])
     opt.load_state_dict(saved)                                                # and a later load works
     assert_bitwise_equal(np.load(state_dir / "p0.exp_avg.npy"), saved["state"][0]["exp_avg"])
-    assert not [f for f in os.listdir(state_dir) if f.endswith((".loading", ".replaced"))]
+    assert not [f for f in os.listdir(state_dir) if f.endswith((".loading", ".replaced", ".tmp", ".linking"))]
 
 
 @pytest.mark.parametrize("name", ["adagrad", "rowwise_adagrad"])
@@ -1142,6 +1142,37 @@ def test_a_state_file_linked_to_another_directory_is_loaded_there(tmp_path, monk
         storage.replace_files([(str(tmp_path / "x.tmp"), str(state_dir / name))])
 
 
+def test_a_killed_load_leaves_no_temporary_beside_a_linked_state_file_for_good(tmp_path):
+    """A load killed before its renames left '<target>.loading' (a table's reserved space) beside a state
+    file's link target in another directory, where the state_dir clean-up never looks. The load's
+    temporaries are storage's marked, locked ones: the next write of that file removes it."""
+    state_dir, other = tmp_path / "state", tmp_path / "otherdisk"
+    other.mkdir()
+    code = textwrap.dedent(f"""
+        import os, numpy as np, cembed
+        from cembed import storage
+        emb = cembed.Embedding(5000, 8, sparse=True, seed=0)
+        opt = cembed.optim.Adagrad([emb], lr=0.1, state_dir={str(state_dir)!r})
+        emb.grad = cembed.SparseGrad([1], np.ones((1, 8), np.float32), 5000)
+        opt.step()
+        name = [n for n in os.listdir({str(state_dir)!r}) if n.endswith(".npy")][0]
+        os.replace(os.path.join({str(state_dir)!r}, name), os.path.join({str(other)!r}, name))
+        os.symlink(os.path.join({str(other)!r}, name), os.path.join({str(state_dir)!r}, name))
+        saved = opt.state_dict()
+        storage.replace_files = lambda *args, **kwargs: os._exit(0)   # killed before the renames
+        opt.load_state_dict(saved)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], env=env_importing_this_cembed(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    left = [n for n in os.listdir(other) if not n.endswith(".npy")]
+    assert left and all(n.endswith(".cembed.tmp") for n in left), left
+    emb = cembed.Embedding(5000, 8, sparse=True, seed=0)
+    opt = optim.Adagrad([emb], lr=0.1, state_dir=state_dir)
+    opt.load_state_dict(opt.state_dict())   # the next write of the linked file
+    assert [n for n in os.listdir(other)] == [n for n in os.listdir(other) if n.endswith(".npy")]
+
+
 def test_backup_links_are_locked_before_they_get_their_name(tmp_path, monkeypatch):
     """replace_files made its backup link under its final name and locked it after: another writer's
     clean-up could remove it in between (and a failed rename then could not put the old file back). It
@@ -1157,6 +1188,18 @@ def test_backup_links_are_locked_before_they_get_their_name(tmp_path, monkeypatc
     new = storage.write_aside(tmp_path / "a", lambda fh: fh.write(b"newer"))
     storage.replace_files([(new, str(tmp_path / "a"))])
     assert sorted(os.listdir(tmp_path)) == ["a"] and (tmp_path / "a").read_text() == "newer"
+
+
+def test_replace_files_compares_directories_not_their_names(tmp_path):
+    """'link/..' is where the link points, not where the link is: a temporary made beside the name and a
+    destination written through it were 'one directory' to a comparison of text, and the rename crossed
+    directories (across file systems an EXDEV). Refused before anything is renamed."""
+    (tmp_path / "x" / "y").mkdir(parents=True)
+    os.symlink(tmp_path / "x" / "y", tmp_path / "dl")
+    (tmp_path / "t.tmp").write_text("new")
+    with pytest.raises(ValueError, match="is not in the directory of"):
+        storage.replace_files([(str(tmp_path / "t.tmp"), str(tmp_path / "dl" / ".." / "t.bin"))])
+    assert sorted(os.listdir(tmp_path / "x")) == ["y"] and (tmp_path / "t.tmp").read_text() == "new"
 
 
 def test_a_loop_of_links_is_refused_not_replaced(tmp_path):

@@ -451,39 +451,40 @@ class Optimizer:
                            install: Callable[[], None]) -> None:
         """Copy every per-row array of a checked ``new_state`` into its file in ``state_dir``
         (bounded blocks) and replace it by the mapped file. Two phases: every array is first written
-        to ``<file>.loading`` (its space reserved: a full disk is an ``OSError`` here) and mapped as
+        to a temporary beside its file (``storage.reserve_zeros``: its space reserved, a full disk an
+        ``OSError`` here) and mapped as
         the file it is to become; only then are they all renamed into place, all or none
         (``storage.replace_files``), and ``install`` (the optimizer's switch to ``new_state``) runs
         with them, a Ctrl-C held back until both are done. Any error (or an interrupt) before
-        removes the ``.loading`` files and leaves the state files (those the live optimizer maps) as
-        they were."""
+        removes the temporaries and leaves the state files (those the live optimizer maps) as they
+        were."""
         assert self.state_dir is not None
-        written: List[Tuple[Dict[str, Any], str, str]] = []
+        written: List[Tuple[Dict[str, Any], str, str, str]] = []   # (entry, key, file, its temporary)
         maps: List[np.ndarray] = []
         try:
             for module, entry in new_state.items():
                 for key, value in list(entry.items()):
                     if not self._is_row_state(key, value, module.weight):
                         continue
-                    # (a state file linked elsewhere — another disk — is written there, beside its target: the
-                    # rename into place stays in one directory, one file system)
+                    # a state file linked elsewhere — another disk — is written there: its temporary is made
+                    # beside the target (storage's marked, locked temporaries: one a killed load leaves is
+                    # removed by the next write of that file, wherever it is)
                     path = storage.written_path(os.path.join(self.state_dir, f"p{index[id(module)]}.{key}.npy"))
-                    tmp = path + ".loading"
-                    storage.create_zeros(tmp, value.shape, value.dtype)
-                    written.append((entry, key, path))
+                    tmp = storage.reserve_zeros(path, value.shape, value.dtype)
+                    written.append((entry, key, path, tmp))
                     target = storage.map_reserved(tmp, path, value.dtype)
                     storage.copy_rows(target, value)
                     target.flush()
                     maps.append(target)
 
             def commit() -> None:   # the entries now map the files in place
-                for (entry, key, _), mapped in zip(written, maps):
+                for (entry, key, _, _), mapped in zip(written, maps):
                     entry[key] = mapped
                 install()
-            storage.replace_files([(path + ".loading", path) for _, _, path in written], commit)
+            storage.replace_files([(tmp, path) for _, _, path, tmp in written], commit)
         except BaseException:
-            for _, _, path in written:
-                storage.discard_reserved(path + ".loading")
+            for _, _, _, tmp in written:
+                storage.discard_reserved(tmp)
             raise
 
     def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
@@ -1641,13 +1642,13 @@ def _lock_state_dir(state_dir: Any, owner: Any) -> Tuple[str, Optional[weakref.f
     return path, weakref.finalize(owner, os.close, fd)
 
 
-#: The temporaries an optimizer makes in its state_dir: a state file reserved by a step or being
-#: created (``.p<i>.<key>.npy.<random>.cembed.tmp``, or ``….cembed.new`` just before it is locked:
-#: storage.reserve_zeros; ``.p<i>.<key>.npy.<random>.tmp`` before 2026-11-27) and a file being loaded
-#: (``p<i>.<key>.npy.loading``), and the link to a state file a load was replacing
-#: (``.p<i>.<key>.npy.<random>.cembed.replaced``, storage.replace_files; ``p<i>.<key>.npy.replaced`` before
-#: 2026-11-26).
-_STATE_TEMPORARY = re.compile(r"\.p[0-9]+\.[^/]+\.npy\.[^/]+\.(tmp|cembed\.new|replaced)"
+#: The temporaries an optimizer makes in its state_dir: a state file reserved by a step, being created
+#: or being loaded (``.p<i>.<key>.npy.<random>.cembed.tmp``, or ``….cembed.new`` just before it is
+#: locked: storage.reserve_zeros; ``.p<i>.<key>.npy.<random>.tmp`` before 2026-11-27, and a load's
+#: ``p<i>.<key>.npy.loading`` before 2026-11-28), and the link to a state file a load was replacing
+#: (``.p<i>.<key>.npy.<random>.cembed.replaced``, made as ``….cembed.linking``: storage.replace_files;
+#: ``p<i>.<key>.npy.replaced`` before 2026-11-26).
+_STATE_TEMPORARY = re.compile(r"\.p[0-9]+\.[^/]+\.npy\.[^/]+\.(tmp|cembed\.new|replaced|linking)"
                               r"|p[0-9]+\.[^/]+\.npy\.(loading|replaced)")
 
 
