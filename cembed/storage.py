@@ -299,8 +299,8 @@ def written_path(path: PathLike, what: str = "cembed never writes a file there")
     """The file that writing ``path`` creates or replaces: ``path``, or where a symbolic link there
     points (written through, as ``open(path, "w")`` writes). Every file cembed writes is made beside it
     and renamed over it, so an existing one that is not a regular file — a device such as
-    ``/dev/null``, a FIFO, a socket, a directory — is refused with a ``ValueError`` naming it (and the
-    link's target), before anything is written. :func:`write_aside`, :func:`rename_into_place`,
+    ``/dev/null``, a FIFO, a socket, a directory, a loop of links — is refused with a ``ValueError``
+    naming it (and the link's target), before anything is written. :func:`write_aside`, :func:`rename_into_place`,
     :func:`replace_files` and :func:`open_table` all apply this one rule.
 
     Examples
@@ -869,9 +869,9 @@ def replace_files(pairs: List[Tuple[str, str]], commit: Optional[Callable[[], No
 #: A hard link :func:`replace_files` keeps of a file it replaces until the replacement is complete:
 #: ``.<name>.<12 hex digits>.cembed.replaced`` (the mark, as the temporaries', keeps it apart from other
 #: programs' files), locked (``flock``) by its writer while it lives. It is made as ``….cembed.linking``,
-#: locked, and only then renamed to ``….replaced`` (no ``.replaced`` is ever unlocked while its writer
-#: lives); a ``.linking`` a killed process left is removed once its inode's ctime, which the link set, is
-#: ABANDONED_NEW_SECONDS old.
+#: locked, and only then linked as ``….replaced`` (the ``.linking`` name then removed: no ``.replaced``
+#: is ever unlocked while its writer lives); a ``.linking`` a killed process left is removed once its
+#: inode's ctime, which the link set, is ABANDONED_NEW_SECONDS old.
 _BACKUP = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{12}\.cembed\.(?P<stage>replaced|linking)")
 
 
