@@ -108,7 +108,8 @@ def _extent(array: Any) -> Tuple[Optional[Tuple[Tuple[int, int], int, int, str]]
 
 
 def _underlying_map(array: np.ndarray) -> Tuple[Optional[mmap.mmap], Optional[np.memmap]]:
-    """(the ``mmap.mmap`` at the end of ``array``'s chain of bases, the ``numpy.memmap`` nearest it)."""
+    """(the ``mmap.mmap`` at the end of ``array``'s chain of bases — through memoryviews too — the
+    ``numpy.memmap`` nearest it)."""
     obj: Any = array
     owner = None
     for _ in range(256):   # (a chain of views is short; a cycle cannot be made, but never loop forever)
@@ -116,7 +117,8 @@ def _underlying_map(array: np.ndarray) -> Tuple[Optional[mmap.mmap], Optional[np
             return obj, owner
         if isinstance(obj, np.memmap):
             owner = obj
-        obj = getattr(obj, "base", None)
+        # (numpy.frombuffer of an mmap keeps a memoryview of it as its base: the map is the view's obj)
+        obj = obj.obj if isinstance(obj, memoryview) else getattr(obj, "base", None)
         if obj is None:
             break
     return None, None

@@ -431,3 +431,30 @@ def test_a_failed_maps_read_is_not_kept(tmp_path, monkeypatch):
     assert not _memory.may_share(a[:8], b[:8])   # (nothing can be told: no overlap seen)
     monkeypatch.undo()
     assert _memory.may_share(a[:8], b[:8]) and _memory.may_share(b[100:], a)
+
+
+def test_arrays_over_an_mmap_object_are_seen_as_maps_of_their_file(tmp_path):
+    """numpy.frombuffer of an mmap.mmap keeps a memoryview of it as its base, and the overlap rule
+    stopped there: two shared maps of one file (a gradient and the table, say) were never seen to
+    overlap. The chain of bases is followed through memoryviews."""
+    import mmap
+    import os
+    from cembed import _memory
+
+    path = tmp_path / "t.bin"
+    path.write_bytes(bytes(1 << 16))
+    maps = [mmap.mmap(os.open(path, os.O_RDWR), 1 << 16) for _ in range(2)]
+    a, b = (np.frombuffer(m, dtype=np.float32) for m in maps)
+    assert _memory.may_share(a[:8], b[:8]) and _memory.may_share(b[4:12], a)
+    assert not _memory.may_share(a[:8], b[100:108]) and not _memory.may_share(a, np.zeros(3, np.float32))
+    table = a.reshape(-1, 4)   # a table over one map, its gradient rows over the other: read from a copy
+    emb = cembed.Embedding.from_pretrained(table, freeze=False, sparse=True)
+    opt = cembed.optim.SGD([emb], lr=0.5)
+    grads = b.reshape(-1, 4)
+    grads[:] = 1.0
+    idx = np.arange(1000, 3001)   # row r's gradient is row 4000 - r: rows updated chunks before it are read
+    reference = cembed.Embedding.from_pretrained(np.ones_like(table), freeze=False, sparse=True)
+    backward_and_step(emb, grads[1000:3001][::-1], opt, True, indices=idx)
+    backward_and_step(reference, np.ones((idx.size, 4), np.float32), cembed.optim.SGD([reference], lr=0.5), False,
+                      indices=idx)
+    np.testing.assert_array_equal(np.asarray(table)[idx], reference.weight[idx])
