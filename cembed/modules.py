@@ -423,7 +423,8 @@ class Embedding(TableModule):
     def from_pretrained(cls, embeddings: np.ndarray, freeze: bool = True, padding_idx: Optional[int] = None,
                         max_norm: Optional[float] = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
                         sparse: bool = False) -> "Embedding":
-        """Wrap an existing table (used as is, no copy); frozen by default; the padding row is kept.
+        """Wrap an existing table: its memory is used in place, no copy (an ndarray subclass, ``np.matrix``
+        included, is held as a plain ndarray view of it); frozen by default; the padding row is kept.
 
         Any numeric dtype can be looked up; float32/float64/float16/bfloat16 tables can be trained
         (``freeze=False`` with an integer table is a ``TypeError``). A 16-bit table stays 16-bit:

@@ -26,7 +26,8 @@ class SGD(Optimizer):
     momentum, dampening, weight_decay : float, default 0
         ``weight_decay`` needs dense gradients.
     nesterov : bool, default False
-        Needs ``momentum > 0`` and ``dampening == 0``.
+        The constructor's values need ``momentum > 0`` and ``dampening == 0``; a param group may
+        override them, as in torch (docs/behaviour.md §0).
     maximize : bool, default False
     rounding : {"stochastic", "nearest"}, default "stochastic"
         How float32 results are stored into a 16-bit (float16 / bfloat16) table and its 16-bit
