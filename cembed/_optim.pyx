@@ -342,11 +342,6 @@ def update_rows_half(int kind,                      # a ROW_* kind of _rows.pxd 
                        state_b.shape[0], state_b.shape[1], row_state.shape[0])
     if grad.shape[0] != nnz or grad.shape[1] != dim:
         raise ValueError("update_rows_half: grad must be (len(rows), dim)")
-    for s_rows, s_dim in ((state_a.shape[0], state_a.shape[1]), (state_b.shape[0], state_b.shape[1])):
-        if s_rows != 0 and (s_rows != n_rows or s_dim != dim):
-            raise ValueError("update_rows_half: state tables must be (n_rows, dim)")
-    if rs_ptr != NULL and row_state.shape[0] != n_rows:
-        raise ValueError("update_rows_half: the row state must be (n_rows,)")
     if nnz == 0 or dim == 0:   # no row to update (a table of no rows has empty state too)
         return
     if not row_update_has_state(kind, a_ptr != NULL, b_ptr != NULL, rs_ptr != NULL, &rule):
