@@ -33,19 +33,24 @@ def mapped_file_id(array: Any) -> Optional[Tuple[int, int]]:
     return None if known is None else (known[0], known[1])
 
 
-#: The file mapping (``/proc/self/maps``) of each map cembed did not make, found once per ``mmap`` object.
-_FOUND: "weakref.WeakKeyDictionary[mmap.mmap, Optional[Tuple[Tuple[int, int], int, str]]]" = weakref.WeakKeyDictionary()
-# (answers read from /proc/self/maps only: a failed read is tried again at the next call)
+#: Where a map's first byte lies: ``((st_dev, st_ino), file offset, mode)``, or None.
+Where = Optional[Tuple[Tuple[int, int], int, str]]
+#: An array's part of a file: ``((st_dev, st_ino), first byte, end byte, mode)``, or None.
+Extent = Optional[Tuple[Tuple[int, int], int, int, str]]
+
+#: The file mapping (``/proc/self/maps``) of each map cembed did not make, found once per ``mmap`` object
+#: (answers read from /proc/self/maps only: a failed read is tried again at the next call).
+_FOUND: "weakref.WeakKeyDictionary[mmap.mmap, Where]" = weakref.WeakKeyDictionary()
 
 #: _file_extent's answers by array (id -> (weak reference, answer)): an array's memory, hence the file
 #: bytes it maps, never changes while it lives; the entry goes with the array.
 _EXTENTS: Dict[int, Tuple[Any, Any]] = {}
 
 
-def _file_extent(array: Any) -> Optional[Tuple[Tuple[int, int], int, int, str]]:
-    """:func:`_file_extent_of`, remembered for the array's life."""
+def _file_extent(array: Any) -> Extent:
+    """:func:`_extent`'s answer, remembered for the array's life."""
     if not isinstance(array, np.memmap) and not isinstance(getattr(array, "base", None), np.ndarray):
-        return _file_extent_of(array)   # (neither a memmap nor a view of an array: cheap, not remembered)
+        return _extent(array)[0]   # (neither a memmap nor a view of an array: cheap, not remembered)
     key = id(array)
     known = _EXTENTS.get(key)
     if known is not None and known[0]() is array:
@@ -64,19 +69,14 @@ def _file_extent(array: Any) -> Optional[Tuple[Tuple[int, int], int, int, str]]:
     return answer
 
 
-def _file_extent_of(array: Any) -> Optional[Tuple[Tuple[int, int], int, int, str]]:
-    """``((st_dev, st_ino), first byte, end byte, mode)`` of the part of a file the array covers when
+def _extent(array: Any) -> Tuple[Extent, bool]:
+    """(``((st_dev, st_ino), first byte, end byte, mode)`` of the part of a file the array covers when
     its memory is a file's memory map (a ``numpy.memmap``, a view of one, or any array whose base is
     one), mode ``"r+"`` for a shared writable map, ``"c"`` for a private one, ``"r"`` read-only; None
-    for any other array, an empty one, or a map whose file cannot be told. The file is the one mapped
+    for any other array, an empty one, or a map whose file cannot be told — and whether that answer
+    may be kept: False when ``/proc/self/maps`` could not be read for it). The file is the one mapped
     (recorded when cembed mapped it, else read from ``/proc/self/maps``), not whatever file has its
     name now."""
-    return _extent(array)[0]
-
-
-def _extent(array: Any) -> Tuple[Optional[Tuple[Tuple[int, int], int, int, str]], bool]:
-    """(:func:`_file_extent_of`, whether that answer may be kept: False when ``/proc/self/maps`` could
-    not be read for it)."""
     if not isinstance(array, np.ndarray) or array.size == 0:
         return None, True
     mm, owner = _underlying_map(array)
@@ -89,7 +89,7 @@ def _extent(array: Any) -> Tuple[Optional[Tuple[Tuple[int, int], int, int, str]]
     read = True
     known = _MAPPED.get(mm)
     if known is not None:
-        where: Optional[Tuple[Tuple[int, int], int, str]] = (known[:2], known[3], known[2])
+        where: Where = (known[:2], known[3], known[2])
     else:   # a map cembed did not make: looked up once per map (its file and place never change), not per view
         try:
             where = _FOUND[mm]
@@ -122,9 +122,6 @@ def _underlying_map(array: np.ndarray) -> Tuple[Optional[mmap.mmap], Optional[np
         if obj is None:
             break
     return None, None
-
-
-Where = Optional[Tuple[Tuple[int, int], int, str]]
 
 
 def _kernel_mapping(address: int, owner: Optional[np.memmap]) -> Tuple[Where, bool]:
@@ -176,8 +173,7 @@ def may_share_file_pages(a: Any, b: Any) -> bool:
     return _extents_share(_file_extent(a), _file_extent(b))
 
 
-def _extents_share(a: Optional[Tuple[Tuple[int, int], int, int, str]],
-                   b: Optional[Tuple[Tuple[int, int], int, int, str]]) -> bool:
+def _extents_share(a: Extent, b: Extent) -> bool:
     if a is None or b is None or a[0] != b[0] or not ({a[3], b[3]} & {"r+", "w+"}):
         return False
     return a[1] < b[2] and b[1] < a[2]
