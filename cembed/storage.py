@@ -1206,8 +1206,9 @@ def open_table(path: PathLike, num_embeddings: Optional[int] = None, embedding_d
     want_dtype = check_table_dtype(dtype) if dtype is not None else None
     path = os.fspath(path)
     exists = os.path.exists(path)
-    if exists and mode in ("w+", "r+"):   # a table is never renamed over a device, a FIFO or a directory
-        written_path(path, "a table is never written there")
+    # a table is never renamed over a device, a FIFO or a directory; through a symbolic link (a table put on
+    # another disk) the file is created where the link points, and the link stays
+    target = written_path(path, "a table is never written there") if mode in ("w+", "r+") else path
     if mode == "w+" and exists and not os.access(path, os.W_OK):   # (its replacement keeps its mode: unwritable too)
         raise PermissionError(errno.EACCES, "the table file is read-only: mode='w+' cannot recreate it", path)
     if mode == "w+" or (mode == "r+" and not exists):
@@ -1216,10 +1217,8 @@ def open_table(path: PathLike, num_embeddings: Optional[int] = None, embedding_d
                 raise FileNotFoundError(f"{path}: no such table; to create it give num_embeddings and "
                                         "embedding_dim")
             raise ValueError("mode='w+' creates a table: num_embeddings and embedding_dim are needed")
-        # through a symbolic link (a table put on another disk): the file is created where the link points,
-        # and the link stays (a rename over the link itself would replace it with a file beside it)
-        _create_table(os.path.realpath(path) if os.path.islink(path) else path, (num_embeddings, embedding_dim),
-                      want_dtype or np.dtype(np.float32), init, seed, chunk_bytes)
+        _create_table(target, (num_embeddings, embedding_dim), want_dtype or np.dtype(np.float32), init, seed,
+                      chunk_bytes)
     header = read_header(path)
     if len(header.shape) != 2:
         raise ValueError(f"{path}: a table must be 2-D (num_embeddings, embedding_dim), the file holds shape "
